@@ -1,0 +1,39 @@
+"""fxopt: a compiler-style graph transformation framework for PyTorch models.
+
+Capture a model as a torch.fx graph (symbolic tracing or torch.export), run composable passes
+over it with a pass manager, and verify every result numerically against the original.
+
+    >>> import torch, fxopt
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Dropout(), torch.nn.ReLU())
+    >>> res = fxopt.optimize(model, (torch.randn(2, 3, 16, 16),), pipeline="remove-noops,dce")
+    >>> res.verification.passed
+    True
+"""
+from .analysis import Analysis, AnalysisManager, DataflowAnalysis, ShapeAnalysis
+from .api import OptimizeResult, optimize
+from .capture import capture, frontend_of
+from .errors import CaptureError, FxoptError, PassError, PipelineError, VerificationError
+from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach
+from .pass_base import Pass, PassContext, PassResult
+from .pipeline import format_pipeline, parse_pipeline
+from .registry import available_passes, get_pass, register_pass, unregister_pass
+from .verify import Tolerance, VerificationReport, verify
+
+__version__ = "0.1.0"
+
+
+def dump(gm, path, **kwargs):
+    """Write a readable listing, DOT/SVG and an index page for `gm` under `path`; see fxopt.dump."""
+    from .dump import dump as _dump
+
+    return _dump(gm, path, **kwargs)
+
+
+__all__ = [
+    "Analysis", "AnalysisManager", "CaptureError", "DataflowAnalysis", "FxoptError", "Instrument",
+    "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
+    "PipelineError", "PrintIR", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError",
+    "VerificationReport", "VerifyEach", "available_passes", "capture", "dump", "format_pipeline",
+    "frontend_of", "get_pass", "optimize", "parse_pipeline", "register_pass", "unregister_pass",
+    "verify",
+]

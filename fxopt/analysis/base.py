@@ -1,0 +1,54 @@
+"""Analysis base class and the caching manager."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.fx
+
+T = TypeVar("T")
+
+
+class Analysis:
+    """Base for analyses. Subclasses set `name` and implement `run`."""
+
+    name: ClassVar[str] = ""
+
+    def run(self, gm: torch.fx.GraphModule, am: "AnalysisManager") -> Any:
+        raise NotImplementedError
+
+
+class AnalysisManager:
+    """Caches analysis results for one module, with the example inputs analyses may run on."""
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: tuple = (),
+        example_kwargs: dict | None = None,
+    ) -> None:
+        self.gm = gm
+        self.example_inputs = tuple(example_inputs)
+        self.example_kwargs = dict(example_kwargs or {})
+        self._cache: dict[str, Any] = {}
+        self.computed: list[str] = []  # every computation, for tests and --time-passes output
+
+    def get(self, analysis: type[T] | Any) -> Any:
+        """The (cached) result of `analysis` (a class, or an instance with options) on `self.gm`."""
+        instance = analysis() if isinstance(analysis, type) else analysis
+        key = instance.name
+        if key not in self._cache:
+            self._cache[key] = instance.run(self.gm, self)
+            self.computed.append(key)
+        return self._cache[key]
+
+    def cached(self, name: str) -> bool:
+        return name in self._cache
+
+    def invalidate(self, preserved: frozenset[str] | set[str] = frozenset()) -> None:
+        """Drop every cached result not in `preserved`."""
+        self._cache = {k: v for k, v in self._cache.items() if k in preserved}
+
+    def rebind(self, gm: torch.fx.GraphModule) -> None:
+        """Point at a new module object (a pass returned a different one); keep valid results."""
+        self.gm = gm

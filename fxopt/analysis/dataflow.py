@@ -1,0 +1,60 @@
+"""The dataflow graph as networkx: nodes are fx node names, edges follow values.
+
+Each graph node carries `op`, `target` (as text) and, when the shapes analysis ran, `shape`
+and `dtype`; each edge carries `bytes`, the size of the value that flows along it, which the
+pruning and quantization passes use as min-cut capacities.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import networkx as nx
+import torch
+import torch.fx
+
+from .base import Analysis
+
+from ..ir.rewrite import tensor_meta
+
+
+def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        meta = tensor_meta(node)
+        attrs = dict(op=node.op, target=_target_text(node.target))
+        if meta is not None:
+            attrs.update(shape=tuple(meta[0]), dtype=str(meta[1]).replace("torch.", ""))
+        g.add_node(node.name, **attrs)
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name, bytes=_nbytes(src))
+    return g
+
+
+def _nbytes(node: torch.fx.Node) -> int:
+    meta = tensor_meta(node)
+    if meta is None:
+        return 0
+    shape, dtype = meta
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return numel * dtype.itemsize
+
+
+def _target_text(target: object) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__qualname__", None) or str(target)
+
+
+class DataflowAnalysis(Analysis):
+    """networkx.DiGraph view of the fx graph; see `dataflow_graph`."""
+
+    name: ClassVar[str] = "dataflow"
+
+    def run(self, gm: torch.fx.GraphModule, am) -> nx.DiGraph:
+        from .shapes import ShapeAnalysis
+
+        if am.example_inputs or am.example_kwargs:
+            am.get(ShapeAnalysis)
+        return dataflow_graph(gm)

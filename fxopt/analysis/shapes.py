@@ -1,0 +1,53 @@
+"""Shape and dtype propagation: `node.meta["tensor_meta"]` and `node.meta["val"]` on every node.
+
+It runs the graph once on the example inputs with real tensors (quantized and custom kernels
+have no fake-tensor rules, so running is the one method that works on every graph fxopt
+writes). Structured values (tuples of tensors) keep the metadata of each tensor leaf.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+
+from .base import Analysis
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._pytree import tree_map
+
+from ..ir.interpret import run_graph
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None) -> dict:
+    """Run `gm` once, record each node's tensor metadata; returns name -> metadata."""
+    metas: dict[str, Any] = {}
+
+    def record(node: torch.fx.Node, value: Any) -> None:
+        meta = tree_map(_meta_of, value)
+        node.meta["tensor_meta"] = meta
+        if isinstance(value, torch.Tensor) and not value.is_quantized:
+            node.meta["val"] = torch.empty_strided(
+                value.shape, value.stride(), dtype=value.dtype, device="meta"
+            )
+        metas[node.name] = meta
+
+    with torch.no_grad():
+        run_graph(gm, args, kwargs, record)
+    return metas
+
+
+def _meta_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return _extract_tensor_metadata(value)
+    return value if isinstance(value, (int, float, bool, str, type(None))) else None
+
+
+class ShapeAnalysis(Analysis):
+    """name -> TensorMetadata (or a tree of them) for every node; see `propagate_shapes`."""
+
+    name: ClassVar[str] = "shapes"
+
+    def run(self, gm: torch.fx.GraphModule, am) -> dict:
+        if not am.example_inputs and not am.example_kwargs:
+            raise ValueError("the shapes analysis needs example inputs; pass them to capture/optimize")
+        return propagate_shapes(gm, am.example_inputs, am.example_kwargs)

@@ -1,0 +1,113 @@
+"""`fxopt.optimize`: capture, run a pipeline, verify — the one call most users need.
+
+    >>> import torch, fxopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(), torch.nn.ReLU())
+    >>> res = fxopt.optimize(model, (torch.randn(4, 8),), pipeline="remove-noops,dce")
+    >>> res.verification.passed, [p.name for p in res.passes]
+    (True, ['remove-noops', 'dce'])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from .capture import Mode, capture, frontend_of, normalize_inputs
+from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
+from .pass_base import Pass
+from .verify import Tolerance, VerificationReport, loosest, verify
+
+
+@dataclass
+class OptimizeResult:
+    """What `optimize` returns.
+
+    - `module`: the optimized, executable GraphModule;
+    - `passes`: one PassRecord per pass (name, seconds, nodes before/after, verification);
+    - `verification`: the final check against the captured original on CPU;
+    - `verification_by_device`: the same check per device (CUDA too when a GPU is present);
+    - `original`: the captured, unoptimized GraphModule; `pipeline`: the text that ran.
+    """
+
+    module: torch.fx.GraphModule
+    passes: list[PassRecord]
+    verification: VerificationReport | None
+    original: torch.fx.GraphModule
+    pipeline: str
+    frontend: str
+    verification_by_device: dict[str, VerificationReport] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"front end: {self.frontend}", f"pipeline: {self.pipeline}"]
+        lines += [f"  {r}" for r in self.passes]
+        for device, report in self.verification_by_device.items():
+            lines.append(f"verification[{device}]: {report.summary()}")
+        return "\n".join(lines)
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs: Any,
+    pipeline: str | Sequence[Pass | str] = "remove-noops,fold-constants,dce",
+    *,
+    calibration: Sequence[Any] | None = None,
+    verify: bool = True,
+    mode: Mode = "auto",
+    tolerance: str | Tolerance | None = None,
+    verify_each: bool = False,
+    print_ir_after_each: bool = False,
+    print_ir_after_change: bool = False,
+    time_passes: bool = False,
+    bisect_limit: int | None = None,
+    instruments: Sequence[Instrument] = (),
+    devices: Sequence[str] | None = None,
+) -> OptimizeResult:
+    """Capture `model` (or take a GraphModule), run `pipeline`, verify the result.
+
+    `example_inputs`: a tensor, a tuple of args or a dict of kwargs. `calibration`: batches in
+    the same form, for passes that need data (quantization, taylor importance). `tolerance`
+    defaults to the loosest that the pipeline's passes promise. `devices` to verify on
+    defaults to CPU plus CUDA when a GPU is present. The input model is never modified.
+    """
+    args, kwargs = normalize_inputs(example_inputs)
+    original = capture(model, example_inputs, mode=mode)
+    batches = [normalize_inputs(b) for b in calibration] if calibration is not None else None
+    manager_instruments = list(instruments)
+    if print_ir_after_each or print_ir_after_change:
+        manager_instruments.append(PrintIR(only_changes=print_ir_after_change and not print_ir_after_each))
+    if verify_each:
+        manager_instruments.append(VerifyEach(original, args, kwargs))
+    if time_passes:
+        manager_instruments.append(TimePasses())
+    manager = PassManager(pipeline, instruments=manager_instruments, bisect_limit=bisect_limit)
+    result = manager.run(original, args, example_kwargs=kwargs, calibration=batches, reference=original)
+    ran = [p for p, r in zip(manager.passes, result.records) if not r.skipped]
+    tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))
+    reports: dict[str, VerificationReport] = {}
+    if verify:
+        for device in devices or _default_devices():
+            reports[device] = verify_on(original, result.module, example_inputs, tol, device)
+    return OptimizeResult(
+        module=result.module,
+        passes=result.records,
+        verification=reports.get("cpu") or next(iter(reports.values()), None),
+        original=original,
+        pipeline=result.pipeline,
+        frontend=frontend_of(original),
+        verification_by_device=reports,
+    )
+
+
+def verify_on(reference, candidate, inputs, tol, device: str) -> VerificationReport:
+    """`verify` on one device; a module that cannot run there (CPU-only int8 kernels) says so."""
+    try:
+        return verify(reference, candidate, inputs, tolerance=tol, device=device)
+    except Exception as exc:  # e.g. x86 quantized kernels moved to CUDA
+        return VerificationReport(False, tol, device, message=f"could not run on {device}: {exc}")
+
+
+def _default_devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

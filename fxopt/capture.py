@@ -1,0 +1,278 @@
+"""Capture: turn any model into a torch.fx GraphModule, by the front end that can.
+
+- `symbolic`: `torch.fx.symbolic_trace` — a module-level graph (`call_module` nodes).
+- `export`: `torch.export.export(..., strict=False).module()` — an ATen-level graph with
+  parameters as `get_attr`; takes models symbolic tracing cannot (Hugging Face transformers,
+  data-dependent Python) and keeps dict/dataclass outputs. The batch dimension is exported
+  dynamic, so the graph also runs on other batch sizes than the example's.
+- `auto`: symbolic first, checked against the eager model on the example inputs (a trace can
+  succeed and still be wrong when Python control flow got baked in), then export.
+
+The user's model is deep-copied and put in eval mode first: it is never mutated, and the graph
+is captured with inference semantics (dropout off, batchnorm on running statistics).
+
+    >>> import torch, fxopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    >>> gm = fxopt.capture(model, (torch.randn(2, 4),), mode="export")
+    >>> gm.meta["fxopt"]["frontend"], tuple(gm(torch.randn(5, 4)).shape)
+    ('export', (5, 8))
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
+
+from .analysis.shapes import propagate_shapes
+from .errors import CaptureError
+
+Mode = Literal["auto", "symbolic", "export"]
+MODES = ("auto", "symbolic", "export")
+META_KEY = "fxopt"
+
+
+@dataclass
+class Attempt:
+    """One front end's try: whether it worked and, if not, why and where."""
+
+    frontend: str
+    ok: bool
+    reason: str = ""
+    location: str = ""
+
+    def describe(self) -> str:
+        where = f"\n      at {self.location}" if self.location else ""
+        return f"  - {self.frontend}: {self.reason}{where}"
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) from a tensor, a tuple/list of args, or a dict of keyword args."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    if example_inputs is None:
+        return (), {}
+    return (example_inputs,), {}
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Any,
+    mode: Mode = "auto",
+    *,
+    dynamic_batch: bool = True,
+) -> torch.fx.GraphModule:
+    """Capture `model` as a GraphModule; see the module docstring for the front ends.
+
+    `example_inputs` is a tensor, a tuple of positional args, or a dict of keyword args.
+    The result records its front end in `gm.meta["fxopt"]["frontend"]` and carries shape and
+    dtype metadata on every node (`node.meta["tensor_meta"]`). Raises CaptureError naming
+    each front end tried and the op or source line that stopped it.
+    """
+    if mode not in MODES:
+        raise ValueError(f"capture mode '{mode}' is not one of: {', '.join(MODES)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    if isinstance(model, torch.fx.GraphModule):
+        return _adopt_graph_module(model, args, kwargs)
+
+    model = _private_eval_copy(model)
+    frontends = ["symbolic", "export"] if mode == "auto" else [mode]
+    attempts: list[Attempt] = []
+    for frontend in frontends:
+        try:
+            if frontend == "symbolic":
+                gm = _symbolic(model, args, kwargs)
+                info: dict[str, Any] = {"dynamic_batch": True}
+            else:
+                gm, info = _export(model, args, kwargs, dynamic_batch)
+        except Exception as exc:  # each front end fails in its own way; report them all
+            attempts.append(_failed_attempt(frontend, exc))
+            continue
+        attempts.append(Attempt(frontend, True))
+        gm.meta[META_KEY] = {
+            "frontend": frontend,
+            "attempts": [a.__dict__ for a in attempts],
+            "model_class": type(model).__qualname__,
+            **info,
+        }
+        return gm
+    lines = "\n".join(a.describe() for a in attempts)
+    raise CaptureError(f"could not capture {type(model).__qualname__}; front ends tried:\n{lines}")
+
+
+def frontend_of(gm: torch.fx.GraphModule) -> str:
+    """'symbolic' or 'export' for graphs fxopt captured; a best guess for foreign graphs."""
+    info = getattr(gm, "meta", {}).get(META_KEY)
+    if info:
+        return info["frontend"]
+    uses_aten = any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+    return "export" if uses_aten else "symbolic"
+
+
+# ----- front ends ---------------------------------------------------------------------------
+
+def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    concrete = _non_tensor_kwargs(model, args, kwargs)
+    gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+    run_kwargs = {k: v for k, v in kwargs.items() if k not in concrete}
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        # Running the graph node by node also records shapes for every node.
+        propagate_shapes(gm, args, run_kwargs)
+        got = gm(*args, **run_kwargs)
+    _check_same_outputs(expected, got)
+    return gm
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
+    from torch.export import Dim, export
+
+    info: dict[str, Any] = {"dynamic_batch": False}
+    attempts_error: Exception | None = None
+    if dynamic_batch and _batch_size(args, kwargs) is not None:
+        # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
+        ex_args, ex_kwargs = _widen_batch(args, kwargs)
+        dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO)
+        try:
+            ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
+            info["dynamic_batch"] = True
+        except Exception as exc:  # fall back to a static batch, and say so in the meta
+            attempts_error = exc
+            ep = None
+    else:
+        ep = None
+    if ep is None:
+        ep = export(model, args, kwargs, strict=False)
+        if attempts_error is not None:
+            info["dynamic_batch_error"] = _first_line(attempts_error)
+    gm = ep.module()
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        propagate_shapes(gm, args, kwargs)
+        got = gm(*args, **kwargs)
+    _check_same_outputs(expected, got)
+    return gm, info
+
+
+def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    """A GraphModule the user captured: copy it, record its front end and shapes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(gm)
+    info = dict(getattr(gm, "meta", {}).get(META_KEY) or {})
+    info.setdefault("frontend", frontend_of(gm))
+    gm.meta[META_KEY] = info
+    if args or kwargs:
+        with torch.no_grad():
+            propagate_shapes(gm, args, kwargs)
+    return gm
+
+
+# ----- helpers ------------------------------------------------------------------------------
+
+def _private_eval_copy(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = copy.deepcopy(model)
+    return model.eval()
+
+
+def _non_tensor_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Keyword args that are not tensors (flags like return_dict) become trace constants."""
+    return {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The shared leading size of every tensor input, when there is one."""
+    sizes = {t.shape[0] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _widen_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def widen(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
+            return torch.cat([x, x], dim=0)
+        return x
+
+    return tree_map(widen, args), tree_map(widen, kwargs)
+
+
+def _dynamic_batch_spec(model: nn.Module, args: tuple, kwargs: dict, dim: Any) -> Any:
+    def spec(x: Any) -> Any:
+        return {0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    params = inspect.signature(model.forward).parameters
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(tree_map(spec, v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: tree_map(spec, v) for k, v in value.items()}
+        else:
+            out[name] = tree_map(spec, value)
+    return out
+
+
+def _check_same_outputs(expected: Any, got: Any) -> None:
+    exp_leaves, exp_spec = tree_flatten(expected)
+    got_leaves, got_spec = tree_flatten(got)
+    if len(exp_leaves) != len(got_leaves):
+        raise CaptureError(
+            f"captured graph returns {len(got_leaves)} values, the model {len(exp_leaves)}"
+        )
+    for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
+        if isinstance(e, torch.Tensor):
+            if not isinstance(g, torch.Tensor) or e.shape != g.shape:
+                raise CaptureError(f"output {i}: captured graph gives a different shape or type")
+            if e.is_floating_point() and not torch.allclose(e, g, rtol=1e-4, atol=1e-5, equal_nan=True):
+                raise CaptureError(
+                    f"output {i} differs from the model by {float((e - g).abs().max()):.3g}: "
+                    "the trace baked in Python control flow or state"
+                )
+
+
+def _failed_attempt(frontend: str, exc: Exception) -> Attempt:
+    return Attempt(frontend, False, f"{type(exc).__name__}: {_first_line(exc)}", _user_frame(exc))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch,)
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The deepest traceback frame outside torch and fxopt: the user's line that failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:  # export re-raises; the user frame may sit in the cause
+        frames = frames + traceback.extract_tb(cause.__traceback__)
+        cause = cause.__cause__ or cause.__context__
+    user = [f for f in frames if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS)]
+    if not user:
+        return ""
+    f = user[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}: {(f.line or "").strip()}'

@@ -1,0 +1,65 @@
+"""Errors a user can act on.
+
+Every fxopt error names what is at fault — the pass, the option, the node and the source line
+that produced it — so a failure deep in a pipeline points back at the user's model code.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch.fx
+
+
+class FxoptError(Exception):
+    """Base class of every error fxopt raises on purpose."""
+
+
+class CaptureError(FxoptError):
+    """No front end could turn the model into a GraphModule; lists each attempt."""
+
+
+class PipelineError(FxoptError):
+    """A pipeline text or pass option is invalid (unknown pass/option, bad value)."""
+
+
+class PassError(FxoptError):
+    """A pass raised; the input module and the last good module are intact."""
+
+    def __init__(self, pass_name: str, message: str) -> None:
+        super().__init__(f"pass '{pass_name}' failed: {message}")
+        self.pass_name = pass_name
+
+
+class VerificationError(FxoptError):
+    """A transformed module no longer matches the original within tolerance."""
+
+
+def node_location(node: torch.fx.Node) -> str:
+    """`node 'name' (op target) at file:line` — the user's source line when fx recorded one."""
+    where = f"node '{node.name}' ({node.op} {_target_name(node.target)})"
+    line = user_source_line(node.meta.get("stack_trace"))
+    return f"{where} at {line}" if line else where
+
+
+def user_source_line(stack_trace: str | None) -> str | None:
+    """The last `File "...", line N` frame of an fx stack trace, i.e. the user's own line."""
+    if not stack_trace:
+        return None
+    frames = [ln.strip() for ln in stack_trace.splitlines() if ln.strip().startswith("File ")]
+    return frames[-1] if frames else None
+
+
+def _target_name(target: object) -> str:
+    if isinstance(target, str):
+        return target
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A short 'valid: a, b, c' suffix, closest matches first."""
+    import difflib
+
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{hint}; valid: {', '.join(choices)}"

@@ -1,0 +1,28 @@
+"""IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
+from .interpret import flatten_inputs, node_values, run_graph
+from .opview import OpSpec, OpView, SPECS, bind_arguments, op_view, spec_for
+from .params import (
+    ParamRef,
+    add_tensor_attr,
+    attribute_use_counts,
+    get_attr_value,
+    ref_for_get_attr,
+    resolve_attr,
+)
+from .rewrite import (
+    COMPUTES,
+    clone_sharing_tensors,
+    is_shared,
+    make_private,
+    origin,
+    replace_uses,
+    tensor_meta,
+    tensor_versions,
+)
+
+__all__ = [
+    "COMPUTES", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
+    "bind_arguments", "clone_sharing_tensors", "flatten_inputs", "get_attr_value", "is_shared",
+    "make_private", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
+    "resolve_attr", "run_graph", "spec_for", "tensor_meta", "tensor_versions",
+]

@@ -1,0 +1,313 @@
+"""The semantic op view: one record for an op, whichever IR spelled it.
+
+`op_view(gm, node)` recognizes a node as, say, a conv — `call_module(nn.Conv2d)`,
+`call_function(F.conv2d)`, `aten.conv2d` or `aten.convolution` — and returns an `OpView`:
+the op kind, its tensor inputs, handles to its parameters, and its attributes under one set
+of names. Passes match on `view.kind`, never on raw targets, so each pass works on symbolic
+and torch.export graphs alike.
+
+    >>> import torch, torch.fx
+    >>> from fxopt.ir import op_view
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2)))
+    >>> view = op_view(gm, next(n for n in gm.graph.nodes if n.op == "call_module"))
+    >>> view.kind, view.attrs["stride"], tuple(view.param("weight").shape)
+    ('conv', (2, 2), (8, 3, 3, 3))
+
+The table below is data: one `OpSpec` per kind lists its spellings. Extending fxopt to a new
+op is a row, not a new code path.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .params import ParamRef, ref_for_get_attr
+
+aten = torch.ops.aten
+
+
+@dataclass
+class OpView:
+    """A node seen as a semantic op.
+
+    - `kind`: canonical op name (`conv`, `linear`, `batch_norm`, `relu`, `add`, ...).
+    - `inputs`: the activation tensors it consumes (nodes), in order.
+    - `params`: name -> ParamRef for weights/biases/statistics it owns or reads via get_attr.
+    - `attrs`: everything else under canonical names (stride, groups, eps, dim, ...).
+    - `module`: the nn.Module for `call_module` nodes, else None.
+    """
+
+    node: torch.fx.Node
+    kind: str
+    inputs: list[torch.fx.Node]
+    params: dict[str, ParamRef] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    module: nn.Module | None = None
+
+    def param(self, name: str) -> torch.Tensor | None:
+        ref = self.params.get(name)
+        return None if ref is None else ref.get()
+
+    @property
+    def input(self) -> torch.fx.Node | None:
+        return self.inputs[0] if self.inputs else None
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op kind and how each IR spells it.
+
+    `arg_names` gives the positional order for Python callables and `call_method` targets
+    (ATen overloads carry their own schema). `tensor_args` are the argument names that hold
+    activations, `param_args` the ones that may hold parameters.
+    """
+
+    kind: str
+    functions: tuple = ()
+    methods: tuple[str, ...] = ()
+    aten: tuple = ()
+    modules: tuple[type, ...] = ()
+    arg_names: tuple[str, ...] = ("input",)
+    tensor_args: tuple[str, ...] = ("input",)
+    param_args: tuple[str, ...] = ()
+    defaults: dict = field(default_factory=dict)
+    module_attrs: Callable[[nn.Module], dict] | None = None
+
+
+def _conv_attrs(m: nn.Module) -> dict:
+    return dict(
+        stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+        transposed=isinstance(m, nn.modules.conv._ConvTransposeNd),
+        output_padding=getattr(m, "output_padding", 0), dim=len(m.kernel_size),
+        padding_mode=m.padding_mode,
+    )
+
+
+def _bn_attrs(m: nn.Module) -> dict:
+    return dict(eps=m.eps, training=m.training or m.running_mean is None, momentum=m.momentum)
+
+
+_ELEMENTWISE = dict(arg_names=("input", "other", "alpha"), tensor_args=("input", "other"))
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+SPECS: tuple[OpSpec, ...] = (
+    OpSpec("conv", functions=(F.conv1d, F.conv2d, F.conv3d), aten=(aten.conv1d, aten.conv2d, aten.conv3d),
+           modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d), arg_names=_CONV_ARGS, param_args=("weight", "bias"),
+           defaults=dict(bias=None, stride=1, padding=0, dilation=1, groups=1, transposed=False,
+                         output_padding=0),
+           module_attrs=_conv_attrs),
+    OpSpec("conv", functions=(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
+           aten=(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d),
+           modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), arg_names=_CONVT_ARGS,
+           param_args=("weight", "bias"),
+           defaults=dict(bias=None, stride=1, padding=0, dilation=1, groups=1, transposed=True,
+                         output_padding=0),
+           module_attrs=_conv_attrs),
+    OpSpec("conv", aten=(aten.convolution,), param_args=("weight", "bias"),
+           arg_names=("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                      "output_padding", "groups")),
+    OpSpec("linear", functions=(F.linear,), aten=(aten.linear,), modules=(nn.Linear,),
+           arg_names=("input", "weight", "bias"), param_args=("weight", "bias"), defaults=dict(bias=None)),
+    OpSpec("batch_norm", functions=(F.batch_norm,), aten=(aten.batch_norm, aten._native_batch_norm_legit_no_training),
+           modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+           arg_names=("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+           param_args=("weight", "bias", "running_mean", "running_var"),
+           defaults=dict(weight=None, bias=None, training=False, momentum=0.1, eps=1e-5),
+           module_attrs=_bn_attrs),
+    OpSpec("layer_norm", functions=(F.layer_norm,), aten=(aten.layer_norm,), modules=(nn.LayerNorm,),
+           arg_names=("input", "normalized_shape", "weight", "bias", "eps"), param_args=("weight", "bias"),
+           defaults=dict(weight=None, bias=None, eps=1e-5),
+           module_attrs=lambda m: dict(normalized_shape=m.normalized_shape, eps=m.eps)),
+    OpSpec("group_norm", functions=(F.group_norm,), aten=(aten.group_norm,), modules=(nn.GroupNorm,),
+           arg_names=("input", "num_groups", "weight", "bias", "eps"), param_args=("weight", "bias"),
+           defaults=dict(weight=None, bias=None, eps=1e-5),
+           module_attrs=lambda m: dict(num_groups=m.num_groups, eps=m.eps)),
+    OpSpec("relu", functions=(F.relu, torch.relu, torch.relu_), methods=("relu", "relu_"),
+           aten=(aten.relu, aten.relu_), modules=(nn.ReLU,)),
+    OpSpec("hardtanh", functions=(F.hardtanh, F.relu6), aten=(aten.hardtanh, aten.hardtanh_, aten.relu6),
+           modules=(nn.Hardtanh, nn.ReLU6), arg_names=("input", "min_val", "max_val"),
+           defaults=dict(min_val=-1.0, max_val=1.0),
+           module_attrs=lambda m: dict(min_val=m.min_val, max_val=m.max_val)),
+    OpSpec("hardswish", functions=(F.hardswish,), aten=(aten.hardswish, aten.hardswish_), modules=(nn.Hardswish,)),
+    OpSpec("silu", functions=(F.silu,), aten=(aten.silu, aten.silu_), modules=(nn.SiLU,)),
+    OpSpec("gelu", functions=(F.gelu,), aten=(aten.gelu,), modules=(nn.GELU,), arg_names=("input", "approximate"),
+           defaults=dict(approximate="none"), module_attrs=lambda m: dict(approximate=m.approximate)),
+    OpSpec("sigmoid", functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid",), aten=(aten.sigmoid,),
+           modules=(nn.Sigmoid,)),
+    OpSpec("tanh", functions=(torch.tanh, F.tanh), methods=("tanh",), aten=(aten.tanh,), modules=(nn.Tanh,)),
+    OpSpec("add", functions=(operator.add, operator.iadd, torch.add), methods=("add", "add_"),
+           aten=(aten.add, aten.add_), defaults=dict(alpha=1), **_ELEMENTWISE),
+    OpSpec("sub", functions=(operator.sub, torch.sub), methods=("sub",), aten=(aten.sub,),
+           defaults=dict(alpha=1), **_ELEMENTWISE),
+    OpSpec("mul", functions=(operator.mul, operator.imul, torch.mul), methods=("mul", "mul_"),
+           aten=(aten.mul, aten.mul_), **_ELEMENTWISE),
+    OpSpec("div", functions=(operator.truediv, torch.div), methods=("div",), aten=(aten.div,), **_ELEMENTWISE),
+    OpSpec("matmul", functions=(torch.matmul, operator.matmul, torch.bmm, torch.mm), methods=("matmul", "bmm"),
+           aten=(aten.matmul, aten.bmm, aten.mm), arg_names=("input", "other"), tensor_args=("input", "other")),
+    OpSpec("cat", functions=(torch.cat, torch.concat), aten=(aten.cat,), arg_names=("tensors", "dim"),
+           tensor_args=("tensors",), defaults=dict(dim=0)),
+    OpSpec("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
+           aten=(aten.dropout, aten.feature_dropout, aten.alpha_dropout),
+           modules=(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
+           arg_names=("input", "p", "training"), defaults=dict(p=0.5, training=True),
+           module_attrs=lambda m: dict(p=m.p, training=m.training)),
+    OpSpec("identity", modules=(nn.Identity,), aten=(aten.alias,)),
+    OpSpec("contiguous", methods=("contiguous",), aten=(aten.contiguous,)),
+    OpSpec("flatten", functions=(torch.flatten,), methods=("flatten",), aten=(aten.flatten,),
+           modules=(nn.Flatten,), arg_names=("input", "start_dim", "end_dim"),
+           defaults=dict(start_dim=0, end_dim=-1),
+           module_attrs=lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim)),
+    OpSpec("reshape", functions=(torch.reshape,), methods=("reshape", "view"),
+           aten=(aten.reshape, aten.view, aten._unsafe_view), arg_names=("input", "shape")),
+    OpSpec("permute", functions=(torch.permute,), methods=("permute",), aten=(aten.permute,),
+           arg_names=("input", "dims")),
+    OpSpec("transpose", functions=(torch.transpose,), methods=("transpose",), aten=(aten.transpose,),
+           arg_names=("input", "dim0", "dim1")),
+    OpSpec("max_pool", functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d),
+           aten=(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d),
+           modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), arg_names=("input", "kernel_size", "stride",
+                                                                         "padding", "dilation", "ceil_mode")),
+    OpSpec("avg_pool", functions=(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
+           aten=(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d),
+           modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), arg_names=("input", "kernel_size", "stride", "padding")),
+    OpSpec("adaptive_avg_pool", functions=(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
+           aten=(aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d),
+           modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
+           arg_names=("input", "output_size"), module_attrs=lambda m: dict(output_size=m.output_size)),
+    OpSpec("mean", functions=(torch.mean,), methods=("mean",), aten=(aten.mean,), arg_names=("input", "dim", "keepdim")),
+    OpSpec("softmax", functions=(F.softmax, torch.softmax), methods=("softmax",), aten=(aten.softmax, aten._softmax),
+           modules=(nn.Softmax,), arg_names=("input", "dim"), module_attrs=lambda m: dict(dim=m.dim)),
+    OpSpec("embedding", functions=(F.embedding,), aten=(aten.embedding,), modules=(nn.Embedding,),
+           arg_names=("input", "weight"), param_args=("weight",)),
+    OpSpec("interpolate", functions=(F.interpolate,), aten=(aten.upsample_nearest2d, aten.upsample_bilinear2d),
+           modules=(nn.Upsample,), arg_names=("input", "size", "scale_factor", "mode")),
+    OpSpec("sdpa", functions=(F.scaled_dot_product_attention,), aten=(aten.scaled_dot_product_attention,),
+           arg_names=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+           tensor_args=("query", "key", "value", "attn_mask")),
+    OpSpec("getitem", functions=(operator.getitem,), arg_names=("input", "index")),
+)
+
+# Index the table once: target -> spec.
+_BY_FUNCTION: dict[Any, OpSpec] = {}
+_BY_METHOD: dict[str, OpSpec] = {}
+_BY_ATEN_PACKET: dict[Any, OpSpec] = {}
+_BY_MODULE: dict[type, OpSpec] = {}
+for _spec in SPECS:
+    for _f in _spec.functions:
+        _BY_FUNCTION.setdefault(_f, _spec)
+    for _m in _spec.methods:
+        _BY_METHOD.setdefault(_m, _spec)
+    for _a in _spec.aten:
+        _BY_ATEN_PACKET.setdefault(_a, _spec)
+    for _t in _spec.modules:
+        _BY_MODULE.setdefault(_t, _spec)
+
+_SCHEMA_RENAMES = {"self": "input", "train": "training"}
+
+
+def spec_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSpec | None:
+    """The table row that matches `node`, or None if fxopt has no view of it."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return _BY_MODULE.get(type(module))
+    if node.op == "call_method":
+        return _BY_METHOD.get(node.target)
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return _BY_ATEN_PACKET.get(target.overloadpacket)
+        try:
+            return _BY_FUNCTION.get(target)
+        except TypeError:  # unhashable target
+            return None
+    return None
+
+
+def op_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpView | None:
+    """The semantic view of `node`, or None when the node is no op fxopt knows."""
+    spec = spec_for(gm, node)
+    if spec is None:
+        return None
+    if node.op == "call_module":
+        return _module_view(gm, node, spec)
+    args = bind_arguments(node, spec)
+    return _build_view(gm, node, spec, args)
+
+
+def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
+    """Positional and keyword args of a call_function/call_method node under canonical names."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        names = [_SCHEMA_RENAMES.get(a.name, a.name) for a in target._schema.arguments]
+        defaults = {
+            _SCHEMA_RENAMES.get(a.name, a.name): a.default_value
+            for a in target._schema.arguments
+            if a.has_default_value()
+        }
+    else:
+        names, defaults = list(spec.arg_names), {}
+    bound = dict(spec.defaults)
+    bound.update(defaults)
+    bound.update(zip(names, node.args))
+    for key, value in node.kwargs.items():
+        bound[_SCHEMA_RENAMES.get(key, key)] = value
+    return bound
+
+
+def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, args: dict) -> OpView:
+    inputs: list[torch.fx.Node] = []
+    for name in spec.tensor_args:
+        value = args.get(name)
+        if isinstance(value, torch.fx.Node):
+            inputs.append(value)
+        elif isinstance(value, (list, tuple)):
+            inputs.extend(v for v in value if isinstance(v, torch.fx.Node))
+    params: dict[str, ParamRef] = {}
+    for name in spec.param_args:
+        value = args.get(name)
+        if isinstance(value, torch.fx.Node) and value.op == "get_attr":
+            params[name] = ref_for_get_attr(gm, value)
+    skip = set(spec.tensor_args) | set(params)
+    attrs = {k: _normalize_attr(spec, k, v) for k, v in args.items() if k not in skip}
+    if spec.kind == "conv":
+        weight = params.get("weight")
+        w = weight.get() if weight is not None else None
+        attrs.setdefault("dim", (w.dim() - 2) if w is not None else None)
+        attrs["transposed"] = bool(attrs.get("transposed", False))
+        if attrs.get("dim"):
+            for key in ("stride", "padding", "dilation", "output_padding"):
+                attrs[key] = _as_tuple(attrs.get(key, 0), attrs["dim"])
+    return OpView(node, spec.kind, inputs, params, attrs)
+
+
+def _module_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec) -> OpView:
+    module = gm.get_submodule(node.target)
+    params = {
+        name: ParamRef(module, name, f"{node.target}.{name}")
+        for name in spec.param_args
+        if getattr(module, name, None) is not None
+    }
+    attrs = spec.module_attrs(module) if spec.module_attrs else {}
+    inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    return OpView(node, spec.kind, inputs, params, attrs, module=module)
+
+
+def _normalize_attr(spec: OpSpec, key: str, value: Any) -> Any:
+    if spec.kind == "batch_norm" and key == "training" and value is None:
+        return False
+    return value
+
+
+def _as_tuple(value: Any, n: int) -> Any:
+    if isinstance(value, str):  # padding="same"/"valid"
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(value) if len(value) == n else tuple(value) * (n // max(len(value), 1))
+    return (value,) * n

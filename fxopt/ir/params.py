@@ -1,0 +1,100 @@
+"""Handles to parameters wherever they live, so passes can read and *replace* them.
+
+In a symbolic graph a conv's weight lives inside its `nn.Conv2d` (`call_module`); in an
+export graph it is a `get_attr` node feeding `aten.conv2d`. A `ParamRef` names the owning
+module and attribute either way. Replacing goes through `set`, which swaps the attribute for a
+new tensor — never an in-place write, so snapshots that share tensors stay valid.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """The attribute `attr` of `owner`, reached from the root as `qualname`."""
+
+    owner: nn.Module
+    attr: str
+    qualname: str
+
+    def get(self) -> torch.Tensor | None:
+        return getattr(self.owner, self.attr, None)
+
+    def set(self, value: torch.Tensor | None) -> None:
+        """Replace the tensor, keeping its kind (parameter, buffer or plain attribute)."""
+        old = self.get()
+        if value is None:
+            if self.attr in self.owner._parameters:
+                self.owner._parameters[self.attr] = None
+            else:
+                setattr(self.owner, self.attr, None)
+            return
+        value = value.detach()
+        if self.attr in self.owner._parameters or isinstance(old, nn.Parameter):
+            self.owner._parameters[self.attr] = nn.Parameter(value, requires_grad=False)
+        elif self.attr in self.owner._buffers:
+            self.owner._buffers[self.attr] = value
+        else:
+            setattr(self.owner, self.attr, value)
+
+
+def resolve_attr(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """(owning module, last attribute name) for a dotted path such as `layer1.0.conv.weight`."""
+    *path, attr = qualname.split(".")
+    owner = root
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attr
+
+
+def get_attr_value(root: nn.Module, qualname: str):
+    owner, attr = resolve_attr(root, qualname)
+    return getattr(owner, attr)
+
+
+def ref_for_get_attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ParamRef:
+    owner, attr = resolve_attr(gm, node.target)
+    return ParamRef(owner, attr, node.target)
+
+
+def add_tensor_attr(
+    gm: torch.fx.GraphModule, base_name: str, value: torch.Tensor, *, parameter: bool = True
+) -> str:
+    """Store `value` on `gm` under a fresh attribute name derived from `base_name`; return it.
+
+    New tensors live directly on the root, which `get_attr` reaches in symbolic and export
+    graphs alike.
+    """
+    base = re.sub(r"\W", "_", base_name).strip("_") or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    value = value.detach()
+    if parameter and value.is_floating_point():
+        gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    else:
+        gm.register_buffer(name, value)
+    return name
+
+
+def attribute_use_counts(gm: torch.fx.GraphModule) -> Counter:
+    """How many graph uses each module path and attribute path has.
+
+    A module called at two sites, or a weight read by two ops, counts twice: a pass that
+    rewrites its tensors must give one site a private copy first (see `make_private`).
+    """
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] += 1
+        elif node.op == "get_attr":
+            counts[node.target] += max(len(node.users), 1)
+    return counts

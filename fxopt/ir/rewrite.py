@@ -1,0 +1,137 @@
+"""Small graph-editing helpers every pass uses, so rewrites look the same everywhere.
+
+Provenance: when a pass makes node `new` compute what `old` computed (a conv that absorbed
+its batchnorm now yields the batchnorm's value), `replace_uses(old, new)` records it in
+`new.meta["fxopt.computes"]`. Verification uses that to compare each node of an optimized
+graph with the node of the original graph that it stands for.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .params import ParamRef, attribute_use_counts, resolve_attr
+
+COMPUTES = "fxopt.computes"
+
+
+def origin(node: torch.fx.Node) -> str:
+    """Name of the original-graph node whose value `node` reproduces."""
+    return node.meta.get(COMPUTES, node.name)
+
+
+def replace_uses(old: torch.fx.Node, new: torch.fx.Node, *, erase: bool = True) -> None:
+    """Route every use of `old` to `new`, mark `new` as computing `old`'s value, drop `old`."""
+    new.meta[COMPUTES] = origin(old)
+    for key in ("tensor_meta", "val"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)
+    if erase and not old.users:
+        old.graph.erase_node(old)
+
+
+def tensor_meta(node: Any) -> tuple[torch.Size, torch.dtype] | None:
+    """(shape, dtype) that capture or the shapes analysis recorded for `node`, if any."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.shape, val.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tm.shape, tm.dtype
+    return None
+
+
+def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, ParamRef]) -> bool:
+    """True when the op's module or weights are used elsewhere in the graph too."""
+    counts = attribute_use_counts(gm)
+    if node.op == "call_module":
+        return counts[node.target] > 1
+    return any(counts[ref.qualname] > 1 for ref in params.values())
+
+
+def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Give `node` its own copy of a module or weights that other nodes share.
+
+    Tied weights and modules called twice are common (one ReLU reused, a shared block); a pass
+    that rewrites one site must not silently rewrite the others. Tensors are not copied: the
+    new attribute points at the same tensor until a pass replaces it with `ParamRef.set`.
+    """
+    counts = attribute_use_counts(gm)
+    if node.op == "call_module" and counts[node.target] > 1:
+        module = gm.get_submodule(node.target)
+        twin = copy.copy(module)
+        twin._parameters = dict(module._parameters)
+        twin._buffers = dict(module._buffers)
+        twin._modules = dict(module._modules)
+        node.target = _fresh_module_name(gm, node.target, twin)
+        return
+    graph = node.graph
+    for i, arg in enumerate(node.args):
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and counts[arg.target] > 1:
+            owner, attr = resolve_attr(gm, arg.target)
+            name = _fresh_attr_name(gm, arg.target)
+            value = getattr(owner, attr)
+            if isinstance(value, nn.Parameter):
+                gm.register_parameter(name, value)
+            else:
+                gm.register_buffer(name, value)
+            with graph.inserting_before(node):
+                fresh = graph.get_attr(name)
+            fresh.meta.update(arg.meta)
+            node.update_arg(i, fresh)
+
+
+def _fresh_attr_name(gm: torch.fx.GraphModule, qualname: str) -> str:
+    base = qualname.replace(".", "_") + "_private"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}{i}"
+    return name
+
+
+def _fresh_module_name(gm: torch.fx.GraphModule, target: str, module: nn.Module) -> str:
+    name = _fresh_attr_name(gm, target)
+    gm.add_submodule(name, module)
+    return name
+
+
+def clone_sharing_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` with its own graph and module tree but the same tensor objects.
+
+    Cheap even for large models; safe because passes replace tensors instead of writing into
+    them (the manager checks version counters to enforce that).
+    """
+    memo: dict[int, Any] = {id(t): t for t in _all_tensors(gm)}
+    with warnings.catch_warnings():
+        # torch's pytree specs warn about a deprecated isinstance check when deep-copied.
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm, memo)
+
+
+def _all_tensors(module: nn.Module):
+    for m in module.modules():
+        yield from m._parameters.values()
+        yield from m._buffers.values()
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def tensor_versions(module: nn.Module) -> dict[int, tuple[str, int]]:
+    """id -> (name, version counter) of every parameter and buffer, to detect in-place writes."""
+    out = {}
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    ):
+        if t is not None and not t.is_inference():
+            out[id(t)] = (name, t._version)
+    return out

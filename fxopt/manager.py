@@ -1,0 +1,252 @@
+"""The pass manager: runs a pipeline over a GraphModule with instruments watching each step.
+
+Guarantees:
+- the module handed in is never mutated: every pass works on a private copy (graph and
+  module tree copied, tensors shared — passes replace tensors, never write into them, and a
+  pass that bumps a shared tensor's version counter is refused);
+- when a pass raises, `PassError` names it and carries the last good module and the records
+  of the passes that ran;
+- analyses are cached across passes and invalidated by what each pass says it preserves.
+
+Instruments observe without changing anything: timing and node counts (always recorded),
+print-IR after each pass or only after a change (as a diff), verify-each (graph lint plus a
+numerical check against the original, localized to the first diverging node), dumps to disk,
+and a bisect limit (run only the first N passes) to find the pass that breaks a model.
+
+    >>> import torch, fxopt
+    >>> from fxopt.manager import PassManager
+    >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()), (torch.randn(2, 4),))
+    >>> result = PassManager("remove-noops,dce").run(gm, (torch.randn(2, 4),))
+    >>> [r.name for r in result.records], result.records[0].nodes_before > result.records[0].nodes_after
+    (['remove-noops', 'dce'], True)
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence, TextIO
+
+import torch
+import torch.fx
+
+from .analysis import AnalysisManager
+from .dump.listing import graph_listing
+from .errors import PassError
+from .ir.rewrite import clone_sharing_tensors, tensor_versions
+from .pass_base import Pass, PassContext, PassResult
+from .pipeline import format_pass, format_pipeline, parse_pipeline
+from .verify import Tolerance, VerificationReport, loosest, verify
+
+
+@dataclass
+class PassRecord:
+    """One pass as it ran: what it was, how long it took, what it did to the graph."""
+
+    name: str
+    pipeline_text: str
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    modified: bool = False
+    skipped: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    verification: VerificationReport | None = None
+
+    def __str__(self) -> str:
+        if self.skipped:
+            return f"{self.pipeline_text}: skipped (bisect limit)"
+        check = f", {self.verification.summary().splitlines()[0]}" if self.verification else ""
+        return (f"{self.pipeline_text}: {self.seconds * 1e3:.1f} ms, nodes {self.nodes_before} -> "
+                f"{self.nodes_after}{'' if self.modified else ' (unchanged)'}{check}")
+
+
+@dataclass
+class PipelineResult:
+    module: torch.fx.GraphModule
+    records: list[PassRecord]
+    pipeline: str
+
+
+class Instrument:
+    """Hooks the manager calls around every pass. Override what you need."""
+
+    def before_pipeline(self, gm: torch.fx.GraphModule, passes: Sequence[Pass]) -> None: ...
+
+    def before_pass(self, p: Pass, gm: torch.fx.GraphModule, index: int) -> None: ...
+
+    def after_pass(self, p: Pass, before: torch.fx.GraphModule, result: PassResult,
+                   record: PassRecord, ctx: PassContext) -> None: ...
+
+    def after_pipeline(self, gm: torch.fx.GraphModule, records: list[PassRecord]) -> None: ...
+
+
+class PrintIR(Instrument):
+    """Print the listing after every pass, or with `only_changes` a diff when it changed."""
+
+    def __init__(self, only_changes: bool = False, stream: TextIO | None = None) -> None:
+        self.only_changes = only_changes
+        self.stream = stream
+
+    def before_pipeline(self, gm, passes):
+        if not self.only_changes:
+            self._write(graph_listing(gm, "captured"))
+
+    def after_pass(self, p, before, result, record, ctx):
+        title = f"after {record.pipeline_text}"
+        if not self.only_changes:
+            self._write(graph_listing(result.module, title))
+            return
+        old, new = graph_listing(before).splitlines(), graph_listing(result.module).splitlines()
+        if old != new:
+            diff = difflib.unified_diff(old, new, "before", title, lineterm="", n=1)
+            self._write("\n".join(diff) + "\n")
+
+    def _write(self, text: str) -> None:
+        (self.stream or sys.stdout).write(text)
+
+
+class TimePasses(Instrument):
+    """Print a table of per-pass time and node counts when the pipeline ends."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+
+    def after_pipeline(self, gm, records):
+        out = self.stream or sys.stdout
+        total = sum(r.seconds for r in records)
+        out.write("pass timing:\n")
+        for r in records:
+            share = 100 * r.seconds / total if total else 0.0
+            out.write(f"  {r.seconds * 1e3:9.1f} ms {share:5.1f}%  {r.nodes_before:6d} -> {r.nodes_after:6d}  "
+                      f"{r.pipeline_text}{'  (skipped)' if r.skipped else ''}\n")
+        out.write(f"  {total * 1e3:9.1f} ms total\n")
+
+
+class VerifyEach(Instrument):
+    """After each pass: lint the graph and compare with the original module numerically.
+
+    The check uses the loosest tolerance of the passes run so far (an exact pass after an
+    int8 one is held to the int8 floor). A failure raises, naming the pass and the first
+    diverging node, so a pipeline stops at the pass that broke the model.
+    """
+
+    def __init__(self, reference: torch.fx.GraphModule, inputs: tuple, kwargs: dict | None = None) -> None:
+        self.reference = reference
+        self.inputs = inputs
+        self.kwargs = kwargs or {}
+        self._tolerances: list[Tolerance] = []
+
+    def after_pass(self, p, before, result, record, ctx):
+        self._tolerances.append(pass_tolerance(p))
+        result.module.graph.lint()
+        report = verify(self.reference, result.module, (self.inputs if not self.kwargs else self.kwargs),
+                        tolerance=loosest(*self._tolerances))
+        record.verification = report
+        if not report.passed:
+            raise PassError(record.pipeline_text, f"verification failed after the pass: {report.summary()}")
+
+
+def pass_tolerance(p: Pass) -> Tolerance:
+    """The tolerance a pass promises; passes set `tolerance` ("exact" by default)."""
+    return loosest(getattr(p, "tolerance", "exact"))
+
+
+class PassManager:
+    """Runs passes in order; see the module docstring for what it guarantees."""
+
+    def __init__(
+        self,
+        pipeline: str | Sequence[Pass | str],
+        *,
+        instruments: Sequence[Instrument] = (),
+        bisect_limit: int | None = None,
+    ) -> None:
+        self.passes = parse_pipeline(pipeline)
+        self.instruments = list(instruments)
+        if bisect_limit is not None and bisect_limit < 0:
+            raise ValueError(f"bisect_limit must be >= 0, got {bisect_limit}")
+        self.bisect_limit = bisect_limit
+
+    @property
+    def pipeline_text(self) -> str:
+        return format_pipeline(self.passes)
+
+    def run(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: tuple = (),
+        *,
+        example_kwargs: dict | None = None,
+        calibration: list | None = None,
+        reference: torch.fx.GraphModule | None = None,
+        verbose: bool = False,
+    ) -> PipelineResult:
+        """Run the pipeline on a private copy of `gm`; `gm` itself is left as it was."""
+        current = clone_sharing_tensors(gm)
+        am = AnalysisManager(current, example_inputs, example_kwargs)
+        ctx = PassContext(am, tuple(example_inputs), dict(example_kwargs or {}), calibration,
+                          reference if reference is not None else gm, verbose)
+        records: list[PassRecord] = []
+        for inst in self.instruments:
+            inst.before_pipeline(current, self.passes)
+        for index, p in enumerate(self.passes):
+            record = PassRecord(p.name, format_pass(p), nodes_before=_count(current))
+            records.append(record)
+            if self.bisect_limit is not None and index >= self.bisect_limit:
+                record.skipped, record.nodes_after = True, record.nodes_before
+                continue
+            current = self._run_one(p, index, current, am, ctx, record, records)
+        for inst in self.instruments:
+            inst.after_pipeline(current, records)
+        return PipelineResult(current, records, self.pipeline_text)
+
+    def _run_one(self, p, index, current, am, ctx, record, records):
+        for inst in self.instruments:
+            inst.before_pass(p, current, index)
+        working = clone_sharing_tensors(current)
+        am.rebind(working)
+        versions = tensor_versions(current)
+        start = time.perf_counter()
+        try:
+            result = p.run(working, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
+            _check_no_inplace_writes(current, versions)
+            if result.modified:
+                result.module.recompile()
+            record.seconds = time.perf_counter() - start
+            record.modified, record.stats = result.modified, dict(result.stats)
+            record.nodes_after = _count(result.module)
+            for inst in self.instruments:
+                inst.after_pass(p, current, result, record, ctx)
+        except PassError as exc:
+            am.rebind(current)
+            am.invalidate()
+            exc.last_good_module, exc.records = current, records
+            raise
+        except Exception as exc:
+            am.rebind(current)
+            am.invalidate()
+            error = PassError(record.pipeline_text, f"{type(exc).__name__}: {exc}")
+            error.last_good_module, error.records = current, records
+            raise error from exc
+        am.rebind(result.module)
+        if result.modified:
+            am.invalidate(p.preserves)
+        return result.module
+
+
+def _check_no_inplace_writes(module: torch.nn.Module, versions: dict[int, tuple[str, int]]) -> None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen = versions.get(id(t))
+        if seen is not None and t._version != seen[1]:
+            raise RuntimeError(
+                f"the pass wrote into tensor '{seen[0]}' in place; passes must replace tensors "
+                "(ParamRef.set) so the input module stays intact"
+            )
+
+
+def _count(gm: torch.fx.GraphModule) -> int:
+    return len(gm.graph.nodes)

@@ -1,0 +1,214 @@
+"""The pass contract: a pass is a dataclass whose fields are its options.
+
+A pass has a class-level `name` (its name in pipeline text), typed options as dataclass fields,
+and `preserves`: the analyses still valid after it changed the graph. `run(gm, ctx)` edits `gm`
+(a private copy the manager owns) and returns a `PassResult`.
+
+Rules every pass keeps, so the manager can promise the user's model is never touched:
+- edit the graph and replace module attributes freely, but never write into an existing
+  tensor in place (the manager shares tensors between its snapshot and the working copy and
+  refuses a pass that bumps a tensor's version counter);
+- record what changed in `PassResult.modified`; return stats worth printing.
+
+Example — a pass that counts nodes and changes nothing::
+
+    >>> import dataclasses, torch
+    >>> from fxopt.pass_base import Pass, PassResult
+    >>> @dataclasses.dataclass
+    ... class CountNodes(Pass):
+    ...     name = "count-nodes"
+    ...     op: str = "call_function"
+    ...     def run(self, gm, ctx):
+    ...         n = sum(node.op == self.op for node in gm.graph.nodes)
+    ...         return PassResult(gm, modified=False, stats={"count": n})
+    >>> CountNodes.from_options({"op": "placeholder"}).op
+    'placeholder'
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch.fx
+
+from .errors import PipelineError, did_you_mean
+
+if TYPE_CHECKING:
+    from .analysis import AnalysisManager
+
+
+@dataclass
+class PassResult:
+    """What a pass hands back: the module, whether it changed, and counters for the report."""
+
+    module: torch.fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What the manager gives every pass besides the module.
+
+    `example_inputs` are positional args (a tuple) and `example_kwargs` keyword args for the
+    module; `calibration` is a list of `(args, kwargs)` pairs, one per batch, or None when the
+    user gave none; `reference` is the captured, unoptimized module for passes that compare
+    against it.
+    """
+
+    analyses: "AnalysisManager"
+    example_inputs: tuple = ()
+    example_kwargs: dict = field(default_factory=dict)
+    calibration: list | None = None
+    reference: torch.fx.GraphModule | None = None
+    verbose: bool = False
+
+
+@dataclass
+class Pass:
+    """Base of every pass. Subclasses are dataclasses; their fields are the pass options."""
+
+    name: ClassVar[str] = ""
+    #: Analyses (by name) still valid after this pass modified the graph.
+    preserves: ClassVar[frozenset[str]] = frozenset()
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    # ----- options ------------------------------------------------------------------------
+    @classmethod
+    def option_specs(cls) -> dict[str, str]:
+        """Option name -> readable type, for help text and error messages."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: _type_label(hints[f.name]) for f in dataclasses.fields(cls) if f.init}
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "Pass":
+        """Build the pass from option values (strings from pipeline text, or Python values)."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        values = {}
+        for key, raw in options.items():
+            if key not in fields:
+                raise PipelineError(
+                    f"pass '{cls.name}' has no option '{key}'" + did_you_mean(key, fields)
+                )
+            try:
+                values[key] = coerce_option(raw, hints[key])
+            except (TypeError, ValueError) as exc:
+                raise PipelineError(f"pass '{cls.name}' option '{key}': {exc}") from None
+        try:
+            instance = cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise PipelineError(f"pass '{cls.name}': {exc}") from None
+        return instance
+
+    def options(self) -> dict[str, Any]:
+        """The options that differ from their defaults (what pipeline text prints)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else object()
+            )
+            if value != default:
+                out[f.name] = value
+        return out
+
+    def __str__(self) -> str:
+        from .pipeline import format_pass
+
+        return format_pass(self)
+
+
+def coerce_option(raw: Any, annotation: Any) -> Any:
+    """Turn `raw` (often a string from pipeline text) into a value of `annotation`.
+
+    Supports bool, int, float, str, Literal[...], Enum, Optional[X], X | None, and
+    tuple[X, ...] / list[X] (text form `[a,b]` or `a;b`).
+    """
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.lower() == "none"):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce_option(raw, arg)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ValueError("; ".join(errors))
+    if origin is Literal:
+        for choice in args:
+            if raw == choice or (isinstance(raw, str) and str(choice) == raw):
+                return choice
+        raise ValueError(f"{raw!r} is not one of: {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        item_type = args[0] if args else str
+        items = _split_list(raw) if isinstance(raw, str) else list(raw)
+        values = [coerce_option(item, item_type) for item in items]
+        return tuple(values) if origin is tuple else values
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            return raw if isinstance(raw, annotation) else annotation(raw)
+        except ValueError:
+            valid = ", ".join(str(m.value) for m in annotation)
+            raise ValueError(f"{raw!r} is not one of: {valid}") from None
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {raw!r}")
+    if annotation in (int, float):
+        if isinstance(raw, bool):
+            raise ValueError(f"expected {annotation.__name__}, got a boolean")
+        try:
+            value = annotation(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {annotation.__name__}, got {raw!r}") from None
+        if annotation is int and isinstance(raw, float) and raw != value:
+            raise ValueError(f"expected an integer, got {raw!r}")
+        return value
+    if annotation is str:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected text, got {raw!r}")
+        return raw
+    if annotation is Any:
+        return raw
+    raise TypeError(f"unsupported option type {annotation!r}")
+
+
+def _split_list(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    sep = ";" if ";" in text else ","
+    return [item.strip() for item in text.split(sep) if item.strip()]
+
+
+def _type_label(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_label(a) for a in args)
+    if origin in (tuple, list):
+        return f"list of {_type_label(args[0]) if args else 'str'}"
+    if annotation is type(None):
+        return "none"
+    return getattr(annotation, "__name__", str(annotation))

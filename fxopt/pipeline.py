@@ -1,0 +1,104 @@
+"""Pipeline text: `name{key=value,...}` joined by commas, MLIR style, and its printer.
+
+The text round-trips: `parse_pipeline(format_pipeline(p))` builds the same passes, so a
+pipeline can be stored in a report or a crash reproducer and run again.
+
+    >>> from fxopt.pipeline import split_pipeline
+    >>> split_pipeline("fuse, prune{ratio=0.5,ignore=[fc,head]}, dce")
+    [('fuse', {}), ('prune', {'ratio': '0.5', 'ignore': '[fc,head]'}), ('dce', {})]
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .errors import PipelineError
+from .pass_base import Pass
+
+
+def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
+    """Parse pipeline text into (pass name, raw option strings) pairs, checking syntax only."""
+    steps = []
+    for chunk in _split_top_level(text, ",", where=text):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        if "{" in chunk:
+            if not chunk.endswith("}"):
+                raise PipelineError(f"in '{chunk}': options must end with '}}'")
+            name, body = chunk[:-1].split("{", 1)
+            options = {}
+            for item in _split_top_level(body, ",", where=chunk):
+                if not item.strip():
+                    continue
+                if "=" not in item:
+                    raise PipelineError(f"in '{chunk}': option '{item.strip()}' needs key=value")
+                key, value = item.split("=", 1)
+                options[key.strip()] = value.strip()
+        else:
+            name, options = chunk, {}
+        name = name.strip()
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise PipelineError(f"bad pass name '{name}' in pipeline '{text}'")
+        steps.append((name, options))
+    return steps
+
+
+def parse_pipeline(pipeline: str | Sequence[Pass | str]) -> list[Pass]:
+    """Build passes from pipeline text, or from a list mixing Pass objects and text."""
+    from .registry import get_pass
+
+    if isinstance(pipeline, str):
+        return [get_pass(name).from_options(opts) for name, opts in split_pipeline(pipeline)]
+    passes: list[Pass] = []
+    for item in pipeline:
+        if isinstance(item, Pass):
+            passes.append(item)
+        elif isinstance(item, str):
+            passes.extend(parse_pipeline(item))
+        else:
+            raise PipelineError(f"pipeline items must be Pass objects or text, got {item!r}")
+    return passes
+
+
+def format_pass(p: Pass) -> str:
+    options = p.options()
+    if not options:
+        return p.name
+    return p.name + "{" + ",".join(f"{k}={_format_value(v)}" for k, v in options.items()) + "}"
+
+
+def format_pipeline(passes: Sequence[Pass]) -> str:
+    """Text that `parse_pipeline` turns back into the same passes."""
+    return ",".join(format_pass(p) for p in passes)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if hasattr(value, "value") and not isinstance(value, (int, float, str)):
+        return str(value.value)  # Enum
+    return str(value)
+
+
+def _split_top_level(text: str, sep: str, where: str) -> list[str]:
+    """Split on `sep` outside {} and [] brackets."""
+    parts, current = [], []
+    pairs = {"{": "}", "[": "]"}
+    stack: list[str] = []
+    for ch in text:
+        if ch in pairs:
+            stack.append(pairs[ch])
+        elif ch in pairs.values():
+            if not stack or stack.pop() != ch:
+                raise PipelineError(f"unbalanced '{ch}' in '{where}'")
+        if ch == sep and not stack:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if stack:
+        raise PipelineError(f"missing '{stack[-1]}' in '{where}'")
+    parts.append("".join(current))
+    return parts

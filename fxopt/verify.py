@@ -1,0 +1,285 @@
+"""Numerical verification: does the optimized module still compute what the original did?
+
+`verify(reference, candidate, inputs)` runs both on the same inputs (on CPU, or on CUDA with
+`device="cuda"`: models and inputs are copied there, the originals stay put) and reports, over
+every tensor in the (possibly nested: dicts, dataclasses, tuples) outputs: max absolute and
+relative error, SQNR in dB and cosine similarity, and pass/fail against a tolerance that fits
+the transformation — `exact` for rewrites that must not change the function, `float` for
+rewrites that reorder float arithmetic, `int8` an SQNR floor for quantization, `lossy` for
+passes such as pruning that change the function on purpose (numbers reported, never failed).
+
+When the check fails and both modules are GraphModules, it **localizes**: it runs both node by
+node and names the first node of the candidate whose value diverges beyond tolerance from the
+reference node it stands for (see `fxopt.ir.origin`).
+
+    >>> import torch, fxopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> report = fxopt.verify(model, model, (torch.randn(3, 4),))
+    >>> report.passed, report.max_abs_error
+    (True, 0.0)
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
+
+from .errors import VerificationError, user_source_line
+from .ir.interpret import node_values, run_graph
+from .ir.rewrite import origin
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when max|ref - out| <= atol + rtol * max|ref| and SQNR >= min_sqnr_db (if set)."""
+
+    name: str
+    rtol: float
+    atol: float
+    min_sqnr_db: float | None = None
+    #: Position in the exact < float < int8 < lossy order; a pipeline is as loose as its loosest pass.
+    rank: int = 0
+
+    def accepts(self, max_abs: float, ref_scale: float, sqnr_db: float) -> bool:
+        if math.isnan(max_abs):
+            return False
+        if max_abs > self.atol + self.rtol * ref_scale:
+            return False
+        return self.min_sqnr_db is None or sqnr_db >= self.min_sqnr_db
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "exact": Tolerance("exact", rtol=1e-4, atol=1e-5, rank=0),
+    "float": Tolerance("float", rtol=2e-3, atol=1e-4, rank=1),
+    "int8": Tolerance("int8", rtol=math.inf, atol=math.inf, min_sqnr_db=20.0, rank=2),
+    "lossy": Tolerance("lossy", rtol=math.inf, atol=math.inf, rank=3),
+}
+
+
+def get_tolerance(tolerance: str | Tolerance) -> Tolerance:
+    if isinstance(tolerance, Tolerance):
+        return tolerance
+    try:
+        return TOLERANCES[tolerance]
+    except KeyError:
+        raise ValueError(
+            f"unknown tolerance '{tolerance}'; valid: {', '.join(TOLERANCES)}"
+        ) from None
+
+
+def loosest(*tolerances: str | Tolerance) -> Tolerance:
+    """The loosest of several tolerances (what a whole pipeline must be held to)."""
+    return max((get_tolerance(t) for t in tolerances), key=lambda t: t.rank, default=TOLERANCES["exact"])
+
+
+@dataclass
+class TensorComparison:
+    """Error statistics of one output tensor (`path` is its place in the output structure)."""
+
+    path: str
+    shape: tuple
+    max_abs_error: float
+    max_rel_error: float
+    sqnr_db: float
+    cosine: float
+    ref_scale: float
+
+    def __str__(self) -> str:
+        return (f"{self.path or 'output'} {list(self.shape)}: max_abs={self.max_abs_error:.3g} "
+                f"max_rel={self.max_rel_error:.3g} sqnr={self.sqnr_db:.1f}dB cos={self.cosine:.6f}")
+
+
+@dataclass
+class Divergence:
+    """The first candidate node whose value left tolerance."""
+
+    node: str
+    reference_node: str
+    source: str | None
+    comparison: TensorComparison
+
+    def __str__(self) -> str:
+        where = f" at {self.source}" if self.source else ""
+        return (f"first diverging node '{self.node}' (stands for '{self.reference_node}'){where}: "
+                f"{self.comparison}")
+
+
+@dataclass
+class VerificationReport:
+    """What `verify` found. `passed` is the verdict; the rest explains it."""
+
+    passed: bool
+    tolerance: Tolerance
+    device: str
+    outputs: list[TensorComparison] = field(default_factory=list)
+    divergence: Divergence | None = None
+    message: str = ""
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((o.max_rel_error for o in self.outputs), default=0.0)
+
+    @property
+    def sqnr_db(self) -> float:
+        return min((o.sqnr_db for o in self.outputs), default=math.inf)
+
+    @property
+    def cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=1.0)
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        text = (f"{verdict} ({self.tolerance.name}, {self.device}): max_abs={self.max_abs_error:.3g} "
+                f"max_rel={self.max_rel_error:.3g} sqnr={_fmt_db(self.sqnr_db)} cos={self.cosine:.6f}")
+        if self.message:
+            text += f"; {self.message}"
+        if self.divergence is not None:
+            text += f"\n  {self.divergence}"
+        return text
+
+    __str__ = summary
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise VerificationError(self.summary())
+
+
+def verify(
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: Any,
+    *,
+    tolerance: str | Tolerance = "exact",
+    device: str = "cpu",
+    localize: bool = True,
+) -> VerificationReport:
+    """Compare `candidate` against `reference` on `inputs` (a tensor, tuple of args or dict).
+
+    Neither module is modified; with `device="cuda"` both are copied to the GPU.
+    """
+    from .capture import normalize_inputs
+
+    tol = get_tolerance(tolerance)
+    args, kwargs = normalize_inputs(inputs)
+    if device != "cpu":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("verify(device='cuda') needs a CUDA GPU; none is available")
+        reference, candidate = _copy_to(reference, device), _copy_to(candidate, device)
+        args, kwargs = _move(args, device), _move(kwargs, device)
+    with torch.no_grad():
+        ref_out = reference(*args, **kwargs)
+        try:
+            cand_out = candidate(*args, **kwargs)
+        except Exception as exc:
+            return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}: {exc}")
+    outputs, problem = compare_outputs(ref_out, cand_out)
+    passed = problem is None and all(tol.accepts(o.max_abs_error, o.ref_scale, o.sqnr_db) for o in outputs)
+    report = VerificationReport(passed, tol, device, outputs, message=problem or "")
+    if not passed and localize and isinstance(reference, torch.fx.GraphModule) \
+            and isinstance(candidate, torch.fx.GraphModule):
+        report.divergence = first_divergence(reference, candidate, args, kwargs, tol)
+    return report
+
+
+def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | None]:
+    """Per-tensor statistics over two output structures, and a structural problem if any."""
+    ref_leaves, _ = tree_flatten_with_path(ref)
+    cand_leaves, _ = tree_flatten_with_path(cand)
+    if len(ref_leaves) != len(cand_leaves):
+        return [], f"output structure differs: {len(ref_leaves)} vs {len(cand_leaves)} values"
+    results = []
+    for (path, r), (_, c) in zip(ref_leaves, cand_leaves):
+        if not isinstance(r, torch.Tensor):
+            if r != c:
+                return results, f"non-tensor output {keystr(path)} differs: {r!r} vs {c!r}"
+            continue
+        if not isinstance(c, torch.Tensor) or tuple(r.shape) != tuple(c.shape):
+            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            return results, f"output {keystr(path)} shape {tuple(r.shape)} became {got}"
+        results.append(compare_tensors(r, c, keystr(path)))
+    return results, None
+
+
+def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> TensorComparison:
+    """Error statistics of `cand` against `ref` (quantized tensors are dequantized first)."""
+    r = _as_float(ref)
+    c = _as_float(cand).to(r.device)
+    if r.numel() == 0:
+        return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0)
+    diff = (r - c).abs()
+    scale = float(r.abs().max())
+    max_abs = float(diff.max())
+    max_rel = float((diff / r.abs().clamp_min(1e-12 + 1e-3 * scale)).max())
+    noise = float((r - c).pow(2).sum())
+    signal = float(r.pow(2).sum())
+    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    denom = float(r.norm() * c.norm())
+    cosine = float((r.flatten() @ c.flatten()) / denom) if denom > 0 else float(noise == 0)
+    if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
+        max_abs, sqnr = math.nan, -math.inf
+    return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale)
+
+
+def first_divergence(
+    reference: torch.fx.GraphModule,
+    candidate: torch.fx.GraphModule,
+    args: tuple,
+    kwargs: dict,
+    tolerance: Tolerance,
+) -> Divergence | None:
+    """The first candidate node (in execution order) whose value breaks `tolerance`.
+
+    Candidate nodes are matched to reference nodes by provenance (`fxopt.ir.origin`): a
+    fused conv is compared with the batchnorm whose value it now computes, not with the
+    unfused conv that shares its name.
+    """
+    with torch.no_grad():
+        ref_values = node_values(reference, args, kwargs)
+    found: list[Divergence] = []
+
+    def check(node: torch.fx.Node, value: Any) -> None:
+        if found or node.op in ("placeholder", "get_attr", "output"):
+            return
+        ref = ref_values.get(origin(node))
+        if not (isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor)):
+            return
+        if ref.shape != value.shape or not (ref.is_floating_point() or ref.is_quantized):
+            return
+        cmp = compare_tensors(ref, value, node.name)
+        if not tolerance.accepts(cmp.max_abs_error, cmp.ref_scale, cmp.sqnr_db):
+            found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp))
+
+    with torch.no_grad():
+        run_graph(candidate, args, kwargs, check)
+    return found[0] if found else None
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    if t.is_quantized:
+        t = t.dequantize()
+    return t.detach().double() if t.is_floating_point() else t.detach().to(torch.float64)
+
+
+def _copy_to(module: nn.Module, device: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(module).to(device)
+
+
+def _move(tree: Any, device: str) -> Any:
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _fmt_db(value: float) -> str:
+    return "inf" if math.isinf(value) and value > 0 else f"{value:.1f}dB"

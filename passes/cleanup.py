@@ -1,0 +1,224 @@
+"""Cleanup passes: dead code, no-op nodes, constant subgraphs.
+
+`dce` — removes nodes whose values nobody uses (keeping side effects: in-place ops,
+assertions, export guards) and the submodules and attributes left unreferenced.
+
+`remove-noops` — removes ops that return their input unchanged: `nn.Identity`/`aten.alias`,
+dropout in eval mode (a module not training, or `training=False`), and `contiguous()` on a
+value already contiguous (known from the shapes analysis)::
+
+    before:  %d = call_module d(%relu)  ; nn.Dropout, eval      after:  %add = add(%relu, %relu)
+             %add = add(%d, %relu)
+
+`fold-constants` — evaluates once every subgraph whose inputs are only parameters and
+constants (a transposed weight, a scaled embedding table) and stores the result as a new
+attribute read by `get_attr`::
+
+    before:  %w = get_attr w;  %wt = call_method t(%w);  %y = mm(%x, %wt)
+    after:   %wt = get_attr wt_folded;  %y = mm(%x, %wt)
+
+Preconditions: none; each runs on symbolic and export graphs. All are exact rewrites.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxopt import Pass, PassContext, PassResult
+from fxopt.analysis import ShapeAnalysis
+from fxopt.ir import add_tensor_attr, get_attr_value, op_view, replace_uses
+
+# Ops that must run even when their value is unused, beyond what fx already knows.
+_RANDOM_OR_EFFECTFUL = {
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like,
+    torch.bernoulli, torch.normal, torch.multinomial,
+}
+
+
+def is_effectful(node: torch.fx.Node) -> bool:
+    """True for nodes DCE and folding must keep: side effects, in-place writes, randomness."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_module" and node.target.startswith("_guards"):
+        return True
+    if node.is_impure():
+        return True
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema
+        return schema.is_mutable or target.overloadpacket.__name__.startswith("_assert") \
+            or target.overloadpacket in (torch.ops.aten.rand, torch.ops.aten.randn, torch.ops.aten.bernoulli,
+                                         torch.ops.aten.dropout, torch.ops.aten.randint)
+    if node.op == "call_method" and isinstance(target, str) and target.endswith("_") \
+            and not target.endswith("__"):
+        return True  # Tensor.add_, Tensor.copy_, ... write in place
+    return target in _RANDOM_OR_EFFECTFUL if callable(target) and _hashable(target) else False
+
+
+def _hashable(x: Any) -> bool:
+    try:
+        hash(x)
+    except TypeError:
+        return False
+    return True
+
+
+@dataclass
+class DeadCodeElimination(Pass):
+    """Remove unused nodes, then submodules and attributes nothing references."""
+
+    name = "dce"
+    preserves = frozenset({"shapes"})
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        removed = 0
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and not is_effectful(node):
+                gm.graph.erase_node(node)
+                removed += 1
+        removed_attrs = _delete_unused_attributes(gm)
+        return PassResult(gm, modified=bool(removed or removed_attrs),
+                          stats={"nodes_removed": removed, "attributes_removed": removed_attrs})
+
+
+def _delete_unused_attributes(gm: torch.fx.GraphModule) -> int:
+    """Drop top-level parameters/buffers that no get_attr reads (left behind by folding)."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    used_roots = {t.split(".")[0] for t in used}
+    removed = 0
+    for name in list(gm._parameters) + list(gm._buffers):
+        if name not in used_roots:
+            gm._parameters.pop(name, None)
+            gm._buffers.pop(name, None)
+            removed += 1
+    before = sum(1 for _ in gm.modules())
+    gm.delete_all_unused_submodules()
+    return removed + before - sum(1 for _ in gm.modules())
+
+
+@dataclass
+class RemoveNoOps(Pass):
+    """Remove identity, eval-mode dropout and contiguous-on-contiguous nodes."""
+
+    name = "remove-noops"
+    preserves = frozenset({"shapes"})
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        counts: dict[str, int] = {}
+        shapes = None
+        for node in list(gm.graph.nodes):
+            view = op_view(gm, node)
+            if view is None or view.input is None:
+                continue
+            if view.kind == "contiguous" and shapes is None and (ctx.example_inputs or ctx.example_kwargs):
+                shapes = ctx.analyses.get(ShapeAnalysis)
+            if not _is_noop(view, shapes):
+                continue
+            replace_uses(node, view.input)
+            counts[view.kind] = counts.get(view.kind, 0) + 1
+        return PassResult(gm, modified=bool(counts), stats={"removed": counts})
+
+
+def _is_noop(view, shapes: dict | None) -> bool:
+    if view.kind == "identity":
+        return True
+    if view.kind == "dropout":
+        return not view.attrs.get("training", True) or view.attrs.get("p", 0.5) == 0
+    if view.kind == "contiguous":
+        meta = shapes.get(view.input.name) if shapes else None
+        memory_format = view.attrs.get("memory_format", torch.contiguous_format)
+        return meta is not None and getattr(meta, "is_contiguous", False) \
+            and memory_format in (None, torch.contiguous_format) \
+            and getattr(meta, "memory_format", torch.contiguous_format) == torch.contiguous_format
+    return False
+
+
+@dataclass
+class FoldConstants(Pass):
+    """Precompute subgraphs that depend only on parameters and constants.
+
+    `max_growth` bounds how much larger a folded result may be than the tensors it reads
+    (folding `expand` of a bias to a full activation size would trade memory for nothing).
+    """
+
+    name = "fold-constants"
+    preserves = frozenset({"shapes"})
+    max_growth: float = 4.0
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        constant: dict[torch.fx.Node, bool] = {}
+        for node in gm.graph.nodes:
+            constant[node] = _is_foldable(node, constant)
+        folded = 0
+        for node in list(gm.graph.nodes):
+            if not constant.get(node) or node.op == "get_attr":
+                continue
+            # Fold only the frontier: a constant node some non-constant node consumes.
+            if all(constant.get(u, False) for u in node.users) and node.users:
+                continue
+            value = _evaluate(gm, node)
+            if not isinstance(value, torch.Tensor) or not _small_enough(node, value, gm, self.max_growth):
+                continue
+            name = add_tensor_attr(gm, f"{node.name}_folded", value, parameter=False)
+            with gm.graph.inserting_before(node):
+                attr = gm.graph.get_attr(name)
+            replace_uses(node, attr)
+            folded += 1
+        if folded:
+            for node in reversed(list(gm.graph.nodes)):
+                if not node.users and constant.get(node) and not is_effectful(node):
+                    gm.graph.erase_node(node)
+        return PassResult(gm, modified=bool(folded), stats={"folded": folded})
+
+
+def _is_foldable(node: torch.fx.Node, constant: dict) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method") or is_effectful(node):
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(constant.get(i, False) for i in inputs)
+
+
+def _evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
+    """Value of a constant node, computed by running its constant cone."""
+    cache: dict[torch.fx.Node, Any] = {}
+
+    def value_of(n: torch.fx.Node) -> Any:
+        if n in cache:
+            return cache[n]
+        if n.op == "get_attr":
+            out = get_attr_value(gm, n.target)
+        else:
+            args = torch.fx.node.map_arg(n.args, value_of)
+            kwargs = torch.fx.node.map_arg(n.kwargs, value_of)
+            if n.op == "call_method":
+                out = getattr(args[0], n.target)(*args[1:], **kwargs)
+            else:
+                out = n.target(*args, **kwargs)
+        cache[n] = out
+        return out
+
+    with torch.no_grad():
+        return value_of(node)
+
+
+def _small_enough(node: torch.fx.Node, value: torch.Tensor, gm: torch.fx.GraphModule, growth: float) -> bool:
+    read = 0
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            t = get_attr_value(gm, n.target)
+            read += t.numel() if isinstance(t, torch.Tensor) else 0
+        stack.extend(n.all_input_nodes)
+    return value.numel() <= growth * max(read, 1)
+
+
+__all__ = ["DeadCodeElimination", "FoldConstants", "RemoveNoOps", "is_effectful"]
