@@ -29,11 +29,25 @@ def dump(gm, path, **kwargs):
     return _dump(gm, path, **kwargs)
 
 
+def calibrate(gm, batches, **kwargs):
+    """Run calibration batches through a module with observers; see fxopt.calibrate."""
+    from .calibrate import calibrate as _calibrate
+
+    return _calibrate(gm, batches, **kwargs)
+
+
+def distill(student, teacher, data, **kwargs):
+    """Knowledge-distillation fine-tuning of a pruned module; see fxopt.distill."""
+    from .distill import distill as _distill
+
+    return _distill(student, teacher, data, **kwargs)
+
+
 __all__ = [
     "Analysis", "AnalysisManager", "CaptureError", "DataflowAnalysis", "FxoptError", "Instrument",
     "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
     "PipelineError", "PrintIR", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError",
-    "VerificationReport", "VerifyEach", "available_passes", "capture", "dump", "format_pipeline",
+    "VerificationReport", "VerifyEach", "available_passes", "calibrate", "capture", "distill", "dump", "format_pipeline",
     "frontend_of", "get_pass", "optimize", "parse_pipeline", "register_pass", "unregister_pass",
     "verify",
 ]

@@ -1,0 +1,211 @@
+"""The `fxopt` command line.
+
+    fxopt optimize [MODEL] --pipeline P     optimize, verify, print a before/after table
+    fxopt dump [MODEL] --pipeline P --out D write listings, DOT/SVG, diffs and an index page
+    fxopt passes                            list the registered passes and their options
+
+MODEL is `package.module:callable`; the callable returns `(model, example_inputs)` or
+`(model, example_inputs, calibration_batches)`. Without MODEL, the bundled example runs: a
+small CNN trained on scikit-learn's handwritten digits (trained once, then cached).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+DEFAULT_PIPELINE = "fuse,quantize{backend=x86}"
+
+
+@dataclass
+class Workload:
+    """What the CLI runs on: a model, its example inputs, and optional data."""
+
+    name: str
+    model: nn.Module
+    example_inputs: Any
+    calibration: list | None = None
+    accuracy: Callable[[Callable], float] | None = None
+
+
+def load_workload(spec: str | None) -> Workload:
+    """The bundled digits example for None, else the model returned by `package.module:callable`."""
+    if spec is None:
+        from .examples import digits
+
+        model, inputs = digits.load_example(progress=True)
+        return Workload("bundled digits CNN", model, inputs, digits.calibration_batches(),
+                        digits.evaluate_accuracy)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not attr:
+        raise SystemExit(f"fxopt: MODEL must look like package.module:callable, got '{spec}'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"fxopt: cannot load MODEL '{spec}': {exc}") from None
+    made = factory()
+    if isinstance(made, nn.Module):
+        inputs = getattr(made, "example_inputs", None)
+        if inputs is None:
+            raise SystemExit(f"fxopt: '{spec}' returned a model without example inputs; "
+                             "return (model, example_inputs) instead")
+        made = (made, inputs)
+    if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], nn.Module):
+        raise SystemExit(f"fxopt: '{spec}' must return (model, example_inputs[, calibration])")
+    calibration = list(made[2]) if len(made) == 3 else None
+    return Workload(spec, made[0], made[1], calibration)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxopt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", nargs="?", help="package.module:callable; default: the bundled example")
+        p.add_argument("--pipeline", "-p", default=DEFAULT_PIPELINE, help=f"pass pipeline (default: {DEFAULT_PIPELINE})")
+        p.add_argument("--mode", choices=("auto", "symbolic", "export"), default="auto", help="capture front end")
+
+    opt = sub.add_parser("optimize", help="optimize a model and print a before/after table")
+    common(opt)
+    opt.add_argument("--no-verify", action="store_true", help="skip the final numerical check")
+    opt.add_argument("--verify-each", action="store_true", help="lint and check numerics after every pass")
+    opt.add_argument("--print-ir-after-all", action="store_true", help="print the graph after every pass")
+    opt.add_argument("--print-ir-after-change", action="store_true", help="print a diff when a pass changed the graph")
+    opt.add_argument("--time-passes", action="store_true", help="print per-pass timing")
+    opt.add_argument("--bisect-limit", type=int, default=None, metavar="N", help="run only the first N passes")
+    opt.add_argument("--threads", type=int, default=1, help="threads for latency measurement (default 1)")
+    opt.add_argument("--dump", metavar="DIR", help="also dump every step to DIR")
+
+    dump = sub.add_parser("dump", help="dump the graph before and after every pass")
+    common(dump)
+    dump.add_argument("--out", "-o", required=True, help="output directory")
+
+    sub.add_parser("passes", help="list registered passes and their options")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    from .errors import FxoptError
+    from .pipeline import parse_pipeline
+
+    try:
+        if args.command == "passes":
+            return _cmd_passes()
+        parse_pipeline(args.pipeline)  # a typo fails now, before the model is loaded
+        if args.command == "dump":
+            return _cmd_dump(args)
+        return _cmd_optimize(args)
+    except FxoptError as exc:
+        print(f"fxopt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_passes() -> int:
+    from .registry import available_passes, get_pass
+
+    for name in available_passes():
+        try:
+            cls = get_pass(name)
+        except Exception as exc:  # a broken third-party entry point must not hide the others
+            print(f"{name}: cannot load ({exc})")
+            continue
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        options = ", ".join(f"{k}: {v}" for k, v in cls.option_specs().items())
+        print(f"{name}{'{' + options + '}' if options else ''}\n    {doc}")
+    return 0
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from .dump import dump_pipeline
+
+    work = load_workload(args.model)
+    index = dump_pipeline(work.model, work.example_inputs, args.pipeline, args.out, mode=args.mode,
+                          calibration=work.calibration)
+    print(f"wrote {index}")
+    return 0
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from . import api
+    from .manager import Instrument
+
+    steps = tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False)
+    steps.set_postfix_str("loading model")
+    work = load_workload(args.model)
+    steps.update()
+    instruments: list[Instrument] = []
+    if args.dump:
+        from .dump import DumpInstrument
+
+        instruments.append(DumpInstrument(args.dump))
+    steps.set_postfix_str("optimizing")
+    res = api.optimize(
+        work.model, work.example_inputs, args.pipeline, calibration=work.calibration,
+        verify=not args.no_verify, mode=args.mode, verify_each=args.verify_each,
+        print_ir_after_each=args.print_ir_after_all, print_ir_after_change=args.print_ir_after_change,
+        time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
+    )
+    steps.update()
+    steps.set_postfix_str("measuring")
+    before = _measure(work, res.original, args.threads)
+    after = _measure(work, res.module, args.threads)
+    steps.update(2)
+    steps.close()
+    print(f"model: {work.name} (captured by {res.frontend})")
+    print(f"pipeline: {res.pipeline}")
+    for record in res.passes:
+        print(f"  {record}")
+    print(format_table(before, after, res))
+    return 0 if res.verification is None or res.verification.passed else 1
+
+
+def _measure(work: Workload, module: nn.Module, threads: int) -> dict[str, str]:
+    from . import measure
+    from .capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(work.example_inputs)
+    latency = measure.measure_latency(module, kwargs or args, threads=threads)
+    row = {
+        "latency (median ms)": f"{latency.median_ms:.3f}",
+        "parameters": f"{measure.count_parameters(module):,}",
+        "size (KiB)": f"{measure.model_size_bytes(module) / 1024:.1f}",
+        "nodes": str(measure.count_nodes(module)),
+    }
+    if work.accuracy is not None:
+        row = {"accuracy (%)": f"{work.accuracy(module):.2f}", **row}
+    return row
+
+
+def format_table(before: dict[str, str], after: dict[str, str], res: Any) -> str:
+    """A plain before/after table; ratios where both sides are numbers."""
+    rows = [("", "before", "after", "ratio")]
+    for key in before:
+        rows.append((key, before[key], after[key], _ratio(before[key], after[key])))
+    for device, report in res.verification_by_device.items():
+        verdict = "PASS" if report.passed else "FAIL"
+        rows.append((f"verification ({device})", "", f"{verdict} {report.tolerance.name}",
+                     f"SQNR {report.sqnr_db:.1f} dB"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ratio(a: str, b: str) -> str:
+    try:
+        x, y = float(a.replace(",", "")), float(b.replace(",", ""))
+    except ValueError:
+        return ""
+    return f"{y / x:.2f}x" if x else ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

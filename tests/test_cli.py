@@ -1,0 +1,75 @@
+"""The `fxopt` command line: optimize, dump, passes, MODEL loading and errors."""
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fxopt import cli
+
+
+@pytest.fixture
+def user_model_module(tmp_path, monkeypatch):
+    """A `package.module:callable` MODEL on sys.path, as a user would write it."""
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import torch
+        def small():
+            model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Dropout(0.3), torch.nn.ReLU())
+            return model, (torch.randn(4, 6),)
+        def no_inputs():
+            return torch.nn.Linear(2, 2)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_models"
+    sys.modules.pop("my_models", None)
+
+
+def test_optimize_user_model_prints_table(user_model_module, capsys):
+    rc = cli.main(["optimize", f"{user_model_module}:small", "--pipeline", "remove-noops,dce"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "captured by symbolic" in out
+    assert "remove-noops" in out and "nodes 5 -> 4" in out
+    assert "PASS exact" in out
+    for row in ("latency (median ms)", "parameters", "size (KiB)", "nodes"):
+        assert row in out
+
+
+def test_optimize_print_ir_after_change_and_time_passes(user_model_module, capsys):
+    rc = cli.main(["optimize", f"{user_model_module}:small", "-p", "remove-noops,fold-constants",
+                   "--print-ir-after-change", "--time-passes"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "-%" in out and "after remove-noops" in out  # a diff, printed only for the change
+    assert "after fold-constants" not in out
+    assert "pass timing:" in out
+
+
+def test_unknown_pass_fails_before_loading(capsys):
+    rc = cli.main(["optimize", "does.not.exist:nothing", "-p", "remove-noop"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown pass 'remove-noop'" in err and "did you mean 'remove-noops'" in err
+
+
+def test_bad_model_spec_errors(user_model_module):
+    with pytest.raises(SystemExit, match="package.module:callable"):
+        cli.load_workload("no_colon_here")
+    with pytest.raises(SystemExit, match="cannot load MODEL"):
+        cli.load_workload("my_models:missing")
+    with pytest.raises(SystemExit, match="without example inputs"):
+        cli.load_workload(f"{user_model_module}:no_inputs")
+
+
+def test_passes_lists_builtin_passes(capsys):
+    assert cli.main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "dce" in out and "fold-constants{max_growth: float}" in out
+
+
+def test_bundled_example_is_the_default_model():
+    work = cli.load_workload(None)
+    assert work.name == "bundled digits CNN"
+    assert work.calibration and work.accuracy is not None
+    assert work.accuracy(work.model) > 90.0
+    assert isinstance(work.example_inputs[0], torch.Tensor)
