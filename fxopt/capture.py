@@ -239,7 +239,17 @@ def _check_same_outputs(expected: Any, got: Any) -> None:
         raise CaptureError(
             f"captured graph returns {len(got_leaves)} values, the model {len(exp_leaves)}"
         )
+    if exp_spec != got_spec:
+        # e.g. symbolic tracing turns a Hugging Face ModelOutput into a plain dict
+        raise CaptureError(
+            f"captured graph returns a {type(got).__name__}, the model a {type(expected).__name__} "
+            "(output structure differs)"
+        )
     for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
+        if type(e) is not type(g) and not (isinstance(e, torch.Tensor) and isinstance(g, torch.Tensor)):
+            raise CaptureError(
+                f"output {i}: captured graph returns a {type(g).__name__}, the model a {type(e).__name__}"
+            )
         if isinstance(e, torch.Tensor):
             if not isinstance(g, torch.Tensor) or e.shape != g.shape:
                 raise CaptureError(f"output {i}: captured graph gives a different shape or type")

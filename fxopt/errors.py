@@ -42,11 +42,41 @@ def node_location(node: torch.fx.Node) -> str:
 
 
 def user_source_line(stack_trace: str | None) -> str | None:
-    """The last `File "...", line N` frame of an fx stack trace, i.e. the user's own line."""
+    """The user's own line in an fx stack trace: the last `File "...", line N, in f: code`
+    frame outside torch and fxopt (export records frames down into `nn.Linear.forward` and
+    the like), or the last frame when every frame is library code."""
     if not stack_trace:
         return None
-    frames = [ln.strip() for ln in stack_trace.splitlines() if ln.strip().startswith("File ")]
-    return frames[-1] if frames else None
+    lines = [ln.strip() for ln in stack_trace.splitlines()]
+    frames = []
+    for i, line in enumerate(lines):
+        if line.startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            frames.append(f"{line}: {code}" if code else line)
+    if not frames:
+        return None
+    user = [f for f in frames if not _is_library_frame(f)]
+    return (user or frames)[-1]
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import os
+
+    import torch
+
+    return tuple(
+        os.path.dirname(os.path.abspath(path)) + os.sep for path in (torch.__file__, __file__)
+    )
+
+
+def _is_library_frame(frame: str) -> bool:
+    import os
+    import re
+
+    match = re.match(r'File "([^"]+)"', frame)
+    if match is None:
+        return False
+    return os.path.abspath(match.group(1)).startswith(_library_dirs())
 
 
 def _target_name(target: object) -> str:

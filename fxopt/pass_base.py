@@ -75,6 +75,8 @@ class Pass:
     name: ClassVar[str] = ""
     #: Analyses (by name) still valid after this pass modified the graph.
     preserves: ClassVar[frozenset[str]] = frozenset()
+    #: How verification holds this pass: "exact", "float", "int8" or "lossy" (fxopt.verify).
+    tolerance: ClassVar[str] = "exact"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -21,6 +21,7 @@ reference node it stands for (see `fxopt.ir.origin`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -194,10 +195,16 @@ def verify(
 
 def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | None]:
     """Per-tensor statistics over two output structures, and a structural problem if any."""
-    ref_leaves, _ = tree_flatten_with_path(ref)
-    cand_leaves, _ = tree_flatten_with_path(cand)
+    ref_leaves, ref_spec = tree_flatten_with_path(_expand_dataclasses(ref))
+    cand_leaves, cand_spec = tree_flatten_with_path(_expand_dataclasses(cand))
     if len(ref_leaves) != len(cand_leaves):
         return [], f"output structure differs: {len(ref_leaves)} vs {len(cand_leaves)} values"
+    if ref_spec != cand_spec:
+        # same number of values, different containers or keys ({'a','b'} vs {'a','c'}, dict vs tuple)
+        ref_paths = [keystr(p) for p, _ in ref_leaves]
+        cand_paths = [keystr(p) for p, _ in cand_leaves]
+        return [], (f"output structure differs: {type(ref).__name__} {ref_paths} vs "
+                    f"{type(cand).__name__} {cand_paths}")
     results = []
     for (path, r), (_, c) in zip(ref_leaves, cand_leaves):
         if not isinstance(r, torch.Tensor):
@@ -209,6 +216,17 @@ def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | 
             return results, f"output {keystr(path)} shape {tuple(r.shape)} became {got}"
         results.append(compare_tensors(r, c, keystr(path)))
     return results, None
+
+
+def _expand_dataclasses(tree: Any) -> Any:
+    """Plain dataclasses (not registered with pytree) become dicts of their fields."""
+
+    def expand(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: _expand_dataclasses(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return value
+
+    return tree_map(expand, tree)
 
 
 def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> TensorComparison:
@@ -261,7 +279,7 @@ def first_divergence(
             found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp))
 
     with torch.no_grad():
-        run_graph(candidate, args, kwargs, check)
+        run_graph(candidate, args, kwargs, check, private_buffers=True)
     return found[0] if found else None
 
 

@@ -130,10 +130,22 @@ def _is_noop(view, shapes: dict | None) -> bool:
     if view.kind == "contiguous":
         meta = shapes.get(view.input.name) if shapes else None
         memory_format = view.attrs.get("memory_format", torch.contiguous_format)
-        return meta is not None and getattr(meta, "is_contiguous", False) \
-            and memory_format in (None, torch.contiguous_format) \
-            and getattr(meta, "memory_format", torch.contiguous_format) == torch.contiguous_format
+        return memory_format in (None, torch.contiguous_format) and _is_contiguous(meta)
     return False
+
+
+def _is_contiguous(meta: Any) -> bool:
+    """Row-major contiguity from recorded shape and stride (TensorMetadata has no
+    `is_contiguous` field, and its `memory_format` is ambiguous for size-1 dims)."""
+    shape, stride = getattr(meta, "shape", None), getattr(meta, "stride", None)
+    if shape is None or stride is None or len(shape) != len(stride):
+        return False
+    expected = 1
+    for size, st in zip(reversed(tuple(shape)), reversed(tuple(stride))):
+        if size != 1 and st != expected:
+            return False
+        expected *= size
+    return True
 
 
 @dataclass

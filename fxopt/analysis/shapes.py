@@ -32,7 +32,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None 
         metas[node.name] = meta
 
     with torch.no_grad():
-        run_graph(gm, args, kwargs, record)
+        run_graph(gm, args, kwargs, record, private_buffers=True)
     return metas
 
 

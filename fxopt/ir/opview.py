@@ -192,6 +192,15 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
            tensor_args=("query", "key", "value", "attn_mask")),
     OpSpec("getitem", functions=(operator.getitem,), arg_names=("input", "index")),
+    OpSpec("split", functions=(torch.split,), methods=("split",), aten=(aten.split, aten.split_with_sizes),
+           arg_names=("input", "split_size", "dim"), defaults=dict(dim=0)),
+    OpSpec("chunk", functions=(torch.chunk,), methods=("chunk",), aten=(aten.chunk,),
+           arg_names=("input", "chunks", "dim"), defaults=dict(dim=0)),
+    OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
+    OpSpec("select", functions=(torch.select,), methods=("select",), aten=(aten.select,),
+           arg_names=("input", "dim", "index")),
+    OpSpec("slice", aten=(aten.slice,), arg_names=("input", "dim", "start", "end", "step"),
+           defaults=dict(dim=0, start=None, end=None, step=1)),
 )
 
 # Index the table once: target -> spec.
@@ -299,9 +308,16 @@ def _module_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec) ->
     return OpView(node, spec.kind, inputs, params, attrs, module=module)
 
 
+# ATen schemas give memory_format defaults as c10::MemoryFormat integers.
+_MEMORY_FORMATS = {0: torch.contiguous_format, 1: torch.preserve_format, 2: torch.channels_last,
+                   3: torch.channels_last_3d}
+
+
 def _normalize_attr(spec: OpSpec, key: str, value: Any) -> Any:
     if spec.kind == "batch_norm" and key == "training" and value is None:
         return False
+    if key == "memory_format" and isinstance(value, int) and not isinstance(value, bool):
+        return _MEMORY_FORMATS.get(value, value)
     return value
 
 

@@ -1,0 +1,355 @@
+"""Capture: both front ends, auto fallback, metadata, structured outputs, dynamic batch, errors."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import fxopt
+from fxopt import CaptureError, capture, frontend_of
+
+THIS_FILE = os.path.basename(__file__)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        x = self.drop(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: symbolic tracing cannot, export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[1] == 4:
+            return torch.relu(self.fc(x))
+        return self.fc(x)
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor *values*: neither front end can capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # CAPTURE-FAILS-HERE
+            return self.fc(x)
+        return -self.fc(x)
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.a(x), "aux": torch.sigmoid(self.b(x))}
+
+
+@dataclasses.dataclass
+class PlainOut:
+    y: torch.Tensor
+    z: torch.Tensor
+
+
+def _seed():
+    torch.manual_seed(0)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, before, training):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert model.training == training
+
+
+def _assert_all_tensor_meta(gm):
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        assert "tensor_meta" in node.meta, node.name
+
+
+# ----- front ends -----------------------------------------------------------------------------
+
+def test_symbolic_gives_module_level_graph():
+    _seed()
+    model = ConvNet()
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(model, (x,), mode="symbolic")
+    assert gm.meta["fxopt"]["frontend"] == "symbolic" == frontend_of(gm)
+    modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"conv", "bn", "fc"} <= modules
+    assert not any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+    _assert_all_tensor_meta(gm)
+    conv = next(n for n in gm.graph.nodes if n.target == "conv")
+    assert tuple(conv.meta["tensor_meta"].shape) == (2, 8, 8, 8)
+    assert conv.meta["tensor_meta"].dtype == torch.float32
+    torch.testing.assert_close(gm(x), model.eval()(x))
+
+
+def test_export_gives_aten_graph_with_get_attr_params():
+    _seed()
+    model = ConvNet()
+    x = torch.randn(2, 3, 8, 8)
+    gm = capture(model, (x,), mode="export")
+    assert gm.meta["fxopt"]["frontend"] == "export" == frontend_of(gm)
+    assert not any(n.op == "call_module" and not n.target.startswith("_guards") for n in gm.graph.nodes)
+    aten_ops = {n.target.overloadpacket for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
+    assert torch.ops.aten.conv2d in aten_ops
+    attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert {"conv.weight", "conv.bias", "fc.weight"} <= attrs
+    _assert_all_tensor_meta(gm)
+    torch.testing.assert_close(gm(x), model.eval()(x))
+
+
+def test_auto_prefers_symbolic_when_it_works():
+    gm = capture(ConvNet(), (torch.randn(2, 3, 8, 8),))
+    assert gm.meta["fxopt"]["frontend"] == "symbolic"
+
+
+def test_auto_falls_back_to_export_on_untraceable_control_flow():
+    _seed()
+    model = ShapeBranch()
+    x = torch.randn(3, 4)
+    gm = capture(model, (x,), mode="auto")
+    info = gm.meta["fxopt"]
+    assert info["frontend"] == "export"
+    symbolic = info["attempts"][0]
+    assert symbolic["frontend"] == "symbolic" and not symbolic["ok"]
+    assert THIS_FILE in symbolic["location"] and "x.shape[1] == 4" in symbolic["location"]
+    _assert_all_tensor_meta(gm)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_auto_falls_back_when_symbolic_trace_is_silently_wrong():
+    """A trace that succeeds but bakes in state is caught by the output check."""
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(x) * self.calls
+
+    gm = capture(Counter(), (torch.randn(2, 4),))
+    assert gm.meta["fxopt"]["attempts"][0]["ok"] is False
+    assert "differs" in gm.meta["fxopt"]["attempts"][0]["reason"]
+
+
+def test_neither_front_end_raises_one_capture_error_with_source_line():
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent(), (torch.randn(2, 4),))
+    text = str(info.value)
+    assert "DataDependent" in text
+    assert "symbolic:" in text and "export:" in text
+    assert THIS_FILE in text
+    line = next(i for i, l in enumerate(open(__file__), 1) if "CAPTURE-FAILS-HERE" in l)
+    assert f"line {line}" in text
+    assert "x.sum() > 0" in text
+
+
+def test_single_mode_failure_names_only_that_front_end():
+    with pytest.raises(CaptureError) as info:
+        capture(ShapeBranch(), (torch.randn(2, 4),), mode="symbolic")
+    assert "symbolic:" in str(info.value) and "export:" not in str(info.value)
+
+
+def test_bad_mode_and_bad_model():
+    with pytest.raises(ValueError, match="auto, symbolic, export"):
+        capture(ConvNet(), (torch.randn(1, 3, 4, 4),), mode="jit")
+    with pytest.raises(TypeError, match="nn.Module"):
+        capture(lambda x: x, (torch.randn(2),))
+
+
+# ----- structured outputs -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_dict_outputs(mode):
+    _seed()
+    model = DictOut()
+    x = torch.randn(3, 4)
+    gm = capture(model, (x,), mode=mode)
+    out = gm(x)
+    assert set(out) == {"logits", "aux"}
+    torch.testing.assert_close(out["logits"], model(x)["logits"])
+    torch.testing.assert_close(out["aux"], model(x)["aux"])
+    assert fxopt.verify(model, gm, (x,)).passed
+
+
+def test_dataclass_output_hf_model_output():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class WithModelOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return BaseModelOutput(last_hidden_state=self.fc(x))
+
+    _seed()
+    model = WithModelOutput()
+    x = torch.randn(2, 4)
+    gm = capture(model, (x,), mode="auto")
+    out = gm(x)
+    assert isinstance(out, BaseModelOutput)
+    torch.testing.assert_close(out.last_hidden_state, model(x).last_hidden_state)
+    assert fxopt.verify(model, gm, (x,)).passed
+    del transformers
+
+
+# ----- batch sizes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("example_batch", [1, 4])
+def test_other_batch_sizes(mode, example_batch):
+    _seed()
+    model = ConvNet().eval()
+    gm = capture(model, (torch.randn(example_batch, 3, 8, 8),), mode=mode)
+    for batch in (1, 3, 4):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(gm(x), model(x))
+    if mode == "export":
+        assert gm.meta["fxopt"]["dynamic_batch"] is True
+
+
+# ----- the user's model is never touched ----------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["auto", "symbolic", "export"])
+def test_capture_does_not_mutate_model(mode):
+    _seed()
+    model = ConvNet().train()
+    before = _state(model)
+    params = [id(p) for p in model.parameters()]
+    gm = capture(model, (torch.randn(2, 3, 8, 8),), mode=mode)
+    _assert_untouched(model, before, training=True)
+    assert [id(p) for p in model.parameters()] == params
+    assert all(m.training for m in model.modules())
+    # and the graph uses inference semantics: dropout off, batchnorm on running stats
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm(x), gm(x))
+    torch.testing.assert_close(gm(x), _eval_copy(before)(x))
+
+
+def _eval_copy(state):
+    m = ConvNet()
+    m.load_state_dict(state)
+    return m.eval()
+
+
+def test_capture_of_export_graph_module_works_and_copies():
+    """An export GraphModule refuses .eval(); capture must adopt it without calling it."""
+    _seed()
+    model = ConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    ep_gm = torch.export.export(model, (x,), strict=False).module()
+    for mode in ("auto", "export", "symbolic"):
+        gm = capture(ep_gm, (x,), mode=mode)
+        assert gm is not ep_gm
+        assert frontend_of(gm) == "export"
+        _assert_all_tensor_meta(gm)
+        torch.testing.assert_close(gm(x), model(x))
+    res = fxopt.optimize(ep_gm, (x,), pipeline="remove-noops,dce")
+    assert res.verification.passed
+
+
+def test_keyword_inputs():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None):
+            y = self.fc(x)
+            return y if mask is None else y * mask
+
+    _seed()
+    model = KW()
+    inputs = {"x": torch.randn(2, 4), "mask": torch.ones(2, 4)}
+    for mode in ("symbolic", "export"):
+        gm = capture(model, inputs, mode=mode)
+        torch.testing.assert_close(gm(**inputs), model(**inputs))
+        _assert_all_tensor_meta(gm)
+
+
+# ----- Hugging Face -------------------------------------------------------------------------
+
+def _tiny_bert(cls_name="BertForSequenceClassification"):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(config)
+
+
+@pytest.mark.slow
+def test_hugging_face_bert_auto_capture_optimize_verify():
+    model = _tiny_bert()
+    before = _state(model)
+    training = model.training
+    ids = torch.randint(0, 100, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    res = fxopt.optimize(model, inputs, mode="auto", pipeline="remove-noops,fold-constants,dce")
+    assert res.frontend == "export"
+    attempts = res.original.meta["fxopt"]["attempts"]
+    assert attempts[0]["frontend"] == "symbolic" and not attempts[0]["ok"]
+    assert res.verification.passed, res.verification.summary()
+    assert res.passes[0].stats["removed"].get("dropout", 0) > 0
+    assert res.passes[-1].nodes_after < res.passes[0].nodes_before
+    _assert_untouched(model, before, training)
+    # a different batch size still gives the same output as the eager model
+    model.eval()
+    ids4 = torch.randint(0, 100, (4, 8))
+    mask4 = torch.ones(4, 8, dtype=torch.long)
+    mask4[0, 5:] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids4, attention_mask=mask4).logits
+        got = res.module(input_ids=ids4, attention_mask=mask4)
+    assert type(got).__name__ == "SequenceClassifierOutput"
+    torch.testing.assert_close(got.logits, expected, rtol=1e-4, atol=1e-5)
+    report = fxopt.verify(res.original, res.module, {"input_ids": ids4, "attention_mask": mask4})
+    assert report.passed, report.summary()
+
+
+def test_hugging_face_bert_batch_one_example():
+    model = _tiny_bert("BertModel")
+    gm = capture(model, {"input_ids": torch.randint(0, 100, (1, 6))})
+    assert gm.meta["fxopt"]["frontend"] == "export"
+    assert gm.meta["fxopt"]["dynamic_batch"] is True
+    _assert_all_tensor_meta(gm)
+    ids = torch.randint(0, 100, (3, 6))
+    with torch.no_grad():
+        out = gm(input_ids=ids)
+        expected = model.eval()(input_ids=ids)
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-5)

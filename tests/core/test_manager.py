@@ -1,0 +1,431 @@
+"""PassManager: instruments, the no-mutation guarantee, errors, bisect, analysis caching."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import fxopt
+from fxopt import (
+    AnalysisManager, DataflowAnalysis, Pass, PassError, PassManager, PassResult, PrintIR,
+    ShapeAnalysis, TimePasses, VerifyEach, capture,
+)
+from fxopt.ir import op_view
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.2)
+        self.ident = nn.Identity()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.ident(self.conv(x)))
+        y = self.drop(y)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def _inputs():
+    torch.manual_seed(1)
+    return (torch.randn(2, 3, 6, 6),)
+
+
+def _captured(mode="symbolic"):
+    torch.manual_seed(0)
+    return capture(Net(), _inputs(), mode=mode)
+
+
+# ----- test passes --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ScaleFirstWeight(Pass):
+    """Deliberately wrong: multiplies the first conv/linear weight by 1.5 (via ParamRef.set)."""
+
+    name = "test-scale-weight"
+    kind: str = "linear"
+
+    def run(self, gm, ctx):
+        for node in gm.graph.nodes:
+            view = op_view(gm, node)
+            if view is not None and view.kind == self.kind:
+                ref = view.params["weight"]
+                ref.set(ref.get() * 1.5)
+                return PassResult(gm, modified=True, stats={"scaled": node.name})
+        return PassResult(gm, modified=False)
+
+
+@dataclasses.dataclass
+class Explode(Pass):
+    name = "test-explode"
+
+    def run(self, gm, ctx):
+        # half-edit the graph first: the manager must still hand back intact modules
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" or node.op == "call_function":
+                node.target = "garbage"
+                break
+        raise RuntimeError("boom in the middle of a rewrite")
+
+
+@dataclasses.dataclass
+class InplaceWriter(Pass):
+    name = "test-inplace"
+
+    def run(self, gm, ctx):
+        with torch.no_grad():
+            next(gm.parameters()).mul_(2.0)
+        return PassResult(gm, modified=True)
+
+
+@dataclasses.dataclass
+class WrongReturn(Pass):
+    name = "test-wrong-return"
+
+    def run(self, gm, ctx):
+        return gm
+
+
+TEST_PASSES = (ScaleFirstWeight, Explode, InplaceWriter, WrongReturn)
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    for cls in TEST_PASSES:
+        fxopt.register_pass(cls)
+    yield
+    for cls in TEST_PASSES:
+        fxopt.unregister_pass(cls.name)
+
+
+def _snapshot(gm):
+    return gm.code, {k: v.detach().clone() for k, v in gm.state_dict().items()}, \
+        {k: id(v) for k, v in gm.state_dict(keep_vars=True).items()}
+
+
+def _assert_same(gm, snap):
+    code, state, ids = snap
+    assert gm.code == code
+    now = gm.state_dict(keep_vars=True)
+    assert now.keys() == state.keys()
+    for k in state:
+        assert torch.equal(now[k], state[k]), k
+        assert id(now[k]) == ids[k], k
+
+
+# ----- instruments --------------------------------------------------------------------------
+
+def test_print_ir_after_each_pass():
+    stream = io.StringIO()
+    gm = _captured()
+    PassManager("remove-noops,dce", instruments=[PrintIR(stream=stream)]).run(gm, _inputs())
+    text = stream.getvalue()
+    assert "captured" in text
+    assert "after remove-noops" in text and "after dce" in text
+    before_part = text.split("after remove-noops")[0]
+    after_part = text.split("after remove-noops")[1].split("after dce")[0]
+    assert "drop" in before_part and "ident" in before_part
+    assert "call_module drop" not in after_part and "call_module ident" not in after_part
+    assert "call_module conv" in after_part
+
+
+def test_print_ir_only_changes_prints_a_diff_only_for_changes():
+    stream = io.StringIO()
+    gm = _captured()
+    # dce after remove-noops has nothing left to remove in the graph: no diff for it
+    PassManager("remove-noops,fold-constants", instruments=[PrintIR(only_changes=True, stream=stream)]).run(
+        gm, _inputs())
+    text = stream.getvalue()
+    assert text.count("+++ after") == 1
+    assert "+++ after remove-noops" in text
+    assert "fold-constants" not in text
+    removed = [l for l in text.splitlines() if l.startswith("-") and not l.startswith("---")]
+    assert any("drop" in l for l in removed) and any("ident" in l for l in removed)
+    # nothing changes at all: nothing printed
+    quiet = io.StringIO()
+    PassManager("fold-constants", instruments=[PrintIR(only_changes=True, stream=quiet)]).run(gm, _inputs())
+    assert quiet.getvalue() == ""
+
+
+def test_time_passes_table():
+    stream = io.StringIO()
+    gm = _captured()
+    result = PassManager("remove-noops,dce", instruments=[TimePasses(stream=stream)]).run(gm, _inputs())
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "pass timing:"
+    assert re.search(r"ms\s+[\d.]+%\s+\d+ ->\s+\d+\s+remove-noops$", lines[1])
+    assert lines[2].rstrip().endswith("dce")
+    assert "total" in lines[-1]
+    r = result.records[0]
+    assert f"{r.nodes_before:6d} -> {r.nodes_after:6d}" in lines[1]
+    assert r.nodes_before > r.nodes_after and r.seconds >= 0
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_verify_each_passes_for_correct_pipeline(mode):
+    gm = _captured(mode)
+    result = PassManager("remove-noops,fold-constants,dce",
+                         instruments=[VerifyEach(gm, _inputs())]).run(gm, _inputs())
+    assert all(r.verification is not None and r.verification.passed for r in result.records)
+
+
+@pytest.mark.parametrize("mode, kind", [("symbolic", "linear"), ("export", "linear"), ("export", "conv")])
+def test_verify_each_catches_broken_pass_and_names_node(mode, kind):
+    gm = _captured(mode)
+    snap = _snapshot(gm)
+    pm = PassManager(f"remove-noops,test-scale-weight{{kind={kind}}},dce", instruments=[VerifyEach(gm, _inputs())])
+    with pytest.raises(PassError) as info:
+        pm.run(gm, _inputs())
+    err = info.value
+    assert err.pass_name == str(ScaleFirstWeight(kind=kind))
+    assert err.pass_name == ("test-scale-weight" if kind == "linear" else "test-scale-weight{kind=conv}")
+    text = str(err)
+    assert "test-scale-weight" in text and "verification failed" in text
+    node = next(n for n in gm.graph.nodes if (v := op_view(gm, n)) is not None and v.kind == kind)
+    assert f"first diverging node '{node.name}'" in text
+    # the records show remove-noops ran and passed; the module it left is the last good one
+    assert [r.name for r in err.records] == ["remove-noops", "test-scale-weight"]
+    assert err.records[0].verification.passed
+    x = _inputs()[0]
+    torch.testing.assert_close(err.last_good_module(x), gm(x))
+    _assert_same(gm, snap)
+
+
+def test_dump_instrument_if_available(tmp_path):
+    dump = pytest.importorskip("fxopt.dump")
+    if not hasattr(dump, "DumpInstrument"):
+        pytest.skip("fxopt.dump.DumpInstrument not written yet")
+    gm = _captured()
+    try:
+        inst = dump.DumpInstrument(tmp_path)
+    except TypeError:
+        pytest.skip("DumpInstrument has a different constructor")
+    PassManager("remove-noops,dce", instruments=[inst]).run(gm, _inputs())
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written
+    assert any("remove-noops" in str(p) or "remove_noops" in str(p) for p in written) or len(written) >= 2
+
+
+# ----- no mutation --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_optimize_never_changes_the_users_model(mode):
+    torch.manual_seed(0)
+    model = Net().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    objects = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    res = fxopt.optimize(model, _inputs(), pipeline="remove-noops,fold-constants,dce", mode=mode)
+    assert res.verification.passed
+    now = model.state_dict(keep_vars=True)
+    assert now.keys() == state.keys()
+    for k in state:
+        assert now[k] is objects[k]
+        assert torch.equal(now[k], state[k])
+    assert model.training and model.drop.training
+    assert isinstance(model.ident, nn.Identity)
+
+
+def test_manager_leaves_input_graph_module_intact():
+    gm = _captured()
+    snap = _snapshot(gm)
+    result = PassManager("remove-noops,fold-constants,dce").run(gm, _inputs())
+    assert result.module is not gm
+    _assert_same(gm, snap)
+    assert "drop" in gm.code and "drop" not in result.module.code
+
+
+def test_optimize_with_broken_pass_verifies_and_fails():
+    torch.manual_seed(0)
+    res = fxopt.optimize(Net(), _inputs(), pipeline="test-scale-weight", mode="symbolic")
+    assert not res.verification.passed
+    assert res.verification.divergence is not None
+    assert res.verification.divergence.node == "fc"
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_raising_pass_keeps_input_and_gives_last_good_module(mode):
+    gm = _captured(mode)
+    snap = _snapshot(gm)
+    x = _inputs()[0]
+    good = PassManager("remove-noops,dce").run(gm, _inputs()).module
+    with pytest.raises(PassError) as info:
+        PassManager("remove-noops,dce,test-explode,fold-constants").run(gm, _inputs())
+    err = info.value
+    assert err.pass_name == "test-explode"
+    assert "pass 'test-explode' failed" in str(err) and "boom in the middle" in str(err)
+    assert isinstance(err.__cause__, RuntimeError)
+    _assert_same(gm, snap)
+    last = err.last_good_module
+    assert last.code == good.code
+    torch.testing.assert_close(last(x), good(x))
+    torch.testing.assert_close(last(x), gm(x))
+    assert [r.name for r in err.records] == ["remove-noops", "dce", "test-explode"]
+
+
+def test_in_place_write_to_shared_tensor_is_refused():
+    gm = _captured()
+    snap = _snapshot(gm)
+    with pytest.raises(PassError) as info:
+        PassManager("test-inplace").run(gm, _inputs())
+    text = str(info.value)
+    assert "test-inplace" in text and "in place" in text and "conv.weight" in text
+    assert info.value.last_good_module is not None
+
+
+def test_wrong_return_type_is_a_pass_error():
+    with pytest.raises(PassError, match="test-wrong-return.*PassResult"):
+        PassManager("test-wrong-return").run(_captured(), _inputs())
+
+
+# ----- bisect -------------------------------------------------------------------------------
+
+def test_bisect_limit_runs_only_first_n():
+    gm = _captured()
+    result = PassManager("remove-noops,test-scale-weight,dce", bisect_limit=1).run(gm, _inputs())
+    assert [r.skipped for r in result.records] == [False, True, True]
+    assert "skipped (bisect limit)" in str(result.records[1])
+    x = _inputs()[0]
+    torch.testing.assert_close(result.module(x), gm(x))
+    assert result.records[2].nodes_after == result.records[2].nodes_before
+    with pytest.raises(ValueError):
+        PassManager("dce", bisect_limit=-1)
+
+
+def test_optimize_bisect_limit_zero_runs_nothing():
+    torch.manual_seed(0)
+    res = fxopt.optimize(Net(), _inputs(), pipeline="remove-noops,dce", bisect_limit=0, mode="symbolic")
+    assert all(r.skipped for r in res.passes)
+    assert res.verification.passed
+
+
+def test_bisect_loop_finds_the_broken_pass():
+    torch.manual_seed(0)
+    model = Net()
+    pipeline = "remove-noops,fold-constants,dce,test-scale-weight,dce"
+    n = len(fxopt.parse_pipeline(pipeline))
+
+    def good(limit):
+        return fxopt.optimize(model, _inputs(), pipeline=pipeline, bisect_limit=limit,
+                              mode="symbolic").verification.passed
+
+    lo, hi = 0, n  # good(lo) is True, good(hi) is False
+    assert good(lo) and not good(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if good(mid) else (lo, mid)
+    culprit = fxopt.parse_pipeline(pipeline)[hi - 1]
+    assert hi == 4 and culprit.name == "test-scale-weight"
+
+
+# ----- analyses -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Touch(Pass):
+    """Asks for shapes; says it modified the graph; preserves shapes unless told not to."""
+
+    name = "test-touch"
+    keep: bool = True
+    modify: bool = True
+
+    def run(self, gm, ctx):
+        ctx.analyses.get(ShapeAnalysis)
+        type(self).preserves = frozenset({"shapes"}) if self.keep else frozenset()
+        return PassResult(gm, modified=self.modify)
+
+
+@pytest.fixture
+def touch():
+    fxopt.register_pass(Touch)
+    yield
+    fxopt.unregister_pass(Touch.name)
+    Touch.preserves = frozenset()
+
+
+def _count_shape_runs(pipeline, monkeypatch):
+    calls = []
+    original = ShapeAnalysis.run
+
+    def counting(self, gm, am):
+        calls.append(gm)
+        return original(self, gm, am)
+
+    monkeypatch.setattr(ShapeAnalysis, "run", counting)
+    PassManager(pipeline).run(_captured(), _inputs())
+    return len(calls)
+
+
+def test_analysis_cached_across_preserving_passes(touch, monkeypatch):
+    assert _count_shape_runs("test-touch,test-touch,test-touch", monkeypatch) == 1
+
+
+def test_analysis_recomputed_after_non_preserving_change(touch, monkeypatch):
+    assert _count_shape_runs("test-touch{keep=false},test-touch{keep=false},test-touch", monkeypatch) == 3
+
+
+def test_analysis_kept_when_pass_changed_nothing(touch, monkeypatch):
+    assert _count_shape_runs("test-touch{keep=false,modify=false},test-touch", monkeypatch) == 1
+
+
+def test_analysis_manager_cache_and_invalidate():
+    gm = _captured()
+    am = AnalysisManager(gm, _inputs())
+    g1 = am.get(DataflowAnalysis)
+    assert am.get(DataflowAnalysis) is g1
+    assert am.computed == ["shapes", "dataflow"]
+    am.invalidate(frozenset({"shapes"}))
+    assert am.cached("shapes") and not am.cached("dataflow")
+    assert am.get(DataflowAnalysis) is not g1
+    assert am.computed == ["shapes", "dataflow", "dataflow"]
+    am.invalidate()
+    assert not am.cached("shapes")
+
+
+def test_shape_analysis_needs_inputs():
+    am = AnalysisManager(_captured())
+    with pytest.raises(ValueError, match="example inputs"):
+        am.get(ShapeAnalysis)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_dataflow_is_networkx_with_edge_bytes(mode):
+    nx = pytest.importorskip("networkx")
+    gm = _captured(mode)
+    g = AnalysisManager(gm, _inputs()).get(DataflowAnalysis)
+    assert isinstance(g, nx.DiGraph)
+    names = {n.name for n in gm.graph.nodes}
+    assert set(g.nodes) == names
+    x = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    succ = list(g.successors(x))
+    assert succ and all(g.edges[x, s]["bytes"] == 2 * 3 * 6 * 6 * 4 for s in succ)
+    assert g.nodes[x]["shape"] == (2, 3, 6, 6) and g.nodes[x]["dtype"] == "float32"
+    conv = next(n for n in gm.graph.nodes if (v := op_view(gm, n)) is not None and v.kind == "conv")
+    out_edges = list(g.out_edges(conv.name, data="bytes"))
+    assert out_edges and all(b == 2 * 4 * 6 * 6 * 4 for _, _, b in out_edges)
+    assert nx.is_directed_acyclic_graph(g)
+
+
+def test_stateful_export_graph_analyses_do_not_trip_the_in_place_check():
+    """Running the graph for shapes must not write the graph's buffers (export `copy_`)."""
+
+    class Stateful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls.add_(1)
+            return self.fc(x).t().contiguous()  # contiguous on a transposed value: needs shapes
+
+    x = (torch.randn(2, 4),)
+    gm = capture(Stateful(), x, mode="export")
+    calls = gm.calls.clone()
+    result = PassManager("remove-noops,dce").run(gm, x)
+    assert torch.equal(gm.calls, calls)
+    torch.testing.assert_close(result.module(*x), gm(*x))

@@ -1,0 +1,188 @@
+"""Pipeline text: parse/format round trip and every error a user can make."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Literal
+
+import pytest
+
+import fxopt
+from fxopt import Pass, PassResult, PipelineError, format_pipeline, parse_pipeline
+from fxopt.pipeline import split_pipeline
+
+
+class Mode(enum.Enum):
+    FAST = "fast"
+    SLOW = "slow"
+
+
+@dataclasses.dataclass
+class Tunable(Pass):
+    name = "test-tunable"
+    ratio: float = 0.5
+    steps: int = 3
+    granularity: Literal["channel", "tensor"] = "channel"
+    enabled: bool = True
+    ignore: tuple[str, ...] = ()
+    label: str = "x"
+    limit: int | None = None
+    mode: Mode = Mode.FAST
+
+    def run(self, gm, ctx):
+        return PassResult(gm, modified=False)
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    fxopt.register_pass(Tunable)
+    yield
+    fxopt.unregister_pass(Tunable.name)
+
+
+def test_registered_pass_is_available_and_unregister_removes_it():
+    assert "test-tunable" in fxopt.available_passes()
+    assert fxopt.get_pass("test-tunable") is Tunable
+    fxopt.unregister_pass("test-tunable")
+    assert "test-tunable" not in fxopt.available_passes()
+    with pytest.raises(PipelineError):
+        fxopt.get_pass("test-tunable")
+
+
+def test_builtin_passes_come_from_entry_points():
+    names = fxopt.available_passes()
+    assert {"dce", "remove-noops", "fold-constants"} <= set(names)
+    assert fxopt.get_pass("dce").name == "dce"
+
+
+def test_parse_options_with_types():
+    (p,) = parse_pipeline("test-tunable{ratio=0.25, steps=7, granularity=tensor, enabled=false, "
+                          "ignore=[fc,head], limit=none, mode=slow}")
+    assert p == Tunable(ratio=0.25, steps=7, granularity="tensor", enabled=False,
+                        ignore=("fc", "head"), limit=None, mode=Mode.SLOW)
+    (q,) = parse_pipeline("test-tunable{limit=4}")
+    assert q.limit == 4 and isinstance(q.limit, int)
+
+
+@pytest.mark.parametrize("text", [
+    "test-tunable",
+    "test-tunable{ratio=0.25,steps=7}",
+    "test-tunable{granularity=tensor,enabled=false,ignore=[fc,head],label=abc,limit=2,mode=slow},dce",
+    "dce,test-tunable{ignore=[a]},remove-noops",
+])
+def test_round_trip(text):
+    passes = parse_pipeline(text)
+    printed = format_pipeline(passes)
+    again = parse_pipeline(printed)
+    assert again == passes
+    assert format_pipeline(again) == printed
+
+
+def test_round_trip_from_objects():
+    passes = [Tunable(ratio=0.1, ignore=("a", "b"), mode=Mode.SLOW), fxopt.get_pass("dce")()]
+    text = format_pipeline(passes)
+    assert text == "test-tunable{ratio=0.1,ignore=[a,b],mode=slow},dce"
+    assert parse_pipeline(text) == passes
+    assert str(passes[0]) == "test-tunable{ratio=0.1,ignore=[a,b],mode=slow}"
+
+
+def test_default_options_are_not_printed():
+    assert format_pipeline(parse_pipeline("test-tunable{ratio=0.5,steps=3}")) == "test-tunable"
+
+
+def test_mixed_list_of_objects_and_text():
+    passes = parse_pipeline([Tunable(steps=1), "dce,remove-noops"])
+    assert [p.name for p in passes] == ["test-tunable", "dce", "remove-noops"]
+    with pytest.raises(PipelineError, match="Pass objects or text"):
+        parse_pipeline([42])
+
+
+def test_whitespace_and_empty_items():
+    assert [n for n, _ in split_pipeline(" dce , ,remove-noops ")] == ["dce", "remove-noops"]
+
+
+def test_unknown_pass_lists_valid_ones_and_suggests():
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline("dce,test-tunabel{ratio=0.2}")
+    text = str(info.value)
+    assert "unknown pass 'test-tunabel'" in text
+    assert "did you mean 'test-tunable'" in text
+    for name in ("dce", "remove-noops", "fold-constants", "test-tunable"):
+        assert name in text
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline("test-tunable{ration=0.2}")
+    text = str(info.value)
+    assert "test-tunable" in text and "'ration'" in text
+    assert "did you mean 'ratio'" in text
+    for option in ("ratio", "steps", "granularity", "enabled", "ignore"):
+        assert option in text
+
+
+def test_int_expected_names_the_option():
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline("test-tunable{steps=2.5}")
+    text = str(info.value)
+    assert "'steps'" in text and "int" in text and "2.5" in text
+
+
+def test_float_expected_names_the_option():
+    with pytest.raises(PipelineError, match="option 'ratio'.*float"):
+        parse_pipeline("test-tunable{ratio=half}")
+
+
+def test_literal_choice_names_option_and_choices():
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline("test-tunable{granularity=row}")
+    text = str(info.value)
+    assert "'granularity'" in text and "'row'" in text and "channel" in text and "tensor" in text
+
+
+def test_bool_and_enum_errors():
+    with pytest.raises(PipelineError, match="option 'enabled'.*boolean"):
+        parse_pipeline("test-tunable{enabled=maybe}")
+    with pytest.raises(PipelineError, match="option 'mode'.*fast.*slow"):
+        parse_pipeline("test-tunable{mode=medium}")
+
+
+def test_python_values_are_checked_too():
+    with pytest.raises(PipelineError, match="option 'steps'"):
+        Tunable.from_options({"steps": True})
+    assert Tunable.from_options({"steps": 4, "ratio": 1}).ratio == 1.0
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("test-tunable{ratio=0.2", "missing '}'"),
+    ("test-tunable{ignore=[a,b}", "unbalanced '}'"),
+    ("test-tunable ratio=0.2}", "unbalanced '}'"),
+    ("test-tunable{ignore=[a,b]", "missing '}'"),
+    ("test-tunable{ratio}", "needs key=value"),
+    ("test-tunable{ratio=1}x", "must end with '}'"),
+    ("dce,,bad name!", "bad pass name"),
+])
+def test_syntax_errors(text, fragment):
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline(text)
+    assert fragment in str(info.value)
+
+
+def test_register_rejects_non_pass_and_nameless():
+    with pytest.raises(TypeError):
+        fxopt.register_pass(int)
+
+    @dataclasses.dataclass
+    class Nameless(Pass):
+        def run(self, gm, ctx):
+            return PassResult(gm, False)
+
+    with pytest.raises(ValueError, match="name"):
+        fxopt.register_pass(Nameless)
+
+
+def test_option_specs_are_readable():
+    specs = Tunable.option_specs()
+    assert specs["granularity"] == "channel|tensor"
+    assert specs["ignore"] == "list of str"
+    assert specs["steps"] == "int"

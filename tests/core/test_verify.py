@@ -1,0 +1,308 @@
+"""verify(): statistics, tolerance presets, localization, structured outputs."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import fxopt
+from fxopt import Tolerance, VerificationError, capture, verify
+from fxopt.ir import origin, replace_uses
+from fxopt.verify import TOLERANCES, compare_outputs, compare_tensors, get_tolerance, loosest
+
+THIS_FILE = os.path.basename(__file__)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) * 2.0
+
+
+class Noisy(nn.Module):
+    """`inner(x)` plus a fixed perturbation of a chosen relative size."""
+
+    def __init__(self, inner, rel):
+        super().__init__()
+        self.inner = inner
+        self.rel = rel
+
+    def forward(self, x):
+        y = self.inner(x)
+        g = torch.Generator().manual_seed(3)
+        noise = torch.randn(y.shape, generator=g)
+        return y + self.rel * y.abs().max() * noise / noise.abs().max()
+
+
+def _x():
+    torch.manual_seed(5)
+    return torch.randn(3, 6)
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_identical_models_pass_with_zero_error():
+    m = _net()
+    for other in (m, copy.deepcopy(m), capture(m, (_x(),), mode="symbolic"), capture(m, (_x(),), mode="export")):
+        r = verify(m, other, (_x(),))
+        assert r.passed, r.summary()
+        assert r.max_abs_error == 0.0 and r.sqnr_db == math.inf and r.cosine == pytest.approx(1.0)
+        assert r.summary().startswith("PASS (exact, cpu)")
+        r.raise_if_failed()
+
+
+def test_perturbed_model_fails_with_stats():
+    m = _net()
+    bad = copy.deepcopy(m)
+    with torch.no_grad():
+        bad.fc2.bias += 0.5
+    r = verify(m, bad, _x())
+    assert not r.passed
+    assert r.max_abs_error == pytest.approx(1.0, rel=1e-5)  # bias + 0.5, times 2
+    (out,) = r.outputs
+    assert out.shape == (3, 4)
+    assert r.divergence is None  # not GraphModules: nothing to localize
+    assert r.summary().startswith("FAIL (exact, cpu): max_abs=1")
+    with pytest.raises(VerificationError, match="FAIL"):
+        r.raise_if_failed()
+
+
+def test_sqnr_and_cosine_on_a_hand_example():
+    ref = torch.tensor([3.0, 4.0])
+    cand = torch.tensor([3.3, 3.6])
+    c = compare_tensors(ref, cand, "y")
+    # noise = 0.3^2 + 0.4^2 = 0.25, signal = 25 -> 10*log10(100) = 20 dB
+    assert c.sqnr_db == pytest.approx(20.0, abs=1e-5)  # float32 inputs
+    expected_cos = (3 * 3.3 + 4 * 3.6) / (5.0 * math.sqrt(3.3 ** 2 + 3.6 ** 2))
+    assert c.cosine == pytest.approx(expected_cos, abs=1e-6)
+    assert c.max_abs_error == pytest.approx(0.4, abs=1e-6)
+    assert c.max_rel_error == pytest.approx(0.1, abs=1e-6)
+    assert c.ref_scale == 4.0
+    same = compare_tensors(ref, ref.clone())
+    assert same.sqnr_db == math.inf and same.cosine == pytest.approx(1.0) and same.max_abs_error == 0.0
+    nan = compare_tensors(ref, torch.tensor([float("nan"), 4.0]))
+    assert math.isnan(nan.max_abs_error) and nan.sqnr_db == -math.inf
+    assert not TOLERANCES["lossy"].accepts(nan.max_abs_error, nan.ref_scale, nan.sqnr_db)
+
+
+@pytest.mark.parametrize("rel, verdicts", [
+    (1e-7, dict(exact=True, float=True, int8=True, lossy=True)),
+    (1e-3, dict(exact=False, float=True, int8=True, lossy=True)),
+    (2e-2, dict(exact=False, float=False, int8=True, lossy=True)),
+    (1.0, dict(exact=False, float=False, int8=False, lossy=True)),
+])
+def test_tolerance_presets(rel, verdicts):
+    m = _net()
+    noisy = Noisy(m, rel)
+    got = {name: verify(m, noisy, _x(), tolerance=name).passed for name in verdicts}
+    assert got == verdicts
+    r = verify(m, noisy, _x(), tolerance="int8")
+    assert r.tolerance.name == "int8" and "int8" in r.summary()
+
+
+def test_tolerance_helpers():
+    assert get_tolerance("float") is TOLERANCES["float"]
+    custom = Tolerance("mine", rtol=0.0, atol=0.5)
+    assert get_tolerance(custom) is custom
+    with pytest.raises(ValueError, match="exact, float, int8, lossy"):
+        get_tolerance("loose")
+    assert loosest("exact", "int8", "float").name == "int8"
+    assert loosest().name == "exact"
+    m = _net()
+    assert verify(m, Noisy(m, 0.05), _x(), tolerance=custom).passed
+
+
+def _graph(fn):
+    class F(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    return torch.fx.symbolic_trace(F())
+
+
+def test_localization_names_first_diverging_node():
+    ref = capture(_net(), (_x(),), mode="symbolic")
+    cand = copy.deepcopy(ref)
+    with torch.no_grad():
+        cand.fc1.weight.mul_(1.5)  # fc1 diverges first, then relu, fc2, mul
+    r = verify(ref, cand, _x())
+    assert not r.passed
+    assert r.divergence is not None
+    assert r.divergence.node == "fc1" and r.divergence.reference_node == "fc1"
+    assert "first diverging node 'fc1'" in r.summary()
+    assert r.divergence.comparison.max_abs_error > 0
+
+
+def test_localization_on_export_graph_names_source_line():
+    ref = capture(_net(), (_x(),), mode="export")
+    cand = copy.deepcopy(ref)
+    with torch.no_grad():
+        cand.fc2.bias.add_(1.0)
+    r = verify(ref, cand, _x())
+    assert not r.passed
+    node = r.divergence.node
+    linear2 = [n for n in cand.graph.nodes if n.target == torch.ops.aten.linear.default][1]
+    assert node == linear2.name
+    assert r.divergence.source is not None and THIS_FILE in r.divergence.source
+    assert "self.fc2(h)" in r.divergence.source
+
+
+def test_localization_follows_provenance_of_replaced_nodes():
+    def fn(x):
+        a = torch.relu(x)
+        b = a * 2.0
+        c = b + 1.0
+        return c - 3.0
+
+    ref = _graph(fn)
+    cand = copy.deepcopy(ref)
+    b = next(n for n in cand.graph.nodes if n.name == "mul")
+    a = b.args[0]
+    with cand.graph.inserting_after(b):
+        wrong = cand.graph.call_function(torch.add, (a, a))  # a + a == a * 2: exact
+        wrong.name  # noqa: B018
+    replace_uses(b, wrong)
+    assert origin(wrong) == "mul"
+    cand.recompile()
+    x = torch.randn(4, 5)
+    assert verify(ref, cand, x).passed
+    # now make the replacement wrong: a + a + 0.5
+    cand2 = copy.deepcopy(ref)
+    b = next(n for n in cand2.graph.nodes if n.name == "mul")
+    with cand2.graph.inserting_after(b):
+        bad = cand2.graph.call_function(torch.add, (b.args[0], 0.5), name="shifted")
+    replace_uses(b, bad)
+    cand2.recompile()
+    r = verify(ref, cand2, x)
+    assert not r.passed
+    assert r.divergence.node == "shifted" and r.divergence.reference_node == "mul"
+    assert "'shifted' (stands for 'mul')" in r.summary()
+
+
+class DictNet(nn.Module):
+    def __init__(self, bump=0.0, key="b"):
+        super().__init__()
+        self.bump = bump
+        self.key = key
+
+    def forward(self, x):
+        return {"a": x * 2, self.key: (x + 1 + self.bump, x.sum(dim=1))}
+
+
+def test_structured_outputs_compared_leaf_by_leaf():
+    x = _x()
+    r = verify(DictNet(), DictNet(bump=0.25), x)
+    assert not r.passed
+    by_path = {o.path: o for o in r.outputs}
+    assert set(by_path) == {"['a']", "['b'][0]", "['b'][1]"}
+    assert by_path["['a']"].max_abs_error == 0.0
+    assert by_path["['b'][0]"].max_abs_error == pytest.approx(0.25)
+    assert by_path["['b'][1]"].max_abs_error == 0.0
+    assert by_path["['b'][1]"].shape == (3,)
+    assert verify(DictNet(), DictNet(), x).passed
+
+
+def test_mismatched_output_structure_is_reported():
+    x = _x()
+    r = verify(DictNet(), DictNet(key="c"), x)
+    assert not r.passed and "output structure differs" in r.message
+    assert "['b'][0]" in r.message and "['c'][0]" in r.message
+
+    class TwoOut(nn.Module):
+        def forward(self, x):
+            return x, x * 2
+
+    class OneOut(nn.Module):
+        def forward(self, x):
+            return (x,)
+
+    r = verify(TwoOut(), OneOut(), x)
+    assert not r.passed and "2 vs 1 values" in r.message
+
+    class Wider(nn.Module):
+        def forward(self, x):
+            return x.repeat(1, 2), x * 2
+
+    r = verify(TwoOut(), Wider(), x)
+    assert not r.passed and "[0] shape (3, 6) became (3, 12)" in r.message
+
+
+def test_candidate_that_raises_is_a_failure_not_a_crash():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("kaboom")
+
+    r = verify(_net(), Boom(), _x())
+    assert not r.passed and "candidate raised RuntimeError: kaboom" in r.message
+
+
+def test_compare_outputs_non_tensor_leaves():
+    assert compare_outputs((torch.ones(2), 3), (torch.ones(2), 3))[1] is None
+    _, problem = compare_outputs((torch.ones(2), 3), (torch.ones(2), 4))
+    assert "non-tensor output [1] differs: 3 vs 4" in problem
+
+
+def test_dataclass_outputs_compared_by_field():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        y: torch.Tensor
+        z: torch.Tensor
+
+    class A(nn.Module):
+        def __init__(self, bump):
+            super().__init__()
+            self.bump = bump
+
+        def forward(self, x):
+            return Out(x * 2, x + self.bump)
+
+    assert verify(A(0.0), A(0.0), _x()).passed
+    r = verify(A(0.0), A(0.1), _x())
+    assert not r.passed
+    assert {o.path: o.max_abs_error > 0 for o in r.outputs} == {"['y']": False, "['z']": True}
+
+
+def test_verify_leaves_modules_and_inputs_alone():
+    m = _net().train()
+    x = _x()
+    x0 = x.clone()
+    w = m.fc1.weight.detach().clone()
+    verify(m, copy.deepcopy(m), x)
+    assert torch.equal(x, x0) and torch.equal(m.fc1.weight, w) and m.training
+
+
+def test_verify_on_cpu_rejects_cuda_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        verify(_net(), _net(), _x(), device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verify_on_cuda():
+    m = _net()
+    gm = capture(m, (_x(),), mode="export")
+    r = verify(m, gm, _x(), device="cuda", tolerance="float")
+    assert r.passed and r.device == "cuda"
+    assert next(m.parameters()).device.type == "cpu"
+    bad = copy.deepcopy(gm)
+    with torch.no_grad():
+        bad.fc1.weight.mul_(2)
+    r = verify(gm, bad, _x(), device="cuda")
+    assert not r.passed and r.divergence is not None
