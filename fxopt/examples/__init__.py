@@ -1,0 +1,1 @@
+"""Real models and data bundled with fxopt, so every command and test has something to optimize."""

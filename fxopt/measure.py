@@ -1,0 +1,322 @@
+"""Measurements: every number fxopt shows (latency, parameters, size, MACs, nodes) comes from here.
+
+Keeping them in one module means a "before" and an "after" are always measured the same way.
+Graph passes may leave weights where ``nn.Module.parameters()`` cannot see them (folded constants
+stored as plain GraphModule attributes, quantized packed weights), so the counts here look there
+too; otherwise a pass would look like it removed parameters it only moved.
+
+Example::
+
+    >>> import torch
+    >>> from fxopt.measure import count_macs, count_parameters, measure_latency
+    >>> model = torch.nn.Linear(3, 4)
+    >>> count_parameters(model), count_macs(model, (torch.randn(2, 3),))
+    (16, 24)
+    >>> measure_latency(model, (torch.randn(2, 3),), repeats=5).runs
+    5
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Union
+
+import numpy as np
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+# Positional args as a tuple, or keyword args as a dict.
+Inputs = Union[tuple[Any, ...], Mapping[str, Any]]
+
+# Integer weight dtypes that PT2E-style quantization stores as plain int8/uint8 constants; wider
+# integer constants (int64 indices, shapes) are not weights and are not counted.
+_WEIGHT_INT_DTYPES = (torch.int8, torch.uint8)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Wall-clock latency of one call, over `runs` timed calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+    def __str__(self) -> str:
+        spread = f"p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}, n={self.runs}"
+        return f"{self.median_ms:.3f} ms ({spread})"
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of weight elements: parameters, plus weights a graph pass moved out of parameters().
+
+    Also counted: tensors that GraphModule ``get_attr`` nodes reach but that are not registered
+    parameters or buffers (e.g. folded conv+BN weights), and quantized packed weights
+    (``torch.ScriptObject`` with ``unpack()``), each counted once.
+
+    >>> count_parameters(torch.nn.Linear(3, 4))  # 3*4 weights + 4 biases
+    16
+    """
+    seen: set[tuple[Any, ...]] = set()
+    total = 0
+    for tensor in [*model.parameters(), *_hidden_weights(model)]:
+        key = _storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel()
+    return total
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())`` plus unregistered plain tensor attributes.
+
+    Serializing is honest for quantized models (packed weights save as int8); the plain
+    attributes are weights graph passes stored outside the state dict.
+
+    >>> model_size_bytes(torch.nn.Linear(300, 400)) > 300 * 400 * 4
+    True
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    saved = {_storage_key(t) for t in model.state_dict().values() if isinstance(t, Tensor)}
+    extra = {_storage_key(t): t for t in _plain_graph_tensors(model)}
+    extra_bytes = sum(t.numel() * t.element_size() for k, t in extra.items() if k not in saved)
+    return buffer.getbuffer().nbytes + extra_bytes
+
+
+def count_nodes(gm: object) -> int | None:
+    """Number of nodes in a GraphModule's top-level graph; None for anything else.
+
+    >>> count_nodes(torch.fx.symbolic_trace(torch.nn.ReLU()))  # placeholder, relu, output
+    3
+    """
+    return len(gm.graph.nodes) if isinstance(gm, torch.fx.GraphModule) else None
+
+
+def measure_latency(
+    fn: Callable[..., Any],
+    inputs: Inputs,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_time_s: float = 0.0,
+    threads: int | None = None,
+) -> LatencyStats:
+    """Time ``fn(*inputs)`` (or ``fn(**inputs)`` for a dict) with time.perf_counter.
+
+    Runs `warmup` untimed calls (at least one: it decides the grad mode), then at least `repeats`
+    timed calls and, if needed, more until `min_time_s` seconds were spent timing. Runs under
+    torch.inference_mode, or torch.no_grad when fn fails under inference mode. `threads` sets
+    torch.set_num_threads for the measurement only. CUDA work is synchronized around every call.
+    BatchNorm statistics of a module in training mode are restored afterwards.
+
+    >>> stats = measure_latency(torch.nn.Linear(3, 4), (torch.randn(2, 3),), repeats=5)
+    >>> stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    True
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
+    call = functools.partial(_call, fn, inputs)
+    sync = _synchronizer(fn, inputs)
+    with _num_threads(threads), _restoring_buffers(fn):
+        grad_mode = _working_grad_mode(call)
+        with grad_mode():
+            for _ in range(warmup - 1):
+                call()
+            times = _timed_runs(call, sync, repeats, min_time_s)
+    p10, median, p90 = np.percentile(np.array(times) * 1e3, [10, 50, 90])
+    return LatencyStats(float(median), float(p10), float(p90), runs=len(times))
+
+
+def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
+    """Multiply-accumulates of one call on example_inputs, counted by FlopCounterMode (flops / 2).
+
+    Counts convolutions (any dim, grouped, transposed), linear, matmul/mm/bmm/addmm/baddbmm and
+    scaled_dot_product_attention; elementwise ops, pooling, normalization and quantized kernels
+    (``quantized::*``) count as 0. Works for any nn.Module or callable. BatchNorm statistics of a
+    module in training mode are restored afterwards.
+
+    >>> count_macs(torch.nn.Conv2d(3, 8, 3), (torch.randn(1, 3, 10, 10),))  # 8*8*8 outputs x 3*3*3
+    13824
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    with _restoring_buffers(gm), _unfused_attention(), torch.no_grad(), counter:
+        _call(gm, example_inputs)
+    return counter.get_total_flops() // 2
+
+
+@contextlib.contextmanager
+def _unfused_attention() -> Iterator[None]:
+    """Turn off nn.MultiheadAttention/TransformerEncoder's fused inference kernels while counting.
+
+    FlopCounterMode has no formula for them, so an eager model would count 0 attention MACs while
+    its captured graph (which never takes the fast path) counts them all.
+    """
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *_: Any, **__: Any) -> int:
+    """Q @ K^T plus attention @ V, the same count FlopCounterMode uses for the GPU SDPA kernels."""
+    *batch, q_len, head_dim = query_shape
+    k_len, v_dim = key_shape[-2], value_shape[-1]
+    return 2 * math.prod(batch) * q_len * k_len * (head_dim + v_dim)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one SDPA dispatches to.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def _call(fn: Callable[..., Any], inputs: Inputs) -> Any:
+    return fn(**inputs) if isinstance(inputs, Mapping) else fn(*inputs)
+
+
+def _timed_runs(
+    call: Callable[[], Any], sync: Callable[[], None], repeats: int, min_time_s: float
+) -> list[float]:
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_time_s:
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _working_grad_mode(call: Callable[[], Any]) -> Callable[[], AbstractContextManager[Any]]:
+    """inference_mode if one call succeeds under it, else no_grad (whose error, if any, propagates).
+
+    Some modules (e.g. ones that update buffers in place) refuse inference tensors.
+    """
+    try:
+        with torch.inference_mode():
+            call()
+        return torch.inference_mode
+    except Exception:
+        with torch.no_grad():
+            call()
+        return torch.no_grad
+
+
+def _synchronizer(fn: Callable[..., Any], inputs: Inputs) -> Callable[[], None]:
+    """torch.cuda.synchronize when the inputs or fn's tensors live on a GPU, else a no-op."""
+    tensors = [t for t in tree_leaves(inputs) if isinstance(t, Tensor)]
+    if isinstance(fn, nn.Module):
+        tensors += [*fn.parameters(), *fn.buffers()]
+    if any(t.is_cuda for t in tensors):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _restoring_buffers(fn: Callable[..., Any]) -> Iterator[None]:
+    """Put buffers back afterwards if fn is a module in training mode.
+
+    A measurement must not change the model: BatchNorm in training mode updates its running
+    statistics on every call, and we may not call ``.eval()`` (exported GraphModules refuse it).
+    """
+    if not isinstance(fn, nn.Module) or not any(m.training for m in fn.modules()):
+        yield
+        return
+    saved = [(b, b.detach().clone()) for b in fn.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _hidden_weights(model: nn.Module) -> Iterator[Tensor]:
+    """Weights outside parameters(): plain get_attr tensors and unpacked quantized packed params."""
+    yield from _plain_graph_tensors(model)
+    for packed in _packed_params(model):
+        yield from _unpack(packed)
+
+
+def _plain_graph_tensors(model: nn.Module) -> Iterator[Tensor]:
+    """Weight tensors that get_attr nodes reach but that are not registered params or buffers."""
+    registered = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    for gm in _graph_modules(model):
+        for value in _get_attr_values(gm):
+            if _is_weight(value) and id(value) not in registered:
+                yield value
+
+
+def _packed_params(model: nn.Module) -> Iterator[torch.ScriptObject]:
+    """Each distinct ScriptObject that get_attr reaches or that a module holds as a plain attribute.
+
+    Eager quantized modules (torch.ao.nn.quantized) keep their packed weight as a plain attribute,
+    FX/export-lowered graphs reach it through get_attr.
+    """
+    candidates = [value for m in model.modules() for value in vars(m).values()]
+    candidates += [value for gm in _graph_modules(model) for value in _get_attr_values(gm)]
+    seen: set[int] = set()
+    for value in candidates:
+        if isinstance(value, torch.ScriptObject) and id(value) not in seen:
+            seen.add(id(value))
+            yield value
+
+
+def _unpack(packed: torch.ScriptObject) -> list[Tensor]:
+    """(weight, bias) of linear/conv packed params; [] for objects that cannot be unpacked."""
+    try:
+        return [t for t in tree_leaves(packed.unpack()) if isinstance(t, Tensor)]
+    except Exception:  # not a packed-params object, or its backend is unavailable here
+        return []
+
+
+def _graph_modules(model: nn.Module) -> list[torch.fx.GraphModule]:
+    return [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+
+
+def _get_attr_values(gm: torch.fx.GraphModule) -> Iterator[Any]:
+    for node in gm.graph.find_nodes(op="get_attr"):
+        try:
+            yield functools.reduce(getattr, str(node.target).split("."), gm)
+        except AttributeError:  # a stale graph; nothing to count
+            continue
+
+
+def _is_weight(value: Any) -> bool:
+    if not isinstance(value, Tensor):
+        return False
+    return value.is_floating_point() or value.is_quantized or value.dtype in _WEIGHT_INT_DTYPES
+
+
+def _storage_key(tensor: Tensor) -> tuple[Any, ...]:
+    """Identifies the memory behind a tensor, so one weight reached two ways counts once."""
+    try:
+        pointer = tensor.data_ptr()
+    except RuntimeError:  # some tensor subclasses have no data pointer at all
+        pointer = 0
+    # Meta and fake tensors report 0; they are told apart by identity instead.
+    return ("data", pointer, tensor.numel(), tensor.dtype) if pointer else ("id", id(tensor))

@@ -1,0 +1,258 @@
+"""fxopt.measure: every count checked against a hand-computed number."""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt.measure import (
+    LatencyStats,
+    count_macs,
+    count_nodes,
+    count_parameters,
+    measure_latency,
+    model_size_bytes,
+)
+
+
+def _graph_with_plain_attr(name: str, value: torch.Tensor) -> torch.fx.GraphModule:
+    """x @ <get_attr name>, with the tensor stored as a plain attribute as folding passes do."""
+    gm = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    setattr(gm, name, value)
+    x = gm.graph.placeholder("x")
+    gm.graph.output(gm.graph.call_function(torch.matmul, (x, _get_attr(gm, name))))
+    gm.recompile()
+    return gm
+
+
+def _add_get_attr(gm: torch.fx.GraphModule, name: str) -> None:
+    """An (unused) get_attr node reaching gm.<name>, as a pass that stores a constant leaves it."""
+    with gm.graph.inserting_before(next(iter(gm.graph.find_nodes(op="output")))):
+        _get_attr(gm, name)
+    gm.recompile()
+
+
+def _get_attr(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    with warnings.catch_warnings():  # fx warns that a plain attribute is not registered: the point
+        warnings.simplefilter("ignore", UserWarning)
+        return gm.graph.get_attr(name)
+
+
+def _dynamic_quantized(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated but still the eager API
+        warnings.simplefilter("ignore")
+        try:
+            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        except (AttributeError, RuntimeError) as err:
+            pytest.skip(f"dynamic quantization unavailable: {err}")
+
+
+# --- count_parameters -------------------------------------------------------------------------
+
+
+def test_linear_parameter_count():
+    assert count_parameters(nn.Linear(3, 4)) == 3 * 4 + 4
+
+
+def test_conv_bn_counts_parameters_not_buffers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    assert count_parameters(model) == (8 * 3 * 3 * 3 + 8) + (8 + 8)
+
+
+def test_tied_weights_counted_once():
+    shared = nn.Linear(3, 3)
+    assert count_parameters(nn.Sequential(shared, nn.ReLU(), shared)) == 12
+
+
+def test_plain_get_attr_tensor_is_counted():
+    gm = _graph_with_plain_attr("folded_weight", torch.randn(3, 5))
+    assert count_parameters(gm) == 15
+    assert count_parameters(torch.fx.symbolic_trace(nn.Linear(3, 4))) == 16
+
+
+def test_plain_attr_aliasing_a_parameter_is_counted_once():
+    gm = torch.fx.symbolic_trace(nn.Linear(3, 4))
+    gm.alias = gm.weight.detach()  # same storage as the registered weight
+    _add_get_attr(gm, "alias")
+    assert count_parameters(gm) == 16
+
+
+def test_integer_constants_and_buffers_are_not_weights():
+    gm = _graph_with_plain_attr("w", torch.randn(3, 2))
+    gm.index = torch.arange(100)  # int64 constant: not a weight
+    gm.register_buffer("stats", torch.zeros(50))  # registered buffer: not a parameter
+    _add_get_attr(gm, "index")
+    _add_get_attr(gm, "stats")
+    assert count_parameters(gm) == 6
+
+
+def test_quantized_packed_weights_are_counted_via_unpack():
+    quantized = _dynamic_quantized(nn.Sequential(nn.Linear(3, 4)))
+    assert list(quantized.parameters()) == []  # the weights now hide in a packed ScriptObject
+    assert count_parameters(quantized) == 16
+
+
+# --- model_size_bytes -------------------------------------------------------------------------
+
+
+def test_size_grows_with_parameters_and_matches_float32_bytes():
+    small, big = nn.Linear(10, 10), nn.Linear(300, 400)
+    assert model_size_bytes(small) < model_size_bytes(big)
+    payload = (300 * 400 + 400) * 4
+    assert payload <= model_size_bytes(big) < payload + 4096  # plus torch.save's small header
+
+
+def test_size_includes_plain_graph_attributes():
+    gm = _graph_with_plain_attr("w", torch.randn(100, 100))
+    assert model_size_bytes(gm) >= 100 * 100 * 4
+
+
+def test_quantized_model_is_about_four_times_smaller():
+    float_model = nn.Sequential(nn.Linear(300, 400))
+    quantized = _dynamic_quantized(nn.Sequential(nn.Linear(300, 400)))
+    assert model_size_bytes(quantized) < model_size_bytes(float_model) / 3
+
+
+# --- count_nodes ------------------------------------------------------------------------------
+
+
+def test_count_nodes():
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 4), nn.ReLU()))
+    assert count_nodes(gm) == 4  # placeholder, linear, relu, output
+    assert count_nodes(nn.Linear(3, 4)) is None
+
+
+# --- count_macs -------------------------------------------------------------------------------
+
+
+def test_linear_macs():
+    assert count_macs(nn.Linear(3, 4), (torch.randn(2, 3),)) == 2 * 3 * 4
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape", "macs"),
+    [
+        # output elements x (in_channels / groups) x kernel elements
+        (nn.Conv2d(3, 8, 3), (1, 3, 10, 10), (8 * 8 * 8) * 3 * 9),
+        (nn.Conv2d(4, 8, 3, padding=1, groups=2), (2, 4, 5, 5), (2 * 8 * 25) * 2 * 9),
+        (nn.Conv1d(4, 8, 3), (1, 4, 5), (8 * 3) * 4 * 3),
+        (nn.Conv3d(2, 3, 2), (1, 2, 3, 3, 3), (3 * 8) * 2 * 8),
+        # transposed: every input element meets every kernel weight once
+        (nn.ConvTranspose2d(4, 6, 3), (1, 4, 5, 5), (4 * 25) * 6 * 9),
+    ],
+)
+def test_conv_macs(conv, shape, macs):
+    assert count_macs(conv, (torch.randn(shape),)) == macs
+
+
+def test_matmul_family_macs_with_kwargs_inputs():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    assert count_macs(lambda x, y: x @ y, {"x": a, "y": b}) == 2 * 3 * 4 * 5
+    assert count_macs(torch.bmm, (a, b)) == 2 * 3 * 4 * 5
+    assert count_macs(torch.baddbmm, (torch.randn(2, 3, 5), a, b)) == 2 * 3 * 4 * 5
+    assert count_macs(torch.addmm, (torch.randn(5), a[0], b[0])) == 3 * 4 * 5
+
+
+def test_attention_macs():
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 6)
+    # Q @ K^T (16 x 10 x 8) plus weights @ V (16 x 10 x 6), per batch and head
+    assert count_macs(F.scaled_dot_product_attention, (q, k, v)) == 2 * 4 * 16 * 10 * (8 + 6)
+
+
+def test_eager_attention_module_counts_the_same_as_its_exported_graph():
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    # in-projection 3 x (10 x 16 x 16), attention 2 x (2 x 5 x 5 x 16), out-projection 10 x 16 x 16
+    expected = 3 * 10 * 16 * 16 + 2 * 2 * 5 * 5 * 16 + 10 * 16 * 16
+    assert count_macs(mha, (x, x, x)) == expected
+    exported = torch.export.export(mha, (x, x, x), strict=False).module()
+    assert count_macs(exported, (x, x, x)) == expected
+    assert torch.backends.mha.get_fastpath_enabled()  # the fast path is switched back on
+
+
+def test_count_macs_leaves_batchnorm_statistics_alone():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count_macs(model, (torch.randn(2, 1, 6, 6),))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
+
+
+# --- measure_latency --------------------------------------------------------------------------
+
+
+def test_latency_stats_are_positive_and_ordered():
+    stats = measure_latency(nn.Linear(64, 64), (torch.randn(8, 64),), repeats=15)
+    assert isinstance(stats, LatencyStats) and stats.runs == 15
+    assert 0 < stats.p10_ms <= stats.median_ms <= stats.p90_ms
+    assert "ms" in str(stats)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.runs = 3  # type: ignore[misc]
+
+
+def test_latency_measures_wall_time():
+    stats = measure_latency(lambda: time.sleep(0.002), (), warmup=1, repeats=5)
+    assert stats.p10_ms >= 2.0
+
+
+def test_min_time_adds_runs():
+    stats = measure_latency(lambda: time.sleep(0.001), (), repeats=3, min_time_s=0.03)
+    assert stats.runs >= 20
+
+
+def test_kwargs_inputs_and_threads_are_restored():
+    previous = torch.get_num_threads()
+    seen_threads = []
+
+    def fn(*, x):
+        seen_threads.append(torch.get_num_threads())
+        return x * 2
+
+    measure_latency(fn, {"x": torch.ones(3)}, repeats=2, threads=1)
+    assert set(seen_threads) == {1}
+    assert torch.get_num_threads() == previous
+
+
+def test_runs_under_inference_mode_and_falls_back_to_no_grad():
+    modes = []
+
+    def fn(x):
+        modes.append(torch.is_inference_mode_enabled())
+        assert not torch.is_grad_enabled()
+        return x + 1
+
+    measure_latency(fn, (torch.ones(2),), warmup=1, repeats=2)
+    assert modes == [True, True, True]
+
+    def refuses_inference_mode(x):
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Inplace update to inference tensor outside InferenceMode")
+        assert not torch.is_grad_enabled()
+        return x + 1
+
+    assert measure_latency(refuses_inference_mode, (torch.ones(2),), repeats=4).runs == 4
+
+
+def test_latency_propagates_real_errors_and_rejects_bad_arguments():
+    def broken(x):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        measure_latency(broken, (torch.ones(1),))
+    with pytest.raises(ValueError):
+        measure_latency(nn.Identity(), (torch.ones(1),), repeats=0)
+    with pytest.raises(ValueError):
+        measure_latency(nn.Identity(), (torch.ones(1),), threads=0)
+
+
+def test_latency_leaves_batchnorm_statistics_alone():
+    model = nn.BatchNorm1d(4).train()
+    measure_latency(model, (torch.randn(8, 4),), repeats=3)
+    assert torch.equal(model.running_mean, torch.zeros(4))
+    assert model.num_batches_tracked.item() == 0
