@@ -28,6 +28,7 @@ def annotate(node: torch.fx.Node, key: str, value: Any) -> None:
 
 
 def target_text(node: torch.fx.Node) -> str:
+    """The op a node runs, short: `aten.conv2d.default`, `F.relu`, `operator.add`, `layer1.conv`."""
     target = node.target
     if isinstance(target, str):
         return target
@@ -35,6 +36,8 @@ def target_text(node: torch.fx.Node) -> str:
         return str(target).replace("aten::", "aten.")
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    if name.startswith("_VariableFunctionsClass."):  # torch.relu and other C builtins
+        name = name.partition(".")[2]
     short = {"torch.nn.functional": "F", "_operator": "operator", "torch._C._nn": "F"}.get(module, module)
     return f"{short}.{name}" if short else name
 
@@ -50,12 +53,12 @@ def type_text(node: torch.fx.Node) -> str:
 def _type_of(val: Any) -> str:
     if val is None:
         return ""
-    if isinstance(val, (list, tuple)):
-        inner = ", ".join(t for t in (_type_of(v) for v in val) if t)
-        return f"({inner})" if inner else ""
     dtype = getattr(val, "dtype", None)
     shape = getattr(val, "shape", None)
-    if dtype is None or shape is None:
+    if dtype is None or shape is None:  # TensorMetadata is a tuple too: test it as a tensor first
+        if isinstance(val, (list, tuple)):
+            inner = ", ".join(t for t in (_type_of(v) for v in val) if t)
+            return f"({inner})" if inner else ""
         return ""
     dims = ", ".join(str(d) for d in shape)
     return f"{_DTYPE_SHORT.get(dtype, str(dtype).replace('torch.', ''))}[{dims}]"
@@ -92,11 +95,12 @@ def node_line(node: torch.fx.Node) -> str:
         line += f"  : {typ}"
     notes = node.meta.get(ANNOTATIONS)
     if notes:
-        line += "  {" + ", ".join(f"{k}: {_note_text(v)}" for k, v in notes.items()) + "}"
+        line += "  {" + ", ".join(f"{k}: {note_text(v)}" for k, v in notes.items()) + "}"
     return line
 
 
-def _note_text(value: Any) -> str:
+def note_text(value: Any) -> str:
+    """An annotation value as short text: floats to 6 digits, small tensors as lists."""
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, torch.Tensor):

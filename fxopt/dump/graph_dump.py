@@ -1,0 +1,42 @@
+"""`fxopt.dump(gm, path)`: everything needed to read one graph, in one folder.
+
+Writes under `path`: `graph.txt` (the listing: op, target, arguments, shape/dtype and
+annotations per node), `graph.dot` (Graphviz; collapsed by module scope past
+`collapse_threshold` nodes), `graph.svg` when Graphviz's `dot` is on PATH, and `index.html`
+linking them (saying why when there is no SVG).
+
+    >>> import tempfile, torch, fxopt
+    >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),))
+    >>> index = fxopt.dump(gm, tempfile.mkdtemp(), title="tiny")
+    >>> index.name, "%_0 = call_module 0(%input_1)  : f32[2, 4]" in (index.parent / "graph.txt").read_text()
+    ('index.html', True)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.fx
+
+from .dot import DEFAULT_COLLAPSE_THRESHOLD
+from .files import write_graph
+from .html import graph_page
+from .render import DEFAULT_TIMEOUT_S
+
+
+def dump(
+    gm: torch.fx.GraphModule,
+    path: str | Path,
+    *,
+    title: str | None = None,
+    collapse_threshold: int = DEFAULT_COLLAPSE_THRESHOLD,
+    svg: bool = True,
+    svg_timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Path:
+    """Write listing, DOT, SVG (if `dot` is installed) and index.html under `path`; return the index."""
+    out = Path(path)
+    title = title or type(gm).__name__
+    files = write_graph(gm, out, "graph", title=title, collapse_threshold=collapse_threshold,
+                        svg=svg, svg_timeout_s=svg_timeout_s)
+    index = out / "index.html"
+    index.write_text(graph_page(gm, files, title))
+    return index

@@ -1,0 +1,95 @@
+"""fxopt.dump on one graph: listing, DOT with shapes and annotations, SVG, index page."""
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.dump import annotate, dump
+from fxopt.dump.dot import full_dot, group_color
+from fxopt.dump.render import render_svg
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.fixture
+def graph():
+    gm = fxopt.capture(ConvNet(), (torch.randn(2, 3, 8, 8),), mode="symbolic")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    annotate(nodes["conv"], "group", 1)
+    annotate(nodes["bn"], "group", 1)
+    annotate(nodes["relu"], "qparams", {"scale": 0.05, "zero_point": 3})
+    annotate(nodes["relu"], "cut", ["bn"])
+    return gm
+
+
+def test_dump_writes_listing_dot_and_index(graph, tmp_path):
+    index = dump(graph, tmp_path / "out", title="convnet")
+    out = tmp_path / "out"
+    assert index == out / "index.html"
+
+    listing = (out / "graph.txt").read_text()
+    assert listing.startswith("# convnet\n")
+    assert "%conv = call_module conv(%x)  : f32[2, 8, 8, 8]  {group: 1}" in listing
+    assert "{qparams: {'scale': 0.05, 'zero_point': 3}, cut: ['bn']}" in listing
+
+    dot = (out / "graph.dot").read_text()
+    assert dot.startswith("digraph fxopt {") and dot.rstrip().endswith("}")
+    assert 'label="conv\\ncall_module conv\\nf32[2, 8, 8, 8]\\ngroup: 1"' in dot
+    assert dot.count(f'fillcolor="{group_color(1)}"') == 2  # conv and bn share group 1's colour
+    assert "qparams: {'scale': 0.05, 'zero_point': 3}" in dot
+    assert dot.count("color=red, style=dashed") == 1  # only the cut edge bn -> relu
+    assert dot.count(" -> ") == len(graph.graph.nodes) - 1  # a chain of producer/consumer edges
+
+    html = index.read_text()
+    assert 'href="graph.txt"' in html and 'href="graph.dot"' in html
+    assert f"{len(graph.graph.nodes)} nodes" in html
+
+
+def test_dump_is_callable_from_the_package_root(graph, tmp_path):
+    index = fxopt.dump(graph, tmp_path)
+    assert index.exists() and (tmp_path / "graph.txt").exists()
+
+
+def test_cut_edge_is_found_by_node_too(graph):
+    relu = next(n for n in graph.graph.nodes if n.name == "relu")
+    annotate(relu, "cut", relu.args[0])  # a Node, not a name
+    assert "color=red, style=dashed" in full_dot(graph)
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
+def test_svg_rendered_when_graphviz_is_installed(graph, tmp_path):
+    index = dump(graph, tmp_path)
+    svg = (tmp_path / "graph.svg").read_text()
+    assert "<svg" in svg and "conv" in svg
+    assert 'href="graph.svg"' in index.read_text()
+
+
+def test_svg_skipped_quietly_without_graphviz(graph, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    index = dump(graph, tmp_path)
+    assert not (tmp_path / "graph.svg").exists()
+    assert "Graphviz `dot` is not on PATH" in index.read_text()
+
+
+def test_svg_timeout_is_reported(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "dot"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec /bin/sleep 5\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    dot_file = tmp_path / "g.dot"
+    dot_file.write_text("digraph { a -> b }")
+    svg, note = render_svg(dot_file, timeout_s=0.2)
+    assert svg is None and "longer than 0.2 s" in note
