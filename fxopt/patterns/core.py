@@ -1,0 +1,325 @@
+"""Pattern trees and the matcher: what a pattern is and how it is found in a graph.
+
+A pattern is a small tree of `Op` (an op kind from fxopt's semantic op view, see
+`fxopt.ir.op_view`), `Var` (any value, bound by name) and `Const` (a Python scalar argument,
+bound by name). Matching reads op kinds, never raw targets, so `torch.relu`, `nn.ReLU`,
+`x.relu()` and `aten.relu` are all `Op("relu", ...)`, on symbolic and export graphs alike.
+
+    >>> import torch
+    >>> from fxopt.patterns import Op, Var, match
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    >>> relu = [n for n in gm.graph.nodes if n.op == "call_module"][-1]
+    >>> m = match(gm, relu, Op("relu", Op("linear", Var("x"), name="fc")))
+    >>> m.views["fc"].kind, m.nodes["x"].name
+    ('linear', 'input_1')
+
+Failures carry a reason (`explain`), so a researcher can ask why a chosen node did not match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+import torch.fx
+
+from ..errors import node_location
+from ..ir import OpView, bind_arguments, op_view, spec_for, tensor_meta
+
+ANNOTATIONS = "fxopt.annotations"
+
+
+# ----- the pattern language -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Var:
+    """Any value (a node), bound to `name`; a name used twice must bind the same node.
+
+    Constraints read the shape/dtype metadata capture records on every node:
+    `ndim` (int or tuple of allowed ints), `dtype` (dtype or tuple), `shape` (a tuple whose
+    entries are ints or None for "any"), `check` (a predicate on the node).
+    A value without metadata fails a shape/dtype constraint (the matcher never guesses).
+    """
+
+    name: str
+    ndim: int | tuple[int, ...] | None = None
+    dtype: torch.dtype | tuple[torch.dtype, ...] | None = None
+    shape: tuple | None = None
+    check: Callable[[torch.fx.Node], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Const:
+    """A non-tensor argument (a Python number, e.g. an attention scale), bound to `name`."""
+
+    name: str
+    check: Callable[[Any], bool] | None = None
+
+
+class Op:
+    """An op of a given kind (or one of several kinds) whose activation inputs match `inputs`.
+
+    - `inputs` match `view.inputs` (the node operands, in order); `commutative=True` also
+      tries them swapped (two inputs);
+    - `scalar` (a `Const`) matches the one non-tensor operand of an elementwise op
+      (`x / 8.0`, `0.125 * x`), which the view does not list as an input;
+    - `attrs` constrain view attributes: a value means equality, a callable is a predicate;
+    - `name` binds the node and its `OpView` in the match;
+    - `single_use` (default for every op below the root): the op's value must feed only this
+      pattern, since the rewrite removes it. Set False for ops that stay in the graph.
+    """
+
+    def __init__(
+        self,
+        kind: str | tuple[str, ...],
+        *inputs: "PatternNode",
+        name: str | None = None,
+        scalar: Const | None = None,
+        attrs: dict[str, Any] | None = None,
+        commutative: bool = False,
+        single_use: bool = True,
+        check: Callable[[OpView], bool | str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> None:
+        self.kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        self.inputs = tuple(inputs)
+        self.name = name
+        self.scalar = scalar
+        self.attrs = dict(attrs or {})
+        self.commutative = commutative
+        self.single_use = single_use
+        self.check = check
+        #: view parameter -> binding name, e.g. {"weight": "w"}: the match's `params["w"]`.
+        self.params = dict(params or {})
+        if self.params and not name:
+            raise ValueError(f"Op('{self.kinds[0]}'): binding parameters needs a name= for the op")
+
+    def __repr__(self) -> str:
+        kind = self.kinds[0] if len(self.kinds) == 1 else "|".join(self.kinds)
+        inner = ", ".join(repr(i) if isinstance(i, Op) else i.name for i in self.inputs)
+        return f"{kind}({inner})"
+
+
+PatternNode = Union[Op, Var]
+
+
+@dataclass
+class Match:
+    """One place a pattern matched.
+
+    `root` is the node the pattern's top op matched; `nodes` maps every bound name (Vars and
+    named Ops) to its node; `views` maps named Ops to their OpView (its `params` reach the
+    weights); `values` maps Const names to the scalars; `ops` lists every op node of the
+    match, root last.
+    """
+
+    gm: torch.fx.GraphModule
+    root: torch.fx.Node
+    nodes: dict[str, torch.fx.Node] = field(default_factory=dict)
+    views: dict[str, OpView] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    ops: list[torch.fx.Node] = field(default_factory=list)
+    #: alias -> (op name, parameter name), from Op(params=...).
+    params: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.values:
+            return self.values[name]
+        return self.nodes[name]
+
+    def copy(self) -> "Match":
+        return Match(self.gm, self.root, dict(self.nodes), dict(self.views), dict(self.values), list(self.ops),
+                     dict(self.params))
+
+
+class NoMatch(Exception):
+    """Why a pattern did not match at a node (the message names the node)."""
+
+
+# ----- matching -------------------------------------------------------------------------------
+
+def match(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: PatternNode,
+          check: Callable[[Match], bool | str] | None = None) -> Match | None:
+    """The match of `pattern` rooted at `node`, or None (see `explain` for the reason)."""
+    try:
+        return match_or_raise(gm, node, pattern, check)
+    except NoMatch:
+        return None
+
+
+def explain(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: PatternNode,
+            check: Callable[[Match], bool | str] | None = None) -> str:
+    """'matched' or the reason `pattern` does not match rooted at `node`."""
+    try:
+        match_or_raise(gm, node, pattern, check)
+    except NoMatch as exc:
+        return str(exc)
+    return "matched"
+
+
+def match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: PatternNode,
+                   check: Callable[[Match], bool | str] | None = None) -> Match:
+    m = Match(gm, node)
+    m = _match(gm, node, pattern, m, is_root=True)
+    if check is not None:
+        verdict = check(m)
+        if verdict is not True and verdict is not None:
+            reason = verdict if isinstance(verdict, str) and verdict else "the extra check returned False"
+            raise NoMatch(f"extra check refused the match at {_where(node)}: {reason}")
+    return m
+
+
+def _where(node: Any) -> str:
+    return node_location(node) if isinstance(node, torch.fx.Node) else repr(node)
+
+
+def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) -> Match:
+    if isinstance(pat, Var):
+        return _match_var(value, pat, m)
+    if not isinstance(pat, Op):
+        raise TypeError(f"pattern element {pat!r} is not an Op or a Var")
+    if not isinstance(value, torch.fx.Node):
+        raise NoMatch(f"pattern {pat!r} wants an op, found the constant {value!r}")
+    node = value
+    view = op_view(gm, node)
+    if view is None:
+        raise NoMatch(f"{_where(node)} is not an op fxopt's op view knows; pattern wants {pat!r}")
+    if view.kind not in pat.kinds:
+        raise NoMatch(f"{_where(node)} is '{view.kind}', pattern wants '{'|'.join(pat.kinds)}'")
+    if not is_root and pat.single_use and len(node.users) > 1:
+        users = ", ".join(u.name for u in node.users)
+        raise NoMatch(f"{_where(node)} has {len(node.users)} users ({users}); the pattern "
+                      "would remove it (use single_use=False for ops that stay)")
+    if node in m.ops:
+        raise NoMatch(f"{_where(node)} is matched twice by the pattern")
+    for key, want in pat.attrs.items():
+        got = view.attrs.get(key, _MISSING)
+        if got is _MISSING:
+            got = _bound_arg(node, key)
+        ok = want(got) if callable(want) else _same(got, want)
+        if not ok:
+            raise NoMatch(f"{_where(node)}: attribute '{key}' is {got!r}, pattern wants "
+                          f"{'a value passing ' + getattr(want, '__name__', 'a check') if callable(want) else repr(want)}")
+    if pat.check is not None:
+        verdict = pat.check(view)
+        if verdict is not True and verdict is not None:
+            raise NoMatch(f"{_where(node)}: {verdict if isinstance(verdict, str) else 'op check refused it'}")
+    if pat.scalar is not None:
+        scalar = _scalar_operand(node, view)
+        if scalar is _MISSING:
+            raise NoMatch(f"{_where(node)} has no scalar operand; pattern wants Const('{pat.scalar.name}')")
+        m = _bind_const(pat.scalar, scalar, node, m)
+    inputs = list(view.inputs)
+    if len(inputs) != len(pat.inputs):
+        raise NoMatch(f"{_where(node)} has {len(inputs)} tensor inputs, pattern {pat!r} wants {len(pat.inputs)}")
+    orders = [inputs]
+    if pat.commutative and len(inputs) == 2:
+        orders.append(inputs[::-1])
+    failure: NoMatch | None = None
+    for order in orders:
+        trial = m.copy()
+        try:
+            for child_value, child_pat in zip(order, pat.inputs):
+                trial = _match(gm, child_value, child_pat, trial)
+        except NoMatch as exc:
+            failure = failure or exc
+            continue
+        trial.ops.append(node)
+        if pat.name:
+            _bind_node(pat.name, node, trial)
+            trial.views[pat.name] = view
+            for param, alias in pat.params.items():
+                if param not in view.params:
+                    raise NoMatch(f"{_where(node)} has no parameter '{param}' (pattern binds it as '{alias}')")
+                trial.params[alias] = (pat.name, param)
+        return trial
+    raise failure  # type: ignore[misc]
+
+
+def _match_var(value: Any, pat: Var, m: Match) -> Match:
+    if not isinstance(value, torch.fx.Node):
+        raise NoMatch(f"Var('{pat.name}') wants a tensor value, found the constant {value!r}")
+    meta = tensor_meta(value)
+    if pat.ndim is not None or pat.dtype is not None or pat.shape is not None:
+        if meta is None:
+            raise NoMatch(f"Var('{pat.name}'): {_where(value)} has no shape metadata "
+                          "(capture with example inputs, or run the shapes analysis)")
+        shape, dtype = meta
+        allowed = pat.ndim if isinstance(pat.ndim, tuple) else (pat.ndim,)
+        if pat.ndim is not None and len(shape) not in allowed:
+            raise NoMatch(f"Var('{pat.name}'): {_where(value)} has {len(shape)} dims, wants {pat.ndim}")
+        dtypes = pat.dtype if isinstance(pat.dtype, tuple) else (pat.dtype,)
+        if pat.dtype is not None and dtype not in dtypes:
+            raise NoMatch(f"Var('{pat.name}'): {_where(value)} is {dtype}, wants {pat.dtype}")
+        if pat.shape is not None and (len(shape) != len(pat.shape) or any(
+                w is not None and w != s for w, s in zip(pat.shape, shape))):
+            raise NoMatch(f"Var('{pat.name}'): {_where(value)} has shape {tuple(shape)}, wants {pat.shape}")
+    if pat.check is not None and not pat.check(value):
+        raise NoMatch(f"Var('{pat.name}'): {_where(value)} fails its check")
+    _bind_node(pat.name, value, m)
+    return m
+
+
+def _bind_node(name: str, node: torch.fx.Node, m: Match) -> None:
+    bound = m.nodes.get(name)
+    if bound is not None and bound is not node:
+        raise NoMatch(f"'{name}' is bound to node '{bound.name}' and cannot also be '{node.name}'")
+    m.nodes[name] = node
+
+
+def _bind_const(pat: Const, value: Any, node: torch.fx.Node, m: Match) -> Match:
+    if isinstance(value, torch.fx.Node) or isinstance(value, torch.Tensor):
+        raise NoMatch(f"{_where(node)}: Const('{pat.name}') wants a Python scalar, found a tensor")
+    if pat.check is not None and not pat.check(value):
+        raise NoMatch(f"{_where(node)}: Const('{pat.name}') = {value!r} fails its check")
+    if pat.name in m.values and m.values[pat.name] != value:
+        raise NoMatch(f"Const('{pat.name}') is bound to {m.values[pat.name]!r}, not {value!r}")
+    m.values[pat.name] = value
+    return m
+
+
+_MISSING = object()
+
+
+def _bound_arg(node: torch.fx.Node, key: str) -> Any:
+    spec = spec_for(node.graph.owning_module, node) if node.graph.owning_module is not None else None
+    if spec is None or node.op == "call_module":
+        return _MISSING
+    return bind_arguments(node, spec).get(key, _MISSING)
+
+
+def _scalar_operand(node: torch.fx.Node, view: OpView) -> Any:
+    """The one non-node operand of an elementwise op (`x * 0.5`, `2 * x`), or _MISSING."""
+    if node.op == "call_module":
+        return _MISSING
+    spec = spec_for(node.graph.owning_module, node)
+    if spec is None:
+        return _MISSING
+    args = bind_arguments(node, spec)
+    scalars = [args[k] for k in spec.tensor_args
+               if k in args and isinstance(args[k], (int, float)) and not isinstance(args[k], bool)]
+    return scalars[0] if len(scalars) == 1 else _MISSING
+
+
+def _same(got: Any, want: Any) -> bool:
+    if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)):
+        return tuple(got) == tuple(want)
+    return got == want
+
+
+# ----- annotations ------------------------------------------------------------------------------
+
+def annotations(node: torch.fx.Node) -> dict:
+    """The fxopt annotations of a node (a fresh dict; never edit it in place)."""
+    return dict(node.meta.get(ANNOTATIONS) or {})
+
+
+def annotate(node: torch.fx.Node, **values: Any) -> None:
+    """Add annotations to `node.meta["fxopt.annotations"]`, replacing (not mutating) the dict.
+
+    node.meta is copied shallowly when a GraphModule is cloned, so mutating the dict in place
+    would leak into snapshots the manager keeps.
+    """
+    merged = annotations(node)
+    merged.update(values)
+    node.meta[ANNOTATIONS] = merged

@@ -1,0 +1,299 @@
+"""Patterns with their replacements, pattern sets, and applying them to a graph.
+
+A `Pattern` is a match tree (see `fxopt.patterns.core`) plus one of:
+
+- `replacement`: a plain Python function whose parameters are names bound by the match
+  (Vars, Consts, and `<op>_<param>` for a named op's parameters, e.g. `fc_weight`). It is
+  traced with torch.fx and inlined in place of the matched ops;
+- `rewrite`: a function `(r: Rewriter) -> Node | None` for rewrites that compute new tensors
+  (batchnorm folding). It builds nodes with `r.call(...)` / `r.tensor(...)` and returns the
+  node that now yields the root's value, `r.match.root` itself for annotation-only rewrites,
+  or None to decline.
+
+`apply_patterns(gm, patterns)` walks the graph, rewrites every match and returns an
+`ApplyReport`: how many times each pattern matched and at which nodes; with `debug=<node
+name>` it also says, for each pattern, why it did not match there.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ..errors import node_location
+from ..ir import add_tensor_attr, replace_uses
+from .core import Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
+
+
+@dataclass
+class Pattern:
+    """A named pattern and what to do where it matches; see the module docstring."""
+
+    name: str
+    match: PatternNode
+    replacement: Callable[..., Any] | None = None
+    rewrite: Callable[["Rewriter"], torch.fx.Node | None] | None = None
+    check: Callable[[Match], bool | str] | None = None
+    #: Written into node.meta["fxopt.annotations"] of the node that yields the result.
+    annotation: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.replacement is None) == (self.rewrite is None):
+            raise ValueError(f"pattern '{self.name}': give exactly one of replacement= or rewrite=")
+        if not isinstance(self.match, (Op, Var)):
+            raise TypeError(f"pattern '{self.name}': match must be an Op tree, got {self.match!r}")
+
+    def __add__(self, other: "Pattern | PatternSet") -> "PatternSet":
+        return PatternSet([self]) + other
+
+
+class PatternSet:
+    """An ordered table of patterns; earlier patterns win where two match at one node.
+
+    Sets compose with `+`, like tinygrad's matchers.
+    """
+
+    def __init__(self, patterns: Iterable[Pattern] = ()) -> None:
+        self.patterns = list(patterns)
+        names = [p.name for p in self.patterns]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"duplicate pattern names: {', '.join(sorted(dupes))}")
+
+    def __add__(self, other: "Pattern | PatternSet") -> "PatternSet":
+        more = [other] if isinstance(other, Pattern) else list(other.patterns)
+        return PatternSet(self.patterns + more)
+
+    def __iter__(self):
+        return iter(self.patterns)
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def select(self, names: Iterable[str]) -> "PatternSet":
+        wanted = set(names)
+        return PatternSet(p for p in self.patterns if p.name in wanted)
+
+
+@dataclass
+class ApplyReport:
+    """What `apply_patterns` did: counts and locations per pattern, and debug answers."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    locations: dict[str, list[str]] = field(default_factory=dict)
+    #: pattern name -> why it did not match at the debug node ("matched" when it did).
+    why_not: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def record(self, name: str, node_name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.locations.setdefault(name, []).append(node_name)
+
+    def __str__(self) -> str:
+        lines = [f"{name}: {n} at {', '.join(self.locations[name])}" for name, n in self.counts.items()]
+        lines += [f"{name} did not match: {why}" for name, why in self.why_not.items() if why != "matched"]
+        return "\n".join(lines) or "no matches"
+
+
+class Rewriter:
+    """What a `rewrite` function gets: the match and helpers that insert before its root."""
+
+    def __init__(self, gm: torch.fx.GraphModule, match: Match) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.match = match
+        self.new_nodes: list[torch.fx.Node] = []
+
+    def __getitem__(self, name: str) -> Any:
+        return self.match[name]
+
+    def view(self, name: str):
+        return self.match.views[name]
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.fx.Node:
+        """Insert `call_function(fn, args, kwargs)` before the match's root."""
+        with self.graph.inserting_before(self.match.root):
+            node = self.graph.call_function(fn, tuple(args), dict(kwargs))
+        self.new_nodes.append(node)
+        return node
+
+    def tensor(self, base_name: str, value: torch.Tensor, *, parameter: bool = True) -> torch.fx.Node:
+        """Store a new tensor on the root module and insert a `get_attr` reading it."""
+        name = add_tensor_attr(self.gm, base_name, value, parameter=parameter)
+        with self.graph.inserting_before(self.match.root):
+            node = self.graph.get_attr(name)
+        if value.layout == torch.strided:
+            node.meta["tensor_meta"] = _extract_tensor_metadata(value.detach())
+        self.new_nodes.append(node)
+        return node
+
+    def param(self, op_name: str, param: str) -> torch.fx.Node | None:
+        """A `get_attr` reading a named op's existing parameter (shared, not copied)."""
+        ref = self.match.views[op_name].params.get(param)
+        if ref is None:
+            return None
+        with self.graph.inserting_before(self.match.root):
+            node = self.graph.get_attr(ref.qualname)
+        self.new_nodes.append(node)
+        return node
+
+    def where(self) -> str:
+        return node_location(self.match.root)
+
+
+def apply_patterns(
+    gm: torch.fx.GraphModule,
+    patterns: Pattern | PatternSet | Sequence[Pattern],
+    *,
+    debug: str | None = None,
+    max_rounds: int = 8,
+) -> ApplyReport:
+    """Rewrite every match of `patterns` in `gm` (in place) and report what matched where.
+
+    Nodes are visited from the output backwards so the largest pattern rooted at a node is
+    tried first (conv+add+relu before add+relu); rounds repeat while the graph changes, so a
+    rewrite that creates a new match (conv+bn folded, then conv+relu) is found. `debug` names a
+    node: the report's `why_not` says, per pattern, why it did not match rooted there.
+    """
+    table = patterns if isinstance(patterns, PatternSet) else PatternSet(
+        [patterns] if isinstance(patterns, Pattern) else patterns)
+    report = ApplyReport()
+    if debug is not None:
+        _explain_all(gm, table, debug, report)
+    for _ in range(max_rounds):
+        changed = False
+        for node in reversed(list(gm.graph.nodes)):
+            if getattr(node, "_erased", False):
+                continue
+            for pattern in table:
+                try:
+                    m = match_or_raise(gm, node, pattern.match, pattern.check)
+                except NoMatch:
+                    continue
+                result = _apply_one(gm, pattern, m)
+                if result is None:
+                    report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
+                    continue
+                report.record(pattern.name, node.name)
+                if result is not node:
+                    changed = True
+                break
+        if not changed:
+            break
+    gm.graph.lint()
+    return report
+
+
+def _explain_all(gm: torch.fx.GraphModule, table: PatternSet, node_name: str, report: ApplyReport) -> None:
+    node = next((n for n in gm.graph.nodes if n.name == node_name), None)
+    if node is None:
+        names = [n.name for n in gm.graph.nodes]
+        from ..errors import did_you_mean
+
+        raise ValueError(f"debug node '{node_name}' is not in the graph" + did_you_mean(node_name, names[:50]))
+    for pattern in table:
+        try:
+            match_or_raise(gm, node, pattern.match, pattern.check)
+            report.why_not[pattern.name] = "matched"
+        except NoMatch as exc:
+            report.why_not[pattern.name] = str(exc)
+
+
+def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx.Node | None:
+    rw = Rewriter(gm, m)
+    if pattern.rewrite is not None:
+        new = pattern.rewrite(rw)
+    else:
+        new = _inline_replacement(rw, pattern)
+    if new is None:
+        for n in reversed(rw.new_nodes):  # a declined rewrite leaves nothing behind
+            if not n.users:
+                gm.graph.erase_node(n)
+        return None
+    if pattern.annotation:
+        annotate(new, **pattern.annotation)
+    if new is m.root:
+        return new
+    replace_uses(m.root, new)
+    for op in reversed(m.ops[:-1]):
+        if not op.users and op.graph is gm.graph:
+            gm.graph.erase_node(op)
+    return new
+
+
+def _inline_replacement(rw: Rewriter, pattern: Pattern) -> torch.fx.Node | None:
+    fn = pattern.replacement
+    traced = _traced(fn)
+    env: dict[torch.fx.Node, Any] = {}
+    for ph in traced.graph.nodes:
+        if ph.op != "placeholder":
+            continue
+        env[ph] = _binding(rw, ph.target, pattern)
+    out = None
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            out = torch.fx.node.map_arg(n.args[0], lambda a: env[a])
+            break
+        if n.op == "get_attr":
+            value = getattr(traced, n.target)
+            env[n] = rw.tensor(f"{pattern.name}_{n.target}", value)
+            continue
+        if n.op == "call_module":
+            raise ValueError(f"pattern '{pattern.name}': a replacement function must call functions, "
+                             f"not modules (found {n.target}); use torch.nn.functional")
+        args = torch.fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = torch.fx.node.map_arg(n.kwargs, lambda a: env[a])
+        with rw.graph.inserting_before(rw.match.root):
+            if n.op == "call_method":
+                new = rw.graph.call_method(n.target, args, kwargs)
+            else:
+                new = rw.graph.call_function(n.target, args, kwargs)
+        rw.new_nodes.append(new)
+        env[n] = new
+    if not isinstance(out, torch.fx.Node):
+        raise ValueError(f"pattern '{pattern.name}': the replacement must return one tensor")
+    return out
+
+
+_TRACE_CACHE: dict[Any, torch.fx.GraphModule] = {}
+
+
+def _traced(fn: Callable[..., Any]) -> torch.fx.GraphModule:
+    if fn not in _TRACE_CACHE:
+        _TRACE_CACHE[fn] = torch.fx.symbolic_trace(fn)
+    return _TRACE_CACHE[fn]
+
+
+def _binding(rw: Rewriter, name: str, pattern: Pattern) -> Any:
+    m = rw.match
+    if name in m.values:
+        return m.values[name]
+    if name in m.nodes:
+        return m.nodes[name]
+    if name in m.params:
+        op_name, param = m.params[name]
+        return rw.param(op_name, param)
+    for op_name, view in m.views.items():
+        for param in view.params:
+            if name == f"{op_name}_{param}":
+                return rw.param(op_name, param)
+        prefix = f"{op_name}_"
+        if name.startswith(prefix) and name[len(prefix):] in view.attrs:
+            return view.attrs[name[len(prefix):]]
+    bound = sorted(set(m.values) | set(m.nodes) | {f"{o}_{p}" for o, v in m.views.items() for p in v.params})
+    raise ValueError(f"pattern '{pattern.name}': replacement parameter '{name}' is not bound by the "
+                     f"match; bound: {', '.join(bound)}")
+
+
+def replacement_params(fn: Callable[..., Any]) -> list[str]:
+    return list(inspect.signature(fn).parameters)

@@ -1,0 +1,84 @@
+"""`fuse` — operator fusion on the semantic op view, with the pattern tables of `rules.py`.
+
+What it rewrites (each step can be switched off by an option):
+
+- `remove_noops`: eval-mode dropout and identities vanish;
+- `fold_bn`: conv (1d/2d/3d, transposed) + batchnorm and linear + batchnorm fold into one
+  conv/linear with new weights (computed in float64, stored as new `get_attr` tensors; the
+  originals are never written to, so shared modules and tied weights stay intact);
+- `merge_linears`: linear(linear(x)) with nothing between becomes one linear, when that does
+  not cost more multiply-adds;
+- `attention`: softmax(Q Kᵀ / c [+ mask]) V and softmax(Q Kᵀ * s [+ mask]) V become
+  `F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=...)`;
+- `annotate`: conv/linear + activation (relu, relu6/hardtanh, hardswish, silu, gelu),
+  conv + residual add (+ relu) and add + relu are *annotated* as fused groups in
+  `node.meta["fxopt.annotations"]` (see `rules.py` for the contract). In eager PyTorch a
+  conv followed by a relu is already as fast as it gets; only a kernel with fused post-ops
+  gains, so the ops stay as they are and `lower-cpu` turns each group into one oneDNN call.
+  Quantization reads the same annotations to treat conv-bn-relu as one conv+relu.
+
+Before / after (symbolic front end)::
+
+    %conv = call_module conv(%x)           %w = get_attr conv_bn_folded_weight
+    %bn = call_module bn(%conv)       ->   %b = get_attr bn_folded_bias
+    %relu = call_function relu(%bn)        %conv2d = conv2d(%x, %w, %b, ...)   {fused: conv+relu}
+                                           %relu = call_function relu(%conv2d) {fused: conv+relu}
+
+Preconditions: eval mode (capture puts models in eval). Tolerance "float": folding reorders
+float arithmetic. Works on symbolic and export graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx
+
+from fxopt import Pass, PassContext, PassResult
+from fxopt.patterns import PatternSet, apply_patterns
+
+from . import rules
+
+
+@dataclass
+class Fuse(Pass):
+    """Fold, merge, recognize and annotate fusable op groups; see the module docstring."""
+
+    name = "fuse"
+    tolerance = "float"
+    remove_noops: bool = True
+    fold_bn: bool = True
+    merge_linears: bool = True
+    attention: bool = True
+    annotate: bool = True
+    #: A node name: the stats then say, per pattern, why it did not match rooted there.
+    debug: str = ""
+
+    def patterns(self) -> PatternSet:
+        table = PatternSet()
+        if self.remove_noops:
+            table = table + rules.NOOPS
+        wanted = set()
+        if self.fold_bn:
+            wanted |= {"conv+bn", "linear+bn"}
+        if self.merge_linears:
+            wanted.add("linear+linear")
+        if self.attention:
+            wanted |= {"attention", "attention+mask"}
+        table = table + rules.FOLDS.select(wanted)
+        if self.annotate:
+            table = table + rules.EPILOGUES
+        return table
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        from fxopt.passes.cleanup import DeadCodeElimination
+
+        report = apply_patterns(gm, self.patterns(), debug=self.debug or None)
+        changed_graph = any(n for name, n in report.counts.items()
+                            if name not in {p.name for p in rules.EPILOGUES})
+        stats = {"matches": dict(report.counts), "locations": dict(report.locations)}
+        if report.why_not:
+            stats["why_not"] = dict(report.why_not)
+        if changed_graph:
+            dce = DeadCodeElimination().run(gm, ctx)
+            stats["nodes_removed"] = dce.stats["nodes_removed"]
+        return PassResult(gm, modified=bool(report.counts), stats=stats)

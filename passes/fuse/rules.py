@@ -1,0 +1,292 @@
+"""The built-in fusion patterns, as tables written with fxopt.patterns.
+
+Each table is a `PatternSet`; `fuse` applies them in order:
+
+- `NOOPS`: eval-mode dropout and identities disappear;
+- `FOLDS`: conv/linear + batchnorm folding, consecutive linear merging, spelled-out attention
+  to `F.scaled_dot_product_attention` — rewrites that compute new weights;
+- `EPILOGUES`: conv/linear + activation, conv + residual add (+ relu), add + relu — these
+  only *annotate* (see below); `lower-cpu` turns them into fused oneDNN kernels.
+
+Annotation contract (consumed by quantization and lowering): every node of a fused group gets
+`node.meta["fxopt.annotations"]` with
+
+    {"fused": "conv+relu",          # the group, ops joined by "+", in dataflow order
+     "fusion_role": "anchor",       # "anchor" = the conv/linear/add that starts the group,
+                                    # "output" = the node whose value leaves the group
+     "fusion_anchor": "conv2d",     # name of the anchor node
+     "fusion_output": "relu"}       # name of the output node
+
+so a pass can find each group from either end. A conv-bn-relu chain becomes conv (new
+weights) + relu annotated "conv+relu".
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fxopt.ir import tensor_meta
+from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
+
+ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+
+def _not_fused(m: Match) -> bool | str:
+    for node in m.ops:
+        if "fused" in annotations(node):
+            return f"'{node.name}' already belongs to the fused group '{annotations(node)['fused']}'"
+    return True
+
+
+def _conv_ok(view) -> bool | str:
+    if "weight" not in view.params:
+        return "its weight is not a parameter (a computed weight cannot be folded)"
+    if view.attrs.get("padding_mode", "zeros") != "zeros":
+        return f"padding_mode '{view.attrs['padding_mode']}' is not folded"
+    return True
+
+
+def _linear_ok(view) -> bool | str:
+    return True if "weight" in view.params else "its weight is not a parameter"
+
+
+def _bn_eval(view) -> bool | str:
+    if view.attrs.get("training"):
+        return "batchnorm is in training mode (batch statistics cannot be folded)"
+    if "running_mean" not in view.params or "running_var" not in view.params:
+        return "batchnorm has no running statistics"
+    return True
+
+
+def _bn_scale_shift(view, channels: int, dtype: torch.dtype):
+    """(scale, shift) of an eval batchnorm in float64: y = x * scale + shift."""
+    mean = view.param("running_mean").double()
+    var = view.param("running_var").double()
+    gamma = view.param("weight")
+    beta = view.param("bias")
+    gamma = torch.ones(channels, dtype=torch.float64) if gamma is None else gamma.double()
+    beta = torch.zeros(channels, dtype=torch.float64) if beta is None else beta.double()
+    scale = gamma / torch.sqrt(var + float(view.attrs.get("eps", 1e-5)))
+    return scale, beta - mean * scale
+
+
+def conv_call(r: Rewriter, x, weight, bias, attrs) -> torch.fx.Node:
+    """A call_function conv node (F.convNd / F.conv_transposeNd) valid in both IRs."""
+    dim = attrs["dim"]
+    if attrs.get("transposed"):
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dim - 1]
+        return r.call(fn, x, weight, bias, stride=attrs["stride"], padding=attrs["padding"],
+                      output_padding=attrs["output_padding"], groups=attrs["groups"],
+                      dilation=attrs["dilation"])
+    fn = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    return r.call(fn, x, weight, bias, stride=attrs["stride"], padding=attrs["padding"],
+                  dilation=attrs["dilation"], groups=attrs["groups"])
+
+
+def conv_attrs(view) -> dict:
+    attrs = dict(view.attrs)
+    dim = attrs.get("dim") or (view.param("weight").dim() - 2)
+    attrs["dim"] = dim
+    for key in ("stride", "padding", "dilation", "output_padding"):
+        value = attrs.get(key, 0 if key in ("padding", "output_padding") else 1)
+        if not isinstance(value, str):
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,) * dim
+            if len(value) == 1 and dim > 1:
+                value = value * dim
+        attrs[key] = value
+    attrs["groups"] = attrs.get("groups", 1)
+    attrs["transposed"] = bool(attrs.get("transposed", False))
+    return attrs
+
+
+# ----- no-ops -------------------------------------------------------------------------------------
+
+def _is_noop(view) -> bool | str:
+    if view.kind == "identity":
+        return True
+    if not view.attrs.get("training", True) or view.attrs.get("p", 0.5) == 0:
+        return True
+    return "dropout is in training mode"
+
+
+NOOPS = PatternSet([
+    Pattern("remove-noop", Op(("dropout", "identity"), Var("x"), check=_is_noop), rewrite=lambda r: r["x"]),
+])
+
+
+# ----- folds --------------------------------------------------------------------------------------
+
+def _fold_conv_bn(r: Rewriter) -> torch.fx.Node | None:
+    conv, bn = r.view("conv"), r.view("bn")
+    attrs = conv_attrs(conv)
+    w = conv.param("weight")
+    b = conv.param("bias")
+    groups = attrs["groups"]
+    out_channels = w.shape[1] * groups if attrs["transposed"] else w.shape[0]
+    bn_channels = bn.param("running_mean").shape[0]
+    if bn_channels != out_channels:
+        return None
+    scale, shift = _bn_scale_shift(bn, out_channels, w.dtype)
+    if attrs["transposed"]:
+        # weight (in, out/groups, k...): out channel c = g * (out/groups) + j
+        wg = w.double().reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        s = scale.reshape(groups, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        new_w = (wg * s).reshape(w.shape)
+    else:
+        new_w = w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    base = torch.zeros(out_channels, dtype=torch.float64) if b is None else b.double()
+    new_b = base * scale + shift
+    name = r.match.root.name
+    wn = r.tensor(f"{name}_folded_weight", new_w.to(w.dtype))
+    bnode = r.tensor(f"{name}_folded_bias", new_b.to(w.dtype))
+    return conv_call(r, r["x"], wn, bnode, attrs)
+
+
+def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
+    lin, bn = r.view("linear"), r.view("bn")
+    meta = tensor_meta(r.match.nodes["linear"])
+    if meta is None or len(meta[0]) != 2:
+        return None  # BatchNorm1d on (N, C, L) normalizes dim 1, not the features
+    w, b = lin.param("weight"), lin.param("bias")
+    if bn.param("running_mean").shape[0] != w.shape[0]:
+        return None
+    scale, shift = _bn_scale_shift(bn, w.shape[0], w.dtype)
+    new_w = w.double() * scale[:, None]
+    base = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.double()
+    name = r.match.root.name
+    wn = r.tensor(f"{name}_folded_weight", new_w.to(w.dtype))
+    bnode = r.tensor(f"{name}_folded_bias", (base * scale + shift).to(w.dtype))
+    return r.call(F.linear, r["x"], wn, bnode)
+
+
+def _merge_linears(r: Rewriter) -> torch.fx.Node | None:
+    first, second = r.view("first"), r.view("second")
+    w1, b1 = first.param("weight"), first.param("bias")
+    w2, b2 = second.param("weight"), second.param("bias")
+    n_in, mid, n_out = w1.shape[1], w1.shape[0], w2.shape[0]
+    if n_in * n_out > mid * (n_in + n_out):
+        return None  # merged would cost more multiply-adds than the two linears
+    w = (w2.double() @ w1.double()).to(w1.dtype)
+    bias = None
+    if b1 is not None:
+        bias = w2.double() @ b1.double()
+    if b2 is not None:
+        bias = b2.double() if bias is None else bias + b2.double()
+    name = r.match.root.name
+    wn = r.tensor(f"{name}_merged_weight", w)
+    bn = r.tensor(f"{name}_merged_bias", bias.to(w1.dtype)) if bias is not None else None
+    return r.call(F.linear, r["x"], wn, bn)
+
+
+def _last_dims(view) -> bool | str:
+    dims = {view.attrs.get("dim0"), view.attrs.get("dim1")}
+    meta = tensor_meta(view.input)
+    n = len(meta[0]) if meta else None
+    if dims == {-2, -1} or (n is not None and dims == {n - 2, n - 1}):
+        return True
+    return f"transposes dims {sorted(d for d in dims if d is not None)}, not the last two"
+
+
+def _softmax_last(view) -> bool | str:
+    dim = view.attrs.get("dim")
+    meta = tensor_meta(view.input)
+    if view.attrs.get("dtype") is not None:
+        return "softmax with a dtype cast"
+    if dim == -1 or (meta is not None and dim == len(meta[0]) - 1):
+        return True
+    return f"softmax over dim {dim}, not the last one"
+
+
+def _scores(mask: bool) -> Op:
+    qk = Op("matmul", Var("q"), Op("transpose", Var("k"), check=_last_dims))
+    scaled = Op(("div", "mul"), qk, scalar=Const("c"), name="scale_op")
+    return Op("add", scaled, Var("mask"), commutative=True) if mask else scaled
+
+
+def _attention_check(m: Match) -> bool | str:
+    metas = [tensor_meta(m.nodes[k]) for k in ("q", "k", "v")]
+    if any(mt is None for mt in metas):
+        return "q, k or v has no shape metadata"
+    if len({len(mt[0]) for mt in metas}) != 1 or len(metas[0][0]) not in (3, 4):
+        return "q, k and v must be 3-D or 4-D alike"
+    if len({mt[1] for mt in metas}) != 1 or not metas[0][1].is_floating_point:
+        return "q, k and v must share a floating dtype"
+    if "mask" in m.nodes:
+        mm = tensor_meta(m.nodes["mask"])
+        if mm is None or mm[1] != metas[0][1]:
+            return "the additive mask must have the dtype of q"
+    return True
+
+
+def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
+    c = float(r["c"])
+    scale = 1.0 / c if r.view("scale_op").kind == "div" else c
+    if not math.isfinite(scale):
+        return None
+    mask = r.match.nodes.get("mask")
+    return r.call(F.scaled_dot_product_attention, r["q"], r["k"], r["v"], attn_mask=mask, scale=scale)
+
+
+FOLDS = PatternSet([
+    Pattern("conv+bn", Op("batch_norm", Op("conv", Var("x"), name="conv", check=_conv_ok), name="bn",
+                          check=_bn_eval), rewrite=_fold_conv_bn),
+    Pattern("linear+bn", Op("batch_norm", Op("linear", Var("x"), name="linear", check=_linear_ok), name="bn",
+                            check=_bn_eval), rewrite=_fold_linear_bn),
+    Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",
+                                check=_linear_ok), rewrite=_merge_linears),
+    Pattern("attention+mask", Op("matmul", Op("softmax", _scores(True), check=_softmax_last), Var("v")),
+            rewrite=_to_sdpa, check=_attention_check),
+    Pattern("attention", Op("matmul", Op("softmax", _scores(False), check=_softmax_last), Var("v")),
+            rewrite=_to_sdpa, check=_attention_check),
+])
+
+
+# ----- epilogues (annotations) -------------------------------------------------------------------
+
+def mark_group(nodes: list[torch.fx.Node], label: str) -> None:
+    """Annotate a fused group; `nodes` in dataflow order, first the anchor, last the output."""
+    anchor, output = nodes[0], nodes[-1]
+    for node in nodes:
+        role = "anchor" if node is anchor else "output" if node is output else "member"
+        annotate(node, fused=label, fusion_role=role, fusion_anchor=anchor.name, fusion_output=output.name)
+
+
+def _annotator(label_of):
+    def rewrite(r: Rewriter) -> torch.fx.Node:
+        mark_group(list(r.match.ops), label_of(r))
+        return r.match.root
+    return rewrite
+
+
+def _same_shape(m: Match) -> bool | str:
+    verdict = _not_fused(m)
+    if verdict is not True:
+        return verdict
+    a, b = tensor_meta(m.nodes["conv"]), tensor_meta(m.nodes["other"])
+    if a is None or b is None or tuple(a[0]) != tuple(b[0]) or a[1] != b[1]:
+        return "the residual has another shape or dtype than the conv output (a broadcast add)"
+    if m.views["add"].attrs.get("alpha", 1) != 1:
+        return "add with alpha != 1"
+    return True
+
+
+EPILOGUES = PatternSet([
+    Pattern("conv+add+relu", Op("relu", Op("add", Op("conv", Var("x"), name="conv"), Var("other"),
+                                           name="add", commutative=True), name="act"),
+            rewrite=_annotator(lambda r: "conv+add+relu"), check=_same_shape),
+    Pattern("conv+act", Op(ACTIVATIONS, Op("conv", Var("x"), name="conv"), name="act"),
+            rewrite=_annotator(lambda r: f"conv+{r.view('act').kind}"), check=_not_fused),
+    Pattern("linear+act", Op(ACTIVATIONS, Op("linear", Var("x"), name="linear"), name="act"),
+            rewrite=_annotator(lambda r: f"linear+{r.view('act').kind}"), check=_not_fused),
+    Pattern("conv+add", Op("add", Op("conv", Var("x"), name="conv"), Var("other"), name="add",
+                           commutative=True),
+            rewrite=_annotator(lambda r: "conv+add"), check=_same_shape),
+    Pattern("add+relu", Op("relu", Op("add", Var("a"), Var("b"), name="add"), name="act"),
+            rewrite=_annotator(lambda r: "add+relu"), check=_not_fused),
+])
+
+ALL = NOOPS + FOLDS + EPILOGUES

@@ -1,0 +1,216 @@
+"""The `fuse` pass: each built-in pattern on both front ends, numerics, counters, annotations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.patterns import annotations
+
+MODES = ("symbolic", "export")
+
+
+def _warm_bn(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.3, 3)
+        if bn.weight is not None:
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    return bn
+
+
+def _run(model, x, mode, pipeline="fuse"):
+    res = fxopt.optimize(model, (x,), pipeline=pipeline, mode=mode)
+    assert res.verification.passed, res.summary()
+    torch.testing.assert_close(res.module(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    return res
+
+
+def _kinds(gm):
+    out = []
+    for n in gm.graph.nodes:
+        v = fxopt.ir.op_view(gm, n)
+        if v is not None:
+            out.append(v.kind)
+    return out
+
+
+class ConvBNAct(nn.Module):
+    def __init__(self, conv, bn, act):
+        super().__init__()
+        self.conv, self.bn, self.act = conv, _warm_bn(bn), act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+CONV_CASES = [
+    (nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6), (2, 3, 10)),
+    (nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), (2, 3, 9, 9)),
+    (nn.Conv2d(4, 8, 3, groups=2, bias=False), nn.BatchNorm2d(8), (2, 4, 7, 7)),
+    (nn.Conv3d(2, 4, 2), nn.BatchNorm3d(4), (2, 2, 5, 5, 5)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6), (2, 4, 5, 5)),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_conv_bn_relu_folds_and_annotates(mode, case):
+    conv, bn, shape = CONV_CASES[case]
+    torch.manual_seed(case)
+    model = ConvBNAct(conv, bn, nn.ReLU()).eval()
+    res = _run(model, torch.randn(shape), mode)
+    gm, stats = res.module, res.passes[0].stats
+    assert stats["matches"]["conv+bn"] == 1 and stats["matches"]["conv+act"] == 1
+    assert "batch_norm" not in _kinds(gm) and _kinds(gm).count("conv") == 1
+    conv_node = next(n for n in gm.graph.nodes if (v := fxopt.ir.op_view(gm, n)) and v.kind == "conv")
+    relu_node = next(iter(conv_node.users))
+    assert annotations(conv_node)["fused"] == "conv+relu" and annotations(conv_node)["fusion_role"] == "anchor"
+    assert annotations(relu_node)["fusion_anchor"] == conv_node.name
+    assert annotations(relu_node)["fusion_role"] == "output"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act,label", [(nn.ReLU6(), "hardtanh"), (nn.Hardswish(), "hardswish"),
+                                       (nn.SiLU(), "silu"), (nn.GELU(), "gelu")])
+def test_activation_groups(mode, act, label):
+    model = ConvBNAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), act).eval()
+    res = _run(model, torch.randn(2, 3, 6, 6), mode)
+    labels = {annotations(n).get("fused") for n in res.module.graph.nodes}
+    assert f"conv+{label}" in labels
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_bn_and_linear_act(mode):
+    model = nn.Sequential(nn.Linear(6, 5), _warm_bn(nn.BatchNorm1d(5)), nn.GELU()).eval()
+    res = _run(model, torch.randn(4, 6), mode)
+    assert res.passes[0].stats["matches"] == {"linear+bn": 1, "linear+act": 1}
+    assert _kinds(res.module) == ["linear", "gelu"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_linear_bn_on_3d_input_is_not_folded(mode):
+    # BatchNorm1d on (N, C, L) normalizes dim 1: not the linear's output features.
+    model = nn.Sequential(nn.Linear(4, 4), _warm_bn(nn.BatchNorm1d(3))).eval()
+    res = _run(model, torch.randn(2, 3, 4), mode)
+    assert "batch_norm" in _kinds(res.module)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x) + x)
+        return self.conv2(y) + y, torch.relu(x + x.sin())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_residual_and_add_relu(mode):
+    res = _run(Residual().eval(), torch.randn(2, 4, 5, 5), mode)
+    m = res.passes[0].stats["matches"]
+    assert m["conv+add+relu"] == 1 and m["conv+add"] == 1 and m["add+relu"] == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_identity_removed(mode):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), nn.Identity(), nn.Tanh()).eval()
+    res = _run(model, torch.randn(3, 4), mode)
+    # export already drops nn.Identity; symbolic keeps both for fuse to remove
+    assert res.passes[0].stats["matches"]["remove-noop"] == (2 if mode == "symbolic" else 1)
+    assert "dropout" not in _kinds(res.module) and "identity" not in _kinds(res.module)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_consecutive_linears_merge(mode):
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8), nn.Linear(8, 64), nn.Linear(64, 2)).eval()
+    res = _run(model, torch.randn(3, 8), mode)
+    # 8->4->8 merges (8*8 <= 4*16), then 8->64 would cost more merged with 8->8? no: the
+    # merged 8->8 and 8->64 merge (8*64 <= 8*72), then 8->64->2 merges (8*2 <= 64*10).
+    assert _kinds(res.module) == ["linear"]
+    assert res.passes[0].stats["matches"]["linear+linear"] == 3
+
+
+def test_linear_merge_skipped_when_costlier():
+    model = nn.Sequential(nn.Linear(64, 2), nn.Linear(2, 64)).eval()
+    res = _run(model, torch.randn(3, 64), "symbolic")
+    assert _kinds(res.module) == ["linear", "linear"]
+
+
+class Attention(nn.Module):
+    def __init__(self, use_mul, mask):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.use_mul, self.mask = use_mul, mask
+        self.register_buffer("additive_mask", torch.tensor([0.0, 0.0, 0.0, -1e4, 0.0]).view(1, 1, 1, 5))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (f(x).view(b, n, 2, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        s = q @ k.transpose(-2, -1)
+        s = s * (1 / math.sqrt(8)) if self.use_mul else s / math.sqrt(8)
+        if self.mask:
+            s = s + self.additive_mask
+        return (s.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("use_mul,mask", [(False, False), (True, False), (False, True)])
+def test_attention_becomes_sdpa(mode, use_mul, mask):
+    torch.manual_seed(0)
+    res = _run(Attention(use_mul, mask).eval(), torch.randn(2, 5, 16), mode)
+    assert _kinds(res.module).count("sdpa") == 1
+    assert "softmax" not in _kinds(res.module)
+    name = "attention+mask" if mask else "attention"
+    assert res.passes[0].stats["matches"][name] == 1
+
+
+class Shared(nn.Module):
+    """One conv and one batchnorm called twice; the second call is followed by a relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = _warm_bn(nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(self.bn(self.conv(y))), self.conv(x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_modules_called_twice(mode):
+    model = Shared().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = _run(model, torch.randn(2, 3, 6, 6), mode)
+    assert res.passes[0].stats["matches"]["conv+bn"] == 2
+    # the third conv site (no batchnorm) still uses the original weights, untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_debug_says_why_not():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid()).eval()
+    res = fxopt.optimize(model, (torch.randn(1, 3, 5, 5),), pipeline="fuse{debug=_1}", mode="symbolic")
+    why = res.passes[0].stats["why_not"]
+    assert "'sigmoid'" in why["conv+act"] and "relu" in why["conv+act"]
+
+
+def test_options_switch_steps_off():
+    model = ConvBNAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    res = fxopt.optimize(model, (torch.randn(1, 3, 5, 5),), pipeline="fuse{fold_bn=false}", mode="symbolic")
+    assert "conv+bn" not in res.passes[0].stats["matches"]
+    assert "batch_norm" in _kinds(res.module)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_matches_on_cuda():
+    model = ConvBNAct(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 3, 8, 8),), pipeline="fuse", mode="export", devices=["cuda"])
+    assert res.verification_by_device["cuda"].passed, res.summary()

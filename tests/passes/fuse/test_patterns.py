@@ -1,0 +1,149 @@
+"""The pattern-rewrite API (fxopt.patterns) on user-defined patterns, both front ends."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.patterns import (Const, Op, Pattern, PatternSet, Var, apply_patterns, explain, match,
+                            pattern_from_function)
+
+MODES = ("symbolic", "export")
+
+
+def _node(gm, kind):
+    return next(n for n in gm.graph.nodes if (v := fxopt.ir.op_view(gm, n)) is not None and v.kind == kind)
+
+
+class ThreeRelus(nn.Module):
+    """torch.relu, nn.ReLU and Tensor.relu: one pattern must match all three."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + self.act(self.fc(x * 2)) + self.fc(x - 1).relu()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_function_pattern_matches_every_spelling(mode):
+    def linear_relu(x, w, b):
+        return F.relu(F.linear(x, w, b))
+
+    def linear_gelu(x, w, b):  # a deliberately different function, to see the rewrite happen
+        return F.gelu(F.linear(x, w, b))
+
+    x = torch.randn(3, 4)
+    gm = fxopt.capture(ThreeRelus(), (x,), mode=mode)
+    report = apply_patterns(gm, Pattern("lr", pattern_from_function(linear_relu), replacement=linear_gelu))
+    gm.recompile()
+    assert report.counts == {"lr": 3}
+    assert len(report.locations["lr"]) == 3
+    kinds = [v.kind for n in gm.graph.nodes if (v := fxopt.ir.op_view(gm, n))]
+    assert kinds.count("gelu") == 3 and "relu" not in kinds
+    model = ThreeRelus()
+    model.load_state_dict({k: v for k, v in gm.state_dict().items() if k.startswith("fc.")})
+    fc = model.fc
+    want = F.gelu(fc(x)) + F.gelu(fc(x * 2)) + F.gelu(fc(x - 1))
+    torch.testing.assert_close(gm(x), want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scalar_const_and_extra_check(mode):
+    class M(nn.Module):
+        def forward(self, x):
+            return (x * 3.0).sigmoid(), (x * -1.0).sigmoid()
+
+    def scaled_sigmoid(x, c=1.0):
+        return torch.sigmoid(x * c)
+
+    def replacement(x, c):
+        return 1.0 / (1.0 + torch.exp(-(x * c)))  # must not contain the pattern again
+
+    seen = []
+    pattern = Pattern("pos", pattern_from_function(scaled_sigmoid), replacement=replacement,
+                      check=lambda m: (seen.append(m["c"]) or m["c"] > 0) or "scale is not positive")
+    gm = fxopt.capture(M(), (torch.randn(2, 3),), mode=mode)
+    report = apply_patterns(gm, pattern)
+    assert report.counts == {"pos": 1} and set(seen) == {-1.0, 3.0}
+    neg = [n for n in gm.graph.nodes if (v := fxopt.ir.op_view(gm, n)) and v.kind == "sigmoid"]
+    reasons = [explain(gm, n, pattern.match, pattern.check) for n in neg]
+    assert any("scale is not positive" in r for r in reasons)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shape_and_dtype_constraints(mode):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    gm = fxopt.capture(model, (torch.randn(2, 4),), mode=mode)
+    relu = _node(gm, "relu")
+    assert match(gm, relu, Op("relu", Var("x", ndim=2, dtype=torch.float32))) is not None
+    why = explain(gm, relu, Op("relu", Var("x", ndim=4)))
+    assert "has 2 dims, wants 4" in why
+    why = explain(gm, relu, Op("relu", Var("x", dtype=torch.float16)))
+    assert "torch.float32" in why
+
+
+def test_debug_reports_reason_per_pattern():
+    gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), (torch.randn(2, 4),), mode="symbolic")
+    table = PatternSet([
+        Pattern("relu-of-linear", Op("relu", Op("linear", Var("x"))), replacement=lambda x: x),
+        Pattern("tanh-of-conv", Op("tanh", Op("conv", Var("x"))), replacement=lambda x: x),
+    ])
+    report = apply_patterns(gm, table, debug="_1")
+    assert report.total == 0
+    assert "'tanh', pattern wants 'relu'" in report.why_not["relu-of-linear"]
+    assert "'linear', pattern wants 'conv'" in report.why_not["tanh-of-conv"]
+    with pytest.raises(ValueError, match="not in the graph"):
+        apply_patterns(gm, table, debug="nope")
+
+
+def test_single_use_is_required_below_the_root():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return torch.relu(y), y
+
+    gm = fxopt.capture(M(), (torch.randn(2, 4),), mode="symbolic")
+    pat = Op("relu", Op("linear", Var("x")))
+    assert "has 2 users" in explain(gm, _node(gm, "relu"), pat)
+
+
+def test_rewrite_function_and_param_binding():
+    # A user rewrite that computes a new tensor: fold "linear * 2" into the weights.
+    def fold(r):
+        fc = r.view("fc")
+        w = r.tensor("doubled_w", fc.param("weight") * r["c"])
+        b = r.tensor("doubled_b", fc.param("bias") * r["c"])
+        return r.call(F.linear, r["x"], w, b)
+
+    pattern = Pattern("fold-scale", Op("mul", Op("linear", Var("x"), name="fc"), scalar=Const("c")), rewrite=fold)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    gm = fxopt.capture(model, (x,), mode="export")
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(x) * 2.0
+
+    gm = fxopt.capture(Wrap(), (x,), mode="export")
+    report = apply_patterns(gm, pattern)
+    gm.recompile()
+    assert report.counts == {"fold-scale": 1}
+    torch.testing.assert_close(gm(x), model(x) * 2.0)
+
+
+def test_pattern_construction_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        Pattern("bad", Op("relu", Var("x")))
+    with pytest.raises(ValueError, match="not an op"):
+        pattern_from_function(lambda x: torch.cumsum(x, 0))
