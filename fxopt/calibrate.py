@@ -1,0 +1,73 @@
+"""`fxopt.calibrate(gm, batches)`: run calibration data through a module with observers.
+
+Between `insert-observers` and `lower-int8` (the composite `quantize` pass does this itself on
+the calibration batches given to `fxopt.optimize`)::
+
+    >>> import torch, fxopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    >>> x = torch.randn(8, 4)
+    >>> observed = fxopt.optimize(model, (x,), "insert-observers", verify=False).module
+    >>> fxopt.calibrate(observed, [(torch.randn(8, 4),) for _ in range(3)], progress=False)
+    3
+
+Batches may be tensors, tuples of positional args, dicts of keyword args, or `(args, kwargs)`
+pairs. Observers are found by duck typing (`is_fxopt_observer`), so the core does not import
+the quantization passes.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .capture import normalize_inputs
+from .errors import FxoptError
+
+
+def _as_call(batch: Any) -> tuple[tuple, dict]:
+    if (isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], tuple)
+            and isinstance(batch[1], dict)):
+        return batch
+    return normalize_inputs(batch)
+
+
+def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
+              max_batches: int | None = None) -> int:
+    """Run `batches` through `gm` (no grad) so its observers record ranges; returns the count.
+
+    Raises FxoptError when `gm` has no observers or `batches` is empty; observers raise on
+    NaN/Inf or non-float data, naming the node they watch.
+    """
+    observers = [m for m in gm.modules() if getattr(m, "is_fxopt_observer", False)]
+    if not observers:
+        raise FxoptError("calibrate: the module has no observers; run the 'insert-observers' pass first")
+    if batches is None:
+        raise FxoptError("calibrate: no calibration data (batches is None)")
+    batches = list(batches)
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    if not batches:
+        raise FxoptError("calibrate: the calibration data is empty; give at least one batch")
+    from tqdm.auto import tqdm
+
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
+            args, kwargs = _as_call(batch)
+            gm(*args, **kwargs)
+    return len(batches)
+
+
+# `import fxopt.calibrate` binds this module to the name `fxopt.calibrate`, shadowing the
+# package's lazy function of the same name; making the module callable keeps
+# `fxopt.calibrate(gm, batches)` working either way.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, gm, batches, **kwargs):
+        return calibrate(gm, batches, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,48 @@
+"""`quantize`: insert-observers, calibrate on the calibration data, lower-int8 — in one pass.
+
+    quantize{backend=x86,observer=histogram}
+    quantize{backend=reference,target_sqnr=30}
+
+Preconditions: `fxopt.optimize(..., calibration=[...])` (or PassManager.run(calibration=...))
+gave at least one batch; there is no silent fallback to the example inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch.fx
+
+from fxopt import Pass, PassContext, PassResult
+from fxopt.calibrate import calibrate
+
+from .insert import InsertObservers, ReduceRange
+from .lower import Backend, LowerInt8
+from .observers import ObserverKind, QuantizationError
+
+
+@dataclass
+class Quantize(Pass):
+    """Post-training int8 quantization; options as for insert-observers and lower-int8."""
+
+    name = "quantize"
+    tolerance = "int8"
+    backend: Backend = "x86"
+    observer: ObserverKind = "histogram"
+    reduce_range: ReduceRange = "auto"
+    target_sqnr: float | None = None
+    skip: tuple[str, ...] = ()
+    progress: bool = False
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.calibration is None or len(ctx.calibration) == 0:
+            raise QuantizationError(
+                "quantize needs calibration data: pass calibration=[batch, ...] to fxopt.optimize "
+                f"(got {'none' if ctx.calibration is None else 'an empty list'})")
+        inserted = InsertObservers(self.observer, self.reduce_range, self.backend).run(gm, ctx)
+        calibrate(inserted.module, ctx.calibration, progress=self.progress)
+        lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
+        stats = dict(lowered.stats)
+        stats["observers"] = inserted.stats["observers"]
+        stats["calibration_batches"] = len(ctx.calibration)
+        return PassResult(lowered.module, modified=True, stats=stats)

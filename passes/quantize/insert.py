@@ -1,0 +1,91 @@
+"""`insert-observers`: put an observer on every activation int8 lowering may need to quantize.
+
+Observed values: the output of every int8 group (conv[+bn][+act], linear[+act], add[+relu],
+matmul, cat; see `plan.py`) and every float input of a group or of a pass-through op, so that
+`lower-int8` can place the int8/float boundary anywhere the minimum cut (or mixed precision)
+decides without observing again. Weights need no data; they are quantized at lowering.
+
+Each observer is an identity `call_module` (`_fxq_obs_<value>`) its value flows through::
+
+    before:  %conv = conv2d(%x, %w, %b); %relu = relu(%conv); %fc = linear(%relu, ...)
+    after:   %x_obs = _fxq_obs_x(%x); %conv = conv2d(%x_obs, %w, %b); %relu = relu(%conv)
+             %relu_obs = _fxq_obs_relu(%relu); %fc = linear(%relu_obs, ...)
+
+Run data through it with `fxopt.calibrate(gm, batches)`, then `lower-int8`. Options:
+`observer` (minmax | moving_average | histogram | percentile | mse) and `reduce_range`
+(auto: 7-bit activations when the x86 int8 kernels run on a CPU without AVX512-VNNI, as
+fbgemm needs there; true/false to force).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx
+
+from fxopt import Pass, PassContext, PassResult
+from fxopt.analysis import ShapeAnalysis
+from fxopt.errors import node_location
+
+from .observers import Observer, ObserverKind
+from .plan import build_plan, is_float_value
+
+ReduceRange = Literal["auto", "true", "false"]
+
+
+def resolve_reduce_range(option: str, backend: str = "x86") -> bool:
+    if option == "auto":
+        from .lower import cpu_has_vnni
+
+        return backend == "x86" and not cpu_has_vnni()
+    return option == "true"
+
+
+@dataclass
+class InsertObservers(Pass):
+    """Insert activation observers (see the module docstring)."""
+
+    name = "insert-observers"
+    tolerance = "exact"
+    observer: ObserverKind = "histogram"
+    reduce_range: ReduceRange = "auto"
+    #: The backend the module will be lowered to (decides reduce_range=auto).
+    backend: Literal["x86", "reference", "cuda"] = "x86"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        if (ctx.example_inputs or ctx.example_kwargs) and not _has_shapes(gm):
+            ctx.analyses.get(ShapeAnalysis)
+        reduce_range = resolve_reduce_range(self.reduce_range, self.backend)
+        plan = build_plan(gm)
+        wanted: dict[str, torch.fx.Node] = {}
+        by_name = {n.name: n for n in gm.graph.nodes}
+        for out, group in plan.groups.items():
+            wanted[out] = by_name[out]
+            for i in group.inputs:
+                wanted[i.name] = i
+        for name in plan.pass_through:
+            node = by_name[name]
+            for i in node.all_input_nodes:
+                if i.op != "get_attr":
+                    wanted[i.name] = i
+        count = 0
+        for name, value in wanted.items():
+            if not is_float_value(value) or value.op == "get_attr":
+                continue
+            target = f"_fxq_obs_{name}"
+            gm.add_submodule(target, Observer(name, self.observer, reduce_range, node_location(value)))
+            with gm.graph.inserting_after(value):
+                obs = gm.graph.call_module(target, (value,))
+            obs.meta.update({k: v for k, v in value.meta.items() if k in ("tensor_meta", "val")})
+            value.replace_all_uses_with(obs, delete_user_cb=lambda u, o=obs: u is not o)
+            count += 1
+        gm.meta.setdefault("fxopt.quantize", {})["observer"] = self.observer
+        gm.recompile()
+        return PassResult(gm, modified=count > 0, stats={
+            "observers": count, "observer": self.observer, "reduce_range": reduce_range,
+            "groups": len(plan.groups), "float_ops": dict(plan.unsupported)})
+
+
+def _has_shapes(gm) -> bool:
+    return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr"))

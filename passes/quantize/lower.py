@@ -1,0 +1,428 @@
+"""`lower-int8`: replace observed float patterns with int8 kernels.
+
+Preconditions: the module went through `insert-observers` and saw calibration data
+(`fxopt.calibrate`, or the composite `quantize` pass). Observers are removed here.
+
+Backends (`backend=`):
+- `x86` — torch's quantized CPU kernels with prepacked weights (fbgemm/x86 engine): int8 conv,
+  conv+relu, linear, linear+relu, add, add+relu, matmul, cat; pass-through ops run on the
+  quantized tensors directly. Fast on CPU; CPU only.
+- `reference` — explicit `quantized_decomposed` quantize/dequantize around float ATen ops, weights
+  stored as int8 plus per-channel scales: the numerics of int8 on any device, CUDA included.
+- `cuda` — `reference`, with linear layers as int8 x int8 -> int32 matmuls (`torch._int_mm`) on
+  CUDA tensors, falling back to the reference math elsewhere.
+
+Before/after (x86) for conv -> batch_norm -> relu -> max_pool -> flatten -> linear::
+
+    %obs_x = call_module[_fxq_obs_0](%x)             %q  = quantize_per_tensor(%x, 0.02, 64, quint8)
+    %conv = conv2d(%obs_x, %w, %b)                   %c  = quantized.conv2d_relu.new(%q, %packed0, 0.03, 0)
+    %bn = batch_norm(%conv, ...)           ==>       %mp = max_pool2d(%c, [2, 2])
+    %relu = relu(%bn); %obs_1 = ...(%relu)           %fl = flatten(%mp, 1)
+    %mp = max_pool2d(%obs_1, [2, 2]); ...            %l  = quantized.linear(%fl, %packed1, 0.1, 70)
+    %lin = linear(%fl, %w2, %b2)                     %y  = dequantize(%l)
+
+With `target_sqnr=D` the pass measures, on calibration data, the output SQNR with each layer
+alone in int8, and keeps the most sensitive layers in float until the whole model reaches D dB.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.fx
+from torch import nn
+
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
+from fxopt import Pass, PassContext, PassResult
+from fxopt.errors import node_location
+from fxopt.ir import add_tensor_attr, clone_sharing_tensors, op_view, origin
+from fxopt.ir.rewrite import COMPUTES
+from fxopt.verify import compare_outputs
+
+from .kernels import int8_linear
+from .observers import Observer, QuantizationError, quant_range, quantize_weight
+from .plan import AVERAGING, Group, Plan, build_plan, int8_region
+
+aten = torch.ops.aten
+qops = torch.ops.quantized
+dec = torch.ops.quantized_decomposed
+
+Backend = Literal["x86", "reference", "cuda"]
+
+
+def cpu_has_vnni() -> bool:
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+@dataclass
+class LowerInt8(Pass):
+    """Lower an observed, calibrated module to int8 kernels (see the module docstring)."""
+
+    name = "lower-int8"
+    tolerance = "int8"
+    backend: Backend = "x86"
+    #: Keep the most sensitive layers float until the output SQNR (dB) reaches this; None: all int8.
+    target_sqnr: float | None = None
+    #: Layers (anchor node names) kept in float, e.g. `[fc,conv1]`.
+    skip: tuple[str, ...] = ()
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        observers = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if _is_observer(gm, n)}
+        if not observers:
+            raise QuantizationError("lower-int8 found no observers: run insert-observers and calibrate "
+                                    "(fxopt.calibrate) first, or use the composite 'quantize' pass")
+        stats: dict = {}
+        exclude = set(self.skip)
+        if self.target_sqnr is not None:
+            exclude |= self._select_float_layers(gm, ctx, stats)
+        lowered, lstats = lower_module(gm, self.backend, exclude)
+        stats.update(lstats)
+        return PassResult(lowered, modified=True, stats=stats)
+
+    # ----- mixed precision ------------------------------------------------------------------
+    def _select_float_layers(self, gm, ctx: PassContext, stats: dict) -> set[str]:
+        batches = list(ctx.calibration or [])[:2] or [(ctx.example_inputs, ctx.example_kwargs)]
+        reference = strip_observers(clone_sharing_tensors(gm))[0]
+        with torch.no_grad():
+            ref_out = [reference(*a, **k) for a, k in batches]
+
+        def sqnr_of(exclude: set[str]) -> float:
+            candidate, _ = lower_module(gm, "reference", exclude)
+            with torch.no_grad():
+                outs = [candidate(*a, **k) for a, k in batches]
+            values = []
+            for r, c in zip(ref_out, outs):
+                comparisons, _ = compare_outputs(r, c)
+                values += [x.sqnr_db for x in comparisons]
+            return min(values, default=math.inf)
+
+        plan = build_plan(strip_observers(clone_sharing_tensors(gm))[0])
+        layers = [g.name for g in plan.groups.values()]
+        all_layers = set(layers)
+        sensitivity = {name: sqnr_of(all_layers - {name}) for name in layers}
+        order = sorted(layers, key=lambda name: sensitivity[name])
+        exclude: set[str] = set()
+        current = sqnr_of(exclude)
+        for name in order:
+            if current >= self.target_sqnr:
+                break
+            exclude.add(name)
+            current = sqnr_of(exclude)
+        stats["sensitivity_db"] = {name: round(sensitivity[name], 2) for name in order}
+        stats["kept_float"] = sorted(exclude)
+        stats["sqnr_db"] = round(current, 2)
+        if current < self.target_sqnr:
+            warnings.warn(f"lower-int8: target_sqnr={self.target_sqnr} dB not reached "
+                          f"({current:.1f} dB with every layer float)")
+        return exclude
+
+
+def _is_observer(gm, node) -> bool:
+    return node.op == "call_module" and getattr(gm.get_submodule(node.target), "is_fxopt_observer", False)
+
+
+def strip_observers(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[str, Observer]]:
+    """Remove observer nodes from `gm` (edited in place); value name -> its observer."""
+    found: dict[str, Observer] = {}
+    for node in list(gm.graph.nodes):
+        if _is_observer(gm, node):
+            value = node.args[0]
+            found[value.name] = gm.get_submodule(node.target)
+            node.replace_all_uses_with(value)
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, found
+
+
+def lower_module(observed: torch.fx.GraphModule, backend: str, exclude: set[str] = frozenset()):
+    """A lowered copy of `observed` (which is left as it is) and the stats of the lowering."""
+    if backend not in ("x86", "reference", "cuda"):
+        raise QuantizationError(f"lower-int8 option 'backend': unknown '{backend}'; valid: x86, reference, cuda")
+    gm, observers = strip_observers(clone_sharing_tensors(observed))
+    lowering = _Lowering(gm, observers, backend, set(exclude))
+    return lowering.run(), lowering.stats
+
+
+class _Lowering:
+    def __init__(self, gm, observers: dict[str, Observer], backend: str, exclude: set[str]):
+        self.gm, self.graph, self.observers = gm, gm.graph, observers
+        self.backend, self.exclude = backend, exclude
+        self.plan: Plan = build_plan(gm)
+        any_obs = next(iter(observers.values()))
+        self.reduce_range = any_obs.reduce_range
+        self.qmin, self.qmax = quant_range(self.reduce_range)
+        self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
+        self.params_of: dict[torch.fx.Node, tuple[float, int]] = {}  # dq node -> qparams
+        self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
+        self.packed_cache: dict[tuple, str] = {}
+        self.stats = {"backend": backend, "quantized": {}, "float_ops": dict(self.plan.unsupported),
+                      "int8_pass_through": 0, "quantize_nodes": 0, "dequantize_nodes": 0,
+                      "reduce_range": self.reduce_range}
+
+    # ----- driver ---------------------------------------------------------------------------
+    def run(self) -> torch.fx.GraphModule:
+        enabled = set()
+        for out, group in self.plan.groups.items():
+            if group.name in self.exclude:
+                self.stats["float_ops"][group.name] = f"{group.kind}: kept float (skip/target_sqnr)"
+            elif out not in self.observers:
+                self.stats["float_ops"][group.name] = f"{group.kind}: output was not observed"
+            else:
+                enabled.add(out)
+        region = int8_region(self.gm, self.plan, enabled)
+        if self.backend == "x86":
+            torch.backends.quantized.engine = "x86"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for node in list(self.graph.nodes):
+                if node.name not in region:
+                    continue
+                group = self.plan.groups.get(node.name)
+                if group is not None:
+                    self._lower_group(group)
+                else:
+                    self._lower_pass_through(node)
+        for node in reversed(list(self.graph.nodes)):
+            if node.op in ("get_attr", "call_function") and not node.users and _removable(node):
+                self.graph.erase_node(node)
+        self.gm.delete_all_unused_submodules()
+        self._drop_unused_root_attrs()
+        self.graph.lint()
+        self.gm.recompile()
+        self.stats["quantize_nodes"] = sum(_is_quantize(n) for n in self.graph.nodes)
+        self.stats["dequantize_nodes"] = sum(_is_dequantize(n) for n in self.graph.nodes)
+        return self.gm
+
+    # ----- values ---------------------------------------------------------------------------
+    def _qparams_of_float(self, value: torch.fx.Node, user: torch.fx.Node) -> tuple[float, int]:
+        obs = self.observers.get(value.name)
+        if obs is None:
+            raise QuantizationError(f"no observer on {node_location(value)}, which feeds int8 "
+                                    f"{node_location(user)}; re-run insert-observers")
+        return obs.qparams()
+
+    def _int8_input(self, value: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
+        """What an int8 op reads for `value`: x86 a quantized tensor, else the grid float value."""
+        if value in self.q_of:
+            return self.q_of[value] if self.backend == "x86" else value
+        if value not in self.boundary:
+            scale, zp = self._qparams_of_float(value, user)
+            with self.graph.inserting_after(value):
+                if self.backend == "x86":
+                    new = self.graph.call_function(aten.quantize_per_tensor.default,
+                                                   (value, scale, zp, torch.quint8))
+                else:
+                    q = self.graph.call_function(dec.quantize_per_tensor.default,
+                                                 (value, scale, zp, self.qmin, self.qmax, torch.uint8))
+                    with self.graph.inserting_after(q):
+                        new = self.graph.call_function(dec.dequantize_per_tensor.default,
+                                                       (q, scale, zp, self.qmin, self.qmax, torch.uint8))
+            new.meta[COMPUTES] = origin(value)
+            if self.backend != "x86":
+                self.params_of[new] = (scale, zp)
+            self.boundary[value] = new
+        return self.boundary[value]
+
+    def _publish(self, old: torch.fx.Node, result: torch.fx.Node, qparams: tuple[float, int]) -> torch.fx.Node:
+        """Make `result` (x86: quantized; else float) the value of `old` for every user."""
+        scale, zp = qparams
+        with self.graph.inserting_after(result):
+            if self.backend == "x86":
+                dq = self.graph.call_function(aten.dequantize.self, (result,))
+            else:
+                q = self.graph.call_function(dec.quantize_per_tensor.default,
+                                             (result, scale, zp, self.qmin, self.qmax, torch.uint8))
+                with self.graph.inserting_after(q):
+                    dq = self.graph.call_function(dec.dequantize_per_tensor.default,
+                                                  (q, scale, zp, self.qmin, self.qmax, torch.uint8))
+                result = q
+        dq.meta[COMPUTES] = origin(old)
+        for key in ("tensor_meta", "val"):
+            if key in old.meta:
+                dq.meta[key] = old.meta[key]
+        if old is not result:
+            old.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not result and u is not dq)
+        else:
+            old.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq)
+        self.q_of[dq] = result
+        self.params_of[dq] = qparams
+        return dq
+
+    # ----- groups ---------------------------------------------------------------------------
+    def _lower_group(self, group: Group) -> None:
+        out = group.output
+        qparams = self.observers[out.name].qparams()
+        view = op_view(self.gm, group.anchor)
+        inputs = [self._int8_input(i, group.anchor) for i in view.inputs]
+        with self.graph.inserting_before(out):
+            if group.kind in ("conv", "linear"):
+                result = self._weighted(group, view, inputs, qparams)
+            elif group.kind == "add":
+                result = self._binary(group, inputs, qparams, qops.add_relu.default if group.act is not None
+                                      else qops.add.default, aten.add.Tensor)
+            elif group.kind == "matmul":
+                result = self._binary(group, inputs, qparams, qops.matmul.default, aten.matmul.default)
+            else:  # cat
+                dim = view.attrs.get("dim", 0)
+                if self.backend == "x86":
+                    result = self.graph.call_function(qops.cat.default, (inputs, dim, *qparams))
+                else:
+                    result = self.graph.call_function(aten.cat.default, (inputs, dim))
+        result.meta[COMPUTES] = origin(out)
+        self._publish(out, result, qparams)
+        for node in reversed(group.nodes):
+            if not node.users:
+                self.graph.erase_node(node)
+        counts = self.stats["quantized"]
+        label = group.kind + ("+bn" if group.bn is not None else "") + ("+act" if group.act is not None else "")
+        counts[label] = counts.get(label, 0) + 1
+
+    def _binary(self, group, inputs, qparams, x86_op, float_op):
+        if self.backend == "x86":
+            args = list(inputs)
+            if group.kind == "matmul":
+                args = [self.graph.call_function(aten.contiguous.default, (a,)) for a in args]
+            return self.graph.call_function(x86_op, (*args, *qparams))
+        y = self.graph.call_function(float_op, tuple(inputs))
+        if group.act is not None:
+            y = self.graph.call_function(aten.relu.default, (y,))
+        return y
+
+    def _weighted(self, group: Group, view, inputs, qparams) -> torch.fx.Node:
+        weight, bias = _folded_weights(self.gm, group, view)
+        act = op_view(self.gm, group.act) if group.act is not None else None
+        x = inputs[0]
+        key = (group.kind, id(view.params["weight"].get()), id(group.bn) if group.bn is not None else None)
+        qw = quantize_weight(weight)
+        if self.backend == "x86":
+            kernel, prepacked = self._x86_kernel(group, view, qw, bias, act is not None)
+            name = self.packed_cache.get(key)
+            if name is None:
+                name = _fresh_attr(self.gm, f"{group.name}_packed")
+                setattr(self.gm, name, prepacked)
+                self.packed_cache[key] = name
+            packed = self.graph.get_attr(name)
+            y = self.graph.call_function(kernel, (x, packed, *qparams))
+            if act is not None and act.kind == "hardtanh":
+                top = float(act.attrs.get("max_val", 1.0))
+                if (self.qmax - qparams[1]) * qparams[0] > top:
+                    y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
+            return y
+        w_int = add_tensor_attr(self.gm, f"{group.name}_weight_int8", qw.int_repr(), parameter=False)
+        w_scale = add_tensor_attr(self.gm, f"{group.name}_weight_scale",
+                                  qw.q_per_channel_scales().float(), parameter=False)
+        b = add_tensor_attr(self.gm, f"{group.name}_bias", bias, parameter=False) if bias is not None else None
+        w_node = self.graph.get_attr(w_int)
+        s_node = self.graph.get_attr(w_scale)
+        b_node = self.graph.get_attr(b) if b is not None else None
+        if group.kind == "linear" and self.backend == "cuda":
+            in_scale, in_zp = self.params_of[x]
+            y = self.graph.call_function(int8_linear, (x, w_node, s_node, b_node, in_scale, in_zp,
+                                                       self.qmin, self.qmax))
+        else:
+            zps = add_tensor_attr(self.gm, f"{group.name}_weight_zp",
+                                  torch.zeros(qw.shape[0], dtype=torch.int64), parameter=False)
+            w = self.graph.call_function(dec.dequantize_per_channel.default,
+                                         (w_node, s_node, self.graph.get_attr(zps), 0, -128, 127, torch.int8))
+            if group.kind == "linear":
+                y = self.graph.call_function(aten.linear.default, (x, w, b_node))
+            else:
+                a = view.attrs
+                op = aten.conv2d.default if a["dim"] == 2 else aten.conv1d.default
+                y = self.graph.call_function(op, (x, w, b_node, list(a["stride"]), list(a["padding"]),
+                                                  list(a["dilation"]), a["groups"]))
+        if act is not None:
+            if act.kind == "relu":
+                y = self.graph.call_function(aten.relu.default, (y,))
+            else:
+                y = self.graph.call_function(aten.hardtanh.default,
+                                             (y, float(act.attrs["min_val"]), float(act.attrs["max_val"])))
+        return y
+
+    def _x86_kernel(self, group, view, qw, bias, relu: bool):
+        if group.kind == "linear":
+            return (qops.linear_relu.default if relu else qops.linear.default), qops.linear_prepack(qw, bias)
+        a = view.attrs
+        args = (list(a["stride"]), list(a["padding"]), list(a["dilation"]), a["groups"])
+        if a["dim"] == 2:
+            return (qops.conv2d_relu.new if relu else qops.conv2d.new), qops.conv2d_prepack(qw, bias, *args)
+        return (qops.conv1d_relu.default if relu else qops.conv1d.default), qops.conv1d_prepack(qw, bias, *args)
+
+    # ----- pass-through ---------------------------------------------------------------------
+    def _lower_pass_through(self, node: torch.fx.Node) -> None:
+        view = op_view(self.gm, node)
+        src = view.input
+        new_input = self._int8_input(src, node)
+        qparams = self.params_of.get(new_input) or self.params_of.get(src) or self._qparams_of_float(src, node)
+        if self.backend == "x86":
+            node.replace_input_with(src, new_input)
+            self._publish(node, node, qparams)
+        else:
+            if new_input is not src:
+                node.replace_input_with(src, new_input)
+            if view.kind in AVERAGING:
+                self._publish(node, node, qparams)  # the int8 kernel rounds to the input's grid
+            else:
+                self.params_of[node] = qparams
+                self.q_of[node] = node
+        self.stats["int8_pass_through"] += 1
+
+    def _drop_unused_root_attrs(self) -> None:
+        used = {n.target.split(".")[0] for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+        for name in list(self.gm._parameters) + list(self.gm._buffers):
+            if name not in used:
+                self.gm._parameters.pop(name, None)
+                self.gm._buffers.pop(name, None)
+
+
+def _folded_weights(gm, group: Group, view) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a conv/linear with a following eval-mode batchnorm folded in."""
+    weight = view.param("weight").detach().float()
+    bias = view.param("bias")
+    bias = bias.detach().float() if bias is not None else None
+    if group.bn is None:
+        return weight, bias
+    bn = op_view(gm, group.bn)
+    mean, var = bn.param("running_mean").float(), bn.param("running_var").float()
+    gamma = bn.param("weight")
+    beta = bn.param("bias")
+    gamma = gamma.float() if gamma is not None else torch.ones_like(mean)
+    beta = beta.float() if beta is not None else torch.zeros_like(mean)
+    factor = gamma / torch.sqrt(var + float(bn.attrs.get("eps", 1e-5)))
+    weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+    bias = (bias if bias is not None else torch.zeros_like(mean)) - mean
+    return weight, bias * factor + beta
+
+
+def _fresh_attr(gm, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+_QUANTIZE = {aten.quantize_per_tensor.default, dec.quantize_per_tensor.default}
+_DEQUANTIZE = {aten.dequantize.self, dec.dequantize_per_tensor.default}
+
+
+def _is_quantize(node) -> bool:
+    return node.op == "call_function" and node.target in _QUANTIZE
+
+
+def _is_dequantize(node) -> bool:
+    return node.op == "call_function" and node.target in _DEQUANTIZE
+
+
+def _removable(node) -> bool:
+    if node.op == "get_attr":
+        return True
+    return node.target in _QUANTIZE | _DEQUANTIZE | {aten.contiguous.default, dec.dequantize_per_channel.default}
+
+
+__all__ = ["LowerInt8", "lower_module", "strip_observers"]

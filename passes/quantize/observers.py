@@ -1,0 +1,180 @@
+"""Observers: the modules `insert-observers` puts on activations, and weight quantization.
+
+Activations are quantized per tensor, affine, to quint8; weights per output channel,
+symmetric, to qint8. Where torch.ao already has the right observer it is reused as is:
+
+| option             | statistics collected by                    | range chosen by                     |
+|--------------------|--------------------------------------------|-------------------------------------|
+| `minmax`           | torch.ao MinMaxObserver                    | torch.ao (min/max)                  |
+| `moving_average`   | torch.ao MovingAverageMinMaxObserver       | torch.ao                            |
+| `histogram`        | torch.ao HistogramObserver                 | torch.ao (its L2 bin-trimming search) |
+| `percentile`       | torch.ao HistogramObserver                 | fxopt: the 0.01% / 99.99% quantiles of the histogram |
+| `mse`              | torch.ao HistogramObserver                 | fxopt: exhaustive search over clipping ranges minimizing the expected squared error (rounding + clipping) over the histogram |
+| weights            | torch.ao PerChannelMinMaxObserver (symmetric, qint8) | torch.ao                  |
+
+torch.ao has no percentile observer, and its histogram search trims one bin at a time
+greedily; `mse` scores every (lo, hi) clipping pair on a grid exactly, so it is written here.
+
+Every observer wraps its torch.ao core in `Observer`, which knows the node it watches and fails
+with that name on NaN/Inf or a dtype it cannot handle.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.ao.quantization import observer as ao_obs
+
+from fxopt.errors import FxoptError
+
+ObserverKind = Literal["minmax", "moving_average", "histogram", "percentile", "mse"]
+OBSERVER_KINDS = ("minmax", "moving_average", "histogram", "percentile", "mse")
+
+
+class QuantizationError(FxoptError):
+    """Quantization cannot go on: bad calibration data, an observer with no data, bad options."""
+
+
+def quant_range(reduce_range: bool) -> tuple[int, int]:
+    """quint8 (qmin, qmax) for activations; fbgemm on CPUs without VNNI needs 7 bits."""
+    return (0, 127) if reduce_range else (0, 255)
+
+
+class Observer(nn.Module):
+    """Identity on its input; records statistics of one activation for calibration.
+
+    `node_name` names the graph value it watches, so errors point at the model.
+    """
+
+    is_fxopt_observer = True
+
+    def __init__(self, node_name: str, kind: str = "histogram", reduce_range: bool = False,
+                 location: str = "") -> None:
+        super().__init__()
+        if kind not in OBSERVER_KINDS:
+            raise QuantizationError(f"unknown observer '{kind}'; valid: {', '.join(OBSERVER_KINDS)}")
+        self.node_name = node_name
+        self.location = location or f"node '{node_name}'"
+        self.kind = kind
+        self.reduce_range = reduce_range
+        self.batches = 0
+        common = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
+        if kind == "minmax":
+            self.core = ao_obs.MinMaxObserver(**common)
+        elif kind == "moving_average":
+            self.core = ao_obs.MovingAverageMinMaxObserver(averaging_constant=0.01, **common)
+        else:
+            self.core = ao_obs.HistogramObserver(**common)
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if not x.is_floating_point():
+            raise QuantizationError(
+                f"observer for {self.location} got a {x.dtype} tensor; only floating-point "
+                "activations can be quantized")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+            raise QuantizationError(
+                f"observer for {self.location} saw {bad} in calibration batch {self.batches}; "
+                "check the input data or the model (a NaN/Inf activation has no int8 range)")
+        if x.numel():
+            self.core(x.detach().float())
+            self.batches += 1
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.node_name}, kind={self.kind}, batches={self.batches}"
+
+    # ----- results ------------------------------------------------------------------------
+    def range(self) -> tuple[float, float]:
+        """The (min, max) the quantization grid covers."""
+        self._check_ready()
+        if self.kind in ("minmax", "moving_average", "histogram"):
+            scale, zp = self.qparams()
+            qmin, qmax = quant_range(self.reduce_range)
+            return (qmin - zp) * scale, (qmax - zp) * scale
+        return self._clip_range()
+
+    def qparams(self) -> tuple[float, int]:
+        """(scale, zero_point) for quint8 per-tensor affine."""
+        self._check_ready()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if self.kind in ("minmax", "moving_average", "histogram"):
+                scale, zp = self.core.calculate_qparams()
+            else:
+                lo, hi = self._clip_range()
+                scale, zp = self.core._calculate_qparams(torch.tensor(lo), torch.tensor(hi))
+        return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
+
+    def _check_ready(self) -> None:
+        if self.batches == 0:
+            raise QuantizationError(
+                f"observer for {self.location} has seen no data; run calibration batches through "
+                "the observed module (fxopt.calibrate) before lower-int8")
+
+    def _histogram(self) -> tuple[torch.Tensor, float, float]:
+        core = self.core
+        return core.histogram.double(), float(core.min_val), float(core.max_val)
+
+    def _clip_range(self) -> tuple[float, float]:
+        hist, lo, hi = self._histogram()
+        if hi <= lo:
+            return min(lo, 0.0), max(hi, 0.0)
+        if self.kind == "percentile":
+            return _percentile_range(hist, lo, hi, 1e-4)
+        return _mse_range(hist, lo, hi, quant_range(self.reduce_range))
+
+
+def _percentile_range(hist: torch.Tensor, lo: float, hi: float, tail: float) -> tuple[float, float]:
+    cdf = hist.cumsum(0) / hist.sum()
+    width = (hi - lo) / hist.numel()
+    first = int(torch.searchsorted(cdf, torch.tensor(tail, dtype=cdf.dtype)))
+    last = int(torch.searchsorted(cdf, torch.tensor(1 - tail, dtype=cdf.dtype)))
+    return min(lo + first * width, 0.0), max(lo + (last + 1) * width, 0.0)
+
+
+def _mse_range(hist: torch.Tensor, lo: float, hi: float, qrange: tuple[int, int],
+               steps: int = 40) -> tuple[float, float]:
+    """Clipping range minimizing the expected squared quantization error over the histogram."""
+    n = hist.numel()
+    width = (hi - lo) / n
+    centers = lo + (torch.arange(n, dtype=torch.float64) + 0.5) * width
+    levels = qrange[1] - qrange[0]
+    fractions = torch.linspace(0.3, 1.0, steps, dtype=torch.float64)
+    best, best_err = (min(lo, 0.0), max(hi, 0.0)), math.inf
+    for flo in (fractions if lo < 0 else [1.0]):
+        for fhi in (fractions if hi > 0 else [1.0]):
+            a, b = min(lo * float(flo), 0.0), max(hi * float(fhi), 0.0)
+            scale = max((b - a) / levels, 1e-12)
+            zp = round(-a / scale)
+            q = torch.clamp(torch.round(centers / scale) + zp, qrange[0], qrange[1])
+            err = float((hist * (centers - (q - zp) * scale) ** 2).sum()) + float(hist.sum()) * scale ** 2 / 12
+            if err < best_err:
+                best, best_err = (a, b), err
+    return best
+
+
+def quantize_weight(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Per-channel symmetric qint8 weight (a quantized tensor), via torch.ao's observer."""
+    obs = ao_obs.PerChannelMinMaxObserver(ch_axis=axis, dtype=torch.qint8,
+                                          qscheme=torch.per_channel_symmetric)
+    w = w.detach().float()
+    obs(w)
+    scales, zps = obs.calculate_qparams()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_channel(w, scales.float(), zps.long(), axis, torch.qint8)
+
+
+def observers_in(gm: nn.Module) -> dict[str, Observer]:
+    """Submodule name -> observer, for every fxopt observer inside `gm`."""
+    return {name: m for name, m in gm.named_modules() if getattr(m, "is_fxopt_observer", False)}
+
+
+__all__ = ["OBSERVER_KINDS", "Observer", "ObserverKind", "QuantizationError", "observers_in",
+           "quant_range", "quantize_weight"]

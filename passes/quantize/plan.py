@@ -1,0 +1,219 @@
+"""What to quantize: int8 groups (patterns as data) and the int8 region (a minimum cut).
+
+A *group* is a run of nodes that becomes one int8 kernel: an anchor (conv, linear, add,
+matmul, cat) optionally followed by a batchnorm (conv only, folded into the weights) and an
+activation (relu, or hardtanh(0, x) such as relu6, whose clamp the output range implies)::
+
+    conv -> batch_norm -> relu      ==>  quantized.conv2d_relu(q(x), packed(w folded), s, zp)
+
+*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, clamp, dropout) run on
+int8 values as they are, so a chain conv -> maxpool -> flatten -> linear needs no
+dequantize/quantize pair. Every other op stays float.
+
+Which pass-through ops run in int8 is a trade-off: each int8<->float boundary costs a
+quantize or dequantize of the tensor crossing it. `int8_region` decides it on the whole
+graph with a minimum s-t cut (networkx): int8 groups hang from the source, float ops from the
+sink, every dataflow edge costs the bytes it carries, and the cheapest cut puts the
+boundaries where the fewest bytes cross.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx
+
+from fxopt.analysis.dataflow import _nbytes
+from fxopt.ir import op_view, tensor_meta
+
+#: What may follow each anchor kind inside one group, in order.
+FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "conv": (("batch_norm",), ("relu", "hardtanh")),
+    "linear": (("relu", "hardtanh"),),
+    "add": (("relu",),),
+    "matmul": (),
+    "cat": (),
+}
+#: Ops that compute on int8 values directly, keeping the input's scale and zero point.
+PASS_THROUGH = frozenset({
+    "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "permute", "transpose",
+    "contiguous", "relu", "hardtanh", "dropout", "identity",
+})
+#: Pass-through ops whose int8 kernel rounds (averages): the reference backend re-quantizes.
+AVERAGING = frozenset({"adaptive_avg_pool", "avg_pool"})
+
+
+@dataclass
+class Group:
+    """One future int8 kernel."""
+
+    kind: str
+    anchor: torch.fx.Node
+    nodes: list[torch.fx.Node]
+    inputs: list[torch.fx.Node]
+    bn: torch.fx.Node | None = None
+    act: torch.fx.Node | None = None
+    view: object = None
+
+    @property
+    def output(self) -> torch.fx.Node:
+        return self.nodes[-1]
+
+    @property
+    def name(self) -> str:
+        return self.anchor.name
+
+
+@dataclass
+class Plan:
+    groups: dict[str, Group] = field(default_factory=dict)       # output node name -> group
+    pass_through: set[str] = field(default_factory=set)          # node names
+    unsupported: dict[str, str] = field(default_factory=dict)    # node name -> reason / kind
+    member_of: dict[str, Group] = field(default_factory=dict)    # every group node -> group
+
+
+def is_float_value(node) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and meta[1].is_floating_point
+
+
+def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _anchor_ok(gm, view) -> str | None:
+    """None when the anchor can become an int8 kernel, else why not."""
+    node = view.node
+    if not is_float_value(node):
+        return "not a float value"
+    if view.kind == "conv":
+        a = view.attrs
+        if a.get("transposed") or a.get("dim") not in (1, 2):
+            return "only conv1d/conv2d (not transposed) have int8 kernels"
+        if isinstance(a.get("padding"), str) or a.get("padding_mode", "zeros") != "zeros":
+            return "padding mode has no int8 kernel"
+        if view.param("weight") is None:
+            return "weight is not a parameter"
+        return None
+    if view.kind == "linear":
+        return None if view.param("weight") is not None else "weight is not a parameter"
+    if view.kind == "add":
+        if len(view.inputs) != 2 or view.attrs.get("alpha", 1) != 1:
+            return "add of a scalar or with alpha"
+        a, b = (tensor_meta(i) for i in view.inputs)
+        if a is None or b is None or tuple(a[0]) != tuple(b[0]):
+            return "broadcasting add"
+        return None if all(is_float_value(i) for i in view.inputs) else "non-float operand"
+    if view.kind == "matmul":
+        if len(view.inputs) != 2 or any(i.op == "get_attr" for i in view.inputs):
+            return "matmul with a constant operand"
+        a, b = (tensor_meta(i) for i in view.inputs)
+        if a is None or b is None or len(a[0]) != len(b[0]) or len(a[0]) < 2:
+            return "matmul operands of different rank"
+        return None
+    if view.kind == "cat":
+        if not view.inputs or any(not is_float_value(i) for i in view.inputs):
+            return "cat of non-float values"
+        return None
+    return "no int8 kernel"
+
+
+def _follower_ok(view) -> bool:
+    if view.kind == "batch_norm":
+        return not view.attrs.get("training", False) and "running_mean" in view.params
+    if view.kind == "hardtanh":
+        return float(view.attrs.get("min_val", -1.0)) == 0.0
+    return True
+
+
+def build_plan(gm: torch.fx.GraphModule) -> Plan:
+    """Find int8 groups and pass-through ops in `gm` (observer nodes are seen through)."""
+    plan = Plan()
+    for node in gm.graph.nodes:
+        if node.name in plan.member_of or node.op not in ("call_function", "call_module", "call_method"):
+            continue
+        if getattr(_module_of(gm, node), "is_fxopt_observer", False):
+            continue
+        view = op_view(gm, node)
+        if view is None:
+            if is_float_value(node):
+                plan.unsupported[node.name] = str(getattr(node.target, "__name__", node.target))
+            continue
+        if view.kind in FOLLOWERS:
+            reason = _anchor_ok(gm, view)
+            if reason is None:
+                group = _grow(gm, view)
+                plan.groups[group.output.name] = group
+                for n in group.nodes:
+                    plan.member_of[n.name] = group
+                continue
+            plan.unsupported[node.name] = f"{view.kind}: {reason}"
+            continue
+        if view.kind in PASS_THROUGH and view.input is not None:
+            plan.pass_through.add(node.name)
+        elif is_float_value(node):
+            plan.unsupported[node.name] = view.kind
+    return plan
+
+
+def _module_of(gm, node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _grow(gm, view) -> Group:
+    nodes, bn, act = [view.node], None, None
+    current = view.node
+    for allowed in FOLLOWERS[view.kind]:
+        nxt = _single_user(current)
+        if nxt is None:
+            break
+        nview = op_view(gm, nxt)
+        if nview is None or nview.kind not in allowed or nview.input is not current or not _follower_ok(nview):
+            continue
+        nodes.append(nxt)
+        if nview.kind == "batch_norm":
+            bn = nxt
+        else:
+            act = nxt
+        current = nxt
+    return Group(view.kind, view.node, nodes, list(view.inputs), bn, act, view)
+
+
+# ----- the int8 region ------------------------------------------------------------------------
+
+def activation_inputs(gm, node: torch.fx.Node, plan: Plan) -> list[torch.fx.Node]:
+    """The tensor values `node` (a group output or any op) consumes, as group/op outputs."""
+    group = plan.groups.get(node.name)
+    if group is not None:
+        return list(dict.fromkeys(group.inputs))
+    return [i for i in node.all_input_nodes if i.op != "get_attr"]
+
+
+def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[str]:
+    """Names of the values computed in int8: enabled groups plus the pass-through ops the
+    minimum cut puts on their side. `enabled` holds group output names."""
+    g = nx.DiGraph()
+    src, sink = "__int8__", "__float__"
+    inf = float("inf")
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or node.name in plan.member_of and node.name not in plan.groups:
+            continue
+        name = node.name
+        if name in enabled:
+            g.add_edge(src, name, capacity=inf)
+        elif name not in plan.pass_through:
+            g.add_edge(name, sink, capacity=inf)
+        for inp in activation_inputs(gm, node, plan):
+            if inp.op == "get_attr":
+                continue
+            cost = max(_nbytes(inp), 1) if is_float_value(inp) else inf
+            # A pass-through op cannot take an int8 input that is no float value at all.
+            for a, b in ((inp.name, name), (name, inp.name)):
+                old = g.get_edge_data(a, b, {}).get("capacity", 0)
+                g.add_edge(a, b, capacity=old + cost)
+    if not enabled:
+        return set()
+    _, (side, _) = nx.minimum_cut(g, src, sink)
+    return {n for n in side if n != src and (n in enabled or n in plan.pass_through)}

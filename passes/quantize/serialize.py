@@ -1,0 +1,319 @@
+"""Save and load quantized GraphModules without unpickling arbitrary objects.
+
+`save(gm, path)` writes one `torch.save` file holding only plain data: the graph as a list of
+node records (op, target *by name*, args), plain tensors, int8 weights as integer tensors plus
+per-channel scales (prepacked weights are unpacked), and for remaining `torch.nn` leaf modules
+their class name, plain attributes and tensors. `load(path)` reads it with
+`torch.load(weights_only=True)`, resolves targets by name from an allow-list of modules
+(torch, operator, math, builtins, fxopt) — no code from the file ever runs — re-packs the int8
+weights for the current engine and rebuilds the GraphModule (pytree input/output handling
+of exported graphs included).
+
+    >>> from fxopt.passes.quantize import save, load   # doctest: +SKIP
+    >>> save(result.module, "model.int8.pt"); restored = load("model.int8.pt")
+"""
+from __future__ import annotations
+
+import importlib
+import operator
+import warnings
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils._pytree import treespec_dumps, treespec_loads
+
+import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference backend's ops
+
+from fxopt.errors import node_location
+
+from .observers import QuantizationError
+
+FORMAT = "fxopt.quantized-graph/1"
+_ALLOWED_MODULES = ("torch", "operator", "_operator", "builtins", "math", "fxopt")
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+# ----- saving ---------------------------------------------------------------------------------
+
+def save(gm: torch.fx.GraphModule, path) -> None:
+    """Write `gm` (a GraphModule, typically lowered by lower-int8) to `path`; see the module doc."""
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict] = {}
+    modules: dict[str, dict] = {}
+    nodes = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
+            continue  # export's input guards: checks only, rebuilt graphs run without them
+        if node.op == "get_attr":
+            _save_attr(gm, node, tensors, packed)
+        elif node.op == "call_module":
+            modules[node.target] = _save_module(gm.get_submodule(node.target), node)
+        nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node),
+                      "args": _encode(node.args, tensors), "kwargs": _encode(node.kwargs, tensors),
+                      "computes": node.meta.get("fxopt.computes")})
+    codegen = gm.graph._codegen
+    pytree = None
+    if isinstance(codegen, _PyTreeCodeGen):
+        info = codegen.pytree_info
+        pytree = {"orig_args": list(info.orig_args),
+                  "in_spec": treespec_dumps(info.in_spec) if info.in_spec is not None else None,
+                  "out_spec": treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+    torch.save({"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
+                "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine}, path)
+
+
+def _save_attr(gm, node, tensors, packed) -> None:
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    if isinstance(value, torch.Tensor):
+        tensors[node.target] = _plain(value)
+    elif isinstance(value, torch.ScriptObject) and hasattr(value, "unpack"):
+        packed[node.target] = _save_packed(value)
+    else:
+        raise QuantizationError(f"save: cannot store attribute '{node.target}' of type "
+                                f"{type(value).__name__} used by {node_location(node)}")
+
+
+def _plain(t: torch.Tensor):
+    t = t.detach()
+    if t.is_quantized:
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            return {"int_repr": t.int_repr(), "scales": t.q_per_channel_scales(),
+                    "zero_points": t.q_per_channel_zero_points(), "axis": t.q_per_channel_axis(),
+                    "dtype": str(t.dtype)}
+        return {"int_repr": t.int_repr(), "scale": t.q_scale(), "zero_point": t.q_zero_point(),
+                "dtype": str(t.dtype)}
+    return t
+
+
+def _save_packed(obj) -> dict:
+    weight, bias = obj.unpack()
+    record = {"weight": _plain(weight), "bias": bias}
+    if hasattr(obj, "stride"):
+        record.update(kind=f"conv{weight.dim() - 2}d", stride=list(obj.stride()), padding=list(obj.padding()),
+                      dilation=list(obj.dilation()), groups=int(obj.groups()))
+    else:
+        record["kind"] = "linear"
+    return record
+
+
+def _save_module(module: nn.Module, node) -> dict:
+    cls = type(module)
+    if not cls.__module__.startswith("torch.nn.modules") or list(module.children()):
+        raise QuantizationError(f"save: {node_location(node)} calls a {cls.__qualname__}; only torch.nn "
+                                "leaf modules can be stored (capture with mode='export' to avoid modules)")
+    attrs = {k: v for k, v in vars(module).items() if _is_simple(v)}
+    return {"class": [cls.__module__, cls.__qualname__], "attrs": attrs,
+            "parameters": {k: v.detach() for k, v in module._parameters.items() if v is not None},
+            "buffers": {k: v for k, v in module._buffers.items() if v is not None}}
+
+
+def _is_simple(v) -> bool:
+    if isinstance(v, _SIMPLE):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_is_simple(x) for x in v)
+    return False
+
+
+def _encode_target(node):
+    target = node.op in ("call_function",) and node.target
+    if not target:
+        return node.target
+    if isinstance(target, torch._ops.OpOverload):
+        ns, name = target._schema.name.split("::")
+        return {"ops": [ns, name, target._overloadname]}
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        ns, name = target._qualified_op_name.split("::")
+        return {"ops": [ns, name, None]}
+    module = getattr(target, "__module__", None) or ""
+    qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", "")
+    name = getattr(target, "__name__", "")
+    if getattr(torch, name, None) is target:
+        module, qualname = "torch", name
+    if module in ("_operator",):
+        module = "operator"
+    if module in ("torch._C._nn", "torch._C._VariableFunctions") or module.startswith("torch._C"):
+        if getattr(torch, qualname, None) is target:
+            module = "torch"
+    try:
+        resolved = _resolve_python(module, qualname)
+    except Exception:
+        resolved = None
+    if resolved is not target:
+        raise QuantizationError(f"save: cannot name the function called by {node_location(node)} "
+                                f"({module}.{qualname})")
+    return {"py": [module, qualname]}
+
+
+def _encode(value, tensors):
+    if isinstance(value, torch.fx.Node):
+        return {"__node__": value.name}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        return {"__dict__": [[k, _encode(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).replace("torch.", "")}
+    if isinstance(value, torch.device):
+        return {"__device__": str(value)}
+    if isinstance(value, torch.memory_format):
+        return {"__memory_format__": str(value).replace("torch.", "")}
+    if isinstance(value, torch.layout):
+        return {"__layout__": str(value).replace("torch.", "")}
+    if isinstance(value, slice):
+        return {"__slice__": [_encode(value.start, tensors), _encode(value.stop, tensors),
+                              _encode(value.step, tensors)]}
+    if value is Ellipsis:
+        return {"__ellipsis__": True}
+    if isinstance(value, torch.Tensor):
+        key = f"__const_{len(tensors)}"
+        tensors[key] = _plain(value)
+        return {"__tensor__": key}
+    if isinstance(value, _SIMPLE):
+        return value
+    raise QuantizationError(f"save: cannot store argument of type {type(value).__name__}")
+
+
+# ----- loading --------------------------------------------------------------------------------
+
+def load(path) -> torch.fx.GraphModule:
+    """Rebuild a GraphModule saved by `save`; reads with weights_only=True (no code runs)."""
+    data = torch.load(path, weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise QuantizationError(f"load: {path} is not an fxopt quantized graph ({FORMAT})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = nn.Module()
+        for target, value in data["tensors"].items():
+            if not target.startswith("__const_"):
+                _set_path(root, target, _unplain(value))
+        for target, record in data["packed"].items():
+            _set_path(root, target, _repack(record))
+        for target, record in data["modules"].items():
+            _set_path(root, target, _load_module(record))
+        graph = torch.fx.Graph()
+        env: dict[str, torch.fx.Node] = {}
+        for rec in data["nodes"]:
+            args = _decode(rec["args"], env, data["tensors"])
+            kwargs = _decode(rec["kwargs"], env, data["tensors"])
+            node = graph.create_node(rec["op"], _decode_target(rec["op"], rec["target"]), args, kwargs,
+                                     name=rec["name"])
+            if rec.get("computes"):
+                node.meta["fxopt.computes"] = rec["computes"]
+            env[rec["name"]] = node
+        pytree = data.get("pytree")
+        if pytree is not None:
+            in_spec = treespec_loads(pytree["in_spec"]) if pytree["in_spec"] else None
+            out_spec = treespec_loads(pytree["out_spec"]) if pytree["out_spec"] else None
+            graph._codegen = _PyTreeCodeGen(_PyTreeInfo(pytree["orig_args"], in_spec, out_spec))
+        gm = torch.fx.GraphModule(root, graph)
+    return gm
+
+
+def _unplain(value):
+    if isinstance(value, dict):
+        dtype = getattr(torch, value["dtype"].replace("torch.", ""))
+        if "scales" in value:
+            return torch._make_per_channel_quantized_tensor(
+                value["int_repr"], value["scales"], value["zero_points"], value["axis"])
+        q = torch._make_per_tensor_quantized_tensor(value["int_repr"], value["scale"], value["zero_point"])
+        return q if q.dtype == dtype else q
+    return value
+
+
+def _repack(record: dict):
+    weight, bias = _unplain(record["weight"]), record["bias"]
+    q = torch.ops.quantized
+    if record["kind"] == "linear":
+        return q.linear_prepack(weight, bias)
+    prepack = q.conv2d_prepack if record["kind"] == "conv2d" else q.conv1d_prepack
+    return prepack(weight, bias, record["stride"], record["padding"], record["dilation"], record["groups"])
+
+
+def _load_module(record: dict) -> nn.Module:
+    module_name, qualname = record["class"]
+    if not module_name.startswith("torch.nn.modules"):
+        raise QuantizationError(f"load: refusing module class {module_name}.{qualname}")
+    cls = _resolve_python(module_name, qualname)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise QuantizationError(f"load: {module_name}.{qualname} is not an nn.Module")
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for key, value in record["attrs"].items():
+        module.__dict__[key] = value
+    for key, value in record["parameters"].items():
+        module._parameters[key] = nn.Parameter(value, requires_grad=False)
+    for key, value in record["buffers"].items():
+        module._buffers[key] = value
+    return module
+
+
+def _set_path(root: nn.Module, target: str, value) -> None:
+    *path, attr = target.split(".")
+    owner = root
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if isinstance(value, nn.Module):
+        owner.add_module(attr, value)
+    elif isinstance(value, torch.Tensor) and not value.is_quantized:
+        owner.register_buffer(attr, value)
+    else:
+        setattr(owner, attr, value)
+
+
+def _resolve_python(module: str, qualname: str):
+    if not module.split(".")[0] in _ALLOWED_MODULES:
+        raise QuantizationError(f"load: refusing to resolve {module}.{qualname} (module not allowed)")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _decode_target(op: str, target):
+    if not isinstance(target, dict):
+        return target
+    if "ops" in target:
+        ns, name, overload = target["ops"]
+        packet = getattr(getattr(torch.ops, ns), name)
+        return packet if overload is None else getattr(packet, overload)
+    return _resolve_python(*target["py"])
+
+
+def _decode(value, env, tensors):
+    if isinstance(value, list):
+        return [_decode(v, env, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__node__" in value:
+            return env[value["__node__"]]
+        if "__tuple__" in value:
+            return tuple(_decode(v, env, tensors) for v in value["__tuple__"])
+        if "__dict__" in value:
+            return {k: _decode(v, env, tensors) for k, v in value["__dict__"]}
+        if "__dtype__" in value:
+            return getattr(torch, value["__dtype__"])
+        if "__device__" in value:
+            return torch.device(value["__device__"])
+        if "__memory_format__" in value:
+            return getattr(torch, value["__memory_format__"])
+        if "__layout__" in value:
+            return getattr(torch, value["__layout__"])
+        if "__slice__" in value:
+            return slice(*(_decode(v, env, tensors) for v in value["__slice__"]))
+        if "__ellipsis__" in value:
+            return Ellipsis
+        if "__tensor__" in value:
+            return _unplain(tensors[value["__tensor__"]])
+    return value
+
+
+__all__ = ["load", "save"]

@@ -1,0 +1,399 @@
+"""Int8 quantization: patterns on both front ends, backends, observers, mixed precision,
+save/load and bad input. Small models only; the whole file runs in well under a minute."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.errors import FxoptError, PassError
+from fxopt.passes.quantize import OBSERVER_KINDS, Observer, QuantizationError, load, save
+from fxopt.passes.quantize.observers import quantize_weight
+
+warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
+torch.manual_seed(0)
+
+
+class ConvNet(nn.Module):
+    """conv+bn+relu, conv, add+relu, maxpool, flatten, linear+relu, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.relu = nn.ReLU()  # one module called twice
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(16 * 4 * 4, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.c1(x)))
+        y = self.relu(self.c2(y) + y)
+        y = torch.flatten(self.pool(y), 1)
+        return self.fc2(F.relu(self.fc1(y)))
+
+
+class CatConv1d(nn.Module):
+    """conv1d+relu branches joined by cat, adaptive pooling, permute/reshape pass-through."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(4, 8, 3, padding=1), nn.Conv1d(4, 8, 5, padding=2)
+        self.mix = nn.Conv1d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        y = F.adaptive_avg_pool1d(self.mix(y), 4)          # (N, 16, 4)
+        y = y.permute(0, 2, 1).reshape(-1, 16)
+        return self.fc(y)
+
+
+class TinyAttention(nn.Module):
+    """Embedding, layernorm, q/k/v linears, QK^T and PV matmuls, softmax, gelu MLP."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.emb = nn.Embedding(50, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.d = d
+
+    def forward(self, ids):
+        x = self.ln1(self.emb(ids))
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.d), dim=-1)
+        x = self.ln2(x + self.o(torch.matmul(att, v)))
+        return x + self.down(F.gelu(self.up(x)))
+
+
+def _warm(model):
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean = torch.rand(m.num_features) - 0.5
+            m.running_var = torch.rand(m.num_features) + 0.5
+    return model.eval()
+
+
+def _data(model):
+    if isinstance(model, TinyAttention):
+        make = lambda: (torch.randint(0, 50, (4, 12)),)
+    elif isinstance(model, CatConv1d):
+        make = lambda: (torch.randn(4, 4, 16),)
+    else:
+        make = lambda: (torch.randn(4, 3, 8, 8),)
+    return make(), [make() for _ in range(8)]
+
+
+def _quantize(model, pipeline="quantize", mode="symbolic", **kw):
+    x, cal = _data(model)
+    return fxopt.optimize(model, x, pipeline, calibration=cal, mode=mode, **kw), x
+
+
+def _targets(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _count(gm, name):
+    return sum(name == t for t in _targets(gm))
+
+
+# ----- patterns, both front ends ---------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_convnet_x86_uses_int8_kernels_with_one_boundary(mode):
+    model = _warm(ConvNet())
+    res, x = _quantize(model, "quantize{backend=x86}", mode)
+    gm = res.module
+    assert res.verification.passed, res.verification.summary()
+    assert res.verification.sqnr_db > 20
+    targets = _targets(gm)
+    assert "quantized.conv2d_relu.new" in targets            # conv+bn+relu folded and fused
+    assert "quantized.conv2d.new" in targets
+    assert "quantized.add_relu.default" in targets
+    assert "quantized.linear_relu.default" in targets and "quantized.linear.default" in targets
+    # maxpool and flatten run on int8: one quantize at the input, one dequantize at the output
+    assert _count(gm, "aten.quantize_per_tensor.default") == 1
+    assert _count(gm, "aten.dequantize.self") == 1
+    assert not any(n.op == "call_module" and "c1" in n.target for n in gm.graph.nodes)
+    stats = res.passes[0].stats
+    assert stats["quantized"]["conv+bn+act"] == 1 and stats["int8_pass_through"] == 2
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_conv1d_cat_pool_permute(mode):
+    res, _ = _quantize(CatConv1d().eval(), "quantize{backend=x86}", mode)
+    assert res.verification.passed and res.verification.sqnr_db > 20, res.verification.summary()
+    targets = _targets(res.module)
+    assert targets.count("quantized.conv1d_relu.default") == 2
+    assert "quantized.cat.default" in targets and "quantized.conv1d.default" in targets
+    assert _count(res.module, "aten.dequantize.self") == 1      # pool/permute/reshape stay int8
+
+
+def test_attention_export_quantizes_matmuls_and_keeps_norms_float():
+    res, _ = _quantize(TinyAttention().eval(), "quantize{backend=x86}", "export")
+    assert res.verification.passed, res.verification.summary()
+    targets = _targets(res.module)
+    assert targets.count("quantized.matmul.default") == 2
+    assert targets.count("quantized.linear.default") == 6
+    for kind in ("aten.layer_norm.default", "aten.softmax.int", "aten.gelu.default", "aten.embedding.default"):
+        assert kind in targets                                   # stay float
+    float_ops = res.passes[0].stats["float_ops"]
+    assert any(v == "softmax" for v in float_ops.values()) and any(v == "embedding" for v in float_ops.values())
+
+
+def test_shared_module_and_tied_weights():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(F.relu(self.conv(x)))
+
+    model = Twice().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("symbolic", "export"):
+        res, _ = _quantize(model, "quantize{backend=x86}", mode)
+        assert res.verification.passed and _count(res.module, "quantized.conv2d.new") == 1
+        assert _count(res.module, "quantized.conv2d_relu.new") == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # user model untouched
+
+
+# ----- backends ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_reference_backend_is_explicit_qdq_and_agrees_with_x86(mode):
+    torch.manual_seed(1)
+    model = _warm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    x, cal = _data(model)
+    common = dict(calibration=cal, mode=mode)
+    ref = fxopt.optimize(model, x, "quantize{backend=reference,reduce_range=true}", **common)
+    x86 = fxopt.optimize(model, x, "quantize{backend=x86,reduce_range=true}", **common)
+    assert "quantized_decomposed.quantize_per_tensor.default" in _targets(ref.module)
+    assert "quantized_decomposed.dequantize_per_channel.default" in _targets(ref.module)
+    assert not any(t.startswith("quantized.") for t in _targets(ref.module))
+    scale = next(n.args[2] for n in x86.module.graph.nodes if str(n.target) == "quantized.conv2d_relu.new")
+    with torch.no_grad():
+        diff = (ref.module(*x) - x86.module(*x)).abs().max().item()
+    assert diff <= scale * 1.001                                 # within one quantization step
+    assert ref.verification.passed and ref.verification.sqnr_db > 25
+
+
+def test_reference_and_x86_agree_on_a_deeper_model():
+    model = _warm(ConvNet())
+    x, cal = _data(model)
+    outs = {}
+    for backend in ("reference", "x86", "cuda"):
+        res = fxopt.optimize(model, x, f"quantize{{backend={backend},reduce_range=true}}", calibration=cal,
+                             mode="export")
+        with torch.no_grad():
+            outs[backend] = res.module(*x)
+        assert res.verification.sqnr_db > 20
+    spread = outs["x86"].abs().max().item()
+    assert torch.allclose(outs["reference"], outs["cuda"], atol=1e-4)   # _int_mm path falls back on CPU
+    assert (outs["reference"] - outs["x86"]).abs().max().item() < 0.05 * spread
+
+
+def test_int8_linear_fallback_matches_float_math():
+    from fxopt.passes.quantize.kernels import int8_linear
+
+    w = torch.randn(16, 32)
+    qw = quantize_weight(w)
+    x = torch.quantize_per_tensor(torch.randn(20, 32), 0.05, 128, torch.quint8).dequantize()
+    y = int8_linear(x, qw.int_repr(), qw.q_per_channel_scales().float(), None, 0.05, 128, 0, 255)
+    torch.testing.assert_close(y, F.linear(x, qw.dequantize()), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backend_runs_int_mm_on_gpu():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = torch.randn(32, 32)
+    res = fxopt.optimize(model, (x,), "quantize{backend=cuda}", calibration=[(torch.randn(32, 32),)] * 3,
+                         mode="export")
+    report = res.verification_by_device["cuda"]
+    assert report.passed and report.sqnr_db > 25, report.summary()
+
+
+# ----- observers ------------------------------------------------------------------------------
+
+def test_minmax_observer_matches_torch_ao():
+    from torch.ao.quantization.observer import MinMaxObserver
+
+    obs, ao = Observer("x", "minmax"), MinMaxObserver(dtype=torch.quint8)
+    for _ in range(3):
+        t = torch.randn(100) * 3
+        obs(t)
+        ao(t)
+    scale, zp = ao.calculate_qparams()
+    assert obs.qparams() == pytest.approx((float(scale), int(zp)))
+
+
+def test_percentile_and_mse_clip_outliers():
+    torch.manual_seed(0)
+    outlier = torch.cat([torch.randn(20000), torch.tensor([60.0])])
+    laplace = torch.distributions.Laplace(0.0, 1.0).sample((50000,))
+
+    def observe(kind, data):
+        obs = Observer("x", kind)
+        obs(data)
+        return obs
+
+    assert observe("minmax", outlier).range()[1] >= 59
+    assert observe("percentile", outlier).range()[1] < 10        # one outlier in 20001 is clipped
+
+    def mse(kind):
+        s, z = observe(kind, laplace).qparams()
+        return float((torch.fake_quantize_per_tensor_affine(laplace, s, z, 0, 255) - laplace).pow(2).mean())
+
+    assert observe("mse", laplace).range()[1] < 0.9 * float(laplace.max())
+    assert mse("mse") < mse("minmax") and mse("mse") <= 1.05 * mse("histogram")
+
+
+@pytest.mark.parametrize("kind", OBSERVER_KINDS)
+def test_every_observer_quantizes_a_model(kind):
+    res, _ = _quantize(_warm(ConvNet()), f"quantize{{backend=x86,observer={kind}}}")
+    assert res.verification.passed and res.verification.sqnr_db > 20, res.verification.summary()
+
+
+# ----- calibration by hand, mixed precision -----------------------------------------------------
+
+def test_insert_calibrate_lower_by_hand_and_text_pipeline():
+    model = _warm(ConvNet())
+    x, cal = _data(model)
+    observed = fxopt.optimize(model, x, "insert-observers{observer=minmax}", mode="export").module
+    assert sum(isinstance(m, Observer) for m in observed.modules()) >= 5
+    assert fxopt.calibrate(observed, cal, progress=False) == len(cal)
+    lowered = fxopt.PassManager("lower-int8{backend=x86}").run(observed, x).module
+    assert "quantized.conv2d_relu.new" in _targets(lowered)
+    assert fxopt.verify(model, lowered, x, tolerance="int8").passed
+    assert str(fxopt.parse_pipeline("quantize{backend=x86,observer=mse}")[0]) == \
+        "quantize{observer=mse}"
+
+
+def test_mixed_precision_keeps_sensitive_layers_float():
+    class Outlier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+    model = Outlier().eval()
+    with torch.no_grad():
+        model.b.weight[:, 0] *= 50      # b is very sensitive: its weight channel scales are bad
+    x = torch.randn(8, 16)
+    cal = [(torch.randn(8, 16),) for _ in range(3)]
+    plain = fxopt.optimize(model, (x,), "quantize{backend=reference}", calibration=cal, mode="export")
+    mixed = fxopt.optimize(model, (x,), "quantize{backend=reference,target_sqnr=45}", calibration=cal,
+                           mode="export")
+    stats = mixed.passes[0].stats
+    assert set(stats["sensitivity_db"]) == {"linear", "linear_1", "linear_2"}
+    assert stats["kept_float"] and stats["sqnr_db"] >= 45
+    assert mixed.verification.sqnr_db > plain.verification.sqnr_db
+
+
+# ----- save / load ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,backend", [("symbolic", "x86"), ("export", "x86"), ("export", "reference"),
+                                          ("symbolic", "cuda")])
+def test_save_load_round_trip(tmp_path, mode, backend):
+    model = _warm(ConvNet())
+    res, x = _quantize(model, f"quantize{{backend={backend}}}", mode)
+    path = tmp_path / "model.int8.pt"
+    save(res.module, path)
+    torch.load(path, weights_only=True)                       # plain data only
+    restored = load(path)
+    x2 = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x2), res.module(x2))
+
+
+def test_load_refuses_foreign_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"format": "something-else"}, path)
+    with pytest.raises(QuantizationError, match="not an fxopt quantized graph"):
+        load(path)
+
+
+# ----- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("calibration", [None, []])
+def test_missing_calibration_data_is_an_error(calibration):
+    model = _warm(ConvNet())
+    x, _ = _data(model)
+    with pytest.raises(PassError, match="calibration data"):
+        fxopt.optimize(model, x, "quantize", calibration=calibration, mode="symbolic")
+
+
+def test_nan_in_calibration_names_the_node():
+    model = _warm(ConvNet())
+    x, cal = _data(model)
+    bad = torch.randn(4, 3, 8, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(PassError, match=r"observer for node 'x'.*NaN"):
+        fxopt.optimize(model, x, "quantize", calibration=cal + [(bad,)], mode="symbolic")
+    bad[0, 0, 0, 0] = float("inf")
+    observed = fxopt.optimize(model, x, "insert-observers", mode="symbolic", verify=False).module
+    with pytest.raises(QuantizationError, match="saw Inf"):
+        fxopt.calibrate(observed, [(bad,)], progress=False)
+
+
+def test_integer_data_names_the_node_and_dtype():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    observed = fxopt.optimize(model, (torch.randn(2, 4),), "insert-observers", mode="symbolic",
+                              verify=False).module
+    with pytest.raises(QuantizationError, match=r"node 'input.*placeholder.*torch.int64"):
+        fxopt.calibrate(observed, [(torch.randint(0, 3, (2, 4)),)], progress=False)
+
+
+def test_calibrate_and_lower_misuse():
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = (torch.randn(2, 4),)
+    with pytest.raises(FxoptError, match="no observers"):
+        fxopt.calibrate(fxopt.capture(model, x), [x], progress=False)
+    observed = fxopt.optimize(model, x, "insert-observers", verify=False).module
+    with pytest.raises(FxoptError, match="empty"):
+        fxopt.calibrate(observed, [], progress=False)
+    with pytest.raises(PassError, match="has seen no data"):
+        fxopt.PassManager("lower-int8").run(observed, x)
+    with pytest.raises(PassError, match="no observers"):
+        fxopt.PassManager("lower-int8").run(fxopt.capture(model, x), x)
+
+
+def test_unsupported_ops_stay_float_and_are_listed():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(torch.sin(x)) * 2
+
+    res, _ = _quantize_plain(Odd().eval())
+    float_ops = res.passes[0].stats["float_ops"]
+    assert "sin" in float_ops and "mul" in float_ops
+    assert "quantized.linear.default" in _targets(res.module)
+
+
+def _quantize_plain(model):
+    x = (torch.randn(4, 8),)
+    return fxopt.optimize(model, x, "quantize", calibration=[(torch.randn(4, 8),)] * 2, mode="export"), x
+
+
+def test_fuse_then_quantize_gives_one_conv_relu_kernel():
+    if "fuse" not in fxopt.available_passes():
+        pytest.skip("fuse pass not available")
+    model = _warm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
+    x, cal = _data(model)
+    res = fxopt.optimize(model, x, "fuse,quantize{backend=x86}", calibration=cal, mode="export")
+    targets = _targets(res.module)
+    assert targets.count("quantized.conv2d_relu.new") == 1
+    assert not any("relu" in t and not t.startswith("quantized") for t in targets)

@@ -1,0 +1,207 @@
+"""Benchmark int8 post-training quantization: fxopt vs torch.ao FX vs PT2E (torchao), 1 thread.
+
+    python tools/bench_quantize.py                       # every model, markdown table on stdout
+    python tools/bench_quantize.py --models digits bert --repeats 20
+
+Per model and batch size (1 and 16): latency of fp32, fxopt's fused fp32 (`fuse`, when the
+pass exists), fxopt int8 (`quantize{backend=x86}`), torch.ao FX (prepare_fx/convert_fx with
+the x86 qconfig) and PT2E (torchao X86InductorQuantizer, compiled with torch.compile when that
+works, else skipped); SQNR vs fp32 on a batch of 16; digits test accuracy; model size; time to
+quantize (capture + insert + calibrate + lower). Every number comes from fxopt.measure/verify.
+A method that fails on a model is reported with its error, not hidden.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import traceback
+import warnings
+
+import torch
+
+import fxopt
+from fxopt.examples import zoo
+from fxopt.measure import measure_latency, model_size_bytes
+
+MODELS = {"resnet18": "symbolic", "mobilenet_v2": "symbolic", "bert": "export", "digits": "export"}
+
+
+def calibration_for(name: str, n: int = 8):
+    if name == "digits":
+        from fxopt.examples.digits import calibration_batches
+
+        return calibration_batches(n_batches=n, batch_size=32)
+    return [zoo.get(name, batch=8, seed=100 + i)[1] for i in range(n)]
+
+
+def quantize_fxopt(model, inputs, cal, mode):
+    start = time.perf_counter()
+    res = fxopt.optimize(model, inputs, "quantize{backend=x86}", calibration=cal, mode=mode, verify=False)
+    return res.module, time.perf_counter() - start
+
+
+def quantize_ao_fx(model, inputs, cal):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    start = time.perf_counter()
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), inputs)
+    with torch.no_grad():
+        for batch in cal:
+            prepared(*batch)
+    return convert_fx(prepared), time.perf_counter() - start
+
+
+def quantize_pt2e(model, inputs, cal):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    start = time.perf_counter()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = fxopt.capture(model, inputs, mode="export")  # torch.export with a dynamic batch
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in cal:
+            prepared(*batch)
+    converted = convert_pt2e(prepared)
+    compiled = torch.compile(converted)
+    with torch.no_grad():
+        compiled(*inputs)
+    return compiled, time.perf_counter() - start
+
+
+def fused_fp32(model, inputs, mode):
+    available = fxopt.available_passes()
+    if "fuse" not in available:
+        return None
+    pipeline = "fuse,lower-cpu" if "lower-cpu" in available else "fuse"
+    try:
+        return fxopt.optimize(model, inputs, pipeline, mode=mode, verify=False).module
+    except Exception:
+        return fxopt.optimize(model, inputs, "fuse", mode=mode, verify=False).module
+
+
+def size_bytes(label: str, m) -> int:
+    """fxopt.measure's size; fxopt int8 modules keep weights prepacked, so theirs is the saved file."""
+    if label == "fxopt int8":
+        import io
+
+        from fxopt.passes.quantize import save
+
+        buffer = io.BytesIO()
+        save(m, buffer)
+        return buffer.tell()
+    return model_size_bytes(m)
+
+
+def run_model(name: str, repeats: int, with_pt2e: bool) -> list[dict]:
+    mode = MODELS[name]
+    model, x1 = zoo.get(name, batch=1)
+    _, x16 = zoo.get(name, batch=16)
+    cal = calibration_for(name)
+    rows = []
+    candidates: dict[str, tuple] = {"fp32": (model, 0.0, None)}
+    fused = None
+    try:
+        fused = fused_fp32(model, x16, mode)
+    except Exception as exc:
+        candidates["fxopt fused fp32"] = (None, 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    if fused is not None:
+        candidates["fxopt fused fp32"] = (fused, 0.0, None)
+    makers = {"fxopt int8": lambda: quantize_fxopt(model, x16, cal, mode),
+              "torch.ao FX int8": lambda: quantize_ao_fx(model, x16, cal)}
+    if with_pt2e:
+        makers["PT2E int8 (torchao, compiled)"] = lambda: quantize_pt2e(
+            model, x16, cal)
+    for label, make in makers.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qmodel, seconds = make()
+            candidates[label] = (qmodel, seconds, None)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+            candidates[label] = (None, 0.0, f"{type(exc).__name__}: {first}")
+            traceback.print_exc(limit=1)
+    accuracy = {}
+    if name == "digits":
+        from fxopt.examples.digits import evaluate_accuracy
+
+        for label, (m, _, err) in candidates.items():
+            if m is not None:
+                try:
+                    accuracy[label] = evaluate_accuracy(m)
+                except Exception:
+                    accuracy[label] = float("nan")
+    base = {}
+    for batch, x in ((1, x1), (16, x16)):
+        for label, (m, seconds, err) in candidates.items():
+            row = {"model": f"{name} ({mode})", "batch": batch, "method": label}
+            if m is None:
+                row["error"] = err
+                rows.append(row)
+                continue
+            try:
+                lat = measure_latency(m, x, threads=1, repeats=repeats, warmup=3)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                rows.append(row)
+                continue
+            if label == "fp32":
+                base[batch] = lat.median_ms
+            row.update(ms=lat.median_ms, speedup=base[batch] / lat.median_ms)
+            if batch == 16:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    rep = fxopt.verify(model, m, x16, tolerance="lossy", localize=False)
+                row["sqnr"] = rep.sqnr_db
+                try:
+                    row["size_mb"] = size_bytes(label, m) / 2**20
+                except Exception:
+                    row["size_mb"] = float("nan")
+                row["quant_s"] = seconds
+                if label in accuracy:
+                    row["acc"] = accuracy[label]
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | batch | method | latency ms | speedup vs fp32 | SQNR dB | digits acc % | size MB | quantize s |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | failed: {r['error']} | | | | | |")
+            continue
+        fmt = lambda k, f: (f.format(r[k]) if k in r else "")
+        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
+                     f"{fmt('sqnr', '{:.1f}')} | {fmt('acc', '{:.2f}')} | {fmt('size_mb', '{:.2f}')} | "
+                     f"{fmt('quant_s', '{:.1f}') if r.get('quant_s') else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--no-pt2e", action="store_true", help="skip the torchao PT2E comparison")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    with_pt2e = not args.no_pt2e
+    if with_pt2e:
+        try:
+            import torchao  # noqa: F401
+        except Exception as exc:
+            print(f"PT2E skipped: torchao not importable ({exc})")
+            with_pt2e = False
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args.repeats, with_pt2e)
+        print(table(rows), flush=True)
+    print("\nFINAL\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()
