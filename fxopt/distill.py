@@ -1,0 +1,123 @@
+"""Knowledge-distillation fine-tuning: recover a pruned model against the original's logits.
+
+    >>> import torch, fxopt
+    >>> teacher = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    >>> student = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+    >>> data = [(torch.randn(16, 4),) for _ in range(4)]
+    >>> tuned = fxopt.distill(student, teacher, data, epochs=1, progress=False)
+    >>> tuned(torch.randn(2, 4)).shape
+    torch.Size([2, 3])
+
+The loss is ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, plus ``(1 - alpha)`` times the
+cross-entropy with labels when batches carry them (``(inputs, labels)``).
+
+Modes: fine-tuning runs with the student in *eval* mode — batchnorm statistics frozen, dropout
+off. GraphModules from torch.export bake eval behaviour into their ops and refuse
+``.train()``/``.eval()``, and a pruned model's statistics are still valid for its remaining
+channels, so this is the one mode that works for both front ends. The student is copied first:
+pruned GraphModules share unpruned tensors with the model they came from, and training must not
+write into the teacher.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import warnings
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: int = 3,
+            temperature: float = 4.0, alpha: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.0,
+            progress: bool = True) -> nn.Module:
+    """Fine-tune a copy of `student` to match `teacher`'s logits on `data`; return the copy.
+
+    `data`: an iterable (re-iterated every epoch: a list or a DataLoader) of batches — a tensor,
+    a tuple of positional inputs, or ``(inputs, labels)`` where `inputs` is a tensor or tuple
+    and `labels` a long tensor (used when ``alpha < 1``).
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    batches = data if not isinstance(data, torch.Tensor) else [data]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree specs warn when deep-copied
+        student = copy.deepcopy(student)
+    params = []
+    for p in student.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+            params.append(p)
+    if not params:
+        raise ValueError("the student has no floating-point parameters to fine-tune")
+    _set_eval(student)
+    _set_eval(teacher)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    try:
+        total = epochs * len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="distill", disable=not progress)
+    t = float(temperature)
+    for _ in range(epochs):
+        for batch in batches:
+            inputs, labels = _split_batch(batch)
+            with torch.no_grad():
+                target = _logits(teacher(*inputs))
+            out = _logits(student(*inputs))
+            loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
+                            reduction="batchmean") * (t * t)
+            if labels is not None and alpha < 1.0:
+                loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    return student
+
+
+def _set_eval(module: nn.Module) -> None:
+    """Eval mode for every submodule; export GraphModules refuse `.eval()` on the root."""
+    for m in module.modules():
+        m.training = False
+
+
+def _split_batch(batch: Any) -> tuple[tuple, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    batch = tuple(batch)
+    if len(batch) == 2 and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point() \
+            and batch[0].__class__ is not type(None) and (isinstance(batch[0], tuple) or batch[0].is_floating_point()):
+        inputs = batch[0] if isinstance(batch[0], tuple) else (batch[0],)
+        return inputs, batch[1]
+    return batch, None
+
+
+def _logits(output: Any) -> torch.Tensor:
+    from torch.utils._pytree import tree_leaves
+
+    return next(t for t in tree_leaves(output) if isinstance(t, torch.Tensor))
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds the package attribute `fxopt.distill` from the lazy
+    function in fxopt/__init__.py to this module; keep `fxopt.distill(...)` working anyway."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,286 @@
+"""Physically remove the chosen channels: smaller tensors, rewritten shape arguments, adapters.
+
+For every node with a channel rule, in graph order:
+
+- producers (conv, linear, embedding) get ``W[kept_out][:, kept_in]`` and a sliced bias through
+  `ParamRef.set` (new tensors, never in-place), and module attributes (`in_channels`,
+  `out_features`, ...) are updated so the module stays consistent;
+- batchnorm and depthwise conv slice their parameters (and `groups`);
+- reshape/view/expand get the new size at the channel axis; split/chunk become a split with
+  the new piece sizes; parameters used directly are sliced along their channel axis;
+- wherever a value arrives with other channels than its reader wants (a junction re-indexing
+  into a residual stream, a re-expansion before a pinned reader), one adapter is inserted:
+  ``index_select(x, axis, idx)`` or, when zeros must come back,
+  ``index_select(cat([x, zeros_like(narrow(x, axis, 0, 1))], axis), axis, idx)``.
+
+New nodes are plain torch calls and buffers on the root (`get_attr`), valid in both IRs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxopt.dump.listing import annotate
+from fxopt.errors import node_location
+from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr
+
+import numpy as np
+
+from .boundary import Boundary
+from .channel_graph import ChannelGraph
+
+
+class _Applier:
+    def __init__(self, gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray, boundary: Boundary,
+                 ignored: set[str], slot_group: dict[int, int]) -> None:
+        self.gm, self.cg, self.dead, self.boundary, self.ignored = gm, cg, dead, boundary, ignored
+        self.slot_group = slot_group
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.adapters = 0
+        self.reexpansions: list[str] = []
+        self._keep: dict[int, np.ndarray] = {}
+
+    def alive(self, sid: int) -> np.ndarray:
+        return np.nonzero(~self.dead[self.cg.positions(sid)])[0]
+
+    def keep(self, sid: int) -> np.ndarray:
+        if sid not in self._keep:
+            size = self.cg.slots[sid].size
+            self._keep[sid] = np.arange(size) if sid in self.boundary.full else self.alive(sid)
+        return self._keep[sid]
+
+    # ----- adapters -----------------------------------------------------------------------
+    def adapt(self, user: torch.fx.Node, src_name: str, sid: int, want: np.ndarray) -> None:
+        have = self.keep(sid)
+        if len(have) == len(want) and np.array_equal(have, want):
+            return
+        src = self.nodes[src_name]
+        axis = self.cg.slots[sid].axis
+        where = {int(p): i for i, p in enumerate(have.tolist())}
+        zero_slot = len(have)
+        idx = [where.get(int(p), zero_slot) for p in want.tolist()]
+        needs_zeros = zero_slot in idx
+        if needs_zeros and len(have) == 0:
+            raise RuntimeError(f"cannot re-expand an empty value for {node_location(user)}")
+        g = self.gm.graph
+        buf = add_tensor_attr(self.gm, f"prune_idx_{src_name}_to_{user.name}", torch.tensor(idx, dtype=torch.long),
+                              parameter=False)
+        with g.inserting_before(user):
+            idx_node = g.get_attr(buf)
+            x = src
+            if needs_zeros:
+                first = g.call_function(torch.narrow, (src, axis, 0, 1))
+                zeros = g.call_function(torch.zeros_like, (first,))
+                x = g.call_function(torch.cat, ([src, zeros], axis))
+            new = g.call_function(torch.index_select, (x, axis, idx_node))
+        annotate(new, "prune.reexpand" if needs_zeros else "prune.gather", f"{len(have)}->{len(want)}")
+        if needs_zeros:
+            self.reexpansions.append(f"{src_name}->{user.name}")
+        user.replace_input_with(src, new)
+        self.adapters += 1
+
+    # ----- rewrite --------------------------------------------------------------------------
+    def run(self) -> None:
+        for name, rule in list(self.cg.rules.items()):
+            node = self.nodes.get(name)
+            if node is None:
+                continue
+            if rule.category == "pinned" or name in self.ignored:
+                for src, sid in rule.consumed + [(r[0], r[1]) for r in rule.inputs]:
+                    self.adapt(node, src, sid, np.arange(self.cg.slots[sid].size))
+                continue
+            handler = getattr(self, f"do_{rule.category.replace('-', '_')}", None)
+            if handler is not None:
+                handler(node, rule)
+            for sid in rule.outputs:
+                size, kept = self.cg.slots[sid].size, len(self.keep(sid))
+                if kept != size:
+                    annotate(node if rule.category != "param" else node, "prune.kept", f"{kept}/{size}")
+                annotate(node, "prune.group", self.slot_group.get(sid))
+
+    def mapped_inputs(self, node: torch.fx.Node, rule) -> None:
+        for src, sid, in_pos, out_pos, out in rule.inputs:
+            want = np.unique(in_pos[np.isin(out_pos, self.keep(out))])
+            self.adapt(node, src, sid, want)
+
+    def do_pass(self, node, rule) -> None:
+        self.mapped_inputs(node, rule)
+        b = rule.info.get("size_index")
+        if b is not None:
+            new = int(len(self.keep(rule.outputs[0])))
+            _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size)
+
+    def do_junction(self, node, rule) -> None:
+        for src, sid, _, _, out in rule.inputs:
+            self.adapt(node, src, sid, self.keep(out))
+
+    def do_split(self, node, rule) -> None:
+        if not rule.inputs:
+            return
+        view = op_view(self.gm, node)
+        src, sid = rule.inputs[0][0], rule.inputs[0][1]
+        axis = self.cg.slots[sid].axis
+        dim, sizes = rule.info["dim"], rule.info["sizes"]
+        starts = np.cumsum([0] + sizes[:-1])
+        wants = [np.arange(s, s + n) for s, n in zip(starts, sizes)]
+        for _, _, in_pos, out_pos, out in rule.inputs:
+            piece = next(i for u, i in rule.info["pieces"].items() if self.cg.value_slot.get(u) == out)
+            wants[piece] = np.unique(in_pos[np.isin(out_pos, self.keep(out))])
+        if dim == axis:
+            want = np.concatenate(wants)
+            new_sizes = [int(len(w)) for w in wants]
+        else:
+            want = wants[0]
+            new_sizes = sizes
+        self.adapt(node, src, sid, want)
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        if dim == axis and (new_sizes != sizes or view.kind == "chunk"):
+            node.op, node.target = "call_function", torch.split
+            node.args, node.kwargs = (x, new_sizes, dim), {}
+
+    def do_producer(self, node, rule) -> None:
+        view = op_view(self.gm, node)
+        out_keep = torch.as_tensor(self.keep(rule.outputs[0]), dtype=torch.long)
+        w = view.param("weight")
+        in_keep = None
+        for src, sid in rule.consumed:
+            want = self.alive(sid)
+            self.adapt(node, src, sid, want)
+            in_keep = want
+        if rule.kind == "embedding":
+            view.params["weight"].set(w.index_select(1, out_keep))
+            if view.module is not None:
+                view.module.embedding_dim = len(out_keep)
+            return
+        new_w = w.index_select(0, out_keep)
+        if in_keep is not None:
+            cols = in_keep[in_keep < w.shape[1]] if rule.kind == "conv" else in_keep
+            if rule.kind == "conv" and rule.info["groups"] > 1:
+                cols = np.unique(in_keep % w.shape[1])
+            new_w = new_w.index_select(1, torch.as_tensor(cols, dtype=torch.long))
+        view.params["weight"].set(new_w.contiguous())
+        b = view.param("bias")
+        if b is not None:
+            view.params["bias"].set(b.index_select(0, out_keep))
+        m = view.module
+        if m is not None:
+            if rule.kind == "conv":
+                m.out_channels = len(out_keep)
+                m.in_channels = new_w.shape[1] * m.groups
+            else:
+                m.out_features, m.in_features = new_w.shape[0], new_w.shape[1]
+
+    def do_norm(self, node, rule) -> None:
+        view = op_view(self.gm, node)
+        self.mapped_inputs(node, rule)
+        out_keep = torch.as_tensor(self.keep(rule.outputs[0]), dtype=torch.long)
+        for key, ref in view.params.items():
+            t = ref.get()
+            if t is not None and t.dim() >= 1:
+                ref.set(t.index_select(0, out_keep).contiguous())
+        m = view.module
+        if rule.kind == "batch_norm":
+            if m is not None:
+                m.num_features = len(out_keep)
+            return
+        # depthwise conv: groups follow the kept inputs
+        _, sid, in_pos, out_pos, out = rule.inputs[0]
+        groups = int(len(np.unique(in_pos[np.isin(out_pos, self.keep(out))])))
+        if m is not None:
+            m.groups, m.in_channels, m.out_channels = groups, groups, len(out_keep)
+        else:
+            _set_arg(node, "groups", groups)
+
+    def do_param(self, node, rule) -> None:
+        sid = rule.outputs[0]
+        keep = self.keep(sid)
+        if len(keep) == self.cg.slots[sid].size:
+            return
+        ref = ref_for_get_attr(self.gm, node)
+        t = ref.get()
+        new = t.index_select(self.cg.slots[sid].axis, torch.as_tensor(keep, dtype=torch.long)).contiguous()
+        if isinstance(t, nn.Parameter):
+            ref.owner._parameters[ref.attr] = nn.Parameter(new, requires_grad=False)
+        else:
+            ref.set(new)
+
+
+def _set_shape_entry(node: torch.fx.Node, index: int, new: int, old: int) -> None:
+    """Replace entry `index` of a reshape/view/expand size argument (list or varargs)."""
+    args = list(node.args)
+    if len(args) >= 2 and isinstance(args[1], (list, tuple)):
+        shape = list(args[1])
+        if shape[index] != -1:
+            shape[index] = new
+        args[1] = shape
+    elif len(args) >= 2:
+        if args[1 + index] != -1:
+            args[1 + index] = new
+    else:
+        key = next(k for k in ("shape", "size") if k in node.kwargs)
+        shape = list(node.kwargs[key])
+        if shape[index] != -1:
+            shape[index] = new
+        node.kwargs = {**node.kwargs, key: shape}
+        return
+    node.args = tuple(args)
+
+
+def _set_arg(node: torch.fx.Node, name: str, value) -> None:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        names = [a.name for a in target._schema.arguments]
+    else:
+        from fxopt.ir import spec_for
+
+        names = list(spec_for(None, node).arg_names)
+    if name in node.kwargs:
+        node.kwargs = {**node.kwargs, name: value}
+        return
+    i = names.index(name)
+    args = list(node.args)
+    if i < len(args):
+        args[i] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def apply_pruning(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray, boundary: Boundary,
+                  ignored: set[str], slot_group: dict[int, int]) -> dict:
+    applier = _Applier(gm, cg, dead, boundary, ignored, slot_group)
+    applier.run()
+    gm.graph.lint()
+    gm.recompile()
+    return {"adapters": applier.adapters, "reexpansions": applier.reexpansions}
+
+
+def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -> None:
+    """Mask instead of remove: zero every producer row, norm affine and parameter slice of the
+    dead classes (new tensors via ParamRef.set). The masked model computes exactly what the
+    pruned one does, which is how the tests check exactness."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, rule in cg.rules.items():
+        node = nodes.get(name)
+        if node is None or rule.category not in ("producer", "norm", "param"):
+            continue
+        sid = rule.outputs[0]
+        idx = torch.as_tensor(np.nonzero(dead[cg.positions(sid)])[0], dtype=torch.long)
+        if len(idx) == 0:
+            continue
+        if rule.category == "param":
+            ref = ref_for_get_attr(gm, node)
+            refs = [(ref, cg.slots[sid].axis)]
+        else:
+            view = op_view(gm, node)
+            if rule.kind == "batch_norm":
+                refs = [(view.params[k], 0) for k in ("weight", "bias") if k in view.params]
+            elif rule.kind == "embedding":
+                refs = [(view.params["weight"], 1)]
+            else:
+                refs = [(view.params[k], 0) for k in ("weight", "bias") if k in view.params]
+        for ref, axis in refs:
+            t = ref.get().detach().clone()
+            t.index_fill_(axis, idx, 0.0)
+            ref.set(t)

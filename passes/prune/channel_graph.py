@@ -1,0 +1,833 @@
+"""The channel-dependency graph: which channels of which values must be pruned together.
+
+Every tensor value whose channels fxopt can follow gets a *slot*: (node, channel axis, size).
+The slots are the nodes of a networkx ``MultiDiGraph``; an op that ties channels adds an edge
+with the index map it implies (identity, a concat offset, a flatten block, a head split, ...).
+Underneath, every channel *position* of every slot lives in one union-find: positions that must
+disappear together (a conv's output channel, its batchnorm channel, the next conv's input
+column, the matching concat position) fall into one *class*. A class is the unit of pruning.
+
+Rules, by op kind (both the symbolic and the export front end, through `op_view`):
+
+- conv / linear / embedding: *producers* — their output channels are fresh classes (weight rows);
+  their input channels are *consumed* (weight columns drop with the class). Grouped conv couples
+  input position r of every group (and output position r of every group) so groups stay uniform;
+  depthwise conv ties input channel c to its output block like a batchnorm.
+- batch_norm, zero-preserving activations (relu, gelu, ...), pooling, dropout, interpolate,
+  mean over other axes, softmax over another axis, scalar mul/div: identity maps.
+- mul of two channel tensors, cat (with offsets along the channel axis), split/chunk + getitem,
+  flatten/reshape (identity, merge into a block, or a head split), permute/transpose/expand/
+  select/slice (following the axis), matmul/sdpa over a head axis: index maps (unions).
+- add/sub are *junctions*, not unions: ``y = a + b`` keeps channel c alive if any input keeps it,
+  so "y_c dead" implies "a_c dead and b_c dead" — a precedence edge between classes that the
+  min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
+- parameters used directly (class token, position embedding) become producer slots.
+- anything else — unknown ops, layer/group norm (they mix channels), the graph output, ignored
+  layers — is *pinned*: its output classes cannot die; its inputs are read at full width, so
+  classes that reach it are re-expanded (``prune.boundary``). Pinned nodes are listed by name.
+
+Preconditions: shape metadata on every node (capture records it; the analysis reruns shapes
+when example inputs are known).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx
+
+from fxopt.analysis import Analysis, ShapeAnalysis
+from fxopt.ir import op_view, tensor_meta
+
+ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "dropout",
+                             "identity", "contiguous"})
+SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
+WEIGHTED = frozenset({"conv", "linear", "embedding"})
+
+
+@dataclass
+class Slot:
+    """One value's channel axis: positions ``base .. base+size`` in the union-find."""
+
+    id: int
+    node: str
+    axis: int
+    size: int
+    base: int
+    role: str  # producer | param | pinned | pass | junction
+    bytes: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.node}:{self.axis}"
+
+
+@dataclass
+class Rule:
+    """How one node touches channels; `apply` replays it to rewrite the node.
+
+    - `category`: producer (conv/linear/embedding), pass (index maps only, maybe with params:
+      batch_norm, depthwise conv), junction (add/sub), param (a get_attr producer), pinned.
+    - `inputs`: (input node name, slot id, in_pos, out_pos, out slot id) for each mapped input;
+      `consumed`: (input node name, slot id) for inputs whose channels are weight columns.
+    - `outputs`: slot ids this node defines (several for split, keyed by getitem node).
+    """
+
+    node: str
+    kind: str
+    category: str
+    inputs: list = field(default_factory=list)
+    consumed: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def add(self, n: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union_many(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+
+@dataclass
+class ChannelGraph:
+    """Result of the analysis; see the module docstring.
+
+    - `graph`: networkx MultiDiGraph over slot labels (``node:axis``), edges carry `op` and `map`;
+    - `slots`, `rules` (by node name), `value_slot` (node name -> slot id or None);
+    - `cls`: array position -> class id (dense 0..n_classes-1);
+    - `precedence`: set of (class y, class x) pairs: y dead requires x dead;
+    - `pinned_nodes`: node name -> reason, for everything the analysis would not reason about;
+    - `output_classes`: classes that reach the graph output (pinned).
+    """
+
+    graph: nx.MultiDiGraph
+    slots: list[Slot]
+    rules: dict[str, Rule]
+    value_slot: dict[str, int | None]
+    cls: np.ndarray
+    n_classes: int
+    precedence: set
+    pinned_nodes: dict[str, str]
+    pinned_classes: np.ndarray
+    output_classes: np.ndarray
+    module_names: dict[str, str]
+
+    def positions(self, slot_id: int) -> np.ndarray:
+        s = self.slots[slot_id]
+        return self.cls[s.base: s.base + s.size]
+
+    def groups(self) -> list[set[int]]:
+        """Pruning groups: classes that share a value or a junction precedence (a layer family,
+        a residual stage, a dense block). `scope=local` prunes `ratio` of each group."""
+        parent = list(range(self.n_classes))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        pairs = list(self.precedence)
+        for s in self.slots:
+            ids = np.unique(self.positions(s.id))
+            pairs.extend(zip(ids[:-1].tolist(), ids[1:].tolist()))
+        for u, v in pairs:
+            ru, rv = find(u), find(v)
+            if ru != rv:
+                parent[max(ru, rv)] = min(ru, rv)
+        out: dict[int, set[int]] = {}
+        for k in range(self.n_classes):
+            out.setdefault(find(k), set()).add(k)
+        return list(out.values())
+
+    def slot_groups(self) -> list[set[str]]:
+        """Weakly connected components of the slot graph (what a dump calls a group)."""
+        return [set(c) for c in nx.weakly_connected_components(self.graph)]
+
+
+class ChannelGraphAnalysis(Analysis):
+    """Builds the `ChannelGraph` of a GraphModule (cached by the analysis manager)."""
+
+    name: ClassVar[str] = "channel-graph"
+
+    def run(self, gm: torch.fx.GraphModule, am) -> ChannelGraph:
+        if am.example_inputs or am.example_kwargs:
+            am.get(ShapeAnalysis)
+        return build_channel_graph(gm)
+
+
+def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:
+    return _Builder(gm).build()
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = tensor_meta(node)
+    if meta is None:
+        return None
+    try:
+        return tuple(int(d) for d in meta[0])
+    except (TypeError, ValueError):
+        return None
+
+
+def _nbytes(node: Any) -> int:
+    meta = tensor_meta(node)
+    if meta is None:
+        return 0
+    return int(math.prod(int(d) for d in meta[0])) * meta[1].itemsize
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    return axis + ndim if axis < 0 else axis
+
+
+class _Pin(Exception):
+    """Raised inside a rule: the node is pinned, with the reason."""
+
+
+class _Builder:
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.uf = _UnionFind()
+        self.slots: list[Slot] = []
+        self.value_slot: dict[str, int | None] = {}
+        self.lazy_pins: dict[tuple[str, int], int] = {}
+        self.rules: dict[str, Rule] = {}
+        self.graph = nx.MultiDiGraph()
+        self.prec_pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pinned_nodes: dict[str, str] = {}
+        self.pinned_positions: list[int] = []
+        self.output_positions: list[int] = []
+        self.module_names: dict[str, str] = {}
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+
+    # ----- slots ----------------------------------------------------------------------
+    def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
+        shape = _shape(node)
+        size = shape[axis]
+        slot = Slot(len(self.slots), node.name, axis, size, self.uf.add(size), role, _nbytes(node))
+        self.slots.append(slot)
+        self.graph.add_node(slot.label, slot=slot.id, size=size, role=role, bytes=slot.bytes)
+        if role == "pinned":
+            self.pinned_positions.extend(range(slot.base, slot.base + size))
+        return slot.id
+
+    def slot_on(self, node: Any, axis: int) -> int | None:
+        """The slot of `node` on `axis`; a free value gets a pinned slot there on demand."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        shape = _shape(node)
+        if shape is None or axis >= len(shape) or axis < 0:
+            return None
+        sid = self.value_slot.get(node.name)
+        if sid is not None:
+            return sid if self.slots[sid].axis == axis else None
+        if node.op == "get_attr" and node.name not in self.value_slot:
+            sid = self.new_slot(node, axis, "param")
+            self.value_slot[node.name] = sid
+            self.rules[node.name] = Rule(node.name, "param", "param", outputs=[sid])
+            return sid
+        key = (node.name, axis)
+        if key not in self.lazy_pins:
+            self.lazy_pins[key] = self.new_slot(node, axis, "pinned")
+        return self.lazy_pins[key]
+
+    def link(self, a: int, b: int, in_pos: np.ndarray, out_pos: np.ndarray, op: str, how: str) -> None:
+        sa, sb = self.slots[a], self.slots[b]
+        self.uf.union_many(sa.base + in_pos, sb.base + out_pos)
+        self.graph.add_edge(sa.label, sb.label, op=op, map=how, bytes=sa.bytes)
+
+    # ----- build ----------------------------------------------------------------------
+    def build(self) -> ChannelGraph:
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                self.visit_output(node)
+                continue
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            try:
+                self.visit(node)
+            except _Pin as pin:
+                self.pin(node, str(pin))
+        return self.finish()
+
+    def pin(self, node: torch.fx.Node, reason: str) -> None:
+        """Inputs read at full width; the output is a free value (its classes cannot die)."""
+        self.pinned_nodes[node.name] = reason
+        rule = Rule(node.name, "pinned", "pinned", info={"reason": reason})
+        for arg in node.all_input_nodes:
+            sid = self.value_slot.get(arg.name)
+            if sid is not None:
+                rule.consumed.append((arg.name, sid))
+        self.rules[node.name] = rule
+        self.value_slot[node.name] = None
+
+    def visit_output(self, node: torch.fx.Node) -> None:
+        rule = Rule(node.name, "output", "pinned", info={"reason": "graph output"})
+        for arg in node.all_input_nodes:
+            sid = self.value_slot.get(arg.name)
+            if sid is not None:
+                rule.consumed.append((arg.name, sid))
+                s = self.slots[sid]
+                self.output_positions.extend(range(s.base, s.base + s.size))
+        self.rules[node.name] = rule
+
+    def visit(self, node: torch.fx.Node) -> None:
+        view = op_view(self.gm, node)
+        shape = _shape(node)
+        if view is None:
+            if shape is None and not any(self.value_slot.get(a.name) is not None for a in node.all_input_nodes):
+                self.value_slot[node.name] = None  # shape arithmetic, guards: no channels
+                return
+            raise _Pin("no channel rule for this op")
+        kind = view.kind
+        if view.module is not None or view.params:
+            self.module_names[node.name] = _module_name(node, view)
+        handler = getattr(self, f"rule_{kind}", None)
+        if handler is None:
+            if kind in ZERO_PRESERVING or kind in SPATIAL:
+                handler = self.rule_unary
+            else:
+                raise _Pin(f"no channel rule for '{kind}'")
+        if shape is None and kind not in ("split", "chunk"):
+            raise _Pin("no shape metadata")
+        handler(node, view, shape)
+
+    # ----- helpers for rules ------------------------------------------------------------
+    def in_slot(self, node: Any) -> int | None:
+        if not isinstance(node, torch.fx.Node):
+            return None
+        return self.value_slot.get(node.name)
+
+    def passthrough(self, node, view, src: torch.fx.Node, out_axis: int, in_pos=None, out_pos=None,
+                    how: str = "identity", category: str = "pass", info: dict | None = None) -> int:
+        sid = self.in_slot(src)
+        out = self.new_slot(node, out_axis, "pass")
+        s_in = self.slots[sid]
+        if in_pos is None:
+            in_pos = out_pos = np.arange(s_in.size)
+        self.link(sid, out, in_pos, out_pos, view.kind, how)
+        self.value_slot[node.name] = out
+        self.rules[node.name] = Rule(node.name, view.kind, category, inputs=[(src.name, sid, in_pos, out_pos, out)],
+                                     outputs=[out], info=info or {})
+        return out
+
+    def free_output(self, node, view) -> None:
+        """All inputs free: the output is free too (no channels to follow)."""
+        self.value_slot[node.name] = None
+        self.rules[node.name] = Rule(node.name, view.kind, "free")
+
+    def single_input(self, node, view) -> tuple[torch.fx.Node | None, int | None]:
+        src = view.input
+        sid = self.in_slot(src)
+        if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src):
+            sid = self.slot_on(src, len(_shape(src)) - 1)  # a parameter used directly: last axis
+        return src, sid
+
+    # ----- rules ------------------------------------------------------------------------
+    def rule_unary(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        if view.kind in SPATIAL:
+            spatial = {"interpolate": len(shape) - 2}.get(view.kind)
+            if spatial is None:
+                spatial = len(shape) - 2 if len(shape) >= 3 else len(shape) - 1
+            if axis >= len(shape) - spatial and view.kind != "interpolate":
+                raise _Pin(f"{view.kind} over the channel axis")
+            if axis >= len(shape) - spatial:
+                raise _Pin("interpolate over the channel axis")
+        if view.kind == "hardtanh" and not (view.attrs.get("min_val", -1) <= 0 <= view.attrs.get("max_val", 1)):
+            raise _Pin("hardtanh range excludes 0 (not zero-preserving)")
+        if shape[axis] != self.slots[sid].size:
+            raise _Pin("channel size changed")
+        self.passthrough(node, view, src, axis)
+
+    def rule_softmax(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        if _norm_axis(int(view.attrs.get("dim", -1)), len(shape)) == axis:
+            raise _Pin("softmax over the channel axis")
+        self.passthrough(node, view, src, axis)
+
+    def rule_mean(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        in_shape = _shape(src)
+        axis = self.slots[sid].axis
+        dims = view.attrs.get("dim")
+        if dims is None:
+            raise _Pin("mean over all axes")
+        dims = [_norm_axis(d, len(in_shape)) for d in ([dims] if isinstance(dims, int) else dims)]
+        if axis in dims:
+            raise _Pin("mean over the channel axis")
+        keep = bool(view.attrs.get("keepdim", False))
+        out_axis = axis if keep else axis - sum(d < axis for d in dims)
+        self.passthrough(node, view, src, out_axis)
+
+    def rule_batch_norm(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            raise _Pin("batch_norm on a value without channel tracking")
+        if self.slots[sid].axis != 1:
+            raise _Pin("batch_norm input channel axis is not 1")
+        if view.attrs.get("training"):
+            raise _Pin("batch_norm in training mode")
+        self.passthrough(node, view, src, 1, category="norm")
+
+    def rule_conv(self, node, view, shape) -> None:
+        src = view.input
+        w = view.param("weight")
+        if w is None:
+            raise _Pin("conv weight is not a parameter")
+        if view.attrs.get("transposed"):
+            raise _Pin("transposed conv (no rule yet)")
+        groups = int(view.attrs.get("groups", 1) or 1)
+        in_shape = _shape(src)
+        cin, cout = in_shape[1], shape[1]
+        cig = cin // groups
+        sid = self.slot_on(src, 1)
+        if groups > 1 and cig == 1:  # depthwise (channel multiplier m = cout // cin)
+            m = cout // cin
+            in_pos = np.repeat(np.arange(cin), m)
+            out_pos = np.arange(cout)
+            self.passthrough(node, view, src, 1, in_pos, out_pos, how=f"depthwise x{m}", category="norm",
+                             info={"depthwise": True, "multiplier": m})
+            return
+        out = self.new_slot(node, 1, "producer")
+        rule = Rule(node.name, "conv", "producer", outputs=[out], info={"groups": groups})
+        if groups > 1:  # position r of every group is one class, so groups stay the same size
+            cog = cout // groups
+            pos = np.arange(cout)
+            self.uf.union_many(self.slots[out].base + pos, self.slots[out].base + (pos % cog))
+            if sid is not None:
+                ipos = np.arange(cin)
+                base = self.slots[sid].base
+                self.uf.union_many(base + ipos, base + (ipos % cig))
+        if sid is not None:
+            rule.consumed.append((src.name, sid))
+            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op="conv", map="consumes",
+                                bytes=self.slots[sid].bytes)
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    def rule_linear(self, node, view, shape) -> None:
+        src = view.input
+        if view.param("weight") is None:
+            raise _Pin("linear weight is not a parameter")
+        in_shape = _shape(src)
+        sid_any = self.in_slot(src)
+        if sid_any is not None and self.slots[sid_any].axis != len(in_shape) - 1:
+            raise _Pin("linear over a value whose channel axis is not the last")
+        sid = self.slot_on(src, len(in_shape) - 1)
+        out = self.new_slot(node, len(shape) - 1, "producer")
+        rule = Rule(node.name, "linear", "producer", outputs=[out])
+        if sid is not None:
+            rule.consumed.append((src.name, sid))
+            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op="linear", map="consumes",
+                                bytes=self.slots[sid].bytes)
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    def rule_embedding(self, node, view, shape) -> None:
+        if view.param("weight") is None:
+            raise _Pin("embedding weight is not a parameter")
+        out = self.new_slot(node, len(shape) - 1, "producer")
+        self.value_slot[node.name] = out
+        self.rules[node.name] = Rule(node.name, "embedding", "producer", outputs=[out])
+
+    def _aligned_inputs(self, node, view, shape, allow_broadcast: bool):
+        """(input node, slot) per tensor input aligned on the output channel axis."""
+        tensor_inputs = [a for a in view.inputs]
+        slotted = [(a, self.in_slot(a)) for a in tensor_inputs if self.in_slot(a) is not None]
+        if not slotted:
+            return None, []
+        ref_node, ref_sid = slotted[0]
+        out_axis = self.slots[ref_sid].axis + (len(shape) - len(_shape(ref_node)))
+        c = shape[out_axis]
+        pairs, broadcast = [], []
+        for a in tensor_inputs:
+            a_shape = _shape(a)
+            if a_shape is None:
+                raise _Pin(f"input {a.name} has no shape")
+            a_axis = out_axis - (len(shape) - len(a_shape))
+            if a_axis < 0 or a_shape[a_axis] == 1:
+                if not allow_broadcast:
+                    raise _Pin(f"input {a.name} broadcasts over the channel axis")
+                broadcast.append(a)
+                continue
+            if a_shape[a_axis] != c:
+                raise _Pin("channel sizes differ")
+            sid = self.slot_on(a, a_axis)
+            if sid is None:
+                raise _Pin(f"input {a.name} tracks channels on another axis")
+            pairs.append((a, sid))
+        return out_axis, pairs
+
+    def rule_add(self, node, view, shape) -> None:
+        scalars = [v for k, v in view.attrs.items() if k in ("input", "other") and not isinstance(v, torch.fx.Node)]
+        if any(v is not None for v in scalars):
+            raise _Pin("adds a constant (not zero-preserving)")
+        if view.attrs.get("alpha", 1) not in (1, -1, 1.0, -1.0):
+            pass  # alpha scales the second input; still zero-preserving
+        out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=False)
+        if out_axis is None:
+            return self.free_output(node, view)
+        out = self.new_slot(node, out_axis, "junction")
+        rule = Rule(node.name, view.kind, "junction", outputs=[out])
+        pos = np.arange(shape[out_axis])
+        for a, sid in pairs:
+            rule.inputs.append((a.name, sid, pos, pos, out))
+            self.prec_pairs.append((self.slots[out].base + pos, self.slots[sid].base + pos))
+            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op=view.kind, map="junction",
+                                bytes=self.slots[sid].bytes)
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    rule_sub = rule_add
+
+    def rule_mul(self, node, view, shape) -> None:
+        out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=True)
+        if out_axis is None:
+            return self.free_output(node, view)
+        if view.kind == "div":
+            divisor = view.attrs.get("other")
+            if isinstance(divisor, torch.fx.Node) and any(a is divisor for a, _ in pairs):
+                raise _Pin("division by a channel tensor")
+        out = self.new_slot(node, out_axis, "pass")
+        rule = Rule(node.name, view.kind, "pass", outputs=[out])
+        pos = np.arange(shape[out_axis])
+        for a, sid in pairs:
+            rule.inputs.append((a.name, sid, pos, pos, out))
+            self.link(sid, out, pos, pos, view.kind, "identity")
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    rule_div = rule_mul
+
+    def rule_cat(self, node, view, shape) -> None:
+        tensors = [a for a in view.inputs]
+        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(shape))
+        slotted = [(a, self.in_slot(a)) for a in tensors if self.in_slot(a) is not None]
+        if not slotted:
+            return self.free_output(node, view)
+        axis = self.slots[slotted[0][1]].axis
+        out = self.new_slot(node, axis, "pass")
+        rule = Rule(node.name, "cat", "pass", outputs=[out], info={"dim": dim})
+        offset = 0
+        for a in tensors:
+            a_shape = _shape(a)
+            sid = self.slot_on(a, axis)
+            if sid is None:
+                raise _Pin(f"cat input {a.name} tracks channels on another axis")
+            n = a_shape[axis]
+            in_pos = np.arange(n)
+            out_pos = in_pos + offset if dim == axis else in_pos
+            rule.inputs.append((a.name, sid, in_pos, out_pos, out))
+            self.link(sid, out, in_pos, out_pos, "cat", f"offset {offset}" if dim == axis else "identity")
+            if dim == axis:
+                offset += n
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    def rule_split(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        in_shape = _shape(src)
+        axis = self.slots[sid].axis
+        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(in_shape))
+        n = in_shape[dim]
+        if view.kind == "chunk":
+            chunks = int(view.attrs.get("chunks"))
+            step = -(-n // chunks)
+            sizes = [min(step, n - i) for i in range(0, n, step)]
+        else:
+            spec = view.attrs.get("split_size", view.attrs.get("split_sizes"))
+            sizes = list(spec) if isinstance(spec, (list, tuple)) else [min(int(spec), n - i) for i in range(0, n, int(spec))]
+        starts = np.cumsum([0] + sizes[:-1])
+        rule = Rule(node.name, view.kind, "split", info={"dim": dim, "sizes": sizes, "pieces": {}})
+        for user in node.users:
+            uview = op_view(self.gm, user)
+            if uview is None or uview.kind != "getitem" or not isinstance(uview.attrs.get("index"), int):
+                raise _Pin("split result used other than by getitem")
+            i = uview.attrs["index"]
+            out = self.new_slot(user, axis, "pass")
+            if dim == axis:
+                in_pos, out_pos = np.arange(sizes[i]) + starts[i], np.arange(sizes[i])
+            else:
+                in_pos = out_pos = np.arange(in_shape[axis])
+            rule.inputs.append((src.name, sid, in_pos, out_pos, out))
+            rule.info["pieces"][user.name] = i
+            self.link(sid, out, in_pos, out_pos, view.kind, f"piece {i}")
+            self.value_slot[user.name] = out
+            self.rules[user.name] = Rule(user.name, "getitem", "split-piece", outputs=[out])
+        self.value_slot[node.name] = None
+        self.rules[node.name] = rule
+
+    rule_chunk = rule_split
+
+    def rule_getitem(self, node, view, shape) -> None:
+        if node.name in self.rules:  # a split piece, handled by the split
+            return
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        index = view.attrs.get("index")
+        index = index if isinstance(index, tuple) else (index,)
+        in_shape = _shape(src)
+        axis = self.slots[sid].axis
+        if any(i is Ellipsis for i in index):
+            k = index.index(Ellipsis)
+            fill = len(in_shape) - (len(index) - 1 - sum(i is None for i in index))
+            index = index[:k] + (slice(None),) * fill + index[k + 1:]
+        dim_in, out_axis = 0, 0
+        for item in index:
+            if item is None:
+                out_axis += 1 if dim_in <= axis else 0
+                continue
+            if dim_in == axis:
+                if not (isinstance(item, slice) and item == slice(None)):
+                    raise _Pin("indexing on the channel axis")
+            elif dim_in < axis:
+                if isinstance(item, int):
+                    out_axis -= 1
+                elif not isinstance(item, slice):
+                    raise _Pin("advanced indexing")
+            dim_in += 1
+        self.passthrough(node, view, src, axis + out_axis)
+
+    def rule_select(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        dim = _norm_axis(int(view.attrs.get("dim")), len(_shape(src)))
+        if dim == axis:
+            raise _Pin("select on the channel axis")
+        self.passthrough(node, view, src, axis - (dim < axis))
+
+    def rule_slice(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(_shape(src)))
+        if dim == axis and shape[axis] != self.slots[sid].size:
+            raise _Pin("slice on the channel axis")
+        if dim == axis:
+            raise _Pin("slice on the channel axis")
+        self.passthrough(node, view, src, axis)
+
+    def rule_expand(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis + len(shape) - len(_shape(src))
+        self.passthrough(node, view, src, axis, info={"size_index": axis})
+
+    def rule_permute(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        nd = len(shape)
+        dims = view.attrs.get("dims")
+        if not isinstance(dims, (list, tuple)):
+            dims = [a for a in node.args[1:]]
+        dims = [_norm_axis(int(d), nd) for d in dims]
+        self.passthrough(node, view, src, dims.index(self.slots[sid].axis))
+
+    def rule_transpose(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        nd = len(shape)
+        d0, d1 = (_norm_axis(int(view.attrs.get(k)), nd) for k in ("dim0", "dim1"))
+        axis = self.slots[sid].axis
+        self.passthrough(node, view, src, d1 if axis == d0 else d0 if axis == d1 else axis)
+
+    def rule_flatten(self, node, view, shape) -> None:
+        self._reshape_like(node, view, shape)
+
+    def rule_reshape(self, node, view, shape) -> None:
+        self._reshape_like(node, view, shape)
+
+    def _reshape_like(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        in_shape = _shape(src)
+        a = self.slots[sid].axis
+        c = in_shape[a]
+        prefix = math.prod(in_shape[:a])
+        b, acc = 0, 1
+        while b < len(shape) and acc < prefix:
+            acc *= shape[b]
+            b += 1
+        if acc != prefix:
+            raise _Pin("reshape mixes the channel axis with leading axes")
+        while b < len(shape) and shape[b] == 1 and c != 1:
+            b += 1
+        if b >= len(shape):
+            raise _Pin("reshape drops the channel axis")
+        s = shape[b]
+        if s == c:
+            in_pos = out_pos = np.arange(c)
+            how = "identity"
+        elif s > c and s % c == 0 and _prefix_hits(in_shape[a + 1:], s // c):
+            r = s // c
+            in_pos, out_pos = np.repeat(np.arange(c), r), np.arange(s)
+            how = f"block x{r}"
+        elif s < c and c % s == 0 and _prefix_hits(shape[b:], c):
+            in_pos, out_pos = np.arange(c), np.arange(c) // (c // s)
+            how = f"heads {s}x{c // s}"
+        else:
+            raise _Pin("reshape splits the channel axis in a way fxopt cannot follow")
+        info = {"size_index": b} if view.kind == "reshape" else {}
+        self.passthrough(node, view, src, b, in_pos, out_pos, how=how, info=info)
+
+    def rule_matmul(self, node, view, shape) -> None:
+        a, bnode = view.inputs[0], view.inputs[1]
+        sa, sb = self.in_slot(a), self.in_slot(bnode)
+        if sa is None and sb is None:
+            return self.free_output(node, view)
+        nd = len(shape)
+        targets = []
+        for x, sid, is_a in ((a, sa, True), (bnode, sb, False)):
+            if sid is None:
+                continue
+            xd = len(_shape(x))
+            ax = self.slots[sid].axis
+            if xd >= 2 and ax < xd - 2:
+                targets.append((x, sid, ax + nd - xd))
+            elif is_a and ax == xd - 2:
+                targets.append((x, sid, nd - 2))
+            elif not is_a and ax == xd - 1:
+                targets.append((x, sid, nd - 1))
+            else:
+                raise _Pin("matmul contracts the channel axis")
+        if len({t[2] for t in targets}) != 1:
+            raise _Pin("matmul inputs carry channels on different axes")
+        out_axis = targets[0][2]
+        if len(targets) == 1 and out_axis < nd - 2:
+            other = bnode if targets[0][0] is a else a
+            o_shape = _shape(other)
+            o_axis = out_axis - (nd - len(o_shape))
+            if o_axis >= 0 and o_shape[o_axis] != 1:
+                sid = self.slot_on(other, o_axis)
+                targets.append((other, sid, out_axis))
+        out = self.new_slot(node, out_axis, "pass")
+        rule = Rule(node.name, "matmul", "pass", outputs=[out])
+        pos = np.arange(shape[out_axis])
+        for x, sid, _ in targets:
+            rule.inputs.append((x.name, sid, pos, pos, out))
+            self.link(sid, out, pos, pos, "matmul", "identity")
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    def rule_sdpa(self, node, view, shape) -> None:
+        q, k, v = view.inputs[:3]
+        sq = self.in_slot(q)
+        if sq is None:
+            raise _Pin("attention query without channel tracking")
+        axis = self.slots[sq].axis
+        if axis >= len(shape) - 2:
+            raise _Pin("attention channels on the sequence or feature axis")
+        if view.attrs.get("attn_mask") is not None:
+            raise _Pin("attention mask (no rule yet)")
+        out = self.new_slot(node, axis, "pass")
+        rule = Rule(node.name, "sdpa", "pass", outputs=[out])
+        pos = np.arange(shape[axis])
+        for x in (q, k, v):
+            sid = self.slot_on(x, axis)
+            if sid is None:
+                raise _Pin("attention inputs carry channels on different axes")
+            rule.inputs.append((x.name, sid, pos, pos, out))
+            self.link(sid, out, pos, pos, "sdpa", "heads")
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    def rule_layer_norm(self, node, view, shape) -> None:
+        raise _Pin(f"{view.kind} normalizes across channels (read at full width)")
+
+    rule_group_norm = rule_layer_norm
+
+    # ----- finish -----------------------------------------------------------------------
+    def finish(self) -> ChannelGraph:
+        total = len(self.uf.parent)
+        roots = np.fromiter((self.uf.find(i) for i in range(total)), dtype=np.int64, count=total)
+        _, cls = np.unique(roots, return_inverse=True)
+        n_classes = int(cls.max()) + 1 if total else 0
+        precedence = set()
+        for ys, xs in self.prec_pairs:
+            for y, x in zip(cls[ys].tolist(), cls[xs].tolist()):
+                if y != x:
+                    precedence.add((y, x))
+        pinned = np.zeros(n_classes, dtype=bool)
+        pinned[cls[np.array(self.pinned_positions, dtype=np.int64)]] = True
+        out_cls = np.zeros(n_classes, dtype=bool)
+        out_cls[cls[np.array(self.output_positions, dtype=np.int64)]] = True
+        # Channels of the graph output stay, including every contribution summed into them.
+        requires: dict[int, list[int]] = {}
+        for y, x in precedence:
+            requires.setdefault(y, []).append(x)
+        stack = np.nonzero(out_cls)[0].tolist()
+        while stack:
+            for x in requires.get(stack.pop(), ()):
+                if not out_cls[x]:
+                    out_cls[x] = True
+                    stack.append(x)
+        return ChannelGraph(self.graph, self.slots, self.rules, self.value_slot, cls, n_classes, precedence,
+                            self.pinned_nodes, pinned, out_cls, self.module_names)
+
+
+def _prefix_hits(dims: tuple, target: int) -> bool:
+    acc = 1
+    for d in dims:
+        if acc == target:
+            return True
+        acc *= d
+    return acc == target
+
+
+def _module_name(node: torch.fx.Node, view) -> str:
+    """The dotted module path of a weighted op (`layers.0.fc1`), in either front end."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.replace("L['self'].", "").replace("L__self___", "")
+    ref = view.params.get("weight")
+    return ref.qualname.rsplit(".", 1)[0] if ref is not None else node.name
+
+
+__all__ = ["ChannelGraph", "ChannelGraphAnalysis", "Rule", "Slot", "build_channel_graph", "operator"]

@@ -1,0 +1,175 @@
+"""Per-class costs for the selection: importance lost and MACs saved by removing a class.
+
+Importance is measured where information is destroyed — at the *producers* of a class
+(conv/linear/embedding output rows, parameters used directly) plus the affine of the norms and
+depthwise convs inside it. Consumer columns are not counted: they read a channel that is gone.
+
+- ``l1`` / ``l2``: norm of each producer row (weight and bias, plus norm affine);
+- ``bn_scale``: |gamma| of the batchnorms in the class (classes without one fall back to l1);
+- ``taylor``: |sum(activation * gradient)| at the producer outputs over `ctx.calibration`
+  batches, with the loss ``sum(output**2)`` (no labels needed).
+
+Each producer slot's scores are divided by their mean, so layers of different scale compete
+fairly (a class that spans several producers sums their normalized scores). MACs count what
+removing one channel saves: its producer row, every consumer column, depthwise and attention
+work in between.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxopt.ir import op_view, tensor_meta
+
+from .channel_graph import ChannelGraph
+
+IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
+
+
+def _shape(gm_node) -> tuple[int, ...]:
+    return tuple(int(d) for d in tensor_meta(gm_node)[0])
+
+
+def _row_norm(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
+    t = t.detach().float().movedim(axis, 0).reshape(t.shape[axis], -1)
+    return (t.abs().sum(1) if p == 1 else t.pow(2).sum(1)).numpy().astype(np.float64)
+
+
+def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l1",
+                calibration: list | None = None) -> dict[str, np.ndarray]:
+    """Arrays per class: `imp` (normalized), `macs`, `prod` (producer channels)."""
+    if importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance '{importance}'; valid: {', '.join(IMPORTANCES)}")
+    n = cg.n_classes
+    imp = np.zeros(n)
+    bn = np.zeros(n)
+    has_bn = np.zeros(n, dtype=bool)
+    macs = np.zeros(n)
+    prod = np.zeros(n, dtype=np.int64)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    p = 2 if importance == "l2" else 1
+    taylor = _taylor_scores(gm, cg, calibration) if importance == "taylor" else {}
+
+    def add_scores(sid: int, scores: np.ndarray, target: np.ndarray) -> None:
+        mean = scores.mean() if scores.size and scores.mean() > 0 else 1.0
+        np.add.at(target, cg.positions(sid), scores / mean)
+
+    for name, rule in cg.rules.items():
+        node = nodes.get(name)
+        if node is None:
+            continue
+        if rule.category == "param":
+            sid = rule.outputs[0]
+            val = getattr_value(gm, node)
+            add_scores(sid, _row_norm(val, cg.slots[sid].axis, p), imp)
+            np.add.at(prod, cg.positions(sid), 1)
+            continue
+        if rule.category not in ("producer", "norm", "pass"):
+            continue
+        view = op_view(gm, node)
+        out = _shape(node)
+        if rule.category == "producer":
+            sid = rule.outputs[0]
+            w = view.param("weight")
+            if rule.kind == "embedding":
+                scores = _row_norm(w, 1, p)
+            else:
+                scores = _row_norm(w, 0, p)
+                b = view.param("bias")
+                if b is not None:
+                    scores = scores + (b.detach().abs().numpy() if p == 1 else b.detach().pow(2).numpy())
+            if importance == "taylor" and name in taylor:
+                scores = taylor[name]
+            add_scores(sid, scores, imp)
+            np.add.at(prod, cg.positions(sid), 1)
+            if rule.kind == "conv":
+                k = math.prod(w.shape[2:])
+                groups = rule.info["groups"]
+                spatial = math.prod(out) // out[1]
+                cin_g, cout_g = w.shape[1], w.shape[0] // groups
+                np.add.at(macs, cg.positions(sid), spatial * cin_g * k)
+                for _, src_sid in rule.consumed:
+                    np.add.at(macs, cg.positions(src_sid), spatial * cout_g * k)
+            elif rule.kind == "linear":
+                rows = math.prod(out) // out[-1]
+                np.add.at(macs, cg.positions(sid), rows * w.shape[1])
+                for _, src_sid in rule.consumed:
+                    np.add.at(macs, cg.positions(src_sid), rows * w.shape[0])
+        elif rule.category == "norm":
+            sid = rule.outputs[0]
+            if rule.kind == "batch_norm":
+                g = view.param("weight")
+                b = view.param("bias")
+                if g is not None:
+                    scores = _row_norm(g, 0, p) + (_row_norm(b, 0, p) if b is not None else 0)
+                    add_scores(sid, scores, imp)
+                    add_scores(sid, g.detach().abs().numpy().astype(np.float64), bn)
+                    has_bn[cg.positions(sid)] = True
+            elif rule.info.get("depthwise"):
+                w = view.param("weight")
+                add_scores(sid, _row_norm(w, 0, p), imp)
+                spatial = math.prod(out) // out[1]
+                np.add.at(macs, cg.positions(sid), spatial * math.prod(w.shape[2:]))
+        elif rule.kind in ("matmul", "sdpa"):
+            sid = rule.outputs[0]
+            size = cg.slots[sid].size
+            if rule.kind == "matmul":
+                a = nodes[rule.inputs[0][0]]
+                total = math.prod(out) * _shape(a)[-1]
+            else:
+                q, k = (nodes[r[0]] for r in rule.inputs[:2])
+                total = 2 * math.prod(_shape(q)) * _shape(k)[-2]
+            np.add.at(macs, cg.positions(sid), total / size)
+    if importance == "bn_scale":
+        imp = np.where(has_bn, bn, imp)
+    return {"imp": imp, "macs": macs, "prod": prod}
+
+
+def getattr_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:
+    value = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list | None) -> dict[str, np.ndarray]:
+    """|sum(a * dL/da)| per producer output channel over the calibration batches."""
+    if not calibration:
+        raise ValueError("importance 'taylor' needs calibration batches (ctx.calibration / calibration=)")
+    producers = {name: cg.slots[r.outputs[0]] for name, r in cg.rules.items() if r.category == "producer"}
+    scores: dict[str, np.ndarray] = {}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            slot = producers.get(n.name)
+            if slot is not None and isinstance(result, torch.Tensor) and result.is_floating_point():
+                probe = torch.zeros_like(result, requires_grad=True)
+                self.probes[n.name] = (probe, result.detach(), slot.axis)
+                result = result + probe
+            return result
+
+    for batch in calibration:
+        args, kwargs = batch if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict) \
+            else ((batch,) if isinstance(batch, torch.Tensor) else tuple(batch), {})
+        interp = Probe(gm)
+        interp.probes = {}
+        with torch.enable_grad():
+            out = interp.run(*args, **kwargs)
+            leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not leaves:
+                continue
+            loss = sum(t.float().pow(2).sum() for t in leaves)
+            probes = [v[0] for v in interp.probes.values()]
+            grads = torch.autograd.grad(loss, probes, allow_unused=True)
+        for (name, (_, act, axis)), grad in zip(interp.probes.items(), grads):
+            if grad is None:
+                continue
+            contrib = (act * grad).movedim(axis, -1)
+            per_sample = contrib.reshape(contrib.shape[0] if contrib.dim() > 1 else 1, -1, contrib.shape[-1]).sum(1)
+            s = per_sample.abs().sum(0).double().numpy()
+            scores[name] = scores.get(name, 0) + s
+    return scores

@@ -1,0 +1,333 @@
+"""`prune` — structured channel pruning with a channel-dependency graph and minimum cuts.
+
+What it rewrites: conv/linear/embedding/batchnorm/depthwise parameters get physically smaller
+(channels removed), shape arguments follow, and adapters re-index values where a residual
+stream or a pinned reader needs other channels. The result is a smaller, faster GraphModule.
+
+How (one module per step):
+1. `channel_graph` — a networkx graph over channel slots; union-find classes of channels that
+   must go together; junction precedence for add/sub; pinned nodes named with a reason.
+2. `importance` — per-class importance (l1, l2, bn_scale, taylor) and MACs saved.
+3. `select` — a maximum-weight closure by minimum cut picks the classes to remove.
+4. `boundary` — a minimum cut picks where removed channels are re-expanded for pinned readers.
+5. `apply` — new tensors via ParamRef.set, updated module attributes, adapters.
+
+Preconditions: shape metadata (capture records it). Works on symbolic and export graphs.
+Tolerance: lossy (it removes channels); exact when the removed channels contribute zero.
+
+Example (a residual block, ratio=0.5)::
+
+    before: %conv1 = conv1(%x) : f32[1, 16, 8, 8]   %bn1 = bn1(%conv1)  %relu = relu(%bn1)
+            %conv2 = conv2(%relu) : f32[1, 16, 8, 8] ...  %add = add(%bn2, %x)
+    after:  %conv1 = conv1(%x) : f32[1, 8, 8, 8]  {prune.kept: 8/16, prune.group: 1}
+            %conv2 = conv2(%relu) : f32[1, 16, 8, 8]  ...
+
+Research API: ``plan = analyze(model, inputs, ratio=0.5)`` returns the `PrunePlan` with the
+channel graph, per-class costs, groups, the selection cut and the boundary cut;
+``plan.apply()`` returns the pruned GraphModule.
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxopt.analysis import AnalysisManager, propagate_shapes
+from fxopt.dump.listing import annotate
+from fxopt.ir import op_view
+from fxopt.ir import clone_sharing_tensors, is_shared, make_private
+from fxopt.pass_base import Pass, PassContext, PassResult
+
+from .apply import apply_pruning
+from .boundary import Boundary, plan_boundaries
+from .channel_graph import ChannelGraph, ChannelGraphAnalysis, build_channel_graph
+from .importance import IMPORTANCES, class_costs
+from .select import Selection, close_free_junctions, revive, select
+
+
+@dataclass
+class PrunePlan:
+    """Everything the pass decided, for inspection before (or instead of) applying it.
+
+    - `channel_graph`: the `ChannelGraph` (networkx graph in `.graph`, classes, precedence);
+    - `costs`: per-class arrays `imp` (normalized importance), `macs`, `prod` (producer channels);
+    - `groups`: lists of class ids coupled by unions or precedence;
+    - `selection`: the dead classes, λ per group, the min-cut value and cut edges;
+    - `boundary`: slots kept at full width and the re-expansion cut edges;
+    - `ignored`: node names excluded by the `ignore` option; `seconds`: time per step.
+    """
+
+    gm: torch.fx.GraphModule
+    channel_graph: ChannelGraph
+    costs: dict
+    groups: list
+    selection: Selection
+    boundary: Boundary
+    ignored: set
+    blocked: np.ndarray
+    seconds: dict = field(default_factory=dict)
+    example_inputs: tuple = ()
+    example_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def dead(self) -> np.ndarray:
+        return self.selection.dead
+
+    def kept_channels(self) -> dict[str, str]:
+        """node name -> 'kept/size' for every slot that loses channels."""
+        cg, out = self.channel_graph, {}
+        for s in cg.slots:
+            alive = int((~self.dead[cg.positions(s.id)]).sum())
+            if alive != s.size:
+                out[s.node] = f"{alive}/{s.size}"
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        cg = self.channel_graph
+        return {
+            "classes": cg.n_classes,
+            "groups": len(self.groups),
+            "removed_channels": self.selection.removed,
+            "prunable_channels": self.selection.total,
+            "selection_cut": round(self.selection.cut_value, 6),
+            "selection_cut_edges": len(self.selection.cut_edges),
+            "reexpanded_slots": len(self.boundary.full),
+            "boundary_cut_edges": [f"{u}->{v}" for u, v in self.boundary.cut_edges],
+            "pinned": dict(cg.pinned_nodes),
+            "ignored": sorted(self.ignored),
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
+
+    def apply(self, dead: np.ndarray | None = None) -> torch.fx.GraphModule:
+        """Remove the chosen classes (or `dead`, a bool mask per class) from `self.gm`; return it.
+
+        A custom `dead` mask is trusted to respect the precedence and pins; the boundary cut is
+        recomputed for it.
+        """
+        cg = self.channel_graph
+        boundary = self.boundary
+        if dead is not None:
+            dead = np.asarray(dead, dtype=bool)
+            bad = [(u, v) for u, v in cg.precedence if dead[u] and not dead[v]]
+            if bad or (dead & self.blocked).any():
+                raise ValueError("the dead mask breaks a junction precedence or removes a pinned class")
+            self.selection.dead = dead
+            boundary = self.boundary = plan_boundaries(cg, dead, self.ignored)
+        start = time.perf_counter()
+        slot_group = {}
+        for gi, labels in enumerate(cg.slot_groups()):
+            for label in labels:
+                slot_group[cg.graph.nodes[label]["slot"]] = gi
+        info = apply_pruning(self.gm, cg, self.selection.dead, boundary, self.ignored, slot_group)
+        if self.example_inputs or self.example_kwargs:
+            propagate_shapes(self.gm, self.example_inputs, self.example_kwargs)
+        self.seconds["apply"] = time.perf_counter() - start
+        self.applied = info
+        return self.gm
+
+
+def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: str = "l1", scope: str = "local",
+                 round_to: int = 1, ignore: tuple[str, ...] = (), calibration: list | None = None,
+                 channel_graph: ChannelGraph | None = None, example_inputs: tuple = (),
+                 example_kwargs: dict | None = None) -> PrunePlan:
+    """Analyze `gm` and choose channels, without changing it; see `PrunePlan`."""
+    _check_options(ratio, importance, scope, round_to)
+    seconds = {}
+    start = time.perf_counter()
+    cg = channel_graph if channel_graph is not None else build_channel_graph(gm)
+    seconds["analysis"] = time.perf_counter() - start
+
+    ignored = _match_ignore(gm, cg, ignore)
+    start = time.perf_counter()
+    costs = class_costs(gm, cg, importance, calibration)
+    blocked = cg.pinned_classes | cg.output_classes
+    for name in ignored:
+        for sid in cg.rules[name].outputs:
+            blocked[cg.positions(sid)] = True
+    prod = costs["prod"]
+    if ratio > 0 and prod[~blocked].sum() == 0:
+        what = "every prunable layer is ignored" if ignored else "the model has no prunable channels"
+        raise ValueError(f"option 'ignore': {what} (pinned: {', '.join(sorted(cg.pinned_nodes)) or 'none'})"
+                         if ignored else f"nothing to prune: {what}")
+    macs = costs["macs"]
+    live = prod > 0
+    mean_macs = macs[live].mean() if live.any() and macs[live].mean() > 0 else 1.0
+    groups = [sorted(g) for g in cg.groups()]
+    seconds["costs"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    sel = select(macs / mean_macs, costs["imp"], prod, blocked, cg.precedence, [set(g) for g in groups], ratio, scope)
+    dead = sel.dead
+    _round_slots(cg, dead, costs["imp"], round_to)
+    dead = close_free_junctions(dead, prod, blocked, cg.precedence)
+    sel.dead, sel.removed = dead, int(prod[dead].sum())
+    seconds["select"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    boundary = plan_boundaries(cg, dead, ignored)
+    seconds["boundary"] = time.perf_counter() - start
+    plan = PrunePlan(gm, cg, costs, groups, sel, boundary, ignored, blocked, seconds, tuple(example_inputs),
+                     dict(example_kwargs or {}))
+    _annotate(gm, plan)
+    return plan
+
+
+def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", calibration: list | None = None,
+            **options: Any) -> PrunePlan:
+    """Capture `model` (a private copy), build the channel graph and choose channels.
+
+    Returns the `PrunePlan`; call `.apply()` for the pruned GraphModule. `options` are the pass
+    options (ratio, importance, scope, round_to, ignore).
+    """
+    import fxopt
+    from fxopt.capture import normalize_inputs
+
+    args, kwargs = normalize_inputs(example_inputs)
+    gm = clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode))
+    _privatize(gm)
+    propagate_shapes(gm, args, kwargs)
+    if calibration is not None:
+        calibration = [normalize_inputs(b) for b in calibration]
+    return plan_pruning(gm, calibration=calibration, example_inputs=args, example_kwargs=kwargs, **options)
+
+
+@dataclass
+class Prune(Pass):
+    """Structured channel pruning; see the module docstring."""
+
+    name: ClassVar[str] = "prune"
+    tolerance: ClassVar[str] = "lossy"
+    ratio: float = 0.5
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l1"
+    scope: Literal["local", "global"] = "local"
+    round_to: int = 1
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_options(self.ratio, self.importance, self.scope, self.round_to)
+        self.ignore = tuple(self.ignore)
+
+    def plan(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PrunePlan:
+        changed = _privatize(gm)
+        am = ctx.analyses
+        if changed or am is None:
+            if ctx.example_inputs or ctx.example_kwargs:
+                propagate_shapes(gm, ctx.example_inputs, ctx.example_kwargs)
+            cg = build_channel_graph(gm)
+        else:
+            cg = am.get(ChannelGraphAnalysis)
+        return plan_pruning(gm, ratio=self.ratio, importance=self.importance, scope=self.scope,
+                            round_to=self.round_to, ignore=self.ignore, calibration=ctx.calibration,
+                            channel_graph=cg, example_inputs=ctx.example_inputs, example_kwargs=ctx.example_kwargs)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.ratio == 0:
+            return PassResult(gm, modified=False, stats={"removed_channels": 0})
+        plan = self.plan(gm, ctx)
+        stats = plan.stats()
+        if plan.selection.removed == 0:
+            return PassResult(gm, modified=False, stats=stats)
+        plan.apply()
+        stats.update(plan.applied)
+        stats["seconds"] = {k: round(v, 4) for k, v in plan.seconds.items()}
+        return PassResult(gm, modified=True, stats=stats)
+
+
+# ----- helpers ---------------------------------------------------------------------------------
+
+def _check_options(ratio: float, importance: str, scope: str, round_to: int) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"option 'ratio' must be a number with 0 <= ratio < 1, got {ratio!r}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"option 'importance': unknown '{importance}'; valid: {', '.join(IMPORTANCES)}")
+    if scope not in ("local", "global"):
+        raise ValueError(f"option 'scope' must be 'local' or 'global', got {scope!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"option 'round_to' must be an integer >= 1, got {round_to!r}")
+
+
+def _privatize(gm: torch.fx.GraphModule) -> bool:
+    """Give every weighted op its own parameters, so pruning one site never resizes another."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function"):
+            continue
+        view = op_view(gm, node)
+        if view is not None and view.params and is_shared(gm, node, view.params):
+            make_private(gm, node)
+            changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[str, ...]) -> set[str]:
+    ignored: set[str] = set()
+    for pattern in patterns:
+        hits = {node for node, module in cg.module_names.items()
+                if module == pattern or fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + ".")
+                or node == pattern}
+        if not hits:
+            known = sorted(set(cg.module_names.values()))
+            sample = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+            raise ValueError(f"option 'ignore': pattern '{pattern}' matches no layer; layers are: {sample}")
+        ignored |= hits
+    return ignored
+
+
+def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: int) -> None:
+    """Each producer slot keeps a multiple of round_to channels (and at least one)."""
+    producers = {r.outputs[0] for r in cg.rules.values() if r.category in ("producer", "param")}
+    for _ in range(8):
+        changed = False
+        for slot in cg.slots:
+            sid = slot.id
+            pos = cg.positions(sid)
+            size = slot.size
+            alive = int((~dead[pos]).sum())
+            step = round_to if sid in producers else 1
+            want = min(max(step, -(-alive // step) * step), size)
+            if alive >= want:
+                continue
+            dead_classes = list(dict.fromkeys(pos[dead[pos]].tolist()))
+            dead_classes.sort(key=lambda k: -imp[k])
+            need = want - alive
+            back = []
+            for k in dead_classes:
+                if need <= 0:
+                    break
+                back.append(k)
+                need -= int((pos == k).sum())
+            revive(dead, back, cg.precedence)
+            changed = True
+        if not changed:
+            break
+
+
+def _annotate(gm: torch.fx.GraphModule, plan: PrunePlan) -> None:
+    cg = plan.channel_graph
+    nodes = {n.name: n for n in gm.graph.nodes}
+    group_of = {}
+    for gi, labels in enumerate(cg.slot_groups()):
+        for label in labels:
+            group_of[cg.graph.nodes[label]["slot"]] = gi
+    full = plan.boundary.full
+    for s in cg.slots:
+        node = nodes.get(s.node)
+        if node is None:
+            continue
+        annotate(node, "prune.group", group_of.get(s.id))
+        if s.id in full:
+            annotate(node, "prune.reexpanded", True)
+    for name, reason in cg.pinned_nodes.items():
+        if name in nodes:
+            annotate(nodes[name], "prune.pinned", reason)
+    for u, v in plan.boundary.cut_edges:
+        target = nodes.get(v.split(":", 1)[1] if v.startswith(("pin:", "use:")) else v.split(":")[0])
+        if target is not None:
+            annotate(target, "prune.cut_from", u)

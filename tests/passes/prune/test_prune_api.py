@@ -1,0 +1,143 @@
+"""Options, bad input, pipeline text, pinned reporting and distillation on the digits example."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.errors import PassError, PipelineError
+from fxopt.passes.prune.prune_pass import Prune, analyze
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.b(F.relu(self.a(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_ratio_out_of_range(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        Prune(ratio=ratio)
+    with pytest.raises(PipelineError, match="ratio"):
+        fxopt.optimize(Small(), (X,), f"prune{{ratio={ratio}}}")
+
+
+def test_unknown_importance_and_round_to():
+    with pytest.raises(PipelineError, match="importance"):
+        fxopt.optimize(Small(), (X,), "prune{importance=magic}")
+    with pytest.raises(ValueError, match="importance"):
+        Prune(importance="magic")
+    with pytest.raises(ValueError, match="round_to"):
+        Prune(round_to=0)
+
+
+def test_everything_ignored():
+    with pytest.raises(PassError, match="ignore.*every prunable layer is ignored"):
+        fxopt.optimize(Small(), (X,), [Prune(ignore=("*",))])
+
+
+def test_ignore_pattern_that_matches_nothing():
+    with pytest.raises(PassError, match="pattern 'nope' matches no layer"):
+        fxopt.optimize(Small(), (X,), [Prune(ignore=("nope",))])
+
+
+def test_taylor_without_calibration():
+    with pytest.raises(PassError, match="calibration"):
+        fxopt.optimize(Small(), (X,), [Prune(importance="taylor")])
+
+
+def test_pipeline_text_round_trip_and_stats():
+    res = fxopt.optimize(Small(), (X,), "prune{ratio=0.5,scope=local,ignore=[fc]}", verify=False)
+    assert res.pipeline == "prune{ignore=[fc]}"  # defaults are not printed
+    stats = res.passes[0].stats
+    assert stats["removed_channels"] == 8 and stats["ignored"] == ["fc"]
+    assert res.module.get_submodule("a").out_channels == 4
+    assert res.module.get_submodule("fc").out_features == 4
+    # global scope spends the same budget where MACs are cheapest to save (every slot keeps >= 1)
+    res = fxopt.optimize(Small(), (X,), "prune{scope=global}", verify=False)
+    assert res.passes[0].stats["removed_channels"] >= 7
+
+
+def test_ratio_zero_is_a_no_op():
+    res = fxopt.optimize(Small(), (X,), [Prune(ratio=0.0)])
+    assert not res.passes[0].modified and res.verification.passed
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(torch.sigmoid(y) + torch.flip(y, [1]))  # no rules: pinned, never pruned wrongly
+
+
+def test_unreasoned_nodes_are_pinned_and_named():
+    from fxopt.passes.prune.apply import zero_removed
+
+    x = torch.randn(2, 3, 8, 8)
+    plan = analyze(Odd(), (x,), ratio=0.5)
+    pinned = plan.stats()["pinned"]
+    assert "flip" in pinned and "sigmoid" in pinned
+    # pinned readers get the removed channels back as zeros, so the result stays exact
+    assert {v for _, v in plan.boundary.cut_edges} == {"pin:flip", "pin:sigmoid"}
+    zero_removed(plan.gm, plan.channel_graph, plan.dead)
+    masked = plan.gm(x)
+    pruned = plan.apply()
+    torch.testing.assert_close(pruned(x), masked, rtol=1e-4, atol=1e-5)
+    assert pruned.get_submodule("a").out_channels == 4 and pruned.get_submodule("b").in_channels == 8
+
+
+def test_analysis_is_cached_and_networkx():
+    import networkx as nx
+
+    from fxopt.analysis import AnalysisManager
+    from fxopt.passes.prune.channel_graph import ChannelGraphAnalysis
+
+    gm = fxopt.capture(Small(), (X,))
+    am = AnalysisManager(gm, (X,))
+    cg = am.get(ChannelGraphAnalysis)
+    assert am.get(ChannelGraphAnalysis) is cg
+    assert isinstance(cg.graph, nx.MultiDiGraph)
+    assert ("a:1", "relu:1") in {(u, v) for u, v in cg.graph.edges()}
+
+
+def test_distill_improves_pruned_digits_accuracy():
+    from fxopt.examples import digits
+
+    model, _ = digits.load_example(progress=False)
+    train, test = digits.load_digits_data()
+    x = train.tensors[0][:32]
+    res = fxopt.optimize(model, (x,), [Prune(ratio=0.7)], mode="export", verify=False)
+    before = digits.evaluate_accuracy(res.module)
+    data = [(train.tensors[0][i:i + 64],) for i in range(0, 1024, 64)]
+    tuned = fxopt.distill(res.module, model, data, epochs=4, lr=3e-3, progress=False)
+    after = digits.evaluate_accuracy(tuned)
+    assert after > before + 1.0, (before, after)
+    # the teacher and the pruned module are left as they were
+    assert digits.evaluate_accuracy(res.module) == before
+
+
+def test_distill_can_be_called_twice_and_leaves_teacher_alone():
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    student = fxopt.capture(nn.Sequential(nn.Linear(4, 3)), (torch.randn(2, 4),), mode="export")
+    before = [p.clone() for p in teacher.parameters()]
+    data = [(torch.randn(16, 4),) for _ in range(2)]
+    for _ in range(2):  # the submodule import must not shadow fxopt.distill
+        tuned = fxopt.distill(student, teacher, data, epochs=1, progress=False)
+    assert tuned is not student
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+    with pytest.raises(ValueError, match="temperature"):
+        fxopt.distill(student, teacher, data, temperature=0)

@@ -1,0 +1,333 @@
+"""Exactness of physical channel removal: when the removed channels contribute exactly zero
+(their producer rows, norm affine and parameter slices zeroed), the pruned model must equal the
+masked original to float tolerance — on both front ends, for every coupling rule."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.measure import count_macs, count_parameters
+from fxopt.passes.prune.apply import zero_removed
+from fxopt.passes.prune.prune_pass import Prune, analyze
+
+
+def conv_bn(cin, cout, k=3, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def _warm(model, x):
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn_like(x) if x.is_floating_point() else x)
+    return model.eval()
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.c1, self.c2 = conv_bn(16, 16), nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.c3, self.c4 = conv_bn(16, 16), nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.c2(self.c1(x)))
+        x = F.relu(self.c4(self.c3(x)) + x)
+        x = F.max_pool2d(x, 2)
+        return self.fc(torch.flatten(x, 1))  # reshape into Linear: spatial factor 16
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn(3, 8), conv_bn(3, 12)
+        self.mix = conv_bn(20, 16)
+        self.head = nn.Conv2d(16 + 8, 4, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        y = torch.cat([a, self.b(x)], dim=1)
+        return self.head(torch.cat([self.mix(y), a], 1))
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw1 = conv_bn(3, 16, 1)
+        self.dw = conv_bn(16, 16, 3, groups=16)
+        self.dw2 = nn.Conv2d(16, 32, 3, padding=1, groups=16)  # channel multiplier 2
+        self.pw2 = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        return self.pw2(F.relu(self.dw2(self.dw(self.pw1(x)))))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 16)
+        self.g = conv_bn(16, 24, 3, groups=4)
+        self.out = nn.Conv2d(24, 6, 1)
+
+    def forward(self, x):
+        return self.out(self.g(self.a(x)))
+
+
+class UNetSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = conv_bn(3, 8)
+        self.down = conv_bn(8, 16)
+        self.dec = conv_bn(16 + 8, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        d = self.down(F.max_pool2d(e, 2))
+        u = F.interpolate(d, scale_factor=2.0, mode="nearest")
+        return self.head(self.dec(torch.cat([u, e], 1)))
+
+
+class SplitChunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 16)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        left, right = torch.chunk(self.a(x), 2, dim=1)
+        p, q = torch.split(self.b(left), [3, 5], dim=1)
+        return self.out(torch.cat([q, p], 1) * self.c(right))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=32, heads=4, sdpa=False):
+        super().__init__()
+        self.heads, self.hd, self.sdpa = heads, dim // heads, sdpa
+        self.embed = nn.Linear(6, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 64), nn.Linear(64, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.embed(x)
+        q = self.q(h).view(b, n, self.heads, self.hd).transpose(1, 2)
+        k = self.k(h).view(b, n, self.heads, self.hd).transpose(1, 2)
+        v = self.v(h).view(b, n, self.heads, self.hd).transpose(1, 2)
+        if self.sdpa:
+            ctx = F.scaled_dot_product_attention(q, k, v)
+        else:
+            ctx = torch.matmul((torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.hd)).softmax(-1), v)
+        h = self.norm(h + self.o(ctx.transpose(1, 2).reshape(b, n, self.heads * self.hd)))
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h[:, 0])
+
+
+class Tokens(nn.Module):
+    """Class token, position embedding and a token embedding used directly in the graph."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.tok = nn.Embedding(50, dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 9, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, ids):
+        x = self.tok(ids)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.fc(self.norm(x)[:, 0]) + self.fc(x[:, 1])
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.b(self.a(x))), 2)
+        return self.c(torch.cumsum(y, dim=1))  # cumsum mixes channels: no rule, pinned
+
+
+IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
+CASES = {
+    "residual": (Residual, IMAGE),
+    "concat": (Concat, IMAGE),
+    "depthwise": (Depthwise, IMAGE),
+    "grouped": (Grouped, IMAGE),
+    "upsample_skip": (UNetSkip, IMAGE),
+    "split_chunk": (SplitChunk, IMAGE),
+    "attention": (Attention, lambda: torch.randn(2, 5, 6)),
+    "attention_sdpa": (lambda: Attention(sdpa=True), lambda: torch.randn(2, 5, 6)),
+    "tokens": (Tokens, lambda: torch.randint(0, 50, (2, 8))),
+    "unknown_op": (Unknown, IMAGE),
+}
+
+
+def _pruned_and_masked(name, mode, ratio=0.5, **options):
+    torch.manual_seed(0)
+    build, make = CASES[name]
+    x = make()
+    model = _warm(build(), x)
+    plan = analyze(model, (x,), mode=mode, ratio=ratio, **options)
+    zero_removed(plan.gm, plan.channel_graph, plan.dead)
+    with torch.no_grad():
+        masked = plan.gm(x)
+    params_before = count_parameters(plan.gm)
+    pruned = plan.apply()
+    with torch.no_grad():
+        out = pruned(x)
+    return plan, masked, out, params_before, pruned, x
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zeroed_channels_prune_exactly(name, mode):
+    plan, masked, out, params_before, pruned, x = _pruned_and_masked(name, mode)
+    assert plan.selection.removed > 0, plan.stats()
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+    assert count_parameters(pruned) < params_before
+    pruned.graph.lint()
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_new_batch_size_runs_after_pruning(mode):
+    plan, _, _, _, pruned, x = _pruned_and_masked("residual", mode)
+    assert pruned(torch.randn(5, 3, 8, 8)).shape == (5, 10)
+
+
+def test_residual_stream_couples_blocks_and_linear_gets_spatial_factor():
+    plan, *_ = _pruned_and_masked("residual", "symbolic", ratio=0.5)
+    cg = plan.channel_graph
+    assert cg.precedence, "adds must create junction precedence"
+    kept = plan.kept_channels()
+    # the flatten slot keeps 16 columns per kept channel of the pooled stream
+    flat = [s for s in cg.slots if s.node == "flatten"][0]
+    alive_flat = int((~plan.dead[cg.positions(flat.id)]).sum())
+    assert alive_flat % 16 == 0
+    assert any(k.startswith("stem") for k in kept)
+    # module attributes follow the new tensors
+    pruned = plan.apply() if not hasattr(plan, "applied") else plan.gm
+    fc = pruned.get_submodule("fc")
+    assert fc.in_features == fc.weight.shape[1] == alive_flat
+
+
+def test_grouped_conv_stays_uniform_and_depthwise_groups_follow():
+    plan, *_ = _pruned_and_masked("grouped", "symbolic")
+    g = plan.gm.get_submodule("g.0")
+    assert g.groups == 4 and g.in_channels % 4 == 0 and g.out_channels % 4 == 0
+    assert g.weight.shape == (g.out_channels, g.in_channels // 4, 3, 3)
+    plan, *_ = _pruned_and_masked("depthwise", "symbolic")
+    dw = plan.gm.get_submodule("dw.0")
+    assert dw.groups == dw.in_channels == dw.out_channels == dw.weight.shape[0] < 16
+    dw2 = plan.gm.get_submodule("dw2")
+    assert dw2.out_channels == 2 * dw2.groups
+
+
+def test_attention_prunes_whole_heads():
+    plan, *_ = _pruned_and_masked("attention", "export")
+    gm = plan.gm
+    q = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)][1]
+    rows = q.meta["tensor_meta"].shape[-1]
+    assert rows % 8 == 0 and rows < 32, "q keeps whole heads of 8"
+    heads = {n.meta["tensor_meta"].shape[1] for n in gm.graph.nodes
+             if "matmul" in str(n.target) and n.meta.get("tensor_meta") is not None}
+    assert heads == {rows // 8}
+
+
+def test_unknown_op_is_pinned_reported_and_reexpanded():
+    plan, *_ = _pruned_and_masked("unknown_op", "symbolic")
+    stats = plan.stats()
+    assert "cumsum" in stats["pinned"]
+    # the cheapest re-expansion is after the pool (a quarter of the conv output's bytes)
+    assert plan.boundary.cut_edges and any("max_pool2d" in u for u, _ in plan.boundary.cut_edges)
+    assert plan.applied["reexpansions"]
+
+
+def test_reexpansion_boundary_before_layer_norm():
+    """Class token, position embedding and token embedding are pruned together; the stream is
+    re-expanded (zeros scattered back) right before the layer norm, which reads full width."""
+    from fxopt.dump.listing import graph_listing
+
+    plan, *_ = _pruned_and_masked("tokens", "export")
+    kept = plan.kept_channels()
+    assert {"cls", "pos", "embedding"} <= set(kept)
+    assert any(v == "pin:layer_norm" for _, v in plan.boundary.cut_edges)
+    assert plan.applied["reexpansions"]
+    text = graph_listing(plan.gm)
+    assert "prune.reexpand" in text and "prune.group" in text
+
+
+def test_boundary_cut_picks_the_cheapest_edge():
+    """conv -> bn -> relu -> pool -> unknown: re-expanding after the pool moves 4x fewer bytes."""
+    from fxopt.passes.prune.boundary import plan_boundaries
+
+    plan, *_ = _pruned_and_masked("unknown_op", "export")
+    cut = plan_boundaries(plan.channel_graph, plan.dead, set())
+    assert [v for _, v in cut.cut_edges] == ["pin:cumsum"]
+    assert cut.cut_edges[0][0].startswith("max_pool2d")
+    pool = [s for s in plan.channel_graph.slots if s.node.startswith("max_pool2d")][0]
+    assert cut.cut_value == pool.bytes
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_pass_selects_zeroed_channels_and_is_exact(mode):
+    """Through the pass manager: channels zeroed by hand are the ones removed (l1 importance 0)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = _warm(Residual(), x)
+    with torch.no_grad():
+        for conv, bn in ((model.c1[0], model.c1[1]), (model.c3[0], model.c3[1])):
+            for t in (conv.weight, bn.weight, bn.bias):
+                t[:6] = 0
+    res = fxopt.optimize(model, (x,), [Prune(ratio=12 / 112, scope="global")], mode=mode)
+    stats = res.passes[0].stats
+    assert stats["removed_channels"] == 12
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert res.module.get_submodule("c1.0").out_channels == 10 if mode == "symbolic" else True
+    assert count_macs(res.module, (x,)) < count_macs(model, (x,))
+
+
+def test_ignore_keeps_layer_and_round_to():
+    plan, masked, out, *_ = _pruned_and_masked("concat", "symbolic", ignore=("mix*",), round_to=4)
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+    assert plan.gm.get_submodule("mix.0").out_channels == 16
+    for name in ("a.0", "b.0"):
+        assert plan.gm.get_submodule(name).out_channels % 4 == 0
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor"])
+def test_every_importance_runs(importance):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = _warm(Residual(), x)
+    calib = [(torch.randn(4, 3, 8, 8),)]
+    plan = analyze(model, (x,), ratio=0.5, importance=importance, calibration=calib)
+    assert plan.selection.removed > 0
+    assert np.isfinite(plan.costs["imp"]).all()
+    pruned = plan.apply()
+    assert pruned(x).shape == (4, 10)
+
+
+def test_global_scope_prunes_by_cost():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = _warm(Residual(), x)
+    local = analyze(model, (x,), ratio=0.5, scope="local")
+    glob = analyze(model, (x,), ratio=0.5, scope="global")
+    assert abs(glob.selection.removed - glob.selection.target) <= 4
+    assert glob.stats()["groups"] == local.stats()["groups"]
