@@ -11,7 +11,10 @@ over it with a pass manager, and verify every result numerically against the ori
 """
 from .analysis import Analysis, AnalysisManager, DataflowAnalysis, ShapeAnalysis
 from .api import OptimizeResult, optimize
+from .calibration import calibrate
 from .capture import capture, frontend_of
+from .debug import dump
+from .distillation import distill
 from .errors import CaptureError, FxoptError, PassError, PipelineError, VerificationError
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach
 from .pass_base import Pass, PassContext, PassResult
@@ -21,33 +24,11 @@ from .verify import Tolerance, VerificationReport, verify
 
 __version__ = "0.1.0"
 
-
-def dump(gm, path, **kwargs):
-    """Write a readable listing, DOT/SVG and an index page for `gm` under `path`; see fxopt.dump."""
-    from .dump import dump as _dump
-
-    return _dump(gm, path, **kwargs)
-
-
-def calibrate(gm, batches, **kwargs):
-    """Run calibration batches through a module with observers; see fxopt.calibrate."""
-    from .calibrate import calibrate as _calibrate
-
-    return _calibrate(gm, batches, **kwargs)
-
-
-def distill(student, teacher, data, **kwargs):
-    """Knowledge-distillation fine-tuning of a pruned module; see fxopt.distill."""
-    from .distill import distill as _distill
-
-    return _distill(student, teacher, data, **kwargs)
-
-
 __all__ = [
     "Analysis", "AnalysisManager", "CaptureError", "DataflowAnalysis", "FxoptError", "Instrument",
     "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
     "PipelineError", "PrintIR", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError",
-    "VerificationReport", "VerifyEach", "available_passes", "calibrate", "capture", "distill", "dump", "format_pipeline",
-    "frontend_of", "get_pass", "optimize", "parse_pipeline", "register_pass", "unregister_pass",
-    "verify",
+    "VerificationReport", "VerifyEach", "available_passes", "calibrate", "capture", "distill", "dump",
+    "format_pipeline", "frontend_of", "get_pass", "optimize", "parse_pipeline", "register_pass",
+    "unregister_pass", "verify",
 ]

@@ -123,7 +123,7 @@ def _cmd_passes() -> int:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    from .dump import dump_pipeline
+    from .debug import dump_pipeline
 
     work = load_workload(args.model)
     index = dump_pipeline(work.model, work.example_inputs, args.pipeline, args.out, mode=args.mode,
@@ -142,7 +142,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     steps.update()
     instruments: list[Instrument] = []
     if args.dump:
-        from .dump import DumpInstrument
+        from .debug import DumpInstrument
 
         instruments.append(DumpInstrument(args.dump))
     steps.set_postfix_str("optimizing")

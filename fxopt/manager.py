@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from .analysis import AnalysisManager
-from .dump.listing import graph_listing
+from .debug.listing import graph_listing
 from .errors import PassError
 from .ir.rewrite import clone_sharing_tensors, tensor_versions
 from .pass_base import Pass, PassContext, PassResult

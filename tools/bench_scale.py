@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.dump import DumpInstrument, dump
-from fxopt.dump.render import render_svg
+from fxopt.debug import DumpInstrument, dump
+from fxopt.debug.render import render_svg
 
 NODES_PER_BLOCK = 6  # fc1, norm, act, fc2, drop, add in a symbolic graph
 PIPELINE = "remove-noops,fold-constants,dce"

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxopt.dump.listing import annotate
+from fxopt.debug.listing import annotate
 from fxopt.errors import node_location
 from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr
 

@@ -38,7 +38,7 @@ import torch
 import torch.fx
 
 from fxopt.analysis import AnalysisManager, propagate_shapes
-from fxopt.dump.listing import annotate
+from fxopt.debug.listing import annotate
 from fxopt.ir import op_view
 from fxopt.ir import clone_sharing_tensors, is_shared, make_private
 from fxopt.pass_base import Pass, PassContext, PassResult

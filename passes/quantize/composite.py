@@ -14,7 +14,7 @@ from typing import Literal
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.calibrate import calibrate
+from fxopt.calibration import calibrate
 
 from .insert import InsertObservers, ReduceRange
 from .lower import Backend, LowerInt8

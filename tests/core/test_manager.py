@@ -198,9 +198,9 @@ def test_verify_each_catches_broken_pass_and_names_node(mode, kind):
 
 
 def test_dump_instrument_if_available(tmp_path):
-    dump = pytest.importorskip("fxopt.dump")
+    dump = pytest.importorskip("fxopt.debug")
     if not hasattr(dump, "DumpInstrument"):
-        pytest.skip("fxopt.dump.DumpInstrument not written yet")
+        pytest.skip("fxopt.debug.DumpInstrument not written yet")
     gm = _captured()
     try:
         inst = dump.DumpInstrument(tmp_path)

@@ -261,7 +261,7 @@ def test_unknown_op_is_pinned_reported_and_reexpanded():
 def test_reexpansion_boundary_before_layer_norm():
     """Class token, position embedding and token embedding are pruned together; the stream is
     re-expanded (zeros scattered back) right before the layer norm, which reads full width."""
-    from fxopt.dump.listing import graph_listing
+    from fxopt.debug.listing import graph_listing
 
     plan, *_ = _pruned_and_masked("tokens", "export")
     kept = plan.kept_channels()

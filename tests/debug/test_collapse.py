@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.dump import annotate, dump
-from fxopt.dump.dot import collapsed_dot, graph_dot
-from fxopt.dump.scopes import ROOT, collapse_scopes, node_scopes
+from fxopt.debug import annotate, dump
+from fxopt.debug.dot import collapsed_dot, graph_dot
+from fxopt.debug.scopes import ROOT, collapse_scopes, node_scopes
 
 
 class Block(nn.Module):

@@ -21,8 +21,6 @@ write into the teacher.
 from __future__ import annotations
 
 import copy
-import sys
-import types
 import warnings
 from typing import Any, Iterable
 
@@ -110,14 +108,3 @@ def _logits(output: Any) -> torch.Tensor:
     from torch.utils._pytree import tree_leaves
 
     return next(t for t in tree_leaves(output) if isinstance(t, torch.Tensor))
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds the package attribute `fxopt.distill` from the lazy
-    function in fxopt/__init__.py to this module; keep `fxopt.distill(...)` working anyway."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return distill(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

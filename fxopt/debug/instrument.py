@@ -8,7 +8,7 @@ summary when the pass record has one (run `VerifyEach` too, or `optimize(verify_
 The index is rewritten after every step, so a pipeline that crashes still leaves one.
 
     >>> import tempfile, torch, fxopt
-    >>> from fxopt.dump import DumpInstrument
+    >>> from fxopt.debug import DumpInstrument
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU())
     >>> inst = DumpInstrument(tempfile.mkdtemp())
     >>> _ = fxopt.optimize(model, (torch.randn(2, 4),), "remove-noops,dce", instruments=[inst])

@@ -13,7 +13,7 @@ cross. Either way the text is built in one pass over the graph, so thousands of 
 milliseconds; Graphviz stays usable because it never sees more than a few hundred boxes.
 
     >>> import torch, fxopt
-    >>> from fxopt.dump import annotate
+    >>> from fxopt.debug import annotate
     >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()), (torch.randn(2, 4),))
     >>> annotate(list(gm.graph.nodes)[2], "cut", ["_0"])
     >>> text = graph_dot(gm, title="demo")

@@ -8,7 +8,7 @@ from torch import nn
 
 import fxopt
 from fxopt import Pass, PassError, PassResult, register_pass, unregister_pass
-from fxopt.dump import DumpInstrument, dump_pipeline
+from fxopt.debug import DumpInstrument, dump_pipeline
 
 
 def model():

@@ -56,18 +56,3 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
             args, kwargs = _as_call(batch)
             gm(*args, **kwargs)
     return len(batches)
-
-
-# `import fxopt.calibrate` binds this module to the name `fxopt.calibrate`, shadowing the
-# package's lazy function of the same name; making the module callable keeps
-# `fxopt.calibrate(gm, batches)` working either way.
-import sys as _sys
-import types as _types
-
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, gm, batches, **kwargs):
-        return calibrate(gm, batches, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule

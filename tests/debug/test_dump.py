@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import fxopt
-from fxopt.dump import annotate, dump
-from fxopt.dump.dot import full_dot, group_color
-from fxopt.dump.render import render_svg
+from fxopt.debug import annotate, dump
+from fxopt.debug.dot import full_dot, group_color
+from fxopt.debug.render import render_svg
 
 
 class ConvNet(nn.Module):

@@ -1,5 +1,5 @@
 """Listing diffs: aligned by node name in one walk, difflib only when nodes were reordered."""
-from fxopt.dump.diff import aligned_opcodes, listing_diff
+from fxopt.debug.diff import aligned_opcodes, listing_diff
 
 
 def apply(old: str, diff: str) -> str:
