@@ -22,7 +22,6 @@ and a bisect limit (run only the first N passes) to find the pass that breaks a 
 """
 from __future__ import annotations
 
-import difflib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 import torch.fx
 
 from .analysis import AnalysisManager
+from .debug.diff import listing_diff
 from .debug.listing import graph_listing
 from .errors import PassError
 from .ir.rewrite import clone_sharing_tensors, tensor_versions
@@ -98,10 +98,9 @@ class PrintIR(Instrument):
         if not self.only_changes:
             self._write(graph_listing(result.module, title))
             return
-        old, new = graph_listing(before).splitlines(), graph_listing(result.module).splitlines()
-        if old != new:
-            diff = difflib.unified_diff(old, new, "before", title, lineterm="", n=1)
-            self._write("\n".join(diff) + "\n")
+        diff, _, _ = listing_diff(graph_listing(before), graph_listing(result.module), "before", title, context=1)
+        if diff:
+            self._write(diff if diff.endswith("\n") else diff + "\n")
 
     def _write(self, text: str) -> None:
         (self.stream or sys.stdout).write(text)
