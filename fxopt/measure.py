@@ -76,10 +76,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())`` plus unregistered plain tensor attributes.
+    """Bytes of ``torch.save(model.state_dict())`` plus weights stored outside the state dict.
 
-    Serializing is honest for quantized models (packed weights save as int8); the plain
-    attributes are weights graph passes stored outside the state dict.
+    Graph passes keep some weights outside it: plain tensor attributes reached by ``get_attr``
+    (folded constants) and prepacked quantized weights (``torch.ScriptObject``), counted at
+    their unpacked size (int8 weights at one byte an element).
 
     >>> model_size_bytes(torch.nn.Linear(300, 400)) > 300 * 400 * 4
     True
@@ -87,7 +88,11 @@ def model_size_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     saved = {_storage_key(t) for t in model.state_dict().values() if isinstance(t, Tensor)}
-    extra = {_storage_key(t): t for t in _plain_graph_tensors(model)}
+    # Eager quantized modules serialize their packed weights; graph attributes are not saved.
+    graph_packed = {value for gm in _graph_modules(model) for value in _get_attr_values(gm)
+                    if isinstance(value, torch.ScriptObject)}
+    unpacked = [t for packed in graph_packed for t in _unpack(packed)]
+    extra = {_storage_key(t): t for t in [*_plain_graph_tensors(model), *unpacked]}
     extra_bytes = sum(t.numel() * t.element_size() for k, t in extra.items() if k not in saved)
     return buffer.getbuffer().nbytes + extra_bytes
 

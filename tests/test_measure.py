@@ -256,3 +256,14 @@ def test_latency_leaves_batchnorm_statistics_alone():
     measure_latency(model, (torch.randn(8, 4),), repeats=3)
     assert torch.equal(model.running_mean, torch.zeros(4))
     assert model.num_batches_tracked.item() == 0
+
+
+def test_size_counts_prepacked_int8_weights_held_as_graph_attributes():
+    """Quantized graphs hold prepacked weights as attributes outside the state dict."""
+    import fxopt
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU())
+    x = torch.randn(4, 256)
+    res = fxopt.optimize(model, (x,), "quantize{backend=x86}", calibration=[(x,)])
+    fp32, int8 = model_size_bytes(model), model_size_bytes(res.module)
+    assert 256 * 256 <= int8 < fp32 / 2  # int8 weights counted, about a quarter of fp32
