@@ -1,0 +1,61 @@
+"""`distill`: knowledge-distillation fine-tuning as a pipeline step.
+
+Recovers accuracy after a lossy pass (pruning) inside the pipeline itself, so the order a
+researcher wants — `fuse,prune{ratio=0.5},distill{epochs=5},quantize` — is one line of text.
+The teacher is the captured, unoptimized model (`ctx.reference`); the data are the pipeline's
+calibration batches, labels not needed (the teacher's logits are the targets). The graph is
+unchanged; only floating-point parameters move, in a copy (the input module is untouched).
+
+    before:  %conv = call_module conv(%x)   ; weights W (pruned)
+    after:   %conv = call_module conv(%x)   ; weights W' fine-tuned against the teacher
+
+Preconditions: calibration batches (`fxopt.optimize(..., calibration=...)`); a module with
+floating-point parameters (run it before `quantize`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx
+
+from fxopt import Pass, PassContext, PassResult
+from fxopt.distillation import distill
+from fxopt.errors import FxoptError
+
+
+@dataclass
+class Distill(Pass):
+    """Fine-tune against the original model's logits on the calibration batches."""
+
+    name = "distill"
+    preserves = frozenset({"shapes", "dataflow"})
+    tolerance = "lossy"
+    epochs: int = 3
+    temperature: float = 4.0
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"option 'epochs' must be >= 1, got {self.epochs}")
+        if self.temperature <= 0:
+            raise ValueError(f"option 'temperature' must be > 0, got {self.temperature}")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not ctx.calibration:
+            raise FxoptError("distill needs data: pass calibration batches to fxopt.optimize "
+                             "(calibration=[...]); they are the distillation inputs")
+        if ctx.reference is None:
+            raise FxoptError("distill needs the original model as teacher (ctx.reference)")
+        data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
+        tuned = distill(gm, ctx.reference, data, epochs=self.epochs, temperature=self.temperature,
+                        lr=self.lr, progress=ctx.verbose)
+        for p in tuned.parameters():  # hand back an inference module, like every other pass
+            p.requires_grad_(False)
+        return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})
+
+
+def _as_positional(args: tuple, kwargs: dict) -> tuple:
+    if kwargs:
+        raise FxoptError("distill takes positional inputs only; calibration batches with keyword "
+                         f"inputs ({', '.join(kwargs)}) are not supported yet")
+    return tuple(args)
