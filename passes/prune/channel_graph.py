@@ -324,8 +324,11 @@ class _Builder:
         return self.value_slot.get(node.name)
 
     def passthrough(self, node, view, src: torch.fx.Node, out_axis: int, in_pos=None, out_pos=None,
-                    how: str = "identity", category: str = "pass", info: dict | None = None) -> int:
-        sid = self.in_slot(src)
+                    how: str = "identity", category: str = "pass", info: dict | None = None,
+                    sid: int | None = None) -> int:
+        # `sid`: the input's slot when the caller got it from slot_on (a free value, such as the
+        # model input, has only a lazily pinned slot there, not a value_slot entry)
+        sid = self.in_slot(src) if sid is None else sid
         out = self.new_slot(node, out_axis, "pass")
         s_in = self.slots[sid]
         if in_pos is None:
@@ -416,11 +419,13 @@ class _Builder:
         cig = cin // groups
         sid = self.slot_on(src, 1)
         if groups > 1 and cig == 1:  # depthwise (channel multiplier m = cout // cin)
+            if sid is None:
+                raise _Pin("depthwise conv input has no channel axis to follow")
             m = cout // cin
             in_pos = np.repeat(np.arange(cin), m)
             out_pos = np.arange(cout)
             self.passthrough(node, view, src, 1, in_pos, out_pos, how=f"depthwise x{m}", category="norm",
-                             info={"depthwise": True, "multiplier": m})
+                             info={"depthwise": True, "multiplier": m}, sid=sid)
             return
         out = self.new_slot(node, 1, "producer")
         rule = Rule(node.name, "conv", "producer", outputs=[out], info={"groups": groups})
