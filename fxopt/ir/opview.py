@@ -131,7 +131,10 @@ SPECS: tuple[OpSpec, ...] = (
            module_attrs=lambda m: dict(num_groups=m.num_groups, eps=m.eps)),
     OpSpec("relu", functions=(F.relu, torch.relu, torch.relu_), methods=("relu", "relu_"),
            aten=(aten.relu, aten.relu_), modules=(nn.ReLU,)),
-    OpSpec("hardtanh", functions=(F.hardtanh, F.relu6), aten=(aten.hardtanh, aten.hardtanh_, aten.relu6),
+    # relu6 is hardtanh(0, 6): its own row, so its clamp bounds are not hardtanh's defaults (-1, 1)
+    OpSpec("hardtanh", functions=(F.relu6,), aten=(aten.relu6,), arg_names=("input", "inplace"),
+           defaults=dict(min_val=0.0, max_val=6.0, inplace=False)),
+    OpSpec("hardtanh", functions=(F.hardtanh,), aten=(aten.hardtanh, aten.hardtanh_),
            modules=(nn.Hardtanh, nn.ReLU6), arg_names=("input", "min_val", "max_val"),
            defaults=dict(min_val=-1.0, max_val=1.0),
            module_attrs=lambda m: dict(min_val=m.min_val, max_val=m.max_val)),

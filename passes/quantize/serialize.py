@@ -15,6 +15,7 @@ of exported graphs included).
 from __future__ import annotations
 
 import importlib
+import inspect
 import operator
 import warnings
 from typing import Any
@@ -185,9 +186,24 @@ def _encode(value, tensors):
 
 def load(path) -> torch.fx.GraphModule:
     """Rebuild a GraphModule saved by `save`; reads with weights_only=True (no code runs)."""
-    data = torch.load(path, weights_only=True)
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as exc:  # a foreign pickle, a truncated or a non-torch file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantizationError(f"load: refusing {path}: not an fxopt quantized graph ({FORMAT}) "
+                                f"readable with weights-only semantics ({type(exc).__name__}: {first})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise QuantizationError(f"load: {path} is not an fxopt quantized graph ({FORMAT})")
+    try:
+        return _rebuild(data)
+    except QuantizationError as exc:
+        raise QuantizationError(f"{exc} (in {path})") from None
+    except Exception as exc:  # missing keys, wrong types: a tampered or damaged file
+        raise QuantizationError(f"load: refusing {path}: malformed or tampered file "
+                                f"({type(exc).__name__}: {exc})") from None
+
+
+def _rebuild(data: dict) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = nn.Module()
@@ -203,8 +219,9 @@ def load(path) -> torch.fx.GraphModule:
         for rec in data["nodes"]:
             args = _decode(rec["args"], env, data["tensors"])
             kwargs = _decode(rec["kwargs"], env, data["tensors"])
-            node = graph.create_node(rec["op"], _decode_target(rec["op"], rec["target"]), args, kwargs,
-                                     name=rec["name"])
+            target = _decode_target(rec["op"], rec["target"])
+            _check_node(rec, target, args)
+            node = graph.create_node(rec["op"], target, args, kwargs, name=rec["name"])
             if rec.get("computes"):
                 node.meta["fxopt.computes"] = rec["computes"]
             env[rec["name"]] = node
@@ -270,13 +287,49 @@ def _set_path(root: nn.Module, target: str, value) -> None:
         setattr(owner, attr, value)
 
 
+# Functions a graph may call from the builtins, and names never resolved anywhere: a tampered
+# file must not reach code execution, files or processes through an allowed module.
+_SAFE_BUILTINS = frozenset({"getattr", "len", "min", "max", "abs", "int", "float", "bool", "slice", "range",
+                            "tuple", "list", "isinstance", "round", "sum", "pow", "divmod"})
+_DENIED_NAMES = frozenset({"load", "save", "exec", "eval", "compile", "open", "system", "popen", "spawn",
+                           "import_module", "attrgetter", "methodcaller", "setattr", "delattr", "globals",
+                           "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "hub", "jit",
+                           "set_default_device", "set_default_dtype", "dump", "calibrate", "distill"})
+_NODE_OPS = ("placeholder", "get_attr", "call_function", "call_module", "call_method", "output")
+
+
 def _resolve_python(module: str, qualname: str):
-    if not module.split(".")[0] in _ALLOWED_MODULES:
-        raise QuantizationError(f"load: refusing to resolve {module}.{qualname} (module not allowed)")
+    name = f"{module}.{qualname}"
+    if not isinstance(module, str) or not isinstance(qualname, str) or module.split(".")[0] not in _ALLOWED_MODULES:
+        raise QuantizationError(f"load: refusing to resolve {name} (module not allowed)")
+    parts = qualname.split(".")
+    if any(p.startswith("_") or p in _DENIED_NAMES for p in parts):
+        raise QuantizationError(f"load: refusing to resolve {name} (private or unsafe name)")
+    if module == "builtins" and qualname not in _SAFE_BUILTINS:
+        raise QuantizationError(f"load: refusing to resolve {name} (builtin not allowed)")
     obj = importlib.import_module(module)
-    for part in qualname.split("."):
+    for part in parts:
         obj = getattr(obj, part)
+        if inspect.ismodule(obj) and obj.__name__.split(".")[0] not in _ALLOWED_MODULES:
+            raise QuantizationError(f"load: refusing to resolve {name} (reaches module {obj.__name__})")
+    if inspect.ismodule(obj):
+        raise QuantizationError(f"load: refusing to resolve {name} (a module, not a function)")
     return obj
+
+
+def _check_node(rec: dict, target, args) -> None:
+    op = rec["op"]
+    if op not in _NODE_OPS:
+        raise QuantizationError(f"load: refusing node '{rec.get('name')}': unknown op {op!r}")
+    if op in ("call_method", "call_module", "get_attr", "placeholder", "output") and not isinstance(target, str):
+        raise QuantizationError(f"load: refusing node '{rec.get('name')}': target of {op} must be a name")
+    if op == "call_method" and (target.startswith("_") or not hasattr(torch.Tensor, target)):
+        raise QuantizationError(f"load: refusing node '{rec.get('name')}': {target!r} is not a tensor method")
+    if op == "call_function":
+        if not callable(target):
+            raise QuantizationError(f"load: refusing node '{rec.get('name')}': target is not callable")
+        if target is getattr and len(args) > 1 and (not isinstance(args[1], str) or args[1].startswith("_")):
+            raise QuantizationError(f"load: refusing node '{rec.get('name')}': getattr of a private attribute")
 
 
 def _decode_target(op: str, target):
