@@ -46,12 +46,21 @@ class Distill(Pass):
                              "(calibration=[...]); they are the distillation inputs")
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
+        quantized = [n.name for n in gm.graph.nodes if _is_quantization_op(n)]
+        if quantized:
+            raise FxoptError(f"distill: the graph is already quantized (node '{quantized[0]}'); int8 "
+                             "kernels cannot be fine-tuned, so run distill before quantize")
         data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
         tuned = distill(gm, ctx.reference, data, epochs=self.epochs, temperature=self.temperature,
                         lr=self.lr, progress=ctx.verbose)
         for p in tuned.parameters():  # hand back an inference module, like every other pass
             p.requires_grad_(False)
         return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})
+
+
+def _is_quantization_op(node: torch.fx.Node) -> bool:
+    """quantize/dequantize ops and int8 kernels (aten.quantize_per_tensor, quantized.conv2d, ...)."""
+    return node.op == "call_function" and "quantize" in str(node.target)
 
 
 def _as_positional(args: tuple, kwargs: dict) -> tuple:

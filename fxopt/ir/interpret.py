@@ -6,6 +6,8 @@ so analyses (shapes, calibration) and verification (per-node values) work on bot
 """
 from __future__ import annotations
 
+import copy
+
 from typing import Any, Callable
 
 import torch
@@ -75,6 +77,7 @@ class _ObservingInterpreter(torch.fx.Interpreter):
         super().__init__(gm, garbage_collect_values=observe is None)
         self._observe = observe
         self._private: dict[str, torch.Tensor] | None = {} if private_buffers else None
+        self._private_modules: dict[str, torch.nn.Module] = {}
 
     def fetch_attr(self, target: str) -> Any:
         value = super().fetch_attr(target)
@@ -85,6 +88,19 @@ class _ObservingInterpreter(torch.fx.Interpreter):
                 self._private[target] = value.clone()
             return self._private[target]
         return value
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        if self._private is None:
+            return super().call_module(target, args, kwargs)
+        # Modules that update their buffers when run (observers, training-mode batchnorm)
+        # run as private copies, so observing the graph leaves its state untouched.
+        module = self._private_modules.get(target)
+        if module is None:
+            module = self.fetch_attr(target)
+            if any(True for _ in module.buffers()):
+                module = copy.deepcopy(module)
+            self._private_modules[target] = module
+        return module(*args, **kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         value = super().run_node(n)

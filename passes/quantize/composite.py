@@ -18,7 +18,7 @@ from fxopt.calibration import calibrate
 
 from .insert import InsertObservers, ReduceRange
 from .lower import Backend, LowerInt8
-from .observers import ObserverKind, QuantizationError
+from .observers import ObserverKind, QuantizationError, observers_in
 
 
 @dataclass
@@ -39,6 +39,12 @@ class Quantize(Pass):
             raise QuantizationError(
                 "quantize needs calibration data: pass calibration=[batch, ...] to fxopt.optimize "
                 f"(got {'none' if ctx.calibration is None else 'an empty list'})")
+        existing = observers_in(gm)
+        if existing:
+            raise QuantizationError(
+                f"quantize: the graph already has {len(existing)} observers (from insert-observers, e.g. "
+                f"'{next(iter(existing))}'); either calibrate it (fxopt.calibrate) and run lower-int8, "
+                "or run quantize on a graph without observers")
         inserted = InsertObservers(self.observer, self.reduce_range, self.backend).run(gm, ctx)
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
