@@ -18,6 +18,7 @@ boundaries where the fewest bytes cross.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -131,8 +132,13 @@ def _follower_ok(view) -> bool:
 def build_plan(gm: torch.fx.GraphModule) -> Plan:
     """Find int8 groups and pass-through ops in `gm` (observer nodes are seen through)."""
     plan = Plan()
+    written = written_in_place(gm)
     for node in gm.graph.nodes:
         if node.name in plan.member_of or node.op not in ("call_function", "call_module", "call_method"):
+            continue
+        if node.name in written:
+            # A quantize/dequantize pair copies the value: a later in-place write would be lost.
+            plan.unsupported[node.name] = written[node.name]
             continue
         if getattr(_module_of(gm, node), "is_fxopt_observer", False):
             continue
@@ -145,6 +151,10 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
             reason = _anchor_ok(gm, view)
             if reason is None:
                 group = _grow(gm, view)
+                touched = next((n.name for n in group.nodes if n.name in written), None)
+                if touched is not None:
+                    plan.unsupported[node.name] = f"{view.kind}: its group reaches '{touched}', {written[touched]}"
+                    continue
                 plan.groups[group.output.name] = group
                 for n in group.nodes:
                     plan.member_of[n.name] = group
@@ -189,6 +199,66 @@ def activation_inputs(gm, node: torch.fx.Node, plan: Plan) -> list[torch.fx.Node
     if group is not None:
         return list(dict.fromkeys(group.inputs))
     return [i for i in node.all_input_nodes if i.op != "get_attr"]
+
+
+# Ops whose result shares memory with their first input, so writing one writes the other.
+_VIEW_KINDS = frozenset({"reshape", "permute", "transpose", "flatten", "getitem", "select", "slice",
+                         "expand", "split", "chunk", "contiguous", "identity"})
+_VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", "t", "as_strided",
+                           "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach"})
+_INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _mutated_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The value `node` writes into in place, if it does (`x.mul_`, `aten.add_`, `x[i] = v`)."""
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    target = node.target
+    if node.op == "call_method":
+        return first if target.endswith("_") and not target.endswith("__") else None
+    if node.op != "call_function":
+        return None
+    if isinstance(target, torch._ops.OpOverload):
+        mutable = any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
+        return first if mutable else None
+    name = getattr(target, "__name__", "")
+    if target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_")):
+        return first
+    return None
+
+
+def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        return True
+    view = op_view(gm, node)
+    return view is not None and view.kind in _VIEW_KINDS
+
+
+def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Nodes that must stay float because memory they share is written in place.
+
+    A write through a view (`y[:, :2].mul_(2)`) changes every alias of `y`: the base, its other
+    views, and what reads them afterwards. Returns node name -> reason, for the pass stats.
+    """
+    alias_of: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the base it views
+    for node in gm.graph.nodes:
+        if _is_view(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node):
+            alias_of[node] = alias_of.get(node.args[0], node.args[0])
+    bases = {}
+    for node in gm.graph.nodes:
+        target = _mutated_input(node)
+        if target is not None:
+            bases.setdefault(alias_of.get(target, target), node)
+    if not bases:
+        return {}
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        base = alias_of.get(node, node)
+        if base in bases:
+            writer = bases[base]
+            out[node.name] = f"written in place by '{writer.name}' (directly or through a view)"
+            for user in node.users:
+                out.setdefault(user.name, f"reads '{node.name}', which '{writer.name}' writes in place")
+    return out
 
 
 def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[str]:
