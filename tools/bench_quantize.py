@@ -60,7 +60,11 @@ def quantize_pt2e(model, inputs, cal):
 
     start = time.perf_counter()
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    exported = fxopt.capture(model, inputs, mode="export")  # torch.export with a dynamic batch
+    # torch.export's own module (FakeTensor metadata, which prepare_pt2e's conv-BN folding reads;
+    # fxopt.capture's graph carries real example tensors there) with a dynamic batch dimension.
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
+    exported = torch.export.export(copy.deepcopy(model).eval(), tuple(inputs), dynamic_shapes=dynamic).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for batch in cal:
