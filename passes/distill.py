@@ -46,10 +46,11 @@ class Distill(Pass):
                              "(calibration=[...]); they are the distillation inputs")
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
-        quantized = [n.name for n in gm.graph.nodes if _is_quantization_op(n)]
-        if quantized:
-            raise FxoptError(f"distill: the graph is already quantized (node '{quantized[0]}'); int8 "
-                             "kernels cannot be fine-tuned, so run distill before quantize")
+        lowered = [n for n in gm.graph.nodes if _is_lowered_kernel(n)]
+        if lowered:
+            raise FxoptError(f"distill: node '{lowered[0].name}' ({lowered[0].target}) is an inference "
+                             "kernel (int8 or oneDNN) that cannot be fine-tuned; run distill before "
+                             "quantize and lower-cpu")
         data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
         tuned = distill(gm, ctx.reference, data, epochs=self.epochs, temperature=self.temperature,
                         lr=self.lr, progress=ctx.verbose)
@@ -58,9 +59,10 @@ class Distill(Pass):
         return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})
 
 
-def _is_quantization_op(node: torch.fx.Node) -> bool:
-    """quantize/dequantize ops and int8 kernels (aten.quantize_per_tensor, quantized.conv2d, ...)."""
-    return node.op == "call_function" and "quantize" in str(node.target)
+def _is_lowered_kernel(node: torch.fx.Node) -> bool:
+    """q/dq ops, int8 kernels and oneDNN kernels (aten.quantize_per_tensor, quantized.*, mkldnn.*)."""
+    target = str(node.target)
+    return node.op == "call_function" and ("quantize" in target or target.startswith("mkldnn."))
 
 
 def _as_positional(args: tuple, kwargs: dict) -> tuple:

@@ -296,7 +296,12 @@ class _Lowering:
         weight, bias = _folded_weights(self.gm, group, view)
         act = op_view(self.gm, group.act) if group.act is not None else None
         x = inputs[0]
-        key = (group.kind, id(view.params["weight"].get()), id(group.bn) if group.bn is not None else None)
+        # A prepacked weight bakes in the bias and the conv geometry: share it only between
+        # sites that agree on all of them (a tied weight may meet different biases).
+        bias_ref = view.params.get("bias")
+        key = (group.kind, id(view.params["weight"].get()), id(group.bn) if group.bn is not None else None,
+               id(bias_ref.get()) if bias_ref is not None else None,
+               tuple(sorted((k, repr(v)) for k, v in view.attrs.items())))
         qw = quantize_weight(weight)
         if self.backend == "x86":
             kernel, prepacked = self._x86_kernel(group, view, qw, bias, act is not None)

@@ -34,7 +34,7 @@ def test_distill_leaves_the_users_model_untouched():
 
 def test_distill_without_data_names_the_pass_and_the_fix():
     model, data = _teacher_and_data()
-    with pytest.raises(fxopt.PassError, match=r"pass 'distill.*needs data.*calibration="):
+    with pytest.raises(fxopt.PassError, match=r"pass .distill.*needs data.*calibration="):
         fxopt.optimize(model, data[0], "distill")
 
 
@@ -43,3 +43,12 @@ def test_distill_rejects_bad_options():
         fxopt.parse_pipeline("distill{epochs=0}")
     with pytest.raises(fxopt.PipelineError, match="temperature"):
         fxopt.parse_pipeline("distill{temperature=-1}")
+
+
+@pytest.mark.parametrize("lowering", ["quantize{backend=x86}", "quantize{backend=reference}", "lower-cpu"])
+def test_distill_after_lowering_is_refused_naming_the_kernel(lowering):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
+    data = [(torch.randn(2, 3, 12, 12),) for _ in range(2)]
+    with pytest.raises(fxopt.PassError, match=r"distill: node '.*' .*cannot be fine-tuned; run distill before"):
+        fxopt.optimize(model, data[0], f"{lowering},distill", calibration=data)

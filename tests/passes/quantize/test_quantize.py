@@ -423,3 +423,26 @@ def test_values_written_in_place_stay_float_and_the_result_verifies(mode):
         float_ops = res.passes[0].stats["float_ops"]
         assert any("written in place" in reason for reason in float_ops.values()), float_ops
     assert any("quantized" in str(n.target) for n in res.module.graph.nodes)  # conv1 still int8
+
+
+class _TiedWeightDifferentBias(nn.Module):
+    """One weight at three sites; the last site has its own bias (found by the fuzzer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_tied_weight_with_different_biases_gets_its_own_packed_weight(mode):
+    torch.manual_seed(0)
+    model = _TiedWeightDifferentBias().eval()
+    with torch.no_grad():
+        model.b.bias.add_(1.0)  # make the biases clearly differ
+    batches = [(torch.randn(8, 16),) for _ in range(4)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
+    assert res.verification.passed, res.verification.summary()
