@@ -286,7 +286,8 @@ def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, arg
         value = args.get(name)
         if isinstance(value, torch.fx.Node) and value.op == "get_attr":
             params[name] = ref_for_get_attr(gm, value)
-    skip = set(spec.tensor_args) | set(params)
+    # Tensor slots holding a scalar (`x + 1.0`) stay visible as attributes: passes must see them.
+    skip = {name for name in spec.tensor_args if _holds_node(args.get(name))} | set(params)
     attrs = {k: _normalize_attr(spec, k, v) for k, v in args.items() if k not in skip}
     if spec.kind == "conv":
         weight = params.get("weight")
@@ -314,6 +315,12 @@ def _module_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec) ->
 # ATen schemas give memory_format defaults as c10::MemoryFormat integers.
 _MEMORY_FORMATS = {0: torch.contiguous_format, 1: torch.preserve_format, 2: torch.channels_last,
                    3: torch.channels_last_3d}
+
+
+def _holds_node(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.fx.Node) for v in value)
+    return isinstance(value, torch.fx.Node)
 
 
 def _normalize_attr(spec: OpSpec, key: str, value: Any) -> Any:

@@ -501,8 +501,6 @@ class _Builder:
         scalars = [v for k, v in view.attrs.items() if k in ("input", "other") and not isinstance(v, torch.fx.Node)]
         if any(v is not None for v in scalars):
             raise _Pin("adds a constant (not zero-preserving)")
-        if view.attrs.get("alpha", 1) not in (1, -1, 1.0, -1.0):
-            pass  # alpha scales the second input; still zero-preserving
         out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=False)
         if out_axis is None:
             return self.free_output(node, view)

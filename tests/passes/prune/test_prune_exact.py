@@ -331,3 +331,31 @@ def test_global_scope_prunes_by_cost():
     glob = analyze(model, (x,), ratio=0.5, scope="global")
     assert abs(glob.selection.removed - glob.selection.target) <= 4
     assert glob.stats()["groups"] == local.stats()["groups"]
+
+
+class _AddsAConstant(nn.Module):
+    """conv -> x*0.5 + 1.0 -> linear: a removed channel would contribute 1.0, not 0 (fuzzer find)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1, bias=False)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x) * 0.5 + 1.0, 1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_channels_behind_an_added_constant_are_re_expanded_before_it(mode):
+    import fxopt
+
+    torch.manual_seed(0)
+    model = _AddsAConstant().eval()
+    with torch.no_grad():
+        model.conv.weight[4:] = 0  # the channels l1 importance will remove contribute 0 ...
+    x = torch.randn(2, 3, 4, 4)
+    res = fxopt.optimize(model, (x,), "prune{ratio=0.5}", mode=mode)
+    conv_weight = next(p for p in res.module.parameters() if p.dim() == 4)
+    assert conv_weight.shape[0] == 4
+    # ... but 0 * 0.5 + 1.0 = 1.0: exact only if zeros are scattered back before the constant add
+    torch.testing.assert_close(res.module(x), model(x))
