@@ -19,11 +19,9 @@ is captured with inference semantics (dropout off, batchnorm on running statisti
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import traceback
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError
+from .ir.rewrite import deep_copy
 
 Mode = Literal["auto", "symbolic", "export"]
 MODES = ("auto", "symbolic", "export")
@@ -126,7 +125,7 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 # ----- front ends ---------------------------------------------------------------------------
 
 def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-    concrete = _non_tensor_kwargs(model, args, kwargs)
+    concrete = _non_tensor_kwargs(kwargs)
     gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     run_kwargs = {k: v for k, v in kwargs.items() if k not in concrete}
     with torch.no_grad():
@@ -170,9 +169,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
 
 def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
     """A GraphModule the user captured: copy it, record its front end and shapes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(gm)
+    gm = deep_copy(gm)
     info = dict(getattr(gm, "meta", {}).get(META_KEY) or {})
     info.setdefault("frontend", frontend_of(gm))
     gm.meta[META_KEY] = info
@@ -185,13 +182,10 @@ def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> 
 # ----- helpers ------------------------------------------------------------------------------
 
 def _private_eval_copy(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = copy.deepcopy(model)
-    return model.eval()
+    return deep_copy(model).eval()
 
 
-def _non_tensor_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+def _non_tensor_kwargs(kwargs: dict) -> dict:
     """Keyword args that are not tensors (flags like return_dict) become trace constants."""
     return {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
 

@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import nn
 from tqdm import tqdm
 

@@ -20,13 +20,13 @@ write into the teacher.
 """
 from __future__ import annotations
 
-import copy
-import warnings
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ir.rewrite import deep_copy
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: int = 3,
@@ -45,9 +45,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     batches = data if not isinstance(data, torch.Tensor) else [data]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # pytree specs warn when deep-copied
-        student = copy.deepcopy(student)
+    student = deep_copy(student)
     params = []
     for p in student.parameters():
         if p.is_floating_point():

@@ -20,10 +20,8 @@ reference node it stands for (see `fxopt.ir.origin`).
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +32,7 @@ from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 
 from .errors import VerificationError, user_source_line
 from .ir.interpret import node_values, run_graph
-from .ir.rewrite import origin
+from .ir.rewrite import deep_copy, origin
 
 
 @dataclass(frozen=True)
@@ -290,9 +288,7 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_to(module: nn.Module, device: str) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(module).to(device)
+    return deep_copy(module).to(device)
 
 
 def _move(tree: Any, device: str) -> Any:

@@ -14,7 +14,7 @@ import torch.fx
 
 from .base import Analysis
 
-from ..ir.rewrite import tensor_meta
+from ..ir.rewrite import tensor_meta, value_nbytes
 
 
 def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
@@ -26,19 +26,9 @@ def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
             attrs.update(shape=tuple(meta[0]), dtype=str(meta[1]).replace("torch.", ""))
         g.add_node(node.name, **attrs)
         for src in node.all_input_nodes:
-            g.add_edge(src.name, node.name, bytes=_nbytes(src))
+            g.add_edge(src.name, node.name, bytes=value_nbytes(src))
     return g
 
-
-def _nbytes(node: torch.fx.Node) -> int:
-    meta = tensor_meta(node)
-    if meta is None:
-        return 0
-    shape, dtype = meta
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    return numel * dtype.itemsize
 
 
 def _target_text(target: object) -> str:

@@ -214,7 +214,6 @@ def _prune_exact(model, inputs, spec, mode, ratio) -> Outcome:
         return Outcome("crash", f"{type(root).__name__}: {root}\n{tb}", "crash:prune-exact:" + type(root).__name__)
     if out.shape != masked.shape or out2.shape[0] != spec["batch"] + 2:
         return Outcome("shape", f"{tuple(out.shape)} vs {tuple(masked.shape)}", "shape:prune-exact")
-    report = fxopt.verify(masked, out, None) if False else None  # noqa: F841 (tensors, not modules)
     err = float((out.double() - masked.double()).abs().max()) if out.numel() else 0.0
     scale = float(masked.double().abs().max()) if masked.numel() else 0.0
     if not (err <= 1e-5 + 1e-4 * scale):

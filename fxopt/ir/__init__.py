@@ -12,17 +12,19 @@ from .params import (
 from .rewrite import (
     COMPUTES,
     clone_sharing_tensors,
+    deep_copy,
     is_shared,
     make_private,
     origin,
     replace_uses,
     tensor_meta,
     tensor_versions,
+    value_nbytes,
 )
 
 __all__ = [
     "COMPUTES", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
-    "bind_arguments", "clone_sharing_tensors", "flatten_inputs", "get_attr_value", "is_shared",
+    "bind_arguments", "clone_sharing_tensors", "deep_copy", "flatten_inputs", "get_attr_value", "is_shared",
     "make_private", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
-    "resolve_attr", "run_graph", "spec_for", "tensor_meta", "tensor_versions",
+    "resolve_attr", "run_graph", "spec_for", "tensor_meta", "tensor_versions", "value_nbytes",
 ]

@@ -49,6 +49,17 @@ def tensor_meta(node: Any) -> tuple[torch.Size, torch.dtype] | None:
     return None
 
 
+def value_nbytes(node: Any) -> int:
+    """Bytes of the tensor `node` produces, from its recorded shape; 0 when unknown."""
+    meta = tensor_meta(node)
+    if meta is None:
+        return 0
+    numel = 1
+    for d in meta[0]:
+        numel *= int(d)
+    return numel * meta[1].itemsize
+
+
 def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, ParamRef]) -> bool:
     """True when the op's module or weights are used elsewhere in the graph too."""
     counts = attribute_use_counts(gm)
@@ -110,11 +121,14 @@ def clone_sharing_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Cheap even for large models; safe because passes replace tensors instead of writing into
     them (the manager checks version counters to enforce that).
     """
-    memo: dict[int, Any] = {id(t): t for t in _all_tensors(gm)}
+    return deep_copy(gm, memo={id(t): t for t in _all_tensors(gm)})
+
+
+def deep_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """`copy.deepcopy` without the FutureWarning torch's pytree specs emit when copied."""
     with warnings.catch_warnings():
-        # torch's pytree specs warn about a deprecated isinstance check when deep-copied.
         warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(gm, memo)
+        return copy.deepcopy(obj, memo)
 
 
 def _all_tensors(module: nn.Module):

@@ -40,7 +40,9 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.ir import op_view, tensor_meta
-from fxopt.patterns import Match, Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
+from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
+
+from . import rules
 
 _CONV_ACTS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
 _LINEAR_ACTS = ("relu", "gelu", "silu")
@@ -107,15 +109,6 @@ def _act_check(kinds):
     def check(view) -> bool | str:
         return True if _post_op(view) is not None else f"{view.kind} has no oneDNN post-op here"
     return check
-
-
-def _same_shape(m: Match) -> bool | str:
-    a, b = tensor_meta(m.nodes["conv"]), tensor_meta(m.nodes["other"])
-    if a is None or b is None or tuple(a[0]) != tuple(b[0]) or a[1] != b[1]:
-        return "residual shape differs from the conv output"
-    if m.views["add"].attrs.get("alpha", 1) != 1:
-        return "add with alpha"
-    return True
 
 
 class _Lowering:
@@ -190,9 +183,7 @@ def _is_lowered_conv(node: torch.fx.Node) -> bool:
 
 
 def _attrs(view) -> dict:
-    from .rules import conv_attrs
-
-    a = conv_attrs(view)
+    a = rules.conv_attrs(view)
     return {k: list(a[k]) for k in ("padding", "stride", "dilation")} | {"groups": int(a["groups"])}
 
 
@@ -208,11 +199,11 @@ def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False)
     if conv:
         table += [
             Pattern("conv+add+relu", Op("relu", Op("add", conv_op(), Var("other"), name="add", commutative=True),
-                                        name="act"), rewrite=state.conv, check=_same_shape),
+                                        name="act"), rewrite=state.conv, check=rules.residual_fits_conv),
             Pattern("conv+act", Op(_CONV_ACTS, conv_op(), name="act", check=_act_check(_CONV_ACTS)),
                     rewrite=state.conv),
             Pattern("conv+add", Op("add", conv_op(), Var("other"), name="add", commutative=True),
-                    rewrite=state.conv, check=_same_shape),
+                    rewrite=state.conv, check=rules.residual_fits_conv),
             Pattern("conv", conv_op(), rewrite=state.conv),
         ]
     if linear:

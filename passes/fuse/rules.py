@@ -264,8 +264,11 @@ def _annotator(label_of):
 
 def _same_shape(m: Match) -> bool | str:
     verdict = _not_fused(m)
-    if verdict is not True:
-        return verdict
+    return verdict if verdict is not True else residual_fits_conv(m)
+
+
+def residual_fits_conv(m: Match) -> bool | str:
+    """A residual add a conv kernel can absorb: same shape and dtype as the conv output, alpha 1."""
     a, b = tensor_meta(m.nodes["conv"]), tensor_meta(m.nodes["other"])
     if a is None or b is None or tuple(a[0]) != tuple(b[0]) or a[1] != b[1]:
         return "the residual has another shape or dtype than the conv output (a broadcast add)"

@@ -42,7 +42,7 @@ import torch
 import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
-from fxopt.ir import op_view, tensor_meta
+from fxopt.ir import op_view, tensor_meta, value_nbytes
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "dropout",
                              "identity", "contiguous"})
@@ -194,12 +194,6 @@ def _shape(node: Any) -> tuple[int, ...] | None:
         return None
 
 
-def _nbytes(node: Any) -> int:
-    meta = tensor_meta(node)
-    if meta is None:
-        return 0
-    return int(math.prod(int(d) for d in meta[0])) * meta[1].itemsize
-
 
 def _norm_axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
@@ -229,7 +223,7 @@ class _Builder:
     def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
         shape = _shape(node)
         size = shape[axis]
-        slot = Slot(len(self.slots), node.name, axis, size, self.uf.add(size), role, _nbytes(node))
+        slot = Slot(len(self.slots), node.name, axis, size, self.uf.add(size), role, value_nbytes(node))
         self.slots.append(slot)
         self.graph.add_node(slot.label, slot=slot.id, size=size, role=role, bytes=slot.bytes)
         if role == "pinned":

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxopt.analysis import AnalysisManager, propagate_shapes
+from fxopt.analysis import propagate_shapes
 from fxopt.debug.listing import annotate
 from fxopt.ir import op_view
 from fxopt.ir import clone_sharing_tensors, is_shared, make_private

@@ -9,7 +9,6 @@ gave at least one batch; there is no silent fallback to the example inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch.fx
 

@@ -33,7 +33,6 @@ from typing import Literal
 
 import torch
 import torch.fx
-from torch import nn
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 from fxopt import Pass, PassContext, PassResult

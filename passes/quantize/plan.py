@@ -25,8 +25,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from fxopt.analysis.dataflow import _nbytes
-from fxopt.ir import op_view, tensor_meta
+from fxopt.ir import op_view, tensor_meta, value_nbytes
 
 #: What may follow each anchor kind inside one group, in order.
 FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -278,7 +277,7 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[
         for inp in activation_inputs(gm, node, plan):
             if inp.op == "get_attr":
                 continue
-            cost = max(_nbytes(inp), 1) if is_float_value(inp) else inf
+            cost = max(value_nbytes(inp), 1) if is_float_value(inp) else inf
             # A pass-through op cannot take an int8 input that is no float value at all.
             for a, b in ((inp.name, name), (name, inp.name)):
                 old = g.get_edge_data(a, b, {}).get("capacity", 0)

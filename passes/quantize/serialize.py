@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import operator
 import warnings
-from typing import Any
 
 import torch
 import torch.fx
