@@ -50,6 +50,8 @@ qops = torch.ops.quantized
 dec = torch.ops.quantized_decomposed
 
 Backend = Literal["x86", "reference", "cuda"]
+#: An int8 value's grid: (scale, zero point, qmin, qmax).
+Grid = tuple[float, int, int, int]
 
 
 def cpu_has_vnni() -> bool:
@@ -153,14 +155,14 @@ class _Lowering:
         self.plan: Plan = build_plan(gm)
         any_obs = next(iter(observers.values()))
         self.reduce_range = any_obs.reduce_range
-        self.qmin, self.qmax = quant_range(self.reduce_range)
+        self.narrow: set[str] = set()  # values on the 7-bit grid (see _kernel_inputs)
         self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
-        self.params_of: dict[torch.fx.Node, tuple[float, int]] = {}  # dq node -> qparams
+        self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
         self.packed_cache: dict[tuple, str] = {}
         self.stats = {"backend": backend, "quantized": {}, "float_ops": dict(self.plan.unsupported),
                       "int8_pass_through": 0, "quantize_nodes": 0, "dequantize_nodes": 0,
-                      "reduce_range": self.reduce_range}
+                      "reduce_range": self.reduce_range, "narrow_values": 0}
 
     # ----- driver ---------------------------------------------------------------------------
     def run(self) -> torch.fx.GraphModule:
@@ -173,6 +175,9 @@ class _Lowering:
             else:
                 enabled.add(out)
         region = int8_region(self.gm, self.plan, enabled)
+        if self.reduce_range:
+            self.narrow = self._kernel_inputs(enabled, region)
+            self.stats["narrow_values"] = len(self.narrow)
         if self.backend == "x86":
             torch.backends.quantized.engine = "x86"
         with warnings.catch_warnings():
@@ -196,48 +201,73 @@ class _Lowering:
         self.stats["dequantize_nodes"] = sum(_is_dequantize(n) for n in self.graph.nodes)
         return self.gm
 
+    def _kernel_inputs(self, enabled: set[str], region: set[str]) -> set[str]:
+        """Names of the values an int8 conv/linear kernel reads, directly or through pass-through ops.
+
+        Without VNNI, fbgemm multiplies uint8 activations by int8 weights in pairs summed into
+        int16 (vpmaddubsw), which saturates unless activations stay below 128: those values
+        need the 7-bit grid. Every other int8 value (add, cat, matmul, graph outputs) keeps
+        all 8 bits; torch.ao narrows every activation, losing a bit where no kernel needs it.
+        """
+        narrow: set[str] = set()
+        stack = [i for out in enabled if self.plan.groups[out].kind in ("conv", "linear")
+                 for i in op_view(self.gm, self.plan.groups[out].anchor).inputs]
+        while stack:
+            value = stack.pop()
+            if value.name in narrow:
+                continue
+            narrow.add(value.name)
+            if value.name in self.plan.pass_through and value.name in region:
+                stack.append(op_view(self.gm, value).input)  # it runs on its input's grid
+        return narrow
+
     # ----- values ---------------------------------------------------------------------------
-    def _qparams_of_float(self, value: torch.fx.Node, user: torch.fx.Node) -> tuple[float, int]:
-        obs = self.observers.get(value.name)
-        if obs is None:
+    def _observed_grid(self, name: str) -> Grid:
+        """The grid of the observed value called `name`: 7-bit if a kernel needs it, else 8-bit."""
+        narrow = name in self.narrow
+        return (*self.observers[name].qparams(narrow), *quant_range(narrow))
+
+    def _grid_of_float(self, value: torch.fx.Node, user: torch.fx.Node) -> Grid:
+        if value.name not in self.observers:
             raise QuantizationError(f"no observer on {node_location(value)}, which feeds int8 "
                                     f"{node_location(user)}; re-run insert-observers")
-        return obs.qparams()
+        return self._observed_grid(value.name)
 
     def _int8_input(self, value: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
         """What an int8 op reads for `value`: x86 a quantized tensor, else the grid float value."""
         if value in self.q_of:
             return self.q_of[value] if self.backend == "x86" else value
         if value not in self.boundary:
-            scale, zp = self._qparams_of_float(value, user)
+            grid = self._grid_of_float(value, user)
+            scale, zp, qmin, qmax = grid
             with self.graph.inserting_after(value):
                 if self.backend == "x86":
                     new = self.graph.call_function(aten.quantize_per_tensor.default,
                                                    (value, scale, zp, torch.quint8))
                 else:
                     q = self.graph.call_function(dec.quantize_per_tensor.default,
-                                                 (value, scale, zp, self.qmin, self.qmax, torch.uint8))
+                                                 (value, scale, zp, qmin, qmax, torch.uint8))
                     with self.graph.inserting_after(q):
                         new = self.graph.call_function(dec.dequantize_per_tensor.default,
-                                                       (q, scale, zp, self.qmin, self.qmax, torch.uint8))
+                                                       (q, scale, zp, qmin, qmax, torch.uint8))
             new.meta[COMPUTES] = origin(value)
             if self.backend != "x86":
-                self.params_of[new] = (scale, zp)
+                self.grid_of[new] = grid
             self.boundary[value] = new
         return self.boundary[value]
 
-    def _publish(self, old: torch.fx.Node, result: torch.fx.Node, qparams: tuple[float, int]) -> torch.fx.Node:
+    def _publish(self, old: torch.fx.Node, result: torch.fx.Node, grid: Grid) -> torch.fx.Node:
         """Make `result` (x86: quantized; else float) the value of `old` for every user."""
-        scale, zp = qparams
+        scale, zp, qmin, qmax = grid
         with self.graph.inserting_after(result):
             if self.backend == "x86":
                 dq = self.graph.call_function(aten.dequantize.self, (result,))
             else:
                 q = self.graph.call_function(dec.quantize_per_tensor.default,
-                                             (result, scale, zp, self.qmin, self.qmax, torch.uint8))
+                                             (result, scale, zp, qmin, qmax, torch.uint8))
                 with self.graph.inserting_after(q):
                     dq = self.graph.call_function(dec.dequantize_per_tensor.default,
-                                                  (q, scale, zp, self.qmin, self.qmax, torch.uint8))
+                                                  (q, scale, zp, qmin, qmax, torch.uint8))
                 result = q
         dq.meta[COMPUTES] = origin(old)
         for key in ("tensor_meta", "val"):
@@ -248,18 +278,19 @@ class _Lowering:
         else:
             old.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq)
         self.q_of[dq] = result
-        self.params_of[dq] = qparams
+        self.grid_of[dq] = grid
         return dq
 
     # ----- groups ---------------------------------------------------------------------------
     def _lower_group(self, group: Group) -> None:
         out = group.output
-        qparams = self.observers[out.name].qparams()
+        grid = self._observed_grid(out.name)
+        qparams = grid[:2]
         view = op_view(self.gm, group.anchor)
         inputs = [self._int8_input(i, group.anchor) for i in view.inputs]
         with self.graph.inserting_before(out):
             if group.kind in ("conv", "linear"):
-                result = self._weighted(group, view, inputs, qparams)
+                result = self._weighted(group, view, inputs, grid)
             elif group.kind == "add":
                 result = self._binary(group, inputs, qparams, qops.add_relu.default if group.act is not None
                                       else qops.add.default, aten.add.Tensor)
@@ -272,7 +303,7 @@ class _Lowering:
                 else:
                     result = self.graph.call_function(aten.cat.default, (inputs, dim))
         result.meta[COMPUTES] = origin(out)
-        self._publish(out, result, qparams)
+        self._publish(out, result, grid)
         for node in reversed(group.nodes):
             if not node.users:
                 self.graph.erase_node(node)
@@ -291,7 +322,8 @@ class _Lowering:
             y = self.graph.call_function(aten.relu.default, (y,))
         return y
 
-    def _weighted(self, group: Group, view, inputs, qparams) -> torch.fx.Node:
+    def _weighted(self, group: Group, view, inputs, grid: Grid) -> torch.fx.Node:
+        qparams = grid[:2]
         weight, bias = _folded_weights(self.gm, group, view)
         act = op_view(self.gm, group.act) if group.act is not None else None
         x = inputs[0]
@@ -313,7 +345,7 @@ class _Lowering:
             y = self.graph.call_function(kernel, (x, packed, *qparams))
             if act is not None and act.kind == "hardtanh":
                 top = float(act.attrs.get("max_val", 1.0))
-                if (self.qmax - qparams[1]) * qparams[0] > top:
+                if (grid[3] - qparams[1]) * qparams[0] > top:
                     y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
             return y
         w_int = add_tensor_attr(self.gm, f"{group.name}_weight_int8", qw.int_repr(), parameter=False)
@@ -324,9 +356,7 @@ class _Lowering:
         s_node = self.graph.get_attr(w_scale)
         b_node = self.graph.get_attr(b) if b is not None else None
         if group.kind == "linear" and self.backend == "cuda":
-            in_scale, in_zp = self.params_of[x]
-            y = self.graph.call_function(int8_linear, (x, w_node, s_node, b_node, in_scale, in_zp,
-                                                       self.qmin, self.qmax))
+            y = self.graph.call_function(int8_linear, (x, w_node, s_node, b_node, *self.grid_of[x]))
         else:
             zps = add_tensor_attr(self.gm, f"{group.name}_weight_zp",
                                   torch.zeros(qw.shape[0], dtype=torch.int64), parameter=False)
@@ -361,17 +391,17 @@ class _Lowering:
         view = op_view(self.gm, node)
         src = view.input
         new_input = self._int8_input(src, node)
-        qparams = self.params_of.get(new_input) or self.params_of.get(src) or self._qparams_of_float(src, node)
+        grid = self.grid_of.get(new_input) or self.grid_of.get(src) or self._grid_of_float(src, node)
         if self.backend == "x86":
             node.replace_input_with(src, new_input)
-            self._publish(node, node, qparams)
+            self._publish(node, node, grid)
         else:
             if new_input is not src:
                 node.replace_input_with(src, new_input)
             if view.kind in AVERAGING:
-                self._publish(node, node, qparams)  # the int8 kernel rounds to the input's grid
+                self._publish(node, node, grid)  # the int8 kernel rounds to the input's grid
             else:
-                self.params_of[node] = qparams
+                self.grid_of[node] = grid
                 self.q_of[node] = node
         self.stats["int8_pass_through"] += 1
 

@@ -61,7 +61,8 @@ class Observer(nn.Module):
         self.kind = kind
         self.reduce_range = reduce_range
         self.batches = 0
-        common = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
+        # The core always collects for the 8-bit grid; `qparams(reduce_range)` picks the grid later.
+        common = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
         if kind == "minmax":
             self.core = ao_obs.MinMaxObserver(**common)
         elif kind == "moving_average":
@@ -90,25 +91,37 @@ class Observer(nn.Module):
         return f"{self.node_name}, kind={self.kind}, batches={self.batches}"
 
     # ----- results ------------------------------------------------------------------------
-    def range(self) -> tuple[float, float]:
+    def range(self, reduce_range: bool | None = None) -> tuple[float, float]:
         """The (min, max) the quantization grid covers."""
         self._check_ready()
+        narrow = self.reduce_range if reduce_range is None else reduce_range
         if self.kind in ("minmax", "moving_average", "histogram"):
-            scale, zp = self.qparams()
-            qmin, qmax = quant_range(self.reduce_range)
+            scale, zp = self.qparams(narrow)
+            qmin, qmax = quant_range(narrow)
             return (qmin - zp) * scale, (qmax - zp) * scale
-        return self._clip_range()
+        return self._clip_range(narrow)
 
-    def qparams(self) -> tuple[float, int]:
-        """(scale, zero_point) for quint8 per-tensor affine."""
+    def qparams(self, reduce_range: bool | None = None) -> tuple[float, int]:
+        """(scale, zero_point) for quint8 per-tensor affine.
+
+        `reduce_range` picks the 7-bit (True) or 8-bit (False) grid; None: the one the observer
+        was built with. The statistics do not depend on it, so one calibration serves both.
+        """
         self._check_ready()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if self.kind in ("minmax", "moving_average", "histogram"):
-                scale, zp = self.core.calculate_qparams()
-            else:
-                lo, hi = self._clip_range()
-                scale, zp = self.core._calculate_qparams(torch.tensor(lo), torch.tensor(hi))
+        narrow = self.reduce_range if reduce_range is None else reduce_range
+        core = self.core
+        saved = core.quant_min, core.quant_max
+        core.quant_min, core.quant_max = quant_range(narrow)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if self.kind in ("minmax", "moving_average", "histogram"):
+                    scale, zp = core.calculate_qparams()
+                else:
+                    lo, hi = self._clip_range(narrow)
+                    scale, zp = core._calculate_qparams(torch.tensor(lo), torch.tensor(hi))
+        finally:
+            core.quant_min, core.quant_max = saved
         return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
 
     def _check_ready(self) -> None:
@@ -121,13 +134,13 @@ class Observer(nn.Module):
         core = self.core
         return core.histogram.double(), float(core.min_val), float(core.max_val)
 
-    def _clip_range(self) -> tuple[float, float]:
+    def _clip_range(self, reduce_range: bool) -> tuple[float, float]:
         hist, lo, hi = self._histogram()
         if hi <= lo:
             return min(lo, 0.0), max(hi, 0.0)
         if self.kind == "percentile":
             return _percentile_range(hist, lo, hi, 1e-4)
-        return _mse_range(hist, lo, hi, quant_range(self.reduce_range))
+        return _mse_range(hist, lo, hi, quant_range(reduce_range))
 
 
 def _percentile_range(hist: torch.Tensor, lo: float, hi: float, tail: float) -> tuple[float, float]:

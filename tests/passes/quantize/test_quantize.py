@@ -210,6 +210,21 @@ def test_int8_linear_fallback_matches_float_math():
     torch.testing.assert_close(y, F.linear(x, qw.dequantize()), atol=1e-4, rtol=1e-4)
 
 
+def test_int_mm_integer_path_matches_float_math():
+    # The arithmetic the cuda backend runs on the GPU (int8 x int8 -> int32 plus the zero-point
+    # correction); torch._int_mm exists on CPU as well, so it is checked here without a GPU.
+    from fxopt.passes.quantize.kernels import int_mm_linear
+
+    torch.manual_seed(3)
+    w, bias = torch.randn(24, 32), torch.randn(24)
+    qw = quantize_weight(w)
+    for zp, qmax in ((128, 255), (0, 255), (37, 127)):
+        x = torch.quantize_per_tensor(torch.randn(40, 32), 0.05, zp, torch.quint8).dequantize().clamp(
+            max=(qmax - zp) * 0.05)
+        y = int_mm_linear(x, qw.int_repr(), qw.q_per_channel_scales().float(), bias, 0.05, zp, 0, qmax)
+        torch.testing.assert_close(y, F.linear(x, qw.dequantize(), bias), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_backend_runs_int_mm_on_gpu():
@@ -233,6 +248,37 @@ def test_minmax_observer_matches_torch_ao():
         ao(t)
     scale, zp = ao.calculate_qparams()
     assert obs.qparams() == pytest.approx((float(scale), int(zp)))
+
+
+def test_observer_gives_the_7_and_8_bit_grid_from_one_calibration():
+    obs = Observer("x", "minmax")
+    obs(torch.linspace(-1.0, 3.0, 101))
+    (s8, z8), (s7, z7) = obs.qparams(False), obs.qparams(True)
+    assert s8 == pytest.approx(4.0 / 255) and s7 == pytest.approx(4.0 / 127)
+    assert z8 == round(1.0 / s8) and z7 == round(1.0 / s7)
+    assert obs.range(True) == pytest.approx((-z7 * s7, (127 - z7) * s7))
+
+
+def test_reduce_range_narrows_only_what_a_conv_or_linear_kernel_reads():
+    # fbgemm without VNNI needs 7-bit inputs to conv/linear; the residual add's operands that
+    # only feed the add, and the logits, keep 8 bits. The reference backend shows each grid.
+    model = _warm(ConvNet())
+    res, x = _quantize(model, "quantize{backend=reference,reduce_range=true}", mode="export")
+    gm = res.module
+    qmax_into = {}
+    for node in gm.graph.nodes:
+        if str(node.target) == "quantized_decomposed.dequantize_per_tensor.default":
+            for user in node.users:
+                qmax_into.setdefault(str(user.target), set()).add(node.args[4])
+    assert qmax_into["aten.conv2d.default"] == {127} and qmax_into["aten.linear.default"] == {127}
+    (output,) = next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes
+    assert output.args[4] == 255                                        # logits on the 8-bit grid
+    assert res.passes[-1].stats["narrow_values"] >= 3
+    x86, _ = _quantize(model, "quantize{backend=x86,reduce_range=true}", mode="export")
+    with torch.no_grad():
+        ref_out, x86_out = gm(*x), x86.module(*x)
+    # Same grids on both backends: they differ only by rounding carried through five layers.
+    assert (ref_out - x86_out).abs().max().item() < 0.05 * x86_out.abs().max().item()
 
 
 def test_percentile_and_mse_clip_outliers():
