@@ -21,8 +21,9 @@ Before/after (x86) for conv -> batch_norm -> relu -> max_pool -> flatten -> line
     %mp = max_pool2d(%obs_1, [2, 2]); ...            %l  = quantized.linear(%fl, %packed1, 0.1, 70)
     %lin = linear(%fl, %w2, %b2)                     %y  = dequantize(%l)
 
-With `target_sqnr=D` the pass measures, on calibration data, the output SQNR with each layer
-alone in int8, and keeps the most sensitive layers in float until the whole model reaches D dB.
+With `target_sqnr=D` the pass measures, on calibration data and with the backend's own kernels,
+the output SQNR with each layer alone in int8, and keeps the most sensitive layers in float
+until the whole model reaches D dB.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class LowerInt8(Pass):
             ref_out = [reference(*a, **k) for a, k in batches]
 
         def sqnr_of(exclude: set[str]) -> float:
-            candidate, _ = lower_module(gm, "reference", exclude)
+            candidate, _ = lower_module(gm, self.backend, exclude)  # measured on the kernels it will run
             with torch.no_grad():
                 outs = [candidate(*a, **k) for a, k in batches]
             values = []
