@@ -6,7 +6,7 @@ symmetric, to qint8. Where torch.ao already has the right observer it is reused 
 | option             | statistics collected by                    | range chosen by                     |
 |--------------------|--------------------------------------------|-------------------------------------|
 | `minmax`           | torch.ao MinMaxObserver                    | torch.ao (min/max)                  |
-| `moving_average`   | torch.ao MovingAverageMinMaxObserver       | torch.ao                            |
+| `moving_average`   | torch.ao MovingAverageMinMaxObserver, averaging constant 1/n at batch n | torch.ao (the mean of the per-batch min/max) |
 | `histogram`        | torch.ao HistogramObserver                 | torch.ao (its L2 bin-trimming search) |
 | `percentile`       | torch.ao HistogramObserver                 | fxopt: the 0.01% / 99.99% quantiles of the histogram |
 | `mse`              | torch.ao HistogramObserver                 | fxopt: exhaustive search over clipping ranges minimizing the expected squared error (rounding + clipping) over the histogram |
@@ -66,7 +66,7 @@ class Observer(nn.Module):
         if kind == "minmax":
             self.core = ao_obs.MinMaxObserver(**common)
         elif kind == "moving_average":
-            self.core = ao_obs.MovingAverageMinMaxObserver(averaging_constant=0.01, **common)
+            self.core = ao_obs.MovingAverageMinMaxObserver(**common)
         else:
             self.core = ao_obs.HistogramObserver(**common)
 
@@ -83,6 +83,11 @@ class Observer(nn.Module):
                 f"observer for {self.location} saw {bad} in calibration batch {self.batches}; "
                 "check the input data or the model (a NaN/Inf activation has no int8 range)")
         if x.numel():
+            if self.kind == "moving_average":
+                # Equal weight for every calibration batch (a running mean of the per-batch
+                # min/max): torch.ao's fixed 0.01 suits QAT's thousands of steps, but over a few
+                # PTQ batches it would keep almost only the first batch's range.
+                self.core.averaging_constant = 1.0 / (self.batches + 1)
             self.core(x.detach().float())
             self.batches += 1
         return x

@@ -281,6 +281,15 @@ def test_reduce_range_narrows_only_what_a_conv_or_linear_kernel_reads():
     assert (ref_out - x86_out).abs().max().item() < 0.05 * x86_out.abs().max().item()
 
 
+def test_moving_average_weighs_every_calibration_batch_equally():
+    obs = Observer("x", "moving_average")
+    batches = [torch.tensor([-1.0, 1.0]), torch.tensor([-3.0, 5.0]), torch.tensor([-2.0, 9.0])]
+    for t in batches:
+        obs(t)
+    lo, hi = obs.core.min_val.item(), obs.core.max_val.item()
+    assert (lo, hi) == pytest.approx((-2.0, 5.0))                  # means of the per-batch min / max
+
+
 def test_percentile_and_mse_clip_outliers():
     torch.manual_seed(0)
     outlier = torch.cat([torch.randn(20000), torch.tensor([60.0])])
