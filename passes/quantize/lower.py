@@ -44,7 +44,7 @@ from fxopt.verify import compare_outputs
 
 from .kernels import int8_linear
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
-from .plan import AVERAGING, Group, Plan, build_plan, int8_region
+from .plan import AVERAGING, CUT_DECIDES, Group, Plan, build_plan, int8_region
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -102,7 +102,8 @@ class LowerInt8(Pass):
             return min(values, default=math.inf)
 
         plan = build_plan(strip_observers(clone_sharing_tensors(gm))[0])
-        layers = [g.name for g in plan.groups.values()]
+        # add/cat follow the minimum cut (alone they are never int8), so only the rest are scored.
+        layers = [g.name for g in plan.groups.values() if g.kind not in CUT_DECIDES]
         all_layers = set(layers)
         sensitivity = {name: sqnr_of(all_layers - {name}) for name in layers}
         order = sorted(layers, key=lambda name: sensitivity[name])

@@ -40,6 +40,10 @@ PASS_THROUGH = frozenset({
     "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "permute", "transpose",
     "contiguous", "relu", "hardtanh", "dropout", "identity",
 })
+#: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
+#: conversions, so the minimum cut decides them like pass-through ops. A residual add between
+#: two convs stays int8; one between float layer norms (a transformer's) stays float.
+CUT_DECIDES = frozenset({"add", "cat"})
 #: Pass-through ops whose int8 kernel rounds (averages): the reference backend re-quantizes.
 AVERAGING = frozenset({"adaptive_avg_pool", "avg_pool"})
 
@@ -261,8 +265,9 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
 
 
 def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[str]:
-    """Names of the values computed in int8: enabled groups plus the pass-through ops the
-    minimum cut puts on their side. `enabled` holds group output names."""
+    """Names of the values computed in int8: enabled conv/linear/matmul groups, plus the enabled
+    add/cat groups (`CUT_DECIDES`) and pass-through ops the minimum cut puts on their side.
+    `enabled` holds group output names."""
     g = nx.DiGraph()
     src, sink = "__int8__", "__float__"
     inf = float("inf")
@@ -271,7 +276,8 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[
             continue
         name = node.name
         if name in enabled:
-            g.add_edge(src, name, capacity=inf)
+            if plan.groups[name].kind not in CUT_DECIDES:
+                g.add_edge(src, name, capacity=inf)
         elif name not in plan.pass_through:
             g.add_edge(name, sink, capacity=inf)
         for inp in activation_inputs(gm, node, plan):
@@ -282,7 +288,7 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[
             for a, b in ((inp.name, name), (name, inp.name)):
                 old = g.get_edge_data(a, b, {}).get("capacity", 0)
                 g.add_edge(a, b, capacity=old + cost)
-    if not enabled:
-        return set()
+    if src not in g:
+        return set()  # nothing that computes faster in int8
     _, (side, _) = nx.minimum_cut(g, src, sink)
     return {n for n in side if n != src and (n in enabled or n in plan.pass_through)}

@@ -145,6 +145,32 @@ def test_attention_export_quantizes_matmuls_and_keeps_norms_float():
         assert kind in targets                                   # stay float
     float_ops = res.passes[0].stats["float_ops"]
     assert any(v == "softmax" for v in float_ops.values()) and any(v == "embedding" for v in float_ops.values())
+    # The residual adds read the float layer-norm stream and feed a layer norm / the output: in
+    # int8 they would add conversions and a rounding of the residual stream, so the cut keeps them float.
+    assert "quantized.add.default" not in targets and targets.count("aten.add.Tensor") == 2
+
+
+def test_minimum_cut_decides_adds_by_their_neighbours():
+    class Mixed(nn.Module):
+        """A float-fed add (layer norms around it) and a conv-fed add (int8 around it)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+            self.ln = nn.LayerNorm(8)
+
+        def forward(self, x):
+            y = self.c(self.a(x) + self.b(x))                         # int8 add between convs
+            z = self.ln(y.permute(0, 2, 3, 1))
+            return self.ln(z + z.sin())                               # float add between norms
+
+    model = Mixed().eval()
+    x = (torch.randn(4, 8, 6, 6),)
+    cal = [(torch.randn(4, 8, 6, 6),) for _ in range(4)]
+    res = fxopt.optimize(model, x, "quantize{backend=x86}", calibration=cal, mode="export")
+    targets = _targets(res.module)
+    assert targets.count("quantized.add.default") == 1 and targets.count("aten.add.Tensor") == 1
+    assert res.verification.passed, res.verification.summary()
 
 
 def test_shared_module_and_tied_weights():
