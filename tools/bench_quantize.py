@@ -24,7 +24,8 @@ import fxopt
 from fxopt.examples import zoo
 from fxopt.measure import measure_latency, model_size_bytes
 
-MODELS = {"resnet18": "symbolic", "mobilenet_v2": "symbolic", "bert": "export", "digits": "export"}
+MODELS = {"resnet18": "symbolic", "mobilenet_v2": "symbolic", "bert": "export", "hf_bert": "export",
+          "digits": "export"}
 
 
 def calibration_for(name: str, n: int = 8):

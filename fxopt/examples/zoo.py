@@ -2,7 +2,8 @@
 
 Self-contained (no torchvision): a ResNet-18, a MobileNetV2, a DenseNet-style concat net, a
 BERT-style encoder and a ViT, at deterministic random init, plus the bundled trained digits
-CNN. Batchnorm running statistics are warmed on random data so that folding and pruning
+CNN and, when `transformers` is installed, `hf_bert`: a Hugging Face BERT classifier of the
+same size, which torch.fx's symbolic tracer (and so torch.ao FX) cannot trace. Batchnorm running statistics are warmed on random data so that folding and pruning
 tests see non-trivial statistics, as they would on a trained model.
 
     >>> from fxopt.examples import zoo
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits")
+NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert")
 
 
 # ----- ResNet-18 --------------------------------------------------------------------------------
@@ -218,6 +219,19 @@ class ViT(nn.Module):
 
 # ----- registry ---------------------------------------------------------------------------------
 
+def _hf_bert() -> nn.Module:
+    """Hugging Face `BertForSequenceClassification`, 4 layers of width 256 (as `bert`)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ValueError("zoo model 'hf_bert' needs the transformers package "
+                         "(pip install -e '.[test]' installs it)") from exc
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4,
+                                     num_attention_heads=4, intermediate_size=1024,
+                                     max_position_embeddings=128, num_labels=10)
+    return transformers.BertForSequenceClassification(config)
+
+
 def _warm_batchnorm(model: nn.Module, make_input: Callable[[int], tuple]) -> None:
     """Give batchnorm layers non-trivial running statistics, then switch to eval."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -242,6 +256,7 @@ def get(name: str, batch: int = 1, *, seed: int = 0, image_size: int | None = No
         "mobilenet_v2": (MobileNetV2, lambda g, b: (torch.randn(b, 3, image_size or 112, image_size or 112, generator=g),)),
         "densenet": (DenseNet, lambda g, b: (torch.randn(b, 3, image_size or 64, image_size or 64, generator=g),)),
         "bert": (BertEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
+        "hf_bert": (_hf_bert, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "vit": (lambda: ViT(image_size=image_size or 32),
                 lambda g, b: (torch.randn(b, 3, image_size or 32, image_size or 32, generator=g),)),
     }

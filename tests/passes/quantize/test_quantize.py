@@ -532,3 +532,24 @@ def test_tied_weight_with_different_biases_gets_its_own_packed_weight(mode):
     batches = [(torch.randn(8, 16),) for _ in range(4)]
     res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
     assert res.verification.passed, res.verification.summary()
+
+
+# ----- a model torch.ao FX cannot trace -----------------------------------------------------------
+
+def test_hugging_face_bert_gets_int8_kernels_through_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)                 # what torch.ao FX's prepare_fx relies on
+    ids = lambda seed: (torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(seed)),)
+    res = fxopt.optimize(model, ids(0), "quantize{backend=x86}", calibration=[ids(s) for s in range(1, 9)],
+                         mode="export")
+    assert res.verification.passed, res.verification.summary()
+    targets = _targets(res.module)
+    assert targets.count("quantized.linear.default") >= 12            # q/k/v/o + 2 FFN per layer
+    assert targets.count("aten.layer_norm.default") == 5 and "aten.embedding.default" in targets  # float
+    with torch.no_grad():                                             # the batch stays dynamic
+        assert res.module(*ids(20))[0].shape == model(*ids(20))[0].shape
