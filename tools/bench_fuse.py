@@ -1,9 +1,10 @@
 """Benchmark fusion: eager vs fxopt `fuse` vs `fuse,lower-cpu` vs torch.fx fuse vs torch.compile
 (freezing) vs ONNX Runtime, on the zoo's models, with one thread.
 
-Every number comes from fxopt.measure (latency medians); errors are max |ref - out| against
-the eager model. Prints a Markdown table (latency ratio vs eager at batch 1 and 16: < 1 is
-faster; transform time; max error).
+Every number comes from fxopt.measure (latency medians; the lowest over `--rounds` interleaved
+rounds, each timing every method); errors are max |ref - out| against the eager model. Prints
+a Markdown table (latency ratio vs eager at batch 1 and 16: < 1 is faster; transform time;
+max error).
 
     python tools/bench_fuse.py                       # all models, all methods
     python tools/bench_fuse.py --models resnet18 --skip-compile --repeats 10
@@ -110,29 +111,55 @@ def _onnx(model, inputs):
 
 
 def bench_model(name: str, args) -> dict:
+    """Build every method, then time them in interleaved rounds (see `time_rounds`)."""
     torch.manual_seed(0)
-    rows = {}
+    rows: dict[str, dict] = {}
     model1, in1 = zoo.get(name, batch=1)
     _, in16 = zoo.get(name, batch=16)
     model1.eval()
     with torch.no_grad():
         ref1, ref16 = model1(*in1), model1(*in16)
+    built = {}
     for method in args.methods:
         try:
-            fn, seconds = build(method, name, model1, in2 := _batch2(in16), args)
-            del in2
+            fn, seconds = build(method, name, model1, _batch2(in16), args)
             with torch.no_grad():
                 err = max(max_error(ref1, fn(*in1)), max_error(ref16, fn(*in16)))
-            lat = {}
-            for batch, inputs in ((1, in1), (16, in16)):
-                with time_limit(args.compile_timeout if "compile" in method else None):
-                    lat[batch] = measure_latency(fn, inputs, warmup=args.warmup, repeats=args.repeats,
-                                                 threads=1).median_ms
-            rows[method] = dict(lat1=lat[1], lat16=lat[16], build_s=seconds, err=err)
+            built[method] = fn
+            rows[method] = dict(build_s=seconds, err=err)
         except Exception as exc:  # a method that cannot take this model is reported, not fatal
-            rows[method] = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}")
+            rows[method] = dict(error=_first_line(exc))
+    for method, lat in time_rounds(built, {1: in1, 16: in16}, args).items():
+        rows[method].update(lat)  # an error while timing replaces the numbers in the table
         print(f"  {name:12s} {method:24s} {rows[method]}", file=sys.stderr, flush=True)
     return rows
+
+
+def time_rounds(built: dict, inputs: dict, args) -> dict[str, dict]:
+    """{method: {"lat1": ms, "lat16": ms}}: the lowest median over `args.rounds` rounds.
+
+    Why rounds: on a shared box the speed drifts over minutes, and timing one method after
+    another turned that drift into differences between methods. Each round times every
+    method once at each batch size, so all methods see the same conditions; the lowest of
+    the per-round medians is the least disturbed one.
+    """
+    best: dict[str, dict] = {m: {} for m in built}
+    for _ in range(args.rounds):
+        for method, fn in built.items():
+            if "error" in best[method]:
+                continue
+            try:
+                for batch, x in inputs.items():
+                    with time_limit(args.compile_timeout if "compile" in method else None):
+                        ms = measure_latency(fn, x, warmup=args.warmup, repeats=args.repeats, threads=1).median_ms
+                    best[method][f"lat{batch}"] = min(ms, best[method].get(f"lat{batch}", ms))
+            except Exception as exc:
+                best[method] = dict(error=_first_line(exc))
+    return best
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
 
 
 def _batch2(inputs):
@@ -164,6 +191,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compile-timeout", type=float, default=300.0, help="seconds; 0 = no limit")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best median counts")
     args = parser.parse_args(argv)
     if args.skip_compile:
         args.methods = [m for m in args.methods if "compile" not in m]

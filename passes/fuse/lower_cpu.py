@@ -11,21 +11,30 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
   `fuse` alone), so it is off by default.
 
-Weights are reordered once (`mkldnn._reorder_convolution_weight` /
-`mkldnn._reorder_linear_weight`) into oneDNN's blocked layout and stored as new buffers;
-activations entering a lowered conv are made channels-last (oneDNN's fast layout for these
-kernels; every elementwise op and pooling keeps it). Because `view` needs a contiguous
-input, a `contiguous()` is inserted before every reshape of a 4-D value and before 4-D
-graph outputs (a no-op when the value already is contiguous). Measured on ResNet-18 and
-MobileNetV2 at batch 1 and 16 with one thread (docs/benchmarks.md, "Fusion (issue 5)"):
-channels-last + packed weights + fused post-ops beat every plain eager variant; plain
-channels-last without packing, or packing without channels-last, did not.
+Which convs: depthwise convs always, dense convs only from `min_macs` multiply-adds per
+sample (default 4 M; `min_macs=0` lowers every conv). Below that a oneDNN call costs more
+than it saves (it builds a primitive descriptor on every call, ~45 us); see
+`worth_lowering` for the per-layer measurements. A conv left alone is exactly the `fuse` path.
+
+Weights stay dense graph tensors; `packed_weight(packs, weight, x)` hands oneDNN the weight
+reordered into its blocked layout (`mkldnn._reorder_convolution_weight` /
+`mkldnn._reorder_linear_weight`), cached on a `WeightPacks` submodule per (threads, input
+shape): the layout oneDNN expects depends on both, and a weight packed for another thread
+count is reordered again inside every call (see `WeightPacks`). Activations entering a
+lowered conv are made channels-last (oneDNN's fast layout for these kernels; every
+elementwise op and pooling keeps it). Because `view` needs a contiguous input, a
+`contiguous()` is inserted before every reshape of a 4-D value and before 4-D graph outputs
+(a no-op when the value already is contiguous). Measured on ResNet-18 and MobileNetV2 at
+batch 1 and 16 with one thread (docs/benchmarks.md, "Fusion (issue 5)"): channels-last +
+packed weights + fused post-ops beat every plain eager variant; plain channels-last without
+packing, or packing without channels-last, did not.
 
 Before / after::
 
     %conv2d = conv2d(%x, %w, %b, stride, padding)    %x_cl = contiguous(%x, memory_format=channels_last)
-    %relu = relu(%conv2d)                       ->    %w_packed = get_attr relu_packed_weight
-                                                      %conv = mkldnn._convolution_pointwise(%x_cl, %w_packed,
+    %relu = relu(%conv2d)                       ->    %packs = get_attr relu_packs       (a WeightPacks)
+                                                      %w_p = packed_weight(%packs, %w, %x_cl)
+                                                      %conv = mkldnn._convolution_pointwise(%x_cl, %w_p,
                                                               %b, padding, stride, dilation, groups, "relu", [], "")
 
 Run `fuse` first so batchnorms are folded into the convs. Tolerance "float". The result
@@ -34,6 +43,7 @@ runs on CPU only (oneDNN tensors cannot move to CUDA).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 import torch
 import torch.fx
@@ -47,9 +57,105 @@ from . import rules
 _CONV_ACTS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
 _LINEAR_ACTS = ("relu", "gelu", "silu")
 
+#: Default of the `min_macs` option; see `worth_lowering` for the measurements behind it.
+MIN_MACS = 4_000_000
+
 
 def mkldnn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class WeightPacks(torch.nn.Module):
+    """The oneDNN-packed copies of one conv/linear weight, one per (threads, input shape).
+
+    Why not pack once at lowering time: oneDNN chooses the blocked weight layout from the whole
+    problem — the input shape *and* the number of threads (e.g. `Acdb16a` under 2 threads,
+    `Acdb24a` under 1 for the same conv). A weight packed for one (threads, shape) and run under
+    another is reordered again inside every call (`ONEDNN_VERBOSE` shows a `reorder` primitive
+    per conv, 1.3 ms for one 64x32x3x3 weight), which made models lowered under 2 threads and
+    timed under 1 3-4x slower than not lowering them (tools/bench_quantize.py). So the pack is made on the first
+    call with a new key, like oneDNN's own primitive cache. The dense weight stays a graph
+    tensor (`get_attr`), so state_dict, saving and parameter counts see a plain tensor; the
+    packs are derived data and are neither saved nor copied.
+    """
+
+    max_packs = 8  # distinct (threads, shape, version) keys kept; the oldest goes first
+
+    def __init__(self, kind: str, conv_args: tuple = ()) -> None:
+        super().__init__()
+        if kind not in ("conv", "linear"):
+            raise ValueError(f"WeightPacks: kind must be 'conv' or 'linear', got {kind!r}")
+        self.kind = kind
+        self.conv_args = conv_args  # (padding, stride, dilation, groups) for a conv
+        self.packs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`weight` packed for input `x` under the current thread count (cached)."""
+        # The version counter keys an in-place weight update (load_state_dict) to a new pack;
+        # inference tensors have none (and cannot be updated in place outside inference mode).
+        version = -1 if weight.is_inference() else weight._version
+        key = (torch.get_num_threads(), x.shape, version)
+        packed = self.packs.get(key)
+        if packed is None:
+            packed = self._pack(weight, x.shape)
+            if len(self.packs) >= self.max_packs:
+                self.packs.pop(next(iter(self.packs)))
+            self.packs[key] = packed
+        return packed
+
+    def _pack(self, weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        if self.kind == "conv":
+            padding, stride, dilation, groups = self.conv_args
+            return torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups,
+                                                                list(shape))
+        return torch.ops.mkldnn._reorder_linear_weight(weight, prod(shape[:-1]))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["packs"] = {}  # oneDNN tensors do not pickle or deepcopy; they are rebuilt on use
+        return state
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, conv_args={self.conv_args}, packs={len(self.packs)}"
+
+
+def packed_weight(packs: WeightPacks, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Graph-facing form of `WeightPacks.get` (an FX node cannot call a method of a get_attr)."""
+    return packs.get(weight, x)
+
+
+def conv_macs_per_sample(view) -> int | None:
+    """Multiply-adds of one sample through a conv, from recorded shapes; None when unknown."""
+    out = tensor_meta(view.node)
+    if out is None or len(out[0]) < 3:
+        return None
+    w = view.param("weight")
+    return int(prod(out[0][1:])) * int(prod(w.shape[1:]))
+
+
+def worth_lowering(view, min_macs: int) -> bool | str:
+    """The cost rule: is a oneDNN call cheaper than the aten conv + activation it replaces?
+
+    `mkldnn._convolution_pointwise` builds its oneDNN primitive descriptor on every call:
+    ~45 us more fixed cost than aten's conv (measured, 1 thread, batch 1: 55 us vs 10-14 us
+    for a 9 kMAC conv), against ~30% more MACs per second once the conv is big. Per layer
+    over the digits, MobileNetV2 and ResNet-18 convs at batch 1 (docs/benchmarks.md), dense
+    convs up to 2.7 M MACs per sample were mostly 1.1-4x *slower* lowered (exceptions: the
+    3-channel stem and strided 1x1s, 0.77-1.0x), every one from 4.8 M was 0.49-0.97x; so a
+    dense conv is lowered from `min_macs` (4 M) per sample. Depthwise convs are always
+    lowered: aten's depthwise kernel is slow (0.42-0.82x lowered, at every size).
+    Deciding per sample (not per captured batch) means a conv left alone is exactly the
+    `fuse` path and a lowered one wins at batch 1 and more so at larger batches.
+    """
+    w = view.param("weight")
+    if w.shape[1] == 1 and int(view.attrs.get("groups", 1)) > 1:
+        return True
+    macs = conv_macs_per_sample(view)
+    if macs is None:
+        return "the conv output has no recorded shape (the cost rule needs it)"
+    if macs < min_macs:
+        return f"{macs} MACs per sample < min_macs={min_macs}: cheaper on the aten path"
+    return True
 
 
 def _post_op(view) -> tuple[str, list, str] | None:
@@ -71,6 +177,7 @@ def _post_op(view) -> tuple[str, list, str] | None:
 
 
 def _conv_check(view) -> bool | str:
+    """Can this conv be lowered at all (cost aside)?"""
     if "weight" not in view.params:
         return "weight is not a parameter"
     w = view.param("weight")
@@ -105,9 +212,15 @@ def _linear_check(view) -> bool | str:
     return True
 
 
-def _act_check(kinds):
+def _act_check(view) -> bool | str:
+    return True if _post_op(view) is not None else f"{view.kind} has no oneDNN post-op here"
+
+
+def _conv_rule(min_macs: int):
+    """`_conv_check` then the cost rule, as one Op check (so `debug` reports either reason)."""
     def check(view) -> bool | str:
-        return True if _post_op(view) is not None else f"{view.kind} has no oneDNN post-op here"
+        verdict = _conv_check(view)
+        return worth_lowering(view, min_macs) if verdict is True else verdict
     return check
 
 
@@ -137,13 +250,11 @@ class _Lowering:
         meta = tensor_meta(r["x"])
         if meta is None or len(meta[0]) != 4:
             return None
-        w = view.param("weight")
         a = _attrs(view)
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            w, a["padding"], a["stride"], a["dilation"], a["groups"], [1, *meta[0][1:]])
-        wn = r.tensor(f"{r.match.root.name}_packed_weight", packed, parameter=False)
         bias = _bias_node(r, view)
         x = self.channels_last(r, r["x"])
+        packs = WeightPacks("conv", (a["padding"], a["stride"], a["dilation"], a["groups"]))
+        wn = _packed_weight_node(r, view, packs, x)
         if "other" in r.match.nodes:
             other = self.channels_last(r, r["other"])
             unary = None if act is None else "relu"
@@ -164,13 +275,8 @@ class _Lowering:
         post = _post_op(act)
         if post is None:
             return None
-        shape = tensor_meta(view.input)[0]
-        rows = 1
-        for s in shape[:-1]:
-            rows *= int(s)
-        packed = torch.ops.mkldnn._reorder_linear_weight(view.param("weight"), rows)
-        wn = r.tensor(f"{r.match.root.name}_packed_weight", packed, parameter=False)
         bias = _bias_node(r, view)
+        wn = _packed_weight_node(r, view, WeightPacks("linear"), r["x"])
         attr, scalars, algo = post
         out = r.call(torch.ops.mkldnn._linear_pointwise.default, r["x"], wn, bias, attr, scalars, algo)
         annotate(out, fused="linear" + ("" if act is None else f"+{act.kind}"), lowered="mkldnn")
@@ -187,20 +293,43 @@ def _attrs(view) -> dict:
     return {k: list(a[k]) for k in ("padding", "stride", "dilation")} | {"groups": int(a["groups"])}
 
 
+def _view_name(r: Rewriter, view) -> str:
+    return next(k for k, v in r.match.views.items() if v is view)
+
+
 def _bias_node(r: Rewriter, view) -> torch.fx.Node | None:
-    name = next(k for k, v in r.match.views.items() if v is view)
-    return r.param(name, "bias") if "bias" in view.params else None
+    return r.param(_view_name(r, view), "bias") if "bias" in view.params else None
 
 
-def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False) -> PatternSet:
-    conv_op = lambda: Op("conv", Var("x"), name="conv", check=_conv_check)  # noqa: E731
+def _packed_weight_node(r: Rewriter, view, packs: WeightPacks, x: torch.fx.Node) -> torch.fx.Node:
+    """`packed_weight(packs, weight, x)`: the dense weight stays shared, packs live on a submodule."""
+    weight = r.param(_view_name(r, view), "weight")
+    name = _add_submodule(r.gm, f"{r.match.root.name}_packs", packs)
+    with r.graph.inserting_before(r.match.root):
+        holder = r.graph.get_attr(name)
+    r.new_nodes.append(holder)
+    return r.call(packed_weight, holder, weight, x)
+
+
+def _add_submodule(gm: torch.fx.GraphModule, base: str, module: torch.nn.Module) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.add_submodule(name, module)
+    return name
+
+
+def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False,
+                      min_macs: int = MIN_MACS) -> PatternSet:
+    conv_op = lambda: Op("conv", Var("x"), name="conv", check=_conv_rule(min_macs))  # noqa: E731
     lin_op = lambda: Op("linear", Var("x"), name="linear", check=_linear_check)  # noqa: E731
     table = []
     if conv:
         table += [
             Pattern("conv+add+relu", Op("relu", Op("add", conv_op(), Var("other"), name="add", commutative=True),
                                         name="act"), rewrite=state.conv, check=rules.residual_fits_conv),
-            Pattern("conv+act", Op(_CONV_ACTS, conv_op(), name="act", check=_act_check(_CONV_ACTS)),
+            Pattern("conv+act", Op(_CONV_ACTS, conv_op(), name="act", check=_act_check),
                     rewrite=state.conv),
             Pattern("conv+add", Op("add", conv_op(), Var("other"), name="add", commutative=True),
                     rewrite=state.conv, check=rules.residual_fits_conv),
@@ -222,12 +351,19 @@ class LowerCPU(Pass):
     tolerance = "float"
     conv: bool = True
     linear: bool = False
+    #: Dense convs with fewer multiply-adds per sample stay on the aten path (see `worth_lowering`);
+    #: 0 lowers every conv. Depthwise convs are always lowered.
+    min_macs: int = MIN_MACS
+
+    def __post_init__(self) -> None:
+        if self.min_macs < 0:
+            raise ValueError(f"option 'min_macs' must be >= 0, got {self.min_macs}")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not mkldnn_available():
             return PassResult(gm, modified=False, stats={"skipped": "oneDNN (mkldnn) is not available"})
         state = _Lowering()
-        report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear))
+        report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear, self.min_macs))
         guards = _guard_layouts(gm, set(state.cl.values())) if report.total else 0
         if report.total:
             from fxopt.passes.cleanup import DeadCodeElimination

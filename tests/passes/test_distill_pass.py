@@ -45,7 +45,8 @@ def test_distill_rejects_bad_options():
         fxopt.parse_pipeline("distill{temperature=-1}")
 
 
-@pytest.mark.parametrize("lowering", ["quantize{backend=x86}", "quantize{backend=reference}", "lower-cpu"])
+@pytest.mark.parametrize("lowering", ["quantize{backend=x86}", "quantize{backend=reference}",
+                                      "lower-cpu{min_macs=0}"])
 def test_distill_after_lowering_is_refused_naming_the_kernel(lowering):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
