@@ -2,9 +2,16 @@
 
     python tools/bench_prune.py --ratio 0.5 [--models resnet18,mobilenet_v2,densenet,vit,bert,digits]
 
+A model name may carry pass options after a colon, e.g. ``vit:exact_norms=false``; by default
+the transformers run twice, with the default options and with ``exact_norms=false`` (layer norm
+channels pruned like Torch-Pruning does).
+
 For each zoo model: parameters, MACs (fxopt.measure.count_macs) and latency at batch 1 and 16
 (fxopt.measure.measure_latency) before and after, analysis time, and the same numbers for
 Torch-Pruning (MagnitudeImportance p=1, local, the classifier ignored) in the same process.
+fxopt runs with its default options and no `ignore`: the graph output's channels are never
+pruned, which is what ignoring the classifier does in Torch-Pruning (its input columns still
+follow the previous layer there; fxopt's `ignore` would also keep those at full width).
 For digits also accuracy before, after pruning and after `fxopt.distill`. Prints a Markdown
 table. CNNs are captured symbolically, the transformers with torch.export.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
 import time
 import warnings
@@ -33,16 +41,16 @@ def _latency(fn, inputs, repeats):
     return measure_latency(fn, inputs, warmup=3, repeats=repeats).median_ms
 
 
-def bench_fxopt(name, ratio):
+def bench_fxopt(name, ratio, exact_norms=True):
     model, x2 = zoo.get(name, batch=2)
     mode = "export" if name in EXPORT else "symbolic"
     gm = fxopt.capture(model, x2, mode=mode)
+    gc.collect()  # time the analysis, not the collection of the previous model's garbage
     start = time.perf_counter()
     _privatize(gm)
-    cg = build_channel_graph(gm)
+    cg = build_channel_graph(gm, exact_norms)
     graph_s = time.perf_counter() - start
-    plan = plan_pruning(gm, ratio=ratio, channel_graph=cg, example_inputs=x2,
-                        ignore=(CLASSIFIER[name],) if name != "bert" else ())
+    plan = plan_pruning(gm, ratio=ratio, channel_graph=cg, example_inputs=x2, exact_norms=exact_norms)
     analysis_s = (graph_s, time.perf_counter() - start - graph_s)
     pruned = plan.apply()
     return model, pruned, analysis_s, plan
@@ -62,6 +70,7 @@ def bench_tp(name, ratio):
                 for lin in (m.query, m.key, m.value):
                     heads[lin] = m.heads
         kwargs = dict(num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=ratio)
+    gc.collect()
     start = time.perf_counter()
     pruner = tp.pruner.MetaPruner(model, x2, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=ratio, ignored_layers=[head], **kwargs)
@@ -82,15 +91,19 @@ def measure(model, name, inputs1, inputs16):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--models", default="resnet18,mobilenet_v2,densenet,vit,bert,digits")
+    parser.add_argument("--models", default="resnet18,mobilenet_v2,densenet,vit,vit:exact_norms=false,bert,"
+                                                "bert:exact_norms=false,digits")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     rows = []
-    for name in args.models.split(","):
+    for label in args.models.split(","):
+        name, _, opt = label.partition(":")
+        if opt not in ("", "exact_norms=false"):
+            parser.error(f"--models: unknown option '{opt}' for {name} (supported: exact_norms=false)")
         _, x1 = zoo.get(name, batch=1)
         _, x16 = zoo.get(name, batch=16)
-        model, pruned, fx_s, plan = bench_fxopt(name, args.ratio)
+        model, pruned, fx_s, plan = bench_fxopt(name, args.ratio, exact_norms=not opt)
         base = measure(model, name, x1, x16)
         ours = measure(pruned, name, x1, x16)
         try:
@@ -100,7 +113,7 @@ def main(argv=None):
         except Exception as exc:  # report, do not hide
             theirs = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
             tp_model = None
-        row = dict(name=name, base=base, ours=ours, ours_s=fx_s, tp=theirs,
+        row = dict(name=label.replace(":", " "), base=base, ours=ours, ours_s=fx_s, tp=theirs,
                    pinned=len(plan.channel_graph.pinned_nodes), reexp=len(plan.applied["reexpansions"]))
         if name == "digits":
             from fxopt.examples import digits

@@ -5,7 +5,8 @@ For every node with a channel rule, in graph order:
 - producers (conv, linear, embedding) get ``W[kept_out][:, kept_in]`` and a sliced bias through
   `ParamRef.set` (new tensors, never in-place), and module attributes (`in_channels`,
   `out_features`, ...) are updated so the module stays consistent;
-- batchnorm and depthwise conv slice their parameters (and `groups`);
+- batchnorm and depthwise conv slice their parameters (and `groups`); with
+  ``exact_norms=False`` layer/group norm slice their affine (and `normalized_shape`);
 - reshape/view/expand get the new size at the channel axis; split/chunk become a split with
   the new piece sizes; parameters used directly are sliced along their channel axis;
 - wherever a value arrives with other channels than its reader wants (a junction re-indexing
@@ -184,6 +185,9 @@ class _Applier:
             if m is not None:
                 m.num_features = len(out_keep)
             return
+        if rule.kind in ("layer_norm", "group_norm"):  # exact_norms=False: the affine follows
+            _resize_norm(node, m, rule.kind, len(out_keep))
+            return
         # depthwise conv: groups follow the kept inputs
         _, sid, in_pos, out_pos, out = rule.inputs[0]
         groups = int(len(np.unique(in_pos[np.isin(out_pos, self.keep(out))])))
@@ -204,6 +208,17 @@ class _Applier:
             ref.owner._parameters[ref.attr] = nn.Parameter(new, requires_grad=False)
         else:
             ref.set(new)
+
+
+def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int) -> None:
+    """Layer norm normalizes over `size` channels now; group norm keeps its group count."""
+    if kind == "layer_norm":
+        if m is not None:
+            m.normalized_shape = (size,)
+        else:
+            _set_arg(node, "normalized_shape", [size])
+    elif m is not None:
+        m.num_channels = size
 
 
 def _set_shape_entry(node: torch.fx.Node, index: int, new: int, old: int) -> None:

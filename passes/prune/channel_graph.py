@@ -22,8 +22,11 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   so "y_c dead" implies "a_c dead and b_c dead" — a precedence edge between classes that the
   min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
 - parameters used directly (class token, position embedding) become producer slots.
-- anything else — unknown ops, layer/group norm (they mix channels), the graph output, ignored
-  layers — is *pinned*: its output classes cannot die; its inputs are read at full width, so
+- layer/group norm mix channels (mean and variance over them): with ``exact_norms=True`` (the
+  default) they are pinned; with ``exact_norms=False`` their affine channels are coupled like a
+  batchnorm's (group norm: position r of every group is one class), as Torch-Pruning does — not
+  exact, the statistics are then taken over the kept channels only.
+- anything else — unknown ops, the graph output, ignored layers — is *pinned*: its output classes cannot die; its inputs are read at full width, so
   classes that reach it are re-expanded (``prune.boundary``). Pinned nodes are listed by name.
 
 Preconditions: shape metadata on every node (capture records it; the analysis reruns shapes
@@ -38,6 +41,8 @@ from typing import Any, ClassVar
 
 import networkx as nx
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 import torch
 import torch.fx
 
@@ -143,26 +148,17 @@ class ChannelGraph:
     def groups(self) -> list[set[int]]:
         """Pruning groups: classes that share a value or a junction precedence (a layer family,
         a residual stage, a dense block). `scope=local` prunes `ratio` of each group."""
-        parent = list(range(self.n_classes))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        pairs = list(self.precedence)
-        for s in self.slots:
+        pairs = [np.array(list(self.precedence), dtype=np.int64).reshape(-1, 2)]
+        for s in self.slots:  # chain the classes of each slot
             ids = np.unique(self.positions(s.id))
-            pairs.extend(zip(ids[:-1].tolist(), ids[1:].tolist()))
-        for u, v in pairs:
-            ru, rv = find(u), find(v)
-            if ru != rv:
-                parent[max(ru, rv)] = min(ru, rv)
-        out: dict[int, set[int]] = {}
-        for k in range(self.n_classes):
-            out.setdefault(find(k), set()).add(k)
-        return list(out.values())
+            pairs.append(np.stack([ids[:-1], ids[1:]], 1))
+        pairs = np.concatenate(pairs)
+        n = self.n_classes
+        links = sp.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        _, labels = connected_components(links, directed=False)
+        order = np.argsort(labels, kind="stable")
+        bounds = np.flatnonzero(np.diff(labels[order])) + 1
+        return [set(part.tolist()) for part in np.split(order, bounds)] if n else []
 
     def slot_groups(self) -> list[set[str]]:
         """Weakly connected components of the slot graph (what a dump calls a group)."""
@@ -180,8 +176,9 @@ class ChannelGraphAnalysis(Analysis):
         return build_channel_graph(gm)
 
 
-def build_channel_graph(gm: torch.fx.GraphModule) -> ChannelGraph:
-    return _Builder(gm).build()
+def build_channel_graph(gm: torch.fx.GraphModule, exact_norms: bool = True) -> ChannelGraph:
+    """The channel graph of `gm`; `exact_norms=False` lets layer/group norm channels be pruned."""
+    return _Builder(gm, exact_norms).build()
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -204,8 +201,9 @@ class _Pin(Exception):
 
 
 class _Builder:
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, exact_norms: bool = True) -> None:
         self.gm = gm
+        self.exact_norms = exact_norms
         self.uf = _UnionFind()
         self.slots: list[Slot] = []
         self.value_slot: dict[str, int | None] = {}
@@ -773,9 +771,30 @@ class _Builder:
         self.rules[node.name] = rule
 
     def rule_layer_norm(self, node, view, shape) -> None:
-        raise _Pin(f"{view.kind} normalizes across channels (read at full width)")
+        if self.exact_norms:
+            raise _Pin(f"{view.kind} normalizes across channels (read at full width; exact_norms=true)")
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        norm_shape = view.attrs.get("normalized_shape")
+        dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
+        if self.slots[sid].axis != len(shape) - 1 or len(dims) != 1:
+            raise _Pin("layer_norm over more than the channel axis")
+        self.passthrough(node, view, src, len(shape) - 1, category="norm")
 
-    rule_group_norm = rule_layer_norm
+    def rule_group_norm(self, node, view, shape) -> None:
+        if self.exact_norms:
+            raise _Pin(f"{view.kind} normalizes across channels (read at full width; exact_norms=true)")
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        if self.slots[sid].axis != 1:
+            raise _Pin("group_norm input channel axis is not 1")
+        out = self.passthrough(node, view, src, 1, category="norm")
+        # position r of every group is one class, so the groups stay equal (num_groups is kept)
+        per_group = shape[1] // int(view.attrs.get("num_groups"))
+        pos = np.arange(shape[1])
+        self.uf.union_many(self.slots[out].base + pos, self.slots[out].base + pos % per_group)
 
     # ----- finish -----------------------------------------------------------------------
     def finish(self) -> ChannelGraph:

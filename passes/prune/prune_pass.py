@@ -46,7 +46,7 @@ from fxopt.pass_base import Pass, PassContext, PassResult
 from .apply import apply_pruning
 from .boundary import Boundary, plan_boundaries
 from .channel_graph import ChannelGraph, ChannelGraphAnalysis, build_channel_graph
-from .importance import IMPORTANCES, class_costs
+from .importance import IMPORTANCES, adapter_costs, class_costs
 from .select import Selection, close_free_junctions, revive, select
 
 
@@ -55,7 +55,9 @@ class PrunePlan:
     """Everything the pass decided, for inspection before (or instead of) applying it.
 
     - `channel_graph`: the `ChannelGraph` (networkx graph in `.graph`, classes, precedence);
-    - `costs`: per-class arrays `imp` (normalized importance), `macs`, `prod` (producer channels);
+    - `costs`: per-class arrays `imp` (normalized importance), `macs`, `prod` (producer channels),
+      `adapter` (MACs charged for the adapters a removal adds) and `soft` ((x, y) -> MACs charged
+      when class x dies while y lives; see `importance.adapter_costs`);
     - `groups`: lists of class ids coupled by unions or precedence;
     - `selection`: the dead classes, λ per group, the min-cut value and cut edges;
     - `boundary`: slots kept at full width and the re-expansion cut edges;
@@ -93,6 +95,7 @@ class PrunePlan:
             "classes": cg.n_classes,
             "groups": len(self.groups),
             "removed_channels": self.selection.removed,
+            "target_channels": self.selection.target,
             "prunable_channels": self.selection.total,
             "selection_cut": round(self.selection.cut_value, 6),
             "selection_cut_edges": len(self.selection.cut_edges),
@@ -132,14 +135,18 @@ class PrunePlan:
 
 
 def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: str = "l1", scope: str = "local",
-                 round_to: int = 1, ignore: tuple[str, ...] = (), calibration: list | None = None,
-                 channel_graph: ChannelGraph | None = None, example_inputs: tuple = (),
-                 example_kwargs: dict | None = None) -> PrunePlan:
-    """Analyze `gm` and choose channels, without changing it; see `PrunePlan`."""
-    _check_options(ratio, importance, scope, round_to)
+                 round_to: int = 1, ignore: tuple[str, ...] = (), exact_norms: bool = True,
+                 adapter_cost: float = 1.0, max_layer_ratio: float = 1.0, calibration: list | None = None,
+                 channel_graph: ChannelGraph | None = None,
+                 example_inputs: tuple = (), example_kwargs: dict | None = None) -> PrunePlan:
+    """Analyze `gm` and choose channels, without changing it; see `PrunePlan`.
+
+    A given `channel_graph` must have been built with the same `exact_norms`.
+    """
+    _check_options(ratio, importance, scope, round_to, adapter_cost, max_layer_ratio)
     seconds = {}
     start = time.perf_counter()
-    cg = channel_graph if channel_graph is not None else build_channel_graph(gm)
+    cg = channel_graph if channel_graph is not None else build_channel_graph(gm, exact_norms)
     seconds["analysis"] = time.perf_counter() - start
 
     ignored = _match_ignore(gm, cg, ignore)
@@ -157,11 +164,12 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
     macs = costs["macs"]
     live = prod > 0
     mean_macs = macs[live].mean() if live.any() and macs[live].mean() > 0 else 1.0
+    costs["adapter"], costs["soft"] = adapter_costs(gm, cg, blocked, ignored, ratio, adapter_cost)
     groups = [sorted(g) for g in cg.groups()]
     seconds["costs"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    sel = select(macs / mean_macs, costs["imp"], prod, blocked, cg.precedence, [set(g) for g in groups], ratio, scope)
+    sel = _select_capped(cg, costs, mean_macs, blocked, groups, ratio, scope, max_layer_ratio)
     dead = sel.dead
     _round_slots(cg, dead, costs["imp"], round_to)
     dead = close_free_junctions(dead, prod, blocked, cg.precedence)
@@ -182,7 +190,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
     """Capture `model` (a private copy), build the channel graph and choose channels.
 
     Returns the `PrunePlan`; call `.apply()` for the pruned GraphModule. `options` are the pass
-    options (ratio, importance, scope, round_to, ignore).
+    options (ratio, importance, scope, round_to, ignore, exact_norms, adapter_cost, max_layer_ratio).
     """
     import fxopt
     from fxopt.capture import normalize_inputs
@@ -207,22 +215,33 @@ class Prune(Pass):
     scope: Literal["local", "global"] = "local"
     round_to: int = 1
     ignore: tuple[str, ...] = ()
+    # False: layer/group norm channels are pruned with the stream they normalize (Torch-Pruning's
+    # behaviour; not exact, their statistics then cover the kept channels only)
+    exact_norms: bool = True
+    # how much the selection charges for the adapters a removal adds (1: their measured CPU cost
+    # in MACs; 0: ignore them and spend the ratio where the MACs are, whatever adapters follow)
+    adapter_cost: float = 1.0
+    # the most any one layer (producer) may lose, as a fraction of its channels
+    max_layer_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_options(self.ratio, self.importance, self.scope, self.round_to)
+        _check_options(self.ratio, self.importance, self.scope, self.round_to, self.adapter_cost,
+                       self.max_layer_ratio)
         self.ignore = tuple(self.ignore)
 
     def plan(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PrunePlan:
         changed = _privatize(gm)
         am = ctx.analyses
-        if changed or am is None:
+        if changed or am is None or not self.exact_norms:  # the cached analysis is the exact one
             if ctx.example_inputs or ctx.example_kwargs:
                 propagate_shapes(gm, ctx.example_inputs, ctx.example_kwargs)
-            cg = build_channel_graph(gm)
+            cg = build_channel_graph(gm, self.exact_norms)
         else:
             cg = am.get(ChannelGraphAnalysis)
         return plan_pruning(gm, ratio=self.ratio, importance=self.importance, scope=self.scope,
-                            round_to=self.round_to, ignore=self.ignore, calibration=ctx.calibration,
+                            round_to=self.round_to, ignore=self.ignore, exact_norms=self.exact_norms,
+                            adapter_cost=self.adapter_cost, max_layer_ratio=self.max_layer_ratio,
+                            calibration=ctx.calibration,
                             channel_graph=cg, example_inputs=ctx.example_inputs, example_kwargs=ctx.example_kwargs)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -240,7 +259,8 @@ class Prune(Pass):
 
 # ----- helpers ---------------------------------------------------------------------------------
 
-def _check_options(ratio: float, importance: str, scope: str, round_to: int) -> None:
+def _check_options(ratio: float, importance: str, scope: str, round_to: int, adapter_cost: float = 1.0,
+                   max_layer_ratio: float = 1.0) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"option 'ratio' must be a number with 0 <= ratio < 1, got {ratio!r}")
     if importance not in IMPORTANCES:
@@ -249,6 +269,11 @@ def _check_options(ratio: float, importance: str, scope: str, round_to: int) -> 
         raise ValueError(f"option 'scope' must be 'local' or 'global', got {scope!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"option 'round_to' must be an integer >= 1, got {round_to!r}")
+    if isinstance(adapter_cost, bool) or not isinstance(adapter_cost, (int, float)) or not adapter_cost >= 0:
+        raise ValueError(f"option 'adapter_cost' must be a number >= 0, got {adapter_cost!r}")
+    if isinstance(max_layer_ratio, bool) or not isinstance(max_layer_ratio, (int, float)) \
+            or not 0 < max_layer_ratio <= 1:
+        raise ValueError(f"option 'max_layer_ratio' must be a number with 0 < r <= 1, got {max_layer_ratio!r}")
 
 
 def _privatize(gm: torch.fx.GraphModule) -> bool:
@@ -278,6 +303,48 @@ def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[st
             raise ValueError(f"option 'ignore': pattern '{pattern}' matches no layer; layers are: {sample}")
         ignored |= hits
     return ignored
+
+
+def _select_capped(cg: ChannelGraph, costs: dict, mean_macs: float, blocked: np.ndarray, groups: list,
+                   ratio: float, scope: str, max_layer_ratio: float) -> Selection:
+    """`select` on normalized costs; layers over `max_layer_ratio` are held and the same budget
+    is solved again (the cap only ever holds more classes, so this settles in a few rounds)."""
+    macs = (costs["macs"] - costs["adapter"]) / mean_macs
+    soft = {pair: c / mean_macs for pair, c in costs["soft"].items()}
+    held = np.zeros_like(blocked)
+    for _ in range(8):
+        sel = select(macs, costs["imp"], costs["prod"], blocked | held, cg.precedence, [set(g) for g in groups],
+                     ratio, scope, soft, counted=~blocked)
+        over = _over_cap(cg, sel.dead, costs["imp"], max_layer_ratio)
+        if not over.any():
+            break
+        held |= over
+    return sel
+
+
+def _over_cap(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, cap: float) -> np.ndarray:
+    """Classes to keep alive so no producer slot loses more than `cap` of its channels: in a slot
+    over the cap, the most important dead classes come back, then its live classes are held."""
+    hold = np.zeros(len(dead), dtype=bool)
+    if cap >= 1:
+        return hold
+    for rule in cg.rules.values():
+        if rule.category not in ("producer", "param"):
+            continue
+        slot = cg.slots[rule.outputs[0]]
+        pos = cg.positions(slot.id)
+        allowed = int(np.floor(cap * slot.size + 1e-9))
+        excess = int(dead[pos].sum()) - allowed
+        if excess <= 0:
+            continue
+        hold[pos[~dead[pos]]] = True
+        gone, count = np.unique(pos[dead[pos]], return_counts=True)
+        for i in np.argsort(-imp[gone], kind="stable"):  # a class may hold several positions
+            hold[gone[i]] = True
+            excess -= int(count[i])
+            if excess <= 0:
+                break
+    return hold
 
 
 def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: int) -> None:

@@ -1,21 +1,27 @@
 """Which channel classes to remove: a maximum-weight closure, solved exactly by a minimum cut.
 
 Each class k (see `channel_graph`) gets a weight ``w_k(λ) = λ · macs_k / mean_macs − importance_k``:
-the compute saved by removing it against the (normalized) importance lost. Removal must be
-*closed* under the junction precedence "y_c dead ⇒ every input of y has c dead" — a produced
-channel dies only if every consumer drops it, and a residual-stream channel dies only if every
-block writing into it drops it. Choosing the closed set of maximum total weight is the classic
-project-selection problem, solved exactly by one s-t minimum cut (Picard 1976)::
+the compute saved by removing it (less the adapters its removal adds, `importance.adapter_costs`)
+against the (normalized) importance lost. Removal must be *closed* under the junction
+precedence "y_c dead ⇒ every input of y has c dead" — a produced channel dies only if every
+consumer drops it, and a residual-stream channel dies only if every block writing into it
+drops it. Choosing the closed set of maximum total weight is the classic project-selection
+problem, solved exactly by an s-t minimum cut (Picard 1976)::
 
     source ─w_k>0─▶ k ─(-w_k)>0─▶ sink       y ──∞──▶ x  for each precedence y ⇒ x
+                                             x ──c──▶ y  adapter charge: x dies, y lives
 
 The source side of the minimum cut is the set removed. `λ` is found by bisection so that the
 removed producer channels meet `ratio` (per group for scope=local, over the model for
 scope=global); ties are filled greedily with classes that keep the closure valid. Then each
 producer slot is rounded to a multiple of `round_to` and keeps at least one channel.
 
-Classes not touched by any precedence edge form trivial closures (remove iff w_k > 0); only the
-coupled part goes through networkx.
+The network falls apart into many small independent components (one channel of a residual
+stage, one channel of a transformer stream), so `_Solver` solves each component exactly with
+the cheapest method that fits it — its sign, a tree dynamic program, an enumeration of its few
+closures, or a networkx minimum cut (Boykov-Kolmogorov) for the rest — batching components of
+the same shape into numpy. Every method is checked against networkx and brute force in
+tests/passes/prune/test_prune_select.py.
 """
 from __future__ import annotations
 
@@ -23,7 +29,10 @@ import itertools
 from dataclasses import dataclass, field
 
 import networkx as nx
+from networkx.algorithms.flow import boykov_kolmogorov
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 
 @dataclass
@@ -39,11 +48,13 @@ class Selection:
     cut_edges: list = field(default_factory=list)
 
 
-def max_weight_closure(weights: dict, implies: list, forced_out: set | frozenset = frozenset()) -> tuple[set, float, list]:
+def max_weight_closure(weights: dict, implies: list, forced_out: set | frozenset = frozenset(),
+                       penalties: list = ()) -> tuple[set, float, list]:
     """The closed set of maximum weight: (chosen nodes, min-cut value, cut edges).
 
     `implies` holds pairs (u, v): choosing u requires choosing v. `forced_out` nodes can never be
-    chosen (and so neither can anything that implies them).
+    chosen (and so neither can anything that implies them). `penalties` holds (u, v, c): c ≥ 0
+    is paid when u is chosen and v is not (a finite edge u → v in the cut network).
     """
     g = nx.DiGraph()
     g.add_node("s")
@@ -59,13 +70,21 @@ def max_weight_closure(weights: dict, implies: list, forced_out: set | frozenset
     for u, v in implies:
         if u in weights and v in weights:
             g.add_edge(u, v)
-    value, (source_side, _) = nx.minimum_cut(g, "s", "t")
+    for u, v, c in penalties:
+        if u not in weights or v not in weights or c <= 0:
+            continue
+        if not g.has_edge(u, v):
+            g.add_edge(u, v, capacity=float(c))
+        elif "capacity" in g.edges[u, v]:  # an edge without capacity is a requirement: infinite
+            g.edges[u, v]["capacity"] += float(c)
+    value, (source_side, _) = nx.minimum_cut(g, "s", "t", flow_func=boykov_kolmogorov)
     chosen = set(source_side) - {"s"}
     cut = [(u, v) for u, v in g.edges if (u in source_side) != (v in source_side) and u in source_side]
     return chosen, value, cut
 
 
-def brute_force_closure(weights: dict, implies: list, forced_out: set | frozenset = frozenset()) -> tuple[set, float]:
+def brute_force_closure(weights: dict, implies: list, forced_out: set | frozenset = frozenset(),
+                        penalties: list = ()) -> tuple[set, float]:
     """Reference answer by enumeration (small graphs only; used by the tests)."""
     nodes = sorted(weights)
     best, best_w = set(), 0.0
@@ -76,134 +95,273 @@ def brute_force_closure(weights: dict, implies: list, forced_out: set | frozense
                 continue
             if any(u in chosen and v not in chosen for u, v in implies):
                 continue
-            w = sum(weights[n] for n in chosen)
+            w = sum(weights[n] for n in chosen) - sum(c for u, v, c in penalties if u in chosen and v not in chosen)
             if w > best_w + 1e-12:
                 best, best_w = chosen, w
     return best, best_w
 
 
 class _Solver:
-    """Closure at a given λ over a subset of classes.
+    """Exact closure at a given λ over a subset of classes, fast enough to bisect on λ.
 
-    Trivial classes (no precedence) are vectorized. Coupled classes split into connected
-    components; small ones (≤ 12 classes, e.g. one channel of a residual stage) are grouped by
-    structure and solved for every λ at once by scoring their few valid closures, which keeps
-    the λ bisection fast. The final decision at the chosen λ is always one networkx minimum cut
-    over every coupled class (`solve(lam, final=True)`), checked against the fast answer.
+    Classes without precedence edges are decided by their sign (vectorized). The coupled ones
+    split into connected components, and each is solved exactly by the cheapest method that
+    fits it; components of the same structure are batched into one numpy computation:
+
+    - *trees* (every class required by at most one other, e.g. one channel of a residual
+      stream with the block outputs written into it): dynamic programming over the tree;
+    - other small components: their valid closures are enumerated once (≤ `CAP`) and scored
+      for every λ by one matrix product;
+    - the rest: a networkx minimum cut per component (`max_weight_closure`).
+
+    `soft` holds adapter charges (x, y, c): c is paid when x dies and y (which requires x) lives.
     """
 
-    SMALL = 12
+    CAP = 4096
 
-    def __init__(self, macs, imp, prod, blocked, precedence, members: np.ndarray) -> None:
+    def __init__(self, macs: np.ndarray, imp: np.ndarray, prod: np.ndarray, blocked: np.ndarray,
+                 precedence: set, members: np.ndarray, soft: dict | None = None) -> None:
         self.macs, self.imp, self.prod, self.blocked = macs, imp, prod, blocked
         self.members = members
-        mset = set(members.tolist())
-        self.edges = [(u, v) for u, v in precedence if u in mset and v in mset]
-        touched = set(itertools.chain.from_iterable(self.edges))
-        self.coupled = np.array(sorted(touched), dtype=np.int64)
-        self.trivial = np.array([m for m in members.tolist() if m not in touched], dtype=np.int64)
-        self.last_cut = (0.0, [])
+        in_members = np.zeros(len(macs), dtype=bool)
+        in_members[members] = True
+        pairs = _pair_array(precedence)
+        pairs = pairs[in_members[pairs[:, 0]] & in_members[pairs[:, 1]]]
+        self._pairs = pairs
+        self.edges = list(map(tuple, pairs.tolist()))
+        self.soft = {e: c for e, c in (soft or {}).items() if in_members[e[0]] and in_members[e[1]]}
+        touched = np.zeros(len(macs), dtype=bool)
+        touched[pairs.reshape(-1)] = True
+        self.coupled = np.nonzero(touched & in_members)[0]
+        self.trivial = np.nonzero(~touched & in_members)[0]
+        self.trees: list[tuple] = []
+        self.enums: list[tuple] = []
+        self.large: list[list[int]] = []
         self._prepare_components()
 
+    # ----- structure ------------------------------------------------------------------------
     def _prepare_components(self) -> None:
-        g = nx.Graph()
-        g.add_nodes_from(self.coupled.tolist())
-        g.add_edges_from(self.edges)
-        out_edges: dict[int, list[int]] = {}
-        for u, v in self.edges:
-            out_edges.setdefault(u, []).append(v)
-        batches: dict[tuple, list[list[int]]] = {}
-        self.large: list[list[int]] = []
-        for comp in nx.connected_components(g):
-            nodes = sorted(comp)
-            if len(nodes) > self.SMALL:
-                self.large.append(nodes)
-                continue
-            local = {n: i for i, n in enumerate(nodes)}
-            edges = tuple(sorted((local[u], local[v]) for u in nodes for v in out_edges.get(u, ())))
-            sig = (len(nodes), edges, tuple(bool(self.blocked[n]) for n in nodes))
-            batches.setdefault(sig, []).append(nodes)
-        self.batches = []
-        for (n, edges, blocked), comps in batches.items():
-            masks = np.arange(1 << n)
-            bits = ((masks[:, None] >> np.arange(n)) & 1).astype(bool)
-            ok = np.ones(len(masks), dtype=bool)
-            for u, v in edges:
-                ok &= ~(bits[:, u] & ~bits[:, v])
-            for i, b in enumerate(blocked):
-                if b:
-                    ok &= ~bits[:, i]
-            self.batches.append((np.array(comps, dtype=np.int64), bits[ok].astype(np.float64)))
+        n = len(self.coupled)
+        if not n:
+            return
+        local = np.full(len(self.macs), -1, dtype=np.int64)
+        local[self.coupled] = np.arange(n)
+        e = local[self._pairs]  # (requirer, required) in local ids
+        graph = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+        n_comps, labels = connected_components(graph, directed=True, connection="weak")
+        order = np.argsort(labels, kind="stable")  # by component, ascending class id inside
+        starts = np.searchsorted(labels[order], np.arange(n_comps + 1))
+        # a component is a tree when it has one edge less than nodes and nobody has two requirers
+        two_parents = np.bincount(e[:, 1], minlength=n) > 1
+        is_tree = np.bincount(labels[e[:, 0]], minlength=n_comps) == np.diff(starts) - 1
+        is_tree[labels[two_parents]] = False
+        parent = np.full(n, -1, dtype=np.int64)
+        parent[e[:, 1]] = e[:, 0]
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n) - starts[labels[order]]
+        local_parent = np.where(parent >= 0, rank[np.maximum(parent, 0)], -1)
+        pen = np.zeros(n)  # soft charge on the tree edge x -> parent(x)
+        for (x, y), c in self.soft.items():
+            if parent[local[x]] == local[y]:
+                pen[local[x]] += c
+        blocked = self.blocked[self.coupled]
+        trees: dict[tuple, list] = {}
+        others = []
+        for ci in range(n_comps):
+            seg = order[starts[ci]:starts[ci + 1]]
+            if is_tree[ci]:
+                trees.setdefault((local_parent[seg].tobytes(), blocked[seg].tobytes()), []).append(seg)
+            else:
+                others.append(self.coupled[seg].tolist())
+        for segs in trees.values():
+            segs = np.stack(segs)
+            shape = tuple(local_parent[segs[0]].tolist())
+            self.trees.append((self.coupled[segs], np.array(shape), _children_first(shape), blocked[segs[0]], pen[segs]))
+        self._prepare_general(others)
 
+    def _prepare_general(self, components: list[list[int]]) -> None:
+        """Non-tree components: enumerate closures when few, else networkx."""
+        requires: dict[int, list[int]] = {}
+        for u, v in self.edges:
+            requires.setdefault(u, []).append(v)
+        enums: dict[tuple, list] = {}
+        closures: dict[tuple, np.ndarray | None] = {}
+        for nodes in components:
+            pos = {k: i for i, k in enumerate(nodes)}
+            edges = tuple((pos[u], pos[v]) for u in nodes for v in requires.get(u, ()))
+            sig = (len(nodes), edges, tuple(bool(self.blocked[k]) for k in nodes))
+            if sig not in closures:
+                closures[sig] = _closures(*sig, self.CAP)
+            if closures[sig] is not None:
+                soft = [self.soft.get((nodes[x], nodes[y]), 0.0) for y, x in edges]
+                enums.setdefault(sig, []).append((nodes, np.array(soft)))
+            else:
+                self.large.append(nodes)
+        for sig, items in enums.items():
+            valid, edges = closures[sig], sig[1]
+            comps = np.array([it[0] for it in items], dtype=np.int64)
+            # broken[e, m]: closure m removes the required class of edge e but keeps the requirer
+            ys, xs = (np.array([e[i] for e in edges], dtype=np.int64) for i in (0, 1))
+            broken = (valid[:, xs] & ~valid[:, ys]).T.astype(np.float64) if edges else np.zeros((0, len(valid)))
+            soft = np.stack([it[1] for it in items]) if edges else np.zeros((len(items), 0))
+            self.enums.append((comps, valid.astype(np.float64), soft, broken))
+
+    # ----- solving --------------------------------------------------------------------------
     def weights(self, lam: float, idx: np.ndarray) -> np.ndarray:
         # A tiny bonus breaks ties toward removal for classes that cost nothing (free junctions).
         return lam * self.macs[idx] - self.imp[idx] + 1e-9 * (self.imp[idx] == 0)
 
-    def solve(self, lam: float, final: bool = False) -> np.ndarray:
+    def solve(self, lam: float) -> np.ndarray:
+        """The maximum-weight closure at `lam` (a dead mask over all classes)."""
         dead = np.zeros(len(self.macs), dtype=bool)
         if len(self.trivial):
             w = self.weights(lam, self.trivial)
             dead[self.trivial] = (w > 0) & ~self.blocked[self.trivial] & (self.prod[self.trivial] > 0)
-        if not len(self.coupled):
-            return dead
-        if final:
-            w = self.weights(lam, self.coupled)
-            weights = dict(zip(self.coupled.tolist(), w.tolist()))
-            forced = {k for k in weights if self.blocked[k]}
-            chosen, value, cut = max_weight_closure(weights, self.edges, forced)
-            self.last_cut = (value, cut)
-            dead[list(chosen)] = True
-            return dead
-        for comps, valid in self.batches:
+        for comps, parent, order, blocked, pen in self.trees:
             w = self.weights(lam, comps.reshape(-1)).reshape(comps.shape)
-            best = valid[np.argmax(w @ valid.T, axis=1)].astype(bool)
-            dead[comps[best]] = True
+            dead[comps] = _solve_trees(w, lam * pen, parent, order, blocked)
+        for comps, valid, soft, broken in self.enums:
+            w = self.weights(lam, comps.reshape(-1)).reshape(comps.shape)
+            score = w @ valid.T - lam * (soft @ broken)
+            dead[comps] = valid[np.argmax(score, axis=1)].astype(bool)
         for nodes in self.large:
             idx = np.array(nodes, dtype=np.int64)
             weights = dict(zip(nodes, self.weights(lam, idx).tolist()))
-            chosen, _, _ = max_weight_closure(weights, self.edges, {k for k in nodes if self.blocked[k]})
+            penalties = [(x, y, lam * c) for (x, y), c in self.soft.items() if x in weights]
+            chosen, _, _ = max_weight_closure(weights, self.edges, {k for k in nodes if self.blocked[k]}, penalties)
             dead[list(chosen)] = True
         return dead
+
+    def cut(self, lam: float, dead: np.ndarray) -> tuple[float, list]:
+        """Value and edges of the minimum s-t cut that `dead` (an optimal closure) defines."""
+        w = self.weights(lam, self.members)
+        d = dead[self.members]
+        members = self.members.tolist()
+        gain = ~d & (w > 0) & ~self.blocked[self.members]  # a blocked class is tied to the sink
+        edges = [("s", members[i]) for i in np.flatnonzero(gain)]
+        edges += [(members[i], "t") for i in np.flatnonzero(d & (w < 0))]
+        value = float(w[gain].sum() - w[d & (w < 0)].sum())
+        for (x, y), c in self.soft.items():
+            if dead[x] and not dead[y]:
+                edges.append((x, y))
+                value += lam * c
+        return value, edges
 
     def count(self, dead: np.ndarray) -> int:
         return int(self.prod[dead].sum())
 
 
+def _pair_array(pairs) -> np.ndarray:
+    """Precedence pairs (a set or an array) as an int64 array of shape (m, 2)."""
+    return np.asarray(pairs if isinstance(pairs, np.ndarray) else list(pairs), dtype=np.int64).reshape(-1, 2)
+
+
+def _children_first(parent: tuple) -> list[int]:
+    depth = [0] * len(parent)
+    for v in range(len(parent)):
+        p, d = parent[v], 0
+        while p != -1:
+            p, d = parent[p], d + 1
+        depth[v] = d
+    return sorted(range(len(parent)), key=lambda v: -depth[v])
+
+
+def _solve_trees(w: np.ndarray, pen: np.ndarray, parent: np.ndarray, order: list[int],
+                 blocked: np.ndarray) -> np.ndarray:
+    """Closure DP on a batch of same-shaped trees (rows of `w`): a class dies with its whole
+    subtree (`full`) or stays and lets each child decide (`free`); `pen[:, x]` is paid when x
+    dies while its parent stays."""
+    full, free = w.copy(), np.zeros_like(w)
+    for v in order:
+        if blocked[v]:
+            full[:, v] = -np.inf
+        p = parent[v]
+        if p >= 0:
+            full[:, p] += full[:, v]
+            free[:, p] += np.maximum(full[:, v] - pen[:, v], free[:, v])
+    dead = np.zeros(w.shape, dtype=bool)
+    for v in reversed(order):
+        p = parent[v]
+        own = full[:, v] - (pen[:, v] if p >= 0 else 0) > free[:, v]
+        dead[:, v] = own | dead[:, p] if p >= 0 else own
+    return dead
+
+
+def _closures(n: int, edges: tuple, blocked: tuple, cap: int) -> np.ndarray | None:
+    """Every closed set of a small component as a bool matrix (closures × n), or None when the
+    requirements have a cycle or there are more than `cap` closures."""
+    if n > 62:
+        return None
+    requires = [0] * n
+    indegree = [0] * n
+    users: dict[int, list[int]] = {}
+    for y, x in edges:
+        requires[y] |= 1 << x
+        indegree[y] += 1
+        users.setdefault(x, []).append(y)
+    ready = [v for v in range(n) if indegree[v] == 0]
+    masks = np.zeros(1, dtype=np.int64)
+    seen = 0
+    while ready:  # requirements before requirers, so each closure is extended exactly once
+        v = ready.pop()
+        seen += 1
+        for y in users.get(v, ()):
+            indegree[y] -= 1
+            if indegree[y] == 0:
+                ready.append(y)
+        if blocked[v]:
+            continue
+        ok = masks[(masks & requires[v]) == requires[v]]
+        masks = np.concatenate([masks, ok | (1 << v)])
+        if len(masks) > cap:
+            return None
+    if seen < n:
+        return None
+    return ((masks[:, None] >> np.arange(n)) & 1).astype(bool)
+
+
 def select(macs: np.ndarray, imp: np.ndarray, prod: np.ndarray, blocked: np.ndarray, precedence: set,
-           groups: list[set[int]], ratio: float, scope: str) -> Selection:
+           groups: list[set[int]], ratio: float, scope: str, soft: dict | None = None,
+           counted: np.ndarray | None = None) -> Selection:
     """Choose dead classes; see the module docstring. Arrays are per class.
 
     `macs` and `imp` are already normalized; `prod` counts producer channels per class;
-    `blocked` classes cannot die (pinned, graph outputs, ignored layers).
+    `blocked` classes cannot die (pinned, graph outputs, ignored layers); `soft` maps a
+    precedence pair (x, y) to the adapter charge paid when x dies and y lives; `counted` marks
+    the classes the ratio is taken of (default: those not blocked).
     """
     n = len(macs)
     dead = np.zeros(n, dtype=bool)
     lams, cut_value, cut_edges = {}, 0.0, []
-    eligible_prod = np.where(blocked, 0, prod)
+    eligible_prod = np.where(~blocked if counted is None else counted, prod, 0)
     if scope == "global":
         parts = [np.arange(n)]
     else:
         parts = [np.array(sorted(g), dtype=np.int64) for g in groups]
+    part_of = np.full(n, -1, dtype=np.int64)
+    for gi, members in enumerate(parts):
+        part_of[members] = gi
+    # split the precedence and the soft charges by part once (a part holds both ends of each)
+    pairs = _pair_array(precedence)
+    pairs = pairs[np.argsort(part_of[pairs[:, 0]], kind="stable")]
+    cuts = np.searchsorted(part_of[pairs[:, 0]], np.arange(len(parts) + 1))
+    soft_parts: dict[int, dict] = {}
+    for (x, y), c in (soft or {}).items():
+        soft_parts.setdefault(int(part_of[x]), {})[(x, y)] = c
     target_total = 0
     for gi, members in enumerate(parts):
         target = int(np.floor(ratio * eligible_prod[members].sum() + 1e-9))
         if target <= 0:
             continue
         target_total += target
-        solver = _Solver(macs, imp, prod, blocked, precedence, members)
+        solver = _Solver(macs, imp, prod, blocked, pairs[cuts[gi]:cuts[gi + 1]], members, soft_parts.get(gi))
         part_dead, lam = _bisect(solver, target)
-        if len(solver.coupled):  # the decision itself: one networkx minimum cut at the chosen λ
-            exact = solver.solve(lam, final=True)
-            w_fast = solver.weights(lam, np.nonzero(part_dead)[0]).sum()
-            w_cut = solver.weights(lam, np.nonzero(exact)[0]).sum()
-            if w_cut >= w_fast - 1e-6 * max(1.0, abs(w_fast)):
-                part_dead = exact
+        value, edges = solver.cut(lam, part_dead)
         part_dead = _fill(solver, part_dead, target, lam, precedence)
         dead |= part_dead
         lams[gi] = lam
-        if solver.last_cut[1]:
-            cut_value += solver.last_cut[0]
-            cut_edges.extend(solver.last_cut[1])
+        cut_value += value
+        cut_edges.extend(edges)
     return Selection(dead, lams, target_total, int(prod[dead].sum()), int(eligible_prod.sum()), cut_value, cut_edges)
 
 
@@ -212,7 +370,8 @@ def _bisect(solver: _Solver, target: int) -> tuple[np.ndarray, float]:
     dead_lo = solver.solve(1e-12)
     if solver.count(dead_lo) >= target:
         return dead_lo, 1e-12
-    reachable = int(solver.prod[~solver.blocked[np.arange(len(solver.prod))] & (solver.prod > 0)].sum())
+    m = solver.members
+    reachable = int(solver.prod[m][~solver.blocked[m]].sum())
     last = -1
     for _ in range(60):
         dead_hi = solver.solve(hi)
@@ -241,16 +400,23 @@ def _bisect(solver: _Solver, target: int) -> tuple[np.ndarray, float]:
 
 
 def _fill(solver: _Solver, dead: np.ndarray, target: int, lam: float, precedence: set) -> np.ndarray:
-    """Add single classes (best weight first) whose removal keeps the closure valid."""
+    """Add single classes (best weight first) whose removal keeps the closure valid — never one
+    whose adapters cost more compute than it saves (net MACs < 0): `ratio` is then not met."""
     need = target - solver.count(dead)
     if need <= 0:
         return dead
     requires: dict[int, list[int]] = {}
     for u, v in precedence:
         requires.setdefault(u, []).append(v)
+    charged = np.zeros(len(dead))  # soft adapter charges a class pays if it dies alone now
+    for (x, y), c in solver.soft.items():
+        if not dead[y]:
+            charged[x] += c
+    net = solver.macs - charged
     cand = [k for k in solver.members.tolist()
-            if not dead[k] and not solver.blocked[k] and solver.prod[k] > 0]
-    w = solver.weights(lam, np.array(cand, dtype=np.int64)) if cand else np.array([])
+            if not dead[k] and not solver.blocked[k] and solver.prod[k] > 0 and net[k] >= 0]
+    idx = np.array(cand, dtype=np.int64)
+    w = solver.weights(lam, idx) - lam * charged[idx] if cand else np.array([])
     for idx in np.argsort(-w, kind="stable"):
         k = cand[idx]
         if all(dead[v] for v in requires.get(k, ())):

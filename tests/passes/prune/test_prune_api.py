@@ -39,6 +39,8 @@ def test_unknown_importance_and_round_to():
         Prune(importance="magic")
     with pytest.raises(ValueError, match="round_to"):
         Prune(round_to=0)
+    with pytest.raises(ValueError, match="adapter_cost"):
+        Prune(adapter_cost=-1)
 
 
 def test_everything_ignored():
@@ -57,14 +59,14 @@ def test_taylor_without_calibration():
 
 
 def test_pipeline_text_round_trip_and_stats():
-    res = fxopt.optimize(Small(), (X,), "prune{ratio=0.5,scope=local,ignore=[fc]}", verify=False)
-    assert res.pipeline == "prune{ignore=[fc]}"  # defaults are not printed
+    res = fxopt.optimize(Small(), (X,), "prune{ratio=0.5,scope=local,ignore=[fc],adapter_cost=0}", verify=False)
+    assert res.pipeline == "prune{ignore=[fc],adapter_cost=0.0}"  # defaults are not printed
     stats = res.passes[0].stats
     assert stats["removed_channels"] == 8 and stats["ignored"] == ["fc"]
     assert res.module.get_submodule("a").out_channels == 4
     assert res.module.get_submodule("fc").out_features == 4
     # global scope spends the same budget where MACs are cheapest to save (every slot keeps >= 1)
-    res = fxopt.optimize(Small(), (X,), "prune{scope=global}", verify=False)
+    res = fxopt.optimize(Small(), (X,), "prune{scope=global,adapter_cost=0}", verify=False)
     assert res.passes[0].stats["removed_channels"] >= 7
 
 
@@ -88,7 +90,7 @@ def test_unreasoned_nodes_are_pinned_and_named():
     from fxopt.passes.prune.apply import zero_removed
 
     x = torch.randn(2, 3, 8, 8)
-    plan = analyze(Odd(), (x,), ratio=0.5)
+    plan = analyze(Odd(), (x,), ratio=0.5, adapter_cost=0)
     pinned = plan.stats()["pinned"]
     assert "flip" in pinned and "sigmoid" in pinned
     # pinned readers get the removed channels back as zeros, so the result stays exact
@@ -141,3 +143,105 @@ def test_distill_can_be_called_twice_and_leaves_teacher_alone():
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
     with pytest.raises(ValueError, match="temperature"):
         fxopt.distill(student, teacher, data, temperature=0)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_taylor_on_a_model_without_producers_refuses_like_l1(mode):
+    """A lone batchnorm has nothing to probe: taylor must give l1's clear refusal, not crash in
+    autograd (fuzzer reproducer case_2000_4_9606dd77)."""
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    x = torch.randn(1, 3, 6, 6)
+    for importance in ("l1", "taylor"):
+        with pytest.raises(PassError, match="nothing to prune: the model has no prunable channels"):
+            fxopt.optimize(model, (x,), [Prune(ratio=0.3, importance=importance)], calibration=[(x,)], mode=mode)
+
+
+def test_taylor_scores_skip_outputs_that_do_not_depend_on_producers():
+    from fxopt.passes.prune.channel_graph import build_channel_graph
+    from fxopt.passes.prune.importance import _taylor_scores
+
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.a(x).detach() * 2  # no gradient reaches the probe
+
+    gm = fxopt.capture(Detached(), (X,))
+    assert _taylor_scores(gm, build_channel_graph(gm), [(X,)]) == {}
+    gm = fxopt.capture(Small(), (X,))
+    scores = _taylor_scores(gm, build_channel_graph(gm), [(X,)])
+    assert {k: v.shape for k, v in scores.items()} == {"a": (8,), "b": (8,), "fc": (4,)}
+    assert all((v > 0).any() for v in scores.values())
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.2, True])
+def test_max_layer_ratio_out_of_range(bad):
+    with pytest.raises(ValueError, match="max_layer_ratio"):
+        Prune(max_layer_ratio=bad)
+
+
+class Wide(nn.Module):
+    """A wide cheap layer feeding an expensive narrow one: global scope empties `a` the most."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide, self.a, self.b = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.b(F.relu(self.a(F.relu(self.wide(x)))))).mean((2, 3)))
+
+
+def test_max_layer_ratio_caps_every_layer_and_keeps_the_budget():
+    def lost(plan):
+        sizes = {"wide": 32, "a": 8, "b": 8}
+        return {k: n - int(plan.kept_channels().get(k, f"{n}/{n}").split("/")[0]) for k, n in sizes.items()}
+
+    torch.manual_seed(0)
+    options = dict(ratio=0.5, scope="global", adapter_cost=0, ignore=("fc",))
+    free = analyze(Wide(), (X,), **options)
+    capped = analyze(Wide(), (X,), max_layer_ratio=0.6, **options)
+    assert lost(free)["a"] > 0.6 * 8, "uncapped, layer a loses most of its channels"
+    assert all(lost(capped)[k] <= 0.6 * n for k, n in (("wide", 32), ("a", 8), ("b", 8)))
+    assert abs(capped.selection.removed - 24) <= 1, "the budget moves to other layers, it does not shrink"
+    pruned = capped.apply()
+    assert pruned.get_submodule("a").out_channels == 8 - lost(capped)["a"]
+    assert pruned(X).shape == (2, 4)
+    res = fxopt.optimize(Wide(), (X,), "prune{max_layer_ratio=0.6}", verify=False)
+    assert res.pipeline == "prune{max_layer_ratio=0.6}"
+
+
+def test_class_importance_is_the_mean_over_its_producers_and_norms():
+    """A channel read by several batchnorms (a DenseNet concat) is not worth more per norm."""
+    from fxopt.passes.prune.channel_graph import build_channel_graph
+    from fxopt.passes.prune.importance import class_costs
+
+    class TwoNorms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn1, self.bn2 = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.b, self.c = nn.Conv2d(4, 2, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(self.bn1(y)) + self.c(self.bn2(y))
+
+    torch.manual_seed(0)
+    model = TwoNorms().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.zero_()
+    gm = fxopt.capture(model, (X,))
+    cg = build_channel_graph(gm)
+    imp = class_costs(gm, cg)["imp"][cg.positions(cg.value_slot["a"])]
+
+    def normalized(t):
+        s = t.detach().abs().flatten(1).sum(1)
+        return s / s.mean()
+
+    expected = (normalized(model.a.weight) + normalized(model.bn1.weight[:, None]) +
+                normalized(model.bn2.weight[:, None])) / 3
+    torch.testing.assert_close(torch.as_tensor(imp), expected.double())

@@ -43,23 +43,73 @@ def test_producer_dies_only_if_every_consumer_drops_it():
     assert chosen == set()
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_fast_component_solver_agrees_with_networkx(seed):
+def _residual_like(seed, n=30, soft_weight=0.0):
     rng = np.random.default_rng(seed)
-    n = 30
     macs, imp = rng.uniform(0, 2, n), rng.uniform(0, 2, n)
-    prod = (rng.random(n) < 0.7).astype(np.int64)
+    prod = np.ones(n, dtype=np.int64)
     blocked = rng.random(n) < 0.05
-    # residual-like chains: y_i requires x_i and y_{i-1}
-    precedence = set()
-    for i in range(1, 8):
-        precedence.add((i, i + 10))
-        precedence.add((i, i - 1))
-    solver = _Solver(macs, imp, prod, blocked, precedence, np.arange(n))
+    # a residual-like chain: y_i requires x_i and y_{i-1} (a tree) ...
+    precedence = {(i, i + 10) for i in range(1, 5)} | {(i, i - 1) for i in range(1, 5)}
+    # ... and a diamond (class 20 read by two junctions: not a tree), plus a wide fan (networkx)
+    precedence |= {(21, 20), (22, 20), (23, 21), (23, 22)}
+    precedence |= {(24 + (i % 3), 27 + (i % 3)) for i in range(3)} | {(24, 25), (25, 26), (26, 24)}
+    soft = {(x, y): soft_weight * rng.uniform(0.1, 1) for y, x in precedence} if soft_weight else {}
+    return macs, imp, prod, blocked, precedence, soft
+
+
+@pytest.mark.parametrize("soft_weight", [0.0, 0.5])
+@pytest.mark.parametrize("seed", range(10))
+def test_component_solvers_agree_with_networkx_and_brute_force(seed, soft_weight):
+    """Trees (DP), small non-trees (enumeration) and cycles (networkx) give the optimum."""
+    macs, imp, prod, blocked, precedence, soft = _residual_like(seed, soft_weight=soft_weight)
+    n = len(macs)
+    solver = _Solver(macs, imp, prod, blocked, precedence, np.arange(n), soft)
+    assert solver.trees and solver.enums and solver.large, "every method is exercised"
     for lam in (0.1, 0.7, 1.3, 4.0):
-        fast, exact = solver.solve(lam), solver.solve(lam, final=True)
-        w = lambda d: solver.weights(lam, np.nonzero(d)[0]).sum()  # noqa: E731
-        assert w(fast) == pytest.approx(w(exact), abs=1e-7)
+        dead = solver.solve(lam)
+        weights = dict(enumerate(solver.weights(lam, np.arange(n)).tolist()))
+        penalties = [(x, y, lam * c) for (x, y), c in soft.items()]
+        forced = set(np.nonzero(blocked)[0].tolist())
+        chosen, cut_value, _ = max_weight_closure(weights, list(precedence), forced, penalties)
+
+        def value(d):
+            return sum(weights[k] for k in d) - sum(c for x, y, c in penalties if x in d and y not in d)
+
+        got = set(np.nonzero(dead)[0].tolist())
+        assert all(v in got for u, v in precedence if u in got) and not got & forced
+        assert value(got) == pytest.approx(value(chosen), abs=1e-7)
+        assert solver.cut(lam, dead)[0] == pytest.approx(cut_value, abs=1e-7)
+        for comp in (set(range(5)) | set(range(11, 15)), {20, 21, 22, 23}, set(range(24, 30))):
+            sub = {k: w for k, w in weights.items() if k in comp}
+            _, best = brute_force_closure(sub, list(precedence), forced & comp, [p for p in penalties if p[0] in comp])
+            assert value(got & comp) == pytest.approx(best, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_min_cut_with_adapter_penalties_matches_brute_force(seed):
+    weights, implies, forced = _random_problem(seed)
+    rng = random.Random(seed)
+    penalties = [(v, u, rng.uniform(0, 2)) for u, v in implies[: len(implies) // 2]]
+    chosen, _, _ = max_weight_closure(weights, implies, forced, penalties)
+    best, best_w = brute_force_closure(weights, implies, forced, penalties)
+    got = sum(weights[k] for k in chosen) - sum(c for u, v, c in penalties if u in chosen and v not in chosen)
+    assert got == pytest.approx(best_w, abs=1e-9)
+
+
+def test_adapter_charge_keeps_a_block_output_alive_unless_its_stream_channel_dies():
+    """y = x + b: removing only b's channel c costs an adapter (soft charge), removing the whole
+    stream channel (x, b and y) does not."""
+    imp = np.array([0.0, 1.0, 0.5])  # y (the stream channel), x (the stream input), b (the block)
+    prod = np.array([0, 1, 1])
+    precedence = {(0, 1), (0, 2)}
+    blocked = np.zeros(3, dtype=bool)
+    macs = np.array([0.1, 0.2, 1.0])  # weights at λ=1: y 0.1, x -0.8, b 0.5
+    for soft, expect in (({}, [False, False, True]), ({(2, 0): 5.0}, [False, False, False])):
+        solver = _Solver(macs, imp, prod, blocked, precedence, np.arange(3), soft)
+        assert solver.solve(1.0).tolist() == expect
+    # with enough compute behind it, the whole channel goes and no adapter is paid
+    solver = _Solver(np.array([3.0, 0.2, 1.0]), imp, prod, blocked, precedence, np.arange(3), {(2, 0): 5.0})
+    assert solver.solve(1.0).tolist() == [True, True, True]
 
 
 def test_select_meets_ratio_and_respects_precedence():

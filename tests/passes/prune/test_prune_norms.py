@@ -1,0 +1,144 @@
+"""`exact_norms`: layer/group norm pinned (exact) or pruned with their stream (Torch-Pruning's way),
+and the adapter charges that keep the exact mode from paying more than it saves."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.measure import count_parameters
+from fxopt.passes.prune.prune_pass import Prune, analyze
+
+
+class NormBlock(nn.Module):
+    """linear -> layer norm -> linear, plus a post-norm residual like BERT's."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 16)
+        self.norm2, self.head = nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.norm(self.fc1(x))
+        return self.head(self.norm2(h + F.relu(self.fc2(h))))
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.gn(self.a(x))))
+
+
+def _randomize_affine(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_inexact_layer_norm_normalizes_over_the_kept_channels(mode):
+    torch.manual_seed(0)
+    model, x = _randomize_affine(NormBlock()), torch.randn(2, 5, 6)
+    plan = analyze(model, (x,), mode=mode, ratio=0.5, exact_norms=False)
+    assert not plan.stats()["pinned"], "layer norm is not pinned any more"
+    cg = plan.channel_graph
+    keep = torch.as_tensor((~plan.dead[cg.positions(cg.value_slot[_node(plan, "fc1")])]).nonzero()[0])
+    assert 0 < len(keep) < 16
+    pruned = plan.apply()
+    # the reference: the original model with the stream restricted to the kept channels
+    m = model
+    h = F.layer_norm(m.fc1(x)[..., keep], (len(keep),), m.norm.weight[keep], m.norm.bias[keep])
+    inner = F.relu(F.linear(h, m.fc2.weight[keep][:, keep], m.fc2.bias[keep]))
+    y = F.layer_norm(h + inner, (len(keep),), m.norm2.weight[keep], m.norm2.bias[keep])
+    expected = F.linear(y, m.head.weight[:, keep], m.head.bias)
+    torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
+    assert count_parameters(pruned) < count_parameters(model)
+    if mode == "symbolic":
+        norm = pruned.get_submodule("norm")
+        assert norm.normalized_shape == (len(keep),) and norm.weight.shape == (len(keep),)
+        assert pruned.get_submodule("fc1").weight.shape == (len(keep), 6)
+        assert pruned.get_submodule("head").weight.shape == (3, len(keep))
+    assert pruned(torch.randn(4, 5, 6)).shape == (4, 5, 3)
+
+
+def _node(plan, module):
+    return next(n for n, mod in plan.channel_graph.module_names.items() if mod == module)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_inexact_group_norm_keeps_groups_equal(mode):
+    torch.manual_seed(0)
+    model, x = _randomize_affine(GroupNormNet()), torch.randn(2, 3, 8, 8)
+    plan = analyze(model, (x,), mode=mode, ratio=0.5, exact_norms=False)
+    cg = plan.channel_graph
+    dead = plan.dead[cg.positions(cg.value_slot[_node(plan, "a")])]
+    keep = torch.as_tensor((~dead).nonzero()[0])
+    assert len(keep) == 8 and (~dead).reshape(4, 4).sum(1).tolist() == [2, 2, 2, 2], "2 of 4 in every group"
+    pruned = plan.apply()
+    m = model
+    h = F.group_norm(F.conv2d(x, m.a.weight[keep], m.a.bias[keep], padding=1), 4, m.gn.weight[keep], m.gn.bias[keep])
+    expected = F.conv2d(F.relu(h), m.b.weight[:, keep], m.b.bias)
+    torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
+    if mode == "symbolic":
+        gn = pruned.get_submodule("gn")
+        assert (gn.num_groups, gn.num_channels, gn.weight.shape[0]) == (4, 8, 8)
+
+
+def test_exact_norms_pins_and_stays_exact_by_default():
+    torch.manual_seed(0)
+    model, x = _randomize_affine(NormBlock()), torch.randn(2, 5, 6)
+    plan = analyze(model, (x,), ratio=0.5)
+    assert {"norm", "norm2"} <= {plan.channel_graph.module_names.get(n, n) for n in plan.stats()["pinned"]} | \
+        set(plan.stats()["pinned"])
+    assert all("exact_norms=true" in why for why in plan.stats()["pinned"].values())
+
+
+def test_pipeline_text_round_trips_exact_norms():
+    x = torch.randn(2, 5, 6)
+    res = fxopt.optimize(_randomize_affine(NormBlock()), (x,), "prune{exact_norms=false,ignore=[head]}", verify=False)
+    assert res.pipeline == "prune{ignore=[head],exact_norms=false}"
+    assert res.passes[0].stats["pinned"] == {}
+    assert fxopt.optimize(NormBlock().eval(), (x,), [Prune(exact_norms=True)], verify=False).pipeline == "prune"
+    with pytest.raises(fxopt.errors.PipelineError, match="exact_norms"):
+        fxopt.optimize(NormBlock().eval(), (x,), "prune{exact_norms=maybe}")
+
+
+class Stream(nn.Module):
+    """A post-norm residual stream: the block output is written into a pinned (exact) stream."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.inp, self.norm = nn.Linear(8, 32), nn.LayerNorm(32)
+        self.up, self.down = nn.Linear(32, hidden), nn.Linear(hidden, 32)
+        self.norm2, self.head = nn.LayerNorm(32), nn.Linear(32, 2)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        return self.head(self.norm2(h + self.down(F.gelu(self.up(h)))))
+
+
+def test_exact_mode_does_not_pay_adapters_that_cost_more_than_they_save():
+    """Removing rows of `down` saves 10·64 MACs each but needs a scatter back into the 32-wide
+    stream before the add (an adapter worth far more): the selection leaves `down` whole, and
+    still prunes the hidden layer, which needs no adapter."""
+    torch.manual_seed(0)
+    model, x = Stream().eval(), torch.randn(2, 5, 8)
+    plan = analyze(model, (x,), ratio=0.5, ignore=("head",))
+    kept = plan.kept_channels()
+    assert "down" not in kept and "inp" not in kept
+    assert kept["up"] == "32/64"
+    stats = plan.stats()
+    assert stats["removed_channels"] < stats["target_channels"]  # the ratio gives way to the charge
+    plan.apply()
+    assert plan.applied["adapters"] == 0
+    # without the charge, the ratio is spent on `down` too and a scatter goes into the stream
+    free = analyze(model, (x,), ratio=0.5, ignore=("head",), adapter_cost=0)
+    assert "down" in free.kept_channels()
+    free.apply()
+    assert free.applied["reexpansions"]
