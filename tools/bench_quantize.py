@@ -2,6 +2,7 @@
 
     python tools/bench_quantize.py                       # every model, markdown table on stdout
     python tools/bench_quantize.py --models digits bert --repeats 20
+    python tools/bench_quantize.py --head-to-head 15       # fxopt vs torch.ao int8 only, alternating
 
 Per model and batch size (1 and 16): latency of fp32, fxopt's fused fp32 (`fuse,lower-cpu`, when the
 pass exists), fxopt int8 (`quantize{backend=x86}`), torch.ao FX (prepare_fx/convert_fx with
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 import traceback
 import warnings
@@ -192,6 +194,32 @@ def time_rounds(candidates: dict, inputs: dict, repeats: int, rounds: int) -> di
     return best
 
 
+def head_to_head(name: str, rounds: int, repeats: int = 10) -> list[str]:
+    """fxopt int8 against torch.ao FX int8 only, alternating every round (which goes first flips
+    too): the median over rounds of each round's median, and the fastest round, per batch size.
+
+    For close calls: on a shared machine a burst of load during one method's turn in the full
+    table can flip a 5% difference; `rounds` alternations spread such bursts over both.
+    """
+    model, x16 = zoo.get(name, batch=16)
+    cal = calibration_for(name)
+    fx, _ = quantize_fxopt(model, x16, cal, MODELS[name])
+    ao, _ = quantize_ao_fx(model, x16, cal)
+    lines = []
+    for batch in (1, 16):
+        x = zoo.get(name, batch=batch)[1]
+        got: dict[str, list[float]] = {"fxopt int8": [], "torch.ao FX int8": []}
+        for r in range(rounds):
+            order = [("fxopt int8", fx), ("torch.ao FX int8", ao)]
+            for label, m in (order if r % 2 else order[::-1]):
+                got[label].append(measure_latency(m, x, threads=1, repeats=repeats, warmup=2).median_ms)
+        med = {k: statistics.median(v) for k, v in got.items()}
+        lines.append(f"| {name} | {batch} | {med['fxopt int8']:.2f} (min {min(got['fxopt int8']):.2f}) | "
+                     f"{med['torch.ao FX int8']:.2f} (min {min(got['torch.ao FX int8']):.2f}) | "
+                     f"{med['torch.ao FX int8'] / med['fxopt int8']:.2f}x |")
+    return lines
+
+
 def table(rows: list[dict]) -> str:
     head = "| model | batch | method | latency ms | speedup vs fp32 | SQNR dB | digits acc % | size MB | quantize s |"
     lines = [head, "|" + "---|" * 9]
@@ -212,7 +240,16 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best median counts")
     parser.add_argument("--no-pt2e", action="store_true", help="skip the torchao PT2E comparison")
+    parser.add_argument("--head-to-head", type=int, default=0, metavar="ROUNDS",
+                        help="only fxopt int8 vs torch.ao FX int8, alternating for ROUNDS rounds")
     args = parser.parse_args(argv)
+    if args.head_to_head:
+        lines = ["| model | batch | fxopt int8 ms | torch.ao FX int8 ms | torch.ao / fxopt |", "|---|---|---|---|---|"]
+        for name in args.models:
+            if name != "hf_bert":  # torch.ao FX cannot trace it
+                lines += head_to_head(name, args.head_to_head)
+                print("\n".join(lines), flush=True)
+        return
     torch.manual_seed(0)
     with_pt2e = not args.no_pt2e
     if with_pt2e:
