@@ -197,10 +197,17 @@ def _grow(gm, view) -> Group:
 # ----- the int8 region ------------------------------------------------------------------------
 
 def activation_inputs(gm, node: torch.fx.Node, plan: Plan) -> list[torch.fx.Node]:
-    """The tensor values `node` (a group output or any op) consumes, as group/op outputs."""
+    """The values `node` (a group output or any op) consumes that int8 lowering would convert.
+
+    A pass-through op converts only its data input: the sizes a `view` reads from
+    `sym_size` nodes (export graphs with a dynamic batch) are not activations, and counting
+    them would tie the op to the float side.
+    """
     group = plan.groups.get(node.name)
     if group is not None:
         return list(dict.fromkeys(group.inputs))
+    if node.name in plan.pass_through:
+        return [op_view(gm, node).input]
     return [i for i in node.all_input_nodes if i.op != "get_attr"]
 
 

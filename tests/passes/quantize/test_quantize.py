@@ -173,6 +173,32 @@ def test_minimum_cut_decides_adds_by_their_neighbours():
     assert res.verification.passed, res.verification.summary()
 
 
+def test_head_split_views_stay_int8_with_a_dynamic_batch():
+    class Heads(nn.Module):
+        def __init__(self, d=32, h=4):
+            super().__init__()
+            self.q, self.k, self.h = nn.Linear(d, d), nn.Linear(d, d), h
+
+        def forward(self, x):
+            b, s, d = x.shape                  # export: the batch size is a sym_size node
+            q = self.q(x).view(b, s, self.h, d // self.h).transpose(1, 2)
+            k = self.k(x).view(b, s, self.h, d // self.h).transpose(1, 2)
+            return torch.matmul(q, k.transpose(-1, -2))
+
+    model = Heads().eval()
+    cal = [(torch.randn(4, 6, 32),) for _ in range(4)]
+    res = fxopt.optimize(model, (torch.randn(4, 6, 32),), "quantize{backend=x86}", calibration=cal,
+                         mode="export")
+    gm = res.module
+    assert any(n.op == "call_function" and "sym_size" in str(n.target) for n in gm.graph.nodes)
+    # one quantize (the input), one dequantize (the output): the views and transposes run on int8
+    assert _count(gm, "aten.quantize_per_tensor.default") == 1
+    assert _count(gm, "aten.dequantize.self") == 1 and "quantized.matmul.default" in _targets(gm)
+    assert res.verification.passed, res.verification.summary()
+    with torch.no_grad():
+        assert gm(torch.randn(7, 6, 32)).shape == (7, 4, 6, 6)
+
+
 def test_shared_module_and_tied_weights():
     class Twice(nn.Module):
         def __init__(self):
