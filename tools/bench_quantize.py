@@ -244,11 +244,10 @@ def main(argv=None) -> None:
                         help="only fxopt int8 vs torch.ao FX int8, alternating for ROUNDS rounds")
     args = parser.parse_args(argv)
     if args.head_to_head:
-        lines = ["| model | batch | fxopt int8 ms | torch.ao FX int8 ms | torch.ao / fxopt |", "|---|---|---|---|---|"]
+        print("| model | batch | fxopt int8 ms | torch.ao FX int8 ms | torch.ao / fxopt |\n|---|---|---|---|---|")
         for name in args.models:
             if name != "hf_bert":  # torch.ao FX cannot trace it
-                lines += head_to_head(name, args.head_to_head)
-                print("\n".join(lines), flush=True)
+                print("\n".join(head_to_head(name, args.head_to_head)), flush=True)
         return
     torch.manual_seed(0)
     with_pt2e = not args.no_pt2e
