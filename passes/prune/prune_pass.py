@@ -171,8 +171,10 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
     start = time.perf_counter()
     sel = _select_capped(cg, costs, mean_macs, blocked, groups, ratio, scope, max_layer_ratio)
     dead = sel.dead
-    _round_slots(cg, dead, costs["imp"], round_to)
+    # Free junctions first: rounding has the last word, so that every value keeps at least one
+    # channel (a split piece whose only channel is a dead junction would otherwise vanish).
     dead = close_free_junctions(dead, prod, blocked, cg.precedence)
+    _round_slots(cg, dead, costs["imp"], round_to)
     sel.dead, sel.removed = dead, int(prod[dead].sum())
     seconds["select"] = time.perf_counter() - start
 
