@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxopt.ir import op_view, tensor_meta
+from fxopt.ir import op_view, run_graph, tensor_meta
 
 from .channel_graph import ChannelGraph
 
@@ -159,30 +159,29 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
     if not producers:  # nothing to probe (e.g. a lone batchnorm): no taylor scores to give
         return scores
 
-    class Probe(torch.fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            slot = producers.get(n.name)
-            if slot is not None and isinstance(result, torch.Tensor) and result.is_floating_point():
-                probe = torch.zeros_like(result, requires_grad=True)
-                self.probes[n.name] = (probe, result.detach(), slot.axis)
-                result = result + probe
-            return result
-
     for batch in calibration:
         args, kwargs = batch if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict) \
             else ((batch,) if isinstance(batch, torch.Tensor) else tuple(batch), {})
-        interp = Probe(gm)
-        interp.probes = {}
+        probes: dict[str, tuple] = {}
+
+        def add_probe(node, value):
+            slot = producers.get(node.name)
+            if slot is None or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                return None
+            probe = torch.zeros_like(value, requires_grad=True)
+            probes[node.name] = (probe, value.detach(), slot.axis)
+            return value + probe
+
         with torch.enable_grad():
-            out = interp.run(*args, **kwargs)
+            # private buffers: stateful modules in the graph (observers, batchnorm in training
+            # mode) run as copies, so scoring never writes into the model being pruned
+            out = run_graph(gm, args, kwargs, add_probe, private_buffers=True)
             leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if not leaves or not interp.probes:  # the output does not depend on any producer
+            if not leaves or not probes:  # the output does not depend on any producer
                 continue
             loss = sum(t.float().pow(2).sum() for t in leaves)
-            probes = [v[0] for v in interp.probes.values()]
-            grads = torch.autograd.grad(loss, probes, allow_unused=True)
-        for (name, (_, act, axis)), grad in zip(interp.probes.items(), grads):
+            grads = torch.autograd.grad(loss, [v[0] for v in probes.values()], allow_unused=True)
+        for (name, (_, act, axis)), grad in zip(probes.items(), grads):
             if grad is None:
                 continue
             contrib = (act * grad).movedim(axis, -1)
