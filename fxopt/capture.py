@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError
+from .ir.interpret import fresh_inputs
 from .ir.rewrite import deep_copy
 
 Mode = Literal["auto", "symbolic", "export"]
@@ -128,11 +129,13 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
     concrete = _non_tensor_kwargs(kwargs)
     gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     run_kwargs = {k: v for k, v in kwargs.items() if k not in concrete}
-    with torch.no_grad():
-        expected = model(*args, **kwargs)
+    with torch.no_grad():  # each run on its own copy of the inputs (a model may write into them)
+        fresh_args, fresh_kwargs = fresh_inputs(args, kwargs)
+        expected = model(*fresh_args, **fresh_kwargs)
         # Running the graph node by node also records shapes for every node.
-        propagate_shapes(gm, args, run_kwargs)
-        got = gm(*args, **run_kwargs)
+        propagate_shapes(gm, *fresh_inputs(args, run_kwargs))
+        fresh_args, fresh_kwargs = fresh_inputs(args, run_kwargs)
+        got = gm(*fresh_args, **fresh_kwargs)
     _check_same_outputs(expected, got)
     return gm
 
@@ -159,10 +162,12 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         if attempts_error is not None:
             info["dynamic_batch_error"] = _first_line(attempts_error)
     gm = ep.module()
-    with torch.no_grad():
-        expected = model(*args, **kwargs)
-        propagate_shapes(gm, args, kwargs)
-        got = gm(*args, **kwargs)
+    with torch.no_grad():  # each run on its own copy of the inputs (a model may write into them)
+        fresh_args, fresh_kwargs = fresh_inputs(args, kwargs)
+        expected = model(*fresh_args, **fresh_kwargs)
+        propagate_shapes(gm, *fresh_inputs(args, kwargs))
+        fresh_args, fresh_kwargs = fresh_inputs(args, kwargs)
+        got = gm(*fresh_args, **fresh_kwargs)
     _check_same_outputs(expected, got)
     return gm, info
 

@@ -29,6 +29,7 @@ from typing import Any, Sequence, TextIO
 
 import torch
 import torch.fx
+from torch.overrides import TorchFunctionMode
 
 from .analysis import AnalysisManager
 from .debug.diff import listing_diff
@@ -209,7 +210,8 @@ class PassManager:
         versions = tensor_versions(current)
         start = time.perf_counter()
         try:
-            result = p.run(working, ctx)
+            with SharedWriteGuard(current):
+                result = p.run(working, ctx)
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
             _check_no_inplace_writes(current, versions)
@@ -235,6 +237,57 @@ class PassManager:
         if result.modified:
             am.invalidate(p.preserves)
         return result.module
+
+
+class SharedWriteGuard(TorchFunctionMode):
+    """Refuse an in-place write into a tensor of `module` *before* it happens.
+
+    A pass works on a copy that shares its input's tensors; writing into one would change the
+    caller's model. The version-counter check after the pass catches any write, but only once
+    the data is gone; this mode stops the common ones (`p.mul_(2)`, `p.copy_(x)`, `p[i] = v`,
+    `out=`) at the call, so the input stays intact. Writes that bypass torch functions are
+    still caught, after the fact, by the version check.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+        self.shared = {key: name for name, t in named if (key := _storage_key(t)) is not None}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for target in _written_tensors(func, args, kwargs):
+            name = self.shared.get(_storage_key(target))
+            if name is not None:
+                raise RuntimeError(
+                    f"the pass tried to write into tensor '{name}' in place "
+                    f"({getattr(func, '__name__', func)}); passes must replace tensors (ParamRef.set) "
+                    "so the input module stays intact")
+        return func(*args, **kwargs)
+
+
+_INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                              "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__",
+                              "__ilshift__", "__irshift__"})
+
+
+def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    name = getattr(func, "__name__", "")
+    out = kwargs.get("out")
+    written = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    if inplace and args and isinstance(args[0], torch.Tensor):
+        written.append(args[0])
+    return written
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    """The address of `t`'s storage (views and `.data` share it); None for tensors without one."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except Exception:  # meta / fake / sparse tensors
+        return None
+    return ptr or None
 
 
 def _check_no_inplace_writes(module: torch.nn.Module, versions: dict[int, tuple[str, int]]) -> None:

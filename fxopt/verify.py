@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 
 from .errors import VerificationError, user_source_line
-from .ir.interpret import node_values, run_graph
+from .ir.interpret import fresh_inputs, node_values, run_graph
 from .ir.rewrite import deep_copy, origin
 
 
@@ -176,10 +176,12 @@ def verify(
             raise RuntimeError("verify(device='cuda') needs a CUDA GPU; none is available")
         reference, candidate = _copy_to(reference, device), _copy_to(candidate, device)
         args, kwargs = _move(args, device), _move(kwargs, device)
-    with torch.no_grad():
-        ref_out = reference(*args, **kwargs)
+    with torch.no_grad():  # each side on its own copy: a model may write into its inputs
+        ref_args, ref_kwargs = fresh_inputs(args, kwargs)
+        ref_out = reference(*ref_args, **ref_kwargs)
         try:
-            cand_out = candidate(*args, **kwargs)
+            cand_args, cand_kwargs = fresh_inputs(args, kwargs)
+            cand_out = candidate(*cand_args, **cand_kwargs)
         except Exception as exc:
             return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}: {exc}")
     outputs, problem = compare_outputs(ref_out, cand_out)
@@ -261,7 +263,7 @@ def first_divergence(
     unfused conv that shares its name.
     """
     with torch.no_grad():
-        ref_values = node_values(reference, args, kwargs)
+        ref_values = node_values(reference, *fresh_inputs(args, kwargs))
     found: list[Divergence] = []
 
     def check(node: torch.fx.Node, value: Any) -> None:
@@ -277,7 +279,7 @@ def first_divergence(
             found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp))
 
     with torch.no_grad():
-        run_graph(candidate, args, kwargs, check, private_buffers=True)
+        run_graph(candidate, *fresh_inputs(args, kwargs), check, private_buffers=True)
     return found[0] if found else None
 
 

@@ -15,7 +15,7 @@ from .base import Analysis
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_map
 
-from ..ir.interpret import run_graph
+from ..ir.interpret import fresh_inputs, run_graph
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None) -> dict:
@@ -32,7 +32,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None 
         metas[node.name] = meta
 
     with torch.no_grad():
-        run_graph(gm, args, kwargs, record, private_buffers=True)
+        run_graph(gm, *fresh_inputs(args, kwargs), record, private_buffers=True)
     return metas
 
 

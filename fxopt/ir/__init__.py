@@ -1,5 +1,5 @@
 """IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
-from .interpret import flatten_inputs, node_values, run_graph
+from .interpret import flatten_inputs, fresh_inputs, node_values, run_graph
 from .opview import OpSpec, OpView, SPECS, bind_arguments, op_view, spec_for
 from .params import (
     ParamRef,
@@ -26,5 +26,5 @@ __all__ = [
     "COMPUTES", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
     "bind_arguments", "clone_sharing_tensors", "deep_copy", "flatten_inputs", "get_attr_value", "is_shared",
     "make_private", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
-    "resolve_attr", "run_graph", "spec_for", "tensor_meta", "tensor_versions", "value_nbytes",
+    "fresh_inputs", "resolve_attr", "run_graph", "spec_for", "tensor_meta", "tensor_versions", "value_nbytes",
 ]

@@ -110,6 +110,22 @@ class _ObservingInterpreter(torch.fx.Interpreter):
         return value if replaced is None else replaced
 
 
+def fresh_inputs(args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
+    """Copies of the tensors in `args` / `kwargs` (structure kept), for one run of a model.
+
+    A model that writes into its inputs (`x.add_(1)`) then changes neither the caller's
+    tensors nor what the next run (the other side of a comparison) sees.
+
+    >>> x = torch.zeros(2)
+    >>> (y,), _ = fresh_inputs((x,))
+    >>> _ = y.add_(1); x.tolist()
+    [0.0, 0.0]
+    """
+    clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    new_args, new_kwargs = torch.utils._pytree.tree_map(clone, (tuple(args), dict(kwargs or {})))
+    return new_args, new_kwargs
+
+
 def run_graph(
     gm: torch.fx.GraphModule,
     args: tuple,

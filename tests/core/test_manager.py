@@ -276,6 +276,7 @@ def test_in_place_write_to_shared_tensor_is_refused():
     text = str(info.value)
     assert "test-inplace" in text and "in place" in text and "conv.weight" in text
     assert info.value.last_good_module is not None
+    _assert_same(gm, snap)                                   # the refused write left the input intact
 
 
 def test_wrong_return_type_is_a_pass_error():

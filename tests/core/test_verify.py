@@ -10,7 +10,6 @@ import torch
 import torch.fx
 from torch import nn
 
-import fxopt
 from fxopt import Tolerance, VerificationError, capture, verify
 from fxopt.ir import origin, replace_uses
 from fxopt.verify import TOLERANCES, compare_outputs, compare_tensors, get_tolerance, loosest

@@ -1,6 +1,5 @@
 """The fuzzer itself: reproducible generation, shrinking, and a short fixed-seed campaign
 (CI's budget) that must find nothing new."""
-import copy
 import json
 import random
 import warnings
