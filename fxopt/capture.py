@@ -129,14 +129,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
     concrete = _non_tensor_kwargs(kwargs)
     gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     run_kwargs = {k: v for k, v in kwargs.items() if k not in concrete}
-    with torch.no_grad():  # each run on its own copy of the inputs (a model may write into them)
-        fresh_args, fresh_kwargs = fresh_inputs(args, kwargs)
-        expected = model(*fresh_args, **fresh_kwargs)
-        # Running the graph node by node also records shapes for every node.
-        propagate_shapes(gm, *fresh_inputs(args, run_kwargs))
-        fresh_args, fresh_kwargs = fresh_inputs(args, run_kwargs)
-        got = gm(*fresh_args, **fresh_kwargs)
-    _check_same_outputs(expected, got)
+    _record_shapes_and_check(model, gm, args, kwargs, run_kwargs)
     return gm
 
 
@@ -162,14 +155,24 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         if attempts_error is not None:
             info["dynamic_batch_error"] = _first_line(attempts_error)
     gm = ep.module()
-    with torch.no_grad():  # each run on its own copy of the inputs (a model may write into them)
-        fresh_args, fresh_kwargs = fresh_inputs(args, kwargs)
-        expected = model(*fresh_args, **fresh_kwargs)
-        propagate_shapes(gm, *fresh_inputs(args, kwargs))
-        fresh_args, fresh_kwargs = fresh_inputs(args, kwargs)
-        got = gm(*fresh_args, **fresh_kwargs)
-    _check_same_outputs(expected, got)
+    _record_shapes_and_check(model, gm, args, kwargs, kwargs)
     return gm, info
+
+
+def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
+                             graph_kwargs: dict) -> None:
+    """Record every node's shape on `gm` and check that it computes what `model` does.
+
+    Each run gets its own copy of the inputs (`propagate_shapes` copies them itself): a model
+    that writes into its inputs must change neither the caller's tensors nor the other run.
+    """
+    with torch.no_grad():
+        model_args, model_kwargs = fresh_inputs(args, kwargs)
+        expected = model(*model_args, **model_kwargs)
+        propagate_shapes(gm, args, graph_kwargs)
+        graph_args, graph_kwargs = fresh_inputs(args, graph_kwargs)
+        got = gm(*graph_args, **graph_kwargs)
+    _check_same_outputs(expected, got)
 
 
 def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:

@@ -272,10 +272,13 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
 
 
 def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors a torch function call writes into: `out=` and the target of an in-place op."""
     name = getattr(func, "__name__", "")
     out = kwargs.get("out")
-    written = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
     inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    if out is None and not inplace:  # most calls: nothing to check (this runs on every torch call)
+        return []
+    written = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
     if inplace and args and isinstance(args[0], torch.Tensor):
         written.append(args[0])
     return written

@@ -241,36 +241,34 @@ class _Lowering:
             return self.q_of[value] if self.backend == "x86" else value
         if value not in self.boundary:
             grid = self._grid_of_float(value, user)
-            scale, zp, qmin, qmax = grid
-            with self.graph.inserting_after(value):
-                if self.backend == "x86":
+            if self.backend == "x86":
+                with self.graph.inserting_after(value):
                     new = self.graph.call_function(aten.quantize_per_tensor.default,
-                                                   (value, scale, zp, torch.quint8))
-                else:
-                    q = self.graph.call_function(dec.quantize_per_tensor.default,
-                                                 (value, scale, zp, qmin, qmax, torch.uint8))
-                    with self.graph.inserting_after(q):
-                        new = self.graph.call_function(dec.dequantize_per_tensor.default,
-                                                       (q, scale, zp, qmin, qmax, torch.uint8))
+                                                   (value, *grid[:2], torch.quint8))
+            else:
+                _, new = self._reference_qdq(value, grid)
             new.meta[COMPUTES] = origin(value)
             if self.backend != "x86":
                 self.grid_of[new] = grid
             self.boundary[value] = new
         return self.boundary[value]
 
+    def _reference_qdq(self, value: torch.fx.Node, grid: Grid) -> tuple[torch.fx.Node, torch.fx.Node]:
+        """(q, dq): `value` rounded onto `grid` by an explicit quantize/dequantize pair after it."""
+        scale, zp, qmin, qmax = grid
+        with self.graph.inserting_after(value):
+            q = self.graph.call_function(dec.quantize_per_tensor.default, (value, scale, zp, qmin, qmax, torch.uint8))
+        with self.graph.inserting_after(q):
+            dq = self.graph.call_function(dec.dequantize_per_tensor.default, (q, scale, zp, qmin, qmax, torch.uint8))
+        return q, dq
+
     def _publish(self, old: torch.fx.Node, result: torch.fx.Node, grid: Grid) -> torch.fx.Node:
         """Make `result` (x86: quantized; else float) the value of `old` for every user."""
-        scale, zp, qmin, qmax = grid
-        with self.graph.inserting_after(result):
-            if self.backend == "x86":
+        if self.backend == "x86":
+            with self.graph.inserting_after(result):
                 dq = self.graph.call_function(aten.dequantize.self, (result,))
-            else:
-                q = self.graph.call_function(dec.quantize_per_tensor.default,
-                                             (result, scale, zp, qmin, qmax, torch.uint8))
-                with self.graph.inserting_after(q):
-                    dq = self.graph.call_function(dec.dequantize_per_tensor.default,
-                                                  (q, scale, zp, qmin, qmax, torch.uint8))
-                result = q
+        else:
+            result, dq = self._reference_qdq(result, grid)
         dq.meta[COMPUTES] = origin(old)
         for key in ("tensor_meta", "val"):
             if key in old.meta:
