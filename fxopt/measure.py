@@ -141,6 +141,54 @@ def measure_latency(
     return LatencyStats(float(median), float(p10), float(p90), runs=len(times))
 
 
+def compare_latency(
+    fns: Mapping[str, Callable[..., Any]],
+    inputs: Mapping[Any, Inputs],
+    *,
+    rounds: int = 3,
+    warmup: int = 3,
+    repeats: int = 20,
+    threads: int | None = 1,
+    guard: Callable[[str], AbstractContextManager[Any]] | None = None,
+) -> dict[str, dict[Any, float | str]]:
+    """Time several callables side by side: ``{name: {input key: best median ms, or an error}}``.
+
+    Each of `rounds` rounds times every fn on every input once (`measure_latency`), and the
+    lowest per-round median counts. Why rounds: on a shared machine the speed drifts over
+    minutes, and timing one method after another turns that drift into differences between
+    methods; interleaving makes every method see the same conditions. A fn that raises is
+    reported by its error text (``"TypeError: ..."``) and not timed again. `guard(name)`, if
+    given, wraps each measurement (e.g. a time limit for a slow first compile).
+
+    >>> lat = compare_latency({"relu": torch.relu}, {"b2": (torch.randn(2, 3),)}, rounds=2, repeats=3)
+    >>> sorted(lat), isinstance(lat["relu"]["b2"], float)
+    (['relu'], True)
+    """
+    if rounds < 1:
+        raise ValueError(f"need rounds >= 1, got {rounds=}")
+    best: dict[str, dict[Any, float | str]] = {name: {} for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            got = best[name]
+            if any(isinstance(v, str) for v in got.values()):
+                continue
+            for key, x in inputs.items():
+                try:
+                    with guard(name) if guard is not None else contextlib.nullcontext():
+                        ms = measure_latency(fn, x, warmup=warmup, repeats=repeats, threads=threads).median_ms
+                except Exception as exc:  # reported in the result, the other methods still run
+                    got.clear()
+                    got.update({k: _error_text(exc) for k in inputs})
+                    break
+                got[key] = min(ms, got.get(key, ms))
+    return best
+
+
+def _error_text(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:80] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     """Multiply-accumulates of one call on example_inputs, counted by FlopCounterMode (flops / 2).
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from fxopt.measure import (
     LatencyStats,
+    compare_latency,
     count_macs,
     count_nodes,
     count_parameters,
@@ -204,6 +205,34 @@ def test_latency_measures_wall_time():
 def test_min_time_adds_runs():
     stats = measure_latency(lambda: time.sleep(0.001), (), repeats=3, min_time_s=0.03)
     assert stats.runs >= 20
+
+
+def test_compare_latency_interleaves_rounds_and_reports_errors():
+    calls = []
+
+    def slow(x):
+        calls.append("slow")
+        time.sleep(0.002)
+
+    def fast(x):
+        calls.append("fast")
+
+    def broken(x):
+        calls.append("broken")
+        raise TypeError("bad input\nsecond line")
+
+    lat = compare_latency({"slow": slow, "fast": fast, "broken": broken}, {"a": (1,), "b": (2,)},
+                          rounds=2, warmup=1, repeats=2)
+    assert lat["slow"]["a"] >= 2.0 and lat["slow"]["b"] >= 2.0
+    assert lat["fast"]["a"] < lat["slow"]["a"]
+    assert lat["broken"] == {"a": "TypeError: bad input", "b": "TypeError: bad input"}
+    broken_calls = calls.count("broken")
+    compare_latency({"broken": broken}, {"a": (1,)}, rounds=3, warmup=1, repeats=2)
+    assert calls.count("broken") == 2 * broken_calls  # a failed method is not timed in later rounds
+    first_fast, last_slow = calls.index("fast"), len(calls) - 1 - calls[::-1].index("slow")
+    assert first_fast < last_slow  # interleaved, not all of one method first
+    with pytest.raises(ValueError, match="rounds"):
+        compare_latency({"fast": fast}, {"a": (1,)}, rounds=0)
 
 
 def test_kwargs_inputs_and_threads_are_restored():

@@ -24,7 +24,7 @@ import torch
 
 import fxopt
 from fxopt.examples import zoo
-from fxopt.measure import measure_latency
+from fxopt.measure import compare_latency
 
 CAPTURE = {"bert": "export"}
 METHODS = ("eager", "fxopt fuse", "fxopt fuse,lower-cpu", "torch.fx fuse", "torch.compile freezing", "onnxruntime")
@@ -136,26 +136,17 @@ def bench_model(name: str, args) -> dict:
 
 
 def time_rounds(built: dict, inputs: dict, args) -> dict[str, dict]:
-    """{method: {"lat1": ms, "lat16": ms}}: the lowest median over `args.rounds` rounds.
+    """{method: {"lat1": ms, "lat16": ms} or {"error": text}}: `compare_latency`'s interleaved
+    rounds (the lowest per-round median), a time limit around torch.compile's first calls."""
+    def guard(method):
+        return time_limit(args.compile_timeout if "compile" in method else None)
 
-    Why rounds: on a shared box the speed drifts over minutes, and timing one method after
-    another turned that drift into differences between methods. Each round times every
-    method once at each batch size, so all methods see the same conditions; the lowest of
-    the per-round medians is the least disturbed one.
-    """
-    best: dict[str, dict] = {m: {} for m in built}
-    for _ in range(args.rounds):
-        for method, fn in built.items():
-            if "error" in best[method]:
-                continue
-            try:
-                for batch, x in inputs.items():
-                    with time_limit(args.compile_timeout if "compile" in method else None):
-                        ms = measure_latency(fn, x, warmup=args.warmup, repeats=args.repeats, threads=1).median_ms
-                    best[method][f"lat{batch}"] = min(ms, best[method].get(f"lat{batch}", ms))
-            except Exception as exc:
-                best[method] = dict(error=_first_line(exc))
-    return best
+    lat = compare_latency(built, inputs, rounds=args.rounds, warmup=args.warmup, repeats=args.repeats, guard=guard)
+    out = {}
+    for method, by_batch in lat.items():
+        errors = [v for v in by_batch.values() if isinstance(v, str)]
+        out[method] = dict(error=errors[0]) if errors else {f"lat{b}": ms for b, ms in by_batch.items()}
+    return out
 
 
 def _first_line(exc: Exception) -> str:

@@ -7,8 +7,10 @@ the transformers run twice, with the default options and with ``exact_norms=fals
 channels pruned like Torch-Pruning does).
 
 For each zoo model: parameters, MACs (fxopt.measure.count_macs) and latency at batch 1 and 16
-(fxopt.measure.measure_latency) before and after, analysis time, and the same numbers for
-Torch-Pruning (MagnitudeImportance p=1, local, the classifier ignored) in the same process.
+(one thread; the best median over `--rounds` interleaved rounds of fxopt.measure.compare_latency,
+which times the original, the fxopt and the Torch-Pruning model in turn) before and after,
+analysis time, and the same numbers for Torch-Pruning (MagnitudeImportance p=1, local, the
+classifier ignored) in the same process.
 fxopt runs with its default options and no `ignore`: the graph output's channels are never
 pruned, which is what ignoring the classifier does in Torch-Pruning (its input columns still
 follow the previous layer there; fxopt's `ignore` would also keep those at full width).
@@ -28,17 +30,13 @@ import torch
 
 import fxopt
 from fxopt.examples import zoo
-from fxopt.measure import count_macs, count_parameters, measure_latency
+from fxopt.measure import compare_latency, count_macs, count_parameters
 from fxopt.passes.prune.channel_graph import build_channel_graph
 from fxopt.passes.prune.prune_pass import _privatize, plan_pruning
 
 EXPORT = {"vit", "bert"}
 CLASSIFIER = {"resnet18": "fc", "mobilenet_v2": "classifier", "densenet": "fc", "vit": "head",
               "bert": "classifier", "digits": "fc"}
-
-
-def _latency(fn, inputs, repeats):
-    return measure_latency(fn, inputs, warmup=3, repeats=repeats).median_ms
 
 
 def bench_fxopt(name, ratio, exact_norms=True):
@@ -83,14 +81,25 @@ def bench_tp(name, ratio):
     return model, analysis_s
 
 
-def measure(model, name, inputs1, inputs16):
-    return dict(params=count_parameters(model), macs=count_macs(model, inputs1),
-                b1=_latency(model, inputs1, 30), b16=_latency(model, inputs16, 10))
+def size(model, inputs1):
+    return dict(params=count_parameters(model), macs=count_macs(model, inputs1))
+
+
+def add_latency(rows: dict, models: dict, inputs: dict, args) -> None:
+    """Time the original and both pruned models in interleaved rounds (`compare_latency`)."""
+    for label, lat in compare_latency(models, inputs, rounds=args.rounds, repeats=args.repeats).items():
+        for key, value in lat.items():
+            if isinstance(value, str):
+                rows[label]["error"] = value
+            else:
+                rows[label][key] = value
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best median counts")
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement")
     parser.add_argument("--models", default="resnet18,mobilenet_v2,densenet,vit,vit:exact_norms=false,bert,"
                                                 "bert:exact_norms=false,digits")
     args = parser.parse_args(argv)
@@ -104,15 +113,17 @@ def main(argv=None):
         _, x1 = zoo.get(name, batch=1)
         _, x16 = zoo.get(name, batch=16)
         model, pruned, fx_s, plan = bench_fxopt(name, args.ratio, exact_norms=not opt)
-        base = measure(model, name, x1, x16)
-        ours = measure(pruned, name, x1, x16)
+        base, ours = size(model, x1), size(pruned, x1)
+        timed = {"base": model, "ours": pruned}
         try:
             tp_model, tp_s = bench_tp(name, args.ratio)
-            theirs = measure(tp_model, name, x1, x16)
+            theirs = size(tp_model, x1)
             theirs["s"] = tp_s
+            timed["tp"] = tp_model
         except Exception as exc:  # report, do not hide
             theirs = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
             tp_model = None
+        add_latency({"base": base, "ours": ours, "tp": theirs}, timed, {"b1": x1, "b16": x16}, args)
         row = dict(name=label.replace(":", " "), base=base, ours=ours, ours_s=fx_s, tp=theirs,
                    pinned=len(plan.channel_graph.pinned_nodes), reexp=len(plan.applied["reexpansions"]))
         if name == "digits":

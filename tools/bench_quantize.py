@@ -26,7 +26,7 @@ import torch
 
 import fxopt
 from fxopt.examples import zoo
-from fxopt.measure import measure_latency, model_size_bytes
+from fxopt.measure import compare_latency, measure_latency, model_size_bytes
 
 MODELS = {"resnet18": "symbolic", "mobilenet_v2": "symbolic", "bert": "export", "hf_bert": "export",
           "digits": "export"}
@@ -174,24 +174,11 @@ def run_model(name: str, repeats: int, with_pt2e: bool, rounds: int = 3) -> list
 
 
 def time_rounds(candidates: dict, inputs: dict, repeats: int, rounds: int) -> dict:
-    """{(method, batch): the lowest median latency in ms over `rounds` rounds, or an error text}.
-
-    Each round times every method at every batch size, so a drift in the shared machine's
-    speed over the minutes a model takes hits all methods alike instead of whichever ran last.
-    """
-    best: dict = {}
-    for _ in range(rounds):
-        for batch, x in inputs.items():
-            for label, (m, _, _) in candidates.items():
-                if m is None or isinstance(best.get((label, batch)), str):
-                    continue
-                try:
-                    ms = measure_latency(m, x, threads=1, repeats=repeats, warmup=3).median_ms
-                except Exception as exc:
-                    best[(label, batch)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-                    continue
-                best[(label, batch)] = min(ms, best.get((label, batch), ms))
-    return best
+    """{(method, batch): the lowest median latency in ms over `rounds` interleaved rounds
+    (`compare_latency`), or an error text}."""
+    fns = {label: m for label, (m, _, _) in candidates.items() if m is not None}
+    lat = compare_latency(fns, inputs, rounds=rounds, repeats=repeats, threads=1)
+    return {(label, batch): v for label, by_batch in lat.items() for batch, v in by_batch.items()}
 
 
 def head_to_head(name: str, rounds: int, repeats: int = 10) -> list[str]:
