@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from typing import Any
 
 import torch
@@ -60,9 +61,14 @@ def value_nbytes(node: Any) -> int:
     return numel * meta[1].itemsize
 
 
-def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, ParamRef]) -> bool:
-    """True when the op's module or weights are used elsewhere in the graph too."""
-    counts = attribute_use_counts(gm)
+def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, ParamRef],
+              counts: Counter | None = None) -> bool:
+    """True when the op's module or weights are used elsewhere in the graph too.
+
+    `counts`: `attribute_use_counts(gm)` computed once by a caller that asks for many nodes
+    (it is a walk over the whole graph); it must be recomputed after the graph changes.
+    """
+    counts = attribute_use_counts(gm) if counts is None else counts
     if node.op == "call_module":
         return counts[node.target] > 1
     return any(counts[ref.qualname] > 1 for ref in params.values())

@@ -39,8 +39,7 @@ import torch.fx
 
 from fxopt.analysis import propagate_shapes
 from fxopt.debug.listing import annotate
-from fxopt.ir import op_view
-from fxopt.ir import clone_sharing_tensors, is_shared, make_private
+from fxopt.ir import attribute_use_counts, clone_sharing_tensors, is_shared, make_private, op_view
 from fxopt.pass_base import Pass, PassContext, PassResult
 
 from .apply import apply_pruning
@@ -281,12 +280,14 @@ def _check_options(ratio: float, importance: str, scope: str, round_to: int, ada
 def _privatize(gm: torch.fx.GraphModule) -> bool:
     """Give every weighted op its own parameters, so pruning one site never resizes another."""
     changed = False
+    counts = attribute_use_counts(gm)
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function"):
             continue
         view = op_view(gm, node)
-        if view is not None and view.params and is_shared(gm, node, view.params):
+        if view is not None and view.params and is_shared(gm, node, view.params, counts):
             make_private(gm, node)
+            counts = attribute_use_counts(gm)
             changed = True
     if changed:
         gm.recompile()
