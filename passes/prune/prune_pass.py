@@ -24,7 +24,7 @@ Example (a residual block, ratio=0.5)::
 
 Research API: ``plan = analyze(model, inputs, ratio=0.5)`` returns the `PrunePlan` with the
 channel graph, per-class costs, groups, the selection cut and the boundary cut;
-``plan.apply()`` returns the pruned GraphModule.
+``plan.apply()`` returns a new, pruned GraphModule (the plan's own graph stays as analyzed).
 """
 from __future__ import annotations
 
@@ -106,10 +106,11 @@ class PrunePlan:
         }
 
     def apply(self, dead: np.ndarray | None = None) -> torch.fx.GraphModule:
-        """Remove the chosen classes (or `dead`, a bool mask per class) from `self.gm`; return it.
+        """A new GraphModule: `self.gm` without the chosen classes (or `dead`, a bool mask per class).
 
-        A custom `dead` mask is trusted to respect the precedence and pins; the boundary cut is
-        recomputed for it.
+        `self.gm` stays as analyzed (the copy shares its tensors, and pruning only ever replaces
+        tensors), so one plan can be applied again, e.g. with another mask. A custom `dead` mask
+        must respect the precedence and pins; the boundary cut is recomputed for it.
         """
         cg = self.channel_graph
         boundary = self.boundary
@@ -125,12 +126,13 @@ class PrunePlan:
         for gi, labels in enumerate(cg.slot_groups()):
             for label in labels:
                 slot_group[cg.graph.nodes[label]["slot"]] = gi
-        info = apply_pruning(self.gm, cg, self.selection.dead, boundary, self.ignored, slot_group)
+        gm = clone_sharing_tensors(self.gm)
+        info = apply_pruning(gm, cg, self.selection.dead, boundary, self.ignored, slot_group)
         if self.example_inputs or self.example_kwargs:
-            propagate_shapes(self.gm, self.example_inputs, self.example_kwargs)
+            propagate_shapes(gm, self.example_inputs, self.example_kwargs)
         self.seconds["apply"] = time.perf_counter() - start
         self.applied = info
-        return self.gm
+        return gm
 
 
 def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: str = "l1", scope: str = "local",
@@ -252,10 +254,10 @@ class Prune(Pass):
         stats = plan.stats()
         if plan.selection.removed == 0:
             return PassResult(gm, modified=False, stats=stats)
-        plan.apply()
+        pruned = plan.apply()
         stats.update(plan.applied)
         stats["seconds"] = {k: round(v, 4) for k, v in plan.seconds.items()}
-        return PassResult(gm, modified=True, stats=stats)
+        return PassResult(pruned, modified=True, stats=stats)
 
 
 # ----- helpers ---------------------------------------------------------------------------------

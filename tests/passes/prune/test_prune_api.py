@@ -102,6 +102,27 @@ def test_unreasoned_nodes_are_pinned_and_named():
     assert pruned.get_submodule("a").out_channels == 4 and pruned.get_submodule("b").in_channels == 8
 
 
+def test_a_plan_applies_again_with_another_mask_and_keeps_its_graph():
+    import numpy as np
+
+    torch.manual_seed(0)
+    plan = analyze(Small(), (X,), ratio=0.5)
+    before = {n: t.clone() for n, t in plan.gm.state_dict().items()}
+    first = plan.apply()
+    assert first is not plan.gm
+    assert {n: tuple(t.shape) for n, t in plan.gm.state_dict().items()} == {n: tuple(t.shape) for n, t in before.items()}
+    assert all(torch.equal(plan.gm.state_dict()[n], t) for n, t in before.items())
+    # another mask from the same plan: one fewer dead channel in layer a, alive everywhere else
+    dead = plan.dead.copy()
+    a_classes = np.unique(plan.channel_graph.positions(
+        [s.id for s in plan.channel_graph.slots if s.node == "a"][0]))
+    revived = a_classes[dead[a_classes]][0]
+    dead[revived] = False
+    second = plan.apply(dead=dead)
+    assert second.get_submodule("a").out_channels == first.get_submodule("a").out_channels + 1
+    assert second(X).shape == first(X).shape == (2, 4)
+
+
 def test_analysis_is_cached_and_networkx():
     import networkx as nx
 

@@ -214,7 +214,7 @@ def test_new_batch_size_runs_after_pruning(mode):
 
 
 def test_residual_stream_couples_blocks_and_linear_gets_spatial_factor():
-    plan, *_ = _pruned_and_masked("residual", "symbolic", ratio=0.5)
+    plan, _, _, _, pruned, _ = _pruned_and_masked("residual", "symbolic", ratio=0.5)
     cg = plan.channel_graph
     assert cg.precedence, "adds must create junction precedence"
     kept = plan.kept_channels()
@@ -224,26 +224,24 @@ def test_residual_stream_couples_blocks_and_linear_gets_spatial_factor():
     assert alive_flat % 16 == 0
     assert any(k.startswith("stem") for k in kept)
     # module attributes follow the new tensors
-    pruned = plan.apply() if not hasattr(plan, "applied") else plan.gm
     fc = pruned.get_submodule("fc")
     assert fc.in_features == fc.weight.shape[1] == alive_flat
 
 
 def test_grouped_conv_stays_uniform_and_depthwise_groups_follow():
-    plan, *_ = _pruned_and_masked("grouped", "symbolic")
-    g = plan.gm.get_submodule("g.0")
+    *_, pruned, _ = _pruned_and_masked("grouped", "symbolic")
+    g = pruned.get_submodule("g.0")
     assert g.groups == 4 and g.in_channels % 4 == 0 and g.out_channels % 4 == 0
     assert g.weight.shape == (g.out_channels, g.in_channels // 4, 3, 3)
-    plan, *_ = _pruned_and_masked("depthwise", "symbolic")
-    dw = plan.gm.get_submodule("dw.0")
+    *_, pruned, _ = _pruned_and_masked("depthwise", "symbolic")
+    dw = pruned.get_submodule("dw.0")
     assert dw.groups == dw.in_channels == dw.out_channels == dw.weight.shape[0] < 16
-    dw2 = plan.gm.get_submodule("dw2")
+    dw2 = pruned.get_submodule("dw2")
     assert dw2.out_channels == 2 * dw2.groups
 
 
 def test_attention_prunes_whole_heads():
-    plan, *_ = _pruned_and_masked("attention", "export")
-    gm = plan.gm
+    *_, gm, _ = _pruned_and_masked("attention", "export")
     q = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)][1]
     rows = q.meta["tensor_meta"].shape[-1]
     assert rows % 8 == 0 and rows < 32, "q keeps whole heads of 8"
@@ -266,12 +264,12 @@ def test_reexpansion_boundary_before_layer_norm():
     re-expanded (zeros scattered back) right before the layer norm, which reads full width."""
     from fxopt.debug.listing import graph_listing
 
-    plan, *_ = _pruned_and_masked("tokens", "export")
+    plan, *_, pruned, _ = _pruned_and_masked("tokens", "export")
     kept = plan.kept_channels()
     assert {"cls", "pos", "embedding"} <= set(kept)
     assert any(v == "pin:layer_norm" for _, v in plan.boundary.cut_edges)
     assert plan.applied["reexpansions"]
-    text = graph_listing(plan.gm)
+    text = graph_listing(pruned)
     assert "prune.reexpand" in text and "prune.group" in text
 
 
@@ -306,11 +304,11 @@ def test_pass_selects_zeroed_channels_and_is_exact(mode):
 
 
 def test_ignore_keeps_layer_and_round_to():
-    plan, masked, out, *_ = _pruned_and_masked("concat", "symbolic", ignore=("mix*",), round_to=4)
+    _, masked, out, _, pruned, _ = _pruned_and_masked("concat", "symbolic", ignore=("mix*",), round_to=4)
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
-    assert plan.gm.get_submodule("mix.0").out_channels == 16
+    assert pruned.get_submodule("mix.0").out_channels == 16
     for name in ("a.0", "b.0"):
-        assert plan.gm.get_submodule(name).out_channels % 4 == 0
+        assert pruned.get_submodule(name).out_channels % 4 == 0
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale", "taylor"])
