@@ -18,6 +18,9 @@ New nodes are plain torch calls and buffers on the root (`get_attr`), valid in b
 """
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
+
 import torch
 import torch.fx
 from torch import nn
@@ -32,6 +35,46 @@ from .boundary import Boundary
 from .channel_graph import ChannelGraph
 
 
+@dataclass
+class _Scatter:
+    """A zero-filling re-expansion `node` of `src` (its helper nodes in `chain`, its index
+    buffer `buf`): channel i of `src` lands at position ``pos[i]`` of `axis`."""
+
+    node: torch.fx.Node
+    chain: list
+    buf: str
+    src: torch.fx.Node
+    axis: int
+    pos: list
+    label: str
+
+
+_ADDS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+
+
+def is_plain_add(node: torch.fx.Node) -> bool:
+    """``a + b`` of two different graph values (no alpha, no out): what a scatter folds into."""
+    if node.op != "call_function" or node.target not in _ADDS or node.kwargs or len(node.args) != 2:
+        return False
+    a, b = node.args
+    return isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a is not b
+
+
+def _other_add_operand(add: torch.fx.Node, operand: torch.fx.Node) -> torch.fx.Node | None:
+    """The other tensor of ``operand + other`` for a plain add, else None."""
+    if not is_plain_add(add):
+        return None
+    a, b = add.args
+    return b if a is operand else a
+
+
+def _same_meta(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Same shape and dtype as recorded before pruning (pruning narrows both alike), so no
+    broadcasting or promotion hides in the add."""
+    ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+    return ma is not None and mb is not None and tuple(ma.shape) == tuple(mb.shape) and ma.dtype == mb.dtype
+
+
 class _Applier:
     def __init__(self, gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray, boundary: Boundary,
                  ignored: set[str], slot_group: dict[int, int]) -> None:
@@ -41,6 +84,8 @@ class _Applier:
         self.adapters = 0
         self.reexpansions: list[str] = []
         self._keep: dict[int, np.ndarray] = {}
+        self._scatters: list[_Scatter] = []
+        self._origin: dict[torch.fx.Node, torch.fx.Node] = {}  # adapter node -> the value it adapts
 
     def alive(self, sid: int) -> np.ndarray:
         return np.nonzero(~self.dead[self.cg.positions(sid)])[0]
@@ -70,16 +115,45 @@ class _Applier:
         with g.inserting_before(user):
             idx_node = g.get_attr(buf)
             x = src
+            chain = [idx_node]
             if needs_zeros:
                 first = g.call_function(torch.narrow, (src, axis, 0, 1))
                 zeros = g.call_function(torch.zeros_like, (first,))
                 x = g.call_function(torch.cat, ([src, zeros], axis))
+                chain += [first, zeros, x]
             new = g.call_function(torch.index_select, (x, axis, idx_node))
         annotate(new, "prune.reexpand" if needs_zeros else "prune.gather", f"{len(have)}->{len(want)}")
+        self._origin[new] = src
         if needs_zeros:
             self.reexpansions.append(f"{src_name}->{user.name}")
+            if sorted(i for i in idx if i != zero_slot) == list(range(len(have))):  # every channel of x lands once
+                pos = [idx.index(i) for i in range(len(have))]
+                self._scatters.append(_Scatter(new, chain, buf, src, axis, pos, f"{len(have)}->{len(want)}"))
         user.replace_input_with(src, new)
         self.adapters += 1
+
+    def fold_scatters_into_adds(self) -> None:
+        """``add(reexpand(x), y)`` -> ``index_add(y, axis, pos, x)``: a block output scattered into
+        a live residual stream is added into its channels in one pass, instead of building a
+        zero-filled copy first (cat + index_select along the last axis of a transformer stream
+        measured 10x the add it feeds; see docs/pruning.md)."""
+        g = self.gm.graph
+        for sc in self._scatters:
+            users = list(sc.node.users)
+            add = users[0] if len(users) == 1 else None
+            other = _other_add_operand(add, sc.node) if add is not None else None
+            if other is None or not _same_meta(add, self._origin.get(other, other)) or not _same_meta(add, sc.src):
+                continue
+            pos = add_tensor_attr(self.gm, sc.buf + "_pos", torch.tensor(sc.pos, dtype=torch.long), parameter=False)
+            with g.inserting_before(add):
+                folded = g.call_function(torch.index_add, (other, sc.axis, g.get_attr(pos), sc.src))
+            folded.meta = dict(add.meta)
+            annotate(folded, "prune.reexpand", f"scatter-add {sc.label}")
+            add.replace_all_uses_with(folded)
+            g.erase_node(add)
+            for node in [sc.node] + sc.chain[::-1]:
+                g.erase_node(node)
+            delattr(self.gm, sc.buf)
 
     # ----- rewrite --------------------------------------------------------------------------
     def run(self) -> None:
@@ -266,6 +340,7 @@ def apply_pruning(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray, 
                   ignored: set[str], slot_group: dict[int, int]) -> dict:
     applier = _Applier(gm, cg, dead, boundary, ignored, slot_group)
     applier.run()
+    applier.fold_scatters_into_adds()
     gm.graph.lint()
     gm.recompile()
     return {"adapters": applier.adapters, "reexpansions": applier.reexpansions}

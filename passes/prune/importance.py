@@ -26,16 +26,20 @@ import torch.fx
 
 from fxopt.ir import op_view, run_graph, tensor_meta
 
+from .apply import is_plain_add
 from .channel_graph import ChannelGraph
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 
-# What one adapter (index_select from cat([x, zeros])) costs, in MACs of a dense layer, measured on
-# CPU (2 cores, against a conv/linear of the same tensors): ~16 µs of fixed overhead, then ~2-9
-# MACs per element gathered on a leading channel axis and ~90 on the last axis (a strided gather
-# is much slower than a GEMM per element).
+# What one adapter costs, in MACs of a dense layer (~31 GMAC/s, 1 thread), measured on CPU
+# against a conv/linear of the same tensors: ~16 µs of fixed overhead, then per element of the
+# re-expanded value: a re-expansion (index_select from cat([x, zeros])) ~8-30 MACs on a leading
+# channel axis and ~90 on the last axis (a strided gather is much slower than a GEMM per
+# element); a block output scattered into a live stream by a plain add is folded into one
+# index_add (`apply.fold_scatters_into_adds`), which costs ~6-13 and ~14-19 over the add.
 ADAPTER_FIXED_MACS = 500_000
 ADAPTER_ELEMENT_MACS = {"leading": 8, "last": 90}
+SCATTER_ADD_ELEMENT_MACS = {"leading": 6, "last": 18}
 
 
 def _shape(gm_node) -> tuple[int, ...]:
@@ -213,8 +217,9 @@ def adapter_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, blocked: np.ndarra
             for _, sid in rule.consumed + [(r[0], r[1]) for r in rule.inputs]:
                 charge[np.unique(cg.positions(sid))] += scale * _adapter_share(nodes, cg, sid, ratio)
         elif rule.category == "junction":
+            per_element = SCATTER_ADD_ELEMENT_MACS if name in nodes and is_plain_add(nodes[name]) else None
             for _, sid, in_pos, out_pos, out in rule.inputs:
-                share = scale * _adapter_share(nodes, cg, sid, ratio)
+                share = scale * _adapter_share(nodes, cg, sid, ratio, per_element)
                 xs, ys = cg.positions(sid)[in_pos], cg.positions(out)[out_pos]
                 keys = np.unique(xs[xs != ys] * cg.n_classes + ys[xs != ys])  # each class pair once
                 for x, y in zip((keys // cg.n_classes).tolist(), (keys % cg.n_classes).tolist()):
@@ -226,9 +231,9 @@ def adapter_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, blocked: np.ndarra
     return charge, soft
 
 
-def _adapter_share(nodes: dict, cg: ChannelGraph, sid: int, ratio: float) -> float:
+def _adapter_share(nodes: dict, cg: ChannelGraph, sid: int, ratio: float, per_element: dict | None = None) -> float:
     slot = cg.slots[sid]
     shape = _shape(nodes[slot.node])
     where = "last" if slot.axis == len(shape) - 1 else "leading"
-    total = ADAPTER_FIXED_MACS + ADAPTER_ELEMENT_MACS[where] * math.prod(shape)
+    total = ADAPTER_FIXED_MACS + (per_element or ADAPTER_ELEMENT_MACS)[where] * math.prod(shape)
     return total / max(1.0, ratio * slot.size)

@@ -208,6 +208,21 @@ def test_zeroed_channels_prune_exactly(name, mode):
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("name", ["residual", "attention"])
+def test_block_output_is_added_into_the_live_stream_in_one_op(name, mode):
+    """A junction re-expansion feeding a plain add becomes index_add(stream, axis, pos, x): no
+    zero-filled copy of the block output (cat + index_select) is left in the graph."""
+    plan, masked, out, _, pruned, _ = _pruned_and_masked(name, mode)
+    assert plan.applied["reexpansions"], "the case must scatter a block output into its stream"
+    targets = [n.target for n in pruned.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.index_add) == len(plan.applied["reexpansions"])
+    assert torch.cat not in targets and torch.zeros_like not in targets
+    assert not [n for n in pruned.graph.nodes if n.op == "get_attr" and n.target.startswith("prune_idx")
+                and not n.target.endswith("_pos")]
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_new_batch_size_runs_after_pruning(mode):
     plan, _, _, _, pruned, x = _pruned_and_masked("residual", mode)
     assert pruned(torch.randn(5, 3, 8, 8)).shape == (5, 10)
