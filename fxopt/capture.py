@@ -128,6 +128,11 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
     concrete = _non_tensor_kwargs(kwargs)
     gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+    for module in gm.modules():
+        # fx rebuilds the containers on the path to each leaf as fresh nn.Module()s, which
+        # start in training mode; they hold no state, so give them the model's mode
+        if type(module) is nn.Module:
+            module.training = model.training
     run_kwargs = {k: v for k, v in kwargs.items() if k not in concrete}
     _record_shapes_and_check(model, gm, args, kwargs, run_kwargs)
     return gm

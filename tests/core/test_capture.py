@@ -112,6 +112,15 @@ def test_symbolic_gives_module_level_graph():
     torch.testing.assert_close(gm(x), model.eval()(x))
 
 
+def test_symbolic_capture_is_in_eval_mode_all_the_way_down():
+    """fx rebuilds nested containers as fresh modules (training=True by default); a captured
+    model must not look half in training mode to code that checks `m.training`."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.ReLU()).train()
+    gm = capture(model, (torch.randn(2, 3, 8, 8),), mode="symbolic")
+    assert [name for name, m in gm.named_modules() if m.training] == []
+    assert model.training and model[0].training, "the user's model keeps its own mode"
+
+
 def test_export_gives_aten_graph_with_get_attr_params():
     _seed()
     model = ConvNet()
