@@ -133,6 +133,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
         # start in training mode; they hold no state, so give them the model's mode
         if type(module) is nn.Module:
             module.training = model.training
+    _drop_string_annotations(gm)
     run_kwargs = {k: v for k, v in kwargs.items() if k not in concrete}
     _record_shapes_and_check(model, gm, args, kwargs, run_kwargs)
     return gm
@@ -196,6 +197,20 @@ def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> 
 
 def _private_eval_copy(model: nn.Module) -> nn.Module:
     return deep_copy(model).eval()
+
+
+def _drop_string_annotations(gm: torch.fx.GraphModule) -> None:
+    """Forget annotations fx kept as strings (``x: "Tensor"``, or any module using
+    ``from __future__ import annotations``): the generated code then refers to a string as a
+    global, and torch.save of the GraphModule fails ("'str' object has no attribute
+    '__name__'"). They only annotate the generated forward; nothing reads them."""
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def _non_tensor_kwargs(kwargs: dict) -> dict:

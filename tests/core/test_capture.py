@@ -121,6 +121,27 @@ def test_symbolic_capture_is_in_eval_mode_all_the_way_down():
     assert model.training and model[0].training, "the user's model keeps its own mode"
 
 
+class _Postponed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: "torch.Tensor") -> "torch.Tensor":  # as under `from __future__ import annotations`
+        return self.fc(x)
+
+
+def test_symbolic_capture_with_string_annotations_can_be_saved():
+    import io
+
+    gm = capture(_Postponed().eval(), (torch.randn(2, 4),), mode="symbolic")
+    assert all(not isinstance(n.type, str) for n in gm.graph.nodes)
+    buf = io.BytesIO()
+    torch.save(gm, buf)  # fx would emit the string as a global: "'str' object has no attribute '__name__'"
+    buf.seek(0)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), gm(x))
+
+
 def test_export_gives_aten_graph_with_get_attr_params():
     _seed()
     model = ConvNet()
