@@ -46,7 +46,7 @@ PASS_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "remove-noops": [{}],
     "fold-constants": [{}],
     "fuse": [{}, {"fold_bn": "false"}, {"merge_linears": "false"}, {"attention": "false"}, {"remove_noops": "false"}],
-    "lower-cpu": [{}, {"min_macs": "0"}, {"conv": "false"}, {"linear": "false"}],
+    "lower-cpu": [{}, {"min_macs": "0"}, {"by_batch": "false"}, {"conv": "false"}, {"linear": "false"}],
     "insert-observers": [{}, {"observer": "histogram"}],
     "lower-int8": [{}],
     "quantize": [{"backend": "x86"}, {"backend": "reference"}, {"backend": "x86", "observer": "percentile"},

@@ -11,15 +11,17 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
   `fuse` alone), so it is off by default.
 
-Which convs: depthwise convs always, dense convs only from `min_macs` multiply-adds per
-sample (default 4 M; `min_macs=0` lowers every conv). Below that a oneDNN call costs more
-than it saves (it builds a primitive descriptor on every call, ~45 us); see
-`worth_lowering` for the per-layer measurements. A conv left alone is exactly the `fuse` path.
+Which convs: depthwise convs always, dense convs from `min_macs` multiply-adds per sample
+(default 4 M; `min_macs=0` lowers every conv). A smaller dense conv becomes
+a `ConvByBatch` call, a switch on the batch size at run time: the aten conv + activation of
+the `fuse` path at batch 1 (where a oneDNN call, which builds a primitive descriptor each
+time, ~45 us, costs more than it saves), oneDNN from the batch where it pays (2 for a k x k
+conv, whose aten kernel loops over samples; 2 x `min_macs` MACs per call for a 1x1). See
+`lowering_batch` for the per-layer measurements; `by_batch=false` turns the switch off.
 
-Weights stay dense graph tensors; `packed_weight(packs, weight, x)` hands oneDNN the weight
-reordered into its blocked layout (`mkldnn._reorder_convolution_weight` /
-`mkldnn._reorder_linear_weight`), cached on a `WeightPacks` submodule per (threads, input
-shape): the layout oneDNN expects depends on both, and a weight packed for another thread
+Weights stay dense graph tensors; a call of a `WeightPacks` submodule, ``packs(weight, x)``,
+hands oneDNN the weight reordered into its blocked layout (`mkldnn._reorder_convolution_weight`
+/ `mkldnn._reorder_linear_weight`), cached per (threads, input shape): the layout oneDNN expects depends on both, and a weight packed for another thread
 count is reordered again inside every call (see `WeightPacks`). Activations entering a
 lowered conv are made channels-last (oneDNN's fast layout for these kernels; every
 elementwise op and pooling keeps it). Because `view` needs a contiguous input, a
@@ -32,8 +34,7 @@ packing, or packing without channels-last, did not.
 Before / after::
 
     %conv2d = conv2d(%x, %w, %b, stride, padding)    %x_cl = contiguous(%x, memory_format=channels_last)
-    %relu = relu(%conv2d)                       ->    %packs = get_attr relu_packs       (a WeightPacks)
-                                                      %w_p = packed_weight(%packs, %w, %x_cl)
+    %relu = relu(%conv2d)                       ->    %w_p = relu_packs(%w, %x_cl)      (a WeightPacks)
                                                       %conv = mkldnn._convolution_pointwise(%x_cl, %w_p,
                                                               %b, padding, stride, dilation, groups, "relu", [], "")
 
@@ -57,7 +58,7 @@ from . import rules
 _CONV_ACTS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
 _LINEAR_ACTS = ("relu", "gelu", "silu")
 
-#: Default of the `min_macs` option; see `worth_lowering` for the measurements behind it.
+#: Default of the `min_macs` option; see `lowering_batch` for the measurements behind it.
 MIN_MACS = 4_000_000
 
 
@@ -103,6 +104,11 @@ class WeightPacks(torch.nn.Module):
             self.packs[key] = packed
         return packed
 
+    def forward(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The graph calls the packs as a module (a leaf, also when fx re-traces the graph
+        on torch.load): `get`."""
+        return self.get(weight, x)
+
     def _pack(self, weight: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if self.kind == "conv":
             padding, stride, dilation, groups = self.conv_args
@@ -119,11 +125,6 @@ class WeightPacks(torch.nn.Module):
         return f"kind={self.kind}, conv_args={self.conv_args}, packs={len(self.packs)}"
 
 
-def packed_weight(packs: WeightPacks, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Graph-facing form of `WeightPacks.get` (an FX node cannot call a method of a get_attr)."""
-    return packs.get(weight, x)
-
-
 def conv_macs_per_sample(view) -> int | None:
     """Multiply-adds of one sample through a conv, from recorded shapes; None when unknown."""
     out = tensor_meta(view.node)
@@ -133,29 +134,87 @@ def conv_macs_per_sample(view) -> int | None:
     return int(prod(out[0][1:])) * int(prod(w.shape[1:]))
 
 
-def worth_lowering(view, min_macs: int) -> bool | str:
-    """The cost rule: is a oneDNN call cheaper than the aten conv + activation it replaces?
+def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
+    """The cost rule: from which batch size is a oneDNN call cheaper than the aten conv +
+    activation it replaces? 1 = always; a larger N = a switch on the batch at run time.
 
-    `mkldnn._convolution_pointwise` builds its oneDNN primitive descriptor on every call:
-    ~45 us more fixed cost than aten's conv (measured, 1 thread, batch 1: 55 us vs 10-14 us
-    for a 9 kMAC conv), against ~30% more MACs per second once the conv is big. Per layer
-    over the digits, MobileNetV2 and ResNet-18 convs at batch 1 (docs/benchmarks.md), dense
-    convs up to 2.7 M MACs per sample were mostly 1.1-4x *slower* lowered (exceptions: the
-    3-channel stem and strided 1x1s, 0.77-1.0x), every one from 4.8 M was 0.49-0.97x; so a
-    dense conv is lowered from `min_macs` (4 M) per sample. Depthwise convs are always
-    lowered: aten's depthwise kernel is slow (0.42-0.82x lowered, at every size).
-    Deciding per sample (not per captured batch) means a conv left alone is exactly the
-    `fuse` path and a lowered one wins at batch 1 and more so at larger batches.
+    Measured per layer, 1 thread (docs/benchmarks.md, "Fusion"): `mkldnn._convolution_pointwise`
+    builds its oneDNN primitive descriptor on every call, ~45 us more fixed cost than aten's
+    conv, against ~30% more MACs per second once the conv is big; aten's depthwise kernel is
+    slow at every size; and aten's k x k conv (im2col) loops over the samples of a batch.
+    Lowered / aten time:
+
+    - depthwise: 0.42-0.82 at batch 1 -> always lowered;
+    - dense, from `min_macs` (4 M) MACs per sample: 0.49-0.97 at batch 1 -> always lowered;
+    - dense k x k below that: 1.25-3.8 at batch 1, 0.66-0.88 from batch 2 -> lowered from batch 2;
+    - dense 1x1 below that (a plain GEMM on aten too): 1.03-1.9 at batch 1, about even near
+      5 M MACs per call, 0.63-0.96 from 8-10 M -> lowered once a call reaches 2 x `min_macs`.
+
+    `min_macs=0` lowers every conv always. With `by_batch=false` there is no switch: a dense
+    conv below `min_macs` per sample is left exactly on the `fuse` path.
     """
     w = view.param("weight")
     if w.shape[1] == 1 and int(view.attrs.get("groups", 1)) > 1:
-        return True
+        return 1
     macs = conv_macs_per_sample(view)
     if macs is None:
         return "the conv output has no recorded shape (the cost rule needs it)"
-    if macs < min_macs:
+    if macs >= min_macs:
+        return 1
+    if not by_batch:
         return f"{macs} MACs per sample < min_macs={min_macs}: cheaper on the aten path"
-    return True
+    if tuple(w.shape[2:]) != (1, 1):
+        return 2
+    return max(2, -(-2 * min_macs // max(macs, 1)))
+
+
+class ConvByBatch(torch.nn.Module):
+    """conv2d (+ `other`) + post-op: oneDNN from `min_batch` samples, aten below (see
+    `lowering_batch`). Both paths compute what the `fuse` graph does, the aten one with the
+    very same kernels. A module, not a function: fx keeps a module call a leaf when it re-traces
+    the graph (torch.load does), and this forward branches on the batch size."""
+
+    def __init__(self, packs: "WeightPacks", attr: str, scalars: list, algorithm: str, min_batch: int) -> None:
+        super().__init__()
+        self.packs = packs
+        self.padding, self.stride, self.dilation, self.groups = packs.conv_args
+        self.attr, self.scalars, self.algorithm, self.min_batch = attr, scalars, algorithm, min_batch
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                other: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[0] >= self.min_batch:
+            x = x.contiguous(memory_format=torch.channels_last)
+            w = self.packs.get(weight, x)
+            args = (self.padding, self.stride, self.dilation, self.groups)
+            if other is None:
+                return torch.ops.mkldnn._convolution_pointwise.default(x, w, bias, *args, self.attr, self.scalars,
+                                                                       self.algorithm)
+            other = other.contiguous(memory_format=torch.channels_last)
+            unary = None if self.attr == "none" else self.attr
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, other, w, bias, *args, "add", None, unary, [],
+                                                                  None)
+        y = torch.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if other is not None:
+            y = y.add_(other)
+        return _eager_post_op(y, self.attr, self.scalars, self.algorithm)
+
+    def extra_repr(self) -> str:
+        return f"attr={self.attr}, min_batch={self.min_batch}"
+
+
+def _eager_post_op(y: torch.Tensor, attr: str, scalars: list, algorithm: str) -> torch.Tensor:
+    """The activation a oneDNN post-op `attr` stands for, in place on a fresh conv output."""
+    if attr == "relu":
+        return torch.relu_(y)
+    if attr == "hardtanh":
+        return torch.nn.functional.hardtanh_(y, scalars[0], scalars[1])
+    if attr == "hardswish":
+        return torch.nn.functional.hardswish(y, inplace=True)
+    if attr == "swish":
+        return torch.nn.functional.silu(y, inplace=True)
+    if attr == "gelu":
+        return torch.nn.functional.gelu(y, approximate=algorithm or "none")
+    return y
 
 
 def _post_op(view) -> tuple[str, list, str] | None:
@@ -216,19 +275,23 @@ def _act_check(view) -> bool | str:
     return True if _post_op(view) is not None else f"{view.kind} has no oneDNN post-op here"
 
 
-def _conv_rule(min_macs: int):
+def _conv_rule(min_macs: int, by_batch: bool):
     """`_conv_check` then the cost rule, as one Op check (so `debug` reports either reason)."""
     def check(view) -> bool | str:
         verdict = _conv_check(view)
-        return worth_lowering(view, min_macs) if verdict is True else verdict
+        if verdict is not True:
+            return verdict
+        batch = lowering_batch(view, min_macs, by_batch)
+        return True if isinstance(batch, int) else batch
     return check
 
 
 class _Lowering:
     """Shared state of one run: the channels-last copies already made per value."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_macs: int = MIN_MACS, by_batch: bool = True) -> None:
         self.cl: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.min_macs, self.by_batch = min_macs, by_batch
 
     def channels_last(self, r: Rewriter, node: torch.fx.Node) -> torch.fx.Node:
         if node in self.cl and not getattr(self.cl[node], "_erased", False):
@@ -252,8 +315,11 @@ class _Lowering:
             return None
         a = _attrs(view)
         bias = _bias_node(r, view)
-        x = self.channels_last(r, r["x"])
         packs = WeightPacks("conv", (a["padding"], a["stride"], a["dilation"], a["groups"]))
+        min_batch = lowering_batch(view, self.min_macs, self.by_batch)
+        if min_batch > 1:
+            return self.conv_switch(r, view, act, post, a, bias, packs, min_batch)
+        x = self.channels_last(r, r["x"])
         wn = _packed_weight_node(r, view, packs, x)
         if "other" in r.match.nodes:
             other = self.channels_last(r, r["other"])
@@ -267,6 +333,20 @@ class _Lowering:
                          a["dilation"], a["groups"], attr, scalars, algo)
             label = "conv" + ("" if act is None else f"+{act.kind}")
         annotate(out, fused=label, lowered="mkldnn")
+        return out
+
+    def conv_switch(self, r: Rewriter, view, act, post, a: dict, bias, packs: "WeightPacks",
+                    min_batch: int) -> torch.fx.Node:
+        """A `ConvByBatch` call: the input keeps its layout; oneDNN from `min_batch` samples."""
+        weight = r.param(_view_name(r, view), "weight")
+        other = r["other"] if "other" in r.match.nodes else None
+        attr, scalars, algo = ("none" if act is None else "relu", [], "") if other is not None else post
+        name = _add_submodule(r.gm, f"{r.match.root.name}_by_batch", ConvByBatch(packs, attr, scalars, algo, min_batch))
+        with r.graph.inserting_before(r.match.root):
+            out = r.graph.call_module(name, (r["x"], weight, bias, other))
+        r.new_nodes.append(out)
+        label = ("conv+add" if other is not None else "conv") + ("" if act is None else f"+{act.kind}")
+        annotate(out, fused=label, lowered=f"mkldnn from batch {min_batch}")
         return out
 
     def linear(self, r: Rewriter) -> torch.fx.Node | None:
@@ -302,13 +382,13 @@ def _bias_node(r: Rewriter, view) -> torch.fx.Node | None:
 
 
 def _packed_weight_node(r: Rewriter, view, packs: WeightPacks, x: torch.fx.Node) -> torch.fx.Node:
-    """`packed_weight(packs, weight, x)`: the dense weight stays shared, packs live on a submodule."""
+    """``packs(weight, x)``, a call of the `WeightPacks` submodule: the dense weight stays shared."""
     weight = r.param(_view_name(r, view), "weight")
     name = _add_submodule(r.gm, f"{r.match.root.name}_packs", packs)
     with r.graph.inserting_before(r.match.root):
-        holder = r.graph.get_attr(name)
-    r.new_nodes.append(holder)
-    return r.call(packed_weight, holder, weight, x)
+        node = r.graph.call_module(name, (weight, x))
+    r.new_nodes.append(node)
+    return node
 
 
 def _add_submodule(gm: torch.fx.GraphModule, base: str, module: torch.nn.Module) -> str:
@@ -320,9 +400,8 @@ def _add_submodule(gm: torch.fx.GraphModule, base: str, module: torch.nn.Module)
     return name
 
 
-def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False,
-                      min_macs: int = MIN_MACS) -> PatternSet:
-    conv_op = lambda: Op("conv", Var("x"), name="conv", check=_conv_rule(min_macs))  # noqa: E731
+def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False) -> PatternSet:
+    conv_op = lambda: Op("conv", Var("x"), name="conv", check=_conv_rule(state.min_macs, state.by_batch))  # noqa: E731
     lin_op = lambda: Op("linear", Var("x"), name="linear", check=_linear_check)  # noqa: E731
     table = []
     if conv:
@@ -351,9 +430,12 @@ class LowerCPU(Pass):
     tolerance = "float"
     conv: bool = True
     linear: bool = False
-    #: Dense convs with fewer multiply-adds per sample stay on the aten path (see `worth_lowering`);
-    #: 0 lowers every conv. Depthwise convs are always lowered.
+    #: Dense convs with fewer multiply-adds per sample run on aten at batch 1 and switch to
+    #: oneDNN from a batch size where it pays (see `lowering_batch`); 0 lowers every conv.
+    #: Depthwise convs are always lowered.
     min_macs: int = MIN_MACS
+    #: false: no run-time switch; a dense conv below `min_macs` per sample stays on aten.
+    by_batch: bool = True
 
     def __post_init__(self) -> None:
         if self.min_macs < 0:
@@ -362,8 +444,8 @@ class LowerCPU(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not mkldnn_available():
             return PassResult(gm, modified=False, stats={"skipped": "oneDNN (mkldnn) is not available"})
-        state = _Lowering()
-        report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear, self.min_macs))
+        state = _Lowering(self.min_macs, self.by_batch)
+        report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear))
         guards = _guard_layouts(gm, set(state.cl.values())) if report.total else 0
         if report.total:
             from fxopt.passes.cleanup import DeadCodeElimination
@@ -375,8 +457,6 @@ class LowerCPU(Pass):
 
 def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
     """Insert contiguous() before reshapes (`view` needs it) and 4-D outputs of the graph."""
-    if not cl_nodes:
-        return 0
     for node in cl_nodes:  # a lowered conv already yields channels-last: drop its copy
         if not getattr(node, "_erased", False) and _is_lowered_conv(node.args[0]):
             node.replace_all_uses_with(node.args[0])
