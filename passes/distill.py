@@ -46,7 +46,7 @@ class Distill(Pass):
                              "(calibration=[...]); they are the distillation inputs")
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
-        lowered = [n for n in gm.graph.nodes if _is_lowered_kernel(n)]
+        lowered = [n for n in gm.graph.nodes if _is_lowered_kernel(gm, n)]
         if lowered:
             raise FxoptError(f"distill: node '{lowered[0].name}' ({lowered[0].target}) is an inference "
                              "kernel (int8 or oneDNN) that cannot be fine-tuned; run distill before "
@@ -59,8 +59,11 @@ class Distill(Pass):
         return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})
 
 
-def _is_lowered_kernel(node: torch.fx.Node) -> bool:
-    """q/dq ops, int8 kernels and oneDNN kernels (aten.quantize_per_tensor, quantized.*, mkldnn.*)."""
+def _is_lowered_kernel(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """q/dq ops, int8 kernels and oneDNN kernels (aten.quantize_per_tensor, quantized.*, mkldnn.*),
+    and modules that declare themselves inference-only (`inference_only = True`, e.g. lower-cpu's)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inference_only", False))
     target = str(node.target)
     return node.op == "call_function" and ("quantize" in target or target.startswith("mkldnn."))
 

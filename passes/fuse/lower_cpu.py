@@ -81,6 +81,7 @@ class WeightPacks(torch.nn.Module):
     """
 
     max_packs = 8  # distinct (threads, shape, version) keys kept; the oldest goes first
+    inference_only = True  # oneDNN kernels have no backward: `distill` refuses to train through it
 
     def __init__(self, kind: str, conv_args: tuple = ()) -> None:
         super().__init__()
@@ -173,6 +174,8 @@ class ConvByBatch(torch.nn.Module):
     `lowering_batch`). Both paths compute what the `fuse` graph does, the aten one with the
     very same kernels. A module, not a function: fx keeps a module call a leaf when it re-traces
     the graph (torch.load does), and this forward branches on the batch size."""
+
+    inference_only = True  # the oneDNN branch has no backward: `distill` refuses to train through it
 
     def __init__(self, packs: "WeightPacks", attr: str, scalars: list, algorithm: str, min_batch: int) -> None:
         super().__init__()

@@ -46,7 +46,7 @@ def test_distill_rejects_bad_options():
 
 
 @pytest.mark.parametrize("lowering", ["quantize{backend=x86}", "quantize{backend=reference}",
-                                      "lower-cpu{min_macs=0}"])
+                                      "lower-cpu{min_macs=0}", "lower-cpu"])  # the last: batch switches
 def test_distill_after_lowering_is_refused_naming_the_kernel(lowering):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3))
