@@ -12,7 +12,9 @@ For every node with a channel rule, in graph order:
 - wherever a value arrives with other channels than its reader wants (a junction re-indexing
   into a residual stream, a re-expansion before a pinned reader), one adapter is inserted:
   ``index_select(x, axis, idx)`` or, when zeros must come back,
-  ``index_select(cat([x, zeros_like(narrow(x, axis, 0, 1))], axis), axis, idx)``.
+  ``index_select(cat([x, zeros_like(narrow(x, axis, 0, 1))], axis), axis, idx)``; a block
+  output scattered that way into a plain residual add becomes ``index_add(stream, axis, pos, x)``
+  (`_Applier.fold_scatters_into_adds`).
 
 New nodes are plain torch calls and buffers on the root (`get_attr`), valid in both IRs.
 """
@@ -126,8 +128,9 @@ class _Applier:
         self._origin[new] = src
         if needs_zeros:
             self.reexpansions.append(f"{src_name}->{user.name}")
-            if sorted(i for i in idx if i != zero_slot) == list(range(len(have))):  # every channel of x lands once
-                pos = [idx.index(i) for i in range(len(have))]
+            lands_at = {i: p for p, i in enumerate(idx) if i != zero_slot}
+            if len(lands_at) == len(have):  # every channel of x lands once: a scatter of x
+                pos = [lands_at[i] for i in range(len(have))]
                 self._scatters.append(_Scatter(new, chain, buf, src, axis, pos, f"{len(have)}->{len(want)}"))
         user.replace_input_with(src, new)
         self.adapters += 1
