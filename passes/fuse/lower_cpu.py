@@ -147,8 +147,9 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
 
     - depthwise: 0.42-0.82 at batch 1 -> always lowered;
     - dense, from `min_macs` (4 M) MACs per sample: 0.49-0.97 at batch 1 -> always lowered;
-    - dense k x k below that: 1.25-3.8 at batch 1, 0.66-0.88 from batch 2 -> lowered from batch 2;
-    - dense 1x1 below that (a plain GEMM on aten too): 1.03-1.9 at batch 1, about even near
+    - dense k x k (or strided/padded 1x1) below that: 1.25-3.8 at batch 1, 0.66-0.88 from
+      batch 2 -> lowered from batch 2;
+    - dense stride-1 1x1 below that (a plain GEMM on aten too): 1.03-1.9 at batch 1, about even near
       5 M MACs per call, 0.63-0.96 from 8-10 M -> lowered once a call reaches 2 x `min_macs`.
 
     `min_macs=0` lowers every conv always. With `by_batch=false` there is no switch: a dense
@@ -164,7 +165,9 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
         return 1
     if not by_batch:
         return f"{macs} MACs per sample < min_macs={min_macs}: cheaper on the aten path"
-    if tuple(w.shape[2:]) != (1, 1):
+    a = _attrs(view)
+    plain_gemm = tuple(w.shape[2:]) == (1, 1) and set(a["stride"]) == {1} and set(a["padding"]) == {0}
+    if not plain_gemm:  # aten runs it as im2col + GEMM, sample by sample
         return 2
     return max(2, -(-2 * min_macs // max(macs, 1)))
 
