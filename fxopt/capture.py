@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import traceback
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,7 +111,7 @@ def capture(
             **info,
         }
         return gm
-    lines = "\n".join(a.describe() for a in attempts)
+    lines = "\n".join(a.describe() for a in attempts) + _hint(attempts, model)
     raise CaptureError(f"could not capture {type(model).__qualname__}; front ends tried:\n{lines}")
 
 
@@ -280,6 +281,24 @@ def _check_same_outputs(expected: Any, got: Any) -> None:
                     f"output {i} differs from the model by {float((e - g).abs().max()):.3g}: "
                     "the trace baked in Python control flow or state"
                 )
+
+
+_UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
+
+
+def _hint(attempts: list[Attempt], model: nn.Module) -> str:
+    """What to do about a failure we recognize (empty when there is none)."""
+    for attempt in attempts:
+        match = _UNKNOWN_OUTPUT.search(attempt.reason)
+        if not match:
+            continue
+        kind = match.group(1).rsplit(".", 1)[-1]
+        fix = "return tensors (or tuples/lists/dicts/dataclasses of them) from forward"
+        if "use_cache" in inspect.signature(model.forward).parameters:
+            fix = ("pass use_cache=False with the inputs, e.g. example_inputs={'input_ids': ids, "
+                   "'use_cache': False} (the model returns a " + kind + " otherwise)")
+        return f"\n  hint: the output holds a {kind}, which is not a tensor container: {fix}"
+    return ""
 
 
 def _failed_attempt(frontend: str, exc: Exception) -> Attempt:

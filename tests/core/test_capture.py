@@ -142,6 +142,41 @@ def test_symbolic_capture_with_string_annotations_can_be_saved():
     torch.testing.assert_close(torch.load(buf, weights_only=False)(x), gm(x))
 
 
+class _Cache:  # not a tensor container torch knows (like transformers' DynamicCache)
+    def __init__(self, t):
+        self.t = t
+
+
+class _ReturnsCache(nn.Module):
+    def __init__(self, takes_use_cache):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.takes_use_cache = takes_use_cache
+
+    def forward(self, x, use_cache=True):
+        y = self.fc(x)
+        if x.shape[0] > 0 and use_cache:  # data-independent, but symbolic tracing cannot take it
+            return y, _Cache(y)
+        return y
+
+
+@pytest.mark.parametrize("takes_use_cache", [True, False])
+def test_unknown_output_type_gets_an_actionable_hint(takes_use_cache):
+    model = _ReturnsCache(takes_use_cache)
+    if not takes_use_cache:
+        model.forward = lambda x: (model.fc(x), _Cache(x))  # noqa: E731 (no use_cache parameter)
+    with pytest.raises(CaptureError) as err:
+        capture(model, (torch.randn(2, 4),))
+    text = str(err.value)
+    assert "hint: the output holds a _Cache, which is not a tensor container" in text
+    if takes_use_cache:
+        assert "use_cache': False" in text
+        gm = capture(model, {"x": torch.randn(2, 4), "use_cache": False})  # and the hint works
+        assert gm(x=torch.randn(3, 4), use_cache=False).shape == (3, 2)
+    else:
+        assert "return tensors" in text
+
+
 def test_export_gives_aten_graph_with_get_attr_params():
     _seed()
     model = ConvNet()
