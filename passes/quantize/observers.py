@@ -61,6 +61,7 @@ class Observer(nn.Module):
         self.kind = kind
         self.reduce_range = reduce_range
         self.batches = 0
+        self._qparams_cache: dict[tuple[bool, int], tuple[float, int]] = {}
         # The core always collects for the 8-bit grid; `qparams(reduce_range)` picks the grid later.
         common = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
         if kind == "minmax":
@@ -114,20 +115,39 @@ class Observer(nn.Module):
         """
         self._check_ready()
         narrow = self.reduce_range if reduce_range is None else reduce_range
+        # Cached per grid and calibration state: lowering asks once per reader of a value, and
+        # the histogram search costs ~0.1-1 s each time (MobileViT: 10 minutes uncached).
+        key = (narrow, self.batches)
+        cached = self._qparams_cache.get(key)
+        if cached is not None:
+            return cached
         core = self.core
         saved = core.quant_min, core.quant_max
         core.quant_min, core.quant_max = quant_range(narrow)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if self.kind in ("minmax", "moving_average", "histogram"):
+                if self.kind == "histogram" and self._degenerate_range():
+                    # the scale would be clamped to eps whatever the search finds; the
+                    # search itself takes seconds on such ranges (1e-18 wide in MobileViT)
+                    scale, zp = core._calculate_qparams(core.min_val, core.max_val)
+                elif self.kind in ("minmax", "moving_average", "histogram"):
                     scale, zp = core.calculate_qparams()
                 else:
                     lo, hi = self._clip_range(narrow)
                     scale, zp = core._calculate_qparams(torch.tensor(lo), torch.tensor(hi))
         finally:
             core.quant_min, core.quant_max = saved
-        return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
+        result = float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
+        self._qparams_cache = {k: v for k, v in self._qparams_cache.items() if k[1] == self.batches}
+        self._qparams_cache[key] = result
+        return result
+
+    def _degenerate_range(self) -> bool:
+        """True when the observed range is below one step of the smallest scale (float eps)."""
+        core = self.core
+        width = float(core.max_val) - float(core.min_val)
+        return width <= torch.finfo(torch.float32).eps * (core.quant_max - core.quant_min)
 
     def _check_ready(self) -> None:
         if self.batches == 0:

@@ -333,6 +333,26 @@ def test_reduce_range_narrows_only_what_a_conv_or_linear_kernel_reads():
     assert (ref_out - x86_out).abs().max().item() < 0.05 * x86_out.abs().max().item()
 
 
+def test_histogram_qparams_are_cached_and_skip_the_search_on_a_degenerate_range(monkeypatch):
+    """Random-init MobileViT has activations 1e-18 wide: torch.ao's histogram search took 1.5-2.3 s
+    per such value (10 minutes of quantize); the scale is clamped to eps whatever it finds."""
+    obs = Observer("x", kind="histogram")
+    obs(torch.randn(64) * 1e-18)
+    calls = []
+    real = obs.core.calculate_qparams
+    monkeypatch.setattr(obs.core, "calculate_qparams", lambda: calls.append(1) or real())
+    scale, zp = obs.qparams(False)
+    assert calls == [] and scale == pytest.approx(torch.finfo(torch.float32).eps)
+    normal = Observer("y", kind="histogram")
+    normal(torch.randn(256))
+    real = normal.core.calculate_qparams
+    monkeypatch.setattr(normal.core, "calculate_qparams", lambda: calls.append(1) or real())
+    first = normal.qparams(False)
+    assert normal.qparams(False) == first and calls == [1], "asked twice, searched once"
+    normal(torch.randn(256) * 4)  # more calibration invalidates the cache
+    assert normal.qparams(False) != first and calls == [1, 1]
+
+
 def test_moving_average_weighs_every_calibration_batch_equally():
     obs = Observer("x", "moving_average")
     batches = [torch.tensor([-1.0, 1.0]), torch.tensor([-3.0, 5.0]), torch.tensor([-2.0, 9.0])]
