@@ -23,10 +23,29 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from .ir.rewrite import deep_copy
+
+
+def inference_kernels(model: nn.Module) -> list[tuple[str, str]]:
+    """(node name, target) of every op in a GraphModule that has no backward: q/dq ops, int8
+    kernels, oneDNN kernels (``quantize*``, ``quantized.*``, ``mkldnn.*``) and calls of modules
+    that declare ``inference_only = True`` (lower-cpu's packs and batch switches)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return []
+    found = []
+    for node in model.graph.nodes:
+        if node.op == "call_module":
+            if getattr(model.get_submodule(node.target), "inference_only", False):
+                found.append((node.name, str(node.target)))
+        elif node.op == "call_function":
+            target = str(node.target)
+            if "quantize" in target or target.startswith("mkldnn."):
+                found.append((node.name, target))
+    return found
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: int = 3,
@@ -44,6 +63,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    frozen = inference_kernels(student)
+    if frozen:
+        name, what = frozen[0]
+        raise ValueError(f"distill: node '{name}' ({what}) is an inference kernel (int8 or oneDNN) that "
+                         "cannot be fine-tuned; run distill before quantize and lower-cpu")
     batches = data if not isinstance(data, torch.Tensor) else [data]
     student = deep_copy(student)
     params = []

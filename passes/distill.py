@@ -46,26 +46,12 @@ class Distill(Pass):
                              "(calibration=[...]); they are the distillation inputs")
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
-        lowered = [n for n in gm.graph.nodes if _is_lowered_kernel(gm, n)]
-        if lowered:
-            raise FxoptError(f"distill: node '{lowered[0].name}' ({lowered[0].target}) is an inference "
-                             "kernel (int8 or oneDNN) that cannot be fine-tuned; run distill before "
-                             "quantize and lower-cpu")
         data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
         tuned = distill(gm, ctx.reference, data, epochs=self.epochs, temperature=self.temperature,
                         lr=self.lr, progress=ctx.verbose)
         for p in tuned.parameters():  # hand back an inference module, like every other pass
             p.requires_grad_(False)
         return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})
-
-
-def _is_lowered_kernel(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """q/dq ops, int8 kernels and oneDNN kernels (aten.quantize_per_tensor, quantized.*, mkldnn.*),
-    and modules that declare themselves inference-only (`inference_only = True`, e.g. lower-cpu's)."""
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inference_only", False))
-    target = str(node.target)
-    return node.op == "call_function" and ("quantize" in target or target.startswith("mkldnn."))
 
 
 def _as_positional(args: tuple, kwargs: dict) -> tuple:

@@ -53,3 +53,13 @@ def test_distill_after_lowering_is_refused_naming_the_kernel(lowering):
     data = [(torch.randn(2, 3, 12, 12),) for _ in range(2)]
     with pytest.raises(fxopt.PassError, match=r"distill: node '.*' .*cannot be fine-tuned; run distill before"):
         fxopt.optimize(model, data[0], f"{lowering},distill", calibration=data)
+
+
+def test_distill_function_refuses_inference_kernels_too():
+    """fxopt.distill itself (not only the pass) names the kernel it cannot train through."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    lowered = fxopt.optimize(model, (x,), "fuse,lower-cpu").module
+    with pytest.raises(ValueError, match=r"distill: node '.*_by_batch' .*cannot be fine-tuned"):
+        fxopt.distill(lowered, model, [(x,)], epochs=1, progress=False)
