@@ -92,6 +92,12 @@ class Rule:
     info: dict = field(default_factory=dict)
 
 
+def _component_labels(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """Connected-component label per index 0..n-1 of the undirected links a[i] -- b[i]."""
+    links = sp.coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    return connected_components(links, directed=False)[1]
+
+
 class _ChannelUnions:
     """Channel positions and the "same channel" links between them, solved once at the end.
 
@@ -117,8 +123,7 @@ class _ChannelUnions:
             return np.zeros(0, dtype=np.int64)
         a = np.concatenate([x for x, _ in self.links] + [np.zeros(0, dtype=np.int64)])
         b = np.concatenate([y for _, y in self.links] + [np.zeros(0, dtype=np.int64)])
-        links = sp.coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(self.size, self.size))
-        _, labels = connected_components(links, directed=False)
+        labels = _component_labels(a, b, self.size)
         # number classes by their first position (stable ids, as a min-root union-find gave)
         _, first = np.unique(labels, return_index=True)
         order = np.argsort(first)
@@ -164,8 +169,7 @@ class ChannelGraph:
             pairs.append(np.stack([ids[:-1], ids[1:]], 1))
         pairs = np.concatenate(pairs)
         n = self.n_classes
-        links = sp.coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-        _, labels = connected_components(links, directed=False)
+        labels = _component_labels(pairs[:, 0], pairs[:, 1], n)
         order = np.argsort(labels, kind="stable")
         bounds = np.flatnonzero(np.diff(labels[order])) + 1
         return [set(part.tolist()) for part in np.split(order, bounds)] if n else []
