@@ -115,6 +115,12 @@ SPECS: tuple[OpSpec, ...] = (
                       "output_padding", "groups")),
     OpSpec("linear", functions=(F.linear,), aten=(aten.linear,), modules=(nn.Linear,),
            arg_names=("input", "weight", "bias"), param_args=("weight", "bias"), defaults=dict(bias=None)),
+    # addmm(bias, x, W) = bias + x @ W: a linear layer with its weight stored [in, out] (Hugging
+    # Face GPT-2's Conv1D). Its own kind, not `linear`: passes matching linear assume [out, in].
+    # ATen's names: `input` is the bias, `mat1` the activation, `mat2` the weight.
+    OpSpec("addmm", functions=(torch.addmm,), methods=("addmm",), aten=(aten.addmm,),
+           arg_names=("input", "mat1", "mat2", "beta", "alpha"), tensor_args=("mat1",),
+           param_args=("input", "mat2"), defaults=dict(beta=1, alpha=1)),
     OpSpec("batch_norm", functions=(F.batch_norm,), aten=(aten.batch_norm, aten._native_batch_norm_legit_no_training),
            modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
            arg_names=("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
@@ -152,6 +158,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("mul", functions=(operator.mul, operator.imul, torch.mul), methods=("mul", "mul_"),
            aten=(aten.mul, aten.mul_), **_ELEMENTWISE),
     OpSpec("div", functions=(operator.truediv, torch.div), methods=("div",), aten=(aten.div,), **_ELEMENTWISE),
+    OpSpec("pow", functions=(torch.pow, operator.pow), methods=("pow",), aten=(aten.pow,),
+           arg_names=("input", "exponent"), tensor_args=("input", "exponent")),
     OpSpec("matmul", functions=(torch.matmul, operator.matmul, torch.bmm, torch.mm), methods=("matmul", "bmm"),
            aten=(aten.matmul, aten.bmm, aten.mm), arg_names=("input", "other"), tensor_args=("input", "other")),
     OpSpec("cat", functions=(torch.cat, torch.concat), aten=(aten.cat,), arg_names=("tensors", "dim"),

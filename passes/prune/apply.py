@@ -2,12 +2,15 @@
 
 For every node with a channel rule, in graph order:
 
-- producers (conv, linear, embedding) get ``W[kept_out][:, kept_in]`` and a sliced bias through
+- producers (conv, linear, embedding, addmm, ``x @ W``) get their weight sliced along the axes of
+  their `WeightLayout` — ``W[kept_out][:, kept_in]`` for a linear/conv ``[out, in]`` weight,
+  ``W[kept_in][:, kept_out]`` for an addmm/matmul ``[in, out]`` one — and a sliced bias through
   `ParamRef.set` (new tensors, never in-place), and module attributes (`in_channels`,
   `out_features`, ...) are updated so the module stays consistent;
 - batchnorm and depthwise conv slice their parameters (and `groups`); with
   ``exact_norms=False`` layer/group norm slice their affine (and `normalized_shape`);
-- reshape/view/expand get the new size at the channel axis; split/chunk become a split with
+- reshape/view/expand get the new size at the channel axis (a size computed in the graph, as in
+  ``x.view(x.size()[:-1] + (n,))``, gets that entry replaced by graph ops); split/chunk become a split with
   the new piece sizes; parameters used directly are sliced along their channel axis;
 - wherever a value arrives with other channels than its reader wants (a junction re-indexing
   into a residual stream, a re-expansion before a pinned reader), one adapter is inserted:
@@ -29,12 +32,12 @@ from torch import nn
 
 from fxopt.debug.listing import annotate
 from fxopt.errors import node_location
-from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr
+from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, tensor_meta
 
 import numpy as np
 
 from .boundary import Boundary
-from .channel_graph import ChannelGraph
+from .channel_graph import ChannelGraph, producer_weights
 
 
 @dataclass
@@ -219,35 +222,35 @@ class _Applier:
 
     def do_producer(self, node, rule) -> None:
         view = op_view(self.gm, node)
+        pw = producer_weights(self.gm, node, rule)
         out_keep = torch.as_tensor(self.keep(rule.outputs[0]), dtype=torch.long)
-        w = view.param("weight")
+        w = pw.weight.get()
         in_keep = None
         for src, sid in rule.consumed:
             want = self.alive(sid)
             self.adapt(node, src, sid, want)
             in_keep = want
-        if rule.kind == "embedding":
-            view.params["weight"].set(w.index_select(1, out_keep))
-            if view.module is not None:
-                view.module.embedding_dim = len(out_keep)
-            return
-        new_w = w.index_select(0, out_keep)
-        if in_keep is not None:
-            cols = in_keep[in_keep < w.shape[1]] if rule.kind == "conv" else in_keep
+        new_w = w.index_select(pw.out_axis, out_keep)
+        if in_keep is not None and pw.in_axis is not None:
+            n_in = w.shape[pw.in_axis]
+            cols = in_keep[in_keep < n_in] if rule.kind == "conv" else in_keep
             if rule.kind == "conv" and rule.info["groups"] > 1:
-                cols = np.unique(in_keep % w.shape[1])
-            new_w = new_w.index_select(1, torch.as_tensor(cols, dtype=torch.long))
-        view.params["weight"].set(new_w.contiguous())
-        b = view.param("bias")
+                cols = np.unique(in_keep % n_in)
+            new_w = new_w.index_select(pw.in_axis, torch.as_tensor(cols, dtype=torch.long))
+        pw.weight.set(new_w.contiguous())
+        b = pw.bias.get() if pw.bias is not None else None
         if b is not None:
-            view.params["bias"].set(b.index_select(0, out_keep))
+            pw.bias.set(b.index_select(0, out_keep))
         m = view.module
-        if m is not None:
-            if rule.kind == "conv":
-                m.out_channels = len(out_keep)
-                m.in_channels = new_w.shape[1] * m.groups
-            else:
-                m.out_features, m.in_features = new_w.shape[0], new_w.shape[1]
+        if m is None:
+            return
+        if rule.kind == "embedding":
+            m.embedding_dim = len(out_keep)
+        elif rule.kind == "conv":
+            m.out_channels = len(out_keep)
+            m.in_channels = new_w.shape[1] * m.groups
+        else:
+            m.out_features, m.in_features = new_w.shape[pw.out_axis], new_w.shape[pw.in_axis]
 
     def do_norm(self, node, rule) -> None:
         view = op_view(self.gm, node)
@@ -299,9 +302,19 @@ def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int)
 
 
 def _set_shape_entry(node: torch.fx.Node, index: int, new: int, old: int) -> None:
-    """Replace entry `index` of a reshape/view/expand size argument (list or varargs)."""
+    """Replace entry `index` of a reshape/view/expand size argument (list or varargs, or one
+    value computed in the graph such as ``x.size()[:-1] + (n,)``: its entry is replaced there)."""
     args = list(node.args)
-    if len(args) >= 2 and isinstance(args[1], (list, tuple)):
+    if len(args) == 2 and isinstance(args[1], torch.fx.Node) and len(tensor_meta(node)[0]) > 1:
+        if new == old:
+            return
+        size = args[1]  # a sequence (several axes, one argument): size[:index] + (new,) + size[index + 1:]
+        g = node.graph
+        with g.inserting_before(node):
+            head = g.call_function(operator.getitem, (size, slice(None, index)))
+            tail = g.call_function(operator.getitem, (size, slice(index + 1, None)))
+            args[1] = g.call_function(operator.add, (g.call_function(operator.add, (head, (new,))), tail))
+    elif len(args) >= 2 and isinstance(args[1], (list, tuple)):
         shape = list(args[1])
         if shape[index] != -1:
             shape[index] = new
@@ -365,15 +378,15 @@ def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -
         if rule.category == "param":
             ref = ref_for_get_attr(gm, node)
             refs = [(ref, cg.slots[sid].axis)]
+        elif rule.category == "producer":
+            pw = producer_weights(gm, node, rule)
+            refs = [(pw.weight, pw.out_axis)] + ([(pw.bias, 0)] if pw.bias is not None else [])
         else:
             view = op_view(gm, node)
-            if rule.kind == "batch_norm":
-                refs = [(view.params[k], 0) for k in ("weight", "bias") if k in view.params]
-            elif rule.kind == "embedding":
-                refs = [(view.params["weight"], 1)]
-            else:
-                refs = [(view.params[k], 0) for k in ("weight", "bias") if k in view.params]
+            refs = [(view.params[k], 0) for k in ("weight", "bias") if k in view.params]
         for ref, axis in refs:
+            if ref.get() is None:
+                continue
             t = ref.get().detach().clone()
             t.index_fill_(axis, idx, 0.0)
             ref.set(t)

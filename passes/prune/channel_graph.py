@@ -9,15 +9,31 @@ column, the matching concat position) fall into one *class*. A class is the unit
 
 Rules, by op kind (both the symbolic and the export front end, through `op_view`):
 
-- conv / linear / embedding: *producers* — their output channels are fresh classes (weight rows);
-  their input channels are *consumed* (weight columns drop with the class). Grouped conv couples
-  input position r of every group (and output position r of every group) so groups stay uniform;
-  depthwise conv ties input channel c to its output block like a batchnorm.
-- batch_norm, zero-preserving activations (relu, gelu, ...), pooling, dropout, interpolate,
-  mean over other axes, softmax over another axis, scalar mul/div: identity maps.
+- conv / linear / embedding, and the weight-bearing matmuls ``addmm(b, x, W)``, ``mm(x, W)``,
+  ``matmul(x, W)`` / ``x @ W`` with W a 2-D parameter (Hugging Face GPT-2's Conv1D): *producers*
+  — their output channels are fresh classes (weight rows); their input channels are *consumed*
+  (weight columns drop with the class). Where rows and columns sit in the weight is the
+  producer's `WeightLayout` (`WEIGHT_LAYOUTS`): linear/conv ``[out, in]``, the matmuls
+  ``[in, out]``, embedding ``[index, out]``; importance, apply and masking all read it from
+  there. Grouped conv couples input position r of every group (and output position r of every
+  group) so groups stay uniform; depthwise conv ties input channel c to its output block like a
+  batchnorm.
+- batch_norm, zero-preserving activations (relu, gelu, ``pow`` with a positive exponent, ...),
+  pooling, dropout, interpolate, mean over other axes, softmax over another axis, scalar mul/div:
+  identity maps.
+- pointwise ops with f(0) ≠ 0 (``x + const``, sigmoid) are identity maps too, but their value is
+  *dirty*: it is not zero on removed channels. That is harmless while every path from it ends in
+  a product with a zero-preserving factor (``x * sigmoid(x)``, the tanh GELU spelled out as
+  ``0.5 * x * (1 + tanh(...))``) — the product is zero there either way. If a dirty value reaches
+  anything else (a layer, an add, a norm, the output), its source is pinned and the graph is
+  built again.
+- shape queries (``x.size()``, ``x.shape``, ``x.size(d)``, ``sym_size``) read no channels: free,
+  except where they read the channel axis and the result is used other than as the
+  channel-axis entry of a reshape's size (which apply rewrites anyway) — then they are pinned.
 - mul of two channel tensors, cat (with offsets along the channel axis), split/chunk + getitem,
   flatten/reshape (identity, merge into a block, or a head split), permute/transpose/expand/
-  select/slice (following the axis), matmul/sdpa over a head axis: index maps (unions).
+  select/slice (following the axis), matmul/sdpa over a head axis (an attention mask must
+  broadcast over the heads): index maps (unions).
 - add/sub are *junctions*, not unions: ``y = a + b`` keeps channel c alive if any input keeps it,
   so "y_c dead" implies "a_c dead and b_c dead" — a precedence edge between classes that the
   min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
@@ -47,12 +63,78 @@ import torch
 import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
-from fxopt.ir import op_view, tensor_meta, value_nbytes
+from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, op_view, ref_for_get_attr, spec_for,
+                      tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "dropout",
                              "identity", "contiguous"})
 SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
-WEIGHTED = frozenset({"conv", "linear", "embedding"})
+# ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
+# may flow through them (the result is dirty too; a product with a clean factor is clean)
+CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
+    "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
+    "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "pow"})
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Where a producer keeps its parameters and which weight axes are its channels.
+
+    `weight` / `bias`: argument names (the op view's parameter names; for a matmul the second
+    operand, `other`); `out_axis`: the weight axis of the output channels (what importance
+    reads and apply slices as rows); `in_axis`: the axis of the input channels (columns),
+    None when the input is not a channel tensor (embedding indices).
+    """
+
+    weight: str
+    bias: str | None
+    out_axis: int
+    in_axis: int | None
+
+
+WEIGHT_LAYOUTS = {
+    "conv": WeightLayout("weight", "bias", 0, 1),
+    "linear": WeightLayout("weight", "bias", 0, 1),
+    "embedding": WeightLayout("weight", None, 1, None),
+    "addmm": WeightLayout("mat2", "input", 1, 0),   # bias + x @ W, W: [in, out]
+    "matmul": WeightLayout("other", None, 1, 0),    # x @ W, W: [in, out]
+}
+
+
+@dataclass(frozen=True)
+class ProducerWeights:
+    """A producer's parameter handles (`ParamRef`) with its `WeightLayout` axes."""
+
+    weight: ParamRef
+    bias: ParamRef | None
+    out_axis: int
+    in_axis: int | None
+
+
+# ATen's mm/bmm name a matmul's second operand `mat2` (torch.matmul and `@`: `other`)
+_ARG_ALIASES = {"other": "mat2"}
+
+
+def param_arg(gm: torch.fx.GraphModule, view, name: str) -> ParamRef | None:
+    """The parameter passed as argument `name` of the viewed op, in either front end: the op
+    view's own parameter handles, or a `get_attr` operand (the second operand of ``x @ W``)."""
+    ref = view.params.get(name)
+    if ref is not None or view.node.op not in ("call_function", "call_method"):
+        return ref
+    spec = spec_for(gm, view.node)
+    bound = bind_arguments(view.node, spec) if spec is not None else {}
+    value = bound.get(name, bound.get(_ARG_ALIASES.get(name, name)))
+    if isinstance(value, torch.fx.Node) and value.op == "get_attr":
+        return ref_for_get_attr(gm, value)
+    return None
+
+
+def producer_weights(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: "Rule") -> ProducerWeights:
+    """The weight and bias handles of a producer rule's node, in the rule's weight layout."""
+    layout = WEIGHT_LAYOUTS[rule.kind]
+    view = op_view(gm, node)
+    bias = param_arg(gm, view, layout.bias) if layout.bias else None
+    return ProducerWeights(param_arg(gm, view, layout.weight), bias, layout.out_axis, layout.in_axis)
 
 
 @dataclass
@@ -76,7 +158,8 @@ class Slot:
 class Rule:
     """How one node touches channels; `apply` replays it to rewrite the node.
 
-    - `category`: producer (conv/linear/embedding), pass (index maps only, maybe with params:
+    - `category`: producer (conv/linear/embedding/addmm/matmul with a parameter weight; its
+      `kind` keys `WEIGHT_LAYOUTS`), pass (index maps only, maybe with params:
       batch_norm, depthwise conv), junction (add/sub), param (a get_attr producer), pinned.
     - `inputs`: (input node name, slot id, in_pos, out_pos, out slot id) for each mapped input;
       `consumed`: (input node name, slot id) for inputs whose channels are weight columns.
@@ -191,8 +274,20 @@ class ChannelGraphAnalysis(Analysis):
 
 
 def build_channel_graph(gm: torch.fx.GraphModule, exact_norms: bool = True) -> ChannelGraph:
-    """The channel graph of `gm`; `exact_norms=False` lets layer/group norm channels be pruned."""
-    return _Builder(gm, exact_norms).build()
+    """The channel graph of `gm`; `exact_norms=False` lets layer/group norm channels be pruned.
+
+    Dirty values and channel-axis shape queries are followed optimistically; where one turns out
+    to be used in a way that is not exact (see the module docstring), its source is pinned and
+    the graph is walked again (each round pins more, so this ends; in practice one extra round).
+    """
+    forced: dict[str, str] = {}
+    while True:
+        builder = _Builder(gm, exact_norms, forced)
+        builder.walk()
+        new = {k: v for k, v in builder.violations().items() if k not in forced}
+        if not new:
+            return builder.finish()
+        forced.update(new)
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -215,9 +310,14 @@ class _Pin(Exception):
 
 
 class _Builder:
-    def __init__(self, gm: torch.fx.GraphModule, exact_norms: bool = True) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, exact_norms: bool = True,
+                 forced: dict[str, str] | None = None) -> None:
         self.gm = gm
         self.exact_norms = exact_norms
+        self.forced = dict(forced or {})  # node name -> reason: pinned from an earlier round
+        self.dirty: dict[int, frozenset] = {}  # slot id -> dirty source nodes (see module docstring)
+        self.size_queries: list[tuple[str, str, str, int]] = []  # (reader, value, source, slot id)
+        self._use_counts = None
         self.uf = _ChannelUnions()
         self.slots: list[Slot] = []
         self.value_slot: dict[str, int | None] = {}
@@ -269,6 +369,10 @@ class _Builder:
 
     # ----- build ----------------------------------------------------------------------
     def build(self) -> ChannelGraph:
+        self.walk()
+        return self.finish()
+
+    def walk(self) -> None:
         for node in self.gm.graph.nodes:
             if node.op == "output":
                 self.visit_output(node)
@@ -276,10 +380,56 @@ class _Builder:
             if node.op in ("placeholder", "get_attr"):
                 continue
             try:
+                if node.name in self.forced:
+                    raise _Pin(self.forced[node.name])
                 self.visit(node)
+                self.note_dirty(node)
             except _Pin as pin:
                 self.pin(node, str(pin))
-        return self.finish()
+
+    def note_dirty(self, node: torch.fx.Node) -> None:
+        """Mark the outputs of a channelwise op dirty when it makes or forwards a dirty value."""
+        rule = self.rules.get(node.name)
+        if rule is None or rule.category not in ("pass", "split") or rule.kind not in CHANNELWISE:
+            return
+        per_out: dict[int, list] = {}
+        for _, sid, _, _, out in rule.inputs:
+            per_out.setdefault(out, []).append(self.dirty.get(sid))
+        for out, marks in per_out.items():
+            if rule.kind == "mul" and any(m is None for m in marks):
+                continue  # a zero-preserving factor: the product is zero on removed channels
+            sources = frozenset().union(*(m for m in marks if m))
+            if rule.info.get("dirty_source") and not sources:
+                sources = frozenset({node.name})  # a root: pinning it makes everything after it free
+            if sources:
+                self.dirty[out] = sources
+
+    def violations(self) -> dict[str, str]:
+        """Nodes to pin in another round: sources of dirty values read by anything but a
+        channelwise op, and channel-axis shape queries used other than as a reshape size."""
+        bad: dict[str, str] = {}
+        for name, rule in self.rules.items():
+            reads = [sid for _, sid in rule.consumed] + [r[1] for r in rule.inputs]
+            marks = [self.dirty[sid] for sid in reads if sid in self.dirty]
+            if not marks or (rule.category in ("pass", "split") and rule.kind in CHANNELWISE):
+                continue
+            for source in sorted(frozenset().union(*marks)):
+                kind = self.rules[source].kind
+                bad.setdefault(source, f"{kind} is not zero-preserving (f(0) != 0) and its value reaches "
+                                       f"'{name}', not only a product with a zero-preserving factor")
+        for reader, value, _, _ in self.size_queries:
+            if not all(self._is_size_entry(user, self.nodes[value]) for user in self.nodes[value].users):
+                bad.setdefault(reader, "reads the channel count for a use other than a reshape size")
+        return bad
+
+    def _is_size_entry(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
+        """`value` is the size entry of `user`, a reshape/expand, exactly at its channel axis."""
+        rule = self.rules.get(user.name)
+        index = rule.info.get("size_index") if rule is not None and rule.category == "pass" else None
+        if index is None or not user.args or user.args[0] is value or value in user.kwargs.values():
+            return False
+        sizes = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
+        return [i for i, a in enumerate(sizes) if a is value] == [index]
 
     def pin(self, node: torch.fx.Node, reason: str) -> None:
         """Inputs read at full width; the output is a free value (its classes cannot die)."""
@@ -303,12 +453,17 @@ class _Builder:
         self.rules[node.name] = rule
 
     def visit(self, node: torch.fx.Node) -> None:
+        query = _shape_query(node)
+        if query is not None:
+            return self.visit_shape_query(node, *query)
         view = op_view(self.gm, node)
         shape = _shape(node)
+        inputs = node.all_input_nodes
+        if shape is None and not any(self.value_slot.get(a.name) is not None for a in inputs) and (
+                view is None or not any(_shape(a) is not None for a in inputs)):
+            self.value_slot[node.name] = None  # shape arithmetic (``x.size()[:-1] + (n,)``), guards
+            return
         if view is None:
-            if shape is None and not any(self.value_slot.get(a.name) is not None for a in node.all_input_nodes):
-                self.value_slot[node.name] = None  # shape arithmetic, guards: no channels
-                return
             raise _Pin("no channel rule for this op")
         kind = view.kind
         if view.module is not None or view.params:
@@ -322,6 +477,28 @@ class _Builder:
         if shape is None and kind not in ("split", "chunk"):
             raise _Pin("no shape metadata")
         handler(node, view, shape)
+
+    def visit_shape_query(self, node: torch.fx.Node, src: Any, dim: Any) -> None:
+        """``x.size()``, ``x.size(d)``, ``x.shape``: free unless they read the channel count."""
+        self.value_slot[node.name] = None
+        self.rules[node.name] = Rule(node.name, "size", "free")
+        sid = self.in_slot(src)
+        if sid is None:
+            return
+        axis, nd = self.slots[sid].axis, len(_shape(src))
+        if dim is not None:
+            if not isinstance(dim, int):
+                raise _Pin("size query of a computed axis")
+            if _norm_axis(dim, nd) == axis:
+                self.size_queries.append((node.name, node.name, src.name, sid))
+            return
+        for user in node.users:  # the whole size: follow how its entries are used
+            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+            if isinstance(index, int):
+                if _norm_axis(index, nd) == axis:
+                    self.size_queries.append((node.name, user.name, src.name, sid))
+            elif not (isinstance(index, slice) and axis not in range(nd)[index]):
+                raise _Pin("the size of the channel axis is read")
 
     # ----- helpers for rules ------------------------------------------------------------
     def in_slot(self, node: Any) -> int | None:
@@ -451,20 +628,56 @@ class _Builder:
         self.rules[node.name] = rule
 
     def rule_linear(self, node, view, shape) -> None:
-        src = view.input
         if view.param("weight") is None:
             raise _Pin("linear weight is not a parameter")
+        self._dense_producer(node, view, shape, view.input)
+
+    def rule_addmm(self, node, view, shape) -> None:
+        """``addmm(b, x, W)``: a linear layer with W stored [in, out] (GPT-2's Conv1D)."""
+        layout = WEIGHT_LAYOUTS["addmm"]
+        w = param_arg(self.gm, view, layout.weight)
+        if w is None or w.get() is None:
+            raise _Pin("addmm weight is not a parameter")
+        bias = view.attrs.get(layout.bias)
+        if isinstance(bias, torch.fx.Node) and layout.bias not in view.params:
+            raise _Pin("addmm bias is not a parameter")
+        b = view.param(layout.bias)
+        if b is not None and tuple(b.shape) != (shape[-1],):
+            raise _Pin("addmm bias is not one value per output channel")
+        self._check_private(w)
+        self._dense_producer(node, view, shape, view.input)
+
+    def _matmul_weight(self, view) -> ParamRef | None:
+        """W of ``x @ W`` when W is a 2-D floating-point parameter (a `get_attr`), else None."""
+        ref = param_arg(self.gm, view, WEIGHT_LAYOUTS["matmul"].weight)
+        w = ref.get() if ref is not None else None
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+            return None
+        return ref
+
+    def _check_private(self, ref: ParamRef) -> None:
+        if self._use_counts is None:
+            self._use_counts = attribute_use_counts(self.gm)
+        if self._use_counts[ref.qualname] > 1:
+            raise _Pin(f"weight '{ref.qualname}' is shared with another op")
+
+    def _dense_producer(self, node, view, shape, src) -> None:
+        """A producer over the last axis (linear, addmm, ``x @ W``): output channels are the
+        last axis of `node`, input channels (consumed) the last axis of `src`."""
         in_shape = _shape(src)
+        if in_shape is None:
+            raise _Pin("no shape metadata")
         sid_any = self.in_slot(src)
         if sid_any is not None and self.slots[sid_any].axis != len(in_shape) - 1:
-            raise _Pin("linear over a value whose channel axis is not the last")
+            raise _Pin(f"{view.kind} over a value whose channel axis is not the last")
         sid = self.slot_on(src, len(in_shape) - 1)
         out = self.new_slot(node, len(shape) - 1, "producer")
-        rule = Rule(node.name, "linear", "producer", outputs=[out])
+        rule = Rule(node.name, view.kind, "producer", outputs=[out])
         if sid is not None:
             rule.consumed.append((src.name, sid))
-            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op="linear", map="consumes",
+            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op=view.kind, map="consumes",
                                 bytes=self.slots[sid].bytes)
+        self.module_names[node.name] = _module_name(node, view, producer_weights(self.gm, node, rule).weight)
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 
@@ -506,7 +719,10 @@ class _Builder:
     def rule_add(self, node, view, shape) -> None:
         scalars = [v for k, v in view.attrs.items() if k in ("input", "other") and not isinstance(v, torch.fx.Node)]
         if any(v is not None for v in scalars):
-            raise _Pin("adds a constant (not zero-preserving)")
+            # x + c: channelwise but not zero-preserving — a dirty value (see `note_dirty`)
+            if len(view.inputs) != 1 or not all(isinstance(v, (int, float)) for v in scalars if v is not None):
+                raise _Pin("adds a constant (not zero-preserving)")
+            return self._channelwise(node, view, shape, dirty=any(v != 0 for v in scalars if v is not None))
         out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=False)
         if out_axis is None:
             return self.free_output(node, view)
@@ -522,6 +738,27 @@ class _Builder:
         self.rules[node.name] = rule
 
     rule_sub = rule_add
+
+    def _channelwise(self, node, view, shape, dirty: bool) -> None:
+        """A pointwise op of one tensor: the identity map; `dirty` when f(0) != 0."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis + len(shape) - len(_shape(src))
+        if axis < 0 or shape[axis] != self.slots[sid].size:
+            raise _Pin("channel size changed")
+        self.passthrough(node, view, src, axis, info={"dirty_source": True} if dirty else None)
+
+    def rule_sigmoid(self, node, view, shape) -> None:
+        self._channelwise(node, view, shape, dirty=True)
+
+    def rule_pow(self, node, view, shape) -> None:
+        exponent = view.attrs.get("exponent")
+        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or len(view.inputs) != 1:
+            raise _Pin("pow with a tensor exponent or base")
+        if not exponent > 0:
+            raise _Pin("pow with an exponent <= 0 (not zero-preserving, not finite at 0)")
+        self._channelwise(node, view, shape, dirty=False)
 
     def rule_mul(self, node, view, shape) -> None:
         out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=True)
@@ -581,7 +818,12 @@ class _Builder:
             sizes = [min(step, n - i) for i in range(0, n, step)]
         else:
             spec = view.attrs.get("split_size", view.attrs.get("split_sizes"))
-            sizes = list(spec) if isinstance(spec, (list, tuple)) else [min(int(spec), n - i) for i in range(0, n, int(spec))]
+            if isinstance(spec, torch.fx.Node) or (isinstance(spec, (list, tuple))
+                                                   and any(isinstance(v, torch.fx.Node) for v in spec)):
+                sizes = _piece_sizes(node, dim, n)  # computed in the graph (``x.split(x.shape[-1])``)
+            else:
+                sizes = list(spec) if isinstance(spec, (list, tuple)) \
+                    else [min(int(spec), n - i) for i in range(0, n, int(spec))]
         starts = np.cumsum([0] + sizes[:-1])
         rule = Rule(node.name, view.kind, "split", info={"dim": dim, "sizes": sizes, "pieces": {}})
         for user in node.users:
@@ -724,8 +966,16 @@ class _Builder:
         self.passthrough(node, view, src, b, in_pos, out_pos, how=how, info=info)
 
     def rule_matmul(self, node, view, shape) -> None:
-        a, bnode = view.inputs[0], view.inputs[1]
+        a, bnode = _matmul_operands(view)
+        if not isinstance(a, torch.fx.Node) or not isinstance(bnode, torch.fx.Node):
+            raise _Pin("matmul with a non-tensor operand")
         sa, sb = self.in_slot(a), self.in_slot(bnode)
+        weight = self._matmul_weight(view) if sb is None else None
+        a_shape = _shape(a)
+        if weight is not None and a_shape is not None and (sa is None or self.slots[sa].axis == len(a_shape) - 1):
+            # x @ W with a parameter W [in, out]: a linear layer (contracts x's channel axis)
+            self._check_private(weight)
+            return self._dense_producer(node, view, shape, a)
         if sa is None and sb is None:
             return self.free_output(node, view)
         nd = len(shape)
@@ -770,8 +1020,12 @@ class _Builder:
         axis = self.slots[sq].axis
         if axis >= len(shape) - 2:
             raise _Pin("attention channels on the sequence or feature axis")
-        if view.attrs.get("attn_mask") is not None:
-            raise _Pin("attention mask (no rule yet)")
+        mask = view.inputs[3] if len(view.inputs) > 3 else view.attrs.get("attn_mask")
+        if mask is not None:
+            m_shape = _shape(mask) if isinstance(mask, torch.fx.Node) else None
+            m_axis = axis - (len(shape) - len(m_shape)) if m_shape is not None else None
+            if m_shape is None or (m_axis >= 0 and m_shape[m_axis] != 1) or self.in_slot(mask) is not None:
+                raise _Pin("attention mask that varies over heads (no rule yet)")
         out = self.new_slot(node, axis, "pass")
         rule = Rule(node.name, "sdpa", "pass", outputs=[out])
         pos = np.arange(shape[axis])
@@ -838,6 +1092,41 @@ class _Builder:
                             self.pinned_nodes, pinned, out_cls, self.module_names)
 
 
+def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
+    """Split sizes read off the recorded shapes of the pieces (getitem users) when the sizes
+    are computed in the graph; every piece must be used so that they add up."""
+    sizes: dict[int, int] = {}
+    for user in split.users:
+        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        piece = _shape(user)
+        if not isinstance(index, int) or piece is None:
+            raise _Pin("split result used other than by getitem")
+        sizes[index] = piece[dim]
+    if sorted(sizes) != list(range(len(sizes))) or sum(sizes.values()) != n:
+        raise _Pin("split sizes computed in the graph and not every piece is used")
+    return [sizes[i] for i in range(len(sizes))]
+
+
+def _matmul_operands(view) -> tuple[Any, Any]:
+    """(a, b) of ``a @ b``, whichever spelling: ATen's mm/bmm bind b as `mat2`, which the op table
+    does not list as a tensor argument, so it sits in the view's attrs."""
+    a = view.inputs[0] if view.inputs else view.attrs.get("input")
+    b = view.inputs[1] if len(view.inputs) > 1 else view.attrs.get("other", view.attrs.get("mat2"))
+    return a, b
+
+
+def _shape_query(node: torch.fx.Node) -> tuple[Any, Any] | None:
+    """(tensor, axis or None for the whole size) when `node` reads a tensor's shape."""
+    if node.op == "call_method" and node.target == "size" and node.args:
+        return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if node.op == "call_function" and node.args:
+        if node.target is getattr and len(node.args) == 2 and node.args[1] == "shape":
+            return node.args[0], None
+        if node.target is torch.ops.aten.sym_size.int and len(node.args) == 2:
+            return node.args[0], node.args[1]
+    return None
+
+
 def _prefix_hits(dims: tuple, target: int) -> bool:
     acc = 1
     for d in dims:
@@ -847,7 +1136,7 @@ def _prefix_hits(dims: tuple, target: int) -> bool:
     return acc == target
 
 
-def _module_name(node: torch.fx.Node, view) -> str:
+def _module_name(node: torch.fx.Node, view, ref: ParamRef | None = None) -> str:
     """The dotted module path of a weighted op (`layers.0.fc1`), in either front end."""
     if node.op == "call_module":
         return str(node.target)
@@ -855,7 +1144,7 @@ def _module_name(node: torch.fx.Node, view) -> str:
     if stack:
         path = list(stack.values())[-1][0]
         return path.replace("L['self'].", "").replace("L__self___", "")
-    ref = view.params.get("weight")
+    ref = ref if ref is not None else view.params.get("weight")
     return ref.qualname.rsplit(".", 1)[0] if ref is not None else node.name
 
 

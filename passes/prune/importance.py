@@ -1,8 +1,11 @@
 """Per-class costs for the selection: importance lost and MACs saved by removing a class.
 
 Importance is measured where information is destroyed — at the *producers* of a class
-(conv/linear/embedding output rows, parameters used directly) plus the affine of the norms and
-depthwise convs inside it. Consumer columns are not counted: they read a channel that is gone.
+(conv/linear/embedding/addmm/``x @ W`` output rows, parameters used directly) plus the affine of
+the norms and depthwise convs inside it. Consumer columns are not counted: they read a channel
+that is gone. A producer's rows lie along its weight layout's output axis
+(`channel_graph.WEIGHT_LAYOUTS`: axis 0 of a linear/conv weight, axis 1 of an addmm/matmul
+weight stored [in, out] or of an embedding table).
 
 - ``l1`` / ``l2``: norm of each producer row (weight and bias, plus norm affine);
 - ``bn_scale``: |gamma| of the batchnorms in the class (classes without one fall back to l1);
@@ -27,7 +30,7 @@ import torch.fx
 from fxopt.ir import op_view, run_graph, tensor_meta
 
 from .apply import is_plain_add
-from .channel_graph import ChannelGraph
+from .channel_graph import ChannelGraph, producer_weights
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 
@@ -90,14 +93,12 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
         out = _shape(node)
         if rule.category == "producer":
             sid = rule.outputs[0]
-            w = view.param("weight")
-            if rule.kind == "embedding":
-                scores = _row_norm(w, 1, p)
-            else:
-                scores = _row_norm(w, 0, p)
-                b = view.param("bias")
-                if b is not None:
-                    scores = scores + (b.detach().abs().numpy() if p == 1 else b.detach().pow(2).numpy())
+            pw = producer_weights(gm, node, rule)
+            w = pw.weight.get()
+            scores = _row_norm(w, pw.out_axis, p)
+            b = pw.bias.get() if pw.bias is not None else None
+            if b is not None:
+                scores = scores + (b.detach().abs().numpy() if p == 1 else b.detach().pow(2).numpy())
             if importance == "taylor" and name in taylor:
                 scores = taylor[name]
             add_scores(sid, scores, imp)
@@ -110,11 +111,11 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
                 np.add.at(macs, cg.positions(sid), spatial * cin_g * k)
                 for _, src_sid in rule.consumed:
                     np.add.at(macs, cg.positions(src_sid), spatial * cout_g * k)
-            elif rule.kind == "linear":
+            elif pw.in_axis is not None:  # linear, addmm, x @ W: one dot product per row and output
                 rows = math.prod(out) // out[-1]
-                np.add.at(macs, cg.positions(sid), rows * w.shape[1])
+                np.add.at(macs, cg.positions(sid), rows * w.shape[pw.in_axis])
                 for _, src_sid in rule.consumed:
-                    np.add.at(macs, cg.positions(src_sid), rows * w.shape[0])
+                    np.add.at(macs, cg.positions(src_sid), rows * w.shape[pw.out_axis])
         elif rule.category == "norm":
             sid = rule.outputs[0]
             if rule.kind in ("batch_norm", "layer_norm", "group_norm"):

@@ -1,6 +1,7 @@
 """`prune` — structured channel pruning with a channel-dependency graph and minimum cuts.
 
-What it rewrites: conv/linear/embedding/batchnorm/depthwise parameters get physically smaller
+What it rewrites: conv/linear/embedding/batchnorm/depthwise parameters, and the weights of
+``addmm(b, x, W)`` / ``x @ W`` (a linear layer stored [in, out], GPT-2's Conv1D), get physically smaller
 (channels removed), shape arguments follow, and adapters re-index values where a residual
 stream or a pinned reader needs other channels. The result is a smaller, faster GraphModule.
 
@@ -44,7 +45,7 @@ from fxopt.pass_base import Pass, PassContext, PassResult
 
 from .apply import apply_pruning
 from .boundary import Boundary, plan_boundaries
-from .channel_graph import ChannelGraph, ChannelGraphAnalysis, build_channel_graph
+from .channel_graph import WEIGHT_LAYOUTS, ChannelGraph, ChannelGraphAnalysis, build_channel_graph, param_arg
 from .importance import IMPORTANCES, adapter_costs, class_costs
 from .select import Selection, close_free_junctions, revive, select
 
@@ -287,7 +288,12 @@ def _privatize(gm: torch.fx.GraphModule) -> bool:
         if node.op not in ("call_module", "call_function"):
             continue
         view = op_view(gm, node)
-        if view is not None and view.params and is_shared(gm, node, view.params, counts):
+        params = dict(view.params) if view is not None else {}
+        if view is not None and view.kind == "matmul":  # x @ W: W is an operand, not a view param
+            ref = param_arg(gm, view, WEIGHT_LAYOUTS["matmul"].weight)
+            if ref is not None:
+                params["other"] = ref
+        if params and is_shared(gm, node, params, counts):
             make_private(gm, node)
             counts = attribute_use_counts(gm)
             changed = True
