@@ -2,9 +2,10 @@
 
     python tools/bench_prune.py --ratio 0.5 [--models resnet18,mobilenet_v2,densenet,vit,bert,digits]
 
-A model name may carry pass options after a colon, e.g. ``vit:exact_norms=false``; by default
-the transformers run twice, with the default options and with ``exact_norms=false`` (layer norm
-channels pruned like Torch-Pruning does).
+A model name may carry `prune` options after a colon, separated by semicolons, e.g.
+``bert:exact_norms=false;max_layer_ratio=0.6``; by default the transformers run three times:
+with the default options, with ``exact_norms=false`` (layer norm channels pruned like
+Torch-Pruning does), and with that plus ``max_layer_ratio=0.6`` (no layer loses more than 60%).
 
 For each zoo model: parameters, MACs (fxopt.measure.count_macs) and latency at batch 1 and 16
 (one thread; the best median over `--rounds` interleaved rounds of fxopt.measure.compare_latency,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import sys
 import time
@@ -39,16 +41,16 @@ CLASSIFIER = {"resnet18": "fc", "mobilenet_v2": "classifier", "densenet": "fc", 
               "bert": "classifier", "digits": "fc"}
 
 
-def bench_fxopt(name, ratio, exact_norms=True):
+def bench_fxopt(name, options: dict):
     model, x2 = zoo.get(name, batch=2)
     mode = "export" if name in EXPORT else "symbolic"
     gm = fxopt.capture(model, x2, mode=mode)
     gc.collect()  # time the analysis, not the collection of the previous model's garbage
     start = time.perf_counter()
     _privatize(gm)
-    cg = build_channel_graph(gm, exact_norms)
+    cg = build_channel_graph(gm, options["exact_norms"])
     graph_s = time.perf_counter() - start
-    plan = plan_pruning(gm, ratio=ratio, channel_graph=cg, example_inputs=x2, exact_norms=exact_norms)
+    plan = plan_pruning(gm, channel_graph=cg, example_inputs=x2, **options)
     analysis_s = (graph_s, time.perf_counter() - start - graph_s)
     pruned = plan.apply()
     return model, pruned, analysis_s, plan
@@ -107,19 +109,22 @@ def main(argv=None):
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best median counts")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per measurement")
-    parser.add_argument("--models", default="resnet18,mobilenet_v2,densenet,vit,vit:exact_norms=false,bert,"
-                                                "bert:exact_norms=false,digits")
+    parser.add_argument("--models", default="resnet18,mobilenet_v2,densenet,vit,vit:exact_norms=false,"
+                                                "vit:exact_norms=false;max_layer_ratio=0.6,bert,bert:exact_norms=false,"
+                                                "bert:exact_norms=false;max_layer_ratio=0.6,digits")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     rows = []
     for label in args.models.split(","):
         name, _, opt = label.partition(":")
-        if opt not in ("", "exact_norms=false"):
-            parser.error(f"--models: unknown option '{opt}' for {name} (supported: exact_norms=false)")
+        try:
+            options = prune_options(args.ratio, opt)
+        except fxopt.PipelineError as exc:
+            parser.error(f"--models: {name}: {exc}")
         _, x1 = zoo.get(name, batch=1)
         _, x16 = zoo.get(name, batch=16)
-        model, pruned, fx_s, plan = bench_fxopt(name, args.ratio, exact_norms=not opt)
+        model, pruned, fx_s, plan = bench_fxopt(name, options)
         base, ours = size(model, x1), size(pruned, x1)
         timed = {"base": model, "ours": pruned}
         try:
@@ -146,6 +151,13 @@ def main(argv=None):
         print(_row_text(row), flush=True)
     print()
     print(table(rows, args.ratio))
+
+
+def prune_options(ratio: float, spec: str) -> dict:
+    """`plan_pruning` keyword arguments from ``"k=v;k=v"`` (validated by the pass itself)."""
+    text = f"ratio={ratio}" + "".join(f",{kv}" for kv in spec.split(";") if kv)
+    (prune,) = fxopt.parse_pipeline(f"prune{{{text}}}")
+    return {f.name: getattr(prune, f.name) for f in dataclasses.fields(prune)}
 
 
 def _row_text(r):

@@ -316,21 +316,65 @@ def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[st
     return ignored
 
 
+#: Rounds of surcharge doubling for `max_layer_ratio` before over-cap classes are held instead.
+CAP_PRICING_ROUNDS = 16
+
+
 def _select_capped(cg: ChannelGraph, costs: dict, mean_macs: float, blocked: np.ndarray, groups: list,
                    ratio: float, scope: str, max_layer_ratio: float) -> Selection:
-    """`select` on normalized costs; layers over `max_layer_ratio` are held and the same budget
-    is solved again (the cap only ever holds more classes, so this settles in a few rounds)."""
+    """`select` on normalized costs, with no producer slot losing more than `max_layer_ratio`.
+
+    The cap is a constraint per slot, priced by Lagrangian relaxation: every channel of a slot
+    over its cap gets an importance surcharge ``mu_s`` (first 1, a mean channel's normalized
+    importance, so one round usually settles it), doubled while the slot stays over, and
+    the same budget is solved again — so the optimizer itself moves the removals elsewhere,
+    coupled classes included (a residual stream can still die with all its writers). If a few
+    slots are still over after the rounds, their excess classes are held (`_over_cap`).
+    """
     macs = (costs["macs"] - costs["adapter"]) / mean_macs
     soft = {pair: c / mean_macs for pair, c in costs["soft"].items()}
+    imp = costs["imp"]
+    sets = [set(g) for g in groups]
+
+    def solve(surcharge: np.ndarray, held: np.ndarray) -> Selection:
+        return select(macs, imp + surcharge, costs["prod"], blocked | held, cg.precedence, sets, ratio, scope,
+                      soft, counted=~blocked)
+
+    no_hold = np.zeros_like(blocked)
+    sel = solve(np.zeros(len(imp)), no_hold)
+    if max_layer_ratio >= 1:
+        return sel
+    slots = _capped_slots(cg, max_layer_ratio)
+    mu = np.zeros(len(slots))
+    surcharge = np.zeros(len(imp))
+    for _ in range(CAP_PRICING_ROUNDS):
+        over = np.array([int(sel.dead[pos].sum()) > allowed for pos, allowed in slots])
+        if not over.any():
+            return sel
+        mu[over] = np.where(mu[over] > 0, 2 * mu[over], 1.0)
+        surcharge = np.zeros(len(imp))
+        for (pos, _), m in zip(slots, mu):
+            if m:
+                np.add.at(surcharge, np.unique(pos), m)
+        sel = solve(surcharge, no_hold)
     held = np.zeros_like(blocked)
-    for _ in range(8):
-        sel = select(macs, costs["imp"], costs["prod"], blocked | held, cg.precedence, [set(g) for g in groups],
-                     ratio, scope, soft, counted=~blocked)
-        over = _over_cap(cg, sel.dead, costs["imp"], max_layer_ratio)
+    for _ in range(8):  # the fallback: hold what is still over, solve the rest again
+        over = _over_cap(cg, sel.dead, imp, max_layer_ratio)
         if not over.any():
             break
         held |= over
+        sel = solve(surcharge, held)
     return sel
+
+
+def _capped_slots(cg: ChannelGraph, cap: float) -> list[tuple[np.ndarray, int]]:
+    """(class positions, channels it may lose) per producer slot."""
+    out = []
+    for rule in cg.rules.values():
+        if rule.category in ("producer", "param"):
+            slot = cg.slots[rule.outputs[0]]
+            out.append((cg.positions(slot.id), int(np.floor(cap * slot.size + 1e-9))))
+    return out
 
 
 def _over_cap(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, cap: float) -> np.ndarray:
@@ -339,12 +383,7 @@ def _over_cap(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, cap: float) -
     hold = np.zeros(len(dead), dtype=bool)
     if cap >= 1:
         return hold
-    for rule in cg.rules.values():
-        if rule.category not in ("producer", "param"):
-            continue
-        slot = cg.slots[rule.outputs[0]]
-        pos = cg.positions(slot.id)
-        allowed = int(np.floor(cap * slot.size + 1e-9))
+    for pos, allowed in _capped_slots(cg, cap):
         excess = int(dead[pos].sum()) - allowed
         if excess <= 0:
             continue
