@@ -78,6 +78,9 @@ class OpSpec:
     param_args: tuple[str, ...] = ()
     defaults: dict = field(default_factory=dict)
     module_attrs: Callable[[nn.Module], dict] | None = None
+    #: ATen schema argument names -> canonical names, where an overload's schema differs from
+    #: the Python spelling (aten.mm/bmm call `x @ W`'s W `mat2`, torch.matmul calls it `other`)
+    renames: dict = field(default_factory=dict)
 
 
 def _conv_attrs(m: nn.Module) -> dict:
@@ -161,7 +164,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("pow", functions=(torch.pow, operator.pow), methods=("pow",), aten=(aten.pow,),
            arg_names=("input", "exponent"), tensor_args=("input", "exponent")),
     OpSpec("matmul", functions=(torch.matmul, operator.matmul, torch.bmm, torch.mm), methods=("matmul", "bmm"),
-           aten=(aten.matmul, aten.bmm, aten.mm), arg_names=("input", "other"), tensor_args=("input", "other")),
+           aten=(aten.matmul, aten.bmm, aten.mm), arg_names=("input", "other"), tensor_args=("input", "other"),
+           renames={"mat2": "other"}),
     OpSpec("cat", functions=(torch.cat, torch.concat), aten=(aten.cat,), arg_names=("tensors", "dim"),
            tensor_args=("tensors",), defaults=dict(dim=0)),
     OpSpec("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),
@@ -264,20 +268,18 @@ def op_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpView | None:
 def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
     """Positional and keyword args of a call_function/call_method node under canonical names."""
     target = node.target
+    renames = {**_SCHEMA_RENAMES, **spec.renames}
     if isinstance(target, torch._ops.OpOverload):
-        names = [_SCHEMA_RENAMES.get(a.name, a.name) for a in target._schema.arguments]
-        defaults = {
-            _SCHEMA_RENAMES.get(a.name, a.name): a.default_value
-            for a in target._schema.arguments
-            if a.has_default_value()
-        }
+        names = [renames.get(a.name, a.name) for a in target._schema.arguments]
+        defaults = {renames.get(a.name, a.name): a.default_value for a in target._schema.arguments
+                    if a.has_default_value()}
     else:
         names, defaults = list(spec.arg_names), {}
     bound = dict(spec.defaults)
     bound.update(defaults)
     bound.update(zip(names, node.args))
     for key, value in node.kwargs.items():
-        bound[_SCHEMA_RENAMES.get(key, key)] = value
+        bound[renames.get(key, key)] = value
     return bound
 
 

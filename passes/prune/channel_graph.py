@@ -111,10 +111,6 @@ class ProducerWeights:
     in_axis: int | None
 
 
-# ATen's mm/bmm name a matmul's second operand `mat2` (torch.matmul and `@`: `other`)
-_ARG_ALIASES = {"other": "mat2"}
-
-
 def param_arg(gm: torch.fx.GraphModule, view, name: str) -> ParamRef | None:
     """The parameter passed as argument `name` of the viewed op, in either front end: the op
     view's own parameter handles, or a `get_attr` operand (the second operand of ``x @ W``)."""
@@ -123,7 +119,7 @@ def param_arg(gm: torch.fx.GraphModule, view, name: str) -> ParamRef | None:
         return ref
     spec = spec_for(gm, view.node)
     bound = bind_arguments(view.node, spec) if spec is not None else {}
-    value = bound.get(name, bound.get(_ARG_ALIASES.get(name, name)))
+    value = bound.get(name)
     if isinstance(value, torch.fx.Node) and value.op == "get_attr":
         return ref_for_get_attr(gm, value)
     return None
@@ -966,9 +962,9 @@ class _Builder:
         self.passthrough(node, view, src, b, in_pos, out_pos, how=how, info=info)
 
     def rule_matmul(self, node, view, shape) -> None:
-        a, bnode = _matmul_operands(view)
-        if not isinstance(a, torch.fx.Node) or not isinstance(bnode, torch.fx.Node):
+        if len(view.inputs) != 2:
             raise _Pin("matmul with a non-tensor operand")
+        a, bnode = view.inputs
         sa, sb = self.in_slot(a), self.in_slot(bnode)
         weight = self._matmul_weight(view) if sb is None else None
         a_shape = _shape(a)
@@ -1105,14 +1101,6 @@ def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
     if sorted(sizes) != list(range(len(sizes))) or sum(sizes.values()) != n:
         raise _Pin("split sizes computed in the graph and not every piece is used")
     return [sizes[i] for i in range(len(sizes))]
-
-
-def _matmul_operands(view) -> tuple[Any, Any]:
-    """(a, b) of ``a @ b``, whichever spelling: ATen's mm/bmm bind b as `mat2`, which the op table
-    does not list as a tensor argument, so it sits in the view's attrs."""
-    a = view.inputs[0] if view.inputs else view.attrs.get("input")
-    b = view.inputs[1] if len(view.inputs) > 1 else view.attrs.get("other", view.attrs.get("mat2"))
-    return a, b
 
 
 def _shape_query(node: torch.fx.Node) -> tuple[Any, Any] | None:

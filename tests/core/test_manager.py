@@ -430,3 +430,18 @@ def test_stateful_export_graph_analyses_do_not_trip_the_in_place_check():
     result = PassManager("remove-noops,dce").run(gm, x)
     assert torch.equal(gm.calls, calls)
     torch.testing.assert_close(result.module(*x), gm(*x))
+
+
+@pytest.mark.parametrize("op", [torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.matmul.default])
+def test_op_view_lists_both_matmul_operands_whatever_the_schema_calls_them(op):
+    """aten.mm/bmm name the second operand `mat2`, aten.matmul `other`: the view says `other`
+    and lists both as tensor inputs (passes read `view.inputs`, not schema names)."""
+    from fxopt.ir import op_view
+
+    g = torch.fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    node = g.call_function(op, (a, b))
+    g.output(node)
+    view = op_view(torch.fx.GraphModule(torch.nn.Module(), g), node)
+    assert view.kind == "matmul" and view.inputs == [a, b]
+    assert "mat2" not in view.attrs and "other" not in view.attrs
