@@ -63,8 +63,8 @@ import torch
 import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
-from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, op_view, ref_for_get_attr, spec_for,
-                      tensor_meta, value_nbytes)
+from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, is_shared, op_view, ref_for_get_attr,
+                      spec_for, tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "dropout",
                              "identity", "contiguous"})
@@ -489,7 +489,7 @@ class _Builder:
                 self.size_queries.append((node.name, node.name, src.name, sid))
             return
         for user in node.users:  # the whole size: follow how its entries are used
-            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+            index = _getitem_index(user)
             if isinstance(index, int):
                 if _norm_axis(index, nd) == axis:
                     self.size_queries.append((node.name, user.name, src.name, sid))
@@ -640,7 +640,7 @@ class _Builder:
         b = view.param(layout.bias)
         if b is not None and tuple(b.shape) != (shape[-1],):
             raise _Pin("addmm bias is not one value per output channel")
-        self._check_private(w)
+        self._check_private(node, w)
         self._dense_producer(node, view, shape, view.input)
 
     def _matmul_weight(self, view) -> ParamRef | None:
@@ -651,10 +651,10 @@ class _Builder:
             return None
         return ref
 
-    def _check_private(self, ref: ParamRef) -> None:
-        if self._use_counts is None:
+    def _check_private(self, node: torch.fx.Node, ref: ParamRef) -> None:
+        if self._use_counts is None:  # one graph walk for every layer asked about
             self._use_counts = attribute_use_counts(self.gm)
-        if self._use_counts[ref.qualname] > 1:
+        if is_shared(self.gm, node, {"weight": ref}, self._use_counts):
             raise _Pin(f"weight '{ref.qualname}' is shared with another op")
 
     def _dense_producer(self, node, view, shape, src) -> None:
@@ -970,7 +970,7 @@ class _Builder:
         a_shape = _shape(a)
         if weight is not None and a_shape is not None and (sa is None or self.slots[sa].axis == len(a_shape) - 1):
             # x @ W with a parameter W [in, out]: a linear layer (contracts x's channel axis)
-            self._check_private(weight)
+            self._check_private(node, weight)
             return self._dense_producer(node, view, shape, a)
         if sa is None and sb is None:
             return self.free_output(node, view)
@@ -1093,7 +1093,7 @@ def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
     are computed in the graph; every piece must be used so that they add up."""
     sizes: dict[int, int] = {}
     for user in split.users:
-        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        index = _getitem_index(user)
         piece = _shape(user)
         if not isinstance(index, int) or piece is None:
             raise _Pin("split result used other than by getitem")
@@ -1101,6 +1101,11 @@ def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
     if sorted(sizes) != list(range(len(sizes))) or sum(sizes.values()) != n:
         raise _Pin("split sizes computed in the graph and not every piece is used")
     return [sizes[i] for i in range(len(sizes))]
+
+
+def _getitem_index(node: torch.fx.Node) -> Any:
+    """The index of ``value[index]`` when `node` is such a getitem, else None."""
+    return node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
 
 
 def _shape_query(node: torch.fx.Node) -> tuple[Any, Any] | None:
