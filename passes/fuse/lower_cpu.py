@@ -21,10 +21,11 @@ conv, whose aten kernel loops over samples; 2 x `min_macs` MACs per call for a 1
 
 Weights stay dense graph tensors; a call of a `WeightPacks` submodule, ``packs(weight, x)``,
 hands oneDNN the weight reordered into its blocked layout (`mkldnn._reorder_convolution_weight`
-/ `mkldnn._reorder_linear_weight`), cached per (threads, input shape): the layout oneDNN expects depends on both, and a weight packed for another thread
-count is reordered again inside every call (see `WeightPacks`). Activations entering a
-lowered conv are made channels-last (oneDNN's fast layout for these kernels; every
-elementwise op and pooling keeps it). Because `view` needs a contiguous input, a
+/ `mkldnn._reorder_linear_weight`), cached per (threads, input shape): the layout oneDNN
+expects depends on both, and a weight packed for another thread count is reordered again
+inside every call (see `WeightPacks`). Activations entering a lowered conv are made
+channels-last (oneDNN's fast layout for these kernels; every elementwise op and pooling
+keeps it). Because `view` needs a contiguous input, a
 `contiguous()` is inserted before every reshape of a 4-D value and before 4-D graph outputs
 (a no-op when the value already is contiguous). Measured on ResNet-18 and MobileNetV2 at
 batch 1 and 16 with one thread (docs/benchmarks.md, "Fusion (issue 5)"): channels-last +

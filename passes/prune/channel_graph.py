@@ -42,8 +42,9 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   default) they are pinned; with ``exact_norms=False`` their affine channels are coupled like a
   batchnorm's (group norm: position r of every group is one class), as Torch-Pruning does — not
   exact, the statistics are then taken over the kept channels only.
-- anything else — unknown ops, the graph output, ignored layers — is *pinned*: its output classes cannot die; its inputs are read at full width, so
-  classes that reach it are re-expanded (``prune.boundary``). Pinned nodes are listed by name.
+- anything else — unknown ops, the graph output, ignored layers — is *pinned*: its output
+  classes cannot die; its inputs are read at full width, so classes that reach it are
+  re-expanded (``prune.boundary``). Pinned nodes are listed by name.
 
 Preconditions: shape metadata on every node (capture records it; the analysis reruns shapes
 when example inputs are known).
