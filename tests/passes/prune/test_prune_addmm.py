@@ -15,6 +15,7 @@ from fxopt.measure import count_parameters
 from fxopt.passes.prune.apply import zero_removed
 from fxopt.passes.prune.channel_graph import WEIGHT_LAYOUTS, build_channel_graph
 from fxopt.passes.prune.prune_pass import analyze
+from prune_masking import prune_and_mask
 
 MODES = ["symbolic", "export"]
 
@@ -113,22 +114,11 @@ CASES = {
 
 
 def _pruned_and_masked(name, mode, ratio=0.5, **options):
-    options.setdefault("adapter_cost", 0.0)  # spend the ratio where the MACs are (see test_prune_exact)
     torch.manual_seed(0)
     build, make = CASES[name]
     x = make()
-    model = build().eval()
-    plan = analyze(model, (x,), mode=mode, ratio=ratio, **options)
-    with torch.no_grad():
-        original = plan.gm(x)
-    zero_removed(plan.gm, plan.channel_graph, plan.dead)
-    with torch.no_grad():
-        masked = plan.gm(x)
-    params_before = count_parameters(plan.gm)
-    pruned = plan.apply()
-    with torch.no_grad():
-        out = pruned(x)
-    return plan, masked, out, params_before, pruned, x, original
+    r = prune_and_mask(build().eval(), x, mode, ratio, **options)
+    return r.plan, r.masked, r.out, r.params_before, r.pruned, x, r.original
 
 
 def _param(gm, suffix):

@@ -11,8 +11,8 @@ from torch import nn
 
 import fxopt
 from fxopt.measure import count_macs, count_parameters
-from fxopt.passes.prune.apply import zero_removed
 from fxopt.passes.prune.prune_pass import Prune, analyze
+from prune_masking import prune_and_mask
 
 
 def conv_bn(cin, cout, k=3, groups=1):
@@ -179,22 +179,11 @@ CASES = {
 
 
 def _pruned_and_masked(name, mode, ratio=0.5, **options):
-    # adapter_cost=0: spend the ratio where the MACs are, so every adapter path is exercised (with
-    # the default charge these tiny models would rather keep channels than add an adapter)
-    options.setdefault("adapter_cost", 0.0)
     torch.manual_seed(0)
     build, make = CASES[name]
     x = make()
-    model = _warm(build(), x)
-    plan = analyze(model, (x,), mode=mode, ratio=ratio, **options)
-    zero_removed(plan.gm, plan.channel_graph, plan.dead)
-    with torch.no_grad():
-        masked = plan.gm(x)
-    params_before = count_parameters(plan.gm)
-    pruned = plan.apply()
-    with torch.no_grad():
-        out = pruned(x)
-    return plan, masked, out, params_before, pruned, x
+    r = prune_and_mask(_warm(build(), x), x, mode, ratio, **options)
+    return r.plan, r.masked, r.out, r.params_before, r.pruned, x
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
