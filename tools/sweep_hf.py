@@ -21,7 +21,7 @@ import torch
 import fxopt
 
 PIPELINES = ("fuse", "fuse,lower-cpu", "prune{ratio=0.3}", "prune{ratio=0.3,exact_norms=false}", "quantize",
-             "fuse,quantize{backend=reference}")
+             "fuse,quantize{backend=reference}", "fuse,lower-eager", "prune{ratio=0.3},lower-eager")
 
 
 def _ids(batch: int = 2, length: int = 16, vocab: int = 100) -> torch.Tensor:

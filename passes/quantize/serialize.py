@@ -10,7 +10,7 @@ weights for the current engine and rebuilds the GraphModule (pytree input/output
 of exported graphs included).
 
     >>> from fxopt.passes.quantize import save, load   # doctest: +SKIP
-    >>> save(result.module, "model.int8.pt"); restored = load("model.int8.pt")
+    >>> save(result.module, "model.int8.pt"); restored = load("model.int8.pt")  # doctest: +SKIP
 """
 from __future__ import annotations
 

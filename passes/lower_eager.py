@@ -1,0 +1,174 @@
+"""`lower-eager` — call an export graph's ATen ops through the bindings eager code calls.
+
+torch.export records every op as an ATen `OpOverload` (`torch.ops.aten.linear.default`).
+Called from Python, an OpOverload goes through `OpOverload.__call__` and the boxed,
+schema-driven operator call: 1.5-3 µs more per op than `torch.nn.functional.linear` or
+`Tensor.view`, whose generated bindings parse their arguments straight into the same
+kernel. On a small encoder at batch 1 that is most of the difference between the export
+graph and the eager model (zoo BERT, 4 layers of 256, pruned to half: 3.93 ms as exported,
+3.16 ms lowered, 3.12 ms for the same-size eager model; docs/benchmarks.md, "Pruning").
+
+Each `aten` op is rewritten to the generated binding of the same name:
+
+    %linear = aten.linear.default(%x, %w, %b)      ->   %linear = torch._C._nn.linear(%x, %w, %b)
+    %view = aten.view.default(%linear, [2, 8, 64])  ->   %view = call_method view(%linear, [2, 8, 64])
+    %n = aten.sym_size.int(%x, 0)                   ->   %n = call_method size(%x, 0)
+
+— a function of `torch` (or `torch._C._nn`, `_special`, `_linalg`, `_fft`) when there is one,
+else a Tensor method when the op's first argument is the Tensor `self`. The binding takes
+the schema's own argument names and picks the overload from the arguments, which the
+export call already matches. Kept as they are: ops without a binding (`aten.slice.Tensor`),
+ops that write into an input or draw random numbers (other passes recognise those by their
+schema: `dce` must keep them), and every other namespace (`mkldnn`, `quantized`, ...).
+
+Run it last: it changes how ops are called, not what they compute (tolerance "exact"), and
+every fxopt pass reads either spelling, but a pass written against ATen overloads only
+would no longer see these nodes. Symbolic graphs have no OpOverloads: nothing to do.
+
+    >>> import torch, fxopt
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+    >>> res = fxopt.optimize(model, torch.randn(2, 4), pipeline="lower-eager", mode="export")
+    >>> res.passes[0].stats["lowered"]
+    {'linear': 1, 'gelu': 1}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from fxopt import Pass, PassContext, PassResult
+from fxopt.analysis import ShapeAnalysis
+
+# Where the generated Python bindings of ATen functions live, in the order torch exposes them.
+_FUNCTION_NAMESPACES = (torch._C._VariableFunctions, torch._C._nn, torch._C._special, torch._C._linalg,
+                        torch._C._fft)
+
+# Ops that exist for export's symbolic shapes and have a plain Tensor method with the same meaning.
+_METHOD_ALIASES = {"sym_size": "size", "sym_stride": "stride", "sym_numel": "numel",
+                   "sym_storage_offset": "storage_offset"}
+
+
+@dataclass(frozen=True)
+class EagerCall:
+    """How to call one ATen op from Python: `fx_op` is 'call_function' or 'call_method'."""
+
+    fx_op: str
+    target: Callable[..., Any] | str
+
+
+def eager_call(op: torch._ops.OpOverload) -> EagerCall | str:
+    """The eager binding for `op`, or the reason it keeps its OpOverload.
+
+    >>> eager_call(torch.ops.aten.add.Tensor)
+    EagerCall(fx_op='call_function', target=<built-in method add of type object at ...>)
+    >>> eager_call(torch.ops.aten.add_.Tensor)
+    'writes into an input'
+    """
+    schema = op._schema
+    if op.namespace != "aten":
+        return f"namespace '{op.namespace}'"
+    if schema.is_mutable:
+        return "writes into an input"
+    if torch.Tag.nondeterministic_seeded in op.tags:
+        return "draws random numbers"
+    name = op.overloadpacket.__name__
+    if name.startswith("_assert"):
+        return "an assertion"
+    for namespace in _FUNCTION_NAMESPACES:
+        fn = getattr(namespace, name, None)
+        if fn is not None and _printable(fn):
+            return EagerCall("call_function", fn)
+    method = _METHOD_ALIASES.get(name, name)
+    takes_self = bool(schema.arguments) and schema.arguments[0].name == "self" \
+        and isinstance(schema.arguments[0].type, torch.TensorType)
+    if takes_self and callable(getattr(torch.Tensor, method, None)):
+        return EagerCall("call_method", method)
+    return "no Python binding"
+
+
+def _printable(fn: Callable[..., Any]) -> bool:
+    """Can fx's code generator name `fn`? It cannot for the dunder bindings (`torch.__and__`),
+    which then go through their Tensor method (`x.__and__(y)`)."""
+    try:
+        torch.fx.node._get_qualified_name(fn)
+    except RuntimeError:
+        return False
+    return True
+
+
+class _Unrecorded(Exception):
+    """An argument of the node has no recorded shape or value."""
+
+
+def _meta_value(node: torch.fx.Node) -> Any:
+    """The value `node` produced, as a meta tensor (shape, stride, dtype; no data) or a scalar."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.device.type == "meta":
+        return val
+    tm = node.meta.get("tensor_meta")
+    if hasattr(tm, "shape"):
+        return torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype, device="meta")
+    if isinstance(tm, (int, float, bool)):
+        return tm
+    raise _Unrecorded(node.name)
+
+
+def _same_result(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and a.dtype == b.dtype and a.stride() == b.stride()
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same_result, a, b))
+    return type(a) is type(b) and a == b
+
+
+def try_on_meta(node: torch.fx.Node, call: EagerCall) -> bool | str:
+    """Does `call` accept `node`'s arguments and give what the overload gives? Both run on
+    meta tensors of the recorded shapes; True, or why the node keeps its overload."""
+    try:
+        args = torch.fx.node.map_arg(node.args, _meta_value)
+        kwargs = torch.fx.node.map_arg(node.kwargs, _meta_value)
+    except _Unrecorded as missing:
+        return f"argument '{missing}' has no recorded shape to try the binding on"
+    try:
+        expected = node.target(*args, **kwargs)
+    except Exception:  # data-dependent ops, device moves: no meta kernel to compare with
+        return "cannot be tried on meta tensors"
+    try:
+        if call.fx_op == "call_method":
+            got = getattr(args[0], call.target)(*args[1:], **kwargs)
+        else:
+            got = call.target(*args, **kwargs)
+    except Exception as exc:
+        return f"its Python binding takes other arguments ({type(exc).__name__})"
+    return True if _same_result(expected, got) else "its Python binding gives another result"
+
+
+@dataclass
+class LowerEager(Pass):
+    """Rewrite ATen OpOverload calls to the torch functions and Tensor methods eager code calls."""
+
+    name = "lower-eager"
+    tolerance = "exact"
+    preserves = frozenset({"shapes"})
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        lowered: dict[str, int] = {}
+        kept: dict[str, str] = {}
+        if ctx is not None and (ctx.example_inputs or ctx.example_kwargs):
+            ctx.analyses.get(ShapeAnalysis)  # fresh shapes on every node for the trial
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                continue
+            call = eager_call(node.target)
+            verdict = try_on_meta(node, call) if isinstance(call, EagerCall) else call
+            if verdict is not True:
+                kept[str(node.target)] = verdict
+                continue
+            name = node.target.overloadpacket.__name__
+            node.op, node.target = call.fx_op, call.target
+            lowered[name] = lowered.get(name, 0) + 1
+        return PassResult(gm, modified=bool(lowered), stats={"lowered": lowered, "kept": kept})
