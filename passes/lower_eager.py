@@ -15,15 +15,22 @@ Each `aten` op is rewritten to the generated binding of the same name:
     %n = aten.sym_size.int(%x, 0)                   ->   %n = call_method size(%x, 0)
 
 — a function of `torch` (or `torch._C._nn`, `_special`, `_linalg`, `_fft`) when there is one,
-else a Tensor method when the op's first argument is the Tensor `self`. The binding takes
-the schema's own argument names and picks the overload from the arguments, which the
-export call already matches. Kept as they are: ops without a binding (`aten.slice.Tensor`),
-ops that write into an input or draw random numbers (other passes recognise those by their
-schema: `dce` must keep them), and every other namespace (`mkldnn`, `quantized`, ...).
+else a Tensor method when the op's first argument is the Tensor `self` (`fxopt.ir.eager_call`).
+The binding takes the schema's own argument names and picks the overload from the
+arguments, which the export call already matches — except where a binding is written by
+hand and takes other arguments (`Tensor.to` has no `layout`). So each rewrite is tried
+first: binding and overload run on the node's recorded shapes as meta tensors (no data, no
+compute), and the node is rewritten only if the binding accepts the arguments and gives the
+same shapes, strides and dtypes. Kept as they are: ops without a binding
+(`aten.slice.Tensor`), ops whose binding fails that trial or that cannot run on meta
+tensors, ops that write into an input or draw random numbers (other passes recognise those
+by their schema: `dce` must keep them), and every other namespace (`mkldnn`, `quantized`,
+...). The stats say which and why.
 
-Run it last: it changes how ops are called, not what they compute (tolerance "exact"), and
-every fxopt pass reads either spelling, but a pass written against ATen overloads only
-would no longer see these nodes. Symbolic graphs have no OpOverloads: nothing to do.
+Run it last: it changes how ops are called, not what they compute (tolerance "exact"). Each
+lowered node records its overload (`fxopt.ir.ATEN_OP`), so `op_view`, and every pass built
+on it, reads the node exactly as before; a pass that matches raw ATen targets would no
+longer see it. Symbolic graphs have no OpOverloads: nothing to do.
 
     >>> import torch, fxopt
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
@@ -34,69 +41,14 @@ would no longer see these nodes. Symbolic graphs have no OpOverloads: nothing to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
-
-# Where the generated Python bindings of ATen functions live, in the order torch exposes them.
-_FUNCTION_NAMESPACES = (torch._C._VariableFunctions, torch._C._nn, torch._C._special, torch._C._linalg,
-                        torch._C._fft)
-
-# Ops that exist for export's symbolic shapes and have a plain Tensor method with the same meaning.
-_METHOD_ALIASES = {"sym_size": "size", "sym_stride": "stride", "sym_numel": "numel",
-                   "sym_storage_offset": "storage_offset"}
-
-
-@dataclass(frozen=True)
-class EagerCall:
-    """How to call one ATen op from Python: `fx_op` is 'call_function' or 'call_method'."""
-
-    fx_op: str
-    target: Callable[..., Any] | str
-
-
-def eager_call(op: torch._ops.OpOverload) -> EagerCall | str:
-    """The eager binding for `op`, or the reason it keeps its OpOverload.
-
-    >>> eager_call(torch.ops.aten.add.Tensor)
-    EagerCall(fx_op='call_function', target=<built-in method add of type object at ...>)
-    >>> eager_call(torch.ops.aten.add_.Tensor)
-    'writes into an input'
-    """
-    schema = op._schema
-    if op.namespace != "aten":
-        return f"namespace '{op.namespace}'"
-    if schema.is_mutable:
-        return "writes into an input"
-    if torch.Tag.nondeterministic_seeded in op.tags:
-        return "draws random numbers"
-    name = op.overloadpacket.__name__
-    if name.startswith("_assert"):
-        return "an assertion"
-    for namespace in _FUNCTION_NAMESPACES:
-        fn = getattr(namespace, name, None)
-        if fn is not None and _printable(fn):
-            return EagerCall("call_function", fn)
-    method = _METHOD_ALIASES.get(name, name)
-    takes_self = bool(schema.arguments) and schema.arguments[0].name == "self" \
-        and isinstance(schema.arguments[0].type, torch.TensorType)
-    if takes_self and callable(getattr(torch.Tensor, method, None)):
-        return EagerCall("call_method", method)
-    return "no Python binding"
-
-
-def _printable(fn: Callable[..., Any]) -> bool:
-    """Can fx's code generator name `fn`? It cannot for the dunder bindings (`torch.__and__`),
-    which then go through their Tensor method (`x.__and__(y)`)."""
-    try:
-        torch.fx.node._get_qualified_name(fn)
-    except RuntimeError:
-        return False
-    return True
+from fxopt.ir import EagerCall, call_through_binding, eager_call
 
 
 class _Unrecorded(Exception):
@@ -169,6 +121,6 @@ class LowerEager(Pass):
                 kept[str(node.target)] = verdict
                 continue
             name = node.target.overloadpacket.__name__
-            node.op, node.target = call.fx_op, call.target
+            call_through_binding(node, call)
             lowered[name] = lowered.get(name, 0) + 1
         return PassResult(gm, modified=bool(lowered), stats={"lowered": lowered, "kept": kept})

@@ -15,6 +15,9 @@ classifier ignored) in the same process.
 fxopt runs with its default options and no `ignore`: the graph output's channels are never
 pruned, which is what ignoring the classifier does in Torch-Pruning (its input columns still
 follow the previous layer there; fxopt's `ignore` would also keep those at full width).
+fxopt's pruned model then goes through `--tail` (default `remove-noops,lower-eager`: eval
+dropout removed, an export graph's ATen calls made through the eager bindings), as a
+deployment pipeline would; Torch-Pruning's model is its eager module.
 For digits also accuracy before, after pruning and after `fxopt.distill`. Prints a Markdown
 table. CNNs are captured symbolically, the transformers with torch.export.
 """
@@ -37,11 +40,14 @@ from fxopt.passes.prune.channel_graph import build_channel_graph
 from fxopt.passes.prune.prune_pass import _privatize, plan_pruning
 
 EXPORT = {"vit", "bert"}
+#: Passes run on fxopt's pruned model before it is measured: what a deployment pipeline
+#: puts after `prune` (eval dropout out; an export graph's ATen calls through eager bindings).
+TAIL = "remove-noops,lower-eager"
 CLASSIFIER = {"resnet18": "fc", "mobilenet_v2": "classifier", "densenet": "fc", "vit": "head",
               "bert": "classifier", "digits": "fc"}
 
 
-def bench_fxopt(name, options: dict):
+def bench_fxopt(name, options: dict, tail: str = TAIL):
     model, x2 = zoo.get(name, batch=2)
     mode = "export" if name in EXPORT else "symbolic"
     gm = fxopt.capture(model, x2, mode=mode)
@@ -53,6 +59,8 @@ def bench_fxopt(name, options: dict):
     plan = plan_pruning(gm, channel_graph=cg, example_inputs=x2, **options)
     analysis_s = (graph_s, time.perf_counter() - start - graph_s)
     pruned = plan.apply()
+    if tail:  # the deployment passes that follow prune in a pipeline (not part of the analysis time)
+        pruned = fxopt.PassManager(tail).run(pruned, x2).module
     return model, pruned, analysis_s, plan
 
 
@@ -112,6 +120,7 @@ def main(argv=None):
     parser.add_argument("--models", default="resnet18,mobilenet_v2,densenet,vit,vit:exact_norms=false,"
                                                 "vit:exact_norms=false;max_layer_ratio=0.6,bert,bert:exact_norms=false,"
                                                 "bert:exact_norms=false;max_layer_ratio=0.6,digits")
+    parser.add_argument("--tail", default=TAIL, help="passes run after prune on fxopt's model ('' for none)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -124,7 +133,7 @@ def main(argv=None):
             parser.error(f"--models: {name}: {exc}")
         _, x1 = zoo.get(name, batch=1)
         _, x16 = zoo.get(name, batch=16)
-        model, pruned, fx_s, plan = bench_fxopt(name, options)
+        model, pruned, fx_s, plan = bench_fxopt(name, options, args.tail)
         base, ours = size(model, x1), size(pruned, x1)
         timed = {"base": model, "ours": pruned}
         try:

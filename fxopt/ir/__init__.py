@@ -1,4 +1,5 @@
 """IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
+from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call
 from .interpret import flatten_inputs, fresh_inputs, node_values, run_graph
 from .opview import OpSpec, OpView, SPECS, bind_arguments, op_view, spec_for
 from .params import (
@@ -23,6 +24,7 @@ from .rewrite import (
 )
 
 __all__ = [
+    "ATEN_OP", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
     "COMPUTES", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
     "bind_arguments", "clone_sharing_tensors", "deep_copy", "flatten_inputs", "get_attr_value", "is_shared",
     "make_private", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",

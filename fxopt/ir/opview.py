@@ -27,6 +27,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .bindings import aten_op_of
 from .params import ParamRef, ref_for_get_attr
 
 aten = torch.ops.aten
@@ -241,12 +242,13 @@ def spec_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSpec | None:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return _BY_MODULE.get(type(module))
+    overload = aten_op_of(node) if node.op in ("call_function", "call_method") else None
+    if overload is not None:  # an ATen op, called directly or through its eager binding
+        return _BY_ATEN_PACKET.get(overload.overloadpacket)
     if node.op == "call_method":
         return _BY_METHOD.get(node.target)
     if node.op == "call_function":
         target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            return _BY_ATEN_PACKET.get(target.overloadpacket)
         try:
             return _BY_FUNCTION.get(target)
         except TypeError:  # unhashable target
@@ -267,11 +269,11 @@ def op_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpView | None:
 
 def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
     """Positional and keyword args of a call_function/call_method node under canonical names."""
-    target = node.target
+    overload = aten_op_of(node)
     renames = {**_SCHEMA_RENAMES, **spec.renames}
-    if isinstance(target, torch._ops.OpOverload):
-        names = [renames.get(a.name, a.name) for a in target._schema.arguments]
-        defaults = {renames.get(a.name, a.name): a.default_value for a in target._schema.arguments
+    if overload is not None:
+        names = [renames.get(a.name, a.name) for a in overload._schema.arguments]
+        defaults = {renames.get(a.name, a.name): a.default_value for a in overload._schema.arguments
                     if a.has_default_value()}
     else:
         names, defaults = list(spec.arg_names), {}
