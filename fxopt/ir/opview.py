@@ -175,6 +175,13 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "p", "training"), defaults=dict(p=0.5, training=True),
            module_attrs=lambda m: dict(p=m.p, training=m.training)),
     OpSpec("identity", modules=(nn.Identity,), aten=(aten.alias,)),
+    # dtype / device / layout conversion; `Tensor.type` is not listed: with no argument it
+    # returns a string
+    OpSpec("to", methods=("to", "float", "double", "half", "bfloat16"), aten=(aten.to, aten._to_copy)),
+    # export's check of a value's dtype/device (and, when given, sizes/strides); no output
+    OpSpec("assert_metadata", aten=(aten._assert_tensor_metadata,),
+           arg_names=("input", "size", "stride", "dtype", "device", "layout"),
+           defaults=dict(size=None, stride=None)),
     OpSpec("contiguous", methods=("contiguous",), aten=(aten.contiguous,)),
     OpSpec("flatten", functions=(torch.flatten,), methods=("flatten",), aten=(aten.flatten,),
            modules=(nn.Flatten,), arg_names=("input", "start_dim", "end_dim"),

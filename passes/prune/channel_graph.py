@@ -68,7 +68,7 @@ from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, is_shared,
                       spec_for, tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "dropout",
-                             "identity", "contiguous"})
+                             "identity", "contiguous", "to"})
 SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
 # ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
 # may flow through them (the result is dirty too; a product with a clean factor is clean)
@@ -471,7 +471,7 @@ class _Builder:
                 handler = self.rule_unary
             else:
                 raise _Pin(f"no channel rule for '{kind}'")
-        if shape is None and kind not in ("split", "chunk"):
+        if shape is None and kind not in ("split", "chunk", "assert_metadata"):
             raise _Pin("no shape metadata")
         handler(node, view, shape)
 
@@ -550,6 +550,14 @@ class _Builder:
         if shape[axis] != self.slots[sid].size:
             raise _Pin("channel size changed")
         self.passthrough(node, view, src, axis)
+
+    def rule_assert_metadata(self, node, view, shape) -> None:
+        """export's `_assert_tensor_metadata` before a cast: free while it checks dtype, device
+        and layout only; sizes or strides it asserts would no longer hold after pruning."""
+        if view.attrs.get("size") is not None or view.attrs.get("stride") is not None:
+            raise _Pin("asserts the sizes or strides of a value")
+        self.value_slot[node.name] = None
+        self.rules[node.name] = Rule(node.name, view.kind, "free")
 
     def rule_softmax(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)

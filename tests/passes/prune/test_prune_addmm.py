@@ -285,6 +285,32 @@ def test_gpt2_conv1d_layers_shrink():
     assert logits.shape == (2, 16, 100) and torch.isfinite(logits).all()
 
 
+def test_gpt2_hidden_size_shrinks_when_norms_may():
+    """The residual stream of GPT-2 passes its position embedding through `.to(device)` (an
+    `_assert_tensor_metadata` + `aten.to` in the export graph): casts have a rule, so with
+    `exact_norms=false` the hidden size shrinks, layer norms and position table with it."""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 16)), "use_cache": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxopt.optimize(model, inputs, "prune{ratio=0.3,exact_norms=false}", verify=False)
+    pinned = res.passes[0].stats["pinned"]
+    assert not [n for n in pinned if n.startswith(("to", "_assert"))], pinned
+    shapes = {n: tuple(p.shape) for n, p in res.module.named_parameters()}
+    width = shapes["transformer.wpe.weight"][1]
+    assert width < 64 and shapes["transformer.ln_f.weight"] == (width,)
+    assert all(shapes[f"transformer.h.{i}.ln_1.weight"] == (width,) for i in range(2))
+    with torch.no_grad():
+        out = res.module(**inputs)
+    logits = out["logits"] if isinstance(out, dict) else out.logits
+    assert logits.shape == (2, 16, 100) and torch.isfinite(logits).all()
+
+
 class MaskedAttention(nn.Module):
     """GPT-2's attention shape: one Conv1D for q, k, v (split), heads by view, sdpa with a mask."""
 

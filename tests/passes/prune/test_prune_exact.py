@@ -163,6 +163,22 @@ class Unknown(nn.Module):
         return self.c(torch.cumsum(y, dim=1))  # cumsum mixes channels: no rule, pinned
 
 
+class Casts(nn.Module):
+    """dtype/device casts in the channel path, as Hugging Face models write them (GPT-2's
+    position embedding goes through `.to(device)`; export adds `_assert_tensor_metadata`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(50, 8), nn.Embedding(8, 8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        h = self.embed(ids) + self.pos(positions).to(dtype=torch.float32, device=ids.device)
+        z = F.relu(self.fc1(h)).to(torch.float64).float()
+        return self.head(h + self.fc2(z))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -174,6 +190,7 @@ CASES = {
     "attention": (Attention, lambda: torch.randn(2, 5, 6)),
     "attention_sdpa": (lambda: Attention(sdpa=True), lambda: torch.randn(2, 5, 6)),
     "tokens": (Tokens, lambda: torch.randint(0, 50, (2, 8))),
+    "casts": (Casts, lambda: torch.randint(0, 50, (2, 8))),
     "unknown_op": (Unknown, IMAGE),
 }
 
@@ -364,3 +381,24 @@ def test_channels_behind_an_added_constant_are_re_expanded_before_it(mode):
     assert conv_weight.shape[0] == 4
     # ... but 0 * 0.5 + 1.0 = 1.0: exact only if zeros are scattered back before the constant add
     torch.testing.assert_close(res.module(x), model(x))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_casts_and_metadata_asserts_do_not_pin_the_stream(mode):
+    plan, masked, out, _, pruned, _ = _pruned_and_masked("casts", mode)
+    # only `arange` (a fresh tensor: no rule, harmless) is pinned, not the casts or asserts
+    assert list(plan.channel_graph.pinned_nodes) == ["arange"], plan.channel_graph.pinned_nodes
+    shapes = {n: tuple(p.shape) for n, p in pruned.named_parameters()}
+    assert shapes["embed.weight"][1] == shapes["pos.weight"][1] == shapes["head.weight"][1] < 8, shapes
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+
+
+def test_an_assert_on_sizes_pins_its_value():
+    from fxopt.passes.prune.channel_graph import build_channel_graph
+
+    x = torch.randint(0, 50, (2, 8))
+    gm = fxopt.capture(Casts(), (x,), mode="export")
+    check = next(n for n in gm.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default)
+    check.kwargs = {**check.kwargs, "size": list(check.args[0].meta["tensor_meta"].shape)}
+    pinned = build_channel_graph(gm).pinned_nodes
+    assert pinned[check.name] == "asserts the sizes or strides of a value", pinned
