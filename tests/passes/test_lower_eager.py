@@ -167,3 +167,18 @@ def test_a_binding_that_rejects_the_arguments_keeps_the_overload():
     assert result.records[0].stats["lowered"] == {"mul": 1}
     assert aten.to.dtype_layout in _overloads(out)
     torch.testing.assert_close(out(inp), inp.double() * 2, rtol=0, atol=0)
+
+
+def test_a_lowered_graph_still_trains_with_distill():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8)
+    res = fxopt.optimize(teacher, (x,), pipeline="prune{ratio=0.5,exact_norms=false},lower-eager",
+                         mode="export", verify=False)
+    student = res.module
+    assert res.passes[-1].stats["lowered"]["linear"] == 2
+    data = [(torch.randn(16, 8),) for _ in range(8)]
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    tuned = fxopt.distill(student, teacher, data, epochs=2, progress=False)
+    assert any(not torch.equal(before[n], p) for n, p in tuned.named_parameters())
+    assert tuned(x).shape == (4, 4)
