@@ -16,6 +16,7 @@ Python API's: `torch.embedding(weight, indices)` vs `F.embedding(input, weight)`
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,11 +43,11 @@ class EagerCall:
     target: Callable[..., Any] | str
 
 
+@functools.cache  # op_view asks again for every view of a lowered node
 def eager_call(op: torch._ops.OpOverload) -> EagerCall | str:
-    """The eager binding for `op`, or the reason it has none to offer.
-
-    None for other namespaces, ops that write into an input or draw random numbers (passes
-    recognise those by their schema), assertions, and ops without a binding.
+    """The eager binding for `op`, or why it gets none: other namespaces, ops that write into
+    an input or draw random numbers (passes recognise those by their schema), assertions, and
+    ops without a binding.
     """
     if op.namespace != "aten":
         return f"namespace '{op.namespace}'"

@@ -365,10 +365,6 @@ class _Builder:
         self.graph.add_edge(sa.label, sb.label, op=op, map=how, bytes=sa.bytes)
 
     # ----- build ----------------------------------------------------------------------
-    def build(self) -> ChannelGraph:
-        self.walk()
-        return self.finish()
-
     def walk(self) -> None:
         for node in self.gm.graph.nodes:
             if node.op == "output":
