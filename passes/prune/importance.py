@@ -22,6 +22,7 @@ work in between.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from fxopt.ir import op_view, run_graph, tensor_meta
 
 from .apply import is_plain_add
 from .channel_graph import ChannelGraph, producer_weights
+from .latency import LayerCost
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 
@@ -56,8 +58,11 @@ def _row_norm(t: torch.Tensor, axis: int, p: int) -> np.ndarray:
 
 
 def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l1",
-                calibration: list | None = None) -> dict[str, np.ndarray]:
-    """Arrays per class: `imp` (normalized), `macs`, `prod` (producer channels)."""
+                calibration: list | None = None, timed: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """Arrays per class: `imp` (normalized), `macs`, `prod` (producer channels).
+
+    Producers named in `timed` add no MACs: their savings come from `timed_macs`.
+    """
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance '{importance}'; valid: {', '.join(IMPORTANCES)}")
     n = cg.n_classes
@@ -103,7 +108,9 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
                 scores = taylor[name]
             add_scores(sid, scores, imp)
             np.add.at(prod, cg.positions(sid), 1)
-            if rule.kind == "conv":
+            if name in timed:
+                pass
+            elif rule.kind == "conv":
                 k = math.prod(w.shape[2:])
                 groups = rule.info["groups"]
                 spatial = math.prod(out) // out[1]
@@ -146,6 +153,22 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
         imp = np.where(has_bn, bn, imp)
     imp = imp / np.maximum(contributions, 1)
     return {"imp": imp, "macs": macs, "prod": prod}
+
+
+def timed_macs(cg: ChannelGraph, layer_costs: dict[str, LayerCost]) -> np.ndarray:
+    """What removing each class saves in the timed producers (`latency.LayerTimer.costs`), in
+    MAC equivalents: measured seconds per channel times the timed layers' overall MACs/s."""
+    macs = np.zeros(cg.n_classes)
+    total_s = sum(c.full_s for c in layer_costs.values())
+    if total_s <= 0:
+        return macs
+    macs_per_s = sum(c.macs for c in layer_costs.values()) / total_s
+    for name, cost in layer_costs.items():
+        rule = cg.rules[name]
+        np.add.at(macs, cg.positions(rule.outputs[0]), cost.per_out_s * macs_per_s)
+        for _, src_sid in rule.consumed:
+            np.add.at(macs, cg.positions(src_sid), cost.per_in_s * macs_per_s)
+    return macs
 
 
 def getattr_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor:

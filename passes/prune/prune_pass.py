@@ -8,7 +8,8 @@ stream or a pinned reader needs other channels. The result is a smaller, faster 
 How (one module per step):
 1. `channel_graph` — a networkx graph over channel slots; union-find classes of channels that
    must go together; junction precedence for add/sub; pinned nodes named with a reason.
-2. `importance` — per-class importance (l1, l2, bn_scale, taylor) and MACs saved.
+2. `importance` — per-class importance (l1, l2, bn_scale, taylor) and MACs saved
+   (with `cost=latency`, `latency` times the producers and their channels save measured time).
 3. `select` — a maximum-weight closure by minimum cut picks the classes to remove.
 4. `boundary` — a minimum cut picks where removed channels are re-expanded for pinned readers.
 5. `apply` — new tensors via ParamRef.set, updated module attributes, adapters.
@@ -46,7 +47,8 @@ from fxopt.pass_base import Pass, PassContext, PassResult
 from .apply import apply_pruning
 from .boundary import Boundary, plan_boundaries
 from .channel_graph import WEIGHT_LAYOUTS, ChannelGraph, ChannelGraphAnalysis, build_channel_graph, param_arg
-from .importance import IMPORTANCES, adapter_costs, class_costs
+from .importance import IMPORTANCES, adapter_costs, class_costs, timed_macs
+from .latency import LayerTime, LayerTimer
 from .select import Selection, close_free_junctions, revive, select
 
 
@@ -57,7 +59,8 @@ class PrunePlan:
     - `channel_graph`: the `ChannelGraph` (networkx graph in `.graph`, classes, precedence);
     - `costs`: per-class arrays `imp` (normalized importance), `macs`, `prod` (producer channels),
       `adapter` (MACs charged for the adapters a removal adds) and `soft` ((x, y) -> MACs charged
-      when class x dies while y lives; see `importance.adapter_costs`);
+      when class x dies while y lives; see `importance.adapter_costs`); with `cost=latency` also
+      `timed` (producer name -> `latency.LayerCost`, the measured slopes `macs` was built from);
     - `groups`: lists of class ids coupled by unions or precedence;
     - `selection`: the dead classes, λ per group, the min-cut value and cut edges;
     - `boundary`: slots kept at full width and the re-expansion cut edges;
@@ -138,14 +141,14 @@ class PrunePlan:
 
 def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: str = "l1", scope: str = "local",
                  round_to: int = 1, ignore: tuple[str, ...] = (), exact_norms: bool = True,
-                 adapter_cost: float = 1.0, max_layer_ratio: float = 1.0, calibration: list | None = None,
-                 channel_graph: ChannelGraph | None = None,
+                 adapter_cost: float = 1.0, max_layer_ratio: float = 1.0, cost: str | LayerTime = "macs",
+                 calibration: list | None = None, channel_graph: ChannelGraph | None = None,
                  example_inputs: tuple = (), example_kwargs: dict | None = None) -> PrunePlan:
     """Analyze `gm` and choose channels, without changing it; see `PrunePlan`.
 
     A given `channel_graph` must have been built with the same `exact_norms`.
     """
-    _check_options(ratio, importance, scope, round_to, adapter_cost, max_layer_ratio)
+    _check_options(ratio, importance, scope, round_to, adapter_cost, max_layer_ratio, cost)
     seconds = {}
     start = time.perf_counter()
     cg = channel_graph if channel_graph is not None else build_channel_graph(gm, exact_norms)
@@ -153,7 +156,12 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
 
     ignored = _match_ignore(gm, cg, ignore)
     start = time.perf_counter()
-    costs = class_costs(gm, cg, importance, calibration)
+    timer = None if cost == "macs" else LayerTimer(gm, cg, measure=None if cost == "latency" else cost)
+    costs = class_costs(gm, cg, importance, calibration, timed=timer.runners if timer else ())
+    untimed_macs = costs["macs"]
+    if timer is not None:
+        costs["timed"] = timer.costs(ratio)
+        costs["macs"] = untimed_macs + timed_macs(cg, costs["timed"])
     blocked = cg.pinned_classes | cg.output_classes
     for name in ignored:
         for sid in cg.rules[name].outputs:
@@ -163,15 +171,15 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
         what = "every prunable layer is ignored" if ignored else "the model has no prunable channels"
         raise ValueError(f"option 'ignore': {what} (pinned: {', '.join(sorted(cg.pinned_nodes)) or 'none'})"
                          if ignored else f"nothing to prune: {what}")
-    macs = costs["macs"]
-    live = prod > 0
-    mean_macs = macs[live].mean() if live.any() and macs[live].mean() > 0 else 1.0
     costs["adapter"], costs["soft"] = adapter_costs(gm, cg, blocked, ignored, ratio, adapter_cost)
     groups = [sorted(g) for g in cg.groups()]
     seconds["costs"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    sel = _select_capped(cg, costs, mean_macs, blocked, groups, ratio, scope, max_layer_ratio)
+    sel = _select_capped(cg, costs, blocked, groups, ratio, scope, max_layer_ratio)
+    if timer is not None:
+        sel = _refine_by_latency(timer, cg, costs, untimed_macs, sel, blocked, groups, ratio, scope,
+                                 max_layer_ratio)
     dead = sel.dead
     # Free junctions first: rounding has the last word, so that every value keeps at least one
     # channel (a split piece whose only channel is a dead junction would otherwise vanish).
@@ -194,7 +202,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
     """Capture `model` (a private copy), build the channel graph and choose channels.
 
     Returns the `PrunePlan`; call `.apply()` for the pruned GraphModule. `options` are the pass
-    options (ratio, importance, scope, round_to, ignore, exact_norms, adapter_cost, max_layer_ratio).
+    options (ratio, importance, scope, round_to, ignore, exact_norms, adapter_cost, max_layer_ratio,
+    cost).
     """
     import fxopt
     from fxopt.capture import normalize_inputs
@@ -227,10 +236,13 @@ class Prune(Pass):
     adapter_cost: float = 1.0
     # the most any one layer (producer) may lose, as a fraction of its channels
     max_layer_ratio: float = 1.0
+    # what a removed channel saves: its MACs, or its layer's time measured on the weights'
+    # device at the recorded shapes (see `latency`; slower to analyze, not deterministic)
+    cost: Literal["macs", "latency"] = "macs"
 
     def __post_init__(self) -> None:
         _check_options(self.ratio, self.importance, self.scope, self.round_to, self.adapter_cost,
-                       self.max_layer_ratio)
+                       self.max_layer_ratio, self.cost)
         self.ignore = tuple(self.ignore)
 
     def plan(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PrunePlan:
@@ -245,7 +257,7 @@ class Prune(Pass):
         return plan_pruning(gm, ratio=self.ratio, importance=self.importance, scope=self.scope,
                             round_to=self.round_to, ignore=self.ignore, exact_norms=self.exact_norms,
                             adapter_cost=self.adapter_cost, max_layer_ratio=self.max_layer_ratio,
-                            calibration=ctx.calibration,
+                            cost=self.cost, calibration=ctx.calibration,
                             channel_graph=cg, example_inputs=ctx.example_inputs, example_kwargs=ctx.example_kwargs)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -264,7 +276,7 @@ class Prune(Pass):
 # ----- helpers ---------------------------------------------------------------------------------
 
 def _check_options(ratio: float, importance: str, scope: str, round_to: int, adapter_cost: float = 1.0,
-                   max_layer_ratio: float = 1.0) -> None:
+                   max_layer_ratio: float = 1.0, cost: str = "macs") -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"option 'ratio' must be a number with 0 <= ratio < 1, got {ratio!r}")
     if importance not in IMPORTANCES:
@@ -278,6 +290,9 @@ def _check_options(ratio: float, importance: str, scope: str, round_to: int, ada
     if isinstance(max_layer_ratio, bool) or not isinstance(max_layer_ratio, (int, float)) \
             or not 0 < max_layer_ratio <= 1:
         raise ValueError(f"option 'max_layer_ratio' must be a number with 0 < r <= 1, got {max_layer_ratio!r}")
+    if not callable(cost) and cost not in COSTS:
+        raise ValueError(f"option 'cost' must be one of {', '.join(COSTS)} (or, from Python, a "
+                         f"function (layer, cin, cout) -> seconds), got {cost!r}")
 
 
 def _privatize(gm: torch.fx.GraphModule) -> bool:
@@ -316,11 +331,36 @@ def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[st
     return ignored
 
 
+#: What the selection counts as saved by removing a channel (the `cost` option).
+COSTS = ("macs", "latency")
+
+#: Rounds of re-measuring the timed layers at the chosen widths (`cost=latency`).
+LATENCY_REFINEMENTS = 1
+
 #: Rounds of surcharge doubling for `max_layer_ratio` before over-cap classes are held instead.
 CAP_PRICING_ROUNDS = 16
 
 
-def _select_capped(cg: ChannelGraph, costs: dict, mean_macs: float, blocked: np.ndarray, groups: list,
+def _refine_by_latency(timer: LayerTimer, cg: ChannelGraph, costs: dict, untimed_macs: np.ndarray,
+                       sel: Selection, blocked: np.ndarray, groups: list, ratio: float, scope: str,
+                       max_layer_ratio: float) -> Selection:
+    """Re-linearize the timed layers' slopes at the widths chosen, solve again, and keep the
+    selection whose timed layers measure fastest (sequential linear programming on a kernel
+    cost that is a step function of the width: thinning a layer below its kernel's block
+    saves nothing, which the first secant, taken at ``1 − ratio``, cannot know)."""
+    best = (timer.total_seconds(sel.dead), sel, costs["timed"], costs["macs"])
+    for _ in range(LATENCY_REFINEMENTS):
+        costs["timed"] = timer.costs(ratio, sel.dead)
+        costs["macs"] = untimed_macs + timed_macs(cg, costs["timed"])
+        sel = _select_capped(cg, costs, blocked, groups, ratio, scope, max_layer_ratio)
+        seconds = timer.total_seconds(sel.dead)
+        if seconds < best[0]:
+            best = (seconds, sel, costs["timed"], costs["macs"])
+    _, sel, costs["timed"], costs["macs"] = best  # the plan shows the costs its selection used
+    return sel
+
+
+def _select_capped(cg: ChannelGraph, costs: dict, blocked: np.ndarray, groups: list,
                    ratio: float, scope: str, max_layer_ratio: float) -> Selection:
     """`select` on normalized costs, with no producer slot losing more than `max_layer_ratio`.
 
@@ -331,6 +371,8 @@ def _select_capped(cg: ChannelGraph, costs: dict, mean_macs: float, blocked: np.
     coupled classes included (a residual stream can still die with all its writers). If a few
     slots are still over after the rounds, their excess classes are held (`_over_cap`).
     """
+    live = costs["prod"] > 0
+    mean_macs = costs["macs"][live].mean() if live.any() and costs["macs"][live].mean() > 0 else 1.0
     macs = (costs["macs"] - costs["adapter"]) / mean_macs
     soft = {pair: c / mean_macs for pair, c in costs["soft"].items()}
     imp = costs["imp"]
