@@ -17,8 +17,8 @@ equivalents with the measured layers' overall rate (their MACs over their time),
 the cost model (depthwise and attention MACs, adapters) stays in one unit. Grouped convolutions
 (whose widths move in steps of their groups) and embeddings keep their MAC costs.
 
-Timings wobble; each configuration is timed in interleaved rounds and the median kept, and a
-slope below zero (noise) counts as zero.
+Timings wobble; each configuration is timed in interleaved rounds and the fastest round kept
+(noise on a shared machine only ever adds time), and a slope below zero counts as zero.
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ class LayerTimer:
                 continue
             run = self.runners[name]  # timed beside the full width, so a drift of the machine hits both
             missing = list(dict.fromkeys([(run.cin, run.cout), *missing]))
-            times = _median_times([run.make(*w) for w in missing], self.rounds, self.budget_s, run.device)
+            times = _fastest_times([run.make(*w) for w in missing], self.rounds, self.budget_s, run.device)
             for w, t in zip(missing, times):
                 self.seconds[(name, *w)] = t
 
@@ -142,9 +142,9 @@ def _slope(full: float, fewer: float, removed: int) -> float:
     return max(0.0, full - fewer) / removed if removed > 0 else 0.0
 
 
-def _median_times(calls: list[Callable[[], object]], rounds: int, budget_s: float,
+def _fastest_times(calls: list[Callable[[], object]], rounds: int, budget_s: float,
                   device: torch.device) -> list[float]:
-    """Median seconds per call of each callable, timed in interleaved rounds."""
+    """Seconds per call of each callable: the fastest of interleaved rounds."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         for call in calls:  # warm up: kernel selection, allocator, caches
@@ -163,7 +163,7 @@ def _median_times(calls: list[Callable[[], object]], rounds: int, budget_s: floa
                     call()
                 sync()
                 out.append((time.perf_counter() - start) / inner)
-    return [statistics.median(s) for s in samples]
+    return [min(s) for s in samples]
 
 
 class _Runner(NamedTuple):
