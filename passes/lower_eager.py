@@ -85,6 +85,8 @@ def try_on_meta(node: torch.fx.Node, call: EagerCall) -> bool | str:
         kwargs = torch.fx.node.map_arg(node.kwargs, _meta_value)
     except _Unrecorded as missing:
         return f"argument '{missing}' has no recorded shape to try the binding on"
+    except Exception as exc:  # quantized dtypes have no meta tensors
+        return f"its arguments cannot be made as meta tensors ({type(exc).__name__})"
     try:
         expected = node.target(*args, **kwargs)
     except Exception:  # data-dependent ops, device moves: no meta kernel to compare with

@@ -23,7 +23,6 @@ Timings wobble; each configuration is timed in interleaved rounds and the fastes
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple

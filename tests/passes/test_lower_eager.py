@@ -169,6 +169,20 @@ def test_a_binding_that_rejects_the_arguments_keeps_the_overload():
     torch.testing.assert_close(out(inp), inp.double() * 2, rtol=0, atol=0)
 
 
+def test_quantized_values_keep_their_overloads():
+    # int8 tensors have no meta form, so an op reading one cannot be tried: it must be kept
+    # with its reason, not crash the pass (found by tools/fuzz.py, seed 91)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(4, 8)
+    calibration = [(torch.randn(4, 8),) for _ in range(4)]
+    quantized = fxopt.optimize(model, (x,), "quantize{backend=x86}", mode="export", calibration=calibration).module
+    result = PassManager("lower-eager").run(quantized, (x,))
+    assert result.records[0].stats["kept"]["aten.dequantize.self"] == \
+        "its arguments cannot be made as meta tensors (NotImplementedError)"
+    torch.testing.assert_close(result.module(x), quantized(x), rtol=0, atol=0)
+
+
 def test_a_lowered_graph_still_trains_with_distill():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
