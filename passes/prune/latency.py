@@ -81,7 +81,9 @@ class LayerTimer:
                 runner = _runner(gm, nodes[name], rule)
                 if runner is not None:
                     self.runners[name] = runner
-        self.seconds: dict[tuple[str, int, int], float] = {}
+        # keyed by what the layer computes, so the twelve identical query projections of an
+        # encoder are timed once (a latency table is asked by layer name)
+        self.seconds: dict[tuple, float] = {}
 
     def costs(self, ratio: float, dead: np.ndarray | None = None) -> dict[str, LayerCost]:
         """Slopes per timed producer: secants from full width to the widths `dead` leaves
@@ -96,9 +98,9 @@ class LayerTimer:
         self._time(todo)
         out = {}
         for name, ((cin, cout), fewer_out, fewer_in) in todo.items():
-            full = self.seconds[(name, cin, cout)]
-            out[name] = LayerCost(full, _slope(full, self.seconds[(name, *fewer_out)], cout - fewer_out[1]),
-                                  _slope(full, self.seconds[(name, *fewer_in)], cin - fewer_in[0]),
+            full = self.seconds[self._key(name, (cin, cout))]
+            out[name] = LayerCost(full, _slope(full, self.seconds[self._key(name, fewer_out)], cout - fewer_out[1]),
+                                  _slope(full, self.seconds[self._key(name, fewer_in)], cin - fewer_in[0]),
                                   self.runners[name].macs)
         return out
 
@@ -106,7 +108,7 @@ class LayerTimer:
         """Time of every timed producer at the widths `dead` leaves."""
         todo = {name: (self.widths(name, dead),) for name in self.runners}
         self._time(todo)
-        return sum(self.seconds[(name, *w[0])] for name, w in todo.items())
+        return sum(self.seconds[self._key(name, w[0])] for name, w in todo.items())
 
     def widths(self, name: str, dead: np.ndarray | None) -> tuple[int, int]:
         """(input, output) channels producer `name` keeps under `dead` (at least one each)."""
@@ -117,24 +119,27 @@ class LayerTimer:
         cin = self._kept(rule.consumed[0][1], dead, run.cin) if rule.consumed else run.cin
         return max(1, cin), max(1, cout)
 
+    def _key(self, name: str, widths: tuple[int, int]) -> tuple:
+        return (name if self.measure is not None else self.runners[name].signature, *widths)
+
     def _kept(self, sid: int, dead: np.ndarray, width: int) -> int:
         positions = self.cg.positions(sid)  # the slot may span a flatten's spatial factor
         return round(width * float((~dead[positions]).sum()) / len(positions))
 
     def _time(self, todo: dict[str, tuple]) -> None:
         for name, widths in todo.items():
-            missing = [w for w in dict.fromkeys(widths) if (name, *w) not in self.seconds]
+            missing = [w for w in dict.fromkeys(widths) if self._key(name, w) not in self.seconds]
             if not missing:
                 continue
             if self.measure is not None:
                 for cin, cout in missing:
-                    self.seconds[(name, cin, cout)] = float(self.measure(name, cin, cout))
+                    self.seconds[self._key(name, (cin, cout))] = float(self.measure(name, cin, cout))
                 continue
             run = self.runners[name]  # timed beside the full width, so a drift of the machine hits both
             missing = list(dict.fromkeys([(run.cin, run.cout), *missing]))
             times = _fastest_times([run.make(*w) for w in missing], self.rounds, self.budget_s, run.device)
             for w, t in zip(missing, times):
-                self.seconds[(name, *w)] = t
+                self.seconds[self._key(name, w)] = t
 
 
 def _slope(full: float, fewer: float, removed: int) -> float:
@@ -173,6 +178,7 @@ class _Runner(NamedTuple):
     cout: int
     macs: int
     device: torch.device
+    signature: tuple  # op, shapes, arguments, dtype, device: equal signatures time alike
 
 
 def _runner(gm: torch.fx.GraphModule, node: torch.fx.Node, rule) -> _Runner | None:
@@ -186,6 +192,8 @@ def _runner(gm: torch.fx.GraphModule, node: torch.fx.Node, rule) -> _Runner | No
         return None
     x_shape, dtype, device = tuple(x_meta[0]), weight.dtype, weight.device
     out_shape = tuple(out_meta[0])
+    signature = (rule.kind, x_shape, tuple(weight.shape), tuple(sorted((k, repr(v)) for k, v in view.attrs.items())),
+                 view.param("bias") is not None, dtype, device)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, dtype=dtype, device=device)
@@ -205,7 +213,7 @@ def _runner(gm: torch.fx.GraphModule, node: torch.fx.Node, rule) -> _Runner | No
             return lambda: conv(x, w, b, **kw)
 
         macs = math.prod(out_shape) * cin * math.prod(weight.shape[2:])
-        return _Runner(make, cin, cout, macs, device)
+        return _Runner(make, cin, cout, macs, device, signature)
     if rule.kind in ("linear", "addmm", "matmul"):
         if len(x_shape) < 2 and rule.kind != "linear":
             return None
@@ -222,5 +230,5 @@ def _runner(gm: torch.fx.GraphModule, node: torch.fx.Node, rule) -> _Runner | No
             w = rand(ci, co)
             return (lambda: torch.addmm(b, x, w)) if rule.kind == "addmm" else (lambda: x @ w)
 
-        return _Runner(make, cin, cout, math.prod(out_shape) * cin, device)
+        return _Runner(make, cin, cout, math.prod(out_shape) * cin, device, signature)
     return None

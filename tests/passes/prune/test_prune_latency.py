@@ -137,3 +137,13 @@ def test_stopwatch_times_on_the_weights_device():
     assert all(run.device.type == "cuda" for run in LayerTimer(plan.gm, plan.channel_graph).runners.values())
     pruned = plan.apply()
     assert next(pruned.parameters()).is_cuda and pruned(x).shape == (2, 4)
+
+
+def test_layers_that_compute_alike_are_timed_once():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    gm = fxopt.capture(model, (torch.randn(2, 16),))
+    timer = LayerTimer(gm, build_channel_graph(gm), rounds=2)
+    assert timer.runners["_0"].signature == timer.runners["_2"].signature != timer.runners["_4"].signature
+    costs = timer.costs(0.5)
+    assert len(timer.seconds) == 6  # full, fewer outputs, fewer inputs: for two signatures, not three layers
+    assert costs["_0"] == costs["_2"]
