@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     inputs = {b: zoo.get(args.model, batch=b)[1] for b in (1, 16)}
     base = count_macs(original, inputs[1])
     latency = compare_latency(models, inputs, rounds=args.rounds, repeats=args.repeats)
-    print(f"\n| model | MACs | batch 1 ms | batch 16 ms |\n|---|---|---|---|")
+    print("\n| model | MACs | batch 1 ms | batch 16 ms |\n|---|---|---|---|")
     for label, model in models.items():
         lat = latency[label]
         print(f"| {label} | {100 * count_macs(model, inputs[1]) / base:.1f}% | {lat[1]:.2f} | {lat[16]:.1f} |")
