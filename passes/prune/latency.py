@@ -133,7 +133,11 @@ class LayerTimer:
                 continue
             if self.measure is not None:
                 for cin, cout in missing:
-                    self.seconds[self._key(name, (cin, cout))] = float(self.measure(name, cin, cout))
+                    seconds = float(self.measure(name, cin, cout))
+                    if not math.isfinite(seconds) or seconds < 0:
+                        raise ValueError(f"option 'cost': the latency table gave {seconds!r} seconds for layer "
+                                         f"'{name}' at {cin} input / {cout} output channels; need a number >= 0")
+                    self.seconds[self._key(name, (cin, cout))] = seconds
                 continue
             run = self.runners[name]  # timed beside the full width, so a drift of the machine hits both
             missing = list(dict.fromkeys([(run.cin, run.cout), *missing]))

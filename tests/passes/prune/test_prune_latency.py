@@ -121,6 +121,11 @@ def test_stopwatch_gives_a_valid_smaller_model():
     assert result.module(X).shape == (2, 4)
 
 
+def test_a_latency_table_without_an_answer_is_named():
+    with pytest.raises(ValueError, match=r"layer 'c2' at 16 input / 16 output channels"):
+        analyze(Chain(), X, ratio=0.5, cost=lambda name, cin, cout: float("nan") if name == "c2" else 1e-6)
+
+
 def test_unknown_cost():
     with pytest.raises(ValueError, match="option 'cost'"):
         Prune(cost="flops")
