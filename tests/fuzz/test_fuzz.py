@@ -90,6 +90,19 @@ def test_exact_pipeline_and_prune_exact_check_on_one_case():
     assert out.detail.startswith("removed ")
 
 
+def test_a_clipping_observer_is_low_precision_not_a_miscompile():
+    # one conv + leaky_relu + a 5-wide head, calibrated at batch 1 and 3: the moving average of
+    # the per-batch extremes clips the head's output (9.6 dB); minmax verifies at 40 dB
+    spec = {"kind": "image", "batch": 1, "head": "linear", "init_seed": 1155916776, "input": [8, 6],
+            "layers": [{"op": "conv", "out": 8, "k": 1, "stride": 1, "dilation": 1, "groups": "1", "bias": False,
+                        "functional": False, "act": "leaky_relu"}]}
+    clipped = run_case({"spec": spec, "pipeline": "quantize{backend=reference,observer=moving_average}"})
+    assert clipped.kind == "int8-low", clipped.detail
+    assert "the observer clips: with observer=minmax the same case verifies" in clipped.detail
+    minmax = run_case({"spec": spec, "pipeline": "quantize{backend=reference,observer=minmax}"})
+    assert minmax.kind == "ok", minmax.detail
+
+
 def test_short_campaign_finds_nothing_new():
     """CI's fuzzing budget: a fixed seed and a fixed number of graphs (~15 s on 2 cores)."""
     stats = campaign(seconds=120, seed=20240, max_graphs=2, pipelines_per_graph=1, every_pass=True)
