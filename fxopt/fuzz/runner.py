@@ -55,7 +55,7 @@ PASS_OPTIONS: dict[str, list[dict[str, Any]]] = {
                  {"backend": "x86", "observer": "mse"}, {"backend": "reference", "observer": "moving_average"}],
     "prune": [{"ratio": "0.3"}, {"ratio": "0.5", "scope": "global"}, {"ratio": "0.25", "importance": "l2"},
               {"ratio": "0.3", "importance": "bn_scale"}, {"ratio": "0.3", "importance": "taylor"},
-              {"ratio": "0.4", "round_to": "4"}],
+              {"ratio": "0.4", "round_to": "4"}, {"ratio": "0.4", "cost": "latency"}],
 }
 
 #: Int8 results whose SQNR misses the 20 dB floor but stay above this are counted as
