@@ -18,6 +18,8 @@ scores (as Torch-Pruning's group importance does) — a sum would make a channel
 the more norms read it (every dense layer's batchnorm over a DenseNet concat). MACs count what
 removing one channel saves: its producer row, every consumer column, depthwise and attention
 work in between.
+With `prune{cost=latency}` the timed producers' rows and columns save their measured time
+instead, in MAC equivalents (`timed_macs`, from `latency.LayerTimer`).
 """
 from __future__ import annotations
 
@@ -108,9 +110,9 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
                 scores = taylor[name]
             add_scores(sid, scores, imp)
             np.add.at(prod, cg.positions(sid), 1)
-            if name in timed:
-                pass
-            elif rule.kind == "conv":
+            if name in timed:  # its channels save measured time instead (`timed_macs`)
+                continue
+            if rule.kind == "conv":
                 k = math.prod(w.shape[2:])
                 groups = rule.info["groups"]
                 spatial = math.prod(out) // out[1]
