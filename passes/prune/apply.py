@@ -249,6 +249,8 @@ class _Applier:
         elif rule.kind == "conv":
             m.out_channels = len(out_keep)
             m.in_channels = new_w.shape[1] * m.groups
+        elif rule.kind == "conv_transpose":
+            m.in_channels, m.out_channels = new_w.shape[0], new_w.shape[1]
         else:
             m.out_features, m.in_features = new_w.shape[pw.out_axis], new_w.shape[pw.in_axis]
 

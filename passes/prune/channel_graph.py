@@ -95,6 +95,7 @@ class WeightLayout:
 
 WEIGHT_LAYOUTS = {
     "conv": WeightLayout("weight", "bias", 0, 1),
+    "conv_transpose": WeightLayout("weight", "bias", 1, 0),  # [in, out / groups, *kernel]
     "linear": WeightLayout("weight", "bias", 0, 1),
     "embedding": WeightLayout("weight", None, 1, None),
     "addmm": WeightLayout("mat2", "input", 1, 0),   # bias + x @ W, W: [in, out]
@@ -595,14 +596,15 @@ class _Builder:
         w = view.param("weight")
         if w is None:
             raise _Pin("conv weight is not a parameter")
-        if view.attrs.get("transposed"):
-            raise _Pin("transposed conv (no rule yet)")
+        transposed = bool(view.attrs.get("transposed"))
         groups = int(view.attrs.get("groups", 1) or 1)
+        if transposed and groups > 1:
+            raise _Pin("grouped transposed conv (no rule yet)")
         in_shape = _shape(src)
         cin, cout = in_shape[1], shape[1]
         cig = cin // groups
         sid = self.slot_on(src, 1)
-        if groups > 1 and cig == 1:  # depthwise (channel multiplier m = cout // cin)
+        if not transposed and groups > 1 and cig == 1:  # depthwise (channel multiplier m = cout // cin)
             if sid is None:
                 raise _Pin("depthwise conv input has no channel axis to follow")
             m = cout // cin
@@ -612,7 +614,8 @@ class _Builder:
                              info={"depthwise": True, "multiplier": m}, sid=sid)
             return
         out = self.new_slot(node, 1, "producer")
-        rule = Rule(node.name, "conv", "producer", outputs=[out], info={"groups": groups})
+        rule = Rule(node.name, "conv_transpose" if transposed else "conv", "producer", outputs=[out],
+                    info={"groups": groups})
         if groups > 1:  # position r of every group is one class, so groups stay the same size
             cog = cout // groups
             pos = np.arange(cout)

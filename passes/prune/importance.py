@@ -120,6 +120,12 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
                 np.add.at(macs, cg.positions(sid), spatial * cin_g * k)
                 for _, src_sid in rule.consumed:
                     np.add.at(macs, cg.positions(src_sid), spatial * cout_g * k)
+            elif rule.kind == "conv_transpose":  # each input position scatters a kernel window per output channel
+                x_shape = _shape(view.input)
+                spatial, k = math.prod(x_shape) // x_shape[1], math.prod(w.shape[2:])
+                np.add.at(macs, cg.positions(sid), spatial * w.shape[0] * k)
+                for _, src_sid in rule.consumed:
+                    np.add.at(macs, cg.positions(src_sid), spatial * w.shape[1] * k)
             elif pw.in_axis is not None:  # linear, addmm, x @ W: one dot product per row and output
                 rows = math.prod(out) // out[-1]
                 np.add.at(macs, cg.positions(sid), rows * w.shape[pw.in_axis])

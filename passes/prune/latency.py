@@ -14,8 +14,8 @@ latency-table idea, reduced to the two slopes the selection can use):
 with ``k = 1 − ratio``, the secant to the expected width, or to the widths a selection chose
 (`LayerTimer.costs(ratio, dead)`: the pass solves once more with those). Slopes are turned into MAC
 equivalents with the measured layers' overall rate (their MACs over their time), so the rest of
-the cost model (depthwise and attention MACs, adapters) stays in one unit. Grouped convolutions
-(whose widths move in steps of their groups) and embeddings keep their MAC costs.
+the cost model (depthwise and attention MACs, adapters) stays in one unit. Grouped and transposed
+convolutions (the first move in steps of their groups) and embeddings keep their MAC costs.
 
 Timings wobble; each configuration is timed in interleaved rounds and the fastest round kept
 (noise on a shared machine only ever adds time), and a slope below zero counts as zero.
@@ -202,7 +202,7 @@ def _runner(gm: torch.fx.GraphModule, node: torch.fx.Node, rule) -> _Runner | No
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, dtype=dtype, device=device)
 
-    if rule.kind == "conv":  # the channel graph has no rule for transposed convs: never here
+    if rule.kind == "conv":  # transposed convs are kind `conv_transpose`: not timed
         attrs = view.attrs
         if attrs.get("groups", 1) != 1 or not attrs.get("dim"):
             return None

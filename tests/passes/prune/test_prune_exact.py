@@ -95,6 +95,25 @@ class UNetSkip(nn.Module):
         return self.head(self.dec(torch.cat([u, e], 1)))
 
 
+class Decoder(nn.Module):
+    """Upsampling by transposed convs (stride 2, with and without bias), a skip concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = conv_bn(3, 8)
+        self.down = conv_bn(8, 16)
+        self.up = nn.ConvTranspose2d(16, 12, 2, stride=2)
+        self.up_bn = nn.BatchNorm2d(12)
+        self.dec = conv_bn(12 + 8, 8)
+        self.out = nn.ConvTranspose2d(8, 2, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        e = self.enc(x)
+        d = self.down(F.max_pool2d(e, 2))
+        u = F.relu(self.up_bn(self.up(d)))
+        return self.out(self.dec(torch.cat([u, e], 1)))
+
+
 class SplitChunk(nn.Module):
     def __init__(self):
         super().__init__()
@@ -186,6 +205,7 @@ CASES = {
     "depthwise": (Depthwise, IMAGE),
     "grouped": (Grouped, IMAGE),
     "upsample_skip": (UNetSkip, IMAGE),
+    "transposed_conv": (Decoder, IMAGE),
     "split_chunk": (SplitChunk, IMAGE),
     "attention": (Attention, lambda: torch.randn(2, 5, 6)),
     "attention_sdpa": (lambda: Attention(sdpa=True), lambda: torch.randn(2, 5, 6)),
@@ -259,6 +279,23 @@ def test_grouped_conv_stays_uniform_and_depthwise_groups_follow():
     assert dw.groups == dw.in_channels == dw.out_channels == dw.weight.shape[0] < 16
     dw2 = pruned.get_submodule("dw2")
     assert dw2.out_channels == 2 * dw2.groups
+
+
+def test_transposed_convs_shrink_along_their_in_out_layout():
+    *_, pruned, x = _pruned_and_masked("transposed_conv", "symbolic")
+    up, out = pruned.get_submodule("up"), pruned.get_submodule("out")
+    assert up.weight.shape == (up.in_channels, up.out_channels, 2, 2) and up.bias.shape == (up.out_channels,)
+    assert up.in_channels < 16 and up.out_channels < 12
+    assert out.out_channels == 2 and out.in_channels < 8  # the graph output keeps its channels
+    assert pruned(x).shape == (x.shape[0], 2, *x.shape[2:])
+
+
+def test_grouped_transposed_conv_is_pinned_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1))
+    plan = analyze(model, torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert plan.channel_graph.pinned_nodes == {"_1": "grouped transposed conv (no rule yet)"}
+    assert plan.apply()(torch.randn(2, 3, 8, 8)).shape == (2, 4, 16, 16)
 
 
 def test_attention_prunes_whole_heads():
