@@ -3,7 +3,7 @@
 MACs are a poor proxy where a kernel's cost is a step function of the width: on a 2-core AVX2
 box a 3x3 convolution from 32 channels at 64x64 to 1 output channel takes about as long as one
 to 8 (0.61 vs 0.72 ms; to 32: 1.4 ms), so thinning a layer that far saves MACs and little time. This
-module times each producer layer (conv, linear, ``addmm``, ``x @ W``) alone, on random tensors
+module times each producer layer (conv, transposed conv, linear, ``addmm``, ``x @ W``) alone, on random tensors
 of the graph's recorded shapes, on the device and in the dtype of its weight, at its full
 width and with a fraction of its output or input channels removed (the HALP / NetAdapt
 latency-table idea, reduced to the two slopes the selection can use):
@@ -14,8 +14,8 @@ latency-table idea, reduced to the two slopes the selection can use):
 with ``k = 1 − ratio``, the secant to the expected width, or to the widths a selection chose
 (`LayerTimer.costs(ratio, dead)`: the pass solves once more with those). Slopes are turned into MAC
 equivalents with the measured layers' overall rate (their MACs over their time), so the rest of
-the cost model (depthwise and attention MACs, adapters) stays in one unit. Grouped and transposed
-convolutions (the first move in steps of their groups) and embeddings keep their MAC costs.
+the cost model (depthwise and attention MACs, adapters) stays in one unit. Grouped convolutions
+(whose widths move in steps of their groups) and embeddings keep their MAC costs.
 
 Timings wobble; each configuration is timed in interleaved rounds and the fastest round kept
 (noise on a shared machine only ever adds time), and a slope below zero counts as zero.
@@ -36,6 +36,7 @@ from fxopt.ir import op_view, tensor_meta
 from .channel_graph import ChannelGraph, producer_weights
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
+_CONV_TRANSPOSE = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 @dataclass(frozen=True)
@@ -202,21 +203,26 @@ def _runner(gm: torch.fx.GraphModule, node: torch.fx.Node, rule) -> _Runner | No
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, dtype=dtype, device=device)
 
-    if rule.kind == "conv":  # transposed convs are kind `conv_transpose`: not timed
-        attrs = view.attrs
+    if rule.kind in ("conv", "conv_transpose"):
+        attrs, transposed = view.attrs, rule.kind == "conv_transpose"
         if attrs.get("groups", 1) != 1 or not attrs.get("dim"):
             return None
-        conv = _CONV[attrs["dim"] - 1]
+        conv = (_CONV_TRANSPOSE if transposed else _CONV)[attrs["dim"] - 1]
         kw = dict(stride=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"])
-        cin, cout = x_shape[1], weight.shape[0]
+        if transposed:
+            kw["output_padding"] = attrs["output_padding"]
+        cin, cout = x_shape[1], weight.shape[1 if transposed else 0]
         has_bias = view.param("bias") is not None
 
         def make(ci: int, co: int):
-            x, w = rand(x_shape[0], ci, *x_shape[2:]), rand(co, ci, *weight.shape[2:])
+            x = rand(x_shape[0], ci, *x_shape[2:])
+            w = rand(ci, co, *weight.shape[2:]) if transposed else rand(co, ci, *weight.shape[2:])
             b = rand(co) if has_bias else None
             return lambda: conv(x, w, b, **kw)
 
-        macs = math.prod(out_shape) * cin * math.prod(weight.shape[2:])
+        # a transposed conv does its kernel once per input position, a conv once per output one
+        positions = math.prod(x_shape if transposed else out_shape) // (cin if transposed else cout)
+        macs = positions * cin * cout * math.prod(weight.shape[2:])
         return _Runner(make, cin, cout, macs, device, signature)
     if rule.kind in ("linear", "addmm", "matmul"):
         if len(x_shape) < 2 and rule.kind != "linear":
