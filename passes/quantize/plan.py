@@ -219,10 +219,13 @@ _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", 
 _INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
-def _mutated_input(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The value `node` writes into in place, if it does (`x.mul_`, `aten.add_`, `x[i] = v`)."""
+def _mutated_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The value `node` writes into in place, if it does (`x.mul_`, `aten.add_`, `x[i] = v`,
+    `F.relu(x, inplace=True)`, `nn.ReLU(inplace=True)`)."""
     first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     target = node.target
+    if node.op == "call_module":
+        return first if getattr(gm.get_submodule(target), "inplace", False) is True else None
     if node.op == "call_method":
         return first if target.endswith("_") and not target.endswith("__") else None
     if node.op != "call_function":
@@ -233,7 +236,7 @@ def _mutated_input(node: torch.fx.Node) -> torch.fx.Node | None:
     name = getattr(target, "__name__", "")
     if target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_")):
         return first
-    return None
+    return first if node.kwargs.get("inplace") is True else None
 
 
 def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -248,16 +251,26 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
 
     A write through a view (`y[:, :2].mul_(2)`) changes every alias of `y`: the base, its other
     views, and what reads them afterwards. Returns node name -> reason, for the pass stats.
+    A write nobody else can see is no hazard: `relu_(conv(x))` or ResNet's `out += identity`,
+    where the written value is an intermediate whose every other reader ran before the write,
+    computes what the out-of-place op would (torch.export keeps such ops as `aten.relu_`).
     """
     alias_of: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the base it views
     for node in gm.graph.nodes:
         if _is_view(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node):
             alias_of[node] = alias_of.get(node.args[0], node.args[0])
+    aliases: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node, base in alias_of.items():
+        aliases.setdefault(base, []).append(node)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     bases = {}
     for node in gm.graph.nodes:
-        target = _mutated_input(node)
-        if target is not None:
-            bases.setdefault(alias_of.get(target, target), node)
+        target = _mutated_input(gm, node)
+        if target is None:
+            continue
+        base = alias_of.get(target, target)
+        if not _write_is_private(node, base, aliases.get(base, []), order):
+            bases.setdefault(base, node)
     if not bases:
         return {}
     out: dict[str, str] = {}
@@ -269,6 +282,16 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
             for user in node.users:
                 out.setdefault(user.name, f"reads '{node.name}', which '{writer.name}' writes in place")
     return out
+
+
+def _write_is_private(writer: torch.fx.Node, base: torch.fx.Node, views: list[torch.fx.Node],
+                      order: dict[torch.fx.Node, int]) -> bool:
+    """Whether `writer`'s in-place write into `base` is invisible except through `writer`'s
+    own result: `base` is an intermediate (not an input, a parameter or a buffer), written
+    directly, with no views, and read by nothing that runs after the write."""
+    if base.op in ("placeholder", "get_attr") or views or writer.args[0] is not base:
+        return False
+    return all(order[user] < order[writer] for user in base.users if user is not writer)
 
 
 def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[str]:

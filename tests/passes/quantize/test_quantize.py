@@ -557,6 +557,58 @@ def test_values_written_in_place_stay_float_and_the_result_verifies(mode):
     assert any("quantized" in str(n.target) for n in res.module.graph.nodes)  # conv1 still int8
 
 
+class _InPlaceResidual(nn.Module):
+    """The torchvision idiom: in-place ReLUs and `out += identity` on intermediates."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.conv1(x))
+        out = self.conv2(out)
+        out += x
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_writes_nobody_else_sees_do_not_keep_values_float(mode):
+    # export keeps them as aten.relu_ / aten.add_: each writes an intermediate whose only
+    # other readers ran before, so it is the out-of-place op and both convs go int8
+    torch.manual_seed(0)
+    model = _InPlaceResidual().eval()
+    batches = [(torch.randn(4, 8, 8, 8),) for _ in range(4)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    float_ops = res.passes[0].stats["float_ops"]
+    assert not any("in place" in reason for reason in float_ops.values()), float_ops
+    assert sum("quantized.conv2d" in t for t in _targets(res.module)) == 2, _targets(res.module)
+
+
+class _ViewIntoLinear(nn.Module):
+    """`x.view(x.size(0), -1)` after int8 conv + pool: legal on the float value only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 3, 2, 1), nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+def test_a_view_of_an_int8_value_runs_at_any_layout(mode, backend):
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 16, 16),) for _ in range(4)]
+    res = fxopt.optimize(_ViewIntoLinear().eval(), batches[0], f"quantize{{backend={backend}}}",
+                         calibration=batches, mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    assert res.module(torch.randn(1, 3, 16, 16)).shape == (1, 10)
+
+
 class _TiedWeightDifferentBias(nn.Module):
     """One weight at three sites; the last site has its own bias (found by the fuzzer)."""
 
