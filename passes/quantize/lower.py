@@ -44,6 +44,7 @@ from fxopt.verify import compare_outputs
 
 from .kernels import int8_linear
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
+from .packing import prepack_conv, prepack_linear
 from .plan import AVERAGING, CUT_DECIDES, Group, Plan, build_plan, int8_region
 
 aten = torch.ops.aten
@@ -379,12 +380,12 @@ class _Lowering:
 
     def _x86_kernel(self, group, view, qw, bias, relu: bool):
         if group.kind == "linear":
-            return (qops.linear_relu.default if relu else qops.linear.default), qops.linear_prepack(qw, bias)
+            return (qops.linear_relu.default if relu else qops.linear.default), prepack_linear(qw, bias)
         a = view.attrs
-        args = (list(a["stride"]), list(a["padding"]), list(a["dilation"]), a["groups"])
+        packed = prepack_conv(qw, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
         if a["dim"] == 2:
-            return (qops.conv2d_relu.new if relu else qops.conv2d.new), qops.conv2d_prepack(qw, bias, *args)
-        return (qops.conv1d_relu.default if relu else qops.conv1d.default), qops.conv1d_prepack(qw, bias, *args)
+            return (qops.conv2d_relu.new if relu else qops.conv2d.new), packed
+        return (qops.conv1d_relu.default if relu else qops.conv1d.default), packed
 
     # ----- pass-through ---------------------------------------------------------------------
     def _lower_pass_through(self, node: torch.fx.Node) -> None:
@@ -392,6 +393,8 @@ class _Lowering:
         src = view.input
         new_input = self._int8_input(src, node)
         grid = self.grid_of.get(new_input) or self.grid_of.get(src) or self._grid_of_float(src, node)
+        if new_input is not src:
+            _view_as_reshape(node)
         if self.backend == "x86":
             node.replace_input_with(src, new_input)
             self._publish(node, node, grid)
@@ -411,6 +414,16 @@ class _Lowering:
             if name not in used:
                 self.gm._parameters.pop(name, None)
                 self.gm._buffers.pop(name, None)
+
+
+def _view_as_reshape(node: torch.fx.Node) -> None:
+    """Make a `view` on a value that lowering turns int8 a `reshape`: the int8 kernels return
+    their own layouts (a quantized conv's output is channels-last), where `x.view(n, -1)` on the
+    float value was legal and on the int8 one is not; `reshape` copies only when it must."""
+    if node.op == "call_method" and node.target == "view":
+        node.target = "reshape"
+    elif node.op == "call_function" and node.target is aten.view.default:
+        node.target = aten.reshape.default
 
 
 def _folded_weights(gm, group: Group, view) -> tuple[torch.Tensor, torch.Tensor | None]:
