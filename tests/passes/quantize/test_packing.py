@@ -1,0 +1,43 @@
+"""Per-layer packing engines: grouped convs fbgemm computes wrong are packed with oneDNN."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.passes.quantize.packing import conv_engine
+
+needs_onednn = pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
+                                  reason="this torch build has no oneDNN quantized engine")
+
+
+def _weight(cout: int, cin_per_group: int, kernel=(3, 3)) -> torch.Tensor:
+    return torch.quantize_per_tensor(torch.randn(cout, cin_per_group, *kernel), 0.02, 0, torch.qint8)
+
+
+@needs_onednn
+@pytest.mark.parametrize("cout, per_group, groups, kernel, engine", [
+    (12, 4, 3, (3, 3), "onednn"),   # 4 channels per group, 3 groups: a partial block of 2
+    (12, 2, 6, (3, 3), "onednn"),   # 2 per group: blocks of 8 on the widest SIMD
+    (16, 2, 8, (3, 3), "x86"),      # whole blocks
+    (12, 4, 3, (1, 1), "x86"),      # not the 3x3 fast path
+    (24, 4, 3, (3, 3), "x86"),      # 8 out per group != 4 in: not the fast path
+    (12, 12, 1, (3, 3), "x86"),     # dense
+    (12, 4, 3, (3,), "x86"),        # conv1d runs as a 1 x 3 conv2d
+])
+def test_conv_engine_picks_onednn_for_partial_group_blocks(cout, per_group, groups, kernel, engine):
+    assert conv_engine(_weight(cout, per_group, kernel), groups) == engine
+
+
+@needs_onednn
+@pytest.mark.parametrize("groups", [3, 6])
+def test_grouped_conv_fbgemm_gets_wrong_verifies_on_x86(groups):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=groups), nn.ReLU(), nn.Conv2d(12, 8, 1)).eval()
+    batches = [(torch.randn(4, 12, 16, 16),) for _ in range(4)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    assert res.verification.passed and res.verification.sqnr_db > 25, res.verification.summary()
+    assert torch.backends.quantized.engine == "x86"   # packing under oneDNN did not leak
+    y1, y2 = res.module(batches[1][0]), res.module(batches[1][0])
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # fbgemm's result changed from call to call
