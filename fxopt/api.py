@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +29,9 @@ class OptimizeResult:
     - `passes`: one PassRecord per pass (name, seconds, nodes before/after, verification);
     - `verification`: the final check against the captured original on CPU;
     - `verification_by_device`: the same check per device (CUDA too when a GPU is present);
+      after a lossy pass (`prune`, `distill`) the passes that follow are also checked against
+      its output at their own tolerance, and a failure there fails these reports (see
+      `_after_lossy`): ``prune,quantize`` must still be a good int8 copy of the pruned model;
     - `original`: the captured, unoptimized GraphModule; `pipeline`: the text that ran.
     """
 
@@ -80,6 +83,8 @@ def optimize(
         manager_instruments.append(PrintIR(only_changes=print_ir_after_change and not print_ir_after_each))
     if verify_each:
         manager_instruments.append(VerifyEach(original, args, kwargs))
+    last_lossy = _LastLossyOutput()
+    manager_instruments.append(last_lossy)
     if time_passes:
         manager_instruments.append(TimePasses())
     manager = PassManager(pipeline, instruments=manager_instruments, bisect_limit=bisect_limit)
@@ -90,6 +95,9 @@ def optimize(
     if verify:
         for device in devices or _default_devices():
             reports[device] = verify_on(original, result.module, example_inputs, tol, device)
+            if last_lossy.module is not None and tolerance is None:
+                reports[device] = _after_lossy(reports[device], last_lossy, result.module, example_inputs,
+                                               device)
     return OptimizeResult(
         module=result.module,
         passes=result.records,
@@ -107,6 +115,36 @@ def verify_on(reference, candidate, inputs, tol, device: str) -> VerificationRep
         return verify(reference, candidate, inputs, tolerance=tol, device=device)
     except Exception as exc:  # e.g. x86 quantized kernels moved to CUDA
         return VerificationReport(False, tol, device, message=f"could not run on {device}: {exc}")
+
+
+class _LastLossyOutput(Instrument):
+    """Keeps the output of the last lossy pass and the tolerances of the passes after it."""
+
+    def __init__(self) -> None:
+        self.module: torch.fx.GraphModule | None = None
+        self.name = ""
+        self.after: list[Tolerance] = []
+
+    def after_pass(self, p, before, result, record, ctx):
+        tolerance = pass_tolerance(p)
+        if tolerance.name == "lossy":
+            self.module, self.name, self.after = result.module, record.pipeline_text, []
+        elif self.module is not None:
+            self.after.append(tolerance)
+
+
+def _after_lossy(report: VerificationReport, last_lossy: _LastLossyOutput, candidate: torch.fx.GraphModule,
+                 inputs, device: str) -> VerificationReport:
+    """`report` (against the original), failed if the passes after the last lossy one do not
+    hold their own tolerance against its output: against the original anything passes at
+    `lossy`, which would let a broken int8 kernel after `prune` through unseen."""
+    if not report.passed or not last_lossy.after:
+        return report
+    stage = verify_on(last_lossy.module, candidate, inputs, loosest(*last_lossy.after), device)
+    if stage.passed:
+        return report
+    return replace(report, passed=False,
+                   message=f"the passes after '{last_lossy.name}' fail against its output: {stage.summary()}")
 
 
 def _default_devices() -> list[str]:

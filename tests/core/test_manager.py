@@ -445,3 +445,17 @@ def test_op_view_lists_both_matmul_operands_whatever_the_schema_calls_them(op):
     view = op_view(torch.fx.GraphModule(torch.nn.Module(), g), node)
     assert view.kind == "matmul" and view.inputs == [a, b]
     assert "mat2" not in view.attrs and "other" not in view.attrs
+
+
+def test_passes_after_a_lossy_one_are_held_to_their_own_tolerance():
+    # against the original anything passes at `lossy`; against prune's output the broken
+    # exact pass must not
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    res = fxopt.optimize(model, x, ["prune{ratio=0.5}", ScaleFirstWeight()])  # an 'exact' pass
+    assert not res.verification.passed
+    assert "the passes after 'prune' fail against its output" in res.verification.message
+    assert res.verification.tolerance.name == "lossy"
+    ok = fxopt.optimize(model, x, ["prune{ratio=0.5}", "dce"])
+    assert ok.verification.passed, ok.verification.summary()
