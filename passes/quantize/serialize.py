@@ -14,6 +14,7 @@ of exported graphs included).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import warnings
@@ -29,6 +30,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference backend
 from fxopt.errors import node_location
 
 from .observers import QuantizationError
+from .packing import prepack_conv, prepack_linear
 
 FORMAT = "fxopt.quantized-graph/1"
 _ALLOWED_MODULES = ("torch", "operator", "_operator", "builtins", "math", "fxopt")
@@ -106,9 +108,15 @@ def _save_module(module: nn.Module, node) -> dict:
         raise QuantizationError(f"save: {node_location(node)} calls a {cls.__qualname__}; only torch.nn "
                                 "leaf modules can be stored (capture with mode='export' to avoid modules)")
     attrs = {k: v for k, v in vars(module).items() if _is_simple(v)}
+    # None entries are kept: Conv3d(bias=False) reads self.bias, so a dropped key breaks forward.
     return {"class": [cls.__module__, cls.__qualname__], "attrs": attrs,
-            "parameters": {k: v.detach() for k, v in module._parameters.items() if v is not None},
-            "buffers": {k: v for k, v in module._buffers.items() if v is not None}}
+            "parameters": {k: _detached(v) for k, v in module._parameters.items()},
+            "buffers": {k: _detached(v) for k, v in module._buffers.items()}}
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` without autograd history; a None parameter or buffer stays None."""
+    return None if t is None else t.detach()
 
 
 def _is_simple(v) -> bool:
@@ -120,33 +128,89 @@ def _is_simple(v) -> bool:
 
 
 def _encode_target(node):
-    target = node.op in ("call_function",) and node.target
-    if not target:
+    """The storable name of a node's target: op schema names for torch ops, a Python name else."""
+    if node.op != "call_function":
         return node.target
+    target = node.target
     if isinstance(target, torch._ops.OpOverload):
         ns, name = target._schema.name.split("::")
         return {"ops": [ns, name, target._overloadname]}
     if isinstance(target, torch._ops.OpOverloadPacket):
         ns, name = target._qualified_op_name.split("::")
         return {"ops": [ns, name, None]}
-    module = getattr(target, "__module__", None) or ""
-    qualname = getattr(target, "__qualname__", None) or getattr(target, "__name__", "")
-    name = getattr(target, "__name__", "")
-    if getattr(torch, name, None) is target:
-        module, qualname = "torch", name
-    if module in ("_operator",):
-        module = "operator"
-    if module in ("torch._C._nn", "torch._C._VariableFunctions") or module.startswith("torch._C"):
-        if getattr(torch, qualname, None) is target:
-            module = "torch"
-    try:
-        resolved = _resolve_python(module, qualname)
-    except Exception:
-        resolved = None
-    if resolved is not target:
+    name = _python_name(target)
+    if name is None:
+        module, qualname = _own_name(target)
         raise QuantizationError(f"save: cannot name the function called by {node_location(node)} "
                                 f"({module}.{qualname})")
-    return {"py": [module, qualname]}
+    return {"py": list(name)}
+
+
+# Public namespaces searched, in order, for an alias of a function whose own name does not import
+# (torch.nn.functional's boolean_dispatch closures report `boolean_dispatch.<locals>.fn`).
+# Entries are (module, attribute prefix); ("torch", "Tensor.") covers tensor methods.
+_PUBLIC_NAMESPACES = (("torch.nn.functional", ""), ("torch", ""), ("operator", ""), ("math", ""),
+                      ("torch", "Tensor."))
+
+
+def _python_name(fn) -> tuple[str, str] | None:
+    """A (module, qualname) that `load` resolves to exactly `fn`, or None if there is none."""
+    for module, qualname in _candidate_names(fn):
+        if qualname and _resolves_to(module, qualname, fn):
+            return module, qualname
+    return None
+
+
+def _candidate_names(fn):
+    """Yield names to try for `fn`: its torch name, its own name, then aliases in public namespaces."""
+    # torch.<name> first: C builtins such as torch.relu report a private torch._C module.
+    yield "torch", getattr(fn, "__name__", "")
+    yield _own_name(fn)
+    for module, prefix in _PUBLIC_NAMESPACES:
+        alias = _alias(fn, module, prefix)
+        if alias is not None:
+            yield module, prefix + alias
+
+
+def _own_name(fn) -> tuple[str, str]:
+    """The (module, qualname) a function reports about itself, `_operator` spelled `operator`."""
+    module = getattr(fn, "__module__", None) or ""
+    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "")
+    return ("operator" if module == "_operator" else module), qualname
+
+
+def _resolves_to(module: str, qualname: str, fn) -> bool:
+    """Whether `load` would resolve module.qualname to `fn` itself (allow-list rules included)."""
+    try:
+        return _resolve_python(module, qualname) is fn
+    except Exception:  # not importable, not allowed, or no such attribute: not a usable name
+        return False
+
+
+def _alias(fn, module: str, prefix: str) -> str | None:
+    """The public attribute name under which namespace `module` (+ `prefix`) holds `fn`, or None."""
+    entry = _alias_table(module, prefix).get(id(fn))
+    return None if entry is None else entry[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _alias_table(module: str, prefix: str) -> dict[int, tuple[str, object]]:
+    """id -> (public name, callable) for one namespace; built once, on first use."""
+    owner = importlib.import_module(module)
+    for part in filter(None, prefix.split(".")):
+        owner = getattr(owner, part)
+    # A module's own dict, not getattr over dir(): torch's lazy __getattr__ must not import anything.
+    if inspect.ismodule(owner):
+        members = vars(owner).items()
+    else:
+        members = ((k, getattr(owner, k, None)) for k in dir(owner))
+    table: dict[int, tuple[str, object]] = {}
+    for attr, value in members:
+        if not attr.startswith("_") and callable(value):
+            # The table holds the value, so its id cannot be reused by another object (getattr on a
+            # class may build a fresh bound method each time).
+            table.setdefault(id(value), (attr, value))
+    return table
 
 
 def _encode(value, tensors):
@@ -245,11 +309,12 @@ def _unplain(value):
 
 def _repack(record: dict):
     weight, bias = _unplain(record["weight"]), record["bias"]
-    q = torch.ops.quantized
+    engine = torch.backends.quantized.engine
     if record["kind"] == "linear":
-        return q.linear_prepack(weight, bias)
-    prepack = q.conv2d_prepack if record["kind"] == "conv2d" else q.conv1d_prepack
-    return prepack(weight, bias, record["stride"], record["padding"], record["dilation"], record["groups"])
+        return prepack_linear(weight, bias, engine)
+    # the engine per layer, as lowering chose it (grouped convs fbgemm gets wrong: oneDNN)
+    return prepack_conv(weight, bias, record["stride"], record["padding"], record["dilation"], record["groups"],
+                        engine)
 
 
 def _load_module(record: dict) -> nn.Module:
@@ -263,8 +328,9 @@ def _load_module(record: dict) -> nn.Module:
     nn.Module.__init__(module)
     for key, value in record["attrs"].items():
         module.__dict__[key] = value
+    # A None entry is registered as None, as the class's own __init__ does (Conv3d(bias=False)).
     for key, value in record["parameters"].items():
-        module._parameters[key] = nn.Parameter(value, requires_grad=False)
+        module._parameters[key] = None if value is None else nn.Parameter(value, requires_grad=False)
     for key, value in record["buffers"].items():
         module._buffers[key] = value
     return module

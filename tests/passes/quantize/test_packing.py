@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fxopt
+from fxopt.passes.quantize import load, save
 from fxopt.passes.quantize.packing import conv_engine
 
 needs_onednn = pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
@@ -41,3 +42,16 @@ def test_grouped_conv_fbgemm_gets_wrong_verifies_on_x86(groups):
     assert torch.backends.quantized.engine == "x86"   # packing under oneDNN did not leak
     y1, y2 = res.module(batches[1][0]), res.module(batches[1][0])
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # fbgemm's result changed from call to call
+
+
+@needs_onednn
+def test_a_loaded_model_packs_those_convs_with_onednn_again(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.ReLU()).eval()
+    batches = [(torch.randn(4, 12, 16, 16),) for _ in range(4)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    save(res.module, tmp_path / "m.pt")
+    loaded = load(tmp_path / "m.pt")
+    x = batches[1][0]
+    torch.testing.assert_close(loaded(x), res.module(x), rtol=0, atol=0)
+    assert fxopt.verify(model, loaded, (x,), tolerance="int8").passed
