@@ -249,6 +249,9 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale)
 
 
+_NOT_COMPARED = ("placeholder", "get_attr", "output")
+
+
 def first_divergence(
     reference: torch.fx.GraphModule,
     candidate: torch.fx.GraphModule,
@@ -262,12 +265,17 @@ def first_divergence(
     fused conv is compared with the batchnorm whose value it now computes, not with the
     unfused conv that shares its name.
     """
+    compared = [n for n in candidate.graph.nodes if n.op not in _NOT_COMPARED]
     with torch.no_grad():
-        ref_values = node_values(reference, *fresh_inputs(args, kwargs))
+        # snapshots, kept only for the nodes compared: a later in-place op (`relu_` after a
+        # batchnorm) must not change the value a reference node is compared by
+        ref_values = node_values(reference, args, kwargs, names={origin(n) for n in compared})
     found: list[Divergence] = []
 
+    # A candidate value is compared as soon as its node has run, before any later node can
+    # write into it, so the candidate side needs no snapshots.
     def check(node: torch.fx.Node, value: Any) -> None:
-        if found or node.op in ("placeholder", "get_attr", "output"):
+        if found or node.op in _NOT_COMPARED:
             return
         ref = ref_values.get(origin(node))
         if not (isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor)):

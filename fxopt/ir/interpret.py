@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.fx
@@ -152,12 +152,66 @@ def run_graph(
     return gm.graph._codegen.process_outputs(out)
 
 
-def node_values(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None) -> dict[str, Any]:
-    """Every node's value (by node name) for one run; memory grows with the graph."""
+def node_values(
+    gm: torch.fx.GraphModule,
+    args: tuple,
+    kwargs: dict | None = None,
+    names: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """Each node's value (by node name) as it was right after the node ran, for one run.
+
+    `names` keeps only those nodes' values (memory grows with what is kept; all by default).
+    The graph runs on copies of the inputs, so one that writes into its inputs leaves the
+    caller's alone.
+
+    Values are snapshots: an in-place op that runs later (`nn.ReLU(inplace=True)`, `F.relu_`,
+    `x.add_`, a write into a view, a leaf module writing into its input) does not change what
+    was recorded for an earlier node, say the batchnorm output a `relu_` overwrites. Copying
+    every value would double the memory of a run, and spotting in-place ops in the graph misses
+    views and module internals, so writes are detected instead: each one bumps the version
+    counter a tensor shares with its views. A kept value whose version moved after it was
+    recorded is copied when recorded in a second run; with no such value there is no second
+    run and nothing is copied. (Writes autograd cannot see, through `.data`, go unnoticed;
+    inference tensors have no version counter and are always copied.)
+    """
+    wanted = None if names is None else set(names)
+    copied: set[str] = set()
+    while True:  # twice at most, unless what gets written depends on the run
+        values, written = _record_values(gm, args, kwargs, wanted, copied)
+        if not written:
+            return values
+        copied |= written  # disjoint from `copied` before: this terminates
+        del values  # freed before the next run
+
+
+def _record_values(
+    gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None, wanted: set[str] | None, copied: set[str]
+) -> tuple[dict[str, Any], set[str]]:
+    """One run of `node_values`: the values (those in `copied` copied when recorded) and the
+    names of the other kept values that a later node wrote into."""
     values: dict[str, Any] = {}
+    versions: dict[str, tuple[int, ...]] = {}
 
     def keep(node: torch.fx.Node, value: Any) -> None:
-        values[node.name] = value
+        if wanted is not None and node.name not in wanted:
+            return
+        tensors = _tensor_leaves(value)
+        if node.name in copied or any(t.is_inference() for t in tensors):
+            values[node.name] = _copy_tensors(value)
+        else:
+            values[node.name] = value
+            if tensors:
+                versions[node.name] = tuple(t._version for t in tensors)
 
-    run_graph(gm, args, kwargs, keep, private_buffers=True)
-    return values
+    run_graph(gm, *fresh_inputs(args, kwargs), keep, private_buffers=True)
+    written = {name for name, seen in versions.items()
+               if tuple(t._version for t in _tensor_leaves(values[name])) != seen}
+    return values, written
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    return [v for v in torch.utils._pytree.tree_leaves(value) if isinstance(v, torch.Tensor)]
+
+
+def _copy_tensors(value: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)

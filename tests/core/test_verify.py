@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.fx
 from torch import nn
+from torch.nn import functional as F
 
 from fxopt import Tolerance, VerificationError, capture, verify
-from fxopt.ir import origin, replace_uses
-from fxopt.verify import TOLERANCES, compare_outputs, compare_tensors, get_tolerance, loosest
+from fxopt.ir import node_values, origin, replace_uses
+from fxopt.verify import (
+    TOLERANCES, compare_outputs, compare_tensors, first_divergence, get_tolerance, loosest,
+)
 
 THIS_FILE = os.path.basename(__file__)
 
@@ -189,6 +192,97 @@ def test_localization_follows_provenance_of_replaced_nodes():
     assert not r.passed
     assert r.divergence.node == "shifted" and r.divergence.reference_node == "mul"
     assert "'shifted' (stands for 'mul')" in r.summary()
+
+
+class InplaceNet(nn.Module):
+    """Convs whose outputs in-place ops overwrite: activation modules, `F.relu_`, a write into a
+    view and a residual `add_` (or all out of place, with `inplace=False`)."""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.inplace = inplace
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act2 = nn.SiLU(inplace=inplace)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.act1(self.bn1(self.conv1(x)))
+        y = self.act2(self.conv2(h))
+        if self.inplace:
+            y[:, :2].mul_(0.5)
+            y.add_(h)
+            return F.relu_(self.conv3(y))
+        y = torch.cat([y[:, :2] * 0.5, y[:, 2:]], dim=1) + h
+        return F.relu(self.conv3(y))
+
+
+def _inplace_net(inplace=True):
+    torch.manual_seed(0)
+    m = InplaceNet(inplace)
+    with torch.no_grad():
+        m.bn1.running_mean.uniform_(-0.5, 0.5)
+        m.bn1.bias.uniform_(-1, 1)  # about half of bn1's output negative: relu_ changes it
+    return m.eval()
+
+
+def _image():
+    torch.manual_seed(5)
+    return torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_localization_is_not_fooled_by_inplace_writes(mode):
+    """Regression: the reference value recorded for a node (conv1, bn1) was overwritten by the
+    in-place op after it (relu_), so that node was named as diverging instead of conv2."""
+    ref = capture(_inplace_net(), (_image(),), mode=mode)
+    assert first_divergence(ref, copy.deepcopy(ref), (_image(),), {}, TOLERANCES["exact"]) is None
+    cand = copy.deepcopy(ref)
+    with torch.no_grad():
+        cand.conv2.weight.mul_(1.5)
+    r = verify(ref, cand, _image())
+    assert not r.passed
+    conv2 = "conv2" if mode == "symbolic" else "conv2d_1"  # export: the second aten.conv2d
+    assert r.divergence is not None and r.divergence.node == conv2, r.summary()
+    assert r.divergence.reference_node == conv2
+
+
+@pytest.mark.parametrize("ref_inplace, cand_inplace", [(True, False), (False, True)])
+def test_localization_across_inplace_and_out_of_place_versions(ref_inplace, cand_inplace):
+    """The same function with and without in-place ops, on either side: no node diverges."""
+    ref = capture(_inplace_net(ref_inplace), (_image(),), mode="symbolic")
+    cand = capture(_inplace_net(cand_inplace), (_image(),), mode="symbolic")
+    assert verify(ref, cand, _image()).passed
+    assert first_divergence(ref, cand, (_image(),), {}, TOLERANCES["exact"]) is None
+
+
+def test_node_values_are_snapshots_of_what_is_kept():
+    def fn(x):
+        a = x * 2.0
+        b = a[:, :1]
+        b.add_(1.0)  # writes into a through a view
+        c = torch.relu(a)
+        x.mul_(10.0)  # writes into the input
+        return c.neg_()
+
+    gm = _graph(fn)
+    x = torch.randn(3, 2)
+    x0 = x.clone()
+    values = node_values(gm, (x,))
+    assert torch.equal(x, x0)  # the caller's input is not written
+    assert torch.equal(values["x"], x0)
+    assert torch.equal(values["mul"], x0 * 2.0)  # before add_ wrote into it
+    assert torch.equal(values["add_"], x0[:, :1] * 2.0 + 1.0)
+    expected_relu = torch.relu(torch.cat([x0[:, :1] * 2.0 + 1.0, x0[:, 1:] * 2.0], dim=1))
+    assert torch.equal(values["relu"], expected_relu)  # before neg_
+    assert torch.equal(values["neg_"], -expected_relu)
+    assert set(node_values(gm, (x,), names=["relu", "mul"])) == {"relu", "mul"}
+
+    # nothing written in place: nothing copied (a view still shares its base's storage)
+    values = node_values(_graph(lambda x: (x + 1.0).view(-1) * 2.0), (x,))
+    assert values["view"].untyped_storage().data_ptr() == values["add"].untyped_storage().data_ptr()
 
 
 class DictNet(nn.Module):
