@@ -86,11 +86,32 @@ class OpSpec:
 
 def _conv_attrs(m: nn.Module) -> dict:
     return dict(
-        stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+        stride=m.stride, padding=integer_padding(m.padding, m.kernel_size, m.dilation),
+        dilation=m.dilation, groups=m.groups,
         transposed=isinstance(m, nn.modules.conv._ConvTransposeNd),
         output_padding=getattr(m, "output_padding", 0), dim=len(m.kernel_size),
         padding_mode=m.padding_mode,
     )
+
+
+def integer_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> Any:
+    """A conv's string padding as the integers it stands for, where there are such integers:
+    ``"valid"`` is 0, ``"same"`` is ``d·(k−1)/2`` per side when that is whole (an odd total pads
+    one side more, which no integer padding says, so the string stays). Kernels, fusions and
+    int8 lowering all take integers; Hugging Face's EfficientNet writes every conv with "same".
+
+        >>> integer_padding("same", (3, 5), (1, 1)), integer_padding("valid", (3, 3), (1, 1))
+        ((1, 2), (0, 0))
+        >>> integer_padding("same", (2, 2), (1, 1))
+        'same'
+    """
+    if padding == "valid":
+        return (0,) * len(kernel)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if all(t % 2 == 0 for t in totals):
+            return tuple(t // 2 for t in totals)
+    return padding
 
 
 def _bn_attrs(m: nn.Module) -> dict:
@@ -314,8 +335,11 @@ def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, arg
         attrs.setdefault("dim", (w.dim() - 2) if w is not None else None)
         attrs["transposed"] = bool(attrs.get("transposed", False))
         if attrs.get("dim"):
-            for key in ("stride", "padding", "dilation", "output_padding"):
+            for key in ("stride", "dilation", "output_padding"):
                 attrs[key] = _as_tuple(attrs.get(key, 0), attrs["dim"])
+            padding = attrs.get("padding", 0)
+            attrs["padding"] = (integer_padding(padding, tuple(w.shape[2:]), attrs["dilation"])
+                                if isinstance(padding, str) and w is not None else _as_tuple(padding, attrs["dim"]))
     return OpView(node, spec.kind, inputs, params, attrs)
 
 

@@ -58,6 +58,18 @@ def test_lowering_matches_and_runs_other_batches(mode):
         torch.testing.assert_close(res.module(x), model(x), rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_string_padding_is_lowered_as_the_integers_it_stands_for(mode):
+    # Hugging Face's EfficientNet writes every conv with padding="same"; an even kernel's
+    # "same" pads one side more, which no integer padding says: that conv stays on aten
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same"), nn.ReLU(), nn.Conv2d(8, 8, 3, padding="valid"),
+                          nn.ReLU(), nn.Conv2d(8, 8, 2, padding="same")).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 3, 8, 8),), pipeline="fuse,lower-cpu{min_macs=0}", mode=mode)
+    assert res.verification.passed, res.summary()
+    assert sorted(_lowered(res.module)) == ["conv+relu", "conv+relu"]
+
+
 def test_transposed_convs_are_left_alone():
     model = nn.Sequential(nn.ConvTranspose2d(3, 4, 2), nn.ReLU()).eval()
     res = fxopt.optimize(model, (torch.randn(1, 3, 4, 4),), pipeline="fuse,lower-cpu{min_macs=0}", mode="symbolic")

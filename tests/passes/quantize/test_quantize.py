@@ -609,6 +609,19 @@ def test_a_view_of_an_int8_value_runs_at_any_layout(mode, backend):
     assert res.module(torch.randn(1, 3, 16, 16)).shape == (1, 10)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_string_padding_convs_get_int8_kernels(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same"), nn.ReLU(), nn.Conv2d(8, 8, 3, padding="valid"),
+                          nn.Conv2d(8, 8, 2, padding="same")).eval()
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(4)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    assert res.passes[0].stats["quantized"] == {"conv+act": 1, "conv": 1}
+    float_ops = res.passes[0].stats["float_ops"]
+    assert list(float_ops.values()) == ["conv: padding mode has no int8 kernel"], float_ops  # the even kernel
+
+
 class _TiedWeightDifferentBias(nn.Module):
     """One weight at three sites; the last site has its own bias (found by the fuzzer)."""
 
