@@ -59,8 +59,10 @@ def count_parameters(model: nn.Module) -> int:
     """Number of weight elements: parameters, plus weights a graph pass moved out of parameters().
 
     Also counted: tensors that GraphModule ``get_attr`` nodes reach but that are not registered
-    parameters or buffers (e.g. folded conv+BN weights), and quantized packed weights
-    (``torch.ScriptObject`` with ``unpack()``), each counted once.
+    parameters or buffers (e.g. folded conv+BN weights), integer buffers they reach (a
+    reference-backend graph's int8 weights; its float buffers — scales, and the biases — are
+    not told apart from batchnorm statistics and are left out), and quantized packed weights
+    (``torch.ScriptObject`` with ``unpack()``, biases included), each counted once.
 
     >>> count_parameters(torch.nn.Linear(3, 4))  # 3*4 weights + 4 biases
     16
@@ -316,11 +318,16 @@ def _hidden_weights(model: nn.Module) -> Iterator[Tensor]:
 
 
 def _plain_graph_tensors(model: nn.Module) -> Iterator[Tensor]:
-    """Weight tensors that get_attr nodes reach but that are not registered params or buffers."""
+    """Weight tensors that get_attr nodes reach but that are not registered params or buffers,
+    and integer buffers they reach: the int8 weights of a reference-backend graph (float
+    buffers there are scales or batchnorm statistics, not weights)."""
     registered = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    params = {id(t) for t in model.parameters()}
     for gm in _graph_modules(model):
         for value in _get_attr_values(gm):
-            if _is_weight(value) and id(value) not in registered:
+            if not _is_weight(value) or id(value) in params:
+                continue
+            if id(value) not in registered or value.is_quantized or value.dtype in _WEIGHT_INT_DTYPES:
                 yield value
 
 

@@ -296,3 +296,12 @@ def test_size_counts_prepacked_int8_weights_held_as_graph_attributes():
     res = fxopt.optimize(model, (x,), "quantize{backend=x86}", calibration=[(x,)])
     fp32, int8 = model_size_bytes(model), model_size_bytes(res.module)
     assert 256 * 256 <= int8 < fp32 / 2  # int8 weights counted, about a quarter of fp32
+
+
+def test_count_parameters_sees_a_reference_graphs_int8_weights():
+    import fxopt
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    x = torch.randn(4, 64)
+    q = fxopt.optimize(model, (x,), "quantize{backend=reference}", calibration=[(x,)] * 2).module
+    assert count_parameters(q) == 64 * 64 + 10 * 64      # the int8 weights (biases are float buffers)
