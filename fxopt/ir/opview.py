@@ -226,6 +226,8 @@ SPECS: tuple[OpSpec, ...] = (
            modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
            arg_names=("input", "output_size"), module_attrs=lambda m: dict(output_size=m.output_size)),
     OpSpec("mean", functions=(torch.mean,), methods=("mean",), aten=(aten.mean,), arg_names=("input", "dim", "keepdim")),
+    OpSpec("masked_fill", functions=(torch.masked_fill,), methods=("masked_fill",), aten=(aten.masked_fill,),
+           arg_names=("input", "mask", "value"), tensor_args=("input", "mask")),
     OpSpec("softmax", functions=(F.softmax, torch.softmax), methods=("softmax",), aten=(aten.softmax, aten._softmax),
            modules=(nn.Softmax,), arg_names=("input", "dim"), module_attrs=lambda m: dict(dim=m.dim)),
     OpSpec("embedding", functions=(F.embedding,), aten=(aten.embedding,), modules=(nn.Embedding,),

@@ -9,7 +9,8 @@ What it rewrites (each step can be switched off by an option):
 - `merge_linears`: linear(linear(x)) with nothing between becomes one linear, when that does
   not cost more multiply-adds;
 - `attention`: softmax(Q Kᵀ / c [+ mask]) V and softmax(Q Kᵀ * s [+ mask]) V become
-  `F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=...)`;
+  `F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=...)`; a boolean mask filled
+  with −inf (`s.masked_fill(m, -inf)`) becomes `attn_mask=~m`;
 - `annotate`: conv/linear + activation (relu, relu6/hardtanh, hardswish, silu, gelu),
   conv + residual add (+ relu) and add + relu are *annotated* as fused groups in
   `node.meta["fxopt.annotations"]` (see `rules.py` for the contract). In eager PyTorch a
@@ -63,7 +64,7 @@ class Fuse(Pass):
         if self.merge_linears:
             wanted.add("linear+linear")
         if self.attention:
-            wanted |= {"attention", "attention+mask"}
+            wanted |= {"attention", "attention+mask", "attention+masked_fill"}
         table = table + rules.FOLDS.select(wanted)
         if self.annotate:
             table = table + rules.EPILOGUES

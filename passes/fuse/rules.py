@@ -201,10 +201,16 @@ def _softmax_last(view) -> bool | str:
     return f"softmax over dim {dim}, not the last one"
 
 
-def _scores(mask: bool) -> Op:
+def _scores(mask: str | None) -> Op:
+    """QKᵀ scaled, then an additive float mask (`mask="add"`), a boolean mask filled with −inf
+    (`mask="fill"`: `s.masked_fill(m, -inf)`, nanoGPT's causal mask), or none."""
     qk = Op("matmul", Var("q"), Op("transpose", Var("k"), check=_last_dims))
     scaled = Op(("div", "mul"), qk, scalar=Const("c"), name="scale_op")
-    return Op("add", scaled, Var("mask"), commutative=True) if mask else scaled
+    if mask == "add":
+        return Op("add", scaled, Var("mask"), commutative=True)
+    if mask == "fill":  # only −inf: a finite fill replaces scores, which no additive mask says
+        return Op("masked_fill", scaled, Var("mask"), attrs={"value": lambda v: v == -math.inf}, name="fill")
+    return scaled
 
 
 def _attention_check(m: Match) -> bool | str:
@@ -217,7 +223,10 @@ def _attention_check(m: Match) -> bool | str:
         return "q, k and v must share a floating dtype"
     if "mask" in m.nodes:
         mm = tensor_meta(m.nodes["mask"])
-        if mm is None or mm[1] != metas[0][1]:
+        filled = "fill" in m.views
+        if filled and (mm is None or mm[1] != torch.bool):
+            return "the masked_fill mask must be boolean"
+        if not filled and (mm is None or mm[1] != metas[0][1]):
             return "the additive mask must have the dtype of q"
     return True
 
@@ -228,6 +237,8 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     if not math.isfinite(scale):
         return None
     mask = r.match.nodes.get("mask")
+    if "fill" in r.match.views:  # SDPA's boolean mask says which scores take part
+        mask = r.call(torch.logical_not, mask)
     return r.call(F.scaled_dot_product_attention, r["q"], r["k"], r["v"], attn_mask=mask, scale=scale)
 
 
@@ -238,9 +249,11 @@ FOLDS = PatternSet([
                             check=_bn_eval), rewrite=_fold_linear_bn),
     Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",
                                 check=_linear_ok), rewrite=_merge_linears),
-    Pattern("attention+mask", Op("matmul", Op("softmax", _scores(True), check=_softmax_last), Var("v")),
+    Pattern("attention+mask", Op("matmul", Op("softmax", _scores("add"), check=_softmax_last), Var("v")),
             rewrite=_to_sdpa, check=_attention_check),
-    Pattern("attention", Op("matmul", Op("softmax", _scores(False), check=_softmax_last), Var("v")),
+    Pattern("attention+masked_fill", Op("matmul", Op("softmax", _scores("fill"), check=_softmax_last), Var("v")),
+            rewrite=_to_sdpa, check=_attention_check),
+    Pattern("attention", Op("matmul", Op("softmax", _scores(None), check=_softmax_last), Var("v")),
             rewrite=_to_sdpa, check=_attention_check),
 ])
 

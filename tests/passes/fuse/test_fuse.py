@@ -143,31 +143,44 @@ def test_linear_merge_skipped_when_costlier():
 
 
 class Attention(nn.Module):
+    """Spelled-out attention; `mask`: "" (none), "add" (additive float), "fill" (a boolean causal
+    mask filled with -inf, nanoGPT's way) or "fill_finite" (filled with -1e4: not SDPA's meaning)."""
+
     def __init__(self, use_mul, mask):
         super().__init__()
         self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
         self.use_mul, self.mask = use_mul, mask
         self.register_buffer("additive_mask", torch.tensor([0.0, 0.0, 0.0, -1e4, 0.0]).view(1, 1, 1, 5))
+        self.register_buffer("causal", torch.tril(torch.ones(5, 5)).bool())
 
     def forward(self, x):
         b, n, _ = x.shape
         q, k, v = (f(x).view(b, n, 2, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
         s = q @ k.transpose(-2, -1)
         s = s * (1 / math.sqrt(8)) if self.use_mul else s / math.sqrt(8)
-        if self.mask:
+        if self.mask == "add":
             s = s + self.additive_mask
+        elif self.mask.startswith("fill"):
+            s = s.masked_fill(~self.causal, -1e4 if self.mask == "fill_finite" else float("-inf"))
         return (s.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, 16)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("use_mul,mask", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("use_mul,mask", [(False, ""), (True, ""), (False, "add"), (True, "fill")])
 def test_attention_becomes_sdpa(mode, use_mul, mask):
     torch.manual_seed(0)
     res = _run(Attention(use_mul, mask).eval(), torch.randn(2, 5, 16), mode)
     assert _kinds(res.module).count("sdpa") == 1
     assert "softmax" not in _kinds(res.module)
-    name = "attention+mask" if mask else "attention"
+    name = {"": "attention", "add": "attention+mask", "fill": "attention+masked_fill"}[mask]
     assert res.passes[0].stats["matches"][name] == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_finite_masked_fill_is_not_sdpa(mode):
+    # replacing scores by -1e4 is not adding a mask: left as written, still verified
+    res = _run(Attention(False, "fill_finite").eval(), torch.randn(2, 5, 16), mode)
+    assert "sdpa" not in _kinds(res.module) and "softmax" in _kinds(res.module)
 
 
 class Shared(nn.Module):
