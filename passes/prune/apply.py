@@ -11,7 +11,8 @@ For every node with a channel rule, in graph order:
   ``exact_norms=False`` layer/group norm slice their affine (and `normalized_shape`);
 - reshape/view/expand get the new size at the channel axis (a size computed in the graph, as in
   ``x.view(x.size()[:-1] + (n,))``, gets that entry replaced by graph ops); split/chunk become a split with
-  the new piece sizes; parameters used directly are sliced along their channel axis;
+  the new piece sizes; a slice of the channel axis gets the bounds of the channels it keeps;
+  parameters used directly are sliced along their channel axis;
 - wherever a value arrives with other channels than its reader wants (a junction re-indexing
   into a residual stream, a re-expansion before a pinned reader), one adapter is inserted:
   ``index_select(x, axis, idx)`` or, when zeros must come back,
@@ -71,6 +72,13 @@ def _other_add_operand(add: torch.fx.Node, operand: torch.fx.Node) -> torch.fx.N
         return None
     a, b = add.args
     return b if a is operand else a
+
+
+def _live(node: torch.fx.Node, replaced: dict[torch.fx.Node, torch.fx.Node]) -> torch.fx.Node:
+    """`node`, or what replaced it in the graph (following chains of replacements)."""
+    while node in replaced:
+        node = replaced[node]
+    return node
 
 
 def _same_meta(a: torch.fx.Node, b: torch.fx.Node) -> bool:
@@ -144,18 +152,23 @@ class _Applier:
         zero-filled copy first (cat + index_select along the last axis of a transformer stream
         measured 10x the add it feeds; see docs/pruning.md)."""
         g = self.gm.graph
+        folded_adds: dict[torch.fx.Node, torch.fx.Node] = {}  # erased add -> the index_add replacing it
         for sc in self._scatters:
             users = list(sc.node.users)
             add = users[0] if len(users) == 1 else None
             other = _other_add_operand(add, sc.node) if add is not None else None
             if other is None or not _same_meta(add, self._origin.get(other, other)) or not _same_meta(add, sc.src):
                 continue
+            # the scattered value may itself be an add folded earlier in this loop (a residual
+            # sum scattered into the next one): the graph now holds its index_add instead
+            src = _live(sc.src, folded_adds)
             pos = add_tensor_attr(self.gm, sc.buf + "_pos", torch.tensor(sc.pos, dtype=torch.long), parameter=False)
             with g.inserting_before(add):
-                folded = g.call_function(torch.index_add, (other, sc.axis, g.get_attr(pos), sc.src))
+                folded = g.call_function(torch.index_add, (other, sc.axis, g.get_attr(pos), src))
             folded.meta = dict(add.meta)
             annotate(folded, "prune.reexpand", f"scatter-add {sc.label}")
             add.replace_all_uses_with(folded)
+            folded_adds[add] = folded
             g.erase_node(add)
             for node in [sc.node] + sc.chain[::-1]:
                 g.erase_node(node)
@@ -186,11 +199,26 @@ class _Applier:
             self.adapt(node, src, sid, want)
 
     def do_pass(self, node, rule) -> None:
+        if rule.info.get("channel_slice"):
+            return self.slice_channels(node, rule)
         self.mapped_inputs(node, rule)
         b = rule.info.get("size_index")
         if b is not None:
             new = int(len(self.keep(rule.outputs[0])))
             _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size)
+
+    def slice_channels(self, node, rule) -> None:
+        """``x[start:end]`` on the channel axis. When `x` is simply narrower (the usual case) the
+        kept channels the slice reads are one run of `x` as it arrives, so only the bounds
+        change; otherwise (`x` kept at full width by the boundary, or the slice's output kept
+        wider than `x`) an adapter brings exactly those channels and the slice takes all of it."""
+        src, sid, in_pos, out_pos, out = rule.inputs[0]
+        want = np.unique(in_pos[np.isin(out_pos, self.keep(out))])
+        run = _run_in(self.keep(sid), want)
+        if run is None:
+            self.adapt(node, src, sid, want)
+            run = 0
+        _set_channel_slice(node, rule, run, run + len(want))
 
     def do_junction(self, node, rule) -> None:
         for src, sid, _, _, out in rule.inputs:
@@ -332,6 +360,26 @@ def _set_shape_entry(node: torch.fx.Node, index: int, new: int, old: int) -> Non
         node.kwargs = {**node.kwargs, key: shape}
         return
     node.args = tuple(args)
+
+
+def _run_in(have: np.ndarray, want: np.ndarray) -> int | None:
+    """Where `want` sits in `have` as one contiguous run (both sorted), else None."""
+    if len(want) == 0:
+        return None
+    start = int(np.searchsorted(have, want[0]))
+    return start if np.array_equal(have[start:start + len(want)], want) else None
+
+
+def _set_channel_slice(node: torch.fx.Node, rule, start: int, stop: int) -> None:
+    """Rewrite the channel-axis slice of `node` (an ``aten.slice`` or a getitem, see
+    `channel_graph._slice_channels`) to ``start:stop``."""
+    if rule.kind == "slice":
+        _set_arg(node, "start", start)
+        _set_arg(node, "end", stop)
+        return
+    at, new = rule.info["slice_item"], slice(start, stop)
+    index = new if at is None else node.args[1][:at] + (new,) + node.args[1][at + 1:]
+    node.args = (node.args[0], index)
 
 
 def _set_arg(node: torch.fx.Node, name: str, value) -> None:

@@ -32,12 +32,16 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   channel-axis entry of a reshape's size (which apply rewrites anyway) — then they are pinned.
 - mul of two channel tensors, cat (with offsets along the channel axis), split/chunk + getitem,
   flatten/reshape (identity, merge into a block, or a head split), permute/transpose/expand/
-  select/slice (following the axis), matmul/sdpa over a head axis (an attention mask must
+  select/slice (following the axis), a slice *of* the channel axis with constant bounds and
+  step 1 (``x[:, a:b]`` or export's ``aten.slice``: channel j is input channel a + j, like a
+  split piece; a full-range one such as GhostNet's ``cat([x1, x2], 1)[:, :oup]`` is the
+  identity; apply rewrites the bounds), matmul/sdpa over a head axis (an attention mask must
   broadcast over the heads): index maps (unions).
 - add/sub are *junctions*, not unions: ``y = a + b`` keeps channel c alive if any input keeps it,
   so "y_c dead" implies "a_c dead and b_c dead" — a precedence edge between classes that the
   min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
-- parameters used directly (class token, position embedding) become producer slots.
+- parameters used directly (class token, position embedding) become producer slots; integer
+  and bool buffers (position ids, masks) hold no channels.
 - layer/group norm mix channels (mean and variance over them): with ``exact_norms=True`` (the
   default) they are pinned; with ``exact_norms=False`` their affine channels are coupled like a
   batchnorm's (group norm: position r of every group is one class), as Torch-Pruning does — not
@@ -299,6 +303,14 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 
 
+def _holds_features(node: torch.fx.Node) -> bool:
+    """Whether a tensor attribute can carry channels: floating point. An integer or bool buffer
+    holds indices or a mask (Hugging Face BERT's ``position_ids``, sliced to the sequence length
+    before the position embedding): removing its "channels" would change what is looked up."""
+    meta = tensor_meta(node)
+    return meta is not None and meta[1].is_floating_point
+
+
 def _norm_axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
@@ -350,7 +362,7 @@ class _Builder:
         sid = self.value_slot.get(node.name)
         if sid is not None:
             return sid if self.slots[sid].axis == axis else None
-        if node.op == "get_attr" and node.name not in self.value_slot:
+        if node.op == "get_attr" and node.name not in self.value_slot and _holds_features(node):
             sid = self.new_slot(node, axis, "param")
             self.value_slot[node.name] = sid
             self.rules[node.name] = Rule(node.name, "param", "param", outputs=[sid])
@@ -524,7 +536,8 @@ class _Builder:
     def single_input(self, node, view) -> tuple[torch.fx.Node | None, int | None]:
         src = view.input
         sid = self.in_slot(src)
-        if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src):
+        if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src) \
+                and _holds_features(src):
             sid = self.slot_on(src, len(_shape(src)) - 1)  # a parameter used directly: last axis
         return src, sid
 
@@ -688,6 +701,8 @@ class _Builder:
     def rule_embedding(self, node, view, shape) -> None:
         if view.param("weight") is None:
             raise _Pin("embedding weight is not a parameter")
+        if self.in_slot(view.input) is not None:  # each index is a row to look up, not a channel
+            raise _Pin("embedding indices carry channels")
         out = self.new_slot(node, len(shape) - 1, "producer")
         self.value_slot[node.name] = out
         self.rules[node.name] = Rule(node.name, "embedding", "producer", outputs=[out])
@@ -851,34 +866,38 @@ class _Builder:
     rule_chunk = rule_split
 
     def rule_getitem(self, node, view, shape) -> None:
+        """``x[...]`` with ints, slices, None and one Ellipsis: the channel axis follows; a slice
+        of the channel axis itself is an index map (`_slice_channels`), other indexing of it is
+        pinned."""
         if node.name in self.rules:  # a split piece, handled by the split
             return
         src, sid = self.single_input(node, view)
         if sid is None:
             return self.free_output(node, view)
         index = view.attrs.get("index")
-        index = index if isinstance(index, tuple) else (index,)
-        in_shape = _shape(src)
+        items = index if isinstance(index, tuple) else (index,)
         axis = self.slots[sid].axis
-        if any(i is Ellipsis for i in index):
-            k = index.index(Ellipsis)
-            fill = len(in_shape) - (len(index) - 1 - sum(i is None for i in index))
-            index = index[:k] + (slice(None),) * fill + index[k + 1:]
-        dim_in, out_axis = 0, 0
-        for item in index:
+        # axes an Ellipsis stands for: those no other item indexes (None adds an axis)
+        spread = len(_shape(src)) - sum(i is not None and i is not Ellipsis for i in items)
+        dim_in, out_axis, at = 0, axis, None  # `at`: position of the channel axis's item in `items`
+        for k, item in enumerate(items):
             if item is None:
                 out_axis += 1 if dim_in <= axis else 0
                 continue
-            if dim_in == axis:
-                if not (isinstance(item, slice) and item == slice(None)):
-                    raise _Pin("indexing on the channel axis")
-            elif dim_in < axis:
+            width = spread if item is Ellipsis else 1
+            if item is not Ellipsis and dim_in == axis:
+                at = k
+            elif item is not Ellipsis and dim_in < axis:
                 if isinstance(item, int):
                     out_axis -= 1
                 elif not isinstance(item, slice):
                     raise _Pin("advanced indexing")
-            dim_in += 1
-        self.passthrough(node, view, src, axis + out_axis)
+            dim_in += width
+        item = items[at] if at is not None else slice(None)
+        if not isinstance(item, slice):
+            raise _Pin("indexing on the channel axis")
+        where = at if isinstance(index, tuple) else None
+        self._slice_channels(node, view, src, sid, out_axis, item, {"slice_item": where})
 
     def rule_select(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)
@@ -891,16 +910,37 @@ class _Builder:
         self.passthrough(node, view, src, axis - (dim < axis))
 
     def rule_slice(self, node, view, shape) -> None:
+        """export's ``aten.slice(x, dim, start, end, step)``: as a getitem slice on `dim`."""
         src, sid = self.single_input(node, view)
         if sid is None:
             return self.free_output(node, view)
         axis = self.slots[sid].axis
         dim = _norm_axis(int(view.attrs.get("dim", 0)), len(_shape(src)))
-        if dim == axis and shape[axis] != self.slots[sid].size:
-            raise _Pin("slice on the channel axis")
-        if dim == axis:
-            raise _Pin("slice on the channel axis")
-        self.passthrough(node, view, src, axis)
+        if dim != axis:
+            return self.passthrough(node, view, src, axis)
+        item = slice(view.attrs.get("start"), view.attrs.get("end"), view.attrs.get("step", 1))
+        self._slice_channels(node, view, src, sid, axis, item, {})
+
+    def _slice_channels(self, node, view, src, sid: int, out_axis: int, item: slice, info: dict) -> None:
+        """``x[start:end]`` along the channel axis: output channel j is input channel start + j
+        (the map of a split piece). A full-range slice is the identity. `info` tells apply
+        where the slice sits, so it can rewrite the bounds to the pruned channels."""
+        if item == slice(None):
+            return self.passthrough(node, view, src, out_axis)
+        if any(isinstance(v, torch.fx.Node) for v in (item.start, item.stop, item.step)):
+            raise _Pin("slice on the channel axis with bounds computed in the graph")
+        size = self.slots[sid].size
+        start, stop, step = item.indices(size)
+        if step != 1:
+            raise _Pin("strided slice on the channel axis (no rule yet)")
+        in_pos = np.arange(start, max(start, stop))
+        if len(in_pos) == 0:
+            raise _Pin("slice on the channel axis keeps no channel")
+        if _shape(node)[out_axis] != len(in_pos):
+            raise _Pin("slice on the channel axis disagrees with its recorded shape")
+        how = "identity" if len(in_pos) == size else f"slice {start}:{stop}"
+        self.passthrough(node, view, src, out_axis, in_pos, np.arange(len(in_pos)), how=how,
+                         info={**info, "channel_slice": True})
 
     def rule_expand(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)

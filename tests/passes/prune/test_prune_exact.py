@@ -248,6 +248,50 @@ def test_block_output_is_added_into_the_live_stream_in_one_op(name, mode):
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
 
 
+class ResidualChain(nn.Module):
+    """Two residual blocks on one stream, no norms (exact for any mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.c1(F.relu(x))
+        x = x + self.c2(F.relu(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_folded_residual_sum_can_be_scattered_into_the_next_one(mode):
+    """Channel 0 leaves block 1's output only: ``s1 = index_add(s0, pos, c1)``. Channel 1 leaves
+    the stem, block 1 and s1 but lives in s2: s1 is scattered into ``s2 = s1 + c2``, so that
+    index_add reads s1 — which is itself an index_add by then (a Swin stress test crashed with
+    "Argument 'add' of Node 'index_add_1' was used before it has been defined")."""
+    from fxopt.passes.prune.apply import zero_removed
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    plan = analyze(ResidualChain().eval(), (x,), mode=mode, ratio=0.5)
+    cg = plan.channel_graph
+    stem, c1, c2, _ = (r.outputs[0] for r in cg.rules.values() if r.category == "producer")
+    s1, s2 = (r.outputs[0] for r in cg.rules.values() if r.category == "junction")
+    dead = np.zeros(cg.n_classes, dtype=bool)
+    dead[[cg.positions(c1)[0], cg.positions(stem)[1], cg.positions(c1)[1], cg.positions(s1)[1]]] = True
+    assert not dead[cg.positions(s2)].any() and not dead[cg.positions(c2)].any()
+    pruned = plan.apply(dead=dead)
+    pruned.graph.lint()
+    targets = [n.target for n in pruned.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.index_add) == 2 and torch.cat not in targets
+    zero_removed(plan.gm, cg, dead)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), plan.gm(x), rtol=1e-4, atol=1e-5)
+    widths = sorted(p.shape[0] for n, p in pruned.named_parameters() if p.dim() == 4)
+    assert widths == [6, 7, 8]  # c1, stem, c2
+    assert pruned(torch.randn(1, 3, 8, 8)).shape == (1, 4)
+
+
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_new_batch_size_runs_after_pruning(mode):
     plan, _, _, _, pruned, x = _pruned_and_masked("residual", mode)
