@@ -259,9 +259,7 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
     for node in gm.graph.nodes:
         if _is_view(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node):
             alias_of[node] = alias_of.get(node.args[0], node.args[0])
-    aliases: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    for node, base in alias_of.items():
-        aliases.setdefault(base, []).append(node)
+    viewed = set(alias_of.values())
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     bases = {}
     for node in gm.graph.nodes:
@@ -269,7 +267,7 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
         if target is None:
             continue
         base = alias_of.get(target, target)
-        if not _write_is_private(node, base, aliases.get(base, []), order):
+        if not _write_is_private(node, base, base in viewed, order):
             bases.setdefault(base, node)
     if not bases:
         return {}
@@ -284,12 +282,12 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
     return out
 
 
-def _write_is_private(writer: torch.fx.Node, base: torch.fx.Node, views: list[torch.fx.Node],
+def _write_is_private(writer: torch.fx.Node, base: torch.fx.Node, has_views: bool,
                       order: dict[torch.fx.Node, int]) -> bool:
     """Whether `writer`'s in-place write into `base` is invisible except through `writer`'s
     own result: `base` is an intermediate (not an input, a parameter or a buffer), written
     directly, with no views, and read by nothing that runs after the write."""
-    if base.op in ("placeholder", "get_attr") or views or writer.args[0] is not base:
+    if base.op in ("placeholder", "get_attr") or has_views or writer.args[0] is not base:
         return False
     return all(order[user] < order[writer] for user in base.users if user is not writer)
 
