@@ -29,42 +29,7 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
-from fxopt.ir import add_tensor_attr, get_attr_value, op_view, replace_uses
-
-# Ops that must run even when their value is unused, beyond what fx already knows.
-_RANDOM_OR_EFFECTFUL = {
-    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like,
-    torch.bernoulli, torch.normal, torch.multinomial,
-}
-
-
-def is_effectful(node: torch.fx.Node) -> bool:
-    """True for nodes DCE and folding must keep: side effects, in-place writes, randomness."""
-    if node.op in ("placeholder", "output"):
-        return True
-    if node.op == "call_module" and node.target.startswith("_guards"):
-        return True
-    if node.is_impure():
-        return True
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        schema = target._schema
-        return schema.is_mutable or target.overloadpacket.__name__.startswith("_assert") \
-            or target.overloadpacket in (torch.ops.aten.rand, torch.ops.aten.randn, torch.ops.aten.bernoulli,
-                                         torch.ops.aten.dropout, torch.ops.aten.randint)
-    if node.op == "call_method" and isinstance(target, str) and target.endswith("_") \
-            and not target.endswith("__"):
-        return True  # Tensor.add_, Tensor.copy_, ... write in place
-    return target in _RANDOM_OR_EFFECTFUL if callable(target) and _hashable(target) else False
-
-
-def _hashable(x: Any) -> bool:
-    try:
-        hash(x)
-    except TypeError:
-        return False
-    return True
-
+from fxopt.ir import add_tensor_attr, delete_unused_attributes, get_attr_value, is_effectful, op_view, replace_uses
 
 @dataclass
 class DeadCodeElimination(Pass):
@@ -79,24 +44,9 @@ class DeadCodeElimination(Pass):
             if not node.users and not is_effectful(node):
                 gm.graph.erase_node(node)
                 removed += 1
-        removed_attrs = _delete_unused_attributes(gm)
+        removed_attrs = delete_unused_attributes(gm)
         return PassResult(gm, modified=bool(removed or removed_attrs),
                           stats={"nodes_removed": removed, "attributes_removed": removed_attrs})
-
-
-def _delete_unused_attributes(gm: torch.fx.GraphModule) -> int:
-    """Drop top-level parameters/buffers that no get_attr reads (left behind by folding)."""
-    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    used_roots = {t.split(".")[0] for t in used}
-    removed = 0
-    for name in list(gm._parameters) + list(gm._buffers):
-        if name not in used_roots:
-            gm._parameters.pop(name, None)
-            gm._buffers.pop(name, None)
-            removed += 1
-    before = sum(1 for _ in gm.modules())
-    gm.delete_all_unused_submodules()
-    return removed + before - sum(1 for _ in gm.modules())
 
 
 @dataclass

@@ -1,11 +1,13 @@
 """IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
 from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call
+from .effects import is_effectful
 from .interpret import flatten_inputs, fresh_inputs, node_values, run_graph
 from .opview import OpSpec, OpView, SPECS, bind_arguments, op_view, spec_for
 from .params import (
     ParamRef,
     add_tensor_attr,
     attribute_use_counts,
+    delete_unused_attributes,
     get_attr_value,
     ref_for_get_attr,
     resolve_attr,
@@ -26,7 +28,8 @@ from .rewrite import (
 __all__ = [
     "ATEN_OP", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
     "COMPUTES", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
-    "bind_arguments", "clone_sharing_tensors", "deep_copy", "flatten_inputs", "get_attr_value", "is_shared",
+    "bind_arguments", "clone_sharing_tensors", "deep_copy", "delete_unused_attributes", "flatten_inputs",
+    "get_attr_value", "is_effectful", "is_shared",
     "make_private", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "spec_for", "tensor_meta", "tensor_versions", "value_nbytes",
 ]

@@ -294,7 +294,10 @@ def op_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpView | None:
     if node.op == "call_module":
         return _module_view(gm, node, spec)
     args = bind_arguments(node, spec)
-    return _build_view(gm, node, spec, args)
+    view = _build_view(gm, node, spec, args)
+    if view.kind == "matmul":
+        return _matmul_as_linear(gm, view, args) or view
+    return view
 
 
 def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
@@ -343,6 +346,58 @@ def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, arg
             attrs["padding"] = (integer_padding(padding, tuple(w.shape[2:]), attrs["dilation"])
                                 if isinstance(padding, str) and w is not None else _as_tuple(padding, attrs["dim"]))
     return OpView(node, spec.kind, inputs, params, attrs)
+
+
+# `W.T`, `W.t()`, `W.mT` and their ATen spellings: the transpose of a 2-D tensor, no arguments.
+_TRANSPOSE_METHODS = ("t", "numpy_T")
+_TRANSPOSE_ATTRS = ("T", "mT")
+_TRANSPOSE_ATEN = (aten.t, aten.numpy_T, aten.mT)
+
+
+def _transposed_parameter(gm: torch.fx.GraphModule, node: Any) -> torch.fx.Node | None:
+    """The `get_attr` node of a 2-D parameter when `node` is that parameter transposed, else None."""
+    if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
+        return None
+    source = node.args[0]
+    if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
+        return None
+    overload = aten_op_of(node)
+    if overload is not None:
+        packet = overload.overloadpacket
+        swaps = packet in _TRANSPOSE_ATEN or (packet in (aten.transpose, aten.permute)
+                                              and _swaps_2d(node, packet is aten.permute))
+    elif node.op == "call_method":
+        swaps = node.target in _TRANSPOSE_METHODS or (node.target in ("transpose", "permute")
+                                                      and _swaps_2d(node, node.target == "permute"))
+    else:
+        swaps = ((node.target is getattr and len(node.args) == 2 and node.args[1] in _TRANSPOSE_ATTRS)
+                 or node.target is torch.t
+                 or (node.target in (torch.transpose, torch.permute)
+                     and _swaps_2d(node, node.target is torch.permute)))
+    if not swaps:
+        return None
+    value = ref_for_get_attr(gm, source).get()
+    return source if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+
+
+def _swaps_2d(node: torch.fx.Node, permute: bool) -> bool:
+    """`transpose(w, 0, 1)` / `permute(w, (1, 0))`, axes of either sign: a 2-D transpose."""
+    dims = node.args[1:]
+    if permute and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return False
+    first, second = (d % 2 for d in dims)
+    return (first, second) == (1, 0) if permute else first != second
+
+
+def _matmul_as_linear(gm: torch.fx.GraphModule, view: OpView, args: dict) -> OpView | None:
+    """`x @ W.T` with W a 2-D parameter [out, in] (Falcon's, and many hand-written layers)
+    is a linear layer: viewed as one, it is pruned, quantized and lowered like nn.Linear."""
+    x, weight = args.get("input"), _transposed_parameter(gm, args.get("other"))
+    if weight is None or not isinstance(x, torch.fx.Node):
+        return None
+    return OpView(view.node, "linear", [x], {"weight": ref_for_get_attr(gm, weight)}, {})
 
 
 def _module_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec) -> OpView:

@@ -98,3 +98,29 @@ def attribute_use_counts(gm: torch.fx.GraphModule) -> Counter:
         elif node.op == "get_attr":
             counts[node.target] += max(len(node.users), 1)
     return counts
+
+
+def delete_unused_attributes(gm: torch.fx.GraphModule) -> int:
+    """Drop the parameters and buffers no node reads, then the submodules no node uses.
+
+    A tensor stays when a `get_attr` reads it (or a module above it) or a `call_module` calls
+    its module (or one above it). Rewrites leave such tensors behind at any depth: a folded
+    weight on the root, the weight of a `x @ self.weight.T` layer whose bias is still read.
+    Returns how many tensors and submodules went.
+    """
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def is_used(path: str) -> bool:
+        parts = path.split(".")
+        return any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1))
+
+    removed = 0
+    for prefix, module in list(gm.named_modules()):
+        for table in (module._parameters, module._buffers):
+            for name in list(table):
+                if not is_used(f"{prefix}.{name}" if prefix else name):
+                    del table[name]
+                    removed += 1
+    before = sum(1 for _ in gm.modules())
+    gm.delete_all_unused_submodules()
+    return removed + before - sum(1 for _ in gm.modules())

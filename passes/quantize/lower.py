@@ -38,7 +38,8 @@ import torch.fx
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 from fxopt import Pass, PassContext, PassResult
 from fxopt.errors import node_location
-from fxopt.ir import add_tensor_attr, clone_sharing_tensors, op_view, origin
+from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, delete_unused_attributes, is_effectful, op_view,
+                      origin)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
@@ -193,11 +194,12 @@ class _Lowering:
                     self._lower_group(group)
                 else:
                     self._lower_pass_through(node)
+        # What the rewrites left unread: q/dq pairs, weights, a linear's transposed weight.
         for node in reversed(list(self.graph.nodes)):
-            if node.op in ("get_attr", "call_function") and not node.users and _removable(node):
+            if node.op in ("get_attr", "call_function", "call_method") and not node.users \
+                    and not is_effectful(node):
                 self.graph.erase_node(node)
-        self.gm.delete_all_unused_submodules()
-        self._drop_unused_root_attrs()
+        delete_unused_attributes(self.gm)
         self.graph.lint()
         self.gm.recompile()
         self.stats["quantize_nodes"] = sum(_is_quantize(n) for n in self.graph.nodes)
@@ -408,13 +410,6 @@ class _Lowering:
                 self.q_of[node] = node
         self.stats["int8_pass_through"] += 1
 
-    def _drop_unused_root_attrs(self) -> None:
-        used = {n.target.split(".")[0] for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
-        for name in list(self.gm._parameters) + list(self.gm._buffers):
-            if name not in used:
-                self.gm._parameters.pop(name, None)
-                self.gm._buffers.pop(name, None)
-
 
 def _view_as_reshape(node: torch.fx.Node) -> None:
     """Make a `view` on a value that lowering turns int8 a `reshape`: the int8 kernels return
@@ -464,12 +459,6 @@ def _is_quantize(node) -> bool:
 
 def _is_dequantize(node) -> bool:
     return node.op == "call_function" and node.target in _DEQUANTIZE
-
-
-def _removable(node) -> bool:
-    if node.op == "get_attr":
-        return True
-    return node.target in _QUANTIZE | _DEQUANTIZE | {aten.contiguous.default, dec.dequantize_per_channel.default}
 
 
 __all__ = ["LowerInt8", "lower_module", "strip_observers"]

@@ -62,6 +62,25 @@ def test_dce_removes_unused_nodes_and_modules(mode):
     assert sum(p.numel() for p in after.parameters()) == 20  # only fc is left
 
 
+class HalfUsedLayer(nn.Module):
+    """A submodule whose weight feeds only dead code while its bias is still read."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        dead = x @ self.layer.weight.T  # noqa: F841 — never used
+        return x + self.layer.bias
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dce_drops_a_nested_tensor_nothing_reads(mode):
+    _, after, records = _run("dce", HalfUsedLayer(), (torch.randn(2, 4),), mode)
+    assert [name for name, _ in after.named_parameters()] == ["layer.bias"]
+    assert records[0].stats["attributes_removed"] == 1
+
+
 class InPlace(nn.Module):
     def __init__(self):
         super().__init__()

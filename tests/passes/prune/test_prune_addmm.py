@@ -102,11 +102,28 @@ class ScaledBySize(nn.Module):
         return self.b(h * h.size(-1) ** -0.5)
 
 
+class TransposedWeightMLP(nn.Module):
+    """Falcon's linear, ``x @ self.weight.T`` with the weight [out, in] and no module: viewed
+    as a linear layer, it shrinks like nn.Linear; the separate bias add follows its channels."""
+
+    def __init__(self, d=16, hidden=32):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(hidden, d) * 0.2)
+        self.b1 = nn.Parameter(torch.randn(hidden) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(d, hidden) * 0.2)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = F.gelu(x @ self.w1.T + self.b1)
+        return self.head(x + h @ self.w2.t())
+
+
 SEQ = lambda: torch.randn(2, 5, 16)  # noqa: E731
 CASES = {
     "conv1d_mlp": (Conv1DMLP, SEQ),
     "conv1d_residual": (lambda: Conv1DMLP(residual=True), SEQ),
     "matmul_mlp": (MatmulMLP, SEQ),
+    "transposed_weight_mlp": (TransposedWeightMLP, SEQ),
     "tanh_gelu": (TanhGeluMLP, SEQ),
     "swish_gate": (SwishGate, lambda: torch.randn(2, 5, 8)),
     "scaled_by_size": (ScaledBySize, lambda: torch.randn(2, 5, 8)),
@@ -353,3 +370,15 @@ def test_attention_mask_that_varies_over_heads_is_pinned():
     gm = fxopt.capture(MaskedAttention(per_head_mask=True).eval(), (torch.randn(2, 6, 32),), mode="export")
     reasons = build_channel_graph(gm).pinned_nodes
     assert any("varies over heads" in why for why in reasons.values()), reasons
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_transposed_parameter_weight_shrinks_like_a_linear(mode):
+    plan, *_, pruned, x, original = _pruned_and_masked("transposed_weight_mlp", mode)
+    producers = [r for r in plan.channel_graph.rules.values() if r.category == "producer"]
+    assert [r.kind for r in producers].count("linear") == 3, [r.kind for r in producers]
+    w1, b1, w2 = (getattr(pruned, n) for n in ("w1", "b1", "w2"))
+    kept = w1.shape[0]
+    # as in matmul_mlp, the bias add is its own op: a channel lives while its bias does
+    assert 0 < kept < 32 and w1.shape == (kept, 16) and kept <= b1.shape[0] == w2.shape[1] < 32
+    assert pruned(x).shape == original.shape == (2, 5, 3)

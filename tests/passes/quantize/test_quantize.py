@@ -664,3 +664,28 @@ def test_hugging_face_bert_gets_int8_kernels_through_export():
     assert targets.count("aten.layer_norm.default") == 5 and "aten.embedding.default" in targets  # float
     with torch.no_grad():                                             # the batch stays dynamic
         assert res.module(*ids(20))[0].shape == model(*ids(20))[0].shape
+
+
+class _TransposedWeightLinears(nn.Module):
+    """Falcon's spelling of a linear layer: ``x @ self.weight.T`` (+ a separate bias add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(32, 16) / 4), nn.Parameter(torch.randn(32) / 10)
+        self.w2 = nn.Parameter(torch.randn(10, 32) / 6)
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1.T + self.b1) @ self.w2.t()
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_transposed_parameter_weight_gets_an_int8_linear_and_its_float_copy_goes(mode):
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 16),) for _ in range(4)]
+    res = fxopt.optimize(_TransposedWeightLinears().eval(), batches[0], "quantize{backend=x86}",
+                         calibration=batches, mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    assert res.passes[0].stats["quantized"] == {"linear": 2}
+    assert _count(res.module, "quantized.linear.default") == 2
+    # the float weights and their transposes are gone; the separately added bias stays float
+    assert [name for name, _ in res.module.named_parameters()] == ["b1"]

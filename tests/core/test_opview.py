@@ -1,0 +1,62 @@
+"""The op view reads one op whichever way a model spells it: here, a linear layer written as
+``x @ W.T`` (Falcon, hand-written layers) on both front ends, and what is *not* a linear."""
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.ir import op_view
+
+
+class TransposedWeight(nn.Module):
+    """A weight [out, in] used through one of the transpose spellings."""
+
+    def __init__(self, spelling: str, dims: int = 2):
+        super().__init__()
+        self.spelling = spelling
+        self.weight = nn.Parameter(torch.randn(*([3] * (dims - 2)), 6, 4))
+
+    def forward(self, x):
+        w = self.weight
+        wt = {"T": lambda: w.T, "t": lambda: w.t(), "mT": lambda: w.mT, "torch.t": lambda: torch.t(w),
+              "transpose": lambda: w.transpose(0, 1), "transpose_neg": lambda: w.transpose(-1, -2),
+              "permute": lambda: w.permute(1, 0), "none": lambda: w}[self.spelling]()
+        return torch.matmul(x, wt) if self.spelling == "t" else x @ wt
+
+
+def _matmul_views(gm):
+    views = (op_view(gm, n) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+    return [v for v in views if v is not None and v.kind in ("linear", "matmul")]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("spelling", ["T", "t", "mT", "torch.t", "transpose", "transpose_neg", "permute"])
+def test_matmul_with_a_transposed_parameter_is_a_linear(spelling, mode):
+    model = TransposedWeight(spelling)
+    gm = fxopt.capture(model, (torch.randn(2, 5, 4),), mode=mode)
+    (view,) = _matmul_views(gm)
+    assert view.kind == "linear"
+    assert view.param("weight") is model.weight or torch.equal(view.param("weight"), model.weight)
+    assert view.param("bias") is None and view.input.op == "placeholder"
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_matmul_with_a_parameter_stored_in_out_stays_a_matmul(mode):
+    model = TransposedWeight("none")
+    model.weight = nn.Parameter(torch.randn(4, 6))
+    gm = fxopt.capture(model, (torch.randn(2, 4),), mode=mode)
+    assert [v.kind for v in _matmul_views(gm)] == ["matmul"]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_batched_weight_or_a_transposed_activation_is_no_linear(mode):
+    gm = fxopt.capture(TransposedWeight("mT", dims=3), (torch.randn(3, 5, 4),), mode=mode)
+    assert [v.kind for v in _matmul_views(gm)] == ["matmul"]
+
+    class Scores(nn.Module):
+        def forward(self, q, k):
+            return q @ k.transpose(-2, -1)
+
+    q = torch.randn(2, 5, 4)
+    gm = fxopt.capture(Scores(), (q, q), mode=mode)
+    assert [v.kind for v in _matmul_views(gm)] == ["matmul"]
