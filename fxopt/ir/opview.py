@@ -176,6 +176,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("sigmoid", functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid",), aten=(aten.sigmoid,),
            modules=(nn.Sigmoid,)),
     OpSpec("tanh", functions=(torch.tanh, F.tanh), methods=("tanh",), aten=(aten.tanh,), modules=(nn.Tanh,)),
+    OpSpec("neg", functions=(torch.neg, operator.neg), methods=("neg",), aten=(aten.neg,)),
     OpSpec("add", functions=(operator.add, operator.iadd, torch.add), methods=("add", "add_"),
            aten=(aten.add, aten.add_), defaults=dict(alpha=1), **_ELEMENTWISE),
     OpSpec("sub", functions=(operator.sub, torch.sub), methods=("sub",), aten=(aten.sub,),
@@ -199,6 +200,8 @@ SPECS: tuple[OpSpec, ...] = (
     # dtype / device / layout conversion; `Tensor.type` is not listed: with no argument it
     # returns a string
     OpSpec("to", methods=("to", "float", "double", "half", "bfloat16"), aten=(aten.to, aten._to_copy)),
+    # `x.type_as(y)`: a cast to y's dtype (Gemma's RMSNorm); y is read for its dtype only
+    OpSpec("to", methods=("type_as",), aten=(aten.type_as,), arg_names=("input", "other")),
     # export's check of a value's dtype/device (and, when given, sizes/strides); no output
     OpSpec("assert_metadata", aten=(aten._assert_tensor_metadata,),
            arg_names=("input", "size", "stride", "dtype", "device", "layout"),

@@ -45,7 +45,9 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
 - layer/group norm mix channels (mean and variance over them): with ``exact_norms=True`` (the
   default) they are pinned; with ``exact_norms=False`` their affine channels are coupled like a
   batchnorm's (group norm: position r of every group is one class), as Torch-Pruning does — not
-  exact, the statistics are then taken over the kept channels only.
+  exact, the statistics are then taken over the kept channels only. The same holds for a norm
+  spelled out (RMSNorm's ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``): a keepdim mean
+  over the channel axis is pinned, or with ``exact_norms=False`` a statistic of the kept channels.
 - anything else — unknown ops, the graph output, ignored layers — is *pinned*: its output
   classes cannot die; its inputs are read at full width, so classes that reach it are
   re-expanded (``prune.boundary``). Pinned nodes are listed by name.
@@ -71,7 +73,7 @@ from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, is_shared, op_view, ref_for_get_attr,
                       spec_for, tensor_meta, value_nbytes)
 
-ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "dropout",
+ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "dropout",
                              "identity", "contiguous", "to"})
 SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
 # ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
@@ -470,6 +472,9 @@ class _Builder:
             self.value_slot[node.name] = None  # shape arithmetic (``x.size()[:-1] + (n,)``), guards
             return
         if view is None:
+            if not any(self.in_slot(a) is not None for a in inputs):
+                # no input carries channels (rotary's cos/sin, mask arithmetic): nothing to pin
+                return self.free_output(node, view)
             raise _Pin("no channel rule for this op")
         kind = view.kind
         if view.module is not None or view.params:
@@ -531,7 +536,7 @@ class _Builder:
     def free_output(self, node, view) -> None:
         """All inputs free: the output is free too (no channels to follow)."""
         self.value_slot[node.name] = None
-        self.rules[node.name] = Rule(node.name, view.kind, "free")
+        self.rules[node.name] = Rule(node.name, view.kind if view is not None else str(node.target), "free")
 
     def single_input(self, node, view) -> tuple[torch.fx.Node | None, int | None]:
         src = view.input
@@ -588,9 +593,14 @@ class _Builder:
         if dims is None:
             raise _Pin("mean over all axes")
         dims = [_norm_axis(d, len(in_shape)) for d in ([dims] if isinstance(dims, int) else dims)]
-        if axis in dims:
-            raise _Pin("mean over the channel axis")
         keep = bool(view.attrs.get("keepdim", False))
+        if axis in dims:
+            if self.exact_norms or not keep:
+                raise _Pin("mean over the channel axis" + (" (read at full width; exact_norms=true)"
+                                                           if keep else ""))
+            # a norm's statistic spelled out (RMSNorm's x.pow(2).mean(-1, keepdim=True)): like
+            # layer_norm with exact_norms=false, it is then taken over the kept channels
+            return self.free_output(node, view)
         out_axis = axis if keep else axis - sum(d < axis for d in dims)
         self.passthrough(node, view, src, out_axis)
 

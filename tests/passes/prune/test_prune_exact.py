@@ -198,6 +198,17 @@ class Casts(nn.Module):
         return self.head(h + self.fc2(z))
 
 
+class Negated(nn.Module):
+    """``-x`` keeps zeros zero: the channels flow through it (rotary's rotate_half negates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(F.relu(-self.a(x)) + torch.neg(self.a(x)))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -212,6 +223,7 @@ CASES = {
     "tokens": (Tokens, lambda: torch.randint(0, 50, (2, 8))),
     "casts": (Casts, lambda: torch.randint(0, 50, (2, 8))),
     "unknown_op": (Unknown, IMAGE),
+    "negated": (Negated, IMAGE),
 }
 
 
@@ -467,8 +479,8 @@ def test_channels_behind_an_added_constant_are_re_expanded_before_it(mode):
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_casts_and_metadata_asserts_do_not_pin_the_stream(mode):
     plan, masked, out, _, pruned, _ = _pruned_and_masked("casts", mode)
-    # only `arange` (a fresh tensor: no rule, harmless) is pinned, not the casts or asserts
-    assert list(plan.channel_graph.pinned_nodes) == ["arange"], plan.channel_graph.pinned_nodes
+    # nothing is pinned: not the casts or asserts, nor `arange` (no rule, but no input carries channels)
+    assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
     shapes = {n: tuple(p.shape) for n, p in pruned.named_parameters()}
     assert shapes["embed.weight"][1] == shapes["pos.weight"][1] == shapes["head.weight"][1] < 8, shapes
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
@@ -483,3 +495,9 @@ def test_an_assert_on_sizes_pins_its_value():
     check.kwargs = {**check.kwargs, "size": list(check.args[0].meta["tensor_meta"].shape)}
     pinned = build_channel_graph(gm).pinned_nodes
     assert pinned[check.name] == "asserts the sizes or strides of a value", pinned
+
+
+def test_negation_is_followed_not_pinned():
+    plan, masked, out, *_ = _pruned_and_masked("negated", "symbolic")
+    assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)

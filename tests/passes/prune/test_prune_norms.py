@@ -32,6 +32,32 @@ class GroupNormNet(nn.Module):
         return self.b(F.relu(self.gn(self.a(x))))
 
 
+class RMSNorm(nn.Module):
+    """Llama's and T5's norm, spelled out as Hugging Face writes it (no module fxopt knows)."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.rand(d) + 0.5), eps
+
+    def forward(self, x):
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps)).type_as(x)  # Gemma casts back
+
+
+class RMSNormBlock(nn.Module):
+    """A pre-norm residual MLP block: the stream between the norms is the hidden size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 16), RMSNorm(16), nn.Linear(16, 16)
+        self.norm2, self.head = RMSNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h + F.relu(self.fc2(self.norm(h)))
+        return self.head(self.norm2(h))
+
+
 def _randomize_affine(model):
     with torch.no_grad():
         for m in model.modules():
@@ -142,3 +168,29 @@ def test_exact_mode_does_not_pay_adapters_that_cost_more_than_they_save():
     assert "down" in free.kept_channels()
     free.apply()
     assert free.applied["reexpansions"]
+
+
+def _rms_norm(x, weight, eps=1e-6):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_spelled_out_rms_norm_is_pinned_exactly_or_takes_the_kept_channels(mode):
+    torch.manual_seed(0)
+    model, x = RMSNormBlock().eval(), torch.randn(2, 5, 6)
+    exact = analyze(model, (x,), mode=mode, ratio=0.5)
+    pinned = exact.stats()["pinned"]
+    assert sorted(pinned.values()) == ["mean over the channel axis (read at full width; exact_norms=true)"] * 2, pinned
+    plan = analyze(model, (x,), mode=mode, ratio=0.5, exact_norms=False)
+    assert not plan.stats()["pinned"], plan.stats()["pinned"]  # rsqrt carries no channels: not pinned either
+    cg = plan.channel_graph
+    keep = torch.as_tensor((~plan.dead[cg.positions(cg.value_slot[_node(plan, "fc1")])]).nonzero()[0])
+    assert 0 < len(keep) < 16
+    pruned = plan.apply()
+    m = model
+    h = m.fc1(x)[..., keep]
+    inner = F.relu(F.linear(_rms_norm(h, m.norm.weight[keep]), m.fc2.weight[keep][:, keep], m.fc2.bias[keep]))
+    expected = F.linear(_rms_norm(h + inner, m.norm2.weight[keep]), m.head.weight[:, keep], m.head.bias)
+    torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
+    # exact, every channel here lives in the normalized stream: nothing pays for its adapters
+    assert count_parameters(pruned) < count_parameters(exact.apply()) == count_parameters(model)
