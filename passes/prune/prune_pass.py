@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -266,6 +267,8 @@ class Prune(Pass):
         plan = self.plan(gm, ctx)
         stats = plan.stats()
         if plan.selection.removed == 0:
+            stats["note"] = _why_nothing_was_removed(plan, self.ratio)
+            warnings.warn(f"prune: {stats['note']}", stacklevel=2)
             return PassResult(gm, modified=False, stats=stats)
         pruned = plan.apply()
         stats.update(plan.applied)
@@ -274,6 +277,19 @@ class Prune(Pass):
 
 
 # ----- helpers ---------------------------------------------------------------------------------
+
+def _why_nothing_was_removed(plan: PrunePlan, ratio: float) -> str:
+    """What a user who asked for `ratio` and got nothing should read: which nodes hold the
+    channels at full width, and what to try."""
+    pinned = plan.channel_graph.pinned_nodes
+    shown = "; ".join(f"{name}: {why}" for name, why in list(pinned.items())[:5])
+    more = f" (+{len(pinned) - 5} more in stats['pinned'])" if len(pinned) > 5 else ""
+    blockers = f" Pinned nodes: {shown}{more}." if pinned else ""
+    hint = (" Options: exact_norms=false prunes through norms; adapter_cost=0 stops charging"
+            " the re-expansions in front of pinned nodes.")
+    return (f"removed no channel at ratio={ratio}: no removal saved more than it cost "
+            f"(importance lost plus the re-expansion adapters it needs).{blockers}{hint}")
+
 
 def _check_options(ratio: float, importance: str, scope: str, round_to: int, adapter_cost: float = 1.0,
                    max_layer_ratio: float = 1.0, cost: str = "macs") -> None:

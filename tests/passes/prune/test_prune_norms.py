@@ -194,3 +194,12 @@ def test_spelled_out_rms_norm_is_pinned_exactly_or_takes_the_kept_channels(mode)
     torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
     # exact, every channel here lives in the normalized stream: nothing pays for its adapters
     assert count_parameters(pruned) < count_parameters(exact.apply()) == count_parameters(model)
+
+
+def test_a_prune_that_removes_nothing_says_why():
+    torch.manual_seed(0)
+    model, x = RMSNormBlock().eval(), torch.randn(2, 5, 6)
+    with pytest.warns(UserWarning, match=r"removed no channel at ratio=0.5.*mean: mean over the channel axis"
+                                         r".*exact_norms=false") as caught:
+        res = fxopt.optimize(model, (x,), "prune{ratio=0.5}")
+    assert not res.passes[0].modified and res.passes[0].stats["note"] in str(caught[0].message)
