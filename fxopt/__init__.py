@@ -15,7 +15,7 @@ from .calibration import calibrate
 from .capture import capture, frontend_of
 from .debug import dump
 from .distillation import distill
-from .errors import CaptureError, FxoptError, PassError, PipelineError, VerificationError
+from .errors import CaptureError, FxoptError, PassError, PipelineError, VerificationError, VerificationWarning
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pipeline, parse_pipeline
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "AnalysisManager", "CaptureError", "DataflowAnalysis", "FxoptError", "Instrument",
     "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
-    "PipelineError", "PrintIR", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError",
+    "PipelineError", "PrintIR", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError", "VerificationWarning",
     "VerificationReport", "VerifyEach", "available_passes", "calibrate", "capture", "distill", "dump",
     "format_pipeline", "frontend_of", "get_pass", "optimize", "parse_pipeline", "register_pass",
     "unregister_pass", "verify",

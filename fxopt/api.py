@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -16,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from .capture import Mode, capture, frontend_of, normalize_inputs
+from .errors import VerificationWarning
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
 from .pass_base import Pass
 from .verify import Tolerance, VerificationReport, loosest, verify
@@ -73,7 +75,8 @@ def optimize(
     `example_inputs`: a tensor, a tuple of args or a dict of kwargs. `calibration`: batches in
     the same form, for passes that need data (quantization, taylor importance). `tolerance`
     defaults to the loosest that the pipeline's passes promise. `devices` to verify on
-    defaults to CPU plus CUDA when a GPU is present. The input model is never modified.
+    defaults to CPU plus CUDA when a GPU is present. The input model is never modified. A
+    result that fails verification is still returned, with a `VerificationWarning`.
     """
     args, kwargs = normalize_inputs(example_inputs)
     original = capture(model, example_inputs, mode=mode)
@@ -98,6 +101,10 @@ def optimize(
             if last_lossy.module is not None and tolerance is None:
                 reports[device] = _after_lossy(reports[device], last_lossy, result.module, example_inputs,
                                                device)
+            if not reports[device].passed:
+                # a returned module is easy to use unchecked: say it failed where it is used
+                warnings.warn(f"optimize('{result.pipeline}'): verification failed: {reports[device].summary()}",
+                              VerificationWarning, stacklevel=2)
     return OptimizeResult(
         module=result.module,
         passes=result.records,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -133,6 +134,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from . import api
+    from .errors import VerificationWarning
     from .manager import Instrument
 
     steps = tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False)
@@ -145,12 +147,14 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
         instruments.append(DumpInstrument(args.dump))
     steps.set_postfix_str("optimizing")
-    res = api.optimize(
-        work.model, work.example_inputs, args.pipeline, calibration=work.calibration,
-        verify=not args.no_verify, mode=args.mode, verify_each=args.verify_each,
-        print_ir_after_each=args.print_ir_after_all, print_ir_after_change=args.print_ir_after_change,
-        time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
-    )
+    with warnings.catch_warnings():  # the table below reports verification, and the exit code
+        warnings.simplefilter("ignore", VerificationWarning)
+        res = api.optimize(
+            work.model, work.example_inputs, args.pipeline, calibration=work.calibration,
+            verify=not args.no_verify, mode=args.mode, verify_each=args.verify_each,
+            print_ir_after_each=args.print_ir_after_all, print_ir_after_change=args.print_ir_after_change,
+            time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
+        )
     steps.update()
     steps.set_postfix_str("measuring")
     before = _measure(work, res.original, args.threads)

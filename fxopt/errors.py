@@ -34,6 +34,11 @@ class VerificationError(FxoptError):
     """A transformed module no longer matches the original within tolerance."""
 
 
+class VerificationWarning(UserWarning):
+    """`optimize` returned a module that failed verification (see its report); filter it with
+    ``warnings.simplefilter("error", fxopt.VerificationWarning)`` to make that an exception."""
+
+
 def node_location(node: torch.fx.Node) -> str:
     """`node 'name' (op target) at file:line` — the user's source line when fx recorded one."""
     where = f"node '{node.name}' ({node.op} {_target_name(node.target)})"
