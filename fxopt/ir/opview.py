@@ -248,6 +248,13 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
     OpSpec("select", functions=(torch.select,), methods=("select",), aten=(aten.select,),
            arg_names=("input", "dim", "index")),
+    OpSpec("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",), aten=(aten.unsqueeze,),
+           arg_names=("input", "dim")),
+    # `dim` absent: every size-1 axis goes
+    OpSpec("squeeze", functions=(torch.squeeze,), methods=("squeeze",), aten=(aten.squeeze,),
+           arg_names=("input", "dim"), defaults=dict(dim=None)),
+    OpSpec("pad", functions=(F.pad,), aten=(aten.pad, aten.constant_pad_nd),
+           arg_names=("input", "pad", "mode", "value"), defaults=dict(mode="constant", value=None)),
     OpSpec("slice", aten=(aten.slice,), arg_names=("input", "dim", "start", "end", "step"),
            defaults=dict(dim=0, start=None, end=None, step=1)),
 )

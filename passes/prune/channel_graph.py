@@ -80,7 +80,7 @@ SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"}
 # may flow through them (the result is dirty too; a product with a clean factor is clean)
 CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
-    "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "pow"})
+    "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "pow", "unsqueeze", "squeeze", "pad"})
 
 
 @dataclass(frozen=True)
@@ -919,6 +919,43 @@ class _Builder:
             raise _Pin("select on the channel axis")
         self.passthrough(node, view, src, axis - (dim < axis))
 
+    def rule_unsqueeze(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        dim = _norm_axis(int(view.attrs.get("dim")), len(shape))
+        self.passthrough(node, view, src, axis + (dim <= axis))
+
+    def rule_squeeze(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        dims = view.attrs.get("dim")
+        if dims is None:  # pruned to one channel, the channel axis itself would go
+            raise _Pin("squeeze of every size-1 axis (name the axis: squeeze(dim))")
+        nd = len(_shape(src))
+        dims = [_norm_axis(int(d), nd) for d in ([dims] if isinstance(dims, int) else dims)]
+        dims = [d for d in dims if _shape(src)[d] == 1]
+        axis = self.slots[sid].axis
+        if axis in dims:
+            raise _Pin("squeeze of the channel axis")
+        self.passthrough(node, view, src, axis - sum(d < axis for d in dims))
+
+    def rule_pad(self, node, view, shape) -> None:
+        """F.pad of other axes than the channels: each channel padded on its own; a constant
+        pad other than 0 would put that constant into removed channels too."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis, pad = self.slots[sid].axis, list(view.attrs.get("pad") or [])
+        from_end = len(shape) - 1 - axis
+        if any(p != 0 for p in pad[2 * from_end:2 * from_end + 2]):
+            raise _Pin("pad of the channel axis")
+        if view.attrs.get("mode", "constant") == "constant" and view.attrs.get("value") not in (None, 0, 0.0):
+            raise _Pin("constant pad with a value other than 0")
+        self.passthrough(node, view, src, axis)
+
     def rule_slice(self, node, view, shape) -> None:
         """export's ``aten.slice(x, dim, start, end, step)``: as a getitem slice on `dim`."""
         src, sid = self.single_input(node, view)
@@ -1075,16 +1112,25 @@ class _Builder:
         if axis >= len(shape) - 2:
             raise _Pin("attention channels on the sequence or feature axis")
         mask = view.inputs[3] if len(view.inputs) > 3 else view.attrs.get("attn_mask")
+        per_head = (q, k, v)
         if mask is not None:
             m_shape = _shape(mask) if isinstance(mask, torch.fx.Node) else None
-            m_axis = axis - (len(shape) - len(m_shape)) if m_shape is not None else None
-            if m_shape is None or (m_axis >= 0 and m_shape[m_axis] != 1) or self.in_slot(mask) is not None:
-                raise _Pin("attention mask that varies over heads (no rule yet)")
+            if m_shape is None:
+                raise _Pin("attention mask without shape metadata")
+            m_axis = axis - (len(shape) - len(m_shape))
+            if m_axis >= 0 and m_shape[m_axis] != 1:
+                # a bias per head (T5's relative positions, Swin's window bias): its head axis
+                # goes with q/k/v, back to whatever made it (a pinned slot if nothing did)
+                if m_shape[m_axis] != shape[axis]:
+                    raise _Pin("attention mask whose head axis does not match the heads")
+                per_head = (q, k, v, mask)
+            elif self.in_slot(mask) is not None:
+                raise _Pin("attention mask carries channels on an axis that is not the heads")
         out = self.new_slot(node, axis, "pass")
         rule = Rule(node.name, "sdpa", "pass", outputs=[out])
         pos = np.arange(shape[axis])
-        for x in (q, k, v):
-            sid = self.slot_on(x, axis)
+        for x in per_head:
+            sid = self.slot_on(x, axis if x is not mask else m_axis)
             if sid is None:
                 raise _Pin("attention inputs carry channels on different axes")
             rule.inputs.append((x.name, sid, pos, pos, out))

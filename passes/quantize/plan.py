@@ -213,7 +213,7 @@ def activation_inputs(gm, node: torch.fx.Node, plan: Plan) -> list[torch.fx.Node
 
 # Ops whose result shares memory with their first input, so writing one writes the other.
 _VIEW_KINDS = frozenset({"reshape", "permute", "transpose", "flatten", "getitem", "select", "slice",
-                         "expand", "split", "chunk", "contiguous", "identity"})
+                         "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze"})
 _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", "t", "as_strided",
                            "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach"})
 _INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)

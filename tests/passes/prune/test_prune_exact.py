@@ -129,9 +129,11 @@ class SplitChunk(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim=32, heads=4, sdpa=False):
+    def __init__(self, dim=32, heads=4, sdpa=False, head_bias=False):
         super().__init__()
         self.heads, self.hd, self.sdpa = heads, dim // heads, sdpa
+        # a bias per head from relative positions, as T5 and Swin add to their attention scores
+        self.rel = nn.Embedding(15, heads) if head_bias else None
         self.embed = nn.Linear(6, dim)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm = nn.LayerNorm(dim)
@@ -144,7 +146,11 @@ class Attention(nn.Module):
         q = self.q(h).view(b, n, self.heads, self.hd).transpose(1, 2)
         k = self.k(h).view(b, n, self.heads, self.hd).transpose(1, 2)
         v = self.v(h).view(b, n, self.heads, self.hd).transpose(1, 2)
-        if self.sdpa:
+        if self.rel is not None:
+            pos = torch.arange(n, device=x.device)
+            bias = self.rel((pos[:, None] - pos[None, :]).clamp(-7, 7) + 7).permute(2, 0, 1).unsqueeze(0)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        elif self.sdpa:
             ctx = F.scaled_dot_product_attention(q, k, v)
         else:
             ctx = torch.matmul((torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.hd)).softmax(-1), v)
@@ -209,6 +215,23 @@ class Negated(nn.Module):
         return self.b(F.relu(-self.a(x)) + torch.neg(self.a(x)))
 
 
+class PadSqueeze(nn.Module):
+    """Spatial padding (zeros, reflect) and unsqueeze/squeeze of other axes: channels go through."""
+
+    def __init__(self, squeeze_all=False, pad_channels=False):
+        super().__init__()
+        self.squeeze_all, self.pad_channels = squeeze_all, pad_channels
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(F.pad(x, (1, 1, 1, 1))))
+        y = F.pad(y, (1, 1, 1, 1), mode="reflect").unsqueeze(2)
+        y = y.squeeze() if self.squeeze_all else y.squeeze(2)
+        if self.pad_channels:
+            y = F.pad(y, (0, 0, 0, 0, 0, 1))[:, :8]
+        return self.c(F.relu(self.b(y)))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -220,10 +243,12 @@ CASES = {
     "split_chunk": (SplitChunk, IMAGE),
     "attention": (Attention, lambda: torch.randn(2, 5, 6)),
     "attention_sdpa": (lambda: Attention(sdpa=True), lambda: torch.randn(2, 5, 6)),
+    "attention_head_bias": (lambda: Attention(head_bias=True), lambda: torch.randn(2, 5, 6)),
     "tokens": (Tokens, lambda: torch.randint(0, 50, (2, 8))),
     "casts": (Casts, lambda: torch.randint(0, 50, (2, 8))),
     "unknown_op": (Unknown, IMAGE),
     "negated": (Negated, IMAGE),
+    "pad_squeeze": (PadSqueeze, IMAGE),
 }
 
 
@@ -501,3 +526,26 @@ def test_negation_is_followed_not_pinned():
     plan, masked, out, *_ = _pruned_and_masked("negated", "symbolic")
     assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_bias_per_head_loses_the_pruned_heads(mode):
+    plan, masked, out, _, pruned, x = _pruned_and_masked("attention_head_bias", mode)
+    pinned = plan.channel_graph.pinned_nodes
+    assert all("layer_norm" in why for why in pinned.values()), pinned  # the exact norm only
+    heads_left = pruned.get_parameter("rel.weight").shape[1]
+    q_rows = pruned.get_parameter("q.weight").shape[0]
+    assert 0 < heads_left < 4 and q_rows == heads_left * 8
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_spatial_pad_and_squeeze_are_followed_and_ambiguous_ones_pinned(mode):
+    plan, *_ = _pruned_and_masked("pad_squeeze", mode)
+    assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
+    torch.manual_seed(0)
+    for options, why in (({"squeeze_all": True}, "squeeze of every size-1 axis"),
+                         ({"pad_channels": True}, "pad of the channel axis")):
+        x = IMAGE()
+        plan = analyze(PadSqueeze(**options).eval(), (x,), mode=mode, ratio=0.5)
+        assert why in " ".join(plan.channel_graph.pinned_nodes.values()), plan.channel_graph.pinned_nodes
