@@ -10,7 +10,9 @@ What it rewrites (each step can be switched off by an option):
   not cost more multiply-adds;
 - `attention`: softmax(Q Kᵀ / c [+ mask]) V and softmax(Q Kᵀ * s [+ mask]) V become
   `F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=...)`; a boolean mask filled
-  with −inf (`s.masked_fill(m, -inf)`) becomes `attn_mask=~m`;
+  with −inf (`s.masked_fill(m, -inf)`) becomes `attn_mask=~m`. The scale may be a number the
+  graph computes from shapes (`/ hd ** 0.5`, `* k.size(-1) ** -0.5`, symbolic traces): SDPA
+  then reads it at run time;
 - `annotate`: conv/linear + activation (relu, relu6/hardtanh, hardswish, silu, gelu),
   conv + residual add (+ relu) and add + relu are *annotated* as fused groups in
   `node.meta["fxopt.annotations"]` (see `rules.py` for the contract). In eager PyTorch a
@@ -64,7 +66,7 @@ class Fuse(Pass):
         if self.merge_linears:
             wanted.add("linear+linear")
         if self.attention:
-            wanted |= {"attention", "attention+mask", "attention+masked_fill"}
+            wanted |= set(rules.ATTENTION)
         table = table + rules.FOLDS.select(wanted)
         if self.annotate:
             table = table + rules.EPILOGUES

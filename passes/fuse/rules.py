@@ -23,6 +23,7 @@ weights) + relu annotated "conv+relu".
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -201,11 +202,65 @@ def _softmax_last(view) -> bool | str:
     return f"softmax over dim {dim}, not the last one"
 
 
-def _scores(mask: str | None) -> Op:
+# Reads of a shape: `x.size()`, `x.size(-1)`, `x.shape`, `x.dim()`, and ATen's `sym_size` /
+# `sym_numel` where export keeps a dimension symbolic; "shape" is a tuple, "number" an int.
+_SHAPE_METHODS = {"size": "shape", "dim": "number", "numel": "number"}
+_SHAPE_ATTRS = {"shape": "shape", "ndim": "number"}
+_SHAPE_ATEN = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default)
+# Arithmetic that maps Python numbers to Python numbers (on a tensor operand it gives a tensor,
+# hence every operand must be a number); `math.*` and `torch.sym_*` only return numbers.
+_NUMBER_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+               operator.pow, operator.neg, torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min,
+               torch._sym_sqrt}
+
+
+def _shape_value(value: object) -> str | None:
+    """"number" when `value` is a Python int/float computed only from tensor shapes and Python
+    numbers (`C // n_head`, `k.size(-1) ** -0.5`, `1.0 / math.sqrt(hd)`), "shape" for a shape
+    tuple, None for anything else: a tensor, a parameter, a graph input.
+
+    Decided from how the graph computes it, not from the example run, so it holds for every
+    input: a number derived from shapes is a number at any size, and a tensor (a learned
+    temperature, `torch.tensor(d).sqrt()`) never is one.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "number"
+    if not isinstance(value, torch.fx.Node) or tensor_meta(value) is not None:
+        return None
+    args, target = value.args, value.target
+    if value.op == "call_method" and target in _SHAPE_METHODS:
+        with_dim = target == "size" and len(args) + len(value.kwargs) > 1
+        return "number" if with_dim else _SHAPE_METHODS[target]
+    if value.op != "call_function":
+        return None
+    if target is getattr and len(args) == 2:
+        return _SHAPE_ATTRS.get(args[1])
+    if target in _SHAPE_ATEN:
+        return "number"
+    if target is operator.getitem and len(args) == 2 and _shape_value(args[0]) == "shape":
+        return "number" if isinstance(args[1], int) else "shape" if isinstance(args[1], slice) else None
+    if target in _NUMBER_OPS or getattr(target, "__module__", None) == "math":
+        operands = [*args, *value.kwargs.values()]
+        return "number" if all(_shape_value(a) == "number" for a in operands) else None
+    return None
+
+
+def _is_shape_number(node: torch.fx.Node) -> bool:
+    return _shape_value(node) == "number"
+
+
+def _scores(mask: str | None, scale: str = "const") -> Op:
     """QKᵀ scaled, then an additive float mask (`mask="add"`), a boolean mask filled with −inf
-    (`mask="fill"`: `s.masked_fill(m, -inf)`, nanoGPT's causal mask), or none."""
+    (`mask="fill"`: `s.masked_fill(m, -inf)`, nanoGPT's causal mask), or none.
+
+    `scale`: "const" (`/ 8.0`, `* 0.125`), or a number computed in the graph from shapes
+    (`/ hd ** 0.5` is "div", `* k.size(-1) ** -0.5` is "mul"), as symbolic traces keep it.
+    """
     qk = Op("matmul", Var("q"), Op("transpose", Var("k"), check=_last_dims))
-    scaled = Op(("div", "mul"), qk, scalar=Const("c"), name="scale_op")
+    if scale == "const":
+        scaled = Op(("div", "mul"), qk, scalar=Const("c"), name="scale_op")
+    else:  # the scale node stays: it may feed other ops, and SDPA reads it
+        scaled = Op(scale, qk, Var("s", check=_is_shape_number), name="scale_op", commutative=scale == "mul")
     if mask == "add":
         return Op("add", scaled, Var("mask"), commutative=True)
     if mask == "fill":  # only −inf: a finite fill replaces scores, which no additive mask says
@@ -232,14 +287,32 @@ def _attention_check(m: Match) -> bool | str:
 
 
 def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
-    c = float(r["c"])
-    scale = 1.0 / c if r.view("scale_op").kind == "div" else c
-    if not math.isfinite(scale):
-        return None
+    divides = r.view("scale_op").kind == "div"
+    if "c" in r.match.values:
+        c = float(r["c"])
+        scale = 1.0 / c if divides else c
+        if not math.isfinite(scale):
+            return None
+    else:  # a number known at run time only: SDPA's scale= takes it as a float then
+        scale = r.call(operator.truediv, 1.0, r["s"]) if divides else r["s"]
     mask = r.match.nodes.get("mask")
     if "fill" in r.match.views:  # SDPA's boolean mask says which scores take part
         mask = r.call(torch.logical_not, mask)
     return r.call(F.scaled_dot_product_attention, r["q"], r["k"], r["v"], attn_mask=mask, scale=scale)
+
+
+def _attention(name: str, mask: str | None) -> list[Pattern]:
+    """The attention patterns for `mask`: a constant scale (`name`), and a scale computed from
+    shapes that divides (`name/div-shape`) or multiplies (`name/mul-shape`) the scores."""
+    return [Pattern(name + suffix, Op("matmul", Op("softmax", _scores(mask, scale), check=_softmax_last), Var("v")),
+                    rewrite=_to_sdpa, check=_attention_check)
+            for suffix, scale in (("", "const"), ("/div-shape", "div"), ("/mul-shape", "mul"))]
+
+
+_ATTENTION = [*_attention("attention+mask", "add"), *_attention("attention+masked_fill", "fill"),
+              *_attention("attention", None)]
+#: The names of the attention patterns, for passes that switch them on and off together.
+ATTENTION = tuple(p.name for p in _ATTENTION)
 
 
 FOLDS = PatternSet([
@@ -249,12 +322,7 @@ FOLDS = PatternSet([
                             check=_bn_eval), rewrite=_fold_linear_bn),
     Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",
                                 check=_linear_ok), rewrite=_merge_linears),
-    Pattern("attention+mask", Op("matmul", Op("softmax", _scores("add"), check=_softmax_last), Var("v")),
-            rewrite=_to_sdpa, check=_attention_check),
-    Pattern("attention+masked_fill", Op("matmul", Op("softmax", _scores("fill"), check=_softmax_last), Var("v")),
-            rewrite=_to_sdpa, check=_attention_check),
-    Pattern("attention", Op("matmul", Op("softmax", _scores(None), check=_softmax_last), Var("v")),
-            rewrite=_to_sdpa, check=_attention_check),
+    *_ATTENTION,
 ])
 
 

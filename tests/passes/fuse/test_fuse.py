@@ -227,3 +227,72 @@ def test_fused_matches_on_cuda():
     model = ConvBNAct(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
     res = fxopt.optimize(model, (torch.randn(2, 3, 8, 8),), pipeline="fuse", mode="export", devices=["cuda"])
     assert res.verification_by_device["cuda"].passed, res.summary()
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: the scale and the causal mask are computed from the input's shape,
+    so a symbolic trace keeps them as graph values, not constants."""
+
+    def __init__(self, spelling="nanogpt", n_embd=32, n_head=4):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.n_head, self.spelling = n_head, spelling
+        self.temp = nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        hd = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, hd).transpose(1, 2) for t in (q, k, v))
+        s = q @ k.transpose(-2, -1)
+        if self.spelling == "nanogpt":
+            s = s * (1.0 / math.sqrt(k.size(-1)))
+        elif self.spelling == "div_pow":
+            s = s / (hd ** 0.5)
+        elif self.spelling == "mul_pow":
+            s = s * hd ** -0.5
+        elif self.spelling == "pow_first":  # the scale on the left, read from `.shape`
+            s = k.shape[-1] ** -0.5 * s
+        elif self.spelling == "tensor_temp":  # a learned temperature: a tensor, not SDPA's scale
+            s = s / self.temp
+        s = s.masked_fill(~x.new_ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        y = (s.softmax(dim=-1) @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+def _same_at_other_sizes(gm, model):
+    # the scale and mask must stay computed from the input, not baked in from the example
+    for batch in (1, 3):
+        for seq in (4, 9):
+            x = torch.randn(batch, seq, 32)
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spelling,pattern", [
+    ("nanogpt", "attention+masked_fill/mul-shape"), ("div_pow", "attention+masked_fill/div-shape"),
+    ("mul_pow", "attention+masked_fill/mul-shape"), ("pow_first", "attention+masked_fill/mul-shape")])
+def test_attention_with_a_computed_scale_becomes_sdpa(spelling, pattern):
+    torch.manual_seed(0)
+    model = CausalSelfAttention(spelling).eval()
+    res = _run(model, torch.randn(2, 6, 32), "symbolic")
+    kinds = _kinds(res.module)
+    assert kinds.count("sdpa") == 1 and "softmax" not in kinds and "matmul" not in kinds
+    assert res.passes[0].stats["matches"] == {pattern: 1}
+    sdpa = next(n for n in res.module.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert isinstance(sdpa.kwargs["scale"], torch.fx.Node)  # read at run time, not a constant
+    _same_at_other_sizes(res.module, model)
+
+
+def test_a_computed_scale_still_folds_to_a_constant_in_export():
+    res = _run(CausalSelfAttention("div_pow").eval(), torch.randn(2, 6, 32), "export")
+    assert res.passes[0].stats["matches"] == {"attention+masked_fill": 1}
+
+
+def test_a_tensor_divisor_is_not_sdpa_scale():
+    # SDPA's scale= is a float; a learned temperature tensor stays a division, still correct
+    torch.manual_seed(0)
+    model = CausalSelfAttention("tensor_temp").eval()
+    res = _run(model, torch.randn(2, 6, 32), "symbolic")
+    kinds = _kinds(res.module)
+    assert "sdpa" not in kinds and "softmax" in kinds and kinds.count("matmul") == 2
+    _same_at_other_sizes(res.module, model)
