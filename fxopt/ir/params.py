@@ -95,6 +95,10 @@ def attribute_use_counts(gm: torch.fx.GraphModule) -> Counter:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             counts[node.target] += 1
+            # a call reads the module's tensors too: `self.fc(x)` and `x @ self.fc.weight` share one
+            module = gm.get_submodule(node.target)
+            for name, _ in [*module.named_parameters(node.target), *module.named_buffers(node.target)]:
+                counts[name] += 1
         elif node.op == "get_attr":
             counts[node.target] += max(len(node.users), 1)
     return counts

@@ -69,8 +69,8 @@ def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, P
     (it is a walk over the whole graph); it must be recomputed after the graph changes.
     """
     counts = attribute_use_counts(gm) if counts is None else counts
-    if node.op == "call_module":
-        return counts[node.target] > 1
+    if node.op == "call_module" and counts[node.target] > 1:
+        return True
     return any(counts[ref.qualname] > 1 for ref in params.values())
 
 
@@ -82,7 +82,7 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     new attribute points at the same tensor until a pass replaces it with `ParamRef.set`.
     """
     counts = attribute_use_counts(gm)
-    if node.op == "call_module" and counts[node.target] > 1:
+    if node.op == "call_module":
         module = gm.get_submodule(node.target)
         twin = copy.copy(module)
         twin._parameters = dict(module._parameters)

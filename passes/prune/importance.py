@@ -105,7 +105,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             scores = _row_norm(w, pw.out_axis, p)
             b = pw.bias.get() if pw.bias is not None else None
             if b is not None:
-                scores = scores + (b.detach().abs().numpy() if p == 1 else b.detach().pow(2).numpy())
+                scores = scores + (b.detach().double().abs().numpy() if p == 1 else b.detach().double().pow(2).numpy())
             if importance == "taylor" and name in taylor:
                 scores = taylor[name]
             add_scores(sid, scores, imp)
@@ -140,7 +140,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
                     scores = _row_norm(g, 0, p) + (_row_norm(b, 0, p) if b is not None else 0)
                     add_scores(sid, scores, imp)
                     if rule.kind == "batch_norm":
-                        add_scores(sid, g.detach().abs().numpy().astype(np.float64), bn)
+                        add_scores(sid, g.detach().double().abs().numpy(), bn)  # numpy has no bfloat16
                         has_bn[cg.positions(sid)] = True
             elif rule.info.get("depthwise"):
                 w = view.param("weight")

@@ -169,9 +169,11 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
             blocked[cg.positions(sid)] = True
     prod = costs["prod"]
     if ratio > 0 and prod[~blocked].sum() == 0:
-        what = "every prunable layer is ignored" if ignored else "the model has no prunable channels"
-        raise ValueError(f"option 'ignore': {what} (pinned: {', '.join(sorted(cg.pinned_nodes)) or 'none'})"
-                         if ignored else f"nothing to prune: {what}")
+        if ignored:
+            raise ValueError(f"option 'ignore': every prunable layer is ignored "
+                             f"(pinned: {', '.join(sorted(cg.pinned_nodes)) or 'none'})")
+        raise NothingToPrune("nothing to prune: the model has no prunable channels (every channel is "
+                             f"pinned or reaches the graph output).{_pinned_summary(cg)}")
     costs["adapter"], costs["soft"] = adapter_costs(gm, cg, blocked, ignored, ratio, adapter_cost)
     groups = [sorted(g) for g in cg.groups()]
     seconds["costs"] = time.perf_counter() - start
@@ -264,7 +266,11 @@ class Prune(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.ratio == 0:
             return PassResult(gm, modified=False, stats={"removed_channels": 0})
-        plan = self.plan(gm, ctx)
+        try:
+            plan = self.plan(gm, ctx)
+        except NothingToPrune as exc:  # in a pipeline, the passes after prune still run
+            warnings.warn(f"prune: {exc}", stacklevel=2)
+            return PassResult(gm, modified=False, stats={"removed_channels": 0, "note": str(exc)})
         stats = plan.stats()
         if plan.selection.removed == 0:
             stats["note"] = _why_nothing_was_removed(plan, self.ratio)
@@ -278,17 +284,27 @@ class Prune(Pass):
 
 # ----- helpers ---------------------------------------------------------------------------------
 
+class NothingToPrune(ValueError):
+    """The model has no channel the analysis may remove (all pinned or feeding the output)."""
+
+
+def _pinned_summary(cg: ChannelGraph, shown: int = 5) -> str:
+    """` Pinned nodes: name: reason; ...` — the first few, for messages a user acts on."""
+    pinned = cg.pinned_nodes
+    if not pinned:
+        return ""
+    listed = "; ".join(f"{name}: {why}" for name, why in list(pinned.items())[:shown])
+    more = f" (+{len(pinned) - shown} more in stats['pinned'])" if len(pinned) > shown else ""
+    return f" Pinned nodes: {listed}{more}."
+
+
 def _why_nothing_was_removed(plan: PrunePlan, ratio: float) -> str:
     """What a user who asked for `ratio` and got nothing should read: which nodes hold the
     channels at full width, and what to try."""
-    pinned = plan.channel_graph.pinned_nodes
-    shown = "; ".join(f"{name}: {why}" for name, why in list(pinned.items())[:5])
-    more = f" (+{len(pinned) - 5} more in stats['pinned'])" if len(pinned) > 5 else ""
-    blockers = f" Pinned nodes: {shown}{more}." if pinned else ""
     hint = (" Options: exact_norms=false prunes through norms; adapter_cost=0 stops charging"
             " the re-expansions in front of pinned nodes.")
     return (f"removed no channel at ratio={ratio}: no removal saved more than it cost "
-            f"(importance lost plus the re-expansion adapters it needs).{blockers}{hint}")
+            f"(importance lost plus the re-expansion adapters it needs).{_pinned_summary(plan.channel_graph)}{hint}")
 
 
 def _check_options(ratio: float, importance: str, scope: str, round_to: int, adapter_cost: float = 1.0,

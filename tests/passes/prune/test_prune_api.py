@@ -173,8 +173,35 @@ def test_taylor_on_a_model_without_producers_refuses_like_l1(mode):
     model = nn.Sequential(nn.BatchNorm2d(3)).eval()
     x = torch.randn(1, 3, 6, 6)
     for importance in ("l1", "taylor"):
-        with pytest.raises(PassError, match="nothing to prune: the model has no prunable channels"):
-            fxopt.optimize(model, (x,), [Prune(ratio=0.3, importance=importance)], calibration=[(x,)], mode=mode)
+        with pytest.warns(UserWarning, match="nothing to prune: the model has no prunable channels"):
+            res = fxopt.optimize(model, (x,), [Prune(ratio=0.3, importance=importance)], calibration=[(x,)],
+                                 mode=mode)
+        assert not res.passes[0].modified and res.verification.passed
+
+
+class _ComputedWeights(nn.Module):
+    """Weights computed in forward (weight norm written out): no layer owns a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.v1, self.g1 = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.rand(8, 1))
+        self.v2, self.g2 = nn.Parameter(torch.randn(3, 8)), nn.Parameter(torch.rand(3, 1))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x, self.v1 * self.g1)), self.v2 * self.g2)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_model_with_nothing_prunable_names_what_pins_it(mode):
+    """analyze() refuses, naming the pinned node; the pass warns and the pipeline goes on."""
+    from fxopt.passes.prune.prune_pass import NothingToPrune
+
+    model, x = _ComputedWeights().eval(), torch.randn(4, 6)
+    with pytest.raises(NothingToPrune, match=r"no prunable channels.*Pinned nodes: linear: .*not a parameter"):
+        analyze(model, (x,), mode=mode, ratio=0.5)
+    with pytest.warns(UserWarning, match="Pinned nodes: linear"):
+        res = fxopt.optimize(model, (x,), "prune{ratio=0.5},fuse", mode=mode)
+    assert [r.modified for r in res.passes][0] is False and res.verification.passed
 
 
 def test_taylor_scores_skip_outputs_that_do_not_depend_on_producers():
@@ -266,3 +293,15 @@ def test_class_importance_is_the_mean_over_its_producers_and_norms():
     expected = (normalized(model.a.weight) + normalized(model.bn1.weight[:, None]) +
                 normalized(model.bn2.weight[:, None])) / 3
     torch.testing.assert_close(torch.as_tensor(imp), expected.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_prune_in_their_dtype(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3, padding=1)).eval().to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    for importance in ("l1", "bn_scale"):
+        pruned = analyze(model, (x,), ratio=0.5, importance=importance).apply()
+        assert pruned.get_submodule("0").weight.shape[0] < 16
+        assert pruned(x).dtype == dtype and pruned(x).shape == (2, 8, 8, 8)

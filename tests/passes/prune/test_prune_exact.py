@@ -232,6 +232,19 @@ class PadSqueeze(nn.Module):
         return self.c(F.relu(self.b(y)))
 
 
+class WeightReadTwice(nn.Module):
+    """A Linear called as a module whose weight is also read directly (MoE routers, tied
+    heads): each site gets its own copy before either is pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.router, self.head = nn.Linear(16, 32), nn.Linear(32, 4), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        return self.head(h + F.softmax(self.router(h), -1) @ self.router.weight)
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -248,6 +261,7 @@ CASES = {
     "casts": (Casts, lambda: torch.randint(0, 50, (2, 8))),
     "unknown_op": (Unknown, IMAGE),
     "negated": (Negated, IMAGE),
+    "weight_read_twice": (WeightReadTwice, lambda: torch.randn(2, 16)),
     "pad_squeeze": (PadSqueeze, IMAGE),
 }
 
