@@ -298,6 +298,10 @@ class _Applier:
         if rule.kind in ("layer_norm", "group_norm"):  # exact_norms=False: the affine follows
             _resize_norm(node, m, rule.kind, len(out_keep))
             return
+        if rule.kind == "prelu":
+            if m is not None:
+                m.num_parameters = len(out_keep)
+            return
         # depthwise conv: groups follow the kept inputs
         _, sid, in_pos, out_pos, out = rule.inputs[0]
         groups = int(len(np.unique(in_pos[np.isin(out_pos, self.keep(out))])))

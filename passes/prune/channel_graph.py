@@ -18,10 +18,11 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   there. Grouped conv couples input position r of every group (and output position r of every
   group) so groups stay uniform; depthwise conv ties input channel c to its output block like a
   batchnorm.
-- batch_norm, zero-preserving activations (relu, gelu, ``pow`` with a positive exponent, ...),
-  pooling, dropout, interpolate, mean over other axes, softmax over another axis, scalar mul/div:
-  identity maps.
-- pointwise ops with f(0) ≠ 0 (``x + const``, sigmoid) are identity maps too, but their value is
+- batch_norm, zero-preserving activations (relu, gelu, leaky_relu, elu, mish, ``pow`` with a
+  positive exponent, ...), PReLU (a slope per channel is sliced with them), pooling, dropout,
+  interpolate, mean or p-norm over other axes, softmax over another axis, roll/pad of other axes,
+  scalar mul/div: identity maps.
+- pointwise ops with f(0) ≠ 0 (``x + const``, sigmoid, hardsigmoid) are identity maps too, but their value is
   *dirty*: it is not zero on removed channels. That is harmless while every path from it ends in
   a product with a zero-preserving factor (``x * sigmoid(x)``, the tanh GELU spelled out as
   ``0.5 * x * (1 + tanh(...))``) — the product is zero there either way. If a dirty value reaches
@@ -73,14 +74,15 @@ from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, is_shared, op_view, ref_for_get_attr,
                       spec_for, tensor_meta, value_nbytes)
 
-ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "dropout",
-                             "identity", "contiguous", "to"})
+ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
+                             "mish", "dropout", "identity", "contiguous", "to"})
 SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
 # ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
 # may flow through them (the result is dirty too; a product with a clean factor is clean)
 CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
-    "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "pow", "unsqueeze", "squeeze", "pad"})
+    "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
+    "pad", "roll", "vector_norm", "prelu"})
 
 
 @dataclass(frozen=True)
@@ -583,6 +585,10 @@ class _Builder:
             raise _Pin("softmax over the channel axis")
         self.passthrough(node, view, src, axis)
 
+    def rule_vector_norm(self, node, view, shape) -> None:
+        """A p-norm over axes: zero on removed channels when they are not reduced (like mean)."""
+        self.rule_mean(node, view, shape)
+
     def rule_mean(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)
         if sid is None:
@@ -591,13 +597,13 @@ class _Builder:
         axis = self.slots[sid].axis
         dims = view.attrs.get("dim")
         if dims is None:
-            raise _Pin("mean over all axes")
+            raise _Pin(f"{view.kind} over all axes")
         dims = [_norm_axis(d, len(in_shape)) for d in ([dims] if isinstance(dims, int) else dims)]
         keep = bool(view.attrs.get("keepdim", False))
         if axis in dims:
             if self.exact_norms or not keep:
-                raise _Pin("mean over the channel axis" + (" (read at full width; exact_norms=true)"
-                                                           if keep else ""))
+                raise _Pin(f"{view.kind} over the channel axis" + (" (read at full width; exact_norms=true)"
+                                                                  if keep else ""))
             # a norm's statistic spelled out (RMSNorm's x.pow(2).mean(-1, keepdim=True)): like
             # layer_norm with exact_norms=false, it is then taken over the kept channels
             return self.free_output(node, view)
@@ -780,6 +786,34 @@ class _Builder:
 
     def rule_sigmoid(self, node, view, shape) -> None:
         self._channelwise(node, view, shape, dirty=True)
+
+    rule_hardsigmoid = rule_sigmoid  # hardsigmoid(0) = 0.5: dirty, like sigmoid (MobileNetV3's SE gate)
+
+    def rule_prelu(self, node, view, shape) -> None:
+        """A slope per channel (axis 1) is sliced with them, like a batchnorm's affine; one
+        slope for all is a zero-preserving activation."""
+        weight = view.param("weight")
+        if weight is None:
+            raise _Pin("prelu slope is not a parameter")
+        if weight.numel() == 1:
+            return self._channelwise(node, view, shape, dirty=False)
+        src, sid = self.single_input(node, view)
+        if sid is None or self.slots[sid].axis != 1 or len(shape) < 2:
+            raise _Pin("prelu with a slope per channel on a value whose channels are not axis 1")
+        self.passthrough(node, view, src, 1, category="norm")
+
+    def rule_roll(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        dims = view.attrs.get("dims")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims:
+            raise _Pin("roll of the flattened tensor")
+        axis = self.slots[sid].axis
+        if axis in [_norm_axis(int(d), len(shape)) for d in dims]:
+            raise _Pin("roll of the channel axis")
+        self.passthrough(node, view, src, axis)
 
     def rule_pow(self, node, view, shape) -> None:
         exponent = view.attrs.get("exponent")

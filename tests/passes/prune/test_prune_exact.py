@@ -245,6 +245,24 @@ class WeightReadTwice(nn.Module):
         return self.head(h + F.softmax(self.router(h), -1) @ self.router.weight)
 
 
+class ChannelwiseOps(nn.Module):
+    """Per-channel ops beyond relu: leaky/elu/selu/mish, PReLU with a slope per channel, a roll
+    of the spatial axes, a spatial p-norm (ConvNeXt-V2's GRN) and a hardsigmoid SE gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.prelu, self.act = nn.PReLU(8), nn.Mish()
+        self.se = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.prelu(F.leaky_relu(self.a(x), 0.2))
+        y = torch.roll(F.elu(y) + F.selu(y), shifts=(1, 2), dims=(2, 3))
+        y = self.act(self.b(y))
+        y = y * torch.norm(y, p=2, dim=(2, 3), keepdim=True)
+        return self.c(y * F.hardsigmoid(self.se(F.adaptive_avg_pool2d(y, 1))))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -261,6 +279,7 @@ CASES = {
     "casts": (Casts, lambda: torch.randint(0, 50, (2, 8))),
     "unknown_op": (Unknown, IMAGE),
     "negated": (Negated, IMAGE),
+    "channelwise_ops": (ChannelwiseOps, IMAGE),
     "weight_read_twice": (WeightReadTwice, lambda: torch.randn(2, 16)),
     "pad_squeeze": (PadSqueeze, IMAGE),
 }
@@ -563,3 +582,12 @@ def test_spatial_pad_and_squeeze_are_followed_and_ambiguous_ones_pinned(mode):
         x = IMAGE()
         plan = analyze(PadSqueeze(**options).eval(), (x,), mode=mode, ratio=0.5)
         assert why in " ".join(plan.channel_graph.pinned_nodes.values()), plan.channel_graph.pinned_nodes
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_channelwise_activations_norms_and_gates_are_followed(mode):
+    plan, masked, out, _, pruned, _ = _pruned_and_masked("channelwise_ops", mode)
+    assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
+    slope = next(p for n, p in pruned.named_parameters() if n.startswith("prelu"))
+    assert slope.shape[0] == pruned.get_parameter("a.weight").shape[0] < 8
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
