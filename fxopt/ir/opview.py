@@ -259,6 +259,11 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
     OpSpec("select", functions=(torch.select,), methods=("select",), aten=(aten.select,),
            arg_names=("input", "dim", "index")),
+    OpSpec("pixel_shuffle", functions=(F.pixel_shuffle,), aten=(aten.pixel_shuffle,), modules=(nn.PixelShuffle,),
+           arg_names=("input", "upscale_factor"), module_attrs=lambda m: dict(upscale_factor=m.upscale_factor)),
+    OpSpec("pixel_unshuffle", functions=(F.pixel_unshuffle,), aten=(aten.pixel_unshuffle,),
+           modules=(nn.PixelUnshuffle,), arg_names=("input", "downscale_factor"),
+           module_attrs=lambda m: dict(downscale_factor=m.downscale_factor)),
     OpSpec("roll", functions=(torch.roll,), methods=("roll",), aten=(aten.roll,),
            arg_names=("input", "shifts", "dims"), defaults=dict(dims=None)),
     # p-norms over axes (GRN's torch.norm(x, p=2, dim=(1, 2), keepdim=True))

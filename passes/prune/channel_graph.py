@@ -82,7 +82,7 @@ SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"}
 CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
     "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
-    "pad", "roll", "vector_norm", "prelu"})
+    "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle"})
 
 
 @dataclass(frozen=True)
@@ -801,6 +801,26 @@ class _Builder:
         if sid is None or self.slots[sid].axis != 1 or len(shape) < 2:
             raise _Pin("prelu with a slope per channel on a value whose channels are not axis 1")
         self.passthrough(node, view, src, 1, category="norm")
+
+    def rule_pixel_shuffle(self, node, view, shape) -> None:
+        """Output channel c is made of input channels c·r² … c·r² + r² − 1: a block of r² goes
+        (or stays) together, so the factor keeps holding."""
+        self._pixel_blocks(node, view, shape, int(view.attrs["upscale_factor"]) ** 2, shuffle=True)
+
+    def rule_pixel_unshuffle(self, node, view, shape) -> None:
+        """Input channel c becomes output channels c·r² … c·r² + r² − 1."""
+        self._pixel_blocks(node, view, shape, int(view.attrs["downscale_factor"]) ** 2, shuffle=False)
+
+    def _pixel_blocks(self, node, view, shape, block: int, shuffle: bool) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        if axis != len(shape) - 3:
+            raise _Pin(f"{view.kind} of a value whose channels are not its channel axis")
+        wide = np.arange(self.slots[sid].size if shuffle else shape[axis])
+        in_pos, out_pos = (wide, wide // block) if shuffle else (wide // block, wide)
+        self.passthrough(node, view, src, axis, in_pos, out_pos, how=f"blocks of {block}")
 
     def rule_roll(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)

@@ -263,6 +263,20 @@ class ChannelwiseOps(nn.Module):
         return self.c(y * F.hardsigmoid(self.se(F.adaptive_avg_pool2d(y, 1))))
 
 
+class PixelShuffleNet(nn.Module):
+    """Super-resolution's sub-pixel conv: blocks of r² channels become one channel, and back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.c = nn.Conv2d(24, 4, 1)
+        self.up, self.down = nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+
+    def forward(self, x):
+        y = F.relu(self.b(self.up(F.relu(self.a(x)))))
+        return self.c(self.down(y))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -279,6 +293,7 @@ CASES = {
     "casts": (Casts, lambda: torch.randint(0, 50, (2, 8))),
     "unknown_op": (Unknown, IMAGE),
     "negated": (Negated, IMAGE),
+    "pixel_shuffle": (PixelShuffleNet, IMAGE),
     "channelwise_ops": (ChannelwiseOps, IMAGE),
     "weight_read_twice": (WeightReadTwice, lambda: torch.randn(2, 16)),
     "pad_squeeze": (PadSqueeze, IMAGE),
@@ -590,4 +605,14 @@ def test_channelwise_activations_norms_and_gates_are_followed(mode):
     assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
     slope = next(p for n, p in pruned.named_parameters() if n.startswith("prelu"))
     assert slope.shape[0] == pruned.get_parameter("a.weight").shape[0] < 8
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_pixel_shuffle_prunes_whole_blocks(mode):
+    plan, masked, out, _, pruned, _ = _pruned_and_masked("pixel_shuffle", mode)
+    assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
+    a, b = pruned.get_parameter("a.weight").shape[0], pruned.get_parameter("b.weight")
+    assert a < 32 and a % 4 == 0 and b.shape[1] == a // 4
+    assert pruned.get_parameter("c.weight").shape[1] == 4 * b.shape[0]
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
