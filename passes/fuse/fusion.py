@@ -6,6 +6,8 @@ What it rewrites (each step can be switched off by an option):
 - `fold_bn`: conv (1d/2d/3d, transposed) + batchnorm and linear + batchnorm fold into one
   conv/linear with new weights (computed in float64, stored as new `get_attr` tensors; the
   originals are never written to, so shared modules and tied weights stay intact);
+- `fold_bias`: a bias parameter added after a bias-less linear (`x @ self.weight.T + self.bias`,
+  Falcon-style layers) becomes that linear's bias;
 - `merge_linears`: linear(linear(x)) with nothing between becomes one linear, when that does
   not cost more multiply-adds;
 - `attention`: softmax(Q Kᵀ / c [+ mask]) V and softmax(Q Kᵀ * s [+ mask]) V become
@@ -50,6 +52,7 @@ class Fuse(Pass):
     tolerance = "float"
     remove_noops: bool = True
     fold_bn: bool = True
+    fold_bias: bool = True
     merge_linears: bool = True
     attention: bool = True
     annotate: bool = True
@@ -63,6 +66,8 @@ class Fuse(Pass):
         wanted = set()
         if self.fold_bn:
             wanted |= {"conv+bn", "linear+bn"}
+        if self.fold_bias:
+            wanted.add("linear+bias")
         if self.merge_linears:
             wanted.add("linear+linear")
         if self.attention:

@@ -28,7 +28,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir import tensor_meta
+from fxopt.ir import get_attr_value, tensor_meta
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
 ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
@@ -162,6 +162,33 @@ def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
     wn = r.tensor(f"{name}_folded_weight", new_w.to(w.dtype))
     bnode = r.tensor(f"{name}_folded_bias", (base * scale + shift).to(w.dtype))
     return r.call(F.linear, r["x"], wn, bnode)
+
+
+def _no_bias(view) -> bool | str:
+    if "weight" not in view.params:
+        return "its weight is not a parameter"
+    node = view.node
+    has_bias = "bias" in view.params or "bias" in node.kwargs or (
+        node.op != "call_module" and view.kind == "linear" and len(node.args) > 2 and node.args[2] is not None)
+    return "it has a bias" if has_bias else True
+
+
+def _bias_vector(node: torch.fx.Node) -> bool:
+    return node.op == "get_attr"
+
+
+def _fold_bias(r: Rewriter) -> torch.fx.Node | None:
+    """`x @ W.T + b` (a bias-less linear, then a parameter added): one linear with that bias,
+    which lowering and int8 kernels run in one call."""
+    lin = r.view("linear")
+    weight, bias = lin.params["weight"], get_attr_value(r.gm, r["b"].target)
+    w = weight.get()
+    if not isinstance(bias, torch.Tensor) or bias.shape != (w.shape[0],) or bias.dtype != w.dtype:
+        return None  # a broadcast bias of another shape is no linear's bias
+    with r.graph.inserting_before(r.match.root):
+        w_node = r.graph.get_attr(weight.qualname)
+    r.new_nodes.append(w_node)
+    return r.call(F.linear, r["x"], w_node, r["b"])
 
 
 def _merge_linears(r: Rewriter) -> torch.fx.Node | None:
@@ -322,6 +349,8 @@ FOLDS = PatternSet([
                             check=_bn_eval), rewrite=_fold_linear_bn),
     Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",
                                 check=_linear_ok), rewrite=_merge_linears),
+    Pattern("linear+bias", Op("add", Op("linear", Var("x"), name="linear", check=_no_bias),
+                              Var("b", ndim=1, check=_bias_vector), commutative=True), rewrite=_fold_bias),
     *_ATTENTION,
 ])
 

@@ -296,3 +296,36 @@ def test_a_tensor_divisor_is_not_sdpa_scale():
     kinds = _kinds(res.module)
     assert "sdpa" not in kinds and "softmax" in kinds and kinds.count("matmul") == 2
     _same_at_other_sizes(res.module, model)
+
+
+class _SeparateBias(nn.Module):
+    """Falcon-style layers: `x @ W.T` then `+ b`; `bias_shape` other than (out,) broadcasts."""
+
+    def __init__(self, bias_shape=(16,), module=False):
+        super().__init__()
+        self.module = nn.Linear(8, 16, bias=False) if module else None
+        self.w = nn.Parameter(torch.randn(16, 8))
+        self.b = nn.Parameter(torch.randn(bias_shape))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.module(x) if self.module is not None else x @ self.w.T
+        return self.head(torch.relu(self.b + y))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("module", [False, True])
+def test_a_bias_added_after_a_bias_less_linear_folds_into_it(mode, module):
+    x = torch.randn(3, 5, 8)
+    res = _run(_SeparateBias(module=module).eval(), x, mode)
+    assert res.passes[0].stats["matches"]["linear+bias"] == 1
+    assert "add" not in _kinds(res.module) and _kinds(res.module).count("linear") == 2
+    assert fxopt.optimize(_SeparateBias().eval(), (x,), "fuse{fold_bias=false}", mode=mode) \
+        .passes[0].stats["matches"].get("linear+bias", 0) == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias_shape", [(1,), (5, 16), ()])
+def test_a_broadcast_added_tensor_is_no_bias(mode, bias_shape):
+    res = _run(_SeparateBias(bias_shape).eval(), torch.randn(3, 5, 8), mode)
+    assert res.passes[0].stats["matches"].get("linear+bias", 0) == 0 and "add" in _kinds(res.module)
