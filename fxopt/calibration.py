@@ -37,7 +37,8 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
     """Run `batches` through `gm` (no grad) so its observers record ranges; returns the count.
 
     Raises FxoptError when `gm` has no observers or `batches` is empty; observers raise on
-    NaN/Inf or non-float data, naming the node they watch.
+    NaN or non-float data, naming the node they watch (an infinity, such as a -inf attention
+    mask, is recorded: that value stays float).
     """
     observers = [m for m in gm.modules() if getattr(m, "is_fxopt_observer", False)]
     if not observers:

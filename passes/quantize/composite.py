@@ -5,6 +5,9 @@
 
 Preconditions: `fxopt.optimize(..., calibration=[...])` (or PassManager.run(calibration=...))
 gave at least one batch; there is no silent fallback to the example inputs.
+
+A model with nothing to quantize (no int8 pattern, or only float16/bfloat16 values) comes back
+as it is, with the stats lower-int8 gives when it lowers nothing and `float_ops` saying why.
 """
 from __future__ import annotations
 
@@ -45,6 +48,13 @@ class Quantize(Pass):
                 f"'{next(iter(existing))}'); either calibrate it (fxopt.calibrate) and run lower-int8, "
                 "or run quantize on a graph without observers")
         inserted = InsertObservers(self.observer, self.reduce_range, self.backend).run(gm, ctx)
+        if inserted.stats["observers"] == 0:
+            # No value lowering could quantize: nothing to calibrate, the module is the answer.
+            return PassResult(inserted.module, modified=False, stats={
+                "backend": self.backend, "quantized": {}, "float_ops": dict(inserted.stats["float_ops"]),
+                "int8_pass_through": 0, "quantize_nodes": 0, "dequantize_nodes": 0,
+                "reduce_range": inserted.stats["reduce_range"], "narrow_values": 0, "observers": 0,
+                "calibration_batches": len(ctx.calibration)})
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
         stats = dict(lowered.stats)

@@ -1,7 +1,7 @@
 """`insert-observers`: put an observer on every activation int8 lowering may need to quantize.
 
 Observed values: the output of every int8 group (conv[+bn][+act], linear[+act], add[+relu],
-matmul, cat; see `plan.py`) and every float input of a group or of a pass-through op, so that
+matmul, cat; see `plan.py`) and every float32 input of a group or of a pass-through op, so that
 `lower-int8` can place the int8/float boundary anywhere the minimum cut (or mixed precision)
 decides without observing again. Weights need no data; they are quantized at lowering.
 

@@ -46,7 +46,7 @@ from fxopt.verify import compare_outputs
 from .kernels import int8_linear
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear
-from .plan import AVERAGING, CUT_DECIDES, Group, Plan, build_plan, int8_region
+from .plan import AVERAGING, CUT_DECIDES, Group, Plan, blocked_by, build_plan, int8_region
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -103,9 +103,12 @@ class LowerInt8(Pass):
                 values += [x.sqnr_db for x in comparisons]
             return min(values, default=math.inf)
 
-        plan = build_plan(strip_observers(clone_sharing_tensors(gm))[0])
-        # add/cat follow the minimum cut (alone they are never int8), so only the rest are scored.
-        layers = [g.name for g in plan.groups.values() if g.kind not in CUT_DECIDES]
+        stripped, observers = strip_observers(clone_sharing_tensors(gm))
+        plan, float_only = build_plan(stripped), nonfinite_values(observers)
+        # add/cat follow the minimum cut (alone they are never int8), so only the rest are scored;
+        # a layer reading or producing a value with an infinite range is float whatever happens.
+        layers = [g.name for g in plan.groups.values()
+                  if g.kind not in CUT_DECIDES and blocked_by(g, float_only) is None]
         all_layers = set(layers)
         sensitivity = {name: sqnr_of(all_layers - {name}) for name in layers}
         order = sorted(layers, key=lambda name: sensitivity[name])
@@ -143,6 +146,11 @@ def strip_observers(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dic
     return gm, found
 
 
+def nonfinite_values(observers: dict[str, Observer]) -> dict[str, str]:
+    """Value name -> why it stays float, for the observed values calibration saw an infinity in."""
+    return {name: obs.nonfinite_reason() for name, obs in observers.items() if obs.nonfinite}
+
+
 def lower_module(observed: torch.fx.GraphModule, backend: str, exclude: set[str] = frozenset()):
     """A lowered copy of `observed` (which is left as it is) and the stats of the lowering."""
     if backend not in ("x86", "reference", "cuda"):
@@ -164,7 +172,11 @@ class _Lowering:
         self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
         self.packed_cache: dict[tuple, str] = {}
-        self.stats = {"backend": backend, "quantized": {}, "float_ops": dict(self.plan.unsupported),
+        # Values with no int8 grid (calibration saw +-inf in them, e.g. an attention mask):
+        # they, and the ops that would read them quantized, stay float.
+        self.float_only = nonfinite_values(observers)
+        self.stats = {"backend": backend, "quantized": {},
+                      "float_ops": {**self.plan.unsupported, **self.float_only},
                       "int8_pass_through": 0, "quantize_nodes": 0, "dequantize_nodes": 0,
                       "reduce_range": self.reduce_range, "narrow_values": 0}
 
@@ -176,9 +188,13 @@ class _Lowering:
                 self.stats["float_ops"][group.name] = f"{group.kind}: kept float (skip/target_sqnr)"
             elif out not in self.observers:
                 self.stats["float_ops"][group.name] = f"{group.kind}: output was not observed"
+            elif (blocked := blocked_by(group, self.float_only)) is not None:
+                self.stats["float_ops"][group.name] = (
+                    f"{group.kind}: {'its output' if blocked == out else f'input {blocked!r}'} "
+                    f"{self.float_only[blocked]}")
             else:
                 enabled.add(out)
-        region = int8_region(self.gm, self.plan, enabled)
+        region = int8_region(self.gm, self.plan, enabled, set(self.float_only))
         if self.reduce_range:
             self.narrow = self._kernel_inputs(enabled, region)
             self.stats["narrow_values"] = len(self.narrow)

@@ -16,7 +16,10 @@ torch.ao has no percentile observer, and its histogram search trims one bin at a
 greedily; `mse` scores every (lo, hi) clipping pair on a grid exactly, so it is written here.
 
 Every observer wraps its torch.ao core in `Observer`, which knows the node it watches and fails
-with that name on NaN/Inf or a dtype it cannot handle.
+with that name on NaN or a dtype it cannot handle. An infinity is no error: masks are built with
+-inf (`masked_fill(mask, -inf)` before a softmax) on purpose. The observer records it
+(`Observer.nonfinite`) and stops collecting; such a value has no int8 grid, so `lower-int8` keeps
+it, and every op that would need it quantized, float.
 """
 from __future__ import annotations
 
@@ -61,6 +64,10 @@ class Observer(nn.Module):
         self.kind = kind
         self.reduce_range = reduce_range
         self.batches = 0
+        #: "" while every value seen was finite; else which infinities calibration saw ("-inf",
+        #: "+inf" or "±inf"): the range is unbounded, there is no int8 grid for this value.
+        self.nonfinite = ""
+        self.nonfinite_batch: int | None = None  # the first calibration batch that had one
         self._qparams_cache: dict[tuple[bool, int], tuple[float, int]] = {}
         # The core always collects for the 8-bit grid; `qparams(reduce_range)` picks the grid later.
         common = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
@@ -79,11 +86,14 @@ class Observer(nn.Module):
                 f"observer for {self.location} got a {x.dtype} tensor; only floating-point "
                 "activations can be quantized")
         if x.numel() and not bool(torch.isfinite(x).all()):
-            bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
-            raise QuantizationError(
-                f"observer for {self.location} saw {bad} in calibration batch {self.batches}; "
-                "check the input data or the model (a NaN/Inf activation has no int8 range)")
-        if x.numel():
+            if bool(torch.isnan(x).any()):
+                raise QuantizationError(
+                    f"observer for {self.location} saw NaN in calibration batch {self.batches}; "
+                    "check the input data or the model (a NaN activation has no int8 range)")
+            self._record_inf(x)
+        if x.numel() and self.nonfinite:
+            self.batches += 1  # the range is unbounded whatever comes next: nothing to collect
+        elif x.numel():
             if self.kind == "moving_average":
                 # Equal weight for every calibration batch (a running mean of the per-batch
                 # min/max): torch.ao's fixed 0.01 suits QAT's thousands of steps, but over a few
@@ -93,8 +103,27 @@ class Observer(nn.Module):
             self.batches += 1
         return x
 
+    def _record_inf(self, x: torch.Tensor) -> None:
+        negative = "-" in self.nonfinite or "±" in self.nonfinite or bool((x == -math.inf).any())
+        positive = "+" in self.nonfinite or "±" in self.nonfinite or bool((x == math.inf).any())
+        self.nonfinite = "±inf" if negative and positive else "-inf" if negative else "+inf"
+        if self.nonfinite_batch is None:
+            self.nonfinite_batch = self.batches
+
+    @property
+    def finite(self) -> bool:
+        """False once calibration saw an infinity in this value (see `nonfinite`)."""
+        return not self.nonfinite
+
+    def nonfinite_reason(self) -> str:
+        """Why the watched value stays float, for the pass stats ("" when it need not)."""
+        if not self.nonfinite:
+            return ""
+        return f"saw ±inf in calibration: kept float ({self.nonfinite} in batch {self.nonfinite_batch})"
+
     def extra_repr(self) -> str:
-        return f"{self.node_name}, kind={self.kind}, batches={self.batches}"
+        extra = f", saw {self.nonfinite}" if self.nonfinite else ""
+        return f"{self.node_name}, kind={self.kind}, batches={self.batches}{extra}"
 
     # ----- results ------------------------------------------------------------------------
     def range(self, reduce_range: bool | None = None) -> tuple[float, float]:
@@ -154,6 +183,10 @@ class Observer(nn.Module):
             raise QuantizationError(
                 f"observer for {self.location} has seen no data; run calibration batches through "
                 "the observed module (fxopt.calibrate) before lower-int8")
+        if self.nonfinite:
+            raise QuantizationError(
+                f"observer for {self.location} saw {self.nonfinite} in calibration batch "
+                f"{self.nonfinite_batch}: the value has no int8 grid and must stay float")
 
     def _histogram(self) -> tuple[torch.Tensor, float, float]:
         core = self.core

@@ -15,6 +15,12 @@ quantize or dequantize of the tensor crossing it. `int8_region` decides it on th
 graph with a minimum s-t cut (networkx): int8 groups hang from the source, float ops from the
 sink, every dataflow edge costs the bytes it carries, and the cheapest cut puts the
 boundaries where the fewest bytes cross.
+
+Only float32 values are quantized: the int8 kernels quantize float32 (`quantize_per_tensor`
+refuses float16/bfloat16, and the reference form dequantizes to float32), so ops on float16,
+bfloat16 or float64 values stay as they are (`float_reason`). Values calibration saw an
+infinity in (a -inf attention mask) have no int8 grid either: `int8_region` keeps them, and
+every op that would read them quantized, float.
 """
 from __future__ import annotations
 
@@ -77,9 +83,30 @@ class Plan:
     member_of: dict[str, Group] = field(default_factory=dict)    # every group node -> group
 
 
-def is_float_value(node) -> bool:
+def float_reason(node) -> str | None:
+    """None when `node` is a value int8 kernels can quantize, a float32 tensor; else why not.
+
+    The one place that decides which dtypes are quantized: `quantize_per_tensor` takes float32
+    only, and an int8 value dequantizes to float32, so a float16/bfloat16 (or float64) value
+    keeps its dtype only by staying float.
+    """
     meta = tensor_meta(node)
-    return meta is not None and meta[1].is_floating_point
+    if meta is None or not meta[1].is_floating_point:
+        return "not a float value"
+    if meta[1] != torch.float32:
+        return f"{str(meta[1]).removeprefix('torch.')} value: int8 kernels take float32"
+    return None
+
+
+def is_float_value(node) -> bool:
+    """Whether `node` is a float32 tensor value, the only kind int8 lowering quantizes."""
+    return float_reason(node) is None
+
+
+def _other_float_dtype(node) -> str | None:
+    """The reason for a float value of another dtype than float32 (float16, ...), else None."""
+    meta = tensor_meta(node)
+    return float_reason(node) if meta is not None and meta[1].is_floating_point else None
 
 
 def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -90,8 +117,13 @@ def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
 def _anchor_ok(gm, view) -> str | None:
     """None when the anchor can become an int8 kernel, else why not."""
     node = view.node
-    if not is_float_value(node):
-        return "not a float value"
+    reason = float_reason(node)
+    if reason is not None:
+        return reason
+    for i in view.inputs:
+        reason = _other_float_dtype(i)
+        if reason is not None:  # e.g. a cat or add that promotes a float16 operand
+            return f"operand '{i.name}' is a {reason}"
     if view.kind == "conv":
         a = view.attrs
         if a.get("transposed") or a.get("dim") not in (1, 2):
@@ -144,6 +176,10 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
             plan.unsupported[node.name] = written[node.name]
             continue
         if getattr(_module_of(gm, node), "is_fxopt_observer", False):
+            continue
+        other_dtype = _other_float_dtype(node)
+        if other_dtype is not None:
+            plan.unsupported[node.name] = other_dtype
             continue
         view = op_view(gm, node)
         if view is None:
@@ -292,13 +328,22 @@ def _write_is_private(writer: torch.fx.Node, base: torch.fx.Node, has_views: boo
     return all(order[user] < order[writer] for user in base.users if user is not writer)
 
 
-def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[str]:
+def blocked_by(group: Group, float_only) -> str | None:
+    """The first value of `group` (an input, or its output) in `float_only`, if any."""
+    return next((v.name for v in (*group.inputs, group.output) if v.name in float_only), None)
+
+
+def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str],
+                float_only=frozenset()) -> set[str]:
     """Names of the values computed in int8: enabled conv/linear/matmul groups, plus the enabled
     add/cat groups (`CUT_DECIDES`) and pass-through ops the minimum cut puts on their side.
-    `enabled` holds group output names."""
+    `enabled` holds group output names. `float_only` names values that have no int8 grid (an
+    infinite calibration range): they stay float, and so does every op that would read them
+    quantized (a pass-through op on them; groups reading them must not be in `enabled`)."""
     g = nx.DiGraph()
     src, sink = "__int8__", "__float__"
     inf = float("inf")
+    enabled = {name for name in enabled if blocked_by(plan.groups[name], float_only) is None}
     for node in gm.graph.nodes:
         if node.op == "get_attr" or node.name in plan.member_of and node.name not in plan.groups:
             continue
@@ -306,13 +351,14 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str]) -> set[
         if name in enabled:
             if plan.groups[name].kind not in CUT_DECIDES:
                 g.add_edge(src, name, capacity=inf)
-        elif name not in plan.pass_through:
+        elif name not in plan.pass_through or name in float_only:
             g.add_edge(name, sink, capacity=inf)
         for inp in activation_inputs(gm, node, plan):
             if inp.op == "get_attr":
                 continue
-            cost = max(value_nbytes(inp), 1) if is_float_value(inp) else inf
-            # A pass-through op cannot take an int8 input that is no float value at all.
+            cost = max(value_nbytes(inp), 1) if is_float_value(inp) and inp.name not in float_only else inf
+            # A pass-through op cannot take an int8 input that is no float value at all, nor
+            # one without an int8 grid.
             for a, b in ((inp.name, name), (name, inp.name)):
                 old = g.get_edge_data(a, b, {}).get("capacity", 0)
                 g.add_edge(a, b, capacity=old + cost)

@@ -472,10 +472,24 @@ def test_nan_in_calibration_names_the_node():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(PassError, match=r"observer for node 'x'.*NaN"):
         fxopt.optimize(model, x, "quantize", calibration=cal + [(bad,)], mode="symbolic")
-    bad[0, 0, 0, 0] = float("inf")
     observed = fxopt.optimize(model, x, "insert-observers", mode="symbolic", verify=False).module
-    with pytest.raises(QuantizationError, match="saw Inf"):
-        fxopt.calibrate(observed, [(bad,)], progress=False)
+    with pytest.raises(QuantizationError, match=r"observer for node 'x'.*saw NaN in calibration batch 1"):
+        fxopt.calibrate(observed, cal[:1] + [(bad,)], progress=False)
+
+
+def test_inf_in_calibration_is_recorded_and_leaves_the_value_without_a_grid():
+    # An infinity is no error (attention masks are -inf on purpose): the observer records it,
+    # and asking it for a grid says why there is none. tests/.../test_unquantizable_values.py
+    # covers what lowering does with such values.
+    obs = Observer("x")
+    bad = torch.randn(4, 8)
+    bad[0, 0] = float("inf")
+    for batch in (torch.randn(4, 8), torch.randn(4, 8), bad, -bad, torch.randn(4, 8)):
+        obs(batch)
+    assert (obs.nonfinite, obs.nonfinite_batch, obs.batches, obs.finite) == ("±inf", 2, 5, False)
+    assert obs.nonfinite_reason() == "saw ±inf in calibration: kept float (±inf in batch 2)"
+    with pytest.raises(QuantizationError, match=r"observer for node 'x'.*saw ±inf in calibration batch 2"):
+        obs.qparams()
 
 
 def test_integer_data_names_the_node_and_dtype():
