@@ -8,6 +8,19 @@ the transformation — `exact` for rewrites that must not change the function, `
 rewrites that reorder float arithmetic, `int8` an SQNR floor for quantization, `lossy` for
 passes such as pruning that change the function on purpose (numbers reported, never failed).
 
+**Precision.** The tolerances are stated for float32. A tensor whose reference value is of a
+coarser floating dtype (bfloat16, float16, float8) cannot agree with a rewritten computation
+better than that dtype resolves: each rewrite rounds to it in different places. Such a tensor
+is judged with ``rtol`` raised to at least ``ulps * torch.finfo(dtype).eps`` — `Tolerance.ulps`
+units of the dtype's resolution at the tensor's scale (``max|ref|``): 2 for `exact`, 4 for
+`float`, so bfloat16 allows 1.6% / 3.1% of the scale and float16 0.2% / 0.4%. The float32
+bound is *not* multiplied by the eps ratio (65536 for bfloat16: it would pass any error); what
+is added is the rounding a coarse dtype cannot avoid, and nothing else. float32 and finer
+dtypes, integer and quantized outputs are judged by the tolerance as stated; ``atol`` and the
+SQNR floor never change. The dtype judged at is the *reference's*: a candidate that lost
+precision the reference had (float32 -> bfloat16) is held to float32. The report says which
+precision it judged at (``PASS (float, bfloat16: rtol=0.0312, cpu)``).
+
 When the check fails and both modules are GraphModules, it **localizes**: it runs both node by
 node and names the first node of the candidate whose value diverges beyond tolerance from the
 reference node it stands for (see `fxopt.ir.origin`).
@@ -35,9 +48,17 @@ from .ir.interpret import fresh_inputs, node_values, run_graph
 from .ir.rewrite import deep_copy, origin
 
 
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass when max|ref - out| <= atol + rtol * max|ref| and SQNR >= min_sqnr_db (if set)."""
+    """Pass when max|ref - out| <= atol + rtol * max|ref| and SQNR >= min_sqnr_db (if set).
+
+    The numbers are for float32. A reference tensor of a coarser floating dtype is judged with
+    ``rtol`` raised to ``max(rtol, ulps * torch.finfo(dtype).eps)`` (see `rtol_for`); the
+    module docstring says why.
+    """
 
     name: str
     rtol: float
@@ -45,18 +66,39 @@ class Tolerance:
     min_sqnr_db: float | None = None
     #: Position in the exact < float < int8 < lossy order; a pipeline is as loose as its loosest pass.
     rank: int = 0
+    #: Least error allowed on a dtype coarser than float32, in units of its eps at the tensor's scale.
+    ulps: float = 4.0
 
-    def accepts(self, max_abs: float, ref_scale: float, sqnr_db: float) -> bool:
+    def rtol_for(self, dtype: torch.dtype | None) -> float:
+        """The relative tolerance a tensor of `dtype` is judged with (`rtol` for float32)."""
+        eps = coarse_eps(dtype)
+        return self.rtol if eps is None else max(self.rtol, self.ulps * eps)
+
+    def accepts(self, max_abs: float, ref_scale: float, sqnr_db: float,
+                dtype: torch.dtype | None = None) -> bool:
+        """Whether one tensor's error passes; `dtype` is the reference tensor's (None: float32)."""
         if math.isnan(max_abs):
             return False
-        if max_abs > self.atol + self.rtol * ref_scale:
+        if max_abs > self.atol + self.rtol_for(dtype) * ref_scale:
             return False
         return self.min_sqnr_db is None or sqnr_db >= self.min_sqnr_db
 
 
+def coarse_eps(dtype: torch.dtype | None) -> float | None:
+    """torch.finfo(dtype).eps for a floating dtype coarser than float32, else None."""
+    if dtype is None or not dtype.is_floating_point:
+        return None
+    eps = torch.finfo(dtype).eps
+    return eps if eps > _FLOAT32_EPS else None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 TOLERANCES: dict[str, Tolerance] = {
-    "exact": Tolerance("exact", rtol=1e-4, atol=1e-5, rank=0),
-    "float": Tolerance("float", rtol=2e-3, atol=1e-4, rank=1),
+    "exact": Tolerance("exact", rtol=1e-4, atol=1e-5, rank=0, ulps=2.0),
+    "float": Tolerance("float", rtol=2e-3, atol=1e-4, rank=1, ulps=4.0),
     "int8": Tolerance("int8", rtol=math.inf, atol=math.inf, min_sqnr_db=20.0, rank=2),
     "lossy": Tolerance("lossy", rtol=math.inf, atol=math.inf, rank=3),
 }
@@ -80,7 +122,8 @@ def loosest(*tolerances: str | Tolerance) -> Tolerance:
 
 @dataclass
 class TensorComparison:
-    """Error statistics of one output tensor (`path` is its place in the output structure)."""
+    """Error statistics of one output tensor (`path` is its place in the output structure;
+    `dtype` the reference tensor's, which sets the precision it is judged at)."""
 
     path: str
     shape: tuple
@@ -89,10 +132,15 @@ class TensorComparison:
     sqnr_db: float
     cosine: float
     ref_scale: float
+    dtype: torch.dtype | None = None
 
     def __str__(self) -> str:
-        return (f"{self.path or 'output'} {list(self.shape)}: max_abs={self.max_abs_error:.3g} "
+        coarse = f" {_dtype_name(self.dtype)}" if coarse_eps(self.dtype) is not None else ""
+        return (f"{self.path or 'output'} {list(self.shape)}{coarse}: max_abs={self.max_abs_error:.3g} "
                 f"max_rel={self.max_rel_error:.3g} sqnr={self.sqnr_db:.1f}dB cos={self.cosine:.6f}")
+
+    def passes(self, tolerance: Tolerance) -> bool:
+        return tolerance.accepts(self.max_abs_error, self.ref_scale, self.sqnr_db, self.dtype)
 
 
 @dataclass
@@ -137,9 +185,23 @@ class VerificationReport:
     def cosine(self) -> float:
         return min((o.cosine for o in self.outputs), default=1.0)
 
+    def _coarse_dtypes(self) -> list[torch.dtype]:
+        dtypes = {o.dtype for o in self.outputs if coarse_eps(o.dtype) is not None}
+        return sorted(dtypes, key=lambda d: (-torch.finfo(d).eps, str(d)))
+
+    @property
+    def precision(self) -> str:
+        """The precision the outputs were judged at: "float32" (the tolerance as stated), or the
+        coarser dtype(s) whose resolution widened it ("bfloat16", "bfloat16/float16")."""
+        return "/".join(_dtype_name(d) for d in self._coarse_dtypes()) or "float32"
+
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        text = (f"{verdict} ({self.tolerance.name}, {self.device}): max_abs={self.max_abs_error:.3g} "
+        judged = ""  # float32 reports read as they always did
+        for d in self._coarse_dtypes():
+            rtol = self.tolerance.rtol_for(d)
+            judged += f", {_dtype_name(d)}" + (f": rtol={rtol:.3g}" if math.isfinite(rtol) else "")
+        text = (f"{verdict} ({self.tolerance.name}{judged}, {self.device}): max_abs={self.max_abs_error:.3g} "
                 f"max_rel={self.max_rel_error:.3g} sqnr={_fmt_db(self.sqnr_db)} cos={self.cosine:.6f}")
         if self.message:
             text += f"; {self.message}"
@@ -165,7 +227,9 @@ def verify(
 ) -> VerificationReport:
     """Compare `candidate` against `reference` on `inputs` (a tensor, tuple of args or dict).
 
-    Neither module is modified; with `device="cuda"` both are copied to the GPU.
+    Neither module is modified; with `device="cuda"` both are copied to the GPU. Each output
+    tensor is judged at its reference dtype's precision: bfloat16 and float16 outputs get the
+    rounding their dtype cannot avoid (`Tolerance.rtol_for`), float32 the tolerance as stated.
     """
     from .capture import normalize_inputs
 
@@ -185,7 +249,7 @@ def verify(
         except Exception as exc:
             return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}: {exc}")
     outputs, problem = compare_outputs(ref_out, cand_out)
-    passed = problem is None and all(tol.accepts(o.max_abs_error, o.ref_scale, o.sqnr_db) for o in outputs)
+    passed = problem is None and all(o.passes(tol) for o in outputs)
     report = VerificationReport(passed, tol, device, outputs, message=problem or "")
     if not passed and localize and isinstance(reference, torch.fx.GraphModule) \
             and isinstance(candidate, torch.fx.GraphModule):
@@ -234,7 +298,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     r = _as_float(ref)
     c = _as_float(cand).to(r.device)
     if r.numel() == 0:
-        return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0)
+        return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype)
     diff = (r - c).abs()
     scale = float(r.abs().max())
     max_abs = float(diff.max())
@@ -246,7 +310,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     cosine = float((r.flatten() @ c.flatten()) / denom) if denom > 0 else float(noise == 0)
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr = math.nan, -math.inf
-    return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale)
+    return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale, ref.dtype)
 
 
 _NOT_COMPARED = ("placeholder", "get_attr", "output")
@@ -283,7 +347,7 @@ def first_divergence(
         if ref.shape != value.shape or not (ref.is_floating_point() or ref.is_quantized):
             return
         cmp = compare_tensors(ref, value, node.name)
-        if not tolerance.accepts(cmp.max_abs_error, cmp.ref_scale, cmp.sqnr_db):
+        if not cmp.passes(tolerance):
             found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp))
 
     with torch.no_grad():

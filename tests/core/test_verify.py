@@ -399,3 +399,147 @@ def test_verify_on_cuda():
         bad.fc1.weight.mul_(2)
     r = verify(gm, bad, _x(), device="cuda")
     assert not r.passed and r.divergence is not None
+
+
+# ----- precision: bfloat16 / float16 are judged at their own resolution -------------------------
+
+def _cbr(ci, co, stride=1):
+    return nn.Sequential(nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+
+
+class _Block(nn.Module):
+    def __init__(self, ci, co, stride):
+        super().__init__()
+        self.c1 = _cbr(ci, co, stride)
+        self.c2 = nn.Sequential(nn.Conv2d(co, co, 3, 1, 1, bias=False), nn.BatchNorm2d(co))
+        self.sc = nn.Sequential(nn.Conv2d(ci, co, 1, stride, bias=False), nn.BatchNorm2d(co)) \
+            if stride > 1 else nn.Sequential()
+
+    def forward(self, x):
+        return F.relu(self.c2(self.c1(x)) + self.sc(x))
+
+
+def _res_cnn():
+    """The ResNet-style CNN whose bfloat16 fusion used to FAIL at float32 tolerances."""
+    torch.manual_seed(0)
+    m = nn.Sequential(_cbr(3, 16), _Block(16, 16, 1), _Block(16, 32, 2), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(32, 10))
+    for b in m.modules():
+        if isinstance(b, nn.BatchNorm2d):
+            b.momentum = None
+            b.weight.data.uniform_(0.5, 1.5)
+            b.bias.data.normal_(0, 0.3)
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(4, 3, 32, 32))
+    return m.eval(), torch.randn(3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_through_fuse_passes(dtype):
+    import fxopt
+
+    model, x = _res_cnn()
+    model, x = model.to(dtype), x.to(dtype)
+    res = fxopt.optimize(model, (x,), "fuse")
+    report = res.verification
+    name = str(dtype).removeprefix("torch.")
+    rtol = 4 * torch.finfo(dtype).eps
+    assert report.passed, report.summary()
+    assert report.precision == name
+    assert report.summary().startswith(f"PASS (float, {name}: rtol={rtol:.3g}, cpu)")
+    # the fused model is a rounding away from the eager one, not a float32 tolerance away
+    assert report.max_abs_error <= rtol * max(o.ref_scale for o in report.outputs)
+
+
+def test_broken_bfloat16_transformation_still_fails():
+    import fxopt
+
+    model, x = _res_cnn()
+    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    reference = capture(model, (x,), mode="symbolic")
+    fused = fxopt.optimize(model, (x,), "fuse").module
+    first_conv = next(n.target for n in fused.graph.nodes if n.op == "get_attr" and "weight" in n.target)
+    for target in ("5.weight", first_conv):  # the classifier; the first (folded) conv
+        broken = copy.deepcopy(fused)
+        with torch.no_grad():
+            broken.get_parameter(target).mul_(1.1)
+        r = verify(reference, broken, (x,), tolerance="float")
+        assert not r.passed, (target, r.summary())
+        assert r.summary().startswith("FAIL (float, bfloat16: rtol=0.0312, cpu)")
+        assert r.divergence is not None and r.divergence.comparison.dtype == torch.bfloat16
+        assert "bfloat16" in str(r.divergence)
+
+
+def test_rtol_for_dtype():
+    exact, float_, int8 = TOLERANCES["exact"], TOLERANCES["float"], TOLERANCES["int8"]
+    for dtype in (None, torch.float32, torch.float64, torch.int64, torch.quint8, torch.bool):
+        assert exact.rtol_for(dtype) == exact.rtol and float_.rtol_for(dtype) == float_.rtol
+    assert float_.rtol_for(torch.bfloat16) == 4 * 2 ** -7
+    assert exact.rtol_for(torch.bfloat16) == 2 * 2 ** -7
+    assert float_.rtol_for(torch.float16) == 4 * 2 ** -10
+    assert float_.rtol_for(torch.float8_e4m3fn) == 4 * 2 ** -3
+    assert int8.rtol_for(torch.bfloat16) == math.inf
+    # never tighter than stated: a custom tolerance already loose keeps its rtol
+    assert Tolerance("loose", rtol=0.1, atol=0.0).rtol_for(torch.bfloat16) == 0.1
+    assert Tolerance("strict", rtol=0.0, atol=0.0, ulps=0.0).rtol_for(torch.bfloat16) == 0.0
+
+
+@pytest.mark.parametrize("ulps, verdicts", [
+    (1.0, dict(exact=True, float=True)),
+    (3.0, dict(exact=False, float=True)),
+    (8.0, dict(exact=False, float=False)),
+])
+def test_bfloat16_error_judged_in_its_ulps(ulps, verdicts):
+    ref = torch.tensor([4.0, -2.0, 1.0, 0.5], dtype=torch.bfloat16)
+    cand = ref.clone()
+    cand[0] += ulps * 2 ** -7 * 4.0  # `ulps` units of bfloat16 eps at the scale (4.0)
+    c = compare_tensors(ref, cand)
+    assert c.dtype == torch.bfloat16
+    assert {name: c.passes(TOLERANCES[name]) for name in verdicts} == verdicts
+    # the same error on float32 values is far outside the float32 tolerances
+    c32 = compare_tensors(ref.float(), cand.float())
+    assert not c32.passes(TOLERANCES["float"]) and not c32.passes(TOLERANCES["exact"])
+
+
+class _TwoDtypes(nn.Module):
+    def __init__(self, rel):
+        super().__init__()
+        self.rel = rel
+
+    def forward(self, x):
+        y = x * 3.0
+        return y * (1 + self.rel), (y * (1 + self.rel)).to(torch.bfloat16)
+
+
+def test_each_output_is_judged_at_its_own_dtype():
+    x = torch.randn(4, 8)
+    ref = _TwoDtypes(0.0)
+    # 1% error: within bfloat16's resolution, far outside float32's
+    r = verify(ref, _TwoDtypes(0.01), (x,), tolerance="float")
+    assert not r.passed and r.precision == "bfloat16"
+    assert [o.passes(r.tolerance) for o in r.outputs] == [False, True]
+    assert "bfloat16" in str(r.outputs[1]) and "float" not in str(r.outputs[0]).split(":")[0]
+
+
+def test_candidate_that_drops_precision_is_held_to_the_reference_dtype():
+    model, x = _net(), _x()
+
+    class Lowered(nn.Module):
+        def forward(self, x):
+            return model.to(torch.bfloat16)(x.to(torch.bfloat16))
+
+    r = verify(model, Lowered(), (x,), tolerance="float")
+    model.float()
+    assert not r.passed and r.precision == "float32"
+    assert r.summary().startswith("FAIL (float, cpu)")
+
+
+def test_float32_reports_are_unchanged():
+    m = _net()
+    r = verify(m, Noisy(m, 1e-3), _x(), tolerance="float")
+    assert r.passed and r.precision == "float32"
+    assert r.summary().startswith("PASS (float, cpu): max_abs=")
+    assert all(o.dtype == torch.float32 for o in r.outputs)
+    assert str(r.outputs[0]).startswith("output [3, 4]: max_abs=")
