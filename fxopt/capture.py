@@ -11,6 +11,12 @@
 The user's model is deep-copied and put in eval mode first: it is never mutated, and the graph
 is captured with inference semantics (dropout off, batchnorm on running statistics).
 
+Non-tensor inputs (``flag=True``, ``scale=0.5``, ``mode="fast"``, ``mask=None``, positional or
+keyword) are *specialized*: the graph is valid for the captured value only. The symbolic graph
+keeps the argument under its own name and checks it on every call; a call with another value
+fails with "captured with flag=True ..." (an exported graph fails on its own guard,
+"Guard failed: flag == True").
+
     >>> import torch, fxopt
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
     >>> gm = fxopt.capture(model, (torch.randn(2, 4),), mode="export")
@@ -127,7 +133,7 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 # ----- front ends ---------------------------------------------------------------------------
 
 def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-    concrete = _non_tensor_kwargs(kwargs)
+    concrete = _concrete_inputs(model, args, kwargs)
     gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
     for module in gm.modules():
         # fx rebuilds the containers on the path to each leaf as fresh nn.Module()s, which
@@ -135,8 +141,9 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
         if type(module) is nn.Module:
             module.training = model.training
     _drop_string_annotations(gm)
-    run_kwargs = {k: v for k, v in kwargs.items() if k not in concrete}
-    _record_shapes_and_check(model, gm, args, kwargs, run_kwargs)
+    _name_specialized_inputs(gm, concrete)
+    # the check passes every input, the specialized ones too, exactly as the caller will
+    _record_shapes_and_check(model, gm, args, kwargs, kwargs)
     return gm
 
 
@@ -214,9 +221,81 @@ def _drop_string_annotations(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _non_tensor_kwargs(kwargs: dict) -> dict:
-    """Keyword args that are not tensors (flags like return_dict) become trace constants."""
-    return {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+def _concrete_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Inputs that hold no tensor (flags like return_dict, scales, modes, None) become trace constants.
+
+    Keyword args by their name; positional args by the name of the parameter they bind to
+    (one that lands in ``*args`` stays a graph input: fx cannot specialize part of it). A value
+    holding a tensor (a list of tensors) stays an input: specializing it would bake the tensor in.
+    """
+    concrete = {k: v for k, v in kwargs.items() if not _holds_tensor(v)}
+    if any(not _holds_tensor(a) for a in args):
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for param, value in zip(params, args):
+            if param.kind not in positional:
+                break
+            if not _holds_tensor(value):
+                concrete[param.name] = value
+    return concrete
+
+
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(value))
+
+
+def _specialization_message(name: str, value: Any) -> str:
+    return (f"captured with {name}={value!r}: the graph is specialized to that value of the "
+            f"non-tensor input '{name}' and was called with another; capture again with the new value")
+
+
+def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
+    """Give each specialized input its own name back, and a guard that says what it was captured with.
+
+    fx names the placeholder of a concrete arg ``flag_1`` (so ``gm(x, flag=True)`` would be
+    rejected, and a keyword given to fxopt's interpreter would be ignored for the default),
+    and its guard message blames the caller ("flag has been specialized to have value True but
+    got another value"); its None guard (`_assert_is_none`) is not kept by dead-code removal,
+    so it becomes the same `==` + `torch._assert` guard as the others.
+    """
+    if not concrete:
+        return
+    import operator
+
+    from torch.fx._symbolic_trace import _assert_is_none
+
+    graph = gm.graph
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    changed = False
+    for name, value in concrete.items():
+        node = placeholders.get(f"{name}_1")
+        if node is None or name in placeholders or not tree_flatten(value)[1].is_leaf():
+            continue  # not a parameter of forward, or a container (fx makes a placeholder per leaf)
+        node.target = name
+        if node.name != name:
+            node._rename(name)
+        message = _specialization_message(name, value)
+        for user in list(node.users):
+            if user.op != "call_function":
+                continue
+            if user.target is _assert_is_none:
+                with graph.inserting_before(user):
+                    # `== None` rather than `is None`: a traced Proxy compares into a node, so
+                    # the guard survives re-tracing (torch.load); torch._assert survives DCE
+                    is_none = graph.call_function(operator.eq, (node, None))
+                    graph.call_function(torch._assert, (is_none, message))
+                graph.erase_node(user)
+            elif user.target is operator.eq:
+                for check in list(user.users):
+                    if check.op == "call_function" and check.target is torch._assert:
+                        check.args = (check.args[0], message)
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

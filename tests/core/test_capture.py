@@ -418,3 +418,108 @@ def test_hugging_face_bert_batch_one_example():
         out = gm(input_ids=ids)
         expected = model.eval()(input_ids=ids)
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+# ----- non-tensor inputs: specialized at capture, checked on every call ------------------------
+
+class Flags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x, scale=1.0, flag=False, mode="a", mask=None):
+        y = self.fc(x) * scale
+        if mask is not None:
+            y = y * mask
+        if mode == "b":
+            y = y - 1
+        return y.relu() if flag else y
+
+
+_FLAGS = {"scale": 0.5, "flag": True, "mode": "b", "mask": None}
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "auto"])
+@pytest.mark.parametrize("given", [
+    {"flag": True, "mode": "a", "mask": None},  # scale left at its default: a graph input
+    {"scale": 0.5, "flag": True, "mode": "a", "mask": None},
+    dict(_FLAGS),
+])
+def test_non_tensor_keyword_inputs_are_specialized(mode, given):
+    _seed()
+    model = Flags().eval()
+    x = torch.randn(2, 16)
+    gm = capture(model, {"x": x, **given}, mode=mode)
+    assert frontend_of(gm) == "symbolic"  # auto no longer has to fall back to export
+    _assert_all_tensor_meta(gm)
+    torch.testing.assert_close(gm(x, **given), model(x, **given))
+    torch.testing.assert_close(gm(x=torch.ones(3, 16), **given), model(torch.ones(3, 16), **given))
+    if "scale" not in given:  # not specialized: still an input of the graph
+        torch.testing.assert_close(gm(x, scale=3.0, **given), model(x, scale=3.0, **given))
+    # the graph keeps the argument's own name and refuses another value, naming it
+    other = {"flag": False, "scale": 2.0, "mode": "c", "mask": torch.ones(8)}
+    for name, value in given.items():
+        if name in other:
+            with pytest.raises(AssertionError, match=f"captured with {name}={value!r}"):
+                gm(x, **{**given, name: other[name]})
+    with pytest.raises(AssertionError, match="captured with flag=True"):
+        gm(x, **{k: v for k, v in given.items() if k != "flag"})  # flag at its default (False)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "auto"])
+def test_non_tensor_positional_inputs_are_specialized(mode):
+    _seed()
+    model = Flags().eval()
+    x = torch.randn(2, 16)
+    args = (x, 0.5, True, "b", None)
+    gm = capture(model, args, mode=mode)
+    assert frontend_of(gm) == "symbolic"
+    torch.testing.assert_close(gm(*args), model(*args))
+    torch.testing.assert_close(gm(x, scale=0.5, flag=True, mode="b"), model(*args))
+    with pytest.raises(AssertionError, match="captured with flag=True"):
+        gm(x, 0.5, False, "b", None)
+    with pytest.raises(AssertionError, match="captured with mode='b'"):
+        gm(x, 0.5, True, "a", None)
+    with pytest.raises(AssertionError, match="captured with mask=None"):
+        gm(x, 0.5, True, "b", torch.ones(8))
+
+
+def test_non_tensor_inputs_through_optimize_dce_and_save(tmp_path):
+    _seed()
+    model = Flags().eval()
+    x = torch.randn(2, 16)
+    inputs = {"x": x, **_FLAGS}
+    res = fxopt.optimize(model, inputs, "fuse,remove-noops,dce", mode="symbolic")
+    assert res.verification.passed, res.verification.summary()
+    torch.testing.assert_close(res.module(**inputs), model(**inputs))
+    path = tmp_path / "gm.pt"
+    torch.save(res.module, path)
+    loaded = torch.load(path, weights_only=False)
+    torch.testing.assert_close(loaded(**inputs), model(**inputs))
+    for gm in (res.module, loaded):  # the guards survive dead-code removal and a reload
+        with pytest.raises(AssertionError, match="captured with flag=True"):
+            gm(**{**inputs, "flag": False})
+        with pytest.raises(AssertionError, match="captured with mask=None"):
+            gm(**{**inputs, "mask": torch.ones(8)})
+
+
+def test_non_tensor_input_export_guard_names_the_argument():
+    _seed()
+    model = Flags().eval()
+    x = torch.randn(2, 16)
+    gm = capture(model, (x, 0.5, True), mode="export")
+    torch.testing.assert_close(gm(x, 0.5, True), model(x, 0.5, True))
+    with pytest.raises(AssertionError, match="flag"):
+        gm(x, 0.5, False)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_inputs_holding_tensors_are_not_specialized(keyword):
+    class Pair(nn.Module):
+        def forward(self, x, ys):
+            return x + ys[0] * ys[1]
+
+    x, ys = torch.randn(2, 3), [torch.randn(2, 3), torch.randn(2, 3)]
+    gm = capture(Pair(), {"x": x, "ys": ys} if keyword else (x, ys), mode="symbolic")
+    other = [torch.ones(2, 3), torch.full((2, 3), 2.0)]
+    torch.testing.assert_close(gm(x, other), x + 2.0)  # a graph input, not baked-in constants
