@@ -278,6 +278,8 @@ def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | 
         if not isinstance(c, torch.Tensor) or tuple(r.shape) != tuple(c.shape):
             got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
             return results, f"output {keystr(path)} shape {tuple(r.shape)} became {got}"
+        if r.dtype != c.dtype and not c.is_quantized:  # callers downstream rely on the dtype too
+            return results, f"output {keystr(path)} dtype {r.dtype} became {c.dtype}"
         results.append(compare_tensors(r, c, keystr(path)))
     return results, None
 

@@ -308,6 +308,19 @@ def test_structured_outputs_compared_leaf_by_leaf():
     assert verify(DictNet(), DictNet(), x).passed
 
 
+def test_a_changed_output_dtype_fails_even_when_the_values_agree():
+    class Half(nn.Module):
+        def forward(self, x):
+            return x.half() * 2
+
+    class PromotedToFloat(nn.Module):
+        def forward(self, x):
+            return x.half().float() * 2
+
+    r = verify(Half(), PromotedToFloat(), torch.randn(4, 3))
+    assert not r.passed and "dtype torch.float16 became torch.float32" in r.message
+
+
 def test_mismatched_output_structure_is_reported():
     x = _x()
     r = verify(DictNet(), DictNet(key="c"), x)
