@@ -29,6 +29,7 @@ import inspect
 import os
 import re
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -158,7 +159,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO)
         try:
             ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
-            info["dynamic_batch"] = True
+            if _batch_is_symbolic(ep):
+                info["dynamic_batch"] = True
+            else:  # Dim.AUTO gave way to a guard (dim 0 is no batch: a sequence-first model)
+                attempts_error, ep = ValueError("export specialized dim 0 of every input"), None
         except Exception as exc:  # fall back to a static batch, and say so in the meta
             attempts_error = exc
             ep = None
@@ -168,9 +172,26 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         ep = export(model, args, kwargs, strict=False)
         if attempts_error is not None:
             info["dynamic_batch_error"] = _first_line(attempts_error)
+            # a graph that runs at one batch size only surprises at the next call: say it now
+            warnings.warn(f"capture: {type(model).__name__} was exported with a static batch size (dim 0 of "
+                          f"the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
+                          "runs at the example's shapes only", stacklevel=3)
     gm = ep.module()
     _record_shapes_and_check(model, gm, args, kwargs, kwargs)
     return gm, info
+
+
+def _batch_is_symbolic(ep) -> bool:
+    """Whether some tensor input of the exported program kept a symbolic dim 0."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    user_inputs = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in user_inputs else None
+        # a SymInt export has since guarded to one value has no free symbol left
+        if isinstance(value, torch.Tensor) and value.dim() and free_symbols(value.shape[0]):
+            return True
+    return False
 
 
 def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,

@@ -523,3 +523,20 @@ def test_inputs_holding_tensors_are_not_specialized(keyword):
     gm = capture(Pair(), {"x": x, "ys": ys} if keyword else (x, ys), mode="symbolic")
     other = [torch.ones(2, 3), torch.full((2, 3), 2.0)]
     torch.testing.assert_close(gm(x, other), x + 2.0)  # a graph input, not baked-in constants
+
+
+def test_an_export_whose_batch_axis_was_specialized_warns():
+    """A GRU fed sequence-first (S, B, E): export keeps dim 0 static, so the graph runs at the
+    example's shapes only — the capture says so instead of failing at the next call."""
+
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.head = nn.GRU(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][-1])
+
+    with pytest.warns(UserWarning, match="static batch size .*specialized dim 0"):
+        gm = fxopt.capture(SequenceFirst().eval(), (torch.randn(5, 2, 8),), mode="export")
+    assert gm.meta["fxopt"]["dynamic_batch"] is False
