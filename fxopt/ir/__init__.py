@@ -2,7 +2,7 @@
 from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call
 from .effects import is_effectful
 from .interpret import flatten_inputs, fresh_inputs, node_values, run_graph
-from .opview import OpSpec, OpView, SPECS, bind_arguments, op_view, spec_for
+from .opview import OpSpec, OpView, SPECS, bind_arguments, op_view, size_read, spec_for
 from .params import (
     ParamRef,
     add_tensor_attr,
@@ -31,5 +31,6 @@ __all__ = [
     "bind_arguments", "clone_sharing_tensors", "deep_copy", "delete_unused_attributes", "flatten_inputs",
     "get_attr_value", "is_effectful", "is_shared",
     "make_private", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
-    "fresh_inputs", "resolve_attr", "run_graph", "spec_for", "tensor_meta", "tensor_versions", "value_nbytes",
+    "fresh_inputs", "resolve_attr", "run_graph", "size_read", "spec_for", "tensor_meta", "tensor_versions",
+    "value_nbytes",
 ]

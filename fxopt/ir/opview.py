@@ -333,6 +333,27 @@ def op_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpView | None:
     return view
 
 
+def size_read(node: torch.fx.Node) -> tuple[Any, Any] | None:
+    """``(tensor, axis)`` when `node` reads a tensor's size — ``x.size(d)`` or ATen's
+    ``sym_size(x, d)`` — or ``(tensor, None)`` for the whole size (``x.size()``, ``x.shape``);
+    None for any other node. Passes that must know which values are shapes, not activations,
+    ask here, so a new spelling is one line.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: x.view(x.size(0), x.shape[1], -1))
+        >>> [(n.name, size_read(n)) for n in gm.graph.nodes if size_read(n)]
+        [('size', (x, 0)), ('getattr_1', (x, None))]
+    """
+    if node.op == "call_method" and node.target == "size" and node.args:
+        return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if node.op == "call_function" and node.args:
+        if node.target is getattr and len(node.args) == 2 and node.args[1] == "shape":
+            return node.args[0], None
+        if node.target is aten.sym_size.int and len(node.args) == 2:
+            return node.args[0], node.args[1]
+    return None
+
+
 def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
     """Positional and keyword args of a call_function/call_method node under canonical names."""
     overload = aten_op_of(node)
@@ -394,34 +415,36 @@ def _transposed_parameter(gm: torch.fx.GraphModule, node: Any) -> torch.fx.Node 
     source = node.args[0]
     if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
         return None
-    overload = aten_op_of(node)
-    if overload is not None:
-        packet = overload.overloadpacket
-        swaps = packet in _TRANSPOSE_ATEN or (packet in (aten.transpose, aten.permute)
-                                              and _swaps_2d(node, packet is aten.permute))
-    elif node.op == "call_method":
-        swaps = node.target in _TRANSPOSE_METHODS or (node.target in ("transpose", "permute")
-                                                      and _swaps_2d(node, node.target == "permute"))
-    else:
-        swaps = ((node.target is getattr and len(node.args) == 2 and node.args[1] in _TRANSPOSE_ATTRS)
-                 or node.target is torch.t
-                 or (node.target in (torch.transpose, torch.permute)
-                     and _swaps_2d(node, node.target is torch.permute)))
-    if not swaps:
-        return None
+    if not _is_plain_transpose(node):
+        view = op_view(gm, node)  # transpose/permute: the table binds their axes in every IR
+        if view is None or view.kind not in ("transpose", "permute") or not _swaps_2d(view):
+            return None
     value = ref_for_get_attr(gm, source).get()
     return source if isinstance(value, torch.Tensor) and value.dim() == 2 else None
 
 
-def _swaps_2d(node: torch.fx.Node, permute: bool) -> bool:
+def _is_plain_transpose(node: torch.fx.Node) -> bool:
+    """`W.T`, `W.t()`, `W.mT`, `torch.t(W)` and their ATen forms: no axes to read."""
+    overload = aten_op_of(node)
+    if overload is not None:
+        return overload.overloadpacket in _TRANSPOSE_ATEN
+    if node.op == "call_method":
+        return node.target in _TRANSPOSE_METHODS
+    return node.target is torch.t or (node.target is getattr and len(node.args) == 2
+                                      and node.args[1] in _TRANSPOSE_ATTRS)
+
+
+def _swaps_2d(view: OpView) -> bool:
     """`transpose(w, 0, 1)` / `permute(w, (1, 0))`, axes of either sign: a 2-D transpose."""
-    dims = node.args[1:]
-    if permute and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = tuple(dims[0])
+    if view.kind == "transpose":
+        dims = (view.attrs.get("dim0"), view.attrs.get("dim1"))
+    else:  # permute's axes come as one sequence, or spread over the call (`w.permute(1, 0)`)
+        dims = view.attrs.get("dims")
+        dims = tuple(dims) if isinstance(dims, (list, tuple)) else view.node.args[1:]
     if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
         return False
     first, second = (d % 2 for d in dims)
-    return (first, second) == (1, 0) if permute else first != second
+    return (first, second) == (1, 0) if view.kind == "permute" else first != second
 
 
 def _matmul_as_linear(gm: torch.fx.GraphModule, view: OpView, args: dict) -> OpView | None:

@@ -28,7 +28,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir import get_attr_value, tensor_meta
+from fxopt.ir import get_attr_value, size_read, tensor_meta
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
 ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
@@ -229,11 +229,11 @@ def _softmax_last(view) -> bool | str:
     return f"softmax over dim {dim}, not the last one"
 
 
-# Reads of a shape: `x.size()`, `x.size(-1)`, `x.shape`, `x.dim()`, and ATen's `sym_size` /
-# `sym_numel` where export keeps a dimension symbolic; "shape" is a tuple, "number" an int.
-_SHAPE_METHODS = {"size": "shape", "dim": "number", "numel": "number"}
-_SHAPE_ATTRS = {"shape": "shape", "ndim": "number"}
-_SHAPE_ATEN = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default)
+# Reads of a number about a tensor beside its sizes (`size_read`): `x.dim()`, `x.numel()`,
+# `x.ndim`, and ATen's `sym_numel` where export keeps it symbolic.
+_NUMBER_METHODS = ("dim", "numel")
+_NUMBER_ATTRS = ("ndim",)
+_NUMBER_ATEN = (torch.ops.aten.sym_numel.default,)
 # Arithmetic that maps Python numbers to Python numbers (on a tensor operand it gives a tensor,
 # hence every operand must be a number); `math.*` and `torch.sym_*` only return numbers.
 _NUMBER_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
@@ -254,15 +254,17 @@ def _shape_value(value: object) -> str | None:
         return "number"
     if not isinstance(value, torch.fx.Node) or tensor_meta(value) is not None:
         return None
+    read = size_read(value)
+    if read is not None:
+        return "shape" if read[1] is None else "number"
     args, target = value.args, value.target
-    if value.op == "call_method" and target in _SHAPE_METHODS:
-        with_dim = target == "size" and len(args) + len(value.kwargs) > 1
-        return "number" if with_dim else _SHAPE_METHODS[target]
+    if value.op == "call_method":
+        return "number" if target in _NUMBER_METHODS else None
     if value.op != "call_function":
         return None
     if target is getattr and len(args) == 2:
-        return _SHAPE_ATTRS.get(args[1])
-    if target in _SHAPE_ATEN:
+        return "number" if args[1] in _NUMBER_ATTRS else None
+    if target in _NUMBER_ATEN:
         return "number"
     if target is operator.getitem and len(args) == 2 and _shape_value(args[0]) == "shape":
         return "number" if isinstance(args[1], int) else "shape" if isinstance(args[1], slice) else None

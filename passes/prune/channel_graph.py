@@ -72,7 +72,7 @@ import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, is_shared, op_view, ref_for_get_attr,
-                      spec_for, tensor_meta, value_nbytes)
+                      size_read, spec_for, tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "mish", "dropout", "identity", "contiguous", "to"})
@@ -319,6 +319,12 @@ def _norm_axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
 
+def _norm_axes(dims: Any, ndim: int) -> list[int]:
+    """An axis argument — one int or a sequence (`mean(dim=(1, 2))`, `roll(dims=...)`) — as
+    non-negative axes."""
+    return [_norm_axis(int(d), ndim) for d in ([dims] if isinstance(dims, int) else dims)]
+
+
 class _Pin(Exception):
     """Raised inside a rule: the node is pinned, with the reason."""
 
@@ -463,7 +469,7 @@ class _Builder:
         self.rules[node.name] = rule
 
     def visit(self, node: torch.fx.Node) -> None:
-        query = _shape_query(node)
+        query = size_read(node)
         if query is not None:
             return self.visit_shape_query(node, *query)
         view = op_view(self.gm, node)
@@ -585,10 +591,6 @@ class _Builder:
             raise _Pin("softmax over the channel axis")
         self.passthrough(node, view, src, axis)
 
-    def rule_vector_norm(self, node, view, shape) -> None:
-        """A p-norm over axes: zero on removed channels when they are not reduced (like mean)."""
-        self.rule_mean(node, view, shape)
-
     def rule_mean(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)
         if sid is None:
@@ -598,7 +600,7 @@ class _Builder:
         dims = view.attrs.get("dim")
         if dims is None:
             raise _Pin(f"{view.kind} over all axes")
-        dims = [_norm_axis(d, len(in_shape)) for d in ([dims] if isinstance(dims, int) else dims)]
+        dims = _norm_axes(dims, len(in_shape))
         keep = bool(view.attrs.get("keepdim", False))
         if axis in dims:
             if self.exact_norms or not keep:
@@ -609,6 +611,8 @@ class _Builder:
             return self.free_output(node, view)
         out_axis = axis if keep else axis - sum(d < axis for d in dims)
         self.passthrough(node, view, src, out_axis)
+
+    rule_vector_norm = rule_mean  # a p-norm over axes: zero on removed channels they do not reduce
 
     def rule_batch_norm(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)
@@ -827,11 +831,11 @@ class _Builder:
         if sid is None:
             return self.free_output(node, view)
         dims = view.attrs.get("dims")
-        dims = [dims] if isinstance(dims, int) else list(dims or [])
-        if not dims:
+        axes = _norm_axes(dims, len(shape)) if dims is not None else []
+        if not axes:
             raise _Pin("roll of the flattened tensor")
         axis = self.slots[sid].axis
-        if axis in [_norm_axis(int(d), len(shape)) for d in dims]:
+        if axis in axes:
             raise _Pin("roll of the channel axis")
         self.passthrough(node, view, src, axis)
 
@@ -988,9 +992,8 @@ class _Builder:
         dims = view.attrs.get("dim")
         if dims is None:  # pruned to one channel, the channel axis itself would go
             raise _Pin("squeeze of every size-1 axis (name the axis: squeeze(dim))")
-        nd = len(_shape(src))
-        dims = [_norm_axis(int(d), nd) for d in ([dims] if isinstance(dims, int) else dims)]
-        dims = [d for d in dims if _shape(src)[d] == 1]
+        in_shape = _shape(src)
+        dims = [d for d in _norm_axes(dims, len(in_shape)) if in_shape[d] == 1]
         axis = self.slots[sid].axis
         if axis in dims:
             raise _Pin("squeeze of the channel axis")
@@ -1264,18 +1267,6 @@ def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
 def _getitem_index(node: torch.fx.Node) -> Any:
     """The index of ``value[index]`` when `node` is such a getitem, else None."""
     return node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
-
-
-def _shape_query(node: torch.fx.Node) -> tuple[Any, Any] | None:
-    """(tensor, axis or None for the whole size) when `node` reads a tensor's shape."""
-    if node.op == "call_method" and node.target == "size" and node.args:
-        return node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if node.op == "call_function" and node.args:
-        if node.target is getattr and len(node.args) == 2 and node.args[1] == "shape":
-            return node.args[0], None
-        if node.target is torch.ops.aten.sym_size.int and len(node.args) == 2:
-            return node.args[0], node.args[1]
-    return None
 
 
 def _prefix_hits(dims: tuple, target: int) -> bool:
