@@ -26,6 +26,7 @@ fails with "captured with flag=True ..." (an exported graph fails on its own gua
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 import re
 import traceback
@@ -144,7 +145,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
     _drop_string_annotations(gm)
     _name_specialized_inputs(gm, concrete)
     # the check passes every input, the specialized ones too, exactly as the caller will
-    _record_shapes_and_check(model, gm, args, kwargs, kwargs)
+    _record_shapes_and_check(model, gm, args, kwargs)
     return gm
 
 
@@ -177,7 +178,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
                           f"the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
                           "runs at the example's shapes only", stacklevel=3)
     gm = ep.module()
-    _record_shapes_and_check(model, gm, args, kwargs, kwargs)
+    _record_shapes_and_check(model, gm, args, kwargs)
     return gm, info
 
 
@@ -194,8 +195,7 @@ def _batch_is_symbolic(ep) -> bool:
     return False
 
 
-def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
-                             graph_kwargs: dict) -> None:
+def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
     """Record every node's shape on `gm` and check that it computes what `model` does.
 
     Each run gets its own copy of the inputs (`propagate_shapes` copies them itself): a model
@@ -204,8 +204,8 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     with torch.no_grad():
         model_args, model_kwargs = fresh_inputs(args, kwargs)
         expected = model(*model_args, **model_kwargs)
-        propagate_shapes(gm, args, graph_kwargs)
-        graph_args, graph_kwargs = fresh_inputs(args, graph_kwargs)
+        propagate_shapes(gm, args, kwargs)
+        graph_args, graph_kwargs = fresh_inputs(args, kwargs)
         got = gm(*graph_args, **graph_kwargs)
     _check_same_outputs(expected, got)
 
@@ -284,8 +284,6 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
     """
     if not concrete:
         return
-    import operator
-
     from torch.fx._symbolic_trace import _assert_is_none
 
     graph = gm.graph

@@ -31,6 +31,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
 from fxopt.ir import add_tensor_attr, delete_unused_attributes, get_attr_value, is_effectful, op_view, replace_uses
 
+
 @dataclass
 class DeadCodeElimination(Pass):
     """Remove unused nodes, then submodules and attributes nothing references."""

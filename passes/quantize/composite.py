@@ -19,7 +19,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.calibration import calibrate
 
 from .insert import InsertObservers, ReduceRange
-from .lower import Backend, LowerInt8
+from .lower import Backend, LowerInt8, lowering_stats
 from .observers import ObserverKind, QuantizationError, observers_in
 
 
@@ -50,11 +50,9 @@ class Quantize(Pass):
         inserted = InsertObservers(self.observer, self.reduce_range, self.backend).run(gm, ctx)
         if inserted.stats["observers"] == 0:
             # No value lowering could quantize: nothing to calibrate, the module is the answer.
-            return PassResult(inserted.module, modified=False, stats={
-                "backend": self.backend, "quantized": {}, "float_ops": dict(inserted.stats["float_ops"]),
-                "int8_pass_through": 0, "quantize_nodes": 0, "dequantize_nodes": 0,
-                "reduce_range": inserted.stats["reduce_range"], "narrow_values": 0, "observers": 0,
-                "calibration_batches": len(ctx.calibration)})
+            stats = lowering_stats(self.backend, inserted.stats["float_ops"], inserted.stats["reduce_range"])
+            return PassResult(inserted.module, modified=False,
+                              stats={**stats, "observers": 0, "calibration_batches": len(ctx.calibration)})
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
         stats = dict(lowered.stats)

@@ -146,6 +146,13 @@ def strip_observers(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dic
     return gm, found
 
 
+def lowering_stats(backend: str, float_ops: dict[str, str], reduce_range) -> dict:
+    """The stats of a lowering before it lowers anything (what a model with nothing to
+    quantize reports as it is)."""
+    return {"backend": backend, "quantized": {}, "float_ops": dict(float_ops), "int8_pass_through": 0,
+            "quantize_nodes": 0, "dequantize_nodes": 0, "reduce_range": reduce_range, "narrow_values": 0}
+
+
 def nonfinite_values(observers: dict[str, Observer]) -> dict[str, str]:
     """Value name -> why it stays float, for the observed values calibration saw an infinity in."""
     return {name: obs.nonfinite_reason() for name, obs in observers.items() if obs.nonfinite}
@@ -175,10 +182,7 @@ class _Lowering:
         # Values with no int8 grid (calibration saw +-inf in them, e.g. an attention mask):
         # they, and the ops that would read them quantized, stay float.
         self.float_only = nonfinite_values(observers)
-        self.stats = {"backend": backend, "quantized": {},
-                      "float_ops": {**self.plan.unsupported, **self.float_only},
-                      "int8_pass_through": 0, "quantize_nodes": 0, "dequantize_nodes": 0,
-                      "reduce_range": self.reduce_range, "narrow_values": 0}
+        self.stats = lowering_stats(backend, {**self.plan.unsupported, **self.float_only}, self.reduce_range)
 
     # ----- driver ---------------------------------------------------------------------------
     def run(self) -> torch.fx.GraphModule:

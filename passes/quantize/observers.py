@@ -110,11 +110,6 @@ class Observer(nn.Module):
         if self.nonfinite_batch is None:
             self.nonfinite_batch = self.batches
 
-    @property
-    def finite(self) -> bool:
-        """False once calibration saw an infinity in this value (see `nonfinite`)."""
-        return not self.nonfinite
-
     def nonfinite_reason(self) -> str:
         """Why the watched value stays float, for the pass stats ("" when it need not)."""
         if not self.nonfinite:
