@@ -102,6 +102,7 @@ def capture(
     frontends = ["symbolic", "export"] if mode == "auto" else [mode]
     attempts: list[Attempt] = []
     for frontend in frontends:
+        note = ""
         try:
             if frontend == "symbolic":
                 gm = _symbolic(model, args, kwargs)
@@ -111,7 +112,10 @@ def capture(
         except Exception as exc:  # each front end fails in its own way; report them all
             attempts.append(_failed_attempt(frontend, exc))
             continue
-        attempts.append(Attempt(frontend, True))
+        if frontend == "symbolic" and mode == "auto":
+            gm, frontend, info, note = _see_into_opaque_modules(model, args, kwargs, gm, info, attempts,
+                                                                dynamic_batch)
+        attempts.append(Attempt(frontend, True, note))
         gm.meta[META_KEY] = {
             "frontend": frontend,
             "attempts": [a.__dict__ for a in attempts],
@@ -180,6 +184,63 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
     gm = ep.module()
     _record_shapes_and_check(model, gm, args, kwargs)
     return gm, info
+
+
+def _see_into_opaque_modules(model: nn.Module, args: tuple, kwargs: dict, gm: torch.fx.GraphModule,
+                             info: dict, attempts: list[Attempt], dynamic_batch: bool):
+    """Prefer the export graph when the symbolic one hides parameters in modules fxopt cannot read.
+
+    Symbolic tracing keeps every torch.nn module as one call; for most (conv, linear, norms) the
+    op view knows what the call computes, but `nn.MultiheadAttention` or `nn.TransformerEncoder`
+    are opaque: their linears can be neither pruned nor quantized. Export decomposes them into
+    ops the passes read. The export graph is taken when it makes at least half of the hidden
+    parameters readable (an LSTM stays one opaque op either way) and keeps a dynamic batch.
+    Returns the graph, its front end, its info and a note on the symbolic graph; a rejected or
+    superseded attempt goes to `attempts`.
+    """
+    hidden = sum(_opaque_parameters(gm).values())
+    if not hidden:
+        return gm, "symbolic", info, ""
+    reason = f"left {hidden} parameters inside modules fxopt cannot read ({_largest_opaque(gm)})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a static-batch export is rejected below, not announced
+            exported, export_info = _export(model, args, kwargs, dynamic_batch)
+    except Exception as exc:  # the symbolic graph stands; say why export did not replace it
+        attempts.append(_failed_attempt("export", exc))
+        return gm, "symbolic", info, reason
+    still_hidden = sum(_opaque_parameters(exported).values())
+    if export_info["dynamic_batch"] < info["dynamic_batch"] or 2 * still_hidden > hidden:
+        why = "a static batch" if export_info["dynamic_batch"] < info["dynamic_batch"] else \
+            f"{still_hidden} parameters unreadable"
+        attempts.append(Attempt("export", True, f"not taken: {why}"))
+        return gm, "symbolic", info, reason
+    attempts.append(Attempt("symbolic", True, f"{reason}; export reads them"))
+    return exported, "export", export_info, ""
+
+
+def _opaque_parameters(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Parameter elements each op fxopt has no view of reads (by node name)."""
+    from .ir.opview import spec_for
+
+    params = dict(gm.named_parameters())
+    opaque: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and spec_for(gm, node) is None:
+            count = sum(p.numel() for p in gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr" and node.target in params:
+            unread = [u for u in node.users if u.op != "output" and spec_for(gm, u) is None]
+            count = params[node.target].numel() if unread else 0
+        else:
+            continue
+        if count:
+            opaque[node.name] = count
+    return opaque
+
+
+def _largest_opaque(gm: torch.fx.GraphModule) -> str:
+    hidden = _opaque_parameters(gm)
+    return ", ".join(sorted(hidden, key=hidden.get, reverse=True)[:3])
 
 
 def _batch_is_symbolic(ep) -> bool:

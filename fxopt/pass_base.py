@@ -102,7 +102,9 @@ class Pass:
             try:
                 values[key] = coerce_option(raw, hints[key])
             except (TypeError, ValueError) as exc:
-                raise PipelineError(f"pass '{cls.name}' option '{key}': {exc}") from None
+                # `;` separates options in some tools' specs; pipeline text joins them with `,`
+                hint = " (options are separated by ',')" if isinstance(raw, str) and ";" in raw else ""
+                raise PipelineError(f"pass '{cls.name}' option '{key}': {exc}{hint}") from None
         try:
             instance = cls(**values)
         except (TypeError, ValueError) as exc:

@@ -194,7 +194,55 @@ def test_export_gives_aten_graph_with_get_attr_params():
 
 def test_auto_prefers_symbolic_when_it_works():
     gm = capture(ConvNet(), (torch.randn(2, 3, 8, 8),))
-    assert gm.meta["fxopt"]["frontend"] == "symbolic"
+    info = gm.meta["fxopt"]
+    assert info["frontend"] == "symbolic" and len(info["attempts"]) == 1  # no export tried
+
+
+class AttentionLeaf(nn.Module):
+    """Symbolic tracing keeps nn.MultiheadAttention as one opaque call."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+class RecurrentLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+def test_auto_exports_when_symbolic_hides_parameters_in_opaque_modules():
+    _seed()
+    model, x = AttentionLeaf(), torch.randn(2, 5, 16)
+    gm = capture(model, (x,))
+    info = gm.meta["fxopt"]
+    assert info["frontend"] == "export" and info["dynamic_batch"]
+    assert info["attempts"][0]["frontend"] == "symbolic" and info["attempts"][0]["ok"]
+    assert "1088 parameters inside modules fxopt cannot read (attn); export reads them" in info["attempts"][0]["reason"]
+    assert not any(n.op == "call_module" and not n.target.startswith("_guards") for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(torch.randn(3, 5, 16)).shape, torch.Size([3, 5, 3]))
+    torch.testing.assert_close(gm(x), model.eval()(x))
+    assert capture(model, (x,), mode="symbolic").meta["fxopt"]["frontend"] == "symbolic"
+
+
+def test_auto_keeps_symbolic_when_export_reads_no_more():
+    """aten.gru is as opaque as nn.GRU: the symbolic graph stays, with the reason recorded."""
+    _seed()
+    gm = capture(RecurrentLeaf(), (torch.randn(2, 5, 8),))
+    info = gm.meta["fxopt"]
+    assert info["frontend"] == "symbolic"
+    export, symbolic = info["attempts"]
+    assert export["frontend"] == "export" and export["reason"].startswith("not taken: 1248 parameters unreadable")
+    assert symbolic["ok"] and "1248 parameters inside modules fxopt cannot read (rnn)" in symbolic["reason"]
 
 
 def test_auto_falls_back_to_export_on_untraceable_control_flow():

@@ -133,6 +133,11 @@ def test_float_expected_names_the_option():
         parse_pipeline("test-tunable{ratio=half}")
 
 
+def test_semicolon_separated_options_get_a_hint():
+    with pytest.raises(PipelineError, match=r"option 'ratio'.*separated by ','"):
+        parse_pipeline("test-tunable{ratio=0.5;steps=2}")
+
+
 def test_literal_choice_names_option_and_choices():
     with pytest.raises(PipelineError) as info:
         parse_pipeline("test-tunable{granularity=row}")
