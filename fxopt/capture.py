@@ -43,6 +43,8 @@ from .analysis.shapes import propagate_shapes
 from .errors import CaptureError
 from .ir.interpret import fresh_inputs
 from .ir.rewrite import deep_copy
+from .tracing import trace
+from . import nn_forwards  # noqa: F401  (registers torch.nn's traceable forwards)
 
 Mode = Literal["auto", "symbolic", "export"]
 MODES = ("auto", "symbolic", "export")
@@ -140,7 +142,7 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 
 def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
     concrete = _concrete_inputs(model, args, kwargs)
-    gm = torch.fx.symbolic_trace(model, concrete_args=concrete or None)
+    gm = trace(model, concrete_args=concrete or None)
     for module in gm.modules():
         # fx rebuilds the containers on the path to each leaf as fresh nn.Module()s, which
         # start in training mode; they hold no state, so give them the model's mode

@@ -26,6 +26,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .bindings import aten_op_of
 from .params import ParamRef, ref_for_get_attr
@@ -303,8 +304,7 @@ _SCHEMA_RENAMES = {"self": "input", "train": "training"}
 def spec_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSpec | None:
     """The table row that matches `node`, or None if fxopt has no view of it."""
     if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return _BY_MODULE.get(type(module))
+        return _module_spec(gm.get_submodule(node.target))
     overload = aten_op_of(node) if node.op in ("call_function", "call_method") else None
     if overload is not None:  # an ATen op, called directly or through its eager binding
         return _BY_ATEN_PACKET.get(overload.overloadpacket)
@@ -316,6 +316,19 @@ def spec_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSpec | None:
             return _BY_FUNCTION.get(target)
         except TypeError:  # unhashable target
             return None
+    return None
+
+
+def _module_spec(module: nn.Module) -> OpSpec | None:
+    """The row of the nearest table type `module` is an instance of, if it keeps that type's
+    forward: `nn.MultiheadAttention`'s out_proj (a `NonDynamicallyQuantizableLinear`) is a
+    linear. A parametrized module (weight_norm) computes its weight: no row."""
+    if parametrize.is_parametrized(module):
+        return None
+    for cls in type(module).__mro__:
+        spec = _BY_MODULE.get(cls)
+        if spec is not None:
+            return spec if type(module).forward is cls.forward else None
     return None
 
 

@@ -199,7 +199,8 @@ def test_auto_prefers_symbolic_when_it_works():
 
 
 class AttentionLeaf(nn.Module):
-    """Symbolic tracing keeps nn.MultiheadAttention as one opaque call."""
+    """Cross-attention: symbolic tracing keeps this nn.MultiheadAttention as one opaque call
+    (fxopt.nn_forwards covers self-attention only)."""
 
     def __init__(self):
         super().__init__()
@@ -207,7 +208,8 @@ class AttentionLeaf(nn.Module):
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
-        return self.head(self.attn(x, x, x, need_weights=False)[0])
+        memory = x * 2
+        return self.head(self.attn(x, memory, memory, need_weights=False)[0])
 
 
 class RecurrentLeaf(nn.Module):

@@ -616,3 +616,30 @@ def test_pixel_shuffle_prunes_whole_blocks(mode):
     assert a < 32 and a % 4 == 0 and b.shape[1] == a // 4
     assert pruned.get_parameter("c.weight").shape[1] == 4 * b.shape[0]
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+
+
+class TorchEncoder(nn.Module):
+    """torch.nn's own transformer layer: opaque to symbolic tracing, read through export."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 32)
+        self.encoder = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def test_torch_nn_transformer_layers_are_pruned_through_the_default_capture():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    m = prune_and_mask(TorchEncoder(), x, "auto")
+    assert m.plan.gm.meta["fxopt"]["frontend"] == "symbolic"  # through fxopt.nn_forwards
+    assert count_parameters(m.pruned) < 0.75 * m.params_before
+    torch.testing.assert_close(m.out, m.masked, rtol=1e-4, atol=1e-5)
+    heads = [n.meta["tensor_meta"].shape[1] for n in m.pruned.graph.nodes
+             if n.target is F.scaled_dot_product_attention]
+    assert len(heads) == 1 and heads[0] < 4, "whole heads removed"
+    in_proj = m.pruned.get_parameter("encoder.self_attn.in_proj_weight")
+    assert in_proj.shape[0] == 3 * heads[0] * 8

@@ -1,0 +1,147 @@
+"""Symbolic tracing that enters modules fx would keep opaque, through traceable forwards.
+
+`torch.fx.symbolic_trace` keeps every torch.nn module as one `call_module` node, and cannot
+enter a module whose forward branches on tensor properties (`nn.MultiheadAttention` checks
+its inputs' dims and dtypes; `nn.TransformerEncoderLayer` picks a fused fast path). Such a
+call hides its linears from pruning and quantization. A *traceable forward* computes the same
+thing in ops the passes read (linear, head-split views, scaled_dot_product_attention);
+`FxoptTracer` traces it in place of the module's own forward. fxopt registers them for
+torch.nn's attention and transformer modules (`fxopt.nn_forwards`); register your own for a
+module of yours that does not trace:
+
+    >>> import torch, fxopt
+    >>> from fxopt.tracing import NotTraceable, register_traceable_forward
+    >>> class Gate(torch.nn.Module):            # branches on a tensor property: untraceable
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = torch.nn.Linear(4, 4)
+    ...     def forward(self, x):
+    ...         return self.fc(x) if x.dim() == 2 else self.fc(x).mean(1)
+    >>> def gate_2d(module, x):                 # the branch this model takes, in plain ops
+    ...     return module.fc(x)
+    >>> register_traceable_forward(Gate, gate_2d)
+    >>> gm = fxopt.capture(torch.nn.Sequential(Gate()), (torch.randn(2, 4),), mode="symbolic")
+    >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    ['0.fc']
+
+The capture still checks the graph against the eager model on the example inputs, so a
+traceable forward that computes something else makes the symbolic attempt fail (auto mode
+then exports). A traceable forward raises `NotTraceable` *before it creates any op* to leave
+the module as one call (an option it does not cover, e.g. cross-attention).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch import nn
+
+from .ir.effects import is_effectful
+
+TraceableForward = Callable[..., Any]
+_FORWARDS: dict[type, TraceableForward] = {}
+_EXPANDED = "fxopt_traceable_forward"  # node meta: created inside a traceable forward
+
+
+class NotTraceable(Exception):
+    """Raised by a traceable forward, before it creates any op, to keep the module as one call."""
+
+
+def register_traceable_forward(module_type: type[nn.Module], forward: TraceableForward) -> None:
+    """Trace `forward(module, *args, **kwargs)` in place of `module_type`'s own forward.
+
+    Exact type match: a subclass with its own forward is not covered by its base's entry.
+    Registering a type again replaces its entry.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_traceable_forward expects an nn.Module subclass, got {module_type!r}")
+    if not callable(forward):
+        raise TypeError(f"the traceable forward for {module_type.__name__} is not callable: {forward!r}")
+    _FORWARDS[module_type] = forward
+
+
+def unregister_traceable_forward(module_type: type[nn.Module]) -> None:
+    """Trace `module_type` by fx's default rule again."""
+    _FORWARDS.pop(module_type, None)
+
+
+def traceable_forward(module: nn.Module) -> TraceableForward | None:
+    """The forward registered for `module`'s exact type, if any."""
+    return _FORWARDS.get(type(module))
+
+
+class FxoptTracer(torch.fx.Tracer):
+    """fx's tracer, entering modules that have a registered traceable forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._depth = 0
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        expansion = traceable_forward(m)
+        if expansion is None:
+            return super().call_module(m, forward, args, kwargs)
+        def expanded(*a: Any, **k: Any) -> Any:
+            self._depth += 1
+            try:
+                return expansion(m, *a, **k)
+            except NotTraceable:
+                pass
+            finally:
+                self._depth -= 1
+            # the leaf call goes inside fx's module scope, where its own leaf calls are made
+            return self.create_proxy("call_module", self.path_of_module(m), a, k)
+
+        return super().call_module(m, expanded, args, kwargs)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if traceable_forward(m) is not None:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if self._depth:
+            node.meta[_EXPANDED] = True
+        return node
+
+
+def trace(model: nn.Module, concrete_args: dict | None = None) -> torch.fx.GraphModule:
+    """`torch.fx.symbolic_trace` with `FxoptTracer`; dead values a traceable forward computed
+    for a result the caller drops (attention weights) are erased."""
+    tracer, graph = _trace_root(model, concrete_args)
+    for node in reversed(list(graph.nodes)):
+        if node.meta.get(_EXPANDED) and not node.users and node.op in ("call_function", "call_method") \
+                and not is_effectful(node):
+            graph.erase_node(node)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _trace_root(model: nn.Module, concrete_args: dict | None) -> tuple[FxoptTracer, torch.fx.Graph]:
+    """Trace `model`, through its own traceable forward when it has one (fx reads the root's
+    forward from its class: a subclass carrying the traceable one stands in while tracing)."""
+    expansion = traceable_forward(model)
+    if expansion is not None:
+        tracer, original = FxoptTracer(), type(model)
+        model.__class__ = type(original.__name__, (original,), {"forward": expansion})
+        tracer._depth = 1
+        try:
+            return tracer, tracer.trace(model, concrete_args=_with_flag_defaults(expansion, concrete_args))
+        except NotTraceable:
+            pass
+        finally:
+            model.__class__ = original
+    tracer = FxoptTracer()
+    return tracer, tracer.trace(model, concrete_args=concrete_args)
+
+
+def _with_flag_defaults(forward: TraceableForward, concrete_args: dict | None) -> dict:
+    """The caller's concrete args plus the defaults of the flags it did not give: what the
+    eager call used (a root's flag left free is a graph input the forward cannot branch on)."""
+    concrete = dict(concrete_args or {})
+    for name, param in list(inspect.signature(forward).parameters.items())[1:]:
+        if name not in concrete and isinstance(param.default, (bool, int, float, str)):
+            concrete[name] = param.default
+    return concrete

@@ -1,0 +1,158 @@
+"""torch.nn's attention and transformer modules, traced through fxopt's traceable forwards:
+the symbolic graph must compute what the module does, for every option they cover, at other
+batch sizes and sequence lengths too, and keep the module as one call for those they do not."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt import capture
+from fxopt.tracing import NotTraceable, register_traceable_forward, unregister_traceable_forward
+
+E, HEADS = 16, 4
+
+
+def _call_modules(gm):
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+class Attend(nn.Module):
+    def __init__(self, batch_first=True, need_weights=False, average=True, **call):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=batch_first)
+        self.need_weights, self.average, self.call = need_weights, average, call
+
+    def forward(self, x, attn_mask=None, key_padding_mask=None):
+        out, weights = self.attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                 need_weights=self.need_weights, average_attn_weights=self.average, **self.call)
+        return (out, weights) if self.need_weights else out
+
+
+def _masks(batch, seq, kind):
+    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
+    padding = torch.zeros(batch, seq, dtype=torch.bool)
+    padding[0, -2:] = True
+    return {
+        "none": {},
+        "bool causal": {"attn_mask": causal},
+        "float causal": {"attn_mask": torch.zeros(seq, seq).masked_fill(causal, float("-inf"))},
+        "per head": {"attn_mask": torch.randn(batch * HEADS, seq, seq)},
+        "padding": {"key_padding_mask": padding},
+        "both": {"attn_mask": causal, "key_padding_mask": padding},
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["none", "bool causal", "float causal", "per head", "padding", "both"])
+@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_matches_the_module(kind, need_weights, average, batch_first):
+    torch.manual_seed(0)
+    model = Attend(batch_first, need_weights, average).eval()
+    batch, seq = 3, 6
+    x = torch.randn(batch, seq, E) if batch_first else torch.randn(seq, batch, E)
+    masks = _masks(batch, seq, kind)
+    gm = capture(model, (x,) if not masks else {"x": x, **masks}, mode="symbolic")
+    assert "attn" not in _call_modules(gm) and "attn.out_proj" in _call_modules(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, **masks), model(x, **masks), rtol=1e-5, atol=1e-5)
+        if kind == "none":  # the batch and the sequence stay free
+            y = torch.randn(5, 9, E) if batch_first else torch.randn(9, 5, E)
+            torch.testing.assert_close(gm(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_hint_with_its_mask_matches_the_module():
+    torch.manual_seed(0)
+    model = Attend(is_causal=True).eval()
+    x = torch.randn(2, 5, E)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    gm = capture(model, {"x": x, "attn_mask": mask}, mode="symbolic")
+    torch.testing.assert_close(gm(x, attn_mask=mask), model(x, attn_mask=mask))
+
+
+class CrossAttend(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+
+    def forward(self, x, memory):
+        return self.attn(x, memory, memory)[0]
+
+
+def test_cross_attention_stays_one_module_call():
+    torch.manual_seed(0)
+    model, x, memory = CrossAttend().eval(), torch.randn(2, 3, E), torch.randn(2, 7, E)
+    gm = capture(model, (x, memory), mode="symbolic")
+    assert _call_modules(gm) == {"attn"}
+    torch.testing.assert_close(gm(x, memory), model(x, memory))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu", F.silu])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_stack_matches_the_module(norm_first, activation, batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, activation=activation, norm_first=norm_first,
+                                       batch_first=batch_first)
+    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(E), enable_nested_tensor=False).eval()
+    x = torch.randn(3, 6, E) if batch_first else torch.randn(6, 3, E)
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[1, -3:] = True
+    gm = capture(model, {"src": x, "src_key_padding_mask": padding}, mode="symbolic")
+    assert not any(name.endswith("self_attn") for name in _call_modules(gm))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, src_key_padding_mask=padding),
+                                   model(x, src_key_padding_mask=padding), rtol=1e-5, atol=1e-5)
+
+
+def test_full_transformer_matches_the_module():
+    torch.manual_seed(0)
+    model = nn.Transformer(E, HEADS, 1, 1, 32, batch_first=True).eval()
+    src, tgt = torch.randn(2, 7, E), torch.randn(2, 5, E)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    gm = capture(model, {"src": src, "tgt": tgt, "tgt_mask": mask}, mode="symbolic")
+    assert "decoder.layers.0.multihead_attn" in _call_modules(gm)       # cross-attention: one call
+    assert "decoder.layers.0.self_attn" not in _call_modules(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(src, tgt, tgt_mask=mask), model(src, tgt, tgt_mask=mask),
+                                   rtol=1e-5, atol=1e-5)
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.dim() == 2 else self.fc(x).mean(1)
+
+
+def test_a_registered_forward_makes_an_untraceable_module_traceable():
+    model, x = nn.Sequential(Gate(), nn.ReLU()), torch.randn(2, 4)
+    with pytest.raises(Exception):
+        capture(model, (x,), mode="symbolic")
+    register_traceable_forward(Gate, lambda m, x: m.fc(x))
+    try:
+        gm = capture(model, (x,), mode="symbolic")
+        assert _call_modules(gm) == {"0.fc", "1"}
+        torch.testing.assert_close(gm(x), model(x))
+    finally:
+        unregister_traceable_forward(Gate)
+
+
+def test_not_traceable_keeps_the_module_as_one_call():
+    def refuse(m, x):
+        raise NotTraceable("not this one")
+
+    register_traceable_forward(Gate, refuse)
+    try:
+        gm = capture(nn.Sequential(nn.Linear(4, 4), Gate()), (torch.randn(2, 4),), mode="symbolic")
+        assert _call_modules(gm) == {"0", "1"}
+    finally:
+        unregister_traceable_forward(Gate)
+
+
+def test_registration_checks_its_arguments():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_traceable_forward(int, lambda m: m)
+    with pytest.raises(TypeError, match="not callable"):
+        register_traceable_forward(Gate, "forward")
