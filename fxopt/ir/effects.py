@@ -36,10 +36,21 @@ def is_effectful(node: torch.fx.Node) -> bool:
         return schema.is_mutable or target.overloadpacket.__name__.startswith("_assert") \
             or target.overloadpacket in (torch.ops.aten.rand, torch.ops.aten.randn, torch.ops.aten.bernoulli,
                                          torch.ops.aten.dropout, torch.ops.aten.randint)
-    if node.op == "call_method" and isinstance(target, str) and target.endswith("_") \
-            and not target.endswith("__"):
+    if node.op == "call_method" and isinstance(target, str) and _in_place_name(target):
         return True  # Tensor.add_, Tensor.copy_, ... write in place
+    if node.kwargs.get("inplace") is True:
+        return True  # F.relu(h, inplace=True)
+    if node.op == "call_module":
+        # nn.ReLU(inplace=True): `self.act(h)` with its result unused still changes h
+        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True \
+            if node.graph.owning_module is not None else False
+    if node.op == "call_function" and _in_place_name(getattr(target, "__name__", "")):
+        return True  # torch.relu_(h), operator.iadd
     return target in _RANDOM_OR_EFFECTFUL if callable(target) and _hashable(target) else False
+
+
+def _in_place_name(name: str) -> bool:
+    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
 
 
 def _hashable(x: Any) -> bool:

@@ -101,6 +101,37 @@ def test_dce_keeps_in_place_and_side_effect_ops_symbolic():
     assert torch._assert in _targets(after)
 
 
+class UnusedInPlaceActivation(nn.Module):
+    """The activation's result is dropped: only its write into `h` counts."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.fc1, self.fc2, self.act, self.spelling = nn.Linear(4, 8), nn.Linear(8, 2), nn.ReLU(inplace=True), spelling
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.spelling == "module":
+            self.act(h)
+        elif self.spelling == "functional":
+            nn.functional.relu(h, inplace=True)
+        elif self.spelling == "torch":
+            torch.relu_(h)
+        else:
+            h += 1.0
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("spelling", ["module", "functional", "torch", "iadd"])
+@pytest.mark.parametrize("pipeline", ["dce", "fuse", "fold-constants"])
+def test_an_in_place_write_whose_result_is_unused_survives(spelling, pipeline):
+    torch.manual_seed(0)
+    model, x = UnusedInPlaceActivation(spelling).eval(), torch.randn(3, 4)
+    res = fxopt.optimize(model, x, pipeline, mode="symbolic")
+    assert res.verification.passed
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x))
+
+
 def test_dce_keeps_export_guards_and_asserts():
     x = (torch.randn(2, 4),)
     before, after, _ = _run("dce", InPlace(), x, "export")
