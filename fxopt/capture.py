@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError
-from .ir.interpret import fresh_inputs
+from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import deep_copy
 from .tracing import trace
 from . import nn_forwards  # noqa: F401  (registers torch.nn's traceable forwards)
@@ -142,7 +142,13 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 
 def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
     concrete = _concrete_inputs(model, args, kwargs)
+    state = BufferState(model)
     gm = trace(model, concrete_args=concrete or None)
+    written = state.changed()
+    if written:
+        state.restore()
+        raise CaptureError(f"forward writes its buffers in place ({', '.join(written[:3])}): symbolic tracing "
+                           "ran the write once instead of recording it (export records it)")
     for module in gm.modules():
         # fx rebuilds the containers on the path to each leaf as fresh nn.Module()s, which
         # start in training mode; they hold no state, so give them the model's mode
@@ -263,13 +269,20 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
 
     Each run gets its own copy of the inputs (`propagate_shapes` copies them itself): a model
     that writes into its inputs must change neither the caller's tensors nor the other run.
+    Every run starts from the state the model had (a forward that updates a buffer, a step
+    counter or a running average, must be compared from the same state), and the graph is left
+    in it.
     """
+    model_state, graph_state = BufferState(model), BufferState(gm)
     with torch.no_grad():
         model_args, model_kwargs = fresh_inputs(args, kwargs)
         expected = model(*model_args, **model_kwargs)
+        model_state.restore()
         propagate_shapes(gm, args, kwargs)
+        graph_state.restore()
         graph_args, graph_kwargs = fresh_inputs(args, kwargs)
         got = gm(*graph_args, **graph_kwargs)
+        graph_state.restore()
     _check_same_outputs(expected, got)
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 
 from .errors import VerificationError, user_source_line
-from .ir.interpret import fresh_inputs, node_values, run_graph
+from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph
 from .ir.rewrite import deep_copy, origin
 
 
@@ -240,14 +240,19 @@ def verify(
             raise RuntimeError("verify(device='cuda') needs a CUDA GPU; none is available")
         reference, candidate = _copy_to(reference, device), _copy_to(candidate, device)
         args, kwargs = _move(args, device), _move(kwargs, device)
+    # a model that updates its buffers (a step counter) runs from, and is left in, its state
+    state = BufferState(reference, candidate)
     with torch.no_grad():  # each side on its own copy: a model may write into its inputs
         ref_args, ref_kwargs = fresh_inputs(args, kwargs)
         ref_out = reference(*ref_args, **ref_kwargs)
+        state.restore()  # the two may share buffers
         try:
             cand_args, cand_kwargs = fresh_inputs(args, kwargs)
             cand_out = candidate(*cand_args, **cand_kwargs)
         except Exception as exc:
             return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}: {exc}")
+        finally:
+            state.restore()
     outputs, problem = compare_outputs(ref_out, cand_out)
     passed = problem is None and all(o.passes(tol) for o in outputs)
     report = VerificationReport(passed, tol, device, outputs, message=problem or "")

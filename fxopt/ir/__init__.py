@@ -1,7 +1,7 @@
 """IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
 from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call
 from .effects import is_effectful
-from .interpret import flatten_inputs, fresh_inputs, node_values, run_graph
+from .interpret import BufferState, flatten_inputs, fresh_inputs, node_values, run_graph
 from .opview import OpSpec, OpView, SPECS, bind_arguments, op_view, size_read, spec_for
 from .params import (
     ParamRef,
@@ -26,7 +26,7 @@ from .rewrite import (
 )
 
 __all__ = [
-    "ATEN_OP", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
+    "ATEN_OP", "BufferState", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
     "COMPUTES", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
     "bind_arguments", "clone_sharing_tensors", "deep_copy", "delete_unused_attributes", "flatten_inputs",
     "get_attr_value", "is_effectful", "is_shared",

@@ -215,3 +215,42 @@ def _tensor_leaves(value: Any) -> list[torch.Tensor]:
 
 def _copy_tensors(value: Any) -> Any:
     return torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+class BufferState:
+    """The values of a module's buffers: whether a run wrote them, and putting them back.
+
+    A forward that updates a step counter or a running average changes its module each time it
+    runs; capture and verification compare runs from one state and leave the module in it.
+
+        >>> import torch
+        >>> counter = torch.nn.Module(); counter.register_buffer("steps", torch.zeros(()))
+        >>> state = BufferState(counter); counter.steps += 1
+        >>> state.changed(), (state.restore(), counter.steps.item())[1]
+        (['steps'], 0.0)
+    """
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        seen: set[int] = set()
+        self._buffers = []
+        for module in modules:
+            for name, b in module.named_buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    self._buffers.append((name, b, b.detach().clone()))
+
+    def changed(self) -> list[str]:
+        """Names of the buffers whose values differ from the snapshot."""
+        return [name for name, b, saved in self._buffers if not _same_values(b, saved)]
+
+    def restore(self) -> None:
+        """Write the snapshot back into the buffers (the tensors stay the same objects)."""
+        with torch.no_grad():
+            for _, b, saved in self._buffers:
+                b.copy_(saved)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)

@@ -1,6 +1,7 @@
 """Capture: both front ends, auto fallback, metadata, structured outputs, dynamic batch, errors."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -590,3 +591,39 @@ def test_an_export_whose_batch_axis_was_specialized_warns():
     with pytest.warns(UserWarning, match="static batch size .*specialized dim 0"):
         gm = fxopt.capture(SequenceFirst().eval(), (torch.randn(5, 2, 8),), mode="export")
     assert gm.meta["fxopt"]["dynamic_batch"] is False
+
+
+class StepCounter(nn.Module):
+    """Updates a buffer in forward, and its output depends on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps += 1
+        return self.fc(x) * self.steps
+
+
+def test_a_forward_that_writes_its_buffers_is_exported_with_the_write():
+    _seed()
+    model, x = StepCounter().eval(), torch.randn(3, 4)
+    with pytest.raises(CaptureError, match=r"writes its buffers in place \(steps\)"):
+        capture(model, (x,), mode="symbolic")
+    gm = capture(model, (x,))
+    assert gm.meta["fxopt"]["frontend"] == "export"
+    assert model.steps.item() == 0 and gm.get_buffer("steps").item() == 0, "capture runs leave the state as it was"
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        for _ in range(2):  # the state advances call by call, as the model's does
+            torch.testing.assert_close(gm(x), eager(x))
+
+
+def test_optimize_verifies_a_stateful_model_from_its_state():
+    _seed()
+    model, x = StepCounter().eval(), torch.randn(3, 4)
+    res = fxopt.optimize(model, x, "fuse")
+    assert res.verification.passed
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), copy.deepcopy(model)(x))
