@@ -23,8 +23,11 @@ _DTYPE_SHORT = {
 
 
 def annotate(node: torch.fx.Node, key: str, value: Any) -> None:
-    """Attach an annotation that dumps show next to the node (e.g. `annotate(n, "group", 3)`)."""
-    node.meta.setdefault(ANNOTATIONS, {})[key] = value
+    """Attach an annotation that dumps show next to the node (e.g. `annotate(n, "group", 3)`).
+
+    Copy on write: a copied graph shares its nodes' meta dicts' contents with the original
+    (fx copies meta shallowly), and annotating the copy must not relabel the original."""
+    node.meta[ANNOTATIONS] = {**node.meta.get(ANNOTATIONS, {}), key: value}
 
 
 def target_text(node: torch.fx.Node) -> str:

@@ -119,20 +119,21 @@ class PrunePlan:
         """
         cg = self.channel_graph
         boundary = self.boundary
-        if dead is not None:
+        if dead is None:
+            dead = self.selection.dead
+        else:  # the plan keeps its own selection: it can be applied again, with or without a mask
             dead = np.asarray(dead, dtype=bool)
             bad = [(u, v) for u, v in cg.precedence if dead[u] and not dead[v]]
             if bad or (dead & self.blocked).any():
                 raise ValueError("the dead mask breaks a junction precedence or removes a pinned class")
-            self.selection.dead = dead
-            boundary = self.boundary = plan_boundaries(cg, dead, self.ignored)
+            boundary = plan_boundaries(cg, dead, self.ignored)
         start = time.perf_counter()
         slot_group = {}
         for gi, labels in enumerate(cg.slot_groups()):
             for label in labels:
                 slot_group[cg.graph.nodes[label]["slot"]] = gi
         gm = clone_sharing_tensors(self.gm)
-        info = apply_pruning(gm, cg, self.selection.dead, boundary, self.ignored, slot_group)
+        info = apply_pruning(gm, cg, dead, boundary, self.ignored, slot_group)
         if self.example_inputs or self.example_kwargs:
             propagate_shapes(gm, self.example_inputs, self.example_kwargs)
         self.seconds["apply"] = time.perf_counter() - start

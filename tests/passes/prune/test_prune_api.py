@@ -121,6 +121,14 @@ def test_a_plan_applies_again_with_another_mask_and_keeps_its_graph():
     second = plan.apply(dead=dead)
     assert second.get_submodule("a").out_channels == first.get_submodule("a").out_channels + 1
     assert second(X).shape == first(X).shape == (2, 4)
+    # the mask was for that call only: the plan still applies its own selection, and the
+    # analyzed graph carries none of the pruned models' annotations
+    again = plan.apply()
+    assert again.get_submodule("a").out_channels == first.get_submodule("a").out_channels
+    from fxopt.debug.listing import ANNOTATIONS
+
+    assert any("prune.kept" in n.meta.get(ANNOTATIONS, {}) for n in again.graph.nodes)
+    assert not any("prune.kept" in n.meta.get(ANNOTATIONS, {}) for n in plan.gm.graph.nodes)
 
 
 def test_analysis_is_cached_and_networkx():
