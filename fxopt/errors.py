@@ -41,9 +41,13 @@ class VerificationWarning(UserWarning):
 
 def node_location(node: torch.fx.Node) -> str:
     """`node 'name' (op target) at file:line` — the user's source line when fx recorded one."""
-    where = f"node '{node.name}' ({node.op} {_target_name(node.target)})"
     line = user_source_line(node.meta.get("stack_trace"))
-    return f"{where} at {line}" if line else where
+    return f"{node_label(node)} at {line}" if line else node_label(node)
+
+
+def node_label(node: torch.fx.Node) -> str:
+    """`node 'name' (op target)`."""
+    return f"node '{node.name}' ({node.op} {_target_name(node.target)})"
 
 
 def user_source_line(stack_trace: str | None) -> str | None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Union
 import torch
 import torch.fx
 
-from ..errors import node_location
+from ..errors import node_label, node_location, user_source_line
 from ..ir import OpView, bind_arguments, op_view, spec_for, tensor_meta
 
 ANNOTATIONS = "fxopt.annotations"
@@ -173,6 +173,12 @@ def _where(node: Any) -> str:
     return node_location(node) if isinstance(node, torch.fx.Node) else repr(node)
 
 
+def _no_match(node: torch.fx.Node, reason: str) -> NoMatch:
+    """`node 'x' (op target) <reason>`, then the user's source line: the reason reads first."""
+    line = user_source_line(node.meta.get("stack_trace"))
+    return NoMatch(f"{node_label(node)}{reason}" + (f" — at {line}" if line else ""))
+
+
 def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) -> Match:
     if isinstance(pat, Var):
         return _match_var(value, pat, m)
@@ -183,35 +189,35 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
     node = value
     view = op_view(gm, node)
     if view is None:
-        raise NoMatch(f"{_where(node)} is not an op fxopt's op view knows; pattern wants {pat!r}")
+        raise _no_match(node, f" is not an op fxopt's op view knows; pattern wants {pat!r}")
     if view.kind not in pat.kinds:
-        raise NoMatch(f"{_where(node)} is '{view.kind}', pattern wants '{'|'.join(pat.kinds)}'")
+        raise _no_match(node, f" is '{view.kind}', pattern wants '{'|'.join(pat.kinds)}'")
     if not is_root and pat.single_use and len(node.users) > 1:
         users = ", ".join(u.name for u in node.users)
-        raise NoMatch(f"{_where(node)} has {len(node.users)} users ({users}); the pattern "
+        raise _no_match(node, f" has {len(node.users)} users ({users}); the pattern "
                       "would remove it (use single_use=False for ops that stay)")
     if node in m.ops:
-        raise NoMatch(f"{_where(node)} is matched twice by the pattern")
+        raise _no_match(node, " is matched twice by the pattern")
     for key, want in pat.attrs.items():
         got = view.attrs.get(key, _MISSING)
         if got is _MISSING:
             got = _bound_arg(node, key)
         ok = want(got) if callable(want) else _same(got, want)
         if not ok:
-            raise NoMatch(f"{_where(node)}: attribute '{key}' is {got!r}, pattern wants "
+            raise _no_match(node, f": attribute '{key}' is {got!r}, pattern wants "
                           f"{'a value passing ' + getattr(want, '__name__', 'a check') if callable(want) else repr(want)}")
     if pat.check is not None:
         verdict = pat.check(view)
         if verdict is not True and verdict is not None:
-            raise NoMatch(f"{_where(node)}: {verdict if isinstance(verdict, str) else 'op check refused it'}")
+            raise _no_match(node, f": {verdict if isinstance(verdict, str) else 'op check refused it'}")
     if pat.scalar is not None:
         scalar = _scalar_operand(node, view)
         if scalar is _MISSING:
-            raise NoMatch(f"{_where(node)} has no scalar operand; pattern wants Const('{pat.scalar.name}')")
+            raise _no_match(node, f" has no scalar operand; pattern wants Const('{pat.scalar.name}')")
         m = _bind_const(pat.scalar, scalar, node, m)
     inputs = list(view.inputs)
     if len(inputs) != len(pat.inputs):
-        raise NoMatch(f"{_where(node)} has {len(inputs)} tensor inputs, pattern {pat!r} wants {len(pat.inputs)}")
+        raise _no_match(node, f" has {len(inputs)} tensor inputs, pattern {pat!r} wants {len(pat.inputs)}")
     orders = [inputs]
     if pat.commutative and len(inputs) == 2:
         orders.append(inputs[::-1])
@@ -230,7 +236,7 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
             trial.views[pat.name] = view
             for param, alias in pat.params.items():
                 if param not in view.params:
-                    raise NoMatch(f"{_where(node)} has no parameter '{param}' (pattern binds it as '{alias}')")
+                    raise _no_match(node, f" has no parameter '{param}' (pattern binds it as '{alias}')")
                 trial.params[alias] = (pat.name, param)
         return trial
     raise failure  # type: ignore[misc]
@@ -269,9 +275,9 @@ def _bind_node(name: str, node: torch.fx.Node, m: Match) -> None:
 
 def _bind_const(pat: Const, value: Any, node: torch.fx.Node, m: Match) -> Match:
     if isinstance(value, torch.fx.Node) or isinstance(value, torch.Tensor):
-        raise NoMatch(f"{_where(node)}: Const('{pat.name}') wants a Python scalar, found a tensor")
+        raise _no_match(node, f": Const('{pat.name}') wants a Python scalar, found a tensor")
     if pat.check is not None and not pat.check(value):
-        raise NoMatch(f"{_where(node)}: Const('{pat.name}') = {value!r} fails its check")
+        raise _no_match(node, f": Const('{pat.name}') = {value!r} fails its check")
     if pat.name in m.values and m.values[pat.name] != value:
         raise NoMatch(f"Const('{pat.name}') is bound to {m.values[pat.name]!r}, not {value!r}")
     m.values[pat.name] = value

@@ -161,14 +161,20 @@ def apply_patterns(
     Nodes are visited from the output backwards so the largest pattern rooted at a node is
     tried first (conv+add+relu before add+relu); rounds repeat while the graph changes, so a
     rewrite that creates a new match (conv+bn folded, then conv+relu) is found. `debug` names a
-    node: the report's `why_not` says, per pattern, why it did not match rooted there.
+    node: the report's `why_not` says, per pattern, why it did not match rooted there — as the
+    graph stood in the last round the node was in ("matched" if it matched in any round: a
+    conv+relu that matches only once its batchnorm is folded says so).
     """
     table = patterns if isinstance(patterns, PatternSet) else PatternSet(
         [patterns] if isinstance(patterns, Pattern) else patterns)
     report = ApplyReport()
     if debug is not None:
-        _explain_all(gm, table, debug, report)
-    for _ in range(max_rounds):
+        _explain_all(gm, table, _debug_node(gm, debug), report)
+    for round_ in range(max_rounds):
+        if debug is not None and round_:
+            node = next((n for n in gm.graph.nodes if n.name == debug), None)
+            if node is not None:
+                _explain_all(gm, table, node, report)
         changed = False
         for node in reversed(list(gm.graph.nodes)):
             if getattr(node, "_erased", False):
@@ -192,14 +198,22 @@ def apply_patterns(
     return report
 
 
-def _explain_all(gm: torch.fx.GraphModule, table: PatternSet, node_name: str, report: ApplyReport) -> None:
+def _debug_node(gm: torch.fx.GraphModule, node_name: str) -> torch.fx.Node:
     node = next((n for n in gm.graph.nodes if n.name == node_name), None)
     if node is None:
-        names = [n.name for n in gm.graph.nodes]
-        from ..errors import did_you_mean
+        import difflib
 
-        raise ValueError(f"debug node '{node_name}' is not in the graph" + did_you_mean(node_name, names[:50]))
+        ops = [n.name for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+        close = difflib.get_close_matches(node_name, ops, n=5, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else f"; op nodes start with: {', '.join(ops[:10])}"
+        raise ValueError(f"debug node '{node_name}' is not in the graph{hint}")
+    return node
+
+
+def _explain_all(gm: torch.fx.GraphModule, table: PatternSet, node: torch.fx.Node, report: ApplyReport) -> None:
     for pattern in table:
+        if report.why_not.get(pattern.name) == "matched":
+            continue
         try:
             match_or_raise(gm, node, pattern.match, pattern.check)
             report.why_not[pattern.name] = "matched"

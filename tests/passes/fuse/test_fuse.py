@@ -214,6 +214,21 @@ def test_debug_says_why_not():
     assert "'sigmoid'" in why["conv+act"] and "relu" in why["conv+act"]
 
 
+def test_debug_answers_for_the_graph_the_node_ends_up_in():
+    """conv+act cannot match the relu of conv-bn-relu until the batchnorm is folded (round 2)."""
+    model = ConvBNAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    relu = [n.name for n in fxopt.capture(model, (torch.randn(1, 3, 5, 5),), mode="symbolic").graph.nodes
+            if n.op == "call_module" and "act" in n.target][0]
+    res = fxopt.optimize(model, (torch.randn(1, 3, 5, 5),), pipeline=f"fuse{{debug={relu}}}", mode="symbolic")
+    assert res.passes[0].stats["why_not"]["conv+act"] == "matched"
+
+
+def test_debug_on_an_unknown_node_names_the_closest_ops():
+    model = ConvBNAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with pytest.raises(fxopt.PassError, match="debug node 'actt' is not in the graph; closest: act"):
+        fxopt.optimize(model, (torch.randn(1, 3, 5, 5),), pipeline="fuse{debug=actt}", mode="symbolic")
+
+
 def test_options_switch_steps_off():
     model = ConvBNAct(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     res = fxopt.optimize(model, (torch.randn(1, 3, 5, 5),), pipeline="fuse{fold_bn=false}", mode="symbolic")
