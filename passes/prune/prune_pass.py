@@ -42,7 +42,15 @@ import torch.fx
 
 from fxopt.analysis import propagate_shapes
 from fxopt.debug.listing import annotate
-from fxopt.ir import attribute_use_counts, clone_sharing_tensors, is_shared, make_private, op_view
+from fxopt.ir import (
+    attribute_use_counts,
+    clone_sharing_tensors,
+    delete_unused_attributes,
+    is_shared,
+    make_private,
+    op_view,
+    resolve_attr,
+)
 from fxopt.pass_base import Pass, PassContext, PassResult
 
 from .apply import apply_pruning
@@ -134,6 +142,7 @@ class PrunePlan:
                 slot_group[cg.graph.nodes[label]["slot"]] = gi
         gm = clone_sharing_tensors(self.gm)
         info = apply_pruning(gm, cg, dead, boundary, self.ignored, slot_group)
+        _retie(gm, _tied_parameters(self.gm))
         if self.example_inputs or self.example_kwargs:
             propagate_shapes(gm, self.example_inputs, self.example_kwargs)
         self.seconds["apply"] = time.perf_counter() - start
@@ -348,6 +357,46 @@ def _privatize(gm: torch.fx.GraphModule) -> bool:
     if changed:
         gm.recompile()
     return changed
+
+
+def _tied_parameters(gm: torch.fx.GraphModule) -> list[list[str]]:
+    """Names that hold one parameter object: tied weights, and the private names `_privatize`
+    gave a shared weight's other uses."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
+
+
+def _retie(gm: torch.fx.GraphModule, ties: list[list[str]]) -> None:
+    """Share one parameter again among the names of a tie that were pruned alike.
+
+    Pruning replaces each use's tensor on its own (a tied embedding and LM head, or the private
+    copy of a weight export reads twice), so a tie whose uses lost the same channels would be
+    stored twice, and a name nothing reads any more (export's dead `get_attr` of the other end)
+    would keep the full-size tensor. Both go; ties pruned differently stay apart."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    delete_unused_attributes(gm)
+    for names in ties:
+        live = [n for n in names if _has_parameter(gm, n)]
+        tensors = [gm.get_parameter(n) for n in live]
+        if len(live) < 2 or not all(t.shape == tensors[0].shape and t.dtype == tensors[0].dtype
+                                    and torch.equal(t, tensors[0]) for t in tensors[1:]):
+            continue
+        for name in live[1:]:
+            owner, attr = resolve_attr(gm, name)
+            setattr(owner, attr, tensors[0])
+
+
+def _has_parameter(gm: torch.fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[str, ...]) -> set[str]:

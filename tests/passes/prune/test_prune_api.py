@@ -6,6 +6,7 @@ from torch import nn
 
 import fxopt
 from fxopt.errors import PassError, PipelineError
+from fxopt.measure import count_parameters
 from fxopt.passes.prune.prune_pass import Prune, analyze
 
 
@@ -313,3 +314,44 @@ def test_half_precision_models_prune_in_their_dtype(dtype):
         pruned = analyze(model, (x,), ratio=0.5, importance=importance).apply()
         assert pruned.get_submodule("0").weight.shape[0] < 16
         assert pruned(x).dtype == dtype and pruned(x).shape == (2, 8, 8, 8)
+
+
+class TwiceRead(nn.Module):
+    """One weight read twice in the same channel spaces: both uses lose the same channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.shared = nn.Parameter(torch.randn(16, 16) / 4)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        y = nn.functional.linear(h, self.shared) + nn.functional.linear(torch.relu(h), self.shared)
+        return self.head(torch.relu(y))
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(50, 32), nn.Linear(32, 32), nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.embed(ids))))
+
+
+def test_a_weight_pruned_alike_at_both_uses_stays_one_tensor():
+    torch.manual_seed(0)
+    plan = analyze(TwiceRead(), (torch.randn(2, 8),), mode="export", ratio=0.5, adapter_cost=0.0)
+    pruned = plan.apply()
+    shared = [t for n, t in pruned.named_parameters(remove_duplicate=False) if "shared" in n]
+    assert len(shared) == 2 and shared[0] is shared[1] and shared[0].shape[0] < 16
+
+
+def test_pruning_an_exported_tied_model_leaves_no_full_size_copy_behind():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 8))
+    sizes = {mode: count_parameters(fxopt.optimize(TiedLM(), ids, "prune{ratio=0.5}", mode=mode).module)
+             for mode in ("symbolic", "export")}
+    assert sizes["export"] == sizes["symbolic"] < count_parameters(TiedLM())
