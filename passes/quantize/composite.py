@@ -11,6 +11,8 @@ as it is, with the stats lower-int8 gives when it lowers nothing and `float_ops`
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch.fx
@@ -51,6 +53,10 @@ class Quantize(Pass):
         if inserted.stats["observers"] == 0:
             # No value lowering could quantize: nothing to calibrate, the module is the answer.
             stats = lowering_stats(self.backend, inserted.stats["float_ops"], inserted.stats["reduce_range"])
+            reasons = sorted(set(inserted.stats["float_ops"].values()))
+            # a pipeline that asked for int8 and got float says so (a float64 model, say)
+            warnings.warn("quantize: nothing was quantized; the module stays float"
+                          + (f" ({'; '.join(reasons[:3])})" if reasons else ""), stacklevel=2)
             return PassResult(inserted.module, modified=False,
                               stats={**stats, "observers": 0, "calibration_batches": len(ctx.calibration)})
         calibrate(inserted.module, ctx.calibration, progress=self.progress)

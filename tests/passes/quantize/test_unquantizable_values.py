@@ -167,14 +167,15 @@ def test_a_half_precision_model_comes_back_runnable_in_its_own_dtype(dtype, mode
     g = torch.Generator().manual_seed(0)
     make = lambda: (torch.randn(4, 3, 8, 8, generator=g).to(dtype),)
     x, batches = make(), [make() for _ in range(3)]
-    res = fxopt.optimize(model, x, f"quantize{{backend={backend}}}", calibration=batches, mode=mode)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.warns(UserWarning, match=rf"quantize: nothing was quantized; the module stays float \({name} value"):
+        res = fxopt.optimize(model, x, f"quantize{{backend={backend}}}", calibration=batches, mode=mode)
     assert res.verification.passed, res.verification.summary()
     with torch.no_grad():
         out = res.module(*x)
         assert out.dtype == model(*x).dtype == dtype
         torch.testing.assert_close(out, model(*x), atol=0, rtol=0)    # nothing was quantized
     stats = res.passes[0].stats
-    name = str(dtype).removeprefix("torch.")
     assert stats["quantized"] == {} and stats["observers"] == 0 and stats["quantize_nodes"] == 0, stats
     reasons = stats["float_ops"]
     assert len(reasons) >= 5 and all(f"{name} value: int8 kernels take float32" in r for r in reasons.values()), reasons
@@ -215,7 +216,8 @@ def test_only_the_float32_part_of_a_mixed_model_is_quantized(mode, backend):
 def test_a_float32_model_with_nothing_to_quantize_comes_back_as_it_is(mode):
     model = nn.Sequential(nn.Sigmoid()).eval()  # no int8 pattern at all
     x = (torch.randn(4, 8),)
-    res = fxopt.optimize(model, x, "quantize{backend=x86}", calibration=[x], mode=mode)
+    with pytest.warns(UserWarning, match=r"nothing was quantized; the module stays float \(sigmoid\)"):
+        res = fxopt.optimize(model, x, "quantize{backend=x86}", calibration=[x], mode=mode)
     assert res.verification.passed
     stats = res.passes[0].stats
     assert stats["quantized"] == {} and stats["observers"] == 0 and list(stats["float_ops"].values()) == ["sigmoid"]
