@@ -218,7 +218,7 @@ class PassManager:
             if result.modified:
                 result.module.recompile()
             record.seconds = time.perf_counter() - start
-            record.modified, record.stats = result.modified, dict(result.stats)
+            record.modified, record.stats = result.modified, _plain(dict(result.stats))
             record.nodes_after = _count(result.module)
             for inst in self.instruments:
                 inst.after_pass(p, current, result, record, ctx)
@@ -305,3 +305,15 @@ def _check_no_inplace_writes(module: torch.nn.Module, versions: dict[int, tuple[
 
 def _count(gm: torch.fx.GraphModule) -> int:
     return len(gm.graph.nodes)
+
+
+def _plain(value: Any) -> Any:
+    """Stats as plain Python values (numpy scalars to int/float), so a report dumps as JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    item = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(item):
+        return item()
+    return value

@@ -92,7 +92,17 @@ class WrongReturn(Pass):
         return gm
 
 
-TEST_PASSES = (ScaleFirstWeight, Explode, InplaceWriter, WrongReturn)
+class NumpyStats(Pass):
+    name = "test-numpy-stats"
+
+    def run(self, gm, ctx):
+        import numpy as np
+
+        return PassResult(gm, modified=False, stats={"cut": np.float64(1.5), "nested": {"n": np.int64(3)},
+                                                     "pairs": [(np.int32(1), "a")]})
+
+
+TEST_PASSES = (ScaleFirstWeight, Explode, InplaceWriter, WrongReturn, NumpyStats)
 
 
 @pytest.fixture(autouse=True)
@@ -460,3 +470,13 @@ def test_passes_after_a_lossy_one_are_held_to_their_own_tolerance():
     assert res.verification.tolerance.name == "lossy"
     ok = fxopt.optimize(model, x, ["prune{ratio=0.5}", "dce"])
     assert ok.verification.passed, ok.verification.summary()
+
+
+def test_pass_stats_come_back_as_plain_python_values():
+    import json
+
+    res = fxopt.optimize(Net(), (torch.randn(2, 3, 8, 8),), "test-numpy-stats")
+    stats = res.passes[0].stats
+    assert stats == {"cut": 1.5, "nested": {"n": 3}, "pairs": [(1, "a")]}
+    assert type(stats["cut"]) is float and type(stats["nested"]["n"]) is int
+    json.dumps(stats)
