@@ -75,7 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
     common(opt)
     opt.add_argument("--no-verify", action="store_true", help="skip the final numerical check")
     opt.add_argument("--verify-each", action="store_true", help="lint and check numerics after every pass")
-    opt.add_argument("--print-ir-after-all", action="store_true", help="print the graph after every pass")
+    opt.add_argument("--print-ir-after-each", "--print-ir-after-all", dest="print_ir_after_each", action="store_true",
+                     help="print the graph after every pass (Python: print_ir_after_each=True)")
     opt.add_argument("--print-ir-after-change", action="store_true", help="print a diff when a pass changed the graph")
     opt.add_argument("--time-passes", action="store_true", help="print per-pass timing")
     opt.add_argument("--bisect-limit", type=int, default=None, metavar="N", help="run only the first N passes")
@@ -137,30 +138,30 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from .errors import VerificationWarning
     from .manager import Instrument
 
-    steps = tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False)
-    steps.set_postfix_str("loading model")
-    work = load_workload(args.model)
-    steps.update()
-    instruments: list[Instrument] = []
-    if args.dump:
-        from .debug import DumpInstrument
+    # closed on the way out, whatever happens: an error message must not land on the bar's line
+    with tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False) as steps:
+        steps.set_postfix_str("loading model")
+        work = load_workload(args.model)
+        steps.update()
+        instruments: list[Instrument] = []
+        if args.dump:
+            from .debug import DumpInstrument
 
-        instruments.append(DumpInstrument(args.dump))
-    steps.set_postfix_str("optimizing")
-    with warnings.catch_warnings():  # the table below reports verification, and the exit code
-        warnings.simplefilter("ignore", VerificationWarning)
-        res = api.optimize(
-            work.model, work.example_inputs, args.pipeline, calibration=work.calibration,
-            verify=not args.no_verify, mode=args.mode, verify_each=args.verify_each,
-            print_ir_after_each=args.print_ir_after_all, print_ir_after_change=args.print_ir_after_change,
-            time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
-        )
-    steps.update()
-    steps.set_postfix_str("measuring")
-    before = _measure(work, res.original, args.threads)
-    after = _measure(work, res.module, args.threads)
-    steps.update(2)
-    steps.close()
+            instruments.append(DumpInstrument(args.dump))
+        steps.set_postfix_str("optimizing")
+        with warnings.catch_warnings():  # the table below reports verification, and the exit code
+            warnings.simplefilter("ignore", VerificationWarning)
+            res = api.optimize(
+                work.model, work.example_inputs, args.pipeline, calibration=work.calibration,
+                verify=not args.no_verify, mode=args.mode, verify_each=args.verify_each,
+                print_ir_after_each=args.print_ir_after_each, print_ir_after_change=args.print_ir_after_change,
+                time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
+            )
+        steps.update()
+        steps.set_postfix_str("measuring")
+        before = _measure(work, res.original, args.threads)
+        after = _measure(work, res.module, args.threads)
+        steps.update(2)
     print(f"model: {work.name} (captured by {res.frontend})")
     print(f"pipeline: {res.pipeline}")
     for record in res.passes:
