@@ -17,6 +17,7 @@ name>` it also says, for each pattern, why it did not match there.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -194,6 +195,12 @@ def apply_patterns(
                 break
         if not changed:
             break
+    else:
+        if changed:  # still rewriting after the last round: a replacement that holds its own pattern
+            busiest = max(report.counts, key=report.counts.get)
+            warnings.warn(f"apply_patterns: still matching after max_rounds={max_rounds} rounds ('{busiest}' "
+                          f"matched {report.counts[busiest]} times); does its replacement contain its own "
+                          "pattern?", stacklevel=2)
     gm.graph.lint()
     return report
 

@@ -147,3 +147,11 @@ def test_pattern_construction_errors():
         Pattern("bad", Op("relu", Var("x")))
     with pytest.raises(ValueError, match="not an op"):
         pattern_from_function(lambda x: torch.cumsum(x, 0))
+
+
+def test_a_replacement_holding_its_own_pattern_warns_after_max_rounds():
+    gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),), mode="symbolic")
+    again = Pattern("relu->relu", Op("relu", Var("x")), replacement=lambda x: torch.relu(x))
+    with pytest.warns(UserWarning, match=r"still matching after max_rounds=3 rounds \('relu->relu' matched 3 times\)"):
+        report = apply_patterns(gm, again, max_rounds=3)
+    assert report.counts == {"relu->relu": 3}
