@@ -18,6 +18,8 @@ from ..ir.rewrite import tensor_meta, value_nbytes
 
 
 def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
+    """The graph's values as a networkx DiGraph: a node per fx node (with its op, target and
+    recorded shape), an edge per use."""
     g = nx.DiGraph()
     for node in gm.graph.nodes:
         meta = tensor_meta(node)

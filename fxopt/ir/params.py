@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -54,12 +55,14 @@ def resolve_attr(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
     return owner, attr
 
 
-def get_attr_value(root: nn.Module, qualname: str):
+def get_attr_value(root: nn.Module, qualname: str) -> Any:
+    """The value at a dotted attribute path of `root` (what a `get_attr` node reads)."""
     owner, attr = resolve_attr(root, qualname)
     return getattr(owner, attr)
 
 
 def ref_for_get_attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ParamRef:
+    """A `ParamRef` to the tensor a `get_attr` node reads, to read or replace it."""
     owner, attr = resolve_attr(gm, node.target)
     return ParamRef(owner, attr, node.target)
 
