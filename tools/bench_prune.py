@@ -1,6 +1,6 @@
 """Benchmark structured pruning (issue 4): fxopt `prune` against Torch-Pruning at the same ratio.
 
-    python tools/bench_prune.py --ratio 0.5 [--models resnet18,mobilenet_v2,densenet,vit,bert,digits]
+    python tools/bench_prune.py --ratio 0.5 [--models resnet18,mobilenet_v2,densenet,vit,bert,digits,nn_encoder]
 
 A model name may carry `prune` options after a colon, separated by semicolons, e.g.
 ``bert:exact_norms=false;max_layer_ratio=0.6``; by default the transformers run three times:
@@ -21,7 +21,9 @@ fxopt's pruned model then goes through `--tail` (default `remove-noops,lower-eag
 dropout removed, an export graph's ATen calls made through the eager bindings), as a
 deployment pipeline would; Torch-Pruning's model is its eager module.
 For digits also accuracy before, after pruning and after `fxopt.distill`. Prints a Markdown
-table. CNNs are captured symbolically, the transformers with torch.export.
+table. CNNs are captured symbolically, the transformers with torch.export; `nn_encoder` (torch.nn's
+own `nn.TransformerEncoder`, BERT-sized) symbolically through fxopt's traceable forwards, against
+Torch-Pruning's default handling of `nn.MultiheadAttention` (it halves the embedding width).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ EXPORT = {"vit", "bert"}
 #: puts after `prune` (eval dropout out; an export graph's ATen calls through eager bindings).
 TAIL = "remove-noops,lower-eager"
 CLASSIFIER = {"resnet18": "fc", "mobilenet_v2": "classifier", "densenet": "fc", "vit": "head",
-              "bert": "classifier", "digits": "fc"}
+              "bert": "classifier", "digits": "fc", "nn_encoder": "classifier"}
 
 
 def bench_fxopt(name, options: dict, tail: str = TAIL):
@@ -122,7 +124,8 @@ def main(argv=None):
     parser.add_argument("--models", default="resnet18,mobilenet_v2,densenet,densenet:cost=latency,"
                                                 "vit,vit:exact_norms=false,"
                                                 "vit:exact_norms=false;max_layer_ratio=0.6,bert,bert:exact_norms=false,"
-                                                "bert:exact_norms=false;max_layer_ratio=0.6,digits")
+                                                "bert:exact_norms=false;max_layer_ratio=0.6,digits,nn_encoder,"
+                                                "nn_encoder:exact_norms=false,nn_encoder:exact_norms=false;max_layer_ratio=0.6")
     parser.add_argument("--tail", default=TAIL, help="passes run after prune on fxopt's model ('' for none)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert")
+NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert", "nn_encoder")
 
 
 # ----- ResNet-18 --------------------------------------------------------------------------------
@@ -217,6 +217,23 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
+class TorchEncoder(nn.Module):
+    """BERT-sized, from torch.nn's own `nn.TransformerEncoder` (packed-projection attention)."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 256, layers: int = 4, heads: int = 4,
+                 ffn: int = 1024, max_len: int = 128, num_classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout=0.1, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(self.embed(input_ids) + self.position[:, : input_ids.shape[1]])
+        return self.classifier(x[:, 0])
+
+
 # ----- registry ---------------------------------------------------------------------------------
 
 def _hf_bert() -> nn.Module:
@@ -257,6 +274,7 @@ def get(name: str, batch: int = 1, *, seed: int = 0, image_size: int | None = No
         "densenet": (DenseNet, lambda g, b: (torch.randn(b, 3, image_size or 64, image_size or 64, generator=g),)),
         "bert": (BertEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "hf_bert": (_hf_bert, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
+        "nn_encoder": (TorchEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "vit": (lambda: ViT(image_size=image_size or 32),
                 lambda g, b: (torch.randn(b, 3, image_size or 32, image_size or 32, generator=g),)),
     }
