@@ -260,6 +260,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
     OpSpec("select", functions=(torch.select,), methods=("select",), aten=(aten.select,),
            arg_names=("input", "dim", "index")),
+    OpSpec("glu", functions=(F.glu,), aten=(aten.glu,), modules=(nn.GLU,), arg_names=("input", "dim"),
+           defaults=dict(dim=-1), module_attrs=lambda m: dict(dim=m.dim)),
     OpSpec("pixel_shuffle", functions=(F.pixel_shuffle,), aten=(aten.pixel_shuffle,), modules=(nn.PixelShuffle,),
            arg_names=("input", "upscale_factor"), module_attrs=lambda m: dict(upscale_factor=m.upscale_factor)),
     OpSpec("pixel_unshuffle", functions=(F.pixel_unshuffle,), aten=(aten.pixel_unshuffle,),

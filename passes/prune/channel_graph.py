@@ -82,7 +82,7 @@ SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"}
 CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
     "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
-    "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle"})
+    "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu"})
 
 
 @dataclass(frozen=True)
@@ -865,6 +865,27 @@ class _Builder:
         self.rules[node.name] = rule
 
     rule_div = rule_mul
+
+    def rule_glu(self, node, view, shape) -> None:
+        """``glu(x, dim) = a * sigmoid(b)`` with ``a, b`` the halves of ``x`` along `dim`: over the
+        channel axis, output channel c is input channels c and c + n/2 together (the halves keep
+        the same positions, so the pruned input still splits in two); over another axis a unary."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis, in_shape = self.slots[sid].axis, _shape(src)
+        if _norm_axis(int(view.attrs.get("dim", -1)), len(in_shape)) != axis:
+            return self.passthrough(node, view, src, axis)
+        half = shape[axis]
+        out = self.new_slot(node, axis, "pass")
+        pos = np.arange(half)
+        for start in (0, half):  # the gated half and its gate
+            self.link(sid, out, pos + start, pos, view.kind, f"half at {start}")
+        # one input entry reading both halves: the kept input is what both need
+        both_in, both_out = np.concatenate([pos, pos + half]), np.concatenate([pos, pos])
+        self.value_slot[node.name] = out
+        self.rules[node.name] = Rule(node.name, view.kind, "pass", inputs=[(src.name, sid, both_in, both_out, out)],
+                                     outputs=[out])
 
     def rule_cat(self, node, view, shape) -> None:
         tensors = [a for a in view.inputs]

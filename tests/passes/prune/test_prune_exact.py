@@ -277,6 +277,22 @@ class PixelShuffleNet(nn.Module):
         return self.c(self.down(y))
 
 
+class Gated(nn.Module):
+    """Conformer's conv module: a pointwise conv to 2c, GLU over the channels, a depthwise conv;
+    plus a GLU over the time axis, which is a unary op for the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv1d(3, 16, 1)
+        self.glu = nn.GLU(dim=1)
+        self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.out = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.dw(self.glu(self.pw(x)))
+        return self.out(F.glu(torch.relu(y), dim=-1))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -297,6 +313,7 @@ CASES = {
     "channelwise_ops": (ChannelwiseOps, IMAGE),
     "weight_read_twice": (WeightReadTwice, lambda: torch.randn(2, 16)),
     "pad_squeeze": (PadSqueeze, IMAGE),
+    "glu": (Gated, lambda: torch.randn(2, 3, 10)),
 }
 
 
@@ -615,6 +632,15 @@ def test_pixel_shuffle_prunes_whole_blocks(mode):
     a, b = pruned.get_parameter("a.weight").shape[0], pruned.get_parameter("b.weight")
     assert a < 32 and a % 4 == 0 and b.shape[1] == a // 4
     assert pruned.get_parameter("c.weight").shape[1] == 4 * b.shape[0]
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_glu_prunes_its_two_halves_together(mode):
+    plan, masked, out, _, pruned, _ = _pruned_and_masked("glu", mode)
+    assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
+    pw, dw = pruned.get_parameter("pw.weight").shape[0], pruned.get_parameter("dw.weight").shape[0]
+    assert dw < 8 and pw == 2 * dw
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
 
 
