@@ -522,16 +522,22 @@ def _over_cap(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, cap: float) -
 
 
 def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: int) -> None:
-    """Each producer slot keeps a multiple of round_to channels (and at least one)."""
-    producers = {r.outputs[0] for r in cg.rules.values() if r.category in ("producer", "param")}
-    for _ in range(8):
+    """Each producer slot (depthwise convs too), and each value a producer reads, keeps a
+    multiple of round_to channels (or all of them; and at least one). A value a conv reads is
+    not always some producer's output: a residual stream is the union of its writers' channels,
+    a slice of a concat cuts one writer's part; rounding the writers alone leaves those odd.
+    Reviving only ever adds channels, so the rounds stop."""
+    rounded = {r.outputs[0] for r in cg.rules.values()
+               if r.category in ("producer", "param") or r.info.get("depthwise")}
+    rounded |= {sid for r in cg.rules.values() for _, sid in r.consumed}
+    for _ in range(len(cg.slots) + 8):
         changed = False
         for slot in cg.slots:
             sid = slot.id
             pos = cg.positions(sid)
             size = slot.size
             alive = int((~dead[pos]).sum())
-            step = round_to if sid in producers else 1
+            step = round_to if sid in rounded else 1
             want = min(max(step, -(-alive // step) * step), size)
             if alive >= want:
                 continue

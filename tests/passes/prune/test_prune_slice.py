@@ -107,6 +107,44 @@ def test_ghost_module_slice_prunes_exactly(mode, oup):
             assert stop == width, "a full-range slice stays full-range at the new width"
 
 
+class GhostStream(nn.Module):
+    """Ghost modules with an odd `oup` writing a residual stream that a depthwise conv and a
+    dense conv read: the stream's width is the union of writers cut by a slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.g1, self.g2 = Ghost(24, 36), Ghost(36, 23)
+        self.pad = nn.Conv2d(23, 1, 1)  # makes the block's output 24 wide again, as a skip
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.pw = nn.Conv2d(24, 16, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + torch.cat([self.g2(self.g1(x)), self.pad(self.g2(self.g1(x)))], dim=1)
+        return self.pw(torch.relu(self.dw(x)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_round_to_holds_for_the_widths_layers_read(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(GhostStream().eval(), x, mode, round_to=4)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+    def conv_widths(gm):  # node name -> (channels read, channels produced)
+        return {n.name: (n.all_input_nodes[0].meta["tensor_meta"].shape[1], n.meta["tensor_meta"].shape[1])
+                for n in gm.graph.nodes if ("conv" in str(n.target) or n.op == "call_module")
+                and n.meta.get("tensor_meta") is not None and n.all_input_nodes
+                and n.all_input_nodes[0].meta.get("tensor_meta")}
+
+    before, after = conv_widths(r.plan.gm), conv_widths(r.pruned)
+    assert len(after) >= 7 and after != before
+    for name, widths in after.items():
+        for now, full in zip(widths, before[name]):
+            assert now == full or now % 4 == 0, (name, widths, before[name])
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_middle_slice_bounds_follow_the_kept_channels(mode):
     torch.manual_seed(0)
