@@ -198,11 +198,12 @@ def _see_into_opaque_modules(model: nn.Module, args: tuple, kwargs: dict, gm: to
                              info: dict, attempts: list[Attempt], dynamic_batch: bool):
     """Prefer the export graph when the symbolic one hides parameters in modules fxopt cannot read.
 
-    Symbolic tracing keeps every torch.nn module as one call; for most (conv, linear, norms) the
-    op view knows what the call computes, but `nn.MultiheadAttention` or `nn.TransformerEncoder`
-    are opaque: their linears can be neither pruned nor quantized. Export decomposes them into
-    ops the passes read. The export graph is taken when it makes at least half of the hidden
-    parameters readable (an LSTM stays one opaque op either way) and keeps a dynamic batch.
+    Symbolic tracing keeps every torch.nn module without a traceable forward (`fxopt.tracing`)
+    as one call; for most (conv, linear, norms) the op view knows what the call computes, but a
+    cross-attention `nn.MultiheadAttention` is opaque: its linears can be neither pruned nor
+    quantized. Export decomposes it into ops the passes read. The export graph is taken when it
+    makes at least half of the hidden parameters readable (an LSTM stays one opaque op either
+    way) and keeps a dynamic batch.
     Returns the graph, its front end, its info and a note on the symbolic graph; a rejected or
     superseded attempt goes to `attempts`.
     """

@@ -83,6 +83,7 @@ class FxoptTracer(torch.fx.Tracer):
         expansion = traceable_forward(m)
         if expansion is None:
             return super().call_module(m, forward, args, kwargs)
+
         def expanded(*a: Any, **k: Any) -> Any:
             self._depth += 1
             try:
