@@ -14,6 +14,7 @@ linking them (saying why when there is no SVG).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch.fx
 
@@ -24,7 +25,7 @@ from .render import DEFAULT_TIMEOUT_S
 
 
 def dump(
-    gm: torch.fx.GraphModule,
+    gm: torch.fx.GraphModule | Any,
     path: str | Path,
     *,
     title: str | None = None,
@@ -32,7 +33,14 @@ def dump(
     svg: bool = True,
     svg_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
-    """Write listing, DOT, SVG (if `dot` is installed) and index.html under `path`; return the index."""
+    """Write listing, DOT, SVG (if `dot` is installed) and index.html under `path`; return the index.
+
+    `gm` may also be an object holding its graph as `.gm` (a prune plan: its graph carries the
+    analysis's annotations, groups, pinned nodes and re-expansion cuts)."""
+    if not isinstance(gm, torch.fx.GraphModule) and isinstance(getattr(gm, "gm", None), torch.fx.GraphModule):
+        gm = gm.gm
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"dump expects a torch.fx.GraphModule (or an object with one as .gm), got {type(gm).__name__}")
     out = Path(path)
     title = title or type(gm).__name__
     files = write_graph(gm, out, "graph", title=title, collapse_threshold=collapse_threshold,

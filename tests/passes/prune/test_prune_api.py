@@ -355,3 +355,13 @@ def test_pruning_an_exported_tied_model_leaves_no_full_size_copy_behind():
     sizes = {mode: count_parameters(fxopt.optimize(TiedLM(), ids, "prune{ratio=0.5}", mode=mode).module)
              for mode in ("symbolic", "export")}
     assert sizes["export"] == sizes["symbolic"] < count_parameters(TiedLM())
+
+
+def test_a_plan_dumps_its_analyzed_graph_with_groups(tmp_path):
+    torch.manual_seed(0)
+    plan = analyze(Small(), (X,), ratio=0.5)
+    index = fxopt.dump(plan, tmp_path / "plan", svg=False)
+    listing = (tmp_path / "plan" / "graph.txt").read_text()
+    assert index.exists() and "prune.group" in listing
+    with pytest.raises(TypeError, match="dump expects a torch.fx.GraphModule"):
+        fxopt.dump(object(), tmp_path / "nothing", svg=False)
