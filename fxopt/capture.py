@@ -25,6 +25,7 @@ fails with "captured with flag=True ..." (an exported graph fails on its own gua
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import operator
 import os
@@ -44,7 +45,9 @@ from .errors import CaptureError
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import deep_copy
 from .tracing import trace
-from . import nn_forwards  # noqa: F401  (registers torch.nn's traceable forwards)
+
+# torch.nn's traceable forwards register themselves when their module is imported
+importlib.import_module(".nn_forwards", __package__)
 
 Mode = Literal["auto", "symbolic", "export"]
 MODES = ("auto", "symbolic", "export")
