@@ -7,7 +7,8 @@ weights), `out_proj` as a module call. Symbolic capture then prunes whole heads 
 the projections of `nn.TransformerEncoder` models, where fx alone keeps one opaque call.
 Options they do not cover raise `NotTraceable`, which keeps the module as one call: packed
 cross-attention (query is not key), separate key/value dimensions, `add_bias_kv`,
-`add_zero_attn`, dropout in training mode.
+`add_zero_attn`, dropout in training mode, an encoder that takes its nested-tensor path (a
+padding mask with `enable_nested_tensor`), a module with hooks.
 
     >>> import torch, fxopt
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
@@ -150,6 +151,9 @@ def encoder(m: nn.TransformerEncoder, src: Any, mask: Any = None, src_key_paddin
             is_causal: bool | None = None) -> Any:
     """`nn.TransformerEncoder.forward` without nested tensors. The causal hint is a hint: a
     mask given without it is applied as a mask, which computes the same."""
+    if getattr(m, "use_nested_tensor", False) and src_key_padding_mask is not None:
+        # inference through nested tensors zeroes the padded positions of the output
+        raise NotTraceable("nested-tensor path with a padding mask")
     x = src
     for layer in m.layers:
         x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=_hint(is_causal))

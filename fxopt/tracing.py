@@ -87,6 +87,8 @@ class FxoptTracer(torch.fx.Tracer):
         def expanded(*a: Any, **k: Any) -> Any:
             self._depth += 1
             try:
+                if _has_hooks(m):  # the traceable forward would skip them; the module call runs them
+                    raise NotTraceable("the module has hooks")
                 return expansion(m, *a, **k)
             except NotTraceable:
                 pass
@@ -146,3 +148,10 @@ def _with_flag_defaults(forward: TraceableForward, concrete_args: dict | None) -
         if name not in concrete and isinstance(param.default, (bool, int, float, str)):
             concrete[name] = param.default
     return concrete
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    from torch.nn.modules import module as module_impl
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks)

@@ -156,3 +156,44 @@ def test_registration_checks_its_arguments():
         register_traceable_forward(int, lambda m: m)
     with pytest.raises(TypeError, match="not callable"):
         register_traceable_forward(Gate, "forward")
+
+
+def test_a_module_with_hooks_stays_one_call_so_its_hooks_run():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True).eval()
+    layer.self_attn.register_forward_hook(lambda mod, inputs, out: (out[0] * 2, out[1]))
+    model = nn.Sequential(layer)
+    gm = capture(model, (torch.randn(2, 5, E),), mode="symbolic")
+    assert "0.self_attn" in _call_modules(gm)
+    y = torch.randn(3, 7, E)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(y), model(y))
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True), 2)
+
+    def forward(self, x, padding):
+        return self.encoder(x, src_key_padding_mask=padding)
+
+
+def test_an_encoder_on_its_nested_tensor_path_stays_one_call():
+    """With a padding mask, inference through nested tensors zeroes the padded positions."""
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    gm = capture(model, (torch.randn(2, 5, E), padding), mode="symbolic")
+    assert "encoder" in _call_modules(gm)
+    x, padding = torch.randn(3, 7, E), torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, 4:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, padding), model(x, padding))
+
+
+def test_a_bfloat16_layer_is_checked_at_its_own_precision():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True).to(torch.bfloat16).eval()
+    gm = capture(layer, (torch.randn(2, 5, E, dtype=torch.bfloat16),), mode="symbolic")
+    assert "self_attn.out_proj" in _call_modules(gm)
