@@ -669,3 +669,24 @@ def test_torch_nn_transformer_layers_are_pruned_through_the_default_capture():
     assert len(heads) == 1 and heads[0] < 4, "whole heads removed"
     in_proj = m.pruned.get_parameter("encoder.self_attn.in_proj_weight")
     assert in_proj.shape[0] == 3 * heads[0] * 8
+
+
+class OpaqueModules(nn.Module):
+    """Cross-attention and a GRU: torch.nn modules symbolic capture keeps whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.cross = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.rnn = nn.GRU(16, 16, batch_first=True)
+
+    def forward(self, x):
+        q, kv = self.a(x), self.b(x)
+        return self.rnn(q)[0] + self.cross(q, kv, kv, need_weights=False)[0]
+
+
+def test_a_module_without_rule_is_pinned_by_type_with_the_way_out():
+    plan = analyze(OpaqueModules(), (torch.randn(2, 5, 6),), mode="symbolic", ratio=0.5)
+    pinned = plan.channel_graph.pinned_nodes
+    assert pinned["cross"] == "no channel rule for MultiheadAttention (mode='export' decomposes it)"
+    assert pinned["rnn"] == "no channel rule for GRU"
