@@ -20,15 +20,16 @@ from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, V
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import available_passes, get_pass, register_pass, unregister_pass
+from .tracing import NotTraceable, register_traceable_forward, unregister_traceable_forward
 from .verify import Tolerance, VerificationReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Analysis", "AnalysisManager", "CaptureError", "DataflowAnalysis", "FxoptError", "Instrument",
-    "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
+    "NotTraceable", "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
     "PipelineError", "PrintIR", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError", "VerificationWarning",
     "VerificationReport", "VerifyEach", "available_passes", "calibrate", "capture", "distill", "dump",
     "format_pipeline", "frontend_of", "get_pass", "optimize", "parse_pipeline", "register_pass",
-    "unregister_pass", "verify",
+    "register_traceable_forward", "unregister_pass", "unregister_traceable_forward", "verify",
 ]

@@ -10,7 +10,7 @@ torch.nn's attention and transformer modules (`fxopt.nn_forwards`); register you
 module of yours that does not trace:
 
     >>> import torch, fxopt
-    >>> from fxopt.tracing import NotTraceable, register_traceable_forward
+    >>> from fxopt import NotTraceable, register_traceable_forward
     >>> class Gate(torch.nn.Module):            # branches on a tensor property: untraceable
     ...     def __init__(self):
     ...         super().__init__()
