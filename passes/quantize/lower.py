@@ -389,7 +389,7 @@ class _Lowering:
                 y = self.graph.call_function(aten.linear.default, (x, w, b_node))
             else:
                 a = view.attrs
-                op = aten.conv2d.default if a["dim"] == 2 else aten.conv1d.default
+                op = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[a["dim"]]
                 y = self.graph.call_function(op, (x, w, b_node, list(a["stride"]), list(a["padding"]),
                                                   list(a["dilation"]), a["groups"]))
         if act is not None:
@@ -405,6 +405,8 @@ class _Lowering:
             return (qops.linear_relu.default if relu else qops.linear.default), prepack_linear(qw, bias)
         a = view.attrs
         packed = prepack_conv(qw, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+        if a["dim"] == 3:
+            return (qops.conv3d_relu.new if relu else qops.conv3d.new), packed
         if a["dim"] == 2:
             return (qops.conv2d_relu.new if relu else qops.conv2d.new), packed
         return (qops.conv1d_relu.default if relu else qops.conv1d.default), packed

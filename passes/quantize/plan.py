@@ -126,10 +126,13 @@ def _anchor_ok(gm, view) -> str | None:
             return f"operand '{i.name}' is a {reason}"
     if view.kind == "conv":
         a = view.attrs
-        if a.get("transposed") or a.get("dim") not in (1, 2):
-            return "only conv1d/conv2d (not transposed) have int8 kernels"
-        if isinstance(a.get("padding"), str) or a.get("padding_mode", "zeros") != "zeros":
-            return "padding mode has no int8 kernel"
+        if a.get("transposed") or a.get("dim") not in (1, 2, 3):
+            return "only conv1d/2d/3d (not transposed) have int8 kernels"
+        if isinstance(a.get("padding"), str):
+            # the op view turns every symmetric string padding into numbers: this one is uneven
+            return f"padding='{a['padding']}' pads unevenly here (an even kernel): no int8 kernel"
+        if a.get("padding_mode", "zeros") != "zeros":
+            return f"padding_mode='{a['padding_mode']}' has no int8 kernel"
         if view.param("weight") is None:
             return "weight is not a parameter"
         return None

@@ -125,6 +125,40 @@ def test_convnet_x86_uses_int8_kernels_with_one_boundary(mode):
     assert stats["quantized"]["conv+bn+act"] == 1 and stats["int8_pass_through"] == 2
 
 
+class Video(nn.Module):
+    """Conv3d + BN + ReLU blocks, a plain conv3d and a pooled linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.b = nn.Conv3d(8, 16, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(self.a(x))).mean((2, 3, 4)))
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_conv3d_gets_int8_kernels(mode, backend, tmp_path):
+    torch.manual_seed(0)
+    model = Video().eval()
+    batches = [(torch.randn(2, 3, 4, 8, 8),) for _ in range(6)]
+    res = fxopt.optimize(model, batches[0], f"quantize{{backend={backend}}}", calibration=batches, mode=mode)
+    assert res.verification.passed and res.verification.sqnr_db > 25, res.verification.summary()
+    assert res.passes[0].stats["quantized"] == {"conv+bn+act": 1, "conv+act": 1, "linear": 1}
+    targets = _targets(res.module)
+    if backend == "x86":
+        assert targets.count("quantized.conv3d_relu.new") == 2        # both convs end in a relu
+        from fxopt.passes.quantize import load, save
+
+        save(res.module, tmp_path / "video.pt")
+        x = torch.randn(3, 3, 4, 8, 8)
+        torch.testing.assert_close(load(tmp_path / "video.pt")(x), res.module(x))
+    else:
+        assert targets.count("aten.conv3d.default") == 2
+
+
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_conv1d_cat_pool_permute(mode):
     res, _ = _quantize(CatConv1d().eval(), "quantize{backend=x86}", mode)
@@ -633,7 +667,8 @@ def test_string_padding_convs_get_int8_kernels(mode):
     assert res.verification.passed, res.verification.summary()
     assert res.passes[0].stats["quantized"] == {"conv+act": 1, "conv": 1}
     float_ops = res.passes[0].stats["float_ops"]
-    assert list(float_ops.values()) == ["conv: padding mode has no int8 kernel"], float_ops  # the even kernel
+    assert list(float_ops.values()) == ["conv: padding='same' pads unevenly here (an even kernel): no int8 kernel"], \
+        float_ops
 
 
 class _TiedWeightDifferentBias(nn.Module):
