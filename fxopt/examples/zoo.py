@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert", "nn_encoder")
+NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert", "nn_encoder", "video3d")
 
 
 # ----- ResNet-18 --------------------------------------------------------------------------------
@@ -234,6 +234,22 @@ class TorchEncoder(nn.Module):
         return self.classifier(x[:, 0])
 
 
+class Video3D(nn.Module):
+    """A small video classifier: Conv3d + BatchNorm3d + ReLU blocks, two of them strided."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv3d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm3d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(3, 16), block(16, 32, 2), block(32, 32), block(32, 64, 2))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3, 4)))
+
+
 # ----- registry ---------------------------------------------------------------------------------
 
 def _hf_bert() -> nn.Module:
@@ -275,6 +291,7 @@ def get(name: str, batch: int = 1, *, seed: int = 0, image_size: int | None = No
         "bert": (BertEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "hf_bert": (_hf_bert, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "nn_encoder": (TorchEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
+        "video3d": (Video3D, lambda g, b: (torch.randn(b, 3, 8, image_size or 32, image_size or 32, generator=g),)),
         "vit": (lambda: ViT(image_size=image_size or 32),
                 lambda g, b: (torch.randn(b, 3, image_size or 32, image_size or 32, generator=g),)),
     }
