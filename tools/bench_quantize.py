@@ -29,7 +29,7 @@ from fxopt.examples import zoo
 from fxopt.measure import compare_latency, measure_latency, model_size_bytes
 
 MODELS = {"resnet18": "symbolic", "mobilenet_v2": "symbolic", "bert": "export", "hf_bert": "export",
-          "digits": "export", "video3d": "symbolic"}
+          "digits": "export", "video3d": "symbolic", "nn_encoder": "symbolic"}
 
 
 def calibration_for(name: str, n: int = 8):
