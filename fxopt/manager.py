@@ -54,10 +54,13 @@ class PassRecord:
     skipped: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
     verification: VerificationReport | None = None
+    failed: str | None = None  # why the pass failed (its PassError's first line)
 
     def __str__(self) -> str:
         if self.skipped:
             return f"{self.pipeline_text}: skipped (bisect limit)"
+        if self.failed is not None:
+            return f"{self.pipeline_text}: failed after {self.seconds * 1e3:.1f} ms: {self.failed}"
         check = f", {self.verification.summary().splitlines()[0]}" if self.verification else ""
         return (f"{self.pipeline_text}: {self.seconds * 1e3:.1f} ms, nodes {self.nodes_before} -> "
                 f"{self.nodes_after}{'' if self.modified else ' (unchanged)'}{check}")
@@ -225,12 +228,14 @@ class PassManager:
         except PassError as exc:
             am.rebind(current)
             am.invalidate()
+            _record_failure(record, exc, start)
             exc.last_good_module, exc.records = current, records
             raise
         except Exception as exc:
             am.rebind(current)
             am.invalidate()
             error = PassError(record.pipeline_text, f"{type(exc).__name__}: {exc}")
+            _record_failure(record, error, start)
             error.last_good_module, error.records = current, records
             raise error from exc
         am.rebind(result.module)
@@ -305,6 +310,11 @@ def _check_no_inplace_writes(module: torch.nn.Module, versions: dict[int, tuple[
 
 def _count(gm: torch.fx.GraphModule) -> int:
     return len(gm.graph.nodes)
+
+
+def _record_failure(record: PassRecord, error: PassError, start: float) -> None:
+    record.seconds = time.perf_counter() - start
+    record.failed = str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _plain(value: Any) -> Any:

@@ -276,6 +276,10 @@ def test_raising_pass_keeps_input_and_gives_last_good_module(mode):
     torch.testing.assert_close(last(x), good(x))
     torch.testing.assert_close(last(x), gm(x))
     assert [r.name for r in err.records] == ["remove-noops", "dce", "test-explode"]
+    failed = err.records[-1]
+    assert failed.failed is not None and "boom in the middle" in failed.failed
+    assert str(failed).startswith("test-explode: failed after ") and "nodes" not in str(failed)
+    assert err.records[0].failed is None
 
 
 def test_in_place_write_to_shared_tensor_is_refused():
