@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError
 from .ir.interpret import BufferState, fresh_inputs
+from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
 from .tracing import trace
 
@@ -216,8 +217,6 @@ def _opaque_note(gm: torch.fx.GraphModule) -> str:
 
 def _opaque_parameters(gm: torch.fx.GraphModule) -> dict[str, int]:
     """Parameter elements each op fxopt has no view of reads (by node name)."""
-    from .ir.opview import spec_for
-
     params = dict(gm.named_parameters())
     opaque: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -255,16 +254,15 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     counter or a running average, must be compared from the same state), and the graph is left
     in it.
     """
-    model_state, graph_state = BufferState(model), BufferState(gm)
+    state = BufferState(model, gm)  # a symbolic graph shares the model's buffers: one snapshot
     with torch.no_grad():
         model_args, model_kwargs = fresh_inputs(args, kwargs)
         expected = model(*model_args, **model_kwargs)
-        model_state.restore()
-        propagate_shapes(gm, args, kwargs)
-        graph_state.restore()
+        state.restore()
+        propagate_shapes(gm, args, kwargs)  # runs on private copies of the buffers
         graph_args, graph_kwargs = fresh_inputs(args, kwargs)
         got = gm(*graph_args, **graph_kwargs)
-        graph_state.restore()
+        state.restore()
     _check_same_outputs(expected, got)
 
 

@@ -42,8 +42,8 @@ def is_effectful(node: torch.fx.Node) -> bool:
         return True  # F.relu(h, inplace=True)
     if node.op == "call_module":
         # nn.ReLU(inplace=True): `self.act(h)` with its result unused still changes h
-        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True \
-            if node.graph.owning_module is not None else False
+        owner = node.graph.owning_module
+        return owner is not None and getattr(owner.get_submodule(node.target), "inplace", False) is True
     if node.op == "call_function" and _in_place_name(getattr(target, "__name__", "")):
         return True  # torch.relu_(h), operator.iadd
     return target in _RANDOM_OR_EFFECTFUL if callable(target) and _hashable(target) else False

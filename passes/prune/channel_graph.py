@@ -881,16 +881,10 @@ class _Builder:
         axis, in_shape = self.slots[sid].axis, _shape(src)
         if _norm_axis(int(view.attrs.get("dim", -1)), len(in_shape)) != axis:
             return self.passthrough(node, view, src, axis)
-        half = shape[axis]
-        out = self.new_slot(node, axis, "pass")
-        pos = np.arange(half)
-        for start in (0, half):  # the gated half and its gate
-            self.link(sid, out, pos + start, pos, view.kind, f"half at {start}")
-        # one input entry reading both halves: the kept input is what both need
-        both_in, both_out = np.concatenate([pos, pos + half]), np.concatenate([pos, pos])
-        self.value_slot[node.name] = out
-        self.rules[node.name] = Rule(node.name, view.kind, "pass", inputs=[(src.name, sid, both_in, both_out, out)],
-                                     outputs=[out])
+        pos = np.arange(shape[axis])
+        # the gated half and its gate map to the same output channel: one entry reads both
+        self.passthrough(node, view, src, axis, np.concatenate([pos, pos + len(pos)]), np.concatenate([pos, pos]),
+                         how="halves")
 
     def rule_cat(self, node, view, shape) -> None:
         tensors = [a for a in view.inputs]

@@ -380,23 +380,16 @@ def _retie(gm: torch.fx.GraphModule, ties: list[list[str]]) -> None:
             gm.graph.erase_node(node)
     gm.recompile()
     delete_unused_attributes(gm)
+    params = dict(gm.named_parameters(remove_duplicate=False))
     for names in ties:
-        live = [n for n in names if _has_parameter(gm, n)]
-        tensors = [gm.get_parameter(n) for n in live]
+        live = [n for n in names if n in params]
+        tensors = [params[n] for n in live]
         if len(live) < 2 or not all(t.shape == tensors[0].shape and t.dtype == tensors[0].dtype
                                     and torch.equal(t, tensors[0]) for t in tensors[1:]):
             continue
         for name in live[1:]:
             owner, attr = resolve_attr(gm, name)
             setattr(owner, attr, tensors[0])
-
-
-def _has_parameter(gm: torch.fx.GraphModule, name: str) -> bool:
-    try:
-        gm.get_parameter(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[str, ...]) -> set[str]:
