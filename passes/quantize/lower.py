@@ -405,11 +405,9 @@ class _Lowering:
             return (qops.linear_relu.default if relu else qops.linear.default), prepack_linear(qw, bias)
         a = view.attrs
         packed = prepack_conv(qw, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
-        if a["dim"] == 3:
-            return (qops.conv3d_relu.new if relu else qops.conv3d.new), packed
-        if a["dim"] == 2:
-            return (qops.conv2d_relu.new if relu else qops.conv2d.new), packed
-        return (qops.conv1d_relu.default if relu else qops.conv1d.default), packed
+        fused, plain = {1: (qops.conv1d_relu.default, qops.conv1d.default), 2: (qops.conv2d_relu.new, qops.conv2d.new),
+                        3: (qops.conv3d_relu.new, qops.conv3d.new)}[a["dim"]]
+        return (fused if relu else plain), packed
 
     # ----- pass-through ---------------------------------------------------------------------
     def _lower_pass_through(self, node: torch.fx.Node) -> None:

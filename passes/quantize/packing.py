@@ -36,7 +36,7 @@ def conv_engine(weight: torch.Tensor, groups: int, engine: str = "x86") -> str:
     fp32 6.2) and where fbgemm's grouped-conv fast path could take the layer with a partial
     last block."""
     if weight.dim() == 5 and "onednn" in torch.backends.quantized.supported_engines:
-        return "onednn"  # fbgemm's conv3d runs at fp32 speed here, oneDNN's at about twice it
+        return "onednn"
     k_per_g, c_per_g = weight.shape[0] // groups, weight.shape[1]
     # 2-d only: torch runs a quantized conv1d as a 1 x k conv2d, never a 3x3
     fast_path = (groups > 1 and c_per_g == k_per_g and c_per_g in _GCONV_CHANNELS
