@@ -8,7 +8,9 @@ For every node with a channel rule, in graph order:
   `ParamRef.set` (new tensors, never in-place), and module attributes (`in_channels`,
   `out_features`, ...) are updated so the module stays consistent;
 - batchnorm and depthwise conv slice their parameters (and `groups`); with
-  ``exact_norms=False`` layer/group norm slice their affine (and `normalized_shape`);
+  ``exact_norms=False`` layer/group/RMS norm slice their affine (and `normalized_shape`); with
+  ``exact_norms=True`` they run at full width (their input re-expanded) and one
+  ``index_select`` after them keeps their live channels;
 - reshape/view/expand get the new size at the channel axis (a size computed in the graph, as in
   ``x.view(x.size()[:-1] + (n,))``, gets that entry replaced by graph ops); split/chunk become a split with
   the new piece sizes; a slice of the channel axis gets the bounds of the channels it keeps;
@@ -248,6 +250,62 @@ class _Applier:
             node.op, node.target = "call_function", torch.split
             node.args, node.kwargs = (x, new_sizes, dim), {}
 
+    def do_gather(self, node, rule) -> None:
+        """An exact norm runs at full width, its kept channels taken after it.
+
+        A layer/RMS norm's statistics do not depend on the channel order, so a narrower input
+        is padded with zeros at the end (one cheap copy, where a re-expansion to the original
+        positions is a gather) and the affine is permuted to match; the kept output channels
+        are then one run (narrow) or a gather. A group norm's groups fix the order: its input is
+        re-expanded in place. The gather stands in for the norm as the value later readers
+        adapt from.
+        """
+        out = self.cg.slots[rule.outputs[0]]
+        order = np.arange(out.size)  # original channel at each position the norm computes
+        for src, sid in rule.consumed:
+            have = self.keep(sid)
+            if rule.kind == "group_norm" or len(have) == out.size:
+                self.adapt(node, src, sid, order)
+                continue
+            order = np.concatenate([have, np.setdiff1d(order, have)])
+            self._pad_norm_input(node, self.nodes[src], out.size - len(have), torch.as_tensor(order))
+        where = np.empty(out.size, dtype=np.int64)
+        where[order] = np.arange(out.size)
+        idx = where[self.keep(out.id)]
+        if np.array_equal(idx, np.arange(out.size)):
+            return
+        g = self.gm.graph
+        readers = list(node.users)
+        if np.array_equal(idx, np.arange(len(idx))):  # a leading run: a plain copy
+            with g.inserting_after(node):
+                run = g.call_function(torch.narrow, (node, out.axis, 0, len(idx)))
+            with g.inserting_after(run):
+                kept = g.call_method("contiguous", (run,))
+        else:
+            buf = add_tensor_attr(self.gm, f"prune_idx_{node.name}_kept", torch.as_tensor(idx), parameter=False)
+            with g.inserting_after(node):
+                idx_node = g.get_attr(buf)
+            with g.inserting_after(idx_node):
+                kept = g.call_function(torch.index_select, (node, out.axis, idx_node))
+        for reader in readers:
+            reader.replace_input_with(node, kept)
+        annotate(kept, "prune.gather", f"{out.size}->{len(idx)}")
+        self.nodes[node.name] = kept
+        self.adapters += 1
+
+    def _pad_norm_input(self, node: torch.fx.Node, x: torch.fx.Node, zeros: int, order: torch.Tensor) -> None:
+        """Feed the norm `x` with `zeros` zero channels appended, its affine permuted to `order`."""
+        with self.gm.graph.inserting_before(node):
+            padded = self.gm.graph.call_function(torch.nn.functional.pad, (x, (0, zeros)))
+        node.replace_input_with(x, padded)
+        annotate(padded, "prune.reexpand", f"pad +{zeros}")
+        self.reexpansions.append(f"{x.name}->{node.name}")
+        self.adapters += 1
+        for ref in op_view(self.gm, node).params.values():
+            t = ref.get()
+            if t is not None:
+                ref.set(t.index_select(0, order).contiguous())
+
     def do_producer(self, node, rule) -> None:
         view = op_view(self.gm, node)
         pw = producer_weights(self.gm, node, rule)
@@ -295,7 +353,7 @@ class _Applier:
             if m is not None:
                 m.num_features = len(out_keep)
             return
-        if rule.kind in ("layer_norm", "group_norm"):  # exact_norms=False: the affine follows
+        if rule.kind in ("layer_norm", "rms_norm", "group_norm"):  # exact_norms=False: the affine follows
             _resize_norm(node, m, rule.kind, len(out_keep))
             return
         if rule.kind == "prelu":
@@ -326,7 +384,7 @@ class _Applier:
 
 def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int) -> None:
     """Layer norm normalizes over `size` channels now; group norm keeps its group count."""
-    if kind == "layer_norm":
+    if kind in ("layer_norm", "rms_norm"):
         if m is not None:
             m.normalized_shape = (size,)
         else:
@@ -423,7 +481,7 @@ def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, rule in cg.rules.items():
         node = nodes.get(name)
-        if node is None or rule.category not in ("producer", "norm", "param"):
+        if node is None or rule.category not in ("producer", "norm", "param", "gather"):
             continue
         sid = rule.outputs[0]
         idx = torch.as_tensor(np.nonzero(dead[cg.positions(sid)])[0], dtype=torch.long)

@@ -1,11 +1,12 @@
 """Where pruned channels are re-expanded to full width: a minimum cut over the slot graph.
 
 Once classes are chosen, most values simply get narrower. Some readers cannot shrink: an op
-without a rule, a layer/group norm, an ignored layer. Rather than giving up every class that
-reaches such a reader (what all-or-nothing grouping does), fxopt re-expands the value — an
-index_select from ``cat([x, zeros])`` that puts zeros back in the removed channels — exactly
-where it is cheapest. Each slot holding removed channels is *reduced* (source side) or *full*
-(sink side); moving between the two costs one adapter of the value's size:
+without a rule, an exact layer/group norm (which then gathers its own output), an ignored
+layer. Rather than giving up every class that reaches such a reader (what all-or-nothing
+grouping does), fxopt re-expands the value — an index_select from ``cat([x, zeros])`` that
+puts zeros back in the removed channels — exactly where it is cheapest. Each slot holding
+removed channels is *reduced* (source side) or *full* (sink side); moving between the two
+costs one adapter of the value's size:
 
     source ─∞─▶ slots that must be reduced (producers, norms, params, softmax)
     source ─∞─▶ use:conv ──bytes(x)──▶ x       (a shrinking consumer that would need a gather)
@@ -51,16 +52,18 @@ def plan_boundaries(cg: ChannelGraph, dead: np.ndarray, ignored: set[str]) -> Bo
         g.add_node(label(sid))
     for name, rule in cg.rules.items():
         pinned = rule.category == "pinned" or name in ignored
-        if pinned:
+        if pinned or rule.category == "gather":  # reads at full width
             for src, sid in rule.consumed + [(r[0], r[1]) for r in rule.inputs]:
                 if sid in has_dead:
                     pin = f"pin:{name}"
                     g.add_edge(pin, "t")
                     _add_cap(g, label(sid), pin, cg.slots[sid].bytes)
                     any_pin = True
-            continue
+            if pinned:
+                continue
         for sid in rule.outputs:
-            if sid in has_dead and (rule.category in ("producer", "param", "norm") or rule.kind in MUST_REDUCE):
+            if sid in has_dead and (rule.category in ("producer", "param", "norm", "gather")
+                                    or rule.kind in MUST_REDUCE):
                 g.add_edge("s", label(sid))
         for src, sid in rule.consumed:
             if sid in has_dead:

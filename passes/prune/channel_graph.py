@@ -43,11 +43,14 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
 - parameters used directly (class token, position embedding) become producer slots; integer
   and bool buffers (position ids, masks) hold no channels.
-- layer/group norm mix channels (mean and variance over them): with ``exact_norms=True`` (the
-  default) they are pinned; with ``exact_norms=False`` their affine channels are coupled like a
-  batchnorm's (group norm: position r of every group is one class), as Torch-Pruning does — not
-  exact, the statistics are then taken over the kept channels only. The same holds for a norm
-  spelled out (RMSNorm's ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``): a keepdim mean
+- layer/group/RMS norm mix channels (mean and variance over them): with ``exact_norms=True``
+  (the default) a norm with an affine weight is *gathered*: it reads its input at full width
+  (re-expanded with zeros, so its statistics are the original ones) and its output channels are
+  fresh classes, kept by one gather after it (category ``gather``; a removed channel is what the
+  norm gives with its affine zeroed); without an affine weight it is pinned. With
+  ``exact_norms=False`` their affine channels are coupled like a batchnorm's (group norm:
+  position r of every group is one class), as Torch-Pruning does — not exact, the statistics
+  are then taken over the kept channels only. The same holds for a norm spelled out (RMSNorm's ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``): a keepdim mean
   over the channel axis is pinned, or with ``exact_norms=False`` a statistic of the kept channels.
 - anything else — unknown ops, the graph output, ignored layers — is *pinned*: its output
   classes cannot die; its inputs are read at full width, so classes that reach it are
@@ -1216,25 +1219,43 @@ class _Builder:
         self.rules[node.name] = rule
 
     def rule_layer_norm(self, node, view, shape) -> None:
-        if self.exact_norms:
-            raise _Pin(f"{view.kind} normalizes across channels (read at full width; exact_norms=true)")
         src, sid = self.single_input(node, view)
-        if sid is None:
-            return self.free_output(node, view)
         norm_shape = view.attrs.get("normalized_shape")
         dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
-        if self.slots[sid].axis != len(shape) - 1 or len(dims) != 1:
+        if len(dims) != 1 or (sid is not None and self.slots[sid].axis != len(shape) - 1):
             raise _Pin("layer_norm over more than the channel axis")
-        self.passthrough(node, view, src, len(shape) - 1, category="norm")
-
-    def rule_group_norm(self, node, view, shape) -> None:
         if self.exact_norms:
-            raise _Pin(f"{view.kind} normalizes across channels (read at full width; exact_norms=true)")
-        src, sid = self.single_input(node, view)
+            return self.gathered_norm(node, view, src, sid, len(shape) - 1)
         if sid is None:
             return self.free_output(node, view)
-        if self.slots[sid].axis != 1:
+        self.passthrough(node, view, src, len(shape) - 1, category="norm")
+
+    rule_rms_norm = rule_layer_norm
+
+    def gathered_norm(self, node, view, src, sid: int | None, axis: int) -> None:
+        """An exact norm: it reads its input at full width (re-expanded by the boundary, zeros in
+        the removed channels, so its statistics are the original ones) and its output channels are
+        fresh classes, taken after it by one gather. A removed output channel is what the norm's
+        affine gives with its weight and bias zeroed, which is how a zeroed model matches."""
+        if view.param("weight") is None:
+            raise _Pin(f"{view.kind} without an affine weight normalizes across channels (read at full width)")
+        out = self.new_slot(node, axis, "producer")
+        rule = Rule(node.name, view.kind, "gather", outputs=[out])
+        if sid is not None:
+            rule.consumed.append((src.name, sid))
+            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op=view.kind, map="full width",
+                                bytes=self.slots[sid].bytes)
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    def rule_group_norm(self, node, view, shape) -> None:
+        src, sid = self.single_input(node, view)
+        if sid is not None and self.slots[sid].axis != 1:
             raise _Pin("group_norm input channel axis is not 1")
+        if self.exact_norms:
+            return self.gathered_norm(node, view, src, sid, 1)
+        if sid is None:
+            return self.free_output(node, view)
         out = self.passthrough(node, view, src, 1, category="norm")
         # position r of every group is one class, so the groups stay equal (num_groups is kept)
         per_group = shape[1] // int(view.attrs.get("num_groups"))

@@ -1,8 +1,8 @@
 """Per-class costs for the selection: importance lost and MACs saved by removing a class.
 
 Importance is measured where information is destroyed — at the *producers* of a class
-(conv/linear/embedding/addmm/``x @ W`` output rows, parameters used directly) plus the affine of
-the norms and depthwise convs inside it. Consumer columns are not counted: they read a channel
+(conv/linear/embedding/addmm/``x @ W`` output rows, parameters used directly, the affine of an
+exact norm whose output is gathered) plus the affine of the norms and depthwise convs inside it. Consumer columns are not counted: they read a channel
 that is gone. A producer's rows lie along its weight layout's output axis
 (`channel_graph.WEIGHT_LAYOUTS`: axis 0 of a linear/conv weight, axis 1 of an addmm/matmul
 weight stored [in, out] or of an embedding table).
@@ -47,6 +47,10 @@ IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
 ADAPTER_FIXED_MACS = 500_000
 ADAPTER_ELEMENT_MACS = {"leading": 8, "last": 90}
 SCATTER_ADD_ELEMENT_MACS = {"leading": 6, "last": 18}
+# An exact layer/RMS norm pads its input with zeros at the end (a copy: ~6 µs on 64x256 where
+# the re-expansion above takes ~57) and gathers its kept output channels (index_select, ~19 µs).
+PAD_ELEMENT_MACS = {"leading": 8, "last": 12}
+GATHER_ELEMENT_MACS = {"leading": 8, "last": 36}
 
 
 def _shape(gm_node) -> tuple[int, ...]:
@@ -94,6 +98,13 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             add_scores(sid, _row_norm(val, cg.slots[sid].axis, p), imp)
             np.add.at(prod, cg.positions(sid), 1)
             continue
+        if rule.category == "gather":  # an exact norm's output: its affine is what is lost
+            sid = rule.outputs[0]
+            view = op_view(gm, node)
+            g, b = view.param("weight"), view.param("bias")
+            add_scores(sid, _row_norm(g, 0, p) + (_row_norm(b, 0, p) if b is not None else 0), imp)
+            np.add.at(prod, cg.positions(sid), 1)
+            continue
         if rule.category not in ("producer", "norm", "pass"):
             continue
         view = op_view(gm, node)
@@ -133,7 +144,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
                     np.add.at(macs, cg.positions(src_sid), rows * w.shape[pw.out_axis])
         elif rule.category == "norm":
             sid = rule.outputs[0]
-            if rule.kind in ("batch_norm", "layer_norm", "group_norm"):
+            if rule.kind in ("batch_norm", "layer_norm", "rms_norm", "group_norm"):
                 g = view.param("weight")
                 b = view.param("bias")
                 if g is not None:
@@ -190,7 +201,7 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
     """|sum(a * dL/da)| per producer output channel over the calibration batches."""
     if not calibration:
         raise ValueError("importance 'taylor' needs calibration batches (ctx.calibration / calibration=)")
-    producers = {name: cg.slots[r.outputs[0]] for name, r in cg.rules.items() if r.category == "producer"}
+    producers = {name: cg.slots[r.outputs[0]] for name, r in cg.rules.items() if r.category in ("producer", "gather")}
     scores: dict[str, np.ndarray] = {}
     if not producers:  # nothing to probe (e.g. a lone batchnorm): no taylor scores to give
         return scores
@@ -232,7 +243,8 @@ def adapter_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, blocked: np.ndarra
     """What removing a class costs in adapters, in MACs: `(charge per class, soft charges)`.
 
     Adapters appear where a value loses channels its reader still needs: before a pinned or
-    ignored reader (re-expansion) and at a junction input whose output channel lives (the block
+    ignored reader or an exact norm (re-expansion), after an exact norm (the gather of its kept
+    channels) and at a junction input whose output channel lives (the block
     output is scattered back into the stream). Cutting where the junction output cannot die is
     a plain charge on the input class; otherwise it is a *soft* charge ``(x, y) -> c``, paid only
     when x dies and y lives. An adapter is shared by the channels expected to leave its value
@@ -245,7 +257,14 @@ def adapter_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, blocked: np.ndarra
     if scale == 0:
         return charge, soft
     for name, rule in cg.rules.items():
-        if rule.category == "pinned" or name in ignored:
+        if rule.category == "gather" and name not in ignored:  # padded before the norm, gathered after
+            pad = PAD_ELEMENT_MACS if rule.kind != "group_norm" else None
+            for _, sid in rule.consumed:
+                charge[np.unique(cg.positions(sid))] += scale * _adapter_share(nodes, cg, sid, ratio, pad)
+            sid = rule.outputs[0]
+            charge[np.unique(cg.positions(sid))] += scale * _adapter_share(nodes, cg, sid, ratio,
+                                                                           GATHER_ELEMENT_MACS)
+        elif rule.category in ("pinned", "gather") or name in ignored:
             for _, sid in rule.consumed + [(r[0], r[1]) for r in rule.inputs]:
                 charge[np.unique(cg.positions(sid))] += scale * _adapter_share(nodes, cg, sid, ratio)
         elif rule.category == "junction":

@@ -488,7 +488,7 @@ def _capped_slots(cg: ChannelGraph, cap: float) -> list[tuple[np.ndarray, int]]:
     """(class positions, channels it may lose) per producer slot."""
     out = []
     for rule in cg.rules.values():
-        if rule.category in ("producer", "param"):
+        if rule.category in ("producer", "param", "gather"):
             slot = cg.slots[rule.outputs[0]]
             out.append((cg.positions(slot.id), int(np.floor(cap * slot.size + 1e-9))))
     return out
@@ -521,7 +521,7 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
     a slice of a concat cuts one writer's part; rounding the writers alone leaves those odd.
     Reviving only ever adds channels, so the rounds stop."""
     rounded = {r.outputs[0] for r in cg.rules.values()
-               if r.category in ("producer", "param") or r.info.get("depthwise")}
+               if r.category in ("producer", "param", "gather") or r.info.get("depthwise")}
     rounded |= {sid for r in cg.rules.values() for _, sid in r.consumed}
     for _ in range(len(cg.slots) + 8):
         changed = False

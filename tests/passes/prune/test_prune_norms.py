@@ -1,4 +1,4 @@
-"""`exact_norms`: layer/group norm pinned (exact) or pruned with their stream (Torch-Pruning's way),
+"""`exact_norms`: layer/group norm gathered exactly or pruned with their stream (Torch-Pruning's way),
 and the adapter charges that keep the exact mode from paying more than it saves."""
 import pytest
 import torch
@@ -8,6 +8,7 @@ from torch import nn
 import fxopt
 from fxopt.measure import count_parameters
 from fxopt.passes.prune.prune_pass import Prune, analyze
+from prune_masking import prune_and_mask
 
 
 class NormBlock(nn.Module):
@@ -116,13 +117,53 @@ def test_inexact_group_norm_keeps_groups_equal(mode):
         assert (gn.num_groups, gn.num_channels, gn.weight.shape[0]) == (4, 8, 8)
 
 
-def test_exact_norms_pins_and_stays_exact_by_default():
+class PostNormEncoder(nn.Module):
+    """BERT's shape: every stream value is a layer norm's output (post-norm residual blocks)."""
+
+    def __init__(self, d=64, norm=nn.LayerNorm):
+        super().__init__()
+        self.embed, self.norm0 = nn.Linear(6, d), norm(d)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(att=nn.Linear(d, d), n1=norm(d), up=nn.Linear(d, 4 * d),
+                                                       down=nn.Linear(4 * d, d), n2=norm(d))) for _ in range(2))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.norm0(self.embed(x))
+        for b in self.blocks:
+            h = b["n1"](h + b["att"](h))
+            h = b["n2"](h + b["down"](F.gelu(b["up"](h))))
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_exact_norms_prune_the_hidden_size_exactly(norm, mode):
+    """With exact_norms=true (the default) a norm reads its input at full width (zeros padded
+    back in) and its kept output channels are gathered after it: the hidden size shrinks, nothing
+    is pinned, and zeroing the removed channels (norm affine included) gives the pruned output."""
     torch.manual_seed(0)
-    model, x = _randomize_affine(NormBlock()), torch.randn(2, 5, 6)
-    plan = analyze(model, (x,), ratio=0.5)
-    assert {"norm", "norm2"} <= {plan.channel_graph.module_names.get(n, n) for n in plan.stats()["pinned"]} | \
-        set(plan.stats()["pinned"])
-    assert all("exact_norms=true" in why for why in plan.stats()["pinned"].values())
+    model, x = _randomize_affine(PostNormEncoder(norm=norm)), torch.randn(2, 5, 6)
+    r = prune_and_mask(model, x, mode)  # adapter_cost=0: a model this small never pays for them
+    assert r.plan.stats()["pinned"] == {}
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert count_parameters(r.pruned) < 0.6 * r.params_before
+    # the layers reading norm outputs lost input columns: the hidden size shrank
+    assert r.pruned.get_parameter("blocks.1.up.weight").shape[1] < 64
+    targets = [n.target for n in r.pruned.graph.nodes]
+    assert F.pad in targets  # a narrowed norm input: zeros appended, the affine permuted to match
+    assert r.pruned.get_parameter("blocks.1.n2.weight").shape == (64,)  # the norms run at full width
+    x7 = torch.randn(7, 5, 6)  # another batch size runs through the same adapters
+    zeroed = r.plan.gm
+    torch.testing.assert_close(r.pruned(x7), zeroed(x7), rtol=1e-4, atol=1e-5)
+
+
+def test_a_norm_without_affine_weight_is_pinned_in_exact_mode():
+    """Its removed output channels would not be zero: nothing to zero them with."""
+    torch.manual_seed(0)
+    model = NormBlock()
+    model.norm = nn.LayerNorm(16, elementwise_affine=False)
+    plan = analyze(model.eval(), (torch.randn(2, 5, 6),), ratio=0.5)
+    assert "affine" in plan.stats()["pinned"].get("norm", "")
 
 
 def test_pipeline_text_round_trips_exact_norms():
