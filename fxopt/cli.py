@@ -15,6 +15,7 @@ import importlib
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -49,6 +50,9 @@ def load_workload(spec: str | None) -> Workload:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"fxopt: cannot load MODEL '{spec}': {exc}") from None
+    if not callable(factory):
+        raise SystemExit(f"fxopt: MODEL '{spec}' names a {type(factory).__name__}, not a callable that returns "
+                         "(model, example_inputs[, calibration])")
     made = factory()
     if isinstance(made, nn.Module):
         inputs = getattr(made, "example_inputs", None)
@@ -79,8 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="print the graph after every pass (Python: print_ir_after_each=True)")
     opt.add_argument("--print-ir-after-change", action="store_true", help="print a diff when a pass changed the graph")
     opt.add_argument("--time-passes", action="store_true", help="print per-pass timing")
-    opt.add_argument("--bisect-limit", type=int, default=None, metavar="N", help="run only the first N passes")
-    opt.add_argument("--threads", type=int, default=1, help="threads for latency measurement (default 1)")
+    opt.add_argument("--bisect-limit", type=_count(0), default=None, metavar="N", help="run only the first N passes")
+    opt.add_argument("--threads", type=_count(1), default=1, help="threads for latency measurement (default 1)")
     opt.add_argument("--dump", metavar="DIR", help="also dump every step to DIR")
 
     dump = sub.add_parser("dump", help="dump the graph before and after every pass")
@@ -91,8 +95,35 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum` (argparse reports the flag on failure)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _writable_dir(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    """Fail before any work when `path` cannot become an output directory."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        parser.error(f"{flag} {path}: exists and is not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"{flag} {path}: cannot create the directory ({exc.strerror})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _writable_dir(parser, "--dump", getattr(args, "dump", None))
+    _writable_dir(parser, "--out", getattr(args, "out", None))
     from .errors import FxoptError
     from .pipeline import parse_pipeline
 

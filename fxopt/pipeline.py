@@ -33,6 +33,8 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
                 if "=" not in item:
                     raise PipelineError(f"in '{chunk}': option '{item.strip()}' needs key=value")
                 key, value = item.split("=", 1)
+                if key.strip() in options:
+                    raise PipelineError(f"in '{chunk}': option '{key.strip()}' is given twice")
                 options[key.strip()] = value.strip()
         else:
             name, options = chunk, {}
@@ -49,6 +51,8 @@ def parse_pipeline(pipeline: str | Sequence[Pass | str]) -> list[Pass]:
 
     if isinstance(pipeline, str):
         return [get_pass(name).from_options(opts) for name, opts in split_pipeline(pipeline)]
+    if not isinstance(pipeline, Sequence):
+        raise PipelineError(f"a pipeline is text (\"fuse,quantize\") or a list of passes, got {pipeline!r}")
     passes: list[Pass] = []
     for item in pipeline:
         if isinstance(item, Pass):

@@ -18,6 +18,7 @@ def user_model_module(tmp_path, monkeypatch):
             return model, (torch.randn(4, 6),)
         def no_inputs():
             return torch.nn.Linear(2, 2)
+        not_callable = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_models"
@@ -59,6 +60,28 @@ def test_bad_model_spec_errors(user_model_module):
         cli.load_workload("my_models:missing")
     with pytest.raises(SystemExit, match="without example inputs"):
         cli.load_workload(f"{user_model_module}:no_inputs")
+    with pytest.raises(SystemExit, match="names a int, not a callable"):
+        cli.load_workload(f"{user_model_module}:not_callable")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--bisect-limit", "-3"], "argument --bisect-limit: must be >= 0, got -3"),
+])
+def test_bad_counts_are_usage_errors_before_any_work(user_model_module, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["optimize", f"{user_model_module}:small", "-p", "dce", *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_directory_that_is_a_file_is_a_usage_error(user_model_module, capsys, tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    for command in (["optimize", f"{user_model_module}:small", "--dump", str(a_file)],
+                    ["dump", f"{user_model_module}:small", "--out", str(a_file)]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(command)
+        assert exc.value.code == 2 and "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_passes_lists_builtin_passes(capsys):

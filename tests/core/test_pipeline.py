@@ -191,3 +191,13 @@ def test_option_specs_are_readable():
     assert specs["granularity"] == "channel|tensor"
     assert specs["ignore"] == "list of str"
     assert specs["steps"] == "int"
+
+
+def test_an_option_given_twice_is_an_error_not_a_silent_override():
+    with pytest.raises(PipelineError, match="option 'ratio' is given twice"):
+        parse_pipeline("prune{ratio=0.5,ratio=0.2}")
+
+
+def test_a_pipeline_that_is_neither_text_nor_a_list_is_named():
+    with pytest.raises(PipelineError, match="got None"):
+        parse_pipeline(None)
