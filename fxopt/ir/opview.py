@@ -229,6 +229,8 @@ SPECS: tuple[OpSpec, ...] = (
            module_attrs=lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim)),
     OpSpec("reshape", functions=(torch.reshape,), methods=("reshape", "view"),
            aten=(aten.reshape, aten.view, aten._unsafe_view), arg_names=("input", "shape")),
+    OpSpec("unflatten", functions=(torch.unflatten,), methods=("unflatten",), aten=(aten.unflatten,),
+           arg_names=("input", "dim", "sizes")),
     OpSpec("permute", functions=(torch.permute,), methods=("permute",), aten=(aten.permute,),
            arg_names=("input", "dims")),
     OpSpec("transpose", functions=(torch.transpose,), methods=("transpose",), aten=(aten.transpose,),

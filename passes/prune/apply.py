@@ -208,6 +208,12 @@ class _Applier:
         if b is not None:
             new = int(len(self.keep(rule.outputs[0])))
             _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size)
+        j = rule.info.get("sizes_entry")
+        if j is not None:  # unflatten(dim, sizes) of the channel axis: the split's leading size
+            sizes = list(op_view(self.gm, node).attrs["sizes"])
+            if sizes[j] != -1:
+                sizes[j] = int(len(self.keep(rule.outputs[0])))
+                _set_arg(node, "sizes", sizes)
 
     def slice_channels(self, node, rule) -> None:
         """``x[start:end]`` on the channel axis. When `x` is simply narrower (the usual case) the

@@ -32,7 +32,7 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   except where they read the channel axis and the result is used other than as the
   channel-axis entry of a reshape's size (which apply rewrites anyway) — then they are pinned.
 - mul of two channel tensors, cat (with offsets along the channel axis), split/chunk + getitem,
-  flatten/reshape (identity, merge into a block, or a head split), permute/transpose/expand/
+  flatten/reshape/unflatten (identity, merge into a block, or a head split), permute/transpose/expand/
   select/slice (following the axis), a slice *of* the channel axis with constant bounds and
   step 1 (``x[:, a:b]`` or export's ``aten.slice``: channel j is input channel a + j, like a
   split piece; a full-range one such as GhostNet's ``cat([x1, x2], 1)[:, :oup]`` is the
@@ -630,6 +630,8 @@ class _Builder:
             raise _Pin("batch_norm input channel axis is not 1")
         if view.attrs.get("training"):
             raise _Pin("batch_norm in training mode")
+        if view.param("weight") is None:  # a removed channel would leave -mean/std, not zero
+            raise _Pin("batch_norm without an affine weight (a removed channel is not zero after it)")
         self.passthrough(node, view, src, 1, category="norm")
 
     def rule_conv(self, node, view, shape) -> None:
@@ -644,6 +646,9 @@ class _Builder:
         in_shape = _shape(src)
         cin, cout = in_shape[1], shape[1]
         cig = cin // groups
+        held = self.in_slot(src)
+        if held is not None and self.slots[held].axis != 1:  # channels on a length axis (token mixing)
+            raise _Pin("conv over a value whose channels are not on axis 1")
         sid = self.slot_on(src, 1)
         if not transposed and groups > 1 and cig == 1:  # depthwise (channel multiplier m = cout // cin)
             if sid is None:
@@ -1134,7 +1139,13 @@ class _Builder:
         else:
             raise _Pin("reshape splits the channel axis in a way fxopt cannot follow")
         info = {"size_index": b} if view.kind == "reshape" else {}
+        if view.kind == "unflatten":
+            dim = _norm_axis(int(view.attrs["dim"]), len(in_shape))
+            if dim == a:  # the channel axis is the one split: its entry of `sizes` is rewritten
+                info = {"sizes_entry": b - dim}
         self.passthrough(node, view, src, b, in_pos, out_pos, how=how, info=info)
+
+    rule_unflatten = rule_reshape
 
     def rule_matmul(self, node, view, shape) -> None:
         if len(view.inputs) != 2:

@@ -33,8 +33,9 @@ from __future__ import annotations
 import fnmatch
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -159,7 +160,8 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
 
     A given `channel_graph` must have been built with the same `exact_norms`.
     """
-    _check_options(ratio, importance, scope, round_to, adapter_cost, max_layer_ratio, cost)
+    _check_options(ratio, importance, scope, round_to, adapter_cost, max_layer_ratio, cost, exact_norms)
+    ignore = _patterns(ignore)
     seconds = {}
     start = time.perf_counter()
     cg = channel_graph if channel_graph is not None else build_channel_graph(gm, exact_norms)
@@ -221,6 +223,10 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
     import fxopt
     from fxopt.capture import normalize_inputs
 
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(Prune)})
+    if unknown:
+        raise TypeError(f"analyze(): unknown option(s) {', '.join(unknown)}; the options are "
+                        f"{', '.join(f.name for f in dataclasses.fields(Prune))}")
     args, kwargs = normalize_inputs(example_inputs)
     gm = clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode))
     _privatize(gm)
@@ -255,8 +261,8 @@ class Prune(Pass):
 
     def __post_init__(self) -> None:
         _check_options(self.ratio, self.importance, self.scope, self.round_to, self.adapter_cost,
-                       self.max_layer_ratio, self.cost)
-        self.ignore = tuple(self.ignore)
+                       self.max_layer_ratio, self.cost, self.exact_norms)
+        self.ignore = _patterns(self.ignore)
 
     def plan(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PrunePlan:
         changed = _privatize(gm)
@@ -318,7 +324,9 @@ def _why_nothing_was_removed(plan: PrunePlan, ratio: float) -> str:
 
 
 def _check_options(ratio: float, importance: str, scope: str, round_to: int, adapter_cost: float = 1.0,
-                   max_layer_ratio: float = 1.0, cost: str = "macs") -> None:
+                   max_layer_ratio: float = 1.0, cost: str = "macs", exact_norms: bool = True) -> None:
+    if not isinstance(exact_norms, bool):  # a string such as "false" would read as true
+        raise ValueError(f"option 'exact_norms' must be True or False, got {exact_norms!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"option 'ratio' must be a number with 0 <= ratio < 1, got {ratio!r}")
     if importance not in IMPORTANCES:
@@ -335,6 +343,11 @@ def _check_options(ratio: float, importance: str, scope: str, round_to: int, ada
     if not callable(cost) and cost not in COSTS:
         raise ValueError(f"option 'cost' must be one of {', '.join(COSTS)} (or, from Python, a "
                          f"function (layer, cin, cout) -> seconds), got {cost!r}")
+
+
+def _patterns(ignore: str | Sequence[str]) -> tuple[str, ...]:
+    """`ignore` as a tuple of patterns: one string is one pattern, not its characters."""
+    return (ignore,) if isinstance(ignore, str) else tuple(ignore)
 
 
 def _privatize(gm: torch.fx.GraphModule) -> bool:

@@ -54,6 +54,60 @@ def test_ignore_pattern_that_matches_nothing():
         fxopt.optimize(Small(), (X,), [Prune(ignore=("nope",))])
 
 
+def test_option_types_a_string_cannot_slip_through():
+    """"false" is a true value in Python: refused, not read as exact_norms=True; one ignore
+    pattern given as a string is one pattern, not its characters; unknown options name analyze."""
+    with pytest.raises(ValueError, match="option 'exact_norms' must be True or False, got 'false'"):
+        Prune(exact_norms="false")
+    assert Prune(ignore="fc").ignore == ("fc",)
+    assert "fc" not in analyze(Small(), (X,), ignore="fc").kept_channels()
+    with pytest.raises(TypeError, match="analyze\\(\\): unknown option\\(s\\) bogus; the options are ratio"):
+        analyze(Small(), (X,), bogus=1)
+
+
+class TokenMixing(nn.Module):
+    """A conv along the channel axis (token mixing): a's channels are t's length axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.t = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(10, 10, 3, padding=1)
+        self.b, self.fc = nn.Conv1d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = self.t(y.transpose(1, 2)).transpose(1, 2)
+        return self.fc(self.b(F.relu(y)).mean(2))
+
+
+class NoAffineBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16, affine=False)
+        self.b, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.b(self.bn(self.a(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("build, x, reason", [
+    (TokenMixing, torch.randn(2, 4, 10), "conv over a value whose channels are not on axis 1"),
+    (NoAffineBN, torch.randn(2, 3, 8, 8), "batch_norm without an affine weight"),
+])
+def test_ops_that_would_be_pruned_wrongly_are_pinned(build, x, reason, mode):
+    """Pruning a's channels through these would be wrong (a shorter length axis for the mixing
+    conv; -mean/std left in a removed channel after an affine-free batchnorm): pinned, named."""
+    torch.manual_seed(0)
+    model = build().eval()
+    if isinstance(model, NoAffineBN):
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    res = fxopt.optimize(model, (x,), "prune{ratio=0.5}", mode=mode)
+    assert any(reason in why for why in res.passes[0].stats["pinned"].values()), res.passes[0].stats["pinned"]
+    assert res.module(x).shape == model(x).shape
+    assert count_parameters(res.module) < count_parameters(model)
+
+
 def test_taylor_without_calibration():
     with pytest.raises(PassError, match="calibration"):
         fxopt.optimize(Small(), (X,), [Prune(importance="taylor")])

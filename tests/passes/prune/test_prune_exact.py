@@ -129,9 +129,9 @@ class SplitChunk(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim=32, heads=4, sdpa=False, head_bias=False):
+    def __init__(self, dim=32, heads=4, sdpa=False, head_bias=False, unflatten=False):
         super().__init__()
-        self.heads, self.hd, self.sdpa = heads, dim // heads, sdpa
+        self.heads, self.hd, self.sdpa, self.unflatten = heads, dim // heads, sdpa, unflatten
         # a bias per head from relative positions, as T5 and Swin add to their attention scores
         self.rel = nn.Embedding(15, heads) if head_bias else None
         self.embed = nn.Linear(6, dim)
@@ -143,9 +143,12 @@ class Attention(nn.Module):
     def forward(self, x):
         b, n, _ = x.shape
         h = self.embed(x)
-        q = self.q(h).view(b, n, self.heads, self.hd).transpose(1, 2)
-        k = self.k(h).view(b, n, self.heads, self.hd).transpose(1, 2)
-        v = self.v(h).view(b, n, self.heads, self.hd).transpose(1, 2)
+        if self.unflatten:  # heads split as torch.nn's packed attention writes it
+            q, k, v = (p(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q, self.k, self.v))
+        else:
+            q = self.q(h).view(b, n, self.heads, self.hd).transpose(1, 2)
+            k = self.k(h).view(b, n, self.heads, self.hd).transpose(1, 2)
+            v = self.v(h).view(b, n, self.heads, self.hd).transpose(1, 2)
         if self.rel is not None:
             pos = torch.arange(n, device=x.device)
             bias = self.rel((pos[:, None] - pos[None, :]).clamp(-7, 7) + 7).permute(2, 0, 1).unsqueeze(0)
@@ -305,6 +308,7 @@ CASES = {
     "attention": (Attention, lambda: torch.randn(2, 5, 6)),
     "attention_sdpa": (lambda: Attention(sdpa=True), lambda: torch.randn(2, 5, 6)),
     "attention_head_bias": (lambda: Attention(head_bias=True), lambda: torch.randn(2, 5, 6)),
+    "attention_unflatten": (lambda: Attention(sdpa=True, unflatten=True), lambda: torch.randn(2, 5, 6)),
     "tokens": (Tokens, lambda: torch.randint(0, 50, (2, 8))),
     "casts": (Casts, lambda: torch.randint(0, 50, (2, 8))),
     "unknown_op": (Unknown, IMAGE),
