@@ -306,15 +306,24 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     c = _as_float(cand).to(r.device)
     if r.numel() == 0:
         return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype)
-    diff = (r - c).abs()
+    error = torch.where(r == c, 0.0, r - c)  # equal infinities are no error; inf against a number is
+    diff = error.abs()
     scale = float(r.abs().max())
     max_abs = float(diff.max())
     max_rel = float((diff / r.abs().clamp_min(1e-12 + 1e-3 * scale)).max())
-    noise = float((r - c).pow(2).sum())
+    noise = float(error.pow(2).sum())
     signal = float(r.pow(2).sum())
-    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    if noise == 0:
+        sqnr = math.inf
+    elif signal > 0 and math.isfinite(noise):
+        sqnr = 10 * math.log10(signal / noise)
+    else:
+        sqnr = -math.inf
     denom = float(r.norm() * c.norm())
-    cosine = float((r.flatten() @ c.flatten()) / denom) if denom > 0 else float(noise == 0)
+    if noise == 0:
+        cosine = 1.0
+    else:
+        cosine = float((r.flatten() @ c.flatten()) / denom) if denom > 0 else 0.0
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr = math.nan, -math.inf
     return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale, ref.dtype)

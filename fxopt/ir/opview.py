@@ -241,7 +241,13 @@ SPECS: tuple[OpSpec, ...] = (
                                                                          "padding", "dilation", "ceil_mode")),
     OpSpec("avg_pool", functions=(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
            aten=(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d),
-           modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), arg_names=("input", "kernel_size", "stride", "padding")),
+           modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
+           arg_names=("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                      "divisor_override"),
+           defaults=dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
+           module_attrs=lambda m: dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                                       ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
+                                       divisor_override=getattr(m, "divisor_override", None))),
     OpSpec("adaptive_avg_pool", functions=(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d),
            aten=(aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d),
            modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
@@ -330,8 +336,9 @@ def spec_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSpec | None:
 def _module_spec(module: nn.Module) -> OpSpec | None:
     """The row of the nearest table type `module` is an instance of, if it keeps that type's
     forward: `nn.MultiheadAttention`'s out_proj (a `NonDynamicallyQuantizableLinear`) is a
-    linear. A parametrized module (weight_norm) computes its weight: no row."""
-    if parametrize.is_parametrized(module):
+    linear. A parametrized module (weight_norm) computes its weight, and a module with forward
+    hooks must be called (a rewrite into other ops would skip them): no row."""
+    if parametrize.is_parametrized(module) or module._forward_hooks or module._forward_pre_hooks:
         return None
     for cls in type(module).__mro__:
         spec = _BY_MODULE.get(cls)

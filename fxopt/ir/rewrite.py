@@ -74,6 +74,41 @@ def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, P
     return any(counts[ref.qualname] > 1 for ref in params.values())
 
 
+def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4) -> int:
+    """Make every `ndim`-D graph output contiguous (a no-op at run time when it already is).
+
+    A lowering that runs convs channels-last must not hand that layout to the caller: code
+    after the model does ``out.view(n, -1)``. Returns how many outputs were wrapped.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: x.contiguous(memory_format=torch.channels_last))
+        >>> from fxopt.analysis import propagate_shapes
+        >>> _ = propagate_shapes(gm, (torch.randn(1, 2, 3, 3),))
+        >>> contiguous_outputs(gm)
+        1
+        >>> _ = gm.recompile()
+        >>> gm(torch.randn(1, 2, 3, 3)).is_contiguous()
+        True
+    """
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    count = 0
+
+    def wrap(value):
+        nonlocal count
+        meta = tensor_meta(value)
+        if meta is None or len(meta[0]) != ndim:
+            return value
+        with gm.graph.inserting_before(output):
+            fixed = gm.graph.call_method("contiguous", (value,))
+        if "tensor_meta" in value.meta:
+            fixed.meta["tensor_meta"] = value.meta["tensor_meta"]
+        count += 1
+        return fixed
+
+    output.args = torch.fx.node.map_arg(output.args, wrap)
+    return count
+
+
 def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     """Give `node` its own copy of a module or weights that other nodes share.
 

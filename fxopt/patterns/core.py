@@ -211,9 +211,11 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         if verdict is not True and verdict is not None:
             raise _no_match(node, f": {verdict if isinstance(verdict, str) else 'op check refused it'}")
     if pat.scalar is not None:
-        scalar = _scalar_operand(node, view)
+        scalar, first = _scalar_operand(node, view)
         if scalar is _MISSING:
             raise _no_match(node, f" has no scalar operand; pattern wants Const('{pat.scalar.name}')")
+        if first and not pat.commutative and view.kind not in _COMMUTATIVE:  # `2 / x` is not `x / 2`
+            raise _no_match(node, f" has its scalar as the first operand; pattern {pat!r} wants it second")
         m = _bind_const(pat.scalar, scalar, node, m)
     inputs = list(view.inputs)
     if len(inputs) != len(pat.inputs):
@@ -294,17 +296,21 @@ def _bound_arg(node: torch.fx.Node, key: str) -> Any:
     return bind_arguments(node, spec).get(key, _MISSING)
 
 
-def _scalar_operand(node: torch.fx.Node, view: OpView) -> Any:
-    """The one non-node operand of an elementwise op (`x * 0.5`, `2 * x`), or _MISSING."""
+_COMMUTATIVE = frozenset({"add", "mul"})
+
+
+def _scalar_operand(node: torch.fx.Node, view: OpView) -> tuple[Any, bool]:
+    """The one non-node operand of an elementwise op (`x * 0.5`, `2 * x`), or _MISSING, and
+    whether it is the first operand (`2 / x`)."""
     if node.op == "call_module":
-        return _MISSING
+        return _MISSING, False
     spec = spec_for(node.graph.owning_module, node)
     if spec is None:
-        return _MISSING
+        return _MISSING, False
     args = bind_arguments(node, spec)
-    scalars = [args[k] for k in spec.tensor_args
+    scalars = [(args[k], i == 0) for i, k in enumerate(spec.tensor_args)
                if k in args and isinstance(args[k], (int, float)) and not isinstance(args[k], bool)]
-    return scalars[0] if len(scalars) == 1 else _MISSING
+    return scalars[0] if len(scalars) == 1 else (_MISSING, False)
 
 
 def _same(got: Any, want: Any) -> bool:

@@ -51,7 +51,7 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import op_view, tensor_meta
+from fxopt.ir import contiguous_outputs, is_effectful, op_view, tensor_meta
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -305,10 +305,14 @@ class _Lowering:
             return self.cl[node]
         if node.target == "contiguous" or _is_lowered_conv(node):
             return node
-        with r.graph.inserting_after(node):
+        # One copy right after the value serves every conv reading it, unless something writes
+        # into the value in place (``x.sub_(mean)``): then each conv copies it where it reads it.
+        written = any(user.op != "output" and is_effectful(user) for user in node.users)
+        with r.graph.inserting_before(r.match.root) if written else r.graph.inserting_after(node):
             new = r.graph.call_method("contiguous", (node,), {"memory_format": torch.channels_last})
         new.meta["tensor_meta"] = node.meta.get("tensor_meta")
-        self.cl[node] = new
+        if not written:
+            self.cl[node] = new
         return new
 
     def conv(self, r: Rewriter) -> torch.fx.Node | None:
@@ -483,17 +487,4 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
             fixed = gm.graph.call_method("contiguous", (src,))
         node.replace_input_with(src, fixed)
         count += 1
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-    def wrap(value):
-        nonlocal count
-        meta = tensor_meta(value)
-        if meta is None or len(meta[0]) != 4:
-            return value
-        with gm.graph.inserting_before(output):
-            fixed = gm.graph.call_method("contiguous", (value,))
-        count += 1
-        return fixed
-
-    output.args = torch.fx.node.map_arg(output.args, wrap)
-    return count
+    return count + contiguous_outputs(gm)

@@ -62,6 +62,10 @@ class Quantize(Pass):
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
         stats = dict(lowered.stats)
+        if not stats.get("quantize_nodes"):  # observed, yet no value became int8
+            reasons = sorted(set(stats.get("float_ops", {}).values()))
+            warnings.warn("quantize: nothing was quantized; the module stays float"
+                          + (f" ({'; '.join(reasons[:3])})" if reasons else ""), stacklevel=2)
         stats["observers"] = inserted.stats["observers"]
         stats["calibration_batches"] = len(ctx.calibration)
         return PassResult(lowered.module, modified=True, stats=stats)

@@ -38,8 +38,8 @@ import torch.fx
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 from fxopt import Pass, PassContext, PassResult
 from fxopt.errors import node_location
-from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, delete_unused_attributes, is_effectful, op_view,
-                      origin)
+from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
+                      is_effectful, op_view, origin)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
@@ -220,6 +220,8 @@ class _Lowering:
                     and not is_effectful(node):
                 self.graph.erase_node(node)
         delete_unused_attributes(self.gm)
+        if self.backend == "x86":  # its convs run channels-last: hand the caller the usual layout
+            contiguous_outputs(self.gm)
         self.graph.lint()
         self.gm.recompile()
         self.stats["quantize_nodes"] = sum(_is_quantize(n) for n in self.graph.nodes)

@@ -126,6 +126,8 @@ def _anchor_ok(gm, view) -> str | None:
             return f"operand '{i.name}' is a {reason}"
     if view.kind == "conv":
         a = view.attrs
+        if view.param("weight") is None:  # computed (weight_norm): attributes read off it are unknown too
+            return "weight is not a parameter"
         if a.get("transposed") or a.get("dim") not in (1, 2, 3):
             return "only conv1d/2d/3d (not transposed) have int8 kernels"
         if isinstance(a.get("padding"), str):
@@ -144,6 +146,9 @@ def _anchor_ok(gm, view) -> str | None:
         a, b = (tensor_meta(i) for i in view.inputs)
         if a is None or b is None or tuple(a[0]) != tuple(b[0]):
             return "broadcasting add"
+        held = next((i.name for i in view.inputs if i.op == "get_attr"), None)
+        if held is not None:  # a position table read directly: observers watch activations only
+            return f"adds the parameter '{held}' (no int8 grid for it)"
         return None if all(is_float_value(i) for i in view.inputs) else "non-float operand"
     if view.kind == "matmul":
         if len(view.inputs) != 2 or any(i.op == "get_attr" for i in view.inputs):
@@ -187,7 +192,7 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
         view = op_view(gm, node)
         if view is None:
             if is_float_value(node):
-                plan.unsupported[node.name] = str(getattr(node.target, "__name__", node.target))
+                plan.unsupported[node.name] = _no_view_reason(gm, node)
             continue
         if view.kind in FOLLOWERS:
             reason = _anchor_ok(gm, view)
@@ -203,11 +208,25 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
                 continue
             plan.unsupported[node.name] = f"{view.kind}: {reason}"
             continue
-        if view.kind in PASS_THROUGH and view.input is not None:
+        if view.kind == "avg_pool" and view.attrs.get("divisor_override") is not None:
+            # not an average: the sum over the window divided by another count can leave the
+            # input's range, which an int8 pass-through (the input's scale) would clip
+            plan.unsupported[node.name] = "avg_pool with divisor_override (leaves its input's range)"
+        elif view.kind in PASS_THROUGH and view.input is not None:
             plan.pass_through.add(node.name)
         elif is_float_value(node):
             plan.unsupported[node.name] = view.kind
     return plan
+
+
+def _no_view_reason(gm, node) -> str:
+    """Why an op fxopt has no view of stays float, in words a user can act on."""
+    module = _module_of(gm, node)
+    if module is None:
+        return str(getattr(node.target, "__name__", node.target))
+    if torch.nn.utils.parametrize.is_parametrized(module):  # weight_norm, spectral_norm, ...
+        return f"{type(module).__name__} with parametrized weights (computed each call): no int8 kernel"
+    return f"{type(module).__name__}: no int8 kernel"
 
 
 def _module_of(gm, node):

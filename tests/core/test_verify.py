@@ -556,3 +556,15 @@ def test_float32_reports_are_unchanged():
     assert r.summary().startswith("PASS (float, cpu): max_abs=")
     assert all(o.dtype == torch.float32 for o in r.outputs)
     assert str(r.outputs[0]).startswith("output [3, 4]: max_abs=")
+
+
+def test_infinities_are_compared_not_crashed_on():
+    """An inf where the reference has a number fails with an infinite error (it raised a math
+    domain error inside the report); equal infinities on both sides are no error."""
+    from fxopt.verify import compare_tensors
+
+    ref = torch.tensor([1.0, float("inf"), 2.0])
+    same = compare_tensors(ref, ref.clone())
+    assert same.max_abs_error == 0 and same.sqnr_db == math.inf and same.cosine == 1.0
+    broken = compare_tensors(torch.tensor([1.0, 2.0, 2.0]), ref)
+    assert broken.max_abs_error == math.inf and broken.sqnr_db == -math.inf

@@ -269,3 +269,43 @@ def test_lowered_graph_survives_torch_save_and_load():
         loaded = torch.load(buf, weights_only=False)
         for x in (example[0][:1], example[0]):
             torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+
+
+class NormalizeInPlace(nn.Module):
+    """Input normalization written in place before the stem, as torchvision-style wrappers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+
+    def forward(self, x):
+        x = x.clone()
+        x.sub_(self.mean).div_(self.std)
+        return F.relu(self.stem(x))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_the_channels_last_copy_is_taken_after_in_place_writes(mode):
+    """The copy of a conv input written in place after it was made (``x.sub_(mean)``) must be
+    taken where the conv reads it, or the conv sees the values from before the write."""
+    torch.manual_seed(0)
+    model, x = NormalizeInPlace().eval(), torch.rand(2, 3, 32, 32)
+    res = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode)
+    assert _lowered(res.module)
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["fuse,lower-cpu{min_macs=0}", "quantize{backend=x86}"])
+def test_a_module_with_forward_hooks_is_called_not_rewritten(pipeline):
+    """A hook that changes a layer's output runs only through the module call: passes leave
+    such a module alone (fuse, lower-cpu and quantize all see it as an unknown op)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    model[2].register_forward_hook(lambda module, args, out: out * 2 + 1)
+    x = torch.randn(2, 3, 16, 16)
+    res = fxopt.optimize(model, (x,), pipeline, calibration=[(torch.randn(2, 3, 16, 16),) for _ in range(4)],
+                         mode="symbolic")
+    assert any(n.op == "call_module" and n.target == "2" for n in res.module.graph.nodes)
+    torch.testing.assert_close(res.module(x), model(x), rtol=0.05, atol=0.05 * model(x).abs().max().item())

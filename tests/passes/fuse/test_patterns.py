@@ -155,3 +155,28 @@ def test_a_replacement_holding_its_own_pattern_warns_after_max_rounds():
     with pytest.warns(UserWarning, match=r"still matching after max_rounds=3 rounds \('relu->relu' matched 3 times\)"):
         report = apply_patterns(gm, again, max_rounds=3)
     assert report.counts == {"relu->relu": 3}
+
+
+class ScalarSides(nn.Module):
+    def forward(self, x):
+        return 2.0 / x, x - 3.0, 3.0 - x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_scalar_on_the_left_of_a_non_commutative_op_is_not_the_pattern_on_the_right(mode):
+    """`x / c` must not match `2 / x`, nor `x - c` match `3 - x` (a fused attention once read
+    ``c / (q @ k.T)`` as a scale of 1/c)."""
+    def div_c(x, c=2.0):
+        return x / c
+
+    def sub_c(x, c=1.0):
+        return x - c
+
+    x = torch.rand(4) + 1
+    gm = fxopt.capture(ScalarSides(), (x,), mode=mode)
+    before = gm(x)
+    report = apply_patterns(gm, [Pattern("x/c", pattern_from_function(div_c), replacement=lambda x, c: x * (1 / c)),
+                                 Pattern("x-c", pattern_from_function(sub_c), replacement=lambda x, c: x + (-c))])
+    assert report.counts == {"x-c": 1}, report
+    for a, b in zip(before, gm(x)):
+        torch.testing.assert_close(a, b)

@@ -738,3 +738,67 @@ def test_a_transposed_parameter_weight_gets_an_int8_linear_and_its_float_copy_go
     assert _count(res.module, "quantized.linear.default") == 2
     # the float weights and their transposes are gone; the separately added bias stays float
     assert [name for name, _ in res.module.named_parameters()] == ["b1"]
+
+
+# ----- found by a stress helper (tenth session) ----------------------------------------------------
+
+class DivisorPool(nn.Module):
+    """avg_pool with divisor_override: a window sum over 2, up to 4.5x its input's range."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.avg_pool2d(F.relu(self.a(x)), 3, 1, 1, divisor_override=2))
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+def test_avg_pool_with_divisor_override_is_not_passed_through_on_its_input_scale(backend):
+    torch.manual_seed(0)
+    model = DivisorPool().eval()
+    res, x = _quantize(model, f"quantize{{backend={backend}}}")
+    stats = res.passes[0].stats
+    assert "divisor_override" in next(iter(stats["float_ops"].values()))
+    assert res.verification.outputs[0].sqnr_db > 25  # it was ~17 dB clipped at the input's scale
+
+
+class PositionTable(nn.Module):
+    """ViT's learned position table added to the patch projection; at batch 1 the add has no broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.pos, self.head = nn.Linear(8, 16), nn.Parameter(torch.randn(1, 5, 16) * 0.1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.proj(x) + self.pos))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_parameter_operand_of_an_add_keeps_the_add_float_at_any_batch(mode):
+    torch.manual_seed(0)
+    model, x = PositionTable().eval(), torch.randn(1, 5, 8)
+    res = fxopt.optimize(model, (x,), "quantize", calibration=[(torch.randn(1, 5, 8),) for _ in range(8)], mode=mode)
+    assert "adds the parameter" in " ".join(res.passes[0].stats["float_ops"].values())
+    assert res.verification.passed and _count(res.module, "quantized.linear.default") == 2
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_int8_outputs_come_back_in_the_callers_layout(mode):
+    """x86 convs run channels-last inside; the 4-D output is handed back contiguous (view works)."""
+    torch.manual_seed(0)
+    model = _warm(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+    res, x = _quantize(model, "quantize{backend=x86}", mode=mode)
+    out = res.module(*x)
+    assert out.is_contiguous() and out.view(out.shape[0], -1).shape[1] == 4 * 8 * 8
+
+
+def test_observed_but_nothing_lowered_warns():
+    """weight_norm layers compute their weight: observers go in, nothing becomes int8, and the
+    pass says so with the reason instead of returning a float model silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(),
+                          nn.Flatten(), nn.utils.parametrizations.weight_norm(nn.Linear(288, 4))).eval()
+    with pytest.warns(UserWarning, match=r"nothing was quantized.*parametrized weights"):
+        res, _ = _quantize(model)
+    assert not any("quantize_per_tensor" in t for t in _targets(res.module))
