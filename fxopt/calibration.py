@@ -53,7 +53,15 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
     from tqdm.auto import tqdm
 
     with torch.no_grad():
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
+                                       leave=False)):
             args, kwargs = _as_call(batch)
-            gm(*args, **kwargs)
+            try:
+                gm(*args, **kwargs)
+            except FxoptError:
+                raise  # an observer's own message (NaN, non-float data) already says what it saw
+            except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
+                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes {shapes}) does not run "
+                                 f"through the model: {type(exc).__name__}: {exc}") from exc
     return len(batches)

@@ -101,6 +101,11 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
+    on_meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if on_meta is not None:
+        raise CaptureError(f"'{on_meta}' is on the meta device (a shape without values): fxopt runs the model "
+                           "to capture and verify it; load real weights first (model.to_empty(device='cpu') "
+                           "then load_state_dict)")
     if isinstance(model, torch.fx.GraphModule):
         return _adopt_graph_module(model, args, kwargs)
 

@@ -82,9 +82,9 @@ class Observer(nn.Module):
         if not isinstance(x, torch.Tensor):
             return x
         if not x.is_floating_point():
-            raise QuantizationError(
-                f"observer for {self.location} got a {x.dtype} tensor; only floating-point "
-                "activations can be quantized")
+            hint = ("; the model is already quantized: quantize the float model once" if x.is_quantized
+                    else "; only floating-point activations can be quantized")
+            raise QuantizationError(f"observer for {self.location} got a {x.dtype} tensor{hint}")
         if x.numel() and not bool(torch.isfinite(x).all()):
             if bool(torch.isnan(x).any()):
                 raise QuantizationError(

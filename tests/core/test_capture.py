@@ -621,3 +621,10 @@ def test_optimize_verifies_a_stateful_model_from_its_state():
     assert res.verification.passed
     with torch.no_grad():
         torch.testing.assert_close(res.module(x), copy.deepcopy(model)(x))
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(CaptureError, match=r"'0.weight' is on the meta device.*to_empty"):
+        fxopt.capture(model, (torch.randn(1, 2),))

@@ -802,3 +802,21 @@ def test_observed_but_nothing_lowered_warns():
     with pytest.warns(UserWarning, match=r"nothing was quantized.*parametrized weights"):
         res, _ = _quantize(model)
     assert not any("quantize_per_tensor" in t for t in _targets(res.module))
+
+
+def test_a_calibration_batch_of_the_wrong_shape_is_named_as_calibration_data():
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    with pytest.raises(PassError, match=r"calibration batch 1 \(tensor shapes \[\(1, 5, 8, 8\)\]\) does not run"):
+        fxopt.optimize(model, (torch.randn(1, 3, 8, 8),), "quantize",
+                       calibration=[(torch.randn(1, 3, 8, 8),), (torch.randn(1, 5, 8, 8),)])
+
+
+def test_an_observer_fed_an_int8_tensor_says_the_model_is_already_quantized():
+    """Re-quantizing an x86 int8 model whose pass-through ops carry quint8 tensors (a Swin block
+    quantized twice) failed with 'only floating-point activations can be quantized'."""
+    observer = Observer("transpose", location="node 'transpose'")
+    q = torch.quantize_per_tensor(torch.randn(4), 0.1, 128, torch.quint8)
+    with pytest.raises(QuantizationError, match="got a torch.quint8 tensor; the model is already quantized"):
+        observer(q)
+    with pytest.raises(QuantizationError, match="only floating-point activations can be quantized"):
+        observer(torch.arange(4))
