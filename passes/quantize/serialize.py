@@ -333,6 +333,8 @@ def _load_module(record: dict) -> nn.Module:
         module._parameters[key] = None if value is None else nn.Parameter(value, requires_grad=False)
     for key, value in record["buffers"].items():
         module._buffers[key] = value
+    if isinstance(module, nn.RNNBase):  # its weak references to the weights are not state: rebuild them
+        module._init_flat_weights()
     return module
 
 
