@@ -1229,7 +1229,14 @@ class _Builder:
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 
+    def _private_affine(self, node, view) -> None:
+        """A norm's affine read by another op too (``F.layer_norm(h, s, w) * w``) cannot be
+        sliced or permuted for the norm alone."""
+        for ref in view.params.values():
+            self._check_private(node, ref)
+
     def rule_layer_norm(self, node, view, shape) -> None:
+        self._private_affine(node, view)
         src, sid = self.single_input(node, view)
         norm_shape = view.attrs.get("normalized_shape")
         dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
@@ -1260,6 +1267,7 @@ class _Builder:
         self.rules[node.name] = rule
 
     def rule_group_norm(self, node, view, shape) -> None:
+        self._private_affine(node, view)
         src, sid = self.single_input(node, view)
         if sid is not None and self.slots[sid].axis != 1:
             raise _Pin("group_norm input channel axis is not 1")

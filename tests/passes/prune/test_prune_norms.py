@@ -244,3 +244,27 @@ def test_a_prune_that_removes_nothing_says_why():
                                          r".*exact_norms=false") as caught:
         res = fxopt.optimize(model, (x,), "prune{ratio=0.5}")
     assert not res.passes[0].modified and res.passes[0].stats["note"] in str(caught[0].message)
+
+
+class NormWeightReadTwice(nn.Module):
+    """A functional norm whose weight is read again by a product (one get_attr, two users)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 32), nn.Linear(32, 3)
+        self.w = nn.Parameter(torch.rand(32) + 0.5)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(F.layer_norm(h, (32,), self.w) * self.w)
+
+
+@pytest.mark.parametrize("exact_norms", [True, False])
+def test_a_norm_weight_read_by_another_op_is_pinned_not_sliced_for_one_use(exact_norms):
+    """Symbolic capture gives the norm and the product one weight node: slicing or permuting it
+    for the norm alone broke the product (a shape error inside apply)."""
+    torch.manual_seed(0)
+    model, x = NormWeightReadTwice().eval(), torch.randn(2, 5, 6)
+    r = prune_and_mask(model, x, "symbolic", exact_norms=exact_norms)
+    assert any("shared with another op" in why for why in r.plan.stats()["pinned"].values())
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
