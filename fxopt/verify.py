@@ -306,7 +306,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     c = _as_float(cand).to(r.device)
     if r.numel() == 0:
         return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype)
-    error = torch.where(r == c, 0.0, r - c)  # equal infinities are no error; inf against a number is
+    error = torch.where(r == c, 0.0, r - c)  # equal infinities: no error; inf against a number: inf
     diff = error.abs()
     scale = float(r.abs().max())
     max_abs = float(diff.max())

@@ -50,8 +50,9 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   norm gives with its affine zeroed); without an affine weight it is pinned. With
   ``exact_norms=False`` their affine channels are coupled like a batchnorm's (group norm:
   position r of every group is one class), as Torch-Pruning does — not exact, the statistics
-  are then taken over the kept channels only. The same holds for a norm spelled out (RMSNorm's ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``): a keepdim mean
-  over the channel axis is pinned, or with ``exact_norms=False`` a statistic of the kept channels.
+  are then taken over the kept channels only. The same holds for a norm spelled out (RMSNorm's
+  ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``): a keepdim mean over the channel axis
+  is pinned, or with ``exact_norms=False`` a statistic of the kept channels.
 - anything else — unknown ops, the graph output, ignored layers — is *pinned*: its output
   classes cannot die; its inputs are read at full width, so classes that reach it are
   re-expanded (``prune.boundary``). Pinned nodes are listed by name.

@@ -53,19 +53,22 @@ class Quantize(Pass):
         if inserted.stats["observers"] == 0:
             # No value lowering could quantize: nothing to calibrate, the module is the answer.
             stats = lowering_stats(self.backend, inserted.stats["float_ops"], inserted.stats["reduce_range"])
-            reasons = sorted(set(inserted.stats["float_ops"].values()))
-            # a pipeline that asked for int8 and got float says so (a float64 model, say)
-            warnings.warn("quantize: nothing was quantized; the module stays float"
-                          + (f" ({'; '.join(reasons[:3])})" if reasons else ""), stacklevel=2)
+            _warn_nothing_quantized(inserted.stats["float_ops"])
             return PassResult(inserted.module, modified=False,
                               stats={**stats, "observers": 0, "calibration_batches": len(ctx.calibration)})
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
         stats = dict(lowered.stats)
         if not stats.get("quantize_nodes"):  # observed, yet no value became int8
-            reasons = sorted(set(stats.get("float_ops", {}).values()))
-            warnings.warn("quantize: nothing was quantized; the module stays float"
-                          + (f" ({'; '.join(reasons[:3])})" if reasons else ""), stacklevel=2)
+            _warn_nothing_quantized(stats.get("float_ops", {}))
         stats["observers"] = inserted.stats["observers"]
         stats["calibration_batches"] = len(ctx.calibration)
         return PassResult(lowered.module, modified=True, stats=stats)
+
+
+def _warn_nothing_quantized(float_ops: dict[str, str]) -> None:
+    """A pipeline that asked for int8 and got float says so, with the first reasons (a float64
+    model, layers with computed weights)."""
+    reasons = sorted(set(float_ops.values()))
+    warnings.warn("quantize: nothing was quantized; the module stays float"
+                  + (f" ({'; '.join(reasons[:3])})" if reasons else ""), stacklevel=3)
