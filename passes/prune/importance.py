@@ -2,8 +2,9 @@
 
 Importance is measured where information is destroyed — at the *producers* of a class
 (conv/linear/embedding/addmm/``x @ W`` output rows, parameters used directly, the affine of an
-exact norm whose output is gathered) plus the affine of the norms and depthwise convs inside it. Consumer columns are not counted: they read a channel
-that is gone. A producer's rows lie along its weight layout's output axis
+exact norm whose output is gathered) plus the affine of the norms and depthwise convs inside
+it. Consumer columns are not counted: they read a channel that is gone. A producer's rows lie
+along its weight layout's output axis
 (`channel_graph.WEIGHT_LAYOUTS`: axis 0 of a linear/conv weight, axis 1 of an addmm/matmul
 weight stored [in, out] or of an embedding table).
 
@@ -53,6 +54,12 @@ PAD_ELEMENT_MACS = {"leading": 8, "last": 12}
 GATHER_ELEMENT_MACS = {"leading": 8, "last": 36}
 
 
+def _affine_scores(view, p: int) -> np.ndarray:
+    """Per channel: the p-norm of a norm's affine weight plus its bias (if any)."""
+    b = view.param("bias")
+    return _row_norm(view.param("weight"), 0, p) + (_row_norm(b, 0, p) if b is not None else 0)
+
+
 def _shape(gm_node) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor_meta(gm_node)[0])
 
@@ -100,9 +107,8 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             continue
         if rule.category == "gather":  # an exact norm's output: its affine is what is lost
             sid = rule.outputs[0]
-            view = op_view(gm, node)
-            g, b = view.param("weight"), view.param("bias")
-            add_scores(sid, _row_norm(g, 0, p) + (_row_norm(b, 0, p) if b is not None else 0), imp)
+            scores = taylor[name] if name in taylor else _affine_scores(op_view(gm, node), p)
+            add_scores(sid, scores, imp)
             np.add.at(prod, cg.positions(sid), 1)
             continue
         if rule.category not in ("producer", "norm", "pass"):
@@ -146,10 +152,8 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             sid = rule.outputs[0]
             if rule.kind in ("batch_norm", "layer_norm", "rms_norm", "group_norm"):
                 g = view.param("weight")
-                b = view.param("bias")
                 if g is not None:
-                    scores = _row_norm(g, 0, p) + (_row_norm(b, 0, p) if b is not None else 0)
-                    add_scores(sid, scores, imp)
+                    add_scores(sid, _affine_scores(view, p), imp)
                     if rule.kind == "batch_norm":
                         add_scores(sid, g.detach().double().abs().numpy(), bn)  # numpy has no bfloat16
                         has_bn[cg.positions(sid)] = True
@@ -201,7 +205,8 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
     """|sum(a * dL/da)| per producer output channel over the calibration batches."""
     if not calibration:
         raise ValueError("importance 'taylor' needs calibration batches (ctx.calibration / calibration=)")
-    producers = {name: cg.slots[r.outputs[0]] for name, r in cg.rules.items() if r.category in ("producer", "gather")}
+    producers = {name: cg.slots[r.outputs[0]] for name, r in cg.rules.items()
+                 if r.category in ("producer", "gather")}  # a gathered norm's output is probed too
     scores: dict[str, np.ndarray] = {}
     if not producers:  # nothing to probe (e.g. a lone batchnorm): no taylor scores to give
         return scores
@@ -264,7 +269,7 @@ def adapter_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, blocked: np.ndarra
             sid = rule.outputs[0]
             charge[np.unique(cg.positions(sid))] += scale * _adapter_share(nodes, cg, sid, ratio,
                                                                            GATHER_ELEMENT_MACS)
-        elif rule.category in ("pinned", "gather") or name in ignored:
+        elif rule.category == "pinned" or name in ignored:
             for _, sid in rule.consumed + [(r[0], r[1]) for r in rule.inputs]:
                 charge[np.unique(cg.positions(sid))] += scale * _adapter_share(nodes, cg, sid, ratio)
         elif rule.category == "junction":
