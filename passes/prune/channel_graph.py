@@ -86,7 +86,10 @@ SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"}
 CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
     "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
-    "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu"})
+    "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul"})
+# products: zero on a removed channel where any factor is (a matmul here keeps channels on a
+# batch, row or column axis; one contracting them is pinned)
+GATING = frozenset({"mul", "matmul"})
 
 
 @dataclass(frozen=True)
@@ -416,7 +419,7 @@ class _Builder:
         for _, sid, _, _, out in rule.inputs:
             per_out.setdefault(out, []).append(self.dirty.get(sid))
         for out, marks in per_out.items():
-            if rule.kind == "mul" and any(m is None for m in marks):
+            if rule.kind in GATING and any(m is None for m in marks):
                 continue  # a zero-preserving factor: the product is zero on removed channels
             sources = frozenset().union(*(m for m in marks if m))
             if rule.info.get("dirty_source") and not sources:
@@ -598,7 +601,9 @@ class _Builder:
         axis = self.slots[sid].axis
         if _norm_axis(int(view.attrs.get("dim", -1)), len(shape)) == axis:
             raise _Pin("softmax over the channel axis")
-        self.passthrough(node, view, src, axis)
+        # a removed channel's slice is all zeros, whose softmax is uniform (1/n), not zero: exact
+        # only where a clean factor gates it (attention's P @ V), like sigmoid's gate
+        self.passthrough(node, view, src, axis, info={"dirty_source": True})
 
     def rule_mean(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)

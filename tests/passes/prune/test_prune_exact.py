@@ -296,6 +296,26 @@ class Gated(nn.Module):
         return self.out(F.glu(torch.relu(y), dim=-1))
 
 
+class HeadSoftmax(nn.Module):
+    """A softmax over each head's own channels (the inner axis of a head split). A removed head
+    is all zeros there, whose softmax is 1/d, not zero: exact only where a clean factor gates it."""
+
+    def __init__(self, dim=32, heads=4, gated=False):
+        super().__init__()
+        self.heads, self.gated = heads, gated
+        self.embed = nn.Linear(6, dim)
+        self.q, self.v, self.o = (nn.Linear(dim, dim) for _ in range(3))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.embed(x)
+        a = self.q(h).view(b, n, self.heads, -1).softmax(-1)
+        if self.gated:
+            a = a * self.v(h).view(b, n, self.heads, -1)
+        return self.head(self.o(a.reshape(b, n, -1)))[:, 0]
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -318,6 +338,8 @@ CASES = {
     "weight_read_twice": (WeightReadTwice, lambda: torch.randn(2, 16)),
     "pad_squeeze": (PadSqueeze, IMAGE),
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
+    "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
+    "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
 }
 
 
@@ -447,6 +469,17 @@ def test_grouped_transposed_conv_is_pinned_by_name():
     plan = analyze(model, torch.randn(2, 3, 8, 8), ratio=0.5)
     assert plan.channel_graph.pinned_nodes == {"_1": "grouped transposed conv (no rule yet)"}
     assert plan.apply()(torch.randn(2, 3, 8, 8)).shape == (2, 4, 16, 16)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_softmax_feeding_a_linear_is_pinned_and_one_gated_by_a_product_is_not(mode):
+    pinned_plan, *_ = _pruned_and_masked("head_softmax", mode)
+    (name, reason), = pinned_plan.channel_graph.pinned_nodes.items()
+    assert name == "softmax" and "not zero-preserving" in reason
+    gated_plan, *_ = _pruned_and_masked("head_softmax_gated", mode)
+    assert not gated_plan.channel_graph.pinned_nodes
+    # with the softmax free to lose heads, q's output channels are prunable too
+    assert gated_plan.selection.total > pinned_plan.selection.total
 
 
 def test_attention_prunes_whole_heads():
