@@ -20,12 +20,13 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   batchnorm.
 - batch_norm, zero-preserving activations (relu, gelu, leaky_relu, elu, mish, ``pow`` with a
   positive exponent, ...), PReLU (a slope per channel is sliced with them), pooling, dropout,
-  interpolate, mean or p-norm over other axes, softmax over another axis, roll/pad of other axes,
-  scalar mul/div: identity maps.
-- pointwise ops with f(0) ≠ 0 (``x + const``, sigmoid, hardsigmoid) are identity maps too, but their value is
+  interpolate, mean or p-norm over other axes, roll/pad of other axes, scalar mul/div: identity maps.
+- ops with f(0) ≠ 0 (``x + const``, sigmoid, hardsigmoid, softmax over another axis) are identity maps too,
+  but their value is
   *dirty*: it is not zero on removed channels. That is harmless while every path from it ends in
   a product with a zero-preserving factor (``x * sigmoid(x)``, the tanh GELU spelled out as
-  ``0.5 * x * (1 + tanh(...))``) — the product is zero there either way. If a dirty value reaches
+  ``0.5 * x * (1 + tanh(...))``, attention's ``softmax(q @ k.T) @ v`` over a head axis) — the
+  product is zero there either way. If a dirty value reaches
   anything else (a layer, an add, a norm, the output), its source is pinned and the graph is
   built again.
 - shape queries (``x.size()``, ``x.shape``, ``x.size(d)``, ``sym_size``) read no channels: free,
