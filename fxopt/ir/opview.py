@@ -295,6 +295,14 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "pad", "mode", "value"), defaults=dict(mode="constant", value=None)),
     OpSpec("slice", aten=(aten.slice,), arg_names=("input", "dim", "start", "end", "step"),
            defaults=dict(dim=0, start=None, end=None, step=1)),
+    OpSpec("narrow", functions=(torch.narrow,), methods=("narrow",), aten=(aten.narrow,),
+           arg_names=("input", "dim", "start", "length")),
+    # gathers and scatter-adds by an index tensor (prune's own adapters among them)
+    OpSpec("index_select", functions=(torch.index_select,), methods=("index_select",), aten=(aten.index_select,),
+           arg_names=("input", "dim", "index"), param_args=("index",)),
+    OpSpec("index_add", functions=(torch.index_add,), methods=("index_add",), aten=(aten.index_add,),
+           arg_names=("input", "dim", "index", "source", "alpha"), tensor_args=("input", "source"),
+           param_args=("index",), defaults=dict(alpha=1)),
 )
 
 # Index the table once: target -> spec.

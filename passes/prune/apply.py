@@ -13,12 +13,14 @@ For every node with a channel rule, in graph order:
   ``index_select`` after them keeps their live channels;
 - reshape/view/expand get the new size at the channel axis (a size computed in the graph, as in
   ``x.view(x.size()[:-1] + (n,))``, gets that entry replaced by graph ops); split/chunk become a split with
-  the new piece sizes; a slice of the channel axis gets the bounds of the channels it keeps;
+  the new piece sizes; a slice or narrow of the channel axis gets the bounds of the channels it
+  keeps, a zero pad of it the count of pad channels kept, an index_select/index_add along it
+  the index of the channels it keeps;
   parameters used directly are sliced along their channel axis;
 - wherever a value arrives with other channels than its reader wants (a junction re-indexing
   into a residual stream, a re-expansion before a pinned reader), one adapter is inserted:
   ``index_select(x, axis, idx)`` or, when zeros must come back,
-  ``index_select(cat([x, zeros_like(narrow(x, axis, 0, 1))], axis), axis, idx)``; a block
+  ``index_select(F.pad(x, one zero channel at the end of axis), axis, idx)``; a block
   output scattered that way into a plain residual add becomes ``index_add(stream, axis, pos, x)``
   (`_Applier.fold_scatters_into_adds`).
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from fxopt.debug.listing import annotate
@@ -40,7 +43,7 @@ from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, tensor_meta
 import numpy as np
 
 from .boundary import Boundary
-from .channel_graph import ChannelGraph, producer_weights
+from .channel_graph import ChannelGraph, param_arg, producer_weights
 
 
 @dataclass
@@ -131,11 +134,10 @@ class _Applier:
             idx_node = g.get_attr(buf)
             x = src
             chain = [idx_node]
-            if needs_zeros:
-                first = g.call_function(torch.narrow, (src, axis, 0, 1))
-                zeros = g.call_function(torch.zeros_like, (first,))
-                x = g.call_function(torch.cat, ([src, zeros], axis))
-                chain += [first, zeros, x]
+            if needs_zeros:  # one zero channel appended, for every removed position to read
+                after = self.cg.slots[sid].ndim - 1 - axis  # F.pad lists axes from the last
+                x = g.call_function(F.pad, (src, [0, 0] * after + [0, 1]))
+                chain.append(x)
             new = g.call_function(torch.index_select, (x, axis, idx_node))
         annotate(new, "prune.reexpand" if needs_zeros else "prune.gather", f"{len(have)}->{len(want)}")
         self._origin[new] = src
@@ -204,6 +206,10 @@ class _Applier:
         if rule.info.get("channel_slice"):
             return self.slice_channels(node, rule)
         self.mapped_inputs(node, rule)
+        if rule.info.get("channel_index"):
+            self.reindex_gather(node, rule)
+        if rule.info.get("channel_pad"):
+            self.recount_pads(node, rule)
         b = rule.info.get("size_index")
         if b is not None:
             new = int(len(self.keep(rule.outputs[0])))
@@ -214,6 +220,26 @@ class _Applier:
             if sizes[j] != -1:
                 sizes[j] = int(len(self.keep(rule.outputs[0])))
                 _set_arg(node, "sizes", sizes)
+
+    def reindex_gather(self, node, rule) -> None:
+        """``index_select`` along the channel axis: its input now arrives as the channels it
+        still reads (`mapped_inputs`), so each kept output's index is that channel's new place."""
+        _, _, in_pos, _, out = rule.inputs[0]
+        read = in_pos[self.keep(out)]
+        self._set_index(node, np.searchsorted(np.unique(read), read))
+
+    def recount_pads(self, node, rule) -> None:
+        """A zero pad of the channel axis keeps as many pad channels on each side as survive."""
+        at, lo = rule.info["channel_pad"]
+        _, _, _, out_pos, out = rule.inputs[0]
+        kept = self.keep(out)
+        pad = list(op_view(self.gm, node).attrs["pad"])
+        pad[at:at + 2] = [int((kept < lo).sum()), int((kept > out_pos[-1]).sum())]
+        _set_arg(node, "pad", pad)
+
+    def _set_index(self, node: torch.fx.Node, index: np.ndarray) -> None:
+        ref = param_arg(self.gm, op_view(self.gm, node), "index")
+        ref.set(torch.as_tensor(index, dtype=torch.long))
 
     def slice_channels(self, node, rule) -> None:
         """``x[start:end]`` on the channel axis. When `x` is simply narrower (the usual case) the
@@ -229,6 +255,15 @@ class _Applier:
         _set_channel_slice(node, rule, run, run + len(want))
 
     def do_junction(self, node, rule) -> None:
+        if rule.info.get("channel_index"):  # index_add along the channel axis
+            (x, x_sid, _, _, out), (source, sid, _, index, _) = rule.inputs
+            self.adapt(node, x, x_sid, self.keep(out))
+            # the source's kept channels that land on kept ones (the rest are zero: adding them
+            # is a no-op), each sent to where its target now sits
+            have = self.keep(sid)
+            want = have[np.isin(index[have], self.keep(out))]
+            self.adapt(node, source, sid, want)
+            return self._set_index(node, np.searchsorted(self.keep(out), index[want]))
         for src, sid, _, _, out in rule.inputs:
             self.adapt(node, src, sid, self.keep(out))
 
@@ -444,6 +479,10 @@ def _set_channel_slice(node: torch.fx.Node, rule, start: int, stop: int) -> None
     if rule.kind == "slice":
         _set_arg(node, "start", start)
         _set_arg(node, "end", stop)
+        return
+    if rule.kind == "narrow":
+        _set_arg(node, "start", start)
+        _set_arg(node, "length", stop - start)
         return
     at, new = rule.info["slice_item"], slice(start, stop)
     index = new if at is None else node.args[1][:at] + (new,) + node.args[1][at + 1:]

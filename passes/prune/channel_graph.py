@@ -87,7 +87,8 @@ SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"}
 CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
     "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
-    "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul"})
+    "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul",
+    "narrow", "index_select"})
 # products: zero on a removed channel where any factor is (a matmul here keeps channels on a
 # batch, row or column axis; one contracting them is pinned)
 GATING = frozenset({"mul", "matmul"})
@@ -162,6 +163,7 @@ class Slot:
     base: int
     role: str  # producer | param | pinned | pass | junction
     bytes: int = 0
+    ndim: int = 0  # the value's rank
 
     @property
     def label(self) -> str:
@@ -363,7 +365,7 @@ class _Builder:
     def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
         shape = _shape(node)
         size = shape[axis]
-        slot = Slot(len(self.slots), node.name, axis, size, self.uf.add(size), role, value_nbytes(node))
+        slot = Slot(len(self.slots), node.name, axis, size, self.uf.add(size), role, value_nbytes(node), len(shape))
         self.slots.append(slot)
         self.graph.add_node(slot.label, slot=slot.id, size=size, role=role, bytes=slot.bytes)
         if role == "pinned":
@@ -712,11 +714,11 @@ class _Builder:
             return None
         return ref
 
-    def _check_private(self, node: torch.fx.Node, ref: ParamRef) -> None:
+    def _check_private(self, node: torch.fx.Node, ref: ParamRef, what: str = "weight") -> None:
         if self._use_counts is None:  # one graph walk for every layer asked about
             self._use_counts = attribute_use_counts(self.gm)
-        if is_shared(self.gm, node, {"weight": ref}, self._use_counts):
-            raise _Pin(f"weight '{ref.qualname}' is shared with another op")
+        if is_shared(self.gm, node, {what: ref}, self._use_counts):
+            raise _Pin(f"{what} '{ref.qualname}' is shared with another op")
 
     def _dense_producer(self, node, view, shape, src) -> None:
         """A producer over the last axis (linear, addmm, ``x @ W``): output channels are the
@@ -1041,12 +1043,20 @@ class _Builder:
         if sid is None:
             return self.free_output(node, view)
         axis, pad = self.slots[sid].axis, list(view.attrs.get("pad") or [])
-        from_end = len(shape) - 1 - axis
-        if any(p != 0 for p in pad[2 * from_end:2 * from_end + 2]):
-            raise _Pin("pad of the channel axis")
-        if view.attrs.get("mode", "constant") == "constant" and view.attrs.get("value") not in (None, 0, 0.0):
+        constant = view.attrs.get("mode", "constant") == "constant"
+        if constant and view.attrs.get("value") not in (None, 0, 0.0):
             raise _Pin("constant pad with a value other than 0")
-        self.passthrough(node, view, src, axis)
+        from_end = len(shape) - 1 - axis
+        lo, hi = (pad[2 * from_end:2 * from_end + 2] + [0, 0])[:2]
+        if (lo, hi) == (0, 0):
+            return self.passthrough(node, view, src, axis)
+        if not constant or lo < 0 or hi < 0:
+            raise _Pin("pad of the channel axis other than with zeros")
+        # zero channels around the input's (a CIFAR ResNet's shortcut, prune's own norm inputs):
+        # each is a class of its own with nothing to lose, apply recounts the pads
+        in_pos = np.arange(self.slots[sid].size)
+        self.passthrough(node, view, src, axis, in_pos, in_pos + lo, how=f"pad {lo}+{hi}",
+                         info={"channel_pad": (2 * from_end, lo)})
 
     def rule_slice(self, node, view, shape) -> None:
         """export's ``aten.slice(x, dim, start, end, step)``: as a getitem slice on `dim`."""
@@ -1059,6 +1069,72 @@ class _Builder:
             return self.passthrough(node, view, src, axis)
         item = slice(view.attrs.get("start"), view.attrs.get("end"), view.attrs.get("step", 1))
         self._slice_channels(node, view, src, sid, axis, item, {})
+
+    def rule_narrow(self, node, view, shape) -> None:
+        """``narrow(x, dim, start, length)``: the slice ``start:start + length`` of `dim`."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        if _norm_axis(int(view.attrs.get("dim", 0)), len(_shape(src))) != axis:
+            return self.passthrough(node, view, src, axis)
+        start, length = view.attrs.get("start"), view.attrs.get("length")
+        if not all(isinstance(v, int) for v in (start, length)):
+            raise _Pin("narrow of the channel axis with bounds computed in the graph")
+        start = start + self.slots[sid].size if start < 0 else start
+        self._slice_channels(node, view, src, sid, axis, slice(start, start + length), {})
+
+    def _channel_index(self, node, view, what: str) -> np.ndarray:
+        """The constant 1-D index `view` takes along the channel axis (a private buffer)."""
+        ref = view.params.get("index")
+        index = ref.get() if ref is not None else None
+        if not isinstance(index, torch.Tensor) or index.dim() != 1:
+            raise _Pin(f"{what} of the channel axis by an index computed in the graph")
+        self._check_private(node, ref, "index")
+        return index.numpy().astype(np.int64)
+
+    def rule_index_select(self, node, view, shape) -> None:
+        """``index_select(x, dim, index)`` with a constant index along the channel axis: output
+        channel j is input channel index[j] (prune's own gathers and re-expansions are these)."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis = self.slots[sid].axis
+        if _norm_axis(int(view.attrs.get("dim", 0)), len(_shape(src))) != axis:
+            return self.passthrough(node, view, src, axis)  # rows of another axis
+        index = self._channel_index(node, view, "index_select") % self.slots[sid].size
+        self.passthrough(node, view, src, axis, index, np.arange(len(index)), how="gather",
+                         info={"channel_index": True})
+
+    def rule_index_add(self, node, view, shape) -> None:
+        """``index_add(x, dim, index, source)``: a junction like add. Along the channel axis,
+        output channel index[k] is x's plus source's channel k and the others are x's alone
+        (prune's scatter of a block output into its residual stream is one)."""
+        if len(view.inputs) != 2:
+            raise _Pin("index_add with a non-tensor operand")
+        x, source = view.inputs
+        if self.in_slot(x) is None and self.in_slot(source) is None:
+            return self.free_output(node, view)
+        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(shape))
+        axis = self.slots[self.in_slot(x) if self.in_slot(x) is not None else self.in_slot(source)].axis
+        index, info = np.arange(shape[axis]), {}
+        if dim == axis:
+            index, info = self._channel_index(node, view, "index_add") % shape[axis], {"channel_index": True}
+        elif _shape(source)[axis] != shape[axis]:
+            raise _Pin("index_add whose source has another channel count")
+        out = self.new_slot(node, axis, "junction")
+        rule = Rule(node.name, view.kind, "junction", outputs=[out], info=info)
+        for value, in_pos, out_pos in ((x, np.arange(shape[axis]), np.arange(shape[axis])),
+                                       (source, np.arange(len(index)), index)):
+            sid = self.slot_on(value, axis)
+            if sid is None:
+                raise _Pin(f"input {value.name} tracks channels on another axis")
+            rule.inputs.append((value.name, sid, in_pos, out_pos, out))
+            self.prec_pairs.append((self.slots[out].base + out_pos, self.slots[sid].base + in_pos))
+            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op=view.kind, map="junction",
+                                bytes=self.slots[sid].bytes)
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
 
     def _slice_channels(self, node, view, src, sid: int, out_axis: int, item: slice, info: dict) -> None:
         """``x[start:end]`` along the channel axis: output channel j is input channel start + j

@@ -219,20 +219,44 @@ class Negated(nn.Module):
 
 
 class PadSqueeze(nn.Module):
-    """Spatial padding (zeros, reflect) and unsqueeze/squeeze of other axes: channels go through."""
+    """Spatial padding (zeros, reflect) and unsqueeze/squeeze of other axes: channels go through.
+    `channel_pad_value`: pad the channel axis with that constant too (0 is followed)."""
 
-    def __init__(self, squeeze_all=False, pad_channels=False):
+    def __init__(self, squeeze_all=False, channel_pad_value=None):
         super().__init__()
-        self.squeeze_all, self.pad_channels = squeeze_all, pad_channels
+        self.squeeze_all, self.channel_pad_value = squeeze_all, channel_pad_value
         self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         y = F.relu(self.a(F.pad(x, (1, 1, 1, 1))))
         y = F.pad(y, (1, 1, 1, 1), mode="reflect").unsqueeze(2)
         y = y.squeeze() if self.squeeze_all else y.squeeze(2)
-        if self.pad_channels:
-            y = F.pad(y, (0, 0, 0, 0, 0, 1))[:, :8]
+        if self.channel_pad_value is not None:
+            y = F.pad(y, (0, 0, 0, 0, 0, 1), value=self.channel_pad_value)[:, 1:]
         return self.c(F.relu(self.b(y)))
+
+
+class ZeroPadShortcut(nn.Module):
+    """A CIFAR ResNet's parameter-free downsampling shortcut ("option A"): the input subsampled
+    and zero-padded on the channel axis, added to the block. Plus the other index ops a graph
+    may carry: narrow, index_select by a constant permutation, index_add into a stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.side = nn.Conv2d(16, 6, 1)
+        self.register_buffer("shuffle", torch.randperm(16))
+        self.register_buffer("lands", torch.tensor([1, 3, 4, 8, 9, 15]))
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.block(x) + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4)))
+        y = torch.index_add(y, 1, self.lands, self.side(y))
+        y = torch.index_select(y, 1, self.shuffle)
+        return self.head(torch.cat([y.narrow(1, 0, 10), y.narrow(1, 10, 6)], 1))
 
 
 class WeightReadTwice(nn.Module):
@@ -337,6 +361,8 @@ CASES = {
     "channelwise_ops": (ChannelwiseOps, IMAGE),
     "weight_read_twice": (WeightReadTwice, lambda: torch.randn(2, 16)),
     "pad_squeeze": (PadSqueeze, IMAGE),
+    "pad_channels": (lambda: PadSqueeze(channel_pad_value=0.0), IMAGE),
+    "zero_pad_shortcut": (ZeroPadShortcut, IMAGE),
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
     "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
     "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
@@ -425,6 +451,21 @@ def test_a_folded_residual_sum_can_be_scattered_into_the_next_one(mode):
 def test_new_batch_size_runs_after_pruning(mode):
     plan, _, _, _, pruned, x = _pruned_and_masked("residual", mode)
     assert pruned(torch.randn(5, 3, 8, 8)).shape == (5, 10)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("name", ["residual", "attention", "zero_pad_shortcut"])
+def test_a_second_prune_reads_the_first_ones_adapters_and_stays_exact(name, mode):
+    """Iterative pruning: the first pass's gathers, zero pads, re-expansions and scatter-adds
+    are index ops the analysis follows, so a second pass shrinks the model again, exactly."""
+    plan, _, _, _, first, x = _pruned_and_masked(name, mode)
+    adapters = [n for n in first.graph.nodes if n.target in (torch.index_select, torch.index_add, F.pad, torch.narrow)]
+    assert adapters, first.code  # adapter_cost=0: the first pass did leave some
+    again = prune_and_mask(first, x, mode, 0.3)
+    assert set(again.plan.channel_graph.pinned_nodes) == set(plan.channel_graph.pinned_nodes)
+    assert again.plan.selection.removed > 0
+    torch.testing.assert_close(again.out, again.masked, rtol=1e-4, atol=1e-5)
+    assert count_parameters(again.pruned) < count_parameters(first)
 
 
 def test_residual_stream_couples_blocks_and_linear_gets_spatial_factor():
@@ -648,7 +689,7 @@ def test_spatial_pad_and_squeeze_are_followed_and_ambiguous_ones_pinned(mode):
     assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
     torch.manual_seed(0)
     for options, why in (({"squeeze_all": True}, "squeeze of every size-1 axis"),
-                         ({"pad_channels": True}, "pad of the channel axis")):
+                         ({"channel_pad_value": 1.0}, "constant pad with a value other than 0")):
         x = IMAGE()
         plan = analyze(PadSqueeze(**options).eval(), (x,), mode=mode, ratio=0.5)
         assert why in " ".join(plan.channel_graph.pinned_nodes.values()), plan.channel_graph.pinned_nodes
