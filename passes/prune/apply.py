@@ -396,6 +396,8 @@ class _Applier:
             return
         if rule.kind in ("layer_norm", "rms_norm", "group_norm"):  # exact_norms=False: the affine follows
             _resize_norm(node, m, rule.kind, len(out_keep))
+            if rule.info.get("rms_rescale"):
+                self._rescale_rms_norm(node, view, self.cg.slots[rule.outputs[0]].size, len(out_keep))
             return
         if rule.kind == "prelu":
             if m is not None:
@@ -408,6 +410,34 @@ class _Applier:
             m.groups, m.in_channels, m.out_channels = groups, groups, len(out_keep)
         else:
             _set_arg(node, "groups", groups)
+
+    def _rescale_rms_norm(self, node: torch.fx.Node, view, size: int, kept: int) -> None:
+        """rms_norm over `kept` of `size` channels whose removed ones were zero: weight·√(size/kept)
+        and eps·size/kept give the original norm (see `channel_graph.rule_rms_norm`)."""
+        if kept == size:
+            return
+        ratio = size / kept
+        weight = view.params["weight"]
+        weight.set(weight.get() * ratio ** 0.5)
+        eps = view.attrs.get("eps")
+        if eps is None:  # rms_norm's default: the input dtype's machine epsilon
+            eps = torch.finfo(tensor_meta(node)[1]).eps
+        if view.module is not None:
+            view.module.eps = eps * ratio
+        else:
+            _set_arg(node, "eps", eps * ratio)
+
+    def do_reduce(self, node, rule) -> None:
+        """A mean over the channel axis of a narrower value: rescaled to the original count."""
+        _, sid, *_ = rule.inputs[0]
+        kept, size = len(self.keep(sid)), self.cg.slots[sid].size
+        if rule.kind != "mean" or kept == size:
+            return
+        g = self.gm.graph
+        with g.inserting_after(node):
+            scaled = g.call_function(operator.mul, (node, kept / size))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        annotate(scaled, "prune.rescale", f"mean over {kept} of {size} channels")
 
     def do_param(self, node, rule) -> None:
         sid = rule.outputs[0]

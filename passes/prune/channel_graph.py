@@ -44,16 +44,18 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
 - parameters used directly (class token, position embedding) become producer slots; integer
   and bool buffers (position ids, masks) hold no channels.
-- layer/group/RMS norm mix channels (mean and variance over them): with ``exact_norms=True``
+- layer/group norm mix channels (mean and variance over them): with ``exact_norms=True``
   (the default) a norm with an affine weight is *gathered*: it reads its input at full width
   (re-expanded with zeros, so its statistics are the original ones) and its output channels are
   fresh classes, kept by one gather after it (category ``gather``; a removed channel is what the
   norm gives with its affine zeroed); without an affine weight it is pinned. With
   ``exact_norms=False`` their affine channels are coupled like a batchnorm's (group norm:
   position r of every group is one class), as Torch-Pruning does — not exact, the statistics
-  are then taken over the kept channels only. The same holds for a norm spelled out (RMSNorm's
-  ``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``): a keepdim mean over the channel axis
-  is pinned, or with ``exact_norms=False`` a statistic of the kept channels.
+  are then taken over the kept channels only.
+- an RMS norm is exact without either: removed channels are zero, so only its mean's divisor
+  changes, which apply rescales (`rule_rms_norm`). A mean or p-norm over the channel axis —
+  a spelled-out RMSNorm's ``x.pow(2).mean(-1, keepdim=True)`` — is a *reduction* of the
+  narrower value, exact with a mean's result multiplied by C'/C (`channel_reduction`).
 - anything else — unknown ops, the graph output, ignored layers — is *pinned*: its output
   classes cannot die; its inputs are read at full width, so classes that reach it are
   re-expanded (``prune.boundary``). Pinned nodes are listed by name.
@@ -615,21 +617,28 @@ class _Builder:
         in_shape = _shape(src)
         axis = self.slots[sid].axis
         dims = view.attrs.get("dim")
-        if dims is None:
-            raise _Pin(f"{view.kind} over all axes")
-        dims = _norm_axes(dims, len(in_shape))
+        dims = list(range(len(in_shape))) if dims is None else _norm_axes(dims, len(in_shape))
         keep = bool(view.attrs.get("keepdim", False))
         if axis in dims:
-            if self.exact_norms or not keep:
-                raise _Pin(f"{view.kind} over the channel axis" + (" (read at full width; exact_norms=true)"
-                                                                  if keep else ""))
-            # a norm's statistic spelled out (RMSNorm's x.pow(2).mean(-1, keepdim=True)): like
-            # layer_norm with exact_norms=false, it is then taken over the kept channels
-            return self.free_output(node, view)
+            return self.channel_reduction(node, view, src, sid)
         out_axis = axis if keep else axis - sum(d < axis for d in dims)
         self.passthrough(node, view, src, out_axis)
 
     rule_vector_norm = rule_mean  # a p-norm over axes: zero on removed channels they do not reduce
+
+    def channel_reduction(self, node, view, src, sid: int) -> None:
+        """A mean or p-norm over the channel axis (a spelled-out RMSNorm's
+        ``x.pow(2).mean(-1, keepdim=True)``): the removed channels are zero, so they add nothing
+        to the sum, and the reduction of the narrower value is exact once a mean is divided by
+        the original count (apply rescales it). The value it reads must be clean, so it is a
+        read that `violations` checks; its result holds no channels."""
+        if view.kind == "vector_norm":
+            order = view.attrs.get("ord", view.attrs.get("p", 2))
+            order = 2 if order == "fro" else order
+            if isinstance(order, bool) or not isinstance(order, (int, float)) or not order >= 0:
+                raise _Pin(f"vector_norm of order {order!r} over the channel axis (zero channels change it)")
+        self.value_slot[node.name] = None
+        self.rules[node.name] = Rule(node.name, view.kind, "reduce", inputs=[(src.name, sid, None, None, None)])
 
     def rule_batch_norm(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)
@@ -1331,7 +1340,21 @@ class _Builder:
             return self.free_output(node, view)
         self.passthrough(node, view, src, len(shape) - 1, category="norm")
 
-    rule_rms_norm = rule_layer_norm
+    def rule_rms_norm(self, node, view, shape) -> None:
+        """RMS norm needs no re-expansion to stay exact: the removed channels are zero, so the sum
+        of squares over the kept ones is the full one and only the mean's divisor changes.
+        ``rms_norm`` over C' of C channels with weight·√(C/C') and eps·C/C' is the original norm on
+        the kept channels, which apply sets. So the affine is sliced with the channels, in both
+        `exact_norms` settings."""
+        src, sid = self.single_input(node, view)
+        if sid is None or view.param("weight") is None:
+            return self.rule_layer_norm(node, view, shape)
+        self._private_affine(node, view)
+        norm_shape = view.attrs.get("normalized_shape")
+        dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
+        if len(dims) != 1 or self.slots[sid].axis != len(shape) - 1:
+            raise _Pin("rms_norm over more than the channel axis")
+        self.passthrough(node, view, src, len(shape) - 1, category="norm", info={"rms_rescale": True})
 
     def gathered_norm(self, node, view, src, sid: int | None, axis: int) -> None:
         """An exact norm: it reads its input at full width (re-expanded by the boundary, zeros in

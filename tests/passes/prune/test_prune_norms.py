@@ -138,9 +138,11 @@ class PostNormEncoder(nn.Module):
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
 def test_exact_norms_prune_the_hidden_size_exactly(norm, mode):
-    """With exact_norms=true (the default) a norm reads its input at full width (zeros padded
-    back in) and its kept output channels are gathered after it: the hidden size shrinks, nothing
-    is pinned, and zeroing the removed channels (norm affine included) gives the pruned output."""
+    """With exact_norms=true (the default) a layer norm reads its input at full width (zeros
+    padded back in) and its kept output channels are gathered after it; an RMS norm is simply
+    sliced, its weight and eps rescaled to the original channel count. Either way the hidden size
+    shrinks, nothing is pinned, and zeroing the removed channels (norm affine included) gives the
+    pruned output."""
     torch.manual_seed(0)
     model, x = _randomize_affine(PostNormEncoder(norm=norm)), torch.randn(2, 5, 6)
     r = prune_and_mask(model, x, mode)  # adapter_cost=0: a model this small never pays for them
@@ -150,8 +152,12 @@ def test_exact_norms_prune_the_hidden_size_exactly(norm, mode):
     # the layers reading norm outputs lost input columns: the hidden size shrank
     assert r.pruned.get_parameter("blocks.1.up.weight").shape[1] < 64
     targets = [n.target for n in r.pruned.graph.nodes]
-    assert F.pad in targets  # a narrowed norm input: zeros appended, the affine permuted to match
-    assert r.pruned.get_parameter("blocks.1.n2.weight").shape == (64,)  # the norms run at full width
+    norm_width = r.pruned.get_parameter("blocks.1.n2.weight").shape[0]
+    if norm is nn.LayerNorm:
+        assert F.pad in targets  # a narrowed norm input: zeros appended, the affine permuted to match
+        assert norm_width == 64  # the norms run at full width
+    else:
+        assert F.pad not in targets and norm_width < 64
     x7 = torch.randn(7, 5, 6)  # another batch size runs through the same adapters
     zeroed = r.plan.gm
     torch.testing.assert_close(r.pruned(x7), zeroed(x7), rtol=1e-4, atol=1e-5)
@@ -215,32 +221,64 @@ def _rms_norm(x, weight, eps=1e-6):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+@pytest.mark.parametrize("exact_norms", [True, False])
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_spelled_out_rms_norm_is_pinned_exactly_or_takes_the_kept_channels(mode):
+def test_spelled_out_rms_norm_prunes_its_stream_exactly_without_adapters(mode, exact_norms):
+    """Llama's RMSNorm as Hugging Face writes it: the mean of squares over the channel axis is a
+    sum over the kept channels (the removed ones are zero) divided by the original count, so the
+    stream shrinks, exactly, with no re-expansion, whatever `exact_norms` says."""
     torch.manual_seed(0)
     model, x = RMSNormBlock().eval(), torch.randn(2, 5, 6)
-    exact = analyze(model, (x,), mode=mode, ratio=0.5)
-    pinned = exact.stats()["pinned"]
-    assert sorted(pinned.values()) == ["mean over the channel axis (read at full width; exact_norms=true)"] * 2, pinned
-    plan = analyze(model, (x,), mode=mode, ratio=0.5, exact_norms=False)
-    assert not plan.stats()["pinned"], plan.stats()["pinned"]  # rsqrt carries no channels: not pinned either
-    cg = plan.channel_graph
-    keep = torch.as_tensor((~plan.dead[cg.positions(cg.value_slot[_node(plan, "fc1")])]).nonzero()[0])
-    assert 0 < len(keep) < 16
-    pruned = plan.apply()
-    m = model
-    h = m.fc1(x)[..., keep]
-    inner = F.relu(F.linear(_rms_norm(h, m.norm.weight[keep]), m.fc2.weight[keep][:, keep], m.fc2.bias[keep]))
-    expected = F.linear(_rms_norm(h + inner, m.norm2.weight[keep]), m.head.weight[:, keep], m.head.bias)
-    torch.testing.assert_close(pruned(x), expected, rtol=1e-4, atol=1e-5)
-    # exact, every channel here lives in the normalized stream: nothing pays for its adapters
-    assert count_parameters(pruned) < count_parameters(exact.apply()) == count_parameters(model)
+    r = prune_and_mask(model, x, mode, exact_norms=exact_norms, adapter_cost=1.0)
+    assert not r.plan.stats()["pinned"], r.plan.stats()["pinned"]
+    keep = (~r.plan.dead[r.plan.channel_graph.positions(r.plan.channel_graph.value_slot[_node(r.plan, "fc1")])]).sum()
+    assert 0 < keep < 16
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-6)
+    assert r.plan.applied["adapters"] == 0
+    rescaled = [n for n in r.pruned.graph.nodes if "prune.rescale" in str(n.meta)]
+    assert len(rescaled) == 2  # one per norm: mean(x²) over the kept channels × kept / 16
+
+
+def test_a_mean_over_the_channels_of_a_dirty_value_pins_its_source():
+    """x + 1 is 1 on a removed channel: a mean over the channels reads it, so the add is pinned."""
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h * (h + 1).mean(-1, keepdim=True))
+
+    torch.manual_seed(0)
+    r = prune_and_mask(Shifted().eval(), torch.randn(2, 5, 6), "symbolic")
+    assert "not zero-preserving" in r.plan.stats()["pinned"].get("add", ""), r.plan.stats()["pinned"]
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order, exact", [(2, True), (1, True), (float("inf"), True), (-1, False)])
+def test_a_p_norm_over_the_channels_is_followed_for_orders_zeros_do_not_change(order, exact):
+    class Normalized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h / (torch.linalg.vector_norm(h, order, -1, keepdim=True) + 1))
+
+    torch.manual_seed(0)
+    r = prune_and_mask(Normalized().eval(), torch.randn(2, 5, 6), "export")
+    pinned = r.plan.stats()["pinned"]
+    assert (pinned == {}) == exact, pinned
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-6)
 
 
 def test_a_prune_that_removes_nothing_says_why():
     torch.manual_seed(0)
     model, x = RMSNormBlock().eval(), torch.randn(2, 5, 6)
-    with pytest.warns(UserWarning, match=r"removed no channel at ratio=0.5.*mean: mean over the channel axis"
+    model.norm, model.norm2 = nn.LayerNorm(16, elementwise_affine=False), nn.LayerNorm(16, elementwise_affine=False)
+    with pytest.warns(UserWarning, match=r"removed no channel at ratio=0.5.*norm: layer_norm without an affine"
                                          r".*exact_norms=false") as caught:
         res = fxopt.optimize(model, (x,), "prune{ratio=0.5}")
     assert not res.passes[0].modified and res.passes[0].stats["note"] in str(caught[0].message)
