@@ -417,8 +417,15 @@ class _Applier:
         if kept == size:
             return
         ratio = size / kept
-        weight = view.params["weight"]
-        weight.set(weight.get() * ratio ** 0.5)
+        weight = view.params.get("weight")
+        if weight is not None:
+            weight.set(weight.get() * ratio ** 0.5)
+        else:  # no weight to fold the factor into: one multiply after the norm
+            g = self.gm.graph
+            with g.inserting_after(node):
+                scaled = g.call_function(operator.mul, (node, ratio ** 0.5))
+            node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+            annotate(scaled, "prune.rescale", f"rms_norm over {kept} of {size} channels")
         eps = view.attrs.get("eps")
         if eps is None:  # rms_norm's default: the input dtype's machine epsilon
             eps = torch.finfo(tensor_meta(node)[1]).eps

@@ -1347,7 +1347,7 @@ class _Builder:
         the kept channels, which apply sets. So the affine is sliced with the channels, in both
         `exact_norms` settings."""
         src, sid = self.single_input(node, view)
-        if sid is None or view.param("weight") is None:
+        if sid is None:
             return self.rule_layer_norm(node, view, shape)
         self._private_affine(node, view)
         norm_shape = view.attrs.get("normalized_shape")

@@ -239,6 +239,24 @@ def test_spelled_out_rms_norm_prunes_its_stream_exactly_without_adapters(mode, e
     assert len(rescaled) == 2  # one per norm: mean(x²) over the kept channels × kept / 16
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_rms_norm_modules_are_sliced_and_rescaled(affine, mode):
+    """nn.RMSNorm (and its ATen form): weight·√(C/C') and eps·C/C' on the kept channels; without
+    a weight, one multiply by √(C/C') after the norm."""
+    torch.manual_seed(0)
+    model = PostNormEncoder(norm=lambda d: nn.RMSNorm(d, eps=1e-2, elementwise_affine=affine)).eval()
+    r = prune_and_mask(model, torch.randn(2, 5, 6), mode, adapter_cost=1.0)
+    assert r.plan.stats()["pinned"] == {}
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-5)
+    assert count_parameters(r.pruned) < 0.6 * r.params_before
+    rescales = [n for n in r.pruned.graph.nodes if "prune.rescale" in str(n.meta)]
+    assert len(rescales) == (0 if affine else 5)
+    if mode == "symbolic":
+        norm = r.pruned.get_submodule("blocks.1.n2")
+        assert norm.normalized_shape[0] < 64 and norm.eps > 1e-2
+
+
 def test_a_mean_over_the_channels_of_a_dirty_value_pins_its_source():
     """x + 1 is 1 on a removed channel: a mean over the channels reads it, so the add is pinned."""
     class Shifted(nn.Module):
