@@ -16,7 +16,8 @@ the quantization passes.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
         raise FxoptError("calibrate: the calibration data is empty; give at least one batch")
     from tqdm.auto import tqdm
 
-    with torch.no_grad():
+    with torch.no_grad(), _model_state_on_copies(gm):
         for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
                                        leave=False)):
             args, kwargs = _as_call(batch)
@@ -65,3 +66,22 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
                 raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes {shapes}) does not run "
                                  f"through the model: {type(exc).__name__}: {exc}") from exc
     return len(batches)
+
+
+@contextmanager
+def _model_state_on_copies(gm: nn.Module) -> Iterator[None]:
+    """Calibration runs the model, and a forward that updates its own buffers (a step counter,
+    a running statistic) would advance them and write into tensors the caller's model shares:
+    the buffers are swapped for copies while it runs and put back after. Observers keep theirs:
+    recording is their job."""
+    recording = {id(m) for observer in gm.modules() if getattr(observer, "is_fxopt_observer", False)
+                 for m in observer.modules()}
+    swapped = [(module, name, b) for module in gm.modules() if id(module) not in recording
+               for name, b in module._buffers.items() if b is not None]
+    for module, name, b in swapped:
+        module._buffers[name] = b.clone()
+    try:
+        yield
+    finally:
+        for module, name, b in swapped:
+            module._buffers[name] = b

@@ -83,6 +83,10 @@ class OpSpec:
     #: ATen schema argument names -> canonical names, where an overload's schema differs from
     #: the Python spelling (aten.mm/bmm call `x @ W`'s W `mat2`, torch.matmul calls it `other`)
     renames: dict = field(default_factory=dict)
+    #: arguments that change what the op computes beyond its kind, with their neutral value
+    #: (add's `alpha`, div's `rounding_mode`): a pattern that does not name one in `attrs`
+    #: matches only the neutral value, so no rewrite drops it
+    modifiers: dict = field(default_factory=dict)
 
 
 def _conv_attrs(m: nn.Module) -> dict:
@@ -146,7 +150,7 @@ SPECS: tuple[OpSpec, ...] = (
     # ATen's names: `input` is the bias, `mat1` the activation, `mat2` the weight.
     OpSpec("addmm", functions=(torch.addmm,), methods=("addmm",), aten=(aten.addmm,),
            arg_names=("input", "mat1", "mat2", "beta", "alpha"), tensor_args=("mat1",),
-           param_args=("input", "mat2"), defaults=dict(beta=1, alpha=1)),
+           param_args=("input", "mat2"), defaults=dict(beta=1, alpha=1), modifiers=dict(beta=1, alpha=1)),
     OpSpec("batch_norm", functions=(F.batch_norm,), aten=(aten.batch_norm, aten._native_batch_norm_legit_no_training),
            modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
            arg_names=("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
@@ -187,19 +191,27 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("leaky_relu", functions=(F.leaky_relu,), aten=(aten.leaky_relu, aten.leaky_relu_),
            modules=(nn.LeakyReLU,), arg_names=("input", "negative_slope"), defaults=dict(negative_slope=0.01),
            module_attrs=lambda m: dict(negative_slope=m.negative_slope)),
-    OpSpec("elu", functions=(F.elu, F.selu, F.celu), aten=(aten.elu, aten.elu_, aten.selu, aten.celu),
-           modules=(nn.ELU, nn.SELU, nn.CELU)),
+    OpSpec("elu", functions=(F.elu,), aten=(aten.elu, aten.elu_), modules=(nn.ELU,),
+           arg_names=("input", "alpha"), defaults=dict(alpha=1.0), module_attrs=lambda m: dict(alpha=m.alpha),
+           modifiers=dict(alpha=1.0, scale=1, input_scale=1)),
+    OpSpec("selu", functions=(F.selu,), aten=(aten.selu,), modules=(nn.SELU,)),
+    OpSpec("celu", functions=(F.celu,), aten=(aten.celu,), modules=(nn.CELU,), arg_names=("input", "alpha"),
+           defaults=dict(alpha=1.0), module_attrs=lambda m: dict(alpha=m.alpha), modifiers=dict(alpha=1.0)),
     OpSpec("mish", functions=(F.mish,), aten=(aten.mish, aten.mish_), modules=(nn.Mish,)),
     # a slope per channel (or one for all): `weight` has 1 or C entries, on axis 1
     OpSpec("prelu", functions=(F.prelu, torch.prelu), aten=(aten.prelu, aten._prelu_kernel), modules=(nn.PReLU,),
            arg_names=("input", "weight"), param_args=("weight",)),
     OpSpec("add", functions=(operator.add, operator.iadd, torch.add), methods=("add", "add_"),
-           aten=(aten.add, aten.add_), defaults=dict(alpha=1), **_ELEMENTWISE),
+           aten=(aten.add, aten.add_), defaults=dict(alpha=1), modifiers=dict(alpha=1), **_ELEMENTWISE),
     OpSpec("sub", functions=(operator.sub, torch.sub), methods=("sub",), aten=(aten.sub,),
-           defaults=dict(alpha=1), **_ELEMENTWISE),
+           defaults=dict(alpha=1), modifiers=dict(alpha=1), **_ELEMENTWISE),
+    # export writes `3 - x` as rsub(x, 3) = 3 - x: the same sub with its operands named back
+    OpSpec("sub", aten=(aten.rsub,), renames={"self": "other", "other": "input"},
+           defaults=dict(alpha=1), modifiers=dict(alpha=1), **_ELEMENTWISE),
     OpSpec("mul", functions=(operator.mul, operator.imul, torch.mul), methods=("mul", "mul_"),
            aten=(aten.mul, aten.mul_), **_ELEMENTWISE),
-    OpSpec("div", functions=(operator.truediv, torch.div), methods=("div",), aten=(aten.div,), **_ELEMENTWISE),
+    OpSpec("div", functions=(operator.truediv, torch.div), methods=("div",), aten=(aten.div,),
+           modifiers=dict(rounding_mode=None), **_ELEMENTWISE),
     OpSpec("pow", functions=(torch.pow, operator.pow), methods=("pow",), aten=(aten.pow,),
            arg_names=("input", "exponent"), tensor_args=("input", "exponent")),
     OpSpec("matmul", functions=(torch.matmul, operator.matmul, torch.bmm, torch.mm), methods=("matmul", "bmm"),
@@ -302,7 +314,7 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "dim", "index"), param_args=("index",)),
     OpSpec("index_add", functions=(torch.index_add,), methods=("index_add",), aten=(aten.index_add,),
            arg_names=("input", "dim", "index", "source", "alpha"), tensor_args=("input", "source"),
-           param_args=("index",), defaults=dict(alpha=1)),
+           param_args=("index",), defaults=dict(alpha=1), modifiers=dict(alpha=1)),
 )
 
 # Index the table once: target -> spec.

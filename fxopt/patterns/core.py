@@ -62,8 +62,11 @@ class Op:
     - `inputs` match `view.inputs` (the node operands, in order); `commutative=True` also
       tries them swapped (two inputs);
     - `scalar` (a `Const`) matches the one non-tensor operand of an elementwise op
-      (`x / 8.0`, `0.125 * x`), which the view does not list as an input;
-    - `attrs` constrain view attributes: a value means equality, a callable is a predicate;
+      (`x / 8.0`, `0.125 * x`), which the view does not list as an input; for an op whose
+      operands do not commute it must sit where `scalar_first` says (`2 / x` vs `x / 2`);
+    - `attrs` constrain view attributes: a value means equality, a callable is a predicate.
+      An argument that changes what the op computes beyond its kind (`OpSpec.modifiers`: add's
+      `alpha`, div's `rounding_mode`) must have its neutral value unless `attrs` names it;
     - `name` binds the node and its `OpView` in the match;
     - `single_use` (default for every op below the root): the op's value must feed only this
       pattern, since the rewrite removes it. Set False for ops that stay in the graph.
@@ -80,11 +83,13 @@ class Op:
         single_use: bool = True,
         check: Callable[[OpView], bool | str] | None = None,
         params: dict[str, str] | None = None,
+        scalar_first: bool = False,
     ) -> None:
         self.kinds = (kind,) if isinstance(kind, str) else tuple(kind)
         self.inputs = tuple(inputs)
         self.name = name
         self.scalar = scalar
+        self.scalar_first = scalar_first
         self.attrs = dict(attrs or {})
         self.commutative = commutative
         self.single_use = single_use
@@ -206,6 +211,12 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         if not ok:
             raise _no_match(node, f": attribute '{key}' is {got!r}, pattern wants "
                           f"{'a value passing ' + getattr(want, '__name__', 'a check') if callable(want) else repr(want)}")
+    spec = spec_for(gm, node)
+    for key, neutral in (spec.modifiers if spec is not None else {}).items():
+        got = view.attrs.get(key, neutral)
+        if key not in pat.attrs and not _same(got, neutral):
+            raise _no_match(node, f": '{key}' is {got!r}; a pattern that does not name '{key}' in attrs "
+                                  f"matches only {key}={neutral!r}")
     if pat.check is not None:
         verdict = pat.check(view)
         if verdict is not True and verdict is not None:
@@ -214,8 +225,10 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         scalar, first = _scalar_operand(node, view)
         if scalar is _MISSING:
             raise _no_match(node, f" has no scalar operand; pattern wants Const('{pat.scalar.name}')")
-        if first and not pat.commutative and view.kind not in _COMMUTATIVE:  # `2 / x` is not `x / 2`
-            raise _no_match(node, f" has its scalar as the first operand; pattern {pat!r} wants it second")
+        if first != pat.scalar_first and not pat.commutative and view.kind not in _COMMUTATIVE:
+            # `2 / x` is not `x / 2`
+            raise _no_match(node, f" has its scalar as the {'first' if first else 'second'} operand; pattern "
+                                  f"{pat!r} wants it {'first' if pat.scalar_first else 'second'}")
         m = _bind_const(pat.scalar, scalar, node, m)
     inputs = list(view.inputs)
     if len(inputs) != len(pat.inputs):

@@ -8,7 +8,11 @@ their op-view kinds, so the function matches every spelling of the same ops:
 - a parameter passed as an op's weight or bias (`F.linear(x, w, b)`) binds that op's
   parameter, whether the graph holds it in a module (`nn.Linear`) or as a `get_attr`;
 - literal non-tensor arguments written in the call (`softmax(s, dim=-1)`, `x / 8.0`) must
-  be equal in the graph; arguments left out are not constrained.
+  be equal in the graph; arguments left out are not constrained, except those that change
+  what the op computes (`OpSpec.modifiers`: add's `alpha`, div's `rounding_mode`), which must
+  then be neutral, and a weight or bias left out, which the graph's op must not have either
+  (`F.linear(x, w)` does not match a linear with a bias: the replacement could not take it);
+- a scalar operand keeps its side: `1.0 - x` does not match `x - 1.0`.
 
     >>> import torch, torch.nn.functional as F
     >>> from fxopt.patterns import pattern_from_function
@@ -26,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from ..ir import op_view, spec_for
+from ..ir import bind_arguments, op_view, spec_for
 from .core import Const, Op, PatternNode, Var
 
 
@@ -61,6 +65,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
     scalar = None
     params: dict[str, str] = {}
     attrs: dict[str, Any] = {}
+    scalar_first = False
     for key, value in written.items():
         if key in spec.param_args and isinstance(value, torch.fx.Node) and value.op == "placeholder":
             params[key] = value.target
@@ -72,13 +77,29 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
             elif isinstance(value, numbers.Number):
                 scalar = Const(f"_literal{counter[0]}", check=_equals(value))
                 counter[0] += 1
+            scalar_first = scalar_first or (scalar is not None and not inputs and key == spec.tensor_args[0])
         elif not isinstance(value, torch.fx.Node) and key not in _IGNORED:
             attrs[key] = value
     counter[0] += 1
     name = f"{view.kind}_{counter[0]}" if params else None
     commutative = view.kind in ("add", "mul") and len(inputs) == 2
+    left_out = [key for key in spec.param_args if key not in written]
     return Op(view.kind, *inputs, name=name, scalar=scalar, attrs=attrs, params=params,
-              commutative=commutative)
+              commutative=commutative, scalar_first=scalar_first, check=_without(left_out) if left_out else None)
+
+
+def _without(names: list[str]) -> Callable[[Any], bool | str]:
+    """An op check: the graph's op has none of the weights/biases the pattern function left out
+    (a replacement written without them would drop them)."""
+    def check(view) -> bool | str:
+        bound = bind_arguments(view.node, spec_for(view.node.graph.owning_module, view.node)) \
+            if view.node.op != "call_module" else {}
+        for key in names:
+            if view.param(key) is not None or isinstance(bound.get(key), torch.fx.Node):
+                return f"it has a {key} the pattern function leaves out (take it as a parameter to bind it)"
+        return True
+
+    return check
 
 
 # Arguments that do not change the value an op computes.

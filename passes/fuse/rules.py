@@ -319,8 +319,8 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     divides = r.view("scale_op").kind == "div"
     if "c" in r.match.values:
         c = float(r["c"])
-        scale = 1.0 / c if divides else c
-        if not math.isfinite(scale):
+        scale = (1.0 / c if c != 0 else math.inf) if divides else c
+        if not math.isfinite(scale):  # `/ 0.0` (or an inf scale): nothing SDPA's scale= can say
             return None
     else:  # a number known at run time only: SDPA's scale= takes it as a float then
         scale = r.call(operator.truediv, 1.0, r["s"]) if divides else r["s"]

@@ -82,7 +82,7 @@ from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, is_shared,
                       size_read, spec_for, tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
-                             "mish", "dropout", "identity", "contiguous", "to"})
+                             "selu", "celu", "mish", "dropout", "identity", "contiguous", "to"})
 SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
 # ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
 # may flow through them (the result is dirty too; a product with a clean factor is clean)

@@ -27,6 +27,7 @@ until the whole model reaches D dB.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from dataclasses import dataclass
@@ -80,11 +81,25 @@ class LowerInt8(Pass):
                                     "(fxopt.calibrate) first, or use the composite 'quantize' pass")
         stats: dict = {}
         exclude = set(self.skip)
+        if exclude:
+            self._check_skip(gm)
         if self.target_sqnr is not None:
             exclude |= self._select_float_layers(gm, ctx, stats)
         lowered, lstats = lower_module(gm, self.backend, exclude)
         stats.update(lstats)
         return PassResult(lowered, modified=True, stats=stats)
+
+    def _check_skip(self, gm: torch.fx.GraphModule) -> None:
+        """A `skip` name that is no layer would keep nothing float, silently: a typo."""
+        layers = {g.name for g in build_plan(strip_observers(clone_sharing_tensors(gm))[0]).groups.values()}
+        unknown = sorted(set(self.skip) - layers)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(layers), n=3)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            names = sorted(layers)
+            listed = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+            raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))}{hint}. "
+                             f"Names are the layers' node names as a dump lists them: {listed}")
 
     # ----- mixed precision ------------------------------------------------------------------
     def _select_float_layers(self, gm, ctx: PassContext, stats: dict) -> set[str]:

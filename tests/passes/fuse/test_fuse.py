@@ -344,3 +344,38 @@ def test_a_bias_added_after_a_bias_less_linear_folds_into_it(mode, module):
 def test_a_broadcast_added_tensor_is_no_bias(mode, bias_shape):
     res = _run(_SeparateBias(bias_shape).eval(), torch.randn(3, 5, 8), mode)
     assert res.passes[0].stats["matches"].get("linear+bias", 0) == 0 and "add" in _kinds(res.module)
+
+
+class _Unusual(nn.Module):
+    """Ops a fusion must leave alone: their extra arguments change the result."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(8, 8, bias=False)
+        self.b = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        if self.kind == "bias_alpha":  # x W + 3 b, not a bias
+            return torch.add(self.fc(x), self.b, alpha=3)
+        q = self.fc(x)
+        s = q @ x.transpose(-2, -1)
+        if self.kind == "floor_div":
+            s = torch.div(s, 3.0, rounding_mode="floor")
+        elif self.kind == "div_zero":
+            s = s / 0.0
+        elif self.kind == "mask_alpha":
+            s = torch.add(s / 8.0, torch.tril(torch.ones(5, 5)), alpha=2)
+        return s.softmax(-1) @ x
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["bias_alpha", "floor_div", "div_zero", "mask_alpha"])
+def test_rewrites_that_would_drop_an_argument_are_declined(kind, mode):
+    """`alpha`, a rounding division and a `/ 0.0` scale have no place in linear's bias or SDPA:
+    the patterns do not match them (each once became a wrong fused op, or a crash)."""
+    torch.manual_seed(0)
+    model, x = _Unusual(kind).eval(), torch.randn(2, 5, 8)
+    res = fxopt.optimize(model, (x,), "fuse", mode=mode)
+    assert not res.passes[0].stats["matches"], res.passes[0].stats["matches"]
+    torch.testing.assert_close(res.module(x), model(x), equal_nan=True)

@@ -180,3 +180,69 @@ def test_a_scalar_on_the_left_of_a_non_commutative_op_is_not_the_pattern_on_the_
     assert report.counts == {"x-c": 1}, report
     for a, b in zip(before, gm(x)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pattern_with_its_scalar_on_the_left_matches_only_that_side(mode):
+    """`1 - x` is its own pattern: it matches `3 - x` and not `x - 3` (the function's scalar
+    side is kept; it was once dropped and `1 - x` rewrote `x - 3`)."""
+    def rsub(x, c=1.0):
+        return c - x
+
+    x = torch.rand(4) + 1
+    gm = fxopt.capture(ScalarSides(), (x,), mode=mode)
+    before = gm(x)
+    report = apply_patterns(gm, Pattern("c-x", pattern_from_function(rsub), replacement=lambda x, c: -x + c))
+    assert report.counts == {"c-x": 1}, report
+    for a, b in zip(before, gm(x)):
+        torch.testing.assert_close(a, b)
+
+
+class Modified(nn.Module):
+    """Ops whose extra arguments change the result: add's alpha, div's rounding mode."""
+
+    def forward(self, a, b):
+        return torch.add(a, b, alpha=3), torch.div(a, b, rounding_mode="floor"), a + b, a / b
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_pattern_that_does_not_name_a_modifier_matches_only_its_neutral_value(mode):
+    def add(a, b):
+        return a + b
+
+    def div(a, b):
+        return a / b
+
+    def add3(a, b):
+        return torch.add(a, b, alpha=3)
+
+    args = (torch.rand(4) + 1, torch.rand(4) + 1)
+    gm = fxopt.capture(Modified(), args, mode=mode)
+    before = gm(*args)
+    report = apply_patterns(gm, [Pattern("a+b", pattern_from_function(add), replacement=lambda a, b: a - (-b)),
+                                 Pattern("a/b", pattern_from_function(div), replacement=lambda a, b: a * (1 / b))])
+    assert report.counts == {"a+b": 1, "a/b": 1}, report
+    for x, y in zip(before, gm(*args)):
+        torch.testing.assert_close(x, y)
+    add_alpha = next(n for n in gm.graph.nodes if fxopt.ir.op_view(gm, n) is not None
+                     and fxopt.ir.op_view(gm, n).attrs.get("alpha") == 3)
+    assert "'alpha' is 3" in explain(gm, add_alpha, pattern_from_function(add))
+    assert explain(gm, add_alpha, pattern_from_function(add3)) == "matched"  # named: constrained to 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_function_pattern_without_a_bias_does_not_match_a_layer_with_one(mode):
+    def linear_relu(x, w):
+        return F.relu(F.linear(x, w))
+
+    def linear_relu_bias(x, w, b):
+        return F.relu(F.linear(x, w, b))
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    gm = fxopt.capture(model, (torch.randn(2, 4),), mode=mode)
+    relu = _node(gm, "relu")
+    assert "has a bias the pattern function leaves out" in explain(gm, relu, pattern_from_function(linear_relu))
+    assert explain(gm, relu, pattern_from_function(linear_relu_bias)) == "matched"
+    no_bias = fxopt.capture(nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU()).eval(), (torch.randn(2, 4),),
+                            mode=mode)
+    assert explain(no_bias, _node(no_bias, "relu"), pattern_from_function(linear_relu)) == "matched"

@@ -820,3 +820,36 @@ def test_an_observer_fed_an_int8_tensor_says_the_model_is_already_quantized():
         observer(q)
     with pytest.raises(QuantizationError, match="only floating-point activations can be quantized"):
         observer(torch.arange(4))
+
+
+class _StepCounter(nn.Module):
+    """A forward that updates its own buffer, as a step counter or a running statistic does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps += 1
+        return F.relu(self.conv(x)) * self.steps
+
+
+def test_calibration_of_a_model_that_updates_its_buffers_writes_into_copies():
+    """Calibration runs the model: its buffer updates go to copies, so neither the caller's
+    model nor the quantized one advances (the in-place guard once failed the pass here)."""
+    torch.manual_seed(0)
+    model, x = _StepCounter().eval(), torch.randn(2, 3, 8, 8)
+    res = fxopt.optimize(model, (x,), "quantize", mode="export", calibration=[x, torch.randn(2, 3, 8, 8)])
+    assert res.verification.passed, res.summary()
+    assert res.passes[0].stats["quantized"], res.passes[0].stats
+    assert model.steps.item() == 0.0
+
+
+def test_a_skip_name_that_is_no_layer_is_an_error_with_the_names():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(PassError, match=r"option 'skip': no quantizable layer named 'conv_typo'.*_0, _3"):
+        fxopt.optimize(model, (x,), "quantize{skip=[conv_typo]}", mode="symbolic", calibration=[x])
+    res = fxopt.optimize(model, (x,), "quantize{skip=[_3]}", mode="symbolic", calibration=[x])
+    assert "_3" in res.passes[0].stats["float_ops"]
