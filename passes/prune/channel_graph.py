@@ -776,6 +776,11 @@ class _Builder:
             if a_axis < 0 or a_shape[a_axis] == 1:
                 if not allow_broadcast:
                     raise _Pin(f"input {a.name} broadcasts over the channel axis")
+                own = self.in_slot(a)
+                if own is not None and self.slots[own].axis != a_axis:
+                    # its channels sit on an axis the output does not track: pruning them
+                    # would break the broadcast (a gate over the positions times a feature map)
+                    raise _Pin(f"input {a.name} carries channels on another axis than the output's")
                 broadcast.append(a)
                 continue
             if a_shape[a_axis] != c:

@@ -340,6 +340,18 @@ class HeadSoftmax(nn.Module):
         return self.head(self.o(a.reshape(b, n, -1)))[:, 0]
 
 
+class PositionGate(nn.Module):
+    """A gate over the positions (a Linear's features on the last axis) broadcast over a feature
+    map's channels: the gate's channels are not the map's, so their product is pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gate, self.head = nn.Conv1d(3, 8, 1), nn.Linear(4, 10), nn.Conv1d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.a(x) * self.gate(x[:, :1, :4]))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -363,6 +375,7 @@ CASES = {
     "pad_squeeze": (PadSqueeze, IMAGE),
     "pad_channels": (lambda: PadSqueeze(channel_pad_value=0.0), IMAGE),
     "zero_pad_shortcut": (ZeroPadShortcut, IMAGE),
+    "position_gate": (PositionGate, lambda: torch.randn(2, 3, 10)),
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
     "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
     "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
