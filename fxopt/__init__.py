@@ -15,11 +15,13 @@ from .calibration import calibrate
 from .capture import capture, frontend_of
 from .debug import dump
 from .distillation import distill
-from .errors import CaptureError, FxoptError, PassError, PipelineError, VerificationError, VerificationWarning
+from .errors import (CaptureError, FxoptError, PassError, PipelineError, SerializationError, VerificationError,
+                     VerificationWarning)
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pipeline, parse_pipeline
 from .registry import available_passes, get_pass, register_pass, unregister_pass
+from .serialize import load, save
 from .tracing import NotTraceable, register_traceable_forward, unregister_traceable_forward
 from .verify import Tolerance, VerificationReport, verify
 
@@ -28,8 +30,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis", "AnalysisManager", "CaptureError", "DataflowAnalysis", "FxoptError", "Instrument",
     "NotTraceable", "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
-    "PipelineError", "PrintIR", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError", "VerificationWarning",
+    "PipelineError", "PrintIR", "SerializationError", "ShapeAnalysis", "TimePasses", "Tolerance", "VerificationError",
+    "VerificationWarning",
     "VerificationReport", "VerifyEach", "available_passes", "calibrate", "capture", "distill", "dump",
-    "format_pipeline", "frontend_of", "get_pass", "optimize", "parse_pipeline", "register_pass",
-    "register_traceable_forward", "unregister_pass", "unregister_traceable_forward", "verify",
+    "format_pipeline", "frontend_of", "get_pass", "load", "optimize", "parse_pipeline", "register_pass",
+    "register_traceable_forward", "save", "unregister_pass", "unregister_traceable_forward", "verify",
 ]

@@ -1,6 +1,7 @@
 """The `fxopt` command line.
 
     fxopt optimize [MODEL] --pipeline P     optimize, verify, print a before/after table
+                  [--save FILE]           ... and store the result (`fxopt.load(FILE)` reads it)
     fxopt dump [MODEL] --pipeline P --out D write listings, DOT/SVG, diffs and an index page
     fxopt passes                            list the registered passes and their options
 
@@ -86,6 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--bisect-limit", type=_count(0), default=None, metavar="N", help="run only the first N passes")
     opt.add_argument("--threads", type=_count(1), default=1, help="threads for latency measurement (default 1)")
     opt.add_argument("--dump", metavar="DIR", help="also dump every step to DIR")
+    opt.add_argument("--save", metavar="FILE", help="store the optimized module in FILE (read it with fxopt.load)")
 
     dump = sub.add_parser("dump", help="dump the graph before and after every pass")
     common(dump)
@@ -119,11 +121,23 @@ def _writable_dir(parser: argparse.ArgumentParser, flag: str, path: str | None) 
         parser.error(f"{flag} {path}: cannot create the directory ({exc.strerror})")
 
 
+def _writable_file(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    """Fail before any work when `path` cannot be written as a file."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        parser.error(f"{flag} {path}: is a directory")
+    if not target.parent.is_dir():
+        parser.error(f"{flag} {path}: the directory {target.parent} does not exist")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     _writable_dir(parser, "--dump", getattr(args, "dump", None))
     _writable_dir(parser, "--out", getattr(args, "out", None))
+    _writable_file(parser, "--save", getattr(args, "save", None))
     from .errors import FxoptError
     from .pipeline import parse_pipeline
 
@@ -198,6 +212,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     for record in res.passes:
         print(f"  {record}")
     print(format_table(before, after, res))
+    if args.save:
+        from .serialize import save
+
+        save(res.module, args.save)
+        print(f"saved {args.save} (fxopt.load reads it)")
     return 0 if res.verification is None or res.verification.passed else 1
 
 

@@ -34,6 +34,10 @@ class VerificationError(FxoptError):
     """A transformed module no longer matches the original within tolerance."""
 
 
+class SerializationError(FxoptError):
+    """`fxopt.save` cannot store something in a graph, or `fxopt.load` refuses a file."""
+
+
 class VerificationWarning(UserWarning):
     """`optimize` returned a module that failed verification (see its report); filter it with
     ``warnings.simplefilter("error", fxopt.VerificationWarning)`` to make that an exception."""

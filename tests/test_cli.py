@@ -96,3 +96,18 @@ def test_bundled_example_is_the_default_model():
     assert work.calibration and work.accuracy is not None
     assert work.accuracy(work.model) > 90.0
     assert isinstance(work.example_inputs[0], torch.Tensor)
+
+
+def test_optimize_saves_the_result_for_fxopt_load(user_model_module, capsys, tmp_path):
+    path = tmp_path / "small.fxopt.pt"
+    rc = cli.main(["optimize", f"{user_model_module}:small", "-p", "remove-noops", "--mode", "export",
+                   "--save", str(path)])
+    assert rc == 0 and f"saved {path}" in capsys.readouterr().out
+    import fxopt
+
+    restored = fxopt.load(path)
+    assert not any(n.target == "dropout" or "dropout" in str(n.target) for n in restored.graph.nodes)
+    assert restored(torch.randn(3, 6)).shape == (3, 6)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["optimize", f"{user_model_module}:small", "--save", str(tmp_path / "missing" / "m.pt")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err

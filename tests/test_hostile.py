@@ -312,10 +312,10 @@ def test_foreign_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"format": "fxopt.quantized-graph/1", "x": Evil()}, f)
-    with pytest.raises(QuantizationError, match="not an fxopt quantized graph|weights-only|refus"):
+    with pytest.raises(QuantizationError, match="not an fxopt saved graph|weights-only|refus"):
         load(path)
     torch.save(conv_net().state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(QuantizationError, match="not an fxopt quantized graph"):
+    with pytest.raises(QuantizationError, match="not an fxopt saved graph"):
         load(tmp_path / "sd.pt")
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(QuantizationError):

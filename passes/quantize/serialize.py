@@ -1,99 +1,33 @@
-"""Save and load quantized GraphModules without unpickling arbitrary objects.
+"""Saving int8 models: the codec for prepacked int8 weights, and `save`/`load` for them.
 
-`save(gm, path)` writes one `torch.save` file holding only plain data: the graph as a list of
-node records (op, target *by name*, args), plain tensors, int8 weights as integer tensors plus
-per-channel scales (prepacked weights are unpacked), and for remaining `torch.nn` leaf modules
-their class name, plain attributes and tensors. `load(path)` reads it with
-`torch.load(weights_only=True)`, resolves targets by name from an allow-list of modules
-(torch, operator, math, builtins, fxopt) — no code from the file ever runs — re-packs the int8
-weights for the current engine and rebuilds the GraphModule (pytree input/output handling
-of exported graphs included).
+`fxopt.save`/`fxopt.load` store any GraphModule as plain data (`fxopt.serialize`). Prepacked
+int8 weights (`torch.ops.quantized` conv/linear packed params, opaque script objects) are the
+one object they cannot read; this module registers the codec that stores one as its int8 weight,
+per-channel scales, bias and conv geometry, and re-packs it on load for the current engine.
 
     >>> from fxopt.passes.quantize import save, load   # doctest: +SKIP
     >>> save(result.module, "model.int8.pt"); restored = load("model.int8.pt")  # doctest: +SKIP
+
+`save`/`load` here are `fxopt.save`/`fxopt.load` that raise `QuantizationError`, as they did
+before the serializer moved into the core.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
-import warnings
-
 import torch
-import torch.fx
-from torch import nn
-from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.utils._pytree import treespec_dumps, treespec_loads
 
-import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference backend's ops
-
-from fxopt.errors import node_location
+import fxopt.serialize as graph_io
 
 from .observers import QuantizationError
 from .packing import prepack_conv, prepack_linear
 
-FORMAT = "fxopt.quantized-graph/1"
-_ALLOWED_MODULES = ("torch", "operator", "_operator", "builtins", "math", "fxopt")
-_SIMPLE = (int, float, bool, str, type(None))
+
+def _is_packed(obj) -> bool:
+    return isinstance(obj, torch.ScriptObject) and hasattr(obj, "unpack")
 
 
-# ----- saving ---------------------------------------------------------------------------------
-
-def save(gm: torch.fx.GraphModule, path) -> None:
-    """Write `gm` (a GraphModule, typically lowered by lower-int8) to `path`; see the module doc."""
-    tensors: dict[str, torch.Tensor] = {}
-    packed: dict[str, dict] = {}
-    modules: dict[str, dict] = {}
-    nodes = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
-            continue  # export's input guards: checks only, rebuilt graphs run without them
-        if node.op == "get_attr":
-            _save_attr(gm, node, tensors, packed)
-        elif node.op == "call_module":
-            modules[node.target] = _save_module(gm.get_submodule(node.target), node)
-        nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node),
-                      "args": _encode(node.args, tensors), "kwargs": _encode(node.kwargs, tensors),
-                      "computes": node.meta.get("fxopt.computes")})
-    codegen = gm.graph._codegen
-    pytree = None
-    if isinstance(codegen, _PyTreeCodeGen):
-        info = codegen.pytree_info
-        pytree = {"orig_args": list(info.orig_args),
-                  "in_spec": treespec_dumps(info.in_spec) if info.in_spec is not None else None,
-                  "out_spec": treespec_dumps(info.out_spec) if info.out_spec is not None else None}
-    torch.save({"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
-                "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine}, path)
-
-
-def _save_attr(gm, node, tensors, packed) -> None:
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    if isinstance(value, torch.Tensor):
-        tensors[node.target] = _plain(value)
-    elif isinstance(value, torch.ScriptObject) and hasattr(value, "unpack"):
-        packed[node.target] = _save_packed(value)
-    else:
-        raise QuantizationError(f"save: cannot store attribute '{node.target}' of type "
-                                f"{type(value).__name__} used by {node_location(node)}")
-
-
-def _plain(t: torch.Tensor):
-    t = t.detach()
-    if t.is_quantized:
-        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            return {"int_repr": t.int_repr(), "scales": t.q_per_channel_scales(),
-                    "zero_points": t.q_per_channel_zero_points(), "axis": t.q_per_channel_axis(),
-                    "dtype": str(t.dtype)}
-        return {"int_repr": t.int_repr(), "scale": t.q_scale(), "zero_point": t.q_zero_point(),
-                "dtype": str(t.dtype)}
-    return t
-
-
-def _save_packed(obj) -> dict:
+def _encode(obj) -> dict:
     weight, bias = obj.unpack()
-    record = {"weight": _plain(weight), "bias": bias}
+    record = {"weight": graph_io.plain_tensor(weight), "bias": bias}
     if hasattr(obj, "stride"):
         record.update(kind=f"conv{weight.dim() - 2}d", stride=list(obj.stride()), padding=list(obj.padding()),
                       dilation=list(obj.dilation()), groups=int(obj.groups()))
@@ -102,213 +36,8 @@ def _save_packed(obj) -> dict:
     return record
 
 
-def _save_module(module: nn.Module, node) -> dict:
-    cls = type(module)
-    if not cls.__module__.startswith("torch.nn.modules") or list(module.children()):
-        raise QuantizationError(f"save: {node_location(node)} calls a {cls.__qualname__}; only torch.nn "
-                                "leaf modules can be stored (capture with mode='export' to avoid modules)")
-    attrs = {k: v for k, v in vars(module).items() if _is_simple(v)}
-    # None entries are kept: Conv3d(bias=False) reads self.bias, so a dropped key breaks forward.
-    return {"class": [cls.__module__, cls.__qualname__], "attrs": attrs,
-            "parameters": {k: _detached(v) for k, v in module._parameters.items()},
-            "buffers": {k: _detached(v) for k, v in module._buffers.items()}}
-
-
-def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
-    """`t` without autograd history; a None parameter or buffer stays None."""
-    return None if t is None else t.detach()
-
-
-def _is_simple(v) -> bool:
-    if isinstance(v, _SIMPLE):
-        return True
-    if isinstance(v, (tuple, list)):
-        return all(_is_simple(x) for x in v)
-    return False
-
-
-def _encode_target(node):
-    """The storable name of a node's target: op schema names for torch ops, a Python name else."""
-    if node.op != "call_function":
-        return node.target
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        ns, name = target._schema.name.split("::")
-        return {"ops": [ns, name, target._overloadname]}
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        ns, name = target._qualified_op_name.split("::")
-        return {"ops": [ns, name, None]}
-    name = _python_name(target)
-    if name is None:
-        module, qualname = _own_name(target)
-        raise QuantizationError(f"save: cannot name the function called by {node_location(node)} "
-                                f"({module}.{qualname})")
-    return {"py": list(name)}
-
-
-# Public namespaces searched, in order, for an alias of a function whose own name does not import
-# (torch.nn.functional's boolean_dispatch closures report `boolean_dispatch.<locals>.fn`).
-# Entries are (module, attribute prefix); ("torch", "Tensor.") covers tensor methods.
-_PUBLIC_NAMESPACES = (("torch.nn.functional", ""), ("torch", ""), ("operator", ""), ("math", ""),
-                      ("torch", "Tensor."))
-
-
-def _python_name(fn) -> tuple[str, str] | None:
-    """A (module, qualname) that `load` resolves to exactly `fn`, or None if there is none."""
-    for module, qualname in _candidate_names(fn):
-        if qualname and _resolves_to(module, qualname, fn):
-            return module, qualname
-    return None
-
-
-def _candidate_names(fn):
-    """Yield names to try for `fn`: its torch name, its own name, then aliases in public namespaces."""
-    # torch.<name> first: C builtins such as torch.relu report a private torch._C module.
-    yield "torch", getattr(fn, "__name__", "")
-    yield _own_name(fn)
-    for module, prefix in _PUBLIC_NAMESPACES:
-        alias = _alias(fn, module, prefix)
-        if alias is not None:
-            yield module, prefix + alias
-
-
-def _own_name(fn) -> tuple[str, str]:
-    """The (module, qualname) a function reports about itself, `_operator` spelled `operator`."""
-    module = getattr(fn, "__module__", None) or ""
-    qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "")
-    return ("operator" if module == "_operator" else module), qualname
-
-
-def _resolves_to(module: str, qualname: str, fn) -> bool:
-    """Whether `load` would resolve module.qualname to `fn` itself (allow-list rules included)."""
-    try:
-        return _resolve_python(module, qualname) is fn
-    except Exception:  # not importable, not allowed, or no such attribute: not a usable name
-        return False
-
-
-def _alias(fn, module: str, prefix: str) -> str | None:
-    """The public attribute name under which namespace `module` (+ `prefix`) holds `fn`, or None."""
-    entry = _alias_table(module, prefix).get(id(fn))
-    return None if entry is None else entry[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _alias_table(module: str, prefix: str) -> dict[int, tuple[str, object]]:
-    """id -> (public name, callable) for one namespace; built once, on first use."""
-    owner = importlib.import_module(module)
-    for part in filter(None, prefix.split(".")):
-        owner = getattr(owner, part)
-    # A module's own dict, not getattr over dir(): torch's lazy __getattr__ must not import anything.
-    if inspect.ismodule(owner):
-        members = vars(owner).items()
-    else:
-        members = ((k, getattr(owner, k, None)) for k in dir(owner))
-    table: dict[int, tuple[str, object]] = {}
-    for attr, value in members:
-        if not attr.startswith("_") and callable(value):
-            # The table holds the value, so its id cannot be reused by another object (getattr on a
-            # class may build a fresh bound method each time).
-            table.setdefault(id(value), (attr, value))
-    return table
-
-
-def _encode(value, tensors):
-    if isinstance(value, torch.fx.Node):
-        return {"__node__": value.name}
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, tensors) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v, tensors) for v in value]
-    if isinstance(value, dict):
-        return {"__dict__": [[k, _encode(v, tensors)] for k, v in value.items()]}
-    if isinstance(value, torch.dtype):
-        return {"__dtype__": str(value).replace("torch.", "")}
-    if isinstance(value, torch.device):
-        return {"__device__": str(value)}
-    if isinstance(value, torch.memory_format):
-        return {"__memory_format__": str(value).replace("torch.", "")}
-    if isinstance(value, torch.layout):
-        return {"__layout__": str(value).replace("torch.", "")}
-    if isinstance(value, slice):
-        return {"__slice__": [_encode(value.start, tensors), _encode(value.stop, tensors),
-                              _encode(value.step, tensors)]}
-    if value is Ellipsis:
-        return {"__ellipsis__": True}
-    if isinstance(value, torch.Tensor):
-        key = f"__const_{len(tensors)}"
-        tensors[key] = _plain(value)
-        return {"__tensor__": key}
-    if isinstance(value, _SIMPLE):
-        return value
-    raise QuantizationError(f"save: cannot store argument of type {type(value).__name__}")
-
-
-# ----- loading --------------------------------------------------------------------------------
-
-def load(path) -> torch.fx.GraphModule:
-    """Rebuild a GraphModule saved by `save`; reads with weights_only=True (no code runs)."""
-    try:
-        data = torch.load(path, weights_only=True)
-    except Exception as exc:  # a foreign pickle, a truncated or a non-torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuantizationError(f"load: refusing {path}: not an fxopt quantized graph ({FORMAT}) "
-                                f"readable with weights-only semantics ({type(exc).__name__}: {first})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise QuantizationError(f"load: {path} is not an fxopt quantized graph ({FORMAT})")
-    try:
-        return _rebuild(data)
-    except QuantizationError as exc:
-        raise QuantizationError(f"{exc} (in {path})") from None
-    except Exception as exc:  # missing keys, wrong types: a tampered or damaged file
-        raise QuantizationError(f"load: refusing {path}: malformed or tampered file "
-                                f"({type(exc).__name__}: {exc})") from None
-
-
-def _rebuild(data: dict) -> torch.fx.GraphModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        root = nn.Module()
-        for target, value in data["tensors"].items():
-            if not target.startswith("__const_"):
-                _set_path(root, target, _unplain(value))
-        for target, record in data["packed"].items():
-            _set_path(root, target, _repack(record))
-        for target, record in data["modules"].items():
-            _set_path(root, target, _load_module(record))
-        graph = torch.fx.Graph()
-        env: dict[str, torch.fx.Node] = {}
-        for rec in data["nodes"]:
-            args = _decode(rec["args"], env, data["tensors"])
-            kwargs = _decode(rec["kwargs"], env, data["tensors"])
-            target = _decode_target(rec["op"], rec["target"])
-            _check_node(rec, target, args)
-            node = graph.create_node(rec["op"], target, args, kwargs, name=rec["name"])
-            if rec.get("computes"):
-                node.meta["fxopt.computes"] = rec["computes"]
-            env[rec["name"]] = node
-        pytree = data.get("pytree")
-        if pytree is not None:
-            in_spec = treespec_loads(pytree["in_spec"]) if pytree["in_spec"] else None
-            out_spec = treespec_loads(pytree["out_spec"]) if pytree["out_spec"] else None
-            graph._codegen = _PyTreeCodeGen(_PyTreeInfo(pytree["orig_args"], in_spec, out_spec))
-        gm = torch.fx.GraphModule(root, graph)
-    return gm
-
-
-def _unplain(value):
-    if isinstance(value, dict):
-        dtype = getattr(torch, value["dtype"].replace("torch.", ""))
-        if "scales" in value:
-            return torch._make_per_channel_quantized_tensor(
-                value["int_repr"], value["scales"], value["zero_points"], value["axis"])
-        q = torch._make_per_tensor_quantized_tensor(value["int_repr"], value["scale"], value["zero_point"])
-        return q if q.dtype == dtype else q
-    return value
-
-
-def _repack(record: dict):
-    weight, bias = _unplain(record["weight"]), record["bias"]
+def _decode(record: dict):
+    weight, bias = graph_io.tensor_from_plain(record["weight"]), record["bias"]
     engine = torch.backends.quantized.engine
     if record["kind"] == "linear":
         return prepack_linear(weight, bias, engine)
@@ -317,122 +46,23 @@ def _repack(record: dict):
                         engine)
 
 
-def _load_module(record: dict) -> nn.Module:
-    module_name, qualname = record["class"]
-    if not module_name.startswith("torch.nn.modules"):
-        raise QuantizationError(f"load: refusing module class {module_name}.{qualname}")
-    cls = _resolve_python(module_name, qualname)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise QuantizationError(f"load: {module_name}.{qualname} is not an nn.Module")
-    module = cls.__new__(cls)
-    nn.Module.__init__(module)
-    for key, value in record["attrs"].items():
-        module.__dict__[key] = value
-    # A None entry is registered as None, as the class's own __init__ does (Conv3d(bias=False)).
-    for key, value in record["parameters"].items():
-        module._parameters[key] = None if value is None else nn.Parameter(value, requires_grad=False)
-    for key, value in record["buffers"].items():
-        module._buffers[key] = value
-    if isinstance(module, nn.RNNBase):  # its weak references to the weights are not state: rebuild them
-        module._init_flat_weights()
-    return module
+graph_io.register_codec(graph_io.AttributeCodec("int8-packed", _is_packed, _encode, _decode, provider=__name__))
 
 
-def _set_path(root: nn.Module, target: str, value) -> None:
-    *path, attr = target.split(".")
-    owner = root
-    for part in path:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
-    if isinstance(value, nn.Module):
-        owner.add_module(attr, value)
-    elif isinstance(value, torch.Tensor) and not value.is_quantized:
-        owner.register_buffer(attr, value)
-    else:
-        setattr(owner, attr, value)
+def save(gm: torch.fx.GraphModule, path) -> None:
+    """`fxopt.save` for an int8 model (any GraphModule), raising QuantizationError."""
+    try:
+        graph_io.save(gm, path)
+    except graph_io.SerializationError as exc:
+        raise QuantizationError(str(exc)) from None
 
 
-# Functions a graph may call from the builtins, and names never resolved anywhere: a tampered
-# file must not reach code execution, files or processes through an allowed module.
-_SAFE_BUILTINS = frozenset({"getattr", "len", "min", "max", "abs", "int", "float", "bool", "slice", "range",
-                            "tuple", "list", "isinstance", "round", "sum", "pow", "divmod"})
-_DENIED_NAMES = frozenset({"load", "save", "exec", "eval", "compile", "open", "system", "popen", "spawn",
-                           "import_module", "attrgetter", "methodcaller", "setattr", "delattr", "globals",
-                           "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "hub", "jit",
-                           "set_default_device", "set_default_dtype", "dump", "calibrate", "distill"})
-_NODE_OPS = ("placeholder", "get_attr", "call_function", "call_module", "call_method", "output")
-
-
-def _resolve_python(module: str, qualname: str):
-    name = f"{module}.{qualname}"
-    if not isinstance(module, str) or not isinstance(qualname, str) or module.split(".")[0] not in _ALLOWED_MODULES:
-        raise QuantizationError(f"load: refusing to resolve {name} (module not allowed)")
-    parts = qualname.split(".")
-    if any(p.startswith("_") or p in _DENIED_NAMES for p in parts):
-        raise QuantizationError(f"load: refusing to resolve {name} (private or unsafe name)")
-    if module == "builtins" and qualname not in _SAFE_BUILTINS:
-        raise QuantizationError(f"load: refusing to resolve {name} (builtin not allowed)")
-    obj = importlib.import_module(module)
-    for part in parts:
-        obj = getattr(obj, part)
-        if inspect.ismodule(obj) and obj.__name__.split(".")[0] not in _ALLOWED_MODULES:
-            raise QuantizationError(f"load: refusing to resolve {name} (reaches module {obj.__name__})")
-    if inspect.ismodule(obj):
-        raise QuantizationError(f"load: refusing to resolve {name} (a module, not a function)")
-    return obj
-
-
-def _check_node(rec: dict, target, args) -> None:
-    op = rec["op"]
-    if op not in _NODE_OPS:
-        raise QuantizationError(f"load: refusing node '{rec.get('name')}': unknown op {op!r}")
-    if op in ("call_method", "call_module", "get_attr", "placeholder", "output") and not isinstance(target, str):
-        raise QuantizationError(f"load: refusing node '{rec.get('name')}': target of {op} must be a name")
-    if op == "call_method" and (target.startswith("_") or not hasattr(torch.Tensor, target)):
-        raise QuantizationError(f"load: refusing node '{rec.get('name')}': {target!r} is not a tensor method")
-    if op == "call_function":
-        if not callable(target):
-            raise QuantizationError(f"load: refusing node '{rec.get('name')}': target is not callable")
-        if target is getattr and len(args) > 1 and (not isinstance(args[1], str) or args[1].startswith("_")):
-            raise QuantizationError(f"load: refusing node '{rec.get('name')}': getattr of a private attribute")
-
-
-def _decode_target(op: str, target):
-    if not isinstance(target, dict):
-        return target
-    if "ops" in target:
-        ns, name, overload = target["ops"]
-        packet = getattr(getattr(torch.ops, ns), name)
-        return packet if overload is None else getattr(packet, overload)
-    return _resolve_python(*target["py"])
-
-
-def _decode(value, env, tensors):
-    if isinstance(value, list):
-        return [_decode(v, env, tensors) for v in value]
-    if isinstance(value, dict):
-        if "__node__" in value:
-            return env[value["__node__"]]
-        if "__tuple__" in value:
-            return tuple(_decode(v, env, tensors) for v in value["__tuple__"])
-        if "__dict__" in value:
-            return {k: _decode(v, env, tensors) for k, v in value["__dict__"]}
-        if "__dtype__" in value:
-            return getattr(torch, value["__dtype__"])
-        if "__device__" in value:
-            return torch.device(value["__device__"])
-        if "__memory_format__" in value:
-            return getattr(torch, value["__memory_format__"])
-        if "__layout__" in value:
-            return getattr(torch, value["__layout__"])
-        if "__slice__" in value:
-            return slice(*(_decode(v, env, tensors) for v in value["__slice__"]))
-        if "__ellipsis__" in value:
-            return Ellipsis
-        if "__tensor__" in value:
-            return _unplain(tensors[value["__tensor__"]])
-    return value
+def load(path) -> torch.fx.GraphModule:
+    """`fxopt.load`, raising QuantizationError."""
+    try:
+        return graph_io.load(path)
+    except graph_io.SerializationError as exc:
+        raise QuantizationError(str(exc)) from None
 
 
 __all__ = ["load", "save"]

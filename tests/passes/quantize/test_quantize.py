@@ -485,7 +485,7 @@ def test_save_load_round_trip(tmp_path, mode, backend):
 def test_load_refuses_foreign_files(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"format": "something-else"}, path)
-    with pytest.raises(QuantizationError, match="not an fxopt quantized graph"):
+    with pytest.raises(QuantizationError, match="not an fxopt saved graph"):
         load(path)
 
 

@@ -1,0 +1,100 @@
+"""`fxopt.save` / `fxopt.load`: any pipeline's GraphModule, both front ends, as plain data."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.serialize import AttributeCodec, register_codec
+
+
+class Encoder(nn.Module):
+    """A small transformer block: export captures it with a pytree signature and guards."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(6, d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.up, self.down, self.head = nn.Linear(d, 64), nn.Linear(64, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = self.norm(h + self.attn(h, h, h, need_weights=False)[0])
+        return {"logits": self.head((h + self.down(F.gelu(self.up(h))))[:, 0])}
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("pipeline", ["prune{ratio=0.5}", "fuse", "prune{ratio=0.3},fuse,remove-noops"])
+def test_a_pipeline_result_round_trips_through_plain_data(tmp_path, mode, pipeline):
+    torch.manual_seed(0)
+    model, x = (Encoder().eval(), torch.randn(2, 5, 6)) if "prune" in pipeline else (ConvNet().eval(),
+                                                                                   torch.randn(2, 3, 8, 8))
+    res = fxopt.optimize(model, (x,), pipeline, mode=mode)
+    path = tmp_path / "model.pt"
+    fxopt.save(res.module, path)
+    torch.load(path, weights_only=True)  # nothing but plain data
+    restored = fxopt.load(path)
+    other = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        torch.testing.assert_close(restored(other), res.module(other))
+        torch.testing.assert_close(restored(x), res.module(x))
+
+
+def test_torch_save_fails_on_an_export_graph_and_fxopt_save_does_not(tmp_path):
+    """Why fxopt.save exists: export's stateful wrapper holds local functions pickle refuses."""
+    gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),), mode="export")
+    with pytest.raises(Exception, match="pickle"):
+        torch.save(gm, tmp_path / "torch.pt")
+    fxopt.save(gm, tmp_path / "fxopt.pt")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fxopt.load(tmp_path / "fxopt.pt")(x), gm(x))
+
+
+def test_a_lowered_module_says_to_save_before_lower_cpu(tmp_path):
+    torch.manual_seed(0)
+    res = fxopt.optimize(ConvNet().eval(), (torch.randn(2, 3, 8, 8),), "fuse,lower-cpu{min_macs=0}", mode="symbolic")
+    with pytest.raises(fxopt.SerializationError, match="save before lower-cpu"):
+        fxopt.save(res.module, tmp_path / "m.pt")
+
+
+class _Opaque:
+    """An attribute object no codec knows."""
+
+
+def test_an_attribute_object_needs_a_codec(tmp_path):
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    gm.extra = _Opaque()
+    node = gm.graph.call_function(id, (gm.graph.get_attr("extra"),))
+    node.name = "use"
+    with pytest.raises(fxopt.SerializationError, match="cannot store attribute 'extra' of type _Opaque"):
+        fxopt.save(gm, tmp_path / "m.pt")
+
+
+def test_load_imports_only_fxopt_codec_providers(tmp_path):
+    register_codec(AttributeCodec("test-box", lambda o: isinstance(o, _Opaque), lambda o: {"v": 1},
+                                  lambda d: _Opaque(), provider="fxopt.tests_codec"))
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    gm.box = _Opaque()
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes)).next):
+        gm.graph.get_attr("box")
+    gm.recompile()
+    path = tmp_path / "m.pt"
+    fxopt.save(gm, path)
+    assert isinstance(fxopt.load(path).box, _Opaque)
+    data = torch.load(path, weights_only=True)
+    (record,) = data["packed"].values()
+    record.update(codec="elsewhere", provider="os")
+    torch.save(data, path)
+    with pytest.raises(fxopt.SerializationError, match="refusing codec provider 'os'"):
+        fxopt.load(path)
