@@ -109,15 +109,21 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4) -> int:
     return count
 
 
+PRIVATE_OF = "fxopt.private_of"
+
+
 def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     """Give `node` its own copy of a module or weights that other nodes share.
 
     Tied weights and modules called twice are common (one ReLU reused, a shared block); a pass
     that rewrites one site must not silently rewrite the others. Tensors are not copied: the
     new attribute points at the same tensor until a pass replaces it with `ParamRef.set`.
+    The module path the node had is kept in ``node.meta["fxopt.private_of"]``, so options
+    naming layers (prune's `ignore`) still find every use.
     """
     counts = attribute_use_counts(gm)
     if node.op == "call_module":
+        node.meta.setdefault(PRIVATE_OF, node.target)
         module = gm.get_submodule(node.target)
         twin = copy.copy(module)
         twin._parameters = dict(module._parameters)
@@ -128,6 +134,8 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     graph = node.graph
     for i, arg in enumerate(node.args):
         if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and counts[arg.target] > 1:
+            if "." in arg.target:  # the owning module's path, as a call_module target would say
+                node.meta.setdefault(PRIVATE_OF, arg.target.rsplit(".", 1)[0])
             owner, attr = resolve_attr(gm, arg.target)
             name = _fresh_attr_name(gm, arg.target)
             value = getattr(owner, attr)

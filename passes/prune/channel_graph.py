@@ -658,7 +658,9 @@ class _Builder:
         if w is None:
             raise _Pin("conv weight is not a parameter")
         transposed = bool(view.attrs.get("transposed"))
-        groups = int(view.attrs.get("groups", 1) or 1)
+        groups = view.attrs.get("groups", 1) or 1
+        if not isinstance(groups, int):  # `groups=x.shape[1]` (BlurPool): a count read in the graph
+            raise _Pin("conv whose groups are computed in the graph")
         if transposed and groups > 1:
             raise _Pin("grouped transposed conv (no rule yet)")
         in_shape = _shape(src)
@@ -1450,7 +1452,10 @@ def _prefix_hits(dims: tuple, target: int) -> bool:
 
 
 def _module_name(node: torch.fx.Node, view, ref: ParamRef | None = None) -> str:
-    """The dotted module path of a weighted op (`layers.0.fc1`), in either front end."""
+    """The dotted module path of a weighted op (`layers.0.fc1`), in either front end; a use
+    given its own copy of shared weights (`make_private`) keeps the path it was called by."""
+    if "fxopt.private_of" in node.meta:
+        return str(node.meta["fxopt.private_of"])
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack")

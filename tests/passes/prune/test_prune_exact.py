@@ -352,6 +352,20 @@ class PositionGate(nn.Module):
         return self.head(self.a(x) * self.gate(x[:, :1, :4]))
 
 
+class BlurPool(nn.Module):
+    """antialiased-cnns' BlurPool: a fixed filter as a depthwise conv whose groups are read off
+    the input (`groups=x.shape[1]`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.register_buffer("filt", torch.ones(16, 1, 3, 3) / 9)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(F.conv2d(x, self.filt, padding=1, stride=2, groups=x.shape[1]))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -376,6 +390,7 @@ CASES = {
     "pad_channels": (lambda: PadSqueeze(channel_pad_value=0.0), IMAGE),
     "zero_pad_shortcut": (ZeroPadShortcut, IMAGE),
     "position_gate": (PositionGate, lambda: torch.randn(2, 3, 10)),
+    "blur_pool": (BlurPool, IMAGE),
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
     "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
     "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
@@ -782,3 +797,26 @@ def test_a_module_without_rule_is_pinned_by_type_with_the_way_out():
     pinned = plan.channel_graph.pinned_nodes
     assert pinned["cross"] == "no channel rule for MultiheadAttention (mode='export' decomposes it)"
     assert pinned["rnn"] == "no channel rule for GRU"
+
+
+class Siamese(nn.Module):
+    """One body applied to two inputs: each use gets its own copy of the shared weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        return self.head(self.body(x).mean((2, 3))) - self.head(self.body(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_ignore_names_every_use_of_a_layer_called_twice(mode):
+    torch.manual_seed(0)
+    xs = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    plan = analyze(Siamese().eval(), xs, mode=mode, ratio=0.5, ignore=("body.2",), adapter_cost=0.0)
+    assert len(plan.ignored) == 2, plan.ignored
+    pruned = plan.apply()
+    convs = [tuple(p.shape) for p in pruned.parameters() if p.dim() == 4 and p.shape[1] != 3]
+    assert convs and all(shape == (16, 16, 3, 3) for shape in convs), convs
