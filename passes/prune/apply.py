@@ -474,10 +474,10 @@ def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int)
 def _set_shape_entry(node: torch.fx.Node, index: int, new: int, old: int) -> None:
     """Replace entry `index` of a reshape/view/expand size argument (list or varargs, or one
     value computed in the graph such as ``x.size()[:-1] + (n,)``: its entry is replaced there)."""
+    if new == old:  # the entry may be a size read in the graph (`x.shape[2]`): keep it dynamic
+        return
     args = list(node.args)
     if len(args) == 2 and isinstance(args[1], torch.fx.Node) and len(tensor_meta(node)[0]) > 1:
-        if new == old:
-            return
         size = args[1]  # a sequence (several axes, one argument): size[:index] + (new,) + size[index + 1:]
         g = node.graph
         with g.inserting_before(node):

@@ -568,7 +568,10 @@ class _Builder:
         sid = self.in_slot(src)
         if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src) \
                 and _holds_features(src):
-            sid = self.slot_on(src, len(_shape(src)) - 1)  # a parameter used directly: last axis
+            # a parameter used directly: its last axis that is not a broadcast one (a class token
+            # [1, 1, d] holds d channels, a learned constant [1, c, 1] c)
+            shape = _shape(src)
+            sid = self.slot_on(src, max((i for i, n in enumerate(shape) if n > 1), default=len(shape) - 1))
         return src, sid
 
     # ----- rules ------------------------------------------------------------------------

@@ -366,6 +366,20 @@ class BlurPool(nn.Module):
         return self.b(F.conv2d(x, self.filt, padding=1, stride=2, groups=x.shape[1]))
 
 
+class ConstantChannels(nn.Module):
+    """Learned constant channels [1, c, 1] broadcast over time and concatenated to a feature map
+    (a conditioning input in vocoders and TTS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv1d(3, 16, 3, padding=1), nn.Conv1d(24, 8, 1)
+        self.const = nn.Parameter(torch.randn(1, 8, 1))
+
+    def forward(self, x):
+        k = self.const.expand(x.shape[0], -1, x.shape[2])
+        return self.c(torch.cat([F.relu(self.a(x)), k], 1))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -391,6 +405,7 @@ CASES = {
     "zero_pad_shortcut": (ZeroPadShortcut, IMAGE),
     "position_gate": (PositionGate, lambda: torch.randn(2, 3, 10)),
     "blur_pool": (BlurPool, IMAGE),
+    "constant_channels": (ConstantChannels, lambda: torch.randn(2, 3, 10)),
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
     "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
     "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
@@ -820,3 +835,13 @@ def test_ignore_names_every_use_of_a_layer_called_twice(mode):
     pruned = plan.apply()
     convs = [tuple(p.shape) for p in pruned.parameters() if p.dim() == 4 and p.shape[1] != 3]
     assert convs and all(shape == (16, 16, 3, 3) for shape in convs), convs
+
+
+def test_a_size_read_in_the_graph_stays_dynamic_after_pruning():
+    """`expand(x.shape[0], -1, x.shape[2])` keeps reading the length (apply once wrote the example's
+    20 into it), and the constant's 8 channels, on its axis 1, prune with the concat."""
+    torch.manual_seed(0)
+    plan, masked, out, _, pruned, x = _pruned_and_masked("constant_channels", "symbolic")
+    assert pruned.get_parameter("const").shape[1] < 8
+    longer = torch.randn(3, 3, 17)
+    torch.testing.assert_close(pruned(longer), plan.gm(longer), rtol=1e-4, atol=1e-5)
