@@ -282,6 +282,9 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("chunk", functions=(torch.chunk,), methods=("chunk",), aten=(aten.chunk,),
            arg_names=("input", "chunks", "dim"), defaults=dict(dim=0)),
     OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
+    # the shape comes from `other`, whose values are not read
+    OpSpec("expand_as", methods=("expand_as",), aten=(aten.expand_as,), arg_names=("input", "other"),
+           tensor_args=("input", "other")),
     OpSpec("select", functions=(torch.select,), methods=("select",), aten=(aten.select,),
            arg_names=("input", "dim", "index")),
     OpSpec("glu", functions=(F.glu,), aten=(aten.glu,), modules=(nn.GLU,), arg_names=("input", "dim"),

@@ -90,7 +90,7 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
     "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
     "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul",
-    "narrow", "index_select"})
+    "narrow", "index_select", "expand_as"})
 # products: zero on a removed channel where any factor is (a matmul here keeps channels on a
 # batch, row or column axis; one contracting them is pinned)
 GATING = frozenset({"mul", "matmul"})
@@ -1182,6 +1182,21 @@ class _Builder:
             return self.free_output(node, view)
         axis = self.slots[sid].axis + len(shape) - len(_shape(src))
         self.passthrough(node, view, src, axis, info={"size_index": axis})
+
+    def rule_expand_as(self, node, view, shape) -> None:
+        """``y.expand_as(x)`` (a squeeze-and-excitation gate spread over x): the output has x's
+        shape, so y's channels and x's on that axis are one (as a broadcast product ties them)."""
+        out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=True)
+        if out_axis is None:
+            return self.free_output(node, view)
+        src, sid = pairs[0] if pairs[0][0] is view.inputs[0] else (view.inputs[0], None)
+        if sid is None:  # y broadcasts over the channel axis: x lends only its shape
+            return self.free_output(node, view)
+        out = self.passthrough(node, view, src, out_axis, sid=sid)
+        for other, osid in pairs[1:]:  # listed as an input too, so apply brings it to the same width
+            pos = np.arange(self.slots[osid].size)
+            self.link(osid, out, pos, pos, view.kind, "shape")
+            self.rules[node.name].inputs.append((other.name, osid, pos, pos, out))
 
     def rule_permute(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)

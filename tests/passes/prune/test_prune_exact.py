@@ -380,6 +380,22 @@ class ConstantChannels(nn.Module):
         return self.c(torch.cat([F.relu(self.a(x)), k], 1))
 
 
+class SqueezeExcite(nn.Module):
+    """The reference SE block: sizes read off x, the gate viewed back and spread with expand_as."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Sequential(nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 16), nn.Sigmoid())
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        b, c, _, _ = x.size()
+        y = self.fc(x.mean((2, 3)).view(b, c)).view(b, c, 1, 1)
+        return self.c(x * y.expand_as(x))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -406,6 +422,7 @@ CASES = {
     "position_gate": (PositionGate, lambda: torch.randn(2, 3, 10)),
     "blur_pool": (BlurPool, IMAGE),
     "constant_channels": (ConstantChannels, lambda: torch.randn(2, 3, 10)),
+    "squeeze_excite": (SqueezeExcite, IMAGE),
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
     "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
     "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
@@ -564,6 +581,13 @@ def test_softmax_feeding_a_linear_is_pinned_and_one_gated_by_a_product_is_not(mo
     assert not gated_plan.channel_graph.pinned_nodes
     # with the softmax free to lose heads, q's output channels are prunable too
     assert gated_plan.selection.total > pinned_plan.selection.total
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_squeeze_excite_gate_spread_with_expand_as_prunes_with_its_map(mode):
+    plan, *_ = _pruned_and_masked("squeeze_excite", mode)
+    assert not plan.channel_graph.pinned_nodes, plan.channel_graph.pinned_nodes
+    assert plan.selection.removed >= plan.selection.total // 2 - 4
 
 
 def test_attention_prunes_whole_heads():
