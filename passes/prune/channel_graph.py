@@ -810,14 +810,19 @@ class _Builder:
         rule = Rule(node.name, view.kind, "junction", outputs=[out])
         pos = np.arange(shape[out_axis])
         for a, sid in pairs:
-            rule.inputs.append((a.name, sid, pos, pos, out))
-            self.prec_pairs.append((self.slots[out].base + pos, self.slots[sid].base + pos))
-            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op=view.kind, map="junction",
-                                bytes=self.slots[sid].bytes)
+            self._junction_input(rule, a.name, sid, pos, pos, out)
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 
     rule_sub = rule_add
+
+    def _junction_input(self, rule: Rule, name: str, sid: int, in_pos: np.ndarray, out_pos: np.ndarray,
+                        out: int) -> None:
+        """Input `name` of a junction: output channel out_pos[k] dead requires its in_pos[k] dead."""
+        rule.inputs.append((name, sid, in_pos, out_pos, out))
+        self.prec_pairs.append((self.slots[out].base + out_pos, self.slots[sid].base + in_pos))
+        self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op=rule.kind, map="junction",
+                            bytes=self.slots[sid].bytes)
 
     def _channelwise(self, node, view, shape, dirty: bool) -> None:
         """A pointwise op of one tensor: the identity map; `dirty` when f(0) != 0."""
@@ -1148,10 +1153,7 @@ class _Builder:
             sid = self.slot_on(value, axis)
             if sid is None:
                 raise _Pin(f"input {value.name} tracks channels on another axis")
-            rule.inputs.append((value.name, sid, in_pos, out_pos, out))
-            self.prec_pairs.append((self.slots[out].base + out_pos, self.slots[sid].base + in_pos))
-            self.graph.add_edge(self.slots[sid].label, self.slots[out].label, op=view.kind, map="junction",
-                                bytes=self.slots[sid].bytes)
+            self._junction_input(rule, value.name, sid, in_pos, out_pos, out)
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 

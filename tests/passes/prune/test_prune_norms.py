@@ -257,36 +257,32 @@ def test_rms_norm_modules_are_sliced_and_rescaled(affine, mode):
         assert norm.normalized_shape[0] < 64 and norm.eps > 1e-2
 
 
+class ScaledByAStatistic(nn.Module):
+    """h times a per-token statistic of its own channels, between two linears."""
+
+    def __init__(self, statistic):
+        super().__init__()
+        self.fc1, self.fc2, self.statistic = nn.Linear(6, 16), nn.Linear(16, 3), statistic
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h * self.statistic(h))
+
+
 def test_a_mean_over_the_channels_of_a_dirty_value_pins_its_source():
     """x + 1 is 1 on a removed channel: a mean over the channels reads it, so the add is pinned."""
-    class Shifted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
-
-        def forward(self, x):
-            h = self.fc1(x)
-            return self.fc2(h * (h + 1).mean(-1, keepdim=True))
-
     torch.manual_seed(0)
-    r = prune_and_mask(Shifted().eval(), torch.randn(2, 5, 6), "symbolic")
+    model = ScaledByAStatistic(lambda h: (h + 1).mean(-1, keepdim=True)).eval()
+    r = prune_and_mask(model, torch.randn(2, 5, 6), "symbolic")
     assert "not zero-preserving" in r.plan.stats()["pinned"].get("add", ""), r.plan.stats()["pinned"]
     torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("order, exact", [(2, True), (1, True), (float("inf"), True), (-1, False)])
 def test_a_p_norm_over_the_channels_is_followed_for_orders_zeros_do_not_change(order, exact):
-    class Normalized(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
-
-        def forward(self, x):
-            h = self.fc1(x)
-            return self.fc2(h / (torch.linalg.vector_norm(h, order, -1, keepdim=True) + 1))
-
     torch.manual_seed(0)
-    r = prune_and_mask(Normalized().eval(), torch.randn(2, 5, 6), "export")
+    model = ScaledByAStatistic(lambda h: 1 / (torch.linalg.vector_norm(h, order, -1, keepdim=True) + 1)).eval()
+    r = prune_and_mask(model, torch.randn(2, 5, 6), "export")
     pinned = r.plan.stats()["pinned"]
     assert (pinned == {}) == exact, pinned
     torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-6)
