@@ -426,6 +426,7 @@ class _Applier:
                 scaled = g.call_function(operator.mul, (node, ratio ** 0.5))
             node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
             annotate(scaled, "prune.rescale", f"rms_norm over {kept} of {size} channels")
+            self.nodes[node.name] = scaled  # adapters for the norm's readers start from it
         eps = view.attrs.get("eps")
         if eps is None:  # rms_norm's default: the input dtype's machine epsilon
             eps = torch.finfo(tensor_meta(node)[1]).eps

@@ -320,3 +320,26 @@ def test_a_norm_weight_read_by_another_op_is_pinned_not_sliced_for_one_use(exact
     r = prune_and_mask(model, x, "symbolic", exact_norms=exact_norms)
     assert any("shared with another op" in why for why in r.plan.stats()["pinned"].values())
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class RescaledNormReadFullWidth(nn.Module):
+    """A weightless RMS norm (rescaled by a multiply after it) whose output a pinned op reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm = nn.Linear(6, 16), nn.RMSNorm(16, elementwise_affine=False)
+        self.fc2, self.fc3 = nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.norm(self.fc1(x))
+        return self.fc2(h) + self.fc3(h.cumsum(-1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_rescaled_norm_output_is_re_expanded_after_its_rescale(mode):
+    """The re-expansion for the pinned cumsum starts from the rescaling multiply (it was wired to
+    the norm itself, which nothing read any more: a shape error)."""
+    torch.manual_seed(0)
+    r = prune_and_mask(RescaledNormReadFullWidth().eval(), torch.randn(2, 5, 6), mode)
+    assert r.plan.applied["reexpansions"] and r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-6)
