@@ -198,6 +198,12 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("celu", functions=(F.celu,), aten=(aten.celu,), modules=(nn.CELU,), arg_names=("input", "alpha"),
            defaults=dict(alpha=1.0), module_attrs=lambda m: dict(alpha=m.alpha), modifiers=dict(alpha=1.0)),
     OpSpec("mish", functions=(F.mish,), aten=(aten.mish, aten.mish_), modules=(nn.Mish,)),
+    OpSpec("clamp", functions=(torch.clamp, torch.clip), methods=("clamp", "clip", "clamp_", "clip_"),
+           aten=(aten.clamp, aten.clamp_, aten.clip, aten.clip_), arg_names=("input", "min", "max"),
+           defaults=dict(min=None, max=None)),
+    OpSpec("softplus", functions=(F.softplus,), aten=(aten.softplus,), modules=(nn.Softplus,),
+           arg_names=("input", "beta", "threshold"), defaults=dict(beta=1.0, threshold=20.0),
+           module_attrs=lambda m: dict(beta=m.beta, threshold=m.threshold)),
     # a slope per channel (or one for all): `weight` has 1 or C entries, on axis 1
     OpSpec("prelu", functions=(F.prelu, torch.prelu), aten=(aten.prelu, aten._prelu_kernel), modules=(nn.PReLU,),
            arg_names=("input", "weight"), param_args=("weight",)),
@@ -282,6 +288,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("chunk", functions=(torch.chunk,), methods=("chunk",), aten=(aten.chunk,),
            arg_names=("input", "chunks", "dim"), defaults=dict(dim=0)),
     OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
+    OpSpec("flip", functions=(torch.flip,), methods=("flip",), aten=(aten.flip,), arg_names=("input", "dims")),
     # the shape comes from `other`, whose values are not read
     OpSpec("expand_as", methods=("expand_as",), aten=(aten.expand_as,), arg_names=("input", "other"),
            tensor_args=("input", "other")),

@@ -90,7 +90,7 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
     "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
     "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul",
-    "narrow", "index_select", "expand_as"})
+    "narrow", "index_select", "expand_as", "clamp", "softplus", "flip"})
 # products: zero on a removed channel where any factor is (a matmul here keeps channels on a
 # batch, row or column axis; one contracting them is pinned)
 GATING = frozenset({"mul", "matmul"})
@@ -838,6 +838,26 @@ class _Builder:
         self._channelwise(node, view, shape, dirty=True)
 
     rule_hardsigmoid = rule_sigmoid  # hardsigmoid(0) = 0.5: dirty, like sigmoid (MobileNetV3's SE gate)
+    rule_softplus = rule_sigmoid  # softplus(0) = log 2
+
+    def rule_clamp(self, node, view, shape) -> None:
+        """clamp/clip: zero-preserving when its range holds 0 (`clamp(min=0)` is a relu), else dirty."""
+        low, high = view.attrs.get("min"), view.attrs.get("max")
+        if isinstance(low, torch.fx.Node) or isinstance(high, torch.fx.Node):
+            raise _Pin("clamp with tensor bounds")
+        holds_zero = (low is None or low <= 0) and (high is None or high >= 0)
+        self._channelwise(node, view, shape, dirty=not holds_zero)
+
+    def rule_flip(self, node, view, shape) -> None:
+        """flip: along the channel axis output channel j is input channel c - 1 - j (the kept
+        ones flip into the same order), along other axes the identity."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        axis, size = self.slots[sid].axis, self.slots[sid].size
+        if axis not in _norm_axes(view.attrs.get("dims", ()), len(shape)):
+            return self.passthrough(node, view, src, axis)
+        self.passthrough(node, view, src, axis, np.arange(size)[::-1].copy(), np.arange(size), how="reversed")
 
     def rule_prelu(self, node, view, shape) -> None:
         """A slope per channel (axis 1) is sliced with them, like a batchnorm's affine; one

@@ -396,6 +396,21 @@ class SqueezeExcite(nn.Module):
         return self.c(x * y.expand_as(x))
 
 
+class ClampFlip(nn.Module):
+    """clamp (a relu6 spelled as clamp, and a shifted one that is dirty), softplus as a gate,
+    and flips along the channels and along the width."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.g = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = self.a(x).clamp(0, 6)
+        h = self.b(torch.flip(h, dims=(1,))) * F.softplus(self.g(h)) * h.clamp(min=1.0)
+        return self.out(h.flip(-1))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -423,6 +438,7 @@ CASES = {
     "blur_pool": (BlurPool, IMAGE),
     "constant_channels": (ConstantChannels, lambda: torch.randn(2, 3, 10)),
     "squeeze_excite": (SqueezeExcite, IMAGE),
+    "clamp_flip": (ClampFlip, IMAGE),
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
     "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
     "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
