@@ -98,11 +98,14 @@ def _target_name(target: object) -> str:
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """A short 'valid: a, b, c' suffix, closest matches first."""
+def did_you_mean(word: str, choices: Iterable[str], limit: int | None = None) -> str:
+    """A short " (did you mean 'x'?); valid: a, b, c" suffix; `limit` lists only the first names
+    of a long list (a model's layers) and says how many there are."""
     import difflib
 
     choices = sorted(choices)
     close = difflib.get_close_matches(word, choices, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{hint}; valid: {', '.join(choices)}"
+    listed = choices if limit is None else choices[:limit]
+    more = f", ... ({len(choices)} in all)" if len(listed) < len(choices) else ""
+    return f"{hint}; valid: {', '.join(listed)}{more}"

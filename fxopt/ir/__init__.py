@@ -14,6 +14,7 @@ from .params import (
 )
 from .rewrite import (
     COMPUTES,
+    PRIVATE_OF,
     clone_sharing_tensors,
     contiguous_outputs,
     deep_copy,
@@ -28,7 +29,7 @@ from .rewrite import (
 
 __all__ = [
     "ATEN_OP", "BufferState", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
-    "COMPUTES", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
+    "COMPUTES", "PRIVATE_OF", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
     "bind_arguments", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes",
     "flatten_inputs", "get_attr_value", "is_effectful", "is_shared",
     "make_private", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",

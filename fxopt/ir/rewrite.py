@@ -109,6 +109,7 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4) -> int:
     return count
 
 
+#: node.meta key: the module path a use had before `make_private` gave it its own copy
 PRIVATE_OF = "fxopt.private_of"
 
 
@@ -118,7 +119,7 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     Tied weights and modules called twice are common (one ReLU reused, a shared block); a pass
     that rewrites one site must not silently rewrite the others. Tensors are not copied: the
     new attribute points at the same tensor until a pass replaces it with `ParamRef.set`.
-    The module path the node had is kept in ``node.meta["fxopt.private_of"]``, so options
+    The module path the node had is kept in ``node.meta[PRIVATE_OF]``, so options
     naming layers (prune's `ignore`) still find every use.
     """
     counts = attribute_use_counts(gm)

@@ -421,12 +421,7 @@ class _Applier:
         if weight is not None:
             weight.set(weight.get() * ratio ** 0.5)
         else:  # no weight to fold the factor into: one multiply after the norm
-            g = self.gm.graph
-            with g.inserting_after(node):
-                scaled = g.call_function(operator.mul, (node, ratio ** 0.5))
-            node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
-            annotate(scaled, "prune.rescale", f"rms_norm over {kept} of {size} channels")
-            self.nodes[node.name] = scaled  # adapters for the norm's readers start from it
+            self._scale_after(node, ratio ** 0.5, f"rms_norm over {kept} of {size} channels")
         eps = view.attrs.get("eps")
         if eps is None:  # rms_norm's default: the input dtype's machine epsilon
             eps = torch.finfo(tensor_meta(node)[1]).eps
@@ -441,11 +436,16 @@ class _Applier:
         kept, size = len(self.keep(sid)), self.cg.slots[sid].size
         if rule.kind != "mean" or kept == size:
             return
+        self._scale_after(node, kept / size, f"mean over {kept} of {size} channels")
+
+    def _scale_after(self, node: torch.fx.Node, factor: float, label: str) -> None:
+        """Every reader of `node` reads ``node * factor`` instead; adapters for them start there."""
         g = self.gm.graph
         with g.inserting_after(node):
-            scaled = g.call_function(operator.mul, (node, kept / size))
+            scaled = g.call_function(operator.mul, (node, factor))
         node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
-        annotate(scaled, "prune.rescale", f"mean over {kept} of {size} channels")
+        annotate(scaled, "prune.rescale", label)
+        self.nodes[node.name] = scaled
 
     def do_param(self, node, rule) -> None:
         sid = rule.outputs[0]

@@ -78,8 +78,8 @@ import torch
 import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
-from fxopt.ir import (ParamRef, attribute_use_counts, bind_arguments, is_shared, op_view, ref_for_get_attr,
-                      size_read, spec_for, tensor_meta, value_nbytes)
+from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments, is_shared, op_view,
+                      ref_for_get_attr, size_read, spec_for, tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "selu", "celu", "mish", "dropout", "identity", "contiguous", "to"})
@@ -1157,10 +1157,11 @@ class _Builder:
         if len(view.inputs) != 2:
             raise _Pin("index_add with a non-tensor operand")
         x, source = view.inputs
-        if self.in_slot(x) is None and self.in_slot(source) is None:
+        held = next((sid for sid in (self.in_slot(x), self.in_slot(source)) if sid is not None), None)
+        if held is None:
             return self.free_output(node, view)
         dim = _norm_axis(int(view.attrs.get("dim", 0)), len(shape))
-        axis = self.slots[self.in_slot(x) if self.in_slot(x) is not None else self.in_slot(source)].axis
+        axis = self.slots[held].axis
         index, info = np.arange(shape[axis]), {}
         if dim == axis:
             index, info = self._channel_index(node, view, "index_add") % shape[axis], {"channel_index": True}
@@ -1374,13 +1375,19 @@ class _Builder:
         for ref in view.params.values():
             self._check_private(node, ref)
 
-    def rule_layer_norm(self, node, view, shape) -> None:
+    def _last_axis_norm(self, node, view, shape) -> tuple[torch.fx.Node, int | None]:
+        """(input, its slot) of a layer/RMS norm, which must normalize the channel axis alone
+        (the last one) with an affine of its own."""
         self._private_affine(node, view)
         src, sid = self.single_input(node, view)
         norm_shape = view.attrs.get("normalized_shape")
         dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
         if len(dims) != 1 or (sid is not None and self.slots[sid].axis != len(shape) - 1):
-            raise _Pin("layer_norm over more than the channel axis")
+            raise _Pin(f"{view.kind} over more than the channel axis")
+        return src, sid
+
+    def rule_layer_norm(self, node, view, shape) -> None:
+        src, sid = self._last_axis_norm(node, view, shape)
         if self.exact_norms:
             return self.gathered_norm(node, view, src, sid, len(shape) - 1)
         if sid is None:
@@ -1393,14 +1400,10 @@ class _Builder:
         ``rms_norm`` over C' of C channels with weight·√(C/C') and eps·C/C' is the original norm on
         the kept channels, which apply sets. So the affine is sliced with the channels, in both
         `exact_norms` settings."""
-        src, sid = self.single_input(node, view)
-        if sid is None:
-            return self.rule_layer_norm(node, view, shape)
-        self._private_affine(node, view)
-        norm_shape = view.attrs.get("normalized_shape")
-        dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
-        if len(dims) != 1 or self.slots[sid].axis != len(shape) - 1:
-            raise _Pin("rms_norm over more than the channel axis")
+        src, sid = self._last_axis_norm(node, view, shape)
+        if sid is None:  # no channels come in: its output is gathered (exact) or free, as a layer norm's
+            return self.gathered_norm(node, view, src, sid, len(shape) - 1) if self.exact_norms \
+                else self.free_output(node, view)
         self.passthrough(node, view, src, len(shape) - 1, category="norm", info={"rms_rescale": True})
 
     def gathered_norm(self, node, view, src, sid: int | None, axis: int) -> None:
@@ -1494,8 +1497,8 @@ def _prefix_hits(dims: tuple, target: int) -> bool:
 def _module_name(node: torch.fx.Node, view, ref: ParamRef | None = None) -> str:
     """The dotted module path of a weighted op (`layers.0.fc1`), in either front end; a use
     given its own copy of shared weights (`make_private`) keeps the path it was called by."""
-    if "fxopt.private_of" in node.meta:
-        return str(node.meta["fxopt.private_of"])
+    if PRIVATE_OF in node.meta:
+        return str(node.meta[PRIVATE_OF])
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack")

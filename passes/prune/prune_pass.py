@@ -43,6 +43,7 @@ import torch.fx
 
 from fxopt.analysis import propagate_shapes
 from fxopt.debug.listing import annotate
+from fxopt.errors import did_you_mean
 from fxopt.ir import (
     attribute_use_counts,
     clone_sharing_tensors,
@@ -412,9 +413,8 @@ def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[st
                 if module == pattern or fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + ".")
                 or node == pattern}
         if not hits:
-            known = sorted(set(cg.module_names.values()))
-            sample = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
-            raise ValueError(f"option 'ignore': pattern '{pattern}' matches no layer; layers are: {sample}")
+            raise ValueError(f"option 'ignore': pattern '{pattern}' matches no layer"
+                             + did_you_mean(pattern, set(cg.module_names.values()), limit=8))
         ignored |= hits
     return ignored
 

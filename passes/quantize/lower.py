@@ -27,7 +27,6 @@ until the whole model reaches D dB.
 """
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch.fx
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 from fxopt import Pass, PassContext, PassResult
-from fxopt.errors import node_location
+from fxopt.errors import did_you_mean, node_location
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
                       is_effectful, op_view, origin)
 from fxopt.ir.rewrite import COMPUTES
@@ -93,13 +92,9 @@ class LowerInt8(Pass):
         """A `skip` name that is no layer would keep nothing float, silently: a typo."""
         layers = {g.name for g in build_plan(strip_observers(clone_sharing_tensors(gm))[0]).groups.values()}
         unknown = sorted(set(self.skip) - layers)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(layers), n=3)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            names = sorted(layers)
-            listed = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-            raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))}{hint}. "
-                             f"Names are the layers' node names as a dump lists them: {listed}")
+        if unknown:  # names are the layers' node names, as a dump lists them
+            raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))}"
+                             + did_you_mean(unknown[0], layers, limit=20))
 
     # ----- mixed precision ------------------------------------------------------------------
     def _select_float_layers(self, gm, ctx: PassContext, stats: dict) -> set[str]:
