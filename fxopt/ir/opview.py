@@ -87,6 +87,9 @@ class OpSpec:
     #: (add's `alpha`, div's `rounding_mode`): a pattern that does not name one in `attrs`
     #: matches only the neutral value, so no rewrite drops it
     modifiers: dict = field(default_factory=dict)
+    #: the argument that collects the remaining positional args of a Python call
+    #: (``torch.einsum(eq, a, b)``), where a list in that place is taken as it is
+    varargs: str | None = None
 
 
 def _conv_attrs(m: nn.Module) -> dict:
@@ -169,6 +172,15 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "num_groups", "weight", "bias", "eps"), param_args=("weight", "bias"),
            defaults=dict(weight=None, bias=None, eps=1e-5),
            module_attrs=lambda m: dict(num_groups=m.num_groups, eps=m.eps)),
+    # statistics per sample and channel; `use_input_stats` False reads the running ones (eval
+    # with `track_running_stats`), like batch_norm
+    OpSpec("instance_norm", functions=(F.instance_norm,), aten=(aten.instance_norm,),
+           modules=(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+           arg_names=("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+           param_args=("weight", "bias", "running_mean", "running_var"),
+           defaults=dict(running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                         momentum=0.1, eps=1e-5),
+           module_attrs=lambda m: dict(use_input_stats=m.training or not m.track_running_stats, eps=m.eps)),
     OpSpec("relu", functions=(F.relu, torch.relu, torch.relu_), methods=("relu", "relu_"),
            aten=(aten.relu, aten.relu_), modules=(nn.ReLU,)),
     # relu6 is hardtanh(0, 6): its own row, so its clamp bounds are not hardtanh's defaults (-1, 1)
@@ -198,6 +210,17 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("celu", functions=(F.celu,), aten=(aten.celu,), modules=(nn.CELU,), arg_names=("input", "alpha"),
            defaults=dict(alpha=1.0), module_attrs=lambda m: dict(alpha=m.alpha), modifiers=dict(alpha=1.0)),
     OpSpec("mish", functions=(F.mish,), aten=(aten.mish, aten.mish_), modules=(nn.Mish,)),
+    OpSpec("clamp", functions=(torch.clamp_min,), methods=("clamp_min",), aten=(aten.clamp_min,),
+           arg_names=("input", "min")),
+    OpSpec("clamp", functions=(torch.clamp_max,), methods=("clamp_max",), aten=(aten.clamp_max,),
+           arg_names=("input", "max")),
+    # more unary math: f(0) = 0 (abs .. softsign), f(0) finite but not 0 (exp, cos), f(0)
+    # infinite (rsqrt, reciprocal)
+    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),))
+      for name in ("abs", "sqrt", "square", "erf", "sin", "sign", "exp", "cos", "rsqrt", "reciprocal")),
+    OpSpec("softsign", functions=(F.softsign,), modules=(nn.Softsign,)),
+    OpSpec("shrink", functions=(F.softshrink, F.hardshrink), aten=(aten.softshrink, aten.hardshrink),
+           modules=(nn.Softshrink, nn.Hardshrink)),
     OpSpec("clamp", functions=(torch.clamp, torch.clip), methods=("clamp", "clip", "clamp_", "clip_"),
            aten=(aten.clamp, aten.clamp_, aten.clip, aten.clip_), arg_names=("input", "min", "max"),
            defaults=dict(min=None, max=None)),
@@ -271,6 +294,36 @@ SPECS: tuple[OpSpec, ...] = (
            modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
            arg_names=("input", "output_size"), module_attrs=lambda m: dict(output_size=m.output_size)),
     OpSpec("mean", functions=(torch.mean,), methods=("mean",), aten=(aten.mean,), arg_names=("input", "dim", "keepdim")),
+    # reductions over axes besides mean and the p-norms (`dim` None: every axis)
+    OpSpec("sum", functions=(torch.sum,), methods=("sum",), aten=(aten.sum,), arg_names=("input", "dim", "keepdim"),
+           defaults=dict(dim=None, keepdim=False)),
+    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
+             arg_names=("input", "dim", "keepdim"), defaults=dict(dim=None, keepdim=False))
+      for name in ("amax", "amin")),
+    # variance / standard deviation over axes (`unbiased` or `correction` do not matter to prune)
+    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
+             arg_names=("input", "dim", "unbiased", "keepdim"), defaults=dict(dim=None, keepdim=False))
+      for name in ("var", "std")),
+    # x / max(‖x‖_p over `dim`, eps)
+    OpSpec("normalize", functions=(F.normalize,), arg_names=("input", "p", "dim", "eps"),
+           defaults=dict(p=2.0, dim=1, eps=1e-12)),
+    # the condition selects `input` where true, `other` elsewhere (either may be a number)
+    OpSpec("where", functions=(torch.where,), aten=(aten.where,), arg_names=("condition", "input", "other"),
+           tensor_args=("condition", "input", "other")),
+    *(OpSpec(name, functions=(getattr(operator, name), getattr(torch, name)), methods=(name,),
+             aten=(getattr(aten, name),), arg_names=("input", "other"), tensor_args=("input", "other"))
+      for name in ("gt", "ge", "lt", "le", "eq", "ne")),
+    # a new tensor of the input's shape, filled with one value
+    OpSpec("fill_like", functions=(torch.zeros_like,), aten=(aten.zeros_like,), defaults=dict(fill_value=0)),
+    OpSpec("fill_like", functions=(torch.ones_like,), aten=(aten.ones_like,), defaults=dict(fill_value=1)),
+    OpSpec("fill_like", functions=(torch.full_like,), aten=(aten.full_like,), arg_names=("input", "fill_value")),
+    OpSpec("stack", functions=(torch.stack,), aten=(aten.stack,), arg_names=("tensors", "dim"),
+           tensor_args=("tensors",), defaults=dict(dim=0)),
+    OpSpec("unbind", functions=(torch.unbind,), methods=("unbind",), aten=(aten.unbind,), arg_names=("input", "dim"),
+           defaults=dict(dim=0)),
+    # einsum(equation, *operands) or einsum(equation, [operands]); see `einsum_operands`
+    OpSpec("einsum", functions=(torch.einsum,), aten=(aten.einsum,), arg_names=("equation", "tensors"),
+           tensor_args=("tensors",), varargs="tensors"),
     OpSpec("masked_fill", functions=(torch.masked_fill,), methods=("masked_fill",), aten=(aten.masked_fill,),
            arg_names=("input", "mask", "value"), tensor_args=("input", "mask")),
     OpSpec("softmax", functions=(F.softmax, torch.softmax), methods=("softmax",), aten=(aten.softmax, aten._softmax),
@@ -424,7 +477,13 @@ def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
         names, defaults = list(spec.arg_names), {}
     bound = dict(spec.defaults)
     bound.update(defaults)
-    bound.update(zip(names, node.args))
+    positional = list(node.args)
+    if overload is None and spec.varargs is not None:
+        at = names.index(spec.varargs)
+        rest = positional[at:]
+        if not (len(rest) == 1 and isinstance(rest[0], (list, tuple))):
+            positional[at:] = [tuple(rest)]
+    bound.update(zip(names, positional))
     for key, value in node.kwargs.items():
         bound[renames.get(key, key)] = value
     return bound

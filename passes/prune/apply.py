@@ -390,7 +390,7 @@ class _Applier:
             if t is not None and t.dim() >= 1:
                 ref.set(t.index_select(0, out_keep).contiguous())
         m = view.module
-        if rule.kind == "batch_norm":
+        if rule.kind in ("batch_norm", "instance_norm"):
             if m is not None:
                 m.num_features = len(out_keep)
             return

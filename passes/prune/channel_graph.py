@@ -82,7 +82,8 @@ from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments
                       ref_for_get_attr, size_read, spec_for, tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
-                             "selu", "celu", "mish", "dropout", "identity", "contiguous", "to"})
+                             "selu", "celu", "mish", "dropout", "identity", "contiguous", "to", "abs", "sqrt",
+                             "square", "erf", "sin", "sign", "softsign", "shrink"})
 SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
 # ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
 # may flow through them (the result is dirty too; a product with a clean factor is clean)
@@ -90,10 +91,12 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "softmax", "mean", "reshape", "flatten", "permute", "transpose", "expand", "select", "slice", "getitem",
     "cat", "split", "chunk", "mul", "div", "add", "sub", "sigmoid", "hardsigmoid", "pow", "unsqueeze", "squeeze",
     "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul",
-    "narrow", "index_select", "expand_as", "clamp", "softplus", "flip"})
-# products: zero on a removed channel where any factor is (a matmul here keeps channels on a
-# batch, row or column axis; one contracting them is pinned)
-GATING = frozenset({"mul", "matmul"})
+    "narrow", "index_select", "expand_as", "clamp", "softplus", "flip", "exp", "cos", "rsqrt", "reciprocal",
+    "sum", "amax", "amin", "var", "std", "normalize", "where", "masked_fill", "gt", "ge", "lt", "le", "eq", "ne",
+    "fill_like", "stack", "unbind", "einsum"})
+# products: zero on a removed channel where any factor is (a matmul or einsum here keeps
+# channels on an axis it does not contract; one contracting them is pinned)
+GATING = frozenset({"mul", "matmul", "einsum"})
 
 
 @dataclass(frozen=True)
@@ -299,13 +302,15 @@ def build_channel_graph(gm: torch.fx.GraphModule, exact_norms: bool = True) -> C
     the graph is walked again (each round pins more, so this ends; in practice one extra round).
     """
     forced: dict[str, str] = {}
+    split_axes: dict[str, int] = {}
     while True:
-        builder = _Builder(gm, exact_norms, forced)
+        builder = _Builder(gm, exact_norms, forced, split_axes)
         builder.walk()
         new = {k: v for k, v in builder.violations().items() if k not in forced}
-        if not new:
+        if not new and builder.split_axes == split_axes:
             return builder.finish()
         forced.update(new)
+        split_axes = builder.split_axes
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -327,6 +332,19 @@ def _holds_features(node: torch.fx.Node) -> bool:
     return meta is not None and meta[1].is_floating_point
 
 
+def _is_number(node: Any) -> bool:
+    """A Python number computed in the graph (shape arithmetic): recorded as itself."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return isinstance(meta, (int, float)) and not isinstance(meta, bool)
+
+
+def _channelwise(rule: "Rule") -> bool:
+    """Whether `rule` computes each output channel from the same channel of its inputs, so a
+    dirty value may pass through it (`info["mixes_channels"]`: it also reads the others)."""
+    return (rule.category in ("pass", "split") and rule.kind in CHANNELWISE
+            and not rule.info.get("mixes_channels"))
+
+
 def _norm_axis(axis: int, ndim: int) -> int:
     return axis + ndim if axis < 0 else axis
 
@@ -338,15 +356,26 @@ def _norm_axes(dims: Any, ndim: int) -> list[int]:
 
 
 class _Pin(Exception):
-    """Raised inside a rule: the node is pinned, with the reason."""
+    """Raised inside a rule: the node is pinned, with the reason. `hold`: slots whose channels
+    must all stay, because the pinned op is not finite on the zeros a re-expansion would give
+    it (a divisor, the input of an rsqrt)."""
+
+    def __init__(self, reason: str, hold: tuple[int, ...] = (), conflict: int | None = None) -> None:
+        super().__init__(reason)
+        self.hold = hold
+        self.conflict = conflict  # the slot whose channel axis the op reduces or indexes
 
 
 class _Builder:
     def __init__(self, gm: torch.fx.GraphModule, exact_norms: bool = True,
-                 forced: dict[str, str] | None = None) -> None:
+                 forced: dict[str, str] | None = None, split_axes: dict[str, int] | None = None) -> None:
         self.gm = gm
         self.exact_norms = exact_norms
         self.forced = dict(forced or {})  # node name -> reason: pinned from an earlier round
+        # reshape splitting the channels into several axes -> which of them carries the slot
+        # (`_reshape_like`); `split_origin`: slot -> (that reshape, its choice), for the next round
+        self.split_axes = dict(split_axes or {})
+        self.split_origin: dict[int, tuple[str, int]] = {}
         self.dirty: dict[int, frozenset] = {}  # slot id -> dirty source nodes (see module docstring)
         self.size_queries: list[tuple[str, str, str, int]] = []  # (reader, value, source, slot id)
         self._use_counts = None
@@ -396,6 +425,8 @@ class _Builder:
 
     def link(self, a: int, b: int, in_pos: np.ndarray, out_pos: np.ndarray, op: str, how: str) -> None:
         sa, sb = self.slots[a], self.slots[b]
+        if a in self.split_origin:
+            self.split_origin.setdefault(b, self.split_origin[a])
         self.uf.union_many(sa.base + in_pos, sb.base + out_pos)
         self.graph.add_edge(sa.label, sb.label, op=op, map=how, bytes=sa.bytes)
 
@@ -414,15 +445,24 @@ class _Builder:
                 self.note_dirty(node)
             except _Pin as pin:
                 self.pin(node, str(pin))
+                origin = self.split_origin.get(pin.conflict)
+                if origin is not None:  # next round: the reshape puts the slot on its next axis
+                    self.split_axes[origin[0]] = max(self.split_axes.get(origin[0], 0), origin[1] + 1)
+                for sid in pin.hold:
+                    slot = self.slots[sid]
+                    self.pinned_positions.extend(range(slot.base, slot.base + slot.size))
 
     def note_dirty(self, node: torch.fx.Node) -> None:
         """Mark the outputs of a channelwise op dirty when it makes or forwards a dirty value."""
         rule = self.rules.get(node.name)
-        if rule is None or rule.category not in ("pass", "split") or rule.kind not in CHANNELWISE:
+        if rule is None or not _channelwise(rule):
             return
-        per_out: dict[int, list] = {}
-        for _, sid, _, _, out in rule.inputs:
-            per_out.setdefault(out, []).append(self.dirty.get(sid))
+        per_out: dict[int, list] = {out: [] for out in rule.outputs}
+        # inputs read for their zeros only (a condition, a divisor, a shape) pass no dirt on
+        clean_reads = rule.info.get("clean_reads", ())
+        for name, sid, _, _, out in rule.inputs:
+            if name not in clean_reads:
+                per_out.setdefault(out, []).append(self.dirty.get(sid))
         for out, marks in per_out.items():
             if rule.kind in GATING and any(m is None for m in marks):
                 continue  # a zero-preserving factor: the product is zero on removed channels
@@ -439,7 +479,7 @@ class _Builder:
         for name, rule in self.rules.items():
             reads = [sid for _, sid in rule.consumed] + [r[1] for r in rule.inputs]
             marks = [self.dirty[sid] for sid in reads if sid in self.dirty]
-            if not marks or (rule.category in ("pass", "split") and rule.kind in CHANNELWISE):
+            if not marks or _channelwise(rule):
                 continue
             for source in sorted(frozenset().union(*marks)):
                 kind = self.rules[source].kind
@@ -510,7 +550,7 @@ class _Builder:
                 handler = self.rule_unary
             else:
                 raise _Pin(f"no channel rule for '{kind}'")
-        if shape is None and kind not in ("split", "chunk", "assert_metadata"):
+        if shape is None and kind not in ("split", "chunk", "unbind", "assert_metadata"):
             raise _Pin("no shape metadata")
         handler(node, view, shape)
 
@@ -564,7 +604,7 @@ class _Builder:
         self.rules[node.name] = Rule(node.name, view.kind if view is not None else str(node.target), "free")
 
     def single_input(self, node, view) -> tuple[torch.fx.Node | None, int | None]:
-        src = view.input
+        src = next((a for a in view.inputs if not _is_number(a)), None)
         sid = self.in_slot(src)
         if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src) \
                 and _holds_features(src):
@@ -608,26 +648,61 @@ class _Builder:
             return self.free_output(node, view)
         axis = self.slots[sid].axis
         if _norm_axis(int(view.attrs.get("dim", -1)), len(shape)) == axis:
-            raise _Pin("softmax over the channel axis")
+            raise _Pin("softmax over the channel axis", conflict=sid)
         # a removed channel's slice is all zeros, whose softmax is uniform (1/n), not zero: exact
         # only where a clean factor gates it (attention's P @ V), like sigmoid's gate
         self.passthrough(node, view, src, axis, info={"dirty_source": True})
 
     def rule_mean(self, node, view, shape) -> None:
+        """A mean, sum or p-norm over axes: zero on removed channels it does not reduce; over
+        the channel axis a `channel_reduction`."""
         src, sid = self.single_input(node, view)
         if sid is None:
             return self.free_output(node, view)
+        out_axis = self._reduced_axis(src, sid, view)
+        if out_axis is None:
+            return self.channel_reduction(node, view, src, sid)
+        self.passthrough(node, view, src, out_axis)
+
+    rule_vector_norm = rule_sum = rule_mean
+
+    def rule_amax(self, node, view, shape) -> None:
+        """amax/amin, var/std over other axes: per channel, and 0 over a removed (zero) channel;
+        over the channel axis the removed zeros would count (a max of negatives, a variance)."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        out_axis = self._reduced_axis(src, sid, view)
+        if out_axis is None:
+            raise _Pin(f"{view.kind} over the channel axis (the removed zeros would count)", conflict=sid)
+        self.passthrough(node, view, src, out_axis)
+
+    rule_amin = rule_var = rule_std = rule_amax
+
+    def _reduced_axis(self, src, sid: int, view) -> int | None:
+        """Where the channel axis lands after reducing `view.attrs["dim"]` (None: every axis)
+        with `keepdim`; None when the channel axis is one of those reduced."""
         in_shape = _shape(src)
         axis = self.slots[sid].axis
         dims = view.attrs.get("dim")
-        dims = list(range(len(in_shape))) if dims is None else _norm_axes(dims, len(in_shape))
-        keep = bool(view.attrs.get("keepdim", False))
+        dims = list(range(len(in_shape))) if dims is None or dims == [] else _norm_axes(dims, len(in_shape))
         if axis in dims:
-            return self.channel_reduction(node, view, src, sid)
-        out_axis = axis if keep else axis - sum(d < axis for d in dims)
-        self.passthrough(node, view, src, out_axis)
+            return None
+        return axis if view.attrs.get("keepdim", False) else axis - sum(d < axis for d in dims)
 
-    rule_vector_norm = rule_mean  # a p-norm over axes: zero on removed channels they do not reduce
+    def rule_normalize(self, node, view, shape) -> None:
+        """F.normalize: x / max(‖x‖_p, eps) over `dim`. A removed channel is 0 / (something
+        positive); over the channel axis its zeros add nothing to a p-norm of order ≥ 0, so the
+        kept channels' norm is the original one — if the input is clean there."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        p = view.attrs.get("p", 2.0)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 0:
+            raise _Pin(f"normalize with p={p!r}")
+        axis = self.slots[sid].axis
+        over_channels = _norm_axis(int(view.attrs.get("dim", 1)), len(shape)) == axis
+        self.passthrough(node, view, src, axis, info={"mixes_channels": True} if over_channels else None)
 
     def channel_reduction(self, node, view, src, sid: int) -> None:
         """A mean or p-norm over the channel axis (a spelled-out RMSNorm's
@@ -653,6 +728,18 @@ class _Builder:
             raise _Pin("batch_norm in training mode")
         if view.param("weight") is None:  # a removed channel would leave -mean/std, not zero
             raise _Pin("batch_norm without an affine weight (a removed channel is not zero after it)")
+        self.passthrough(node, view, src, 1, category="norm")
+
+    def rule_instance_norm(self, node, view, shape) -> None:
+        """Per sample and channel statistics: a removed (zero) channel normalizes to 0, then
+        its affine bias (removed with it). With running statistics it is a batch_norm."""
+        if not view.attrs.get("use_input_stats", True):
+            return self.rule_batch_norm(node, view, shape)
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        if self.slots[sid].axis != 1:
+            raise _Pin("instance_norm input channel axis is not 1")
         self.passthrough(node, view, src, 1, category="norm")
 
     def rule_conv(self, node, view, shape) -> None:
@@ -764,8 +851,9 @@ class _Builder:
         self.rules[node.name] = Rule(node.name, "embedding", "producer", outputs=[out])
 
     def _aligned_inputs(self, node, view, shape, allow_broadcast: bool):
-        """(input node, slot) per tensor input aligned on the output channel axis."""
-        tensor_inputs = [a for a in view.inputs]
+        """(input node, slot) per tensor input aligned on the output channel axis; a number
+        computed in the graph (``math.sqrt(q.size(-1))``) is a scalar operand."""
+        tensor_inputs = [a for a in view.inputs if not _is_number(a)]
         slotted = [(a, self.in_slot(a)) for a in tensor_inputs if self.in_slot(a) is not None]
         if not slotted:
             return None, []
@@ -797,12 +885,15 @@ class _Builder:
         return out_axis, pairs
 
     def rule_add(self, node, view, shape) -> None:
-        scalars = [v for k, v in view.attrs.items() if k in ("input", "other") and not isinstance(v, torch.fx.Node)]
-        if any(v is not None for v in scalars):
+        constants = [v for k, v in view.attrs.items()
+                     if k in ("input", "other") and v is not None and not isinstance(v, torch.fx.Node)]
+        constants += [math.nan for a in view.inputs if _is_number(a)]  # a number only the run knows
+        if constants:
             # x + c: channelwise but not zero-preserving — a dirty value (see `note_dirty`)
-            if len(view.inputs) != 1 or not all(isinstance(v, (int, float)) for v in scalars if v is not None):
+            if len(view.inputs) - sum(map(_is_number, view.inputs)) != 1 \
+                    or not all(isinstance(v, (int, float)) for v in constants):
                 raise _Pin("adds a constant (not zero-preserving)")
-            return self._channelwise(node, view, shape, dirty=any(v != 0 for v in scalars if v is not None))
+            return self._channelwise(node, view, shape, dirty=any(v != 0 for v in constants))
         out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=False)
         if out_axis is None:
             return self.free_output(node, view)
@@ -838,7 +929,18 @@ class _Builder:
         self._channelwise(node, view, shape, dirty=True)
 
     rule_hardsigmoid = rule_sigmoid  # hardsigmoid(0) = 0.5: dirty, like sigmoid (MobileNetV3's SE gate)
-    rule_softplus = rule_sigmoid  # softplus(0) = log 2
+    rule_softplus = rule_exp = rule_cos = rule_sigmoid  # softplus(0) = log 2, exp(0) = cos(0) = 1
+
+    def rule_rsqrt(self, node, view, shape) -> None:
+        """rsqrt/reciprocal: infinite at 0, so only of a value that is positive everywhere
+        (``rsqrt(var + eps)``); then finite, and dirty."""
+        if _sign(self.gm, view.input) != "pos":
+            sid = self.in_slot(view.input)
+            raise _Pin(f"{view.kind} of a value that may be 0 (its channels all stay)",
+                       hold=() if sid is None else (sid,))
+        self._channelwise(node, view, shape, dirty=True)
+
+    rule_reciprocal = rule_rsqrt
 
     def rule_clamp(self, node, view, shape) -> None:
         """clamp/clip: zero-preserving when its range holds 0 (`clamp(min=0)` is a relu), else dirty."""
@@ -910,19 +1012,41 @@ class _Builder:
         if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or len(view.inputs) != 1:
             raise _Pin("pow with a tensor exponent or base")
         if not exponent > 0:
-            raise _Pin("pow with an exponent <= 0 (not zero-preserving, not finite at 0)")
+            if _sign(self.gm, view.input) == "pos":  # (var + eps) ** -0.5: finite, not zero-preserving
+                return self._channelwise(node, view, shape, dirty=True)
+            sid = self.in_slot(view.input)
+            raise _Pin("pow with an exponent <= 0 of a value that may be 0 (its channels all stay)",
+                       hold=() if sid is None else (sid,))
         self._channelwise(node, view, shape, dirty=False)
 
     def rule_mul(self, node, view, shape) -> None:
         out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=True)
         if out_axis is None:
             return self.free_output(node, view)
+        info = {}
         if view.kind == "div":
-            divisor = view.attrs.get("other")
-            if isinstance(divisor, torch.fx.Node) and any(a is divisor for a, _ in pairs):
-                raise _Pin("division by a channel tensor")
+            args = self.named_args(node)
+            divisor = args.get("other")
+            held = [sid for a, sid in pairs if a is divisor and self.slots[sid].role != "pinned"]
+            if held:
+                # a removed channel divides 0 by the divisor there: 0 only if that is not 0
+                if _sign(self.gm, divisor) != "pos":
+                    raise _Pin("division by a channel tensor that may be 0 (its channels all stay)",
+                               hold=tuple(held))
+                if args.get("input") is not divisor:
+                    info["clean_reads"] = {divisor.name}  # 0 / d is 0 whatever d is
+        self._aligned_op(node, view, shape, out_axis, pairs, info)
+
+    rule_div = rule_mul
+
+    def named_args(self, node: torch.fx.Node) -> dict[str, Any]:
+        """A call's arguments under the op table's canonical names (tensors included)."""
+        return bind_arguments(node, spec_for(self.gm, node))
+
+    def _aligned_op(self, node, view, shape, out_axis: int, pairs, info: dict | None = None) -> None:
+        """An output slot whose channel c is channel c of every aligned input (`pairs`)."""
         out = self.new_slot(node, out_axis, "pass")
-        rule = Rule(node.name, view.kind, "pass", outputs=[out])
+        rule = Rule(node.name, view.kind, "pass", outputs=[out], info=info or {})
         pos = np.arange(shape[out_axis])
         for a, sid in pairs:
             rule.inputs.append((a.name, sid, pos, pos, out))
@@ -930,7 +1054,55 @@ class _Builder:
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 
-    rule_div = rule_mul
+    def rule_where(self, node, view, shape) -> None:
+        """where(cond, a, b): channel c of the output is channel c of a or b, so it is zero on a
+        removed channel when both are (a clean input, or the number 0), whatever the condition."""
+        args = self.named_args(node)
+        if args.get("input") is None or args.get("other") is None:
+            raise _Pin("where with one argument (a tuple of indices)")
+        self._selecting(node, view, shape, (args["input"], args["other"]), args.get("condition"))
+
+    def rule_masked_fill(self, node, view, shape) -> None:
+        """masked_fill(x, mask, v): x where the mask is false, v where true."""
+        args = self.named_args(node)
+        self._selecting(node, view, shape, (args.get("input"), args.get("value")), args.get("mask"))
+
+    def _selecting(self, node, view, shape, branches, condition) -> None:
+        out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=True)
+        if out_axis is None:
+            return self.free_output(node, view)
+        aligned = {a for a, _ in pairs}
+        clean = all((b in aligned) if isinstance(b, torch.fx.Node) else b == 0 for b in branches)
+        info = {"clean_reads": {condition.name}} if isinstance(condition, torch.fx.Node) else {}
+        if not clean:
+            info["dirty_source"] = True
+        self._aligned_op(node, view, shape, out_axis, pairs, info)
+
+    def rule_gt(self, node, view, shape) -> None:
+        """A comparison: per channel, and on a removed channel ``op(0, other)`` (a bool tensor)."""
+        out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=True)
+        if out_axis is None:
+            return self.free_output(node, view)
+        aligned = {a for a, _ in pairs}
+        args = self.named_args(node)
+        at_removed = [0 if v in aligned else None if isinstance(v, torch.fx.Node) else v
+                      for v in (args.get("input"), args.get("other"))]
+        dirty = None in at_removed or bool(getattr(operator, view.kind)(*at_removed))
+        self._aligned_op(node, view, shape, out_axis, pairs, {"dirty_source": True} if dirty else None)
+
+    rule_ge = rule_lt = rule_le = rule_eq = rule_ne = rule_gt
+
+    def rule_fill_like(self, node, view, shape) -> None:
+        """zeros_like / ones_like / full_like: the input's shape (its channels shrink with it),
+        none of its values."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        fill = view.attrs.get("fill_value", 0)
+        info = {"clean_reads": {src.name}}
+        if isinstance(fill, torch.fx.Node) or fill != 0:
+            info["dirty_source"] = True
+        self.passthrough(node, view, src, self.slots[sid].axis, info=info)
 
     def rule_glu(self, node, view, shape) -> None:
         """``glu(x, dim) = a * sigmoid(b)`` with ``a, b`` the halves of ``x`` along `dim`: over the
@@ -1014,6 +1186,81 @@ class _Builder:
 
     rule_chunk = rule_split
 
+    def rule_stack(self, node, view, shape) -> None:
+        """stack along a new axis: channel c of every input is channel c of the output."""
+        slotted = [(a, self.in_slot(a)) for a in view.inputs if self.in_slot(a) is not None]
+        if not slotted:
+            return self.free_output(node, view)
+        axis = self.slots[slotted[0][1]].axis
+        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(shape))
+        pairs = []
+        for a in view.inputs:
+            sid = self.slot_on(a, axis)
+            if sid is None:
+                raise _Pin(f"stack input {a.name} tracks channels on another axis")
+            pairs.append((a, sid))
+        self._aligned_op(node, view, shape, axis + (dim <= axis), pairs)
+
+    def rule_unbind(self, node, view, shape) -> None:
+        """unbind of another axis than the channels: every piece keeps them (like split's)."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        in_shape = _shape(src)
+        axis = self.slots[sid].axis
+        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(in_shape))
+        if dim == axis:
+            raise _Pin("unbind of the channel axis", conflict=sid)
+        if not all(isinstance(_getitem_index(user), int) for user in node.users):
+            raise _Pin("unbind result used other than by getitem")
+        rule = Rule(node.name, view.kind, "split", info={"dim": dim, "sizes": [1] * in_shape[dim], "pieces": {}})
+        pos = np.arange(in_shape[axis])
+        for user in node.users:
+            index = _getitem_index(user)
+            out = self.new_slot(user, axis - (dim < axis), "pass")
+            rule.inputs.append((src.name, sid, pos, pos, out))
+            rule.info["pieces"][user.name] = index
+            self.link(sid, out, pos, pos, view.kind, f"piece {index}")
+            self.value_slot[user.name] = out
+            self.rules[user.name] = Rule(user.name, "getitem", "split-piece", outputs=[out])
+        self.value_slot[node.name] = None
+        self.rules[node.name] = rule
+
+    def rule_einsum(self, node, view, shape) -> None:
+        """einsum: the channel axis's index letter must stay in the output (a contraction of
+        it is pinned); every operand with that letter is aligned on it, as in a product."""
+        equation = str(view.attrs.get("equation", "")).replace(" ", "")
+        operands = view.inputs
+        if "." in equation or len(operands) != len(equation.split("->")[0].split(",")):
+            raise _Pin("einsum with an ellipsis or non-tensor operands")
+        lhs, _, rhs = equation.partition("->")
+        terms = lhs.split(",")
+        if "->" not in equation:  # implicit output: the letters used once, in order
+            rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+        letters = {terms[i][self.slots[sid].axis] for i, a in enumerate(operands)
+                   if (sid := self.in_slot(a)) is not None}
+        if not letters:
+            return self.free_output(node, view)
+        if len(letters) > 1:
+            raise _Pin("einsum operands carry channels on different indices")
+        letter = letters.pop()
+        if letter not in rhs:
+            raise _Pin("einsum contracts the channel axis")
+        pairs = []
+        for a, term in zip(operands, terms):
+            if term.count(letter) > 1:
+                raise _Pin("einsum takes a diagonal of the channel axis")
+            at = term.find(letter)
+            if at < 0 or _shape(a)[at] == 1:
+                if at < 0 and self.in_slot(a) is not None:
+                    raise _Pin(f"einsum operand {a.name} carries channels on an index the output drops")
+                continue  # broadcast over the channels
+            sid = self.slot_on(a, at)
+            if sid is None:
+                raise _Pin(f"einsum operand {a.name} tracks channels on another axis")
+            pairs.append((a, sid))
+        self._aligned_op(node, view, shape, rhs.index(letter), pairs)
+
     def rule_getitem(self, node, view, shape) -> None:
         """``x[...]`` with ints, slices, None and one Ellipsis: the channel axis follows; a slice
         of the channel axis itself is an index map (`_slice_channels`), other indexing of it is
@@ -1044,7 +1291,7 @@ class _Builder:
             dim_in += width
         item = items[at] if at is not None else slice(None)
         if not isinstance(item, slice):
-            raise _Pin("indexing on the channel axis")
+            raise _Pin("indexing on the channel axis", conflict=sid)
         where = at if isinstance(index, tuple) else None
         self._slice_channels(node, view, src, sid, out_axis, item, {"slice_item": where})
 
@@ -1055,7 +1302,7 @@ class _Builder:
         axis = self.slots[sid].axis
         dim = _norm_axis(int(view.attrs.get("dim")), len(_shape(src)))
         if dim == axis:
-            raise _Pin("select on the channel axis")
+            raise _Pin("select on the channel axis", conflict=sid)
         self.passthrough(node, view, src, axis - (dim < axis))
 
     def rule_unsqueeze(self, node, view, shape) -> None:
@@ -1266,6 +1513,7 @@ class _Builder:
         if b >= len(shape):
             raise _Pin("reshape drops the channel axis")
         s = shape[b]
+        origin = None
         if s == c:
             in_pos = out_pos = np.arange(c)
             how = "identity"
@@ -1274,8 +1522,22 @@ class _Builder:
             in_pos, out_pos = np.repeat(np.arange(c), r), np.arange(s)
             how = f"block x{r}"
         elif s < c and c % s == 0 and _prefix_hits(shape[b:], c):
-            in_pos, out_pos = np.arange(c), np.arange(c) // (c // s)
-            how = f"heads {s}x{c // s}"
+            # c split into axes b, b+1, ... (heads x dims, or q/k/v x heads x dims): the slot goes
+            # on the first of them with more than one entry, or, when an op reduces or indexes
+            # that axis (a softmax over branches, q/k/v unbound), on a later one (`split_axes`)
+            factors = list(shape[b:b + next(i for i in range(1, len(shape) - b + 1)
+                                            if math.prod(shape[b:b + i]) == c)])
+            choices = [i for i, f in enumerate(factors) if f > 1]
+            pick = self.split_axes.get(node.name, 0)
+            if pick >= len(choices):
+                raise _Pin("reshape splits the channel axis and every part is reduced or indexed")
+            t = choices[pick]
+            inner = math.prod(factors[t + 1:])
+            in_pos, out_pos = np.arange(c), (np.arange(c) // inner) % factors[t]
+            how = f"heads {factors[t]}x{c // factors[t]}" if t == 0 else f"axis {t} of {tuple(factors)}"
+            b += t
+            if pick + 1 < len(choices):
+                origin = (node.name, pick)
         else:
             raise _Pin("reshape splits the channel axis in a way fxopt cannot follow")
         info = {"size_index": b} if view.kind == "reshape" else {}
@@ -1283,7 +1545,9 @@ class _Builder:
             dim = _norm_axis(int(view.attrs["dim"]), len(in_shape))
             if dim == a:  # the channel axis is the one split: its entry of `sizes` is rewritten
                 info = {"sizes_entry": b - dim}
-        self.passthrough(node, view, src, b, in_pos, out_pos, how=how, info=info)
+        out = self.passthrough(node, view, src, b, in_pos, out_pos, how=how, info=info)
+        if origin is not None:
+            self.split_origin[out] = origin
 
     rule_unflatten = rule_reshape
 
@@ -1463,6 +1727,65 @@ class _Builder:
                     stack.append(x)
         return ChannelGraph(self.graph, self.slots, self.rules, self.value_slot, cls, n_classes, precedence,
                             self.pinned_nodes, pinned, out_cls, self.module_names)
+
+
+_POSITIVE = frozenset({"sigmoid", "exp", "softplus"})
+_NON_NEGATIVE = frozenset({"abs", "square", "relu", "vector_norm", "var", "std"})
+# ops whose sign is their input's (values moved, repeated or averaged; sqrt and rsqrt of a positive)
+_SAME_SIGN = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
+                        "unsqueeze", "squeeze", "to", "contiguous", "getitem", "select", "slice", "mean", "amax",
+                        "amin", "sum", "sqrt", "dropout", "identity"})
+
+
+def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
+    """"pos" when every element of `value` is > 0, "nonneg" when ≥ 0, else None (unknown) —
+    read off the ops that make it (``clamp_min(norm, eps)``, ``var + eps``, ``sigmoid(g)``), so
+    a division by it, or its rsqrt, is known to be finite.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: (x.var(1, keepdim=True) + 1e-5, x.abs(), x - 1))
+        >>> {n.name: _sign(gm, n) for n in gm.graph.nodes if n.op.startswith("call")}
+        {'var': 'nonneg', 'add': 'pos', 'abs_1': 'nonneg', 'sub': None}
+    """
+    if isinstance(value, bool) or depth == 0:
+        return None
+    if isinstance(value, (int, float)):
+        return "pos" if value > 0 else "nonneg" if value == 0 else None
+    if not isinstance(value, torch.fx.Node):
+        return None
+    view = op_view(gm, value)
+    if view is None:
+        return None
+    kind, inner = view.kind, (lambda v: _sign(gm, v, depth - 1))
+    if kind in _POSITIVE:
+        return "pos"
+    if kind in _NON_NEGATIVE or (kind == "hardtanh" and view.attrs.get("min_val", -1) >= 0):
+        return "nonneg"
+    if kind == "pow":
+        e = view.attrs.get("exponent")
+        if isinstance(e, int) and not isinstance(e, bool) and e % 2 == 0:
+            return "pos" if inner(view.input) == "pos" else "nonneg"
+        return inner(view.input) if isinstance(e, (int, float)) else None
+    if kind == "clamp":
+        low = view.attrs.get("min")
+        if isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0:
+            return "pos" if low > 0 else "nonneg"
+        return inner(view.input) if low is None and view.attrs.get("max") is None else None
+    if kind == "rsqrt":
+        return "pos" if inner(view.input) == "pos" else None
+    if kind in _SAME_SIGN:
+        return inner(view.input)
+    if kind in ("add", "mul"):
+        if view.attrs.get("alpha", 1) != 1:
+            return None
+        args = bind_arguments(value, spec_for(gm, value))
+        signs = [inner(args.get("input")), inner(args.get("other"))]
+        if None in signs:
+            return None
+        if kind == "add":
+            return "pos" if "pos" in signs else "nonneg"
+        return "pos" if signs == ["pos", "pos"] else "nonneg"
+    return None
 
 
 def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
