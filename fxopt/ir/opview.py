@@ -317,6 +317,15 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("fill_like", functions=(torch.zeros_like,), aten=(aten.zeros_like,), defaults=dict(fill_value=0)),
     OpSpec("fill_like", functions=(torch.ones_like,), aten=(aten.ones_like,), defaults=dict(fill_value=1)),
     OpSpec("fill_like", functions=(torch.full_like,), aten=(aten.full_like,), arg_names=("input", "fill_value")),
+    # max/min over an axis give (values, indices); of two tensors, the elementwise extremum
+    # (`torch.max(x, y)` binds y as `dim`, so `dim` is a tensor argument too)
+    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
+             arg_names=("input", "dim", "keepdim"), tensor_args=("input", "other", "dim"),
+             defaults=dict(keepdim=False))
+      for name in ("max", "min")),
+    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
+             arg_names=("input", "other"), tensor_args=("input", "other"))
+      for name in ("maximum", "minimum")),
     OpSpec("stack", functions=(torch.stack,), aten=(aten.stack,), arg_names=("tensors", "dim"),
            tensor_args=("tensors",), defaults=dict(dim=0)),
     OpSpec("unbind", functions=(torch.unbind,), methods=("unbind",), aten=(aten.unbind,), arg_names=("input", "dim"),

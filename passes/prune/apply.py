@@ -282,8 +282,8 @@ class _Applier:
         if dim == axis:
             want = np.concatenate(wants)
             new_sizes = [int(len(w)) for w in wants]
-        else:
-            want = wants[0]
+        else:  # every piece keeps the same channels (their slots are one class each)
+            want = wants[piece]
             new_sizes = sizes
         self.adapt(node, src, sid, want)
         x = node.args[0] if node.args else node.kwargs.get("input")

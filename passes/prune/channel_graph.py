@@ -18,10 +18,13 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   there. Grouped conv couples input position r of every group (and output position r of every
   group) so groups stay uniform; depthwise conv ties input channel c to its output block like a
   batchnorm.
-- batch_norm, zero-preserving activations (relu, gelu, leaky_relu, elu, mish, ``pow`` with a
-  positive exponent, ...), PReLU (a slope per channel is sliced with them), pooling, dropout,
-  interpolate, mean or p-norm over other axes, roll/pad of other axes, scalar mul/div: identity maps.
-- ops with f(0) ≠ 0 (``x + const``, sigmoid, hardsigmoid, softmax over another axis) are identity maps too,
+- batch_norm, instance_norm, zero-preserving activations (relu, gelu, leaky_relu, elu, mish, abs,
+  sqrt, erf, ``pow`` with a positive exponent, ...), PReLU (a slope per channel is sliced with
+  them), pooling, dropout, interpolate, reductions over other axes (mean, sum, p-norm, amax,
+  var, max with indices), F.normalize, roll/pad of other axes, scalar mul/div, division by a
+  value known positive (`_sign`): identity maps. where / masked_fill / elementwise max, stack
+  and einsum align their operands' channels like a product (einsum must keep the channel letter).
+- ops with f(0) ≠ 0 (``x + const``, sigmoid, exp, softmax over another axis, a fill of -inf) are identity maps too,
   but their value is
   *dirty*: it is not zero on removed channels. That is harmless while every path from it ends in
   a product with a zero-preserving factor (``x * sigmoid(x)``, the tanh GELU spelled out as
@@ -33,7 +36,8 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   except where they read the channel axis and the result is used other than as the
   channel-axis entry of a reshape's size (which apply rewrites anyway) — then they are pinned.
 - mul of two channel tensors, cat (with offsets along the channel axis), split/chunk + getitem,
-  flatten/reshape/unflatten (identity, merge into a block, or a head split), permute/transpose/expand/
+  flatten/reshape/unflatten (identity, merge into a block, or a head split — on a later axis of
+  the split when an op reduces or indexes the first, `split_axes`), permute/transpose/expand/
   select/slice (following the axis), a slice *of* the channel axis with constant bounds and
   step 1 (``x[:, a:b]`` or export's ``aten.slice``: channel j is input channel a + j, like a
   split piece; a full-range one such as GhostNet's ``cat([x1, x2], 1)[:, :oup]`` is the
@@ -93,7 +97,7 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul",
     "narrow", "index_select", "expand_as", "clamp", "softplus", "flip", "exp", "cos", "rsqrt", "reciprocal",
     "sum", "amax", "amin", "var", "std", "normalize", "where", "masked_fill", "gt", "ge", "lt", "le", "eq", "ne",
-    "fill_like", "stack", "unbind", "einsum"})
+    "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum"})
 # products: zero on a removed channel where any factor is (a matmul or einsum here keeps
 # channels on an axis it does not contract; one contracting them is pinned)
 GATING = frozenset({"mul", "matmul", "einsum"})
@@ -521,6 +525,8 @@ class _Builder:
         self.rules[node.name] = rule
 
     def visit(self, node: torch.fx.Node) -> None:
+        if node.name in self.rules:  # a piece of a tuple, handled with the op that made it
+            return
         query = size_read(node)
         if query is not None:
             return self.visit_shape_query(node, *query)
@@ -550,7 +556,7 @@ class _Builder:
                 handler = self.rule_unary
             else:
                 raise _Pin(f"no channel rule for '{kind}'")
-        if shape is None and kind not in ("split", "chunk", "unbind", "assert_metadata"):
+        if shape is None and kind not in ("split", "chunk", "unbind", "max", "min", "assert_metadata"):
             raise _Pin("no shape metadata")
         handler(node, view, shape)
 
@@ -1211,13 +1217,18 @@ class _Builder:
         dim = _norm_axis(int(view.attrs.get("dim", 0)), len(in_shape))
         if dim == axis:
             raise _Pin("unbind of the channel axis", conflict=sid)
-        if not all(isinstance(_getitem_index(user), int) for user in node.users):
-            raise _Pin("unbind result used other than by getitem")
-        rule = Rule(node.name, view.kind, "split", info={"dim": dim, "sizes": [1] * in_shape[dim], "pieces": {}})
-        pos = np.arange(in_shape[axis])
+        self._tuple_pieces(node, view, src, sid, dim, axis - (dim < axis), in_shape[dim])
+
+    def _tuple_pieces(self, node, view, src, sid: int, dim: int, out_axis: int, count: int) -> None:
+        """A tuple of values that all keep `src`'s channels (on `out_axis`): a slot for each
+        piece taken out of it (like a split's along another axis than the channels)."""
+        if not all(isinstance(_piece_index(user), int) for user in node.users):
+            raise _Pin(f"{view.kind} result used other than by taking its pieces")
+        rule = Rule(node.name, view.kind, "split", info={"dim": dim, "sizes": [1] * count, "pieces": {}})
+        pos = np.arange(self.slots[sid].size)
         for user in node.users:
-            index = _getitem_index(user)
-            out = self.new_slot(user, axis - (dim < axis), "pass")
+            index = _piece_index(user)
+            out = self.new_slot(user, out_axis, "pass")
             rule.inputs.append((src.name, sid, pos, pos, out))
             rule.info["pieces"][user.name] = index
             self.link(sid, out, pos, pos, view.kind, f"piece {index}")
@@ -1225,6 +1236,32 @@ class _Builder:
             self.rules[user.name] = Rule(user.name, "getitem", "split-piece", outputs=[out])
         self.value_slot[node.name] = None
         self.rules[node.name] = rule
+
+    def rule_max(self, node, view, shape) -> None:
+        """max/min of two tensors: elementwise, 0 on a removed channel where both are 0. Over
+        another axis than the channels: (values, indices), both per channel (the max of a
+        removed, all-zero channel is 0); over the channel axis the removed zeros would count."""
+        args = self.named_args(node)
+        other = args.get("other", args.get("dim"))
+        if isinstance(other, torch.fx.Node) and not _is_number(other):
+            return self._selecting(node, view, shape, (args.get("input"), other), None)
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        in_shape, axis, dim = _shape(src), self.slots[sid].axis, args.get("dim")
+        if not isinstance(dim, int) or _norm_axis(dim, len(in_shape)) == axis:
+            raise _Pin(f"{view.kind} over the channel axis (the removed zeros would count)", conflict=sid)
+        dim = _norm_axis(dim, len(in_shape))
+        out_axis = axis if args.get("keepdim") else axis - (dim < axis)
+        self._tuple_pieces(node, view, src, sid, dim, out_axis, 2)
+
+    rule_min = rule_max
+
+    def rule_maximum(self, node, view, shape) -> None:
+        args = self.named_args(node)
+        self._selecting(node, view, shape, (args.get("input"), args.get("other")), None)
+
+    rule_minimum = rule_maximum
 
     def rule_einsum(self, node, view, shape) -> None:
         """einsum: the channel axis's index letter must stay in the output (a contraction of
@@ -1786,6 +1823,15 @@ def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
             return "pos" if "pos" in signs else "nonneg"
         return "pos" if signs == ["pos", "pos"] else "nonneg"
     return None
+
+
+def _piece_index(node: torch.fx.Node) -> int | None:
+    """Which piece of a tuple `node` takes: ``t[i]``, or ``t.values`` / ``t.indices`` of
+    max/min's named tuple."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return {"values": 0, "indices": 1}.get(node.args[1])
+    index = _getitem_index(node)
+    return index if isinstance(index, int) else None
 
 
 def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:

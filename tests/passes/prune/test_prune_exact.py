@@ -411,6 +411,111 @@ class ClampFlip(nn.Module):
         return self.out(h.flip(-1))
 
 
+class SplitAttention(nn.Module):
+    """SKNet/ResNeSt's split attention: branches stacked on a new axis and summed, a gate from
+    one conv viewed as (branches, channels) with a softmax over the branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 5, padding=2)
+        self.fc, self.att, self.out = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 32, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        feats = torch.stack([F.relu(self.b1(x)), F.relu(self.b2(x))], 1)
+        z = F.relu(self.fc(feats.sum(1).mean((2, 3), keepdim=True)))
+        a = self.att(z).view(x.shape[0], 2, 16, 1, 1).softmax(1)
+        return self.out((feats * a).sum(1))
+
+
+class Reductions(nn.Module):
+    """sum / amax / std over the positions, max and min with their indices (PointNet's global
+    feature), an elementwise maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv1d(3, 16, 1), nn.Conv1d(16, 32, 1), nn.Conv1d(16, 32, 1)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        b, c = F.relu(self.b(h)), F.relu(self.c(h))
+        g = torch.max(b, 2, keepdim=True)[0].squeeze(-1) + torch.maximum(b, c).min(dim=-1).values
+        return self.fc(g + b.sum(-1) / 10 + c.amax(-1) + b.std(-1))
+
+
+class InstanceNormNet(nn.Module):
+    def __init__(self, affine=True):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.norm = nn.InstanceNorm2d(16, affine=affine)
+
+    def forward(self, x):
+        return self.b(F.relu(self.norm(self.a(x))))
+
+
+class Normalized(nn.Module):
+    """F.normalize over the channels (cosine-similarity heads) and over the positions, and an
+    instance norm spelled out, whose divisor ``sqrt(var + eps)`` is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.normalize(F.relu(self.a(x)), dim=-1)
+        h = F.normalize(self.b(h), dim=1)
+        h = (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, keepdim=True) + 1e-5)
+        return self.c(h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + 1e-6))
+
+
+class PackedAttention(nn.Module):
+    """timm's ViT attention: one qkv linear viewed as (3, heads, dim) and unbound, and einsum
+    attention over the same packing; an optional nanoGPT causal mask (masked_fill with -inf)."""
+
+    def __init__(self, dim=32, heads=4, einsum=False, causal=False):
+        super().__init__()
+        self.h, self.einsum, self.causal = heads, einsum, causal
+        self.embed, self.qkv = nn.Linear(6, dim), nn.Linear(dim, 3 * dim)
+        self.o, self.head = nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.register_buffer("bias", torch.tril(torch.ones(5, 5)).view(1, 1, 5, 5))
+
+    def forward(self, x):
+        b, n, c = x.shape[0], x.shape[1], 32
+        h = self.embed(x)
+        qkv = self.qkv(h).reshape(b, n, 3, self.h, c // self.h)
+        if self.einsum:
+            q, k, v = qkv.unbind(2)
+            att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            att = q @ k.transpose(-2, -1) * 0.25
+        if self.causal:
+            att = att.masked_fill(self.bias == 0, float("-inf"))
+        att = att.softmax(-1)
+        if self.einsum:
+            y = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, n, c)
+        else:
+            y = (att @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head(h + self.o(y))[:, 0]
+
+
+class MathOps(nn.Module):
+    """GELU spelled out with erf, where with a zero branch, abs/sqrt, an exp gate,
+    zeros_like, a comparison as a mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.g, self.b = nn.Linear(6, 32), nn.Linear(6, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+        h = torch.where(h > 0, h, torch.zeros_like(h)) + h.abs().sqrt() * torch.exp(-self.g(x).abs())
+        return self.b(h.masked_fill(h < -1, 0.0))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -442,6 +547,15 @@ CASES = {
     "glu": (Gated, lambda: torch.randn(2, 3, 10)),
     "head_softmax": (HeadSoftmax, lambda: torch.randn(2, 5, 6)),
     "head_softmax_gated": (lambda: HeadSoftmax(gated=True), lambda: torch.randn(2, 5, 6)),
+    "split_attention": (SplitAttention, IMAGE),
+    "reductions": (Reductions, lambda: torch.randn(2, 3, 10)),
+    "instance_norm": (InstanceNormNet, IMAGE),
+    "instance_norm_plain": (lambda: InstanceNormNet(affine=False), IMAGE),
+    "normalized": (Normalized, lambda: torch.randn(2, 5, 6)),
+    "packed_qkv": (PackedAttention, lambda: torch.randn(2, 5, 6)),
+    "packed_qkv_causal": (lambda: PackedAttention(causal=True), lambda: torch.randn(2, 5, 6)),
+    "einsum_attention": (lambda: PackedAttention(einsum=True), lambda: torch.randn(2, 5, 6)),
+    "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
 }
 
 
@@ -885,3 +999,64 @@ def test_a_size_read_in_the_graph_stays_dynamic_after_pruning():
     assert pruned.get_parameter("const").shape[1] < 8
     longer = torch.randn(3, 3, 17)
     torch.testing.assert_close(pruned(longer), plan.gm(longer), rtol=1e-4, atol=1e-5)
+
+
+NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
+           "packed_qkv_causal", "einsum_attention", "math_ops"]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("name", NO_PINS)
+def test_reductions_selections_and_packed_heads_are_followed_not_pinned(name, mode):
+    plan, *_ = _pruned_and_masked(name, mode)
+    assert plan.channel_graph.pinned_nodes == {}
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_packed_qkv_loses_whole_heads_from_q_k_and_v_alike(mode):
+    *_, gm, _ = _pruned_and_masked("packed_qkv", mode)
+    heads = {n.meta["tensor_meta"].shape[1] for n in gm.graph.nodes
+             if "matmul" in str(n.target) and n.meta.get("tensor_meta") is not None}
+    assert len(heads) == 1 and heads.pop() < 4
+    qkv = next(t for k, t in gm.state_dict().items() if "qkv" in k and k.endswith("weight"))
+    assert qkv.shape[0] % (3 * 8) == 0 and qkv.shape[0] < 96
+
+
+class _DividedByChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c(self.a(x) / self.b(x))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_divisor_that_may_be_zero_keeps_all_its_channels(mode):
+    """0 / 0 on a removed channel would be NaN: the division is pinned, its divisor held whole."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(_DividedByChannels().eval(), x, mode, 0.5)
+    assert any("division by a channel tensor that may be 0" in why for why in r.plan.channel_graph.pinned_nodes.values())
+    assert torch.isfinite(r.masked).all()
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    rows = {k.split(".")[-2]: t.shape[0] for k, t in r.pruned.state_dict().items() if t.dim() == 4}
+    assert rows["b"] == 16 and rows["a"] < 16, rows  # the numerator is re-expanded with zeros
+
+
+@pytest.mark.parametrize("op", [lambda h: h.amax(1), lambda h: h.max(1)[0], lambda h: h.softmax(1)[:, 0]])
+def test_an_extremum_or_softmax_over_the_channels_is_pinned_by_name(op):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(3, 16, 1), nn.Conv1d(16, 16, 1)
+
+        def forward(self, x):
+            h = self.b(F.relu(self.a(x)))
+            return op(h) + h.sum(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10)
+    r = prune_and_mask(Net().eval(), x, "symbolic", 0.5)
+    assert any("over the channel axis" in why for why in r.plan.channel_graph.pinned_nodes.values())
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
