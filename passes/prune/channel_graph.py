@@ -304,17 +304,21 @@ def build_channel_graph(gm: torch.fx.GraphModule, exact_norms: bool = True) -> C
     Dirty values and channel-axis shape queries are followed optimistically; where one turns out
     to be used in a way that is not exact (see the module docstring), its source is pinned and
     the graph is walked again (each round pins more, so this ends; in practice one extra round).
+    Likewise a reshape that splits the channels over several axes moves its slot to the next of
+    them when an op reduces or indexes the one it had (bounded by its axes).
     """
     forced: dict[str, str] = {}
     split_axes: dict[str, int] = {}
     while True:
         builder = _Builder(gm, exact_norms, forced, split_axes)
         builder.walk()
+        if builder.split_axes != split_axes:  # a reshape moves its slot: its readers change too
+            split_axes = builder.split_axes
+            continue
         new = {k: v for k, v in builder.violations().items() if k not in forced}
-        if not new and builder.split_axes == split_axes:
+        if not new:
             return builder.finish()
         forced.update(new)
-        split_axes = builder.split_axes
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -334,6 +338,9 @@ def _holds_features(node: torch.fx.Node) -> bool:
     before the position embedding): removing its "channels" would change what is looked up."""
     meta = tensor_meta(node)
     return meta is not None and meta[1].is_floating_point
+
+
+_INT_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 
 def _is_number(node: Any) -> bool:
@@ -495,7 +502,11 @@ class _Builder:
         return bad
 
     def _is_size_entry(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
-        """`value` is the size entry of `user`, a reshape/expand, exactly at its channel axis."""
+        """`value` is the size entry of `user`, a reshape/expand, exactly at its channel axis —
+        or integer arithmetic on it (ShuffleNet's ``c // groups``) used only that way: apply
+        writes the new count into the entry whatever computed it."""
+        if user.op == "call_function" and user.target in _INT_ARITHMETIC and _is_number(user):
+            return bool(user.users) and all(self._is_size_entry(u, user) for u in user.users)
         rule = self.rules.get(user.name)
         index = rule.info.get("size_index") if rule is not None and rule.category == "pass" else None
         if index is None or not user.args or user.args[0] is value or value in user.kwargs.values():
@@ -1543,8 +1554,8 @@ class _Builder:
         while b < len(shape) and acc < prefix:
             acc *= shape[b]
             b += 1
-        if acc != prefix:
-            raise _Pin("reshape mixes the channel axis with leading axes")
+        if acc != prefix:  # (ShuffleNet's shuffle merges a group axis back with the channels)
+            raise _Pin("reshape mixes the channel axis with leading axes", conflict=sid)
         while b < len(shape) and shape[b] == 1 and c != 1:
             b += 1
         if b >= len(shape):
@@ -1565,16 +1576,15 @@ class _Builder:
             factors = list(shape[b:b + next(i for i in range(1, len(shape) - b + 1)
                                             if math.prod(shape[b:b + i]) == c)])
             choices = [i for i, f in enumerate(factors) if f > 1]
-            pick = self.split_axes.get(node.name, 0)
-            if pick >= len(choices):
-                raise _Pin("reshape splits the channel axis and every part is reduced or indexed")
+            wanted = self.split_axes.get(node.name, 0)
+            pick = wanted if wanted < len(choices) else 0  # every axis met a conflict: the first
             t = choices[pick]
             inner = math.prod(factors[t + 1:])
             in_pos, out_pos = np.arange(c), (np.arange(c) // inner) % factors[t]
             how = f"heads {factors[t]}x{c // factors[t]}" if t == 0 else f"axis {t} of {tuple(factors)}"
             b += t
-            if pick + 1 < len(choices):
-                origin = (node.name, pick)
+            if len(choices) > 1 and wanted < len(choices):
+                origin = (node.name, wanted)
         else:
             raise _Pin("reshape splits the channel axis in a way fxopt cannot follow")
         info = {"size_index": b} if view.kind == "reshape" else {}

@@ -516,6 +516,31 @@ class MathOps(nn.Module):
         return self.b(h.masked_fill(h < -1, 0.0))
 
 
+def channel_shuffle(x, groups):
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ShuffleBlocks(nn.Module):
+    """ShuffleNetV2: half the channels pass, half go through a branch, and the concat is
+    shuffled (viewed as groups x channels, transposed, merged back) before the next split."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.branches = nn.ModuleList(
+            nn.Sequential(conv_bn(c // 2, c // 2, 1), nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2),
+                          nn.BatchNorm2d(c // 2), conv_bn(c // 2, c // 2, 1)) for _ in range(2))
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.branches:
+            a, b = x.chunk(2, dim=1)
+            x = channel_shuffle(torch.cat((a, branch(b)), 1), 2)
+        return self.head(x.mean((2, 3)))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -556,6 +581,7 @@ CASES = {
     "packed_qkv_causal": (lambda: PackedAttention(causal=True), lambda: torch.randn(2, 5, 6)),
     "einsum_attention": (lambda: PackedAttention(einsum=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
+    "channel_shuffle": (ShuffleBlocks, IMAGE),
 }
 
 
@@ -1003,6 +1029,15 @@ def test_a_size_read_in_the_graph_stays_dynamic_after_pruning():
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops"]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_channel_shuffle_couples_channel_j_of_every_group(mode):
+    """The group axis of the shuffle's view cannot merge back into the channels; the slot moves
+    to the channels within a group, so the passed half and the branch lose the same positions."""
+    plan, masked, out, before, gm, x = _pruned_and_masked("channel_shuffle", mode)
+    assert not [n for n, why in plan.channel_graph.pinned_nodes.items() if "reshape" in why or "view" in n]
+    assert count_parameters(gm) < 0.6 * before
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
