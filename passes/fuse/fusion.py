@@ -15,6 +15,9 @@ What it rewrites (each step can be switched off by an option):
   with −inf (`s.masked_fill(m, -inf)`) becomes `attn_mask=~m`. The scale may be a number the
   graph computes from shapes (`/ hd ** 0.5`, `* k.size(-1) ** -0.5`, symbolic traces): SDPA
   then reads it at run time;
+- `activations`: activations spelled out in elementwise ops (``x * sigmoid(x)``,
+  ``x * relu6(x + 3) / 6``, the erf and tanh GELUs) become the one op they compute
+  (`activations.py`), so the epilogues below can group them with their conv or linear;
 - `annotate`: conv/linear + activation (relu, relu6/hardtanh, hardswish, silu, gelu),
   conv + residual add (+ relu) and add + relu are *annotated* as fused groups in
   `node.meta["fxopt.annotations"]` (see `rules.py` for the contract). In eager PyTorch a
@@ -42,6 +45,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.patterns import PatternSet, apply_patterns
 
 from . import rules
+from .activations import ACTIVATION_FORMS
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Fuse(Pass):
     fold_bias: bool = True
     merge_linears: bool = True
     attention: bool = True
+    activations: bool = True
     annotate: bool = True
     #: A node name: the stats then say, per pattern, why it did not match rooted there.
     debug: str = ""
@@ -72,6 +77,8 @@ class Fuse(Pass):
             wanted.add("linear+linear")
         if self.attention:
             wanted |= set(rules.ATTENTION)
+        if self.activations:
+            table = table + ACTIVATION_FORMS
         table = table + rules.FOLDS.select(wanted)
         if self.annotate:
             table = table + rules.EPILOGUES

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
+from fxopt.passes.fuse.rules import ACTIVATIONS
 from fxopt.patterns import annotations
 
 MODES = ("symbolic", "export")
@@ -379,3 +380,58 @@ def test_rewrites_that_would_drop_an_argument_are_declined(kind, mode):
     res = fxopt.optimize(model, (x,), "fuse", mode=mode)
     assert not res.passes[0].stats["matches"], res.passes[0].stats["matches"]
     torch.testing.assert_close(res.module(x), model(x), equal_nan=True)
+
+
+SPELLED = {
+    "swish": (lambda x: x * torch.sigmoid(x), "silu", {}),
+    "swish_left": (lambda x: torch.sigmoid(x) * x, "silu", {}),
+    "hardswish": (lambda x: x * F.relu6(x + 3.0) / 6.0, "hardswish", {}),
+    "hardswish_grouped": (lambda x: x * (F.hardtanh(x + 3, 0.0, 6.0) / 6), "hardswish", {}),
+    "hardsigmoid": (lambda x: F.relu6(x + 3.0) * (1 / 6), "hardsigmoid", {}),
+    "gelu_bert": (lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))), "gelu", {"approximate": "none"}),
+    "gelu_scaled": (lambda x: 0.5 * x * (1 + torch.erf(x * 0.7071067811865476)), "gelu", {"approximate": "none"}),
+    "gelu_half_last": (lambda x: (x * (1.0 + torch.erf(x / math.sqrt(2.0)))) * 0.5, "gelu", {"approximate": "none"}),
+    "gelu_gpt2": (lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+                  "gelu", {"approximate": "tanh"}),
+}
+
+
+class _Spelled(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.fc, self.out, self.act = nn.Linear(8, 16), nn.Linear(16, 4), act
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(SPELLED))
+def test_a_spelled_out_activation_becomes_one_op_grouped_with_its_linear(name, mode):
+    fn, kind, attrs = SPELLED[name]
+    res = _run(_Spelled(fn), torch.randn(3, 8), mode)
+    gm = res.module
+    kinds = _kinds(gm)
+    assert kinds.count(kind) == 1 and not {"erf", "tanh", "sigmoid", "pow"} & set(kinds), kinds
+    act = next(n for n in gm.graph.nodes if (v := fxopt.ir.op_view(gm, n)) is not None and v.kind == kind)
+    assert all(fxopt.ir.op_view(gm, act).attrs.get(k) == v for k, v in attrs.items())
+    if kind in ACTIVATIONS:  # the kinds a kernel fuses after a linear (not hardsigmoid)
+        assert annotations(act)["fused"] == f"linear+{kind}"
+    matches = res.passes[0].stats["matches"]
+    assert sum(n for p, n in matches.items() if p.split("/")[0] in (kind, kind + "-tanh")) == 1, matches
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x * 0.5 * (1.0 + torch.erf(x / 1.4)),        # not √2
+    lambda x: x * 0.4 * (1.0 + torch.erf(x / math.sqrt(2.0))),  # not 0.5
+    lambda x: x * torch.sigmoid(x * 1.702),                 # quick GELU: sigmoid of another value
+    lambda x: x * F.relu6(x + 3.0) / 5.0,
+])
+def test_a_near_miss_is_not_taken_for_an_activation(fn):
+    res = _run(_Spelled(fn), torch.randn(3, 8), "symbolic")
+    assert not {"gelu", "silu", "hardswish", "hardsigmoid"} & set(_kinds(res.module))
+
+
+def test_activations_option_switches_the_forms_off():
+    res = _run(_Spelled(SPELLED["swish"][0]), torch.randn(3, 8), "symbolic", pipeline="fuse{activations=false}")
+    assert "silu" not in _kinds(res.module) and "sigmoid" in _kinds(res.module)

@@ -1,0 +1,103 @@
+"""Activations spelled out in elementwise ops, recognized as the one op they compute.
+
+Many models write their activation by hand: EfficientNet's swish ``x * sigmoid(x)``, a
+MobileNetV3 hard-swish ``x * relu6(x + 3) / 6``, BERT's exact GELU
+``x * 0.5 * (1 + erf(x / √2))`` and GPT-2's tanh GELU
+``0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 x³)))``. Each is 3-9 eager ops (each a pass over
+the tensor); as one `F.silu` / `F.hardswish` / `F.hardsigmoid` / `F.gelu` call it is one, and a
+conv or linear before it becomes a `conv+act` / `linear+act` group that `lower-cpu` fuses
+into the kernel.
+
+Constants are compared to the value they must have within 1e-6 (relative), so ``/ 1.41421``
+written by hand is not taken for ``/ math.sqrt(2)``; a multiplication may sit on either side
+and the GELU's 0.5 in any of the three places the product allows.
+
+    >>> import torch, torch.fx, torch.nn.functional as F
+    >>> from fxopt.patterns import apply_patterns
+    >>> gm = torch.fx.symbolic_trace(lambda x: x * torch.sigmoid(x) + F.relu6(x + 3.0) / 6.0)
+    >>> sorted(apply_patterns(gm, ACTIVATION_FORMS).counts.items())
+    [('hardsigmoid', 1), ('silu', 1)]
+"""
+from __future__ import annotations
+
+import math
+
+import torch.fx
+import torch.nn.functional as F
+
+from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var
+
+
+def _near(value: float):
+    """A Const check: a Python number within 1e-6 (relative) of `value`."""
+    def check(c) -> bool:
+        return isinstance(c, (int, float)) and not isinstance(c, bool) and abs(c - value) <= 1e-6 * abs(value)
+    return check
+
+
+def _half_times(inner: Op, x: Var) -> list[Op]:
+    """``0.5 · x · inner`` grouped each way a product of three can be: (0.5·x)·inner,
+    x·(0.5·inner) and (x·inner)·0.5."""
+    half = lambda: Const("half", check=_near(0.5))  # noqa: E731
+    return [Op("mul", Op("mul", x, scalar=half()), inner, commutative=True),
+            Op("mul", x, Op("mul", inner, scalar=half()), commutative=True),
+            Op("mul", Op("mul", x, inner, commutative=True), scalar=half())]
+
+
+def _one_plus(inner: Op) -> Op:
+    return Op("add", inner, scalar=Const("one", check=_near(1.0)))
+
+
+def _erf_scale_ok(m: Match) -> bool | str:
+    """erf's argument is x / √2 or x · (1/√2)."""
+    want = math.sqrt(2.0) if m.views["erf_scale"].kind == "div" else math.sqrt(0.5)
+    return True if _near(want)(m.values["s"]) else f"erf's argument is x scaled by {m.values['s']!r}, not 1/√2"
+
+
+def _gelu(approximate: str):
+    def rewrite(r: Rewriter) -> torch.fx.Node:
+        return r.call(F.gelu, r["x"], approximate=approximate)
+    return rewrite
+
+
+def _unary(fn):
+    def rewrite(r: Rewriter) -> torch.fx.Node:
+        return r.call(fn, r["x"])
+    return rewrite
+
+
+def _relu6_of_x_plus_3() -> Op:
+    return Op("hardtanh", Op("add", Var("x"), scalar=Const("three", check=_near(3.0))),
+              attrs={"min_val": 0.0, "max_val": 6.0})
+
+
+def _divided_by_6(inner: Op) -> list[Op]:
+    """``inner / 6`` or ``inner · (1/6)``."""
+    return [Op("div", inner, scalar=Const("six", check=_near(6.0))),
+            Op("mul", inner, scalar=Const("sixth", check=_near(1 / 6)))]
+
+
+def _patterns() -> list[Pattern]:
+    x = Var("x")
+    erf_gelu = _one_plus(Op("erf", Op(("div", "mul"), x, scalar=Const("s"), name="erf_scale")))
+    cube = Op("pow", x, attrs={"exponent": lambda e: e == 3})
+    poly = Op("add", x, Op("mul", cube, scalar=Const("k", check=_near(0.044715))), commutative=True)
+    tanh_gelu = _one_plus(Op("tanh", Op("mul", poly, scalar=Const("c", check=_near(math.sqrt(2 / math.pi))))))
+    hardsigmoid = _divided_by_6(_relu6_of_x_plus_3())
+    table = [Pattern(f"gelu/{i}", root, rewrite=_gelu("none"), check=_erf_scale_ok)
+             for i, root in enumerate(_half_times(erf_gelu, x))]
+    table += [Pattern(f"gelu-tanh/{i}", root, rewrite=_gelu("tanh")) for i, root in enumerate(_half_times(tanh_gelu, x))]
+    table.append(Pattern("silu", Op("mul", x, Op("sigmoid", x), commutative=True), rewrite=_unary(F.silu)))
+    # hard-swish before hard-sigmoid: x · relu6(x + 3) / 6 holds no hard-sigmoid subtree, but
+    # x · (relu6(x + 3) / 6) does, and is a hard-swish
+    table += [Pattern(f"hardswish/{i}", root, rewrite=_unary(F.hardswish)) for i, root in enumerate(
+        [*_divided_by_6(Op("mul", x, _relu6_of_x_plus_3(), commutative=True)),
+         *(Op("mul", x, h, commutative=True) for h in hardsigmoid),
+         Op("mul", x, Op("hardsigmoid", x), commutative=True)])]
+    table += [Pattern(f"hardsigmoid/{i}" if i else "hardsigmoid", root, rewrite=_unary(F.hardsigmoid))
+              for i, root in enumerate(hardsigmoid)]
+    return table
+
+
+#: The spelled-out activations, most specific first.
+ACTIVATION_FORMS = PatternSet(_patterns())
