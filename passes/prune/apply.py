@@ -104,6 +104,7 @@ class _Applier:
         self._keep: dict[int, np.ndarray] = {}
         self._scatters: list[_Scatter] = []
         self._origin: dict[torch.fx.Node, torch.fx.Node] = {}  # adapter node -> the value it adapts
+        self._count_slots: dict[str, int] | None = None  # size-read node -> the slot it counts
 
     def alive(self, sid: int) -> np.ndarray:
         return np.nonzero(~self.dead[self.cg.positions(sid)])[0]
@@ -213,13 +214,33 @@ class _Applier:
         b = rule.info.get("size_index")
         if b is not None:
             new = int(len(self.keep(rule.outputs[0])))
-            _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size)
+            _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size,
+                             force=self._reads_a_resized_count(_shape_entry(node, b)))
         j = rule.info.get("sizes_entry")
         if j is not None:  # unflatten(dim, sizes) of the channel axis: the split's leading size
             sizes = list(op_view(self.gm, node).attrs["sizes"])
             if sizes[j] != -1:
                 sizes[j] = int(len(self.keep(rule.outputs[0])))
                 _set_arg(node, "sizes", sizes)
+
+    def _reads_a_resized_count(self, entry) -> bool:
+        """Whether a size entry computed in the graph reads the channel count of a value that
+        lost channels (`x.shape[-1]` of the attention's input, written into the reshape after
+        it): it would then say that value's new count, not the reshape's own."""
+        if self._count_slots is None:
+            self._count_slots = {value: sid for rule in self.cg.rules.values()
+                                 for value, sid in rule.info.get("counts", {}).items()}
+        stack, seen = [entry], set()
+        while stack:
+            value = stack.pop()
+            if not isinstance(value, torch.fx.Node) or value in seen or tensor_meta(value) is not None:
+                continue  # a constant, or a tensor (size arithmetic starts at size reads)
+            seen.add(value)
+            sid = self._count_slots.get(value.name)
+            if sid is not None and len(self.keep(sid)) != self.cg.slots[sid].size:
+                return True
+            stack.extend(value.all_input_nodes)
+        return False
 
     def reindex_gather(self, node, rule) -> None:
         """``index_select`` along the channel axis: its input now arrives as the channels it
@@ -472,10 +493,23 @@ def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int)
         m.num_channels = size
 
 
-def _set_shape_entry(node: torch.fx.Node, index: int, new: int, old: int) -> None:
+def _shape_entry(node: torch.fx.Node, index: int):
+    """Entry `index` of a reshape/view/expand size argument as the graph holds it (for a size
+    computed as one value, ``x.size()[:-1] + (n,)``, that value)."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], torch.fx.Node):
+        return args[1]
+    if len(args) >= 2 and isinstance(args[1], (list, tuple)):
+        return args[1][index]
+    if len(args) >= 2:
+        return args[1 + index]
+    return list(next(node.kwargs[k] for k in ("shape", "size") if k in node.kwargs))[index]
+
+
+def _set_shape_entry(node: torch.fx.Node, index: int, new: int, old: int, force: bool = False) -> None:
     """Replace entry `index` of a reshape/view/expand size argument (list or varargs, or one
     value computed in the graph such as ``x.size()[:-1] + (n,)``: its entry is replaced there)."""
-    if new == old:  # the entry may be a size read in the graph (`x.shape[2]`): keep it dynamic
+    if new == old and not force:  # the entry may be a size read in the graph (`x.shape[2]`): keep it dynamic
         return
     args = list(node.args)
     if len(args) == 2 and isinstance(args[1], torch.fx.Node) and len(tensor_meta(node)[0]) > 1:

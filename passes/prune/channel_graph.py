@@ -97,7 +97,7 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul",
     "narrow", "index_select", "expand_as", "clamp", "softplus", "flip", "exp", "cos", "rsqrt", "reciprocal",
     "sum", "amax", "amin", "var", "std", "normalize", "where", "masked_fill", "gt", "ge", "lt", "le", "eq", "ne",
-    "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum"})
+    "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum", "layer_norm", "rms_norm"})
 # products: zero on a removed channel where any factor is (a matmul or einsum here keeps
 # channels on an axis it does not contract; one contracting them is pinned)
 GATING = frozenset({"mul", "matmul", "einsum"})
@@ -584,12 +584,14 @@ class _Builder:
                 raise _Pin("size query of a computed axis")
             if _norm_axis(dim, nd) == axis:
                 self.size_queries.append((node.name, node.name, src.name, sid))
+                self.rules[node.name].info["counts"] = {node.name: sid}
             return
         for user in node.users:  # the whole size: follow how its entries are used
             index = _getitem_index(user)
             if isinstance(index, int):
                 if _norm_axis(index, nd) == axis:
                     self.size_queries.append((node.name, user.name, src.name, sid))
+                    self.rules[node.name].info.setdefault("counts", {})[user.name] = sid
             elif not (isinstance(index, slice) and axis not in range(nd)[index]):
                 raise _Pin("the size of the channel axis is read")
 
@@ -1697,7 +1699,24 @@ class _Builder:
             raise _Pin(f"{view.kind} over more than the channel axis")
         return src, sid
 
+    def _norm_within_channels(self, node, view, shape) -> bool:
+        """A layer/RMS norm over trailing axes that do not hold the channels (timm's q/k norm
+        over each head's dims, the channels being the heads): it acts on each channel on its own,
+        and a removed (all-zero) channel comes out as the norm's bias — dirty if there is one."""
+        src, sid = self.single_input(node, view)
+        norm_shape = view.attrs.get("normalized_shape")
+        count = len(norm_shape) if isinstance(norm_shape, (list, tuple)) else 1
+        if sid is None or self.slots[sid].axis >= len(shape) - count:
+            return False
+        self._private_affine(node, view)
+        dirty = view.kind == "layer_norm" and (view.param("bias") is not None
+                                               or isinstance(view.attrs.get("bias"), torch.fx.Node))
+        self.passthrough(node, view, src, self.slots[sid].axis, info={"dirty_source": True} if dirty else None)
+        return True
+
     def rule_layer_norm(self, node, view, shape) -> None:
+        if self._norm_within_channels(node, view, shape):
+            return
         src, sid = self._last_axis_norm(node, view, shape)
         if self.exact_norms:
             return self.gathered_norm(node, view, src, sid, len(shape) - 1)
@@ -1711,6 +1730,8 @@ class _Builder:
         ``rms_norm`` over C' of C channels with weight·√(C/C') and eps·C/C' is the original norm on
         the kept channels, which apply sets. So the affine is sliced with the channels, in both
         `exact_norms` settings."""
+        if self._norm_within_channels(node, view, shape):
+            return
         src, sid = self._last_axis_norm(node, view, shape)
         if sid is None:  # no channels come in: its output is gathered (exact) or free, as a layer norm's
             return self.gathered_norm(node, view, src, sid, len(shape) - 1) if self.exact_norms \

@@ -472,24 +472,30 @@ class Normalized(nn.Module):
 
 class PackedAttention(nn.Module):
     """timm's ViT attention: one qkv linear viewed as (3, heads, dim) and unbound, and einsum
-    attention over the same packing; an optional nanoGPT causal mask (masked_fill with -inf)."""
+    attention over the same packing; an optional nanoGPT causal mask (masked_fill with -inf);
+    optionally timm's q/k norm (a layer norm over each head's dims) with the width read off the
+    stream (`b, n, c = h.shape`), which pruning narrows while the heads' reshape keeps its own."""
 
-    def __init__(self, dim=32, heads=4, einsum=False, causal=False):
+    def __init__(self, dim=32, heads=4, einsum=False, causal=False, qk_norm=False):
         super().__init__()
         self.h, self.einsum, self.causal = heads, einsum, causal
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else None
+        self.k_norm = nn.LayerNorm(dim // heads, bias=False) if qk_norm else None
         self.embed, self.qkv = nn.Linear(6, dim), nn.Linear(dim, 3 * dim)
         self.o, self.head = nn.Linear(dim, dim), nn.Linear(dim, 3)
         self.register_buffer("bias", torch.tril(torch.ones(5, 5)).view(1, 1, 5, 5))
 
     def forward(self, x):
-        b, n, c = x.shape[0], x.shape[1], 32
         h = self.embed(x)
-        qkv = self.qkv(h).reshape(b, n, 3, self.h, c // self.h)
+        b, n, c = h.shape if self.q_norm is not None else (x.shape[0], x.shape[1], 32)
+        qkv = self.qkv(h).reshape(b, n, 3, self.h, 32 // self.h)
         if self.einsum:
             q, k, v = qkv.unbind(2)
             att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             att = q @ k.transpose(-2, -1) * 0.25
         if self.causal:
             att = att.masked_fill(self.bias == 0, float("-inf"))
@@ -580,6 +586,7 @@ CASES = {
     "packed_qkv": (PackedAttention, lambda: torch.randn(2, 5, 6)),
     "packed_qkv_causal": (lambda: PackedAttention(causal=True), lambda: torch.randn(2, 5, 6)),
     "einsum_attention": (lambda: PackedAttention(einsum=True), lambda: torch.randn(2, 5, 6)),
+    "qk_norm": (lambda: PackedAttention(qk_norm=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
     "channel_shuffle": (ShuffleBlocks, IMAGE),
 }
@@ -1028,7 +1035,7 @@ def test_a_size_read_in_the_graph_stays_dynamic_after_pruning():
 
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
-           "packed_qkv_causal", "einsum_attention", "math_ops"]
+           "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm"]
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -1094,4 +1101,28 @@ def test_an_extremum_or_softmax_over_the_channels_is_pinned_by_name(op):
     x = torch.randn(2, 3, 10)
     r = prune_and_mask(Net().eval(), x, "symbolic", 0.5)
     assert any("over the channel axis" in why for why in r.plan.channel_graph.pinned_nodes.values())
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class _WidthReadOffTheStream(nn.Module):
+    """Heads that cannot shrink (a cumsum over the scores pins them) while the stream does; the
+    heads are merged back with the width read off the stream (`b, n, c = h.shape`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.o, self.head = nn.Linear(6, 32), nn.Linear(32, 96), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, c = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        att = torch.cumsum(q @ k.transpose(-2, -1), -1).softmax(-1)
+        return self.head(h + self.o((att @ v).transpose(1, 2).reshape(b, n, c)))
+
+
+def test_a_width_read_off_a_narrowed_value_is_not_left_in_a_full_width_reshape():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    r = prune_and_mask(_WidthReadOffTheStream().eval(), x, "symbolic", 0.5)
+    assert r.plan.selection.removed > 0 and "cumsum" in r.plan.channel_graph.pinned_nodes
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
