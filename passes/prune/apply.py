@@ -105,6 +105,7 @@ class _Applier:
         self._scatters: list[_Scatter] = []
         self._origin: dict[torch.fx.Node, torch.fx.Node] = {}  # adapter node -> the value it adapts
         self._count_slots: dict[str, int] | None = None  # size-read node -> the slot it counts
+        self._read_attrs: dict[str, torch.Tensor] = {}  # attribute -> its tensor before slicing
 
     def alive(self, sid: int) -> np.ndarray:
         return np.nonzero(~self.dead[self.cg.positions(sid)])[0]
@@ -474,9 +475,13 @@ class _Applier:
         if len(keep) == self.cg.slots[sid].size:
             return
         ref = ref_for_get_attr(self.gm, node)
-        t = ref.get()
+        t = self._read_attrs.setdefault(node.target, ref.get())  # as before any use was sliced
         new = t.index_select(self.cg.slots[sid].axis, torch.as_tensor(keep, dtype=torch.long)).contiguous()
-        if isinstance(t, nn.Parameter):
+        readers = sum(n.op == "get_attr" and n.target == node.target for n in self.gm.graph.nodes)
+        if readers > 1:  # one tensor read at several places (a constant symbolic tracing folded)
+            node.target = add_tensor_attr(self.gm, node.target, new, parameter=isinstance(t, nn.Parameter))
+            getattr(self.gm, node.target).requires_grad_(False)
+        elif isinstance(t, nn.Parameter):
             ref.owner._parameters[ref.attr] = nn.Parameter(new, requires_grad=False)
         else:
             ref.set(new)

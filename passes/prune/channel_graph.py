@@ -425,7 +425,10 @@ class _Builder:
         if sid is not None:
             return sid if self.slots[sid].axis == axis else None
         if node.op == "get_attr" and node.name not in self.value_slot and _holds_features(node):
-            sid = self.new_slot(node, axis, "param")
+            # a buffer is a constant (a mask, a rotary table): it is sliced with channels that
+            # learned weights give up, never chosen on its own (`finish`)
+            learned = isinstance(ref_for_get_attr(self.gm, node).get(), torch.nn.Parameter)
+            sid = self.new_slot(node, axis, "param" if learned else "buffer")
             self.value_slot[node.name] = sid
             self.rules[node.name] = Rule(node.name, "param", "param", outputs=[sid])
             return sid
@@ -766,6 +769,8 @@ class _Builder:
         w = view.param("weight")
         if w is None:
             raise _Pin("conv weight is not a parameter")
+        if isinstance(view.attrs.get("bias"), torch.fx.Node):
+            raise _Pin("conv bias is computed in the graph (not a parameter to slice)")
         transposed = bool(view.attrs.get("transposed"))
         groups = view.attrs.get("groups", 1) or 1
         if not isinstance(groups, int):  # `groups=x.shape[1]` (BlurPool): a count read in the graph
@@ -809,6 +814,8 @@ class _Builder:
     def rule_linear(self, node, view, shape) -> None:
         if view.param("weight") is None:
             raise _Pin("linear weight is not a parameter")
+        if isinstance(view.attrs.get("bias"), torch.fx.Node):  # Swin-V2's cat(q_bias, 0, v_bias)
+            raise _Pin("linear bias is computed in the graph (not a parameter to slice)")
         self._dense_producer(node, view, shape, view.input)
 
     def rule_addmm(self, node, view, shape) -> None:
@@ -1052,8 +1059,11 @@ class _Builder:
                 if _sign(self.gm, divisor) != "pos":
                     raise _Pin("division by a channel tensor that may be 0 (its channels all stay)",
                                hold=tuple(held))
-                if args.get("input") is not divisor:
+                numerator = args.get("input")
+                if any(a is numerator for a, _ in pairs) and numerator is not divisor:
                     info["clean_reads"] = {divisor.name}  # 0 / d is 0 whatever d is
+                else:  # a number or a broadcast value over d: n / d on a removed channel, not 0
+                    info["dirty_source"] = True
         self._aligned_op(node, view, shape, out_axis, pairs, info)
 
     rule_div = rule_mul
@@ -1781,6 +1791,16 @@ class _Builder:
                     precedence.add((y, x))
         pinned = np.zeros(n_classes, dtype=bool)
         pinned[cls[np.array(self.pinned_positions, dtype=np.int64)]] = True
+        # a class a constant buffer is in stays unless learned weights (a producer's rows, a
+        # parameter) are in it too: removing only a causal mask's positions or a rotary
+        # frequency would change the model, not drop a channel of it
+        learned = np.zeros(n_classes, dtype=bool)
+        in_buffer = np.zeros(n_classes, dtype=bool)
+        for slot in self.slots:
+            if slot.role in ("producer", "param", "buffer"):
+                marks = in_buffer if slot.role == "buffer" else learned
+                marks[cls[slot.base:slot.base + slot.size]] = True
+        pinned |= in_buffer & ~learned
         out_cls = np.zeros(n_classes, dtype=bool)
         out_cls[cls[np.array(self.output_positions, dtype=np.int64)]] = True
         # Channels of the graph output stay, including every contribution summed into them.

@@ -1126,3 +1126,79 @@ def test_a_width_read_off_a_narrowed_value_is_not_left_in_a_full_width_reshape()
     r = prune_and_mask(_WidthReadOffTheStream().eval(), x, "symbolic", 0.5)
     assert r.plan.selection.removed > 0 and "cumsum" in r.plan.channel_graph.pinned_nodes
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class _InverseStd(nn.Module):
+    """A number or a broadcast value divided by a per-channel positive statistic: on a removed
+    channel that is n / eps, not 0 (statistics pooling's 1 / std, a map over a channel mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.m, self.fc = nn.Conv1d(3, 16, 1), nn.Conv1d(3, 1, 1), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        spread = torch.sigmoid(self.m(x)) / (h.mean(-1, keepdim=True) + 1e-3)
+        return self.fc(torch.cat([(h + spread).mean(-1), 1.0 / (h.std(-1) + 1e-5)], 1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_what_is_divided_by_a_channel_statistic_is_dirty_unless_it_is_those_channels(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10)
+    r = prune_and_mask(_InverseStd().eval(), x, mode, 0.5)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class _ConstantBuffers(nn.Module):
+    """A causal mask and a rotary frequency table as float buffers: constants, not channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.q, self.k, self.v = (nn.Linear(6, 16) for _ in range(4))
+        self.head = nn.Linear(16, 3)
+        self.register_buffer("mask", torch.tril(torch.ones(1, 5, 5)))
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, 16, 2).float() / 16))
+
+    def forward(self, x):
+        angles = torch.arange(5, dtype=torch.float32)[:, None] * self.inv_freq
+        rot = torch.cat([angles, angles], -1).cos()
+        q, k = self.q(x) * rot, self.k(x) * rot
+        att = (q @ k.transpose(-2, -1)).masked_fill(self.mask == 0, float("-inf")).softmax(-1)
+        return self.head(att @ self.v(x))[:, 0]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_float_buffer_is_never_cut_on_its_own(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    model = _ConstantBuffers().eval()
+    r = prune_and_mask(model, x, mode, 0.5)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    buffers = {k.split(".")[-1]: tuple(t.shape) for k, t in r.pruned.state_dict().items()
+               if k.split(".")[-1] in ("mask", "inv_freq")}
+    if mode == "export":  # a symbolic trace folds them into constants (sliced with q and k there)
+        assert buffers == {"mask": (1, 5, 5), "inv_freq": (8,)}, buffers
+    assert r.plan.selection.removed > 0  # v's channels still go
+
+
+class _ComputedBias(nn.Module):
+    """Swin-V2 / BEiT: the qkv bias is cat(q_bias, zeros, v_bias), built in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.out = nn.Linear(6, 16), nn.Linear(16, 48, bias=False), nn.Linear(48, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(16)), nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        return self.out(F.relu(F.linear(F.relu(self.embed(x)), self.qkv.weight, bias)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_bias_computed_in_the_graph_pins_its_layer_by_name(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6)
+    r = prune_and_mask(_ComputedBias().eval(), x, mode, 0.5)
+    assert any("bias is computed in the graph" in why for why in r.plan.channel_graph.pinned_nodes.values())
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
