@@ -629,9 +629,10 @@ class _Builder:
         src = next((a for a in view.inputs if not _is_number(a)), None)
         sid = self.in_slot(src)
         if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src) \
-                and _holds_features(src):
+                and _holds_features(src) and isinstance(ref_for_get_attr(self.gm, src).get(), torch.nn.Parameter):
             # a parameter used directly: its last axis that is not a broadcast one (a class token
-            # [1, 1, d] holds d channels, a learned constant [1, c, 1] c)
+            # [1, 1, d] holds d channels, a learned constant [1, c, 1] c); a buffer read by a
+            # unary op (``1.0 - mask``) is a constant, free
             shape = _shape(src)
             sid = self.slot_on(src, max((i for i, n in enumerate(shape) if n > 1), default=len(shape) - 1))
         return src, sid
@@ -920,9 +921,16 @@ class _Builder:
                     or not all(isinstance(v, (int, float)) for v in constants):
                 raise _Pin("adds a constant (not zero-preserving)")
             return self._channelwise(node, view, shape, dirty=any(v != 0 for v in constants))
-        out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=False)
+        out_axis, pairs = self._aligned_inputs(node, view, shape, allow_broadcast=True)
         if out_axis is None:
             return self.free_output(node, view)
+        spread = [a for a in view.inputs if not _is_number(a) and all(a is not p for p, _ in pairs)]
+        if spread:
+            # a value without channels spread over them (an additive attention mask over the
+            # heads): like x + c, per channel and dirty
+            if len(pairs) != 1 or any(self.in_slot(a) is not None for a in spread):
+                raise _Pin(f"input {spread[0].name} broadcasts over the channel axis")
+            return self._aligned_op(node, view, shape, out_axis, pairs, {"dirty_source": True})
         out = self.new_slot(node, out_axis, "junction")
         rule = Rule(node.name, view.kind, "junction", outputs=[out])
         pos = np.arange(shape[out_axis])

@@ -476,9 +476,9 @@ class PackedAttention(nn.Module):
     optionally timm's q/k norm (a layer norm over each head's dims) with the width read off the
     stream (`b, n, c = h.shape`), which pruning narrows while the heads' reshape keeps its own."""
 
-    def __init__(self, dim=32, heads=4, einsum=False, causal=False, qk_norm=False):
+    def __init__(self, dim=32, heads=4, einsum=False, causal=False, qk_norm=False, additive=False):
         super().__init__()
-        self.h, self.einsum, self.causal = heads, einsum, causal
+        self.h, self.einsum, self.causal, self.additive = heads, einsum, causal, additive
         self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else None
         self.k_norm = nn.LayerNorm(dim // heads, bias=False) if qk_norm else None
         self.embed, self.qkv = nn.Linear(6, dim), nn.Linear(dim, 3 * dim)
@@ -499,6 +499,8 @@ class PackedAttention(nn.Module):
             att = q @ k.transpose(-2, -1) * 0.25
         if self.causal:
             att = att.masked_fill(self.bias == 0, float("-inf"))
+        if self.additive:  # an eager Hugging Face attention's mask, added over every head
+            att = att + (1.0 - self.bias) * -1e9
         att = att.softmax(-1)
         if self.einsum:
             y = torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, n, c)
@@ -587,6 +589,7 @@ CASES = {
     "packed_qkv_causal": (lambda: PackedAttention(causal=True), lambda: torch.randn(2, 5, 6)),
     "einsum_attention": (lambda: PackedAttention(einsum=True), lambda: torch.randn(2, 5, 6)),
     "qk_norm": (lambda: PackedAttention(qk_norm=True), lambda: torch.randn(2, 5, 6)),
+    "additive_mask": (lambda: PackedAttention(additive=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
     "channel_shuffle": (ShuffleBlocks, IMAGE),
 }
@@ -1035,7 +1038,7 @@ def test_a_size_read_in_the_graph_stays_dynamic_after_pruning():
 
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
-           "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm"]
+           "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask"]
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
