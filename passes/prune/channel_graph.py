@@ -1181,13 +1181,20 @@ class _Builder:
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 
-    def rule_split(self, node, view, shape) -> None:
+    def _along(self, node, view):
+        """(input, its slot, its shape, its channel axis, the op's `dim`) of an op that cuts its
+        one input along `dim` (split, chunk, unbind); None when the input carries no channels."""
         src, sid = self.single_input(node, view)
         if sid is None:
-            return self.free_output(node, view)
+            return None
         in_shape = _shape(src)
-        axis = self.slots[sid].axis
-        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(in_shape))
+        return src, sid, in_shape, self.slots[sid].axis, _norm_axis(int(view.attrs.get("dim", 0)), len(in_shape))
+
+    def rule_split(self, node, view, shape) -> None:
+        along = self._along(node, view)
+        if along is None:
+            return self.free_output(node, view)
+        src, sid, in_shape, axis, dim = along
         n = in_shape[dim]
         if view.kind == "chunk":
             chunks = int(view.attrs.get("chunks"))
@@ -1208,16 +1215,11 @@ class _Builder:
             if uview is None or uview.kind != "getitem" or not isinstance(uview.attrs.get("index"), int):
                 raise _Pin("split result used other than by getitem")
             i = uview.attrs["index"]
-            out = self.new_slot(user, axis, "pass")
             if dim == axis:
                 in_pos, out_pos = np.arange(sizes[i]) + starts[i], np.arange(sizes[i])
             else:
                 in_pos = out_pos = np.arange(in_shape[axis])
-            rule.inputs.append((src.name, sid, in_pos, out_pos, out))
-            rule.info["pieces"][user.name] = i
-            self.link(sid, out, in_pos, out_pos, view.kind, f"piece {i}")
-            self.value_slot[user.name] = out
-            self.rules[user.name] = Rule(user.name, "getitem", "split-piece", outputs=[out])
+            self._piece(rule, src, sid, user, i, axis, in_pos, out_pos)
         self.value_slot[node.name] = None
         self.rules[node.name] = rule
 
@@ -1240,12 +1242,10 @@ class _Builder:
 
     def rule_unbind(self, node, view, shape) -> None:
         """unbind of another axis than the channels: every piece keeps them (like split's)."""
-        src, sid = self.single_input(node, view)
-        if sid is None:
+        along = self._along(node, view)
+        if along is None:
             return self.free_output(node, view)
-        in_shape = _shape(src)
-        axis = self.slots[sid].axis
-        dim = _norm_axis(int(view.attrs.get("dim", 0)), len(in_shape))
+        src, sid, in_shape, axis, dim = along
         if dim == axis:
             raise _Pin("unbind of the channel axis", conflict=sid)
         self._tuple_pieces(node, view, src, sid, dim, axis - (dim < axis), in_shape[dim])
@@ -1258,15 +1258,19 @@ class _Builder:
         rule = Rule(node.name, view.kind, "split", info={"dim": dim, "sizes": [1] * count, "pieces": {}})
         pos = np.arange(self.slots[sid].size)
         for user in node.users:
-            index = _piece_index(user)
-            out = self.new_slot(user, out_axis, "pass")
-            rule.inputs.append((src.name, sid, pos, pos, out))
-            rule.info["pieces"][user.name] = index
-            self.link(sid, out, pos, pos, view.kind, f"piece {index}")
-            self.value_slot[user.name] = out
-            self.rules[user.name] = Rule(user.name, "getitem", "split-piece", outputs=[out])
+            self._piece(rule, src, sid, user, _piece_index(user), out_axis, pos, pos)
         self.value_slot[node.name] = None
         self.rules[node.name] = rule
+
+    def _piece(self, rule: Rule, src, sid: int, user, index: int, axis: int, in_pos, out_pos) -> None:
+        """Piece `index` of a split-like op, taken by `user`: a slot on `axis` whose channel
+        out_pos[k] is the input's in_pos[k]."""
+        out = self.new_slot(user, axis, "pass")
+        rule.inputs.append((src.name, sid, in_pos, out_pos, out))
+        rule.info["pieces"][user.name] = index
+        self.link(sid, out, in_pos, out_pos, rule.kind, f"piece {index}")
+        self.value_slot[user.name] = out
+        self.rules[user.name] = Rule(user.name, "getitem", "split-piece", outputs=[out])
 
     def rule_max(self, node, view, shape) -> None:
         """max/min of two tensors: elementwise, 0 on a removed channel where both are 0. Over
