@@ -330,7 +330,7 @@ SPECS: tuple[OpSpec, ...] = (
            tensor_args=("tensors",), defaults=dict(dim=0)),
     OpSpec("unbind", functions=(torch.unbind,), methods=("unbind",), aten=(aten.unbind,), arg_names=("input", "dim"),
            defaults=dict(dim=0)),
-    # einsum(equation, *operands) or einsum(equation, [operands]); see `einsum_operands`
+    # einsum(equation, *operands) or einsum(equation, [operands]): `varargs` collects them
     OpSpec("einsum", functions=(torch.einsum,), aten=(aten.einsum,), arg_names=("equation", "tensors"),
            tensor_args=("tensors",), varargs="tensors"),
     OpSpec("masked_fill", functions=(torch.masked_fill,), methods=("masked_fill",), aten=(aten.masked_fill,),

@@ -29,6 +29,7 @@ New nodes are plain torch calls and buffers on the root (`get_attr`), valid in b
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,7 @@ class _Applier:
         self._origin: dict[torch.fx.Node, torch.fx.Node] = {}  # adapter node -> the value it adapts
         self._count_slots: dict[str, int] | None = None  # size-read node -> the slot it counts
         self._read_attrs: dict[str, torch.Tensor] = {}  # attribute -> its tensor before slicing
+        self._attr_readers: dict[str, int] | None = None  # attribute -> how many get_attr read it
 
     def alive(self, sid: int) -> np.ndarray:
         return np.nonzero(~self.dead[self.cg.positions(sid)])[0]
@@ -477,8 +479,9 @@ class _Applier:
         ref = ref_for_get_attr(self.gm, node)
         t = self._read_attrs.setdefault(node.target, ref.get())  # as before any use was sliced
         new = t.index_select(self.cg.slots[sid].axis, torch.as_tensor(keep, dtype=torch.long)).contiguous()
-        readers = sum(n.op == "get_attr" and n.target == node.target for n in self.gm.graph.nodes)
-        if readers > 1:  # one tensor read at several places (a constant symbolic tracing folded)
+        if self._attr_readers is None:  # counted once, before any reader is retargeted
+            self._attr_readers = Counter(n.target for n in self.gm.graph.nodes if n.op == "get_attr")
+        if self._attr_readers.get(node.target, 0) > 1:  # one tensor read at several places (a constant symbolic tracing folded)
             node.target = add_tensor_attr(self.gm, node.target, new, parameter=isinstance(t, nn.Parameter))
             getattr(self.gm, node.target).requires_grad_(False)
         elif isinstance(t, nn.Parameter):

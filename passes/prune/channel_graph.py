@@ -340,6 +340,11 @@ def _holds_features(node: torch.fx.Node) -> bool:
     return meta is not None and meta[1].is_floating_point
 
 
+def _is_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether a `get_attr` reads a learned parameter (not a buffer or a folded constant)."""
+    return isinstance(ref_for_get_attr(gm, node).get(), torch.nn.Parameter)
+
+
 _INT_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 
@@ -388,7 +393,6 @@ class _Builder:
         self.split_axes = dict(split_axes or {})
         self.split_origin: dict[int, tuple[str, int]] = {}
         self.dirty: dict[int, frozenset] = {}  # slot id -> dirty source nodes (see module docstring)
-        self.size_queries: list[tuple[str, str, str, int]] = []  # (reader, value, source, slot id)
         self._use_counts = None
         self.uf = _ChannelUnions()
         self.slots: list[Slot] = []
@@ -427,8 +431,7 @@ class _Builder:
         if node.op == "get_attr" and node.name not in self.value_slot and _holds_features(node):
             # a buffer is a constant (a mask, a rotary table): it is sliced with channels that
             # learned weights give up, never chosen on its own (`finish`)
-            learned = isinstance(ref_for_get_attr(self.gm, node).get(), torch.nn.Parameter)
-            sid = self.new_slot(node, axis, "param" if learned else "buffer")
+            sid = self.new_slot(node, axis, "param" if _is_parameter(self.gm, node) else "buffer")
             self.value_slot[node.name] = sid
             self.rules[node.name] = Rule(node.name, "param", "param", outputs=[sid])
             return sid
@@ -499,9 +502,10 @@ class _Builder:
                 kind = self.rules[source].kind
                 bad.setdefault(source, f"{kind} is not zero-preserving (f(0) != 0) and its value reaches "
                                        f"'{name}', not only a product with a zero-preserving factor")
-        for reader, value, _, _ in self.size_queries:
-            if not all(self._is_size_entry(user, self.nodes[value]) for user in self.nodes[value].users):
-                bad.setdefault(reader, "reads the channel count for a use other than a reshape size")
+        for reader, rule in self.rules.items():  # size reads of a channel count (`counts`: value -> slot)
+            for value in rule.info.get("counts", ()):
+                if not all(self._is_size_entry(user, self.nodes[value]) for user in self.nodes[value].users):
+                    bad.setdefault(reader, "reads the channel count for a use other than a reshape size")
         return bad
 
     def _is_size_entry(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
@@ -586,14 +590,12 @@ class _Builder:
             if not isinstance(dim, int):
                 raise _Pin("size query of a computed axis")
             if _norm_axis(dim, nd) == axis:
-                self.size_queries.append((node.name, node.name, src.name, sid))
                 self.rules[node.name].info["counts"] = {node.name: sid}
             return
         for user in node.users:  # the whole size: follow how its entries are used
             index = _getitem_index(user)
             if isinstance(index, int):
                 if _norm_axis(index, nd) == axis:
-                    self.size_queries.append((node.name, user.name, src.name, sid))
                     self.rules[node.name].info.setdefault("counts", {})[user.name] = sid
             elif not (isinstance(index, slice) and axis not in range(nd)[index]):
                 raise _Pin("the size of the channel axis is read")
@@ -629,7 +631,7 @@ class _Builder:
         src = next((a for a in view.inputs if not _is_number(a)), None)
         sid = self.in_slot(src)
         if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src) \
-                and _holds_features(src) and isinstance(ref_for_get_attr(self.gm, src).get(), torch.nn.Parameter):
+                and _holds_features(src) and _is_parameter(self.gm, src):
             # a parameter used directly: its last axis that is not a broadcast one (a class token
             # [1, 1, d] holds d channels, a learned constant [1, c, 1] c); a buffer read by a
             # unary op (``1.0 - mask``) is a constant, free
@@ -968,13 +970,18 @@ class _Builder:
     def rule_rsqrt(self, node, view, shape) -> None:
         """rsqrt/reciprocal: infinite at 0, so only of a value that is positive everywhere
         (``rsqrt(var + eps)``); then finite, and dirty."""
-        if _sign(self.gm, view.input) != "pos":
-            sid = self.in_slot(view.input)
-            raise _Pin(f"{view.kind} of a value that may be 0 (its channels all stay)",
-                       hold=() if sid is None else (sid,))
-        self._channelwise(node, view, shape, dirty=True)
+        self._finite_if_positive(node, view, shape, view.kind)
 
     rule_reciprocal = rule_rsqrt
+
+    def _finite_if_positive(self, node, view, shape, what: str) -> None:
+        """An op infinite at 0 (rsqrt, a negative power): of a value known positive it is a
+        finite, dirty channelwise op; else pinned, and its input's channels all stay (zeros
+        re-expanded into it would give inf)."""
+        if _sign(self.gm, view.input) == "pos":
+            return self._channelwise(node, view, shape, dirty=True)
+        sid = self.in_slot(view.input)
+        raise _Pin(f"{what} of a value that may be 0 (its channels all stay)", hold=() if sid is None else (sid,))
 
     def rule_clamp(self, node, view, shape) -> None:
         """clamp/clip: zero-preserving when its range holds 0 (`clamp(min=0)` is a relu), else dirty."""
@@ -1045,12 +1052,8 @@ class _Builder:
         exponent = view.attrs.get("exponent")
         if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or len(view.inputs) != 1:
             raise _Pin("pow with a tensor exponent or base")
-        if not exponent > 0:
-            if _sign(self.gm, view.input) == "pos":  # (var + eps) ** -0.5: finite, not zero-preserving
-                return self._channelwise(node, view, shape, dirty=True)
-            sid = self.in_slot(view.input)
-            raise _Pin("pow with an exponent <= 0 of a value that may be 0 (its channels all stay)",
-                       hold=() if sid is None else (sid,))
+        if not exponent > 0:  # (var + eps) ** -0.5
+            return self._finite_if_positive(node, view, shape, "pow with an exponent <= 0")
         self._channelwise(node, view, shape, dirty=False)
 
     def rule_mul(self, node, view, shape) -> None:
