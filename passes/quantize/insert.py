@@ -28,7 +28,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
 from fxopt.errors import node_location
 
-from .observers import Observer, ObserverKind
+from .observers import Observer, ObserverKind, QuantizationError, quantized_node
 from .plan import build_plan, is_float_value
 
 ReduceRange = Literal["auto", "true", "false"]
@@ -56,6 +56,10 @@ class InsertObservers(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if (ctx.example_inputs or ctx.example_kwargs) and not _has_shapes(gm):
             ctx.analyses.get(ShapeAnalysis)
+        done = quantized_node(gm)
+        if done is not None:
+            raise QuantizationError(f"the graph is already quantized ({node_location(done)}); "
+                                    "observe and quantize the float model, once")
         reduce_range = resolve_reduce_range(self.reduce_range, self.backend)
         plan = build_plan(gm)
         wanted: dict[str, torch.fx.Node] = {}

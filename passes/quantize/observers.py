@@ -242,5 +242,34 @@ def observers_in(gm: nn.Module) -> dict[str, Observer]:
     return {name: m for name, m in gm.named_modules() if getattr(m, "is_fxopt_observer", False)}
 
 
-__all__ = ["OBSERVER_KINDS", "Observer", "ObserverKind", "QuantizationError", "observers_in",
+_QUANTIZING = frozenset({"quantize_per_tensor", "quantize_per_channel", "dequantize"})
+
+
+def quantized_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The first node of `gm` that is already int8 (a quantize/dequantize, a `quantized::` kernel,
+    a torch.ao quantized module, fxopt's CUDA int8 linear, or a value of a quantized dtype), or None.
+
+    Observing such a graph again would quantize twice (and an x86 int8 value reaches an observer
+    as a quint8 tensor), so the passes that insert observers refuse it up front.
+    """
+    from .kernels import int8_linear
+
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op == "call_method" and target in _QUANTIZING:
+            return node
+        if node.op == "call_function" and (
+                getattr(target, "namespace", None) in ("quantized", "quantized_decomposed") or target is int8_linear
+                or getattr(getattr(target, "overloadpacket", target), "__name__", "") in _QUANTIZING):
+            return node
+        if node.op == "call_module" and type(gm.get_submodule(target)).__module__.startswith(
+                ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
+            return node
+        meta = node.meta.get("tensor_meta")
+        if getattr(meta, "dtype", None) in (torch.quint8, torch.qint8, torch.qint32):
+            return node
+    return None
+
+
+__all__ = ["OBSERVER_KINDS", "Observer", "ObserverKind", "QuantizationError", "observers_in", "quantized_node",
            "quant_range", "quantize_weight"]

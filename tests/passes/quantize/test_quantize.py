@@ -822,6 +822,20 @@ def test_an_observer_fed_an_int8_tensor_says_the_model_is_already_quantized():
         observer(torch.arange(4))
 
 
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("second", ["insert-observers", "quantize"])
+def test_observing_a_quantized_graph_again_is_refused_at_pass_time(backend, second):
+    """Fuzz seed 103: `quantize,insert-observers` put an observer on a quint8 view and failed
+    only when the result ran; both observing passes now refuse the int8 graph by node."""
+    model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)))
+    x = torch.randn(2, 3, 8, 8)
+    int8 = fxopt.optimize(model, (x,), f"quantize{{backend={backend}}}", calibration=[(x,)]).module
+    before = int8.code
+    with pytest.raises(PassError, match=r"already quantized \(node '\w*quantize\w*'"):
+        fxopt.optimize(int8, (x,), f"{second}{{backend={backend}}}", calibration=[(x,)])
+    assert int8.code == before
+
+
 class _StepCounter(nn.Module):
     """A forward that updates its own buffer, as a step counter or a running statistic does."""
 
