@@ -150,7 +150,7 @@ def _after_lossy(report: VerificationReport, last_lossy: _LastLossyOutput, candi
     stage = verify_on(last_lossy.module, candidate, inputs, loosest(*last_lossy.after), device)
     if stage.passed:
         return report
-    return replace(report, passed=False,
+    return replace(report, passed=False, stage=stage,
                    message=f"the passes after '{last_lossy.name}' fail against its output: {stage.summary()}")
 
 

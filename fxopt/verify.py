@@ -160,7 +160,12 @@ class Divergence:
 
 @dataclass
 class VerificationReport:
-    """What `verify` found. `passed` is the verdict; the rest explains it."""
+    """What `verify` found. `passed` is the verdict; the rest explains it.
+
+    `stage`: set by `fxopt.optimize` when the result held the pipeline's loosest tolerance
+    against the original but the passes after its last lossy pass did not hold theirs against
+    that pass's output (an int8 kernel after `prune`): that comparison, which failed.
+    """
 
     passed: bool
     tolerance: Tolerance
@@ -168,6 +173,7 @@ class VerificationReport:
     outputs: list[TensorComparison] = field(default_factory=list)
     divergence: Divergence | None = None
     message: str = ""
+    stage: VerificationReport | None = None
 
     @property
     def max_abs_error(self) -> float:

@@ -142,7 +142,10 @@ CLIPPING_OBSERVERS = ("moving_average", "percentile", "mse", "histogram")
 
 def _clipping_observer(case: dict, report) -> str | None:
     """Why a low int8 result is the observer's choice, not a miscompile: the same case with
-    every clipping observer replaced by minmax verifies. None if not (or not int8)."""
+    every clipping observer replaced by minmax verifies. None if not (or not int8, also where
+    an int8 stage after a lossy pass is what failed)."""
+    if report is not None and report.stage is not None:
+        report = report.stage
     if report is None or report.tolerance.name != "int8":
         return None
     pipeline = case["pipeline"]
@@ -188,8 +191,9 @@ def _run_case(case: dict) -> Outcome:
     report = res.verification
     if report is None or not report.passed:
         detail = report.summary() if report is not None else "no verification"
-        if report is not None and report.tolerance.name == "int8" and report.sqnr_db >= INT8_HARD_FLOOR_DB \
-                and not math.isnan(report.max_abs_error):
+        judged = report.stage or report if report is not None else None  # the int8 stage after a lossy pass
+        if judged is not None and judged.tolerance.name == "int8" and judged.sqnr_db >= INT8_HARD_FLOOR_DB \
+                and not math.isnan(judged.max_abs_error):
             return Outcome("int8-low", detail, "int8-low:", ran)
         clipped = _clipping_observer(case, report)
         if clipped is not None:

@@ -472,7 +472,11 @@ def test_passes_after_a_lossy_one_are_held_to_their_own_tolerance():
     assert not res.verification.passed
     assert "the passes after 'prune' fail against its output" in res.verification.message
     assert res.verification.tolerance.name == "lossy"
+    stage = res.verification.stage  # the failed comparison itself, at the exact pass's tolerance
+    assert stage is not None and not stage.passed and stage.tolerance.name == "exact"
+    assert stage.max_abs_error > 0
     ok = fxopt.optimize(model, x, ["prune{ratio=0.5}", "dce"])
+    assert ok.verification.stage is None
     assert ok.verification.passed, ok.verification.summary()
 
 
