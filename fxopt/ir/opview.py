@@ -293,6 +293,12 @@ SPECS: tuple[OpSpec, ...] = (
            aten=(aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d),
            modules=(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
            arg_names=("input", "output_size"), module_attrs=lambda m: dict(output_size=m.output_size)),
+    # ATen's op (and `return_indices=True`) gives (values, indices)
+    OpSpec("adaptive_max_pool", functions=(F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d),
+           aten=(aten.adaptive_max_pool1d, aten.adaptive_max_pool2d, aten.adaptive_max_pool3d),
+           modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
+           arg_names=("input", "output_size", "return_indices"), defaults=dict(return_indices=False),
+           module_attrs=lambda m: dict(output_size=m.output_size, return_indices=m.return_indices)),
     OpSpec("mean", functions=(torch.mean,), methods=("mean",), aten=(aten.mean,), arg_names=("input", "dim", "keepdim")),
     # reductions over axes besides mean and the p-norms (`dim` None: every axis)
     OpSpec("sum", functions=(torch.sum,), methods=("sum",), aten=(aten.sum,), arg_names=("input", "dim", "keepdim"),
@@ -304,6 +310,18 @@ SPECS: tuple[OpSpec, ...] = (
     *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
              arg_names=("input", "dim", "unbiased", "keepdim"), defaults=dict(dim=None, keepdim=False))
       for name in ("var", "std")),
+    # (variance, mean) and (standard deviation, mean) over axes, as one tuple
+    *(OpSpec(name, functions=(getattr(torch, name),), aten=(getattr(aten, name),),
+             arg_names=("input", "dim", "unbiased", "keepdim"), defaults=dict(dim=None, keepdim=False))
+      for name in ("var_mean", "std_mean")),
+    # copies of the entries: each `repeats` times in a row along `dim` (None: of the flattened
+    # input), or the whole tensor tiled `repeats[i]` times along axis i
+    OpSpec("repeat_interleave", functions=(torch.repeat_interleave,), methods=("repeat_interleave",),
+           aten=(aten.repeat_interleave,), arg_names=("input", "repeats", "dim"), defaults=dict(dim=None)),
+    OpSpec("repeat", methods=("repeat",), aten=(aten.repeat,), arg_names=("input", "repeats"), varargs="repeats"),
+    # a reshape to `other`'s shape; other's values are not read
+    OpSpec("reshape_as", methods=("reshape_as", "view_as"), aten=(aten.reshape_as, aten.view_as),
+           arg_names=("input", "other"), tensor_args=("input", "other")),
     # x / max(‖x‖_p over `dim`, eps)
     OpSpec("normalize", functions=(F.normalize,), arg_names=("input", "p", "dim", "eps"),
            defaults=dict(p=2.0, dim=1, eps=1e-12)),
@@ -337,6 +355,9 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "mask", "value"), tensor_args=("input", "mask")),
     OpSpec("softmax", functions=(F.softmax, torch.softmax), methods=("softmax",), aten=(aten.softmax, aten._softmax),
            modules=(nn.Softmax,), arg_names=("input", "dim"), module_attrs=lambda m: dict(dim=m.dim)),
+    OpSpec("log_softmax", functions=(F.log_softmax, torch.log_softmax), methods=("log_softmax",),
+           aten=(aten.log_softmax, aten._log_softmax), modules=(nn.LogSoftmax,), arg_names=("input", "dim"),
+           module_attrs=lambda m: dict(dim=m.dim)),
     OpSpec("embedding", functions=(F.embedding,), aten=(aten.embedding,), modules=(nn.Embedding,),
            arg_names=("input", "weight"), param_args=("weight",)),
     OpSpec("interpolate", functions=(F.interpolate,), aten=(aten.upsample_nearest2d, aten.upsample_bilinear2d),

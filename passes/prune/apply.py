@@ -217,8 +217,10 @@ class _Applier:
         b = rule.info.get("size_index")
         if b is not None:
             new = int(len(self.keep(rule.outputs[0])))
+            if rule.kind == "reshape_as":  # other's shape, written out: other may keep another count
+                _reshape_to_size_of(node)
             _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size,
-                             force=self._reads_a_resized_count(_shape_entry(node, b)))
+                             force=rule.kind == "reshape_as" or self._reads_a_resized_count(_shape_entry(node, b)))
         j = rule.info.get("sizes_entry")
         if j is not None:  # unflatten(dim, sizes) of the channel axis: the split's leading size
             sizes = list(op_view(self.gm, node).attrs["sizes"])
@@ -499,6 +501,14 @@ def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int)
             _set_arg(node, "normalized_shape", [size])
     elif m is not None:
         m.num_channels = size
+
+
+def _reshape_to_size_of(node: torch.fx.Node) -> None:
+    """``x.reshape_as(other)`` -> ``x.reshape(other.size())``, whose entries can be rewritten."""
+    x, other = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["other"]
+    with node.graph.inserting_before(node):
+        size = node.graph.call_method("size", (other,))
+    node.op, node.target, node.args, node.kwargs = "call_method", "reshape", (x, size), {}
 
 
 def _shape_entry(node: torch.fx.Node, index: int):

@@ -88,7 +88,7 @@ from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "selu", "celu", "mish", "dropout", "identity", "contiguous", "to", "abs", "sqrt",
                              "square", "erf", "sin", "sign", "softsign", "shrink"})
-SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "interpolate"})
+SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "interpolate"})
 # ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
 # may flow through them (the result is dirty too; a product with a clean factor is clean)
 CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
@@ -97,7 +97,10 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "pad", "roll", "vector_norm", "prelu", "pixel_shuffle", "pixel_unshuffle", "glu", "matmul",
     "narrow", "index_select", "expand_as", "clamp", "softplus", "flip", "exp", "cos", "rsqrt", "reciprocal",
     "sum", "amax", "amin", "var", "std", "normalize", "where", "masked_fill", "gt", "ge", "lt", "le", "eq", "ne",
-    "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum", "layer_norm", "rms_norm"})
+    "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum", "layer_norm", "rms_norm",
+    "log_softmax", "var_mean", "std_mean", "repeat", "repeat_interleave", "reshape_as"})
+# ops whose result is a tuple of values (taken apart by getitem)
+TUPLE_RESULTS = frozenset({"split", "chunk", "unbind", "max", "min", "var_mean", "std_mean", "adaptive_max_pool"})
 # products: zero on a removed channel where any factor is (a matmul or einsum here keeps
 # channels on an axis it does not contract; one contracting them is pinned)
 GATING = frozenset({"mul", "matmul", "einsum"})
@@ -574,7 +577,7 @@ class _Builder:
                 handler = self.rule_unary
             else:
                 raise _Pin(f"no channel rule for '{kind}'")
-        if shape is None and kind not in ("split", "chunk", "unbind", "max", "min", "assert_metadata"):
+        if shape is None and kind not in TUPLE_RESULTS and kind != "assert_metadata":
             raise _Pin("no shape metadata")
         handler(node, view, shape)
 
@@ -673,10 +676,13 @@ class _Builder:
             return self.free_output(node, view)
         axis = self.slots[sid].axis
         if _norm_axis(int(view.attrs.get("dim", -1)), len(shape)) == axis:
-            raise _Pin("softmax over the channel axis", conflict=sid)
-        # a removed channel's slice is all zeros, whose softmax is uniform (1/n), not zero: exact
-        # only where a clean factor gates it (attention's P @ V), like sigmoid's gate
+            raise _Pin(f"{view.kind} over the channel axis", conflict=sid)
+        # a removed channel's slice is all zeros, whose softmax is uniform (1/n), not zero (its
+        # log_softmax -log n): exact only where a clean factor gates it (attention's P @ V), like
+        # sigmoid's gate
         self.passthrough(node, view, src, axis, info={"dirty_source": True})
+
+    rule_log_softmax = rule_softmax
 
     def rule_mean(self, node, view, shape) -> None:
         """A mean, sum or p-norm over axes: zero on removed channels it does not reduce; over
@@ -703,6 +709,63 @@ class _Builder:
         self.passthrough(node, view, src, out_axis)
 
     rule_amin = rule_var = rule_std = rule_amax
+
+    def rule_var_mean(self, node, view, shape) -> None:
+        """(var, mean) or (std, mean) over other axes than the channels: both per channel, and 0
+        over a removed (zero) channel; over the channel axis the removed zeros would count."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        out_axis = self._reduced_axis(src, sid, view)
+        if out_axis is None:
+            raise _Pin(f"{view.kind} over the channel axis (the removed zeros would count)", conflict=sid)
+        dims = view.attrs.get("dim")
+        reduced = _norm_axes(dims, len(_shape(src)))[0] if dims not in (None, []) else None
+        self._tuple_pieces(node, view, src, sid, reduced, out_axis, 2)
+
+    rule_std_mean = rule_var_mean
+
+    def rule_adaptive_max_pool(self, node, view, shape) -> None:
+        """Each channel's maximum over windows of its own (0 over a removed, all-zero channel);
+        ATen's op and `return_indices=True` give (values, indices), both per channel."""
+        if shape is not None:
+            return self.rule_unary(node, view, shape)
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        in_shape, axis = _shape(src), self.slots[sid].axis
+        size = view.attrs.get("output_size")
+        spatial = len(size) if isinstance(size, (list, tuple)) else max(len(in_shape) - 2, 1)
+        if axis >= len(in_shape) - spatial:
+            raise _Pin(f"{view.kind} over the channel axis")
+        self._tuple_pieces(node, view, src, sid, len(in_shape) - 1, axis, 2)
+
+    def rule_repeat_interleave(self, node, view, shape) -> None:
+        """Copies of each channel: after ``repeat_interleave(x, r, dim)`` over the channel axis,
+        channel j is x's channel j // r (GQA's key/value heads, each shared by r query heads);
+        after ``x.repeat(...)`` tiling it r times, x's channel j % c. A channel and its copies
+        are one class: removing it removes them all, and the op needs no rewrite."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        in_shape, axis = _shape(src), self.slots[sid].axis
+        if view.kind == "repeat":
+            counts = list(view.attrs.get("repeats") or ())
+            out_axis = axis + len(counts) - len(in_shape)
+            r, copies = counts[out_axis], np.tile
+        else:
+            dim = view.attrs.get("dim")
+            if dim is None:
+                raise _Pin("repeat_interleave of the flattened value")
+            if _norm_axis(int(dim), len(in_shape)) != axis:
+                return self.passthrough(node, view, src, axis)
+            out_axis, r, copies = axis, view.attrs.get("repeats"), np.repeat
+        if isinstance(r, bool) or not isinstance(r, int) or shape[out_axis] != r * in_shape[axis]:
+            raise _Pin(f"{view.kind} count of the channel axis computed in the graph")
+        c = in_shape[axis]
+        self.passthrough(node, view, src, out_axis, copies(np.arange(c), r), np.arange(c * r), how=f"copies x{r}")
+
+    rule_repeat = rule_repeat_interleave
 
     def _reduced_axis(self, src, sid: int, view) -> int | None:
         """Where the channel axis lands after reducing `view.attrs["dim"]` (None: every axis)
@@ -1566,6 +1629,14 @@ class _Builder:
     def rule_flatten(self, node, view, shape) -> None:
         self._reshape_like(node, view, shape)
 
+    def rule_reshape_as(self, node, view, shape) -> None:
+        """``x.reshape_as(other)``: a reshape to other's shape, which apply writes out (other's
+        sizes, the channel entry as many as x keeps) — other may lose channels of its own."""
+        x, other = view.inputs[0], view.inputs[-1]
+        if self.in_slot(x) is None and self.in_slot(other) is not None:
+            raise _Pin("reshape_as to the shape of a value with channels")
+        self._reshape_like(node, view, shape)
+
     def rule_reshape(self, node, view, shape) -> None:
         self._reshape_like(node, view, shape)
 
@@ -1614,7 +1685,7 @@ class _Builder:
                 origin = (node.name, wanted)
         else:
             raise _Pin("reshape splits the channel axis in a way fxopt cannot follow")
-        info = {"size_index": b} if view.kind == "reshape" else {}
+        info = {"size_index": b} if view.kind in ("reshape", "reshape_as") else {}
         if view.kind == "unflatten":
             dim = _norm_axis(int(view.attrs["dim"]), len(in_shape))
             if dim == a:  # the channel axis is the one split: its entry of `sizes` is rewritten
@@ -1837,7 +1908,8 @@ _NON_NEGATIVE = frozenset({"abs", "square", "relu", "vector_norm", "var", "std"}
 # ops whose sign is their input's (values moved, repeated or averaged; sqrt and rsqrt of a positive)
 _SAME_SIGN = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
                         "unsqueeze", "squeeze", "to", "contiguous", "getitem", "select", "slice", "mean", "amax",
-                        "amin", "sum", "sqrt", "dropout", "identity"})
+                        "amin", "sum", "sqrt", "dropout", "identity", "repeat", "repeat_interleave", "reshape_as",
+                        "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
 
 
 def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
@@ -1876,6 +1948,9 @@ def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
         return inner(view.input) if low is None and view.attrs.get("max") is None else None
     if kind == "rsqrt":
         return "pos" if inner(view.input) == "pos" else None
+    if kind == "getitem" and isinstance(view.input, torch.fx.Node) and _piece_index(value) == 0 \
+            and getattr(op_view(gm, view.input), "kind", None) in ("var_mean", "std_mean"):
+        return "nonneg"
     if kind in _SAME_SIGN:
         return inner(view.input)
     if kind in ("add", "mul"):

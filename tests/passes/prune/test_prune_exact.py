@@ -549,6 +549,56 @@ class ShuffleBlocks(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class MaxPoolStats(nn.Module):
+    """Per-channel statistics that come as tuples: var_mean over the positions (an instance norm
+    spelled out), adaptive max pooling (also with its indices), and a log_softmax over the
+    positions gated by the channels themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.pool = nn.AdaptiveMaxPool2d(2, return_indices=True)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        g = self.b(h)
+        var, mean = torch.var_mean(g, dim=(2, 3), keepdim=True)
+        g = (g - mean) / torch.sqrt(var + 1e-5)
+        g = g * F.log_softmax(g.flatten(2), -1).exp().view_as(g)
+        values, _ = self.pool(h)
+        z = torch.cat([F.adaptive_max_pool2d(F.relu(g), 1).flatten(1), values.mean((2, 3))], 1)
+        return F.log_softmax(self.fc(z), -1)
+
+
+class GroupedQueryAttention(nn.Module):
+    """GQA: 4 query heads share 2 key/value heads, copied by repeat_interleave (Llama's
+    grouping: query head j reads kv head j // 2) or tiled by repeat (j % 2); the heads merged
+    back with reshape_as onto the stream's shape."""
+
+    def __init__(self, tile=False, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.tile, self.h, self.kv, self.d = tile, heads, kv_heads, dim // heads
+        self.embed = nn.Linear(6, dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, kv_heads * self.d), nn.Linear(dim, kv_heads * self.d)
+        self.o, self.head = nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, _ = h.shape
+        q = self.q(h).view(b, n, self.h, self.d).transpose(1, 2)
+        k = self.k(h).view(b, n, self.kv, self.d).transpose(1, 2)
+        v = self.v(h).view(b, n, self.kv, self.d).transpose(1, 2)
+        r = self.h // self.kv
+        if self.tile:
+            k, v = k.repeat(1, r, 1, 1), v.repeat(1, r, 1, 1)
+        else:
+            k, v = k.repeat_interleave(r, dim=1), torch.repeat_interleave(v, r, dim=1)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(self.d)).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape_as(h)
+        return self.head(h + self.o(y))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -592,6 +642,9 @@ CASES = {
     "additive_mask": (lambda: PackedAttention(additive=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
     "channel_shuffle": (ShuffleBlocks, IMAGE),
+    "max_pool_stats": (MaxPoolStats, IMAGE),
+    "gqa_repeat_interleave": (GroupedQueryAttention, lambda: torch.randn(2, 5, 6)),
+    "gqa_repeat": (lambda: GroupedQueryAttention(tile=True), lambda: torch.randn(2, 5, 6)),
 }
 
 
@@ -1038,7 +1091,8 @@ def test_a_size_read_in_the_graph_stays_dynamic_after_pruning():
 
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
-           "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask"]
+           "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
+           "gqa_repeat"]
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -1065,6 +1119,50 @@ def test_packed_qkv_loses_whole_heads_from_q_k_and_v_alike(mode):
     assert len(heads) == 1 and heads.pop() < 4
     qkv = next(t for k, t in gm.state_dict().items() if "qkv" in k and k.endswith("weight"))
     assert qkv.shape[0] % (3 * 8) == 0 and qkv.shape[0] < 96
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_max_pooling_var_mean_and_log_softmax_over_the_positions_are_followed(mode):
+    plan, *_ = _pruned_and_masked("max_pool_stats", mode)
+    # only the classifier's log_softmax, over its classes (the channel axis) at the graph output
+    assert list(plan.channel_graph.pinned_nodes.values()) == ["log_softmax over the channel axis"]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("tile", [False, True])
+def test_gqa_loses_a_key_value_head_with_the_query_heads_that_share_it(mode, tile):
+    """A removed kv head takes its copies along: the query heads reading it (j // 2 after
+    repeat_interleave, j % 2 after repeat) go with it, and only those."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    model = _warm(GroupedQueryAttention(tile=tile), x)
+    plan = analyze(model, (x,), mode=mode, ratio=0.5, adapter_cost=0.0)
+    cg = plan.channel_graph
+    producer = {cg.module_names[r.node]: r.outputs[0] for r in cg.rules.values() if r.category == "producer"}
+    q_alive = ~plan.dead[cg.positions(producer["q"])].reshape(4, 8)
+    k_alive = ~plan.dead[cg.positions(producer["k"])].reshape(2, 8)
+    reads = [j % 2 if tile else j // 2 for j in range(4)]
+    assert [bool(q_alive[j].any()) for j in range(4)] == [bool(k_alive[reads[j]].any()) for j in range(4)]
+    assert 0 < k_alive.any(1).sum() < 2, "ratio 0.5 of a warmed model removes one of the two kv heads"
+    pruned = plan.apply()
+    assert pruned(torch.randn(3, 5, 6)).shape == (3, 5, 3)
+
+
+def test_a_var_mean_over_the_channels_is_pinned_by_name():
+    class ChannelStats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            var, mean = torch.var_mean(h, dim=1, keepdim=True)
+            return self.b((h - mean) / torch.sqrt(var + 1e-5))
+
+    plan = analyze(ChannelStats().eval(), (torch.randn(2, 3, 4, 4),), ratio=0.5)
+    pinned = plan.channel_graph.pinned_nodes
+    assert pinned["var_mean"] == "var_mean over the channel axis (the removed zeros would count)"
+    assert "not zero-preserving" in pinned["sub"]  # h minus a mean over all channels
 
 
 class _DividedByChannels(nn.Module):
