@@ -1598,8 +1598,14 @@ class _Builder:
         if out_axis is None:
             return self.free_output(node, view)
         src, sid = pairs[0] if pairs[0][0] is view.inputs[0] else (view.inputs[0], None)
-        if sid is None:  # y broadcasts over the channel axis: x lends only its shape
-            return self.free_output(node, view)
+        if sid is None:
+            # y broadcasts over the channel axis (export's F.normalize: a norm over the channels
+            # spread back over them): one value for every channel, not 0 on a removed one, so
+            # dirty; narrowed with x, whose shape it takes and whose values it does not read
+            other, osid = pairs[0]
+            self.passthrough(node, view, other, out_axis, sid=osid, how="shape",
+                             info={"dirty_source": True, "clean_reads": {other.name}})
+            return
         out = self.passthrough(node, view, src, out_axis, sid=sid)
         for other, osid in pairs[1:]:  # listed as an input too, so apply brings it to the same width
             pos = np.arange(self.slots[osid].size)

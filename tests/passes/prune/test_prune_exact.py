@@ -1148,6 +1148,26 @@ def test_gqa_loses_a_key_value_head_with_the_query_heads_that_share_it(mode, til
     assert pruned(torch.randn(3, 5, 6)).shape == (3, 5, 3)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_norm_over_the_channels_spread_back_by_expand_as_prunes_with_them(mode):
+    """export writes F.normalize(x, dim=1) as ``x / norm.clamp_min(eps).expand_as(x)``; the
+    expanded divisor held no channels, so it pinned x's channels without a word."""
+    class Cosine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.b(F.normalize(F.relu(self.a(x)), dim=1))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(Cosine().eval(), x, mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.plan.selection.removed > 0 and count_parameters(r.pruned) < r.params_before
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
 def test_a_var_mean_over_the_channels_is_pinned_by_name():
     class ChannelStats(nn.Module):
         def __init__(self):
