@@ -39,7 +39,7 @@ from torch import nn
 
 from fxopt.debug.listing import annotate
 from fxopt.errors import node_location
-from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, tensor_meta
+from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, size_read, tensor_meta
 
 import numpy as np
 
@@ -604,9 +604,27 @@ def apply_pruning(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray, 
     applier = _Applier(gm, cg, dead, boundary, ignored, slot_group)
     applier.run()
     applier.fold_scatters_into_adds()
+    _erase_dead_size_arithmetic(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return {"adapters": applier.adapters, "reexpansions": applier.reexpansions}
+
+
+_SIZE_ARITHMETIC = (operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub)
+
+
+def _erase_dead_size_arithmetic(graph: torch.fx.Graph) -> None:
+    """Size reads, and integer arithmetic on them only, that no rewritten shape entry uses any
+    more (ShuffleNet's ``c // groups`` once its view holds the new count): a second prune would
+    take them for reads of the channel count of another kind."""
+    sizes: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if size_read(node) is not None or (node.op == "call_function" and node.target in _SIZE_ARITHMETIC
+                                           and node.all_input_nodes and set(node.all_input_nodes) <= sizes):
+            sizes.add(node)
+    for node in reversed(list(graph.nodes)):
+        if node in sizes and not node.users:
+            graph.erase_node(node)
 
 
 def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 (their producer rows, norm affine and parameter slices zeroed), the pruned model must equal the
 masked original to float tolerance — on both front ends, for every coupling rule."""
 import math
+import operator
 
 import numpy as np
 import pytest
@@ -1102,6 +1103,17 @@ def test_a_channel_shuffle_couples_channel_j_of_every_group(mode):
     plan, masked, out, before, gm, x = _pruned_and_masked("channel_shuffle", mode)
     assert not [n for n, why in plan.channel_graph.pinned_nodes.items() if "reshape" in why or "view" in n]
     assert count_parameters(gm) < 0.6 * before
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_second_prune_of_a_channel_shuffle_finds_no_stale_size_reads(mode):
+    """The first prune writes the shuffle's new counts into its views; the ``c // groups`` that
+    computed them was left dead in the graph and pinned the second prune's shuffles."""
+    _, _, _, _, first, x = _pruned_and_masked("channel_shuffle", mode)
+    assert not [n for n in first.graph.nodes if n.target is operator.floordiv]
+    again = prune_and_mask(first, x, mode, 0.3)
+    assert again.plan.channel_graph.pinned_nodes == {} and again.plan.selection.removed > 0
+    torch.testing.assert_close(again.out, again.masked, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
