@@ -958,10 +958,11 @@ class _Builder:
             if a_shape is None:
                 raise _Pin(f"input {a.name} has no shape")
             a_axis = out_axis - (len(shape) - len(a_shape))
-            if a_axis < 0 or a_shape[a_axis] == 1:
+            own = self.in_slot(a)
+            if a_axis < 0 or a_shape[a_axis] == 1 and not (c == 1 and own is not None and self.slots[own].axis == a_axis):
+                # (a value with one channel, say pruned down to one, is that channel, not a broadcast)
                 if not allow_broadcast:
                     raise _Pin(f"input {a.name} broadcasts over the channel axis")
-                own = self.in_slot(a)
                 if own is not None and self.slots[own].axis != a_axis:
                     # its channels sit on an axis the output does not track: pruning them
                     # would break the broadcast (a gate over the positions times a feature map)

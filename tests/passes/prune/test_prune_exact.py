@@ -1180,6 +1180,25 @@ def test_a_norm_over_the_channels_spread_back_by_expand_as_prunes_with_them(mode
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_values_of_one_channel_are_aligned_not_broadcast(mode):
+    """Two one-channel convs added (a saliency branch, or layers a first prune left one channel
+    wide): each is that channel, not a broadcast, so the add is no pin."""
+    class OneChannel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(3, 1, 1), nn.Conv2d(1, 4, 1)
+            self.d, self.e = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.c(F.relu(self.a(x) + self.b(x)) * torch.sigmoid(self.b(x)))
+            return y + self.e(F.relu(self.d(x)))
+
+    r = prune_and_mask(OneChannel().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {} and r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
 def test_a_var_mean_over_the_channels_is_pinned_by_name():
     class ChannelStats(nn.Module):
         def __init__(self):
