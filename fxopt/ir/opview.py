@@ -495,6 +495,29 @@ def size_read(node: torch.fx.Node) -> tuple[Any, Any] | None:
     return None
 
 
+# What a tensor's device, dtype and rank say does not change when its sizes do.
+_METADATA_ATTRS = frozenset({"device", "dtype", "ndim", "layout", "is_cuda", "requires_grad"})
+_METADATA_METHODS = frozenset({"dim", "get_device", "is_floating_point", "is_complex", "is_contiguous"})
+
+
+def metadata_read(node: torch.fx.Node) -> Any:
+    """The tensor whose size-independent metadata `node` reads — ``x.device``, ``x.dtype``,
+    ``x.ndim``, ``x.dim()``, ``x.get_device()`` and the like — or None for any other node.
+    Such a read stays valid when a pass reshapes or narrows the tensor, unlike `size_read`.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.arange(3, device=x.device) + x.dim())
+        >>> [(n.name, metadata_read(n).name) for n in gm.graph.nodes if metadata_read(n) is not None]
+        [('getattr_1', 'x'), ('dim', 'x')]
+    """
+    if node.op == "call_method" and node.target in _METADATA_METHODS and len(node.args) == 1:
+        return node.args[0]
+    if (node.op == "call_function" and node.target is getattr and len(node.args) == 2
+            and node.args[1] in _METADATA_ATTRS):
+        return node.args[0]
+    return None
+
+
 def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
     """Positional and keyword args of a call_function/call_method node under canonical names."""
     overload = aten_op_of(node)

@@ -221,12 +221,24 @@ class _Applier:
                 _reshape_to_size_of(node)
             _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size,
                              force=rule.kind == "reshape_as" or self._reads_a_resized_count(_shape_entry(node, b)))
+            self._fix_count_entries(node, b)
         j = rule.info.get("sizes_entry")
         if j is not None:  # unflatten(dim, sizes) of the channel axis: the split's leading size
             sizes = list(op_view(self.gm, node).attrs["sizes"])
             if sizes[j] != -1:
                 sizes[j] = int(len(self.keep(rule.outputs[0])))
                 _set_arg(node, "sizes", sizes)
+
+    def _fix_count_entries(self, node: torch.fx.Node, b: int) -> None:
+        """The entries of a reshape other than its channel axis `b` keep their sizes; one computed
+        from a resized value's channel count (``C // num_heads`` of the attention's input, the
+        analysis allowed only counts and constants there) is written as that size."""
+        if len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node):
+            return  # one computed size value: its entries are not separate arguments
+        shape = tensor_meta(node)[0]
+        for j in range(len(shape)):
+            if j != b and self._reads_a_resized_count(_shape_entry(node, j)):
+                _set_shape_entry(node, j, int(shape[j]), int(shape[j]), force=True)
 
     def _reads_a_resized_count(self, entry) -> bool:
         """Whether a size entry computed in the graph reads the channel count of a value that

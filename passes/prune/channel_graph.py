@@ -82,8 +82,8 @@ import torch
 import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
-from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments, is_shared, op_view,
-                      ref_for_get_attr, size_read, spec_for, tensor_meta, value_nbytes)
+from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments, is_shared,
+                      metadata_read, op_view, ref_for_get_attr, size_read, spec_for, tensor_meta, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "selu", "celu", "mish", "dropout", "identity", "contiguous", "to", "abs", "sqrt",
@@ -522,7 +522,26 @@ class _Builder:
         if index is None or not user.args or user.args[0] is value or value in user.kwargs.values():
             return False
         sizes = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
-        return [i for i, a in enumerate(sizes) if a is value] == [index]
+        at = [i for i, a in enumerate(sizes) if a is value]
+        if at == [index]:
+            return True
+        # another entry computed from channel counts alone (timm's ``C // num_heads`` as the head
+        # size): pruning changes only the channel axis, so apply writes that entry's constant
+        return bool(at) and index not in at and self._counts_only(value)
+
+    def _counts_only(self, value: Any) -> bool:
+        """Whether the number `value` is computed from channel-count reads and constants alone,
+        so that it does not vary with the input (a batch or sequence size would)."""
+        counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if not isinstance(v, torch.fx.Node) or v.name in counted:
+                continue
+            if not (v.op == "call_function" and v.target in _INT_ARITHMETIC and _is_number(v)):
+                return False
+            stack.extend(v.all_input_nodes)
+        return True
 
     def pin(self, node: torch.fx.Node, reason: str) -> None:
         """Inputs read at full width; the output is a free value (its classes cannot die)."""
@@ -551,6 +570,10 @@ class _Builder:
         query = size_read(node)
         if query is not None:
             return self.visit_shape_query(node, *query)
+        if metadata_read(node) is not None:  # ``h.device``, ``h.dtype``: the same at any width
+            self.value_slot[node.name] = None
+            self.rules[node.name] = Rule(node.name, "metadata", "free")
+            return
         view = op_view(self.gm, node)
         shape = _shape(node)
         inputs = node.all_input_nodes

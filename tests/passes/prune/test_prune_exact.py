@@ -475,7 +475,8 @@ class PackedAttention(nn.Module):
     """timm's ViT attention: one qkv linear viewed as (3, heads, dim) and unbound, and einsum
     attention over the same packing; an optional nanoGPT causal mask (masked_fill with -inf);
     optionally timm's q/k norm (a layer norm over each head's dims) with the width read off the
-    stream (`b, n, c = h.shape`), which pruning narrows while the heads' reshape keeps its own."""
+    stream (`b, n, c = h.shape`) and the head size computed from it (``c // heads``), which
+    pruning narrows while the heads' reshape keeps its own."""
 
     def __init__(self, dim=32, heads=4, einsum=False, causal=False, qk_norm=False, additive=False):
         super().__init__()
@@ -489,7 +490,7 @@ class PackedAttention(nn.Module):
     def forward(self, x):
         h = self.embed(x)
         b, n, c = h.shape if self.q_norm is not None else (x.shape[0], x.shape[1], 32)
-        qkv = self.qkv(h).reshape(b, n, 3, self.h, 32 // self.h)
+        qkv = self.qkv(h).reshape(b, n, 3, self.h, c // self.h)
         if self.einsum:
             q, k, v = qkv.unbind(2)
             att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
@@ -1091,6 +1092,18 @@ def test_a_size_read_in_the_graph_stays_dynamic_after_pruning():
     torch.testing.assert_close(pruned(longer), plan.gm(longer), rtol=1e-4, atol=1e-5)
 
 
+def test_a_head_size_computed_from_the_streams_width_is_written_as_a_constant():
+    """timm's ``reshape(B, N, 3, heads, C // heads)`` with C read off the narrowed stream: the
+    head size is a number of channel counts only, so apply writes it out (it pinned the read,
+    and a re-expansion of the stream was built just for its ``.shape``); the sequence length
+    stays dynamic."""
+    plan, masked, out, _, pruned, x = _pruned_and_masked("qk_norm", "symbolic")
+    assert plan.channel_graph.pinned_nodes == {}
+    assert not [n for n in pruned.graph.nodes if n.target in (operator.floordiv, torch.index_select)]
+    longer = torch.randn(3, 7, 6)
+    torch.testing.assert_close(pruned(longer), plan.gm(longer), rtol=1e-4, atol=1e-5)
+
+
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
            "gqa_repeat"]
@@ -1196,6 +1209,27 @@ def test_values_of_one_channel_are_aligned_not_broadcast(mode):
 
     r = prune_and_mask(OneChannel().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
     assert r.plan.channel_graph.pinned_nodes == {} and r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_reading_a_channel_tensors_device_or_dtype_is_no_pin(mode):
+    """``torch.arange(n, device=h.device, dtype=h.dtype)`` (positions, rotary tables) reads
+    nothing the width changes; symbolic capture keeps the ``getattr`` reads, which pinned h."""
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            pos = torch.arange(h.shape[-1], device=h.device, dtype=h.dtype) / h.dim()
+            return self.c(F.relu(self.b(h) * pos))
+
+    torch.manual_seed(0)
+    r = prune_and_mask(Positions().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.plan.selection.removed > 0 and count_parameters(r.pruned) < r.params_before
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
