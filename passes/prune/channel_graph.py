@@ -351,6 +351,24 @@ def _is_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 _INT_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 
+# What a weight computed in the graph usually is, so the pin says what to do about it.
+_COMPUTED = (" (computed in the graph: a weight_norm or other parametrization? remove_parametrizations "
+             "before capture)")
+
+
+def _opaque_layer(module: torch.nn.Module) -> str | None:
+    """Why a layer fxopt would prune must be called whole: a parametrization computes its
+    weight (weight_norm, spectral_norm), or hooks run around its forward."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        name, chain = next(iter(module.parametrizations.items()))
+        how = ", ".join(type(p).__name__.lstrip("_") for p in chain)
+        return (f"{type(module).__name__} computes its {name} with a parametrization ({how}): call "
+                f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r}) before pruning")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{type(module).__name__} has forward hooks, which a pruned layer would not run"
+    return None
+
+
 def _is_number(node: Any) -> bool:
     """A Python number computed in the graph (shape arithmetic): recorded as itself."""
     meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
@@ -582,6 +600,10 @@ class _Builder:
             self.value_slot[node.name] = None  # shape arithmetic (``x.size()[:-1] + (n,)``), guards
             return
         if view is None:
+            if node.op == "call_module":
+                opaque = _opaque_layer(self.gm.get_submodule(node.target))
+                if opaque:
+                    raise _Pin(opaque)
             if not any(self.in_slot(a) is not None for a in inputs):
                 # no input carries channels (rotary's cos/sin, mask arithmetic): nothing to pin
                 return self.free_output(node, view)
@@ -857,7 +879,7 @@ class _Builder:
         src = view.input
         w = view.param("weight")
         if w is None:
-            raise _Pin("conv weight is not a parameter")
+            raise _Pin("conv weight is not a parameter" + _COMPUTED)
         if isinstance(view.attrs.get("bias"), torch.fx.Node):
             raise _Pin("conv bias is computed in the graph (not a parameter to slice)")
         transposed = bool(view.attrs.get("transposed"))
@@ -902,7 +924,7 @@ class _Builder:
 
     def rule_linear(self, node, view, shape) -> None:
         if view.param("weight") is None:
-            raise _Pin("linear weight is not a parameter")
+            raise _Pin("linear weight is not a parameter" + _COMPUTED)
         if isinstance(view.attrs.get("bias"), torch.fx.Node):  # Swin-V2's cat(q_bias, 0, v_bias)
             raise _Pin("linear bias is computed in the graph (not a parameter to slice)")
         self._dense_producer(node, view, shape, view.input)
@@ -912,7 +934,7 @@ class _Builder:
         layout = WEIGHT_LAYOUTS["addmm"]
         w = param_arg(self.gm, view, layout.weight)
         if w is None or w.get() is None:
-            raise _Pin("addmm weight is not a parameter")
+            raise _Pin("addmm weight is not a parameter" + _COMPUTED)
         bias = view.attrs.get(layout.bias)
         if isinstance(bias, torch.fx.Node) and layout.bias not in view.params:
             raise _Pin("addmm bias is not a parameter")
@@ -958,7 +980,7 @@ class _Builder:
 
     def rule_embedding(self, node, view, shape) -> None:
         if view.param("weight") is None:
-            raise _Pin("embedding weight is not a parameter")
+            raise _Pin("embedding weight is not a parameter" + _COMPUTED)
         if self.in_slot(view.input) is not None:  # each index is a row to look up, not a channel
             raise _Pin("embedding indices carry channels")
         out = self.new_slot(node, len(shape) - 1, "producer")

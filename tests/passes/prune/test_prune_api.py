@@ -1,4 +1,6 @@
 """Options, bad input, pipeline text, pinned reporting and distillation on the digits example."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,6 +267,35 @@ def test_a_model_with_nothing_prunable_names_what_pins_it(mode):
     with pytest.warns(UserWarning, match="Pinned nodes: linear"):
         res = fxopt.optimize(model, (x,), "prune{ratio=0.5},fuse", mode=mode)
     assert [r.modified for r in res.passes][0] is False and res.verification.passed
+
+
+class _WeightNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        wn = torch.nn.utils.parametrizations.weight_norm
+        self.a, self.b, self.c = wn(nn.Conv1d(3, 16, 3, padding=1)), wn(nn.Conv1d(16, 16, 1)), nn.Conv1d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_a_weight_norm_layer_is_pinned_with_the_call_that_frees_it():
+    """Symbolic capture keeps a parametrized conv whole (its weight is computed): the pin says
+    so and how to undo it (it was silent), and after that call the same model prunes."""
+    from fxopt.passes.prune.prune_pass import NothingToPrune
+
+    model, x = _WeightNormed().eval(), torch.randn(2, 3, 20)
+    with pytest.raises(NothingToPrune, match=r"a: ParametrizedConv1d computes its weight with a parametrization "
+                                             r"\(WeightNorm\): call torch.nn.utils.parametrize.remove_parametrizations"
+                                             r"\(module, 'weight'\)"):
+        analyze(model, (x,), mode="symbolic", ratio=0.5)
+    with pytest.raises(NothingToPrune, match=r"conv weight is not a parameter \(computed in the graph: a weight_norm"):
+        analyze(model, (x,), mode="export", ratio=0.5)
+    plain = copy.deepcopy(model)
+    for layer in (plain.a, plain.b):
+        torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+    plan = analyze(plain, (x,), mode="symbolic", ratio=0.5)
+    assert plan.channel_graph.pinned_nodes == {} and plan.selection.removed > 0
 
 
 def test_taylor_scores_skip_outputs_that_do_not_depend_on_producers():
