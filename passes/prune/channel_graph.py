@@ -1918,7 +1918,38 @@ class _Builder:
         self.uf.union_many(self.slots[out].base + pos, self.slots[out].base + pos % per_group)
 
     # ----- finish -----------------------------------------------------------------------
+    def couple_tied_layers(self) -> None:
+        """A layer called at several places (a module reused, a shared weight export reads twice)
+        got a private copy per call; its calls lose the same channels, so the pruned model keeps
+        one layer (re-tied by apply) that trains as one, as the original did. Where one call is
+        pinned, the others keep every channel too. Ties across kinds (an embedding tied to the
+        LM head, in another channel space) stay free."""
+        calls: dict[tuple, list[Rule]] = {}
+        for rule in self.rules.values():
+            view = op_view(self.gm, self.nodes[rule.node]) if rule.category in ("producer", "pass", "pinned") else None
+            tensors = [ref.get() for _, ref in sorted(view.params.items())] if view is not None else []
+            if tensors and all(isinstance(t, torch.Tensor) for t in tensors):
+                calls.setdefault((view.kind, *map(id, tensors)), []).append(rule)
+        for rules in calls.values():
+            live = [r for r in rules if r.category != "pinned" and r.outputs]
+            if len(rules) < 2 or not live:
+                continue
+            slots = [[r.outputs[0], *(sid for _, sid in r.consumed)] for r in live]
+            if len(live) < len(rules):
+                for sid in (sid for row in slots for sid in row):
+                    self.pinned_positions.extend(self._positions(sid).tolist())
+                continue
+            for row in slots[1:]:
+                for a, b in zip(slots[0], row):
+                    if self.slots[a].size == self.slots[b].size:
+                        self.uf.union_many(self._positions(a), self._positions(b))
+
+    def _positions(self, sid: int) -> np.ndarray:
+        slot = self.slots[sid]
+        return np.arange(slot.base, slot.base + slot.size)
+
     def finish(self) -> ChannelGraph:
+        self.couple_tied_layers()
         total = self.uf.size
         cls = self.uf.classes()
         n_classes = int(cls.max()) + 1 if total else 0

@@ -434,6 +434,59 @@ def test_a_weight_pruned_alike_at_both_uses_stays_one_tensor():
     assert len(shared) == 2 and shared[0] is shared[1] and shared[0].shape[0] < 16
 
 
+class UnevenSiamese(nn.Module):
+    """One conv called on two branches whose consumers differ (a large conv after one call, a
+    mean after the other), so each call alone would keep different channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.other = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1)
+        self.shared, self.big = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.head = nn.Linear(96, 4)
+
+    def forward(self, x):
+        a = self.big(F.relu(self.shared(F.relu(self.stem(x))))).mean((2, 3))
+        b = F.relu(self.shared(F.relu(self.other(x)))).mean((2, 3))
+        return self.head(torch.cat([a, b], 1))
+
+
+def _shared_weights(gm):
+    return [t for n, t in gm.named_parameters(remove_duplicate=False) if n.startswith("shared")
+            and n.endswith("weight") or n.startswith("shared_weight")]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_layer_called_twice_loses_the_same_channels_at_both_calls_and_stays_one_layer(mode):
+    """Pruned apart, the calls kept two copies of different rows (more parameters than one
+    layer, and a model that no longer trains the layer as one)."""
+    torch.manual_seed(0)
+    model, x = UnevenSiamese().eval(), torch.randn(2, 3, 8, 8)
+    plan = analyze(model, (x,), mode=mode, ratio=0.5)
+    pruned = plan.apply()
+    shared = _shared_weights(pruned)
+    assert len(shared) == 2 and shared[0] is shared[1] and shared[0].shape[0] < 32
+    assert count_parameters(pruned) < count_parameters(model)
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 4)
+
+
+def test_a_layer_called_twice_keeps_every_channel_where_one_call_is_pinned():
+    class OneCallPinned(UnevenSiamese):
+        def forward(self, x):
+            a = self.big(F.relu(self.shared(F.relu(self.stem(x)))))
+            # the second call convolves over the rows of a 16 x 16 image (its channels on axis 2)
+            return a, self.shared(F.relu(self.other(x)).transpose(1, 2))
+
+    torch.manual_seed(0)
+    model, x = OneCallPinned().eval(), torch.randn(2, 3, 16, 16)
+    plan = analyze(model, (x,), mode="symbolic", ratio=0.5, adapter_cost=0.0)
+    assert plan.channel_graph.pinned_nodes == {"shared_1": "conv over a value whose channels are not on axis 1"}
+    assert plan.selection.removed > 0
+    pruned = plan.apply()
+    shared = _shared_weights(pruned)
+    assert len(shared) == 2 and shared[0] is shared[1] and shared[0].shape == (32, 16, 3, 3)
+
+
 def test_pruning_an_exported_tied_model_leaves_no_full_size_copy_behind():
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 8))
