@@ -289,9 +289,11 @@ class Prune(Pass):
             warnings.warn(f"prune: {exc}", stacklevel=2)
             return PassResult(gm, modified=False, stats={"removed_channels": 0, "note": str(exc)})
         stats = plan.stats()
+        shortfall = _shortfall(plan, self.ratio)
+        if shortfall:
+            stats["note"] = shortfall
+            warnings.warn(f"prune: {shortfall}", stacklevel=2)
         if plan.selection.removed == 0:
-            stats["note"] = _why_nothing_was_removed(plan, self.ratio)
-            warnings.warn(f"prune: {stats['note']}", stacklevel=2)
             return PassResult(gm, modified=False, stats=stats)
         pruned = plan.apply()
         stats.update(plan.applied)
@@ -315,12 +317,17 @@ def _pinned_summary(cg: ChannelGraph, shown: int = 5) -> str:
     return f" Pinned nodes: {listed}{more}."
 
 
-def _why_nothing_was_removed(plan: PrunePlan, ratio: float) -> str:
-    """What a user who asked for `ratio` and got nothing should read: which nodes hold the
-    channels at full width, and what to try."""
+def _shortfall(plan: PrunePlan, ratio: float) -> str | None:
+    """What a user who asked for `ratio` and got nothing, or less than half of what it targets,
+    should read: which nodes hold the channels at full width, and what to try. None when the
+    selection removed at least half its target."""
+    sel = plan.selection
+    if sel.removed > 0 and 2 * sel.removed >= sel.target:
+        return None
     hint = (" Options: exact_norms=false prunes through norms; adapter_cost=0 stops charging"
             " the re-expansions in front of pinned nodes.")
-    return (f"removed no channel at ratio={ratio}: no removal saved more than it cost "
+    what = "removed no channel" if sel.removed == 0 else f"removed only {sel.removed} of the {sel.target} channels"
+    return (f"{what} at ratio={ratio}: no further removal saved more than it cost "
             f"(importance lost plus the re-expansion adapters it needs).{_pinned_summary(plan.channel_graph)}{hint}")
 
 

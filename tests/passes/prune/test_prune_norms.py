@@ -1,5 +1,7 @@
 """`exact_norms`: layer/group norm gathered exactly or pruned with their stream (Torch-Pruning's way),
 and the adapter charges that keep the exact mode from paying more than it saves."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -296,6 +298,34 @@ def test_a_prune_that_removes_nothing_says_why():
                                          r".*exact_norms=false") as caught:
         res = fxopt.optimize(model, (x,), "prune{ratio=0.5}")
     assert not res.passes[0].modified and res.passes[0].stats["note"] in str(caught[0].message)
+
+
+class NormedStream(nn.Module):
+    """A narrow stream through layer norms (exact by default: each reads the stream whole, so
+    narrowing it costs adapters) beside a small MLP: most of the target is on the stream."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.a, self.n, self.b, self.n2 = nn.Linear(8, d), nn.LayerNorm(d), nn.Linear(d, d), nn.LayerNorm(d)
+        self.f1, self.f2, self.c = nn.Linear(d, 8), nn.Linear(8, d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.n(self.a(x))
+        h = self.n2(h + F.relu(self.b(h)))
+        return self.c(h + self.f2(F.relu(self.f1(h))))
+
+
+def test_a_prune_far_short_of_its_target_says_why_and_what_to_try():
+    """Removing a few channels where the user asked for half used to pass without a word."""
+    torch.manual_seed(0)
+    model, x = NormedStream().eval(), torch.randn(2, 5, 8)
+    with pytest.warns(UserWarning, match=r"removed only \d+ of the \d+ channels at ratio=0.5: .*adapter_cost=0"):
+        res = fxopt.optimize(model, (x,), "prune{ratio=0.5}")
+    stats = res.passes[0].stats
+    assert res.passes[0].modified and 0 < 2 * stats["removed_channels"] < stats["target_channels"], stats
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the options it names reach the target, without a warning
+        fxopt.optimize(model, (x,), "prune{ratio=0.5,adapter_cost=0}")
 
 
 class NormWeightReadTwice(nn.Module):
