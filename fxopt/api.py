@@ -1,7 +1,7 @@
 """`fxopt.optimize`: capture, run a pipeline, verify — the one call most users need.
 
     >>> import torch, fxopt
-    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(), torch.nn.ReLU())
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(), torch.nn.ReLU()).eval()
     >>> res = fxopt.optimize(model, (torch.randn(4, 8),), pipeline="remove-noops,dce")
     >>> res.verification.passed, [p.name for p in res.passes]
     (True, ['remove-noops', 'dce'])

@@ -9,7 +9,9 @@
   succeed and still be wrong when Python control flow got baked in), then export.
 
 The user's model is deep-copied and put in eval mode first: it is never mutated, and the graph
-is captured with inference semantics (dropout off, batchnorm on running statistics).
+is captured with inference semantics (dropout off, batchnorm on running statistics). A model
+with a batchnorm or a dropout in training mode gets a `fxopt.TrainingModeWarning` naming them:
+what fxopt optimizes and verifies against is then not what that model computes as it stands.
 
 Non-tensor inputs (``flag=True``, ``scale=0.5``, ``mode="fast"``, ``mask=None``, positional or
 keyword) are *specialized*: the graph is valid for the captured value only. The symbolic graph
@@ -41,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
-from .errors import CaptureError
+from .errors import CaptureError, TrainingModeWarning, user_stacklevel
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
@@ -109,6 +111,7 @@ def capture(
     if isinstance(model, torch.fx.GraphModule):
         return _adopt_graph_module(model, args, kwargs)
 
+    _warn_training_mode(model)
     model = _private_eval_copy(model)
     frontends = ["symbolic", "export"] if mode == "auto" else [mode]
     attempts: list[Attempt] = []
@@ -287,6 +290,53 @@ def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> 
 
 def _private_eval_copy(model: nn.Module) -> nn.Module:
     return deep_copy(model).eval()
+
+
+# A module with a float rate under one of these names drops out in training mode
+# (nn.MultiheadAttention's `dropout`, an RNN's, Hugging Face attention's `attention_dropout`).
+_DROPOUT_RATES = ("dropout", "dropout_p", "attention_dropout", "attn_dropout")
+
+
+def _training_mode_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, "norm" or "dropout") for each submodule in training mode that computes
+    something else in eval mode: a batchnorm or instance norm that tracks running statistics,
+    a dropout with p > 0, a module with a dropout rate above 0."""
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            found.append((name, module, "norm"))
+        elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append((name, module, "dropout"))
+        elif any(isinstance(getattr(module, attr, None), float) and getattr(module, attr) > 0
+                 for attr in _DROPOUT_RATES):
+            found.append((name, module, "dropout"))
+    return found
+
+
+def _warn_training_mode(model: nn.Module) -> None:
+    """Say so when capture's eval copy computes something else than `model` as it stands: a
+    train-mode batchnorm normalizes each batch with its own statistics, and a verification
+    against the eval copy would pass while the user's model gives other outputs."""
+    found = _training_mode_modules(model)
+    if not found:
+        return
+    listed = ", ".join(f"{type(m).__name__} '{name}'" if name else f"{type(m).__name__} (the model itself)"
+                       for name, m, _ in found[:3])
+    if len(found) > 3:
+        listed += f" and {len(found) - 3} more"
+    effects = []
+    if any(kind == "norm" for _, _, kind in found):
+        effects.append("batchnorm uses its running statistics, not each batch's (`fuse` folds them into the "
+                       "conv or linear before it)")
+    if any(kind == "dropout" for _, _, kind in found):
+        effects.append("dropout is off")
+    warnings.warn(
+        f"capture: {type(model).__name__} is in training mode ({listed}); fxopt optimizes its eval-mode "
+        f"semantics, as after model.eval(): {' and '.join(effects)}. The result is verified against that "
+        "eval-mode copy, not against the model in training mode (left as it is); call model.eval() first to "
+        "optimize for inference without this warning", TrainingModeWarning, stacklevel=user_stacklevel())
 
 
 def _drop_string_annotations(gm: torch.fx.GraphModule) -> None:

@@ -43,6 +43,29 @@ class VerificationWarning(UserWarning):
     ``warnings.simplefilter("error", fxopt.VerificationWarning)`` to make that an exception."""
 
 
+class TrainingModeWarning(UserWarning):
+    """A model (or a batchnorm or dropout inside it) was in training mode: fxopt captures and
+    optimizes its eval-mode semantics. Call ``model.eval()`` first, or make it an exception
+    with ``warnings.simplefilter("error", fxopt.TrainingModeWarning)``."""
+
+
+def user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for a warning its caller raises, that points at the first
+    frame outside fxopt and its passes: the user's call, not `optimize`'s call of `capture`."""
+    import os
+    import sys
+
+    dirs = [os.path.dirname(os.path.abspath(__file__))]
+    passes = sys.modules.get("fxopt.passes")
+    if getattr(passes, "__file__", None):
+        dirs.append(os.path.dirname(os.path.abspath(passes.__file__)))
+    ours = tuple(d + os.sep for d in dirs)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def node_location(node: torch.fx.Node) -> str:
     """`node 'name' (op target) at file:line` — the user's source line when fx recorded one."""
     line = user_source_line(node.meta.get("stack_trace"))

@@ -15,7 +15,8 @@ and a bisect limit (run only the first N passes) to find the pass that breaks a 
 
     >>> import torch, fxopt
     >>> from fxopt.manager import PassManager
-    >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()), (torch.randn(2, 4),))
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval()
+    >>> gm = fxopt.capture(model, (torch.randn(2, 4),))
     >>> result = PassManager("remove-noops,dce").run(gm, (torch.randn(2, 4),))
     >>> [r.name for r in result.records], result.records[0].nodes_before > result.records[0].nodes_after
     (['remove-noops', 'dce'], True)

@@ -11,7 +11,7 @@ cross-attention (query is not key), separate key/value dimensions, `add_bias_kv`
 padding mask with `enable_nested_tensor`), a module with hooks.
 
     >>> import torch, fxopt
-    >>> layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
     >>> gm = fxopt.capture(layer, (torch.randn(2, 5, 16),), mode="symbolic")
     >>> sorted({n.target for n in gm.graph.nodes if n.op == "call_module"})
     ['dropout', 'dropout1', 'dropout2', 'linear1', 'linear2', 'norm1', 'norm2', 'self_attn.out_proj']

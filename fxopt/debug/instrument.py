@@ -9,7 +9,7 @@ The index is rewritten after every step, so a pipeline that crashes still leaves
 
     >>> import tempfile, torch, fxopt
     >>> from fxopt.debug import DumpInstrument
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU())
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU()).eval()
     >>> inst = DumpInstrument(tempfile.mkdtemp())
     >>> _ = fxopt.optimize(model, (torch.randn(2, 4),), "remove-noops,dce", instruments=[inst])
     >>> [s.stem for s in inst.steps], inst.index_path.exists()

@@ -1,7 +1,7 @@
 """`dump_pipeline`: optimize a model with every step dumped — what `fxopt dump` runs.
 
     >>> import tempfile, torch
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU())
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU()).eval()
     >>> index = dump_pipeline(model, (torch.randn(2, 4),), "remove-noops,dce", tempfile.mkdtemp())
     >>> index.name, sorted(p.name for p in index.parent.glob("*.diff"))
     ('index.html', ['01-remove-noops.diff', '02-dce.diff'])

@@ -32,16 +32,24 @@ Before / after (symbolic front end)::
     %relu = call_function relu(%bn)        %conv2d = conv2d(%x, %w, %b, ...)   {fused: conv+relu}
                                            %relu = call_function relu(%conv2d) {fused: conv+relu}
 
-Preconditions: eval mode (capture puts models in eval). Tolerance "float": folding reorders
-float arithmetic. Works on symbolic and export graphs.
+Preconditions: eval mode. `capture` puts a copy of the model in eval mode, and warns
+(`fxopt.TrainingModeWarning`) when the model had a batchnorm or dropout in training mode: what
+`fuse` folds are then the running statistics of the eval copy, and verification compares against
+that copy. A batchnorm still in training mode in a graph the user captured is left unfolded, with
+the same warning naming its node: it normalizes each batch with that batch's statistics, which
+no folded weight holds. Tolerance "float": folding reorders float arithmetic. Works on symbolic
+and export graphs.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch.fx
 
-from fxopt import Pass, PassContext, PassResult
+from fxopt import Pass, PassContext, PassResult, TrainingModeWarning
+from fxopt.errors import node_label, user_source_line, user_stacklevel
+from fxopt.ir import op_view
 from fxopt.patterns import PatternSet, apply_patterns
 
 from . import rules
@@ -87,6 +95,8 @@ class Fuse(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         from fxopt.passes.cleanup import DeadCodeElimination
 
+        if self.fold_bn:
+            _warn_training_batchnorms(gm)
         report = apply_patterns(gm, self.patterns(), debug=self.debug or None)
         changed_graph = any(n for name, n in report.counts.items()
                             if name not in {p.name for p in rules.EPILOGUES})
@@ -97,3 +107,21 @@ class Fuse(Pass):
             dce = DeadCodeElimination().run(gm, ctx)
             stats["nodes_removed"] = dce.stats["nodes_removed"]
         return PassResult(gm, modified=bool(report.counts), stats=stats)
+
+
+def _warn_training_batchnorms(gm: torch.fx.GraphModule) -> None:
+    """Warn about each batchnorm in training mode that follows a conv or linear: `fold_bn` keeps
+    it (a graph the user captured in training mode; `capture` itself captures in eval mode)."""
+    for node in gm.graph.nodes:
+        view = op_view(gm, node)
+        if view is None or view.kind != "batch_norm" or not view.attrs.get("training"):
+            continue
+        source = op_view(gm, view.input) if isinstance(view.input, torch.fx.Node) else None
+        if "running_mean" not in view.params or source is None or source.kind not in ("conv", "linear"):
+            continue  # without running statistics, eval mode would not fold it either
+        line = user_source_line(node.meta.get("stack_trace"))
+        warnings.warn(f"fuse: {node_label(node)} is a batchnorm in training mode: it normalizes each batch with "
+                      f"that batch's statistics, which no folded weight holds, so it is not folded into its "
+                      f"{source.kind} '{source.node.name}'; call model.eval() before capturing the model to fold "
+                      "its running statistics" + (f" (at {line})" if line else ""),
+                      TrainingModeWarning, stacklevel=user_stacklevel())
