@@ -6,9 +6,10 @@ activation (relu, or hardtanh(0, x) such as relu6, whose clamp the output range 
 
     conv -> batch_norm -> relu      ==>  quantized.conv2d_relu(q(x), packed(w folded), s, zp)
 
-*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, clamp, dropout) run on
-int8 values as they are, so a chain conv -> maxpool -> flatten -> linear needs no
-dequantize/quantize pair. Every other op stays float.
+*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, clamp, dropout, and basic
+slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`) run on int8 values as they are,
+on their input's grid, so a chain conv -> maxpool -> flatten -> linear, or a TCN's causal
+conv -> chomp slice -> relu -> conv, needs no dequantize/quantize pair. Every other op stays float.
 
 Which pass-through ops run in int8 is a trade-off: each int8<->float boundary costs a
 quantize or dequantize of the tensor crossing it. `int8_region` decides it on the whole
@@ -42,9 +43,15 @@ FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "cat": (),
 }
 #: Ops that compute on int8 values directly, keeping the input's scale and zero point.
+#: Followers that act elementwise, so they commute with slicing (see `_grow`).
+ACTIVATIONS = frozenset({"relu", "hardtanh"})
+#: Basic indexing (slices, integers, `...`, None) picks elements of its input without computing:
+#: on an int8 value it gives those elements, on the input's grid. `slicing_reason` says which
+#: spellings qualify (a tensor index, or a getitem of a tuple, does not).
+SLICING = frozenset({"getitem", "slice", "narrow", "select"})
 PASS_THROUGH = frozenset({
     "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "permute", "transpose",
-    "contiguous", "relu", "hardtanh", "dropout", "identity",
+    "contiguous", "relu", "hardtanh", "dropout", "identity", *SLICING,
 })
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
 #: conversions, so the minimum cut decides them like pass-through ops. A residual add between
@@ -65,6 +72,9 @@ class Group:
     bn: torch.fx.Node | None = None
     act: torch.fx.Node | None = None
     view: object = None
+    #: basic slicing (and `contiguous`) between the anchor (or its batchnorm) and the
+    #: activation, applied to the kernel's output in this order
+    views: list[torch.fx.Node] = field(default_factory=list)
 
     @property
     def output(self) -> torch.fx.Node:
@@ -212,11 +222,50 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
             # not an average: the sum over the window divided by another count can leave the
             # input's range, which an int8 pass-through (the input's scale) would clip
             plan.unsupported[node.name] = "avg_pool with divisor_override (leaves its input's range)"
+        elif view.kind in SLICING and (reason := slicing_reason(view)) is not None:
+            if is_float_value(node):
+                plan.unsupported[node.name] = f"{view.kind}: {reason}"
         elif view.kind in PASS_THROUGH and view.input is not None:
             plan.pass_through.add(node.name)
         elif is_float_value(node):
             plan.unsupported[node.name] = view.kind
     return plan
+
+
+def slicing_reason(view) -> str | None:
+    """None when `view` (a getitem/slice/narrow/select) is basic indexing of one float32 tensor,
+    which an int8 value undergoes as it is; else why it stays float."""
+    node, source = view.node, view.input
+    if not isinstance(source, torch.fx.Node) or tensor_meta(source) is None:
+        what = f"'{source.name}'" if isinstance(source, torch.fx.Node) else "a constant"
+        return f"takes an item of {what}, which is no tensor (a tuple or list): nothing to slice"
+    if not is_float_value(source):
+        return f"indexes '{source.name}', which is no float32 tensor"
+    if view.kind == "getitem":
+        index = node.args[1] if len(node.args) > 1 else view.attrs.get("index")
+        return _basic_index_reason(index)
+    tensor_args = [a for a in node.all_input_nodes if a is not source and tensor_meta(a) is not None]
+    if tensor_args:
+        return f"reads its position from the tensor '{tensor_args[0].name}': no int8 pass-through"
+    return None
+
+
+def _basic_index_reason(index) -> str | None:
+    """None when `index` is basic indexing (ints, slices, `...`, None; sizes computed in the
+    graph are ints too), else why not."""
+    def is_int(x) -> bool:
+        if isinstance(x, torch.fx.Node):  # x.size(2) - pad: a number, unless it is a tensor
+            return tensor_meta(x) is None
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    for item in index if isinstance(index, tuple) else (index,):
+        if item is None or item is Ellipsis or is_int(item):
+            continue
+        if isinstance(item, slice) and all(b is None or is_int(b) for b in (item.start, item.stop, item.step)):
+            continue
+        shown = f"'{item.name}'" if isinstance(item, torch.fx.Node) else type(item).__name__
+        return f"advanced indexing (index {shown}) gathers a copy: no int8 pass-through"
+    return None
 
 
 def _no_view_reason(gm, node) -> str:
@@ -234,22 +283,41 @@ def _module_of(gm, node):
 
 
 def _grow(gm, view) -> Group:
-    nodes, bn, act = [view.node], None, None
+    nodes, bn, act, views = [view.node], None, None, []
     current = view.node
     for allowed in FOLLOWERS[view.kind]:
-        nxt = _single_user(current)
+        # An activation commutes with slicing: conv -> x[:, :, :-pad] -> relu (a TCN's causal
+        # chomp) is the conv+relu kernel, sliced, on the relu's grid (all 8 bits >= 0).
+        between = _view_chain(gm, current) if ACTIVATIONS & set(allowed) else []
+        last = between[-1] if between else current
+        nxt = _single_user(last)
         if nxt is None:
             break
         nview = op_view(gm, nxt)
-        if nview is None or nview.kind not in allowed or nview.input is not current or not _follower_ok(nview):
+        if nview is None or nview.kind not in allowed or nview.input is not last or not _follower_ok(nview):
             continue
-        nodes.append(nxt)
+        nodes += [*between, nxt]
+        views += between
         if nview.kind == "batch_norm":
             bn = nxt
         else:
             act = nxt
         current = nxt
-    return Group(view.kind, view.node, nodes, list(view.inputs), bn, act, view)
+    return Group(view.kind, view.node, nodes, list(view.inputs), bn, act, view, views)
+
+
+def _view_chain(gm, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The run of basic slicing ops and `contiguous` calls that reads `node`, each the only
+    reader of the one before (a TCN's Chomp1d: `x[:, :, :-pad].contiguous()`)."""
+    chain = []
+    while (user := _single_user(node)) is not None:
+        view = op_view(gm, user)
+        if view is None or view.input is not node or not (
+                view.kind == "contiguous" or view.kind in SLICING and slicing_reason(view) is None):
+            break
+        chain.append(user)
+        node = user
+    return chain
 
 
 # ----- the int8 region ------------------------------------------------------------------------
