@@ -46,7 +46,8 @@ from fxopt.verify import compare_outputs
 from .kernels import int8_linear
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear
-from .plan import AVERAGING, CUT_DECIDES, SLICING, Group, Plan, blocked_by, build_plan, int8_region
+from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, blocked_by, build_plan, int8_region,
+                   shared_grids)
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -160,7 +161,8 @@ def lowering_stats(backend: str, float_ops: dict[str, str], reduce_range) -> dic
     """The stats of a lowering before it lowers anything (what a model with nothing to
     quantize reports as it is)."""
     return {"backend": backend, "quantized": {}, "float_ops": dict(float_ops), "int8_pass_through": 0,
-            "quantize_nodes": 0, "dequantize_nodes": 0, "reduce_range": reduce_range, "narrow_values": 0}
+            "quantize_nodes": 0, "dequantize_nodes": 0, "reduce_range": reduce_range, "narrow_values": 0,
+            "shared_qparams": 0}
 
 
 def nonfinite_values(observers: dict[str, Observer]) -> dict[str, str]:
@@ -185,6 +187,7 @@ class _Lowering:
         any_obs = next(iter(observers.values()))
         self.reduce_range = any_obs.reduce_range
         self.narrow: set[str] = set()  # values on the 7-bit grid (see _kernel_inputs)
+        self.shared: dict[str, str] = {}  # value -> the cat whose grid it takes (plan.shared_grids)
         self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
         self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
@@ -210,6 +213,8 @@ class _Lowering:
                 enabled.add(out)
         region = int8_region(self.gm, self.plan, enabled, set(self.float_only))
         self.region = region
+        self.shared = shared_grids(self.gm, self.plan, region)
+        self.stats["shared_qparams"] = len(self.shared)
         if self.reduce_range:
             self.narrow = self._kernel_inputs(enabled, region)
             self.stats["narrow_values"] = len(self.narrow)
@@ -261,12 +266,15 @@ class _Lowering:
 
     # ----- values ---------------------------------------------------------------------------
     def _observed_grid(self, name: str) -> Grid:
-        """The grid of the observed value called `name`: 7-bit if a kernel needs it, else 8-bit."""
+        """The grid of the observed value called `name`: 7-bit if a kernel needs it, else 8-bit;
+        a cat's input takes its cat's grid (`shared_grids`)."""
+        while name in self.shared:
+            name = self.shared[name]
         narrow = name in self.narrow
         return (*self.observers[name].qparams(narrow), *quant_range(narrow))
 
     def _grid_of_float(self, value: torch.fx.Node, user: torch.fx.Node) -> Grid:
-        if value.name not in self.observers:
+        if value.name not in self.observers and value.name not in self.shared:
             raise QuantizationError(f"no observer on {node_location(value)}, which feeds int8 "
                                     f"{node_location(user)}; re-run insert-observers")
         return self._observed_grid(value.name)

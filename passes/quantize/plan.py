@@ -15,7 +15,8 @@ Which pass-through ops run in int8 is a trade-off: each int8<->float boundary co
 quantize or dequantize of the tensor crossing it. `int8_region` decides it on the whole
 graph with a minimum s-t cut (networkx): int8 groups hang from the source, float ops from the
 sink, every dataflow edge costs the bytes it carries, and the cheapest cut puts the
-boundaries where the fewest bytes cross.
+boundaries where the fewest bytes cross. Inside the region, the values an int8 cat alone reads
+take the cat's grid (`shared_grids`), so the cat copies instead of requantizing.
 
 Only float32 values are quantized: the int8 kernels quantize float32 (`quantize_per_tensor`
 refuses float16/bfloat16, and the reference form dequantizes to float32), so ops on float16,
@@ -456,3 +457,33 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str],
         return set()  # nothing that computes faster in int8
     _, (side, _) = nx.minimum_cut(g, src, sink)
     return {n for n in side if n != src and (n in enabled or n in plan.pass_through)}
+
+
+def shared_grids(gm: torch.fx.GraphModule, plan: Plan, region: set[str]) -> dict[str, str]:
+    """Value name -> the int8 cat whose grid it takes: the values each int8 cat in `region`
+    concatenates, where nothing else reads them.
+
+    `quantized::cat` requantizes every input whose scale or zero point differs from its
+    output's: a second rounding, and a slower kernel. A cat's output holds exactly its inputs'
+    values, so its observer has seen all of them: an input put on the output's grid loses
+    nothing it would not lose at the cat (torch.ao shares one observer between a cat's inputs
+    and output for the same reason). The value that fixes an input's grid is found by walking
+    back through int8 pass-through ops (pooling, slicing, views: they keep their input's grid)
+    to a group output or a float value quantized for the cat. Every value on that walk must
+    feed only the next one: a value someone else reads keeps its own, tighter grid (those
+    readers would otherwise pay for the cat's range), and the cat requantizes it. Cats of cats
+    chain: the inner cat's output takes the outer cat's grid, and so do its inputs.
+    """
+    shared: dict[str, str] = {}
+    for out, group in plan.groups.items():
+        if group.kind != "cat" or out not in region:
+            continue
+        for value in dict.fromkeys(group.inputs):
+            reader = group.anchor
+            while len(value.users) == 1 and next(iter(value.users)) is reader:
+                if value.name in region and value.name in plan.pass_through:
+                    reader, value = value, op_view(gm, value).input
+                    continue
+                shared[value.name] = out
+                break
+    return shared
