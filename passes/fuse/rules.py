@@ -4,7 +4,8 @@ Each table is a `PatternSet`; `fuse` applies them in order:
 
 - `NOOPS`: eval-mode dropout and identities disappear;
 - `FOLDS`: conv/linear + batchnorm folding, consecutive linear merging, spelled-out attention
-  to `F.scaled_dot_product_attention` — rewrites that compute new weights;
+  (also with a same-dtype softmax and cast, Hugging Face's eager spelling) to
+  `F.scaled_dot_product_attention` — rewrites that compute new weights;
 - `EPILOGUES`: conv/linear + activation, conv + residual add (+ relu), add + relu — these
   only *annotate* (see below); `lower-cpu` turns them into fused oneDNN kernels.
 
@@ -28,7 +29,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir import get_attr_value, size_read, tensor_meta
+from fxopt.ir import aten_op_of, bind_arguments, get_attr_value, op_view, size_read, spec_for, tensor_meta
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
 ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
@@ -220,13 +221,64 @@ def _last_dims(view) -> bool | str:
 
 
 def _softmax_last(view) -> bool | str:
+    """A softmax over the last axis computed in its input's dtype: `softmax(s, dim=-1)`, and
+    Hugging Face's `softmax(s, dim=-1, dtype=torch.float32)` on float32 scores (that dtype
+    changes nothing there; on float16 scores it is a float32 softmax, which SDPA is not)."""
     dim = view.attrs.get("dim")
-    meta = tensor_meta(view.input)
-    if view.attrs.get("dtype") is not None:
-        return "softmax with a dtype cast"
+    meta, out = tensor_meta(view.input), tensor_meta(view.node)
+    dtype = view.attrs.get("dtype")
+    if dtype is not None and (meta is None or dtype != meta[1]):
+        return f"softmax computes in {dtype}, its input is {meta[1] if meta else 'of unknown dtype'}"
+    if view.attrs.get("half_to_float") or (meta is not None and out is not None and out[1] != meta[1]):
+        return f"softmax casts its {meta[1] if meta else 'input'} scores to {out[1] if out else 'another dtype'}"
     if dim == -1 or (meta is not None and dim == len(meta[0]) - 1):
         return True
     return f"softmax over dim {dim}, not the last one"
+
+
+_CAST_METHODS = ("to", "float", "double", "half", "bfloat16", "type_as")
+_KEEPS_STORAGE = {"device": (None,), "layout": (None, torch.strided), "pin_memory": (None, False),
+                  "memory_format": (None, torch.preserve_format)}
+
+
+def _is_dtype(value: object) -> bool:
+    """A dtype written in the graph (`torch.float32`) or read off a tensor (`query.dtype`)."""
+    if isinstance(value, torch.dtype):
+        return True
+    return (isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target is getattr
+            and len(value.args) == 2 and value.args[1] == "dtype")
+
+
+def _noop_cast(view) -> bool | str:
+    """A dtype cast that changes nothing: its value has its input's dtype (`.to(query.dtype)`
+    after Hugging Face's float32 softmax of float32 scores, `.float()`, `type_as`, export's
+    `aten.to.dtype` and `aten._to_copy`), and it asks for no device, layout or memory format."""
+    node = view.node
+    src, out = tensor_meta(view.input), tensor_meta(node)
+    if src is None or out is None:
+        return "the cast has no dtype metadata"
+    if src[1] != out[1]:
+        return f"a cast from {src[1]} to {out[1]}"
+    overload = aten_op_of(node)
+    if overload is not None:
+        args = bind_arguments(node, spec_for(node.graph.owning_module, node))
+        if overload == torch.ops.aten.to.other:  # `x.to(y)` takes y's device too
+            return "a cast to another tensor's dtype and device"
+    elif node.op == "call_method" and node.target in _CAST_METHODS:
+        if node.target == "type_as":
+            return True
+        extra = [a for a in node.args[1:] if not isinstance(a, bool)]  # non_blocking, copy
+        if node.target != "to" and extra or not all(_is_dtype(a) for a in extra):
+            return f"a cast with the arguments {node.args[1:]!r}, not a dtype"
+        args = dict(node.kwargs)
+        if "dtype" in args and not _is_dtype(args["dtype"]):
+            return f"a cast to {args['dtype']!r}, not a dtype"
+    else:
+        return "not a dtype cast fxopt reads"
+    for key, allowed in _KEEPS_STORAGE.items():
+        if not any(args.get(key) is a or args.get(key) == a for a in allowed):
+            return f"the cast also sets {key}={args.get(key)!r}"
+    return True
 
 
 # Reads of a number about a tensor beside its sizes (`size_read`): `x.dim()`, `x.numel()`,
@@ -297,6 +349,17 @@ def _scores(mask: str | None, scale: str = "const") -> Op:
     return scaled
 
 
+def _checks_only(m: Match) -> list[torch.fx.Node] | str:
+    """The users of the softmax besides the cast after it, which must all be export's
+    `_assert_tensor_metadata` checks (export writes one before `.to`): they check a value the
+    rewrite removes, so they go with it."""
+    probs, cast = m.nodes["probs"], m.nodes["cast"]
+    others = [u for u in probs.users if u is not cast]
+    if any((v := op_view(m.gm, u)) is None or v.kind != "assert_metadata" for u in others):
+        return f"the softmax '{probs.name}' has other users ({', '.join(u.name for u in others)})"
+    return others
+
+
 def _attention_check(m: Match) -> bool | str:
     metas = [tensor_meta(m.nodes[k]) for k in ("q", "k", "v")]
     if any(mt is None for mt in metas):
@@ -312,6 +375,10 @@ def _attention_check(m: Match) -> bool | str:
             return "the masked_fill mask must be boolean"
         if not filled and (mm is None or mm[1] != metas[0][1]):
             return "the additive mask must have the dtype of q"
+    if "cast" in m.nodes:
+        checks = _checks_only(m)
+        if isinstance(checks, str):
+            return checks
     return True
 
 
@@ -327,15 +394,28 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     mask = r.match.nodes.get("mask")
     if "fill" in r.match.views:  # SDPA's boolean mask says which scores take part
         mask = r.call(torch.logical_not, mask)
-    return r.call(F.scaled_dot_product_attention, r["q"], r["k"], r["v"], attn_mask=mask, scale=scale)
+    sdpa = r.call(F.scaled_dot_product_attention, r["q"], r["k"], r["v"], attn_mask=mask, scale=scale)
+    if "cast" in r.match.nodes:
+        for check in _checks_only(r.match):
+            r.graph.erase_node(check)
+    return sdpa
 
 
 def _attention(name: str, mask: str | None) -> list[Pattern]:
     """The attention patterns for `mask`: a constant scale (`name`), and a scale computed from
-    shapes that divides (`name/div-shape`) or multiplies (`name/mul-shape`) the scores."""
-    return [Pattern(name + suffix, Op("matmul", Op("softmax", _scores(mask, scale), check=_softmax_last), Var("v")),
-                    rewrite=_to_sdpa, check=_attention_check)
-            for suffix, scale in (("", "const"), ("/div-shape", "div"), ("/mul-shape", "mul"))]
+    shapes that divides (`name/div-shape`) or multiplies (`name/mul-shape`) the scores; each
+    also with a cast between softmax and `@ v` that changes nothing (`/cast`: Hugging Face's
+    eager `softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)` on float32 scores)."""
+    patterns = []
+    for suffix, scale in (("", "const"), ("/div-shape", "div"), ("/mul-shape", "mul")):
+        probs = Op("softmax", _scores(mask, scale), check=_softmax_last)
+        patterns.append(Pattern(name + suffix, Op("matmul", probs, Var("v")), rewrite=_to_sdpa,
+                                check=_attention_check))
+        # the softmax may also feed export's metadata checks before the cast (see _checks_only)
+        probs = Op("softmax", _scores(mask, scale), check=_softmax_last, name="probs", single_use=False)
+        patterns.append(Pattern(name + suffix + "/cast", Op("matmul", Op("to", probs, name="cast", check=_noop_cast),
+                                                            Var("v")), rewrite=_to_sdpa, check=_attention_check))
+    return patterns
 
 
 _ATTENTION = [*_attention("attention+mask", "add"), *_attention("attention+masked_fill", "fill"),

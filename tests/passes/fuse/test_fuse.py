@@ -435,3 +435,121 @@ def test_a_near_miss_is_not_taken_for_an_activation(fn):
 def test_activations_option_switches_the_forms_off():
     res = _run(_Spelled(SPELLED["swish"][0]), torch.randn(3, 8), "symbolic", pipeline="fuse{activations=false}")
     assert "silu" not in _kinds(res.module) and "sigmoid" in _kinds(res.module)
+
+
+class _EagerAttention(nn.Module):
+    """Hugging Face's `eager_attention_forward`: `(q @ kᵀ) * scaling + mask`, a softmax spelled by
+    `probs` (Llama's `softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)`), eval dropout, `@ v`;
+    `return_probs` also returns the attention weights (`output_attentions=True`)."""
+
+    def __init__(self, probs, return_probs=False):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        self.probs, self.return_probs, self.scaling = probs, return_probs, 8 ** -0.5
+
+    def forward(self, x, attention_mask):
+        b, n, _ = x.shape
+        q, k, v = (f(x).view(b, n, 2, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling + attention_mask
+        probs = F.dropout(self.probs(scores, q), p=0.1, training=self.training)
+        out = torch.matmul(probs, v).transpose(1, 2).contiguous().reshape(b, n, 16)
+        return (out, probs) if self.return_probs else out
+
+
+EAGER_PROBS = {
+    "llama": lambda s, q: F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype),
+    "dtype_only": lambda s, q: F.softmax(s, dim=-1, dtype=torch.float32),
+    "to_literal": lambda s, q: s.softmax(-1).to(torch.float32),
+    "to_keyword": lambda s, q: s.softmax(dim=-1).to(dtype=q.dtype),
+    "type_as": lambda s, q: s.softmax(-1).type_as(q),
+    "float": lambda s, q: s.softmax(-1).float(),
+}
+
+
+def _eager_attention_inputs(dtype=torch.float32):
+    torch.manual_seed(0)
+    mask = torch.zeros(2, 1, 5, 5, dtype=dtype)
+    mask[0, ..., -2:] = torch.finfo(dtype).min  # the padding of the first sequence
+    return torch.randn(2, 5, 16, dtype=dtype), mask
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spelling", sorted(EAGER_PROBS))
+def test_hugging_face_eager_attention_becomes_sdpa(mode, spelling):
+    """A softmax whose dtype is its input's and a cast that changes nothing are no reason to leave
+    attention spelled out (export writes `aten.softmax.int(s, -1, torch.float32)`, an
+    `_assert_tensor_metadata` check and `aten.to.dtype` / `_to_copy`)."""
+    torch.manual_seed(0)
+    model, inputs = _EagerAttention(EAGER_PROBS[spelling]).eval(), _eager_attention_inputs()
+    res = fxopt.optimize(model, inputs, pipeline="fuse", mode=mode)
+    assert res.verification.passed, res.summary()
+    kinds = _kinds(res.module)
+    assert kinds.count("sdpa") == 1 and not {"softmax", "to", "assert_metadata", "matmul"} & set(kinds), kinds
+    pattern = "attention+mask" if spelling == "dtype_only" else "attention+mask/cast"
+    assert res.passes[0].stats["matches"][pattern] == 1
+    torch.testing.assert_close(res.module(*inputs), model(*inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["float64_softmax", "bfloat16", "probs_returned"])
+def test_eager_attention_that_sdpa_would_change_stays(mode, case):
+    """A float32 softmax of bfloat16 scores, a float64 softmax, and attention weights the model
+    also returns are not SDPA's: the ops stay, and the result is still the model's."""
+    probs = (lambda s, q: F.softmax(s, dim=-1, dtype=torch.float64).to(q.dtype)) if case == "float64_softmax" \
+        else EAGER_PROBS["llama"]
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    model = _EagerAttention(probs, return_probs=case == "probs_returned").eval().to(dtype)
+    inputs = _eager_attention_inputs(dtype)
+    res = fxopt.optimize(model, inputs, pipeline="fuse", mode=mode)
+    assert res.verification.passed, res.summary()
+    kinds = _kinds(res.module)
+    assert "sdpa" not in kinds and "softmax" in kinds, kinds
+    torch.testing.assert_close(res.module(*inputs), model(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case,why", [
+    ("float64_softmax", "node 'to' (call_method to): a cast from torch.float64 to torch.float32"),
+    ("bfloat16", "node 'to' (call_method to): a cast from torch.float32 to torch.bfloat16"),
+    ("to_device", "node 'to' (call_method to): the cast also sets device='cpu'"),
+])
+def test_why_an_eager_attention_is_not_sdpa(case, why):
+    probs = {"float64_softmax": lambda s, q: F.softmax(s, dim=-1, dtype=torch.float64).to(q.dtype),
+             "bfloat16": EAGER_PROBS["llama"],
+             "to_device": lambda s, q: s.softmax(-1).to(dtype=q.dtype, device="cpu")}[case]
+    dtype = torch.bfloat16 if case == "bfloat16" else torch.float32
+    model, inputs = _EagerAttention(probs).eval().to(dtype), _eager_attention_inputs(dtype)
+    res = fxopt.optimize(model, inputs, pipeline="fuse{debug=matmul_1}", mode="symbolic")
+    assert res.passes[0].stats["why_not"]["attention+mask/cast"] == why
+    assert "sdpa" not in _kinds(res.module)
+
+
+def _tiny_hugging_face(arch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+                 max_position_embeddings=64)
+    if arch == "bert":
+        return transformers.BertModel(transformers.BertConfig(**sizes, attn_implementation="eager")).eval()
+    return transformers.LlamaModel(transformers.LlamaConfig(**sizes, attn_implementation="eager")).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,pattern", [("bert", "attention+mask"), ("llama", "attention+mask/cast")])
+def test_hugging_face_eager_models_get_sdpa(arch, pattern):
+    """BERT's eager attention (a plain softmax) and Llama's (a float32 softmax cast back to the
+    query's dtype), captured by `fxopt.capture` (export): one SDPA per layer, same outputs."""
+    model = _tiny_hugging_face(arch)
+    assert model.config._attn_implementation == "eager"
+    ids, mask = torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[0, 6:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, **({"use_cache": False} if arch == "llama" else {})}
+    gm = fxopt.capture(model, inputs)
+    assert fxopt.frontend_of(gm) == "export" and "softmax" in _kinds(gm)
+    res = fxopt.optimize(gm, inputs, pipeline="fuse")
+    assert res.verification.passed, res.summary()
+    kinds = _kinds(res.module)
+    assert kinds.count("sdpa") == 2 and "softmax" not in kinds, kinds
+    assert res.passes[0].stats["matches"][pattern] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)
