@@ -1,8 +1,9 @@
 """What to quantize: int8 groups (patterns as data) and the int8 region (a minimum cut).
 
 A *group* is a run of nodes that becomes one int8 kernel: an anchor (conv, linear, add,
-matmul, cat) optionally followed by a batchnorm (conv only, folded into the weights) and an
-activation (relu, or hardtanh(0, x) such as relu6, whose clamp the output range implies)::
+matmul, cat) optionally followed by a batchnorm (after a conv, or BatchNorm1d after a linear's
+(N, features) output; folded into the weights) and an activation (relu, or hardtanh(0, x) such
+as relu6, whose clamp the output range implies)::
 
     conv -> batch_norm -> relu      ==>  quantized.conv2d_relu(q(x), packed(w folded), s, zp)
 
@@ -38,7 +39,7 @@ from fxopt.ir import op_view, tensor_meta, value_nbytes
 #: What may follow each anchor kind inside one group, in order.
 FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "conv": (("batch_norm",), ("relu", "hardtanh")),
-    "linear": (("relu", "hardtanh"),),
+    "linear": (("batch_norm",), ("relu", "hardtanh")),
     "add": (("relu",),),
     "matmul": (),
     "cat": (),
@@ -175,9 +176,18 @@ def _anchor_ok(gm, view) -> str | None:
     return "no int8 kernel"
 
 
-def _follower_ok(view) -> bool:
+def _follower_ok(view, anchor) -> bool:
     if view.kind == "batch_norm":
-        return not view.attrs.get("training", False) and "running_mean" in view.params
+        if view.attrs.get("training", False) or "running_mean" not in view.params:
+            return False
+        if anchor.kind == "linear":
+            # BatchNorm1d normalizes dim 1: the linear's features only on an (N, features) output
+            # (on (N, L, features) it would normalize L, which no weight fold can express)
+            meta = tensor_meta(anchor.node)
+            weight = anchor.param("weight")
+            return (meta is not None and len(meta[0]) == 2 and weight is not None
+                    and view.param("running_mean").shape[0] == weight.shape[0])
+        return True
     if view.kind == "hardtanh":
         return float(view.attrs.get("min_val", -1.0)) == 0.0
     return True
@@ -295,7 +305,7 @@ def _grow(gm, view) -> Group:
         if nxt is None:
             break
         nview = op_view(gm, nxt)
-        if nview is None or nview.kind not in allowed or nview.input is not last or not _follower_ok(nview):
+        if nview is None or nview.kind not in allowed or nview.input is not last or not _follower_ok(nview, view):
             continue
         nodes += [*between, nxt]
         views += between

@@ -1,0 +1,109 @@
+"""`quantize` alone folds an eval BatchNorm1d behind a linear into the int8 linear's weights, as
+it folds a conv's batchnorm: Linear -> BatchNorm1d -> ReLU is one `quantized.linear_relu`.
+A BatchNorm1d that normalizes another axis than the linear's features stays float."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+
+warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
+
+BATCH_NORMS = ("batch_norm", "_native_batch_norm_legit_no_training")
+
+
+def _bn(n):
+    bn = nn.BatchNorm1d(n)
+    bn.running_mean = torch.randn(n) * 0.3
+    bn.running_var = torch.rand(n) + 0.5
+    bn.weight.data = torch.rand(n) + 0.5
+    bn.bias.data = torch.randn(n) * 0.1
+    return bn
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), _bn(32), nn.ReLU(),
+                         nn.Linear(32, 32, bias=False), _bn(32),
+                         nn.Linear(32, 4)).eval()
+
+
+def _has_batch_norm(gm):
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            return True
+        if node.op == "call_function" and any(name in str(node.target) for name in BATCH_NORMS):
+            return True
+    return False
+
+
+def _targets(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_linear_batchnorm1d_relu_is_one_int8_linear(mode, backend):
+    model = _mlp()
+    batches = [(torch.randn(16, 16),) for _ in range(8)]
+    res = fxopt.optimize(model, batches[0], f"quantize{{backend={backend}}}", calibration=batches, mode=mode)
+    gm, stats = res.module, res.passes[0].stats
+    assert not _has_batch_norm(gm), gm.code
+    assert stats["quantized"] == {"linear+bn+act": 1, "linear+bn": 1, "linear": 1}
+    assert stats["float_ops"] == {}
+    targets = _targets(gm)
+    if backend == "x86":
+        assert targets.count("quantized.linear_relu.default") == 1 and targets.count("quantized.linear.default") == 2
+        # the batchnorms no longer split the int8 region: one quantize, one dequantize
+        assert targets.count("aten.quantize_per_tensor.default") == 1 and targets.count("aten.dequantize.self") == 1
+    else:
+        assert targets.count("quantized_decomposed.dequantize_per_channel.default") == 3
+    assert res.verification.passed and res.verification.sqnr_db > 35, res.verification.summary()
+    with torch.no_grad():                            # close to float on data it did not calibrate on
+        x = torch.randn(64, 16)
+        ref, out = model(x), gm(x)
+    assert (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())).item() > 25
+
+
+def test_the_folded_int8_linear_matches_the_folded_float_linear():
+    """The fold itself is exact in float: the int8 result stays within a few steps of the float
+    linear whose weights carry the batchnorm (y = (Wx + b - mean) * g / sqrt(var + eps) + beta)."""
+    model = nn.Sequential(nn.Linear(8, 6), _bn(6)).eval()
+    batches = [(torch.randn(32, 8),) for _ in range(6)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    lin, bn = model[0], model[1]
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    w, b = lin.weight * factor[:, None], (lin.bias - bn.running_mean) * factor + bn.bias
+    assert res.passes[0].stats["quantized"] == {"linear+bn": 1} and not _has_batch_norm(res.module)
+    (kernel,) = [n for n in res.module.graph.nodes if str(n.target) == "quantized.linear.default"]
+    out_scale = kernel.args[2]
+    with torch.no_grad():
+        x = batches[2][0]
+        folded = torch.nn.functional.linear(x, w, b)
+        assert torch.allclose(model(x), folded, atol=1e-5)
+        assert (res.module(x) - folded).abs().max().item() < 4 * out_scale
+
+
+def test_batchnorm1d_over_another_axis_than_the_features_stays_float():
+    """On a (N, L, features) linear output BatchNorm1d normalizes L: no weight fold says that."""
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(16, 8), _bn(8)          # L == 8 == features, by design
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Seq().eval()
+    batches = [(torch.randn(4, 8, 16),) for _ in range(6)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    stats = res.passes[0].stats
+    assert _has_batch_norm(res.module)
+    assert stats["quantized"] == {"linear": 1} and "batch_norm" in stats["float_ops"].values()
+    assert res.verification.passed and res.verification.sqnr_db > 30, res.verification.summary()
