@@ -50,10 +50,14 @@ class Var:
 
 @dataclass(frozen=True)
 class Const:
-    """A non-tensor argument (a Python number, e.g. an attention scale), bound to `name`."""
+    """A non-tensor argument (a Python number, e.g. an attention scale), bound to `name`.
+
+    `literal`: the value a pattern function wrote (`x / 8.0`), which `check` compares with; a
+    failed match then names the graph's argument and both values."""
 
     name: str
     check: Callable[[Any], bool] | None = None
+    literal: Any = None
 
 
 class Op:
@@ -209,8 +213,10 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
             got = _bound_arg(node, key)
         ok = want(got) if callable(want) else _same(got, want)
         if not ok:
-            raise _no_match(node, f": attribute '{key}' is {got!r}, pattern wants "
-                          f"{'a value passing ' + getattr(want, '__name__', 'a check') if callable(want) else repr(want)}")
+            wanted = f"a value passing {getattr(want, '__name__', 'a check')}" if callable(want) else repr(want)
+            word = "attribute" if node.op == "call_module" else "argument"
+            found = f"has no {word} '{key}'" if got is _MISSING else f": {word} '{key}' is {got!r}"
+            raise _no_match(node, f"{' ' if got is _MISSING else ''}{found} but the pattern wants {wanted}")
     spec = spec_for(gm, node)
     for key, neutral in (spec.modifiers if spec is not None else {}).items():
         got = view.attrs.get(key, neutral)
@@ -222,14 +228,16 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         if verdict is not True and verdict is not None:
             raise _no_match(node, f": {verdict if isinstance(verdict, str) else 'op check refused it'}")
     if pat.scalar is not None:
-        scalar, first = _scalar_operand(node, view)
+        scalar, first, key = _scalar_operand(node, view)
         if scalar is _MISSING:
-            raise _no_match(node, f" has no scalar operand; pattern wants Const('{pat.scalar.name}')")
+            wanted = f"one equal to {pat.scalar.literal!r}" if pat.scalar.literal is not None \
+                else f"Const('{pat.scalar.name}')"
+            raise _no_match(node, f" has no scalar operand; the pattern wants {wanted}")
         if first != pat.scalar_first and not pat.commutative and view.kind not in _COMMUTATIVE:
             # `2 / x` is not `x / 2`
             raise _no_match(node, f" has its scalar as the {'first' if first else 'second'} operand; pattern "
                                   f"{pat!r} wants it {'first' if pat.scalar_first else 'second'}")
-        m = _bind_const(pat.scalar, scalar, node, m)
+        m = _bind_const(pat.scalar, scalar, node, m, key)
     inputs = list(view.inputs)
     if len(inputs) != len(pat.inputs):
         raise _no_match(node, f" has {len(inputs)} tensor inputs, pattern {pat!r} wants {len(pat.inputs)}")
@@ -288,11 +296,13 @@ def _bind_node(name: str, node: torch.fx.Node, m: Match) -> None:
     m.nodes[name] = node
 
 
-def _bind_const(pat: Const, value: Any, node: torch.fx.Node, m: Match) -> Match:
+def _bind_const(pat: Const, value: Any, node: torch.fx.Node, m: Match, key: str = "") -> Match:
     if isinstance(value, torch.fx.Node) or isinstance(value, torch.Tensor):
         raise _no_match(node, f": Const('{pat.name}') wants a Python scalar, found a tensor")
     if pat.check is not None and not pat.check(value):
-        raise _no_match(node, f": Const('{pat.name}') = {value!r} fails its check")
+        if pat.literal is not None:  # a literal of a pattern function: its name says nothing
+            raise _no_match(node, f": argument '{key}' is {value!r} but the pattern wants {pat.literal!r}")
+        raise _no_match(node, f": argument '{key}' is {value!r}, which fails the check of Const('{pat.name}')")
     if pat.name in m.values and m.values[pat.name] != value:
         raise NoMatch(f"Const('{pat.name}') is bound to {m.values[pat.name]!r}, not {value!r}")
     m.values[pat.name] = value
@@ -312,18 +322,18 @@ def _bound_arg(node: torch.fx.Node, key: str) -> Any:
 _COMMUTATIVE = frozenset({"add", "mul"})
 
 
-def _scalar_operand(node: torch.fx.Node, view: OpView) -> tuple[Any, bool]:
-    """The one non-node operand of an elementwise op (`x * 0.5`, `2 * x`), or _MISSING, and
-    whether it is the first operand (`2 / x`)."""
+def _scalar_operand(node: torch.fx.Node, view: OpView) -> tuple[Any, bool, str]:
+    """The one non-node operand of an elementwise op (`x * 0.5`, `2 * x`), or _MISSING, whether
+    it is the first operand (`2 / x`), and the name of its argument (`other`)."""
     if node.op == "call_module":
-        return _MISSING, False
+        return _MISSING, False, ""
     spec = spec_for(node.graph.owning_module, node)
     if spec is None:
-        return _MISSING, False
+        return _MISSING, False, ""
     args = bind_arguments(node, spec)
-    scalars = [(args[k], i == 0) for i, k in enumerate(spec.tensor_args)
+    scalars = [(args[k], i == 0, k) for i, k in enumerate(spec.tensor_args)
                if k in args and isinstance(args[k], (int, float)) and not isinstance(args[k], bool)]
-    return scalars[0] if len(scalars) == 1 else (_MISSING, False)
+    return scalars[0] if len(scalars) == 1 else (_MISSING, False, "")
 
 
 def _same(got: Any, want: Any) -> bool:

@@ -75,7 +75,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
             elif isinstance(value, torch.fx.Node):
                 inputs.append(_convert(gm, value, consts, counter, fname))
             elif isinstance(value, numbers.Number):
-                scalar = Const(f"_literal{counter[0]}", check=_equals(value))
+                scalar = Const(f"_literal{counter[0]}", check=_equals(value), literal=value)
                 counter[0] += 1
             scalar_first = scalar_first or (scalar is not None and not inputs and key == spec.tensor_args[0])
         elif not isinstance(value, torch.fx.Node) and key not in _IGNORED:

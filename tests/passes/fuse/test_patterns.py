@@ -246,3 +246,53 @@ def test_a_function_pattern_without_a_bias_does_not_match_a_layer_with_one(mode)
     no_bias = fxopt.capture(nn.Sequential(nn.Linear(4, 4, bias=False), nn.ReLU()).eval(), (torch.randn(2, 4),),
                             mode=mode)
     assert explain(no_bias, _node(no_bias, "relu"), pattern_from_function(linear_relu)) == "matched"
+
+
+def _scaled_softmax(x):
+    return torch.softmax(x / 8.0, dim=-1)
+
+
+class _Literals(nn.Module):
+    """A near miss of `_scaled_softmax` in each of its literals, and one without the scalar."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case, self.softmax = case, nn.Softmax(dim=1)
+
+    def forward(self, x):
+        if self.case == "scale":
+            return torch.softmax(x / 4.0, dim=-1)
+        if self.case == "dim":
+            return torch.softmax(x / 8.0, dim=1)
+        if self.case == "module_dim":
+            return self.softmax(x / 8.0)
+        return torch.softmax(x / x.sum(), dim=-1)  # a tensor divisor: no scalar operand at all
+
+
+LITERAL_MISSES = [
+    ("scale", "div", "argument 'other' is 4.0 but the pattern wants 8.0"),
+    ("dim", "softmax", "argument 'dim' is 1 but the pattern wants -1"),
+    ("tensor", "div", "has no scalar operand; the pattern wants one equal to 8.0"),
+]
+
+
+@pytest.mark.parametrize("mode,case,node,why", [
+    *((mode, *miss) for mode in MODES for miss in LITERAL_MISSES),
+    ("symbolic", "module_dim", "softmax", "attribute 'dim' is 1 but the pattern wants -1"),  # an nn.Softmax
+])
+def test_why_not_names_the_argument_and_both_values_of_a_literal(mode, case, node, why):
+    """A pattern function's literals (`x / 8.0`, `dim=-1`) are compared by the argument's own name,
+    never by the internal placeholder (`_literal0`) that binds them."""
+    gm = fxopt.capture(_Literals(case), (torch.randn(2, 3),), mode=mode)
+    report = apply_patterns(gm, Pattern("scaled-softmax", pattern_from_function(_scaled_softmax),
+                                        replacement=lambda x: x), debug=_node(gm, "softmax").name)
+    message = report.why_not["scaled-softmax"]
+    assert message.startswith(f"node '{_node(gm, node).name}' (") and why in message, message
+    assert "_literal" not in message
+
+
+def test_why_not_of_a_checked_const_names_its_argument():
+    gm = fxopt.capture(_Literals("scale"), (torch.randn(2, 3),), mode="symbolic")
+    pattern = Op("softmax", Op("div", Var("x"), scalar=Const("c", check=lambda c: c > 5)))
+    assert explain(gm, _node(gm, "softmax"), pattern).endswith(
+        "argument 'other' is 4.0, which fails the check of Const('c')")

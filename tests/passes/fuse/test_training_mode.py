@@ -42,7 +42,8 @@ def _capture_warning(listed: str, effects: str) -> str:
         "training mode (left as it is); call model.eval() first to optimize for inference without this warning")
 
 
-BN_EFFECT = "batchnorm uses its running statistics, not each batch's (`fuse` folds them into the conv or linear before it)"
+BN_EFFECT = ("batchnorm uses its running statistics, not each batch's (`fuse` folds them into the conv or linear "
+             "before it)")
 
 
 @pytest.mark.parametrize("mode", MODES)
