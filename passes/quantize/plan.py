@@ -396,7 +396,6 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
     for node in gm.graph.nodes:
         if _is_view(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node):
             alias_of[node] = alias_of.get(node.args[0], node.args[0])
-    viewed = set(alias_of.values())
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     bases = {}
     for node in gm.graph.nodes:
@@ -404,7 +403,7 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
         if target is None:
             continue
         base = alias_of.get(target, target)
-        if not _write_is_private(node, base, base in viewed, order):
+        if not _write_is_private(node, target, base, alias_of, order):
             bases.setdefault(base, node)
     if not bases:
         return {}
@@ -419,14 +418,24 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
     return out
 
 
-def _write_is_private(writer: torch.fx.Node, base: torch.fx.Node, has_views: bool,
-                      order: dict[torch.fx.Node, int]) -> bool:
-    """Whether `writer`'s in-place write into `base` is invisible except through `writer`'s
-    own result: `base` is an intermediate (not an input, a parameter or a buffer), written
-    directly, with no views, and read by nothing that runs after the write."""
-    if base.op in ("placeholder", "get_attr") or has_views or writer.args[0] is not base:
+def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.fx.Node,
+                      alias_of: dict[torch.fx.Node, torch.fx.Node], order: dict[torch.fx.Node, int]) -> bool:
+    """Whether `writer`'s in-place write into `target` (`base` or a view of it) is invisible
+    except through `writer`'s own result: `base` is an intermediate (not an input, a parameter
+    or a buffer); `target` has no views of its own; a view is reached from `base` by a chain of
+    views each read by the next alone (a TCN's `relu_(conv(x)[:, :, :-pad])`, nn.ReLU(inplace=True)
+    after the chomp); and `target` is read by nothing that runs after the write."""
+    if base.op in ("placeholder", "get_attr") or writer.args[0] is not target:
         return False
-    return all(order[user] < order[writer] for user in base.users if user is not writer)
+    if any(user in alias_of and user.args[0] is target for user in target.users):
+        return False  # a view of the written value sees the write
+    node = target
+    while node is not base:
+        parent = node.args[0]
+        if len(parent.users) != 1:
+            return False
+        node = parent
+    return all(order[user] < order[writer] for user in target.users if user is not writer)
 
 
 def blocked_by(group: Group, float_only) -> str | None:

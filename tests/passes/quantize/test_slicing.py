@@ -227,3 +227,50 @@ def test_an_int8_conv1d_read_by_an_add_is_made_contiguous_and_one_read_by_a_conv
     # c1 of each block feeds c2 directly; c2 (chomped) and block one's 1x1 conv feed the adds
     assert copied == {"quantized.conv1d_relu.default": [0, 0, 0],
                       "quantized.add_relu.default": [1, 1, 1, 1]}, copied
+
+
+class InplaceChomp(nn.Module):
+    """`nn.ReLU(inplace=True)` after the chomp writes into a view of the conv output: private
+    when the conv output and each view are read by the next alone, as here."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(4, 8, 3, padding=2), nn.Conv1d(8, 8, 3, padding=2)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.relu(self.c1(x)[:, :, :-2])
+        return self.relu(self.c2(y)[:, :, :-2]) + y
+
+
+class SeenWrite(nn.Module):
+    """The same write where a view of the written value is read after it (`v`): it must see
+    the relu, so the value stays float; `w` reads the other chomp before its write, harmlessly."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(4, 8, 3, padding=2), nn.Conv1d(4, 8, 3, padding=2)
+
+    def forward(self, x):
+        y = self.c1(x)[:, :, :-2]
+        v = y[:, :4]
+        y.relu_()
+        return torch.cat([v, y[:, 4:]], 1) * 2 + self.c2(x)[:, :, :-2]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_inplace_relu_behind_the_chomp_is_fused_when_nobody_else_sees_the_write(mode):
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 4, 32),) for _ in range(4)]
+    res = fxopt.optimize(InplaceChomp().eval(), batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
+    stats = res.passes[0].stats
+    assert stats["quantized"] == {"conv+act": 2, "add": 1} and stats["float_ops"] == {}, stats
+    assert _count(res.module, ("quantized.conv1d_relu.default",)) == 2
+    assert res.verification.passed and res.verification.sqnr_db > 30, res.verification.summary()
+
+    res = fxopt.optimize(SeenWrite().eval(), batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
+    stats = res.passes[0].stats
+    first_conv = "c1" if mode == "symbolic" else "conv1d"
+    assert stats["float_ops"][first_conv] == "written in place by 'relu_' (directly or through a view)"
+    assert stats["quantized"] == {"conv": 1}                          # c2, whose chomp nobody writes
+    assert res.verification.passed and res.verification.sqnr_db > 30, res.verification.summary()
