@@ -144,6 +144,11 @@ def _fold_conv_bn(r: Rewriter) -> torch.fx.Node | None:
     new_b = base * scale + shift
     name = r.match.root.name
     wn = r.tensor(f"{name}_folded_weight", new_w.to(w.dtype))
+    if attrs["transposed"] and groups > 1:
+        # torch's CPU grouped conv_transpose takes a path ~10x slower with a bias than without
+        # (4.0 vs 0.35 ms at 16x16x16x16, groups=2): the folded shift is added after it instead
+        shift_map = new_b.to(w.dtype).reshape(1, -1, *([1] * attrs["dim"]))
+        return r.call(torch.add, conv_call(r, r["x"], wn, None, attrs), r.tensor(f"{name}_folded_shift", shift_map))
     bnode = r.tensor(f"{name}_folded_bias", new_b.to(w.dtype))
     return conv_call(r, r["x"], wn, bnode, attrs)
 

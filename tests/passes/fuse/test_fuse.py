@@ -53,7 +53,7 @@ CONV_CASES = [
     (nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), (2, 3, 9, 9)),
     (nn.Conv2d(4, 8, 3, groups=2, bias=False), nn.BatchNorm2d(8), (2, 4, 7, 7)),
     (nn.Conv3d(2, 4, 2), nn.BatchNorm3d(4), (2, 2, 5, 5, 5)),
-    (nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6), (2, 4, 5, 5)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2), nn.BatchNorm2d(6), (2, 4, 5, 5)),
 ]
 
 
@@ -72,6 +72,23 @@ def test_conv_bn_relu_folds_and_annotates(mode, case):
     assert annotations(conv_node)["fused"] == "conv+relu" and annotations(conv_node)["fusion_role"] == "anchor"
     assert annotations(relu_node)["fusion_anchor"] == conv_node.name
     assert annotations(relu_node)["fusion_role"] == "output"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_grouped_transposed_conv_gets_its_folded_shift_as_an_add(mode):
+    """torch's CPU grouped conv_transpose with a bias takes a path ~10x slower than without one:
+    folding a batchnorm into a bias-free one made `fuse` 3.5-9.5x slower than eager."""
+    torch.manual_seed(0)
+    model = ConvBNAct(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=False), nn.BatchNorm2d(6),
+                      nn.ReLU()).eval()
+    res = _run(model, torch.randn(2, 4, 5, 5), mode)
+    gm = res.module
+    assert res.passes[0].stats["matches"]["conv+bn"] == 1 and "batch_norm" not in _kinds(gm)
+    conv = next(v for n in gm.graph.nodes if (v := fxopt.ir.op_view(gm, n)) and v.kind == "conv")
+    assert conv.attrs.get("bias") is None and conv.attrs["groups"] == 2
+    assert [fxopt.ir.op_view(gm, u).kind for u in conv.node.users] == ["add"]
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
