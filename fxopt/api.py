@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .calibration import check_batches
 from .capture import Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
@@ -78,6 +79,7 @@ def optimize(
     defaults to CPU plus CUDA when a GPU is present. The input model is never modified. A
     result that fails verification is still returned, with a `VerificationWarning`.
     """
+    check_batches(calibration)
     args, kwargs = normalize_inputs(example_inputs)
     original = capture(model, example_inputs, mode=mode)
     batches = [normalize_inputs(b) for b in calibration] if calibration is not None else None

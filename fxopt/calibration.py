@@ -33,6 +33,17 @@ def _as_call(batch: Any) -> tuple[tuple, dict]:
     return normalize_inputs(batch)
 
 
+def check_batches(batches: Any, option: str = "calibration") -> None:
+    """Refuse one tensor given where a sequence of batches is wanted: iterating it would yield
+    its rows, each taken for a batch of its own (a linear accepts a 1-D row, so the mistake ran
+    silently and calibrated on single samples)."""
+    if isinstance(batches, torch.Tensor):
+        rows = f"{batches.shape[0]} batches of its rows" if batches.dim() else "no batch at all"
+        raise FxoptError(f"{option}: got one Tensor of shape {tuple(batches.shape)}, which would be read as "
+                         f"{rows}; pass a sequence of batches, e.g. [(x,)] for one batch or "
+                         f"[(b,) for b in x.split(8)] for several")
+
+
 def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
               max_batches: int | None = None) -> int:
     """Run `batches` through `gm` (no grad) so its observers record ranges; returns the count.
@@ -46,6 +57,7 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
         raise FxoptError("calibrate: the module has no observers; run the 'insert-observers' pass first")
     if batches is None:
         raise FxoptError("calibrate: no calibration data (batches is None)")
+    check_batches(batches, "calibrate")
     batches = list(batches)
     if max_batches is not None:
         batches = batches[:max_batches]

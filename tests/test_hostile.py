@@ -349,3 +349,18 @@ def test_tampered_structure_is_refused_clearly(tmp_path):
     torch.save(data, path)
     with pytest.raises(QuantizationError):
         load(path)
+
+
+def test_one_tensor_given_as_calibration_is_refused_before_capture():
+    """Iterated, a tensor yields its rows: each was taken for a batch (a linear accepts a 1-D
+    row), so int8 ranges came from single samples without a word (11-21 dB on an MLP)."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 16)
+    want = r"calibration: got one Tensor of shape \(4, 16\), which would be read as 4 batches of its rows; " \
+           r"pass a sequence of batches, e\.g\. \[\(x,\)\]"
+    with pytest.raises(fxopt.FxoptError, match=want):
+        fxopt.optimize(model, (x,), "quantize{backend=x86}", calibration=x)
+    observed = fxopt.optimize(model, (x,), "insert-observers", verify=False).module
+    with pytest.raises(fxopt.FxoptError, match=r"calibrate: got one Tensor of shape \(4, 16\)"):
+        fxopt.calibrate(observed, x, progress=False)
+    assert fxopt.calibrate(observed, [(x,)], progress=False) == 1
