@@ -2,7 +2,8 @@
 from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call
 from .effects import is_effectful
 from .interpret import BufferState, flatten_inputs, fresh_inputs, node_values, run_graph
-from .opview import OpSpec, OpView, SPECS, bind_arguments, metadata_read, op_view, size_read, spec_for
+from .opview import (OpSpec, OpView, SPECS, bind_arguments, metadata_read, op_view, size_read, spec_for,
+                     transposed_parameter)
 from .params import (
     ParamRef,
     add_tensor_attr,
@@ -34,5 +35,6 @@ __all__ = [
     "flatten_inputs", "get_attr_value", "is_effectful", "is_shared",
     "make_private", "metadata_read", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "size_read", "spec_for", "tensor_meta", "tensor_versions",
+    "transposed_parameter",
     "value_nbytes",
 ]

@@ -578,7 +578,7 @@ _TRANSPOSE_ATTRS = ("T", "mT")
 _TRANSPOSE_ATEN = (aten.t, aten.numpy_T, aten.mT)
 
 
-def _transposed_parameter(gm: torch.fx.GraphModule, node: Any) -> torch.fx.Node | None:
+def transposed_parameter(gm: torch.fx.GraphModule, node: Any) -> torch.fx.Node | None:
     """The `get_attr` node of a 2-D parameter when `node` is that parameter transposed, else None."""
     if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method") or not node.args:
         return None
@@ -620,7 +620,7 @@ def _swaps_2d(view: OpView) -> bool:
 def _matmul_as_linear(gm: torch.fx.GraphModule, view: OpView, args: dict) -> OpView | None:
     """`x @ W.T` with W a 2-D parameter [out, in] (Falcon's, and many hand-written layers)
     is a linear layer: viewed as one, it is pruned, quantized and lowered like nn.Linear."""
-    x, weight = args.get("input"), _transposed_parameter(gm, args.get("other"))
+    x, weight = args.get("input"), transposed_parameter(gm, args.get("other"))
     if weight is None or not isinstance(x, torch.fx.Node):
         return None
     return OpView(view.node, "linear", [x], {"weight": ref_for_get_attr(gm, weight)}, {})

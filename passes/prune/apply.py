@@ -229,7 +229,11 @@ class _Applier:
                 sizes[j] = int(len(self.keep(rule.outputs[0])))
                 _set_arg(node, "sizes", sizes)
 
-    def _fix_count_entries(self, node: torch.fx.Node, b: int) -> None:
+    def do_free(self, node: torch.fx.Node, rule) -> None:
+        if rule.kind == "reshape":  # a value without channels keeps every size
+            self._fix_count_entries(node, None)
+
+    def _fix_count_entries(self, node: torch.fx.Node, b: int | None) -> None:
         """The entries of a reshape other than its channel axis `b` keep their sizes; one computed
         from a resized value's channel count (``C // num_heads`` of the attention's input, the
         analysis allowed only counts and constants there) is written as that size."""

@@ -83,7 +83,8 @@ import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments, is_shared,
-                      metadata_read, op_view, ref_for_get_attr, size_read, spec_for, tensor_meta, value_nbytes)
+                      metadata_read, op_view, ref_for_get_attr, size_read, spec_for, tensor_meta,
+                      transposed_parameter, value_nbytes)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "selu", "celu", "mish", "dropout", "identity", "contiguous", "to", "abs", "sqrt",
@@ -537,6 +538,11 @@ class _Builder:
             return bool(user.users) and all(self._is_size_entry(u, user) for u in user.users)
         rule = self.rules.get(user.name)
         index = rule.info.get("size_index") if rule is not None and rule.category == "pass" else None
+        if rule is not None and rule.category == "free" and rule.kind == "reshape" and user.args:
+            # a reshape of a value without channels (a pinned op's output) keeps its full shape:
+            # an entry computed from counts alone (``D`` read off the stream) is written as it
+            sizes = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
+            return any(a is value for a in sizes) and self._counts_only(value)
         if index is None or not user.args or user.args[0] is value or value in user.kwargs.values():
             return False
         sizes = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
@@ -924,6 +930,10 @@ class _Builder:
 
     def rule_linear(self, node, view, shape) -> None:
         if view.param("weight") is None:
+            weight = view.attrs.get("weight")
+            if isinstance(weight, torch.fx.Node) and transposed_parameter(self.gm, weight) is not None:
+                raise _Pin("linear weight is a transposed parameter (F.linear(x, W.t())): write it x @ W, "
+                           "which prunes as a layer")
             raise _Pin("linear weight is not a parameter" + _COMPUTED)
         if isinstance(view.attrs.get("bias"), torch.fx.Node):  # Swin-V2's cat(q_bias, 0, v_bias)
             raise _Pin("linear bias is computed in the graph (not a parameter to slice)")
@@ -1923,26 +1933,47 @@ class _Builder:
         got a private copy per call; its calls lose the same channels, so the pruned model keeps
         one layer (re-tied by apply) that trains as one, as the original did. Where one call is
         pinned, the others keep every channel too. Ties across kinds (an embedding tied to the
-        LM head, in another channel space) stay free."""
+        LM head, in another channel space) stay free, unless one end reads the weight whole (a
+        pinned ``F.linear(z, enc.weight.t())`` decoder): a pruned copy at the other end would be
+        stored beside the full tensor, and the model would grow."""
         calls: dict[tuple, list[Rule]] = {}
+        read_whole = {id(t) for rule in self.rules.values() if rule.category == "pinned"
+                      for t in self._weights_read(self.nodes[rule.node])}
         for rule in self.rules.values():
             view = op_view(self.gm, self.nodes[rule.node]) if rule.category in ("producer", "pass", "pinned") else None
             tensors = [ref.get() for _, ref in sorted(view.params.items())] if view is not None else []
             if tensors and all(isinstance(t, torch.Tensor) for t in tensors):
                 calls.setdefault((view.kind, *map(id, tensors)), []).append(rule)
-        for rules in calls.values():
+        for (_, *ids), rules in calls.items():
             live = [r for r in rules if r.category != "pinned" and r.outputs]
-            if len(rules) < 2 or not live:
+            if not live or (len(rules) < 2 and read_whole.isdisjoint(ids)):
                 continue
             slots = [[r.outputs[0], *(sid for _, sid in r.consumed)] for r in live]
-            if len(live) < len(rules):
+            if len(live) < len(rules) or not read_whole.isdisjoint(ids):
                 for sid in (sid for row in slots for sid in row):
                     self.pinned_positions.extend(self._positions(sid).tolist())
+                for r in live:
+                    self.pinned_nodes.setdefault(r.node, "shares its weights with a node that reads them whole "
+                                                         "(pruning it would store a second, pruned copy)")
                 continue
             for row in slots[1:]:
                 for a, b in zip(slots[0], row):
                     if self.slots[a].size == self.slots[b].size:
                         self.uf.union_many(self._positions(a), self._positions(b))
+
+    def _weights_read(self, node: torch.fx.Node) -> list[torch.Tensor]:
+        """Parameters `node` reads directly or through a transpose or view (``W.t()``)."""
+        found = []
+        for arg in node.all_input_nodes:
+            hops = 0
+            while arg.op != "get_attr" and hops < 2 and len(arg.all_input_nodes) == 1:
+                arg, hops = arg.all_input_nodes[0], hops + 1
+            if arg.op == "get_attr":
+                ref = ref_for_get_attr(self.gm, arg)
+                value = ref.get() if ref is not None else None
+                if isinstance(value, torch.nn.Parameter):
+                    found.append(value)
+        return found
 
     def _positions(self, sid: int) -> np.ndarray:
         slot = self.slots[sid]

@@ -480,11 +480,41 @@ def test_a_layer_called_twice_keeps_every_channel_where_one_call_is_pinned():
     torch.manual_seed(0)
     model, x = OneCallPinned().eval(), torch.randn(2, 3, 16, 16)
     plan = analyze(model, (x,), mode="symbolic", ratio=0.5, adapter_cost=0.0)
-    assert plan.channel_graph.pinned_nodes == {"shared_1": "conv over a value whose channels are not on axis 1"}
+    assert plan.channel_graph.pinned_nodes == {
+        "shared_1": "conv over a value whose channels are not on axis 1",
+        "shared": "shares its weights with a node that reads them whole (pruning it would store a second, pruned copy)"}
     assert plan.selection.removed > 0
     pruned = plan.apply()
     shared = _shared_weights(pruned)
     assert len(shared) == 2 and shared[0] is shared[1] and shared[0].shape == (32, 16, 3, 3)
+
+
+class TiedDecoder(nn.Module):
+    """An autoencoder whose decoder reads the encoder's weight transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.mid = nn.Linear(16, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        return F.linear(F.relu(self.mid(F.relu(self.enc(x)))), self.enc.weight.t())
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_weight_read_whole_elsewhere_keeps_its_layer_whole(mode):
+    """The decoder reads enc.weight whole (pinned): a pruned private copy of it for enc was stored
+    beside the full tensor (a tied autoencoder grew from 991 to 1463 parameters)."""
+    torch.manual_seed(0)
+    model, x = TiedDecoder().eval(), torch.randn(4, 16)
+    plan = analyze(model, (x,), mode=mode, ratio=0.5, adapter_cost=0.0)
+    pinned = plan.channel_graph.pinned_nodes
+    enc = next(n for n, m in plan.channel_graph.module_names.items() if m == "enc")
+    assert pinned[enc].startswith("shares its weights with a node that reads them whole")
+    assert any(why.startswith("linear weight is a transposed parameter (F.linear(x, W.t())): write it x @ W")
+               for why in pinned.values())
+    with pytest.warns(UserWarning, match="nothing to prune|removed"):
+        res = fxopt.optimize(model, (x,), "prune{ratio=0.5}", mode=mode)
+    assert count_parameters(res.module) <= count_parameters(model)
 
 
 def test_pruning_an_exported_tied_model_leaves_no_full_size_copy_behind():

@@ -1104,6 +1104,31 @@ def test_a_head_size_computed_from_the_streams_width_is_written_as_a_constant():
     torch.testing.assert_close(pruned(longer), plan.gm(longer), rtol=1e-4, atol=1e-5)
 
 
+def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin():
+    """``B, T, D = x.shape`` then ``y.reshape(B, T, D)`` with y the output of a pinned op (full
+    width): D keeps its value, written out by apply; symbolic graphs pinned the whole stream on
+    it (0 of 96 channels removed where export removed 32)."""
+    class TokenMixed(nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.inp, self.v, self.o, self.head = nn.Linear(8, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+            self.mix = nn.Linear(6, 6)  # over the positions: pins v's channels
+
+        def forward(self, x):
+            x = self.inp(x)
+            b, t, d = x.shape
+            y = self.mix(self.v(x).transpose(1, 2)).transpose(1, 2).reshape(b, t, d)
+            return self.head(x + self.o(y))
+
+    torch.manual_seed(0)
+    r = prune_and_mask(TokenMixed().eval(), torch.randn(2, 6, 8), "symbolic", 0.5, adapter_cost=1.0)
+    assert list(r.plan.channel_graph.pinned_nodes) == ["mix"]
+    assert r.plan.selection.removed > 0 and count_parameters(r.pruned) < r.params_before
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    x = torch.randn(3, 6, 8)
+    torch.testing.assert_close(r.pruned(x), r.plan.gm(x), rtol=1e-4, atol=1e-5)
+
+
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
            "gqa_repeat"]
