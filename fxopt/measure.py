@@ -203,9 +203,24 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     13824
     """
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    with _restoring_buffers(gm), _unfused_attention(), torch.no_grad(), counter:
+    with _restoring_buffers(gm), _frozen_parameters(gm), _unfused_attention(), torch.no_grad(), counter:
         _call(gm, example_inputs)
     return counter.get_total_flops() // 2
+
+
+@contextlib.contextmanager
+def _frozen_parameters(fn: Callable[..., Any]) -> Iterator[None]:
+    """Parameters stop requiring grad while counting: FlopCounterMode's module tracker fails
+    ("Expected gradient function to be set") on a view of a parameter made under no_grad and
+    passed into a submodule (Perceiver latents, DETR queries expanded over the batch)."""
+    params = [p for p in fn.parameters() if p.requires_grad] if isinstance(fn, nn.Module) else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @contextlib.contextmanager

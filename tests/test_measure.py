@@ -11,6 +11,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+import fxopt
 from fxopt.measure import (
     LatencyStats,
     compare_latency,
@@ -305,3 +306,20 @@ def test_count_parameters_sees_a_reference_graphs_int8_weights():
     x = torch.randn(4, 64)
     q = fxopt.optimize(model, (x,), "quantize{backend=reference}", calibration=[(x,)] * 2).module
     assert count_parameters(q) == 64 * 64 + 10 * 64      # the int8 weights (biases are float buffers)
+
+
+def test_macs_of_a_model_that_feeds_a_parameter_view_to_a_layer():
+    """Perceiver latents / DETR queries: FlopCounterMode's module tracker raised on a view of a
+    parameter made under no_grad; the count works and the parameters still require grad."""
+    class Latents(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.latents, self.ln, self.fc = nn.Parameter(torch.randn(4, 8)), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.ln(self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)) + x)
+
+    model, x = Latents().eval(), torch.randn(2, 4, 8)
+    assert count_macs(model, (x,)) == 2 * 4 * 8 * 2
+    assert count_macs(fxopt.capture(model, (x,), mode="symbolic"), (x,)) == 2 * 4 * 8 * 2
+    assert all(p.requires_grad for p in model.parameters())
