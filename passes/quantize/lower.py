@@ -43,11 +43,11 @@ from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
-from .kernels import int8_linear
+from .kernels import int8_linear, int8_pad
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear
-from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, blocked_by, build_plan, int8_region,
-                   shared_grids)
+from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
+                   int8_region, shared_grids)
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -213,6 +213,9 @@ class _Lowering:
                 enabled.add(out)
         region = int8_region(self.gm, self.plan, enabled, set(self.float_only))
         self.region = region
+        for out in sorted(enabled - region):  # an add/cat the cut left float (CUT_DECIDES)
+            group = self.plan.groups[out]
+            self.stats["float_ops"][group.name] = f"{group.kind}: kept float: int8 would cost more conversions than it saves"
         self.shared = shared_grids(self.gm, self.plan, region)
         self.stats["shared_qparams"] = len(self.shared)
         if self.reduce_range:
@@ -399,7 +402,15 @@ class _Lowering:
         qparams = grid[:2]
         weight, bias = _folded_weights(self.gm, group, view)
         act = op_view(self.gm, group.act) if group.act is not None else None
+        top = activation_bounds(act)[1] if act is not None else None  # relu6's 6; None: relu
         x = inputs[0]
+        padding = view.attrs.get("padding")
+        mode = view.attrs.get("padding_mode", "zeros")
+        if mode != "zeros":  # Conv2d(padding_mode='reflect'): the pad on int8, then an unpadded conv
+            pads = [p for p in reversed(padding) for _ in range(2)]
+            pad_fn = int8_pad if self.backend == "x86" else aten.pad.default
+            x = self.graph.call_function(pad_fn, (x, pads, mode))
+            padding = (0,) * len(padding)
         # A prepacked weight bakes in the bias and the conv geometry: share it only between
         # sites that agree on all of them (a tied weight may meet different biases).
         bias_ref = view.params.get("bias")
@@ -408,7 +419,7 @@ class _Lowering:
                tuple(sorted((k, repr(v)) for k, v in view.attrs.items())))
         qw = quantize_weight(weight)
         if self.backend == "x86":
-            kernel, prepacked = self._x86_kernel(group, view, qw, bias, act is not None)
+            kernel, prepacked = self._x86_kernel(group, view, qw, bias, act is not None, padding)
             name = self.packed_cache.get(key)
             if name is None:
                 name = _fresh_attr(self.gm, f"{group.name}_packed")
@@ -416,8 +427,7 @@ class _Lowering:
                 self.packed_cache[key] = name
             packed = self.graph.get_attr(name)
             y = self.graph.call_function(kernel, (x, packed, *qparams))
-            if act is not None and act.kind == "hardtanh":
-                top = float(act.attrs.get("max_val", 1.0))
+            if top is not None:
                 if (grid[3] - qparams[1]) * qparams[0] > top:
                     y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
             return y
@@ -440,21 +450,20 @@ class _Lowering:
             else:
                 a = view.attrs
                 op = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[a["dim"]]
-                y = self.graph.call_function(op, (x, w, b_node, list(a["stride"]), list(a["padding"]),
+                y = self.graph.call_function(op, (x, w, b_node, list(a["stride"]), list(padding),
                                                   list(a["dilation"]), a["groups"]))
         if act is not None:
-            if act.kind == "relu":
+            if top is None:
                 y = self.graph.call_function(aten.relu.default, (y,))
             else:
-                y = self.graph.call_function(aten.hardtanh.default,
-                                             (y, float(act.attrs["min_val"]), float(act.attrs["max_val"])))
+                y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
         return y
 
-    def _x86_kernel(self, group, view, qw, bias, relu: bool):
+    def _x86_kernel(self, group, view, qw, bias, relu: bool, padding):
         if group.kind == "linear":
             return (qops.linear_relu.default if relu else qops.linear.default), prepack_linear(qw, bias)
         a = view.attrs
-        packed = prepack_conv(qw, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+        packed = prepack_conv(qw, bias, a["stride"], padding, a["dilation"], a["groups"])
         fused, plain = {1: (qops.conv1d_relu.default, qops.conv1d.default), 2: (qops.conv2d_relu.new, qops.conv2d.new),
                         3: (qops.conv3d_relu.new, qops.conv3d.new)}[a["dim"]]
         return (fused if relu else plain), packed
@@ -469,6 +478,9 @@ class _Lowering:
             _view_as_reshape(node)
         if self.backend == "x86":
             node.replace_input_with(src, new_input)
+            if view.kind == "pad":  # torch's quantized pad copies element by element: pad the bytes
+                node.target = int8_pad
+                node.args, node.kwargs = (new_input, list(view.attrs["pad"]), view.attrs.get("mode", "constant")), {}
             self._publish(node, node, grid)
         else:
             if new_input is not src:

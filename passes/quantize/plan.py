@@ -2,15 +2,17 @@
 
 A *group* is a run of nodes that becomes one int8 kernel: an anchor (conv, linear, add,
 matmul, cat) optionally followed by a batchnorm (after a conv, or BatchNorm1d after a linear's
-(N, features) output; folded into the weights) and an activation (relu, or hardtanh(0, x) such
-as relu6, whose clamp the output range implies)::
+(N, features) output; folded into the weights) and an activation (relu, clamp(min=0), or
+hardtanh(0, x) / clamp(0, x) such as relu6, whose clamp the output range implies)::
 
     conv -> batch_norm -> relu      ==>  quantized.conv2d_relu(q(x), packed(w folded), s, zp)
 
-*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, clamp, dropout, and basic
-slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`) run on int8 values as they are,
-on their input's grid, so a chain conv -> maxpool -> flatten -> linear, or a TCN's causal
-conv -> chomp slice -> relu -> conv, needs no dequantize/quantize pair. Every other op stays float.
+*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, hardtanh, dropout, basic
+slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`, and padding with zeros or by
+copying edges: `F.pad(x, (0, 1, 0, 1))`, reflect, replicate, circular) run on int8 values as
+they are, on their input's grid, so a chain conv -> maxpool -> flatten -> linear, a TCN's causal
+pad -> conv -> relu -> pad -> conv, or TF-style 'same' padding before each conv, needs no
+dequantize/quantize pair. Every other op stays float, with its reason in `float_ops`.
 
 Which pass-through ops run in int8 is a trade-off: each int8<->float boundary costs a
 quantize or dequantize of the tensor crossing it. `int8_region` decides it on the whole
@@ -38,22 +40,25 @@ from fxopt.ir import op_view, tensor_meta, value_nbytes
 
 #: What may follow each anchor kind inside one group, in order.
 FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "conv": (("batch_norm",), ("relu", "hardtanh")),
-    "linear": (("batch_norm",), ("relu", "hardtanh")),
+    "conv": (("batch_norm",), ("relu", "hardtanh", "clamp")),
+    "linear": (("batch_norm",), ("relu", "hardtanh", "clamp")),
     "add": (("relu",),),
     "matmul": (),
     "cat": (),
 }
-#: Ops that compute on int8 values directly, keeping the input's scale and zero point.
 #: Followers that act elementwise, so they commute with slicing (see `_grow`).
-ACTIVATIONS = frozenset({"relu", "hardtanh"})
+ACTIVATIONS = frozenset({"relu", "hardtanh", "clamp"})
 #: Basic indexing (slices, integers, `...`, None) picks elements of its input without computing:
 #: on an int8 value it gives those elements, on the input's grid. `slicing_reason` says which
 #: spellings qualify (a tensor index, or a getitem of a tuple, does not).
 SLICING = frozenset({"getitem", "slice", "narrow", "select"})
+#: Pad modes whose every new element is 0.0 (the zero point: on every int8 grid) or a copy of
+#: an input element: on an int8 value they give int8 values on its grid (`pad_reason`).
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
+#: Ops that compute on int8 values directly, keeping the input's scale and zero point.
 PASS_THROUGH = frozenset({
     "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "permute", "transpose",
-    "contiguous", "relu", "hardtanh", "dropout", "identity", *SLICING,
+    "contiguous", "relu", "hardtanh", "dropout", "identity", "pad", *SLICING,
 })
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
 #: conversions, so the minimum cut decides them like pass-through ops. A residual add between
@@ -145,7 +150,7 @@ def _anchor_ok(gm, view) -> str | None:
         if isinstance(a.get("padding"), str):
             # the op view turns every symmetric string padding into numbers: this one is uneven
             return f"padding='{a['padding']}' pads unevenly here (an even kernel): no int8 kernel"
-        if a.get("padding_mode", "zeros") != "zeros":
+        if a.get("padding_mode", "zeros") not in ("zeros", *PAD_MODES):
             return f"padding_mode='{a['padding_mode']}' has no int8 kernel"
         if view.param("weight") is None:
             return "weight is not a parameter"
@@ -188,9 +193,30 @@ def _follower_ok(view, anchor) -> bool:
             return (meta is not None and len(meta[0]) == 2 and weight is not None
                     and view.param("running_mean").shape[0] == weight.shape[0])
         return True
-    if view.kind == "hardtanh":
-        return float(view.attrs.get("min_val", -1.0)) == 0.0
+    if view.kind in ACTIVATIONS:
+        return fusable_activation(view)
     return True
+
+
+def activation_bounds(view) -> tuple[float | None, float | None] | None:
+    """(min, max) of a relu/hardtanh/clamp view (None: unbounded), or None when a bound is
+    not a number (`clamp(x, min=t)` with a tensor `t`)."""
+    if view.kind == "relu":
+        return 0.0, None
+    names = ("min_val", "max_val") if view.kind == "hardtanh" else ("min", "max")
+    defaults = (-1.0, 1.0) if view.kind == "hardtanh" else (None, None)
+    bounds = tuple(view.attrs.get(n, d) for n, d in zip(names, defaults))
+    if any(b is not None and (isinstance(b, bool) or not isinstance(b, (int, float))) for b in bounds):
+        return None
+    return tuple(None if b is None else float(b) for b in bounds)
+
+
+def fusable_activation(view) -> bool:
+    """Whether an int8 conv/linear kernel fuses this relu/hardtanh/clamp: its kernels clamp at
+    0 (relu, clamp(min=0)), and an upper bound (relu6, hardtanh(0, x), clamp(0, x)) is what the
+    output grid implies or one clamp on the int8 output; so the lower bound must be 0."""
+    bounds = activation_bounds(view)
+    return bounds is not None and bounds[0] == 0.0 and (bounds[1] is None or bounds[1] > 0.0)
 
 
 def build_plan(gm: torch.fx.GraphModule) -> Plan:
@@ -236,11 +262,69 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
         elif view.kind in SLICING and (reason := slicing_reason(view)) is not None:
             if is_float_value(node):
                 plan.unsupported[node.name] = f"{view.kind}: {reason}"
+        elif view.kind == "pad" and (reason := pad_reason(view)) is not None:
+            if is_float_value(node):
+                plan.unsupported[node.name] = f"pad: {reason}"
         elif view.kind in PASS_THROUGH and view.input is not None:
             plan.pass_through.add(node.name)
         elif is_float_value(node):
-            plan.unsupported[node.name] = view.kind
+            plan.unsupported[node.name] = f"{view.kind}: {_float_op_reason(gm, view)}"
     return plan
+
+
+#: The ending of every reason that is just "fxopt has no int8 form of this op".
+NO_KERNEL = "no int8 kernel in fxopt's lowering; runs in float"
+
+
+def _float_op_reason(gm, view) -> str:
+    """Why an op fxopt knows (`view.kind`) but does not lower stays float, after '<kind>: '."""
+    if view.kind == "batch_norm":
+        return _batch_norm_reason(gm, view)
+    if view.kind in ("clamp", "hardtanh"):
+        bounds = activation_bounds(view)
+        if bounds is None:
+            return "a bound is a tensor: " + NO_KERNEL
+        shown = ", ".join("none" if b is None else f"{b:g}" for b in bounds)
+        return f"bounds ({shown}): fused only as (0, max) or (0, none) right after a conv/linear; runs in float"
+    if view.kind in ("mul", "div", "sub"):
+        return f"{NO_KERNEL} (only add has an int8 elementwise kernel)"
+    return NO_KERNEL
+
+
+def _batch_norm_reason(gm, view) -> str:
+    """Why a batchnorm was not folded into the conv or linear before it."""
+    if view.attrs.get("training", False) or "running_mean" not in view.params:
+        return "uses batch statistics (training mode): nothing to fold; runs in float"
+    source = view.input
+    before = op_view(gm, source) if isinstance(source, torch.fx.Node) else None
+    if before is None or before.kind not in ("conv", "linear"):
+        what = f"after '{source.name}'" + (f", a {before.kind}" if before is not None else "") \
+            if isinstance(source, torch.fx.Node) else "on a constant"
+        return f"not behind a conv/linear it could fold into ({what}); runs in float"
+    if before.kind == "conv" and before.attrs.get("transposed"):
+        return (f"after the transposed conv '{source.name}', which has no int8 kernel: "
+                "folded into nothing; runs in float")
+    if len(source.users) > 1:
+        return f"'{source.name}' is read by others too: no weight fold keeps their value; runs in float"
+    if before.kind == "linear":
+        return ("normalizes dim 1 of the linear's (N, L, features) output, which no weight fold "
+                "expresses; runs in float")
+    reason = _anchor_ok(gm, before) or "its group does not reach this batchnorm"
+    return f"'{source.name}' stays float ({reason}): nothing to fold into; runs in float"
+
+
+def pad_reason(view) -> str | None:
+    """None when `view` (a pad) gives an int8 value on its input's grid, else why it stays float.
+
+    Every mode but a constant other than 0 qualifies: the constant 0.0 is the zero point, on
+    every int8 grid; reflect, replicate and circular copy input elements."""
+    mode, value = view.attrs.get("mode", "constant"), view.attrs.get("value")
+    if mode not in PAD_MODES:
+        return f"mode '{mode}': {NO_KERNEL}"
+    if mode == "constant" and value not in (None, 0):
+        return (f"pads with {value}, which need not be on its input's int8 grid (only 0, the zero "
+                "point, always is); runs in float")
+    return None
 
 
 def slicing_reason(view) -> str | None:
@@ -283,10 +367,10 @@ def _no_view_reason(gm, node) -> str:
     """Why an op fxopt has no view of stays float, in words a user can act on."""
     module = _module_of(gm, node)
     if module is None:
-        return str(getattr(node.target, "__name__", node.target))
+        return f"{getattr(node.target, '__name__', node.target)}: {NO_KERNEL}"
     if torch.nn.utils.parametrize.is_parametrized(module):  # weight_norm, spectral_norm, ...
         return f"{type(module).__name__} with parametrized weights (computed each call): no int8 kernel"
-    return f"{type(module).__name__}: no int8 kernel"
+    return f"{type(module).__name__}: {NO_KERNEL}"
 
 
 def _module_of(gm, node):

@@ -178,10 +178,14 @@ def test_attention_export_quantizes_matmuls_and_keeps_norms_float():
     for kind in ("aten.layer_norm.default", "aten.softmax.int", "aten.gelu.default", "aten.embedding.default"):
         assert kind in targets                                   # stay float
     float_ops = res.passes[0].stats["float_ops"]
-    assert any(v == "softmax" for v in float_ops.values()) and any(v == "embedding" for v in float_ops.values())
+    no_kernel = "no int8 kernel in fxopt's lowering; runs in float"
+    assert f"softmax: {no_kernel}" in float_ops.values() and f"embedding: {no_kernel}" in float_ops.values()
     # The residual adds read the float layer-norm stream and feed a layer norm / the output: in
     # int8 they would add conversions and a rounding of the residual stream, so the cut keeps them float.
     assert "quantized.add.default" not in targets and targets.count("aten.add.Tensor") == 2
+    # ... and says so in float_ops (it listed nothing for them)
+    assert list(float_ops.values()).count("add: kept float: int8 would cost more conversions than it saves") == 2, \
+        float_ops
 
 
 def test_minimum_cut_decides_adds_by_their_neighbours():
@@ -559,7 +563,9 @@ def test_unsupported_ops_stay_float_and_are_listed():
 
     res, _ = _quantize_plain(Odd().eval())
     float_ops = res.passes[0].stats["float_ops"]
-    assert "sin" in float_ops and "mul" in float_ops
+    assert float_ops == {"sin": "sin: no int8 kernel in fxopt's lowering; runs in float",
+                         "mul": "mul: no int8 kernel in fxopt's lowering; runs in float (only add has an int8 "
+                                "elementwise kernel)"}, float_ops
     assert "quantized.linear.default" in _targets(res.module)
 
 
