@@ -364,3 +364,23 @@ def test_one_tensor_given_as_calibration_is_refused_before_capture():
     with pytest.raises(fxopt.FxoptError, match=r"calibrate: got one Tensor of shape \(4, 16\)"):
         fxopt.calibrate(observed, x, progress=False)
     assert fxopt.calibrate(observed, [(x,)], progress=False) == 1
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_model_that_writes_its_own_weight_when_run_can_be_pruned(mode):
+    """nn.Embedding(max_norm=...) renormalizes the rows it looks up in its weight: running the
+    graph to analyze it wrote into the pass's input, and prune failed as if it had."""
+    class Renormed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc1, self.fc2 = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 32), nn.Linear(32, 3)
+
+        def forward(self, ids):
+            return self.fc2(F.relu(self.fc1(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model, ids = Renormed().eval(), torch.randint(0, 20, (2, 5))
+    before = model.emb.weight.detach().clone()
+    res = fxopt.optimize(model, (ids,), "prune{ratio=0.5}", mode=mode)
+    assert res.passes[0].modified and res.verification.passed
+    assert torch.equal(model.emb.weight, before)

@@ -14,6 +14,8 @@ import torch
 import torch.fx
 from torch.fx.graph import _PyTreeCodeGen
 
+from .bindings import aten_op_of
+
 
 def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None) -> list:
     """The values the graph's placeholders receive for `gm(*args, **kwargs)`."""
@@ -78,11 +80,12 @@ class _ObservingInterpreter(torch.fx.Interpreter):
         self._observe = observe
         self._private: dict[str, torch.Tensor] | None = {} if private_buffers else None
         self._private_modules: dict[str, torch.nn.Module] = {}
+        self._written = _parameters_written(gm) if private_buffers else set()
 
     def fetch_attr(self, target: str) -> Any:
         value = super().fetch_attr(target)
         if self._private is not None and isinstance(value, torch.Tensor) \
-                and not isinstance(value, torch.nn.Parameter):
+                and (not isinstance(value, torch.nn.Parameter) or target in self._written):
             # a stateful graph (export's `copy_` into a buffer) writes into its own copy
             if target not in self._private:
                 self._private[target] = value.clone()
@@ -97,7 +100,8 @@ class _ObservingInterpreter(torch.fx.Interpreter):
         module = self._private_modules.get(target)
         if module is None:
             module = self.fetch_attr(target)
-            if any(True for _ in module.buffers()):
+            # nn.Embedding(max_norm=...) renormalizes the rows it looks up, in its weight
+            if any(True for _ in module.buffers()) or getattr(module, "max_norm", None) is not None:
                 module = copy.deepcopy(module)
             self._private_modules[target] = module
         return module(*args, **kwargs)
@@ -124,6 +128,26 @@ def fresh_inputs(args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
     clone = lambda v: v.clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
     new_args, new_kwargs = torch.utils._pytree.tree_map(clone, (tuple(args), dict(kwargs or {})))
     return new_args, new_kwargs
+
+
+def _parameters_written(gm: torch.fx.GraphModule) -> set[str]:
+    """`get_attr` targets an ATen op of the graph writes into in place, directly or through
+    an alias (export's ``embedding_renorm_(detach(weight))`` for ``nn.Embedding(max_norm=...)``)."""
+    written = set()
+    for node in gm.graph.nodes:
+        overload = aten_op_of(node) if node.op == "call_function" else None
+        if overload is None or not node.args or not overload._schema.arguments:
+            continue
+        alias = overload._schema.arguments[0].alias_info
+        target, hops = node.args[0], 0
+        if alias is None or not alias.is_write:
+            continue
+        while isinstance(target, torch.fx.Node) and target.op != "get_attr" and hops < 3 \
+                and len(target.all_input_nodes) == 1:
+            target, hops = target.all_input_nodes[0], hops + 1
+        if isinstance(target, torch.fx.Node) and target.op == "get_attr":
+            written.add(target.target)
+    return written
 
 
 def run_graph(
