@@ -864,6 +864,9 @@ class _Builder:
         if self.slots[sid].axis != 1:
             raise _Pin("batch_norm input channel axis is not 1")
         if view.attrs.get("training"):
+            if view.param("running_mean") is None:  # nothing else to normalize with
+                raise _Pin("batch_norm without running statistics (track_running_stats=False) normalizes "
+                           "with each batch's statistics")
             raise _Pin("batch_norm in training mode")
         if view.param("weight") is None:  # a removed channel would leave -mean/std, not zero
             raise _Pin("batch_norm without an affine weight (a removed channel is not zero after it)")

@@ -1258,6 +1258,15 @@ def test_reading_a_channel_tensors_device_or_dtype_is_no_pin(mode):
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_batchnorm_without_running_statistics_is_pinned_for_that_reason(mode):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    plan = analyze(model, (torch.randn(2, 3, 8, 8),), mode=mode, ratio=0.5)
+    assert list(plan.channel_graph.pinned_nodes.values()) == [
+        "batch_norm without running statistics (track_running_stats=False) normalizes with each batch's statistics"]
+
+
 def test_a_var_mean_over_the_channels_is_pinned_by_name():
     class ChannelStats(nn.Module):
         def __init__(self):
