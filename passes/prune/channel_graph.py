@@ -379,7 +379,7 @@ def _is_number(node: Any) -> bool:
 def _channelwise(rule: "Rule") -> bool:
     """Whether `rule` computes each output channel from the same channel of its inputs, so a
     dirty value may pass through it (`info["mixes_channels"]`: it also reads the others)."""
-    return (rule.category in ("pass", "split") and rule.kind in CHANNELWISE
+    return (rule.category in ("pass", "split") and (rule.kind in CHANNELWISE or rule.info.get("channelwise"))
             and not rule.info.get("mixes_channels"))
 
 
@@ -979,7 +979,13 @@ class _Builder:
             raise _Pin("no shape metadata")
         sid_any = self.in_slot(src)
         if sid_any is not None and self.slots[sid_any].axis != len(in_shape) - 1:
-            raise _Pin(f"{view.kind} over a value whose channel axis is not the last")
+            if view.kind == "addmm":
+                raise _Pin(f"{view.kind} over a value whose channel axis is not the last")
+            # a layer over another axis (gMLP's and MLP-Mixer's token mixing) maps each channel's
+            # row on its own: the identity on the channels, a removed one becoming the bias
+            self._channelwise(node, view, shape, dirty=view.param("bias") is not None)
+            self.rules[node.name].info["channelwise"] = True
+            return
         sid = self.slot_on(src, len(in_shape) - 1)
         out = self.new_slot(node, len(shape) - 1, "producer")
         rule = Rule(node.name, view.kind, "producer", outputs=[out])

@@ -526,6 +526,22 @@ class MathOps(nn.Module):
         return self.b(h.masked_fill(h < -1, 0.0))
 
 
+class GatedTokenMixing(nn.Module):
+    """gMLP's spatial gating unit: half of the channels, normed and mixed over the positions by
+    a Linear (with a bias: a removed channel becomes the bias), gates the other half."""
+
+    def __init__(self, d=16, n=6):
+        super().__init__()
+        self.inp, self.fc1, self.fc2, self.head = nn.Linear(8, d), nn.Linear(d, 4 * d), nn.Linear(2 * d, d), nn.Linear(d, 3)
+        self.norm, self.mix = nn.LayerNorm(2 * d), nn.Linear(n, n)
+
+    def forward(self, x):
+        h = self.inp(x)
+        u, v = F.gelu(self.fc1(h)).chunk(2, dim=-1)
+        v = self.mix(self.norm(v).transpose(1, 2)).transpose(1, 2)
+        return self.head((h + self.fc2(u * v)).mean(1))
+
+
 def channel_shuffle(x, groups):
     b, c, h, w = x.size()
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
@@ -641,6 +657,7 @@ CASES = {
     "packed_qkv_causal": (lambda: PackedAttention(causal=True), lambda: torch.randn(2, 5, 6)),
     "einsum_attention": (lambda: PackedAttention(einsum=True), lambda: torch.randn(2, 5, 6)),
     "qk_norm": (lambda: PackedAttention(qk_norm=True), lambda: torch.randn(2, 5, 6)),
+    "gated_token_mixing": (GatedTokenMixing, lambda: torch.randn(2, 6, 8)),
     "additive_mask": (lambda: PackedAttention(additive=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
     "channel_shuffle": (ShuffleBlocks, IMAGE),
@@ -1131,7 +1148,7 @@ def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin()
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
-           "gqa_repeat"]
+           "gqa_repeat", "gated_token_mixing"]
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -1265,6 +1282,29 @@ def test_a_batchnorm_without_running_statistics_is_pinned_for_that_reason(mode):
     plan = analyze(model, (torch.randn(2, 3, 8, 8),), mode=mode, ratio=0.5)
     assert list(plan.channel_graph.pinned_nodes.values()) == [
         "batch_norm without running statistics (track_running_stats=False) normalizes with each batch's statistics"]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_token_mixing_layer_whose_bias_reaches_the_stream_is_pinned_by_name(mode):
+    """MLP-Mixer adds the token mixing (a Linear over the positions) into the stream: its bias
+    is on every channel, removed ones too, so it is pinned (the stream still prunes around it)."""
+    class Mixer(nn.Module):
+        def __init__(self, d=16, n=6):
+            super().__init__()
+            self.inp, self.tok, self.head = nn.Linear(8, d), nn.Linear(n, n), nn.Linear(d, 3)
+            self.ch1, self.ch2 = nn.Linear(d, 32), nn.Linear(32, d)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + self.tok(h.transpose(1, 2)).transpose(1, 2)
+            return self.head((h + self.ch2(F.gelu(self.ch1(h)))).mean(1))
+
+    torch.manual_seed(0)
+    r = prune_and_mask(Mixer().eval(), torch.randn(2, 6, 8), mode, 0.5)
+    assert [why.split(" and ")[0] for why in r.plan.channel_graph.pinned_nodes.values()] == [
+        "linear is not zero-preserving (f(0) != 0)"]
+    assert r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
 def test_a_var_mean_over_the_channels_is_pinned_by_name():
