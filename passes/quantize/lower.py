@@ -80,22 +80,29 @@ class LowerInt8(Pass):
             raise QuantizationError("lower-int8 found no observers: run insert-observers and calibrate "
                                     "(fxopt.calibrate) first, or use the composite 'quantize' pass")
         stats: dict = {}
-        exclude = set(self.skip)
-        if exclude:
-            self._check_skip(gm)
+        exclude = self._skipped_layers(gm) if self.skip else set()
         if self.target_sqnr is not None:
             exclude |= self._select_float_layers(gm, ctx, stats)
         lowered, lstats = lower_module(gm, self.backend, exclude)
         stats.update(lstats)
         return PassResult(lowered, modified=True, stats=stats)
 
-    def _check_skip(self, gm: torch.fx.GraphModule) -> None:
-        """A `skip` name that is no layer would keep nothing float, silently: a typo."""
-        layers = {g.name for g in build_plan(strip_observers(clone_sharing_tensors(gm))[0]).groups.values()}
-        unknown = sorted(set(self.skip) - layers)
-        if unknown:  # names are the layers' node names, as a dump lists them
-            raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))}"
-                             + did_you_mean(unknown[0], layers, limit=20))
+    def _skipped_layers(self, gm: torch.fx.GraphModule) -> set[str]:
+        """The anchor node names `skip` names: a node name (as a dump lists it) or the module
+        path of the layer's weight (``encoder.fc``, as ``named_modules`` spells it, in both
+        front ends). A name that is neither would keep nothing float, silently: a typo."""
+        groups = build_plan(strip_observers(clone_sharing_tensors(gm))[0]).groups.values()
+        names: dict[str, str] = {}
+        for g in groups:
+            names[g.name] = g.name
+            weight = g.view.params.get("weight") if g.view is not None else None
+            if weight is not None and "." in weight.qualname:
+                names.setdefault(weight.qualname.rsplit(".", 1)[0], g.name)
+        unknown = [name for name in self.skip if name not in names]
+        if unknown:
+            raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))} (a node "
+                             f"name or a layer's module path)" + did_you_mean(unknown[0], set(names), limit=20))
+        return {names[name] for name in self.skip}
 
     # ----- mixed precision ------------------------------------------------------------------
     def _select_float_layers(self, gm, ctx: PassContext, stats: dict) -> set[str]:

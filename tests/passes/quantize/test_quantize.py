@@ -873,3 +873,22 @@ def test_a_skip_name_that_is_no_layer_is_an_error_with_the_names():
         fxopt.optimize(model, (x,), "quantize{skip=[conv_typo]}", mode="symbolic", calibration=[x])
     res = fxopt.optimize(model, (x,), "quantize{skip=[_3]}", mode="symbolic", calibration=[x])
     assert "_3" in res.passes[0].stats["float_ops"]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_skip_takes_a_layers_module_path_in_both_front_ends(mode):
+    """`skip=[head]` names the layer as `named_modules` does; the node is `head` in a symbolic
+    graph and `linear` in an export graph (only the node name was accepted)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8 * 6 * 6, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)).flatten(1))
+
+    x = torch.randn(2, 3, 8, 8)
+    res = fxopt.optimize(Net().eval(), (x,), "quantize{skip=[head]}", mode=mode, calibration=[x])
+    kept = [name for name, why in res.passes[0].stats["float_ops"].items() if "(skip/target_sqnr)" in why]
+    assert len(kept) == 1 and res.passes[0].stats["quantized"], res.passes[0].stats
+    assert kept[0] == ("head" if mode == "symbolic" else "linear")
