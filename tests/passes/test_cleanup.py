@@ -210,6 +210,19 @@ def test_remove_noops_contiguous_on_export_graph():
     torch.testing.assert_close(result.module(*x), gm(*x), rtol=0, atol=0)
 
 
+def test_remove_noops_drops_an_exported_in_place_dropout():
+    """`nn.Dropout(inplace=True)` (Hugging Face MobileNetV2's classifier) exports as
+    `aten.dropout_`: no op fxopt knew, so it stayed, and pruning pinned its input."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.2, inplace=True), nn.Linear(6, 2)).eval()
+    x = (torch.randn(3, 6),)
+    gm = capture(model, x, mode="export")
+    assert torch.ops.aten.dropout_.default in _targets(gm)
+    result = PassManager("remove-noops").run(gm, x)
+    assert result.records[0].stats["removed"] == {"dropout": 1}
+    assert "dropout" not in " ".join(map(str, _targets(result.module)))
+    torch.testing.assert_close(result.module(*x), model(*x))
+
+
 def test_remove_noops_keeps_training_dropout():
     g = torch.fx.Graph()
     x = g.placeholder("x")

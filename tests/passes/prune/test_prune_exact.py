@@ -542,6 +542,23 @@ class GatedTokenMixing(nn.Module):
         return self.head((h + self.fc2(u * v)).mean(1))
 
 
+class Resizes(nn.Module):
+    """Every interpolation mode (export writes each as its own ATen op: bicubic, antialiased
+    bilinear, nearest-exact, linear were pinned there) and an in-place dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1)
+        self.d, self.drop, self.fc = nn.Conv1d(16, 8, 1), nn.Dropout(0.1, inplace=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.interpolate(F.relu(self.a(x)), scale_factor=2, mode="bicubic")
+        h = F.interpolate(F.relu(self.b(h)), size=(5, 5), mode="bilinear", antialias=True)
+        h = F.interpolate(F.relu(self.c(h)), scale_factor=2, mode="nearest-exact").flatten(2)
+        h = F.interpolate(F.relu(self.d(h)), scale_factor=2, mode="linear")
+        return self.fc(self.drop(h.mean(-1)))
+
+
 def channel_shuffle(x, groups):
     b, c, h, w = x.size()
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
@@ -658,6 +675,7 @@ CASES = {
     "einsum_attention": (lambda: PackedAttention(einsum=True), lambda: torch.randn(2, 5, 6)),
     "qk_norm": (lambda: PackedAttention(qk_norm=True), lambda: torch.randn(2, 5, 6)),
     "gated_token_mixing": (GatedTokenMixing, lambda: torch.randn(2, 6, 8)),
+    "resizes": (Resizes, IMAGE),
     "additive_mask": (lambda: PackedAttention(additive=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
     "channel_shuffle": (ShuffleBlocks, IMAGE),
@@ -1148,7 +1166,7 @@ def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin()
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
-           "gqa_repeat", "gated_token_mixing"]
+           "gqa_repeat", "gated_token_mixing", "resizes"]
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
