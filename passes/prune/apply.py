@@ -222,6 +222,8 @@ class _Applier:
             _set_shape_entry(node, b, new, self.cg.slots[rule.outputs[0]].size,
                              force=rule.kind == "reshape_as" or self._reads_a_resized_count(_shape_entry(node, b)))
             self._fix_count_entries(node, b)
+        if rule.kind == "sdpa" and "scale" in rule.info:  # its features shrank: keep 1/sqrt(d) of before
+            _set_arg(node, "scale", float(rule.info["scale"]))
         j = rule.info.get("sizes_entry")
         if j is not None:  # unflatten(dim, sizes) of the channel axis: the split's leading size
             sizes = list(op_view(self.gm, node).attrs["sizes"])

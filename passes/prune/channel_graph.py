@@ -1820,8 +1820,10 @@ class _Builder:
         if sq is None:
             raise _Pin("attention query without channel tracking")
         axis = self.slots[sq].axis
+        if axis == len(shape) - 1 and axis == len(_shape(q)) - 1:
+            return self._sdpa_features(node, view, shape, q, k, v)
         if axis >= len(shape) - 2:
-            raise _Pin("attention channels on the sequence or feature axis")
+            raise _Pin("attention channels on the sequence axis")
         mask = view.inputs[3] if len(view.inputs) > 3 else view.attrs.get("attn_mask")
         per_head = (q, k, v)
         if mask is not None:
@@ -1846,6 +1848,32 @@ class _Builder:
                 raise _Pin("attention inputs carry channels on different axes")
             rule.inputs.append((x.name, sid, pos, pos, out))
             self.link(sid, out, pos, pos, "sdpa", "heads")
+        self.value_slot[node.name] = out
+        self.rules[node.name] = rule
+
+    def _sdpa_features(self, node, view, shape, q, k, v) -> None:
+        """Attention over one head's features (a single-head stage, a cross-attention): q and k
+        are contracted over them, so feature j of q and of k go together (a removed one adds
+        0 to every score), and v's features are the output's. Their count sets the default
+        scale 1/sqrt(d): apply writes the original one out."""
+        mask = view.inputs[3] if len(view.inputs) > 3 else view.attrs.get("attn_mask")
+        if isinstance(mask, torch.fx.Node) and self.in_slot(mask) is not None:
+            raise _Pin("attention mask carries channels")
+        last = len(shape) - 1
+        sq, sk, sv = (self.slot_on(x, len(_shape(x)) - 1) for x in (q, k, v))
+        if None in (sq, sk, sv) or self.slots[sq].size != self.slots[sk].size:
+            raise _Pin("attention inputs carry channels on different axes")
+        out = self.new_slot(node, last, "pass")
+        scale = view.attrs.get("scale")
+        rule = Rule(node.name, "sdpa", "pass", outputs=[out], info={
+            "mixes_channels": True,  # a dirty q or k feature would reach every score
+            "scale": scale if scale is not None else 1 / math.sqrt(self.slots[sq].size)})
+        rule.consumed += [(q.name, sq), (k.name, sk)]
+        pos = np.arange(self.slots[sv].size)
+        rule.inputs.append((v.name, sv, pos, pos, out))
+        qk = np.arange(self.slots[sq].size)
+        self.link(sq, sk, qk, qk, "sdpa", "contracted")
+        self.link(sv, out, pos, pos, "sdpa", "values")
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 

@@ -162,6 +162,11 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
                 add_scores(sid, _row_norm(w, 0, p), imp)
                 spatial = math.prod(out) // out[1]
                 np.add.at(macs, cg.positions(sid), spatial * math.prod(w.shape[2:]))
+        elif rule.kind == "sdpa" and rule.consumed:  # over one head's features: q.k per q/k
+            (q, sq), (k, _) = rule.consumed[:2]      # feature, probs @ v per v feature
+            per_feature = math.prod(_shape(nodes[q])[:-1]) * _shape(nodes[k])[-2]
+            np.add.at(macs, cg.positions(sq), per_feature)
+            np.add.at(macs, cg.positions(rule.outputs[0]), per_feature)
         elif rule.kind in ("matmul", "sdpa"):
             sid = rule.outputs[0]
             size = cg.slots[sid].size

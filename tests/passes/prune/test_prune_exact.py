@@ -559,6 +559,32 @@ class Resizes(nn.Module):
         return self.fc(self.drop(h.mean(-1)))
 
 
+class SingleHeadAttention(nn.Module):
+    """Attention over one head's features (SegFormer's first stage, a Perceiver's latents
+    cross-attending the inputs): q/k features are contracted, v's are the output's; optionally
+    with a boolean mask and SDPA's 4-D form with one head."""
+
+    def __init__(self, d=16, cross=False, four_d=False):
+        super().__init__()
+        self.cross, self.four_d = cross, four_d
+        self.inp, self.q, self.k, self.v = nn.Linear(8, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.o, self.head = nn.Linear(d, d), nn.Linear(d, 3)
+        self.latents = nn.Parameter(torch.randn(4, d))
+        self.register_buffer("causal", torch.ones(5, 5, dtype=torch.bool).tril())
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.cross:
+            q = self.q(self.latents).expand(x.shape[0], -1, -1)
+            return self.head(self.o(F.scaled_dot_product_attention(q, self.k(h), self.v(h)))).mean(1)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        if self.four_d:
+            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal)
+        return self.head(h + self.o(a)).mean(1)
+
+
 def channel_shuffle(x, groups):
     b, c, h, w = x.size()
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
@@ -676,6 +702,9 @@ CASES = {
     "qk_norm": (lambda: PackedAttention(qk_norm=True), lambda: torch.randn(2, 5, 6)),
     "gated_token_mixing": (GatedTokenMixing, lambda: torch.randn(2, 6, 8)),
     "resizes": (Resizes, IMAGE),
+    "single_head": (SingleHeadAttention, lambda: torch.randn(2, 5, 8)),
+    "single_head_4d": (lambda: SingleHeadAttention(four_d=True), lambda: torch.randn(2, 5, 8)),
+    "cross_attention": (lambda: SingleHeadAttention(cross=True), lambda: torch.randn(2, 5, 8)),
     "additive_mask": (lambda: PackedAttention(additive=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
     "channel_shuffle": (ShuffleBlocks, IMAGE),
@@ -1166,7 +1195,7 @@ def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin()
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
-           "gqa_repeat", "gated_token_mixing", "resizes"]
+           "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention"]
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -1323,6 +1352,15 @@ def test_a_token_mixing_layer_whose_bias_reaches_the_stream_is_pinned_by_name(mo
         "linear is not zero-preserving (f(0) != 0)"]
     assert r.plan.selection.removed > 0
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+def test_single_head_attention_keeps_its_scale_when_its_features_shrink():
+    """SDPA's default scale is 1/sqrt(d) of the features it is given: pruned q/k features
+    would change it; apply writes the original one."""
+    plan, masked, out, _, pruned, x = _pruned_and_masked("single_head", "symbolic")
+    sdpa = next(n for n in pruned.graph.nodes if n.target is F.scaled_dot_product_attention)
+    assert sdpa.kwargs["scale"] == pytest.approx(0.25) and sdpa.args[0].meta["tensor_meta"].shape[-1] < 16
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
 
 
 def test_a_var_mean_over_the_channels_is_pinned_by_name():
