@@ -5,6 +5,8 @@ that produced it — so a failure deep in a pipeline points back at the user's m
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Iterable
 
 import torch.fx
@@ -52,9 +54,6 @@ class TrainingModeWarning(UserWarning):
 def user_stacklevel() -> int:
     """The `warnings.warn` stacklevel, for a warning its caller raises, that points at the first
     frame outside fxopt and its passes: the user's call, not `optimize`'s call of `capture`."""
-    import os
-    import sys
-
     dirs = [os.path.dirname(os.path.abspath(__file__))]
     passes = sys.modules.get("fxopt.passes")
     if getattr(passes, "__file__", None):
