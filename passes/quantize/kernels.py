@@ -56,6 +56,8 @@ def int8_pad(q: torch.Tensor, pad: list[int], mode: str = "constant") -> torch.T
     The bytes are read in place (a uint8 tensor over the quantized tensor's storage, with its
     sizes and strides), so a channels-last input gives a channels-last output.
     """
+    if q.dtype != torch.quint8 or q.qscheme() != torch.per_tensor_affine:
+        return F.pad(q, pad, mode=mode)  # torch's own quantized pad: slower, any layout of values
     raw = torch.empty(0, dtype=torch.uint8, device=q.device).set_(
         q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
     zero_point = q.q_zero_point()

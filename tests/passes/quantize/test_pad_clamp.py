@@ -273,3 +273,12 @@ def test_an_add_the_cut_keeps_float_is_listed():
     assert "add" in _targets(res.module)
     assert stats["float_ops"]["add"] == "add: kept float: int8 would cost more conversions than it saves", \
         stats["float_ops"]
+
+
+def test_int8_pad_of_a_signed_tensor_takes_torchs_own_pad():
+    """The byte-level pad reads quint8 storage; a qint8 tensor (not what fxopt's lowering
+    makes, but the kernel is public) is padded by torch's quantized pad instead."""
+    q = torch.quantize_per_tensor(torch.randn(2, 3, 4, 4), 0.05, 0, torch.qint8)
+    out = int8_pad(q, [1, 1, 2, 0])
+    assert out.dtype == torch.qint8 and out.shape == (2, 3, 6, 6)
+    torch.testing.assert_close(out.dequantize(), F.pad(q.dequantize(), [1, 1, 2, 0]))
