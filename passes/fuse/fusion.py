@@ -21,7 +21,8 @@ What it rewrites (each step can be switched off by an option):
 - `activations`: activations spelled out in elementwise ops (``x * sigmoid(x)``,
   ``x * relu6(x + 3) / 6``, the erf and tanh GELUs) become the one op they compute
   (`activations.py`), so the epilogues below can group them with their conv or linear;
-- `annotate`: conv/linear + activation (relu, relu6/hardtanh, hardswish, silu, gelu),
+- `annotate`: conv/linear + activation (relu, relu6/hardtanh, hardswish, silu, gelu, leaky_relu,
+  sigmoid, tanh, hardsigmoid),
   conv + residual add (+ relu) and add + relu are *annotated* as fused groups in
   `node.meta["fxopt.annotations"]` (see `rules.py` for the contract). In eager PyTorch a
   conv followed by a relu is already as fast as it gets; only a kernel with fused post-ops

@@ -2,7 +2,7 @@
 
 Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
 
-- conv2d [+ relu | hardtanh(relu6) | hardswish | silu | gelu] →
+- conv2d [+ relu | hardtanh(relu6) | hardswish | silu | gelu | leaky_relu | sigmoid | tanh | hardsigmoid] →
   `mkldnn._convolution_pointwise(x, W_packed, b, ..., attr, scalars, algorithm)`;
 - conv2d + residual add [+ relu] (same shapes) →
   `mkldnn._convolution_pointwise.binary(x, other, W_packed, b, ..., "add", None, "relu"|None, ...)`;
@@ -56,7 +56,7 @@ from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_pattern
 
 from . import rules
 
-_CONV_ACTS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
+_CONV_ACTS = ("relu", "hardtanh", "hardswish", "silu", "gelu", "leaky_relu", "sigmoid", "tanh", "hardsigmoid")
 _LINEAR_ACTS = ("relu", "gelu", "silu")
 
 #: Default of the `min_macs` option; see `lowering_batch` for the measurements behind it.
@@ -221,6 +221,16 @@ def _eager_post_op(y: torch.Tensor, attr: str, scalars: list, algorithm: str) ->
         return torch.nn.functional.silu(y, inplace=True)
     if attr == "gelu":
         return torch.nn.functional.gelu(y, approximate=algorithm or "none")
+    if attr == "leaky_relu":
+        return torch.nn.functional.leaky_relu_(y, scalars[0])
+    if attr == "sigmoid":
+        return torch.sigmoid_(y)
+    if attr == "tanh":
+        return torch.tanh_(y)
+    if attr == "hardsigmoid":
+        return torch.nn.functional.hardsigmoid(y, inplace=True)
+    if attr != "none":
+        raise ValueError(f"no eager form of the oneDNN post-op {attr!r}")
     return y
 
 
@@ -239,6 +249,10 @@ def _post_op(view) -> tuple[str, list, str] | None:
     if view.kind == "gelu":
         approx = view.attrs.get("approximate", "none")
         return ("gelu", [], approx) if approx in ("none", "tanh") else None
+    if view.kind == "leaky_relu":
+        return "leaky_relu", [float(view.attrs.get("negative_slope", 0.01))], ""
+    if view.kind in ("sigmoid", "tanh", "hardsigmoid"):
+        return view.kind, [], ""
     return None
 
 

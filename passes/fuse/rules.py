@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from fxopt.ir import aten_op_of, bind_arguments, get_attr_value, op_view, size_read, spec_for, tensor_meta
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
-ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu")
+ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu", "leaky_relu", "sigmoid", "tanh", "hardsigmoid")
 
 
 # ----- helpers ------------------------------------------------------------------------------------

@@ -309,3 +309,22 @@ def test_a_module_with_forward_hooks_is_called_not_rewritten(pipeline):
                          mode="symbolic")
     assert any(n.op == "call_module" and n.target == "2" for n in res.module.graph.nodes)
     torch.testing.assert_close(res.module(x), model(x), rtol=0.05, atol=0.05 * model(x).abs().max().item())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("act,label", [(nn.LeakyReLU(0.2), "conv+leaky_relu"), (nn.Sigmoid(), "conv+sigmoid"),
+                                       (nn.Tanh(), "conv+tanh"), (nn.Hardsigmoid(), "conv+hardsigmoid")])
+def test_more_activations_ride_in_the_conv_kernel(mode, act, label):
+    """oneDNN fuses these too; they ran as a separate op after the lowered conv. A small conv
+    switches by batch: its fuse-path branch applies the same activation eagerly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), _bn(16), act).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 8, 12, 12),), "fuse,lower-cpu", mode=mode)
+    assert res.verification.passed, res.summary()
+    assert _switches(res.module) == [(label, "mkldnn from batch 2")]
+    for batch in (1, 3):  # the eager branch, then oneDNN
+        x = torch.randn(batch, 8, 12, 12)
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+    lowered = fxopt.optimize(model, (torch.randn(2, 8, 12, 12),), "fuse,lower-cpu{min_macs=0,by_batch=false}",
+                             mode=mode).module
+    assert _lowered(lowered) == [label]
