@@ -8,6 +8,9 @@ What it rewrites (each step can be switched off by an option):
   originals are never written to, so shared modules and tied weights stay intact);
 - `fold_bias`: a bias parameter added after a bias-less linear (`x @ self.weight.T + self.bias`,
   Falcon-style layers) becomes that linear's bias;
+- `fold_scale`: a stored per-channel factor multiplied after a conv or linear (a layer scale:
+  CaiT's and DeiT III's ``gamma * fc(x)``, ConvNeXt's ``gamma * pwconv2(x)``,
+  ``gamma[:, None, None] * conv(x)``) is folded into its weights and bias;
 - `merge_linears`: linear(linear(x)) with nothing between becomes one linear, when that does
   not cost more multiply-adds;
 - `attention`: softmax(Q Kᵀ / c [+ mask]) V and softmax(Q Kᵀ * s [+ mask]) V become
@@ -69,6 +72,7 @@ class Fuse(Pass):
     remove_noops: bool = True
     fold_bn: bool = True
     fold_bias: bool = True
+    fold_scale: bool = True
     merge_linears: bool = True
     attention: bool = True
     activations: bool = True
@@ -85,6 +89,8 @@ class Fuse(Pass):
             wanted |= {"conv+bn", "linear+bn"}
         if self.fold_bias:
             wanted.add("linear+bias")
+        if self.fold_scale:
+            wanted |= {"conv+scale", "linear+scale"}
         if self.merge_linears:
             wanted.add("linear+linear")
         if self.attention:

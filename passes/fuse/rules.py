@@ -124,33 +124,9 @@ NOOPS = PatternSet([
 
 def _fold_conv_bn(r: Rewriter) -> torch.fx.Node | None:
     conv, bn = r.view("conv"), r.view("bn")
-    attrs = conv_attrs(conv)
-    w = conv.param("weight")
-    b = conv.param("bias")
-    groups = attrs["groups"]
-    out_channels = w.shape[1] * groups if attrs["transposed"] else w.shape[0]
-    bn_channels = bn.param("running_mean").shape[0]
-    if bn_channels != out_channels:
+    if bn.param("running_mean").shape[0] != _conv_out_channels(conv):
         return None
-    scale, shift = _bn_scale_shift(bn, out_channels, w.dtype)
-    if attrs["transposed"]:
-        # weight (in, out/groups, k...): out channel c = g * (out/groups) + j
-        wg = w.double().reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
-        s = scale.reshape(groups, 1, w.shape[1], *([1] * (w.dim() - 2)))
-        new_w = (wg * s).reshape(w.shape)
-    else:
-        new_w = w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    base = torch.zeros(out_channels, dtype=torch.float64) if b is None else b.double()
-    new_b = base * scale + shift
-    name = r.match.root.name
-    wn = r.tensor(f"{name}_folded_weight", new_w.to(w.dtype))
-    if attrs["transposed"] and groups > 1:
-        # torch's CPU grouped conv_transpose takes a path ~10x slower with a bias than without
-        # (4.0 vs 0.35 ms at 16x16x16x16, groups=2): the folded shift is added after it instead
-        shift_map = new_b.to(w.dtype).reshape(1, -1, *([1] * attrs["dim"]))
-        return r.call(torch.add, conv_call(r, r["x"], wn, None, attrs), r.tensor(f"{name}_folded_shift", shift_map))
-    bnode = r.tensor(f"{name}_folded_bias", new_b.to(w.dtype))
-    return conv_call(r, r["x"], wn, bnode, attrs)
+    return _affine_conv(r, conv, *_bn_scale_shift(bn, _conv_out_channels(conv), conv.param("weight").dtype))
 
 
 def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
@@ -158,16 +134,84 @@ def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
     meta = tensor_meta(r.match.nodes["linear"])
     if meta is None or len(meta[0]) != 2:
         return None  # BatchNorm1d on (N, C, L) normalizes dim 1, not the features
-    w, b = lin.param("weight"), lin.param("bias")
+    w = lin.param("weight")
     if bn.param("running_mean").shape[0] != w.shape[0]:
         return None
-    scale, shift = _bn_scale_shift(bn, w.shape[0], w.dtype)
-    new_w = w.double() * scale[:, None]
-    base = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.double()
+    return _affine_linear(r, lin, *_bn_scale_shift(bn, w.shape[0], w.dtype))
+
+
+def _fold_conv_scale(r: Rewriter) -> torch.fx.Node | None:
+    """A per-channel factor after a conv (a layer scale ``gamma[:, None, None] * conv(x)``)."""
+    conv = r.view("conv")
+    out = tensor_meta(r.match.nodes["conv"])
+    scale = _per_channel(r, out, 1, _conv_out_channels(conv), conv.param("weight").dtype)
+    return None if scale is None else _affine_conv(r, conv, scale, None)
+
+
+def _fold_linear_scale(r: Rewriter) -> torch.fx.Node | None:
+    """A per-feature factor after a linear (CaiT's, ConvNeXt's and DeiT III's layer scale
+    ``gamma * fc(x)``)."""
+    lin = r.view("linear")
+    out, w = tensor_meta(r.match.nodes["linear"]), lin.param("weight")
+    scale = _per_channel(r, out, -1, w.shape[0], w.dtype)
+    return None if scale is None else _affine_linear(r, lin, scale, None)
+
+
+def _per_channel(r: Rewriter, out, axis: int, channels: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The factor `r["g"]` (a stored tensor) as one float64 value per channel, when it
+    broadcasts over the output `out` (tensor metadata) along `axis` alone and keeps its dtype."""
+    g = get_attr_value(r.gm, r["g"].target)
+    if out is None or not isinstance(g, torch.Tensor) or g.dtype != dtype or g.dim() > len(out[0]):
+        return None
+    shape = [1] * (len(out[0]) - g.dim()) + list(g.shape)
+    axis %= len(shape)
+    if shape[axis] != channels or any(n != 1 for i, n in enumerate(shape) if i != axis):
+        return None
+    return g.detach().double().reshape(channels)
+
+
+def _conv_out_channels(conv) -> int:
+    w, attrs = conv.param("weight"), conv_attrs(conv)
+    return w.shape[1] * attrs["groups"] if attrs["transposed"] else w.shape[0]
+
+
+def _affine_conv(r: Rewriter, conv, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.fx.Node:
+    """`conv` with its output multiplied by `scale` and `shift` added, per output channel,
+    folded into its weight and bias."""
+    attrs = conv_attrs(conv)
+    w, b = conv.param("weight"), conv.param("bias")
+    groups, out_channels = attrs["groups"], _conv_out_channels(conv)
+    if attrs["transposed"]:
+        # weight (in, out/groups, k...): out channel c = g * (out/groups) + j
+        wg = w.double().reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        s = scale.reshape(groups, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        new_w = (wg * s).reshape(w.shape)
+    else:
+        new_w = w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))
     name = r.match.root.name
     wn = r.tensor(f"{name}_folded_weight", new_w.to(w.dtype))
-    bnode = r.tensor(f"{name}_folded_bias", (base * scale + shift).to(w.dtype))
-    return r.call(F.linear, r["x"], wn, bnode)
+    if b is None and shift is None:
+        return conv_call(r, r["x"], wn, None, attrs)
+    base = torch.zeros(out_channels, dtype=torch.float64) if b is None else b.double()
+    new_b = base * scale + (0 if shift is None else shift)
+    if attrs["transposed"] and groups > 1:
+        # torch's CPU grouped conv_transpose takes a path ~10x slower with a bias than without
+        # (4.0 vs 0.35 ms at 16x16x16x16, groups=2): the folded shift is added after it instead
+        shift_map = new_b.to(w.dtype).reshape(1, -1, *([1] * attrs["dim"]))
+        return r.call(torch.add, conv_call(r, r["x"], wn, None, attrs), r.tensor(f"{name}_folded_shift", shift_map))
+    return conv_call(r, r["x"], wn, r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)), attrs)
+
+
+def _affine_linear(r: Rewriter, lin, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.fx.Node:
+    """`lin` with its output features multiplied by `scale` and `shift` added, folded."""
+    w, b = lin.param("weight"), lin.param("bias")
+    name = r.match.root.name
+    wn = r.tensor(f"{name}_folded_weight", (w.double() * scale[:, None]).to(w.dtype))
+    if b is None and shift is None:
+        return r.call(F.linear, r["x"], wn, None)
+    base = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.double()
+    new_b = base * scale + (0 if shift is None else shift)
+    return r.call(F.linear, r["x"], wn, r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)))
 
 
 def _no_bias(view) -> bool | str:
@@ -434,6 +478,10 @@ FOLDS = PatternSet([
                           check=_bn_eval), rewrite=_fold_conv_bn),
     Pattern("linear+bn", Op("batch_norm", Op("linear", Var("x"), name="linear", check=_linear_ok), name="bn",
                             check=_bn_eval), rewrite=_fold_linear_bn),
+    Pattern("conv+scale", Op("mul", Op("conv", Var("x"), name="conv", check=_conv_ok), Var("g", check=_bias_vector),
+                             commutative=True), rewrite=_fold_conv_scale),
+    Pattern("linear+scale", Op("mul", Op("linear", Var("x"), name="linear", check=_linear_ok),
+                               Var("g", check=_bias_vector), commutative=True), rewrite=_fold_linear_scale),
     Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",
                                 check=_linear_ok), rewrite=_merge_linears),
     Pattern("linear+bias", Op("add", Op("linear", Var("x"), name="linear", check=_no_bias),

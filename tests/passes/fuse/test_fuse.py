@@ -570,3 +570,35 @@ def test_hugging_face_eager_models_get_sdpa(arch, pattern):
     with torch.no_grad():
         torch.testing.assert_close(res.module(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
                                    rtol=1e-4, atol=1e-5)
+
+
+class LayerScale(nn.Module):
+    """CaiT/ConvNeXt layer scale after a linear (channels last) and after a conv, a factor that
+    broadcasts over positions (not a layer scale) and one computed in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.fc2 = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+        self.gamma_c = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.per_position = nn.Parameter(torch.rand(6, 1) + 0.5)
+
+    def forward(self, x):
+        h = (self.gamma_c * self.conv(x)).flatten(2).transpose(1, 2)  # (B, 36, 8)
+        h = h + self.fc(h) * self.gamma
+        h = h[:, :6] + self.per_position * self.fc2(h[:, :6])          # broadcasts over the positions
+        return h * (self.gamma * 2)                                      # computed: not a stored factor
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_layer_scale_is_folded_into_its_conv_or_linear(mode):
+    torch.manual_seed(0)
+    model = LayerScale().eval()
+    res = _run(model, torch.randn(2, 3, 6, 6), mode)
+    matches = res.passes[0].stats["matches"]
+    assert matches.get("conv+scale") == 1 and matches.get("linear+scale") == 1, matches
+    assert _kinds(res.module).count("mul") == 3  # per-position factor, gamma * 2, and its product
+    x = torch.randn(3, 3, 6, 6)
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-6)
+    off = fxopt.optimize(model, (torch.randn(2, 3, 6, 6),), "fuse{fold_scale=false}", mode=mode)
+    assert "conv+scale" not in off.passes[0].stats["matches"]
