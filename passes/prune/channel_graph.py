@@ -1999,12 +1999,10 @@ class _Builder:
                         self.uf.union_many(self._positions(a), self._positions(b))
 
     def _weights_read(self, node: torch.fx.Node) -> list[torch.Tensor]:
-        """Parameters `node` reads directly or through a transpose or view (``W.t()``)."""
+        """Parameters `node` reads directly or transposed (``W.t()``, ``W.T``)."""
         found = []
         for arg in node.all_input_nodes:
-            hops = 0
-            while arg.op != "get_attr" and hops < 2 and len(arg.all_input_nodes) == 1:
-                arg, hops = arg.all_input_nodes[0], hops + 1
+            arg = transposed_parameter(self.gm, arg) or arg
             if arg.op == "get_attr":
                 ref = ref_for_get_attr(self.gm, arg)
                 value = ref.get() if ref is not None else None
