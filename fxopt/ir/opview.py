@@ -336,6 +336,10 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("fill_like", functions=(torch.zeros_like,), aten=(aten.zeros_like,), defaults=dict(fill_value=0)),
     OpSpec("fill_like", functions=(torch.ones_like,), aten=(aten.ones_like,), defaults=dict(fill_value=1)),
     OpSpec("fill_like", functions=(torch.full_like,), aten=(aten.full_like,), arg_names=("input", "fill_value")),
+    # a new tensor of the given sizes with the input's dtype and device (none of its values)
+    OpSpec("new_fill", methods=("new_zeros", "new_ones", "new_empty"), aten=(aten.new_zeros, aten.new_ones,
+           aten.new_empty), arg_names=("input", "size"), varargs="size"),
+    OpSpec("new_fill", methods=("new_full",), aten=(aten.new_full,), arg_names=("input", "size", "fill_value")),
     # max/min over an axis give (values, indices); of two tensors, the elementwise extremum
     # (`torch.max(x, y)` binds y as `dim`, so `dim` is a tensor argument too)
     *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),

@@ -1272,6 +1272,11 @@ class _Builder:
             info["dirty_source"] = True
         self.passthrough(node, view, src, self.slots[sid].axis, info=info)
 
+    def rule_new_fill(self, node, view, shape) -> None:
+        """``x.new_zeros(sizes)`` (a mask, a pad): reads only x's dtype and device. Sizes read
+        off x's channel count are size queries, judged where they are read."""
+        self.free_output(node, view)
+
     def rule_glu(self, node, view, shape) -> None:
         """``glu(x, dim) = a * sigmoid(b)`` with ``a, b`` the halves of ``x`` along `dim`: over the
         channel axis, output channel c is input channels c and c + n/2 together (the halves keep

@@ -1363,6 +1363,27 @@ def test_single_head_attention_keeps_its_scale_when_its_features_shrink():
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_new_tensor_made_from_a_channel_tensor_reads_none_of_its_channels(mode):
+    """``h.new_ones(h.shape[:2])`` (a mask), ``h.new_zeros(...)``, ``h.new_full(...)`` take h's
+    dtype and device only; they pinned h as ops without a rule (an adapter re-expanded h just
+    to build a mask of ones)."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            mask = h.new_ones(h.shape[:2]) + h.new_zeros(h.shape[0], 1) + h.new_full((1, 1), 0.5)
+            return self.c(F.relu(self.b(h)) * mask[..., None]).mean(1)
+
+    torch.manual_seed(0)
+    r = prune_and_mask(Masked().eval(), torch.randn(2, 5, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {} and r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
 def test_a_var_mean_over_the_channels_is_pinned_by_name():
     class ChannelStats(nn.Module):
         def __init__(self):
