@@ -139,9 +139,9 @@ def _parameters_written(gm: torch.fx.GraphModule) -> set[str]:
         if overload is None or not node.args or not overload._schema.arguments:
             continue
         alias = overload._schema.arguments[0].alias_info
-        target, hops = node.args[0], 0
         if alias is None or not alias.is_write:
             continue
+        target, hops = node.args[0], 0
         while isinstance(target, torch.fx.Node) and target.op != "get_attr" and hops < 3 \
                 and len(target.all_input_nodes) == 1:
             target, hops = target.all_input_nodes[0], hops + 1

@@ -29,7 +29,8 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir import aten_op_of, bind_arguments, get_attr_value, op_view, size_read, spec_for, tensor_meta
+from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, metadata_read, op_view, size_read, spec_for,
+                      tensor_meta)
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
 ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu", "leaky_relu", "sigmoid", "tanh", "hardsigmoid")
@@ -294,8 +295,7 @@ def _is_dtype(value: object) -> bool:
     """A dtype written in the graph (`torch.float32`) or read off a tensor (`query.dtype`)."""
     if isinstance(value, torch.dtype):
         return True
-    return (isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target is getattr
-            and len(value.args) == 2 and value.args[1] == "dtype")
+    return isinstance(value, torch.fx.Node) and metadata_read(value) is not None and value.args[1:] == ("dtype",)
 
 
 def _noop_cast(view) -> bool | str:

@@ -357,6 +357,12 @@ _COMPUTED = (" (computed in the graph: a weight_norm or other parametrization? r
              "before capture)")
 
 
+def _size_entries(reshape: torch.fx.Node) -> tuple:
+    """The size arguments of a reshape/view/expand call: one sequence or spread over the call."""
+    args = reshape.args
+    return args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+
+
 def _opaque_layer(module: torch.nn.Module) -> str | None:
     """Why a layer fxopt would prune must be called whole: a parametrization computes its
     weight (weight_norm, spectral_norm), or hooks run around its forward."""
@@ -416,6 +422,7 @@ class _Builder:
         self.split_origin: dict[int, tuple[str, int]] = {}
         self.dirty: dict[int, frozenset] = {}  # slot id -> dirty source nodes (see module docstring)
         self._use_counts = None
+        self._counted: set[str] | None = None  # size-read values that count channels (`_counts_only`)
         self.uf = _ChannelUnions()
         self.slots: list[Slot] = []
         self.value_slot: dict[str, int | None] = {}
@@ -541,12 +548,10 @@ class _Builder:
         if rule is not None and rule.category == "free" and rule.kind == "reshape" and user.args:
             # a reshape of a value without channels (a pinned op's output) keeps its full shape:
             # an entry computed from counts alone (``D`` read off the stream) is written as it
-            sizes = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
-            return any(a is value for a in sizes) and self._counts_only(value)
+            return any(a is value for a in _size_entries(user)) and self._counts_only(value)
         if index is None or not user.args or user.args[0] is value or value in user.kwargs.values():
             return False
-        sizes = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
-        at = [i for i, a in enumerate(sizes) if a is value]
+        at = [i for i, a in enumerate(_size_entries(user)) if a is value]
         if at == [index]:
             return True
         # another entry computed from channel counts alone (timm's ``C // num_heads`` as the head
@@ -556,11 +561,12 @@ class _Builder:
     def _counts_only(self, value: Any) -> bool:
         """Whether the number `value` is computed from channel-count reads and constants alone,
         so that it does not vary with the input (a batch or sequence size would)."""
-        counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
+        if self._counted is None:  # the walk is over when size entries are judged
+            self._counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
         stack = [value]
         while stack:
             v = stack.pop()
-            if not isinstance(v, torch.fx.Node) or v.name in counted:
+            if not isinstance(v, torch.fx.Node) or v.name in self._counted:
                 continue
             if not (v.op == "call_function" and v.target in _INT_ARITHMETIC and _is_number(v)):
                 return False
@@ -1825,11 +1831,11 @@ class _Builder:
         if sq is None:
             raise _Pin("attention query without channel tracking")
         axis = self.slots[sq].axis
+        mask = view.inputs[3] if len(view.inputs) > 3 else view.attrs.get("attn_mask")
         if axis == len(shape) - 1 and axis == len(_shape(q)) - 1:
-            return self._sdpa_features(node, view, shape, q, k, v)
+            return self._sdpa_features(node, view, shape, q, k, v, mask)
         if axis >= len(shape) - 2:
             raise _Pin("attention channels on the sequence axis")
-        mask = view.inputs[3] if len(view.inputs) > 3 else view.attrs.get("attn_mask")
         per_head = (q, k, v)
         if mask is not None:
             m_shape = _shape(mask) if isinstance(mask, torch.fx.Node) else None
@@ -1856,12 +1862,11 @@ class _Builder:
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 
-    def _sdpa_features(self, node, view, shape, q, k, v) -> None:
+    def _sdpa_features(self, node, view, shape, q, k, v, mask) -> None:
         """Attention over one head's features (a single-head stage, a cross-attention): q and k
         are contracted over them, so feature j of q and of k go together (a removed one adds
         0 to every score), and v's features are the output's. Their count sets the default
         scale 1/sqrt(d): apply writes the original one out."""
-        mask = view.inputs[3] if len(view.inputs) > 3 else view.attrs.get("attn_mask")
         if isinstance(mask, torch.fx.Node) and self.in_slot(mask) is not None:
             raise _Pin("attention mask carries channels")
         last = len(shape) - 1
