@@ -37,12 +37,15 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   channel-axis entry of a reshape's size (which apply rewrites anyway) — then they are pinned.
 - mul of two channel tensors, cat (with offsets along the channel axis), split/chunk + getitem,
   flatten/reshape/unflatten (identity, merge into a block, or a head split — on a later axis of
-  the split when an op reduces or indexes the first, `split_axes`), permute/transpose/expand/
+  the split when an op reduces or indexes the first, `split_axes`; heads folded into the batch,
+  ``view(T, B * heads, d)``, put the slot on each head's features, `_digit_map`),
+  permute/transpose/expand/
   select/slice (following the axis), a slice *of* the channel axis with constant bounds and
   step 1 (``x[:, a:b]`` or export's ``aten.slice``: channel j is input channel a + j, like a
   split piece; a full-range one such as GhostNet's ``cat([x1, x2], 1)[:, :oup]`` is the
   identity; apply rewrites the bounds), matmul/sdpa over a head axis (an attention mask must
-  broadcast over the heads): index maps (unions).
+  broadcast over the heads): index maps (unions). ``q @ kᵀ`` over both operands' channels
+  (features of folded heads) links them and yields scores without channels.
 - add/sub are *junctions*, not unions: ``y = a + b`` keeps channel c alive if any input keeps it,
   so "y_c dead" implies "a_c dead and b_c dead" — a precedence edge between classes that the
   min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
@@ -417,9 +420,10 @@ class _Builder:
         self.exact_norms = exact_norms
         self.forced = dict(forced or {})  # node name -> reason: pinned from an earlier round
         # reshape splitting the channels into several axes -> which of them carries the slot
-        # (`_reshape_like`); `split_origin`: slot -> (that reshape, its choice), for the next round
+        # (`_reshape_like`); `split_origin`: slot -> (that reshape, its choice, how many it had),
+        # for the next round
         self.split_axes = dict(split_axes or {})
-        self.split_origin: dict[int, tuple[str, int]] = {}
+        self.split_origin: dict[int, tuple[str, int, int]] = {}
         self.dirty: dict[int, frozenset] = {}  # slot id -> dirty source nodes (see module docstring)
         self._use_counts = None
         self._counted: set[str] | None = None  # size-read values that count channels (`_counts_only`)
@@ -1734,6 +1738,10 @@ class _Builder:
         while b < len(shape) and acc < prefix:
             acc *= shape[b]
             b += 1
+        if acc != prefix and view.kind in ("reshape", "flatten") and c > 1:
+            # part of the channels merged with a leading axis: heads folded into the batch
+            # (``view(T, B * h, d)``), or merged back with them (`_digit_map`)
+            return self._reshape_by_digits(node, view, src, sid, shape)
         if acc != prefix:  # (ShuffleNet's shuffle merges a group axis back with the channels)
             raise _Pin("reshape mixes the channel axis with leading axes", conflict=sid)
         while b < len(shape) and shape[b] == 1 and c != 1:
@@ -1764,7 +1772,9 @@ class _Builder:
             how = f"heads {factors[t]}x{c // factors[t]}" if t == 0 else f"axis {t} of {tuple(factors)}"
             b += t
             if len(choices) > 1 and wanted < len(choices):
-                origin = (node.name, wanted)
+                origin = (node.name, wanted, len(choices))
+        elif view.kind in ("reshape", "flatten"):
+            return self._reshape_by_digits(node, view, src, sid, shape)
         else:
             raise _Pin("reshape splits the channel axis in a way fxopt cannot follow")
         info = {"size_index": b} if view.kind in ("reshape", "reshape_as") else {}
@@ -1777,6 +1787,30 @@ class _Builder:
             self.split_origin[out] = origin
 
     rule_unflatten = rule_reshape
+
+    def _reshape_by_digits(self, node, view, src, sid: int, shape) -> None:
+        """A reshape whose channel axis does not start an output axis: the slot goes on an
+        output axis that lies within the channels (head features ``d`` of ``view(T, B * h, d)``,
+        whose heads joined the batch) or that holds them whole with static neighbours (``h``
+        and ``d`` merged back into ``h * d`` after attention), see `_digit_map`. Several
+        candidates: the first, or a later one after a conflict (`split_axes`)."""
+        origin = self.split_origin.get(sid)
+        if origin is not None and origin[1] + 1 < origin[2]:
+            # the split before it has a finer axis left to try, which may pass whole (a
+            # channel shuffle's channels within a group rather than its group axis)
+            raise _Pin("reshape mixes the channel axis with leading axes", conflict=sid)
+        in_shape = _shape(src)
+        a = self.slots[sid].axis
+        found = [(t, m) for t in range(len(shape)) if (m := _digit_map(in_shape, a, shape, t)) is not None]
+        if not found:
+            raise _Pin("reshape mixes the channel axis with other axes in a way fxopt cannot follow",
+                       conflict=sid)
+        wanted = self.split_axes.get(node.name, 0)
+        t, (in_pos, out_pos, how) = found[wanted if wanted < len(found) else 0]
+        info = {"size_index": t} if view.kind == "reshape" else {}
+        out = self.passthrough(node, view, src, t, in_pos, out_pos, how=how, info=info)
+        if len(found) > 1 and wanted < len(found):
+            self.split_origin[out] = (node.name, wanted, len(found))
 
     def rule_matmul(self, node, view, shape) -> None:
         if len(view.inputs) != 2:
@@ -1791,6 +1825,10 @@ class _Builder:
             return self._dense_producer(node, view, shape, a)
         if sa is None and sb is None:
             return self.free_output(node, view)
+        b_shape = _shape(bnode)
+        if sa is not None and sb is not None and len(b_shape) >= 2 \
+                and self.slots[sa].axis == len(a_shape) - 1 and self.slots[sb].axis == len(b_shape) - 2:
+            return self._contracted_matmul(node, a, sa, bnode, sb)
         nd = len(shape)
         targets = []
         for x, sid, is_a in ((a, sa, True), (bnode, sb, False)):
@@ -1824,6 +1862,19 @@ class _Builder:
             self.link(sid, out, pos, pos, "matmul", "identity")
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
+
+    def _contracted_matmul(self, node, a, sa: int, b, sb: int) -> None:
+        """``q @ k.transpose(-2, -1)`` over the features of a head whose heads were folded into
+        the batch (fairseq's and Bloom's ``bmm``): as for `_sdpa_features`, feature j of q and
+        of k go together (a removed one adds 0 to every score), and the scores carry no
+        channels. A scale is spelled out in the graph, so it keeps its value."""
+        if self.slots[sa].size != self.slots[sb].size:
+            raise _Pin("matmul contracts channel axes of different sizes")
+        pos = np.arange(self.slots[sa].size)
+        self.link(sa, sb, pos, pos, "matmul", "contracted")
+        self.value_slot[node.name] = None
+        self.rules[node.name] = Rule(node.name, "matmul", "pass", consumed=[(a.name, sa), (b.name, sb)],
+                                     info={"mixes_channels": True})  # a dirty feature reaches every score
 
     def rule_sdpa(self, node, view, shape) -> None:
         q, k, v = view.inputs[:3]
@@ -2152,6 +2203,36 @@ def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
 def _getitem_index(node: torch.fx.Node) -> Any:
     """The index of ``value[index]`` when `node` is such a getitem, else None."""
     return node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
+
+
+def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int) -> tuple | None:
+    """How channel axis `a` of `in_shape` maps onto axis `t` of a reshape to `shape`, read
+    off the row-major strides (a reshape keeps the flat order, so an axis of stride I and
+    size s owns the flat "digits" [I, I * s)); None when neither axis's digits hold the
+    other's. Returns (in_pos, out_pos, how):
+
+    - `t` lies within the channels (stride I_out, a multiple of the channels' I_in, and
+      I_out * s dividing I_in * c): channel ch sits at (ch // (I_out / I_in)) % s on t, so
+      the channels that share it are one class and the others of its axes keep their sizes;
+    - `t` holds the channels whole: position p of t is channel (p // (I_in / I_out)) % c.
+      Its other digits are written as constants by apply, so those above the channels must
+      come from static axes: whole axes after the leading (batch) one.
+    """
+    c, s = in_shape[a], shape[t]
+    if s == 1:
+        return None
+    i_in, i_out = math.prod(in_shape[a + 1:]), math.prod(shape[t + 1:])
+    if i_out % i_in == 0 and (i_in * c) % (i_out * s) == 0:
+        pos = np.arange(c)
+        how = "identity" if s == c else f"axis of {s} within {c} channels"
+        return pos, (pos // (i_out // i_in)) % s, how
+    if i_in % i_out == 0 and (i_out * s) % (i_in * c) == 0:
+        above = (i_out * s) // (i_in * c)
+        if not any(math.prod(in_shape[k:a]) == above for k in range(1, a + 1)):
+            return None
+        pos = np.arange(s)
+        return (pos // (i_in // i_out)) % c, pos, f"{c} channels within an axis of {s}"
+    return None
 
 
 def _prefix_hits(dims: tuple, target: int) -> bool:

@@ -167,6 +167,8 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             per_feature = math.prod(_shape(nodes[q])[:-1]) * _shape(nodes[k])[-2]
             np.add.at(macs, cg.positions(sq), per_feature)
             np.add.at(macs, cg.positions(rule.outputs[0]), per_feature)
+        elif rule.kind == "matmul" and not rule.outputs:  # contracted features: one MAC per score each
+            np.add.at(macs, cg.positions(rule.consumed[0][1]), math.prod(out))
         elif rule.kind in ("matmul", "sdpa"):
             sid = rule.outputs[0]
             size = cg.slots[sid].size

@@ -660,6 +660,57 @@ class GroupedQueryAttention(nn.Module):
         return self.head(h + self.o(y))
 
 
+class FoldedHeads(nn.Module):
+    """Heads folded into the batch axis, as fairseq's attention and Bloom write it: each head's
+    features reshaped to ``(B * heads, T, d)`` and attended with ``bmm``. `fused`: one q/k/v
+    projection viewed as ``(B, T, heads, 3, d)`` and indexed on its 3 (Bloom); otherwise
+    three projections, sequence first (fairseq)."""
+
+    def __init__(self, dim=32, heads=4, fused=False):
+        super().__init__()
+        self.heads, self.d, self.fused = heads, dim // heads, fused
+        self.embed = nn.Linear(6, dim)
+        if fused:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.o = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.embed(x)
+        if self.fused:
+            qkv = self.qkv(h).view(b, t, self.heads, 3, self.d)
+            q, k, v = (qkv[..., i, :].transpose(1, 2).reshape(b * self.heads, t, self.d) for i in range(3))
+        else:
+            s = h.transpose(0, 1)  # (T, B, C)
+            q, k, v = (p(s).contiguous().view(t, b * self.heads, self.d).transpose(0, 1)
+                       for p in (self.q, self.k, self.v))
+        scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(self.d)
+        ctx = torch.bmm(scores.softmax(-1), v).view(b, self.heads, t, self.d)
+        h = h + self.o(ctx.transpose(1, 2).reshape(b, t, self.heads * self.d))
+        return self.head(h.mean(1))
+
+
+class TorchMultiheadAttention(nn.Module):
+    """torch.nn's MultiheadAttention between a stem and a head: exported, its packed q/k/v
+    projection is unflattened into (3, dim) and selected, and its heads are folded into the
+    batch axis (``view(T, B * heads, d)``) around the attention."""
+
+    def __init__(self, dim=32, heads=4, batch_first=True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Linear(6, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.embed(x if self.batch_first else x.transpose(0, 1))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head((h + a).mean(1 if self.batch_first else 0))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -711,6 +762,10 @@ CASES = {
     "max_pool_stats": (MaxPoolStats, IMAGE),
     "gqa_repeat_interleave": (GroupedQueryAttention, lambda: torch.randn(2, 5, 6)),
     "gqa_repeat": (lambda: GroupedQueryAttention(tile=True), lambda: torch.randn(2, 5, 6)),
+    "folded_heads": (FoldedHeads, lambda: torch.randn(2, 5, 6)),
+    "folded_heads_fused": (lambda: FoldedHeads(fused=True), lambda: torch.randn(2, 5, 6)),
+    "torch_mha": (TorchMultiheadAttention, lambda: torch.randn(2, 5, 6)),
+    "torch_mha_seq_first": (lambda: TorchMultiheadAttention(batch_first=False), lambda: torch.randn(2, 5, 6)),
 }
 
 
@@ -1195,7 +1250,26 @@ def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin()
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
-           "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention"]
+           "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
+           "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first"]
+
+
+@pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "folded_heads"])
+def test_heads_folded_into_the_batch_lose_the_same_features_in_every_head(name):
+    """Exported, torch.nn's attention folds its heads into the batch axis: the slot goes on each
+    head's features, so q, k and v of every head lose the same positions; the size entries
+    written are the features', the batch stays dynamic."""
+    plan, masked, out, before, gm, x = _pruned_and_masked(name, "export")
+    views = [n for n in gm.graph.nodes if n.op == "call_function" and "view" in str(n.target)
+             and len(n.meta["tensor_meta"].shape) == 3 and n.meta["tensor_meta"].shape[1] == 2 * 4]
+    features = {n.meta["tensor_meta"].shape[-1] for n in views}
+    assert len(features) == 1 and 0 < features.pop() < 8, "every head keeps the same features"
+    if name.startswith("torch_mha"):
+        d = gm.get_parameter("attn.out_proj.weight").shape[1] // 4
+        assert gm.get_parameter("attn.in_proj_weight").shape[0] == 3 * 4 * d
+    other_batch = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():  # plan.gm: the captured graph with the removed channels zeroed
+        torch.testing.assert_close(gm(other_batch), plan.gm(other_batch), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
