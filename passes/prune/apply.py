@@ -346,6 +346,8 @@ class _Applier:
         adapt from.
         """
         out = self.cg.slots[rule.outputs[0]]
+        if rule.kind in ("layer_norm", "rms_norm") and _computed_norm_shape(self.gm, node):
+            _resize_norm(node, None, rule.kind, out.size)  # a count read off its narrowed input
         order = np.arange(out.size)  # original channel at each position the norm computes
         for src, sid in rule.consumed:
             have = self.keep(sid)
@@ -508,6 +510,12 @@ class _Applier:
             ref.owner._parameters[ref.attr] = nn.Parameter(new, requires_grad=False)
         else:
             ref.set(new)
+
+
+def _computed_norm_shape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether a norm's `normalized_shape` is computed in the graph (``(x.shape[-1],)``)."""
+    norm_shape = op_view(gm, node).attrs.get("normalized_shape")
+    return isinstance(norm_shape, (list, tuple)) and any(isinstance(e, torch.fx.Node) for e in norm_shape)
 
 
 def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int) -> None:

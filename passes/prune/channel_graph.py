@@ -548,6 +548,10 @@ class _Builder:
         if user.op == "call_function" and user.target in _INT_ARITHMETIC and _is_number(user):
             return bool(user.users) and all(self._is_size_entry(u, user) for u in user.users)
         rule = self.rules.get(user.name)
+        if rule is not None and rule.category in ("gather", "norm") and rule.kind in ("layer_norm", "rms_norm"):
+            # ``F.layer_norm(x, (x.shape[-1],), ...)``: apply writes the width it normalizes
+            norm_shape = op_view(self.gm, user).attrs.get("normalized_shape")
+            return isinstance(norm_shape, (list, tuple)) and any(e is value for e in norm_shape)
         index = rule.info.get("size_index") if rule is not None and rule.category == "pass" else None
         if rule is not None and rule.category == "free" and rule.kind == "reshape" and user.args:
             # a reshape of a value without channels (a pinned op's output) keeps its full shape:

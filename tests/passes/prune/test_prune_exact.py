@@ -711,6 +711,27 @@ class TorchMultiheadAttention(nn.Module):
         return self.head((h + a).mean(1 if self.batch_first else 0))
 
 
+class ChannelsFirstNorm(nn.Module):
+    """ConvNeXt's stem and downsampling: a layer norm over the channels of an NCHW map, written
+    as a permute around ``F.layer_norm`` whose shape is read off the input (``x.shape[1]``)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, 2)
+        self.weight, self.bias = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c) * 0.1)
+        self.dw, self.pw1, self.pw2 = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.down = nn.Conv2d(c, 2 * c, 2, 2)
+        self.head = nn.Linear(2 * c, 3)
+
+    def norm(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        x = self.norm(self.stem(x))
+        x = x + self.pw2(F.gelu(self.pw1(self.dw(x).permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return self.head(self.down(x).mean((2, 3)))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -766,6 +787,7 @@ CASES = {
     "folded_heads_fused": (lambda: FoldedHeads(fused=True), lambda: torch.randn(2, 5, 6)),
     "torch_mha": (TorchMultiheadAttention, lambda: torch.randn(2, 5, 6)),
     "torch_mha_seq_first": (lambda: TorchMultiheadAttention(batch_first=False), lambda: torch.randn(2, 5, 6)),
+    "channels_first_norm": (ChannelsFirstNorm, IMAGE),
 }
 
 
@@ -1251,7 +1273,7 @@ def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin()
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
            "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
-           "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first"]
+           "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm"]
 
 
 @pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "folded_heads"])
