@@ -210,6 +210,8 @@ class _Applier:
         if rule.info.get("channel_slice"):
             return self.slice_channels(node, rule)
         self.mapped_inputs(node, rule)
+        for src, sid in rule.consumed:  # contracted features (q.kᵀ): both at their live channels,
+            self.adapt(node, src, sid, self.alive(sid))  # even where another reader keeps one whole
         if rule.info.get("channel_index"):
             self.reindex_gather(node, rule)
         if rule.info.get("channel_pad"):

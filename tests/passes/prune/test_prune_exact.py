@@ -732,6 +732,23 @@ class ChannelsFirstNorm(nn.Module):
         return self.head(self.down(x).mean((2, 3)))
 
 
+class FeatureInteraction(nn.Module):
+    """DLRM's interaction: the dot products of every pair of feature vectors, ``bmm(T, Tᵀ)``,
+    contract the vectors' channels; the scores carry none."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.dense = nn.Linear(4, d)
+        self.tables = nn.ModuleList(nn.Embedding(20, d) for _ in range(3))
+        self.top = nn.Linear(4 * 4 + d, 2)
+
+    def forward(self, x):  # 4 dense features, then 3 table indices
+        dense, ids = self.dense(x[:, :4]), x[:, 4:].abs().long() % 20
+        t = torch.stack([dense] + [table(ids[:, i]) for i, table in enumerate(self.tables)], 1)
+        z = torch.bmm(t, t.transpose(1, 2)).flatten(1)
+        return self.top(torch.cat([z, dense], 1))
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -788,6 +805,8 @@ CASES = {
     "torch_mha": (TorchMultiheadAttention, lambda: torch.randn(2, 5, 6)),
     "torch_mha_seq_first": (lambda: TorchMultiheadAttention(batch_first=False), lambda: torch.randn(2, 5, 6)),
     "channels_first_norm": (ChannelsFirstNorm, IMAGE),
+    "feature_interaction": (FeatureInteraction,
+                            lambda: torch.cat([torch.randn(2, 4), torch.randint(0, 20, (2, 3)).float()], 1)),
 }
 
 
@@ -1273,7 +1292,8 @@ def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin()
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
            "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
-           "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm"]
+           "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm",
+           "feature_interaction"]
 
 
 @pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "folded_heads"])
