@@ -23,7 +23,8 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   them), pooling, dropout, interpolate, reductions over other axes (mean, sum, p-norm, amax,
   var, max with indices), F.normalize, roll/pad of other axes, scalar mul/div, division by a
   value known positive (`_sign`): identity maps. where / masked_fill / elementwise max, stack
-  and einsum align their operands' channels like a product (einsum must keep the channel letter).
+  and einsum align their operands' channels like a product (einsum keeps the channel letter,
+  or contracts it between two operands that carry it).
 - ops with f(0) ≠ 0 (``x + const``, sigmoid, exp, softmax over another axis, a fill of -inf) are identity maps too,
   but their value is
   *dirty*: it is not zero on removed channels. That is harmless while every path from it ends in
@@ -1449,8 +1450,9 @@ class _Builder:
     rule_minimum = rule_maximum
 
     def rule_einsum(self, node, view, shape) -> None:
-        """einsum: the channel axis's index letter must stay in the output (a contraction of
-        it is pinned); every operand with that letter is aligned on it, as in a product."""
+        """einsum: every operand with the channel axis's index letter is aligned on it, as in
+        a product; a contraction of it between two operands that both carry it links them
+        (`_contracted_einsum`), other contractions are pinned."""
         equation = str(view.attrs.get("equation", "")).replace(" ", "")
         operands = view.inputs
         if "." in equation or len(operands) != len(equation.split("->")[0].split(",")):
@@ -1467,7 +1469,7 @@ class _Builder:
             raise _Pin("einsum operands carry channels on different indices")
         letter = letters.pop()
         if letter not in rhs:
-            raise _Pin("einsum contracts the channel axis")
+            return self._contracted_einsum(node, operands, terms, letter)
         pairs = []
         for a, term in zip(operands, terms):
             if term.count(letter) > 1:
@@ -1482,6 +1484,15 @@ class _Builder:
                 raise _Pin(f"einsum operand {a.name} tracks channels on another axis")
             pairs.append((a, sid))
         self._aligned_op(node, view, shape, rhs.index(letter), pairs)
+
+    def _contracted_einsum(self, node, operands, terms, letter: str) -> None:
+        """``einsum("bnd,bmd->bnm", q, k)``: two operands whose channels are the contracted
+        letter, as `_contracted_matmul`."""
+        tracked = [(a, self.in_slot(a)) for a, term in zip(operands, terms) if letter in term]
+        if len(operands) != 2 or len(tracked) != 2 or any(sid is None for _, sid in tracked):
+            raise _Pin("einsum contracts the channel axis")
+        (a, sa), (b, sb) = tracked
+        self._contracted_matmul(node, a, sa, b, sb)
 
     def rule_getitem(self, node, view, shape) -> None:
         """``x[...]`` with ints, slices, None and one Ellipsis: the channel axis follows; a slice

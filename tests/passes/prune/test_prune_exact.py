@@ -562,11 +562,11 @@ class Resizes(nn.Module):
 class SingleHeadAttention(nn.Module):
     """Attention over one head's features (SegFormer's first stage, a Perceiver's latents
     cross-attending the inputs): q/k features are contracted, v's are the output's; optionally
-    with a boolean mask and SDPA's 4-D form with one head."""
+    with a boolean mask, SDPA's 4-D form with one head, or spelled out with einsum."""
 
-    def __init__(self, d=16, cross=False, four_d=False):
+    def __init__(self, d=16, cross=False, four_d=False, einsum=False):
         super().__init__()
-        self.cross, self.four_d = cross, four_d
+        self.cross, self.four_d, self.einsum = cross, four_d, einsum
         self.inp, self.q, self.k, self.v = nn.Linear(8, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.o, self.head = nn.Linear(d, d), nn.Linear(d, 3)
         self.latents = nn.Parameter(torch.randn(4, d))
@@ -578,7 +578,10 @@ class SingleHeadAttention(nn.Module):
             q = self.q(self.latents).expand(x.shape[0], -1, -1)
             return self.head(self.o(F.scaled_dot_product_attention(q, self.k(h), self.v(h)))).mean(1)
         q, k, v = self.q(h), self.k(h), self.v(h)
-        if self.four_d:
+        if self.einsum:
+            scores = torch.einsum("bnd,bmd->bnm", q, k) * 0.25
+            a = torch.einsum("bnm,bmd->bnd", scores.softmax(-1), v)
+        elif self.four_d:
             a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         else:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.causal)
@@ -794,6 +797,7 @@ CASES = {
     "single_head": (SingleHeadAttention, lambda: torch.randn(2, 5, 8)),
     "single_head_4d": (lambda: SingleHeadAttention(four_d=True), lambda: torch.randn(2, 5, 8)),
     "cross_attention": (lambda: SingleHeadAttention(cross=True), lambda: torch.randn(2, 5, 8)),
+    "single_head_einsum": (lambda: SingleHeadAttention(einsum=True), lambda: torch.randn(2, 5, 8)),
     "additive_mask": (lambda: PackedAttention(additive=True), lambda: torch.randn(2, 5, 6)),
     "math_ops": (MathOps, lambda: torch.randn(2, 5, 6)),
     "channel_shuffle": (ShuffleBlocks, IMAGE),
@@ -1293,7 +1297,7 @@ NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plai
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
            "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
            "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm",
-           "feature_interaction"]
+           "feature_interaction", "single_head_einsum"]
 
 
 @pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "folded_heads"])
