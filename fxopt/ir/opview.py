@@ -395,6 +395,11 @@ SPECS: tuple[OpSpec, ...] = (
            module_attrs=lambda m: dict(downscale_factor=m.downscale_factor)),
     OpSpec("roll", functions=(torch.roll,), methods=("roll",), aten=(aten.roll,),
            arg_names=("input", "shifts", "dims"), defaults=dict(dims=None)),
+    # running sums and products along one axis (Mamba's and linear attention's scans over time)
+    OpSpec("cumsum", functions=(torch.cumsum,), methods=("cumsum",), aten=(aten.cumsum,),
+           arg_names=("input", "dim")),
+    OpSpec("cumprod", functions=(torch.cumprod,), methods=("cumprod",), aten=(aten.cumprod,),
+           arg_names=("input", "dim")),
     # p-norms over axes (GRN's torch.norm(x, p=2, dim=(1, 2), keepdim=True))
     OpSpec("vector_norm", functions=(torch.norm,), methods=("norm",), arg_names=("input", "p", "dim", "keepdim"),
            defaults=dict(p="fro", dim=None, keepdim=False)),

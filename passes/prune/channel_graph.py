@@ -21,7 +21,7 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
 - batch_norm, instance_norm, zero-preserving activations (relu, gelu, leaky_relu, elu, mish, abs,
   sqrt, erf, ``pow`` with a positive exponent, ...), PReLU (a slope per channel is sliced with
   them), pooling, dropout, interpolate, reductions over other axes (mean, sum, p-norm, amax,
-  var, max with indices), F.normalize, roll/pad of other axes, scalar mul/div, division by a
+  var, max with indices), F.normalize, roll/pad/cumsum/cumprod of other axes, scalar mul/div, division by a
   value known positive (`_sign`): identity maps. where / masked_fill / elementwise max, stack
   and einsum align their operands' channels like a product (einsum keeps the channel letter,
   or contracts it between two operands that carry it).
@@ -103,7 +103,7 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "narrow", "index_select", "expand_as", "clamp", "softplus", "flip", "exp", "cos", "rsqrt", "reciprocal",
     "sum", "amax", "amin", "var", "std", "normalize", "where", "masked_fill", "gt", "ge", "lt", "le", "eq", "ne",
     "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum", "layer_norm", "rms_norm",
-    "log_softmax", "var_mean", "std_mean", "repeat", "repeat_interleave", "reshape_as"})
+    "log_softmax", "var_mean", "std_mean", "repeat", "repeat_interleave", "reshape_as", "cumsum", "cumprod"})
 # ops whose result is a tuple of values (taken apart by getitem)
 TUPLE_RESULTS = frozenset({"split", "chunk", "unbind", "max", "min", "var_mean", "std_mean", "adaptive_max_pool"})
 # products: zero on a removed channel where any factor is (a matmul or einsum here keeps
@@ -1190,6 +1190,18 @@ class _Builder:
         if axis in axes:
             raise _Pin("roll of the channel axis")
         self.passthrough(node, view, src, axis)
+
+    def rule_cumsum(self, node, view, shape) -> None:
+        """A running sum or product along another axis than the channels acts on each channel
+        on its own, and a zero channel stays zero."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        if _norm_axis(int(view.attrs.get("dim")), len(shape)) == self.slots[sid].axis:
+            raise _Pin(f"{view.kind} along the channel axis")
+        self.passthrough(node, view, src, self.slots[sid].axis)
+
+    rule_cumprod = rule_cumsum
 
     def rule_pow(self, node, view, shape) -> None:
         exponent = view.attrs.get("exponent")

@@ -752,6 +752,20 @@ class FeatureInteraction(nn.Module):
         return self.top(torch.cat([z, dense], 1))
 
 
+class RunningSums(nn.Module):
+    """Scans over time, as linear attention and state-space mixers write them: a running sum
+    over the positions and a cumulative product of a sigmoid gate (dirty, gated by the sum)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.gate, self.out = nn.Linear(6, d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        state = h.cumsum(1) / x.shape[1]
+        return self.out(h + state * torch.sigmoid(self.gate(h)).cumprod(dim=1)).mean(1)
+
+
 IMAGE = lambda: torch.randn(2, 3, 8, 8)  # noqa: E731
 CASES = {
     "residual": (Residual, IMAGE),
@@ -809,6 +823,7 @@ CASES = {
     "torch_mha": (TorchMultiheadAttention, lambda: torch.randn(2, 5, 6)),
     "torch_mha_seq_first": (lambda: TorchMultiheadAttention(batch_first=False), lambda: torch.randn(2, 5, 6)),
     "channels_first_norm": (ChannelsFirstNorm, IMAGE),
+    "running_sums": (RunningSums, lambda: torch.randn(2, 5, 6)),
     "feature_interaction": (FeatureInteraction,
                             lambda: torch.cat([torch.randn(2, 4), torch.randint(0, 20, (2, 3)).float()], 1)),
 }
@@ -1297,7 +1312,8 @@ NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plai
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
            "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
            "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm",
-           "feature_interaction", "single_head_einsum"]
+           "feature_interaction", "single_head_einsum",
+           "running_sums"]
 
 
 @pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "folded_heads"])
