@@ -1,7 +1,9 @@
-"""Which nodes must run even when nobody reads their value.
+"""Which nodes must run even when nobody reads their value, and which values a write in
+place changes behind the graph's back.
 
 Dead-code removal, constant folding and the passes that erase what their rewrites leave
-behind all ask the same question; this module answers it once.
+behind all ask the first question; a pass that copies or narrows values (int8 lowering,
+channel pruning) asks the second (`written_in_place`). This module answers both once.
 
     >>> import torch, torch.fx
     >>> gm = torch.fx.symbolic_trace(lambda x: (x.add_(1), x.t())[0])
@@ -10,10 +12,13 @@ behind all ask the same question; this module answers it once.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx
+
+from .opview import op_view
 
 # Ops that must run even when their value is unused, beyond what fx already knows.
 _RANDOM_OR_EFFECTFUL = {
@@ -61,4 +66,94 @@ def _hashable(x: Any) -> bool:
     return True
 
 
-__all__ = ["is_effectful"]
+# Ops whose result shares memory with their first input, so writing one writes the other.
+_VIEW_KINDS = frozenset({"reshape", "permute", "transpose", "flatten", "getitem", "select", "slice",
+                         "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze"})
+_VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", "t", "as_strided",
+                           "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach"})
+_INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def mutated_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The value `node` writes into in place, if it does (`x.mul_`, `aten.add_`, `x[i] = v`,
+    `F.relu(x, inplace=True)`, `nn.ReLU(inplace=True)`)."""
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    target = node.target
+    if node.op == "call_module":
+        return first if getattr(gm.get_submodule(target), "inplace", False) is True else None
+    if node.op == "call_method":
+        return first if target.endswith("_") and not target.endswith("__") else None
+    if node.op != "call_function":
+        return None
+    if isinstance(target, torch._ops.OpOverload):
+        mutable = any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
+        return first if mutable else None
+    name = getattr(target, "__name__", "")
+    if target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_")):
+        return first
+    return first if node.kwargs.get("inplace") is True else None
+
+
+def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _VIEW_METHODS:
+        return True
+    view = op_view(gm, node)
+    return view is not None and view.kind in _VIEW_KINDS
+
+
+def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Nodes that must stay float because memory they share is written in place.
+
+    A write through a view (`y[:, :2].mul_(2)`) changes every alias of `y`: the base, its other
+    views, and what reads them afterwards. Returns node name -> reason, for the pass stats.
+    A write nobody else can see is no hazard: `relu_(conv(x))` or ResNet's `out += identity`,
+    where the written value is an intermediate whose every other reader ran before the write,
+    computes what the out-of-place op would (torch.export keeps such ops as `aten.relu_`).
+    """
+    alias_of: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the base it views
+    for node in gm.graph.nodes:
+        if _is_view(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node):
+            alias_of[node] = alias_of.get(node.args[0], node.args[0])
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    bases = {}
+    for node in gm.graph.nodes:
+        target = mutated_input(gm, node)
+        if target is None:
+            continue
+        base = alias_of.get(target, target)
+        if not _write_is_private(node, target, base, alias_of, order):
+            bases.setdefault(base, node)
+    if not bases:
+        return {}
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        base = alias_of.get(node, node)
+        if base in bases:
+            writer = bases[base]
+            out[node.name] = f"written in place by '{writer.name}' (directly or through a view)"
+            for user in node.users:
+                out.setdefault(user.name, f"reads '{node.name}', which '{writer.name}' writes in place")
+    return out
+
+
+def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.fx.Node,
+                      alias_of: dict[torch.fx.Node, torch.fx.Node], order: dict[torch.fx.Node, int]) -> bool:
+    """Whether `writer`'s in-place write into `target` (`base` or a view of it) is invisible
+    except through `writer`'s own result: `base` is an intermediate (not an input, a parameter
+    or a buffer); `target` has no views of its own; a view is reached from `base` by a chain of
+    views each read by the next alone (a TCN's `relu_(conv(x)[:, :, :-pad])`, nn.ReLU(inplace=True)
+    after the chomp); and `target` is read by nothing that runs after the write."""
+    if base.op in ("placeholder", "get_attr") or writer.args[0] is not target:
+        return False
+    if any(user in alias_of and user.args[0] is target for user in target.users):
+        return False  # a view of the written value sees the write
+    node = target
+    while node is not base:
+        parent = node.args[0]
+        if len(parent.users) != 1:
+            return False
+        node = parent
+    return all(order[user] < order[writer] for user in target.users if user is not writer)
+
+
+__all__ = ["is_effectful", "mutated_input", "written_in_place"]

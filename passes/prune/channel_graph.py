@@ -88,7 +88,7 @@ import torch.fx
 from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments, is_shared,
                       metadata_read, op_view, ref_for_get_attr, size_read, spec_for, tensor_meta,
-                      transposed_parameter, value_nbytes)
+                      transposed_parameter, value_nbytes, written_in_place)
 
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "selu", "celu", "mish", "dropout", "identity", "contiguous", "to", "abs", "sqrt",
@@ -290,10 +290,6 @@ class ChannelGraph:
         bounds = np.flatnonzero(np.diff(labels[order])) + 1
         return [set(part.tolist()) for part in np.split(order, bounds)] if n else []
 
-    def slot_groups(self) -> list[set[str]]:
-        """Weakly connected components of the slot graph (what a dump calls a group)."""
-        return [set(c) for c in nx.weakly_connected_components(self.graph)]
-
 
 class ChannelGraphAnalysis(Analysis):
     """Builds the `ChannelGraph` of a GraphModule (cached by the analysis manager)."""
@@ -315,7 +311,10 @@ def build_channel_graph(gm: torch.fx.GraphModule, exact_norms: bool = True) -> C
     Likewise a reshape that splits the channels over several axes moves its slot to the next of
     them when an op reduces or indexes the one it had (bounded by its axes).
     """
-    forced: dict[str, str] = {}
+    # a value written in place where another reader sees the write (``h.add_(x)`` then h read
+    # again, in a symbolic graph) cannot be narrowed or copied by an adapter: the write would
+    # miss the readers. The value, its views and their readers keep every channel.
+    forced: dict[str, str] = dict(written_in_place(gm))
     split_axes: dict[str, int] = {}
     while True:
         builder = _Builder(gm, exact_norms, forced, split_axes)
@@ -616,7 +615,10 @@ class _Builder:
         view = op_view(self.gm, node)
         shape = _shape(node)
         inputs = node.all_input_nodes
-        if shape is None and not any(self.value_slot.get(a.name) is not None for a in inputs) and (
+        # a module with weights and no rule (a GRU) holds channels fxopt cannot follow: pinned by name
+        layer = view is None and node.op == "call_module" and any(
+            True for _ in self.gm.get_submodule(node.target).parameters())
+        if shape is None and not layer and not any(self.value_slot.get(a.name) is not None for a in inputs) and (
                 view is None or not any(_shape(a) is not None for a in inputs)):
             self.value_slot[node.name] = None  # shape arithmetic (``x.size()[:-1] + (n,)``), guards
             return
@@ -625,7 +627,7 @@ class _Builder:
                 opaque = _opaque_layer(self.gm.get_submodule(node.target))
                 if opaque:
                     raise _Pin(opaque)
-            if not any(self.in_slot(a) is not None for a in inputs):
+            if not layer and not any(self.in_slot(a) is not None for a in inputs):
                 # no input carries channels (rotary's cos/sin, mask arithmetic): nothing to pin
                 return self.free_output(node, view)
             if node.op == "call_module":  # a torch.nn module symbolic capture kept whole (cross-attention)

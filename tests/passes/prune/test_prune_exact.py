@@ -1334,6 +1334,46 @@ def test_heads_folded_into_the_batch_lose_the_same_features_in_every_head(name):
         torch.testing.assert_close(gm(other_batch), plan.gm(other_batch), rtol=1e-4, atol=1e-5)
 
 
+class WrittenInPlace(nn.Module):
+    """A value written in place and read again afterwards (``h.add_(x)`` with its result
+    unused): a symbolic graph keeps the write, so readers of h see it through h itself."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.write = write
+        self.stem, self.c1, self.c2 = (nn.Conv2d(a, 16, 3, padding=1) for a in (3, 16, 16))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        h = self.c1(x)
+        if self.write == "add_":
+            h.add_(x)
+        elif self.write == "view":
+            h[:, :4].mul_(2.0)
+        else:
+            h.fill_(0.5)
+        return self.fc(F.relu(self.c2(F.relu(h))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("write", ["add_", "view", "fill_"])
+def test_a_value_written_in_place_keeps_its_channels_where_readers_see_the_write(write, mode):
+    """An adapter would copy h and the write would land in the copy; the written value, its
+    views and their readers are pinned by name instead. Export rewrites the direct writes out
+    of place (then h prunes as usual) but keeps a write through a view (``aten.mul_``)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(_warm(WrittenInPlace(write), x), x, mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert r.plan.selection.removed > 0
+    written = {name for name, why in r.plan.channel_graph.pinned_nodes.items() if "written in place by" in why}
+    if mode == "symbolic" or write == "view":
+        assert written and r.pruned.get_parameter("c1.weight").shape[0] == 16
+    else:
+        assert not written
+
+
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_a_channel_shuffle_couples_channel_j_of_every_group(mode):
     """The group axis of the shuffle's view cannot merge back into the channels; the slot moves
@@ -1578,7 +1618,7 @@ def test_an_extremum_or_softmax_over_the_channels_is_pinned_by_name(op):
 
 
 class _WidthReadOffTheStream(nn.Module):
-    """Heads that cannot shrink (a cumsum over the scores pins them) while the stream does; the
+    """Heads that cannot shrink (an op without a rule over the scores pins them) while the stream does; the
     heads are merged back with the width read off the stream (`b, n, c = h.shape`)."""
 
     def __init__(self):
@@ -1589,7 +1629,7 @@ class _WidthReadOffTheStream(nn.Module):
         h = self.embed(x)
         b, n, c = h.shape
         q, k, v = self.qkv(h).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
-        att = torch.cumsum(q @ k.transpose(-2, -1), -1).softmax(-1)
+        att = torch.logcumsumexp(q @ k.transpose(-2, -1), -1).softmax(-1)
         return self.head(h + self.o((att @ v).transpose(1, 2).reshape(b, n, c)))
 
 
@@ -1597,7 +1637,7 @@ def test_a_width_read_off_a_narrowed_value_is_not_left_in_a_full_width_reshape()
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6)
     r = prune_and_mask(_WidthReadOffTheStream().eval(), x, "symbolic", 0.5)
-    assert r.plan.selection.removed > 0 and "cumsum" in r.plan.channel_graph.pinned_nodes
+    assert r.plan.selection.removed > 0 and "logcumsumexp" in r.plan.channel_graph.pinned_nodes
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
