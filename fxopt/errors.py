@@ -45,6 +45,12 @@ class VerificationWarning(UserWarning):
     ``warnings.simplefilter("error", fxopt.VerificationWarning)`` to make that an exception."""
 
 
+class PassWarning(UserWarning):
+    """A pass ran but did less than it was asked, and says why: prune removed nothing or well
+    under its ratio, quantize found nothing to quantize, lower-int8 missed its target SQNR.
+    Make it an exception with ``warnings.simplefilter("error", fxopt.PassWarning)``."""
+
+
 class TrainingModeWarning(UserWarning):
     """A model (or a batchnorm or dropout inside it) was in training mode: fxopt captures and
     optimizes its eval-mode semantics. Call ``model.eval()`` first, or make it an exception

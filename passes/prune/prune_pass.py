@@ -43,7 +43,7 @@ import torch.fx
 
 from fxopt.analysis import propagate_shapes
 from fxopt.debug.listing import annotate
-from fxopt.errors import did_you_mean
+from fxopt.errors import PassWarning, did_you_mean, user_stacklevel
 from fxopt.ir import (
     attribute_use_counts,
     clone_sharing_tensors,
@@ -120,6 +120,15 @@ class PrunePlan:
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
         }
 
+    def slot_groups(self) -> dict[int, int]:
+        """Slot id -> index in `groups` of the pruning group its channels belong to (what the
+        dump shows as ``prune.group``; a slot's classes are always in one group)."""
+        group_of_class = np.zeros(self.channel_graph.n_classes, dtype=np.int64)
+        for gi, classes in enumerate(self.groups):
+            group_of_class[list(classes)] = gi
+        return {s.id: int(group_of_class[self.channel_graph.positions(s.id)[0]])
+                for s in self.channel_graph.slots if s.size}
+
     def apply(self, dead: np.ndarray | None = None) -> torch.fx.GraphModule:
         """A new GraphModule: `self.gm` without the chosen classes (or `dead`, a bool mask per class).
 
@@ -138,12 +147,8 @@ class PrunePlan:
                 raise ValueError("the dead mask breaks a junction precedence or removes a pinned class")
             boundary = plan_boundaries(cg, dead, self.ignored)
         start = time.perf_counter()
-        slot_group = {}
-        for gi, labels in enumerate(cg.slot_groups()):
-            for label in labels:
-                slot_group[cg.graph.nodes[label]["slot"]] = gi
         gm = clone_sharing_tensors(self.gm)
-        info = apply_pruning(gm, cg, dead, boundary, self.ignored, slot_group)
+        info = apply_pruning(gm, cg, dead, boundary, self.ignored, self.slot_groups())
         _retie(gm, _tied_parameters(self.gm))
         if self.example_inputs or self.example_kwargs:
             propagate_shapes(gm, self.example_inputs, self.example_kwargs)
@@ -286,13 +291,13 @@ class Prune(Pass):
         try:
             plan = self.plan(gm, ctx)
         except NothingToPrune as exc:  # in a pipeline, the passes after prune still run
-            warnings.warn(f"prune: {exc}", stacklevel=2)
+            warnings.warn(f"prune: {exc}", PassWarning, stacklevel=user_stacklevel())
             return PassResult(gm, modified=False, stats={"removed_channels": 0, "note": str(exc)})
         stats = plan.stats()
-        shortfall = _shortfall(plan, self.ratio)
+        shortfall = _shortfall(plan, self.ratio, self.exact_norms)
         if shortfall:
             stats["note"] = shortfall
-            warnings.warn(f"prune: {shortfall}", stacklevel=2)
+            warnings.warn(f"prune: {shortfall}", PassWarning, stacklevel=user_stacklevel())
         if plan.selection.removed == 0:
             return PassResult(gm, modified=False, stats=stats)
         pruned = plan.apply()
@@ -317,15 +322,22 @@ def _pinned_summary(cg: ChannelGraph, shown: int = 5) -> str:
     return f" Pinned nodes: {listed}{more}."
 
 
-def _shortfall(plan: PrunePlan, ratio: float) -> str | None:
+def _shortfall(plan: PrunePlan, ratio: float, exact_norms: bool) -> str | None:
     """What a user who asked for `ratio` and got nothing, or less than half of what it targets,
     should read: which nodes hold the channels at full width, and what to try. None when the
     selection removed at least half its target."""
     sel = plan.selection
     if sel.removed > 0 and 2 * sel.removed >= sel.target:
         return None
-    hint = (" Options: exact_norms=false prunes through norms; adapter_cost=0 stops charging"
-            " the re-expansions in front of pinned nodes.")
+    cg = plan.channel_graph
+    options = []
+    norms = any((view := op_view(plan.gm, n)) is not None and view.kind in ("layer_norm", "group_norm")
+                for n in plan.gm.graph.nodes if n.op != "placeholder")
+    if norms and exact_norms:
+        options.append("exact_norms=false prunes through norms")
+    if cg.pinned_nodes or any(r.category == "gather" for r in cg.rules.values()):
+        options.append("adapter_cost=0 stops charging the re-expansions in front of pinned nodes and exact norms")
+    hint = f" Options: {'; '.join(options)}." if options else ""
     what = "removed no channel" if sel.removed == 0 else f"removed only {sel.removed} of the {sel.target} channels"
     return (f"{what} at ratio={ratio}: no further removal saved more than it cost "
             f"(importance lost plus the re-expansion adapters it needs).{_pinned_summary(plan.channel_graph)}{hint}")
@@ -572,10 +584,7 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
 def _annotate(gm: torch.fx.GraphModule, plan: PrunePlan) -> None:
     cg = plan.channel_graph
     nodes = {n.name: n for n in gm.graph.nodes}
-    group_of = {}
-    for gi, labels in enumerate(cg.slot_groups()):
-        for label in labels:
-            group_of[cg.graph.nodes[label]["slot"]] = gi
+    group_of = plan.slot_groups()
     full = plan.boundary.full
     for s in cg.slots:
         node = nodes.get(s.node)

@@ -19,6 +19,7 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.calibration import calibrate
+from fxopt.errors import PassWarning, user_stacklevel
 
 from .insert import InsertObservers, ReduceRange
 from .lower import Backend, LowerInt8, lowering_stats
@@ -71,4 +72,4 @@ def _warn_nothing_quantized(float_ops: dict[str, str]) -> None:
     model, layers with computed weights)."""
     reasons = sorted(set(float_ops.values()))
     warnings.warn("quantize: nothing was quantized; the module stays float"
-                  + (f" ({'; '.join(reasons[:3])})" if reasons else ""), stacklevel=3)
+                  + (f" ({'; '.join(reasons[:3])})" if reasons else ""), PassWarning, stacklevel=user_stacklevel())

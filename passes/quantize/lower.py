@@ -37,7 +37,7 @@ import torch.fx
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 from fxopt import Pass, PassContext, PassResult
-from fxopt.errors import did_you_mean, node_location
+from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
                       is_effectful, op_view, origin, size_read)
 from fxopt.ir.rewrite import COMPUTES
@@ -142,7 +142,7 @@ class LowerInt8(Pass):
         stats["sqnr_db"] = round(current, 2)
         if current < self.target_sqnr:
             warnings.warn(f"lower-int8: target_sqnr={self.target_sqnr} dB not reached "
-                          f"({current:.1f} dB with every layer float)")
+                          f"({current:.1f} dB with every layer float)", PassWarning, stacklevel=user_stacklevel())
         return exclude
 
 

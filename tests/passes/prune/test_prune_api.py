@@ -9,6 +9,7 @@ from torch import nn
 import fxopt
 from fxopt.errors import PassError, PipelineError
 from fxopt.measure import count_parameters
+from fxopt.patterns import annotations
 from fxopt.passes.prune.prune_pass import Prune, analyze
 
 
@@ -140,7 +141,7 @@ class Odd(nn.Module):
 
     def forward(self, x):
         y = self.a(x)
-        return self.b(torch.sigmoid(y) + torch.cumsum(y, 1))  # dirty, and no rule: pinned, never wrong
+        return self.b(torch.sigmoid(y) + torch.cumsum(y, 1))  # dirty, and a scan along the channels: pinned, never wrong
 
 
 def test_unreasoned_nodes_are_pinned_and_named():
@@ -238,10 +239,28 @@ def test_taylor_on_a_model_without_producers_refuses_like_l1(mode):
     model = nn.Sequential(nn.BatchNorm2d(3)).eval()
     x = torch.randn(1, 3, 6, 6)
     for importance in ("l1", "taylor"):
-        with pytest.warns(UserWarning, match="nothing to prune: the model has no prunable channels"):
+        with pytest.warns(fxopt.PassWarning, match="nothing to prune: the model has no prunable channels") as caught:
             res = fxopt.optimize(model, (x,), [Prune(ratio=0.3, importance=importance)], calibration=[(x,)],
                                  mode=mode)
         assert not res.passes[0].modified and res.verification.passed
+        assert caught[0].filename == __file__, "the warning points at the user's call, not into fxopt"
+
+
+class _RecurrentHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def test_nothing_to_prune_names_the_layer_without_a_rule():
+    """A GRU (kept whole by symbolic capture) holds the only channels fxopt could prune: the
+    warning names it rather than saying nothing is pinned."""
+    with pytest.warns(fxopt.PassWarning, match="Pinned nodes: rnn: no channel rule for GRU"):
+        res = fxopt.optimize(_RecurrentHead().eval(), (torch.randn(2, 5, 8),), "prune{ratio=0.5}", mode="symbolic")
+    assert not res.passes[0].modified
 
 
 class _ComputedWeights(nn.Module):
@@ -531,5 +550,10 @@ def test_a_plan_dumps_its_analyzed_graph_with_groups(tmp_path):
     index = fxopt.dump(plan, tmp_path / "plan", svg=False)
     listing = (tmp_path / "plan" / "graph.txt").read_text()
     assert index.exists() and "prune.group" in listing
+    # each value is labelled with its pruning group: a's output channels (a, its relu, b's input)
+    # are one group, b's (b, its relu, the mean, fc's input) another
+    group = {n.name: annotations(n).get("prune.group") for n in plan.gm.graph.nodes}
+    assert group["a"] == group["relu"] != group["b"] == group["relu_1"] == group["mean"]
+    assert set(group.values()) - {None} == set(range(len(plan.groups)))
     with pytest.raises(TypeError, match="dump expects a torch.fx.GraphModule"):
         fxopt.dump(object(), tmp_path / "nothing", svg=False)
