@@ -384,3 +384,25 @@ def test_a_model_that_writes_its_own_weight_when_run_can_be_pruned(mode):
     res = fxopt.optimize(model, (ids,), "prune{ratio=0.5}", mode=mode)
     assert res.passes[0].modified and res.verification.passed
     assert torch.equal(model.emb.weight, before)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_forward_that_clips_a_weight_in_place_can_be_pruned(mode):
+    """A WGAN critic clips its weight in forward (``self.c1.weight.clamp_`` under no_grad): a
+    call_method on the parameter in a symbolic graph, a write inside the wrapped no_grad region
+    in an export graph. The analysis runs on a copy of that weight, so prune does not fail; the
+    clipped layer keeps its channels (its weight is read whole), the next one is pruned."""
+    class Critic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = (nn.Conv2d(a, b, 3, padding=1) for a, b in ((3, 16), (16, 16), (16, 4)))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.c1.weight.clamp_(-0.1, 0.1)
+            return self.c3(F.relu(self.c2(F.relu(self.c1(x)))))
+
+    torch.manual_seed(0)
+    res = fxopt.optimize(Critic().eval(), (torch.randn(2, 3, 8, 8),), "prune{ratio=0.5}", mode=mode)
+    assert res.passes[0].modified and res.verification.passed
+    assert res.module.get_parameter("c2.weight").shape[0] < 16

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 from torch.fx.graph import _PyTreeCodeGen
 
-from .bindings import aten_op_of
+from .effects import mutated_input
 
 
 def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None) -> list:
@@ -131,23 +131,43 @@ def fresh_inputs(args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
 
 
 def _parameters_written(gm: torch.fx.GraphModule) -> set[str]:
-    """`get_attr` targets an ATen op of the graph writes into in place, directly or through
-    an alias (export's ``embedding_renorm_(detach(weight))`` for ``nn.Embedding(max_norm=...)``)."""
+    """`get_attr` targets the graph writes into in place, directly or through an alias (export's
+    ``embedding_renorm_(detach(weight))`` for ``nn.Embedding(max_norm=...)``, a symbolic
+    ``self.w.clamp_(...)``), or inside a region export wraps in a submodule of its own
+    (``wrap_with_set_grad_enabled(False, body, weight)`` for a ``torch.no_grad()`` block)."""
     written = set()
     for node in gm.graph.nodes:
-        overload = aten_op_of(node) if node.op == "call_function" else None
-        if overload is None or not node.args or not overload._schema.arguments:
-            continue
-        alias = overload._schema.arguments[0].alias_info
-        if alias is None or not alias.is_write:
-            continue
-        target, hops = node.args[0], 0
-        while isinstance(target, torch.fx.Node) and target.op != "get_attr" and hops < 3 \
-                and len(target.all_input_nodes) == 1:
-            target, hops = target.all_input_nodes[0], hops + 1
-        if isinstance(target, torch.fx.Node) and target.op == "get_attr":
-            written.add(target.target)
+        for operand in _written_operands(gm, node):
+            source = _alias_source(operand)
+            if source.op == "get_attr":
+                written.add(source.target)
     return written
+
+
+def _written_operands(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The values `node` writes into in place: its mutated input, or the operands a wrapped
+    region (a higher-order op calling a submodule graph) passes to placeholders it writes."""
+    target = mutated_input(gm, node)
+    if target is not None:
+        return [target]
+    if node.op != "call_function":
+        return []
+    for i, arg in enumerate(node.args):
+        body = getattr(gm, arg.target, None) if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" else None
+        if isinstance(body, torch.fx.GraphModule):
+            placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            operands = node.args[i + 1:]
+            hit = {_alias_source(t) for n in body.graph.nodes for t in _written_operands(body, n)}
+            return [operands[k] for k, ph in enumerate(placeholders)
+                    if ph in hit and k < len(operands) and isinstance(operands[k], torch.fx.Node)]
+    return []
+
+
+def _alias_source(node: torch.fx.Node, hops: int = 3) -> torch.fx.Node:
+    """The value `node` is a view or detached alias of: up to `hops` single-input ops back."""
+    while node.op not in ("get_attr", "placeholder") and hops > 0 and len(node.all_input_nodes) == 1:
+        node, hops = node.all_input_nodes[0], hops - 1
+    return node
 
 
 def run_graph(
