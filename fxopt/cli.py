@@ -5,18 +5,22 @@
     fxopt dump [MODEL] --pipeline P --out D write listings, DOT/SVG, diffs and an index page
     fxopt passes                            list the registered passes and their options
 
-MODEL is `package.module:callable`; the callable returns `(model, example_inputs)` or
-`(model, example_inputs, calibration_batches)`. Without MODEL, the bundled example runs: a
-small CNN trained on scikit-learn's handwritten digits (trained once, then cached).
+MODEL is `package.module:callable`, imported from the current directory or sys.path; the
+callable returns `(model, example_inputs)` or `(model, example_inputs, calibration_batches)`
+(the CLI's only source of calibration data, which `quantize` and `distill` need). Without
+MODEL, the bundled example runs: a small CNN trained on scikit-learn's handwritten digits
+(trained once, then cached).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -48,7 +52,7 @@ def load_workload(spec: str | None) -> Workload:
     if not sep or not attr:
         raise SystemExit(f"fxopt: MODEL must look like package.module:callable, got '{spec}'")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = getattr(_import_from_cwd(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise SystemExit(f"fxopt: cannot load MODEL '{spec}': {exc}") from None
     if not callable(factory):
@@ -65,6 +69,19 @@ def load_workload(spec: str | None) -> Workload:
         raise SystemExit(f"fxopt: '{spec}' must return (model, example_inputs[, calibration])")
     calibration = list(made[2]) if len(made) == 3 else None
     return Workload(spec, made[0], made[1], calibration)
+
+
+def _import_from_cwd(module_name: str) -> ModuleType:
+    """Import `module_name` with the current directory first on sys.path, as `python -m` does:
+    `fxopt optimize mymodel:make` finds ./mymodel.py (an installed console script's sys.path
+    starts with the script's directory, not the current one)."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if cwd in sys.path:  # the first occurrence is ours, unless the import itself moved it
+            sys.path.remove(cwd)
 
 
 def _build_parser() -> argparse.ArgumentParser:

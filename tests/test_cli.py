@@ -111,3 +111,23 @@ def test_optimize_saves_the_result_for_fxopt_load(user_model_module, capsys, tmp
     with pytest.raises(SystemExit) as exc:
         cli.main(["optimize", f"{user_model_module}:small", "--save", str(tmp_path / "missing" / "m.pt")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_model_module_in_the_current_directory_loads(tmp_path, monkeypatch, capsys):
+    """`fxopt optimize mymodel:make` finds ./mymodel.py, as `python -m` would."""
+    (tmp_path / "cwd_model.py").write_text(textwrap.dedent("""
+        import torch
+        def make():
+            return torch.nn.Sequential(torch.nn.Linear(3, 3)).eval(), (torch.randn(2, 3),)
+    """))
+    monkeypatch.chdir(tmp_path)
+    # as under the installed `fxopt` script: nothing on sys.path stands for the current directory
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    path_before = list(sys.path)
+    try:
+        assert cli.main(["optimize", "cwd_model:make", "-p", "dce"]) == 0
+    finally:
+        sys.modules.pop("cwd_model", None)
+    assert "model: cwd_model:make" in capsys.readouterr().out
+    assert sys.path == path_before  # the directory was on the path only while importing
+
