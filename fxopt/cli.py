@@ -187,43 +187,86 @@ def _cmd_passes() -> int:
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     from .debug import dump_pipeline
+    from .errors import PassError
 
     work = load_workload(args.model)
-    index = dump_pipeline(work.model, work.example_inputs, args.pipeline, args.out, mode=args.mode,
-                          calibration=work.calibration)
+    try:
+        index = dump_pipeline(work.model, work.example_inputs, args.pipeline, args.out, mode=args.mode,
+                              calibration=work.calibration)
+    except PassError as exc:
+        code = _pass_failed(exc, work)
+        index = getattr(exc, "dump_index", None)  # the steps before the failure: where to look next
+        if index is not None:
+            print(f"wrote {index} (the steps before the failure, and the error)", file=sys.stderr)
+        return code
     print(f"wrote {index}")
     return 0
 
 
+def _pass_failed(exc: Exception, work: Workload | None) -> int:
+    """Report a failed pass as `main` reports any fxopt error, plus what to do about it on
+    the command line; returns the exit code."""
+    print(f"fxopt: error: {exc}", file=sys.stderr)
+    hint = _calibration_hint(exc, work)
+    if hint:
+        print(f"fxopt: hint: {hint}", file=sys.stderr)
+    return 2
+
+
+def _calibration_hint(exc: Exception, work: Workload | None) -> str:
+    """CLI advice for a pass that needed calibration data MODEL did not give ("" otherwise).
+
+    The pass's own message speaks of `fxopt.optimize(calibration=...)`; on the command line the
+    batches come from MODEL's third return value only (`load_workload`).
+    """
+    if work is None or work.calibration or "calibration" not in str(exc):
+        return ""
+    failed = getattr(exc, "pass_name", "the failing pass")
+    return (f"the command line reads calibration batches from MODEL: make '{work.name}' return "
+            "(model, example_inputs, calibration_batches), calibration_batches a list of inputs shaped "
+            f"like example_inputs; or choose a pipeline without '{failed}' with -p")
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from . import api
-    from .errors import VerificationWarning
+    from .errors import PassError, VerificationWarning
     from .manager import Instrument
 
-    # closed on the way out, whatever happens: an error message must not land on the bar's line
-    with tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False) as steps:
-        steps.set_postfix_str("loading model")
-        work = load_workload(args.model)
-        steps.update()
-        instruments: list[Instrument] = []
+    work: Workload | None = None
+    instruments: list[Instrument] = []
+    try:
+        # closed on the way out, whatever happens: an error message must not land on the bar's line
+        with tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False) as steps:
+            steps.set_postfix_str("loading model")
+            work = load_workload(args.model)
+            steps.update()
+            if args.dump:
+                from .debug import DumpInstrument
+
+                instruments.append(DumpInstrument(args.dump))
+            steps.set_postfix_str("optimizing")
+            with warnings.catch_warnings():  # the table below reports verification, and the exit code
+                warnings.simplefilter("ignore", VerificationWarning)
+                res = api.optimize(
+                    work.model, work.example_inputs, args.pipeline, calibration=work.calibration,
+                    verify=not args.no_verify, mode=args.mode, verify_each=args.verify_each,
+                    print_ir_after_each=args.print_ir_after_each, print_ir_after_change=args.print_ir_after_change,
+                    time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
+                )
+            steps.update()
+            steps.set_postfix_str("measuring")
+            before = _measure(work, res.original, args.threads)
+            after = _measure(work, res.module, args.threads)
+            steps.update(2)
+    except PassError as exc:  # reported once the bar is gone
+        code = _pass_failed(exc, work)
         if args.dump:
             from .debug import DumpInstrument
 
-            instruments.append(DumpInstrument(args.dump))
-        steps.set_postfix_str("optimizing")
-        with warnings.catch_warnings():  # the table below reports verification, and the exit code
-            warnings.simplefilter("ignore", VerificationWarning)
-            res = api.optimize(
-                work.model, work.example_inputs, args.pipeline, calibration=work.calibration,
-                verify=not args.no_verify, mode=args.mode, verify_each=args.verify_each,
-                print_ir_after_each=args.print_ir_after_each, print_ir_after_change=args.print_ir_after_change,
-                time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
-            )
-        steps.update()
-        steps.set_postfix_str("measuring")
-        before = _measure(work, res.original, args.threads)
-        after = _measure(work, res.module, args.threads)
-        steps.update(2)
+            dumped = next(i for i in instruments if isinstance(i, DumpInstrument))
+            index = dumped.write_index([f"FAIL: {exc}"], records=getattr(exc, "records", None))
+            print(f"wrote {index} (the steps before the failure, and the error)", file=sys.stderr)
+        return code
     print(f"model: {work.name} (captured by {res.frontend})")
     print(f"pipeline: {res.pipeline}")
     for record in res.passes:

@@ -16,6 +16,9 @@ def user_model_module(tmp_path, monkeypatch):
         def small():
             model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Dropout(0.3), torch.nn.ReLU())
             return model, (torch.randn(4, 6),)
+        def mlp():
+            model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
+            return model.eval(), (torch.randn(8, 6),)
         def no_inputs():
             return torch.nn.Linear(2, 2)
         not_callable = 3
@@ -130,4 +133,40 @@ def test_model_module_in_the_current_directory_loads(tmp_path, monkeypatch, caps
         sys.modules.pop("cwd_model", None)
     assert "model: cwd_model:make" in capsys.readouterr().out
     assert sys.path == path_before  # the directory was on the path only while importing
+
+
+def test_quantize_without_calibration_says_how_to_give_it_on_the_command_line(user_model_module, capsys):
+    rc = cli.main(["optimize", f"{user_model_module}:mlp", "-p", "quantize"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "fxopt: error: pass 'quantize' failed" in err and "needs calibration data" in err
+    assert (f"fxopt: hint: the command line reads calibration batches from MODEL: make '{user_model_module}:mlp' "
+            "return (model, example_inputs, calibration_batches)") in err
+    assert "or choose a pipeline without 'quantize' with -p" in err
+
+
+def test_a_pass_that_fails_without_calibration_for_another_reason_gets_no_hint(user_model_module, capsys):
+    rc = cli.main(["optimize", f"{user_model_module}:mlp", "-p", "lower-int8"])  # no observers
+    err = capsys.readouterr().err
+    assert rc == 2 and "found no observers" in err
+    assert "hint:" not in err
+
+
+def test_dump_prints_the_partial_index_when_a_pass_fails(user_model_module, capsys, tmp_path):
+    out = tmp_path / "dump"
+    rc = cli.main(["dump", f"{user_model_module}:mlp", "-p", "remove-noops,quantize", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fxopt: hint: the command line reads calibration batches" in err
+    index = out / "index.html"
+    assert f"wrote {index} (the steps before the failure, and the error)" in err
+    assert (out / "01-remove-noops.txt").exists()
+    assert "needs calibration data" in index.read_text()
+
+
+def test_optimize_dump_writes_the_error_into_the_partial_index(user_model_module, capsys, tmp_path):
+    out = tmp_path / "dump"
+    rc = cli.main(["optimize", f"{user_model_module}:mlp", "-p", "remove-noops,quantize", "--dump", str(out)])
+    assert rc == 2
+    assert f"wrote {out / 'index.html'}" in capsys.readouterr().err
+    assert "needs calibration data" in (out / "index.html").read_text()
 
