@@ -6,7 +6,8 @@ every tensor in the (possibly nested: dicts, dataclasses, tuples) outputs: max a
 relative error, SQNR in dB and cosine similarity, and pass/fail against a tolerance that fits
 the transformation — `exact` for rewrites that must not change the function, `float` for
 rewrites that reorder float arithmetic, `int8` an SQNR floor for quantization, `lossy` for
-passes such as pruning that change the function on purpose (numbers reported, never failed).
+passes such as pruning that change the function on purpose (numbers reported, never failed:
+its report says ``NOT CHECKED``, not ``PASS``, since the accuracy may be gone).
 
 **Precision.** The tolerances are stated for float32. A tensor whose reference value is of a
 coarser floating dtype (bfloat16, float16, float8) cannot agree with a rewritten computation
@@ -68,6 +69,12 @@ class Tolerance:
     rank: int = 0
     #: Least error allowed on a dtype coarser than float32, in units of its eps at the tensor's scale.
     ulps: float = 4.0
+
+    @property
+    def checks_values(self) -> bool:
+        """Whether this tolerance bounds the error at all: `lossy` accepts any output that is
+        not NaN (its numbers are reported, not judged)."""
+        return math.isfinite(self.rtol) or math.isfinite(self.atol) or self.min_sqnr_db is not None
 
     def rtol_for(self, dtype: torch.dtype | None) -> float:
         """The relative tolerance a tensor of `dtype` is judged with (`rtol` for float32)."""
@@ -201,8 +208,16 @@ class VerificationReport:
         coarser dtype(s) whose resolution widened it ("bfloat16", "bfloat16/float16")."""
         return "/".join(_dtype_name(d) for d in self._coarse_dtypes()) or "float32"
 
+    @property
+    def verdict(self) -> str:
+        """"PASS", "FAIL", or "NOT CHECKED" for a pass under a tolerance that bounds nothing
+        (`lossy`: a pruned model may have lost its accuracy; measure that instead)."""
+        if not self.passed:
+            return "FAIL"
+        return "PASS" if self.tolerance.checks_values else "NOT CHECKED"
+
     def summary(self) -> str:
-        verdict = "PASS" if self.passed else "FAIL"
+        verdict = self.verdict
         judged = ""  # float32 reports read as they always did
         for d in self._coarse_dtypes():
             rtol = self.tolerance.rtol_for(d)

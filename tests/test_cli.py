@@ -170,3 +170,11 @@ def test_optimize_dump_writes_the_error_into_the_partial_index(user_model_module
     assert f"wrote {out / 'index.html'}" in capsys.readouterr().err
     assert "needs calibration data" in (out / "index.html").read_text()
 
+
+def test_a_lossy_result_is_reported_as_not_checked(user_model_module, capsys):
+    rc = cli.main(["optimize", f"{user_model_module}:mlp", "-p", "prune{ratio=0.5}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    row = next(line for line in out.splitlines() if line.startswith("verification (cpu)"))
+    assert "lossy (not checked)" in row and "SQNR" in row and ", cos " in row
+    assert "PASS" not in row

@@ -568,3 +568,22 @@ def test_infinities_are_compared_not_crashed_on():
     assert same.max_abs_error == 0 and same.sqnr_db == math.inf and same.cosine == 1.0
     broken = compare_tensors(torch.tensor([1.0, 2.0, 2.0]), ref)
     assert broken.max_abs_error == math.inf and broken.sqnr_db == -math.inf
+
+
+class _NaNs(nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_a_lossy_report_says_it_checked_nothing():
+    """`lossy` bounds no error: a pruned model whose accuracy collapsed must not read as PASS."""
+    m = _net()
+    report = verify(m, Noisy(m, 0.9), _x(), tolerance="lossy")
+    assert report.passed and report.verdict == "NOT CHECKED"
+    assert report.summary().startswith("NOT CHECKED (lossy, cpu): max_abs=")
+    assert not TOLERANCES["lossy"].checks_values
+    assert all(TOLERANCES[name].checks_values for name in ("exact", "float", "int8"))
+    broken = verify(nn.Identity(), _NaNs(), _x(), tolerance="lossy")  # NaN still fails a lossy check
+    assert broken.verdict == "FAIL" and broken.summary().startswith("FAIL (lossy, cpu)")
+    assert verify(m, m, _x()).verdict == "PASS"
+
