@@ -17,11 +17,11 @@ import torch.fx
 from torch import nn
 
 from .calibration import check_batches
-from .capture import Mode, capture, frontend_of, normalize_inputs
+from .capture import META_KEY, Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
 from .pass_base import Pass
-from .verify import Tolerance, VerificationReport, loosest, verify
+from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, verify
 
 
 @dataclass
@@ -96,6 +96,8 @@ def optimize(
     result = manager.run(original, args, example_kwargs=kwargs, calibration=batches, reference=original)
     ran = [p for p, r in zip(manager.passes, result.records) if not r.skipped]
     tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))
+    if result.module is not original:  # an empty pipeline hands back the captured graph itself
+        _record_pipeline(result.module, result.pipeline, tol)
     reports: dict[str, VerificationReport] = {}
     if verify:
         for device in devices or _default_devices():
@@ -116,6 +118,13 @@ def optimize(
         frontend=frontend_of(original),
         verification_by_device=reports,
     )
+
+
+def _record_pipeline(gm: torch.fx.GraphModule, pipeline: str, tol: Tolerance) -> None:
+    """Write the pipeline and its tolerance into ``gm.meta["fxopt"]``: `fxopt.verify(model, gm, x)`
+    then holds `gm` to what it was optimized at (an int8 module to `int8`, not `exact`)."""
+    recorded: str | Tolerance = tol.name if TOLERANCES.get(tol.name) == tol else tol
+    gm.meta[META_KEY] = {**gm.meta.get(META_KEY, {}), "pipeline": pipeline, "tolerance": recorded}
 
 
 def verify_on(reference, candidate, inputs, tol, device: str) -> VerificationReport:

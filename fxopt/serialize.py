@@ -94,8 +94,12 @@ def save(gm: torch.fx.GraphModule, path) -> None:
         pytree = {"orig_args": list(info.orig_args),
                   "in_spec": treespec_dumps(info.in_spec) if info.in_spec is not None else None,
                   "out_spec": treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+    # what capture and optimize recorded (front end, pipeline, tolerance), plain values only:
+    # fxopt.verify reads the tolerance of a loaded module as of the one saved
+    info = {k: v for k, v in (gm.meta.get("fxopt") or {}).items() if isinstance(v, (str, int, float, bool))}
     torch.save({"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
-                "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine}, path)
+                "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
+                "fxopt_meta": info}, path)
 
 
 def _save_attr(gm, node, tensors, packed) -> None:
@@ -317,6 +321,8 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
             out_spec = treespec_loads(pytree["out_spec"]) if pytree["out_spec"] else None
             graph._codegen = _PyTreeCodeGen(_PyTreeInfo(pytree["orig_args"], in_spec, out_spec))
         gm = torch.fx.GraphModule(root, graph)
+    if data.get("fxopt_meta"):  # files written before it was stored have none
+        gm.meta["fxopt"] = dict(data["fxopt_meta"])
     return gm
 
 

@@ -242,19 +242,33 @@ def verify(
     candidate: nn.Module,
     inputs: Any,
     *,
-    tolerance: str | Tolerance = "exact",
+    tolerance: str | Tolerance | None = None,
     device: str = "cpu",
     localize: bool = True,
 ) -> VerificationReport:
     """Compare `candidate` against `reference` on `inputs` (a tensor, tuple of args or dict).
 
-    Neither module is modified; with `device="cuda"` both are copied to the GPU. Each output
-    tensor is judged at its reference dtype's precision: bfloat16 and float16 outputs get the
-    rounding their dtype cannot avoid (`Tolerance.rtol_for`), float32 the tolerance as stated.
+    `tolerance` defaults to the one `candidate` was optimized at, when it records one (a module
+    from `fxopt.optimize`, also after `fxopt.save`/`fxopt.load`: ``gm.meta["fxopt"]["tolerance"]``,
+    e.g. `int8` after `quantize`), and to `exact` otherwise. Neither module is modified; with
+    `device="cuda"` both are copied to the GPU. Each output tensor is judged at its reference
+    dtype's precision: bfloat16 and float16 outputs get the rounding their dtype cannot avoid
+    (`Tolerance.rtol_for`), float32 the tolerance as stated.
+
+        >>> import torch, fxopt
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+        >>> x = torch.randn(16, 8)
+        >>> int8 = fxopt.optimize(model, (x,), "quantize", calibration=[(x,)]).module
+        >>> report = fxopt.verify(model, int8, (x,))     # held to the int8 tolerance it recorded
+        >>> report.tolerance.name, report.passed
+        ('int8', True)
+        >>> fxopt.verify(model, int8, (x,), tolerance="exact").passed
+        False
     """
     from .capture import normalize_inputs
 
-    tol = get_tolerance(tolerance)
+    tol = get_tolerance(tolerance if tolerance is not None else recorded_tolerance(candidate))
     args, kwargs = normalize_inputs(inputs)
     if device != "cpu":
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -281,6 +295,14 @@ def verify(
             and isinstance(candidate, torch.fx.GraphModule):
         report.divergence = first_divergence(reference, candidate, args, kwargs, tol)
     return report
+
+
+def recorded_tolerance(module: nn.Module) -> str | Tolerance:
+    """The tolerance `fxopt.optimize` recorded on `module` (``meta["fxopt"]["tolerance"]``), or
+    `exact` for a module without one."""
+    info = getattr(module, "meta", {}).get("fxopt") if isinstance(module, torch.fx.GraphModule) else None
+    recorded = (info or {}).get("tolerance")
+    return recorded if isinstance(recorded, (str, Tolerance)) else "exact"
 
 
 def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | None]:

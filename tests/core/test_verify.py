@@ -587,3 +587,29 @@ def test_a_lossy_report_says_it_checked_nothing():
     assert broken.verdict == "FAIL" and broken.summary().startswith("FAIL (lossy, cpu)")
     assert verify(m, m, _x()).verdict == "PASS"
 
+
+def test_verify_holds_an_optimized_module_to_the_tolerance_it_recorded(tmp_path):
+    import fxopt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 8)
+    res = fxopt.optimize(model, (x,), "quantize", calibration=[(x,)])
+    assert res.module.meta["fxopt"]["tolerance"] == "int8"
+    assert res.module.meta["fxopt"]["pipeline"] == "quantize"
+    assert "tolerance" not in res.original.meta["fxopt"]  # the captured graph is not the result
+    report = verify(model, res.module, (x,))
+    assert report.tolerance.name == "int8" and report.passed, report.summary()
+    assert not verify(model, res.module, (x,), tolerance="exact").passed  # an explicit one wins
+    fxopt.save(res.module, tmp_path / "int8.pt")
+    assert verify(model, fxopt.load(tmp_path / "int8.pt"), (x,)).tolerance.name == "int8"
+    assert verify(model, copy.deepcopy(model), (x,)).tolerance.name == "exact"  # nothing recorded
+
+
+def test_a_custom_tolerance_given_to_optimize_is_the_one_recorded():
+    import fxopt
+
+    mine = Tolerance("mine", rtol=0.5, atol=0.5)
+    res = fxopt.optimize(_net(), (_x(),), "dce", tolerance=mine)
+    assert res.module.meta["fxopt"]["tolerance"] == mine
+    assert verify(_net(), res.module, (_x(),)).tolerance == mine
