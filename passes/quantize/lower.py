@@ -27,6 +27,7 @@ until the whole model reaches D dB.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -58,8 +59,16 @@ Backend = Literal["x86", "reference", "cuda"]
 Grid = tuple[float, int, int, int]
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_vnni() -> bool:
-    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+    """Whether fbgemm's dense int8 kernels may take full-range (8-bit) activations here: they
+    add uint8 x int8 products in int16 unless the CPU has AVX512-VNNI. torch reports only
+    "AVX512", which Skylake has without VNNI, so the CPU flags are read where the OS lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512_vnni" in line.split() for line in f)
+    except OSError:  # no cpuinfo (macOS, Windows): torch's capability, as before
+        return "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 @dataclass

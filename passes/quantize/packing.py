@@ -10,10 +10,13 @@ when the group count is not a multiple of that: ``Conv2d(12, 12, 3, groups=3)`` 
 at -8 dB SQNR and corrupts the heap (torch 2.13, AVX2). Pruning a ResNeXt/RegNet group conv
 makes exactly such shapes. Those layers are packed with oneDNN, which computes them right.
 
-fbgemm's depthwise fast path takes only "same" padding (1 for a 3x3): a depthwise conv behind
-an explicit pad (TF-style 'same' padding, Hugging Face MobileNetV2's `F.pad` before each
-depthwise conv, so the conv has padding 0) runs on its generic path, 100x slower than oneDNN
-(16x144x6x6, 3x3: 3.3 ms against 30 µs, one thread). Those layers are packed with oneDNN too.
+fbgemm's depthwise kernel is wrong for full-range (8-bit) activations: it adds pairs of
+uint8 x int8 products in int16, which saturates (a ``Conv2d(256, 256, 3, groups=256)`` off by
+up to 7.5 output steps, 12.7 dB SQNR against 36.2 dB on the reference backend; exact up to 96
+channels on that AVX512-VNNI CPU), even where VNNI makes the dense kernels safe at 8 bits. Its
+fast path also takes only "same" padding, so a depthwise conv behind an explicit pad runs on a
+generic path 100x slower than oneDNN (16x144x6x6, 3x3: 3.3 ms against 30 µs, one thread). So
+every depthwise conv is packed with oneDNN, which is also 2-4x faster on wide ones at batch 16.
 
 Example::
 
@@ -23,6 +26,8 @@ Example::
     'onednn'
     >>> conv_engine(w, groups=1)
     'x86'
+    >>> conv_engine(torch.quantize_per_tensor(torch.randn(256, 1, 3, 3), 0.02, 0, torch.qint8), groups=256)
+    'onednn'
 """
 from __future__ import annotations
 
@@ -35,18 +40,17 @@ import torch
 _GCONV_CHANNELS = (2, 4, 8, 16)
 
 
-def conv_engine(weight: torch.Tensor, groups: int, engine: str = "x86", padding=None) -> str:
+def conv_engine(weight: torch.Tensor, groups: int, engine: str = "x86") -> str:
     """The engine to pack a conv weight ``[K, C/G, *kernel]`` with: `engine`, or "onednn" for a
     conv3d (measured on a 32->32 3x3x3 conv at batch 8, one thread: fbgemm 6.1 ms, oneDNN 3.3,
-    fp32 6.2), for a 2-d depthwise conv with less than "same" padding, and where fbgemm's
-    grouped-conv fast path could take the layer with a partial last block."""
+    fp32 6.2), for a depthwise conv (see the module docstring), and where fbgemm's grouped-conv
+    fast path could take the layer with a partial last block."""
     if "onednn" not in torch.backends.quantized.supported_engines:
         return engine
     if weight.dim() == 5:
         return "onednn"
     k_per_g, c_per_g = weight.shape[0] // groups, weight.shape[1]
-    if (weight.dim() == 4 and groups > 1 and c_per_g == 1 and k_per_g == 1 and padding is not None
-            and any(p < (k - 1) // 2 for p, k in zip(padding, weight.shape[2:]))):
+    if groups > 1 and c_per_g == 1 and k_per_g == 1:
         return "onednn"
     # 2-d only: torch runs a quantized conv1d as a 1 x k conv2d, never a 3x3
     fast_path = (groups > 1 and c_per_g == k_per_g and c_per_g in _GCONV_CHANNELS
@@ -61,7 +65,7 @@ def prepack_conv(weight: torch.Tensor, bias: torch.Tensor | None, stride: list[i
     """`quantized.conv{1,2,3}d_prepack` of an int8 weight, packed by `conv_engine`'s choice."""
     prepack = {3: torch.ops.quantized.conv1d_prepack, 4: torch.ops.quantized.conv2d_prepack,
                5: torch.ops.quantized.conv3d_prepack}[weight.dim()]
-    with quantized_engine(conv_engine(weight, groups, engine, padding)):
+    with quantized_engine(conv_engine(weight, groups, engine)):
         return prepack(weight, bias, list(stride), list(padding), list(dilation), groups)
 
 
