@@ -24,6 +24,7 @@ from torch import nn
 
 from .capture import normalize_inputs
 from .errors import FxoptError
+from .ir import fresh_inputs
 
 
 def _as_call(batch: Any) -> tuple[tuple, dict]:
@@ -68,7 +69,9 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
     with torch.no_grad(), _model_state_on_copies(gm):
         for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
                                        leave=False)):
-            args, kwargs = _as_call(batch)
+            # copies: a model that writes into its input (``x.sub_(mean)``) must not change the
+            # caller's batches, which a later calibration would read shifted
+            args, kwargs = fresh_inputs(*_as_call(batch))
             try:
                 gm(*args, **kwargs)
             except FxoptError:

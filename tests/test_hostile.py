@@ -351,6 +351,27 @@ def test_tampered_structure_is_refused_clearly(tmp_path):
         load(path)
 
 
+def test_calibration_leaves_the_callers_batches_as_they_were():
+    """A model that normalizes its input in place rewrote every calibration batch; a second
+    quantize over the same list then calibrated on shifted data."""
+    class NormalizesInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            x.sub_(1.0)
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 8),) for _ in range(3)]
+    before = [b[0].clone() for b in batches]
+    for backend in ("x86", "reference"):
+        fxopt.optimize(NormalizesInPlace().eval(), (torch.randn(2, 8),), f"quantize{{backend={backend}}}",
+                       calibration=batches, verify=False)
+        assert all(torch.equal(b[0], kept) for b, kept in zip(batches, before)), backend
+
+
 def test_one_tensor_given_as_calibration_is_refused_before_capture():
     """Iterated, a tensor yields its rows: each was taken for a batch (a linear accepts a 1-D
     row), so int8 ranges came from single samples without a word (11-21 dB on an MLP)."""
