@@ -32,6 +32,7 @@ import inspect
 import operator
 import os
 import re
+import sysconfig
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -96,7 +97,9 @@ def capture(
     `example_inputs` is a tensor, a tuple of positional args, or a dict of keyword args.
     The result records its front end in `gm.meta["fxopt"]["frontend"]` and carries shape and
     dtype metadata on every node (`node.meta["tensor_meta"]`). Raises CaptureError naming
-    each front end tried and the op or source line that stopped it.
+    each front end tried and the op or source line that stopped it, or, when the inputs are the
+    problem (they do not fit forward's signature, or forward itself fails on them), naming the
+    inputs by position or key with their types.
     """
     if mode not in MODES:
         raise ValueError(f"capture mode '{mode}' is not one of: {', '.join(MODES)}")
@@ -110,6 +113,7 @@ def capture(
                            "then load_state_dict)")
     if isinstance(model, torch.fx.GraphModule):
         return _adopt_graph_module(model, args, kwargs)
+    _check_example_inputs(model, example_inputs, args, kwargs)
 
     _warn_training_mode(model)
     model = _private_eval_copy(model)
@@ -136,6 +140,7 @@ def capture(
             **info,
         }
         return gm
+    _raise_if_eager_fails(model, args, kwargs)  # then the inputs, not the front ends, are the problem
     lines = "\n".join(a.describe() for a in attempts) + _hint(attempts, model)
     raise CaptureError(f"could not capture {type(model).__qualname__}; front ends tried:\n{lines}")
 
@@ -284,6 +289,115 @@ def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> 
         with torch.no_grad():
             propagate_shapes(gm, args, kwargs)
     return gm
+
+
+# ----- example inputs -----------------------------------------------------------------------
+
+def _check_example_inputs(model: nn.Module, example_inputs: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse, before any tracing, example inputs that cannot be what `model.forward` takes:
+    an array that is not a torch tensor, or arguments that do not bind to its signature.
+
+    Nothing else is judged here: a non-tensor value (a flag, a scale, None, a string, a tuple
+    of ints) is a valid input that capture specializes; whether forward can use it shows when
+    it runs (`_raise_if_eager_fails`).
+    """
+    for label, value in _labelled_inputs(model, args, kwargs):
+        if not isinstance(value, torch.Tensor) and getattr(value, "ndim", 0) and hasattr(value, "__array__"):
+            raise CaptureError(f"example {label} is a {_type_name(value)}, not a torch.Tensor: convert it "
+                               "first (torch.from_numpy(a), or torch.as_tensor(a))")
+    if model._forward_pre_hooks:  # a pre-hook may supply or change the arguments forward gets
+        return
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to read (a builtin forward): forward will say
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        given = ("example_inputs is None, which gives forward no arguments" if example_inputs is None
+                 else f"given {_describe_call(args, kwargs)}")
+        raise CaptureError(f"the example inputs do not fit {type(model).__qualname__}.forward{signature}: "
+                           f"{exc} ({given}); pass a tensor, a tuple of positional inputs or a dict of "
+                           "keyword inputs") from None
+
+
+def _raise_if_eager_fails(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """After every front end failed: when the model itself does not run on the example inputs,
+    say that, with the inputs whose type the error names (a str or a list where forward wants
+    a tensor) — the front ends' reports would only repeat it from inside torch."""
+    run_args, run_kwargs = fresh_inputs(args, kwargs)
+    try:
+        with torch.no_grad():
+            model(*run_args, **run_kwargs)
+    except Exception as exc:  # whatever forward raises on these inputs
+        text = str(exc).strip() or type(exc).__name__
+        where = _user_frame(exc)
+        where = f"\n      at {where}" if where else ""
+        suspects = _suspect_inputs(model, args, kwargs, text)
+        listed = "".join(f"\n  - example {label} is {_short(value)}" for label, value in suspects)
+        hint = ("\n  hint: pass a tensor where forward computes with one; other values (flags, None, "
+                "strings, numbers) reach forward as they are and are captured as constants") if suspects else ""
+        raise CaptureError(f"{type(model).__qualname__} does not run on the example inputs, so there is "
+                           f"nothing to capture: {type(exc).__name__}: {text}{where}{listed}{hint}") from exc
+
+
+def _suspect_inputs(model: nn.Module, args: tuple, kwargs: dict, error: str) -> list[tuple[str, Any]]:
+    """The example inputs the error names the type of ("must be Tensor, not list"), else every
+    input that is not a tensor."""
+    labelled = _labelled_inputs(model, args, kwargs)
+    words = set(re.findall(r"[\w.]+", error))
+    named = [(label, v) for label, v in labelled if not isinstance(v, torch.Tensor) and type(v).__name__ in words]
+    if named:
+        return named
+    return [(label, v) for label, v in labelled
+            if not isinstance(v, (torch.Tensor, tuple, list, dict))]
+
+
+def _labelled_inputs(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    """(label, value) for every example input and everything inside a tuple, list or dict of
+    them: `input 0 ('x')`, `input 'mask'`, `input 1 ('pair')[0]`, outermost first."""
+    try:
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        names = []
+    found: list[tuple[str, Any]] = []
+
+    def walk(label: str, value: Any) -> None:
+        found.append((label, value))
+        if isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                walk(f"{label}[{i}]", item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{label}[{key!r}]", item)
+
+    for i, value in enumerate(args):
+        walk(f"input {i}" + (f" ('{names[i]}')" if i < len(names) else ""), value)
+    for key, value in kwargs.items():
+        walk(f"input '{key}'", value)
+    return found
+
+
+def _describe_call(args: tuple, kwargs: dict) -> str:
+    parts = [_type_name(a) for a in args] + [f"{k}={_type_name(v)}" for k, v in kwargs.items()]
+    return f"({', '.join(parts)})" if parts else "no arguments"
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _short(value: Any) -> str:
+    """`a str ('hello')`, `None`, `a list of 2 items`: what an input is, briefly."""
+    if value is None:
+        return "None"
+    if isinstance(value, (tuple, list, dict)):
+        return f"a {_type_name(value)} of {len(value)} item{'s' if len(value) != 1 else ''}"
+    text = repr(value)
+    shown = f" ({text})" if len(text) <= 40 else ""
+    return f"a {_type_name(value)}{shown}"
 
 
 # ----- helpers ------------------------------------------------------------------------------
@@ -524,16 +638,32 @@ def _first_line(exc: Exception) -> str:
 _LIBRARY_DIRS = tuple(
     os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch,)
 ) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+# The standard library (inspect binding the arguments), but not the packages installed in it:
+# a Hugging Face model's forward in site-packages is the line to show.
+_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+_INSTALLED_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep for k in ("purelib", "platlib")})
+
+
+def _is_user_file(filename: str) -> bool:
+    """Whether a traceback frame is the user's code: not torch, fxopt or the standard library,
+    and not code generated at run time (`<string>`, fx's `<eval_with_key>.3`), which has no
+    line to show."""
+    if filename.startswith("<"):
+        return False
+    path = os.path.abspath(filename)
+    if path.startswith(_LIBRARY_DIRS):
+        return False
+    return not path.startswith(_STDLIB_DIR) or path.startswith(_INSTALLED_DIRS)
 
 
 def _user_frame(exc: BaseException) -> str:
-    """The deepest traceback frame outside torch and fxopt: the user's line that failed."""
+    """The deepest traceback frame in the user's code (`_is_user_file`): the line that failed."""
     frames = traceback.extract_tb(exc.__traceback__)
     cause = exc.__cause__ or exc.__context__
     while cause is not None:  # export re-raises; the user frame may sit in the cause
         frames = frames + traceback.extract_tb(cause.__traceback__)
         cause = cause.__cause__ or cause.__context__
-    user = [f for f in frames if not os.path.abspath(f.filename).startswith(_LIBRARY_DIRS)]
+    user = [f for f in frames if _is_user_file(f.filename)]
     if not user:
         return ""
     f = user[-1]

@@ -628,3 +628,88 @@ def test_a_model_on_the_meta_device_is_refused_by_name():
         model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(CaptureError, match=r"'0.weight' is on the meta device.*to_empty"):
         fxopt.capture(model, (torch.randn(1, 2),))
+
+
+# ----- bad example inputs, and what capture prints ---------------------------------------------
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        return self.fc(x) + y  # ADDS-Y-HERE
+
+
+@pytest.mark.parametrize("model, example, expected", [
+    (nn.Linear(4, 4), ("hello",), "example input 0 ('input') is a str ('hello')"),
+    (nn.Linear(4, 4), ([torch.randn(2, 4)],), "example input 0 ('input') is a list of 1 item"),
+    (TwoInputs(), {"x": torch.randn(2, 4), "y": "oops"}, "example input 'y' is a str ('oops')"),
+    (TwoInputs(), (torch.randn(2, 4), None), "example input 1 ('y') is None"),
+])
+def test_inputs_forward_cannot_take_are_named_with_their_type(model, example, expected):
+    with pytest.raises(CaptureError) as info:
+        capture(model, example)
+    text = str(info.value)
+    assert "does not run on the example inputs, so there is nothing to capture: TypeError: " in text
+    assert expected in text
+    assert "hint: pass a tensor where forward computes with one" in text
+    assert '"<string>"' not in text and "<eval_with_key" not in text  # generated code has no line to show
+    if isinstance(model, TwoInputs):
+        line = next(i for i, l in enumerate(open(__file__), 1) if "ADDS-Y-HERE" in l)
+        assert f"{THIS_FILE}\", line {line}, in forward" in text
+
+
+def test_inputs_that_do_not_bind_to_forward_are_refused_before_tracing():
+    with pytest.raises(CaptureError, match=r"do not fit Linear.forward\(input: torch.Tensor\).*missing a "
+                                           r"required argument: 'input' \(example_inputs is None"):
+        capture(nn.Linear(4, 4), None)
+    with pytest.raises(CaptureError, match=r"too many positional arguments \(given \(torch.Tensor, str\)\)"):
+        capture(nn.Linear(4, 4), (torch.randn(2, 4), "extra"))
+    with pytest.raises(CaptureError, match="unexpected keyword argument 'z'"):
+        capture(TwoInputs(), {"x": torch.randn(2, 4), "y": torch.randn(2, 4), "z": 1})
+
+
+def test_an_array_is_refused_with_the_conversion_to_make():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(CaptureError, match=r"example input 1 \('y'\) is a numpy.ndarray, not a torch.Tensor: "
+                                           r"convert it first \(torch.from_numpy"):
+        capture(TwoInputs(), (torch.randn(2, 4), np.ones((2, 4), dtype="float32")))
+
+
+def test_the_location_shown_is_the_users_line_not_generated_code():
+    """fx's `<eval_with_key>.N` and export's `<string>` lambdas have no line to show: the
+    location is the deepest frame of real user code."""
+    from fxopt.capture import _user_frame
+
+    namespace: dict = {}
+    for name in ("<string>", "<eval_with_key>.7"):
+        exec(compile("def generated(x):\n    return x + 'a'\n", name, "exec"), namespace)
+        with pytest.raises(TypeError) as info:
+            namespace["generated"](torch.randn(2))  # CALLS-GENERATED-CODE
+        where = _user_frame(info.value)
+        assert THIS_FILE in where and "CALLS-GENERATED-CODE" in where, where
+
+
+class NestedInputs(nn.Module):
+    """Containers of tensors, ints, flags and an optional mask: all valid example inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, pair, extra, mask=None, scale=2, use_bias=True):
+        a, (b, repeat) = pair
+        y = self.fc(a + b) * extra["gain"] * scale * repeat
+        if mask is not None:
+            y = y * mask
+        return y + extra["shift"] if use_bias else y
+
+
+def test_nested_and_non_tensor_inputs_are_not_refused():
+    model = NestedInputs().eval()
+    x = torch.randn(2, 4)
+    example = ((x, (x, 3)), {"gain": torch.ones(4), "shift": 0.5}, None, 2, False)
+    torch.testing.assert_close(capture(model, example)(*example), model(*example))
+    keywords = {"pair": (x, (x, 1)), "extra": {"gain": torch.ones(4), "shift": 1.0}, "mask": torch.ones(4)}
+    torch.testing.assert_close(capture(model, keywords)(**keywords), model(**keywords))
