@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
+import logging
 import operator
 import os
 import re
+import sys
 import sysconfig
 import traceback
 import warnings
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.fx
@@ -187,7 +191,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         ex_args, ex_kwargs = _widen_batch(args, kwargs)
         dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO)
         try:
-            ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
+            with _quiet_torch():
+                ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
             if _batch_is_symbolic(ep):
                 info["dynamic_batch"] = True
             else:  # Dim.AUTO gave way to a guard (dim 0 is no batch: a sequence-first model)
@@ -198,7 +203,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
     else:
         ep = None
     if ep is None:
-        ep = export(model, args, kwargs, strict=False)
+        with _quiet_torch():
+            ep = export(model, args, kwargs, strict=False)
         if attempts_error is not None:
             info["dynamic_batch_error"] = _first_line(attempts_error)
             # a graph that runs at one batch size only surprises at the next call: say it now
@@ -208,6 +214,33 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
     gm = ep.module()
     _record_shapes_and_check(model, gm, args, kwargs)
     return gm, info
+
+
+@contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Keep a torch.export attempt from writing to the terminal; restore everything after.
+
+    A failed attempt is reported in the CaptureError (or tried again another way), yet torch
+    logs warnings about it and prints the partial graph (`partial_fx_graph`, several times over)
+    to stderr. The `torch` loggers are silenced while the attempt runs, and what it prints to
+    stderr is kept back: dropped when it fails, written out when it succeeds.
+    """
+    # "torch", and the child loggers torch._logging gives levels of their own ("Unable to find
+    # user code corresponding to {u0}" comes from torch.fx.experimental.symbolic_shapes)
+    loggers = [logging.getLogger("torch")]
+    loggers += [lg for name, lg in logging.root.manager.loggerDict.items()
+                if isinstance(lg, logging.Logger) and name.startswith("torch.") and lg.level != logging.NOTSET]
+    levels = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    printed = io.StringIO()
+    try:
+        with redirect_stderr(printed):
+            yield
+        sys.stderr.write(printed.getvalue())  # a successful export's output is the user's to see
+    finally:
+        for lg, level in levels:
+            lg.setLevel(level)
 
 
 def _opaque_note(gm: torch.fx.GraphModule) -> str:
@@ -609,6 +642,9 @@ def _check_same_outputs(expected: Any, got: Any) -> None:
 
 
 _UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")
+# export's GuardOnDataDependentSymNode: a Python branch on a tensor's values (symbolic tracing's
+# "cannot be used as inputs to control flow" is said of branches on shapes too, which export takes)
+_DATA_DEPENDENT = re.compile(r"data-dependent expression")
 
 
 def _hint(attempts: list[Attempt], model: nn.Module) -> str:
@@ -623,6 +659,11 @@ def _hint(attempts: list[Attempt], model: nn.Module) -> str:
             fix = ("pass use_cache=False with the inputs, e.g. example_inputs={'input_ids': ids, "
                    "'use_cache': False} (the model returns a " + kind + " otherwise)")
         return f"\n  hint: the output holds a {kind}, which is not a tensor container: {fix}"
+    if any(_DATA_DEPENDENT.search(a.reason) for a in attempts):
+        return ("\n  hint: forward branches on a tensor's values (`if x.sum() > 0:`), which no graph can "
+                "record as a Python `if`: write the branch with torch.cond(pred, true_fn, false_fn, (x,)) or "
+                "torch.where, or register a traceable forward for the module that takes the branch your "
+                "inputs need (fxopt.register_traceable_forward)")
     return ""
 
 

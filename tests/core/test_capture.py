@@ -713,3 +713,32 @@ def test_nested_and_non_tensor_inputs_are_not_refused():
     torch.testing.assert_close(capture(model, example)(*example), model(*example))
     keywords = {"pair": (x, (x, 1)), "extra": {"gain": torch.ones(4), "shift": 1.0}, "mask": torch.ones(4)}
     torch.testing.assert_close(capture(model, keywords)(**keywords), model(**keywords))
+
+
+def test_data_dependent_control_flow_fails_quietly_with_a_hint(capfd, caplog):
+    import logging
+
+    levels = {name: logging.getLogger(name).level for name in ("torch", "torch.fx.experimental.symbolic_shapes")}
+    with caplog.at_level(logging.DEBUG), pytest.raises(CaptureError) as info:
+        capture(DataDependent(), (torch.randn(2, 4),))
+    assert "hint: forward branches on a tensor's values" in str(info.value)
+    assert "torch.cond(" in str(info.value) and "fxopt.register_traceable_forward" in str(info.value)
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""  # no "Unable to find user code", no partial graphs
+    assert not [r for r in caplog.records if r.name.startswith("torch")]
+    assert {name: logging.getLogger(name).level for name in levels} == levels  # restored
+
+
+def test_a_successful_export_still_shows_what_it_printed(capfd):
+    class Prints(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            import sys
+            print("forward ran", file=sys.stderr)
+            return self.fc(x)
+
+    capture(Prints(), (torch.randn(2, 4),), mode="export")
+    assert "forward ran" in capfd.readouterr().err
