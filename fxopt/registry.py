@@ -8,7 +8,7 @@ or notebook registers at run time with `register_pass`.
 Example::
 
     >>> import dataclasses
-    >>> from fxopt import Pass, PassResult, register_pass, get_pass
+    >>> from fxopt import Pass, PassResult, register_pass, get_pass, unregister_pass
     >>> @register_pass
     ... @dataclasses.dataclass
     ... class Nothing(Pass):
@@ -17,10 +17,13 @@ Example::
     ...         return PassResult(gm, modified=False)
     >>> get_pass("nothing-doc-example") is Nothing
     True
+    >>> unregister_pass("nothing-doc-example")
 """
 from __future__ import annotations
 
+import functools
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
 from .errors import PipelineError, did_you_mean
 from .pass_base import Pass
@@ -31,28 +34,83 @@ _runtime: dict[str, type[Pass]] = {}
 _entry_points: dict[str, EntryPoint] | None = None
 
 
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Register a pass class under `cls.name` for this process; usable as a decorator."""
+def register_pass(cls: type[Pass] | None = None, *, replace: bool = False) -> Any:
+    """Register a pass class under `cls.name` for this process; usable as a decorator.
+
+    A name an installed pass already has (a built-in such as `fuse`, or a package's entry point)
+    is refused unless `replace=True`: a pipeline naming it would silently run another pass.
+    Registering a name again at run time replaces the earlier class (a notebook cell run twice).
+    `unregister_pass(name)` brings a replaced installed pass back.
+
+        >>> import dataclasses, fxopt
+        >>> @fxopt.register_pass
+        ... @dataclasses.dataclass
+        ... class Noop(fxopt.Pass):
+        ...     name = "noop-example"
+        ...     def run(self, gm, ctx):
+        ...         return fxopt.PassResult(gm, modified=False)
+        >>> "noop-example" in fxopt.available_passes()
+        True
+        >>> @dataclasses.dataclass
+        ... class MyDce(Noop):
+        ...     name = "dce"
+        >>> fxopt.register_pass(MyDce)
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.PipelineError: register_pass: 'dce' is the name of an installed pass (fxopt.passes.cleanup:DeadCodeElimination); pass replace=True to run MyDce in its place, or give MyDce another name
+        >>> fxopt.register_pass(MyDce, replace=True) is MyDce
+        True
+        >>> fxopt.unregister_pass("dce"), fxopt.unregister_pass("noop-example")
+        (None, None)
+    """
+    if cls is None:  # @register_pass(replace=True)
+        return functools.partial(register_pass, replace=replace)
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise TypeError(f"register_pass expects a Pass subclass, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no `name`; set a class attribute name = '...'")
+    installed = _installed().get(cls.name)
+    if installed is not None and not replace:
+        raise PipelineError(f"register_pass: '{cls.name}' is the name of an installed pass ({installed.value}); "
+                            f"pass replace=True to run {cls.__name__} in its place, or give "
+                            f"{cls.__name__} another name")
     _runtime[cls.name] = cls
     return cls
 
 
 def unregister_pass(name: str) -> None:
-    """Forget a pass registered with `register_pass` (tests and notebooks use this)."""
+    """Forget a pass registered with `register_pass` (tests and notebooks use this); an
+    installed pass it replaced is used again.
+
+        >>> import fxopt
+        >>> fxopt.unregister_pass("never-registered")   # unknown names are ignored
+        >>> "fuse" in fxopt.available_passes()          # installed passes cannot be unregistered
+        True
+    """
     _runtime.pop(name, None)
 
 
 def available_passes() -> list[str]:
-    """Every pass name a pipeline may use, sorted."""
+    """Every pass name a pipeline may use, sorted: installed and registered at run time.
+
+        >>> import fxopt
+        >>> {"dce", "fuse", "prune", "quantize"} <= set(fxopt.available_passes())
+        True
+    """
     return sorted(set(_runtime) | set(_installed()))
 
 
 def get_pass(name: str) -> type[Pass]:
-    """The pass class registered as `name`; a PipelineError lists the valid names otherwise."""
+    """The pass class registered as `name`; a PipelineError lists the valid names otherwise.
+
+        >>> import fxopt
+        >>> fxopt.get_pass("dce").__name__
+        'DeadCodeElimination'
+        >>> fxopt.get_pass("dcee")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.PipelineError: unknown pass 'dcee' (did you mean 'dce'?); valid: dce, ...
+    """
     if name in _runtime:
         return _runtime[name]
     ep = _installed().get(name)

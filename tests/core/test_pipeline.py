@@ -201,3 +201,33 @@ def test_an_option_given_twice_is_an_error_not_a_silent_override():
 def test_a_pipeline_that_is_neither_text_nor_a_list_is_named():
     with pytest.raises(PipelineError, match="got None"):
         parse_pipeline(None)
+
+
+def test_an_installed_pass_is_replaced_only_when_asked():
+    """A pipeline naming `dce` silently ran whatever was registered last under that name."""
+    @dataclasses.dataclass
+    class MyDce(Pass):
+        name = "dce"
+
+        def run(self, gm, ctx):
+            return PassResult(gm, modified=False)
+
+    builtin = fxopt.get_pass("dce")
+    with pytest.raises(PipelineError, match=r"'dce' is the name of an installed pass \(fxopt.passes.cleanup:"
+                                            r"DeadCodeElimination\); pass replace=True to run MyDce in its place"):
+        fxopt.register_pass(MyDce)
+    assert fxopt.get_pass("dce") is builtin
+    try:
+        assert fxopt.register_pass(replace=True)(MyDce) is MyDce  # the decorator form
+        assert type(parse_pipeline("dce")[0]) is MyDce
+    finally:
+        fxopt.unregister_pass("dce")
+    assert fxopt.get_pass("dce") is builtin  # unregistering brings the installed pass back
+
+
+def test_registering_a_runtime_name_again_replaces_it():
+    @dataclasses.dataclass
+    class Tunable2(Tunable):  # a notebook cell run again defines the class anew
+        pass
+
+    assert fxopt.register_pass(Tunable2) is Tunable2 and fxopt.get_pass("test-tunable") is Tunable2
