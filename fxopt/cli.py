@@ -180,9 +180,28 @@ def _cmd_passes() -> int:
             print(f"{name}: cannot load ({exc})")
             continue
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        options = ", ".join(f"{k}: {v}" for k, v in cls.option_specs().items())
+        options = ", ".join(_option_help(cls))
         print(f"{name}{'{' + options + '}' if options else ''}\n    {doc}")
     return 0
+
+
+def _option_help(cls: type) -> list[str]:
+    """`name: type = default` for each option of a pass, the default as pipeline text writes it."""
+    import dataclasses
+
+    from .pipeline import _format_value
+
+    def text(value: Any) -> str:
+        return "none" if value is None else '""' if value == "" else _format_value(value)
+
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = text(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = text(f.default_factory())
+    return [f"{name}: {label}" + (f" = {defaults[name]}" if name in defaults else "")
+            for name, label in cls.option_specs().items()]
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:

@@ -87,10 +87,12 @@ def test_an_output_directory_that_is_a_file_is_a_usage_error(user_model_module, 
         assert exc.value.code == 2 and "exists and is not a directory" in capsys.readouterr().err
 
 
-def test_passes_lists_builtin_passes(capsys):
+def test_passes_lists_builtin_passes_with_option_defaults(capsys):
     assert cli.main(["passes"]) == 0
     out = capsys.readouterr().out
-    assert "dce" in out and "fold-constants{max_growth: float}" in out
+    assert "dce\n" in out and "fold-constants{max_growth: float = 4.0}" in out
+    assert "quantize{backend: x86|reference|cuda = x86, " in out
+    assert "target_sqnr: float or none = none" in out and "skip: list of str = []" in out
 
 
 def test_bundled_example_is_the_default_model():
