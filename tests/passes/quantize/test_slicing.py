@@ -229,6 +229,26 @@ def test_an_int8_conv1d_read_by_an_add_is_made_contiguous_and_one_read_by_a_conv
                       "quantized.add_relu.default": [1, 1, 1, 1]}, copied
 
 
+def test_an_int8_conv1d_read_by_a_pool_is_not_copied():
+    """An audio CNN's conv1d -> max_pool1d: the pool reads the conv's own layout 15x faster than
+    a contiguous copy (the copy made int8 2.7x slower than torch.ao's at batch 16)."""
+    def block(cin, cout, k):
+        return nn.Sequential(nn.Conv1d(cin, cout, k, padding=k // 2), nn.BatchNorm1d(cout), nn.ReLU())
+
+    torch.manual_seed(0)
+    model = nn.Sequential(block(1, 8, 9), nn.MaxPool1d(4), block(8, 16, 3), nn.AvgPool1d(2), block(16, 16, 3),
+                          nn.MaxPool1d(2), nn.Flatten(), nn.Linear(16 * 16, 4)).eval()
+    batches = [(torch.randn(2, 1, 256),) for _ in range(4)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    gm = res.module
+    pools = [n for n in gm.graph.nodes if n.op == "call_module"
+             and isinstance(gm.get_submodule(n.target), (nn.MaxPool1d, nn.AvgPool1d))]
+    read = [str(n.args[0].target) for n in pools]
+    # the last pool feeds a flatten (a reshape would copy the odd strides anyway): copied before it
+    assert read == ["quantized.conv1d_relu.default"] * 2 + ["aten.contiguous.default"], read
+    assert res.verification.passed, res.verification.summary()
+
+
 class InplaceChomp(nn.Module):
     """`nn.ReLU(inplace=True)` after the chomp writes into a view of the conv output: private
     when the conv output and each view are read by the next alone, as here."""
