@@ -27,6 +27,7 @@ import torch.fx
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
 from fxopt.errors import node_location
+from fxopt.ir import op_view
 
 from .observers import Observer, ObserverKind, QuantizationError, quantized_node
 from .plan import build_plan, is_float_value
@@ -78,7 +79,8 @@ class InsertObservers(Pass):
             if not is_float_value(value) or value.op == "get_attr":
                 continue
             target = f"_fxq_obs_{name}"
-            gm.add_submodule(target, Observer(name, self.observer, reduce_range, node_location(value)))
+            kind = "minmax" if self.observer in _CLIPPING and _read_by_a_maximum(gm, value) else self.observer
+            gm.add_submodule(target, Observer(name, kind, reduce_range, node_location(value)))
             with gm.graph.inserting_after(value):
                 obs = gm.graph.call_module(target, (value,))
             obs.meta.update({k: v for k, v in value.meta.items() if k in ("tensor_meta", "val")})
@@ -89,6 +91,18 @@ class InsertObservers(Pass):
         return PassResult(gm, modified=count > 0, stats={
             "observers": count, "observer": self.observer, "reduce_range": reduce_range,
             "groups": len(plan.groups), "float_ops": dict(plan.unsupported)})
+
+
+# observers that clip a range's tails to spend the grid on the bulk of the values
+_CLIPPING = frozenset({"histogram", "percentile", "mse"})
+_MAXIMA = frozenset({"max", "amax", "adaptive_max_pool"})
+
+
+def _read_by_a_maximum(gm: torch.fx.GraphModule, value: torch.fx.Node) -> bool:
+    """Whether a maximum over positions reads `value` (PointNet's ``max(h, 2)``, a global max
+    pool): it returns exactly the tail a clipping observer cuts, so every output would sit on
+    the clip (21 vs 31 dB on a PointNet); such a value gets a min/max range."""
+    return any((view := op_view(gm, user)) is not None and view.kind in _MAXIMA for user in value.users)
 
 
 def _has_shapes(gm) -> bool:

@@ -427,6 +427,29 @@ def test_every_observer_quantizes_a_model(kind):
     assert res.verification.passed and res.verification.sqnr_db > 20, res.verification.summary()
 
 
+class PointFeatures(nn.Module):
+    """PointNet's shared per-point MLP (1x1 conv1d) and its max over the points."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv1d(3, 32, 1), nn.Conv1d(32, 64, 1), nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.fc(torch.max(h, 2)[0])
+
+
+def test_a_value_a_maximum_reads_keeps_its_whole_range():
+    """The max over the points returns exactly the tail a clipping observer cuts (every output
+    on the clip: 31.5 vs torch.ao's 36.7 dB on a small PointNet); that value alone gets a
+    min/max range, the others keep the histogram search."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 128),) for _ in range(4)]
+    observed = fxopt.optimize(PointFeatures().eval(), batches[0], "insert-observers", verify=False).module
+    kinds = {m.node_name: m.kind for m in observed.modules() if isinstance(m, Observer)}
+    assert kinds.pop("relu_1") == "minmax" and set(kinds.values()) == {"histogram"}, kinds
+
+
 # ----- calibration by hand, mixed precision -----------------------------------------------------
 
 def test_insert_calibrate_lower_by_hand_and_text_pipeline():
