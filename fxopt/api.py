@@ -36,6 +36,13 @@ class OptimizeResult:
       its output at their own tolerance, and a failure there fails these reports (see
       `_after_lossy`): ``prune,quantize`` must still be a good int8 copy of the pruned model;
     - `original`: the captured, unoptimized GraphModule; `pipeline`: the text that ran.
+
+        >>> import torch, fxopt
+        >>> res = fxopt.optimize(torch.nn.Linear(4, 2).eval(), torch.randn(3, 4), "dce")
+        >>> res.frontend, res.pipeline, res.verification.passed
+        ('symbolic', 'dce', True)
+        >>> print(res.summary().splitlines()[0])
+        front end: symbolic
     """
 
     module: torch.fx.GraphModule
@@ -77,7 +84,16 @@ def optimize(
     the same form, for passes that need data (quantization, taylor importance). `tolerance`
     defaults to the loosest that the pipeline's passes promise. `devices` to verify on
     defaults to CPU plus CUDA when a GPU is present. The input model is never modified. A
-    result that fails verification is still returned, with a `VerificationWarning`.
+    result that fails verification is still returned, with a `VerificationWarning`. The result
+    records its pipeline and tolerance in ``module.meta["fxopt"]``, which `fxopt.verify` reads.
+
+        >>> import torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU()).eval()
+        >>> res = fxopt.optimize(model, torch.randn(2, 4), "remove-noops,dce")
+        >>> [(r.name, r.nodes_before, r.nodes_after) for r in res.passes]
+        [('remove-noops', 5, 4), ('dce', 4, 4)]
+        >>> res.verification.verdict, res.module.meta["fxopt"]["tolerance"]
+        ('PASS', 'exact')
     """
     check_batches(calibration)
     args, kwargs = normalize_inputs(example_inputs)

@@ -52,6 +52,12 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
     Raises FxoptError when `gm` has no observers or `batches` is empty; observers raise on
     NaN or non-float data, naming the node they watch (an infinity, such as a -inf attention
     mask, is recorded: that value stays float).
+
+        >>> import torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> observed = fxopt.optimize(model, torch.randn(8, 4), "insert-observers", verify=False).module
+        >>> fxopt.calibrate(observed, [torch.randn(8, 4) for _ in range(2)], progress=False)
+        2
     """
     observers = [m for m in gm.modules() if getattr(m, "is_fxopt_observer", False)]
     if not observers:

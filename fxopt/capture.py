@@ -104,6 +104,14 @@ def capture(
     each front end tried and the op or source line that stopped it, or, when the inputs are the
     problem (they do not fit forward's signature, or forward itself fails on them), naming the
     inputs by position or key with their types.
+
+        >>> import torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())
+        >>> gm = fxopt.capture(model, torch.randn(3, 4))
+        >>> gm.meta["fxopt"]["frontend"], [n.op for n in gm.graph.nodes]
+        ('symbolic', ['placeholder', 'call_module', 'call_module', 'output'])
+        >>> [n.meta["tensor_meta"].shape for n in gm.graph.find_nodes(op="call_module")]
+        [torch.Size([3, 2]), torch.Size([3, 2])]
     """
     if mode not in MODES:
         raise ValueError(f"capture mode '{mode}' is not one of: {', '.join(MODES)}")
@@ -150,7 +158,16 @@ def capture(
 
 
 def frontend_of(gm: torch.fx.GraphModule) -> str:
-    """'symbolic' or 'export' for graphs fxopt captured; a best guess for foreign graphs."""
+    """'symbolic' or 'export' for graphs fxopt captured; a best guess for foreign graphs
+    (ATen operator calls mean export).
+
+        >>> import torch, fxopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> fxopt.frontend_of(fxopt.capture(model, torch.randn(3, 4), mode="export"))
+        'export'
+        >>> fxopt.frontend_of(torch.fx.symbolic_trace(model))   # not captured by fxopt: guessed
+        'symbolic'
+    """
     info = getattr(gm, "meta", {}).get(META_KEY)
     if info:
         return info["frontend"]

@@ -46,7 +46,16 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def parse_pipeline(pipeline: str | Sequence[Pass | str]) -> list[Pass]:
-    """Build passes from pipeline text, or from a list mixing Pass objects and text."""
+    """Build passes from pipeline text, or from a list mixing Pass objects and text.
+
+    Raises PipelineError for a syntax error, an unknown pass or option (with the closest
+    names), or an option value of the wrong type.
+
+        >>> import fxopt
+        >>> passes = fxopt.parse_pipeline("fuse, prune{ratio=0.25,ignore=[fc]}")
+        >>> [type(p).__name__ for p in passes], passes[1].ratio, passes[1].ignore
+        (['Fuse', 'Prune'], 0.25, ('fc',))
+    """
     from .registry import get_pass
 
     if isinstance(pipeline, str):
@@ -72,7 +81,13 @@ def format_pass(p: Pass) -> str:
 
 
 def format_pipeline(passes: Sequence[Pass]) -> str:
-    """Text that `parse_pipeline` turns back into the same passes."""
+    """Text that `parse_pipeline` turns back into the same passes (options at their
+    default are left out).
+
+        >>> import fxopt
+        >>> fxopt.format_pipeline(fxopt.parse_pipeline("dce,prune{ratio=0.5,round_to=8}"))
+        'dce,prune{round_to=8}'
+    """
     return ",".join(format_pass(p) for p in passes)
 
 

@@ -72,7 +72,17 @@ def register_codec(codec: AttributeCodec) -> None:
 # ----- saving ---------------------------------------------------------------------------------
 
 def save(gm: torch.fx.GraphModule, path) -> None:
-    """Write `gm` (a GraphModule from any front end and pipeline) to `path`; see the module doc."""
+    """Write `gm` (a GraphModule from any front end and pipeline) to `path`; see the module doc.
+
+    Raises SerializationError naming the node whose attribute or module cannot be stored.
+
+        >>> import os, tempfile, torch, fxopt
+        >>> gm = fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), "dce").module
+        >>> path = os.path.join(tempfile.mkdtemp(), "linear.fxopt.pt")
+        >>> fxopt.save(gm, path)
+        >>> os.path.getsize(path) > 0
+        True
+    """
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict] = {}
     modules: dict[str, dict] = {}
@@ -275,7 +285,19 @@ def _encode(value, tensors):
 # ----- loading --------------------------------------------------------------------------------
 
 def load(path) -> torch.fx.GraphModule:
-    """Rebuild a GraphModule saved by `save`; reads with weights_only=True (no code runs)."""
+    """Rebuild a GraphModule saved by `save`; reads with weights_only=True (no code runs).
+
+    Raises SerializationError for a file `save` did not write, or one that names a function
+    outside the allowed modules.
+
+        >>> import os, tempfile, torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.ReLU())
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.fxopt.pt")
+        >>> fxopt.save(fxopt.capture(model, torch.randn(3, 4)), path)
+        >>> x = torch.randn(5, 4)
+        >>> torch.equal(fxopt.load(path)(x), model(x))
+        True
+    """
     try:
         data = torch.load(path, weights_only=True)
     except Exception as exc:  # a foreign pickle, a truncated or a non-torch file

@@ -58,7 +58,16 @@ class Tolerance:
 
     The numbers are for float32. A reference tensor of a coarser floating dtype is judged with
     ``rtol`` raised to ``max(rtol, ulps * torch.finfo(dtype).eps)`` (see `rtol_for`); the
-    module docstring says why.
+    module docstring says why. The presets are in `TOLERANCES`; `verify` takes a name or one
+    of your own:
+
+        >>> import torch, fxopt
+        >>> loose = fxopt.Tolerance("loose", rtol=0.05, atol=1e-3)
+        >>> loose.accepts(max_abs=0.02, ref_scale=1.0, sqnr_db=30.0)
+        True
+        >>> model = torch.nn.Linear(4, 2)
+        >>> fxopt.verify(model, model.half().float(), torch.randn(3, 4), tolerance=loose).passed
+        True
     """
 
     name: str
@@ -172,6 +181,17 @@ class VerificationReport:
     `stage`: set by `fxopt.optimize` when the result held the pipeline's loosest tolerance
     against the original but the passes after its last lossy pass did not hold theirs against
     that pass's output (an int8 kernel after `prune`): that comparison, which failed.
+
+        >>> import torch, fxopt
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> report = fxopt.verify(model, torch.nn.Sequential(model, torch.nn.ReLU()), torch.randn(8, 4))
+        >>> report.verdict, report.max_abs_error > 0
+        ('FAIL', True)
+        >>> report.raise_if_failed()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.VerificationError: FAIL (exact, cpu): max_abs=...
     """
 
     passed: bool

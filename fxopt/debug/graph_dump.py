@@ -36,7 +36,15 @@ def dump(
     """Write listing, DOT, SVG (if `dot` is installed) and index.html under `path`; return the index.
 
     `gm` may also be an object holding its graph as `.gm` (a prune plan: its graph carries the
-    analysis's annotations, groups, pinned nodes and re-expansion cuts)."""
+    analysis's annotations, groups, pinned nodes and re-expansion cuts). For every step of a
+    pipeline, use `fxopt.debug.DumpInstrument` or `fxopt.debug.dump_pipeline` instead.
+
+        >>> import tempfile, torch, fxopt
+        >>> gm = fxopt.capture(torch.nn.Linear(4, 2), torch.randn(3, 4))
+        >>> index = fxopt.dump(gm, tempfile.mkdtemp())
+        >>> sorted(p.name for p in index.parent.iterdir() if p.suffix != ".svg")
+        ['graph.dot', 'graph.txt', 'index.html']
+    """
     if not isinstance(gm, torch.fx.GraphModule) and isinstance(getattr(gm, "gm", None), torch.fx.GraphModule):
         gm = gm.gm
     if not isinstance(gm, torch.fx.GraphModule):
