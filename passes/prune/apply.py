@@ -228,10 +228,14 @@ class _Applier:
             _set_arg(node, "scale", float(rule.info["scale"]))
         j = rule.info.get("sizes_entry")
         if j is not None:  # unflatten(dim, sizes) of the channel axis: the split's leading size
-            sizes = list(op_view(self.gm, node).attrs["sizes"])
+            view = op_view(self.gm, node)
+            sizes = list(view.attrs["sizes"])
             if sizes[j] != -1:
                 sizes[j] = int(len(self.keep(rule.outputs[0])))
-                _set_arg(node, "sizes", sizes)
+                if view.module is not None:  # nn.Unflatten
+                    view.module.unflattened_size = tuple(sizes)
+                else:
+                    _set_arg(node, "sizes", sizes)
 
     def do_free(self, node: torch.fx.Node, rule) -> None:
         if rule.kind == "reshape":  # a value without channels keeps every size

@@ -615,9 +615,11 @@ class _Builder:
         view = op_view(self.gm, node)
         shape = _shape(node)
         inputs = node.all_input_nodes
-        # a module with weights and no rule (a GRU) holds channels fxopt cannot follow: pinned by name
-        layer = view is None and node.op == "call_module" and any(
-            True for _ in self.gm.get_submodule(node.target).parameters())
+        # a module with weights and no rule (a GRU), or a region export wraps in a submodule of its
+        # own, holds channels fxopt cannot follow: pinned by name
+        region = _wrapped_region(self.gm, node)
+        layer = view is None and (region or node.op == "call_module" and any(
+            True for _ in self.gm.get_submodule(node.target).parameters()))
         if shape is None and not layer and not any(self.value_slot.get(a.name) is not None for a in inputs) and (
                 view is None or not any(_shape(a) is not None for a in inputs)):
             self.value_slot[node.name] = None  # shape arithmetic (``x.size()[:-1] + (n,)``), guards
@@ -635,6 +637,9 @@ class _Builder:
                 # export decomposes most such modules into ops with rules; an RNN stays one op there too
                 hint = "" if isinstance(module, torch.nn.RNNBase) else " (mode='export' decomposes it)"
                 raise _Pin(f"no channel rule for {type(module).__name__}{hint}")
+            if region:
+                raise _Pin("a region export keeps as one call of a submodule graph (a torch.no_grad() or "
+                           "autocast block); fxopt does not prune inside it (mode='symbolic' traces through it)")
             raise _Pin("no channel rule for this op")
         kind = view.kind
         if view.module is not None or view.params:
@@ -2262,6 +2267,14 @@ def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int) -> tuple | None:
         pos = np.arange(s)
         return (pos // (i_in // i_out)) % c, pos, f"{c} channels within an axis of {s}"
     return None
+
+
+def _wrapped_region(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether `node` calls a submodule graph (export's ``wrap_with_set_grad_enabled(False,
+    body, *operands)`` for a ``torch.no_grad()`` block, ``wrap_with_autocast``)."""
+    return node.op == "call_function" and any(
+        isinstance(a, torch.fx.Node) and a.op == "get_attr"
+        and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule) for a in node.args)
 
 
 def _prefix_hits(dims: tuple, target: int) -> bool:

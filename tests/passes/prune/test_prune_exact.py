@@ -1374,6 +1374,58 @@ def test_a_value_written_in_place_keeps_its_channels_where_readers_see_the_write
         assert not written
 
 
+class FrozenBackbone(nn.Module):
+    """A backbone run under torch.no_grad() in forward: export keeps the block as one call of a
+    submodule graph (wrap_with_set_grad_enabled)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.head = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+    def forward(self, x):
+        with torch.no_grad():
+            f = self.backbone(x)
+        return self.head(f)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_no_grad_block_is_pruned_symbolically_and_named_where_export_hides_it(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(FrozenBackbone().eval(), x, mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    regions = [why for why in r.plan.channel_graph.pinned_nodes.values() if "torch.no_grad()" in why]
+    if mode == "symbolic":
+        assert not regions and r.pruned.get_parameter("backbone.0.weight").shape[0] < 16
+    else:  # not silently kept: the pin names the region and what to do
+        assert regions and "mode='symbolic'" in regions[0]
+
+
+class UnflattenModule(nn.Module):
+    """Heads split by an nn.Unflatten module (q, k, v unpacked from its first axis)."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.inp, self.qkv, self.o, self.head = nn.Linear(6, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.split = nn.Unflatten(-1, (3, heads, d // heads))
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = self.split(self.qkv(h)).permute(2, 0, 3, 1, 4)
+        return self.head(h + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)))
+
+
+def test_an_unflatten_module_splits_heads_like_the_function():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    r = prune_and_mask(UnflattenModule().eval(), x, "symbolic")
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    heads = r.pruned.get_submodule("split").unflattened_size[1]
+    assert heads < 4 and r.pruned.get_parameter("qkv.weight").shape[0] == 3 * heads * 8
+
+
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_a_channel_shuffle_couples_channel_j_of_every_group(mode):
     """The group axis of the shuffle's view cannot merge back into the channels; the slot moves
