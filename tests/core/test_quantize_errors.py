@@ -1,0 +1,50 @@
+"""What quantizing raises, as docs/quantization.md ("Errors") says: through optimize a PassError
+whose cause is the pass's own error; a calibration tensor refused before capture."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import FxoptError, PassError
+from fxopt.passes.quantize import QuantizationError
+
+
+@pytest.fixture
+def model():
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("pipeline, calibration, cause, message", [
+    ("quantize", None, QuantizationError, "quantize needs calibration data"),
+    ("quantize", [], QuantizationError, "got an empty list"),
+    ("quantize", [(torch.full((8, 4), float("nan")),)], QuantizationError, "saw NaN in calibration batch 0"),
+    ("quantize", [(torch.ones(8, 4, dtype=torch.long),)], QuantizationError, "got a torch.int64 tensor"),
+    ("lower-int8", None, QuantizationError, "lower-int8 found no observers"),
+    ("quantize", [(torch.randn(8, 5),)], FxoptError, "calibration batch 0 (tensor shapes [(8, 5)]) does not run"),
+    ("quantize{skip=[nope]}", [(torch.randn(8, 4),)], ValueError, "option 'skip': no quantizable layer named 'nope'"),
+])
+def test_a_failing_quantize_pass_raises_pass_error_with_its_cause(model, pipeline, calibration, cause, message):
+    with pytest.raises(PassError) as info:
+        fxopt.optimize(model, torch.randn(8, 4), pipeline, calibration=calibration)
+    assert type(info.value.__cause__) is cause
+    assert message in str(info.value) and str(info.value).startswith(f"pass '{pipeline.split('{')[0]}")
+    assert isinstance(info.value.last_good_module, torch.fx.GraphModule)
+
+
+def test_calibration_given_as_one_tensor_is_refused_before_capture(model):
+    with pytest.raises(FxoptError, match="got one Tensor of shape") as info:
+        fxopt.optimize(model, torch.randn(8, 4), "quantize", calibration=torch.randn(8, 4))
+    assert type(info.value) is FxoptError
+
+
+def test_outside_a_pipeline_calibrate_raises_unwrapped(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = fxopt.optimize(model, torch.randn(8, 4), "insert-observers", verify=False).module
+    with pytest.raises(QuantizationError, match="saw NaN"):
+        fxopt.calibrate(observed, [(torch.full((8, 4), float("nan")),)], progress=False)
+    with pytest.raises(FxoptError, match="does not run through the model") as info:
+        fxopt.calibrate(observed, [(torch.randn(8, 5),)], progress=False)
+    assert type(info.value) is FxoptError
