@@ -358,7 +358,9 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any, args: tuple, kw
     if model._forward_pre_hooks:  # a pre-hook may supply or change the arguments forward gets
         return
     try:
-        signature = inspect.signature(model.forward)
+        # the signature of what is called: a decorator (Hugging Face's, renaming deprecated
+        # keywords) may take other arguments than the forward it wraps
+        signature = inspect.signature(model.forward, follow_wrapped=False)
     except (TypeError, ValueError):  # no signature to read (a builtin forward): forward will say
         return
     try:

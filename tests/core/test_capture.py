@@ -742,3 +742,31 @@ def test_a_successful_export_still_shows_what_it_printed(capfd):
 
     capture(Prints(), (torch.randn(2, 4),), mode="export")
     assert "forward ran" in capfd.readouterr().err
+
+
+def test_inputs_a_decorated_forward_takes_are_not_refused_by_the_signature_it_wraps():
+    """A decorator may accept what the forward it wraps does not (a deprecated keyword renamed)."""
+    import functools
+
+    def renames_old_keyword(forward):
+        @functools.wraps(forward)
+        def wrapper(self, *args, **kwargs):
+            if "inp" in kwargs:
+                kwargs["x"] = kwargs.pop("inp")
+            return forward(self, *args, **kwargs)
+        return wrapper
+
+    class Renamed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        @renames_old_keyword
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Renamed()
+    model(inp=torch.randn(2, 4))  # runs eagerly: the inputs are not what is wrong
+    with pytest.raises(CaptureError) as info:  # the front ends bind to the inner signature
+        capture(model, {"inp": torch.randn(2, 4)})
+    assert "do not fit" not in str(info.value) and "front ends tried" in str(info.value)
