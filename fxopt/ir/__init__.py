@@ -1,6 +1,6 @@
 """IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
 from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call
-from .effects import is_effectful, mutated_input, written_in_place
+from .effects import functionalize_writes, is_effectful, mutated_input, written_in_place
 from .interpret import BufferState, flatten_inputs, fresh_inputs, node_values, run_graph
 from .opview import (OpSpec, OpView, SPECS, bind_arguments, metadata_read, op_view, size_read, spec_for,
                      transposed_parameter)
@@ -32,7 +32,7 @@ __all__ = [
     "ATEN_OP", "BufferState", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
     "COMPUTES", "PRIVATE_OF", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
     "bind_arguments", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes",
-    "flatten_inputs", "get_attr_value", "is_effectful", "is_shared",
+    "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared",
     "make_private", "metadata_read", "mutated_input", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "size_read", "spec_for", "tensor_meta", "tensor_versions",
     "transposed_parameter",

@@ -101,8 +101,68 @@ def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return view is not None and view.kind in _VIEW_KINDS
 
 
+def functionalize_writes(gm: torch.fx.GraphModule) -> int:
+    """Rewrite in-place writes into an intermediate nothing else aliases as the out-of-place op,
+    its later readers reading the op's result (what torch.export does), so passes that copy or
+    narrow values need not hold the written value back. Returns how many were rewritten.
+
+    Rewritten: ``h.add_(x)``, ``torch.relu_(h)``, ``F.relu(h, inplace=True)`` where `h` is
+    computed in the graph, is no view, and every reader of `h` before the write is a known op
+    that makes no view of it (a view, or what an unknown op returned, would see the write;
+    readers after it read the result). Kept: writes into
+    inputs, parameters and views, ``copy_``/``fill_``/``zero_`` (no out-of-place method), and
+    modules with ``inplace=True``.
+
+    >>> import torch, torch.fx
+    >>> gm = torch.fx.symbolic_trace(lambda x: (lambda h: (h.add_(1), h * 2)[1])(x * 3))
+    >>> functionalize_writes(gm), [n.target for n in gm.graph.nodes if n.op != "placeholder"][:3]
+    (1, [<built-in function mul>, 'add', <built-in function mul>])
+    """
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    count = 0
+    for node in list(gm.graph.nodes):
+        target = mutated_input(gm, node)
+        if target is None or target.op in ("placeholder", "get_attr") or _is_view(gm, target) \
+                or not _out_of_place(node):
+            continue
+        before = [u for u in target.users if order[u] < order[node]]
+        if any((view := op_view(gm, u)) is None or view.kind in _VIEW_KINDS or _is_view(gm, u) for u in before):
+            continue  # a view taken before the write sees it; so might what an unknown op returned
+        _make_out_of_place(node)
+        for user in [u for u in target.users if order[u] > order[node]]:
+            user.replace_input_with(target, node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _out_of_place(node: torch.fx.Node) -> bool:
+    """Whether `node`'s in-place write has an out-of-place twin `_make_out_of_place` can call."""
+    if node.op == "call_method":
+        name = node.target
+        return name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1])
+    if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.kwargs.get("inplace") is True:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_") and hasattr(torch, name[:-1]) \
+        and getattr(torch, name) is node.target
+
+
+def _make_out_of_place(node: torch.fx.Node) -> None:
+    if node.op == "call_method":
+        node.target = node.target[:-1]
+    elif node.kwargs.get("inplace") is True:
+        node.kwargs = {**node.kwargs, "inplace": False}
+    else:
+        node.target = getattr(torch, node.target.__name__[:-1])
+
+
 def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
-    """Nodes that must stay float because memory they share is written in place.
+    """Nodes whose memory is written in place where another reader sees the write: passes that
+    copy or narrow values (int8 lowering, channel pruning) must leave them as they are.
 
     A write through a view (`y[:, :2].mul_(2)`) changes every alias of `y`: the base, its other
     views, and what reads them afterwards. Returns node name -> reason, for the pass stats.
@@ -156,4 +216,4 @@ def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.
     return all(order[user] < order[writer] for user in target.users if user is not writer)
 
 
-__all__ = ["is_effectful", "mutated_input", "written_in_place"]
+__all__ = ["functionalize_writes", "is_effectful", "mutated_input", "written_in_place"]

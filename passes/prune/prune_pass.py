@@ -48,6 +48,7 @@ from fxopt.ir import (
     attribute_use_counts,
     clone_sharing_tensors,
     delete_unused_attributes,
+    functionalize_writes,
     is_shared,
     make_private,
     op_view,
@@ -236,6 +237,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
     args, kwargs = normalize_inputs(example_inputs)
     gm = clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode))
     _privatize(gm)
+    functionalize_writes(gm)  # ``h.add_(x)`` then h read: as export writes it, so h can be narrowed
     propagate_shapes(gm, args, kwargs)
     if calibration is not None:
         calibration = [normalize_inputs(b) for b in calibration]
@@ -271,7 +273,7 @@ class Prune(Pass):
         self.ignore = _patterns(self.ignore)
 
     def plan(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PrunePlan:
-        changed = _privatize(gm)
+        changed = _privatize(gm) | (functionalize_writes(gm) > 0)
         am = ctx.analyses
         if changed or am is None or not self.exact_norms:  # the cached analysis is the exact one
             if ctx.example_inputs or ctx.example_kwargs:

@@ -27,7 +27,7 @@ import torch.fx
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
 from fxopt.errors import node_location
-from fxopt.ir import op_view
+from fxopt.ir import functionalize_writes, op_view
 
 from .observers import Observer, ObserverKind, QuantizationError, quantized_node
 from .plan import build_plan, is_float_value
@@ -62,6 +62,9 @@ class InsertObservers(Pass):
             raise QuantizationError(f"the graph is already quantized ({node_location(done)}); "
                                     "observe and quantize the float model, once")
         reduce_range = resolve_reduce_range(self.reduce_range, self.backend)
+        # ``y.relu_()`` then y read (a symbolic graph keeps such writes): out of place, as export
+        # writes it, so y and its readers can run in int8 (`written_in_place` keeps the rest float)
+        functionalize_writes(gm)
         plan = build_plan(gm)
         wanted: dict[str, torch.fx.Node] = {}
         by_name = {n.name: n for n in gm.graph.nodes}

@@ -634,6 +634,37 @@ def test_values_written_in_place_stay_float_and_the_result_verifies(mode):
     assert any("quantized" in str(n.target) for n in res.module.graph.nodes)  # conv1 still int8
 
 
+class _StatementWrites(nn.Module):
+    """In-place ops written as statements, their results unused, the written value read after."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(a, 8, 3, padding=1) for a in (3, 8, 8))
+
+    def forward(self, x):
+        y = self.c1(x)
+        y.relu_()
+        h = self.c2(y)
+        h.add_(y)
+        F.relu(h, inplace=True)
+        return self.c3(h)
+
+
+def test_statement_writes_are_rewritten_out_of_place_and_run_in_int8():
+    """A symbolic graph keeps ``y.relu_()``; left as is, y and everything reading it stayed
+    float (6.7 ms vs 1.2 ms for the export graph of the same model at batch 16)."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(4)]
+    stats = {}
+    for mode in ("symbolic", "export"):
+        res = fxopt.optimize(_StatementWrites().eval(), batches[0], "quantize{backend=x86}",
+                             calibration=batches, mode=mode)
+        assert res.verification.passed, res.verification.summary()
+        stats[mode] = res.passes[0].stats["quantized"]
+        assert not res.passes[0].stats["float_ops"], res.passes[0].stats["float_ops"]
+    assert stats["symbolic"] == stats["export"], stats
+
+
 class _InPlaceResidual(nn.Module):
     """The torchvision idiom: in-place ReLUs and `out += identity` on intermediates."""
 

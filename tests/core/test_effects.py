@@ -1,0 +1,70 @@
+"""In-place writes: which values they reach (`written_in_place`) and which can be rewritten out
+of place (`functionalize_writes`)."""
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt.ir import functionalize_writes, written_in_place
+
+
+def _trace(fn) -> torch.fx.GraphModule:
+    class Wrap(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    return torch.fx.symbolic_trace(Wrap())
+
+
+def _check_same(fn, rewritten: int) -> torch.fx.GraphModule:
+    gm = _trace(fn)
+    x = torch.randn(3, 4)
+    want = fn(x.clone())
+    assert functionalize_writes(gm) == rewritten
+    gm.graph.lint()
+    torch.testing.assert_close(gm(x.clone()), want)
+    return gm
+
+
+def _relu_then_read(x):
+    h = x * 2
+    h.relu_()
+    return h + 1
+
+
+def _gate_then_read(x):
+    h = x - 0.5
+    F.relu(h, inplace=True)
+    torch.sigmoid_(h)
+    return h * x
+
+
+def test_writes_into_an_intermediate_become_out_of_place_ops_read_after_them():
+    gm = _check_same(_relu_then_read, 1)
+    assert "relu" in [n.target for n in gm.graph.nodes] and not written_in_place(gm)
+    gm = _check_same(_gate_then_read, 2)
+    assert not written_in_place(gm)
+
+
+def _write_seen_through_a_view(x):
+    h = x * 2
+    v = h[:, :2]
+    h.add_(1)
+    return v * 3
+
+
+def _write_into_the_input(x):
+    x.mul_(2)
+    return x + 1
+
+
+def _fill(x):
+    h = x * 2
+    h.fill_(0.5)
+    return h + x
+
+
+def test_writes_a_view_an_input_or_no_out_of_place_twin_would_miss_stay():
+    for fn in (_write_seen_through_a_view, _write_into_the_input, _fill):
+        gm = _check_same(fn, 0)
+        assert written_in_place(gm), fn.__name__
