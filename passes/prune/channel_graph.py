@@ -618,8 +618,8 @@ class _Builder:
         # a module with weights and no rule (a GRU), or a region export wraps in a submodule of its
         # own, holds channels fxopt cannot follow: pinned by name
         region = _wrapped_region(self.gm, node)
-        layer = view is None and (region or node.op == "call_module" and any(
-            True for _ in self.gm.get_submodule(node.target).parameters()))
+        layer = view is None and (region or node.op == "call_module"
+                                  and next(self.gm.get_submodule(node.target).parameters(), None) is not None)
         if shape is None and not layer and not any(self.value_slot.get(a.name) is not None for a in inputs) and (
                 view is None or not any(_shape(a) is not None for a in inputs)):
             self.value_slot[node.name] = None  # shape arithmetic (``x.size()[:-1] + (n,)``), guards
