@@ -13,19 +13,61 @@ import torch.fx
 
 
 class FxoptError(Exception):
-    """Base class of every error fxopt raises on purpose."""
+    """Base class of every error fxopt raises on purpose.
+
+        >>> import torch, fxopt
+        >>> try:
+        ...     fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), "dce,fusee")
+        ... except fxopt.FxoptError as exc:     # catches any of them: here a PipelineError
+        ...     print(type(exc).__name__, "-", str(exc).split(";")[0])
+        PipelineError - unknown pass 'fusee' (did you mean 'fuse'?)
+    """
 
 
 class CaptureError(FxoptError):
-    """No front end could turn the model into a GraphModule; lists each attempt."""
+    """No front end could turn the model into a GraphModule; lists each attempt.
+
+        >>> import torch, fxopt
+        >>> try:                                # Linear.forward takes one input, not two
+        ...     fxopt.capture(torch.nn.Linear(4, 2), (torch.randn(3, 4), torch.randn(3, 4)))
+        ... except fxopt.CaptureError as exc:
+        ...     print(str(exc).split(" (given")[0])
+        the example inputs do not fit Linear.forward(input: torch.Tensor) -> torch.Tensor: too many positional arguments
+    """
 
 
 class PipelineError(FxoptError):
-    """A pipeline text or pass option is invalid (unknown pass/option, bad value)."""
+    """A pipeline text or pass option is invalid (unknown pass/option, bad value).
+
+        >>> import fxopt
+        >>> try:
+        ...     fxopt.parse_pipeline("dce,prune{ratoi=0.5}")
+        ... except fxopt.PipelineError as exc:
+        ...     print(exc)  # doctest: +ELLIPSIS
+        pass 'prune' has no option 'ratoi' (did you mean 'ratio'?); valid: ..., ratio, round_to, scope
+    """
 
 
 class PassError(FxoptError):
-    """A pass raised; the input module and the last good module are intact."""
+    """A pass raised; the input module and the last good module are intact.
+
+    `pass_name` names the pass; raised by the pass manager, it also carries
+    `last_good_module` (the module as the passes before it left it) and `records` (a
+    `PassRecord` per pass that ran, the failed one last).
+
+        >>> import dataclasses, torch, fxopt
+        >>> @dataclasses.dataclass
+        ... class Broken(fxopt.Pass):
+        ...     name = "broken"
+        ...     def run(self, gm, ctx):
+        ...         raise RuntimeError("boom")
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval()
+        >>> try:
+        ...     fxopt.optimize(model, torch.randn(2, 4), ["remove-noops", Broken()])
+        ... except fxopt.PassError as exc:
+        ...     print(exc, "|", len(exc.last_good_module.graph.nodes), [r.name for r in exc.records])
+        pass 'broken' failed: RuntimeError: boom | 3 ['remove-noops', 'broken']
+    """
 
     def __init__(self, pass_name: str, message: str) -> None:
         super().__init__(f"pass '{pass_name}' failed: {message}")
@@ -33,28 +75,86 @@ class PassError(FxoptError):
 
 
 class VerificationError(FxoptError):
-    """A transformed module no longer matches the original within tolerance."""
+    """A transformed module no longer matches the original within tolerance.
+
+        >>> import torch, fxopt
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(4, 2)
+        >>> report = fxopt.verify(model, torch.nn.Sequential(model, torch.nn.ReLU()), torch.randn(8, 4))
+        >>> try:
+        ...     report.raise_if_failed()
+        ... except fxopt.VerificationError as exc:
+        ...     print(str(exc).split(":")[0])
+        FAIL (exact, cpu)
+    """
 
 
 class SerializationError(FxoptError):
-    """`fxopt.save` cannot store something in a graph, or `fxopt.load` refuses a file."""
+    """`fxopt.save` cannot store something in a graph, or `fxopt.load` refuses a file.
+
+        >>> import os, tempfile, torch, fxopt
+        >>> path = os.path.join(tempfile.mkdtemp(), "weights.pt")
+        >>> torch.save({"weight": torch.ones(2)}, path)   # a plain checkpoint, not a saved graph
+        >>> try:
+        ...     fxopt.load(path)
+        ... except fxopt.SerializationError as exc:
+        ...     print(exc)  # doctest: +ELLIPSIS
+        load: .../weights.pt is not an fxopt saved graph (...)
+    """
 
 
 class VerificationWarning(UserWarning):
     """`optimize` returned a module that failed verification (see its report); filter it with
-    ``warnings.simplefilter("error", fxopt.VerificationWarning)`` to make that an exception."""
+    ``warnings.simplefilter("error", fxopt.VerificationWarning)`` to make that an exception.
+
+        >>> import dataclasses, warnings, torch, fxopt
+        >>> @dataclasses.dataclass
+        ... class ZeroBias(fxopt.Pass):                 # a buggy pass: it changes the output
+        ...     name = "zero-bias"
+        ...     def run(self, gm, ctx):
+        ...         gm.bias = torch.nn.Parameter(torch.zeros(2))
+        ...         return fxopt.PassResult(gm, modified=True)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", fxopt.VerificationWarning)
+        ...     fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), [ZeroBias()])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.VerificationWarning: optimize('zero-bias'): verification failed: FAIL (exact, cpu): ...
+    """
 
 
 class PassWarning(UserWarning):
     """A pass ran but did less than it was asked, and says why: prune removed nothing or well
     under its ratio, quantize found nothing to quantize, lower-int8 missed its target SQNR.
-    Make it an exception with ``warnings.simplefilter("error", fxopt.PassWarning)``."""
+    Make it an exception with ``warnings.simplefilter("error", fxopt.PassWarning)``: raised
+    inside a pass, it reaches the caller as the `PassError` of that pass.
+
+        >>> import warnings, torch, fxopt
+        >>> with warnings.catch_warnings():      # a lone output layer has no channel to prune
+        ...     warnings.simplefilter("error", fxopt.PassWarning)
+        ...     fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), "prune{ratio=0.5}")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxopt.errors.PassError: pass 'prune' failed: PassWarning: prune: nothing to prune: ...
+    """
 
 
 class TrainingModeWarning(UserWarning):
     """A model (or a batchnorm or dropout inside it) was in training mode: fxopt captures and
     optimizes its eval-mode semantics. Call ``model.eval()`` first, or make it an exception
-    with ``warnings.simplefilter("error", fxopt.TrainingModeWarning)``."""
+    with ``warnings.simplefilter("error", fxopt.TrainingModeWarning)``.
+
+        >>> import warnings, torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout())  # no .eval()
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", fxopt.TrainingModeWarning)
+        ...     try:
+        ...         fxopt.capture(model, torch.randn(2, 4))
+        ...     except fxopt.TrainingModeWarning as w:
+        ...         print(str(w).split(";")[0])
+        ...     gm = fxopt.capture(model.eval(), torch.randn(2, 4))   # in eval mode: no warning
+        capture: Sequential is in training mode (Dropout '1')
+    """
 
 
 def user_stacklevel() -> int:

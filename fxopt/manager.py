@@ -44,7 +44,19 @@ from .verify import Tolerance, VerificationReport, loosest, verify
 
 @dataclass
 class PassRecord:
-    """One pass as it ran: what it was, how long it took, what it did to the graph."""
+    """One pass as it ran: what it was, how long it took, what it did to the graph.
+
+        >>> import torch, fxopt
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval()
+        >>> res = fxopt.optimize(model, torch.randn(2, 4), "remove-noops,dce", bisect_limit=1)
+        >>> ran, skipped = res.passes
+        >>> ran.name, ran.nodes_before, ran.nodes_after, ran.modified
+        ('remove-noops', 4, 3, True)
+        >>> print(ran)  # doctest: +ELLIPSIS
+        remove-noops: ... ms, nodes 4 -> 3
+        >>> print(skipped)
+        dce: skipped (bisect limit)
+    """
 
     name: str
     pipeline_text: str
@@ -75,7 +87,20 @@ class PipelineResult:
 
 
 class Instrument:
-    """Hooks the manager calls around every pass. Override what you need."""
+    """Hooks the manager calls around every pass. Override what you need.
+
+        >>> import torch, fxopt
+        >>> class NodeCounts(fxopt.Instrument):
+        ...     def __init__(self):
+        ...         self.seen = []
+        ...     def after_pass(self, p, before, result, record, ctx):
+        ...         self.seen.append((p.name, len(before.graph.nodes), len(result.module.graph.nodes)))
+        >>> counts = NodeCounts()
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval()
+        >>> _ = fxopt.optimize(model, torch.randn(2, 4), "remove-noops,dce", instruments=[counts])
+        >>> counts.seen
+        [('remove-noops', 4, 3), ('dce', 3, 3)]
+    """
 
     def before_pipeline(self, gm: torch.fx.GraphModule, passes: Sequence[Pass]) -> None: ...
 
@@ -88,7 +113,22 @@ class Instrument:
 
 
 class PrintIR(Instrument):
-    """Print the listing after every pass, or with `only_changes` a diff when it changed."""
+    """Print the listing after every pass, or with `only_changes` a diff when it changed.
+
+    `fxopt.optimize(..., print_ir_after_change=True)` adds ``PrintIR(only_changes=True)``.
+
+        >>> import torch, fxopt
+        >>> x = torch.randn(2, 4)
+        >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval(), x)
+        >>> _ = fxopt.PassManager("remove-noops,dce", instruments=[fxopt.PrintIR(only_changes=True)]).run(gm, (x,))
+        --- before
+        +++ after remove-noops
+        @@ -2,3 +2,2 @@
+         %_0 = call_module 0(%input_1)  : f32[2, 4]
+        -%_1 = call_module 1(%_0)  : f32[2, 4]
+        -%output = output %_1  : f32[2, 4]
+        +%output = output %_0  : f32[2, 4]
+    """
 
     def __init__(self, only_changes: bool = False, stream: TextIO | None = None) -> None:
         self.only_changes = only_changes
@@ -112,7 +152,22 @@ class PrintIR(Instrument):
 
 
 class TimePasses(Instrument):
-    """Print a table of per-pass time and node counts when the pipeline ends."""
+    """Print a table of per-pass time and node counts when the pipeline ends.
+
+    `fxopt.optimize(..., time_passes=True)` adds one that prints to stdout.
+
+        >>> import io, torch, fxopt
+        >>> x = torch.randn(2, 4)
+        >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval(), x)
+        >>> table = io.StringIO()
+        >>> _ = fxopt.PassManager("remove-noops,dce", instruments=[fxopt.TimePasses(table)]).run(gm, (x,))
+        >>> print(table.getvalue())  # doctest: +ELLIPSIS
+        pass timing:
+        ... ms ...%       4 ->      3  remove-noops
+        ... ms ...%       3 ->      3  dce
+        ... ms total
+        <BLANKLINE>
+    """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
@@ -134,6 +189,15 @@ class VerifyEach(Instrument):
     The check uses the loosest tolerance of the passes run so far (an exact pass after an
     int8 one is held to the int8 floor). A failure raises, naming the pass and the first
     diverging node, so a pipeline stops at the pass that broke the model.
+    `fxopt.optimize(..., verify_each=True)` adds one.
+
+        >>> import torch, fxopt
+        >>> x = torch.randn(2, 4)
+        >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval(), x)
+        >>> check = fxopt.VerifyEach(gm, (x,))
+        >>> result = fxopt.PassManager("remove-noops,dce", instruments=[check]).run(gm, (x,))
+        >>> [(r.name, r.verification.verdict) for r in result.records]
+        [('remove-noops', 'PASS'), ('dce', 'PASS')]
     """
 
     def __init__(self, reference: torch.fx.GraphModule, inputs: tuple, kwargs: dict | None = None) -> None:
@@ -158,7 +222,21 @@ def pass_tolerance(p: Pass) -> Tolerance:
 
 
 class PassManager:
-    """Runs passes in order; see the module docstring for what it guarantees."""
+    """Runs passes in order; see the module docstring for what it guarantees.
+
+    `pipeline` is pipeline text or a list of `Pass` objects and text; `bisect_limit` runs only
+    the first N passes (the rest are recorded as skipped).
+
+        >>> import torch, fxopt
+        >>> x = torch.randn(2, 4)
+        >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout()).eval(), x)
+        >>> pm = fxopt.PassManager("remove-noops, dce")
+        >>> result = pm.run(gm, (x,))
+        >>> pm.pipeline_text, [r.nodes_after for r in result.records], len(gm.graph.nodes)
+        ('remove-noops,dce', [3, 3], 4)
+        >>> torch.equal(result.module(x), gm(x))
+        True
+    """
 
     def __init__(
         self,

@@ -43,7 +43,26 @@ if TYPE_CHECKING:
 
 @dataclass
 class PassResult:
-    """What a pass hands back: the module, whether it changed, and counters for the report."""
+    """What a pass hands back: the module, whether it changed, and counters for the report.
+
+    `modified=True` makes the manager recompile the module and drop the analyses the pass
+    does not preserve; `stats` land in the pass's `PassRecord`.
+
+        >>> import dataclasses, torch, fxopt
+        >>> @dataclasses.dataclass
+        ... class DropReLU(fxopt.Pass):
+        ...     name = "drop-relu"
+        ...     def run(self, gm, ctx):
+        ...         relus = [n for n in gm.graph.nodes if n.target == torch.relu]
+        ...         for n in relus:
+        ...             n.replace_all_uses_with(n.args[0])
+        ...             gm.graph.erase_node(n)
+        ...         return fxopt.PassResult(gm, modified=bool(relus), stats={"removed": len(relus)})
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.relu(x) + 1)
+        >>> record = fxopt.PassManager([DropReLU()]).run(gm, (torch.randn(3),)).records[0]
+        >>> record.modified, record.stats, record.nodes_before, record.nodes_after
+        (True, {'removed': 1}, 4, 3)
+    """
 
     module: torch.fx.GraphModule
     modified: bool
@@ -58,6 +77,18 @@ class PassContext:
     module; `calibration` is a list of `(args, kwargs)` pairs, one per batch, or None when the
     user gave none; `reference` is the captured, unoptimized module for passes that compare
     against it.
+
+        >>> import dataclasses, torch, fxopt
+        >>> @dataclasses.dataclass
+        ... class Inspect(fxopt.Pass):
+        ...     name = "inspect"
+        ...     def run(self, gm, ctx):
+        ...         shapes = ctx.analyses.get(fxopt.ShapeAnalysis)   # runs on ctx.example_inputs
+        ...         return fxopt.PassResult(gm, modified=False, stats={
+        ...             "inputs": len(ctx.example_inputs), "out": tuple(shapes["output"].shape)})
+        >>> res = fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), [Inspect()])
+        >>> res.passes[0].stats
+        {'inputs': 1, 'out': (3, 2)}
     """
 
     analyses: "AnalysisManager"
@@ -70,7 +101,25 @@ class PassContext:
 
 @dataclass
 class Pass:
-    """Base of every pass. Subclasses are dataclasses; their fields are the pass options."""
+    """Base of every pass. Subclasses are dataclasses; their fields are the pass options.
+
+    Register one with `fxopt.register_pass` to name it in pipeline text, with its options:
+
+        >>> import dataclasses, torch, fxopt
+        >>> @fxopt.register_pass
+        ... @dataclasses.dataclass
+        ... class CountOps(fxopt.Pass):
+        ...     name = "count-ops"
+        ...     op: str = "call_function"
+        ...     def run(self, gm, ctx):
+        ...         n = sum(node.op == self.op for node in gm.graph.nodes)
+        ...         return fxopt.PassResult(gm, modified=False, stats={"count": n})
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> res = fxopt.optimize(model, torch.randn(2, 4), "count-ops{op=call_module},dce")
+        >>> res.passes[0].stats, res.pipeline
+        ({'count': 2}, 'count-ops{op=call_module},dce')
+        >>> fxopt.unregister_pass("count-ops")
+    """
 
     name: ClassVar[str] = ""
     #: Analyses (by name) still valid after this pass modified the graph.

@@ -46,7 +46,22 @@ _EXPANDED = "fxopt_traceable_forward"  # node meta: created inside a traceable f
 
 
 class NotTraceable(Exception):
-    """Raised by a traceable forward, before it creates any op, to keep the module as one call."""
+    """Raised by a traceable forward, before it creates any op, to keep the module as one call.
+
+        >>> import torch, fxopt
+        >>> class Head(torch.nn.Linear):
+        ...     frozen = False
+        >>> def head_forward(module, x):
+        ...     if module.frozen:                   # a case this forward does not cover
+        ...         raise fxopt.NotTraceable("frozen heads stay one call")
+        ...     return torch.nn.functional.linear(x, module.weight, module.bias)
+        >>> fxopt.register_traceable_forward(Head, head_forward)
+        >>> frozen = Head(4, 4); frozen.frozen = True
+        >>> gm = fxopt.capture(torch.nn.Sequential(Head(4, 4), frozen), torch.randn(2, 4), mode="symbolic")
+        >>> [n.op for n in gm.graph.nodes if n.op.startswith("call")]
+        ['call_function', 'call_module']
+        >>> fxopt.unregister_traceable_forward(Head)
+    """
 
 
 def register_traceable_forward(module_type: type[nn.Module], forward: TraceableForward) -> None:
@@ -54,6 +69,16 @@ def register_traceable_forward(module_type: type[nn.Module], forward: TraceableF
 
     Exact type match: a subclass with its own forward is not covered by its base's entry.
     Registering a type again replaces its entry.
+
+        >>> import torch, fxopt
+        >>> class Normalize(torch.nn.Module):   # branches on a tensor's value: fx cannot trace it
+        ...     def forward(self, x):
+        ...         return x / x.norm() if x.norm() > 0 else x
+        >>> fxopt.register_traceable_forward(Normalize, lambda module, x: x / x.norm().clamp_min(1e-12))
+        >>> gm = fxopt.capture(torch.nn.Sequential(Normalize()), torch.randn(3, 4), mode="symbolic")
+        >>> [n.target for n in gm.graph.nodes if n.op == "call_method"]
+        ['norm', 'clamp_min']
+        >>> fxopt.unregister_traceable_forward(Normalize)
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"register_traceable_forward expects an nn.Module subclass, got {module_type!r}")
@@ -63,7 +88,19 @@ def register_traceable_forward(module_type: type[nn.Module], forward: TraceableF
 
 
 def unregister_traceable_forward(module_type: type[nn.Module]) -> None:
-    """Trace `module_type` by fx's default rule again."""
+    """Trace `module_type` by fx's default rule again.
+
+        >>> import torch, fxopt
+        >>> class Double(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 2
+        >>> fxopt.register_traceable_forward(Double, lambda module, x: x + x)
+        >>> [n.target.__name__ for n in fxopt.capture(Double(), torch.randn(3)).graph.nodes if n.op == "call_function"]
+        ['add']
+        >>> fxopt.unregister_traceable_forward(Double)
+        >>> [n.target.__name__ for n in fxopt.capture(Double(), torch.randn(3)).graph.nodes if n.op == "call_function"]
+        ['mul']
+    """
     _FORWARDS.pop(module_type, None)
 
 

@@ -10,7 +10,18 @@ T = TypeVar("T")
 
 
 class Analysis:
-    """Base for analyses. Subclasses set `name` and implement `run`."""
+    """Base for analyses. Subclasses set `name` and implement `run`.
+
+        >>> import torch, fxopt
+        >>> class CallCount(fxopt.Analysis):
+        ...     name = "call-count"
+        ...     def run(self, gm, am):
+        ...         return sum(n.op.startswith("call") for n in gm.graph.nodes)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> am = fxopt.AnalysisManager(fxopt.capture(model, torch.randn(2, 4)))
+        >>> am.get(CallCount), am.get(CallCount), am.computed     # computed once, then cached
+        (2, 2, ['call-count'])
+    """
 
     name: ClassVar[str] = ""
 
@@ -19,7 +30,22 @@ class Analysis:
 
 
 class AnalysisManager:
-    """Caches analysis results for one module, with the example inputs analyses may run on."""
+    """Caches analysis results for one module, with the example inputs analyses may run on.
+
+    Inside a pass it is ``ctx.analyses``; the pass manager drops what a pass that modified
+    the graph does not list in its `preserves`, as `invalidate` does here.
+
+        >>> import torch, fxopt
+        >>> x = torch.randn(2, 4)
+        >>> am = fxopt.AnalysisManager(fxopt.capture(torch.nn.Linear(4, 2), x), example_inputs=(x,))
+        >>> shapes = am.get(fxopt.ShapeAnalysis)
+        >>> am.get(fxopt.ShapeAnalysis) is shapes, am.computed
+        (True, ['shapes'])
+        >>> am.invalidate(preserved={"shapes"}); am.cached("shapes")
+        True
+        >>> am.invalidate(); am.cached("shapes")
+        False
+    """
 
     def __init__(
         self,

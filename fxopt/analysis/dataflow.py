@@ -40,7 +40,17 @@ def _target_text(target: object) -> str:
 
 
 class DataflowAnalysis(Analysis):
-    """networkx.DiGraph view of the fx graph; see `dataflow_graph`."""
+    """networkx.DiGraph view of the fx graph; see `dataflow_graph`.
+
+    With example inputs it runs `ShapeAnalysis` first, so nodes carry shapes and edges bytes.
+
+        >>> import torch, fxopt
+        >>> x = torch.randn(2, 4)
+        >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()), x)
+        >>> g = fxopt.AnalysisManager(gm, (x,)).get(fxopt.DataflowAnalysis)
+        >>> list(g.successors("_0")), g.nodes["_0"]["shape"], g.edges["_0", "_1"]["bytes"]
+        (['_1'], (2, 8), 64)
+    """
 
     name: ClassVar[str] = "dataflow"
 

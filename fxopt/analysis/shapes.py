@@ -43,7 +43,17 @@ def _meta_of(value: Any) -> Any:
 
 
 class ShapeAnalysis(Analysis):
-    """name -> TensorMetadata (or a tree of them) for every node; see `propagate_shapes`."""
+    """name -> TensorMetadata (or a tree of them) for every node; see `propagate_shapes`.
+
+        >>> import torch, fxopt
+        >>> x = torch.randn(2, 4)
+        >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()), x)
+        >>> shapes = fxopt.AnalysisManager(gm, (x,)).get(fxopt.ShapeAnalysis)
+        >>> {name: tuple(meta.shape) for name, meta in shapes.items()}
+        {'input_1': (2, 4), '_0': (2, 8), '_1': (2, 8), 'output': (2, 8)}
+        >>> shapes["_0"].dtype
+        torch.float32
+    """
 
     name: ClassVar[str] = "shapes"
 
