@@ -41,7 +41,7 @@ import fxopt
 from fxopt.examples import zoo
 from fxopt.measure import compare_latency, count_macs, count_parameters
 from fxopt.passes.prune.channel_graph import build_channel_graph
-from fxopt.passes.prune.prune_pass import _privatize, plan_pruning
+from fxopt.passes.prune.prune_pass import _prepare, plan_pruning
 
 EXPORT = {"vit", "bert"}
 #: Passes run on fxopt's pruned model before it is measured: what a deployment pipeline
@@ -57,7 +57,7 @@ def bench_fxopt(name, options: dict, tail: str = TAIL):
     gm = fxopt.capture(model, x2, mode=mode)
     gc.collect()  # time the analysis, not the collection of the previous model's garbage
     start = time.perf_counter()
-    _privatize(gm)
+    _prepare(gm)
     cg = build_channel_graph(gm, options["exact_norms"])
     graph_s = time.perf_counter() - start
     plan = plan_pruning(gm, channel_graph=cg, example_inputs=x2, **options)

@@ -617,7 +617,7 @@ class _Builder:
         inputs = node.all_input_nodes
         # a module with weights and no rule (a GRU), or a region export wraps in a submodule of its
         # own, holds channels fxopt cannot follow: pinned by name
-        region = _wrapped_region(self.gm, node)
+        region = view is None and _wrapped_region(self.gm, node)
         layer = view is None and (region or node.op == "call_module"
                                   and next(self.gm.get_submodule(node.target).parameters(), None) is not None)
         if shape is None and not layer and not any(self.value_slot.get(a.name) is not None for a in inputs) and (

@@ -236,8 +236,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
                         f"{', '.join(f.name for f in dataclasses.fields(Prune))}")
     args, kwargs = normalize_inputs(example_inputs)
     gm = clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode))
-    _privatize(gm)
-    functionalize_writes(gm)  # ``h.add_(x)`` then h read: as export writes it, so h can be narrowed
+    _prepare(gm)
     propagate_shapes(gm, args, kwargs)
     if calibration is not None:
         calibration = [normalize_inputs(b) for b in calibration]
@@ -273,7 +272,7 @@ class Prune(Pass):
         self.ignore = _patterns(self.ignore)
 
     def plan(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PrunePlan:
-        changed = _privatize(gm) | (functionalize_writes(gm) > 0)
+        changed = _prepare(gm)
         am = ctx.analyses
         if changed or am is None or not self.exact_norms:  # the cached analysis is the exact one
             if ctx.example_inputs or ctx.example_kwargs:
@@ -370,6 +369,14 @@ def _check_options(ratio: float, importance: str, scope: str, round_to: int, ada
 def _patterns(ignore: str | Sequence[str]) -> tuple[str, ...]:
     """`ignore` as a tuple of patterns: one string is one pattern, not its characters."""
     return (ignore,) if isinstance(ignore, str) else tuple(ignore)
+
+
+def _prepare(gm: torch.fx.GraphModule) -> bool:
+    """Make `gm` ready for the analysis, in place: every weighted op with its own parameters
+    (`_privatize`), and in-place writes rewritten out of place where that is exact (``h.add_(x)``
+    then h read, as export writes it, so h can be narrowed). Whether anything changed."""
+    privatized = _privatize(gm)
+    return functionalize_writes(gm) > 0 or privatized
 
 
 def _privatize(gm: torch.fx.GraphModule) -> bool:
