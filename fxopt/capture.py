@@ -265,7 +265,7 @@ def _opaque_note(gm: torch.fx.GraphModule) -> str:
 
     Symbolic tracing keeps every torch.nn module without a traceable forward (`fxopt.tracing`)
     as one call; for most (conv, linear, norms) the op view knows what the call computes, but a
-    cross-attention `nn.MultiheadAttention` or an `nn.GRU` is opaque: its weights can be
+    `nn.MultiheadAttention` with `add_zero_attn` or an `nn.GRU` is opaque: its weights can be
     neither pruned nor quantized. Export decomposes some of them, at a price `auto` does not
     pay for the user: an exported graph keeps only the batch dimension dynamic, where the
     symbolic graph runs at any sequence length. So the choice is said, not made.

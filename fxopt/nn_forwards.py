@@ -4,9 +4,8 @@ Each computes what the module computes in eval mode, written in ops fxopt's pass
 packed q/k/v projection as one linear split by `chunk`, heads as `view(b, t, heads, hd)`,
 attention as `scaled_dot_product_attention` (or spelled out when the caller asks for the
 weights), `out_proj` as a module call. Symbolic capture then prunes whole heads and quantizes
-the projections of `nn.TransformerEncoder` models, where fx alone keeps one opaque call.
-Options they do not cover raise `NotTraceable`, which keeps the module as one call: packed
-cross-attention (query is not key), separate key/value dimensions, `add_bias_kv`,
+the projections of `nn.Transformer` models, where fx alone keeps one opaque call.
+Options they do not cover raise `NotTraceable`, which keeps the module as one call: `add_bias_kv`,
 `add_zero_attn`, dropout in training mode, an encoder that takes its nested-tensor path (a
 padding mask with `enable_nested_tensor`), a module with hooks.
 
@@ -68,23 +67,36 @@ def _hint(flag: Any) -> bool:
 def multihead_attention(m: nn.MultiheadAttention, query: Any, key: Any, value: Any, key_padding_mask: Any = None,
                         need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
                         is_causal: bool = False) -> tuple[Any, Any]:
-    """`nn.MultiheadAttention.forward` for self-attention with a packed projection."""
-    if not m._qkv_same_embed_dim:
-        raise NotTraceable("separate key/value dimensions")
+    """`nn.MultiheadAttention.forward`: self-attention as one packed projection split by
+    `chunk`, cross-attention (or separate key/value dimensions) as three projections whose
+    weights are pieces of the packed parameter (`fxopt.ir.split_packed_parameters` gives each
+    its own)."""
     if m.bias_k is not None or m.add_zero_attn:
         raise NotTraceable("add_bias_kv / add_zero_attn")
     if m.training and m.dropout > 0:
         raise NotTraceable("attention dropout in training mode")
-    if not (query is key and key is value):
-        raise NotTraceable("cross-attention through a packed in_proj_weight")
     if not isinstance(need_weights, bool) or not isinstance(average_attn_weights, bool):
         raise NotTraceable("need_weights / average_attn_weights given as graph inputs")
     is_causal = _hint(is_causal)
     if is_causal and attn_mask is None:
         raise NotTraceable("is_causal without attn_mask (torch raises for it)")
-    x = query if m.batch_first else query.transpose(0, 1)
     heads, head_dim = m.num_heads, m.head_dim
-    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+
+    def batch_first(t: Any) -> Any:
+        return t if m.batch_first else t.transpose(0, 1)
+
+    x = batch_first(query)
+    if m._qkv_same_embed_dim and query is key and key is value:
+        qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+    else:
+        def thirds(packed: Any) -> tuple:  # a traced chunk is one value: index its pieces
+            pieces = packed.chunk(3)
+            return pieces[0], pieces[1], pieces[2]
+
+        projections = thirds(m.in_proj_weight) if m._qkv_same_embed_dim else \
+            (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight)
+        biases = thirds(m.in_proj_bias) if m.in_proj_bias is not None else (None, None, None)
+        qkv = [F.linear(t, w, b) for t, w, b in zip((x, batch_first(key), batch_first(value)), projections, biases)]
 
     def split_heads(t: Any) -> Any:
         return t.view(t.size(0), t.size(1), heads, head_dim).transpose(1, 2)
@@ -131,7 +143,7 @@ def encoder_layer(m: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
 def decoder_layer(m: nn.TransformerDecoderLayer, tgt: Any, memory: Any, tgt_mask: Any = None, memory_mask: Any = None,
                   tgt_key_padding_mask: Any = None, memory_key_padding_mask: Any = None,
                   tgt_is_causal: bool = False, memory_is_causal: bool = False) -> Any:
-    """`nn.TransformerDecoderLayer.forward` (its cross-attention stays one module call)."""
+    """`nn.TransformerDecoderLayer.forward`."""
     def attend(x: Any) -> Any:
         return m.dropout1(m.self_attn(x, x, x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
                                       need_weights=False, is_causal=tgt_is_causal)[0])

@@ -27,7 +27,7 @@ module of yours that does not trace:
 The capture still checks the graph against the eager model on the example inputs, so a
 traceable forward that computes something else makes the symbolic attempt fail (auto mode
 then exports). A traceable forward raises `NotTraceable` *before it creates any op* to leave
-the module as one call (an option it does not cover, e.g. cross-attention).
+the module as one call (an option it does not cover, e.g. `add_zero_attn`).
 """
 from __future__ import annotations
 

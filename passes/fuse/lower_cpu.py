@@ -9,7 +9,9 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
 - linear [+ relu | gelu | silu] → `mkldnn._linear_pointwise(x, W_packed, b, attr, ...)`
   only with the option `linear=true`: on the zoo's BERT-style encoder it measured *slower*
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
-  `fuse` alone), so it is off by default.
+  `fuse` alone), so it is off by default. With it, a weight read in pieces (cross-attention's
+  q/k/v rows of `in_proj_weight`) is first split into one parameter per piece
+  (`fxopt.ir.split_packed_parameters`), so each projection is prepacked too.
 
 Which convs: depthwise convs always, dense convs from `min_macs` multiply-adds per sample
 (default 4 M; `min_macs=0` lowers every conv). A smaller dense conv becomes
@@ -51,7 +53,7 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import contiguous_outputs, is_effectful, op_view, tensor_meta
+from fxopt.ir import contiguous_outputs, is_effectful, op_view, split_packed_parameters, tensor_meta
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -470,14 +472,17 @@ class LowerCPU(Pass):
         if not mkldnn_available():
             return PassResult(gm, modified=False, stats={"skipped": "oneDNN (mkldnn) is not available"})
         state = _Lowering(self.min_macs, self.by_batch)
+        # cross-attention's q/k/v weights are rows of one packed parameter: one each, to prepack
+        unpacked = split_packed_parameters(gm) if self.linear else 0
         report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear))
         guards = _guard_layouts(gm, set(state.cl.values())) if report.total else 0
         if report.total:
             from fxopt.passes.cleanup import DeadCodeElimination
 
             DeadCodeElimination().run(gm, ctx)
-        return PassResult(gm, modified=bool(report.total),
-                          stats={"lowered": dict(report.counts), "contiguous_inserted": guards})
+        return PassResult(gm, modified=bool(report.total or unpacked),
+                          stats={"lowered": dict(report.counts), "contiguous_inserted": guards,
+                                 "unpacked_parameters": unpacked})
 
 
 def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:

@@ -632,7 +632,7 @@ class _Builder:
             if not layer and not any(self.in_slot(a) is not None for a in inputs):
                 # no input carries channels (rotary's cos/sin, mask arithmetic): nothing to pin
                 return self.free_output(node, view)
-            if node.op == "call_module":  # a torch.nn module symbolic capture kept whole (cross-attention)
+            if node.op == "call_module":  # a torch.nn module symbolic capture kept whole (an RNN)
                 module = self.gm.get_submodule(node.target)
                 # export decomposes most such modules into ops with rules; an RNN stays one op there too
                 hint = "" if isinstance(module, torch.nn.RNNBase) else " (mode='export' decomposes it)"

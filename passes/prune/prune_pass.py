@@ -53,6 +53,7 @@ from fxopt.ir import (
     make_private,
     op_view,
     resolve_attr,
+    split_packed_parameters,
 )
 from fxopt.pass_base import Pass, PassContext, PassResult
 
@@ -372,11 +373,14 @@ def _patterns(ignore: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _prepare(gm: torch.fx.GraphModule) -> bool:
-    """Make `gm` ready for the analysis, in place: every weighted op with its own parameters
-    (`_privatize`), and in-place writes rewritten out of place where that is exact (``h.add_(x)``
-    then h read, as export writes it, so h can be narrowed). Whether anything changed."""
+    """Make `gm` ready for the analysis, in place: packed parameters read in pieces split into
+    one per piece (cross-attention's q/k/v rows of `in_proj_weight`), every weighted op with
+    its own parameters (`_privatize`), and in-place writes rewritten out of place where that
+    is exact (``h.add_(x)`` then h read, as export writes it, so h can be narrowed). Whether
+    anything changed."""
+    unpacked = split_packed_parameters(gm) > 0
     privatized = _privatize(gm)
-    return functionalize_writes(gm) > 0 or privatized
+    return functionalize_writes(gm) > 0 or privatized or unpacked
 
 
 def _privatize(gm: torch.fx.GraphModule) -> bool:

@@ -27,7 +27,7 @@ import torch.fx
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
 from fxopt.errors import node_location
-from fxopt.ir import functionalize_writes, op_view
+from fxopt.ir import functionalize_writes, op_view, split_packed_parameters
 
 from .observers import Observer, ObserverKind, QuantizationError, quantized_node
 from .plan import build_plan, is_float_value
@@ -65,6 +65,8 @@ class InsertObservers(Pass):
         # ``y.relu_()`` then y read (a symbolic graph keeps such writes): out of place, as export
         # writes it, so y and its readers can run in int8 (`written_in_place` keeps the rest float)
         functionalize_writes(gm)
+        # cross-attention's q/k/v weights are pieces of one packed parameter: one each, to pack
+        split_packed_parameters(gm)
         plan = build_plan(gm)
         wanted: dict[str, torch.fx.Node] = {}
         by_name = {n.name: n for n in gm.graph.nodes}

@@ -200,12 +200,12 @@ def test_auto_prefers_symbolic_when_it_works():
 
 
 class AttentionLeaf(nn.Module):
-    """Cross-attention: symbolic tracing keeps this nn.MultiheadAttention as one opaque call
-    (fxopt.nn_forwards covers self-attention only)."""
+    """Attention with a zero key appended: symbolic tracing keeps this nn.MultiheadAttention
+    as one opaque call (fxopt.nn_forwards does not cover `add_zero_attn`)."""
 
     def __init__(self):
         super().__init__()
-        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True, add_zero_attn=True)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -225,7 +225,7 @@ class RecurrentLeaf(nn.Module):
 
 @pytest.mark.parametrize("model", [AttentionLeaf, RecurrentLeaf])
 def test_auto_keeps_the_symbolic_graph_and_says_what_it_hides(model):
-    """Export would read the cross-attention's linears but fix the sequence length: auto keeps
+    """Export would read the attention's linears but fix the sequence length: auto keeps
     the symbolic graph, which runs at any length, and records what it hides and the way out."""
     _seed()
     model = model().eval()

@@ -70,20 +70,44 @@ def test_causal_hint_with_its_mask_matches_the_module():
 
 
 class CrossAttend(nn.Module):
-    def __init__(self):
+    def __init__(self, kdim=None, batch_first=True, bias=True, need_weights=False):
         super().__init__()
-        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=batch_first, kdim=kdim, vdim=kdim, bias=bias)
+        self.need_weights = need_weights
 
-    def forward(self, x, memory):
-        return self.attn(x, memory, memory)[0]
+    def forward(self, x, memory, key_padding_mask=None):
+        out, weights = self.attn(x, memory, memory, key_padding_mask=key_padding_mask, need_weights=self.need_weights)
+        return (out, weights) if self.need_weights else out
 
 
-def test_cross_attention_stays_one_module_call():
+@pytest.mark.parametrize("kdim", [None, 12])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_cross_attention_matches_the_module_as_three_projections(kdim, batch_first, bias, need_weights):
+    """Keys and values from another stream (or with their own dimension): three linears whose
+    weights are the packed parameter's thirds (or the separate q/k/v weights), no module call
+    but out_proj, at the captured sizes and at others."""
     torch.manual_seed(0)
-    model, x, memory = CrossAttend().eval(), torch.randn(2, 3, E), torch.randn(2, 7, E)
-    gm = capture(model, (x, memory), mode="symbolic")
-    assert _call_modules(gm) == {"attn"}
-    torch.testing.assert_close(gm(x, memory), model(x, memory))
+    model = CrossAttend(kdim, batch_first, bias, need_weights).eval()
+
+    def inputs(batch, q_len, kv_len):
+        x, memory = torch.randn(batch, q_len, E), torch.randn(batch, kv_len, kdim or E)
+        padding = torch.zeros(batch, kv_len, dtype=torch.bool)
+        padding[0, -2:] = True
+        if not batch_first:
+            x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+        return x, memory, padding
+
+    x, memory, padding = inputs(2, 3, 7)
+    gm = capture(model, (x, memory, padding), mode="symbolic")
+    assert _call_modules(gm) == {"attn.out_proj"}
+    linears = [n for n in gm.graph.nodes if n.target is F.linear]
+    assert len(linears) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, memory, padding), model(x, memory, padding), rtol=1e-5, atol=1e-5)
+        y = inputs(4, 5, 9)
+        torch.testing.assert_close(gm(*y), model(*y), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -110,8 +134,7 @@ def test_full_transformer_matches_the_module():
     src, tgt = torch.randn(2, 7, E), torch.randn(2, 5, E)
     mask = nn.Transformer.generate_square_subsequent_mask(5)
     gm = capture(model, {"src": src, "tgt": tgt, "tgt_mask": mask}, mode="symbolic")
-    assert "decoder.layers.0.multihead_attn" in _call_modules(gm)       # cross-attention: one call
-    assert "decoder.layers.0.self_attn" not in _call_modules(gm)
+    assert not {"decoder.layers.0.multihead_attn", "decoder.layers.0.self_attn"} & _call_modules(gm)
     with torch.no_grad():
         torch.testing.assert_close(gm(src, tgt, tgt_mask=mask), model(src, tgt, tgt_mask=mask),
                                    rtol=1e-5, atol=1e-5)

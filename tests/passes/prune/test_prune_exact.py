@@ -714,6 +714,37 @@ class TorchMultiheadAttention(nn.Module):
         return self.head((h + a).mean(1 if self.batch_first else 0))
 
 
+class TorchCrossAttention(nn.Module):
+    """torch.nn's MultiheadAttention across two streams (query from one projection, key and
+    value from another, or with their own `kdim`/`vdim`): the q, k and v rows of its packed
+    `in_proj_weight` are pieces read apart, each pruned with its own stream."""
+
+    def __init__(self, dim=32, heads=4, kdim=None):
+        super().__init__()
+        self.q_in, self.kv_in = nn.Linear(6, dim), nn.Linear(6, kdim or dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, kdim=kdim, vdim=kdim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        q, kv = self.q_in(x), self.kv_in(x.flip(1))
+        a, _ = self.attn(q, kv, kv, need_weights=False)
+        return self.head((q + a).mean(1))
+
+
+class TorchDecoder(nn.Module):
+    """torch.nn's TransformerDecoderLayer over an encoded memory: self-attention, then
+    cross-attention whose keys and values come from the memory stream."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.tgt, self.mem = nn.Linear(6, dim), nn.Linear(6, dim)
+        self.layer = nn.TransformerDecoderLayer(dim, heads, 48, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.tgt(x), self.mem(x[:, :3])).mean(1))
+
+
 class ChannelsFirstNorm(nn.Module):
     """ConvNeXt's stem and downsampling: a layer norm over the channels of an NCHW map, written
     as a permute around ``F.layer_norm`` whose shape is read off the input (``x.shape[1]``)."""
@@ -822,6 +853,9 @@ CASES = {
     "folded_heads_fused": (lambda: FoldedHeads(fused=True), lambda: torch.randn(2, 5, 6)),
     "torch_mha": (TorchMultiheadAttention, lambda: torch.randn(2, 5, 6)),
     "torch_mha_seq_first": (lambda: TorchMultiheadAttention(batch_first=False), lambda: torch.randn(2, 5, 6)),
+    "torch_cross_attention": (TorchCrossAttention, lambda: torch.randn(2, 5, 6)),
+    "torch_cross_attention_kdim": (lambda: TorchCrossAttention(kdim=20), lambda: torch.randn(2, 5, 6)),
+    "torch_decoder": (TorchDecoder, lambda: torch.randn(2, 5, 6)),
     "channels_first_norm": (ChannelsFirstNorm, IMAGE),
     "running_sums": (RunningSums, lambda: torch.randn(2, 5, 6)),
     "feature_interaction": (FeatureInteraction,
@@ -1218,12 +1252,13 @@ def test_torch_nn_transformer_layers_are_pruned_through_the_default_capture():
 
 
 class OpaqueModules(nn.Module):
-    """Cross-attention and a GRU: torch.nn modules symbolic capture keeps whole."""
+    """Attention with a zero key appended, and a GRU: torch.nn modules symbolic capture keeps
+    whole."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(6, 16), nn.Linear(6, 16)
-        self.cross = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(16, 2, batch_first=True, add_zero_attn=True)
         self.rnn = nn.GRU(16, 16, batch_first=True)
 
     def forward(self, x):
@@ -1313,7 +1348,7 @@ NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plai
            "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
            "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm",
            "feature_interaction", "single_head_einsum",
-           "running_sums"]
+           "running_sums", "torch_cross_attention", "torch_cross_attention_kdim", "torch_decoder"]
 
 
 @pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "folded_heads"])
