@@ -12,6 +12,9 @@ quantize (capture + insert + calibrate + lower). Every number comes from fxopt.m
 latencies are the lowest median over `--rounds` interleaved rounds (each round times every
 method at both batch sizes).
 A method that fails on a model is reported with its error, not hidden.
+
+`unet` is milesial/Pytorch-UNet's U-Net (four ConvTranspose2d up-samplers), defined here, not in
+the zoo; `unet_export` is the same model captured with torch.export (not in the default list).
 """
 from __future__ import annotations
 
@@ -29,7 +32,76 @@ from fxopt.examples import zoo
 from fxopt.measure import compare_latency, measure_latency, model_size_bytes
 
 MODELS = {"resnet18": "symbolic", "mobilenet_v2": "symbolic", "bert": "export", "hf_bert": "export",
-          "digits": "export", "video3d": "symbolic", "nn_encoder": "symbolic"}
+          "digits": "export", "video3d": "symbolic", "nn_encoder": "symbolic", "unet": "symbolic",
+          "unet_export": "export"}
+
+
+class _DoubleConv(torch.nn.Sequential):
+    def __init__(self, cin: int, cout: int) -> None:
+        nn = torch.nn
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Up(torch.nn.Module):
+    """milesial/Pytorch-UNet's `Up` (bilinear=False): a 2x2 stride-2 transposed conv, the pad
+    to the skip's size, cat, double conv."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(cin, cin // 2, kernel_size=2, stride=2)
+        self.conv = _DoubleConv(cin, cout)
+
+    def forward(self, x1, x2):
+        x1 = self.up(x1)
+        dy, dx = x2.size()[2] - x1.size()[2], x2.size()[3] - x1.size()[3]
+        x1 = torch.nn.functional.pad(x1, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([x2, x1], dim=1))
+
+
+class UNet(torch.nn.Module):
+    """milesial/Pytorch-UNet's U-Net (bilinear=False: four ConvTranspose2d(k=2, s=2) up-samplers),
+    widths 16..256 instead of 64..1024, on 3 x 64 x 64 images."""
+
+    def __init__(self, channels: int = 3, classes: int = 2, width: int = 16) -> None:
+        super().__init__()
+        w = [width * 2 ** i for i in range(5)]
+        pool = torch.nn.MaxPool2d(2)
+        self.inc = _DoubleConv(channels, w[0])
+        self.downs = torch.nn.ModuleList(torch.nn.Sequential(pool, _DoubleConv(w[i], w[i + 1])) for i in range(4))
+        self.ups = torch.nn.ModuleList(_Up(w[i + 1], w[i]) for i in reversed(range(4)))
+        self.outc = torch.nn.Conv2d(w[0], classes, 1)
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+
+def get_model(name: str, batch: int = 1, seed: int = 0):
+    """(model, inputs) from the zoo, or the U-Net defined here (`unet`, `unet_export`: one model,
+    captured by each front end)."""
+    if not name.startswith("unet"):
+        return zoo.get(name, batch=batch, seed=seed)
+    torch.manual_seed(0)
+    model = UNet().eval()
+    with torch.no_grad():  # trained-looking batchnorm statistics instead of the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.ConvTranspose2d):
+                # He init for what it computes (each output pixel sums C_in products): torch's
+                # default counts C_out * k * k, which leaves the up-sampled path ~1/10 of the skip
+                # it is concatenated with, and the output SQNR blind to the transposed convs
+                m.weight.normal_(0.0, (2.0 / m.in_channels) ** 0.5)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.8, 1.2)
+    gen = torch.Generator().manual_seed(seed)
+    return model, (torch.randn(batch, 3, 64, 64, generator=gen),)
 
 
 def calibration_for(name: str, n: int = 8):
@@ -37,7 +109,7 @@ def calibration_for(name: str, n: int = 8):
         from fxopt.examples.digits import calibration_batches
 
         return calibration_batches(n_batches=n, batch_size=32)
-    return [zoo.get(name, batch=8, seed=100 + i)[1] for i in range(n)]
+    return [get_model(name, batch=8, seed=100 + i)[1] for i in range(n)]
 
 
 def quantize_fxopt(model, inputs, cal, mode):
@@ -107,8 +179,8 @@ def size_bytes(label: str, m) -> int:
 
 def run_model(name: str, repeats: int, with_pt2e: bool, rounds: int = 3) -> list[dict]:
     mode = MODELS[name]
-    model, x1 = zoo.get(name, batch=1)
-    _, x16 = zoo.get(name, batch=16)
+    model, x1 = get_model(name, batch=1)
+    _, x16 = get_model(name, batch=16)
     cal = calibration_for(name)
     rows = []
     candidates: dict[str, tuple] = {"fp32": (model, 0.0, None)}
@@ -188,13 +260,13 @@ def head_to_head(name: str, rounds: int, repeats: int = 10) -> list[str]:
     For close calls: on a shared machine a burst of load during one method's turn in the full
     table can flip a 5% difference; `rounds` alternations spread such bursts over both.
     """
-    model, x16 = zoo.get(name, batch=16)
+    model, x16 = get_model(name, batch=16)
     cal = calibration_for(name)
     fx, _ = quantize_fxopt(model, x16, cal, MODELS[name])
     ao, _ = quantize_ao_fx(model, x16, cal)
     lines = []
     for batch in (1, 16):
-        x = zoo.get(name, batch=batch)[1]
+        x = get_model(name, batch=batch)[1]
         got: dict[str, list[float]] = {"fxopt int8": [], "torch.ao FX int8": []}
         for r in range(rounds):
             order = [("fxopt int8", fx), ("torch.ao FX int8", ao)]
@@ -223,7 +295,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=[m for m in MODELS if m != "unet_export"], choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best median counts")
     parser.add_argument("--no-pt2e", action="store_true", help="skip the torchao PT2E comparison")

@@ -44,7 +44,7 @@ from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
-from .kernels import int8_linear, int8_pad
+from .kernels import depth_to_space, int8_linear, int8_pad, subpixel_weight
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear
 from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
@@ -436,9 +436,19 @@ class _Lowering:
         key = (group.kind, id(view.params["weight"].get()), id(group.bn) if group.bn is not None else None,
                id(bias_ref.get()) if bias_ref is not None else None,
                tuple(sorted((k, repr(v)) for k, v in view.attrs.items())))
+        geometry = dict(stride=view.attrs.get("stride"), padding=padding, dilation=view.attrs.get("dilation"),
+                        groups=view.attrs.get("groups"))
+        taps = None
+        if group.kind == "conv" and view.attrs.get("transposed"):
+            # stride == kernel, no padding (plan.transposed_reason): a 1x1 conv to one channel per
+            # kernel tap and output channel, interleaved by depth_to_space
+            taps = list(weight.shape[2:])
+            weight, bias = subpixel_weight(weight, bias)
+            ones = [1] * len(taps)
+            geometry = dict(stride=ones, padding=[0] * len(taps), dilation=ones, groups=1)
         qw = quantize_weight(weight)
         if self.backend == "x86":
-            kernel, prepacked = self._x86_kernel(group, view, qw, bias, act is not None, padding)
+            kernel, prepacked = self._x86_kernel(group, view, qw, bias, act is not None, geometry)
             name = self.packed_cache.get(key)
             if name is None:
                 name = _fresh_attr(self.gm, f"{group.name}_packed")
@@ -446,6 +456,8 @@ class _Lowering:
                 self.packed_cache[key] = name
             packed = self.graph.get_attr(name)
             y = self.graph.call_function(kernel, (x, packed, *qparams))
+            if taps is not None:
+                y = self.graph.call_function(depth_to_space, (y, taps))
             if top is not None:
                 if (grid[3] - qparams[1]) * qparams[0] > top:
                     y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
@@ -467,10 +479,12 @@ class _Lowering:
             if group.kind == "linear":
                 y = self.graph.call_function(aten.linear.default, (x, w, b_node))
             else:
-                a = view.attrs
-                op = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[a["dim"]]
-                y = self.graph.call_function(op, (x, w, b_node, list(a["stride"]), list(padding),
-                                                  list(a["dilation"]), a["groups"]))
+                g = geometry
+                op = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}[view.attrs["dim"]]
+                y = self.graph.call_function(op, (x, w, b_node, list(g["stride"]), list(g["padding"]),
+                                                  list(g["dilation"]), g["groups"]))
+                if taps is not None:
+                    y = self.graph.call_function(depth_to_space, (y, taps))
         if act is not None:
             if top is None:
                 y = self.graph.call_function(aten.relu.default, (y,))
@@ -478,11 +492,11 @@ class _Lowering:
                 y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
         return y
 
-    def _x86_kernel(self, group, view, qw, bias, relu: bool, padding):
+    def _x86_kernel(self, group, view, qw, bias, relu: bool, geometry: dict):
         if group.kind == "linear":
             return (qops.linear_relu.default if relu else qops.linear.default), prepack_linear(qw, bias)
-        a = view.attrs
-        packed = prepack_conv(qw, bias, a["stride"], padding, a["dilation"], a["groups"])
+        a, g = view.attrs, geometry
+        packed = prepack_conv(qw, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
         fused, plain = {1: (qops.conv1d_relu.default, qops.conv1d.default), 2: (qops.conv2d_relu.new, qops.conv2d.new),
                         3: (qops.conv3d_relu.new, qops.conv3d.new)}[a["dim"]]
         return (fused if relu else plain), packed
@@ -536,7 +550,10 @@ def _folded_weights(gm, group: Group, view) -> tuple[torch.Tensor, torch.Tensor 
     gamma = gamma.float() if gamma is not None else torch.ones_like(mean)
     beta = beta.float() if beta is not None else torch.zeros_like(mean)
     factor = gamma / torch.sqrt(var + float(bn.attrs.get("eps", 1e-5)))
-    weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+    if view.attrs.get("transposed"):  # weight [C_in, C_out / groups, *k]: output channels on dim 1
+        weight = weight * factor.reshape(1, -1, *([1] * (weight.dim() - 2)))
+    else:
+        weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
     bias = (bias if bias is not None else torch.zeros_like(mean)) - mean
     return weight, bias * factor + beta
 

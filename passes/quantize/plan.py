@@ -7,6 +7,10 @@ hardtanh(0, x) / clamp(0, x) such as relu6, whose clamp the output range implies
 
     conv -> batch_norm -> relu      ==>  quantized.conv2d_relu(q(x), packed(w folded), s, zp)
 
+A transposed conv is a conv anchor when its stride equals its kernel, with no padding and one
+group (a U-Net's up-sampler; `transposed_reason`): lowering makes it a 1x1 int8 conv and a
+depth-to-space of the int8 bytes.
+
 *Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, hardtanh, dropout, basic
 slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`, and padding with zeros or by
 copying edges: `F.pad(x, (0, 1, 0, 1))`, reflect, replicate, circular) run on int8 values as
@@ -144,8 +148,10 @@ def _anchor_ok(gm, view) -> str | None:
         a = view.attrs
         if view.param("weight") is None:  # computed (weight_norm): attributes read off it are unknown too
             return "weight is not a parameter"
-        if a.get("transposed") or a.get("dim") not in (1, 2, 3):
-            return "only conv1d/2d/3d (not transposed) have int8 kernels"
+        if a.get("dim") not in (1, 2, 3):
+            return "only conv1d/2d/3d have int8 kernels"
+        if a.get("transposed"):
+            return transposed_reason(view)
         if isinstance(a.get("padding"), str):
             # the op view turns every symmetric string padding into numbers: this one is uneven
             return f"padding='{a['padding']}' pads unevenly here (an even kernel): no int8 kernel"
@@ -178,6 +184,33 @@ def _anchor_ok(gm, view) -> str | None:
             return "cat of non-float values"
         return None
     return "no int8 kernel"
+
+
+def transposed_reason(view) -> str | None:
+    """None when a transposed conv (`view`) has fxopt's int8 form, else why it stays float.
+
+    The int8 form is exact and faster than float for one family only: stride equal to the
+    kernel, no padding, one group (a U-Net's ``ConvTranspose2d(c, c // 2, 2, stride=2)``).
+    There every output pixel comes from one input pixel and one kernel tap, so the transposed
+    conv is a 1x1 int8 conv with ``prod(kernel) * C_out`` output channels (per-channel weights)
+    whose taps `kernels.depth_to_space` interleaves. torch's own int8 transposed convs are no
+    option (measured, torch 2.13; docs/benchmarks.md): oneDNN's (what the x86 engine picks) is
+    off by up to 255 output steps; fbgemm's takes a direct path for a (2, k) kernel with no
+    padding and channel counts that are multiples of 8 that is as wrong, and its other path,
+    exact, ran slower than the float op; and both refuse per-channel weights.
+    """
+    node, a = view.node, view.attrs
+    if node.op == "call_module" and (len(node.args) > 1 or "output_size" in node.kwargs):
+        return "transposed conv called with output_size: no int8 kernel"
+    kernel = tuple(view.param("weight").shape[2:])
+    if tuple(a.get("stride", ())) != kernel or any(a.get("padding", ())) or any(a.get("output_padding", ())) \
+            or a.get("groups", 1) != 1 or (any(d != 1 for d in a.get("dilation", ())) and any(k > 1 for k in kernel)):
+        return ("transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1 has an int8 "
+                f"kernel (a 1x1 conv and a depth-to-space; here kernel {kernel}, stride {tuple(a.get('stride', ()))}, "
+                f"padding {tuple(a.get('padding', ()))}, groups {a.get('groups', 1)}); runs in float")
+    if a.get("padding_mode", "zeros") != "zeros":
+        return f"transposed conv with padding_mode='{a['padding_mode']}': no int8 kernel"
+    return None
 
 
 def _follower_ok(view, anchor) -> bool:
@@ -300,8 +333,8 @@ def _batch_norm_reason(gm, view) -> str:
         what = f"after '{source.name}'" + (f", a {before.kind}" if before is not None else "") \
             if isinstance(source, torch.fx.Node) else "on a constant"
         return f"not behind a conv/linear it could fold into ({what}); runs in float"
-    if before.kind == "conv" and before.attrs.get("transposed"):
-        return (f"after the transposed conv '{source.name}', which has no int8 kernel: "
+    if before.kind == "conv" and before.attrs.get("transposed") and transposed_reason(before) is not None:
+        return (f"after the transposed conv '{source.name}', which has no int8 kernel here: "
                 "folded into nothing; runs in float")
     if len(source.users) > 1:
         return f"'{source.name}' is read by others too: no weight fold keeps their value; runs in float"

@@ -64,7 +64,7 @@ def test_a_loaded_model_packs_those_convs_with_onednn_again(tmp_path):
 def test_the_onednn_conv3d_kernel_computes_the_float_conv_of_its_operands(input_zero_point):
     """The kernel conv3d is packed for, checked directly: within half an output step of the
     float conv on the dequantized operands, at any zero point (torch's int8 conv_transpose2d
-    failed this check, so transposed convs stay float)."""
+    fails this check: transposed convs are lowered as a 1x1 conv instead, test_conv_transpose)."""
     from fxopt.passes.quantize.packing import prepack_conv
 
     torch.manual_seed(0)

@@ -235,7 +235,7 @@ def test_float_ops_say_why_each_op_stays_float():
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-            self.up = nn.ConvTranspose2d(8, 8, 2, 2)
+            self.up = nn.ConvTranspose2d(8, 8, 3, 2)  # stride != kernel: no int8 form
             self.bn = nn.BatchNorm2d(8)
 
         def forward(self, x):
@@ -251,8 +251,10 @@ def test_float_ops_say_why_each_op_stays_float():
                  "runs in float",
         "silu": "silu: no int8 kernel in fxopt's lowering; runs in float",
         "mul": "mul: no int8 kernel in fxopt's lowering; runs in float (only add has an int8 elementwise kernel)",
-        "up": "conv: only conv1d/2d/3d (not transposed) have int8 kernels",
-        "bn": "batch_norm: after the transposed conv 'up', which has no int8 kernel: folded into nothing; "
+        "up": "conv: transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1 has an int8 "
+              "kernel (a 1x1 conv and a depth-to-space; here kernel (3, 3), stride (2, 2), padding (0, 0), "
+              "groups 1); runs in float",
+        "bn": "batch_norm: after the transposed conv 'up', which has no int8 kernel here: folded into nothing; "
               "runs in float",
     }, stats["float_ops"]
 
