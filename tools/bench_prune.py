@@ -1,6 +1,6 @@
 """Benchmark structured pruning (issue 4): fxopt `prune` against Torch-Pruning at the same ratio.
 
-    python tools/bench_prune.py --ratio 0.5 [--models resnet18,mobilenet_v2,densenet,vit,bert,digits,nn_encoder]
+    python tools/bench_prune.py --ratio 0.5 [--models resnet18,mobilenet_v2,densenet,vit,bert,digits,nn_encoder,nn_seq2seq]
 
 A model name may carry `prune` options after a colon, separated by semicolons, e.g.
 ``bert:exact_norms=false;max_layer_ratio=0.6``; by default the transformers run three times:
@@ -22,7 +22,8 @@ dropout removed, an export graph's ATen calls made through the eager bindings), 
 deployment pipeline would; Torch-Pruning's model is its eager module.
 For digits also accuracy before, after pruning and after `fxopt.distill`. Prints a Markdown
 table. CNNs are captured symbolically, the transformers with torch.export; `nn_encoder` (torch.nn's
-own `nn.TransformerEncoder`, BERT-sized) symbolically through fxopt's traceable forwards, against
+own `nn.TransformerEncoder`, BERT-sized) and `nn_seq2seq` (`nn.Transformer`, 2+2 layers of width
+256, with cross-attention) symbolically through fxopt's traceable forwards, against
 Torch-Pruning's default handling of `nn.MultiheadAttention` (it halves the embedding width).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ EXPORT = {"vit", "bert"}
 #: puts after `prune` (eval dropout out; an export graph's ATen calls through eager bindings).
 TAIL = "remove-noops,lower-eager"
 CLASSIFIER = {"resnet18": "fc", "mobilenet_v2": "classifier", "densenet": "fc", "vit": "head",
-              "bert": "classifier", "digits": "fc", "nn_encoder": "classifier"}
+              "bert": "classifier", "digits": "fc", "nn_encoder": "classifier", "nn_seq2seq": "generator"}
 
 
 def bench_fxopt(name, options: dict, tail: str = TAIL):
@@ -125,7 +126,8 @@ def main(argv=None):
                                                 "vit,vit:exact_norms=false,"
                                                 "vit:exact_norms=false;max_layer_ratio=0.6,bert,bert:exact_norms=false,"
                                                 "bert:exact_norms=false;max_layer_ratio=0.6,digits,nn_encoder,"
-                                                "nn_encoder:exact_norms=false,nn_encoder:exact_norms=false;max_layer_ratio=0.6")
+                                                "nn_encoder:exact_norms=false,nn_encoder:exact_norms=false;max_layer_ratio=0.6,"
+                                                "nn_seq2seq,nn_seq2seq:exact_norms=false")
     parser.add_argument("--tail", default=TAIL, help="passes run after prune on fxopt's model ('' for none)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert", "nn_encoder", "video3d")
+NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert", "nn_encoder", "nn_seq2seq",
+         "video3d")
 
 
 # ----- ResNet-18 --------------------------------------------------------------------------------
@@ -234,6 +235,25 @@ class TorchEncoder(nn.Module):
         return self.classifier(x[:, 0])
 
 
+class TorchSeq2Seq(nn.Module):
+    """An encoder-decoder from torch.nn's own `nn.Transformer` (self- and cross-attention
+    through packed projections), predicting a next token at each target position."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 256, layers: int = 2, heads: int = 4,
+                 ffn: int = 1024, max_len: int = 128) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(1, max_len, dim) * 0.02)
+        self.transformer = nn.Transformer(dim, heads, layers, layers, ffn, dropout=0.1, activation="gelu",
+                                          batch_first=True)
+        self.generator = nn.Linear(dim, vocab)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        src = self.embed(source) + self.position[:, : source.shape[1]]
+        tgt = self.embed(target) + self.position[:, : target.shape[1]]
+        return self.generator(self.transformer(src, tgt))
+
+
 class Video3D(nn.Module):
     """A small video classifier: Conv3d + BatchNorm3d + ReLU blocks, two of them strided."""
 
@@ -291,6 +311,8 @@ def get(name: str, batch: int = 1, *, seed: int = 0, image_size: int | None = No
         "bert": (BertEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "hf_bert": (_hf_bert, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "nn_encoder": (TorchEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
+        "nn_seq2seq": (TorchSeq2Seq, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),
+                                                  torch.randint(0, 1000, (b, seq_len // 2), generator=g))),
         "video3d": (Video3D, lambda g, b: (torch.randn(b, 3, 8, image_size or 32, image_size or 32, generator=g),)),
         "vit": (lambda: ViT(image_size=image_size or 32),
                 lambda g, b: (torch.randn(b, 3, image_size or 32, image_size or 32, generator=g),)),

@@ -25,6 +25,7 @@ tests/passes/prune/test_prune_select.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -77,10 +78,30 @@ def max_weight_closure(weights: dict, implies: list, forced_out: set | frozenset
             g.add_edge(u, v, capacity=float(c))
         elif "capacity" in g.edges[u, v]:  # an edge without capacity is a requirement: infinite
             g.edges[u, v]["capacity"] += float(c)
-    value, (source_side, _) = nx.minimum_cut(g, "s", "t", flow_func=boykov_kolmogorov)
-    chosen = set(source_side) - {"s"}
-    cut = [(u, v) for u, v in g.edges if (u in source_side) != (v in source_side) and u in source_side]
+    source_side = _source_side(g)
+    chosen = source_side - {"s"}
+    cut = [(u, v) for u, v in g.edges if u in source_side and v not in source_side]
+    value = sum(g.edges[e].get("capacity", float("inf")) for e in cut)
     return chosen, value, cut
+
+
+def _source_side(g: nx.DiGraph) -> set:
+    """The source side of a minimum s-t cut: what the source reaches in the residual network of
+    a maximum flow. An edge counts as saturated when its residual is below a rounding error of
+    the capacities (networkx's `minimum_cut` asks for `flow == capacity` exactly: float sums
+    that miss by one ulp can leave the source reaching the sink, and its partition then holds
+    neither side of a minimum cut)."""
+    residual = boykov_kolmogorov(g, "s", "t")
+    finite = [d["capacity"] for _, _, d in g.edges(data=True) if "capacity" in d]
+    tol = 1e-9 * max(finite, default=1.0)
+    seen, todo = {"s"}, ["s"]
+    while todo:
+        u = todo.pop()
+        for v, d in residual.adj[u].items():
+            if v not in seen and d["capacity"] - d["flow"] > tol:
+                seen.add(v)
+                todo.append(v)
+    return seen
 
 
 def brute_force_closure(weights: dict, implies: list, forced_out: set | frozenset = frozenset(),
@@ -112,6 +133,9 @@ class _Solver:
       stream with the block outputs written into it): dynamic programming over the tree;
     - other small components: their valid closures are enumerated once (≤ `CAP`) and scored
       for every λ by one matrix product;
+    - components that are trees but for a few classes required twice (an embedding shared by
+      an encoder's and a decoder's stream): each dead/alive assignment of those few classes
+      leaves a forest, solved by the tree program; the best assignment wins (conditioning);
     - the rest: a networkx minimum cut per component (`max_weight_closure`).
 
     `soft` holds adapter charges (x, y, c): c is paid when x dies and y (which requires x) lives.
@@ -136,7 +160,8 @@ class _Solver:
         self.trivial = np.nonzero(~touched & in_members)[0]
         self.trees: list[tuple] = []
         self.enums: list[tuple] = []
-        self.large: list[list[int]] = []
+        self.conditioned: list[_Conditioned] = []
+        self.large: list[tuple] = []  # (classes, their requirements, blocked ones, soft charges)
         self._prepare_components()
 
     # ----- structure ------------------------------------------------------------------------
@@ -185,18 +210,31 @@ class _Solver:
         for u, v in self.edges:
             requires.setdefault(u, []).append(v)
         enums: dict[tuple, list] = {}
+        conditioned: dict[tuple, list] = {}
         closures: dict[tuple, np.ndarray | None] = {}
+        structures: dict[tuple, _Conditioned | None] = {}
         for nodes in components:
             pos = {k: i for i, k in enumerate(nodes)}
-            edges = tuple((pos[u], pos[v]) for u in nodes for v in requires.get(u, ()))
+            # sorted: components of one shape share a signature whatever order the pairs came in
+            edges = tuple(sorted((pos[u], pos[v]) for u in nodes for v in requires.get(u, ())))
             sig = (len(nodes), edges, tuple(bool(self.blocked[k]) for k in nodes))
             if sig not in closures:
                 closures[sig] = _closures(*sig, self.CAP)
+            soft = [self.soft.get((nodes[x], nodes[y]), 0.0) for y, x in edges]
             if closures[sig] is not None:
-                soft = [self.soft.get((nodes[x], nodes[y]), 0.0) for y, x in edges]
                 enums.setdefault(sig, []).append((nodes, np.array(soft)))
-            else:
-                self.large.append(nodes)
+                continue
+            if sig not in structures:
+                structures[sig] = _Conditioned.build(*sig)
+            if structures[sig] is not None:
+                conditioned.setdefault(sig, []).append((nodes, soft))
+            else:  # its own requirements and charges, gathered once for every λ tried
+                self.large.append((nodes, [(u, v) for u in nodes for v in requires.get(u, ())],
+                                   {k for k in nodes if self.blocked[k]},
+                                   [(x, y, c) for (x, y), c in self.soft.items() if x in pos]))
+        for sig, items in conditioned.items():
+            self.conditioned.append(structures[sig].batch(np.array([it[0] for it in items], dtype=np.int64),
+                                                          np.array([it[1] for it in items], dtype=np.float64)))
         for sig, items in enums.items():
             valid, edges = closures[sig], sig[1]
             comps = np.array([it[0] for it in items], dtype=np.int64)
@@ -219,16 +257,16 @@ class _Solver:
             dead[self.trivial] = (w > 0) & ~self.blocked[self.trivial] & (self.prod[self.trivial] > 0)
         for comps, parent, order, blocked, pen in self.trees:
             w = self.weights(lam, comps.reshape(-1)).reshape(comps.shape)
-            dead[comps] = _solve_trees(w, lam * pen, parent, order, blocked)
+            dead[comps] = _solve_trees(w, lam * pen, parent, order, blocked)[0]
         for comps, valid, soft, broken in self.enums:
             w = self.weights(lam, comps.reshape(-1)).reshape(comps.shape)
             score = w @ valid.T - lam * (soft @ broken)
             dead[comps] = valid[np.argmax(score, axis=1)].astype(bool)
-        for nodes in self.large:
-            idx = np.array(nodes, dtype=np.int64)
-            weights = dict(zip(nodes, self.weights(lam, idx).tolist()))
-            penalties = [(x, y, lam * c) for (x, y), c in self.soft.items() if x in weights]
-            chosen, _, _ = max_weight_closure(weights, self.edges, {k for k in nodes if self.blocked[k]}, penalties)
+        for cond in self.conditioned:
+            dead[cond.comps] = cond.solve(self.weights(lam, cond.comps.reshape(-1)).reshape(cond.comps.shape), lam)
+        for nodes, edges, forced_out, soft in self.large:
+            weights = dict(zip(nodes, self.weights(lam, np.array(nodes, dtype=np.int64)).tolist()))
+            chosen, _, _ = max_weight_closure(weights, edges, forced_out, [(x, y, lam * c) for x, y, c in soft])
             dead[list(chosen)] = True
         return dead
 
@@ -267,11 +305,14 @@ def _children_first(parent: tuple) -> list[int]:
 
 
 def _solve_trees(w: np.ndarray, pen: np.ndarray, parent: np.ndarray, order: list[int],
-                 blocked: np.ndarray) -> np.ndarray:
-    """Closure DP on a batch of same-shaped trees (rows of `w`): a class dies with its whole
+                 blocked: np.ndarray, forced: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Closure DP on a batch of same-shaped forests (rows of `w`): a class dies with its whole
     subtree (`full`) or stays and lets each child decide (`free`); `pen[:, x]` is paid when x
-    dies while its parent stays."""
+    dies while its parent stays. `blocked` classes cannot die, `forced` ones must. Returns the
+    dead mask and each row's total weight (-inf where `blocked` and `forced` contradict)."""
     full, free = w.copy(), np.zeros_like(w)
+    if forced is not None:
+        free[:, forced] = -np.inf
     for v in order:
         if blocked[v]:
             full[:, v] = -np.inf
@@ -284,7 +325,105 @@ def _solve_trees(w: np.ndarray, pen: np.ndarray, parent: np.ndarray, order: list
         p = parent[v]
         own = full[:, v] - (pen[:, v] if p >= 0 else 0) > free[:, v]
         dead[:, v] = own | dead[:, p] if p >= 0 else own
-    return dead
+    roots = np.asarray(parent) < 0
+    return dead, np.maximum(full[:, roots], free[:, roots]).sum(axis=1)
+
+
+@dataclass
+class _Conditioned:
+    """A component that is a forest once a few classes `cut` (each required by two or more)
+    are decided: for each dead/alive assignment of them, the forest's requirements on them
+    become classes that must stay (a requirer of a live one) or must die (required by a dead
+    one), their adapter charges become weights, and the tree program solves the rest. Every
+    assignment is scored for a whole batch of same-shaped components at once."""
+
+    MAX_CUT = 4  # 16 assignments
+
+    n: int
+    edges: tuple          # (requirer, required) in local positions
+    blocked: np.ndarray   # per local position
+    cut: list[int]        # the conditioned positions
+    forest: list[int]     # the others, in forest order
+    parent: np.ndarray    # per forest index: its requirer's forest index, or -1
+    order: list[int]
+    comps: np.ndarray | None = None  # (components, n) class ids
+    soft: np.ndarray | None = None   # (components, edges) adapter charge per edge
+
+    @staticmethod
+    def build(n: int, edges: tuple, blocked: tuple) -> "_Conditioned | None":
+        requirers = np.bincount([x for _, x in edges], minlength=n)
+        cut = np.flatnonzero(requirers > 1).tolist()
+        if not cut or len(cut) > _Conditioned.MAX_CUT:
+            return None
+        forest = [v for v in range(n) if v not in set(cut)]
+        index = {v: i for i, v in enumerate(forest)}
+        parent = np.full(len(forest), -1, dtype=np.int64)
+        for y, x in edges:
+            if x in index and y in index:
+                parent[index[x]] = index[y]
+        if not _acyclic(parent):
+            return None
+        return _Conditioned(n, edges, np.array(blocked, dtype=bool), cut, forest, parent,
+                            _children_first(tuple(parent.tolist())))
+
+    def batch(self, comps: np.ndarray, soft: np.ndarray) -> "_Conditioned":
+        return dataclasses.replace(self, comps=comps, soft=soft)
+
+    def solve(self, w: np.ndarray, lam: float) -> np.ndarray:
+        """The dead mask (components × n) of the best closure at weights `w`."""
+        rows, forest = len(w), np.array(self.forest, dtype=np.int64)
+        index = {v: i for i, v in enumerate(self.forest)}
+        best_value = np.full(rows, -np.inf)
+        best_dead = np.zeros((rows, self.n), dtype=bool)
+        for bits in range(1 << len(self.cut)):
+            state = {v: bool(bits >> i & 1) for i, v in enumerate(self.cut)}  # True: dead
+            if any(state[v] and self.blocked[v] for v in self.cut):
+                continue
+            wf = w[:, forest].copy()
+            pen = np.zeros_like(wf)
+            value = sum((w[:, v] for v in self.cut if state[v]), np.zeros(rows))
+            blocked, forced = self.blocked[forest].copy(), np.zeros(len(forest), dtype=bool)
+            feasible = True
+            for e, (y, x) in enumerate(self.edges):  # y requires x; charge when x dies, y lives
+                c = lam * self.soft[:, e]
+                if y in index and x in index:
+                    pen[:, index[x]] += c
+                elif y in index:  # a forest class requiring a decided one
+                    if state[x]:
+                        wf[:, index[y]] += c  # paid unless y dies too
+                        value = value - c
+                    else:
+                        blocked[index[y]] = True
+                elif x in index:  # a decided class requiring a forest one
+                    if state[y]:
+                        forced[index[x]] = True
+                    else:
+                        wf[:, index[x]] -= c
+                elif state[y] and not state[x]:
+                    feasible = False
+                elif state[x] and not state[y]:
+                    value = value - c
+            if not feasible:
+                continue
+            dead, total = _solve_trees(wf, pen, self.parent, self.order, blocked, forced)
+            value = value + total
+            better = value > best_value
+            best_value = np.where(better, value, best_value)
+            best_dead[np.ix_(better, forest)] = dead[better]
+            for v in self.cut:
+                best_dead[better, v] = state[v]
+        return best_dead
+
+
+def _acyclic(parent: np.ndarray) -> bool:
+    """Whether following `parent` from every node reaches a root."""
+    for v in range(len(parent)):
+        seen = 0
+        while v >= 0 and seen <= len(parent):
+            v, seen = parent[v], seen + 1
+        if v >= 0:
+            return False
+    return True
 
 
 def _closures(n: int, edges: tuple, blocked: tuple, cap: int) -> np.ndarray | None:

@@ -123,3 +123,53 @@ def test_select_meets_ratio_and_respects_precedence():
     sel = select(macs, imp, prod, blocked, precedence, [set(range(n))], 0.5, "global")
     assert sel.removed == 17  # floor(0.5 * 35)
     assert all(sel.dead[v] for u, v in precedence if sel.dead[u])
+
+
+def _shared_stream_copies(seed, copies=3, n=40, shared=2, soft_weight=0.5):
+    """`copies` components of one shape: a random forest of requirements (too many closures to
+    enumerate) whose first `shared` classes are each required by two or three others (an
+    embedding read by an encoder's and a decoder's stream), some of those requiring classes
+    of the forest or each other; random weights, blocked classes and adapter charges."""
+    rng = np.random.default_rng(seed)
+    edges = {(int(rng.integers(shared, v)) if v > shared else shared, v) for v in range(shared + 1, n)}
+    for s in range(shared):
+        for y in rng.choice(np.arange(shared, n), size=int(rng.integers(2, 4)), replace=False):
+            edges.add((int(y), s))
+        if rng.random() < 0.5:
+            edges.add((s, int(rng.integers(shared, n))))
+    if shared > 1 and rng.random() < 0.5:
+        edges.add((1, 0))
+    total = copies * n
+    macs, imp = rng.uniform(0, 2, total), rng.uniform(0, 2, total)
+    blocked = np.tile(rng.random(n) < 0.05, copies)
+    precedence = {(c * n + y, c * n + x) for c in range(copies) for y, x in edges}
+    soft = {(x, y): soft_weight * rng.uniform(0.1, 1) for y, x in precedence if rng.random() < 0.7}
+    return macs, imp, np.ones(total, dtype=np.int64), blocked, precedence, soft
+
+
+@pytest.mark.parametrize("shared", [1, 2, 6])
+@pytest.mark.parametrize("seed", range(8))
+def test_conditioning_on_classes_required_twice_gives_the_optimum(seed, shared):
+    """Components that are trees but for a few classes with two requirers are solved by trying
+    each dead/alive assignment of those few (batched over same-shaped components), more of
+    them by networkx: the same value as networkx's minimum cut over the whole problem."""
+    macs, imp, prod, blocked, precedence, soft = _shared_stream_copies(seed, shared=shared)
+    n = len(macs)
+    solver = _Solver(macs, imp, prod, blocked, precedence, np.arange(n), soft)
+    if shared > 4:
+        assert solver.large and not solver.conditioned
+    else:
+        assert not solver.large and len(solver.conditioned) == 1 and len(solver.conditioned[0].comps) == 3
+    forced = set(np.nonzero(blocked)[0].tolist())
+    for lam in (0.05, 0.7, 1.3, 4.0):
+        dead = solver.solve(lam)
+        weights = dict(enumerate(solver.weights(lam, np.arange(n)).tolist()))
+        penalties = [(x, y, lam * c) for (x, y), c in soft.items()]
+        chosen, _, _ = max_weight_closure(weights, list(precedence), forced, penalties)
+
+        def value(d):
+            return sum(weights[k] for k in d) - sum(c for x, y, c in penalties if x in d and y not in d)
+
+        got = set(np.nonzero(dead)[0].tolist())
+        assert all(v in got for u, v in precedence if u in got) and not got & forced
+        assert value(got) == pytest.approx(value(chosen), abs=1e-7)
