@@ -100,6 +100,9 @@ def bench_tp(name, ratio):
         for m in model.modules():
             if hasattr(m, "heads") and hasattr(m, "query"):
                 m.heads = m.query.out_features // m.head_dim
+    for m in model.modules():  # nn.Transformer checks its inputs against d_model, which TP leaves
+        if isinstance(m, torch.nn.Transformer):
+            m.d_model = m.encoder.layers[0].self_attn.embed_dim
     return model, analysis_s
 
 
