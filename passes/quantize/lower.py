@@ -421,7 +421,9 @@ class _Lowering:
         qparams = grid[:2]
         weight, bias = _folded_weights(self.gm, group, view)
         act = op_view(self.gm, group.act) if group.act is not None else None
-        top = activation_bounds(act)[1] if act is not None else None  # relu6's 6; None: relu
+        # (lo, hi) of the relu/hardtanh/clamp (None: unbounded); the kernel's relu clamps at 0
+        bounds = activation_bounds(act) if act is not None else None
+        relu = bounds is not None and bounds[0] == 0.0
         x = inputs[0]
         padding = view.attrs.get("padding")
         mode = view.attrs.get("padding_mode", "zeros")
@@ -448,7 +450,7 @@ class _Lowering:
             geometry = dict(stride=ones, padding=[0] * len(taps), dilation=ones, groups=1)
         qw = quantize_weight(weight)
         if self.backend == "x86":
-            kernel, prepacked = self._x86_kernel(group, view, qw, bias, act is not None, geometry)
+            kernel, prepacked = self._x86_kernel(group, view, qw, bias, relu, geometry)
             name = self.packed_cache.get(key)
             if name is None:
                 name = _fresh_attr(self.gm, f"{group.name}_packed")
@@ -458,9 +460,19 @@ class _Lowering:
             y = self.graph.call_function(kernel, (x, packed, *qparams))
             if taps is not None:
                 y = self.graph.call_function(depth_to_space, (y, taps))
-            if top is not None:
-                if (grid[3] - qparams[1]) * qparams[0] > top:
-                    y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
+            if bounds is not None:
+                # The output grid is the activation's (its observer saw the clamped values): the
+                # kernel's rounding saturates at the grid's ends, and a bound inside the grid is
+                # one clamp on the int8 output (hardtanh(-0.5, 0.5) on a wide conv output gets
+                # all 256 levels inside [-0.5, 0.5], not the few the conv's own grid had there).
+                lo, hi = bounds
+                scale, zero_point, qmin, qmax = grid
+                lo = lo if lo is not None and not relu and (qmin - zero_point) * scale < lo else None
+                hi = hi if hi is not None and (qmax - zero_point) * scale > hi else None
+                if relu and hi is not None:
+                    y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, hi))
+                elif lo is not None or hi is not None:
+                    y = self.graph.call_function(aten.clamp.default, (y, lo, hi))
             return y
         w_int = add_tensor_attr(self.gm, f"{group.name}_weight_int8", qw.int_repr(), parameter=False)
         w_scale = add_tensor_attr(self.gm, f"{group.name}_weight_scale",
@@ -485,11 +497,12 @@ class _Lowering:
                                                   list(g["dilation"]), g["groups"]))
                 if taps is not None:
                     y = self.graph.call_function(depth_to_space, (y, taps))
-        if act is not None:
-            if top is None:
-                y = self.graph.call_function(aten.relu.default, (y,))
-            else:
-                y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, top))
+        if bounds == (0.0, None):
+            y = self.graph.call_function(aten.relu.default, (y,))
+        elif relu:
+            y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, bounds[1]))
+        elif bounds is not None:
+            y = self.graph.call_function(aten.clamp.default, (y, *bounds))
         return y
 
     def _x86_kernel(self, group, view, qw, bias, relu: bool, geometry: dict):

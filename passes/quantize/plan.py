@@ -2,8 +2,8 @@
 
 A *group* is a run of nodes that becomes one int8 kernel: an anchor (conv, linear, add,
 matmul, cat) optionally followed by a batchnorm (after a conv, or BatchNorm1d after a linear's
-(N, features) output; folded into the weights) and an activation (relu, clamp(min=0), or
-hardtanh(0, x) / clamp(0, x) such as relu6, whose clamp the output range implies)::
+(N, features) output; folded into the weights) and an activation (relu, relu6, or any
+hardtanh / clamp with numeric bounds, whose clamp the group's output grid implies)::
 
     conv -> batch_norm -> relu      ==>  quantized.conv2d_relu(q(x), packed(w folded), s, zp)
 
@@ -244,11 +244,17 @@ def activation_bounds(view) -> tuple[float | None, float | None] | None:
 
 
 def fusable_activation(view) -> bool:
-    """Whether an int8 conv/linear kernel fuses this relu/hardtanh/clamp: its kernels clamp at
-    0 (relu, clamp(min=0)), and an upper bound (relu6, hardtanh(0, x), clamp(0, x)) is what the
-    output grid implies or one clamp on the int8 output; so the lower bound must be 0."""
+    """Whether an int8 conv/linear kernel fuses this relu/hardtanh/clamp: the group's output
+    grid is the activation's, so the kernel writes straight onto the clamped range. A lower
+    bound of 0 is the kernel's own relu (relu, relu6, clamp(min=0)); any other bound is what the
+    grid's ends imply or one clamp on the int8 output (hardtanh(-0.5, 0.5): all 256 levels
+    inside the bounds instead of the few the conv's wider grid has there). Bounds must be
+    numbers, lo < hi."""
     bounds = activation_bounds(view)
-    return bounds is not None and bounds[0] == 0.0 and (bounds[1] is None or bounds[1] > 0.0)
+    if bounds is None or bounds == (None, None):
+        return False
+    lo, hi = bounds
+    return lo is None or hi is None or lo < hi
 
 
 def build_plan(gm: torch.fx.GraphModule) -> Plan:
@@ -317,7 +323,7 @@ def _float_op_reason(gm, view) -> str:
         if bounds is None:
             return "a bound is a tensor: " + NO_KERNEL
         shown = ", ".join("none" if b is None else f"{b:g}" for b in bounds)
-        return f"bounds ({shown}): fused only as (0, max) or (0, none) right after a conv/linear; runs in float"
+        return f"bounds ({shown}): fused only right after a conv/linear; runs in float"
     if view.kind in ("mul", "div", "sub"):
         return f"{NO_KERNEL} (only add has an int8 elementwise kernel)"
     return NO_KERNEL
