@@ -701,16 +701,18 @@ class TorchMultiheadAttention(nn.Module):
     projection is unflattened into (3, dim) and selected, and its heads are folded into the
     batch axis (``view(T, B * heads, d)``) around the attention."""
 
-    def __init__(self, dim=32, heads=4, batch_first=True):
+    def __init__(self, dim=32, heads=4, batch_first=True, need_weights=False):
         super().__init__()
-        self.batch_first = batch_first
+        self.batch_first, self.need_weights = batch_first, need_weights
         self.embed = nn.Linear(6, dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
         self.head = nn.Linear(dim, 3)
 
     def forward(self, x):
         h = self.embed(x if self.batch_first else x.transpose(0, 1))
-        a, _ = self.attn(h, h, h, need_weights=False)
+        # need_weights (torch's default): exported, the heads stay folded into the batch
+        # through bmm and merge back as ``(T, B * h, d) -> (T * B, h * d)``
+        a, _ = self.attn(h, h, h, need_weights=self.need_weights)
         return self.head((h + a).mean(1 if self.batch_first else 0))
 
 
@@ -853,6 +855,9 @@ CASES = {
     "folded_heads_fused": (lambda: FoldedHeads(fused=True), lambda: torch.randn(2, 5, 6)),
     "torch_mha": (TorchMultiheadAttention, lambda: torch.randn(2, 5, 6)),
     "torch_mha_seq_first": (lambda: TorchMultiheadAttention(batch_first=False), lambda: torch.randn(2, 5, 6)),
+    "torch_mha_weights": (lambda: TorchMultiheadAttention(need_weights=True), lambda: torch.randn(2, 5, 6)),
+    "torch_mha_weights_seq_first": (lambda: TorchMultiheadAttention(batch_first=False, need_weights=True),
+                                    lambda: torch.randn(2, 5, 6)),
     "torch_cross_attention": (TorchCrossAttention, lambda: torch.randn(2, 5, 6)),
     "torch_cross_attention_kdim": (lambda: TorchCrossAttention(kdim=20), lambda: torch.randn(2, 5, 6)),
     "torch_decoder": (TorchDecoder, lambda: torch.randn(2, 5, 6)),
@@ -1348,10 +1353,12 @@ NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plai
            "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
            "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm",
            "feature_interaction", "single_head_einsum",
-           "running_sums", "torch_cross_attention", "torch_cross_attention_kdim", "torch_decoder"]
+           "running_sums", "torch_cross_attention", "torch_cross_attention_kdim", "torch_decoder",
+           "torch_mha_weights", "torch_mha_weights_seq_first"]
 
 
-@pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "folded_heads"])
+@pytest.mark.parametrize("name", ["torch_mha", "torch_mha_seq_first", "torch_mha_weights",
+                                  "torch_mha_weights_seq_first", "folded_heads"])
 def test_heads_folded_into_the_batch_lose_the_same_features_in_every_head(name):
     """Exported, torch.nn's attention folds its heads into the batch axis: the slot goes on each
     head's features, so q, k and v of every head lose the same positions; the size entries
