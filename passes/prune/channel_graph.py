@@ -86,7 +86,7 @@ import torch
 import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
-from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments, is_shared,
+from fxopt.ir import (PRIVATE_OF, OpView, ParamRef, attribute_use_counts, bind_arguments, is_shared,
                       metadata_read, op_view, ref_for_get_attr, size_read, spec_for, tensor_meta,
                       transposed_parameter, value_nbytes, written_in_place)
 
@@ -103,7 +103,8 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "narrow", "index_select", "expand_as", "clamp", "softplus", "flip", "exp", "cos", "rsqrt", "reciprocal",
     "sum", "amax", "amin", "var", "std", "normalize", "where", "masked_fill", "gt", "ge", "lt", "le", "eq", "ne",
     "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum", "layer_norm", "rms_norm",
-    "log_softmax", "var_mean", "std_mean", "repeat", "repeat_interleave", "reshape_as", "cumsum", "cumprod"})
+    "log_softmax", "var_mean", "std_mean", "repeat", "repeat_interleave", "reshape_as", "cumsum", "cumprod",
+    "index"})
 # ops whose result is a tuple of values (taken apart by getitem)
 TUPLE_RESULTS = frozenset({"split", "chunk", "unbind", "max", "min", "var_mean", "std_mean", "adaptive_max_pool"})
 # products: zero on a removed channel where any factor is (a matmul or einsum here keeps
@@ -612,7 +613,7 @@ class _Builder:
             self.value_slot[node.name] = None
             self.rules[node.name] = Rule(node.name, "metadata", "free")
             return
-        view = op_view(self.gm, node)
+        view = op_view(self.gm, node) or _aten_index_view(node)
         shape = _shape(node)
         inputs = node.all_input_nodes
         # a module with weights and no rule (a GRU), or a region export wraps in a submodule of its
@@ -651,6 +652,8 @@ class _Builder:
             else:
                 raise _Pin(f"no channel rule for '{kind}'")
         if shape is None and kind not in TUPLE_RESULTS and kind != "assert_metadata":
+            if not any(self.in_slot(a) is not None or a.op == "get_attr" for a in inputs):
+                return self.free_output(node, view)  # ``torch.where(topi == e)`` of a router: no channels
             raise _Pin("no shape metadata")
         handler(node, view, shape)
 
@@ -1514,38 +1517,128 @@ class _Builder:
         self._contracted_matmul(node, a, sa, b, sb)
 
     def rule_getitem(self, node, view, shape) -> None:
-        """``x[...]`` with ints, slices, None and one Ellipsis: the channel axis follows; a slice
-        of the channel axis itself is an index map (`_slice_channels`), other indexing of it is
-        pinned."""
+        """``x[...]`` with ints, slices, None, one Ellipsis and index tensors or lists (advanced
+        indexing, ``xf[tok]`` of a sparse MoE): the channel axis follows (`_indexed_axis`); a
+        slice of the channel axis itself is an index map (`_slice_channels`), an int or an index
+        tensor on it is pinned."""
         if node.name in self.rules:  # a split piece, handled by the split
             return
         src, sid = self.single_input(node, view)
         if sid is None:
             return self.free_output(node, view)
         index = view.attrs.get("index")
+        if isinstance(index, list) and any(isinstance(i, (list, tuple, slice)) or i is None or i is Ellipsis
+                                           for i in index):
+            raise _Pin("getitem with a list of index sequences (ambiguous: write x[tuple(...)])")
         items = index if isinstance(index, tuple) else (index,)
-        axis = self.slots[sid].axis
-        # axes an Ellipsis stands for: those no other item indexes (None adds an axis)
-        spread = len(_shape(src)) - sum(i is not None and i is not Ellipsis for i in items)
-        dim_in, out_axis, at = 0, axis, None  # `at`: position of the channel axis's item in `items`
+        out_axis, item, at = self._indexed_axis(sid, self._index_items(items, len(_shape(src))), shape)
+        where = at if isinstance(index, tuple) else None
+        self._slice_channels(node, view, src, sid, out_axis, item if item is not None else slice(None),
+                             {"slice_item": where})
+
+    def rule_index(self, node, view, shape) -> None:
+        """export's ``aten.index.Tensor(x, [i0, None, i2, ...])``: advanced indexing by a list
+        of optional index tensors (None: the whole axis; the axes after the list are whole
+        too), followed as `rule_getitem` follows ``x[i0, :, i2]``."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        entries = [("axis", None, None) if i is None else self._index_tensor(i, aten_index=True)
+                   for i in view.attrs.get("indices") or ()]
+        used = sum(e[1] if e[0] == "adv" else 1 for e in entries)
+        entries += [("axis", None, None)] * (len(_shape(src)) - used)
+        out_axis, _, _ = self._indexed_axis(sid, entries, shape)
+        self.passthrough(node, view, src, out_axis)
+
+    def _index_tensor(self, item, aten_index: bool = False) -> tuple:
+        """An index tensor or list as an entry of `_indexed_axis`: ("adv", k, None) for one
+        that indexes k axes (a bool mask as many as it has, an integer tensor or list one),
+        ("int", None, None) for a 0-dim integer tensor in a getitem (torch selects with it)."""
+        if isinstance(item, torch.fx.Node):
+            if self.in_slot(item) is not None:
+                raise _Pin("an index tensor computed from channels")
+            meta = tensor_meta(item)
+            if meta is None:
+                raise _Pin("an index tensor without shape metadata")
+            ndim, dtype = len(meta[0]), meta[1]
+        elif isinstance(item, (list, tuple, torch.Tensor)):
+            arr = np.asarray(item.detach().cpu() if isinstance(item, torch.Tensor) else item)
+            ndim, dtype = arr.ndim, torch.bool if arr.dtype == np.bool_ else torch.long
+        else:
+            raise _Pin(f"indexing with {type(item).__name__}")
+        if dtype in (torch.bool, torch.uint8):
+            if ndim == 0:
+                raise _Pin("indexing with a 0-dim mask")
+            return ("adv", ndim, None)
+        if dtype.is_floating_point or dtype.is_complex:
+            raise _Pin("indexing with a floating-point tensor")
+        return ("int", None, None) if ndim == 0 and not aten_index else ("adv", 1, None)
+
+    def _index_items(self, items: tuple, ndim: int) -> list:
+        """getitem's index items as entries (kind, payload, position in `items`) of
+        `_indexed_axis`: ("new",) for None, ("int",), ("axis", slice) for a slice — and
+        ("axis", None) for each axis an Ellipsis stands for or no item reaches —, ("adv", k)."""
+        entries = []
         for k, item in enumerate(items):
             if item is None:
-                out_axis += 1 if dim_in <= axis else 0
+                entries.append(("new", None, k))
+            elif item is Ellipsis:
+                entries.append(("ellipsis", None, k))
+            elif isinstance(item, slice):
+                entries.append(("axis", item, k))
+            elif isinstance(item, bool):
+                raise _Pin("indexing with a Python bool")
+            elif isinstance(item, int) or _is_number(item):
+                entries.append(("int", None, k))
+            else:
+                entries.append(self._index_tensor(item)[:2] + (k,))
+        used = sum(e[1] if e[0] == "adv" else e[0] in ("int", "axis") for e in entries)
+        spread = [k for k, e in enumerate(entries) if e[0] == "ellipsis"]
+        if len(spread) > 1 or used > ndim:
+            raise _Pin("indexing with more indices than axes")
+        whole = [("axis", None, None)] * (ndim - used)
+        if spread:  # the axes an Ellipsis stands for: those no other item indexes
+            return entries[:spread[0]] + whole + entries[spread[0] + 1:]
+        return entries + whole
+
+    def _indexed_axis(self, sid: int, entries: list, shape) -> tuple[int, Any, int | None]:
+        """Where the channel axis of an indexed value lands, by torch's indexing rules: ints
+        select (their axes go), None adds an axis, and the index tensors ("adv") are then
+        applied together as by ``aten.index``: their broadcast shape replaces the axes they
+        index in place when those axes are adjacent, else it goes first (numpy's rule, except
+        that numpy counts an int as an index array too, where torch selects with it first:
+        ``x[0, :, i]`` keeps the middle axis first). Returns (output axis, the channel axis's
+        slice or None, that slice's position among the getitem's items)."""
+        axis = self.slots[sid].axis
+        dim_in = dim_mid = 0
+        adv: list[int] = []
+        mid_axis, item, at = None, None, None
+        for kind, payload, pos in entries:
+            if kind == "new":
+                dim_mid += 1
                 continue
-            width = spread if item is Ellipsis else 1
-            if item is not Ellipsis and dim_in == axis:
-                at = k
-            elif item is not Ellipsis and dim_in < axis:
-                if isinstance(item, int):
-                    out_axis -= 1
-                elif not isinstance(item, slice):
-                    raise _Pin("advanced indexing")
+            width = payload if kind == "adv" else 1
+            if dim_in <= axis < dim_in + width:
+                if kind != "axis":
+                    raise _Pin("indexing on the channel axis" if kind == "int"
+                               else "advanced indexing of the channel axis (an index tensor or list on it)",
+                               conflict=sid)
+                mid_axis, item, at = dim_mid, payload, pos
+            if kind == "adv":
+                adv.extend(range(dim_mid, dim_mid + width))
             dim_in += width
-        item = items[at] if at is not None else slice(None)
-        if not isinstance(item, slice):
-            raise _Pin("indexing on the channel axis", conflict=sid)
-        where = at if isinstance(index, tuple) else None
-        self._slice_channels(node, view, src, sid, out_axis, item, {"slice_item": where})
+            dim_mid += 0 if kind == "int" else width
+        out_axis = mid_axis
+        if adv:
+            n_b = len(shape) - (dim_mid - len(adv))  # the rank of the broadcast index shape
+            if adv == list(range(adv[0], adv[0] + len(adv))):
+                out_axis = mid_axis if mid_axis < adv[0] else mid_axis - len(adv) + n_b
+            else:
+                out_axis = n_b + mid_axis - sum(a < mid_axis for a in adv)
+        if mid_axis is None or not 0 <= out_axis < len(shape) or (
+                item in (None, slice(None)) and shape[out_axis] != self.slots[sid].size):
+            raise _Pin("indexing whose channel axis disagrees with its recorded shape")
+        return out_axis, item, at
 
     def rule_select(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)
@@ -1835,10 +1928,7 @@ class _Builder:
             raise _Pin("reshape mixes the channel axis with leading axes", conflict=sid)
         in_shape = _shape(src)
         a = self.slots[sid].axis
-        entries = _size_entries(node) if view.kind == "reshape" else ()
-        static = {t for t, e in enumerate(entries) if isinstance(e, int) and len(entries) == len(shape)}
-        found = [(t, m) for t in range(len(shape))
-                 if (m := _digit_map(in_shape, a, shape, t, t in static)) is not None]
+        found = [(t, m) for t in range(len(shape)) if (m := _digit_map(in_shape, a, shape, t)) is not None]
         if not found:
             raise _Pin("reshape mixes the channel axis with other axes in a way fxopt cannot follow",
                        conflict=sid)
@@ -2213,6 +2303,18 @@ def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
     return None
 
 
+def _aten_index_view(node: torch.fx.Node) -> OpView | None:
+    """export's ``aten.index.Tensor(x, indices)`` (``x[idx]`` with index tensors) as an op
+    view of kind "index", attribute `indices` the list of optional index tensors; None for
+    any other node. (fxopt's op table has no row for it yet.)"""
+    if node.op != "call_function" or node.target is not torch.ops.aten.index.Tensor or len(node.args) != 2:
+        return None
+    x, indices = node.args
+    if not isinstance(x, torch.fx.Node) or not isinstance(indices, (list, tuple)):
+        return None
+    return OpView(node, "index", [x], {}, {"indices": list(indices)})
+
+
 def _piece_index(node: torch.fx.Node) -> int | None:
     """Which piece of a tuple `node` takes: ``t[i]``, or ``t.values`` / ``t.indices`` of
     max/min's named tuple."""
@@ -2242,7 +2344,7 @@ def _getitem_index(node: torch.fx.Node) -> Any:
     return node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
 
 
-def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int, static: bool = False) -> tuple | None:
+def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int) -> tuple | None:
     """How channel axis `a` of `in_shape` maps onto axis `t` of a reshape to `shape`, read
     off the row-major strides (a reshape keeps the flat order, so an axis of stride I and
     size s owns the flat "digits" [I, I * s)); None when neither axis's digits hold the
@@ -2253,10 +2355,7 @@ def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int, static: bool = Fal
       the channels that share it are one class and the others of its axes keep their sizes;
     - `t` holds the channels whole: position p of t is channel (p // (I_in / I_out)) % c.
       Its other digits are written as constants by apply, so those above the channels must
-      come from static axes: whole axes after the leading (batch) one, or any digits when the
-      reshape writes `t`'s size as a number (`static`): torch.nn's attention weights path
-      merges heads folded into the batch back with their features, ``(T, B * h, d)`` to
-      ``(T * B, h * d)``, with ``h * d`` a constant.
+      come from static axes: whole axes after the leading (batch) one.
     """
     c, s = in_shape[a], shape[t]
     if s == 1:
@@ -2268,7 +2367,7 @@ def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int, static: bool = Fal
         return pos, (pos // (i_out // i_in)) % s, how
     if i_in % i_out == 0 and (i_out * s) % (i_in * c) == 0:
         above = (i_out * s) // (i_in * c)
-        if not static and not any(math.prod(in_shape[k:a]) == above for k in range(1, a + 1)):
+        if not any(math.prod(in_shape[k:a]) == above for k in range(1, a + 1)):
             return None
         pos = np.arange(s)
         return (pos // (i_in // i_out)) % c, pos, f"{c} channels within an axis of {s}"

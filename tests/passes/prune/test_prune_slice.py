@@ -209,7 +209,8 @@ class _Unmappable(nn.Module):
 
 @pytest.mark.parametrize("how, reason", [("strided", "strided slice on the channel axis (no rule yet)"),
                                          ("computed", "slice on the channel axis with bounds computed in the graph"),
-                                         ("list", "indexing on the channel axis")])
+                                         ("list",
+                                          "advanced indexing of the channel axis (an index tensor or list on it)")])
 def test_slices_the_rule_cannot_map_stay_pinned_with_a_reason(how, reason):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4)
