@@ -1928,7 +1928,10 @@ class _Builder:
             raise _Pin("reshape mixes the channel axis with leading axes", conflict=sid)
         in_shape = _shape(src)
         a = self.slots[sid].axis
-        found = [(t, m) for t in range(len(shape)) if (m := _digit_map(in_shape, a, shape, t)) is not None]
+        entries = _size_entries(node) if view.kind == "reshape" else ()
+        static = {t for t, e in enumerate(entries) if isinstance(e, int) and len(entries) == len(shape)}
+        found = [(t, m) for t in range(len(shape))
+                 if (m := _digit_map(in_shape, a, shape, t, t in static)) is not None]
         if not found:
             raise _Pin("reshape mixes the channel axis with other axes in a way fxopt cannot follow",
                        conflict=sid)
@@ -2344,7 +2347,7 @@ def _getitem_index(node: torch.fx.Node) -> Any:
     return node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
 
 
-def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int) -> tuple | None:
+def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int, static: bool = False) -> tuple | None:
     """How channel axis `a` of `in_shape` maps onto axis `t` of a reshape to `shape`, read
     off the row-major strides (a reshape keeps the flat order, so an axis of stride I and
     size s owns the flat "digits" [I, I * s)); None when neither axis's digits hold the
@@ -2355,7 +2358,10 @@ def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int) -> tuple | None:
       the channels that share it are one class and the others of its axes keep their sizes;
     - `t` holds the channels whole: position p of t is channel (p // (I_in / I_out)) % c.
       Its other digits are written as constants by apply, so those above the channels must
-      come from static axes: whole axes after the leading (batch) one.
+      come from static axes: whole axes after the leading (batch) one, or any digits when the
+      reshape writes `t`'s size as a number (`static`): torch.nn's attention weights path
+      merges heads folded into the batch back with their features, ``(T, B * h, d)`` to
+      ``(T * B, h * d)``, with ``h * d`` a constant.
     """
     c, s = in_shape[a], shape[t]
     if s == 1:
@@ -2367,7 +2373,7 @@ def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int) -> tuple | None:
         return pos, (pos // (i_out // i_in)) % s, how
     if i_in % i_out == 0 and (i_out * s) % (i_in * c) == 0:
         above = (i_out * s) // (i_in * c)
-        if not any(math.prod(in_shape[k:a]) == above for k in range(1, a + 1)):
+        if not static and not any(math.prod(in_shape[k:a]) == above for k in range(1, a + 1)):
             return None
         pos = np.arange(s)
         return (pos // (i_in // i_out)) % c, pos, f"{c} channels within an axis of {s}"
