@@ -240,6 +240,12 @@ class _Applier:
     def do_free(self, node: torch.fx.Node, rule) -> None:
         if rule.kind == "reshape":  # a value without channels keeps every size
             self._fix_count_entries(node, None)
+        for value, (count, users) in rule.info.get("constants", {}).items():
+            # a channel count read as a number (``q.size(-1) ** -0.5``): the original count, a
+            # constant, so the arithmetic computes what it did before pruning
+            read = self.nodes[value]
+            for user in [u for u in read.users if u.name in users]:
+                user.replace_input_with(read, count)
 
     def _fix_count_entries(self, node: torch.fx.Node, b: int | None) -> None:
         """The entries of a reshape other than its channel axis `b` keep their sizes; one computed

@@ -33,15 +33,18 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   product is zero there either way. If a dirty value reaches
   anything else (a layer, an add, a norm, the output), its source is pinned and the graph is
   built again.
-- shape queries (``x.size()``, ``x.shape``, ``x.size(d)``, ``sym_size``) read no channels: free,
-  except where they read the channel axis and the result is used other than as the
-  channel-axis entry of a reshape's size (which apply rewrites anyway) — then they are pinned.
+- shape queries (``x.size()``, ``x.shape``, ``x.size(d)``, ``sym_size``) read no channels: free.
+  A read of the channel axis used as the channel-axis entry of a reshape's size is rewritten
+  to the new count by apply; used as a number (``q.size(-1) ** -0.5``) apply writes the
+  original count in its place, a constant, so the value keeps computing what it did.
 - mul of two channel tensors, cat (with offsets along the channel axis), split/chunk + getitem,
   flatten/reshape/unflatten (identity, merge into a block, or a head split — on a later axis of
   the split when an op reduces or indexes the first, `split_axes`; heads folded into the batch,
   ``view(T, B * heads, d)``, put the slot on each head's features, `_digit_map`),
   permute/transpose/expand/
-  select/slice (following the axis), a slice *of* the channel axis with constant bounds and
+  select/slice and indexing by index tensors or lists on other axes (``xf[tok]``, export's
+  ``aten.index``: following the axis by torch's indexing rules), a slice *of* the channel
+  axis with constant bounds and
   step 1 (``x[:, a:b]`` or export's ``aten.slice``: channel j is input channel a + j, like a
   split piece; a full-range one such as GhostNet's ``cat([x1, x2], 1)[:, :oup]`` is the
   identity; apply rewrites the bounds), matmul/sdpa over a head axis (an attention mask must
@@ -525,7 +528,8 @@ class _Builder:
 
     def violations(self) -> dict[str, str]:
         """Nodes to pin in another round: sources of dirty values read by anything but a
-        channelwise op, and channel-axis shape queries used other than as a reshape size."""
+        channelwise op. (Channel-axis size reads used other than as a reshape size are noted
+        on their rule as `constants`, which apply writes in.)"""
         bad: dict[str, str] = {}
         for name, rule in self.rules.items():
             reads = [sid for _, sid in rule.consumed] + [r[1] for r in rule.inputs]
@@ -536,10 +540,14 @@ class _Builder:
                 kind = self.rules[source].kind
                 bad.setdefault(source, f"{kind} is not zero-preserving (f(0) != 0) and its value reaches "
                                        f"'{name}', not only a product with a zero-preserving factor")
-        for reader, rule in self.rules.items():  # size reads of a channel count (`counts`: value -> slot)
-            for value in rule.info.get("counts", ()):
-                if not all(self._is_size_entry(user, self.nodes[value]) for user in self.nodes[value].users):
-                    bad.setdefault(reader, "reads the channel count for a use other than a reshape size")
+        for rule in self.rules.values():  # size reads of a channel count (`counts`: value -> slot)
+            for value, sid in rule.info.get("counts", {}).items():
+                # a count read as a number (``q.size(-1) ** -0.5``, ``math.sqrt(x.shape[-1])``) is
+                # the ORIGINAL count there: apply writes that constant in, so nothing is pinned
+                numeric = [user.name for user in self.nodes[value].users
+                           if not self._is_size_entry(user, self.nodes[value])]
+                if numeric:
+                    rule.info.setdefault("constants", {})[value] = (self.slots[sid].size, numeric)
         return bad
 
     def _is_size_entry(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
@@ -658,7 +666,10 @@ class _Builder:
         handler(node, view, shape)
 
     def visit_shape_query(self, node: torch.fx.Node, src: Any, dim: Any) -> None:
-        """``x.size()``, ``x.size(d)``, ``x.shape``: free unless they read the channel count."""
+        """``x.size()``, ``x.size(d)``, ``x.shape``: free. A read of the channel count is
+        noted (`counts`): as the channel entry of a reshape size apply writes the new count
+        there; read as a number (an attention scale) apply writes the original count
+        (`violations`)."""
         self.value_slot[node.name] = None
         self.rules[node.name] = Rule(node.name, "size", "free")
         sid = self.in_slot(src)

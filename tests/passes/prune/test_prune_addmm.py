@@ -3,6 +3,7 @@
 the weight axes swapped; importance, apply and masking read their layout, and the reshapes
 around them (``x.view(-1, nx)``, ``view(x.size()[:-1] + (nf,))``) follow — on both front ends."""
 import math
+import operator
 
 import numpy as np
 import pytest
@@ -264,12 +265,16 @@ def test_dirty_values_into_a_layer_are_pinned_and_gated_ones_are_not():
     assert "not zero-preserving" in reasons["sigmoid_1"]
 
 
-def test_size_query_for_arithmetic_is_pinned_and_reshape_queries_are_free():
-    plan, *_ = _pruned_and_masked("scaled_by_size", "symbolic")
+def test_size_query_for_arithmetic_reads_the_original_count_and_reshape_queries_are_free():
+    plan, masked, out, _, pruned, _, _ = _pruned_and_masked("scaled_by_size", "symbolic")
     pinned = plan.channel_graph.pinned_nodes
-    # h.size(-1) ** -0.5 is pinned (reads full width), not the Conv1D views' x.size(-1)
-    assert [n for n in pinned if n.startswith("size")] == ["size_2"], pinned
-    assert "channel count" in pinned["size_2"]
+    # h.size(-1) ** -0.5 computes with the original 16, written in as a constant (it was pinned,
+    # h re-expanded to full width only to read it); the Conv1D views' x.size(-1) are rewritten
+    assert not [n for n in pinned if n.startswith("size")], pinned
+    assert _param(pruned, "a.weight").shape[1] < 16, "h loses channels"
+    assert not plan.applied["reexpansions"]
+    assert [n.args for n in pruned.graph.nodes if n.target is operator.pow] == [(16, -0.5)]
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
 
 
 def test_gpt2_conv1d_layers_shrink():

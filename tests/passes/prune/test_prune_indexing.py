@@ -2,9 +2,15 @@
 on axes that are not the channel axis: the channels pass through to the output's channel axis,
 placed by torch's indexing rules, so a sparse MoE's token gather ``xf[tok]`` prunes like
 ``index_select(xf, 0, tok)``. Indexing the channel axis itself stays pinned, with a reason.
+
+Size reads of the channel axis read as numbers (``q.size(-1) ** -0.5``, ``math.sqrt(x.shape[-1])``):
+the pruned graph computes with the original count, a constant, as export bakes it in, so the
+channels are free in symbolic capture too.
+
 Every case is checked for exactness (pruned == original with the removed channels zeroed) in
 both front ends."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -279,3 +285,108 @@ def _touches(entries, axis):
             return kind != "axis"
         dim += width
     return False
+
+
+# ----- size reads used as numbers ---------------------------------------------------------------
+
+class ScaledAttention(nn.Module):
+    """Single-head attention scaled by ``q.size(-1) ** -0.5`` (the tester's repro uses
+    ``math.sqrt(q.size(-1))``)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        s = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5 / math.sqrt(k.size(-1)) * 4
+        return self.o(torch.softmax(s, -1) @ v)
+
+
+class HeadsFromTheStream(nn.Module):
+    """Multi-head attention whose scale reads the projected stream's width: ``q.size(-1)`` is
+    the channel count (whole heads go), also read by the head split's size entries."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        B, T, C = q.shape
+        scale = (q.size(-1) // self.h) ** -0.5
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = torch.softmax((q @ k.transpose(-2, -1)) * scale, -1) @ v
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class HeadDimScale(nn.Module):
+    """Multi-head attention scaled by the head size ``q.size(-1)`` after the split (not the
+    channel axis: that read was always free)."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (lin(x).view(B, T, self.h, C // self.h).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        y = torch.softmax((q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5, -1) @ v
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EmbeddingScale(nn.Module):
+    """``x * math.sqrt(x.shape[-1])``, the Transformer's embedding scale."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(torch.relu(x * math.sqrt(x.shape[-1])))
+
+
+SIZE_CASES = {
+    "single_head": (ScaledAttention, lambda: torch.randn(2, 5, 32)),
+    "heads_from_stream": (HeadsFromTheStream, lambda: torch.randn(2, 5, 32)),
+    "head_dim": (HeadDimScale, lambda: torch.randn(2, 5, 32)),
+    "embedding_scale": (EmbeddingScale, lambda: torch.randn(2, 5, 6)),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(SIZE_CASES))
+def test_a_channel_count_read_as_a_number_keeps_its_original_value(name, mode):
+    torch.manual_seed(0)
+    build, make = SIZE_CASES[name]
+    x = make()
+    r = prune_and_mask(build().eval(), x, mode)
+    assert not (r.original - r.masked).abs().max() < 1e-6, "the zeroed channels must matter"
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    r.pruned.graph.lint()
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    assert not r.plan.applied["reexpansions"], "no value is re-expanded to read its size"
+    assert r.plan.selection.removed == r.plan.selection.target
+    for batch in (1, 3):  # the constants are channel counts: other sizes stay dynamic
+        assert r.pruned(torch.randn(batch, *x.shape[1:])).shape[0] == batch
+
+
+@pytest.mark.parametrize("name", sorted(SIZE_CASES))
+def test_symbolic_capture_prunes_as_much_as_export_at_the_defaults(name):
+    """The tester's repro: symbolic capture kept q and k whole (0.750 of the MACs; 1.0 for the
+    embedding scale and the stream-read heads) where export, the size baked in, kept 0.5."""
+    import fxopt
+    from fxopt.measure import count_macs
+
+    torch.manual_seed(0)
+    build, make = SIZE_CASES[name]
+    m, x = build().eval(), make()
+    kept = {}
+    for mode in MODES:
+        res = fxopt.optimize(m, (x,), "prune{ratio=0.5}", mode=mode)
+        assert not next(p.stats for p in res.passes if p.name == "prune")["pinned"]
+        kept[mode] = count_macs(res.module, (x,)) / count_macs(m, (x,))
+    assert kept["symbolic"] == pytest.approx(kept["export"]) and kept["symbolic"] < 0.55, kept
