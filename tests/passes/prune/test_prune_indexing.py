@@ -7,17 +7,23 @@ Size reads of the channel axis read as numbers (``q.size(-1) ** -0.5``, ``math.s
 the pruned graph computes with the original count, a constant, as export bakes it in, so the
 channels are free in symbolic capture too.
 
+A prune that removes materially less than its target (below `SHORTFALL_WARNING`, 90%) warns,
+naming what held the channels back and the options that would remove more.
+
 Every case is checked for exactness (pruned == original with the removed channels zeroed) in
 both front ends."""
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from fxopt.errors import PassWarning
 from fxopt.measure import count_parameters
 from fxopt.passes.prune.channel_graph import Slot, _Builder, _Pin
+from fxopt.passes.prune.prune_pass import SHORTFALL_WARNING, _shortfall
 from prune_masking import prune_and_mask
 
 MODES = ["symbolic", "export"]
@@ -390,3 +396,80 @@ def test_symbolic_capture_prunes_as_much_as_export_at_the_defaults(name):
         assert not next(p.stats for p in res.passes if p.name == "prune")["pinned"]
         kept[mode] = count_macs(res.module, (x,)) / count_macs(m, (x,))
     assert kept["symbolic"] == pytest.approx(kept["export"]) and kept["symbolic"] < 0.55, kept
+
+
+# ----- the shortfall warning --------------------------------------------------------------------
+
+class PreNormStack(nn.Module):
+    """The tester's small pre-LN residual stack (d=32): at the defaults the layer-normed stream
+    stays whole (its pads and gathers are charged more than its MACs save), so prune removes
+    about 57% of its target: above the old one-half threshold, it used to pass in silence."""
+
+    def __init__(self, d=32, layers=2):
+        super().__init__()
+        self.inp = nn.Linear(12, d)
+        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers + 1))
+        self.fc1 = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(layers))
+        self.fc2 = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(layers))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for ln, f1, f2 in zip(self.ln, self.fc1, self.fc2):
+            x = x + f2(torch.nn.functional.gelu(f1(ln(x))))
+        return self.head(self.ln[-1](x))
+
+
+def _prune_warnings(model, x, spec, mode):
+    import fxopt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fxopt.optimize(model, (x,), spec, mode=mode)
+    stats = next(p.stats for p in res.passes if p.name == "prune")
+    return [str(w.message) for w in caught if issubclass(w.category, PassWarning)], stats
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shortfall_above_half_the_target_warns_with_its_cause_and_options(mode):
+    torch.manual_seed(0)
+    model, x = PreNormStack().eval(), torch.randn(2, 20, 12)
+    r = prune_and_mask(model, x, mode, adapter_cost=1.0)  # the defaults: what the pass does
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    sel = r.plan.selection
+    assert 0.5 * sel.target <= sel.removed < SHORTFALL_WARNING * sel.target, (sel.removed, sel.target)
+    caught, stats = _prune_warnings(model, x, "prune{ratio=0.5}", mode)
+    assert len(caught) == 1, caught
+    assert caught[0] == f"prune: {stats['note']}"
+    assert f"removed only {stats['removed_channels']} of the {stats['target_channels']} channels at ratio=0.5: " \
+        in caught[0]
+    assert "re-expansion adapters" in caught[0]  # the cause
+    assert "exact_norms=false" in caught[0] and "adapter_cost=0" in caught[0]  # the options
+    # the options it names reach the target: no warning then
+    for option in ("adapter_cost=0", "exact_norms=false"):
+        caught, stats = _prune_warnings(model, x, f"prune{{ratio=0.5,{option}}}", mode)
+        assert not caught and stats["removed_channels"] >= SHORTFALL_WARNING * stats["target_channels"], stats
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shortfall_from_round_to_names_round_to(mode):
+    torch.manual_seed(0)
+    model, x = PreNormStack(d=12).eval(), torch.randn(2, 20, 12)
+    r = prune_and_mask(model, x, mode, ratio=0.3, round_to=8)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    note = _shortfall(r.plan, 0.3, True)
+    assert r.plan.selected == r.plan.selection.target > r.plan.selection.removed, note  # rounding's doing
+    assert note and "round_to=8 gave" in note and "a smaller round_to" in note, note
+    assert "adapter_cost=0" not in note, "the selection itself met its target"
+
+
+def test_the_warning_threshold_is_ninety_percent_of_the_target():
+    torch.manual_seed(0)
+    r = prune_and_mask(PreNormStack().eval(), torch.randn(2, 20, 12), "export")
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    plan = r.plan
+    target = plan.selection.target
+    for removed, warns in ((target, False), (int(0.9 * target) + 1, False), (int(0.9 * target) - 1, True),
+                           (target // 2, True), (0, True)):
+        plan.selection.removed = plan.selected = removed
+        assert (_shortfall(plan, 0.5, True) is not None) == warns, removed
