@@ -72,6 +72,25 @@ def is_plain_add(node: torch.fx.Node) -> bool:
     return isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a is not b
 
 
+def _gather_over_rows(g: torch.fx.Graph, node: torch.fx.Node, ndim: int) -> None:
+    """Rewrite ``index_select(x, axis, idx)`` over the rows of a matrix view of x when `axis`
+    is the last of three or more: torch's CPU kernel gathers along the last axis of such a
+    tensor about 6x slower than along the columns of the same data seen as a matrix (a
+    (16, 64, 256) stream keeping 128 channels: 342 vs 57 us), which made the exact-norm gathers
+    a sixth of a pruned encoder's time at batch 16."""
+    x, axis, idx = node.args
+    if ndim < 3 or axis not in (ndim - 1, -1):
+        return
+    with g.inserting_before(node):
+        rows = g.call_method("flatten", (x, 0, -2))
+        picked = g.call_function(torch.index_select, (rows, 1, idx))
+        lead = g.call_function(operator.getitem, (g.call_function(getattr, (x, "shape")), slice(None, -1)))
+        gathered = g.call_method("unflatten", (picked, 0, lead))
+    gathered.meta.update(node.meta)
+    node.replace_all_uses_with(gathered)
+    g.erase_node(node)
+
+
 def _other_add_operand(add: torch.fx.Node, operand: torch.fx.Node) -> torch.fx.Node | None:
     """The other tensor of ``operand + other`` for a plain add, else None."""
     if not is_plain_add(add):
@@ -101,6 +120,7 @@ class _Applier:
         self.slot_group = slot_group
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.adapters = 0
+        self.gathers: list[tuple[torch.fx.Node, int]] = []  # index_selects written, with their rank
         self.reexpansions: list[str] = []
         self._keep: dict[int, np.ndarray] = {}
         self._scatters: list[_Scatter] = []
@@ -143,6 +163,7 @@ class _Applier:
                 x = g.call_function(F.pad, (src, [0, 0] * after + [0, 1]))
                 chain.append(x)
             new = g.call_function(torch.index_select, (x, axis, idx_node))
+        self.gathers.append((new, self.cg.slots[sid].ndim))
         annotate(new, "prune.reexpand" if needs_zeros else "prune.gather", f"{len(have)}->{len(want)}")
         self._origin[new] = src
         if needs_zeros:
@@ -386,6 +407,7 @@ class _Applier:
                 idx_node = g.get_attr(buf)
             with g.inserting_after(idx_node):
                 kept = g.call_function(torch.index_select, (node, out.axis, idx_node))
+            self.gathers.append((kept, out.ndim))
         for reader in readers:
             reader.replace_input_with(node, kept)
         annotate(kept, "prune.gather", f"{out.size}->{len(idx)}")
@@ -642,6 +664,9 @@ def apply_pruning(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray, 
     applier = _Applier(gm, cg, dead, boundary, ignored, slot_group)
     applier.run()
     applier.fold_scatters_into_adds()
+    for node, ndim in applier.gathers:
+        if not getattr(node, "_erased", False):
+            _gather_over_rows(gm.graph, node, ndim)
     _erase_dead_size_arithmetic(gm.graph)
     gm.graph.lint()
     gm.recompile()
