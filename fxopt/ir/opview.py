@@ -423,6 +423,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("index_add", functions=(torch.index_add,), methods=("index_add",), aten=(aten.index_add,),
            arg_names=("input", "dim", "index", "source", "alpha"), tensor_args=("input", "source"),
            param_args=("index",), defaults=dict(alpha=1), modifiers=dict(alpha=1)),
+    # export's advanced indexing ``x[i0, :, i2]``: `indices` one optional index tensor per axis
+    OpSpec("index", aten=(aten.index,), arg_names=("input", "indices")),
 )
 
 # Index the table once: target -> spec.

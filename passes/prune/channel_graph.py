@@ -621,7 +621,7 @@ class _Builder:
             self.value_slot[node.name] = None
             self.rules[node.name] = Rule(node.name, "metadata", "free")
             return
-        view = op_view(self.gm, node) or _aten_index_view(node)
+        view = op_view(self.gm, node)
         shape = _shape(node)
         inputs = node.all_input_nodes
         # a module with weights and no rule (a GRU), or a region export wraps in a submodule of its
@@ -2315,18 +2315,6 @@ def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
             return "pos" if "pos" in signs else "nonneg"
         return "pos" if signs == ["pos", "pos"] else "nonneg"
     return None
-
-
-def _aten_index_view(node: torch.fx.Node) -> OpView | None:
-    """export's ``aten.index.Tensor(x, indices)`` (``x[idx]`` with index tensors) as an op
-    view of kind "index", attribute `indices` the list of optional index tensors; None for
-    any other node. (fxopt's op table has no row for it yet.)"""
-    if node.op != "call_function" or node.target is not torch.ops.aten.index.Tensor or len(node.args) != 2:
-        return None
-    x, indices = node.args
-    if not isinstance(x, torch.fx.Node) or not isinstance(indices, (list, tuple)):
-        return None
-    return OpView(node, "index", [x], {}, {"indices": list(indices)})
 
 
 def _piece_index(node: torch.fx.Node) -> int | None:
