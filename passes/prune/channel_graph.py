@@ -89,7 +89,7 @@ import torch
 import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
-from fxopt.ir import (PRIVATE_OF, OpView, ParamRef, attribute_use_counts, bind_arguments, is_shared,
+from fxopt.ir import (PRIVATE_OF, ParamRef, attribute_use_counts, bind_arguments, is_shared,
                       metadata_read, op_view, ref_for_get_attr, size_read, spec_for, tensor_meta,
                       transposed_parameter, value_nbytes, written_in_place)
 

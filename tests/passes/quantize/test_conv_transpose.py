@@ -7,7 +7,6 @@ rest of fbgemm's ran slower than float (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import io
-import operator
 import random
 import warnings
 
@@ -18,7 +17,6 @@ from torch import nn
 
 import fxopt
 from fxopt.passes.quantize import load, save
-from fxopt.passes.quantize.insert import InsertObservers
 from fxopt.passes.quantize.kernels import depth_to_space, subpixel_weight
 from fxopt.passes.quantize.lower import cpu_has_vnni, lower_module
 from fxopt.passes.quantize.observers import quantize_weight
