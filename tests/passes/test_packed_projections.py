@@ -3,20 +3,16 @@ quantize and lower-cpu give each its own weight first, so every projection runs 
 or prepacked linear in both front ends, and the result still matches the model."""
 import pytest
 import torch
-from torch import nn
 
 import fxopt
+from fxopt.examples.zoo import TorchSeq2Seq
 
 
-class Decoder(nn.Module):
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.tgt, self.mem = nn.Linear(6, dim), nn.Linear(6, dim)
-        self.layer = nn.TransformerDecoderLayer(dim, heads, 48, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(dim, 3)
-
-    def forward(self, x):
-        return self.head(self.layer(self.tgt(x), self.mem(x[:, :3])).mean(1))
+def _seq2seq():
+    """torch.nn's Transformer, one encoder and one decoder layer of width 32, with inputs."""
+    torch.manual_seed(0)
+    model = TorchSeq2Seq(vocab=50, dim=32, layers=1, heads=4, ffn=48).eval()
+    return model, (torch.randint(0, 50, (4, 6)), torch.randint(0, 50, (4, 5)))
 
 
 def _linears(gm: torch.fx.GraphModule) -> list[str]:
@@ -24,21 +20,19 @@ def _linears(gm: torch.fx.GraphModule) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_every_projection_of_a_decoder_runs_in_int8(mode):
-    torch.manual_seed(0)
-    model, x = Decoder().eval(), torch.randn(4, 5, 6)
-    calibration = [torch.randn(4, 5, 6) for _ in range(4)]
+def test_every_projection_of_an_encoder_decoder_runs_in_int8(mode):
+    model, x = _seq2seq()
+    calibration = [(torch.randint(0, 50, (4, 6)), torch.randint(0, 50, (4, 5))) for _ in range(4)]
     res = fxopt.optimize(model, x, "quantize", mode=mode, calibration=calibration)
     linears = _linears(res.module)
     assert linears and all("quantized" in t for t in linears), linears
     assert res.verification.verdict == "PASS"
-    assert model.layer.multihead_attn.in_proj_weight.shape == (96, 32), "the model is not touched"
+    assert model.transformer.decoder.layers[0].multihead_attn.in_proj_weight.shape == (96, 32), "model untouched"
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_lower_cpu_prepacks_the_cross_attention_projections(mode):
-    torch.manual_seed(0)
-    model, x = Decoder().eval(), torch.randn(4, 5, 6)
+    model, x = _seq2seq()
     res = fxopt.optimize(model, x, "lower-cpu{linear=true}", mode=mode)
     stats = res.passes[0].stats
     assert stats["unpacked_parameters"] == 2  # the cross-attention's weight and bias

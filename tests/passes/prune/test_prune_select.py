@@ -57,6 +57,24 @@ def _residual_like(seed, n=30, soft_weight=0.0):
     return macs, imp, prod, blocked, precedence, soft
 
 
+def _solved_like_networkx(solver, lam, precedence, soft, forced):
+    """Solve at `lam` and check the result is a valid closure worth what networkx's minimum
+    cut over the whole problem is worth; returns what the callers check further."""
+    n = len(solver.macs)
+    dead = solver.solve(lam)
+    weights = dict(enumerate(solver.weights(lam, np.arange(n)).tolist()))
+    penalties = [(x, y, lam * c) for (x, y), c in soft.items()]
+    chosen, cut_value, _ = max_weight_closure(weights, list(precedence), forced, penalties)
+
+    def value(d):
+        return sum(weights[k] for k in d) - sum(c for x, y, c in penalties if x in d and y not in d)
+
+    got = set(np.nonzero(dead)[0].tolist())
+    assert all(v in got for u, v in precedence if u in got) and not got & forced
+    assert value(got) == pytest.approx(value(chosen), abs=1e-7)
+    return dead, got, value, weights, penalties, cut_value
+
+
 @pytest.mark.parametrize("soft_weight", [0.0, 0.5])
 @pytest.mark.parametrize("seed", range(10))
 def test_component_solvers_agree_with_networkx_and_brute_force(seed, soft_weight):
@@ -65,19 +83,9 @@ def test_component_solvers_agree_with_networkx_and_brute_force(seed, soft_weight
     n = len(macs)
     solver = _Solver(macs, imp, prod, blocked, precedence, np.arange(n), soft)
     assert solver.trees and solver.enums and solver.large, "every method is exercised"
+    forced = set(np.nonzero(blocked)[0].tolist())
     for lam in (0.1, 0.7, 1.3, 4.0):
-        dead = solver.solve(lam)
-        weights = dict(enumerate(solver.weights(lam, np.arange(n)).tolist()))
-        penalties = [(x, y, lam * c) for (x, y), c in soft.items()]
-        forced = set(np.nonzero(blocked)[0].tolist())
-        chosen, cut_value, _ = max_weight_closure(weights, list(precedence), forced, penalties)
-
-        def value(d):
-            return sum(weights[k] for k in d) - sum(c for x, y, c in penalties if x in d and y not in d)
-
-        got = set(np.nonzero(dead)[0].tolist())
-        assert all(v in got for u, v in precedence if u in got) and not got & forced
-        assert value(got) == pytest.approx(value(chosen), abs=1e-7)
+        dead, got, value, weights, penalties, cut_value = _solved_like_networkx(solver, lam, precedence, soft, forced)
         assert solver.cut(lam, dead)[0] == pytest.approx(cut_value, abs=1e-7)
         for comp in (set(range(5)) | set(range(11, 15)), {20, 21, 22, 23}, set(range(24, 30))):
             sub = {k: w for k, w in weights.items() if k in comp}
@@ -162,14 +170,4 @@ def test_conditioning_on_classes_required_twice_gives_the_optimum(seed, shared):
         assert not solver.large and len(solver.conditioned) == 1 and len(solver.conditioned[0].comps) == 3
     forced = set(np.nonzero(blocked)[0].tolist())
     for lam in (0.05, 0.7, 1.3, 4.0):
-        dead = solver.solve(lam)
-        weights = dict(enumerate(solver.weights(lam, np.arange(n)).tolist()))
-        penalties = [(x, y, lam * c) for (x, y), c in soft.items()]
-        chosen, _, _ = max_weight_closure(weights, list(precedence), forced, penalties)
-
-        def value(d):
-            return sum(weights[k] for k in d) - sum(c for x, y, c in penalties if x in d and y not in d)
-
-        got = set(np.nonzero(dead)[0].tolist())
-        assert all(v in got for u, v in precedence if u in got) and not got & forced
-        assert value(got) == pytest.approx(value(chosen), abs=1e-7)
+        _solved_like_networkx(solver, lam, precedence, soft, forced)
