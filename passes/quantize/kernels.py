@@ -8,6 +8,12 @@ tensor copies element by element (304 µs for 8x32x32x32, against 88 µs for the
 lowered to (`subpixel_weight`) into the transposed conv's output; on a quantized tensor it moves
 the bytes (torch's quantized `pixel_shuffle` took 1.5 ms for 16x256x8x8, this 0.06 ms).
 
+`int8_cat` concatenates quantized tensors onto one grid by concatenating their bytes: an input
+already on the output grid is copied as it is, any other is requantized first (dequantize and
+quantize, both vectorized). torch's `quantized::cat` requantizes every input element by element,
+even one already on the output grid (16x16x64x64 pair, one thread: 3.1 ms with one input off the
+grid, 0.94 with both on it, against 0.85 and 0.44 here).
+
 `int8_linear` is the `backend=cuda` linear: on a CUDA tensor whose shapes `torch._int_mm`
 accepts it multiplies int8 by int8 into int32 on the tensor cores; anywhere else (CPU, odd
 shapes) it computes the same value in float from the dequantized operands, so a graph lowered
@@ -69,6 +75,32 @@ def int8_pad(q: torch.Tensor, pad: list[int], mode: str = "constant") -> torch.T
     zero_point = q.q_zero_point()
     padded = F.pad(raw, pad, mode=mode, value=zero_point) if mode == "constant" else F.pad(raw, pad, mode=mode)
     return torch._make_per_tensor_quantized_tensor(padded, q.q_scale(), zero_point)
+
+
+def int8_cat(tensors: list[torch.Tensor], dim: int, scale: float, zero_point: int,
+             qmin: int = 0, qmax: int = 255) -> torch.Tensor:
+    """`torch.cat` of quantized (quint8 per-tensor) tensors onto the grid (scale, zero point,
+    [qmin, qmax]): what quantizing the float cat of the dequantized inputs onto that grid gives.
+
+    An input on the output grid contributes its bytes unchanged (no rounding, no arithmetic);
+    any other (or a float tensor) is quantized onto the grid first, clamped to [qmin, qmax] when
+    the grid is narrower than 0..255 (the 7-bit grid fbgemm's kernels need without VNNI; torch's
+    `quantized::cat` leaves such values above 127). The bytes are concatenated by `torch.cat`
+    on uint8 views, which keeps the inputs' layout: channels-last inputs (what the int8 convs
+    return) give a channels-last output, what the next int8 conv reads without a copy.
+    """
+    pieces = []
+    for q in tensors:
+        if q.is_quantized and q.dtype == torch.quint8 and q.qscheme() == torch.per_tensor_affine \
+                and q.q_scale() == scale and q.q_zero_point() == zero_point:
+            pieces.append(_raw_bytes(q))
+            continue
+        x = q.dequantize() if q.is_quantized else q
+        raw = _raw_bytes(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8))
+        if qmin > 0 or qmax < 255:
+            raw = raw.clamp(qmin, qmax)
+        pieces.append(raw)
+    return torch._make_per_tensor_quantized_tensor(torch.cat(pieces, dim), scale, zero_point)
 
 
 def _raw_bytes(q: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ Preconditions: the module went through `insert-observers` and saw calibration da
 
 Backends (`backend=`):
 - `x86` — torch's quantized CPU kernels with prepacked weights (fbgemm/x86 engine): int8 conv,
-  conv+relu, linear, linear+relu, add, add+relu, matmul, cat; pass-through ops run on the
+  conv+relu, linear, linear+relu, add, add+relu, matmul, and cat as `kernels.int8_cat` (bytes
+  copied, only inputs off the output grid requantized); pass-through ops run on the
   quantized tensors directly. Fast on CPU; CPU only.
 - `reference` — explicit `quantized_decomposed` quantize/dequantize around float ATen ops, weights
   stored as int8 plus per-channel scales: the numerics of int8 on any device, CUDA included.
@@ -40,15 +41,15 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_d
 from fxopt import Pass, PassContext, PassResult
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
-                      is_effectful, op_view, origin, size_read)
+                      is_effectful, op_view, origin, size_read, value_nbytes)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
-from .kernels import depth_to_space, int8_linear, int8_pad, subpixel_weight
+from .kernels import depth_to_space, int8_cat, int8_linear, int8_pad, subpixel_weight
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear
 from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
-                   int8_region, shared_grids)
+                   grid_source, int8_region, shared_grids)
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -179,7 +180,7 @@ def lowering_stats(backend: str, float_ops: dict[str, str], reduce_range) -> dic
     quantize reports as it is)."""
     return {"backend": backend, "quantized": {}, "float_ops": dict(float_ops), "int8_pass_through": 0,
             "quantize_nodes": 0, "dequantize_nodes": 0, "reduce_range": reduce_range, "narrow_values": 0,
-            "shared_qparams": 0}
+            "shared_qparams": 0, "cat_requantized": 0}
 
 
 def nonfinite_values(observers: dict[str, Observer]) -> dict[str, str]:
@@ -205,6 +206,7 @@ class _Lowering:
         self.reduce_range = any_obs.reduce_range
         self.narrow: set[str] = set()  # values on the 7-bit grid (see _kernel_inputs)
         self.shared: dict[str, str] = {}  # value -> the cat whose grid it takes (plan.shared_grids)
+        self.cat_grids: dict[str, Grid] = {}  # int8 cat output -> its output grid (_cat_grid)
         self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
         self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
@@ -238,6 +240,9 @@ class _Lowering:
         if self.reduce_range:
             self.narrow = self._kernel_inputs(enabled, region)
             self.stats["narrow_values"] = len(self.narrow)
+        for out, group in self.plan.groups.items():  # on the untouched graph: it walks the inputs
+            if group.kind == "cat" and out in region:
+                self._cat_grid(out)
         if self.backend == "x86":
             torch.backends.quantized.engine = "x86"
         with warnings.catch_warnings():
@@ -290,8 +295,52 @@ class _Lowering:
         a cat's input takes its cat's grid (`shared_grids`)."""
         while name in self.shared:
             name = self.shared[name]
+        if name in self.cat_grids:
+            return self.cat_grids[name]
         narrow = name in self.narrow
         return (*self.observers[name].qparams(narrow), *quant_range(narrow))
+
+    def _cat_grid(self, out: str) -> Grid:
+        """The output grid of the int8 cat `out`: its observer's, or the grid of an input that
+        keeps its own (something else reads it) when that costs less error.
+
+        Inputs on the output grid are copied byte for byte (`kernels.int8_cat`); any other is
+        requantized, a second rounding and most of the cat's time. The inputs `shared_grids`
+        gave the cat are written on whatever grid it has; an input read elsewhere has its own.
+        Each candidate is scored on the cat's calibration values (`Observer.grid_error`, mean
+        squared error E): the observer's grid C adds E_C to every element (the inputs written
+        on it round once onto it; the others round a second time), an input's grid G adds E_G
+        to the elements not already on G only. The smaller wins, G on a tie (no requantization):
+        DenseNet-style cats of relu features whose widest input covers the rest take its grid;
+        a U-Net's skip (relu, >= 0) concatenated with the up-sampled path (signed) cannot hold
+        the negative values, so the cat keeps its grid and requantizes the skip alone.
+        """
+        if out in self.cat_grids:
+            return self.cat_grids[out]
+        narrow = out in self.narrow
+        observer = self.observers[out]
+        own: Grid = (*observer.qparams(narrow), *quant_range(narrow))
+        fixed: dict[Grid, int] = {}
+        total = 0
+        for value in self.plan.groups[out].inputs:  # cat([x, x]) counts x twice
+            size = max(value_nbytes(value), 1)
+            total += size
+            name = grid_source(self.gm, self.plan, self.region, value).name
+            root = name
+            while root in self.shared and root != out:
+                root = self.shared[root]
+            if root == out or name not in self.observers:
+                continue  # written on the cat's grid, whichever it is
+            grid = self._observed_grid(name)
+            if grid[2:] == own[2:]:  # bytes of a wider 0..255 grid may not go on a 7-bit one
+                fixed[grid] = fixed.get(grid, 0) + size
+        best, best_error = own, observer.grid_error(*own)
+        for grid, size in sorted(fixed.items(), key=lambda item: -item[1]):
+            error = observer.grid_error(*grid) * (1 - size / total)
+            if error < best_error or (best is own and error <= best_error):
+                best, best_error = grid, error
+        self.cat_grids[out] = best
+        return best
 
     def _grid_of_float(self, value: torch.fx.Node, user: torch.fx.Node) -> Grid:
         if value.name not in self.observers and value.name not in self.shared:
@@ -365,8 +414,10 @@ class _Lowering:
                 result = self._binary(group, inputs, qparams, qops.matmul.default, aten.matmul.default)
             else:  # cat
                 dim = view.attrs.get("dim", 0)
+                self.stats["cat_requantized"] += sum(
+                    (self.grid_of.get(v) or self._grid_of_float(v, group.anchor)) != grid for v in view.inputs)
                 if self.backend == "x86":
-                    result = self.graph.call_function(qops.cat.default, (inputs, dim, *qparams))
+                    result = self.graph.call_function(int8_cat, (inputs, dim, *grid))
                 else:
                     result = self.graph.call_function(aten.cat.default, (inputs, dim))
         for piece in group.views:  # relu(x[..., :-2]) computed as relu(x)[..., :-2]

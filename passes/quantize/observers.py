@@ -183,6 +183,26 @@ class Observer(nn.Module):
                 f"observer for {self.location} saw {self.nonfinite} in calibration batch "
                 f"{self.nonfinite_batch}: the value has no int8 grid and must stay float")
 
+    def grid_error(self, scale: float, zero_point: int, qmin: int, qmax: int) -> float:
+        """Mean squared error of putting the observed values on the grid (scale, zero point,
+        [qmin, qmax]): rounding inside it, clipping outside. Histogram observers weigh the
+        histogram's bins; min/max ones assume values spread evenly over the range they saw.
+        Compares grids for one value (lowering picks an int8 cat's output grid with it)."""
+        self._check_ready()
+        lo, hi = float(self.core.min_val), float(self.core.max_val)
+        if self.kind in ("minmax", "moving_average") or hi <= lo:
+            hist = torch.ones(2048, dtype=torch.float64)
+        else:
+            hist, lo, hi = self._histogram()
+        if hi <= lo:
+            centers, hist = torch.tensor([lo], dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        else:
+            width = (hi - lo) / hist.numel()
+            centers = lo + (torch.arange(hist.numel(), dtype=torch.float64) + 0.5) * width
+        q = torch.clamp(torch.round(centers / scale) + zero_point, qmin, qmax)
+        err = hist * (centers - (q - zero_point) * scale) ** 2
+        return float(err.sum() / hist.sum().clamp_min(1e-30))
+
     def _histogram(self) -> tuple[torch.Tensor, float, float]:
         core = self.core
         return core.histogram.double(), float(core.min_val), float(core.max_val)

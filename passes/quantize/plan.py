@@ -39,7 +39,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from fxopt.ir import op_view, tensor_meta, value_nbytes, written_in_place
+from fxopt.ir import metadata_read, op_view, size_read, tensor_meta, value_nbytes, written_in_place
 
 #: What may follow each anchor kind inside one group, in order.
 FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -514,16 +514,19 @@ def shared_grids(gm: torch.fx.GraphModule, plan: Plan, region: set[str]) -> dict
     """Value name -> the int8 cat whose grid it takes: the values each int8 cat in `region`
     concatenates, where nothing else reads them.
 
-    `quantized::cat` requantizes every input whose scale or zero point differs from its
-    output's: a second rounding, and a slower kernel. A cat's output holds exactly its inputs'
+    An int8 cat requantizes every input whose scale or zero point differs from its
+    output's: a second rounding, and most of its time (`kernels.int8_cat` copies the others). A cat's output holds exactly its inputs'
     values, so its observer has seen all of them: an input put on the output's grid loses
     nothing it would not lose at the cat (torch.ao shares one observer between a cat's inputs
     and output for the same reason). The value that fixes an input's grid is found by walking
     back through int8 pass-through ops (pooling, slicing, views: they keep their input's grid)
     to a group output or a float value quantized for the cat. Every value on that walk must
     feed only the next one: a value someone else reads keeps its own, tighter grid (those
-    readers would otherwise pay for the cat's range), and the cat requantizes it. Cats of cats
-    chain: the inner cat's output takes the outer cat's grid, and so do its inputs.
+    readers would otherwise pay for the cat's range), and the cat requantizes it, unless lowering
+    makes that grid the cat's output grid (`_Lowering._cat_grid`). Reading a value's size or
+    dtype (a U-Net's ``x2.size()[2] - x1.size()[2]`` before the pad) reads no value: such a
+    reader does not count. Cats of cats chain: the inner cat's output takes the outer cat's grid,
+    and so do its inputs.
     """
     shared: dict[str, str] = {}
     for out, group in plan.groups.items():
@@ -531,10 +534,24 @@ def shared_grids(gm: torch.fx.GraphModule, plan: Plan, region: set[str]) -> dict
             continue
         for value in dict.fromkeys(group.inputs):
             reader = group.anchor
-            while len(value.users) == 1 and next(iter(value.users)) is reader:
+            while value_readers(value) == [reader]:
                 if value.name in region and value.name in plan.pass_through:
                     reader, value = value, op_view(gm, value).input
                     continue
                 shared[value.name] = out
                 break
     return shared
+
+
+def value_readers(value: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users of `value` that read its elements (not only its size, dtype or device)."""
+    return [u for u in value.users if size_read(u) is None and metadata_read(u) is None]
+
+
+def grid_source(gm: torch.fx.GraphModule, plan: Plan, region: set[str], value: torch.fx.Node) -> torch.fx.Node:
+    """The value whose grid `value` has in int8: itself, or, through the int8 pass-through ops
+    of `region` (pooling, slicing, views, pads: they keep their input's grid), the group output
+    or float value they start from."""
+    while value.name in region and value.name in plan.pass_through:
+        value = op_view(gm, value).input
+    return value

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
+from fxopt.passes.quantize.kernels import int8_cat
 
 warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
 
@@ -49,14 +50,14 @@ def _producer_qparams(node):
     while node.target in (F.max_pool2d, torch.ops.aten.max_pool2d.default, operator.getitem):
         node = node.args[0]
     target = str(node.target)
-    if target.startswith("quantized.conv") or target.startswith("quantized.cat"):
+    if target.startswith("quantized.conv") or node.target is int8_cat:
         return node.args[2], node.args[3]
     assert target == "aten.quantize_per_tensor.default", node.format_node()
     return node.args[1], node.args[2]
 
 
 def _cats(gm):
-    return [n for n in gm.graph.nodes if str(n.target) == "quantized.cat.default"]
+    return [n for n in gm.graph.nodes if n.target is int8_cat]
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -106,10 +107,15 @@ def test_nested_cats_and_a_quantized_input_share_the_outer_grid():
     grid = outer.args[2], outer.args[3]
     assert (inner.args[2], inner.args[3]) == grid
     assert [_producer_qparams(i) for i in inner.args[0]] == [grid] * 2
-    # the inner cat, conv c; x is read by the three convs too: it keeps the grid they read it on
+    # the inner cat, conv c; x is read by the three convs too: it keeps the grid they read it
+    # on, and that grid (randn input: the widest range) is the outer cat's output grid, so
+    # nothing is requantized
     assert [_producer_qparams(i) for i in outer.args[0][:2]] == [grid] * 2
-    assert _producer_qparams(outer.args[0][2]) != grid
+    x_quantized = outer.args[0][2]
+    assert _producer_qparams(x_quantized) == grid
+    assert {u.target for u in x_quantized.users} >= {int8_cat, torch.ops.quantized.conv2d.new}
     assert res.passes[0].stats["shared_qparams"] == 4
+    assert res.passes[0].stats["cat_requantized"] == 0
     assert res.verification.passed and res.verification.sqnr_db > 35, res.verification.summary()
 
 

@@ -165,7 +165,7 @@ def test_conv1d_cat_pool_permute(mode):
     assert res.verification.passed and res.verification.sqnr_db > 20, res.verification.summary()
     targets = _targets(res.module)
     assert targets.count("quantized.conv1d_relu.default") == 2
-    assert "quantized.cat.default" in targets and "quantized.conv1d.default" in targets
+    assert any("int8_cat" in t for t in targets) and "quantized.conv1d.default" in targets
     assert _count(res.module, "aten.dequantize.self") == 1      # pool/permute/reshape stay int8
 
 
