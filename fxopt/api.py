@@ -19,7 +19,7 @@ from torch import nn
 from .calibration import check_batches
 from .capture import META_KEY, Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
-from .ir import fresh_script_objects
+from .serialize import rebuild_coded_attributes
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
 from .pass_base import Pass
 from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, verify
@@ -126,8 +126,8 @@ def optimize(
                 # a returned module is easy to use unchecked: say it failed where it is used
                 warnings.warn(f"optimize('{result.pipeline}'): verification failed: {reports[device].summary()}",
                               VerificationWarning, stacklevel=2)
-    # packed int8 weights remember the shape of the first call (the example's, just above)
-    fresh_script_objects(result.module)
+    # packed int8 weights remember the shape of their first call (the example's, just above)
+    rebuild_coded_attributes(result.module)
     return OptimizeResult(
         module=result.module,
         passes=result.records,

@@ -10,7 +10,8 @@ the x86 qconfig) and PT2E (torchao X86InductorQuantizer, compiled with torch.com
 works, else skipped); SQNR vs fp32 on a batch of 16; digits test accuracy; model size; time to
 quantize (capture + insert + calibrate + lower). Every number comes from fxopt.measure/verify;
 latencies are the lowest median over `--rounds` interleaved rounds (each round times every
-method at both batch sizes).
+method; each batch size on its own copy of each model, whose packed int8 weights then build
+their kernels for that batch).
 A method that fails on a model is reported with its error, not hidden.
 
 `unet` is milesial/Pytorch-UNet's U-Net (four ConvTranspose2d up-samplers), defined here, not in
@@ -30,6 +31,7 @@ import torch
 import fxopt
 from fxopt.examples import zoo
 from fxopt.measure import compare_latency, measure_latency, model_size_bytes
+from fxopt.serialize import rebuild_coded_attributes
 
 MODELS = {"resnet18": "symbolic", "mobilenet_v2": "symbolic", "bert": "export", "hf_bert": "export",
           "digits": "export", "video3d": "symbolic", "nn_encoder": "symbolic", "unet": "symbolic",
@@ -247,10 +249,29 @@ def run_model(name: str, repeats: int, with_pt2e: bool, rounds: int = 3) -> list
 
 def time_rounds(candidates: dict, inputs: dict, repeats: int, rounds: int) -> dict:
     """{(method, batch): the lowest median latency in ms over `rounds` interleaved rounds
-    (`compare_latency`), or an error text}."""
-    fns = {label: m for label, (m, _, _) in candidates.items() if m is not None}
-    lat = compare_latency(fns, inputs, rounds=rounds, repeats=repeats, threads=1)
-    return {(label, batch): v for label, by_batch in lat.items() for batch, v in by_batch.items()}
+    (`compare_latency`), or an error text}. Each batch size times its own copy of every model:
+    a packed int8 weight keeps the oneDNN primitive of its first call's shape, and a module
+    timed at batch 1 first would run batch 16 on a slower path (fxopt's and torch.ao's alike)."""
+    out = {}
+    for batch, x in inputs.items():
+        fns = {label: _fresh_copy(label, m) for label, (m, _, _) in candidates.items() if m is not None}
+        lat = compare_latency(fns, {batch: x}, rounds=rounds, repeats=repeats, threads=1)
+        out.update({(label, batch): by_batch[batch] for label, by_batch in lat.items()})
+    return out
+
+
+def _fresh_copy(label: str, m):
+    """A copy whose packed weights no call has touched; the module itself if it cannot be
+    copied (a compiled module). A deep copy re-packs under the current engine, which for
+    fxopt's int8 model would undo its per-layer engine choice (oneDNN for depthwise convs):
+    its packs are rebuilt by their save/load codec instead."""
+    try:
+        fresh = copy.deepcopy(m)
+    except Exception:
+        return m
+    if label.startswith("fxopt"):
+        rebuild_coded_attributes(fresh)
+    return fresh
 
 
 def head_to_head(name: str, rounds: int, repeats: int = 10) -> list[str]:

@@ -190,35 +190,6 @@ def _all_tensors(module: nn.Module):
                 yield value
 
 
-def fresh_script_objects(module: nn.Module) -> int:
-    """Replace every TorchScript object held as an attribute (the packed weights of int8 conv
-    and linear kernels) by a copy of itself, which packs the weight anew; returns how many.
-
-    oneDNN's quantized kernels keep the primitive built for the first call's shape inside the
-    packed object, and calls at any other shape take a slower path: a model run once at the
-    example batch (shape propagation, verification) would be 1.4-2x slower at batch 1 after.
-    A fresh copy lets the user's own first call choose.
-
-        >>> import torch
-        >>> m = torch.nn.Module()
-        >>> m.packed = torch.ops.quantized.linear_prepack(
-        ...     torch.quantize_per_tensor(torch.randn(2, 3), 0.1, 0, torch.qint8), None)
-        >>> before = m.packed
-        >>> fresh_script_objects(m), m.packed is before
-        (1, False)
-    """
-    count = 0
-    for owner in module.modules():
-        for name, value in list(vars(owner).items()):
-            if isinstance(value, torch.ScriptObject):
-                try:
-                    setattr(owner, name, copy.deepcopy(value))
-                except Exception:  # an object without a way to copy itself keeps its cache
-                    continue
-                count += 1
-    return count
-
-
 def tensor_versions(module: nn.Module) -> dict[int, tuple[str, int]]:
     """id -> (name, version counter) of every parameter and buffer, to detect in-place writes."""
     out = {}
