@@ -107,12 +107,17 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, key: Any, value: A
     causal = is_causal and key_padding_mask is None and not need_weights
     masked = not causal and (attn_mask is not None or key_padding_mask is not None)
     mask = attention_mask(attn_mask, key_padding_mask, batch, heads, x) if masked else None
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    weights = None
+    weights = probs = None
     if need_weights:  # a value of its own: erased from the graph when the caller drops it
-        scores = add_mask(torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1)), mask)
+        scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1))
+        if mask is not None:  # a graph value (None at run time when the caller gives no mask)
+            scores = add_mask(scores, mask)
         probs = torch.softmax(scores, dim=-1)
         weights = probs.mean(dim=1) if average_attn_weights else probs
+    if probs is not None and mask is None:  # the unmasked weights' softmax serves the output too
+        out = torch.matmul(probs, v)
+    else:  # SDPA, whose mask the passes read (an `add_mask` leaf they cannot)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     out = out.transpose(1, 2).reshape(batch, out.size(2), heads * head_dim)
     out = m.out_proj(out)
     if not m.batch_first:

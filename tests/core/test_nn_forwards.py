@@ -60,6 +60,29 @@ def test_multihead_attention_matches_the_module(kind, need_weights, average, bat
             torch.testing.assert_close(gm(y), model(y), rtol=1e-5, atol=1e-5)
 
 
+class Unmasked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=True)
+
+
+def test_attention_weights_come_from_the_one_softmax_the_output_uses():
+    """need_weights=True and no mask: the output is that softmax times v (no second attention
+    by SDPA); at other sizes too."""
+    torch.manual_seed(0)
+    model = Unmasked().eval()
+    gm = capture(model, (torch.randn(2, 5, E),), mode="symbolic")
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.softmax) == 1 and F.scaled_dot_product_attention not in targets
+    y = torch.randn(3, 7, E)
+    with torch.no_grad():
+        for got, want in zip(gm(y), model(y)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_causal_hint_with_its_mask_matches_the_module():
     torch.manual_seed(0)
     model = Attend(is_causal=True).eval()
