@@ -85,8 +85,18 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
             except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
                 shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
                 raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes {shapes}) does not run "
-                                 f"through the model: {type(exc).__name__}: {exc}") from exc
+                                 f"through the model: {type(exc).__name__}: {exc}{_guard_hint(exc)}") from exc
     return len(batches)
+
+
+def _guard_hint(exc: Exception) -> str:
+    """What to do when an exported graph's shape guard refused a batch."""
+    if "Guard failed" not in str(exc):
+        return ""
+    return ("\n  the model was captured by torch.export, which keeps dim 0 of each input dynamic (taken for "
+            "the batch) and fixes every other size to the example's: give example inputs with the sizes "
+            "the calibration batches have, or capture with mode='symbolic' (a sequence-first model, "
+            "batch on dim 1 as in torch.nn's attention with batch_first=False, needs one of the two)")
 
 
 @contextmanager

@@ -48,3 +48,17 @@ def test_outside_a_pipeline_calibrate_raises_unwrapped(model):
     with pytest.raises(FxoptError, match="does not run through the model") as info:
         fxopt.calibrate(observed, [(torch.randn(8, 5),)], progress=False)
     assert type(info.value) is FxoptError
+
+
+def test_an_exported_shape_guard_says_which_sizes_were_fixed_and_what_to_do():
+    """A sequence-first encoder exported on (S, 2, E): dim 0 (the sequence) stays dynamic, the
+    batch on dim 1 is fixed, so a calibration batch of 8 trips torch's guard; the error says why
+    and names the two ways out."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with pytest.raises(fxopt.PassError) as err:
+        fxopt.optimize(model, torch.randn(6, 2, 16), "quantize", mode="export",
+                       calibration=[torch.randn(6, 8, 16)])
+    message = str(err.value)
+    assert "Guard failed" in message and "mode='symbolic'" in message and "example inputs" in message
