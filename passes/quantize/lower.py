@@ -412,6 +412,8 @@ class _Lowering:
                                       else qops.add.default, aten.add.Tensor)
             elif group.kind == "matmul":
                 result = self._binary(group, inputs, qparams, qops.matmul.default, aten.matmul.default)
+            elif group.kind == "hardswish":
+                result = self._binary(group, inputs[:1], qparams, qops.hardswish.default, aten.hardswish.default)
             else:  # cat
                 dim = view.attrs.get("dim", 0)
                 self.stats["cat_requantized"] += sum(

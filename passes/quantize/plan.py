@@ -48,6 +48,7 @@ FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "add": (("relu",),),
     "matmul": (),
     "cat": (),
+    "hardswish": (),
 }
 #: Followers that act elementwise, so they commute with slicing (see `_grow`).
 ACTIVATIONS = frozenset({"relu", "hardtanh", "clamp"})
@@ -66,7 +67,7 @@ PASS_THROUGH = frozenset({
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
 #: conversions, so the minimum cut decides them like pass-through ops. A residual add between
 #: two convs stays int8; one between float layer norms (a transformer's) stays float.
-CUT_DECIDES = frozenset({"add", "cat"})
+CUT_DECIDES = frozenset({"add", "cat", "hardswish"})
 #: Pass-through ops whose int8 kernel rounds (averages): the reference backend re-quantizes.
 AVERAGING = frozenset({"adaptive_avg_pool", "avg_pool"})
 
@@ -183,6 +184,8 @@ def _anchor_ok(gm, view) -> str | None:
         if not view.inputs or any(not is_float_value(i) for i in view.inputs):
             return "cat of non-float values"
         return None
+    if view.kind == "hardswish":  # MobileNetV3's activation, with a grid of its own
+        return None if view.inputs and is_float_value(view.inputs[0]) else "non-float operand"
     return "no int8 kernel"
 
 
