@@ -1,7 +1,7 @@
 """What to quantize: int8 groups (patterns as data) and the int8 region (a minimum cut).
 
 A *group* is a run of nodes that becomes one int8 kernel: an anchor (conv, linear, add,
-matmul, cat) optionally followed by a batchnorm (after a conv, or BatchNorm1d after a linear's
+matmul, cat, hardswish) optionally followed by a batchnorm (after a conv, or BatchNorm1d after a linear's
 (N, features) output; folded into the weights) and an activation (relu, relu6, or any
 hardtanh / clamp with numeric bounds, whose clamp the group's output grid implies)::
 
