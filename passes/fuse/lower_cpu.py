@@ -12,6 +12,10 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   `fuse` alone), so it is off by default. With it, a weight read in pieces (cross-attention's
   q/k/v rows of `in_proj_weight`) is first split into one parameter per piece
   (`fxopt.ir.split_packed_parameters`), so each projection is prepacked too.
+- ``index_add(y, 1, idx, x)`` of 4-D values (where prune writes a narrowed block output into a
+  residual stream) -> `index_add_channels`, the same scatter over the (N*H*W, C) view of the
+  channels-last tensors lowered convs return: torch's kernel is 4x slower on the 4-D
+  channels-last tensor (a pruned ResNet-18 with `fuse,lower-cpu`: 30.7 -> 29.3 ms at batch 16).
 
 Which convs: depthwise convs always, dense convs from `min_macs` multiply-adds per sample
 (default 4 M; `min_macs=0` lowers every conv). A smaller dense conv becomes
@@ -53,7 +57,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import contiguous_outputs, is_effectful, op_view, split_packed_parameters, tensor_meta
+from fxopt.ir import (bind_arguments, contiguous_outputs, is_effectful, op_view, spec_for,
+                      split_packed_parameters, tensor_meta)
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -476,13 +481,49 @@ class LowerCPU(Pass):
         unpacked = split_packed_parameters(gm) if self.linear else 0
         report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear))
         guards = _guard_layouts(gm, set(state.cl.values())) if report.total else 0
+        scatters = _channel_scatters_over_rows(gm) if report.total else 0
         if report.total:
             from fxopt.passes.cleanup import DeadCodeElimination
 
             DeadCodeElimination().run(gm, ctx)
         return PassResult(gm, modified=bool(report.total or unpacked),
                           stats={"lowered": dict(report.counts), "contiguous_inserted": guards,
-                                 "unpacked_parameters": unpacked})
+                                 "unpacked_parameters": unpacked, "channel_scatters": scatters})
+
+
+def index_add_channels(y: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``torch.index_add(y, 1, index, source)`` on (N, C, H, W) values, as fast on the
+    channels-last tensors lowered convs return as on contiguous ones: their (N*H*W, C) matrix
+    view takes the scatter (torch's kernel on the 4-D channels-last tensor: 3.4 ms for
+    16x128x28x28 gaining 100 channels, 0.86 ms contiguous, 1.4 ms over the matrix view).
+    Pruning writes such scatters where a block's output joins a residual stream."""
+    cl = torch.channels_last
+    if y.dim() != 4 or not (y.is_contiguous(memory_format=cl) and source.is_contiguous(memory_format=cl)) \
+            or y.is_contiguous():
+        return torch.index_add(y, 1, index, source)
+    n, c, h, w = y.shape
+    rows = torch.index_add(y.permute(0, 2, 3, 1).reshape(-1, c), 1, index,
+                           source.permute(0, 2, 3, 1).reshape(-1, source.shape[1]))
+    return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _channel_scatters_over_rows(gm: torch.fx.GraphModule) -> int:
+    """Route ``index_add(y, 1, idx, x)`` of 4-D values through `index_add_channels`: after
+    lowering, activations are channels-last at run time."""
+    count = 0
+    for node in gm.graph.nodes:
+        view = op_view(gm, node) if node.op == "call_function" else None
+        meta = tensor_meta(node)
+        if view is None or view.kind != "index_add" or meta is None or len(meta[0]) != 4 \
+                or view.attrs.get("dim") not in (1, -3) or view.attrs.get("alpha", 1) != 1:
+            continue
+        y, source = view.inputs
+        index = bind_arguments(node, spec_for(gm, node))["index"]
+        node.target, node.args, node.kwargs = index_add_channels, (y, index, source), {}
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
