@@ -19,9 +19,9 @@ from torch import nn
 from .calibration import check_batches
 from .capture import META_KEY, Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
-from .serialize import rebuild_coded_attributes
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
 from .pass_base import Pass
+from .serialize import rebuild_coded_attributes
 from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, verify
 
 

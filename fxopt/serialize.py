@@ -83,12 +83,16 @@ def rebuild_coded_attributes(module: nn.Module) -> int:
     count = 0
     for owner in module.modules():
         for name, value in list(vars(owner).items()):
-            codec = next((c for c in _CODECS.values() if c.matches(value)), None) if not isinstance(
-                value, (torch.Tensor, nn.Module)) else None
+            codec = _codec_for(value) if not isinstance(value, (torch.Tensor, nn.Module)) else None
             if codec is not None:
                 setattr(owner, name, codec.decode(codec.encode(value)))
                 count += 1
     return count
+
+
+def _codec_for(value: Any) -> AttributeCodec | None:
+    """The registered codec that stores `value`, if any."""
+    return next((c for c in _CODECS.values() if c.matches(value)), None)
 
 
 # ----- saving ---------------------------------------------------------------------------------
@@ -140,7 +144,7 @@ def _save_attr(gm, node, tensors, packed) -> None:
         value = getattr(value, part)
     if isinstance(value, torch.Tensor):
         tensors[node.target] = plain_tensor(value)
-    elif (codec := next((c for c in _CODECS.values() if c.matches(value)), None)) is not None:
+    elif (codec := _codec_for(value)) is not None:
         packed[node.target] = {"codec": codec.name, "provider": codec.provider, "data": codec.encode(value)}
     else:
         raise SerializationError(f"save: cannot store attribute '{node.target}' of type "

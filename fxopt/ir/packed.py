@@ -77,9 +77,9 @@ def split_packed_parameters(gm: torch.fx.GraphModule) -> int:
 
 def _pieces(node: torch.fx.Node, value: torch.Tensor) -> list[_Piece] | None:
     """The blocks every reader of `node` takes, or None when they are not disjoint blocks along
-    one axis. A reader is evaluated on the tensor itself: its results (or the `getitem`s of a
-    tuple result) must be views onto one contiguous range of one axis."""
-    # readers run on a meta tensor shaped like `value`: no data is read, none can be written
+    one axis. Each reader runs on a meta tensor shaped like `value` (no data read, none can be
+    written): its results (or the `getitem`s of a tuple result) must be views onto one
+    contiguous range of one axis."""
     probe = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
     pieces: list[_Piece] = []
     for user in node.users:
