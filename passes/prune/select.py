@@ -228,10 +228,10 @@ class _Solver:
                 structures[sig] = _Conditioned.build(*sig)
             if structures[sig] is not None:
                 conditioned.setdefault(sig, []).append((nodes, soft))
-            else:  # its own requirements and charges, gathered once for every λ tried
-                self.large.append((nodes, [(u, v) for u in nodes for v in requires.get(u, ())],
+            else:  # its own requirements and charges (one per requirement), for every λ tried
+                self.large.append((nodes, [(nodes[y], nodes[x]) for y, x in edges],
                                    {k for k in nodes if self.blocked[k]},
-                                   [(x, y, c) for (x, y), c in self.soft.items() if x in pos]))
+                                   [(nodes[x], nodes[y], c) for (y, x), c in zip(edges, soft) if c]))
         for sig, items in conditioned.items():
             self.conditioned.append(structures[sig].batch(np.array([it[0] for it in items], dtype=np.int64),
                                                           np.array([it[1] for it in items], dtype=np.float64)))
