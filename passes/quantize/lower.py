@@ -408,12 +408,12 @@ class _Lowering:
             if group.kind in ("conv", "linear"):
                 result = self._weighted(group, view, inputs, grid)
             elif group.kind == "add":
-                result = self._binary(group, inputs, qparams, qops.add_relu.default if group.act is not None
+                result = self._unweighted(group, inputs, qparams, qops.add_relu.default if group.act is not None
                                       else qops.add.default, aten.add.Tensor)
             elif group.kind == "matmul":
-                result = self._binary(group, inputs, qparams, qops.matmul.default, aten.matmul.default)
+                result = self._unweighted(group, inputs, qparams, qops.matmul.default, aten.matmul.default)
             elif group.kind == "hardswish":
-                result = self._binary(group, inputs[:1], qparams, qops.hardswish.default, aten.hardswish.default)
+                result = self._unweighted(group, inputs[:1], qparams, qops.hardswish.default, aten.hardswish.default)
             else:  # cat
                 dim = view.attrs.get("dim", 0)
                 self.stats["cat_requantized"] += sum(
@@ -459,7 +459,9 @@ class _Lowering:
                 return False
         return True
 
-    def _binary(self, group, inputs, qparams, x86_op, float_op):
+    def _unweighted(self, group, inputs, qparams, x86_op, float_op):
+        """An int8 op without weights (add, matmul, hardswish): x86's kernel onto the output
+        grid, or the float op the reference backend rounds afterwards."""
         if self.backend == "x86":
             args = list(inputs)
             if group.kind == "matmul":
