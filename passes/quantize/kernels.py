@@ -103,6 +103,26 @@ def int8_cat(tensors: list[torch.Tensor], dim: int, scale: float, zero_point: in
     return torch._make_per_tensor_quantized_tensor(torch.cat(pieces, dim), scale, zero_point)
 
 
+def float_between_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                       zero_point: int, relu: bool, stride: list[int] | None = None, padding: list[int] | None = None,
+                       dilation: list[int] | None = None, groups: int = 1) -> torch.Tensor:
+    """A conv (`stride` given) or linear that no int8 kernel on this CPU computes right
+    (`packing.computes_right`): int8 in and out like its neighbours, float in between, with the
+    int8 weight's values.
+
+        >>> x = torch.quantize_per_tensor(torch.randn(1, 4, 8), 0.05, 128, torch.quint8)
+        >>> y = float_between_int8(x, torch.randn(6, 4, 3), None, 0.1, 128, True, [1], [1], [1])
+        >>> y.dtype, tuple(y.shape), bool((y.dequantize() >= 0).all())
+        (torch.quint8, (1, 6, 8), True)
+    """
+    if stride is None:
+        y = F.linear(x.dequantize(), weight, bias)
+    else:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+        y = conv(x.dequantize(), weight, bias, stride, padding, dilation, groups)
+    return torch.quantize_per_tensor(F.relu(y) if relu else y, scale, zero_point, torch.quint8)
+
+
 def _raw_bytes(q: torch.Tensor) -> torch.Tensor:
     """The uint8 values of a quint8 tensor, in place (its sizes and strides, its storage)."""
     return torch.empty(0, dtype=torch.uint8, device=q.device).set_(

@@ -45,7 +45,7 @@ from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
-from .kernels import depth_to_space, int8_cat, int8_linear, int8_pad, subpixel_weight
+from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, int8_pad, subpixel_weight
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear
 from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
@@ -255,6 +255,8 @@ class _Lowering:
                     self._lower_group(group)
                 else:
                     self._lower_pass_through(node)
+        for message in self.stats.get("float_kernels", {}).values():
+            warnings.warn(f"lower-int8: {message}", PassWarning, stacklevel=user_stacklevel())
         # What the rewrites left unread: q/dq pairs, weights, a linear's transposed weight.
         for node in reversed(list(self.graph.nodes)):
             if node.op in ("get_attr", "call_function", "call_method") and not node.users \
@@ -506,13 +508,15 @@ class _Lowering:
         qw = quantize_weight(weight)
         if self.backend == "x86":
             kernel, prepacked = self._x86_kernel(group, view, qw, bias, relu, geometry)
-            name = self.packed_cache.get(key)
-            if name is None:
-                name = _fresh_attr(self.gm, f"{group.name}_packed")
-                setattr(self.gm, name, prepacked)
-                self.packed_cache[key] = name
-            packed = self.graph.get_attr(name)
-            y = self.graph.call_function(kernel, (x, packed, *qparams))
+            if prepacked is None:
+                y = self._float_between_int8(group, x, qw, bias, relu, geometry, qparams)
+            else:
+                name = self.packed_cache.get(key)
+                if name is None:
+                    name = _fresh_attr(self.gm, f"{group.name}_packed")
+                    setattr(self.gm, name, prepacked)
+                    self.packed_cache[key] = name
+                y = self.graph.call_function(kernel, (x, self.graph.get_attr(name), *qparams))
             if taps is not None:
                 y = self.graph.call_function(depth_to_space, (y, taps))
             if bounds is not None:
@@ -559,6 +563,20 @@ class _Lowering:
         elif bounds is not None:
             y = self.graph.call_function(aten.clamp.default, (y, *bounds))
         return y
+
+    def _float_between_int8(self, group, x, qw, bias, relu: bool, geometry: dict, qparams) -> torch.fx.Node:
+        """The layer no engine's int8 kernel computes right here (`packing.computes_right`):
+        float between its int8 input and output, with the int8 weight's values (warned after
+        the lowering loop, which silences torch's warnings)."""
+        message = (f"no int8 kernel on this CPU computes {group.kind} '{group.name}' right (every engine was "
+                   f"checked); it runs in float between its int8 input and output")
+        self.stats.setdefault("float_kernels", {})[group.name] = message
+        w = self.graph.get_attr(add_tensor_attr(self.gm, f"{group.name}_weight", qw.dequantize(), parameter=False))
+        b = self.graph.get_attr(add_tensor_attr(self.gm, f"{group.name}_bias", bias, parameter=False)) \
+            if bias is not None else None
+        shape = () if group.kind == "linear" else (list(geometry["stride"]), list(geometry["padding"]),
+                                                   list(geometry["dilation"]), geometry["groups"])
+        return self.graph.call_function(float_between_int8, (x, w, b, *qparams, relu, *shape))
 
     def _x86_kernel(self, group, view, qw, bias, relu: bool, geometry: dict):
         if group.kind == "linear":

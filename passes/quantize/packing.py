@@ -18,6 +18,14 @@ fast path also takes only "same" padding, so a depthwise conv behind an explicit
 generic path 100x slower than oneDNN (16x144x6x6, 3x3: 3.3 ms against 30 µs, one thread). So
 every depthwise conv is packed with oneDNN, which is also 2-4x faster on wide ones at batch 16.
 
+Those are the wrong kernels known in advance. Others turn up on shapes nobody listed (oneDNN's
+int8 conv with 16 channels and an 8-tap kernel gives -9 dB from 5 outputs on, under both the
+`x86` and the `onednn` engine, while fbgemm computes it right), so every packed weight is
+checked before it is used: one small run against the same layer in float
+(`computes_right`). A pack that fails is packed again with the next engine; when no engine
+computes the layer right, `prepack_conv`/`prepack_linear` return None and the caller keeps the
+layer off the int8 kernels.
+
 Example::
 
     >>> import torch
@@ -49,30 +57,100 @@ def conv_engine(weight: torch.Tensor, groups: int, engine: str = "x86") -> str:
         return engine
     if weight.dim() == 5:
         return "onednn"
-    k_per_g, c_per_g = weight.shape[0] // groups, weight.shape[1]
-    if groups > 1 and c_per_g == 1 and k_per_g == 1:
+    if groups > 1 and weight.shape[1] == 1 and weight.shape[0] == groups:
         return "onednn"
     # 2-d only: torch runs a quantized conv1d as a 1 x k conv2d, never a 3x3
-    fast_path = (groups > 1 and c_per_g == k_per_g and c_per_g in _GCONV_CHANNELS
+    return "onednn" if _fbgemm_unsafe(weight, groups) else engine
+
+
+def _fbgemm_unsafe(weight: torch.Tensor, groups: int) -> bool:
+    """fbgemm's grouped-conv fast path with a partial last block: it writes past its buffers, so
+    it is never packed, not even to be checked."""
+    k_per_g, c_per_g = weight.shape[0] // groups, weight.shape[1]
+    fast_path = (weight.dim() == 4 and groups > 1 and c_per_g == k_per_g and c_per_g in _GCONV_CHANNELS
                  and tuple(weight.shape[2:]) == (3, 3))
-    if fast_path and groups % (16 // c_per_g):
-        return "onednn"
-    return engine
+    return fast_path and groups % (16 // c_per_g) != 0
+
+
+def _engines(first: str, weight: torch.Tensor, groups: int | None) -> list[str]:
+    """`first`, then the other engines this build has that may pack the layer."""
+    others = [e for e in ("fbgemm", "onednn", "x86") if e in torch.backends.quantized.supported_engines
+              and e != first and not (e == "fbgemm" and groups is not None and _fbgemm_unsafe(weight, groups))]
+    return [first, *others]
 
 
 def prepack_conv(weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
                  dilation: list[int], groups: int, engine: str = "x86"):
-    """`quantized.conv{1,2,3}d_prepack` of an int8 weight, packed by `conv_engine`'s choice."""
+    """`quantized.conv{1,2,3}d_prepack` of an int8 weight, packed by `conv_engine`'s choice, or
+    by the next engine whose kernel `computes_right`; None when none does."""
     prepack = {3: torch.ops.quantized.conv1d_prepack, 4: torch.ops.quantized.conv2d_prepack,
                5: torch.ops.quantized.conv3d_prepack}[weight.dim()]
-    with quantized_engine(conv_engine(weight, groups, engine)):
-        return prepack(weight, bias, list(stride), list(padding), list(dilation), groups)
+    return _first_right(_engines(conv_engine(weight, groups, engine), weight, groups), weight, bias,
+                        lambda: prepack(weight, bias, list(stride), list(padding), list(dilation), groups))
 
 
 def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None, engine: str = "x86"):
-    """`quantized.linear_prepack` of an int8 weight under `engine`."""
-    with quantized_engine(engine):
-        return torch.ops.quantized.linear_prepack(weight, bias)
+    """`quantized.linear_prepack` of an int8 weight under `engine`, or under the next engine
+    whose kernel `computes_right`; None when none does."""
+    return _first_right(_engines(engine, weight, None), weight, bias,
+                        lambda: torch.ops.quantized.linear_prepack(weight, bias))
+
+
+def _first_right(engines: list[str], weight: torch.Tensor, bias: torch.Tensor | None, pack):
+    """A fresh `pack()` under the first of `engines` whose kernel `computes_right`. Fresh: a
+    oneDNN pack keeps the primitive of its first call's shape, and calls at other shapes take
+    a slower path, so the pack that was checked is not the one handed out."""
+    for candidate in engines:
+        with quantized_engine(candidate):
+            if computes_right(pack(), weight, bias):
+                return pack()
+    return None
+
+
+#: Outputs per spatial axis of the check run: wrong kernels seen so far go wrong from a few
+#: outputs on (the oneDNN conv in the module docstring from 5), never only on large inputs.
+_CHECK_OUTPUTS = {1: 32, 2: 8, 3: 4}
+
+
+def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the packed kernel gives what the same layer computes in float, on one input of
+    random full-range bytes (batch 1; a conv with a few outputs per axis, a linear with 16
+    rows): every output within 2 steps of the float result on the same output grid (rounding
+    differs by at most one; the wrong kernels seen were off by tens of steps, or by 7 where
+    int16 sums saturate).
+
+        >>> w = torch.quantize_per_tensor(torch.randn(8, 4, 3, 3), 0.02, 0, torch.qint8)
+        >>> computes_right(torch.ops.quantized.conv2d_prepack(w, None, [1, 1], [1, 1], [1, 1], 1), w, None)
+        True
+    """
+    generator = torch.Generator().manual_seed(0)
+    conv = hasattr(packed, "stride")
+    if conv:
+        dims = weight.dim() - 2
+        # a conv1d is packed as a 1 x k conv2d: its geometry has a leading entry for the 1
+        stride, padding, dilation = (list(v)[-dims:] for v in (packed.stride(), packed.padding(), packed.dilation()))
+        # an input that gives _CHECK_OUTPUTS outputs on each spatial axis
+        size = [max((_CHECK_OUTPUTS[dims] - 1) * s + d * (k - 1) + 1 - 2 * p, 1)
+                for s, p, d, k in zip(stride, padding, dilation, weight.shape[2:])]
+        shape = (1, weight.shape[1] * packed.groups(), *size)
+    else:
+        shape = (16, weight.shape[1])
+    x = torch._make_per_tensor_quantized_tensor(
+        torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator), 0.05, 128)
+    if conv:
+        convolution = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[dims - 1]
+        reference = convolution(x.dequantize(), weight.dequantize(), bias, stride, padding, dilation, packed.groups())
+    else:
+        reference = torch.nn.functional.linear(x.dequantize(), weight.dequantize(), bias)
+    scale = max(float(reference.abs().max()) / 127, 1e-8)
+    if conv:
+        run = {1: torch.ops.quantized.conv1d, 2: torch.ops.quantized.conv2d.new,
+               3: torch.ops.quantized.conv3d.new}[dims]
+        out = run(x, packed, scale, 128)
+    else:
+        out = torch.ops.quantized.linear(x, packed, scale, 128)
+    expected = torch.quantize_per_tensor(reference, scale, 128, torch.quint8)
+    return bool((out.int_repr().int() - expected.int_repr().int()).abs().max() <= 2)
 
 
 @contextlib.contextmanager

@@ -40,10 +40,15 @@ def _decode(record: dict):
     weight, bias = graph_io.tensor_from_plain(record["weight"]), record["bias"]
     engine = torch.backends.quantized.engine
     if record["kind"] == "linear":
-        return prepack_linear(weight, bias, engine)
-    # the engine per layer, as lowering chose it (grouped convs fbgemm gets wrong: oneDNN)
-    return prepack_conv(weight, bias, record["stride"], record["padding"], record["dilation"], record["groups"],
-                        engine)
+        packed = prepack_linear(weight, bias, engine)
+    else:  # the engine per layer, as lowering chose it (grouped convs fbgemm gets wrong: oneDNN)
+        packed = prepack_conv(weight, bias, record["stride"], record["padding"], record["dilation"],
+                              record["groups"], engine)
+    if packed is None:
+        raise QuantizationError(f"no int8 kernel on this machine computes a {record['kind']} with weight "
+                                f"{tuple(weight.shape)} right (every engine was checked); quantize the model "
+                                "again here, which keeps such a layer in float")
+    return packed
 
 
 graph_io.register_codec(graph_io.AttributeCodec("int8-packed", _is_packed, _encode, _decode, provider=__name__))

@@ -7,7 +7,7 @@ from torch import nn
 
 import fxopt
 from fxopt.passes.quantize import load, save
-from fxopt.passes.quantize.packing import conv_engine
+from fxopt.passes.quantize.packing import computes_right, conv_engine
 
 needs_onednn = pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
                                   reason="this torch build has no oneDNN quantized engine")
@@ -96,3 +96,86 @@ def test_a_wide_depthwise_conv_on_full_range_activations_keeps_the_reference_acc
                              calibration=batches, verify=False)
         sqnr[backend] = fxopt.verify(model, res.module, (held_out,), tolerance="int8").sqnr_db
     assert sqnr["x86"] > sqnr["reference"] - 1.0, sqnr
+
+
+def _sqnr(ref, out):
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())).item()
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv1d(16, 16, 8, padding=4),            # oneDNN's int8 kernel: -9 dB on AVX512-VNNI
+    lambda: nn.Conv2d(32, 32, 8, padding=4, groups=2),  # (under both the x86 and the onednn engine)
+    lambda: nn.Conv1d(96, 96, 16, padding=8, groups=8),
+])
+def test_every_packed_conv_is_checked_and_repacked_where_its_kernel_is_wrong(conv):
+    """A kernel nobody listed as wrong is caught by the check run at packing time and the layer
+    packed with an engine that computes it right: as close as the reference q/dq form."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv()).eval()
+    shape = (8, model[0].in_channels, 64) if isinstance(model[0], nn.Conv1d) else (4, 32, 20, 20)
+    batches = [(torch.randn(*shape),) for _ in range(4)]
+    x86 = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches).module
+    reference = fxopt.optimize(model, batches[0], "quantize{backend=reference}", calibration=batches,
+                               verify=False).module
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        y = model(x)
+        assert _sqnr(y, x86(x)) > _sqnr(y, reference(x)) - 1.0 > 30
+
+
+def test_the_check_tells_a_wrong_kernel_from_a_right_one():
+    w = _weight(8, 4)
+    packed = torch.ops.quantized.conv2d_prepack(w, None, [1, 1], [1, 1], [1, 1], 1)
+    assert computes_right(packed, w, None)
+    other = torch.quantize_per_tensor(torch.randn(8, 4, 3, 3), 0.02, 0, torch.qint8)
+    assert not computes_right(packed, other, None)   # the kernel does not compute `other`'s layer
+    lin = torch.quantize_per_tensor(torch.randn(6, 5), 0.02, 0, torch.qint8)
+    assert computes_right(torch.ops.quantized.linear_prepack(lin, torch.randn(6)), lin, None) is False
+    bias = torch.randn(6)
+    assert computes_right(torch.ops.quantized.linear_prepack(lin, bias), lin, bias)
+
+
+class ConvAndLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(2))
+
+
+def test_a_layer_no_engine_computes_right_runs_in_float_between_int8(monkeypatch, tmp_path):
+    """When every engine's kernel fails the check, the layer keeps its int8 neighbours and runs
+    in float between them, with a warning naming it; a saved model of it loads and runs."""
+    import fxopt.passes.quantize.packing as packing
+
+    torch.manual_seed(0)
+    model = ConvAndLinear().eval()
+    batches = [(torch.randn(4, 4, 16),) for _ in range(4)]
+    monkeypatch.setattr(packing, "computes_right", lambda packed, weight, bias: weight.dim() != 3)
+    with pytest.warns(fxopt.PassWarning, match="no int8 kernel on this CPU computes conv '.*conv.*' right"):
+        res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    assert res.verification.passed, res.verification.summary()
+    assert list(res.passes[-1].stats["float_kernels"]) == ["conv"]
+    targets = {getattr(n.target, "__name__", str(n.target)) for n in res.module.graph.nodes}
+    assert "float_between_int8" in targets and "linear" in str(targets)
+    x = torch.randn(4, 4, 16)
+    with torch.no_grad():
+        assert _sqnr(model(x), res.module(x)) > 30
+    save(res.module, tmp_path / "m.pt")
+    torch.testing.assert_close(load(tmp_path / "m.pt")(x), res.module(x), rtol=0, atol=0)
+
+
+def test_loading_a_pack_no_engine_computes_right_says_so(monkeypatch, tmp_path):
+    import fxopt.passes.quantize.packing as packing
+    from fxopt.passes.quantize import QuantizationError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3)).eval()
+    batches = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    save(res.module, tmp_path / "m.pt")
+    monkeypatch.setattr(packing, "computes_right", lambda packed, weight, bias: False)
+    with pytest.raises(QuantizationError, match=r"no int8 kernel on this machine computes a conv2d with weight "
+                                                r"\(8, 3, 3, 3\) right .*quantize the model again here"):
+        load(tmp_path / "m.pt")
