@@ -112,29 +112,57 @@ class FoldConstants(Pass):
     max_growth: float = 4.0
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        constant: dict[torch.fx.Node, bool] = {}
-        for node in gm.graph.nodes:
-            constant[node] = _is_foldable(node, constant)
-        folded = 0
-        for node in list(gm.graph.nodes):
-            if not constant.get(node) or node.op == "get_attr":
-                continue
-            # Fold only the frontier: a constant node some non-constant node consumes.
-            if all(constant.get(u, False) for u in node.users) and node.users:
-                continue
-            value = _evaluate(gm, node)
-            if not isinstance(value, torch.Tensor) or not _small_enough(node, value, gm, self.max_growth):
-                continue
-            name = add_tensor_attr(gm, f"{node.name}_folded", value, parameter=False)
-            with gm.graph.inserting_before(node):
-                attr = gm.graph.get_attr(name)
-            replace_uses(node, attr)
-            folded += 1
-        if folded:
-            for node in reversed(list(gm.graph.nodes)):
-                if not node.users and constant.get(node) and not is_effectful(node):
-                    gm.graph.erase_node(node)
+        constant = constant_nodes(gm)
+        # Fold only the frontier: a constant node some non-constant node consumes.
+        frontier = [node for node in gm.graph.nodes if constant[node] and node.op != "get_attr"
+                    and not (node.users and all(constant.get(u, False) for u in node.users))]
+        folded = fold_constants(gm, frontier, constant, self.max_growth)
         return PassResult(gm, modified=bool(folded), stats={"folded": folded})
+
+
+def constant_nodes(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, bool]:
+    """Node -> whether its value depends only on parameters, buffers and constants."""
+    constant: dict[torch.fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        constant[node] = _is_foldable(node, constant)
+    return constant
+
+
+def fold_constants(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], constant: dict[torch.fx.Node, bool],
+                   max_growth: float = FoldConstants.max_growth) -> int:
+    """Evaluate each of `nodes` (constant per `constant_nodes`) once and read the result from a
+    new attribute instead; the constant nodes left unused are erased. A result more than
+    `max_growth` times the size of what it reads stays computed. Returns how many were folded.
+
+        >>> import torch, torch.fx
+        >>> class M(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = torch.nn.Parameter(torch.randn(3, 4))
+        ...     def forward(self, x):
+        ...         return x @ self.w.t()
+        >>> gm = torch.fx.symbolic_trace(M())
+        >>> constant = constant_nodes(gm)
+        >>> fold_constants(gm, [n for n in gm.graph.nodes if n.name == "t"], constant)
+        1
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'get_attr', 'call_function', 'output']
+    """
+    folded = 0
+    for node in nodes:
+        value = _evaluate(gm, node)
+        if not isinstance(value, torch.Tensor) or not _small_enough(node, value, gm, max_growth):
+            continue
+        name = add_tensor_attr(gm, f"{node.name}_folded", value, parameter=False)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        replace_uses(node, attr)
+        folded += 1
+    if folded:
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and constant.get(node) and not is_effectful(node):
+                gm.graph.erase_node(node)
+    return folded
 
 
 def _is_foldable(node: torch.fx.Node, constant: dict) -> bool:
@@ -184,4 +212,5 @@ def _small_enough(node: torch.fx.Node, value: torch.Tensor, gm: torch.fx.GraphMo
     return value.numel() <= growth * max(read, 1)
 
 
-__all__ = ["DeadCodeElimination", "FoldConstants", "RemoveNoOps", "is_effectful"]
+__all__ = ["DeadCodeElimination", "FoldConstants", "RemoveNoOps", "constant_nodes", "fold_constants",
+           "is_effectful"]

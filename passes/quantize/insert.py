@@ -27,7 +27,9 @@ import torch.fx
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
 from fxopt.errors import node_location
-from fxopt.ir import functionalize_writes, op_view, split_packed_parameters
+from fxopt.ir import bind_arguments, functionalize_writes, op_view, spec_for, split_packed_parameters
+
+from ..cleanup import constant_nodes, fold_constants
 
 from .observers import Observer, ObserverKind, QuantizationError, quantized_node
 from .plan import build_plan, is_float_value
@@ -67,6 +69,7 @@ class InsertObservers(Pass):
         functionalize_writes(gm)
         # cross-attention's q/k/v weights are pieces of one packed parameter: one each, to pack
         split_packed_parameters(gm)
+        fold_computed_weights(gm)
         plan = build_plan(gm)
         wanted: dict[str, torch.fx.Node] = {}
         by_name = {n.name: n for n in gm.graph.nodes}
@@ -112,3 +115,22 @@ def _read_by_a_maximum(gm: torch.fx.GraphModule, value: torch.fx.Node) -> bool:
 
 def _has_shapes(gm) -> bool:
     return all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr"))
+
+
+def fold_computed_weights(gm: torch.fx.GraphModule) -> int:
+    """Fold each conv/linear weight the graph computes from parameters alone (NFNet's weight
+    standardization, a weight_norm traced through) into a constant: an int8 kernel packs a
+    fixed weight, and the int8 model is for inference, where that weight is fixed. Returns how
+    many were folded; a weight that reads the input stays computed (and its layer float)."""
+    constant = constant_nodes(gm)
+    computed = []
+    for node in gm.graph.nodes:
+        view = op_view(gm, node) if node.op == "call_function" else None
+        if view is None or view.kind not in ("conv", "linear") or view.param("weight") is not None:
+            continue
+        spec = spec_for(gm, node)
+        weight = bind_arguments(node, spec).get("weight") if spec is not None else None
+        if isinstance(weight, torch.fx.Node) and weight.op != "get_attr" and constant.get(weight) \
+                and weight not in computed:
+            computed.append(weight)
+    return fold_constants(gm, computed, constant, max_growth=float("inf")) if computed else 0
