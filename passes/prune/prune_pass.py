@@ -373,10 +373,13 @@ def _shortfall(plan: PrunePlan, ratio: float, exact_norms: bool) -> str | None:
             options.append("adapter_cost=0 stops charging the re-expansions in front of pinned nodes and exact norms")
         if cap < 1:
             options.append("a larger max_layer_ratio")
-    if sel.removed < selected:
-        causes.append(f"round_to={round_to} gave {selected - sel.removed} back (every width rounded up to a "
-                      f"multiple of {round_to})")
-        options.append("a smaller round_to")
+    if sel.removed < selected:  # `_round_slots`: widths rounded up, and no layer emptied
+        if round_to > 1:
+            causes.append(f"round_to={round_to} gave {selected - sel.removed} back (every width rounded up to a "
+                          f"multiple of {round_to}, and at least one)")
+            options.append("a smaller round_to")
+        else:
+            causes.append(f"keeping at least one channel in every layer gave {selected - sel.removed} back")
     hint = f" Options: {'; '.join(options)}." if options else ""
     what = ("removed no channel" if sel.removed == 0 else
             f"removed only {sel.removed} of the {sel.target} channels")

@@ -473,3 +473,16 @@ def test_the_warning_threshold_is_ninety_percent_of_the_target():
                            (target // 2, True), (0, True)):
         plan.selection.removed = plan.selected = removed
         assert (_shortfall(plan, 0.5, True) is not None) == warns, removed
+
+
+def test_channels_given_back_to_keep_every_layer_alive_are_not_blamed_on_round_to():
+    """With round_to=1 the channels given back after the selection are the ones that keep a
+    layer from emptying: the note says so, and does not offer 'a smaller round_to'."""
+    torch.manual_seed(0)
+    r = prune_and_mask(PreNormStack().eval(), torch.randn(2, 20, 12), "export")
+    plan = r.plan
+    assert plan.options.get("round_to", 1) == 1
+    plan.selected, plan.selection.removed = plan.selection.target, plan.selection.target // 2
+    note = _shortfall(plan, 0.5, True)
+    assert f"keeping at least one channel in every layer gave {plan.selected - plan.selection.removed} back" in note
+    assert "round_to" not in note, note
