@@ -44,7 +44,7 @@ from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, size_read, tens
 import numpy as np
 
 from .boundary import Boundary
-from .channel_graph import ChannelGraph, param_arg, producer_weights
+from .channel_model import ChannelGraph, param_arg, producer_weights
 
 
 @dataclass
@@ -493,7 +493,7 @@ class _Applier:
 
     def _rescale_rms_norm(self, node: torch.fx.Node, view, size: int, kept: int) -> None:
         """rms_norm over `kept` of `size` channels whose removed ones were zero: weight·√(size/kept)
-        and eps·size/kept give the original norm (see `channel_graph.rule_rms_norm`)."""
+        and eps·size/kept give the original norm (see `rules.layers.LayerRules.rule_rms_norm`)."""
         if kept == size:
             return
         ratio = size / kept
@@ -625,7 +625,7 @@ def _run_in(have: np.ndarray, want: np.ndarray) -> int | None:
 
 def _set_channel_slice(node: torch.fx.Node, rule, start: int, stop: int) -> None:
     """Rewrite the channel-axis slice of `node` (an ``aten.slice`` or a getitem, see
-    `channel_graph._slice_channels`) to ``start:stop``."""
+    `rules.indexing.IndexRules._slice_channels`) to ``start:stop``."""
     if rule.kind == "slice":
         _set_arg(node, "start", start)
         _set_arg(node, "end", stop)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from .channel_graph import ChannelGraph
+from .channel_model import ChannelGraph
 
 MUST_REDUCE = frozenset({"softmax"})
 

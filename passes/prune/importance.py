@@ -5,7 +5,7 @@ Importance is measured where information is destroyed — at the *producers* of 
 exact norm whose output is gathered) plus the affine of the norms and depthwise convs inside
 it. Consumer columns are not counted: they read a channel that is gone. A producer's rows lie
 along its weight layout's output axis
-(`channel_graph.WEIGHT_LAYOUTS`: axis 0 of a linear/conv weight, axis 1 of an addmm/matmul
+(`channel_model.WEIGHT_LAYOUTS`: axis 0 of a linear/conv weight, axis 1 of an addmm/matmul
 weight stored [in, out] or of an embedding table).
 
 - ``l1`` / ``l2``: norm of each producer row (weight and bias, plus norm affine);
@@ -34,7 +34,7 @@ import torch.fx
 from fxopt.ir import op_view, run_graph, tensor_meta
 
 from .apply import is_plain_add
-from .channel_graph import ChannelGraph, producer_weights
+from .channel_model import ChannelGraph, producer_weights
 from .latency import LayerCost
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fxopt.ir import op_view, tensor_meta
 
-from .channel_graph import ChannelGraph, producer_weights
+from .channel_model import ChannelGraph, producer_weights
 
 _CONV = (F.conv1d, F.conv2d, F.conv3d)
 _CONV_TRANSPOSE = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)

@@ -59,7 +59,8 @@ from fxopt.pass_base import Pass, PassContext, PassResult
 
 from .apply import apply_pruning
 from .boundary import Boundary, plan_boundaries
-from .channel_graph import WEIGHT_LAYOUTS, ChannelGraph, ChannelGraphAnalysis, build_channel_graph, param_arg
+from .channel_graph import ChannelGraphAnalysis, build_channel_graph
+from .channel_model import WEIGHT_LAYOUTS, ChannelGraph, param_arg
 from .importance import IMPORTANCES, adapter_costs, class_costs, timed_macs
 from .latency import LayerTime, LayerTimer
 from .select import Selection, close_free_junctions, revive, select

@@ -1,0 +1,246 @@
+"""Facts the channel rules read off fx nodes: shapes, axes, numbers, tuple pieces, signs,
+module paths and reshape digit maps (helpers of `channel_graph` and its `rules`)."""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxopt.ir import PRIVATE_OF, ParamRef, bind_arguments, op_view, ref_for_get_attr, spec_for, tensor_meta
+
+from .channel_model import CHANNELWISE, Rule, _Pin
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = tensor_meta(node)
+    if meta is None:
+        return None
+    try:
+        return tuple(int(d) for d in meta[0])
+    except (TypeError, ValueError):
+        return None
+
+
+
+def _holds_features(node: torch.fx.Node) -> bool:
+    """Whether a tensor attribute can carry channels: floating point. An integer or bool buffer
+    holds indices or a mask (Hugging Face BERT's ``position_ids``, sliced to the sequence length
+    before the position embedding): removing its "channels" would change what is looked up."""
+    meta = tensor_meta(node)
+    return meta is not None and meta[1].is_floating_point
+
+
+def _is_parameter(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether a `get_attr` reads a learned parameter (not a buffer or a folded constant)."""
+    return isinstance(ref_for_get_attr(gm, node).get(), torch.nn.Parameter)
+
+
+_INT_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
+
+
+# What a weight computed in the graph usually is, so the pin says what to do about it.
+_COMPUTED = (" (computed in the graph: a weight_norm or other parametrization? remove_parametrizations "
+             "before capture)")
+
+
+def _size_entries(reshape: torch.fx.Node) -> tuple:
+    """The size arguments of a reshape/view/expand call: one sequence or spread over the call."""
+    args = reshape.args
+    return args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+
+
+def _opaque_layer(module: torch.nn.Module) -> str | None:
+    """Why a layer fxopt would prune must be called whole: a parametrization computes its
+    weight (weight_norm, spectral_norm), or hooks run around its forward."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        name, chain = next(iter(module.parametrizations.items()))
+        how = ", ".join(type(p).__name__.lstrip("_") for p in chain)
+        return (f"{type(module).__name__} computes its {name} with a parametrization ({how}): call "
+                f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r}) before pruning")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{type(module).__name__} has forward hooks, which a pruned layer would not run"
+    return None
+
+
+def _is_number(node: Any) -> bool:
+    """A Python number computed in the graph (shape arithmetic): recorded as itself."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return isinstance(meta, (int, float)) and not isinstance(meta, bool)
+
+
+def _channelwise(rule: "Rule") -> bool:
+    """Whether `rule` computes each output channel from the same channel of its inputs, so a
+    dirty value may pass through it (`info["mixes_channels"]`: it also reads the others)."""
+    return (rule.category in ("pass", "split") and (rule.kind in CHANNELWISE or rule.info.get("channelwise"))
+            and not rule.info.get("mixes_channels"))
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    return axis + ndim if axis < 0 else axis
+
+
+def _norm_axes(dims: Any, ndim: int) -> list[int]:
+    """An axis argument — one int or a sequence (`mean(dim=(1, 2))`, `roll(dims=...)`) — as
+    non-negative axes."""
+    return [_norm_axis(int(d), ndim) for d in ([dims] if isinstance(dims, int) else dims)]
+
+
+_POSITIVE = frozenset({"sigmoid", "exp", "softplus"})
+_NON_NEGATIVE = frozenset({"abs", "square", "relu", "vector_norm", "var", "std"})
+# ops whose sign is their input's (values moved, repeated or averaged; sqrt and rsqrt of a positive)
+_SAME_SIGN = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
+                        "unsqueeze", "squeeze", "to", "contiguous", "getitem", "select", "slice", "mean", "amax",
+                        "amin", "sum", "sqrt", "dropout", "identity", "repeat", "repeat_interleave", "reshape_as",
+                        "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
+
+
+def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
+    """"pos" when every element of `value` is > 0, "nonneg" when ≥ 0, else None (unknown) —
+    read off the ops that make it (``clamp_min(norm, eps)``, ``var + eps``, ``sigmoid(g)``), so
+    a division by it, or its rsqrt, is known to be finite.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: (x.var(1, keepdim=True) + 1e-5, x.abs(), x - 1))
+        >>> {n.name: _sign(gm, n) for n in gm.graph.nodes if n.op.startswith("call")}
+        {'var': 'nonneg', 'add': 'pos', 'abs_1': 'nonneg', 'sub': None}
+    """
+    if isinstance(value, bool) or depth == 0:
+        return None
+    if isinstance(value, (int, float)):
+        return "pos" if value > 0 else "nonneg" if value == 0 else None
+    if not isinstance(value, torch.fx.Node):
+        return None
+    view = op_view(gm, value)
+    if view is None:
+        return None
+    kind, inner = view.kind, (lambda v: _sign(gm, v, depth - 1))
+    if kind in _POSITIVE:
+        return "pos"
+    if kind in _NON_NEGATIVE or (kind == "hardtanh" and view.attrs.get("min_val", -1) >= 0):
+        return "nonneg"
+    if kind == "pow":
+        e = view.attrs.get("exponent")
+        if isinstance(e, int) and not isinstance(e, bool) and e % 2 == 0:
+            return "pos" if inner(view.input) == "pos" else "nonneg"
+        return inner(view.input) if isinstance(e, (int, float)) else None
+    if kind == "clamp":
+        low = view.attrs.get("min")
+        if isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0:
+            return "pos" if low > 0 else "nonneg"
+        return inner(view.input) if low is None and view.attrs.get("max") is None else None
+    if kind == "rsqrt":
+        return "pos" if inner(view.input) == "pos" else None
+    if kind == "getitem" and isinstance(view.input, torch.fx.Node) and _piece_index(value) == 0 \
+            and getattr(op_view(gm, view.input), "kind", None) in ("var_mean", "std_mean"):
+        return "nonneg"
+    if kind in _SAME_SIGN:
+        return inner(view.input)
+    if kind in ("add", "mul"):
+        if view.attrs.get("alpha", 1) != 1:
+            return None
+        args = bind_arguments(value, spec_for(gm, value))
+        signs = [inner(args.get("input")), inner(args.get("other"))]
+        if None in signs:
+            return None
+        if kind == "add":
+            return "pos" if "pos" in signs else "nonneg"
+        return "pos" if signs == ["pos", "pos"] else "nonneg"
+    return None
+
+
+def _piece_index(node: torch.fx.Node) -> int | None:
+    """Which piece of a tuple `node` takes: ``t[i]``, or ``t.values`` / ``t.indices`` of
+    max/min's named tuple."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return {"values": 0, "indices": 1}.get(node.args[1])
+    index = _getitem_index(node)
+    return index if isinstance(index, int) else None
+
+
+def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
+    """Split sizes read off the recorded shapes of the pieces (getitem users) when the sizes
+    are computed in the graph; every piece must be used so that they add up."""
+    sizes: dict[int, int] = {}
+    for user in split.users:
+        index = _getitem_index(user)
+        piece = _shape(user)
+        if not isinstance(index, int) or piece is None:
+            raise _Pin("split result used other than by getitem")
+        sizes[index] = piece[dim]
+    if sorted(sizes) != list(range(len(sizes))) or sum(sizes.values()) != n:
+        raise _Pin("split sizes computed in the graph and not every piece is used")
+    return [sizes[i] for i in range(len(sizes))]
+
+
+def _getitem_index(node: torch.fx.Node) -> Any:
+    """The index of ``value[index]`` when `node` is such a getitem, else None."""
+    return node.args[1] if node.op == "call_function" and node.target is operator.getitem else None
+
+
+def _digit_map(in_shape: tuple, a: int, shape: tuple, t: int, static: bool = False) -> tuple | None:
+    """How channel axis `a` of `in_shape` maps onto axis `t` of a reshape to `shape`, read
+    off the row-major strides (a reshape keeps the flat order, so an axis of stride I and
+    size s owns the flat "digits" [I, I * s)); None when neither axis's digits hold the
+    other's. Returns (in_pos, out_pos, how):
+
+    - `t` lies within the channels (stride I_out, a multiple of the channels' I_in, and
+      I_out * s dividing I_in * c): channel ch sits at (ch // (I_out / I_in)) % s on t, so
+      the channels that share it are one class and the others of its axes keep their sizes;
+    - `t` holds the channels whole: position p of t is channel (p // (I_in / I_out)) % c.
+      Its other digits are written as constants by apply, so those above the channels must
+      come from static axes: whole axes after the leading (batch) one, or any digits when the
+      reshape writes `t`'s size as a number (`static`): torch.nn's attention weights path
+      merges heads folded into the batch back with their features, ``(T, B * h, d)`` to
+      ``(T * B, h * d)``, with ``h * d`` a constant.
+    """
+    c, s = in_shape[a], shape[t]
+    if s == 1:
+        return None
+    i_in, i_out = math.prod(in_shape[a + 1:]), math.prod(shape[t + 1:])
+    if i_out % i_in == 0 and (i_in * c) % (i_out * s) == 0:
+        pos = np.arange(c)
+        how = "identity" if s == c else f"axis of {s} within {c} channels"
+        return pos, (pos // (i_out // i_in)) % s, how
+    if i_in % i_out == 0 and (i_out * s) % (i_in * c) == 0:
+        above = (i_out * s) // (i_in * c)
+        if not static and not any(math.prod(in_shape[k:a]) == above for k in range(1, a + 1)):
+            return None
+        pos = np.arange(s)
+        return (pos // (i_in // i_out)) % c, pos, f"{c} channels within an axis of {s}"
+    return None
+
+
+def _wrapped_region(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether `node` calls a submodule graph (export's ``wrap_with_set_grad_enabled(False,
+    body, *operands)`` for a ``torch.no_grad()`` block, ``wrap_with_autocast``)."""
+    return node.op == "call_function" and any(
+        isinstance(a, torch.fx.Node) and a.op == "get_attr"
+        and isinstance(getattr(gm, a.target, None), torch.fx.GraphModule) for a in node.args)
+
+
+def _prefix_hits(dims: tuple, target: int) -> bool:
+    acc = 1
+    for d in dims:
+        if acc == target:
+            return True
+        acc *= d
+    return acc == target
+
+
+def _module_name(node: torch.fx.Node, view, ref: ParamRef | None = None) -> str:
+    """The dotted module path of a weighted op (`layers.0.fc1`), in either front end; a use
+    given its own copy of shared weights (`make_private`) keeps the path it was called by."""
+    if PRIVATE_OF in node.meta:
+        return str(node.meta[PRIVATE_OF])
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.replace("L['self'].", "").replace("L__self___", "")
+    ref = ref if ref is not None else view.params.get("weight")
+    return ref.qualname.rsplit(".", 1)[0] if ref is not None else node.name
