@@ -441,10 +441,17 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src) \
                 and _holds_features(src) and _is_parameter(self.gm, src):
             # a parameter used directly: its last axis that is not a broadcast one (a class token
-            # [1, 1, d] holds d channels, a learned constant [1, c, 1] c); a buffer read by a
-            # unary op (``1.0 - mask``) is a constant, free
+            # [1, 1, d] holds d channels, a learned constant [1, c, 1] c), or the one before it
+            # when an op reduces or indexes that one (`split_axes`, as for a reshape: LeViT's
+            # bias table [heads, offsets] read as ``table[:, idx]`` holds heads); a buffer read
+            # by a unary op (``1.0 - mask``) is a constant, free
             shape = _shape(src)
-            sid = self.slot_on(src, max((i for i, n in enumerate(shape) if n > 1), default=len(shape) - 1))
+            axes = [i for i in reversed(range(len(shape))) if shape[i] > 1] or [len(shape) - 1]
+            pick = self.split_axes.get(src.name, 0)
+            pick = pick if pick < len(axes) else 0  # every axis met a conflict: the last
+            sid = self.slot_on(src, axes[pick])
+            if sid is not None and len(axes) > 1:
+                self.split_origin.setdefault(sid, (src.name, pick, len(axes)))
         return src, sid
 
     def named_args(self, node: torch.fx.Node) -> dict[str, Any]:
@@ -522,6 +529,20 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 marks = in_buffer if slot.role == "buffer" else learned
                 marks[cls[slot.base:slot.base + slot.size]] = True
         pinned |= in_buffer & ~learned
+        # a class of parameter entries that no layer produces or reads as weight columns, and
+        # no junction needs gone, saves no compute: it is a parameter axis read as channels
+        # (the kernel width of a conv weight computed in the graph), kept whole
+        useful, in_param = np.zeros(n_classes, dtype=bool), np.zeros(n_classes, dtype=bool)
+        for slot in self.slots:
+            if slot.role in ("producer", "param"):
+                (useful if slot.role == "producer" else in_param)[cls[slot.base:slot.base + slot.size]] = True
+        for rule in self.rules.values():
+            if rule.category == "producer":
+                for _, sid in rule.consumed:
+                    useful[cls[self._positions(sid)]] = True
+        required = np.zeros(n_classes, dtype=bool)
+        required[[x for _, x in precedence]] = True
+        pinned |= in_param & ~useful & ~required
         out_cls = np.zeros(n_classes, dtype=bool)
         out_cls[cls[np.array(self.output_positions, dtype=np.int64)]] = True
         # Channels of the graph output stay, including every contribution summed into them.

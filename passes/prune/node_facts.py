@@ -44,7 +44,8 @@ _INT_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 # What a weight computed in the graph usually is, so the pin says what to do about it.
 _COMPUTED = (" (computed in the graph: a weight_norm or other parametrization? remove_parametrizations "
-             "before capture)")
+             "before capture; a weight the forward computes itself, as weight standardization does, keeps "
+             "its layer whole)")
 
 
 def _size_entries(reshape: torch.fx.Node) -> tuple:

@@ -1810,3 +1810,77 @@ def test_a_bias_computed_in_the_graph_pins_its_layer_by_name(mode):
     r = prune_and_mask(_ComputedBias().eval(), x, mode, 0.5)
     assert any("bias is computed in the graph" in why for why in r.plan.channel_graph.pinned_nodes.values())
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class BiasTableAttention(nn.Module):
+    """LeViT / EfficientFormer-V2 attention: a learned bias per head and relative offset, laid
+    out [heads, offsets] and read as ``table[:, idx]`` into the [B, heads, N, N] scores. Its
+    last axis (the offsets) is indexed, so the table holds heads: they prune with q, k and v."""
+
+    def __init__(self, d=32, heads=4, side=4):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.qkv, self.proj, self.head = nn.Linear(8, d), nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 3)
+        points = [(i, j) for i in range(side) for j in range(side)]
+        offsets = sorted({(abs(a - c), abs(b - e)) for a, b in points for c, e in points})
+        index = [[offsets.index((abs(a - c), abs(b - e))) for c, e in points] for a, b in points]
+        self.table = nn.Parameter(torch.randn(heads, len(offsets)))
+        self.register_buffer("idx", torch.tensor(index))
+
+    def forward(self, x):
+        h = self.inp(x)
+        b, n, c = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q @ k.transpose(-2, -1)) * 0.25 + self.table[:, self.idx]
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head((h + self.proj(y)).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_bias_table_indexed_on_its_last_axis_holds_heads(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8)
+    r = prune_and_mask(BiasTableAttention().eval(), x, mode, adapter_cost=1.0)   # the defaults
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    heads = r.pruned.get_parameter("table").shape[0]
+    assert 0 < heads < 4 and r.pruned.get_parameter("table").shape[1] == r.plan.gm.get_parameter("table").shape[1]
+    assert r.pruned.get_parameter("qkv.weight").shape[0] == 3 * 8 * heads   # whole heads of q, k and v
+
+
+class StandardizedConvNet(nn.Module):
+    """NFNet's scaled weight standardization: each conv's weight is computed in forward from its
+    parameter, so the conv is pinned. The parameter used directly must not be "pruned" along its
+    last axis (the kernel width): that saved nothing and changed the function."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    @staticmethod
+    def _standardized(conv, x):
+        w = conv.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / torch.sqrt(w.var((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, conv.bias, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self._standardized(self.c2, F.relu(self._standardized(self.c1, x))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_weight_computed_in_forward_keeps_every_entry(mode):
+    torch.manual_seed(0)
+    model, x = StandardizedConvNet().eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    from fxopt.passes.prune.prune_pass import NothingToPrune
+
+    # adapter_cost=0, the setting that used to cut the kernels: nothing is left to prune, and
+    # the error says which layers hold it and why
+    with pytest.raises(NothingToPrune, match=r"conv2d: conv weight is not a parameter \(computed in the graph.*"
+                                             r"weight standardization"):
+        prune_and_mask(model, x, mode)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
