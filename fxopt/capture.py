@@ -203,10 +203,14 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
 
     info: dict[str, Any] = {"dynamic_batch": False}
     attempts_error: Exception | None = None
-    if dynamic_batch and _batch_size(args, kwargs) is not None:
+    batch = _batch_size(args, kwargs)
+    if dynamic_batch and batch is None and _leading_sizes(args, kwargs):
+        attempts_error = ValueError(f"the inputs' dim 0 sizes {_leading_sizes(args, kwargs)} name no batch (the "
+                                    "first input's batch of 1 could be any of them)")
+    if dynamic_batch and batch is not None:
         # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
-        ex_args, ex_kwargs = _widen_batch(args, kwargs)
-        dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO)
+        ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
+        dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
         try:
             with _quiet_torch():
                 ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
@@ -594,10 +598,19 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
         gm.recompile()
 
 
+def _leading_sizes(args: tuple, kwargs: dict) -> list[int]:
+    """Dim 0 of each tensor input (of rank >= 1), in order."""
+    return [t.shape[0] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+
+
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The shared leading size of every tensor input, when there is one."""
-    sizes = {t.shape[0] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
-    return sizes.pop() if len(sizes) == 1 else None
+    """The batch size: the leading size every tensor input shares, or else the first input's
+    when it is at least 2 (a side input such as a bias vector ``[d]`` keeps its static size);
+    None when the inputs disagree and the first has a batch of 1 (any of them could be one)."""
+    sizes = _leading_sizes(args, kwargs)
+    if not sizes:
+        return None
+    return sizes[0] if len(set(sizes)) == 1 or sizes[0] > 1 else None
 
 
 def _widen_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -609,9 +622,10 @@ def _widen_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tree_map(widen, args), tree_map(widen, kwargs)
 
 
-def _dynamic_batch_spec(model: nn.Module, args: tuple, kwargs: dict, dim: Any) -> Any:
+def _dynamic_batch_spec(model: nn.Module, args: tuple, kwargs: dict, dim: Any, batch: int) -> Any:
+    """Dim 0 dynamic for each tensor input whose leading size is `batch`."""
     def spec(x: Any) -> Any:
-        return {0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+        return {0: dim} if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else None
 
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)

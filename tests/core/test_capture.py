@@ -587,6 +587,37 @@ def test_an_export_whose_batch_axis_was_specialized_warns():
     assert gm.meta["fxopt"]["dynamic_batch"] is False
 
 
+class BiasInput(nn.Module):
+    """A side input whose dim 0 is no batch (a bias vector [d]) beside the batched input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x, b):
+        return self.fc(x) + b
+
+
+def test_an_export_keeps_the_batch_dynamic_beside_a_side_input_of_another_size():
+    """The inputs' dim 0 disagree (2 and 16): the first input's is the batch, and the side
+    input keeps its size. Export used to specialize every input in silence, and the next call
+    at another batch failed with a bare guard error."""
+    _seed()
+    model, b = BiasInput().eval(), torch.randn(16)
+    gm = capture(model, (torch.randn(2, 10, 16), b), mode="export")
+    assert gm.meta["fxopt"]["dynamic_batch"] is True
+    x = torch.randn(5, 10, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, b), model(x, b))
+
+
+def test_an_export_whose_inputs_name_no_batch_warns():
+    """With a batch of 1 beside a side input of 16, either could be the batch: static, and said."""
+    with pytest.warns(UserWarning, match=r"static batch size .*dim 0 sizes \[1, 16\] name no batch"):
+        gm = capture(BiasInput().eval(), (torch.randn(1, 10, 16), torch.randn(16)), mode="export")
+    assert gm.meta["fxopt"]["dynamic_batch"] is False
+
+
 class StepCounter(nn.Module):
     """Updates a buffer in forward, and its output depends on it."""
 
