@@ -1,4 +1,5 @@
-"""Per-layer packing engines: grouped convs fbgemm computes wrong are packed with oneDNN."""
+"""Per-layer packing engines: grouped convs fbgemm computes wrong are packed with oneDNN, and every
+pack is checked against its layer in float before it is used."""
 from __future__ import annotations
 
 import pytest
@@ -144,15 +145,24 @@ class ConvAndLinear(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(2))
 
 
+def _checks_answer(monkeypatch, answer) -> None:
+    """Make `computes_right` answer `answer(packed, weight, bias)` in every loaded copy of the
+    packing module (a doctest run over ./passes imports the passes a second time, and the last
+    copy to load registers the save/load codec)."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if name.endswith("quantize.packing") and hasattr(module, "computes_right"):
+            monkeypatch.setattr(module, "computes_right", answer)
+
+
 def test_a_layer_no_engine_computes_right_runs_in_float_between_int8(monkeypatch, tmp_path):
     """When every engine's kernel fails the check, the layer keeps its int8 neighbours and runs
     in float between them, with a warning naming it; a saved model of it loads and runs."""
-    import fxopt.passes.quantize.packing as packing
-
     torch.manual_seed(0)
     model = ConvAndLinear().eval()
     batches = [(torch.randn(4, 4, 16),) for _ in range(4)]
-    monkeypatch.setattr(packing, "computes_right", lambda packed, weight, bias: weight.dim() != 3)
+    _checks_answer(monkeypatch, lambda packed, weight, bias: weight.dim() != 3)
     with pytest.warns(fxopt.PassWarning, match="no int8 kernel on this CPU computes conv '.*conv.*' right"):
         res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
     assert res.verification.passed, res.verification.summary()
@@ -167,7 +177,6 @@ def test_a_layer_no_engine_computes_right_runs_in_float_between_int8(monkeypatch
 
 
 def test_loading_a_pack_no_engine_computes_right_says_so(monkeypatch, tmp_path):
-    import fxopt.passes.quantize.packing as packing
     from fxopt.passes.quantize import QuantizationError
 
     torch.manual_seed(0)
@@ -175,7 +184,7 @@ def test_loading_a_pack_no_engine_computes_right_says_so(monkeypatch, tmp_path):
     batches = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
     res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
     save(res.module, tmp_path / "m.pt")
-    monkeypatch.setattr(packing, "computes_right", lambda packed, weight, bias: False)
+    _checks_answer(monkeypatch, lambda packed, weight, bias: False)
     with pytest.raises(QuantizationError, match=r"no int8 kernel on this machine computes a conv2d with weight "
                                                 r"\(8, 3, 3, 3\) right .*quantize the model again here"):
         load(tmp_path / "m.pt")
