@@ -580,9 +580,10 @@ class _Lowering:
 
     def _x86_kernel(self, group, view, qw, bias, relu: bool, geometry: dict):
         if group.kind == "linear":
-            return (qops.linear_relu.default if relu else qops.linear.default), prepack_linear(qw, bias)
+            return ((qops.linear_relu.default if relu else qops.linear.default),
+                    prepack_linear(qw, bias, narrow=self.reduce_range))
         a, g = view.attrs, geometry
-        packed = prepack_conv(qw, bias, g["stride"], g["padding"], g["dilation"], g["groups"])
+        packed = prepack_conv(qw, bias, g["stride"], g["padding"], g["dilation"], g["groups"], narrow=self.reduce_range)
         fused, plain = {1: (qops.conv1d_relu.default, qops.conv1d.default), 2: (qops.conv2d_relu.new, qops.conv2d.new),
                         3: (qops.conv3d_relu.new, qops.conv3d.new)}[a["dim"]]
         return (fused if relu else plain), packed

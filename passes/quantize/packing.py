@@ -80,29 +80,30 @@ def _engines(first: str, weight: torch.Tensor, groups: int | None) -> list[str]:
 
 
 def prepack_conv(weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
-                 dilation: list[int], groups: int, engine: str = "x86"):
+                 dilation: list[int], groups: int, engine: str = "x86", narrow: bool = False):
     """`quantized.conv{1,2,3}d_prepack` of an int8 weight, packed by `conv_engine`'s choice, or
-    by the next engine whose kernel `computes_right`; None when none does."""
+    by the next engine whose kernel `computes_right` on inputs of 8 bits (7 when `narrow`, as
+    `reduce_range` feeds them); None when none does."""
     prepack = {3: torch.ops.quantized.conv1d_prepack, 4: torch.ops.quantized.conv2d_prepack,
                5: torch.ops.quantized.conv3d_prepack}[weight.dim()]
-    return _first_right(_engines(conv_engine(weight, groups, engine), weight, groups), weight, bias,
+    return _first_right(_engines(conv_engine(weight, groups, engine), weight, groups), weight, bias, narrow,
                         lambda: prepack(weight, bias, list(stride), list(padding), list(dilation), groups))
 
 
-def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None, engine: str = "x86"):
+def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None, engine: str = "x86", narrow: bool = False):
     """`quantized.linear_prepack` of an int8 weight under `engine`, or under the next engine
-    whose kernel `computes_right`; None when none does."""
-    return _first_right(_engines(engine, weight, None), weight, bias,
+    whose kernel `computes_right` (on 7-bit inputs when `narrow`); None when none does."""
+    return _first_right(_engines(engine, weight, None), weight, bias, narrow,
                         lambda: torch.ops.quantized.linear_prepack(weight, bias))
 
 
-def _first_right(engines: list[str], weight: torch.Tensor, bias: torch.Tensor | None, pack):
+def _first_right(engines: list[str], weight: torch.Tensor, bias: torch.Tensor | None, narrow: bool, pack):
     """A fresh `pack()` under the first of `engines` whose kernel `computes_right`. Fresh: a
     oneDNN pack keeps the primitive of its first call's shape, and calls at other shapes take
     a slower path, so the pack that was checked is not the one handed out."""
     for candidate in engines:
         with quantized_engine(candidate):
-            if computes_right(pack(), weight, bias):
+            if computes_right(pack(), weight, bias, narrow):
                 return pack()
     return None
 
@@ -112,9 +113,11 @@ def _first_right(engines: list[str], weight: torch.Tensor, bias: torch.Tensor | 
 _CHECK_OUTPUTS = {1: 32, 2: 8, 3: 4}
 
 
-def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None, narrow: bool = False) -> bool:
     """Whether the packed kernel gives what the same layer computes in float, on one input of
-    random full-range bytes (batch 1; a conv with a few outputs per axis, a linear with 16
+    random bytes over the range the kernel will read (all 8 bits, or 7 when `narrow`: without
+    VNNI the kernels add pairs of products in int16 and `reduce_range` keeps them from
+    saturating, so 8-bit inputs would fail every engine there) (batch 1; a conv with a few outputs per axis, a linear with 16
     rows): every output within 2 steps of the float result on the same output grid (rounding
     differs by at most one; the wrong kernels seen were off by tens of steps, or by 7 where
     int16 sums saturate).
@@ -135,8 +138,9 @@ def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None) -> b
         shape = (1, weight.shape[1] * packed.groups(), *size)
     else:
         shape = (16, weight.shape[1])
+    levels = 128 if narrow else 256
     x = torch._make_per_tensor_quantized_tensor(
-        torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator), 0.05, 128)
+        torch.randint(0, levels, shape, dtype=torch.uint8, generator=generator), 0.05, levels // 2)
     if conv:
         convolution = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[dims - 1]
         reference = convolution(x.dequantize(), weight.dequantize(), bias, stride, padding, dilation, packed.groups())

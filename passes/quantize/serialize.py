@@ -18,6 +18,7 @@ import torch
 import fxopt.serialize as graph_io
 
 from .observers import QuantizationError
+from .lower import cpu_has_vnni
 from .packing import prepack_conv, prepack_linear
 
 
@@ -39,11 +40,12 @@ def _encode(obj) -> dict:
 def _decode(record: dict):
     weight, bias = graph_io.tensor_from_plain(record["weight"]), record["bias"]
     engine = torch.backends.quantized.engine
+    narrow = not cpu_has_vnni()  # what reduce_range="auto" fed the kernels on this machine
     if record["kind"] == "linear":
-        packed = prepack_linear(weight, bias, engine)
+        packed = prepack_linear(weight, bias, engine, narrow)
     else:  # the engine per layer, as lowering chose it (grouped convs fbgemm gets wrong: oneDNN)
         packed = prepack_conv(weight, bias, record["stride"], record["padding"], record["dilation"],
-                              record["groups"], engine)
+                              record["groups"], engine, narrow)
     if packed is None:
         raise QuantizationError(f"no int8 kernel on this machine computes a {record['kind']} with weight "
                                 f"{tuple(weight.shape)} right (every engine was checked); quantize the model "

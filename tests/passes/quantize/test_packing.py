@@ -127,7 +127,7 @@ def test_every_packed_conv_is_checked_and_repacked_where_its_kernel_is_wrong(con
 def test_the_check_tells_a_wrong_kernel_from_a_right_one():
     w = _weight(8, 4)
     packed = torch.ops.quantized.conv2d_prepack(w, None, [1, 1], [1, 1], [1, 1], 1)
-    assert computes_right(packed, w, None)
+    assert computes_right(packed, w, None) and computes_right(packed, w, None, narrow=True)
     other = torch.quantize_per_tensor(torch.randn(8, 4, 3, 3), 0.02, 0, torch.qint8)
     assert not computes_right(packed, other, None)   # the kernel does not compute `other`'s layer
     lin = torch.quantize_per_tensor(torch.randn(6, 5), 0.02, 0, torch.qint8)
@@ -162,7 +162,7 @@ def test_a_layer_no_engine_computes_right_runs_in_float_between_int8(monkeypatch
     torch.manual_seed(0)
     model = ConvAndLinear().eval()
     batches = [(torch.randn(4, 4, 16),) for _ in range(4)]
-    _checks_answer(monkeypatch, lambda packed, weight, bias: weight.dim() != 3)
+    _checks_answer(monkeypatch, lambda packed, weight, bias, narrow=False: weight.dim() != 3)
     with pytest.warns(fxopt.PassWarning, match="no int8 kernel on this CPU computes conv '.*conv.*' right"):
         res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
     assert res.verification.passed, res.verification.summary()
@@ -184,7 +184,7 @@ def test_loading_a_pack_no_engine_computes_right_says_so(monkeypatch, tmp_path):
     batches = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
     res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
     save(res.module, tmp_path / "m.pt")
-    _checks_answer(monkeypatch, lambda packed, weight, bias: False)
+    _checks_answer(monkeypatch, lambda packed, weight, bias, narrow=False: False)
     with pytest.raises(QuantizationError, match=r"no int8 kernel on this machine computes a conv2d with weight "
                                                 r"\(8, 3, 3, 3\) right .*quantize the model again here"):
         load(tmp_path / "m.pt")
