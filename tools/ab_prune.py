@@ -4,6 +4,9 @@
 
 Each spec is `prune` options as in bench_prune's ``--models`` (``k=v;k=v``; ``""`` for the
 defaults); a spec given twice is analyzed twice (to see how much a measured selection moves).
+``--lower`` runs every pruned model, Torch-Pruning's included, through
+``remove-noops,fuse,lower-cpu,lower-eager`` before timing (how a pruned CNN is deployed on a CPU);
+MACs are counted before that.
 Unlike bench_prune, whose rows are timed apart, every model here — the original, each fxopt
 variant and Torch-Pruning (MagnitudeImportance p=1, local) — is timed in the same interleaved
 rounds (`fxopt.measure.compare_latency`), so a drift of the machine hits all alike. Prints,
@@ -17,6 +20,8 @@ import pathlib
 import sys
 
 import torch
+
+import fxopt
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import bench_prune  # noqa: E402  (a sibling tool, not a package)
@@ -32,6 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--lower", action="store_true", help="fuse and lower every pruned model for the CPU first")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     models = {}
@@ -44,12 +50,17 @@ def main(argv=None) -> None:
     models = {"original": original, **models, "torch-pruning": bench_prune.bench_tp(args.model, args.ratio)[0]}
     inputs = {b: zoo.get(args.model, batch=b)[1] for b in (1, 16)}
     base = count_macs(original, inputs[1])
+    macs = {label: count_macs(model, inputs[1]) / base for label, model in models.items()}  # before lowering
+    if args.lower:  # the same deployment passes for every pruned model (lowered ops are not counted as MACs)
+        example = zoo.get(args.model, batch=2)[1]
+        for label in list(models)[1:]:
+            captured = fxopt.capture(models[label], example)
+            models[label] = fxopt.PassManager("remove-noops,fuse,lower-cpu,lower-eager").run(captured, example).module
     latency = compare_latency(models, inputs, rounds=args.rounds, repeats=args.repeats)
     print("\n| model | MACs | batch 1 ms | batch 16 ms |\n|---|---|---|---|")
     for label, model in models.items():
         lat = latency[label]
-        print(f"| {label} | {100 * count_macs(model, inputs[1]) / base:.1f}% | {lat[1]:.2f} | {lat[16]:.1f} |")
-
+        print(f"| {label} | {100 * macs[label]:.1f}% | {lat[1]:.2f} | {lat[16]:.1f} |")
 
 if __name__ == "__main__":
     main()
