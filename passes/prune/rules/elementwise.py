@@ -134,7 +134,7 @@ class ElementwiseRules:
                 return self.passthrough(node, view, src, axis)
             out_axis, r, copies = axis, view.attrs.get("repeats"), np.repeat
         if isinstance(r, bool) or not isinstance(r, int) or shape[out_axis] != r * in_shape[axis]:
-            raise _Pin(f"{view.kind} count of the channel axis computed in the graph")
+            raise _Pin(f"{view.kind} count of the channel axis computed in the graph", conflict=sid)
         c = in_shape[axis]
         self.passthrough(node, view, src, out_axis, copies(np.arange(c), r), np.arange(c * r), how=f"copies x{r}")
 

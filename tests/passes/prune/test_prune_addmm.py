@@ -396,3 +396,37 @@ def test_a_transposed_parameter_weight_shrinks_like_a_linear(mode):
     # as in matmul_mlp, the bias add is its own op: a channel lives while its bias does
     assert 0 < kept < 32 and w1.shape == (kept, 16) and kept <= b1.shape[0] == w2.shape[1] < 32
     assert pruned(x).shape == original.shape == (2, 5, 3)
+
+
+def test_deberta_relative_position_keys_repeated_over_the_batch_prune_exactly():
+    """Hugging Face DeBERTa-v2 computes its position keys once, heads folded into a batch of 1,
+    and repeats them over the batch (``.repeat(q.size(0) // heads, 1, 1)``). The slot sat on the
+    folded heads there, so the repeat's computed count pinned it, and q/k/v with it (256 of 864
+    channels removed, 0.632 of the MACs kept); that conflict now moves the slot to each head's
+    features, as an index or a reduction on the folded axis already did: nothing is pinned."""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    cfg = transformers.DebertaV2Config(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
+        num_labels=3)
+    torch.manual_seed(0)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.DebertaV2ForSequenceClassification(cfg).eval()
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits
+
+    model, ids = Logits().eval(), torch.randint(0, 100, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = prune_and_mask(model, ids, "export", 0.5, adapter_cost=1.0)   # the defaults
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    assert r.plan.selection.removed >= 0.5 * r.plan.selection.target, r.plan.stats()
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert r.pruned(torch.randint(0, 100, (3, 12))).shape == (3, 3)
