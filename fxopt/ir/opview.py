@@ -246,6 +246,10 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("matmul", functions=(torch.matmul, operator.matmul, torch.bmm, torch.mm), methods=("matmul", "bmm"),
            aten=(aten.matmul, aten.bmm, aten.mm), arg_names=("input", "other"), tensor_args=("input", "other"),
            renames={"mat2": "other"}),
+    # beta * input + alpha * (batch1 @ batch2): Bloom's ALiBi bias added to q @ kᵀ in one call
+    OpSpec("baddbmm", functions=(torch.baddbmm,), methods=("baddbmm",), aten=(aten.baddbmm,),
+           arg_names=("input", "batch1", "batch2", "beta", "alpha"), tensor_args=("input", "batch1", "batch2"),
+           defaults=dict(beta=1, alpha=1)),
     OpSpec("cat", functions=(torch.cat, torch.concat), aten=(aten.cat,), arg_names=("tensors", "dim"),
            tensor_args=("tensors",), defaults=dict(dim=0)),
     OpSpec("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout),

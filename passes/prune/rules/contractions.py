@@ -124,6 +124,21 @@ class ContractionRules:
         self.rules[node.name] = Rule(node.name, "matmul", "pass", consumed=[(a.name, sa), (b.name, sb)],
                                      info={"mixes_channels": True})  # a dirty feature reaches every score
 
+    def rule_baddbmm(self, node, view, shape) -> None:
+        """``beta * bias + alpha * (q @ kᵀ)`` (Bloom's ALiBi scores): the product's features are
+        contracted as in `_contracted_matmul`, and a bias without channels makes scores without
+        them; any other use of its channels is pinned."""
+        bias, a, b = view.inputs
+        sa, sb = self.in_slot(a), self.in_slot(b)
+        if self.in_slot(bias) is not None:
+            raise _Pin("baddbmm's added term carries channels")
+        if sa is None and sb is None:
+            return self.free_output(node, view)
+        if sa is None or sb is None or self.slots[sa].axis != len(_shape(a)) - 1 \
+                or self.slots[sb].axis != len(_shape(b)) - 2:
+            raise _Pin("baddbmm whose product keeps channels")
+        self._contracted_matmul(node, a, sa, b, sb)
+
     def rule_sdpa(self, node, view, shape) -> None:
         q, k, v = view.inputs[:3]
         sq = self.in_slot(q)

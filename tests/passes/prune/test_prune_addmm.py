@@ -430,3 +430,31 @@ def test_deberta_relative_position_keys_repeated_over_the_batch_prune_exactly():
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         assert r.pruned(torch.randint(0, 100, (3, 12))).shape == (3, 3)
+
+
+def test_bloom_alibi_scores_from_baddbmm_prune_heads_features_exactly():
+    """Bloom adds its ALiBi bias to q @ kᵀ in one ``baddbmm`` (heads folded into the batch):
+    it had no rule, so q and k kept every channel (0.680 of the MACs at ratio 0.5); its
+    product's features are now contracted like a ``bmm``'s."""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    cfg = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=100)
+    torch.manual_seed(0)
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.BloomModel(cfg).eval()
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).last_hidden_state
+
+    model, ids = Hidden().eval(), torch.randint(0, 100, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = prune_and_mask(model, ids, "export", 0.5, adapter_cost=1.0)
+    assert not [n for n in r.plan.channel_graph.pinned_nodes if "baddbmm" in n], r.plan.channel_graph.pinned_nodes
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    qkv = [tuple(p.shape) for n, p in r.pruned.named_parameters() if n.endswith("query_key_value.weight")]
+    assert qkv and all(rows < 3 * 64 for rows, _ in qkv), qkv
