@@ -160,9 +160,11 @@ def _make_out_of_place(node: torch.fx.Node) -> None:
         node.target = getattr(torch, node.target.__name__[:-1])
 
 
-def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
+def written_in_place(gm: torch.fx.GraphModule, floating_only: bool = False) -> dict[str, str]:
     """Nodes whose memory is written in place where another reader sees the write: passes that
     copy or narrow values (int8 lowering, channel pruning) must leave them as they are.
+    `floating_only`: only writes into floating-point values (a pass that touches only those can
+    ignore an integer index built in place, as BEiT's relative position index is).
 
     A write through a view (`y[:, :2].mul_(2)`) changes every alias of `y`: the base, its other
     views, and what reads them afterwards. Returns node name -> reason, for the pass stats.
@@ -181,6 +183,8 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
         if target is None:
             continue
         base = alias_of.get(target, target)
+        if floating_only and not _is_floating(base):
+            continue
         if not _write_is_private(node, target, base, alias_of, order):
             bases.setdefault(base, node)
     if not bases:
@@ -194,6 +198,13 @@ def written_in_place(gm: torch.fx.GraphModule) -> dict[str, str]:
             for user in node.users:
                 out.setdefault(user.name, f"reads '{node.name}', which '{writer.name}' writes in place")
     return out
+
+
+def _is_floating(node: torch.fx.Node) -> bool:
+    """Whether `node`'s recorded value is a floating-point tensor (unknown counts as floating)."""
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    dtype = getattr(value, "dtype", None)
+    return dtype is None or dtype.is_floating_point
 
 
 def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.fx.Node,

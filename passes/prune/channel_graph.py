@@ -122,7 +122,8 @@ def build_channel_graph(gm: torch.fx.GraphModule, exact_norms: bool = True) -> C
     # a value written in place where another reader sees the write (``h.add_(x)`` then h read
     # again, in a symbolic graph) cannot be narrowed or copied by an adapter: the write would
     # miss the readers. The value, its views and their readers keep every channel.
-    forced: dict[str, str] = dict(written_in_place(gm))
+    # An integer index built in place (BEiT's relative position index) holds no channels.
+    forced: dict[str, str] = dict(written_in_place(gm, floating_only=True))
     split_axes: dict[str, int] = {}
     while True:
         builder = _Builder(gm, exact_norms, forced, split_axes)

@@ -1884,3 +1884,29 @@ def test_a_weight_computed_in_forward_keeps_every_entry(mode):
         prune_and_mask(model, x, mode)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+class IndexBuiltInPlace(nn.Module):
+    """An integer index built with in-place writes in forward (BEiT's relative position index
+    is), then used to reorder the tokens of a channel-carrying value."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        idx = torch.arange(x.shape[1])
+        idx[:1].fill_(x.shape[1] - 1)    # written in place: an integer tensor, no channels
+        return self.fc2(F.relu(self.fc1(x))[:, idx]).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_integer_index_written_in_place_pins_nothing(mode):
+    """Pruning narrows and copies only floating values, so an in-place write into an integer
+    index is no hazard to it: the index's readers prune as usual (BEiT had 58 nodes pinned)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    r = prune_and_mask(IndexBuiltInPlace().eval(), x, mode, adapter_cost=1.0)
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    assert r.pruned.get_parameter("fc1.weight").shape[0] < 16
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
