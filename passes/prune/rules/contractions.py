@@ -165,7 +165,11 @@ class ContractionRules:
             elif self.in_slot(mask) is not None:
                 raise _Pin("attention mask carries channels on an axis that is not the heads")
         out = self.new_slot(node, axis, "pass")
-        rule = Rule(node.name, "sdpa", "pass", outputs=[out])
+        # each head's output reads only that head's q, k, mask and v, and is zero where v is: a
+        # removed head's q, k or mask may be dirty (BEiT adds a bool mask to its bias per head)
+        clean_reads = tuple(x.name for x in per_head if x is not v and x.name != v.name)
+        rule = Rule(node.name, "sdpa", "pass", outputs=[out],
+                    info={"channelwise": True, "clean_reads": clean_reads})
         pos = np.arange(shape[axis])
         for x in per_head:
             sid = self.slot_on(x, axis if x is not mask else m_axis)
