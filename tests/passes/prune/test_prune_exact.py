@@ -1812,6 +1812,15 @@ def test_a_bias_computed_in_the_graph_pins_its_layer_by_name(mode):
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
+def _exact_at_the_defaults_without_pins(build, x, mode):
+    """Prune `build()` at the default adapter charge: nothing pinned, and exact on `x`."""
+    torch.manual_seed(0)
+    r = prune_and_mask(build().eval(), x, mode, adapter_cost=1.0)
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    return r
+
+
 class BiasTableAttention(nn.Module):
     """LeViT / EfficientFormer-V2 attention: a learned bias per head and relative offset, laid
     out [heads, offsets] and read as ``table[:, idx]`` into the [B, heads, N, N] scores. Its
@@ -1838,11 +1847,7 @@ class BiasTableAttention(nn.Module):
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_a_bias_table_indexed_on_its_last_axis_holds_heads(mode):
-    torch.manual_seed(0)
-    x = torch.randn(2, 16, 8)
-    r = prune_and_mask(BiasTableAttention().eval(), x, mode, adapter_cost=1.0)   # the defaults
-    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
-    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    r = _exact_at_the_defaults_without_pins(BiasTableAttention, torch.randn(2, 16, 8), mode)
     heads = r.pruned.get_parameter("table").shape[0]
     assert 0 < heads < 4 and r.pruned.get_parameter("table").shape[1] == r.plan.gm.get_parameter("table").shape[1]
     assert r.pruned.get_parameter("qkv.weight").shape[0] == 3 * 8 * heads   # whole heads of q, k and v
@@ -1904,12 +1909,8 @@ class IndexBuiltInPlace(nn.Module):
 def test_an_integer_index_written_in_place_pins_nothing(mode):
     """Pruning narrows and copies only floating values, so an in-place write into an integer
     index is no hazard to it: the index's readers prune as usual (BEiT had 58 nodes pinned)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 6, 8)
-    r = prune_and_mask(IndexBuiltInPlace().eval(), x, mode, adapter_cost=1.0)
-    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    r = _exact_at_the_defaults_without_pins(IndexBuiltInPlace, torch.randn(2, 6, 8), mode)
     assert r.pruned.get_parameter("fc1.weight").shape[0] < 16
-    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
 class DirtyHeadMask(nn.Module):
@@ -1938,9 +1939,5 @@ def test_a_dirty_mask_per_head_is_dropped_with_its_head(mode):
     """Each head's output reads only that head's q, k, mask and v, and is zero where v is: a
     removed head's dirty mask (or q, k) changes nothing. It used to pin the mask's add, and the
     heads with it (BEiT kept 0.799 of its MACs, now 0.571)."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 6, 8)
-    r = prune_and_mask(DirtyHeadMask().eval(), x, mode, adapter_cost=1.0)
-    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    r = _exact_at_the_defaults_without_pins(DirtyHeadMask, torch.randn(2, 6, 8), mode)
     assert r.pruned.get_parameter("table").shape[1] < 4
-    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
