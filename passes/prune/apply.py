@@ -388,7 +388,8 @@ class _Applier:
                 self.adapt(node, src, sid, order)
                 continue
             order = np.concatenate([have, np.setdiff1d(order, have)])
-            self._pad_norm_input(node, self.nodes[src], out.size - len(have), torch.as_tensor(order))
+            self._pad_norm_input(node, self.nodes[src], out.size - len(have), torch.as_tensor(order),
+                                 out.ndim - 1 - out.axis)
         where = np.empty(out.size, dtype=np.int64)
         where[order] = np.arange(out.size)
         idx = where[self.keep(out.id)]
@@ -414,10 +415,12 @@ class _Applier:
         self.nodes[node.name] = kept
         self.adapters += 1
 
-    def _pad_norm_input(self, node: torch.fx.Node, x: torch.fx.Node, zeros: int, order: torch.Tensor) -> None:
-        """Feed the norm `x` with `zeros` zero channels appended, its affine permuted to `order`."""
+    def _pad_norm_input(self, node: torch.fx.Node, x: torch.fx.Node, zeros: int, order: torch.Tensor,
+                        after: int = 0) -> None:
+        """Feed the norm `x` with `zeros` zero channels appended on the axis `after` axes before
+        the last (a layer norm over ``[C, 1, 1]``: 2), its affine permuted to `order`."""
         with self.gm.graph.inserting_before(node):
-            padded = self.gm.graph.call_function(torch.nn.functional.pad, (x, (0, zeros)))
+            padded = self.gm.graph.call_function(torch.nn.functional.pad, (x, (0, 0) * after + (0, zeros)))
         node.replace_input_with(x, padded)
         annotate(padded, "prune.reexpand", f"pad +{zeros}")
         self.reexpansions.append(f"{x.name}->{node.name}")

@@ -199,12 +199,29 @@ class LayerRules:
     def rule_layer_norm(self, node, view, shape) -> None:
         if self._norm_within_channels(node, view, shape):
             return
+        units = self._channels_then_unit_axes(view, shape)
+        if units:  # GCNet's LayerNorm([C, 1, 1]) on a pooled [B, C, 1, 1] context
+            if not self.exact_norms:
+                raise _Pin(f"{view.kind} over the channels and unit axes (exact_norms=true prunes around it)")
+            self._private_affine(node, view)
+            src, sid = self.single_input(node, view)
+            return self.gathered_norm(node, view, src, sid, len(shape) - 1 - units)
         src, sid = self._last_axis_norm(node, view, shape)
         if self.exact_norms:
             return self.gathered_norm(node, view, src, sid, len(shape) - 1)
         if sid is None:
             return self.free_output(node, view)
         self.passthrough(node, view, src, len(shape) - 1, category="norm")
+
+    def _channels_then_unit_axes(self, view, shape) -> int:
+        """How many size-1 axes follow the channels in a layer norm's normalized shape (`[C, 1,
+        1]` over a pooled map: the statistics are over the channels alone); 0 otherwise."""
+        norm_shape = view.attrs.get("normalized_shape")
+        dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
+        if len(dims) < 2 or any(d != 1 for d in dims[1:]):
+            return 0
+        src, sid = self.single_input(view.node, view)
+        return len(dims) - 1 if sid is not None and self.slots[sid].axis == len(shape) - len(dims) else 0
 
     def rule_rms_norm(self, node, view, shape) -> None:
         """RMS norm needs no re-expansion to stay exact: the removed channels are zero, so the sum

@@ -373,3 +373,37 @@ def test_a_rescaled_norm_output_is_re_expanded_after_its_rescale(mode):
     r = prune_and_mask(RescaledNormReadFullWidth().eval(), torch.randn(2, 5, 6), mode)
     assert r.plan.applied["reexpansions"] and r.plan.selection.removed > 0
     torch.testing.assert_close(r.out, r.masked, rtol=1e-5, atol=1e-6)
+
+
+class GlobalContext(nn.Module):
+    """GCNet's global context block: attention pooling to a [B, C, 1, 1] context, then a
+    bottleneck whose layer norm is ``LayerNorm([C', 1, 1])``: statistics over the channels alone."""
+
+    def __init__(self, c=16, mid=8):
+        super().__init__()
+        self.stem, self.mask = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 1, 1)
+        self.t1, self.ln, self.t2 = nn.Conv2d(c, mid, 1), nn.LayerNorm([mid, 1, 1]), nn.Conv2d(mid, c, 1)
+        with torch.no_grad():
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.normal_(0, 0.1)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        b, c, height, width = h.shape
+        w = self.mask(h).view(b, 1, height * width).softmax(-1)
+        ctx = torch.bmm(h.view(b, c, height * width), w.transpose(1, 2)).view(b, c, 1, 1)
+        return self.head((h + self.t2(torch.relu(self.ln(self.t1(ctx))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_layer_norm_over_channels_and_unit_axes_is_gathered(mode):
+    """``LayerNorm([C, 1, 1])`` normalizes over the channels alone: an exact norm like any other,
+    its input padded on the channel axis (not the last) and its output gathered. It was pinned
+    ("over more than the channel axis"), and the bottleneck with it."""
+    torch.manual_seed(0)
+    r = prune_and_mask(GlobalContext().eval(), torch.randn(2, 3, 8, 8), mode)
+    assert not [n for n, why in r.plan.channel_graph.pinned_nodes.items() if "norm" in why]
+    assert r.pruned.get_parameter("ln.weight").shape == (8, 1, 1)     # the norm runs at full width
+    assert r.pruned.get_parameter("t1.weight").shape[0] < 8           # its input is narrower
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
