@@ -203,10 +203,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
 
     info: dict[str, Any] = {"dynamic_batch": False}
     attempts_error: Exception | None = None
-    batch = _batch_size(args, kwargs)
-    if dynamic_batch and batch is None and _leading_sizes(args, kwargs):
-        attempts_error = ValueError(f"the inputs' dim 0 sizes {_leading_sizes(args, kwargs)} name no batch (the "
-                                    "first input's batch of 1 could be any of them)")
+    sizes = _leading_sizes(args, kwargs)
+    batch = _batch_size(sizes)
+    if dynamic_batch and batch is None and sizes:
+        attempts_error = ValueError(f"the inputs' dim 0 sizes {sizes} name no batch (the first input's batch of 1 "
+                                    "could be any of them)")
     if dynamic_batch and batch is not None:
         # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
         ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
@@ -603,11 +604,10 @@ def _leading_sizes(args: tuple, kwargs: dict) -> list[int]:
     return [t.shape[0] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The batch size: the leading size every tensor input shares, or else the first input's
-    when it is at least 2 (a side input such as a bias vector ``[d]`` keeps its static size);
-    None when the inputs disagree and the first has a batch of 1 (any of them could be one)."""
-    sizes = _leading_sizes(args, kwargs)
+def _batch_size(sizes: list[int]) -> int | None:
+    """The batch size from the inputs' `_leading_sizes`: the one they all share, or else the
+    first input's when it is at least 2 (a side input such as a bias vector ``[d]`` keeps its
+    static size); None when they disagree and the first is 1 (any of them could be the batch)."""
     if not sizes:
         return None
     return sizes[0] if len(set(sizes)) == 1 or sizes[0] > 1 else None

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from .opview import op_view
+from .rewrite import tensor_meta
 
 # Ops that must run even when their value is unused, beyond what fx already knows.
 _RANDOM_OR_EFFECTFUL = {
@@ -202,9 +203,8 @@ def written_in_place(gm: torch.fx.GraphModule, floating_only: bool = False) -> d
 
 def _is_floating(node: torch.fx.Node) -> bool:
     """Whether `node`'s recorded value is a floating-point tensor (unknown counts as floating)."""
-    value = node.meta.get("val", node.meta.get("tensor_meta"))
-    dtype = getattr(value, "dtype", None)
-    return dtype is None or dtype.is_floating_point
+    meta = tensor_meta(node)
+    return meta is None or meta[1].is_floating_point
 
 
 def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.fx.Node,

@@ -210,7 +210,7 @@ class _Lowering:
         self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
         self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
-        self.packed_cache: dict[tuple, str] = {}
+        self.packed_cache: dict[tuple, str | None] = {}  # None: no engine computes it right
         # Values with no int8 grid (calibration saw +-inf in them, e.g. an attention mask):
         # they, and the ops that would read them quantized, stay float.
         self.float_only = nonfinite_values(observers)
@@ -507,15 +507,17 @@ class _Lowering:
             geometry = dict(stride=ones, padding=[0] * len(taps), dilation=ones, groups=1)
         qw = quantize_weight(weight)
         if self.backend == "x86":
-            kernel, prepacked = self._x86_kernel(group, view, qw, bias, relu, geometry)
-            if prepacked is None:
-                y = self._float_between_int8(group, x, qw, bias, relu, geometry, qparams)
-            else:
-                name = self.packed_cache.get(key)
-                if name is None:
+            if key not in self.packed_cache:  # pack (and check) once per weight, bias and geometry
+                prepacked, name = self._prepack(group, qw, bias, geometry), None
+                if prepacked is not None:
                     name = _fresh_attr(self.gm, f"{group.name}_packed")
                     setattr(self.gm, name, prepacked)
-                    self.packed_cache[key] = name
+                self.packed_cache[key] = name
+            name = self.packed_cache[key]
+            if name is None:
+                y = self._float_between_int8(group, x, qw, bias, relu, geometry, qparams)
+            else:
+                kernel = self._x86_kernel(group, view, relu)
                 y = self.graph.call_function(kernel, (x, self.graph.get_attr(name), *qparams))
             if taps is not None:
                 y = self.graph.call_function(depth_to_space, (y, taps))
@@ -578,15 +580,20 @@ class _Lowering:
                                                    list(geometry["dilation"]), geometry["groups"])
         return self.graph.call_function(float_between_int8, (x, w, b, *qparams, relu, *shape))
 
-    def _x86_kernel(self, group, view, qw, bias, relu: bool, geometry: dict):
+    def _prepack(self, group, qw, bias, geometry: dict):
+        """The x86 packed weight (None where no engine computes the layer right)."""
         if group.kind == "linear":
-            return ((qops.linear_relu.default if relu else qops.linear.default),
-                    prepack_linear(qw, bias, narrow=self.reduce_range))
-        a, g = view.attrs, geometry
-        packed = prepack_conv(qw, bias, g["stride"], g["padding"], g["dilation"], g["groups"], narrow=self.reduce_range)
+            return prepack_linear(qw, bias, narrow=self.reduce_range)
+        g = geometry
+        return prepack_conv(qw, bias, g["stride"], g["padding"], g["dilation"], g["groups"], narrow=self.reduce_range)
+
+    @staticmethod
+    def _x86_kernel(group, view, relu: bool):
+        if group.kind == "linear":
+            return qops.linear_relu.default if relu else qops.linear.default
         fused, plain = {1: (qops.conv1d_relu.default, qops.conv1d.default), 2: (qops.conv2d_relu.new, qops.conv2d.new),
-                        3: (qops.conv3d_relu.new, qops.conv3d.new)}[a["dim"]]
-        return (fused if relu else plain), packed
+                        3: (qops.conv3d_relu.new, qops.conv3d.new)}[view.attrs["dim"]]
+        return fused if relu else plain
 
     # ----- pass-through ---------------------------------------------------------------------
     def _lower_pass_through(self, node: torch.fx.Node) -> None:

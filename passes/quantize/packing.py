@@ -115,20 +115,19 @@ _CHECK_OUTPUTS = {1: 32, 2: 8, 3: 4}
 
 def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None, narrow: bool = False) -> bool:
     """Whether the packed kernel gives what the same layer computes in float, on one input of
-    random bytes over the range the kernel will read (all 8 bits, or 7 when `narrow`: without
+    random bytes over the range the kernel will read: all 8 bits, or 7 when `narrow` (without
     VNNI the kernels add pairs of products in int16 and `reduce_range` keeps them from
-    saturating, so 8-bit inputs would fail every engine there) (batch 1; a conv with a few outputs per axis, a linear with 16
-    rows): every output within 2 steps of the float result on the same output grid (rounding
-    differs by at most one; the wrong kernels seen were off by tens of steps, or by 7 where
-    int16 sums saturate).
+    saturating, so 8-bit inputs would fail every engine there). Batch 1; a conv with a few
+    outputs per axis, a linear with 16 rows. Every output must be within 2 steps of the float
+    result on the same output grid (rounding differs by at most one; the wrong kernels seen were
+    off by tens of steps, or by 7 where int16 sums saturate).
 
         >>> w = torch.quantize_per_tensor(torch.randn(8, 4, 3, 3), 0.02, 0, torch.qint8)
         >>> computes_right(torch.ops.quantized.conv2d_prepack(w, None, [1, 1], [1, 1], [1, 1], 1), w, None)
         True
     """
-    generator = torch.Generator().manual_seed(0)
-    conv = hasattr(packed, "stride")
-    if conv:
+    F = torch.nn.functional
+    if hasattr(packed, "stride"):  # a conv
         dims = weight.dim() - 2
         # a conv1d is packed as a 1 x k conv2d: its geometry has a leading entry for the 1
         stride, padding, dilation = (list(v)[-dims:] for v in (packed.stride(), packed.padding(), packed.dilation()))
@@ -136,23 +135,21 @@ def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None, narr
         size = [max((_CHECK_OUTPUTS[dims] - 1) * s + d * (k - 1) + 1 - 2 * p, 1)
                 for s, p, d, k in zip(stride, padding, dilation, weight.shape[2:])]
         shape = (1, weight.shape[1] * packed.groups(), *size)
-    else:
-        shape = (16, weight.shape[1])
-    levels = 128 if narrow else 256
-    x = torch._make_per_tensor_quantized_tensor(
-        torch.randint(0, levels, shape, dtype=torch.uint8, generator=generator), 0.05, levels // 2)
-    if conv:
-        convolution = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[dims - 1]
-        reference = convolution(x.dequantize(), weight.dequantize(), bias, stride, padding, dilation, packed.groups())
-    else:
-        reference = torch.nn.functional.linear(x.dequantize(), weight.dequantize(), bias)
-    scale = max(float(reference.abs().max()) / 127, 1e-8)
-    if conv:
+        convolution = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         run = {1: torch.ops.quantized.conv1d, 2: torch.ops.quantized.conv2d.new,
                3: torch.ops.quantized.conv3d.new}[dims]
-        out = run(x, packed, scale, 128)
+        in_float = lambda x: convolution(x, weight.dequantize(), bias, stride, padding, dilation,  # noqa: E731
+                                         packed.groups())
     else:
-        out = torch.ops.quantized.linear(x, packed, scale, 128)
+        shape, run = (16, weight.shape[1]), torch.ops.quantized.linear
+        in_float = lambda x: F.linear(x, weight.dequantize(), bias)  # noqa: E731
+    levels = 128 if narrow else 256
+    generator = torch.Generator().manual_seed(0)
+    x = torch._make_per_tensor_quantized_tensor(
+        torch.randint(0, levels, shape, dtype=torch.uint8, generator=generator), 0.05, levels // 2)
+    reference = in_float(x.dequantize())
+    scale = max(float(reference.abs().max()) / 127, 1e-8)
+    out = run(x, packed, scale, 128)
     expected = torch.quantize_per_tensor(reference, scale, 128, torch.quint8)
     return bool((out.int_repr().int() - expected.int_repr().int()).abs().max() <= 2)
 

@@ -18,7 +18,7 @@ import torch
 import fxopt.serialize as graph_io
 
 from .observers import QuantizationError
-from .lower import cpu_has_vnni
+from .insert import resolve_reduce_range
 from .packing import prepack_conv, prepack_linear
 
 
@@ -40,7 +40,7 @@ def _encode(obj) -> dict:
 def _decode(record: dict):
     weight, bias = graph_io.tensor_from_plain(record["weight"]), record["bias"]
     engine = torch.backends.quantized.engine
-    narrow = not cpu_has_vnni()  # what reduce_range="auto" fed the kernels on this machine
+    narrow = resolve_reduce_range("auto")  # what the kernels were fed on this machine by default
     if record["kind"] == "linear":
         packed = prepack_linear(weight, bias, engine, narrow)
     else:  # the engine per layer, as lowering chose it (grouped convs fbgemm gets wrong: oneDNN)
