@@ -520,30 +520,25 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                     precedence.add((y, x))
         pinned = np.zeros(n_classes, dtype=bool)
         pinned[cls[np.array(self.pinned_positions, dtype=np.int64)]] = True
+        holds = {role: np.zeros(n_classes, dtype=bool) for role in ("producer", "param", "buffer")}
+        for slot in self.slots:  # which classes hold positions of each kind of source
+            if slot.role in holds:
+                holds[slot.role][cls[slot.base:slot.base + slot.size]] = True
         # a class a constant buffer is in stays unless learned weights (a producer's rows, a
         # parameter) are in it too: removing only a causal mask's positions or a rotary
         # frequency would change the model, not drop a channel of it
-        learned = np.zeros(n_classes, dtype=bool)
-        in_buffer = np.zeros(n_classes, dtype=bool)
-        for slot in self.slots:
-            if slot.role in ("producer", "param", "buffer"):
-                marks = in_buffer if slot.role == "buffer" else learned
-                marks[cls[slot.base:slot.base + slot.size]] = True
-        pinned |= in_buffer & ~learned
+        pinned |= holds["buffer"] & ~(holds["producer"] | holds["param"])
         # a class of parameter entries that no layer produces or reads as weight columns, and
         # no junction needs gone, saves no compute: it is a parameter axis read as channels
         # (the kernel width of a conv weight computed in the graph), kept whole
-        useful, in_param = np.zeros(n_classes, dtype=bool), np.zeros(n_classes, dtype=bool)
-        for slot in self.slots:
-            if slot.role in ("producer", "param"):
-                (useful if slot.role == "producer" else in_param)[cls[slot.base:slot.base + slot.size]] = True
+        useful = holds["producer"].copy()
         for rule in self.rules.values():
             if rule.category == "producer":
                 for _, sid in rule.consumed:
                     useful[cls[self._positions(sid)]] = True
         required = np.zeros(n_classes, dtype=bool)
         required[[x for _, x in precedence]] = True
-        pinned |= in_param & ~useful & ~required
+        pinned |= holds["param"] & ~useful & ~required
         out_cls = np.zeros(n_classes, dtype=bool)
         out_cls[cls[np.array(self.output_positions, dtype=np.int64)]] = True
         # Channels of the graph output stay, including every contribution summed into them.

@@ -167,7 +167,7 @@ class ContractionRules:
         out = self.new_slot(node, axis, "pass")
         # each head's output reads only that head's q, k, mask and v, and is zero where v is: a
         # removed head's q, k or mask may be dirty (BEiT adds a bool mask to its bias per head)
-        clean_reads = tuple(x.name for x in per_head if x is not v and x.name != v.name)
+        clean_reads = tuple(x.name for x in per_head if x.name != v.name)
         rule = Rule(node.name, "sdpa", "pass", outputs=[out],
                     info={"channelwise": True, "clean_reads": clean_reads})
         pos = np.arange(shape[axis])

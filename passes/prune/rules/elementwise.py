@@ -71,32 +71,22 @@ class ElementwiseRules:
     rule_vector_norm = rule_sum = rule_mean
 
     def rule_amax(self, node, view, shape) -> None:
-        """amax/amin, var/std over other axes: per channel, and 0 over a removed (zero) channel;
-        over the channel axis the removed zeros would count (a max of negatives, a variance)."""
+        """amax/amin, var/std and (var, mean)/(std, mean) over other axes: per channel (both
+        results of the pairs), and 0 over a removed (zero) channel; over the channel axis the
+        removed zeros would count (a max of negatives, a variance)."""
         src, sid = self.single_input(node, view)
         if sid is None:
             return self.free_output(node, view)
         out_axis = self._reduced_axis(src, sid, view)
         if out_axis is None:
             raise _Pin(f"{view.kind} over the channel axis (the removed zeros would count)", conflict=sid)
-        self.passthrough(node, view, src, out_axis)
-
-    rule_amin = rule_var = rule_std = rule_amax
-
-    def rule_var_mean(self, node, view, shape) -> None:
-        """(var, mean) or (std, mean) over other axes than the channels: both per channel, and 0
-        over a removed (zero) channel; over the channel axis the removed zeros would count."""
-        src, sid = self.single_input(node, view)
-        if sid is None:
-            return self.free_output(node, view)
-        out_axis = self._reduced_axis(src, sid, view)
-        if out_axis is None:
-            raise _Pin(f"{view.kind} over the channel axis (the removed zeros would count)", conflict=sid)
+        if view.kind not in ("var_mean", "std_mean"):
+            return self.passthrough(node, view, src, out_axis)
         dims = view.attrs.get("dim")
         reduced = _norm_axes(dims, len(_shape(src)))[0] if dims not in (None, []) else None
         self._tuple_pieces(node, view, src, sid, reduced, out_axis, 2)
 
-    rule_std_mean = rule_var_mean
+    rule_amin = rule_var = rule_std = rule_var_mean = rule_std_mean = rule_amax
 
     def rule_adaptive_max_pool(self, node, view, shape) -> None:
         """Each channel's maximum over windows of its own (0 over a removed, all-zero channel);

@@ -170,16 +170,20 @@ class LayerRules:
         for ref in view.params.values():
             self._check_private(node, ref)
 
-    def _last_axis_norm(self, node, view, shape) -> tuple[torch.fx.Node, int | None]:
-        """(input, its slot) of a layer/RMS norm, which must normalize the channel axis alone
-        (the last one) with an affine of its own."""
+    def _normalized_channel_axis(self, node, view, shape) -> tuple[torch.fx.Node, int | None, int]:
+        """(input, its slot, the channel axis) of a layer/RMS norm, which must normalize the
+        channel axis alone with an affine of its own: the last axis, or the first normalized one
+        when the others have size 1 (GCNet's ``LayerNorm([C, 1, 1])`` on a pooled context, read
+        from a value whose channels are followed)."""
         self._private_affine(node, view)
         src, sid = self.single_input(node, view)
         norm_shape = view.attrs.get("normalized_shape")
         dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
-        if len(dims) != 1 or (sid is not None and self.slots[sid].axis != len(shape) - 1):
+        axis = len(shape) - len(dims)
+        channels_alone = len(dims) == 1 or (sid is not None and all(d == 1 for d in dims[1:]))
+        if not channels_alone or (sid is not None and self.slots[sid].axis != axis):
             raise _Pin(f"{view.kind} over more than the channel axis")
-        return src, sid
+        return src, sid, axis
 
     def _norm_within_channels(self, node, view, shape) -> bool:
         """A layer/RMS norm over trailing axes that do not hold the channels (timm's q/k norm
@@ -199,29 +203,14 @@ class LayerRules:
     def rule_layer_norm(self, node, view, shape) -> None:
         if self._norm_within_channels(node, view, shape):
             return
-        units = self._channels_then_unit_axes(view, shape)
-        if units:  # GCNet's LayerNorm([C, 1, 1]) on a pooled [B, C, 1, 1] context
-            if not self.exact_norms:
-                raise _Pin(f"{view.kind} over the channels and unit axes (exact_norms=true prunes around it)")
-            self._private_affine(node, view)
-            src, sid = self.single_input(node, view)
-            return self.gathered_norm(node, view, src, sid, len(shape) - 1 - units)
-        src, sid = self._last_axis_norm(node, view, shape)
+        src, sid, axis = self._normalized_channel_axis(node, view, shape)
         if self.exact_norms:
-            return self.gathered_norm(node, view, src, sid, len(shape) - 1)
+            return self.gathered_norm(node, view, src, sid, axis)
+        if axis != len(shape) - 1:  # narrowing it would rewrite a normalized shape of several axes
+            raise _Pin(f"{view.kind} over the channels and unit axes (exact_norms=true prunes around it)")
         if sid is None:
             return self.free_output(node, view)
-        self.passthrough(node, view, src, len(shape) - 1, category="norm")
-
-    def _channels_then_unit_axes(self, view, shape) -> int:
-        """How many size-1 axes follow the channels in a layer norm's normalized shape (`[C, 1,
-        1]` over a pooled map: the statistics are over the channels alone); 0 otherwise."""
-        norm_shape = view.attrs.get("normalized_shape")
-        dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
-        if len(dims) < 2 or any(d != 1 for d in dims[1:]):
-            return 0
-        src, sid = self.single_input(view.node, view)
-        return len(dims) - 1 if sid is not None and self.slots[sid].axis == len(shape) - len(dims) else 0
+        self.passthrough(node, view, src, axis, category="norm")
 
     def rule_rms_norm(self, node, view, shape) -> None:
         """RMS norm needs no re-expansion to stay exact: the removed channels are zero, so the sum
@@ -231,11 +220,13 @@ class LayerRules:
         `exact_norms` settings."""
         if self._norm_within_channels(node, view, shape):
             return
-        src, sid = self._last_axis_norm(node, view, shape)
+        src, sid, axis = self._normalized_channel_axis(node, view, shape)
+        if axis != len(shape) - 1:  # apply rescales a norm over the last axis alone
+            raise _Pin(f"{view.kind} over more than the channel axis")
         if sid is None:  # no channels come in: its output is gathered (exact) or free, as a layer norm's
-            return self.gathered_norm(node, view, src, sid, len(shape) - 1) if self.exact_norms \
+            return self.gathered_norm(node, view, src, sid, axis) if self.exact_norms \
                 else self.free_output(node, view)
-        self.passthrough(node, view, src, len(shape) - 1, category="norm", info={"rms_rescale": True})
+        self.passthrough(node, view, src, axis, category="norm", info={"rms_rescale": True})
 
     def gathered_norm(self, node, view, src, sid: int | None, axis: int) -> None:
         """An exact norm: it reads its input at full width (re-expanded by the boundary, zeros in

@@ -398,6 +398,25 @@ def test_a_transposed_parameter_weight_shrinks_like_a_linear(mode):
     assert pruned(x).shape == original.shape == (2, 5, 3)
 
 
+def _prune_hf(model: nn.Module, pick, **call_kwargs):
+    """`prune_and_mask` at the default adapter charge, exported, of a Hugging Face model fed token
+    ids (2 x 12), its output reduced to one tensor by `pick`."""
+    import warnings
+
+    class Picked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model.eval()
+
+        def forward(self, ids):
+            return pick(self.m(input_ids=ids, **call_kwargs))
+
+    ids = torch.randint(0, 100, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prune_and_mask(Picked().eval(), ids, "export", 0.5, adapter_cost=1.0)
+
+
 def test_deberta_relative_position_keys_repeated_over_the_batch_prune_exactly():
     """Hugging Face DeBERTa-v2 computes its position keys once, heads folded into a batch of 1,
     and repeats them over the batch (``.repeat(q.size(0) // heads, 1, 1)``). The slot sat on the
@@ -405,26 +424,12 @@ def test_deberta_relative_position_keys_repeated_over_the_batch_prune_exactly():
     channels removed, 0.632 of the MACs kept); that conflict now moves the slot to each head's
     features, as an index or a reduction on the folded axis already did: nothing is pinned."""
     transformers = pytest.importorskip("transformers")
-    import warnings
-
     cfg = transformers.DebertaV2Config(
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=64, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
         num_labels=3)
     torch.manual_seed(0)
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = transformers.DebertaV2ForSequenceClassification(cfg).eval()
-
-        def forward(self, ids):
-            return self.m(input_ids=ids).logits
-
-    model, ids = Logits().eval(), torch.randint(0, 100, (2, 12))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = prune_and_mask(model, ids, "export", 0.5, adapter_cost=1.0)   # the defaults
+    r = _prune_hf(transformers.DebertaV2ForSequenceClassification(cfg), lambda out: out.logits)
     assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
     assert r.plan.selection.removed >= 0.5 * r.plan.selection.target, r.plan.stats()
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
@@ -437,23 +442,9 @@ def test_bloom_alibi_scores_from_baddbmm_prune_heads_features_exactly():
     it had no rule, so q and k kept every channel (0.680 of the MACs at ratio 0.5); its
     product's features are now contracted like a ``bmm``'s."""
     transformers = pytest.importorskip("transformers")
-    import warnings
-
     cfg = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=100)
     torch.manual_seed(0)
-
-    class Hidden(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = transformers.BloomModel(cfg).eval()
-
-        def forward(self, ids):
-            return self.m(input_ids=ids, use_cache=False).last_hidden_state
-
-    model, ids = Hidden().eval(), torch.randint(0, 100, (2, 12))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = prune_and_mask(model, ids, "export", 0.5, adapter_cost=1.0)
+    r = _prune_hf(transformers.BloomModel(cfg), lambda out: out.last_hidden_state, use_cache=False)
     assert not [n for n in r.plan.channel_graph.pinned_nodes if "baddbmm" in n], r.plan.channel_graph.pinned_nodes
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
     qkv = [tuple(p.shape) for n, p in r.pruned.named_parameters() if n.endswith("query_key_value.weight")]
