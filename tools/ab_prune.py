@@ -62,5 +62,6 @@ def main(argv=None) -> None:
         lat = latency[label]
         print(f"| {label} | {100 * macs[label]:.1f}% | {lat[1]:.2f} | {lat[16]:.1f} |")
 
+
 if __name__ == "__main__":
     main()
