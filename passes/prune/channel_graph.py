@@ -165,6 +165,8 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         self.output_positions: list[int] = []
         self.module_names: dict[str, str] = {}
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.constant = _constant_values(gm)
+        self.held_constants: set[str] = set()  # constant operands whose channels all stay (`_aligned_inputs`)
 
     def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
         shape = _shape(node)
@@ -553,6 +555,17 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                     stack.append(x)
         return ChannelGraph(self.graph, self.slots, self.rules, self.value_slot, cls, n_classes, precedence,
                             self.pinned_nodes, pinned, out_cls, self.module_names)
+
+
+def _constant_values(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the values computed from parameters, buffers and shapes alone: the same for
+    any input data of a given shape (a position table, a rotary sin/cos)."""
+    constant: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or node.op in ("call_function", "call_method", "call_module") and (
+                size_read(node) is not None or all(a.name in constant for a in node.all_input_nodes)):
+            constant.add(node.name)
+    return constant
 
 
 __all__ = ["ChannelGraph", "ChannelGraphAnalysis", "Rule", "Slot", "WEIGHT_LAYOUTS", "build_channel_graph"]

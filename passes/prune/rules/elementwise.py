@@ -176,7 +176,9 @@ class ElementwiseRules:
         slotted = [(a, self.in_slot(a)) for a in tensor_inputs if self.in_slot(a) is not None]
         if not slotted:
             return None, []
-        ref_node, ref_sid = slotted[0]
+        # the output follows a value computed from the input first: a constant operand (a
+        # rotary table) may be the one that broadcasts over its channels
+        ref_node, ref_sid = min(slotted, key=lambda pair: pair[0].name in self.constant)
         out_axis = self.slots[ref_sid].axis + (len(shape) - len(_shape(ref_node)))
         c = shape[out_axis]
         pairs, broadcast = [], []
@@ -192,8 +194,13 @@ class ElementwiseRules:
                     raise _Pin(f"input {a.name} broadcasts over the channel axis")
                 if own is not None and self.slots[own].axis != a_axis:
                     # its channels sit on an axis the output does not track: pruning them
-                    # would break the broadcast (a gate over the positions times a feature map)
-                    raise _Pin(f"input {a.name} carries channels on another axis than the output's")
+                    # would break the broadcast (a gate over the positions times a feature map).
+                    # A constant (RoFormer's sin/cos over each head's features, times q's heads)
+                    # keeps them all instead and is spread like a number: only a table is held.
+                    if a.name not in self.constant:
+                        raise _Pin(f"input {a.name} carries channels on another axis than the output's")
+                    self.pinned_positions.extend(self._positions(own))
+                    self.held_constants.add(a.name)
                 broadcast.append(a)
                 continue
             if a_shape[a_axis] != c:
@@ -221,7 +228,8 @@ class ElementwiseRules:
         if spread:
             # a value without channels spread over them (an additive attention mask over the
             # heads): like x + c, per channel and dirty
-            if len(pairs) != 1 or any(self.in_slot(a) is not None for a in spread):
+            if len(pairs) != 1 or any(self.in_slot(a) is not None and a.name not in self.held_constants
+                                      for a in spread):
                 raise _Pin(f"input {spread[0].name} broadcasts over the channel axis")
             return self._aligned_op(node, view, shape, out_axis, pairs, {"dirty_source": True})
         out = self.new_slot(node, out_axis, "junction")

@@ -449,3 +449,19 @@ def test_bloom_alibi_scores_from_baddbmm_prune_heads_features_exactly():
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
     qkv = [tuple(p.shape) for n, p in r.pruned.named_parameters() if n.endswith("query_key_value.weight")]
     assert qkv and all(rows < 3 * 64 for rows, _ in qkv), qkv
+
+
+def test_roformer_interleaved_rotary_prunes_heads_without_a_pin():
+    """Hugging Face RoFormer rotates q and k by sin/cos read from a fixed sinusoidal embedding
+    table, spread over the heads; that product pinned q and k (22% of the target removed). The
+    table is a constant: it keeps its columns, and whole heads go."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.RoFormerConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      intermediate_size=128, vocab_size=100, max_position_embeddings=64,
+                                      embedding_size=64)
+    torch.manual_seed(0)
+    r = _prune_hf(transformers.RoFormerModel(cfg), lambda out: out.last_hidden_state)
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    queries = [tuple(p.shape) for n, p in r.pruned.named_parameters() if n.endswith("query.weight")]
+    assert queries and all(rows < 64 and rows % 16 == 0 for rows, _ in queries), queries

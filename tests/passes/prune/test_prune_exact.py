@@ -1941,3 +1941,46 @@ def test_a_dirty_mask_per_head_is_dropped_with_its_head(mode):
     heads with it (BEiT kept 0.799 of its MACs, now 0.571)."""
     r = _exact_at_the_defaults_without_pins(DirtyHeadMask, torch.randn(2, 6, 8), mode)
     assert r.pruned.get_parameter("table").shape[1] < 4
+
+
+class InterleavedRotaryAttention(nn.Module):
+    """RoFormer / GPT-J rotary embedding: each head's features are rotated in interleaved pairs
+    (``stack([-q[..., 1::2], q[..., ::2]], -1)``) by sin/cos read from a fixed position table
+    (an embedding, so its columns carry channels of their own), spread over the heads. The
+    table is a constant: it keeps every column and q/k/v lose whole heads; the product with it
+    used to pin q and k ("carries channels on another axis than the output's")."""
+
+    def __init__(self, d=32, heads=4, length=6, table_first=False):
+        super().__init__()
+        self.heads, self.table_first = heads, table_first
+        self.inp, self.qkv, self.out = nn.Linear(8, d), nn.Linear(d, 3 * d), nn.Linear(d, 3)
+        half = d // heads // 2
+        angles = torch.arange(length)[:, None] / 100 ** (torch.arange(half) / half)
+        self.positions = nn.Embedding(length, 2 * half)
+        self.positions.weight = nn.Parameter(torch.cat([angles.sin(), angles.cos()], -1), requires_grad=False)
+
+    def _rotate(self, t, sin, cos):
+        turned = torch.stack([-t[..., 1::2], t[..., ::2]], dim=-1).reshape_as(t)
+        return cos * t + turned * sin if self.table_first else t * cos + turned * sin
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(self.inp(x)).chunk(3, -1)  # (indexed, not unpacked: a symbolic trace cannot iterate)
+        q, k, v = (qkv[i].view(b, n, self.heads, -1).transpose(1, 2) for i in range(3))
+        table = self.positions(torch.arange(n))[None, None]
+        halves = table.chunk(2, -1)
+        sin, cos = (torch.stack([halves[i], halves[i]], dim=-1).reshape_as(table) for i in range(2))
+        q, k = self._rotate(q, sin, cos), self._rotate(k, sin, cos)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+        return self.out(att.transpose(1, 2).reshape(b, n, -1))[:, 0]
+
+
+@pytest.mark.parametrize("table_first", [False, True])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_interleaved_rotary_over_heads_prunes_whole_heads_and_keeps_its_table(mode, table_first):
+    r = _exact_at_the_defaults_without_pins(lambda: InterleavedRotaryAttention(table_first=table_first),
+                                            torch.randn(2, 6, 8), mode)
+    shapes = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
+    assert shapes["qkv.weight"][0] < 96 and shapes["qkv.weight"][0] % 3 == 0, shapes
+    table = [s for n, s in shapes.items() if n.startswith("positions")]
+    assert table == [(6, 8)] or not table, shapes  # kept whole (symbolic capture may fold it away)
