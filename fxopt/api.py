@@ -22,7 +22,7 @@ from .errors import VerificationWarning
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
 from .pass_base import Pass
 from .serialize import rebuild_coded_attributes
-from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, verify
+from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, recorded_tolerance, verify
 
 
 @dataclass
@@ -114,7 +114,7 @@ def optimize(
     ran = [p for p, r in zip(manager.passes, result.records) if not r.skipped]
     tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))
     if result.module is not original:  # an empty pipeline hands back the captured graph itself
-        _record_pipeline(result.module, result.pipeline, tol)
+        _record_pipeline(result.module, model, result.pipeline, tol)
     reports: dict[str, VerificationReport] = {}
     if verify:
         for device in devices or _default_devices():
@@ -139,9 +139,15 @@ def optimize(
     )
 
 
-def _record_pipeline(gm: torch.fx.GraphModule, pipeline: str, tol: Tolerance) -> None:
+def _record_pipeline(gm: torch.fx.GraphModule, model: torch.nn.Module, pipeline: str, tol: Tolerance) -> None:
     """Write the pipeline and its tolerance into ``gm.meta["fxopt"]``: `fxopt.verify(model, gm, x)`
-    then holds `gm` to what it was optimized at (an int8 module to `int8`, not `exact`)."""
+    then holds `gm` to what it was optimized at (an int8 module to `int8`, not `exact`). A
+    `model` that an earlier `optimize` made (an int8 module saved, loaded and lowered) passes its
+    history on: the tolerance is the loosest of both runs, the pipeline both, in order."""
+    earlier = model.meta.get(META_KEY, {}) if isinstance(model, torch.fx.GraphModule) else {}
+    if earlier.get("pipeline"):
+        pipeline = f"{earlier['pipeline']},{pipeline}" if pipeline else earlier["pipeline"]
+    tol = loosest(tol, recorded_tolerance(model))
     recorded: str | Tolerance = tol.name if TOLERANCES.get(tol.name) == tol else tol
     gm.meta[META_KEY] = {**gm.meta.get(META_KEY, {}), "pipeline": pipeline, "tolerance": recorded}
 

@@ -575,6 +575,30 @@ class _NaNs(nn.Module):
         return x * float("nan")
 
 
+class _Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+def test_nan_the_reference_itself_computes_is_matched_by_position():
+    """A model whose output holds NaN (log of a negative input) against a faithful copy: equal;
+    a NaN elsewhere, or a number where the reference has NaN, still fails."""
+    x = torch.tensor([[1.0, -1.0, 2.0]])
+    assert verify(_Log(), _Log(), (x,)).verdict == "PASS"
+
+    class Shifted(nn.Module):
+        def forward(self, x):
+            return torch.log(x.roll(1, -1))
+
+    class Patched(nn.Module):
+        def forward(self, x):
+            return torch.nan_to_num(torch.log(x))
+
+    for candidate in (Shifted(), Patched()):
+        report = verify(_Log(), candidate, (x,))
+        assert report.verdict == "FAIL", (type(candidate).__name__, report.summary())
+
+
 def test_a_lossy_report_says_it_checked_nothing():
     """`lossy` bounds no error: a pruned model whose accuracy collapsed must not read as PASS."""
     m = _net()
@@ -604,6 +628,23 @@ def test_verify_holds_an_optimized_module_to_the_tolerance_it_recorded(tmp_path)
     fxopt.save(res.module, tmp_path / "int8.pt")
     assert verify(model, fxopt.load(tmp_path / "int8.pt"), (x,)).tolerance.name == "int8"
     assert verify(model, copy.deepcopy(model), (x,)).tolerance.name == "exact"  # nothing recorded
+
+
+def test_optimizing_an_optimized_module_again_keeps_the_loosest_tolerance_of_its_history(tmp_path):
+    """An int8 module saved, loaded and run through `lower-cpu` (or any exact pass) is still an
+    int8 module: `fxopt.verify` against the float model held it to `float`/`exact` and failed."""
+    import fxopt
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(32, 8)
+    res = fxopt.optimize(model, (x,), "quantize", calibration=[(x,)])
+    fxopt.save(res.module, tmp_path / "int8.pt")
+    again = fxopt.optimize(fxopt.load(tmp_path / "int8.pt"), (x,), "dce")
+    assert again.module.meta["fxopt"]["tolerance"] == "int8"
+    assert again.module.meta["fxopt"]["pipeline"] == "quantize,dce"
+    report = verify(model, again.module, (x,))
+    assert report.tolerance.name == "int8" and report.passed, report.summary()
 
 
 def test_a_custom_tolerance_given_to_optimize_is_the_one_recorded():
