@@ -144,6 +144,8 @@ def capture(
             continue
         if frontend == "symbolic":
             note = _opaque_note(gm)
+        if info.get("dynamic_batch"):  # shapes in the metadata are at this batch; the graph runs at any
+            info["example_batch"] = _batch_size(_leading_sizes(args, kwargs))
         attempts.append(Attempt(frontend, True, note))
         gm.meta[META_KEY] = {
             "frontend": frontend,

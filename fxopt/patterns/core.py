@@ -37,8 +37,12 @@ class Var:
 
     Constraints read the shape/dtype metadata capture records on every node:
     `ndim` (int or tuple of allowed ints), `dtype` (dtype or tuple), `shape` (a tuple whose
-    entries are ints or None for "any"), `check` (a predicate on the node).
-    A value without metadata fails a shape/dtype constraint (the matcher never guesses).
+    entries are ints or None for "any"), `check` (a predicate on the node: True, or False or a
+    string saying why not). A value without metadata fails a shape/dtype constraint (the
+    matcher never guesses). The metadata holds the example's sizes, but a graph captured with
+    a dynamic batch runs at any: a `shape` that fixes dim 0 of a value whose dim 0 is the
+    example's batch size does not match (write None there), since the rewrite would run at
+    every batch size.
     """
 
     name: str
@@ -265,6 +269,12 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
     raise failure  # type: ignore[misc]
 
 
+def _example_batch(value: torch.fx.Node) -> int | None:
+    """The example's batch size, where capture made the graph's batch dynamic; else None."""
+    info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
+    return info.get("example_batch") if info.get("dynamic_batch") else None
+
+
 def _match_var(value: Any, pat: Var, m: Match) -> Match:
     if not isinstance(value, torch.fx.Node):
         raise NoMatch(f"Var('{pat.name}') wants a tensor value, found the constant {value!r}")
@@ -283,8 +293,16 @@ def _match_var(value: Any, pat: Var, m: Match) -> Match:
         if pat.shape is not None and (len(shape) != len(pat.shape) or any(
                 w is not None and w != s for w, s in zip(pat.shape, shape))):
             raise NoMatch(f"Var('{pat.name}'): {_where(value)} has shape {tuple(shape)}, wants {pat.shape}")
-    if pat.check is not None and not pat.check(value):
-        raise NoMatch(f"Var('{pat.name}'): {_where(value)} fails its check")
+        batch = _example_batch(value)
+        if pat.shape is not None and pat.shape and pat.shape[0] is not None and batch == shape[0]:
+            raise NoMatch(f"Var('{pat.name}'): dim 0 of {_where(value)} is the example's batch size {batch}, and "
+                          f"the graph was captured to run at any batch: a shape constraint fixing it would apply "
+                          f"the rewrite at every batch size (write None for dim 0)")
+    if pat.check is not None:
+        verdict = pat.check(value)
+        if isinstance(verdict, str) or not verdict:  # a string is a reason, as for Op and Pattern checks
+            raise NoMatch(f"Var('{pat.name}'): {_where(value)} fails its check"
+                          + (f": {verdict}" if isinstance(verdict, str) and verdict else ""))
     _bind_node(pat.name, value, m)
     return m
 

@@ -85,6 +85,37 @@ def test_shape_and_dtype_constraints(mode):
     assert "torch.float32" in why
 
 
+class _SumOverBatch(nn.Module):
+    def forward(self, x):
+        return torch.relu(x).sum(0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shape_constraint_fixing_the_dynamic_batch_does_not_match(mode):
+    """`relu(x).sum(0) == relu(x[0]) + relu(x[1])` holds at batch 2 only: a rewrite guarded by
+    ``shape=(2, 8)`` on a graph that runs at any batch was applied, and batch 5 gave wrong
+    results. Dim 0 at the example's batch matches only None; other dims stay checkable."""
+    gm = fxopt.capture(_SumOverBatch(), (torch.randn(2, 8),), mode=mode)
+    batch_two = Pattern("sum-b2", Op("sum", Op("relu", Var("x", shape=(2, 8)))),
+                        replacement=lambda x: torch.relu(x[0]) + torch.relu(x[1]))
+    report = apply_patterns(gm, batch_two, debug="sum_1")
+    assert report.total == 0
+    assert "example's batch size 2" in report.why_not["sum-b2"] and "None" in report.why_not["sum-b2"]
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(gm(x), _SumOverBatch()(x))
+    any_batch = Op("sum", Op("relu", Var("x", shape=(None, 8))))
+    assert match(gm, _node(gm, "sum"), any_batch) is not None
+
+
+def test_a_var_check_may_say_why_it_refused():
+    gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),), mode="symbolic")
+    relu = _node(gm, "relu")
+    why = explain(gm, relu, Op("relu", Var("x", check=lambda n: "wants a conv's output")))
+    assert why.endswith("fails its check: wants a conv's output"), why
+    assert "fails its check" in explain(gm, relu, Op("relu", Var("x", check=lambda n: False)))
+    assert match(gm, relu, Op("relu", Var("x", check=lambda n: True))) is not None
+
+
 def test_debug_reports_reason_per_pattern():
     gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), (torch.randn(2, 4),), mode="symbolic")
     table = PatternSet([
