@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
-from .errors import CaptureError, TrainingModeWarning, user_stacklevel
+from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
@@ -230,7 +230,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         with _quiet_torch():
             ep = export(model, args, kwargs, strict=False)
         if attempts_error is not None:
-            info["dynamic_batch_error"] = _first_line(attempts_error)
+            info["dynamic_batch_error"] = first_line(attempts_error)
             # a graph that runs at one batch size only surprises at the next call: say it now
             warnings.warn(f"capture: {type(model).__name__} was exported with a static batch size (dim 0 of "
                           f"the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
@@ -703,12 +703,7 @@ def _hint(attempts: list[Attempt], model: nn.Module) -> str:
 
 
 def _failed_attempt(frontend: str, exc: Exception) -> Attempt:
-    return Attempt(frontend, False, f"{type(exc).__name__}: {_first_line(exc)}", _user_frame(exc))
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return Attempt(frontend, False, f"{type(exc).__name__}: {first_line(exc)}", _user_frame(exc))
 
 
 _LIBRARY_DIRS = tuple(

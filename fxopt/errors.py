@@ -171,6 +171,12 @@ def user_stacklevel() -> int:
     return level
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (at most 300 characters), or its type's name when it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def node_location(node: torch.fx.Node) -> str:
     """`node 'name' (op target) at file:line` — the user's source line when fx recorded one."""
     line = user_source_line(node.meta.get("stack_trace"))

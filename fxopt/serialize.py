@@ -36,7 +36,7 @@ from torch.utils._pytree import treespec_dumps, treespec_loads
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference int8 form's ops
 
-from .errors import SerializationError, node_location
+from .errors import SerializationError, first_line, node_location
 
 FORMAT = "fxopt.graph/1"
 _OLD_FORMATS = ("fxopt.quantized-graph/1",)  # written by the quantize passes before fxopt.save
@@ -127,9 +127,8 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     pytree = None
     if isinstance(codegen, _PyTreeCodeGen):
         info = codegen.pytree_info
-        pytree = {"orig_args": list(info.orig_args),
-                  "in_spec": treespec_dumps(info.in_spec) if info.in_spec is not None else None,
-                  "out_spec": treespec_dumps(info.out_spec) if info.out_spec is not None else None}
+        pytree = {"orig_args": list(info.orig_args), "in_spec": _dump_spec(info.in_spec, "inputs"),
+                  "out_spec": _dump_spec(info.out_spec, "outputs")}
     # what capture and optimize recorded (front end, pipeline, tolerance), plain values only:
     # fxopt.verify reads the tolerance of a loaded module as of the one saved
     info = {k: v for k, v in (gm.meta.get("fxopt") or {}).items() if isinstance(v, (str, int, float, bool))}
@@ -164,13 +163,29 @@ def plain_tensor(t: torch.Tensor):
     return t
 
 
+def _dump_spec(spec, what: str) -> str | None:
+    """An exported graph's input or output structure, as text; a user class in it (a namedtuple
+    of the model's module) has no name `load` may import."""
+    if spec is None:
+        return None
+    try:
+        return treespec_dumps(spec)
+    except NotImplementedError as exc:
+        raise SerializationError(f"save: the model's {what} hold a class of its own code (a namedtuple?), which "
+                                 f"fxopt.load does not import ({first_line(exc)}); return tuples, lists or "
+                                 "dicts of tensors instead") from None
+
+
 def _save_module(module: nn.Module, node) -> dict:
     cls = type(module)
     if not cls.__module__.startswith("torch.nn.modules") or list(module.children()):
+        if cls.__module__.startswith("fxopt."):  # a pass's own module: lower-cpu's kernels
+            fix = ("save before lower-cpu, whose kernels are packed for this machine, and run lower-cpu "
+                   "again after load")
+        else:
+            fix = "capture with mode='export', which calls no module of the model's own"
         raise SerializationError(f"save: {node_location(node)} calls a {cls.__qualname__}; only torch.nn "
-                                 "leaf modules can be stored (capture with mode='export' to avoid modules; "
-                                 "save before lower-cpu, whose kernels are packed for one machine, and "
-                                 "run it again after load)")
+                                 f"leaf modules can be stored ({fix})")
     attrs = {k: v for k, v in vars(module).items() if _is_simple(v)}
     # None entries are kept: Conv3d(bias=False) reads self.bias, so a dropped key breaks forward.
     return {"class": [cls.__module__, cls.__qualname__], "attrs": attrs,
@@ -205,8 +220,12 @@ def _encode_target(node):
     name = _python_name(target)
     if name is None:
         module, qualname = _own_name(target)
+        why = ""
+        if isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
+            why = ("; it builds a namedtuple of the model's code, which fxopt.load does not import "
+                   "(it runs no code from the file or the model): return a tuple or a dict instead")
         raise SerializationError(f"save: cannot name the function called by {node_location(node)} "
-                                 f"({module}.{qualname})")
+                                 f"({module}.{qualname}){why}")
     return {"py": list(name)}
 
 

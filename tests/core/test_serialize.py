@@ -61,11 +61,36 @@ def test_torch_save_fails_on_an_export_graph_and_fxopt_save_does_not(tmp_path):
     torch.testing.assert_close(fxopt.load(tmp_path / "fxopt.pt")(x), gm(x))
 
 
-def test_a_lowered_module_says_to_save_before_lower_cpu(tmp_path):
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_lowered_module_says_to_save_before_lower_cpu(tmp_path, mode):
     torch.manual_seed(0)
-    res = fxopt.optimize(ConvNet().eval(), (torch.randn(2, 3, 8, 8),), "fuse,lower-cpu{min_macs=0}", mode="symbolic")
-    with pytest.raises(fxopt.SerializationError, match="save before lower-cpu"):
+    res = fxopt.optimize(ConvNet().eval(), (torch.randn(2, 3, 8, 8),), "fuse,lower-cpu", mode=mode)
+    with pytest.raises(fxopt.SerializationError, match=r"ConvByBatch.*\(save before lower-cpu[^)]*\)$") as err:
         fxopt.save(res.module, tmp_path / "m.pt")
+    assert "mode='export'" not in str(err.value)  # exporting again would not help
+
+
+Pair = __import__("collections").namedtuple("Pair", "logits features")
+
+
+class _ReturnsPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return Pair(h, h.relu())
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_namedtuple_output_is_refused_by_save_with_what_to_return_instead(tmp_path, mode):
+    """load imports only torch, operator, math, builtins and fxopt names: a namedtuple class of
+    the model's module cannot be rebuilt (export's refusal was a bare NotImplementedError)."""
+    res = fxopt.optimize(_ReturnsPair().eval(), (torch.randn(2, 4),), "fuse", mode=mode)
+    with pytest.raises(fxopt.SerializationError, match="namedtuple.*return (a tuple or a dict|tuples, lists or dicts)"):
+        fxopt.save(res.module, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
 
 
 class _Opaque:
