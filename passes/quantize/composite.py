@@ -19,6 +19,7 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.calibration import calibrate
+from fxopt.distillation import inference_kernels
 from fxopt.errors import PassWarning, user_stacklevel
 
 from .insert import InsertObservers, ReduceRange
@@ -50,6 +51,7 @@ class Quantize(Pass):
                 f"quantize: the graph already has {len(existing)} observers (from insert-observers, e.g. "
                 f"'{next(iter(existing))}'); either calibrate it (fxopt.calibrate) and run lower-int8, "
                 "or run quantize on a graph without observers")
+        _warn_lowered_float_kernels(gm)
         inserted = InsertObservers(self.observer, self.reduce_range, self.backend).run(gm, ctx)
         if inserted.stats["observers"] == 0:
             # No value lowering could quantize: nothing to calibrate, the module is the answer.
@@ -65,6 +67,17 @@ class Quantize(Pass):
         stats["observers"] = inserted.stats["observers"]
         stats["calibration_batches"] = len(ctx.calibration)
         return PassResult(lowered.module, modified=True, stats=stats)
+
+
+def _warn_lowered_float_kernels(gm: torch.fx.GraphModule) -> None:
+    """`lower-cpu` before `quantize` leaves its convs as oneDNN fp32 kernels, which have no int8
+    form: say so, with the order that works, rather than list them among the float ops."""
+    lowered = sorted(((not target.startswith("mkldnn."), name) for name, target in inference_kernels(gm)
+                      if "quantize" not in target))  # a kernel op first, its weight packs after
+    if lowered:
+        warnings.warn(f"quantize: the graph holds float kernels a lowering pass wrote (e.g. '{lowered[0][1]}'), "
+                      "which have no int8 form and stay float: run quantize before lower-cpu (it then lowers "
+                      "what stays float)", PassWarning, stacklevel=user_stacklevel())
 
 
 def _warn_nothing_quantized(float_ops: dict[str, str]) -> None:

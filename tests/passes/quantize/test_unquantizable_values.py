@@ -223,3 +223,21 @@ def test_a_float32_model_with_nothing_to_quantize_comes_back_as_it_is(mode):
     stats = res.passes[0].stats
     assert stats["quantized"] == {} and stats["observers"] == 0 and list(stats["float_ops"].values()) == [
         "sigmoid: no int8 kernel in fxopt's lowering; runs in float"]
+
+
+# ----- kernels lowered for fp32 first ------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_quantize_after_lower_cpu_warns_that_the_lowered_convs_stay_float():
+    """`fuse,lower-cpu,quantize`: the convs are already oneDNN fp32 kernels with no int8 form;
+    only the linear became int8, silently. The warning names one and the order that works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    cal = [(torch.randn(4, 3, 16, 16),) for _ in range(3)]
+    with pytest.warns(fxopt.PassWarning, match=r"float kernels a lowering pass wrote \(e\.g\. '_convolution_pointwise"
+                                               r"[^']*'\).*run quantize before lower-cpu"):
+        fxopt.optimize(model, cal[0], "fuse,lower-cpu{min_macs=0},quantize", calibration=cal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.PassWarning)  # the right order says nothing
+        fxopt.optimize(model, cal[0], "fuse,quantize,lower-cpu{min_macs=0}", calibration=cal)
