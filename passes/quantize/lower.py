@@ -39,6 +39,7 @@ import torch.fx
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 from fxopt import Pass, PassContext, PassResult
+from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
                       is_effectful, op_view, origin, size_read, value_nbytes)
@@ -96,6 +97,8 @@ class LowerInt8(Pass):
             exclude |= self._select_float_layers(gm, ctx, stats)
         lowered, lstats = lower_module(gm, self.backend, exclude)
         stats.update(lstats)
+        if ctx.example_inputs or ctx.example_kwargs:  # the int8 nodes' shapes and dtypes, for dumps and later passes
+            propagate_shapes(lowered, ctx.example_inputs, ctx.example_kwargs)
         return PassResult(lowered, modified=True, stats=stats)
 
     def _skipped_layers(self, gm: torch.fx.GraphModule) -> set[str]:

@@ -57,6 +57,18 @@ def test_dump_writes_listing_dot_and_index(graph, tmp_path):
     assert f"{len(graph.graph.nodes)} nodes" in html
 
 
+def test_an_int8_graph_lists_the_shape_and_dtype_of_its_int8_values(tmp_path):
+    """The int8 nodes quantize writes had no shape metadata, so their listing lines had no type."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    res = fxopt.optimize(model, (x,), "fuse,quantize", calibration=[(x,)])
+    dump(res.module, tmp_path / "out")
+    lines = (tmp_path / "out" / "graph.txt").read_text().splitlines()
+    int8 = [line for line in lines if "quantized." in line or "quantize_per_tensor" in line]
+    assert int8 and all(line.split("  : ")[-1].startswith("qu8[2, ") for line in int8), int8
+
+
 def test_dump_is_callable_from_the_package_root(graph, tmp_path):
     index = fxopt.dump(graph, tmp_path)
     assert index.exists() and (tmp_path / "graph.txt").exists()
