@@ -273,6 +273,10 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                     time_passes=args.time_passes, bisect_limit=args.bisect_limit, instruments=instruments,
                 )
             steps.update()
+            if args.save:  # before the minutes of measuring: a module save refuses fails now
+                from .serialize import save
+
+                save(res.module, args.save)
             steps.set_postfix_str("measuring")
             before = _measure(work, res.original, args.threads)
             after = _measure(work, res.module, args.threads)
@@ -292,9 +296,6 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         print(f"  {record}")
     print(format_table(before, after, res))
     if args.save:
-        from .serialize import save
-
-        save(res.module, args.save)
         print(f"saved {args.save} (fxopt.load reads it)")
     return 0 if res.verification is None or res.verification.passed else 1
 

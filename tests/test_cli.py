@@ -19,6 +19,9 @@ def user_model_module(tmp_path, monkeypatch):
         def mlp():
             model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 6))
             return model.eval(), (torch.randn(8, 6),)
+        def conv():
+            model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+            return model.eval(), (torch.randn(2, 3, 8, 8),)
         def no_inputs():
             return torch.nn.Linear(2, 2)
         not_callable = 3
@@ -116,6 +119,15 @@ def test_optimize_saves_the_result_for_fxopt_load(user_model_module, capsys, tmp
     with pytest.raises(SystemExit) as exc:
         cli.main(["optimize", f"{user_model_module}:small", "--save", str(tmp_path / "missing" / "m.pt")])
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_result_save_refuses_fails_before_the_measuring(user_model_module, capsys, tmp_path, monkeypatch):
+    """`--save` of a lowered module: the refusal came after minutes of latency measuring."""
+    monkeypatch.setattr(cli, "_measure", lambda *a: pytest.fail("measured before saving"))
+    rc = cli.main(["optimize", f"{user_model_module}:conv", "-p", "fuse,lower-cpu{min_macs=0}",
+                   "--save", str(tmp_path / "m.pt")])
+    assert rc == 2 and "save before lower-cpu" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_model_module_in_the_current_directory_loads(tmp_path, monkeypatch, capsys):
