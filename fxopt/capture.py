@@ -362,6 +362,12 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any, args: tuple, kw
         if not isinstance(value, torch.Tensor) and getattr(value, "ndim", 0) and hasattr(value, "__array__"):
             raise CaptureError(f"example {label} is a {_type_name(value)}, not a torch.Tensor: convert it "
                                "first (torch.from_numpy(a), or torch.as_tensor(a))")
+    sizes = _leading_sizes(args, kwargs)
+    if sizes and sizes[0] == 0:
+        first = next(t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0)
+        raise CaptureError(f"the example inputs hold an empty batch (the first tensor input has shape "
+                           f"{tuple(first.shape)}): capture and the passes read shapes and values off the "
+                           "example, and a verification on it would compare nothing; give at least one sample")
     if model._forward_pre_hooks:  # a pre-hook may supply or change the arguments forward gets
         return
     try:

@@ -691,6 +691,20 @@ def test_inputs_forward_cannot_take_are_named_with_their_type(model, example, ex
         assert f"{THIS_FILE}\", line {line}, in forward" in text
 
 
+@pytest.mark.parametrize("mode", ["auto", "symbolic", "export"])
+def test_an_empty_example_batch_is_refused_with_why(mode):
+    """A batch of 0 made prune fail with a ZeroDivisionError deep in its analysis, and verifying
+    on it compares nothing."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())
+    with pytest.raises(CaptureError, match=r"empty batch \(the first tensor input has shape \(0, 3, 10, 10\)\).*"
+                                           r"at least one sample"):
+        capture(model, (torch.randn(0, 3, 10, 10),), mode=mode)
+    import fxopt
+
+    with pytest.raises(CaptureError, match="empty batch"):
+        fxopt.optimize(model, (torch.randn(0, 3, 10, 10),), "prune{ratio=0.5}")
+
+
 def test_inputs_that_do_not_bind_to_forward_are_refused_before_tracing():
     with pytest.raises(CaptureError, match=r"do not fit Linear.forward\(input: torch.Tensor\).*missing a "
                                            r"required argument: 'input' \(example_inputs is None"):
