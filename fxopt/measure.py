@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 # Positional args as a tuple, or keyword args as a dict.
-Inputs = Union[tuple[Any, ...], Mapping[str, Any]]
+Inputs = Union[torch.Tensor, tuple[Any, ...], Mapping[str, Any]]
 
 # Integer weight dtypes that PT2E-style quantization stores as plain int8/uint8 constants; wider
 # integer constants (int64 indices, shapes) are not weights and are not counted.
@@ -117,7 +117,8 @@ def measure_latency(
     min_time_s: float = 0.0,
     threads: int | None = None,
 ) -> LatencyStats:
-    """Time ``fn(*inputs)`` (or ``fn(**inputs)`` for a dict) with time.perf_counter.
+    """Time ``fn(*inputs)`` (``fn(**inputs)`` for a dict, ``fn(inputs)`` for a tensor) with
+    time.perf_counter.
 
     Runs `warmup` untimed calls (at least one: it decides the grad mode), then at least `repeats`
     timed calls and, if needed, more until `min_time_s` seconds were spent timing. Runs under
@@ -192,7 +193,9 @@ def _error_text(exc: BaseException) -> str:
 
 
 def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
-    """Multiply-accumulates of one call on example_inputs, counted by FlopCounterMode (flops / 2).
+    """Multiply-accumulates of one call on example_inputs (a tensor, a tuple of positional
+    inputs or a dict of keyword inputs, as `fxopt.optimize` takes), counted by FlopCounterMode
+    (flops / 2).
 
     Counts convolutions (any dim, grouped, transposed), linear, matmul/mm/bmm/addmm/baddbmm and
     scaled_dot_product_attention; elementwise ops, pooling, normalization and quantized kernels
@@ -250,6 +253,10 @@ _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_c
 
 
 def _call(fn: Callable[..., Any], inputs: Inputs) -> Any:
+    """Call `fn` on inputs given as `fxopt.optimize` takes them: a tensor (one positional input,
+    not its rows), a tuple of positional inputs, or a mapping of keyword inputs."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
     return fn(**inputs) if isinstance(inputs, Mapping) else fn(*inputs)
 
 

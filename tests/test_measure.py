@@ -153,6 +153,15 @@ def test_conv_macs(conv, shape, macs):
     assert count_macs(conv, (torch.randn(shape),)) == macs
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_bare_tensor_is_one_input_as_optimize_takes_it(batch):
+    """count_macs(model, x) unpacked x along its batch: a TypeError at batch 2, and at batch 1 the
+    model silently ran on one unbatched sample."""
+    conv, x = nn.Conv2d(3, 8, 3), torch.randn(batch, 3, 8, 8)
+    assert count_macs(conv, x) == count_macs(conv, (x,)) == batch * (8 * 6 * 6) * 3 * 9
+    assert measure_latency(conv, x, repeats=2).median_ms > 0
+
+
 def test_matmul_family_macs_with_kwargs_inputs():
     a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
     assert count_macs(lambda x, y: x @ y, {"x": a, "y": b}) == 2 * 3 * 4 * 5
