@@ -365,12 +365,17 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 return self.free_output(node, view)
             if node.op == "call_module":  # a torch.nn module symbolic capture kept whole (an RNN)
                 module = self.gm.get_submodule(node.target)
-                # export decomposes most such modules into ops with rules; an RNN stays one op there too
-                hint = "" if isinstance(module, torch.nn.RNNBase) else " (mode='export' decomposes it)"
+                # export decomposes most such modules into ops with rules; not these
+                hint = "" if isinstance(module, _NOT_HELPED_BY_EXPORT) else " (mode='export' decomposes it)"
                 raise _Pin(f"no channel rule for {type(module).__name__}{hint}")
             if region:
                 raise _Pin("a region export keeps as one call of a submodule graph (a torch.no_grad() or "
                            "autocast block); fxopt does not prune inside it (mode='symbolic' traces through it)")
+            if _reads_sign_of_zero(node):
+                # the zero-weight model hands it -0.0 after a negation (signbit(-0.0) is True);
+                # the +0.0 a re-expansion would write is another input: the channels stay
+                raise _Pin("reads the sign of zero, which tells a removed channel from a zero one",
+                           hold=tuple(sid for a in inputs if (sid := self.in_slot(a)) is not None))
             raise _Pin("no channel rule for this op")
         kind = view.kind
         if view.module is not None or view.params:
@@ -409,6 +414,8 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
             if isinstance(index, int):
                 if _norm_axis(index, nd) == axis:
                     self.rules[node.name].info.setdefault("counts", {})[user.name] = sid
+            elif _expands_to(user, node):
+                continue  # ``y.expand(x.size())`` is ``y.expand_as(x)``: `rule_expand` ties y to x
             elif not (isinstance(index, slice) and axis not in range(nd)[index]):
                 raise _Pin("the size of the channel axis is read")
 
@@ -441,21 +448,25 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
     def single_input(self, node, view) -> tuple[torch.fx.Node | None, int | None]:
         src = next((a for a in view.inputs if not _is_number(a)), None)
         sid = self.in_slot(src)
-        if sid is None and isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src) \
-                and _holds_features(src) and _is_parameter(self.gm, src):
-            # a parameter used directly: its last axis that is not a broadcast one (a class token
-            # [1, 1, d] holds d channels, a learned constant [1, c, 1] c), or the one before it
-            # when an op reduces or indexes that one (`split_axes`, as for a reshape: LeViT's
-            # bias table [heads, offsets] read as ``table[:, idx]`` holds heads); a buffer read
-            # by a unary op (``1.0 - mask``) is a constant, free
-            shape = _shape(src)
-            axes = [i for i in reversed(range(len(shape))) if shape[i] > 1] or [len(shape) - 1]
-            pick = self.split_axes.get(src.name, 0)
-            pick = pick if pick < len(axes) else 0  # every axis met a conflict: the last
-            sid = self.slot_on(src, axes[pick])
-            if sid is not None and len(axes) > 1:
-                self.split_origin.setdefault(sid, (src.name, pick, len(axes)))
-        return src, sid
+        return src, self.parameter_slot(src) if sid is None else sid
+
+    def parameter_slot(self, src: Any) -> int | None:
+        """The slot of a parameter used directly (None for anything else): its last axis that is
+        not a broadcast one (a class token [1, 1, d] holds d channels, a learned constant
+        [1, c, 1] c), or the one before it when an op reduces or indexes that one (`split_axes`,
+        as for a reshape: LeViT's bias table [heads, offsets] read as ``table[:, idx]`` holds
+        heads). A buffer read by an op of its own (``1.0 - mask``) is a constant, free."""
+        if not (isinstance(src, torch.fx.Node) and src.op == "get_attr" and _shape(src)
+                and _holds_features(src) and _is_parameter(self.gm, src)):
+            return None
+        shape = _shape(src)
+        axes = [i for i in reversed(range(len(shape))) if shape[i] > 1] or [len(shape) - 1]
+        pick = self.split_axes.get(src.name, 0)
+        pick = pick if pick < len(axes) else 0  # every axis met a conflict: the last
+        sid = self.slot_on(src, axes[pick])
+        if sid is not None and len(axes) > 1:
+            self.split_origin.setdefault(sid, (src.name, pick, len(axes)))
+        return sid
 
     def named_args(self, node: torch.fx.Node) -> dict[str, Any]:
         """A call's arguments under the op table's canonical names (tensors included)."""
@@ -555,6 +566,24 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                     stack.append(x)
         return ChannelGraph(self.graph, self.slots, self.rules, self.value_slot, cls, n_classes, precedence,
                             self.pinned_nodes, pinned, out_cls, self.module_names)
+
+
+#: Modules export lowers to ops that have no channel rule either (im2col, a pooling over channels).
+_NOT_HELPED_BY_EXPORT = (torch.nn.RNNBase, torch.nn.Unfold, torch.nn.Fold, torch.nn.LocalResponseNorm,
+                         torch.nn.CrossMapLRN2d)
+
+
+def _expands_to(user: torch.fx.Node, size: torch.fx.Node) -> bool:
+    """Whether `user` is ``y.expand(size)`` with `size` the whole size of a value."""
+    return user.op == "call_method" and user.target == "expand" and list(user.args[1:]) == [size] \
+        and not user.kwargs
+
+
+def _reads_sign_of_zero(node: torch.fx.Node) -> bool:
+    """An op whose result differs between +0.0 and -0.0 inputs."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.split(".")[0] in ("signbit", "copysign", "copysign_", "atan2", "arctan2")
 
 
 def _constant_values(gm: torch.fx.GraphModule) -> set[str]:

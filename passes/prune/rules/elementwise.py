@@ -175,6 +175,10 @@ class ElementwiseRules:
         tensor_inputs = [a for a in view.inputs if not _is_number(a)]
         slotted = [(a, self.in_slot(a)) for a in tensor_inputs if self.in_slot(a) is not None]
         if not slotted:
+            # parameters alone (ACON's ``p1 - p2``, ``p * 2.0``): a parameter's slot, so the
+            # result is sliced with the channels it later scales, as a parameter read alone is
+            slotted = [(a, sid) for a in tensor_inputs if (sid := self.parameter_slot(a)) is not None][:1]
+        if not slotted:
             return None, []
         # the output follows a value computed from the input first: a constant operand (a
         # rotary table) may be the one that broadcasts over its channels

@@ -6,10 +6,22 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxopt.ir import ParamRef, attribute_use_counts, is_shared, transposed_parameter
+from fxopt.ir import ParamRef, attribute_use_counts, is_shared, op_view, transposed_parameter
 
 from ..channel_model import WEIGHT_LAYOUTS, Rule, _Pin, param_arg, producer_weights
 from ..node_facts import _COMPUTED, _module_name, _shape
+
+
+def _computed_weight(gm: torch.fx.GraphModule, weight) -> str:
+    """Why a layer's weight is computed, where the graph tells: a slice of a parameter whose
+    bounds are computed (a slimmable layer's ``w[:, :x.shape[1]]``), else the usual suspects."""
+    view = op_view(gm, weight) if isinstance(weight, torch.fx.Node) and weight.op != "get_attr" else None
+    if view is not None and view.kind in ("getitem", "slice", "narrow") and view.inputs \
+            and view.inputs[0].op == "get_attr" \
+            and any(a is not view.inputs[0] and a.op != "get_attr" for a in weight.all_input_nodes):
+        return (f" (a slice of '{view.inputs[0].target}' with bounds computed in the graph, as a slimmable "
+                "layer's w[:, :x.shape[1]]: mode='export' fixes them at the example's sizes and prunes it)")
+    return _COMPUTED
 
 
 class LayerRules:
@@ -46,15 +58,13 @@ class LayerRules:
         src = view.input
         w = view.param("weight")
         if w is None:
-            raise _Pin("conv weight is not a parameter" + _COMPUTED)
+            raise _Pin("conv weight is not a parameter" + _computed_weight(self.gm, view.attrs.get("weight")))
         if isinstance(view.attrs.get("bias"), torch.fx.Node):
             raise _Pin("conv bias is computed in the graph (not a parameter to slice)")
         transposed = bool(view.attrs.get("transposed"))
         groups = view.attrs.get("groups", 1) or 1
         if not isinstance(groups, int):  # `groups=x.shape[1]` (BlurPool): a count read in the graph
             raise _Pin("conv whose groups are computed in the graph")
-        if transposed and groups > 1:
-            raise _Pin("grouped transposed conv (no rule yet)")
         in_shape = _shape(src)
         cin, cout = in_shape[1], shape[1]
         cig = cin // groups
@@ -62,7 +72,9 @@ class LayerRules:
         if held is not None and self.slots[held].axis != 1:  # channels on a length axis (token mixing)
             raise _Pin("conv over a value whose channels are not on axis 1")
         sid = self.slot_on(src, 1)
-        if not transposed and groups > 1 and cig == 1:  # depthwise (channel multiplier m = cout // cin)
+        # depthwise (channel multiplier m = cout // cin); a transposed one's weight [cin, m, k]
+        # holds channel c in row c only for m = 1
+        if groups > 1 and cig == 1 and (not transposed or cout == cin):
             if sid is None:
                 raise _Pin("depthwise conv input has no channel axis to follow")
             m = cout // cin
@@ -71,6 +83,8 @@ class LayerRules:
             self.passthrough(node, view, src, 1, in_pos, out_pos, how=f"depthwise x{m}", category="norm",
                              info={"depthwise": True, "multiplier": m}, sid=sid)
             return
+        if transposed and groups > 1:  # its weight [cin, cout / groups, *k] has no per-output rows
+            raise _Pin("grouped transposed conv (no rule yet; a depthwise one prunes)")
         out = self.new_slot(node, 1, "producer")
         rule = Rule(node.name, "conv_transpose" if transposed else "conv", "producer", outputs=[out],
                     info={"groups": groups})
@@ -95,7 +109,7 @@ class LayerRules:
             if isinstance(weight, torch.fx.Node) and transposed_parameter(self.gm, weight) is not None:
                 raise _Pin("linear weight is a transposed parameter (F.linear(x, W.t())): write it x @ W, "
                            "which prunes as a layer")
-            raise _Pin("linear weight is not a parameter" + _COMPUTED)
+            raise _Pin("linear weight is not a parameter" + _computed_weight(self.gm, weight))
         if isinstance(view.attrs.get("bias"), torch.fx.Node):  # Swin-V2's cat(q_bias, 0, v_bias)
             raise _Pin("linear bias is computed in the graph (not a parameter to slice)")
         self._dense_producer(node, view, shape, view.input)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+
+from fxopt.ir import size_read
 
 from ..channel_model import _Pin
 from ..node_facts import _digit_map, _norm_axis, _prefix_hits, _shape, _size_entries
@@ -34,11 +37,33 @@ class ShapeRules:
         self.passthrough(node, view, src, axis, in_pos, out_pos, how=f"blocks of {block}")
 
     def rule_expand(self, node, view, shape) -> None:
+        query = size_read(view.attrs["size"]) if isinstance(view.attrs.get("size"), torch.fx.Node) else None
+        if query is not None and query[1] is None:
+            # ``y.expand(x.size())`` (AdaIN's statistics): x's run-time shape, so y's channels are x's
+            return self._expand_to(node, view, shape, query[0])
         src, sid = self.single_input(node, view)
         if sid is None:
             return self.free_output(node, view)
         axis = self.slots[sid].axis + len(shape) - len(_shape(src))
         self.passthrough(node, view, src, axis, info={"size_index": axis})
+
+    def _expand_to(self, node, view, shape, target) -> None:
+        """``y.expand(x.size())``: the output has x's shape, as with ``y.expand_as(x)``."""
+        src, sid = self.single_input(node, view)
+        tid = self.in_slot(target)
+        if tid is None:
+            if sid is not None:
+                raise _Pin("expand to the size of a value without channels")
+            return self.free_output(node, view)
+        axis = self.slots[tid].axis
+        if sid is None or len(_shape(src)) != len(shape):
+            raise _Pin("expand to another value's size where fxopt cannot tie the channels")
+        if self.slots[sid].axis != axis or _shape(src)[axis] != shape[axis]:
+            raise _Pin(f"input {src.name} carries channels on another axis than the output's")
+        out = self.passthrough(node, view, src, axis, sid=sid)
+        pos = np.arange(shape[axis])
+        self.link(tid, out, pos, pos, view.kind, "shape")
+        self.rules[node.name].inputs.append((target.name, tid, pos, pos, out))
 
     def rule_expand_as(self, node, view, shape) -> None:
         """``y.expand_as(x)`` (a squeeze-and-excitation gate spread over x): the output has x's

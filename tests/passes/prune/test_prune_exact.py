@@ -1007,7 +1007,7 @@ def test_grouped_transposed_conv_is_pinned_by_name():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2),
                           nn.ReLU(), nn.Conv2d(8, 4, 1))
     plan = analyze(model, torch.randn(2, 3, 8, 8), ratio=0.5)
-    assert plan.channel_graph.pinned_nodes == {"_1": "grouped transposed conv (no rule yet)"}
+    assert plan.channel_graph.pinned_nodes == {"_1": "grouped transposed conv (no rule yet; a depthwise one prunes)"}
     assert plan.apply()(torch.randn(2, 3, 8, 8)).shape == (2, 4, 16, 16)
 
 
@@ -1984,3 +1984,116 @@ def test_interleaved_rotary_over_heads_prunes_whole_heads_and_keeps_its_table(mo
     assert shapes["qkv.weight"][0] < 96 and shapes["qkv.weight"][0] % 3 == 0, shapes
     table = [s for n, s in shapes.items() if n.startswith("positions")]
     assert table == [(6, 8)] or not table, shapes  # kept whole (symbolic capture may fold it away)
+
+
+class SignOfZero(nn.Module):
+    """``signbit(-h)``: a removed channel of the zero-weight model reaches it as -0.0 (True),
+    where a re-expansion in front of it would write +0.0 (False). Its channels stay; the other
+    branch still prunes."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.c3, self.c4 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(torch.signbit(-self.c1(x)).float()) + self.c4(torch.relu(self.c3(x)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_op_reading_the_sign_of_zero_keeps_its_channels(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(SignOfZero().eval(), torch.randn(2, 3, 6, 6), mode, 0.5)
+    assert any("sign of zero" in why for why in r.plan.channel_graph.pinned_nodes.values())
+    torch.testing.assert_close(r.out, r.masked, rtol=0, atol=1e-5)
+    shapes = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
+    assert shapes["c1.weight"][0] == 8 and shapes["c3.weight"][0] < 8, shapes
+
+
+class ComputedChannelScale(nn.Module):
+    """ACON-C / Meta-ACON: a per-channel factor computed from parameters alone (``p1 - p2``,
+    ``p * 2.0``) scales a conv's output. The op of parameters alone had no slot, so the scale
+    read as a free value and silently held the conv's channels (0.577 of the MACs kept, no
+    pin listed); it is now sliced with them, as a parameter read alone is."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.p1, self.p2 = nn.Parameter(torch.randn(1, 16, 1, 1)), nn.Parameter(torch.randn(16, 1, 1))
+
+    def forward(self, x):
+        h = (self.p1 - self.p2) * self.c1(x)
+        h = self.c2(torch.relu(h)) * (self.p2 * 2.0)
+        return self.c3(torch.relu(h))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_channel_scale_computed_from_parameters_is_sliced_with_its_channels(mode):
+    r = _exact_at_the_defaults_without_pins(ComputedChannelScale, torch.randn(2, 3, 8, 8), mode)
+    shapes = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
+    assert shapes["c1.weight"][0] < 16 and shapes["c2.weight"][0] < 16, shapes
+    assert shapes["p1"][1] == shapes["c1.weight"][0], shapes
+
+
+class ExpandToSize(nn.Module):
+    """AdaIN writes its statistics ``m.expand(h.size())`` (and ``h.shape``): the whole size read
+    pinned the stream in symbolic graphs ("the size of the channel axis is read"; 0.577 of
+    the MACs kept, 0.294 exported). It is ``m.expand_as(h)``: m's channels are h's."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        m, s = h.mean((2, 3), keepdim=True), h.std((2, 3), keepdim=True) + 1.0
+        h = (h - m.expand(h.size())) / s.expand(h.shape)
+        return self.c3(torch.relu(self.c2(h)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_expand_to_another_values_size_ties_the_channels(mode):
+    r = _exact_at_the_defaults_without_pins(ExpandToSize, torch.randn(2, 3, 8, 8), mode)
+    assert dict(r.pruned.named_parameters())["c1.weight"].shape[0] < 16
+    with torch.no_grad():
+        assert r.pruned(torch.randn(3, 3, 8, 8)).shape == (3, 4, 8, 8)
+
+
+class _SlimConv(nn.Conv2d):
+    """A slimmable layer: its weight's input columns cut to the input's width at run time."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight[:, : x.shape[1]], self.bias, self.stride, self.padding)
+
+
+def test_a_slimmable_layer_is_pinned_with_the_front_end_that_prunes_it():
+    """Symbolic capture keeps ``w[:, :x.shape[1]]`` computed; the reason said "weight_norm?",
+    where export (which fixes the slice at the example's width) prunes the layer."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _SlimConv(24, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    plan = analyze(model, (x,), mode="symbolic", ratio=0.5)
+    (why,) = [r for r in plan.channel_graph.pinned_nodes.values() if "not a parameter" in r]
+    assert "a slice of '2.weight'" in why and "mode='export'" in why and "weight_norm" not in why
+    r = prune_and_mask(model, x, "export", 0.5)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert dict(r.pruned.named_parameters())["2.bias"].shape[0] < 32
+
+
+def _depthwise_upsampler():
+    """A decoder upsampling each channel with its own kernel: a depthwise transposed conv
+    (weight [c, 1, k, k], row c for channel c), pinned as a grouped transposed conv before."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 32, 2, 2, groups=32),
+                          nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 3, 1)).eval()
+    model[3].running_mean.uniform_(-1, 1)
+    model[3].running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_depthwise_transposed_conv_prunes_with_its_channels(mode):
+    r = _exact_at_the_defaults_without_pins(_depthwise_upsampler, torch.randn(2, 3, 8, 8), mode)
+    shapes = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
+    assert shapes["2.weight"][0] == shapes["0.weight"][0] < 32 and shapes["2.weight"][1] == 1, shapes
+    with torch.no_grad():
+        assert r.pruned(torch.randn(3, 3, 8, 8)).shape == (3, 3, 8, 8)
