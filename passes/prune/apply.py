@@ -440,7 +440,7 @@ class _Applier:
             want = self.alive(sid)
             self.adapt(node, src, sid, want)
             in_keep = want
-        new_w = w.index_select(pw.out_axis, out_keep)
+        new_w = w.index_select(pw.out_axis, torch.as_tensor(pw.out_index(out_keep.numpy()), dtype=torch.long))
         if in_keep is not None and pw.in_axis is not None:
             n_in = w.shape[pw.in_axis]
             cols = in_keep[in_keep < n_in] if rule.kind == "conv" else in_keep
@@ -460,7 +460,7 @@ class _Applier:
             m.out_channels = len(out_keep)
             m.in_channels = new_w.shape[1] * m.groups
         elif rule.kind == "conv_transpose":
-            m.in_channels, m.out_channels = new_w.shape[0], new_w.shape[1]
+            m.in_channels, m.out_channels = new_w.shape[0], new_w.shape[1] * pw.groups
         else:
             m.out_features, m.in_features = new_w.shape[pw.out_axis], new_w.shape[pw.in_axis]
 
@@ -708,16 +708,17 @@ def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -
             continue
         if rule.category == "param":
             ref = ref_for_get_attr(gm, node)
-            refs = [(ref, cg.slots[sid].axis)]
+            refs = [(ref, cg.slots[sid].axis, idx)]
         elif rule.category == "producer":
             pw = producer_weights(gm, node, rule)
-            refs = [(pw.weight, pw.out_axis)] + ([(pw.bias, 0)] if pw.bias is not None else [])
+            rows = torch.as_tensor(pw.out_index(idx.numpy()), dtype=torch.long)
+            refs = [(pw.weight, pw.out_axis, rows)] + ([(pw.bias, 0, idx)] if pw.bias is not None else [])
         else:
             view = op_view(gm, node)
-            refs = [(view.params[k], 0) for k in ("weight", "bias") if k in view.params]
-        for ref, axis in refs:
+            refs = [(view.params[k], 0, idx) for k in ("weight", "bias") if k in view.params]
+        for ref, axis, index in refs:
             if ref.get() is None:
                 continue
             t = ref.get().detach().clone()
-            t.index_fill_(axis, idx, 0.0)
+            t.index_fill_(axis, index, 0.0)
             ref.set(t)

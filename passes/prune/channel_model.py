@@ -63,12 +63,28 @@ WEIGHT_LAYOUTS = {
 
 @dataclass(frozen=True)
 class ProducerWeights:
-    """A producer's parameter handles (`ParamRef`) with its `WeightLayout` axes."""
+    """A producer's parameter handles (`ParamRef`) with its `WeightLayout` axes. `groups`: a
+    grouped transposed conv's weight [cin, cout / groups, *k] holds output channel o in entry
+    o % (cout / groups) of its out axis, for the rows of o's group only."""
 
     weight: ParamRef
     bias: ParamRef | None
     out_axis: int
     in_axis: int | None
+    groups: int = 1
+
+    def out_index(self, channels: np.ndarray) -> np.ndarray:
+        """The out-axis entries of output `channels` (the same numbers unless grouped transposed;
+        there every group keeps the same positions, see `rule_conv`)."""
+        if self.groups == 1:
+            return channels
+        return np.unique(channels % self.weight.get().shape[self.out_axis])
+
+    def rows(self, w: torch.Tensor) -> torch.Tensor:
+        """`w` with one row per output channel on axis 0 (what importance scores)."""
+        if self.groups == 1:
+            return w.movedim(self.out_axis, 0)
+        return w.unflatten(0, (self.groups, -1)).movedim(2, 1).flatten(0, 1)  # [g, cig, cog, k] -> [cout, cig, k]
 
 
 def param_arg(gm: torch.fx.GraphModule, view, name: str) -> ParamRef | None:
@@ -90,7 +106,8 @@ def producer_weights(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: "Rule"
     layout = WEIGHT_LAYOUTS[rule.kind]
     view = op_view(gm, node)
     bias = param_arg(gm, view, layout.bias) if layout.bias else None
-    return ProducerWeights(param_arg(gm, view, layout.weight), bias, layout.out_axis, layout.in_axis)
+    groups = rule.info.get("groups", 1) if rule.kind == "conv_transpose" else 1
+    return ProducerWeights(param_arg(gm, view, layout.weight), bias, layout.out_axis, layout.in_axis, groups)
 
 
 @dataclass

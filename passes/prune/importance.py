@@ -119,7 +119,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             sid = rule.outputs[0]
             pw = producer_weights(gm, node, rule)
             w = pw.weight.get()
-            scores = _row_norm(w, pw.out_axis, p)
+            scores = _row_norm(pw.rows(w), 0, p)
             b = pw.bias.get() if pw.bias is not None else None
             if b is not None:
                 scores = scores + (b.detach().double().abs().numpy() if p == 1 else b.detach().double().pow(2).numpy())
@@ -140,7 +140,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             elif rule.kind == "conv_transpose":  # each input position scatters a kernel window per output channel
                 x_shape = _shape(view.input)
                 spatial, k = math.prod(x_shape) // x_shape[1], math.prod(w.shape[2:])
-                np.add.at(macs, cg.positions(sid), spatial * w.shape[0] * k)
+                np.add.at(macs, cg.positions(sid), spatial * (w.shape[0] // pw.groups) * k)
                 for _, src_sid in rule.consumed:
                     np.add.at(macs, cg.positions(src_sid), spatial * w.shape[1] * k)
             elif pw.in_axis is not None:  # linear, addmm, x @ W: one dot product per row and output

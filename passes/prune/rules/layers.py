@@ -83,8 +83,6 @@ class LayerRules:
             self.passthrough(node, view, src, 1, in_pos, out_pos, how=f"depthwise x{m}", category="norm",
                              info={"depthwise": True, "multiplier": m}, sid=sid)
             return
-        if transposed and groups > 1:  # its weight [cin, cout / groups, *k] has no per-output rows
-            raise _Pin("grouped transposed conv (no rule yet; a depthwise one prunes)")
         out = self.new_slot(node, 1, "producer")
         rule = Rule(node.name, "conv_transpose" if transposed else "conv", "producer", outputs=[out],
                     info={"groups": groups})

@@ -1003,12 +1003,23 @@ def test_transposed_convs_shrink_along_their_in_out_layout():
     assert pruned(x).shape == (x.shape[0], 2, *x.shape[2:])
 
 
-def test_grouped_transposed_conv_is_pinned_by_name():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2),
-                          nn.ReLU(), nn.Conv2d(8, 4, 1))
-    plan = analyze(model, torch.randn(2, 3, 8, 8), ratio=0.5)
-    assert plan.channel_graph.pinned_nodes == {"_1": "grouped transposed conv (no rule yet; a depthwise one prunes)"}
-    assert plan.apply()(torch.randn(2, 3, 8, 8)).shape == (2, 4, 16, 16)
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_grouped_transposed_conv_keeps_equal_groups_along_its_in_out_layout(mode):
+    """Weight [cin, cout / groups, k, k]: output channel o is entry o % (cout / groups) of the
+    rows of its group. It was pinned ("no rule yet"); every group now keeps the same positions
+    of its inputs and outputs, as a grouped conv does."""
+    def build():
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, 24, 2, 2, groups=4),
+                              nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 3, 1))
+        model[3].running_mean.uniform_(-1, 1)
+        return model
+
+    r = _exact_at_the_defaults_without_pins(build, torch.randn(2, 3, 8, 8), mode)
+    up = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
+    cin, cog = up["2.weight"][:2]
+    assert cin < 32 and cin % 4 == 0 and cog < 6 and up["2.bias"] == (4 * cog,), up
+    with torch.no_grad():
+        assert r.pruned(torch.randn(3, 3, 8, 8)).shape == (3, 3, 8, 8)
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
