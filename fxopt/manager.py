@@ -23,8 +23,10 @@ and a bisect limit (run only the first N passes) to find the pass that breaks a 
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence, TextIO
 
@@ -35,7 +37,9 @@ from torch.overrides import TorchFunctionMode
 from .analysis import AnalysisManager
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
-from .errors import PassError
+from .errors import PassError, PassWarning
+from .capture import META_KEY
+from .ir.interpret import fresh_inputs
 from .ir.rewrite import clone_sharing_tensors, tensor_versions
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pass, format_pipeline, parse_pipeline
@@ -187,8 +191,10 @@ class VerifyEach(Instrument):
     """After each pass: lint the graph and compare with the original module numerically.
 
     The check uses the loosest tolerance of the passes run so far (an exact pass after an
-    int8 one is held to the int8 floor). A failure raises, naming the pass and the first
-    diverging node, so a pipeline stops at the pass that broke the model.
+    int8 one is held to the int8 floor). After a lossy pass (`prune`), whose output nothing
+    bounds, each later pass is compared with that output instead, at the loosest tolerance
+    of the passes since. A failure raises, naming the pass and the first diverging node, so a
+    pipeline stops at the pass that broke the model.
     `fxopt.optimize(..., verify_each=True)` adds one.
 
         >>> import torch, fxopt
@@ -204,13 +210,16 @@ class VerifyEach(Instrument):
         self.reference = reference
         self.inputs = inputs
         self.kwargs = kwargs or {}
-        self._tolerances: list[Tolerance] = []
+        self._tolerances: list[Tolerance] = []  # of the passes since the reference was made
 
     def after_pass(self, p, before, result, record, ctx):
-        self._tolerances.append(pass_tolerance(p))
+        tolerance = pass_tolerance(p)
+        self._tolerances.append(tolerance)
         result.module.graph.lint()
         report = verify(self.reference, result.module, (self.inputs if not self.kwargs else self.kwargs),
                         tolerance=loosest(*self._tolerances))
+        if not tolerance.checks_values:  # the next passes answer to this output, not to the original
+            self.reference, self._tolerances = result.module, []
         record.verification = report
         if not report.passed:
             raise PassError(record.pipeline_text, f"verification failed after the pass: {report.summary()}")
@@ -267,8 +276,11 @@ class PassManager:
     ) -> PipelineResult:
         """Run the pipeline on a private copy of `gm`; `gm` itself is left as it was."""
         current = clone_sharing_tensors(gm)
+        # the passes get copies of the example inputs: one that writes into them changes
+        # neither the caller's tensors nor what verification runs on
+        example_inputs, example_kwargs = fresh_inputs(tuple(example_inputs), example_kwargs)
         am = AnalysisManager(current, example_inputs, example_kwargs)
-        ctx = PassContext(am, tuple(example_inputs), dict(example_kwargs or {}), calibration,
+        ctx = PassContext(am, example_inputs, example_kwargs, calibration,
                           reference if reference is not None else gm, verbose)
         records: list[PassRecord] = []
         for inst in self.instruments:
@@ -285,25 +297,36 @@ class PassManager:
         return PipelineResult(current, records, self.pipeline_text)
 
     def _run_one(self, p, index, current, am, ctx, record, records):
-        for inst in self.instruments:
-            inst.before_pass(p, current, index)
-        working = clone_sharing_tensors(current)
-        am.rebind(working)
-        versions = tensor_versions(current)
         start = time.perf_counter()
         try:
+            for inst in self.instruments:
+                _call_instrument(inst, "before_pass", p, current, index)
+            working = clone_sharing_tensors(current)
+            am.rebind(working)
+            untouched = _Untouched(current, ctx.reference)
+            signature = _graph_signature(working)
             with SharedWriteGuard(current):
                 result = p.run(working, ctx)
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
-            _check_no_inplace_writes(current, versions)
+            if not isinstance(result.module, torch.fx.GraphModule):
+                raise TypeError(f"run() returned a PassResult holding a {type(result.module).__name__}, "
+                                "expected a torch.fx.GraphModule")
+            untouched.check(current, ctx.reference)
+            if not result.modified and _graph_signature(result.module) != signature:
+                # the stale generated code would be what runs and what is verified
+                warnings.warn(f"pass '{p.name}' changed the graph but returned modified=False; "
+                              "treated as modified", PassWarning, stacklevel=2)
+                result = PassResult(result.module, True, result.stats)
             if result.modified:
+                result.module.graph.lint()  # a malformed graph is this pass's fault, not the next one's
                 result.module.recompile()
+            _keep_capture_meta(current, result.module)
             record.seconds = time.perf_counter() - start
             record.modified, record.stats = result.modified, _plain(dict(result.stats))
             record.nodes_after = _count(result.module)
             for inst in self.instruments:
-                inst.after_pass(p, current, result, record, ctx)
+                _call_instrument(inst, "after_pass", p, current, result, record, ctx)
         except PassError as exc:
             am.rebind(current)
             am.invalidate()
@@ -355,11 +378,15 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
                               "__ilshift__", "__irshift__"})
 
 
+#: Methods named like in-place ops that change a flag, not the data.
+_FLAG_ONLY = frozenset({"requires_grad_"})
+
+
 def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     """The tensors a torch function call writes into: `out=` and the target of an in-place op."""
     name = getattr(func, "__name__", "")
     out = kwargs.get("out")
-    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_") and name not in _FLAG_ONLY)
     if out is None and not inplace:  # most calls: nothing to check (this runs on every torch call)
         return []
     written = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
@@ -377,14 +404,73 @@ def _storage_key(t: torch.Tensor) -> int | None:
     return ptr or None
 
 
-def _check_no_inplace_writes(module: torch.nn.Module, versions: dict[int, tuple[str, int]]) -> None:
-    for t in list(module.parameters()) + list(module.buffers()):
-        seen = versions.get(id(t))
-        if seen is not None and t._version != seen[1]:
-            raise RuntimeError(
-                f"the pass wrote into tensor '{seen[0]}' in place; passes must replace tensors "
-                "(ParamRef.set) so the input module stays intact"
-            )
+class _Untouched:
+    """What a pass must leave as it found it: its input's tensors (version counters, and the
+    contents of float tensors, which a write through ``.numpy()`` or ``.data_ptr()`` changes
+    without a version bump) and the graph of the verification reference (`ctx.reference`), which
+    shares those tensors. A change is detected after the fact: the pipeline stops, naming it."""
+
+    def __init__(self, module: torch.nn.Module, reference: torch.fx.GraphModule | None) -> None:
+        self.versions = tensor_versions(module)
+        self.contents = {id(t): (name, _content(t)) for name, t in _named_tensors(module) if _content(t) is not None}
+        self.reference = _graph_signature(reference) if isinstance(reference, torch.fx.GraphModule) else None
+
+    def check(self, module: torch.nn.Module, reference: torch.fx.GraphModule | None) -> None:
+        for name, t in _named_tensors(module):
+            seen = self.versions.get(id(t))
+            if seen is not None and t._version != seen[1]:
+                raise RuntimeError(f"the pass wrote into tensor '{seen[0]}' in place; passes must replace "
+                                   "tensors (ParamRef.set) so the input module stays intact")
+            before = self.contents.get(id(t))
+            if before is not None and not _same_content(before[1], _content(t)):
+                raise RuntimeError(f"the pass changed the contents of tensor '{before[0]}' without torch seeing a "
+                                   "write (through .numpy() or .data_ptr()?): its input module and the "
+                                   "verification reference changed with it; passes must replace tensors "
+                                   "(ParamRef.set)")
+        if self.reference is not None and _graph_signature(reference) != self.reference:
+            raise RuntimeError("the pass changed the graph of ctx.reference, the module results are verified "
+                               "against; passes must leave it as it is")
+
+
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(name, t) for name, t in list(module.named_parameters(remove_duplicate=False))
+            + list(module.named_buffers(remove_duplicate=False)) if t is not None]
+
+
+def _content(t: torch.Tensor) -> tuple[float, float] | None:
+    """(sum, sum of |values|) in float64 of a plain float tensor; None for other tensors."""
+    if not t.is_floating_point() or t.is_quantized or t.device.type == "meta" or t.is_inference():
+        return None
+    with torch.no_grad():
+        return float(t.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(t, 1, dtype=torch.float64))
+
+
+def _same_content(a: tuple[float, float], b: tuple[float, float] | None) -> bool:
+    # a reduction's order may differ with the thread count: equal to 1e-9, NaN equal to NaN
+    return b is not None and all(x == y or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) or (x != x and y != y)
+                                 for x, y in zip(a, b))
+
+
+def _graph_signature(gm: torch.fx.GraphModule) -> int:
+    """A hash of a graph's nodes (op, target, arguments): equal for an unchanged graph."""
+    return hash(tuple((n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes))
+
+
+def _keep_capture_meta(before: torch.fx.GraphModule, after: torch.fx.GraphModule) -> None:
+    """A pass that builds a new GraphModule keeps what capture recorded (front end, batch)."""
+    if META_KEY in before.meta and META_KEY not in after.meta:
+        after.meta[META_KEY] = dict(before.meta[META_KEY])
+
+
+def _call_instrument(inst: Instrument, hook: str, *args) -> None:
+    """An instrument's hook; its own failure names it (a `PassError` it raises, such as
+    `VerifyEach`'s verdict, is about the pass and passes through)."""
+    try:
+        getattr(inst, hook)(*args)
+    except PassError:
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"instrument {type(inst).__name__}.{hook} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _count(gm: torch.fx.GraphModule) -> int:

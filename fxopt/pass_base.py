@@ -145,8 +145,11 @@ class Pass:
         values = {}
         for key, raw in options.items():
             if key not in fields:
+                # options are dataclass fields: a subclass without @dataclass has only its base's
+                hint = "" if "__dataclass_fields__" in cls.__dict__ else (
+                    f" ({cls.__name__} is not a @dataclasses.dataclass, so its attributes are no options)")
                 raise PipelineError(
-                    f"pass '{cls.name}' has no option '{key}'" + did_you_mean(key, fields)
+                    f"pass '{cls.name}' has no option '{key}'" + did_you_mean(key, fields) + hint
                 )
             try:
                 values[key] = coerce_option(raw, hints[key])

@@ -1,6 +1,7 @@
 """Analysis base class and the caching manager."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -56,25 +57,48 @@ class AnalysisManager:
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
         self.example_kwargs = dict(example_kwargs or {})
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[tuple[str, tuple], Any] = {}  # (name, options) -> result
         self.computed: list[str] = []  # every computation, for tests and --time-passes output
 
     def get(self, analysis: type[T] | Any) -> Any:
-        """The (cached) result of `analysis` (a class, or an instance with options) on `self.gm`."""
+        """The (cached) result of `analysis` (a class, or an instance with options) on `self.gm`.
+
+        Results are cached per name and options: a dataclass analysis with other field values
+        is another result; an analysis without a `name` goes by its class name."""
         instance = analysis() if isinstance(analysis, type) else analysis
-        key = instance.name
+        key = (_analysis_name(instance), _options(instance))
         if key not in self._cache:
             self._cache[key] = instance.run(self.gm, self)
-            self.computed.append(key)
+            self.computed.append(key[0] + (f"{{{','.join(f'{k}={v!r}' for k, v in key[1])}}}" if key[1] else ""))
         return self._cache[key]
 
     def cached(self, name: str) -> bool:
-        return name in self._cache
+        """Whether a result of the analysis called `name` (with any options) is cached."""
+        return any(key[0] == name for key in self._cache)
 
     def invalidate(self, preserved: frozenset[str] | set[str] = frozenset()) -> None:
-        """Drop every cached result not in `preserved`."""
-        self._cache = {k: v for k, v in self._cache.items() if k in preserved}
+        """Drop every cached result whose analysis name is not in `preserved`."""
+        self._cache = {k: v for k, v in self._cache.items() if k[0] in preserved}
 
     def rebind(self, gm: torch.fx.GraphModule) -> None:
         """Point at a new module object (a pass returned a different one); keep valid results."""
         self.gm = gm
+
+
+def _analysis_name(instance: Analysis) -> str:
+    return instance.name or type(instance).__qualname__
+
+
+def _options(instance: Analysis) -> tuple:
+    """A dataclass analysis's field values, as a hashable key (repr for unhashable values)."""
+    if not dataclasses.is_dataclass(instance):
+        return ()
+    values = []
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        try:
+            hash(value)
+        except TypeError:
+            value = repr(value)
+        values.append((f.name, value))
+    return tuple(values)

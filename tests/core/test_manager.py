@@ -470,7 +470,7 @@ def test_passes_after_a_lossy_one_are_held_to_their_own_tolerance():
     with pytest.warns(fxopt.VerificationWarning, match="verification failed: FAIL .*the passes after 'prune'"):
         res = fxopt.optimize(model, x, ["prune{ratio=0.5}", ScaleFirstWeight()])  # an 'exact' pass
     assert not res.verification.passed
-    assert "the passes after 'prune' fail against its output" in res.verification.message
+    assert "the passes after 'prune' (test-scale-weight) fail against its output" in res.verification.message
     assert res.verification.tolerance.name == "lossy"
     stage = res.verification.stage  # the failed comparison itself, at the exact pass's tolerance
     assert stage is not None and not stage.passed and stage.tolerance.name == "exact"
@@ -488,3 +488,200 @@ def test_pass_stats_come_back_as_plain_python_values():
     assert stats == {"cut": 1.5, "nested": {"n": 3}, "pairs": [(1, "a")]}
     assert type(stats["cut"]) is float and type(stats["nested"]["n"]) is int
     json.dumps(stats)
+
+
+# ----- passes that break the contract behind torch's back ----------------------------------------
+
+def _run_pass(p, gm=None):
+    return PassManager([p]).run(gm if gm is not None else _captured(), _inputs())
+
+
+@dataclasses.dataclass
+class _NumpyWriter(Pass):
+    """Magnitude pruning through numpy: the write bumps no version counter."""
+
+    name = "test-numpy-writer"
+
+    def run(self, gm, ctx):
+        weight = next(gm.parameters()).detach().numpy()
+        weight[abs(weight) < 0.1] = 0.0
+        return PassResult(gm, modified=False)
+
+
+def test_a_write_through_numpy_is_caught_naming_the_tensor():
+    with pytest.raises(PassError, match=r"test-numpy-writer.*changed the contents of tensor 'conv.weight' without "
+                                        r"torch seeing a write"):
+        _run_pass(_NumpyWriter())
+
+
+@dataclasses.dataclass
+class _SilentEditor(Pass):
+    """Drops the relu, then says it changed nothing."""
+
+    name = "test-silent-editor"
+
+    def run(self, gm, ctx):
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target is torch.relu:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        return PassResult(gm, modified=False)
+
+
+def test_a_graph_changed_under_modified_false_is_recompiled_and_warned_about():
+    gm = _captured()
+    with pytest.warns(fxopt.PassWarning, match="test-silent-editor' changed the graph but returned modified=False"):
+        result = _run_pass(_SilentEditor(), gm)
+    assert result.records[0].modified
+    x = _inputs()[0]
+    without_relu = gm.fc(gm.conv(x).mean(dim=(2, 3)))  # what the edited graph computes
+    torch.testing.assert_close(result.module(x), without_relu)
+
+
+@dataclasses.dataclass
+class _InputAndReferenceEditor(Pass):
+    name = "test-input-editor"
+    edit_reference: bool = False
+
+    def run(self, gm, ctx):
+        ctx.example_inputs[0].mul_(0.0)  # normalizing the inputs in place
+        if self.edit_reference:
+            node = next(n for n in ctx.reference.graph.nodes if n.op == "call_function" and n.target is torch.relu)
+            node.replace_all_uses_with(node.args[0])
+            ctx.reference.graph.erase_node(node)
+        return PassResult(gm, modified=False)
+
+
+def test_a_pass_writing_into_its_example_inputs_leaves_the_callers_alone():
+    gm, (x,) = _captured(), _inputs()
+    before = x.clone()
+    PassManager([_InputAndReferenceEditor()]).run(gm, (x,))
+    assert torch.equal(x, before)
+
+
+def test_a_pass_editing_the_verification_reference_is_stopped():
+    with pytest.raises(PassError, match="changed the graph of ctx.reference"):
+        _run_pass(_InputAndReferenceEditor(edit_reference=True))
+
+
+@dataclasses.dataclass
+class _Misbehaving(Pass):
+    name = "test-misbehaving"
+    how: str = "lint"
+
+    def run(self, gm, ctx):
+        if self.how == "lint":  # a use before its definition
+            nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
+            nodes[-1].append(nodes[0])
+            return PassResult(gm, modified=True)
+        if self.how == "eager":
+            return PassResult(nn.Identity(), modified=True)
+        new = torch.fx.GraphModule(gm, gm.graph)  # rebuilt: capture's meta not copied
+        return PassResult(new, modified=True)
+
+
+def test_a_malformed_graph_is_the_pass_that_made_it_at_fault():
+    with pytest.raises(PassError, match=r"test-misbehaving.*used before it has been defined") as err:
+        _run_pass(_Misbehaving("lint"))
+    assert isinstance(err.value.last_good_module, torch.fx.GraphModule)
+
+
+def test_a_pass_returning_no_graph_module_is_named():
+    with pytest.raises(PassError, match=r"test-misbehaving.*holding a Identity, expected a torch.fx.GraphModule"):
+        _run_pass(_Misbehaving("eager"))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_rebuilt_graph_module_keeps_what_capture_recorded(mode):
+    result = _run_pass(_Misbehaving("rebuild"), _captured(mode))
+    assert fxopt.frontend_of(result.module) == mode
+    assert result.module.meta["fxopt"]["dynamic_batch"]
+
+
+class _BrokenInstrument(fxopt.Instrument):
+    def after_pass(self, p, before, result, record, ctx):
+        raise KeyError("missing")
+
+
+def test_an_instruments_own_failure_names_the_instrument():
+    with pytest.raises(PassError, match=r"instrument _BrokenInstrument.after_pass raised KeyError"):
+        PassManager("dce", instruments=[_BrokenInstrument()]).run(_captured(), _inputs())
+
+
+class _NoDataclass(Pass):
+    name = "test-no-dataclass"
+    k: int = 1
+
+    def run(self, gm, ctx):
+        return PassResult(gm, modified=False)
+
+
+def test_an_option_of_a_pass_without_dataclass_says_why_it_is_none():
+    with pytest.raises(fxopt.PipelineError, match=r"no option 'k'.*_NoDataclass is not a @dataclasses.dataclass"):
+        _NoDataclass.from_options({"k": "2"})
+
+
+@dataclasses.dataclass
+class _KindCount(fxopt.Analysis):
+    name = "test-kind-count"
+    kind: str = "linear"
+
+    def run(self, gm, am):
+        return sum((v := op_view(gm, n)) is not None and v.kind == self.kind for n in gm.graph.nodes)
+
+
+def test_an_analysis_is_cached_per_options_and_an_unnamed_one_by_its_class():
+    am = AnalysisManager(_captured(), _inputs())
+    assert (am.get(_KindCount(kind="linear")), am.get(_KindCount(kind="relu")), am.get(_KindCount())) == (1, 1, 1)
+    assert am.get(_KindCount(kind="conv")) == 1 and am.get(_KindCount(kind="softmax")) == 0
+    assert am.computed == ["test-kind-count{kind='linear'}", "test-kind-count{kind='relu'}",
+                           "test-kind-count{kind='conv'}", "test-kind-count{kind='softmax'}"]
+
+    class First(fxopt.Analysis):
+        def run(self, gm, am):
+            return "first"
+
+    class Second(fxopt.Analysis):
+        def run(self, gm, am):
+            return "second"
+
+    assert (am.get(First), am.get(Second)) == ("first", "second")
+    am.invalidate(preserved={"test-kind-count"})
+    assert am.cached("test-kind-count") and not am.cached(First.__qualname__)
+
+
+def test_verify_each_holds_the_passes_after_a_lossy_one_to_its_output():
+    """Against the original, everything after `prune` passes at `lossy`: the broken exact pass
+    ran through verify_each unseen, and the final message did not say which pass failed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    with pytest.raises(PassError, match=r"pass 'test-scale-weight' failed: verification failed after the pass: "
+                                        r"FAIL \(exact"):
+        fxopt.optimize(model, x, ["prune{ratio=0.5}", "dce", ScaleFirstWeight()], verify_each=True)
+    fxopt.optimize(model, x, ["prune{ratio=0.5}", "dce"], verify_each=True)  # a right pipeline still passes
+    with pytest.warns(fxopt.VerificationWarning, match=r"the passes after 'prune' \(dce, test-scale-weight\) fail"):
+        fxopt.optimize(model, x, ["prune{ratio=0.5}", "dce", ScaleFirstWeight()])
+
+
+@dataclasses.dataclass
+class _GradientImportance(Pass):
+    """Scores weights by |w * dL/dw|: turning requires_grad on changes a flag, not the data."""
+
+    name = "test-grad-importance"
+
+    def run(self, gm, ctx):
+        weights = [p for p in gm.parameters() if p.dim() > 1]
+        for w in weights:
+            w.requires_grad_(True)
+        loss = gm(*ctx.example_inputs).pow(2).sum()
+        grads = torch.autograd.grad(loss, weights)
+        return PassResult(gm, modified=False, stats={"scores": [float((g * w).abs().sum()) for g, w in zip(grads, weights)]})
+
+
+def test_turning_requires_grad_on_is_no_write():
+    gm = _captured()
+    for p in gm.parameters():
+        p.requires_grad_(False)
+    result = _run_pass(_GradientImportance(), gm)
+    assert len(result.records[0].stats["scores"]) == 2
