@@ -167,13 +167,15 @@ class _LastLossyOutput(Instrument):
         self.module: torch.fx.GraphModule | None = None
         self.name = ""
         self.after: list[Tolerance] = []
+        self.names_after: list[str] = []
 
     def after_pass(self, p, before, result, record, ctx):
         tolerance = pass_tolerance(p)
         if tolerance.name == "lossy":
-            self.module, self.name, self.after = result.module, record.pipeline_text, []
+            self.module, self.name, self.after, self.names_after = result.module, record.pipeline_text, [], []
         elif self.module is not None:
             self.after.append(tolerance)
+            self.names_after.append(record.pipeline_text)
 
 
 def _after_lossy(report: VerificationReport, last_lossy: _LastLossyOutput, candidate: torch.fx.GraphModule,
@@ -186,8 +188,10 @@ def _after_lossy(report: VerificationReport, last_lossy: _LastLossyOutput, candi
     stage = verify_on(last_lossy.module, candidate, inputs, loosest(*last_lossy.after), device)
     if stage.passed:
         return report
+    after = ", ".join(last_lossy.names_after)
     return replace(report, passed=False, stage=stage,
-                   message=f"the passes after '{last_lossy.name}' fail against its output: {stage.summary()}")
+                   message=f"the passes after '{last_lossy.name}' ({after}) fail against its output; "
+                           f"verify_each=True names the first that does: {stage.summary()}")
 
 
 def _default_devices() -> list[str]:

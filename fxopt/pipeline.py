@@ -15,6 +15,11 @@ from .errors import PipelineError
 from .pass_base import Pass
 
 
+def is_pass_name(name: str) -> bool:
+    """Whether pipeline text can spell `name`: letters, digits, '-', '_' and '.'."""
+    return bool(name) and all(c.isalnum() or c in "-_." for c in name)
+
+
 def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
     """Parse pipeline text into (pass name, raw option strings) pairs, checking syntax only."""
     steps = []
@@ -39,7 +44,7 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
         else:
             name, options = chunk, {}
         name = name.strip()
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
+        if not is_pass_name(name):
             raise PipelineError(f"bad pass name '{name}' in pipeline '{text}'")
         steps.append((name, options))
     return steps

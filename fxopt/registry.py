@@ -27,6 +27,8 @@ from typing import Any
 
 from .errors import PipelineError, did_you_mean
 from .pass_base import Pass
+from .pipeline import is_pass_name
+from .verify import loosest
 
 ENTRY_POINT_GROUP = "fxopt.passes"
 
@@ -69,6 +71,13 @@ def register_pass(cls: type[Pass] | None = None, *, replace: bool = False) -> An
         raise TypeError(f"register_pass expects a Pass subclass, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no `name`; set a class attribute name = '...'")
+    if not is_pass_name(cls.name):
+        raise PipelineError(f"register_pass: pipeline text cannot spell {cls.__qualname__}'s name {cls.name!r}; "
+                            "use letters, digits, '-', '_' and '.'")
+    try:  # a typo in the promise would otherwise show only when the pass has run
+        loosest(getattr(cls, "tolerance", "exact"))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PipelineError(f"register_pass: {cls.__qualname__}.tolerance: {exc}") from None
     installed = _installed().get(cls.name)
     if installed is not None and not replace:
         raise PipelineError(f"register_pass: '{cls.name}' is the name of an installed pass ({installed.value}); "

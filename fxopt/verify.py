@@ -204,19 +204,20 @@ class VerificationReport:
 
     @property
     def max_abs_error(self) -> float:
-        return max((o.max_abs_error for o in self.outputs), default=0.0)
+        # no output compared (the candidate raised): NaN, which reads as no match, never 0
+        return max((o.max_abs_error for o in self.outputs), default=math.nan)
 
     @property
     def max_rel_error(self) -> float:
-        return max((o.max_rel_error for o in self.outputs), default=0.0)
+        return max((o.max_rel_error for o in self.outputs), default=math.nan)
 
     @property
     def sqnr_db(self) -> float:
-        return min((o.sqnr_db for o in self.outputs), default=math.inf)
+        return min((o.sqnr_db for o in self.outputs), default=math.nan)
 
     @property
     def cosine(self) -> float:
-        return min((o.cosine for o in self.outputs), default=1.0)
+        return min((o.cosine for o in self.outputs), default=math.nan)
 
     def _coarse_dtypes(self) -> list[torch.dtype]:
         dtypes = {o.dtype for o in self.outputs if coarse_eps(o.dtype) is not None}
@@ -242,8 +243,12 @@ class VerificationReport:
         for d in self._coarse_dtypes():
             rtol = self.tolerance.rtol_for(d)
             judged += f", {_dtype_name(d)}" + (f": rtol={rtol:.3g}" if math.isfinite(rtol) else "")
-        text = (f"{verdict} ({self.tolerance.name}{judged}, {self.device}): max_abs={self.max_abs_error:.3g} "
-                f"max_rel={self.max_rel_error:.3g} sqnr={_fmt_db(self.sqnr_db)} cos={self.cosine:.6f}")
+        text = f"{verdict} ({self.tolerance.name}{judged}, {self.device}): "
+        if self.outputs:
+            text += (f"max_abs={self.max_abs_error:.3g} max_rel={self.max_rel_error:.3g} "
+                     f"sqnr={_fmt_db(self.sqnr_db)} cos={self.cosine:.6f}")
+        else:
+            text += "no output compared"
         if self.message:
             text += f"; {self.message}"
         if self.divergence is not None:

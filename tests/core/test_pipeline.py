@@ -186,6 +186,21 @@ def test_register_rejects_non_pass_and_nameless():
         fxopt.register_pass(Nameless)
 
 
+@pytest.mark.parametrize("name", ["my pass", "a,b", "x{y}"])
+def test_register_refuses_a_name_pipeline_text_cannot_spell(name):
+    cls = dataclasses.make_dataclass("Odd", [], bases=(Pass,), namespace={"name": name, "run": lambda s, gm, ctx: None})
+    with pytest.raises(PipelineError, match=r"pipeline text cannot spell Odd's name"):
+        fxopt.register_pass(cls)
+    assert name not in fxopt.available_passes()
+
+
+def test_register_refuses_an_unknown_tolerance_before_any_pass_runs():
+    cls = dataclasses.make_dataclass("Loose", [], bases=(Pass,),
+                                     namespace={"name": "test-loose", "tolerance": "fp16", "run": lambda s, gm, ctx: None})
+    with pytest.raises(PipelineError, match=r"Loose.tolerance: .*unknown tolerance 'fp16'; valid: exact, float, int8, lossy"):
+        fxopt.register_pass(cls)
+
+
 def test_option_specs_are_readable():
     specs = Tunable.option_specs()
     assert specs["granularity"] == "channel|tensor"

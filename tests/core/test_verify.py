@@ -353,6 +353,9 @@ def test_candidate_that_raises_is_a_failure_not_a_crash():
 
     r = verify(_net(), Boom(), _x())
     assert not r.passed and "candidate raised RuntimeError: kaboom" in r.message
+    # nothing was compared: no numbers that read as a perfect match (max_abs=0, cos=1)
+    assert r.summary() == "FAIL (exact, cpu): no output compared; candidate raised RuntimeError: kaboom"
+    assert all(math.isnan(v) for v in (r.max_abs_error, r.max_rel_error, r.sqnr_db, r.cosine))
 
 
 def test_compare_outputs_non_tensor_leaves():
