@@ -233,6 +233,8 @@ class _Applier:
         self.mapped_inputs(node, rule)
         for src, sid in rule.consumed:  # contracted features (q.kᵀ): both at their live channels,
             self.adapt(node, src, sid, self.alive(sid))  # even where another reader keeps one whole
+        for src, sid in rule.info.get("gathered", ()):  # a full-width factor: the channels kept
+            self.adapt(node, src, sid, self.keep(rule.outputs[0]))
         if rule.info.get("channel_index"):
             self.reindex_gather(node, rule)
         if rule.info.get("channel_pad"):

@@ -50,6 +50,9 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   identity; apply rewrites the bounds), matmul/sdpa over a head axis (an attention mask must
   broadcast over the heads): index maps (unions). ``q @ kᵀ`` over both operands' channels
   (features of folded heads) links them and yields scores without channels.
+- a product of channels with a value no slot follows (a pinned op's output, such as a norm
+  spelled out over the channels, times its affine; the model input) has the channels' classes:
+  it is zero where they are, and apply gathers the other operand to the channels kept.
 - add/sub are *junctions*, not unions: ``y = a + b`` keeps channel c alive if any input keeps it,
   so "y_c dead" implies "a_c dead and b_c dead" — a precedence edge between classes that the
   min-cut selection uses (``prune.select``). Inputs are re-indexed to the output's channels.
@@ -166,6 +169,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         self.module_names: dict[str, str] = {}
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.constant = _constant_values(gm)
+        self.read_whole: set[str] = set()  # get_attr tensors a pinned node reads (`pin`)
         self.held_constants: set[str] = set()  # constant operands whose channels all stay (`_aligned_inputs`)
 
     def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
@@ -192,6 +196,8 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
             # a buffer is a constant (a mask, a rotary table): it is sliced with channels that
             # learned weights give up, never chosen on its own (`finish`)
             sid = self.new_slot(node, axis, "param" if _is_parameter(self.gm, node) else "buffer")
+            if node.name in self.read_whole:
+                self.pinned_positions.extend(self._positions(sid))
             self.value_slot[node.name] = sid
             self.rules[node.name] = Rule(node.name, "param", "param", outputs=[sid])
             return sid
@@ -320,6 +326,8 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
             sid = self.value_slot.get(arg.name)
             if sid is not None:
                 rule.consumed.append((arg.name, sid))
+            elif arg.op == "get_attr":  # a tensor it reads whole: a slot it gets later is held
+                self.read_whole.add(arg.name)
         self.rules[node.name] = rule
         self.value_slot[node.name] = None
 

@@ -356,6 +356,14 @@ class ElementwiseRules:
         if out_axis is None:
             return self.free_output(node, view)
         info = {}
+        free = [(a, sid) for a, sid in pairs if self.lazy_pins.get((a.name, self.slots[sid].axis)) == sid]
+        if view.kind == "mul" and free and len(free) < len(pairs):
+            # a value whose channels nothing follows (a pinned region's output: a norm spelled out
+            # over the channels, whose affine comes next; the model input) times channels: the
+            # product is zero where they are, so it has their classes, and apply gathers the
+            # free operand to the channels kept instead of holding them all
+            info["gathered"] = [(a.name, sid) for a, sid in free]
+            pairs = [pair for pair in pairs if pair not in free]
         if view.kind == "div":
             args = self.named_args(node)
             divisor = args.get("other")

@@ -2108,3 +2108,39 @@ def test_a_depthwise_transposed_conv_prunes_with_its_channels(mode):
     assert shapes["2.weight"][0] == shapes["0.weight"][0] < 32 and shapes["2.weight"][1] == 1, shapes
     with torch.no_grad():
         assert r.pruned(torch.randn(3, 3, 8, 8)).shape == (3, 3, 8, 8)
+
+
+class _SpelledChannelNorm(nn.Module):
+    """A layer norm over the channels spelled out with one centring (``xc = x - mean``), then
+    its affine: the centring is pinned (its statistics need every channel), so the normalized
+    value is free, full width; its affine ``w * y + b`` used to hold every channel after it."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(1 + 0.1 * torch.randn(c)), nn.Parameter(0.1 * torch.randn(c))
+
+    def forward(self, x):
+        xc = x - x.mean(1, keepdim=True)
+        y = xc / (xc.pow(2).mean(1, keepdim=True) + 1e-6).sqrt()
+        return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
+
+
+class SpelledNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.norm = nn.Conv2d(3, 16, 3, padding=1), _SpelledChannelNorm()
+        self.c2, self.c3 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(self.norm(self.c1(x)))))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_full_width_value_times_channels_is_gathered_to_the_channels_kept(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(SpelledNormNet().eval(), torch.randn(2, 3, 8, 8), mode, 0.5, adapter_cost=1.0)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    shapes = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
+    assert shapes["norm.weight"][0] == shapes["c2.weight"][1] < 16, shapes  # the affine and its readers narrow
+    gathers = [n for n in r.pruned.graph.nodes if n.target is torch.index_select]
+    assert gathers, "the normalized value is gathered before its affine"
