@@ -19,6 +19,7 @@ from torch import nn
 from .calibration import check_batches
 from .capture import META_KEY, Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
+from .ir import ref_for_get_attr, written_base
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
 from .pass_base import Pass
 from .serialize import rebuild_coded_attributes
@@ -115,6 +116,7 @@ def optimize(
     tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))
     if result.module is not original:  # an empty pipeline hands back the captured graph itself
         _record_pipeline(result.module, model, result.pipeline, tol)
+        _own_written_buffers(result.module)
     reports: dict[str, VerificationReport] = {}
     if verify:
         for device in devices or _default_devices():
@@ -158,6 +160,19 @@ def verify_on(reference, candidate, inputs, tol, device: str) -> VerificationRep
         return verify(reference, candidate, inputs, tolerance=tol, device=device)
     except Exception as exc:  # e.g. x86 quantized kernels moved to CUDA
         return VerificationReport(False, tol, device, message=f"could not run on {device}: {exc}")
+
+
+def _own_written_buffers(gm: torch.fx.GraphModule) -> None:
+    """Give `gm` its own copy of every tensor its graph writes in place as it runs (a call
+    counter, statistics kept in forward): passes share tensors with the captured original, and
+    calling one must not change the other's state."""
+    for node in gm.graph.nodes:
+        target = written_base(gm, node)
+        if target is not None and target.op == "get_attr":
+            ref = ref_for_get_attr(gm, target)
+            value = ref.get() if ref is not None else None
+            if isinstance(value, torch.Tensor):
+                ref.set(value.clone())
 
 
 class _LastLossyOutput(Instrument):

@@ -95,6 +95,15 @@ def mutated_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Nod
     return first if node.kwargs.get("inplace") is True else None
 
 
+def written_base(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The value whose memory `node` writes into in place, through any views of it
+    (``self.calls.view(-1).add_(1)`` writes the `calls` buffer); None if it writes nothing."""
+    target = mutated_input(gm, node)
+    while target is not None and _is_view(gm, target) and target.args and isinstance(target.args[0], torch.fx.Node):
+        target = target.args[0]
+    return target
+
+
 def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_method" and node.target in _VIEW_METHODS:
         return True

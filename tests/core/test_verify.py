@@ -657,3 +657,31 @@ def test_a_custom_tolerance_given_to_optimize_is_the_one_recorded():
     res = fxopt.optimize(_net(), (_x(),), "dce", tolerance=mine)
     assert res.module.meta["fxopt"]["tolerance"] == mine
     assert verify(_net(), res.module, (_x(),)).tolerance == mine
+
+
+class _CountsCalls(nn.Module):
+    """A buffer the forward writes as it runs (a call counter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.fc(x) * self.calls
+
+
+def test_the_optimized_module_has_its_own_copy_of_the_state_it_writes():
+    """Passes share tensors with the captured original: calling the result moved the
+    original's counter, so `res.original(x)` no longer matched the eager model."""
+    import fxopt
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    res = fxopt.optimize(_CountsCalls().eval(), (x,), "fuse,dce", mode="export")
+    counter = lambda gm: next(v for k, v in gm.named_buffers() if k.endswith("calls")).item()  # noqa: E731
+    start = counter(res.original)
+    res.module(x)
+    res.module(x)
+    assert counter(res.original) == start and counter(res.module) == counter(res.original) + 2
