@@ -22,6 +22,7 @@ import functools
 import io
 import math
 import time
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Union
@@ -31,6 +32,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 # Positional args as a tuple, or keyword args as a dict.
@@ -199,16 +201,42 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
 
     Counts convolutions (any dim, grouped, transposed), linear, matmul/mm/bmm/addmm/baddbmm and
     scaled_dot_product_attention; elementwise ops, pooling, normalization and quantized kernels
-    (``quantized::*``) count as 0. Works for any nn.Module or callable. BatchNorm statistics of a
-    module in training mode are restored afterwards.
+    (``quantized::*``) and fxopt's oneDNN kernels (``mkldnn::*``) count as 0. An op of another
+    library with a kernel of its own (``transformers::grouped_mm_fallback``, Mixtral's experts)
+    has no formula: it counts as 0, with a warning naming it. Works for any nn.Module or
+    callable. BatchNorm statistics of a module in training mode are restored afterwards.
 
     >>> count_macs(torch.nn.Conv2d(3, 8, 3), (torch.randn(1, 3, 10, 10),))  # 8*8*8 outputs x 3*3*3
     13824
     """
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    with _restoring_buffers(gm), _frozen_parameters(gm), _unfused_attention(), torch.no_grad(), counter:
+    uncounted = _UncountedOps(counter.flop_registry)
+    with _restoring_buffers(gm), _frozen_parameters(gm), _unfused_attention(), torch.no_grad(), counter, uncounted:
         _call(gm, example_inputs)
+    if uncounted.calls:
+        listed = ", ".join(f"{name} ({n} call{'s' * (n > 1)})" for name, n in sorted(uncounted.calls.items()))
+        warnings.warn(f"count_macs: no formula for {listed}: counted as 0 MACs", stacklevel=2)
     return counter.get_total_flops() // 2
+
+
+class _UncountedOps(TorchDispatchMode):
+    """Counts calls of ops from other libraries that FlopCounterMode has no formula for. A
+    dispatch mode sees only ops with kernels of their own: a composite op arrives decomposed
+    into ones it counts."""
+
+    _KNOWN_ZERO = frozenset({"aten", "prims", "quantized", "quantized_decomposed", "_quantized", "mkldnn",
+                             "mkldnn_prepacked", "onednn"})
+
+    def __init__(self, registry) -> None:
+        super().__init__()
+        self.registry = registry
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace not in self._KNOWN_ZERO and func._overloadpacket not in self.registry:
+            name = f"{func.namespace}::{func._overloadpacket.__name__}"
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -248,8 +276,23 @@ def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *_: Any, **_
     return 2 * math.prod(batch) * q_len * k_len * (head_dim + v_dim)
 
 
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one SDPA dispatches to.
-_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+def _grouped_mm_flops(a_shape: Any, b_shape: Any, *_: Any, **__: Any) -> int:
+    """``torch._grouped_mm(a, b, offs)``: one matmul per group (a mixture of experts' tokens
+    times each expert's weight). Rows [M, K] x experts [G, K, N]: every row meets one expert;
+    [G, M, K] x [G, K, N]: a batch; groups along K ([M, K] x [K, N]): one matmul in pieces."""
+    if len(a_shape) == 3 and len(b_shape) == 3:
+        return 2 * math.prod(a_shape) * b_shape[-1]
+    if len(a_shape) == 2 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+    if len(a_shape) == 3 and len(b_shape) == 2:  # [G, M, K] x [K, G * N]
+        return 2 * math.prod(a_shape) * b_shape[-1] // a_shape[0]
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one SDPA dispatches to, nor
+# the grouped matmul Hugging Face's mixtures of experts run their experts with.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+                        torch.ops.aten._grouped_mm: _grouped_mm_flops}
 
 
 def _call(fn: Callable[..., Any], inputs: Inputs) -> Any:
