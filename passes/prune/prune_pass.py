@@ -49,6 +49,7 @@ from fxopt.ir import (
     clone_sharing_tensors,
     delete_unused_attributes,
     functionalize_writes,
+    is_effectful,
     is_shared,
     make_private,
     op_view,
@@ -425,7 +426,20 @@ def _prepare(gm: torch.fx.GraphModule) -> bool:
     anything changed."""
     unpacked = split_packed_parameters(gm) > 0
     privatized = _privatize(gm)
-    return functionalize_writes(gm) > 0 or privatized or unpacked
+    written = functionalize_writes(gm) > 0
+    return _drop_dead_values(gm) or written or privatized or unpacked
+
+
+def _drop_dead_values(gm: torch.fx.GraphModule) -> bool:
+    """Erase values nothing reads and that write nothing (BART's ``inputs_embeds[:, :, -1]``,
+    taken for its shape only): they would be pinned for what they index, and named in the
+    report, for no effect on the model."""
+    removed = False
+    for node in reversed(list(gm.graph.nodes)):  # readers first: a value only they read goes too
+        if node.op in ("call_function", "call_method", "call_module") and not node.users and not is_effectful(node):
+            gm.graph.erase_node(node)
+            removed = True
+    return removed
 
 
 def _privatize(gm: torch.fx.GraphModule) -> bool:

@@ -2144,3 +2144,25 @@ def test_a_full_width_value_times_channels_is_gathered_to_the_channels_kept(mode
     assert shapes["norm.weight"][0] == shapes["c2.weight"][1] < 16, shapes  # the affine and its readers narrow
     gathers = [n for n in r.pruned.graph.nodes if n.target is torch.index_select]
     assert gathers, "the normalized value is gathered before its affine"
+
+
+class _SlopesAndDeadIndex(nn.Module):
+    """ALiBi's slopes (``pow`` of constants built from arange) and a channel read only for its
+    shape, left dead (BART's ``inputs_embeds[:, :, -1]``): both were pinned and named in the
+    report, for no effect on the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h[:, :, -1]  # noqa: B018  (read for nothing)
+        slopes = torch.pow(torch.full((1,), 2.0), torch.arange(1, 2))
+        return self.fc2(h) * slopes
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_constant_powers_and_dead_values_are_not_pinned(mode):
+    r = _exact_at_the_defaults_without_pins(_SlopesAndDeadIndex, torch.randn(2, 5, 6), mode)
+    assert dict(r.pruned.named_parameters())["fc1.weight"].shape[0] < 16
