@@ -627,10 +627,18 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
     rounded = {r.outputs[0] for r in cg.rules.values()
                if r.category in ("producer", "param", "gather") or r.info.get("depthwise")}
     rounded |= {sid for r in cg.rules.values() for _, sid in r.consumed}
+    # A value may lose every channel where each reader maps its channels into one class with
+    # its own (a split piece of one head, normed and concatenated back: StableLM's per-head
+    # q/k norms): the reader's output is empty too. Not where a reader may keep channels it
+    # does not get (a junction would re-expand an empty input) or reduces over them.
+    nonempty = rounded | {sid for r in cg.rules.values() if r.category in ("junction", "reduce")
+                          for _, sid, *_ in r.inputs}
     for _ in range(len(cg.slots) + 8):
         changed = False
         for slot in cg.slots:
             sid = slot.id
+            if sid not in nonempty:
+                continue
             pos = cg.positions(sid)
             size = slot.size
             alive = int((~dead[pos]).sum())
