@@ -286,9 +286,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         if args.dump:
             from .debug import DumpInstrument
 
-            dumped = next(i for i in instruments if isinstance(i, DumpInstrument))
-            index = dumped.write_index([f"FAIL: {exc}"], records=getattr(exc, "records", None))
-            print(f"wrote {index} (the steps before the failure, and the error)", file=sys.stderr)
+            dumped = next(i for i in instruments if isinstance(i, DumpInstrument))  # its index has the error
+            print(f"wrote {dumped.index_path} (the steps before the failure, and the error)", file=sys.stderr)
         return code
     print(f"model: {work.name} (captured by {res.frontend})")
     print(f"pipeline: {res.pipeline}")

@@ -113,6 +113,10 @@ class Instrument:
     def after_pass(self, p: Pass, before: torch.fx.GraphModule, result: PassResult,
                    record: PassRecord, ctx: PassContext) -> None: ...
 
+    def on_pass_error(self, p: Pass, before: torch.fx.GraphModule, error: PassError,
+                      records: list[PassRecord]) -> None:
+        """A pass failed (or an instrument failed after it): `before` is the last good module,
+        `records` every pass so far, the failing one last. The pipeline ends with `error`."""
     def after_pipeline(self, gm: torch.fx.GraphModule, records: list[PassRecord]) -> None: ...
 
 
@@ -182,9 +186,14 @@ class TimePasses(Instrument):
         out.write("pass timing:\n")
         for r in records:
             share = 100 * r.seconds / total if total else 0.0
-            out.write(f"  {r.seconds * 1e3:9.1f} ms {share:5.1f}%  {r.nodes_before:6d} -> {r.nodes_after:6d}  "
-                      f"{r.pipeline_text}{'  (skipped)' if r.skipped else ''}\n")
+            state = "  (skipped)" if r.skipped else "  (failed)" if r.failed else ""
+            after = f"{'-':>6}" if r.failed else f"{r.nodes_after:6d}"
+            out.write(f"  {r.seconds * 1e3:9.1f} ms {share:5.1f}%  {r.nodes_before:6d} -> {after}  "
+                      f"{r.pipeline_text}{state}\n")
         out.write(f"  {total * 1e3:9.1f} ms total\n")
+
+    def on_pass_error(self, p, before, error, records):
+        self.after_pipeline(before, records)  # the passes up to the failing one
 
 
 class VerifyEach(Instrument):
@@ -332,6 +341,7 @@ class PassManager:
             am.invalidate()
             _record_failure(record, exc, start)
             exc.last_good_module, exc.records = current, records
+            self._tell_failure(p, current, exc, records)
             raise
         except Exception as exc:
             am.rebind(current)
@@ -339,11 +349,22 @@ class PassManager:
             error = PassError(record.pipeline_text, f"{type(exc).__name__}: {exc}")
             _record_failure(record, error, start)
             error.last_good_module, error.records = current, records
+            self._tell_failure(p, current, error, records)
             raise error from exc
         am.rebind(result.module)
         if result.modified:
             am.invalidate(p.preserves)
         return result.module
+
+
+    def _tell_failure(self, p, current, error, records) -> None:
+        """`on_pass_error` of every instrument; one failing there must not hide `error`."""
+        for inst in self.instruments:
+            try:
+                inst.on_pass_error(p, current, error, records)
+            except Exception as exc:  # noqa: BLE001  (reported, then the pass's error goes on)
+                warnings.warn(f"instrument {type(inst).__name__}.on_pass_error raised {type(exc).__name__}: {exc}",
+                              stacklevel=3)
 
 
 class SharedWriteGuard(TorchFunctionMode):

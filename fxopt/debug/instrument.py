@@ -89,6 +89,10 @@ class DumpInstrument(Instrument):
         self._records = list(records)
         self.write_index()
 
+    def on_pass_error(self, p: Pass, before: torch.fx.GraphModule, error: Exception,
+                      records: list[PassRecord]) -> None:
+        self.write_index([f"FAIL: {error}"], records=records)  # the steps before it, and why it ended
+
     def write_index(self, notes: Iterable[str] = (), records: Sequence[PassRecord] | None = None) -> Path:
         """(Re)write index.html; `notes` are extra lines (final verification, an error) shown on top."""
         if records is not None:

@@ -42,7 +42,7 @@ def dump_pipeline(
         res = optimize(model, example_inputs, pipeline, calibration=calibration, mode=mode,
                        verify=True, verify_each=True, instruments=[inst])
     except PassError as exc:
-        exc.dump_index = inst.write_index([f"FAIL: {exc}"], records=getattr(exc, "records", None))
+        exc.dump_index = inst.index_path  # written by its on_pass_error, with the error
         raise
     notes = [f"front end: {res.frontend}"]
     notes += [f"{report.summary()} (final check)" for report in res.verification_by_device.values()]

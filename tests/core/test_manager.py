@@ -685,3 +685,17 @@ def test_turning_requires_grad_on_is_no_write():
         p.requires_grad_(False)
     result = _run_pass(_GradientImportance(), gm)
     assert len(result.records[0].stats["scores"]) == 2
+
+
+def test_instruments_hear_of_a_failing_pass(tmp_path):
+    """TimePasses printed nothing and a DumpInstrument's index kept no trace of the error when
+    a pass failed under `optimize`: they had no hook for it."""
+    from fxopt.debug import DumpInstrument
+
+    table, dump = io.StringIO(), DumpInstrument(tmp_path / "dump", svg=False)
+    with pytest.raises(PassError, match="boom in the middle"):
+        fxopt.optimize(Net().eval(), _inputs(), ["dce", Explode()], instruments=[TimePasses(table), dump])
+    lines = table.getvalue().splitlines()
+    assert lines[0] == "pass timing:" and lines[1].endswith("  dce")
+    assert re.search(r"->      -  test-explode  \(failed\)$", lines[2]), lines
+    assert "boom in the middle of a rewrite" in dump.index_path.read_text()
