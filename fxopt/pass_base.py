@@ -187,12 +187,13 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
     """Turn `raw` (often a string from pipeline text) into a value of `annotation`.
 
     Supports bool, int, float, str, Literal[...], Enum, Optional[X], X | None, and
-    tuple[X, ...] / list[X] (text form `[a,b]` or `a;b`).
+    tuple[X, ...] / list[X] (text form `[a,b]` or `a;b`). Text in quotes (`'a,b'`, `"none"`)
+    is that text.
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if raw is None or (isinstance(raw, str) and raw.lower() == "none"):
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
             if type(None) in args:
                 return None
         errors = []
@@ -204,6 +205,8 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
             except (TypeError, ValueError) as exc:
                 errors.append(str(exc))
         raise ValueError("; ".join(errors))
+    if isinstance(raw, str) and _is_quoted(raw) and origin not in (tuple, list):
+        raw = raw[1:-1]  # quoted text stands for itself: 'a,b' is the text a,b, 'none' no None
     if origin is Literal:
         for choice in args:
             if raw == choice or (isinstance(raw, str) and str(choice) == raw):
@@ -252,8 +255,56 @@ def _split_list(text: str) -> list[str]:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    sep = ";" if ";" in text else ","
-    return [item.strip() for item in text.split(sep) if item.strip()]
+    sep = ";" if ";" in _unquoted(text) else ","
+    items, current, quote = [], [], None
+    for ch in text:
+        if quote is not None:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == sep:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def _unquoted(text: str) -> str:
+    """`text` without its quoted parts."""
+    out, quote = [], None
+    for ch in text:
+        if quote is not None:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and text[0] not in text[1:-1]
+
+
+#: Characters pipeline text gives a meaning to, or that a bare option value would lose.
+_NEEDS_QUOTES = set(",;{}[]=\'\"")
+
+
+def quote_option(value: str) -> str:
+    """A text option as pipeline text writes it: bare when it reads back as itself, else in
+    quotes (``'a,b'``; 'none' too, which an optional option reads as None).
+
+        >>> quote_option("fc"), quote_option("a,b"), quote_option("none"), quote_option(" x ")
+        ('fc', "'a,b'", "'none'", "' x '")
+    """
+    if value and value == value.strip() and not (_NEEDS_QUOTES & set(value)) and value.lower() != "none":
+        return value
+    for mark in ("'", '"'):
+        if mark not in value:
+            return f"{mark}{value}{mark}"
+    raise ValueError(f"option text {value!r} holds both quote marks; pipeline text cannot write it")
 
 
 def _type_label(annotation: Any) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .errors import PipelineError
-from .pass_base import Pass
+from .pass_base import Pass, quote_option
 
 
 def is_pass_name(name: str) -> bool:
@@ -103,25 +103,34 @@ def _format_value(value: Any) -> str:
         return "true" if value else "false"
     if hasattr(value, "value") and not isinstance(value, (int, float, str)):
         return str(value.value)  # Enum
+    if isinstance(value, str):
+        return quote_option(value)
     return str(value)
 
 
 def _split_top_level(text: str, sep: str, where: str) -> list[str]:
-    """Split on `sep` outside {} and [] brackets."""
+    """Split on `sep` outside {} and [] brackets and quoted text ('a,b' or "a,b")."""
     parts, current = [], []
     pairs = {"{": "}", "[": "]"}
     stack: list[str] = []
+    quote = None
     for ch in text:
-        if ch in pairs:
+        if quote is not None:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in pairs:
             stack.append(pairs[ch])
         elif ch in pairs.values():
             if not stack or stack.pop() != ch:
                 raise PipelineError(f"unbalanced '{ch}' in '{where}'")
-        if ch == sep and not stack:
+        if ch == sep and not stack and quote is None:
             parts.append("".join(current))
             current = []
         else:
             current.append(ch)
+    if quote is not None:
+        raise PipelineError(f"missing closing {quote} in '{where}'")
     if stack:
         raise PipelineError(f"missing '{stack[-1]}' in '{where}'")
     parts.append("".join(current))

@@ -86,6 +86,25 @@ def test_round_trip_from_objects():
     assert str(passes[0]) == "test-tunable{ratio=0.1,ignore=[a,b],mode=slow}"
 
 
+@pytest.mark.parametrize("options", [
+    dict(label="a,b"), dict(label="{x}"), dict(label=" padded "), dict(label="a=b"), dict(label=""),
+    dict(label="none"), dict(ignore=("a;b", "c")), dict(ignore=("a,b",)), dict(ignore=("",)), dict(label='say "hi"'),
+])
+def test_text_options_round_trip_through_quotes(options):
+    """Pipeline text quotes what it would otherwise read as syntax, or as None: a label
+    'a,b' used to print bare and fail to parse; 'none' came back as None."""
+    p = Tunable(**options)
+    text = format_pipeline([p])
+    assert parse_pipeline(text) == [p], text
+
+
+def test_quoted_text_in_pipeline_text_is_that_text():
+    (p,) = parse_pipeline("test-tunable{label='a,b;c', ignore=['x,y', z]}")
+    assert p.label == "a,b;c" and p.ignore == ("x,y", "z")
+    with pytest.raises(PipelineError, match="missing closing '"):
+        parse_pipeline("test-tunable{label='open}")
+
+
 def test_default_options_are_not_printed():
     assert format_pipeline(parse_pipeline("test-tunable{ratio=0.5,steps=3}")) == "test-tunable"
 
