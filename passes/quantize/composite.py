@@ -21,6 +21,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.calibration import calibrate
 from fxopt.distillation import inference_kernels
 from fxopt.errors import PassWarning, user_stacklevel
+from fxopt.ir import get_attr_value, op_view
 
 from .insert import InsertObservers, ReduceRange
 from .lower import Backend, LowerInt8, lowering_stats
@@ -64,9 +65,61 @@ class Quantize(Pass):
         stats = dict(lowered.stats)
         if not stats.get("quantize_nodes"):  # observed, yet no value became int8
             _warn_nothing_quantized(stats.get("float_ops", {}))
+        else:
+            _warn_float_weight_ops(lowered.module, stats.get("float_ops", {}))
         stats["observers"] = inserted.stats["observers"]
         stats["calibration_batches"] = len(ctx.calibration)
         return PassResult(lowered.module, modified=True, stats=stats)
+
+
+def _warn_float_weight_ops(gm: torch.fx.GraphModule, float_ops: dict[str, str]) -> None:
+    """Ops that read a weight tensor but have no int8 kernel (a library's own op, such as the
+    grouped matmul Mixtral runs its experts with) keep their fp32 cost, often most of the
+    model's: a PassWarning names them, where `float_ops` alone is easy to miss."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    heavy = [name for name, why in float_ops.items() if "no int8 kernel" in why and name in nodes
+             and _contracts_weights(gm, nodes[name])]
+    if heavy:
+        shown = ", ".join(f"'{n}' ({float_ops[n].split(':')[0]})" for n in heavy[:3]) + (" ..." if len(heavy) > 3 else "")
+        warnings.warn(f"quantize: {len(heavy)} ops that read weights have no int8 kernel and stay float: {shown}",
+                      PassWarning, stacklevel=user_stacklevel())
+
+
+#: Ops that multiply by what they read: a weight among their inputs is compute, not a lookup.
+_CONTRACTIONS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
+#: Ops that only move or re-type a tensor: a weight read through them is still the weight.
+_LAYOUT = frozenset({"transpose", "permute", "reshape", "view", "contiguous", "to", "getitem", "select", "slice",
+                     "expand", "unsqueeze", "squeeze", "t", "clone", "_to_copy", "alias"})
+
+
+def _contracts_weights(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A contraction, or an op of another library (its own kernel), that reads a floating
+    parameter of two or more dims, directly or through layout ops."""
+    if node.op != "call_function":
+        return False
+    view = op_view(gm, node)
+    namespace = getattr(node.target, "namespace", None)
+    if not (view is not None and view.kind in _CONTRACTIONS
+            or view is None and namespace not in (None, "aten", "prims", "mkldnn", "quantized", "quantized_decomposed")):
+        return False
+    return any(_is_weight(gm, a) for a in node.all_input_nodes)
+
+
+def _is_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, depth: int = 4) -> bool:
+    if node.op == "get_attr":
+        value = get_attr_value(gm, node.target)
+        return isinstance(value, torch.nn.Parameter) and value.is_floating_point() and value.dim() >= 2
+    source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    return depth > 0 and source is not None and _op_name(node) in _LAYOUT and _is_weight(gm, source, depth - 1)
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    """`transpose` of ``x.transpose``, ``torch.transpose`` and ``aten.transpose.int``."""
+    if node.op == "call_method":
+        return node.target
+    target = node.target
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", "")
+    return name.split(".")[0]
 
 
 def _warn_lowered_float_kernels(gm: torch.fx.GraphModule) -> None:

@@ -241,3 +241,38 @@ def test_quantize_after_lower_cpu_warns_that_the_lowered_convs_stay_float():
     with warnings.catch_warnings():
         warnings.simplefilter("error", fxopt.PassWarning)  # the right order says nothing
         fxopt.optimize(model, cal[0], "fuse,quantize,lower-cpu{min_macs=0}", calibration=cal)
+
+
+# ----- a library's own op reading a weight --------------------------------------------------------
+
+@torch.library.custom_op("fxopt_test::expert_mm", mutates_args=())
+def _expert_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w
+
+
+@_expert_mm.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[-1])
+
+
+class _OwnKernelExperts(nn.Module):
+    """A linear, then an op of another library with a weight of its own (Mixtral's experts run
+    through transformers::grouped_mm_fallback): only the linear has an int8 kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.experts = nn.Parameter(torch.randn(16, 8) / 4)
+
+    def forward(self, x):
+        return _expert_mm(torch.relu(self.fc(x)), self.experts.t().t())
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_op_reading_a_weight_without_an_int8_kernel_is_named_in_a_warning(mode):
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    with pytest.warns(fxopt.PassWarning, match=r"quantize: 1 ops that read weights have no int8 kernel and stay "
+                                               r"float: '.*expert_mm.*'"):
+        res = fxopt.optimize(_OwnKernelExperts().eval(), (x,), "quantize", calibration=[(x,)], mode=mode)
+    assert any("quantized" in str(n.target) for n in res.module.graph.nodes), "the linear is still int8"
