@@ -237,8 +237,8 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
     def note_dirty(self, node: torch.fx.Node) -> None:
         """Mark the outputs of a channelwise op dirty when it makes or forwards a dirty value."""
         rule = self.rules.get(node.name)
-        if rule is None or not _channelwise(rule):
-            return
+        if rule is None or not (_channelwise(rule) or rule.category == "junction"):
+            return  # (a junction passes dirt on; `violations` judges it once the classes are known)
         per_out: dict[int, list] = {out: [] for out in rule.outputs}
         # inputs read for their zeros only (a condition, a divisor, a shape) pass no dirt on
         clean_reads = rule.info.get("clean_reads", ())
@@ -254,16 +254,30 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
             if sources:
                 self.dirty[out] = sources
 
+    def _adds_within_classes(self, rule: Rule, cls: np.ndarray) -> bool:
+        """Whether every input channel of a junction is in its output channel's class: then
+        they go together, and a dirty input is as harmless as through a channelwise op."""
+        for _, sid, in_pos, out_pos, out in rule.inputs:
+            a, b = self.slots[sid], self.slots[out]
+            if not np.array_equal(cls[a.base + in_pos], cls[b.base + out_pos]):
+                return False
+        return True
+
     def violations(self) -> dict[str, str]:
         """Nodes to pin in another round: sources of dirty values read by anything but a
         channelwise op. (Channel-axis size reads used other than as a reshape size are noted
         on their rule as `constants`, which apply writes in.)"""
         bad: dict[str, str] = {}
+        cls = None
         for name, rule in self.rules.items():
             reads = [sid for _, sid in rule.consumed] + [r[1] for r in rule.inputs]
             marks = [self.dirty[sid] for sid in reads if sid in self.dirty]
             if not marks or _channelwise(rule):
                 continue
+            if rule.category == "junction":
+                cls = self.uf.classes() if cls is None else cls
+                if self._adds_within_classes(rule, cls):
+                    continue  # (the rotary add of q*cos and rot(q)*sin: one head's class throughout)
             for source in sorted(frozenset().union(*marks)):
                 kind = self.rules[source].kind
                 bad.setdefault(source, f"{kind} is not zero-preserving (f(0) != 0) and its value reaches "

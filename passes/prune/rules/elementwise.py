@@ -202,7 +202,8 @@ class ElementwiseRules:
                     # A constant (RoFormer's sin/cos over each head's features, times q's heads)
                     # keeps them all instead and is spread like a number: only a table is held.
                     if a.name not in self.constant:
-                        raise _Pin(f"input {a.name} carries channels on another axis than the output's")
+                        raise _Pin(f"input {a.name} carries channels on another axis than the output's",
+                                   conflict=own)
                     self.pinned_positions.extend(self._positions(own))
                     self.held_constants.add(a.name)
                 broadcast.append(a)
@@ -211,7 +212,8 @@ class ElementwiseRules:
                 raise _Pin("channel sizes differ")
             sid = self.slot_on(a, a_axis)
             if sid is None:
-                raise _Pin(f"input {a.name} tracks channels on another axis")
+                # (a parameter [heads, d] times [.., heads, .., d]: its slot moves to the heads)
+                raise _Pin(f"input {a.name} tracks channels on another axis", conflict=self.in_slot(a))
             pairs.append((a, sid))
         return out_axis, pairs
 

@@ -2197,3 +2197,85 @@ def test_per_head_norms_let_whole_heads_go(mode):
     assert rows < 96 and rows % 24 == 0, rows  # whole heads: 8 features each of q, k and v
     with torch.no_grad():
         assert r.pruned(torch.randn(3, 6, 8)).shape == (3, 3)
+
+
+class NormedPartialRotaryAttention(nn.Module):
+    """Persimmon / Phi with q/k layer norms: each head's q and k normed over its features (a
+    bias, so a removed head comes out nonzero: dirty), then a partial rotary embedding adds
+    ``q * cos + rotate_half(q) * sin`` on the first features. That add read dirty values, so
+    the norms were pinned, and every head with them (Phi: 0.766 of the MACs kept against 0.504
+    without the norms); its operands and result are one head's class throughout, so the dirt
+    passes on to attention, which reads a removed head's q and k for nothing."""
+
+    def __init__(self, d=32, heads=4, length=6):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.inp, self.out = nn.Linear(8, d), nn.Linear(d, 3)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.q_norm, self.k_norm = nn.LayerNorm(self.hd), nn.LayerNorm(self.hd)
+        angles = torch.arange(length)[:, None] * torch.linspace(0.1, 1.0, self.hd // 4)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], -1))
+        self.register_buffer("sin", torch.cat([angles.sin(), angles.sin()], -1))
+
+    def _rotary(self, t):
+        rot, rest = t[..., : self.hd // 2], t[..., self.hd // 2:]
+        half = rot.shape[-1] // 2
+        turned = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+        return torch.cat([rot * self.cos + turned * self.sin, rest], -1)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.inp(x)
+        q, k, v = (f(h).view(b, n, self.heads, self.hd).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q, k = self._rotary(self.q_norm(q)), self._rotary(self.k_norm(k))
+        att = F.scaled_dot_product_attention(q, k, v)
+        return self.out(self.o(att.transpose(1, 2).reshape(b, n, -1)))[:, 0]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_dirty_add_within_one_heads_class_passes_its_dirt_on(mode):
+    def build():
+        model = NormedPartialRotaryAttention()
+        with torch.no_grad():
+            for norm in (model.q_norm, model.k_norm):
+                norm.bias.uniform_(-1, 1)
+        return model
+
+    r = _exact_at_the_defaults_without_pins(build, torch.randn(2, 6, 8), mode)
+    rows = dict(r.pruned.named_parameters())["q.weight"].shape[0]
+    assert rows < 32 and rows % 8 == 0, rows  # whole heads
+
+
+class PerHeadWeightNormAttention(nn.Module):
+    """Cohere's q/k norm: spelled out over each head's features, then scaled by a weight laid out
+    [heads, features]. The weight's slot went on its last axis (features) while q's is on the
+    heads, so the product was pinned with every head (0.716 of the MACs kept against 0.503);
+    that conflict now moves the weight's slot to the heads."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.inp, self.out = nn.Linear(8, d), nn.Linear(d, 3)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.q_w, self.k_w = (nn.Parameter(1 + 0.1 * torch.randn(heads, self.hd)) for _ in range(2))
+
+    @staticmethod
+    def _norm(t, w):
+        centred = t - t.mean(-1, keepdim=True)
+        # (the weight cast first, as Cohere does: an op of the weight alone gives it a slot)
+        return w.to(torch.float32) * (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.inp(x)
+        q, k, v = (f(h).view(b, n, self.heads, self.hd) for f in (self.q, self.k, self.v))
+        q, k = self._norm(q, self.q_w), self._norm(k, self.k_w)
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.out(self.o(att.transpose(1, 2).reshape(b, n, -1)))[:, 0]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_weight_laid_out_heads_by_features_prunes_with_the_heads(mode):
+    r = _exact_at_the_defaults_without_pins(PerHeadWeightNormAttention, torch.randn(2, 6, 8), mode)
+    shapes = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
+    assert shapes["q.weight"][0] < 32 and shapes["q_w"] == (shapes["q.weight"][0] // 8, 8), shapes
