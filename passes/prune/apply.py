@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.debug.listing import annotate
-from fxopt.errors import node_location
 from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, size_read, tensor_meta
 
 import numpy as np
@@ -149,9 +148,16 @@ class _Applier:
         zero_slot = len(have)
         idx = [where.get(int(p), zero_slot) for p in want.tolist()]
         needs_zeros = zero_slot in idx
-        if needs_zeros and len(have) == 0:
-            raise RuntimeError(f"cannot re-expand an empty value for {node_location(user)}")
         g = self.gm.graph
+        if len(have) == 0:  # a value that lost every channel: its re-expansion is zeros, padded on
+            after = self.cg.slots[sid].ndim - 1 - axis
+            with g.inserting_before(user):
+                new = g.call_function(F.pad, (src, [0, 0] * after + [0, len(want)]))
+            annotate(new, "prune.reexpand", f"0->{len(want)}")
+            self.reexpansions.append(f"{src_name}->{user.name}")
+            user.replace_input_with(src, new)
+            self.adapters += 1
+            return
         buf = add_tensor_attr(self.gm, f"prune_idx_{src_name}_to_{user.name}", torch.tensor(idx, dtype=torch.long),
                               parameter=False)
         with g.inserting_before(user):

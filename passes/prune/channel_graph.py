@@ -90,8 +90,8 @@ from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (bind_arguments, metadata_read, op_view, ref_for_get_attr, size_read, spec_for,
                       transposed_parameter, value_nbytes, written_in_place)
 
-from .channel_model import (GATING, SPATIAL, TUPLE_RESULTS, WEIGHT_LAYOUTS, ZERO_PRESERVING, ChannelGraph, Rule,
-                            Slot, _ChannelUnions, _Pin)
+from .channel_model import (CHANNELWISE, GATING, SPATIAL, TUPLE_RESULTS, WEIGHT_LAYOUTS, ZERO_PRESERVING,
+                            ChannelGraph, Rule, Slot, _ChannelUnions, _Pin)
 from .node_facts import (_INT_ARITHMETIC, _channelwise, _getitem_index, _holds_features, _is_number,
                          _is_parameter, _module_name, _norm_axis, _opaque_layer, _shape, _size_entries,
                          _wrapped_region)
@@ -170,6 +170,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.constant = _constant_values(gm)
         self.read_whole: set[str] = set()  # get_attr tensors a pinned node reads (`pin`)
+        self.expand_sizes: dict[str, str] = {}  # ``y.expand(x.size())`` -> the size read
         self.held_constants: set[str] = set()  # constant operands whose channels all stay (`_aligned_inputs`)
 
     def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
@@ -290,6 +291,9 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                            if not self._is_size_entry(user, self.nodes[value])]
                 if numeric:
                     rule.info.setdefault("constants", {})[value] = (self.slots[sid].size, numeric)
+        for expand, size in self.expand_sizes.items():
+            if expand in self.pinned_nodes:  # its size must then read the full width, as it does
+                bad.setdefault(size, f"the size of the channel axis is read by '{expand}', which cannot follow it")
         return bad
 
     def _is_size_entry(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
@@ -353,7 +357,40 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 rule.consumed.append((arg.name, sid))
                 s = self.slots[sid]
                 self.output_positions.extend(range(s.base, s.base + s.size))
+        for sid in self._read_whole_into(node):
+            s = self.slots[sid]
+            self.output_positions.extend(range(s.base, s.base + s.size))
         self.rules[node.name] = rule
+
+    def _read_whole_into(self, output: torch.fx.Node) -> set[int]:
+        """Slots whose every channel reaches the graph output through ops that read them whole
+        (a classifier's logits through a pinned ``log_softmax``): those channels are the output's
+        too, and stay, as the output's own do."""
+        found, seen = set(), set()
+        stack = [a for a in output.all_input_nodes if self.value_slot.get(a.name) is None]
+        while stack:
+            node = stack.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            rule = self.rules.get(node.name)
+            if rule is None or rule.category not in ("pinned", "free") or rule.kind in ("size", "metadata") \
+                    or node.op == "call_module" and next(self.gm.get_submodule(node.target).parameters(), None) is not None:
+                continue  # (a layer makes channels of its own: what it reads is not the output's)
+            view = op_view(self.gm, node) if node.op != "placeholder" else None
+            if view is not None and view.kind not in CHANNELWISE:
+                continue
+            found.update(sid for _, sid in rule.consumed if self._keeps_axis(node, sid))
+            stack.extend(a for a in node.all_input_nodes if self.value_slot.get(a.name) is None)
+        return found
+
+    def _keeps_axis(self, node: torch.fx.Node, sid: int) -> bool:
+        """Whether `node`'s output has slot `sid`'s channel axis, as many entries, at the same
+        place from the end (an op over the channels that keeps them: a softmax, an unknown
+        elementwise op)."""
+        out, slot = _shape(node), self.slots[sid]
+        back = slot.ndim - slot.axis
+        return out is not None and len(out) >= back and out[len(out) - back] == slot.size
 
     def visit(self, node: torch.fx.Node) -> None:
         if node.name in self.rules:  # a piece of a tuple, handled with the op that made it
@@ -437,7 +474,9 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 if _norm_axis(index, nd) == axis:
                     self.rules[node.name].info.setdefault("counts", {})[user.name] = sid
             elif _expands_to(user, node):
-                continue  # ``y.expand(x.size())`` is ``y.expand_as(x)``: `rule_expand` ties y to x
+                # ``y.expand(x.size())`` is ``y.expand_as(x)``: `rule_expand` ties y to x, or the
+                # size is pinned in another round (`violations`) where it cannot
+                self.expand_sizes[user.name] = node.name
             elif not (isinstance(index, slice) and axis not in range(nd)[index]):
                 raise _Pin("the size of the channel axis is read")
 
@@ -463,7 +502,9 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         return out
 
     def free_output(self, node, view) -> None:
-        """All inputs free: the output is free too (no channels to follow)."""
+        """All inputs free: the output is free too (no channels to follow). A parameter it reads
+        is read whole (``logsumexp(p)``): a slot another reader gives it later is held."""
+        self.read_whole.update(a.name for a in node.all_input_nodes if a.op == "get_attr")
         self.value_slot[node.name] = None
         self.rules[node.name] = Rule(node.name, view.kind if view is not None else str(node.target), "free")
 

@@ -61,7 +61,7 @@ from fxopt.pass_base import Pass, PassContext, PassResult
 from .apply import apply_pruning
 from .boundary import Boundary, plan_boundaries
 from .channel_graph import ChannelGraphAnalysis, build_channel_graph
-from .channel_model import WEIGHT_LAYOUTS, ChannelGraph, param_arg
+from .channel_model import WEIGHT_LAYOUTS, ZERO_PRESERVING, ChannelGraph, Rule, param_arg
 from .importance import IMPORTANCES, adapter_costs, class_costs, timed_macs
 from .latency import LayerTime, LayerTimer
 from .select import Selection, close_free_junctions, revive, select
@@ -627,17 +627,12 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
     rounded = {r.outputs[0] for r in cg.rules.values()
                if r.category in ("producer", "param", "gather") or r.info.get("depthwise")}
     rounded |= {sid for r in cg.rules.values() for _, sid in r.consumed}
-    # A value may lose every channel where each reader maps its channels into one class with
-    # its own (a split piece of one head, normed and concatenated back: StableLM's per-head
-    # q/k norms): the reader's output is empty too. Not where a reader may keep channels it
-    # does not get (a junction would re-expand an empty input) or reduces over them.
-    nonempty = rounded | {sid for r in cg.rules.values() if r.category in ("junction", "reduce")
-                          for _, sid, *_ in r.inputs}
+    may_empty = _may_empty(cg) - rounded
     for _ in range(len(cg.slots) + 8):
         changed = False
         for slot in cg.slots:
             sid = slot.id
-            if sid not in nonempty:
+            if sid in may_empty:
                 continue
             pos = cg.positions(sid)
             size = slot.size
@@ -659,6 +654,26 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
             changed = True
         if not changed:
             break
+
+
+#: Channelwise ops torch runs on a value with no channels (an empty axis): pooling, interpolation,
+#: reflect padding and a reshape with -1 refuse one, so their inputs keep a channel.
+_EMPTY_SAFE = ZERO_PRESERVING | frozenset({
+    "sigmoid", "hardsigmoid", "mul", "div", "softmax", "log_softmax", "permute", "transpose", "cat", "split",
+    "chunk", "stack", "unbind", "layer_norm", "rms_norm", "where", "masked_fill", "clamp", "exp", "cos", "sdpa",
+    "matmul", "expand", "expand_as", "unsqueeze", "squeeze", "fill_like", "pow", "rsqrt", "reciprocal", "softplus"})
+
+
+def _may_empty(cg: ChannelGraph) -> set[int]:
+    """Slots that may lose every channel: each reader maps them into its own output channel by
+    channel, with an op that runs on an empty axis (a split piece of one head, normed and
+    concatenated back: StableLM's per-head q/k norms), so the reader's output is empty too."""
+    readers: dict[int, list[Rule]] = {}
+    for rule in cg.rules.values():
+        for _, sid, *_ in rule.inputs:
+            readers.setdefault(sid, []).append(rule)
+    return {sid for sid, rules in readers.items()
+            if all(r.category in ("pass", "split") and r.kind in _EMPTY_SAFE for r in rules)}
 
 
 def _annotate(gm: torch.fx.GraphModule, plan: PrunePlan) -> None:

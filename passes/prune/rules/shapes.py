@@ -37,8 +37,11 @@ class ShapeRules:
         self.passthrough(node, view, src, axis, in_pos, out_pos, how=f"blocks of {block}")
 
     def rule_expand(self, node, view, shape) -> None:
-        query = size_read(view.attrs["size"]) if isinstance(view.attrs.get("size"), torch.fx.Node) else None
+        size = view.attrs.get("size")
+        query = size_read(size) if isinstance(size, torch.fx.Node) else None
         if query is not None and query[1] is None:
+            if size.name in self.pinned_nodes:  # the size reads the full width: so does the expand
+                raise _Pin(f"expand to the size of {query[0].name}, read at full width")
             # ``y.expand(x.size())`` (AdaIN's statistics): x's run-time shape, so y's channels are x's
             return self._expand_to(node, view, shape, query[0])
         src, sid = self.single_input(node, view)

@@ -1,0 +1,146 @@
+"""Models an adversarial tester built against the eighteenth session's new prune mechanisms
+(parameters alone given a slot, ``expand(x.size())``, values that may lose every channel, the
+graph output through a pinned op). Each was a wrong result, a crash in apply or a pruned model
+that failed on every input; each must now run and match the zeroed model."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prune_masking import prune_and_mask
+
+MODES = ("symbolic", "export")
+
+
+def _exact(model, x, mode, **options):
+    torch.manual_seed(0)
+    r = prune_and_mask(model.eval(), x, mode, **options)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        r.pruned(torch.cat([x, x[:1]]))  # another batch size
+    return r
+
+
+class ParameterReadWhole(nn.Module):
+    """``p - logsumexp(p)`` scales a layer's channels: logsumexp reads p whole (no rule, no
+    channel input: free), so p must not be sliced for the product (it was: 0.19 off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.c, self.d = nn.Linear(8, 16), nn.Linear(16, 4)  # a branch that prunes
+        self.logits = nn.Parameter(torch.randn(16))
+
+    def forward(self, x):
+        logw = self.logits - torch.logsumexp(self.logits, 0)
+        return self.b(self.a(x) * logw) + self.d(torch.relu(self.c(x)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_parameter_a_free_op_reads_whole_is_never_sliced(mode):
+    r = _exact(ParameterReadWhole(), torch.randn(2, 4, 8), mode, ratio=0.3)
+    params = dict(r.pruned.named_parameters())
+    assert params["logits"].shape == (16,) and params["c.weight"].shape[0] < 16
+
+
+class ExpandToSize(nn.Module):
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.b, self.d = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 3, 1)
+        self.p = nn.Parameter(torch.randn(8, 1, 1))
+
+    def forward(self, x):
+        h = torch.relu(self.b(x))
+        if self.variant == "amax":
+            return self.d(h - h.amax(1, keepdim=True).expand(h.size()))
+        if self.variant == "param":
+            return self.d(h * self.p.expand(h.size()))
+        if self.variant == "input":
+            return self.d(h * x.mean((2, 3), keepdim=True).expand(h.size()))
+        return self.d(h + x.mean().view(1, 1, 1, 1).expand(h.shape))
+
+
+@pytest.mark.parametrize("variant", ["amax", "param", "input", "scalar"])
+@pytest.mark.parametrize("mode", MODES)
+def test_an_expand_to_a_size_it_cannot_follow_reads_the_full_size(mode, variant):
+    """When ``y.expand(x.size())`` cannot tie y to x, the expand is pinned: the size read must
+    then give the full width too (it gave the pruned one: shape errors at every call)."""
+    _exact(ExpandToSize(variant), torch.randn(2, 8, 6, 6), mode, ratio=0.5)
+
+
+class PerHeadNormThenPinned(nn.Module):
+    """StableLM's per-head norms, then an op with no rule reading the concatenation whole: a
+    head's piece that lost every channel was re-expanded for it ("cannot re-expand an empty
+    value")."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.heads, self.k, self.o = heads, nn.Linear(8, d), nn.Linear(d, 3)
+        self.norms = nn.ModuleList(nn.LayerNorm(d // heads, bias=False) for _ in range(heads))
+        with torch.no_grad():  # the last two heads matter least: they go whole
+            self.k.weight[d // 2:] *= 0.01
+            self.k.bias[d // 2:] *= 0.01
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        k = self.k(x).view(b, t, self.heads, -1).transpose(1, 2)
+        pieces = torch.split(k, 1, dim=1)
+        k = torch.special.i0(torch.cat([self.norms[i](pieces[i]) for i in range(self.heads)], 1))
+        return self.o(k.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("adapter_cost", [0.0, 1.0])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_piece_that_lost_every_channel_is_re_expanded_as_zeros(mode, adapter_cost):
+    _exact(PerHeadNormThenPinned(), torch.randn(2, 5, 8), mode, ratio=0.5, adapter_cost=adapter_cost)
+
+
+class PiecesThroughSpatialOps(nn.Module):
+    """Res2Net-like: split pieces through ops torch refuses an empty channel axis to (pooling,
+    interpolation, reflect padding, a reshape with -1): they keep a channel."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 3, 1)
+
+    def _piece(self, p):
+        if self.op == "pool":
+            return F.avg_pool2d(p, 3, 1, 1)
+        if self.op == "interpolate":
+            return F.interpolate(F.avg_pool2d(p, 2), scale_factor=2.0)
+        if self.op == "reflect":
+            return F.pad(p, (1, 1, 1, 1), mode="reflect")[:, :, 1:-1, 1:-1]
+        b, c, h, w = p.shape
+        return p.reshape(b, c, -1).reshape(b, c, h, w) * 2
+
+    def forward(self, x):
+        pieces = torch.split(torch.relu(self.c1(x)), 2, dim=1)
+        return self.c2(torch.cat([self._piece(pieces[i]) for i in range(4)], 1))
+
+
+@pytest.mark.parametrize("op", ["pool", "interpolate", "reflect", "reshape"])
+@pytest.mark.parametrize("mode", MODES)
+def test_pieces_through_ops_that_refuse_an_empty_axis_keep_a_channel(mode, op):
+    _exact(PiecesThroughSpatialOps(op), torch.randn(2, 3, 6, 6), mode, ratio=0.8, adapter_cost=0.0)
+
+
+class LogSoftmaxClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return F.log_softmax(self.b(torch.relu(self.a(x))), -1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_classes_stay_when_the_output_reads_them_through_a_pinned_op(mode):
+    """``log_softmax(logits)`` is pinned (it reads every class): the logits reached the output
+    only through it, were not marked as the output's, and lost classes (4 -> 2)."""
+    r = _exact(LogSoftmaxClassifier(), torch.randn(3, 8), mode, ratio=0.5, adapter_cost=0.0)
+    assert r.pruned.get_submodule("b").weight.shape[0] == 4
+    assert r.pruned.get_submodule("a").weight.shape[0] < 16  # the hidden layer still prunes
