@@ -150,7 +150,7 @@ def fold_constants(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], constan
     """
     folded = 0
     for node in nodes:
-        value = _evaluate(gm, node)
+        value = evaluate_constant(gm, node)
         if not isinstance(value, torch.Tensor) or not _small_enough(node, value, gm, max_growth):
             continue
         name = add_tensor_attr(gm, f"{node.name}_folded", value, parameter=False)
@@ -174,7 +174,7 @@ def _is_foldable(node: torch.fx.Node, constant: dict) -> bool:
     return bool(inputs) and all(constant.get(i, False) for i in inputs)
 
 
-def _evaluate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
+def evaluate_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
     """Value of a constant node, computed by running its constant cone."""
     cache: dict[torch.fx.Node, Any] = {}
 
@@ -212,5 +212,5 @@ def _small_enough(node: torch.fx.Node, value: torch.Tensor, gm: torch.fx.GraphMo
     return value.numel() <= growth * max(read, 1)
 
 
-__all__ = ["DeadCodeElimination", "FoldConstants", "RemoveNoOps", "constant_nodes", "fold_constants",
-           "is_effectful"]
+__all__ = ["DeadCodeElimination", "FoldConstants", "RemoveNoOps", "constant_nodes", "evaluate_constant",
+           "fold_constants", "is_effectful"]

@@ -44,6 +44,7 @@ import numpy as np
 
 from .boundary import Boundary
 from .channel_model import ChannelGraph, param_arg, producer_weights
+from .computed_weights import ComputedWeight
 
 
 @dataclass
@@ -448,14 +449,20 @@ class _Applier:
             want = self.alive(sid)
             self.adapt(node, src, sid, want)
             in_keep = want
-        new_w = w.index_select(pw.out_axis, torch.as_tensor(pw.out_index(out_keep.numpy()), dtype=torch.long))
+        cuts = [(pw.out_axis, torch.as_tensor(pw.out_index(out_keep.numpy()), dtype=torch.long))]
         if in_keep is not None and pw.in_axis is not None:
             n_in = w.shape[pw.in_axis]
             cols = in_keep[in_keep < n_in] if rule.kind == "conv" else in_keep
             if rule.kind == "conv" and rule.info["groups"] > 1:
                 cols = np.unique(in_keep % n_in)
-            new_w = new_w.index_select(pw.in_axis, torch.as_tensor(cols, dtype=torch.long))
-        pw.weight.set(new_w.contiguous())
+            cuts.append((pw.in_axis, torch.as_tensor(cols, dtype=torch.long)))
+        new_w = w
+        for axis, index in cuts:
+            new_w = new_w.index_select(axis, index)
+            if isinstance(pw.weight, ComputedWeight) and len(index) != w.shape[axis]:
+                pw.weight.gather(axis, index)  # the layer reads the kept part of what it computes
+        if not isinstance(pw.weight, ComputedWeight):
+            pw.weight.set(new_w.contiguous())
         b = pw.bias.get() if pw.bias is not None else None
         if b is not None:
             pw.bias.set(b.index_select(0, out_keep))
@@ -703,9 +710,11 @@ def _erase_dead_size_arithmetic(graph: torch.fx.Graph) -> None:
 
 def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -> None:
     """Mask instead of remove: zero every producer row, norm affine and parameter slice of the
-    dead classes (new tensors via ParamRef.set). The masked model computes exactly what the
-    pruned one does, which is how the tests check exactness."""
+    dead classes (new tensors via ParamRef.set; a weight computed in the graph is zeroed after
+    its computation). The masked model computes exactly what the pruned one does, which is how
+    the tests check exactness."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    edited = False
     for name, rule in cg.rules.items():
         node = nodes.get(name)
         if node is None or rule.category not in ("producer", "norm", "param", "gather"):
@@ -721,6 +730,9 @@ def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -
             pw = producer_weights(gm, node, rule)
             rows = torch.as_tensor(pw.out_index(idx.numpy()), dtype=torch.long)
             refs = [(pw.weight, pw.out_axis, rows)] + ([(pw.bias, 0, idx)] if pw.bias is not None else [])
+            if isinstance(pw.weight, ComputedWeight):  # zero what the layer reads of it
+                pw.weight.zero(pw.out_axis, rows)
+                refs, edited = refs[1:], True
         else:
             view = op_view(gm, node)
             refs = [(view.params[k], 0, idx) for k in ("weight", "bias") if k in view.params]
@@ -730,3 +742,5 @@ def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -
             t = ref.get().detach().clone()
             t.index_fill_(axis, index, 0.0)
             ref.set(t)
+    if edited:
+        gm.recompile()

@@ -88,10 +88,11 @@ import torch.fx
 
 from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (bind_arguments, metadata_read, op_view, ref_for_get_attr, size_read, spec_for,
-                      transposed_parameter, value_nbytes, written_in_place)
+                      value_nbytes, written_in_place)
 
 from .channel_model import (CHANNELWISE, GATING, SPATIAL, TUPLE_RESULTS, WEIGHT_LAYOUTS, ZERO_PRESERVING,
                             ChannelGraph, Rule, Slot, _ChannelUnions, _Pin)
+from .computed_weights import weight_computations
 from .node_facts import (_INT_ARITHMETIC, _channelwise, _getitem_index, _holds_features, _is_number,
                          _is_parameter, _module_name, _norm_axis, _opaque_layer, _shape, _size_entries,
                          _wrapped_region)
@@ -172,6 +173,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         self.read_whole: set[str] = set()  # get_attr tensors a pinned node reads (`pin`)
         self.expand_sizes: dict[str, str] = {}  # ``y.expand(x.size())`` -> the size read
         self.held_constants: set[str] = set()  # constant operands whose channels all stay (`_aligned_inputs`)
+        self.weight_math = weight_computations(gm)  # layer weights computed from parameters alone
 
     def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
         shape = _shape(node)
@@ -219,7 +221,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
             if node.op == "output":
                 self.visit_output(node)
                 continue
-            if node.op in ("placeholder", "get_attr"):
+            if node.op in ("placeholder", "get_attr") or node.name in self.weight_math:
                 continue
             try:
                 if node.name in self.forced:
@@ -569,15 +571,21 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                         self.uf.union_many(self._positions(a), self._positions(b))
 
     def _weights_read(self, node: torch.fx.Node) -> list[torch.Tensor]:
-        """Parameters `node` reads directly or transposed (``W.t()``, ``W.T``)."""
-        found = []
-        for arg in node.all_input_nodes:
-            arg = transposed_parameter(self.gm, arg) or arg
+        """Parameters `node` reads directly or through a computation of parameters alone
+        (``W.t()``, ``W * scale``)."""
+        found, stack, seen = [], list(node.all_input_nodes), set()
+        while stack:
+            arg = stack.pop()
+            if arg in seen:
+                continue
+            seen.add(arg)
             if arg.op == "get_attr":
                 ref = ref_for_get_attr(self.gm, arg)
                 value = ref.get() if ref is not None else None
                 if isinstance(value, torch.nn.Parameter):
                     found.append(value)
+            elif arg.name in self.constant:  # a weight computed from it (``W.t()``, ``W * 2``)
+                stack.extend(arg.all_input_nodes)
         return found
 
     def _positions(self, sid: int) -> np.ndarray:

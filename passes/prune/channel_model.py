@@ -13,6 +13,8 @@ from scipy.sparse.csgraph import connected_components
 
 from fxopt.ir import ParamRef, bind_arguments, op_view, ref_for_get_attr, spec_for
 
+from .computed_weights import ComputedWeight
+
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "selu", "celu", "mish", "dropout", "identity", "contiguous", "to", "abs", "sqrt",
                              "square", "erf", "sin", "sign", "softsign", "shrink"})
@@ -63,11 +65,12 @@ WEIGHT_LAYOUTS = {
 
 @dataclass(frozen=True)
 class ProducerWeights:
-    """A producer's parameter handles (`ParamRef`) with its `WeightLayout` axes. `groups`: a
+    """A producer's parameter handles (`ParamRef`; a `ComputedWeight` for a weight the graph
+    computes from parameters) with its `WeightLayout` axes. `groups`: a
     grouped transposed conv's weight [cin, cout / groups, *k] holds output channel o in entry
     o % (cout / groups) of its out axis, for the rows of o's group only."""
 
-    weight: ParamRef
+    weight: ParamRef | ComputedWeight
     bias: ParamRef | None
     out_axis: int
     in_axis: int | None
@@ -107,7 +110,10 @@ def producer_weights(gm: torch.fx.GraphModule, node: torch.fx.Node, rule: "Rule"
     view = op_view(gm, node)
     bias = param_arg(gm, view, layout.bias) if layout.bias else None
     groups = rule.info.get("groups", 1) if rule.kind == "conv_transpose" else 1
-    return ProducerWeights(param_arg(gm, view, layout.weight), bias, layout.out_axis, layout.in_axis, groups)
+    weight = param_arg(gm, view, layout.weight)
+    if weight is None:  # the analysis took it as computed from parameters alone (`computed_weights`)
+        weight = ComputedWeight(gm, view.attrs[layout.weight], node)
+    return ProducerWeights(weight, bias, layout.out_axis, layout.in_axis, groups)
 
 
 @dataclass

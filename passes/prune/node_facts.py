@@ -43,9 +43,8 @@ _INT_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 
 # What a weight computed in the graph usually is, so the pin says what to do about it.
-_COMPUTED = (" (computed in the graph: a weight_norm or other parametrization? remove_parametrizations "
-             "before capture; a weight the forward computes itself, as weight standardization does, keeps "
-             "its layer whole)")
+_COMPUTED = (" (computed in the graph from the input, or from parameters something else also reads: a weight "
+             "computed from parameters alone, as weight standardization or a mask, prunes)")
 
 
 def _size_entries(reshape: torch.fx.Node) -> tuple:
@@ -61,7 +60,8 @@ def _opaque_layer(module: torch.nn.Module) -> str | None:
         name, chain = next(iter(module.parametrizations.items()))
         how = ", ".join(type(p).__name__.lstrip("_") for p in chain)
         return (f"{type(module).__name__} computes its {name} with a parametrization ({how}): call "
-                f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r}) before pruning")
+                f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r}) before pruning, or "
+                "capture with mode='export', which prunes the layer and keeps the parametrization")
     if module._forward_hooks or module._forward_pre_hooks:
         return f"{type(module).__name__} has forward hooks, which a pruned layer would not run"
     return None

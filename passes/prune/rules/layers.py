@@ -56,8 +56,7 @@ class LayerRules:
 
     def rule_conv(self, node, view, shape) -> None:
         src = view.input
-        w = view.param("weight")
-        if w is None:
+        if view.param("weight") is None and not self._weight_computed(view):
             raise _Pin("conv weight is not a parameter" + _computed_weight(self.gm, view.attrs.get("weight")))
         if isinstance(view.attrs.get("bias"), torch.fx.Node):
             raise _Pin("conv bias is computed in the graph (not a parameter to slice)")
@@ -101,8 +100,13 @@ class LayerRules:
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
 
+    def _weight_computed(self, view) -> bool:
+        """Whether the layer's weight is computed from parameters alone (`computed_weights`)."""
+        weight = view.attrs.get("weight")
+        return isinstance(weight, torch.fx.Node) and weight.name in self.weight_math
+
     def rule_linear(self, node, view, shape) -> None:
-        if view.param("weight") is None:
+        if view.param("weight") is None and not self._weight_computed(view):
             weight = view.attrs.get("weight")
             if isinstance(weight, torch.fx.Node) and transposed_parameter(self.gm, weight) is not None:
                 raise _Pin("linear weight is a transposed parameter (F.linear(x, W.t())): write it x @ W, "

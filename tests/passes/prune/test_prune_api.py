@@ -264,7 +264,7 @@ def test_nothing_to_prune_names_the_layer_without_a_rule():
 
 
 class _ComputedWeights(nn.Module):
-    """Weights computed in forward (weight norm written out): no layer owns a parameter."""
+    """Weights computed in forward from the input (a dynamic layer's gain): no layer has fixed rows."""
 
     def __init__(self):
         super().__init__()
@@ -272,7 +272,8 @@ class _ComputedWeights(nn.Module):
         self.v2, self.g2 = nn.Parameter(torch.randn(3, 8)), nn.Parameter(torch.rand(3, 1))
 
     def forward(self, x):
-        return F.linear(F.relu(F.linear(x, self.v1 * self.g1)), self.v2 * self.g2)
+        gain = x.mean().sigmoid()
+        return F.linear(F.relu(F.linear(x, self.v1 * self.g1 * gain)), self.v2 * self.g2 * gain)
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -300,16 +301,17 @@ class _WeightNormed(nn.Module):
 
 def test_a_weight_norm_layer_is_pinned_with_the_call_that_frees_it():
     """Symbolic capture keeps a parametrized conv whole (its weight is computed): the pin says
-    so and how to undo it (it was silent), and after that call the same model prunes."""
+    so and how to undo it (it was silent), and after that call the same model prunes. Export
+    traces the parametrization, whose computed weight prunes as is."""
     from fxopt.passes.prune.prune_pass import NothingToPrune
 
     model, x = _WeightNormed().eval(), torch.randn(2, 3, 20)
     with pytest.raises(NothingToPrune, match=r"a: ParametrizedConv1d computes its weight with a parametrization "
                                              r"\(WeightNorm\): call torch.nn.utils.parametrize.remove_parametrizations"
-                                             r"\(module, 'weight'\)"):
+                                             r"\(module, 'weight'\) before pruning, or capture with mode='export'"):
         analyze(model, (x,), mode="symbolic", ratio=0.5)
-    with pytest.raises(NothingToPrune, match=r"conv weight is not a parameter \(computed in the graph: a weight_norm"):
-        analyze(model, (x,), mode="export", ratio=0.5)
+    exported = analyze(model, (x,), mode="export", ratio=0.5)
+    assert exported.channel_graph.pinned_nodes == {} and exported.selection.removed > 0
     plain = copy.deepcopy(model)
     for layer in (plain.a, plain.b):
         torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")

@@ -1866,8 +1866,8 @@ def test_a_bias_table_indexed_on_its_last_axis_holds_heads(mode):
 
 class StandardizedConvNet(nn.Module):
     """NFNet's scaled weight standardization: each conv's weight is computed in forward from its
-    parameter, so the conv is pinned. The parameter used directly must not be "pruned" along its
-    last axis (the kernel width): that saved nothing and changed the function."""
+    parameter. The parameter used directly must not be "pruned" along its last axis (the
+    kernel width): that saved nothing and changed the function."""
 
     def __init__(self):
         super().__init__()
@@ -1886,18 +1886,17 @@ class StandardizedConvNet(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_a_weight_computed_in_forward_keeps_every_entry(mode):
+def test_a_weight_computed_in_forward_prunes_its_layer_not_its_kernel(mode):
+    """adapter_cost=0 used to cut the kernels' last axis; then the convs were pinned. The
+    standardization runs on the full parameter and each conv reads its kept rows and columns."""
     torch.manual_seed(0)
     model, x = StandardizedConvNet().eval(), torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = model(x)
-    from fxopt.passes.prune.prune_pass import NothingToPrune
-
-    # adapter_cost=0, the setting that used to cut the kernels: nothing is left to prune, and
-    # the error says which layers hold it and why
-    with pytest.raises(NothingToPrune, match=r"conv2d: conv weight is not a parameter \(computed in the graph.*"
-                                             r"weight standardization"):
-        prune_and_mask(model, x, mode)
+    r = prune_and_mask(model, x, mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert r.plan.channel_graph.pinned_nodes == {} and r.plan.dead.any()
+    assert r.pruned.get_parameter("c2.weight").shape == (16, 16, 3, 3)  # computed from in full
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
