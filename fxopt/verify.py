@@ -379,22 +379,28 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
         r, c = r.masked_fill(both_nan, 0.0), c.masked_fill(both_nan, 0.0)
     error = torch.where(r == c, 0.0, r - c)  # equal infinities: no error; inf against a number: inf
     diff = error.abs()
-    scale = float(r.abs().max())
+    # the scale and the signal are the finite reference values': one -inf (a masked score)
+    # would make every bound infinite and every error pass
+    finite = r[r.isfinite()]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
     max_abs = float(diff.max())
-    max_rel = float((diff / r.abs().clamp_min(1e-12 + 1e-3 * scale)).max())
+    rel = torch.where(diff == 0, 0.0, diff / r.abs().clamp_min(1e-12 + 1e-3 * scale))
+    max_rel = float(rel.nan_to_num(nan=math.inf).max())  # inf against -inf: inf / inf
     noise = float(error.pow(2).sum())
-    signal = float(r.pow(2).sum())
+    signal = float(finite.pow(2).sum())
     if noise == 0:
         sqnr = math.inf
     elif signal > 0 and math.isfinite(noise):
         sqnr = 10 * math.log10(signal / noise)
     else:
         sqnr = -math.inf
-    denom = float(r.norm() * c.norm())
+    both = r.isfinite() & c.isfinite()
+    rf, cf = r[both], c[both]
+    denom = float(rf.norm() * cf.norm())
     if noise == 0:
         cosine = 1.0
     else:
-        cosine = float((r.flatten() @ c.flatten()) / denom) if denom > 0 else 0.0
+        cosine = float((rf @ cf) / denom) if denom > 0 and math.isfinite(noise) else 0.0
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr = math.nan, -math.inf
     return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale, ref.dtype)

@@ -602,6 +602,29 @@ def test_nan_the_reference_itself_computes_is_matched_by_position():
         assert report.verdict == "FAIL", (type(candidate).__name__, report.summary())
 
 
+class _Reciprocal(nn.Module):
+    def __init__(self, k: float = 1.0, inf_to: float | None = None):
+        super().__init__()
+        self.k, self.inf_to = k, inf_to
+
+    def forward(self, x):
+        y = self.k / torch.relu(x)  # +inf where x <= 0
+        return y if self.inf_to is None else torch.nan_to_num(y, posinf=self.inf_to)
+
+
+@pytest.mark.parametrize("tolerance", ["exact", "float", "int8"])
+@pytest.mark.parametrize("candidate", [_Reciprocal(2.0), _Reciprocal(-1.0), _Reciprocal(1.0, inf_to=5.0)],
+                         ids=["finite-doubled", "inf-negated", "inf-replaced"])
+def test_an_infinity_in_the_reference_does_not_make_every_error_pass(candidate, tolerance):
+    """The bound was atol + rtol * max|ref|: one inf (a masked score) made it infinite, so a
+    doubled output, -inf for +inf and 5 for inf all read PASS."""
+    x = torch.tensor([[-1.0, 0.5, 2.0, 3.0]])
+    assert verify(_Reciprocal(), _Reciprocal(), (x,), tolerance=tolerance).verdict == "PASS"
+    report = verify(_Reciprocal(), candidate, (x,), tolerance=tolerance)
+    assert report.verdict == "FAIL", report.summary()
+    assert math.isfinite(report.outputs[0].ref_scale)
+
+
 def test_a_lossy_report_says_it_checked_nothing():
     """`lossy` bounds no error: a pruned model whose accuracy collapsed must not read as PASS."""
     m = _net()
