@@ -13,9 +13,17 @@ import torch.fx
 
 from .base import Analysis
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.utils._dtype_abbrs import dtype_abbrs
 from torch.utils._pytree import tree_map
 
 from ..ir.interpret import fresh_inputs, run_graph
+
+# torch.fx's printer (`print_readable`, and the Interpreter's error path, which prints the
+# graph) has no abbreviation for the quantized dtypes a recorded tensor_meta may hold: a
+# KeyError from any int8 graph, raised in place of the error being reported. Added once.
+for _dtype, _abbr in ((torch.quint8, "qu8"), (torch.qint8, "qi8"), (torch.qint32, "qi32"),
+                      (torch.quint4x2, "qu4x2"), (torch.quint2x4, "qu2x4")):
+    dtype_abbrs.setdefault(_dtype, _abbr)
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None = None) -> dict:
@@ -29,6 +37,8 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None 
             node.meta["val"] = torch.empty_strided(
                 value.shape, value.stride(), dtype=value.dtype, device="meta"
             )
+        elif isinstance(value, torch.Tensor):  # made int8: capture's float `val` would contradict tensor_meta
+            node.meta.pop("val", None)
         metas[node.name] = meta
 
     with torch.no_grad():

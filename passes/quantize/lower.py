@@ -267,12 +267,28 @@ class _Lowering:
                 self.graph.erase_node(node)
         delete_unused_attributes(self.gm)
         if self.backend == "x86":  # its convs run channels-last: hand the caller the usual layout
+            self._views_downstream_as_reshapes()
             contiguous_outputs(self.gm)
         self.graph.lint()
         self.gm.recompile()
         self.stats["quantize_nodes"] = sum(_is_quantize(n) for n in self.graph.nodes)
         self.stats["dequantize_nodes"] = sum(_is_dequantize(n) for n in self.graph.nodes)
         return self.gm
+
+    def _views_downstream_as_reshapes(self) -> None:
+        """`_view_as_reshape` for every view computed from an int8 value, float ones included: a
+        squeeze or select of a channels-last kernel output, dequantized, keeps its strides
+        (``conv(x).squeeze(-1).view(n, -1)`` failed). A view written through stays a view."""
+        stack = [n for n in self.graph.nodes if n.name in self.region or _is_dequantize(n)]
+        seen: set[torch.fx.Node] = set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if not any(u.op != "output" and is_effectful(u) for u in node.users):
+                _view_as_reshape(node)
+            stack.extend(node.users)
 
     def _kernel_inputs(self, enabled: set[str], region: set[str]) -> set[str]:
         """Names of the values an int8 conv/linear kernel reads, directly or through pass-through ops.

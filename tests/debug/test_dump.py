@@ -67,6 +67,8 @@ def test_an_int8_graph_lists_the_shape_and_dtype_of_its_int8_values(tmp_path):
     lines = (tmp_path / "out" / "graph.txt").read_text().splitlines()
     int8 = [line for line in lines if "quantized." in line or "quantize_per_tensor" in line]
     assert int8 and all(line.split("  : ")[-1].startswith("qu8[2, ") for line in int8), int8
+    # torch.fx's own printer reads the same metadata (it raised KeyError: torch.quint8)
+    assert "qu8[2, 8, 8, 8]" in res.module.print_readable(print_output=False)
 
 
 def test_dump_is_callable_from_the_package_root(graph, tmp_path):

@@ -946,3 +946,25 @@ def test_skip_takes_a_layers_module_path_in_both_front_ends(mode):
     kept = [name for name, why in res.passes[0].stats["float_ops"].items() if "(skip/target_sqnr)" in why]
     assert len(kept) == 1 and res.passes[0].stats["quantized"], res.passes[0].stats
     assert kept[0] == ("head" if mode == "symbolic" else "linear")
+
+
+class _SqueezeThenView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 16, (3, 1), padding=(1, 0))
+
+    def forward(self, x):
+        y = F.relu(self.c(x)).squeeze(-1)  # (N, 16, 10), channels-last strides from the int8 conv
+        return y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_view_of_a_squeezed_int8_conv_output_runs(mode):
+    """The view read the dequantized squeeze of a channels-last int8 conv: "view size is not
+    compatible" (export), and symbolic reported a bare KeyError: torch.quint8 raised while
+    torch.fx printed the graph for that error."""
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 8, 10, 1) for _ in range(4)]
+    res = fxopt.optimize(_SqueezeThenView().eval(), xs[0], "quantize{backend=x86}", calibration=xs, mode=mode)
+    assert res.verification.passed and res.verification.sqnr_db > 30
+    assert res.module(torch.randn(2, 8, 10, 1)).shape == (2, 160)
