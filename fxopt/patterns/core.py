@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from ..errors import node_label, node_location, user_source_line
-from ..ir import OpView, bind_arguments, op_view, spec_for, tensor_meta
+from ..ir import OpView, bind_arguments, mutated_input, op_view, spec_for, tensor_meta
 
 ANNOTATIONS = "fxopt.annotations"
 
@@ -174,12 +174,73 @@ def match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Patte
                    check: Callable[[Match], bool | str] | None = None) -> Match:
     m = Match(gm, node)
     m = _match(gm, node, pattern, m, is_root=True)
+    for op in m.ops:
+        _refuse_visible_write(gm, op, m)
+    _refuse_write_before_root(gm, m)
     if check is not None:
         verdict = check(m)
         if verdict is not True and verdict is not None:
             reason = verdict if isinstance(verdict, str) and verdict else "the extra check returned False"
             raise NoMatch(f"extra check refused the match at {_where(node)}: {reason}")
     return m
+
+
+def _refuse_visible_write(gm: torch.fx.GraphModule, op: torch.fx.Node, m: "Match") -> None:
+    """A matched op that writes its input in place (``y.mul_(sigmoid(y))``, ``relu_(y)``) is
+    replaced by a value of its own: a reader of the written tensor after it, or of an input,
+    parameter or view, would no longer see the write. ``relu_(conv(x))``, whose input nothing
+    else reads later, is the usual case and matches."""
+    target = mutated_input(gm, op)
+    if target is None:
+        return
+    if target.op in ("placeholder", "get_attr"):
+        raise _no_match(op, f" writes '{target.name}' in place, an input or attribute the caller sees")
+    later = [u for u in target.users if u is not op and u > op]
+    if later:
+        raise _no_match(op, f" writes '{target.name}' in place and {', '.join(repr(u.name) for u in later)} "
+                            "reads it after; the rewrite would drop the write")
+    views = [u for u in target.users if u is not op and u not in m.ops and op_view(gm, u) is not None
+             and op_view(gm, u).kind in _ALIASING]
+    if views:
+        raise _no_match(op, f" writes '{target.name}' in place and {views[0].name!r} is a view of it that sees "
+                            "the write")
+
+
+def _refuse_write_before_root(gm: torch.fx.GraphModule, m: "Match") -> None:
+    """The replacement runs where the root was: an input the match reads that is written in
+    place between its first reader and the root (``a = conv(h); h.mul_(2); a + b``, export's
+    form) would reach it written."""
+    ops = set(m.ops)
+    for value in {n for n in m.nodes.values() if n not in ops}:
+        readers = [op for op in m.ops if value in op.all_input_nodes]
+        if not readers:
+            continue
+        first = min(readers)
+        for writer in _writers_of(gm, value):
+            if first < writer < m.root:
+                raise _no_match(m.root, f": '{writer.name}' writes '{value.name}' in place after "
+                                        f"'{first.name}' reads it; the rewrite, placed here, would read the write")
+
+
+def _writers_of(gm: torch.fx.GraphModule, value: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes writing `value` in place, directly or through views of it."""
+    writers, stack, seen = [], [value], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if mutated_input(gm, user) is node:
+                writers.append(user)
+            view = op_view(gm, user)
+            if view is not None and view.kind in _ALIASING:
+                stack.append(user)
+    return writers
+
+
+_ALIASING = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "select", "slice",
+                       "getitem", "unsqueeze", "squeeze", "narrow", "split", "chunk", "unbind", "expand_as"})
 
 
 def _where(node: Any) -> str:

@@ -56,7 +56,7 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult, TrainingModeWarning
 from fxopt.errors import node_label, user_source_line, user_stacklevel
-from fxopt.ir import op_view
+from fxopt.ir import functionalize_writes, op_view
 from fxopt.patterns import PatternSet, apply_patterns
 
 from . import rules
@@ -107,6 +107,9 @@ class Fuse(Pass):
 
         if self.fold_bn:
             _warn_training_batchnorms(gm)
+        # ``y.mul_(sigmoid(y))`` then y read again: as the out-of-place op its readers read, the
+        # swish it spells matches (the pattern matcher refuses a write others would miss)
+        functionalized = functionalize_writes(gm)
         report = apply_patterns(gm, self.patterns(), debug=self.debug or None)
         changed_graph = any(n for name, n in report.counts.items()
                             if name not in {p.name for p in rules.EPILOGUES})
@@ -116,7 +119,9 @@ class Fuse(Pass):
         if changed_graph:
             dce = DeadCodeElimination().run(gm, ctx)
             stats["nodes_removed"] = dce.stats["nodes_removed"]
-        return PassResult(gm, modified=bool(report.counts), stats=stats)
+        if functionalized:
+            stats["writes_functionalized"] = functionalized
+        return PassResult(gm, modified=bool(report.counts or functionalized), stats=stats)
 
 
 def _warn_training_batchnorms(gm: torch.fx.GraphModule) -> None:

@@ -35,8 +35,9 @@ expects depends on both, and a weight packed for another thread count is reorder
 inside every call (see `WeightPacks`). Activations entering a lowered conv are made
 channels-last (oneDNN's fast layout for these kernels; every elementwise op and pooling
 keeps it). Because `view` needs a contiguous input, a
-`contiguous()` is inserted before every reshape of a 4-D value and before 4-D graph outputs
-(a no-op when the value already is contiguous). Measured on ResNet-18 and MobileNetV2 at
+`contiguous()` is inserted before every reshape of a 4-D value or of a value computed from a
+channels-last one (a select of a conv's output keeps its strides), and before 4-D graph
+outputs (a no-op when the value already is contiguous). Measured on ResNet-18 and MobileNetV2 at
 batch 1 and 16 with one thread (docs/benchmarks.md, "Fusion (issue 5)"): channels-last +
 packed weights + fused post-ops beat every plain eager variant; plain channels-last without
 packing, or packing without channels-last, did not.
@@ -60,8 +61,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import (bind_arguments, contiguous_outputs, is_effectful, op_view, spec_for,
-                      split_packed_parameters, tensor_meta)
+from fxopt.ir import (bind_arguments, contiguous_outputs, functionalize_writes, is_effectful, op_view, spec_for,
+                      split_packed_parameters, tensor_meta, written_in_place)
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -320,9 +321,11 @@ def _conv_rule(min_macs: int, by_batch: bool):
 class _Lowering:
     """Shared state of one run: the channels-last copies already made per value."""
 
-    def __init__(self, min_macs: int = MIN_MACS, by_batch: bool = True) -> None:
+    def __init__(self, min_macs: int = MIN_MACS, by_batch: bool = True,
+                 written: dict[str, str] | None = None) -> None:
         self.cl: dict[torch.fx.Node, torch.fx.Node] = {}
         self.min_macs, self.by_batch = min_macs, by_batch
+        self.written = written or {}  # values a write reaches (through a view too): `written_in_place`
 
     def channels_last(self, r: Rewriter, node: torch.fx.Node) -> torch.fx.Node:
         if node in self.cl and not getattr(self.cl[node], "_erased", False):
@@ -331,7 +334,7 @@ class _Lowering:
             return node
         # One copy right after the value serves every conv reading it, unless something writes
         # into the value in place (``x.sub_(mean)``): then each conv copies it where it reads it.
-        written = any(user.op != "output" and is_effectful(user) for user in node.users)
+        written = node.name in self.written or any(user.op != "output" and is_effectful(user) for user in node.users)
         with r.graph.inserting_before(r.match.root) if written else r.graph.inserting_after(node):
             new = r.graph.call_method("contiguous", (node,), {"memory_format": torch.channels_last})
         new.meta["tensor_meta"] = node.meta.get("tensor_meta")
@@ -345,6 +348,8 @@ class _Lowering:
         post = _post_op(act)
         if post is None:
             return None
+        if r.match.root is not r.match.nodes["conv"] and r["x"].name in self.written:
+            return None  # the fused call runs where the add/act was: a write in between would reach it
         meta = tensor_meta(r["x"])
         if meta is None or len(meta[0]) != 4:
             return None
@@ -479,7 +484,8 @@ class LowerCPU(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not mkldnn_available():
             return PassResult(gm, modified=False, stats={"skipped": "oneDNN (mkldnn) is not available"})
-        state = _Lowering(self.min_macs, self.by_batch)
+        functionalized = functionalize_writes(gm)  # an in-place write nothing else sees, out of place
+        state = _Lowering(self.min_macs, self.by_batch, written_in_place(gm))
         # cross-attention's q/k/v weights are rows of one packed parameter: one each, to prepack
         unpacked = split_packed_parameters(gm) if self.linear else 0
         report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear))
@@ -489,7 +495,7 @@ class LowerCPU(Pass):
             from fxopt.passes.cleanup import DeadCodeElimination
 
             DeadCodeElimination().run(gm, ctx)
-        return PassResult(gm, modified=bool(report.total or unpacked),
+        return PassResult(gm, modified=bool(report.total or unpacked or functionalized),
                           stats={"lowered": dict(report.counts), "contiguous_inserted": guards,
                                  "unpacked_parameters": unpacked, "channel_scatters": scatters})
 
@@ -554,17 +560,35 @@ def _makes_fresh_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvByBatch))
 
 
+def _downstream_of_channels_last(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The values computed from what the lowering made channels-last (its convs, batch
+    switches and layout copies): their strides may be channels-last at any rank."""
+    found: set[torch.fx.Node] = set()
+    stack = [n for n in gm.graph.nodes if _is_lowered_conv(n) or n.op == "call_module"
+             and isinstance(gm.get_submodule(n.target), ConvByBatch)
+             or n.op == "call_method" and n.kwargs.get("memory_format") is torch.channels_last]
+    while stack:
+        n = stack.pop()
+        if n not in found:
+            found.add(n)
+            stack.extend(n.users)
+    return found
+
+
 def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     view = op_view(gm, node)
     return view is not None and view.kind == "relu" and len(view.inputs) == 1
 
 
 def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
-    """Insert contiguous() before reshapes (`view` needs it) and 4-D outputs of the graph."""
+    """Insert contiguous() before reshapes (`view` needs it) of 4-D values and of any value of
+    rank 2 or more computed from a channels-last one (``conv(x)[..., 0].view(n, -1)``: the
+    select keeps the channels-last strides), and before 4-D outputs of the graph."""
     for node in cl_nodes:  # a lowered conv already yields channels-last: drop its copy
         if not getattr(node, "_erased", False) and _is_lowered_conv(node.args[0]):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+    downstream = _downstream_of_channels_last(gm)
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "output":
@@ -574,7 +598,7 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
             continue
         src = view.inputs[0]
         meta = tensor_meta(src)
-        if meta is None or len(meta[0]) != 4:
+        if meta is None or len(meta[0]) != 4 and (len(meta[0]) < 2 or src not in downstream):
             continue
         with gm.graph.inserting_before(node):
             fixed = gm.graph.call_method("contiguous", (src,))

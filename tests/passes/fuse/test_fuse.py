@@ -602,3 +602,26 @@ def test_a_layer_scale_is_folded_into_its_conv_or_linear(mode):
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-6)
     off = fxopt.optimize(model, (torch.randn(2, 3, 6, 6),), "fuse{fold_scale=false}", mode=mode)
     assert "conv+scale" not in off.passes[0].stats["matches"]
+
+
+class InPlaceSwish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c(x)
+        y.mul_(torch.sigmoid(y))  # y is read after the write: the output
+        return y
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_in_place_swish_fuses_and_keeps_its_write(mode):
+    """The silu pattern matched `mul_` and replaced it by an out-of-place silu nobody read:
+    fuse returned the conv alone (1.43 off). The write is made out of place first, so the
+    swish fuses into the conv and the output reads it."""
+    torch.manual_seed(0)
+    m, x = InPlaceSwish().eval(), torch.randn(2, 8, 6, 6)
+    res = fxopt.optimize(m, x, "fuse", mode=mode)
+    torch.testing.assert_close(res.module(x), m(x), rtol=1e-4, atol=1e-5)
+    assert res.passes[0].stats["matches"].get("silu") == 1

@@ -297,6 +297,32 @@ def test_the_channels_last_copy_is_taken_after_in_place_writes(mode):
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+class SelectThenView(nn.Module):
+    """A 3-D select of a conv's output, then ``view``: channels-last strides survive the select."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.c(x))[..., 0]
+        return y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("min_macs", [None, 0])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_view_of_a_lower_rank_value_of_a_lowered_conv_runs_at_every_batch(mode, min_macs):
+    """The default rule lowers this conv from batch 2 (a batch switch): the module verified at
+    batch 1 and failed at batch 4 ("view size is not compatible")."""
+    torch.manual_seed(0)
+    model = SelectThenView().eval()
+    option = "" if min_macs is None else f"{{min_macs={min_macs}}}"
+    res = fxopt.optimize(model, torch.randn(1, 8, 10, 10), f"fuse,lower-cpu{option}", mode=mode)
+    for batch in (1, 4):
+        x = torch.randn(batch, 8, 10, 10)
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("pipeline", ["fuse,lower-cpu{min_macs=0}", "quantize{backend=x86}"])
 def test_a_module_with_forward_hooks_is_called_not_rewritten(pipeline):
     """A hook that changes a layer's output runs only through the module call: passes leave
@@ -328,3 +354,54 @@ def test_more_activations_ride_in_the_conv_kernel(mode, act, label):
     lowered = fxopt.optimize(model, (torch.randn(2, 8, 12, 12),), "fuse,lower-cpu{min_macs=0,by_batch=false}",
                              mode=mode).module
     assert _lowered(lowered) == [label]
+
+
+class WriteIntoAClone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c(x)
+        x2 = x.clone()
+        x2.add_(y)  # the add's result is x2: its reader reads x2
+        return F.relu(x2)
+
+
+class WriteThroughAViewBetweenConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        a = self.c1(h)
+        h[:, :2].mul_(2.0)  # c2 must see it; a channels-last copy taken before it would not
+        return a, self.c2(h)
+
+
+class WriteBetweenConvAndAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        a = self.c1(h)
+        h.mul_(2.0)  # c1 read h before: a conv+add placed at the add would read it written
+        return a + self.c2(h)
+
+
+@pytest.mark.parametrize("model", [WriteIntoAClone, WriteThroughAViewBetweenConvs, WriteBetweenConvAndAdd],
+                         ids=["clone-add_", "view-write", "write-before-add"])
+@pytest.mark.parametrize("min_macs", [None, 0])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_in_place_writes_reach_the_lowered_convs_as_in_eager(mode, min_macs, model):
+    """Each was a wrong result (0.5-2.0 off): a conv+add whose result nobody read, a stale
+    channels-last copy, a fused conv moved after a write to its input."""
+    torch.manual_seed(0)
+    m, x = model().eval(), torch.randn(2, 8, 6, 6)
+    option = "" if min_macs is None else f"{{min_macs={min_macs}}}"
+    res = fxopt.optimize(m, x, f"fuse,lower-cpu{option}", mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    torch.testing.assert_close(res.module(x), m(x), rtol=1e-4, atol=1e-5)

@@ -327,3 +327,21 @@ def test_why_not_of_a_checked_const_names_its_argument():
     pattern = Op("softmax", Op("div", Var("x"), scalar=Const("c", check=lambda c: c > 5)))
     assert explain(gm, _node(gm, "softmax"), pattern).endswith(
         "argument 'other' is 4.0, which fails the check of Const('c')")
+
+
+def test_a_pattern_does_not_match_a_write_read_after_it():
+    """An in-place op the rewrite would replace by a value of its own: a later reader of the
+    written tensor would miss the write. The reason names the reader."""
+    from fxopt.ir import mutated_input
+
+    def f(x):
+        y = x * 3
+        y.mul_(torch.sigmoid(y))
+        return y + 1
+
+    gm = torch.fx.symbolic_trace(f)
+    mul_ = next(n for n in gm.graph.nodes if n.target == "mul_")
+    assert mutated_input(gm, mul_) is not None
+    pattern = Op("mul", Var("x"), Op("sigmoid", Var("x")), commutative=True)
+    reason = explain(gm, mul_, pattern)
+    assert "writes 'mul' in place and 'add' reads it after" in reason, reason
