@@ -5,7 +5,8 @@ assertions, export guards) and the submodules and attributes left unreferenced.
 
 `remove-noops` — removes ops that return their input unchanged: `nn.Identity`/`aten.alias`,
 dropout in eval mode (a module not training, or `training=False`), and `contiguous()` on a
-value already contiguous (known from the shapes analysis)::
+value that is row-major for every input (a linear's or matmul's result, another
+`contiguous()`; not a value that merely was contiguous on the example)::
 
     before:  %d = call_module d(%relu)  ; nn.Dropout, eval      after:  %add = add(%relu, %relu)
              %add = add(%d, %relu)
@@ -28,7 +29,6 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.analysis import ShapeAnalysis
 from fxopt.ir import add_tensor_attr, delete_unused_attributes, get_attr_value, is_effectful, op_view, replace_uses
 
 
@@ -52,51 +52,49 @@ class DeadCodeElimination(Pass):
 
 @dataclass
 class RemoveNoOps(Pass):
-    """Remove identity, eval-mode dropout and contiguous-on-contiguous nodes."""
+    """Remove identity, eval-mode dropout and contiguous() of values always row-major."""
 
     name = "remove-noops"
     preserves = frozenset({"shapes"})
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
-        shapes = None
         for node in list(gm.graph.nodes):
             view = op_view(gm, node)
             if view is None or view.input is None:
                 continue
-            if view.kind == "contiguous" and shapes is None and (ctx.example_inputs or ctx.example_kwargs):
-                shapes = ctx.analyses.get(ShapeAnalysis)
-            if not _is_noop(view, shapes):
+            if not _is_noop(gm, view):
                 continue
             replace_uses(node, view.input)
             counts[view.kind] = counts.get(view.kind, 0) + 1
         return PassResult(gm, modified=bool(counts), stats={"removed": counts})
 
 
-def _is_noop(view, shapes: dict | None) -> bool:
+def _is_noop(gm: torch.fx.GraphModule, view) -> bool:
     if view.kind == "identity":
         return True
     if view.kind == "dropout":
         return not view.attrs.get("training", True) or view.attrs.get("p", 0.5) == 0
     if view.kind == "contiguous":
-        meta = shapes.get(view.input.name) if shapes else None
-        memory_format = view.attrs.get("memory_format", torch.contiguous_format)
-        return memory_format in (None, torch.contiguous_format) and _is_contiguous(meta)
+        return _row_major(view) and _always_row_major(op_view(gm, view.input) if isinstance(view.input, torch.fx.Node)
+                                                      and view.input.op != "placeholder" else None)
     return False
 
 
-def _is_contiguous(meta: Any) -> bool:
-    """Row-major contiguity from recorded shape and stride (TensorMetadata has no
-    `is_contiguous` field, and its `memory_format` is ambiguous for size-1 dims)."""
-    shape, stride = getattr(meta, "shape", None), getattr(meta, "stride", None)
-    if shape is None or stride is None or len(shape) != len(stride):
-        return False
-    expected = 1
-    for size, st in zip(reversed(tuple(shape)), reversed(tuple(stride))):
-        if size != 1 and st != expected:
-            return False
-        expected *= size
-    return True
+# ops whose result is row-major whatever the layout of their inputs. Contiguity is no property
+# of a value in general: the example input was contiguous, the caller's next one may not be,
+# and `lower-cpu` makes conv outputs channels-last (a `contiguous()` dropped because the example
+# was contiguous made `.view` fail on a transposed input).
+_ROW_MAJOR_RESULTS = frozenset({"linear", "addmm", "mm", "bmm", "matmul"})
+
+
+def _row_major(view) -> bool:
+    return view.attrs.get("memory_format", torch.contiguous_format) in (None, torch.contiguous_format)
+
+
+def _always_row_major(producer) -> bool:
+    return producer is not None and (producer.kind in _ROW_MAJOR_RESULTS
+                                     or producer.kind == "contiguous" and _row_major(producer))
 
 
 @dataclass

@@ -169,7 +169,7 @@ class NoOps(nn.Module):
         y = self.ident(self.fc(x))
         y = self.drop(y)
         y = torch.nn.functional.dropout(y, 0.1, training=self.training)
-        c = y.contiguous()                 # already contiguous: removed
+        c = y.contiguous()                 # of a linear's result (dropouts removed): row-major, removed
         t = y.transpose(0, 1).contiguous()  # transposed: the copy is real, kept
         return c + t.transpose(0, 1)
 
@@ -234,11 +234,12 @@ def test_remove_noops_keeps_training_dropout():
     assert not result.records[0].modified
 
 
-def test_remove_noops_contiguous_without_shapes_is_kept():
-    """Without example inputs nothing is known about layouts: keep every contiguous()."""
+def test_remove_noops_contiguous_needs_no_example_inputs():
+    """Which contiguous() is a no-op follows from the ops alone (a linear's result is
+    row-major), not from the example's layouts: the same answer without example inputs."""
     gm = torch.fx.symbolic_trace(NoOps().eval())
     result = PassManager("remove-noops").run(gm)
-    assert result.records[0].stats["removed"].get("contiguous", 0) == 0
+    assert result.records[0].stats["removed"].get("contiguous", 0) == 1
 
 
 # ----- fold-constants -----------------------------------------------------------------------
@@ -315,3 +316,17 @@ def test_cleanup_pipeline_on_both_front_ends_matches():
         outs.append(res.module(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert operator is not None
+
+
+class ContiguousInput(nn.Module):
+    def forward(self, x):
+        return x.contiguous().view(x.shape[0], -1) * 2
+
+
+def test_contiguous_of_a_value_that_was_contiguous_on_the_example_stays():
+    """The example input was contiguous; the next may not be: removing the copy made `.view`
+    fail on a transposed input of the same shape. (torch.export itself drops this copy while
+    tracing, so only the symbolic graph has one to keep.)"""
+    res = fxopt.optimize(ContiguousInput(), torch.randn(2, 4, 6), "remove-noops", mode="symbolic")
+    transposed = torch.randn(2, 6, 4).transpose(1, 2)
+    torch.testing.assert_close(res.module(transposed), ContiguousInput()(transposed))
