@@ -17,6 +17,7 @@ Python API's: `torch.embedding(weight, indices)` vs `F.embedding(input, weight)`
 from __future__ import annotations
 
 import functools
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,13 +72,20 @@ def eager_call(op: torch._ops.OpOverload) -> EagerCall | str:
 
 
 def _printable(fn: Callable[..., Any]) -> bool:
-    """Can fx's code generator name `fn`? It cannot for the dunder bindings (`torch.__and__`),
-    which then go through their Tensor method (`x.__and__(y)`)."""
+    """Can fx's code generator name `fn`, and does the name it prints call `fn`? It cannot for
+    the dunder bindings (`torch.__and__`), which then go through their Tensor method
+    (`x.__and__(y)`); and it prints `torch.block_diag` for `_VariableFunctions.block_diag`,
+    a name that calls the Python wrapper in torch/functional.py, which takes other arguments
+    (`stft`, `tensordot`, `cdist`, `cartesian_prod` alike)."""
     try:
-        torch.fx.node._get_qualified_name(fn)
+        name = torch.fx.node._get_qualified_name(fn)
     except RuntimeError:
         return False
-    return True
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr) is fn
+    except (ImportError, AttributeError):
+        return False
 
 
 def call_through_binding(node: torch.fx.Node, call: EagerCall) -> None:

@@ -196,3 +196,32 @@ def test_a_lowered_graph_still_trains_with_distill():
     tuned = fxopt.distill(student, teacher, data, epochs=2, progress=False)
     assert any(not torch.equal(before[n], p) for n, p in tuned.named_parameters())
     assert tuned(x).shape == (4, 4)
+
+
+_WRAPPED = {  # torch functions that are Python wrappers in torch/functional.py, with other arguments
+    "stft": (lambda x: torch.stft(x, 8, hop_length=2, window=torch.hann_window(8), return_complex=True).abs(),
+             torch.randn(2, 32)),
+    "tensordot": (lambda x: torch.tensordot(x, x, dims=([2], [2])), torch.randn(2, 4, 8)),
+    "block_diag": (lambda x: torch.block_diag(x[0], x[1]), torch.randn(2, 4, 8)),
+    "cartesian_prod": (lambda x: torch.cartesian_prod(x[0], x[1]), torch.randn(2, 5)),
+    "cdist": (lambda x: torch.cdist(x, x + 1, compute_mode="use_mm_for_euclid_dist"), torch.randn(2, 4, 8)),
+}
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("name", sorted(_WRAPPED))
+def test_an_op_whose_printed_name_is_a_python_wrapper_keeps_its_overload(name):
+    """fx prints `_VariableFunctions.block_diag` as `torch.block_diag`, which calls the Python
+    wrapper of torch/functional.py: the lowered module raised where the export graph ran."""
+    fn, x = _WRAPPED[name]
+    res = fxopt.optimize(_Fn(fn), x, "lower-eager", mode="export")
+    assert res.verification.passed, res.verification.summary()
+    torch.testing.assert_close(res.module(x), fn(x))
