@@ -279,7 +279,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                 save(res.module, args.save)
             steps.set_postfix_str("measuring")
             before = _measure(work, res.original, args.threads)
-            after = _measure(work, res.module, args.threads)
+            after, unmeasured = _measure_result(work, res, args.threads)
             steps.update(2)
     except PassError as exc:  # reported once the bar is gone
         code = _pass_failed(exc, work)
@@ -294,9 +294,24 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     for record in res.passes:
         print(f"  {record}")
     print(format_table(before, after, res))
+    if unmeasured:
+        print(f"the optimized module raised while it was measured: {unmeasured}")
     if args.save:
         print(f"saved {args.save} (fxopt.load reads it)")
     return 0 if res.verification is None or res.verification.passed else 1
+
+
+def _measure_result(work: Workload, res: Any, threads: int) -> tuple[dict[str, str], str | None]:
+    """The optimized module's row, and why it is empty: a result that failed verification may
+    fail to run at all (the verdict, not a traceback, is the answer then)."""
+    from .errors import first_line
+
+    try:
+        return _measure(work, res.module, threads), None
+    except Exception as exc:
+        if res.verification is None or res.verification.passed:
+            raise
+        return {}, f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _measure(work: Workload, module: nn.Module, threads: int) -> dict[str, str]:
@@ -320,7 +335,7 @@ def format_table(before: dict[str, str], after: dict[str, str], res: Any) -> str
     """A plain before/after table; ratios where both sides are numbers."""
     rows = [("", "before", "after", "ratio")]
     for key in before:
-        rows.append((key, before[key], after[key], _ratio(before[key], after[key])))
+        rows.append((key, before[key], after.get(key, "-"), _ratio(before[key], after.get(key, "-"))))
     for device, report in res.verification_by_device.items():
         if report.verdict == "NOT CHECKED":  # lossy: the numbers are all there is to go by
             rows.append((f"verification ({device})", "", f"{report.tolerance.name} (not checked)",

@@ -192,3 +192,32 @@ def test_a_lossy_result_is_reported_as_not_checked(user_model_module, capsys):
     row = next(line for line in out.splitlines() if line.startswith("verification (cpu)"))
     assert "lossy (not checked)" in row and "SQNR" in row and ", cos " in row
     assert "PASS" not in row
+
+
+def test_a_result_that_raises_when_run_gets_its_verdict_not_a_traceback(user_model_module, capsys):
+    """A miscompiled result can fail verification by raising; measuring it then raised too,
+    and the CLI died with a traceback instead of the FAIL line and exit code 1."""
+    import dataclasses
+
+    import fxopt
+
+    @dataclasses.dataclass
+    class Sabotage(fxopt.Pass):
+        name = "sabotage-cli-test"
+
+        def run(self, gm, ctx):
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            with gm.graph.inserting_before(out):
+                bad = gm.graph.call_method("view", (out.args[0], 7, -1))  # 7 does not divide the batch
+            out.args = (bad,)
+            gm.recompile()
+            return fxopt.PassResult(gm, modified=True)
+
+    fxopt.register_pass(Sabotage)
+    try:
+        rc = cli.main(["optimize", f"{user_model_module}:mlp", "-p", "sabotage-cli-test"])
+    finally:
+        fxopt.unregister_pass("sabotage-cli-test")
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in out and "the optimized module raised while it was measured: RuntimeError" in out
