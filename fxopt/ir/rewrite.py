@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .opview import transposed_parameter
 from .params import ParamRef, attribute_use_counts, resolve_attr
 
 COMPUTES = "fxopt.computes"
@@ -148,6 +149,14 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
                 fresh = graph.get_attr(name)
             fresh.meta.update(arg.meta)
             node.update_arg(i, fresh)
+        elif isinstance(arg, torch.fx.Node) and (base := transposed_parameter(gm, arg)) is not None \
+                and counts[base.target] > 1:
+            # ``x @ W.t()`` reads W through its transpose: a transpose of its own, of a private W
+            with graph.inserting_before(node):
+                own = graph.node_copy(arg)
+            own.meta.update(arg.meta)
+            node.update_arg(i, own)
+            make_private(gm, own)
 
 
 def _fresh_attr_name(gm: torch.fx.GraphModule, qualname: str) -> str:

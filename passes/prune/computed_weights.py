@@ -75,13 +75,21 @@ def weight_computations(gm: torch.fx.GraphModule) -> set[str]:
         changed = False
         outside_tensors = _tensors_read_outside(gm, cone)
         for n in list(cone):
-            outside = any(u not in cone and u not in readers.get(n, ()) for u in n.users)
+            outside = any(u not in cone and u not in readers.get(n, ()) and not _checks_only(gm, u) for u in n.users)
+            open_input = any(a.op != "get_attr" and a not in cone for a in n.all_input_nodes)
             shared_leaf = any(a.op == "get_attr" and id(get_attr_value(gm, a.target)) in outside_tensors
                               for a in n.all_input_nodes)
-            if outside or shared_leaf:
+            if outside or open_input or shared_leaf:
                 cone.discard(n)
                 changed = True
     return {n.name for n in cone}
+
+
+def _checks_only(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """An export guard on a value's dtype and device (``_assert_tensor_metadata``): it reads
+    the value, which pruning leaves as it is."""
+    view = op_view(gm, node)
+    return view is not None and view.kind == "assert_metadata"
 
 
 def _tensors_read_outside(gm: torch.fx.GraphModule, cone: set[torch.fx.Node]) -> set[int]:
@@ -89,7 +97,7 @@ def _tensors_read_outside(gm: torch.fx.GraphModule, cone: set[torch.fx.Node]) ->
     called module's own parameters and buffers (a tied weight is one tensor under two names)."""
     ids = set()
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and any(u not in cone for u in node.users):
+        if node.op == "get_attr" and any(u not in cone and not _checks_only(gm, u) for u in node.users):
             ids.add(id(get_attr_value(gm, node.target)))
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)

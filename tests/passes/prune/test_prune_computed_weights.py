@@ -209,3 +209,30 @@ def test_a_weight_that_is_not_a_fixed_computation_keeps_its_layer_whole(model, m
     x = torch.randn(2, 3, 6, 6) if model is WeightFromTheInput else torch.randn(4, 6)
     r = _exact(model(), x, mode)
     assert any("weight is not a parameter" in why for why in r.plan.channel_graph.pinned_nodes.values())
+
+
+class SincConv(nn.Module):
+    """SincNet: band-pass filters computed from two parameters per channel, the sinc spelled
+    with ``where`` (export adds a dtype guard on the ``arg == 0`` mask, which must not cut
+    the computation in two: half of it was analysed as channels and sliced)."""
+
+    def __init__(self, n=16, k=9):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.rand(n, 1) + 0.5), nn.Parameter(torch.rand(n, 1))
+        self.register_buffer("t", torch.linspace(-1, 1, k).view(1, -1))
+        self.c2, self.head = nn.Conv1d(n, 16, 3, padding=1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        hi = self.a.abs() + self.b.abs()
+        arg = hi * self.t
+        filt = hi * torch.where(arg == 0, torch.ones_like(arg), torch.sin(arg) / (arg + (arg == 0).float()))
+        h = F.relu(F.conv1d(x, filt.unsqueeze(1), padding=4))
+        return self.head(F.relu(self.c2(h)).mean(-1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sinc_filters_computed_per_channel_prune_exactly(mode):
+    torch.manual_seed(0)
+    r = _exact(SincConv(), torch.randn(2, 1, 64), mode)
+    assert not r.plan.channel_graph.pinned_nodes
+    assert r.pruned.get_parameter("a").shape == (16, 1)  # the computation keeps its parameters

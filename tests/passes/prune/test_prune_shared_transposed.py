@@ -1,0 +1,50 @@
+"""``x @ W.t()`` prunes as a linear over x's channels, slicing W's columns. When anything else
+reads W (a VQ-VAE codebook's ``||E||²``, ``E.sum(1)``, ``F.normalize(W)``, another
+``x @ W.t()``), that reader must keep the full W: the layer gets a transpose of a private copy,
+as ``F.linear(x, W)`` and ``nn.Linear`` get a private weight. Each case was a silent wrong
+result (0.4-8 off) or a crash in apply."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+
+MODES = ("symbolic", "export")
+
+
+class Codebook(nn.Module):
+    def __init__(self, reader: str):
+        super().__init__()
+        self.reader = reader
+        self.enc = nn.Linear(4, 8)
+        self.E = nn.Parameter(torch.randn(6, 8))
+
+    def forward(self, x):
+        z = self.enc(x)
+        if self.reader == "sum":
+            return z @ self.E.t() + self.E.sum(1)
+        if self.reader == "sq-norm":  # VQ-VAE's distance: ||z||² - 2 z·E + ||E||²
+            return (z * z).sum(1, keepdim=True) - 2 * z @ self.E.t() + self.E.pow(2).sum(1)
+        if self.reader == "normalize":
+            return z @ self.E.t() + F.normalize(self.E, dim=1).sum(1)
+        if self.reader == "second-matmul":
+            return z @ self.E.t() + torch.relu(z) @ self.E.t()
+        return z @ self.E.t() + self.E @ torch.ones(8)  # "untransposed": W read as the left operand
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reader", ["sum", "sq-norm", "normalize", "second-matmul", "untransposed"])
+def test_a_transposed_weight_read_elsewhere_keeps_its_full_copy_there(reader, mode):
+    torch.manual_seed(1)
+    model, x = Codebook(reader).eval(), torch.randn(5, 4)
+    with torch.no_grad():  # half of z's channels dead: removing them must not change the output
+        model.enc.weight[::2] = 0
+        model.enc.bias[::2] = 0
+        expected = model(x)
+    res = fxopt.optimize(model, (x,), "prune{ratio=0.5,adapter_cost=0}", mode=mode)
+    assert res.passes[-1].stats["removed_channels"] > 0
+    torch.testing.assert_close(res.module(x), expected, rtol=1e-4, atol=1e-5)
+    assert model.E.shape == (6, 8)  # the user's model untouched
