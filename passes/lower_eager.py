@@ -48,24 +48,7 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
-from fxopt.ir import EagerCall, call_through_binding, eager_call
-
-
-class _Unrecorded(Exception):
-    """An argument of the node has no recorded shape or value."""
-
-
-def _meta_value(node: torch.fx.Node) -> Any:
-    """The value `node` produced, as a meta tensor (shape, stride, dtype; no data) or a scalar."""
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor) and val.device.type == "meta":
-        return val
-    tm = node.meta.get("tensor_meta")
-    if hasattr(tm, "shape"):
-        return torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype, device="meta")
-    if isinstance(tm, (int, float, bool)):
-        return tm
-    raise _Unrecorded(node.name)
+from fxopt.ir import EagerCall, call_through_binding, eager_call, meta_value
 
 
 def _same_result(a: Any, b: Any) -> bool:
@@ -81,10 +64,10 @@ def try_on_meta(node: torch.fx.Node, call: EagerCall) -> bool | str:
     """Does `call` accept `node`'s arguments and give what the overload gives? Both run on
     meta tensors of the recorded shapes; True, or why the node keeps its overload."""
     try:
-        args = torch.fx.node.map_arg(node.args, _meta_value)
-        kwargs = torch.fx.node.map_arg(node.kwargs, _meta_value)
-    except _Unrecorded as missing:
-        return f"argument '{missing}' has no recorded shape to try the binding on"
+        args = torch.fx.node.map_arg(node.args, meta_value)
+        kwargs = torch.fx.node.map_arg(node.kwargs, meta_value)
+    except LookupError as missing:
+        return f"no binding tried: argument {missing}"
     except Exception as exc:  # quantized dtypes have no meta tensors
         return f"its arguments cannot be made as meta tensors ({type(exc).__name__})"
     try:

@@ -51,6 +51,32 @@ def tensor_meta(node: Any) -> tuple[torch.Size, torch.dtype] | None:
     return None
 
 
+def meta_value(node: torch.fx.Node) -> Any:
+    """What `node` produced, as a meta tensor (its recorded shape, stride and dtype; no data),
+    or the recorded scalar: the input of a trial run that computes no data. An attribute is
+    its tensor moved to meta. LookupError when nothing is recorded.
+
+        >>> import torch, fxopt
+        >>> gm = fxopt.capture(torch.nn.Linear(4, 3), torch.randn(2, 4))
+        >>> [tuple(meta_value(n).shape) for n in gm.graph.nodes if n.op != "output"]
+        [(2, 4), (2, 3)]
+    """
+    if node.op == "get_attr":
+        from .params import get_attr_value
+
+        value = get_attr_value(node.graph.owning_module, node.target)
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.device.type == "meta":
+        return val
+    tm = node.meta.get("tensor_meta")
+    if hasattr(tm, "shape"):
+        return torch.empty_strided(tm.shape, tm.stride, dtype=tm.dtype, device="meta")
+    if isinstance(tm, (int, float, bool)):
+        return tm
+    raise LookupError(f"'{node.name}' has no recorded shape or value")
+
+
 def value_nbytes(node: Any) -> int:
     """Bytes of the tensor `node` produces, from its recorded shape; 0 when unknown."""
     meta = tensor_meta(node)

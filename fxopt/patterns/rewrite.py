@@ -26,7 +26,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import node_location
-from ..ir import add_tensor_attr, replace_uses
+from ..ir import add_tensor_attr, meta_value, replace_uses, tensor_meta
 from .core import Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
 
 
@@ -239,6 +239,8 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
             if not n.users:
                 gm.graph.erase_node(n)
         return None
+    if new is not m.root:
+        _check_same_value_kind(pattern, m.root, new, rw.new_nodes)
     if pattern.annotation:
         annotate(new, **pattern.annotation)
     if new is m.root:
@@ -248,6 +250,47 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
         if not op.users and op.graph is gm.graph:
             gm.graph.erase_node(op)
     return new
+
+
+def _check_same_value_kind(pattern: Pattern, root: torch.fx.Node, new: torch.fx.Node,
+                           new_nodes: list[torch.fx.Node]) -> None:
+    """A replacement must compute what the matched value was: the same shape and dtype. Its new
+    nodes run once on meta tensors of the recorded shapes (no data); where they cannot (no
+    recorded shapes, an op without a meta kernel, a quantized value), nothing is said.
+
+    A `(x + x).half()` in place of a float `x * 2` matched silently and the graph failed later,
+    in a linear, with no word of the pattern."""
+    want = tensor_meta(root)
+    if want is None:
+        return
+    values: dict[torch.fx.Node, Any] = {}
+
+    def value(n: torch.fx.Node) -> Any:
+        return values[n] if n in values else meta_value(n)
+
+    try:
+        for n in new_nodes:
+            if n.op == "get_attr":
+                continue
+            args = torch.fx.node.map_arg(n.args, value)
+            kwargs = torch.fx.node.map_arg(n.kwargs, value)
+            if n.op == "call_method":
+                values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+            elif n.op == "call_function":
+                values[n] = n.target(*args, **kwargs)
+            else:
+                return  # a module call: not tried
+        got = value(new)
+    except Exception:  # noqa: BLE001 - no meta kernel, nothing recorded: no trial, no verdict
+        return
+    if isinstance(got, torch.Tensor) and (tuple(got.shape) != tuple(want[0]) or got.dtype != want[1]):
+        raise ValueError(f"pattern '{pattern.name}' at {node_location(root)}: the replacement computes "
+                         f"{_describe(got.dtype, got.shape)} where the matched value is "
+                         f"{_describe(want[1], want[0])}; a replacement must compute the same shape and dtype")
+
+
+def _describe(dtype: torch.dtype, shape) -> str:
+    return f"{str(dtype).removeprefix('torch.')}{list(shape)}"
 
 
 def _inline_replacement(rw: Rewriter, pattern: Pattern) -> torch.fx.Node | None:

@@ -1,4 +1,6 @@
 """The pattern-rewrite API (fxopt.patterns) on user-defined patterns, both front ends."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -345,3 +347,27 @@ def test_a_pattern_does_not_match_a_write_read_after_it():
     pattern = Op("mul", Var("x"), Op("sigmoid", Var("x")), commutative=True)
     reason = explain(gm, mul_, pattern)
     assert "writes 'mul' in place and 'add' reads it after" in reason, reason
+
+
+class _DoubleThenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x * 2.0)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("replacement, says", [
+    (lambda x: (x + x).half(), "computes float16[3, 4] where the matched value is float32[3, 4]"),
+    (lambda x: (x + x).sum(-1, keepdim=True), "computes float32[3, 1] where the matched value is float32[3, 4]"),
+], ids=["dtype", "shape"])
+def test_a_replacement_that_changes_the_value_kind_is_refused_naming_the_pattern(mode, replacement, says):
+    """It matched silently and the graph failed later in the linear, naming no pattern."""
+    def times2(x):
+        return x * 2.0
+
+    gm = fxopt.capture(_DoubleThenLinear(), (torch.randn(3, 4),), mode=mode)
+    with pytest.raises(ValueError, match=r"pattern 'double' at node 'mul' .*: the replacement " + re.escape(says)):
+        apply_patterns(gm, Pattern("double", pattern_from_function(times2), replacement=replacement))
