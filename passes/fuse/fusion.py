@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch.fx
 
-from fxopt import Pass, PassContext, PassResult, TrainingModeWarning
+from fxopt import Pass, PassContext, PassResult, PassWarning, TrainingModeWarning
 from fxopt.errors import node_label, user_source_line, user_stacklevel
 from fxopt.ir import functionalize_writes, op_view
 from fxopt.patterns import PatternSet, apply_patterns
@@ -135,8 +135,27 @@ def _warn_training_batchnorms(gm: torch.fx.GraphModule) -> None:
         if "running_mean" not in view.params or source is None or source.kind not in ("conv", "linear"):
             continue  # without running statistics, eval mode would not fold it either
         line = user_source_line(node.meta.get("stack_trace"))
-        warnings.warn(f"fuse: {node_label(node)} is a batchnorm in training mode: it normalizes each batch with "
-                      f"that batch's statistics, which no folded weight holds, so it is not folded into its "
-                      f"{source.kind} '{source.node.name}'; call model.eval() before capturing the model to fold "
-                      "its running statistics" + (f" (at {line})" if line else ""),
-                      TrainingModeWarning, stacklevel=user_stacklevel())
+        where = f" (at {line})" if line else ""
+        what = (f"normalizes each batch with that batch's statistics, which no folded weight holds, so it is "
+                f"not folded into its {source.kind} '{source.node.name}'")
+        if _in_a_batchnorm_module(node):  # an nn.BatchNorm left in training mode: eval() is the fix
+            warnings.warn(f"fuse: {node_label(node)} is a batchnorm in training mode: it {what}; call "
+                          f"model.eval() before capturing the model to fold its running statistics{where}",
+                          TrainingModeWarning, stacklevel=user_stacklevel())
+        else:  # the forward asks for batch statistics itself: model.eval() changes nothing
+            warnings.warn(f"fuse: {node_label(node)} is called with training=True by the model's forward: it "
+                          f"{what}{where}", PassWarning, stacklevel=user_stacklevel())
+
+
+def _in_a_batchnorm_module(node: torch.fx.Node) -> bool:
+    """Whether the node is an nn.BatchNorm's call (a module call, or the op export recorded
+    inside one), not a functional batch_norm the model's own forward makes."""
+    if node.op == "call_module":
+        return True
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    _, kind = list(stack.values())[-1]
+    name = kind if isinstance(kind, str) else getattr(kind, "__qualname__", "")
+    return "BatchNorm" in name.rsplit(".", 1)[-1]
+

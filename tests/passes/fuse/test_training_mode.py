@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxopt
@@ -146,3 +147,27 @@ def test_a_graph_captured_in_training_mode_keeps_its_batchnorm(frontend):
         res = fxopt.optimize(gm, (x,), pipeline="fuse")
     assert "batch_norm" in _kinds(res.module) and "conv+bn" not in res.passes[0].stats["matches"]
     torch.testing.assert_close(res.module(x), copy.deepcopy(model)(x), rtol=1e-4, atol=1e-5)
+
+
+class _BatchStatisticsByDesign(nn.Module):
+    """An eval-mode model whose forward asks for batch statistics itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3)
+        self.register_buffer("rm", torch.zeros(8))
+        self.register_buffer("rv", torch.ones(8))
+
+    def forward(self, x):
+        return F.batch_norm(self.c(x), self.rm.clone(), self.rv.clone(), None, None, True, 0.1, 1e-5)
+
+
+def test_a_forward_that_asks_for_batch_statistics_is_not_told_to_call_eval():
+    """model.eval() cannot change a literal training=True: the warning said to call it."""
+    model = _BatchStatisticsByDesign().eval()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        res = fxopt.optimize(model, torch.randn(2, 3, 8, 8), "fuse", mode="symbolic")
+    assert res.verification.passed
+    assert not [w for w in record if issubclass(w.category, fxopt.TrainingModeWarning)]
+    assert any("called with training=True by the model's forward" in str(w.message) for w in record)
