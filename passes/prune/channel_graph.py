@@ -22,7 +22,9 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   sqrt, erf, ``pow`` with a positive exponent, ...), PReLU (a slope per channel is sliced with
   them), pooling, dropout, interpolate, reductions over other axes (mean, sum, p-norm, amax,
   var, max with indices), F.normalize, roll/pad/cumsum/cumprod of other axes, scalar mul/div, division by a
-  value known positive (`_sign`): identity maps. where / masked_fill / elementwise max, stack
+  value known positive (`_sign`, which follows sums, products, quotients by positives and the
+  recorded sign of shape arithmetic): identity maps. A layer whose weight is computed from
+  parameters alone (`computed_weights`) is a producer; the computation is left out. where / masked_fill / elementwise max, stack
   and einsum align their operands' channels like a product (einsum keeps the channel letter,
   or contracts it between two operands that carry it).
 - ops with f(0) ≠ 0 (``x + const``, sigmoid, exp, softmax over another axis, a fill of -inf) are identity maps too,
@@ -44,7 +46,8 @@ Rules, by op kind (both the symbolic and the export front end, through `op_view`
   permute/transpose/expand/
   select/slice and indexing by index tensors or lists on other axes (``xf[tok]``, export's
   ``aten.index``: following the axis by torch's indexing rules), a slice *of* the channel
-  axis with constant bounds and
+  axis with constant bounds (or bounds computed from channel counts alone, ShiftNet's
+  ``h.shape[1] // 4``: the original numbers, written as constants) and
   step 1 (``x[:, a:b]`` or export's ``aten.slice``: channel j is input channel a + j, like a
   split piece; a full-range one such as GhostNet's ``cat([x1, x2], 1)[:, :oup]`` is the
   identity; apply rewrites the bounds), matmul/sdpa over a head axis (an attention mask must
@@ -323,15 +326,20 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         # size): pruning changes only the channel axis, so apply writes that entry's constant
         return bool(at) and index not in at and self._counts_only(value)
 
-    def _counts_only(self, value: Any) -> bool:
+    def _counts_only(self, value: Any, during_walk: bool = False) -> bool:
         """Whether the number `value` is computed from channel-count reads and constants alone,
-        so that it does not vary with the input (a batch or sequence size would)."""
-        if self._counted is None:  # the walk is over when size entries are judged
-            self._counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
+        so that it does not vary with the input (a batch or sequence size would). `during_walk`:
+        asked by a rule, when only the reads before it are known (nothing is cached)."""
+        if during_walk:
+            counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
+        else:
+            if self._counted is None:  # the walk is over when size entries are judged
+                self._counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
+            counted = self._counted
         stack = [value]
         while stack:
             v = stack.pop()
-            if not isinstance(v, torch.fx.Node) or v.name in self._counted:
+            if not isinstance(v, torch.fx.Node) or v.name in counted:
                 continue
             if not (v.op == "call_function" and v.target in _INT_ARITHMETIC and _is_number(v)):
                 return False

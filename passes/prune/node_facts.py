@@ -115,6 +115,8 @@ def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
         return "pos" if value > 0 else "nonneg" if value == 0 else None
     if not isinstance(value, torch.fx.Node):
         return None
+    if _is_number(value):  # shape arithmetic (SimAM's ``h.shape[2] * h.shape[3] - 1``): its sign here
+        return _sign(gm, value.meta["tensor_meta"])
     view = op_view(gm, value)
     if view is None:
         return None
@@ -140,13 +142,13 @@ def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
         return "nonneg"
     if kind in _SAME_SIGN:
         return inner(view.input)
-    if kind in ("add", "mul"):
-        if view.attrs.get("alpha", 1) != 1:
+    if kind in ("add", "mul", "div"):
+        if view.attrs.get("alpha", 1) != 1 or view.attrs.get("rounding_mode") is not None:
             return None
         args = bind_arguments(value, spec_for(gm, value))
         signs = [inner(args.get("input")), inner(args.get("other"))]
-        if None in signs:
-            return None
+        if None in signs or kind == "div" and signs[1] != "pos":
+            return None  # (a division by a value that may be 0 may give inf or nan)
         if kind == "add":
             return "pos" if "pos" in signs else "nonneg"
         return "pos" if signs == ["pos", "pos"] else "nonneg"

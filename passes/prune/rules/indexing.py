@@ -393,8 +393,13 @@ class IndexRules:
         where the slice sits, so it can rewrite the bounds to the pruned channels."""
         if item == slice(None):
             return self.passthrough(node, view, src, out_axis)
-        if any(isinstance(v, torch.fx.Node) for v in (item.start, item.stop, item.step)):
-            raise _Pin("slice on the channel axis with bounds computed in the graph")
+        bounds = (item.start, item.stop, item.step)
+        if any(isinstance(v, torch.fx.Node) for v in bounds):
+            # bounds computed from channel counts alone (ShiftNet's ``q = h.shape[1] // 4``):
+            # the original numbers, which apply writes as constants in place of the counts
+            if not all(self._counts_only(v, during_walk=True) for v in bounds if isinstance(v, torch.fx.Node)):
+                raise _Pin("slice on the channel axis with bounds computed in the graph")
+            item = slice(*(v.meta["tensor_meta"] if isinstance(v, torch.fx.Node) else v for v in bounds))
         size = self.slots[sid].size
         start, stop, step = item.indices(size)
         if step != 1:

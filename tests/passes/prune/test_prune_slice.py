@@ -200,8 +200,8 @@ class _Unmappable(nn.Module):
         y = self.a(x)
         if self.how == "strided":
             y = y[:, ::2]
-        elif self.how == "computed":
-            y = y[:, :y.size(1) // 2]
+        elif self.how == "computed":  # bounded by the image width (a count-bounded slice prunes)
+            y = y[:, :y.size(3) + 2]
         else:
             y = y[:, [0, 2, 4, 6, 8, 10]]
         return self.b(y)

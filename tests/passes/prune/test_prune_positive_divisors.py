@@ -1,0 +1,59 @@
+"""A quotient of channels by a value known positive is zero where the channels are: SimAM's
+``d / (4 * (v + eps))`` with ``v = d.sum((2, 3)) / (h * w - 1)``. The sign analysis did not
+follow a division or the shape arithmetic in it, so ``v + eps`` was dirty, pinned, and its
+conv kept every channel (0.579 of the MACs; Torch-Pruning 0.289)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxopt.measure import count_macs
+from prune_masking import prune_and_mask
+
+
+class SimAM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        n = h.shape[2] * h.shape[3] - 1
+        d = (h - h.mean((2, 3), keepdim=True)).pow(2)
+        v = d.sum((2, 3), keepdim=True) / n
+        h = h * torch.sigmoid(d / (4 * (v + 1e-4)) + 0.5)
+        return self.head(F.relu(self.c2(h)).mean((2, 3)))
+
+
+class DivideByASignedValue(nn.Module):
+    """The same quotient over a value that may be 0 or negative: not known positive, pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        v = h.mean((2, 3), keepdim=True) - 0.5
+        return self.c2(h / (v + 1e-4)).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_simam_prunes_its_conv_exactly(mode):
+    torch.manual_seed(0)
+    model, x = SimAM().eval(), torch.randn(2, 3, 16, 16)
+    r = prune_and_mask(model, x, mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert not r.plan.channel_graph.pinned_nodes
+    assert count_macs(r.pruned, x) < 0.35 * count_macs(model, x)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_divisor_not_known_positive_still_pins(mode):
+    from fxopt.passes.prune.prune_pass import NothingToPrune
+
+    torch.manual_seed(0)
+    with pytest.raises(NothingToPrune, match=r"sub: sub is not zero-preserving .* reaches '(truediv|div)'"):
+        prune_and_mask(DivideByASignedValue().eval(), torch.randn(2, 3, 8, 8), mode)
