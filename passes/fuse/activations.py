@@ -8,6 +8,9 @@ the tensor); as one `F.silu` / `F.hardswish` / `F.hardsigmoid` / `F.gelu` call i
 conv or linear before it becomes a `conv+act` / `linear+act` group that `lower-cpu` fuses
 into the kernel.
 
+A clamp with number bounds is the activation it computes: ``clamp(x, 0, 6)`` a hardtanh
+(relu6), ``clamp(x, min=0)`` a relu; a one-sided upper clamp is left alone.
+
 Constants are compared to the value they must have within 1e-6 (relative), so ``/ 1.41421``
 written by hand is not taken for ``/ math.sqrt(2)``; a multiplication may sit on either side
 and the GELU's 0.5 in any of the three places the product allows.
@@ -25,6 +28,7 @@ import math
 import torch.fx
 import torch.nn.functional as F
 
+from fxopt.ir import tensor_meta
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var
 
 
@@ -96,7 +100,32 @@ def _patterns() -> list[Pattern]:
          Op("mul", x, Op("hardsigmoid", x), commutative=True)])]
     table += [Pattern(f"hardsigmoid/{i}" if i else "hardsigmoid", root, rewrite=_unary(F.hardsigmoid))
               for i, root in enumerate(hardsigmoid)]
+    # ``torch.clamp(x, 0, 6)``, ``x.clamp(min=0)``: relu6 / relu under another name (a later
+    # round then finds a hard-swish spelled with clamp)
+    table.append(Pattern("clamp", Op("clamp", x, name="clamp"), rewrite=_clamp_as_activation, check=_clamp_bounds))
     return table
+
+
+def _bounds(m: Match) -> tuple:
+    view = m.views["clamp"]
+    return view.attrs.get("min"), view.attrs.get("max")
+
+
+def _clamp_bounds(m: Match) -> bool | str:
+    """A clamp is an activation kernel's when its bounds are numbers: both (hardtanh), or a
+    lower bound of 0 alone (relu); of a floating-point value (hardtanh takes no integers)."""
+    lo, hi = _bounds(m)
+    if not all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)):
+        return "its bounds are tensors"
+    if lo is None or hi is None and lo != 0 or hi is not None and not lo < hi:
+        return f"bounds ({lo}, {hi}) are no relu or hardtanh"
+    meta = tensor_meta(m.root)
+    return True if meta is not None and meta[1].is_floating_point else "not a floating-point value"
+
+
+def _clamp_as_activation(r: Rewriter) -> torch.fx.Node:
+    lo, hi = _bounds(r.match)
+    return r.call(F.relu, r["x"]) if hi is None else r.call(F.hardtanh, r["x"], float(lo), float(hi))
 
 
 #: The spelled-out activations, most specific first.

@@ -625,3 +625,31 @@ def test_an_in_place_swish_fuses_and_keeps_its_write(mode):
     res = fxopt.optimize(m, x, "fuse", mode=mode)
     torch.testing.assert_close(res.module(x), m(x), rtol=1e-4, atol=1e-5)
     assert res.passes[0].stats["matches"].get("silu") == 1
+
+
+class ConvClamp(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.c, self.how = nn.Conv2d(8, 16, 3, padding=1), how
+
+    def forward(self, x):
+        y = self.c(x)
+        if self.how == "relu6":
+            return torch.clamp(y, 0, 6)
+        if self.how == "relu":
+            return y.clamp(min=0)
+        if self.how == "hardswish":
+            return y * torch.clamp(y + 3, 0, 6) / 6
+        return y.clamp(max=1.0)  # no activation kernel computes it
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how, fused", [("relu6", True), ("relu", True), ("hardswish", True), ("upper", False)])
+def test_a_clamp_is_the_activation_it_computes(mode, how, fused):
+    """clamp(conv(x), 0, 6) was neither grouped by fuse nor fused into the conv by lower-cpu
+    (quantize already took it as relu6)."""
+    torch.manual_seed(0)
+    model, x = ConvClamp(how).eval(), torch.randn(2, 8, 16, 16)
+    res = fxopt.optimize(model, x, "fuse,lower-cpu{min_macs=0}", mode=mode)
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+    assert (res.passes[1].stats["lowered"].get("conv+act", 0) == 1) is fused
