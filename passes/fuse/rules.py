@@ -383,12 +383,18 @@ def _scores(mask: str | None, scale: str = "const") -> Op:
     """QKᵀ scaled, then an additive float mask (`mask="add"`), a boolean mask filled with −inf
     (`mask="fill"`: `s.masked_fill(m, -inf)`, nanoGPT's causal mask), or none.
 
-    `scale`: "const" (`/ 8.0`, `* 0.125`), or a number computed in the graph from shapes
-    (`/ hd ** 0.5` is "div", `* k.size(-1) ** -0.5` is "mul"), as symbolic traces keep it.
+    `scale`: "const" (`/ 8.0`, `* 0.125`), "q-const" (the same on q before the product),
+    "none" (scale 1), or a number computed in the graph from shapes (`/ hd ** 0.5` is "div",
+    `* k.size(-1) ** -0.5` is "mul"), as symbolic traces keep it.
     """
-    qk = Op("matmul", Var("q"), Op("transpose", Var("k"), check=_last_dims))
+    k_t = Op("transpose", Var("k"), check=_last_dims)
+    qk = Op("matmul", Var("q"), k_t)
     if scale == "const":
         scaled = Op(("div", "mul"), qk, scalar=Const("c"), name="scale_op")
+    elif scale == "q-const":  # timm's ``q = q * self.scale`` before ``q @ k.transpose(-2, -1)``
+        scaled = Op("matmul", Op(("div", "mul"), Var("q"), scalar=Const("c"), name="scale_op"), k_t)
+    elif scale == "none":  # no scale at all (folded into the q projection)
+        scaled = qk
     else:  # the scale node stays: it may feed other ops, and SDPA reads it
         scaled = Op(scale, qk, Var("s", check=_is_shape_number), name="scale_op", commutative=scale == "mul")
     if mask == "add":
@@ -432,8 +438,10 @@ def _attention_check(m: Match) -> bool | str:
 
 
 def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
-    divides = r.view("scale_op").kind == "div"
-    if "c" in r.match.values:
+    divides = "scale_op" in r.match.views and r.view("scale_op").kind == "div"
+    if "scale_op" not in r.match.views:
+        scale = 1.0
+    elif "c" in r.match.values:
         c = float(r["c"])
         scale = (1.0 / c if c != 0 else math.inf) if divides else c
         if not math.isfinite(scale):  # `/ 0.0` (or an inf scale): nothing SDPA's scale= can say
@@ -451,12 +459,13 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
 
 
 def _attention(name: str, mask: str | None) -> list[Pattern]:
-    """The attention patterns for `mask`: a constant scale (`name`), and a scale computed from
-    shapes that divides (`name/div-shape`) or multiplies (`name/mul-shape`) the scores; each
-    also with a cast between softmax and `@ v` that changes nothing (`/cast`: Hugging Face's
+    """The attention patterns for `mask`: a constant scale (`name`), a scale computed from
+    shapes that divides (`name/div-shape`) or multiplies (`name/mul-shape`) the scores, a
+    constant scale of q (`name/scaled-q`) and none (`name/unscaled`); each also with a cast between softmax and `@ v` that changes nothing (`/cast`: Hugging Face's
     eager `softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)` on float32 scores)."""
     patterns = []
-    for suffix, scale in (("", "const"), ("/div-shape", "div"), ("/mul-shape", "mul")):
+    for suffix, scale in (("", "const"), ("/div-shape", "div"), ("/mul-shape", "mul"), ("/scaled-q", "q-const"),
+                          ("/unscaled", "none")):
         probs = Op("softmax", _scores(mask, scale), check=_softmax_last)
         patterns.append(Pattern(name + suffix, Op("matmul", probs, Var("v")), rewrite=_to_sdpa,
                                 check=_attention_check))

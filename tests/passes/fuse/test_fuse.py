@@ -653,3 +653,30 @@ def test_a_clamp_is_the_activation_it_computes(mode, how, fused):
     res = fxopt.optimize(model, x, "fuse,lower-cpu{min_macs=0}", mode=mode)
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
     assert (res.passes[1].stats["lowered"].get("conv+act", 0) == 1) is fused
+
+
+class TimmStyleAttention(nn.Module):
+    """timm's fallback path scales q before the product; some models scale nothing."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.qkv, self.how, self.scale = nn.Linear(32, 96), how, 8 ** -0.5
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.how == "scaled-q":
+            q = q * self.scale
+        return ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how", ["scaled-q", "unscaled"])
+def test_attention_with_q_scaled_first_or_unscaled_becomes_sdpa(mode, how):
+    torch.manual_seed(0)
+    model, x = TimmStyleAttention(how).eval(), torch.randn(2, 10, 32)
+    res = fxopt.optimize(model, x, "fuse", mode=mode)
+    assert res.passes[0].stats["matches"].get(f"attention/{how}") == 1
+    assert "scaled_dot_product_attention" in res.module.code
+    other = torch.randn(3, 10, 32)
+    torch.testing.assert_close(res.module(other), model(other), rtol=1e-4, atol=1e-5)
