@@ -42,6 +42,8 @@ def is_effectful(node: torch.fx.Node) -> bool:
         return schema.is_mutable or target.overloadpacket.__name__.startswith("_assert") \
             or target.overloadpacket in (torch.ops.aten.rand, torch.ops.aten.randn, torch.ops.aten.bernoulli,
                                          torch.ops.aten.dropout, torch.ops.aten.randint)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return _region_is_effectful(node)
     if node.op == "call_method" and isinstance(target, str) and _in_place_name(target):
         return True  # Tensor.add_, Tensor.copy_, ... write in place
     if node.kwargs.get("inplace") is True:
@@ -53,6 +55,18 @@ def is_effectful(node: torch.fx.Node) -> bool:
     if node.op == "call_function" and _in_place_name(getattr(target, "__name__", "")):
         return True  # torch.relu_(h), operator.iadd
     return target in _RANDOM_OR_EFFECTFUL if callable(target) and _hashable(target) else False
+
+
+def _region_is_effectful(node: torch.fx.Node) -> bool:
+    """A higher-order op (export's ``wrap_with_set_grad_enabled`` around a ``torch.no_grad()``
+    block) runs a subgraph: effectful when any op in it is, or when no subgraph is found. A
+    WGAN critic's ``weight.clamp_`` inside one was folded as a constant, writing the weight."""
+    owner = node.graph.owning_module
+    regions = [getattr(owner, a.target, None) for a in node.all_input_nodes if a.op == "get_attr"]
+    graphs = [r for r in regions if isinstance(r, torch.fx.GraphModule)]
+    if not graphs:
+        return True
+    return any(is_effectful(n) for g in graphs for n in g.graph.nodes if n.op not in ("placeholder", "output"))
 
 
 def _in_place_name(name: str) -> bool:
