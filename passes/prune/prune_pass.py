@@ -299,8 +299,8 @@ class Prune(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.ratio == 0:
             return PassResult(gm, modified=False, stats={"removed_channels": 0})
-        try:
-            plan = self.plan(gm, ctx)
+        try:  # planning gives shared weights private names: on a copy, so "nothing" leaves gm as it was
+            plan = self.plan(clone_sharing_tensors(gm), ctx)
         except NothingToPrune as exc:  # in a pipeline, the passes after prune still run
             warnings.warn(f"prune: {exc}", PassWarning, stacklevel=user_stacklevel())
             return PassResult(gm, modified=False, stats={"removed_channels": 0, "note": str(exc)})
