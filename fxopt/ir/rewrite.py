@@ -176,7 +176,7 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
             fresh.meta.update(arg.meta)
             node.update_arg(i, fresh)
         elif isinstance(arg, torch.fx.Node) and (base := transposed_parameter(gm, arg)) is not None \
-                and counts[base.target] > 1:
+                and (counts[base.target] > 1 or len(arg.users) > 1):  # W read elsewhere, or its transpose
             # ``x @ W.t()`` reads W through its transpose: a transpose of its own, of a private W
             with graph.inserting_before(node):
                 own = graph.node_copy(arg)

@@ -110,7 +110,9 @@ def _same_meta(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     """Same shape and dtype as recorded before pruning (pruning narrows both alike), so no
     broadcasting or promotion hides in the add."""
     ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
-    return ma is not None and mb is not None and tuple(ma.shape) == tuple(mb.shape) and ma.dtype == mb.dtype
+    if not (hasattr(ma, "shape") and hasattr(mb, "shape")):  # a number (``h + (h.shape[2] - 8)``)
+        return False
+    return tuple(ma.shape) == tuple(mb.shape) and ma.dtype == mb.dtype
 
 
 class _Applier:

@@ -330,8 +330,9 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         """Whether the number `value` is computed from channel-count reads and constants alone,
         so that it does not vary with the input (a batch or sequence size would). `during_walk`:
         asked by a rule, when only the reads before it are known (nothing is cached)."""
-        if during_walk:
-            counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
+        if during_walk:  # and the counts must be of a fixed width (not C*H*W after a flatten)
+            counted = {v for rule in self.rules.values() for v, sid in rule.info.get("counts", {}).items()
+                       if self._fixed_width(sid)}
         else:
             if self._counted is None:  # the walk is over when size entries are judged
                 self._counted = {v for rule in self.rules.values() for v in rule.info.get("counts", ())}
@@ -345,6 +346,23 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 return False
             stack.extend(v.all_input_nodes)
         return True
+
+    def _fixed_width(self, sid: int) -> bool:
+        """Whether slot `sid`'s size is a channel count whatever the input's size: it comes from
+        a layer's or a parameter's channels through ops that keep the width (a flatten that
+        merges positions into the axis makes its size vary with the image)."""
+        for _ in range(len(self.slots)):
+            slot = self.slots[sid]
+            rule = self.rules.get(slot.node)
+            if rule is None:
+                return False
+            if rule.category in ("producer", "param", "norm", "gather"):
+                return True
+            inputs = [i for i in rule.inputs if i[4] == sid]
+            if rule.category != "pass" or not inputs or any(self.slots[i[1]].size != slot.size for i in inputs):
+                return False
+            sid = inputs[0][1]
+        return False
 
     def pin(self, node: torch.fx.Node, reason: str) -> None:
         """Inputs read at full width; the output is a free value (its classes cannot die)."""

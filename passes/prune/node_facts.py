@@ -43,8 +43,9 @@ _INT_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
 
 
 # What a weight computed in the graph usually is, so the pin says what to do about it.
-_COMPUTED = (" (computed in the graph from the input, or from parameters something else also reads: a weight "
-             "computed from parameters alone, as weight standardization or a mask, prunes)")
+_COMPUTED = (" (computed in the graph from the input, from parameters something else also reads, or with an "
+             "op that writes in place: a weight computed from parameters alone, as weight standardization "
+             "or a mask, prunes)")
 
 
 def _size_entries(reshape: torch.fx.Node) -> tuple:

@@ -55,7 +55,9 @@ from fxopt.ir import (
     op_view,
     resolve_attr,
     split_packed_parameters,
+    transposed_parameter,
 )
+from fxopt.measure import count_parameters
 from fxopt.pass_base import Pass, PassContext, PassResult
 
 from .apply import apply_pruning
@@ -313,6 +315,11 @@ class Prune(Pass):
             return PassResult(gm, modified=False, stats=stats)
         pruned = plan.apply()
         stats.update(plan.applied)
+        before, after = count_parameters(gm), count_parameters(pruned)
+        if after > before:  # every private copy of a weight another op reads whole stays beside it
+            warnings.warn(f"prune: the pruned model holds more parameters ({after:,}) than its input ({before:,}): "
+                          "a weight read whole by one op and sliced for another (x @ W.t() next to W.sum(1)) is "
+                          "stored twice; the MACs still fell", PassWarning, stacklevel=user_stacklevel())
         stats["seconds"] = {k: round(v, 4) for k, v in plan.seconds.items()}
         return PassResult(pruned, modified=True, stats=stats)
 
@@ -455,7 +462,10 @@ def _privatize(gm: torch.fx.GraphModule) -> bool:
             ref = param_arg(gm, view, WEIGHT_LAYOUTS["matmul"].weight)
             if ref is not None:
                 params["other"] = ref
-        if params and is_shared(gm, node, params, counts):
+        # ``Et = W.t()`` read by two ops: W has one reader (the transpose), which is shared
+        shared_transpose = any(isinstance(a, torch.fx.Node) and len(a.users) > 1
+                               and transposed_parameter(gm, a) is not None for a in node.args)
+        if params and (shared_transpose or is_shared(gm, node, params, counts)):
             make_private(gm, node)
             counts = attribute_use_counts(gm)
             changed = True

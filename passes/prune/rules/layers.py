@@ -9,6 +9,7 @@ import torch.fx
 from fxopt.ir import ParamRef, attribute_use_counts, is_shared, op_view, transposed_parameter
 
 from ..channel_model import WEIGHT_LAYOUTS, Rule, _Pin, param_arg, producer_weights
+from ..computed_weights import ComputedWeight
 from ..node_facts import _COMPUTED, _module_name, _shape
 
 
@@ -76,6 +77,8 @@ class LayerRules:
         if groups > 1 and cig == 1 and (not transposed or cout == cin):
             if sid is None:
                 raise _Pin("depthwise conv input has no channel axis to follow")
+            if view.param("weight") is None:  # its rows are sliced as a norm's affine, which it has none of
+                raise _Pin("depthwise conv with a weight computed in the graph (no rule yet)")
             m = cout // cin
             in_pos = np.repeat(np.arange(cin), m)
             out_pos = np.arange(cout)
@@ -101,9 +104,14 @@ class LayerRules:
         self.rules[node.name] = rule
 
     def _weight_computed(self, view) -> bool:
-        """Whether the layer's weight is computed from parameters alone (`computed_weights`)."""
+        """Whether the layer's weight is computed from parameters alone (`computed_weights`);
+        such a layer is named by its module, as one with a parameter is (for `ignore`)."""
         weight = view.attrs.get("weight")
-        return isinstance(weight, torch.fx.Node) and weight.name in self.weight_math
+        computed = isinstance(weight, torch.fx.Node) and weight.name in self.weight_math
+        if computed:
+            self.module_names[view.node.name] = _module_name(view.node, view,
+                                                             ComputedWeight(self.gm, weight, view.node))
+        return computed
 
     def rule_linear(self, node, view, shape) -> None:
         if view.param("weight") is None and not self._weight_computed(view):

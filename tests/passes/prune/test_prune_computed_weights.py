@@ -236,3 +236,43 @@ def test_sinc_filters_computed_per_channel_prune_exactly(mode):
     r = _exact(SincConv(), torch.randn(2, 1, 64), mode)
     assert not r.plan.channel_graph.pinned_nodes
     assert r.pruned.get_parameter("a").shape == (16, 1)  # the computation keeps its parameters
+
+
+class DepthwiseMasked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.w = nn.Parameter(torch.randn(8, 1, 3, 3))
+        self.register_buffer("mask", torch.ones(8, 1, 3, 3))
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        return self.head(F.relu(F.conv2d(h, self.w * self.mask, padding=1, groups=8)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_depthwise_conv_with_a_computed_weight_is_pinned_by_name(mode):
+    """It crashed in importance (the depthwise rule reads its weight as a parameter)."""
+    torch.manual_seed(0)
+    r = _exact(DepthwiseMasked(), torch.randn(2, 3, 8, 8), mode)
+    assert "depthwise conv with a weight computed in the graph (no rule yet)" in \
+        r.plan.channel_graph.pinned_nodes.values()
+
+
+class MaskedConvNoBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.blk, self.head = nn.Conv2d(3, 16, 1), MaskedConv(16, 16, 3, padding=1, bias=False), \
+            nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.blk(F.relu(self.stem(x)))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ignore_names_a_layer_with_a_computed_weight(mode):
+    """Without a bias it had no parameter of its own: `ignore=['blk']` said it matched nothing."""
+    torch.manual_seed(0)
+    r = _exact(MaskedConvNoBias(), torch.randn(2, 3, 8, 8), mode, ignore=["blk"])
+    blk = next(n for n, m in r.plan.channel_graph.module_names.items() if m == "blk")
+    assert blk in r.plan.ignored

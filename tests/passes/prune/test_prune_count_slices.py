@@ -57,3 +57,22 @@ def test_a_slice_bounded_by_another_axis_is_still_pinned():
     r = prune_and_mask(BoundFromTheWidth().eval(), torch.randn(2, 3, 8, 8), "symbolic")
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
     assert any("bounds computed in the graph" in why for why in r.plan.channel_graph.pinned_nodes.values())
+
+
+class FlattenedHalves(nn.Module):
+    """`f.shape[1]` after a flatten is C*H*W, not a channel count: it changes with the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        f = F.relu(self.c1(x)).flatten(1)
+        q = f.shape[1] // 2
+        return f[:, :q].sum(1) + 2 * f[:, q:].sum(1)
+
+
+def test_a_count_of_an_axis_that_merged_positions_is_no_constant():
+    torch.manual_seed(0)
+    r = prune_and_mask(FlattenedHalves().eval(), torch.randn(2, 3, 8, 8), "symbolic")
+    assert any("bounds computed in the graph" in why for why in r.plan.channel_graph.pinned_nodes.values())

@@ -57,3 +57,21 @@ def test_a_divisor_not_known_positive_still_pins(mode):
     torch.manual_seed(0)
     with pytest.raises(NothingToPrune, match=r"sub: sub is not zero-preserving .* reaches '(truediv|div)'"):
         prune_and_mask(DivideByASignedValue().eval(), torch.randn(2, 3, 8, 8), mode)
+
+
+class AddsAShapeNumber(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        return self.c2(h + (h.shape[2] - 8)).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_add_of_a_shape_number_survives_apply(mode):
+    """Symbolic: AttributeError: 'int' object has no attribute 'shape' while folding scatters."""
+    torch.manual_seed(0)
+    r = prune_and_mask(AddsAShapeNumber().eval(), torch.randn(2, 3, 8, 8), mode, adapter_cost=1.0)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
+from prune_masking import prune_and_mask
 
 MODES = ("symbolic", "export")
 
@@ -48,3 +49,41 @@ def test_a_transposed_weight_read_elsewhere_keeps_its_full_copy_there(reader, mo
     assert res.passes[-1].stats["removed_channels"] > 0
     torch.testing.assert_close(res.module(x), expected, rtol=1e-4, atol=1e-5)
     assert model.E.shape == (6, 8)  # the user's model untouched
+
+
+class SharedTranspose(nn.Module):
+    """One transpose node read twice: W has a single reader (the transpose), which is shared."""
+
+    def __init__(self, second: str):
+        super().__init__()
+        self.second = second
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 8)
+        self.E = nn.Parameter(torch.randn(6, 8))
+        self.post = nn.Linear(6, 3)
+
+    def forward(self, x):
+        et = self.E.t()
+        y = self.a(x) @ et
+        y = y + (torch.relu(self.b(x)) @ et if self.second == "matmul" else et.sum(0))
+        return self.post(torch.relu(y))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("second", ["matmul", "sum"])
+def test_one_transpose_read_by_two_ops_gives_each_its_own(second, mode):
+    """Both products sliced one tensor (an index out of bounds in apply), or the sum read a
+    sliced one (a shape mismatch)."""
+    torch.manual_seed(0)
+    r = prune_and_mask(SharedTranspose(second).eval(), torch.randn(5, 4), mode)
+    assert r.plan.dead.any()
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pruned_model_that_grows_says_so():
+    """The VQ codebook keeps E whole for ||E||² and the product gets a sliced private copy:
+    more parameters than before, which nothing reported."""
+    torch.manual_seed(0)
+    model = Codebook("sq-norm")
+    model.E = nn.Parameter(torch.randn(64, 8))
+    with pytest.warns(fxopt.PassWarning, match=r"holds more parameters .* than its input"):
+        fxopt.optimize(model.eval(), (torch.randn(5, 4),), "prune{ratio=0.5,adapter_cost=0}", mode="symbolic")
