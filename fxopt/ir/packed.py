@@ -146,6 +146,8 @@ def _block(reader: torch.fx.Node, view: Any, value: torch.Tensor) -> _Piece | No
     dim = differs[0] if len(differs) == 1 else 0 if not differs else None
     if dim is None or any(view.stride(d) != value.stride(d) for d in range(value.dim()) if value.shape[d] > 1):
         return None
+    if view.shape[dim] > value.shape[dim] or any(view.stride(d) == 0 and view.shape[d] > 1 for d in range(view.dim())):
+        return None  # an expand repeats entries (``w.expand(4, 16)`` of a [1, 16] w): no rows of it
     offset = view.storage_offset() - value.storage_offset()
     step = value.stride(dim)
     if offset % step:

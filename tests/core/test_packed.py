@@ -6,6 +6,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+import fxopt
 from fxopt import capture
 from fxopt.ir import split_packed_parameters
 
@@ -161,3 +162,26 @@ def test_exported_cross_attention_gets_its_query_and_key_value_rows_apart():
                       "in_proj_bias_0": (8,), "in_proj_bias_1": (16,)}
     torch.testing.assert_close(gm(x, memory), before, rtol=0, atol=0)
     assert attn.in_proj_weight.shape == (24, 8), "the captured module's parameters, not the model's"
+
+
+class _ExpandedRow(torch.nn.Module):
+    """One parameter row read through a fixed-size expand: no block of rows of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(1, 16))
+        self.fc = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(self.fc(x)), self.w.expand(4, 16))
+
+
+@pytest.mark.parametrize("pipeline", ["prune{ratio=0.5}", "quantize{backend=x86}"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_expanded_parameter_is_not_split_into_rows(mode, pipeline):
+    """The packed-parameter split took the expand for rows 0:4 of a [1, 16] parameter:
+    'start (0) + length (4) exceeds dimension size (1)' in prune and quantize."""
+    torch.manual_seed(0)
+    model, x = _ExpandedRow().eval(), torch.randn(3, 8)
+    res = fxopt.optimize(model, (x,), pipeline, mode=mode, calibration=[(x,)])
+    assert res.module(x).shape == (3, 4)
