@@ -112,12 +112,16 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict] = {}
     modules: dict[str, dict] = {}
+    parameters: dict[str, bool] = {}  # get_attr target -> requires_grad, for the tensors that are parameters
     nodes = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
             continue  # export's input guards: checks only, rebuilt graphs run without them
         if node.op == "get_attr":
             _save_attr(gm, node, tensors, packed)
+            value = _attr_value(gm, node.target)
+            if isinstance(value, nn.Parameter):
+                parameters[node.target] = value.requires_grad
         elif node.op == "call_module":
             modules[node.target] = _save_module(gm.get_submodule(node.target), node)
         nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node),
@@ -134,13 +138,18 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     info = {k: v for k, v in (gm.meta.get("fxopt") or {}).items() if isinstance(v, (str, int, float, bool))}
     torch.save({"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
                 "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
-                "fxopt_meta": info}, path)
+                "fxopt_meta": info, "parameters": parameters}, path)
+
+
+def _attr_value(gm: nn.Module, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _save_attr(gm, node, tensors, packed) -> None:
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
+    value = _attr_value(gm, node.target)
     if isinstance(value, torch.Tensor):
         tensors[node.target] = plain_tensor(value)
     elif (codec := _codec_for(value)) is not None:
@@ -364,9 +373,13 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = nn.Module()
+        parameters = data.get("parameters") or {}  # (files of earlier versions: every tensor a buffer)
         for target, value in data["tensors"].items():
             if not target.startswith("__const_"):
-                _set_path(root, target, tensor_from_plain(value))
+                value = tensor_from_plain(value)
+                if target in parameters and value.is_floating_point():  # parameters() as it was saved
+                    value = nn.Parameter(value, requires_grad=bool(parameters[target]))
+                _set_path(root, target, value)
         for target, record in data["packed"].items():
             _set_path(root, target, _decode_attribute(record))
         for target, record in data["modules"].items():
@@ -449,6 +462,8 @@ def _set_path(root: nn.Module, target: str, value) -> None:
         owner = getattr(owner, part)
     if isinstance(value, nn.Module):
         owner.add_module(attr, value)
+    elif isinstance(value, nn.Parameter):
+        owner.register_parameter(attr, value)
     elif isinstance(value, torch.Tensor) and not value.is_quantized:
         owner.register_buffer(attr, value)
     else:

@@ -123,3 +123,16 @@ def test_load_imports_only_fxopt_codec_providers(tmp_path):
     torch.save(data, path)
     with pytest.raises(fxopt.SerializationError, match="refusing codec provider 'os'"):
         fxopt.load(path)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_parameters_come_back_as_parameters(mode, tmp_path):
+    """A get_attr parameter came back as a buffer: a loaded export graph had no parameters()
+    to fine-tune (0 of 4), a symbolic one only those of its submodules."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    res = fxopt.optimize(model, (torch.randn(3, 4),), "fuse", mode=mode)
+    fxopt.save(res.module, tmp_path / "m.pt")
+    loaded = fxopt.load(tmp_path / "m.pt")
+    names = lambda m: sorted(dict(m.named_parameters()))  # noqa: E731
+    assert names(loaded) == names(res.module) and len(names(loaded)) == 4
