@@ -81,8 +81,15 @@ def _divided_by_6(inner: Op) -> list[Op]:
             Op("mul", inner, scalar=Const("sixth", check=_near(1 / 6)))]
 
 
+def _floating(value) -> bool | str:
+    """Activations are of floating-point values: `x * sigmoid(x)` of an integer x promotes,
+    its silu would not."""
+    meta = tensor_meta(value)  # (unrecorded: a bare trace, taken as floating)
+    return True if meta is None or meta[1].is_floating_point else "not a floating-point value"
+
+
 def _patterns() -> list[Pattern]:
-    x = Var("x")
+    x = Var("x", check=_floating)
     erf_gelu = _one_plus(Op("erf", Op(("div", "mul"), x, scalar=Const("s"), name="erf_scale")))
     cube = Op("pow", x, attrs={"exponent": lambda e: e == 3})
     poly = Op("add", x, Op("mul", cube, scalar=Const("k", check=_near(0.044715))), commutative=True)
@@ -119,8 +126,7 @@ def _clamp_bounds(m: Match) -> bool | str:
         return "its bounds are tensors"
     if lo is None or hi is None and lo != 0 or hi is not None and not lo < hi:
         return f"bounds ({lo}, {hi}) are no relu or hardtanh"
-    meta = tensor_meta(m.root)
-    return True if meta is not None and meta[1].is_floating_point else "not a floating-point value"
+    return True  # (x, the clamped value, is floating: `_floating`; float bounds on ints promote)
 
 
 def _clamp_as_activation(r: Rewriter) -> torch.fx.Node:

@@ -430,6 +430,11 @@ def _attention_check(m: Match) -> bool | str:
             return "the masked_fill mask must be boolean"
         if not filled and (mm is None or mm[1] != metas[0][1]):
             return "the additive mask must have the dtype of q"
+        scores = (*metas[0][0][:-1], metas[1][0][-2])
+        if len(mm[0]) > len(scores) or any(a not in (1, b) for a, b in zip(reversed(mm[0]), reversed(scores))):
+            # a mask that broadcasts the scores to a larger shape (a per-sample mask over one
+            # sample's q, k, v): SDPA's output keeps q's shape
+            return f"the mask {list(mm[0])} is larger than the scores {list(scores)}"
     if "cast" in m.nodes:
         checks = _checks_only(m)
         if isinstance(checks, str):
