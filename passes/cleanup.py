@@ -29,7 +29,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import add_tensor_attr, delete_unused_attributes, get_attr_value, is_effectful, op_view, replace_uses
+from fxopt.ir import (add_tensor_attr, delete_unused_attributes, get_attr_value, is_effectful, op_view, replace_uses,
+                      written_base)
 
 
 @dataclass
@@ -120,9 +121,12 @@ class FoldConstants(Pass):
 
 def constant_nodes(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, bool]:
     """Node -> whether its value depends only on parameters, buffers and constants."""
+    # an attribute the forward writes in place (``state[:, :2].clamp_(...)``) is state, not a
+    # constant: a folded view of it would be a copy the write misses
+    written = {base for node in gm.graph.nodes if (base := written_base(gm, node)) is not None}
     constant: dict[torch.fx.Node, bool] = {}
     for node in gm.graph.nodes:
-        constant[node] = _is_foldable(node, constant)
+        constant[node] = node not in written and _is_foldable(node, constant)
     return constant
 
 

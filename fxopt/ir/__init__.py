@@ -1,6 +1,6 @@
 """IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
 from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call
-from .effects import functionalize_writes, is_effectful, mutated_input, written_base, written_in_place
+from .effects import aliases_of, functionalize_writes, is_effectful, mutated_input, written_base, written_in_place
 from .interpret import BufferState, flatten_inputs, fresh_inputs, node_values, run_graph
 from .packed import split_packed_parameters
 from .opview import (OpSpec, OpView, SPECS, bind_arguments, metadata_read, op_view, size_read, spec_for,
@@ -31,7 +31,7 @@ from .rewrite import (
 )
 
 __all__ = [
-    "ATEN_OP", "BufferState", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
+    "ATEN_OP", "BufferState", "aliases_of", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
     "COMPUTES", "PRIVATE_OF", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
     "bind_arguments", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes",
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared",

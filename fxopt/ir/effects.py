@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from .bindings import aten_op_of
 from .opview import op_view
 from .rewrite import tensor_meta
 
@@ -85,7 +86,8 @@ def _hashable(x: Any) -> bool:
 _VIEW_KINDS = frozenset({"reshape", "permute", "transpose", "flatten", "getitem", "select", "slice",
                          "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze"})
 _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", "t", "as_strided",
-                           "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach"})
+                           "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach", "reshape_as",
+                           "diagonal", "unfold", "tensor_split", "moveaxis", "swapdims", "transpose", "permute"})
 _INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
@@ -118,9 +120,33 @@ def written_base(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node
     return target
 
 
+def aliases_of(gm: torch.fx.GraphModule, base: torch.fx.Node) -> set[torch.fx.Node]:
+    """`base` and every value that views its memory (views of views, in either IR): a write
+    into one of them is seen through all.
+
+    >>> import torch, torch.fx
+    >>> gm = torch.fx.symbolic_trace(lambda x: (lambda h: h[:, :2].t() + h.sum())(x * 2))
+    >>> sorted(n.name for n in aliases_of(gm, next(n for n in gm.graph.nodes if n.name == "mul")))
+    ['getitem', 'mul', 't']
+    """
+    found: set[torch.fx.Node] = set()
+    stack = [base]
+    while stack:
+        node = stack.pop()
+        if node in found:
+            continue
+        found.add(node)
+        stack.extend(u for u in node.users if u.args and u.args[0] is node and _is_view(gm, u))
+    return found
+
+
 def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_method" and node.target in _VIEW_METHODS:
         return True
+    overload = aten_op_of(node)
+    if overload is not None:  # an ATen op says it in its schema: a result aliasing its input, not written
+        returns = overload._schema.returns
+        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
     view = op_view(gm, node)
     return view is not None and view.kind in _VIEW_KINDS
 
@@ -162,10 +188,40 @@ def functionalize_writes(gm: torch.fx.GraphModule) -> int:
 
 
 def _out_of_place(node: torch.fx.Node) -> bool:
-    """Whether `node`'s in-place write has an out-of-place twin `_make_out_of_place` can call."""
+    """Whether `node`'s in-place write has an out-of-place twin `_make_out_of_place` can call,
+    computing the same shape and dtype (an in-place op keeps its target's dtype where the
+    out-of-place one promotes: ``h.add_(float64)``, ``int32.cumsum_(1)``)."""
+    return _has_twin(node) and _twin_keeps_the_value_kind(node)
+
+
+def _twin_keeps_the_value_kind(node: torch.fx.Node) -> bool:
+    """The twin run once on meta tensors of the recorded shapes; True where nothing is
+    recorded (a bare symbolic trace: the twin of an arithmetic write, as before)."""
+    from .rewrite import meta_value
+
+    try:
+        args = torch.fx.node.map_arg(node.args, meta_value)
+        kwargs = torch.fx.node.map_arg(node.kwargs, meta_value)
+    except LookupError:
+        return True
+    try:
+        if node.op == "call_method":
+            got = getattr(args[0], node.target[:-1])(*args[1:], **kwargs)
+        elif node.kwargs.get("inplace") is True:
+            got = node.target(*args, **{**kwargs, "inplace": False})
+        else:
+            got = getattr(torch, node.target.__name__[:-1])(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - no meta kernel: not proven the same, keep the write
+        return False
+    want = args[0]
+    return isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor) and got.dtype == want.dtype \
+        and got.shape == want.shape
+
+
+def _has_twin(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         name = node.target
-        return name.endswith("_") and not name.endswith("__") and hasattr(torch.Tensor, name[:-1])
+        return name.endswith("_") and not name.endswith("__") and callable(getattr(torch.Tensor, name[:-1], None))
     if node.op != "call_function" or isinstance(node.target, torch._ops.OpOverload):
         return False
     if node.kwargs.get("inplace") is True:
@@ -250,4 +306,4 @@ def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.
     return all(order[user] < order[writer] for user in target.users if user is not writer)
 
 
-__all__ = ["functionalize_writes", "is_effectful", "mutated_input", "written_in_place"]
+__all__ = ["aliases_of", "functionalize_writes", "is_effectful", "mutated_input", "written_in_place"]

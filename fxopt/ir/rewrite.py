@@ -59,7 +59,7 @@ def meta_value(node: torch.fx.Node) -> Any:
         >>> import torch, fxopt
         >>> gm = fxopt.capture(torch.nn.Linear(4, 3), torch.randn(2, 4))
         >>> [tuple(meta_value(n).shape) for n in gm.graph.nodes if n.op != "output"]
-        [(2, 4), (2, 3)]
+        [(2, 4), (3, 4), (3,), (2, 3)]
     """
     if node.op == "get_attr":
         from .params import get_attr_value

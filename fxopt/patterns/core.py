@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from ..errors import node_label, node_location, user_source_line
-from ..ir import OpView, bind_arguments, mutated_input, op_view, spec_for, tensor_meta
+from ..ir import OpView, aliases_of, bind_arguments, mutated_input, op_view, spec_for, tensor_meta, written_base
 
 ANNOTATIONS = "fxopt.annotations"
 
@@ -186,30 +186,28 @@ def match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Patte
 
 
 def _refuse_visible_write(gm: torch.fx.GraphModule, op: torch.fx.Node, m: "Match") -> None:
-    """A matched op that writes its input in place (``y.mul_(sigmoid(y))``, ``relu_(y)``) is
-    replaced by a value of its own: a reader of the written tensor after it, or of an input,
-    parameter or view, would no longer see the write. ``relu_(conv(x))``, whose input nothing
-    else reads later, is the usual case and matches."""
-    target = mutated_input(gm, op)
-    if target is None:
+    """A matched op that writes its input in place (``y.mul_(sigmoid(y))``, ``relu_(y)``,
+    ``h[:, :2].clamp_(0, 6)``) is replaced by a value of its own: the memory it wrote — an
+    input's, an attribute's, or one a reader sees after it through any view — would not be
+    written. ``relu_(conv(x))``, whose input nothing else reads later, is the usual case and
+    matches."""
+    if mutated_input(gm, op) is None:
         return
-    if target.op in ("placeholder", "get_attr"):
-        raise _no_match(op, f" writes '{target.name}' in place, an input or attribute the caller sees")
-    later = [u for u in target.users if u is not op and u > op]
+    base = written_base(gm, op)
+    if base.op in ("placeholder", "get_attr"):
+        raise _no_match(op, f" writes '{base.name}' in place, an input or attribute the caller sees")
+    aliases = aliases_of(gm, base)
+    later = sorted({u for a in aliases for u in a.users
+                    if u is not op and u not in aliases and u not in m.ops and u > op}, key=lambda u: u.name)
     if later:
-        raise _no_match(op, f" writes '{target.name}' in place and {', '.join(repr(u.name) for u in later)} "
+        raise _no_match(op, f" writes '{base.name}' in place and {', '.join(repr(u.name) for u in later)} "
                             "reads it after; the rewrite would drop the write")
-    views = [u for u in target.users if u is not op and u not in m.ops and op_view(gm, u) is not None
-             and op_view(gm, u).kind in _ALIASING]
-    if views:
-        raise _no_match(op, f" writes '{target.name}' in place and {views[0].name!r} is a view of it that sees "
-                            "the write")
 
 
 def _refuse_write_before_root(gm: torch.fx.GraphModule, m: "Match") -> None:
     """The replacement runs where the root was: an input the match reads that is written in
     place between its first reader and the root (``a = conv(h); h.mul_(2); a + b``, export's
-    form) would reach it written."""
+    form), directly or through any view, would reach it written."""
     ops = set(m.ops)
     for value in {n for n in m.nodes.values() if n not in ops}:
         readers = [op for op in m.ops if value in op.all_input_nodes]
@@ -223,24 +221,12 @@ def _refuse_write_before_root(gm: torch.fx.GraphModule, m: "Match") -> None:
 
 
 def _writers_of(gm: torch.fx.GraphModule, value: torch.fx.Node) -> list[torch.fx.Node]:
-    """The nodes writing `value` in place, directly or through views of it."""
-    writers, stack, seen = [], [value], set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for user in node.users:
-            if mutated_input(gm, user) is node:
-                writers.append(user)
-            view = op_view(gm, user)
-            if view is not None and view.kind in _ALIASING:
-                stack.append(user)
-    return writers
-
-
-_ALIASING = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "select", "slice",
-                       "getitem", "unsqueeze", "squeeze", "narrow", "split", "chunk", "unbind", "expand_as"})
+    """The nodes writing `value`'s memory in place, through any view of it or of what it views."""
+    base = value
+    while base.args and isinstance(base.args[0], torch.fx.Node) and base in aliases_of(gm, base.args[0]):
+        base = base.args[0]  # up to the value it views
+    aliases = aliases_of(gm, base)
+    return [u for a in aliases for u in a.users if mutated_input(gm, u) in aliases]
 
 
 def _where(node: Any) -> str:

@@ -589,6 +589,7 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     downstream = _downstream_of_channels_last(gm)
+    written = written_in_place(gm)
     count = 0
     for node in list(gm.graph.nodes):
         if node.op == "output":
@@ -600,8 +601,17 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
         meta = tensor_meta(src)
         if meta is None or len(meta[0]) != 4 and (len(meta[0]) < 2 or src not in downstream):
             continue
-        with gm.graph.inserting_before(node):
-            fixed = gm.graph.call_method("contiguous", (src,))
-        node.replace_input_with(src, fixed)
+        if node.name in written or src.name in written:
+            # a view written through (or of a value written): a copy for it alone would take the
+            # write away from the other readers, so they all read one row-major copy
+            if src.op == "call_method" and src.target == "contiguous":
+                continue
+            with gm.graph.inserting_after(src):
+                fixed = gm.graph.call_method("contiguous", (src,))
+            src.replace_all_uses_with(fixed, delete_user_cb=lambda u, fixed=fixed: u is not fixed)
+        else:
+            with gm.graph.inserting_before(node):
+                fixed = gm.graph.call_method("contiguous", (src,))
+            node.replace_input_with(src, fixed)
         count += 1
     return count + contiguous_outputs(gm)

@@ -42,7 +42,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
-                      is_effectful, op_view, origin, size_read, value_nbytes)
+                      is_effectful, op_view, origin, size_read, value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
@@ -280,15 +280,25 @@ class _Lowering:
         squeeze or select of a channels-last kernel output, dequantized, keeps its strides
         (``conv(x).squeeze(-1).view(n, -1)`` failed). A view written through stays a view."""
         stack = [n for n in self.graph.nodes if n.name in self.region or _is_dequantize(n)]
+        written = written_in_place(self.gm)  # a write into the value, or through any view of it
         seen: set[torch.fx.Node] = set()
         while stack:
             node = stack.pop()
             if node in seen:
                 continue
             seen.add(node)
-            if not any(u.op != "output" and is_effectful(u) for u in node.users):
+            if node.name not in written and not any(u.op != "output" and is_effectful(u) for u in node.users):
                 _view_as_reshape(node)
+            elif _is_view_call(node):  # a view written through: every reader of its input reads one
+                self._contiguous_for_all_readers(node.args[0])  # row-major copy, so the view stays one
             stack.extend(node.users)
+
+    def _contiguous_for_all_readers(self, value: torch.fx.Node) -> None:
+        if value.op == "call_method" and value.target == "contiguous":
+            return
+        with self.graph.inserting_after(value):
+            copy = self.graph.call_method("contiguous", (value,))
+        value.replace_all_uses_with(copy, delete_user_cb=lambda u: u is not copy)
 
     def _kernel_inputs(self, enabled: set[str], region: set[str]) -> set[str]:
         """Names of the values an int8 conv/linear kernel reads, directly or through pass-through ops.
@@ -639,10 +649,17 @@ class _Lowering:
         self.stats["int8_pass_through"] += 1
 
 
+def _is_view_call(node: torch.fx.Node) -> bool:
+    return node.op == "call_method" and node.target == "view" or node.op == "call_function" \
+        and node.target is aten.view.default
+
+
 def _view_as_reshape(node: torch.fx.Node) -> None:
     """Make a `view` on a value that lowering turns int8 a `reshape`: the int8 kernels return
     their own layouts (a quantized conv's output is channels-last), where `x.view(n, -1)` on the
     float value was legal and on the int8 one is not; `reshape` copies only when it must."""
+    if any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values())):
+        return  # ``h.view(torch.int32)`` reinterprets the bytes: no reshape does
     if node.op == "call_method" and node.target == "view":
         node.target = "reshape"
     elif node.op == "call_function" and node.target is aten.view.default:
