@@ -680,3 +680,28 @@ def test_attention_with_q_scaled_first_or_unscaled_becomes_sdpa(mode, how):
     assert "scaled_dot_product_attention" in res.module.code
     other = torch.randn(3, 10, 32)
     torch.testing.assert_close(res.module(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+class InPlaceScores(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1)
+        if self.how == "div_":
+            s /= 8.0
+        else:
+            s.masked_fill_(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how", ["div_", "masked_fill_"])
+def test_attention_with_in_place_scores_becomes_sdpa_in_both_front_ends(mode, how):
+    """Export keeps aten.div_ / aten.masked_fill_, which had no op kind: SDPA from a symbolic
+    graph only."""
+    q, k, v = (torch.randn(2, 2, 5, 4) for _ in range(3))
+    res = fxopt.optimize(InPlaceScores(how), (q, k, v), "fuse", mode=mode)
+    assert "scaled_dot_product_attention" in res.module.code
+    torch.testing.assert_close(res.module(q, k, v), InPlaceScores(how)(q, k, v), rtol=1e-4, atol=1e-5)
