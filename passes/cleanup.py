@@ -29,8 +29,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import (add_tensor_attr, delete_unused_attributes, get_attr_value, is_effectful, op_view, replace_uses,
-                      written_base)
+from fxopt.ir import (add_tensor_attr, call_as, delete_unused_attributes, get_attr_value, is_effectful, op_view,
+                      replace_uses, written_base)
 
 
 @dataclass
@@ -77,8 +77,7 @@ def _is_noop(gm: torch.fx.GraphModule, view) -> bool:
     if view.kind == "dropout":
         return not view.attrs.get("training", True) or view.attrs.get("p", 0.5) == 0
     if view.kind == "contiguous":
-        return _row_major(view) and _always_row_major(op_view(gm, view.input) if isinstance(view.input, torch.fx.Node)
-                                                      and view.input.op != "placeholder" else None)
+        return _row_major(view) and _always_row_major(op_view(gm, view.input))
     return False
 
 
@@ -186,12 +185,8 @@ def evaluate_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
         if n.op == "get_attr":
             out = get_attr_value(gm, n.target)
         else:
-            args = torch.fx.node.map_arg(n.args, value_of)
-            kwargs = torch.fx.node.map_arg(n.kwargs, value_of)
-            if n.op == "call_method":
-                out = getattr(args[0], n.target)(*args[1:], **kwargs)
-            else:
-                out = n.target(*args, **kwargs)
+            out = call_as(n.op, n.target, torch.fx.node.map_arg(n.args, value_of),
+                          torch.fx.node.map_arg(n.kwargs, value_of))
         cache[n] = out
         return out
 
@@ -200,19 +195,25 @@ def evaluate_constant(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
 
 
 def _small_enough(node: torch.fx.Node, value: torch.Tensor, gm: torch.fx.GraphModule, growth: float) -> bool:
-    read = 0
-    stack, seen = [node], set()
+    read = sum(t.numel() for n in attribute_leaves(node)
+               if isinstance(t := get_attr_value(gm, n.target), torch.Tensor))
+    return value.numel() <= growth * max(read, 1)
+
+
+def attribute_leaves(value: torch.fx.Node) -> list[torch.fx.Node]:
+    """The `get_attr` nodes `value` is computed from, in graph order."""
+    seen, stack, leaves = set(), [value], []
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
         if n.op == "get_attr":
-            t = get_attr_value(gm, n.target)
-            read += t.numel() if isinstance(t, torch.Tensor) else 0
+            leaves.append(n)
         stack.extend(n.all_input_nodes)
-    return value.numel() <= growth * max(read, 1)
+    order = {n: i for i, n in enumerate(value.graph.nodes)}
+    return sorted(leaves, key=order.__getitem__)
 
 
-__all__ = ["DeadCodeElimination", "FoldConstants", "RemoveNoOps", "constant_nodes", "evaluate_constant",
-           "fold_constants", "is_effectful"]
+__all__ = ["DeadCodeElimination", "FoldConstants", "RemoveNoOps", "attribute_leaves", "constant_nodes",
+           "evaluate_constant", "fold_constants", "is_effectful"]

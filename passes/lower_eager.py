@@ -48,7 +48,7 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
-from fxopt.ir import EagerCall, call_through_binding, eager_call, meta_value
+from fxopt.ir import EagerCall, call_as, call_through_binding, eager_call, meta_value
 
 
 def _same_result(a: Any, b: Any) -> bool:
@@ -75,10 +75,7 @@ def try_on_meta(node: torch.fx.Node, call: EagerCall) -> bool | str:
     except Exception:  # data-dependent ops, device moves: no meta kernel to compare with
         return "cannot be tried on meta tensors"
     try:
-        if call.fx_op == "call_method":
-            got = getattr(args[0], call.target)(*args[1:], **kwargs)
-        else:
-            got = call.target(*args, **kwargs)
+        got = call_as(call.fx_op, call.target, args, kwargs)
     except Exception as exc:
         return f"its Python binding takes other arguments ({type(exc).__name__})"
     return True if _same_result(expected, got) else "its Python binding gives another result"

@@ -21,6 +21,7 @@ from .rewrite import (
     contiguous_outputs,
     deep_copy,
     is_shared,
+    call_as,
     make_private,
     meta_value,
     origin,
@@ -33,7 +34,7 @@ from .rewrite import (
 __all__ = [
     "ATEN_OP", "BufferState", "aliases_of", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
     "COMPUTES", "PRIVATE_OF", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
-    "bind_arguments", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes",
+    "bind_arguments", "call_as", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes",
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared",
     "make_private", "meta_value", "metadata_read", "mutated_input", "written_base", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "size_read", "spec_for", "split_packed_parameters", "tensor_meta", "tensor_versions",

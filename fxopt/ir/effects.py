@@ -20,7 +20,7 @@ import torch.fx
 
 from .bindings import aten_op_of
 from .opview import op_view
-from .rewrite import tensor_meta
+from .rewrite import call_as, meta_value, tensor_meta
 
 # Ops that must run even when their value is unused, beyond what fx already knows.
 _RANDOM_OR_EFFECTFUL = {
@@ -197,20 +197,14 @@ def _out_of_place(node: torch.fx.Node) -> bool:
 def _twin_keeps_the_value_kind(node: torch.fx.Node) -> bool:
     """The twin run once on meta tensors of the recorded shapes; True where nothing is
     recorded (a bare symbolic trace: the twin of an arithmetic write, as before)."""
-    from .rewrite import meta_value
-
+    target, twin_kwargs = _twin(node)
     try:
         args = torch.fx.node.map_arg(node.args, meta_value)
-        kwargs = torch.fx.node.map_arg(node.kwargs, meta_value)
+        kwargs = torch.fx.node.map_arg(twin_kwargs, meta_value)
     except LookupError:
         return True
     try:
-        if node.op == "call_method":
-            got = getattr(args[0], node.target[:-1])(*args[1:], **kwargs)
-        elif node.kwargs.get("inplace") is True:
-            got = node.target(*args, **{**kwargs, "inplace": False})
-        else:
-            got = getattr(torch, node.target.__name__[:-1])(*args, **kwargs)
+        got = call_as(node.op, target, args, kwargs)
     except Exception:  # noqa: BLE001 - no meta kernel: not proven the same, keep the write
         return False
     want = args[0]
@@ -231,13 +225,17 @@ def _has_twin(node: torch.fx.Node) -> bool:
         and getattr(torch, name) is node.target
 
 
-def _make_out_of_place(node: torch.fx.Node) -> None:
+def _twin(node: torch.fx.Node) -> tuple[Any, dict]:
+    """(target, kwargs) of the out-of-place call of an in-place write `_has_twin` accepts."""
     if node.op == "call_method":
-        node.target = node.target[:-1]
-    elif node.kwargs.get("inplace") is True:
-        node.kwargs = {**node.kwargs, "inplace": False}
-    else:
-        node.target = getattr(torch, node.target.__name__[:-1])
+        return node.target[:-1], dict(node.kwargs)
+    if node.kwargs.get("inplace") is True:
+        return node.target, {**node.kwargs, "inplace": False}
+    return getattr(torch, node.target.__name__[:-1]), dict(node.kwargs)
+
+
+def _make_out_of_place(node: torch.fx.Node) -> None:
+    node.target, node.kwargs = _twin(node)
 
 
 def written_in_place(gm: torch.fx.GraphModule, floating_only: bool = False) -> dict[str, str]:

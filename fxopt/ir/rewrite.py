@@ -51,6 +51,18 @@ def tensor_meta(node: Any) -> tuple[torch.Size, torch.dtype] | None:
     return None
 
 
+def call_as(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    """Run one fx call (`op` "call_function" or "call_method") on the given values: what the
+    generated code does for a node, for passes that evaluate or try nodes themselves.
+
+        >>> call_as("call_method", "add", (torch.ones(2), 1.0), {})
+        tensor([2., 2.])
+    """
+    if op == "call_method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    return target(*args, **kwargs)
+
+
 def meta_value(node: torch.fx.Node) -> Any:
     """What `node` produced, as a meta tensor (its recorded shape, stride and dtype; no data),
     or the recorded scalar: the input of a trial run that computes no data. An attribute is

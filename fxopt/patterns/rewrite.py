@@ -26,7 +26,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import node_location
-from ..ir import add_tensor_attr, meta_value, replace_uses, tensor_meta
+from ..ir import add_tensor_attr, call_as, meta_value, replace_uses, tensor_meta
 from .core import Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
 
 
@@ -274,12 +274,9 @@ def _check_same_value_kind(pattern: Pattern, root: torch.fx.Node, new: torch.fx.
                 continue
             args = torch.fx.node.map_arg(n.args, value)
             kwargs = torch.fx.node.map_arg(n.kwargs, value)
-            if n.op == "call_method":
-                values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-            elif n.op == "call_function":
-                values[n] = n.target(*args, **kwargs)
-            else:
+            if n.op not in ("call_function", "call_method"):
                 return  # a module call: not tried
+            values[n] = call_as(n.op, n.target, args, kwargs)
         got = value(new)
     except Exception:  # noqa: BLE001 - no meta kernel, nothing recorded: no trial, no verdict
         return

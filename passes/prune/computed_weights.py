@@ -20,7 +20,7 @@ import torch.fx
 
 from fxopt.ir import add_tensor_attr, bind_arguments, get_attr_value, op_view, spec_for
 
-from ..cleanup import constant_nodes, evaluate_constant
+from ..cleanup import attribute_leaves, constant_nodes, evaluate_constant
 
 # layer kinds whose `weight` argument may be computed (a module call holds a parameter)
 _LAYERS = ("conv", "linear")
@@ -126,7 +126,7 @@ class ComputedWeight:
 
     def __init__(self, gm: torch.fx.GraphModule, value: torch.fx.Node, reader: torch.fx.Node) -> None:
         self.gm, self.value, self.reader = gm, value, reader
-        self.qualname = next((str(n.target) for n in _leaves(value)
+        self.qualname = next((str(n.target) for n in attribute_leaves(value)
                               if isinstance(get_attr_value(gm, n.target), torch.nn.Parameter)), value.name)
 
     def get(self) -> torch.Tensor:
@@ -158,18 +158,3 @@ class ComputedWeight:
         """What the layer reads as its weight now (the value, or the last edit after it)."""
         spec = spec_for(self.gm, self.reader)
         return bind_arguments(self.reader, spec)["weight"]
-
-
-def _leaves(value: torch.fx.Node) -> list[torch.fx.Node]:
-    """The `get_attr` nodes a value is computed from, in graph order."""
-    seen, stack, leaves = set(), [value], []
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr":
-            leaves.append(n)
-        stack.extend(n.all_input_nodes)
-    order = {n: i for i, n in enumerate(value.graph.nodes)}
-    return sorted(leaves, key=order.__getitem__)
