@@ -102,7 +102,8 @@ def value_nbytes(node: Any) -> int:
 
 def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, ParamRef],
               counts: Counter | None = None) -> bool:
-    """True when the op's module or weights are used elsewhere in the graph too.
+    """True when the op's module or weights are used elsewhere in the graph too (a weight read
+    through its transpose included, `_shared_transpose`).
 
     `counts`: `attribute_use_counts(gm)` computed once by a caller that asks for many nodes
     (it is a walk over the whole graph); it must be recomputed after the graph changes.
@@ -110,7 +111,15 @@ def is_shared(gm: torch.fx.GraphModule, node: torch.fx.Node, params: dict[str, P
     counts = attribute_use_counts(gm) if counts is None else counts
     if node.op == "call_module" and counts[node.target] > 1:
         return True
-    return any(counts[ref.qualname] > 1 for ref in params.values())
+    return any(counts[ref.qualname] > 1 for ref in params.values()) \
+        or any(_shared_transpose(gm, arg, counts) for arg in node.args)
+
+
+def _shared_transpose(gm: torch.fx.GraphModule, arg: Any, counts: Counter) -> bool:
+    """``x @ W.t()`` reads W through its transpose: shared when W has other readers, or when
+    the transpose does (``Et = W.t(); z @ Et + Et.sum(0)``)."""
+    base = transposed_parameter(gm, arg) if isinstance(arg, torch.fx.Node) else None
+    return base is not None and (counts[base.target] > 1 or len(arg.users) > 1)
 
 
 def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4) -> int:
@@ -187,9 +196,7 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
                 fresh = graph.get_attr(name)
             fresh.meta.update(arg.meta)
             node.update_arg(i, fresh)
-        elif isinstance(arg, torch.fx.Node) and (base := transposed_parameter(gm, arg)) is not None \
-                and (counts[base.target] > 1 or len(arg.users) > 1):  # W read elsewhere, or its transpose
-            # ``x @ W.t()`` reads W through its transpose: a transpose of its own, of a private W
+        elif _shared_transpose(gm, arg, counts):  # a transpose of its own, of a private W
             with graph.inserting_before(node):
                 own = graph.node_copy(arg)
             own.meta.update(arg.meta)

@@ -132,8 +132,9 @@ def build_channel_graph(gm: torch.fx.GraphModule, exact_norms: bool = True) -> C
     # An integer index built in place (BEiT's relative position index) holds no channels.
     forced: dict[str, str] = dict(written_in_place(gm, floating_only=True))
     split_axes: dict[str, int] = {}
+    weight_math = weight_computations(gm)  # the same every round: the graph does not change
     while True:
-        builder = _Builder(gm, exact_norms, forced, split_axes)
+        builder = _Builder(gm, exact_norms, forced, split_axes, weight_math)
         builder.walk()
         if builder.split_axes != split_axes:  # a reshape moves its slot: its readers change too
             split_axes = builder.split_axes
@@ -148,7 +149,8 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
     """Walks a graph once, applying the rule of each node's op kind (`rules`)."""
 
     def __init__(self, gm: torch.fx.GraphModule, exact_norms: bool = True,
-                 forced: dict[str, str] | None = None, split_axes: dict[str, int] | None = None) -> None:
+                 forced: dict[str, str] | None = None, split_axes: dict[str, int] | None = None,
+                 weight_math: set[str] | None = None) -> None:
         self.gm = gm
         self.exact_norms = exact_norms
         self.forced = dict(forced or {})  # node name -> reason: pinned from an earlier round
@@ -176,7 +178,8 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         self.read_whole: set[str] = set()  # get_attr tensors a pinned node reads (`pin`)
         self.expand_sizes: dict[str, str] = {}  # ``y.expand(x.size())`` -> the size read
         self.held_constants: set[str] = set()  # constant operands whose channels all stay (`_aligned_inputs`)
-        self.weight_math = weight_computations(gm)  # layer weights computed from parameters alone
+        # layer weights computed from parameters alone (`computed_weights`)
+        self.weight_math = weight_computations(gm) if weight_math is None else weight_math
 
     def new_slot(self, node: torch.fx.Node, axis: int, role: str) -> int:
         shape = _shape(node)

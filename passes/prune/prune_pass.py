@@ -55,7 +55,6 @@ from fxopt.ir import (
     op_view,
     resolve_attr,
     split_packed_parameters,
-    transposed_parameter,
 )
 from fxopt.measure import count_parameters
 from fxopt.pass_base import Pass, PassContext, PassResult
@@ -462,10 +461,7 @@ def _privatize(gm: torch.fx.GraphModule) -> bool:
             ref = param_arg(gm, view, WEIGHT_LAYOUTS["matmul"].weight)
             if ref is not None:
                 params["other"] = ref
-        # ``Et = W.t()`` read by two ops: W has one reader (the transpose), which is shared
-        shared_transpose = any(isinstance(a, torch.fx.Node) and len(a.users) > 1
-                               and transposed_parameter(gm, a) is not None for a in node.args)
-        if params and (shared_transpose or is_shared(gm, node, params, counts)):
+        if params and is_shared(gm, node, params, counts):
             make_private(gm, node)
             counts = attribute_use_counts(gm)
             changed = True
