@@ -215,11 +215,14 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("clamp", functions=(torch.clamp_min, torch.clamp_min_), methods=("clamp_min", "clamp_min_"),
            aten=(aten.clamp_min, aten.clamp_min_),
            arg_names=("input", "min")),
-    OpSpec("clamp", functions=(torch.clamp_max,), methods=("clamp_max",), aten=(aten.clamp_max,),
+    OpSpec("clamp", functions=(torch.clamp_max, torch.clamp_max_), methods=("clamp_max", "clamp_max_"),
+           aten=(aten.clamp_max, aten.clamp_max_),
            arg_names=("input", "max")),
     # more unary math: f(0) = 0 (abs .. softsign), f(0) finite but not 0 (exp, cos), f(0)
     # infinite (rsqrt, reciprocal)
-    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),))
+    *(OpSpec(name, functions=(getattr(torch, name), *filter(None, [getattr(torch, f"{name}_", None)])),
+             methods=(name, f"{name}_"),
+             aten=(getattr(aten, name), getattr(aten, f"{name}_")))
       for name in ("abs", "sqrt", "square", "erf", "sin", "sign", "exp", "cos", "rsqrt", "reciprocal")),
     OpSpec("softsign", functions=(F.softsign,), modules=(nn.Softsign,)),
     OpSpec("shrink", functions=(F.softshrink, F.hardshrink), aten=(aten.softshrink, aten.hardshrink),
@@ -245,7 +248,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("div", functions=(operator.truediv, operator.itruediv, torch.div), methods=("div", "div_"),
            aten=(aten.div, aten.div_),
            modifiers=dict(rounding_mode=None), **_ELEMENTWISE),
-    OpSpec("pow", functions=(torch.pow, operator.pow), methods=("pow",), aten=(aten.pow,),
+    OpSpec("pow", functions=(torch.pow, operator.pow, operator.ipow), methods=("pow", "pow_"), aten=(aten.pow, aten.pow_),
            arg_names=("input", "exponent"), tensor_args=("input", "exponent")),
     OpSpec("matmul", functions=(torch.matmul, operator.matmul, torch.bmm, torch.mm), methods=("matmul", "bmm"),
            aten=(aten.matmul, aten.bmm, aten.mm), arg_names=("input", "other"), tensor_args=("input", "other"),

@@ -9,7 +9,8 @@ conv or linear before it becomes a `conv+act` / `linear+act` group that `lower-c
 into the kernel.
 
 A clamp with number bounds is the activation it computes: ``clamp(x, 0, 6)`` a hardtanh
-(relu6), ``clamp(x, min=0)`` a relu; a one-sided upper clamp is left alone.
+(relu6), ``clamp(x, min=0)`` a relu; a one-sided upper clamp is left alone unless a relu
+sits on either side of it (``x.clamp(min=0).clamp(max=6)``, ``relu(x.clamp(max=6))``: relu6).
 
 Constants are compared to the value they must have within 1e-6 (relative), so ``/ 1.41421``
 written by hand is not taken for ``/ math.sqrt(2)``; a multiplication may sit on either side
@@ -110,6 +111,10 @@ def _patterns() -> list[Pattern]:
     # ``torch.clamp(x, 0, 6)``, ``x.clamp(min=0)``: relu6 / relu under another name (a later
     # round then finds a hard-swish spelled with clamp)
     table.append(Pattern("clamp", Op("clamp", x, name="clamp"), rewrite=_clamp_as_activation, check=_clamp_bounds))
+    # relu6 in two halves, either order: max(min(x, hi), 0) = min(max(x, 0), hi)
+    table += [Pattern(name, root, rewrite=_capped_relu, check=_upper_bound) for name, root in (
+        ("relu-clamp", Op("clamp", Op("relu", x), name="clamp")),
+        ("clamp-relu", Op("relu", Op("clamp", x, name="clamp"))))]
     return table
 
 
@@ -132,6 +137,20 @@ def _clamp_bounds(m: Match) -> bool | str:
 def _clamp_as_activation(r: Rewriter) -> torch.fx.Node:
     lo, hi = _bounds(r.match)
     return r.call(F.relu, r["x"]) if hi is None else r.call(F.hardtanh, r["x"], float(lo), float(hi))
+
+
+def _upper_bound(m: Match) -> bool | str:
+    """The clamp beside a relu caps it: a number upper bound above 0, and no lower bound above
+    0 (one at or below 0 does nothing next to the relu)."""
+    lo, hi = _bounds(m)
+    numbers = all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
+    if not numbers or hi is None or hi <= 0 or lo is not None and lo > 0:
+        return f"bounds ({lo}, {hi}) do not cap the relu"
+    return True
+
+
+def _capped_relu(r: Rewriter) -> torch.fx.Node:
+    return r.call(F.hardtanh, r["x"], 0.0, float(_bounds(r.match)[1]))
 
 
 #: The spelled-out activations, most specific first.

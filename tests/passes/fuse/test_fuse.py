@@ -640,19 +640,33 @@ class ConvClamp(nn.Module):
             return y.clamp(min=0)
         if self.how == "hardswish":
             return y * torch.clamp(y + 3, 0, 6) / 6
+        if self.how == "relu-then-cap":
+            return y.clamp(min=0).clamp(max=6)
+        if self.how == "cap-then-relu":
+            return torch.relu(y.clamp(max=6.0))
+        if self.how == "relu-read-twice":
+            r = torch.relu(y)
+            return r.clamp(max=6) + r  # the relu is read outside the pair: not a relu6
+        if self.how == "cap-below-zero":
+            return torch.relu(y.clamp(max=-1.0))  # zero everywhere: no relu6
         return y.clamp(max=1.0)  # no activation kernel computes it
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-@pytest.mark.parametrize("how, fused", [("relu6", True), ("relu", True), ("hardswish", True), ("upper", False)])
+@pytest.mark.parametrize("how, fused", [("relu6", True), ("relu", True), ("hardswish", True), ("upper", False),
+                                        ("relu-then-cap", True), ("cap-then-relu", True),
+                                        ("relu-read-twice", True), ("cap-below-zero", False)])
 def test_a_clamp_is_the_activation_it_computes(mode, how, fused):
     """clamp(conv(x), 0, 6) was neither grouped by fuse nor fused into the conv by lower-cpu
-    (quantize already took it as relu6)."""
+    (quantize already took it as relu6); relu6 written as a relu and an upper clamp stayed two
+    ops."""
     torch.manual_seed(0)
-    model, x = ConvClamp(how).eval(), torch.randn(2, 8, 16, 16)
+    model, x = ConvClamp(how).eval(), torch.randn(2, 8, 16, 16) * 4
     res = fxopt.optimize(model, x, "fuse,lower-cpu{min_macs=0}", mode=mode)
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
     assert (res.passes[1].stats["lowered"].get("conv+act", 0) == 1) is fused
+    relu6 = sum(res.passes[0].stats["matches"].get(k, 0) for k in ("relu-clamp", "clamp-relu"))
+    assert relu6 == (how in ("relu-then-cap", "cap-then-relu"))
 
 
 class TimmStyleAttention(nn.Module):
@@ -705,3 +719,31 @@ def test_attention_with_in_place_scores_becomes_sdpa_in_both_front_ends(mode, ho
     res = fxopt.optimize(InPlaceScores(how), (q, k, v), "fuse", mode=mode)
     assert "scaled_dot_product_attention" in res.module.code
     torch.testing.assert_close(res.module(q, k, v), InPlaceScores(how)(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+class InPlaceActivations(nn.Module):
+    """GELU with `erf_`, relu6 with `clamp_max_` then `relu_`."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.lin, self.how = nn.Linear(16, 32), how
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.how == "erf_":
+            e = h / math.sqrt(2)
+            e.erf_()
+            return h * 0.5 * (1 + e)
+        return (h * 1.0).clamp_max_(6.0).relu_()
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how, pattern", [("erf_", "gelu/0"), ("clamp_max_", "clamp-relu")])
+def test_activations_written_in_place_fuse_in_both_front_ends(mode, how, pattern):
+    """Export keeps aten.erf_ / aten.clamp_max_, which had no op kind: the activation stayed
+    spelled out in an exported graph."""
+    torch.manual_seed(0)
+    model, x = InPlaceActivations(how).eval(), torch.randn(2, 5, 16) * 4
+    res = fxopt.optimize(model, x, "fuse", mode=mode)
+    assert res.passes[0].stats["matches"].get(pattern) == 1
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
