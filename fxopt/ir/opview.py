@@ -287,8 +287,9 @@ SPECS: tuple[OpSpec, ...] = (
            module_attrs=lambda m: dict(dim=m.dim, sizes=tuple(m.unflattened_size))),
     OpSpec("permute", functions=(torch.permute,), methods=("permute",), aten=(aten.permute,),
            arg_names=("input", "dims")),
-    OpSpec("transpose", functions=(torch.transpose,), methods=("transpose",), aten=(aten.transpose,),
-           arg_names=("input", "dim0", "dim1")),
+    OpSpec("transpose", functions=(torch.transpose, torch.swapaxes, torch.swapdims),
+           methods=("transpose", "swapaxes", "swapdims"), aten=(aten.transpose, aten.swapaxes, aten.swapdims),
+           arg_names=("input", "dim0", "dim1"), renames={"axis0": "dim0", "axis1": "dim1"}),
     OpSpec("max_pool", functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d),
            aten=(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d),
            modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), arg_names=("input", "kernel_size", "stride",
@@ -601,10 +602,14 @@ def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, arg
     return OpView(node, spec.kind, inputs, params, attrs)
 
 
-# `W.T`, `W.t()`, `W.mT` and their ATen spellings: the transpose of a 2-D tensor, no arguments.
-_TRANSPOSE_METHODS = ("t", "numpy_T")
-_TRANSPOSE_ATTRS = ("T", "mT")
-_TRANSPOSE_ATEN = (aten.t, aten.numpy_T, aten.mT)
+# `W.T`, `W.t()`, `W.mT` and their ATen spellings: the transpose of a 2-D tensor, no arguments;
+# the conjugate ones (`W.H`, `W.adjoint()`) are transposes of a real W.
+_TRANSPOSE_METHODS = ("t", "numpy_T", "adjoint")
+_TRANSPOSE_ATTRS = ("T", "mT", "H", "mH")
+_TRANSPOSE_ATEN = (aten.t, aten.numpy_T, aten.mT, aten.mH, aten.matrix_H, aten.adjoint)
+# `W.movedim(0, 1)`: moving one axis of two is a transpose
+_MOVE_METHODS = ("movedim", "moveaxis")
+_MOVE_ATEN = (aten.movedim, aten.moveaxis)
 
 
 def transposed_parameter(gm: torch.fx.GraphModule, node: Any) -> torch.fx.Node | None:
@@ -614,23 +619,33 @@ def transposed_parameter(gm: torch.fx.GraphModule, node: Any) -> torch.fx.Node |
     source = node.args[0]
     if not isinstance(source, torch.fx.Node) or source.op != "get_attr":
         return None
-    if not _is_plain_transpose(node):
+    if not _is_plain_transpose(node) and not _moves_one_of_two_axes(node):
         view = op_view(gm, node)  # transpose/permute: the table binds their axes in every IR
         if view is None or view.kind not in ("transpose", "permute") or not _swaps_2d(view):
             return None
     value = ref_for_get_attr(gm, source).get()
-    return source if isinstance(value, torch.Tensor) and value.dim() == 2 else None
+    return source if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_complex() else None
 
 
 def _is_plain_transpose(node: torch.fx.Node) -> bool:
-    """`W.T`, `W.t()`, `W.mT`, `torch.t(W)` and their ATen forms: no axes to read."""
+    """`W.T`, `W.t()`, `W.mT`, `W.H`, `torch.t(W)` and their ATen forms: no axes to read."""
     overload = aten_op_of(node)
     if overload is not None:
         return overload.overloadpacket in _TRANSPOSE_ATEN
     if node.op == "call_method":
         return node.target in _TRANSPOSE_METHODS
-    return node.target is torch.t or (node.target is getattr and len(node.args) == 2
-                                      and node.args[1] in _TRANSPOSE_ATTRS)
+    return node.target in (torch.t, torch.adjoint) or (node.target is getattr and len(node.args) == 2
+                                                       and node.args[1] in _TRANSPOSE_ATTRS)
+
+
+def _moves_one_of_two_axes(node: torch.fx.Node) -> bool:
+    """`W.movedim(0, 1)` / `torch.moveaxis(W, 1, 0)`, axes of either sign, as plain integers."""
+    overload = aten_op_of(node)
+    moves = (overload.overloadpacket in _MOVE_ATEN if overload is not None
+             else node.target in _MOVE_METHODS if node.op == "call_method"
+             else node.target in (torch.movedim, torch.moveaxis))
+    axes = [*node.args[1:], *node.kwargs.values()]
+    return moves and len(axes) == 2 and all(type(a) is int for a in axes) and axes[0] % 2 != axes[1] % 2
 
 
 def _swaps_2d(view: OpView) -> bool:

@@ -51,6 +51,40 @@ def test_a_transposed_weight_read_elsewhere_keeps_its_full_copy_there(reader, mo
     assert model.E.shape == (6, 8)  # the user's model untouched
 
 
+TRANSPOSES = {
+    "swapaxes": lambda w: w.swapaxes(0, 1), "swapdims": lambda w: torch.swapdims(w, 1, 0),
+    "movedim": lambda w: w.movedim(0, 1), "moveaxis": lambda w: torch.moveaxis(w, -1, 0),
+    "H": lambda w: w.H, "mH": lambda w: w.mH, "adjoint": lambda w: w.adjoint(),
+}
+
+
+class SpelledTranspose(nn.Module):
+    """A two-layer MLP on raw parameters, each transposed by another spelling."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.W1, self.W2 = nn.Parameter(torch.randn(32, 16)), nn.Parameter(torch.randn(8, 32))
+
+    def forward(self, x):
+        t = TRANSPOSES[self.how]
+        return torch.relu(x @ t(self.W1)) @ t(self.W2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", sorted(TRANSPOSES))
+def test_every_spelling_of_a_parameter_transpose_prunes_as_a_linear(how, mode):
+    """`W.swapaxes(0, 1)`, `W.movedim(0, 1)`, `W.H`, `W.adjoint()` were not read as transposes:
+    nothing to prune (the hidden width of W1 and W2 was pinned)."""
+    torch.manual_seed(0)
+    model, x = SpelledTranspose(how).eval(), torch.randn(2, 5, 16)
+    r = prune_and_mask(model, x, mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    params = dict(r.pruned.named_parameters())
+    assert params["W1"].shape[0] < 32 and params["W2"].shape[1] == params["W1"].shape[0]
+    assert fxopt.measure.count_macs(r.pruned, x) < 0.6 * fxopt.measure.count_macs(model, x)
+
+
 class SharedTranspose(nn.Module):
     """One transpose node read twice: W has a single reader (the transpose), which is shared."""
 
