@@ -481,8 +481,61 @@ def _attention(name: str, mask: str | None) -> list[Pattern]:
     return patterns
 
 
-_ATTENTION = [*_attention("attention+mask", "add"), *_attention("attention+masked_fill", "fill"),
-              *_attention("attention", None)]
+def _matmul_form(equation: str) -> str | None:
+    """How a two-operand einsum is a batched matrix product: "ab" (``a @ b``), "abT"
+    (``a @ bᵀ``), or None. The batch letters (or an ellipsis) lead every term, in one order.
+
+        >>> _matmul_form("bhqd,bhkd->bhqk"), _matmul_form("bhqk,bhkd->bhqd"), _matmul_form("bij,bjk->bki")
+        ('abT', 'ab', None)
+    """
+    terms = equation.replace(" ", "").replace("...", "*")
+    if terms.count("->") != 1:
+        return None
+    inputs, out = terms.split("->")
+    if inputs.count(",") != 1:
+        return None
+    a, b = inputs.split(",")
+    if len({len(a), len(b), len(out)}) != 1 or len(a) < 2 or "*" in a[-2:] + b[-2:] + out[-2:]:
+        return None
+    batch, (i, k), j = a[:-2], a[-2:], out[-1]
+    if b[:-2] != batch or out[:-1] != batch + i or len(set(a + j)) != len(a) + 1:
+        return None
+    return "ab" if b[-2:] == k + j else "abT" if b[-2:] == j + k else None
+
+
+def _softmax_reader_or_operand(m: Match) -> bool | str:
+    """An einsum of attention: its first operand is a softmax (``p @ v``), or a softmax reads
+    its value through at most a scale and a mask (the scores). Other einsums stay as written."""
+    if _matmul_form(m.views["einsum"].attrs.get("equation", "")) is None:
+        return "not a batched matrix product"
+    first = op_view(m.gm, m.nodes["a"])
+    if first is not None and (first.kind == "softmax" or first.kind == "to" and isinstance(first.input, torch.fx.Node)
+                              and (v := op_view(m.gm, first.input)) is not None and v.kind == "softmax"):
+        return True
+    value = m.root
+    for _ in range(3):
+        if len(value.users) != 1:
+            break
+        value = next(iter(value.users))
+        view = op_view(m.gm, value)
+        if view is not None and view.kind == "softmax":
+            return True
+    return "not read by a softmax, nor reading one"
+
+
+def _einsum_as_matmul(r: Rewriter) -> torch.fx.Node:
+    b = r["b"]
+    if _matmul_form(r.view("einsum").attrs["equation"]) == "abT":
+        b = r.call(torch.transpose, b, -2, -1)
+    return r.call(torch.matmul, r["a"], b)
+
+
+_ATTENTION = [
+    # attention spelled with einsum (``einsum("bhqd,bhkd->bhqk", q, k)``): as the matmuls it
+    # computes, the patterns below find it
+    Pattern("attention/einsum-as-matmul", Op("einsum", Var("a"), Var("b"), name="einsum"), rewrite=_einsum_as_matmul,
+            check=_softmax_reader_or_operand),
+    *_attention("attention+mask", "add"), *_attention("attention+masked_fill", "fill"), *_attention("attention", None)]
 #: The names of the attention patterns, for passes that switch them on and off together.
 ATTENTION = tuple(p.name for p in _ATTENTION)
 

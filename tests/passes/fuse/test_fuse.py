@@ -747,3 +747,37 @@ def test_activations_written_in_place_fuse_in_both_front_ends(mode, how, pattern
     res = fxopt.optimize(model, x, "fuse", mode=mode)
     assert res.passes[0].stats["matches"].get(pattern) == 1
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class EinsumAttention(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.qkv, self.how = nn.Linear(32, 96), how
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.how == "letters":
+            p = (torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(8)).softmax(-1)
+            o = torch.einsum("bhqk,bhkd->bhqd", p, v)
+        elif self.how == "ellipsis":
+            p = torch.einsum("...qd,...kd->...qk", q * 8 ** -0.5, k).softmax(-1)
+            o = torch.einsum("...qk,...kd->...qd", p, v)
+        else:  # a product with no softmax near it stays an einsum
+            o = torch.einsum("bhqd,bhkd->bhqk", q, k) @ v
+        return o.transpose(1, 2).reshape(b, n, c)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how, pattern", [("letters", "attention"), ("ellipsis", "attention/scaled-q"),
+                                          ("no-softmax", None)])
+def test_attention_spelled_with_einsum_becomes_sdpa(mode, how, pattern):
+    """einsum-spelled attention (`einsum("bhqd,bhkd->bhqk", q, k)`) stayed as written."""
+    torch.manual_seed(0)
+    model, x = EinsumAttention(how).eval(), torch.randn(2, 10, 32)
+    res = fxopt.optimize(model, x, "fuse", mode=mode)
+    matches = res.passes[0].stats["matches"]
+    assert matches.get("attention/einsum-as-matmul", 0) == (2 if pattern else 0)
+    assert ("scaled_dot_product_attention" in res.module.code) is bool(pattern) and matches.get(pattern or "-", 1) == 1
+    other = torch.randn(3, 10, 32)  # another batch (export keeps the sequence length)
+    torch.testing.assert_close(res.module(other), model(other), rtol=1e-4, atol=1e-5)
