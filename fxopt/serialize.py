@@ -478,6 +478,9 @@ _DENIED_NAMES = frozenset({"load", "save", "exec", "eval", "compile", "open", "s
                            "import_module", "attrgetter", "methodcaller", "setattr", "delattr", "globals",
                            "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "hub", "jit",
                            "set_default_device", "set_default_dtype", "dump", "calibrate", "distill"})
+# Private functions a graph may call all the same: checks that only raise. capture writes a
+# torch._assert guard for each non-tensor input it specializes; a loaded graph must keep it.
+_SAFE_PRIVATE = frozenset({("torch", "_assert")})
 _NODE_OPS = ("placeholder", "get_attr", "call_function", "call_module", "call_method", "output")
 
 
@@ -486,7 +489,8 @@ def _resolve_python(module: str, qualname: str):
     if not isinstance(module, str) or not isinstance(qualname, str) or module.split(".")[0] not in _ALLOWED_MODULES:
         raise SerializationError(f"load: refusing to resolve {name} (module not allowed)")
     parts = qualname.split(".")
-    if any(p.startswith("_") or p in _DENIED_NAMES for p in parts):
+    private = any(p.startswith("_") for p in parts) and (module, qualname) not in _SAFE_PRIVATE
+    if private or any(p in _DENIED_NAMES for p in parts):
         raise SerializationError(f"load: refusing to resolve {name} (private or unsafe name)")
     if module == "builtins" and qualname not in _SAFE_BUILTINS:
         raise SerializationError(f"load: refusing to resolve {name} (builtin not allowed)")

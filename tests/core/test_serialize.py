@@ -136,3 +136,39 @@ def test_parameters_come_back_as_parameters(mode, tmp_path):
     loaded = fxopt.load(tmp_path / "m.pt")
     names = lambda m: sorted(dict(m.named_parameters()))  # noqa: E731
     assert names(loaded) == names(res.module) and len(names(loaded)) == 4
+
+
+class _Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, double=False, mask=None):
+        y = self.fc(x) * (2 if double else 1)
+        return y if mask is None else y * mask
+
+
+def test_a_capture_specialized_to_non_tensor_inputs_round_trips_with_its_guards(tmp_path):
+    """capture guards each non-tensor input with torch._assert; save refused to name it (private),
+    so no model with a flag or a `mask=None` could be saved."""
+    torch.manual_seed(0)
+    model, x = _Flagged().eval(), torch.randn(2, 4)
+    res = fxopt.optimize(model, (x, True, None), "dce", mode="symbolic")
+    fxopt.save(res.module, tmp_path / "m.pt")
+    loaded = fxopt.load(tmp_path / "m.pt")
+    torch.testing.assert_close(loaded(x, True, None), model(x, True, None))
+    with pytest.raises(AssertionError, match="captured with double=True"):
+        loaded(x, False, None)
+    with pytest.raises(AssertionError, match="captured with mask=None"):
+        loaded(x, True, torch.ones(4))
+
+
+def test_load_still_refuses_other_private_torch_functions(tmp_path):
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    fxopt.save(gm, tmp_path / "m.pt")
+    data = torch.load(tmp_path / "m.pt", weights_only=True)
+    data["nodes"].insert(1, {"name": "bad", "op": "call_function", "target": {"py": ["torch", "_C._exit"]},
+                             "args": {"__tuple__": [0]}, "kwargs": {"__dict__": []}, "computes": None})
+    torch.save(data, tmp_path / "m.pt")
+    with pytest.raises(fxopt.SerializationError, match=r"refusing to resolve torch._C._exit \(private"):
+        fxopt.load(tmp_path / "m.pt")
