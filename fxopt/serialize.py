@@ -7,7 +7,8 @@ other attribute objects what a registered codec makes of them (int8 prepacked we
 quantize passes register one). `load(path)` reads it with `torch.load(weights_only=True)`,
 resolves targets by name from an allow-list of modules (torch, operator, math, builtins,
 fxopt) — no code from the file ever runs — and rebuilds the GraphModule, pytree input/output
-handling of exported graphs included. `torch.save` itself fails on export-captured graphs
+handling of exported graphs included; tensors the graph held as one object (an embedding
+tied to the output layer) come back as one object. `torch.save` itself fails on export-captured graphs
 (their stateful wrapper holds local functions); this works for both front ends.
 
     >>> import torch, fxopt, tempfile, os
@@ -138,7 +139,31 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     info = {k: v for k, v in (gm.meta.get("fxopt") or {}).items() if isinstance(v, (str, int, float, bool))}
     torch.save({"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
                 "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
-                "fxopt_meta": info, "parameters": parameters}, path)
+                "fxopt_meta": info, "parameters": parameters,
+                "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}, path)
+
+
+def _stored_tensor_paths(tensors: dict, modules: dict) -> list[str]:
+    """The attribute paths of every stored tensor, get_attr targets then module state, in order."""
+    paths = [target for target in tensors if not target.startswith("__const_")]
+    for target, record in modules.items():
+        for kind in ("parameters", "buffers"):
+            paths += [f"{target}.{name}" for name, value in record[kind].items() if value is not None]
+    return paths
+
+
+def _tied_tensors(gm: nn.Module, paths: list[str]) -> dict[str, str]:
+    """alias path -> the first path holding the very same tensor object (a tied embedding and
+    output layer): each path is stored on its own, and `load` makes them one object again."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for path in paths:
+        value = _attr_value(gm, path)
+        if isinstance(value, torch.Tensor):
+            canonical = first.setdefault(id(value), path)
+            if canonical != path:
+                tied[path] = canonical
+    return tied
 
 
 def _attr_value(gm: nn.Module, target: str):
@@ -384,6 +409,7 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
             _set_path(root, target, _decode_attribute(record))
         for target, record in data["modules"].items():
             _set_path(root, target, _load_module(record))
+        _retie(root, data.get("tied") or {})  # (files of earlier versions: nothing tied)
         graph = torch.fx.Graph()
         env: dict[str, torch.fx.Node] = {}
         for rec in data["nodes"]:
@@ -451,6 +477,25 @@ def _load_module(record: dict) -> nn.Module:
     if isinstance(module, nn.RNNBase):  # its weak references to the weights are not state: rebuild them
         module._init_flat_weights()
     return module
+
+
+def _retie(root: nn.Module, tied: dict[str, str]) -> None:
+    """Make each alias path hold its canonical path's tensor object, as it did when saved."""
+    for alias, canonical in tied.items():
+        value = _attr_value(root, canonical)
+        *path, attr = alias.split(".")
+        owner = _attr_value(root, ".".join(path)) if path else root
+        if not isinstance(value, torch.Tensor):
+            raise SerializationError(f"load: tied tensor '{alias}' -> '{canonical}' is no tensor")
+        if attr in owner._parameters and isinstance(value, nn.Parameter):
+            owner._parameters[attr] = value
+        elif attr in owner._buffers:
+            owner._buffers[attr] = value
+        else:
+            raise SerializationError(f"load: tied tensor '{alias}' -> '{canonical}' does not name a "
+                                     "parameter or buffer of the same kind")
+        if isinstance(owner, nn.RNNBase):  # its flat weights still point at the untied copy
+            owner._init_flat_weights()
 
 
 def _set_path(root: nn.Module, target: str, value) -> None:

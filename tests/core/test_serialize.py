@@ -172,3 +172,31 @@ def test_load_still_refuses_other_private_torch_functions(tmp_path):
     torch.save(data, tmp_path / "m.pt")
     with pytest.raises(fxopt.SerializationError, match=r"refusing to resolve torch._C._exit \(private"):
         fxopt.load(tmp_path / "m.pt")
+
+
+class _TiedLM(nn.Module):
+    """An embedding shared with the output layer: one weight, used by two modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(100, 16), nn.Linear(16, 100, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(self.emb(ids))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_tied_weights_stay_one_tensor_after_load(tmp_path, mode):
+    """A symbolic graph's two leaf modules each stored the weight: load made two parameters
+    (1,600 -> 3,200), and fine-tuning the loaded module moved them apart."""
+    torch.manual_seed(0)
+    model, ids = _TiedLM().eval(), torch.randint(0, 100, (2, 5))
+    res = fxopt.optimize(model, (ids,), "dce", mode=mode)
+    fxopt.save(res.module, tmp_path / "m.pt")
+    loaded = fxopt.load(tmp_path / "m.pt")
+    assert sum(p.numel() for p in loaded.parameters()) == 1600
+    tensors = [t for _, t in loaded.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in loaded.named_buffers(remove_duplicate=False)]
+    assert len({id(t) for t in tensors if t.shape == (100, 16)}) == 1
+    torch.testing.assert_close(loaded(ids), model(ids))
