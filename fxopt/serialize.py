@@ -110,6 +110,7 @@ def save(gm: torch.fx.GraphModule, path) -> None:
         >>> os.path.getsize(path) > 0
         True
     """
+    _check_savable(gm)
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict] = {}
     modules: dict[str, dict] = {}
@@ -166,6 +167,15 @@ def _tied_tensors(gm: nn.Module, paths: list[str]) -> dict[str, str]:
     return tied
 
 
+def _check_savable(gm) -> None:
+    """save stores a graph: a module fx has not captured has none to store."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise SerializationError(
+            f"save: got a {type(gm).__qualname__}, not a torch.fx.GraphModule; fxopt.save stores a captured "
+            "graph: pass fxopt.capture(model, example_inputs) or fxopt.optimize(...).module (or keep a "
+            "plain module's weights with torch.save(model.state_dict(), path))")
+
+
 def _attr_value(gm: nn.Module, target: str):
     value = gm
     for part in target.split("."):
@@ -213,9 +223,10 @@ def _dump_spec(spec, what: str) -> str | None:
 def _save_module(module: nn.Module, node) -> dict:
     cls = type(module)
     if not cls.__module__.startswith("torch.nn.modules") or list(module.children()):
-        if cls.__module__.startswith("fxopt."):  # a pass's own module: lower-cpu's kernels
-            fix = ("save before lower-cpu, whose kernels are packed for this machine, and run lower-cpu "
-                   "again after load")
+        if hasattr(cls, "save_advice"):  # a pass's own module says why it is not stored, and what to do
+            fix = cls.save_advice
+        elif cls.__module__.startswith("fxopt."):
+            fix = "a module a pass inserted: save before that pass, and run it again after load"
         else:
             fix = "capture with mode='export', which calls no module of the model's own"
         raise SerializationError(f"save: {node_location(node)} calls a {cls.__qualname__}; only torch.nn "

@@ -78,6 +78,10 @@ def mkldnn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+_SAVE_ADVICE = ("save before lower-cpu, whose kernels are packed for this machine, and run lower-cpu "
+                "again after load")
+
+
 class WeightPacks(torch.nn.Module):
     """The oneDNN-packed copies of one conv/linear weight, one per (threads, input shape).
 
@@ -93,6 +97,8 @@ class WeightPacks(torch.nn.Module):
     """
 
     max_packs = 8  # distinct (threads, shape, version) keys kept; the oldest goes first
+    # why fxopt.save refuses it (read by serialize._save_module)
+    save_advice = _SAVE_ADVICE
     inference_only = True  # oneDNN kernels have no backward: `distill` refuses to train through it
 
     def __init__(self, kind: str, conv_args: tuple = ()) -> None:
@@ -191,6 +197,8 @@ class ConvByBatch(torch.nn.Module):
     the graph (torch.load does), and this forward branches on the batch size."""
 
     inference_only = True  # the oneDNN branch has no backward: `distill` refuses to train through it
+    # why fxopt.save refuses it (read by serialize._save_module)
+    save_advice = _SAVE_ADVICE
 
     def __init__(self, packs: "WeightPacks", attr: str, scalars: list, algorithm: str, min_batch: int) -> None:
         super().__init__()

@@ -53,6 +53,9 @@ class Observer(nn.Module):
     """
 
     is_fxopt_observer = True
+    # why fxopt.save refuses it: its statistics live in torch.ao observer objects no file stores
+    save_advice = ("an insert-observers observer holds calibration statistics, not a model to keep: save "
+                   "the model before insert-observers, or once lower-int8 has made it int8")
 
     def __init__(self, node_name: str, kind: str = "histogram", reduce_range: bool = False,
                  location: str = "") -> None:

@@ -200,3 +200,22 @@ def test_tied_weights_stay_one_tensor_after_load(tmp_path, mode):
     tensors += [t for _, t in loaded.named_buffers(remove_duplicate=False)]
     assert len({id(t) for t in tensors if t.shape == (100, 16)}) == 1
     torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_save_of_a_module_with_no_graph_says_to_capture_it(tmp_path):
+    """A plain module got AttributeError: 'Sequential' object has no attribute 'graph'."""
+    with pytest.raises(fxopt.SerializationError, match=r"got a Sequential, not a torch.fx.GraphModule.*"
+                                                       r"fxopt.capture\(model, example_inputs\)"):
+        fxopt.save(nn.Sequential(nn.Linear(4, 4)), tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_an_observed_module_is_refused_with_the_observers_reason(tmp_path):
+    """An insert-observers result was refused with advice about lower-cpu, which it never ran."""
+    x = torch.randn(2, 4)
+    res = fxopt.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), x, "insert-observers",
+                         calibration=[(x,)])
+    with pytest.raises(fxopt.SerializationError, match=r"calls a Observer.*holds calibration statistics.*"
+                                                       r"save the model before insert-observers") as err:
+        fxopt.save(res.module, tmp_path / "m.pt")
+    assert "lower-cpu" not in str(err.value)
