@@ -22,6 +22,7 @@ from .errors import VerificationWarning
 from .ir import ref_for_get_attr, written_base
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
 from .pass_base import Pass
+from .pipeline import format_pipeline
 from .serialize import rebuild_coded_attributes
 from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, recorded_tolerance, verify
 
@@ -87,7 +88,8 @@ def optimize(
     defaults to the loosest that the pipeline's passes promise. `devices` to verify on
     defaults to CPU plus CUDA when a GPU is present. The input model is never modified. A
     result that fails verification is still returned, with a `VerificationWarning`. The result
-    records its pipeline and tolerance in ``module.meta["fxopt"]``, which `fxopt.verify` reads.
+    records the passes that ran (not those `bisect_limit` skipped) and their tolerance in
+    ``module.meta["fxopt"]``, which `fxopt.verify` reads.
 
         >>> import torch, fxopt
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU()).eval()
@@ -115,7 +117,7 @@ def optimize(
     ran = [p for p, r in zip(manager.passes, result.records) if not r.skipped]
     tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))
     if result.module is not original:  # an empty pipeline hands back the captured graph itself
-        _record_pipeline(result.module, model, result.pipeline, tol)
+        _record_pipeline(result.module, model, format_pipeline(ran), tol)  # not those bisect_limit skipped
         _own_written_buffers(result.module)
     reports: dict[str, VerificationReport] = {}
     if verify:

@@ -319,6 +319,17 @@ def test_optimize_bisect_limit_zero_runs_nothing():
     assert res.verification.passed
 
 
+def test_optimize_records_only_the_passes_bisect_limit_ran():
+    """meta["fxopt"]["pipeline"] listed the skipped passes too: a saved bisect result claimed a
+    quantize it never had (and fxopt.verify would hold it to int8, not exact)."""
+    torch.manual_seed(0)
+    res = fxopt.optimize(Net().eval(), _inputs(), pipeline="remove-noops,fuse,dce", bisect_limit=1,
+                         mode="symbolic")
+    assert res.module.meta["fxopt"]["pipeline"] == "remove-noops"
+    assert res.module.meta["fxopt"]["tolerance"] == "exact"
+    assert res.pipeline == "remove-noops,fuse,dce"  # what was asked for stays on the result
+
+
 def test_bisect_loop_finds_the_broken_pass():
     torch.manual_seed(0)
     model = Net()
