@@ -9,7 +9,11 @@
     torch.Size([2, 3])
 
 The loss is ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, plus ``(1 - alpha)`` times the
-cross-entropy with labels when batches carry them (``(inputs, labels)``).
+cross-entropy with labels when ``labeled=True``.
+
+Batches: a batch is the model's positional inputs — a tensor or a tuple, as calibration batches
+are everywhere in fxopt — so ``(features, ids)`` is two inputs, never inputs and labels. Labels
+come only when the caller says so: with ``labeled=True`` every batch is ``(inputs, labels)``.
 
 Modes: fine-tuning runs with the student in *eval* mode — batchnorm statistics frozen, dropout
 off. GraphModules from torch.export bake eval behaviour into their ops and refuse
@@ -20,6 +24,7 @@ write into the teacher.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 import torch
@@ -50,12 +55,14 @@ def inference_kernels(model: nn.Module) -> list[tuple[str, str]]:
 
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: int = 3,
             temperature: float = 4.0, alpha: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.0,
-            progress: bool = True) -> nn.Module:
+            labeled: bool = False, progress: bool = True) -> nn.Module:
     """Fine-tune a copy of `student` to match `teacher`'s logits on `data`; return the copy.
 
-    `data`: an iterable (re-iterated every epoch: a list or a DataLoader) of batches — a tensor,
-    a tuple of positional inputs, or ``(inputs, labels)`` where `inputs` is a tensor or tuple
-    and `labels` a long tensor (used when ``alpha < 1``).
+    `data`: an iterable (re-iterated every epoch: a list or a DataLoader) of batches, each the
+    model's positional inputs — a tensor or a tuple of them. With ``labeled=True`` each batch is
+    ``(inputs, labels)`` instead (`inputs` a tensor or tuple, `labels` class indices), which
+    ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
+    that does not fit the models' forward raises a ValueError saying what it was taken as.
 
         >>> import torch, fxopt
         >>> teacher = torch.nn.Linear(4, 3).eval()
@@ -72,6 +79,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha < 1.0 and not labeled:
+        raise ValueError(f"alpha={alpha} mixes in the cross-entropy with labels, but without labeled=True a "
+                         "batch is the model's inputs only: pass labeled=True with (inputs, labels) batches")
     frozen = inference_kernels(student)
     if frozen:
         name, what = frozen[0]
@@ -97,9 +107,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
 
     bar = tqdm(total=total, desc="distill", disable=not progress)
     t = float(temperature)
+    models = (("teacher", teacher), ("student", student))
     for _ in range(epochs):
-        for batch in batches:
-            inputs, labels = _split_batch(batch)
+        for index, batch in enumerate(batches):
+            inputs, labels = _split_batch(batch, labeled, index)
+            for role, model in models:
+                _check_fits(role, model, inputs, index, labeled)
             with torch.no_grad():
                 target = _logits(teacher(*inputs))
             out = _logits(student(*inputs))
@@ -124,15 +137,52 @@ def _set_eval(module: nn.Module) -> None:
         m.training = False
 
 
-def _split_batch(batch: Any) -> tuple[tuple, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return (batch,), None
-    batch = tuple(batch)
-    if len(batch) == 2 and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point() \
-            and batch[0].__class__ is not type(None) and (isinstance(batch[0], tuple) or batch[0].is_floating_point()):
-        inputs = batch[0] if isinstance(batch[0], tuple) else (batch[0],)
-        return inputs, batch[1]
-    return batch, None
+def _split_batch(batch: Any, labeled: bool, index: int) -> tuple[tuple, torch.Tensor | None]:
+    """(positional inputs, labels or None) of one batch, by the rule of the module doc: the
+    batch is the inputs, unless the caller said `labeled`. Never guessed from dtypes: a long
+    tensor is as often an input (token ids) as a label."""
+    if not labeled:
+        return _as_inputs(batch), None
+    if isinstance(batch, torch.Tensor) or len(batch) != 2:
+        raise ValueError(f"distill: batch {index} is {_describe(batch)}; with labeled=True every batch is "
+                         "(inputs, labels)")
+    return _as_inputs(batch[0]), batch[1]
+
+
+def _as_inputs(value: Any) -> tuple:
+    return (value,) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def _check_fits(role: str, model: nn.Module, inputs: tuple, index: int, labeled: bool) -> None:
+    """Raise a ValueError that says what the batch was taken as when `model`'s forward cannot
+    take `inputs` (a bare TypeError from deep in the training loop did not)."""
+    try:
+        signature = inspect.signature(model.forward, follow_wrapped=False)
+    except (TypeError, ValueError):  # no signature to read: forward itself will say
+        return
+    try:
+        signature.bind(*inputs)
+    except TypeError as exc:
+        taken = ("the inputs of (inputs, labels), as labeled=True says" if labeled
+                 else "the model's positional inputs")
+        other = ("without labeled=True it is the inputs" if labeled
+                 else "if the batches are (inputs, labels), pass labeled=True")
+        raise ValueError(f"distill: batch {index} was taken as {taken}, {_describe(inputs)}, which the "
+                         f"{role} {type(model).__qualname__}.forward{signature} does not take: {exc}; "
+                         f"{other}") from None
+
+
+def _describe(value: Any) -> str:
+    """A batch's structure in a few words: `2 inputs (float32[8, 4], int64[8])`."""
+    if isinstance(value, torch.Tensor):
+        return f"one tensor {_tensor_text(value)}"
+    items = list(value) if isinstance(value, (tuple, list)) else [value]
+    parts = [_tensor_text(v) if isinstance(v, torch.Tensor) else type(v).__name__ for v in items]
+    return f"{len(items)} input{'s' if len(items) != 1 else ''} ({', '.join(parts)})"
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
 
 
 def _logits(output: Any) -> torch.Tensor:

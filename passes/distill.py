@@ -3,7 +3,8 @@
 Recovers accuracy after a lossy pass (pruning) inside the pipeline itself, so the order a
 researcher wants — `fuse,prune{ratio=0.5},distill{epochs=5},quantize` — is one line of text.
 The teacher is the captured, unoptimized model (`ctx.reference`); the data are the pipeline's
-calibration batches, labels not needed (the teacher's logits are the targets). The graph is
+calibration batches, each the model's positional inputs as for every other pass (a long tensor
+in a batch is an input, such as token ids, never a label: the teacher's logits are the targets). The graph is
 unchanged; only floating-point parameters move, in a copy (the input module is untouched).
 
     before:  %conv = call_module conv(%x)   ; weights W (pruned)

@@ -63,3 +63,56 @@ def test_distill_function_refuses_inference_kernels_too():
     lowered = fxopt.optimize(model, (x,), "fuse,lower-cpu").module
     with pytest.raises(ValueError, match=r"distill: node '.*_by_batch' .*cannot be fine-tuned"):
         fxopt.distill(lowered, model, [(x,)], epochs=1, progress=False)
+
+
+class _FeaturesAndIds(torch.nn.Module):
+    """Two positional inputs, the second a long tensor (token ids), not labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 4), torch.nn.Linear(8, 3)
+
+    def forward(self, x, ids):
+        return self.fc(torch.cat([x, self.emb(ids)], -1))
+
+
+def _features_and_ids(n=4):
+    torch.manual_seed(0)
+    return _FeaturesAndIds().eval(), [(torch.randn(8, 4), torch.randint(0, 10, (8,))) for _ in range(n)]
+
+
+def test_the_distill_pass_takes_a_batch_with_a_long_input_as_the_models_inputs():
+    """(float features, long ids) was split into (inputs, labels): the student got one argument
+    and failed with "forward() missing 1 required positional argument: 'ids'"."""
+    model, data = _features_and_ids()
+    res = fxopt.optimize(model, data[0], "distill{epochs=1}", calibration=data, mode="symbolic")
+    assert res.passes[0].stats == {"epochs": 1, "batches": 4}
+    assert res.module(*data[0]).shape == (8, 3)
+
+
+def test_fxopt_distill_takes_labels_only_when_told():
+    model, data = _features_and_ids()
+    student = fxopt.capture(model, data[0])
+    before = student.fc.weight.clone()
+    tuned = fxopt.distill(student, model, data, epochs=1, progress=False)
+    assert not torch.equal(tuned.fc.weight, before)  # it trained on both inputs
+    labeled = [(batch, torch.randint(0, 3, (8,))) for batch in data]
+    tuned = fxopt.distill(student, model, labeled, epochs=1, alpha=0.5, labeled=True, progress=False)
+    assert tuned(*data[0]).shape == (8, 3)
+    with pytest.raises(ValueError, match=r"alpha=0.5 mixes in the cross-entropy.*pass labeled=True"):
+        fxopt.distill(student, model, labeled, epochs=1, alpha=0.5, progress=False)
+
+
+def test_a_batch_that_does_not_fit_says_what_it_was_taken_as():
+    model, data = _features_and_ids()
+    student = fxopt.capture(model, data[0])
+    with pytest.raises(ValueError, match=r"batch 0 was taken as the model's positional inputs, 1 input "
+                                         r"\(float32\[8, 4\]\), which the teacher _FeaturesAndIds.forward\(x, ids\) "
+                                         r"does not take: missing a required argument: 'ids'; if the batches "
+                                         r"are \(inputs, labels\), pass labeled=True"):
+        fxopt.distill(student, model, [(x,) for x, _ in data], epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"batch 0 was taken as the inputs of \(inputs, labels\), as "
+                                         r"labeled=True says, 1 input \(float32\[8, 4\]\)"):
+        fxopt.distill(student, model, data, epochs=1, labeled=True, progress=False)
+    with pytest.raises(fxopt.PassError, match=r"batch 0 was taken as the model's positional inputs, 3 inputs"):
+        fxopt.optimize(model, data[0], "distill{epochs=1}", calibration=[(*b, b[1]) for b in data])
