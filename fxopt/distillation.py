@@ -24,8 +24,9 @@ write into the teacher.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
@@ -62,7 +63,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     model's positional inputs — a tensor or a tuple of them. With ``labeled=True`` each batch is
     ``(inputs, labels)`` instead (`inputs` a tensor or tuple, `labels` class indices), which
     ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
-    that does not fit the models' forward raises a ValueError saying what it was taken as.
+    that does not fit the models' forward raises a ValueError saying what it was taken as, and
+    so does `data` with no batches. `teacher` runs in eval mode and comes back in the mode each
+    of its submodules had; `student` is not changed (a copy is trained).
 
         >>> import torch, fxopt
         >>> teacher = torch.nn.Linear(4, 3).eval()
@@ -88,6 +91,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         raise ValueError(f"distill: node '{name}' ({what}) is an inference kernel (int8 or oneDNN) that "
                          "cannot be fine-tuned; run distill before quantize and lower-cpu")
     batches = data if not isinstance(data, torch.Tensor) else [data]
+    if hasattr(batches, "__len__") and len(batches) == 0:
+        raise ValueError(_NO_BATCHES.format(when="data holds none"))
     student = deep_copy(student)
     params = []
     for p in student.parameters():
@@ -97,7 +102,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     if not params:
         raise ValueError("the student has no floating-point parameters to fine-tune")
     _set_eval(student)
-    _set_eval(teacher)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     try:
         total = epochs * len(batches)  # type: ignore[arg-type]
@@ -108,27 +112,48 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     bar = tqdm(total=total, desc="distill", disable=not progress)
     t = float(temperature)
     models = (("teacher", teacher), ("student", student))
-    for _ in range(epochs):
-        for index, batch in enumerate(batches):
-            inputs, labels = _split_batch(batch, labeled, index)
-            for role, model in models:
-                _check_fits(role, model, inputs, index, labeled)
-            with torch.no_grad():
-                target = _logits(teacher(*inputs))
-            out = _logits(student(*inputs))
-            loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
-                            reduction="batchmean") * (t * t)
-            if labels is not None and alpha < 1.0:
-                loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
+    with _eval_mode(teacher), bar:  # the caller's teacher comes back in the mode it was given
+        for epoch in range(epochs):
+            seen = 0
+            for index, batch in enumerate(batches):
+                inputs, labels = _split_batch(batch, labeled, index)
+                for role, model in models:
+                    _check_fits(role, model, inputs, index, labeled)
+                with torch.no_grad():
+                    target = _logits(teacher(*inputs))
+                out = _logits(student(*inputs))
+                loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
+                                reduction="batchmean") * (t * t)
+                if labels is not None and alpha < 1.0:
+                    loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                seen += 1
+            if not seen:  # an iterator is used up after one pass: later epochs would train on nothing
+                raise ValueError(_NO_BATCHES.format(when=f"epoch {epoch + 1} got none"))
     for p in params:
         p.requires_grad_(False)
     return student
+
+
+_NO_BATCHES = ("distill: no batches to train on ({when}); pass a non-empty list or a DataLoader (each "
+               "epoch iterates the data again, so not an iterator that is used up after one pass)")
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block, each back to its own mode after, also when
+    the block raises: the teacher is the caller's model, and a mixed train/eval one stays mixed."""
+    modes = [(m, m.training) for m in module.modules()]
+    _set_eval(module)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _set_eval(module: nn.Module) -> None:

@@ -116,3 +116,30 @@ def test_a_batch_that_does_not_fit_says_what_it_was_taken_as():
         fxopt.distill(student, model, data, epochs=1, labeled=True, progress=False)
     with pytest.raises(fxopt.PassError, match=r"batch 0 was taken as the model's positional inputs, 3 inputs"):
         fxopt.optimize(model, data[0], "distill{epochs=1}", calibration=[(*b, b[1]) for b in data])
+
+
+def test_fxopt_distill_gives_the_teacher_back_in_the_modes_it_had():
+    """The teacher (and its BatchNorm) stayed in eval mode after fxopt.distill: the caller's
+    model came back changed."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(),
+                                  torch.nn.Linear(8, 3)).train()
+    teacher[2].eval()  # a mixed model stays mixed
+    modes = [m.training for m in teacher.modules()]
+    student = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4))
+    fxopt.distill(student, teacher, [torch.randn(8, 4)], epochs=1, progress=False)
+    assert [m.training for m in teacher.modules()] == modes == [True, True, True, False, True]
+    with pytest.raises(ValueError, match="batch 0 was taken as"):  # and when training fails
+        fxopt.distill(student, teacher, [(torch.randn(8, 4), torch.randn(8, 4))], epochs=1, progress=False)
+    assert [m.training for m in teacher.modules()] == modes
+
+
+def test_fxopt_distill_without_batches_raises():
+    """data=[] returned the untrained copy, silently."""
+    teacher = torch.nn.Linear(4, 3).eval()
+    student = fxopt.capture(torch.nn.Linear(4, 3), torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"distill: no batches to train on \(data holds none\)"):
+        fxopt.distill(student, teacher, [], epochs=5, progress=False)
+    once = (torch.randn(8, 4) for _ in range(2))  # used up by the first epoch
+    with pytest.raises(ValueError, match=r"no batches to train on \(epoch 2 got none\).*not an iterator"):
+        fxopt.distill(student, teacher, once, epochs=2, progress=False)
