@@ -3,7 +3,8 @@
 Guarantees:
 - the module handed in is never mutated: every pass works on a private copy (graph and
   module tree copied, tensors shared — passes replace tensors, never write into them, and a
-  pass that bumps a shared tensor's version counter is refused);
+  pass that bumps a shared tensor's version counter is refused; one that swaps a shared
+  tensor's data, `param.data = ...`, is refused and the original data put back);
 - when a pass raises, `PassError` names it and carries the last good module and the records
   of the passes that ran;
 - analyses are cached across passes and invalidated by what each pass says it preserves.
@@ -306,6 +307,7 @@ class PassManager:
 
     def _run_one(self, p, index, current, am, ctx, record, records):
         start = time.perf_counter()
+        untouched = None
         try:
             for inst in self.instruments:
                 _call_instrument(inst, "before_pass", p, current, index)
@@ -336,6 +338,7 @@ class PassManager:
             for inst in self.instruments:
                 _call_instrument(inst, "after_pass", p, current, result, record, ctx)
         except PassError as exc:
+            _put_back(untouched)
             am.rebind(current)
             am.invalidate()
             _record_failure(record, exc, start)
@@ -343,6 +346,7 @@ class PassManager:
             self._tell_failure(p, current, exc, records)
             raise
         except Exception as exc:
+            _put_back(untouched)
             am.rebind(current)
             am.invalidate()
             error = PassError(record.pipeline_text, f"{type(exc).__name__}: {exc}")
@@ -386,11 +390,23 @@ class SharedWriteGuard(TorchFunctionMode):
         for target in _written_tensors(func, args, kwargs):
             name = self.shared.get(_storage_key(target))
             if name is not None:
+                how = ("replace the data of" if _sets_data(func) else "write into")
+                what = ".data = ..." if _sets_data(func) else getattr(func, "__name__", func)
                 raise RuntimeError(
-                    f"the pass tried to write into tensor '{name}' in place "
-                    f"({getattr(func, '__name__', func)}); passes must replace tensors (ParamRef.set) "
-                    "so the input module stays intact")
+                    f"the pass tried to {how} tensor '{name}' in place ({what}); passes must replace "
+                    "tensors (ParamRef.set) so the input module stays intact")
         return func(*args, **kwargs)
+
+
+# `t.data = x` reaches a torch function mode as the `__set__` of this descriptor: it swaps the
+# storage of the tensor object every holder of it (the caller's module) sees.
+_DATA_DESCRIPTOR = torch._C.TensorBase.__dict__.get("data")
+
+
+def _sets_data(func) -> bool:
+    """Whether `func` is the `.data` setter of a tensor."""
+    return (getattr(func, "__name__", "") == "__set__" and _DATA_DESCRIPTOR is not None
+            and getattr(func, "__self__", None) is _DATA_DESCRIPTOR)  # not `__get__`: reading is fine
 
 
 _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
@@ -404,6 +420,8 @@ _FLAG_ONLY = frozenset({"requires_grad_"})
 
 def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     """The tensors a torch function call writes into: `out=` and the target of an in-place op."""
+    if _sets_data(func):
+        return [args[0]] if args and isinstance(args[0], torch.Tensor) else []
     name = getattr(func, "__name__", "")
     out = kwargs.get("out")
     inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_") and name not in _FLAG_ONLY)
@@ -425,18 +443,39 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 
 class _Untouched:
-    """What a pass must leave as it found it: its input's tensors (version counters, and the
-    contents of float tensors, which a write through ``.numpy()`` or ``.data_ptr()`` changes
-    without a version bump) and the graph of the verification reference (`ctx.reference`), which
-    shares those tensors. A change is detected after the fact: the pipeline stops, naming it."""
+    """What a pass must leave as it found it: its input's tensors (version counters, the data
+    each tensor object holds — ``param.data = x`` swaps it without a write — and the contents of
+    float tensors, which a write through ``.numpy()`` or ``.data_ptr()`` changes without a
+    version bump) and the graph of the verification reference (`ctx.reference`), which shares
+    those tensors. A change is detected after the fact: the pipeline stops, naming it. Swapped
+    data is put back (each tensor's original data is kept by reference, no copy); data written
+    in place cannot be, and the error says so."""
 
     def __init__(self, module: torch.nn.Module, reference: torch.fx.GraphModule | None) -> None:
         self.versions = tensor_versions(module)
         self.contents = {id(t): (name, content) for name, t in _named_tensors(module)
                          if (content := _content(t)) is not None}
+        self.data = {id(t): (name, t, t.data, layout) for name, t in _named_tensors(module)
+                     if (layout := _layout(t)) is not None}
         self.reference = _graph_signature(reference) if isinstance(reference, torch.fx.GraphModule) else None
 
+    def put_back(self) -> list[str]:
+        """Give every tensor whose data the pass swapped its original data again; their names."""
+        swapped = []
+        for name, t, original, layout in self.data.values():
+            if _layout(t) != layout:
+                with torch.no_grad():
+                    t.data = original
+                swapped.append(name)
+        return swapped
+
     def check(self, module: torch.nn.Module, reference: torch.fx.GraphModule | None) -> None:
+        swapped = self.put_back()
+        if swapped:
+            more = f" (and {len(swapped) - 1} more)" if len(swapped) > 1 else ""
+            raise RuntimeError(f"the pass replaced the data of tensor '{swapped[0]}'{more} (param.data = ...), "
+                               "which its input module and the verification reference share; fxopt put the "
+                               "original data back; passes must replace tensors (ParamRef.set)")
         for name, t in _named_tensors(module):
             seen = self.versions.get(id(t))
             if seen is not None and t._version != seen[1]:
@@ -446,11 +485,26 @@ class _Untouched:
             if before is not None and before[1] != _content(t):
                 raise RuntimeError(f"the pass changed the contents of tensor '{before[0]}' without torch seeing a "
                                    "write (through .numpy() or .data_ptr()?): its input module and the "
-                                   "verification reference changed with it; passes must replace tensors "
-                                   "(ParamRef.set)")
+                                   "verification reference changed with it, and fxopt cannot restore them "
+                                   "(it keeps no copy of the data); passes must replace tensors (ParamRef.set)")
         if self.reference is not None and _graph_signature(reference) != self.reference:
             raise RuntimeError("the pass changed the graph of ctx.reference, the module results are verified "
                                "against; passes must leave it as it is")
+
+
+def _put_back(untouched: _Untouched | None) -> None:
+    """After a pass raised: its input gets back any data the pass swapped before it failed."""
+    if untouched is not None:
+        untouched.put_back()
+
+
+def _layout(t: torch.Tensor) -> tuple | None:
+    """What a tensor object's data is: its storage and the view of it (no copy, no read of the
+    values); None for tensors without strides (sparse)."""
+    try:
+        return _storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -526,6 +526,46 @@ def test_a_write_through_numpy_is_caught_naming_the_tensor():
 
 
 @dataclasses.dataclass
+class _DataSetter(Pass):
+    """Prunes with the common idiom `param.data = ...`: swaps the data of a tensor the input
+    module shares, without a write torch sees (the version counter does not move)."""
+
+    name = "test-data-setter"
+    unseen: bool = False  # swap where no torch function mode sees it
+    then_raise: bool = False
+
+    def run(self, gm, ctx):
+        weight = gm.get_submodule("conv").weight
+        if self.unseen:
+            with torch._C.DisableTorchFunction():
+                weight.data = torch.zeros_like(weight)
+        else:
+            weight.data = torch.zeros_like(weight)
+        if self.then_raise:
+            raise ValueError("gave up after pruning")
+        return PassResult(gm, modified=True)
+
+
+@pytest.mark.parametrize("unseen, then_raise, message", [
+    (False, False, r"tried to replace the data of tensor 'conv.weight' in place \(.data = ...\)"),
+    (True, False, r"replaced the data of tensor 'conv.weight' \(param.data = ...\).*fxopt put the original data "
+                  r"back"),
+    (True, True, r"gave up after pruning"),
+], ids=["refused-at-the-call", "put-back-after-the-pass", "put-back-when-the-pass-raises"])
+def test_a_pass_that_swaps_a_shared_tensors_data_leaves_its_input_intact(unseen, then_raise, message):
+    """The PassError was raised, but the caller's module and last_good_module held the zeroed
+    weight: `param.data =` swaps the data of the very tensor object they share."""
+    gm = _captured()
+    snap = _snapshot(gm)
+    weight = gm.conv.weight
+    with pytest.raises(PassError, match=message) as info:
+        PassManager(["remove-noops", _DataSetter(unseen=unseen, then_raise=then_raise)]).run(gm, _inputs())
+    _assert_same(gm, snap)
+    assert gm.conv.weight is weight and weight.abs().sum() > 0
+    assert torch.equal(info.value.last_good_module.conv.weight, snap[1]["conv.weight"])
+
+
+@dataclasses.dataclass
 class _SilentEditor(Pass):
     """Drops the relu, then says it changed nothing."""
 
