@@ -10,6 +10,9 @@ callable returns `(model, example_inputs)` or `(model, example_inputs, calibrati
 (the CLI's only source of calibration data, which `quantize` and `distill` need). Without
 MODEL, the bundled example runs: a small CNN trained on scikit-learn's handwritten digits
 (trained once, then cached).
+
+Exit codes: 0 success; 1 the result failed verification; 2 a pass, the pipeline text or the
+MODEL failed (MODEL cannot be imported, its callable raises or returns something else).
 """
 from __future__ import annotations
 
@@ -26,7 +29,13 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from tqdm import tqdm
 
+from .errors import FxoptError, first_line
+
 DEFAULT_PIPELINE = "fuse,quantize{backend=x86}"
+
+
+class ModelLoadError(FxoptError):
+    """MODEL could not be turned into a workload; `main` reports it in one line, exit code 2."""
 
 
 @dataclass
@@ -50,25 +59,48 @@ def load_workload(spec: str | None) -> Workload:
                         digits.evaluate_accuracy)
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
-        raise SystemExit(f"fxopt: MODEL must look like package.module:callable, got '{spec}'")
-    try:
-        factory = getattr(_import_from_cwd(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"fxopt: cannot load MODEL '{spec}': {exc}") from None
-    if not callable(factory):
-        raise SystemExit(f"fxopt: MODEL '{spec}' names a {type(factory).__name__}, not a callable that returns "
-                         "(model, example_inputs[, calibration])")
-    made = factory()
+        raise ModelLoadError(f"MODEL must look like package.module:callable, got '{spec}'")
+    factory = _factory(spec, module_name, attr)
+    made = _call_factory(spec, factory)
     if isinstance(made, nn.Module):
         inputs = getattr(made, "example_inputs", None)
         if inputs is None:
-            raise SystemExit(f"fxopt: '{spec}' returned a model without example inputs; "
-                             "return (model, example_inputs) instead")
+            raise ModelLoadError(f"MODEL '{spec}' returned a model without example inputs; "
+                                 "return (model, example_inputs) instead")
         made = (made, inputs)
     if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], nn.Module):
-        raise SystemExit(f"fxopt: '{spec}' must return (model, example_inputs[, calibration])")
+        raise ModelLoadError(f"MODEL '{spec}' must return (model, example_inputs[, calibration])")
     calibration = list(made[2]) if len(made) == 3 else None
     return Workload(spec, made[0], made[1], calibration)
+
+
+def _factory(spec: str, module_name: str, attr: str) -> Callable:
+    """The callable MODEL names. Whatever importing its module raises (no such module, a syntax
+    error, an exception at import time) is a MODEL that cannot be loaded, not a crash of fxopt."""
+    try:
+        factory = getattr(_import_from_cwd(module_name), attr)
+    except Exception as exc:  # the user's module runs here: any error of it is MODEL's
+        raise ModelLoadError(f"cannot load MODEL '{spec}': {_error_text(exc)}") from None
+    if not callable(factory):
+        raise ModelLoadError(f"MODEL '{spec}' names a {type(factory).__name__}, not a callable that returns "
+                             "(model, example_inputs[, calibration])")
+    return factory
+
+
+def _call_factory(spec: str, factory: Callable) -> Any:
+    """What MODEL's callable returns; an exception in it is reported in one line, without
+    fxopt's traceback, so a script can tell it from a failed verification by the exit code."""
+    try:
+        return factory()
+    except Exception as exc:  # the user's code: every error of it is MODEL's
+        raise ModelLoadError(f"cannot load MODEL '{spec}': calling it raised {_error_text(exc)}") from None
+
+
+def _error_text(exc: Exception) -> str:
+    """`Type: first line`, the type left out where the text already says it (ImportError's)."""
+    if isinstance(exc, (ImportError, AttributeError)):
+        return first_line(exc)
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _import_from_cwd(module_name: str) -> ModuleType:
@@ -93,7 +125,9 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pipeline", "-p", default=DEFAULT_PIPELINE, help=f"pass pipeline (default: {DEFAULT_PIPELINE})")
         p.add_argument("--mode", choices=("auto", "symbolic", "export"), default="auto", help="capture front end")
 
-    opt = sub.add_parser("optimize", help="optimize a model and print a before/after table")
+    opt = sub.add_parser("optimize", help="optimize a model and print a before/after table",
+                         epilog="exit codes: 0 success, 1 the result failed verification, 2 a pass, the "
+                                "pipeline text or MODEL failed (cannot be imported, its callable raised)")
     common(opt)
     opt.add_argument("--no-verify", action="store_true", help="skip the final numerical check")
     opt.add_argument("--verify-each", action="store_true", help="lint and check numerics after every pass")
@@ -155,7 +189,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _writable_dir(parser, "--dump", getattr(args, "dump", None))
     _writable_dir(parser, "--out", getattr(args, "out", None))
     _writable_file(parser, "--save", getattr(args, "save", None))
-    from .errors import FxoptError
     from .pipeline import parse_pipeline
 
     try:

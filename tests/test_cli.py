@@ -24,6 +24,8 @@ def user_model_module(tmp_path, monkeypatch):
             return model.eval(), (torch.randn(2, 3, 8, 8),)
         def no_inputs():
             return torch.nn.Linear(2, 2)
+        def boom():
+            raise RuntimeError("factory exploded")
         not_callable = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -60,14 +62,32 @@ def test_unknown_pass_fails_before_loading(capsys):
 
 
 def test_bad_model_spec_errors(user_model_module):
-    with pytest.raises(SystemExit, match="package.module:callable"):
+    with pytest.raises(cli.ModelLoadError, match="package.module:callable"):
         cli.load_workload("no_colon_here")
-    with pytest.raises(SystemExit, match="cannot load MODEL"):
+    with pytest.raises(cli.ModelLoadError, match="cannot load MODEL"):
         cli.load_workload("my_models:missing")
-    with pytest.raises(SystemExit, match="without example inputs"):
+    with pytest.raises(cli.ModelLoadError, match="without example inputs"):
         cli.load_workload(f"{user_model_module}:no_inputs")
-    with pytest.raises(SystemExit, match="names a int, not a callable"):
+    with pytest.raises(cli.ModelLoadError, match="names a int, not a callable"):
         cli.load_workload(f"{user_model_module}:not_callable")
+
+
+@pytest.mark.parametrize("command", ["optimize", "dump"])
+@pytest.mark.parametrize("spec, message", [
+    ("my_models:missing", "cannot load MODEL 'my_models:missing': module 'my_models' has no attribute 'missing'"),
+    ("no_such_module:make", "cannot load MODEL 'no_such_module:make': No module named 'no_such_module'"),
+    ("my_models:boom", "cannot load MODEL 'my_models:boom': calling it raised RuntimeError: factory exploded"),
+])
+def test_a_model_that_cannot_be_loaded_exits_2_in_one_line(user_model_module, capsys, tmp_path, command,
+                                                           spec, message):
+    """It exited 1, the code of a failed verification (a raising factory with a raw traceback):
+    a script could not tell the two apart."""
+    extra = ["--out", str(tmp_path / "dump")] if command == "dump" else []
+    rc = cli.main([command, spec, "-p", "dce", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip().splitlines()[-1].endswith(f"fxopt: error: {message}")
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("flags, message", [
