@@ -14,10 +14,16 @@ with a batchnorm or a dropout in training mode gets a `fxopt.TrainingModeWarning
 what fxopt optimizes and verifies against is then not what that model computes as it stands.
 
 Non-tensor inputs (``flag=True``, ``scale=0.5``, ``mode="fast"``, ``mask=None``, positional or
-keyword) are *specialized*: the graph is valid for the captured value only. The symbolic graph
-keeps the argument under its own name and checks it on every call; a call with another value
-fails with "captured with flag=True ..." (an exported graph fails on its own guard,
-"Guard failed: flag == True").
+keyword, or left out at a default that is not a number) are *specialized*: the graph is valid
+for the captured value only. The symbolic graph keeps the argument under its own name and
+checks it on every call; a call with another value fails with "captured with flag=True ..."
+(an exported graph fails on its own guard, "Guard failed: flag == True", and on fxopt's for
+an input captured as None, which export does not check).
+
+A forward that draws random numbers from torch (noise, `rand_like`, dropout in training mode)
+is checked, like every comparison fxopt makes, with both runs drawing the same numbers
+(`fxopt.ir.same_random_draws`); one that draws from Python's `random` or NumPy is named as
+not deterministic.
 
     >>> import torch, fxopt
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
@@ -40,7 +46,7 @@ import traceback
 import warnings
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.fx
@@ -49,7 +55,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
-from .ir.interpret import BufferState, fresh_inputs
+from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
 from .tracing import trace
@@ -236,6 +242,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
                           f"the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
                           "runs at the example's shapes only", stacklevel=3)
     gm = ep.module()
+    _guard_none_inputs(gm, model, args, kwargs)
     _record_shapes_and_check(model, gm, args, kwargs)
     return gm, info
 
@@ -325,15 +332,18 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     in it.
     """
     state = BufferState(model, gm)  # a symbolic graph shares the model's buffers: one snapshot
-    with torch.no_grad():
+    with torch.no_grad():  # each run draws the same random numbers (`same_random_draws`)
         model_args, model_kwargs = fresh_inputs(args, kwargs)
-        expected = model(*model_args, **model_kwargs)
+        with same_random_draws():
+            expected = model(*model_args, **model_kwargs)
         state.restore()
-        propagate_shapes(gm, args, kwargs)  # runs on private copies of the buffers
+        with same_random_draws():
+            propagate_shapes(gm, args, kwargs)  # runs on private copies of the buffers
         graph_args, graph_kwargs = fresh_inputs(args, kwargs)
-        got = gm(*graph_args, **graph_kwargs)
+        with same_random_draws():
+            got = gm(*graph_args, **graph_kwargs)
         state.restore()
-    _check_same_outputs(expected, got)
+    _check_same_outputs(expected, got, lambda: _nondeterministic(model, args, kwargs, state))
 
 
 def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
@@ -536,21 +546,31 @@ def _concrete_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Inputs that hold no tensor (flags like return_dict, scales, modes, None) become trace constants.
 
     Keyword args by their name; positional args by the name of the parameter they bind to
-    (one that lands in ``*args`` stays a graph input: fx cannot specialize part of it). A value
-    holding a tensor (a list of tensors) stays an input: specializing it would bake the tensor in.
+    (one that lands in ``*args`` stays a graph input: fx cannot specialize part of it); a
+    parameter left out at its default, unless the default is a number. A value holding a tensor
+    (a list of tensors) stays an input: specializing it would bake the tensor in.
     """
     concrete = {k: v for k, v in kwargs.items() if not _holds_tensor(v)}
-    if any(not _holds_tensor(a) for a in args):
-        try:
-            params = list(inspect.signature(model.forward).parameters.values())
-        except (TypeError, ValueError):
-            params = []
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        for param, value in zip(params, args):
-            if param.kind not in positional:
-                break
-            if not _holds_tensor(value):
-                concrete[param.name] = value
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for param, value in zip(params, args):
+        if param.kind not in positional:
+            break
+        if not _holds_tensor(value):
+            concrete[param.name] = value
+    # an argument left out takes its default in eager, and in the trace too: fx would make it
+    # an input, a Proxy where forward tests `mask is not None` or `if flag:`. A number stays an
+    # input (`y * scale` runs at any scale); a branch on it falls back to export.
+    given = {p.name for p, _ in zip(params, args)} | set(kwargs)
+    for param in params:
+        default = param.default
+        if param.name in given or default is inspect.Parameter.empty or param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            continue
+        if not _holds_tensor(default) and (isinstance(default, bool) or not isinstance(default, (int, float))):
+            concrete[param.name] = default
     return concrete
 
 
@@ -607,6 +627,28 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
         gm.recompile()
 
 
+def _guard_none_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Give an exported graph the guard export leaves out: an input captured as None.
+
+    Export checks the other non-tensor inputs it specialized on (``Guard failed: flag ==
+    True``), but a tensor given where None was captured is silently ignored: the graph
+    computes the None branch (``x if mask is None else x * mask``) and returns a wrong answer.
+    """
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return
+    placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
+    guarded = [placeholders[name] for name, value in bound.items() if value is None and name in placeholders]
+    for node in guarded:
+        with gm.graph.inserting_after(list(placeholders.values())[-1]):
+            is_none = gm.graph.call_function(operator.eq, (node, None))
+            with gm.graph.inserting_after(is_none):
+                gm.graph.call_function(torch._assert, (is_none, _specialization_message(node.name, None)))
+    if guarded:
+        gm.recompile()
+
+
 def _leading_sizes(args: tuple, kwargs: dict) -> list[int]:
     """Dim 0 of each tensor input (of rank >= 1), in order."""
     return [t.shape[0] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -652,7 +694,21 @@ def _dynamic_batch_spec(model: nn.Module, args: tuple, kwargs: dict, dim: Any, b
     return out
 
 
-def _check_same_outputs(expected: Any, got: Any) -> None:
+def _nondeterministic(model: nn.Module, args: tuple, kwargs: dict, state: BufferState) -> bool:
+    """Whether two eager runs from one state and one seed differ: the forward draws random
+    numbers torch's generator does not drive (Python's `random`, NumPy)."""
+    outputs = []
+    with torch.no_grad():
+        for _ in range(2):
+            run_args, run_kwargs = fresh_inputs(args, kwargs)
+            with same_random_draws():
+                outputs.append(tree_flatten(model(*run_args, **run_kwargs))[0])
+            state.restore()
+    return any(isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+               and not torch.equal(a, b) for a, b in zip(*outputs))
+
+
+def _check_same_outputs(expected: Any, got: Any, nondeterministic: Callable[[], bool] = lambda: False) -> None:
     exp_leaves, exp_spec = tree_flatten(expected)
     got_leaves, got_spec = tree_flatten(got)
     if len(exp_leaves) != len(got_leaves):
@@ -676,10 +732,10 @@ def _check_same_outputs(expected: Any, got: Any) -> None:
             # a few rounding steps of the output's own dtype: bf16 kernels differ by one step (1/128)
             tol = max(1e-4, 4 * torch.finfo(e.dtype).eps) if e.is_floating_point() else 0.0
             if e.is_floating_point() and not torch.allclose(e, g, rtol=tol, atol=tol / 10, equal_nan=True):
-                raise CaptureError(
-                    f"output {i} differs from the model by {float((e - g).abs().max()):.3g}: "
-                    "the trace baked in Python control flow or state"
-                )
+                why = ("forward is not deterministic: two eager runs with the same inputs and torch seed differ "
+                       "(random numbers from Python's `random` or NumPy, which no graph records; draw them "
+                       "with torch)" if nondeterministic() else "the trace baked in Python control flow or state")
+                raise CaptureError(f"output {i} differs from the model by {float((e - g).abs().max()):.3g}: {why}")
 
 
 _UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not a known type")

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 
 from .errors import VerificationError, user_source_line
-from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph
+from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
 
 
@@ -304,11 +304,13 @@ def verify(
     state = BufferState(reference, candidate)
     with torch.no_grad():  # each side on its own copy: a model may write into its inputs
         ref_args, ref_kwargs = fresh_inputs(args, kwargs)
-        ref_out = reference(*ref_args, **ref_kwargs)
+        with same_random_draws():  # a forward that draws random numbers draws the same ones in both
+            ref_out = reference(*ref_args, **ref_kwargs)
         state.restore()  # the two may share buffers
         try:
             cand_args, cand_kwargs = fresh_inputs(args, kwargs)
-            cand_out = candidate(*cand_args, **cand_kwargs)
+            with same_random_draws():
+                cand_out = candidate(*cand_args, **cand_kwargs)
         except Exception as exc:
             return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}: {exc}")
         finally:
@@ -426,7 +428,8 @@ def first_divergence(
     with torch.no_grad():
         # snapshots, kept only for the nodes compared: a later in-place op (`relu_` after a
         # batchnorm) must not change the value a reference node is compared by
-        ref_values = node_values(reference, args, kwargs, names={origin(n) for n in compared})
+        with same_random_draws():
+            ref_values = node_values(reference, args, kwargs, names={origin(n) for n in compared})
     found: list[Divergence] = []
 
     # A candidate value is compared as soon as its node has run, before any later node can
@@ -443,7 +446,7 @@ def first_divergence(
         if not cmp.passes(tolerance):
             found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp))
 
-    with torch.no_grad():
+    with torch.no_grad(), same_random_draws():
         run_graph(candidate, *fresh_inputs(args, kwargs), check, private_buffers=True)
     return found[0] if found else None
 

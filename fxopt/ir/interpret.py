@@ -7,8 +7,8 @@ so analyses (shapes, calibration) and verification (per-node values) work on bot
 from __future__ import annotations
 
 import copy
-
-from typing import Any, Callable, Collection
+from contextlib import contextmanager
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.fx
@@ -112,6 +112,28 @@ class _ObservingInterpreter(torch.fx.Interpreter):
             return value
         replaced = self._observe(n, value)
         return value if replaced is None else replaced
+
+
+@contextmanager
+def same_random_draws(seed: int = 0) -> Iterator[None]:
+    """Run the block from torch's generators seeded with `seed`, then give the caller's state back.
+
+    Two runs compared with each other (a model and its graph) each start here, so a forward
+    that draws random numbers (noise injection, `torch.rand_like`, dropout in training mode)
+    draws the same ones in both, in the order it makes them.
+
+    >>> with same_random_draws():
+    ...     a = torch.rand(2)
+    >>> with same_random_draws():
+    ...     b = torch.rand(2)
+    >>> torch.equal(a, b)
+    True
+    """
+    # the CUDA generators too, once CUDA is in use (forking them would initialize it otherwise)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def fresh_inputs(args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:

@@ -5,9 +5,11 @@ import copy
 import dataclasses
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 import fxopt
@@ -815,3 +817,82 @@ def test_inputs_a_decorated_forward_takes_are_not_refused_by_the_signature_it_wr
     with pytest.raises(CaptureError) as info:  # the front ends bind to the inner signature
         capture(model, {"inp": torch.randn(2, 4)})
     assert "do not fit" not in str(info.value) and "front ends tried" in str(info.value)
+
+
+class OptionalMask(nn.Module):
+    """`forward(x, mask=None)` with a branch on the mask: the common optional input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x, mask=None, causal=False):
+        if mask is not None:
+            x = x * mask
+        return self.fc(x).cumsum(1) if causal else self.fc(x)
+
+
+def test_an_argument_left_out_takes_its_default_in_the_symbolic_trace():
+    """fx made the left-out `mask` an input (a Proxy, so `mask is not None` held): the trace
+    failed with a bare TypeError and auto fell back to export at one sequence length."""
+    _seed()
+    model, x = OptionalMask().eval(), torch.randn(2, 3)
+    gm = capture(model, (x,), mode="auto")
+    assert frontend_of(gm) == "symbolic"
+    other = torch.randn(4, 3)
+    torch.testing.assert_close(gm(other), model(other))
+    with pytest.raises(AssertionError, match="captured with mask=None"):
+        gm(x, mask=torch.zeros(2, 3))
+    with pytest.raises(AssertionError, match="captured with causal=False"):
+        gm(x, causal=True)
+
+
+def test_a_transformer_encoder_traces_symbolically_as_the_root_model():
+    """nn.TransformerEncoder's forward(src, mask=None, src_key_padding_mask=None, is_causal=None)
+    as the root: symbolic failed ('_none_or_dtype'), auto exported a graph pinned to the
+    example's sequence length."""
+    _seed()
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2).eval()
+    gm = capture(enc, (torch.randn(2, 5, 16),), mode="auto")
+    assert frontend_of(gm) == "symbolic"
+    longer = torch.randn(3, 9, 16)
+    torch.testing.assert_close(gm(longer), enc(longer), rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_graph_refuses_a_tensor_where_none_was_captured():
+    """Export checks no input captured as None: a mask given later was ignored (a wrong answer)."""
+    _seed()
+    model, x = OptionalMask().eval(), torch.randn(2, 3)
+    gm = capture(model, {"x": x, "mask": None}, mode="export")
+    torch.testing.assert_close(gm(x=x, mask=None), model(x))
+    with pytest.raises(AssertionError, match="captured with mask=None"):
+        gm(x=x, mask=torch.zeros(2, 3))
+
+
+class Noisy(nn.Module):
+    def __init__(self, source):
+        super().__init__()
+        self.fc, self.source = nn.Linear(3, 3), source
+
+    def forward(self, x):
+        if self.source == "torch":  # noise injection, and dropout left on in the forward
+            return self.fc(x) + 0.1 * torch.rand_like(x) + F.dropout(x, 0.5, training=True)
+        return self.fc(x) * np.random.rand()
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_random_draws_from_torch_are_the_same_in_both_runs_of_a_comparison(mode):
+    """Both front ends refused a forward with `rand_like`, blaming 'Python control flow or
+    state'; the comparisons now draw the same numbers on both sides."""
+    _seed()
+    model, x = Noisy("torch").eval(), torch.randn(2, 3)
+    res = fxopt.optimize(model, x, "fuse", mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    assert not torch.equal(res.module(x), res.module(x))  # still random when the caller runs it
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_random_draws_no_graph_records_are_named(mode):
+    _seed()
+    with pytest.raises(CaptureError, match="not deterministic.*NumPy"):
+        capture(Noisy("numpy").eval(), torch.randn(2, 3), mode=mode)
