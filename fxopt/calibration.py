@@ -24,7 +24,7 @@ from torch import nn
 
 from .capture import normalize_inputs
 from .errors import FxoptError
-from .ir import fresh_inputs
+from .ir import flatten_inputs, fresh_inputs, tensor_meta
 
 
 def _as_call(batch: Any) -> tuple[tuple, dict]:
@@ -85,8 +85,27 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
             except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
                 shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
                 raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes {shapes}) does not run "
-                                 f"through the model: {type(exc).__name__}: {exc}{_guard_hint(exc)}") from exc
+                                 f"through the model: {type(exc).__name__}: {exc}{_rank_hint(gm, args, kwargs)}"
+                                 f"{_guard_hint(exc)}") from exc
     return len(batches)
+
+
+def _rank_hint(gm: nn.Module, args: tuple, kwargs: dict) -> str:
+    """Which input has another number of dimensions than the one the graph was captured with
+    (a missing batch or channel axis fails deep inside a layer, or on an index in export's guard)."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return ""
+    try:
+        values = flatten_inputs(gm, args, kwargs)
+    except Exception:  # the batch does not even bind to forward's inputs: the error says so
+        return ""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    for node, value in zip(placeholders, values):
+        meta = tensor_meta(node)
+        if meta is not None and isinstance(value, torch.Tensor) and value.dim() != len(meta[0]):
+            return (f"\n  input '{node.target}' has {value.dim()} dimensions {list(value.shape)}; the model was "
+                    f"captured with {len(meta[0])} {list(meta[0])}: give batches shaped like the example inputs")
+    return ""
 
 
 def _guard_hint(exc: Exception) -> str:

@@ -24,7 +24,7 @@ from fxopt.errors import PassWarning, user_stacklevel
 from fxopt.ir import get_attr_value, op_view
 
 from .insert import InsertObservers, ReduceRange
-from .lower import Backend, LowerInt8, lowering_stats
+from .lower import Backend, LowerInt8, check_target_sqnr, lowering_stats
 from .observers import ObserverKind, QuantizationError, observers_in
 
 
@@ -40,6 +40,9 @@ class Quantize(Pass):
     target_sqnr: float | None = None
     skip: tuple[str, ...] = ()
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_target_sqnr(self.target_sqnr)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if ctx.calibration is None or len(ctx.calibration) == 0:
@@ -63,7 +66,7 @@ class Quantize(Pass):
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
         stats = dict(lowered.stats)
-        if not stats.get("quantize_nodes"):  # observed, yet no value became int8
+        if not stats.get("quantized"):  # observed, yet no layer became int8
             _warn_nothing_quantized(stats.get("float_ops", {}))
         else:
             _warn_float_weight_ops(lowered.module, stats.get("float_ops", {}))

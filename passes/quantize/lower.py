@@ -19,8 +19,12 @@ Before/after (x86) for conv -> batch_norm -> relu -> max_pool -> flatten -> line
     %conv = conv2d(%obs_x, %w, %b)                   %c  = quantized.conv2d_relu.new(%q, %packed0, 0.03, 0)
     %bn = batch_norm(%conv, ...)           ==>       %mp = max_pool2d(%c, [2, 2])
     %relu = relu(%bn); %obs_1 = ...(%relu)           %fl = flatten(%mp, 1)
-    %mp = max_pool2d(%obs_1, [2, 2]); ...            %l  = quantized.linear(%fl, %packed1, 0.1, 70)
-    %lin = linear(%fl, %w2, %b2)                     %y  = dequantize(%l)
+    %mp = max_pool2d(%obs_1, [2, 2]); ...            %d  = dequantize(%fl)
+    %lin = linear(%fl, %w2, %b2)                     %y  = quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                                                               %d, 0.03, 0, %packed1)
+
+A linear read in float only (here: by the graph output) writes float, so no output grid clips
+values calibration did not see (`_Lowering._float_output`).
 
 With `target_sqnr=D` the pass measures, on calibration data and with the backend's own kernels,
 the output SQNR with each layer alone in int8, and keeps the most sensitive layers in float
@@ -74,6 +78,16 @@ def cpu_has_vnni() -> bool:
         return "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
+def check_target_sqnr(value: float | None) -> None:
+    """A target is a signal-to-noise ratio worth asking for: a number above 0 dB (0 dB is an
+    error as large as the output itself)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"option 'target_sqnr': {value!r} is not a target; give the output SQNR to reach in dB, "
+                         "a number above 0 (int8 models reach 25-45), or none for every layer in int8")
+
+
 @dataclass
 class LowerInt8(Pass):
     """Lower an observed, calibrated module to int8 kernels (see the module docstring)."""
@@ -85,6 +99,9 @@ class LowerInt8(Pass):
     target_sqnr: float | None = None
     #: Layers (anchor node names) kept in float, e.g. `[fc,conv1]`.
     skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_target_sqnr(self.target_sqnr)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         observers = {n.name: gm.get_submodule(n.target) for n in gm.graph.nodes if _is_observer(gm, n)}
@@ -235,6 +252,7 @@ class _Lowering:
                 enabled.add(out)
         region = int8_region(self.gm, self.plan, enabled, set(self.float_only))
         self.region = region
+        self.in_int8_groups = {n.name for out in region if out in self.plan.groups for n in self.plan.groups[out].nodes}
         for out in sorted(enabled - region):  # an add/cat the cut left float (CUT_DECIDES)
             group = self.plan.groups[out]
             self.stats["float_ops"][group.name] = f"{group.kind}: kept float: int8 would cost more conversions than it saves"
@@ -435,6 +453,11 @@ class _Lowering:
         qparams = grid[:2]
         view = op_view(self.gm, group.anchor)
         inputs = [self._int8_input(i, group.anchor) for i in view.inputs]
+        if group.kind in ("conv", "linear") and self._float_output(group):
+            with self.graph.inserting_before(out):
+                result = self._weighted(group, view, inputs, grid, float_output=True)
+            self._publish_float(group, result)
+            return
         with self.graph.inserting_before(out):
             if group.kind in ("conv", "linear"):
                 result = self._weighted(group, view, inputs, grid)
@@ -477,6 +500,30 @@ class _Lowering:
         label = group.kind + ("+bn" if group.bn is not None else "") + ("+act" if group.act is not None else "")
         counts[label] = counts.get(label, 0) + 1
 
+    def _float_output(self, group: Group) -> bool:
+        """Whether a linear's output is read in float only (the graph's output, a float op):
+        then it is not rounded onto an int8 grid, which clips what calibration did not see (a
+        classifier's logits) and costs a quantize and a dequantize. x86 has the kernel (int8
+        input and weight, float output); it has none for a conv, whose output keeps its grid
+        in every backend, so the reference form still computes what x86 does."""
+        if group.views or group.kind != "linear":
+            return False
+        return not any(u.name in self.region or u.name in self.in_int8_groups for u in group.output.users)
+
+    def _publish_float(self, group: Group, result: torch.fx.Node) -> None:
+        out = group.output
+        result.meta[COMPUTES] = origin(out)
+        for key in ("tensor_meta", "val"):
+            if key in out.meta:
+                result.meta[key] = out.meta[key]
+        out.replace_all_uses_with(result)
+        for node in reversed(group.nodes):
+            if not node.users:
+                self.graph.erase_node(node)
+        label = group.kind + ("+bn" if group.bn is not None else "") + ("+act" if group.act is not None else "")
+        self.stats["quantized"][label] = self.stats["quantized"].get(label, 0) + 1
+        self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
+
     def _feeds_int8_convs_only(self, value: torch.fx.Node) -> bool:
         """Whether every reader of `value` is an int8 conv, directly or through int8 slicing and
         pooling (a conv1d's strides suit those; see `_lower_group`)."""
@@ -503,7 +550,8 @@ class _Lowering:
             y = self.graph.call_function(aten.relu.default, (y,))
         return y
 
-    def _weighted(self, group: Group, view, inputs, grid: Grid) -> torch.fx.Node:
+    def _weighted(self, group: Group, view, inputs, grid: Grid, float_output: bool = False) -> torch.fx.Node:
+        """The int8 layer; with `float_output` its value in float, not on `grid` (`_float_output`)."""
         qparams = grid[:2]
         weight, bias = _folded_weights(self.gm, group, view)
         act = op_view(self.gm, group.act) if group.act is not None else None
@@ -543,6 +591,11 @@ class _Lowering:
                     setattr(self.gm, name, prepacked)
                 self.packed_cache[key] = name
             name = self.packed_cache[key]
+            if float_output and name is not None:
+                # fbgemm quantizes its float input onto the grid itself: the values on it
+                y = self.graph.call_function(qops.linear_with_input_q_dq_qweight_dq_output_fp32.default,
+                                             (*self._float_and_grid(x), self.graph.get_attr(name)))
+                return self._float_activation(y, bounds)
             if name is None:
                 y = self._float_between_int8(group, x, qw, bias, relu, geometry, qparams)
             else:
@@ -587,13 +640,28 @@ class _Lowering:
                                                   list(g["dilation"]), g["groups"]))
                 if taps is not None:
                     y = self.graph.call_function(depth_to_space, (y, taps))
+        return self._float_activation(y, bounds)
+
+    def _float_activation(self, y: torch.fx.Node, bounds: tuple | None) -> torch.fx.Node:
+        """relu / relu6 / clamp `bounds` (`activation_bounds`) on a float layer output."""
         if bounds == (0.0, None):
-            y = self.graph.call_function(aten.relu.default, (y,))
-        elif relu:
-            y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, bounds[1]))
-        elif bounds is not None:
-            y = self.graph.call_function(aten.clamp.default, (y, *bounds))
+            return self.graph.call_function(aten.relu.default, (y,))
+        if bounds is not None and bounds[0] == 0.0:
+            return self.graph.call_function(aten.hardtanh.default, (y, 0.0, bounds[1]))
+        if bounds is not None:
+            return self.graph.call_function(aten.clamp.default, (y, *bounds))
         return y
+
+    def _float_and_grid(self, q: torch.fx.Node) -> tuple[torch.fx.Node, float, int]:
+        """(float value, scale, zero point) of the x86 int8 value `q`, for a kernel that rounds
+        its float input onto the grid itself: an int8 op's output is the dequantize `_publish`
+        made for it; a boundary `quantize_per_tensor(value, scale, zp, quint8)` is its float
+        value, which the kernel rounds and clamps to [0, 255] exactly as that quantize does."""
+        dq = next((d for d, qq in self.q_of.items() if qq is q), None)
+        if dq is not None:
+            return dq, *self.grid_of[dq][:2]
+        value, scale, zero_point = q.args[:3]
+        return value, scale, zero_point
 
     def _float_between_int8(self, group, x, qw, bias, relu: bool, geometry: dict, qparams) -> torch.fx.Node:
         """The layer no engine's int8 kernel computes right here (`packing.computes_right`):

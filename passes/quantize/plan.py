@@ -206,11 +206,17 @@ def transposed_reason(view) -> str | None:
     if node.op == "call_module" and (len(node.args) > 1 or "output_size" in node.kwargs):
         return "transposed conv called with output_size: no int8 kernel"
     kernel = tuple(view.param("weight").shape[2:])
-    if tuple(a.get("stride", ())) != kernel or any(a.get("padding", ())) or any(a.get("output_padding", ())) \
-            or a.get("groups", 1) != 1 or (any(d != 1 for d in a.get("dilation", ())) and any(k > 1 for k in kernel)):
-        return ("transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1 has an int8 "
-                f"kernel (a 1x1 conv and a depth-to-space; here kernel {kernel}, stride {tuple(a.get('stride', ()))}, "
-                f"padding {tuple(a.get('padding', ()))}, groups {a.get('groups', 1)}); runs in float")
+    geometry = {"stride": tuple(a.get("stride", ())), "padding": tuple(a.get("padding", ())),
+                "output_padding": tuple(a.get("output_padding", ())), "groups": a.get("groups", 1),
+                "dilation": tuple(a.get("dilation", ()))}
+    off = [name for name, bad in (
+        ("stride", geometry["stride"] != kernel), ("padding", any(geometry["padding"])),
+        ("output_padding", any(geometry["output_padding"])), ("groups", geometry["groups"] != 1),
+        ("dilation", any(d != 1 for d in geometry["dilation"]) and any(k > 1 for k in kernel))) if bad]
+    if off:  # name what breaks the rule (an output_size call shows up here as its output_padding)
+        here = ", ".join(f"{name} {geometry[name]}" for name in off)
+        return ("transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1, dilation 1 has "
+                f"an int8 kernel (a 1x1 conv and a depth-to-space); here kernel {kernel}, {here}; runs in float")
     if a.get("padding_mode", "zeros") != "zeros":
         return f"transposed conv with padding_mode='{a['padding_mode']}': no int8 kernel"
     return None
@@ -294,23 +300,28 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
                 for n in group.nodes:
                     plan.member_of[n.name] = group
                 continue
-            plan.unsupported[node.name] = f"{view.kind}: {reason}"
+            plan.unsupported[node.name] = _runs_in_float(view.kind, reason)
             continue
         if view.kind == "avg_pool" and view.attrs.get("divisor_override") is not None:
             # not an average: the sum over the window divided by another count can leave the
             # input's range, which an int8 pass-through (the input's scale) would clip
-            plan.unsupported[node.name] = "avg_pool with divisor_override (leaves its input's range)"
+            plan.unsupported[node.name] = _runs_in_float("avg_pool", "divisor_override leaves its input's range")
         elif view.kind in SLICING and (reason := slicing_reason(view)) is not None:
             if is_float_value(node):
-                plan.unsupported[node.name] = f"{view.kind}: {reason}"
+                plan.unsupported[node.name] = _runs_in_float(view.kind, reason)
         elif view.kind == "pad" and (reason := pad_reason(view)) is not None:
             if is_float_value(node):
-                plan.unsupported[node.name] = f"pad: {reason}"
+                plan.unsupported[node.name] = _runs_in_float("pad", reason)
         elif view.kind in PASS_THROUGH and view.input is not None:
             plan.pass_through.add(node.name)
         elif is_float_value(node):
-            plan.unsupported[node.name] = f"{view.kind}: {_float_op_reason(gm, view)}"
+            plan.unsupported[node.name] = _runs_in_float(view.kind, _float_op_reason(gm, view))
     return plan
+
+
+def _runs_in_float(kind: str, why: str) -> str:
+    """A float op's reason in the one form `stats["float_ops"]` uses: `<op kind>: <why>; runs in float`."""
+    return f"{kind}: {why}" if "runs in float" in why else f"{kind}: {why}; runs in float"
 
 
 #: The ending of every reason that is just "fxopt has no int8 form of this op".

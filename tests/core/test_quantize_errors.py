@@ -62,3 +62,18 @@ def test_an_exported_shape_guard_says_which_sizes_were_fixed_and_what_to_do():
                        calibration=[torch.randn(6, 8, 16)])
     message = str(err.value)
     assert "Guard failed" in message and "mode='symbolic'" in message and "example inputs" in message
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_calibration_batch_with_another_rank_names_the_input_and_its_dimensions(mode):
+    """Export said only 'IndexError: tuple index out of range' for a batch missing an axis."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    with pytest.raises(PassError) as err:
+        fxopt.optimize(model, torch.randn(4, 3, 16, 16), "quantize", calibration=[torch.randn(4, 3, 16)], mode=mode)
+    assert "has 3 dimensions [4, 3, 16]; the model was captured with 4 [4, 3, 16, 16]" in str(err.value)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize{target_sqnr=-5}", "lower-int8{target_sqnr=0}"])
+def test_a_target_sqnr_at_or_below_zero_is_refused_naming_the_option(pipeline):
+    with pytest.raises(fxopt.PipelineError, match="option 'target_sqnr': .* is not a target"):
+        fxopt.PassManager(pipeline)

@@ -234,10 +234,13 @@ class Other(nn.Module):
 
 
 @pytest.mark.parametrize("up, why", [
-    (nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1), "kernel (4, 4), stride (2, 2), padding (1, 1), groups 1"),
-    (nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1), "kernel (3, 3), stride (2, 2)"),
-    (nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2), "groups 2"),
-    (nn.ConvTranspose2d(8, 8, 2, stride=1), "kernel (2, 2), stride (1, 1)"),
+    (nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1), "kernel (4, 4), stride (2, 2), padding (1, 1); runs"),
+    (nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1),
+     "kernel (3, 3), stride (2, 2), padding (1, 1), output_padding (1, 1); runs"),
+    (nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2), "kernel (2, 2), groups 2; runs"),
+    (nn.ConvTranspose2d(8, 8, 2, stride=1), "kernel (2, 2), stride (1, 1); runs"),
+    # the rule's values all met but the dilation: it used to list the others and not name it
+    (nn.ConvTranspose2d(8, 8, 2, stride=2, dilation=2), "kernel (2, 2), dilation (2, 2); runs"),
 ])
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_other_transposed_convs_stay_float_and_say_why(up, why, mode):
@@ -250,7 +253,8 @@ def test_other_transposed_convs_stay_float_and_say_why(up, why, mode):
     reasons = {k: v for k, v in stats["float_ops"].items() if v.startswith("conv:")}
     assert len(reasons) == 1, stats["float_ops"]
     (name, reason), = reasons.items()
-    assert reason.startswith("conv: transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1")
+    assert reason.startswith("conv: transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1, "
+                             "dilation 1")
     assert why in reason and reason.endswith("runs in float")
     bn_reason = next(v for v in stats["float_ops"].values() if v.startswith("batch_norm"))
     assert "which has no int8 kernel here: folded into nothing" in bn_reason
@@ -273,6 +277,7 @@ def test_a_transposed_conv_called_with_output_size_stays_float():
     model = Sized().eval()
     batches = [(torch.randn(2, 3, 9, 9),) for _ in range(3)]
     res = fxopt.optimize(model, batches[0], "quantize", calibration=batches, mode="symbolic")
-    assert res.passes[0].stats["float_ops"]["up"] == "conv: transposed conv called with output_size: no int8 kernel"
+    assert res.passes[0].stats["float_ops"]["up"] == ("conv: transposed conv called with output_size: no int8 kernel; "
+                                                        "runs in float")
     with torch.no_grad():
         torch.testing.assert_close(res.module(batches[1][0]).shape, model(batches[1][0]).shape)

@@ -23,7 +23,8 @@ def _targets(gm):
 
 def _int8_linears(gm, backend):
     if backend == "x86":
-        return sum(t in ("quantized.linear.default", "quantized.linear_relu.default") for t in _targets(gm))
+        return sum(t in ("quantized.linear.default", "quantized.linear_relu.default",
+                         "quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default") for t in _targets(gm))
     return sum(t == "quantized_decomposed.dequantize_per_channel.default" for t in _targets(gm))
 
 
