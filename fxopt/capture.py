@@ -612,10 +612,7 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
                 continue
             if user.target is _assert_is_none:
                 with graph.inserting_before(user):
-                    # `== None` rather than `is None`: a traced Proxy compares into a node, so
-                    # the guard survives re-tracing (torch.load); torch._assert survives DCE
-                    is_none = graph.call_function(operator.eq, (node, None))
-                    graph.call_function(torch._assert, (is_none, message))
+                    _insert_none_guard(graph, node, message)
                 graph.erase_node(user)
             elif user.target is operator.eq:
                 for check in list(user.users):
@@ -640,13 +637,20 @@ def _guard_none_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, 
         return
     placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
     guarded = [placeholders[name] for name, value in bound.items() if value is None and name in placeholders]
-    for node in guarded:
-        with gm.graph.inserting_after(list(placeholders.values())[-1]):
-            is_none = gm.graph.call_function(operator.eq, (node, None))
-            with gm.graph.inserting_after(is_none):
-                gm.graph.call_function(torch._assert, (is_none, _specialization_message(node.name, None)))
-    if guarded:
-        gm.recompile()
+    if not guarded:
+        return
+    with gm.graph.inserting_before(list(placeholders.values())[-1].next):  # after every input
+        for node in guarded:
+            _insert_none_guard(gm.graph, node, _specialization_message(node.name, None))
+    gm.recompile()
+
+
+def _insert_none_guard(graph: torch.fx.Graph, node: torch.fx.Node, message: str) -> None:
+    """`torch._assert(node == None, message)` at the graph's insert point. `== None` rather than
+    `is None`: a traced Proxy compares into a node, so the guard survives re-tracing
+    (torch.load); torch._assert survives dead-code removal."""
+    is_none = graph.call_function(operator.eq, (node, None))
+    graph.call_function(torch._assert, (is_none, message))
 
 
 def _leading_sizes(args: tuple, kwargs: dict) -> list[int]:

@@ -431,10 +431,7 @@ class _Lowering:
                 dq = self.graph.call_function(aten.dequantize.self, (result,))
         else:
             result, dq = self._reference_qdq(result, grid)
-        dq.meta[COMPUTES] = origin(old)
-        for key in ("tensor_meta", "val"):
-            if key in old.meta:
-                dq.meta[key] = old.meta[key]
+        _take_value_meta(old, dq)
         if old is not result:
             old.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not result and u is not dq)
         else:
@@ -453,7 +450,7 @@ class _Lowering:
         qparams = grid[:2]
         view = op_view(self.gm, group.anchor)
         inputs = [self._int8_input(i, group.anchor) for i in view.inputs]
-        if group.kind in ("conv", "linear") and self._float_output(group):
+        if self._float_output(group):
             with self.graph.inserting_before(out):
                 result = self._weighted(group, view, inputs, grid, float_output=True)
             self._publish_float(group, result)
@@ -493,6 +490,10 @@ class _Lowering:
                 result = self.graph.call_function(aten.contiguous.default, (result,))
         result.meta[COMPUTES] = origin(out)
         self._publish(out, result, grid)
+        self._retire(group)
+
+    def _retire(self, group: Group) -> None:
+        """Erase the group's float nodes nothing reads now, and count it as quantized."""
         for node in reversed(group.nodes):
             if not node.users:
                 self.graph.erase_node(node)
@@ -511,17 +512,9 @@ class _Lowering:
         return not any(u.name in self.region or u.name in self.in_int8_groups for u in group.output.users)
 
     def _publish_float(self, group: Group, result: torch.fx.Node) -> None:
-        out = group.output
-        result.meta[COMPUTES] = origin(out)
-        for key in ("tensor_meta", "val"):
-            if key in out.meta:
-                result.meta[key] = out.meta[key]
-        out.replace_all_uses_with(result)
-        for node in reversed(group.nodes):
-            if not node.users:
-                self.graph.erase_node(node)
-        label = group.kind + ("+bn" if group.bn is not None else "") + ("+act" if group.act is not None else "")
-        self.stats["quantized"][label] = self.stats["quantized"].get(label, 0) + 1
+        _take_value_meta(group.output, result)
+        group.output.replace_all_uses_with(result)
+        self._retire(group)
         self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
 
     def _feeds_int8_convs_only(self, value: torch.fx.Node) -> bool:
@@ -715,6 +708,14 @@ class _Lowering:
                 self.grid_of[node] = grid
                 self.q_of[node] = node
         self.stats["int8_pass_through"] += 1
+
+
+def _take_value_meta(old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """`new` stands for `old`'s value: its provenance and its shape/dtype metadata."""
+    new.meta[COMPUTES] = origin(old)
+    for key in ("tensor_meta", "val"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
 
 
 def _is_view_call(node: torch.fx.Node) -> bool:
