@@ -91,69 +91,120 @@ def _norm_axes(dims: Any, ndim: int) -> list[int]:
     return [_norm_axis(int(d), ndim) for d in ([dims] if isinstance(dims, int) else dims)]
 
 
-_POSITIVE = frozenset({"sigmoid", "exp", "softplus"})
-_NON_NEGATIVE = frozenset({"abs", "square", "relu", "vector_norm", "var", "std"})
-# ops whose sign is their input's (values moved, repeated or averaged; sqrt and rsqrt of a positive)
-_SAME_SIGN = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
-                        "unsqueeze", "squeeze", "to", "contiguous", "getitem", "select", "slice", "mean", "amax",
-                        "amin", "sum", "sqrt", "dropout", "identity", "repeat", "repeat_interleave", "reshape_as",
-                        "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
+# lower bounds of activations: `x > b` (strict) or `x >= b`; elu/celu read their alpha
+_ACTIVATION_BOUNDS = {
+    "sigmoid": (0.0, True), "exp": (0.0, True), "softplus": (0.0, True), "tanh": (-1.0, True),
+    "softsign": (-1.0, True), "hardsigmoid": (0.0, False), "abs": (0.0, False), "square": (0.0, False),
+    "relu": (0.0, False), "vector_norm": (0.0, False), "var": (0.0, False), "std": (0.0, False),
+    "selu": (-1.0507009873554805 * 1.6732632423543772, True),
+}
+# ops whose every output element is one of their input's, or an average (max) of them: the
+# input's bound holds for them too
+_KEEPS_BOUND = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
+                          "unsqueeze", "squeeze", "to", "contiguous", "getitem", "select", "slice", "mean", "amax",
+                          "amin", "dropout", "identity", "repeat", "repeat_interleave", "reshape_as", "max_pool",
+                          "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
+# ops that keep only their input's sign (a sum of values > -1 may be anything; sqrt of x >= 0)
+_KEEPS_SIGN = frozenset({"sum", "sqrt"})
+
+Bound = tuple[float, bool]  # (b, strict): every element is > b when strict, else >= b
 
 
-def _sign(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> str | None:
+def _sign(gm: torch.fx.GraphModule, value: Any) -> str | None:
     """"pos" when every element of `value` is > 0, "nonneg" when ≥ 0, else None (unknown) —
-    read off the ops that make it (``clamp_min(norm, eps)``, ``var + eps``, ``sigmoid(g)``), so
+    read off the ops that make it (``clamp_min(norm, eps)``, ``var + eps``, ``elu(g) + 1``), so
     a division by it, or its rsqrt, is known to be finite.
 
         >>> import torch, torch.fx
-        >>> gm = torch.fx.symbolic_trace(lambda x: (x.var(1, keepdim=True) + 1e-5, x.abs(), x - 1))
+        >>> gm = torch.fx.symbolic_trace(lambda x: (x.var(1, keepdim=True) + 1e-5, x.abs(), x - 1,
+        ...                                         torch.nn.functional.elu(x) + 1, x * x))
         >>> {n.name: _sign(gm, n) for n in gm.graph.nodes if n.op.startswith("call")}
-        {'var': 'nonneg', 'add': 'pos', 'abs_1': 'nonneg', 'sub': None}
+        {'var': 'nonneg', 'add': 'pos', 'abs_1': 'nonneg', 'sub': None, 'elu': None, 'add_1': 'pos', 'mul': 'nonneg'}
     """
+    return _sign_of(_lower_bound(gm, value))
+
+
+def _sign_of(bound: Bound | None) -> str | None:
+    if bound is None or bound[0] < 0:
+        return None
+    return "pos" if bound[0] > 0 or bound[1] else "nonneg"
+
+
+def _bound_of_sign(sign: str | None) -> Bound | None:
+    return None if sign is None else (0.0, sign == "pos")
+
+
+def _lower_bound(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> Bound | None:
+    """A lower bound on every element of `value` (see `Bound`), or None when none is known."""
     if isinstance(value, bool) or depth == 0:
         return None
     if isinstance(value, (int, float)):
-        return "pos" if value > 0 else "nonneg" if value == 0 else None
+        return (float(value), False)
     if not isinstance(value, torch.fx.Node):
         return None
-    if _is_number(value):  # shape arithmetic (SimAM's ``h.shape[2] * h.shape[3] - 1``): its sign here
-        return _sign(gm, value.meta["tensor_meta"])
+    if _is_number(value):  # shape arithmetic (SimAM's ``h.shape[2] * h.shape[3] - 1``): its value here
+        return _lower_bound(gm, value.meta["tensor_meta"])
     view = op_view(gm, value)
     if view is None:
         return None
-    kind, inner = view.kind, (lambda v: _sign(gm, v, depth - 1))
-    if kind in _POSITIVE:
-        return "pos"
-    if kind in _NON_NEGATIVE or (kind == "hardtanh" and view.attrs.get("min_val", -1) >= 0):
-        return "nonneg"
+    kind, inner = view.kind, (lambda v: _lower_bound(gm, v, depth - 1))
+    inner_sign = lambda v: _sign_of(inner(v))  # noqa: E731
+    if kind in _ACTIVATION_BOUNDS:
+        return _ACTIVATION_BOUNDS[kind]
+    if kind in ("elu", "celu"):  # x > -alpha
+        alpha = view.attrs.get("alpha", 1.0)
+        return (-float(alpha), True) if isinstance(alpha, (int, float)) and alpha >= 0 else None
+    if kind == "hardtanh":
+        low = view.attrs.get("min_val", -1)
+        return (float(low), False) if isinstance(low, (int, float)) else None
     if kind == "pow":
         e = view.attrs.get("exponent")
         if isinstance(e, int) and not isinstance(e, bool) and e % 2 == 0:
-            return "pos" if inner(view.input) == "pos" else "nonneg"
-        return inner(view.input) if isinstance(e, (int, float)) else None
+            return (0.0, inner_sign(view.input) == "pos")
+        return _bound_of_sign(inner_sign(view.input)) if isinstance(e, (int, float)) else None
     if kind == "clamp":
         low = view.attrs.get("min")
-        if isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0:
-            return "pos" if low > 0 else "nonneg"
+        if isinstance(low, (int, float)) and not isinstance(low, bool):
+            below = inner(view.input)
+            return below if below is not None and below[0] > low else (float(low), False)
         return inner(view.input) if low is None and view.attrs.get("max") is None else None
     if kind == "rsqrt":
-        return "pos" if inner(view.input) == "pos" else None
+        return (0.0, True) if inner_sign(view.input) == "pos" else None
     if kind == "getitem" and isinstance(view.input, torch.fx.Node) and _piece_index(value) == 0 \
             and getattr(op_view(gm, view.input), "kind", None) in ("var_mean", "std_mean"):
-        return "nonneg"
-    if kind in _SAME_SIGN:
+        return (0.0, False)
+    if kind in _KEEPS_BOUND:
         return inner(view.input)
-    if kind in ("add", "mul", "div"):
-        if view.attrs.get("alpha", 1) != 1 or view.attrs.get("rounding_mode") is not None:
-            return None
-        args = bind_arguments(value, spec_for(gm, value))
-        signs = [inner(args.get("input")), inner(args.get("other"))]
-        if None in signs or kind == "div" and signs[1] != "pos":
-            return None  # (a division by a value that may be 0 may give inf or nan)
-        if kind == "add":
-            return "pos" if "pos" in signs else "nonneg"
-        return "pos" if signs == ["pos", "pos"] else "nonneg"
+    if kind in _KEEPS_SIGN:
+        return _bound_of_sign(inner_sign(view.input))
+    if kind in ("add", "sub", "mul", "div"):
+        return _arithmetic_bound(gm, value, view, inner)
     return None
+
+
+def _arithmetic_bound(gm: torch.fx.GraphModule, value: torch.fx.Node, view: Any, inner: Any) -> Bound | None:
+    """Bounds through + - * /: a sum of bounded values; a difference less a number; a square
+    (``h * h``) or a product or quotient of signs (a division by a value that may be 0 may
+    give inf or nan, so its divisor must be positive)."""
+    if view.attrs.get("alpha", 1) != 1 or view.attrs.get("rounding_mode") is not None:
+        return None
+    args = bind_arguments(value, spec_for(gm, value))
+    a, b = args.get("input"), args.get("other")
+    if view.kind == "mul" and a is b and isinstance(a, torch.fx.Node):
+        return (0.0, False)
+    bounds = [inner(a), inner(b)]
+    if view.kind == "sub":
+        if bounds[0] is None or isinstance(b, bool) or not isinstance(b, (int, float)):
+            return None
+        return (bounds[0][0] - b, bounds[0][1])
+    if None in bounds:
+        return None
+    if view.kind == "add":
+        return (bounds[0][0] + bounds[1][0], bounds[0][1] or bounds[1][1])
+    signs = [_sign_of(bound) for bound in bounds]
+    if None in signs or view.kind == "div" and signs[1] != "pos":
+        return None
+    return (0.0, signs == ["pos", "pos"])
 
 
 def _piece_index(node: torch.fx.Node) -> int | None:

@@ -75,3 +75,40 @@ def test_an_add_of_a_shape_number_survives_apply(mode):
     torch.manual_seed(0)
     r = prune_and_mask(AddsAShapeNumber().eval(), torch.randn(2, 3, 8, 8), mode, adapter_cost=1.0)
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+
+class SquareAndEluDivisors(nn.Module):
+    """Divisors known positive by bounds, not signs: ``(d * d).mean() + eps`` (a square, as
+    ``pow(2)``) and ``elu(g) + 1`` (elu > -1). Both were unknown, pinned, and c1 kept every channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.g, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        d = h - h.mean((2, 3), keepdim=True)
+        h = h / ((d * d).mean((2, 3), keepdim=True) + 1e-4)
+        h = h / (F.elu(self.g(x).mean((2, 3), keepdim=True)) + 1)
+        return self.c2(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_square_and_elu_plus_one_are_positive_divisors(mode):
+    torch.manual_seed(0)
+    model, x = SquareAndEluDivisors().eval(), torch.randn(2, 3, 12, 12)
+    r = prune_and_mask(model, x, mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    assert count_macs(r.pruned, x) < 0.6 * count_macs(model, x)
+
+
+def test_bounds_name_only_what_holds():
+    """elu(x, alpha=2) + 1 reaches -1 and a sum of tanh may be anything: not positive."""
+    from fxopt.passes.prune.node_facts import _sign
+
+    gm = torch.fx.symbolic_trace(lambda x: (F.elu(x, 2.0) + 1, F.elu(x) + 1, torch.tanh(x) + 1,
+                                            torch.tanh(x).sum() + 1, torch.sigmoid(x) - 0.5, x.clamp(min=0.1) - 0.1))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert [_sign(gm, n) for n in out] == [None, "pos", "pos", None, None, "nonneg"]
