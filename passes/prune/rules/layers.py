@@ -34,12 +34,12 @@ class LayerRules:
             raise _Pin("batch_norm on a value without channel tracking")
         if self.slots[sid].axis != 1:
             raise _Pin("batch_norm input channel axis is not 1")
-        if view.attrs.get("training"):
-            if view.param("running_mean") is None:  # nothing else to normalize with
-                raise _Pin("batch_norm without running statistics (track_running_stats=False) normalizes "
-                           "with each batch's statistics")
+        batch_statistics = view.attrs.get("training") and view.param("running_mean") is None
+        if view.attrs.get("training") and not batch_statistics:
             raise _Pin("batch_norm in training mode")
-        if view.param("weight") is None:  # a removed channel would leave -mean/std, not zero
+        # statistics of the batch (track_running_stats=False) are per channel, as an
+        # instance_norm's: a removed (zero) channel normalizes to 0, then its affine bias
+        if view.param("weight") is None and not batch_statistics:  # a removed channel would leave -mean/std, not zero
             raise _Pin("batch_norm without an affine weight (a removed channel is not zero after it)")
         self.passthrough(node, view, src, 1, category="norm")
 

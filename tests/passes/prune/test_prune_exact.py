@@ -1605,12 +1605,17 @@ def test_reading_a_channel_tensors_device_or_dtype_is_no_pin(mode):
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_a_batchnorm_without_running_statistics_is_pinned_for_that_reason(mode):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1)).eval()
-    plan = analyze(model, (torch.randn(2, 3, 8, 8),), mode=mode, ratio=0.5)
-    assert list(plan.channel_graph.pinned_nodes.values()) == [
-        "batch_norm without running statistics (track_running_stats=False) normalizes with each batch's statistics"]
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_batchnorm_with_batch_statistics_prunes_per_channel(mode, affine):
+    """track_running_stats=False normalizes each channel by its own batch statistics, as an
+    instance norm does: a removed (zero) channel gives 0, so it prunes (it was pinned)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8, affine=affine, track_running_stats=False)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), bn, nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    r = prune_and_mask(model, torch.randn(4, 3, 8, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.plan.selection.removed > 0 and count_parameters(r.pruned) < r.params_before
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
