@@ -8,6 +8,7 @@ graph with the node of the original graph that it stands for.
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections import Counter
 from typing import Any
@@ -61,6 +62,50 @@ def call_as(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
     if op == "call_method":
         return getattr(args[0], target)(*args[1:], **kwargs)
     return target(*args, **kwargs)
+
+
+def unpack_tuple_slices(gm: torch.fx.GraphModule) -> int:
+    """Rewrite a slice of a tuple of tensors (``h.chunk(4, 1)[1:]``, which a symbolic graph
+    keeps as one node holding a tuple) as the tuple of its pieces, ``(t[1], t[2], t[3])``, so
+    every reader sees single values: a rule that follows a split's pieces can then follow
+    these. Returns how many slices were unpacked.
+
+        >>> import operator, torch, torch.fx
+        >>> from torch.fx.passes.shape_prop import ShapeProp
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.cat(x.chunk(4, 1)[1:], 1))
+        >>> ShapeProp(gm).propagate(torch.randn(2, 8))
+        ... # doctest: +ELLIPSIS
+        tensor(...)
+        >>> unpack_tuple_slices(gm), [n.args[1] for n in gm.graph.nodes if n.target is operator.getitem]
+        (1, [1, 2, 3])
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], slice):
+            continue
+        source = node.args[0]
+        pieces_meta = source.meta.get("tensor_meta") if isinstance(source, torch.fx.Node) else None
+        if not isinstance(pieces_meta, tuple) or not all(hasattr(m, "shape") for m in pieces_meta):
+            continue
+        pieces = []
+        with gm.graph.inserting_after(node):
+            for i in reversed(range(len(pieces_meta))[node.args[1]]):
+                piece = gm.graph.call_function(operator.getitem, (source, i))
+                piece.meta["tensor_meta"] = pieces_meta[i]
+                pieces.insert(0, piece)
+        for user in list(node.users):
+            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+            if isinstance(index, int) and not isinstance(index, bool):
+                user.replace_all_uses_with(pieces[index])
+                gm.graph.erase_node(user)
+            else:
+                user.args, user.kwargs = torch.fx.node.map_arg(
+                    (user.args, user.kwargs), lambda a: tuple(pieces) if a is node else a)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def meta_value(node: torch.fx.Node) -> Any:

@@ -2283,3 +2283,26 @@ def test_a_weight_laid_out_heads_by_features_prunes_with_the_heads(mode):
     r = _exact_at_the_defaults_without_pins(PerHeadWeightNormAttention, torch.randn(2, 6, 8), mode)
     shapes = {n: tuple(p.shape) for n, p in r.pruned.named_parameters()}
     assert shapes["q.weight"][0] < 32 and shapes["q_w"] == (shapes["q.weight"][0] // 8, 8), shapes
+
+
+class SlicesOfAChunk(nn.Module):
+    """Slices of a chunk's tuple: a symbolic graph keeps ``h.chunk(4, 1)[1:]`` as one node
+    holding a tuple, which pinned the chunk ("split result used other than by getitem")."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(24, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        first, second = h.chunk(4, 1)[2:]
+        return self.b(torch.cat(h.chunk(4, 1)[1:], 1)) + self.c(first * second)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_slices_of_a_chunk_tuple_prune(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(SlicesOfAChunk().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert count_parameters(r.pruned) < r.params_before
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
