@@ -17,10 +17,19 @@ units of the dtype's resolution at the tensor's scale (``max|ref|``): 2 for `exa
 `float`, so bfloat16 allows 1.6% / 3.1% of the scale and float16 0.2% / 0.4%. The float32
 bound is *not* multiplied by the eps ratio (65536 for bfloat16: it would pass any error); what
 is added is the rounding a coarse dtype cannot avoid, and nothing else. float32 and finer
-dtypes, integer and quantized outputs are judged by the tolerance as stated; ``atol`` and the
-SQNR floor never change. The dtype judged at is the *reference's*: a candidate that lost
+dtypes and quantized outputs are judged by the tolerance as stated; ``atol`` and the SQNR
+floor never change. The dtype judged at is the *reference's*: a candidate that lost
 precision the reference had (float32 -> bfloat16) is held to float32. The report says which
 precision it judged at (``PASS (float, bfloat16: rtol=0.0312, cpu)``).
+
+**Integer and bool outputs** (token ids, class indices, masks) have no scale to be relative
+to: an id off by 50 is a different token, however large the vocabulary. They are compared
+element by element, and `Tolerance.int_agreement` is the fraction of elements that must be
+equal: all of them under `exact` and `float`; 99% under `int8`, where a class whose two top
+logits were a rounding apart legitimately flips (an int8 classifier returning ``argmax`` would
+otherwise fail on any batch); `lossy` reports the count and judges nothing. A report names
+each integer output with a difference: how many elements differ and the first one's index and
+values.
 
 When the check fails and both modules are GraphModules, it **localizes**: it runs both node by
 node and names the first node of the candidate whose value diverges beyond tolerance from the
@@ -54,7 +63,8 @@ _FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass when max|ref - out| <= atol + rtol * max|ref| and SQNR >= min_sqnr_db (if set).
+    """Pass when max|ref - out| <= atol + rtol * max|ref| and SQNR >= min_sqnr_db (if set);
+    an integer or bool output passes when at least `int_agreement` of its elements are equal.
 
     The numbers are for float32. A reference tensor of a coarser floating dtype is judged with
     ``rtol`` raised to ``max(rtol, ulps * torch.finfo(dtype).eps)`` (see `rtol_for`); the
@@ -78,6 +88,9 @@ class Tolerance:
     rank: int = 0
     #: Least error allowed on a dtype coarser than float32, in units of its eps at the tensor's scale.
     ulps: float = 4.0
+    #: Fraction of an integer or bool output's elements that must equal the reference's
+    #: (1.0: all of them; integers are never judged by a relative bound).
+    int_agreement: float = 1.0
 
     @property
     def checks_values(self) -> bool:
@@ -99,6 +112,10 @@ class Tolerance:
             return False
         return self.min_sqnr_db is None or sqnr_db >= self.min_sqnr_db
 
+    def accepts_integer(self, mismatches: int, numel: int) -> bool:
+        """Whether an integer or bool output with `mismatches` of `numel` elements differing passes."""
+        return numel == 0 or (numel - mismatches) / numel >= self.int_agreement
+
 
 def coarse_eps(dtype: torch.dtype | None) -> float | None:
     """torch.finfo(dtype).eps for a floating dtype coarser than float32, else None."""
@@ -115,8 +132,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 TOLERANCES: dict[str, Tolerance] = {
     "exact": Tolerance("exact", rtol=1e-4, atol=1e-5, rank=0, ulps=2.0),
     "float": Tolerance("float", rtol=2e-3, atol=1e-4, rank=1, ulps=4.0),
-    "int8": Tolerance("int8", rtol=math.inf, atol=math.inf, min_sqnr_db=20.0, rank=2),
-    "lossy": Tolerance("lossy", rtol=math.inf, atol=math.inf, rank=3),
+    "int8": Tolerance("int8", rtol=math.inf, atol=math.inf, min_sqnr_db=20.0, rank=2, int_agreement=0.99),
+    "lossy": Tolerance("lossy", rtol=math.inf, atol=math.inf, rank=3, int_agreement=0.0),
 }
 
 
@@ -139,7 +156,9 @@ def loosest(*tolerances: str | Tolerance) -> Tolerance:
 @dataclass
 class TensorComparison:
     """Error statistics of one output tensor (`path` is its place in the output structure;
-    `dtype` the reference tensor's, which sets the precision it is judged at)."""
+    `dtype` the reference tensor's, which sets the precision it is judged at). For an integer
+    or bool tensor, `mismatches` counts the elements that differ (None for floating tensors)
+    and `first_mismatch` is ``(index, reference value, candidate value)`` of the first."""
 
     path: str
     shape: tuple
@@ -149,13 +168,31 @@ class TensorComparison:
     cosine: float
     ref_scale: float
     dtype: torch.dtype | None = None
+    mismatches: int | None = None
+    first_mismatch: tuple | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
     def __str__(self) -> str:
+        if self.mismatches is not None:
+            return f"{self.path or 'output'} {list(self.shape)} {_dtype_name(self.dtype)}: {self.mismatch_text()}"
         coarse = f" {_dtype_name(self.dtype)}" if coarse_eps(self.dtype) is not None else ""
         return (f"{self.path or 'output'} {list(self.shape)}{coarse}: max_abs={self.max_abs_error:.3g} "
                 f"max_rel={self.max_rel_error:.3g} sqnr={self.sqnr_db:.1f}dB cos={self.cosine:.6f}")
 
+    def mismatch_text(self) -> str:
+        """"3/4 elements differ (75%), first at (0, 2): 17000 vs 17050" for an integer tensor."""
+        if not self.mismatches:
+            return f"all {self.numel} elements equal"
+        index, ref, cand = self.first_mismatch
+        return (f"{self.mismatches}/{self.numel} elements differ ({self.mismatches / self.numel:.2%}), "
+                f"first at {index}: {ref} vs {cand}")
+
     def passes(self, tolerance: Tolerance) -> bool:
+        if self.mismatches is not None:
+            return tolerance.accepts_integer(self.mismatches, self.numel)
         return tolerance.accepts(self.max_abs_error, self.ref_scale, self.sqnr_db, self.dtype)
 
 
@@ -249,6 +286,10 @@ class VerificationReport:
                      f"sqnr={_fmt_db(self.sqnr_db)} cos={self.cosine:.6f}")
         else:
             text += "no output compared"
+        for o in self.outputs:  # integer outputs are judged by count, not by the numbers above
+            if o.mismatches:
+                agreement = f"; {self.tolerance.int_agreement:.0%} must agree" if self.tolerance.int_agreement < 1 else ""
+                text += f"; integer output{' ' + o.path if o.path else ''}: {o.mismatch_text()}{agreement}"
         if self.message:
             text += f"; {self.message}"
         if self.divergence is not None:
@@ -278,7 +319,8 @@ def verify(
     e.g. `int8` after `quantize`), and to `exact` otherwise. Neither module is modified; with
     `device="cuda"` both are copied to the GPU. Each output tensor is judged at its reference
     dtype's precision: bfloat16 and float16 outputs get the rounding their dtype cannot avoid
-    (`Tolerance.rtol_for`), float32 the tolerance as stated.
+    (`Tolerance.rtol_for`), float32 the tolerance as stated; integer and bool outputs are
+    compared element by element (exactly under `exact` and `float`, 99% agreement under `int8`).
 
         >>> import torch, fxopt
         >>> _ = torch.manual_seed(0)
@@ -371,11 +413,19 @@ def _expand_dataclasses(tree: Any) -> Any:
 
 
 def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> TensorComparison:
-    """Error statistics of `cand` against `ref` (quantized tensors are dequantized first)."""
+    """Error statistics of `cand` against `ref` (quantized tensors are dequantized first; an
+    integer or bool `ref` also gets its count of differing elements)."""
+    mismatches = first = None
+    if _is_integer(ref):
+        differ = ref.detach() != cand.detach().to(ref.device)
+        mismatches = int(differ.sum())
+        if mismatches:
+            at = tuple(int(i) for i in differ.nonzero()[0])
+            first = (at, ref[at].item(), cand[at].item())
     r = _as_float(ref)
     c = _as_float(cand).to(r.device)
     if r.numel() == 0:
-        return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype)
+        return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype, mismatches)
     both_nan = r.isnan() & c.isnan()
     if both_nan.any():  # the model's own NaN (log of a negative), reproduced where it was: no error
         r, c = r.masked_fill(both_nan, 0.0), c.masked_fill(both_nan, 0.0)
@@ -405,7 +455,13 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
         cosine = float((rf @ cf) / denom) if denom > 0 and math.isfinite(noise) else 0.0
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr = math.nan, -math.inf
-    return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale, ref.dtype)
+    return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale, ref.dtype,
+                            mismatches, first)
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    """An integer or bool tensor (not a quantized one: that stands for floats)."""
+    return not (t.is_floating_point() or t.is_complex() or t.is_quantized)
 
 
 _NOT_COMPARED = ("placeholder", "get_attr", "output")

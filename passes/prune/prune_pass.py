@@ -55,6 +55,7 @@ from fxopt.ir import (
     op_view,
     resolve_attr,
     split_packed_parameters,
+    unpack_tuple_slices,
 )
 from fxopt.measure import count_parameters
 from fxopt.pass_base import Pass, PassContext, PassResult

@@ -708,3 +708,39 @@ def test_the_optimized_module_has_its_own_copy_of_the_state_it_writes():
     res.module(x)
     res.module(x)
     assert counter(res.original) == start and counter(res.module) == counter(res.original) + 2
+
+
+class _Ids(nn.Module):
+    """Token ids from a 30k vocabulary, some shifted: a relative bound would pass them."""
+
+    def __init__(self, shifts=()):
+        super().__init__()
+        self.shifts = dict(shifts)
+
+    def forward(self, x):
+        ids = torch.arange(200).reshape(2, 100) * 150 + 5   # up to 29855
+        for index, shift in self.shifts.items():
+            ids[index] += shift
+        return x * 2, ids, ids > 100
+
+
+@pytest.mark.parametrize("tolerance", ["exact", "float", "int8"])
+def test_integer_outputs_are_compared_element_by_element_not_by_a_relative_bound(tolerance):
+    x = torch.randn(2, 3)
+    assert verify(_Ids(), _Ids(), x, tolerance=tolerance).passed
+    r = verify(_Ids(), _Ids({(1, 40): 2, (1, 60): 50}), x, tolerance=tolerance)
+    ids = r.outputs[1]
+    assert ids.mismatches == 2 and ids.first_mismatch == ((1, 40), 14005, 14007)
+    # 2 of 200 differ: 99% agree, which int8 accepts (a class a rounding away flips); exact and float never
+    assert r.passed == (tolerance == "int8")
+    assert "integer output [1]: 2/200 elements differ (1.00%), first at (1, 40): 14005 vs 14007" in r.summary()
+    worse = verify(_Ids(), _Ids({(0, i): 1 for i in range(3)}), x, tolerance=tolerance)
+    assert not worse.passed and "3/200 elements differ" in worse.summary()
+
+
+def test_bool_outputs_are_compared_exactly_and_lossy_judges_no_integer():
+    x = torch.randn(2, 3)
+    r = verify(_Ids(), _Ids({(0, 0): 200}), x, tolerance="float")   # 5 -> 205 also flips ids > 100
+    assert not r.passed and r.outputs[2].mismatches == 1 and r.outputs[2].first_mismatch == ((0, 0), False, True)
+    lossy = verify(_Ids(), _Ids({(0, i): 1 for i in range(50)}), x, tolerance="lossy")
+    assert lossy.verdict == "NOT CHECKED" and "50/200 elements differ" in lossy.summary()
