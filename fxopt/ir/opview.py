@@ -285,6 +285,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("unflatten", functions=(torch.unflatten,), methods=("unflatten",), aten=(aten.unflatten,),
            modules=(nn.Unflatten,), arg_names=("input", "dim", "sizes"),
            module_attrs=lambda m: dict(dim=m.dim, sizes=tuple(m.unflattened_size))),
+    OpSpec("movedim", functions=(torch.movedim, torch.moveaxis), methods=("movedim", "moveaxis"),
+           aten=(aten.movedim, aten.moveaxis), arg_names=("input", "source", "destination")),
     OpSpec("permute", functions=(torch.permute,), methods=("permute",), aten=(aten.permute,),
            arg_names=("input", "dims")),
     OpSpec("transpose", functions=(torch.transpose, torch.swapaxes, torch.swapdims),
@@ -333,6 +335,9 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("repeat_interleave", functions=(torch.repeat_interleave,), methods=("repeat_interleave",),
            aten=(aten.repeat_interleave,), arg_names=("input", "repeats", "dim"), defaults=dict(dim=None)),
     OpSpec("repeat", methods=("repeat",), aten=(aten.repeat,), arg_names=("input", "repeats"), varargs="repeats"),
+    # repeat with `repeats` padded with 1s in front to the input's rank
+    OpSpec("tile", functions=(torch.tile,), methods=("tile",), aten=(aten.tile,), arg_names=("input", "repeats"),
+           varargs="repeats", renames={"dims": "repeats"}),
     # a reshape to `other`'s shape; other's values are not read
     OpSpec("reshape_as", methods=("reshape_as", "view_as"), aten=(aten.reshape_as, aten.view_as),
            arg_names=("input", "other"), tensor_args=("input", "other")),
@@ -393,6 +398,11 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "split_size", "dim"), defaults=dict(dim=0)),
     OpSpec("chunk", functions=(torch.chunk,), methods=("chunk",), aten=(aten.chunk,),
            arg_names=("input", "chunks", "dim"), defaults=dict(dim=0)),
+    # pieces by a count (the first `n % count` one longer) or at split points
+    OpSpec("tensor_split", functions=(torch.tensor_split,), methods=("tensor_split",), aten=(aten.tensor_split,),
+           arg_names=("input", "indices_or_sections", "dim"), defaults=dict(dim=0),
+           renames={"sections": "indices_or_sections", "indices": "indices_or_sections",
+                    "tensor_indices_or_sections": "indices_or_sections"}),
     OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
     OpSpec("flip", functions=(torch.flip,), methods=("flip",), aten=(aten.flip,), arg_names=("input", "dims")),
     # the shape comes from `other`, whose values are not read

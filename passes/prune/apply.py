@@ -375,7 +375,7 @@ class _Applier:
             new_sizes = sizes
         self.adapt(node, src, sid, want)
         x = node.args[0] if node.args else node.kwargs.get("input")
-        if dim == axis and (new_sizes != sizes or view.kind == "chunk"):
+        if dim == axis and (new_sizes != sizes or view.kind in ("chunk", "tensor_split")):
             node.op, node.target = "call_function", torch.split
             node.args, node.kwargs = (x, new_sizes, dim), {}
 

@@ -102,7 +102,7 @@ _ACTIVATION_BOUNDS = {
 # input's bound holds for them too
 _KEEPS_BOUND = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
                           "unsqueeze", "squeeze", "to", "contiguous", "getitem", "select", "slice", "mean", "amax",
-                          "amin", "dropout", "identity", "repeat", "repeat_interleave", "reshape_as", "max_pool",
+                          "amin", "dropout", "identity", "repeat", "tile", "movedim", "repeat_interleave", "reshape_as", "max_pool",
                           "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
 # ops that keep only their input's sign (a sum of values > -1 may be anything; sqrt of x >= 0)
 _KEEPS_SIGN = frozenset({"sum", "sqrt"})

@@ -427,11 +427,13 @@ def _patterns(ignore: str | Sequence[str]) -> tuple[str, ...]:
 
 def _prepare(gm: torch.fx.GraphModule) -> bool:
     """Make `gm` ready for the analysis, in place: packed parameters read in pieces split into
-    one per piece (cross-attention's q/k/v rows of `in_proj_weight`), every weighted op with
+    one per piece (cross-attention's q/k/v rows of `in_proj_weight`), slices of a split's
+    tuple unpacked into its pieces (``h.chunk(4, 1)[1:]``), every weighted op with
     its own parameters (`_privatize`), and in-place writes rewritten out of place where that
     is exact (``h.add_(x)`` then h read, as export writes it, so h can be narrowed). Whether
     anything changed."""
     unpacked = split_packed_parameters(gm) > 0
+    unpacked = unpack_tuple_slices(gm) > 0 or unpacked
     privatized = _privatize(gm)
     written = functionalize_writes(gm) > 0
     return _drop_dead_values(gm) or written or privatized or unpacked
@@ -666,9 +668,9 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
 #: Channelwise ops torch runs on a value with no channels (an empty axis): pooling, interpolation,
 #: reflect padding and a reshape with -1 refuse one, so their inputs keep a channel.
 _EMPTY_SAFE = ZERO_PRESERVING | frozenset({
-    "sigmoid", "hardsigmoid", "mul", "div", "softmax", "log_softmax", "permute", "transpose", "cat", "split",
-    "chunk", "stack", "unbind", "layer_norm", "rms_norm", "where", "masked_fill", "clamp", "exp", "cos", "sdpa",
-    "matmul", "expand", "expand_as", "unsqueeze", "squeeze", "fill_like", "pow", "rsqrt", "reciprocal", "softplus"})
+    "sigmoid", "hardsigmoid", "mul", "div", "softmax", "log_softmax", "permute", "transpose", "movedim", "cat",
+    "split", "chunk", "tensor_split", "stack", "unbind", "layer_norm", "rms_norm", "where", "masked_fill", "clamp",
+    "exp", "cos", "sdpa", "matmul", "expand", "expand_as", "unsqueeze", "squeeze", "fill_like", "pow", "rsqrt", "reciprocal", "softplus"})
 
 
 def _may_empty(cg: ChannelGraph) -> set[int]:

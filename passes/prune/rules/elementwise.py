@@ -112,8 +112,9 @@ class ElementwiseRules:
         if sid is None:
             return self.free_output(node, view)
         in_shape, axis = _shape(src), self.slots[sid].axis
-        if view.kind == "repeat":
+        if view.kind in ("repeat", "tile"):
             counts = list(view.attrs.get("repeats") or ())
+            counts = [1] * (len(in_shape) - len(counts)) + counts  # tile's, padded to the input's rank
             out_axis = axis + len(counts) - len(in_shape)
             r, copies = counts[out_axis], np.tile
         else:
@@ -128,7 +129,7 @@ class ElementwiseRules:
         c = in_shape[axis]
         self.passthrough(node, view, src, out_axis, copies(np.arange(c), r), np.arange(c * r), how=f"copies x{r}")
 
-    rule_repeat = rule_repeat_interleave
+    rule_repeat = rule_tile = rule_repeat_interleave
 
     def _reduced_axis(self, src, sid: int, view) -> int | None:
         """Where the channel axis lands after reducing `view.attrs["dim"]` (None: every axis)

@@ -61,6 +61,10 @@ class IndexRules:
             chunks = int(view.attrs.get("chunks"))
             step = -(-n // chunks)
             sizes = [min(step, n - i) for i in range(0, n, step)]
+        elif view.kind == "tensor_split":
+            sizes = _tensor_split_sizes(view.attrs.get("indices_or_sections"), n)
+            if sizes is None:
+                raise _Pin("tensor_split at points computed in the graph or out of order (overlapping pieces)")
         else:
             spec = view.attrs.get("split_size", view.attrs.get("split_sizes"))
             if isinstance(spec, torch.fx.Node) or (isinstance(spec, (list, tuple))
@@ -84,7 +88,7 @@ class IndexRules:
         self.value_slot[node.name] = None
         self.rules[node.name] = rule
 
-    rule_chunk = rule_split
+    rule_chunk = rule_tensor_split = rule_split
 
     def rule_stack(self, node, view, shape) -> None:
         """stack along a new axis: channel c of every input is channel c of the output."""
@@ -412,3 +416,17 @@ class IndexRules:
         how = "identity" if len(in_pos) == size else f"slice {start}:{stop}"
         self.passthrough(node, view, src, out_axis, in_pos, np.arange(len(in_pos)), how=how,
                          info={**info, "channel_slice": True})
+
+
+def _tensor_split_sizes(spec, n: int) -> list[int] | None:
+    """The piece sizes of ``tensor_split(x, spec)`` over an axis of `n`: a count k gives the
+    first ``n % k`` pieces one longer; split points give ``x[p_i:p_i+1]`` each (clipped to
+    the axis). None for points computed in the graph, or out of order (pieces that overlap)."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return [n // spec + (i < n % spec) for i in range(spec)]
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(p, int) and not isinstance(p, bool) for p in spec):
+        return None
+    bounds = [0, *(min(max(p + n if p < 0 else p, 0), n) for p in spec), n]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    return None if min(sizes) < 0 else sizes
+

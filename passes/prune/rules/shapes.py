@@ -100,6 +100,17 @@ class ShapeRules:
         dims = [_norm_axis(int(d), nd) for d in dims]
         self.passthrough(node, view, src, dims.index(self.slots[sid].axis))
 
+    def rule_movedim(self, node, view, shape) -> None:
+        """movedim/moveaxis: a permute, whose order torch computes from the moved axes (read
+        off a meta tensor whose axis i has size i + 2)."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        source, destination = view.attrs.get("source"), view.attrs.get("destination")
+        probe = torch.empty([i + 2 for i in range(len(shape))], device="meta")
+        order = [size - 2 for size in probe.movedim(source, destination).shape]
+        self.passthrough(node, view, src, order.index(self.slots[sid].axis))
+
     def rule_transpose(self, node, view, shape) -> None:
         src, sid = self.single_input(node, view)
         if sid is None:

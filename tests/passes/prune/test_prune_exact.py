@@ -2306,3 +2306,39 @@ def test_slices_of_a_chunk_tuple_prune(mode):
     assert r.plan.channel_graph.pinned_nodes == {}
     assert count_parameters(r.pruned) < r.params_before
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class MovedimTileTensorSplit(nn.Module):
+    """movedim (channels last through a Linear), tile (copies of every channel) and
+    tensor_split over the channels: each was an op without a rule in symbolic graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Linear(32, 16)
+        self.c, self.d, self.e = nn.Conv2d(64, 8, 1), nn.Conv2d(11, 8, 1), nn.Conv2d(11, 8, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        t = self.b(torch.moveaxis(h, 1, -1)).movedim(-1, 1)
+        p, q, r = h.tensor_split([10, 21], 1)
+        u = self.c(h.tile(1, 2, 1, 1)) + self.d(q) + self.e(r)
+        return torch.cat([t.mean((2, 3)), u.mean((2, 3)), p.amax((2, 3))], 1)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_movedim_tile_and_tensor_split_prune(mode):
+    torch.manual_seed(0)
+    model, x = MovedimTileTensorSplit().eval(), torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(model, x, mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert count_macs(r.pruned, x) < 0.7 * count_macs(model, x)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [3, 4, [2, 5], [-3], [0, 20], [1, 1, 3]])
+def test_tensor_split_sizes_are_torchs(spec):
+    from fxopt.passes.prune.rules.indexing import _tensor_split_sizes
+
+    for n in (7, 8, 10):
+        assert _tensor_split_sizes(spec, n) == [p.shape[0] for p in torch.arange(n).tensor_split(spec)]
+    assert _tensor_split_sizes([5, 2], 8) is None  # overlapping pieces
