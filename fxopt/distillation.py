@@ -11,6 +11,12 @@
 The loss is ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, plus ``(1 - alpha)`` times the
 cross-entropy with labels when ``labeled=True``.
 
+Which output: a model may return more than its logits (``(features, logits)``, a dict, a
+dataclass). ``output=`` names the tensor distillation matches — an index into a tuple or list,
+a key of a dict, a field of a dataclass or namedtuple. Left out, it is the output's only
+floating-point tensor (``(argmax, logits)`` has one), else its entry named ``logits``; several
+floating tensors and none named so is an error that lists them (`select_output`).
+
 Batches: a batch is the model's positional inputs — a tensor or a tuple, as calibration batches
 are everywhere in fxopt — so ``(features, ids)`` is two inputs, never inputs and labels. Labels
 come only when the caller says so: with ``labeled=True`` every batch is ``(inputs, labels)``.
@@ -25,6 +31,7 @@ write into the teacher.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import Any, Iterable, Iterator
 
@@ -56,8 +63,12 @@ def inference_kernels(model: nn.Module) -> list[tuple[str, str]]:
 
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: int = 3,
             temperature: float = 4.0, alpha: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.0,
-            labeled: bool = False, progress: bool = True) -> nn.Module:
+            labeled: bool = False, progress: bool = True, output: int | str | None = None) -> nn.Module:
     """Fine-tune a copy of `student` to match `teacher`'s logits on `data`; return the copy.
+
+    `output` selects the logits in a structured output: an index (``(features, logits)``:
+    ``output=1``) or a key or field name (``output="logits"``); left out, the only
+    floating-point tensor, else the entry named ``logits`` (`select_output`).
 
     `data`: an iterable (re-iterated every epoch: a list or a DataLoader) of batches, each the
     model's positional inputs — a tensor or a tuple of them. With ``labeled=True`` each batch is
@@ -120,8 +131,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 for role, model in models:
                     _check_fits(role, model, inputs, index, labeled)
                 with torch.no_grad():
-                    target = _logits(teacher(*inputs))
-                out = _logits(student(*inputs))
+                    target = select_output(teacher(*inputs), output, role="teacher")
+                out = select_output(student(*inputs), output, role="student")
+                if index == 0 and epoch == 0:
+                    _check_trainable(out, target, output)
                 loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
                                 reduction="batchmean") * (t * t)
                 if labels is not None and alpha < 1.0:
@@ -210,7 +223,100 @@ def _tensor_text(t: torch.Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
 
 
-def _logits(output: Any) -> torch.Tensor:
-    from torch.utils._pytree import tree_leaves
+def select_output(value: Any, output: int | str | None = None, *, role: str = "teacher") -> torch.Tensor:
+    """The tensor of a model's output that distillation matches (see the module doc).
 
-    return next(t for t in tree_leaves(output) if isinstance(t, torch.Tensor))
+        >>> import torch
+        >>> from fxopt.distillation import select_output
+        >>> ids, logits = torch.tensor([2, 0]), torch.randn(2, 3)
+        >>> select_output((ids, logits)) is logits      # the only floating-point tensor
+        True
+        >>> select_output({"hidden": torch.randn(2, 8), "logits": logits}) is logits
+        True
+        >>> select_output((torch.randn(2, 8), logits), output=1) is logits
+        True
+    """
+    if output is None:
+        floating = [(path, t) for path, t in _leaves(value) if _is_floating(t)]
+        if len(floating) == 1:
+            return floating[0][1]
+        named = [t for path, t in floating if path in ("['logits']", ".logits")]
+        if len(named) == 1:
+            return named[0]
+        if not floating:
+            raise ValueError(f"distill: the {role}'s output has no floating-point tensor to match "
+                             f"({_describe_output(value)}); distillation needs the model's logits")
+        raise ValueError(f"distill: the {role}'s output has {len(floating)} floating-point tensors "
+                         f"({', '.join(p or 'output' for p, _ in floating)}) and none is named 'logits'; "
+                         f"say which one holds the logits with output= (an index into a tuple, a key of a "
+                         f"dict or a field name: fxopt.distill(..., output=1), distill{{output=1}} in a pipeline)")
+    entry = _entry(value, output, role)
+    if not _is_floating(entry):
+        what = _tensor_text(entry) if isinstance(entry, torch.Tensor) else type(entry).__name__
+        floating = [p or "output" for p, t in _leaves(value) if _is_floating(t)]
+        hint = f"; floating-point outputs: {', '.join(floating)}" if floating else ""
+        raise ValueError(f"distill: output={output!r} selects the {role}'s {what}, not floating-point "
+                         f"logits distillation can match{hint}")
+    return entry
+
+
+def _entry(value: Any, output: int | str, role: str) -> Any:
+    """`value[output]` for a tuple, list or dict, `value.output` for a dataclass or namedtuple."""
+    if isinstance(value, dict):
+        for key in (output, str(output)):
+            if key in value:
+                return value[key]
+    elif isinstance(value, (tuple, list)) and isinstance(output, int) and not isinstance(output, bool):
+        if -len(value) <= output < len(value):
+            return value[output]
+    elif isinstance(output, str) and not isinstance(value, torch.Tensor) and hasattr(value, output):
+        return getattr(value, output)
+    if isinstance(value, (tuple, list)) and isinstance(output, str) and hasattr(value, output):
+        return getattr(value, output)  # a namedtuple's field by name
+    raise ValueError(f"distill: output={output!r} is not an entry of the {role}'s output "
+                     f"({_describe_output(value)}); valid: {_entries(value)}")
+
+
+def _entries(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "none, the output is one tensor: leave output unset"
+    if isinstance(value, dict):
+        return ", ".join(map(repr, value))
+    if dataclasses.is_dataclass(value):
+        return ", ".join(repr(f.name) for f in dataclasses.fields(value))
+    if isinstance(value, (tuple, list)):
+        names = [repr(n) for n in getattr(value, "_fields", ())]
+        return f"0..{len(value) - 1}" + (f" or {', '.join(names)}" if names else "")
+    return f"none ({type(value).__name__} has no entries)"
+
+
+def _leaves(value: Any) -> list[tuple[str, Any]]:
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    from .verify import _expand_dataclasses
+
+    return [(keystr(path), leaf) for path, leaf in tree_flatten_with_path(_expand_dataclasses(value))[0]]
+
+
+def _describe_output(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"one tensor {_tensor_text(value)}"
+    parts = [f"{p or 'output'} {_tensor_text(t) if isinstance(t, torch.Tensor) else type(t).__name__}"
+             for p, t in _leaves(value)]
+    return f"{type(value).__name__} of " + (", ".join(parts) or "nothing")
+
+
+def _is_floating(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _check_trainable(out: torch.Tensor, target: torch.Tensor, output: int | str | None) -> None:
+    """The selected student output must be computed from trainable parameters and be shaped like
+    the teacher's, or there is nothing to fit (autograd's own words were obscure)."""
+    which = "the selected output" if output is None else f"output={output!r}"
+    if tuple(out.shape) != tuple(target.shape):
+        raise ValueError(f"distill: {which} of the student is {_tensor_text(out)} but the teacher's is "
+                         f"{_tensor_text(target)}; they must match")
+    if not out.requires_grad:
+        raise ValueError(f"distill: {which} of the student ({_tensor_text(out)}) does not depend on any "
+                         "floating-point parameter, so training cannot move it; select the logits with output=")

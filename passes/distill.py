@@ -10,6 +10,10 @@ unchanged; only floating-point parameters move, in a copy (the input module is u
     before:  %conv = call_module conv(%x)   ; weights W (pruned)
     after:   %conv = call_module conv(%x)   ; weights W' fine-tuned against the teacher
 
+Which output is matched: `output=` (an index, `distill{output=1}`, or a key or field name,
+`distill{output=logits}`); left out, the only floating-point output tensor, else the one named
+`logits` (`fxopt.distillation.select_output`).
+
 Preconditions: calibration batches (`fxopt.optimize(..., calibration=...)`); a module with
 floating-point parameters (run it before `quantize`).
 """
@@ -34,6 +38,7 @@ class Distill(Pass):
     epochs: int = 3
     temperature: float = 4.0
     lr: float = 1e-3
+    output: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -48,8 +53,11 @@ class Distill(Pass):
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
         data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
-        tuned = distill(gm, ctx.reference, data, epochs=self.epochs, temperature=self.temperature,
-                        lr=self.lr, progress=ctx.verbose)
+        try:
+            tuned = distill(gm, ctx.reference, data, epochs=self.epochs, temperature=self.temperature,
+                            lr=self.lr, progress=ctx.verbose, output=self.output)
+        except ValueError as exc:  # the distill function's words, raised as the pass's own error
+            raise FxoptError(str(exc)) from None
         for p in tuned.parameters():  # hand back an inference module, like every other pass
             p.requires_grad_(False)
         return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})

@@ -1,4 +1,6 @@
 """The `distill` pipeline step: recovers a pruned model against the original; clear errors."""
+import copy
+
 import pytest
 import torch
 
@@ -143,3 +145,86 @@ def test_fxopt_distill_without_batches_raises():
     once = (torch.randn(8, 4) for _ in range(2))  # used up by the first epoch
     with pytest.raises(ValueError, match=r"no batches to train on \(epoch 2 got none\).*not an iterator"):
         fxopt.distill(student, teacher, once, epochs=2, progress=False)
+
+
+class _FeaturesAndLogits(torch.nn.Module):
+    def __init__(self, out="tuple"):
+        super().__init__()
+        self.f = torch.nn.Linear(4, 16)
+        self.head = torch.nn.Linear(16, 3)
+        self.out = out
+
+    def forward(self, x):
+        feat = self.f(x).relu()
+        logits = self.head(feat)
+        if self.out == "dict":
+            return {"hidden": feat, "logits": logits}
+        if self.out == "argmax":
+            return logits.argmax(-1), logits
+        return feat, logits
+
+
+def _damaged(teacher):
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.head.weight.add_(torch.randn_like(student.head.weight))
+        student.f.weight.mul_(0.7)
+    return student
+
+
+def test_fxopt_distill_matches_the_selected_output_not_the_first():
+    torch.manual_seed(0)
+    teacher = _FeaturesAndLogits().eval()
+    student = _damaged(teacher)
+    data = [torch.randn(32, 4) for _ in range(8)]
+    with pytest.raises(ValueError, match=r"2 floating-point tensors \(\[0\], \[1\]\) and none is named "
+                                         r"'logits'; say which one holds the logits with output="):
+        fxopt.distill(student, teacher, data, epochs=1, progress=False)
+    tuned = fxopt.distill(student, teacher, data, epochs=30, lr=0.01, progress=False, output=1)
+
+    def gap(m):
+        return float((m(data[0])[1] - teacher(data[0])[1]).abs().mean())
+
+    assert gap(tuned) < 0.7 * gap(student)
+    assert not torch.equal(tuned.head.weight, student.head.weight)   # the logits head was trained
+
+
+def test_the_distill_pass_picks_logits_by_name_and_takes_an_output_option():
+    torch.manual_seed(0)
+    teacher = _FeaturesAndLogits("dict").eval()
+    data = [(torch.randn(16, 4),) for _ in range(4)]
+    res = fxopt.optimize(teacher, data[0], "distill{epochs=1}", calibration=data)
+    assert res.pipeline == "distill{epochs=1}"
+    p = fxopt.parse_pipeline("distill{output=logits},distill{output=1}")
+    assert (p[0].output, p[1].output) == ("logits", 1)
+    assert fxopt.format_pipeline(p) == "distill{output=logits},distill{output=1}"
+    with pytest.raises(fxopt.PassError, match=r"output='nope' is not an entry of the teacher's output .*"
+                                              r"valid: 'hidden', 'logits'"):
+        fxopt.optimize(teacher, data[0], "distill{epochs=1,output=nope}", calibration=data)
+
+
+def test_distill_on_dataclass_and_argmax_outputs_and_a_non_floating_choice():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Out(self.f(x))
+
+    x = torch.randn(4, 4)
+    m = M().eval()
+    tuned = fxopt.distill(copy.deepcopy(m), m, [x], epochs=1, progress=False)
+    assert isinstance(tuned(x), Out)
+    fxopt.optimize(m, x, "distill{epochs=1}", calibration=[x])
+    a = _FeaturesAndLogits("argmax").eval()
+    fxopt.distill(copy.deepcopy(a), a, [x], epochs=1, progress=False)   # the only floating output: logits
+    with pytest.raises(ValueError, match=r"output=0 selects the teacher's int64\[4\], not floating-point "
+                                         r"logits .*floating-point outputs: \[1\]"):
+        fxopt.distill(copy.deepcopy(a), a, [x], epochs=1, progress=False, output=0)
