@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
@@ -124,11 +125,9 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
-    on_meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-    if on_meta is not None:
-        raise CaptureError(f"'{on_meta}' is on the meta device (a shape without values): fxopt runs the model "
-                           "to capture and verify it; load real weights first (model.to_empty(device='cpu') "
-                           "then load_state_dict)")
+    problem = unmaterialized(model)
+    if problem is not None:
+        raise CaptureError(problem)
     if isinstance(model, torch.fx.GraphModule):
         return _adopt_graph_module(model, args, kwargs)
     _check_example_inputs(model, example_inputs, args, kwargs)
@@ -163,6 +162,26 @@ def capture(
     _raise_if_eager_fails(model, args, kwargs)  # then the inputs, not the front ends, are the problem
     lines = "\n".join(a.describe() for a in attempts) + _hint(attempts, model)
     raise CaptureError(f"could not capture {type(model).__qualname__}; front ends tried:\n{lines}")
+
+
+def unmaterialized(model: nn.Module) -> str | None:
+    """Why `model` has no values to run with, or None: a parameter or buffer on the meta device
+    (a shape without values), or one of a lazy module that never ran (``nn.LazyLinear``: its
+    first forward would draw random weights in the copy fxopt runs, and, run on the caller's
+    model, turn it into an ``nn.Linear``). Capture and verification refuse such a model."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if is_lazy(t):
+            owner = name.rpartition(".")[0]
+            module = type(model.get_submodule(owner)).__name__
+            where = f"{module} '{owner}'" if owner else f"{module} (the model itself)"
+            return (f"'{name}' of {where} is not initialized (a lazy module that has not run yet): fxopt "
+                    "would run it on random weights it draws itself; run the model once on an example input "
+                    "(model(x)) or load its weights first")
+        if t.is_meta:
+            return (f"'{name}' is on the meta device (a shape without values): fxopt runs the model to "
+                    "capture and verify it; load real weights first (model.to_empty(device='cpu') then "
+                    "load_state_dict)")
+    return None
 
 
 def frontend_of(gm: torch.fx.GraphModule) -> str:

@@ -316,8 +316,9 @@ def verify(
 
     `tolerance` defaults to the one `candidate` was optimized at, when it records one (a module
     from `fxopt.optimize`, also after `fxopt.save`/`fxopt.load`: ``gm.meta["fxopt"]["tolerance"]``,
-    e.g. `int8` after `quantize`), and to `exact` otherwise. Neither module is modified; with
-    `device="cuda"` both are copied to the GPU. Each output tensor is judged at its reference
+    e.g. `int8` after `quantize`), and to `exact` otherwise. Neither module is modified: a
+    module with a lazy parameter that never ran (or one on the meta device) is refused with a
+    ValueError, since running it would initialize it; with `device="cuda"` both are copied to the GPU. Each output tensor is judged at its reference
     dtype's precision: bfloat16 and float16 outputs get the rounding their dtype cannot avoid
     (`Tolerance.rtol_for`), float32 the tolerance as stated; integer and bool outputs are
     compared element by element (exactly under `exact` and `float`, 99% agreement under `int8`).
@@ -333,9 +334,13 @@ def verify(
         >>> fxopt.verify(model, int8, (x,), tolerance="exact").passed
         False
     """
-    from .capture import normalize_inputs
+    from .capture import normalize_inputs, unmaterialized
 
     tol = get_tolerance(tolerance if tolerance is not None else recorded_tolerance(candidate))
+    for role, module in (("reference", reference), ("candidate", candidate)):
+        problem = unmaterialized(module)  # running it would change the caller's module
+        if problem is not None:
+            raise ValueError(f"verify: the {role} {type(module).__name__} cannot be run as it is: {problem}")
     args, kwargs = normalize_inputs(inputs)
     if device != "cpu":
         if device.startswith("cuda") and not torch.cuda.is_available():

@@ -663,6 +663,18 @@ def test_a_model_on_the_meta_device_is_refused_by_name():
         fxopt.capture(model, (torch.randn(1, 2),))
 
 
+def test_an_uninitialized_lazy_module_is_refused_by_name_and_left_lazy():
+    """capture initialized a private copy with random weights the user's model never got."""
+    model, x = nn.Sequential(nn.Linear(3, 3), nn.LazyLinear(4), nn.ReLU()).eval(), torch.randn(2, 3)
+    with pytest.raises(CaptureError, match=r"'1.weight' of LazyLinear '1' is not initialized \(a lazy module "
+                                           r"that has not run yet\).*run the model once .*or load its weights"):
+        fxopt.optimize(model, x, "fuse")
+    assert isinstance(model[1], nn.LazyLinear)
+    model(x)  # once it ran, its weights are the model's own
+    res = fxopt.optimize(model, x, "fuse")
+    torch.testing.assert_close(res.module(x), model(x))
+
+
 # ----- bad example inputs, and what capture prints ---------------------------------------------
 
 class TwoInputs(nn.Module):

@@ -395,6 +395,19 @@ def test_verify_leaves_modules_and_inputs_alone():
     assert torch.equal(x, x0) and torch.equal(m.fc1.weight, w) and m.training
 
 
+def test_verify_refuses_to_run_an_uninitialized_lazy_module_and_leaves_it_lazy():
+    """verify ran the reference as given: its first forward turned the user's LazyLinear into a Linear."""
+    x = torch.randn(2, 3)
+    ready = nn.Sequential(nn.Linear(3, 4), nn.ReLU()).eval()
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match=r"verify: the reference Sequential cannot be run as it is: '0.weight' of "
+                                         r"LazyLinear '0' is not initialized.*run the model once"):
+        verify(lazy, ready, x)
+    with pytest.raises(ValueError, match="the candidate Sequential"):
+        verify(ready, lazy, x)
+    assert isinstance(lazy[0], nn.LazyLinear)
+
+
 def test_verify_on_cpu_rejects_cuda_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
