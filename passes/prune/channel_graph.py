@@ -599,6 +599,22 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                     if self.slots[a].size == self.slots[b].size:
                         self.uf.union_many(self._positions(a), self._positions(b))
 
+    def couple_constant_reads(self) -> None:
+        """A parameter or buffer read as channels at several places (a symbolic graph's
+        ``h * s.buf + s.buf`` has a get_attr per read, made private copies by `_privatize`) is
+        one set of channels, as export's single placeholder for it is: an entry goes everywhere
+        or nowhere, and a read that only a junction sees (the ``+ s.buf``) is not a class of
+        buffer entries alone, kept as a constant."""
+        reads: dict[tuple, list[Slot]] = {}
+        for slot in self.slots:
+            if slot.role in ("param", "buffer"):
+                tensor = ref_for_get_attr(self.gm, self.nodes[slot.node]).get()
+                if isinstance(tensor, torch.Tensor):
+                    reads.setdefault((id(tensor), slot.axis, slot.size), []).append(slot)
+        for first, *others in reads.values():
+            for other in others:
+                self.uf.union_many(self._positions(first.id), self._positions(other.id))
+
     def _weights_read(self, node: torch.fx.Node) -> list[torch.Tensor]:
         """Parameters `node` reads directly or through a computation of parameters alone
         (``W.t()``, ``W * scale``)."""
@@ -623,6 +639,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
 
     def finish(self) -> ChannelGraph:
         self.couple_tied_layers()
+        self.couple_constant_reads()
         total = self.uf.size
         cls = self.uf.classes()
         n_classes = int(cls.max()) + 1 if total else 0

@@ -2342,3 +2342,27 @@ def test_tensor_split_sizes_are_torchs(spec):
     for n in (7, 8, 10):
         assert _tensor_split_sizes(spec, n) == [p.shape[0] for p in torch.arange(n).tensor_split(spec)]
     assert _tensor_split_sizes([5, 2], 8) is None  # overlapping pieces
+
+
+class BufferReadTwice(nn.Module):
+    """``h * buf + buf``: symbolic tracing reads the buffer twice (two get_attr nodes, made
+    private copies), export once. The add's read was a class of buffer entries alone, kept
+    whole, so the symbolic graph re-expanded before conv b (0.61 of the MACs; export 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 1)
+        self.register_buffer("buf", torch.rand(1, 32, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) * self.buf + self.buf).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_buffer_read_twice_is_one_set_of_channels(mode):
+    torch.manual_seed(0)
+    model, x = BufferReadTwice().eval(), torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(model, x, mode, 0.5)
+    assert count_macs(r.pruned, x) <= 0.5 * count_macs(model, x)
+    assert not any(n.target is torch.index_select for n in r.pruned.graph.nodes)  # no re-expansion
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
