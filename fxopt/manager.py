@@ -1,10 +1,12 @@
 """The pass manager: runs a pipeline over a GraphModule with instruments watching each step.
 
 Guarantees:
-- the module handed in is never mutated: every pass works on a private copy (graph and
-  module tree copied, tensors shared — passes replace tensors, never write into them, and a
-  pass that bumps a shared tensor's version counter is refused; one that swaps a shared
-  tensor's data, `param.data = ...`, is refused and the original data put back);
+- the module handed in, and the verification reference, are never mutated: every pass works
+  on a private copy (graph and module tree copied, tensors shared — passes replace tensors,
+  never write into them, and a pass that bumps a shared tensor's version counter is refused;
+  one that swaps a shared tensor's data, `param.data = ...`, or an attribute of its input or of
+  `ctx.reference`, is refused and the original put back); instrument hooks run under the same
+  guard;
 - when a pass raises, `PassError` names it and carries the last good module and the records
   of the passes that ran;
 - analyses are cached across passes and invalidated by what each pass says it preserves.
@@ -39,8 +41,8 @@ from .debug.diff import listing_diff
 from .debug.listing import graph_listing
 from .errors import PassError, PassWarning
 from .capture import META_KEY
-from .ir.interpret import fresh_inputs
-from .ir.rewrite import clone_sharing_tensors, tensor_versions
+from .ir.interpret import BufferState, fresh_inputs
+from .ir.rewrite import clone_sharing_tensors
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pass, format_pipeline, parse_pipeline
 from .verify import Tolerance, VerificationReport, loosest, verify
@@ -92,6 +94,12 @@ class PipelineResult:
 
 class Instrument:
     """Hooks the manager calls around every pass. Override what you need.
+
+    Instruments observe: a hook runs under the guard a pass runs under, so writing into a tensor
+    of the modules it is handed (which share their tensors with the input and the verification
+    reference), or reassigning their attributes, stops the pipeline with an error naming the hook
+    (copy a tensor before changing it). Running the model is fine: a buffer its forward updates
+    must only be back at its value when the hook returns.
 
         >>> import torch, fxopt
         >>> class NodeCounts(fxopt.Instrument):
@@ -293,7 +301,8 @@ class PassManager:
                           reference if reference is not None else gm, verbose)
         records: list[PassRecord] = []
         for inst in self.instruments:
-            inst.before_pipeline(current, self.passes)
+            _call_instrument(inst, "before_pipeline", _protected(current, ctx.reference), ctx.reference,
+                             current, self.passes)
         for index, p in enumerate(self.passes):
             record = PassRecord(p.name, format_pass(p), nodes_before=_count(current))
             records.append(record)
@@ -302,7 +311,8 @@ class PassManager:
                 continue
             current = self._run_one(p, index, current, am, ctx, record, records)
         for inst in self.instruments:
-            inst.after_pipeline(current, records)
+            _call_instrument(inst, "after_pipeline", _protected(current, ctx.reference), ctx.reference,
+                             current, records)
         return PipelineResult(current, records, self.pipeline_text)
 
     def _run_one(self, p, index, current, am, ctx, record, records):
@@ -310,19 +320,21 @@ class PassManager:
         untouched = None
         try:
             for inst in self.instruments:
-                _call_instrument(inst, "before_pass", p, current, index)
+                _call_instrument(inst, "before_pass", _protected(current, ctx.reference), ctx.reference,
+                                 p, current, index)
             working = clone_sharing_tensors(current)
             am.rebind(working)
-            untouched = _Untouched(current, ctx.reference)
+            protected = _protected(current, ctx.reference)
+            untouched = _Untouched(protected, ctx.reference)
             signature = _graph_signature(working)
-            with SharedWriteGuard(current):
+            with SharedWriteGuard(*(m for _, m in protected)):
                 result = p.run(working, ctx)
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
             if not isinstance(result.module, torch.fx.GraphModule):
                 raise TypeError(f"run() returned a PassResult holding a {type(result.module).__name__}, "
                                 "expected a torch.fx.GraphModule")
-            untouched.check(current, ctx.reference)
+            untouched.check(ctx.reference)
             if not result.modified and _graph_signature(result.module) != signature:
                 # the stale generated code would be what runs and what is verified
                 warnings.warn(f"pass '{p.name}' changed the graph but returned modified=False; "
@@ -336,7 +348,8 @@ class PassManager:
             record.modified, record.stats = result.modified, _plain(dict(result.stats))
             record.nodes_after = _count(result.module)
             for inst in self.instruments:
-                _call_instrument(inst, "after_pass", p, current, result, record, ctx)
+                _call_instrument(inst, "after_pass", _protected(current, ctx.reference, result.module),
+                                 ctx.reference, p, current, result, record, ctx)
         except PassError as exc:
             _put_back(untouched)
             am.rebind(current)
@@ -364,26 +377,33 @@ class PassManager:
         """`on_pass_error` of every instrument; one failing there must not hide `error`."""
         for inst in self.instruments:
             try:
-                inst.on_pass_error(p, current, error, records)
+                _call_instrument(inst, "on_pass_error", _protected(current, None), None, p, current, error, records)
             except Exception as exc:  # noqa: BLE001  (reported, then the pass's error goes on)
                 warnings.warn(f"instrument {type(inst).__name__}.on_pass_error raised {type(exc).__name__}: {exc}",
                               stacklevel=3)
 
 
 class SharedWriteGuard(TorchFunctionMode):
-    """Refuse an in-place write into a tensor of `module` *before* it happens.
+    """Refuse an in-place write into a tensor of `modules` *before* it happens.
 
-    A pass works on a copy that shares its input's tensors; writing into one would change the
-    caller's model. The version-counter check after the pass catches any write, but only once
-    the data is gone; this mode stops the common ones (`p.mul_(2)`, `p.copy_(x)`, `p[i] = v`,
-    `out=`) at the call, so the input stays intact. Writes that bypass torch functions are
-    still caught, after the fact, by the version check.
+    A pass works on a copy that shares its input's tensors, and those of the verification
+    reference; writing into one would change the caller's model and what results are checked
+    against. The version-counter check after the pass catches any write, but only once the data
+    is gone; this mode stops the common ones (`p.mul_(2)`, `p.copy_(x)`, `p[i] = v`, `out=`) at
+    the call, so the input stays intact. Writes that bypass torch functions are still caught,
+    after the fact, by the version check. `who` names the code guarded in the error ("the pass",
+    or an instrument's hook: instruments run under the same guard).
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, *modules: torch.nn.Module, who: str = "the pass", buffers: bool = True) -> None:
         super().__init__()
-        named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
-        self.shared = {key: name for name, t in named if (key := _storage_key(t)) is not None}
+        self.who = who
+        self.shared = {}
+        for module in modules:
+            for name, t in _named_tensors(module, buffers):
+                key = _storage_key(t)
+                if key is not None:
+                    self.shared.setdefault(key, name)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -393,9 +413,16 @@ class SharedWriteGuard(TorchFunctionMode):
                 how = ("replace the data of" if _sets_data(func) else "write into")
                 what = ".data = ..." if _sets_data(func) else getattr(func, "__name__", func)
                 raise RuntimeError(
-                    f"the pass tried to {how} tensor '{name}' in place ({what}); passes must replace "
-                    "tensors (ParamRef.set) so the input module stays intact")
+                    f"{self.who} tried to {how} tensor '{name}' in place ({what}); {_advice(self.who)}")
         return func(*args, **kwargs)
+
+
+def _advice(who: str) -> str:
+    """What to do instead, for a pass or an instrument."""
+    if who == "the pass":
+        return "passes must replace tensors (ParamRef.set) so the input module stays intact"
+    return ("instruments observe: the modules they are handed share their tensors with the input module and "
+            "the verification reference; copy a tensor (t.clone()) before changing it")
 
 
 # `t.data = x` reaches a torch function mode as the `__set__` of this descriptor: it swaps the
@@ -443,24 +470,44 @@ def _storage_key(t: torch.Tensor) -> int | None:
 
 
 class _Untouched:
-    """What a pass must leave as it found it: its input's tensors (version counters, the data
-    each tensor object holds — ``param.data = x`` swaps it without a write — and the contents of
-    float tensors, which a write through ``.numpy()`` or ``.data_ptr()`` changes without a
-    version bump) and the graph of the verification reference (`ctx.reference`), which shares
-    those tensors. A change is detected after the fact: the pipeline stops, naming it. Swapped
-    data is put back (each tensor's original data is kept by reference, no copy); data written
-    in place cannot be, and the error says so."""
+    """What guarded code (a pass, an instrument's hook) must leave as it found it: the `modules`
+    it is handed or can reach — the pass's input, the verification reference (`ctx.reference`),
+    for an instrument also the pass's result — and their tensors: version counters, the data
+    each tensor object holds (``param.data = x`` swaps it without a write), the contents of
+    float tensors (a write through ``.numpy()`` or ``.data_ptr()`` bumps no version), which
+    tensor and submodule each attribute holds (``ctx.reference.fc.weight = nn.Parameter(...)``
+    swaps it without touching a tensor), and the reference's graph. A change is detected after
+    the fact: the pipeline stops, naming it. Swapped data and swapped attributes are put back
+    (the originals are kept by reference, no copy); data written in place cannot be, and the
+    error says so."""
 
-    def __init__(self, module: torch.nn.Module, reference: torch.fx.GraphModule | None) -> None:
-        self.versions = tensor_versions(module)
-        self.contents = {id(t): (name, content) for name, t in _named_tensors(module)
-                         if (content := _content(t)) is not None}
-        self.data = {id(t): (name, t, t.data, layout) for name, t in _named_tensors(module)
-                     if (layout := _layout(t)) is not None}
+    def __init__(self, protected: Sequence[tuple[str, torch.nn.Module]], reference: torch.fx.GraphModule | None,
+                 who: str = "the pass", buffers_by_value: bool = False) -> None:
+        self.who = who
+        modules = [m for _, m in protected]
+        # an instrument may run the model (verify): a forward that updates a buffer is allowed
+        # to, as long as the buffer is back at its value after (verify puts it back)
+        self.buffer_state = BufferState(*modules) if buffers_by_value else None
+        named = _named_tensors_of(modules, buffers=not buffers_by_value)
+        self.versions = {}
+        for name, t in named:
+            if not t.is_inference():
+                self.versions.setdefault(id(t), (name, t._version))
+        self.contents = {id(t): (name, content) for name, t in named if (content := _content(t)) is not None}
+        self.data = {id(t): (name, t, t.data, layout) for name, t in named if (layout := _layout(t)) is not None}
+        self.data.update({id(t): (name, t, t.data, layout) for name, t in _named_tensors_of(modules)
+                          if id(t) not in self.data and (layout := _layout(t)) is not None})
+        self.attributes = _AttributeSnapshot(protected)
+        self.modules = list(modules)
         self.reference = _graph_signature(reference) if isinstance(reference, torch.fx.GraphModule) else None
 
-    def put_back(self) -> list[str]:
-        """Give every tensor whose data the pass swapped its original data again; their names."""
+    def put_back(self, buffers: bool = True) -> list[str]:
+        """Give every tensor whose data was swapped its original data again, every module
+        attribute that was reassigned its original value and, with `buffers`, every buffer
+        checked by value its value; the names of the tensors."""
+        self.attributes.restore()
+        if buffers and self.buffer_state is not None:
+            self.buffer_state.restore()  # a write: only when needed (a buffer may be a parameter too)
         swapped = []
         for name, t, original, layout in self.data.values():
             if _layout(t) != layout:
@@ -469,27 +516,88 @@ class _Untouched:
                 swapped.append(name)
         return swapped
 
-    def check(self, module: torch.nn.Module, reference: torch.fx.GraphModule | None) -> None:
-        swapped = self.put_back()
+    def check(self, reference: torch.fx.GraphModule | None) -> None:
+        reassigned = self.attributes.changed()
+        buffers = self.buffer_state.changed() if self.buffer_state is not None else []
+        swapped = self.put_back(buffers=bool(buffers))
+        if reassigned:
+            more = f" (and {len(reassigned) - 1} more)" if len(reassigned) > 1 else ""
+            raise RuntimeError(f"{self.who} reassigned attribute {reassigned[0]}{more}, which it must leave as "
+                               f"it is (results are verified against ctx.reference); fxopt put the original "
+                               f"back; {_advice(self.who)}")
         if swapped:
             more = f" (and {len(swapped) - 1} more)" if len(swapped) > 1 else ""
-            raise RuntimeError(f"the pass replaced the data of tensor '{swapped[0]}'{more} (param.data = ...), "
+            raise RuntimeError(f"{self.who} replaced the data of tensor '{swapped[0]}'{more} (param.data = ...), "
                                "which its input module and the verification reference share; fxopt put the "
-                               "original data back; passes must replace tensors (ParamRef.set)")
-        for name, t in _named_tensors(module):
+                               f"original data back; {_advice(self.who)}")
+        if buffers:
+            raise RuntimeError(f"{self.who} left buffer '{buffers[0]}' changed; fxopt put its value back; "
+                               f"{_advice(self.who)}")
+        for name, t in _named_tensors_of(self.modules):
             seen = self.versions.get(id(t))
             if seen is not None and t._version != seen[1]:
-                raise RuntimeError(f"the pass wrote into tensor '{seen[0]}' in place; passes must replace "
-                                   "tensors (ParamRef.set) so the input module stays intact")
+                raise RuntimeError(f"{self.who} wrote into tensor '{seen[0]}' in place; {_advice(self.who)}")
             before = self.contents.get(id(t))
             if before is not None and before[1] != _content(t):
-                raise RuntimeError(f"the pass changed the contents of tensor '{before[0]}' without torch seeing a "
+                raise RuntimeError(f"{self.who} changed the contents of tensor '{before[0]}' without torch seeing a "
                                    "write (through .numpy() or .data_ptr()?): its input module and the "
                                    "verification reference changed with it, and fxopt cannot restore them "
-                                   "(it keeps no copy of the data); passes must replace tensors (ParamRef.set)")
+                                   f"(it keeps no copy of the data); {_advice(self.who)}")
         if self.reference is not None and _graph_signature(reference) != self.reference:
-            raise RuntimeError("the pass changed the graph of ctx.reference, the module results are verified "
-                               "against; passes must leave it as it is")
+            raise RuntimeError(f"{self.who} changed the graph of ctx.reference, the module results are verified "
+                               "against; it must leave it as it is")
+
+
+class _AttributeSnapshot:
+    """Which parameter, buffer, submodule and plain tensor attribute every module under
+    `modules` holds (the objects, not copies): `changed` names the reassigned ones, `restore`
+    puts them back."""
+
+    def __init__(self, protected: Sequence[tuple[str, torch.nn.Module]]) -> None:
+        self.saved = []
+        seen: set[int] = set()
+        for label, root in protected:
+            for prefix, m in root.named_modules(remove_duplicate=False):
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+                tensors = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+                where = f"{label}.{prefix}" if prefix else label
+                self.saved.append((where, m, dict(m._parameters), dict(m._buffers), dict(m._modules), tensors))
+
+    def changed(self) -> list[str]:
+        found = []
+        for prefix, m, params, buffers, modules, tensors in self.saved:
+            current = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules),
+                               (tensors, current)):
+                for key in sorted(set(saved) | set(now)):
+                    if saved.get(key) is not now.get(key):
+                        found.append(f"'{key}' of {prefix}")
+        return found
+
+    def restore(self) -> None:
+        for _, m, params, buffers, modules, tensors in self.saved:
+            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules)):
+                if any(saved.get(k) is not now.get(k) for k in set(saved) | set(now)):
+                    now.clear()
+                    now.update(saved)
+            for key in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor) and k not in tensors]:
+                delattr(m, key)
+            for key, value in tensors.items():
+                if vars(m).get(key) is not value:
+                    object.__setattr__(m, key, value)
+
+
+def _named_tensors_of(modules: Sequence[torch.nn.Module], buffers: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter (and buffer) of `modules`, each tensor once (the modules share most)."""
+    out, seen = [], set()
+    for module in modules:
+        for name, t in _named_tensors(module, buffers):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append((name, t))
+    return out
 
 
 def _put_back(untouched: _Untouched | None) -> None:
@@ -507,9 +615,11 @@ def _layout(t: torch.Tensor) -> tuple | None:
         return None
 
 
-def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(name, t) for name, t in list(module.named_parameters(remove_duplicate=False))
-            + list(module.named_buffers(remove_duplicate=False)) if t is not None]
+def _named_tensors(module: torch.nn.Module, buffers: bool = True) -> list[tuple[str, torch.Tensor]]:
+    named = list(module.named_parameters(remove_duplicate=False))
+    if buffers:
+        named += list(module.named_buffers(remove_duplicate=False))
+    return [(name, t) for name, t in named if t is not None]
 
 
 def _content(t: torch.Tensor) -> int | None:
@@ -536,15 +646,39 @@ def _keep_capture_meta(before: torch.fx.GraphModule, after: torch.fx.GraphModule
         after.meta[META_KEY] = dict(before.meta[META_KEY])
 
 
-def _call_instrument(inst: Instrument, hook: str, *args) -> None:
-    """An instrument's hook; its own failure names it (a `PassError` it raises, such as
-    `VerifyEach`'s verdict, is about the pass and passes through)."""
+def _protected(current: torch.nn.Module, reference: torch.nn.Module | None,
+               result: torch.nn.Module | None = None) -> list[tuple[str, torch.nn.Module]]:
+    """(label, module) of each module guarded code must leave as it is, each once: the pass's
+    input, the verification reference, and for an instrument after a pass its result."""
+    out: list[tuple[str, torch.nn.Module]] = []
+    for label, m in (("the pass's input module", current), ("ctx.reference", reference),
+                     ("the pass's result", result)):
+        if m is not None and all(m is not o for _, o in out):
+            out.append((label, m))
+    return out
+
+
+def _call_instrument(inst: Instrument, hook: str, protected: Sequence[tuple[str, torch.nn.Module]],
+                     reference: torch.fx.GraphModule | None, *args) -> None:
+    """An instrument's hook, under the guard a pass runs under: it must not write into, or
+    reassign, what the modules it is handed share with the input and the verification
+    reference. Its own failure names it (a `PassError` it raises, such as `VerifyEach`'s
+    verdict, is about the pass and passes through)."""
+    if getattr(type(inst), hook, None) is getattr(Instrument, hook):
+        return  # not overridden: nothing to run, nothing to guard
+    who = f"instrument {type(inst).__name__}.{hook}"
+    untouched = _Untouched(protected, reference, who=who, buffers_by_value=True)
     try:
-        getattr(inst, hook)(*args)
+        with SharedWriteGuard(*(m for _, m in protected), who=who, buffers=False):
+            getattr(inst, hook)(*args)
+        untouched.check(reference)
     except PassError:
+        untouched.put_back()
         raise
     except Exception as exc:
-        raise RuntimeError(f"instrument {type(inst).__name__}.{hook} raised {type(exc).__name__}: {exc}") from exc
+        untouched.put_back()
+        message = str(exc) if str(exc).startswith(who) else f"{who} raised {type(exc).__name__}: {exc}"
+        raise RuntimeError(message) from exc
 
 
 def _count(gm: torch.fx.GraphModule) -> int:

@@ -750,3 +750,85 @@ def test_instruments_hear_of_a_failing_pass(tmp_path):
     assert lines[0] == "pass timing:" and lines[1].endswith("  dce")
     assert re.search(r"->      -  test-explode  \(failed\)$", lines[2]), lines
     assert "boom in the middle of a rewrite" in dump.index_path.read_text()
+
+
+# ----- the verification reference is guarded outside passes too ------------------------------
+
+class _ZeroingInstrument(fxopt.Instrument):
+    """A buggy instrument: writes into (or reassigns) a weight the reference shares."""
+
+    def __init__(self, how="write"):
+        self.how = how
+
+    def after_pass(self, p, before, result, record, ctx):
+        if self.how == "write":
+            with torch.no_grad():
+                result.module.get_submodule("fc").weight.zero_()
+        else:
+            ctx.reference.get_submodule("fc").weight = nn.Parameter(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("write", r"instrument _ZeroingInstrument.after_pass tried to write into tensor 'fc.weight' in place \(zero_\); "
+              r"instruments observe.*copy a tensor"),
+    ("swap", r"instrument _ZeroingInstrument.after_pass reassigned attribute 'weight' of ctx.reference.fc.*"
+             r"fxopt put the original back"),
+])
+def test_an_instrument_cannot_change_the_reference(how, message):
+    """An instrument writing into result.module's weights corrupted res.original too: a wrong result PASSed."""
+    torch.manual_seed(0)
+    model, x = Net().eval(), _inputs()
+    weight = model.fc.weight.detach().clone()
+    with pytest.raises(PassError, match=message) as info:
+        fxopt.optimize(model, x, "remove-noops,dce", instruments=[_ZeroingInstrument(how)])
+    assert torch.equal(model.fc.weight, weight)
+    good = info.value.last_good_module
+    assert torch.equal(good.fc.weight, weight)
+
+
+@fxopt.register_pass
+@dataclasses.dataclass
+class _ReplaceThenTouchReference(Pass):
+    name = "test-touch-reference"
+    how: str = "swap"
+
+    def run(self, gm, ctx):
+        fc = ctx.reference.get_submodule("fc")
+        if self.how == "swap":
+            fc.weight = nn.Parameter(torch.zeros_like(fc.weight))
+        else:  # the reference's own tensor, which the pass's input no longer shares
+            with torch.no_grad():
+                fc.weight.mul_(0.0)
+        return PassResult(gm, modified=False)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("swap", r"the pass reassigned attribute 'weight' of ctx.reference.fc.*put the original back"),
+    ("write", r"the pass tried to write into tensor 'fc.weight' in place \(mul_\)"),
+])
+def test_a_pass_cannot_swap_or_write_the_references_attributes(how, message):
+    torch.manual_seed(0)
+    gm, x = _captured(), _inputs()
+    reference = fxopt.ir.rewrite.clone_sharing_tensors(gm)
+    reference.fc.weight = nn.Parameter(gm.fc.weight.detach().clone())  # not shared with the input
+    weight = reference.fc.weight
+    with pytest.raises(PassError, match=message):
+        PassManager([_ReplaceThenTouchReference(how)]).run(gm, x, reference=reference)
+    assert reference.fc.weight is weight and torch.equal(weight, gm.fc.weight)
+
+
+def test_verify_each_still_runs_a_model_that_updates_its_buffers():
+    """Instruments run under the guard; a forward's buffer write that verify puts back is allowed."""
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(4, 3)
+            self.register_buffer("n", torch.zeros(()))
+
+        def forward(self, x):
+            self.n += 1
+            return self.f(x) * self.n
+
+    res = fxopt.optimize(Counter().eval(), torch.randn(2, 4), "fuse,dce", verify_each=True, mode="export")
+    assert res.verification.passed and all(r.verification.passed for r in res.passes)
