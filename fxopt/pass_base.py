@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +133,42 @@ class Pass:
         raise NotImplementedError
 
     # ----- options ------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.check_option_types()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own `__post_init__` (its range checks) runs after the type check, so a
+        pass built in Python is held to its option types however it validates the rest."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_option_types", False):
+            @functools.wraps(own)
+            def __post_init__(self, *args: Any, **kw: Any) -> None:
+                self.check_option_types()
+                own(self, *args, **kw)
+
+            __post_init__._checks_option_types = True  # type: ignore[attr-defined]
+            cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
+    def check_option_types(self) -> None:
+        """Raise a ValueError naming the pass and the option when an option's value is not of
+        its declared type: pipeline text converts text (``fold_bn=false``), but a pass built in
+        Python takes the value as given, and ``Fuse(fold_bn="false")`` would read as true.
+
+            >>> import fxopt
+            >>> fxopt.get_pass("fuse")(fold_bn="false")
+            Traceback (most recent call last):
+            ...
+            ValueError: pass 'fuse' option 'fold_bn': expected True or False, got 'false' (str)
+        """
+        hints = _option_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.init and f.name in hints:
+                value = getattr(self, f.name)
+                if not option_value_fits(value, hints[f.name]):
+                    raise ValueError(f"pass '{self.name}' option '{f.name}': expected "
+                                     f"{_expected(hints[f.name])}, got {value!r} ({type(value).__name__})")
+
     @classmethod
     def option_specs(cls) -> dict[str, str]:
         """Option name -> readable type, for help text and error messages."""
@@ -249,6 +287,58 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
     if annotation is Any:
         return raw
     raise TypeError(f"unsupported option type {annotation!r}")
+
+
+def option_value_fits(value: Any, annotation: Any) -> bool:
+    """Whether a Python value is of an option's declared type: exactly a bool for bool (not
+    the text "false"), a number but not a bool for int and float, text for str, one of the
+    choices of a Literal; containers item by item. Types it does not know (a callable) fit."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(option_value_fits(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in args)
+    if origin in (tuple, list):
+        return isinstance(value, (tuple, list)) and all(option_value_fits(v, args[0] if args else Any)
+                                                         for v in value)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        try:
+            annotation(value)
+        except (ValueError, TypeError):
+            return isinstance(value, annotation)
+        return True
+    return True
+
+
+def _expected(annotation: Any) -> str:
+    if annotation is bool:
+        return "True or False"
+    return _type_label(annotation).replace("none", "None")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _option_hints(cls: type) -> dict[str, Any]:
+    """The type hints of a pass class's options, resolved once per class ({} when a hint names
+    something that cannot be resolved: then nothing is checked)."""
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001  (a local class's annotation text; option_specs says more)
+            _HINTS[cls] = {}
+    return _HINTS[cls]
 
 
 def _split_list(text: str) -> list[str]:
