@@ -40,6 +40,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .ir.interpret import BufferState
 from .ir.rewrite import deep_copy
 
 
@@ -76,7 +77,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
     that does not fit the models' forward raises a ValueError saying what it was taken as, and
     so does `data` with no batches. `teacher` runs in eval mode and comes back in the mode each
-    of its submodules had; `student` is not changed (a copy is trained).
+    of its submodules had, and with the buffer values it had: a forward that updates a buffer (a
+    call counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
+    is not changed (a copy is trained, and its buffers are put back to their values after
+    training); a student whose forward writes in place into a value its backward needs (an
+    export graph writing a buffer update back) cannot be trained: a ValueError names the buffers.
 
         >>> import torch, fxopt
         >>> teacher = torch.nn.Linear(4, 3).eval()
@@ -113,6 +118,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     if not params:
         raise ValueError("the student has no floating-point parameters to fine-tune")
     _set_eval(student)
+    student_state, teacher_state = BufferState(student), BufferState(teacher)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     try:
         total = epochs * len(batches)  # type: ignore[arg-type]
@@ -123,7 +129,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     bar = tqdm(total=total, desc="distill", disable=not progress)
     t = float(temperature)
     models = (("teacher", teacher), ("student", student))
-    with _eval_mode(teacher), bar:  # the caller's teacher comes back in the mode it was given
+    # the caller's teacher comes back in the mode it was given, and with its buffers' values
+    with _eval_mode(teacher), _restored(teacher_state), bar:
         for epoch in range(epochs):
             seen = 0
             for index, batch in enumerate(batches):
@@ -132,6 +139,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                     _check_fits(role, model, inputs, index, labeled)
                 with torch.no_grad():
                     target = select_output(teacher(*inputs), output, role="teacher")
+                    teacher_state.restore()  # every batch sees the teacher as it was given
                 out = select_output(student(*inputs), output, role="student")
                 if index == 0 and epoch == 0:
                     _check_trainable(out, target, output)
@@ -140,7 +148,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 if labels is not None and alpha < 1.0:
                     loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, labels)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                try:
+                    loss.backward()
+                except RuntimeError as exc:
+                    if "modified by an inplace operation" not in str(exc):
+                        raise
+                    raise ValueError(_WRITES_IN_PLACE.format(buffers=_names(student_state.changed()))) from None
                 opt.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -149,7 +162,30 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 raise ValueError(_NO_BATCHES.format(when=f"epoch {epoch + 1} got none"))
     for p in params:
         p.requires_grad_(False)
+    student_state.restore()
     return student
+
+
+_WRITES_IN_PLACE = ("distill cannot train the student: its forward writes in place into a value its backward "
+                    "pass needs ({buffers}; an export graph writes a buffer's update back with copy_), so autograd "
+                    "refuses the gradient; fine-tune a model whose forward does not update state in place (or "
+                    "leave distill out of the pipeline)")
+
+
+def _names(buffers: list[str]) -> str:
+    if not buffers:
+        return "a tensor it updates"
+    return "it updates buffer" + ("s " if len(buffers) > 1 else " ") + ", ".join(f"'{b}'" for b in buffers)
+
+
+@contextlib.contextmanager
+def _restored(state: BufferState) -> Iterator[None]:
+    """The buffers of `state` back at their values after the block, also when it raises."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            state.restore()
 
 
 _NO_BATCHES = ("distill: no batches to train on ({when}); pass a non-empty list or a DataLoader (each "

@@ -26,6 +26,7 @@ import torch.fx
 from fxopt import Pass, PassContext, PassResult
 from fxopt.distillation import distill
 from fxopt.errors import FxoptError
+from fxopt.ir import clone_sharing_tensors
 
 
 @dataclass
@@ -54,13 +55,24 @@ class Distill(Pass):
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
         data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
         try:
-            tuned = distill(gm, ctx.reference, data, epochs=self.epochs, temperature=self.temperature,
+            tuned = distill(gm, _private_buffers(ctx.reference), data, epochs=self.epochs, temperature=self.temperature,
                             lr=self.lr, progress=ctx.verbose, output=self.output)
         except ValueError as exc:  # the distill function's words, raised as the pass's own error
             raise FxoptError(str(exc)) from None
         for p in tuned.parameters():  # hand back an inference module, like every other pass
             p.requires_grad_(False)
         return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})
+
+
+def _private_buffers(module: torch.nn.Module) -> torch.nn.Module:
+    """The teacher with its own copy of its buffers (its parameters shared): a forward that
+    updates a buffer must not write into the verification reference's."""
+    teacher = clone_sharing_tensors(module)
+    for m in teacher.modules():
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = b.clone()
+    return teacher
 
 
 def _as_positional(args: tuple, kwargs: dict) -> tuple:

@@ -228,3 +228,38 @@ def test_distill_on_dataclass_and_argmax_outputs_and_a_non_floating_choice():
     with pytest.raises(ValueError, match=r"output=0 selects the teacher's int64\[4\], not floating-point "
                                          r"logits .*floating-point outputs: \[1\]"):
         fxopt.distill(copy.deepcopy(a), a, [x], epochs=1, progress=False, output=0)
+
+
+class _Counting(torch.nn.Module):
+    """A forward that updates a buffer (a call counter) and reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Linear(4, 3)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.n += 1
+        return self.f(x) * self.n
+
+
+def test_fxopt_distill_gives_the_teacher_and_the_student_copy_back_their_buffers():
+    """The caller's teacher came back with n = 6 after 2 epochs of 3 batches."""
+    torch.manual_seed(0)
+    teacher, data = _Counting().eval(), [torch.randn(4, 4) for _ in range(3)]
+    student = copy.deepcopy(teacher)
+    tuned = fxopt.distill(student, teacher, data, epochs=2, progress=False)
+    assert teacher.n.item() == 0.0 and student.n.item() == 0.0 and tuned.n.item() == 0.0
+    with pytest.raises(ValueError, match="batch 0 was taken as"):  # also when training fails
+        fxopt.distill(student, teacher, [(data[0], data[0])], epochs=1, progress=False)
+    assert teacher.n.item() == 0.0
+
+
+def test_a_student_that_cannot_be_trained_because_it_writes_in_place_is_named():
+    """optimize(..., "distill") on it failed with autograd's "modified by an inplace operation"."""
+    torch.manual_seed(0)
+    model, x = _Counting().eval(), torch.randn(8, 4)
+    with pytest.raises(fxopt.PassError, match=r"distill cannot train the student: its forward writes in place into "
+                                              r"a value its backward pass needs \(it updates buffer 'n'"):
+        fxopt.optimize(model, x, "distill{epochs=1}", calibration=[x] * 2)
+    assert model.n.item() == 0.0
