@@ -30,6 +30,7 @@ from .rewrite import (
     tensor_versions,
     unpack_tuple_slices,
     value_nbytes,
+    weight_matmuls_as_linear,
 )
 
 __all__ = [
@@ -40,5 +41,5 @@ __all__ = [
     "make_private", "meta_value", "metadata_read", "mutated_input", "written_base", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "tensor_meta", "tensor_versions",
     "transposed_parameter", "unpack_tuple_slices",
-    "value_nbytes", "written_in_place",
+    "value_nbytes", "weight_matmuls_as_linear", "written_in_place",
 ]

@@ -276,6 +276,8 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "size", "stride", "dtype", "device", "layout"),
            defaults=dict(size=None, stride=None)),
     OpSpec("contiguous", methods=("contiguous",), aten=(aten.contiguous,)),
+    # a copy, never an alias (unlike contiguous, which may return its input)
+    OpSpec("clone", functions=(torch.clone,), methods=("clone",), aten=(aten.clone,)),
     OpSpec("flatten", functions=(torch.flatten,), methods=("flatten",), aten=(aten.flatten,),
            modules=(nn.Flatten,), arg_names=("input", "start_dim", "end_dim"),
            defaults=dict(start_dim=0, end_dim=-1),

@@ -17,8 +17,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .opview import transposed_parameter
-from .params import ParamRef, attribute_use_counts, resolve_attr
+from .opview import bind_arguments, op_view, spec_for, transposed_parameter
+from .params import ParamRef, add_tensor_attr, attribute_use_counts, get_attr_value, resolve_attr
 
 COMPUTES = "fxopt.computes"
 
@@ -106,6 +106,92 @@ def unpack_tuple_slices(gm: torch.fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def weight_matmuls_as_linear(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``x @ W`` and ``addmm(b, x, W)`` with W a 2-D floating parameter stored
+    [in, out] (GPT-2's Conv1D, hand-written layers) as ``linear(x, Wᵀ, b)``, Wᵀ a new
+    parameter [out, in]: the layout int8 and packed linear kernels take. A bias added right
+    after (``x @ W + b``, b of W's output size) joins the linear. The graph computes the same;
+    W stays for any other reader. Returns how many were rewritten.
+
+        >>> import torch, fxopt
+        >>> class Conv1D(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w, self.b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+        ...     def forward(self, x):
+        ...         return x @ self.w + self.b
+        >>> gm = fxopt.capture(Conv1D(), torch.randn(2, 4), mode="symbolic")
+        >>> weight_matmuls_as_linear(gm), [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
+        (1, ['linear'])
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        form = _weight_matmul(gm, node)
+        if form is None:
+            continue
+        x, weight, bias, replaced = form
+        transposed = get_attr_value(gm, weight.target).detach().t().contiguous()
+        aten_graph = isinstance(node.target, torch._ops.OpOverload)
+        with gm.graph.inserting_before(replaced):  # after the bias, which may come after node
+            w_t = gm.graph.get_attr(add_tensor_attr(gm, f"{weight.target}_t", transposed))
+            linear = gm.graph.call_function(torch.ops.aten.linear.default if aten_graph else nn.functional.linear,
+                                            (x, w_t, bias))
+        w_t.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(transposed)
+        if "val" in weight.meta:
+            w_t.meta["val"] = transposed.to("meta")
+        linear.meta.update(replaced.meta)
+        replace_uses(replaced, linear)  # erases it
+        if replaced is not node:
+            gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def _weight_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple | None:
+    """``(x, W, bias, node to replace)`` when `node` is ``x @ W`` / ``addmm(b, x, W)`` over a
+    2-D floating parameter W (see `weight_matmuls_as_linear`), else None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    view = op_view(gm, node)
+    if view is None or view.kind not in ("matmul", "addmm") or view.attrs.get("beta", 1) != 1 \
+            or view.attrs.get("alpha", 1) != 1:
+        return None
+    args = bind_arguments(node, spec_for(gm, node))
+    x, weight = (args.get("input"), args.get("other")) if view.kind == "matmul" else (args.get("mat1"), args.get("mat2"))
+    bias = args.get("input") if view.kind == "addmm" else None
+    if not (_is_matrix_parameter(gm, weight) and isinstance(x, torch.fx.Node) and x.op != "get_attr"):
+        return None
+    out_features = get_attr_value(gm, weight.target).shape[1]
+    if bias is not None and not _is_bias(gm, bias, out_features):
+        return None
+    replaced = node
+    if bias is None and len(node.users) == 1:  # ``x @ W + b``: the bias joins the linear
+        add = next(iter(node.users))
+        add_view = op_view(gm, add) if add.op in ("call_function", "call_method") else None
+        if add_view is not None and add_view.kind == "add" and add_view.attrs.get("alpha", 1) == 1:
+            add_args = bind_arguments(add, spec_for(gm, add))
+            other = add_args.get("other") if add_args.get("input") is node else add_args.get("input")
+            if other is not node and _is_bias(gm, other, out_features):
+                bias, replaced = other, add
+    return x, weight, bias, replaced
+
+
+def _is_matrix_parameter(gm: torch.fx.GraphModule, node: Any) -> bool:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return False
+    value = get_attr_value(gm, node.target)
+    return isinstance(value, nn.Parameter) and value.is_floating_point() and value.dim() == 2
+
+
+def _is_bias(gm: torch.fx.GraphModule, node: Any, size: int) -> bool:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return False
+    value = get_attr_value(gm, node.target)
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == (size,)
 
 
 def meta_value(node: torch.fx.Node) -> Any:

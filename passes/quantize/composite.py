@@ -84,22 +84,29 @@ def _warn_float_weight_ops(gm: torch.fx.GraphModule, float_ops: dict[str, str]) 
              and _contracts_weights(gm, nodes[name])]
     if heavy:
         shown = ", ".join(f"'{n}' ({float_ops[n].split(':')[0]})" for n in heavy[:3]) + (" ..." if len(heavy) > 3 else "")
-        warnings.warn(f"quantize: {len(heavy)} ops that read weights have no int8 kernel and stay float: {shown}",
+        ops = "1 op that reads weights has" if len(heavy) == 1 else f"{len(heavy)} ops that read weights have"
+        warnings.warn(f"quantize: {ops} no int8 kernel and stays float: {shown}".replace("stays", "stay" if len(heavy) > 1 else "stays"),
                       PassWarning, stacklevel=user_stacklevel())
 
 
 #: Ops that multiply by what they read: a weight among their inputs is compute, not a lookup.
 _CONTRACTIONS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
+#: export's recurrent layers (aten ops with no int8 form here)
+_RECURRENT = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 #: Ops that only move or re-type a tensor: a weight read through them is still the weight.
 _LAYOUT = frozenset({"transpose", "permute", "reshape", "view", "contiguous", "to", "getitem", "select", "slice",
                      "expand", "unsqueeze", "squeeze", "t", "clone", "_to_copy", "alias"})
 
 
 def _contracts_weights(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """A contraction, or an op of another library (its own kernel), that reads a floating
-    parameter of two or more dims, directly or through layout ops."""
+    """A contraction, a recurrent layer, or an op of another library (its own kernel), that
+    reads a floating parameter of two or more dims, directly or through layout ops."""
+    if node.op == "call_module":  # a symbolic graph's nn.LSTM / nn.GRU / nn.RNN
+        return isinstance(gm.get_submodule(node.target), torch.nn.RNNBase)
     if node.op != "call_function":
         return False
+    if _op_name(node) in _RECURRENT:  # export's aten.lstm: its weights come in a list
+        return True
     view = op_view(gm, node)
     namespace = getattr(node.target, "namespace", None)
     if not (view is not None and view.kind in _CONTRACTIONS

@@ -124,6 +124,16 @@ def is_float_value(node) -> bool:
     return float_reason(node) is None
 
 
+def _holds_floats(node) -> bool:
+    """Whether `node` gives a floating tensor, or a (nested) tuple holding one: what a user
+    reads as a float op when it stays float."""
+    def floating(meta) -> bool:
+        if hasattr(meta, "dtype"):  # a TensorMetadata (itself a named tuple)
+            return meta.dtype.is_floating_point
+        return isinstance(meta, (tuple, list)) and any(floating(m) for m in meta)
+    return floating(node.meta.get("tensor_meta"))
+
+
 def _other_float_dtype(node) -> str | None:
     """The reason for a float value of another dtype than float32 (float16, ...), else None."""
     meta = tensor_meta(node)
@@ -285,7 +295,7 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
             continue
         view = op_view(gm, node)
         if view is None:
-            if is_float_value(node):
+            if _holds_floats(node):  # a float value, or a tuple with one (an LSTM's)
                 plan.unsupported[node.name] = _no_view_reason(gm, node)
             continue
         if view.kind in FOLLOWERS:
@@ -300,7 +310,8 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
                 for n in group.nodes:
                     plan.member_of[n.name] = group
                 continue
-            plan.unsupported[node.name] = _runs_in_float(view.kind, reason)
+            if _holds_floats(node):  # an add of shape tuples or integers is no float op
+                plan.unsupported[node.name] = _runs_in_float(view.kind, reason)
             continue
         if view.kind == "avg_pool" and view.attrs.get("divisor_override") is not None:
             # not an average: the sum over the window divided by another count can leave the
@@ -314,7 +325,7 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
                 plan.unsupported[node.name] = _runs_in_float("pad", reason)
         elif view.kind in PASS_THROUGH and view.input is not None:
             plan.pass_through.add(node.name)
-        elif is_float_value(node):
+        elif _holds_floats(node):
             plan.unsupported[node.name] = _runs_in_float(view.kind, _float_op_reason(gm, view))
     return plan
 

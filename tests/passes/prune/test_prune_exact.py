@@ -2366,3 +2366,25 @@ def test_a_buffer_read_twice_is_one_set_of_channels(mode):
     assert count_macs(r.pruned, x) <= 0.5 * count_macs(model, x)
     assert not any(n.target is torch.index_select for n in r.pruned.graph.nodes)  # no re-expansion
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class ClonedStream(nn.Module):
+    """``h.clone()``: a copy, which had no op kind and pinned the conv before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.b(h.clone() + torch.clone(h))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_clone_prunes_as_a_copy(mode):
+    torch.manual_seed(0)
+    model, x = ClonedStream().eval(), torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(model, x, mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert count_macs(r.pruned, x) <= 0.5 * count_macs(model, x)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)

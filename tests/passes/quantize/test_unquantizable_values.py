@@ -273,7 +273,7 @@ class _OwnKernelExperts(nn.Module):
 def test_an_op_reading_a_weight_without_an_int8_kernel_is_named_in_a_warning(mode):
     torch.manual_seed(0)
     x = torch.randn(4, 8)
-    with pytest.warns(fxopt.PassWarning, match=r"quantize: 1 ops that read weights have no int8 kernel and stay "
+    with pytest.warns(fxopt.PassWarning, match=r"quantize: 1 op that reads weights has no int8 kernel and stays "
                                                r"float: '.*expert_mm.*'"):
         res = fxopt.optimize(_OwnKernelExperts().eval(), (x,), "quantize", calibration=[(x,)], mode=mode)
     assert any("quantized" in str(n.target) for n in res.module.graph.nodes), "the linear is still int8"
