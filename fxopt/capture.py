@@ -506,9 +506,10 @@ _DROPOUT_RATES = ("dropout", "dropout_p", "attention_dropout", "attn_dropout")
 
 
 def _training_mode_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, "norm" or "dropout") for each submodule in training mode that computes
-    something else in eval mode: a batchnorm or instance norm that tracks running statistics,
-    a dropout with p > 0, a module with a dropout rate above 0."""
+    """(name, module, kind) for each submodule in training mode that computes something else in
+    eval mode: a batchnorm or instance norm that tracks running statistics ("norm"), a dropout
+    with p > 0 or a module with a dropout rate above 0 ("dropout"), a module of the user's whose
+    code reads ``self.training`` (``y * 0.5 if self.training else y``: "branch")."""
     found = []
     for name, module in model.named_modules():
         if not module.training:
@@ -520,7 +521,28 @@ def _training_mode_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]
         elif any(isinstance(getattr(module, attr, None), float) and getattr(module, attr) > 0
                  for attr in _DROPOUT_RATES):
             found.append((name, module, "dropout"))
+        elif _reads_training(type(module)):
+            found.append((name, module, "branch"))
     return found
+
+
+def _reads_training(cls: type) -> bool:
+    """Whether a method of `cls` or of its bases outside torch.nn reads an attribute named
+    `training` (`self.training`): its forward may compute something else in eval mode."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        for value in vars(klass).values():
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if code is not None and _code_reads_training(code):
+                return True
+    return False
+
+
+def _code_reads_training(code: Any) -> bool:
+    if "training" in code.co_names:
+        return True
+    return any(_code_reads_training(c) for c in code.co_consts if hasattr(c, "co_names"))
 
 
 def _warn_training_mode(model: nn.Module) -> None:
@@ -540,6 +562,8 @@ def _warn_training_mode(model: nn.Module) -> None:
                        "conv or linear before it)")
     if any(kind == "dropout" for _, _, kind in found):
         effects.append("dropout is off")
+    if any(kind == "branch" for _, _, kind in found):
+        effects.append("code that reads self.training takes its eval-mode path")
     warnings.warn(
         f"capture: {type(model).__name__} is in training mode ({listed}); fxopt optimizes its eval-mode "
         f"semantics, as after model.eval(): {' and '.join(effects)}. The result is verified against that "

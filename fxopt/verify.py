@@ -288,8 +288,7 @@ class VerificationReport:
             text += "no output compared"
         for o in self.outputs:  # integer outputs are judged by count, not by the numbers above
             if o.mismatches:
-                agreement = f"; {self.tolerance.int_agreement:.0%} must agree" if self.tolerance.int_agreement < 1 else ""
-                text += f"; integer output{' ' + o.path if o.path else ''}: {o.mismatch_text()}{agreement}"
+                text += f"; integer output{' ' + o.path if o.path else ''}: {o.mismatch_text()}"
         if self.message:
             text += f"; {self.message}"
         if self.divergence is not None:
@@ -364,11 +363,47 @@ def verify(
             state.restore()
     outputs, problem = compare_outputs(ref_out, cand_out)
     passed = problem is None and all(o.passes(tol) for o in outputs)
+    if not passed and problem is None:
+        problem = _why_failed(outputs, tol) + _training_mode_note(reference)
     report = VerificationReport(passed, tol, device, outputs, message=problem or "")
     if not passed and localize and isinstance(reference, torch.fx.GraphModule) \
             and isinstance(candidate, torch.fx.GraphModule):
         report.divergence = first_divergence(reference, candidate, args, kwargs, tol)
     return report
+
+
+def _why_failed(outputs: list[TensorComparison], tol: Tolerance) -> str:
+    """Which output broke `tol`, and by how much (a FAIL always says why)."""
+    failing = [o for o in outputs if not o.passes(tol)]
+    o = failing[0]
+    where = f"output {o.path}" if o.path else "the output"
+    more = f" (and {len(failing) - 1} more output{'s' if len(failing) > 2 else ''})" if len(failing) > 1 else ""
+    if o.mismatches is not None:  # the summary lists its differing elements
+        agree = "all" if tol.int_agreement >= 1 else f"{tol.int_agreement:.0%}"
+        why = f"must agree with the reference on {agree} of its integer elements"
+    elif math.isnan(o.max_abs_error):
+        why = "has NaN where the reference has none (or none where it has)"
+    elif o.max_abs_error > tol.atol + tol.rtol_for(o.dtype) * o.ref_scale:
+        bound = tol.atol + tol.rtol_for(o.dtype) * o.ref_scale
+        why = f"is off by {o.max_abs_error:.3g}, above the {tol.name} bound {bound:.3g}"
+    else:
+        why = f"has SQNR {_fmt_db(o.sqnr_db)}, below the {tol.name} floor {tol.min_sqnr_db:g} dB"
+    return f"{where} {why}{more}"
+
+
+def _training_mode_note(reference: nn.Module) -> str:
+    """A reference in training mode computes another function than an optimized module, which
+    fxopt made from the eval-mode model: say so, since that alone explains a FAIL."""
+    from .capture import _training_mode_modules
+
+    found = _training_mode_modules(reference)  # those that compute otherwise in eval mode
+    if not found:
+        return ""
+    names = [f"{type(m).__name__} '{name}'" if name else f"{type(m).__name__} (the model itself)"
+             for name, m, _ in found[:3]]
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return (f"; the reference is in training mode ({', '.join(names)}{more}), and fxopt optimizes the "
+            "eval-mode model: compare against model.eval() (or a copy of it)")
 
 
 def recorded_tolerance(module: nn.Module) -> str | Tolerance:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
+import fxopt
 from fxopt import Tolerance, VerificationError, capture, verify
 from fxopt.ir import node_values, origin, replace_uses
 from fxopt.verify import (
@@ -757,3 +759,29 @@ def test_bool_outputs_are_compared_exactly_and_lossy_judges_no_integer():
     assert not r.passed and r.outputs[2].mismatches == 1 and r.outputs[2].first_mismatch == ((0, 0), False, True)
     lossy = verify(_Ids(), _Ids({(0, i): 1 for i in range(50)}), x, tolerance="lossy")
     assert lossy.verdict == "NOT CHECKED" and "50/200 elements differ" in lossy.summary()
+
+
+class _TrainTimeScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 0.5 if self.training else y   # a branch on self.training, no batchnorm or dropout
+
+
+def test_a_fail_always_says_why_and_names_a_reference_in_training_mode():
+    """verify(model, res.module) printed FAIL with an empty message for a model left in training mode."""
+    torch.manual_seed(0)
+    model, x = _TrainTimeScale(), torch.randn(2, 4)
+    with pytest.warns(fxopt.TrainingModeWarning, match=r"_TrainTimeScale \(the model itself\).*code that reads "
+                                                       r"self.training takes its eval-mode path"):
+        res = fxopt.optimize(model, x, "fuse")
+    r = verify(model, res.module, x)
+    assert not r.passed
+    assert re.search(r"the output is off by [0-9.]+, above the float bound [0-9.]+; the reference is in training "
+                     r"mode \(_TrainTimeScale \(the model itself\)\).*compare against model.eval\(\)", r.message)
+    assert verify(model.eval(), res.module, x).passed
+    plain = verify(_net(), Noisy(_net(), 0.05), _x(), tolerance="float")
+    assert plain.message.startswith("the output is off by") and "training" not in plain.message
