@@ -588,10 +588,32 @@ def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return view is not None and view.kind == "relu" and len(view.inputs) == 1
 
 
+#: Ops whose result depends on their input's memory order, not only its values: they read
+#: strides or memory (`as_strided`, `stride()`), or draw random numbers in memory order (a
+#: dropout in training mode, ``rand_like``): on a channels-last value they give other results.
+_MEMORY_ORDER_READERS = frozenset({"as_strided", "stride", "data_ptr", "untyped_storage", "numpy", "rand_like",
+                                   "randn_like", "randint_like", "bernoulli", "bernoulli_", "uniform_", "normal_",
+                                   "exponential_", "random_", "rrelu", "rrelu_"})
+
+
+def _reads_memory_order(node: torch.fx.Node, view) -> bool:
+    """Whether `node` needs its input row-major as eager had it (see `_MEMORY_ORDER_READERS`);
+    a reshape (`view` needs it) always does."""
+    if view is not None and (view.kind == "reshape"
+                             or view.kind == "dropout" and view.attrs.get("training") and view.attrs.get("p")):
+        return True
+    if node.op == "call_method":
+        return node.target in _MEMORY_ORDER_READERS
+    target = node.target
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", "")
+    return node.op == "call_function" and name in _MEMORY_ORDER_READERS
+
+
 def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
-    """Insert contiguous() before reshapes (`view` needs it) of 4-D values and of any value of
-    rank 2 or more computed from a channels-last one (``conv(x)[..., 0].view(n, -1)``: the
-    select keeps the channels-last strides), and before 4-D outputs of the graph."""
+    """Insert contiguous() before reshapes (`view` needs it) and other readers of memory order
+    (`_reads_memory_order`) of 4-D values and of any value of rank 2 or more computed from a
+    channels-last one (``conv(x)[..., 0].view(n, -1)``: the select keeps the channels-last
+    strides), and before 4-D outputs of the graph."""
     for node in cl_nodes:  # a lowered conv already yields channels-last: drop its copy
         if not getattr(node, "_erased", False) and _is_lowered_conv(node.args[0]):
             node.replace_all_uses_with(node.args[0])
@@ -603,9 +625,10 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
         if node.op == "output":
             continue
         view = op_view(gm, node)
-        if view is None or view.kind != "reshape" or not view.inputs:
+        src = view.inputs[0] if view is not None and view.inputs else \
+            node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        if src is None or not _reads_memory_order(node, view):
             continue
-        src = view.inputs[0]
         meta = tensor_meta(src)
         if meta is None or len(meta[0]) != 4 and (len(meta[0]) < 2 or src not in downstream):
             continue

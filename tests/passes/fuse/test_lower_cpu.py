@@ -405,3 +405,43 @@ def test_in_place_writes_reach_the_lowered_convs_as_in_eager(mode, min_macs, mod
     res = fxopt.optimize(m, x, f"fuse,lower-cpu{option}", mode=mode)
     assert res.verification.passed, res.verification.summary()
     torch.testing.assert_close(res.module(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+class _ReadsMemoryOrder(nn.Module):
+    """Readers of a lowered conv's memory order: as_strided with row-major strides, and
+    ``rand_like`` (drawn in memory order) — on the channels-last output they read other elements."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x))))
+        first = torch.as_strided(y, (y.shape[0], 40), (y.stride(0), 1))
+        return first, y * torch.rand_like(y)
+
+
+def test_readers_of_memory_order_get_a_row_major_input():
+    torch.manual_seed(0)
+    model, x = _ReadsMemoryOrder().eval(), torch.randn(2, 16, 12, 12)
+    res = fxopt.optimize(model, (x,), pipeline="fuse,lower-cpu", mode="symbolic")
+    assert res.passes[-1].modified and res.module.code.count(".contiguous()") >= 3, res.module.code
+    with torch.no_grad():
+        want = model(x)
+        torch.manual_seed(3)
+        got = res.module(x)
+        torch.manual_seed(3)
+        want_again = model(x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], want_again[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_training_mode_dropout_draws_in_the_original_order():
+    torch.manual_seed(0)
+    graph = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Dropout(0.5)).train())
+    x = torch.randn(4, 4, 8, 8)
+    res = fxopt.optimize(graph, (x,), "fuse,lower-cpu")
+    torch.manual_seed(1)
+    got = res.module(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, graph(x), rtol=1e-4, atol=1e-5)
