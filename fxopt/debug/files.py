@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,32 @@ class GraphFiles:
     text: str = field(repr=False, default="")
 
 
+#: The files a pipeline dump writes per step (`00-captured.txt`, `01-fuse.diff`, ...).
+STEP_FILE = re.compile(r"\d{2,}-[A-Za-z0-9_.-]+\.(txt|dot|svg|diff)")
+
+
+def output_dir(path: str | Path, what: str = "dump") -> Path:
+    """`path` as a folder to write into, created when missing; a path that names a file is a
+    ValueError that says so (mkdir's bare FileExistsError did not)."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{what}: '{directory}' is a file, not a folder; give the path of a folder to write "
+                         "into (it is created when missing)")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def remove_stale_steps(directory: str | Path) -> list[str]:
+    """Delete the step files an earlier pipeline dump left in `directory` (only names of the
+    `NN-<pass>.txt/.dot/.svg/.diff` pattern fxopt writes; other files stay); their names."""
+    removed = []
+    for f in sorted(Path(directory).iterdir()):
+        if f.is_file() and STEP_FILE.fullmatch(f.name):
+            f.unlink()
+            removed.append(f.name)
+    return removed
+
+
 def write_graph(
     gm: torch.fx.GraphModule,
     directory: str | Path,
@@ -43,8 +70,7 @@ def write_graph(
     svg_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> GraphFiles:
     """Write `<stem>.txt`, `<stem>.dot` and maybe `<stem>.svg` under `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = output_dir(directory)
     text = graph_listing(gm)
     listing = directory / f"{stem}.txt"
     listing.write_text((f"# {title}\n" if title else "") + text)

@@ -5,7 +5,9 @@ pass as `NN-<pass>` (listing .txt, .dot, .svg when Graphviz is installed), the u
 of listings between consecutive steps as `NN-<pass>.diff`, and `index.html`: one row per
 step in order with its files, pass time, node counts, statistics and the verification
 summary when the pass record has one (run `VerifyEach` too, or `optimize(verify_each=True)`).
-The index is rewritten after every step, so a pipeline that crashes still leaves one.
+The index is rewritten after every step, so a pipeline that crashes still leaves one. Step
+files an earlier dump left in `out_dir` (`NN-*.txt/.dot/.svg/.diff`) are deleted first, so the
+folder holds one run; other files stay.
 
     >>> import tempfile, torch, fxopt
     >>> from fxopt.debug import DumpInstrument
@@ -30,7 +32,7 @@ from ..pass_base import Pass, PassContext, PassResult
 from ..pipeline import format_pipeline
 from .diff import listing_diff
 from .dot import DEFAULT_COLLAPSE_THRESHOLD
-from .files import GraphFiles, write_graph
+from .files import GraphFiles, output_dir, remove_stale_steps, write_graph
 from .html import file_links, link, page, verdict
 from .render import DEFAULT_TIMEOUT_S
 
@@ -72,6 +74,7 @@ class DumpInstrument(Instrument):
         return self.out_dir / "index.html"
 
     def before_pipeline(self, gm: torch.fx.GraphModule, passes: Sequence[Pass]) -> None:
+        remove_stale_steps(output_dir(self.out_dir))  # one run per folder
         self.steps, self._records = [], []
         self.pipeline = format_pipeline(passes)
         self._add_step(gm, "00-captured", "captured", None)

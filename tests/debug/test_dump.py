@@ -108,3 +108,26 @@ def test_svg_timeout_is_reported(tmp_path, monkeypatch):
     dot_file.write_text("digraph { a -> b }")
     svg, note = render_svg(dot_file, timeout_s=0.2)
     assert svg is None and "longer than 0.2 s" in note
+
+
+def test_a_second_pipeline_dump_into_the_same_folder_leaves_no_stale_steps(tmp_path):
+    """01-fuse.*, 02-dce.* of the first run stayed next to the second run's 01-remove-noops.*."""
+    from fxopt.debug import dump_pipeline
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    dump_pipeline(m, x, "fuse,dce", tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "1-keep.txt").write_text("not fxopt's pattern")
+    dump_pipeline(m, x, "remove-noops", tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".svg")
+    assert names == ["00-captured.dot", "00-captured.txt", "01-remove-noops.diff", "01-remove-noops.dot",
+                     "01-remove-noops.txt", "1-keep.txt", "index.html", "notes.txt"]
+
+
+def test_dump_to_a_file_path_says_it_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("")
+    gm = fxopt.capture(torch.nn.Linear(4, 2).eval(), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"dump: '.*afile' is a file, not a folder; give the path of a folder"):
+        fxopt.dump(gm, f)
