@@ -48,8 +48,8 @@ def _not_fused(m: Match) -> bool | str:
 def _conv_ok(view) -> bool | str:
     if "weight" not in view.params:
         return "its weight is not a parameter (a computed weight cannot be folded)"
-    if view.attrs.get("padding_mode", "zeros") != "zeros":
-        return f"padding_mode '{view.attrs['padding_mode']}' is not folded"
+    if view.attrs.get("padding_mode", "zeros") != "zeros" and isinstance(view.attrs.get("padding"), str):
+        return f"padding_mode '{view.attrs['padding_mode']}' with padding='{view.attrs['padding']}' is not folded"
     return True
 
 
@@ -78,8 +78,15 @@ def _bn_scale_shift(view, channels: int, dtype: torch.dtype):
 
 
 def conv_call(r: Rewriter, x, weight, bias, attrs) -> torch.fx.Node:
-    """A call_function conv node (F.convNd / F.conv_transposeNd) valid in both IRs."""
+    """A call_function conv node (F.convNd / F.conv_transposeNd) valid in both IRs. A
+    padding_mode other than zeros (reflect, replicate, circular) pads the input first and
+    convolves it unpadded, as nn.Conv does."""
     dim = attrs["dim"]
+    mode = attrs.get("padding_mode", "zeros")
+    if mode != "zeros" and not attrs.get("transposed"):
+        pad = [p for size in reversed(attrs["padding"]) for p in (size, size)]
+        x = r.call(F.pad, x, pad, mode=mode)
+        attrs = {**attrs, "padding": (0,) * dim}
     if attrs.get("transposed"):
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dim - 1]
         return r.call(fn, x, weight, bias, stride=attrs["stride"], padding=attrs["padding"],

@@ -781,3 +781,26 @@ def test_attention_spelled_with_einsum_becomes_sdpa(mode, how, pattern):
     assert ("scaled_dot_product_attention" in res.module.code) is bool(pattern) and matches.get(pattern or "-", 1) == 1
     other = torch.randn(3, 10, 32)  # another batch (export keeps the sequence length)
     torch.testing.assert_close(res.module(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("dim", [1, 2])
+def test_a_conv_padding_other_than_zeros_folds_its_batchnorm(mode, padding_mode, dim):
+    """The padding comes before the conv, so the fold is exact: the folded conv pads the input
+    the same way and convolves it unpadded (the batchnorm was kept before)."""
+    conv, bn = (nn.Conv1d, nn.BatchNorm1d) if dim == 1 else (nn.Conv2d, nn.BatchNorm2d)
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(3, 8, 3, padding=(1 if dim == 1 else (1, 2)), padding_mode=padding_mode), bn(8),
+                          nn.ReLU())
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, *([10] * dim))
+    res = fxopt.optimize(model, (x,), pipeline="fuse", mode=mode)
+    gm = res.module
+    assert not any((v := fxopt.ir.op_view(gm, n)) is not None and v.kind == "batch_norm" for n in gm.graph.nodes)
+    other = torch.randn(3, 3, *([10] * dim))  # export keeps a reflect-padded input's size
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+        torch.testing.assert_close(gm(other), model(other))
