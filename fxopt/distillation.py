@@ -96,6 +96,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if alpha < 1.0 and not labeled:

@@ -292,6 +292,10 @@ class PassManager:
         verbose: bool = False,
     ) -> PipelineResult:
         """Run the pipeline on a private copy of `gm`; `gm` itself is left as it was."""
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise TypeError(f"PassManager.run takes a torch.fx.GraphModule, got {type(gm).__name__}: capture "
+                            "the model first (fxopt.capture(model, inputs)) or call fxopt.optimize(model, "
+                            "inputs, pipeline), which does both")
         current = clone_sharing_tensors(gm)
         # the passes get copies of the example inputs: one that writes into them changes
         # neither the caller's tensors nor what verification runs on
@@ -313,7 +317,8 @@ class PassManager:
         for inst in self.instruments:
             _call_instrument(inst, "after_pipeline", _protected(current, ctx.reference), ctx.reference,
                              current, records)
-        return PipelineResult(current, records, self.pipeline_text)
+        ran = [p for p, r in zip(self.passes, records) if not r.skipped]
+        return PipelineResult(current, records, format_pipeline(ran))  # what ran (not the bisected-off)
 
     def _run_one(self, p, index, current, am, ctx, record, records):
         start = time.perf_counter()

@@ -186,9 +186,8 @@ class Pass:
                 # options are dataclass fields: a subclass without @dataclass has only its base's
                 hint = "" if "__dataclass_fields__" in cls.__dict__ else (
                     f" ({cls.__name__} is not a @dataclasses.dataclass, so its attributes are no options)")
-                raise PipelineError(
-                    f"pass '{cls.name}' has no option '{key}'" + did_you_mean(key, fields) + hint
-                )
+                valid = did_you_mean(key, fields) if fields else "; it takes no options"
+                raise PipelineError(f"pass '{cls.name}' has no option '{key}'" + valid + hint)
             try:
                 values[key] = coerce_option(raw, hints[key])
             except (TypeError, ValueError) as exc:

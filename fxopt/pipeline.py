@@ -23,10 +23,14 @@ def is_pass_name(name: str) -> bool:
 def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
     """Parse pipeline text into (pass name, raw option strings) pairs, checking syntax only."""
     steps = []
-    for chunk in _split_top_level(text, ",", where=text):
+    chunks = _split_top_level(text, ",", where=text)
+    for position, chunk in enumerate(chunks, 1):
         chunk = chunk.strip()
         if not chunk:
-            continue
+            if len(chunks) == 1 or (position == len(chunks) and text.strip().endswith(",")):
+                continue  # an empty pipeline, or a trailing comma
+            raise PipelineError(f"empty item at position {position} of pipeline '{text}' (two commas in a "
+                                "row?); remove it or put a pass there")
         if "{" in chunk:
             if not chunk.endswith("}"):
                 raise PipelineError(f"in '{chunk}': options must end with '}}'")

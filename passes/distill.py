@@ -46,6 +46,8 @@ class Distill(Pass):
             raise ValueError(f"option 'epochs' must be >= 1, got {self.epochs}")
         if self.temperature <= 0:
             raise ValueError(f"option 'temperature' must be > 0, got {self.temperature}")
+        if not self.lr > 0:
+            raise ValueError(f"option 'lr' must be > 0, got {self.lr}")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not ctx.calibration:

@@ -117,7 +117,24 @@ def test_mixed_list_of_objects_and_text():
 
 
 def test_whitespace_and_empty_items():
-    assert [n for n, _ in split_pipeline(" dce , ,remove-noops ")] == ["dce", "remove-noops"]
+    assert [n for n, _ in split_pipeline(" dce , remove-noops, ")] == ["dce", "remove-noops"]   # a trailing comma
+    assert split_pipeline("") == [] and split_pipeline("  ") == []
+    with pytest.raises(PipelineError, match=r"empty item at position 2 of pipeline 'fuse,,dce' \(two commas"):
+        split_pipeline("fuse,,dce")   # was dropped silently
+
+
+def test_cosmetic_errors_say_what_to_do():
+    with pytest.raises(PipelineError, match=r"pass 'dce' has no option 'x'; it takes no options$"):
+        parse_pipeline("dce{x=1}")
+    with pytest.raises(PipelineError, match=r"option 'lr' must be > 0, got -1.0"):
+        parse_pipeline("distill{lr=-1}")   # at parse time, like epochs, not after capture
+    import torch
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+    with pytest.raises(TypeError, match=r"PassManager.run takes a torch.fx.GraphModule, got Sequential: capture "
+                                        r"the model first .*fxopt.optimize"):
+        fxopt.PassManager("dce").run(model, (x,))
+    res = fxopt.optimize(model, x, "remove-noops,dce", bisect_limit=1)
+    assert res.pipeline == res.module.meta["fxopt"]["pipeline"] == "remove-noops"   # what ran
 
 
 def test_unknown_pass_lists_valid_ones_and_suggests():
@@ -208,7 +225,7 @@ def test_a_builtin_pass_refuses_a_text_bool_even_with_its_own_post_init():
     ("test-tunable{ignore=[a,b]", "missing '}'"),
     ("test-tunable{ratio}", "needs key=value"),
     ("test-tunable{ratio=1}x", "must end with '}'"),
-    ("dce,,bad name!", "bad pass name"),
+    ("dce,bad name!", "bad pass name"),
 ])
 def test_syntax_errors(text, fragment):
     with pytest.raises(PipelineError) as info:
