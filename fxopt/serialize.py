@@ -22,6 +22,8 @@ tied to the output layer) come back as one object. `torch.save` itself fails on 
 """
 from __future__ import annotations
 
+import os
+
 import functools
 import importlib
 import inspect
@@ -110,6 +112,9 @@ def save(gm: torch.fx.GraphModule, path) -> None:
         >>> os.path.getsize(path) > 0
         True
     """
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        raise SerializationError(f"save: '{os.fspath(path)}' is a folder; give the path of a file to write "
+                                 f"(e.g. '{os.path.join(os.fspath(path), 'model.pt')}')")
     _check_savable(gm)
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict] = {}

@@ -219,3 +219,11 @@ def test_an_observed_module_is_refused_with_the_observers_reason(tmp_path):
                                                        r"save the model before insert-observers") as err:
         fxopt.save(res.module, tmp_path / "m.pt")
     assert "lower-cpu" not in str(err.value)
+
+
+def test_save_to_a_folder_says_to_give_a_file(tmp_path):
+    """fxopt.save to a directory raised torch's raw RuntimeError."""
+    gm = fxopt.capture(torch.nn.Linear(4, 2).eval(), torch.randn(2, 4))
+    with pytest.raises(fxopt.SerializationError, match=r"save: '.*' is a folder; give the path of a file to write "
+                                                       r"\(e.g. '.*model.pt'\)"):
+        fxopt.save(gm, tmp_path)
