@@ -17,6 +17,7 @@ Failures carry a reason (`explain`), so a researcher can ask why a chosen node d
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -24,7 +25,7 @@ import torch
 import torch.fx
 
 from ..errors import node_label, node_location, user_source_line
-from ..ir import OpView, aliases_of, bind_arguments, mutated_input, op_view, spec_for, tensor_meta, written_base
+from ..ir import SPECS, OpView, aliases_of, bind_arguments, mutated_input, op_view, spec_for, tensor_meta, written_base
 
 ANNOTATIONS = "fxopt.annotations"
 
@@ -94,6 +95,15 @@ class Op:
         scalar_first: bool = False,
     ) -> None:
         self.kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        unknown = [k for k in self.kinds if k not in _KNOWN_KINDS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], _KNOWN_KINDS, n=1)
+            raise ValueError(f"Op('{unknown[0]}'): no op has that kind" + (f" (did you mean '{close[0]}'?)" if close
+                             else "") + "; kinds are fxopt.ir.op_view's, listed by fxopt.ir.SPECS")
+        bad = next((i for i in inputs if not isinstance(i, (Op, Var))), None)
+        if bad is not None:
+            raise TypeError(f"Op('{self.kinds[0]}'): an input must be an Op or a Var, got {bad!r} "
+                            "(a number operand is scalar=Const(...))")
         self.inputs = tuple(inputs)
         self.name = name
         self.scalar = scalar
@@ -114,6 +124,7 @@ class Op:
 
 
 PatternNode = Union[Op, Var]
+_KNOWN_KINDS = frozenset(spec.kind for spec in SPECS)
 
 
 @dataclass

@@ -36,6 +36,9 @@ from .core import Const, Op, PatternNode, Var
 
 def pattern_from_function(fn: Callable[..., Any]) -> PatternNode:
     """An `Op` tree equivalent to `fn`; see the module docstring for the conventions."""
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        raise TypeError(f"pattern_from_function takes a Python function (a def or a lambda) written with "
+                        f"the ops to match, got {type(fn).__name__}")
     sig = inspect.signature(fn)
     consts = {name for name, p in sig.parameters.items()
               if p.default is not inspect.Parameter.empty and isinstance(p.default, numbers.Number)}

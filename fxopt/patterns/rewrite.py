@@ -45,8 +45,15 @@ class Pattern:
     def __post_init__(self) -> None:
         if (self.replacement is None) == (self.rewrite is None):
             raise ValueError(f"pattern '{self.name}': give exactly one of replacement= or rewrite=")
-        if not isinstance(self.match, (Op, Var)):
+        if isinstance(self.match, Var):
+            raise ValueError(f"pattern '{self.name}': its root is the Var '{self.match.name}', which would match "
+                             "every node (inputs, weights and the output too): the root must be an Op")
+        if not isinstance(self.match, Op):
             raise TypeError(f"pattern '{self.name}': match must be an Op tree, got {self.match!r}")
+        for option in ("replacement", "rewrite", "check"):
+            value = getattr(self, option)
+            if value is not None and not callable(value):
+                raise TypeError(f"pattern '{self.name}': {option}= must be a function, got {type(value).__name__}")
 
     def __add__(self, other: "Pattern | PatternSet") -> "PatternSet":
         return PatternSet([self]) + other

@@ -371,3 +371,20 @@ def test_a_replacement_that_changes_the_value_kind_is_refused_naming_the_pattern
     gm = fxopt.capture(_DoubleThenLinear(), (torch.randn(3, 4),), mode=mode)
     with pytest.raises(ValueError, match=r"pattern 'double' at node 'mul' .*: the replacement " + re.escape(says)):
         apply_patterns(gm, Pattern("double", pattern_from_function(times2), replacement=replacement))
+
+
+@pytest.mark.parametrize("build, error, message", [
+    (lambda: Op("sigmod", Var("x")), ValueError, r"Op\('sigmod'\): no op has that kind \(did you mean 'sigmoid'\?\)"),
+    (lambda: Op(("relu", "rleu"), Var("x")), ValueError, r"Op\('rleu'\)"),
+    (lambda: Op("relu", 3), TypeError, r"an input must be an Op or a Var, got 3"),
+    (lambda: Pattern("p", Var("x"), replacement=lambda x: x * 2), ValueError,
+     r"pattern 'p': its root is the Var 'x', which would match every node"),
+    (lambda: Pattern("p", pattern_from_function(lambda x: x), replacement=lambda x: x), ValueError, r"root must be an Op"),
+    (lambda: Pattern("p", Op("relu", Var("x")), replacement=3), TypeError, r"replacement= must be a function, got int"),
+    (lambda: pattern_from_function(nn.Linear(8, 8)), TypeError, r"takes a Python function .* got Linear"),
+])
+def test_a_malformed_pattern_is_refused_when_built(build, error, message):
+    """A bare Var root matched every node (placeholders, weights, the output) and corrupted the
+    graph; a misspelled kind never matched, silently."""
+    with pytest.raises(error, match=message):
+        build()
