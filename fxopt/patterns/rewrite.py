@@ -263,7 +263,9 @@ def _check_same_value_kind(pattern: Pattern, root: torch.fx.Node, new: torch.fx.
                            new_nodes: list[torch.fx.Node]) -> None:
     """A replacement must compute what the matched value was: the same shape and dtype. Its new
     nodes run once on meta tensors of the recorded shapes (no data); where they cannot (no
-    recorded shapes, an op without a meta kernel, a quantized value), nothing is said.
+    recorded shapes, an op without a meta kernel, a quantized value), nothing is said. A new
+    node's trial value is recorded as its `tensor_meta`, so later patterns can read its shape
+    and dtype (a mask a rewrite summed, checked by the attention pattern).
 
     A `(x + x).half()` in place of a float `x * 2` matched silently and the graph failed later,
     in a linear, with no word of the pattern."""
@@ -284,6 +286,8 @@ def _check_same_value_kind(pattern: Pattern, root: torch.fx.Node, new: torch.fx.
             if n.op not in ("call_function", "call_method"):
                 return  # a module call: not tried
             values[n] = call_as(n.op, n.target, args, kwargs)
+            if isinstance(values[n], torch.Tensor) and "tensor_meta" not in n.meta:
+                n.meta["tensor_meta"] = _extract_tensor_metadata(values[n])
         got = value(new)
     except Exception:  # noqa: BLE001 - no meta kernel, nothing recorded: no trial, no verdict
         return

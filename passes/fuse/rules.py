@@ -537,7 +537,44 @@ def _einsum_as_matmul(r: Rewriter) -> torch.fx.Node:
     return r.call(torch.matmul, r["a"], b)
 
 
+def _is_scores(value: Any) -> bool | str:
+    """``q @ kᵀ``, or it scaled by a number: the scores a mask is added to."""
+    view = op_view(value.graph.owning_module, value) if isinstance(value, torch.fx.Node) else None
+    if view is not None and view.kind in ("div", "mul") and view.input is not None and len(view.inputs) == 1:
+        view = op_view(value.graph.owning_module, view.input)
+    return (view is not None and view.kind == "matmul" and len(view.inputs) == 2
+            and (k := op_view(value.graph.owning_module, view.inputs[1])) is not None and k.kind == "transpose") \
+        or "not q @ kᵀ (scaled)"
+
+
+def _masks_read_by_softmax(m: Match) -> bool | str:
+    """The two added terms are tensors (a position bias, a mask) and the sum reaches a softmax
+    (through at most a cast: T5's ``softmax(scores.float())``)."""
+    if any(tensor_meta(m.nodes[k]) is None for k in ("a", "b")):
+        return "an added term is not a tensor"
+    value = m.root
+    for _ in range(2):
+        if len(value.users) != 1:
+            return "the masked scores have other readers"
+        value = next(iter(value.users))
+        view = op_view(m.gm, value)
+        if view is not None and view.kind == "softmax":
+            return True
+        if view is None or view.kind != "to":
+            break
+    return "not read by a softmax"
+
+
+def _one_mask(r: Rewriter) -> torch.fx.Node:
+    return r.call(torch.add, r["s"], r.call(torch.add, r["a"], r["b"]))
+
+
 _ATTENTION = [
+    # two terms added to the scores (T5: a position bias, then the mask): one mask, the sum of
+    # both, which the patterns below take as SDPA's attn_mask
+    Pattern("attention/one-mask", Op("add", Op("add", Var("s", check=_is_scores), Var("a"), name="inner",
+                                               commutative=True), Var("b"), name="outer", commutative=True),
+            rewrite=_one_mask, check=_masks_read_by_softmax),
     # attention spelled with einsum (``einsum("bhqd,bhkd->bhqk", q, k)``): as the matmuls it
     # computes, the patterns below find it
     Pattern("attention/einsum-as-matmul", Op("einsum", Var("a"), Var("b"), name="einsum"), rewrite=_einsum_as_matmul,

@@ -804,3 +804,35 @@ def test_a_conv_padding_other_than_zeros_folds_its_batchnorm(mode, padding_mode,
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
         torch.testing.assert_close(gm(other), model(other))
+
+
+class _TwoTermAttention(nn.Module):
+    """T5's attention: no scale, a position bias and then a mask added to the scores; the
+    patterns took one additive term only, so it stayed as written."""
+
+    def __init__(self, read_scores: bool = False):
+        super().__init__()
+        self.read_scores = read_scores
+
+    def forward(self, q, k, v, position_bias, mask):
+        s = torch.matmul(q, k.transpose(3, 2))
+        s = s + position_bias
+        s = s + mask
+        if self.read_scores:  # the masked scores are an output too: nothing to rewrite
+            return s
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_two_terms_added_to_the_scores_are_one_sdpa_mask(mode):
+    torch.manual_seed(0)
+    b, h, n, d = 2, 4, 6, 8
+    mask = torch.zeros(b, 1, 1, n)
+    mask[0, ..., -2:] = -math.inf
+    inputs = (torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(1, h, n, n), mask)
+    res = fxopt.optimize(_TwoTermAttention(), inputs, pipeline="fuse", mode=mode)
+    assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
+    torch.testing.assert_close(res.module(*inputs), _TwoTermAttention()(*inputs), rtol=1e-5, atol=1e-5)
+    kept = fxopt.optimize(_TwoTermAttention(read_scores=True), inputs, pipeline="fuse", mode=mode)
+    assert "attention/one-mask" not in kept.passes[0].stats["matches"]
+    torch.testing.assert_close(kept.module(*inputs), _TwoTermAttention(True)(*inputs), rtol=0, atol=0)
