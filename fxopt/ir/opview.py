@@ -291,6 +291,9 @@ SPECS: tuple[OpSpec, ...] = (
            aten=(aten.movedim, aten.moveaxis), arg_names=("input", "source", "destination")),
     OpSpec("permute", functions=(torch.permute,), methods=("permute",), aten=(aten.permute,),
            arg_names=("input", "dims")),
+    # ``x.t()``: a 2-D transpose, nothing for 1-D: transpose(0, -1) either way
+    OpSpec("transpose", functions=(torch.t,), methods=("t",), aten=(aten.t,), arg_names=("input", "dim0", "dim1"),
+           defaults=dict(dim0=0, dim1=-1)),
     OpSpec("transpose", functions=(torch.transpose, torch.swapaxes, torch.swapdims),
            methods=("transpose", "swapaxes", "swapdims"), aten=(aten.transpose, aten.swapaxes, aten.swapdims),
            arg_names=("input", "dim0", "dim1"), renames={"axis0": "dim0", "axis1": "dim1"}),

@@ -687,7 +687,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
 
 #: Modules export lowers to ops that have no channel rule either (im2col, a pooling over channels).
 _NOT_HELPED_BY_EXPORT = (torch.nn.RNNBase, torch.nn.Unfold, torch.nn.Fold, torch.nn.LocalResponseNorm,
-                         torch.nn.CrossMapLRN2d)
+                         torch.nn.CrossMapLRN2d, torch.nn.Bilinear)
 
 
 def _expands_to(user: torch.fx.Node, size: torch.fx.Node) -> bool:

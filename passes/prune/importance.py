@@ -85,6 +85,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
     has_bn = np.zeros(n, dtype=bool)
     macs = np.zeros(n)
     prod = np.zeros(n, dtype=np.int64)
+    param_prod = np.zeros(n, dtype=np.int64)  # entries of parameters read as values (see the end)
     nodes = {node.name: node for node in gm.graph.nodes}
     p = 2 if importance == "l2" else 1
     taylor = _taylor_scores(gm, cg, calibration) if importance == "taylor" else {}
@@ -103,7 +104,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
             sid = rule.outputs[0]
             val = getattr_value(gm, node)
             add_scores(sid, _row_norm(val, cg.slots[sid].axis, p), imp)
-            np.add.at(prod, cg.positions(sid), 1)
+            np.add.at(param_prod, cg.positions(sid), 1)
             continue
         if rule.category == "gather":  # an exact norm's output: its affine is what is lost
             sid = rule.outputs[0]
@@ -182,6 +183,10 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
     if importance == "bn_scale":
         imp = np.where(has_bn, bn, imp)
     imp = imp / np.maximum(contributions, 1)
+    # a parameter's entries count as channels where a layer produces or reads them; alone (a
+    # NoNorm offset added to the stream) they save nothing, and a zero one, at no importance,
+    # would meet the ratio on paper while the layers kept their channels
+    prod += np.where((prod > 0) | (macs > 0), param_prod, 0)
     return {"imp": imp, "macs": macs, "prod": prod}
 
 

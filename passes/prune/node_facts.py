@@ -158,7 +158,9 @@ def _lower_bound(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> Bound
         low = view.attrs.get("min_val", -1)
         return (float(low), False) if isinstance(low, (int, float)) else None
     if kind == "pow":
-        e = view.attrs.get("exponent")
+        e, base = view.attrs.get("exponent"), view.attrs.get("input")
+        if isinstance(base, (int, float)) and not isinstance(base, bool) and base > 0:
+            return (0.0, True)  # a positive base to any power (a sinusoidal inv_freq's 10000 ** t)
         if isinstance(e, int) and not isinstance(e, bool) and e % 2 == 0:
             return (0.0, inner_sign(view.input) == "pos")
         return _bound_of_sign(inner_sign(view.input)) if isinstance(e, (int, float)) else None

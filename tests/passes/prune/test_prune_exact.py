@@ -2388,3 +2388,73 @@ def test_a_clone_prunes_as_a_copy(mode):
     assert r.plan.channel_graph.pinned_nodes == {}
     assert count_macs(r.pruned, x) <= 0.5 * count_macs(model, x)
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class CosineHead(nn.Module):
+    """``z @ F.normalize(proto).t()``: ``t()`` of a computed 2-D weight had no op kind and
+    pinned the head (the ``transpose(0, 1)`` spelling pruned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.proto = nn.Linear(10, 32), nn.Linear(32, 32), nn.Parameter(torch.randn(6, 32))
+
+    def forward(self, x):
+        z = F.normalize(self.l2(F.relu(self.l1(x))), dim=-1)
+        return z @ F.normalize(self.proto, dim=-1).t()
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_t_of_a_computed_weight_is_a_transpose(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(CosineHead().eval(), torch.randn(2, 10), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert count_parameters(r.pruned) < r.params_before
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+def test_a_positive_base_to_any_power_is_positive():
+    """A sinusoidal ``inv_freq = 1 / 10000 ** t``: its reciprocal is finite (export pinned it)."""
+    from fxopt.passes.prune.node_facts import _sign
+
+    gm = torch.fx.symbolic_trace(lambda t: (torch.pow(10000, t), torch.pow(-2, t), torch.pow(t, 3)))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert [_sign(gm, n) for n in out] == ["pos", None, None]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_bilinear_layer_is_pinned_without_pointing_to_export(mode):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.bil = nn.Linear(8, 16), nn.Linear(8, 16), nn.Bilinear(16, 16, 4)
+
+        def forward(self, x):
+            return self.bil(F.relu(self.a(x)), F.relu(self.b(x)))
+
+    plan = analyze(Pair().eval(), (torch.randn(2, 8),), mode=mode, ratio=0.5, adapter_cost=0.0)
+    reasons = list(plan.channel_graph.pinned_nodes.values())
+    assert reasons and all("export" not in why for why in reasons), reasons
+
+
+class NoNorm(nn.Module):
+    """MobileBERT's NoNorm ``h * w + b`` with b at its zero init: b's entries form classes of
+    their own (the add is a junction) that save nothing. They counted as channels, so at
+    ``adapter_cost=0`` the zero entries met the ratio and the layers kept 48 of 64 channels."""
+
+    def __init__(self, b):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 8)
+        self.w, self.b = nn.Parameter(torch.ones(64)), nn.Parameter(b)
+
+    def forward(self, x):
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x) * self.w + self.b))))
+
+
+@pytest.mark.parametrize("b", ["zeros", "randn"])
+def test_parameter_entries_that_save_nothing_are_not_channels(b):
+    torch.manual_seed(0)
+    model, x = NoNorm(getattr(torch, b)(64)).eval(), torch.randn(4, 16)
+    r = prune_and_mask(model, x, "export", 0.5)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert count_macs(r.pruned, x) < 0.35 * count_macs(model, x)
+    assert r.plan.kept_channels()["linear"] == "32/64"
