@@ -255,7 +255,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
             if name not in clean_reads:
                 per_out.setdefault(out, []).append(self.dirty.get(sid))
         for out, marks in per_out.items():
-            if rule.kind in GATING and any(m is None for m in marks):
+            if rule.kind in GATING and (any(m is None for m in marks) or rule.info.get("zero_product")):
                 continue  # a zero-preserving factor: the product is zero on removed channels
             sources = frozenset().union(*(m for m in marks if m))
             if rule.info.get("dirty_source") and not sources:

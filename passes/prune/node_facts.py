@@ -209,6 +209,23 @@ def _arithmetic_bound(gm: torch.fx.GraphModule, value: torch.fx.Node, view: Any,
     return (0.0, signs == ["pos", "pos"])
 
 
+_ZERO_FACTORIES = ("zeros", "new_zeros", "zeros_like")
+
+
+def _is_zero_fill(gm: torch.fx.GraphModule, value: Any) -> bool:
+    """Whether `value` is all zeros by construction (``x.new_zeros(B, H)``, ``torch.zeros``,
+    ``zeros_like``, a fill of 0): a hand-written RNN's initial state."""
+    if not isinstance(value, torch.fx.Node) or value.op not in ("call_function", "call_method"):
+        return False
+    view = op_view(gm, value)
+    if view is not None and view.kind in ("fill_like", "new_fill") and "fill_value" in view.attrs:
+        fill = view.attrs["fill_value"]
+        return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill == 0
+    target = value.target
+    name = target if isinstance(target, str) else getattr(target, "_opname", None) or getattr(target, "__name__", "")
+    return name in _ZERO_FACTORIES
+
+
 def _piece_index(node: torch.fx.Node) -> int | None:
     """Which piece of a tuple `node` takes: ``t[i]``, or ``t.values`` / ``t.indices`` of
     max/min's named tuple."""

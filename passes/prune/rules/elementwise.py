@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from ..channel_model import SPATIAL, Rule, _Pin
-from ..node_facts import _is_number, _norm_axes, _norm_axis, _shape, _sign
+from ..node_facts import _is_number, _is_zero_fill, _norm_axes, _norm_axis, _shape, _sign
 
 
 class ElementwiseRules:
@@ -368,6 +368,8 @@ class ElementwiseRules:
             # product is zero where they are, so it has their classes, and apply gathers the
             # free operand to the channels kept instead of holding them all
             info["gathered"] = [(a.name, sid) for a, sid in free]
+            if any(_is_zero_fill(self.gm, a) for a, _ in free):
+                info["zero_product"] = True  # times zeros (an RNN's initial state): zero, dirty factors too
             pairs = [pair for pair in pairs if pair not in free]
         if view.kind == "div":
             args = self.named_args(node)

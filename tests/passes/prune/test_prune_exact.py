@@ -2458,3 +2458,28 @@ def test_parameter_entries_that_save_nothing_are_not_channels(b):
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
     assert count_macs(r.pruned, x) < 0.35 * count_macs(model, x)
     assert r.plan.kept_channels()["linear"] == "32/64"
+
+
+class GateTimesZeroState(nn.Module):
+    """An LSTM step from a zero initial state: ``σ(f) * c0`` with ``c0 = x.new_zeros(B, H)``. The
+    gate's removed channels are σ(0) = 0.5 (dirty), but times zeros the product is zero: it
+    pinned every gate before."""
+
+    def __init__(self, d=16, h=32):
+        super().__init__()
+        self.h = h
+        self.f, self.i, self.g, self.out = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, 3)
+
+    def forward(self, x):
+        c0 = x.new_zeros(x.shape[0], self.h)
+        c = torch.sigmoid(self.f(x)) * c0 + torch.sigmoid(self.i(x)) * torch.tanh(self.g(x))
+        return self.out(torch.tanh(c))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_gate_times_a_zero_state_is_zero(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(GateTimesZeroState().eval(), torch.randn(2, 16), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert count_parameters(r.pruned) < 0.6 * r.params_before
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
