@@ -92,13 +92,18 @@ def _floating(value) -> bool | str:
 def _patterns() -> list[Pattern]:
     x = Var("x", check=_floating)
     erf_gelu = _one_plus(Op("erf", Op(("div", "mul"), x, scalar=Const("s"), name="erf_scale")))
-    cube = Op("pow", x, attrs={"exponent": lambda e: e == 3})
-    poly = Op("add", x, Op("mul", cube, scalar=Const("k", check=_near(0.044715))), commutative=True)
-    tanh_gelu = _one_plus(Op("tanh", Op("mul", poly, scalar=Const("c", check=_near(math.sqrt(2 / math.pi))))))
+    # x³ as ``pow(x, 3)`` or ``x * x * x`` (either grouping)
+    cubes = [Op("pow", x, attrs={"exponent": lambda e: e == 3}),
+             Op("mul", Op("mul", x, x), x, commutative=True)]
+    tanh_gelus = [_one_plus(Op("tanh", Op("mul", Op("add", x, Op("mul", cube, scalar=Const("k", check=_near(0.044715))),
+                                                        commutative=True),
+                                          scalar=Const("c", check=_near(math.sqrt(2 / math.pi))))))
+                  for cube in cubes]
     hardsigmoid = _divided_by_6(_relu6_of_x_plus_3())
     table = [Pattern(f"gelu/{i}", root, rewrite=_gelu("none"), check=_erf_scale_ok)
              for i, root in enumerate(_half_times(erf_gelu, x))]
-    table += [Pattern(f"gelu-tanh/{i}", root, rewrite=_gelu("tanh")) for i, root in enumerate(_half_times(tanh_gelu, x))]
+    table += [Pattern(f"gelu-tanh/{i}", root, rewrite=_gelu("tanh"))
+              for i, root in enumerate(root for tanh_gelu in tanh_gelus for root in _half_times(tanh_gelu, x))]
     table.append(Pattern("silu", Op("mul", x, Op("sigmoid", x), commutative=True), rewrite=_unary(F.silu)))
     # hard-swish before hard-sigmoid: x · relu6(x + 3) / 6 holds no hard-sigmoid subtree, but
     # x · (relu6(x + 3) / 6) does, and is a hard-swish

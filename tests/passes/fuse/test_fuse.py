@@ -410,6 +410,10 @@ SPELLED = {
     "gelu_half_last": (lambda x: (x * (1.0 + torch.erf(x / math.sqrt(2.0)))) * 0.5, "gelu", {"approximate": "none"}),
     "gelu_gpt2": (lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
                   "gelu", {"approximate": "tanh"}),
+    "gelu_tanh_cubed": (lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * (x * x * x)))),
+                        "gelu", {"approximate": "tanh"}),
+    "gelu_tanh_cubed_right": (lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * (x * (x * x))))),
+                              "gelu", {"approximate": "tanh"}),
 }
 
 
