@@ -137,15 +137,21 @@ class Pass:
         self.check_option_types()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own `__post_init__` (its range checks) runs after the type check, so a
-        pass built in Python is held to its option types however it validates the rest."""
+        """The option types are checked after a subclass's own `__post_init__` (which may
+        normalize a value: one string for a tuple of them), so a pass built in Python is held to
+        its option types however it validates the rest; a TypeError from its own checks (``"3" <
+        1``) becomes the type check's error."""
         super().__init_subclass__(**kwargs)
         own = cls.__dict__.get("__post_init__")
         if own is not None and not getattr(own, "_checks_option_types", False):
             @functools.wraps(own)
             def __post_init__(self, *args: Any, **kw: Any) -> None:
+                try:
+                    own(self, *args, **kw)
+                except TypeError:
+                    self.check_option_types()  # say which option has the wrong type
+                    raise
                 self.check_option_types()
-                own(self, *args, **kw)
 
             __post_init__._checks_option_types = True  # type: ignore[attr-defined]
             cls.__post_init__ = __post_init__  # type: ignore[method-assign]
@@ -159,15 +165,15 @@ class Pass:
             >>> fxopt.get_pass("fuse")(fold_bn="false")
             Traceback (most recent call last):
             ...
-            ValueError: pass 'fuse' option 'fold_bn': expected True or False, got 'false' (str)
+            ValueError: pass 'fuse' option 'fold_bn' must be True or False, got 'false' (str)
         """
         hints = _option_hints(type(self))
         for f in dataclasses.fields(self):
             if f.init and f.name in hints:
                 value = getattr(self, f.name)
                 if not option_value_fits(value, hints[f.name]):
-                    raise ValueError(f"pass '{self.name}' option '{f.name}': expected "
-                                     f"{_expected(hints[f.name])}, got {value!r} ({type(value).__name__})")
+                    raise ValueError(f"pass '{self.name}' option '{f.name}' must be {_expected(hints[f.name])}, "
+                                     f"got {value!r} ({type(value).__name__})")
 
     @classmethod
     def option_specs(cls) -> dict[str, str]:
@@ -321,9 +327,15 @@ def option_value_fits(value: Any, annotation: Any) -> bool:
 
 
 def _expected(annotation: Any) -> str:
-    if annotation is bool:
-        return "True or False"
-    return _type_label(annotation).replace("none", "None")
+    """What an option must be, in words: "True or False", "an integer", "one of: a, b"."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return "one of: " + ", ".join(map(repr, typing.get_args(annotation)))
+    words = {bool: "True or False", int: "an integer", float: "a number", str: "text (a str)",
+             type(None): "None"}
+    return words.get(annotation) or f"a {_type_label(annotation)}"
 
 
 _HINTS: dict[type, dict[str, Any]] = {}

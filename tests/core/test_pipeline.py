@@ -195,13 +195,13 @@ def test_python_values_are_checked_too():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(enabled="false"), r"pass 'test-tunable' option 'enabled': expected True or False, got 'false' \(str\)"),
-    (dict(enabled=0), r"option 'enabled': expected True or False, got 0 \(int\)"),
-    (dict(steps=True), r"option 'steps': expected int, got True"),
-    (dict(ratio="0.5"), r"option 'ratio': expected float, got '0.5'"),
-    (dict(granularity="row"), r"option 'granularity': expected channel\|tensor, got 'row'"),
-    (dict(ignore=("fc", 3)), r"option 'ignore': expected list of str"),
-    (dict(limit="2"), r"option 'limit': expected int or None, got '2'"),
+    (dict(enabled="false"), r"pass 'test-tunable' option 'enabled' must be True or False, got 'false' \(str\)"),
+    (dict(enabled=0), r"option 'enabled' must be True or False, got 0 \(int\)"),
+    (dict(steps=True), r"option 'steps' must be an integer, got True"),
+    (dict(ratio="0.5"), r"option 'ratio' must be a number, got '0.5'"),
+    (dict(granularity="row"), r"option 'granularity' must be one of: 'channel', 'tensor', got 'row'"),
+    (dict(ignore=("fc", 3)), r"option 'ignore' must be a list of str"),
+    (dict(limit="2"), r"option 'limit' must be an integer or None, got '2'"),
 ])
 def test_a_pass_built_in_python_is_held_to_its_option_types(options, message):
     """Fuse(fold_bn="false") was truthy: it folded, and the recorded text said fold_bn=false."""
@@ -211,10 +211,10 @@ def test_a_pass_built_in_python_is_held_to_its_option_types(options, message):
 
 
 def test_a_builtin_pass_refuses_a_text_bool_even_with_its_own_post_init():
-    with pytest.raises(ValueError, match=r"pass 'fuse' option 'fold_bn': expected True or False, got 'false'"):
+    with pytest.raises(ValueError, match=r"pass 'fuse' option 'fold_bn' must be True or False, got 'false'"):
         fxopt.get_pass("fuse")(fold_bn="false")
-    with pytest.raises(ValueError, match=r"pass 'distill' option 'epochs': expected int, got '3'"):
-        fxopt.get_pass("distill")(epochs="3")   # checked before distill's own range check
+    with pytest.raises(ValueError, match=r"pass 'distill' option 'epochs' must be an integer, got '3'"):
+        fxopt.get_pass("distill")(epochs="3")   # not distill's own range check's TypeError
     assert fxopt.get_pass("fuse")(fold_bn=False).fold_bn is False
 
 
