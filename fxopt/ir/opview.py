@@ -287,6 +287,17 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("unflatten", functions=(torch.unflatten,), methods=("unflatten",), aten=(aten.unflatten,),
            modules=(nn.Unflatten,), arg_names=("input", "dim", "sizes"),
            module_attrs=lambda m: dict(dim=m.dim, sizes=tuple(m.unflattened_size))),
+    # im2col: channel c of the input gives the rows c·k .. (c+1)·k - 1 of the output, k the
+    # kernel's positions (not Tensor.unfold, a sliding window over one axis)
+    OpSpec("unfold", functions=(F.unfold,), aten=(aten.im2col,), modules=(nn.Unfold,),
+           arg_names=("input", "kernel_size", "dilation", "padding", "stride"),
+           defaults=dict(dilation=1, padding=0, stride=1),
+           module_attrs=lambda m: dict(kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding,
+                                       stride=m.stride)),
+    # every channel sampled at the same grid positions
+    OpSpec("grid_sample", functions=(F.grid_sample,), aten=(aten.grid_sampler, aten.grid_sampler_2d,
+                                                            aten.grid_sampler_3d),
+           arg_names=("input", "grid"), tensor_args=("input", "grid")),
     OpSpec("movedim", functions=(torch.movedim, torch.moveaxis), methods=("movedim", "moveaxis"),
            aten=(aten.movedim, aten.moveaxis), arg_names=("input", "source", "destination")),
     OpSpec("permute", functions=(torch.permute,), methods=("permute",), aten=(aten.permute,),

@@ -29,7 +29,7 @@ CHANNELWISE = ZERO_PRESERVING | SPATIAL | frozenset({
     "sum", "amax", "amin", "var", "std", "normalize", "where", "masked_fill", "gt", "ge", "lt", "le", "eq", "ne",
     "fill_like", "stack", "unbind", "einsum", "max", "min", "maximum", "minimum", "layer_norm", "rms_norm",
     "log_softmax", "var_mean", "std_mean", "repeat", "repeat_interleave", "reshape_as", "cumsum", "cumprod",
-    "index", "tile", "tensor_split", "movedim"})
+    "index", "tile", "tensor_split", "movedim", "unfold", "grid_sample"})
 # ops whose result is a tuple of values (taken apart by getitem)
 TUPLE_RESULTS = frozenset({"split", "chunk", "tensor_split", "unbind", "max", "min", "var_mean", "std_mean", "adaptive_max_pool"})
 # products: zero on a removed channel where any factor is (a matmul or einsum here keeps

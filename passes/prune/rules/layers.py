@@ -55,6 +55,33 @@ class LayerRules:
             raise _Pin("instance_norm input channel axis is not 1")
         self.passthrough(node, view, src, 1, category="norm")
 
+    def rule_unfold(self, node, view, shape) -> None:
+        """im2col (``F.unfold``): output row j is input channel j // k for k kernel positions, in
+        blocks, as a flatten into a Linear; the kernel's arguments hold no channel count."""
+        src, sid = self.single_input(node, view)
+        if sid is None:
+            return self.free_output(node, view)
+        if self.slots[sid].axis != 1 or len(_shape(src)) != 4:
+            raise _Pin("unfold of a value whose channels are not on axis 1 of a 4-D value")
+        c = self.slots[sid].size
+        if shape[1] % c:
+            raise _Pin("unfold output rows are no multiple of its channels")
+        k = shape[1] // c
+        self.passthrough(node, view, src, 1, np.repeat(np.arange(c), k), np.arange(c * k), how=f"blocks x{k}")
+
+    def rule_grid_sample(self, node, view, shape) -> None:
+        """Every channel sampled at the grid's positions (a spatial transformer): channelwise
+        and zero-preserving; a grid that carries channels keeps them."""
+        src, grid = view.inputs[0], view.inputs[1]
+        sid = self.in_slot(src)
+        if sid is None:
+            return self.free_output(node, view)
+        if self.slots[sid].axis != 1:
+            raise _Pin("grid_sample of a value whose channels are not on axis 1")
+        if self.in_slot(grid) is not None:
+            raise _Pin("grid_sample whose grid is computed from channels", hold=(self.in_slot(grid),))
+        self.passthrough(node, view, src, 1)
+
     def rule_conv(self, node, view, shape) -> None:
         src = view.input
         if view.param("weight") is None and not self._weight_computed(view):

@@ -2483,3 +2483,33 @@ def test_a_gate_times_a_zero_state_is_zero(mode):
     assert r.plan.channel_graph.pinned_nodes == {}
     assert count_parameters(r.pruned) < 0.6 * r.params_before
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class PatchesAndSampling(nn.Module):
+    """im2col patches into a Linear (F.unfold: channel c gives rows c·k .. (c+1)·k - 1), and a
+    spatial transformer's grid_sample (every channel at the same positions): both had no rule
+    and kept every channel of the conv before them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1)
+        self.lin, self.loc, self.head = nn.Linear(16 * 4, 32), nn.Linear(3, 6), nn.Conv2d(16, 8, 1)
+        self.unfold = nn.Unfold(2, stride=2)
+
+    def forward(self, x):
+        patches = self.unfold(F.relu(self.c1(x))).transpose(1, 2)
+        theta = self.loc(x.mean((2, 3))).view(-1, 2, 3)
+        grid = F.affine_grid(theta, [x.shape[0], 1, 6, 6], align_corners=False)
+        sampled = F.grid_sample(F.relu(self.c2(x)), grid, align_corners=False, padding_mode="border")
+        return torch.cat([F.relu(self.lin(patches)).mean(1), self.head(sampled).mean((2, 3))], 1)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_unfold_and_grid_sample_prune(mode):
+    torch.manual_seed(0)
+    model, x = PatchesAndSampling().eval(), torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(model, x, mode, 0.5)
+    assert set(r.plan.channel_graph.pinned_nodes) <= {"affine_grid", "affine_grid_generator"}  # theta stays
+    kept = r.plan.kept_channels()
+    assert kept.get("c1", kept.get("conv2d")) != "16/16" and count_parameters(r.pruned) < 0.7 * r.params_before
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
