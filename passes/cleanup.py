@@ -109,6 +109,11 @@ class FoldConstants(Pass):
     preserves = frozenset({"shapes"})
     max_growth: float = 4.0
 
+    def __post_init__(self) -> None:
+        if not self.max_growth > 0:
+            raise ValueError(f"option 'max_growth' must be > 0 (how many times larger a folded result may be "
+                             f"than what it reads), got {self.max_growth}")
+
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         constant = constant_nodes(gm)
         # Fold only the frontier: a constant node some non-constant node consumes.

@@ -306,3 +306,9 @@ def test_registering_a_runtime_name_again_replaces_it():
         pass
 
     assert fxopt.register_pass(Tunable2) is Tunable2 and fxopt.get_pass("test-tunable") is Tunable2
+
+
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_fold_constants_refuses_a_growth_bound_that_is_not_positive(value):
+    with pytest.raises(fxopt.PipelineError, match=r"pass 'fold-constants': option 'max_growth' must be > 0"):
+        parse_pipeline(f"fold-constants{{max_growth={value}}}")
