@@ -183,11 +183,24 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
     if importance == "bn_scale":
         imp = np.where(has_bn, bn, imp)
     imp = imp / np.maximum(contributions, 1)
-    # a parameter's entries count as channels where a layer produces or reads them; alone (a
-    # NoNorm offset added to the stream) they save nothing, and a zero one, at no importance,
-    # would meet the ratio on paper while the layers kept their channels
-    prod += np.where((prod > 0) | (macs > 0), param_prod, 0)
+    prod += np.where(_parameter_channels(cg, prod, macs), param_prod, 0)
     return {"imp": imp, "macs": macs, "prod": prod}
+
+
+def _parameter_channels(cg: ChannelGraph, prod: np.ndarray, macs: np.ndarray) -> np.ndarray:
+    """Classes whose parameter entries count as channels: where a layer produces or reads them,
+    or where parameters alone make a sum's channels (an affine spelled out, ``w * y + b`` of a
+    normalized y). A parameter added to a stream a layer produces (MobileBERT's NoNorm offset)
+    is not: its entries save nothing, and a zero one, at no importance, would meet the ratio on
+    paper while the layers kept their channels."""
+    counted = (prod > 0) | (macs > 0)
+    made_of: dict[int, list[int]] = {}
+    for y, x in cg.precedence:  # y (a sum's channel) dies only with every x it adds up
+        made_of.setdefault(y, []).append(x)
+    for y, parts in made_of.items():
+        if prod[y] == 0 and not any(prod[x] > 0 for x in parts):
+            counted[parts] = True
+    return counted
 
 
 def timed_macs(cg: ChannelGraph, layer_costs: dict[str, LayerCost]) -> np.ndarray:
