@@ -165,8 +165,9 @@ def _weight_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple | Non
     bias = args.get("input") if view.kind == "addmm" else None
     if not (_is_matrix_parameter(gm, weight) and isinstance(x, torch.fx.Node) and x.op != "get_attr"):
         return None
-    out_features = get_attr_value(gm, weight.target).shape[1]
-    if bias is not None and not _is_bias(gm, bias, out_features):
+    w = get_attr_value(gm, weight.target)
+    out_features = w.shape[1]
+    if bias is not None and not _is_bias(gm, bias, out_features, w.dtype):
         return None
     replaced = node
     if bias is None and len(node.users) == 1:  # ``x @ W + b``: the bias joins the linear
@@ -175,7 +176,7 @@ def _weight_matmul(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple | Non
         if add_view is not None and add_view.kind == "add" and add_view.attrs.get("alpha", 1) == 1:
             add_args = bind_arguments(add, spec_for(gm, add))
             other = add_args.get("other") if add_args.get("input") is node else add_args.get("input")
-            if other is not node and _is_bias(gm, other, out_features):
+            if other is not node and _is_bias(gm, other, out_features, w.dtype):
                 bias, replaced = other, add
     return x, weight, bias, replaced
 
@@ -187,11 +188,12 @@ def _is_matrix_parameter(gm: torch.fx.GraphModule, node: Any) -> bool:
     return isinstance(value, nn.Parameter) and value.is_floating_point() and value.dim() == 2
 
 
-def _is_bias(gm: torch.fx.GraphModule, node: Any, size: int) -> bool:
+def _is_bias(gm: torch.fx.GraphModule, node: Any, size: int, dtype: torch.dtype) -> bool:
+    """A constant [size] of the weight's dtype (an add of another dtype promotes; linear would not)."""
     if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
         return False
     value = get_attr_value(gm, node.target)
-    return isinstance(value, torch.Tensor) and value.is_floating_point() and tuple(value.shape) == (size,)
+    return isinstance(value, torch.Tensor) and value.dtype == dtype and tuple(value.shape) == (size,)
 
 
 def meta_value(node: torch.fx.Node) -> Any:

@@ -346,6 +346,7 @@ class _Lowering:
         with r.graph.inserting_before(r.match.root) if written else r.graph.inserting_after(node):
             new = r.graph.call_method("contiguous", (node,), {"memory_format": torch.channels_last})
         new.meta["tensor_meta"] = node.meta.get("tensor_meta")
+        new.meta[_LAYOUT_COPY] = True
         if not written:
             self.cl[node] = new
         return new
@@ -568,19 +569,31 @@ def _makes_fresh_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvByBatch))
 
 
+#: Marks the channels-last copies the lowering itself inserts (a user's own
+#: ``contiguous(memory_format=...)`` is a layout eager has too).
+_LAYOUT_COPY = "fxopt.layout_copy"
+
+
 def _downstream_of_channels_last(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """The values computed from what the lowering made channels-last (its convs, batch
-    switches and layout copies): their strides may be channels-last at any rank."""
+    switches and layout copies): their strides may be channels-last at any rank. A user's own
+    layout request (``clone(memory_format=torch.channels_last)``) ends it: eager has that
+    layout too."""
     found: set[torch.fx.Node] = set()
     stack = [n for n in gm.graph.nodes if _is_lowered_conv(n) or n.op == "call_module"
-             and isinstance(gm.get_submodule(n.target), ConvByBatch)
-             or n.op == "call_method" and n.kwargs.get("memory_format") is torch.channels_last]
+             and isinstance(gm.get_submodule(n.target), ConvByBatch) or n.meta.get(_LAYOUT_COPY)]
     while stack:
         n = stack.pop()
         if n not in found:
             found.add(n)
-            stack.extend(n.users)
+            stack.extend(u for u in n.users if not _requests_a_layout(u))
     return found
+
+
+def _requests_a_layout(node: torch.fx.Node) -> bool:
+    """A user's op that sets its result's memory format (not `preserve_format`)."""
+    fmt = node.kwargs.get("memory_format")
+    return fmt is not None and fmt is not torch.preserve_format and not node.meta.get(_LAYOUT_COPY)
 
 
 def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -593,7 +606,7 @@ def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 #: dropout in training mode, ``rand_like``): on a channels-last value they give other results.
 _MEMORY_ORDER_READERS = frozenset({"as_strided", "stride", "data_ptr", "untyped_storage", "numpy", "rand_like",
                                    "randn_like", "randint_like", "bernoulli", "bernoulli_", "uniform_", "normal_",
-                                   "exponential_", "random_", "rrelu", "rrelu_"})
+                                   "exponential_", "random_", "rrelu", "rrelu_", "resize_", "resize_as_", "set_"})
 
 
 def _reads_memory_order(node: torch.fx.Node, view) -> bool:
@@ -630,7 +643,8 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
         if src is None or not _reads_memory_order(node, view):
             continue
         meta = tensor_meta(src)
-        if meta is None or len(meta[0]) != 4 and (len(meta[0]) < 2 or src not in downstream):
+        reshape = view is not None and view.kind == "reshape"  # (a contiguous copy is harmless there)
+        if meta is None or (len(meta[0]) != 4 or not reshape) and (len(meta[0]) < 2 or src not in downstream):
             continue
         if node.name in written or src.name in written:
             # a view written through (or of a value written): a copy for it alone would take the

@@ -445,3 +445,29 @@ def test_a_training_mode_dropout_draws_in_the_original_order():
     got = res.module(x)
     torch.manual_seed(1)
     torch.testing.assert_close(got, graph(x), rtol=1e-4, atol=1e-5)
+
+
+class _AsksForALayout(nn.Module):
+    """A user's own layout request after a lowered conv (eager has it too), then readers of
+    memory order: ``stride()``/``as_strided`` on it, and ``resize_`` of a clone."""
+
+    def __init__(self, resize: bool):
+        super().__init__()
+        self.c, self.resize = nn.Conv2d(8, 8, 3, padding=1), resize
+
+    def forward(self, x):
+        y = self.c(x).clone(memory_format=torch.channels_last)
+        z = self.c(x).clone()
+        if self.resize:  # (export refuses resize_)
+            z.resize_(40)
+        return torch.as_strided(y, (y.shape[0], 16), (y.stride(0), y.stride(1))), z
+
+
+@pytest.mark.parametrize("mode, resize", [("symbolic", True), ("export", False)])
+def test_a_layout_the_user_asked_for_is_kept(mode, resize):
+    torch.manual_seed(0)
+    model, x = _AsksForALayout(resize).eval(), torch.randn(2, 8, 10, 10)
+    res = fxopt.optimize(model, (x,), pipeline="fuse,lower-cpu", mode=mode)
+    with torch.no_grad():
+        for got, want in zip(res.module(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -135,3 +135,23 @@ def test_a_value_a_max_pool_reads_gets_a_min_max_range():
     pooled = pool.args[0].args[0].name  # the pool reads the observer of its input
     assert kinds[pooled] == "minmax", kinds
     assert "histogram" in kinds.values(), kinds  # the others keep the default
+
+
+def test_a_bias_of_another_dtype_stays_an_add():
+    """``x @ W + b`` with b float64: the add promotes, a linear would not (the rewritten graph
+    raised 'self and mat2 must have the same dtype')."""
+    class Promoting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 4))
+            self.register_buffer("b", torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return x @ self.w + self.b
+
+    torch.manual_seed(0)
+    model, x = Promoting(), torch.randn(3, 8)
+    gm = fxopt.capture(model, (x,), mode="symbolic")
+    assert weight_matmuls_as_linear(gm) == 1  # the matmul, without the bias
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
