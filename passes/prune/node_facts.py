@@ -91,35 +91,36 @@ def _norm_axes(dims: Any, ndim: int) -> list[int]:
     return [_norm_axis(int(d), ndim) for d in ([dims] if isinstance(dims, int) else dims)]
 
 
-# lower bounds of activations: `x > b` (strict) or `x >= b`; elu/celu read their alpha
+# Lower bounds of activations, as floating point computes them: ``sigmoid``, ``exp`` and
+# ``tanh(x) + 1`` are > 0 in exact arithmetic but underflow to exactly 0 (tanh(-20) + 1 == 0 in
+# float32), so only ``>= 0`` holds; a division by them may give 0 / 0.
 _ACTIVATION_BOUNDS = {
-    "sigmoid": (0.0, True), "exp": (0.0, True), "softplus": (0.0, True), "tanh": (-1.0, True),
-    "softsign": (-1.0, True), "hardsigmoid": (0.0, False), "abs": (0.0, False), "square": (0.0, False),
-    "relu": (0.0, False), "vector_norm": (0.0, False), "var": (0.0, False), "std": (0.0, False),
-    "selu": (-1.0507009873554805 * 1.6732632423543772, True),
+    "sigmoid": 0.0, "exp": 0.0, "softplus": 0.0, "tanh": -1.0, "softsign": -1.0, "hardsigmoid": 0.0, "abs": 0.0,
+    "square": 0.0, "relu": 0.0, "vector_norm": 0.0, "var": 0.0, "std": 0.0,
+    "selu": -1.0507009873554805 * 1.6732632423543772,
 }
 # ops whose every output element is one of their input's, or an average (max) of them: the
 # input's bound holds for them too
 _KEEPS_BOUND = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
-                          "unsqueeze", "squeeze", "to", "contiguous", "clone", "getitem", "select", "slice", "mean", "amax",
-                          "amin", "dropout", "identity", "repeat", "tile", "movedim", "repeat_interleave", "reshape_as", "max_pool",
-                          "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
-# ops that keep only their input's sign (a sum of values > -1 may be anything; sqrt of x >= 0)
-_KEEPS_SIGN = frozenset({"sum", "sqrt"})
+                          "unsqueeze", "squeeze", "to", "contiguous", "clone", "getitem", "select", "slice", "mean",
+                          "amax", "amin", "dropout", "identity", "repeat", "tile", "movedim", "repeat_interleave",
+                          "reshape_as", "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
 
-Bound = tuple[float, bool]  # (b, strict): every element is > b when strict, else >= b
+Bound = tuple[float, bool]  # (b, strict): every element is >= b; strict: > b too, for a reason
+                            # rounding cannot undo (rsqrt of a positive is 0 only at infinity)
 
 
 def _sign(gm: torch.fx.GraphModule, value: Any) -> str | None:
     """"pos" when every element of `value` is > 0, "nonneg" when ≥ 0, else None (unknown) —
-    read off the ops that make it (``clamp_min(norm, eps)``, ``var + eps``, ``elu(g) + 1``), so
-    a division by it, or its rsqrt, is known to be finite.
+    read off the ops that make it (``clamp_min(norm, eps)``, ``var + eps``, ``h * h + eps``), so
+    a division by it, or its rsqrt, is known to be finite. Bounds are taken in the value's
+    dtype: a sigmoid or ``elu(x) + 1`` may round to 0, so they are only "nonneg".
 
         >>> import torch, torch.fx
         >>> gm = torch.fx.symbolic_trace(lambda x: (x.var(1, keepdim=True) + 1e-5, x.abs(), x - 1,
-        ...                                         torch.nn.functional.elu(x) + 1, x * x))
+        ...                                         torch.nn.functional.elu(x) + 1, x * x + 1e-6))
         >>> {n.name: _sign(gm, n) for n in gm.graph.nodes if n.op.startswith("call")}
-        {'var': 'nonneg', 'add': 'pos', 'abs_1': 'nonneg', 'sub': None, 'elu': None, 'add_1': 'pos', 'mul': 'nonneg'}
+        {'var': 'nonneg', 'add': 'pos', 'abs_1': 'nonneg', 'sub': None, 'elu': None, 'add_1': 'nonneg', 'mul': 'nonneg', 'add_2': 'pos'}
     """
     return _sign_of(_lower_bound(gm, value))
 
@@ -130,8 +131,12 @@ def _sign_of(bound: Bound | None) -> str | None:
     return "pos" if bound[0] > 0 or bound[1] else "nonneg"
 
 
-def _bound_of_sign(sign: str | None) -> Bound | None:
-    return None if sign is None else (0.0, sign == "pos")
+def _rounded(x: float, like: Any) -> float:
+    """`x` as the dtype of the value `like` holds it (float32 unless recorded otherwise):
+    ``1e-46`` is 0 in float32, and ``0.1 - 0.1`` of two float32 roundings is 0."""
+    meta = like.meta.get("tensor_meta") if isinstance(like, torch.fx.Node) else None
+    dtype = getattr(meta, "dtype", torch.float32)
+    return float(torch.tensor(x, dtype=dtype if dtype.is_floating_point else torch.float64))
 
 
 def _lower_bound(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> Bound | None:
@@ -148,46 +153,56 @@ def _lower_bound(gm: torch.fx.GraphModule, value: Any, depth: int = 16) -> Bound
     if view is None:
         return None
     kind, inner = view.kind, (lambda v: _lower_bound(gm, v, depth - 1))
-    inner_sign = lambda v: _sign_of(inner(v))  # noqa: E731
     if kind in _ACTIVATION_BOUNDS:
-        return _ACTIVATION_BOUNDS[kind]
-    if kind in ("elu", "celu"):  # x > -alpha
+        return (_rounded(_ACTIVATION_BOUNDS[kind], value), False)
+    if kind in ("elu", "celu"):  # x > -alpha, and = -alpha once exp(x) underflows
         alpha = view.attrs.get("alpha", 1.0)
-        return (-float(alpha), True) if isinstance(alpha, (int, float)) and alpha >= 0 else None
-    if kind == "hardtanh":
-        low = view.attrs.get("min_val", -1)
-        return (float(low), False) if isinstance(low, (int, float)) else None
-    if kind == "pow":
-        e, base = view.attrs.get("exponent"), view.attrs.get("input")
-        if isinstance(base, (int, float)) and not isinstance(base, bool) and base > 0:
-            return (0.0, True)  # a positive base to any power (a sinusoidal inv_freq's 10000 ** t)
-        if isinstance(e, int) and not isinstance(e, bool) and e % 2 == 0:
-            return (0.0, inner_sign(view.input) == "pos")
-        return _bound_of_sign(inner_sign(view.input)) if isinstance(e, (int, float)) else None
-    if kind == "clamp":
-        low = view.attrs.get("min")
+        return (_rounded(-alpha, value), False) if isinstance(alpha, (int, float)) and alpha >= 0 else None
+    if kind in ("hardtanh", "clamp"):
+        low = view.attrs.get("min_val", -1) if kind == "hardtanh" else view.attrs.get("min")
         if isinstance(low, (int, float)) and not isinstance(low, bool):
             below = inner(view.input)
-            return below if below is not None and below[0] > low else (float(low), False)
-        return inner(view.input) if low is None and view.attrs.get("max") is None else None
-    if kind == "rsqrt":
-        return (0.0, True) if inner_sign(view.input) == "pos" else None
+            return below if below is not None and below[0] > low else (_rounded(low, value), False)
+        return inner(view.input) if kind == "clamp" and low is None and view.attrs.get("max") is None else None
+    if kind == "pow":
+        return _power_bound(view, inner, value)
+    if kind in ("rsqrt", "reciprocal"):  # of a positive: > 0, and 0 only at infinity
+        return (0.0, True) if _sign_of(inner(view.input)) == "pos" else None
     if kind == "getitem" and isinstance(view.input, torch.fx.Node) and _piece_index(value) == 0 \
             and getattr(op_view(gm, view.input), "kind", None) in ("var_mean", "std_mean"):
         return (0.0, False)
     if kind in _KEEPS_BOUND:
         return inner(view.input)
-    if kind in _KEEPS_SIGN:
-        return _bound_of_sign(inner_sign(view.input))
+    if kind in ("sum", "sqrt"):  # a sum of values >= b >= 0 is >= b; sqrt is monotone
+        below = inner(view.input)
+        if below is None or below[0] < 0:
+            return None
+        return below if kind == "sum" else (_rounded(below[0] ** 0.5, value), below[1])
     if kind in ("add", "sub", "mul", "div"):
         return _arithmetic_bound(gm, value, view, inner)
     return None
 
 
+def _power_bound(view: Any, inner: Any, value: torch.fx.Node) -> Bound | None:
+    """``x ** e`` for a number e (an even one of any x; another of an x >= 0), and ``c ** t``
+    of a positive number c (>= 0: it underflows for a very negative t)."""
+    e, base = view.attrs.get("exponent"), view.attrs.get("input")
+    if isinstance(base, (int, float)) and not isinstance(base, bool):
+        return (0.0, False) if base > 0 else None
+    if not isinstance(e, (int, float)) or isinstance(e, bool):
+        return None
+    below = inner(view.input)
+    if below is not None and below[0] >= 0:
+        if e < 0:
+            return (0.0, True) if _sign_of(below) == "pos" else None
+        return (_rounded(below[0] ** e, value), False)
+    return (0.0, False) if float(e).is_integer() and int(e) % 2 == 0 else None
+
+
 def _arithmetic_bound(gm: torch.fx.GraphModule, value: torch.fx.Node, view: Any, inner: Any) -> Bound | None:
-    """Bounds through + - * /: a sum of bounded values; a difference less a number; a square
-    (``h * h``) or a product or quotient of signs (a division by a value that may be 0 may
-    give inf or nan, so its divisor must be positive)."""
+    """Bounds through + - * /, each operand rounded as the value's dtype holds it: a sum of
+    bounded values; a difference less a number; a square (``h * h``) or a product of values
+    >= 0; a quotient of a value >= 0 by a positive one."""
     if view.attrs.get("alpha", 1) != 1 or view.attrs.get("rounding_mode") is not None:
         return None
     args = bind_arguments(value, spec_for(gm, value))
@@ -198,15 +213,17 @@ def _arithmetic_bound(gm: torch.fx.GraphModule, value: torch.fx.Node, view: Any,
     if view.kind == "sub":
         if bounds[0] is None or isinstance(b, bool) or not isinstance(b, (int, float)):
             return None
-        return (bounds[0][0] - b, bounds[0][1])
+        return (_rounded(bounds[0][0] - _rounded(b, value), value), bounds[0][1])
     if None in bounds:
         return None
+    (low_a, strict_a), (low_b, strict_b) = ((_rounded(low, value), strict) for low, strict in bounds)
     if view.kind == "add":
-        return (bounds[0][0] + bounds[1][0], bounds[0][1] or bounds[1][1])
-    signs = [_sign_of(bound) for bound in bounds]
-    if None in signs or view.kind == "div" and signs[1] != "pos":
-        return None
-    return (0.0, signs == ["pos", "pos"])
+        return (_rounded(low_a + low_b, value), strict_a or strict_b)
+    if low_a < 0 or low_b < 0 or view.kind == "div" and _sign_of((low_b, strict_b)) != "pos":
+        return None  # (a division by a value that may be 0 may give inf or nan)
+    if view.kind == "div":
+        return (0.0, False)
+    return (_rounded(low_a * low_b, value), False)  # a product of positives may underflow to 0
 
 
 _ZERO_FACTORIES = ("zeros", "new_zeros", "zeros_like")

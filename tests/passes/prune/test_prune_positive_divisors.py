@@ -80,7 +80,8 @@ def test_an_add_of_a_shape_number_survives_apply(mode):
 
 class SquareAndEluDivisors(nn.Module):
     """Divisors known positive by bounds, not signs: ``(d * d).mean() + eps`` (a square, as
-    ``pow(2)``) and ``elu(g) + 1`` (elu > -1). Both were unknown, pinned, and c1 kept every channel."""
+    ``pow(2)``) and ``elu(g) + 1.5`` (elu >= -1). Both were unknown, pinned, and c1 kept every
+    channel. (``elu(g) + 1`` is not positive in float32: it rounds to 0 for g < -17.)"""
 
     def __init__(self):
         super().__init__()
@@ -90,12 +91,12 @@ class SquareAndEluDivisors(nn.Module):
         h = F.relu(self.c1(x))
         d = h - h.mean((2, 3), keepdim=True)
         h = h / ((d * d).mean((2, 3), keepdim=True) + 1e-4)
-        h = h / (F.elu(self.g(x).mean((2, 3), keepdim=True)) + 1)
+        h = h / (F.elu(self.g(x).mean((2, 3), keepdim=True)) + 1.5)
         return self.c2(h).mean((2, 3))
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_a_square_and_elu_plus_one_are_positive_divisors(mode):
+def test_a_square_and_elu_plus_a_margin_are_positive_divisors(mode):
     torch.manual_seed(0)
     model, x = SquareAndEluDivisors().eval(), torch.randn(2, 3, 12, 12)
     r = prune_and_mask(model, x, mode)
@@ -105,10 +106,46 @@ def test_a_square_and_elu_plus_one_are_positive_divisors(mode):
 
 
 def test_bounds_name_only_what_holds():
-    """elu(x, alpha=2) + 1 reaches -1 and a sum of tanh may be anything: not positive."""
+    """Bounds as float32 computes them: ``elu(x) + 1``, ``tanh(x) + 1`` and a sigmoid round to 0
+    (tanh(-20) + 1 == 0), ``1e-46`` is 0, ``0.1 - 0.1`` of two roundings is 0: none of them is a
+    positive divisor (a division by them gave 0 / 0 in the zeroed model and a number after
+    pruning). A margin is: ``elu(x) + 1.5``, ``var + 1e-5``, ``rsqrt`` of a positive."""
     from fxopt.passes.prune.node_facts import _sign
 
-    gm = torch.fx.symbolic_trace(lambda x: (F.elu(x, 2.0) + 1, F.elu(x) + 1, torch.tanh(x) + 1,
-                                            torch.tanh(x).sum() + 1, torch.sigmoid(x) - 0.5, x.clamp(min=0.1) - 0.1))
+    gm = torch.fx.symbolic_trace(lambda x: (
+        F.elu(x, 2.0) + 1, F.elu(x) + 1, torch.tanh(x) + 1, torch.tanh(x).sum() + 1, torch.sigmoid(x) - 0.5,
+        x.clamp(min=0.1) - 0.1, torch.sigmoid(x), F.relu(x) + 1e-46, F.elu(x) + 1.5,
+        torch.rsqrt(x.var(1, keepdim=True) + 1e-5), torch.sigmoid(x) * torch.sigmoid(x)))
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    assert [_sign(gm, n) for n in out] == [None, "pos", "pos", None, None, "nonneg"]
+    assert [_sign(gm, n) for n in out] == [None, "nonneg", "nonneg", None, None, "nonneg", "nonneg", "nonneg",
+                                           "pos", "pos", "nonneg"]
+
+
+class DividesByAnUnderflow(nn.Module):
+    """A divisor that is > 0 in exact arithmetic and exactly 0 in float32 where g is very
+    negative: channels 0..7 (the ones pruned) divide 0 by 0 in the zeroed model. Taken as
+    positive, the pruned model was finite there (an outside tester's finding)."""
+
+    def __init__(self, divisor):
+        super().__init__()
+        self.c1, self.c0, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 4, 1)
+        self.divisor = divisor
+        with torch.no_grad():
+            self.c1.weight[:8] *= 1e-3
+            self.c0.bias[:8], self.c0.bias[8:] = -200.0, 200.0
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        g = self.c0(x)
+        g = g - g.mean(1, keepdim=True)
+        return self.c2(h / self.divisor(g)).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("divisor", [lambda g: torch.tanh(g) + 1, lambda g: F.elu(g) + 1, torch.sigmoid,
+                                     lambda g: F.relu(g) + 1e-46], ids=["tanh+1", "elu+1", "sigmoid", "relu+1e-46"])
+def test_a_divisor_that_rounds_to_zero_is_not_positive(mode, divisor):
+    torch.manual_seed(0)
+    r = prune_and_mask(DividesByAnUnderflow(divisor).eval(), torch.randn(2, 16, 8, 8), mode)
+    assert r.masked.isnan().any()
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5, equal_nan=True)
