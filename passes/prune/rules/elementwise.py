@@ -29,8 +29,6 @@ class ElementwiseRules:
                 raise _Pin(f"{view.kind} over the channel axis")
             if axis >= len(shape) - spatial:
                 raise _Pin("interpolate over the channel axis")
-        if view.kind == "hardtanh" and not (view.attrs.get("min_val", -1) <= 0 <= view.attrs.get("max_val", 1)):
-            raise _Pin("hardtanh range excludes 0 (not zero-preserving)")
         if shape[axis] != self.slots[sid].size:
             raise _Pin("channel size changed")
         self.passthrough(node, view, src, axis)
@@ -290,12 +288,18 @@ class ElementwiseRules:
         raise _Pin(f"{what} of a value that may be 0 (its channels all stay)", hold=() if sid is None else (sid,))
 
     def rule_clamp(self, node, view, shape) -> None:
-        """clamp/clip: zero-preserving when its range holds 0 (`clamp(min=0)` is a relu), else dirty."""
-        low, high = view.attrs.get("min"), view.attrs.get("max")
+        """clamp/clip/hardtanh: zero-preserving when its range holds 0 (`clamp(min=0)` is a relu),
+        else dirty (``hardtanh(x, 0.5, 2)`` gives 0.5 on a removed channel)."""
+        if view.kind == "hardtanh":
+            low, high = view.attrs.get("min_val", -1.0), view.attrs.get("max_val", 1.0)
+        else:
+            low, high = view.attrs.get("min"), view.attrs.get("max")
         if isinstance(low, torch.fx.Node) or isinstance(high, torch.fx.Node):
-            raise _Pin("clamp with tensor bounds")
+            raise _Pin(f"{view.kind} with tensor bounds")
         holds_zero = (low is None or low <= 0) and (high is None or high >= 0)
         self._channelwise(node, view, shape, dirty=not holds_zero)
+
+    rule_hardtanh = rule_clamp
 
     def rule_flip(self, node, view, shape) -> None:
         """flip: along the channel axis output channel j is input channel c - 1 - j (the kept

@@ -2513,3 +2513,24 @@ def test_unfold_and_grid_sample_prune(mode):
     kept = r.plan.kept_channels()
     assert kept.get("c1", kept.get("conv2d")) != "16/16" and count_parameters(r.pruned) < 0.7 * r.params_before
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class ShiftedHardtanh(nn.Module):
+    """``hardtanh(g, 0.5, 2)`` gives 0.5 on a removed channel: a dirty channelwise op, as
+    ``clamp(g, 0.5, 2)`` is (it was pinned: 'hardtanh range excludes 0')."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.a(x)) * F.hardtanh(self.b(x), 0.5, 2.0))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_hardtanh_whose_range_excludes_zero_is_dirty_not_pinned(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(ShiftedHardtanh().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
