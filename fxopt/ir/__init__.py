@@ -28,7 +28,7 @@ from .rewrite import (
     replace_uses,
     tensor_meta,
     tensor_versions,
-    unpack_tuple_slices,
+    unpack_tuples,
     value_nbytes,
     weight_matmuls_as_linear,
 )
@@ -40,6 +40,6 @@ __all__ = [
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared",
     "make_private", "meta_value", "metadata_read", "mutated_input", "written_base", "node_values", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "tensor_meta", "tensor_versions",
-    "transposed_parameter", "unpack_tuple_slices",
+    "transposed_parameter", "unpack_tuples",
     "value_nbytes", "weight_matmuls_as_linear", "written_in_place",
 ]

@@ -64,48 +64,87 @@ def call_as(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
     return target(*args, **kwargs)
 
 
-def unpack_tuple_slices(gm: torch.fx.GraphModule) -> int:
-    """Rewrite a slice of a tuple of tensors (``h.chunk(4, 1)[1:]``, which a symbolic graph
-    keeps as one node holding a tuple) as the tuple of its pieces, ``(t[1], t[2], t[3])``, so
-    every reader sees single values: a rule that follows a split's pieces can then follow
-    these. Returns how many slices were unpacked.
+def unpack_tuples(gm: torch.fx.GraphModule) -> int:
+    """Spell every tuple of tensors a symbolic graph computes as a tuple of its pieces: a slice
+    (``h.chunk(4, 1)[1:]``), a concatenation (``t[1:] + (h,)``) or a repetition (``t * 2``) of a
+    split's tuple, and a split's tuple passed whole (``torch.cat(h.tensor_split(...), 1)``)
+    become ``(t[1], t[2], ...)``, so every reader of a piece reads it by index and a rule that
+    follows a split's pieces can follow these. Returns how many were rewritten.
 
         >>> import operator, torch, torch.fx
         >>> from torch.fx.passes.shape_prop import ShapeProp
-        >>> gm = torch.fx.symbolic_trace(lambda x: torch.cat(x.chunk(4, 1)[1:], 1))
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.cat(x.chunk(4, 1)[1:] + (x,), 1))
         >>> ShapeProp(gm).propagate(torch.randn(2, 8))
         ... # doctest: +ELLIPSIS
         tensor(...)
-        >>> unpack_tuple_slices(gm), [n.args[1] for n in gm.graph.nodes if n.target is operator.getitem]
-        (1, [1, 2, 3])
+        >>> unpack_tuples(gm), [n.args[1] for n in gm.graph.nodes if n.target is operator.getitem]
+        (2, [1, 2, 3])
     """
+    pieces: dict[torch.fx.Node, list] = {}
+    made: list[torch.fx.Node] = []
+
+    def of(value: Any) -> list | None:
+        """The piece nodes of a tuple-valued `value`, or None for anything else."""
+        if isinstance(value, (tuple, list)):
+            return list(value) if all(isinstance(v, torch.fx.Node) for v in value) else None
+        if not isinstance(value, torch.fx.Node):
+            return None
+        if value not in pieces:
+            meta = value.meta.get("tensor_meta")
+            if hasattr(meta, "shape") or not isinstance(meta, tuple) or not meta \
+                    or not all(hasattr(m, "shape") for m in meta):
+                return None
+            taken = {u.args[1]: u for u in value.users if _int_getitem(u)}
+            with gm.graph.inserting_after(value):
+                for i in reversed(range(len(meta))):
+                    if i not in taken:
+                        taken[i] = gm.graph.call_function(operator.getitem, (value, i))
+                        taken[i].meta["tensor_meta"] = meta[i]
+                        made.append(taken[i])
+            pieces[value] = [taken[i] for i in range(len(meta))]
+        return pieces[value]
+
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], slice):
+        if node.op != "call_function":
             continue
-        source = node.args[0]
-        pieces_meta = source.meta.get("tensor_meta") if isinstance(source, torch.fx.Node) else None
-        if not isinstance(pieces_meta, tuple) or not all(hasattr(m, "shape") for m in pieces_meta):
-            continue
-        pieces = []
-        with gm.graph.inserting_after(node):
-            for i in reversed(range(len(pieces_meta))[node.args[1]]):
-                piece = gm.graph.call_function(operator.getitem, (source, i))
-                piece.meta["tensor_meta"] = pieces_meta[i]
-                pieces.insert(0, piece)
-        for user in list(node.users):
-            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
-            if isinstance(index, int) and not isinstance(index, bool):
-                user.replace_all_uses_with(pieces[index])
-                gm.graph.erase_node(user)
-            else:
+        args = node.args
+        spelled = None
+        if node.target is operator.getitem and isinstance(args[1], slice) and (p := of(args[0])) is not None:
+            spelled = p[args[1]]
+        elif node.target is operator.add and len(args) == 2 and (a := of(args[0])) is not None \
+                and (b := of(args[1])) is not None:
+            spelled = a + b
+        elif node.target is operator.mul and len(args) == 2 and type(args[1]) is int \
+                and (p := of(args[0])) is not None:
+            spelled = p * args[1]
+        if spelled is not None:
+            for user in list(node.users):
+                if _int_getitem(user):
+                    user.replace_all_uses_with(spelled[user.args[1]])
+                    gm.graph.erase_node(user)
+            for user in list(node.users):
                 user.args, user.kwargs = torch.fx.node.map_arg(
-                    (user.args, user.kwargs), lambda a: tuple(pieces) if a is node else a)
-        gm.graph.erase_node(node)
-        count += 1
+                    (user.args, user.kwargs), lambda a: tuple(spelled) if a is node else a)
+            gm.graph.erase_node(node)
+            count += 1
+            continue
+        # a split's tuple passed whole to another op: the tuple of its pieces
+        for arg in node.all_input_nodes:
+            if node.target is not operator.getitem and (p := of(arg)) is not None:
+                node.args, node.kwargs = torch.fx.node.map_arg(
+                    (node.args, node.kwargs), lambda a, arg=arg, p=p: tuple(p) if a is arg else a)
+                count += 1
+    for piece in made:  # pieces no reader took
+        if not piece.users:
+            gm.graph.erase_node(piece)
     if count:
         gm.recompile()
     return count
+
+
+def _int_getitem(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem and type(node.args[1]) is int
 
 
 def weight_matmuls_as_linear(gm: torch.fx.GraphModule) -> int:

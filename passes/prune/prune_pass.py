@@ -55,7 +55,7 @@ from fxopt.ir import (
     op_view,
     resolve_attr,
     split_packed_parameters,
-    unpack_tuple_slices,
+    unpack_tuples,
 )
 from fxopt.measure import count_parameters
 from fxopt.pass_base import Pass, PassContext, PassResult
@@ -427,13 +427,13 @@ def _patterns(ignore: str | Sequence[str]) -> tuple[str, ...]:
 
 def _prepare(gm: torch.fx.GraphModule) -> bool:
     """Make `gm` ready for the analysis, in place: packed parameters read in pieces split into
-    one per piece (cross-attention's q/k/v rows of `in_proj_weight`), slices of a split's
-    tuple unpacked into its pieces (``h.chunk(4, 1)[1:]``), every weighted op with
+    one per piece (cross-attention's q/k/v rows of `in_proj_weight`), tuples a split's
+    pieces make spelled as tuples of them (``h.chunk(4, 1)[1:]``), every weighted op with
     its own parameters (`_privatize`), and in-place writes rewritten out of place where that
     is exact (``h.add_(x)`` then h read, as export writes it, so h can be narrowed). Whether
     anything changed."""
     unpacked = split_packed_parameters(gm) > 0
-    unpacked = unpack_tuple_slices(gm) > 0 or unpacked
+    unpacked = unpack_tuples(gm) > 0 or unpacked
     privatized = _privatize(gm)
     written = functionalize_writes(gm) > 0
     return _drop_dead_values(gm) or written or privatized or unpacked

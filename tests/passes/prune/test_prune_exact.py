@@ -2534,3 +2534,31 @@ def test_a_hardtanh_whose_range_excludes_zero_is_dirty_not_pinned(mode):
     assert r.plan.channel_graph.pinned_nodes == {}
     assert r.plan.selection.removed > 0
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class TupleExpressions(nn.Module):
+    """Tuples a symbolic graph computes from a split's pieces: a concatenation with another
+    tuple, a repetition, a slice of a slice, and a tensor_split's tuple passed whole to cat.
+    Each pinned in symbolic graphs ('no shape metadata', 'split result used other than by
+    getitem'); export flattens them and pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b, self.c, self.d = nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        joined = torch.cat(h.chunk(4, 1)[1:][::-1] + (h[:, :4],), 1)
+        repeated = torch.cat(h.split(4, 1)[::2] * 2, 1)
+        whole = torch.cat(torch.tensor_split(h, 4, 1), 1)
+        return self.b(joined) + self.c(repeated) + self.d(whole)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_tuples_of_split_pieces_prune(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(TupleExpressions().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
