@@ -269,9 +269,18 @@ def _merge_linears(r: Rewriter) -> torch.fx.Node | None:
 
 
 def _last_dims(view) -> bool | str:
-    dims = {view.attrs.get("dim0"), view.attrs.get("dim1")}
+    """A transpose of the last two axes: ``k.transpose(-2, -1)``, or a permute that swaps them
+    and keeps the others (``k.permute(0, 1, 3, 2)``)."""
     meta = tensor_meta(view.input)
     n = len(meta[0]) if meta else None
+    if view.kind == "permute":
+        order = view.attrs.get("dims")
+        order = list(order) if isinstance(order, (list, tuple)) else list(view.node.args[1:])
+        if n is None or len(order) != n or not all(isinstance(d, int) for d in order):
+            return "a permute of unknown rank"
+        want = list(range(n - 2)) + [n - 1, n - 2]
+        return [d % n for d in order] == want or f"permutes to {order}, not a swap of the last two axes"
+    dims = {view.attrs.get("dim0"), view.attrs.get("dim1")}
     if dims == {-2, -1} or (n is not None and dims == {n - 2, n - 1}):
         return True
     return f"transposes dims {sorted(d for d in dims if d is not None)}, not the last two"
@@ -394,7 +403,7 @@ def _scores(mask: str | None, scale: str = "const") -> Op:
     "none" (scale 1), or a number computed in the graph from shapes (`/ hd ** 0.5` is "div",
     `* k.size(-1) ** -0.5` is "mul"), as symbolic traces keep it.
     """
-    k_t = Op("transpose", Var("k"), check=_last_dims)
+    k_t = Op(("transpose", "permute"), Var("k"), check=_last_dims)
     qk = Op("matmul", Var("q"), k_t)
     if scale == "const":
         scaled = Op(("div", "mul"), qk, scalar=Const("c"), name="scale_op")

@@ -840,3 +840,26 @@ def test_two_terms_added_to_the_scores_are_one_sdpa_mask(mode):
     kept = fxopt.optimize(_TwoTermAttention(read_scores=True), inputs, pipeline="fuse", mode=mode)
     assert "attention/one-mask" not in kept.passes[0].stats["matches"]
     torch.testing.assert_close(kept.module(*inputs), _TwoTermAttention(True)(*inputs), rtol=0, atol=0)
+
+
+class _PermutedKey(nn.Module):
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.permute(*self.order) / 4.0, dim=-1) @ v
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_key_transposed_by_permute_is_attention(mode):
+    """``k.permute(0, 1, 3, 2)`` is kᵀ (only transpose(-2, -1) was); a permute that moves
+    other axes is not."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 16) for _ in range(3))
+    res = fxopt.optimize(_PermutedKey((0, 1, 3, 2)), (q, k, v), pipeline="fuse", mode=mode)
+    assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
+    torch.testing.assert_close(res.module(q, k, v), _PermutedKey((0, 1, 3, 2))(q, k, v), rtol=1e-5, atol=1e-5)
+    k2 = torch.randn(3, 2, 5, 16)  # (heads, batch, ...): permute(1, 0, 3, 2) also swaps batch and heads
+    other = fxopt.optimize(_PermutedKey((1, 0, 3, 2)), (q, k2, v), pipeline="fuse", mode=mode)
+    assert not any("scaled_dot_product" in str(n.target) for n in other.module.graph.nodes)
