@@ -188,12 +188,13 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
 
 
 def _parameter_channels(cg: ChannelGraph, prod: np.ndarray, macs: np.ndarray) -> np.ndarray:
-    """Classes whose parameter entries count as channels: where a layer produces or reads them,
-    or where parameters alone make a sum's channels (an affine spelled out, ``w * y + b`` of a
-    normalized y). A parameter added to a stream a layer produces (MobileBERT's NoNorm offset)
-    is not: its entries save nothing, and a zero one, at no importance, would meet the ratio on
+    """Classes whose parameter entries count as channels: those no layer produces but a layer
+    reads (DETR's learned queries), or where parameters alone make a sum's channels (an affine
+    spelled out, ``w * y + b`` of a normalized y). A parameter on a channel a layer produces (a
+    layer scale) is that channel, counted once; one added to a produced stream (MobileBERT's
+    NoNorm offset) saves nothing, and a zero one, at no importance, would meet the ratio on
     paper while the layers kept their channels."""
-    counted = (prod > 0) | (macs > 0)
+    counted = (prod == 0) & (macs > 0)
     made_of: dict[int, list[int]] = {}
     for y, x in cg.precedence:  # y (a sum's channel) dies only with every x it adds up
         made_of.setdefault(y, []).append(x)

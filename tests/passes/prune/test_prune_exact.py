@@ -2562,3 +2562,30 @@ def test_tuples_of_split_pieces_prune(mode):
     assert r.plan.channel_graph.pinned_nodes == {}
     assert r.plan.selection.removed > 0
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class ScaledChannels(nn.Module):
+    """A per-channel scale on a conv's output (a layer scale), held as a parameter or a buffer."""
+
+    def __init__(self, as_parameter: bool):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        scale = torch.rand(16) + 0.5
+        if as_parameter:
+            self.s = nn.Parameter(scale)
+        else:
+            self.register_buffer("s", scale)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.c2(F.relu(self.c1(x)) * self.s.view(1, 16, 1, 1)))).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("as_parameter", [True, False])
+def test_a_scale_on_produced_channels_counts_them_once(mode, as_parameter):
+    """The ratio is of channels: c1's 16 and c2's 16, whatever holds the scale (a parameter's
+    entries counted c1's channels twice; a buffer's only in symbolic graphs)."""
+    torch.manual_seed(0)
+    r = prune_and_mask(ScaledChannels(as_parameter).eval(), torch.randn(2, 3, 16, 16), mode, 0.5)
+    assert r.plan.stats()["prunable_channels"] == 32
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
