@@ -91,9 +91,10 @@ def unpack_tuples(gm: torch.fx.GraphModule) -> int:
             return None
         if value not in pieces:
             meta = value.meta.get("tensor_meta")
-            if hasattr(meta, "shape") or not isinstance(meta, tuple) or not meta \
-                    or not all(hasattr(m, "shape") for m in meta):
-                return None
+            view = op_view(gm, value) if value.op in ("call_function", "call_method") else None
+            if view is None or view.kind not in _PLAIN_TUPLES or hasattr(meta, "shape") \
+                    or not isinstance(meta, tuple) or not meta or not all(hasattr(m, "shape") for m in meta):
+                return None  # (max/min give a named tuple, read by field: not a plain tuple)
             taken = {u.args[1]: u for u in value.users if _int_getitem(u)}
             with gm.graph.inserting_after(value):
                 for i in reversed(range(len(meta))):
@@ -141,6 +142,10 @@ def unpack_tuples(gm: torch.fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+#: Ops whose result is a plain tuple of tensors (not a named one, such as max's).
+_PLAIN_TUPLES = frozenset({"split", "chunk", "tensor_split", "unbind"})
 
 
 def _int_getitem(node: torch.fx.Node) -> bool:
