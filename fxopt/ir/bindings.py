@@ -94,6 +94,24 @@ def call_through_binding(node: torch.fx.Node, call: EagerCall) -> None:
     node.op, node.target = call.fx_op, call.target
 
 
+def op_name(node: torch.fx.Node) -> str:
+    """The bare name of the op `node` calls, one spelling for every front end: `transpose` for
+    ``x.transpose``, ``torch.transpose`` and ``aten.transpose.int``; "" for a module call, an
+    input or an attribute.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.transpose(x, 0, 1).transpose(0, 1))
+        >>> [op_name(n) for n in gm.graph.nodes]
+        ['', 'transpose', 'transpose', '']
+    """
+    if node.op == "call_method":
+        return node.target
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    return (getattr(target, "_opname", None) or getattr(target, "__name__", "")).split(".")[0]
+
+
 def aten_op_of(node: torch.fx.Node) -> torch._ops.OpOverload | None:
     """The ATen overload `node` calls: its target, or the one it was lowered from (trusted only
     while the node still calls that overload's binding: a pass that retargets a node or copies

@@ -61,8 +61,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import (bind_arguments, contiguous_outputs, functionalize_writes, is_effectful, op_view, spec_for,
-                      split_packed_parameters, tensor_meta, written_in_place)
+from fxopt.ir import (bind_arguments, contiguous_outputs, functionalize_writes, is_effectful, op_name, op_view,
+                      spec_for, split_packed_parameters, tensor_meta, written_in_place)
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -615,11 +615,7 @@ def _reads_memory_order(node: torch.fx.Node, view) -> bool:
     if view is not None and (view.kind == "reshape"
                              or view.kind == "dropout" and view.attrs.get("training") and view.attrs.get("p")):
         return True
-    if node.op == "call_method":
-        return node.target in _MEMORY_ORDER_READERS
-    target = node.target
-    name = getattr(target, "_opname", None) or getattr(target, "__name__", "")
-    return node.op == "call_function" and name in _MEMORY_ORDER_READERS
+    return op_name(node) in _MEMORY_ORDER_READERS
 
 
 def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:

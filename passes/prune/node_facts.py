@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxopt.ir import PRIVATE_OF, ParamRef, bind_arguments, op_view, ref_for_get_attr, spec_for, tensor_meta
+from fxopt.ir import PRIVATE_OF, ParamRef, bind_arguments, op_name, op_view, ref_for_get_attr, spec_for, tensor_meta
 
 from .channel_model import CHANNELWISE, Rule, _Pin
 
@@ -238,9 +238,7 @@ def _is_zero_fill(gm: torch.fx.GraphModule, value: Any) -> bool:
     if view is not None and view.kind in ("fill_like", "new_fill") and "fill_value" in view.attrs:
         fill = view.attrs["fill_value"]
         return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill == 0
-    target = value.target
-    name = target if isinstance(target, str) else getattr(target, "_opname", None) or getattr(target, "__name__", "")
-    return name in _ZERO_FACTORIES
+    return op_name(value) in _ZERO_FACTORIES
 
 
 def _piece_index(node: torch.fx.Node) -> int | None:

@@ -21,7 +21,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.calibration import calibrate
 from fxopt.distillation import inference_kernels
 from fxopt.errors import PassWarning, user_stacklevel
-from fxopt.ir import get_attr_value, op_view
+from fxopt.ir import get_attr_value, op_name, op_view
 
 from .insert import InsertObservers, ReduceRange
 from .lower import Backend, LowerInt8, check_target_sqnr, lowering_stats
@@ -84,8 +84,9 @@ def _warn_float_weight_ops(gm: torch.fx.GraphModule, float_ops: dict[str, str]) 
              and _contracts_weights(gm, nodes[name])]
     if heavy:
         shown = ", ".join(f"'{n}' ({float_ops[n].split(':')[0]})" for n in heavy[:3]) + (" ..." if len(heavy) > 3 else "")
-        ops = "1 op that reads weights has" if len(heavy) == 1 else f"{len(heavy)} ops that read weights have"
-        warnings.warn(f"quantize: {ops} no int8 kernel and stays float: {shown}".replace("stays", "stay" if len(heavy) > 1 else "stays"),
+        ops = ("1 op that reads weights has no int8 kernel and stays" if len(heavy) == 1
+               else f"{len(heavy)} ops that read weights have no int8 kernel and stay")
+        warnings.warn(f"quantize: {ops} float: {shown}",
                       PassWarning, stacklevel=user_stacklevel())
 
 
@@ -105,7 +106,7 @@ def _contracts_weights(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         return isinstance(gm.get_submodule(node.target), torch.nn.RNNBase)
     if node.op != "call_function":
         return False
-    if _op_name(node) in _RECURRENT:  # export's aten.lstm: its weights come in a list
+    if op_name(node) in _RECURRENT:  # export's aten.lstm: its weights come in a list
         return True
     view = op_view(gm, node)
     namespace = getattr(node.target, "namespace", None)
@@ -120,16 +121,7 @@ def _is_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, depth: int = 4) ->
         value = get_attr_value(gm, node.target)
         return isinstance(value, torch.nn.Parameter) and value.is_floating_point() and value.dim() >= 2
     source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-    return depth > 0 and source is not None and _op_name(node) in _LAYOUT and _is_weight(gm, source, depth - 1)
-
-
-def _op_name(node: torch.fx.Node) -> str:
-    """`transpose` of ``x.transpose``, ``torch.transpose`` and ``aten.transpose.int``."""
-    if node.op == "call_method":
-        return node.target
-    target = node.target
-    name = getattr(target, "_opname", None) or getattr(target, "__name__", "")
-    return name.split(".")[0]
+    return depth > 0 and source is not None and op_name(node) in _LAYOUT and _is_weight(gm, source, depth - 1)
 
 
 def _warn_lowered_float_kernels(gm: torch.fx.GraphModule) -> None:
