@@ -404,11 +404,9 @@ class SharedWriteGuard(TorchFunctionMode):
         super().__init__()
         self.who = who
         self.shared = {}
-        for module in modules:
-            for name, t in _named_tensors(module, buffers):
-                key = _storage_key(t)
-                if key is not None:
-                    self.shared.setdefault(key, name)
+        for name, t in _named_tensors_of(modules, buffers):
+            if (key := _storage_key(t)) is not None:
+                self.shared.setdefault(key, name)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -499,9 +497,9 @@ class _Untouched:
             if not t.is_inference():
                 self.versions.setdefault(id(t), (name, t._version))
         self.contents = {id(t): (name, content) for name, t in named if (content := _content(t)) is not None}
-        self.data = {id(t): (name, t, t.data, layout) for name, t in named if (layout := _layout(t)) is not None}
-        self.data.update({id(t): (name, t, t.data, layout) for name, t in _named_tensors_of(modules)
-                          if id(t) not in self.data and (layout := _layout(t)) is not None})
+        # every tensor's data, buffers too (a swapped buffer's data is put back either way)
+        self.data = {id(t): (name, t, t.data, layout) for name, t in _named_tensors_of(modules)
+                     if (layout := _layout(t)) is not None}
         self.attributes = _AttributeSnapshot(protected)
         self.modules = list(modules)
         self.reference = _graph_signature(reference) if isinstance(reference, torch.fx.GraphModule) else None
