@@ -20,7 +20,8 @@ What it rewrites (each step can be switched off by an option):
   then reads it at run time. A softmax given its input's dtype and a cast after it that
   changes nothing — Hugging Face's eager `softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)`
   on float32 scores, `.float()`, `type_as`, export's `aten.to.dtype`/`_to_copy` — are taken too
-  (patterns `.../cast`); a float32 softmax of float16/bfloat16 scores is not SDPA's and stays;
+  (patterns `.../cast`), and so is such a cast before the softmax (`softmax(s.float(), dim=-1)`,
+  `attention/cast-into-softmax`); a float32 softmax of float16/bfloat16 scores is not SDPA's and stays;
 - `activations`: activations spelled out in elementwise ops (``x * sigmoid(x)``,
   ``x * relu6(x + 3) / 6``, the erf and tanh GELUs) become the one op they compute
   (`activations.py`), so the epilogues below can group them with their conv or linear;

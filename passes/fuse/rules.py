@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -546,19 +547,51 @@ def _einsum_as_matmul(r: Rewriter) -> torch.fx.Node:
     return r.call(torch.matmul, r["a"], b)
 
 
+def _is_qk(gm: torch.fx.GraphModule, value: Any) -> bool:
+    """``q @ kᵀ``, or it scaled by a number (a constant, or one computed from shapes: ``/ sqrt(d)``);
+    kᵀ a transpose or permute of the last two axes."""
+    view = op_view(gm, value) if isinstance(value, torch.fx.Node) else None
+    if view is not None and view.kind in ("div", "mul") and view.input is not None \
+            and all(_is_shape_number(i) for i in view.inputs[1:]):
+        view = op_view(gm, view.input)
+    if view is None or view.kind != "matmul" or len(view.inputs) != 2:
+        return False
+    k = op_view(gm, view.inputs[1])
+    return k is not None and k.kind in ("transpose", "permute") and _last_dims(k) is True
+
+
 def _is_scores(value: Any) -> bool | str:
     """``q @ kᵀ``, or it scaled by a number: the scores a mask is added to."""
-    view = op_view(value.graph.owning_module, value) if isinstance(value, torch.fx.Node) else None
-    if view is not None and view.kind in ("div", "mul") and view.input is not None and len(view.inputs) == 1:
-        view = op_view(value.graph.owning_module, view.input)
-    return (view is not None and view.kind == "matmul" and len(view.inputs) == 2
-            and (k := op_view(value.graph.owning_module, view.inputs[1])) is not None and k.kind == "transpose") \
-        or "not q @ kᵀ (scaled)"
+    return (isinstance(value, torch.fx.Node) and _is_qk(value.graph.owning_module, value)) or "not q @ kᵀ (scaled)"
+
+
+def _is_masked_scores(value: Any) -> bool | str:
+    """Attention scores with up to two masks added or filled in (what a softmax of attention
+    reads): ``q @ kᵀ`` scaled, then ``+ position_bias``, ``+ mask`` or ``.masked_fill(m, -inf)``."""
+    gm = value.graph.owning_module if isinstance(value, torch.fx.Node) else None
+    for _ in range(3):
+        if gm is None or _is_qk(gm, value):
+            break
+        view = op_view(gm, value)
+        if view is None or view.kind not in ("add", "masked_fill") or not view.inputs:
+            return "not q @ kᵀ (scaled, masked)"
+        terms = view.inputs if view.kind == "add" else view.inputs[:1]
+        value = next((t for t in terms if isinstance(t, torch.fx.Node) and _is_qk(gm, t)), terms[0])
+    return (gm is not None and _is_qk(gm, value)) or "not q @ kᵀ (scaled, masked)"
+
+
+def _softmax_of_cast(r: Rewriter) -> torch.fx.Node:
+    # export checks the cast's input with `_assert_tensor_metadata` before `.to`: the check
+    # goes with the cast (it would hold the scores as read twice, which no pattern rewrites)
+    for user in list(r["x"].users):
+        if (view := op_view(r.gm, user)) is not None and view.kind == "assert_metadata":
+            r.graph.erase_node(user)
+    return r.call(torch.softmax, r["x"], dim=r.view("probs").attrs.get("dim"))
 
 
 def _masks_read_by_softmax(m: Match) -> bool | str:
     """The two added terms are tensors (a position bias, a mask) and the sum reaches a softmax
-    (through at most a cast: T5's ``softmax(scores.float())``)."""
+    (through at most a cast that changes nothing: T5's ``softmax(scores.float())``)."""
     if any(tensor_meta(m.nodes[k]) is None for k in ("a", "b")):
         return "an added term is not a tensor"
     value = m.root
@@ -569,8 +602,8 @@ def _masks_read_by_softmax(m: Match) -> bool | str:
         view = op_view(m.gm, value)
         if view is not None and view.kind == "softmax":
             return True
-        if view is None or view.kind != "to":
-            break
+        if view is None or view.kind != "to" or _noop_cast(view) is not True:
+            break  # a cast that changes the dtype: a softmax SDPA does not compute
     return "not read by a softmax"
 
 
@@ -581,6 +614,12 @@ def _one_mask(r: Rewriter) -> torch.fx.Node:
 _ATTENTION = [
     # two terms added to the scores (T5: a position bias, then the mask): one mask, the sum of
     # both, which the patterns below take as SDPA's attn_mask
+    # a cast that changes nothing before the softmax (Meta's LLaMA and T5's
+    # ``softmax(scores.float(), dim=-1).type_as(q)`` on float32 scores): dropped, so the
+    # patterns below see the softmax of the scores
+    Pattern("attention/cast-into-softmax", Op("softmax", Op("to", Var("x", check=_is_masked_scores), name="cast",
+                                                             check=_noop_cast), name="probs", check=_softmax_last),
+            rewrite=_softmax_of_cast),
     Pattern("attention/one-mask", Op("add", Op("add", Var("s", check=_is_scores), Var("a"), name="inner",
                                                commutative=True), Var("b"), name="outer", commutative=True),
             rewrite=_one_mask, check=_masks_read_by_softmax),

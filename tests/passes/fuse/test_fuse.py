@@ -842,6 +842,37 @@ def test_two_terms_added_to_the_scores_are_one_sdpa_mask(mode):
     torch.testing.assert_close(kept.module(*inputs), _TwoTermAttention(True)(*inputs), rtol=0, atol=0)
 
 
+class _CastBeforeSoftmax(nn.Module):
+    """Meta's LLaMA and T5 before transformers 5: ``softmax(scores.float(), dim=-1).type_as(q)``,
+    scaled by ``/ sqrt(d)`` from q's shape, kᵀ as a permute, a position bias and a mask added."""
+
+    def forward(self, q, k, v, position_bias, mask):
+        s = torch.matmul(q, k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1])
+        s = s + position_bias
+        s = s + mask
+        return torch.matmul(torch.softmax(s.float(), dim=-1).type_as(q), v)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_cast_that_changes_nothing_before_the_softmax_is_attention(mode):
+    torch.manual_seed(0)
+    b, h, n, d = 2, 4, 6, 8
+    mask = torch.zeros(b, 1, 1, n)
+    mask[0, ..., -2:] = -math.inf
+    inputs = (torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(1, h, n, n), mask)
+    res = fxopt.optimize(_CastBeforeSoftmax(), inputs, pipeline="fuse", mode=mode)
+    assert res.passes[0].stats["matches"]["attention/cast-into-softmax"] == 1
+    assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
+    assert not any("softmax" in str(n.target) for n in res.module.graph.nodes)
+    torch.testing.assert_close(res.module(*inputs), _CastBeforeSoftmax()(*inputs), rtol=1e-5, atol=1e-5)
+    # float16 scores: `.float()` makes a float32 softmax, which SDPA does not compute; nor is
+    # the mask merged for a softmax that stays
+    half = tuple(t.half() for t in inputs)
+    kept = fxopt.optimize(_CastBeforeSoftmax(), half, pipeline="fuse", mode=mode)
+    assert not kept.passes[0].stats["matches"]
+    assert not any("scaled_dot_product" in str(n.target) for n in kept.module.graph.nodes)
+
+
 class _PermutedKey(nn.Module):
     def __init__(self, order):
         super().__init__()
