@@ -25,6 +25,32 @@ def _computed_weight(gm: torch.fx.GraphModule, weight) -> str:
     return _COMPUTED
 
 
+
+#: A norm's per-channel operands, which apply slices with its channels.
+_NORM_OPERANDS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _stored_operands(view) -> None:
+    """A norm whose per-channel operand is computed in the graph (``torch.ones(C)``,
+    ``self.weight * 2``) is pinned: apply slices stored tensors, and the computed one would keep
+    the full width."""
+    computed = [k for k in _NORM_OPERANDS if isinstance(view.attrs.get(k), torch.fx.Node)]
+    if computed:
+        raise _Pin(f"{view.kind}'s {' and '.join(computed)} computed in the graph "
+                   f"('{view.attrs[computed[0]].name}'), not a stored tensor apply could slice")
+
+
+def _normalized_dims(node: torch.fx.Node, view) -> tuple:
+    """The normalized shape of a layer/RMS norm: written in the graph (``[C]``, ``(C, H, W)``)
+    or computed from sizes in a symbolic trace (``F.layer_norm(h, h.shape[1:])``), which capture
+    recorded in the size node's metadata. A shape known only at run time pins the norm."""
+    norm_shape = view.attrs.get("normalized_shape")
+    if isinstance(norm_shape, torch.fx.Node):
+        norm_shape = norm_shape.meta.get("tensor_meta")
+        if not isinstance(norm_shape, (tuple, list)):
+            raise _Pin(f"{view.kind} over a normalized shape computed in the graph, of unknown length")
+    return tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
+
 class LayerRules:
     """Rules for weighted layers and norms; methods of `channel_graph._Builder`."""
 
@@ -32,6 +58,7 @@ class LayerRules:
         src, sid = self.single_input(node, view)
         if sid is None:
             raise _Pin("batch_norm on a value without channel tracking")
+        _stored_operands(view)
         if self.slots[sid].axis != 1:
             raise _Pin("batch_norm input channel axis is not 1")
         batch_statistics = view.attrs.get("training") and view.param("running_mean") is None
@@ -53,6 +80,7 @@ class LayerRules:
             return self.free_output(node, view)
         if self.slots[sid].axis != 1:
             raise _Pin("instance_norm input channel axis is not 1")
+        _stored_operands(view)
         self.passthrough(node, view, src, 1, category="norm")
 
     def rule_unfold(self, node, view, shape) -> None:
@@ -227,9 +255,9 @@ class LayerRules:
         when the others have size 1 (GCNet's ``LayerNorm([C, 1, 1])`` on a pooled context, read
         from a value whose channels are followed)."""
         self._private_affine(node, view)
+        _stored_operands(view)
         src, sid = self.single_input(node, view)
-        norm_shape = view.attrs.get("normalized_shape")
-        dims = tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
+        dims = _normalized_dims(node, view)
         axis = len(shape) - len(dims)
         channels_alone = len(dims) == 1 or (sid is not None and all(d == 1 for d in dims[1:]))
         if not channels_alone or (sid is not None and self.slots[sid].axis != axis):
@@ -241,8 +269,7 @@ class LayerRules:
         over each head's dims, the channels being the heads): it acts on each channel on its own,
         and a removed (all-zero) channel comes out as the norm's bias — dirty if there is one."""
         src, sid = self.single_input(node, view)
-        norm_shape = view.attrs.get("normalized_shape")
-        count = len(norm_shape) if isinstance(norm_shape, (list, tuple)) else 1
+        count = len(_normalized_dims(node, view))
         if sid is None or self.slots[sid].axis >= len(shape) - count:
             return False
         self._private_affine(node, view)
@@ -297,6 +324,7 @@ class LayerRules:
 
     def rule_group_norm(self, node, view, shape) -> None:
         self._private_affine(node, view)
+        _stored_operands(view)
         src, sid = self.single_input(node, view)
         if sid is not None and self.slots[sid].axis != 1:
             raise _Pin("group_norm input channel axis is not 1")

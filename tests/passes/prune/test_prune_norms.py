@@ -407,3 +407,68 @@ def test_a_layer_norm_over_channels_and_unit_axes_is_gathered(mode):
     assert r.pruned.get_parameter("ln.weight").shape == (8, 1, 1)     # the norm runs at full width
     assert r.pruned.get_parameter("t1.weight").shape[0] < 8           # its input is narrower
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class ShapeReadNorm(nn.Module):
+    """``F.layer_norm(h, h.shape[1:])``: a norm over C, H and W whose normalized shape a symbolic
+    trace computes from a size read."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = F.layer_norm(h, h.shape[1:])
+        return self.fc(F.relu(self.c2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_normalized_shape_computed_from_sizes_is_read_from_its_metadata(mode):
+    """The symbolic graph's normalized shape is a node: it was taken for one axis, the norm
+    for one over W alone, and the pruned graph failed to run (``normalized_shape=[16, 16, 16]``
+    against 8 channels). It is pinned as export's literal ``[16, 16, 16]`` is."""
+    torch.manual_seed(0)
+    r = prune_and_mask(ShapeReadNorm().eval(), torch.randn(2, 3, 16, 16), mode)
+    pinned = r.plan.channel_graph.pinned_nodes
+    assert any(why == "layer_norm over more than the channel axis" for why in pinned.values()), pinned
+    assert r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class ComputedNormOperand(nn.Module):
+    """A functional norm whose per-channel operand the forward computes: running statistics
+    filled from the channel count, or a weight scaled by a constant."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 3)
+        self.w, self.b = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16) * 0.2)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        c = h.shape[1]
+        if self.kind == "batch_norm":
+            h = F.batch_norm(h, torch.zeros(c), torch.ones(c), self.w, self.b, False)
+        elif self.kind == "layer_norm":
+            h = F.layer_norm(h.permute(0, 2, 3, 1), (c,), self.w * 2, self.b).permute(0, 3, 1, 2)
+        elif self.kind == "group_norm":
+            h = F.group_norm(h, 4, torch.ones(c), self.b)
+        else:
+            h = F.instance_norm(h, weight=torch.ones(c), bias=self.b)
+        return self.fc(F.relu(self.c2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["batch_norm", "layer_norm", "group_norm", "instance_norm"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("exact_norms", [True, False])
+def test_a_norm_operand_computed_in_the_graph_pins_the_norm(kind, mode, exact_norms):
+    """apply slices a norm's stored affine and statistics with its channels; a computed one kept
+    the full width and the pruned graph failed (``running_mean should contain 8 elements not
+    16``). The norm is pinned, naming the operand."""
+    torch.manual_seed(0)
+    r = prune_and_mask(ComputedNormOperand(kind).eval(), torch.randn(2, 3, 8, 8), mode, exact_norms=exact_norms)
+    why = [why for why in r.plan.channel_graph.pinned_nodes.values() if why.startswith(kind)]
+    assert why and "computed in the graph" in why[0], r.plan.channel_graph.pinned_nodes
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
