@@ -63,8 +63,11 @@ _FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass when max|ref - out| <= atol + rtol * max|ref| and SQNR >= min_sqnr_db (if set);
-    an integer or bool output passes when at least `int_agreement` of its elements are equal.
+    """Pass when max|ref - out| <= atol * min(1, max|ref|) + rtol * max|ref| and SQNR >=
+    min_sqnr_db (if set); an integer or bool output passes when at least `int_agreement` of its
+    elements are equal. The bound is relative to the output's scale: `atol` is the floor for an
+    output of scale 1 or more and shrinks with a smaller one (`bound`). A complex output is
+    compared by its real and imaginary parts.
 
     The numbers are for float32. A reference tensor of a coarser floating dtype is judged with
     ``rtol`` raised to ``max(rtol, ulps * torch.finfo(dtype).eps)`` (see `rtol_for`); the
@@ -103,12 +106,20 @@ class Tolerance:
         eps = coarse_eps(dtype)
         return self.rtol if eps is None else max(self.rtol, self.ulps * eps)
 
+    def bound(self, ref_scale: float, dtype: torch.dtype | None = None) -> float:
+        """The largest error a tensor of scale `ref_scale` (max|ref|) and `dtype` may have:
+        ``atol * min(1, ref_scale) + rtol_for(dtype) * ref_scale``. `atol` is the floor for an
+        output of unit scale or larger; a smaller output gets it in proportion, since a fixed
+        floor would pass any error on an output whose values are all below it (``x * 2e-6``
+        for ``x * 1e-6`` under `exact`)."""
+        return self.atol * min(1.0, ref_scale) + self.rtol_for(dtype) * ref_scale
+
     def accepts(self, max_abs: float, ref_scale: float, sqnr_db: float,
                 dtype: torch.dtype | None = None) -> bool:
         """Whether one tensor's error passes; `dtype` is the reference tensor's (None: float32)."""
         if math.isnan(max_abs):
             return False
-        if max_abs > self.atol + self.rtol_for(dtype) * ref_scale:
+        if max_abs > self.bound(ref_scale, dtype):
             return False
         return self.min_sqnr_db is None or sqnr_db >= self.min_sqnr_db
 
@@ -118,7 +129,10 @@ class Tolerance:
 
 
 def coarse_eps(dtype: torch.dtype | None) -> float | None:
-    """torch.finfo(dtype).eps for a floating dtype coarser than float32, else None."""
+    """torch.finfo(dtype).eps for a floating (or complex: of its parts) dtype coarser than
+    float32, else None."""
+    if dtype is not None and dtype.is_complex:
+        dtype = dtype.to_real()
     if dtype is None or not dtype.is_floating_point:
         return None
     eps = torch.finfo(dtype).eps
@@ -383,9 +397,8 @@ def _why_failed(outputs: list[TensorComparison], tol: Tolerance) -> str:
         why = f"must agree with the reference on {agree} of its integer elements"
     elif math.isnan(o.max_abs_error):
         why = "has NaN where the reference has none (or none where it has)"
-    elif o.max_abs_error > tol.atol + tol.rtol_for(o.dtype) * o.ref_scale:
-        bound = tol.atol + tol.rtol_for(o.dtype) * o.ref_scale
-        why = f"is off by {o.max_abs_error:.3g}, above the {tol.name} bound {bound:.3g}"
+    elif o.max_abs_error > tol.bound(o.ref_scale, o.dtype):
+        why = f"is off by {o.max_abs_error:.3g}, above the {tol.name} bound {tol.bound(o.ref_scale, o.dtype):.3g}"
     else:
         why = f"has SQNR {_fmt_db(o.sqnr_db)}, below the {tol.name} floor {tol.min_sqnr_db:g} dB"
     return f"{where} {why}{more}"
@@ -416,8 +429,9 @@ def recorded_tolerance(module: nn.Module) -> str | Tolerance:
 
 def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | None]:
     """Per-tensor statistics over two output structures, and a structural problem if any."""
-    ref_leaves, ref_spec = tree_flatten_with_path(_expand_dataclasses(ref))
-    cand_leaves, cand_spec = tree_flatten_with_path(_expand_dataclasses(cand))
+    ref, cand = _expand_dataclasses(ref), _expand_dataclasses(cand)
+    ref_leaves, ref_spec = tree_flatten_with_path(ref)
+    cand_leaves, cand_spec = tree_flatten_with_path(_in_key_order_of(ref, cand))
     if len(ref_leaves) != len(cand_leaves):
         return [], f"output structure differs: {len(ref_leaves)} vs {len(cand_leaves)} values"
     if ref_spec != cand_spec:
@@ -428,17 +442,44 @@ def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | 
                     f"{type(cand).__name__} {cand_paths}")
     results = []
     for (path, r), (_, c) in zip(ref_leaves, cand_leaves):
-        if not isinstance(r, torch.Tensor):
-            if r != c:
-                return results, f"non-tensor output {keystr(path)} differs: {r!r} vs {c!r}"
+        if isinstance(r, float) and isinstance(c, (int, float)) and not isinstance(c, bool):
+            # a Python float (x.sum().item()) is judged as a float, not by `!=`
+            r, c = torch.tensor(r, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
+        elif not isinstance(r, torch.Tensor):
+            if isinstance(c, torch.Tensor) or r != c:
+                return results, f"non-tensor output {keystr(path)} differs: {_brief(r)} vs {_brief(c)}"
             continue
         if not isinstance(c, torch.Tensor) or tuple(r.shape) != tuple(c.shape):
-            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
-            return results, f"output {keystr(path)} shape {tuple(r.shape)} became {got}"
+            got = tuple(c.shape) if isinstance(c, torch.Tensor) else _brief(c)
+            return results, f"{_output_name(path)} shape {tuple(r.shape)} became {got}"
         if r.dtype != c.dtype and not c.is_quantized:  # callers downstream rely on the dtype too
-            return results, f"output {keystr(path)} dtype {r.dtype} became {c.dtype}"
+            return results, f"{_output_name(path)} dtype {r.dtype} became {c.dtype}"
         results.append(compare_tensors(r, c, keystr(path)))
     return results, None
+
+
+def _output_name(path: tuple) -> str:
+    """"output ['logits']", or "the output" for a single tensor."""
+    return f"output {keystr(path)}" if path else "the output"
+
+
+def _brief(value: Any) -> str:
+    """A short description of an output value for a message (not a tensor's whole repr)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {list(value.shape)} {_dtype_name(value.dtype)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _in_key_order_of(ref: Any, cand: Any) -> Any:
+    """`cand` with each plain dict that has the same keys as its counterpart in `ref` in
+    `ref`'s key order: dicts equal but for order are the same output (an OrderedDict's order
+    is part of its value, and is kept)."""
+    if type(ref) is dict and type(cand) is dict and ref.keys() == cand.keys():
+        return {k: _in_key_order_of(ref[k], cand[k]) for k in ref}
+    if type(ref) in (list, tuple) and type(cand) is type(ref) and len(ref) == len(cand):
+        return type(cand)(_in_key_order_of(r, c) for r, c in zip(ref, cand))
+    return cand
 
 
 def _expand_dataclasses(tree: Any) -> Any:
@@ -464,8 +505,9 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
             first = (at, ref[at].item(), cand[at].item())
     r = _as_float(ref)
     c = _as_float(cand).to(r.device)
+    shape = tuple(ref.shape)
     if r.numel() == 0:
-        return TensorComparison(path, tuple(r.shape), 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype, mismatches)
+        return TensorComparison(path, shape, 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype, mismatches)
     both_nan = r.isnan() & c.isnan()
     if both_nan.any():  # the model's own NaN (log of a negative), reproduced where it was: no error
         r, c = r.masked_fill(both_nan, 0.0), c.masked_fill(both_nan, 0.0)
@@ -495,8 +537,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
         cosine = float((rf @ cf) / denom) if denom > 0 and math.isfinite(noise) else 0.0
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr = math.nan, -math.inf
-    return TensorComparison(path, tuple(r.shape), max_abs, max_rel, sqnr, cosine, scale, ref.dtype,
-                            mismatches, first)
+    return TensorComparison(path, shape, max_abs, max_rel, sqnr, cosine, scale, ref.dtype, mismatches, first)
 
 
 def _is_integer(t: torch.Tensor) -> bool:
@@ -536,7 +577,7 @@ def first_divergence(
         ref = ref_values.get(origin(node))
         if not (isinstance(ref, torch.Tensor) and isinstance(value, torch.Tensor)):
             return
-        if ref.shape != value.shape or not (ref.is_floating_point() or ref.is_quantized):
+        if ref.shape != value.shape or _is_integer(ref):
             return
         cmp = compare_tensors(ref, value, node.name)
         if not cmp.passes(tolerance):
@@ -548,9 +589,13 @@ def first_divergence(
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float64 values to compare; a complex tensor as its real and imaginary parts (a
+    last dimension of 2), since casting it to a real dtype would drop the imaginary part."""
     if t.is_quantized:
         t = t.dequantize()
-    return t.detach().double() if t.is_floating_point() else t.detach().to(torch.float64)
+    if t.is_complex():
+        t = torch.view_as_real(t.detach().resolve_conj())
+    return t.detach().to(torch.float64)
 
 
 def _copy_to(module: nn.Module, device: str) -> nn.Module:

@@ -785,3 +785,72 @@ def test_a_fail_always_says_why_and_names_a_reference_in_training_mode():
     assert verify(model.eval(), res.module, x).passed
     plain = verify(_net(), Noisy(_net(), 0.05), _x(), tolerance="float")
     assert plain.message.startswith("the output is off by") and "training" not in plain.message
+
+
+class _Scaled(nn.Module):
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x * self.k
+
+
+@pytest.mark.parametrize("tolerance", ["exact", "float"])
+def test_a_small_output_is_held_to_its_own_scale_not_passed_under_the_absolute_floor(tolerance):
+    """atol (1e-5 under exact) was a fixed floor: an output of scale 1e-6 passed doubled
+    (max_rel=1, SQNR 0 dB). It now shrinks with an output smaller than 1."""
+    x = torch.randn(4, 8)
+    doubled = verify(_Scaled(1e-6), _Scaled(2e-6), x, tolerance=tolerance)
+    assert doubled.verdict == "FAIL" and "above the" in doubled.message, doubled.summary()
+    close = verify(_Scaled(1e-6), _Scaled(1e-6 * (1 + 1e-5)), x, tolerance=tolerance)  # 1e-5 relative
+    assert close.verdict == "PASS", close.summary()
+    tol = TOLERANCES[tolerance]
+    assert tol.bound(1e-6) == pytest.approx((tol.atol + tol.rtol) * 1e-6)
+    assert tol.bound(10.0) == pytest.approx(tol.atol + tol.rtol * 10.0)   # full floor at scale >= 1
+
+
+class _FFT(nn.Module):
+    def __init__(self, conj: bool = False):
+        super().__init__()
+        self.conj = conj
+
+    def forward(self, x):
+        y = torch.fft.fft(x)
+        return y.conj().resolve_conj() if self.conj else y
+
+
+def test_complex_outputs_are_compared_with_their_imaginary_part():
+    """The complex output was cast to float64, dropping the imaginary part: a conjugated FFT
+    read PASS with max_abs=0 (and a torch warning)."""
+    x = torch.randn(4, 8)
+    assert verify(_FFT(), _FFT(), x).verdict == "PASS"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = verify(_FFT(), _FFT(conj=True), x)
+    assert report.verdict == "FAIL" and report.max_abs_error > 1, report.summary()
+    assert report.outputs[0].shape == (4, 8) and report.outputs[0].dtype == torch.complex64
+
+
+def test_python_float_outputs_are_judged_as_floats_and_dicts_regardless_of_key_order():
+    """A `.item()` output off by 1e-9 failed every tolerance (compared by `!=`); a dict with
+    the same keys in another order failed as "output structure differs"."""
+    x = torch.randn(4, 3)
+    outputs, problem = compare_outputs((x, 1.5), (x, 1.5 + 1e-9))
+    assert problem is None and outputs[1].path == "[1]" and outputs[1].max_abs_error == pytest.approx(1e-9)
+    assert all(o.passes(TOLERANCES["exact"]) for o in outputs)
+    outputs, problem = compare_outputs((x, 1.5), (x, 2.5))
+    assert problem is None and not all(o.passes(TOLERANCES["float"]) for o in outputs)
+    outputs, problem = compare_outputs({"a": x, "b": (x * 2, {"c": x, "d": x})},
+                                       {"b": (x * 2, {"d": x, "c": x}), "a": x})
+    assert problem is None and [o.path for o in outputs] == ["['a']", "['b'][0]", "['b'][1]['c']", "['b'][1]['d']"]
+
+
+def test_a_non_tensor_output_mismatch_is_described_briefly():
+    """None against a tensor printed the tensor's whole repr; 3 against a tensor raised."""
+    x = torch.randn(64, 64)
+    _, problem = compare_outputs((x, None), (x, x))
+    assert problem == "non-tensor output [1] differs: None vs a tensor [64, 64] float32"
+    _, problem = compare_outputs((x, 3), (x, x))
+    assert problem == "non-tensor output [1] differs: 3 vs a tensor [64, 64] float32"
