@@ -5,8 +5,8 @@ Guarantees:
   on a private copy (graph and module tree copied, tensors shared — passes replace tensors,
   never write into them, and a pass that bumps a shared tensor's version counter is refused;
   one that swaps a shared tensor's data, `param.data = ...`, or an attribute of its input or of
-  `ctx.reference`, is refused and the original put back); instrument hooks run under the same
-  guard;
+  `ctx.reference`, or registers a hook on one of their modules, is refused and the original put
+  back); instrument hooks run under the same guard;
 - when a pass raises, `PassError` names it and carries the last good module and the records
   of the passes that ran;
 - analyses are cached across passes and invalidated by what each pass says it preserves.
@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence, TextIO
 
@@ -479,10 +480,10 @@ class _Untouched:
     each tensor object holds (``param.data = x`` swaps it without a write), the contents of
     float tensors (a write through ``.numpy()`` or ``.data_ptr()`` bumps no version), which
     tensor and submodule each attribute holds (``ctx.reference.fc.weight = nn.Parameter(...)``
-    swaps it without touching a tensor), and the reference's graph. A change is detected after
-    the fact: the pipeline stops, naming it. Swapped data and swapped attributes are put back
-    (the originals are kept by reference, no copy); data written in place cannot be, and the
-    error says so."""
+    swaps it without touching a tensor), each module's forward and backward hooks, and the
+    reference's graph. A change is detected after the fact: the pipeline stops, naming it.
+    Swapped data, swapped attributes and hooks are put back (the originals are kept by
+    reference, no copy); data written in place cannot be, and the error says so."""
 
     def __init__(self, protected: Sequence[tuple[str, torch.nn.Module]], reference: torch.fx.GraphModule | None,
                  who: str = "the pass", buffers_by_value: bool = False) -> None:
@@ -520,12 +521,12 @@ class _Untouched:
         return swapped
 
     def check(self, reference: torch.fx.GraphModule | None) -> None:
-        reassigned = self.attributes.changed()
+        changed = self.attributes.changed()
         buffers = self.buffer_state.changed() if self.buffer_state is not None else []
         swapped = self.put_back(buffers=bool(buffers))
-        if reassigned:
-            more = f" (and {len(reassigned) - 1} more)" if len(reassigned) > 1 else ""
-            raise RuntimeError(f"{self.who} reassigned attribute {reassigned[0]}{more}, which it must leave as "
+        if changed:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise RuntimeError(f"{self.who} {changed[0]}{more}, which it must leave as "
                                f"it is (results are verified against ctx.reference); fxopt put the original "
                                f"back; {_advice(self.who)}")
         if swapped:
@@ -551,10 +552,16 @@ class _Untouched:
                                "against; it must leave it as it is")
 
 
+#: The hooks of a module that change what its forward (or backward) computes, by attribute.
+_HOOKS = {"_forward_hooks": "forward hooks", "_forward_pre_hooks": "forward pre-hooks",
+          "_backward_hooks": "backward hooks", "_backward_pre_hooks": "backward pre-hooks"}
+
+
 class _AttributeSnapshot:
-    """Which parameter, buffer, submodule and plain tensor attribute every module under
-    `modules` holds (the objects, not copies): `changed` names the reassigned ones, `restore`
-    puts them back."""
+    """Which parameter, buffer, submodule, plain tensor attribute and hook every module under
+    `modules` holds (the objects, not copies): `changed` says what was reassigned (or hooked),
+    `restore` puts it back. A hook on ``ctx.reference`` changes what results are verified
+    against as surely as a swapped weight."""
 
     def __init__(self, protected: Sequence[tuple[str, torch.nn.Module]]) -> None:
         self.saved = []
@@ -565,24 +572,30 @@ class _AttributeSnapshot:
                     continue
                 seen.add(id(m))
                 tensors = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+                hooks = {name: dict(getattr(m, name)) for name in _HOOKS if hasattr(m, name)}
                 where = f"{label}.{prefix}" if prefix else label
-                self.saved.append((where, m, dict(m._parameters), dict(m._buffers), dict(m._modules), tensors))
+                self.saved.append((where, m, dict(m._parameters), dict(m._buffers), dict(m._modules), tensors,
+                                   hooks))
 
     def changed(self) -> list[str]:
+        """What was changed, each as "reassigned attribute 'weight' of ctx.reference.fc"."""
         found = []
-        for prefix, m, params, buffers, modules, tensors in self.saved:
+        for prefix, m, params, buffers, modules, tensors, hooks in self.saved:
             current = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
             for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules),
                                (tensors, current)):
                 for key in sorted(set(saved) | set(now)):
                     if saved.get(key) is not now.get(key):
-                        found.append(f"'{key}' of {prefix}")
+                        found.append(f"reassigned attribute '{key}' of {prefix}")
+            found += [f"changed the {_HOOKS[name]} of {prefix} (register_*_hook)"
+                      for name, saved in hooks.items() if not _same_entries(saved, getattr(m, name))]
         return found
 
     def restore(self) -> None:
-        for _, m, params, buffers, modules, tensors in self.saved:
-            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules)):
-                if any(saved.get(k) is not now.get(k) for k in set(saved) | set(now)):
+        for _, m, params, buffers, modules, tensors, hooks in self.saved:
+            for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules),
+                               *((saved, getattr(m, name)) for name, saved in hooks.items())):
+                if not _same_entries(saved, now):
                     now.clear()
                     now.update(saved)
             for key in [k for k, v in vars(m).items() if isinstance(v, torch.Tensor) and k not in tensors]:
@@ -590,6 +603,11 @@ class _AttributeSnapshot:
             for key, value in tensors.items():
                 if vars(m).get(key) is not value:
                     object.__setattr__(m, key, value)
+
+
+def _same_entries(saved: dict, now: dict) -> bool:
+    """Whether `now` holds the very objects `saved` recorded, under the same keys."""
+    return saved.keys() == now.keys() and all(saved[k] is now[k] for k in saved)
 
 
 def _named_tensors_of(modules: Sequence[torch.nn.Module], buffers: bool = True) -> list[tuple[str, torch.Tensor]]:
@@ -626,13 +644,16 @@ def _named_tensors(module: torch.nn.Module, buffers: bool = True) -> list[tuple[
 
 
 def _content(t: torch.Tensor) -> int | None:
-    """The sum of a float tensor's bit patterns read as integers: exact, and the same whatever
-    order a reduction adds in (thread counts change); None for other tensors."""
+    """A checksum of a float tensor's bytes, None for other tensors. On CPU, where a write
+    through ``.numpy()`` lands, the CRC-32 of the bytes: it depends on where each value is (a
+    row swap changes it; a sum would not) and is faster than a sum. Elsewhere the sum of the bit
+    patterns read as integers: exact whatever order a reduction adds in (thread counts change)."""
     if not t.is_floating_point() or t.is_quantized or t.device.type == "meta" or t.is_inference():
         return None
     with torch.no_grad():
         bits = t.detach() if t.is_contiguous() else t.detach().contiguous()
-        return int(bits.view(_SAME_WIDTH_INT[bits.element_size()]).sum())
+        bits = bits.view(_SAME_WIDTH_INT[bits.element_size()])
+        return zlib.crc32(bits.numpy()) if bits.device.type == "cpu" else int(bits.sum())
 
 
 _SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -832,3 +832,49 @@ def test_verify_each_still_runs_a_model_that_updates_its_buffers():
 
     res = fxopt.optimize(Counter().eval(), torch.randn(2, 4), "fuse,dce", verify_each=True, mode="export")
     assert res.verification.passed and all(r.verification.passed for r in res.passes)
+
+
+@dataclasses.dataclass  # not registered: the fuzz campaign runs every registered pass
+class _NumpyRowSwapper(Pass):
+    """Swaps two rows of a shared weight through numpy: no torch write, and the sum of the
+    values is unchanged."""
+
+    name = "test-numpy-row-swap"
+
+    def run(self, gm, ctx):
+        weight = gm.get_submodule("fc").weight.detach().numpy()
+        weight[[0, 1]] = weight[[1, 0]]
+        return PassResult(gm, modified=False)
+
+
+def test_a_permutation_written_through_numpy_is_caught():
+    """The content check summed the bit patterns, which a swap of two rows keeps: the captured
+    reference changed with the result, and verification read PASS against the user's model."""
+    with pytest.raises(PassError, match=r"test-numpy-row-swap.*changed the contents of tensor 'fc.weight'"):
+        _run_pass(_NumpyRowSwapper())
+
+
+@dataclasses.dataclass  # not registered: the fuzz campaign runs every registered pass
+class _HooksReference(Pass):
+    name = "test-hook-reference"
+    hook: str = "forward"
+
+    def run(self, gm, ctx):
+        fc = ctx.reference.get_submodule("fc")
+        if self.hook == "forward":
+            fc.register_forward_hook(lambda m, i, o: o * 0)
+        else:
+            fc.register_forward_pre_hook(lambda m, i: tuple(t * 0 for t in i))
+        return PassResult(gm, modified=False)
+
+
+@pytest.mark.parametrize("hook, kind", [("forward", "forward hooks"), ("pre", "forward pre-hooks")])
+def test_a_pass_cannot_hook_the_reference(hook, kind):
+    """A hook on ctx.reference changed what the result was verified against (a wrong result
+    read PASS); the hook stayed on res.original."""
+    gm, x = _captured(), _inputs()
+    before = gm(*x)
+    with pytest.raises(PassError, match=rf"the pass changed the {kind} of ctx.reference.fc .*put the original back"):
+        PassManager([_HooksReference(hook)]).run(gm, x)
+    assert not gm.fc._forward_hooks and not gm.fc._forward_pre_hooks
+    assert torch.equal(gm(*x), before)
