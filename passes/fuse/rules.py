@@ -586,6 +586,14 @@ def _softmax_of_cast(r: Rewriter) -> torch.fx.Node:
     for user in list(r["x"].users):
         if (view := op_view(r.gm, user)) is not None and view.kind == "assert_metadata":
             r.graph.erase_node(user)
+    # T5's ``.type_as(scores)`` after it reads the scores' dtype (or the cast's, in export),
+    # which is the softmax's: that cast goes too, or the scores would keep a second reader
+    scores = {r["x"], r.match.nodes["cast"]}
+    for user in list(r.match.root.users):
+        view = op_view(r.gm, user)
+        if view is not None and view.kind == "to" and scores & set(user.args[1:]) and _noop_cast(view) is True:
+            user.replace_all_uses_with(r.match.root)
+            r.graph.erase_node(user)
     return r.call(torch.softmax, r["x"], dim=r.view("probs").attrs.get("dim"))
 
 
@@ -616,9 +624,10 @@ _ATTENTION = [
     # both, which the patterns below take as SDPA's attn_mask
     # a cast that changes nothing before the softmax (Meta's LLaMA and T5's
     # ``softmax(scores.float(), dim=-1).type_as(q)`` on float32 scores): dropped, so the
-    # patterns below see the softmax of the scores
+    # patterns below see the softmax of the scores (the cast stays for any other reader)
     Pattern("attention/cast-into-softmax", Op("softmax", Op("to", Var("x", check=_is_masked_scores), name="cast",
-                                                             check=_noop_cast), name="probs", check=_softmax_last),
+                                                             check=_noop_cast, single_use=False),
+                                        name="probs", check=_softmax_last),
             rewrite=_softmax_of_cast),
     Pattern("attention/one-mask", Op("add", Op("add", Var("s", check=_is_scores), Var("a"), name="inner",
                                                commutative=True), Var("b"), name="outer", commutative=True),
