@@ -131,6 +131,9 @@ def save(gm: torch.fx.GraphModule, path) -> None:
                 parameters[node.target] = value.requires_grad
         elif node.op == "call_module":
             modules[node.target] = _save_module(gm.get_submodule(node.target), node)
+        elif node.op == "call_method" and not _is_tensor_method(node.target):  # load would refuse the file
+            raise SerializationError(f"save: {node_location(node)} calls method {node.target!r}, which is no "
+                                     "tensor method fxopt.load may call")
         nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node),
                       "args": _encode(node.args, tensors), "kwargs": _encode(node.kwargs, tensors),
                       "computes": node.meta.get("fxopt.computes")})
@@ -565,13 +568,29 @@ def _resolve_python(module: str, qualname: str):
     return obj
 
 
+_BINARY = ("and", "or", "xor", "lshift", "rshift", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow",
+           "matmul")
+# The operator methods eager code calls on tensors (`lower-eager` writes `mask.__and__(m)`): public
+# methods are allowed by name, and these are the only dunders, none reaching past the tensor.
+_OPERATOR_METHODS = frozenset(
+    name for name in (*(f"__{p}{op}__" for op in _BINARY for p in ("", "r", "i")),
+                      *(f"__{op}__" for op in ("eq", "ne", "lt", "le", "gt", "ge", "neg", "pos", "abs", "invert",
+                                               "getitem", "setitem")))
+    if hasattr(torch.Tensor, name))
+
+
+def _is_tensor_method(name: str) -> bool:
+    """Whether a call_method node may call `name`: a public Tensor method or an operator one."""
+    return name in _OPERATOR_METHODS or (not name.startswith("_") and hasattr(torch.Tensor, name))
+
+
 def _check_node(rec: dict, target, args) -> None:
     op = rec["op"]
     if op not in _NODE_OPS:
         raise SerializationError(f"load: refusing node '{rec.get('name')}': unknown op {op!r}")
     if op in ("call_method", "call_module", "get_attr", "placeholder", "output") and not isinstance(target, str):
         raise SerializationError(f"load: refusing node '{rec.get('name')}': target of {op} must be a name")
-    if op == "call_method" and (target.startswith("_") or not hasattr(torch.Tensor, target)):
+    if op == "call_method" and not _is_tensor_method(target):
         raise SerializationError(f"load: refusing node '{rec.get('name')}': {target!r} is not a tensor method")
     if op == "call_function":
         if not callable(target):

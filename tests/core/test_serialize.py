@@ -227,3 +227,44 @@ def test_save_to_a_folder_says_to_give_a_file(tmp_path):
     with pytest.raises(fxopt.SerializationError, match=r"save: '.*' is a folder; give the path of a file to write "
                                                        r"\(e.g. '.*model.pt'\)"):
         fxopt.save(gm, tmp_path)
+
+
+class _MaskedLinear(nn.Module):
+    """HF attention-mask code: `&` of two bool tensors, which lower-eager writes as `Tensor.__and__`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        return self.fc(x) * ((mask > 0) & (x > 0)) + ((mask > 0) | (x < -1)) * (mask << 1)
+
+
+def test_a_lower_eager_result_with_operator_methods_loads(tmp_path):
+    """save wrote it and load refused it: "'__and__' is not a tensor method"."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 4), torch.ones(2, 4, dtype=torch.long)
+    res = fxopt.optimize(_MaskedLinear().eval(), (x, mask), "lower-eager", mode="export")
+    methods = {n.target for n in res.module.graph.nodes if n.op == "call_method"}
+    assert {"__and__", "__or__", "__lshift__"} <= methods, methods
+    fxopt.save(res.module, tmp_path / "m.pt")
+    assert torch.equal(fxopt.load(tmp_path / "m.pt")(x, mask), res.module(x, mask))
+
+
+def test_save_refuses_a_method_load_would_refuse(tmp_path):
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(x):
+        bad = gm.graph.call_method("__reduce_ex__", (x, 2))
+    with pytest.raises(fxopt.SerializationError, match=r"save: node 'reduce_ex' .* calls method '__reduce_ex__'"):
+        fxopt.save(gm, tmp_path / "m.pt")
+    gm.graph.erase_node(bad)
+    data_path = tmp_path / "ok.pt"
+    fxopt.save(gm, data_path)
+    data = torch.load(data_path, weights_only=True)
+    data["nodes"].insert(1, {"name": "bad", "op": "call_method", "target": "__reduce_ex__",
+                             "args": {"__tuple__": [{"__node__": data["nodes"][0]["name"]}, 2]},
+                             "kwargs": {"__dict__": []}, "computes": None})
+    torch.save(data, data_path)
+    with pytest.raises(fxopt.SerializationError, match=r"'__reduce_ex__' is not a tensor method"):
+        fxopt.load(data_path)
