@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, metadata_read, op_view, size_read, spec_for,
-                      tensor_meta)
+from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, is_effectful, metadata_read, op_view, size_read,
+                      spec_for, tensor_meta, written_base)
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
 ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu", "leaky_relu", "sigmoid", "tanh", "hardsigmoid")
@@ -169,7 +169,7 @@ def _fold_linear_scale(r: Rewriter) -> torch.fx.Node | None:
 def _per_channel(r: Rewriter, out, axis: int, channels: int, dtype: torch.dtype) -> torch.Tensor | None:
     """The factor `r["g"]` (a stored tensor) as one float64 value per channel, when it
     broadcasts over the output `out` (tensor metadata) along `axis` alone and keeps its dtype."""
-    g = get_attr_value(r.gm, r["g"].target)
+    g = _stored_cone_value(r.gm, r["g"])
     if out is None or not isinstance(g, torch.Tensor) or g.dtype != dtype or g.dim() > len(out[0]):
         return None
     shape = [1] * (len(out[0]) - g.dim()) + list(g.shape)
@@ -230,6 +230,44 @@ def _no_bias(view) -> bool | str:
     has_bias = "bias" in view.params or "bias" in node.kwargs or (
         node.op != "call_module" and view.kind == "linear" and len(node.args) > 2 and node.args[2] is not None)
     return "it has a bias" if has_bias else True
+
+
+#: How many ops may compute a stored factor from its tensors (``gamma[:, None, None]``,
+#: ``gamma.view(1, C, 1, 1)``, ``gamma.unsqueeze(-1).unsqueeze(-1)``).
+_MAX_CONE = 4
+
+
+def _stored_cone(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The nodes that compute `node` from stored tensors alone (get_attrs the graph never writes
+    in place, and side-effect-free calls of them), or None: a value that depends on the input."""
+    cone, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if n in cone:
+            continue
+        if n.op != "get_attr" and (n.op not in ("call_function", "call_method") or is_effectful(n)
+                                   or not n.all_input_nodes):
+            return None
+        cone.append(n)
+        if len(cone) > _MAX_CONE + 1:
+            return None
+        stack.extend(n.all_input_nodes)
+    attrs = {n for n in cone if n.op == "get_attr"}
+    if any(written_base(node.graph.owning_module, u) in attrs for a in attrs for u in a.users):
+        return None  # state the forward updates in place is no constant
+    return cone
+
+
+def _stored_value(node: torch.fx.Node) -> bool | str:
+    """A value computed from stored tensors alone: a per-channel factor a fold can precompute."""
+    return _stored_cone(node) is not None or "not computed from stored tensors alone"
+
+
+def _stored_cone_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
+    if node.op == "get_attr":
+        return get_attr_value(gm, node.target)
+    from fxopt.passes.cleanup import evaluate_constant
+    return evaluate_constant(gm, node)
 
 
 def _bias_vector(node: torch.fx.Node) -> bool:
@@ -646,10 +684,10 @@ FOLDS = PatternSet([
                           check=_bn_eval), rewrite=_fold_conv_bn),
     Pattern("linear+bn", Op("batch_norm", Op("linear", Var("x"), name="linear", check=_linear_ok), name="bn",
                             check=_bn_eval), rewrite=_fold_linear_bn),
-    Pattern("conv+scale", Op("mul", Op("conv", Var("x"), name="conv", check=_conv_ok), Var("g", check=_bias_vector),
+    Pattern("conv+scale", Op("mul", Op("conv", Var("x"), name="conv", check=_conv_ok), Var("g", check=_stored_value),
                              commutative=True), rewrite=_fold_conv_scale),
     Pattern("linear+scale", Op("mul", Op("linear", Var("x"), name="linear", check=_linear_ok),
-                               Var("g", check=_bias_vector), commutative=True), rewrite=_fold_linear_scale),
+                               Var("g", check=_stored_value), commutative=True), rewrite=_fold_linear_scale),
     Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",
                                 check=_linear_ok), rewrite=_merge_linears),
     Pattern("linear+bias", Op("add", Op("linear", Var("x"), name="linear", check=_no_bias),

@@ -608,6 +608,35 @@ def test_a_layer_scale_is_folded_into_its_conv_or_linear(mode):
     assert "conv+scale" not in off.passes[0].stats["matches"]
 
 
+class IndexedLayerScale(nn.Module):
+    """A layer scale stored as a vector and shaped in the forward: ``gamma[:, None, None]``,
+    ``gamma.view(1, C, 1, 1)``, on either side of the product."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.conv = how, nn.Conv2d(8, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        if self.how == "index":
+            return self.gamma[:, None, None] * self.conv(x)
+        return self.conv(x) * self.gamma.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("how", ["index", "view"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_layer_scale_shaped_in_the_forward_is_folded(mode, how):
+    """Only a stored tensor read as it is folded (docs/fusion.md named ``gamma[:, None, None]``);
+    a factor computed from stored tensors alone is evaluated once and folded too."""
+    torch.manual_seed(0)
+    model = IndexedLayerScale(how).eval()
+    res = _run(model, torch.randn(2, 8, 6, 6), mode)
+    assert res.passes[0].stats["matches"].get("conv+scale") == 1
+    assert "mul" not in _kinds(res.module)
+    x = torch.randn(3, 8, 6, 6)
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 class InPlaceSwish(nn.Module):
     def __init__(self):
         super().__init__()
