@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 from tqdm import tqdm
 
+from .calibration import check_batches
 from .errors import FxoptError, first_line
 
 DEFAULT_PIPELINE = "fuse,quantize{backend=x86}"
@@ -70,8 +71,24 @@ def load_workload(spec: str | None) -> Workload:
         made = (made, inputs)
     if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], nn.Module):
         raise ModelLoadError(f"MODEL '{spec}' must return (model, example_inputs[, calibration])")
-    calibration = list(made[2]) if len(made) == 3 else None
+    calibration = _calibration(spec, made[2]) if len(made) == 3 else None
     return Workload(spec, made[0], made[1], calibration)
+
+
+def _calibration(spec: str, batches: Any) -> list | None:
+    """MODEL's third item as a list of batches, None for none. One tensor is refused as
+    `fxopt.optimize` refuses it (its rows would each be taken for a batch), and so is what is no
+    sequence: both in one line naming MODEL, not a traceback."""
+    if batches is None:
+        return None
+    try:
+        check_batches(batches, f"MODEL '{spec}' returned calibration")
+        return list(batches)
+    except FxoptError as exc:
+        raise ModelLoadError(str(exc)) from None
+    except TypeError:
+        raise ModelLoadError(f"MODEL '{spec}' returned calibration: got a {type(batches).__name__}, not a sequence "
+                             "of batches (e.g. [(x,)] for one batch; None for none)") from None
 
 
 def _factory(spec: str, module_name: str, attr: str) -> Callable:

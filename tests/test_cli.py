@@ -241,3 +241,38 @@ def test_a_result_that_raises_when_run_gets_its_verdict_not_a_traceback(user_mod
     out = capsys.readouterr().out
     assert rc == 1
     assert "FAIL" in out and "the optimized module raised while it was measured: RuntimeError" in out
+
+
+@pytest.mark.parametrize("third, message", [
+    ("5", "MODEL 'cal_models:make' returned calibration: got a int, not a sequence of batches"),
+    ("torch.randn(4, 6)", "MODEL 'cal_models:make' returned calibration: got one Tensor of shape (4, 6), which "
+                          "would be read as 4 batches of its rows"),
+])
+def test_calibration_that_is_no_sequence_of_batches_exits_2_in_one_line(tmp_path, monkeypatch, capsys, third, message):
+    """A non-iterable third item crashed with a traceback (exit 1, a failed verification's code);
+    one tensor was split into rows and calibrated on, which fxopt.optimize refuses."""
+    (tmp_path / "cal_models.py").write_text(textwrap.dedent(f"""
+        import torch
+        def make():
+            return torch.nn.Sequential(torch.nn.Linear(6, 6)).eval(), (torch.randn(4, 6),), {third}
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        rc = cli.main(["optimize", "cal_models:make", "-p", "quantize"])
+    finally:
+        sys.modules.pop("cal_models", None)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_model_returning_none_for_calibration_has_none(tmp_path, monkeypatch):
+    (tmp_path / "none_cal.py").write_text(textwrap.dedent("""
+        import torch
+        def make():
+            return torch.nn.Linear(6, 6).eval(), (torch.randn(4, 6),), None
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert cli.load_workload("none_cal:make").calibration is None
+    finally:
+        sys.modules.pop("none_cal", None)
