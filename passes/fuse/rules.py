@@ -434,9 +434,23 @@ def _is_shape_number(node: torch.fx.Node) -> bool:
     return _shape_value(node) == "number"
 
 
+#: A finite fill at most this large (Hugging Face's ``torch.finfo(dtype).min``) swallows any
+#: score added to it: ``s + fill == fill`` in float32 for every |s| below ~1e31.
+_SWALLOWING_FILL = -1e30
+
+
+def _hides_the_score(value: object) -> bool:
+    """A `masked_fill` value that takes the score out of the softmax: −inf, or a finite fill so
+    large (``torch.finfo(torch.float32).min``) that adding it to any score gives the fill itself,
+    so an additive mask of it is the same scores. A smaller fill (``-1e4``) replaces scores in a
+    way no additive mask says (a fully masked row is uniform, not the row's softmax)."""
+    return isinstance(value, (int, float)) and (value == -math.inf or value <= _SWALLOWING_FILL)
+
+
 def _scores(mask: str | None, scale: str = "const") -> Op:
     """QKᵀ scaled, then an additive float mask (`mask="add"`), a boolean mask filled with −inf
-    (`mask="fill"`: `s.masked_fill(m, -inf)`, nanoGPT's causal mask), or none.
+    (`mask="fill"`: `s.masked_fill(m, -inf)`, nanoGPT's causal mask, or a fill that swallows
+    the score, Hugging Face's `torch.finfo(dtype).min`), or none.
 
     `scale`: "const" (`/ 8.0`, `* 0.125`), "q-const" (the same on q before the product),
     "none" (scale 1), or a number computed in the graph from shapes (`/ hd ** 0.5` is "div",
@@ -454,8 +468,8 @@ def _scores(mask: str | None, scale: str = "const") -> Op:
         scaled = Op(scale, qk, Var("s", check=_is_shape_number), name="scale_op", commutative=scale == "mul")
     if mask == "add":
         return Op("add", scaled, Var("mask"), commutative=True)
-    if mask == "fill":  # only −inf: a finite fill replaces scores, which no additive mask says
-        return Op("masked_fill", scaled, Var("mask"), attrs={"value": lambda v: v == -math.inf}, name="fill")
+    if mask == "fill":
+        return Op("masked_fill", scaled, Var("mask"), attrs={"value": _hides_the_score}, name="fill")
     return scaled
 
 
@@ -509,8 +523,12 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     else:  # a number known at run time only: SDPA's scale= takes it as a float then
         scale = r.call(operator.truediv, 1.0, r["s"]) if divides else r["s"]
     mask = r.match.nodes.get("mask")
-    if "fill" in r.match.views:  # SDPA's boolean mask says which scores take part
+    fill = r.view("fill").attrs.get("value") if "fill" in r.match.views else None
+    if fill == -math.inf:  # SDPA's boolean mask says which scores take part
         mask = r.call(torch.logical_not, mask)
+    elif fill is not None:  # the fill as an additive mask: each filled score becomes the fill
+        q_meta = tensor_meta(r.match.nodes["q"])
+        mask = r.call(torch.masked_fill, r.call(torch.zeros_like, mask, dtype=q_meta[1]), mask, fill)
     sdpa = r.call(F.scaled_dot_product_attention, r["q"], r["k"], r["v"], attn_mask=mask, scale=scale)
     if "cast" in r.match.nodes:
         for check in _checks_only(r.match):

@@ -914,6 +914,38 @@ def test_a_cast_that_changes_nothing_before_the_softmax_is_attention(mode, t5):
     assert not any("scaled_dot_product" in str(n.target) for n in kept.module.graph.nodes)
 
 
+class _FilledWith(nn.Module):
+    """Hugging Face's classic ``scores.masked_fill(mask == 0, torch.finfo(dtype).min)``."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, mask):
+        s = (q @ k.transpose(-1, -2) / 4.0).masked_fill(mask == 0, self.fill)
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_fill_that_swallows_the_score_is_an_additive_sdpa_mask(mode):
+    """``finfo.min`` plus any score is ``finfo.min``: an additive mask of it is the same scores,
+    so SDPA gives eager's result, also on a row whose every key is masked (uniform weights, no
+    NaN). A ``-1e4`` fill replaces scores in a way no mask says and stays."""
+    torch.manual_seed(0)
+    b, h, n, d = 2, 4, 6, 16
+    mask = torch.ones(b, 1, n, n)
+    mask[0, ..., -2:] = 0
+    mask[1, :, 2, :] = 0  # a fully masked row
+    inputs = (torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d), mask)
+    model = _FilledWith(torch.finfo(torch.float32).min)
+    res = fxopt.optimize(model, inputs, pipeline="fuse", mode=mode)
+    assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
+    assert res.verification.passed
+    torch.testing.assert_close(res.module(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+    kept = fxopt.optimize(_FilledWith(-1e4), inputs, pipeline="fuse", mode=mode)
+    assert not any("scaled_dot_product" in str(n.target) for n in kept.module.graph.nodes)
+
+
 class _PermutedKey(nn.Module):
     def __init__(self, order):
         super().__init__()
