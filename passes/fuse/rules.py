@@ -149,6 +149,50 @@ def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
     return _affine_linear(r, lin, *_bn_scale_shift(bn, w.shape[0], w.dtype))
 
 
+def _fold_bn_conv(r: Rewriter) -> torch.fx.Node | None:
+    """A batchnorm right before a conv (pre-activation nets, a normalized input):
+    ``conv(x * s + t)`` is a conv with weights ``W * s`` (per input channel) and bias
+    ``b + Σ W · t``. Exact only where the conv pads nothing: a zero border of the normalized
+    input is not ``t`` at the border of ``x``."""
+    bn, conv = r.view("bn"), r.view("conv")
+    attrs = conv_attrs(conv)
+    padding = attrs["padding"]
+    if attrs["transposed"] or (padding != "valid" if isinstance(padding, str) else any(padding)):
+        return None
+    w, b, groups = conv.param("weight"), conv.param("bias"), attrs["groups"]
+    channels = w.shape[1] * groups
+    if bn.param("running_mean").shape[0] != channels:
+        return None
+    scale, shift = _bn_scale_shift(bn, channels, w.dtype)
+    # output channel o reads input channels of its group: the per-input factor as a (O, C/g) grid
+    per_group = w.shape[0] // groups
+    grid = [v.reshape(groups, 1, w.shape[1]).expand(groups, per_group, w.shape[1]).reshape(w.shape[:2])
+            for v in (scale, shift)]
+    spatial = (1,) * (w.dim() - 2)
+    new_w = w.double() * grid[0].reshape(*w.shape[:2], *spatial)
+    new_b = (w.double() * grid[1].reshape(*w.shape[:2], *spatial)).flatten(1).sum(1)
+    if b is not None:
+        new_b = new_b + b.double()
+    name = r.match.root.name
+    return conv_call(r, r["x"], r.tensor(f"{name}_folded_weight", new_w.to(w.dtype)),
+                     r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)), attrs)
+
+
+def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
+    """A BatchNorm1d on (N, C) features right before a linear (a tabular model's input, a
+    classifier head): ``linear(x * s + t)`` has weights ``W * s`` and bias ``b + W t``."""
+    bn, lin = r.view("bn"), r.view("linear")
+    meta = tensor_meta(r.match.nodes["x"])
+    w, b = lin.param("weight"), lin.param("bias")
+    if meta is None or len(meta[0]) != 2 or bn.param("running_mean").shape[0] != w.shape[1]:
+        return None  # BatchNorm1d on (N, C, L) normalizes dim 1, which the linear does not read
+    scale, shift = _bn_scale_shift(bn, w.shape[1], w.dtype)
+    new_b = w.double() @ shift + (0 if b is None else b.double())
+    name = r.match.root.name
+    return r.call(F.linear, r["x"], r.tensor(f"{name}_folded_weight", (w.double() * scale).to(w.dtype)),
+                  r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)))
+
+
 def _fold_conv_scale(r: Rewriter) -> torch.fx.Node | None:
     """A per-channel factor after a conv (a layer scale ``gamma[:, None, None] * conv(x)``)."""
     conv = r.view("conv")
@@ -702,6 +746,10 @@ FOLDS = PatternSet([
                           check=_bn_eval), rewrite=_fold_conv_bn),
     Pattern("linear+bn", Op("batch_norm", Op("linear", Var("x"), name="linear", check=_linear_ok), name="bn",
                             check=_bn_eval), rewrite=_fold_linear_bn),
+    Pattern("bn+conv", Op("conv", Op("batch_norm", Var("x"), name="bn", check=_bn_eval), name="conv",
+                          check=_conv_ok), rewrite=_fold_bn_conv),
+    Pattern("bn+linear", Op("linear", Op("batch_norm", Var("x"), name="bn", check=_bn_eval), name="linear",
+                            check=_linear_ok), rewrite=_fold_bn_linear),
     Pattern("conv+scale", Op("mul", Op("conv", Var("x"), name="conv", check=_conv_ok), Var("g", check=_stored_value),
                              commutative=True), rewrite=_fold_conv_scale),
     Pattern("linear+scale", Op("mul", Op("linear", Var("x"), name="linear", check=_linear_ok),

@@ -967,3 +967,26 @@ def test_a_key_transposed_by_permute_is_attention(mode):
     k2 = torch.randn(3, 2, 5, 16)  # (heads, batch, ...): permute(1, 0, 3, 2) also swaps batch and heads
     other = fxopt.optimize(_PermutedKey((1, 0, 3, 2)), (q, k2, v), pipeline="fuse", mode=mode)
     assert not any("scaled_dot_product" in str(n.target) for n in other.module.graph.nodes)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["conv", "grouped", "conv1d", "padded", "linear", "linear-3d"])
+def test_a_batchnorm_before_a_conv_or_linear_folds_where_exact(mode, case):
+    """``conv(bn(x))`` is a conv with weights ``W * s`` and bias ``b + Σ W t``; a conv that pads
+    would see a zero border where the normalized input has ``t``, so it stays, as does a
+    BatchNorm1d over (N, C, L) before a linear over L (another axis)."""
+    torch.manual_seed(0)
+    model, x = {
+        "conv": (nn.Sequential(_warm_bn(nn.BatchNorm2d(8)), nn.Conv2d(8, 16, 3)), torch.randn(2, 8, 10, 10)),
+        "grouped": (nn.Sequential(_warm_bn(nn.BatchNorm2d(8)), nn.Conv2d(8, 12, 3, groups=4, stride=2, dilation=2,
+                                                                           bias=False)), torch.randn(2, 8, 10, 10)),
+        "conv1d": (nn.Sequential(_warm_bn(nn.BatchNorm1d(8)), nn.Conv1d(8, 4, 3)), torch.randn(2, 8, 10)),
+        "padded": (nn.Sequential(_warm_bn(nn.BatchNorm2d(8)), nn.Conv2d(8, 16, 3, padding=1)), torch.randn(2, 8, 10, 10)),
+        "linear": (nn.Sequential(_warm_bn(nn.BatchNorm1d(8)), nn.Dropout(0.2), nn.Linear(8, 5)), torch.randn(4, 8)),
+        "linear-3d": (nn.Sequential(_warm_bn(nn.BatchNorm1d(8)), nn.Linear(6, 5)), torch.randn(4, 8, 6)),
+    }[case]
+    res = _run(model.eval(), x, mode)
+    stays = ("padded", "linear-3d")
+    assert ("batch_norm" in _kinds(res.module)) == (case in stays), _kinds(res.module)
+    other = torch.randn(3, *x.shape[1:])
+    torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
