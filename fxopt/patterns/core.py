@@ -18,6 +18,8 @@ Failures carry a reason (`explain`), so a researcher can ask why a chosen node d
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -52,6 +54,23 @@ class Var:
     shape: tuple | None = None
     check: Callable[[torch.fx.Node], bool] | None = None
 
+    def __post_init__(self) -> None:
+        # a wrong type never matches, and the reason ("is torch.float32, wants float32") reads as equal
+        _require_name("Var", self.name)
+        where = f"Var('{self.name}')"
+        if self.ndim is not None and not _all_of(self.ndim, int):
+            raise TypeError(f"{where}: ndim= must be an int or a tuple of ints, got {self.ndim!r}")
+        if self.dtype is not None and not _all_of(self.dtype, torch.dtype):
+            hint = (f" (torch.{self.dtype}?)" if isinstance(self.dtype, str)
+                    and isinstance(getattr(torch, self.dtype, None), torch.dtype) else "")
+            raise TypeError(f"{where}: dtype= must be a torch.dtype or a tuple of them, got {self.dtype!r}{hint}")
+        if self.shape is not None:
+            if not isinstance(self.shape, (tuple, list)) or not all(
+                    d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in self.shape):
+                raise TypeError(f"{where}: shape= must be a tuple of ints and None (any size), got {self.shape!r}")
+            object.__setattr__(self, "shape", tuple(self.shape))
+        _require_callable(where, "check", self.check)
+
 
 @dataclass(frozen=True)
 class Const:
@@ -63,6 +82,10 @@ class Const:
     name: str
     check: Callable[[Any], bool] | None = None
     literal: Any = None
+
+    def __post_init__(self) -> None:
+        _require_name("Const", self.name)
+        _require_callable(f"Const('{self.name}')", "check", self.check)
 
 
 class Op:
@@ -104,6 +127,7 @@ class Op:
         if bad is not None:
             raise TypeError(f"Op('{self.kinds[0]}'): an input must be an Op or a Var, got {bad!r} "
                             "(a number operand is scalar=Const(...))")
+        _check_op_options(self.kinds, len(inputs), name, scalar, attrs, check)
         self.inputs = tuple(inputs)
         self.name = name
         self.scalar = scalar
@@ -125,6 +149,86 @@ class Op:
 
 PatternNode = Union[Op, Var]
 _KNOWN_KINDS = frozenset(spec.kind for spec in SPECS)
+
+
+def _require_name(what: str, name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{what}: the name must be a non-empty string, got {name!r}")
+
+
+def _require_callable(where: str, option: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{where}: {option}= must be a function, got {type(value).__name__}")
+
+
+def _all_of(value: Any, cls: type) -> bool:
+    """`value` is one `cls` or a non-empty tuple of them (a bool is no int here)."""
+    items = value if isinstance(value, tuple) else (value,)
+    return bool(items) and all(isinstance(v, cls) and not isinstance(v, bool) for v in items)
+
+
+def _check_op_options(kinds: tuple[str, ...], n_inputs: int, name: Any, scalar: Any, attrs: Any,
+                      check: Any) -> None:
+    """Refuse, when the Op is built, options that could never match: each would only make the
+    pattern silently match nothing."""
+    where = f"Op('{kinds[0]}')"
+    if name is not None:
+        _require_name(where, name)
+    _require_callable(where, "check", check)
+    if scalar is not None and not isinstance(scalar, Const):
+        raise TypeError(f"{where}: scalar= must be a Const, got {scalar!r}")
+    if scalar is not None and all(_max_operands(k) <= n_inputs for k in kinds):
+        raise ValueError(f"{where}: scalar= matches a number operand in place of a tensor one (x * 0.5), and "
+                         f"'{kinds[0]}' takes no more than {_max_operands(kinds[0])} tensor operand(s), which "
+                         f"the {n_inputs} input(s) already take")
+    if attrs is not None and not isinstance(attrs, dict):
+        raise TypeError(f"{where}: attrs= must be a dict of attribute name to value or predicate, got {attrs!r}")
+    for key in attrs or {}:
+        known = set().union(*(_attribute_names(k) for k in kinds))
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            raise ValueError(f"{where}: attrs names '{key}', which no op of that kind has"
+                             + (f" (did you mean '{close[0]}'?)" if close else "")
+                             + f"; its attributes: {', '.join(sorted(known)) or 'none'}")
+
+
+def _max_operands(kind: str) -> int:
+    """The most tensor operands an op of `kind` takes in any spelling."""
+    return max(len(spec.tensor_args) for spec in SPECS if spec.kind == kind)
+
+
+@functools.cache
+def _attribute_names(kind: str) -> frozenset[str]:
+    """Every name an op of `kind` may report as an attribute or argument, in any spelling: its
+    specs' argument names, its ATen schemas', its functions' and module constructors'
+    parameters, and the names its module views report (generous: a name missing here would
+    refuse a pattern that matches)."""
+    names: set[str] = set()
+    for spec in (s for s in SPECS if s.kind == kind):
+        names |= {*spec.arg_names, *spec.tensor_args, *spec.param_args, *spec.defaults, *spec.modifiers,
+                  *spec.renames, *spec.renames.values()}
+        for op in spec.aten:
+            overloads = [getattr(op, o) for o in op.overloads()] if hasattr(op, "overloads") else [op]
+            names |= {a.name for o in overloads for a in o._schema.arguments}
+        for fn in (*spec.functions, *(cls.__init__ for cls in spec.modules)):
+            try:
+                names |= set(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):  # a builtin without a signature: its ATen schema names it
+                pass
+        if spec.module_attrs is not None:
+            names |= _string_constants(spec.module_attrs.__code__)
+    return frozenset(names)
+
+
+def _string_constants(code: Any) -> set[str]:
+    """The strings a function's code holds: the keys of the dict a `module_attrs` builds."""
+    found: set[str] = set()
+    for const in code.co_consts:
+        if isinstance(const, str):
+            found.add(const)
+        elif isinstance(const, tuple):
+            found |= {c for c in const if isinstance(c, str)}
+    return found
 
 
 @dataclass
@@ -160,6 +264,22 @@ class NoMatch(Exception):
     """Why a pattern did not match at a node (the message names the node)."""
 
 
+class CheckError(RuntimeError):
+    """A check or predicate of a pattern raised (not refused) at a node; the message names the
+    check and the node, and `apply_patterns` adds the pattern's name."""
+
+
+def _run_check(fn: Callable[[Any], Any], value: Any, what: str, node: Any) -> Any:
+    """`fn(value)`; an exception it raises names `what` ran at `node` (a bare ZeroDivisionError
+    from inside the matcher said neither)."""
+    try:
+        return fn(value)
+    except NoMatch:
+        raise
+    except Exception as exc:
+        raise CheckError(f"{what} raised {type(exc).__name__}: {exc} (at {_where(node)})") from exc
+
+
 # ----- matching -------------------------------------------------------------------------------
 
 def match(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: PatternNode,
@@ -189,7 +309,7 @@ def match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Patte
         _refuse_visible_write(gm, op, m)
     _refuse_write_before_root(gm, m)
     if check is not None:
-        verdict = check(m)
+        verdict = _run_check(check, m, "the pattern's check", node)
         if verdict is not True and verdict is not None:
             reason = verdict if isinstance(verdict, str) and verdict else "the extra check returned False"
             raise NoMatch(f"extra check refused the match at {_where(node)}: {reason}")
@@ -273,7 +393,8 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         got = view.attrs.get(key, _MISSING)
         if got is _MISSING:
             got = _bound_arg(node, key)
-        ok = want(got) if callable(want) else _same(got, want)
+        ok = _run_check(want, got, f"the attrs predicate for '{key}' of {pat!r}", node) if callable(want) \
+            else _same(got, want)
         if not ok:
             wanted = f"a value passing {getattr(want, '__name__', 'a check')}" if callable(want) else repr(want)
             word = "attribute" if node.op == "call_module" else "argument"
@@ -286,7 +407,7 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
             raise _no_match(node, f": '{key}' is {got!r}; a pattern that does not name '{key}' in attrs "
                                   f"matches only {key}={neutral!r}")
     if pat.check is not None:
-        verdict = pat.check(view)
+        verdict = _run_check(pat.check, view, f"the check of {pat!r}", node)
         if verdict is not True and verdict is not None:
             raise _no_match(node, f": {verdict if isinstance(verdict, str) else 'op check refused it'}")
     if pat.scalar is not None:
@@ -357,7 +478,7 @@ def _match_var(value: Any, pat: Var, m: Match) -> Match:
                           f"the graph was captured to run at any batch: a shape constraint fixing it would apply "
                           f"the rewrite at every batch size (write None for dim 0)")
     if pat.check is not None:
-        verdict = pat.check(value)
+        verdict = _run_check(pat.check, value, f"the check of Var('{pat.name}')", value)
         if isinstance(verdict, str) or not verdict:  # a string is a reason, as for Op and Pattern checks
             raise NoMatch(f"Var('{pat.name}'): {_where(value)} fails its check"
                           + (f": {verdict}" if isinstance(verdict, str) and verdict else ""))
@@ -375,7 +496,7 @@ def _bind_node(name: str, node: torch.fx.Node, m: Match) -> None:
 def _bind_const(pat: Const, value: Any, node: torch.fx.Node, m: Match, key: str = "") -> Match:
     if isinstance(value, torch.fx.Node) or isinstance(value, torch.Tensor):
         raise _no_match(node, f": Const('{pat.name}') wants a Python scalar, found a tensor")
-    if pat.check is not None and not pat.check(value):
+    if pat.check is not None and not _run_check(pat.check, value, f"the check of Const('{pat.name}')", node):
         if pat.literal is not None:  # a literal of a pattern function: its name says nothing
             raise _no_match(node, f": argument '{key}' is {value!r} but the pattern wants {pat.literal!r}")
         raise _no_match(node, f": argument '{key}' is {value!r}, which fails the check of Const('{pat.name}')")

@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import node_location
 from ..ir import add_tensor_attr, call_as, meta_value, replace_uses, tensor_meta
-from .core import Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
+from .core import CheckError, Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
 
 
 @dataclass
@@ -189,7 +189,7 @@ def apply_patterns(
                 continue
             for pattern in table:
                 try:
-                    m = match_or_raise(gm, node, pattern.match, pattern.check)
+                    m = _match_or_raise(gm, node, pattern)
                 except NoMatch:
                     continue
                 result = _apply_one(gm, pattern, m)
@@ -229,10 +229,18 @@ def _explain_all(gm: torch.fx.GraphModule, table: PatternSet, node: torch.fx.Nod
         if report.why_not.get(pattern.name) == "matched":
             continue
         try:
-            match_or_raise(gm, node, pattern.match, pattern.check)
+            _match_or_raise(gm, node, pattern)
             report.why_not[pattern.name] = "matched"
         except NoMatch as exc:
             report.why_not[pattern.name] = str(exc)
+
+
+def _match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Pattern) -> Match:
+    """`match_or_raise` for a whole `Pattern`: a check of it that raised also names the pattern."""
+    try:
+        return match_or_raise(gm, node, pattern.match, pattern.check)
+    except CheckError as exc:
+        raise CheckError(f"pattern '{pattern.name}': {exc}") from exc.__cause__
 
 
 def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx.Node | None:
@@ -241,10 +249,14 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
         new = pattern.rewrite(rw)
     else:
         new = _inline_replacement(rw, pattern)
-    if new is None:
-        for n in reversed(rw.new_nodes):  # a declined rewrite leaves nothing behind
+    if not isinstance(new, torch.fx.Node):
+        for n in reversed(rw.new_nodes):  # a declined (or refused) rewrite leaves nothing behind
             if not n.users:
                 gm.graph.erase_node(n)
+        if new is not None:
+            raise TypeError(f"pattern '{pattern.name}' at {node_location(m.root)}: rewrite= returned "
+                            f"{type(new).__name__}; it must return the node that now yields the root's value "
+                            "(r.call(...), or r.match.root to keep it), or None to decline")
         return None
     if new is not m.root:
         _check_same_value_kind(pattern, m.root, new, rw.new_nodes)

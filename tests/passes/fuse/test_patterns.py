@@ -382,9 +382,65 @@ def test_a_replacement_that_changes_the_value_kind_is_refused_naming_the_pattern
     (lambda: Pattern("p", pattern_from_function(lambda x: x), replacement=lambda x: x), ValueError, r"root must be an Op"),
     (lambda: Pattern("p", Op("relu", Var("x")), replacement=3), TypeError, r"replacement= must be a function, got int"),
     (lambda: pattern_from_function(nn.Linear(8, 8)), TypeError, r"takes a Python function .* got Linear"),
+    # options of the wrong type never matched, and the reason read as equal ("is torch.float32, wants float32")
+    (lambda: Var("x", dtype="float32"), TypeError, r"Var\('x'\): dtype= must be a torch.dtype .* got 'float32' "
+                                                   r"\(torch.float32\?\)"),
+    (lambda: Var("x", ndim="2"), TypeError, r"Var\('x'\): ndim= must be an int or a tuple of ints, got '2'"),
+    (lambda: Var("x", shape=(2, "8")), TypeError, r"shape= must be a tuple of ints and None"),
+    (lambda: Var("x", check=True), TypeError, r"Var\('x'\): check= must be a function, got bool"),
+    (lambda: Const("c", check=0.5), TypeError, r"Const\('c'\): check= must be a function, got float"),
+    (lambda: Op("relu", Var("x"), attrs={"dimm": 1}), ValueError,
+     r"Op\('relu'\): attrs names 'dimm', which no op of that kind has; its attributes: inplace, input"),
+    (lambda: Op("softmax", Var("x"), attrs={"dimm": -1}), ValueError, r"'dimm'.* \(did you mean 'dim'\?\)"),
+    (lambda: Op("relu", Var("x"), scalar=Const("c")), ValueError,
+     r"Op\('relu'\): scalar= matches a number operand .* 'relu' takes no more than 1 tensor operand"),
+    (lambda: Op("mul", Var("x"), scalar=0.5), TypeError, r"scalar= must be a Const, got 0.5"),
+    (lambda: Op("relu", Var("x"), check="relu"), TypeError, r"check= must be a function, got str"),
 ])
 def test_a_malformed_pattern_is_refused_when_built(build, error, message):
     """A bare Var root matched every node (placeholders, weights, the output) and corrupted the
     graph; a misspelled kind never matched, silently."""
     with pytest.raises(error, match=message):
         build()
+
+
+@pytest.mark.parametrize("attrs", [{"dim": -1}, {"dim": lambda d: d in (-1, 1), "dtype": None}])
+def test_attrs_any_spelling_of_the_kind_has_are_accepted(attrs):
+    """The check at build time knows every name a kind reports: its functions', its modules' and
+    its ATen schemas'."""
+    Op("softmax", Var("x"), attrs=attrs)
+    Op("conv", Var("x"), attrs={"padding_mode": "zeros", "dim": 2, "groups": 1})
+    Op("mul", Var("x"), scalar=Const("c"))
+
+
+def test_a_rewrite_that_returns_no_node_is_refused_naming_the_pattern():
+    """It failed with AttributeError: 'int' object has no attribute 'meta' from inside replace_uses."""
+    gm = fxopt.capture(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),), mode="symbolic")
+    before = [n.format_node() for n in gm.graph.nodes]
+    with pytest.raises(TypeError, match=r"pattern 'p' at node '_1' \(call_module 1\): rewrite= returned int; it must return"):
+        apply_patterns(gm, Pattern("p", Op("relu", Var("x")), rewrite=lambda r: (r.call(torch.sigmoid, r["x"]), 3)[1]))
+    assert [n.format_node() for n in gm.graph.nodes] == before  # its new nodes are gone
+
+
+@pytest.mark.parametrize("where", ["attrs", "op", "var", "const", "pattern"])
+def test_a_check_that_raises_names_the_pattern_the_check_and_the_node(where):
+    """An attrs predicate raising ZeroDivisionError came out of apply_patterns bare."""
+    def boom(_):
+        return 1 / 0
+
+    x = Var("x", check=boom if where == "var" else None)
+    scalar = Const("c", check=boom) if where == "const" else None
+    root = Op("mul", x, scalar=scalar, attrs={"alpha": boom} if where == "attrs" else None,
+              check=boom if where == "op" else None) if scalar else \
+        Op("relu", x, attrs={"inplace": boom} if where == "attrs" else None, check=boom if where == "op" else None)
+    pattern = Pattern("p", root, replacement=lambda x: x, check=boom if where == "pattern" else None)
+
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.relu(x * 2.0)
+
+    gm = fxopt.capture(M(), (torch.randn(2, 3),), mode="symbolic")
+    with pytest.raises(RuntimeError, match=r"pattern 'p': the (attrs predicate for '\w+' of|check of|pattern's check)"
+                                           r".*raised ZeroDivisionError: division by zero \(at node '\w+'") as info:
+        apply_patterns(gm, pattern)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
