@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import math
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -40,6 +41,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import first_line
 from .ir.interpret import BufferState
 from .ir.rewrite import deep_copy
 
@@ -76,7 +78,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     ``(inputs, labels)`` instead (`inputs` a tensor or tuple, `labels` class indices), which
     ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
     that does not fit the models' forward raises a ValueError saying what it was taken as, and
-    so does `data` with no batches. `teacher` runs in eval mode and comes back in the mode each
+    so does `data` with no batches; a loss that stops being finite (a learning rate that
+    diverges, NaN in the data) stops training with a ValueError naming the epoch and batch. `teacher` runs in eval mode and comes back in the mode each
     of its submodules had, and with the buffer values it had: a forward that updates a buffer (a
     call counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
     is not changed (a copy is trained, and its buffers are put back to their values after
@@ -92,12 +95,13 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         >>> gap(tuned) < gap(student)
         True
     """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    for option, value in (("temperature", temperature), ("lr", lr)):
+        if not 0 < value < math.inf:  # also NaN: it trained a NaN student, silently
+            raise ValueError(f"{option} must be a finite number > 0, got {value}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if alpha < 1.0 and not labeled:
@@ -140,15 +144,16 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 for role, model in models:
                     _check_fits(role, model, inputs, index, labeled)
                 with torch.no_grad():
-                    target = select_output(teacher(*inputs), output, role="teacher")
+                    target = select_output(_forward("teacher", teacher, inputs, index), output, role="teacher")
                     teacher_state.restore()  # every batch sees the teacher as it was given
-                out = select_output(student(*inputs), output, role="student")
+                out = select_output(_forward("student", student, inputs, index), output, role="student")
                 if index == 0 and epoch == 0:
                     _check_trainable(out, target, output)
                 loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
                                 reduction="batchmean") * (t * t)
                 if labels is not None and alpha < 1.0:
-                    loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, labels)
+                    loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, index)
+                _check_finite(loss, epoch, index, lr)
                 opt.zero_grad(set_to_none=True)
                 try:
                     loss.backward()
@@ -166,6 +171,33 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         p.requires_grad_(False)
     student_state.restore()
     return student
+
+
+def _forward(role: str, model: nn.Module, inputs: tuple, index: int) -> Any:
+    """`model(*inputs)`; an error of the forward names the batch and what it was (a conv's
+    channel count, a dtype: a bare torch error from inside the training loop named neither)."""
+    try:
+        return model(*inputs)
+    except Exception as exc:  # the model's own code: whatever it raises is this batch's misfit
+        raise ValueError(f"distill: batch {index}, {_describe(inputs)}, does not fit the {role}: "
+                         f"{type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _cross_entropy(out: torch.Tensor, labels: Any, index: int) -> torch.Tensor:
+    """The labels' cross-entropy; labels that are no class indices of `out` name the batch."""
+    try:
+        return F.cross_entropy(out, labels)
+    except Exception as exc:  # noqa: BLE001  (torch's IndexError / RuntimeError on bad targets)
+        what = _tensor_text(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"distill: the labels of batch {index} ({what}) are no class indices for the student's "
+                         f"{_tensor_text(out)} logits: {type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, index: int, lr: float) -> None:
+    """Stop at the first NaN or infinite loss: every step after it makes the student NaN."""
+    if not torch.isfinite(loss):
+        raise ValueError(f"distill: the loss is {loss.item()} at epoch {epoch + 1}, batch {index}: training "
+                         f"diverged (lr={lr} too high?) or the data holds NaN or infinity")
 
 
 _WRITES_IN_PLACE = ("distill cannot train the student: its forward writes in place into a value its backward "

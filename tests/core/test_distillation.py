@@ -1,0 +1,64 @@
+"""fxopt.distill's options and batches: refused in words that name them, never a NaN student."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+
+
+def _models():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    student = fxopt.capture(teacher, torch.randn(2, 3, 8, 8))
+    return student, teacher
+
+
+def _data(n=2):
+    return [torch.randn(4, 3, 8, 8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(temperature=math.nan), "temperature must be a finite number > 0, got nan"),
+    (dict(temperature=math.inf), "temperature must be a finite number > 0, got inf"),
+    (dict(lr=math.inf), "lr must be a finite number > 0, got inf"),
+    (dict(weight_decay=math.nan), "weight_decay must be a finite number >= 0, got nan"),
+    (dict(epochs=2.5), "epochs must be an int >= 0, got 2.5"),
+])
+def test_options_that_cannot_train_are_refused(options, message):
+    """temperature=nan passed the `<= 0` check and trained a NaN student, silently; epochs=2.5
+    failed with "'float' object cannot be interpreted as an integer"."""
+    student, teacher = _models()
+    with pytest.raises(ValueError, match=message):
+        fxopt.distill(student, teacher, _data(), progress=False, **options)
+
+
+def test_a_loss_that_stops_being_finite_stops_training_naming_the_batch():
+    student, teacher = _models()
+    data = _data()
+    data[1][0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"distill: the loss is nan at epoch 1, batch 1: training diverged .* NaN"):
+        fxopt.distill(student, teacher, data, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("batch, says", [
+    (torch.randn(4, 5, 8, 8), r"batch 0, 1 input \(float32\[4, 5, 8, 8\]\), does not fit the teacher: RuntimeError: "
+                              r"Given groups=1"),
+    (torch.randn(4, 3, 8, 8).double(), r"batch 0, 1 input \(float64\[4, 3, 8, 8\]\), does not fit the teacher: "
+                                       r"RuntimeError: Input type \(double\)"),
+])
+def test_a_batch_the_forward_refuses_is_named(batch, says):
+    """The forward's bare torch error came from inside the training loop, naming no batch; the
+    docstring promised a ValueError saying what the batch was taken as."""
+    student, teacher = _models()
+    with pytest.raises(ValueError, match="distill: " + says):
+        fxopt.distill(student, teacher, [batch], epochs=1, progress=False)
+
+
+def test_labels_that_are_no_class_indices_are_named():
+    student, teacher = _models()
+    data = [(x, torch.tensor([0, 1, 2, 33])) for x in _data()]
+    with pytest.raises(ValueError, match=r"distill: the labels of batch 0 \(int64\[4\]\) are no class indices for "
+                                         r"the student's float32\[4, 5\] logits: IndexError: Target 33"):
+        fxopt.distill(student, teacher, data, epochs=1, labeled=True, alpha=0.5, progress=False)
