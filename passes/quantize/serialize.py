@@ -3,7 +3,8 @@
 `fxopt.save`/`fxopt.load` store any GraphModule as plain data (`fxopt.serialize`). Prepacked
 int8 weights (`torch.ops.quantized` conv/linear packed params, opaque script objects) are the
 one object they cannot read; this module registers the codec that stores one as its int8 weight,
-per-channel scales, bias and conv geometry, and re-packs it on load for the current engine.
+per-channel scales, bias and conv geometry, and re-packs it on load as lowering packs it
+(the x86 engine, with the per-layer choices of `packing.py`), whatever the global engine is.
 
     >>> from fxopt.passes.quantize import save, load   # doctest: +SKIP
     >>> save(result.module, "model.int8.pt"); restored = load("model.int8.pt")  # doctest: +SKIP
@@ -39,13 +40,14 @@ def _encode(obj) -> dict:
 
 def _decode(record: dict):
     weight, bias = graph_io.tensor_from_plain(record["weight"]), record["bias"]
-    engine = torch.backends.quantized.engine
     narrow = resolve_reduce_range("auto")  # what the kernels were fed on this machine by default
+    # packed as lowering packs, whatever `torch.backends.quantized.engine` says now: the graph's
+    # ops were chosen for those packs (the float-output linear runs x86/fbgemm packs only)
     if record["kind"] == "linear":
-        packed = prepack_linear(weight, bias, engine, narrow)
+        packed = prepack_linear(weight, bias, narrow=narrow)
     else:  # the engine per layer, as lowering chose it (grouped convs fbgemm gets wrong: oneDNN)
         packed = prepack_conv(weight, bias, record["stride"], record["padding"], record["dilation"],
-                              record["groups"], engine, narrow)
+                              record["groups"], narrow=narrow)
     if packed is None:
         raise QuantizationError(f"no int8 kernel on this machine computes a {record['kind']} with weight "
                                 f"{tuple(weight.shape)} right (every engine was checked); quantize the model "

@@ -178,3 +178,21 @@ def test_a_recurrent_layer_kept_float_round_trips(tmp_path, cell):
                          mode="symbolic")
     loaded = _round_trip(res.module, tmp_path)
     torch.testing.assert_close(loaded(cal[1]), res.module(cal[1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("engine", [e for e in ("onednn", "qnnpack") if e in torch.backends.quantized.supported_engines])
+def test_a_model_loaded_under_another_global_engine_runs_as_saved(engine, tmp_path):
+    """load re-packed under `torch.backends.quantized.engine`: under onednn or qnnpack the
+    float-output linear (x86/fbgemm packs only) failed inside torch on the first call. Packs are
+    made as lowering makes them, whatever the global engine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    cal = [torch.randn(8, 16) for _ in range(4)]
+    res = fxopt.optimize(model, cal[0], "quantize{backend=x86}", calibration=cal)
+    before = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine
+        restored = _round_trip(res.module, tmp_path)
+        _assert_same_outputs(res.module, restored, cal[1])
+    finally:
+        torch.backends.quantized.engine = before
