@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import first_line
-from .ir.interpret import BufferState
+from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import deep_copy
 
 
@@ -174,10 +174,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
 
 
 def _forward(role: str, model: nn.Module, inputs: tuple, index: int) -> Any:
-    """`model(*inputs)`; an error of the forward names the batch and what it was (a conv's
-    channel count, a dtype: a bare torch error from inside the training loop named neither)."""
+    """`model(*inputs)` on copies of the inputs: a forward that writes into its input (``x.mul_(2)``)
+    changes neither the caller's batch nor what the other model sees. An error of the forward
+    names the batch and what it was (a conv's channel count, a dtype: a bare torch error from
+    inside the training loop named neither)."""
     try:
-        return model(*inputs)
+        return model(*fresh_inputs(inputs)[0])
     except Exception as exc:  # the model's own code: whatever it raises is this batch's misfit
         raise ValueError(f"distill: batch {index}, {_describe(inputs)}, does not fit the {role}: "
                          f"{type(exc).__name__}: {first_line(exc)}") from exc

@@ -62,3 +62,28 @@ def test_labels_that_are_no_class_indices_are_named():
     with pytest.raises(ValueError, match=r"distill: the labels of batch 0 \(int64\[4\]\) are no class indices for "
                                          r"the student's float32\[4, 5\] logits: IndexError: Target 33"):
         fxopt.distill(student, teacher, data, epochs=1, labeled=True, alpha=0.5, progress=False)
+
+
+class _DoublesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.fc(x)
+
+
+def test_a_forward_that_writes_its_input_changes_neither_the_data_nor_the_other_model():
+    """The caller's batches came back multiplied by 64 after 3 epochs, and the student trained on
+    2x what the teacher saw."""
+    torch.manual_seed(0)
+    teacher = _DoublesItsInput().eval()
+    student = fxopt.capture(teacher, torch.randn(2, 4))
+    data = [torch.randn(3, 4) for _ in range(2)]
+    before = [d.clone() for d in data]
+    seen = []
+    teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    fxopt.distill(student, teacher, data, epochs=3, lr=0.05, progress=False)
+    assert all(torch.equal(d, b) for d, b in zip(data, before))
+    assert len(seen) == 6 and all(torch.equal(x, before[i % 2]) for i, x in enumerate(seen))  # every epoch
