@@ -273,9 +273,10 @@ class PassManager:
         bisect_limit: int | None = None,
     ) -> None:
         self.passes = parse_pipeline(pipeline)
-        self.instruments = list(instruments)
-        if bisect_limit is not None and bisect_limit < 0:
-            raise ValueError(f"bisect_limit must be >= 0, got {bisect_limit}")
+        self.instruments = _checked_instruments(instruments)
+        if bisect_limit is not None and (not isinstance(bisect_limit, int) or isinstance(bisect_limit, bool)
+                                         or bisect_limit < 0):
+            raise ValueError(f"bisect_limit must be an int >= 0 (how many passes to run), got {bisect_limit!r}")
         self.bisect_limit = bisect_limit
 
     @property
@@ -387,6 +388,20 @@ class PassManager:
             except Exception as exc:  # noqa: BLE001  (reported, then the pass's error goes on)
                 warnings.warn(f"instrument {type(inst).__name__}.on_pass_error raised {type(exc).__name__}: {exc}",
                               stacklevel=3)
+
+
+def _checked_instruments(instruments: Sequence[Instrument]) -> list[Instrument]:
+    """`instruments` as a list, each an `Instrument`: a bare one or another object failed only
+    when the first hook ran, with Python's words ("'Instrument' object is not iterable")."""
+    if isinstance(instruments, Instrument):
+        raise TypeError(f"instruments= takes a list of Instruments, got one {type(instruments).__name__}: "
+                        "pass [instrument]")
+    listed = list(instruments)
+    bad = next((i for i in listed if not isinstance(i, Instrument)), None)
+    if bad is not None:
+        raise TypeError(f"instruments= holds a {type(bad).__name__} ({bad!r}), not an fxopt.Instrument; "
+                        "subclass fxopt.Instrument and override the hooks it needs")
+    return listed
 
 
 class SharedWriteGuard(TorchFunctionMode):

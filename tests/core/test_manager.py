@@ -878,3 +878,17 @@ def test_a_pass_cannot_hook_the_reference(hook, kind):
         PassManager([_HooksReference(hook)]).run(gm, x)
     assert not gm.fc._forward_hooks and not gm.fc._forward_pre_hooks
     assert torch.equal(gm(*x), before)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(bisect_limit="1"), ValueError, r"bisect_limit must be an int >= 0 \(how many passes to run\), got '1'"),
+    (dict(bisect_limit=1.5), ValueError, r"bisect_limit must be an int >= 0 .* got 1.5"),
+    (dict(bisect_limit=True), ValueError, r"got True"),
+    (dict(instruments=fxopt.Instrument()), TypeError, r"instruments= takes a list of Instruments, got one Instrument"),
+    (dict(instruments=[1]), TypeError, r"instruments= holds a int \(1\), not an fxopt.Instrument"),
+])
+def test_manager_options_of_the_wrong_type_are_refused_naming_them(options, error, message):
+    """bisect_limit="1" failed comparing str and int, 1.5 silently ran two passes; a bare
+    Instrument was "not iterable", and [1] failed only when its first hook ran."""
+    with pytest.raises(error, match=message):
+        PassManager("remove-noops,dce", **options)
