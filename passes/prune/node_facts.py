@@ -253,16 +253,25 @@ def _piece_index(node: torch.fx.Node) -> int | None:
 def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
     """Split sizes read off the recorded shapes of the pieces (getitem users) when the sizes
     are computed in the graph; every piece must be used so that they add up."""
-    sizes: dict[int, int] = {}
+    read: list[tuple[int, int]] = []
     for user in split.users:
         index = _getitem_index(user)
         piece = _shape(user)
         if not isinstance(index, int) or piece is None:
             raise _Pin("split result used other than by getitem")
-        sizes[index] = piece[dim]
-    if sorted(sizes) != list(range(len(sizes))) or sum(sizes.values()) != n:
-        raise _Pin("split sizes computed in the graph and not every piece is used")
-    return [sizes[i] for i in range(len(sizes))]
+        read.append((index, piece[dim]))
+    # ``sp[-1]`` is the last piece: the count of pieces is the one that makes every index land
+    # on one piece of one size, every piece read, and the sizes add up
+    for count in range(1, len(read) + 1):
+        sizes: dict[int, int] = {}
+        for index, size in read:
+            at = index % count if -count <= index < count else None
+            if at is None or sizes.setdefault(at, size) != size:
+                break
+        else:
+            if len(sizes) == count and sum(sizes.values()) == n:
+                return [sizes[i] for i in range(count)]
+    raise _Pin("split sizes computed in the graph and not every piece is used")
 
 
 def _getitem_index(node: torch.fx.Node) -> Any:

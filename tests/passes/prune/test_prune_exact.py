@@ -2564,6 +2564,32 @@ def test_tuples_of_split_pieces_prune(mode):
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
+class Res2NetSplit(nn.Module):
+    """Res2Net's split with sizes computed from the width, its last piece read as ``sp[-1]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        sp = torch.split(h, h.shape[1] // 4, 1)
+        y = F.relu(self.b(sp[0]))
+        return self.c(torch.cat([y, sp[1], sp[2], sp[-1]], 1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_split_piece_read_with_a_negative_index_is_that_piece(mode):
+    """A symbolic graph reads the piece sizes off the pieces' shapes, and ``sp[-1]`` was taken
+    for a piece not read ("not every piece is used"): the split was pinned."""
+    torch.manual_seed(0)
+    r = prune_and_mask(Res2NetSplit().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.plan.selection.removed > 0
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
 class ScaledChannels(nn.Module):
     """A per-channel scale on a conv's output (a layer scale), held as a parameter or a buffer."""
 
