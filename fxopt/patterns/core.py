@@ -534,9 +534,16 @@ def _scalar_operand(node: torch.fx.Node, view: OpView) -> tuple[Any, bool, str]:
 
 
 def _same(got: Any, want: Any) -> bool:
+    """Equal arguments, whatever sequence spells them; one value and a one-entry list are the
+    same (export writes ``mean(x, -1)``'s dim as ``[-1]``, kernel sizes and paddings alike)."""
+    got, want = _unwrapped(got), _unwrapped(want)
     if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)):
         return tuple(got) == tuple(want)
     return got == want
+
+
+def _unwrapped(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
 
 
 # ----- annotations ------------------------------------------------------------------------------

@@ -444,3 +444,25 @@ def test_a_check_that_raises_names_the_pattern_the_check_and_the_node(where):
                                            r".*raised ZeroDivisionError: division by zero \(at node '\w+'") as info:
         apply_patterns(gm, pattern)
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+class _SpelledRMSNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_literal_dim_matches_the_one_entry_list_export_writes(mode):
+    """`mean(-1, keepdim=True)` matched the symbolic graph only: export writes dim as [-1]."""
+    def rms(x, eps=1e-6):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    gm = fxopt.capture(_SpelledRMSNorm().eval(), (torch.randn(3, 5, 16),), mode=mode)
+    report = apply_patterns(gm, Pattern("rms", pattern_from_function(rms),
+                                        rewrite=lambda r: r.call(F.rms_norm, r["x"], (16,), eps=r["eps"])))
+    assert report.total == 1, report
