@@ -351,22 +351,40 @@ def _merge_linears(r: Rewriter) -> torch.fx.Node | None:
     return r.call(F.linear, r["x"], wn, bn)
 
 
-def _last_dims(view) -> bool | str:
-    """A transpose of the last two axes: ``k.transpose(-2, -1)``, or a permute that swaps them
-    and keeps the others (``k.permute(0, 1, 3, 2)``)."""
+def _key_order(view) -> list[int] | str:
+    """The axis order of k that SDPA reads as its key, where `view` (a transpose or permute of
+    k) is kᵀ: the view's own order with its last two axes swapped back. ``k.transpose(-2, -1)``
+    and ``k.permute(0, 1, 3, 2)`` give k itself; ``k.permute(0, 2, 3, 1)`` of a (B, N, H, D) k
+    (DETR's keys, transposed in one step) gives ``k.permute(0, 2, 1, 3)``."""
     meta = tensor_meta(view.input)
     n = len(meta[0]) if meta else None
+    if n is None or n < 2:
+        return "a transpose/permute of unknown rank"
     if view.kind == "permute":
         order = view.attrs.get("dims")
         order = list(order) if isinstance(order, (list, tuple)) else list(view.node.args[1:])
-        if n is None or len(order) != n or not all(isinstance(d, int) for d in order):
-            return "a permute of unknown rank"
-        want = list(range(n - 2)) + [n - 1, n - 2]
-        return [d % n for d in order] == want or f"permutes to {order}, not a swap of the last two axes"
-    dims = {view.attrs.get("dim0"), view.attrs.get("dim1")}
-    if dims == {-2, -1} or (n is not None and dims == {n - 2, n - 1}):
-        return True
-    return f"transposes dims {sorted(d for d in dims if d is not None)}, not the last two"
+    else:
+        order = list(range(n))
+        d0, d1 = view.attrs.get("dim0"), view.attrs.get("dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return "a transpose of computed axes"
+        order[d0 % n], order[d1 % n] = order[d1 % n], order[d0 % n]
+    if len(order) != n or not all(isinstance(d, int) for d in order):
+        return f"a permute to {order} of a {n}-D value"
+    order = [d % n for d in order]
+    return order[:-2] + [order[-1], order[-2]]
+
+
+def _last_dims(view) -> bool | str:
+    """kᵀ: a transpose or permute of k (`_key_order` says which key SDPA reads)."""
+    order = _key_order(view)
+    return order if isinstance(order, str) else True
+
+
+def _sdpa_key(r: Rewriter) -> torch.fx.Node:
+    """k as SDPA reads it: k itself, or k permuted when kᵀ moved other axes too."""
+    order = _key_order(r.view("k_t"))
+    return r["k"] if order == sorted(order) else r.call(torch.permute, r["k"], order)
 
 
 def _softmax_last(view) -> bool | str:
@@ -500,7 +518,7 @@ def _scores(mask: str | None, scale: str = "const") -> Op:
     "none" (scale 1), or a number computed in the graph from shapes (`/ hd ** 0.5` is "div",
     `* k.size(-1) ** -0.5` is "mul"), as symbolic traces keep it.
     """
-    k_t = Op(("transpose", "permute"), Var("k"), check=_last_dims)
+    k_t = Op(("transpose", "permute"), Var("k"), check=_last_dims, name="k_t")
     qk = Op("matmul", Var("q"), k_t)
     if scale == "const":
         scaled = Op(("div", "mul"), qk, scalar=Const("c"), name="scale_op")
@@ -532,6 +550,8 @@ def _attention_check(m: Match) -> bool | str:
     metas = [tensor_meta(m.nodes[k]) for k in ("q", "k", "v")]
     if any(mt is None for mt in metas):
         return "q, k or v has no shape metadata"
+    order = _key_order(m.views["k_t"])
+    metas[1] = (tuple(metas[1][0][d] for d in order), metas[1][1])  # the key SDPA reads
     if len({len(mt[0]) for mt in metas}) != 1 or len(metas[0][0]) not in (3, 4):
         return "q, k and v must be 3-D or 4-D alike"
     if len({mt[1] for mt in metas}) != 1 or not metas[0][1].is_floating_point:
@@ -573,7 +593,7 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     elif fill is not None:  # the fill as an additive mask: each filled score becomes the fill
         q_meta = tensor_meta(r.match.nodes["q"])
         mask = r.call(torch.masked_fill, r.call(torch.zeros_like, mask, dtype=q_meta[1]), mask, fill)
-    sdpa = r.call(F.scaled_dot_product_attention, r["q"], r["k"], r["v"], attn_mask=mask, scale=scale)
+    sdpa = r.call(F.scaled_dot_product_attention, r["q"], _sdpa_key(r), r["v"], attn_mask=mask, scale=scale)
     if "cast" in r.match.nodes:
         for check in _checks_only(r.match):
             r.graph.erase_node(check)

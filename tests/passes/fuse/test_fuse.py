@@ -956,17 +956,17 @@ class _PermutedKey(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_a_key_transposed_by_permute_is_attention(mode):
-    """``k.permute(0, 1, 3, 2)`` is kᵀ (only transpose(-2, -1) was); a permute that moves
-    other axes is not."""
+@pytest.mark.parametrize("order, k_shape", [((0, 1, 3, 2), (2, 3, 5, 16)),   # kᵀ alone
+                                            ((1, 0, 3, 2), (3, 2, 5, 16)),   # heads and batch swapped too
+                                            ((0, 2, 3, 1), (2, 5, 3, 16))])  # DETR: (B, N, H, D) in one step
+def test_a_key_transposed_by_permute_is_attention(mode, order, k_shape):
+    """``k.permute(0, 1, 3, 2)`` is kᵀ (only transpose(-2, -1) was); a permute that moves other
+    axes too is kᵀ of k permuted, which SDPA reads as its key."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 16) for _ in range(3))
-    res = fxopt.optimize(_PermutedKey((0, 1, 3, 2)), (q, k, v), pipeline="fuse", mode=mode)
+    q, v, k = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), torch.randn(*k_shape)
+    res = fxopt.optimize(_PermutedKey(order), (q, k, v), pipeline="fuse", mode=mode)
     assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
-    torch.testing.assert_close(res.module(q, k, v), _PermutedKey((0, 1, 3, 2))(q, k, v), rtol=1e-5, atol=1e-5)
-    k2 = torch.randn(3, 2, 5, 16)  # (heads, batch, ...): permute(1, 0, 3, 2) also swaps batch and heads
-    other = fxopt.optimize(_PermutedKey((1, 0, 3, 2)), (q, k2, v), pipeline="fuse", mode=mode)
-    assert not any("scaled_dot_product" in str(n.target) for n in other.module.graph.nodes)
+    torch.testing.assert_close(res.module(q, k, v), _PermutedKey(order)(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
