@@ -3,7 +3,8 @@
 - `symbolic`: `torch.fx.symbolic_trace` — a module-level graph (`call_module` nodes).
 - `export`: `torch.export.export(..., strict=False).module()` — an ATen-level graph with
   parameters as `get_attr`; takes models symbolic tracing cannot (Hugging Face transformers,
-  data-dependent Python) and keeps dict/dataclass outputs. The batch dimension is exported
+  data-dependent Python) and keeps dict outputs and registered dataclasses (Hugging Face's
+  `ModelOutput`; `torch.export.register_dataclass` for one of yours). The batch dimension is exported
   dynamic, so the graph also runs on other batch sizes than the example's.
 - `auto`: symbolic first, checked against the eager model on the example inputs (a trace can
   succeed and still be wrong when Python control flow got baked in), then export.
@@ -33,6 +34,7 @@ not deterministic.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import io
@@ -205,6 +207,7 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 # ----- front ends ---------------------------------------------------------------------------
 
 def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+    _refuse_var_keyword_inputs(model, kwargs)
     concrete = _concrete_inputs(model, args, kwargs)
     state = BufferState(model)
     gm = trace(model, concrete_args=concrete or None)
@@ -238,8 +241,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
     if dynamic_batch and batch is not None:
         # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
         ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
-        dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
         try:
+            dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
             with _quiet_torch():
                 ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
             if _batch_is_symbolic(ep):
@@ -585,6 +588,21 @@ def _drop_string_annotations(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _refuse_var_keyword_inputs(model: nn.Module, kwargs: dict) -> None:
+    """fx makes a ``**kw`` parameter one input named `kw`: inputs that would land in it cannot
+    reach the graph (the run said "missing input 'kw'", a name the caller never gave)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    var_keyword = next((p.name for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    extra = [k for k in kwargs if k not in params]
+    if var_keyword is not None and extra:
+        raise CaptureError(f"{type(model).__name__}.forward takes inputs {', '.join(map(repr, extra))} through "
+                           f"**{var_keyword}, which symbolic tracing cannot pass (it makes '{var_keyword}' one "
+                           "input); capture with mode='export'")
+
+
 def _concrete_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """Inputs that hold no tensor (flags like return_dict, scales, modes, None) become trace constants.
 
@@ -734,8 +752,10 @@ def _dynamic_batch_spec(model: nn.Module, args: tuple, kwargs: dict, dim: Any, b
         kind = params[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
             out[name] = tuple(tree_map(spec, v) for v in value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: tree_map(spec, v) for k, v in value.items()}
+        elif kind is inspect.Parameter.VAR_KEYWORD and value:
+            # torch.export's dynamic shapes fail on them with words of its own ("Must provide a tree_name")
+            raise ValueError(f"torch.export cannot make inputs passed through **{name} dynamic "
+                             f"({', '.join(map(repr, value))}); name them in forward's signature")
         else:
             out[name] = tree_map(spec, value)
     return out
@@ -798,7 +818,10 @@ def _hint(attempts: list[Attempt], model: nn.Module) -> str:
         if not match:
             continue
         kind = match.group(1).rsplit(".", 1)[-1]
-        fix = "return tensors (or tuples/lists/dicts/dataclasses of them) from forward"
+        fix = "return tensors (or tuples/lists/dicts of them) from forward"
+        if _is_dataclass_named(match.group(1)):
+            return (f"\n  hint: the output is a {kind}, a dataclass torch.export does not know: register it with "
+                    f"torch.export.register_dataclass({kind}) before capturing, or capture with mode='symbolic'")
         if "use_cache" in inspect.signature(model.forward).parameters:
             fix = ("pass use_cache=False with the inputs, e.g. example_inputs={'input_ids': ids, "
                    "'use_cache': False} (the model returns a " + kind + " otherwise)")
@@ -809,6 +832,14 @@ def _hint(attempts: list[Attempt], model: nn.Module) -> str:
                 "torch.where, or register a traceable forward for the module that takes the branch your "
                 "inputs need (fxopt.register_traceable_forward)")
     return ""
+
+
+def _is_dataclass_named(qualified: str) -> bool:
+    """Whether `module.Class`, as export's error names it, is a dataclass (its module already
+    imported: the model's own)."""
+    module_name, _, name = qualified.rpartition(".")
+    cls = getattr(sys.modules.get(module_name), name, None)
+    return isinstance(cls, type) and dataclasses.is_dataclass(cls)
 
 
 def _failed_attempt(frontend: str, exc: Exception) -> Attempt:

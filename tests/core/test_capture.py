@@ -908,3 +908,54 @@ def test_random_draws_no_graph_records_are_named(mode):
     _seed()
     with pytest.raises(CaptureError, match="not deterministic.*NumPy"):
         capture(Noisy("numpy").eval(), torch.randn(2, 3), mode=mode)
+
+
+class _KwargsForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, **extra):
+        return self.fc(x) * extra["scale"] + extra["shift"]
+
+
+def test_inputs_through_var_keyword_are_named_by_both_front_ends():
+    """Symbolic said "missing input 'extra'" (a name the caller never gave); export warned in
+    torch's words ("Must provide a tree_name when there might be a mismatch")."""
+    inputs = {"x": torch.randn(2, 4), "shift": torch.randn(2, 4), "scale": torch.tensor(2.0)}
+    with pytest.raises(fxopt.CaptureError, match=r"_KwargsForward.forward takes inputs 'shift', 'scale' through "
+                                                 r"\*\*extra, which symbolic tracing cannot pass .* mode='export'"):
+        fxopt.capture(_KwargsForward().eval(), inputs, mode="symbolic")
+    with pytest.warns(UserWarning, match=r"static batch size \(dim 0 of the inputs could not stay dynamic: "
+                                         r"torch.export cannot make inputs passed through \*\*extra dynamic"):
+        fxopt.capture(_KwargsForward().eval(), inputs, mode="export")
+
+
+@dataclasses.dataclass
+class _PairOut:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _ReturnsPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return _PairOut(h.relu(), h)
+
+
+def test_an_unregistered_dataclass_output_gets_the_advice_that_works():
+    """The hint said to return "dataclasses of them", which is what the model did."""
+    x = torch.randn(3, 4)
+    with pytest.raises(CaptureError, match=r"hint: the output is a _PairOut, a dataclass torch.export does not "
+                                           r"know: register it with torch.export.register_dataclass\(_PairOut\)"):
+        capture(_ReturnsPair().eval(), x, mode="export")
+    torch.export.register_dataclass(_PairOut)
+    try:
+        gm = capture(_ReturnsPair().eval(), x, mode="export")
+        assert isinstance(gm(x), _PairOut)
+    finally:
+        torch.utils._pytree._deregister_pytree_node(_PairOut)
