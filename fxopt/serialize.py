@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -274,8 +275,10 @@ def _encode_target(node):
     if name is None:
         module, qualname = _own_name(target)
         why = ""
-        if isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields"):
-            why = ("; it builds a namedtuple of the model's code, which fxopt.load does not import "
+        own_class = ("a namedtuple" if isinstance(target, type) and issubclass(target, tuple)
+                     and hasattr(target, "_fields") else "a dataclass" if dataclasses.is_dataclass(target) else None)
+        if own_class:
+            why = (f"; it builds {own_class} of the model's code, which fxopt.load does not import "
                    "(it runs no code from the file or the model): return a tuple or a dict instead")
         raise SerializationError(f"save: cannot name the function called by {node_location(node)} "
                                  f"({module}.{qualname}){why}")
@@ -548,12 +551,21 @@ _SAFE_PRIVATE = frozenset({("torch", "_assert")})
 _NODE_OPS = ("placeholder", "get_attr", "call_function", "call_module", "call_method", "output")
 
 
+def _safe_private(module: str, qualname: str) -> bool:
+    """A private name a graph may call: a check that only raises, or the torch binding of an ATen
+    op (`torch._weight_norm`, which lower-eager writes), which computes tensors and nothing else."""
+    if (module, qualname) in _SAFE_PRIVATE:
+        return True
+    return (module == "torch" and qualname.startswith("_") and not qualname.startswith("__") and "." not in qualname
+            and getattr(torch._C._VariableFunctions, qualname, None) is getattr(torch, qualname, False))
+
+
 def _resolve_python(module: str, qualname: str):
     name = f"{module}.{qualname}"
     if not isinstance(module, str) or not isinstance(qualname, str) or module.split(".")[0] not in _ALLOWED_MODULES:
         raise SerializationError(f"load: refusing to resolve {name} (module not allowed)")
     parts = qualname.split(".")
-    private = any(p.startswith("_") for p in parts) and (module, qualname) not in _SAFE_PRIVATE
+    private = any(p.startswith("_") for p in parts) and not _safe_private(module, qualname)
     if private or any(p in _DENIED_NAMES for p in parts):
         raise SerializationError(f"load: refusing to resolve {name} (private or unsafe name)")
     if module == "builtins" and qualname not in _SAFE_BUILTINS:

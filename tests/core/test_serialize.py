@@ -268,3 +268,39 @@ def test_save_refuses_a_method_load_would_refuse(tmp_path):
     torch.save(data, data_path)
     with pytest.raises(fxopt.SerializationError, match=r"'__reduce_ex__' is not a tensor method"):
         fxopt.load(data_path)
+
+
+class _WeightNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.utils.parametrizations.weight_norm(nn.Linear(8, 8))
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+def test_an_export_lower_eager_result_calling_an_aten_binding_round_trips(tmp_path):
+    """lower-eager writes weight_norm as torch._weight_norm, which save could not name."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    res = fxopt.optimize(_WeightNormed().eval(), x, "fuse,lower-eager", mode="export")
+    assert any(n.target is torch._weight_norm for n in res.module.graph.nodes)
+    fxopt.save(res.module, tmp_path / "m.pt")
+    assert torch.equal(fxopt.load(tmp_path / "m.pt")(x), res.module(x))
+
+
+def test_a_dataclass_output_is_refused_by_save_with_what_to_return_instead(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        y: torch.Tensor
+
+    class M(nn.Module):
+        def forward(self, x):
+            return Out(x * 2)
+
+    gm = fxopt.capture(M(), torch.randn(2, 3), mode="symbolic")
+    with pytest.raises(fxopt.SerializationError, match=r"it builds a dataclass of the model's code, which "
+                                                       r"fxopt.load does not import .* return a tuple or a dict"):
+        fxopt.save(gm, tmp_path / "m.pt")
