@@ -854,3 +854,26 @@ def test_a_non_tensor_output_mismatch_is_described_briefly():
     assert problem == "non-tensor output [1] differs: None vs a tensor [64, 64] float32"
     _, problem = compare_outputs((x, 3), (x, x))
     assert problem == "non-tensor output [1] differs: 3 vs a tensor [64, 64] float32"
+
+
+class _Classes(nn.Module):
+    """Logits and their argmax for a batch of 8; `flips` rows take another class."""
+
+    def __init__(self, flips: int = 0):
+        super().__init__()
+        self.flips = flips
+
+    def forward(self, x):
+        classes = x.argmax(-1)
+        classes[:self.flips] = (classes[:self.flips] + 1) % x.shape[-1]
+        return x, classes
+
+
+def test_int8_lets_one_class_of_a_small_batch_flip():
+    """99% of 8 elements let none differ: one legitimate flip failed a healthy int8 classifier."""
+    x = torch.randn(8, 5)
+    one = verify(_Classes(), _Classes(flips=1), x, tolerance="int8")
+    assert one.passed, one.summary()
+    two = verify(_Classes(), _Classes(flips=2), x, tolerance="int8")
+    assert not two.passed and "99% (or all but one) of its integer elements" in two.message
+    assert not verify(_Classes(), _Classes(flips=1), x, tolerance="float").passed
