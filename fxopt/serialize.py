@@ -146,11 +146,31 @@ def save(gm: torch.fx.GraphModule, path) -> None:
                   "out_spec": _dump_spec(info.out_spec, "outputs")}
     # what capture and optimize recorded (front end, pipeline, tolerance), plain values only:
     # fxopt.verify reads the tolerance of a loaded module as of the one saved
-    info = {k: v for k, v in (gm.meta.get("fxopt") or {}).items() if isinstance(v, (str, int, float, bool))}
+    info = {k: _plain_meta(v) for k, v in (gm.meta.get("fxopt") or {}).items() if _plain_meta(v) is not None}
     torch.save({"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
                 "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
                 "fxopt_meta": info, "parameters": parameters,
                 "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}, path)
+
+
+def _plain_meta(value: Any) -> Any:
+    """A recorded value as plain data: a custom `Tolerance` (what `optimize(tolerance=...)`
+    records) as its fields, which `fxopt.verify` of the loaded module holds it to; None for what
+    is not stored."""
+    from .verify import Tolerance
+
+    if isinstance(value, Tolerance):
+        return {"tolerance": dataclasses.asdict(value)}
+    return value if isinstance(value, (str, int, float, bool)) else None
+
+
+def _meta_value(value: Any) -> Any:
+    """What `_plain_meta` stored, rebuilt."""
+    from .verify import Tolerance
+
+    if isinstance(value, dict) and isinstance(value.get("tolerance"), dict):
+        return Tolerance(**value["tolerance"])
+    return value
 
 
 def _stored_tensor_paths(tensors: dict, modules: dict) -> list[str]:
@@ -450,7 +470,7 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
             graph._codegen = _PyTreeCodeGen(_PyTreeInfo(pytree["orig_args"], in_spec, out_spec))
         gm = torch.fx.GraphModule(root, graph)
     if data.get("fxopt_meta"):  # files written before it was stored have none
-        gm.meta["fxopt"] = dict(data["fxopt_meta"])
+        gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
     return gm
 
 

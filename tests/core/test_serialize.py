@@ -304,3 +304,14 @@ def test_a_dataclass_output_is_refused_by_save_with_what_to_return_instead(tmp_p
     with pytest.raises(fxopt.SerializationError, match=r"it builds a dataclass of the model's code, which "
                                                        r"fxopt.load does not import .* return a tuple or a dict"):
         fxopt.save(gm, tmp_path / "m.pt")
+
+
+def test_a_custom_tolerance_recorded_by_optimize_survives_save_and_load(tmp_path):
+    """It was dropped: verify held the loaded module to `exact` instead."""
+    mine = fxopt.Tolerance("mine", rtol=0.05, atol=1e-3)
+    model, x = nn.Linear(4, 3).eval(), torch.randn(2, 4)
+    res = fxopt.optimize(model, x, "dce", tolerance=mine)
+    fxopt.save(res.module, tmp_path / "m.pt")
+    loaded = fxopt.load(tmp_path / "m.pt")
+    assert loaded.meta["fxopt"]["tolerance"] == mine
+    assert fxopt.verify(model, loaded, x).tolerance == mine
