@@ -25,8 +25,8 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..errors import node_location
-from ..ir import add_tensor_attr, call_as, meta_value, replace_uses, tensor_meta
+from ..errors import first_line, node_location
+from ..ir import add_tensor_attr, call_as, get_attr_value, meta_value, replace_uses, tensor_meta
 from .core import CheckError, Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
 
 
@@ -284,29 +284,71 @@ def _check_same_value_kind(pattern: Pattern, root: torch.fx.Node, new: torch.fx.
     want = tensor_meta(root)
     if want is None:
         return
-    values: dict[torch.fx.Node, Any] = {}
-
-    def value(n: torch.fx.Node) -> Any:
-        return values[n] if n in values else meta_value(n)
-
     try:
-        for n in new_nodes:
-            if n.op == "get_attr":
-                continue
-            args = torch.fx.node.map_arg(n.args, value)
-            kwargs = torch.fx.node.map_arg(n.kwargs, value)
-            if n.op not in ("call_function", "call_method"):
-                return  # a module call: not tried
-            values[n] = call_as(n.op, n.target, args, kwargs)
-            if isinstance(values[n], torch.Tensor) and "tensor_meta" not in n.meta:
-                n.meta["tensor_meta"] = _extract_tensor_metadata(values[n])
-        got = value(new)
-    except Exception:  # noqa: BLE001 - no meta kernel, nothing recorded: no trial, no verdict
+        values = _run_new_nodes(new_nodes, meta_value)
+        got = None if values is None else values[new] if new in values else meta_value(new)
+    except (LookupError, NotImplementedError):  # nothing recorded, no meta kernel: no trial, no verdict
         return
+    except Exception as exc:  # noqa: BLE001 - an op that refused its inputs, or one meta cannot run
+        if _fails_on_real_tensors(new_nodes):
+            raise ValueError(f"pattern '{pattern.name}' at {node_location(root)}: the replacement cannot run at "
+                             f"the matched shapes: {type(exc).__name__}: {first_line(exc)}") from None
+        return
+    if values is None:
+        return
+    for n, v in values.items():
+        if isinstance(v, torch.Tensor) and "tensor_meta" not in n.meta:
+            n.meta["tensor_meta"] = _extract_tensor_metadata(v)
     if isinstance(got, torch.Tensor) and (tuple(got.shape) != tuple(want[0]) or got.dtype != want[1]):
         raise ValueError(f"pattern '{pattern.name}' at {node_location(root)}: the replacement computes "
                          f"{_describe(got.dtype, got.shape)} where the matched value is "
                          f"{_describe(want[1], want[0])}; a replacement must compute the same shape and dtype")
+
+
+def _run_new_nodes(new_nodes: list[torch.fx.Node],
+                   value_of: Callable[[torch.fx.Node], Any]) -> dict[torch.fx.Node, Any] | None:
+    """Each new op node's value, run on the values `value_of` gives the nodes it reads; None
+    where a module call is among them (not tried)."""
+    values: dict[torch.fx.Node, Any] = {}
+
+    def value(n: torch.fx.Node) -> Any:
+        return values[n] if n in values else value_of(n)
+
+    for n in new_nodes:
+        if n.op == "get_attr":
+            continue
+        if n.op not in ("call_function", "call_method"):
+            return None
+        values[n] = call_as(n.op, n.target, torch.fx.node.map_arg(n.args, value),
+                            torch.fx.node.map_arg(n.kwargs, value))
+    return values
+
+
+#: The most elements of zeros a failed meta trial is confirmed on (a meta tensor has no data
+#: for `.item()`: only a real run tells a refused shape from an op meta cannot run).
+_CONFIRM_LIMIT = 1 << 22
+
+
+def _fails_on_real_tensors(new_nodes: list[torch.fx.Node]) -> bool:
+    """Whether the new nodes also raise on zeros of the recorded shapes (False when they run, or
+    when the inputs are too large to make, or unrecorded)."""
+    def zeros(n: torch.fx.Node) -> Any:
+        if n.op == "get_attr":
+            return get_attr_value(n.graph.owning_module, n.target)
+        value = meta_value(n)
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.numel() > _CONFIRM_LIMIT or value.dtype.is_complex or value.is_quantized:
+            raise LookupError(f"'{n.name}' cannot be tried on zeros")
+        return torch.zeros(value.shape, dtype=value.dtype)
+
+    try:
+        _run_new_nodes(new_nodes, zeros)
+    except LookupError:
+        return False
+    except Exception:  # noqa: BLE001 - the replacement's own error, which the meta trial already has
+        return True
+    return False
 
 
 def _describe(dtype: torch.dtype, shape) -> str:

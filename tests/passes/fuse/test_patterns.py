@@ -466,3 +466,22 @@ def test_a_literal_dim_matches_the_one_entry_list_export_writes(mode):
     report = apply_patterns(gm, Pattern("rms", pattern_from_function(rms),
                                         rewrite=lambda r: r.call(F.rms_norm, r["x"], (16,), eps=r["eps"])))
     assert report.total == 1, report
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_replacement_that_cannot_run_at_the_matched_shapes_is_refused(mode):
+    """It matched, and the rewritten graph raised "mat1 and mat2 shapes cannot be multiplied"
+    when called: the meta trial's error was taken for a missing meta kernel."""
+    gm = fxopt.capture(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),), mode=mode)
+    with pytest.raises(ValueError, match=r"pattern 'p' at node .*: the replacement cannot run at the matched "
+                                         r"shapes: RuntimeError: .*\[2, 8\] X \[3, 3\]"):
+        apply_patterns(gm, Pattern("p", Op("relu", Var("x")), replacement=lambda x: F.relu(x @ torch.ones(3, 3))))
+
+
+def test_a_replacement_meta_tensors_cannot_run_is_still_applied():
+    """`.item()` has no value on a meta tensor: the trial fails there, the real run does not."""
+    gm = fxopt.capture(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), (torch.randn(2, 8),), mode="symbolic")
+    report = apply_patterns(gm, Pattern("p", Op("relu", Var("x")),
+                                        replacement=lambda x: x.clamp(min=0) * (x.sum() * 0 + 1).item()))
+    gm.recompile()
+    assert report.total == 1 and gm(torch.randn(2, 8)).shape == (2, 8)
