@@ -58,6 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
+from .ir.effects import drop_fresh_copies
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
@@ -264,6 +265,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
                           f"the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
                           "runs at the example's shapes only", stacklevel=3)
     gm = ep.module()
+    drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
     _guard_none_inputs(gm, model, args, kwargs)
     _record_shapes_and_check(model, gm, args, kwargs)
     return gm, info

@@ -304,4 +304,36 @@ def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.
     return all(order[user] < order[writer] for user in target.users if user is not writer)
 
 
-__all__ = ["aliases_of", "functionalize_writes", "is_effectful", "mutated_input", "written_in_place"]
+_DETACHES = (torch.ops.aten.detach_.default, torch.ops.aten.detach.default)
+
+
+def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:
+    """Read a literal tensor constant directly where torch.export copies it. A forward that
+    builds a tensor from a literal (``x.index_select(1, torch.tensor([1, 0, 3, 2]))``) exports
+    as ``detach_(lift_fresh_copy(c))``: a fresh copy of the stored constant, which analyses
+    take for a value computed in the graph (prune pinned a constant channel permutation). Where
+    nothing writes the copy, the constant is the same value. Returns how many were dropped.
+    """
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if node.args else None
+        if aten_op_of(node) is not torch.ops.aten.lift_fresh_copy.default or not (
+                isinstance(source, torch.fx.Node) and source.op == "get_attr"):
+            continue
+        chain = [node]
+        while len(chain[-1].users) == 1 and aten_op_of(next(iter(chain[-1].users))) in _DETACHES:
+            chain.append(next(iter(chain[-1].users)))
+        aliases = aliases_of(gm, chain[-1])
+        if any(user not in chain and mutated_input(gm, user) in aliases for a in aliases for user in a.users):
+            continue  # the forward writes its copy: the constant must stay as it was
+        chain[-1].replace_all_uses_with(source)
+        for link in reversed(chain):
+            gm.graph.erase_node(link)
+        dropped += 1
+    if dropped:
+        gm.recompile()
+    return dropped
+
+
+__all__ = ["aliases_of", "drop_fresh_copies", "functionalize_writes", "is_effectful", "mutated_input",
+           "written_in_place"]

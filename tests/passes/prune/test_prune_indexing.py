@@ -486,3 +486,26 @@ def test_channels_given_back_to_keep_every_layer_alive_are_not_blamed_on_round_t
     note = _shortfall(plan, 0.5, True)
     assert f"keeping at least one channel in every layer gave {plan.selected - plan.selection.removed} back" in note
     assert "round_to" not in note, note
+
+
+class LiteralPermutation(nn.Module):
+    """A constant channel permutation written as a literal in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x).index_select(1, torch.tensor([1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14]))
+        return self.b(torch.relu(h)).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_literal_channel_index_is_followed_in_both_front_ends(mode):
+    """Export read the literal through a fresh copy (`lift_fresh_copy`), which the rule took for
+    an index computed in the graph: the permutation was pinned in export only."""
+    torch.manual_seed(0)
+    r = prune_and_mask(LiteralPermutation().eval(), torch.randn(2, 3, 8, 8), mode)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("a.weight").shape[0] < 16
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
