@@ -251,27 +251,26 @@ def _piece_index(node: torch.fx.Node) -> int | None:
 
 
 def _piece_sizes(split: torch.fx.Node, dim: int, n: int) -> list[int]:
-    """Split sizes read off the recorded shapes of the pieces (getitem users) when the sizes
-    are computed in the graph; every piece must be used so that they add up."""
-    read: list[tuple[int, int]] = []
+    """The sizes along `dim` of the pieces of a split/chunk/tensor_split whose sizes the graph
+    computes (``torch.split(h, h.shape[1] // 4, 1)``, ``h.chunk(h.shape[1] // 4, 1)``): read
+    off the split's own recorded metadata, one shape per piece, which names every piece
+    whether read or not (``sp[-1]`` is the last). Without it, off the pieces' shapes, which
+    must then all be read, by non-negative indices, so that they add up."""
+    recorded = split.meta.get("tensor_meta")
+    if isinstance(recorded, (tuple, list)) and recorded and all(hasattr(m, "shape") for m in recorded):
+        sizes = [int(m.shape[dim]) for m in recorded]
+        if sum(sizes) == n:
+            return sizes
+    sizes: dict[int, int] = {}
     for user in split.users:
         index = _getitem_index(user)
         piece = _shape(user)
         if not isinstance(index, int) or piece is None:
             raise _Pin("split result used other than by getitem")
-        read.append((index, piece[dim]))
-    # ``sp[-1]`` is the last piece: the count of pieces is the one that makes every index land
-    # on one piece of one size, every piece read, and the sizes add up
-    for count in range(1, len(read) + 1):
-        sizes: dict[int, int] = {}
-        for index, size in read:
-            at = index % count if -count <= index < count else None
-            if at is None or sizes.setdefault(at, size) != size:
-                break
-        else:
-            if len(sizes) == count and sum(sizes.values()) == n:
-                return [sizes[i] for i in range(count)]
-    raise _Pin("split sizes computed in the graph and not every piece is used")
+        sizes[index] = piece[dim]
+    if sorted(sizes) != list(range(len(sizes))) or sum(sizes.values()) != n:
+        raise _Pin("split sizes computed in the graph and not every piece is used")
+    return [sizes[i] for i in range(len(sizes))]
 
 
 def _getitem_index(node: torch.fx.Node) -> Any:

@@ -58,13 +58,19 @@ class IndexRules:
         src, sid, in_shape, axis, dim = along
         n = in_shape[dim]
         if view.kind == "chunk":
-            chunks = int(view.attrs.get("chunks"))
-            step = -(-n // chunks)
-            sizes = [min(step, n - i) for i in range(0, n, step)]
+            chunks = view.attrs.get("chunks")
+            if isinstance(chunks, torch.fx.Node):  # a count computed in the graph
+                sizes = _piece_sizes(node, dim, n)
+            else:
+                step = -(-n // int(chunks))
+                sizes = [min(step, n - i) for i in range(0, n, step)]
         elif view.kind == "tensor_split":
-            sizes = _tensor_split_sizes(view.attrs.get("indices_or_sections"), n)
+            points = view.attrs.get("indices_or_sections")
+            computed = isinstance(points, torch.fx.Node) or (
+                isinstance(points, (list, tuple)) and any(isinstance(v, torch.fx.Node) for v in points))
+            sizes = _piece_sizes(node, dim, n) if computed else _tensor_split_sizes(points, n)
             if sizes is None:
-                raise _Pin("tensor_split at points computed in the graph or out of order (overlapping pieces)")
+                raise _Pin("tensor_split at points out of order (overlapping pieces)")
         else:
             spec = view.attrs.get("split_size", view.attrs.get("split_sizes"))
             if isinstance(spec, torch.fx.Node) or (isinstance(spec, (list, tuple))

@@ -2564,27 +2564,43 @@ def test_tuples_of_split_pieces_prune(mode):
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
-class Res2NetSplit(nn.Module):
-    """Res2Net's split with sizes computed from the width, its last piece read as ``sp[-1]``."""
+class ComputedSplits(nn.Module):
+    """Splits whose sizes a symbolic graph computes from the width: Res2Net's four pieces with
+    the last read as ``sp[-1]``; the middle one of three read twice (``sp[1]``, ``sp[-2]``) and
+    the others not; a chunk count read off a size; a split of the spatial axis, partly read."""
 
-    def __init__(self):
+    def __init__(self, how):
         super().__init__()
+        self.how = how
         self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
         self.c = nn.Conv2d(16, 8, 1)
+        self.d = nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
         h = F.relu(self.a(x))
-        sp = torch.split(h, h.shape[1] // 4, 1)
-        y = F.relu(self.b(sp[0]))
-        return self.c(torch.cat([y, sp[1], sp[2], sp[-1]], 1))
+        q = h.shape[1] // 4
+        if self.how == "res2net":
+            sp = torch.split(h, q, 1)
+            return self.c(torch.cat([F.relu(self.b(sp[0])), sp[1], sp[2], sp[-1]], 1))
+        if self.how == "read-twice":
+            sp = torch.split(h, [q, 2 * q, q], 1)
+            return self.d(sp[1] * sp[-2])
+        if self.how == "chunk":
+            pieces = h.chunk(q, 1)
+            return self.b(pieces[-1])
+        sp = torch.split(h, h.shape[2] // 4, 2)  # spatial: every piece keeps every channel
+        return self.c(sp[-1] + sp[0])
 
 
+@pytest.mark.parametrize("how", ["res2net", "read-twice", "chunk", "spatial"])
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_a_split_piece_read_with_a_negative_index_is_that_piece(mode):
-    """A symbolic graph reads the piece sizes off the pieces' shapes, and ``sp[-1]`` was taken
-    for a piece not read ("not every piece is used"): the split was pinned."""
+def test_split_sizes_computed_in_the_graph_are_the_recorded_ones(mode, how):
+    """A symbolic graph's split sizes were read off the pieces the graph reads: ``sp[-1]`` was
+    taken for a piece not read (the split pinned); a piece read as both ``sp[1]`` and ``sp[-2]``
+    made two pieces that added up to the width (a wrong result); a chunk count read off a size
+    crashed the analysis. The split's own metadata names every piece."""
     torch.manual_seed(0)
-    r = prune_and_mask(Res2NetSplit().eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
+    r = prune_and_mask(ComputedSplits(how).eval(), torch.randn(2, 3, 8, 8), mode, 0.5)
     assert r.plan.channel_graph.pinned_nodes == {}
     assert r.plan.selection.removed > 0
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
