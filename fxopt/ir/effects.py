@@ -25,8 +25,13 @@ from .rewrite import call_as, meta_value, tensor_meta
 # Ops that must run even when their value is unused, beyond what fx already knows.
 _RANDOM_OR_EFFECTFUL = {
     torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like,
-    torch.bernoulli, torch.normal, torch.multinomial,
+    torch.randint_like, torch.bernoulli, torch.normal, torch.multinomial, torch.poisson,
 }
+_RANDOM_METHODS = {"bernoulli", "multinomial"}
+_RANDOM_ATEN = (torch.ops.aten.rand, torch.ops.aten.randn, torch.ops.aten.bernoulli, torch.ops.aten.dropout,
+                torch.ops.aten.randint, torch.ops.aten.native_dropout, torch.ops.aten.rand_like,
+                torch.ops.aten.randn_like, torch.ops.aten.randint_like, torch.ops.aten.multinomial,
+                torch.ops.aten.normal, torch.ops.aten.poisson, torch.ops.aten.randperm)
 
 
 def is_effectful(node: torch.fx.Node) -> bool:
@@ -41,8 +46,7 @@ def is_effectful(node: torch.fx.Node) -> bool:
     if isinstance(target, torch._ops.OpOverload):
         schema = target._schema
         return schema.is_mutable or target.overloadpacket.__name__.startswith("_assert") \
-            or target.overloadpacket in (torch.ops.aten.rand, torch.ops.aten.randn, torch.ops.aten.bernoulli,
-                                         torch.ops.aten.dropout, torch.ops.aten.randint)
+            or target.overloadpacket in _RANDOM_ATEN
     if isinstance(target, torch._ops.HigherOrderOperator):
         return _region_is_effectful(node)
     if node.op == "call_method" and isinstance(target, str) and _in_place_name(target):
@@ -55,7 +59,29 @@ def is_effectful(node: torch.fx.Node) -> bool:
         return owner is not None and getattr(owner.get_submodule(node.target), "inplace", False) is True
     if node.op == "call_function" and _in_place_name(getattr(target, "__name__", "")):
         return True  # torch.relu_(h), operator.iadd
+    if node.op == "call_method":
+        return target in _RANDOM_METHODS
+    if _draws_at_random(node):
+        return True
     return target in _RANDOM_OR_EFFECTFUL if callable(target) and _hashable(target) else False
+
+
+def _draws_at_random(node: torch.fx.Node) -> bool:
+    """A dropout in training mode (``F.dropout(g, p)``: training defaults to True there; the
+    alpha and channel dropouts, ``torch.dropout(g, p, True)``) or a training-mode ``F.rrelu``:
+    a new draw on every call, which folding would freeze into one."""
+    owner = node.graph.owning_module
+    view = op_view(owner, node) if owner is not None else None
+    if view is not None and view.kind == "dropout":
+        return bool(view.attrs.get("training", True)) and view.attrs.get("p", 0.5) != 0
+    target = node.target
+    if target in (torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout):
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+        return train is not False
+    if getattr(target, "__name__", "") == "rrelu" and getattr(target, "__module__", "").startswith("torch"):
+        training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", False)
+        return training is not False
+    return False
 
 
 def _region_is_effectful(node: torch.fx.Node) -> bool:

@@ -49,6 +49,11 @@ def _not_fused(m: Match) -> bool | str:
 def _conv_ok(view) -> bool | str:
     if "weight" not in view.params:
         return "its weight is not a parameter (a computed weight cannot be folded)"
+    meta = tensor_meta(view.node)
+    if meta is None or len(meta[0]) != view.param("weight").dim():
+        # an unbatched conv ((C, L) in, (C', L) out) has its channels on axis 0, where the
+        # folds read axis 1: a norm or factor over L of the same size would pass for them
+        return "an unbatched conv (or one without shape metadata): its channels are not on axis 1"
     if view.attrs.get("padding_mode", "zeros") != "zeros" and isinstance(view.attrs.get("padding"), str):
         return f"padding_mode '{view.attrs['padding_mode']}' with padding='{view.attrs['padding']}' is not folded"
     return True
@@ -216,6 +221,8 @@ def _per_channel(r: Rewriter, out, axis: int, channels: int, dtype: torch.dtype)
     g = _stored_cone_value(r.gm, r["g"])
     if out is None or not isinstance(g, torch.Tensor) or g.dtype != dtype or g.dim() > len(out[0]):
         return None
+    if not torch.isfinite(g).all():
+        return None  # an infinite factor times a weight row of mixed signs gives ±inf, then NaN sums
     shape = [1] * (len(out[0]) - g.dim()) + list(g.shape)
     axis %= len(shape)
     if shape[axis] != channels or any(n != 1 for i, n in enumerate(shape) if i != axis):
@@ -296,9 +303,11 @@ def _stored_cone(node: torch.fx.Node) -> list[torch.fx.Node] | None:
         if len(cone) > _MAX_CONE + 1:
             return None
         stack.extend(n.all_input_nodes)
-    attrs = {n for n in cone if n.op == "get_attr"}
-    if any(written_base(node.graph.owning_module, u) in attrs for a in attrs for u in a.users):
-        return None  # state the forward updates in place is no constant
+    gm = node.graph.owning_module
+    written = {base.target for n in gm.graph.nodes
+               if (base := written_base(gm, n)) is not None and base.op == "get_attr"}
+    if any(n.op == "get_attr" and n.target in written for n in cone):
+        return None  # state the forward updates in place (also through a view of it) is no constant
     return cone
 
 
@@ -496,9 +505,10 @@ def _is_shape_number(node: torch.fx.Node) -> bool:
     return _shape_value(node) == "number"
 
 
-#: A finite fill at most this large (Hugging Face's ``torch.finfo(dtype).min``) swallows any
-#: score added to it: ``s + fill == fill`` in float32 for every |s| below ~1e31.
-_SWALLOWING_FILL = -1e30
+#: A finite fill at most this large (Hugging Face's ``torch.finfo(dtype).min`` of float32 and
+#: bfloat16) swallows any score added to it: ``s + fill == fill`` for every |s| below half the
+#: float32 spacing there (~5e30), far beyond any attention score.
+_SWALLOWING_FILL = -1e38
 
 
 def _hides_the_score(value: object) -> bool:
@@ -587,6 +597,8 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     else:  # a number known at run time only: SDPA's scale= takes it as a float then
         scale = r.call(operator.truediv, 1.0, r["s"]) if divides else r["s"]
     mask = r.match.nodes.get("mask")
+    if mask is not None and tensor_meta(mask)[0].__len__() < 2:
+        mask = r.call(torch.unsqueeze, mask, 0)  # a (keys,) mask broadcasts; SDPA takes 2-D and up
     fill = r.view("fill").attrs.get("value") if "fill" in r.match.views else None
     if fill == -math.inf:  # SDPA's boolean mask says which scores take part
         mask = r.call(torch.logical_not, mask)

@@ -990,3 +990,84 @@ def test_a_batchnorm_before_a_conv_or_linear_folds_where_exact(mode, case):
     assert ("batch_norm" in _kinds(res.module)) == (case in stays), _kinds(res.module)
     other = torch.randn(3, *x.shape[1:])
     torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+class _ScaledConv(nn.Module):
+    """A conv times a factor computed from a stored tensor, in ways a fold must not freeze."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.conv = how, nn.Conv2d(4, 4, 1)
+        if how == "written-through-a-view":
+            self.register_buffer("gamma", torch.rand(4) + 0.5)
+        else:  # a parameter: fx's trace would compute an expression of a buffer itself
+            self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        if self.how == "written-through-a-view":  # the forward sets the factor first
+            self.gamma.view(-1).view(4).fill_(2.0)
+            return self.conv(x) * self.gamma.view(1, -1, 1, 1)
+        if self.how == "dropout":  # a new draw on every call
+            return self.conv(x) * F.dropout(self.gamma, 0.5, training=True).view(1, -1, 1, 1)
+        return self.conv(x) * (self.gamma * 0).reciprocal().view(1, -1, 1, 1)  # infinite
+
+
+@pytest.mark.parametrize("how", ["written-through-a-view", "dropout", "infinite"])
+def test_a_factor_that_is_no_fixed_finite_value_is_not_folded(how):
+    """A buffer written through a view of it was folded at its value before the write (every
+    call off); a dropout of it was evaluated once (one draw for ever); an infinite factor times
+    a weight row of mixed signs made NaN where eager has ±inf."""
+    torch.manual_seed(0)
+    model, x = _ScaledConv(how).eval(), torch.randn(2, 4, 3, 3)
+    modes = ["export"] if how == "written-through-a-view" else list(MODES)  # symbolic refuses the write
+    for mode in modes:
+        # a random model's symbolic capture may fail its check against eager: trace it as it is
+        captured = torch.fx.symbolic_trace(model) if mode == "symbolic" else model
+        res = fxopt.optimize(captured, (x,), pipeline="fuse", mode=mode, verify=False)
+        assert "conv+scale" not in res.passes[0].stats["matches"], (mode, res.passes[0].stats["matches"])
+        if how != "dropout":
+            torch.testing.assert_close(res.module(x), model(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_folds_leave_an_unbatched_conv_alone(mode):
+    """An unbatched conv has its channels on axis 0: a BatchNorm1d over the length (or a factor
+    over it) of the same size as the channels was folded as if per channel."""
+    torch.manual_seed(0)
+    before = nn.Sequential(_warm_bn(nn.BatchNorm1d(4)), nn.Conv1d(4, 4, 1)).eval()
+    after = nn.Sequential(nn.Conv1d(4, 4, 1), _warm_bn(nn.BatchNorm1d(4))).eval()
+    x = torch.randn(4, 4)  # (channels, length), no batch
+    for model in (before, after):
+        res = fxopt.optimize(model, (x,), pipeline="fuse", mode=mode)
+        assert "batch_norm" in _kinds(res.module)
+        torch.testing.assert_close(res.module(x), model(x))
+
+
+class _KeyMask(nn.Module):
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, mask):
+        return ((q @ k.transpose(-2, -1) * 0.5).masked_fill(mask, self.fill)).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fill", [-math.inf, torch.finfo(torch.float32).min])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_one_dimensional_key_mask_reaches_sdpa_as_two(mode, fill):
+    """A (keys,) mask broadcasts in eager; SDPA refuses a 1-D mask (an IndexError at run time)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    mask = torch.tensor([False, False, True, False, True])
+    res = fxopt.optimize(_KeyMask(fill), (q, k, v, mask), pipeline="fuse", mode=mode)
+    assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
+    torch.testing.assert_close(res.module(q, k, v, mask), _KeyMask(fill)(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fill_that_does_not_swallow_huge_scores_stays():
+    """-1e30 plus a score of 1e23 is not -1e30 in float32: only fills of finfo.min's order are
+    additive masks."""
+    q, k, v = torch.full((1, 1, 3, 4), 1e11), torch.full((1, 1, 3, 4), 1e11), torch.randn(1, 1, 3, 4)
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    res = fxopt.optimize(_KeyMask(-1e30), (q, k, v, mask), pipeline="fuse")
+    assert not any("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes)
