@@ -136,10 +136,12 @@ def capture(
     _check_example_inputs(model, example_inputs, args, kwargs)
 
     _warn_training_mode(model)
-    model = _private_eval_copy(model)
+    user_model, model = model, _private_eval_copy(model)
     frontends = ["symbolic", "export"] if mode == "auto" else [mode]
     attempts: list[Attempt] = []
     for frontend in frontends:
+        if attempts:  # the failed attempt ran the forward: state it keeps in Python (`self.calls += 1`) moved on
+            model = _private_eval_copy(user_model)
         note = ""
         try:
             if frontend == "symbolic":
@@ -802,8 +804,10 @@ def _check_same_outputs(expected: Any, got: Any, nondeterministic: Callable[[], 
             tol = max(1e-4, 4 * torch.finfo(e.dtype).eps) if e.is_floating_point() else 0.0
             if e.is_floating_point() and not torch.allclose(e, g, rtol=tol, atol=tol / 10, equal_nan=True):
                 why = ("forward is not deterministic: two eager runs with the same inputs and torch seed differ "
-                       "(random numbers from Python's `random` or NumPy, which no graph records; draw them "
-                       "with torch)" if nondeterministic() else "the trace baked in Python control flow or state")
+                       "(random numbers from Python's `random` or NumPy, or state forward keeps in Python "
+                       "attributes such as a call counter, which no graph records; draw random numbers with "
+                       "torch, keep state in buffers)" if nondeterministic()
+                       else "the trace baked in Python control flow or state")
                 raise CaptureError(f"output {i} differs from the model by {float((e - g).abs().max()):.3g}: {why}")
 
 

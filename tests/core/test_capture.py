@@ -959,3 +959,28 @@ def test_an_unregistered_dataclass_output_gets_the_advice_that_works():
         assert isinstance(gm(x), _PairOut)
     finally:
         torch.utils._pytree._deregister_pytree_node(_PairOut)
+
+
+class _CountsInPython(nn.Module):
+    """Keeps a call count in a Python attribute, which no graph records."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * self.calls
+
+
+def test_auto_exports_from_a_fresh_copy_not_the_one_the_symbolic_attempt_ran():
+    """auto's export baked calls == 5 (the copy had run 4 times in the failed symbolic attempt),
+    where mode='export' bakes 1: the result depended on fxopt's own trial runs."""
+    x = torch.randn(2, 4)
+    model = _CountsInPython().eval()
+    with pytest.raises(CaptureError, match=r"not deterministic.*state forward keeps in Python attributes"):
+        capture(model, x, mode="symbolic")
+    auto, export = capture(model, x, mode="auto"), capture(model, x, mode="export")
+    assert frontend_of(auto) == "export" and model.calls == 0
+    assert torch.allclose(auto(x), export(x)) and torch.allclose(auto(x), model.fc(x))
