@@ -485,9 +485,11 @@ class _Applier:
         view = op_view(self.gm, node)
         self.mapped_inputs(node, rule)
         out_keep = torch.as_tensor(self.keep(rule.outputs[0]), dtype=torch.long)
+        sliced = set()  # one tensor as the weight and the bias (``F.batch_norm(h, m, v, w, w)``) is sliced once
         for key, ref in view.params.items():
             t = ref.get()
-            if t is not None and t.dim() >= 1:
+            if t is not None and t.dim() >= 1 and ref.qualname not in sliced:
+                sliced.add(ref.qualname)
                 ref.set(t.index_select(0, out_keep).contiguous())
         m = view.module
         if rule.kind in ("batch_norm", "instance_norm"):
@@ -573,12 +575,16 @@ def _computed_norm_shape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 
 
 def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int) -> None:
-    """Layer norm normalizes over `size` channels now; group norm keeps its group count."""
+    """Layer norm normalizes over `size` channels now, the first normalized axis (unit axes
+    after it stay: GCNet's ``[C, 1, 1]``); group norm keeps its group count."""
     if kind in ("layer_norm", "rms_norm"):
+        old = m.normalized_shape if m is not None else op_view(node.graph.owning_module, node).attrs.get(
+            "normalized_shape")
+        rest = list(old[1:]) if isinstance(old, (list, tuple)) else []
         if m is not None:
-            m.normalized_shape = (size,)
+            m.normalized_shape = (size, *rest)
         else:
-            _set_arg(node, "normalized_shape", [size])
+            _set_arg(node, "normalized_shape", [size, *rest])
     elif m is not None:
         m.num_channels = size
 

@@ -58,6 +58,7 @@ class LayerRules:
         src, sid = self.single_input(node, view)
         if sid is None:
             raise _Pin("batch_norm on a value without channel tracking")
+        self._private_affine(node, view)
         _stored_operands(view)
         if self.slots[sid].axis != 1:
             raise _Pin("batch_norm input channel axis is not 1")
@@ -80,6 +81,7 @@ class LayerRules:
             return self.free_output(node, view)
         if self.slots[sid].axis != 1:
             raise _Pin("instance_norm input channel axis is not 1")
+        self._private_affine(node, view)
         _stored_operands(view)
         self.passthrough(node, view, src, 1, category="norm")
 
@@ -332,8 +334,11 @@ class LayerRules:
             return self.gathered_norm(node, view, src, sid, 1)
         if sid is None:
             return self.free_output(node, view)
+        groups = view.attrs.get("num_groups")
+        if not isinstance(groups, int):  # ``h.shape[1] // 4``: how it would change is not tracked
+            raise _Pin("group_norm with a group count computed in the graph (exact_norms=true prunes around it)")
         out = self.passthrough(node, view, src, 1, category="norm")
         # position r of every group is one class, so the groups stay equal (num_groups is kept)
-        per_group = shape[1] // int(view.attrs.get("num_groups"))
+        per_group = shape[1] // groups
         pos = np.arange(shape[1])
         self.uf.union_many(self.slots[out].base + pos, self.slots[out].base + pos % per_group)

@@ -472,3 +472,47 @@ def test_a_norm_operand_computed_in_the_graph_pins_the_norm(kind, mode, exact_no
     why = [why for why in r.plan.channel_graph.pinned_nodes.values() if why.startswith(kind)]
     assert why and "computed in the graph" in why[0], r.plan.channel_graph.pinned_nodes
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class SizedNorms(nn.Module):
+    """Functional norms whose arguments come from sizes or share one stored tensor."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1, self.c2 = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1)
+        shape = (16, 1, 1) if how == "context" else (16,)
+        self.w, self.b = nn.Parameter(torch.rand(*shape) + 0.5), nn.Parameter(torch.randn(*shape) * 0.2)
+        self.register_buffer("rm", torch.randn(16) * 0.1)
+        self.register_buffer("rv", torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        if self.how == "context":  # GCNet's LayerNorm([C, 1, 1]) with C read off a size
+            h = h.mean((2, 3), keepdim=True)
+            return self.c2(F.layer_norm(h, [h.shape[1], 1, 1], self.w, self.b))
+        if self.how == "groups":  # a group count computed from the width
+            return self.c2(F.group_norm(h, h.shape[1] // 4, self.w, self.b))
+        # one tensor as the weight of two norms and the bias of one of them
+        return self.c2(F.batch_norm(h, self.rm, self.rv, self.w, self.b)
+                       + F.batch_norm(h, self.rm, self.rv, self.w, self.w))
+
+
+@pytest.mark.parametrize("how", ["context", "groups", "shared"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_norm_arguments_from_sizes_or_shared_prune_exactly(mode, how):
+    """``[h.shape[1], 1, 1]`` was rewritten to ``[C']`` (the unit axes dropped: the pruned graph
+    failed); a tensor read as two norms' weight, or one norm's weight and bias, was sliced twice
+    (an IndexError)."""
+    torch.manual_seed(0)
+    r = prune_and_mask(SizedNorms(how).eval(), torch.randn(2, 3, 8, 8), mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+def test_a_group_count_read_off_a_size_pins_the_inexact_group_norm():
+    """``exact_norms=false`` prunes a group norm's channels with its groups kept equal, from its
+    group count; one the graph computes (``h.shape[1] // 4``) crashed the analysis."""
+    torch.manual_seed(0)
+    r = prune_and_mask(SizedNorms("groups").eval(), torch.randn(2, 3, 8, 8), "symbolic", exact_norms=False)
+    assert "group count computed in the graph" in r.plan.channel_graph.pinned_nodes["group_norm"]
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
