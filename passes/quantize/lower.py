@@ -32,6 +32,7 @@ until the whole model reaches D dB.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -52,7 +53,7 @@ from fxopt.verify import compare_outputs
 
 from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, int8_pad, subpixel_weight
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
-from .packing import prepack_conv, prepack_linear
+from .packing import prepack_conv, prepack_linear, quantized_engine
 from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
                    grid_source, int8_region, shared_grids)
 
@@ -264,9 +265,9 @@ class _Lowering:
         for out, group in self.plan.groups.items():  # on the untouched graph: it walks the inputs
             if group.kind == "cat" and out in region:
                 self._cat_grid(out)
-        if self.backend == "x86":
-            torch.backends.quantized.engine = "x86"
-        with warnings.catch_warnings():
+        # the user's global engine is theirs: packs carry the engine they were made with
+        engine = quantized_engine("x86") if self.backend == "x86" else contextlib.nullcontext()
+        with warnings.catch_warnings(), engine:
             warnings.simplefilter("ignore")
             for node in list(self.graph.nodes):
                 if node.name not in region:

@@ -196,3 +196,20 @@ def test_a_model_loaded_under_another_global_engine_runs_as_saved(engine, tmp_pa
         _assert_same_outputs(res.module, restored, cal[1])
     finally:
         torch.backends.quantized.engine = before
+
+
+def test_quantize_leaves_the_global_engine_as_the_user_set_it():
+    """lower-int8 set `torch.backends.quantized.engine = "x86"` and never put it back."""
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no qnnpack engine")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    cal = [torch.randn(8, 16) for _ in range(2)]
+    before = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        res = fxopt.optimize(model, cal[0], "quantize{backend=x86}", calibration=cal)
+        assert torch.backends.quantized.engine == "qnnpack"
+        assert res.verification.passed
+    finally:
+        torch.backends.quantized.engine = before
