@@ -134,7 +134,10 @@ def _warn_training_batchnorms(gm: torch.fx.GraphModule) -> None:
         if view is None or view.kind != "batch_norm" or not view.attrs.get("training"):
             continue
         source = op_view(gm, view.input) if isinstance(view.input, torch.fx.Node) else None
-        if "running_mean" not in view.params or source is None or source.kind not in ("conv", "linear"):
+        reader = op_view(gm, next(iter(node.users))) if len(node.users) == 1 else None
+        if source is None or source.kind not in ("conv", "linear"):
+            source = reader if reader is not None and reader.kind in ("conv", "linear") else None  # bn+conv
+        if "running_mean" not in view.params or source is None:
             continue  # without running statistics, eval mode would not fold it either
         line = user_source_line(node.meta.get("stack_trace"))
         where = f" (at {line})" if line else ""

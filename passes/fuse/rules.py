@@ -597,8 +597,8 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     else:  # a number known at run time only: SDPA's scale= takes it as a float then
         scale = r.call(operator.truediv, 1.0, r["s"]) if divides else r["s"]
     mask = r.match.nodes.get("mask")
-    if mask is not None and tensor_meta(mask)[0].__len__() < 2:
-        mask = r.call(torch.unsqueeze, mask, 0)  # a (keys,) mask broadcasts; SDPA takes 2-D and up
+    for _ in range(2 - len(tensor_meta(mask)[0]) if mask is not None else 0):
+        mask = r.call(torch.unsqueeze, mask, 0)  # a (keys,) or 0-D mask broadcasts; SDPA takes 2-D and up
     fill = r.view("fill").attrs.get("value") if "fill" in r.match.views else None
     if fill == -math.inf:  # SDPA's boolean mask says which scores take part
         mask = r.call(torch.logical_not, mask)

@@ -1055,13 +1055,14 @@ class _KeyMask(nn.Module):
 @pytest.mark.parametrize("fill", [-math.inf, torch.finfo(torch.float32).min])
 @pytest.mark.parametrize("mode", MODES)
 def test_a_one_dimensional_key_mask_reaches_sdpa_as_two(mode, fill):
-    """A (keys,) mask broadcasts in eager; SDPA refuses a 1-D mask (an IndexError at run time)."""
+    """A (keys,) or 0-D mask broadcasts in eager; SDPA refuses one of fewer than 2 dims (an
+    IndexError at run time)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
-    mask = torch.tensor([False, False, True, False, True])
-    res = fxopt.optimize(_KeyMask(fill), (q, k, v, mask), pipeline="fuse", mode=mode)
-    assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
-    torch.testing.assert_close(res.module(q, k, v, mask), _KeyMask(fill)(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    for mask in (torch.tensor([False, False, True, False, True]), torch.tensor(False)):
+        res = fxopt.optimize(_KeyMask(fill), (q, k, v, mask), pipeline="fuse", mode=mode)
+        assert sum("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes) == 1
+        torch.testing.assert_close(res.module(q, k, v, mask), _KeyMask(fill)(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_a_fill_that_does_not_swallow_huge_scores_stays():

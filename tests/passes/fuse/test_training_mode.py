@@ -171,3 +171,14 @@ def test_a_forward_that_asks_for_batch_statistics_is_not_told_to_call_eval():
     assert res.verification.passed
     assert not [w for w in record if issubclass(w.category, fxopt.TrainingModeWarning)]
     assert any("called with training=True by the model's forward" in str(w.message) for w in record)
+
+
+def test_a_batchnorm_in_training_mode_before_a_conv_is_named_too():
+    """bn+conv folds a batchnorm into the conv after it: one in training mode stays, with the
+    same warning as one after a conv (it was kept silently)."""
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3))
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(fxopt.TrainingModeWarning, match="node '_0' .* is a batchnorm in training mode.*conv '_1'"):
+        res = fxopt.optimize(torch.fx.symbolic_trace(model), (x,), pipeline="fuse")
+    assert "batch_norm" in _kinds(res.module)
+    torch.testing.assert_close(res.module(x), copy.deepcopy(model)(x), rtol=1e-4, atol=1e-5)
