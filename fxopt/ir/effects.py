@@ -70,11 +70,14 @@ def _draws_at_random(node: torch.fx.Node) -> bool:
     """A dropout in training mode (``F.dropout(g, p)``: training defaults to True there; the
     alpha and channel dropouts, ``torch.dropout(g, p, True)``) or a training-mode ``F.rrelu``:
     a new draw on every call, which folding would freeze into one."""
+    target = node.target
+    name = getattr(target, "__name__", "")
+    if "dropout" not in name and name != "rrelu":
+        return False  # (the name test first: this runs on every node DCE looks at)
     owner = node.graph.owning_module
     view = op_view(owner, node) if owner is not None else None
     if view is not None and view.kind == "dropout":
         return bool(view.attrs.get("training", True)) and view.attrs.get("p", 0.5) != 0
-    target = node.target
     if target in (torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout):
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
         return train is not False
