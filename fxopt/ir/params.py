@@ -103,8 +103,21 @@ def attribute_use_counts(gm: torch.fx.GraphModule) -> Counter:
             for name, _ in [*module.named_parameters(node.target), *module.named_buffers(node.target)]:
                 counts[name] += 1
         elif node.op == "get_attr":
-            counts[node.target] += max(len(node.users), 1)
+            counts[node.target] += max(sum(1 for user in node.users if not _reads_only_its_form(user, node)), 1)
     return counts
+
+
+def _reads_only_its_form(user: torch.fx.Node, attr: torch.fx.Node) -> bool:
+    """A read of the tensor that is no use of its data: its dtype or device (valid whatever a
+    pass does to the tensor), or its size passed only to ops that read the tensor itself
+    (nanoGPT's ``F.layer_norm(x, self.weight.shape, self.weight, self.bias)``: a pass that
+    rewrites the weight rewrites that op)."""
+    from .opview import metadata_read, size_read  # opview imports this module
+
+    if metadata_read(user) is attr:
+        return True
+    read = size_read(user)
+    return read is not None and read[0] is attr and bool(user.users) and all(u in attr.users for u in user.users)
 
 
 def delete_unused_attributes(gm: torch.fx.GraphModule) -> int:

@@ -516,3 +516,34 @@ def test_a_group_count_read_off_a_size_pins_the_inexact_group_norm():
     r = prune_and_mask(SizedNorms("groups").eval(), torch.randn(2, 3, 8, 8), "symbolic", exact_norms=False)
     assert "group count computed in the graph" in r.plan.channel_graph.pinned_nodes["group_norm"]
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class NanoGPTLayerNorm(nn.Module):
+    """nanoGPT's LayerNorm with optional bias: ``F.layer_norm(x, self.weight.shape, ...)``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.rand(d) + 0.5), nn.Parameter(torch.randn(d) * 0.1)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoGPTBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(6, 32), NanoGPTLayerNorm(32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.ln(self.fc1(x))))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_norm_shaped_by_its_own_weight_is_not_shared(mode):
+    """The read of ``self.weight.shape`` counted as a second use of the weight: the norm was
+    pinned in symbolic graphs ("shared with another op"), half of export's channels removed."""
+    torch.manual_seed(0)
+    r = prune_and_mask(NanoGPTBlock().eval(), torch.randn(2, 5, 6), mode)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("fc1.weight").shape[0] < 32
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
