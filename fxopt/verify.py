@@ -189,6 +189,9 @@ class TensorComparison:
     dtype: torch.dtype | None = None
     mismatches: int | None = None
     first_mismatch: tuple | None = None
+    #: How many values were finite on both sides, so compared as numbers (0: an output that is
+    #: NaN or infinite everywhere, in both, where equal reads as no error yet nothing was checked).
+    finite: int | None = None
 
     @property
     def numel(self) -> int:
@@ -308,6 +311,9 @@ class VerificationReport:
         for o in self.outputs:  # integer outputs are judged by count, not by the numbers above
             if o.mismatches:
                 text += f"; integer output{' ' + o.path if o.path else ''}: {o.mismatch_text()}"
+            if o.finite == 0 and o.numel and o.mismatches is None:
+                text += (f"; output{' ' + o.path if o.path else ''} is NaN or infinite everywhere, on both sides: "
+                         "no value was compared")
         if self.message:
             text += f"; {self.message}"
         if self.divergence is not None:
@@ -513,6 +519,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     shape = tuple(ref.shape)
     if r.numel() == 0:
         return TensorComparison(path, shape, 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype, mismatches)
+    compared = int((r.isfinite() & c.isfinite()).sum())  # before the shared NaN below read as zeros
     both_nan = r.isnan() & c.isnan()
     if both_nan.any():  # the model's own NaN (log of a negative), reproduced where it was: no error
         r, c = r.masked_fill(both_nan, 0.0), c.masked_fill(both_nan, 0.0)
@@ -542,7 +549,8 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
         cosine = float((rf @ cf) / denom) if denom > 0 and math.isfinite(noise) else 0.0
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr = math.nan, -math.inf
-    return TensorComparison(path, shape, max_abs, max_rel, sqnr, cosine, scale, ref.dtype, mismatches, first)
+    return TensorComparison(path, shape, max_abs, max_rel, sqnr, cosine, scale, ref.dtype, mismatches, first,
+                            compared)
 
 
 def _is_integer(t: torch.Tensor) -> bool:

@@ -877,3 +877,12 @@ def test_int8_lets_one_class_of_a_small_batch_flip():
     two = verify(_Classes(), _Classes(flips=2), x, tolerance="int8")
     assert not two.passed and "99% (or all but one) of its integer elements" in two.message
     assert not verify(_Classes(), _Classes(flips=1), x, tolerance="float").passed
+
+
+def test_a_report_says_when_an_output_had_no_value_to_compare():
+    """An output NaN everywhere on both sides read as a perfect match (max_abs=0, sqnr=inf) and
+    said nothing of having compared nothing."""
+    report = verify(_NaNs(), _NaNs(), _x())
+    assert report.verdict == "PASS" and report.outputs[0].finite == 0
+    assert report.summary().endswith("; output is NaN or infinite everywhere, on both sides: no value was compared")
+    assert "no value was compared" not in verify(_Log(), _Log(), (torch.tensor([[1.0, -1.0]]),)).summary()
