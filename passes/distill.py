@@ -19,6 +19,7 @@ floating-point parameters (run it before `quantize`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.fx
@@ -44,10 +45,10 @@ class Distill(Pass):
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"option 'epochs' must be >= 1, got {self.epochs}")
-        if self.temperature <= 0:
-            raise ValueError(f"option 'temperature' must be > 0, got {self.temperature}")
-        if not self.lr > 0:
-            raise ValueError(f"option 'lr' must be > 0, got {self.lr}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"option 'temperature' must be a finite number > 0, got {self.temperature}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"option 'lr' must be a finite number > 0, got {self.lr}")
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not ctx.calibration:

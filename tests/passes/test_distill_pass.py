@@ -43,8 +43,11 @@ def test_distill_without_data_names_the_pass_and_the_fix():
 def test_distill_rejects_bad_options():
     with pytest.raises(fxopt.PipelineError, match="epochs"):
         fxopt.parse_pipeline("distill{epochs=0}")
-    with pytest.raises(fxopt.PipelineError, match="temperature"):
-        fxopt.parse_pipeline("distill{temperature=-1}")
+    for bad in ("-1", "nan", "inf"):  # NaN and inf passed `<= 0` and trained a NaN model
+        with pytest.raises(fxopt.PipelineError, match="temperature"):
+            fxopt.parse_pipeline(f"distill{{temperature={bad}}}")
+        with pytest.raises(fxopt.PipelineError, match="lr"):
+            fxopt.parse_pipeline(f"distill{{lr={bad}}}")
 
 
 @pytest.mark.parametrize("lowering", ["quantize{backend=x86}", "quantize{backend=reference}",
