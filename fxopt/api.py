@@ -17,14 +17,15 @@ import torch.fx
 from torch import nn
 
 from .calibration import check_batches
-from .capture import META_KEY, Mode, capture, frontend_of, normalize_inputs
+from .capture import Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
 from .ir import ref_for_get_attr, written_base
-from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance
+from .manager import (Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance,
+                      record_pipeline)
 from .pass_base import Pass
 from .pipeline import format_pipeline
 from .serialize import rebuild_coded_attributes
-from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, recorded_tolerance, verify
+from .verify import Tolerance, VerificationReport, loosest, verify
 
 
 @dataclass
@@ -117,7 +118,7 @@ def optimize(
     ran = [p for p, r in zip(manager.passes, result.records) if not r.skipped]
     tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))
     if result.module is not original:  # an empty pipeline hands back the captured graph itself
-        _record_pipeline(result.module, model, format_pipeline(ran), tol)  # not those bisect_limit skipped
+        record_pipeline(result.module, model, format_pipeline(ran), tol)  # not those bisect_limit skipped
         _own_written_buffers(result.module)
     reports: dict[str, VerificationReport] = {}
     if verify:
@@ -141,19 +142,6 @@ def optimize(
         frontend=frontend_of(original),
         verification_by_device=reports,
     )
-
-
-def _record_pipeline(gm: torch.fx.GraphModule, model: torch.nn.Module, pipeline: str, tol: Tolerance) -> None:
-    """Write the pipeline and its tolerance into ``gm.meta["fxopt"]``: `fxopt.verify(model, gm, x)`
-    then holds `gm` to what it was optimized at (an int8 module to `int8`, not `exact`). A
-    `model` that an earlier `optimize` made (an int8 module saved, loaded and lowered) passes its
-    history on: the tolerance is the loosest of both runs, the pipeline both, in order."""
-    earlier = model.meta.get(META_KEY, {}) if isinstance(model, torch.fx.GraphModule) else {}
-    if earlier.get("pipeline"):
-        pipeline = f"{earlier['pipeline']},{pipeline}" if pipeline else earlier["pipeline"]
-    tol = loosest(tol, recorded_tolerance(model))
-    recorded: str | Tolerance = tol.name if TOLERANCES.get(tol.name) == tol else tol
-    gm.meta[META_KEY] = {**gm.meta.get(META_KEY, {}), "pipeline": pipeline, "tolerance": recorded}
 
 
 def verify_on(reference, candidate, inputs, tol, device: str) -> VerificationReport:

@@ -46,7 +46,7 @@ from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import clone_sharing_tensors
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pass, format_pipeline, parse_pipeline
-from .verify import Tolerance, VerificationReport, loosest, verify
+from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, recorded_tolerance, verify
 
 
 @dataclass
@@ -248,6 +248,20 @@ def pass_tolerance(p: Pass) -> Tolerance:
     return loosest(getattr(p, "tolerance", "exact"))
 
 
+def record_pipeline(gm: torch.fx.GraphModule, model: torch.nn.Module, pipeline: str, tol: Tolerance) -> None:
+    """Write the pipeline and its tolerance into ``gm.meta["fxopt"]``: `fxopt.verify(model, gm, x)`
+    then holds `gm` to what it was optimized at (an int8 module to `int8`, not `exact`). A
+    `model` that an earlier run made (an int8 module saved, loaded and lowered; observers
+    inserted, then lowered by hand) passes its history on: the tolerance is the loosest of both
+    runs, the pipeline both, in order."""
+    earlier = model.meta.get(META_KEY, {}) if isinstance(model, torch.fx.GraphModule) else {}
+    if earlier.get("pipeline"):
+        pipeline = f"{earlier['pipeline']},{pipeline}" if pipeline else earlier["pipeline"]
+    tol = loosest(tol, recorded_tolerance(model))
+    recorded: str | Tolerance = tol.name if TOLERANCES.get(tol.name) == tol else tol
+    gm.meta[META_KEY] = {**gm.meta.get(META_KEY, {}), "pipeline": pipeline, "tolerance": recorded}
+
+
 class PassManager:
     """Runs passes in order; see the module docstring for what it guarantees.
 
@@ -298,6 +312,8 @@ class PassManager:
             raise TypeError(f"PassManager.run takes a torch.fx.GraphModule, got {type(gm).__name__}: capture "
                             "the model first (fxopt.capture(model, inputs)) or call fxopt.optimize(model, "
                             "inputs, pipeline), which does both")
+        if isinstance(example_inputs, torch.Tensor):  # one input, as fxopt.optimize takes it (not its rows)
+            example_inputs = (example_inputs,)
         current = clone_sharing_tensors(gm)
         # the passes get copies of the example inputs: one that writes into them changes
         # neither the caller's tensors nor what verification runs on
@@ -320,6 +336,8 @@ class PassManager:
             _call_instrument(inst, "after_pipeline", _protected(current, ctx.reference), ctx.reference,
                              current, records)
         ran = [p for p, r in zip(self.passes, records) if not r.skipped]
+        if current is not gm:  # verify holds the result to what ran (lower-int8 run by hand: int8)
+            record_pipeline(current, gm, format_pipeline(ran), loosest(*(pass_tolerance(p) for p in ran)))
         return PipelineResult(current, records, format_pipeline(ran))  # what ran (not the bisected-off)
 
     def _run_one(self, p, index, current, am, ctx, record, records):

@@ -892,3 +892,20 @@ def test_manager_options_of_the_wrong_type_are_refused_naming_them(options, erro
     Instrument was "not iterable", and [1] failed only when its first hook ran."""
     with pytest.raises(error, match=message):
         PassManager("remove-noops,dce", **options)
+
+
+def test_a_pass_manager_run_records_what_ran_and_its_tolerance():
+    """docs/quantization.md lowers by hand (`PassManager("lower-int8").run(observed, x)`): the
+    result recorded no tolerance and `fxopt.verify` held the int8 module to `exact` (FAIL at
+    40 dB). The manager records the pipeline on top of its input's history, and one tensor is
+    one input (it took the tensor's rows for several)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    observed = fxopt.optimize(model, x, "insert-observers", verify=False).module
+    fxopt.calibrate(observed, [torch.randn(4, 3, 8, 8) for _ in range(3)], progress=False)
+    int8 = fxopt.PassManager("lower-int8{backend=x86}").run(observed, x).module  # a bare tensor
+    assert int8.meta["fxopt"]["tolerance"] == "int8"
+    assert int8.meta["fxopt"]["pipeline"] == "insert-observers,lower-int8"
+    assert fxopt.verify(model, int8, x).passed
+    assert fxopt.PassManager("dce").run(fxopt.capture(model, x), x).module.meta["fxopt"]["tolerance"] == "exact"

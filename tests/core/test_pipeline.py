@@ -126,7 +126,7 @@ def test_whitespace_and_empty_items():
 def test_cosmetic_errors_say_what_to_do():
     with pytest.raises(PipelineError, match=r"pass 'dce' has no option 'x'; it takes no options$"):
         parse_pipeline("dce{x=1}")
-    with pytest.raises(PipelineError, match=r"option 'lr' must be > 0, got -1.0"):
+    with pytest.raises(PipelineError, match=r"option 'lr' must be a finite number > 0, got -1.0"):
         parse_pipeline("distill{lr=-1}")   # at parse time, like epochs, not after capture
     import torch
     model, x = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval(), torch.randn(2, 4)
