@@ -569,9 +569,11 @@ class _Applier:
 
 
 def _computed_norm_shape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """Whether a norm's `normalized_shape` is computed in the graph (``(x.shape[-1],)``)."""
+    """Whether a norm's `normalized_shape` is computed in the graph (``(x.shape[-1],)``,
+    ``x.shape[-1:]``)."""
     norm_shape = op_view(gm, node).attrs.get("normalized_shape")
-    return isinstance(norm_shape, (list, tuple)) and any(isinstance(e, torch.fx.Node) for e in norm_shape)
+    return isinstance(norm_shape, torch.fx.Node) or (
+        isinstance(norm_shape, (list, tuple)) and any(isinstance(e, torch.fx.Node) for e in norm_shape))
 
 
 def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int) -> None:
@@ -580,6 +582,8 @@ def _resize_norm(node: torch.fx.Node, m: nn.Module | None, kind: str, size: int)
     if kind in ("layer_norm", "rms_norm"):
         old = m.normalized_shape if m is not None else op_view(node.graph.owning_module, node).attrs.get(
             "normalized_shape")
+        if isinstance(old, torch.fx.Node):  # ``x.shape[-1:]``: the sizes capture recorded
+            old = old.meta.get("tensor_meta")
         rest = list(old[1:]) if isinstance(old, (list, tuple)) else []
         if m is not None:
             m.normalized_shape = (size, *rest)

@@ -177,6 +177,7 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         self.constant = _constant_values(gm)
         self.read_whole: set[str] = set()  # get_attr tensors a pinned node reads (`pin`)
         self.expand_sizes: dict[str, str] = {}  # ``y.expand(x.size())`` -> the size read
+        self.norm_shape_reads: dict[str, str] = {}  # ``layer_norm(x, x.shape[-1:])`` -> the size read
         self.held_constants: set[str] = set()  # constant operands whose channels all stay (`_aligned_inputs`)
         # layer weights computed from parameters alone (`computed_weights`)
         self.weight_math = weight_computations(gm) if weight_math is None else weight_math
@@ -302,6 +303,10 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         for expand, size in self.expand_sizes.items():
             if expand in self.pinned_nodes:  # its size must then read the full width, as it does
                 bad.setdefault(size, f"the size of the channel axis is read by '{expand}', which cannot follow it")
+        for norm, size in self.norm_shape_reads.items():
+            rule = self.rules.get(norm)  # a norm that follows the channels gets its shape written by apply
+            if norm in self.pinned_nodes or rule is None or rule.category not in ("norm", "gather"):
+                bad.setdefault(size, f"the size of the channel axis is read by '{norm}', which cannot follow it")
         return bad
 
     def _is_size_entry(self, user: torch.fx.Node, value: torch.fx.Node) -> bool:
@@ -508,6 +513,12 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 # ``y.expand(x.size())`` is ``y.expand_as(x)``: `rule_expand` ties y to x, or the
                 # size is pinned in another round (`violations`) where it cannot
                 self.expand_sizes[user.name] = node.name
+            elif isinstance(index, slice) and user.users and all(
+                    _normalized_shape_of(self.gm, u) is user for u in user.users):
+                # ``F.layer_norm(x, x.shape[-1:])``: apply writes the width the norm normalizes,
+                # or the size is pinned in another round where the norm cannot follow
+                for norm in user.users:
+                    self.norm_shape_reads[norm.name] = node.name
             elif not (isinstance(index, slice) and axis not in range(nd)[index]):
                 raise _Pin("the size of the channel axis is read")
 
@@ -688,6 +699,13 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
 #: Modules export lowers to ops that have no channel rule either (im2col, a pooling over channels).
 _NOT_HELPED_BY_EXPORT = (torch.nn.RNNBase, torch.nn.Unfold, torch.nn.Fold, torch.nn.LocalResponseNorm,
                          torch.nn.CrossMapLRN2d, torch.nn.Bilinear)
+
+
+def _normalized_shape_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
+    """The `normalized_shape` argument of a layer/RMS norm, None for any other node."""
+    view = op_view(gm, node)
+    return view.attrs.get("normalized_shape") if view is not None and view.kind in ("layer_norm", "rms_norm") \
+        else None
 
 
 def _expands_to(user: torch.fx.Node, size: torch.fx.Node) -> bool:

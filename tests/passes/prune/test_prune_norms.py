@@ -547,3 +547,41 @@ def test_a_norm_shaped_by_its_own_weight_is_not_shared(mode):
     assert r.plan.channel_graph.pinned_nodes == {}
     assert r.pruned.get_parameter("fc1.weight").shape[0] < 32
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class LucidrainsLayerNorm(nn.Module):
+    """x-transformers' LayerNorm: ``F.layer_norm(x, x.shape[-1:], self.gamma, self.beta)`` with a
+    learned gamma and a zero beta buffer."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5)
+        self.register_buffer("beta", torch.zeros(d))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta)
+
+
+class SliceShapedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(6, 32), LucidrainsLayerNorm(32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.ln(self.fc1(x))))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("exact_norms", [True, False])
+def test_a_normalized_shape_sliced_off_the_size_follows_the_channels(mode, exact_norms):
+    """``x.shape[-1:]`` read the channel count as a slice: the read was pinned in symbolic
+    graphs and an adapter re-expanded the stream only so that `.shape` could be read (export,
+    with a literal shape, pruned without one). apply writes the width the norm normalizes."""
+    torch.manual_seed(0)
+    r = prune_and_mask(SliceShapedBlock().eval(), torch.randn(2, 5, 6), mode, exact_norms=exact_norms)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("fc1.weight").shape[0] < 32
+    if not exact_norms:  # the norm follows its stream: no adapter around it
+        assert not any("index_select" in str(n.target) for n in r.pruned.graph.nodes)
+    else:
+        torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
