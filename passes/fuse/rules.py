@@ -316,6 +316,14 @@ def _stored_value(node: torch.fx.Node) -> bool | str:
     return _stored_cone(node) is not None or "not computed from stored tensors alone"
 
 
+def _stored_scalar(node: torch.fx.Node) -> bool | str:
+    """A one-element floating tensor computed from stored tensors alone (an attention scale)."""
+    meta = tensor_meta(node)
+    if meta is None or math.prod(meta[0]) != 1 or not meta[1].is_floating_point:
+        return "not a one-element floating tensor"
+    return _stored_value(node)
+
+
 def _stored_cone_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
     if node.op == "get_attr":
         return get_attr_value(gm, node.target)
@@ -536,6 +544,8 @@ def _scores(mask: str | None, scale: str = "const") -> Op:
         scaled = Op("matmul", Op(("div", "mul"), Var("q"), scalar=Const("c"), name="scale_op"), k_t)
     elif scale == "none":  # no scale at all (folded into the q projection)
         scaled = qk
+    elif scale == "stored":  # a one-element tensor of stored values: ``* torch.rsqrt(torch.tensor(d))``
+        scaled = Op(("div", "mul"), qk, Var("t", check=_stored_scalar), name="scale_op")
     else:  # the scale node stays: it may feed other ops, and SDPA reads it
         scaled = Op(scale, qk, Var("s", check=_is_shape_number), name="scale_op", commutative=scale == "mul")
     if mask == "add":
@@ -589,8 +599,8 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     divides = "scale_op" in r.match.views and r.view("scale_op").kind == "div"
     if "scale_op" not in r.match.views:
         scale = 1.0
-    elif "c" in r.match.values:
-        c = float(r["c"])
+    elif "c" in r.match.values or "t" in r.match.nodes:
+        c = float(r["c"]) if "c" in r.match.values else float(_stored_cone_value(r.gm, r["t"]))
         scale = (1.0 / c if c != 0 else math.inf) if divides else c
         if not math.isfinite(scale):  # `/ 0.0` (or an inf scale): nothing SDPA's scale= can say
             return None
@@ -615,11 +625,12 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
 def _attention(name: str, mask: str | None) -> list[Pattern]:
     """The attention patterns for `mask`: a constant scale (`name`), a scale computed from
     shapes that divides (`name/div-shape`) or multiplies (`name/mul-shape`) the scores, a
-    constant scale of q (`name/scaled-q`) and none (`name/unscaled`); each also with a cast between softmax and `@ v` that changes nothing (`/cast`: Hugging Face's
+    constant scale of q (`name/scaled-q`), none (`name/unscaled`) and a one-element tensor of
+    stored values, evaluated once (`name/stored-scale`: ``* torch.rsqrt(torch.tensor(d))``); each also with a cast between softmax and `@ v` that changes nothing (`/cast`: Hugging Face's
     eager `softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)` on float32 scores)."""
     patterns = []
     for suffix, scale in (("", "const"), ("/div-shape", "div"), ("/mul-shape", "mul"), ("/scaled-q", "q-const"),
-                          ("/unscaled", "none")):
+                          ("/unscaled", "none"), ("/stored-scale", "stored")):
         probs = Op("softmax", _scores(mask, scale), check=_softmax_last)
         patterns.append(Pattern(name + suffix, Op("matmul", probs, Var("v")), rewrite=_to_sdpa,
                                 check=_attention_check))

@@ -1072,3 +1072,32 @@ def test_a_fill_that_does_not_swallow_huge_scores_stays():
     mask = torch.ones(3, 3, dtype=torch.bool)
     res = fxopt.optimize(_KeyMask(-1e30), (q, k, v, mask), pipeline="fuse")
     assert not any("scaled_dot_product" in str(n.target) for n in res.module.graph.nodes)
+
+
+class _TensorScaled(nn.Module):
+    """A scale written as a tensor: ``* torch.rsqrt(torch.tensor(d))`` (export keeps the literal
+    as a stored constant), or a stored one-element temperature."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.temperature = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-2, -1)
+        if self.how == "rsqrt":
+            s = s * torch.rsqrt(torch.tensor(q.size(-1), dtype=torch.float32))
+        else:
+            s = s / self.temperature
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("how", ["rsqrt", "temperature"])
+def test_a_scale_of_stored_values_is_evaluated_into_sdpa(how):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 16) for _ in range(3))
+    model = _TensorScaled(how).eval()
+    res = fxopt.optimize(model, (q, k, v), pipeline="fuse", mode="export")
+    assert res.passes[0].stats["matches"].get("attention/stored-scale") == 1
+    other = tuple(torch.randn(3, 3, 5, 16) for _ in range(3))
+    torch.testing.assert_close(res.module(*other), model(*other), rtol=1e-5, atol=1e-5)
