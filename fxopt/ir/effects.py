@@ -341,7 +341,8 @@ def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:
     builds a tensor from a literal (``x.index_select(1, torch.tensor([1, 0, 3, 2]))``) exports
     as ``detach_(lift_fresh_copy(c))``: a fresh copy of the stored constant, which analyses
     take for a value computed in the graph (prune pinned a constant channel permutation). Where
-    nothing writes the copy, the constant is the same value. Returns how many were dropped.
+    nothing writes the copy and no output returns it (or a view of it), the constant is the same
+    value. Returns how many were dropped.
     """
     dropped = 0
     for node in list(gm.graph.nodes):
@@ -353,8 +354,9 @@ def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:
         while len(chain[-1].users) == 1 and aten_op_of(next(iter(chain[-1].users))) in _DETACHES:
             chain.append(next(iter(chain[-1].users)))
         aliases = aliases_of(gm, chain[-1])
-        if any(user not in chain and mutated_input(gm, user) in aliases for a in aliases for user in a.users):
-            continue  # the forward writes its copy: the constant must stay as it was
+        if any(user not in chain and (mutated_input(gm, user) in aliases or user.op == "output")
+               for a in aliases for user in a.users):
+            continue  # the forward writes its copy, or returns it for the caller to: the constant must stay
         chain[-1].replace_all_uses_with(source)
         for link in reversed(chain):
             gm.graph.erase_node(link)

@@ -46,9 +46,17 @@ def _not_fused(m: Match) -> bool | str:
     return True
 
 
+def _computed_bias(view) -> bool:
+    """A conv/linear bias the graph computes (``b * 1.0``, ``b.to(x.device)``): folds rewrite
+    stored tensors, and one that took no bias for this one would drop it."""
+    return isinstance(view.attrs.get("bias"), torch.fx.Node)
+
+
 def _conv_ok(view) -> bool | str:
     if "weight" not in view.params:
         return "its weight is not a parameter (a computed weight cannot be folded)"
+    if _computed_bias(view):
+        return "its bias is computed in the graph (a computed bias cannot be folded)"
     meta = tensor_meta(view.node)
     if meta is None or len(meta[0]) != view.param("weight").dim():
         # an unbatched conv ((C, L) in, (C', L) out) has its channels on axis 0, where the
@@ -60,6 +68,8 @@ def _conv_ok(view) -> bool | str:
 
 
 def _linear_ok(view) -> bool | str:
+    if _computed_bias(view):
+        return "its bias is computed in the graph (a computed bias cannot be folded)"
     return True if "weight" in view.params else "its weight is not a parameter"
 
 

@@ -155,6 +155,9 @@ def _anchor_ok(gm, view) -> str | None:
         reason = _other_float_dtype(i)
         if reason is not None:  # e.g. a cat or add that promotes a float16 operand
             return f"operand '{i.name}' is a {reason}"
+    if view.kind in ("conv", "linear") and isinstance(view.attrs.get("bias"), torch.fx.Node):
+        # (``b.to(x.device)``, ``b * s``): the kernel takes a stored bias, and read as none it was dropped
+        return "bias is computed in the graph"
     if view.kind == "conv":
         a = view.attrs
         if view.param("weight") is None:  # computed (weight_norm): attributes read off it are unknown too

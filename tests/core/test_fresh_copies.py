@@ -39,3 +39,18 @@ def test_a_literal_the_forward_writes_keeps_its_fresh_copy():
     x = torch.randn(2, 3)
     for _ in range(2):  # the constant itself is never written: the second call agrees too
         torch.testing.assert_close(gm(x), WrittenLiteral()(x))
+
+
+class ReturnedLiteral(nn.Module):
+    def forward(self, x):
+        c = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        return x + 1, c.view(2, 2)
+
+
+def test_a_literal_the_forward_returns_keeps_its_fresh_copy():
+    """Returned (here through a view), the stored constant itself would reach the caller, whose
+    in-place write would change every later call."""
+    gm = fxopt.capture(ReturnedLiteral(), (torch.randn(2, 3),), mode="export")
+    x = torch.randn(2, 3)
+    gm(x)[1].add_(100)
+    torch.testing.assert_close(gm(x)[1], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))

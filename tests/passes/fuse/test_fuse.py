@@ -1101,3 +1101,27 @@ def test_a_scale_of_stored_values_is_evaluated_into_sdpa(how):
     assert res.passes[0].stats["matches"].get("attention/stored-scale") == 1
     other = tuple(torch.randn(3, 3, 5, 16) for _ in range(3))
     torch.testing.assert_close(res.module(*other), model(*other), rtol=1e-5, atol=1e-5)
+
+
+class _ComputedBias(nn.Module):
+    """A conv and a linear whose bias the forward computes (``b.to(x.device)``, ``b * 1.0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3), nn.Parameter(torch.randn(8))
+        self.lw = nn.Parameter(torch.randn(4, 8) * 0.3)
+        self.bn, self.bn1d = _warm_bn(nn.BatchNorm2d(8)), _warm_bn(nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        h = self.bn(F.conv2d(x, self.w, self.b.to(x.device)))
+        return self.bn1d(F.linear(h.mean((2, 3)), self.lw, self.b[:4] * 1.0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batchnorm_after_a_layer_with_a_computed_bias_is_not_folded(mode):
+    """The folds read the layer's stored bias: a computed one was taken for none and dropped
+    (2.9 off on the conv, 1.0 on the linear)."""
+    torch.manual_seed(0)
+    model = _ComputedBias().eval()
+    res = _run(model, torch.randn(2, 3, 8, 8), mode)
+    assert not {"conv+bn", "linear+bn"} & set(res.passes[0].stats["matches"])

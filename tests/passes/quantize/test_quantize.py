@@ -1005,3 +1005,24 @@ def test_a_layer_read_in_float_only_keeps_a_float_output(mode, backend):
     assert beyond.any() and ((out > seen.max()) | (out < seen.min())).sum() >= beyond.sum() // 2
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())
     assert sqnr > 30, sqnr  # 25.8 dB with the output on its int8 grid
+
+
+def test_a_conv_with_a_computed_bias_stays_float_naming_why():
+    """The int8 kernels take a stored bias; a computed one (``b.to(x.device)``) was read as none
+    and dropped (6 dB)."""
+    torch.manual_seed(0)
+
+    class ComputedBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3), nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w, self.b.to(x.device))
+
+    model, x = ComputedBias().eval(), torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxopt.optimize(model, x, "quantize{backend=x86}", calibration=[torch.randn(4, 3, 8, 8) for _ in range(3)])
+    assert res.verification.passed
+    assert any("bias is computed in the graph" in why for why in res.passes[0].stats["float_ops"].values())
