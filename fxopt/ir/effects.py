@@ -334,6 +334,15 @@ def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.
 
 
 _DETACHES = (torch.ops.aten.detach_.default, torch.ops.aten.detach.default)
+# op kinds that may return their input itself (a cast to the dtype it has, an eval dropout)
+_HANDS_BACK = {"to", "contiguous", "dropout", "identity", "expand", "flatten", "unflatten"}
+
+
+def _may_hand_back(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether `node` may return its first operand, or a view of it, or write it: anything but
+    an op the op view knows to compute a new value (``rsqrt(c)``, ``c * 2``)."""
+    view = op_view(gm, node)
+    return view is None or view.kind in _HANDS_BACK or _is_view(gm, node) or mutated_input(gm, node) is not None
 
 
 def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:
@@ -341,8 +350,8 @@ def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:
     builds a tensor from a literal (``x.index_select(1, torch.tensor([1, 0, 3, 2]))``) exports
     as ``detach_(lift_fresh_copy(c))``: a fresh copy of the stored constant, which analyses
     take for a value computed in the graph (prune pinned a constant channel permutation). Where
-    nothing writes the copy and no output returns it (or a view of it), the constant is the same
-    value. Returns how many were dropped.
+    every reader takes the copy as a further operand (no op that may hand it back, no output),
+    nothing can write it and the constant is the same value. Returns how many were dropped.
     """
     dropped = 0
     for node in list(gm.graph.nodes):
@@ -353,10 +362,11 @@ def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:
         chain = [node]
         while len(chain[-1].users) == 1 and aten_op_of(next(iter(chain[-1].users))) in _DETACHES:
             chain.append(next(iter(chain[-1].users)))
-        aliases = aliases_of(gm, chain[-1])
-        if any(user not in chain and (mutated_input(gm, user) in aliases or user.op == "output")
-               for a in aliases for user in a.users):
-            continue  # the forward writes its copy, or returns it for the caller to: the constant must stay
+        if any(user.op == "output" or (user.args[:1] == (chain[-1],) and _may_hand_back(gm, user))
+               for user in chain[-1].users):
+            # an op that may hand its first operand back (``c.type_as(x)``, an eval dropout, a
+            # view) gives it to a write or the caller to change: the copy must stay
+            continue
         chain[-1].replace_all_uses_with(source)
         for link in reversed(chain):
             gm.graph.erase_node(link)

@@ -1,5 +1,6 @@
 """torch.export copies a tensor the forward builds from a literal (`lift_fresh_copy`, then
 `detach_`); capture reads the stored constant itself where nothing writes the copy."""
+import pytest
 import torch
 from torch import nn
 
@@ -54,3 +55,29 @@ def test_a_literal_the_forward_returns_keeps_its_fresh_copy():
     x = torch.randn(2, 3)
     gm(x)[1].add_(100)
     torch.testing.assert_close(gm(x)[1], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+
+
+class LiteralHandedBack(nn.Module):
+    """Ops that may return the literal's copy itself, which is then written or returned."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        c = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        s = c.type_as(x) if self.how == "type_as" else torch.atleast_1d(c) if self.how == "atleast" \
+            else torch.nn.functional.dropout(c, 0.5, False)
+        s.add_(1)
+        return x * s
+
+
+@pytest.mark.parametrize("how", ["type_as", "atleast", "dropout"])
+def test_a_literal_written_through_an_op_that_hands_it_back_keeps_its_copy(how):
+    """`c.type_as(x)`, `atleast_1d(c)`, an eval dropout return `c` itself: reading the stored
+    constant there let the write change it, and every call drifted ([3, 4, 5, 6], [4, ...])."""
+    model = LiteralHandedBack(how)
+    gm = fxopt.capture(model, (torch.ones(2, 4),), mode="export")
+    x = torch.ones(2, 4)
+    for _ in range(3):
+        torch.testing.assert_close(gm(x), model(x))

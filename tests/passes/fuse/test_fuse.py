@@ -286,7 +286,7 @@ class CausalSelfAttention(nn.Module):
             s = s * hd ** -0.5
         elif self.spelling == "pow_first":  # the scale on the left, read from `.shape`
             s = k.shape[-1] ** -0.5 * s
-        elif self.spelling == "tensor_temp":  # a learned temperature: a tensor, not SDPA's scale
+        elif self.spelling == "tensor_temp":  # a learned temperature: a stored one-element tensor
             s = s / self.temp
         s = s.masked_fill(~x.new_ones(T, T, dtype=torch.bool).tril(), float("-inf"))
         y = (s.softmax(dim=-1) @ v).transpose(1, 2).contiguous().view(B, T, C)
@@ -321,13 +321,15 @@ def test_a_computed_scale_still_folds_to_a_constant_in_export():
     assert res.passes[0].stats["matches"] == {"attention+masked_fill": 1}
 
 
-def test_a_tensor_divisor_is_not_sdpa_scale():
-    # SDPA's scale= is a float; a learned temperature tensor stays a division, still correct
+def test_a_stored_tensor_divisor_is_evaluated_into_sdpa_scale():
+    # SDPA's scale= is a float: a learned one-element temperature is read once when fusing (as
+    # a batchnorm's statistics are folded), and the result holds at other sizes
     torch.manual_seed(0)
     model = CausalSelfAttention("tensor_temp").eval()
     res = _run(model, torch.randn(2, 6, 32), "symbolic")
     kinds = _kinds(res.module)
-    assert "sdpa" not in kinds and "softmax" in kinds and kinds.count("matmul") == 2
+    assert kinds.count("sdpa") == 1 and "softmax" not in kinds
+    assert res.passes[0].stats["matches"] == {"attention+masked_fill/stored-scale": 1}
     _same_at_other_sizes(res.module, model)
 
 
