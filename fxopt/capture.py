@@ -58,7 +58,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
-from .ir.effects import drop_fresh_copies
+from .ir.effects import drop_fresh_copies, fresh_literal_constants
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
@@ -225,6 +225,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
         if type(module) is nn.Module:
             module.training = model.training
     _drop_string_annotations(gm)
+    fresh_literal_constants(gm)  # a literal the forward writes is a new tensor each call, as in eager
     _name_specialized_inputs(gm, concrete)
     # the check passes every input, the specialized ones too, exactly as the caller will
     _record_shapes_and_check(model, gm, args, kwargs)

@@ -338,6 +338,35 @@ _DETACHES = (torch.ops.aten.detach_.default, torch.ops.aten.detach.default)
 _HANDS_BACK = {"to", "contiguous", "dropout", "identity", "expand", "flatten", "unflatten"}
 
 
+def fresh_literal_constants(gm: torch.fx.GraphModule) -> int:
+    """Give a symbolic graph's literal tensors a fresh copy per call where the forward may write
+    them. torch.fx stores ``torch.tensor([...])`` built in forward as one constant
+    (``_tensor_constant0``); eager builds a new tensor every call. A write into it, directly or
+    through an op that may hand it back (``.to(x.device)``, a view), then accumulates from call
+    to call. A ``clone()`` after the constant is what export's ``lift_fresh_copy`` does.
+    Returns how many were given one."""
+    cloned = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or not str(node.target).startswith("_tensor_constant"):
+            continue
+        reached, stack = set(), [node]
+        while stack:  # the constant and what may be it: results of ops that may hand it back
+            value = stack.pop()
+            if value in reached:
+                continue
+            reached.add(value)
+            stack.extend(u for u in value.users if u.args[:1] == (value,) and _may_hand_back(gm, u))
+        if not any(mutated_input(gm, u) in reached or u.op == "output" for value in reached for u in value.users):
+            continue
+        with gm.graph.inserting_after(node):
+            fresh = gm.graph.call_method("clone", (node,))
+        node.replace_all_uses_with(fresh, delete_user_cb=lambda user: user is not fresh)
+        cloned += 1
+    if cloned:
+        gm.recompile()
+    return cloned
+
+
 def _may_hand_back(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether `node` may return its first operand, or a view of it, or write it: anything but
     an op the op view knows to compute a new value (``rsqrt(c)``, ``c * 2``)."""
@@ -376,5 +405,5 @@ def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:
     return dropped
 
 
-__all__ = ["aliases_of", "drop_fresh_copies", "functionalize_writes", "is_effectful", "mutated_input",
-           "written_in_place"]
+__all__ = ["aliases_of", "drop_fresh_copies", "fresh_literal_constants", "functionalize_writes", "is_effectful",
+           "mutated_input", "written_in_place"]

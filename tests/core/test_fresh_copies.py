@@ -81,3 +81,22 @@ def test_a_literal_written_through_an_op_that_hands_it_back_keeps_its_copy(how):
     x = torch.ones(2, 4)
     for _ in range(3):
         torch.testing.assert_close(gm(x), model(x))
+
+
+class MovedLiteralWritten(nn.Module):
+    """A literal moved to the input's device (the same tensor there) and written in place."""
+
+    def forward(self, x):
+        scale = torch.tensor([1.0, 2.0, 3.0, 4.0]).to(x.device)
+        scale.mul_(2.0)
+        return x * scale
+
+
+def test_a_symbolic_literal_the_forward_writes_is_fresh_each_call():
+    """torch.fx keeps the literal as one constant; the write accumulated from call to call
+    ([2, 4, 6, 8], then [4, 8, 12, 16]) while verification, which runs once, said PASS."""
+    model = MovedLiteralWritten()
+    res = fxopt.optimize(model, torch.ones(1, 4), "dce", mode="symbolic")
+    x = torch.ones(1, 4)
+    for _ in range(3):
+        torch.testing.assert_close(res.module(x), model(x))
