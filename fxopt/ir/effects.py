@@ -111,9 +111,10 @@ def _hashable(x: Any) -> bool:
     return True
 
 
-# Ops whose result shares memory with their first input, so writing one writes the other.
+# Ops whose result shares (or may share) memory with their first input, so writing one writes
+# the other: an eval-mode dropout and a cast to the dtype a value has return the value itself.
 _VIEW_KINDS = frozenset({"reshape", "permute", "transpose", "flatten", "getitem", "select", "slice",
-                         "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze"})
+                         "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze", "to"})
 _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", "t", "as_strided",
                            "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach", "reshape_as",
                            "diagonal", "unfold", "tensor_split", "moveaxis", "swapdims", "transpose", "permute"})
@@ -175,9 +176,13 @@ def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     overload = aten_op_of(node)
     if overload is not None:  # an ATen op says it in its schema: a result aliasing its input, not written
         returns = overload._schema.returns
-        return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+        if bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
+            return True
     view = op_view(gm, node)
-    return view is not None and view.kind in _VIEW_KINDS
+    if view is not None and view.kind == "dropout":  # in eval mode it returns its input itself
+        off = not view.attrs.get("training", True) or view.attrs.get("p", 0.5) == 0
+        return off and mutated_input(gm, node) is None  # (an in-place one is taken as the write it names)
+    return overload is None and view is not None and view.kind in _VIEW_KINDS
 
 
 def functionalize_writes(gm: torch.fx.GraphModule) -> int:

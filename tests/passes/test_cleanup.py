@@ -330,3 +330,25 @@ def test_contiguous_of_a_value_that_was_contiguous_on_the_example_stays():
     res = fxopt.optimize(ContiguousInput(), torch.randn(2, 4, 6), "remove-noops", mode="symbolic")
     transposed = torch.randn(2, 6, 4).transpose(1, 2)
     torch.testing.assert_close(res.module(transposed), ContiguousInput()(transposed))
+
+
+class _WriteThroughEvalDropout(torch.nn.Module):
+    """A buffer written through an eval-mode dropout's result, which is the buffer itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("n", torch.zeros(4))
+
+    def forward(self, x):
+        torch.nn.functional.dropout(self.n, 0.5, False).add_(1)
+        return x * (self.n * 2 + 1)
+
+
+@pytest.mark.parametrize("mode", ["export"])
+def test_a_buffer_written_through_an_eval_dropout_is_no_constant(mode):
+    """fold-constants took `n * 2 + 1` for a constant: the write through the dropout was lost."""
+    x = torch.ones(1, 4)
+    res = fxopt.optimize(_WriteThroughEvalDropout().eval(), x, "fold-constants", mode=mode)
+    model = _WriteThroughEvalDropout().eval()
+    for _ in range(3):
+        torch.testing.assert_close(res.module(x), model(x))
