@@ -81,7 +81,7 @@ def _draws_at_random(node: torch.fx.Node) -> bool:
     if target in (torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout):
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
         return train is not False
-    if getattr(target, "__name__", "") == "rrelu" and getattr(target, "__module__", "").startswith("torch"):
+    if name == "rrelu" and getattr(target, "__module__", "").startswith("torch"):
         training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", False)
         return training is not False
     return False
