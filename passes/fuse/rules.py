@@ -682,15 +682,7 @@ def _softmax_reader_or_operand(m: Match) -> bool | str:
     if first is not None and (first.kind == "softmax" or first.kind == "to" and isinstance(first.input, torch.fx.Node)
                               and (v := op_view(m.gm, first.input)) is not None and v.kind == "softmax"):
         return True
-    value = m.root
-    for _ in range(3):
-        if len(value.users) != 1:
-            break
-        value = next(iter(value.users))
-        view = op_view(m.gm, value)
-        if view is not None and view.kind == "softmax":
-            return True
-    return "not read by a softmax, nor reading one"
+    return _read_by_softmax(m) is True or "not read by a softmax, nor reading one"
 
 
 def _einsum_as_matmul(r: Rewriter) -> torch.fx.Node:
@@ -772,6 +764,114 @@ def _one_mask(r: Rewriter) -> torch.fx.Node:
     return r.call(torch.add, r["s"], r.call(torch.add, r["a"], r["b"]))
 
 
+def _is_key_t(value: Any) -> bool | str:
+    """kᵀ: a transpose or permute of k that swaps its last two axes (`_key_order`)."""
+    view = op_view(value.graph.owning_module, value) if isinstance(value, torch.fx.Node) else None
+    if view is None or view.kind not in ("transpose", "permute"):
+        return "not a transpose or permute of k"
+    return _last_dims(view)
+
+
+def _read_by_softmax(m: Match, steps: int = 3) -> bool | str:
+    """The pattern's value reaches a softmax through at most `steps` single-reader masks,
+    scales and casts that change nothing (the scores of attention, not any product)."""
+    value = m.root
+    for _ in range(steps):
+        if len(value.users) != 1:
+            return f"'{value.name}' has other readers than the softmax"
+        value = next(iter(value.users))
+        view = op_view(m.gm, value)
+        if view is not None and view.kind == "softmax":
+            return True
+        if view is None or view.kind not in ("add", "masked_fill", "mul", "div", "to") \
+                or (view.kind == "to" and _noop_cast(view) is not True):
+            break
+    return "not read by a softmax"
+
+
+def _plain_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _baddbmm_scores(m: Match) -> bool | str:
+    """Bloom-style scores, ``baddbmm(bias, q, kᵀ, beta=β, alpha=α)``: α and β numbers, the
+    bias of the scores' dtype, and a softmax reading the result."""
+    attrs = m.views["scores"].attrs
+    if not (_plain_number(attrs.get("alpha", 1)) and _plain_number(attrs.get("beta", 1))):
+        return "alpha or beta is not a finite number known when fusing"
+    bias, scores = tensor_meta(m.nodes["bias"]), tensor_meta(m.root)
+    if bias is None or scores is None or bias[1] != scores[1]:
+        return "the added term has no metadata or another dtype than the scores"
+    return _read_by_softmax(m)
+
+
+def _baddbmm_as_matmul(r: Rewriter) -> torch.fx.Node:
+    """``α (q @ kᵀ) + β bias``, spelled as the attention patterns read it: a scaled product
+    and an additive mask. With β = 0 baddbmm ignores the bias (NaN and inf in it too)."""
+    attrs = r.view("scores").attrs
+    alpha, beta = attrs.get("alpha", 1), attrs.get("beta", 1)
+    scores = r.call(torch.matmul, r["q"], r["k_t"])
+    if alpha != 1:
+        scores = r.call(torch.mul, scores, alpha)
+    if beta == 0:
+        return scores
+    return r.call(torch.add, scores, r["bias"] if beta == 1 else r.call(torch.mul, r["bias"], beta))
+
+
+def _scale_after_mask(m: Match) -> bool | str:
+    """``(q @ kᵀ + mask) * c`` or ``q @ kᵀ .masked_fill(m, fill) / c`` read by a softmax: the
+    same scores as ``q @ kᵀ * c + mask * c`` (``fill * c``), which SDPA computes. A fill moves
+    past a scale only when c > 0 (−inf stays −inf) and a fill that hid the score still does."""
+    c = m.values.get("c")
+    if "c" in m.values and (not _plain_number(c) or c == 0):
+        return f"the scale {c!r} is not a finite non-zero number"
+    if "fill" in m.views:
+        fill = m.views["fill"].attrs.get("value")
+        if not _plain_number(fill) and fill != -math.inf:
+            return "the fill is not a number"
+        if c is None or c < 0:
+            return "a fill moves past a positive constant scale only"
+        if not _hides_the_score(_scaled_fill(fill, c, m.views["scale_op"].kind)):
+            return "the scaled fill no longer hides the score"
+    else:
+        mask, scores = tensor_meta(m.nodes["mask"]), tensor_meta(m.nodes["masked"])
+        if mask is None or scores is None or mask[1] != scores[1]:
+            return "the mask is not a tensor of the scores' dtype"
+    return _read_by_softmax(m, steps=2)
+
+
+def _scaled_fill(fill: float, c: float, kind: str) -> float:
+    return fill / c if kind == "div" else fill * c
+
+
+def _scale_before_mask(r: Rewriter) -> torch.fx.Node:
+    kind = r.view("scale_op").kind
+    c = r["c"] if "c" in r.match.values else r["n"]
+    scale = operator.truediv if kind == "div" else operator.mul
+    scores = r.call(scale, r["s"], c)
+    if "fill" in r.match.views:
+        return r.call(torch.masked_fill, scores, r["mask"], _scaled_fill(r.view("fill").attrs["value"], c, kind))
+    return r.call(operator.add, scores, r.call(scale, r["mask"], c))
+
+
+def _mask_before_scale() -> list[Pattern]:
+    """A mask added (or filled in) before the scale: ``(q @ kᵀ + mask) / c``, also ``/ n`` of
+    a number computed from shapes (additive masks only: its sign is unknown when fusing)."""
+    qk = Var("s", check=_is_scores)
+    added = Op("add", qk, Var("mask"), commutative=True, name="masked")
+    filled = Op("masked_fill", qk, Var("mask"), name="fill")
+    name = "attention/mask-before-scale"
+    patterns = [Pattern(name, Op(("div", "mul"), added, scalar=Const("c"), name="scale_op"),
+                        rewrite=_scale_before_mask, check=_scale_after_mask),
+                Pattern(name + "/fill", Op(("div", "mul"), filled, scalar=Const("c"), name="scale_op"),
+                        rewrite=_scale_before_mask, check=_scale_after_mask)]
+    for kind in ("div", "mul"):
+        patterns.append(Pattern(f"{name}/{kind}-shape", Op(kind, added, Var("n", check=_is_shape_number),
+                                                           name="scale_op", commutative=kind == "mul"),
+                                rewrite=_scale_before_mask, check=_scale_after_mask))
+    return patterns
+
+
 _ATTENTION = [
     # two terms added to the scores (T5: a position bias, then the mask): one mask, the sum of
     # both, which the patterns below take as SDPA's attn_mask
@@ -789,6 +889,11 @@ _ATTENTION = [
     # computes, the patterns below find it
     Pattern("attention/einsum-as-matmul", Op("einsum", Var("a"), Var("b"), name="einsum"), rewrite=_einsum_as_matmul,
             check=_softmax_reader_or_operand),
+    # Bloom's ``baddbmm(alibi, q, kᵀ, beta=1, alpha=1/√d)`` and a mask added before the scale:
+    # respelled as a scaled product plus a mask, which the patterns below find
+    Pattern("attention/baddbmm-as-matmul", Op("baddbmm", Var("bias"), Var("q"), Var("k_t", check=_is_key_t),
+                                              name="scores"), rewrite=_baddbmm_as_matmul, check=_baddbmm_scores),
+    *_mask_before_scale(),
     *_attention("attention+mask", "add"), *_attention("attention+masked_fill", "fill"), *_attention("attention", None)]
 #: The names of the attention patterns, for passes that switch them on and off together.
 ATTENTION = tuple(p.name for p in _ATTENTION)

@@ -1127,3 +1127,70 @@ def test_a_batchnorm_after_a_layer_with_a_computed_bias_is_not_folded(mode):
     model = _ComputedBias().eval()
     res = _run(model, torch.randn(2, 3, 8, 8), mode)
     assert not {"conv+bn", "linear+bn"} & set(res.passes[0].stats["matches"])
+
+
+class _BaddbmmScores(nn.Module):
+    """Bloom's spelling: an ALiBi bias added to q @ kᵀ inside one ``baddbmm``."""
+
+    def __init__(self, beta, alpha):
+        super().__init__()
+        self.beta, self.alpha = beta, alpha
+
+    def forward(self, q, k, v, bias):
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), beta=self.beta, alpha=self.alpha)
+        return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("beta, alpha", [(1.0, 0.25), (2.0, 1.0), (0.0, 0.25)])
+def test_baddbmm_scores_become_sdpa(mode, beta, alpha):
+    """``baddbmm(bias, q, kᵀ, beta, alpha)`` is SDPA with scale α and mask β·bias; with β = 0
+    baddbmm ignores the bias, NaN included, and so does the result."""
+    torch.manual_seed(0)
+    q, k, v, bias = torch.randn(6, 5, 16), torch.randn(6, 5, 16), torch.randn(6, 5, 16), torch.randn(6, 5, 5)
+    if beta == 0:
+        bias[0, 0, 0] = math.nan
+    model = _BaddbmmScores(beta, alpha)
+    res = fxopt.optimize(model, (q, k, v, bias), pipeline="fuse", mode=mode)
+    assert "baddbmm" not in _kinds(res.module) and "scaled_dot_product_attention" in str(res.module.code)
+    assert res.passes[0].stats["matches"]["attention/baddbmm-as-matmul"] == 1, res.passes[0].stats
+    other = (torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(3, 5, 5))
+    torch.testing.assert_close(res.module(*other), model(*other), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res.module(q, k, v, bias), model(q, k, v, bias), rtol=1e-5, atol=1e-5)
+
+
+class _MaskBeforeScale(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v, m):
+        s = q @ k.transpose(-2, -1)
+        if self.how == "add":
+            s = (s + m) / 8.0
+        elif self.how == "mul":
+            s = 0.125 * (m + s)
+        elif self.how == "shape":
+            s = (s + m) / math.sqrt(q.size(-1))
+        elif self.how == "fill":
+            s = s.masked_fill(m < -1, float("-inf")) * 0.125
+        elif self.how == "negative":  # −inf times −0.125 is +inf: the fill cannot move past it
+            s = s.masked_fill(m < -1, float("-inf")) * -0.125
+        elif self.how == "finfo":  # finfo.min / 8 no longer swallows every score
+            s = s.masked_fill(m < -1, torch.finfo(torch.float32).min) / 8.0
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how, fused", [("add", True), ("mul", True), ("shape", True), ("fill", True),
+                                        ("negative", False), ("finfo", False)])
+def test_a_mask_applied_before_the_scale_becomes_sdpa(mode, how, fused):
+    """``(q @ kᵀ + m) / c`` is ``q @ kᵀ / c + m / c``, and a −inf fill moves past a positive
+    scale unchanged: both are SDPA. A negative scale or a finite fill the scale shrinks stay."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 1, 5, 5))
+    model = _MaskBeforeScale(how)
+    res = fxopt.optimize(model, inputs, pipeline="fuse", mode=mode)
+    assert ("scaled_dot_product_attention" in str(res.module.code)) == fused, res.module.code
+    # +inf scores (the negative scale) are NaN in eager and must stay NaN
+    torch.testing.assert_close(res.module(*inputs), model(*inputs), rtol=1e-5, atol=1e-5, equal_nan=True)
