@@ -406,7 +406,20 @@ def clone_sharing_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def deep_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
-    """`copy.deepcopy` without the FutureWarning torch's pytree specs emit when copied."""
+    """`copy.deepcopy` without the FutureWarning torch's pytree specs emit when copied, and
+    with the opaque script objects of a module (prepacked int8 weights) shared, not copied.
+
+    Copying a packed weight unpacks and re-packs it under the global quantized engine of the
+    moment: a model lowered for x86 copied while the engine is onednn gets onednn packs its
+    x86-only ops refuse, and loses the per-layer engine lowering chose. Nothing writes into a
+    packed weight (passes replace attributes), so the copy may hold the same one.
+    """
+    memo = {} if memo is None else memo
+    if isinstance(obj, nn.Module):
+        for module in obj.modules():
+            for value in vars(module).values():
+                if isinstance(value, torch.ScriptObject):
+                    memo.setdefault(id(value), value)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return copy.deepcopy(obj, memo)

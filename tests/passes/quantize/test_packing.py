@@ -61,6 +61,27 @@ def test_a_loaded_model_packs_those_convs_with_onednn_again(tmp_path):
 
 
 @needs_onednn
+def test_an_int8_model_optimized_again_under_another_global_engine_keeps_its_packs():
+    """Copying a packed weight re-packs it under the global engine of the moment: an x86 model
+    (its float-output linear runs x86 packs only) optimized again while the engine is onednn
+    failed on its first call. The copy shares the packs lowering made."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(12 * 6 * 6, 10)).eval()
+    batches = [(torch.randn(4, 12, 6, 6),) for _ in range(4)]
+    int8 = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches).module
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"
+    try:
+        again = fxopt.optimize(int8, batches[0], "fuse")
+        x = batches[1][0]
+        torch.testing.assert_close(again.module(x), int8(x), rtol=0, atol=0)
+        assert again.verification.passed
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+@needs_onednn
 @pytest.mark.parametrize("input_zero_point", [0, 60, 128])
 def test_the_onednn_conv3d_kernel_computes_the_float_conv_of_its_operands(input_zero_point):
     """The kernel conv3d is packed for, checked directly: within half an output step of the
