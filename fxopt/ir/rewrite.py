@@ -358,7 +358,9 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         node.target = _fresh_module_name(gm, node.target, twin)
         return
     graph = node.graph
-    for i, arg in enumerate(node.args):
+    # positional or keyword: a symbolic trace keeps ``F.layer_norm(h, s, weight=w)`` as written
+    for key, arg in [*enumerate(node.args), *node.kwargs.items()]:
+        update = node.update_arg if isinstance(key, int) else node.update_kwarg
         if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and counts[arg.target] > 1:
             if "." in arg.target:  # the owning module's path, as a call_module target would say
                 node.meta.setdefault(PRIVATE_OF, arg.target.rsplit(".", 1)[0])
@@ -372,12 +374,12 @@ def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
             with graph.inserting_before(node):
                 fresh = graph.get_attr(name)
             fresh.meta.update(arg.meta)
-            node.update_arg(i, fresh)
+            update(key, fresh)
         elif _shared_transpose(gm, arg, counts):  # a transpose of its own, of a private W
             with graph.inserting_before(node):
                 own = graph.node_copy(arg)
             own.meta.update(arg.meta)
-            node.update_arg(i, own)
+            update(key, own)
             make_private(gm, own)
 
 

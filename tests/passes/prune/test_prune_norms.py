@@ -341,14 +341,46 @@ class NormWeightReadTwice(nn.Module):
         return self.fc2(F.layer_norm(h, (32,), self.w) * self.w)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
 @pytest.mark.parametrize("exact_norms", [True, False])
-def test_a_norm_weight_read_by_another_op_is_pinned_not_sliced_for_one_use(exact_norms):
+def test_a_norm_weight_read_by_another_op_gets_a_copy_of_its_own(mode, exact_norms):
     """Symbolic capture gives the norm and the product one weight node: slicing or permuting it
-    for the norm alone broke the product (a shape error inside apply)."""
+    for the norm alone broke the product (a shape error inside apply), so it was pinned. The
+    norm reads a private name for the same tensor now (as a shared layer's weight does), and
+    each reader is narrowed on its own: exact where the norm is (`exact_norms`)."""
     torch.manual_seed(0)
     model, x = NormWeightReadTwice().eval(), torch.randn(2, 5, 6)
-    r = prune_and_mask(model, x, "symbolic", exact_norms=exact_norms)
-    assert any("shared with another op" in why for why in r.plan.stats()["pinned"].values())
+    r = prune_and_mask(model, x, mode, exact_norms=exact_norms)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("fc1.weight").shape[0] < 32 and r.out.shape == r.original.shape
+    if exact_norms:  # a norm pruned with its stream computes statistics over fewer channels
+        torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class TwoNormsOneAffine(nn.Module):
+    """Two functional norms reading one weight and bias by keyword (a symbolic trace keeps
+    ``weight=``): each pinned as "shared with another op" in symbolic graphs, pruned by export."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 4)
+        self.w, self.bias = nn.Parameter(torch.rand(32) + 0.5), nn.Parameter(torch.randn(32))
+
+    def forward(self, x):
+        h1 = F.layer_norm(self.a(x), (32,), weight=self.w, bias=self.bias)
+        h2 = F.layer_norm(self.b(x), (32,), weight=self.w, bias=self.bias)
+        return self.out(torch.relu(h1) + torch.relu(h2))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_norms_sharing_one_affine_are_pruned_in_both_front_ends(mode):
+    torch.manual_seed(0)
+    r = prune_and_mask(TwoNormsOneAffine().eval(), torch.randn(8, 16), mode, exact_norms=False)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("a.weight").shape[0] < 32
+    assert r.pruned(torch.randn(3, 16)).shape == (3, 4)
+    r = prune_and_mask(TwoNormsOneAffine().eval(), torch.randn(8, 16), mode)
+    assert r.plan.channel_graph.pinned_nodes == {}
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
 
 
