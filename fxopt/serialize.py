@@ -8,7 +8,8 @@ quantize passes register one). `load(path)` reads it with `torch.load(weights_on
 resolves targets by name from an allow-list of modules (torch, operator, math, builtins,
 fxopt) — no code from the file ever runs — and rebuilds the GraphModule, pytree input/output
 handling of exported graphs included; tensors the graph held as one object (an embedding
-tied to the output layer) come back as one object. `torch.save` itself fails on export-captured graphs
+tied to the output layer) come back as one object. A CRC32 of every part, stored at save, makes
+`load` refuse a damaged file by the name of the tensor that differs. `torch.save` itself fails on export-captured graphs
 (their stateful wrapper holds local functions); this works for both front ends.
 
     >>> import torch, fxopt, tempfile, os
@@ -23,6 +24,7 @@ tied to the output layer) come back as one object. `torch.save` itself fails on 
 from __future__ import annotations
 
 import os
+import zlib
 
 import dataclasses
 import functools
@@ -30,7 +32,7 @@ import importlib
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -147,10 +149,12 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     # what capture and optimize recorded (front end, pipeline, tolerance), plain values only:
     # fxopt.verify reads the tolerance of a loaded module as of the one saved
     info = {k: _plain_meta(v) for k, v in (gm.meta.get("fxopt") or {}).items() if _plain_meta(v) is not None}
-    torch.save({"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
-                "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
-                "fxopt_meta": info, "parameters": parameters,
-                "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}, path)
+    payload = {"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
+               "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
+               "fxopt_meta": info, "parameters": parameters,
+               "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}
+    payload["checksums"] = checksums(payload)
+    torch.save(payload, path)
 
 
 def _plain_meta(value: Any) -> Any:
@@ -403,6 +407,119 @@ def _encode(value, tensors):
     raise SerializationError(f"save: cannot store argument of type {type(value).__name__}")
 
 
+# ----- checksums -----------------------------------------------------------------------------
+# torch.load does not check the zip entries' CRCs, so a flipped bit in a weight loads as a
+# different number. save stores a CRC32 of every part of the payload (one per tensor) and load
+# refuses a part that no longer matches, by name. A checksum against damage, not a signature:
+# whoever rewrites the file can rewrite its checksums. CRC32, not sha256: ~3x faster, and it
+# catches every burst of up to 32 flipped bits.
+
+_CHECKSUM = "crc32"
+_WHOLE_SECTIONS = {"nodes": "the node list", "pytree": "the input/output structure",
+                   "engine": "the quantized engine", "fxopt_meta": "the recorded pipeline and tolerance table",
+                   "parameters": "the parameter table", "tied": "the tied-tensor table"}
+
+
+def checksums(payload: dict) -> dict:
+    """The checksum record `save` stores for `payload` (its every part but the checksums)."""
+    return {"algorithm": _CHECKSUM, "entries": {key: _crc_of(value) for key, _, value in _checked_parts(payload)}}
+
+
+def _checked_parts(payload: dict) -> Iterator[tuple[str, str, Any]]:
+    """(key, what a mismatch is reported as, value) for each part of a payload a checksum covers."""
+    for section, label in _WHOLE_SECTIONS.items():
+        yield section, label, payload.get(section)
+    for target, value in (payload.get("tensors") or {}).items():
+        label = "a constant argument tensor" if target.startswith("__const_") else "tensor"
+        yield f"tensors/{target}", f"{label} '{target}'", value
+    for target, value in (payload.get("packed") or {}).items():
+        yield f"packed/{target}", f"packed attribute '{target}'", value
+    for target, record in (payload.get("modules") or {}).items():
+        yield (f"modules/{target}", f"module '{target}' (its class or attributes)",
+               {k: v for k, v in record.items() if k not in ("parameters", "buffers")})
+        for kind in ("parameters", "buffers"):
+            for name, value in record.get(kind, {}).items():
+                yield f"modules/{target}.{name}", f"tensor '{target}.{name}' (a {kind[:-1]})", value
+
+
+def _check_checksums(data: dict, path) -> None:
+    """Refuse a file whose parts differ from the checksums save stored (none: an older file)."""
+    record = data.get("checksums")
+    if record is None:
+        return  # written before checksums were stored
+    try:
+        _compare_checksums(record, data, path)
+    except SerializationError:
+        raise
+    except Exception as exc:  # a part of the wrong type: damaged all the same
+        raise SerializationError(f"load: refusing {path}: malformed or tampered file "
+                                 f"({type(exc).__name__}: {exc})") from None
+
+
+def _compare_checksums(record: Any, data: dict, path) -> None:
+    if not isinstance(record, dict) or record.get("algorithm") != _CHECKSUM:
+        raise SerializationError(f"load: refusing {path}: its checksum record is damaged or of an unknown "
+                                 f"kind ({_CHECKSUM} expected); save the model again")
+    stored, seen = record["entries"], set()
+    for key, label, value in _checked_parts(data):
+        seen.add(key)
+        if stored.get(key) != _crc_of(value):
+            raise SerializationError(f"load: refusing {path}: {label} does not match the checksum fxopt.save "
+                                     "stored for it (the file was damaged or changed after it was written); "
+                                     "save the model again")
+    if missing := sorted(set(stored) - seen):
+        raise SerializationError(f"load: refusing {path}: '{missing[0]}', which fxopt.save stored, is missing "
+                                 "(the file was damaged or changed after it was written); save the model again")
+
+
+def _crc_of(value: Any) -> int:
+    crc = _Crc()
+    crc.feed(value)
+    return crc.value
+
+
+class _Crc:
+    """A CRC32 of a payload part: its structure, plain values and every tensor's bytes."""
+
+    _TEXT = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.qscheme,
+             torch.layout, torch.memory_format)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def feed(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            self._feed_tensor(value)
+        elif isinstance(value, dict):
+            self.update(f"dict {len(value)};".encode())
+            for key, item in value.items():
+                self.feed(key)
+                self.feed(item)
+        elif isinstance(value, (list, tuple)):
+            self.update(f"{type(value).__name__} {len(value)};".encode())
+            for item in value:
+                self.feed(item)
+        elif isinstance(value, self._TEXT):
+            self.update(f"{type(value).__name__} {value!r};".encode())
+        else:  # the repr of another object may hold its address, which differs from run to run
+            self.update(f"{type(value).__qualname__};".encode())
+
+    def _feed_tensor(self, t: torch.Tensor) -> None:
+        t = t.detach()
+        if t.is_quantized:
+            self.feed(plain_tensor(t))
+            return
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        self.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        # the values as they read (strides and offset included), as raw bytes
+        flat = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        self.update(flat.view(torch.uint8).numpy())
+
+
 # ----- loading --------------------------------------------------------------------------------
 
 def load(path) -> torch.fx.GraphModule:
@@ -427,6 +544,7 @@ def load(path) -> torch.fx.GraphModule:
                                  f"readable with weights-only semantics ({type(exc).__name__}: {first})") from None
     if not isinstance(data, dict) or data.get("format") not in (FORMAT, *_OLD_FORMATS):
         raise SerializationError(f"load: {path} is not an fxopt saved graph ({FORMAT})")
+    _check_checksums(data, path)
     try:
         return _rebuild(data)
     except SerializationError as exc:

@@ -5,7 +5,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.serialize import AttributeCodec, register_codec
+from fxopt.serialize import AttributeCodec, checksums, register_codec
+
+
+def _tamper(data: dict, path) -> None:
+    """Write a changed payload as a deliberate tamperer would: with checksums that match, so
+    that what refuses it is the allow-list, not the checksum against damage."""
+    data["checksums"] = checksums(data)
+    torch.save(data, path)
 
 
 class Encoder(nn.Module):
@@ -120,7 +127,7 @@ def test_load_imports_only_fxopt_codec_providers(tmp_path):
     data = torch.load(path, weights_only=True)
     (record,) = data["packed"].values()
     record.update(codec="elsewhere", provider="os")
-    torch.save(data, path)
+    _tamper(data, path)
     with pytest.raises(fxopt.SerializationError, match="refusing codec provider 'os'"):
         fxopt.load(path)
 
@@ -169,7 +176,7 @@ def test_load_still_refuses_other_private_torch_functions(tmp_path):
     data = torch.load(tmp_path / "m.pt", weights_only=True)
     data["nodes"].insert(1, {"name": "bad", "op": "call_function", "target": {"py": ["torch", "_C._exit"]},
                              "args": {"__tuple__": [0]}, "kwargs": {"__dict__": []}, "computes": None})
-    torch.save(data, tmp_path / "m.pt")
+    _tamper(data, tmp_path / "m.pt")
     with pytest.raises(fxopt.SerializationError, match=r"refusing to resolve torch._C._exit \(private"):
         fxopt.load(tmp_path / "m.pt")
 
@@ -265,7 +272,7 @@ def test_save_refuses_a_method_load_would_refuse(tmp_path):
     data["nodes"].insert(1, {"name": "bad", "op": "call_method", "target": "__reduce_ex__",
                              "args": {"__tuple__": [{"__node__": data["nodes"][0]["name"]}, 2]},
                              "kwargs": {"__dict__": []}, "computes": None})
-    torch.save(data, data_path)
+    _tamper(data, data_path)
     with pytest.raises(fxopt.SerializationError, match=r"'__reduce_ex__' is not a tensor method"):
         fxopt.load(data_path)
 
@@ -315,3 +322,65 @@ def test_a_custom_tolerance_recorded_by_optimize_survives_save_and_load(tmp_path
     loaded = fxopt.load(tmp_path / "m.pt")
     assert loaded.meta["fxopt"]["tolerance"] == mine
     assert fxopt.verify(model, loaded, x).tolerance == mine
+
+
+def _mlp_file(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    path = tmp_path / "mlp.pt"
+    fxopt.save(fxopt.optimize(model, torch.randn(2, 16), "fuse").module, path)
+    return path
+
+
+def _flip_one_bit(path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_load_refuses_a_weight_with_a_flipped_bit_and_names_it(tmp_path):
+    """torch.load does not check the zip CRCs: one flipped bit loaded as a weight off by 1e36."""
+    path = _mlp_file(tmp_path)
+    weight = torch.load(path, weights_only=True)["modules"]["0"]["parameters"]["weight"]
+    raw = path.read_bytes()
+    offset = raw.index(weight.numpy().tobytes()[:64])  # the weight's bytes in the zip
+    _flip_one_bit(path, offset + 3)
+    with pytest.raises(fxopt.SerializationError, match=r"tensor '0\.weight' \(a parameter\) does not match the "
+                                                       r"checksum .* save the model again"):
+        fxopt.load(path)
+
+
+def test_a_file_without_checksums_still_loads(tmp_path):
+    """Files written before checksums were stored hold none: they load as before."""
+    path = _mlp_file(tmp_path)
+    data = torch.load(path, weights_only=True)
+    del data["checksums"]
+    torch.save(data, path)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fxopt.load(path)(x), fxopt.load(path)(x))
+
+
+def test_load_refuses_a_file_whose_stored_part_was_dropped(tmp_path):
+    path = _mlp_file(tmp_path)
+    data = torch.load(path, weights_only=True)
+    data["modules"]["0"]["parameters"].pop("bias")
+    torch.save(data, path)
+    with pytest.raises(fxopt.SerializationError, match=r"'modules/0\.bias', which fxopt\.save stored, is missing"):
+        fxopt.load(path)
+
+
+def test_checksums_cover_quantized_and_constant_tensors(tmp_path):
+    """A quantized attribute's integers and an argument constant are checked like weights."""
+    gm = torch.fx.symbolic_trace(nn.Identity())
+    gm.register_buffer("q", torch.quantize_per_tensor(torch.randn(8), 0.1, 0, torch.qint8))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(x):
+        gm.graph.get_attr("q")
+    gm.recompile()
+    path = tmp_path / "q.pt"
+    fxopt.save(gm, path)
+    data = torch.load(path, weights_only=True)
+    data["tensors"]["q"]["int_repr"][0] += 1
+    torch.save(data, path)
+    with pytest.raises(fxopt.SerializationError, match=r"tensor 'q' does not match the checksum"):
+        fxopt.load(path)
