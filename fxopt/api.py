@@ -25,6 +25,7 @@ from .manager import (Instrument, PassManager, PassRecord, PrintIR, TimePasses, 
 from .pass_base import Pass
 from .pipeline import format_pipeline
 from .serialize import rebuild_coded_attributes
+from .tracing import one_at_a_time
 from .verify import Tolerance, VerificationReport, loosest, verify
 
 
@@ -65,6 +66,7 @@ class OptimizeResult:
         return "\n".join(lines)
 
 
+@one_at_a_time
 def optimize(
     model: nn.Module,
     example_inputs: Any,

@@ -62,7 +62,7 @@ from .ir.effects import drop_fresh_copies, fresh_literal_constants
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
-from .tracing import trace
+from .tracing import one_at_a_time, trace
 
 # torch.nn's traceable forwards register themselves when their module is imported
 importlib.import_module(".nn_forwards", __package__)
@@ -99,6 +99,7 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
+@one_at_a_time
 def capture(
     model: nn.Module,
     example_inputs: Any,

@@ -44,6 +44,7 @@ from torch import nn
 from .errors import first_line
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import deep_copy
+from .tracing import one_at_a_time
 
 
 def inference_kernels(model: nn.Module) -> list[tuple[str, str]]:
@@ -64,6 +65,7 @@ def inference_kernels(model: nn.Module) -> list[tuple[str, str]]:
     return found
 
 
+@one_at_a_time
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: int = 3,
             temperature: float = 4.0, alpha: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.0,
             labeled: bool = False, progress: bool = True, output: int | str | None = None) -> nn.Module:

@@ -46,6 +46,7 @@ from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import clone_sharing_tensors
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pass, format_pipeline, parse_pipeline
+from .tracing import one_at_a_time
 from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, recorded_tolerance, verify
 
 
@@ -297,6 +298,7 @@ class PassManager:
     def pipeline_text(self) -> str:
         return format_pipeline(self.passes)
 
+    @one_at_a_time
     def run(
         self,
         gm: torch.fx.GraphModule,

@@ -31,8 +31,10 @@ the module as one call (an option it does not cover, e.g. `add_zero_attn`).
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.fx
@@ -41,6 +43,23 @@ from torch import nn
 from .ir.effects import is_effectful
 
 TraceableForward = Callable[..., Any]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# torch.fx tracing patches torch.nn.Module.__call__ for the whole process, and torch.export
+# pushes modes on process-wide stacks: a model run in one thread while another traces fails
+# ("module is not installed as a submodule", "Trying to pop empty mode stack"). fxopt's entry
+# points take this lock, so fxopt calls from several threads take turns. Re-entrant: optimize
+# calls capture, verify and the pass manager, which take it again.
+FX_LOCK = threading.RLock()
+
+
+def one_at_a_time(entry_point: _F) -> _F:
+    """`entry_point`, run holding `FX_LOCK` (one fxopt call at a time in the process)."""
+    @functools.wraps(entry_point)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with FX_LOCK:
+            return entry_point(*args, **kwargs)
+    return locked  # type: ignore[return-value]
 _FORWARDS: dict[type, TraceableForward] = {}
 _EXPANDED = "fxopt_traceable_forward"  # node meta: created inside a traceable forward
 

@@ -57,6 +57,7 @@ from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 from .errors import VerificationError, user_source_line
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
+from .tracing import one_at_a_time
 
 
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -327,6 +328,7 @@ class VerificationReport:
             raise VerificationError(self.summary())
 
 
+@one_at_a_time
 def verify(
     reference: nn.Module,
     candidate: nn.Module,

@@ -22,8 +22,10 @@ from .dot import DEFAULT_COLLAPSE_THRESHOLD
 from .files import write_graph
 from .html import graph_page
 from .render import DEFAULT_TIMEOUT_S
+from ..tracing import one_at_a_time
 
 
+@one_at_a_time
 def dump(
     gm: torch.fx.GraphModule | Any,
     path: str | Path,

@@ -26,6 +26,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import first_line, node_location
+from ..tracing import one_at_a_time
 from ..ir import add_tensor_attr, call_as, get_attr_value, meta_value, replace_uses, tensor_meta
 from .core import CheckError, Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
 
@@ -157,6 +158,7 @@ class Rewriter:
         return node_location(self.match.root)
 
 
+@one_at_a_time
 def apply_patterns(
     gm: torch.fx.GraphModule,
     patterns: Pattern | PatternSet | Sequence[Pattern],
