@@ -120,6 +120,7 @@ class Rewriter:
         self.graph = gm.graph
         self.match = match
         self.new_nodes: list[torch.fx.Node] = []
+        self._new_attributes: list[str] = []
 
     def __getitem__(self, name: str) -> Any:
         return self.match[name]
@@ -137,6 +138,7 @@ class Rewriter:
     def tensor(self, base_name: str, value: torch.Tensor, *, parameter: bool = True) -> torch.fx.Node:
         """Store a new tensor on the root module and insert a `get_attr` reading it."""
         name = add_tensor_attr(self.gm, base_name, value, parameter=parameter)
+        self._new_attributes.append(name)
         with self.graph.inserting_before(self.match.root):
             node = self.graph.get_attr(name)
         if value.layout == torch.strided:
@@ -156,6 +158,17 @@ class Rewriter:
 
     def where(self) -> str:
         return node_location(self.match.root)
+
+    def _roll_back(self) -> None:
+        """Erase the nodes and tensors this rewrite added, as far as nothing else reads them:
+        a declined or refused rewrite leaves the caller's graph and module as they were."""
+        for node in reversed(self.new_nodes):
+            if not node.users and not getattr(node, "_erased", False):
+                self.graph.erase_node(node)
+        still_read = {n.target for n in self.new_nodes if n.op == "get_attr" and not getattr(n, "_erased", False)}
+        for name in self._new_attributes:
+            if name not in still_read:
+                delattr(self.gm, name)
 
 
 @one_at_a_time
@@ -247,21 +260,14 @@ def _match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Patt
 
 def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx.Node | None:
     rw = Rewriter(gm, m)
-    if pattern.rewrite is not None:
-        new = pattern.rewrite(rw)
-    else:
-        new = _inline_replacement(rw, pattern)
-    if not isinstance(new, torch.fx.Node):
-        for n in reversed(rw.new_nodes):  # a declined (or refused) rewrite leaves nothing behind
-            if not n.users:
-                gm.graph.erase_node(n)
-        if new is not None:
-            raise TypeError(f"pattern '{pattern.name}' at {node_location(m.root)}: rewrite= returned "
-                            f"{type(new).__name__}; it must return the node that now yields the root's value "
-                            "(r.call(...), or r.match.root to keep it), or None to decline")
+    try:
+        new = _checked_replacement(rw, pattern)
+    except BaseException:
+        rw._roll_back()  # a refused rewrite leaves nothing behind in the caller's graph
+        raise
+    if new is None:
+        rw._roll_back()
         return None
-    if new is not m.root:
-        _check_same_value_kind(pattern, m.root, new, rw.new_nodes)
     if pattern.annotation:
         annotate(new, **pattern.annotation)
     if new is m.root:
@@ -270,6 +276,21 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
     for op in reversed(m.ops[:-1]):
         if not op.users and op.graph is gm.graph:
             gm.graph.erase_node(op)
+    return new
+
+
+def _checked_replacement(rw: Rewriter, pattern: Pattern) -> torch.fx.Node | None:
+    """The node that yields the root's value after `pattern`'s rewrite, None where it declined;
+    raises where the rewrite returned no node or one of another shape or dtype."""
+    new = pattern.rewrite(rw) if pattern.rewrite is not None else _inline_replacement(rw, pattern)
+    if new is None:
+        return None
+    if not isinstance(new, torch.fx.Node):
+        raise TypeError(f"pattern '{pattern.name}' at {node_location(rw.match.root)}: rewrite= returned "
+                        f"{type(new).__name__}; it must return the node that now yields the root's value "
+                        "(r.call(...), or r.match.root to keep it), or None to decline")
+    if new is not rw.match.root:
+        _check_same_value_kind(pattern, rw.match.root, new, rw.new_nodes)
     return new
 
 
