@@ -115,9 +115,7 @@ def save(gm: torch.fx.GraphModule, path) -> None:
         >>> os.path.getsize(path) > 0
         True
     """
-    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-        raise SerializationError(f"save: '{os.fspath(path)}' is a folder; give the path of a file to write "
-                                 f"(e.g. '{os.path.join(os.fspath(path), 'model.pt')}')")
+    _check_destination(path)
     _check_savable(gm)
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, dict] = {}
@@ -154,7 +152,40 @@ def save(gm: torch.fx.GraphModule, path) -> None:
                "fxopt_meta": info, "parameters": parameters,
                "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}
     payload["checksums"] = checksums(payload)
-    torch.save(payload, path)
+    _write(payload, path)
+
+
+def _check_destination(path) -> None:
+    """Refuse, before any work, a path no file can be written at (a folder, a missing folder)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return  # a file object: torch.save writes to it
+    target = os.fspath(path)
+    if os.path.isdir(target):
+        raise SerializationError(f"save: '{target}' is a folder; give the path of a file to write "
+                                 f"(e.g. '{os.path.join(target, 'model.pt')}')")
+    folder = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(folder):
+        raise SerializationError(f"save: cannot write '{target}': the folder '{folder}' does not exist "
+                                 "(create it first, e.g. os.makedirs)")
+
+
+def _write(payload: dict, path) -> None:
+    """torch.save, its failure to open or write a path said as fxopt's error naming the path."""
+    try:
+        torch.save(payload, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a refused open as a RuntimeError
+        if not isinstance(path, (str, os.PathLike)):
+            raise
+        raise SerializationError(f"save: cannot write '{os.fspath(path)}': {_os_reason(exc)}; give a path "
+                                 "in a folder you can write") from None
+
+
+def _os_reason(exc: Exception) -> str:
+    """The operating system's reason in an error from torch.save ("Permission denied")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = first_line(exc)
+    return text.split("strerror:", 1)[1].strip() if "strerror:" in text else text
 
 
 def _plain_meta(value: Any) -> Any:
