@@ -198,6 +198,14 @@ def _writable_file(parser: argparse.ArgumentParser, flag: str, path: str | None)
         parser.error(f"{flag} {path}: is a directory")
     if not target.parent.is_dir():
         parser.error(f"{flag} {path}: the directory {target.parent} does not exist")
+    existed = target.exists()
+    try:  # open it as the save will, without changing a file already there
+        with open(target, "ab"):
+            pass
+    except OSError as exc:
+        parser.error(f"{flag} {path}: cannot write the file ({exc.strerror})")
+    if not existed:
+        target.unlink()  # the probe's empty file: no file is left behind by a run that fails later
 
 
 def main(argv: Sequence[str] | None = None) -> int:
