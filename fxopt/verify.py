@@ -368,6 +368,16 @@ def verify(
         if problem is not None:
             raise ValueError(f"verify: the {role} {type(module).__name__} cannot be run as it is: {problem}")
     args, kwargs = normalize_inputs(inputs)
+    attributes = _PlainAttributes(reference, candidate)
+    try:
+        return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize)
+    finally:
+        attributes.restore()
+
+
+def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kwargs: dict, tol: Tolerance,
+                     device: str, localize: bool) -> VerificationReport:
+    """`verify`'s work, once the tolerance is known and the modules are checked runnable."""
     if device != "cpu":
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("verify(device='cuda') needs a CUDA GPU; none is available")
@@ -397,6 +407,31 @@ def verify(
             and isinstance(candidate, torch.fx.GraphModule):
         report.divergence = first_divergence(reference, candidate, args, kwargs, tol)
     return report
+
+
+class _PlainAttributes:
+    """The Python attributes of every module under `modules` (a call counter, an observer's
+    batch count): a run rebinds them, and the buffer snapshot does not see it. Verifying an
+    observed module fed its observers the example, and lower-int8 then took ranges from it.
+    `restore` binds the saved objects again and drops attributes the run added."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self._saved: list[tuple[nn.Module, dict]] = []
+        seen: set[int] = set()
+        for module in modules:
+            for m in module.modules():
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    self._saved.append((m, dict(vars(m))))
+
+    def restore(self) -> None:
+        for m, saved in self._saved:
+            now = vars(m)  # written directly: the state as it was, without nn.Module's bookkeeping
+            for key in [k for k in now if k not in saved]:
+                del now[key]
+            for key, value in saved.items():
+                if key not in now or now[key] is not value:
+                    now[key] = value
 
 
 def _why_failed(outputs: list[TensorComparison], tol: Tolerance) -> str:

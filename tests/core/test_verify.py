@@ -886,3 +886,36 @@ def test_a_report_says_when_an_output_had_no_value_to_compare():
     assert report.verdict == "PASS" and report.outputs[0].finite == 0
     assert report.summary().endswith("; output is NaN or infinite everywhere, on both sides: no value was compared")
     assert "no value was compared" not in verify(_Log(), _Log(), (torch.tensor([[1.0, -1.0]]),)).summary()
+
+
+class _KeepsPythonState(nn.Module):
+    """State kept in a Python attribute, which no buffer snapshot sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.last_batch = x.shape[0]
+        return self.fc(x)
+
+
+def test_verify_leaves_python_attributes_as_they_were():
+    model = _KeepsPythonState().eval()
+    assert fxopt.verify(model, model, torch.randn(2, 4)).passed
+    assert model.calls == 0 and not hasattr(model, "last_batch")
+
+
+def test_verify_does_not_feed_an_observed_modules_observers():
+    """optimize(..., "insert-observers") verified by default: its observers came back holding the
+    example's ranges, and lower-int8 then ran with no calibration at all (SQNR 4.9 dB)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval(), torch.randn(4, 8)
+    observed = fxopt.optimize(model, x, "insert-observers", verify=True).module
+    fxopt.verify(model, observed, x)
+    with pytest.raises(fxopt.PassError, match="has seen no data"):
+        fxopt.optimize(observed, x, "lower-int8")
+    with pytest.raises(fxopt.PassError, match="has seen no data"):
+        fxopt.optimize(model, x, "insert-observers,lower-int8", verify_each=True)
