@@ -919,3 +919,14 @@ def test_verify_does_not_feed_an_observed_modules_observers():
         fxopt.optimize(observed, x, "lower-int8")
     with pytest.raises(fxopt.PassError, match="has seen no data"):
         fxopt.optimize(model, x, "insert-observers,lower-int8", verify_each=True)
+
+
+def test_verify_each_accepts_a_candidate_sharing_a_buffer_with_the_reference():
+    """quantize{backend=reference} keeps the float bias as a buffer of the reference's very tensor:
+    verify wrote every buffer back after each run, and under verify_each the pass manager's write
+    guard refused that as the instrument writing into the reference."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)).eval(), torch.randn(4, 8)
+    batches = [(torch.randn(4, 8),) for _ in range(4)]
+    res = fxopt.optimize(model, x, "quantize{backend=reference}", calibration=batches, verify_each=True)
+    assert res.verification.passed
