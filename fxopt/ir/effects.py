@@ -114,7 +114,8 @@ def _hashable(x: Any) -> bool:
 # Ops whose result shares (or may share) memory with their first input, so writing one writes
 # the other: an eval-mode dropout and a cast to the dtype a value has return the value itself.
 _VIEW_KINDS = frozenset({"reshape", "permute", "transpose", "flatten", "getitem", "select", "slice",
-                         "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze", "to"})
+                         "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze", "to",
+                         "detach"})
 _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", "t", "as_strided",
                            "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach", "reshape_as",
                            "diagonal", "unfold", "tensor_split", "moveaxis", "swapdims", "transpose", "permute"})

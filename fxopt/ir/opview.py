@@ -194,12 +194,13 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("silu", functions=(F.silu,), aten=(aten.silu, aten.silu_), modules=(nn.SiLU,)),
     OpSpec("gelu", functions=(F.gelu,), aten=(aten.gelu,), modules=(nn.GELU,), arg_names=("input", "approximate"),
            defaults=dict(approximate="none"), module_attrs=lambda m: dict(approximate=m.approximate)),
-    OpSpec("sigmoid", functions=(torch.sigmoid, F.sigmoid, torch.sigmoid_), methods=("sigmoid", "sigmoid_"),
-           aten=(aten.sigmoid, aten.sigmoid_),
+    OpSpec("sigmoid", functions=(torch.sigmoid, F.sigmoid, torch.sigmoid_, torch.special.expit),
+           methods=("sigmoid", "sigmoid_"), aten=(aten.sigmoid, aten.sigmoid_, aten.special_expit),
            modules=(nn.Sigmoid,)),
     OpSpec("tanh", functions=(torch.tanh, F.tanh, torch.tanh_), methods=("tanh", "tanh_"), aten=(aten.tanh, aten.tanh_),
            modules=(nn.Tanh,)),
-    OpSpec("neg", functions=(torch.neg, operator.neg), methods=("neg",), aten=(aten.neg,)),
+    OpSpec("neg", functions=(torch.neg, operator.neg, torch.negative), methods=("neg", "negative"),
+           aten=(aten.neg, aten.negative)),
     OpSpec("hardsigmoid", functions=(F.hardsigmoid,), aten=(aten.hardsigmoid, aten.hardsigmoid_),
            modules=(nn.Hardsigmoid,)),
     OpSpec("leaky_relu", functions=(F.leaky_relu,), aten=(aten.leaky_relu, aten.leaky_relu_),
@@ -220,10 +221,14 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "max")),
     # more unary math: f(0) = 0 (abs .. softsign), f(0) finite but not 0 (exp, cos), f(0)
     # infinite (rsqrt, reciprocal)
-    *(OpSpec(name, functions=(getattr(torch, name), *filter(None, [getattr(torch, f"{name}_", None)])),
-             methods=(name, f"{name}_"),
-             aten=(getattr(aten, name), getattr(aten, f"{name}_")))
-      for name in ("abs", "sqrt", "square", "erf", "sin", "sign", "exp", "cos", "rsqrt", "reciprocal")),
+    *(OpSpec(name, functions=(getattr(torch, name), *filter(None, [getattr(torch, f"{name}_", None)]), *functions),
+             methods=(name, f"{name}_", *methods),
+             aten=(getattr(aten, name), getattr(aten, f"{name}_"), *aliases))
+      for name, functions, methods, aliases in (
+          ("abs", (torch.absolute,), ("absolute", "absolute_"), (aten.absolute, aten.absolute_)),
+          ("erf", (torch.special.erf,), (), (aten.special_erf,)),
+          *((name, (), (), ()) for name in ("sqrt", "square", "sin", "sign", "exp", "cos", "rsqrt", "reciprocal",
+                                            "round", "floor", "ceil", "trunc")))),
     OpSpec("softsign", functions=(F.softsign,), modules=(nn.Softsign,)),
     OpSpec("shrink", functions=(F.softshrink, F.hardshrink), aten=(aten.softshrink, aten.hardshrink),
            modules=(nn.Softshrink, nn.Hardshrink)),
@@ -238,15 +243,18 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "weight"), param_args=("weight",)),
     OpSpec("add", functions=(operator.add, operator.iadd, torch.add), methods=("add", "add_"),
            aten=(aten.add, aten.add_), defaults=dict(alpha=1), modifiers=dict(alpha=1), **_ELEMENTWISE),
-    OpSpec("sub", functions=(operator.sub, operator.isub, torch.sub), methods=("sub", "sub_"),
-           aten=(aten.sub, aten.sub_), defaults=dict(alpha=1), modifiers=dict(alpha=1), **_ELEMENTWISE),
+    OpSpec("sub", functions=(operator.sub, operator.isub, torch.sub, torch.subtract),
+           methods=("sub", "sub_", "subtract", "subtract_"), aten=(aten.sub, aten.sub_, aten.subtract, aten.subtract_),
+           defaults=dict(alpha=1), modifiers=dict(alpha=1), **_ELEMENTWISE),
     # export writes `3 - x` as rsub(x, 3) = 3 - x: the same sub with its operands named back
     OpSpec("sub", aten=(aten.rsub,), renames={"self": "other", "other": "input"},
            defaults=dict(alpha=1), modifiers=dict(alpha=1), **_ELEMENTWISE),
-    OpSpec("mul", functions=(operator.mul, operator.imul, torch.mul), methods=("mul", "mul_"),
-           aten=(aten.mul, aten.mul_), **_ELEMENTWISE),
-    OpSpec("div", functions=(operator.truediv, operator.itruediv, torch.div), methods=("div", "div_"),
-           aten=(aten.div, aten.div_),
+    OpSpec("mul", functions=(operator.mul, operator.imul, torch.mul, torch.multiply),
+           methods=("mul", "mul_", "multiply", "multiply_"), aten=(aten.mul, aten.mul_, aten.multiply, aten.multiply_),
+           **_ELEMENTWISE),
+    OpSpec("div", functions=(operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide),
+           methods=("div", "div_", "divide", "divide_", "true_divide", "true_divide_"),
+           aten=(aten.div, aten.div_, aten.divide, aten.divide_, aten.true_divide, aten.true_divide_),
            modifiers=dict(rounding_mode=None), **_ELEMENTWISE),
     OpSpec("pow", functions=(torch.pow, operator.pow, operator.ipow), methods=("pow", "pow_"), aten=(aten.pow, aten.pow_),
            arg_names=("input", "exponent"), tensor_args=("input", "exponent")),
@@ -276,6 +284,9 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "size", "stride", "dtype", "device", "layout"),
            defaults=dict(size=None, stride=None)),
     OpSpec("contiguous", methods=("contiguous",), aten=(aten.contiguous,)),
+    # the value itself, cut from autograd (a straight-through estimator's ``(q - h).detach()``):
+    # an alias in the forward, never dropped (training through the graph needs it)
+    OpSpec("detach", functions=(torch.detach,), methods=("detach",), aten=(aten.detach,)),
     # a copy, never an alias (unlike contiguous, which may return its input)
     OpSpec("clone", functions=(torch.clone,), methods=("clone",), aten=(aten.clone,)),
     OpSpec("flatten", functions=(torch.flatten,), methods=("flatten",), aten=(aten.flatten,),
@@ -305,6 +316,8 @@ SPECS: tuple[OpSpec, ...] = (
     # ``x.t()``: a 2-D transpose, nothing for 1-D: transpose(0, -1) either way
     OpSpec("transpose", functions=(torch.t,), methods=("t",), aten=(aten.t,), arg_names=("input", "dim0", "dim1"),
            defaults=dict(dim0=0, dim1=-1)),
+    # ``x.mT``: the last two axes swapped (read as an attribute in symbolic graphs, `_ATTRIBUTE_OPS`)
+    OpSpec("transpose", aten=(aten.mT,), arg_names=("input",), defaults=dict(dim0=-2, dim1=-1)),
     OpSpec("transpose", functions=(torch.transpose, torch.swapaxes, torch.swapdims),
            methods=("transpose", "swapaxes", "swapdims"), aten=(aten.transpose, aten.swapaxes, aten.swapdims),
            arg_names=("input", "dim0", "dim1"), renames={"axis0": "dim0", "axis1": "dim1"}),
@@ -363,9 +376,11 @@ SPECS: tuple[OpSpec, ...] = (
     # the condition selects `input` where true, `other` elsewhere (either may be a number)
     OpSpec("where", functions=(torch.where,), aten=(aten.where,), arg_names=("condition", "input", "other"),
            tensor_args=("condition", "input", "other")),
-    *(OpSpec(name, functions=(getattr(operator, name), getattr(torch, name)), methods=(name,),
-             aten=(getattr(aten, name),), arg_names=("input", "other"), tensor_args=("input", "other"))
-      for name in ("gt", "ge", "lt", "le", "eq", "ne")),
+    *(OpSpec(name, functions=(getattr(operator, name), getattr(torch, name), *[getattr(torch, a) for a in alias]),
+             methods=(name, *alias), aten=(getattr(aten, name), *[getattr(aten, a) for a in alias]),
+             arg_names=("input", "other"), tensor_args=("input", "other"))
+      for name, alias in (("gt", ("greater",)), ("ge", ("greater_equal",)), ("lt", ("less",)),
+                          ("le", ("less_equal",)), ("eq", ()), ("ne", ("not_equal",)))),
     # a new tensor of the input's shape, filled with one value
     OpSpec("fill_like", functions=(torch.zeros_like,), aten=(aten.zeros_like,), defaults=dict(fill_value=0)),
     OpSpec("fill_like", functions=(torch.ones_like,), aten=(aten.ones_like,), defaults=dict(fill_value=1)),
@@ -393,7 +408,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("masked_fill", functions=(torch.masked_fill,), methods=("masked_fill", "masked_fill_"),
            aten=(aten.masked_fill, aten.masked_fill_),
            arg_names=("input", "mask", "value"), tensor_args=("input", "mask")),
-    OpSpec("softmax", functions=(F.softmax, torch.softmax), methods=("softmax",), aten=(aten.softmax, aten._softmax),
+    OpSpec("softmax", functions=(F.softmax, torch.softmax, torch.special.softmax), methods=("softmax",),
+           aten=(aten.softmax, aten._softmax, aten.special_softmax),
            modules=(nn.Softmax,), arg_names=("input", "dim"), module_attrs=lambda m: dict(dim=m.dim)),
     OpSpec("log_softmax", functions=(F.log_softmax, torch.log_softmax), methods=("log_softmax",),
            aten=(aten.log_softmax, aten._log_softmax), modules=(nn.LogSoftmax,), arg_names=("input", "dim"),
@@ -481,6 +497,9 @@ for _spec in SPECS:
     for _t in _spec.modules:
         _BY_MODULE.setdefault(_t, _spec)
 
+#: Attribute reads a symbolic trace keeps as ``getattr(x, name)`` that compute an op.
+_ATTRIBUTE_OPS: dict[str, OpSpec] = {"mT": _BY_ATEN_PACKET[aten.mT]}
+
 _SCHEMA_RENAMES = {"self": "input", "train": "training"}
 
 
@@ -495,6 +514,8 @@ def spec_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSpec | None:
         return _BY_METHOD.get(node.target)
     if node.op == "call_function":
         target = node.target
+        if target is getattr and len(node.args) == 2 and isinstance(node.args[1], str):
+            return _ATTRIBUTE_OPS.get(node.args[1])
         try:
             return _BY_FUNCTION.get(target)
         except TypeError:  # unhashable target

@@ -60,3 +60,43 @@ def test_a_batched_weight_or_a_transposed_activation_is_no_linear(mode):
     q = torch.randn(2, 5, 4)
     gm = fxopt.capture(Scores(), (q, q), mode=mode)
     assert [v.kind for v in _matmul_views(gm)] == ["matmul"]
+
+
+_ALIASES = {  # spelling -> (the op kind it is, a function of x computing it)
+    "divide": ("div", lambda x: torch.divide(x, 4.0)),
+    "true_divide": ("div", lambda x: torch.true_divide(x, 4.0)),
+    "x.divide": ("div", lambda x: x.divide(4.0)),
+    "multiply": ("mul", lambda x: torch.multiply(x, 0.25)),
+    "subtract": ("sub", lambda x: torch.subtract(x, 1.0)),
+    "expit": ("sigmoid", lambda x: torch.special.expit(x)),
+    "special.softmax": ("softmax", lambda x: torch.special.softmax(x, -1)),
+    "special.erf": ("erf", lambda x: torch.special.erf(x)),
+    "absolute": ("abs", lambda x: torch.absolute(x)),
+    "negative": ("neg", lambda x: torch.negative(x)),
+    "greater": ("gt", lambda x: torch.greater(x, 0.5)),
+    "less_equal": ("le", lambda x: x.less_equal(0.5)),
+    "not_equal": ("ne", lambda x: torch.not_equal(x, 0.5)),
+    "mT": ("transpose", lambda x: x.mT),
+}
+
+
+class _Spelled(nn.Module):
+    def __init__(self, spelling):
+        super().__init__()
+        self.fn = _ALIASES[spelling][1]
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("spelling", sorted(_ALIASES))
+def test_an_alias_is_the_op_it_names(spelling, mode):
+    """``torch.divide``, ``torch.special.expit``, ``k.mT``...: the kind of the op they alias, so
+    patterns written with ``/`` or ``sigmoid`` (attention scales, silu) match them too."""
+    gm = fxopt.capture(_Spelled(spelling), (torch.randn(2, 3, 4),), mode=mode)
+    kinds = [v.kind for n in gm.graph.nodes if (v := op_view(gm, n)) is not None]
+    assert _ALIASES[spelling][0] in kinds, (spelling, kinds, gm.code)
+    if spelling == "mT":
+        (view,) = [op_view(gm, n) for n in gm.graph.nodes if op_view(gm, n) is not None]
+        assert (view.attrs["dim0"], view.attrs["dim1"]) == (-2, -1)
