@@ -78,6 +78,10 @@ def _bn_eval(view) -> bool | str:
         return "batchnorm is in training mode (batch statistics cannot be folded)"
     if "running_mean" not in view.params or "running_var" not in view.params:
         return "batchnorm has no running statistics"
+    if not torch.all(view.param("running_var").double() + float(view.attrs.get("eps", 1e-5)) > 0):
+        # a zero denominator: eager gives ±inf or NaN per element, an infinite folded weight
+        # gives NaN wherever the layer's sum mixes signs
+        return "batchnorm has a channel whose running_var + eps is not positive"
     return True
 
 

@@ -1194,3 +1194,46 @@ def test_a_mask_applied_before_the_scale_becomes_sdpa(mode, how, fused):
     assert ("scaled_dot_product_attention" in str(res.module.code)) == fused, res.module.code
     # +inf scores (the negative scale) are NaN in eager and must stay NaN
     torch.testing.assert_close(res.module(*inputs), model(*inputs), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+class _AliasedAttention(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v):
+        if self.how == "mT":
+            return torch.softmax(q @ k.mT / 4.0, dim=-1) @ v
+        if self.how == "divide":
+            return torch.softmax(torch.divide(q @ k.transpose(-2, -1), 4.0), dim=-1) @ v
+        return torch.special.softmax(torch.multiply(q @ k.transpose(-2, -1), 0.25), -1) @ v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["mT", "divide", "special"])
+def test_attention_spelled_with_aliases_becomes_sdpa(mode, how):
+    """``k.mT``, ``torch.divide``, ``torch.multiply`` and ``torch.special.softmax`` are the ops
+    they alias: the attention patterns find them."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)
+    res = fxopt.optimize(_AliasedAttention(how), (q, k, v), pipeline="fuse", mode=mode)
+    assert "scaled_dot_product_attention" in str(res.module.code), res.module.code
+    torch.testing.assert_close(res.module(q, k, v), _AliasedAttention(how)(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_batchnorm_dividing_by_zero_is_not_folded(mode):
+    """eps=0 and a zero running_var: eager gives -inf in that channel; folded, the infinite
+    weights of mixed sign summed to NaN. Such a batchnorm stays, and says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16, eps=0.0)).eval()
+    model[1].running_var[1] = 0.0
+    model[1].running_mean.fill_(0.5)
+    x = torch.randn(4, 16)
+    res = fxopt.optimize(model, (x,), pipeline="fuse", mode=mode)
+    assert "batch_norm" in _kinds(res.module)
+    torch.testing.assert_close(res.module(x), model(x))
+    bn = next(n.name for n in res.module.graph.nodes if fxopt.ir.op_view(res.module, n) is not None
+              and fxopt.ir.op_view(res.module, n).kind == "batch_norm")
+    why = fxopt.optimize(model, (x,), pipeline=f"fuse{{debug={bn}}}", mode=mode).passes[0].stats["why_not"]
+    assert "running_var + eps is not positive" in why["linear+bn"], why
