@@ -64,6 +64,57 @@ def call_as(op: str, target: Any, args: tuple, kwargs: dict) -> Any:
     return target(*args, **kwargs)
 
 
+def drop_empty_cat_inputs(gm: torch.fx.GraphModule) -> int:
+    """Remove from every concatenation the stored tensors that add nothing to it: empty ones
+    (Hugging Face's first KV-cache step, ``cat([torch.tensor([]), k], dim=-2)``, which export
+    lifts as a constant), where the other inputs have the result's dtype (an empty input still
+    takes part in type promotion). Stored only: a computed value empty at the example may not be at other sizes.
+    Returns how many inputs were removed.
+
+        >>> import torch, torch.fx
+        >>> class Cache(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.register_buffer("past", torch.tensor([]))
+        ...     def forward(self, k):
+        ...         return torch.cat([self.past, k], dim=-2)
+        >>> gm = torch.fx.symbolic_trace(Cache())
+        >>> from fxopt.analysis import propagate_shapes
+        >>> _ = propagate_shapes(gm, (torch.randn(2, 3, 4),))
+        >>> drop_empty_cat_inputs(gm), [n.args[0] for n in gm.graph.nodes if n.target is torch.cat]
+        (1, [[k]])
+    """
+    removed = 0
+    for node in list(gm.graph.nodes):
+        spec = spec_for(gm, node) if node.op in ("call_function", "call_method") else None
+        out = tensor_meta(node)
+        if spec is None or spec.kind != "cat" or out is None:
+            continue
+        tensors = bind_arguments(node, spec).get("tensors")
+        if not isinstance(tensors, (list, tuple)):
+            continue
+
+        def adds_nothing(value: Any) -> bool:
+            if not isinstance(value, torch.fx.Node) or value.op != "get_attr":
+                return False
+            stored = get_attr_value(gm, value.target)
+            return isinstance(stored, torch.Tensor) and stored.numel() == 0
+
+        kept = [t for t in tensors if not adds_nothing(t)]
+        if len(kept) == len(tensors) or not kept:
+            continue
+        if any((meta := tensor_meta(t)) is None or meta[1] != out[1] for t in kept):
+            continue  # the result's dtype may come from an empty input (promotion)
+        if "tensors" in node.kwargs:
+            node.update_kwarg("tensors", kept)
+        else:
+            node.update_arg(0, kept)
+        removed += len(tensors) - len(kept)
+    if removed:
+        gm.recompile()
+    return removed
+
+
 def unpack_tuples(gm: torch.fx.GraphModule) -> int:
     """Spell every tuple of tensors a symbolic graph computes as a tuple of its pieces: a slice
     (``h.chunk(4, 1)[1:]``), a concatenation (``t[1:] + (h,)``) or a repetition (``t * 2``) of a

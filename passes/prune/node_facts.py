@@ -102,7 +102,7 @@ _ACTIVATION_BOUNDS = {
 # ops whose every output element is one of their input's, or an average (max) of them: the
 # input's bound holds for them too
 _KEEPS_BOUND = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
-                          "unsqueeze", "squeeze", "to", "contiguous", "clone", "getitem", "select", "slice", "mean",
+                          "unsqueeze", "squeeze", "to", "contiguous", "clone", "detach", "getitem", "select", "slice", "mean",
                           "amax", "amin", "dropout", "identity", "repeat", "tile", "movedim", "repeat_interleave",
                           "reshape_as", "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
 

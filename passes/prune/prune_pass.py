@@ -48,6 +48,7 @@ from fxopt.ir import (
     attribute_use_counts,
     clone_sharing_tensors,
     delete_unused_attributes,
+    drop_empty_cat_inputs,
     functionalize_writes,
     is_effectful,
     is_shared,
@@ -151,10 +152,7 @@ class PrunePlan:
         if dead is None:
             dead = self.selection.dead
         else:  # the plan keeps its own selection: it can be applied again, with or without a mask
-            dead = np.asarray(dead, dtype=bool)
-            bad = [(u, v) for u, v in cg.precedence if dead[u] and not dead[v]]
-            if bad or (dead & self.blocked).any():
-                raise ValueError("the dead mask breaks a junction precedence or removes a pinned class")
+            dead = _checked_mask(cg, dead, self.blocked)
             boundary = plan_boundaries(cg, dead, self.ignored)
         start = time.perf_counter()
         gm = clone_sharing_tensors(self.gm)
@@ -165,6 +163,41 @@ class PrunePlan:
         self.seconds["apply"] = time.perf_counter() - start
         self.applied = info
         return gm
+
+
+def _checked_mask(cg: ChannelGraph, dead: Any, blocked: np.ndarray) -> np.ndarray:
+    """A research mask for `PrunePlan.apply`, as a bool array per class, or a ValueError that
+    names the value at fault: a mask of the wrong length, one that removes a pinned channel or
+    breaks a junction precedence (a channel removed from a sum some other writer keeps), or
+    one that empties a value an op cannot run without (a layer left with no channel)."""
+    dead = np.asarray(dead, dtype=bool)
+    if dead.shape != (cg.n_classes,):
+        raise ValueError(f"the dead mask has shape {dead.shape}; the plan has {cg.n_classes} channel classes "
+                         "(a bool per class: plan.channel_graph.n_classes)")
+
+    def holder(k: int) -> str:
+        slot = next(s for s in cg.slots if k in cg.positions(s.id))
+        return f"'{slot.node}' (axis {slot.axis})"
+
+    broken = next(((u, v) for u, v in cg.precedence if dead[u] and not dead[v]), None)
+    if broken is not None:
+        raise ValueError(f"the dead mask removes a channel of {holder(broken[0])} but keeps the channel of "
+                         f"{holder(broken[1])} that feeds it (a sum's channel dies only with every writer's): "
+                         "remove both or neither")
+    pinned = np.flatnonzero(dead & blocked)
+    if pinned.size:
+        raise ValueError(f"the dead mask removes a pinned channel of {holder(int(pinned[0]))} (see "
+                         "plan.channel_graph.pinned_nodes and output_classes)")
+    may_empty = _may_empty(cg)
+    emptied = next((s for s in cg.slots if s.id not in may_empty and s.size and dead[cg.positions(s.id)].all()),
+                   None)
+    if emptied is not None:
+        readers = [r.node for r in cg.rules.values()
+                   if any(sid == emptied.id for _, sid, *_ in r.inputs) or any(sid == emptied.id for _, sid in r.consumed)]
+        read_by = f", the input of {', '.join(map(repr, readers[:3]))}" if readers else ""
+        raise ValueError(f"the dead mask removes every channel of '{emptied.node}' (axis {emptied.axis}){read_by}: "
+                         "keep at least one (an op cannot run on a value with no channels)")
+    return dead
 
 
 def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: str = "l1", scope: str = "local",
@@ -434,6 +467,7 @@ def _prepare(gm: torch.fx.GraphModule) -> bool:
     anything changed."""
     unpacked = split_packed_parameters(gm) > 0
     unpacked = unpack_tuples(gm) > 0 or unpacked
+    unpacked = drop_empty_cat_inputs(gm) > 0 or unpacked  # an empty KV cache concatenated to k
     privatized = _privatize(gm)
     written = functionalize_writes(gm) > 0
     return _drop_dead_values(gm) or written or privatized or unpacked
@@ -633,8 +667,11 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
     not always some producer's output: a residual stream is the union of its writers' channels,
     a slice of a concat cuts one writer's part; rounding the writers alone leaves those odd.
     Reviving only ever adds channels, so the rounds stop."""
+    # a stored tensor read directly (a position embedding, Swin's per-head bias table) is no
+    # layer width: its channels are a layer's or a stream's, rounded there; rounding a table's
+    # 4-entry head axis on its own gave every pruned head back
     rounded = {r.outputs[0] for r in cg.rules.values()
-               if r.category in ("producer", "param", "gather") or r.info.get("depthwise")}
+               if r.category in ("producer", "gather") or r.info.get("depthwise")}
     rounded |= {sid for r in cg.rules.values() for _, sid in r.consumed}
     may_empty = _may_empty(cg) - rounded
     for _ in range(len(cg.slots) + 8):

@@ -51,6 +51,19 @@ def _normalized_dims(node: torch.fx.Node, view) -> tuple:
             raise _Pin(f"{view.kind} over a normalized shape computed in the graph, of unknown length")
     return tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
 
+def _pointwise(view) -> bool:
+    """A conv that reads each spatial position alone and writes it in place: kernel 1, stride 1,
+    no padding (dilation is then moot), not transposed."""
+    weight = view.param("weight")
+    attrs = view.attrs
+    return (weight is not None and all(k == 1 for k in weight.shape[2:]) and not attrs.get("transposed")
+            and all(v == 1 for v in _as_ints(attrs.get("stride", 1))) and all(v == 0 for v in _as_ints(attrs.get("padding", 0))))
+
+
+def _as_ints(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 class LayerRules:
     """Rules for weighted layers and norms; methods of `channel_graph._Builder`."""
 
@@ -127,7 +140,13 @@ class LayerRules:
         cig = cin // groups
         held = self.in_slot(src)
         if held is not None and self.slots[held].axis != 1:  # channels on a length axis (token mixing)
-            raise _Pin("conv over a value whose channels are not on axis 1")
+            if not _pointwise(view):
+                raise _Pin("conv over a value whose channels are not on axis 1")
+            # a 1x1 conv over tokens (gMLP's spatial gating as Conv1d(seq, seq, 1)) maps each
+            # position on its own, as a linear over another axis: the identity on the channels
+            self._channelwise(node, view, shape, dirty=view.param("bias") is not None)
+            self.rules[node.name].info["channelwise"] = True
+            return
         sid = self.slot_on(src, 1)
         # depthwise (channel multiplier m = cout // cin); a transposed one's weight [cin, m, k]
         # holds channel c in row c only for m = 1

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxopt.passes.prune.prune_pass import NothingToPrune
 from prune_masking import prune_and_mask
 
 MODES = ("symbolic", "export")
@@ -166,3 +167,114 @@ class InPlaceMath(nn.Module):
 def test_in_place_elementwise_math_does_not_pin(mode):
     r = _exact(InPlaceMath(), torch.randn(2, 3, 12, 12), mode)
     assert dict(r.pruned.named_parameters())["a.weight"].shape[0] < 16
+
+
+class StraightThrough(nn.Module):
+    """A gate whose gradient is stopped (``sigmoid(h.detach())``) and a straight-through
+    quantizer (``h + (round(h * 4) / 4 - h).detach()``): identities and f(0) = 0 in the forward."""
+
+    def __init__(self, rounding):
+        super().__init__()
+        self.rounding = rounding
+        self.c1, self.c2, self.out = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = self.c2(h * torch.sigmoid(h.detach()))
+        q = self.rounding(h * 4) / 4
+        return self.out(F.relu(h + (q - h).detach()))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("rounding", [torch.round, torch.floor, torch.ceil, torch.trunc])
+def test_detach_and_rounding_follow_the_channels(mode, rounding):
+    """They were pinned ("no channel rule for this op"), which put adapters around them."""
+    r = _exact(StraightThrough(rounding), torch.randn(2, 3, 8, 8), mode)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("c2.weight").shape[:2] == (16, 16)
+
+
+class EmptyCacheAttention(nn.Module):
+    """Hugging Face's first KV-cache step: an empty stored tensor concatenated before k and v
+    (``torch.cat([torch.tensor([]), k], dim=-2)``); `dtype` float64 promotes the result."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.register_buffer("past_k", torch.tensor([], dtype=dtype))
+        self.register_buffer("past_v", torch.tensor([], dtype=dtype))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        k = torch.cat([self.past_k, k], dim=-2).to(q.dtype)
+        v = torch.cat([self.past_v, v], dim=-2).to(q.dtype)
+        out = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, 16))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_empty_stored_tensor_concatenated_to_the_keys_does_not_pin_them(mode):
+    """It pinned k and v ("cat input ... tracks channels on another axis") in every decoder
+    run with its default use_cache=True; it adds nothing, so it goes before the analysis. An
+    empty float64 tensor changes the result's dtype and stays."""
+    r = _exact(EmptyCacheAttention(), torch.randn(2, 5, 16), mode)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("qkv.weight").shape[0] < 48
+    with pytest.raises(NothingToPrune, match="cat input past_k"):
+        _exact(EmptyCacheAttention(torch.float64), torch.randn(2, 5, 16), mode)
+
+
+class ConvTokenGate(nn.Module):
+    """gMLP's spatial gating unit with the token mixing written ``nn.Conv1d(seq, seq, 1)`` (as
+    lucidrains' g-mlp does): the channels sit on the conv's length axis."""
+
+    def __init__(self, bias=True, kernel=1):
+        super().__init__()
+        self.up, self.down = nn.Linear(12, 64), nn.Linear(32, 5)
+        self.mix = nn.Conv1d(16, 16, kernel, padding=kernel // 2, bias=bias)
+
+    def forward(self, x):
+        u, v = F.gelu(self.up(x)).chunk(2, -1)
+        return self.down(u * self.mix(v))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_pointwise_conv_over_tokens_follows_the_channels(mode, bias):
+    """It was pinned ("conv over a value whose channels are not on axis 1") where the same
+    layer as a Linear over the transposed tokens was followed. A wider kernel mixes
+    neighbouring channels and stays pinned."""
+    r = _exact(ConvTokenGate(bias), torch.randn(2, 16, 12), mode, exact_norms=False)
+    assert r.plan.channel_graph.pinned_nodes == {}
+    assert r.pruned.get_parameter("up.weight").shape[0] < 64
+    r = _exact(ConvTokenGate(bias, kernel=3), torch.randn(2, 16, 12), mode, exact_norms=False)
+    assert any("not on axis 1" in why for why in r.plan.channel_graph.pinned_nodes.values())
+
+
+class HeadBiasTable(nn.Module):
+    """Attention plus Swin's learned relative-position bias, a table [N·N, heads] read directly."""
+
+    def __init__(self, d=32, heads=4, n=16):
+        super().__init__()
+        self.heads, self.inp, self.qkv = heads, nn.Linear(8, d), nn.Linear(d, 3 * d)
+        self.proj, self.out = nn.Linear(d, d), nn.Linear(d, 3)
+        self.table = nn.Parameter(torch.randn(n * n, heads) * 0.1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5
+        a = (a + self.table.view(n, n, self.heads).permute(2, 0, 1).unsqueeze(0)).softmax(-1)
+        return self.out(x + self.proj((a @ v).transpose(1, 2).reshape(b, n, c)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_round_to_does_not_round_a_tables_head_axis(mode):
+    """round_to=4 rounded the table's 4-entry head axis as if it were a layer width: 2 heads
+    kept became 4, every pruned head given back. The layers' widths stay multiples of 4."""
+    r = _exact(HeadBiasTable(), torch.randn(2, 16, 8), mode, round_to=4)
+    assert r.pruned.get_parameter("table").shape == (256, 2)
+    widths = [r.pruned.get_parameter(f"{name}.weight").shape[0] for name in ("qkv", "proj", "inp")]
+    assert all(w % 4 == 0 for w in widths) and widths[0] == 48, widths

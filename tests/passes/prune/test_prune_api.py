@@ -189,6 +189,38 @@ def test_a_plan_applies_again_with_another_mask_and_keeps_its_graph():
     assert not any("prune.kept" in n.meta.get(ANNOTATIONS, {}) for n in plan.gm.graph.nodes)
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.a(x) + self.b(x)))
+
+
+def test_a_research_mask_that_cannot_be_applied_names_the_value_at_fault():
+    """A mask that emptied a layer failed inside torch ("expected weight to be at least 1 at
+    dimension 0"); the other refusals named no node."""
+    import numpy as np
+
+    plan = analyze(Small(), (X,), ratio=0.5)
+    cg = plan.channel_graph
+    dead = np.zeros(cg.n_classes, bool)
+    dead[cg.positions(next(s.id for s in cg.slots if s.node == "relu"))] = True
+    with pytest.raises(ValueError, match=r"removes every channel of 'relu' \(axis 1\), the input of 'b'"):
+        plan.apply(dead=dead)
+    with pytest.raises(ValueError, match=r"shape \(3,\); the plan has \d+ channel classes"):
+        plan.apply(dead=np.zeros(3, bool))
+    plan = analyze(_Residual(), (X,), ratio=0.5, adapter_cost=0)
+    cg = plan.channel_graph
+    if cg.precedence:  # the sum's channel dies only with both writers' channels
+        u, _ = next(iter(cg.precedence))
+        dead = np.zeros(cg.n_classes, bool)
+        dead[u] = True
+        with pytest.raises(ValueError, match=r"removes a channel of 'add' \(axis 1\) but keeps the channel of '[ab]' \(axis 1\) that feeds it"):
+            plan.apply(dead=dead)
+
+
 def test_analysis_is_cached_and_networkx():
     import networkx as nx
 
