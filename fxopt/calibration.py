@@ -83,8 +83,9 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
             except FxoptError:
                 raise  # an observer's own message (NaN, non-float data) already says what it saw
             except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
-                shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
-                raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes {shapes}) does not run "
+                shapes = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
+                shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+                raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes [{', '.join(shapes)}]) does not run "
                                  f"through the model: {type(exc).__name__}: {exc}{_rank_hint(gm, args, kwargs)}"
                                  f"{_guard_hint(exc)}") from exc
     return len(batches)

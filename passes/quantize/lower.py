@@ -120,21 +120,29 @@ class LowerInt8(Pass):
         return PassResult(lowered, modified=True, stats=stats)
 
     def _skipped_layers(self, gm: torch.fx.GraphModule) -> set[str]:
-        """The anchor node names `skip` names: a node name (as a dump lists it) or the module
+        """The anchor node names `skip` names: a node name (as a dump lists it), the module
         path of the layer's weight (``encoder.fc``, as ``named_modules`` spells it, in both
-        front ends). A name that is neither would keep nothing float, silently: a typo."""
+        front ends: every call of a module called twice), or the weight's own path (``w`` of
+        ``F.conv2d(x, self.w)``). A name that is none of them would keep nothing float,
+        silently: a typo."""
         groups = build_plan(strip_observers(clone_sharing_tensors(gm))[0]).groups.values()
-        names: dict[str, str] = {}
+        names: dict[str, set[str]] = {}
         for g in groups:
-            names[g.name] = g.name
+            names.setdefault(g.name, set()).add(g.name)
             weight = g.view.params.get("weight") if g.view is not None else None
-            if weight is not None and "." in weight.qualname:
-                names.setdefault(weight.qualname.rsplit(".", 1)[0], g.name)
+            if weight is None:
+                continue
+            paths = {weight.qualname}
+            if "." in weight.qualname:
+                paths.add(weight.qualname.rsplit(".", 1)[0])
+            for path in paths:
+                names.setdefault(path, set()).add(g.name)
         unknown = [name for name in self.skip if name not in names]
         if unknown:
             raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))} (a node "
-                             f"name or a layer's module path)" + did_you_mean(unknown[0], set(names), limit=20))
-        return {names[name] for name in self.skip}
+                             f"name, a layer's module path or its weight's path)"
+                             + did_you_mean(unknown[0], set(names), limit=20))
+        return set().union(*(names[name] for name in self.skip))
 
     # ----- mixed precision ------------------------------------------------------------------
     def _select_float_layers(self, gm, ctx: PassContext, stats: dict) -> set[str]:

@@ -23,6 +23,8 @@ def model():
     ("quantize", [(torch.ones(8, 4, dtype=torch.long),)], QuantizationError, "got a torch.int64 tensor"),
     ("lower-int8", None, QuantizationError, "lower-int8 found no observers"),
     ("quantize", [(torch.randn(8, 5),)], FxoptError, "calibration batch 0 (tensor shapes [(8, 5)]) does not run"),
+    ("quantize", [{"input": torch.randn(8, 5)}], FxoptError,
+     "calibration batch 0 (tensor shapes [input=(8, 5)]) does not run"),
     ("quantize{skip=[nope]}", [(torch.randn(8, 4),)], ValueError, "option 'skip': no quantizable layer named 'nope'"),
 ])
 def test_a_failing_quantize_pass_raises_pass_error_with_its_cause(model, pipeline, calibration, cause, message):

@@ -960,6 +960,33 @@ def test_skip_takes_a_layers_module_path_in_both_front_ends(mode):
     assert kept[0] == ("head" if mode == "symbolic" else "linear")
 
 
+class _SharedConv(nn.Module):
+    """One conv module called twice, and a functional conv of a parameter of the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.shared = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(4, 16, 1, 1) * 0.1)
+
+    def forward(self, x):
+        h = F.relu(self.shared(F.relu(self.shared(F.relu(self.first(x))))))
+        return F.conv2d(h, self.w)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("skip, kept", [("shared", 2), ("w", 1), ("shared;w", 3)])
+def test_skip_by_module_path_keeps_every_call_of_the_module(mode, skip, kept):
+    """`skip=[shared]` kept the module's first call float and lowered its second to int8,
+    silently; a functional conv's weight path (`w`) was refused."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    res = fxopt.optimize(_SharedConv().eval(), (batches[0],), f"quantize{{skip=[{skip}]}}", mode=mode,
+                         calibration=batches)
+    floats = [name for name, why in res.passes[0].stats["float_ops"].items() if "(skip/target_sqnr)" in why]
+    assert len(floats) == kept, res.passes[0].stats["float_ops"]
+    assert sum(res.passes[0].stats["quantized"].values()) == 4 - kept, res.passes[0].stats
+
+
 class _SqueezeThenView(nn.Module):
     def __init__(self):
         super().__init__()
