@@ -150,6 +150,61 @@ NOOPS = PatternSet([
 
 # ----- folds --------------------------------------------------------------------------------------
 
+_CUTS = ("getitem", "slice", "narrow")
+
+
+def _cuts_other_axes(view) -> bool | str:
+    """A slice that keeps every channel (axis 1) and the rank: ``y[..., :-pad]`` (a TCN's
+    chomp), ``y.narrow(2, 0, n)``, export's ``aten.slice(y, 2, ...)``. An eval batchnorm is a
+    per-channel affine, so it gives the same values before such a slice as after it."""
+    src, out = tensor_meta(view.input), tensor_meta(view.node)
+    if src is None or out is None or len(src[0]) != len(out[0]) or len(src[0]) < 2:
+        return "a slice of unknown shape, or one that drops an axis"
+    rank = len(src[0])
+    if view.kind in ("slice", "narrow"):
+        dim = view.attrs.get("dim")
+        if isinstance(dim, int) and dim % rank == 1 and tuple(src[0]) == tuple(out[0]) \
+                and view.attrs.get("step", 1) == 1:
+            return True  # export's full slice ``aten.slice(y, 1, 0, 2**63 - 1)`` keeps every channel
+        return (isinstance(dim, int) and dim % rank != 1) or "the slice cuts the channel axis"
+    index = view.attrs.get("index")
+    index = list(index) if isinstance(index, tuple) else [index]
+    if not all(i is Ellipsis or isinstance(i, slice) for i in index) or index.count(Ellipsis) > 1:
+        return "an index other than slices (an int, None or a tensor)"
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index[at:at + 1] = [slice(None)] * (rank - len(index) + 1)
+    full = index + [slice(None)] * (rank - len(index))
+    return full[1] == slice(None) or "the index cuts the channel axis"
+
+
+def _conv_under_cuts(value: Any) -> bool | str:
+    """A conv, or slices of one that keep its channels (export spells ``y[:, :, :-2]`` as two
+    slices, a full one of axis 0 first), each read by the next alone."""
+    for _ in range(4):
+        view = op_view(value.graph.owning_module, value) if isinstance(value, torch.fx.Node) else None
+        if view is not None and view.kind == "conv":
+            return _conv_ok(view)
+        if view is None or view.kind not in _CUTS or len(value.users) != 1 or _cuts_other_axes(view) is not True:
+            break
+        value = view.input
+    return "not a conv (or a slice of one that keeps its channels)"
+
+
+def _bn_before_cut(r: Rewriter) -> torch.fx.Node:
+    """``bn(conv(x)[..., :n])`` as ``bn(conv(x))[..., :n]``, one slice at a time, until
+    `conv+bn` folds it."""
+    bn, cut, conv = r.match.root, r.match.nodes["cut"], r.match.nodes["src"]
+    with r.graph.inserting_before(bn):
+        normed = r.graph.node_copy(bn, lambda n: conv if n is cut else n)
+        recut = r.graph.node_copy(cut, lambda n: normed if n is conv else n)
+    # the normalized value has the conv's shape (`val` in export graphs, `tensor_meta` in both)
+    normed.meta = {**bn.meta, **{k: conv.meta[k] for k in ("val", "tensor_meta") if k in conv.meta}}
+    recut.meta = dict(bn.meta)
+    r.new_nodes += [normed, recut]
+    return recut
+
+
 def _fold_conv_bn(r: Rewriter) -> torch.fx.Node | None:
     conv, bn = r.view("conv"), r.view("bn")
     if bn.param("running_mean").shape[0] != _conv_out_channels(conv):
@@ -904,6 +959,9 @@ ATTENTION = tuple(p.name for p in _ATTENTION)
 
 
 FOLDS = PatternSet([
+    Pattern("bn-before-slice", Op("batch_norm", Op(_CUTS, Var("src", check=_conv_under_cuts), name="cut",
+                                                   check=_cuts_other_axes), name="bn", check=_bn_eval),
+            rewrite=_bn_before_cut),
     Pattern("conv+bn", Op("batch_norm", Op("conv", Var("x"), name="conv", check=_conv_ok), name="bn",
                           check=_bn_eval), rewrite=_fold_conv_bn),
     Pattern("linear+bn", Op("batch_norm", Op("linear", Var("x"), name="linear", check=_linear_ok), name="bn",

@@ -1237,3 +1237,33 @@ def test_a_batchnorm_dividing_by_zero_is_not_folded(mode):
               and fxopt.ir.op_view(res.module, n).kind == "batch_norm")
     why = fxopt.optimize(model, (x,), pipeline=f"fuse{{debug={bn}}}", mode=mode).passes[0].stats["why_not"]
     assert "running_var + eps is not positive" in why["linear+bn"], why
+
+
+class _ChompedConv(nn.Module):
+    """A TCN block: a padded causal conv, its right padding cut off (the "chomp"), then BN."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv1d(4, 16, 3, padding=2)
+        self.bn = _warm_bn(nn.BatchNorm1d(8 if how == "channels" else 16))
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = {"shape": lambda: y[..., : x.shape[-1]], "const": lambda: y[:, :, :-2], "narrow": lambda: y.narrow(2, 0, 20),
+             "batch": lambda: y[1:], "channels": lambda: y[:, :8]}[self.how]()
+        return F.relu(self.bn(y))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["shape", "const", "narrow", "batch", "channels"])
+def test_a_batchnorm_after_a_slice_of_a_conv_folds_into_the_conv(mode, how):
+    """An eval batchnorm is a per-channel affine: before or after a slice of other axes it gives
+    the same values, so it moves before the slice and folds (a TCN's chomp kept its BN). A
+    slice of the channels stays as written."""
+    torch.manual_seed(0)
+    model, x = _ChompedConv(how).eval(), torch.randn(3, 4, 20)
+    res = _run(model, x, mode)
+    assert ("batch_norm" in _kinds(res.module)) == (how == "channels"), _kinds(res.module)
+    other = torch.randn(5, 4, 20)
+    torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
