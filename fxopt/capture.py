@@ -360,6 +360,7 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     in it.
     """
     state = BufferState(model, gm)  # a symbolic graph shares the model's buffers: one snapshot
+    plain_before = _plain_attributes(model)
     with torch.no_grad():  # each run draws the same random numbers (`same_random_draws`)
         model_args, model_kwargs = fresh_inputs(args, kwargs)
         with same_random_draws():
@@ -372,6 +373,42 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
             got = gm(*graph_args, **graph_kwargs)
         state.restore()
     _check_same_outputs(expected, got, lambda: _nondeterministic(model, args, kwargs, state))
+    moved = _changed_plain_attributes(plain_before, _plain_attributes(model))
+    if moved:
+        _warn_python_state(model, args, kwargs, state, got, moved)
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _plain_attributes(model: nn.Module) -> dict[str, Any]:
+    """'module.attribute' -> value, for every plain Python value (a number, a flag) the modules hold."""
+    return {f"{prefix}.{key}" if prefix else key: value
+            for prefix, m in model.named_modules() for key, value in vars(m).items()
+            if isinstance(value, _PLAIN) and key != "training"}
+
+
+def _changed_plain_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """"calls: 0 -> 1" for each plain attribute a run rebound to another value."""
+    return [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in after if before.get(key) != after[key]]
+
+
+def _warn_python_state(model: nn.Module, args: tuple, kwargs: dict, state: BufferState, got: Any,
+                       moved: list[str]) -> None:
+    """Warn when the state forward keeps in Python attributes changes its output: the graph holds
+    the captured call's value for good (export baked `self.calls` in as 1, silently)."""
+    with torch.no_grad():
+        run_args, run_kwargs = fresh_inputs(args, kwargs)
+        with same_random_draws():
+            again = model(*run_args, **run_kwargs)
+        state.restore()
+    try:
+        _check_same_outputs(again, got)
+    except CaptureError:
+        warnings.warn(f"capture: {type(model).__name__}'s output depends on state its forward keeps in Python "
+                      f"attributes ({', '.join(moved[:3])}); no graph records Python state, so the captured "
+                      "one computes the captured call's value on every call, unlike the model: keep the state "
+                      "in a buffer updated in place if it should change", stacklevel=user_stacklevel())
 
 
 def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -984,3 +985,32 @@ def test_auto_exports_from_a_fresh_copy_not_the_one_the_symbolic_attempt_ran():
     auto, export = capture(model, x, mode="auto"), capture(model, x, mode="export")
     assert frontend_of(auto) == "export" and model.calls == 0
     assert torch.allclose(auto(x), export(x)) and torch.allclose(auto(x), model.fc(x))
+
+
+class _ScalesByCallCount(nn.Module):
+    def __init__(self, scaled: bool = True):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.calls, self.scaled = 0, scaled
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * self.calls if self.scaled else self.fc(x)
+
+
+@pytest.mark.parametrize("mode", ["export", "auto"])
+def test_state_kept_in_a_python_attribute_that_changes_the_output_is_warned_of(mode):
+    """Export baked `self.calls` in as 1 and passed the check against one eager call, silently,
+    where symbolic refused the same model: the graph computes the first call's value forever."""
+    with pytest.warns(UserWarning, match=r"depends on state its forward keeps in Python attributes \(calls: 0 -> 1\)"):
+        gm = fxopt.capture(_ScalesByCallCount(), torch.randn(3, 4), mode=mode)
+    assert frontend_of(gm) == "export"
+
+
+def test_a_python_counter_the_output_does_not_read_is_captured_without_a_word():
+    model = _ScalesByCallCount(scaled=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = fxopt.capture(model, torch.randn(3, 4), mode="export")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(gm(x), model(x))
