@@ -44,7 +44,11 @@ def output_dir(path: str | Path, what: str = "dump") -> Path:
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{what}: '{directory}' is a file, not a folder; give the path of a folder to write "
                          "into (it is created when missing)")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way ('/etc/hostname/x'), no permission, a read-only disk
+        raise ValueError(f"{what}: cannot create the folder '{directory}' ({exc.strerror}); give the path of a "
+                         "folder you can write") from None
     return directory
 
 

@@ -50,7 +50,8 @@ def dump(
     if not isinstance(gm, torch.fx.GraphModule) and isinstance(getattr(gm, "gm", None), torch.fx.GraphModule):
         gm = gm.gm
     if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"dump expects a torch.fx.GraphModule (or an object with one as .gm), got {type(gm).__name__}")
+        raise TypeError(f"dump expects a torch.fx.GraphModule (or an object with one as .gm), got "
+                        f"{type(gm).__name__}{_what_to_pass(gm)}")
     out = Path(path)
     title = title or type(gm).__name__
     files = write_graph(gm, out, "graph", title=title, collapse_threshold=collapse_threshold,
@@ -58,3 +59,12 @@ def dump(
     index = out / "index.html"
     index.write_text(graph_page(gm, files, title))
     return index
+
+
+def _what_to_pass(value: Any) -> str:
+    """The fix for a common wrong argument: an optimize result, or a model never captured."""
+    if isinstance(getattr(value, "module", None), torch.fx.GraphModule):
+        return ": pass its .module (fxopt.dump(result.module, path))"
+    if isinstance(value, torch.nn.Module):
+        return ": capture it first (fxopt.dump(fxopt.capture(model, example_inputs), path))"
+    return ""

@@ -131,3 +131,20 @@ def test_dump_to_a_file_path_says_it_is_a_file(tmp_path):
     gm = fxopt.capture(torch.nn.Linear(4, 2).eval(), torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"dump: '.*afile' is a file, not a folder; give the path of a folder"):
         fxopt.dump(gm, f)
+
+
+def test_dump_under_a_file_names_the_folder_it_cannot_create(tmp_path):
+    """A file on the way ('/etc/hostname/x') surfaced as pathlib's bare NotADirectoryError."""
+    (tmp_path / "afile").write_text("")
+    gm = fxopt.capture(torch.nn.Linear(4, 2).eval(), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"dump: cannot create the folder '.*afile/x' \(Not a directory\)"):
+        fxopt.dump(gm, tmp_path / "afile" / "x")
+
+
+def test_dump_of_an_optimize_result_or_a_model_says_what_to_pass(tmp_path):
+    model = torch.nn.Linear(4, 2).eval()
+    result = fxopt.optimize(model, torch.randn(3, 4), "dce")
+    with pytest.raises(TypeError, match=r"got OptimizeResult: pass its \.module"):
+        fxopt.dump(result, tmp_path)
+    with pytest.raises(TypeError, match=r"got Linear: capture it first"):
+        fxopt.dump(model, tmp_path)
