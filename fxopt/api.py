@@ -103,6 +103,7 @@ def optimize(
         ('PASS', 'exact')
     """
     check_batches(calibration)
+    _check_devices(devices)
     args, kwargs = normalize_inputs(example_inputs)
     original = capture(model, example_inputs, mode=mode)
     batches = [normalize_inputs(b) for b in calibration] if calibration is not None else None
@@ -199,6 +200,24 @@ def _after_lossy(report: VerificationReport, last_lossy: _LastLossyOutput, candi
     return replace(report, passed=False, stage=stage,
                    message=f"the passes after '{last_lossy.name}' ({after}) fail against its output; "
                            f"verify_each=True names the first that does: {stage.summary()}")
+
+
+def _check_devices(devices: Sequence[str] | None) -> None:
+    """Refuse, before any work, a device name torch does not know or a GPU this machine lacks:
+    each came back as a FAIL report ('could not run on tpu') after the whole pipeline."""
+    if devices is None:
+        return
+    if isinstance(devices, str):
+        raise TypeError(f"optimize: devices= takes a list of device names, e.g. devices=['{devices}']")
+    for name in devices:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"optimize: devices= names {name!r}, which is no torch device; use 'cpu', 'cuda' "
+                             "or 'cuda:N'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"optimize: devices= names {name!r}, but this machine has no CUDA GPU; leave "
+                             "devices= out to verify where the module can run")
 
 
 def _default_devices() -> list[str]:

@@ -1,0 +1,33 @@
+"""`fxopt.optimize` refuses a bad argument before it captures or runs anything."""
+import pytest
+import torch
+
+import fxopt
+from fxopt import api
+
+
+def _no_capture(*args, **kwargs):
+    pytest.fail("captured before checking the arguments")
+
+
+@pytest.mark.parametrize("devices, error, match", [
+    (["tpu"], ValueError, r"devices= names 'tpu', which is no torch device; use 'cpu', 'cuda'"),
+    ("cpu", TypeError, r"devices= takes a list of device names, e.g. devices=\['cpu'\]"),
+])
+def test_a_device_torch_does_not_know_is_refused_up_front(monkeypatch, devices, error, match):
+    """devices=['tpu'] came back as a FAIL report ('could not run on tpu') after the pipeline."""
+    monkeypatch.setattr(api, "capture", _no_capture)
+    with pytest.raises(error, match=match):
+        fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=devices)
+
+
+def test_cuda_without_a_gpu_is_refused_up_front(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(api, "capture", _no_capture)
+    with pytest.raises(ValueError, match=r"devices= names 'cuda', but this machine has no CUDA GPU"):
+        fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=["cuda"])
+
+
+def test_named_devices_that_exist_still_verify():
+    res = fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=["cpu"])
+    assert list(res.verification_by_device) == ["cpu"] and res.verification.passed
