@@ -340,7 +340,7 @@ class Prune(Pass):
             warnings.warn(f"prune: {exc}", PassWarning, stacklevel=user_stacklevel())
             return PassResult(gm, modified=False, stats={"removed_channels": 0, "note": str(exc)})
         stats = plan.stats()
-        shortfall = _shortfall(plan, self.ratio, self.exact_norms)
+        shortfall = _shortfall(plan, self.ratio, self.exact_norms) or _overshoot(plan, self.ratio)
         if shortfall:
             stats["note"] = shortfall
             warnings.warn(f"prune: {shortfall}", PassWarning, stacklevel=user_stacklevel())
@@ -380,6 +380,8 @@ def _pinned_summary(cg: ChannelGraph, shown: int = 5) -> str:
 #: model that keeps more than a tenth of what was asked has a cause worth naming (a pre-LN
 #: stack at d=32 removed 57% of its target in silence while the threshold was one half).
 SHORTFALL_WARNING = 0.9
+#: removing more than this many times the target is said (`_overshoot`)
+OVERSHOOT_WARNING = 1.25
 
 
 def _shortfall(plan: PrunePlan, ratio: float, exact_norms: bool) -> str | None:
@@ -429,6 +431,25 @@ def _shortfall(plan: PrunePlan, ratio: float, exact_norms: bool) -> str | None:
         causes.insert(0, f"{100 * sel.removed / sel.target:.0f}% of the target")
     return (f"{what} at ratio={ratio}: {'; '.join(causes) or 'nothing more could be removed'}."
             f"{_pinned_summary(plan.channel_graph)}{hint}")
+
+
+def _overshoot(plan: PrunePlan, ratio: float) -> str | None:
+    """What a user who asked for `ratio` and got clearly more should read: channels coupled in
+    classes (grouped convs of different group counts tie every 12th channel of a 48-wide value,
+    a junction ties its writers) are removed whole, so the last class may carry the removal far
+    past the target. None within `OVERSHOOT_WARNING` times the target (a transformer's heads, a
+    few classes of 64, overshoot a 0.3 target by 15%), or one channel of it."""
+    sel = plan.selection
+    prod = plan.costs.get("prod")
+    if prod is None or sel.removed <= max(OVERSHOOT_WARNING * sel.target, sel.target + 1):
+        return None
+    largest = int(prod[sel.dead].max())
+    if largest <= 1:
+        return None
+    return (f"removed {sel.removed} of the {sel.total} prunable channels at ratio={ratio}, "
+            f"{100 * sel.removed / max(sel.target, 1):.0f}% of the {sel.target} targeted: coupled channels are "
+            f"removed together (classes of up to {largest}, tied by grouped convs or junctions), so the last "
+            "class chosen carried it past the target. Options: a smaller ratio; max_layer_ratio caps each layer.")
 
 
 def _check_options(ratio: float, importance: str, scope: str, round_to: int, adapter_cost: float = 1.0,

@@ -18,12 +18,13 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxopt.errors import PassWarning
 from fxopt.measure import count_parameters
 from fxopt.passes.prune.channel_graph import Slot, _Builder, _Pin
-from fxopt.passes.prune.prune_pass import SHORTFALL_WARNING, _shortfall
+from fxopt.passes.prune.prune_pass import OVERSHOOT_WARNING, SHORTFALL_WARNING, _shortfall
 from prune_masking import prune_and_mask
 
 MODES = ["symbolic", "export"]
@@ -509,3 +510,26 @@ def test_a_literal_channel_index_is_followed_in_both_front_ends(mode):
     assert r.plan.channel_graph.pinned_nodes == {}
     assert r.pruned.get_parameter("a.weight").shape[0] < 16
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class ChainedGroupedConvs(nn.Module):
+    """Grouped convs of 4 and 6 groups on one 48-wide value: its channels go in classes of 12."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.d = nn.Conv2d(3, 48, 3, padding=1), nn.Conv2d(48, 10, 1)
+        self.b, self.c = nn.Conv2d(48, 48, 3, padding=1, groups=4), nn.Conv2d(48, 48, 3, padding=1, groups=6)
+
+    def forward(self, x):
+        return self.d(F.relu(self.c(F.relu(self.b(F.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_removing_far_more_than_the_target_warns_with_the_class_size(mode):
+    """ratio=0.2 removed 36 channels for a target of 27, silently: the classes are whole."""
+    torch.manual_seed(0)
+    caught, stats = _prune_warnings(ChainedGroupedConvs().eval(), torch.randn(2, 3, 8, 8), "prune{ratio=0.2}", mode)
+    assert stats["removed_channels"] > OVERSHOOT_WARNING * stats["target_channels"], stats
+    assert len(caught) == 1 and "classes of up to 12" in caught[0] and "past the target" in caught[0], caught
+    caught, stats = _prune_warnings(ChainedGroupedConvs().eval(), torch.randn(2, 3, 8, 8), "prune{ratio=0.5}", mode)
+    assert not caught and stats["removed_channels"] == stats["target_channels"], (caught, stats)
