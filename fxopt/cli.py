@@ -50,6 +50,13 @@ class Workload:
     accuracy: Callable[[Callable], float] | None = None
 
 
+def _shape_of(value: Any) -> str:
+    """What a MODEL factory returned, in a few words: 'a tuple of 4 items', 'a dict'."""
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} item{'s' if len(value) != 1 else ''}"
+    return f"a {type(value).__name__}"
+
+
 def load_workload(spec: str | None) -> Workload:
     """The bundled digits example for None, else the model returned by `package.module:callable`."""
     if spec is None:
@@ -69,8 +76,12 @@ def load_workload(spec: str | None) -> Workload:
             raise ModelLoadError(f"MODEL '{spec}' returned a model without example inputs; "
                                  "return (model, example_inputs) instead")
         made = (made, inputs)
-    if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], nn.Module):
-        raise ModelLoadError(f"MODEL '{spec}' must return (model, example_inputs[, calibration])")
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise ModelLoadError(f"MODEL '{spec}' must return (model, example_inputs[, calibration]), got "
+                             f"{_shape_of(made)}")
+    if not isinstance(made[0], nn.Module):
+        raise ModelLoadError(f"MODEL '{spec}' returned a {type(made[0]).__name__} as its model, which is no "
+                             "torch.nn.Module: fxopt captures modules (wrap a function in an nn.Module's forward)")
     calibration = _calibration(spec, made[2]) if len(made) == 3 else None
     return Workload(spec, made[0], made[1], calibration)
 

@@ -28,6 +28,10 @@ def user_model_module(tmp_path, monkeypatch):
         def boom():
             raise RuntimeError("factory exploded")
         not_callable = 3
+        def function_model():
+            return (lambda x: x), (torch.randn(2, 8),)
+        def four_things():
+            return torch.nn.Linear(2, 2), 1, 2, 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_models"
@@ -302,3 +306,12 @@ def test_save_to_an_unwritable_folder_fails_before_the_run(user_model_module, ca
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"--save {path}: cannot write the file (Permission denied)" in err
     assert "Traceback" not in err
+
+
+def test_a_model_factory_returning_no_module_says_which_item_is_wrong(user_model_module):
+    """A function returned as the model read 'must return (model, example_inputs)', which it did."""
+    with pytest.raises(cli.ModelLoadError, match=r"returned a function as its model, which is no torch.nn.Module"):
+        cli.load_workload(f"{user_model_module}:function_model")
+    with pytest.raises(cli.ModelLoadError, match=r"must return \(model, example_inputs\[, calibration\]\), got a "
+                                                 r"tuple of 4 items"):
+        cli.load_workload(f"{user_model_module}:four_things")
