@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from .analysis import AnalysisManager
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
-from .errors import PassError, PassWarning
+from .errors import PassError, PassWarning, first_line
 from .capture import META_KEY
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import clone_sharing_tensors
@@ -231,12 +231,24 @@ class VerifyEach(Instrument):
         self.kwargs = kwargs or {}
         self._tolerances: list[Tolerance] = []  # of the passes since the reference was made
 
+    def _inputs(self) -> Any:
+        return self.inputs if not self.kwargs else self.kwargs
+
+    def before_pipeline(self, gm, passes):
+        """Check that the reference runs on the inputs given: it failed only after the first
+        pass, and the error then read 'pass fuse failed'."""
+        try:
+            verify(self.reference, self.reference, self._inputs(), localize=False)
+        except Exception as exc:
+            raise ValueError(f"VerifyEach: its reference {type(self.reference).__name__} does not run on the inputs "
+                             f"VerifyEach was given ({type(exc).__name__}: {first_line(exc)}); give it the example "
+                             "inputs the pipeline runs on") from None
+
     def after_pass(self, p, before, result, record, ctx):
         tolerance = pass_tolerance(p)
         self._tolerances.append(tolerance)
         result.module.graph.lint()
-        report = verify(self.reference, result.module, (self.inputs if not self.kwargs else self.kwargs),
-                        tolerance=loosest(*self._tolerances))
+        report = verify(self.reference, result.module, self._inputs(), tolerance=loosest(*self._tolerances))
         if not tolerance.checks_values:  # the next passes answer to this output, not to the original
             self.reference, self._tolerances = result.module, []
         record.verification = report

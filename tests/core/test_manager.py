@@ -909,3 +909,15 @@ def test_a_pass_manager_run_records_what_ran_and_its_tolerance():
     assert int8.meta["fxopt"]["pipeline"] == "insert-observers,lower-int8"
     assert fxopt.verify(model, int8, x).passed
     assert fxopt.PassManager("dce").run(fxopt.capture(model, x), x).module.meta["fxopt"]["tolerance"] == "exact"
+
+
+def test_verify_each_given_inputs_its_reference_cannot_run_is_told_before_any_pass():
+    """It raised inside the first pass's check: 'pass fuse failed: ... Given groups=1 ...'."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxopt.capture(model, x)
+    check = fxopt.VerifyEach(gm, (torch.randn(1, 4, 8, 8),))
+    with pytest.raises(RuntimeError, match=r"VerifyEach: its reference Sequential does not run on the inputs "
+                                           r"VerifyEach was given \(RuntimeError: Given groups=1") as caught:
+        fxopt.PassManager("fuse", instruments=[check]).run(gm, (x,))
+    assert not isinstance(caught.value, fxopt.PassError)
