@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import first_line, node_location
 from ..tracing import one_at_a_time
-from ..ir import add_tensor_attr, call_as, get_attr_value, meta_value, replace_uses, tensor_meta
+from ..ir import add_tensor_attr, call_as, get_attr_value, meta_value, op_view, replace_uses, tensor_meta
 from .core import CheckError, Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
 
 
@@ -191,6 +191,12 @@ def apply_patterns(
     table = patterns if isinstance(patterns, PatternSet) else PatternSet(
         [patterns] if isinstance(patterns, Pattern) else patterns)
     report = ApplyReport()
+    # only the patterns whose root is the node's op kind can match there: a fuse table of ~140
+    # patterns tried each on every node made fusion ~10 ms a node (7 s for 200 conv blocks)
+    by_kind: dict[str, list[Pattern]] = {}
+    for pattern in table:
+        for kind in pattern.match.kinds:
+            by_kind.setdefault(kind, []).append(pattern)
     if debug is not None:
         _explain_all(gm, table, _debug_node(gm, debug), report)
     for round_ in range(max_rounds):
@@ -202,7 +208,8 @@ def apply_patterns(
         for node in reversed(list(gm.graph.nodes)):
             if getattr(node, "_erased", False):
                 continue
-            for pattern in table:
+            view = op_view(gm, node)
+            for pattern in by_kind.get(view.kind, ()) if view is not None else ():
                 try:
                     m = _match_or_raise(gm, node, pattern)
                 except NoMatch:
