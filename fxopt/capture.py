@@ -54,6 +54,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.parameter import is_lazy
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
@@ -214,7 +215,14 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
     _refuse_var_keyword_inputs(model, kwargs)
     concrete = _concrete_inputs(model, args, kwargs)
     state = BufferState(model)
-    gm = trace(model, concrete_args=concrete or None)
+    with _FrozenDraws() as draws:
+        gm = trace(model, concrete_args=concrete or None)
+    if draws.found:
+        state.restore()
+        raise CaptureError(f"forward draws random numbers from no traced value ({draws.found[0]}): symbolic "
+                           "tracing ran the draw once and froze its values into the graph, so every call would "
+                           "repeat them; draw from an input (torch.randn_like(x)) or use mode='export', which "
+                           "records the draw")
     written = state.changed()
     if written:
         state.restore()
@@ -231,6 +239,37 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
     # the check passes every input, the specialized ones too, exactly as the caller will
     _record_shapes_and_check(model, gm, args, kwargs)
     return gm
+
+
+_RANDOM_OPS = frozenset({"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
+                         "rand_like", "randn_like", "randint_like", "uniform_", "normal_", "random_", "bernoulli_",
+                         "exponential_", "geometric_", "log_normal_", "cauchy_"})
+
+
+class _FrozenDraws(TorchFunctionMode):
+    """Records the random draws a symbolic trace runs for real: one whose arguments hold no
+    traced value (`torch.randn(8)`) becomes a constant of the graph, and the capture check
+    then blamed "Python control flow or state" and named no line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _RANDOM_OPS and not any(isinstance(a, torch.fx.Proxy) for a in tree_leaves((args, kwargs))):
+            self.found.append(f"{name}{_user_line(traceback.extract_stack())}")
+        return func(*args, **kwargs)
+
+
+def _user_line(frames: list) -> str:
+    """' at "file", line N: code' for the deepest frame in the user's code, or ''."""
+    user = [f for f in frames if _is_user_file(f.filename)]
+    if not user:
+        return ""
+    f = user[-1]
+    return f' at "{f.filename}", line {f.lineno}: {(f.line or "").strip()}'
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):

@@ -1014,3 +1014,21 @@ def test_a_python_counter_the_output_does_not_read_is_captured_without_a_word():
         gm = fxopt.capture(model, torch.randn(3, 4), mode="export")
     x = torch.randn(2, 4)
     torch.testing.assert_close(gm(x), model(x))
+
+
+class _DrawsNoise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        noise = torch.randn(8) * 0  # no traced value: fx runs it once and keeps its values
+        return self.fc(x) + noise + torch.rand_like(x).round() * 0.01
+
+
+def test_symbolic_names_a_random_draw_it_would_freeze():
+    """It said 'the trace baked in Python control flow or state' and named no line."""
+    with pytest.raises(CaptureError, match=r"forward draws random numbers from no traced value \(randn at "
+                                           r"\".*test_capture.py\", line \d+: noise = torch.randn\(8\) \* 0"):
+        capture(_DrawsNoise().eval(), torch.randn(4, 8), mode="symbolic")
+    assert frontend_of(capture(_DrawsNoise().eval(), torch.randn(4, 8))) == "export"
