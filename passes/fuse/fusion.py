@@ -88,7 +88,7 @@ class Fuse(Pass):
             table = table + rules.NOOPS
         wanted = set()
         if self.fold_bn:
-            wanted |= {"bn-before-slice", "conv+bn", "linear+bn", "bn+conv", "bn+linear"}
+            wanted |= {"bn-before-slice", "conv+bn", "linear+bn", "linear+swap+bn", "bn+conv", "bn+linear"}
         if self.fold_bias:
             wanted.add("linear+bias")
         if self.fold_scale:

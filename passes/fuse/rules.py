@@ -223,6 +223,40 @@ def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
     return _affine_linear(r, lin, *_bn_scale_shift(bn, w.shape[0], w.dtype))
 
 
+def _features_to_channels(view) -> bool | str:
+    """A transpose or permute that puts a linear's features (its last axis) on axis 1, where a
+    batchnorm normalizes: ``bn(linear(x).transpose(1, 2))`` on (N, L, C), a speech or
+    Conformer head's spelling."""
+    src = tensor_meta(view.input)
+    if src is None or len(src[0]) < 3:
+        return "a swap of a value of unknown or too small rank"
+    rank = len(src[0])
+    if view.kind == "transpose":
+        dims = {view.attrs.get("dim0"), view.attrs.get("dim1")}
+        ok = all(isinstance(d, int) for d in dims) and {d % rank for d in dims} == {1, rank - 1}
+    else:
+        order = view.attrs.get("dims")
+        order = list(order) if isinstance(order, (list, tuple)) else list(view.node.args[1:])
+        ok = len(order) == rank and all(isinstance(d, int) for d in order) and order[1] % rank == rank - 1
+    return ok or "the swap does not put the linear's features on axis 1"
+
+
+def _fold_linear_swap_bn(r: Rewriter) -> torch.fx.Node | None:
+    """``bn(linear(x).transpose(1, 2))``: the batchnorm scales the linear's features, so it
+    folds into the linear's rows, and the swap follows the folded linear."""
+    lin, bn = r.view("linear"), r.view("bn")
+    w = lin.param("weight")
+    if bn.param("running_mean").shape[0] != w.shape[0]:
+        return None
+    folded = _affine_linear(r, lin, *_bn_scale_shift(bn, w.shape[0], w.dtype))
+    linear, swap = r.match.nodes["linear"], r.match.nodes["swap"]
+    with r.graph.inserting_before(r.match.root):
+        moved = r.graph.node_copy(swap, lambda n: folded if n is linear else n)
+    moved.meta = dict(r.match.root.meta)
+    r.new_nodes.append(moved)
+    return moved
+
+
 def _fold_bn_conv(r: Rewriter) -> torch.fx.Node | None:
     """A batchnorm right before a conv (pre-activation nets, a normalized input):
     ``conv(x * s + t)`` is a conv with weights ``W * s`` (per input channel) and bias
@@ -966,6 +1000,10 @@ FOLDS = PatternSet([
                           check=_bn_eval), rewrite=_fold_conv_bn),
     Pattern("linear+bn", Op("batch_norm", Op("linear", Var("x"), name="linear", check=_linear_ok), name="bn",
                             check=_bn_eval), rewrite=_fold_linear_bn),
+    Pattern("linear+swap+bn", Op("batch_norm", Op(("transpose", "permute"), Op("linear", Var("x"), name="linear",
+                                                                              check=_linear_ok),
+                                                  name="swap", check=_features_to_channels),
+                                 name="bn", check=_bn_eval), rewrite=_fold_linear_swap_bn),
     Pattern("bn+conv", Op("conv", Op("batch_norm", Var("x"), name="bn", check=_bn_eval), name="conv",
                           check=_conv_ok), rewrite=_fold_bn_conv),
     Pattern("bn+linear", Op("linear", Op("batch_norm", Var("x"), name="bn", check=_bn_eval), name="linear",

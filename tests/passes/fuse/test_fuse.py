@@ -1267,3 +1267,34 @@ def test_a_batchnorm_after_a_slice_of_a_conv_folds_into_the_conv(mode, how):
     assert ("batch_norm" in _kinds(res.module)) == (how == "channels"), _kinds(res.module)
     other = torch.randn(5, 4, 20)
     torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+class _SwappedLinear(nn.Module):
+    """A linear over (N, L, C), its features moved to axis 1 for a batchnorm."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(16, 32)
+        self.bn = _warm_bn({"4d": nn.BatchNorm2d(32), "other": nn.BatchNorm1d(7)}.get(how, nn.BatchNorm1d(32)))
+
+    def forward(self, x):
+        y = self.fc(x)
+        y = {"transpose": lambda: y.transpose(1, 2), "negative": lambda: y.transpose(-1, -2),
+             "permute": lambda: y.permute(0, 2, 1), "4d": lambda: y.permute(0, 3, 1, 2),
+             "other": lambda: y.transpose(0, 2)}[self.how]()
+        return F.relu(self.bn(y))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["transpose", "negative", "permute", "4d", "other"])
+def test_a_batchnorm_after_a_linears_features_are_swapped_to_axis_1_folds(mode, how):
+    """``bn(linear(x).transpose(1, 2))`` normalizes the linear's features: it folds into the
+    linear's rows (it stayed). A swap that puts another axis on axis 1 keeps its batchnorm."""
+    torch.manual_seed(0)
+    model = _SwappedLinear(how).eval()
+    x = torch.randn(3, 5, 6, 16) if how == "4d" else torch.randn(3, 7, 16)
+    res = _run(model, x, mode)
+    assert ("batch_norm" in _kinds(res.module)) == (how == "other"), _kinds(res.module)
+    other = torch.randn(5, *x.shape[1:])
+    torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
