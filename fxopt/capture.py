@@ -910,6 +910,10 @@ def _hint(attempts: list[Attempt], model: nn.Module) -> str:
             fix = ("pass use_cache=False with the inputs, e.g. example_inputs={'input_ids': ids, "
                    "'use_cache': False} (the model returns a " + kind + " otherwise)")
         return f"\n  hint: the output holds a {kind}, which is not a tensor container: {fix}"
+    if any(a.frontend == "symbolic" and "co_varnames is too small" in a.reason for a in attempts):
+        return ("\n  hint: symbolic tracing cannot rebuild the signature of a forward wrapped by a decorator "
+                "that takes *args/**kwargs (Hugging Face models' forwards are): capture with mode='export' "
+                "or 'auto'")
     if any(_DATA_DEPENDENT.search(a.reason) for a in attempts):
         return ("\n  hint: forward branches on a tensor's values (`if x.sum() > 0:`), which no graph can "
                 "record as a Python `if`: write the branch with torch.cond(pred, true_fn, false_fn, (x,)) or "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import warnings
 
@@ -1032,3 +1033,29 @@ def test_symbolic_names_a_random_draw_it_would_freeze():
                                            r"\".*test_capture.py\", line \d+: noise = torch.randn\(8\) \* 0"):
         capture(_DrawsNoise().eval(), torch.randn(4, 8), mode="symbolic")
     assert frontend_of(capture(_DrawsNoise().eval(), torch.randn(4, 8))) == "export"
+
+
+def _passes_everything_through(forward):
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+class _DecoratedForward(nn.Module):
+    """A forward wrapped as Hugging Face wraps theirs: symbolic tracing cannot rebuild its signature."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    @_passes_everything_through
+    def forward(self, x, mask=None, **kwargs):
+        return self.fc(x)
+
+
+def test_symbolic_failing_on_a_decorated_forward_says_what_to_do():
+    """GPT-2 gave only 'ValueError: code: co_varnames is too small'."""
+    with pytest.raises(CaptureError, match=r"co_varnames is too small\n  hint: symbolic tracing cannot rebuild the "
+                                           r"signature .* capture with mode='export'"):
+        capture(_DecoratedForward(), {"x": torch.randn(2, 4)}, mode="symbolic")
