@@ -1,10 +1,10 @@
 """Activations spelled out in elementwise ops, recognized as the one op they compute.
 
 Many models write their activation by hand: EfficientNet's swish ``x * sigmoid(x)``, a
-MobileNetV3 hard-swish ``x * relu6(x + 3) / 6``, BERT's exact GELU
+MobileNetV3 hard-swish ``x * relu6(x + 3) / 6``, YOLOv4's Mish ``x * tanh(softplus(x))``, BERT's exact GELU
 ``x * 0.5 * (1 + erf(x / √2))`` and GPT-2's tanh GELU
 ``0.5 * x * (1 + tanh(√(2/π) · (x + 0.044715 x³)))``. Each is 3-9 eager ops (each a pass over
-the tensor); as one `F.silu` / `F.hardswish` / `F.hardsigmoid` / `F.gelu` call it is one, and a
+the tensor); as one `F.silu` / `F.hardswish` / `F.hardsigmoid` / `F.mish` / `F.gelu` call it is one, and a
 conv or linear before it becomes a `conv+act` / `linear+act` group that `lower-cpu` fuses
 into the kernel.
 
@@ -105,6 +105,9 @@ def _patterns() -> list[Pattern]:
     table += [Pattern(f"gelu-tanh/{i}", root, rewrite=_gelu("tanh"))
               for i, root in enumerate(root for tanh_gelu in tanh_gelus for root in _half_times(tanh_gelu, x))]
     table.append(Pattern("silu", Op("mul", x, Op("sigmoid", x), commutative=True), rewrite=_unary(F.silu)))
+    # Mish, x · tanh(softplus(x)), with softplus at its defaults (β = 1, threshold 20), as F.mish computes it
+    table.append(Pattern("mish", Op("mul", x, Op("tanh", Op("softplus", x, attrs={"beta": 1, "threshold": 20})),
+                                    commutative=True), rewrite=_unary(F.mish)))
     # hard-swish before hard-sigmoid: x · relu6(x + 3) / 6 holds no hard-sigmoid subtree, but
     # x · (relu6(x + 3) / 6) does, and is a hard-swish
     table += [Pattern(f"hardswish/{i}", root, rewrite=_unary(F.hardswish)) for i, root in enumerate(

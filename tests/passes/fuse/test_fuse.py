@@ -1298,3 +1298,23 @@ def test_a_batchnorm_after_a_linears_features_are_swapped_to_axis_1_folds(mode, 
     assert ("batch_norm" in _kinds(res.module)) == (how == "other"), _kinds(res.module)
     other = torch.randn(5, *x.shape[1:])
     torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+class _SpelledMish(nn.Module):
+    def __init__(self, beta):
+        super().__init__()
+        self.fc, self.beta = nn.Linear(16, 16), beta
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * torch.tanh(F.softplus(y, beta=self.beta))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("beta", [1.0, 2.0])
+def test_a_spelled_out_mish_is_one_mish(mode, beta):
+    """``x * tanh(softplus(x))`` is F.mish (3 ops as written); a softplus with another β is not."""
+    torch.manual_seed(0)
+    model, x = _SpelledMish(beta).eval(), torch.randn(4, 16) * 10
+    res = _run(model, x, mode)
+    assert ("mish" in _kinds(res.module)) == (beta == 1.0), _kinds(res.module)
