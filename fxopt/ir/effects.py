@@ -174,6 +174,10 @@ def aliases_of(gm: torch.fx.GraphModule, base: torch.fx.Node) -> set[torch.fx.No
 def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_method" and node.target in _VIEW_METHODS:
         return True
+    if node.op != "call_module" and mutated_input(gm, node) is not None and aten_op_of(node) is None:
+        # ``t.mul_(0)`` returns t itself: ``z.detach().mul_(0).add_(1)`` writes z twice (the
+        # second write, taken as one into a fresh value, was made out of place and dropped)
+        return True
     overload = aten_op_of(node)
     if overload is not None:  # an ATen op says it in its schema: a result aliasing its input, not written
         returns = overload._schema.returns

@@ -16,11 +16,12 @@ def _trace(fn) -> torch.fx.GraphModule:
     return torch.fx.symbolic_trace(Wrap())
 
 
-def _check_same(fn, rewritten: int) -> torch.fx.GraphModule:
+def _check_same(fn, rewritten: int | None) -> torch.fx.GraphModule:
     gm = _trace(fn)
     x = torch.randn(3, 4)
     want = fn(x.clone())
-    assert functionalize_writes(gm) == rewritten
+    count = functionalize_writes(gm)
+    assert rewritten is None or count == rewritten
     gm.graph.lint()
     torch.testing.assert_close(gm(x.clone()), want)
     return gm
@@ -68,3 +69,22 @@ def test_writes_a_view_an_input_or_no_out_of_place_twin_would_miss_stay():
     for fn in (_write_seen_through_a_view, _write_into_the_input, _fill):
         gm = _check_same(fn, 0)
         assert written_in_place(gm), fn.__name__
+
+
+def _chained_through_detach(x):
+    h = x * 2
+    h.detach().mul_(0.0).add_(1.0)  # the add writes what mul_ returned: h itself
+    return h + x
+
+
+def _chained_writes(x):
+    h = x * 2
+    h.mul_(0.5).add_(1.0)
+    return h * x
+
+
+def test_a_write_into_what_an_in_place_op_returned_writes_its_input():
+    """``t.mul_(0)`` returns t: the add after it wrote a fresh value as far as the analysis
+    knew, was made out of place and dropped (h kept 0, not 1: 0.96 off after `fuse`)."""
+    _check_same(_chained_through_detach, 0)  # a write through a view stays
+    _check_same(_chained_writes, None)  # both writes out of place, or neither: the same values
