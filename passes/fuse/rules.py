@@ -924,7 +924,10 @@ def _scale_after_mask(m: Match) -> bool | str:
             return "the fill is not a number"
         if c is None or c < 0:
             return "a fill moves past a positive constant scale only"
-        if not _hides_the_score(_scaled_fill(fill, c, m.views["scale_op"].kind)):
+        dtype = tensor_meta(m.nodes["s"])[1] if tensor_meta(m.nodes["s"]) is not None else None
+        if dtype is None or not dtype.is_floating_point:
+            return "the scores have no floating dtype recorded"
+        if not _hides_the_score(_scaled_fill(fill, c, m.views["scale_op"].kind, dtype)):
             return "the scaled fill no longer hides the score"
     else:
         mask, scores = tensor_meta(m.nodes["mask"]), tensor_meta(m.nodes["masked"])
@@ -933,8 +936,12 @@ def _scale_after_mask(m: Match) -> bool | str:
     return _read_by_softmax(m, steps=2)
 
 
-def _scaled_fill(fill: float, c: float, kind: str) -> float:
-    return fill / c if kind == "div" else fill * c
+def _scaled_fill(fill: float, c: float, kind: str, dtype: torch.dtype) -> float:
+    """The fill after the scale, computed in the scores' dtype as eager computes it:
+    ``finfo(float32).min * 4`` overflows to −inf there (and is −inf in the scores eager
+    softmaxes), where Python's float would give a fill float32 cannot hold."""
+    value = torch.tensor(fill, dtype=dtype)
+    return float(value / c if kind == "div" else value * c)
 
 
 def _scale_before_mask(r: Rewriter) -> torch.fx.Node:
@@ -943,7 +950,8 @@ def _scale_before_mask(r: Rewriter) -> torch.fx.Node:
     scale = operator.truediv if kind == "div" else operator.mul
     scores = r.call(scale, r["s"], c)
     if "fill" in r.match.views:
-        return r.call(torch.masked_fill, scores, r["mask"], _scaled_fill(r.view("fill").attrs["value"], c, kind))
+        dtype = tensor_meta(r.match.nodes["s"])[1]
+        return r.call(torch.masked_fill, scores, r["mask"], _scaled_fill(r.view("fill").attrs["value"], c, kind, dtype))
     return r.call(operator.add, scores, r.call(scale, r["mask"], c))
 
 

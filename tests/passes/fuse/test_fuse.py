@@ -1178,12 +1178,14 @@ class _MaskBeforeScale(nn.Module):
             s = s.masked_fill(m < -1, float("-inf")) * -0.125
         elif self.how == "finfo":  # finfo.min / 8 no longer swallows every score
             s = s.masked_fill(m < -1, torch.finfo(torch.float32).min) / 8.0
+        elif self.how == "finfo-up":  # finfo.min * 4 is -inf in float32 (a Python float would not fit it)
+            s = s.masked_fill(m < -1, torch.finfo(torch.float32).min) * 4.0
         return torch.softmax(s, dim=-1) @ v
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how, fused", [("add", True), ("mul", True), ("shape", True), ("fill", True),
-                                        ("negative", False), ("finfo", False)])
+                                        ("negative", False), ("finfo", False), ("finfo-up", True)])
 def test_a_mask_applied_before_the_scale_becomes_sdpa(mode, how, fused):
     """``(q @ kᵀ + m) / c`` is ``q @ kᵀ / c + m / c``, and a −inf fill moves past a positive
     scale unchanged: both are SDPA. A negative scale or a finite fill the scale shrinks stay."""
