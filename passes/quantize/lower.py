@@ -46,8 +46,9 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_d
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
-from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
-                      is_effectful, op_view, origin, size_read, value_nbytes, written_in_place)
+from fxopt.ir import (PRIVATE_OF, add_tensor_attr, clone_sharing_tensors, contiguous_outputs,
+                      delete_unused_attributes, is_effectful, op_view, origin, size_read, value_nbytes,
+                      written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
@@ -87,6 +88,23 @@ def check_target_sqnr(value: float | None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"option 'target_sqnr': {value!r} is not a target; give the output SQNR to reach in dB, "
                          "a number above 0 (int8 models reach 25-45), or none for every layer in int8")
+
+
+def _module_paths(node: torch.fx.Node) -> set[str]:
+    """The module paths a layer's call answers to: the module a symbolic graph calls (and the
+    one it was before `make_private` gave it a name of its own), or the innermost module export
+    recorded the op in. A tied weight (an LM head sharing the embedding's) names one module
+    for two calls, so the call's own record comes first."""
+    paths = set()
+    if node.op == "call_module":
+        paths.add(node.target)
+    if PRIVATE_OF in node.meta:
+        paths.add(node.meta[PRIVATE_OF])
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        paths.add(list(stack.values())[-1][0])
+    paths.discard("")
+    return paths
 
 
 @dataclass
@@ -130,11 +148,12 @@ class LowerInt8(Pass):
         for g in groups:
             names.setdefault(g.name, set()).add(g.name)
             weight = g.view.params.get("weight") if g.view is not None else None
-            if weight is None:
-                continue
-            paths = {weight.qualname}
-            if "." in weight.qualname:
-                paths.add(weight.qualname.rsplit(".", 1)[0])
+            paths = _module_paths(g.view.node) if g.view is not None else set()
+            if weight is not None:
+                paths.add(weight.qualname)
+                if not paths - {weight.qualname} and "." in weight.qualname:
+                    # no record of the call's module: its weight's (wrong only for a tied weight)
+                    paths.add(weight.qualname.rsplit(".", 1)[0])
             for path in paths:
                 names.setdefault(path, set()).add(g.name)
         unknown = [name for name in self.skip if name not in names]

@@ -987,6 +987,30 @@ def test_skip_by_module_path_keeps_every_call_of_the_module(mode, skip, kept):
     assert sum(res.passes[0].stats["quantized"].values()) == 4 - kept, res.passes[0].stats
 
 
+class _TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.l2.weight = self.l1.weight
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("skip", ["l1", "l2"])
+def test_skip_names_the_called_module_not_the_owner_of_a_tied_weight(mode, skip):
+    """Export keeps a tied weight under one name (l2.weight): skip=[l1] was refused and
+    skip=[l2] kept both calls float. The call's own module record names it."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    res = fxopt.optimize(_TiedLinears().eval(), (batches[0],), f"quantize{{skip=[{skip}]}}", mode=mode,
+                         calibration=batches)
+    floats = [name for name, why in res.passes[0].stats["float_ops"].items() if "(skip/target_sqnr)" in why]
+    assert len(floats) == 1, res.passes[0].stats["float_ops"]
+    assert sum(res.passes[0].stats["quantized"].values()) == 1, res.passes[0].stats
+
+
 class _SqueezeThenView(nn.Module):
     def __init__(self):
         super().__init__()
