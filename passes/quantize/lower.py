@@ -138,15 +138,18 @@ class LowerInt8(Pass):
         return PassResult(lowered, modified=True, stats=stats)
 
     def _skipped_layers(self, gm: torch.fx.GraphModule) -> set[str]:
-        """The anchor node names `skip` names: a node name (as a dump lists it), the module
-        path of the layer's weight (``encoder.fc``, as ``named_modules`` spells it, in both
-        front ends: every call of a module called twice), or the weight's own path (``w`` of
-        ``F.conv2d(x, self.w)``). A name that is none of them would keep nothing float,
+        """The anchor node names `skip` names: the module path of a layer (``encoder.fc``, as
+        ``named_modules`` spells it, in both front ends: every call of a module called twice),
+        its weight's own path (``w`` of ``F.conv2d(x, self.w)``), or a node name (as a dump
+        lists it). A name that is both a path and another call's node name (a module `fc_1`
+        beside the second call of `fc`, node `fc_1`, in a symbolic graph) means the path, as
+        it does in an export graph. A name that is none of them would keep nothing float,
         silently: a typo."""
         groups = build_plan(strip_observers(clone_sharing_tensors(gm))[0]).groups.values()
-        names: dict[str, set[str]] = {}
+        names: dict[str, set[str]] = {}  # module and weight paths
+        nodes: dict[str, set[str]] = {}
         for g in groups:
-            names.setdefault(g.name, set()).add(g.name)
+            nodes[g.name] = {g.name}
             weight = g.view.params.get("weight") if g.view is not None else None
             paths = _module_paths(g.view.node) if g.view is not None else set()
             if weight is not None:
@@ -156,6 +159,7 @@ class LowerInt8(Pass):
                     paths.add(weight.qualname.rsplit(".", 1)[0])
             for path in paths:
                 names.setdefault(path, set()).add(g.name)
+        names = {**nodes, **names}
         unknown = [name for name in self.skip if name not in names]
         if unknown:
             raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))} (a node "

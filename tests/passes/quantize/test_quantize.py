@@ -1011,6 +1011,28 @@ def test_skip_names_the_called_module_not_the_owner_of_a_tied_weight(mode, skip)
     assert sum(res.passes[0].stats["quantized"].values()) == 1, res.passes[0].stats
 
 
+class _NameClash(nn.Module):
+    """Module `fc` called twice (symbolic nodes `fc`, `fc_1`) beside a module named `fc_1`."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.fc_1 = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc_1(torch.relu(self.fc(torch.relu(self.fc(x)))))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_skip_name_that_is_a_module_path_means_the_module(mode):
+    """skip=[fc_1] kept both the module fc_1 and the second call of fc (node fc_1) float in a
+    symbolic graph, the module alone in an export graph."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    res = fxopt.optimize(_NameClash().eval(), (batches[0],), "quantize{skip=[fc_1]}", mode=mode, calibration=batches)
+    floats = [name for name, why in res.passes[0].stats["float_ops"].items() if "(skip/target_sqnr)" in why]
+    assert len(floats) == 1 and sum(res.passes[0].stats["quantized"].values()) == 2, res.passes[0].stats
+
+
 class _SqueezeThenView(nn.Module):
     def __init__(self):
         super().__init__()
