@@ -227,8 +227,9 @@ SPECS: tuple[OpSpec, ...] = (
       for name, functions, methods, aliases in (
           ("abs", (torch.absolute,), ("absolute", "absolute_"), (aten.absolute, aten.absolute_)),
           ("erf", (torch.special.erf,), (), (aten.special_erf,)),
+          ("trunc", (torch.fix, torch.fix_), ("fix", "fix_"), (aten.fix, aten.fix_)),
           *((name, (), (), ()) for name in ("sqrt", "square", "sin", "sign", "exp", "cos", "rsqrt", "reciprocal",
-                                            "round", "floor", "ceil", "trunc")))),
+                                            "round", "floor", "ceil")))),
     OpSpec("softsign", functions=(F.softsign,), modules=(nn.Softsign,)),
     OpSpec("shrink", functions=(F.softshrink, F.hardshrink), aten=(aten.softshrink, aten.hardshrink),
            modules=(nn.Softshrink, nn.Hardshrink)),

@@ -77,6 +77,7 @@ _ALIASES = {  # spelling -> (the op kind it is, a function of x computing it)
     "less_equal": ("le", lambda x: x.less_equal(0.5)),
     "not_equal": ("ne", lambda x: torch.not_equal(x, 0.5)),
     "mT": ("transpose", lambda x: x.mT),
+    "fix": ("trunc", lambda x: torch.fix(x)),
 }
 
 

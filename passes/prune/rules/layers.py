@@ -136,6 +136,10 @@ class LayerRules:
         if not isinstance(groups, int):  # `groups=x.shape[1]` (BlurPool): a count read in the graph
             raise _Pin("conv whose groups are computed in the graph")
         in_shape = _shape(src)
+        weight = view.param("weight")
+        if in_shape is None or (weight is not None and len(in_shape) != weight.dim()):
+            # an unbatched conv ((C, L) in) has its channels on axis 0, which no rule here reads
+            raise _Pin("an unbatched conv (or one without shape metadata): its channels are not on axis 1")
         cin, cout = in_shape[1], shape[1]
         cig = cin // groups
         held = self.in_slot(src)

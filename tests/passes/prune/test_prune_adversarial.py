@@ -278,3 +278,24 @@ def test_round_to_does_not_round_a_tables_head_axis(mode):
     assert r.pruned.get_parameter("table").shape == (256, 2)
     widths = [r.pruned.get_parameter(f"{name}.weight").shape[0] for name in ("qkv", "proj", "inp")]
     assert all(w % 4 == 0 for w in widths) and widths[0] == 48, widths
+
+
+class UnbatchedConv(nn.Module):
+    """A conv on an unbatched (C, L) value: its channels are on axis 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.conv, self.out = nn.Linear(16, 32), nn.Conv1d(6, 6, 1), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.out(self.conv(torch.relu(self.fc(x))))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_unbatched_conv_is_pinned_with_its_reason(mode):
+    """The conv rule read axis 1 as its channels and importance failed ("array is not
+    broadcastable"); it is pinned and named now, and the rest stays exact."""
+    torch.manual_seed(0)
+    r = prune_and_mask(UnbatchedConv().eval(), torch.randn(6, 16), mode, ratio=0.3)  # (6 is no batch)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert any("unbatched conv" in why for why in r.plan.channel_graph.pinned_nodes.values())
