@@ -63,6 +63,7 @@ from .ir.effects import drop_fresh_copies, fresh_literal_constants
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
+from .serialize import rebuild_coded_attributes
 from .tracing import one_at_a_time, trace
 
 # torch.nn's traceable forwards register themselves when their module is imported
@@ -451,8 +452,14 @@ def _warn_python_state(model: nn.Module, args: tuple, kwargs: dict, state: Buffe
 
 
 def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-    """A GraphModule the user captured: copy it, record its front end and shapes."""
+    """A GraphModule the user captured: copy it, record its front end and shapes.
+
+    Its opaque attributes (prepacked int8 weights) are rebuilt for the copy as `load` rebuilds
+    them: the copy shares them otherwise (`deep_copy`), and running them here at the example's
+    batch would leave the user's packs tuned to that shape (a oneDNN pack keeps its first
+    call's primitive; other shapes take a slower path)."""
     gm = deep_copy(gm)
+    rebuild_coded_attributes(gm)
     info = dict(getattr(gm, "meta", {}).get(META_KEY) or {})
     info.setdefault("frontend", frontend_of(gm))
     gm.meta[META_KEY] = info
