@@ -81,6 +81,21 @@ def test_an_int8_model_optimized_again_under_another_global_engine_keeps_its_pac
         torch.backends.quantized.engine = previous
 
 
+def test_capturing_an_int8_model_never_runs_its_own_packs():
+    """The capture of a GraphModule holds packs of its own: shape propagation at the example's
+    batch would otherwise leave the user's oneDNN packs tuned to that batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    batches = [(torch.randn(2, 3, 8, 8),) for _ in range(3)]
+    int8 = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches).module
+    theirs = {id(v) for v in vars(int8).values() if isinstance(v, torch.ScriptObject)}
+    captured = fxopt.capture(int8, (torch.randn(32, 3, 8, 8),))
+    ours = {id(v) for v in vars(captured).values() if isinstance(v, torch.ScriptObject)}
+    assert len(theirs) == 2 and len(ours) == 2 and not theirs & ours
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(captured(x), int8(x), rtol=0, atol=0)
+
+
 @needs_onednn
 @pytest.mark.parametrize("input_zero_point", [0, 60, 128])
 def test_the_onednn_conv3d_kernel_computes_the_float_conv_of_its_operands(input_zero_point):
