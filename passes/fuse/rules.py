@@ -78,7 +78,8 @@ def _bn_eval(view) -> bool | str:
         return "batchnorm is in training mode (batch statistics cannot be folded)"
     if "running_mean" not in view.params or "running_var" not in view.params:
         return "batchnorm has no running statistics"
-    if not torch.all(view.param("running_var").double() + float(view.attrs.get("eps", 1e-5)) > 0):
+    # in the statistics' own dtype, as the batchnorm adds them (eps=1e-50 is 0 in float32)
+    if not torch.all(view.param("running_var") + float(view.attrs.get("eps", 1e-5)) > 0):
         # a zero denominator: eager gives ±inf or NaN per element, an infinite folded weight
         # gives NaN wherever the layer's sum mixes signs
         return "batchnorm has a channel whose running_var + eps is not positive"
@@ -616,6 +617,15 @@ def _is_shape_number(node: torch.fx.Node) -> bool:
     return _shape_value(node) == "number"
 
 
+def _shape_scale(node: torch.fx.Node) -> bool | str:
+    """A scale computed from sizes that is not 0 at the example's (``/ (d - 8)`` with d = 8
+    divides by zero: the SDPA form's ``1 / n`` would raise where eager gives inf)."""
+    if not _is_shape_number(node):
+        return "not a number computed from sizes"
+    recorded = node.meta.get("tensor_meta")
+    return not (isinstance(recorded, (int, float)) and recorded == 0) or "the scale is 0 at the example's sizes"
+
+
 #: A finite fill at most this large (Hugging Face's ``torch.finfo(dtype).min`` of float32 and
 #: bfloat16) swallows any score added to it: ``s + fill == fill`` for every |s| below half the
 #: float32 spacing there (~5e30), far beyond any attention score.
@@ -650,7 +660,7 @@ def _scores(mask: str | None, scale: str = "const") -> Op:
     elif scale == "stored":  # a one-element tensor of stored values: ``* torch.rsqrt(torch.tensor(d))``
         scaled = Op(("div", "mul"), qk, Var("t", check=_stored_scalar), name="scale_op")
     else:  # the scale node stays: it may feed other ops, and SDPA reads it
-        scaled = Op(scale, qk, Var("s", check=_is_shape_number), name="scale_op", commutative=scale == "mul")
+        scaled = Op(scale, qk, Var("s", check=_shape_scale), name="scale_op", commutative=scale == "mul")
     if mask == "add":
         return Op("add", scaled, Var("mask"), commutative=True)
     if mask == "fill":
@@ -967,7 +977,7 @@ def _mask_before_scale() -> list[Pattern]:
                 Pattern(name + "/fill", Op(("div", "mul"), filled, scalar=Const("c"), name="scale_op"),
                         rewrite=_scale_before_mask, check=_scale_after_mask)]
     for kind in ("div", "mul"):
-        patterns.append(Pattern(f"{name}/{kind}-shape", Op(kind, added, Var("n", check=_is_shape_number),
+        patterns.append(Pattern(f"{name}/{kind}-shape", Op(kind, added, Var("n", check=_shape_scale),
                                                            name="scale_op", commutative=kind == "mul"),
                                 rewrite=_scale_before_mask, check=_scale_after_mask))
     return patterns

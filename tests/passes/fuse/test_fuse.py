@@ -1224,11 +1224,13 @@ def test_attention_spelled_with_aliases_becomes_sdpa(mode, how):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_batchnorm_dividing_by_zero_is_not_folded(mode):
+@pytest.mark.parametrize("eps", [0.0, 1e-50])
+def test_a_batchnorm_dividing_by_zero_is_not_folded(mode, eps):
     """eps=0 and a zero running_var: eager gives -inf in that channel; folded, the infinite
-    weights of mixed sign summed to NaN. Such a batchnorm stays, and says why."""
+    weights of mixed sign summed to NaN. Such a batchnorm stays, and says why. eps=1e-50 is
+    0 in float32, where the batchnorm adds it (a float64 check folded it to 1e25)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16, eps=0.0)).eval()
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16, eps=eps)).eval()
     model[1].running_var[1] = 0.0
     model[1].running_mean.fill_(0.5)
     x = torch.randn(4, 16)
@@ -1320,3 +1322,17 @@ def test_a_spelled_out_mish_is_one_mish(mode, beta):
     model, x = _SpelledMish(beta).eval(), torch.randn(4, 16) * 10
     res = _run(model, x, mode)
     assert ("mish" in _kinds(res.module)) == (beta == 1.0), _kinds(res.module)
+
+
+class _ZeroShapeScale(nn.Module):
+    def forward(self, q, k, v, m):
+        return torch.softmax((q @ k.mT + m) / (q.size(-1) - 8), -1) @ v
+
+
+def test_a_scale_computed_from_sizes_that_is_zero_stays_spelled_out():
+    """``/ (d - 8)`` with d = 8: the SDPA form's ``1 / n`` raised ZeroDivisionError inside the
+    pass (PassError on a model eager runs); it declines now."""
+    inputs = (torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 5))
+    res = fxopt.optimize(_ZeroShapeScale(), inputs, pipeline="fuse", mode="symbolic")
+    assert "scaled_dot_product_attention" not in str(res.module.code)
+    torch.testing.assert_close(res.module(*inputs), _ZeroShapeScale()(*inputs), equal_nan=True)
