@@ -1000,7 +1000,7 @@ _ATTENTION = [
     # computes, the patterns below find it
     Pattern("attention/einsum-as-matmul", Op("einsum", Var("a"), Var("b"), name="einsum"), rewrite=_einsum_as_matmul,
             check=_softmax_reader_or_operand),
-    # Bloom's ``baddbmm(alibi, q, kᵀ, beta=1, alpha=1/√d)`` and a mask added before the scale:
+    # ``baddbmm(alibi, q, kᵀ, beta=1, alpha=1/√d)`` scores and a mask added before the scale:
     # respelled as a scaled product plus a mask, which the patterns below find
     Pattern("attention/baddbmm-as-matmul", Op("baddbmm", Var("bias"), Var("q"), Var("k_t", check=_is_key_t),
                                               name="scores"), rewrite=_baddbmm_as_matmul, check=_baddbmm_scores),
