@@ -11,6 +11,7 @@ linear growth.
     python tools/bench_scale.py                      # all sizes, symbolic and export
     python tools/bench_scale.py --skip-export        # export of 10k nodes takes minutes
     python tools/bench_scale.py --sizes 1000 --profile passes   # cProfile one stage
+    python tools/bench_scale.py --pipeline fuse --skip-export   # time another pipeline
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, value
 
 
-def measure(nodes: int, frontend: str, profile: str | None) -> dict[str, float | int | str]:
+def measure(nodes: int, frontend: str, profile: str | None,
+            pipeline: str = PIPELINE) -> dict[str, float | int | str]:
     """Seconds per stage for one size and front end (NaN where a stage cannot run)."""
     model, inputs = deep_stack(nodes), (torch.randn(4, 16),)
     row: dict[str, float | int | str] = {"frontend": frontend}
@@ -73,11 +75,11 @@ def measure(nodes: int, frontend: str, profile: str | None) -> dict[str, float |
 
     row["capture"], gm = stage("capture", lambda: fxopt.capture(model, inputs, mode=frontend))
     row["nodes"] = len(gm.graph.nodes)
-    row["passes"], result = stage("passes", lambda: fxopt.PassManager(PIPELINE).run(gm, inputs))
+    row["passes"], result = stage("passes", lambda: fxopt.PassManager(pipeline).run(gm, inputs))
     with tempfile.TemporaryDirectory() as tmp:
         inst = DumpInstrument(Path(tmp) / "steps", svg=False)
         row["passes+dump"], _ = stage("passes+dump",
-                                      lambda: fxopt.PassManager(PIPELINE, instruments=[inst]).run(gm, inputs))
+                                      lambda: fxopt.PassManager(pipeline, instruments=[inst]).run(gm, inputs))
         row["verify"], report = stage("verify", lambda: fxopt.verify(gm, result.module, inputs))
         assert report.passed, report.summary()
         row["dump"], index = stage("dump", lambda: dump(result.module, Path(tmp) / "one", svg=False))
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-export", action="store_true", help="time the symbolic front end only")
     parser.add_argument("--export-max", type=int, default=10000, help="largest size to export")
     parser.add_argument("--profile", choices=STAGES, help="print a cProfile of this stage at each size")
+    parser.add_argument("--pipeline", default=PIPELINE, help=f"the pipeline timed (default: {PIPELINE})")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             if frontend == "export" and (args.skip_export or size > args.export_max):
                 continue
-            rows.append(measure(size, frontend, args.profile))
+            rows.append(measure(size, frontend, args.profile, args.pipeline))
             print(f"  {frontend} {rows[-1]['nodes']} nodes: " +
                   ", ".join(f"{s} {rows[-1][s]:.2f} s" for s in STAGES), file=sys.stderr, flush=True)
     print(table(rows))
