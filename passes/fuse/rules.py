@@ -800,12 +800,20 @@ def _is_qk(gm: torch.fx.GraphModule, value: Any) -> bool:
     kᵀ a transpose or permute of the last two axes."""
     view = op_view(gm, value) if isinstance(value, torch.fx.Node) else None
     if view is not None and view.kind in ("div", "mul") and view.input is not None \
-            and all(_is_shape_number(i) for i in view.inputs[1:]):
+            and all(_is_shape_number(i) for i in view.inputs[1:]) \
+            and (view.kind == "mul" or (view.node.args and view.node.args[0] is view.input)):  # not ``2 / qk``
         view = op_view(gm, view.input)
     if view is None or view.kind != "matmul" or len(view.inputs) != 2:
         return False
     k = op_view(gm, view.inputs[1])
     return k is not None and k.kind in ("transpose", "permute") and _last_dims(k) is True
+
+
+def _is_plain_scores(value: Any) -> bool | str:
+    """``q @ kᵀ`` unscaled: a mask added to it before a scale (scaled twice, no SDPA follows)."""
+    view = op_view(value.graph.owning_module, value) if isinstance(value, torch.fx.Node) else None
+    return (view is not None and view.kind == "matmul" and _is_qk(value.graph.owning_module, value)) \
+        or "not q @ kᵀ"
 
 
 def _is_scores(value: Any) -> bool | str:
@@ -968,7 +976,7 @@ def _scale_before_mask(r: Rewriter) -> torch.fx.Node:
 def _mask_before_scale() -> list[Pattern]:
     """A mask added (or filled in) before the scale: ``(q @ kᵀ + mask) / c``, also ``/ n`` of
     a number computed from shapes (additive masks only: its sign is unknown when fusing)."""
-    qk = Var("s", check=_is_scores)
+    qk = Var("s", check=_is_plain_scores)
     added = Op("add", qk, Var("mask"), commutative=True, name="masked")
     filled = Op("masked_fill", qk, Var("mask"), name="fill")
     name = "attention/mask-before-scale"

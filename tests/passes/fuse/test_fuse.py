@@ -1336,3 +1336,27 @@ def test_a_scale_computed_from_sizes_that_is_zero_stays_spelled_out():
     res = fxopt.optimize(_ZeroShapeScale(), inputs, pipeline="fuse", mode="symbolic")
     assert "scaled_dot_product_attention" not in str(res.module.code)
     torch.testing.assert_close(res.module(*inputs), _ZeroShapeScale()(*inputs), equal_nan=True)
+
+
+class _NotAttentionScores(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v, m):
+        qk = q @ k.transpose(-2, -1)
+        s = 2.0 / qk if self.how == "reciprocal" else qk / 2.0
+        return torch.softmax((s + m) / 3.0, dim=-1) @ v
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["reciprocal", "scaled-twice"])
+def test_a_mask_before_a_scale_is_moved_only_where_attention_follows(mode, how):
+    """``2 / (q @ kᵀ)`` passed for scaled scores, and scores scaled before the mask and after
+    it got the mask moved for no SDPA: ops added, nothing fused."""
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 1, 5, 5))
+    model = _NotAttentionScores(how)
+    res = fxopt.optimize(model, inputs, pipeline="fuse", mode=mode)
+    assert not any(name.startswith("attention") for name in res.passes[0].stats["matches"]), res.passes[0].stats
+    torch.testing.assert_close(res.module(*inputs), model(*inputs))
