@@ -310,10 +310,13 @@ class BufferState:
         return [name for name, b, saved in self._buffers if not _same_values(b, saved)]
 
     def restore(self) -> None:
-        """Write the snapshot back into the buffers (the tensors stay the same objects)."""
+        """Write the snapshot back into the buffers a run changed (the tensors stay the same
+        objects). Only those: a write into an unchanged buffer (an int8 model's bias, shared
+        with the verification reference) is what the write guards refuse."""
         with torch.no_grad():
             for _, b, saved in self._buffers:
-                b.copy_(saved)
+                if not _same_values(b, saved):
+                    b.copy_(saved)
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -88,3 +88,18 @@ def test_a_write_into_what_an_in_place_op_returned_writes_its_input():
     knew, was made out of place and dropped (h kept 0, not 1: 0.96 off after `fuse`)."""
     _check_same(_chained_through_detach, 0)  # a write through a view stays
     _check_same(_chained_writes, None)  # both writes out of place, or neither: the same values
+
+
+def test_buffer_state_writes_back_only_the_buffers_a_run_changed():
+    """A write into an unchanged buffer (an int8 model's bias shared with the verification
+    reference) is what the write guards refuse: restore leaves those alone."""
+    from fxopt.ir import BufferState
+
+    module = nn.Module()
+    module.register_buffer("steps", torch.zeros(()))
+    module.register_buffer("bias", torch.ones(3))
+    state = BufferState(module)
+    module.steps += 1
+    version = module.bias._version
+    state.restore()
+    assert module.steps.item() == 0.0 and module.bias._version == version
