@@ -25,6 +25,7 @@ from torch import nn
 from .capture import normalize_inputs
 from .errors import FxoptError
 from .ir import flatten_inputs, fresh_inputs, tensor_meta
+from .tracing import one_at_a_time
 
 
 def _as_call(batch: Any) -> tuple[tuple, dict]:
@@ -45,6 +46,7 @@ def check_batches(batches: Any, option: str = "calibration") -> None:
                          f"[(b,) for b in x.split(8)] for several")
 
 
+@one_at_a_time
 def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
               max_batches: int | None = None) -> int:
     """Run `batches` through `gm` (no grad) so its observers record ranges; returns the count.

@@ -59,3 +59,19 @@ def test_capture_and_verify_in_threads_take_turns():
         fxopt.verify(model, gm, x).raise_if_failed()
 
     assert _in_threads(work, 6) == []
+
+
+def test_calibrate_takes_its_turn_too():
+    """calibrate runs the model, which another thread's tracing would see patched: it waits
+    for the lock the other entry points hold."""
+    from fxopt.tracing import FX_LOCK
+
+    model, x = _cnn(), torch.randn(2, 3, 16, 16)
+    gm = fxopt.PassManager("insert-observers").run(fxopt.capture(model, (x,)), (x,)).module
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (fxopt.calibrate(gm, [(x,)], progress=False), done.set()))
+    with FX_LOCK:
+        worker.start()
+        assert not done.wait(0.5), "calibrate ran while another fxopt call held the lock"
+    worker.join(60)
+    assert done.is_set()
