@@ -331,9 +331,12 @@ def test_tampered_file_naming_a_dangerous_function_is_refused(tmp_path, target):
     data = torch.load(path, weights_only=True)
     node = next(n for n in data["nodes"] if n["op"] == "call_function")
     node["target"] = {"py": target}
+    # matching checksums, so it is the allow-list that refuses the file, not the checksum
+    data["checksums"] = fxopt.serialize.checksums(data)
     torch.save(data, path)
-    with pytest.raises(QuantizationError, match="refus"):
+    with pytest.raises(QuantizationError, match="refus") as info:
         load(path)
+    assert "checksum" not in str(info.value), info.value
 
 
 def test_tampered_structure_is_refused_clearly(tmp_path):
@@ -342,13 +345,17 @@ def test_tampered_structure_is_refused_clearly(tmp_path):
     _, path, _ = _quantized(tmp_path)
     data = torch.load(path, weights_only=True)
     del data["nodes"]
+    data["checksums"] = fxopt.serialize.checksums(data)
     torch.save(data, path)
-    with pytest.raises(QuantizationError):
+    with pytest.raises(QuantizationError) as info:
         load(path)
+    assert "checksum" not in str(info.value), info.value
     data["nodes"] = [{"name": "x", "op": "call_method", "target": "__class__", "args": [], "kwargs": {}}]
+    data["checksums"] = fxopt.serialize.checksums(data)
     torch.save(data, path)
-    with pytest.raises(QuantizationError):
+    with pytest.raises(QuantizationError) as info:
         load(path)
+    assert "checksum" not in str(info.value), info.value
 
 
 def test_calibration_leaves_the_callers_batches_as_they_were():
