@@ -389,6 +389,28 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4) -> int:
 PRIVATE_OF = "fxopt.private_of"
 
 
+def module_path(node: torch.fx.Node) -> str | None:
+    """The dotted path of the module whose call `node` is (`layers.0.fc1`), in either front end:
+    the path it had before `make_private` gave it a copy of its own, a symbolic graph's module
+    call, or the innermost module export recorded the op in ('' for the root module's own
+    forward); None where nothing says (a symbolic graph's functional op, a node a pass made).
+
+        >>> import torch, fxopt
+        >>> gm = fxopt.capture(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),), mode="export")
+        >>> [module_path(n) for n in gm.graph.nodes if n.op == "call_function"]
+        ['0']
+    """
+    if PRIVATE_OF in node.meta:
+        return str(node.meta[PRIVATE_OF])
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.replace("L['self'].", "").replace("L__self___", "")
+    return None
+
+
 def make_private(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     """Give `node` its own copy of a module or weights that other nodes share.
 

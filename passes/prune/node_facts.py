@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxopt.ir import PRIVATE_OF, ParamRef, bind_arguments, op_name, op_view, ref_for_get_attr, spec_for, tensor_meta
+from fxopt.ir import ParamRef, bind_arguments, module_path, op_name, op_view, ref_for_get_attr, spec_for, tensor_meta
 
 from .channel_model import CHANNELWISE, Rule, _Pin
 
@@ -102,8 +102,8 @@ _ACTIVATION_BOUNDS = {
 # ops whose every output element is one of their input's, or an average (max) of them: the
 # input's bound holds for them too
 _KEEPS_BOUND = frozenset({"reshape", "flatten", "unflatten", "permute", "transpose", "expand", "expand_as",
-                          "unsqueeze", "squeeze", "to", "contiguous", "clone", "detach", "getitem", "select", "slice", "mean",
-                          "amax", "amin", "dropout", "identity", "repeat", "tile", "movedim", "repeat_interleave",
+                          "unsqueeze", "squeeze", "to", "contiguous", "clone", "detach", "getitem", "select", "slice",
+                          "mean", "amax", "amin", "dropout", "identity", "repeat", "tile", "movedim", "repeat_interleave",
                           "reshape_as", "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
 
 Bound = tuple[float, bool]  # (b, strict): every element is >= b; strict: > b too, for a reason
@@ -331,13 +331,8 @@ def _prefix_hits(dims: tuple, target: int) -> bool:
 def _module_name(node: torch.fx.Node, view, ref: ParamRef | None = None) -> str:
     """The dotted module path of a weighted op (`layers.0.fc1`), in either front end; a use
     given its own copy of shared weights (`make_private`) keeps the path it was called by."""
-    if PRIVATE_OF in node.meta:
-        return str(node.meta[PRIVATE_OF])
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path.replace("L['self'].", "").replace("L__self___", "")
+    path = module_path(node)
+    if path is not None:
+        return path
     ref = ref if ref is not None else view.params.get("weight")
     return ref.qualname.rsplit(".", 1)[0] if ref is not None else node.name

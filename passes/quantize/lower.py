@@ -46,9 +46,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_d
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
-from fxopt.ir import (PRIVATE_OF, add_tensor_attr, clone_sharing_tensors, contiguous_outputs,
-                      delete_unused_attributes, is_effectful, op_view, origin, size_read, value_nbytes,
-                      written_in_place)
+from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
+                      is_effectful, module_path, op_view, origin, size_read, value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.verify import compare_outputs
 
@@ -88,23 +87,6 @@ def check_target_sqnr(value: float | None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"option 'target_sqnr': {value!r} is not a target; give the output SQNR to reach in dB, "
                          "a number above 0 (int8 models reach 25-45), or none for every layer in int8")
-
-
-def _module_paths(node: torch.fx.Node) -> set[str]:
-    """The module paths a layer's call answers to: the module a symbolic graph calls (and the
-    one it was before `make_private` gave it a name of its own), or the innermost module export
-    recorded the op in. A tied weight (an LM head sharing the embedding's) names one module
-    for two calls, so the call's own record comes first."""
-    paths = set()
-    if node.op == "call_module":
-        paths.add(node.target)
-    if PRIVATE_OF in node.meta:
-        paths.add(node.meta[PRIVATE_OF])
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        paths.add(list(stack.values())[-1][0])
-    paths.discard("")
-    return paths
 
 
 @dataclass
@@ -151,7 +133,10 @@ class LowerInt8(Pass):
         for g in groups:
             nodes[g.name] = {g.name}
             weight = g.view.params.get("weight") if g.view is not None else None
-            paths = _module_paths(g.view.node) if g.view is not None else set()
+            # the module the call was made in first: a tied weight (an LM head sharing the
+            # embedding's) names one module for two calls
+            called = module_path(g.view.node) if g.view is not None else None
+            paths = {called} if called else set()
             if weight is not None:
                 paths.add(weight.qualname)
                 if not paths - {weight.qualname} and "." in weight.qualname:
