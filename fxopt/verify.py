@@ -389,7 +389,9 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
         ref_args, ref_kwargs = fresh_inputs(args, kwargs)
         with same_random_draws():  # a forward that draws random numbers draws the same ones in both
             ref_out = reference(*ref_args, **ref_kwargs)
-        _restore_if_changed(state)  # the two may share buffers
+        # the two may share buffers; restore writes back only what the run changed (a write
+        # into the float bias quantize{backend=reference} shares is one VerifyEach refuses)
+        state.restore()
         try:
             cand_args, cand_kwargs = fresh_inputs(args, kwargs)
             with same_random_draws():
@@ -397,7 +399,7 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
         except Exception as exc:
             return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}: {exc}")
         finally:
-            _restore_if_changed(state)
+            state.restore()
     outputs, problem = compare_outputs(ref_out, cand_out)
     passed = problem is None and all(o.passes(tol) for o in outputs)
     if not passed and problem is None:
@@ -407,14 +409,6 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
             and isinstance(candidate, torch.fx.GraphModule):
         report.divergence = first_divergence(reference, candidate, args, kwargs, tol)
     return report
-
-
-def _restore_if_changed(state: BufferState) -> None:
-    """Put the buffers back where a run changed one. Writing unchanged values back is still a
-    write: under VerifyEach, into a tensor the candidate shares with the reference (the float
-    bias of quantize{backend=reference}), the pass manager's write guard refused it."""
-    if state.changed():
-        state.restore()
 
 
 class _PlainAttributes:
