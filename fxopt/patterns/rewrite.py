@@ -135,6 +135,16 @@ class Rewriter:
         self.new_nodes.append(node)
         return node
 
+    def copy(self, node: torch.fx.Node, reading: dict[torch.fx.Node, Any]) -> torch.fx.Node:
+        """Insert a copy of `node` (a module call too) before the match's root, reading
+        ``reading[n]`` where it read `n`: an op moved past another (a batchnorm before the
+        slice it followed). The copy keeps `node`'s metadata; set what changed."""
+        with self.graph.inserting_before(self.match.root):
+            new = self.graph.node_copy(node, lambda n: reading.get(n, n))
+        new.meta = dict(node.meta)
+        self.new_nodes.append(new)
+        return new
+
     def tensor(self, base_name: str, value: torch.Tensor, *, parameter: bool = True) -> torch.fx.Node:
         """Store a new tensor on the root module and insert a `get_attr` reading it."""
         name = add_tensor_attr(self.gm, base_name, value, parameter=parameter)

@@ -196,13 +196,11 @@ def _bn_before_cut(r: Rewriter) -> torch.fx.Node:
     """``bn(conv(x)[..., :n])`` as ``bn(conv(x))[..., :n]``, one slice at a time, until
     `conv+bn` folds it."""
     bn, cut, conv = r.match.root, r.match.nodes["cut"], r.match.nodes["src"]
-    with r.graph.inserting_before(bn):
-        normed = r.graph.node_copy(bn, lambda n: conv if n is cut else n)
-        recut = r.graph.node_copy(cut, lambda n: normed if n is conv else n)
+    normed = r.copy(bn, {cut: conv})
     # the normalized value has the conv's shape (`val` in export graphs, `tensor_meta` in both)
-    normed.meta = {**bn.meta, **{k: conv.meta[k] for k in ("val", "tensor_meta") if k in conv.meta}}
+    normed.meta.update({k: conv.meta[k] for k in ("val", "tensor_meta") if k in conv.meta})
+    recut = r.copy(cut, {conv: normed})
     recut.meta = dict(bn.meta)
-    r.new_nodes += [normed, recut]
     return recut
 
 
@@ -250,11 +248,8 @@ def _fold_linear_swap_bn(r: Rewriter) -> torch.fx.Node | None:
     if bn.param("running_mean").shape[0] != w.shape[0]:
         return None
     folded = _affine_linear(r, lin, *_bn_scale_shift(bn, w.shape[0], w.dtype))
-    linear, swap = r.match.nodes["linear"], r.match.nodes["swap"]
-    with r.graph.inserting_before(r.match.root):
-        moved = r.graph.node_copy(swap, lambda n: folded if n is linear else n)
+    moved = r.copy(r.match.nodes["swap"], {r.match.nodes["linear"]: folded})
     moved.meta = dict(r.match.root.meta)
-    r.new_nodes.append(moved)
     return moved
 
 
