@@ -174,11 +174,12 @@ def aliases_of(gm: torch.fx.GraphModule, base: torch.fx.Node) -> set[torch.fx.No
 def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_method" and node.target in _VIEW_METHODS:
         return True
-    if node.op != "call_module" and mutated_input(gm, node) is not None and aten_op_of(node) is None:
+    overload = aten_op_of(node)
+    writes = mutated_input(gm, node) is not None
+    if writes and overload is None and node.op != "call_module":
         # ``t.mul_(0)`` returns t itself: ``z.detach().mul_(0).add_(1)`` writes z twice (the
         # second write, taken as one into a fresh value, was made out of place and dropped)
         return True
-    overload = aten_op_of(node)
     if overload is not None:  # an ATen op says it in its schema: a result aliasing its input, not written
         returns = overload._schema.returns
         if bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
@@ -186,7 +187,7 @@ def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     view = op_view(gm, node)
     if view is not None and view.kind == "dropout":  # in eval mode it returns its input itself
         off = not view.attrs.get("training", True) or view.attrs.get("p", 0.5) == 0
-        return off and mutated_input(gm, node) is None  # (an in-place one is taken as the write it names)
+        return off and not writes  # (an in-place one is taken as the write it names)
     return overload is None and view is not None and view.kind in _VIEW_KINDS
 
 

@@ -68,8 +68,8 @@ def drop_empty_cat_inputs(gm: torch.fx.GraphModule) -> int:
     """Remove from every concatenation the stored tensors that add nothing to it: empty ones
     (Hugging Face's first KV-cache step, ``cat([torch.tensor([]), k], dim=-2)``, which export
     lifts as a constant), where the other inputs have the result's dtype (an empty input still
-    takes part in type promotion). Stored only: a computed value empty at the example may not be at other sizes.
-    Returns how many inputs were removed.
+    takes part in type promotion). Stored only: a computed value empty at the example may not
+    be at other sizes. Returns how many inputs were removed.
 
         >>> import torch, torch.fx
         >>> class Cache(torch.nn.Module):
@@ -93,14 +93,7 @@ def drop_empty_cat_inputs(gm: torch.fx.GraphModule) -> int:
         tensors = bind_arguments(node, spec).get("tensors")
         if not isinstance(tensors, (list, tuple)):
             continue
-
-        def adds_nothing(value: Any) -> bool:
-            if not isinstance(value, torch.fx.Node) or value.op != "get_attr":
-                return False
-            stored = get_attr_value(gm, value.target)
-            return isinstance(stored, torch.Tensor) and stored.numel() == 0
-
-        kept = [t for t in tensors if not adds_nothing(t)]
+        kept = [t for t in tensors if not _stored_empty(gm, t)]
         if len(kept) == len(tensors) or not kept:
             continue
         if any((meta := tensor_meta(t)) is None or meta[1] != out[1] for t in kept):
@@ -113,6 +106,14 @@ def drop_empty_cat_inputs(gm: torch.fx.GraphModule) -> int:
     if removed:
         gm.recompile()
     return removed
+
+
+def _stored_empty(gm: torch.fx.GraphModule, value: Any) -> bool:
+    """Whether `value` reads a stored tensor with no elements."""
+    if not isinstance(value, torch.fx.Node) or value.op != "get_attr":
+        return False
+    stored = get_attr_value(gm, value.target)
+    return isinstance(stored, torch.Tensor) and stored.numel() == 0
 
 
 def unpack_tuples(gm: torch.fx.GraphModule) -> int:

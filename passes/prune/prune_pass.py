@@ -193,7 +193,7 @@ def _checked_mask(cg: ChannelGraph, dead: Any, blocked: np.ndarray) -> np.ndarra
                    None)
     if emptied is not None:
         readers = [r.node for r in cg.rules.values()
-                   if any(sid == emptied.id for _, sid, *_ in r.inputs) or any(sid == emptied.id for _, sid in r.consumed)]
+                   if emptied.id in {entry[1] for entry in (*r.inputs, *r.consumed)}]
         read_by = f", the input of {', '.join(map(repr, readers[:3]))}" if readers else ""
         raise ValueError(f"the dead mask removes every channel of '{emptied.node}' (axis {emptied.axis}){read_by}: "
                          "keep at least one (an op cannot run on a value with no channels)")

@@ -51,17 +51,14 @@ def _normalized_dims(node: torch.fx.Node, view) -> tuple:
             raise _Pin(f"{view.kind} over a normalized shape computed in the graph, of unknown length")
     return tuple(norm_shape) if isinstance(norm_shape, (list, tuple)) else (norm_shape,)
 
+
 def _pointwise(view) -> bool:
     """A conv that reads each spatial position alone and writes it in place: kernel 1, stride 1,
-    no padding (dilation is then moot), not transposed."""
-    weight = view.param("weight")
-    attrs = view.attrs
+    no padding (dilation is then moot), not transposed. The op view gives stride and padding
+    as tuples in both front ends (a padding string it cannot say in integers stays one)."""
+    weight, attrs = view.param("weight"), view.attrs
     return (weight is not None and all(k == 1 for k in weight.shape[2:]) and not attrs.get("transposed")
-            and all(v == 1 for v in _as_ints(attrs.get("stride", 1))) and all(v == 0 for v in _as_ints(attrs.get("padding", 0))))
-
-
-def _as_ints(value) -> tuple:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            and all(v == 1 for v in attrs["stride"]) and all(v == 0 for v in attrs["padding"]))
 
 
 class LayerRules:
