@@ -109,6 +109,8 @@ class LowerInt8(Pass):
         if not observers:
             raise QuantizationError("lower-int8 found no observers: run insert-observers and calibrate "
                                     "(fxopt.calibrate) first, or use the composite 'quantize' pass")
+        if all(obs.batches == 0 for obs in observers.values()):
+            raise QuantizationError(_uncalibrated_message(len(observers), ctx))
         stats: dict = {}
         exclude = self._skipped_layers(gm) if self.skip else set()
         if self.target_sqnr is not None:
@@ -793,6 +795,19 @@ def _is_quantize(node) -> bool:
 
 def _is_dequantize(node) -> bool:
     return node.op == "call_function" and node.target in _DEQUANTIZE
+
+
+def _uncalibrated_message(count: int, ctx: PassContext) -> str:
+    """Why every observer is empty, and what to run: a pipeline's `calibration=` batches are
+    run by the composite `quantize` pass only, never between two passes of a pipeline."""
+    head = f"lower-int8: every observer ({count}) has seen no data"
+    if ctx.calibration:
+        return (f"{head}; the {len(ctx.calibration)} calibration batches given to this run are only fed "
+                "through the model by the 'quantize' pass (insert-observers, calibrate, lower-int8 in one "
+                "step): use 'quantize{...}' in place of 'insert-observers,lower-int8', or run "
+                "insert-observers, then fxopt.calibrate(module, batches), then lower-int8")
+    return (f"{head}: run calibration batches through the observed module (fxopt.calibrate) before "
+            "lower-int8, or use the composite 'quantize' pass with calibration=")
 
 
 __all__ = ["LowerInt8", "lower_module", "strip_observers"]

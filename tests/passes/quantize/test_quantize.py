@@ -584,6 +584,8 @@ def test_calibrate_and_lower_misuse():
         fxopt.PassManager("lower-int8").run(observed, x)
     with pytest.raises(PassError, match="no observers"):
         fxopt.PassManager("lower-int8").run(fxopt.capture(model, x), x)
+    with pytest.raises(PassError, match=r"calibration batches given to this run are only fed .* 'quantize' pass"):
+        fxopt.optimize(model, x, "insert-observers,lower-int8", calibration=[x, x])
 
 
 def test_unsupported_ops_stay_float_and_are_listed():
