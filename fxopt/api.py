@@ -75,6 +75,7 @@ def optimize(
     calibration: Sequence[Any] | None = None,
     verify: bool = True,
     mode: Mode = "auto",
+    dynamic_shapes: dict | tuple | list | None = None,
     tolerance: str | Tolerance | None = None,
     verify_each: bool = False,
     print_ir_after_each: bool = False,
@@ -87,7 +88,8 @@ def optimize(
     """Capture `model` (or take a GraphModule), run `pipeline`, verify the result.
 
     `example_inputs`: a tensor, a tuple of args or a dict of kwargs. `calibration`: batches in
-    the same form, for passes that need data (quantization, taylor importance). `tolerance`
+    the same form, for passes that need data (quantization, taylor importance). `mode` and
+    `dynamic_shapes` are `fxopt.capture`'s (torch.export's dims to keep dynamic). `tolerance`
     defaults to the loosest that the pipeline's passes promise. `devices` to verify on
     defaults to CPU plus CUDA when a GPU is present. The input model is never modified. A
     result that fails verification is still returned, with a `VerificationWarning`. The result
@@ -105,7 +107,7 @@ def optimize(
     check_batches(calibration)
     _check_devices(devices)
     args, kwargs = normalize_inputs(example_inputs)
-    original = capture(model, example_inputs, mode=mode)
+    original = capture(model, example_inputs, mode=mode, dynamic_shapes=dynamic_shapes)
     batches = [normalize_inputs(b) for b in calibration] if calibration is not None else None
     manager_instruments = list(instruments)
     if print_ir_after_each or print_ir_after_change:

@@ -18,8 +18,8 @@ Non-tensor inputs (``flag=True``, ``scale=0.5``, ``mode="fast"``, ``mask=None``,
 keyword, or left out at a default that is not a number) are *specialized*: the graph is valid
 for the captured value only. The symbolic graph keeps the argument under its own name and
 checks it on every call; a call with another value fails with "captured with flag=True ..."
-(an exported graph fails on its own guard, "Guard failed: flag == True", and on fxopt's for
-an input captured as None, which export does not check).
+(an exported graph with an `InputMismatchError` saying the same, or, for an input captured as
+None, which export does not check, on fxopt's own guard).
 
 A forward that draws random numbers from torch (noise, `rand_like`, dropout in training mode)
 is checked, like every comparison fxopt makes, with both runs drawing the same numbers
@@ -58,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
+from .call_check import explain_failed_calls, record_inputs
 from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
@@ -108,10 +109,17 @@ def capture(
     mode: Mode = "auto",
     *,
     dynamic_batch: bool = True,
+    dynamic_shapes: dict | tuple | list | None = None,
 ) -> torch.fx.GraphModule:
     """Capture `model` as a GraphModule; see the module docstring for the front ends.
 
     `example_inputs` is a tensor, a tuple of positional args, or a dict of keyword args.
+    `dynamic_shapes` is torch.export's (``{"x": {1: torch.export.Dim.AUTO}}`` keeps dim 1 of
+    input `x`, a sequence length, dynamic), for the export front end: given by input name, it is
+    added to the dynamic batch (an input's dims it does not name keep fxopt's batch dim); as a
+    tuple or list, it replaces it. A symbolic graph runs at any size without it. An exported
+    graph called with a size or a keyword it does not take raises `fxopt.errors.InputMismatchError`,
+    which names the input, the dimension and the size or range it was captured with.
     The result records its front end in `gm.meta["fxopt"]["frontend"]` and carries shape and
     dtype metadata on every node (`node.meta["tensor_meta"]`). Raises CaptureError naming
     each front end tried and the op or source line that stopped it, or, when the inputs are the
@@ -128,6 +136,9 @@ def capture(
     """
     if mode not in MODES:
         raise ValueError(f"capture mode '{mode}' is not one of: {', '.join(MODES)}")
+    if dynamic_shapes is not None and not isinstance(dynamic_shapes, (dict, tuple, list)):
+        raise TypeError(f"dynamic_shapes is torch.export's: a dict by input name, or a tuple or list by position, "
+                        f"got {type(dynamic_shapes).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
@@ -151,7 +162,7 @@ def capture(
                 gm = _symbolic(model, args, kwargs)
                 info: dict[str, Any] = {"dynamic_batch": True}
             else:
-                gm, info = _export(model, args, kwargs, dynamic_batch)
+                gm, info = _export(model, args, kwargs, dynamic_batch, dynamic_shapes)
         except Exception as exc:  # each front end fails in its own way; report them all
             attempts.append(_failed_attempt(frontend, exc))
             continue
@@ -166,7 +177,7 @@ def capture(
             "model_class": type(model).__qualname__,
             **info,
         }
-        return gm
+        return explain_failed_calls(gm)
     _raise_if_eager_fails(model, args, kwargs)  # then the inputs, not the front ends, are the problem
     lines = "\n".join(a.describe() for a in attempts) + _hint(attempts, model)
     raise CaptureError(f"could not capture {type(model).__qualname__}; front ends tried:\n{lines}")
@@ -273,7 +284,7 @@ def _user_line(frames: list) -> str:
     return f' at "{f.filename}", line {f.lineno}: {(f.line or "").strip()}'
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
+def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dynamic_shapes: Any = None):
     from torch.export import Dim, export
 
     info: dict[str, Any] = {"dynamic_batch": False}
@@ -288,6 +299,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
         try:
             dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
+            dyn = _with_user_dims(dyn, dynamic_shapes)
             with _quiet_torch():
                 ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
             if _batch_is_symbolic(ep):
@@ -301,7 +313,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
         ep = None
     if ep is None:
         with _quiet_torch():
-            ep = export(model, args, kwargs, strict=False)
+            ep = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         if attempts_error is not None:
             info["dynamic_batch_error"] = first_line(attempts_error)
             # a graph that runs at one batch size only surprises at the next call: say it now
@@ -309,6 +321,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
                           f"the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
                           "runs at the example's shapes only", stacklevel=3)
     gm = ep.module()
+    inputs = record_inputs(gm, ep, model, args, kwargs)  # before any pass: export's own reading of them
+    if inputs is not None:
+        info["inputs"] = inputs
     drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
     _guard_none_inputs(gm, model, args, kwargs)
     _record_shapes_and_check(model, gm, args, kwargs)
@@ -466,7 +481,7 @@ def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> 
     if args or kwargs:
         with torch.no_grad():
             propagate_shapes(gm, args, kwargs)
-    return gm
+    return explain_failed_calls(gm)
 
 
 # ----- example inputs -----------------------------------------------------------------------
@@ -848,6 +863,21 @@ def _dynamic_batch_spec(model: nn.Module, args: tuple, kwargs: dict, dim: Any, b
         else:
             out[name] = tree_map(spec, value)
     return out
+
+
+def _with_user_dims(batch_spec: Any, user: Any) -> Any:
+    """The batch spec (`_dynamic_batch_spec`) with the caller's `dynamic_shapes` added: by input
+    name, an input's dims the caller names are the caller's, its batch dim stays; a tuple or list
+    (by position) replaces the batch spec."""
+    if user is None:
+        return batch_spec
+    if not isinstance(user, dict) or not isinstance(batch_spec, dict):
+        return user
+    merged = dict(batch_spec)
+    for name, dims in user.items():
+        ours = merged.get(name)
+        merged[name] = {**ours, **dims} if isinstance(ours, dict) and isinstance(dims, dict) else dims
+    return merged
 
 
 def _nondeterministic(model: nn.Module, args: tuple, kwargs: dict, state: BufferState) -> bool:

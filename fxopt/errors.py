@@ -36,6 +36,22 @@ class CaptureError(FxoptError):
     """
 
 
+class InputMismatchError(FxoptError, ValueError):
+    """A call of an exported graph does not fit the inputs it was captured with: a keyword it
+    was captured without, another structure, or a size export fixed (a sequence length). Names
+    the input, the dimension and the captured size or range, and says how to capture again; the
+    error torch raised is its ``__cause__``.
+
+        >>> import torch, fxopt
+        >>> gm = fxopt.capture(torch.nn.Linear(4, 2), torch.randn(3, 4), mode="export")
+        >>> try:
+        ...     gm(torch.randn(3, 5))
+        ... except fxopt.errors.InputMismatchError as exc:
+        ...     print(str(exc).split(";")[0])
+        input 0 ('input') has size 5 at dim 1, where the graph was captured with size 4
+    """
+
+
 class PipelineError(FxoptError):
     """A pipeline text or pass option is invalid (unknown pass/option, bad value).
 

@@ -38,6 +38,7 @@ import torch.fx
 from torch.overrides import TorchFunctionMode
 
 from .analysis import AnalysisManager
+from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
 from .errors import PassError, PassWarning, first_line
@@ -330,7 +331,7 @@ class PassManager:
             example_inputs = (example_inputs,)
         # each pass gets its own copy of its input (_run_one), so gm needs none of its own when a
         # pass runs: that copy was half the time of a one-pass pipeline (a deep copy of the graph)
-        current = gm if self._runs_a_pass() else clone_sharing_tensors(gm)
+        current = gm if self._runs_a_pass() else explain_failed_calls(clone_sharing_tensors(gm))
         # the passes get copies of the example inputs: one that writes into them changes
         # neither the caller's tensors nor what verification runs on
         example_inputs, example_kwargs = fresh_inputs(tuple(example_inputs), example_kwargs)
@@ -388,6 +389,7 @@ class PassManager:
                 result.module.graph.lint()  # a malformed graph is this pass's fault, not the next one's
                 result.module.recompile()
             _keep_capture_meta(current, result.module)
+            explain_failed_calls(result.module)  # a new module: its call is not wrapped yet
             record.seconds = time.perf_counter() - start
             record.modified, record.stats = result.modified, _plain(dict(result.stats))
             record.nodes_after = _count(result.module)

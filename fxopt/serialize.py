@@ -42,6 +42,7 @@ from torch.utils._pytree import treespec_dumps, treespec_loads
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference int8 form's ops
 
+from .call_check import explain_failed_calls
 from .errors import SerializationError, first_line, node_location
 
 FORMAT = "fxopt.graph/1"
@@ -196,7 +197,19 @@ def _plain_meta(value: Any) -> Any:
 
     if isinstance(value, Tolerance):
         return {"tolerance": dataclasses.asdict(value)}
-    return value if isinstance(value, (str, int, float, bool)) else None
+    return value if _is_plain_data(value) else None
+
+
+def _is_plain_data(value: Any) -> bool:
+    """Numbers, strings, None, and lists and str-keyed dicts of them (capture's record of an
+    exported graph's inputs)."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return True
+    if isinstance(value, list):
+        return all(_is_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
+    return False
 
 
 def _meta_value(value: Any) -> Any:
@@ -620,7 +633,7 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
         gm = torch.fx.GraphModule(root, graph)
     if data.get("fxopt_meta"):  # files written before it was stored have none
         gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
-    return gm
+    return explain_failed_calls(gm)
 
 
 def tensor_from_plain(value):

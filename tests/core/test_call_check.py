@@ -1,0 +1,142 @@
+"""An exported graph called with inputs it was not captured for names the input, the dimension
+and the captured size or range, and says how to capture again (fxopt/call_check.py)."""
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.errors import InputMismatchError
+
+
+class Positions(nn.Module):
+    """Adds a learned position table sliced to the sequence length: export fixes that length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.pos = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x, mask=None):
+        y = self.proj(x) + self.pos[: x.shape[1]]
+        return y if mask is None else y * mask
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, y):
+        return x * 2 + y
+
+
+def _export(model, inputs, **kw):
+    return fxopt.capture(model.eval(), inputs, mode="export", **kw)
+
+
+def test_a_specialized_sequence_length_names_input_dim_and_captured_size():
+    gm = _export(Positions(), (torch.randn(2, 5, 8),))
+    assert gm(torch.randn(3, 5, 8)).shape == (3, 5, 8)  # the batch stays dynamic: no error
+    with pytest.raises(InputMismatchError) as info:
+        gm(torch.randn(2, 6, 8))
+    text = str(info.value)
+    assert "input 0 ('x') has size 6 at dim 1, where the graph was captured with size 5" in text
+    assert "dynamic_shapes={'x': {1: torch.export.Dim.AUTO}}" in text
+    assert "Guard failed" in str(info.value.__cause__)  # torch's own words stay reachable
+
+
+def test_a_keyword_the_graph_was_captured_without_is_named():
+    gm = _export(Positions(), (torch.randn(2, 5, 8),))
+    with pytest.raises(InputMismatchError, match="captured without input 'mask'.*takes \\(x\\)"):
+        gm(torch.randn(2, 5, 8), mask=torch.ones(2, 5, 8))
+    with pytest.raises(InputMismatchError, match="forward has no input 'nope'"):
+        gm(torch.randn(2, 5, 8), nope=1)
+    with pytest.raises(InputMismatchError, match="by keyword.*by position"):
+        gm(x=torch.randn(2, 5, 8))
+    with pytest.raises(InputMismatchError, match="called with 2 positional inputs"):
+        gm(torch.randn(2, 5, 8), torch.ones(2, 5, 8))
+
+
+def test_a_keyword_input_the_graph_was_captured_with_must_be_given():
+    x, mask = torch.randn(2, 5, 8), torch.rand(2, 5, 8)
+    model = Positions().eval()
+    gm = _export(model, {"x": x, "mask": mask})
+    torch.testing.assert_close(gm(x=x, mask=mask), model(x, mask))
+    with pytest.raises(InputMismatchError, match="input 'mask' is missing"):
+        gm(x=x)
+
+
+def test_another_rank_is_named_with_the_captured_shape():
+    gm = _export(Positions(), (torch.randn(2, 5, 8),))
+    with pytest.raises(InputMismatchError, match=r"input 0 \('x'\) has 2 dimensions .*captured with 3 \(shape \[any, 5, 8\]\)"):
+        gm(torch.randn(2, 8))
+
+
+def test_inputs_that_share_the_batch_must_agree():
+    gm = _export(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 4)))
+    gm(torch.randn(3, 4), torch.randn(3, 4))
+    with pytest.raises(InputMismatchError, match=r"input 1 \('y'\) has size 5 at dim 0, where input 0 \('x'\) has 3"):
+        gm(torch.randn(3, 4), torch.randn(5, 4))
+
+
+def test_a_range_from_dynamic_shapes_is_named():
+    x = torch.randn(2, 5, 8)
+    seq = torch.export.Dim("seq", min=2, max=16)
+    gm = _export(Positions(), (x,), dynamic_shapes={"x": {1: seq}})
+    assert gm(torch.randn(3, 9, 8)).shape == (3, 9, 8)  # the batch is still dynamic beside it
+    with pytest.raises(InputMismatchError, match=r"size 17 at dim 1; the graph takes sizes 2 to 16 there"):
+        gm(torch.randn(2, 17, 8))
+
+
+def test_the_advice_works_dim_auto_keeps_the_sequence_length_dynamic():
+    x = torch.randn(2, 5, 8)
+    model = Positions().eval()
+    gm = _export(model, (x,), dynamic_shapes={"x": {1: torch.export.Dim.AUTO}})
+    other = torch.randn(3, 7, 8)
+    torch.testing.assert_close(gm(other), model(other))
+
+
+def test_optimize_passes_dynamic_shapes_on():
+    model = Positions().eval()
+    res = fxopt.optimize(model, (torch.randn(2, 5, 8),), "fuse", mode="export",
+                         dynamic_shapes={"x": {1: torch.export.Dim.AUTO}})
+    other = torch.randn(1, 9, 8)
+    torch.testing.assert_close(res.module(other), model(other), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_shapes_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match="dynamic_shapes"):
+        fxopt.capture(Positions().eval(), (torch.randn(2, 5, 8),), mode="export", dynamic_shapes="x:1")
+
+
+def test_an_optimized_and_a_loaded_graph_explain_too(tmp_path):
+    res = fxopt.optimize(Positions().eval(), (torch.randn(2, 5, 8),), "fuse,dce", mode="export")
+    path = tmp_path / "m.pt"
+    fxopt.save(res.module, path)
+    for gm in (res.module, fxopt.load(path)):
+        with pytest.raises(InputMismatchError, match="size 6 at dim 1, where the graph was captured with size 5"):
+            gm(torch.randn(2, 6, 8))
+        with pytest.raises(InputMismatchError, match="captured without input 'mask'"):
+            gm(torch.randn(2, 5, 8), mask=torch.ones(2, 5, 8))
+
+
+def test_a_failure_the_inputs_do_not_explain_is_raised_as_it_was():
+    gm = _export(Positions(), (torch.randn(2, 5, 8),))
+    with pytest.raises(RuntimeError, match="dtype") as info:
+        gm(torch.randn(2, 5, 8, dtype=torch.float64))  # fits the record: torch's error stands
+    assert not isinstance(info.value, InputMismatchError)
+
+
+def test_a_specialized_flag_names_its_captured_value():
+    class Flag(nn.Module):
+        def forward(self, x, flag=True):
+            return x if flag else -x
+
+    gm = _export(Flag(), (torch.randn(2, 4), True))
+    with pytest.raises(InputMismatchError, match=r"captured with input 1 \('flag'\)=True.*called with False"):
+        gm(torch.randn(2, 4), False)
+
+
+def test_only_the_captured_module_is_wrapped():
+    """The wrapper sits on the GraphModule's own class: a graph of the user's is left as it was."""
+    user_gm = torch.export.export(Positions().eval(), (torch.randn(2, 5, 8),), strict=False).module()
+    before = type(user_gm)._wrapped_call
+    gm = fxopt.capture(user_gm, (torch.randn(2, 5, 8),))
+    assert type(user_gm)._wrapped_call is before
+    assert type(gm) is not type(user_gm)
