@@ -255,6 +255,9 @@ def did_you_mean(word: str, choices: Iterable[str], limit: int | None = None) ->
 
     choices = sorted(choices)
     close = difflib.get_close_matches(word, choices, n=1)
+    if not close:  # `FUSE`, `Fold_BN`: a close name in another case
+        lowered = {c.lower(): c for c in choices}
+        close = [lowered[m] for m in difflib.get_close_matches(word.lower(), list(lowered), n=1)]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     listed = choices if limit is None else choices[:limit]
     more = f", ... ({len(choices)} in all)" if len(listed) < len(choices) else ""

@@ -27,6 +27,7 @@ Example — a pass that counts nodes and changes nothing::
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import enum
 import functools
 import numbers
@@ -231,7 +232,7 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
 
     Supports bool, int, float, str, Literal[...], Enum, Optional[X], X | None, and
     tuple[X, ...] / list[X] (text form `[a,b]` or `a;b`). Text in quotes (`'a,b'`, `"none"`)
-    is that text.
+    is that text. An int may be written as any number text that is exactly one (`4e6`, `8.0`).
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -281,7 +282,9 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
         try:
             value = annotation(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"expected {annotation.__name__}, got {raw!r}") from None
+            value = _integral(raw) if annotation is int else None
+            if value is None:
+                raise ValueError(f"expected {annotation.__name__}, got {raw!r}") from None
         if annotation is int and isinstance(raw, float) and raw != value:
             raise ValueError(f"expected an integer, got {raw!r}")
         return value
@@ -350,6 +353,19 @@ def _option_hints(cls: type) -> dict[str, Any]:
         except Exception:  # noqa: BLE001  (a local class's annotation text; option_specs says more)
             _HINTS[cls] = {}
     return _HINTS[cls]
+
+
+def _integral(text: Any) -> int | None:
+    """The integer text such as ``4e6`` or ``8.0`` writes exactly, or None (``8.5``, ``1e``)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        number = decimal.Decimal(text.strip().replace("_", ""))
+    except decimal.InvalidOperation:
+        return None
+    if not number.is_finite() or number.adjusted() > 18 or number != number.to_integral_value():
+        return None  # (an exponent past 10**18 is no option value, and int() of 1e999999999 never ends)
+    return int(number)
 
 
 def _split_list(text: str) -> list[str]:

@@ -9,6 +9,7 @@ pipeline can be stored in a report or a crash reproducer and run again.
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Sequence
 
 from .errors import PipelineError
@@ -35,23 +36,55 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
             if not chunk.endswith("}"):
                 raise PipelineError(f"in '{chunk}': options must end with '}}'")
             name, body = chunk[:-1].split("{", 1)
-            options = {}
-            for item in _split_top_level(body, ",", where=chunk):
-                if not item.strip():
-                    continue
-                if "=" not in item:
-                    raise PipelineError(f"in '{chunk}': option '{item.strip()}' needs key=value")
-                key, value = item.split("=", 1)
-                if key.strip() in options:
-                    raise PipelineError(f"in '{chunk}': option '{key.strip()}' is given twice")
-                options[key.strip()] = value.strip()
+            options = _split_options(body, chunk)
         else:
             name, options = chunk, {}
         name = name.strip()
         if not is_pass_name(name):
-            raise PipelineError(f"bad pass name '{name}' in pipeline '{text}'")
+            raise PipelineError(_bad_name(name, text))
         steps.append((name, options))
     return steps
+
+
+def _split_options(body: str, chunk: str) -> dict[str, str]:
+    """`key=value` items of one pass's `{...}`, by key (a trailing comma is allowed)."""
+    if "}" in _outside_quotes(body):
+        raise PipelineError(f"in '{chunk}': a pass takes one {{...}} of options; put them all in it, "
+                            "separated by ','")
+    items = _split_top_level(body, ",", where=chunk)
+    options: dict[str, str] = {}
+    for position, item in enumerate(items, 1):
+        if not item.strip():
+            if position == len(items) or len(items) == 1:
+                continue  # `{}` or a trailing comma
+            raise PipelineError(f"in '{chunk}': empty option at position {position} (two commas in a row?)")
+        if "=" not in item:
+            decimal = position > 1 and item.strip().isdigit() and items[position - 2].strip()[-1:].isdigit()
+            hint = " (a decimal comma? numbers are written with '.', as 0.5)" if decimal else ""
+            raise PipelineError(f"in '{chunk}': option '{item.strip()}' needs key=value{hint}")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if not key:
+            raise PipelineError(f"in '{chunk}': option '{item.strip()}' has no name before '='")
+        if key in options:
+            raise PipelineError(f"in '{chunk}': option '{key}' is given twice")
+        options[key] = value
+    return options
+
+
+_CONTROL_NAMES = {"\t": "TAB", "\n": "LINE FEED", "\r": "CARRIAGE RETURN"}
+
+
+def _bad_name(name: str, text: str) -> str:
+    """Why `name` is no pass name, naming the first character pipeline text cannot hold."""
+    if not name:
+        return f"a pass name is missing in pipeline '{text}' (options '{{...}}' follow a pass name)"
+    bad = next(c for c in name if not (c.isalnum() or c in "-_."))
+    what = f"'{bad}'" if bad.isprintable() and not bad.isspace() else repr(bad)
+    char = f"{what} (U+{ord(bad):04X} {unicodedata.name(bad, _CONTROL_NAMES.get(bad, 'a control character'))})"
+    hint = (": separate passes with ','" if bad.isspace() or unicodedata.category(bad).startswith(("P", "Z", "C"))
+            else "")
+    return (f"bad pass name '{name}' in pipeline '{text}': it holds {char}; pass names are letters, digits, "
+            f"'-', '_' and '.'{hint}")
 
 
 def parse_pipeline(pipeline: str | Sequence[Pass | str]) -> list[Pass]:
@@ -126,16 +159,38 @@ def _split_top_level(text: str, sep: str, where: str) -> list[str]:
         elif ch in pairs:
             stack.append(pairs[ch])
         elif ch in pairs.values():
-            if not stack or stack.pop() != ch:
+            if not stack:
                 raise PipelineError(f"unbalanced '{ch}' in '{where}'")
+            if stack[-1] != ch:
+                raise PipelineError(f"in '{where}': '{ch}' before the '{stack[-1]}' that closes an open "
+                                    f"'{_OPENS[stack[-1]]}'")
+            stack.pop()
         if ch == sep and not stack and quote is None:
             parts.append("".join(current))
             current = []
         else:
             current.append(ch)
     if quote is not None:
-        raise PipelineError(f"missing closing {quote} in '{where}'")
+        other = "\"" if quote == "'" else "'"
+        raise PipelineError(f"missing closing {quote} in '{where}' (a {quote} opens quoted text; put text that "
+                            f"holds one in {other} marks: {other}it{quote}s{other})")
     if stack:
         raise PipelineError(f"missing '{stack[-1]}' in '{where}'")
     parts.append("".join(current))
     return parts
+
+
+_OPENS = {"}": "{", "]": "["}
+
+
+def _outside_quotes(text: str) -> str:
+    """`text` without its quoted parts."""
+    out, quote = [], None
+    for ch in text:
+        if quote is not None:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -220,7 +220,7 @@ def test_a_builtin_pass_refuses_a_text_bool_even_with_its_own_post_init():
 
 @pytest.mark.parametrize("text, fragment", [
     ("test-tunable{ratio=0.2", "missing '}'"),
-    ("test-tunable{ignore=[a,b}", "unbalanced '}'"),
+    ("test-tunable{ignore=[a,b}", "'}' before the ']' that closes an open '['"),
     ("test-tunable ratio=0.2}", "unbalanced '}'"),
     ("test-tunable{ignore=[a,b]", "missing '}'"),
     ("test-tunable{ratio}", "needs key=value"),
@@ -228,6 +228,90 @@ def test_a_builtin_pass_refuses_a_text_bool_even_with_its_own_post_init():
     ("dce,bad name!", "bad pass name"),
 ])
 def test_syntax_errors(text, fragment):
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline(text)
+    assert fragment in str(info.value)
+
+
+def test_whitespace_of_any_kind_around_names_options_and_values_is_ignored():
+    passes = parse_pipeline("\tdce ,\n test-tunable { ratio = 0.25 ,\tsteps =\u00a07 } , ")
+    assert passes == [fxopt.get_pass("dce")(), Tunable(ratio=0.25, steps=7)]
+
+
+def test_repeated_passes_run_each_time_with_their_own_options():
+    passes = parse_pipeline("dce,test-tunable{steps=1},dce,test-tunable{steps=2}")
+    assert [p.name for p in passes] == ["dce", "test-tunable", "dce", "test-tunable"]
+    assert [passes[1].steps, passes[3].steps] == [1, 2]
+    assert format_pipeline(passes) == "dce,test-tunable{steps=1},dce,test-tunable{steps=2}"
+
+
+@pytest.mark.parametrize("text, value", [
+    ("ratio=-0.25", -0.25), ("ratio=2.5e-1", 0.25), ("ratio=+.5", 0.5), ("ratio=1E-3", 0.001),
+    ("steps=-3", -3), ("steps=4e1", 40), ("steps=8.0", 8), ("steps=1_000", 1000), ("limit=-1", -1),
+    ("limit=2e3", 2000),
+])
+def test_numbers_in_every_notation(text, value):
+    """An int option took `4e6` (lower-cpu's min_macs of 4 M) as 'expected int'."""
+    (p,) = parse_pipeline(f"test-tunable{{{text}}}")
+    got = getattr(p, text.split("=")[0])
+    assert got == value and type(got) is type(value)
+    assert parse_pipeline(format_pipeline([p])) == [p]
+
+
+@pytest.mark.parametrize("value", ["2.5", "1e", "1e-1", "1e999999999", "nan", "inf", "0x10"])
+def test_an_int_option_refuses_text_that_is_no_integer(value):
+    with pytest.raises(PipelineError, match=f"option 'steps': expected int, got '{value}'"):
+        parse_pipeline(f"test-tunable{{steps={value}}}")
+
+
+def test_an_empty_option_is_refused_like_an_empty_step_but_a_trailing_comma_is_not():
+    assert parse_pipeline("test-tunable{steps=2,}") == [Tunable(steps=2)]
+    with pytest.raises(PipelineError, match=r"empty option at position 2 \(two commas in a row\?\)"):
+        parse_pipeline("test-tunable{steps=2,,ratio=0.1}")   # was dropped silently
+
+
+def test_a_decimal_comma_gets_a_hint():
+    with pytest.raises(PipelineError, match=r"option '5' needs key=value \(a decimal comma\? .* 0.5\)"):
+        parse_pipeline("test-tunable{ratio=0,5}")
+
+
+def test_a_second_group_of_options_is_named():
+    with pytest.raises(PipelineError, match=r"a pass takes one \{\.\.\.\} of options"):
+        parse_pipeline("test-tunable{ratio=0.5}{steps=2}")   # was "unbalanced '}'"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("dce，remove-noops", "'，' (U+FF0C FULLWIDTH COMMA)"),
+    ("dce\u200b,remove-noops", "'\\u200b' (U+200B ZERO WIDTH SPACE)"),
+    ("dce\tremove-noops", "'\\t' (U+0009 TAB)"),
+])
+def test_a_bad_pass_name_names_the_character(text, fragment):
+    """An invisible or look-alike character made 'bad pass name' unreadable."""
+    with pytest.raises(PipelineError) as info:
+        parse_pipeline(text)
+    assert fragment in str(info.value) and "separate passes with ','" in str(info.value)
+
+
+def test_unicode_option_text_round_trips_and_unicode_names_get_suggestions():
+    p = Tunable(label="café", ignore=("块.0", "naïve"))
+    assert parse_pipeline(format_pipeline([p])) == [p]
+    with pytest.raises(PipelineError, match="unknown pass 'dcé' \\(did you mean 'dce'\\?\\)"):
+        parse_pipeline("dcé")
+
+
+def test_a_name_in_another_case_is_suggested():
+    with pytest.raises(PipelineError, match=r"unknown pass 'DCE' \(did you mean 'dce'\?\)"):
+        parse_pipeline("DCE")
+    with pytest.raises(PipelineError, match=r"no option 'Ratio' \(did you mean 'ratio'\?\); valid: enabled"):
+        parse_pipeline("test-tunable{Ratio=0.1}")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("test-tunable{=1}", "option '=1' has no name before '='"),
+    ("{ratio=1}", "a pass name is missing"),
+    ("test-tunable{label=it's}", "put text that holds one in \" marks: \"it's\""),
+])
+def test_more_syntax_errors_say_what_is_wrong(text, fragment):
     with pytest.raises(PipelineError) as info:
         parse_pipeline(text)
     assert fragment in str(info.value)
