@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch.fx
 
@@ -52,15 +53,33 @@ def output_dir(path: str | Path, what: str = "dump") -> Path:
     return directory
 
 
+#: The list of the step files the last pipeline dump into a folder wrote, one name a line.
+MANIFEST = ".fxopt-dump-steps"
+
+
 def remove_stale_steps(directory: str | Path) -> list[str]:
-    """Delete the step files an earlier pipeline dump left in `directory` (only names of the
-    `NN-<pass>.txt/.dot/.svg/.diff` pattern fxopt writes; other files stay); their names."""
+    """Delete the step files the last pipeline dump wrote in `directory`, as its manifest
+    (`MANIFEST`) lists them; their names. A file fxopt did not write stays, whatever its name
+    (`01-notes.txt` too): a folder without a manifest loses nothing."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return []
     removed = []
-    for f in sorted(Path(directory).iterdir()):
-        if f.is_file() and STEP_FILE.fullmatch(f.name):
-            f.unlink()
-            removed.append(f.name)
+    for name in manifest.read_text(encoding="utf-8").splitlines():
+        path = directory / name
+        if STEP_FILE.fullmatch(name) and path.is_file():  # a name, never a path out of the folder
+            path.unlink()
+            removed.append(name)
+    manifest.unlink()
     return removed
+
+
+def record_step_files(directory: str | Path, paths: Iterable[Path | None]) -> None:
+    """Add the files a pipeline dump just wrote to the folder's manifest (`remove_stale_steps`)."""
+    names = [Path(p).name for p in paths if p is not None]
+    with open(Path(directory) / MANIFEST, "a", encoding="utf-8") as manifest:
+        manifest.writelines(f"{name}\n" for name in names)
 
 
 def write_graph(

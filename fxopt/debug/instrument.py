@@ -5,9 +5,9 @@ pass as `NN-<pass>` (listing .txt, .dot, .svg when Graphviz is installed), the u
 of listings between consecutive steps as `NN-<pass>.diff`, and `index.html`: one row per
 step in order with its files, pass time, node counts, statistics and the verification
 summary when the pass record has one (run `VerifyEach` too, or `optimize(verify_each=True)`).
-The index is rewritten after every step, so a pipeline that crashes still leaves one. Step
-files an earlier dump left in `out_dir` (`NN-*.txt/.dot/.svg/.diff`) are deleted first, so the
-folder holds one run; other files stay.
+The index is rewritten after every step, so a pipeline that crashes still leaves one. The step
+files the last dump wrote in `out_dir` (listed in its `.fxopt-dump-steps`) are deleted first,
+so the folder holds one run; every other file stays, whatever its name.
 
     >>> import tempfile, torch, fxopt
     >>> from fxopt.debug import DumpInstrument
@@ -32,7 +32,7 @@ from ..pass_base import Pass, PassContext, PassResult
 from ..pipeline import format_pipeline
 from .diff import listing_diff
 from .dot import DEFAULT_COLLAPSE_THRESHOLD
-from .files import GraphFiles, output_dir, remove_stale_steps, write_graph
+from .files import GraphFiles, output_dir, record_step_files, remove_stale_steps, write_graph
 from .html import file_links, link, page, verdict
 from .render import DEFAULT_TIMEOUT_S
 
@@ -113,6 +113,7 @@ class DumpInstrument(Instrument):
         step = Step(stem, files, record)
         if self.steps:
             step.diff, step.added, step.removed = write_diff(self.steps[-1], files, self.out_dir / f"{stem}.diff")
+        record_step_files(self.out_dir, [files.listing, files.dot, files.svg, step.diff])
         self.steps.append(step)
         self.write_index()
 

@@ -121,8 +121,24 @@ def test_a_second_pipeline_dump_into_the_same_folder_leaves_no_stale_steps(tmp_p
     (tmp_path / "1-keep.txt").write_text("not fxopt's pattern")
     dump_pipeline(m, x, "remove-noops", tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".svg")
-    assert names == ["00-captured.dot", "00-captured.txt", "01-remove-noops.diff", "01-remove-noops.dot",
-                     "01-remove-noops.txt", "1-keep.txt", "index.html", "notes.txt"]
+    assert names == [".fxopt-dump-steps", "00-captured.dot", "00-captured.txt", "01-remove-noops.diff",
+                     "01-remove-noops.dot", "01-remove-noops.txt", "1-keep.txt", "index.html", "notes.txt"]
+
+
+def test_a_dump_deletes_no_file_it_did_not_write_whatever_its_name(tmp_path):
+    """A first dump into a folder deleted the user's 01-notes.txt, 10-todo.txt and
+    2024-meeting-notes.txt: every name of the step-file pattern went, not just fxopt's."""
+    from fxopt.debug import dump_pipeline
+
+    mine = {"01-notes.txt": "a", "10-todo.txt": "b", "2024-meeting-notes.txt": "c", "03-plan.diff": "d"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 4)
+    dump_pipeline(m, x, "remove-noops,dce", tmp_path)
+    dump_pipeline(m, x, "dce", tmp_path)   # the second removes the first's 02-dce.*, and only that
+    assert {name: (tmp_path / name).read_text() for name in mine} == mine
+    assert not list(tmp_path.glob("02-*")) and (tmp_path / "01-dce.txt").exists()
 
 
 def test_dump_to_a_file_path_says_it_is_a_file(tmp_path):
