@@ -308,11 +308,32 @@ def _save_module(module: nn.Module, node) -> dict:
             fix = "capture with mode='export', which calls no module of the model's own"
         raise SerializationError(f"save: {node_location(node)} calls a {cls.__qualname__}; only torch.nn "
                                  f"leaf modules can be stored ({fix})")
+    _refuse_hooks(module, node)
     attrs = {k: v for k, v in vars(module).items() if _is_simple(v)}
     # None entries are kept: Conv3d(bias=False) reads self.bias, so a dropped key breaks forward.
     return {"class": [cls.__module__, cls.__qualname__], "attrs": attrs,
             "parameters": {k: _detached(v) for k, v in module._parameters.items()},
+            "requires_grad": {k: v.requires_grad for k, v in module._parameters.items() if v is not None},
             "buffers": {k: _detached(v) for k, v in module._buffers.items()}}
+
+
+_HOOKS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+          "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+
+
+def _refuse_hooks(module: nn.Module, node) -> None:
+    """A hook on a module the graph calls is Python code, which the file does not hold: the
+    loaded graph would run without it (a forward hook that scales the output: another result)."""
+    for attr, kind in _HOOKS.items():
+        hooks = getattr(module, attr, None) or {}
+        for hook in hooks.values():
+            code = getattr(hook, "__code__", None)
+            where = f" at {code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+            name = getattr(hook, "__qualname__", type(hook).__name__)
+            raise SerializationError(
+                f"save: {node_location(node)} calls a {type(module).__name__} with a {kind} ({name}{where}); a hook "
+                "is Python code, which fxopt.save does not store, so the loaded graph would run without it: "
+                "capture with mode='export', which traces forward hooks into the graph, or remove the hook")
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -674,8 +695,10 @@ def _load_module(record: dict) -> nn.Module:
     for key, value in record["attrs"].items():
         module.__dict__[key] = value
     # A None entry is registered as None, as the class's own __init__ does (Conv3d(bias=False)).
+    requires_grad = record.get("requires_grad") or {}  # (files of earlier versions: none)
     for key, value in record["parameters"].items():
-        module._parameters[key] = None if value is None else nn.Parameter(value, requires_grad=False)
+        module._parameters[key] = (None if value is None
+                                   else nn.Parameter(value, requires_grad=bool(requires_grad.get(key, False))))
     for key, value in record["buffers"].items():
         module._buffers[key] = value
     if isinstance(module, nn.RNNBase):  # its weak references to the weights are not state: rebuild them

@@ -147,6 +147,39 @@ def test_parameters_come_back_as_parameters(mode, tmp_path):
     assert names(loaded) == names(res.module) and len(names(loaded)) == 4
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_parameters_come_back_requiring_grad_as_they_were_saved(mode, tmp_path):
+    """A symbolic graph's module parameters came back with requires_grad=False (its get_attr ones
+    kept theirs): the loaded model's outputs had no grad_fn to fine-tune from."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    gm = fxopt.optimize(model, (torch.randn(3, 4),), "dce", mode=mode).module
+    gm.get_parameter(next(name for name, _ in gm.named_parameters())).requires_grad_(False)
+    fxopt.save(gm, tmp_path / "m.pt")
+    loaded = fxopt.load(tmp_path / "m.pt")
+    flags = lambda m: {n: p.requires_grad for n, p in m.named_parameters()}  # noqa: E731
+    assert flags(loaded) == flags(gm) and sum(flags(gm).values()) == 3
+    assert loaded(torch.randn(2, 4)).requires_grad
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
+def test_a_hook_on_a_called_module_is_refused_by_save(hook, tmp_path):
+    """The hook was dropped without a word: the loaded graph computed without it (10x off)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval()
+    scale = {"forward": lambda mod, i, o: o * 10, "forward_pre": lambda mod, i: (i[0] * 10,),
+             "full_backward": lambda mod, gi, go: None}[hook]
+    getattr(model[0], f"register_{hook}_hook")(scale)
+    res = fxopt.optimize(model, (torch.randn(3, 4),), "dce", mode="symbolic")
+    with pytest.raises(fxopt.SerializationError,
+                       match=r"node '_0' \(call_module 0\) calls a Linear with a .*hook \(.*<lambda> at .*test_serialize.py:\d+\)"
+                             r".*capture with mode='export'"):
+        fxopt.save(res.module, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+    exported = fxopt.optimize(model, (torch.randn(3, 4),), "dce", mode="export").module
+    fxopt.save(exported, tmp_path / "e.pt")   # the advice works: export traced the hook in
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(fxopt.load(tmp_path / "e.pt")(x), model(x))
+
+
 class _Flagged(nn.Module):
     def __init__(self):
         super().__init__()
