@@ -249,8 +249,25 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
     fresh_literal_constants(gm)  # a literal the forward writes is a new tensor each call, as in eager
     _name_specialized_inputs(gm, concrete)
     # the check passes every input, the specialized ones too, exactly as the caller will
-    _record_shapes_and_check(model, gm, args, kwargs)
+    try:
+        _record_shapes_and_check(model, gm, args, kwargs)
+    except CaptureError as exc:
+        _blame_root_hooks(model, exc)
+        raise
     return gm
+
+
+def _blame_root_hooks(model: nn.Module, exc: CaptureError) -> None:
+    """fx traces the model's `forward`, not its `__call__`: a forward hook or pre-hook on the
+    model itself is missing from the graph. When the graph then computes something else, say so
+    (the check blamed "Python control flow or state"). Hooks on submodules run where they are called."""
+    for attr, kind in (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook")):
+        for hook in (getattr(model, attr, None) or {}).values():
+            code = getattr(hook, "__code__", None)
+            where = f" at {code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+            raise CaptureError(f"{first_line(exc).split(': ')[0]}: {type(model).__name__} has a {kind} on itself "
+                               f"({getattr(hook, '__name__', type(hook).__name__)}{where}); symbolic tracing runs "
+                               "forward without it, mode='export' records it") from exc
 
 
 _RANDOM_OPS = frozenset({"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",

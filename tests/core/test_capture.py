@@ -1059,3 +1059,20 @@ def test_symbolic_failing_on_a_decorated_forward_says_what_to_do():
     with pytest.raises(CaptureError, match=r"co_varnames is too small\n  hint: symbolic tracing cannot rebuild the "
                                            r"signature .* capture with mode='export'"):
         capture(_DecoratedForward(), {"x": torch.randn(2, 4)}, mode="symbolic")
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_a_hook_on_the_model_itself_is_named_when_symbolic_tracing_misses_it(kind):
+    """fx traces forward, not __call__: the check blamed "Python control flow or state"."""
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    hook = {"forward": lambda mod, i, o: o * 3 + 1, "forward_pre": lambda mod, i: (i[0] * 3,)}[kind]
+    getattr(model, f"register_{kind}_hook")(hook)
+    kind_text = {"forward": "forward hook", "forward_pre": "forward pre-hook"}[kind]
+    with pytest.raises(CaptureError, match=rf"output 0 differs from the model by [\d.]+: Sequential has a {kind_text} "
+                                           r"on itself \(<lambda> at .*test_capture.py:\d+\); symbolic tracing runs "
+                                           r"forward without it, mode='export' records it"):
+        capture(model, (torch.randn(2, 4),), mode="symbolic")
+    gm = capture(model, (torch.randn(2, 4),))   # auto falls back to export, which records the hook
+    x = torch.randn(3, 4)
+    assert gm.meta["fxopt"]["frontend"] == "export"
+    torch.testing.assert_close(gm(x), model(x))
