@@ -175,6 +175,12 @@ class Pass:
                 if not option_value_fits(value, hints[f.name]):
                     raise ValueError(f"pass '{self.name}' option '{f.name}' must be {_expected(hints[f.name])}, "
                                      f"got {value!r} ({type(value).__name__})")
+                texts = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
+                    if isinstance(value, (tuple, list)) else []
+                if any("'" in t and '"' in t for t in texts):
+                    # optimize records every pipeline as text, which would fail after the work is done
+                    raise ValueError(f"pass '{self.name}' option '{f.name}': {value!r} holds both ' and \" marks, "
+                                     "which pipeline text (the record of every run) cannot write; use one kind")
 
     @classmethod
     def option_specs(cls) -> dict[str, str]:
@@ -240,6 +246,8 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
         if raw is None or (isinstance(raw, str) and raw.strip().lower() == "none"):
             if type(None) in args:
                 return None
+        if isinstance(raw, str) and _is_quoted(raw) and str in args:
+            return raw[1:-1]  # quoted text is that text, not a number: output='1' is the key '1'
         errors = []
         for arg in args:
             if arg is type(None):
@@ -411,17 +419,28 @@ _NEEDS_QUOTES = set(",;{}[]=\'\"")
 
 def quote_option(value: str) -> str:
     """A text option as pipeline text writes it: bare when it reads back as itself, else in
-    quotes (``'a,b'``; 'none' too, which an optional option reads as None).
+    quotes (``'a,b'``; 'none' too, which an optional option reads as None, and text that reads as a
+    number, which an ``int | str`` option would read as one).
 
         >>> quote_option("fc"), quote_option("a,b"), quote_option("none"), quote_option(" x ")
         ('fc', "'a,b'", "'none'", "' x '")
     """
-    if value and value == value.strip() and not (_NEEDS_QUOTES & set(value)) and value.lower() != "none":
+    if (value and value == value.strip() and not (_NEEDS_QUOTES & set(value)) and value.lower() != "none"
+            and not _reads_as_number(value)):
         return value
     for mark in ("'", '"'):
         if mark not in value:
             return f"{mark}{value}{mark}"
     raise ValueError(f"option text {value!r} holds both quote marks; pipeline text cannot write it")
+
+
+def _reads_as_number(text: str) -> bool:
+    """Whether an option of type `int | str` would read `text` as a number (so it is quoted)."""
+    try:
+        float(text)
+    except ValueError:
+        return _integral(text) is not None
+    return True
 
 
 def _type_label(annotation: Any) -> str:

@@ -396,3 +396,28 @@ def test_registering_a_runtime_name_again_replaces_it():
 def test_fold_constants_refuses_a_growth_bound_that_is_not_positive(value):
     with pytest.raises(fxopt.PipelineError, match=r"pass 'fold-constants': option 'max_growth' must be > 0"):
         parse_pipeline(f"fold-constants{{max_growth={value}}}")
+
+
+@dataclasses.dataclass
+class KeyOrIndex(Pass):
+    name = "test-key-or-index"
+    output: int | str | None = None
+
+    def run(self, gm, ctx):
+        return PassResult(gm, modified=False)
+
+
+def test_quoted_text_for_an_int_or_text_option_stays_text_and_round_trips():
+    """`distill{output='1'}` read the quoted text as the int 1; printed, the text '1' came back an int."""
+    assert KeyOrIndex.from_options({"output": "'1'"}).output == "1"
+    assert KeyOrIndex.from_options({"output": "1"}).output == 1
+    for value in ("1", "2.5", "1e3", 1, "logits"):
+        p = KeyOrIndex(output=value)
+        assert KeyOrIndex.from_options(dict([format_pipeline([p]).split("{")[1].rstrip("}").split("=", 1)])) == p
+
+
+@pytest.mark.parametrize("options", [dict(label="it's \"x\""), dict(ignore=("a", "b'\"c"))])
+def test_text_holding_both_quote_marks_is_refused_where_the_pass_is_built(options):
+    """optimize ran the pass, then failed to print its pipeline record with a bare ValueError."""
+    with pytest.raises(ValueError, match=r"pass 'test-tunable' option '(label|ignore)': .* holds both ' and \" marks"):
+        Tunable(**options)
