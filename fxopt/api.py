@@ -20,7 +20,7 @@ from .calibration import check_batches
 from .capture import Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
 from .ir import ref_for_get_attr, written_base
-from .manager import (Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance,
+from .manager import (Instrument, _checked_instruments, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach, pass_tolerance,
                       record_pipeline)
 from .pass_base import Pass
 from .pipeline import format_pipeline
@@ -106,10 +106,10 @@ def optimize(
     """
     check_batches(calibration)
     _check_devices(devices)
+    manager_instruments = _checked_instruments(instruments)  # one Instrument, not a list: said now
     args, kwargs = normalize_inputs(example_inputs)
     original = capture(model, example_inputs, mode=mode, dynamic_shapes=dynamic_shapes)
     batches = [normalize_inputs(b) for b in calibration] if calibration is not None else None
-    manager_instruments = list(instruments)
     if print_ir_after_each or print_ir_after_change:
         manager_instruments.append(PrintIR(only_changes=print_ir_after_change and not print_ir_after_each))
     if verify_each:

@@ -158,6 +158,9 @@ def save(gm: torch.fx.GraphModule, path) -> None:
 
 def _check_destination(path) -> None:
     """Refuse, before any work, a path no file can be written at (a folder, a missing folder)."""
+    if isinstance(path, bytes):
+        raise SerializationError(f"save: the path {path!r} is bytes; give a str or a pathlib.Path "
+                                 f"({path.decode(errors='replace')!r})")
     if not isinstance(path, (str, os.PathLike)):
         return  # a file object: torch.save writes to it
     target = os.fspath(path)
@@ -601,10 +604,16 @@ def load(path) -> torch.fx.GraphModule:
         >>> torch.equal(fxopt.load(path)(x), model(x))
         True
     """
+    if isinstance(path, bytes):
+        raise SerializationError(f"load: the path {path!r} is bytes; give a str or a pathlib.Path")
     try:
         data = torch.load(path, weights_only=True)
     except Exception as exc:  # a foreign pickle, a truncated or a non-torch file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if _is_truncated_archive(path):
+            raise SerializationError(f"load: refusing {path}: the file is cut short or damaged (a torch.save "
+                                     f"archive without its end: {first.split('. ')[0]}); save the model "
+                                     "again, or copy the whole file") from None
         raise SerializationError(f"load: refusing {path}: not an fxopt saved graph ({FORMAT}) "
                                  f"readable with weights-only semantics ({type(exc).__name__}: {first})") from None
     if not isinstance(data, dict) or data.get("format") not in (FORMAT, *_OLD_FORMATS):
@@ -617,6 +626,19 @@ def load(path) -> torch.fx.GraphModule:
     except Exception as exc:  # missing keys, wrong types: a tampered or damaged file
         raise SerializationError(f"load: refusing {path}: malformed or tampered file "
                                  f"({type(exc).__name__}: {exc})") from None
+
+
+def _is_truncated_archive(path) -> bool:
+    """Whether `path` starts as the zip archive torch.save writes but its end record (which a
+    complete zip file closes with) is missing."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, os.path.getsize(path) - 65_557))  # the end record sits in the last 64 KiB + 22 bytes
+        tail = f.read()
+    end = tail.rfind(b"PK\x05\x06")
+    return head == b"PK\x03\x04" and (end < 0 or end + 22 > len(tail))
 
 
 def _rebuild(data: dict) -> torch.fx.GraphModule:

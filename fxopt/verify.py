@@ -362,6 +362,11 @@ def verify(
     """
     from .capture import normalize_inputs, unmaterialized
 
+    for role, module in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"verify: the {role} is a {type(module).__name__}, not a torch.nn.Module; pass the "
+                            "model and the module fxopt returned (fxopt.optimize(...).module), or wrap a function "
+                            "in an nn.Module")
     tol = get_tolerance(tolerance if tolerance is not None else recorded_tolerance(candidate))
     for role, module in (("reference", reference), ("candidate", candidate)):
         problem = unmaterialized(module)  # running it would change the caller's module

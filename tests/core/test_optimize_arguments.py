@@ -31,3 +31,10 @@ def test_cuda_without_a_gpu_is_refused_up_front(monkeypatch):
 def test_named_devices_that_exist_still_verify():
     res = fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=["cpu"])
     assert list(res.verification_by_device) == ["cpu"] and res.verification.passed
+
+
+def test_one_instrument_not_in_a_list_is_named_before_any_work(monkeypatch):
+    """optimize's own list() of it said "'TimePasses' object is not iterable"."""
+    monkeypatch.setattr(api, "capture", _no_capture)
+    with pytest.raises(TypeError, match=r"instruments= takes a list of Instruments, got one TimePasses: pass \[instrument\]"):
+        fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), "dce", instruments=fxopt.TimePasses())

@@ -444,3 +444,24 @@ def test_save_to_an_unwritable_or_missing_folder_names_the_path(tmp_path):
     missing = tmp_path / "no" / "such" / "m.pt"
     with pytest.raises(fxopt.SerializationError, match=rf"the folder '{missing.parent}' does not exist"):
         fxopt.save(gm, missing)
+
+
+@pytest.mark.parametrize("keep", [0.5, -10, -1])
+def test_a_truncated_file_is_called_cut_short_not_foreign(keep, tmp_path):
+    """It said "not an fxopt saved graph" of an fxopt file that lost its end in a copy."""
+    fxopt.save(fxopt.capture(nn.Linear(4, 2), torch.randn(3, 4)), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: int(len(data) * keep) if keep > 0 else len(data) + keep])
+    with pytest.raises(fxopt.SerializationError, match=r"cut\.pt: the file is cut short or damaged"):
+        fxopt.load(tmp_path / "cut.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip archive")
+    with pytest.raises(fxopt.SerializationError, match="not an fxopt saved graph"):
+        fxopt.load(tmp_path / "junk.pt")
+
+
+def test_a_bytes_path_is_named(tmp_path):
+    gm = fxopt.capture(nn.Linear(4, 2), torch.randn(3, 4))
+    with pytest.raises(fxopt.SerializationError, match=r"save: the path b'.*m.pt' is bytes; give a str"):
+        fxopt.save(gm, bytes(tmp_path / "m.pt"))
+    with pytest.raises(fxopt.SerializationError, match=r"load: the path b'.*' is bytes"):
+        fxopt.load(bytes(tmp_path / "m.pt"))

@@ -930,3 +930,12 @@ def test_verify_each_accepts_a_candidate_sharing_a_buffer_with_the_reference():
     batches = [(torch.randn(4, 8),) for _ in range(4)]
     res = fxopt.optimize(model, x, "quantize{backend=reference}", calibration=batches, verify_each=True)
     assert res.verification.passed
+
+
+@pytest.mark.parametrize("role", ["reference", "candidate"])
+def test_verify_of_a_function_says_it_takes_modules(role):
+    """A function reached named_parameters(): "'function' object has no attribute ..."."""
+    model = torch.nn.Linear(4, 2)
+    pair = (lambda x: x, model) if role == "reference" else (model, lambda x: x)
+    with pytest.raises(TypeError, match=rf"verify: the {role} is a function, not a torch.nn.Module"):
+        fxopt.verify(*pair, torch.randn(3, 4))
