@@ -139,8 +139,14 @@ def capture(
     if dynamic_shapes is not None and not isinstance(dynamic_shapes, (dict, tuple, list)):
         raise TypeError(f"dynamic_shapes is torch.export's: a dict by input name, or a tuple or list by position, "
                         f"got {type(dynamic_shapes).__name__}")
+    if isinstance(model, torch.export.ExportedProgram):
+        raise TypeError("capture expects an nn.Module, got an ExportedProgram: pass its module "
+                        "(fxopt.capture(ep.module(), inputs)) or the model it was exported from")
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(f"{type(model).__name__} is a TorchScript module, which neither front end can "
+                           "capture; pass the nn.Module it was scripted or traced from")
     args, kwargs = normalize_inputs(example_inputs)
     problem = unmaterialized(model)
     if problem is not None:
@@ -534,9 +540,21 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any, args: tuple, kw
     except TypeError as exc:
         given = ("example_inputs is None, which gives forward no arguments" if example_inputs is None
                  else f"given {_describe_call(args, kwargs)}")
+        fix = "pass a tensor, a tuple of positional inputs or a dict of keyword inputs"
+        if isinstance(example_inputs, dict) and _binds(signature, (example_inputs,)):
+            # a dict is read as keyword inputs; a forward that takes one dict gets it in a tuple
+            fix = (f"a dict is read as keyword inputs ({', '.join(map(repr, example_inputs))}); to pass it as "
+                   "forward's one dict input, wrap it in a tuple: ({...},)")
         raise CaptureError(f"the example inputs do not fit {type(model).__qualname__}.forward{signature}: "
-                           f"{exc} ({given}); pass a tensor, a tuple of positional inputs or a dict of "
-                           "keyword inputs") from None
+                           f"{exc} ({given}); {fix}") from None
+
+
+def _binds(signature: inspect.Signature, args: tuple) -> bool:
+    try:
+        signature.bind(*args)
+    except TypeError:
+        return False
+    return True
 
 
 def _raise_if_eager_fails(model: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -1076,3 +1076,28 @@ def test_a_hook_on_the_model_itself_is_named_when_symbolic_tracing_misses_it(kin
     x = torch.randn(3, 4)
     assert gm.meta["fxopt"]["frontend"] == "export"
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_dict_for_a_forward_that_takes_one_dict_says_to_wrap_it():
+    class DictIn(nn.Module):
+        def forward(self, d):
+            return d["x"] + d["y"]
+
+    inputs = {"x": torch.randn(3, 4), "y": torch.randn(3, 4)}
+    with pytest.raises(CaptureError, match=r"a dict is read as keyword inputs \('x', 'y'\); to pass it as forward's "
+                                           r"one dict input, wrap it in a tuple: \(\{\.\.\.\},\)"):
+        capture(DictIn(), inputs)
+    gm = capture(DictIn(), (inputs,))   # the advice works
+    torch.testing.assert_close(gm(inputs), inputs["x"] + inputs["y"])
+
+
+def test_an_exported_program_or_a_torchscript_module_is_named_with_what_to_pass():
+    model = nn.Linear(4, 2).eval()
+    x = torch.randn(3, 4)
+    ep = torch.export.export(model, (x,), strict=False)
+    with pytest.raises(TypeError, match=r"got an ExportedProgram: pass its module \(fxopt.capture\(ep.module\(\), inputs\)\)"):
+        capture(ep, (x,))
+    with pytest.raises(CaptureError, match=r"RecursiveScriptModule is a TorchScript module.*pass the nn.Module"):
+        capture(torch.jit.script(model), (x,))
+    with pytest.raises(CaptureError, match=r"is a TorchScript module"):
+        capture(torch.jit.trace(model, x), (x,))
