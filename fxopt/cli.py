@@ -68,6 +68,11 @@ def load_workload(spec: str | None) -> Workload:
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
         raise ModelLoadError(f"MODEL must look like package.module:callable, got '{spec}'")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        name = os.path.splitext(os.path.basename(module_name))[0]
+        raise ModelLoadError(f"MODEL '{spec}' names a file; MODEL names a module, as Python imports it: "
+                             f"'{name}:{attr}' (run fxopt in the folder that holds {os.path.basename(module_name)}, "
+                             "or put that folder on PYTHONPATH)")
     factory = _factory(spec, module_name, attr)
     made = _call_factory(spec, factory)
     if isinstance(made, nn.Module):
@@ -301,6 +306,13 @@ def _pass_failed(exc: Exception, work: Workload | None) -> int:
     return 2
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        return False
+
+
 def _calibration_hint(exc: Exception, work: Workload | None) -> str:
     """CLI advice for a pass that needed calibration data MODEL did not give ("" otherwise).
 
@@ -324,7 +336,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     instruments: list[Instrument] = []
     try:
         # closed on the way out, whatever happens: an error message must not land on the bar's line
-        with tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False) as steps:
+        # (no bar when stderr is no terminal: a log file kept its fragments before the error line)
+        with tqdm(total=4, desc="fxopt", unit="step", file=sys.stderr, leave=False,
+                  disable=not _is_terminal(sys.stderr)) as steps:
             steps.set_postfix_str("loading model")
             work = load_workload(args.model)
             steps.update()

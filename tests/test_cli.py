@@ -315,3 +315,20 @@ def test_a_model_factory_returning_no_module_says_which_item_is_wrong(user_model
     with pytest.raises(cli.ModelLoadError, match=r"must return \(model, example_inputs\[, calibration\]\), got a "
                                                  r"tuple of 4 items"):
         cli.load_workload(f"{user_model_module}:four_things")
+
+
+@pytest.mark.parametrize("spec", ["./my_models.py:small", "my_models.py:small", "sub/my_models:small"])
+def test_a_file_path_as_model_says_to_name_the_module(spec, capsys):
+    """`./mymods.py:good` failed with importlib's "the 'package' argument is required ..."."""
+    rc = cli.main(["optimize", spec])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"MODEL '{spec}' names a file; MODEL names a module, as Python imports it: 'my_models:small'" in err
+
+
+def test_no_progress_bar_when_stderr_is_no_terminal(user_model_module, capsys):
+    """A log file got the bar's fragments ("fxopt:   0%|") on the line before the error."""
+    rc = cli.main(["optimize", f"{user_model_module}:boom"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "factory exploded" in err
+    assert "fxopt:" not in err.replace("fxopt: error", "").replace("fxopt: hint", "") and "%|" not in err
