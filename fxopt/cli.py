@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .calibration import check_batches
-from .errors import FxoptError, first_line
+from .errors import FxoptError, PipelineError, first_line
 
 DEFAULT_PIPELINE = "fuse,quantize{backend=x86}"
 
@@ -235,13 +235,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "passes":
             return _cmd_passes()
-        parse_pipeline(args.pipeline)  # a typo fails now, before the model is loaded
+        passes = parse_pipeline(args.pipeline)  # a typo fails now, before the model is loaded
+        if getattr(args, "save", None):
+            _check_savable_pipeline([p.name for p in passes][: args.bisect_limit])
         if args.command == "dump":
             return _cmd_dump(args)
         return _cmd_optimize(args)
     except FxoptError as exc:
         print(f"fxopt: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _check_savable_pipeline(names: list[str]) -> None:
+    """Refuse, before the minutes a pipeline runs, a --save whose result fxopt.save refuses: what
+    `lower-cpu` packs is per machine, and `insert-observers`' observers (until `lower-int8`) are
+    calibration state, not a model."""
+    if "lower-cpu" in names:
+        keep = ",".join(n for n in names if n != "lower-cpu") or "dce"
+        raise PipelineError(f"--save cannot store what lower-cpu packs (oneDNN kernels packed for this machine's "
+                            f"threads and shapes): save the pipeline without it (-p '{keep}' --save FILE) and "
+                            "run lower-cpu on fxopt.load's module (fxopt.optimize(loaded, inputs, 'lower-cpu'))")
+    last = max((i for i, n in enumerate(names) if n == "insert-observers"), default=-1)
+    if last >= 0 and "lower-int8" not in names[last:]:
+        raise PipelineError("--save cannot store insert-observers' observers (calibration statistics, not a model): "
+                            "end the pipeline with lower-int8, or use quantize, which does both")
 
 
 def _cmd_passes() -> int:

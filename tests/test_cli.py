@@ -1,5 +1,6 @@
 """The `fxopt` command line: optimize, dump, passes, MODEL loading and errors."""
 import pathlib
+import re
 import sys
 import textwrap
 
@@ -32,6 +33,10 @@ def user_model_module(tmp_path, monkeypatch):
             return (lambda x: x), (torch.randn(2, 8),)
         def four_things():
             return torch.nn.Linear(2, 2), 1, 2, 3
+        def hooked():
+            model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU()).eval()
+            model[0].register_forward_hook(lambda mod, i, o: o * 2)
+            return model, (torch.randn(4, 6),)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_models"
@@ -149,9 +154,9 @@ def test_optimize_saves_the_result_for_fxopt_load(user_model_module, capsys, tmp
 def test_a_result_save_refuses_fails_before_the_measuring(user_model_module, capsys, tmp_path, monkeypatch):
     """`--save` of a lowered module: the refusal came after minutes of latency measuring."""
     monkeypatch.setattr(cli, "_measure", lambda *a: pytest.fail("measured before saving"))
-    rc = cli.main(["optimize", f"{user_model_module}:conv", "-p", "fuse,lower-cpu{min_macs=0}",
+    rc = cli.main(["optimize", f"{user_model_module}:hooked", "-p", "dce", "--mode", "symbolic",
                    "--save", str(tmp_path / "m.pt")])
-    assert rc == 2 and "save before lower-cpu" in capsys.readouterr().err
+    assert rc == 2 and "calls a Linear with a forward hook" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -332,3 +337,23 @@ def test_no_progress_bar_when_stderr_is_no_terminal(user_model_module, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "factory exploded" in err
     assert "fxopt:" not in err.replace("fxopt: error", "").replace("fxopt: hint", "") and "%|" not in err
+
+
+@pytest.mark.parametrize("pipeline, fragment", [
+    ("fuse,lower-cpu", r"--save cannot store what lower-cpu packs .*\(-p 'fuse' --save FILE\)"),
+    ("fuse,insert-observers", "--save cannot store insert-observers' observers"),
+])
+def test_save_of_a_pipeline_whose_result_cannot_be_saved_fails_before_it_runs(
+        user_model_module, pipeline, fragment, tmp_path, capsys, monkeypatch):
+    """The pipeline ran (minutes for a big model), then save refused, and no table was printed."""
+    from fxopt import api
+
+    monkeypatch.setattr(api, "optimize", lambda *a, **k: pytest.fail("ran the pipeline"))
+    rc = cli.main(["optimize", f"{user_model_module}:conv", "-p", pipeline, "--save", str(tmp_path / "m.pt")])
+    assert rc == 2
+    assert re.search(fragment, capsys.readouterr().err)
+
+
+def test_save_after_observers_are_lowered_is_not_refused_up_front(user_model_module, tmp_path):
+    assert cli._check_savable_pipeline(["insert-observers", "lower-int8"]) is None
+    assert cli._check_savable_pipeline(["fuse", "quantize"]) is None
