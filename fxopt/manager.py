@@ -380,6 +380,9 @@ class PassManager:
                 raise TypeError(f"run() returned a PassResult holding a {type(result.module).__name__}, "
                                 "expected a torch.fx.GraphModule")
             untouched.check(ctx.reference)
+            if not result.module.graph.find_nodes(op="output"):  # lint takes a graph without one
+                raise ValueError("the graph it returned has no output node (it was erased): the module would "
+                                 "return None")
             if not result.modified and _graph_signature(result.module) != signature:
                 # the stale generated code would be what runs and what is verified
                 warnings.warn(f"pass '{p.name}' changed the graph but returned modified=False; "

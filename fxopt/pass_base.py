@@ -305,6 +305,21 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported option type {annotation!r}")
 
 
+def text_can_write(annotation: Any) -> bool:
+    """Whether pipeline text can write a value of `annotation` (what `coerce_option` converts)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return all(a is type(None) or text_can_write(a) for a in args)
+    if origin is Literal:
+        return True
+    if origin in (tuple, list):
+        return all(a is Ellipsis or text_can_write(a) for a in args) if args else True
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return True
+    return annotation in (bool, int, float, str, Any)
+
+
 def option_value_fits(value: Any, annotation: Any) -> bool:
     """Whether a Python value is of an option's declared type: exactly a bool for bool (not
     the text "false"), a number but not a bool for int and float, text for str, one of the

@@ -21,12 +21,14 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import typing
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from .errors import PipelineError, did_you_mean
-from .pass_base import Pass
+from .pass_base import Pass, text_can_write
 from .pipeline import is_pass_name
 from .verify import loosest
 
@@ -78,6 +80,7 @@ def register_pass(cls: type[Pass] | None = None, *, replace: bool = False) -> An
         loosest(getattr(cls, "tolerance", "exact"))
     except (KeyError, ValueError, TypeError) as exc:
         raise PipelineError(f"register_pass: {cls.__qualname__}.tolerance: {exc}") from None
+    _check_options(cls)
     installed = _installed().get(cls.name)
     if installed is not None and not replace:
         raise PipelineError(f"register_pass: '{cls.name}' is the name of an installed pass ({installed.value}); "
@@ -85,6 +88,26 @@ def register_pass(cls: type[Pass] | None = None, *, replace: bool = False) -> An
                             f"{cls.__name__} another name")
     _runtime[cls.name] = cls
     return cls
+
+
+def _check_options(cls: type[Pass]) -> None:
+    """Refuse a pass whose options pipeline text could not set: one that is no dataclass (its
+    annotated attributes are then no options: `name{k=2}` said it has no option 'k'), or one
+    with an option of a type text does not convert (a dict: it failed only when text named it)."""
+    own = [k for k, v in vars(cls).get("__annotations__", {}).items() if "ClassVar" not in str(v)]
+    if own and "__dataclass_fields__" not in vars(cls):
+        raise PipelineError(f"register_pass: {cls.__qualname__} is not a @dataclasses.dataclass, so its annotated "
+                            f"attributes ({', '.join(own)}) are no options; decorate it with @dataclasses.dataclass")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001  (a name the hints cannot resolve: option_specs says so when asked)
+        return
+    for f in dataclasses.fields(cls):
+        if f.init and f.name in hints and not text_can_write(hints[f.name]):
+            raise PipelineError(f"register_pass: {cls.__qualname__} option '{f.name}' has type "
+                                f"{getattr(hints[f.name], '__name__', hints[f.name])}, which pipeline text cannot "
+                                "write; use bool, int, float, str, a Literal, an Enum, a tuple of them or None "
+                                "(or use the pass unregistered, as an object in a pipeline list)")
 
 
 def unregister_pass(name: str) -> None:

@@ -938,3 +938,18 @@ def test_the_manager_copies_the_graph_once_per_pass(monkeypatch):
     for empty in (PassManager([]), PassManager("dce", bisect_limit=0)):
         assert empty.run(gm, x).module is not gm
     assert len(copies) == 2
+
+
+def test_a_pass_that_erases_the_output_node_fails_with_its_name():
+    """The module returned None, and only a VerificationWarning said anything was wrong."""
+    @dataclasses.dataclass
+    class EraseOutput(fxopt.Pass):
+        name = "erase-output"
+
+        def run(self, gm, ctx):
+            gm.graph.erase_node(next(iter(gm.graph.find_nodes(op="output"))))
+            return fxopt.PassResult(gm, modified=True)
+
+    with pytest.raises(fxopt.PassError, match=r"pass 'erase-output' failed: ValueError: the graph it returned has no "
+                                              r"output node"):
+        fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), [EraseOutput()])

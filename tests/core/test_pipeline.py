@@ -421,3 +421,30 @@ def test_text_holding_both_quote_marks_is_refused_where_the_pass_is_built(option
     """optimize ran the pass, then failed to print its pipeline record with a bare ValueError."""
     with pytest.raises(ValueError, match=r"pass 'test-tunable' option '(label|ignore)': .* holds both ' and \" marks"):
         Tunable(**options)
+
+
+def test_register_refuses_a_pass_whose_options_text_could_not_set():
+    """A non-dataclass subclass's options did not exist ("has no option 'k'"); a dict option
+    failed only when pipeline text named it."""
+    class NotDataclass(Pass):
+        name = "test-not-dataclass"
+        k: int = 1
+
+        def run(self, gm, ctx):
+            return PassResult(gm, modified=False)
+
+    with pytest.raises(PipelineError, match=r"NotDataclass is not a @dataclasses.dataclass, so its annotated "
+                                            r"attributes \(k\) are no options"):
+        fxopt.register_pass(NotDataclass)
+
+    @dataclasses.dataclass
+    class DictOption(Pass):
+        name = "test-dict-option"
+        table: dict = dataclasses.field(default_factory=dict)
+
+        def run(self, gm, ctx):
+            return PassResult(gm, modified=False)
+
+    with pytest.raises(PipelineError, match=r"DictOption option 'table' has type dict, which pipeline text cannot write"):
+        fxopt.register_pass(DictOption)
+    assert "test-not-dataclass" not in fxopt.available_passes() and "test-dict-option" not in fxopt.available_passes()
