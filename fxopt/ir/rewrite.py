@@ -11,6 +11,7 @@ import copy
 import operator
 import warnings
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -351,11 +352,14 @@ def _shared_transpose(gm: torch.fx.GraphModule, arg: Any, counts: Counter) -> bo
     return base is not None and (counts[base.target] > 1 or len(arg.users) > 1)
 
 
-def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4) -> int:
-    """Make every `ndim`-D graph output contiguous (a no-op at run time when it already is).
+def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
+                       among: Collection[torch.fx.Node] = ()) -> int:
+    """Make every `ndim`-D graph output, and every output of rank 2 or more in `among`,
+    contiguous (a no-op at run time when it already is).
 
     A lowering that runs convs channels-last must not hand that layout to the caller: code
-    after the model does ``out.view(n, -1)``. Returns how many outputs were wrapped.
+    after the model does ``out.view(n, -1)``; `among` names the values computed from such
+    layouts at other ranks (a lowered conv1d's result). Returns how many outputs were wrapped.
 
         >>> import torch, torch.fx
         >>> gm = torch.fx.symbolic_trace(lambda x: x.contiguous(memory_format=torch.channels_last))
@@ -373,7 +377,7 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4) -> int:
     def wrap(value):
         nonlocal count
         meta = tensor_meta(value)
-        if meta is None or len(meta[0]) != ndim:
+        if meta is None or len(meta[0]) != ndim and not (len(meta[0]) >= 2 and value in among):
             return value
         with gm.graph.inserting_before(output):
             fixed = gm.graph.call_method("contiguous", (value,))

@@ -1,0 +1,153 @@
+"""`lower-cpu` on conv1d (run as a conv2d of height 1) and conv3d (channels-last-3d): what is
+lowered, numerics at other batch sizes and lengths, the layouts handed on and back."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.passes.fuse.lower_cpu import ConvByBatch
+from fxopt.patterns import annotations
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+MODES = ("symbolic", "export")
+
+
+def _with_stats(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.3, 3)
+        bn.weight.uniform_(0.5, 2)
+    return bn
+
+
+class TCN(nn.Module):
+    """Dilated residual conv1d blocks, a depthwise conv, a strided 1x1 and a head that views the
+    features (which needs them row-major)."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.c0, self.b0 = nn.Conv1d(8, c, 5, padding=2), _with_stats(nn.BatchNorm1d(c))
+        self.c1, self.b1 = nn.Conv1d(c, c, 3, padding=2, dilation=2), _with_stats(nn.BatchNorm1d(c))
+        self.dw = nn.Conv1d(c, c, 3, padding=1, groups=c)
+        self.down = nn.Conv1d(c, 2 * c, 1, stride=2)
+        self.c2 = nn.Conv1d(2 * c, 2 * c, 3, padding=1)
+        self.fc = nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        h = F.relu(self.b0(self.c0(x)))
+        h = F.relu(self.b1(self.c1(h)) + h)
+        h = F.gelu(self.dw(h))
+        h = self.down(h)
+        h = self.c2(h) + h
+        n, c, t = h.shape
+        return self.fc(h.view(n, c, t).mean(-1)), h
+
+
+class Video(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.b0 = nn.Conv3d(3, 8, 3, padding=1), _with_stats(nn.BatchNorm3d(8))
+        self.dw = nn.Conv3d(8, 8, 3, padding=1, groups=8)
+        self.c1 = nn.Conv3d(8, 16, 3, padding=1, stride=(1, 2, 2))
+        self.pw = nn.Conv3d(16, 16, 1)
+
+    def forward(self, x):
+        h = F.relu(self.b0(self.c0(x)))
+        h = F.hardswish(self.dw(h)) + h
+        h = self.c1(h)
+        h = F.relu(self.pw(h) + h)
+        return h.view(h.shape[0], -1).mean(1), h
+
+
+def _kernels(gm):
+    """Fused label per oneDNN conv node of the graph (the kernels that run at every batch)."""
+    return sorted(annotations(n).get("fused") for n in gm.graph.nodes if annotations(n).get("lowered") == "mkldnn")
+
+
+def _check_outputs(gm, model, shapes):
+    for shape in shapes:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            got, want = gm(x), model(x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+            assert g.is_contiguous(), "a lowered model hands back row-major outputs, as eager does"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv1d_is_lowered_as_a_conv2d_of_height_1(mode):
+    torch.manual_seed(0)
+    model = TCN().eval()
+    res = fxopt.optimize(model, (torch.randn(2, 8, 64),), "fuse,lower-cpu{min_macs=0}", mode=mode)
+    assert res.verification.passed, res.summary()
+    gm = res.module
+    assert _kernels(gm) == ["conv", "conv+add", "conv+add+relu", "conv+gelu", "conv+relu"]
+    # consecutive lowered convs hand each other the 4-D channels-last result: the only layout
+    # copy is the model input's
+    copies = [n for n in gm.graph.nodes if n.target == "contiguous" and n.kwargs.get("memory_format")]
+    assert len(copies) == 1 and copies[0].args[0].args[0].op == "placeholder"
+    other_lengths = [(3, 8, 50), (16, 8, 128)] if mode == "symbolic" else [(16, 8, 64)]  # export fixes them
+    _check_outputs(gm, model, [(1, 8, 64), *other_lengths])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_conv3d_is_lowered_channels_last_3d(mode):
+    torch.manual_seed(0)
+    model = Video().eval()
+    res = fxopt.optimize(model, (torch.randn(2, 3, 4, 8, 8),), "fuse,lower-cpu{min_macs=0}", mode=mode)
+    assert res.verification.passed, res.summary()
+    assert _kernels(res.module) == ["conv", "conv+add+relu", "conv+hardswish", "conv+relu"]
+    _check_outputs(res.module, model, [(1, 3, 4, 8, 8), (3, 3, 2, 12, 12) if mode == "symbolic" else (3, 3, 4, 8, 8)])
+
+
+def _switches(gm):
+    return sorted((annotations(n).get("fused"), annotations(n)["lowered"]) for n in gm.graph.nodes
+                  if n.op == "call_module" and isinstance(gm.get_submodule(n.target), ConvByBatch))
+
+
+def test_the_cost_rule_holds_for_every_rank():
+    """Small dense conv1d/conv2d switch to oneDNN from batch 2 (aten is cheaper for one sample);
+    a conv3d with a kernel over 1 is always lowered (aten has no fast conv3d); a small 1x1x1 is
+    a GEMM on aten and switches like a 1x1 conv2d."""
+    cases = [(nn.Conv1d(8, 8, 3, padding=1), (2, 8, 32), [], [("conv+relu", "mkldnn from batch 2")]),
+             (nn.Conv3d(8, 8, 3, padding=1), (2, 8, 4, 8, 8), ["conv+relu"], []),
+             (nn.Conv3d(8, 8, 1), (2, 8, 4, 8, 8), [], [("conv+relu", "mkldnn from batch 489")])]
+    for conv, shape, always, switch in cases:
+        model = nn.Sequential(conv, nn.ReLU()).eval()
+        res = fxopt.optimize(model, (torch.randn(*shape),), "lower-cpu", mode="symbolic")
+        assert res.verification.passed and (_kernels(res.module), _switches(res.module)) == (always, switch), conv
+        for batch in (1, 3):
+            x = torch.randn(batch, *shape[1:])
+            torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_lowered_conv1d_switch_runs_aten_conv1d_below_its_batch():
+    model = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1, stride=2), nn.ReLU()).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 8, 32),), "lower-cpu", mode="symbolic")
+    (switch,) = [m for m in res.module.modules() if isinstance(m, ConvByBatch)]
+    assert switch.min_batch == 2 and switch.stride == [1, 2]  # oneDNN's arguments, lifted
+    for batch in (1, 2, 5):
+        x = torch.randn(batch, 8, 32)
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unbatched_convs_are_left_alone():
+    model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.ReLU()).eval()
+    res = fxopt.optimize(model, (torch.randn(4, 16),), "lower-cpu{min_macs=0}", mode="symbolic")
+    assert _kernels(res.module) == [] and res.verification.passed
+
+
+def test_a_lowered_conv1d_model_survives_torch_save_and_load():
+    torch.manual_seed(0)
+    model = TCN().eval()
+    gm = fxopt.optimize(model, (torch.randn(2, 8, 64),), "fuse,lower-cpu", mode="symbolic").module
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for x in (torch.randn(1, 8, 64), torch.randn(4, 8, 64)):
+        for a, b in zip(loaded(x), gm(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
