@@ -1,10 +1,11 @@
 """Benchmark and test models, shaped like the architectures users bring.
 
 Self-contained (no torchvision): a ResNet-18, a MobileNetV2, a DenseNet-style concat net, a
-BERT-style encoder and a ViT, at deterministic random init, plus the bundled trained digits
-CNN and, when `transformers` is installed, `hf_bert`: a Hugging Face BERT classifier of the
-same size, which torch.fx's symbolic tracer (and so torch.ao FX) cannot trace. Batchnorm running statistics are warmed on random data so that folding and pruning
-tests see non-trivial statistics, as they would on a trained model.
+BERT-style encoder, a ViT, a Conv3d video net and a Conv1d audio TCN, at deterministic random
+init, plus the bundled trained digits CNN and, when `transformers` is installed, `hf_bert`: a
+Hugging Face BERT classifier of the same size, which torch.fx's symbolic tracer (and so
+torch.ao FX) cannot trace. Batchnorm running statistics are warmed on random data so that
+folding and pruning tests see non-trivial statistics, as they would on a trained model.
 
     >>> from fxopt.examples import zoo
     >>> model, inputs = zoo.get("resnet18", batch=2, image_size=32)
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NAMES = ("resnet18", "mobilenet_v2", "densenet", "bert", "vit", "digits", "hf_bert", "nn_encoder", "nn_seq2seq",
-         "video3d")
+         "video3d", "tcn1d")
 
 
 # ----- ResNet-18 --------------------------------------------------------------------------------
@@ -270,6 +271,40 @@ class Video3D(nn.Module):
         return self.fc(self.features(x).mean((2, 3, 4)))
 
 
+class TemporalBlock(nn.Module):
+    """Two dilated Conv1d + BatchNorm1d, a residual add (through a strided 1x1 when the width or
+    the rate changes) and ReLU, as in TCNs and TC-ResNet keyword spotters."""
+
+    def __init__(self, cin: int, cout: int, dilation: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm1d(cout)
+        self.conv2 = nn.Conv1d(cout, cout, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm1d(cout)
+        self.skip = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv1d(cin, cout, 1, stride, bias=False), nn.BatchNorm1d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.skip is None else self.skip(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class TCN1d(nn.Module):
+    """An audio classifier over 40 mel features x 128 frames: a Conv1d stem, four temporal blocks
+    (dilations 1-8, one strided) and a linear head on the time average."""
+
+    def __init__(self, num_classes: int = 12) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(40, 64, 5, padding=2, bias=False), nn.BatchNorm1d(64), nn.ReLU())
+        self.blocks = nn.Sequential(TemporalBlock(64, 64, 1), TemporalBlock(64, 128, 2, stride=2),
+                                    TemporalBlock(128, 128, 4), TemporalBlock(128, 128, 8))
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean(-1))
+
+
 # ----- registry ---------------------------------------------------------------------------------
 
 def _hf_bert() -> nn.Module:
@@ -313,6 +348,7 @@ def get(name: str, batch: int = 1, *, seed: int = 0, image_size: int | None = No
         "nn_encoder": (TorchEncoder, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),)),
         "nn_seq2seq": (TorchSeq2Seq, lambda g, b: (torch.randint(0, 1000, (b, seq_len), generator=g),
                                                   torch.randint(0, 1000, (b, seq_len // 2), generator=g))),
+        "tcn1d": (TCN1d, lambda g, b: (torch.randn(b, 40, seq_len * 2, generator=g),)),
         "video3d": (Video3D, lambda g, b: (torch.randn(b, 3, 8, image_size or 32, image_size or 32, generator=g),)),
         "vit": (lambda: ViT(image_size=image_size or 32),
                 lambda g, b: (torch.randn(b, 3, image_size or 32, image_size or 32, generator=g),)),
