@@ -26,7 +26,7 @@ from .pass_base import Pass
 from .pipeline import format_pipeline
 from .serialize import rebuild_coded_attributes
 from .tracing import one_at_a_time
-from .verify import Tolerance, VerificationReport, loosest, verify
+from .verify import Tolerance, VerificationReport, device_name, loosest, verify
 
 
 @dataclass
@@ -83,7 +83,7 @@ def optimize(
     time_passes: bool = False,
     bisect_limit: int | None = None,
     instruments: Sequence[Instrument] = (),
-    devices: Sequence[str] | None = None,
+    devices: Sequence[str | torch.device] | None = None,
 ) -> OptimizeResult:
     """Capture `model` (or take a GraphModule), run `pipeline`, verify the result.
 
@@ -105,7 +105,7 @@ def optimize(
         ('PASS', 'exact')
     """
     check_batches(calibration)
-    _check_devices(devices)
+    devices = _check_devices(devices)
     manager_instruments = _checked_instruments(instruments)  # one Instrument, not a list: said now
     args, kwargs = normalize_inputs(example_inputs)
     original = capture(model, example_inputs, mode=mode, dynamic_shapes=dynamic_shapes)
@@ -204,22 +204,15 @@ def _after_lossy(report: VerificationReport, last_lossy: _LastLossyOutput, candi
                            f"verify_each=True names the first that does: {stage.summary()}")
 
 
-def _check_devices(devices: Sequence[str] | None) -> None:
-    """Refuse, before any work, a device name torch does not know or a GPU this machine lacks:
-    each came back as a FAIL report ('could not run on tpu') after the whole pipeline."""
+def _check_devices(devices: Sequence[str | torch.device] | None) -> list[str] | None:
+    """The device names to verify on, or None for the default; refuses, before any work, a name
+    torch does not know, `meta`, or a GPU this machine lacks: each came back as a FAIL report
+    ('could not run on tpu') after the whole pipeline. A torch.device is taken as its name."""
     if devices is None:
-        return
-    if isinstance(devices, str):
+        return None
+    if isinstance(devices, (str, torch.device)):
         raise TypeError(f"optimize: devices= takes a list of device names, e.g. devices=['{devices}']")
-    for name in devices:
-        try:
-            device = torch.device(name)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"optimize: devices= names {name!r}, which is no torch device; use 'cpu', 'cuda' "
-                             "or 'cuda:N'") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"optimize: devices= names {name!r}, but this machine has no CUDA GPU; leave "
-                             "devices= out to verify where the module can run")
+    return [device_name(d, "optimize: devices= names") for d in devices]
 
 
 def _default_devices() -> list[str]:

@@ -335,7 +335,7 @@ def verify(
     inputs: Any,
     *,
     tolerance: str | Tolerance | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     localize: bool = True,
 ) -> VerificationReport:
     """Compare `candidate` against `reference` on `inputs` (a tensor, tuple of args or dict).
@@ -362,6 +362,7 @@ def verify(
     """
     from .capture import normalize_inputs, unmaterialized
 
+    device = device_name(device, "verify: got device")
     for role, module in (("reference", reference), ("candidate", candidate)):
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"verify: the {role} is a {type(module).__name__}, not a torch.nn.Module; pass the "
@@ -653,6 +654,22 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex():
         t = torch.view_as_real(t.detach().resolve_conj())
     return t.detach().to(torch.float64)
+
+
+def device_name(device: str | torch.device, what: str) -> str:
+    """`device` (a name or a torch.device) as the name a report shows, or a ValueError naming
+    `what` for one torch does not know, one without values (`meta`), or a GPU this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what} {device!r}, which is no torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "meta":
+        raise ValueError(f"{what} 'meta', which holds shapes without values: nothing can be compared there; "
+                         "use 'cpu' or 'cuda'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what} {str(parsed)!r}, but this machine has no CUDA GPU; leave it out to verify "
+                         "where the module can run")
+    return str(parsed)
 
 
 def _copy_to(module: nn.Module, device: str) -> nn.Module:

@@ -13,6 +13,8 @@ def _no_capture(*args, **kwargs):
 @pytest.mark.parametrize("devices, error, match", [
     (["tpu"], ValueError, r"devices= names 'tpu', which is no torch device; use 'cpu', 'cuda'"),
     ("cpu", TypeError, r"devices= takes a list of device names, e.g. devices=\['cpu'\]"),
+    (["meta"], ValueError, r"devices= names 'meta', which holds shapes without values"),
+    (torch.device("cpu"), TypeError, r"devices= takes a list of device names, e.g. devices=\['cpu'\]"),
 ])
 def test_a_device_torch_does_not_know_is_refused_up_front(monkeypatch, devices, error, match):
     """devices=['tpu'] came back as a FAIL report ('could not run on tpu') after the pipeline."""
@@ -38,3 +40,20 @@ def test_one_instrument_not_in_a_list_is_named_before_any_work(monkeypatch):
     monkeypatch.setattr(api, "capture", _no_capture)
     with pytest.raises(TypeError, match=r"instruments= takes a list of Instruments, got one TimePasses: pass \[instrument\]"):
         fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), "dce", instruments=fxopt.TimePasses())
+
+
+def test_a_torch_device_is_taken_as_its_name():
+    """devices=[torch.device("cpu")] verified a correct result as FAIL: "'torch.device' object has no
+    attribute 'startswith'"."""
+    res = fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=[torch.device("cpu")])
+    assert list(res.verification_by_device) == ["cpu"] and res.verification.passed
+    model = torch.nn.Linear(2, 2)
+    assert fxopt.verify(model, model, torch.randn(3, 2), device=torch.device("cpu")).passed
+
+
+@pytest.mark.parametrize("device, match", [("tpu", "verify: got device 'tpu', which is no torch device"),
+                                           ("meta", "verify: got device 'meta', which holds shapes without values")])
+def test_verify_names_a_device_it_cannot_compare_on(device, match):
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=match):
+        fxopt.verify(model, model, torch.randn(3, 2), device=device)
