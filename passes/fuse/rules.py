@@ -98,6 +98,18 @@ def _bn_scale_shift(view, channels: int, dtype: torch.dtype):
     return scale, beta - mean * scale
 
 
+def in_dtype(dtype: torch.dtype, *values: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+    """Fold results (float64) cast to the layer's `dtype`, or None where the cast overflows: a
+    merged float16 weight ``W2 @ W1`` of 300s is inf where ``W2 (W1 x)`` stays finite, and the
+    folded layer would give inf everywhere. A value already infinite in float64 is left as it
+    is (the unfolded layers meet that infinity too)."""
+    cast = [None if v is None else v.to(dtype) for v in values]
+    for v, c in zip(values, cast):
+        if v is not None and not torch.isfinite(c).all() and torch.isfinite(v).all():
+            return None
+    return cast
+
+
 def conv_call(r: Rewriter, x, weight, bias, attrs) -> torch.fx.Node:
     """A call_function conv node (F.convNd / F.conv_transposeNd) valid in both IRs. A
     padding_mode other than zeros (reflect, replicate, circular) pads the input first and
@@ -277,9 +289,12 @@ def _fold_bn_conv(r: Rewriter) -> torch.fx.Node | None:
     new_b = (w.double() * grid[1].reshape(*w.shape[:2], *spatial)).flatten(1).sum(1)
     if b is not None:
         new_b = new_b + b.double()
+    folded = in_dtype(w.dtype, new_w, new_b)
+    if folded is None:
+        return None
     name = r.match.root.name
-    return conv_call(r, r["x"], r.tensor(f"{name}_folded_weight", new_w.to(w.dtype)),
-                     r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)), attrs)
+    return conv_call(r, r["x"], r.tensor(f"{name}_folded_weight", folded[0]),
+                     r.tensor(f"{name}_folded_bias", folded[1]), attrs)
 
 
 def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
@@ -291,10 +306,12 @@ def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
     if meta is None or len(meta[0]) != 2 or bn.param("running_mean").shape[0] != w.shape[1]:
         return None  # BatchNorm1d on (N, C, L) normalizes dim 1, which the linear does not read
     scale, shift = _bn_scale_shift(bn, w.shape[1], w.dtype)
-    new_b = w.double() @ shift + (0 if b is None else b.double())
+    folded = in_dtype(w.dtype, w.double() * scale, w.double() @ shift + (0 if b is None else b.double()))
+    if folded is None:
+        return None
     name = r.match.root.name
-    return r.call(F.linear, r["x"], r.tensor(f"{name}_folded_weight", (w.double() * scale).to(w.dtype)),
-                  r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)))
+    return r.call(F.linear, r["x"], r.tensor(f"{name}_folded_weight", folded[0]),
+                  r.tensor(f"{name}_folded_bias", folded[1]))
 
 
 def _fold_conv_scale(r: Rewriter) -> torch.fx.Node | None:
@@ -347,30 +364,39 @@ def _affine_conv(r: Rewriter, conv, scale: torch.Tensor, shift: torch.Tensor | N
         new_w = (wg * s).reshape(w.shape)
     else:
         new_w = w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    new_b = None
+    if b is not None or shift is not None:
+        base = torch.zeros(out_channels, dtype=torch.float64) if b is None else b.double()
+        new_b = base * scale + (0 if shift is None else shift)
+    folded = in_dtype(w.dtype, new_w, new_b)
+    if folded is None:
+        return None
     name = r.match.root.name
-    wn = r.tensor(f"{name}_folded_weight", new_w.to(w.dtype))
-    if b is None and shift is None:
+    wn = r.tensor(f"{name}_folded_weight", folded[0])
+    if new_b is None:
         return conv_call(r, r["x"], wn, None, attrs)
-    base = torch.zeros(out_channels, dtype=torch.float64) if b is None else b.double()
-    new_b = base * scale + (0 if shift is None else shift)
     if attrs["transposed"] and groups > 1:
         # torch's CPU grouped conv_transpose takes a path ~10x slower with a bias than without
         # (4.0 vs 0.35 ms at 16x16x16x16, groups=2): the folded shift is added after it instead
-        shift_map = new_b.to(w.dtype).reshape(1, -1, *([1] * attrs["dim"]))
+        shift_map = folded[1].reshape(1, -1, *([1] * attrs["dim"]))
         return r.call(torch.add, conv_call(r, r["x"], wn, None, attrs), r.tensor(f"{name}_folded_shift", shift_map))
-    return conv_call(r, r["x"], wn, r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)), attrs)
+    return conv_call(r, r["x"], wn, r.tensor(f"{name}_folded_bias", folded[1]), attrs)
 
 
 def _affine_linear(r: Rewriter, lin, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.fx.Node:
     """`lin` with its output features multiplied by `scale` and `shift` added, folded."""
     w, b = lin.param("weight"), lin.param("bias")
+    new_b = None
+    if b is not None or shift is not None:
+        base = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.double()
+        new_b = base * scale + (0 if shift is None else shift)
+    folded = in_dtype(w.dtype, w.double() * scale[:, None], new_b)
+    if folded is None:
+        return None
     name = r.match.root.name
-    wn = r.tensor(f"{name}_folded_weight", (w.double() * scale[:, None]).to(w.dtype))
-    if b is None and shift is None:
-        return r.call(F.linear, r["x"], wn, None)
-    base = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.double()
-    new_b = base * scale + (0 if shift is None else shift)
-    return r.call(F.linear, r["x"], wn, r.tensor(f"{name}_folded_bias", new_b.to(w.dtype)))
+    wn = r.tensor(f"{name}_folded_weight", folded[0])
+    bn = None if new_b is None else r.tensor(f"{name}_folded_bias", folded[1])
+    return r.call(F.linear, r["x"], wn, bn)
 
 
 def _no_bias(view) -> bool | str:
@@ -455,15 +481,17 @@ def _merge_linears(r: Rewriter) -> torch.fx.Node | None:
     n_in, mid, n_out = w1.shape[1], w1.shape[0], w2.shape[0]
     if n_in * n_out > mid * (n_in + n_out):
         return None  # merged would cost more multiply-adds than the two linears
-    w = (w2.double() @ w1.double()).to(w1.dtype)
     bias = None
     if b1 is not None:
         bias = w2.double() @ b1.double()
     if b2 is not None:
         bias = b2.double() if bias is None else bias + b2.double()
+    merged = in_dtype(w1.dtype, w2.double() @ w1.double(), bias)
+    if merged is None:
+        return None
     name = r.match.root.name
-    wn = r.tensor(f"{name}_merged_weight", w)
-    bn = r.tensor(f"{name}_merged_bias", bias.to(w1.dtype)) if bias is not None else None
+    wn = r.tensor(f"{name}_merged_weight", merged[0])
+    bn = r.tensor(f"{name}_merged_bias", merged[1]) if bias is not None else None
     return r.call(F.linear, r["x"], wn, bn)
 
 
@@ -1065,6 +1093,8 @@ def _same_shape(m: Match) -> bool | str:
 
 def residual_fits_conv(m: Match) -> bool | str:
     """A residual add a conv kernel can absorb: same shape and dtype as the conv output, alpha 1."""
+    if m.nodes["other"] is m.nodes["conv"]:  # conv(x) + conv(x): a fused call would run the conv twice
+        return "the residual is the conv's own output"
     a, b = tensor_meta(m.nodes["conv"]), tensor_meta(m.nodes["other"])
     if a is None or b is None or tuple(a[0]) != tuple(b[0]) or a[1] != b[1]:
         return "the residual has another shape or dtype than the conv output (a broadcast add)"

@@ -1360,3 +1360,39 @@ def test_a_mask_before_a_scale_is_moved_only_where_attention_follows(mode, how):
     res = fxopt.optimize(model, inputs, pipeline="fuse", mode=mode)
     assert not any(name.startswith("attention") for name in res.passes[0].stats["matches"]), res.passes[0].stats
     torch.testing.assert_close(res.module(*inputs), model(*inputs))
+
+
+class _LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gamma = nn.Linear(64, 8), nn.Parameter(torch.full((8,), 1e4))
+        with torch.no_grad():
+            self.fc.weight.fill_(100.0)
+
+    def forward(self, x):
+        return self.gamma * self.fc(x)
+
+
+def _two_linears():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    with torch.no_grad():
+        for lin in model:
+            lin.weight.fill_(300.0)
+            lin.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("build, scale", [(_two_linears, 2e-5), (_LayerScale, 1e-4)])
+def test_a_fold_float16_cannot_hold_is_declined(build, scale):
+    """W2 @ W1 of two float16 linears of 300s is 5.8e6 (inf in float16) where W2 (W1 x) stays
+    finite: the merged layer gave inf everywhere. Same for a layer scale of 1e4 times weights of
+    100. A fold whose result overflows the layer's dtype is declined."""
+    torch.manual_seed(0)
+    model, x = build().eval().half(), (torch.rand(4, 64) * scale).half()
+    res = fxopt.optimize(model, (x,), "fuse", mode="symbolic")
+    assert res.verification.passed, res.summary()
+    out, ref = res.module(x), model(x)
+    assert torch.isfinite(ref).all() and torch.equal(out, ref)
+    fp32 = fxopt.optimize(build().eval(), (x.float(),), "fuse", mode="symbolic").module
+    assert any(n.op == "get_attr" and ("merged" in n.target or "folded" in n.target) for n in fp32.graph.nodes), \
+        "in float32 the same fold is taken"

@@ -471,3 +471,22 @@ def test_a_layout_the_user_asked_for_is_kept(mode, resize):
     with torch.no_grad():
         for got, want in zip(res.module(x), model(x)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_conv_added_to_itself_runs_once():
+    """relu(z + z) with z = conv(x): fusing the add into the conv kernel would compute the conv
+    a second time to get the residual (1.6x slower than eager)."""
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            z = self.conv(x)
+            return F.relu(z + z)
+
+    model, x = Doubled().eval(), torch.randn(1, 16, 32, 32)
+    res = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode="symbolic")
+    convs = [n for n in res.module.graph.nodes if "convolution" in str(n.target)]
+    assert len(convs) == 1 and _lowered(res.module) == ["conv"]
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-4)
