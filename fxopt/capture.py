@@ -241,6 +241,12 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
                            "tracing ran the draw once and froze its values into the graph, so every call would "
                            "repeat them; draw from an input (torch.randn_like(x)) or use mode='export', which "
                            "records the draw")
+    leaked = [f"{prefix}.{key}" if prefix else key for prefix, m in model.named_modules()
+              for key, value in vars(m).items() if isinstance(value, torch.fx.Proxy)]
+    if leaked:
+        raise CaptureError(f"forward keeps a tensor in a Python attribute ({', '.join(leaked[:3])}), which no graph "
+                           "records (the trace left a traced value there, and the next call would read it): keep "
+                           "it in a buffer (register_buffer) written in place, which export records")
     written = state.changed()
     if written:
         state.restore()
@@ -460,10 +466,28 @@ _PLAIN = (int, float, bool, str, type(None))
 
 
 def _plain_attributes(model: nn.Module) -> dict[str, Any]:
-    """'module.attribute' -> value, for every plain Python value (a number, a flag) the modules hold."""
-    return {f"{prefix}.{key}" if prefix else key: value
-            for prefix, m in model.named_modules() for key, value in vars(m).items()
-            if isinstance(value, _PLAIN) and key != "training"}
+    """'module.attribute' -> value, for every plain Python value (a number, a flag) the modules
+    hold, and, for a list, tuple, set or dict (a log a forward appends to), its kind and length."""
+    found: dict[str, Any] = {}
+    for prefix, m in model.named_modules():
+        for key, value in vars(m).items():
+            name = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, _PLAIN) and key != "training":
+                found[name] = value
+            elif isinstance(value, (list, tuple, set, dict)) and not key.startswith("_"):
+                found[name] = _Sized(type(value).__name__, len(value))
+    return found
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """A container attribute as `_plain_attributes` compares it: its kind and length."""
+
+    kind: str
+    length: int
+
+    def __repr__(self) -> str:
+        return f"a {self.kind} of {self.length}"
 
 
 def _changed_plain_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

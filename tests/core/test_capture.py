@@ -1101,3 +1101,45 @@ def test_an_exported_program_or_a_torchscript_module_is_named_with_what_to_pass(
         capture(torch.jit.script(model), (x,))
     with pytest.raises(CaptureError, match=r"is a TorchScript module"):
         capture(torch.jit.trace(model, x), (x,))
+
+
+class _Log(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(1)
+        return self.fc(x) * len(self.seen)
+
+
+def test_output_depending_on_a_python_list_attribute_warns_like_a_counter():
+    """An int counter warned; a list the forward appends to was captured silently (the graph
+    repeats the captured length on every call)."""
+    model = _Log().eval()
+    with pytest.warns(UserWarning, match=r"depends on state its forward keeps in Python attributes \(seen: a list of "
+                                         r"\d+ -> a list of \d+\)"):
+        capture(model, (torch.randn(3, 4),))
+    assert model.seen == []   # the user's model is left as it was
+
+
+def test_a_tensor_kept_in_a_python_attribute_is_named_by_symbolic_capture():
+    """It said "captured graph returns a Tensor, the model a Proxy"."""
+    class Cache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.cache = None
+
+        def forward(self, x):
+            h = self.fc(x)
+            out = h if self.cache is None else h + self.cache
+            self.cache = h.detach()
+            return out
+
+    model = Cache().eval()
+    with pytest.raises(CaptureError, match=r"forward keeps a tensor in a Python attribute \(cache\), which no graph "
+                                           r"records .*register_buffer"):
+        capture(model, (torch.randn(3, 4),), mode="symbolic")
+    assert model.cache is None
