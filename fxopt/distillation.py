@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -41,7 +42,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import first_line
+from .errors import first_line, user_stacklevel
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import deep_copy
 from .tracing import one_at_a_time
@@ -114,6 +115,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         name, what = frozen[0]
         raise ValueError(f"distill: node '{name}' ({what}) is an inference kernel (int8 or oneDNN) that "
                          "cannot be fine-tuned; run distill before quantize and lower-cpu")
+    if isinstance(data, (dict, str, bytes)) or not isinstance(data, (Iterable, torch.Tensor)):
+        raise TypeError(f"distill: data is a {type(data).__name__}; give an iterable of batches (a list or a "
+                        "DataLoader), each the model's positional inputs (a tensor or a tuple of them)")
     batches = data if not isinstance(data, torch.Tensor) else [data]
     if hasattr(batches, "__len__") and len(batches) == 0:
         raise ValueError(_NO_BATCHES.format(when="data holds none"))
@@ -151,11 +155,14 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 out = select_output(_forward("student", student, inputs, index), output, role="student")
                 if index == 0 and epoch == 0:
                     _check_trainable(out, target, output)
+                    first = (inputs, labels, target)
                 loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
                                 reduction="batchmean") * (t * t)
                 if labels is not None and alpha < 1.0:
                     loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, index)
                 _check_finite(loss, epoch, index, lr)
+                if index == 0 and epoch == 0:
+                    start_loss = float(loss.detach())
                 opt.zero_grad(set_to_none=True)
                 try:
                     loss.backward()
@@ -172,7 +179,31 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     for p in params:
         p.requires_grad_(False)
     student_state.restore()
+    if epochs:
+        _warn_if_worse(student, first, start_loss, t, alpha, lr, output)
+        student_state.restore()
     return student
+
+
+def _warn_if_worse(student: nn.Module, first: tuple, start_loss: float, t: float, alpha: float, lr: float,
+                   output: int | str | None) -> None:
+    """Warn when the trained student matches the teacher worse than it did before training, on
+    the first batch: a learning rate that blows the weights up without making the loss infinite
+    trained a student far worse than the one given, without a word."""
+    from .errors import PassWarning
+
+    inputs, labels, target = first
+    with torch.no_grad():
+        out = select_output(_forward("student", student, inputs, 0), output, role="student")
+        loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
+                        reduction="batchmean") * (t * t)
+        if labels is not None and alpha < 1.0:
+            loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, 0)
+    end_loss = float(loss)
+    if not end_loss <= max(2 * start_loss, start_loss + 1e-3):  # NaN too
+        warnings.warn(f"distill: the trained student matches the teacher worse than before training (loss "
+                      f"{start_loss:.4g} -> {end_loss:.4g} on batch 0): training diverged; lower lr (now {lr}) "
+                      "or leave distill out", PassWarning, stacklevel=user_stacklevel())
 
 
 def _forward(role: str, model: nn.Module, inputs: tuple, index: int) -> Any:
@@ -254,15 +285,24 @@ def _split_batch(batch: Any, labeled: bool, index: int) -> tuple[tuple, torch.Te
     batch is the inputs, unless the caller said `labeled`. Never guessed from dtypes: a long
     tensor is as often an input (token ids) as a label."""
     if not labeled:
-        return _as_inputs(batch), None
+        return _as_inputs(batch, index), None
     if isinstance(batch, torch.Tensor) or len(batch) != 2:
         raise ValueError(f"distill: batch {index} is {_describe(batch)}; with labeled=True every batch is "
                          "(inputs, labels)")
-    return _as_inputs(batch[0]), batch[1]
+    return _as_inputs(batch[0], index), batch[1]
 
 
-def _as_inputs(value: Any) -> tuple:
-    return (value,) if isinstance(value, torch.Tensor) else tuple(value)
+def _as_inputs(value: Any, index: int = 0) -> tuple:
+    """A batch as positional inputs; a dict of keyword inputs (iterated, its keys) or a batch of
+    no samples (its loss is NaN) is named."""
+    if isinstance(value, dict):
+        raise ValueError(f"distill: batch {index} is a dict of keyword inputs ({', '.join(map(repr, value))}); "
+                         "distill takes positional inputs only: give each batch as a tuple in forward's order")
+    inputs = (value,) if isinstance(value, torch.Tensor) else tuple(value)
+    empty = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0), None)
+    if empty is not None:
+        raise ValueError(f"distill: batch {index} holds no samples ({_describe(inputs)}); drop it")
+    return inputs
 
 
 def _check_fits(role: str, model: nn.Module, inputs: tuple, index: int, labeled: bool) -> None:

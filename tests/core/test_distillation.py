@@ -1,5 +1,6 @@
 """fxopt.distill's options and batches: refused in words that name them, never a NaN student."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -87,3 +88,38 @@ def test_a_forward_that_writes_its_input_changes_neither_the_data_nor_the_other_
     fxopt.distill(student, teacher, data, epochs=3, lr=0.05, progress=False)
     assert all(torch.equal(d, b) for d, b in zip(data, before))
     assert len(seen) == 6 and all(torch.equal(x, before[i % 2]) for i, x in enumerate(seen))  # every epoch
+
+
+def test_a_student_that_ends_worse_than_it_started_warns():
+    """lr=1e6 blew the weights up without an infinite loss: a student far worse than the one given,
+    reported only as NOT CHECKED."""
+    student, teacher = _models()
+    with pytest.warns(fxopt.PassWarning, match=r"distill: the trained student matches the teacher worse than before "
+                                               r"training \(loss .* -> .* on batch 0\): training diverged; lower lr"):
+        fxopt.distill(student, teacher, _data(), epochs=2, lr=1e6, progress=False)
+
+
+def test_a_student_that_improves_does_not_warn():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    student = fxopt.capture(nn.Linear(4, 3), torch.randn(2, 4))
+    data = [torch.randn(16, 4) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.PassWarning)
+        fxopt.distill(student, teacher, data, epochs=2, lr=0.01, progress=False)
+
+
+@pytest.mark.parametrize("data, error, says", [
+    (None, TypeError, r"distill: data is a NoneType; give an iterable of batches"),
+    (5, TypeError, r"distill: data is a int; give an iterable of batches"),
+    ({"x": torch.randn(4, 3, 8, 8)}, TypeError, r"distill: data is a dict; give an iterable of batches"),
+    ([{"x": torch.randn(4, 3, 8, 8)}], ValueError, r"distill: batch 0 is a dict of keyword inputs \('x'\); distill "
+                                                   r"takes positional inputs only"),
+    ([torch.randn(0, 3, 8, 8)], ValueError, r"distill: batch 0 holds no samples \(1 input \(float32\[0, 3, 8, 8\]\)\)"),
+])
+def test_data_distill_cannot_train_on_is_named(data, error, says):
+    """None and 5 raised "'NoneType' object is not iterable"; a dict batch was iterated as its
+    keys; an empty batch was reported as a NaN loss from a too-high lr."""
+    student, teacher = _models()
+    with pytest.raises(error, match=says):
+        fxopt.distill(student, teacher, data, epochs=1, progress=False)
