@@ -125,14 +125,25 @@ def _label(path: tuple, params: list[str]) -> str:
 class _ExplainedCall:
     """Stands in for a GraphModule class's `_wrapped_call` (what its `__call__` runs, kept by
     `recompile`): runs the call and, only when it raises, looks for an input that does not fit
-    the module's record (`mismatch`)."""
+    the module's record (`mismatch`). `structure` (positional count, keyword names) is checked
+    before the call where torch's own check of it is gone (a copy drops export's pre-hook: a
+    dict-captured ``forward(y, x)`` then took ``g(X, Y)`` with x and y swapped): one length and
+    one key-set comparison."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, structure: tuple[int, frozenset] | None) -> None:
         self.inner = inner
+        self.structure = structure
 
     def __call__(self, module: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        structure = self.structure
+        if structure is not None and (len(args) != structure[0] or kwargs.keys() != structure[1]):
+            problem = mismatch(module.meta.get(META_KEY, {}).get(INPUTS_KEY), args, kwargs)
+            if problem is not None:
+                raise InputMismatchError(problem)
         try:
             return self.inner(module, *args, **kwargs)
+        except InputMismatchError:
+            raise  # fxopt's input guard (`InputGuard`) said it already
         except Exception as exc:
             problem = mismatch(module.meta.get(META_KEY, {}).get(INPUTS_KEY), args, kwargs)
             if problem is None:
@@ -145,13 +156,69 @@ def explain_failed_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     does not fit it; returns `gm`. A GraphModule has a class of its own, so this touches no other
     module; copies (each pass's) need it again."""
     info = getattr(gm, "meta", {}).get(META_KEY) or {}
-    if not info.get(INPUTS_KEY):
+    record = info.get(INPUTS_KEY)
+    if not record:
         return gm
     cls = type(gm)
     inner = vars(cls).get("_wrapped_call")
     if inner is None or isinstance(inner, _ExplainedCall):
         return gm
-    cls._wrapped_call = _ExplainedCall(inner)
+    torch_checks = any(getattr(h, "__name__", "") == "_check_input_constraints_pre_hook"
+                       for h in gm._forward_pre_hooks.values())
+    structure = None if torch_checks else (len(record["positional"]), frozenset(record["keywords"]))
+    cls._wrapped_call = _ExplainedCall(inner, structure)
+    return gm
+
+
+GUARD_TARGET = "_guards_fxopt"
+
+
+class InputGuard(torch.nn.Module):
+    """The sizes and values an exported graph was captured for, checked on every call: what
+    torch.export's own guard (`_guards_fn`, which `fxopt.save` cannot store) checked, put back
+    into a loaded graph (`guard_inputs`). Called on the graph's flat inputs; raises
+    `InputMismatchError`. Kept by dead-code removal (its name starts with `_guards`)."""
+
+    _is_impure = True
+
+    def __init__(self, record: dict) -> None:
+        super().__init__()
+        self.record = record
+        # (leaf, rank, ((dim, size) of every static dim)): the whole check of most calls
+        self._static = tuple(
+            (i, len(e["shape"]), tuple((d, w) for d, w in enumerate(e["shape"]) if isinstance(w, int)))
+            for i, e in enumerate(record["leaves"]) if "shape" in e)
+
+    def forward(self, *leaves: Any) -> None:
+        for i, rank, sizes in self._static:
+            value = leaves[i]
+            if not isinstance(value, torch.Tensor) or value.dim() != rank:
+                break
+            shape = value.shape
+            if any(shape[d] != w for d, w in sizes):
+                break
+        else:
+            problem = _leaves_problem(self.record, leaves, only_dynamic=True)
+            if problem is None:
+                return
+            raise InputMismatchError(problem)
+        raise InputMismatchError(_leaves_problem(self.record, leaves) or "the inputs do not fit the graph")
+
+
+def guard_inputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Give `gm` (an exported graph with a record of its inputs and no guard of its own) an
+    `InputGuard` call after its inputs; returns `gm`."""
+    record = (getattr(gm, "meta", {}).get(META_KEY) or {}).get(INPUTS_KEY)
+    graph = gm.graph
+    if not record or any(n.op == "call_module" and str(n.target).startswith("_guards") for n in graph.nodes):
+        return gm
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if len(placeholders) != len(record["leaves"]):
+        return gm
+    gm.add_module(GUARD_TARGET, InputGuard(record))
+    with graph.inserting_after(placeholders[-1]):
+        graph.call_module(GUARD_TARGET, tuple(placeholders))
+    gm.recompile()
     return gm
 
 
@@ -168,9 +235,15 @@ def mismatch(record: dict | None, args: tuple, kwargs: dict) -> str | None:
         return (f"the inputs hold {len(flat)} values where the graph was captured with {len(record['leaves'])} "
                 f"({_captured_listing(record)}): a tuple, list or dict input has another length or keys; "
                 f"{_recapture('an example with the new structure')}")
+    return _leaves_problem(record, flat)
+
+
+def _leaves_problem(record: dict, flat: Any, only_dynamic: bool = False) -> str | None:
+    """What in the flat inputs does not fit `record`'s leaves, or None; `only_dynamic` skips
+    what `InputGuard` has compared already (ranks and static sizes)."""
     symbols: dict[str, tuple[str, int, int]] = {}
     for entry, value in zip(record["leaves"], flat):
-        problem = _leaf_problem(entry, value, symbols)
+        problem = _leaf_problem(entry, value, symbols, only_dynamic)
         if problem is not None:
             return problem
     return None
@@ -189,17 +262,18 @@ def _keyword_problem(record: dict, args: tuple, kwargs: dict) -> str | None:
             return f"forward has no input '{key}'; {taken}"
         return (f"the graph was captured without input '{key}'; {taken}. torch.export fixes the inputs a graph "
                 f"takes: {_recapture(f'{key!r} in the example inputs (a dict of keyword inputs)')}")
+    if len(args) != len(positional):
+        return (f"called with {len(args)} positional input{'s' if len(args) != 1 else ''}; {taken}; pass them "
+                f"as the graph takes them, or {_recapture('an example of the inputs you will pass')}")
     missing = [k for k in keywords if k not in kwargs]
     if missing:
         return (f"input '{missing[0]}' is missing: the graph was captured with it by keyword; {taken}, and "
                 "every one must be passed")
-    if len(args) != len(positional):
-        return (f"called with {len(args)} positional input{'s' if len(args) != 1 else ''}; {taken}; "
-                f"{_recapture('an example of the inputs you will pass')}")
     return None
 
 
-def _leaf_problem(entry: dict, value: Any, symbols: dict[str, tuple[str, int, int]]) -> str | None:
+def _leaf_problem(entry: dict, value: Any, symbols: dict[str, tuple[str, int, int]],
+                  only_dynamic: bool = False) -> str | None:
     label = entry["label"]
     if "value" in entry:
         if isinstance(value, _SIMPLE) and repr(value) != entry["value"]:
@@ -217,6 +291,8 @@ def _leaf_problem(entry: dict, value: Any, symbols: dict[str, tuple[str, int, in
                 f"{len(shape)} (shape {_shape_text(shape)})")
     for dim, (want, size) in enumerate(zip(shape, value.shape)):
         if isinstance(want, int):
+            if only_dynamic:
+                continue
             if size != want:
                 return (f"{label} has size {size} at dim {dim}, where the graph was captured with size {want}; "
                         "torch.export specialized that dimension (the example's size, or one the model's code "

@@ -42,7 +42,7 @@ from torch.utils._pytree import treespec_dumps, treespec_loads
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference int8 form's ops
 
-from .call_check import explain_failed_calls
+from .call_check import explain_failed_calls, guard_inputs
 from .errors import SerializationError, first_line, node_location
 
 FORMAT = "fxopt.graph/1"
@@ -125,7 +125,7 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     nodes = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
-            continue  # export's input guards: checks only, rebuilt graphs run without them
+            continue  # export's input guards (or fxopt's): load puts fxopt's InputGuard back from the record
         if node.op == "get_attr":
             _save_attr(gm, node, tensors, packed)
             value = _attr_value(gm, node.target)
@@ -676,7 +676,7 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
         gm = torch.fx.GraphModule(root, graph)
     if data.get("fxopt_meta"):  # files written before it was stored have none
         gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
-    return explain_failed_calls(gm)
+    return explain_failed_calls(guard_inputs(gm))  # export's guards are code save cannot store: fxopt's stand in
 
 
 def tensor_from_plain(value):

@@ -1,5 +1,7 @@
 """An exported graph called with inputs it was not captured for names the input, the dimension
 and the captured size or range, and says how to capture again (fxopt/call_check.py)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,66 @@ def test_only_the_captured_module_is_wrapped():
     gm = fxopt.capture(user_gm, (torch.randn(2, 5, 8),))
     assert type(user_gm)._wrapped_call is before
     assert type(gm) is not type(user_gm)
+
+
+class SeqMean(nn.Module):
+    """A branch on the sequence length: export keeps one branch, for one length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[1] > 5:
+            return self.proj(x).sum(1) / x.shape[1]
+        return self.proj(x).amax(1)
+
+
+def _saved_and_loaded(gm, tmp_path, name="m.pt"):
+    fxopt.save(gm, tmp_path / name)
+    return fxopt.load(tmp_path / name)
+
+
+def test_a_loaded_graph_guards_its_inputs_as_the_captured_one_did(tmp_path):
+    """save dropped export's guard: the loaded graph ran seq 3 and 9 through the seq-7 branch and
+    returned wrong numbers without a word."""
+    model = SeqMean().eval()
+    loaded = _saved_and_loaded(_export(model, (torch.randn(2, 7, 4),)), tmp_path)
+    x = torch.randn(3, 7, 4)
+    torch.testing.assert_close(loaded(x), model(x))   # the batch stays dynamic
+    for seq in (3, 9):
+        with pytest.raises(InputMismatchError, match=rf"input 0 \('x'\) has size {seq} at dim 1, where the graph "
+                                                     r"was captured with size 7"):
+            loaded(torch.randn(2, seq, 4))
+    with pytest.raises(InputMismatchError, match=r"has 2 dimensions"):
+        loaded(torch.randn(2, 7))
+    again = _saved_and_loaded(loaded, tmp_path, "again.pt")   # one guard, not two
+    assert [n.target for n in again.graph.find_nodes(op="call_module")] == ["_guards_fxopt"]
+    with pytest.raises(InputMismatchError, match="size 9 at dim 1"):
+        copy.deepcopy(again)(torch.randn(2, 9, 4))   # the guard is in the graph: a copy keeps it
+
+
+def test_a_loaded_graph_refuses_another_value_of_a_specialized_number(tmp_path):
+    class Scale(nn.Module):
+        def forward(self, x, n: int):
+            return x * n
+
+    loaded = _saved_and_loaded(_export(Scale(), (torch.randn(2, 4), 3)), tmp_path)
+    torch.testing.assert_close(loaded(torch.ones(2, 4), 3), torch.full((2, 4), 3.0))
+    with pytest.raises(InputMismatchError, match=r"captured with input 1 \('n'\)=3.*called with 7"):
+        loaded(torch.ones(2, 4), 7)
+
+
+def test_keyword_inputs_are_not_taken_by_position_by_an_optimized_or_loaded_graph(tmp_path):
+    """Captured from {'y': Y, 'x': X}, the graph's forward is (y, x): without export's pre-hook
+    (dropped by every copy) g(X, Y) swapped them and returned a wrong result."""
+    class Sub(nn.Module):
+        def forward(self, x, y):
+            return x - 2 * y
+
+    X, Y = torch.randn(2, 4), torch.randn(2, 4)
+    res = fxopt.optimize(Sub().eval(), {"y": Y, "x": X}, "dce", mode="export")
+    for gm in (res.module, _saved_and_loaded(res.module, tmp_path)):
+        torch.testing.assert_close(gm(x=X, y=Y), X - 2 * Y)
+        with pytest.raises(InputMismatchError, match=r"called with 2 positional inputs; the graph takes \(y=, x=\)"):
+            gm(X, Y)
