@@ -23,6 +23,7 @@ tied to the output layer) come back as one object. A CRC32 of every part, stored
 """
 from __future__ import annotations
 
+import copy
 import os
 import zlib
 
@@ -76,6 +77,58 @@ def register_codec(codec: AttributeCodec) -> None:
     _CODECS[codec.name] = codec
 
 
+class CodedValue(nn.Module):
+    """Holds one attribute object a registered codec stores (an int8 prepacked weight); a graph
+    reads it as ``get_attr holder.value``.
+
+    Why a holder: an opaque object copies and pickles by its own rules, and those can lose what
+    the codec keeps. A prepacked int8 weight re-packs under the global quantized engine when it
+    is deep-copied or unpickled, which undoes the engine lowering chose for the layer: a
+    256-channel depthwise conv re-packed by fbgemm saturates (35 -> 15 dB after
+    ``copy.deepcopy(model)``, the same after ``torch.save(model)`` / ``torch.load``). Held
+    here, a deep copy shares the object (nothing writes into it) and pickling stores what the
+    codec encodes and rebuilds it with the codec.
+
+        >>> import copy, torch
+        >>> holder = CodedValue(torch.ones(2))   # any object; a codec-less one copies as usual
+        >>> copy.deepcopy(holder).value
+        tensor([1., 1.])
+    """
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> "CodedValue":
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        shared = _codec_for(self.value) is not None
+        new.__dict__.update({k: v if k == "value" and shared else copy.deepcopy(v, memo)
+                             for k, v in self.__dict__.items()})
+        return new
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        codec = _codec_for(self.value)
+        if codec is not None:
+            state["value"] = _coded_record(codec, self.value)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        value = state.get("value")
+        if isinstance(value, dict) and _CODED_KEY in value:
+            state = {**state, "value": _decode_attribute(value[_CODED_KEY])}
+        super().__setstate__(state)
+
+
+#: Marks a pickled `CodedValue`'s encoded object (a plain dict of the codec's data never has it).
+_CODED_KEY = "fxopt.coded_value"
+
+
+def _coded_record(codec: AttributeCodec, value: Any) -> dict:
+    return {_CODED_KEY: {"codec": codec.name, "provider": codec.provider, "data": codec.encode(value)}}
+
+
 def rebuild_coded_attributes(module: nn.Module) -> int:
     """Replace every attribute a registered codec stores by the object its codec rebuilds from
     it (what `save` then `load` would give); returns how many.
@@ -94,7 +147,47 @@ def rebuild_coded_attributes(module: nn.Module) -> int:
             if codec is not None:
                 setattr(owner, name, codec.decode(codec.encode(value)))
                 count += 1
+    if count and isinstance(module, torch.fx.GraphModule):
+        hold_coded_attributes(module)
     return count
+
+
+def hold_coded_attributes(gm: torch.fx.GraphModule) -> int:
+    """Make every codec-stored object the graph reads a `CodedValue`'s ``value``; returns how
+    many were not. ``torch.fx.GraphModule(root, graph)`` (a re-trace, a load) copies a
+    ``holder.value`` target into a plain module, and files from before the holders keep the
+    object on the root: both would copy and pickle it by its own rules again."""
+    held: dict[str, str] = {}  # target read -> the holder's target now
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        if node.target in held:
+            node.target = held[node.target]
+            continue
+        owner_path, _, attr = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        value = getattr(owner, attr, None)
+        if _codec_for(value) is None or isinstance(owner, CodedValue) and attr == "value":
+            continue
+        if owner_path and attr == "value" and type(owner) is nn.Module and not (
+                owner._modules or owner._parameters or owner._buffers):
+            # what GraphModule made of a holder: the holder again, at the same path
+            parent_path, _, name = owner_path.rpartition(".")
+            setattr(gm.get_submodule(parent_path) if parent_path else gm, name, CodedValue(value))
+            held[node.target] = node.target
+            continue
+        name, i = f"{attr}_held", 0
+        while hasattr(owner, name):
+            i += 1
+            name = f"{attr}_held_{i}"
+        owner.add_module(name, CodedValue(value))
+        delattr(owner, attr)
+        new_target = f"{owner_path + '.' if owner_path else ''}{name}.value"
+        held[node.target] = new_target
+        node.target = new_target
+    if held:
+        gm.recompile()
+    return len(held)
 
 
 def _codec_for(value: Any) -> AttributeCodec | None:
@@ -674,6 +767,7 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
             out_spec = treespec_loads(pytree["out_spec"]) if pytree["out_spec"] else None
             graph._codegen = _PyTreeCodeGen(_PyTreeInfo(pytree["orig_args"], in_spec, out_spec))
         gm = torch.fx.GraphModule(root, graph)
+        hold_coded_attributes(gm)  # (GraphModule made its holders plain modules; older files have none)
     if data.get("fxopt_meta"):  # files written before it was stored have none
         gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
     return explain_failed_calls(guard_inputs(gm))  # export's guards are code save cannot store: fxopt's stand in
@@ -875,5 +969,5 @@ def _decode(value, env, tensors):
     return value
 
 
-__all__ = ["AttributeCodec", "SerializationError", "load", "plain_tensor", "register_codec", "save",
+__all__ = ["AttributeCodec", "CodedValue", "SerializationError", "hold_coded_attributes", "load", "plain_tensor", "register_codec", "save",
            "tensor_from_plain"]

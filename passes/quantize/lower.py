@@ -49,6 +49,7 @@ from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklev
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
                       is_effectful, module_path, op_view, origin, size_read, value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
+from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
 
 from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, int8_pad, subpixel_weight
@@ -598,9 +599,10 @@ class _Lowering:
         if self.backend == "x86":
             if key not in self.packed_cache:  # pack (and check) once per weight, bias and geometry
                 prepacked, name = self._prepack(group, qw, bias, geometry), None
-                if prepacked is not None:
-                    name = _fresh_attr(self.gm, f"{group.name}_packed")
-                    setattr(self.gm, name, prepacked)
+                if prepacked is not None:  # held so that copies and pickles keep its engine (CodedValue)
+                    holder = _fresh_attr(self.gm, f"{group.name}_packed")
+                    self.gm.add_submodule(holder, CodedValue(prepacked))
+                    name = f"{holder}.value"
                 self.packed_cache[key] = name
             name = self.packed_cache[key]
             if float_output and name is not None:
