@@ -232,10 +232,6 @@ def test_loading_a_pack_no_engine_computes_right_says_so(monkeypatch, tmp_path):
         load(tmp_path / "m.pt")
 
 
-def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
-
-
 @needs_onednn
 def test_copies_and_pickles_of_an_int8_model_keep_each_layers_engine(tmp_path):
     """A depthwise conv is packed with oneDNN (fbgemm's saturates at 8 bits). Deep-copying or
