@@ -435,7 +435,9 @@ def _no_view_reason(gm, node) -> str:
     if module is None:
         return f"{getattr(node.target, '__name__', node.target)}: {NO_KERNEL}"
     if torch.nn.utils.parametrize.is_parametrized(module):  # weight_norm, spectral_norm, ...
-        return f"{type(module).__name__} with parametrized weights (computed each call): no int8 kernel"
+        return (f"{type(module).__name__} with parametrized weights (computed each call): no int8 kernel for the "
+                "module call; capture with mode='export' to trace the weight's computation into the graph, "
+                "where the layer quantizes (or remove the parametrization before quantizing)")
     return f"{type(module).__name__}: {NO_KERNEL}"
 
 

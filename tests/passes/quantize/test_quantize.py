@@ -873,9 +873,11 @@ def test_observed_but_nothing_lowered_warns():
     torch.manual_seed(0)
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(),
                           nn.Flatten(), nn.utils.parametrizations.weight_norm(nn.Linear(288, 4))).eval()
-    with pytest.warns(UserWarning, match=r"nothing was quantized.*parametrized weights"):
+    with pytest.warns(UserWarning, match=r"nothing was quantized.*parametrized weights.*mode='export'"):
         res, _ = _quantize(model)
     assert not any("quantize_per_tensor" in t for t in _targets(res.module))
+    exported, _ = _quantize(model, mode="export")  # what the warning advises: the layers quantize
+    assert any("quantize_per_tensor" in t for t in _targets(exported.module))
 
 
 def test_a_calibration_batch_of_the_wrong_shape_is_named_as_calibration_data():
