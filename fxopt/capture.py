@@ -115,9 +115,10 @@ def capture(
 
     `example_inputs` is a tensor, a tuple of positional args, or a dict of keyword args.
     `dynamic_shapes` is torch.export's (``{"x": {1: torch.export.Dim.AUTO}}`` keeps dim 1 of
-    input `x`, a sequence length, dynamic), for the export front end: given by input name, it is
-    added to the dynamic batch (an input's dims it does not name keep fxopt's batch dim); as a
-    tuple or list, it replaces it. A symbolic graph runs at any size without it. An exported
+    input `x`, a sequence length, dynamic), for the export front end: by input name, or as a
+    tuple or list by position, it is added to the dynamic batch (an input's dims it does not name
+    keep fxopt's batch dim); a dim an input does not have is refused, and one that export kept
+    static all the same is warned about. A symbolic graph runs at any size without it. An exported
     graph called with a size or a keyword it does not take raises `fxopt.errors.InputMismatchError`,
     which names the input, the dimension and the size or range it was captured with.
     The result records its front end in `gm.meta["fxopt"]["frontend"]` and carries shape and
@@ -154,6 +155,7 @@ def capture(
     if isinstance(model, torch.fx.GraphModule):
         return _adopt_graph_module(model, args, kwargs)
     _check_example_inputs(model, example_inputs, args, kwargs)
+    dynamic_shapes = _checked_dynamic_shapes(model, args, kwargs, dynamic_shapes)
 
     _warn_training_mode(model)
     user_model, model = model, _private_eval_copy(model)
@@ -353,6 +355,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
     inputs = record_inputs(gm, ep, model, args, kwargs)  # before any pass: export's own reading of them
     if inputs is not None:
         info["inputs"] = inputs
+        _warn_static_requested(inputs, model, dynamic_shapes)
     drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
     _guard_none_inputs(gm, model, args, kwargs)
     _record_shapes_and_check(model, gm, args, kwargs)
@@ -922,6 +925,62 @@ def _dynamic_batch_spec(model: nn.Module, args: tuple, kwargs: dict, dim: Any, b
         else:
             out[name] = tree_map(spec, value)
     return out
+
+
+def _checked_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, user: Any) -> Any:
+    """The caller's `dynamic_shapes` by input name (a tuple or list by position is named from
+    forward's signature, so it joins the dynamic batch as the by-name form does), each dim an
+    index of that input (a negative one counted from the end). A dim the input does not have is
+    refused: torch.export ignored it and kept the dim static without a word."""
+    if user is None:
+        return None
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return user
+    if isinstance(user, (tuple, list)):
+        if len(user) != len(bound):
+            raise CaptureError(f"dynamic_shapes gives {len(user)} entries by position; forward takes "
+                               f"{len(bound)} inputs here ({', '.join(bound)}): give one per input, or name them "
+                               "in a dict")
+        user = dict(zip(bound, user))
+    checked = {}
+    for name, dims in user.items():
+        if name not in bound:
+            raise CaptureError(f"dynamic_shapes names input '{name}', which the example inputs do not give; "
+                               f"they give: {', '.join(bound)}")
+        value = bound[name]
+        if isinstance(dims, dict) and isinstance(value, torch.Tensor):
+            fixed = {}
+            for dim, spec in dims.items():
+                if not isinstance(dim, int) or not -value.dim() <= dim < value.dim():
+                    raise CaptureError(f"dynamic_shapes: input '{name}' has {value.dim()} dimensions (shape "
+                                       f"{tuple(value.shape)}); it has no dim {dim!r}")
+                fixed[dim % value.dim()] = spec
+            dims = fixed
+        checked[name] = dims
+    return checked
+
+
+def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
+    """Say when a dim the caller asked to keep dynamic came out static in export's `record` of
+    the inputs (torch.export's Dim.AUTO gives way to the model's code without a word: `x + y`
+    ties x's dim to y's static one)."""
+    if not isinstance(user, dict):
+        return
+    shapes = {}
+    for entry in record["leaves"]:
+        name = entry["label"].split("'")[1] if "'" in entry["label"] and "[" not in entry["label"] else None
+        if name is not None and "shape" in entry:
+            shapes[name] = entry["shape"]
+    static = [f"dim {d} of '{name}' (size {shapes[name][d]})" for name, dims in user.items()
+              if isinstance(dims, dict) and name in shapes for d in dims
+              if d < len(shapes[name]) and isinstance(shapes[name][d], int)]
+    if static:
+        warnings.warn(f"capture: {type(model).__name__} was exported with {', '.join(static)} static, which "
+                      "dynamic_shapes asked to keep dynamic: the model's code fixes it (a branch on it, or an "
+                      "operation that ties it to a static size); the graph runs at that size only",
+                      stacklevel=user_stacklevel())
 
 
 def _with_user_dims(batch_spec: Any, user: Any) -> Any:

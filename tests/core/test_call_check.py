@@ -205,3 +205,46 @@ def test_keyword_inputs_are_not_taken_by_position_by_an_optimized_or_loaded_grap
         torch.testing.assert_close(gm(x=X, y=Y), X - 2 * Y)
         with pytest.raises(InputMismatchError, match=r"called with 2 positional inputs; the graph takes \(y=, x=\)"):
             gm(X, Y)
+
+
+class Plus(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, y=None):
+        return self.proj(x) if y is None else self.proj(x) + y
+
+
+def _runs(gm, shape):
+    try:
+        gm(torch.randn(*shape))
+    except InputMismatchError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("spec", [{"x": {1: torch.export.Dim.AUTO}}, ({1: torch.export.Dim.AUTO},),
+                                  [{1: torch.export.Dim.AUTO}], {"x": {-2: torch.export.Dim.AUTO}}])
+def test_dynamic_shapes_by_position_or_negative_dim_keep_the_batch_dynamic_too(spec):
+    """By position, fxopt's dynamic batch was dropped; a negative dim was ignored by export."""
+    gm = _export(Plus(), (torch.randn(2, 7, 4),), dynamic_shapes=spec)
+    assert _runs(gm, (5, 7, 4)) and _runs(gm, (2, 9, 4))
+
+
+@pytest.mark.parametrize("spec, says", [
+    ({"x": {5: torch.export.Dim.AUTO}}, r"dynamic_shapes: input 'x' has 3 dimensions \(shape \(2, 7, 4\)\); it has no dim 5"),
+    ({"z": {1: torch.export.Dim.AUTO}}, r"dynamic_shapes names input 'z', which the example inputs do not give; they give: x"),
+    (({1: torch.export.Dim.AUTO}, None), r"dynamic_shapes gives 2 entries by position; forward takes 1 inputs here \(x\)"),
+])
+def test_dynamic_shapes_that_name_no_dim_of_the_inputs_are_refused(spec, says):
+    with pytest.raises(fxopt.CaptureError, match=says):
+        _export(Plus(), (torch.randn(2, 7, 4),), dynamic_shapes=spec)
+
+
+def test_a_dim_asked_dynamic_that_export_kept_static_warns():
+    """x + y ties x's dim 1 to y's static one: the graph refused seq 9 at the call, unannounced."""
+    inputs = {"x": torch.randn(2, 7, 4), "y": torch.randn(2, 7, 4)}
+    with pytest.warns(UserWarning, match=r"exported with dim 1 of 'x' \(size 7\) static, which dynamic_shapes asked "
+                                         r"to keep dynamic"):
+        _export(Plus(), inputs, dynamic_shapes={"x": {1: torch.export.Dim.AUTO}})
