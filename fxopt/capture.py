@@ -356,6 +356,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
     if inputs is not None:
         info["inputs"] = inputs
         _warn_static_requested(inputs, model, dynamic_shapes)
+        if info["dynamic_batch"]:
+            _warn_narrow_batch(inputs, model)
     drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
     _guard_none_inputs(gm, model, args, kwargs)
     _record_shapes_and_check(model, gm, args, kwargs)
@@ -981,6 +983,21 @@ def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
                       "dynamic_shapes asked to keep dynamic: the model's code fixes it (a branch on it, or an "
                       "operation that ties it to a static size); the graph runs at that size only",
                       stacklevel=user_stacklevel())
+
+
+def _warn_narrow_batch(record: dict, model: nn.Module) -> None:
+    """Say when export kept the batch dynamic over a range only (`if x.shape[0] > 2:` keeps one
+    branch, for batches of 3 or more): the graph refused a batch of 1 at the call, unannounced."""
+    first = next((e["shape"][0] for e in record["leaves"] if e.get("shape") and isinstance(e["shape"][0], dict)
+                  and "symbol" in e["shape"][0]), None)
+    if first is None:
+        return
+    low, high = first["min"], first["max"]
+    if (low is not None and low > 2) or high is not None:
+        allowed = f"{low} to {high}" if high is not None else f"{low} or more"
+        warnings.warn(f"capture: {type(model).__name__} was exported for batch sizes {allowed} only: its code "
+                      "branches on the batch size (or fixes a range of it), and the graph keeps the branch the "
+                      "example took", stacklevel=user_stacklevel())
 
 
 def _with_user_dims(batch_spec: Any, user: Any) -> Any:

@@ -1,6 +1,7 @@
 """An exported graph called with inputs it was not captured for names the input, the dimension
 and the captured size or range, and says how to capture again (fxopt/call_check.py)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -248,3 +249,23 @@ def test_a_dim_asked_dynamic_that_export_kept_static_warns():
     with pytest.warns(UserWarning, match=r"exported with dim 1 of 'x' \(size 7\) static, which dynamic_shapes asked "
                                          r"to keep dynamic"):
         _export(Plus(), inputs, dynamic_shapes={"x": {1: torch.export.Dim.AUTO}})
+
+
+def test_a_batch_kept_dynamic_over_a_range_only_is_announced_at_capture():
+    """`if x.shape[0] > 2:` keeps the batch dynamic from 3 up: a batch of 1 was refused at the
+    call with no word at capture (the README promises a warning where the batch is not free)."""
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x) if x.shape[0] > 2 else -self.proj(x)
+
+    with pytest.warns(UserWarning, match=r"exported for batch sizes 3 or more only"):
+        gm = _export(Branch(), (torch.randn(4, 4),))
+    with pytest.raises(InputMismatchError, match=r"size 1 at dim 0; the graph takes sizes 3 or more there"):
+        gm(torch.randn(1, 4))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="capture:")   # a batch free from 1 up says nothing
+        _export(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 4)))
