@@ -236,7 +236,9 @@ class Divergence:
 
 @dataclass
 class VerificationReport:
-    """What `verify` found. `passed` is the verdict; the rest explains it.
+    """What `verify` found. `passed` says that nothing it checked failed; the rest explains it.
+    Under `lossy` (after `prune`, `distill`) nothing is checked: `passed` is True and `verdict` is
+    "NOT CHECKED", so a script that needs a checked result tests ``report.verdict == "PASS"``.
 
     `stage`: set by `fxopt.optimize` when the result held the pipeline's loosest tolerance
     against the original but the passes after its last lossy pass did not hold theirs against
@@ -252,6 +254,10 @@ class VerificationReport:
         Traceback (most recent call last):
         ...
         fxopt.errors.VerificationError: FAIL (exact, cpu): max_abs=...
+        >>> lossy = fxopt.verify(model, torch.nn.Sequential(model, torch.nn.ReLU()), torch.randn(8, 4),
+        ...                      tolerance="lossy")
+        >>> lossy.passed, lossy.verdict
+        (True, 'NOT CHECKED')
     """
 
     passed: bool
