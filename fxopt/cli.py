@@ -159,8 +159,9 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=("auto", "symbolic", "export"), default="auto", help="capture front end")
 
     opt = sub.add_parser("optimize", help="optimize a model and print a before/after table",
-                         epilog="exit codes: 0 success, 1 the result failed verification, 2 a pass, the "
-                                "pipeline text or MODEL failed (cannot be imported, its callable raised)")
+                         epilog="exit codes: 0 success, 1 the result failed verification (with --verify-each: "
+                                "a pass's result did), 2 a pass, the pipeline text or MODEL failed (cannot be "
+                                "imported, its callable raised)")
     common(opt)
     opt.add_argument("--no-verify", action="store_true", help="skip the final numerical check")
     opt.add_argument("--verify-each", action="store_true", help="lint and check numerics after every pass")
@@ -320,7 +321,11 @@ def _pass_failed(exc: Exception, work: Workload | None) -> int:
     hint = _calibration_hint(exc, work)
     if hint:
         print(f"fxopt: hint: {hint}", file=sys.stderr)
-    return 2
+    records = getattr(exc, "records", None) or []
+    check = records[-1].verification if records else None
+    # --verify-each stopped at a pass whose result failed verification: that is exit code 1, as
+    # a failed final check is, not 2 (a pass that raised)
+    return 1 if check is not None and not check.passed else 2
 
 
 def _is_terminal(stream: Any) -> bool:

@@ -357,3 +357,31 @@ def test_save_of_a_pipeline_whose_result_cannot_be_saved_fails_before_it_runs(
 def test_save_after_observers_are_lowered_is_not_refused_up_front(user_model_module, tmp_path):
     assert cli._check_savable_pipeline(["insert-observers", "lower-int8"]) is None
     assert cli._check_savable_pipeline(["fuse", "quantize"]) is None
+
+
+def test_verify_each_that_stops_at_a_failing_pass_exits_1_like_a_failed_final_check(user_model_module, capsys):
+    """The same numerically broken result exited 1 without --verify-each and 2 ("a pass failed") with it."""
+    import dataclasses
+
+    import fxopt
+
+    @dataclasses.dataclass
+    class Scramble(fxopt.Pass):
+        name = "test-cli-scramble"
+
+        def run(self, gm, ctx):
+            for node in list(gm.graph.find_nodes(op="output")):
+                with gm.graph.inserting_before(node):
+                    doubled = gm.graph.call_function(torch.mul, (node.args[0], 2.0))
+                node.args = (doubled,)
+            return fxopt.PassResult(gm, modified=True)
+
+    fxopt.register_pass(Scramble)
+    try:
+        args = ["optimize", f"{user_model_module}:mlp", "-p", "dce,test-cli-scramble"]
+        assert cli.main(args) == 1
+        assert cli.main(args + ["--verify-each"]) == 1
+        assert "verification failed after the pass" in capsys.readouterr().err
+        assert cli.main(["optimize", f"{user_model_module}:mlp", "-p", "dce", "--verify-each"]) == 0
+    finally:
+        fxopt.unregister_pass("test-cli-scramble")
