@@ -233,6 +233,7 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 
 def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
     _refuse_var_keyword_inputs(model, kwargs)
+    _refuse_tensor_defaults(model, args, kwargs)
     concrete = _concrete_inputs(model, args, kwargs)
     state = BufferState(model)
     with _FrozenDraws() as draws:
@@ -754,6 +755,20 @@ def _drop_string_annotations(gm: torch.fx.GraphModule) -> None:
             changed = True
     if changed:
         gm.recompile()
+
+
+def _refuse_tensor_defaults(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A parameter with a tensor default (``b=torch.ones(4)``) becomes a graph input whose default
+    fx's generated code cannot spell, given or not (it failed with "name '_tensor_constant0' is
+    not defined")."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    for param in params:
+        if param.default is not inspect.Parameter.empty and _holds_tensor(param.default):
+            raise CaptureError(f"forward's input '{param.name}' defaults to a tensor, which the code of a symbolic "
+                               "graph cannot spell; capture with mode='export' (auto does)")
 
 
 def _refuse_var_keyword_inputs(model: nn.Module, kwargs: dict) -> None:

@@ -1143,3 +1143,19 @@ def test_a_tensor_kept_in_a_python_attribute_is_named_by_symbolic_capture():
                                            r"records .*register_buffer"):
         capture(model, (torch.randn(3, 4),), mode="symbolic")
     assert model.cache is None
+
+
+def test_a_tensor_default_is_named_by_symbolic_capture():
+    """fx's generated code failed with "name '_tensor_constant0' is not defined"."""
+    class Biased(nn.Module):
+        def forward(self, x, b=torch.ones(4)):
+            return x + b
+
+    x = torch.randn(2, 4)
+    for inputs in ((x,), (x, torch.full((4,), 2.0))):
+        with pytest.raises(CaptureError, match=r"forward's input 'b' defaults to a tensor, which the code of a "
+                                               r"symbolic graph cannot spell; capture with mode='export'"):
+            capture(Biased(), inputs, mode="symbolic")
+    gm = capture(Biased(), (x,))
+    assert gm.meta["fxopt"]["frontend"] == "export"   # auto goes on to export
+    torch.testing.assert_close(gm(x), x + 1.0)
