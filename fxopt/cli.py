@@ -231,12 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _writable_dir(parser, "--dump", getattr(args, "dump", None))
     _writable_dir(parser, "--out", getattr(args, "out", None))
     _writable_file(parser, "--save", getattr(args, "save", None))
-    from .pipeline import parse_pipeline
-
     try:
         if args.command == "passes":
             return _cmd_passes()
-        passes = parse_pipeline(args.pipeline)  # a typo fails now, before the model is loaded
+        passes = _parse_with_model_passes(args.pipeline, getattr(args, "model", None))
         if getattr(args, "save", None):
             _check_savable_pipeline([p.name for p in passes][: args.bisect_limit])
         if args.command == "dump":
@@ -245,6 +243,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FxoptError as exc:
         print(f"fxopt: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _parse_with_model_passes(pipeline: str, spec: str | None) -> list:
+    """The pipeline's passes, parsed before MODEL is called (a typo fails in a second). A pass
+    MODEL's own module registers (`fxopt.register_pass` at import) is unknown until that module
+    is imported: on an unknown pass it is imported, and the text parsed again."""
+    from .pipeline import parse_pipeline
+
+    try:
+        return parse_pipeline(pipeline)
+    except PipelineError as exc:
+        if spec is None or "unknown pass" not in str(exc) or ":" not in spec:
+            raise
+        module_name = spec.partition(":")[0]
+        try:
+            _import_from_cwd(module_name)
+        except Exception:  # noqa: BLE001  (MODEL's own import error is reported when it is loaded)
+            raise exc from None
+        try:
+            return parse_pipeline(pipeline)
+        except PipelineError as again:
+            raise PipelineError(f"{again} (the command line knows the installed passes and those MODEL's module "
+                                f"'{module_name}' registers when imported)") from None
 
 
 def _check_savable_pipeline(names: list[str]) -> None:

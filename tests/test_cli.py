@@ -385,3 +385,33 @@ def test_verify_each_that_stops_at_a_failing_pass_exits_1_like_a_failed_final_ch
         assert cli.main(["optimize", f"{user_model_module}:mlp", "-p", "dce", "--verify-each"]) == 0
     finally:
         fxopt.unregister_pass("test-cli-scramble")
+
+
+def test_a_pass_the_model_module_registers_is_known_to_the_pipeline(tmp_path, monkeypatch, capsys):
+    """The pipeline was parsed before MODEL's module was imported: its own pass was 'unknown'."""
+    import fxopt
+
+    (tmp_path / "with_pass.py").write_text(textwrap.dedent("""
+        import dataclasses, torch, fxopt
+
+        @fxopt.register_pass
+        @dataclasses.dataclass
+        class Tag(fxopt.Pass):
+            name = "test-cli-own-pass"
+            def run(self, gm, ctx):
+                return fxopt.PassResult(gm, modified=False, stats={"ran": 1})
+
+        def model():
+            return torch.nn.Sequential(torch.nn.Linear(4, 4)).eval(), (torch.randn(2, 4),)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert cli.main(["optimize", "with_pass:model", "-p", "dce,test-cli-own-pass"]) == 0
+        assert "test-cli-own-pass" in capsys.readouterr().out
+        assert cli.main(["optimize", "with_pass:model", "-p", "test-cli-own-pas"]) == 2
+        err = capsys.readouterr().err
+        assert "unknown pass 'test-cli-own-pas' (did you mean 'test-cli-own-pass'?)" in err
+        assert "those MODEL's module 'with_pass' registers when imported" in err
+    finally:
+        fxopt.unregister_pass("test-cli-own-pass")
+        sys.modules.pop("with_pass", None)
