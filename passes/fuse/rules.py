@@ -99,13 +99,21 @@ def _bn_scale_shift(view, channels: int, dtype: torch.dtype):
 
 
 def in_dtype(dtype: torch.dtype, *values: torch.Tensor | None) -> list[torch.Tensor | None] | None:
-    """Fold results (float64) cast to the layer's `dtype`, or None where the cast overflows: a
-    merged float16 weight ``W2 @ W1`` of 300s is inf where ``W2 (W1 x)`` stays finite, and the
-    folded layer would give inf everywhere. A value already infinite in float64 is left as it
-    is (the unfolded layers meet that infinity too)."""
+    """Fold results (float64) cast to the layer's `dtype`, or None where the cast loses more
+    than one rounding: a merged float16 weight ``W2 @ W1`` of 300s overflows to inf where
+    ``W2 (W1 x)`` stays finite (the folded layer gave inf everywhere), and a batchnorm scale of
+    1e-6 / sqrt(1e4) flushes the folded weights to 0 or to float16's imprecise subnormals.
+    A value already infinite in float64 is left as it is (the unfolded layers meet it too)."""
+    eps = torch.finfo(dtype).eps
     cast = [None if v is None else v.to(dtype) for v in values]
     for v, c in zip(values, cast):
-        if v is not None and not torch.isfinite(c).all() and torch.isfinite(v).all():
+        if v is None or v.numel() == 0:
+            continue
+        # against the size of its row (an output channel's weights; a whole bias): one tiny
+        # entry beside large ones may flush, a row that is all tiny may not
+        size = v.abs().amax(dim=tuple(range(1, v.dim())), keepdim=True) if v.dim() > 1 else v.abs().max()
+        lost = (c.double() - v).abs() > eps * size  # a normal number's rounding is within eps / 2
+        if (lost & torch.isfinite(v)).any():
             return None
     return cast
 

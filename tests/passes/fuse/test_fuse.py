@@ -1382,13 +1382,24 @@ def _two_linears():
     return model
 
 
-@pytest.mark.parametrize("build, scale", [(_two_linears, 2e-5), (_LayerScale, 1e-4)])
-def test_a_fold_float16_cannot_hold_is_declined(build, scale):
+def _tiny_bn():
+    conv, bn = nn.Conv2d(64, 8, 1, bias=False), nn.BatchNorm2d(8)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        bn.weight.fill_(1e-6)
+        bn.running_var.fill_(1e4)
+    return nn.Sequential(conv, bn, nn.Flatten())
+
+
+@pytest.mark.parametrize("build, scale, shape", [(_two_linears, 2e-5, (4, 64)), (_LayerScale, 1e-4, (4, 64)),
+                                                 (_tiny_bn, 1e3, (1, 64, 2, 2))])
+def test_a_fold_float16_cannot_hold_is_declined(build, scale, shape):
     """W2 @ W1 of two float16 linears of 300s is 5.8e6 (inf in float16) where W2 (W1 x) stays
     finite: the merged layer gave inf everywhere. Same for a layer scale of 1e4 times weights of
-    100. A fold whose result overflows the layer's dtype is declined."""
+    100; a batchnorm scale of 1e-6 / 100 flushed the folded weights to 0 (eager: 4e-5). A fold
+    whose result the layer's dtype cannot hold to one rounding is declined."""
     torch.manual_seed(0)
-    model, x = build().eval().half(), (torch.rand(4, 64) * scale).half()
+    model, x = build().eval().half(), (torch.rand(*shape) * scale).half()
     res = fxopt.optimize(model, (x,), "fuse", mode="symbolic")
     assert res.verification.passed, res.summary()
     out, ref = res.module(x), model(x)
