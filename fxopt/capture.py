@@ -65,7 +65,7 @@ from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
 from .serialize import rebuild_coded_attributes
-from .tracing import one_at_a_time, trace
+from .tracing import one_at_a_time, registered_by_user, trace
 
 # torch.nn's traceable forwards register themselves when their module is imported
 importlib.import_module(".nn_forwards", __package__)
@@ -173,6 +173,10 @@ def capture(
                 gm, info = _export(model, args, kwargs, dynamic_batch, dynamic_shapes)
         except Exception as exc:  # each front end fails in its own way; report them all
             attempts.append(_failed_attempt(frontend, exc))
+            if frontend == "symbolic" and (entered := registered_by_user(model)):
+                attempts[-1].reason += (f" (the trace entered {', '.join(entered[:3])} through a traceable forward "
+                                        "registered with fxopt.register_traceable_forward: check that it computes "
+                                        "what the module's forward does)")
             continue
         if frontend == "symbolic":
             note = _opaque_note(gm)

@@ -103,7 +103,26 @@ def register_traceable_forward(module_type: type[nn.Module], forward: TraceableF
         raise TypeError(f"register_traceable_forward expects an nn.Module subclass, got {module_type!r}")
     if not callable(forward):
         raise TypeError(f"the traceable forward for {module_type.__name__} is not callable: {forward!r}")
+    _check_arity(module_type, forward)
     _FORWARDS[module_type] = forward
+
+
+def _check_arity(module_type: type[nn.Module], forward: TraceableForward) -> None:
+    """Refuse a traceable forward that cannot take the module and the inputs `module_type.forward`
+    requires (it failed at capture as "<lambda>() takes 1 positional argument", naming neither)."""
+    try:
+        ours = inspect.signature(forward)
+        theirs = inspect.signature(module_type.forward)
+    except (TypeError, ValueError):
+        return
+    required = [p for p in list(theirs.parameters.values())[1:]
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    try:
+        ours.bind(module_type, *(None for _ in required))
+    except TypeError as exc:
+        raise TypeError(f"the traceable forward for {module_type.__name__} takes {ours}, but a call passes the module "
+                        f"and {module_type.__name__}.forward's inputs ({', '.join(p.name for p in required)}): "
+                        f"{exc}") from None
 
 
 def unregister_traceable_forward(module_type: type[nn.Module]) -> None:
@@ -126,6 +145,17 @@ def unregister_traceable_forward(module_type: type[nn.Module]) -> None:
 def traceable_forward(module: nn.Module) -> TraceableForward | None:
     """The forward registered for `module`'s exact type, if any."""
     return _FORWARDS.get(type(module))
+
+
+def registered_by_user(model: nn.Module) -> list[str]:
+    """`Type 'name'` for each module of `model` traced through a traceable forward registered
+    outside fxopt (fxopt's own, for torch.nn's attention modules, are left out)."""
+    found = []
+    for name, m in model.named_modules():
+        forward = traceable_forward(m)
+        if forward is not None and not getattr(forward, "__module__", "").startswith("fxopt."):
+            found.append(f"{type(m).__name__} '{name}'" if name else f"{type(m).__name__} (the model itself)")
+    return found
 
 
 class FxoptTracer(torch.fx.Tracer):

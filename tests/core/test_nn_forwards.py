@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxopt
 from fxopt import capture
 from fxopt.tracing import NotTraceable, register_traceable_forward, unregister_traceable_forward
 
@@ -243,3 +244,27 @@ def test_a_bfloat16_layer_is_checked_at_its_own_precision():
     layer = nn.TransformerEncoderLayer(E, HEADS, 32, batch_first=True).to(torch.bfloat16).eval()
     gm = capture(layer, (torch.randn(2, 5, E, dtype=torch.bfloat16),), mode="symbolic")
     assert "self_attn.out_proj" in _call_modules(gm)
+
+
+def test_a_traceable_forward_that_cannot_take_the_inputs_is_refused_at_registration():
+    """It failed at capture with "<lambda>() takes 1 positional argument", naming neither."""
+    class Gate(nn.Module):
+        def forward(self, x, scale=2.0):
+            return x * scale
+
+    with pytest.raises(TypeError, match=r"the traceable forward for Gate takes \(self\), but a call passes the module "
+                                        r"and Gate.forward's inputs \(x\)"):
+        fxopt.register_traceable_forward(Gate, lambda self: 1)
+    fxopt.register_traceable_forward(Gate, lambda self, x, scale=2.0: x * scale)   # fits: taken
+    fxopt.unregister_traceable_forward(Gate)
+
+
+def test_a_capture_that_fails_through_a_registered_forward_names_it():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    fxopt.register_traceable_forward(nn.Linear, lambda self, x: torch.nn.functional.linear(x, self.weight) * 2)
+    try:
+        with pytest.raises(fxopt.CaptureError, match=r"the trace entered Linear '0' through a traceable forward "
+                                                     r"registered with fxopt.register_traceable_forward"):
+            fxopt.capture(model, (torch.randn(3, 4),), mode="symbolic")
+    finally:
+        fxopt.unregister_traceable_forward(nn.Linear)
