@@ -413,8 +413,8 @@ def test_verify_refuses_to_run_an_uninitialized_lazy_module_and_leaves_it_lazy()
 def test_verify_on_cpu_rejects_cuda_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="CUDA"):
-        verify(_net(), _net(), _x(), device="cuda")
+    with pytest.raises(ValueError, match="verify: got device 'cuda', but this machine has no CUDA GPU"):
+        verify(_net(), _net(), _x(), device="cuda")   # a ValueError like optimize(devices=['cuda'])'s
 
 
 @pytest.mark.cuda
