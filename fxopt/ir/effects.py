@@ -260,9 +260,20 @@ def _has_twin(node: torch.fx.Node) -> bool:
         return False
     if node.kwargs.get("inplace") is True:
         return True
-    name = getattr(node.target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_") and hasattr(torch, name[:-1]) \
-        and getattr(torch, name) is node.target
+    return _twin_namespace(node.target) is not None
+
+
+#: Where an in-place function ``f_`` has its out-of-place twin ``f`` (``torch.relu_``,
+#: ``F.leaky_relu_``, ``F.hardtanh_``).
+_TWIN_NAMESPACES = (torch, torch.nn.functional)
+
+
+def _twin_namespace(target: Any) -> Any:
+    name = getattr(target, "__name__", "")
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    return next((ns for ns in _TWIN_NAMESPACES if getattr(ns, name, None) is target
+                 and callable(getattr(ns, name[:-1], None))), None)
 
 
 def _twin(node: torch.fx.Node) -> tuple[Any, dict]:
@@ -271,7 +282,7 @@ def _twin(node: torch.fx.Node) -> tuple[Any, dict]:
         return node.target[:-1], dict(node.kwargs)
     if node.kwargs.get("inplace") is True:
         return node.target, {**node.kwargs, "inplace": False}
-    return getattr(torch, node.target.__name__[:-1]), dict(node.kwargs)
+    return getattr(_twin_namespace(node.target), node.target.__name__[:-1]), dict(node.kwargs)
 
 
 def _make_out_of_place(node: torch.fx.Node) -> None:

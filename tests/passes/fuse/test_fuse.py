@@ -1407,3 +1407,27 @@ def test_a_fold_float16_cannot_hold_is_declined(build, scale, shape):
     fp32 = fxopt.optimize(build().eval(), (x.float(),), "fuse", mode="symbolic").module
     assert any(n.op == "get_attr" and ("merged" in n.target or "folded" in n.target) for n in fp32.graph.nodes), \
         "in float32 the same fold is taken"
+
+
+@pytest.mark.parametrize("act, label", [(lambda y: F.leaky_relu_(y, 0.2), "conv+leaky_relu"),
+                                        (lambda y: F.hardtanh_(y, 0.0, 6.0), "conv+hardtanh"),
+                                        (lambda y: F.elu_(y), None)])
+def test_in_place_functional_activations_after_a_conv_fuse_like_their_twins(act, label):
+    """``F.leaky_relu_(conv(x))`` stayed a separate in-place op where ``F.leaky_relu`` fused:
+    torch.nn.functional's in-place functions have their out-of-place twin there, not in torch."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return act(self.conv(x))
+
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    res = fxopt.optimize(model, (x,), "fuse", mode="symbolic")
+    assert res.verification.passed
+    assert not any(str(getattr(n.target, "__name__", n.target)).endswith("_") for n in res.module.graph.nodes
+                   if n.op == "call_function"), "the write is made out of place"
+    fused = {annotations(n).get("fused") for n in res.module.graph.nodes if annotations(n).get("fused")}
+    assert fused == ({label} if label else set())
+    torch.testing.assert_close(res.module(x), model(x))
