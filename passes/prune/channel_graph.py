@@ -86,8 +86,10 @@ from typing import Any, ClassVar
 
 import networkx as nx
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.fx
+from scipy.sparse.csgraph import breadth_first_order
 
 from fxopt.analysis import Analysis, ShapeAnalysis
 from fxopt.ir import (bind_arguments, metadata_read, op_view, ref_for_get_attr, size_read, spec_for,
@@ -692,8 +694,46 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 if not out_cls[x]:
                     out_cls[x] = True
                     stack.append(x)
+        unread = ~self._read_classes(cls, pinned | out_cls)
         return ChannelGraph(self.graph, self.slots, self.rules, self.value_slot, cls, n_classes, precedence,
-                            self.pinned_nodes, pinned, out_cls, self.module_names)
+                            self.pinned_nodes, pinned, out_cls, self.module_names, unread)
+
+    def _read_classes(self, cls: np.ndarray, read: np.ndarray) -> np.ndarray:
+        """Per class: whether anything reads its channels. A class is read where a consumer
+        takes it as weight columns, a pinned node or the output reads it (`read`, the classes
+        pinned or reaching the output), a user reads its value in a way its rule does not map
+        (all of that value, to be safe), or an index map carries it into a read class. What is
+        left is dropped by every reader: the channels ``h[:, 2:6]`` or an unused split piece
+        leaves out, and what only flows into them."""
+        read = read.copy()
+        carried_from, carried_to = [], []
+        for rule in self.rules.values():
+            for _, sid, in_pos, out_pos, out in rule.inputs:
+                if in_pos is None:  # a reduction over the channels reads every one
+                    read[cls[self._positions(sid)]] = True
+                    continue
+                carried_from.append(cls[self.slots[sid].base + np.asarray(in_pos, dtype=np.int64)])
+                carried_to.append(cls[self.slots[out].base + np.asarray(out_pos, dtype=np.int64)])
+            for _, sid in rule.consumed:
+                read[cls[self._positions(sid)]] = True
+        for slot in self.slots:
+            for user in self.nodes[slot.node].users:
+                rule = self.rules.get(user.name)
+                if rule is None or all(entry[1] != slot.id for entry in (*rule.inputs, *rule.consumed)):
+                    read[cls[self._positions(slot.id)]] = True
+        if not carried_from or read.all():
+            return read
+        a, b = np.concatenate(carried_from), np.concatenate(carried_to)
+        keep = a != b  # positions a map makes one class carry nothing between classes
+        n = len(read)
+        # walk the maps backwards from the read classes (a virtual root n points at them)
+        roots = np.flatnonzero(read)
+        links = sp.coo_matrix((np.ones(keep.sum() + len(roots)),
+                               (np.concatenate([b[keep], np.full(len(roots), n)]),
+                                np.concatenate([a[keep], roots]))), shape=(n + 1, n + 1)).tocsr()
+        reached = breadth_first_order(links, n, directed=True, return_predecessors=False)
+        read[reached[reached < n]] = True
+        return read
 
 
 #: Modules export lowers to ops that have no channel rule either (im2col, a pooling over channels).

@@ -205,7 +205,9 @@ class ChannelGraph:
     - `cls`: array position -> class id (dense 0..n_classes-1);
     - `precedence`: set of (class y, class x) pairs: y dead requires x dead;
     - `pinned_nodes`: node name -> reason, for everything the analysis would not reason about;
-    - `output_classes`: classes that reach the graph output (pinned).
+    - `output_classes`: classes that reach the graph output (pinned);
+    - `unread_classes`: classes every reader drops (``h[:, 2:6]`` leaves 0, 1, 6, 7 of 8 out):
+      removing them changes no result, so their importance is 0.
     """
 
     graph: nx.MultiDiGraph
@@ -219,6 +221,7 @@ class ChannelGraph:
     pinned_classes: np.ndarray
     output_classes: np.ndarray
     module_names: dict[str, str]
+    unread_classes: np.ndarray
 
     def positions(self, slot_id: int) -> np.ndarray:
         s = self.slots[slot_id]

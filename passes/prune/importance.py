@@ -183,6 +183,7 @@ def class_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, importance: str = "l
     if importance == "bn_scale":
         imp = np.where(has_bn, bn, imp)
     imp = imp / np.maximum(contributions, 1)
+    imp[cg.unread_classes] = 0.0  # no reader needs them: removing them loses nothing
     prod += np.where(_parameter_channels(cg, prod, macs), param_prod, 0)
     return {"imp": imp, "macs": macs, "prod": prod}
 

@@ -122,6 +122,7 @@ class PrunePlan:
             "removed_channels": self.selection.removed,
             "target_channels": self.selection.target,
             "prunable_channels": self.selection.total,
+            "unread_classes": int(cg.unread_classes.sum()),
             "selection_cut": round(self.selection.cut_value, 6),
             "selection_cut_edges": len(self.selection.cut_edges),
             "reexpanded_slots": len(self.boundary.full),

@@ -5,6 +5,7 @@ with the removed channels zeroed). Slices the rule cannot map stay pinned, with 
 import copy
 import operator
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -247,3 +248,50 @@ def test_a_sliced_index_buffer_has_no_channels(mode, ratio):
     assert r.plan.selection.removed > 0
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
     assert r.pruned(torch.randint(0, 50, (3, 8))).shape == (3, 8, 4)
+
+
+class _ReadsSome(nn.Module):
+    """A conv whose channels only some readers take: `how` says which. The channels no reader
+    takes get the largest weights, so an l1 selection blind to the readers would keep them."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a, self.a2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.b, self.c = nn.Conv2d(4, 6, 1), nn.Conv2d(8, 6, 1)
+        with torch.no_grad():
+            for conv in (self.a, self.a2):
+                conv.weight[[0, 1, 6, 7] if how == "slice" else [4, 5, 6, 7]] *= 10
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if self.how == "slice":
+            return self.b(h[:, 2:6])
+        if self.how == "split":  # the second piece is never read
+            first, _ = h.chunk(2, dim=1)
+            return self.b(first)
+        if self.how == "junction":  # channels 4..7 of both addends are dropped after the sum
+            return self.b((h + self.a2(x))[:, :4])
+        return self.b(h[:, 2:6]) + self.c(h)  # "also whole": another reader takes every channel
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how, unread", [("slice", [0, 1, 6, 7]), ("split", [4, 5, 6, 7]),
+                                         ("junction", [4, 5, 6, 7]), ("also whole", [])])
+def test_channels_no_reader_takes_are_removed_first(mode, how, unread):
+    """A class every reader drops has importance 0: at ratio 0.5 those are the channels removed,
+    whatever their weights, and the pruned model equals the original (they never mattered)."""
+    torch.manual_seed(0)
+    model, x = _ReadsSome(how).eval(), torch.randn(2, 3, 8, 8)
+    plan = analyze(model, x, ratio=0.5, mode=mode)
+    cg = plan.channel_graph
+    conv = next(s for s in cg.slots if s.node in ("a", "conv2d"))
+    positions = cg.positions(conv.id)
+    assert np.flatnonzero(cg.unread_classes[positions]).tolist() == unread
+    assert plan.stats()["unread_classes"] >= len(unread)
+    if unread:
+        assert np.flatnonzero(plan.dead[positions]).tolist() == unread
+        pruned = plan.apply()
+        torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-6)
+    else:  # every channel is read: each keeps its weights' importance
+        assert (plan.costs["imp"][positions] > 0).all()
