@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxopt.debug.listing import annotate
-from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, size_read, tensor_meta
+from fxopt.ir import add_tensor_attr, op_view, ref_for_get_attr, resolve_attr, size_read, tensor_meta
 
 import numpy as np
 
@@ -720,11 +720,37 @@ def _erase_dead_size_arithmetic(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def tied_parameters(gm: torch.fx.GraphModule) -> list[list[str]]:
+    """Names that hold one parameter object: tied weights, and the private names `_privatize`
+    gave a shared weight's other uses."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
+
+
+def share_equal_ties(gm: torch.fx.GraphModule, ties: list[list[str]]) -> None:
+    """Within each tie (names that held one parameter, `tied_parameters`), the names whose
+    tensors are still equal share one again: they were edited alike, each on a copy of its own."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    for names in ties:
+        live = [n for n in names if n in params]
+        tensors = [params[n] for n in live]
+        if len(live) < 2 or not all(t.shape == tensors[0].shape and t.dtype == tensors[0].dtype
+                                    and torch.equal(t, tensors[0]) for t in tensors[1:]):
+            continue
+        for name in live[1:]:
+            owner, attr = resolve_attr(gm, name)
+            setattr(owner, attr, tensors[0])
+
+
 def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -> None:
     """Mask instead of remove: zero every producer row, norm affine and parameter slice of the
     dead classes (new tensors via ParamRef.set; a weight computed in the graph is zeroed after
     its computation). The masked model computes exactly what the pruned one does, which is how
-    the tests check exactness."""
+    the tests check exactness. Tied weights zeroed alike stay tied, so a plan applied after it
+    re-ties them as it would have (`PrunePlan.apply`)."""
+    ties = tied_parameters(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     edited = False
     for name, rule in cg.rules.items():
@@ -754,5 +780,6 @@ def zero_removed(gm: torch.fx.GraphModule, cg: ChannelGraph, dead: np.ndarray) -
             t = ref.get().detach().clone()
             t.index_fill_(axis, index, 0.0)
             ref.set(t)
+    share_equal_ties(gm, ties)
     if edited:
         gm.recompile()

@@ -54,14 +54,13 @@ from fxopt.ir import (
     is_shared,
     make_private,
     op_view,
-    resolve_attr,
     split_packed_parameters,
     unpack_tuples,
 )
 from fxopt.measure import count_parameters
 from fxopt.pass_base import Pass, PassContext, PassResult
 
-from .apply import apply_pruning
+from .apply import apply_pruning, share_equal_ties, tied_parameters
 from .boundary import Boundary, plan_boundaries
 from .channel_graph import ChannelGraphAnalysis, build_channel_graph
 from .channel_model import WEIGHT_LAYOUTS, ZERO_PRESERVING, ChannelGraph, Rule, param_arg
@@ -158,7 +157,7 @@ class PrunePlan:
         start = time.perf_counter()
         gm = clone_sharing_tensors(self.gm)
         info = apply_pruning(gm, cg, dead, boundary, self.ignored, self.slot_groups())
-        _retie(gm, _tied_parameters(self.gm))
+        _retie(gm, tied_parameters(self.gm))
         if self.example_inputs or self.example_kwargs:
             propagate_shapes(gm, self.example_inputs, self.example_kwargs)
         self.seconds["apply"] = time.perf_counter() - start
@@ -529,15 +528,6 @@ def _privatize(gm: torch.fx.GraphModule) -> bool:
     return changed
 
 
-def _tied_parameters(gm: torch.fx.GraphModule) -> list[list[str]]:
-    """Names that hold one parameter object: tied weights, and the private names `_privatize`
-    gave a shared weight's other uses."""
-    by_tensor: dict[int, list[str]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(p), []).append(name)
-    return [names for names in by_tensor.values() if len(names) > 1]
-
-
 def _retie(gm: torch.fx.GraphModule, ties: list[list[str]]) -> None:
     """Share one parameter again among the names of a tie that were pruned alike.
 
@@ -550,16 +540,7 @@ def _retie(gm: torch.fx.GraphModule, ties: list[list[str]]) -> None:
             gm.graph.erase_node(node)
     gm.recompile()
     delete_unused_attributes(gm)
-    params = dict(gm.named_parameters(remove_duplicate=False))
-    for names in ties:
-        live = [n for n in names if n in params]
-        tensors = [params[n] for n in live]
-        if len(live) < 2 or not all(t.shape == tensors[0].shape and t.dtype == tensors[0].dtype
-                                    and torch.equal(t, tensors[0]) for t in tensors[1:]):
-            continue
-        for name in live[1:]:
-            owner, attr = resolve_attr(gm, name)
-            setattr(owner, attr, tensors[0])
+    share_equal_ties(gm, ties)
 
 
 def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[str, ...]) -> set[str]:

@@ -591,3 +591,31 @@ def test_a_plan_dumps_its_analyzed_graph_with_groups(tmp_path):
     assert set(group.values()) - {None} == set(range(len(plan.groups)))
     with pytest.raises(TypeError, match="dump expects a torch.fx.GraphModule"):
         fxopt.dump(object(), tmp_path / "nothing", svg=False)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_zeroing_a_plan_keeps_its_tied_weights_tied(mode):
+    """The exactness oracle zeroes the removed channels on the plan's module; the same plan
+    applied after it must still store a module called twice once (it stored a copy per call:
+    more parameters than the unpruned model on a tiny ALBERT)."""
+    from fxopt.passes.prune.apply import zero_removed
+
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, a, b):
+            return self.fc(torch.cat([self.enc(a).mean((2, 3)), self.enc(b).mean((2, 3))], 1))
+
+    torch.manual_seed(0)
+    model, a, b = Siamese().eval(), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    plan = analyze(model, (a, b), mode=mode, ratio=0.5)
+    pruned = plan.apply()
+    zero_removed(plan.gm, plan.channel_graph, plan.dead)
+    masked = plan.gm(a, b)
+    again = plan.apply()
+    assert count_parameters(again) == count_parameters(pruned) < count_parameters(model)
+    torch.testing.assert_close(again(a, b), pruned(a, b))
+    torch.testing.assert_close(again(a, b), masked, rtol=1e-5, atol=1e-6)
