@@ -398,6 +398,9 @@ def _shortfall(plan: PrunePlan, ratio: float, exact_norms: bool) -> str | None:
     round_to = opts.get("round_to", 1)
     selected = sel.removed if plan.selected is None else plan.selected
     causes, options = [], []
+    if sel.target == 0:
+        return (f"removed no channel at ratio={ratio}: {ratio} of the {sel.total} prunable channels rounds to "
+                f"a target of 0; a larger ratio removes some")
     # the selection's own shortfall, when it matters (a few channels short of a target that
     # `round_to` then misses by far is rounding's doing)
     if selected < sel.target and (selected < SHORTFALL_WARNING * sel.target or sel.removed == selected):
@@ -409,11 +412,16 @@ def _shortfall(plan: PrunePlan, ratio: float, exact_norms: bool) -> str | None:
         causes.append(f"the selection stopped at {selected}: no further removal saved more than it cost"
                       f" ({'; '.join(held)})" if held else
                       f"the selection stopped at {selected}: the rest is held by pinned nodes or the graph output")
+        if plan.ignored:
+            shown = ", ".join(sorted(plan.ignored)[:5]) + (", ..." if len(plan.ignored) > 5 else "")
+            causes.append(f"the ignored layers ({shown}) read their inputs at full width, so channels that reach "
+                          "them need a re-expansion")
         norms = any((view := op_view(plan.gm, n)) is not None and view.kind in ("layer_norm", "group_norm")
                     for n in plan.gm.graph.nodes if n.op != "placeholder")
         if norms and exact_norms:
             options.append("exact_norms=false prunes through norms")
-        if adapter_cost > 0 and (cg.pinned_nodes or any(r.category == "gather" for r in cg.rules.values())):
+        if adapter_cost > 0 and (cg.pinned_nodes or plan.ignored
+                                 or any(r.category == "gather" for r in cg.rules.values())):
             options.append("adapter_cost=0 stops charging the re-expansions in front of pinned nodes and exact norms")
         if cap < 1:
             options.append("a larger max_layer_ratio")

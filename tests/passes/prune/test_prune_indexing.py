@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxopt
 from fxopt.errors import PassWarning
 from fxopt.measure import count_parameters
 from fxopt.passes.prune.channel_graph import Slot, _Builder, _Pin
@@ -487,6 +488,27 @@ def test_channels_given_back_to_keep_every_layer_alive_are_not_blamed_on_round_t
     note = _shortfall(plan, 0.5, True)
     assert f"keeping at least one channel in every layer gave {plan.selected - plan.selection.removed} back" in note
     assert "round_to" not in note, note
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.b(F.relu(self.a(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("options, says", [
+    ("ratio=0.01", r"0\.01 of the 16 prunable channels rounds to a target of 0; a larger ratio"),
+    ("ignore=[b]", r"the ignored layers \(b\) read their inputs at full width.*Options: adapter_cost=0"),
+])
+def test_a_shortfall_names_a_target_of_nothing_and_the_ignored_layers(options, says):
+    """ratio=0.01 of 8 channels per layer is a target of 0, which said 'nothing more could be
+    removed'; a layer kept whole by ignore= was not named as what held its input back."""
+    with pytest.warns(PassWarning, match=says):
+        fxopt.optimize(_TwoConvs().eval(), torch.randn(2, 3, 8, 8), f"prune{{{options}}}", mode="symbolic")
 
 
 class LiteralPermutation(nn.Module):
