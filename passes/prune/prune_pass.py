@@ -281,8 +281,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
                         f"{', '.join(f.name for f in dataclasses.fields(Prune))}")
     args, kwargs = normalize_inputs(example_inputs)
     gm = clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode))
-    _prepare(gm)
-    propagate_shapes(gm, args, kwargs)
+    if _prepare(gm):  # (capture recorded every node's shape; only a rewrite needs a new run)
+        propagate_shapes(gm, args, kwargs)
     if calibration is not None:
         calibration = [normalize_inputs(b) for b in calibration]
     return plan_pruning(gm, calibration=calibration, example_inputs=args, example_kwargs=kwargs, **options)
