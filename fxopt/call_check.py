@@ -167,13 +167,7 @@ def explain_failed_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                        for h in gm._forward_pre_hooks.values())
     structure = None if torch_checks else (len(record["positional"]), frozenset(record["keywords"]))
     cls._wrapped_call = _ExplainedCall(inner, structure)
-    if "__deepcopy__" not in vars(cls):  # a copy is a GraphModule of a class of its own: wrap it too
-        cls.__deepcopy__ = _deepcopy_explained
     return gm
-
-
-def _deepcopy_explained(self: torch.fx.GraphModule, memo: dict) -> torch.fx.GraphModule:
-    return explain_failed_calls(super(type(self), self).__deepcopy__(memo))
 
 
 GUARD_TARGET = "_guards_fxopt"

@@ -269,17 +269,3 @@ def test_a_batch_kept_dynamic_over_a_range_only_is_announced_at_capture():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="capture:")   # a batch free from 1 up says nothing
         _export(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 4)))
-
-
-def test_a_deep_copy_of_a_captured_graph_explains_too():
-    """copy.deepcopy made a GraphModule of a new class, without the wrapper: torch's raw
-    "Guard failed: n == 3" again."""
-    class Scale(nn.Module):
-        def forward(self, x, n: int):
-            return x * n
-
-    gm = _export(Scale(), (torch.randn(2, 4), 3))
-    for copied in (copy.deepcopy(gm), copy.deepcopy(copy.deepcopy(gm))):
-        torch.testing.assert_close(copied(torch.ones(2, 4), 3), torch.full((2, 4), 3.0))
-        with pytest.raises(InputMismatchError, match=r"captured with input 1 \('n'\)=3"):
-            copied(torch.ones(2, 4), 5)
