@@ -173,6 +173,9 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
       5 M MACs per call, 0.63-0.96 from 8-10 M -> lowered once a call reaches 2 x `min_macs`;
     - conv1d (lowered as a conv2d of height 1, `lift_1d`) follows the same rule: k > 1 at batch 1
       2.85x at 0.15 M MACs, 1.80x at 1 M, 0.64x at 6 M, from batch 2 0.55x; a 1x1 1.17x at 4 M;
+    - a dilated conv -> always lowered: aten runs it as `slow_conv_dilated`, a loop that also
+      fills the bias channel by channel (a TCN's 64-channel conv1d at dilation 2 over 128 steps,
+      1.6 M MACs: 0.64x at batch 1; 128 channels at dilation 8: 0.27x; a dilated conv2d 0.71x);
     - conv3d with a kernel over 1 -> always lowered: aten's kernel is slow at every size
       (0.39-0.96 at batch 1 from 0.44 M MACs; 0.04-0.3 for 3.5-87 M); a 1x1x1 is a GEMM there,
       as for conv2d (2.6-3.1x at batch 1 below 0.3 M).
@@ -184,6 +187,8 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
     if w.shape[1] == 1 and int(view.attrs.get("groups", 1)) > 1:
         return 1
     if w.dim() == 5 and set(w.shape[2:]) != {1}:  # aten has no fast conv3d kernel on CPU
+        return 1
+    if any(d > 1 for d in _attrs(view)["dilation"]):  # aten's dilated conv is a slow generic loop
         return 1
     macs = conv_macs_per_sample(view)
     if macs is None:
