@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.overrides import handle_torch_function, has_torch_function
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path
 
 from .errors import InputMismatchError
@@ -168,6 +169,21 @@ def explain_failed_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     structure = None if torch_checks else (len(record["positional"]), frozenset(record["keywords"]))
     cls._wrapped_call = _ExplainedCall(inner, structure)
     return gm
+
+
+def specialized_guard(fits: Any, message: str) -> None:
+    """The guard a captured graph calls on a non-tensor input it was specialized to
+    (``captured with flag=True ...``): raises `InputMismatchError` when `fits` is false, under
+    ``python -O`` too (``torch._assert`` is an ``assert``). A traced value (fx tracing the graph
+    again, as ``torch.load`` does) records the call instead, as ``torch._assert`` does."""
+    if has_torch_function((fits,)):
+        return handle_torch_function(specialized_guard, (fits,), fits, message)
+    if not fits:
+        raise InputMismatchError(message)
+    return None
+
+
+torch.fx.node.has_side_effect(specialized_guard)  # dead-code removal keeps it: it has no users
 
 
 GUARD_TARGET = "_guards_fxopt"

@@ -17,9 +17,9 @@ what fxopt optimizes and verifies against is then not what that model computes a
 Non-tensor inputs (``flag=True``, ``scale=0.5``, ``mode="fast"``, ``mask=None``, positional or
 keyword, or left out at a default that is not a number) are *specialized*: the graph is valid
 for the captured value only. The symbolic graph keeps the argument under its own name and
-checks it on every call; a call with another value fails with "captured with flag=True ..."
-(an exported graph with an `InputMismatchError` saying the same, or, for an input captured as
-None, which export does not check, on fxopt's own guard).
+checks it on every call; a call with another value raises `fxopt.InputMismatchError`, "captured
+with flag=True ..." (an exported graph raises it too, from export's guard, and, for an input
+captured as None, which export does not check, from fxopt's own).
 
 A forward that draws random numbers from torch (noise, `rand_like`, dropout in training mode)
 is checked, like every comparison fxopt makes, with both runs drawing the same numbers
@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
-from .call_check import explain_failed_calls, record_inputs
+from .call_check import explain_failed_calls, record_inputs, specialized_guard
 from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
@@ -865,7 +865,7 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
             elif user.target is operator.eq:
                 for check in list(user.users):
                     if check.op == "call_function" and check.target is torch._assert:
-                        check.args = (check.args[0], message)
+                        check.target, check.args = specialized_guard, (check.args[0], message)
         changed = True
     if changed:
         graph.lint()
@@ -894,11 +894,11 @@ def _guard_none_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, 
 
 
 def _insert_none_guard(graph: torch.fx.Graph, node: torch.fx.Node, message: str) -> None:
-    """`torch._assert(node == None, message)` at the graph's insert point. `== None` rather than
-    `is None`: a traced Proxy compares into a node, so the guard survives re-tracing
-    (torch.load); torch._assert survives dead-code removal."""
+    """`specialized_guard(node == None, message)` at the graph's insert point. `== None` rather
+    than `is None`: a traced Proxy compares into a node, so the guard survives re-tracing
+    (torch.load); the guard is marked side-effectful, so it survives dead-code removal."""
     is_none = graph.call_function(operator.eq, (node, None))
-    graph.call_function(torch._assert, (is_none, message))
+    graph.call_function(specialized_guard, (is_none, message))
 
 
 def _leading_sizes(args: tuple, kwargs: dict) -> list[int]:

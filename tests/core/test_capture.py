@@ -509,9 +509,9 @@ def test_non_tensor_keyword_inputs_are_specialized(mode, given):
     other = {"flag": False, "scale": 2.0, "mode": "c", "mask": torch.ones(8)}
     for name, value in given.items():
         if name in other:
-            with pytest.raises(AssertionError, match=f"captured with {name}={value!r}"):
+            with pytest.raises(fxopt.InputMismatchError, match=f"captured with {name}={value!r}"):
                 gm(x, **{**given, name: other[name]})
-    with pytest.raises(AssertionError, match="captured with flag=True"):
+    with pytest.raises(fxopt.InputMismatchError, match="captured with flag=True"):
         gm(x, **{k: v for k, v in given.items() if k != "flag"})  # flag at its default (False)
 
 
@@ -525,11 +525,11 @@ def test_non_tensor_positional_inputs_are_specialized(mode):
     assert frontend_of(gm) == "symbolic"
     torch.testing.assert_close(gm(*args), model(*args))
     torch.testing.assert_close(gm(x, scale=0.5, flag=True, mode="b"), model(*args))
-    with pytest.raises(AssertionError, match="captured with flag=True"):
+    with pytest.raises(fxopt.InputMismatchError, match="captured with flag=True"):
         gm(x, 0.5, False, "b", None)
-    with pytest.raises(AssertionError, match="captured with mode='b'"):
+    with pytest.raises(fxopt.InputMismatchError, match="captured with mode='b'"):
         gm(x, 0.5, True, "a", None)
-    with pytest.raises(AssertionError, match="captured with mask=None"):
+    with pytest.raises(fxopt.InputMismatchError, match="captured with mask=None"):
         gm(x, 0.5, True, "b", torch.ones(8))
 
 
@@ -546,9 +546,9 @@ def test_non_tensor_inputs_through_optimize_dce_and_save(tmp_path):
     loaded = torch.load(path, weights_only=False)
     torch.testing.assert_close(loaded(**inputs), model(**inputs))
     for gm in (res.module, loaded):  # the guards survive dead-code removal and a reload
-        with pytest.raises(AssertionError, match="captured with flag=True"):
+        with pytest.raises(fxopt.InputMismatchError, match="captured with flag=True"):
             gm(**{**inputs, "flag": False})
-        with pytest.raises(AssertionError, match="captured with mask=None"):
+        with pytest.raises(fxopt.InputMismatchError, match="captured with mask=None"):
             gm(**{**inputs, "mask": torch.ones(8)})
 
 
@@ -855,9 +855,9 @@ def test_an_argument_left_out_takes_its_default_in_the_symbolic_trace():
     assert frontend_of(gm) == "symbolic"
     other = torch.randn(4, 3)
     torch.testing.assert_close(gm(other), model(other))
-    with pytest.raises(AssertionError, match="captured with mask=None"):
+    with pytest.raises(fxopt.InputMismatchError, match="captured with mask=None"):
         gm(x, mask=torch.zeros(2, 3))
-    with pytest.raises(AssertionError, match="captured with causal=False"):
+    with pytest.raises(fxopt.InputMismatchError, match="captured with causal=False"):
         gm(x, causal=True)
 
 
@@ -879,7 +879,7 @@ def test_an_exported_graph_refuses_a_tensor_where_none_was_captured():
     model, x = OptionalMask().eval(), torch.randn(2, 3)
     gm = capture(model, {"x": x, "mask": None}, mode="export")
     torch.testing.assert_close(gm(x=x, mask=None), model(x))
-    with pytest.raises(AssertionError, match="captured with mask=None"):
+    with pytest.raises(fxopt.InputMismatchError, match="captured with mask=None"):
         gm(x=x, mask=torch.zeros(2, 3))
 
 
@@ -1159,3 +1159,40 @@ def test_a_tensor_default_is_named_by_symbolic_capture():
     gm = capture(Biased(), (x,))
     assert gm.meta["fxopt"]["frontend"] == "export"   # auto goes on to export
     torch.testing.assert_close(gm(x), x + 1.0)
+
+
+def test_a_symbolic_graph_refuses_another_flag_with_input_mismatch_error_under_python_O(tmp_path):
+    """Its guard was torch._assert: an AssertionError, which `except fxopt.InputMismatchError`
+    missed (export graphs raise that), and an `assert`, which python -O strips."""
+    import subprocess
+    import sys as _sys
+
+    script = tmp_path / "flag.py"
+    script.write_text(
+        "import torch, fxopt\n"
+        "class F(torch.nn.Module):\n"
+        "    def forward(self, x, flag=True):\n"
+        "        return x if flag else -x\n"
+        "gm = fxopt.capture(F(), (torch.randn(2, 3), True), mode='symbolic')\n"
+        "try:\n"
+        "    gm(torch.randn(2, 3), False)\n"
+        "except fxopt.InputMismatchError as exc:\n"
+        "    print('refused:', str(exc).split(':')[0])\n")
+    out = subprocess.run([_sys.executable, "-O", str(script)], capture_output=True, text=True, timeout=300)
+    assert "refused: captured with flag=True" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_symbolic_guard_survives_dead_code_removal_and_torch_load():
+    import io
+
+    class F(nn.Module):
+        def forward(self, x, flag=True):
+            return x if flag else -x
+
+    gm = fxopt.optimize(F(), (torch.randn(2, 3), True), "dce", mode="symbolic").module
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    for module in (gm, torch.load(buffer, weights_only=False)):
+        with pytest.raises(fxopt.InputMismatchError, match="captured with flag=True"):
+            module(torch.randn(2, 3), False)
