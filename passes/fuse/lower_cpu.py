@@ -20,7 +20,8 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   of a copy, and a ReLU right after runs in place too (what `_convolution_pointwise.binary`
   does for an unpruned block's add + relu; 3.5% of a pruned ResNet-18 at batch 16).
 
-Which convs: depthwise convs always, dense convs from `min_macs` multiply-adds per sample
+Which convs: grouped (depthwise too), dilated and k>1 3-D convs always, dense convs from
+`min_macs` multiply-adds per sample
 (default 4 M; `min_macs=0` lowers every conv). A smaller dense conv becomes
 a `ConvByBatch` call, a switch on the batch size at run time: the aten conv + activation of
 the `fuse` path at batch 1 (where a oneDNN call, which builds a primitive descriptor each
@@ -165,7 +166,8 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
     slow at every size; and aten's k x k conv (im2col) loops over the samples of a batch.
     Lowered / aten time:
 
-    - depthwise: 0.42-0.82 at batch 1 -> always lowered;
+    - depthwise: 0.42-0.82 at batch 1 -> always lowered; so is any grouped conv (ResNeXt, RegNet:
+      0.50-0.63 at batch 1 from 0.1 M to 7 M MACs per sample, 0.31-0.32 at batch 16);
     - dense, from `min_macs` (4 M) MACs per sample: 0.49-0.97 at batch 1 -> always lowered;
     - dense k x k (or strided/padded 1x1) below that: 1.25-3.8 at batch 1, 0.66-0.88 from
       batch 2 -> lowered from batch 2;
@@ -184,7 +186,7 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
     conv below `min_macs` per sample is left exactly on the `fuse` path.
     """
     w = view.param("weight")
-    if w.shape[1] == 1 and int(view.attrs.get("groups", 1)) > 1:
+    if int(view.attrs.get("groups", 1)) > 1:  # depthwise or grouped: aten loops over the groups
         return 1
     if w.dim() == 5 and set(w.shape[2:]) != {1}:  # aten has no fast conv3d kernel on CPU
         return 1

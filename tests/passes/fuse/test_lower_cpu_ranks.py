@@ -110,10 +110,11 @@ def _switches(gm):
 
 def test_the_cost_rule_holds_for_every_rank():
     """Small dense conv1d/conv2d switch to oneDNN from batch 2 (aten is cheaper for one sample);
-    a dilated one, and a conv3d with a kernel over 1, are always lowered (aten runs them on slow
-    generic loops); a small 1x1x1 is a GEMM on aten and switches like a 1x1 conv2d."""
+    a grouped or dilated one, and a conv3d with a kernel over 1, are always lowered (aten runs
+    them on slow generic loops); a small 1x1x1 is a GEMM on aten and switches like a 1x1 conv2d."""
     cases = [(nn.Conv1d(8, 8, 3, padding=1), (2, 8, 32), [], [("conv+relu", "mkldnn from batch 2")]),
              (nn.Conv1d(8, 8, 3, padding=2, dilation=2), (2, 8, 32), ["conv+relu"], []),  # aten: a slow loop
+             (nn.Conv2d(16, 16, 3, padding=1, groups=2), (2, 16, 8, 8), ["conv+relu"], []),  # loops over groups
              (nn.Conv3d(8, 8, 3, padding=1), (2, 8, 4, 8, 8), ["conv+relu"], []),
              (nn.Conv3d(8, 8, 1), (2, 8, 4, 8, 8), [], [("conv+relu", "mkldnn from batch 489")])]
     for conv, shape, always, switch in cases:
