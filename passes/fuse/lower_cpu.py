@@ -390,6 +390,8 @@ class _Lowering:
         rank = len(meta[0]) if meta is not None else 4
         with r.graph.inserting_before(r.match.root) if written else r.graph.inserting_after(node):
             source = r.graph.call_method("unsqueeze", (node, 2)) if rank == 3 else node
+        if rank == 3:
+            source.meta[_LIFT] = True
         fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
         with r.graph.inserting_before(r.match.root) if written else r.graph.inserting_after(source):
             new = r.graph.call_method("contiguous", (source,), {"memory_format": fmt})
@@ -627,6 +629,8 @@ def _makes_fresh_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 _LAYOUT_COPY = "fxopt.layout_copy"
 #: On a lowered conv1d's result (``squeeze(conv, 2)``): the 4-D conv it squeezes (`lift_1d`).
 _LIFTED_FROM = "fxopt.lifted_from"
+#: Marks the ``unsqueeze(x, 2)`` the lowering inserts to lift a conv1d's input (`lift_1d`).
+_LIFT = "fxopt.lift"
 
 
 def _downstream_of_channels_last(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
@@ -682,7 +686,7 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
         if getattr(node, "_erased", False):
             continue
         source = lifted = node.args[0]
-        if source.op == "call_method" and source.target == "unsqueeze":  # the lift of a conv1d's input
+        if source.meta.get(_LIFT):  # the lift of a conv1d's input (a user's unsqueeze is no lift)
             source = source.args[0].meta.get(_LIFTED_FROM, source)
         if _is_lowered_conv(source):
             node.replace_all_uses_with(source)

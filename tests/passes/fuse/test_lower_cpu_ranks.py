@@ -153,3 +153,29 @@ def test_a_lowered_conv1d_model_survives_torch_save_and_load():
     for x in (torch.randn(1, 8, 64), torch.randn(4, 8, 64)):
         for a, b in zip(loaded(x), gm(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, -1])
+def test_a_users_unsqueeze_of_a_lowered_conv1d_is_not_taken_for_the_lift(dim):
+    """An audio front end: Conv1d features, then a Conv2d over (feature, time) through
+    ``h.unsqueeze(1)``. The lowering's own lift of a conv1d input is an unsqueeze(2) it marks;
+    a user's unsqueeze(3) was swapped for the lifted conv result (wrong shape), unsqueeze(1)
+    made every call fail inside oneDNN."""
+    class FrontEnd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(4, 8, 3, padding=1)
+            channels = 1 if dim == 1 else 8
+            self.conv2d = nn.Conv2d(channels, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2d(self.conv1d(x).unsqueeze(dim))
+
+    torch.manual_seed(0)
+    model, x = FrontEnd().eval(), torch.randn(2, 4, 20)
+    res = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode="symbolic")
+    assert res.verification.passed, res.summary()
+    assert len(_kernels(res.module)) == 2
+    for batch in (1, 3):
+        xb = torch.randn(batch, 4, 20)
+        torch.testing.assert_close(res.module(xb), model(xb), rtol=1e-4, atol=1e-4)
