@@ -62,8 +62,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import (bind_arguments, contiguous_outputs, functionalize_writes, is_effectful, op_name, op_view,
-                      spec_for, split_packed_parameters, tensor_meta, written_in_place)
+from fxopt.ir import (bind_arguments, contiguous_outputs, functionalize_writes, is_effectful, leaf_function,
+                      op_name, op_view, spec_for, split_packed_parameters, tensor_meta, written_in_place)
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -564,6 +564,7 @@ class LowerCPU(Pass):
                                  "unpacked_parameters": unpacked, "channel_scatters": scatters})
 
 
+@leaf_function
 def index_add_channels(y: torch.Tensor, index: torch.Tensor, source: torch.Tensor, *,
                        in_place: bool = False, relu: bool = False) -> torch.Tensor:
     """``torch.index_add(y, 1, index, source)`` on (N, C, H, W) values, as fast on the

@@ -18,6 +18,10 @@ grid, 0.94 with both on it, against 0.85 and 0.44 here).
 accepts it multiplies int8 by int8 into int32 on the tensor cores; anywhere else (CPU, odd
 shapes) it computes the same value in float from the dequantized operands, so a graph lowered
 for CUDA still runs, and agrees, on CPU.
+
+Each graph-called function is a `fxopt.ir.leaf_function`: a re-trace of the lowered graph
+(``torch.save(model)`` pickles it that way) keeps it one call instead of walking into its
+branches.
 """
 from __future__ import annotations
 
@@ -26,7 +30,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fxopt.ir import leaf_function
 
+
+@leaf_function
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 x_scale: float, x_zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     """y = dq(q(x)) @ dq(w)^T + bias, with x on the quint8 grid (scale, zero point) given.
@@ -61,6 +68,7 @@ def int_mm_linear(x2: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     return y + bias if bias is not None else y
 
 
+@leaf_function
 def int8_pad(q: torch.Tensor, pad: list[int], mode: str = "constant") -> torch.Tensor:
     """`F.pad(q, pad, mode)` of a quint8 per-tensor tensor, padded with its zero point (0.0)
     in constant mode: the same values on the same grid, computed on the raw bytes.
@@ -77,6 +85,7 @@ def int8_pad(q: torch.Tensor, pad: list[int], mode: str = "constant") -> torch.T
     return torch._make_per_tensor_quantized_tensor(padded, q.q_scale(), zero_point)
 
 
+@leaf_function
 def int8_cat(tensors: list[torch.Tensor], dim: int, scale: float, zero_point: int,
              qmin: int = 0, qmax: int = 255) -> torch.Tensor:
     """`torch.cat` of quantized (quint8 per-tensor) tensors onto the grid (scale, zero point,
@@ -103,6 +112,7 @@ def int8_cat(tensors: list[torch.Tensor], dim: int, scale: float, zero_point: in
     return torch._make_per_tensor_quantized_tensor(torch.cat(pieces, dim), scale, zero_point)
 
 
+@leaf_function
 def float_between_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
                        zero_point: int, relu: bool, stride: list[int] | None = None, padding: list[int] | None = None,
                        dilation: list[int] | None = None, groups: int = 1) -> torch.Tensor:
@@ -151,6 +161,7 @@ def subpixel_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[to
     return w1.contiguous(), (bias.repeat(taps) if bias is not None else None)
 
 
+@leaf_function
 def depth_to_space(x: torch.Tensor, factors: list[int]) -> torch.Tensor:
     """``(N, prod(f) * C, *S)`` with channels ordered (tap, channel) -> ``(N, C, S_0 f_0, ...)``:
     channel ``(t, c)`` at position p goes to channel c at ``p * f + t`` (t row-major over f).

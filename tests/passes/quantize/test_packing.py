@@ -288,3 +288,37 @@ def test_a_pack_on_the_root_is_moved_into_a_holder():
     assert hold_coded_attributes(rebuilt) == 1 and isinstance(rebuilt.old_pack_held, CodedValue)
     for gm in (int8, rebuilt):
         torch.testing.assert_close(gm(x), want, rtol=0, atol=0)
+
+
+def test_int8_models_whose_graph_calls_fxopt_kernels_pickle():
+    """torch.save(model) pickles a GraphModule by re-tracing its code: int8_cat and int8_pad,
+    which branch on their inputs, failed that trace (TraceError) until they became leaf
+    functions."""
+    import io
+    import pickle
+
+    import torch.nn.functional as F
+
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+            self.c = nn.Conv2d(16, 8, 3)
+
+        def forward(self, x):
+            h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x)) * 100], 1)
+            return self.c(F.pad(h, [1, 1, 1, 1]))
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(3)]
+    int8 = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches).module
+    called = {getattr(n.target, "__name__", "") for n in int8.graph.nodes if n.op == "call_function"}
+    assert {"int8_cat", "int8_pad"} <= called
+    buffer = io.BytesIO()
+    torch.save(int8, buffer)
+    buffer.seek(0)
+    x = torch.randn(2, 3, 8, 8)
+    for copied in (torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(int8)),
+                   torch.fx.symbolic_trace(int8)):
+        torch.testing.assert_close(copied(x), int8(x), rtol=0, atol=0)
