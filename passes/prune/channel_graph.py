@@ -96,7 +96,7 @@ from fxopt.ir import (bind_arguments, metadata_read, op_view, ref_for_get_attr, 
                       value_nbytes, written_in_place)
 
 from .channel_model import (CHANNELWISE, GATING, SPATIAL, TUPLE_RESULTS, WEIGHT_LAYOUTS, ZERO_PRESERVING,
-                            ChannelGraph, Rule, Slot, _ChannelUnions, _Pin)
+                            ChannelGraph, Rule, Slot, _ChannelUnions, _Pin, reads_across_channels)
 from .computed_weights import weight_computations
 from .node_facts import (_INT_ARITHMETIC, _channelwise, _getitem_index, _holds_features, _is_number,
                          _is_parameter, _module_name, _norm_axis, _opaque_layer, _shape, _size_entries,
@@ -708,8 +708,9 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
         read = read.copy()
         carried_from, carried_to = [], []
         for rule in self.rules.values():
+            across = reads_across_channels(rule)
             for _, sid, in_pos, out_pos, out in rule.inputs:
-                if in_pos is None:  # a reduction over the channels reads every one
+                if in_pos is None or across:  # a reduction or statistic over the channels reads every one
                     read[cls[self._positions(sid)]] = True
                     continue
                 carried_from.append(cls[self.slots[sid].base + np.asarray(in_pos, dtype=np.int64)])

@@ -156,6 +156,17 @@ class Rule:
     info: dict = field(default_factory=dict)
 
 
+#: Norms whose statistics run over the channel axis they map channel by channel (with
+#: ``exact_norms=false``, or exact by a rescale for RMS): every output channel reads every input one.
+CHANNEL_STATISTICS = frozenset({"layer_norm", "rms_norm", "group_norm"})
+
+
+def reads_across_channels(rule: Rule) -> bool:
+    """Whether each output channel of `rule` depends on other input channels than the one its
+    index map names (a norm's statistics, ``F.normalize`` over the channels, attention scores)."""
+    return bool(rule.info.get("mixes_channels")) or rule.category == "norm" and rule.kind in CHANNEL_STATISTICS
+
+
 def _component_labels(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """Connected-component label per index 0..n-1 of the undirected links a[i] -- b[i]."""
     links = sp.coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))

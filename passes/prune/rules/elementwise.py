@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from ..channel_model import SPATIAL, Rule, _Pin
-from ..node_facts import _is_number, _is_zero_fill, _norm_axes, _norm_axis, _shape, _sign
+from ..node_facts import _is_number, _is_zero_fill, _norm_axes, _norm_axis, _piece_index, _shape, _sign
 
 
 class ElementwiseRules:
@@ -99,6 +99,9 @@ class ElementwiseRules:
         spatial = len(size) if isinstance(size, (list, tuple)) else max(len(in_shape) - 2, 1)
         if axis >= len(in_shape) - spatial:
             raise _Pin(f"{view.kind} over the channel axis")
+        if any(_piece_index(user) == 1 for user in node.users):
+            # a removed, all-zero channel's indices are each window's first position, not 0
+            raise _Pin(f"{view.kind}'s indices are read (a removed channel's are not zero)")
         self._tuple_pieces(node, view, src, sid, len(in_shape) - 1, axis, 2)
 
     def rule_repeat_interleave(self, node, view, shape) -> None:

@@ -8,6 +8,7 @@ import operator
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxopt.measure import count_parameters
@@ -295,3 +296,53 @@ def test_channels_no_reader_takes_are_removed_first(mode, how, unread):
         torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-6)
     else:  # every channel is read: each keeps its weights' importance
         assert (plan.costs["imp"][positions] > 0).all()
+
+
+class _NormThenSlice(nn.Module):
+    """A statistic over all 8 channels, then a slice of 4: every channel is read by the statistic."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(4, 3)
+        self.rms, self.ln = nn.RMSNorm(8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = {"normalize": lambda: F.normalize(h, dim=-1), "rms": lambda: self.rms(h),
+             "layer_norm": lambda: self.ln(h)}[self.norm]()
+        return self.b(h[..., :4])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm, exact_norms", [("normalize", True), ("rms", True), ("rms", False),
+                                               ("layer_norm", False)])
+def test_channels_a_norm_reads_for_its_statistics_are_read(mode, norm, exact_norms):
+    """F.normalize, an RMS norm or a layer norm (exact_norms=false) maps channel c to channel c
+    but divides it by a statistic of all of them: the channels a later slice drops are read.
+    Taken for unread, they were removed first (0.53 off the original on normalize)."""
+    torch.manual_seed(0)
+    model, x = _NormThenSlice(norm).eval(), torch.randn(2, 5, 6)
+    plan = analyze(model, x, ratio=0.5, mode=mode, exact_norms=exact_norms)
+    cg = plan.channel_graph
+    producer = next(s for s in cg.slots if cg.rules.get(s.node) is not None and cg.rules[s.node].category == "producer"
+                    and s.size == 8)
+    assert not cg.unread_classes[cg.positions(producer.id)].any()
+
+
+def test_adaptive_max_pool_indices_read_as_features_are_pinned():
+    """export's adaptive_max_pool2d returns (values, indices) per channel; a removed, all-zero
+    channel's indices are each window's first position, not 0, so a layer reading the indices
+    saw a non-zero removed channel (the pruned model differed from the masked one)."""
+    class Indices(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(F.adaptive_max_pool2d(self.a(x), 2, return_indices=True)[1].float())
+
+    torch.manual_seed(0)
+    r = prune_and_mask(Indices().eval(), torch.randn(2, 3, 8, 8), "export", 0.5)
+    assert any("indices" in why for why in r.plan.channel_graph.pinned_nodes.values())
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
