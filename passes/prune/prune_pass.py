@@ -99,6 +99,9 @@ class PrunePlan:
     selected: int | None = None
     #: the options the plan was made with (ratio, round_to, adapter_cost, max_layer_ratio, exact_norms)
     options: dict = field(default_factory=dict)
+    #: names that held one parameter when the plan was made (`apply` re-ties those pruned alike;
+    #: read then, as `zero_removed` on `gm` unties a weight tied across kinds)
+    ties: list = field(default_factory=list)
 
     @property
     def dead(self) -> np.ndarray:
@@ -157,7 +160,7 @@ class PrunePlan:
         start = time.perf_counter()
         gm = clone_sharing_tensors(self.gm)
         info = apply_pruning(gm, cg, dead, boundary, self.ignored, self.slot_groups())
-        _retie(gm, tied_parameters(self.gm))
+        _retie(gm, self.ties)
         if self.example_inputs or self.example_kwargs:
             propagate_shapes(gm, self.example_inputs, self.example_kwargs)
         self.seconds["apply"] = time.perf_counter() - start
@@ -259,7 +262,7 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
     plan = PrunePlan(gm, cg, costs, groups, sel, boundary, ignored, blocked, seconds, tuple(example_inputs),
                      dict(example_kwargs or {}), selected,
                      dict(ratio=ratio, round_to=round_to, adapter_cost=adapter_cost,
-                          max_layer_ratio=max_layer_ratio, exact_norms=exact_norms))
+                          max_layer_ratio=max_layer_ratio, exact_norms=exact_norms), tied_parameters(gm))
     _annotate(gm, plan)
     return plan
 

@@ -619,3 +619,32 @@ def test_zeroing_a_plan_keeps_its_tied_weights_tied(mode):
     assert count_parameters(again) == count_parameters(pruned) < count_parameters(model)
     torch.testing.assert_close(again(a, b), pruned(a, b))
     torch.testing.assert_close(again(a, b), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_zeroing_a_plan_keeps_an_embedding_tied_to_its_head():
+    """An embedding tied to the LM head is one tensor read as producer columns (the embedding)
+    and as consumer columns (the head): zeroing the removed channels changes only the former, so
+    the plan's module holds two tensors after it. The plan records its ties when it is made, and
+    apply re-ties the pruned pair as before (it stored the weight twice: 600 parameters, not 440)."""
+    from fxopt.passes.prune.apply import tied_parameters, zero_removed
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.mid2 = nn.Embedding(20, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+            self.head = nn.Linear(16, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.head(h + self.mid2(F.gelu(self.mid(h))))
+
+    torch.manual_seed(0)
+    model, ids = TiedLM().eval(), torch.randint(0, 20, (2, 7))
+    plan = analyze(model, ids, ratio=0.5, mode="symbolic")
+    pruned = plan.apply()
+    zero_removed(plan.gm, plan.channel_graph, plan.dead)
+    again = plan.apply()
+    assert tied_parameters(again) == tied_parameters(pruned) == [["emb.weight", "head.weight"]]
+    assert count_parameters(again) == count_parameters(pruned)
+    torch.testing.assert_close(again(ids), plan.gm(ids), rtol=1e-5, atol=1e-6)
