@@ -99,8 +99,17 @@ def _region_is_effectful(node: torch.fx.Node) -> bool:
     return any(is_effectful(n) for g in graphs for n in g.graph.nodes if n.op not in ("placeholder", "output"))
 
 
+#: Tensor methods that write into their tensor, spelled as Python's own hooks: a symbolic trace
+#: records ``y.__setitem__(idx, v)`` written that way (not ``operator.setitem``), and fx's
+#: `is_impure` knows only the latter.
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                               "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__",
+                               "__ilshift__", "__irshift__"})
+
+
 def _in_place_name(name: str) -> bool:
-    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv")
+    return (name.endswith("_") and not name.endswith("__")) or name in ("iadd", "isub", "imul", "itruediv") \
+        or name in _IN_PLACE_DUNDERS
 
 
 def _hashable(x: Any) -> bool:
@@ -130,7 +139,7 @@ def mutated_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Nod
     if node.op == "call_module":
         return first if getattr(gm.get_submodule(target), "inplace", False) is True else None
     if node.op == "call_method":
-        return first if target.endswith("_") and not target.endswith("__") else None
+        return first if target.endswith("_") and not target.endswith("__") or target in _IN_PLACE_DUNDERS else None
     if node.op != "call_function":
         return None
     if isinstance(target, torch._ops.OpOverload):

@@ -1431,3 +1431,24 @@ def test_in_place_functional_activations_after_a_conv_fuse_like_their_twins(act,
     fused = {annotations(n).get("fused") for n in res.module.graph.nodes if annotations(n).get("fused")}
     assert fused == ({label} if label else set())
     torch.testing.assert_close(res.module(x), model(x))
+
+
+def test_a_setitem_spelled_as_a_method_call_is_kept():
+    """A symbolic trace records ``y.__setitem__(idx, v)`` as a call_method, which fx's
+    is_impure does not know: DCE (every pipeline) dropped the write (0.6 off), and prune's
+    preparation dropped one into a captured constant."""
+    class Writes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y.__setitem__((slice(None), 0), 0.0)
+            return y
+
+    model, x = Writes().eval(), torch.randn(2, 3, 8, 8)
+    for pipeline in ("dce", "fuse", "prune{ratio=0.01}"):
+        res = fxopt.optimize(model, (x,), pipeline, mode="symbolic")
+        assert any(n.target == "__setitem__" for n in res.module.graph.nodes), pipeline
+        torch.testing.assert_close(res.module(x), model(x))
