@@ -717,10 +717,10 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 carried_to.append(cls[self.slots[out].base + np.asarray(out_pos, dtype=np.int64)])
             for _, sid in rule.consumed:
                 read[cls[self._positions(sid)]] = True
+        mentioned = {name: {entry[1] for entry in (*rule.inputs, *rule.consumed)} for name, rule in self.rules.items()}
         for slot in self.slots:
             for user in self.nodes[slot.node].users:
-                rule = self.rules.get(user.name)
-                if rule is None or all(entry[1] != slot.id for entry in (*rule.inputs, *rule.consumed)):
+                if slot.id not in mentioned.get(user.name, ()):
                     read[cls[self._positions(slot.id)]] = True
         if not carried_from or read.all():
             return read

@@ -646,12 +646,15 @@ def _select_capped(cg: ChannelGraph, costs: dict, blocked: np.ndarray, groups: l
 
 
 def _capped_slots(cg: ChannelGraph, cap: float) -> list[tuple[np.ndarray, int]]:
-    """(class positions, channels it may lose) per producer slot."""
+    """(class positions, channels it may lose) per producer slot. Channels no reader takes
+    (`ChannelGraph.unread_classes`) are left out: losing them costs the layer nothing, and a
+    surcharge on them made the selection keep them and remove read ones instead."""
     out = []
     for rule in cg.rules.values():
         if rule.category in ("producer", "param", "gather"):
             slot = cg.slots[rule.outputs[0]]
-            out.append((cg.positions(slot.id), int(np.floor(cap * slot.size + 1e-9))))
+            pos = cg.positions(slot.id)
+            out.append((pos[~cg.unread_classes[pos]], int(np.floor(cap * slot.size + 1e-9))))
     return out
 
 

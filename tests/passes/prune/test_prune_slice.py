@@ -294,6 +294,10 @@ def test_channels_no_reader_takes_are_removed_first(mode, how, unread):
         assert np.flatnonzero(plan.dead[positions]).tolist() == unread
         pruned = plan.apply()
         torch.testing.assert_close(pruned(x), model(x), rtol=1e-5, atol=1e-6)
+        # a cap on what a layer may lose does not count them (its surcharge made the
+        # selection keep them and remove read channels instead)
+        capped = analyze(model, x, ratio=0.5, mode=mode, max_layer_ratio=0.25)
+        assert np.flatnonzero(capped.dead[positions]).tolist() == unread
     else:  # every channel is read: each keeps its weights' importance
         assert (plan.costs["imp"][positions] > 0).all()
 
