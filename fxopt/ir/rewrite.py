@@ -354,7 +354,7 @@ def _shared_transpose(gm: torch.fx.GraphModule, arg: Any, counts: Counter) -> bo
 
 def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
                        among: Collection[torch.fx.Node] = ()) -> int:
-    """Make every `ndim`-D graph output, and every output of rank 2 or more in `among`,
+    """Make every `ndim`-D graph output, and every output of rank 1 or more in `among`,
     contiguous (a no-op at run time when it already is).
 
     A lowering that runs convs channels-last must not hand that layout to the caller: code
@@ -377,7 +377,7 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
     def wrap(value):
         nonlocal count
         meta = tensor_meta(value)
-        if meta is None or len(meta[0]) != ndim and not (len(meta[0]) >= 2 and value in among):
+        if meta is None or len(meta[0]) != ndim and not (len(meta[0]) >= 1 and value in among):
             return value
         with gm.graph.inserting_before(output):
             fixed = gm.graph.call_method("contiguous", (value,))

@@ -179,3 +179,23 @@ def test_a_users_unsqueeze_of_a_lowered_conv1d_is_not_taken_for_the_lift(dim):
     for batch in (1, 3):
         xb = torch.randn(batch, 4, 20)
         torch.testing.assert_close(res.module(xb), model(xb), rtol=1e-4, atol=1e-4)
+
+
+def test_an_output_of_any_rank_computed_from_a_lowered_layout_is_row_major():
+    """``conv1d(x)[0, 0]`` is a strided view of the channels-last result (stride (C,) where
+    eager's is (1,), row-major): every output the lowering's layouts reach is made contiguous."""
+    class Picks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 16, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y[0, 0], y[:, 1]
+
+    model, x = Picks().eval(), torch.randn(2, 4, 20)
+    res = fxopt.optimize(model, (x,), "lower-cpu{min_macs=0}", mode="symbolic")
+    assert _kernels(res.module) == ["conv"]
+    for got, want in zip(res.module(x), model(x)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got.is_contiguous() or not want.is_contiguous()
