@@ -17,6 +17,7 @@ the quantization passes.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -46,6 +47,16 @@ def check_batches(batches: Any, option: str = "calibration") -> None:
                          f"[(b,) for b in x.split(8)] for several")
 
 
+#: The index, within the running `calibrate` call, of the batch being fed (observers name it).
+_BATCH: ContextVar[int | None] = ContextVar("fxopt_calibration_batch", default=None)
+
+
+def current_batch() -> int | None:
+    """Index of the batch the running `calibrate` call is feeding, counted within that call
+    (what a user's list index is); None outside a call. Observers name it in their errors."""
+    return _BATCH.get()
+
+
 @one_at_a_time
 def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
               max_batches: int | None = None) -> int:
@@ -67,6 +78,9 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
     if batches is None:
         raise FxoptError("calibrate: no calibration data (batches is None)")
     check_batches(batches, "calibrate")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise FxoptError(f"calibrate: max_batches must be an int >= 1 (or None for every batch), got {max_batches!r}")
     batches = list(batches)
     if max_batches is not None:
         batches = batches[:max_batches]
@@ -80,6 +94,7 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
             # copies: a model that writes into its input (``x.sub_(mean)``) must not change the
             # caller's batches, which a later calibration would read shifted
             args, kwargs = fresh_inputs(*_as_call(batch))
+            token = _BATCH.set(i)
             try:
                 gm(*args, **kwargs)
             except FxoptError:
@@ -90,6 +105,8 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
                 raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes [{', '.join(shapes)}]) does not run "
                                  f"through the model: {type(exc).__name__}: {exc}{_rank_hint(gm, args, kwargs)}"
                                  f"{_guard_hint(exc)}") from exc
+            finally:
+                _BATCH.reset(token)
     return len(batches)
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import observer as ao_obs
 
+from fxopt.calibration import current_batch
 from fxopt.errors import FxoptError
 
 ObserverKind = Literal["minmax", "moving_average", "histogram", "percentile", "mse"]
@@ -91,7 +92,7 @@ class Observer(nn.Module):
         if x.numel() and not bool(torch.isfinite(x).all()):
             if bool(torch.isnan(x).any()):
                 raise QuantizationError(
-                    f"observer for {self.location} saw NaN in calibration batch {self.batches}; "
+                    f"observer for {self.location} saw NaN in calibration batch {self._batch_index()}; "
                     "check the input data or the model (a NaN activation has no int8 range)")
             self._record_inf(x)
         if x.numel() and self.nonfinite:
@@ -111,7 +112,13 @@ class Observer(nn.Module):
         positive = "+" in self.nonfinite or "±" in self.nonfinite or bool((x == math.inf).any())
         self.nonfinite = "±inf" if negative and positive else "-inf" if negative else "+inf"
         if self.nonfinite_batch is None:
-            self.nonfinite_batch = self.batches
+            self.nonfinite_batch = self._batch_index()
+
+    def _batch_index(self) -> int:
+        """The batch's index in the running `fxopt.calibrate` call (the caller's list index;
+        this observer's own count outside one)."""
+        batch = current_batch()
+        return self.batches if batch is None else batch
 
     def nonfinite_reason(self) -> str:
         """Why the watched value stays float, for the pass stats ("" when it need not)."""

@@ -588,6 +588,21 @@ def test_calibrate_and_lower_misuse():
         fxopt.optimize(model, x, "insert-observers,lower-int8", calibration=[x, x])
 
 
+
+def test_calibrate_names_a_bad_batch_by_its_index_in_the_call_and_refuses_max_batches_below_1():
+    """A second calibrate call with one NaN batch said 'batch 3' (the observer's count over
+    every call); max_batches=0 said the data was empty."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    x = (torch.randn(4, 4),)
+    observed = fxopt.optimize(model, x, "insert-observers", verify=False).module
+    fxopt.calibrate(observed, [(torch.randn(4, 4),) for _ in range(3)], progress=False)
+    batches = [(torch.randn(4, 4),), (torch.full((4, 4), float("nan")),)]
+    with pytest.raises(FxoptError, match="saw NaN in calibration batch 1;"):
+        fxopt.calibrate(observed, batches, progress=False)
+    with pytest.raises(FxoptError, match=r"max_batches must be an int >= 1 .*got 0"):
+        fxopt.calibrate(observed, batches, progress=False, max_batches=0)
+
+
 def test_unsupported_ops_stay_float_and_are_listed():
     class Odd(nn.Module):
         def __init__(self):
