@@ -97,8 +97,13 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
             token = _BATCH.set(i)
             try:
                 gm(*args, **kwargs)
-            except FxoptError:
-                raise  # an observer's own message (NaN, non-float data) already says what it saw
+            except FxoptError as exc:  # an observer's own message (NaN, non-float data) says what it saw
+                infinite = [o.location for o in observers if getattr(o, "nonfinite_batch", None) == i
+                            and getattr(o, "nonfinite", "")]
+                if "NaN" in str(exc) and infinite:  # inf - inf, 0 * inf: where the NaN came from
+                    raise type(exc)(f"{exc} (this batch had infinities first, seen by the observer for "
+                                    f"{'; '.join(infinite[:3])}: arithmetic on them made the NaN)") from None
+                raise
             except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
                 shapes = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
                 shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]

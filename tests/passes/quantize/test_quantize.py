@@ -1118,3 +1118,16 @@ def test_a_conv_with_a_computed_bias_stays_float_naming_why():
         res = fxopt.optimize(model, x, "quantize{backend=x86}", calibration=[torch.randn(4, 3, 8, 8) for _ in range(3)])
     assert res.verification.passed
     assert any("bias is computed in the graph" in why for why in res.passes[0].stats["float_ops"].values())
+
+
+def test_a_nan_made_from_an_infinite_input_names_where_the_infinity_was_seen():
+    """An inf in the input becomes NaN a few layers on (inf - inf in a conv's sum): the error
+    blamed the NaN at the last conv only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(8, 3, 16, 16)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(PassError, match=r"saw NaN in calibration batch 1;.*this batch had infinities first, "
+                                        r"seen by the observer for .*placeholder"):
+        fxopt.optimize(model, x, "quantize", calibration=[(x,), (bad,)])
