@@ -64,6 +64,7 @@ class Quantize(Pass):
             return PassResult(inserted.module, modified=False,
                               stats={**stats, "observers": 0, "calibration_batches": len(ctx.calibration)})
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
+        _warn_constant_inputs(inserted.module, len(ctx.calibration))
         lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
         stats = dict(lowered.stats)
         if not stats.get("quantized"):  # observed, yet no layer became int8
@@ -133,6 +134,22 @@ def _warn_lowered_float_kernels(gm: torch.fx.GraphModule) -> None:
         warnings.warn(f"quantize: the graph holds float kernels a lowering pass wrote (e.g. '{lowered[0][1]}'), "
                       "which have no int8 form and stay float: run quantize before lower-cpu (it then lowers "
                       "what stays float)", PassWarning, stacklevel=user_stacklevel())
+
+
+def _warn_constant_inputs(gm: torch.fx.GraphModule, batches: int) -> None:
+    """A model input that held one value in every calibration batch (an all-zero mask or
+    feature) has an int8 grid of one point: any other value it meets later is clipped to it,
+    silently (3.5-6 dB on held-out data). Internal values may legitimately be constant; an
+    input is the calibration data itself."""
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    for observer in observers_in(gm).values():
+        core = observer.core
+        if observer.node_name in placeholders and observer.batches and not observer.nonfinite \
+                and float(core.min_val) == float(core.max_val):
+            warnings.warn(f"quantize: input '{observer.node_name}' was {float(core.min_val):g} everywhere in "
+                          f"all {batches} calibration batches, so its int8 grid holds that one value and "
+                          "clips every other; calibrate with batches that vary it as real data does",
+                          PassWarning, stacklevel=user_stacklevel())
 
 
 def _warn_nothing_quantized(float_ops: dict[str, str]) -> None:
