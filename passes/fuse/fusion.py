@@ -4,8 +4,8 @@ What it rewrites (each step can be switched off by an option):
 
 - `remove_noops`: eval-mode dropout and identities vanish;
 - `fold_bn`: conv (1d/2d/3d, transposed) + batchnorm and linear + batchnorm fold into one
-  conv/linear with new weights, and so does a batchnorm right before an unpadded conv or a
-  linear (`bn+conv`, `bn+linear`) (computed in float64, stored as new `get_attr` tensors; the
+  conv/linear with new weights, and so does a batchnorm right before a conv that pads no zeros
+  or a linear (`bn+conv`, `bn+pad+conv`, `bn+linear`) (computed in float64, stored as new `get_attr` tensors; the
   originals are never written to, so shared modules and tied weights stay intact);
 - `fold_bias`: a bias parameter added after a bias-less linear (`x @ self.weight.T + self.bias`,
   Falcon-style layers) becomes that linear's bias;
@@ -88,7 +88,8 @@ class Fuse(Pass):
             table = table + rules.NOOPS
         wanted = set()
         if self.fold_bn:
-            wanted |= {"bn-before-slice", "conv+bn", "linear+bn", "linear+swap+bn", "bn+conv", "bn+linear"}
+            wanted |= {"bn-before-slice", "conv+bn", "linear+bn", "linear+swap+bn", "bn+conv", "bn+pad+conv",
+                       "bn+linear"}
         if self.fold_bias:
             wanted.add("linear+bias")
         if self.fold_scale:

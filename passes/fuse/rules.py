@@ -276,12 +276,14 @@ def _fold_linear_swap_bn(r: Rewriter) -> torch.fx.Node | None:
 def _fold_bn_conv(r: Rewriter) -> torch.fx.Node | None:
     """A batchnorm right before a conv (pre-activation nets, a normalized input):
     ``conv(x * s + t)`` is a conv with weights ``W * s`` (per input channel) and bias
-    ``b + Σ W · t``. Exact only where the conv pads nothing: a zero border of the normalized
-    input is not ``t`` at the border of ``x``."""
+    ``b + Σ W · t``. Exact where the conv pads nothing or pads with copies of its input
+    (reflect, replicate, circular: the copies are normalized values too); a zero border of the
+    normalized input is not ``t`` at the border of ``x``."""
     bn, conv = r.view("bn"), r.view("conv")
     attrs = conv_attrs(conv)
     padding = attrs["padding"]
-    if attrs["transposed"] or (padding != "valid" if isinstance(padding, str) else any(padding)):
+    pads = padding != "valid" if isinstance(padding, str) else any(padding)
+    if attrs["transposed"] or pads and attrs.get("padding_mode", "zeros") == "zeros":
         return None
     w, b, groups = conv.param("weight"), conv.param("bias"), attrs["groups"]
     channels = w.shape[1] * groups
@@ -301,8 +303,18 @@ def _fold_bn_conv(r: Rewriter) -> torch.fx.Node | None:
     if folded is None:
         return None
     name = r.match.root.name
-    return conv_call(r, r["x"], r.tensor(f"{name}_folded_weight", folded[0]),
+    source = r["x"]
+    if "pad" in r.match.nodes:  # export's copying pad between them: the same pad, of x
+        source = r.copy(r.match.nodes["pad"], {r.match.nodes["bn"]: r["x"]})
+    return conv_call(r, source, r.tensor(f"{name}_folded_weight", folded[0]),
                      r.tensor(f"{name}_folded_bias", folded[1]), attrs)
+
+
+def _copying_pad(view) -> bool | str:
+    """A pad whose border copies its input (reflect, replicate, circular): a batchnorm before
+    it commutes with it, channel by channel."""
+    mode = view.attrs.get("mode", "constant")
+    return True if mode in ("reflect", "replicate", "circular") else f"a pad of mode '{mode}' adds values of its own"
 
 
 def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
@@ -1063,6 +1075,8 @@ FOLDS = PatternSet([
                                  name="bn", check=_bn_eval), rewrite=_fold_linear_swap_bn),
     Pattern("bn+conv", Op("conv", Op("batch_norm", Var("x"), name="bn", check=_bn_eval), name="conv",
                           check=_conv_ok), rewrite=_fold_bn_conv),
+    Pattern("bn+pad+conv", Op("conv", Op("pad", Op("batch_norm", Var("x"), name="bn", check=_bn_eval), name="pad",
+                                         check=_copying_pad), name="conv", check=_conv_ok), rewrite=_fold_bn_conv),
     Pattern("bn+linear", Op("linear", Op("batch_norm", Var("x"), name="bn", check=_bn_eval), name="linear",
                             check=_linear_ok), rewrite=_fold_bn_linear),
     Pattern("conv+scale", Op("mul", Op("conv", Var("x"), name="conv", check=_conv_ok), Var("g", check=_stored_value),

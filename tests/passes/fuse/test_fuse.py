@@ -1452,3 +1452,33 @@ def test_a_setitem_spelled_as_a_method_call_is_kept():
         res = fxopt.optimize(model, (x,), pipeline, mode="symbolic")
         assert any(n.target == "__setitem__" for n in res.module.graph.nodes), pipeline
         torch.testing.assert_close(res.module(x), model(x))
+
+
+def _stats(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("build", [
+    lambda: nn.Sequential(nn.Conv2d(3, 8, 3), _stats(nn.SyncBatchNorm(8)), nn.ReLU()),  # a DDP checkpoint's
+    lambda: nn.Sequential(_stats(nn.BatchNorm2d(3)), nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")),
+    lambda: nn.Sequential(_stats(nn.BatchNorm2d(3)), nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular")),
+    lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.FeatureAlphaDropout(0.2), nn.ReLU()),
+])
+def test_more_batchnorms_fold_and_eval_dropouts_go(mode, build):
+    """An eval SyncBatchNorm folds like a BatchNorm; a batchnorm before a conv that pads with
+    copies of its input (reflect, circular) folds exactly (the copies are normalized values);
+    an eval FeatureAlphaDropout is an identity."""
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(2, 3, 10, 10)
+    res = fxopt.optimize(model, (x,), "fuse", mode=mode)
+    assert res.verification.passed
+    views = [fxopt.ir.op_view(res.module, n) for n in res.module.graph.nodes]
+    kinds = {v.kind for v in views if v is not None}
+    assert not kinds & {"batch_norm", "dropout"}, kinds
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
