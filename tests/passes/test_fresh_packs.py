@@ -11,7 +11,9 @@ from fxopt.examples import zoo
 
 
 def _packs(gm):
-    return {name: value for name, value in vars(gm).items() if isinstance(value, torch.ScriptObject)}
+    """Owner path -> pack, wherever it is held (a CodedValue holder since 14fe98d)."""
+    return {f"{owner}.{name}": value for owner, module in gm.named_modules()
+            for name, value in vars(module).items() if isinstance(value, torch.ScriptObject)}
 
 
 def test_the_returned_int8_module_holds_packs_no_call_has_touched(monkeypatch):
