@@ -395,7 +395,7 @@ def _split_list(text: str) -> list[str]:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    sep = ";" if ";" in _unquoted(text) else ","
+    sep = ";" if ";" in without_quotes(text) else ","
     items, current, quote = [], [], None
     for ch in text:
         if quote is not None:
@@ -411,8 +411,12 @@ def _split_list(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def _unquoted(text: str) -> str:
-    """`text` without its quoted parts."""
+def without_quotes(text: str) -> str:
+    """`text` without its quoted parts (pipeline text and option values look past them).
+
+        >>> without_quotes("ignore=['a,b'],ratio=0.5")
+        'ignore=[],ratio=0.5'
+    """
     out, quote = [], None
     for ch in text:
         if quote is not None:

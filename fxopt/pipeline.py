@@ -13,7 +13,7 @@ import unicodedata
 from typing import Any, Sequence
 
 from .errors import PipelineError
-from .pass_base import Pass, quote_option
+from .pass_base import Pass, quote_option, without_quotes
 
 
 def is_pass_name(name: str) -> bool:
@@ -48,7 +48,7 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
 
 def _split_options(body: str, chunk: str) -> dict[str, str]:
     """`key=value` items of one pass's `{...}`, by key (a trailing comma is allowed)."""
-    if "}" in _outside_quotes(body):
+    if "}" in without_quotes(body):
         raise PipelineError(f"in '{chunk}': a pass takes one {{...}} of options; put them all in it, "
                             "separated by ','")
     items = _split_top_level(body, ",", where=chunk)
@@ -183,14 +183,3 @@ def _split_top_level(text: str, sep: str, where: str) -> list[str]:
 _OPENS = {"}": "{", "]": "["}
 
 
-def _outside_quotes(text: str) -> str:
-    """`text` without its quoted parts."""
-    out, quote = [], None
-    for ch in text:
-        if quote is not None:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        else:
-            out.append(ch)
-    return "".join(out)
