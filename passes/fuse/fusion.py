@@ -8,7 +8,8 @@ What it rewrites (each step can be switched off by an option):
   or a linear (`bn+conv`, `bn+pad+conv`, `bn+linear`) (computed in float64, stored as new `get_attr` tensors; the
   originals are never written to, so shared modules and tied weights stay intact);
 - `fold_bias`: a bias parameter added after a bias-less linear (`x @ self.weight.T + self.bias`,
-  Falcon-style layers) becomes that linear's bias;
+  Falcon-style layers) becomes that linear's bias, and a stored per-channel value added after a
+  conv (`conv(x) + b.view(1, -1, 1, 1)`) joins the conv's bias (`conv+bias`);
 - `fold_scale`: a stored per-channel factor multiplied after a conv or linear (a layer scale:
   CaiT's and DeiT III's ``gamma * fc(x)``, ConvNeXt's ``gamma * pwconv2(x)``,
   ``gamma[:, None, None] * conv(x)``) is folded into its weights and bias;
@@ -91,7 +92,7 @@ class Fuse(Pass):
             wanted |= {"bn-before-slice", "conv+bn", "linear+bn", "linear+swap+bn", "bn+conv", "bn+pad+conv",
                        "bn+linear"}
         if self.fold_bias:
-            wanted.add("linear+bias")
+            wanted |= {"linear+bias", "conv+bias"}
         if self.fold_scale:
             wanted |= {"conv+scale", "linear+scale"}
         if self.merge_linears:

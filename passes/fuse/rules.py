@@ -342,6 +342,26 @@ def _fold_conv_scale(r: Rewriter) -> torch.fx.Node | None:
     return None if scale is None else _affine_conv(r, conv, scale, None)
 
 
+def _fold_conv_shift(r: Rewriter) -> torch.fx.Node | None:
+    """A stored per-channel value added after a conv (a bias kept apart,
+    ``conv(x) + b.view(1, -1, 1, 1)``): the conv's bias, so the add rides in its kernel."""
+    if r.view("add").attrs.get("alpha", 1) != 1:
+        return None
+    conv = r.view("conv")
+    out, dtype = tensor_meta(r.match.nodes["conv"]), conv.param("weight").dtype
+    if out is None:
+        return None
+    channels = _conv_out_channels(conv)
+    shift = _per_channel(r, out, 1, channels, dtype)
+    if shift is None:  # one stored number added to every channel
+        g = _stored_cone_value(r.gm, r["g"])
+        if not isinstance(g, torch.Tensor) or g.numel() != 1 or g.dtype != dtype or g.dim() > len(out[0]) \
+                or not torch.isfinite(g).all():
+            return None
+        shift = torch.full((channels,), float(g), dtype=torch.float64)
+    return _affine_conv(r, conv, torch.ones_like(shift), shift)
+
+
 def _fold_linear_scale(r: Rewriter) -> torch.fx.Node | None:
     """A per-feature factor after a linear (CaiT's, ConvNeXt's and DeiT III's layer scale
     ``gamma * fc(x)``)."""
@@ -1081,6 +1101,8 @@ FOLDS = PatternSet([
                             check=_linear_ok), rewrite=_fold_bn_linear),
     Pattern("conv+scale", Op("mul", Op("conv", Var("x"), name="conv", check=_conv_ok), Var("g", check=_stored_value),
                              commutative=True), rewrite=_fold_conv_scale),
+    Pattern("conv+bias", Op("add", Op("conv", Var("x"), name="conv", check=_conv_ok), Var("g", check=_stored_value),
+                            name="add", commutative=True), rewrite=_fold_conv_shift),
     Pattern("linear+scale", Op("mul", Op("linear", Var("x"), name="linear", check=_linear_ok),
                                Var("g", check=_stored_value), commutative=True), rewrite=_fold_linear_scale),
     Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",

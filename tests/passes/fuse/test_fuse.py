@@ -1482,3 +1482,42 @@ def test_more_batchnorms_fold_and_eval_dropouts_go(mode, build):
     kinds = {v.kind for v in views if v is not None}
     assert not kinds & {"batch_norm", "dropout"}, kinds
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _ConvPlus(nn.Module):
+    """A conv without bias and a stored value added after it (`how` says which)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 3, bias=how == "with bias")
+        self.b = nn.Parameter(torch.randn(8))
+        self.register_buffer("c", torch.tensor(0.5))
+        self.register_buffer("full", torch.randn(1, 8, 8, 8))
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how in ("per channel", "with bias"):
+            y = y + self.b.view(1, -1, 1, 1)
+        elif self.how == "number":
+            y = self.c + y
+        elif self.how == "alpha":
+            y = torch.add(y, self.b.view(1, -1, 1, 1), alpha=2)
+        else:  # a value per position: no bias
+            y = y + self.full
+        return torch.relu(y)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how, folds", [("per channel", True), ("with bias", True), ("number", True),
+                                        ("alpha", False), ("per position", False)])
+def test_a_stored_value_added_after_a_conv_joins_its_bias(mode, how, folds):
+    """``conv(x) + b.view(1, -1, 1, 1)`` stayed an add outside the conv's kernel (done for
+    linears already); a per-position value is no bias."""
+    torch.manual_seed(0)
+    model, x = _ConvPlus(how).eval(), torch.randn(2, 3, 10, 10)
+    res = fxopt.optimize(model, (x,), "fuse", mode=mode)
+    assert res.verification.passed
+    views = [fxopt.ir.op_view(res.module, n) for n in res.module.graph.nodes]
+    assert ("add" not in {v.kind for v in views if v is not None}) == folds
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
