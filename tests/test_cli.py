@@ -1,5 +1,4 @@
 """The `fxopt` command line: optimize, dump, passes, MODEL loading and errors."""
-import pathlib
 import re
 import sys
 import textwrap
@@ -288,24 +287,10 @@ def test_a_model_returning_none_for_calibration_has_none(tmp_path, monkeypatch):
         sys.modules.pop("none_cal", None)
 
 
-def _unwritable_folder(tmp_path):
-    """A folder this process cannot create a file in: a read-only one, or /sys where root runs."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    folder.chmod(0o500)
-    for candidate in (folder, pathlib.Path("/sys")):
-        try:
-            (candidate / "probe.pt").open("ab").close()
-        except OSError:
-            return candidate
-        (candidate / "probe.pt").unlink()
-    pytest.skip("no folder here refuses a new file")
-
-
-def test_save_to_an_unwritable_folder_fails_before_the_run(user_model_module, capsys, tmp_path, monkeypatch):
+def test_save_to_an_unwritable_folder_fails_before_the_run(user_model_module, capsys, unwritable_folder, monkeypatch):
     """It ran the whole pipeline, then ended in torch's raw traceback with exit code 1."""
     monkeypatch.setattr(cli, "load_workload", lambda *a: pytest.fail("loaded the model before checking --save"))
-    path = _unwritable_folder(tmp_path) / "m.pt"
+    path = unwritable_folder / "m.pt"
     with pytest.raises(SystemExit) as exc:
         cli.main(["optimize", f"{user_model_module}:small", "--save", str(path)])
     err = capsys.readouterr().err
