@@ -185,12 +185,12 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
     `min_macs=0` lowers every conv always. With `by_batch=false` there is no switch: a dense
     conv below `min_macs` per sample is left exactly on the `fuse` path.
     """
-    w = view.param("weight")
-    if int(view.attrs.get("groups", 1)) > 1:  # depthwise or grouped: aten loops over the groups
+    w, a = view.param("weight"), _attrs(view)
+    if a["groups"] > 1:  # depthwise or grouped: aten loops over the groups
         return 1
     if w.dim() == 5 and set(w.shape[2:]) != {1}:  # aten has no fast conv3d kernel on CPU
         return 1
-    if any(d > 1 for d in _attrs(view)["dilation"]):  # aten's dilated conv is a slow generic loop
+    if any(d > 1 for d in a["dilation"]):  # aten's dilated conv is a slow generic loop
         return 1
     macs = conv_macs_per_sample(view)
     if macs is None:
@@ -199,7 +199,6 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
         return 1
     if not by_batch:
         return f"{macs} MACs per sample < min_macs={min_macs}: cheaper on the aten path"
-    a = _attrs(view)
     plain_gemm = set(w.shape[2:]) == {1} and set(a["stride"]) == {1} and set(a["padding"]) == {0}
     if not plain_gemm:  # aten runs it as im2col + GEMM, sample by sample
         return 2
@@ -411,7 +410,7 @@ class _Lowering:
         if r.match.root is not r.match.nodes["conv"] and r["x"].name in self.written:
             return None  # the fused call runs where the add/act was: a write in between would reach it
         meta = tensor_meta(r["x"])
-        if meta is None or len(meta[0]) != view.param("weight").dim():
+        if meta is None:  # (`_conv_check` refused a rank other than the weight's)
             return None
         lifted = len(meta[0]) == 3
         a = lift_1d(_attrs(view)) if lifted else _attrs(view)
