@@ -701,8 +701,10 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
     def _read_classes(self, cls: np.ndarray, read: np.ndarray) -> np.ndarray:
         """Per class: whether anything reads its channels. A class is read where a consumer
         takes it as weight columns, a pinned node or the output reads it (`read`, the classes
-        pinned or reaching the output), a user reads its value in a way its rule does not map
-        (all of that value, to be safe), or an index map carries it into a read class. What is
+        pinned or reaching the output), a reduction or a statistic over the channels reads it (a
+        norm's mean and variance: `reads_across_channels`), a user reads its value in a way its
+        rule does not map (all of that value, to be safe), or an index map carries it into a read
+        class. What is
         left is dropped by every reader: the channels ``h[:, 2:6]`` or an unused split piece
         leaves out, and what only flows into them."""
         read = read.copy()
