@@ -78,8 +78,7 @@ def int8_pad(q: torch.Tensor, pad: list[int], mode: str = "constant") -> torch.T
     """
     if q.dtype != torch.quint8 or q.qscheme() != torch.per_tensor_affine:
         return F.pad(q, pad, mode=mode)  # torch's own quantized pad: slower, any layout of values
-    raw = torch.empty(0, dtype=torch.uint8, device=q.device).set_(
-        q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+    raw = raw_bytes(q)
     zero_point = q.q_zero_point()
     padded = F.pad(raw, pad, mode=mode, value=zero_point) if mode == "constant" else F.pad(raw, pad, mode=mode)
     return torch._make_per_tensor_quantized_tensor(padded, q.q_scale(), zero_point)
@@ -102,10 +101,10 @@ def int8_cat(tensors: list[torch.Tensor], dim: int, scale: float, zero_point: in
     for q in tensors:
         if q.is_quantized and q.dtype == torch.quint8 and q.qscheme() == torch.per_tensor_affine \
                 and q.q_scale() == scale and q.q_zero_point() == zero_point:
-            pieces.append(_raw_bytes(q))
+            pieces.append(raw_bytes(q))
             continue
         x = q.dequantize() if q.is_quantized else q
-        raw = _raw_bytes(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8))
+        raw = raw_bytes(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8))
         if qmin > 0 or qmax < 255:
             raw = raw.clamp(qmin, qmax)
         pieces.append(raw)
@@ -113,12 +112,13 @@ def int8_cat(tensors: list[torch.Tensor], dim: int, scale: float, zero_point: in
 
 
 @leaf_function
-def float_between_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                       zero_point: int, relu: bool, stride: list[int] | None = None, padding: list[int] | None = None,
-                       dilation: list[int] | None = None, groups: int = 1) -> torch.Tensor:
+def float_between_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float | None,
+                       zero_point: int | None, relu: bool, stride: list[int] | None = None,
+                       padding: list[int] | None = None, dilation: list[int] | None = None,
+                       groups: int = 1) -> torch.Tensor:
     """A conv (`stride` given) or linear that no int8 kernel on this CPU computes right
-    (`packing.computes_right`): int8 in and out like its neighbours, float in between, with the
-    int8 weight's values.
+    (`packing.computes_right`): int8 in and out like its neighbours (float out when `scale` is
+    None), float in between, with the int8 weight's values.
 
         >>> x = torch.quantize_per_tensor(torch.randn(1, 4, 8), 0.05, 128, torch.quint8)
         >>> y = float_between_int8(x, torch.randn(6, 4, 3), None, 0.1, 128, True, [1], [1], [1])
@@ -130,10 +130,11 @@ def float_between_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     else:
         conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
         y = conv(x.dequantize(), weight, bias, stride, padding, dilation, groups)
-    return torch.quantize_per_tensor(F.relu(y) if relu else y, scale, zero_point, torch.quint8)
+    y = F.relu(y) if relu else y
+    return y if scale is None else torch.quantize_per_tensor(y, scale, zero_point, torch.quint8)
 
 
-def _raw_bytes(q: torch.Tensor) -> torch.Tensor:
+def raw_bytes(q: torch.Tensor) -> torch.Tensor:
     """The uint8 values of a quint8 tensor, in place (its sizes and strides, its storage)."""
     return torch.empty(0, dtype=torch.uint8, device=q.device).set_(
         q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
@@ -175,7 +176,7 @@ def depth_to_space(x: torch.Tensor, factors: list[int]) -> torch.Tensor:
     if quantized and (x.dtype != torch.quint8 or x.qscheme() != torch.per_tensor_affine):
         x = x.dequantize()  # no other int8 layout reaches here; keep the values right regardless
         quantized = False
-    raw = _raw_bytes(x) if quantized else x
+    raw = raw_bytes(x) if quantized else x
     n, sizes, dims = raw.shape[0], list(raw.shape[2:]), len(factors)
     channels = raw.shape[1] // math.prod(factors)
     t = raw.movedim(1, -1).reshape(n, *sizes, *factors, channels)

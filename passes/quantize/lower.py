@@ -23,8 +23,8 @@ Before/after (x86) for conv -> batch_norm -> relu -> max_pool -> flatten -> line
     %lin = linear(%fl, %w2, %b2)                     %y  = quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                                                                %d, 0.03, 0, %packed1)
 
-A linear read in float only (here: by the graph output) writes float, so no output grid clips
-values calibration did not see (`_Lowering._float_output`).
+A conv or linear read in float only (here: by the graph output) writes float, so no output grid
+clips values calibration did not see (`_Lowering._float_output`).
 
 With `target_sqnr=D` the pass measures, on calibration data and with the backend's own kernels,
 the output SQNR with each layer alone in int8, and keeps the most sensitive layers in float
@@ -52,6 +52,7 @@ from fxopt.ir.rewrite import COMPUTES
 from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
 
+from .float_output import FloatOutputConv, int8_conv_float_output
 from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, int8_pad, subpixel_weight
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear, quantized_engine
@@ -250,7 +251,7 @@ class _Lowering:
         self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
         self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
-        self.packed_cache: dict[tuple, str | None] = {}  # None: no engine computes it right
+        self.packed_cache: dict[tuple, str | None] = {}  # holder attribute; None: no engine computes it right
         # Values with no int8 grid (calibration saw +-inf in them, e.g. an attention mask):
         # they, and the ops that would read them quantized, stay float.
         self.float_only = nonfinite_values(observers)
@@ -306,7 +307,7 @@ class _Lowering:
         delete_unused_attributes(self.gm)
         if self.backend == "x86":  # its convs run channels-last: hand the caller the usual layout
             self._views_downstream_as_reshapes()
-            contiguous_outputs(self.gm)
+            contiguous_outputs(self.gm, among=self._downstream_of_float_output_convs())
         self.graph.lint()
         self.gm.recompile()
         self.stats["quantize_nodes"] = sum(_is_quantize(n) for n in self.graph.nodes)
@@ -317,7 +318,8 @@ class _Lowering:
         """`_view_as_reshape` for every view computed from an int8 value, float ones included: a
         squeeze or select of a channels-last kernel output, dequantized, keeps its strides
         (``conv(x).squeeze(-1).view(n, -1)`` failed). A view written through stays a view."""
-        stack = [n for n in self.graph.nodes if n.name in self.region or _is_dequantize(n)]
+        stack = [n for n in self.graph.nodes
+                 if n.name in self.region or _is_dequantize(n) or n.target is int8_conv_float_output]
         written = written_in_place(self.gm)  # a write into the value, or through any view of it
         seen: set[torch.fx.Node] = set()
         while stack:
@@ -330,6 +332,18 @@ class _Lowering:
             elif _is_view_call(node):  # a view written through: every reader of its input reads one
                 self._contiguous_for_all_readers(node.args[0])  # row-major copy, so the view stays one
             stack.extend(node.users)
+
+    def _downstream_of_float_output_convs(self) -> set[torch.fx.Node]:
+        """The values computed from an `int8_conv_float_output`: oneDNN writes conv1d and conv3d
+        outputs channels-last too, a layout `contiguous_outputs` fixes at rank 4 only."""
+        stack = [n for n in self.graph.nodes if n.target is int8_conv_float_output]
+        seen: set[torch.fx.Node] = set()
+        while stack:
+            node = stack.pop()
+            if node not in seen:
+                seen.add(node)
+                stack.extend(node.users)
+        return seen
 
     def _contiguous_for_all_readers(self, value: torch.fx.Node) -> None:
         if value.op == "call_method" and value.target == "contiguous":
@@ -522,12 +536,12 @@ class _Lowering:
         counts[label] = counts.get(label, 0) + 1
 
     def _float_output(self, group: Group) -> bool:
-        """Whether a linear's output is read in float only (the graph's output, a float op):
-        then it is not rounded onto an int8 grid, which clips what calibration did not see (a
-        classifier's logits) and costs a quantize and a dequantize. x86 has the kernel (int8
-        input and weight, float output); it has none for a conv, whose output keeps its grid
-        in every backend, so the reference form still computes what x86 does."""
-        if group.views or group.kind != "linear":
+        """Whether a conv's or linear's output is read in float only (the graph's output, a
+        float op): then it is not rounded onto an int8 grid, which clips what calibration did
+        not see (a classifier's logits, a segmentation head's) and costs a quantize and a
+        dequantize. x86 has the kernels (int8 input and weight, float output): fbgemm's linear,
+        oneDNN's conv (`float_output.py`)."""
+        if group.views or group.kind not in ("conv", "linear"):
             return False
         return not any(u.name in self.region or u.name in self.in_int8_groups for u in group.output.users)
 
@@ -597,6 +611,8 @@ class _Lowering:
             geometry = dict(stride=ones, padding=[0] * len(taps), dilation=ones, groups=1)
         qw = quantize_weight(weight)
         if self.backend == "x86":
+            if float_output and group.kind == "conv":
+                return self._conv_float_output(group, key, x, qw, bias, geometry, bounds, taps)
             if key not in self.packed_cache:  # pack (and check) once per weight, bias and geometry
                 prepacked, name = self._prepack(group, qw, bias, geometry), None
                 if prepacked is not None:  # held so that copies and pickles keep its engine (CodedValue)
@@ -605,10 +621,12 @@ class _Lowering:
                     name = f"{holder}.value"
                 self.packed_cache[key] = name
             name = self.packed_cache[key]
-            if float_output and name is not None:
-                # fbgemm quantizes its float input onto the grid itself: the values on it
-                y = self.graph.call_function(qops.linear_with_input_q_dq_qweight_dq_output_fp32.default,
-                                             (*self._float_and_grid(x), self.graph.get_attr(name)))
+            if float_output:
+                if name is None:
+                    y = self._float_between_int8(group, x, qw, bias, False, geometry, (None, None))
+                else:  # fbgemm quantizes its float input onto the grid itself: the values on it
+                    y = self.graph.call_function(qops.linear_with_input_q_dq_qweight_dq_output_fp32.default,
+                                                 (*self._float_and_grid(x), self.graph.get_attr(name)))
                 return self._float_activation(y, bounds)
             if name is None:
                 y = self._float_between_int8(group, x, qw, bias, relu, geometry, qparams)
@@ -655,6 +673,22 @@ class _Lowering:
                 if taps is not None:
                     y = self.graph.call_function(depth_to_space, (y, taps))
         return self._float_activation(y, bounds)
+
+    def _conv_float_output(self, group, key, x, qw, bias, geometry: dict, bounds, taps) -> torch.fx.Node:
+        """x86: the int8 conv that writes float32 (`float_output.int8_conv_float_output`), its
+        relu fused, any other activation after it."""
+        if ("float output", key) not in self.packed_cache:
+            holder = _fresh_attr(self.gm, f"{group.name}_float_out")
+            conv = FloatOutputConv.pack(qw.int_repr(), qw.q_per_channel_scales(), bias, narrow=self.reduce_range,
+                                        **geometry)
+            self.gm.add_submodule(holder, CodedValue(conv))
+            self.packed_cache[("float output", key)] = f"{holder}.value"
+        relu = bounds == (0.0, None)
+        y = self.graph.call_function(int8_conv_float_output,
+                                     (x, self.graph.get_attr(self.packed_cache[("float output", key)]), relu))
+        if taps is not None:
+            y = self.graph.call_function(depth_to_space, (y, taps))
+        return y if relu else self._float_activation(y, bounds)
 
     def _float_activation(self, y: torch.fx.Node, bounds: tuple | None) -> torch.fx.Node:
         """relu / relu6 / clamp `bounds` (`activation_bounds`) on a float layer output."""

@@ -4,7 +4,8 @@
 int8 weights (`torch.ops.quantized` conv/linear packed params, opaque script objects) are the
 one object they cannot read; this module registers the codec that stores one as its int8 weight,
 per-channel scales, bias and conv geometry, and re-packs it on load as lowering packs it
-(the x86 engine, with the per-layer choices of `packing.py`), whatever the global engine is.
+(the x86 engine, with the per-layer choices of `packing.py`), whatever the global engine is;
+and the one for `float_output.FloatOutputConv`, whose oneDNN pack is re-made the same way.
 
     >>> from fxopt.passes.quantize import save, load   # doctest: +SKIP
     >>> save(result.module, "model.int8.pt"); restored = load("model.int8.pt")  # doctest: +SKIP
@@ -18,6 +19,7 @@ import torch
 
 import fxopt.serialize as graph_io
 
+from .float_output import FloatOutputConv
 from .observers import QuantizationError
 from .insert import resolve_reduce_range
 from .packing import prepack_conv, prepack_linear
@@ -56,6 +58,21 @@ def _decode(record: dict):
 
 
 graph_io.register_codec(graph_io.AttributeCodec("int8-packed", _is_packed, _encode, _decode, provider=__name__))
+
+
+def _encode_float_output(conv: FloatOutputConv) -> dict:
+    return {"weight": conv.weight, "scales": conv.scales, "bias": conv.bias, "stride": conv.stride,
+            "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups}
+
+
+def _decode_float_output(record: dict) -> FloatOutputConv:
+    # packed (and checked) anew: oneDNN's packed weight is no data a file can hold
+    return FloatOutputConv.pack(**record, narrow=resolve_reduce_range("auto"))
+
+
+graph_io.register_codec(graph_io.AttributeCodec(
+    "int8-conv-float-output", lambda obj: isinstance(obj, FloatOutputConv), _encode_float_output,
+    _decode_float_output, provider=__name__))
 
 
 def save(gm: torch.fx.GraphModule, path) -> None:

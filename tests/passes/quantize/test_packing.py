@@ -183,8 +183,8 @@ class ConvAndLinear(nn.Module):
         super().__init__()
         self.conv, self.fc = nn.Conv1d(4, 8, 3, padding=1), nn.Linear(8, 6)
 
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean(2))
+    def forward(self, x):  # the max pool reads the conv in int8 (a mean would read it in float)
+        return self.fc(torch.nn.functional.max_pool1d(torch.relu(self.conv(x)), 16).flatten(1))
 
 
 def _checks_answer(monkeypatch, answer) -> None:
@@ -222,7 +222,7 @@ def test_loading_a_pack_no_engine_computes_right_says_so(monkeypatch, tmp_path):
     from fxopt.passes.quantize import QuantizationError
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()  # the first is packed
     batches = [(torch.randn(2, 3, 8, 8),) for _ in range(2)]
     res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
     save(res.module, tmp_path / "m.pt")

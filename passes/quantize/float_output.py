@@ -1,0 +1,131 @@
+"""An int8 conv that writes float: for a conv whose value only float ops read.
+
+Rounding a conv's output onto an 8-bit grid that only a dequantize reads costs accuracy and buys
+nothing: a segmentation head's or a detector's output conv, a conv before a sigmoid or a layer
+norm. The grid spans what calibration saw, so a held-out value beyond it is clipped, and every
+value moves by up to half a step (PT2E's x86 quantizer leaves such outputs float: 1.1 dB ahead
+of fxopt on a three-conv net whose output is a conv, 2-6.6 dB on testers' models). torch's
+x86 int8 conv kernels only write int8; oneDNN's `qconv_pointwise` reads the int8 input and
+weight and writes float32 (what torch.compile's int8 path calls), as fast as the int8 conv and
+its dequantize.
+
+`FloatOutputConv` holds the layer: its int8 weight, per-channel scales, bias and geometry, and
+oneDNN's packed weight where oneDNN computes the layer right on this CPU (checked once per pack,
+like `packing.computes_right`). `int8_conv_float_output` runs it; without a pack (no oneDNN, or a
+wrong kernel) it computes the same value with a float conv of the dequantized input and weight.
+
+    >>> import torch
+    >>> w = torch.randint(-128, 128, (4, 3, 3, 3), dtype=torch.int8)
+    >>> conv = FloatOutputConv.pack(w, torch.full((4,), 0.01), None, [1, 1], [1, 1], [1, 1], 1)
+    >>> x = torch.quantize_per_tensor(torch.randn(2, 3, 8, 8), 0.05, 128, torch.quint8)
+    >>> y = int8_conv_float_output(x, conv, relu=False)
+    >>> y.dtype, tuple(y.shape)
+    (torch.float32, (2, 4, 8, 8))
+    >>> bool(torch.allclose(y, torch.nn.functional.conv2d(x.dequantize(), w * 0.01, padding=1), atol=1e-4))
+    True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fxopt.ir import leaf_function
+
+from .kernels import raw_bytes
+
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: Outputs per spatial axis of the check run (as `packing.computes_right`).
+_CHECK_OUTPUTS = {1: 32, 2: 8, 3: 4}
+
+
+@dataclass(eq=False)
+class FloatOutputConv:
+    """An int8 conv layer for `int8_conv_float_output`. `weight` holds the int8 values
+    ``[K, C/G, *kernel]``, `scales` one float32 scale per output channel; `packed` is oneDNN's
+    packed weight, None where the float path computes the layer."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    packed: Any = field(default=None, repr=False)
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+             padding: list[int], dilation: list[int], groups: int, narrow: bool = False) -> "FloatOutputConv":
+        """The layer of int8 `weight` values and their per-channel `scales`, with oneDNN's pack
+        when oneDNN computes it right on inputs of 8 bits (7 when `narrow`, as `reduce_range`
+        feeds them)."""
+        conv = cls(weight, scales.float(), bias, list(stride), list(padding), list(dilation), int(groups))
+        conv.packed = _onednn_pack(conv, narrow)
+        return conv
+
+    @property
+    def dims(self) -> int:
+        return self.weight.dim() - 2
+
+    def float_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.view(-1, *([1] * (self.dims + 1)))
+
+    def in_float(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on the float value `x` (the dequantized input)."""
+        return _CONVS[self.dims](x, self.float_weight(), self.bias, self.stride, self.padding, self.dilation,
+                                 self.groups)
+
+    def run_packed(self, q: torch.Tensor, relu: bool) -> torch.Tensor:
+        """oneDNN's int8 conv with a float32 output on the quint8 tensor `q`. Its conv3d takes
+        no relu post-op: the relu runs after it."""
+        fused = relu and self.dims < 3
+        y = torch.ops.onednn.qconv_pointwise(
+            raw_bytes(q), q.q_scale(), q.q_zero_point(), self.packed, self.scales,
+            torch.zeros(self.scales.numel(), dtype=torch.long), self.bias, self.stride, self.padding,
+            self.dilation, self.groups, 1.0, 0, torch.float32, "relu" if fused else "none",
+            [None] if fused else [], "")
+        return F.relu(y) if relu and not fused else y
+
+
+@leaf_function
+def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv, relu: bool) -> torch.Tensor:
+    """`conv` (and a relu) on the int8 input `q`, in float32: oneDNN's int8 kernel on a quint8
+    per-tensor `q`, the float conv of the dequantized values otherwise (no pack, or another
+    input; the same value up to float rounding)."""
+    if conv.packed is not None and q.is_quantized and q.dtype == torch.quint8 \
+            and q.qscheme() == torch.per_tensor_affine:
+        return conv.run_packed(q, relu)
+    y = conv.in_float(q.dequantize() if q.is_quantized else q)
+    return F.relu(y) if relu else y
+
+
+def _onednn_pack(conv: FloatOutputConv, narrow: bool):
+    """oneDNN's packed weight for `conv`, or None: no oneDNN int8 conv in this build, or it is
+    not within float rounding of the float conv on one input of random bytes (a wrong kernel,
+    or one that drops a weight bit on CPUs without VNNI)."""
+    if not hasattr(torch.ops.onednn, "qconv_pointwise") or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.onednn.qconv_prepack(conv.weight, conv.scales, 1.0, 0, conv.stride, conv.padding,
+                                                conv.dilation, conv.groups, None)
+        conv.packed = packed
+        levels = 128 if narrow else 256
+        size = [max((_CHECK_OUTPUTS[conv.dims] - 1) * s + d * (k - 1) + 1 - 2 * p, 1)
+                for s, p, d, k in zip(conv.stride, conv.padding, conv.dilation, conv.weight.shape[2:])]
+        generator = torch.Generator().manual_seed(0)
+        x = torch._make_per_tensor_quantized_tensor(torch.randint(
+            0, levels, (1, conv.weight.shape[1] * conv.groups, *size), dtype=torch.uint8, generator=generator),
+            0.05, levels // 2)
+        reference = conv.in_float(x.dequantize())
+        error = float((conv.run_packed(x, relu=False) - reference).abs().max())
+    except RuntimeError:  # a geometry or CPU oneDNN's int8 conv does not take
+        return None
+    finally:
+        conv.packed = None
+    return packed if error <= 1e-4 * float(reference.abs().max()) + 1e-6 else None
+
+
+__all__ = ["FloatOutputConv", "int8_conv_float_output"]

@@ -1,0 +1,208 @@
+"""A conv whose value only float ops read writes float (passes/quantize/float_output.py).
+
+Before, every int8 conv output went onto an 8-bit grid, also the graph's output: 1.1 dB below
+PT2E on the three-conv net below, and held-out values beyond what calibration saw were clipped.
+"""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.passes.quantize import load, save
+from fxopt.passes.quantize import float_output
+from fxopt.passes.quantize.float_output import FloatOutputConv, int8_conv_float_output
+from fxopt.passes.quantize.lower import _Lowering
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class ConvHead(nn.Module):
+    """Two conv-bn-relu blocks and a conv `head` whose output is the graph's output."""
+
+    def __init__(self, dim: int = 2, head: nn.Module | None = None, after=None):
+        super().__init__()
+        layers = []
+        for cin, cout in ((3, 16), (16, 16)):
+            layers += [CONV[dim](cin, cout, 3, padding=1), BN[dim](cout), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = head if head is not None else CONV[dim](16, 5, 3, padding=1)
+        self.after = after
+        for m in self.body:
+            if isinstance(m, BN[dim]):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        y = self.head(self.body(x))
+        return self.after(y) if self.after is not None else y
+
+
+def _batches(dim=2, n=4, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = {1: 32, 2: 12, 3: 6}[dim]
+    return [(torch.randn(batch, 3, *[size] * dim, generator=g),) for _ in range(n)]
+
+
+def _quantize(model, batches, backend="x86", mode="symbolic"):
+    res = fxopt.optimize(model, batches[0], f"quantize{{backend={backend}}}", calibration=batches, mode=mode)
+    return res.module, res.passes[0].stats
+
+
+def _float_output_convs(gm) -> int:
+    return sum(n.target is int8_conv_float_output for n in gm.graph.nodes)
+
+
+def _sqnr(ref, out):
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())).item()
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_output_conv_writes_float_and_is_not_clipped_to_what_calibration_saw(mode, monkeypatch):
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    batches = _batches()
+    gm, stats = _quantize(model, batches, "x86", mode)
+    assert _float_output_convs(gm) == 1 and stats["float_outputs"] == 1
+    assert stats["dequantize_nodes"] == 0  # the output conv's float value is the graph's output
+    assert stats["quantized"] == {"conv+bn+act": 2, "conv": 1}, stats["quantized"]
+    held_out = torch.randn(64, 3, 12, 12) * 1.5  # wider than calibration: outputs beyond its range
+    with torch.no_grad():
+        ref, out = model(held_out), gm(held_out)
+        seen = torch.cat([model(*b) for b in batches])
+    assert out.dtype == torch.float32 and out.shape == ref.shape and out.is_contiguous()
+    beyond = (ref > seen.max()) | (ref < seen.min())
+    assert beyond.sum() > 50 and ((out > seen.max()) | (out < seen.min())).sum() >= beyond.sum() // 2
+    ref_gm, _ = _quantize(model, batches, "reference", mode)
+    with torch.no_grad():
+        # the x86 kernel computes what the reference form computes, up to float rounding and the
+        # int8 kernels' own rounding one step upstream
+        assert _sqnr(ref_gm(held_out), out) > 45
+    monkeypatch.setattr(_Lowering, "_float_output", lambda self, group: False)  # the output on its grid
+    on_grid, _ = _quantize(model, batches, "x86", mode)
+    x = torch.randn(64, 3, 12, 12)  # calibration's distribution: one rounding less
+    with torch.no_grad():
+        ref = model(x)
+        assert _sqnr(ref, gm(x)) > _sqnr(ref, on_grid(x)) + 0.5
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_output_convs_of_every_rank_and_kind_agree_with_the_reference_form(dim):
+    torch.manual_seed(dim)
+    heads = [CONV[dim](16, 4, 1), CONV[dim](16, 16, 3, padding=1, groups=16),  # 1x1, depthwise
+             CONV[dim](16, 8, 3, padding=2, dilation=2, groups=2), CONV[dim](16, 6, 3, stride=2, bias=False)]
+    for head in heads:
+        model = ConvHead(dim, head).eval()
+        batches = _batches(dim)
+        gm, stats = _quantize(model, batches)
+        ref_gm, _ = _quantize(model, batches, "reference")
+        assert _float_output_convs(gm) == 1, head
+        x = _batches(dim, n=1, batch=3, seed=5)[0]  # another batch size than calibration's
+        with torch.no_grad():
+            out, ref = gm(*x), ref_gm(*x)
+        assert out.shape == model(*x).shape and out.is_contiguous()
+        assert _sqnr(ref, out) > 45, (head, _sqnr(ref, out))
+
+
+@pytest.mark.parametrize("act, expected", [(nn.ReLU(), "relu fused"), (nn.ReLU6(), "hardtanh"),
+                                           (nn.Hardtanh(-0.3, 0.4), "clamp")])
+def test_an_output_conv_with_an_activation_applies_it_in_float(act, expected):
+    torch.manual_seed(0)
+    model = ConvHead(head=nn.Sequential(nn.Conv2d(16, 5, 3, padding=1), act)).eval()
+    batches = _batches()
+    gm, _ = _quantize(model, batches)
+    assert _float_output_convs(gm) == 1
+    fused = [n.args[2] for n in gm.graph.nodes if n.target is int8_conv_float_output]
+    assert fused == [expected == "relu fused"]
+    x = _batches(n=1, seed=3)[0]
+    with torch.no_grad():
+        ref, out = model(*x), gm(*x)
+    bounds = {"relu fused": (0.0, None), "hardtanh": (0.0, 6.0), "clamp": (-0.3, 0.4)}[expected]
+    assert out.min() >= bounds[0] and (bounds[1] is None or out.max() <= bounds[1])
+    assert _sqnr(ref, out) > 28
+
+
+def test_a_conv_read_by_a_float_op_inside_the_net_writes_float():
+    """conv -> sigmoid -> conv: the sigmoid is float, so the first conv writes float; the
+    second conv's input is quantized again from the sigmoid's value."""
+    torch.manual_seed(0)
+    model = ConvHead(after=nn.Sequential(nn.Sigmoid(), nn.Conv2d(5, 4, 1))).eval()
+    batches = _batches()
+    gm, stats = _quantize(model, batches)
+    assert _float_output_convs(gm) == 2 and stats["float_outputs"] == 2
+    x = _batches(n=1, seed=4)[0]
+    with torch.no_grad():
+        assert _sqnr(model(*x), gm(*x)) > 30
+
+
+def _held(gm) -> list[FloatOutputConv]:
+    return [m.value for m in gm.modules() if isinstance(getattr(m, "value", None), FloatOutputConv)]
+
+
+def test_a_float_output_conv_survives_save_load_deepcopy_and_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    gm, _ = _quantize(model, _batches())
+    x = _batches(n=1, seed=7)[0]
+    with torch.no_grad():
+        expected = gm(*x)
+    save(gm, tmp_path / "m.pt")
+    buffer = io.BytesIO()
+    torch.save(gm, buffer)
+    buffer.seek(0)
+    loaded, copied, unpickled = load(tmp_path / "m.pt"), copy.deepcopy(gm), torch.load(buffer, weights_only=False)
+    assert _held(copied) == _held(gm)  # a deep copy shares the pack (nothing writes into it)
+    for restored in (loaded, copied, unpickled):
+        held = _held(restored)
+        assert len(held) == 1 and held[0].packed is not None
+        with torch.no_grad():
+            assert torch.equal(restored(*x), expected)
+
+
+def test_the_kernel_without_a_pack_computes_the_same_value_in_float():
+    torch.manual_seed(0)
+    weight = torch.randint(-128, 128, (6, 4, 3, 3), dtype=torch.int8)
+    scales, bias = torch.rand(6) * 0.01 + 0.001, torch.randn(6)
+    conv = FloatOutputConv.pack(weight, scales, bias, [2, 1], [1, 0], [1, 1], 2)
+    assert conv.packed is not None  # this build has oneDNN's int8 conv
+    q = torch.quantize_per_tensor(torch.randn(3, 8, 9, 7), 0.04, 120, torch.quint8)
+    packed = int8_conv_float_output(q, conv, True)
+    unpacked = int8_conv_float_output(q, FloatOutputConv(weight, scales, bias, [2, 1], [1, 0], [1, 1], 2), True)
+    expected = F.relu(F.conv2d(q.dequantize(), weight.float() * scales.view(-1, 1, 1, 1), bias, [2, 1], [1, 0],
+                               [1, 1], 2))
+    assert torch.allclose(packed, expected, atol=1e-5) and torch.allclose(unpacked, expected, atol=1e-5)
+    # a float input (no int8 producer) takes the float path too
+    assert torch.allclose(int8_conv_float_output(q.dequantize(), conv, True), expected, atol=1e-5)
+
+
+def test_a_kernel_that_is_not_exact_is_not_packed_and_the_layer_stays_right(monkeypatch):
+    """The pack is checked against the float conv: a kernel off by more than float rounding
+    (as a wrong oneDNN kernel, or one that drops a weight bit without VNNI) is not used."""
+    torch.manual_seed(0)
+    run_packed = FloatOutputConv.run_packed
+    monkeypatch.setattr(FloatOutputConv, "run_packed", lambda self, q, relu: run_packed(self, q, relu) * 1.001)
+    weight = torch.randint(-128, 128, (6, 4, 3, 3), dtype=torch.int8)
+    assert FloatOutputConv.pack(weight, torch.full((6,), 0.01), None, [1, 1], [1, 1], [1, 1], 1).packed is None
+    model = ConvHead().eval()
+    gm, _ = _quantize(model, _batches())
+    held = _held(gm)
+    assert len(held) == 1 and held[0].packed is None
+    x = _batches(n=1, seed=2)[0]
+    with torch.no_grad():
+        assert _sqnr(model(*x), gm(*x)) > 30
+
+
+def test_without_onednn_the_layer_runs_in_float(monkeypatch):
+    monkeypatch.setattr(float_output.torch.backends.mkldnn, "is_available", lambda: False)
+    weight = torch.randint(-128, 128, (6, 4, 3), dtype=torch.int8)
+    conv = FloatOutputConv.pack(weight, torch.full((6,), 0.01), None, [1], [1], [1], 1)
+    assert conv.packed is None
+    q = torch.quantize_per_tensor(torch.randn(2, 4, 10), 0.04, 128, torch.quint8)
+    assert torch.allclose(int8_conv_float_output(q, conv, False),
+                          F.conv1d(q.dequantize(), weight.float() * 0.01, padding=1), atol=1e-5)
