@@ -134,18 +134,18 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("conv", functions=(F.conv1d, F.conv2d, F.conv3d), aten=(aten.conv1d, aten.conv2d, aten.conv3d),
            modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d), arg_names=_CONV_ARGS, param_args=("weight", "bias"),
            defaults=dict(bias=None, stride=1, padding=0, dilation=1, groups=1, transposed=False,
-                         output_padding=0),
+                         output_padding=0, padding_mode="zeros"),
            module_attrs=_conv_attrs),
     OpSpec("conv", functions=(F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
            aten=(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d),
            modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), arg_names=_CONVT_ARGS,
            param_args=("weight", "bias"),
            defaults=dict(bias=None, stride=1, padding=0, dilation=1, groups=1, transposed=True,
-                         output_padding=0),
+                         output_padding=0, padding_mode="zeros"),
            module_attrs=_conv_attrs),
     OpSpec("conv", aten=(aten.convolution,), param_args=("weight", "bias"),
            arg_names=("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
-                      "output_padding", "groups")),
+                      "output_padding", "groups"), defaults=dict(padding_mode="zeros")),
     OpSpec("linear", functions=(F.linear,), aten=(aten.linear,), modules=(nn.Linear,),
            arg_names=("input", "weight", "bias"), param_args=("weight", "bias"), defaults=dict(bias=None)),
     # addmm(bias, x, W) = bias + x @ W: a linear layer with its weight stored [in, out] (Hugging
@@ -231,8 +231,11 @@ SPECS: tuple[OpSpec, ...] = (
           *((name, (), (), ()) for name in ("sqrt", "square", "sin", "sign", "exp", "cos", "rsqrt", "reciprocal",
                                             "round", "floor", "ceil")))),
     OpSpec("softsign", functions=(F.softsign,), modules=(nn.Softsign,)),
-    OpSpec("shrink", functions=(F.softshrink, F.hardshrink), aten=(aten.softshrink, aten.hardshrink),
-           modules=(nn.Softshrink, nn.Hardshrink)),
+    # `soft` tells them apart: a pattern written with one must not match the other
+    OpSpec("shrink", functions=(F.softshrink,), aten=(aten.softshrink,), modules=(nn.Softshrink,),
+           defaults=dict(soft=True)),
+    OpSpec("shrink", functions=(F.hardshrink,), aten=(aten.hardshrink,), modules=(nn.Hardshrink,),
+           defaults=dict(soft=False)),
     OpSpec("clamp", functions=(torch.clamp, torch.clip), methods=("clamp", "clip", "clamp_", "clip_"),
            aten=(aten.clamp, aten.clamp_, aten.clip, aten.clip_), arg_names=("input", "min", "max"),
            defaults=dict(min=None, max=None)),
@@ -388,8 +391,9 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("fill_like", functions=(torch.ones_like,), aten=(aten.ones_like,), defaults=dict(fill_value=1)),
     OpSpec("fill_like", functions=(torch.full_like,), aten=(aten.full_like,), arg_names=("input", "fill_value")),
     # a new tensor of the given sizes with the input's dtype and device (none of its values)
-    OpSpec("new_fill", methods=("new_zeros", "new_ones", "new_empty"), aten=(aten.new_zeros, aten.new_ones,
-           aten.new_empty), arg_names=("input", "size"), varargs="size"),
+    *(OpSpec("new_fill", methods=(method,), aten=(getattr(aten, method),), arg_names=("input", "size"),
+             varargs="size", defaults=dict(fill_value=fill))
+      for method, fill in (("new_zeros", 0), ("new_ones", 1), ("new_empty", None))),
     OpSpec("new_fill", methods=("new_full",), aten=(aten.new_full,), arg_names=("input", "size", "fill_value")),
     # max/min over an axis give (values, indices); of two tensors, the elementwise extremum
     # (`torch.max(x, y)` binds y as `dim`, so `dim` is a tensor argument too)

@@ -535,10 +535,16 @@ def _scalar_operand(node: torch.fx.Node, view: OpView) -> tuple[Any, bool, str]:
 
 def _same(got: Any, want: Any) -> bool:
     """Equal arguments, whatever sequence spells them; one value and a one-entry list are the
-    same (export writes ``mean(x, -1)``'s dim as ``[-1]``, kernel sizes and paddings alike)."""
+    same (export writes ``mean(x, -1)``'s dim as ``[-1]``, kernel sizes and paddings alike), and
+    so are one number and a sequence repeating it (torch expands a conv's ``padding=1`` to
+    ``(1, 1)``, a pool's ``stride=2`` to ``(2, 2)``)."""
     got, want = _unwrapped(got), _unwrapped(want)
-    if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)):
+    sequences = isinstance(got, (list, tuple)), isinstance(want, (list, tuple))
+    if all(sequences):
         return tuple(got) == tuple(want)
+    if any(sequences):
+        many, one = (got, want) if sequences[0] else (want, got)
+        return isinstance(one, int) and not isinstance(one, bool) and all(v == one for v in many)
     return got == want
 
 

@@ -83,6 +83,11 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
             scalar_first = scalar_first or (scalar is not None and not inputs and key == spec.tensor_args[0])
         elif not isinstance(value, torch.fx.Node) and key not in _IGNORED:
             attrs[key] = value
+    # What the function itself fixes, no argument of it can change (relu6's bounds, conv2d's
+    # `transposed`, zeros_like's fill value): the ops of its kind that differ there compute
+    # other things (hardtanh(-2, 2), conv_transpose2d, ones_like).
+    attrs.update({key: value for key, value in spec.defaults.items()
+                  if key not in spec.arg_names and key not in written and key not in attrs})
     counter[0] += 1
     name = f"{view.kind}_{counter[0]}" if params else None
     commutative = view.kind in ("add", "mul") and len(inputs) == 2

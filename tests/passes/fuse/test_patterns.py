@@ -485,3 +485,79 @@ def test_a_replacement_meta_tensors_cannot_run_is_still_applied():
                                         replacement=lambda x: x.clamp(min=0) * (x.sum() * 0 + 1).item()))
     gm.recompile()
     assert report.total == 1 and gm(torch.randn(2, 8)).shape == (2, 8)
+
+
+class _Act(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(x)
+
+
+_KINDS = [  # (pattern op, its replacement, an op of the same kind computing something else)
+    (lambda x: F.softshrink(x), lambda x: x - x.clamp(-0.5, 0.5), lambda x: F.hardshrink(x)),
+    (lambda x: F.softshrink(x), lambda x: x - x.clamp(-0.5, 0.5), nn.Hardshrink()),
+    (lambda x: F.relu6(x), lambda x: torch.clamp(x, 0, 6), lambda x: F.hardtanh(x, -2.0, 2.0)),
+    (lambda x: x + torch.zeros_like(x), lambda x: x * 1.0, lambda x: x + torch.ones_like(x)),
+    (lambda x: x * torch.ones_like(x), lambda x: x * 1.0, lambda x: x * torch.full_like(x, 7.0)),
+    (lambda x: x + x.new_zeros(x.shape), lambda x: x * 1.0, lambda x: x + x.new_ones(x.shape)),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pattern, replacement, other", _KINDS)
+def test_a_function_pattern_does_not_match_an_op_of_its_kind_that_computes_something_else(
+        mode, pattern, replacement, other):
+    """An op kind groups functions that differ in what the function itself fixes (softshrink vs
+    hardshrink, relu6's bounds, zeros_like's fill): a pattern matched them all, and its
+    replacement computed other numbers (0.5 to 17.6 off)."""
+    x = torch.randn(4, 8) * 3
+    model = _Act(other).eval()
+    gm = fxopt.capture(model, (x,), mode=mode)
+    report = apply_patterns(gm, Pattern("p", pattern_from_function(pattern), replacement=replacement))
+    assert report.total == 0, report
+    torch.testing.assert_close(gm(x), model(x))
+    gm = fxopt.capture(_Act(pattern).eval(), (x,), mode=mode)  # and it still matches its own op
+    assert apply_patterns(gm, Pattern("p", pattern_from_function(pattern), replacement=replacement)).total == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("conv", [nn.ConvTranspose2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1,
+                                                                                     padding_mode="reflect")])
+def test_a_conv2d_pattern_matches_neither_transposed_nor_reflect_padded_convs(mode, conv):
+    """F.conv2d's pattern ran a transposed conv's weight as a conv2d weight (2.2 off) and dropped
+    a reflect padding (1.27 off); export spells the reflect pad as its own op, so the conv has
+    padding 0 there and does not match either."""
+    def pattern(x, w, b):
+        return F.relu(F.conv2d(x, w, b, padding=(1, 1)))
+
+    def replacement(x, w, b):
+        return torch.clamp(F.conv2d(x, w, b, padding=(1, 1)), min=0)
+
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    x = torch.randn(2, 8, 9, 9)
+    gm = fxopt.capture(model, (x,), mode=mode)
+    report = apply_patterns(gm, Pattern("conv+relu", pattern_from_function(pattern), replacement=replacement))
+    assert report.total == 0, report
+    torch.testing.assert_close(gm(x), model(x))
+    root = next(n for n in reversed(gm.graph.nodes) if n.op != "output")
+    why = explain(gm, root, pattern_from_function(pattern))
+    assert re.search("'transposed' is True|'padding_mode' is 'reflect'|'padding' is \\(0, 0\\)", why), why
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding", [1, (1, 1)])
+def test_one_number_in_a_pattern_matches_the_tuple_torch_expands_it_to(mode, padding):
+    """`F.conv2d(x, w, b, padding=1)` never matched a conv with padding 1: the graph holds (1, 1)."""
+    def pattern(x, w, b):
+        return F.relu(F.conv2d(x, w, b, padding=padding))
+
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
+    gm = fxopt.capture(model, (torch.randn(2, 8, 9, 9),), mode=mode)
+    report = apply_patterns(gm, Pattern("conv+relu", pattern_from_function(pattern),
+                                        replacement=lambda x, w, b: torch.clamp(F.conv2d(x, w, b, padding=1), min=0)))
+    assert report.total == 1, report
+    wrong = Op("conv", Var("x"), attrs=dict(padding=2))
+    assert "'padding' is (1, 1)" in explain(gm, _node(gm, "conv"), wrong)
