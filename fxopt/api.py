@@ -132,9 +132,11 @@ def optimize(
             if last_lossy.module is not None and tolerance is None:
                 reports[device] = _after_lossy(reports[device], last_lossy, result.module, example_inputs,
                                                device)
-            if not reports[device].passed:
-                # a returned module is easy to use unchecked: say it failed where it is used
-                warnings.warn(f"optimize('{result.pipeline}'): verification failed: {reports[device].summary()}",
+            report = reports[device]
+            if not report.passed or report.uncompared:
+                # a returned module is easy to use unchecked: say it failed (or proved nothing) where it is used
+                what = "failed" if not report.passed else "compared no value"
+                warnings.warn(f"optimize('{result.pipeline}'): verification {what}: {report.summary()}",
                               VerificationWarning, stacklevel=2)
     # packed int8 weights remember the shape of their first call (the example's, just above)
     rebuild_coded_attributes(result.module)

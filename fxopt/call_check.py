@@ -5,9 +5,11 @@ size of every dimension it did not keep dynamic (a sequence length, an image siz
 each call in torch's own words: ``Guard failed: x.size()[1] == 5``, ``Ran into a kwarg keyword
 mismatch``, a pytree spec dump. At capture fxopt records the same facts as plain data
 (`record_inputs`, in ``gm.meta["fxopt"]["inputs"]``, which `fxopt.save` keeps), and
-`explain_failed_calls` wraps the module's call: only when a call raises does it compare the
-call with the record and raise `InputMismatchError`, which names the input, the dimension, the
-captured size or range, and how to capture again. A call that works pays one try/except.
+`explain_failed_calls` wraps the module's call: when a call raises, it compares the call with
+the record and raises `InputMismatchError`, which names the input, the dimension, the captured
+size or range, and how to capture again. Export assumes every dynamic dim is 2 or more and
+guards neither 0 nor 1; capture checks the graph at those sizes, and a size below the min it
+found is refused before the call runs the wrong branch. A call that works pays one try/except.
 
     >>> import torch, fxopt
     >>> class Seq(torch.nn.Module):
@@ -31,12 +33,17 @@ from typing import Any
 import torch
 import torch.fx
 from torch.overrides import handle_torch_function, has_torch_function
-from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import (MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_structure,
+                                tree_unflatten)
 
+from . import size_guards
 from .errors import InputMismatchError
 
 META_KEY = "fxopt"
 INPUTS_KEY = "inputs"
+# a record whose dynamic dims' mins were checked against the model below export's 2 (capture's
+# `_settle_small_sizes`); records without it (files saved before) never refused sizes 1 and 0
+FLOORS_CHECKED = "floors_checked"
 
 _SIMPLE = (int, float, bool, str, type(None))
 
@@ -68,8 +75,11 @@ def record_inputs(gm: torch.fx.GraphModule, ep: Any, model: torch.nn.Module, arg
         params = []
     ranges = getattr(ep, "range_constraints", {}) or {}
     leaves = []
+    exported_as: dict[str, int] = {}  # export's text for each flat input (`L['x']`) -> its index
     for (path, value), node in zip(flat, placeholders):
-        entry: dict[str, Any] = {"label": _label(path, params)}
+        top, chain = _name_parts(path, params)
+        exported_as[f"L[{top!r}]{chain}"] = len(leaves)
+        entry: dict[str, Any] = {"label": _label(path, params), "name": top + chain}
         seen = node.meta.get("val")
         if isinstance(value, torch.Tensor):
             shape = seen.shape if isinstance(seen, torch.Tensor) else value.shape
@@ -78,7 +88,63 @@ def record_inputs(gm: torch.fx.GraphModule, ep: Any, model: torch.nn.Module, arg
             entry["value"] = repr(value)
         leaves.append(entry)
     return {"parameters": params, "positional": [_positional_name(i, params) for i in range(len(args))],
-            "keywords": keywords, "leaves": leaves}
+            "keywords": keywords, "leaves": leaves,
+            "conditions": size_guards.from_export(getattr(ep, "_guards_code", None) or [], exported_as)}
+
+
+def symbol_mins(record: dict) -> dict[str, int | None]:
+    """The min of each dynamic dim's symbol in `record` (`record_inputs`), by symbol."""
+    return {d["symbol"]: d["min"] for e in record["leaves"] for d in e.get("shape", ())
+            if isinstance(d, dict) and "symbol" in d}
+
+
+def set_symbol_min(record: dict, symbol: str, low: int) -> None:
+    """Make `low` the min of every dim of `record` that export named `symbol`."""
+    for entry in record["leaves"]:
+        for d in entry.get("shape", ()):
+            if isinstance(d, dict) and d.get("symbol") == symbol:
+                d["min"] = low
+
+
+def _symbol_dims(record: dict, args: tuple, kwargs: dict) -> list[tuple[int, int, str, Any]]:
+    """(leaf index, dim, symbol, the call's flat input) for each dynamic dim of `record`."""
+    flat = tree_flatten((args, {k: kwargs[k] for k in record["keywords"] if k in kwargs}))[0]
+    return [(i, dim, d["symbol"], flat[i]) for i, entry in enumerate(record["leaves"]) if i < len(flat)
+            for dim, d in enumerate(entry.get("shape", ())) if isinstance(d, dict) and "symbol" in d]
+
+
+def symbols_by_size(record: dict, args: tuple, kwargs: dict) -> list[set[str]]:
+    """The dynamic dims' symbols of `record`, grouped by the size they have in the example
+    (`args`, `kwargs`): export may give each input's batch a symbol of its own
+    (``input_ids`` and ``attention_mask``), yet a call has one batch size for them all."""
+    groups: dict[int, set[str]] = {}
+    for _, dim, symbol, value in _symbol_dims(record, args, kwargs):
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(value.shape[dim], set()).add(symbol)
+    return list(groups.values())
+
+
+def inputs_at_size(record: dict, args: tuple, kwargs: dict, symbols: set[str], size: int) -> tuple[tuple, dict]:
+    """(`args`, `kwargs`) with every dim that `record` names by one of `symbols` cut to its
+    first `size`."""
+    keywords = {k: kwargs[k] for k in record["keywords"] if k in kwargs}
+    flat, spec = tree_flatten((args, keywords))
+    for i, dim, symbol, value in _symbol_dims(record, args, kwargs):
+        if symbol in symbols:
+            flat[i] = flat[i].narrow(dim, 0, size)
+    new_args, new_keywords = tree_unflatten(flat, spec)
+    return new_args, {**kwargs, **new_keywords}
+
+
+def upgrade_record(record: dict | None) -> dict | None:
+    """`record` as this version reads it: one saved before `FLOORS_CHECKED` took every size
+    under its dynamic dims' min of 2 (unchecked), so it keeps taking them."""
+    if record and not record.get(FLOORS_CHECKED):
+        for symbol, low in symbol_mins(record).items():
+            if low == 2:
+                set_symbol_min(record, symbol, 0)
+        record[FLOORS_CHECKED] = True
+    return record
 
 
 def _dim(size: Any, ranges: dict) -> Any:
@@ -108,6 +174,17 @@ def _positional_name(index: int, params: list[str]) -> str:
     return params[index] if index < len(params) else f"#{index}"
 
 
+def _name_parts(path: tuple, params: list[str]) -> tuple[str, str]:
+    """(`x`, `['a'][0]`): the name of the input at pytree `path` of (args, kwargs), and the
+    subscripts that reach the value inside it, as forward's code writes them."""
+    side, head, *rest = path
+    if side == SequenceKey(0):
+        top = params[head.idx] if head.idx < len(params) else f"#{head.idx}"
+    else:
+        top = head.key
+    return top, "".join(f"[{k.key!r}]" if isinstance(k, MappingKey) else f"[{getattr(k, 'idx', k)}]" for k in rest)
+
+
 def _label(path: tuple, params: list[str]) -> str:
     """`input 0 ('x')`, `input 'mask'`, `input 1 ('pair')[0]` for a pytree path into (args, kwargs)."""
     side, head, *rest = path
@@ -125,31 +202,111 @@ def _label(path: tuple, params: list[str]) -> str:
 
 class _ExplainedCall:
     """Stands in for a GraphModule class's `_wrapped_call` (what its `__call__` runs, kept by
-    `recompile`): runs the call and, only when it raises, looks for an input that does not fit
-    the module's record (`mismatch`). `structure` (positional count, keyword names) is checked
-    before the call where torch's own check of it is gone (a copy drops export's pre-hook: a
-    dict-captured ``forward(y, x)`` then took ``g(X, Y)`` with x and y swapped): one length and
-    one key-set comparison."""
+    `recompile`): runs the call and, when it raises, looks for an input that does not fit the
+    module's record (`mismatch`). Two things are checked before the call, where the call would
+    not raise: the structure of the inputs (`structure`: where torch's own check of it is gone, a
+    copy or a loaded graph, whose flattening read a dict-captured ``forward(y, x)`` called as
+    ``g(X, Y)`` with x and y swapped, and took a list of 3 captured as 2 without its last item),
+    and `floors`, the dynamic dims a size below their min would take through the other branch of
+    the model's code (``if x.shape[0] == 1:``; export guards none of sizes 0 and 1). A call that
+    fits pays a comparison of its input structure, and a flattening of its inputs where there are
+    floors."""
 
-    def __init__(self, inner: Any, structure: tuple[int, frozenset] | None) -> None:
+    def __init__(self, inner: Any, structure: bool, floors: tuple[tuple[int, int, int], ...],
+                 keywords: list[str]) -> None:
         self.inner = inner
         self.structure = structure
+        self.floors = floors
+        self.keywords = keywords
 
     def __call__(self, module: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        structure = self.structure
-        if structure is not None and (len(args) != structure[0] or kwargs.keys() != structure[1]):
-            problem = mismatch(module.meta.get(META_KEY, {}).get(INPUTS_KEY), args, kwargs)
-            if problem is not None:
-                raise InputMismatchError(problem)
+        record = module.meta.get(META_KEY, {}).get(INPUTS_KEY)
+        if self._suspect(module, args, kwargs):
+            args, kwargs = _fitted(module, record, args, kwargs)
         try:
             return self.inner(module, *args, **kwargs)
         except InputMismatchError:
             raise  # fxopt's input guard (`InputGuard`) said it already
         except Exception as exc:
-            problem = mismatch(module.meta.get(META_KEY, {}).get(INPUTS_KEY), args, kwargs)
+            try:
+                conformed = _conformed(getattr(module, "_in_spec", None), record, args, kwargs)
+            except _Unfit as unfit:
+                raise InputMismatchError(str(unfit)) from exc
+            if conformed is not None:  # export's check refused what eager takes; its graph runs on it
+                return self(module, *conformed[0], **conformed[1])
+            problem = mismatch(record, args, kwargs)
             if problem is None:
                 raise
             raise InputMismatchError(problem) from exc
+
+    def _suspect(self, module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+        """Whether the call's structure differs from the captured one, or a size is below a floor."""
+        spec = getattr(module, "_in_spec", None)
+        if self.structure and spec is not None and tree_structure((args, kwargs)) != spec:
+            return True
+        if not self.floors:
+            return False
+        flat = tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))[0]
+        return any(i < len(flat) and isinstance(flat[i], torch.Tensor) and flat[i].dim() > dim
+                   and flat[i].shape[dim] < low for i, dim, low in self.floors)
+
+
+def _fitted(module: torch.fx.GraphModule, record: dict | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's inputs in the captured containers (`_conformed`); raises `InputMismatchError`
+    where they do not fit the record."""
+    try:
+        conformed = _conformed(getattr(module, "_in_spec", None), record, args, kwargs)
+    except _Unfit as unfit:
+        raise InputMismatchError(str(unfit)) from None
+    if conformed is not None:
+        args, kwargs = conformed
+    problem = mismatch(record, args, kwargs)
+    if problem is not None:
+        raise InputMismatchError(problem)
+    return args, kwargs
+
+
+class _Unfit(Exception):
+    """A container input of a call that cannot be read as the captured one (`_conform`)."""
+
+
+def _conformed(spec: Any, record: dict | None, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The call's (`args`, `kwargs`) in the containers the graph was captured with, where only
+    their kinds or order differ from it (a tuple for a list, a dict's keys in another order:
+    eager code reads both alike, export's input check refused them); None where nothing differs
+    or the inputs themselves do (`mismatch` names those). Raises `_Unfit` naming the input whose
+    container has other keys or another length."""
+    if spec is None or spec.num_children != 2 or not record:
+        return None
+    arg_spec, keyword_spec = spec.child(0), spec.child(1)
+    if len(args) != arg_spec.num_children or set(kwargs) != set(keyword_spec.context or ()):
+        return None
+    params = record["parameters"]
+    conformed = (tuple(_conform(c, v, (SequenceKey(0), SequenceKey(i)), params)
+                       for i, (c, v) in enumerate(zip(arg_spec.children(), args))),
+                 {k: _conform(c, kwargs[k], (SequenceKey(1), MappingKey(k)), params)
+                  for k, c in zip(keyword_spec.context or (), keyword_spec.children())})
+    return None if tree_structure(conformed) == tree_structure((args, kwargs)) else conformed
+
+
+def _conform(spec: Any, value: Any, path: tuple, params: list[str]) -> Any:
+    """`value`, at pytree `path` of the call, in `spec`'s containers (see `_conformed`)."""
+    if spec.type in (list, tuple, dict) and isinstance(value, (list, tuple, dict)) \
+            and (spec.type is dict) != isinstance(value, dict):
+        raise _Unfit(f"{_label(path, params)} is a {type(value).__name__}, where the graph was captured with a "
+                     f"{spec.type.__name__}: {_recapture('an example of this kind')}")
+    if spec.type is dict and isinstance(value, dict):
+        if set(value) != set(spec.context):
+            raise _Unfit(f"{_label(path, params)} holds keys {sorted(map(str, value))}, where the graph was captured "
+                         f"with {sorted(map(str, spec.context))}: {_recapture('an example with these keys')}")
+        return {k: _conform(c, value[k], (*path, MappingKey(k)), params) for k, c in zip(spec.context, spec.children())}
+    if spec.type in (list, tuple) and isinstance(value, (list, tuple)):
+        if len(value) != spec.num_children:
+            raise _Unfit(f"{_label(path, params)} holds {len(value)} values, where the graph was captured with "
+                         f"{spec.num_children}: {_recapture('an example of this length')}")
+        return spec.type(_conform(c, v, (*path, SequenceKey(i)), params)
+                         for i, (c, v) in enumerate(zip(spec.children(), value)))
+    return value
 
 
 def explain_failed_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -166,9 +323,15 @@ def explain_failed_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
     torch_checks = any(getattr(h, "__name__", "") == "_check_input_constraints_pre_hook"
                        for h in gm._forward_pre_hooks.values())
-    structure = None if torch_checks else (len(record["positional"]), frozenset(record["keywords"]))
-    cls._wrapped_call = _ExplainedCall(inner, structure)
+    cls._wrapped_call = _ExplainedCall(inner, not torch_checks, _floors(record), record["keywords"])
     return gm
+
+
+def _floors(record: dict) -> tuple[tuple[int, int, int], ...]:
+    """(leaf, dim, min) of every dynamic dim of `record` with a min above 0."""
+    return tuple((i, dim, d["min"]) for i, entry in enumerate(record["leaves"])
+                 for dim, d in enumerate(entry.get("shape", ()))
+                 if isinstance(d, dict) and "symbol" in d and (d["min"] or 0) > 0)
 
 
 def specialized_guard(fits: Any, message: str) -> None:
@@ -231,7 +394,7 @@ def guard_inputs(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     placeholders = list(graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(record["leaves"]):
         return gm
-    gm.add_module(GUARD_TARGET, InputGuard(record))
+    gm.add_module(GUARD_TARGET, InputGuard(record).train(gm.training))
     with graph.inserting_after(placeholders[-1]):
         graph.call_module(GUARD_TARGET, tuple(placeholders))
     gm.recompile()
@@ -262,7 +425,13 @@ def _leaves_problem(record: dict, flat: Any, only_dynamic: bool = False) -> str 
         problem = _leaf_problem(entry, value, symbols, only_dynamic)
         if problem is not None:
             return problem
-    return None
+    condition = size_guards.failed(record.get("conditions") or (), flat,
+                                   [e.get("name", e["label"]) for e in record["leaves"]])
+    if condition is None:
+        return None
+    return (f"the input sizes do not meet {condition}, a condition of the model's code torch.export traced it "
+            f"under (a branch on the sizes): the graph holds that path only; "
+            f"{_recapture('an example of the sizes you will call it with')}")
 
 
 def _keyword_problem(record: dict, args: tuple, kwargs: dict) -> str | None:
@@ -317,11 +486,13 @@ def _leaf_problem(entry: dict, value: Any, symbols: dict[str, tuple[str, int, in
         if "symbol" not in want:
             continue
         low, high = want["min"], want["max"]
-        # export traces a dynamic dim from 2 up, but runs a size of 1 (or 0) that fits the code
-        if (high is not None and size > high) or (low is not None and low > 2 and size < low):
+        if (high is not None and size > high) or (low is not None and size < low):
             allowed = f"{low} to {high}" if high is not None else f"{low} or more"
-            return (f"{label} has size {size} at dim {dim}; the graph takes sizes {allowed} there (the range "
-                    f"torch.export kept for it); capture again with an example and dynamic_shapes that cover {size}")
+            fix = ("an example of that size (for a graph of its path)" if low is not None and size < low
+                   else f"an example and dynamic_shapes that cover {size}")
+            return (f"{label} has size {size} at dim {dim}; the graph takes sizes {allowed} there (the model's code "
+                    f"takes another path at other sizes, a branch on the size, which the graph does not hold); "
+                    f"{_recapture(fix)}")
         seen = symbols.setdefault(want["symbol"], (label, dim, size))
         if seen[2] != size:
             return (f"{label} has size {size} at dim {dim}, where {seen[0]} has {seen[2]} at dim {seen[1]}: the "

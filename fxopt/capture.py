@@ -58,14 +58,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
-from .call_check import explain_failed_calls, record_inputs, specialized_guard
+from .call_check import (FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
+                         specialized_guard, symbol_mins, symbols_by_size)
 from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
-from .serialize import rebuild_coded_attributes
-from .tracing import one_at_a_time, registered_by_user, trace
+from .serialize import rebuild_coded_attributes, set_container_mode
+from .tracing import one_at_a_time, registered_by_user, trace, with_traceable_forward
 
 # torch.nn's traceable forwards register themselves when their module is imported
 importlib.import_module(".nn_forwards", __package__)
@@ -167,7 +168,7 @@ def capture(
         note = ""
         try:
             if frontend == "symbolic":
-                gm = _symbolic(model, args, kwargs)
+                gm, note = _symbolic_attempt(user_model, model, args, kwargs)
                 info: dict[str, Any] = {"dynamic_batch": True}
             else:
                 gm, info = _export(model, args, kwargs, dynamic_batch, dynamic_shapes)
@@ -179,7 +180,7 @@ def capture(
                                         "what the module's forward does)")
             continue
         if frontend == "symbolic":
-            note = _opaque_note(gm)
+            note = (note + _opaque_note(gm)).rstrip("; ")
         if info.get("dynamic_batch"):  # shapes in the metadata are at this batch; the graph runs at any
             info["example_batch"] = _batch_size(_leading_sizes(args, kwargs))
         attempts.append(Attempt(frontend, True, note))
@@ -235,13 +236,34 @@ def frontend_of(gm: torch.fx.GraphModule) -> str:
 
 # ----- front ends ---------------------------------------------------------------------------
 
-def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+def _symbolic_attempt(user_model: nn.Module, model: nn.Module, args: tuple,
+                      kwargs: dict) -> tuple[torch.fx.GraphModule, str]:
+    """`_symbolic`, and a note; where the graph traced through fxopt's traceable forwards for
+    torch.nn's modules fails (one written for batched inputs, called on unbatched ones), the
+    graph traced with those modules kept as one call each, which the note names (their weights
+    stay opaque to the passes). A forward the user registered is the user's to fix: its failure
+    is reported (`capture`)."""
+    try:
+        return _symbolic(model, args, kwargs), ""
+    except Exception as exc:
+        entered = with_traceable_forward(model)
+        if not entered or registered_by_user(model):
+            raise
+        try:
+            gm = _symbolic(_private_eval_copy(user_model), args, kwargs, enter=False)
+        except Exception:
+            raise exc from None
+        return gm, (f"kept {', '.join(entered[:3])} as one call each: traced through their traceable forwards, "
+                    f"the graph failed ({first_line(exc)}); ")
+
+
+def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -> torch.fx.GraphModule:
     _refuse_var_keyword_inputs(model, kwargs)
     _refuse_tensor_defaults(model, args, kwargs)
     concrete = _concrete_inputs(model, args, kwargs)
     state = BufferState(model)
     with _FrozenDraws() as draws:
-        gm = trace(model, concrete_args=concrete or None)
+        gm = trace(model, concrete_args=concrete or None, enter=enter)
     if draws.found:
         state.restore()
         raise CaptureError(f"forward draws random numbers from no traced value ({draws.found[0]}): symbolic "
@@ -259,14 +281,13 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModu
         state.restore()
         raise CaptureError(f"forward writes its buffers in place ({', '.join(written[:3])}): symbolic tracing "
                            "ran the write once instead of recording it (export records it)")
-    for module in gm.modules():
-        # fx rebuilds the containers on the path to each leaf as fresh nn.Module()s, which
-        # start in training mode; they hold no state, so give them the model's mode
-        if type(module) is nn.Module:
-            module.training = model.training
+    # fx rebuilds the containers on the path to each leaf as fresh nn.Module()s, which start in
+    # training mode; they hold no state, so give them the model's mode
+    set_container_mode(gm, model.training)
     _drop_string_annotations(gm)
     fresh_literal_constants(gm)  # a literal the forward writes is a new tensor each call, as in eager
     _name_specialized_inputs(gm, concrete)
+    _guard_tensor_inputs(gm, model, args, kwargs)
     # the check passes every input, the specialized ones too, exactly as the caller will
     try:
         _record_shapes_and_check(model, gm, args, kwargs)
@@ -321,52 +342,128 @@ def _user_line(frames: list) -> str:
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dynamic_shapes: Any = None):
-    from torch.export import Dim, export
+    """An exported graph of `model`, checked against it, with the batch dimension dynamic when
+    it can be (else static, with a warning), and the info capture records about it."""
+    from torch.export import export
 
     info: dict[str, Any] = {"dynamic_batch": False}
-    attempts_error: Exception | None = None
-    sizes = _leading_sizes(args, kwargs)
-    batch = _batch_size(sizes)
-    if dynamic_batch and batch is None and sizes:
-        attempts_error = ValueError(f"the inputs' dim 0 sizes {sizes} name no batch (the first input's batch of 1 "
-                                    "could be any of them)")
-    if dynamic_batch and batch is not None:
-        # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
-        ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
+    error: Exception | None = None
+    gm = None
+    if dynamic_batch and _leading_sizes(args, kwargs):
         try:
-            dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
-            dyn = _with_user_dims(dyn, dynamic_shapes)
-            with _quiet_torch():
-                ep = export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
-            if _batch_is_symbolic(ep):
-                info["dynamic_batch"] = True
-            else:  # Dim.AUTO gave way to a guard (dim 0 is no batch: a sequence-first model)
-                attempts_error, ep = ValueError("export specialized dim 0 of every input"), None
+            gm, inputs = _export_dynamic_batch(model, args, kwargs, dynamic_shapes)
+            info["dynamic_batch"] = True
         except Exception as exc:  # fall back to a static batch, and say so in the meta
-            attempts_error = exc
-            ep = None
-    else:
-        ep = None
-    if ep is None:
+            error = exc
+    if gm is None:
         with _quiet_torch():
             ep = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-        if attempts_error is not None:
-            info["dynamic_batch_error"] = first_line(attempts_error)
-            # a graph that runs at one batch size only surprises at the next call: say it now
-            warnings.warn(f"capture: {type(model).__name__} was exported with a static batch size (dim 0 of "
-                          f"the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
-                          "runs at the example's shapes only", stacklevel=3)
-    gm = ep.module()
-    inputs = record_inputs(gm, ep, model, args, kwargs)  # before any pass: export's own reading of them
+        gm, inputs = _checked_graph(model, ep, args, kwargs)
+        if error is not None:
+            info["dynamic_batch_error"] = first_line(error)
+            if not _pins_batch(dynamic_shapes):  # (where the caller asked for a static batch: no news)
+                # a graph that runs at one batch size only surprises at the next call: say it now
+                warnings.warn(f"capture: {type(model).__name__} was exported with a static batch size (dim 0 "
+                              f"of the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
+                              "runs at the example's shapes only", stacklevel=user_stacklevel())
     if inputs is not None:
         info["inputs"] = inputs
         _warn_static_requested(inputs, model, dynamic_shapes)
         if info["dynamic_batch"]:
             _warn_narrow_batch(inputs, model)
+    return gm, info
+
+
+def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict,
+                          dynamic_shapes: Any) -> tuple[torch.fx.GraphModule, dict | None]:
+    """`_checked_graph` of an export with dim 0 dynamic; raises when there is no batch to keep
+    dynamic, export kept none, or the graph does not compute the model at the example (a graph
+    traced at a batch of 2 for an example of 1 took the branch of 2)."""
+    from torch.export import Dim, export
+
+    sizes = _leading_sizes(args, kwargs)
+    batch = _batch_size(sizes)
+    if batch is None:
+        raise ValueError(f"the inputs' dim 0 sizes {sizes} name no batch (the first input's batch of 1 could be "
+                         "any of them)")
+    # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
+    ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
+    dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
+    with _quiet_torch():
+        ep = export(model, ex_args, ex_kwargs, dynamic_shapes=_with_user_dims(dyn, dynamic_shapes), strict=False)
+    if not _batch_is_symbolic(ep):  # Dim.AUTO gave way to a guard (dim 0 is no batch: a sequence-first model)
+        raise ValueError("export specialized dim 0 of every input")
+    try:
+        return _checked_graph(model, ep, args, kwargs)
+    except CaptureError as exc:
+        if batch > 1:
+            raise
+        raise ValueError(f"traced at a batch of 2, the graph differs from the model at the example's batch of 1 "
+                         f"(a branch on the batch size?): {first_line(exc)}") from exc
+
+
+def _checked_graph(model: nn.Module, ep: Any, args: tuple,
+                   kwargs: dict) -> tuple[torch.fx.GraphModule, dict | None]:
+    """`ep`'s module, checked against `model` on the example, and export's record of its inputs
+    (`record_inputs`) with the smallest size each dynamic dim runs at (`_settle_small_sizes`)."""
+    gm = ep.module()
+    set_container_mode(gm, model.training)  # export builds them in training mode (and refuses gm.eval())
+    inputs = record_inputs(gm, ep, model, args, kwargs)  # before any pass: export's own reading of them
     drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
     _guard_none_inputs(gm, model, args, kwargs)
     _record_shapes_and_check(model, gm, args, kwargs)
-    return gm, info
+    if inputs is not None:
+        _settle_small_sizes(model, gm, args, kwargs, inputs)
+    return gm, inputs
+
+
+def _settle_small_sizes(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
+                        record: dict) -> None:
+    """Set the min of each dynamic dim in `record` to the smallest size the graph computes the
+    model at. torch.export traces a dynamic dim as 2 or more and does not guard sizes 1 and 0,
+    so a branch on them (`if x.shape[0] == 1:`) is gone from the graph, which then silently
+    computes the other branch at a batch of 1. So the graph is run against the model at size 1,
+    then 0 (the dims of one size in the example together: one batch, one sequence length); a call
+    below the first size where they differ is refused (`call_check`). A model whose runs differ
+    at the example already (state its forward keeps in Python, which capture warns about) tells
+    nothing: its dims keep taking every size, as before this check."""
+    mins = symbol_mins(record)
+    if not _agrees(model, gm, args, kwargs):
+        mins = {symbol: 0 if low == 2 else low for symbol, low in mins.items()}
+    else:
+        for symbols in symbols_by_size(record, args, kwargs):
+            low = max(mins[s] for s in symbols)
+            if low > 2:  # a min above 2 is the model's code's (a branch export saw)
+                continue
+            for size in range(low - 1, -1, -1):
+                if not _agrees(model, gm, *inputs_at_size(record, args, kwargs, symbols, size)):
+                    break
+                low = size
+            mins.update(dict.fromkeys(symbols, low))
+    for symbol, low in mins.items():
+        set_symbol_min(record, symbol, low)
+    record[FLOORS_CHECKED] = True
+
+
+def _agrees(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """Whether `gm` computes what `model` does on these inputs (False when either fails), both
+    run from the same state and random draws; the state is left as it was."""
+    state = BufferState(model, gm)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # a probe's warnings are no news for the caller
+            outputs = []
+            for run in (model, gm):
+                run_args, run_kwargs = fresh_inputs(args, kwargs)
+                with same_random_draws():
+                    outputs.append(run(*run_args, **run_kwargs))
+                state.restore()
+        _check_same_outputs(*outputs)
+    except Exception:  # noqa: BLE001  (a size either side cannot run at is one the graph must refuse)
+        return False
+    finally:
+        state.restore()
+    return True
 
 
 @contextmanager
@@ -477,27 +574,48 @@ _PLAIN = (int, float, bool, str, type(None))
 
 def _plain_attributes(model: nn.Module) -> dict[str, Any]:
     """'module.attribute' -> value, for every plain Python value (a number, a flag) the modules
-    hold, and, for a list, tuple, set or dict (a log a forward appends to), its kind and length."""
+    hold, and a `_Held` snapshot of each list, tuple, set or dict (a log a forward appends to, a
+    step count kept in a dict) and of each tensor that is no parameter or buffer (a running
+    value a forward rebinds)."""
     found: dict[str, Any] = {}
     for prefix, m in model.named_modules():
         for key, value in vars(m).items():
             name = f"{prefix}.{key}" if prefix else key
             if isinstance(value, _PLAIN) and key != "training":
                 found[name] = value
-            elif isinstance(value, (list, tuple, set, dict)) and not key.startswith("_"):
-                found[name] = _Sized(type(value).__name__, len(value))
+            elif isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple, set, dict))
+                                                     and not key.startswith("_")):
+                found[name] = _Held.of(value)
     return found
 
 
 @dataclass(frozen=True)
-class _Sized:
-    """A container attribute as `_plain_attributes` compares it: its kind and length."""
+class _Held:
+    """An attribute as `_plain_attributes` compares it: its kind and, for a container, each item
+    (a plain value, else which object it is); a tensor by which object it is. `text` says it."""
 
     kind: str
-    length: int
+    items: tuple
+    text: str = dataclasses.field(compare=False)
+
+    @staticmethod
+    def of(value: Any) -> "_Held":
+        if isinstance(value, torch.Tensor):
+            return _Held("tensor", (id(value),), f"a tensor of shape {tuple(value.shape)}")
+        contents = value.items() if isinstance(value, dict) else value
+        items = tuple(_held_item(v) for v in contents)
+        text = repr(value) if len(repr(items)) <= 60 else f"a {type(value).__name__} of {len(value)}"
+        return _Held(type(value).__name__, frozenset(items) if isinstance(value, set) else items, text)
 
     def __repr__(self) -> str:
-        return f"a {self.kind} of {self.length}"
+        return self.text
+
+
+def _held_item(value: Any) -> Any:
+    """A container item as `_Held` compares it: a plain value (or a dict's (key, value)), else its id."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], _PLAIN):  # a dict's item
+        return value[0], _held_item(value[1])
+    return value if isinstance(value, _PLAIN) else id(value)
 
 
 def _changed_plain_attributes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -849,12 +967,13 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
     changed = False
     for name, value in concrete.items():
         node = placeholders.get(f"{name}_1")
-        if node is None or name in placeholders or not tree_flatten(value)[1].is_leaf():
-            continue  # not a parameter of forward, or a container (fx makes a placeholder per leaf)
+        if node is None or name in placeholders:
+            continue  # not a parameter of forward
         node.target = name
         if node.name != name:
             node._rename(name)
         message = _specialization_message(name, value)
+        guarded = False
         for user in list(node.users):
             if user.op != "call_function":
                 continue
@@ -862,10 +981,17 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
                 with graph.inserting_before(user):
                     _insert_none_guard(graph, node, message)
                 graph.erase_node(user)
+                guarded = True
             elif user.target is operator.eq:
                 for check in list(user.users):
                     if check.op == "call_function" and check.target is torch._assert:
                         check.target, check.args = specialized_guard, (check.args[0], message)
+                        guarded = True
+        if not guarded:  # fx guards numbers, strings and None only (a tuple, an enum: a warning)
+            with graph.inserting_after(node):
+                same = graph.call_function(operator.eq, (node, value))
+            with graph.inserting_after(same):
+                graph.call_function(specialized_guard, (same, message))
         changed = True
     if changed:
         graph.lint()
@@ -879,26 +1005,56 @@ def _guard_none_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, 
     True``), but a tensor given where None was captured is silently ignored: the graph
     computes the None branch (``x if mask is None else x * mask``) and returns a wrong answer.
     """
+    guarded = [node for _, value, node in _bound_placeholders(gm, model, args, kwargs) if value is None]
+    _insert_guards(gm, [(node, operator.eq, _specialization_message(node.name, None)) for node in guarded])
+
+
+def _guard_tensor_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Give a symbolic graph a guard on each input captured as a tensor that forward lets the
+    caller leave out as None (``bias=None``): fx keeps the default, so ``gm(x)`` ran the tensor's
+    branch on None and returned a wrong answer (``F.linear(x, w, None)`` where the model took
+    its own bias) or failed deep in the generated code."""
+    guarded = [node for param, value, node in _bound_placeholders(gm, model, args, kwargs)
+               if param.default is None and isinstance(value, torch.Tensor)]
+    _insert_guards(gm, [(node, operator.ne, f"input '{node.name}' is None (or left out), where the graph was captured "
+                                            "with a tensor: the model takes another path without one; pass a "
+                                            f"tensor, or capture again with {node.name}=None")
+                        for node in guarded])
+
+
+def _bound_placeholders(gm: torch.fx.GraphModule, model: nn.Module, args: tuple,
+                        kwargs: dict) -> list[tuple[inspect.Parameter, Any, torch.fx.Node]]:
+    """(forward's parameter, the example's value, the graph's placeholder of that name) for each
+    input the example gives or leaves at its default."""
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+        signature = inspect.signature(model.forward)
+        bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):
-        return
+        return []
+    bound.apply_defaults()
     placeholders = {n.name: n for n in gm.graph.find_nodes(op="placeholder")}
-    guarded = [placeholders[name] for name, value in bound.items() if value is None and name in placeholders]
-    if not guarded:
+    return [(signature.parameters[name], value, placeholders[name]) for name, value in bound.arguments.items()
+            if name in placeholders]
+
+
+def _insert_guards(gm: torch.fx.GraphModule, guards: list[tuple[torch.fx.Node, Callable, str]]) -> None:
+    """`specialized_guard(compare(node, None), message)` after the graph's inputs, per guard."""
+    if not guards:
         return
-    with gm.graph.inserting_before(list(placeholders.values())[-1].next):  # after every input
-        for node in guarded:
-            _insert_none_guard(gm.graph, node, _specialization_message(node.name, None))
+    last_input = list(gm.graph.find_nodes(op="placeholder"))[-1]
+    with gm.graph.inserting_before(last_input.next):
+        for node, compare, message in guards:
+            _insert_none_guard(gm.graph, node, message, compare)
     gm.recompile()
 
 
-def _insert_none_guard(graph: torch.fx.Graph, node: torch.fx.Node, message: str) -> None:
-    """`specialized_guard(node == None, message)` at the graph's insert point. `== None` rather
-    than `is None`: a traced Proxy compares into a node, so the guard survives re-tracing
+def _insert_none_guard(graph: torch.fx.Graph, node: torch.fx.Node, message: str,
+                       compare: Callable = operator.eq) -> None:
+    """`specialized_guard(node == None, message)` (or `!=`) at the graph's insert point. `== None`
+    rather than `is None`: a traced Proxy compares into a node, so the guard survives re-tracing
     (torch.load); the guard is marked side-effectful, so it survives dead-code removal."""
-    is_none = graph.call_function(operator.eq, (node, None))
-    graph.call_function(specialized_guard, (is_none, message))
+    fits = graph.call_function(compare, (node, None))
+    graph.call_function(specialized_guard, (fits, message))
 
 
 def _leading_sizes(args: tuple, kwargs: dict) -> list[int]:
@@ -971,16 +1127,44 @@ def _checked_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, user: A
             raise CaptureError(f"dynamic_shapes names input '{name}', which the example inputs do not give; "
                                f"they give: {', '.join(bound)}")
         value = bound[name]
-        if isinstance(dims, dict) and isinstance(value, torch.Tensor):
-            fixed = {}
-            for dim, spec in dims.items():
-                if not isinstance(dim, int) or not -value.dim() <= dim < value.dim():
-                    raise CaptureError(f"dynamic_shapes: input '{name}' has {value.dim()} dimensions (shape "
-                                       f"{tuple(value.shape)}); it has no dim {dim!r}")
-                fixed[dim % value.dim()] = spec
-            dims = fixed
-        checked[name] = dims
+        checked[name] = _checked_dims(name, value, dims) if isinstance(value, torch.Tensor) else dims
     return checked
+
+
+def _checked_dims(name: str, value: torch.Tensor, dims: Any) -> Any:
+    """One tensor input's `dynamic_shapes` entry as {dim index: spec}: a tuple or list of one
+    spec per dim (None: static) is read as that dict. Refused: a dim the input does not have
+    (torch.export ignored it and kept the dim static without a word), and a spec that is no
+    torch.export.Dim, hint or int (torch blamed the top-level keys for a string)."""
+    if isinstance(dims, (tuple, list)):
+        if len(dims) != value.dim():
+            raise CaptureError(f"dynamic_shapes: input '{name}' has {value.dim()} dimensions (shape "
+                               f"{tuple(value.shape)}); its entry gives {len(dims)}")
+        dims = {dim: spec for dim, spec in enumerate(dims) if spec is not None}
+    if not isinstance(dims, dict):
+        return dims
+    fixed = {}
+    for dim, spec in dims.items():
+        if not isinstance(dim, int) or not -value.dim() <= dim < value.dim():
+            raise CaptureError(f"dynamic_shapes: input '{name}' has {value.dim()} dimensions (shape "
+                               f"{tuple(value.shape)}); it has no dim {dim!r}")
+        if not isinstance(spec, (torch.export.Dim, type(torch.export.Dim.AUTO), int)) or isinstance(spec, bool):
+            raise CaptureError(f"dynamic_shapes: dim {dim} of input '{name}' is {spec!r} (a {type(spec).__name__}); "
+                               "give torch.export.Dim.AUTO, a torch.export.Dim('name', min=..., max=...), or an "
+                               "int for a static size")
+        fixed[dim % value.dim()] = spec
+    return fixed
+
+
+def _is_static(spec: Any) -> bool:
+    """Whether a `dynamic_shapes` dim spec asks for a static size (an int, or Dim.STATIC)."""
+    return isinstance(spec, int) or spec is torch.export.Dim.STATIC
+
+
+def _pins_batch(user: Any) -> bool:
+    """Whether the caller's (checked) `dynamic_shapes` asks for dim 0 of an input to be static."""
+    return isinstance(user, dict) and any(isinstance(dims, dict) and _is_static(dims.get(0))
+                                          for dims in user.values())
 
 
 def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
@@ -995,8 +1179,8 @@ def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
         if name is not None and "shape" in entry:
             shapes[name] = entry["shape"]
     static = [f"dim {d} of '{name}' (size {shapes[name][d]})" for name, dims in user.items()
-              if isinstance(dims, dict) and name in shapes for d in dims
-              if d < len(shapes[name]) and isinstance(shapes[name][d], int)]
+              if isinstance(dims, dict) and name in shapes for d, spec in dims.items()
+              if d < len(shapes[name]) and isinstance(shapes[name][d], int) and not _is_static(spec)]
     if static:
         warnings.warn(f"capture: {type(model).__name__} was exported with {', '.join(static)} static, which "
                       "dynamic_shapes asked to keep dynamic: the model's code fixes it (a branch on it, or an "
@@ -1006,13 +1190,14 @@ def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
 
 def _warn_narrow_batch(record: dict, model: nn.Module) -> None:
     """Say when export kept the batch dynamic over a range only (`if x.shape[0] > 2:` keeps one
-    branch, for batches of 3 or more): the graph refused a batch of 1 at the call, unannounced."""
+    branch, for batches of 3 or more; `if x.shape[0] == 1:`, which export does not see, for 2 or
+    more): the graph refuses a batch of 1 at the call."""
     first = next((e["shape"][0] for e in record["leaves"] if e.get("shape") and isinstance(e["shape"][0], dict)
                   and "symbol" in e["shape"][0]), None)
     if first is None:
         return
     low, high = first["min"], first["max"]
-    if (low is not None and low > 2) or high is not None:
+    if (low is not None and low > 1) or high is not None:
         allowed = f"{low} to {high}" if high is not None else f"{low} or more"
         warnings.warn(f"capture: {type(model).__name__} was exported for batch sizes {allowed} only: its code "
                       "branches on the batch size (or fixes a range of it), and the graph keeps the branch the "
@@ -1029,6 +1214,8 @@ def _with_user_dims(batch_spec: Any, user: Any) -> Any:
         return user
     merged = dict(batch_spec)
     for name, dims in user.items():
+        if dims is None:  # names no dim of the input: its batch stays
+            continue
         ours = merged.get(name)
         merged[name] = {**ours, **dims} if isinstance(ours, dict) and isinstance(dims, dict) else dims
     return merged

@@ -82,8 +82,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
     that does not fit the models' forward raises a ValueError saying what it was taken as, and
     so does `data` with no batches; a loss that stops being finite (a learning rate that
-    diverges, NaN in the data) stops training with a ValueError naming the epoch and batch. `teacher` runs in eval mode and comes back in the mode each
-    of its submodules had, and with the buffer values it had: a forward that updates a buffer (a
+    diverges, NaN in the data) stops training with a ValueError naming the epoch and batch, and a
+    student that ends farther from the teacher than it started (a learning rate that blows the
+    weights up while the loss stays finite) gets a `fxopt.PassWarning`. `teacher` runs in eval
+    mode and comes back in the mode each of its submodules had, and with the buffer values it had: a forward that updates a buffer (a
     call counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
     is not changed (a copy is trained, and its buffers are put back to their values after
     training); a student whose forward writes in place into a value its backward needs (an

@@ -43,7 +43,7 @@ from torch.utils._pytree import treespec_dumps, treespec_loads
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference int8 form's ops
 
-from .call_check import explain_failed_calls, guard_inputs
+from .call_check import INPUTS_KEY, explain_failed_calls, guard_inputs, upgrade_record
 from .errors import SerializationError, first_line, node_location
 
 FORMAT = "fxopt.graph/1"
@@ -243,7 +243,7 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     info = {k: _plain_meta(v) for k, v in (gm.meta.get("fxopt") or {}).items() if _plain_meta(v) is not None}
     payload = {"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
                "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
-               "fxopt_meta": info, "parameters": parameters,
+               "fxopt_meta": info, "parameters": parameters, "training": gm.training,
                "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}
     payload["checksums"] = checksums(payload)
     _write(payload, path)
@@ -578,7 +578,7 @@ def _encode(value, tensors):
 _CHECKSUM = "crc32"
 _WHOLE_SECTIONS = {"nodes": "the node list", "pytree": "the input/output structure",
                    "engine": "the quantized engine", "fxopt_meta": "the recorded pipeline and tolerance table",
-                   "parameters": "the parameter table", "tied": "the tied-tensor table"}
+                   "parameters": "the parameter table", "tied": "the tied-tensor table", "training": "the training flag"}
 
 
 def checksums(payload: dict) -> dict:
@@ -589,7 +589,8 @@ def checksums(payload: dict) -> dict:
 def _checked_parts(payload: dict) -> Iterator[tuple[str, str, Any]]:
     """(key, what a mismatch is reported as, value) for each part of a payload a checksum covers."""
     for section, label in _WHOLE_SECTIONS.items():
-        yield section, label, payload.get(section)
+        if section in payload:  # (a file of an earlier version lacks the later ones; a removed one is missed)
+            yield section, label, payload[section]
     for target, value in (payload.get("tensors") or {}).items():
         label = "a constant argument tensor" if target.startswith("__const_") else "tensor"
         yield f"tensors/{target}", f"{label} '{target}'", value
@@ -768,8 +769,10 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
             graph._codegen = _PyTreeCodeGen(_PyTreeInfo(pytree["orig_args"], in_spec, out_spec))
         gm = torch.fx.GraphModule(root, graph)
         hold_coded_attributes(gm)  # (GraphModule made its holders plain modules; older files have none)
+        set_container_mode(gm, bool(data.get("training", False)))  # (earlier files: captured, so eval)
     if data.get("fxopt_meta"):  # files written before it was stored have none
         gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
+        upgrade_record(gm.meta["fxopt"].get(INPUTS_KEY))
     return explain_failed_calls(guard_inputs(gm))  # export's guards are code save cannot store: fxopt's stand in
 
 
@@ -797,6 +800,16 @@ def _decode_attribute(record: dict):
     if name not in _CODECS:
         raise SerializationError(f"load: no codec '{name}' (expected from {provider})")
     return _CODECS[name].decode(record["data"])
+
+
+def set_container_mode(gm: torch.fx.GraphModule, training: bool) -> None:
+    """Give `gm` and the plain `nn.Module` containers on the paths to its leaves (which load
+    and GraphModule build fresh, in training mode) the saved root's mode; each leaf module keeps
+    its own, as saved."""
+    gm.training = training
+    for module in gm.modules():
+        if type(module) is nn.Module:
+            module.training = training
 
 
 def _load_module(record: dict) -> nn.Module:

@@ -34,11 +34,13 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import warnings
 from typing import Any, Callable, TypeVar
 
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.node import map_aggregate
 
 from .ir.effects import is_effectful
 
@@ -150,23 +152,31 @@ def traceable_forward(module: nn.Module) -> TraceableForward | None:
 def registered_by_user(model: nn.Module) -> list[str]:
     """`Type 'name'` for each module of `model` traced through a traceable forward registered
     outside fxopt (fxopt's own, for torch.nn's attention modules, are left out)."""
+    return with_traceable_forward(model, by_user=True)
+
+
+def with_traceable_forward(model: nn.Module, by_user: bool = False) -> list[str]:
+    """`Type 'name'` for each module of `model` a trace enters through a traceable forward
+    (`by_user`: only those registered outside fxopt)."""
     found = []
     for name, m in model.named_modules():
         forward = traceable_forward(m)
-        if forward is not None and not getattr(forward, "__module__", "").startswith("fxopt."):
+        if forward is not None and not (by_user and getattr(forward, "__module__", "").startswith("fxopt.")):
             found.append(f"{type(m).__name__} '{name}'" if name else f"{type(m).__name__} (the model itself)")
     return found
 
 
 class FxoptTracer(torch.fx.Tracer):
-    """fx's tracer, entering modules that have a registered traceable forward."""
+    """fx's tracer, entering modules that have a registered traceable forward (unless `enter`
+    is False: then it is fx's own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enter: bool = True) -> None:
         super().__init__()
         self._depth = 0
+        self._enter = enter
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        expansion = traceable_forward(m)
+        expansion = traceable_forward(m) if self._enter else None
         if expansion is None:
             return super().call_module(m, forward, args, kwargs)
 
@@ -186,7 +196,7 @@ class FxoptTracer(torch.fx.Tracer):
         return super().call_module(m, expanded, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if traceable_forward(m) is not None:
+        if self._enter and traceable_forward(m) is not None:
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -197,10 +207,20 @@ class FxoptTracer(torch.fx.Tracer):
         return node
 
 
-def trace(model: nn.Module, concrete_args: dict | None = None) -> torch.fx.GraphModule:
-    """`torch.fx.symbolic_trace` with `FxoptTracer`; dead values a traceable forward computed
-    for a result the caller drops (attention weights) are erased."""
-    tracer, graph = _trace_root(model, concrete_args)
+def trace(model: nn.Module, concrete_args: dict | None = None, enter: bool = True) -> torch.fx.GraphModule:
+    """`torch.fx.symbolic_trace` with `FxoptTracer` (entering traceable forwards unless `enter`
+    is False); dead values a traceable forward computed for a result the caller drops
+    (attention weights) are erased.
+
+    A concrete arg that is a tuple, list or dict (``dims=(1,)``) is traced as one value: fx
+    flattens it into a placeholder per item and generated code that is no Python (a
+    ``SyntaxError`` blamed on the model's line)."""
+    leaves = {k: _as_one(v) for k, v in concrete_args.items()} if concrete_args is not None else None
+    with warnings.catch_warnings():  # fx adds no guard on a value of another type; capture adds its own
+        warnings.filterwarnings("ignore", message="Was not able to add assertion")
+        tracer, graph = _trace_root(model, leaves, enter)
+    for node in graph.nodes:  # the stand-ins back to plain tuples, lists and dicts
+        node.args, node.kwargs = map_aggregate(node.args, _same), map_aggregate(node.kwargs, _same)
     for node in reversed(list(graph.nodes)):
         if node.meta.get(_EXPANDED) and not node.users and node.op in ("call_function", "call_method") \
                 and not is_effectful(node):
@@ -208,10 +228,36 @@ def trace(model: nn.Module, concrete_args: dict | None = None) -> torch.fx.Graph
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
-def _trace_root(model: nn.Module, concrete_args: dict | None) -> tuple[FxoptTracer, torch.fx.Graph]:
-    """Trace `model`, through its own traceable forward when it has one (fx reads the root's
-    forward from its class: a subclass carrying the traceable one stands in while tracing)."""
-    expansion = traceable_forward(model)
+class _OneTuple(tuple):
+    """A tuple pytree takes as a leaf (it knows only exact types): see `trace`."""
+
+
+class _OneList(list):
+    """A list pytree takes as a leaf."""
+
+
+class _OneDict(dict):
+    """A dict pytree takes as a leaf."""
+
+
+_AS_ONE: dict[type, type] = {tuple: _OneTuple, list: _OneList, dict: _OneDict}
+
+
+def _as_one(value: Any) -> Any:
+    """`value` as pytree's leaf when it is a plain tuple, list or dict; else itself."""
+    one = _AS_ONE.get(type(value))
+    return value if one is None else one(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _trace_root(model: nn.Module, concrete_args: dict | None, enter: bool) -> tuple[FxoptTracer, torch.fx.Graph]:
+    """Trace `model`, through its own traceable forward when it has one and `enter` is True (fx
+    reads the root's forward from its class: a subclass carrying the traceable one stands in
+    while tracing)."""
+    expansion = traceable_forward(model) if enter else None
     if expansion is not None:
         tracer, original = FxoptTracer(), type(model)
         model.__class__ = type(original.__name__, (original,), {"forward": expansion})
@@ -222,7 +268,7 @@ def _trace_root(model: nn.Module, concrete_args: dict | None) -> tuple[FxoptTrac
             pass
         finally:
             model.__class__ = original
-    tracer = FxoptTracer()
+    tracer = FxoptTracer(enter)
     return tracer, tracer.trace(model, concrete_args=concrete_args)
 
 

@@ -298,10 +298,17 @@ class VerificationReport:
     @property
     def verdict(self) -> str:
         """"PASS", "FAIL", or "NOT CHECKED" for a pass under a tolerance that bounds nothing
-        (`lossy`: a pruned model may have lost its accuracy; measure that instead)."""
+        (`lossy`: a pruned model may have lost its accuracy; measure that instead) or where an
+        output had no value to compare (`uncompared`)."""
         if not self.passed:
             return "FAIL"
-        return "PASS" if self.tolerance.checks_values else "NOT CHECKED"
+        return "PASS" if self.tolerance.checks_values and not self.uncompared else "NOT CHECKED"
+
+    @property
+    def uncompared(self) -> list[TensorComparison]:
+        """The float outputs of which no value was compared: NaN or infinite everywhere, on both
+        sides (an example input of NaN); equal, they read as no error, yet prove nothing."""
+        return [o for o in self.outputs if o.finite == 0 and o.numel and o.mismatches is None]
 
     def summary(self) -> str:
         verdict = self.verdict
@@ -318,9 +325,9 @@ class VerificationReport:
         for o in self.outputs:  # integer outputs are judged by count, not by the numbers above
             if o.mismatches:
                 text += f"; integer output{' ' + o.path if o.path else ''}: {o.mismatch_text()}"
-            if o.finite == 0 and o.numel and o.mismatches is None:
+            if o in self.uncompared:
                 text += (f"; output{' ' + o.path if o.path else ''} is NaN or infinite everywhere, on both sides: "
-                         "no value was compared")
+                         "no value was compared (verify on inputs with finite outputs)")
         if self.message:
             text += f"; {self.message}"
         if self.divergence is not None:

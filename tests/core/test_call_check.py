@@ -83,7 +83,7 @@ def test_a_range_from_dynamic_shapes_is_named():
     seq = torch.export.Dim("seq", min=2, max=16)
     gm = _export(Positions(), (x,), dynamic_shapes={"x": {1: seq}})
     assert gm(torch.randn(3, 9, 8)).shape == (3, 9, 8)  # the batch is still dynamic beside it
-    with pytest.raises(InputMismatchError, match=r"size 17 at dim 1; the graph takes sizes 2 to 16 there"):
+    with pytest.raises(InputMismatchError, match=r"size 17 at dim 1; the graph takes sizes 0 to 16 there"):
         gm(torch.randn(2, 17, 8))
 
 
@@ -237,10 +237,32 @@ def test_dynamic_shapes_by_position_or_negative_dim_keep_the_batch_dynamic_too(s
     ({"x": {5: torch.export.Dim.AUTO}}, r"dynamic_shapes: input 'x' has 3 dimensions \(shape \(2, 7, 4\)\); it has no dim 5"),
     ({"z": {1: torch.export.Dim.AUTO}}, r"dynamic_shapes names input 'z', which the example inputs do not give; they give: x"),
     (({1: torch.export.Dim.AUTO}, None), r"dynamic_shapes gives 2 entries by position; forward takes 1 inputs here \(x\)"),
+    ({"x": {1: "auto"}}, r"dim 1 of input 'x' is 'auto' \(a str\); give torch.export.Dim.AUTO"),
+    ({"x": (None, torch.export.Dim.AUTO)}, r"input 'x' has 3 dimensions \(shape \(2, 7, 4\)\); its entry gives 2"),
 ])
 def test_dynamic_shapes_that_name_no_dim_of_the_inputs_are_refused(spec, says):
     with pytest.raises(fxopt.CaptureError, match=says):
         _export(Plus(), (torch.randn(2, 7, 4),), dynamic_shapes=spec)
+
+
+def test_an_input_dynamic_shapes_leaves_at_none_keeps_its_batch():
+    """`[{1: Dim.AUTO}, None]`: the None made y's batch static, and with it every input's."""
+    inputs = (torch.randn(2, 7, 4), torch.randn(2, 7, 4))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="capture:.*static batch")
+        gm = _export(Plus(), inputs, dynamic_shapes=[{1: torch.export.Dim.AUTO}, None])
+    assert gm(torch.randn(5, 7, 4), torch.randn(5, 7, 4)).shape == (5, 7, 4)
+
+
+@pytest.mark.parametrize("spec", [{"x": {1: 7}}, {"x": {0: torch.export.Dim.STATIC}},
+                                  {"x": (None, torch.export.Dim.AUTO, None)}])
+def test_what_dynamic_shapes_asks_for_is_not_warned_about(spec):
+    """A static size asked for (an int, Dim.STATIC) was warned about as 'asked to keep dynamic',
+    or as a batch that 'could not stay dynamic'; a per-dim tuple is read as the dict it means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="capture:")
+        gm = _export(Plus(), (torch.randn(2, 7, 4),), dynamic_shapes=spec)
+    assert _runs(gm, (2, 7, 4))
 
 
 def test_a_dim_asked_dynamic_that_export_kept_static_warns():
@@ -269,3 +291,183 @@ def test_a_batch_kept_dynamic_over_a_range_only_is_announced_at_capture():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="capture:")   # a batch free from 1 up says nothing
         _export(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 4)))
+
+
+class SingleSample(nn.Module):
+    """A path of its own for a batch of 1, which torch.export (tracing sizes 2 and up) never sees."""
+
+    def forward(self, x):
+        return x * 10 if x.shape[0] == 1 else x + 1
+
+
+def test_a_batch_of_1_the_graph_did_not_trace_is_refused_not_answered_wrongly(tmp_path):
+    """Captured at batch 3, the graph returned x + 1 at batch 1 where the model returns x * 10:
+    the captured, the optimized and the loaded graph all refuse the batch now, and say so at capture."""
+    model, x = SingleSample().eval(), torch.ones(1, 4)
+    with pytest.warns(UserWarning, match=r"exported for batch sizes 2 or more only"):
+        gm = _export(model, (torch.randn(3, 4),))
+    with pytest.warns(UserWarning, match=r"exported for batch sizes 2 or more only"):
+        optimized = fxopt.optimize(model, torch.randn(3, 4), "dce").module   # auto: symbolic fails, export
+    for graph in (gm, optimized, _saved_and_loaded(gm, tmp_path)):
+        with pytest.raises(InputMismatchError, match=r"input 0 \('x'\) has size 1 at dim 0; the graph takes sizes 2 "
+                                                     r"or more there.*with an example of that size"):
+            graph(x)
+        assert graph(torch.ones(5, 4)).tolist() == [[2.0] * 4] * 5
+
+
+def test_an_example_of_batch_1_gives_that_paths_graph():
+    """Traced at a batch of 2 (export's smallest dynamic size), the graph took the other branch
+    and capture failed; it falls back to a static batch of 1 and computes the model's path."""
+    with pytest.warns(UserWarning, match=r"static batch size.*traced at a batch of 2, the graph differs from the "
+                                         r"model at the example's batch of 1"):
+        gm = _export(SingleSample(), (torch.ones(1, 4),))
+    assert gm(torch.ones(1, 4)).tolist() == [[10.0] * 4]
+
+
+class FirstToken(nn.Module):
+    """A path of its own for a sequence of length 1 (as decoding code has)."""
+
+    def forward(self, x):
+        return x[:, 0] * 2 if x.shape[1] == 1 else x.mean(1)
+
+
+def test_a_sequence_length_of_1_the_graph_did_not_trace_is_refused():
+    gm = _export(FirstToken(), (torch.randn(2, 5, 4),), dynamic_shapes={"x": {1: torch.export.Dim.AUTO}})
+    assert torch.equal(gm(torch.ones(2, 7, 4)), torch.ones(2, 4))
+    with pytest.raises(InputMismatchError, match=r"size 1 at dim 1; the graph takes sizes 2 or more there"):
+        gm(torch.randn(2, 1, 4))
+
+
+def test_sizes_1_and_0_the_graph_computes_right_are_taken():
+    """Most graphs compute the model at a batch of 1 and 0 alike: checked at capture, they stay open."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    gm = _export(model, (torch.randn(3, 4),))
+    assert gm.meta["fxopt"]["inputs"]["leaves"][0]["shape"][0]["min"] == 0
+    for batch in (1, 0):
+        x = torch.randn(batch, 4)
+        assert torch.equal(gm(x), model(x))
+
+
+class Untied(nn.Module):
+    """Two inputs whose batches no op ties together: export gives each a symbol of its own."""
+
+    def forward(self, ids, mask):
+        return ids.sum(0) + mask.sum(0)
+
+
+def test_a_batch_of_1_is_checked_for_every_input_at_once():
+    """Each symbol was tried at 1 alone: ids of batch 1 beside a mask of batch 2 made the model
+    fail, which was read as a branch, and a batch of 1 was refused (Hugging Face encoders)."""
+    model = Untied().eval()
+    gm = _export(model, (torch.randn(2, 8), torch.randn(2, 8)))
+    ids, mask = torch.randn(1, 8), torch.randn(1, 8)
+    torch.testing.assert_close(gm(ids, mask), model(ids, mask))
+
+
+class Counter(nn.Module):
+    """Output depends on a count kept in Python: each eager run differs from the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x * self.calls
+
+
+def test_state_kept_in_python_is_not_read_as_a_branch_on_the_batch():
+    """The probe at batch 1 saw another output (the count moved) and blamed the batch size."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = _export(Counter(), (torch.randn(3, 4),))
+    messages = [str(w.message) for w in caught]
+    assert any("depends on state its forward keeps in Python" in m for m in messages), messages
+    assert not any("batch sizes" in m for m in messages), messages
+    assert gm(torch.ones(1, 4)).shape == (1, 4)
+
+
+def test_a_record_saved_before_sizes_were_checked_takes_them_as_it_did():
+    from fxopt.call_check import upgrade_record
+
+    record = {"leaves": [{"label": "input 0 ('x')", "shape": [{"symbol": "s0", "min": 2, "max": None}, 4]}]}
+    assert upgrade_record(record)["leaves"][0]["shape"][0]["min"] == 0
+
+
+class Nested(nn.Module):
+    def forward(self, batch, xs):
+        return batch["a"] * 2 + batch["b"]["c"] + xs[0] - xs[1]
+
+
+def _nested_inputs(n):
+    return {"a": torch.randn(n, 3), "b": {"c": torch.randn(n, 3)}}, [torch.randn(n, 3), torch.randn(n, 3)]
+
+
+def test_containers_eager_code_reads_alike_are_taken():
+    """A nested dict's keys in another order, or a tuple for a list: eager takes them, export's
+    input check refused them with torch's pytree dump."""
+    model = Nested().eval()
+    gm = _export(model, _nested_inputs(2))
+    batch, xs = _nested_inputs(4)
+    for args in (({"b": batch["b"], "a": batch["a"]}, xs), (batch, tuple(xs))):
+        torch.testing.assert_close(gm(*args), model(*args))
+
+
+def test_a_container_with_other_keys_or_length_is_named():
+    gm = _export(Nested().eval(), _nested_inputs(2))
+    batch, xs = _nested_inputs(2)
+    with pytest.raises(InputMismatchError, match=r"input 0 \('batch'\)\['b'\] holds keys \['x'\], where the graph was "
+                                                 r"captured with \['c'\]"):
+        gm({"a": batch["a"], "b": {"x": batch["b"]["c"]}}, xs)
+    with pytest.raises(InputMismatchError, match=r"input 1 \('xs'\) holds 3 values, where the graph was captured "
+                                                 r"with 2"):
+        gm(batch, [*xs, xs[0]])
+
+
+class Offsets(nn.Module):
+    def forward(self, x, xs):
+        for t in xs:
+            x = x - t
+        return x
+
+
+@pytest.mark.parametrize("extra", [lambda o: [o, o, o], lambda o: (o, o, o), lambda o: {0: o, 1: o, 2: o}])
+def test_a_loaded_or_optimized_graph_refuses_a_longer_list_than_it_was_captured_with(extra, tmp_path):
+    """The loaded graph read the first 2 items of a list of 3 and returned -2 where eager gives -3."""
+    model, x, o = Offsets().eval(), torch.zeros(2, 3), torch.ones(2, 3)
+    gm = _export(model, (x, [o, o]))
+    optimized = fxopt.optimize(model, (x, [o, o]), "dce", mode="export").module
+    for graph in (gm, optimized, _saved_and_loaded(gm, tmp_path)):
+        torch.testing.assert_close(graph(x, (o, o)), model(x, (o, o)))
+        with pytest.raises(InputMismatchError, match=r"input 1 \('xs'\) (holds 3 values|is a dict), where the graph "
+                                                     r"was captured with (2|a list)"):
+            graph(x, extra(o))
+
+
+class EvenBatch(nn.Module):
+    """A path of its own for even batches: export guards the parity, which no range holds."""
+
+    def forward(self, x):
+        return x * 10 if x.shape[0] % 2 == 0 else x + 1
+
+
+def test_a_condition_export_guards_besides_ranges_is_checked_by_every_graph(tmp_path):
+    """The loaded graph lost export's `x.size()[0] % 2 == 0` and returned x * 10 at batch 3 where
+    the model returns x + 1; the captured one raised torch's raw AssertionError."""
+    model = EvenBatch().eval()
+    gm = _export(model, (torch.randn(4, 3),))
+    optimized = fxopt.optimize(model, torch.randn(4, 3), "dce,lower-eager").module
+    for graph in (gm, optimized, _saved_and_loaded(gm, tmp_path)):
+        assert graph(torch.ones(6, 3)).tolist() == [[10.0] * 3] * 6
+        with pytest.raises(InputMismatchError, match=r"the input sizes do not meet \(x\.shape\[0\] % 2\) == 0, a "
+                                                     r"condition of the model's code"):
+            graph(torch.ones(3, 3))
+
+
+def test_a_condition_read_from_a_file_is_evaluated_only_as_arithmetic():
+    from fxopt import size_guards
+
+    assert size_guards.from_export(["__import__('os').getcwd() == L['x'].size()[0]", "L['y'].size()[0] > 1"],
+                                   {"L['x']": 0}) == []
+    crafted = ["__import__('os').system('false')", "v0_0 ** 99999999 > 1"]
+    assert size_guards.failed(crafted, (torch.zeros(2),)) is None   # neither is run

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import functools
 import os
+import re
 import warnings
 
 import numpy as np
@@ -883,6 +884,60 @@ def test_an_exported_graph_refuses_a_tensor_where_none_was_captured():
         gm(x=x, mask=torch.zeros(2, 3))
 
 
+class OptionalBias(nn.Module):
+    """`forward(x, bias=None)`: the layer's own bias unless the caller gives one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x, bias=None):
+        return self.fc(x) if bias is None else F.linear(x, self.fc.weight, bias)
+
+
+def test_a_symbolic_graph_refuses_none_where_a_tensor_was_captured(tmp_path):
+    """fx keeps `bias=None` in the graph's signature: `gm(x)` ran F.linear(x, w, None), dropping
+    the bias the model adds, without a word."""
+    _seed()
+    model, x, bias = OptionalBias().eval(), torch.randn(2, 3), torch.randn(3)
+    res = fxopt.optimize(model, (x, bias), "fuse,dce")
+    assert res.frontend == "symbolic"
+    fxopt.save(res.module, tmp_path / "m.pt")
+    for gm in (res.module, fxopt.load(tmp_path / "m.pt")):
+        torch.testing.assert_close(gm(x, bias), model(x, bias))
+        for call in (lambda: gm(x), lambda: gm(x, None), lambda: gm(x, bias=None)):
+            with pytest.raises(fxopt.InputMismatchError, match=r"input 'bias' is None \(or left out\), where the "
+                                                               r"graph was captured with a tensor.*bias=None"):
+                call()
+
+
+class Reduce(nn.Module):
+    """Non-tensor inputs that are containers: a tuple of dims, a dict of options, a list of sizes."""
+
+    def forward(self, x, dims=(1,), opts=None, sizes=(2,)):
+        y = x.sum(dims, keepdim=True)
+        if opts is not None and opts["double"]:
+            y = y * 2
+        return y.expand(-1, *sizes)
+
+
+def test_a_tuple_list_or_dict_input_is_specialized_by_symbolic_tracing(tmp_path):
+    """fx flattened a container into a placeholder per item and wrote code that is no Python: a
+    SyntaxError blamed on the model's line, and auto fell back to export."""
+    model, x = Reduce().eval(), torch.randn(3, 4)
+    given = {"dims": (1,), "opts": {"double": True}, "sizes": [5]}
+    gm = capture(model, {"x": x, **given}, mode="auto")
+    assert frontend_of(gm) == "symbolic"
+    fxopt.save(gm, tmp_path / "m.pt")
+    for graph in (gm, fxopt.load(tmp_path / "m.pt")):
+        torch.testing.assert_close(graph(x, **given), model(x, **given))
+        assert graph(torch.randn(6, 4), **given).shape == (6, 5)
+        for name, other in (("dims", (0,)), ("opts", {"double": False}), ("sizes", [6])):
+            with pytest.raises(fxopt.InputMismatchError, match=rf"captured with {name}={re.escape(repr(given[name]))}"):
+                graph(x, **{**given, name: other})
+    assert capture(model, x, mode="symbolic")(x).shape == (3, 2)  # left out at its tuple default
+
+
 class Noisy(nn.Module):
     def __init__(self, source):
         super().__init__()
@@ -1118,10 +1173,40 @@ def test_output_depending_on_a_python_list_attribute_warns_like_a_counter():
     """An int counter warned; a list the forward appends to was captured silently (the graph
     repeats the captured length on every call)."""
     model = _Log().eval()
-    with pytest.warns(UserWarning, match=r"depends on state its forward keeps in Python attributes \(seen: a list of "
-                                         r"\d+ -> a list of \d+\)"):
+    with pytest.warns(UserWarning, match=r"depends on state its forward keeps in Python attributes \(seen: \[\] -> "
+                                         r"\[1(, 1)*\]\)"):
         capture(model, (torch.randn(3, 4),))
     assert model.seen == []   # the user's model is left as it was
+
+
+class _DictStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.state = {"step": 0}
+
+    def forward(self, x):
+        self.state["step"] += 1
+        return x * self.state["step"]
+
+
+class _Running(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.prev = torch.zeros(1)
+
+    def forward(self, x):
+        out = x + self.prev
+        self.prev = x.detach().mean().reshape(1)
+        return out
+
+
+@pytest.mark.parametrize("model, says", [(_DictStep(), r"state: \{'step': 0\} -> \{'step': \d+\}"),
+                                         (_Running(), r"prev: a tensor of shape \(1,\) -> a tensor of shape \(1,\)")])
+def test_state_kept_in_a_dict_or_a_plain_tensor_attribute_warns_too(model, says):
+    """A count in a dict, or a tensor rebound to a plain attribute: captured without a word, the
+    graph repeating the captured call's value."""
+    with pytest.warns(UserWarning, match=r"depends on state its forward keeps in Python attributes \(" + says):
+        capture(model.eval(), (torch.randn(3, 4),))
 
 
 def test_a_tensor_kept_in_a_python_attribute_is_named_by_symbolic_capture():

@@ -259,6 +259,25 @@ def test_a_traceable_forward_that_cannot_take_the_inputs_is_refused_at_registrat
     fxopt.unregister_traceable_forward(Gate)
 
 
+def test_attention_on_unbatched_inputs_is_kept_as_one_call_where_its_traceable_forward_fails():
+    """Called on (L, E) inputs, which torch documents, the traced attention computed a wrong
+    shape and symbolic capture failed ("shape '[5, 16, 4, 4]' is invalid"), naming no module."""
+    class Unbatched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    model = Unbatched().eval()
+    gm = capture(model, (torch.randn(5, 16),), mode="symbolic")
+    assert "attn" in _call_modules(gm)
+    assert gm.meta["fxopt"]["attempts"][0]["reason"].startswith("kept MultiheadAttention 'attn' as one call each")
+    x = torch.randn(9, 16)
+    torch.testing.assert_close(gm(x), model(x))
+
+
 def test_a_capture_that_fails_through_a_registered_forward_names_it():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
     fxopt.register_traceable_forward(nn.Linear, lambda self, x: torch.nn.functional.linear(x, self.weight) * 2)

@@ -404,6 +404,26 @@ def test_load_refuses_a_file_whose_stored_part_was_dropped(tmp_path):
         fxopt.load(path)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_loaded_graph_is_in_the_mode_it_was_saved_in(mode, tmp_path):
+    """load built the root (and the containers on the paths to the leaves) in training mode:
+    `loaded.training` was True for a graph saved in eval mode."""
+    gm = fxopt.capture(ConvNet().eval(), torch.randn(2, 3, 8, 8), mode=mode)
+    fxopt.save(gm, tmp_path / "m.pt")
+    assert {m.training for m in fxopt.load(tmp_path / "m.pt").modules()} == {False}
+    gm.training = True  # (an exported graph refuses gm.train())
+    fxopt.save(gm, tmp_path / "t.pt")
+    assert fxopt.load(tmp_path / "t.pt").training is True
+
+
+def test_a_file_of_an_earlier_version_without_the_training_flag_loads_in_eval_mode(tmp_path):
+    path = _mlp_file(tmp_path)
+    data = torch.load(path, weights_only=True)
+    del data["training"], data["checksums"]["entries"]["training"]
+    torch.save(data, path)
+    assert fxopt.load(path).training is False
+
+
 def test_checksums_cover_quantized_and_constant_tensors(tmp_path):
     """A quantized attribute's integers and an argument constant are checked like weights."""
     gm = torch.fx.symbolic_trace(nn.Identity())

@@ -883,9 +883,29 @@ def test_a_report_says_when_an_output_had_no_value_to_compare():
     """An output NaN everywhere on both sides read as a perfect match (max_abs=0, sqnr=inf) and
     said nothing of having compared nothing."""
     report = verify(_NaNs(), _NaNs(), _x())
-    assert report.verdict == "PASS" and report.outputs[0].finite == 0
-    assert report.summary().endswith("; output is NaN or infinite everywhere, on both sides: no value was compared")
+    assert report.verdict == "NOT CHECKED" and report.passed and report.outputs[0].finite == 0
+    assert report.summary().startswith("NOT CHECKED (exact, cpu)")
+    assert report.summary().endswith("; output is NaN or infinite everywhere, on both sides: no value was compared "
+                                     "(verify on inputs with finite outputs)")
     assert "no value was compared" not in verify(_Log(), _Log(), (torch.tensor([[1.0, -1.0]]),)).summary()
+
+
+def test_a_broken_pass_on_an_all_nan_example_is_not_passed():
+    """An example that makes every output NaN hid a pass that drops a ReLU: PASS, and no warning."""
+    class DropRelu(fxopt.Pass):
+        name, tolerance = "drop-relu", "exact"
+
+        def run(self, gm, ctx):
+            for node in list(gm.graph.nodes):
+                if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU):
+                    node.replace_all_uses_with(node.args[0])
+                    gm.graph.erase_node(node)
+            return fxopt.PassResult(gm, modified=True)
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with pytest.warns(fxopt.VerificationWarning, match=r"verification compared no value: NOT CHECKED"):
+        res = fxopt.optimize(model, torch.full((3, 4), float("nan")), [DropRelu()])
+    assert res.verification.verdict == "NOT CHECKED"
 
 
 class _KeepsPythonState(nn.Module):
