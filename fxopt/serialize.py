@@ -358,10 +358,14 @@ def _attr_value(gm: nn.Module, target: str):
 
 def _save_attr(gm, node, tensors, packed) -> None:
     value = _attr_value(gm, node.target)
-    if isinstance(value, torch.Tensor):
+    held = isinstance(value, CodedValue)  # a graph may read the holder itself (a kernel taking it)
+    if held:
+        value = value.value
+    if isinstance(value, torch.Tensor) and not held:
         tensors[node.target] = plain_tensor(value)
     elif (codec := _codec_for(value)) is not None:
-        packed[node.target] = {"codec": codec.name, "provider": codec.provider, "data": codec.encode(value)}
+        packed[node.target] = {"codec": codec.name, "provider": codec.provider, "data": codec.encode(value),
+                               "held": held}
     else:
         raise SerializationError(f"save: cannot store attribute '{node.target}' of type "
                                  f"{type(value).__name__} used by {node_location(node)}")
@@ -747,7 +751,8 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
                     value = nn.Parameter(value, requires_grad=bool(parameters[target]))
                 _set_path(root, target, value)
         for target, record in data["packed"].items():
-            _set_path(root, target, _decode_attribute(record))
+            value = _decode_attribute(record)
+            _set_path(root, target, CodedValue(value) if record.get("held") else value)
         for target, record in data["modules"].items():
             _set_path(root, target, _load_module(record))
         _retie(root, data.get("tied") or {})  # (files of earlier versions: nothing tied)

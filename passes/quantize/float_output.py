@@ -91,10 +91,13 @@ class FloatOutputConv:
 
 
 @leaf_function
-def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv, relu: bool) -> torch.Tensor:
+def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv | torch.nn.Module, relu: bool) -> torch.Tensor:
     """`conv` (and a relu) on the int8 input `q`, in float32: oneDNN's int8 kernel on a quint8
     per-tensor `q`, the float conv of the dequantized values otherwise (no pack, or another
-    input; the same value up to float rounding)."""
+    input; the same value up to float rounding). `conv` may be the `fxopt.serialize.CodedValue`
+    holding it: lowered graphs pass the holder (a module stays one get_attr when torch
+    re-traces the code, as pickling does; a dataclass would be spelled out field by field)."""
+    conv = getattr(conv, "value", conv)
     if conv.packed is not None and q.is_quantized and q.dtype == torch.quint8 \
             and q.qscheme() == torch.per_tensor_affine:
         return conv.run_packed(q, relu)

@@ -682,7 +682,9 @@ class _Lowering:
             conv = FloatOutputConv.pack(qw.int_repr(), qw.q_per_channel_scales(), bias, narrow=self.reduce_range,
                                         **geometry)
             self.gm.add_submodule(holder, CodedValue(conv))
-            self.packed_cache[("float output", key)] = f"{holder}.value"
+            # the holder, not its value: a re-trace (torch.save re-traces the code) keeps a
+            # module as a get_attr, and would spell the value out field by field
+            self.packed_cache[("float output", key)] = holder
         relu = bounds == (0.0, None)
         y = self.graph.call_function(int8_conv_float_output,
                                      (x, self.graph.get_attr(self.packed_cache[("float output", key)]), relu))
