@@ -155,7 +155,7 @@ def written_base(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node
     """The value whose memory `node` writes into in place, through any views of it
     (``self.calls.view(-1).add_(1)`` writes the `calls` buffer); None if it writes nothing."""
     target = mutated_input(gm, node)
-    while target is not None and _is_view(gm, target) and target.args and isinstance(target.args[0], torch.fx.Node):
+    while target is not None and is_view(gm, target) and target.args and isinstance(target.args[0], torch.fx.Node):
         target = target.args[0]
     return target
 
@@ -176,11 +176,13 @@ def aliases_of(gm: torch.fx.GraphModule, base: torch.fx.Node) -> set[torch.fx.No
         if node in found:
             continue
         found.add(node)
-        stack.extend(u for u in node.users if u.args and u.args[0] is node and _is_view(gm, u))
+        stack.extend(u for u in node.users if u.args and u.args[0] is node and is_view(gm, u))
     return found
 
 
-def _is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+def is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether `node`'s result shares memory with its first input (a view, an in-place write
+    returning its input, an eval-mode dropout)."""
     if node.op == "call_method" and node.target in _VIEW_METHODS:
         return True
     overload = aten_op_of(node)
@@ -221,11 +223,11 @@ def functionalize_writes(gm: torch.fx.GraphModule) -> int:
     count = 0
     for node in list(gm.graph.nodes):
         target = mutated_input(gm, node)
-        if target is None or target.op in ("placeholder", "get_attr") or _is_view(gm, target) \
+        if target is None or target.op in ("placeholder", "get_attr") or is_view(gm, target) \
                 or not _out_of_place(node):
             continue
         before = [u for u in target.users if order[u] < order[node]]
-        if any((view := op_view(gm, u)) is None or view.kind in _VIEW_KINDS or _is_view(gm, u) for u in before):
+        if any((view := op_view(gm, u)) is None or view.kind in _VIEW_KINDS or is_view(gm, u) for u in before):
             continue  # a view taken before the write sees it; so might what an unknown op returned
         _make_out_of_place(node)
         for user in [u for u in target.users if order[u] > order[node]]:
@@ -312,7 +314,7 @@ def written_in_place(gm: torch.fx.GraphModule, floating_only: bool = False) -> d
     """
     alias_of: dict[torch.fx.Node, torch.fx.Node] = {}  # node -> the base it views
     for node in gm.graph.nodes:
-        if _is_view(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node):
+        if is_view(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node):
             alias_of[node] = alias_of.get(node.args[0], node.args[0])
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     bases = {}
@@ -402,7 +404,7 @@ def _may_hand_back(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether `node` may return its first operand, or a view of it, or write it: anything but
     an op the op view knows to compute a new value (``rsqrt(c)``, ``c * 2``)."""
     view = op_view(gm, node)
-    return view is None or view.kind in _HANDS_BACK or _is_view(gm, node) or mutated_input(gm, node) is not None
+    return view is None or view.kind in _HANDS_BACK or is_view(gm, node) or mutated_input(gm, node) is not None
 
 
 def drop_fresh_copies(gm: torch.fx.GraphModule) -> int:

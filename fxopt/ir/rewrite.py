@@ -352,14 +352,22 @@ def _shared_transpose(gm: torch.fx.GraphModule, arg: Any, counts: Counter) -> bo
     return base is not None and (counts[base.target] > 1 or len(arg.users) > 1)
 
 
+#: Ops whose result views their input only when its strides allow: a base of their own.
+_MAY_COPY = frozenset({"contiguous", "reshape", "reshape_as", "flatten", "to"})
+
+
 def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
                        among: Collection[torch.fx.Node] = ()) -> int:
     """Make every `ndim`-D graph output, and every output of rank 1 or more in `among`,
-    contiguous (a no-op at run time when it already is).
+    contiguous (a no-op at run time when it already is), keeping the outputs' aliasing.
 
     A lowering that runs convs channels-last must not hand that layout to the caller: code
     after the model does ``out.view(n, -1)``; `among` names the values computed from such
-    layouts at other ranks (a lowered conv1d's result). Returns how many outputs were wrapped.
+    layouts at other ranks (a lowered conv1d's result). An output that views another value
+    (``h.transpose(1, 3)``, ``h[:, :2]``, ``h`` written in place) is that view of the value's one
+    contiguous copy, taken after the graph's writes: outputs that shared memory in eager still
+    do, with eager's strides, and a value returned twice is copied once. Views of an input or a
+    parameter are the caller's layout and stay as they are. Returns how many copies were made.
 
         >>> import torch, torch.fx
         >>> gm = torch.fx.symbolic_trace(lambda x: x.contiguous(memory_format=torch.channels_last))
@@ -371,23 +379,55 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
         >>> gm(torch.randn(1, 2, 3, 3)).is_contiguous()
         True
     """
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    count = 0
+    from .effects import is_view, mutated_input  # effects builds on this module
 
-    def wrap(value):
-        nonlocal count
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    rebased: dict[torch.fx.Node, torch.fx.Node] = {}
+    copies = 0
+
+    def viewed(value: torch.fx.Node) -> torch.fx.Node | None:
+        """The value `value` surely views (a reshape or contiguous of a strided value copies)."""
+        first = value.args[0] if value.args and isinstance(value.args[0], torch.fx.Node) else None
+        if first is None or not is_view(gm, value):
+            return None
+        view = op_view(gm, value)
+        may_copy = view is not None and view.kind in _MAY_COPY or value.op == "call_method" and value.target in _MAY_COPY
+        return None if may_copy else first
+
+    def base_of(value: torch.fx.Node) -> torch.fx.Node:
+        while (source := viewed(value)) is not None:
+            value = source
+        return value
+
+    def on_copy(value: torch.fx.Node) -> torch.fx.Node:
+        """`value`, read from the contiguous copy of the value it views."""
+        nonlocal copies
+        if value not in rebased:
+            source = viewed(value)
+            if source is None:
+                with gm.graph.inserting_before(output):
+                    rebased[value] = gm.graph.call_method("contiguous", (value,))
+                copies += 1
+            elif mutated_input(gm, value) is not None:  # the written value itself, taken after the write
+                rebased[value] = on_copy(source)
+            else:  # the same view, of the copy
+                new_source = on_copy(source)
+                with gm.graph.inserting_before(output):
+                    rebased[value] = gm.graph.node_copy(value, lambda n: new_source if n is source else n)
+            if "tensor_meta" in value.meta:
+                rebased[value].meta.setdefault("tensor_meta", value.meta["tensor_meta"])
+        return rebased[value]
+
+    def wrap(value: torch.fx.Node) -> torch.fx.Node:
         meta = tensor_meta(value)
         if meta is None or len(meta[0]) != ndim and not (len(meta[0]) >= 1 and value in among):
             return value
-        with gm.graph.inserting_before(output):
-            fixed = gm.graph.call_method("contiguous", (value,))
-        if "tensor_meta" in value.meta:
-            fixed.meta["tensor_meta"] = value.meta["tensor_meta"]
-        count += 1
-        return fixed
+        if base_of(value).op in ("placeholder", "get_attr"):
+            return value
+        return on_copy(value)
 
     output.args = torch.fx.node.map_arg(output.args, wrap)
-    return count
+    return copies
 
 
 #: node.meta key: the module path a use had before `make_private` gave it its own copy

@@ -490,3 +490,39 @@ def test_a_conv_added_to_itself_runs_once():
     convs = [n for n in res.module.graph.nodes if "convolution" in str(n.target)]
     assert len(convs) == 1 and _lowered(res.module) == ["conv"]
     torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class _AliasedOutputs(nn.Module):
+    """Outputs that share memory in eager: a value, its views, its in-place write, the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = F.relu(y, inplace=True)
+        return x, z, y, z.transpose(1, 3), z[:, :2], x[:, :2]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_lowered_outputs_keep_eagers_aliasing_and_strides(mode):
+    """Every output got its own `.contiguous()`: a view of another output became a copy (a
+    caller's write into one no longer showed in the other), a value returned twice was copied
+    twice per call, and an input returned as it was came back row-major."""
+    torch.manual_seed(0)
+    model = _AliasedOutputs().eval()
+    x = torch.randn(2, 16, 8, 8)
+    gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode).module
+    assert any("_convolution_pointwise" in str(n.target) for n in gm.graph.nodes)
+    with torch.no_grad():
+        expected, out = model(x), gm(x)
+    for e, o in zip(expected, out):
+        torch.testing.assert_close(o, e)
+        assert o.stride() == e.stride()
+    assert out[0] is x and out[5].data_ptr() == x.data_ptr()  # the input's layout is the caller's
+    assert out[1] is out[2]  # one copy for the value returned twice
+    out[1].zero_()
+    assert out[3].abs().sum() == 0 and out[4].abs().sum() == 0  # the views see the caller's write
+    row_major = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "contiguous" and not n.kwargs]
+    assert len(row_major) == 1  # (the other one lays the conv's input out channels-last)
