@@ -527,6 +527,8 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str],
             g.add_edge(name, sink, capacity=inf)
         for inp in activation_inputs(gm, node, plan):
             if inp.op == "get_attr":
+                if name in plan.pass_through:  # a view of a parameter (``h @ w[0]``): no grid was observed
+                    g.add_edge(name, sink, capacity=inf)
                 continue
             if _writes_float_when_read_in_float(plan, enabled, inp):
                 cost = 1  # no dequantize to pay for: the layer writes float then

@@ -155,3 +155,33 @@ def test_a_bias_of_another_dtype_stays_an_add():
     assert weight_matmuls_as_linear(gm) == 1  # the matmul, without the bias
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+class _ExpertMatmul(nn.Module):
+    """A mixture-of-experts over flattened tokens: ``h @ w[e]`` and a view of a flat parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 16, 24) * 0.3)
+        self.flat = nn.Parameter(torch.randn(16 * 24) * 0.3)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, h):
+        h = torch.relu(self.fc(h))
+        return h @ self.w[0] + h @ self.w[1] + h @ self.flat.view(16, 24)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_matmul_over_a_view_of_a_parameter_quantizes(mode):
+    """The view of the parameter (`w[0]`, `flat.view(16, 24)`) went into the int8 region with no
+    observed grid for the parameter: the whole pass failed with "no observer on node 'w' ...
+    re-run insert-observers", though the composite pass had just run it."""
+    torch.manual_seed(0)
+    model = _ExpertMatmul().eval()
+    batches = [(torch.randn(16, 16),) for _ in range(6)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
+    assert res.passes[0].stats["quantized"] == {"linear+act": 1, "matmul": 3, "add": 2}, res.passes[0].stats
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        ref, out = model(x), res.module(x)
+    assert (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())) > 20
