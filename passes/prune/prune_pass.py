@@ -57,8 +57,10 @@ from fxopt.ir import (
     split_packed_parameters,
     unpack_tuples,
 )
+from fxopt.manager import record_pipeline
 from fxopt.measure import count_parameters
 from fxopt.pass_base import Pass, PassContext, PassResult
+from fxopt.verify import loosest
 
 from .apply import apply_pruning, share_equal_ties, tied_parameters
 from .boundary import Boundary, plan_boundaries
@@ -163,6 +165,9 @@ class PrunePlan:
         _retie(gm, self.ties)
         if self.example_inputs or self.example_kwargs:
             propagate_shapes(gm, self.example_inputs, self.example_kwargs)
+        # what `optimize` records for the pass: `fxopt.verify` then judges the result as pruned
+        # (lossy: NOT CHECKED), not as an exact copy of the model (FAIL)
+        record_pipeline(gm, self.gm, "prune", loosest(Prune.tolerance))
         self.seconds["apply"] = time.perf_counter() - start
         self.applied = info
         return gm
@@ -282,6 +287,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
     if unknown:
         raise TypeError(f"analyze(): unknown option(s) {', '.join(unknown)}; the options are "
                         f"{', '.join(f.name for f in dataclasses.fields(Prune))}")
+    if "ignore" in options:
+        options["ignore"] = _module_names(model, options["ignore"])
     args, kwargs = normalize_inputs(example_inputs)
     gm = clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode))
     if _prepare(gm):  # (capture recorded every node's shape; only a rewrite needs a new run)
@@ -487,7 +494,32 @@ def _check_options(ratio: float, importance: str, scope: str, round_to: int, ada
 
 def _patterns(ignore: str | Sequence[str]) -> tuple[str, ...]:
     """`ignore` as a tuple of patterns: one string is one pattern, not its characters."""
-    return (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    patterns = (ignore,) if isinstance(ignore, str) else tuple(ignore)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"option 'ignore' takes module names or glob patterns ('fc', 'layer4.*'); got a "
+                             f"{type(pattern).__name__} (module objects, as in Torch-Pruning's "
+                             "ignored_layers=[model.fc], are taken by analyze(model, ..., ignore=[...]))")
+    return patterns
+
+
+def _module_names(model: torch.nn.Module, ignore: Any) -> Any:
+    """`ignore` with each module object of `model` in it (Torch-Pruning's ``ignored_layers=[model.fc]``)
+    replaced by its name in `model`; strings stay as they are."""
+    if isinstance(ignore, (str, torch.nn.Module)):
+        ignore = [ignore]
+    names = {id(module): name for name, module in model.named_modules()}
+    out = []
+    for item in ignore:
+        if isinstance(item, torch.nn.Module):
+            name = names.get(id(item))
+            if not name:  # not in the model, or the model itself
+                raise ValueError(f"option 'ignore': the {type(item).__name__} given is "
+                                 f"{'the model itself' if name == '' else 'not a submodule of the model'}; "
+                                 "give the layers to leave whole (or their names)")
+            item = name
+        out.append(item)
+    return tuple(out)
 
 
 def _prepare(gm: torch.fx.GraphModule) -> bool:

@@ -648,3 +648,37 @@ def test_zeroing_a_plan_keeps_an_embedding_tied_to_its_head():
     assert tied_parameters(again) == tied_parameters(pruned) == [["emb.weight", "head.weight"]]
     assert count_parameters(again) == count_parameters(pruned)
     torch.testing.assert_close(again(ids), plan.gm(ids), rtol=1e-5, atol=1e-6)
+
+
+def test_a_plan_applied_by_hand_is_verified_as_pruned_not_as_exact():
+    """`analyze(...).apply()` carried no record: `fxopt.verify` held the pruned model to `exact`
+    and said FAIL, where `optimize(..., "prune")`'s result says NOT CHECKED (lossy)."""
+    from fxopt.passes.prune.prune_pass import analyze
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruned = analyze(model, (x,), ratio=0.5).apply()
+    assert pruned.meta["fxopt"]["tolerance"] == "lossy" and pruned.meta["fxopt"]["pipeline"] == "prune"
+    report = fxopt.verify(model, pruned, x)
+    assert report.verdict == "NOT CHECKED" and report.passed
+
+
+def test_ignore_takes_module_objects_as_torch_pruning_does():
+    """`ignore=[model.fc]` (Torch-Pruning's `ignored_layers` idiom) failed with a bare
+    "TypeError: object of type 'Linear' has no len()"."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    by_object = analyze(model, (x,), ratio=0.5, ignore=[model[2]])
+    by_name = analyze(model, (x,), ratio=0.5, ignore=["2"])
+    assert by_object.ignored == by_name.ignored and by_object.ignored
+    assert count_parameters(by_object.apply()) == count_parameters(by_name.apply())
+    with pytest.raises(ValueError, match="option 'ignore': the Linear given is not a submodule of the model"):
+        analyze(model, (x,), ignore=[torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="option 'ignore' takes module names or glob patterns .*got a int"):
+        fxopt.optimize(model, x, Prune(ignore=(3,)))
