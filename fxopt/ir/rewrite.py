@@ -356,6 +356,15 @@ def _shared_transpose(gm: torch.fx.GraphModule, arg: Any, counts: Counter) -> bo
 _MAY_COPY = frozenset({"contiguous", "reshape", "reshape_as", "flatten", "to"})
 
 
+def _gathers(node: torch.fx.Node) -> bool:
+    """Whether `node` indexes with a tensor or a list (``h[:, [0, 1]]``, ``h[mask]``): a copy."""
+    if node.target is not operator.getitem or len(node.args) < 2:
+        return False
+    index = node.args[1]
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, (torch.fx.Node, list, torch.Tensor)) for p in parts)
+
+
 def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
                        among: Collection[torch.fx.Node] = ()) -> int:
     """Make every `ndim`-D graph output, and every output of rank 1 or more in `among`,
@@ -392,7 +401,7 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
             return None
         view = op_view(gm, value)
         may_copy = view is not None and view.kind in _MAY_COPY or value.op == "call_method" and value.target in _MAY_COPY
-        return None if may_copy else first
+        return None if may_copy or _gathers(value) else first
 
     def base_of(value: torch.fx.Node) -> torch.fx.Node:
         while (source := viewed(value)) is not None:

@@ -98,8 +98,9 @@ def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv | torch.nn.Mod
     holding it: lowered graphs pass the holder (a module stays one get_attr when torch
     re-traces the code, as pickling does; a dataclass would be spelled out field by field)."""
     conv = getattr(conv, "value", conv)
+    # (an empty batch: oneDNN's conv1d hands back its internal 4-D form)
     if conv.packed is not None and q.is_quantized and q.dtype == torch.quint8 \
-            and q.qscheme() == torch.per_tensor_affine:
+            and q.qscheme() == torch.per_tensor_affine and q.numel() > 0:
         return conv.run_packed(q, relu)
     y = conv.in_float(q.dequantize() if q.is_quantized else q)
     return F.relu(y) if relu else y

@@ -526,3 +526,27 @@ def test_lowered_outputs_keep_eagers_aliasing_and_strides(mode):
     assert out[3].abs().sum() == 0 and out[4].abs().sum() == 0  # the views see the caller's write
     row_major = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "contiguous" and not n.kwargs]
     assert len(row_major) == 1  # (the other one lays the conv's input out channels-last)
+
+
+class _GatherThenWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        g = h[:, [0, 1]]  # advanced indexing copies: it keeps h's values from before the write
+        h[:, :2].add_(5)
+        return g, h[:, 2:4]
+
+
+def test_an_output_gathered_before_a_write_keeps_the_values_it_gathered():
+    """An adversary: `h[:, [0, 1]]` was taken for a view of h and read from h's end-of-graph
+    copy, after the write (5.0 off)."""
+    torch.manual_seed(0)
+    model = _GatherThenWrite().eval()
+    x = torch.randn(2, 8, 8, 8)
+    gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode="symbolic").module
+    with torch.no_grad():
+        for e, o in zip(model(x), gm(x)):
+            torch.testing.assert_close(o, e)

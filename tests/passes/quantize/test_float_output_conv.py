@@ -267,3 +267,12 @@ def test_a_residual_add_between_int8_convs_stays_int8():
     gm, stats = _quantize(model, _batches())
     assert "add" not in stats["float_ops"] and stats["quantized"].get("add+act") == 1, stats
     assert stats["float_outputs"] == 1  # the head
+
+
+def test_an_empty_batch_keeps_a_conv1d_heads_shape():
+    """An adversary: oneDNN's conv1d hands back its internal (N, C, 1, L) form at N == 0."""
+    torch.manual_seed(0)
+    model = ConvHead(dim=1).eval()
+    gm, _ = _quantize(model, _batches(dim=1))
+    with torch.no_grad():
+        assert gm(torch.randn(0, 3, 20)).shape == model(torch.randn(0, 3, 20)).shape == (0, 5, 20)
