@@ -42,7 +42,7 @@ from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
 from .errors import PassError, PassWarning, first_line
-from .capture import META_KEY
+from .capture import META_KEY, adopt_graph_module
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import clone_sharing_tensors
 from .pass_base import Pass, PassContext, PassResult
@@ -329,6 +329,10 @@ class PassManager:
                             "inputs, pipeline), which does both")
         if isinstance(example_inputs, torch.Tensor):  # one input, as fxopt.optimize takes it (not its rows)
             example_inputs = (example_inputs,)
+        if META_KEY not in getattr(gm, "meta", {}) and (example_inputs or example_kwargs):
+            # a graph fxopt did not capture (torch.fx.symbolic_trace's) lacks the shapes the passes
+            # read: fuse folded no batchnorm, prune failed with a bare TypeError; record them as capture does
+            gm = adopt_graph_module(gm, tuple(example_inputs), example_kwargs or {})
         # each pass gets its own copy of its input (_run_one), so gm needs none of its own when a
         # pass runs: that copy was half the time of a one-pass pipeline (a deep copy of the graph)
         current = gm if self._runs_a_pass() else explain_failed_calls(clone_sharing_tensors(gm))
@@ -750,10 +754,17 @@ def _call_instrument(inst: Instrument, hook: str, protected: Sequence[tuple[str,
         return  # not overridden: nothing to run, nothing to guard
     who = f"instrument {type(inst).__name__}.{hook}"
     untouched = _Untouched(protected, reference, who=who, buffers_by_value=True)
+    graphs = [(label, m, _graph_signature(m)) for label, m in protected if isinstance(m, torch.fx.GraphModule)]
+    result = next((a for a in args if isinstance(a, PassResult)), None)
+    module = result.module if result is not None else None
     try:
         with SharedWriteGuard(*(m for _, m in protected), who=who, buffers=False):
             getattr(inst, hook)(*args)
         untouched.check(reference)
+        _check_graphs(graphs, who)
+        if result is not None and result.module is not module:
+            raise RuntimeError(f"{who} replaced result.module, the module the pipeline goes on with; "
+                               f"{_advice(who)}")
     except PassError:
         untouched.put_back()
         raise
@@ -761,6 +772,14 @@ def _call_instrument(inst: Instrument, hook: str, protected: Sequence[tuple[str,
         untouched.put_back()
         message = str(exc) if str(exc).startswith(who) else f"{who} raised {type(exc).__name__}: {exc}"
         raise RuntimeError(message) from exc
+
+
+def _check_graphs(graphs: list[tuple[str, torch.fx.GraphModule, int]], who: str) -> None:
+    """Refuse an edit of the graph of a module an instrument was handed (a node retargeted):
+    the pipeline would go on with a module no pass made, checked only at the end."""
+    for label, gm, signature in graphs:
+        if _graph_signature(gm) != signature:
+            raise RuntimeError(f"{who} changed the graph of {label}; {_advice(who)}")
 
 
 def _count(gm: torch.fx.GraphModule) -> int:

@@ -953,3 +953,41 @@ def test_a_pass_that_erases_the_output_node_fails_with_its_name():
     with pytest.raises(fxopt.PassError, match=r"pass 'erase-output' failed: ValueError: the graph it returned has no "
                                               r"output node"):
         fxopt.optimize(torch.nn.Linear(4, 2), torch.randn(3, 4), [EraseOutput()])
+
+
+def test_a_graph_fxopt_did_not_capture_gets_the_shapes_the_passes_read():
+    """On torch.fx.symbolic_trace's graph, fuse folded no batchnorm and prune failed with
+    "TypeError: 'NoneType' object is not subscriptable": the graph had no shapes recorded."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    raw = torch.fx.symbolic_trace(model)
+    fused = PassManager("fuse").run(raw, (x,))
+    assert fused.records[0].stats["matches"]["conv+bn"] == 1
+    torch.testing.assert_close(fused.module(x), model(x), rtol=1e-4, atol=1e-5)
+    pruned = PassManager("prune{ratio=0.5}").run(raw, (x,))
+    assert pruned.records[0].stats["removed_channels"] == 4
+    assert "tensor_meta" not in next(iter(raw.graph.nodes)).meta   # the caller's graph is left as it was
+
+
+class _RetargetsResult(fxopt.Instrument):
+    def after_pass(self, p, before, result, record, ctx):
+        for node in result.module.graph.nodes:
+            if node.op == "call_module" and node.target == "1":
+                node.target = "0"
+        result.module.recompile()
+
+
+class _ReplacesResult(fxopt.Instrument):
+    def after_pass(self, p, before, result, record, ctx):
+        result.module = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 2)))
+
+
+@pytest.mark.parametrize("instrument, says", [
+    (_RetargetsResult(), r"instrument _RetargetsResult.after_pass changed the graph of the pass's result"),
+    (_ReplacesResult(), r"instrument _ReplacesResult.after_pass replaced result.module"),
+])
+def test_an_instrument_may_not_edit_or_replace_the_result(instrument, says):
+    """Both were accepted: the pipeline went on with a module no pass made, caught (if at all) at the end."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(fxopt.PassError, match=says):
+        fxopt.optimize(model, torch.randn(3, 4), "dce", instruments=[instrument])
