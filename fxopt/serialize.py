@@ -469,6 +469,10 @@ def _encode_target(node):
         if own_class:
             why = (f"; it builds {own_class} of the model's code, which fxopt.load does not import "
                    "(it runs no code from the file or the model): return a tuple or a dict instead")
+        elif not str(module).startswith(("torch", "fxopt")):  # the model's (torch.fx.wrap keeps one a call)
+            why = ("; it is a function of the model's code, which fxopt.load does not import (it runs no code "
+                   "from the file or the model): capture the model with mode='export', which records the "
+                   "torch operations it runs")
         raise SerializationError(f"save: cannot name the function called by {node_location(node)} "
                                  f"({module}.{qualname}){why}")
     return {"py": list(name)}

@@ -471,3 +471,22 @@ def test_a_bytes_path_is_named(tmp_path):
         fxopt.save(gm, bytes(tmp_path / "m.pt"))
     with pytest.raises(fxopt.SerializationError, match=r"load: the path b'.*' is bytes"):
         fxopt.load(bytes(tmp_path / "m.pt"))
+
+
+def _tripled(x):
+    return x * 3
+
+
+torch.fx.wrap("_tripled")
+
+
+def test_save_of_a_wrapped_function_of_the_models_code_says_to_export(tmp_path):
+    class Calls(nn.Module):
+        def forward(self, x):
+            return _tripled(x) + 1
+
+    gm = fxopt.capture(Calls().eval(), torch.randn(2, 5), mode="symbolic")
+    with pytest.raises(fxopt.SerializationError, match=r"node '_tripled'.*it is a function of the model's code, "
+                                                       r"which fxopt.load does not import.*capture the model with "
+                                                       r"mode='export'"):
+        fxopt.save(gm, tmp_path / "m.pt")
