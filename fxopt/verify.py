@@ -328,6 +328,9 @@ class VerificationReport:
             if o in self.uncompared:
                 text += (f"; output{' ' + o.path if o.path else ''} is NaN or infinite everywhere, on both sides: "
                          "no value was compared (verify on inputs with finite outputs)")
+            elif o.ref_scale == 0 and o.finite and o.mismatches is None and self.passed:
+                text += (f"; output{' ' + o.path if o.path else ''} is 0 everywhere in the reference: a result "
+                         "scaled by any factor would match it too (verify on inputs whose outputs are not all 0)")
         if self.message:
             text += f"; {self.message}"
         if self.divergence is not None:

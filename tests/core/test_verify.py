@@ -959,3 +959,19 @@ def test_verify_of_a_function_says_it_takes_modules(role):
     pair = (lambda x: x, model) if role == "reference" else (model, lambda x: x)
     with pytest.raises(TypeError, match=rf"verify: the {role} is a function, not a torch.nn.Module"):
         fxopt.verify(*pair, torch.randn(3, 4))
+
+
+def test_a_report_says_when_the_reference_output_is_0_everywhere():
+    """An output of 0 everywhere matched a candidate 1.5 times it (sqnr=inf) with no word."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)    # every output 0 after the ReLU
+    scaled = nn.Sequential(model, nn.Linear(4, 4)).eval()
+    with torch.no_grad():
+        scaled[1].weight.copy_(torch.eye(4) * 1.5)
+        scaled[1].bias.zero_()
+    report = verify(model, scaled, torch.randn(3, 4))
+    assert report.verdict == "PASS" and report.summary().endswith(
+        "; output is 0 everywhere in the reference: a result scaled by any factor would match it too (verify on "
+        "inputs whose outputs are not all 0)")
+    assert "0 everywhere" not in verify(model[0], model[0], torch.randn(3, 4)).summary()
