@@ -15,7 +15,7 @@ from .calibration import calibrate
 from .capture import capture, frontend_of
 from .debug import dump
 from .distillation import distill
-from .errors import (CaptureError, FxoptError, InputMismatchError, PassError, PassWarning, PipelineError,
+from .errors import (CaptureError, CaptureWarning, FxoptError, InputMismatchError, PassError, PassWarning, PipelineError,
                      SerializationError, TrainingModeWarning, VerificationError, VerificationWarning)
 from .manager import Instrument, PassManager, PassRecord, PrintIR, TimePasses, VerifyEach
 from .pass_base import Pass, PassContext, PassResult
@@ -28,7 +28,7 @@ from .verify import Tolerance, VerificationReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "Analysis", "AnalysisManager", "CaptureError", "DataflowAnalysis", "FxoptError", "InputMismatchError", "Instrument",
+    "Analysis", "AnalysisManager", "CaptureError", "CaptureWarning", "DataflowAnalysis", "FxoptError", "InputMismatchError", "Instrument",
     "NotTraceable", "OptimizeResult", "Pass", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult",
     "PassWarning", "PipelineError", "PrintIR", "SerializationError", "ShapeAnalysis", "TimePasses", "Tolerance", "TrainingModeWarning",
     "VerificationError", "VerificationWarning",

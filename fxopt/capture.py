@@ -60,7 +60,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from .analysis.shapes import propagate_shapes
 from .call_check import (FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
                          specialized_guard, symbol_mins, symbols_by_size)
-from .errors import CaptureError, TrainingModeWarning, first_line, user_stacklevel
+from .errors import CaptureError, CaptureWarning, TrainingModeWarning, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
@@ -154,7 +154,7 @@ def capture(
     if problem is not None:
         raise CaptureError(problem)
     if isinstance(model, torch.fx.GraphModule):
-        return _adopt_graph_module(model, args, kwargs)
+        return adopt_graph_module(model, args, kwargs)
     _check_example_inputs(model, example_inputs, args, kwargs)
     dynamic_shapes = _checked_dynamic_shapes(model, args, kwargs, dynamic_shapes)
 
@@ -365,7 +365,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
                 # a graph that runs at one batch size only surprises at the next call: say it now
                 warnings.warn(f"capture: {type(model).__name__} was exported with a static batch size (dim 0 "
                               f"of the inputs could not stay dynamic: {info['dynamic_batch_error']}); the graph "
-                              "runs at the example's shapes only", stacklevel=user_stacklevel())
+                              "runs at the example's shapes only", CaptureWarning, stacklevel=user_stacklevel())
     if inputs is not None:
         info["inputs"] = inputs
         _warn_static_requested(inputs, model, dynamic_shapes)
@@ -638,10 +638,10 @@ def _warn_python_state(model: nn.Module, args: tuple, kwargs: dict, state: Buffe
         warnings.warn(f"capture: {type(model).__name__}'s output depends on state its forward keeps in Python "
                       f"attributes ({', '.join(moved[:3])}); no graph records Python state, so the captured "
                       "one computes the captured call's value on every call, unlike the model: keep the state "
-                      "in a buffer updated in place if it should change", stacklevel=user_stacklevel())
+                      "in a buffer updated in place if it should change", CaptureWarning, stacklevel=user_stacklevel())
 
 
-def _adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
+def adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
     """A GraphModule the user captured: copy it, record its front end and shapes.
 
     Its opaque attributes (prepacked int8 weights) are rebuilt for the copy as `load` rebuilds
@@ -718,6 +718,7 @@ def _raise_if_eager_fails(model: nn.Module, args: tuple, kwargs: dict) -> None:
         with torch.no_grad():
             model(*run_args, **run_kwargs)
     except Exception as exc:  # whatever forward raises on these inputs
+        _raise_if_needs_gradients(model, args, kwargs, exc)
         text = str(exc).strip() or type(exc).__name__
         where = _user_frame(exc)
         where = f"\n      at {where}" if where else ""
@@ -727,6 +728,22 @@ def _raise_if_eager_fails(model: nn.Module, args: tuple, kwargs: dict) -> None:
                 "strings, numbers) reach forward as they are and are captured as constants") if suspects else ""
         raise CaptureError(f"{type(model).__qualname__} does not run on the example inputs, so there is "
                            f"nothing to capture: {type(exc).__name__}: {text}{where}{listed}{hint}") from exc
+
+
+def _raise_if_needs_gradients(model: nn.Module, args: tuple, kwargs: dict, exc: Exception) -> None:
+    """When forward failed under `torch.no_grad()` only (it computes gradients itself: forces as
+    -dE/dx), say that, not that the inputs are wrong: the capture checks and verification run the
+    model without gradients, and a graph records inference, not the gradient computation."""
+    run_args, run_kwargs = fresh_inputs(args, kwargs)
+    try:
+        with torch.enable_grad():
+            model(*run_args, **run_kwargs)
+    except Exception:  # noqa: BLE001  (it fails either way: the inputs are the question)
+        return
+    raise CaptureError(f"{type(model).__qualname__}'s forward computes gradients itself (torch.autograd.grad or "
+                       f"backward): it runs with gradients on only ({type(exc).__name__} under torch.no_grad(): "
+                       f"{first_line(exc)}), and fxopt captures inference graphs, which hold no gradient "
+                       "computation; capture the part of the model before the gradient is taken") from exc
 
 
 def _suspect_inputs(model: nn.Module, args: tuple, kwargs: dict, error: str) -> list[tuple[str, Any]]:
@@ -1185,7 +1202,7 @@ def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
         warnings.warn(f"capture: {type(model).__name__} was exported with {', '.join(static)} static, which "
                       "dynamic_shapes asked to keep dynamic: the model's code fixes it (a branch on it, or an "
                       "operation that ties it to a static size); the graph runs at that size only",
-                      stacklevel=user_stacklevel())
+                      CaptureWarning, stacklevel=user_stacklevel())
 
 
 def _warn_narrow_batch(record: dict, model: nn.Module) -> None:
@@ -1201,7 +1218,7 @@ def _warn_narrow_batch(record: dict, model: nn.Module) -> None:
         allowed = f"{low} to {high}" if high is not None else f"{low} or more"
         warnings.warn(f"capture: {type(model).__name__} was exported for batch sizes {allowed} only: its code "
                       "branches on the batch size (or fixes a range of it), and the graph keeps the branch the "
-                      "example took", stacklevel=user_stacklevel())
+                      "example took", CaptureWarning, stacklevel=user_stacklevel())
 
 
 def _with_user_dims(batch_spec: Any, user: Any) -> Any:

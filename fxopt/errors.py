@@ -155,6 +155,31 @@ class PassWarning(UserWarning):
     """
 
 
+class CaptureWarning(UserWarning):
+    """Capture made a graph that differs from the model in a way it names: the batch kept static
+    or dynamic over a range only, a dim `dynamic_shapes` asked for kept static, output that
+    depends on state forward keeps in Python (the graph repeats the captured value). Filter it
+    with ``warnings.simplefilter("error", fxopt.CaptureWarning)`` to refuse such graphs: the front
+    end that made one fails, and capture raises a `CaptureError` naming the warning.
+
+        >>> import warnings, torch, fxopt
+        >>> class Counter(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.calls = 0
+        ...     def forward(self, x):
+        ...         self.calls += 1
+        ...         return x * self.calls
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("error", fxopt.CaptureWarning)
+        ...     try:
+        ...         fxopt.capture(Counter(), torch.randn(2, 4), mode="export")
+        ...     except fxopt.CaptureError as exc:
+        ...         print(str(exc).splitlines()[1].split(" (")[0])
+          - export: CaptureWarning: capture: Counter's output depends on state its forward keeps in Python attributes
+    """
+
+
 class TrainingModeWarning(UserWarning):
     """A model (or a batchnorm or dropout inside it) was in training mode: fxopt captures and
     optimizes its eval-mode semantics. Call ``model.eval()`` first, or make it an exception

@@ -304,9 +304,9 @@ def test_a_batch_of_1_the_graph_did_not_trace_is_refused_not_answered_wrongly(tm
     """Captured at batch 3, the graph returned x + 1 at batch 1 where the model returns x * 10:
     the captured, the optimized and the loaded graph all refuse the batch now, and say so at capture."""
     model, x = SingleSample().eval(), torch.ones(1, 4)
-    with pytest.warns(UserWarning, match=r"exported for batch sizes 2 or more only"):
+    with pytest.warns(fxopt.CaptureWarning, match=r"exported for batch sizes 2 or more only"):
         gm = _export(model, (torch.randn(3, 4),))
-    with pytest.warns(UserWarning, match=r"exported for batch sizes 2 or more only"):
+    with pytest.warns(fxopt.CaptureWarning, match=r"exported for batch sizes 2 or more only"):
         optimized = fxopt.optimize(model, torch.randn(3, 4), "dce").module   # auto: symbolic fails, export
     for graph in (gm, optimized, _saved_and_loaded(gm, tmp_path)):
         with pytest.raises(InputMismatchError, match=r"input 0 \('x'\) has size 1 at dim 0; the graph takes sizes 2 "

@@ -938,6 +938,26 @@ def test_a_tuple_list_or_dict_input_is_specialized_by_symbolic_tracing(tmp_path)
     assert capture(model, x, mode="symbolic")(x).shape == (3, 2)  # left out at its tuple default
 
 
+class _Forces(nn.Module):
+    """Forces as -dE/dx, computed in forward (machine-learned potentials do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.energy = nn.Linear(3, 1)
+
+    def forward(self, pos):
+        pos = pos.requires_grad_(True)
+        return -torch.autograd.grad(self.energy(torch.tanh(pos)).sum(), pos)[0]
+
+
+def test_a_forward_that_computes_gradients_is_named_as_such():
+    """It said the model "does not run on the example inputs", which it does: capture's own
+    no-grad run was what failed."""
+    with pytest.raises(CaptureError, match=r"_Forces's forward computes gradients itself.*runs with gradients on "
+                                           r"only \(RuntimeError under torch.no_grad\(\)"):
+        capture(_Forces().eval(), torch.randn(5, 3))
+
+
 class Noisy(nn.Module):
     def __init__(self, source):
         super().__init__()
