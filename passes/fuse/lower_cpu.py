@@ -702,7 +702,11 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
         view = op_view(gm, node)
         src = view.inputs[0] if view is not None and view.inputs else \
             node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-        if src is None or not _reads_memory_order(node, view):
+        # (a flatten or contiguous views a row-major value but copies a channels-last one: a write
+        # into either after it was taken must still show through it)
+        aliases_a_write = view is not None and view.kind in ("flatten", "contiguous") \
+            and (node.name in written or src.name in written)
+        if src is None or not (_reads_memory_order(node, view) or aliases_a_write):
             continue
         meta = tensor_meta(src)
         reshape = view is not None and view.kind == "reshape"  # (a contiguous copy is harmless there)

@@ -550,3 +550,28 @@ def test_an_output_gathered_before_a_write_keeps_the_values_it_gathered():
     with torch.no_grad():
         for e, o in zip(model(x), gm(x)):
             torch.testing.assert_close(o, e)
+
+
+class _FlattenThenWrite(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.how = nn.Conv2d(8, 8, 3, padding=1), how
+
+    def forward(self, x):
+        h = self.conv(x)
+        f = h.flatten(1) if self.how == "flatten" else h.contiguous()  # a view of h in eager
+        h.add_(1)
+        return f
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how", ["flatten", "contiguous"])
+def test_a_flatten_taken_before_a_write_still_sees_it(how, mode):
+    """An adversary: lowered, h is channels-last, so `h.flatten(1)` copied it before the write
+    eager's view showed (1.0 off)."""
+    torch.manual_seed(0)
+    model = _FlattenThenWrite(how).eval()
+    x = torch.randn(2, 8, 8, 8)
+    gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode).module
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
