@@ -262,6 +262,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     _refuse_tensor_defaults(model, args, kwargs)
     concrete = _concrete_inputs(model, args, kwargs)
     state = BufferState(model)
+    attributes = {id(m): dict(vars(m)) for m in model.modules()}
     with _FrozenDraws() as draws:
         gm = trace(model, concrete_args=concrete or None, enter=enter)
     if draws.found:
@@ -270,12 +271,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
                            "tracing ran the draw once and froze its values into the graph, so every call would "
                            "repeat them; draw from an input (torch.randn_like(x)) or use mode='export', which "
                            "records the draw")
-    leaked = [f"{prefix}.{key}" if prefix else key for prefix, m in model.named_modules()
-              for key, value in vars(m).items() if isinstance(value, torch.fx.Proxy)]
-    if leaked:
-        raise CaptureError(f"forward keeps a tensor in a Python attribute ({', '.join(leaked[:3])}), which no graph "
-                           "records (the trace left a traced value there, and the next call would read it): keep "
-                           "it in a buffer (register_buffer) written in place, which export records")
+    _put_back_traced_attributes(model, attributes)
     written = state.changed()
     if written:
         state.restore()
@@ -295,6 +291,19 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
         _blame_root_hooks(model, exc)
         raise
     return gm
+
+
+def _put_back_traced_attributes(model: nn.Module, before: dict[int, dict[str, Any]]) -> None:
+    """Give each attribute the trace left a traced value in (``self.last = y.detach()``) the
+    value it had before: the next run would read the Proxy. Whether the output depends on it is
+    the capture check's to say (the state warning), not a reason to refuse the graph."""
+    for m in model.modules():
+        for key, value in list(vars(m).items()):
+            if isinstance(value, torch.fx.Proxy):
+                if key in before.get(id(m), {}):
+                    m.__dict__[key] = before[id(m)][key]
+                else:
+                    del m.__dict__[key]
 
 
 def _blame_root_hooks(model: nn.Module, exc: CaptureError) -> None:

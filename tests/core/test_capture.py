@@ -1230,7 +1230,8 @@ def test_state_kept_in_a_dict_or_a_plain_tensor_attribute_warns_too(model, says)
 
 
 def test_a_tensor_kept_in_a_python_attribute_is_named_by_symbolic_capture():
-    """It said "captured graph returns a Tensor, the model a Proxy"."""
+    """It said "captured graph returns a Tensor, the model a Proxy"; an output that reads the
+    attribute back on the next call is the Python state capture warns about."""
     class Cache(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1244,10 +1245,33 @@ def test_a_tensor_kept_in_a_python_attribute_is_named_by_symbolic_capture():
             return out
 
     model = Cache().eval()
-    with pytest.raises(CaptureError, match=r"forward keeps a tensor in a Python attribute \(cache\), which no graph "
-                                           r"records .*register_buffer"):
+    with pytest.warns(fxopt.CaptureWarning, match=r"depends on state its forward keeps in Python attributes \(cache: "
+                                                  r"None -> a tensor of shape \(3, 4\)\)"):
         capture(model, (torch.randn(3, 4),), mode="symbolic")
     assert model.cache is None
+
+
+def test_a_tensor_attribute_the_output_does_not_read_keeps_the_symbolic_graph():
+    """`self.last = y.detach()` (a debug probe) made symbolic capture fail, and auto export
+    silently, though the output does not depend on it."""
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.last = None
+
+        def forward(self, x):
+            y = self.fc(x)
+            self.last = y.detach()
+            return y.relu()
+
+    model = Probe().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.CaptureWarning)
+        gm = capture(model, (torch.randn(3, 4),), mode="auto")
+    assert frontend_of(gm) == "symbolic"
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(gm(x), model(x))
 
 
 def test_a_tensor_default_is_named_by_symbolic_capture():
