@@ -426,7 +426,7 @@ def _leaves_problem(record: dict, flat: Any, only_dynamic: bool = False) -> str 
         if problem is not None:
             return problem
     condition = size_guards.failed(record.get("conditions") or (), flat,
-                                   [e.get("name", e["label"]) for e in record["leaves"]])
+                                   lambda: [e.get("name", e["label"]) for e in record["leaves"]])
     if condition is None:
         return None
     return (f"the input sizes do not meet {condition}, a condition of the model's code torch.export traced it "

@@ -10,14 +10,16 @@ text holds beyond that (a call, an attribute) is dropped, never run: a file hold
     >>> conditions = from_export(["(L['x'].size()[0] % 2) == 0"], {"L['x']": 0})
     >>> conditions
     ['(v0_0 % 2) == 0']
-    >>> failed(conditions, (torch.zeros(3, 4),), ["x"]), failed(conditions, (torch.zeros(4, 4),))
+    >>> failed(conditions, (torch.zeros(3, 4),), lambda: ["x"]), failed(conditions, (torch.zeros(4, 4),))
     ('(x.shape[0] % 2) == 0', None)
 """
 from __future__ import annotations
 
 import ast
+import functools
 import re
-from typing import Any, Sequence
+from types import CodeType
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -48,26 +50,34 @@ def from_export(guards: Sequence[str], leaves: dict[str, int]) -> list[str]:
 
 
 def _arithmetic(condition: str) -> bool:
-    """Whether `condition` is integer arithmetic (no power: no huge numbers from a crafted file)
-    and comparisons over `v<leaf>_<dim>` names only."""
+    return _compiled(condition) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(condition: str) -> CodeType | None:
+    """`condition` compiled, when it is integer arithmetic (no power: no huge numbers from a
+    crafted file) and comparisons over `v<leaf>_<dim>` names only; else None. Cached: a loaded
+    graph checks its conditions on every call."""
     try:
         tree = ast.parse(condition, mode="eval")
     except SyntaxError:
-        return False
+        return None
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED):
-            return False
+            return None
         if isinstance(node, ast.Name) and not _VARIABLE.fullmatch(node.id):
-            return False
+            return None
         if isinstance(node, ast.Constant) and type(node.value) not in (int, bool):
-            return False
-    return True
+            return None
+    return compile(tree, "<size condition>", "eval")
 
 
-def failed(conditions: Sequence[str], flat: Sequence[Any], names: Sequence[str] | None = None) -> str | None:
+def failed(conditions: Sequence[str], flat: Sequence[Any],
+           names: Callable[[], Sequence[str]] | None = None) -> str | None:
     """The first of `conditions` the flat inputs' sizes do not meet, in the inputs' words
-    (``x.shape[0] % 2 == 0``), or None. A condition over a leaf that is no tensor of that rank is
-    left to the other checks. Only text `_arithmetic` accepted is evaluated, without builtins."""
+    (``x.shape[0] % 2 == 0``, `names` giving each flat input's), or None. A condition over a
+    leaf that is no tensor of that rank is left to the other checks. Only text `_compiled`
+    accepts is evaluated, without builtins."""
     for condition in conditions:
         sizes = {}
         for match in _VARIABLE.finditer(condition):
@@ -77,12 +87,15 @@ def failed(conditions: Sequence[str], flat: Sequence[Any], names: Sequence[str] 
                 break
             sizes[match.group(0)] = value.shape[dim]
         else:
-            if _arithmetic(condition) and not eval(condition, {"__builtins__": {}}, sizes):  # noqa: S307
+            code = _compiled(condition)
+            if code is not None and not eval(code, {"__builtins__": {}}, sizes):  # noqa: S307
                 return _readable(condition, names)
     return None
 
 
-def _readable(condition: str, names: Sequence[str] | None) -> str:
+def _readable(condition: str, names: Callable[[], Sequence[str]] | None) -> str:
+    names = names() if names is not None else None
+
     def size(match: re.Match) -> str:
         leaf = int(match.group(1))
         name = names[leaf] if names and leaf < len(names) else f"input {leaf}"
