@@ -4,7 +4,7 @@ Export keeps one branch of a model's code on the sizes it traced (``if x.shape[0
 and guards the condition in ``ep._guards_code``, as Python text over the inputs
 (``(L['x'].size()[0] % 2) == 0``). A graph `fxopt.save` wrote has no code to run that text, so
 capture stores each condition rewritten over the flat inputs' sizes (``(v0_0 % 2) == 0``: leaf 0,
-dim 0) when it is arithmetic and comparisons only; `check` evaluates them on a call. What the
+dim 0) when it is arithmetic and comparisons only; `failed` evaluates them on a call. What the
 text holds beyond that (a call, an attribute) is dropped, never run: a file holds data, not code.
 
     >>> conditions = from_export(["(L['x'].size()[0] % 2) == 0"], {"L['x']": 0})
