@@ -57,6 +57,7 @@ from fxopt.ir import (
     split_packed_parameters,
     unpack_tuples,
 )
+from fxopt.distillation import inference_kernels
 from fxopt.manager import record_pipeline
 from fxopt.measure import count_parameters
 from fxopt.pass_base import Pass, PassContext, PassResult
@@ -218,6 +219,11 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
     A given `channel_graph` must have been built with the same `exact_norms`.
     """
     _check_options(ratio, importance, scope, round_to, adapter_cost, max_layer_ratio, cost, exact_norms)
+    frozen = inference_kernels(gm)
+    if frozen:  # (it read as "the model has no prunable channels")
+        name, what = frozen[0]
+        raise ValueError(f"node '{name}' ({what}) is an inference kernel (int8 or oneDNN) whose channels "
+                         "cannot be removed; run prune before quantize and lower-cpu")
     ignore = _patterns(ignore)
     seconds = {}
     start = time.perf_counter()

@@ -682,3 +682,16 @@ def test_ignore_takes_module_objects_as_torch_pruning_does():
         analyze(model, (x,), ignore=[torch.nn.Linear(2, 2)])
     with pytest.raises(ValueError, match="option 'ignore' takes module names or glob patterns .*got a int"):
         fxopt.optimize(model, x, Prune(ignore=(3,)))
+
+
+@pytest.mark.parametrize("first", ["quantize{backend=x86}", "fuse,lower-cpu{min_macs=0}"])
+def test_prune_after_an_inference_lowering_says_to_run_it_first(first):
+    """`quantize,prune` warned that the model had no prunable channels: the layers were int8
+    kernels by then."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(PassError, match=r"prune.*inference kernel \(int8 or oneDNN\) whose channels cannot be "
+                                        r"removed; run prune before quantize and lower-cpu"):
+        fxopt.optimize(model, x, f"{first},prune{{ratio=0.5}}", calibration=[(x,)])
