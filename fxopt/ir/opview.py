@@ -232,10 +232,11 @@ SPECS: tuple[OpSpec, ...] = (
                                             "round", "floor", "ceil")))),
     OpSpec("softsign", functions=(F.softsign,), modules=(nn.Softsign,)),
     # `soft` tells them apart: a pattern written with one must not match the other
-    OpSpec("shrink", functions=(F.softshrink,), aten=(aten.softshrink,), modules=(nn.Softshrink,),
-           defaults=dict(soft=True)),
-    OpSpec("shrink", functions=(F.hardshrink,), aten=(aten.hardshrink,), modules=(nn.Hardshrink,),
-           defaults=dict(soft=False)),
+    *(OpSpec("shrink", functions=(function,), aten=(aten_op,), modules=(module,), arg_names=("input", "lambd"),
+             defaults=dict(soft=soft, lambd=0.5), modifiers=dict(lambd=0.5),
+             module_attrs=lambda m, soft=soft: dict(soft=soft, lambd=m.lambd))
+      for function, aten_op, module, soft in ((F.softshrink, aten.softshrink, nn.Softshrink, True),
+                                             (F.hardshrink, aten.hardshrink, nn.Hardshrink, False))),
     OpSpec("clamp", functions=(torch.clamp, torch.clip), methods=("clamp", "clip", "clamp_", "clip_"),
            aten=(aten.clamp, aten.clamp_, aten.clip, aten.clip_), arg_names=("input", "min", "max"),
            defaults=dict(min=None, max=None)),
@@ -336,6 +337,7 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                       "divisor_override"),
            defaults=dict(stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None),
+           modifiers=dict(count_include_pad=True, divisor_override=None),
            module_attrs=lambda m: dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
                                        ceil_mode=m.ceil_mode, count_include_pad=m.count_include_pad,
                                        divisor_override=getattr(m, "divisor_override", None))),

@@ -356,6 +356,24 @@ def _shared_transpose(gm: torch.fx.GraphModule, arg: Any, counts: Counter) -> bo
 _MAY_COPY = frozenset({"contiguous", "reshape", "reshape_as", "flatten", "to"})
 
 
+def _graph_outputs(output: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(output.args, found.append)
+    return found
+
+
+#: In-place ops that change a value's sizes or strides, not its elements.
+_RESTRIDING = frozenset({"transpose_", "t_", "swapdims_", "swapaxes_", "squeeze_", "unsqueeze_", "as_strided_",
+                         "resize_", "resize_as_", "set_"})
+
+
+def _restrides(node: torch.fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        name = node.target._schema.name.split("::")[-1]
+    return isinstance(name, str) and name in _RESTRIDING
+
+
 def _gathers(node: torch.fx.Node) -> bool:
     """Whether `node` indexes with a tensor or a list (``h[:, [0, 1]]``, ``h[mask]``): a copy."""
     if node.target is not operator.getitem or len(node.args) < 2:
@@ -372,11 +390,13 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
 
     A lowering that runs convs channels-last must not hand that layout to the caller: code
     after the model does ``out.view(n, -1)``; `among` names the values computed from such
-    layouts at other ranks (a lowered conv1d's result). An output that views another value
-    (``h.transpose(1, 3)``, ``h[:, :2]``, ``h`` written in place) is that view of the value's one
-    contiguous copy, taken after the graph's writes: outputs that shared memory in eager still
-    do, with eager's strides, and a value returned twice is copied once. Views of an input or a
-    parameter are the caller's layout and stay as they are. Returns how many copies were made.
+    layouts at other ranks (a lowered conv1d's result). Outputs that view one value
+    (``h, h.transpose(1, 3)``, ``h[:, :2]``, ``h`` written in place) are those views of the
+    value's one contiguous copy, taken after the graph's writes: outputs that shared memory in
+    eager still do, with eager's strides, and a value returned twice is copied once. An output
+    alone on its value is copied itself (a small slice of a large value: only the slice). Views of
+    an input or a parameter are the caller's layout and stay as they are. Returns how many
+    copies were made.
 
         >>> import torch, torch.fx
         >>> gm = torch.fx.symbolic_trace(lambda x: x.contiguous(memory_format=torch.channels_last))
@@ -395,9 +415,12 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
     copies = 0
 
     def viewed(value: torch.fx.Node) -> torch.fx.Node | None:
-        """The value `value` surely views (a reshape or contiguous of a strided value copies)."""
+        """The tensor `value` surely views (a reshape or contiguous of a strided value copies),
+        where a replay of the view on its copy at the end gives `value` (no later in-place
+        change of its sizes or strides, ``h.transpose_(2, 3)``)."""
         first = value.args[0] if value.args and isinstance(value.args[0], torch.fx.Node) else None
-        if first is None or not is_view(gm, value):
+        if first is None or not is_view(gm, value) or tensor_meta(first) is None \
+                or any(_restrides(u) for u in first.users):
             return None
         view = op_view(gm, value)
         may_copy = view is not None and view.kind in _MAY_COPY or value.op == "call_method" and value.target in _MAY_COPY
@@ -427,13 +450,28 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
                 rebased[value].meta.setdefault("tensor_meta", value.meta["tensor_meta"])
         return rebased[value]
 
-    def wrap(value: torch.fx.Node) -> torch.fx.Node:
+    def needs_copy(value: torch.fx.Node) -> bool:
         meta = tensor_meta(value)
         if meta is None or len(meta[0]) != ndim and not (len(meta[0]) >= 1 and value in among):
+            return False
+        return base_of(value).op not in ("placeholder", "get_attr")
+
+    returned = [v for v in dict.fromkeys(_graph_outputs(output)) if needs_copy(v)]
+    sharing = Counter(base_of(v) for v in returned)
+
+    def wrap(value: torch.fx.Node) -> torch.fx.Node:
+        if value not in returned:
             return value
-        if base_of(value).op in ("placeholder", "get_attr"):
-            return value
-        return on_copy(value)
+        if sharing[base_of(value)] > 1:
+            return on_copy(value)
+        if value not in rebased:  # alone on its memory: its own copy
+            nonlocal copies
+            with gm.graph.inserting_before(output):
+                rebased[value] = gm.graph.call_method("contiguous", (value,))
+            if "tensor_meta" in value.meta:
+                rebased[value].meta["tensor_meta"] = value.meta["tensor_meta"]
+            copies += 1
+        return rebased[value]
 
     output.args = torch.fx.node.map_arg(output.args, wrap)
     return copies

@@ -394,7 +394,7 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         if got is _MISSING:
             got = _bound_arg(node, key)
         ok = _run_check(want, got, f"the attrs predicate for '{key}' of {pat!r}", node) if callable(want) \
-            else _same(got, want)
+            else _same(got, want, key)
         if not ok:
             wanted = f"a value passing {getattr(want, '__name__', 'a check')}" if callable(want) else repr(want)
             word = "attribute" if node.op == "call_module" else "argument"
@@ -403,7 +403,7 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
     spec = spec_for(gm, node)
     for key, neutral in (spec.modifiers if spec is not None else {}).items():
         got = view.attrs.get(key, neutral)
-        if key not in pat.attrs and not _same(got, neutral):
+        if key not in pat.attrs and not _same(got, neutral, key):
             raise _no_match(node, f": '{key}' is {got!r}; a pattern that does not name '{key}' in attrs "
                                   f"matches only {key}={neutral!r}")
     if pat.check is not None:
@@ -533,18 +533,22 @@ def _scalar_operand(node: torch.fx.Node, view: OpView) -> tuple[Any, bool, str]:
     return scalars[0] if len(scalars) == 1 else (_MISSING, False, "")
 
 
-def _same(got: Any, want: Any) -> bool:
+#: Conv and pool arguments torch expands from one number to one per spatial axis.
+_PER_AXIS = frozenset({"kernel_size", "stride", "padding", "dilation", "output_padding"})
+
+
+def _same(got: Any, want: Any, key: str | None = None) -> bool:
     """Equal arguments, whatever sequence spells them; one value and a one-entry list are the
     same (export writes ``mean(x, -1)``'s dim as ``[-1]``, kernel sizes and paddings alike), and
-    so are one number and a sequence repeating it (torch expands a conv's ``padding=1`` to
-    ``(1, 1)``, a pool's ``stride=2`` to ``(2, 2)``)."""
+    for the `_PER_AXIS` arguments so are one number and a sequence repeating it (torch expands a
+    conv's ``padding=1`` to ``(1, 1)``; a roll's shifts or a layer norm's shape it does not)."""
     got, want = _unwrapped(got), _unwrapped(want)
     sequences = isinstance(got, (list, tuple)), isinstance(want, (list, tuple))
     if all(sequences):
         return tuple(got) == tuple(want)
-    if any(sequences):
+    if any(sequences) and key in _PER_AXIS:
         many, one = (got, want) if sequences[0] else (want, got)
-        return isinstance(one, int) and not isinstance(one, bool) and all(v == one for v in many)
+        return isinstance(one, int) and not isinstance(one, bool) and len(many) > 0 and all(v == one for v in many)
     return got == want
 
 

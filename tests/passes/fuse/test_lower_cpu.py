@@ -575,3 +575,29 @@ def test_a_flatten_taken_before_a_write_still_sees_it(how, mode):
     gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode).module
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+class _TupleAndRestride(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        top = torch.max(h, 1, keepdim=True)[0]  # a piece of a tuple: no tensor to copy
+        v = h[:, :2]
+        h.transpose_(2, 3)  # v keeps its strides; h's change
+        return top, v, h
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_outputs_from_tuples_and_values_restrided_in_place_stay_right(mode):
+    """Adversaries: `torch.max(h, 1)[0]` became `tuple.contiguous()[0]` (AttributeError on every
+    call), and a view taken before `h.transpose_(2, 3)` was replayed on the transposed h."""
+    torch.manual_seed(0)
+    model = _TupleAndRestride().eval()
+    x = torch.randn(2, 8, 6, 7)
+    gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode).module
+    with torch.no_grad():
+        for e, o in zip(model(x), gm(x)):
+            torch.testing.assert_close(o, e)

@@ -561,3 +561,33 @@ def test_one_number_in_a_pattern_matches_the_tuple_torch_expands_it_to(mode, pad
     assert report.total == 1, report
     wrong = Op("conv", Var("x"), attrs=dict(padding=2))
     assert "'padding' is (1, 1)" in explain(gm, _node(gm, "conv"), wrong)
+
+
+_NOT_EXPANDED = [  # (pattern, graph op): one number is not the tuple, nor an empty one
+    (lambda x: torch.roll(x, 1, 0), lambda x: torch.roll(x, (1, 1), (0, 0))),
+    (lambda x: F.layer_norm(x, [8]), lambda x: F.layer_norm(x, [8, 8])),
+    (lambda x: torch.flip(x, [0]), lambda x: torch.flip(x, [])),
+    (lambda x: F.softshrink(x, 0.5), lambda x: F.softshrink(x, 0.2)),
+    (lambda x: F.avg_pool2d(x, 2), lambda x: F.avg_pool2d(x, 2, count_include_pad=False, padding=1)),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pattern, other", _NOT_EXPANDED)
+def test_a_number_matches_a_tuple_only_where_torch_expands_it(mode, pattern, other):
+    """An adversary: after `padding=1` learned to match `(1, 1)`, `roll(x, 1, 0)` matched
+    `roll(x, (1, 1), (0, 0))`, `layer_norm(x, [8])` a [8, 8] norm, `flip(x, [0])` an empty flip
+    (2.4 to 7 off); softshrink's lambd and avg_pool's count_include_pad were never compared."""
+    x = torch.randn(2, 8, 8, 8)
+    model = _Act(other).eval()
+    gm = fxopt.capture(model, (x,), mode=mode)
+    assert apply_patterns(gm, Pattern("p", pattern_from_function(pattern), replacement=lambda x: x * 0)).total == 0
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shrink_pattern_matches_its_module(mode):
+    x = torch.randn(4, 8)
+    gm = fxopt.capture(_Act(nn.Softshrink(0.5)).eval(), (x,), mode=mode)
+    assert apply_patterns(gm, Pattern("p", pattern_from_function(lambda x: F.softshrink(x)),
+                                      replacement=lambda x: x - x.clamp(-0.5, 0.5))).total == 1
