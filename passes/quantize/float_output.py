@@ -11,8 +11,13 @@ its dequantize.
 
 `FloatOutputConv` holds the layer: its int8 weight, per-channel scales, bias and geometry, and
 oneDNN's packed weight where oneDNN computes the layer right on this CPU (checked once per pack,
-like `packing.computes_right`). `int8_conv_float_output` runs it; without a pack (no oneDNN, or a
-wrong kernel) it computes the same value with a float conv of the dequantized input and weight.
+like `packing.computes_right`). `int8_conv_float_output` runs it; below `ONEDNN_FROM_MACS` per
+call, without a pack (no oneDNN, or a wrong kernel), it computes the same value with a float
+conv of the dequantized input and weight. oneDNN builds its primitive on every call (~45 µs,
+against ~20 µs for the int8 conv): measured per layer at one thread, the float conv is 2.5x
+faster on a 32->10 1x1 conv at 16x16 at batch 1 (33 vs 82 µs; the int8 conv and its dequantize
+took 48), even at 1.4 M MACs (81 vs 98 µs), and 1.6-10x slower from 2.4 M MACs on (a 16x 32->10
+1x1 batch: 164 vs 106 µs).
 
     >>> import torch
     >>> w = torch.randint(-128, 128, (4, 3, 3, 3), dtype=torch.int8)
@@ -26,6 +31,8 @@ wrong kernel) it computes the same value with a float conv of the dequantized in
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +44,8 @@ from fxopt.ir import leaf_function
 from .kernels import raw_bytes
 
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: MACs per call from which oneDNN's int8 kernel beats the float conv (see the module docstring).
+ONEDNN_FROM_MACS = 2_000_000
 #: Outputs per spatial axis of the check run (as `packing.computes_right`).
 _CHECK_OUTPUTS = {1: 32, 2: 8, 3: 4}
 
@@ -55,6 +64,7 @@ class FloatOutputConv:
     dilation: list[int]
     groups: int
     packed: Any = field(default=None, repr=False)
+    narrow: bool = False
 
     @classmethod
     def pack(cls, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
@@ -62,13 +72,23 @@ class FloatOutputConv:
         """The layer of int8 `weight` values and their per-channel `scales`, with oneDNN's pack
         when oneDNN computes it right on inputs of 8 bits (7 when `narrow`, as `reduce_range`
         feeds them)."""
-        conv = cls(weight, scales.float(), bias, list(stride), list(padding), list(dilation), int(groups))
+        conv = cls(weight, scales.float(), bias, list(stride), list(padding), list(dilation), int(groups),
+                   narrow=narrow)
         conv.packed = _onednn_pack(conv, narrow)
         return conv
+
+    @functools.cached_property
+    def _zero_points(self) -> torch.Tensor:
+        return torch.zeros(self.scales.numel(), dtype=torch.long)
 
     @property
     def dims(self) -> int:
         return self.weight.dim() - 2
+
+    def macs(self, q: torch.Tensor) -> float:
+        """About the MACs of one call on `q` (each input element meets K/G kernel taps per stride step)."""
+        taps = math.prod(self.weight.shape[2:]) * self.weight.shape[0] / self.groups
+        return q.numel() * taps / math.prod(self.stride)
 
     def float_weight(self) -> torch.Tensor:
         return self.weight.float() * self.scales.view(-1, *([1] * (self.dims + 1)))
@@ -84,7 +104,7 @@ class FloatOutputConv:
         fused = relu and self.dims < 3
         y = torch.ops.onednn.qconv_pointwise(
             raw_bytes(q), q.q_scale(), q.q_zero_point(), self.packed, self.scales,
-            torch.zeros(self.scales.numel(), dtype=torch.long), self.bias, self.stride, self.padding,
+            self._zero_points, self.bias, self.stride, self.padding,
             self.dilation, self.groups, 1.0, 0, torch.float32, "relu" if fused else "none",
             [None] if fused else [], "")
         return F.relu(y) if relu and not fused else y
@@ -98,9 +118,9 @@ def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv | torch.nn.Mod
     holding it: lowered graphs pass the holder (a module stays one get_attr when torch
     re-traces the code, as pickling does; a dataclass would be spelled out field by field)."""
     conv = getattr(conv, "value", conv)
-    # (an empty batch: oneDNN's conv1d hands back its internal 4-D form)
+    # (an empty batch takes the float path too: oneDNN's conv1d hands back its internal 4-D form)
     if conv.packed is not None and q.is_quantized and q.dtype == torch.quint8 \
-            and q.qscheme() == torch.per_tensor_affine and q.numel() > 0:
+            and q.qscheme() == torch.per_tensor_affine and conv.macs(q) >= ONEDNN_FROM_MACS:
         return conv.run_packed(q, relu)
     y = conv.in_float(q.dequantize() if q.is_quantized else q)
     return F.relu(y) if relu else y

@@ -62,12 +62,13 @@ graph_io.register_codec(graph_io.AttributeCodec("int8-packed", _is_packed, _enco
 
 def _encode_float_output(conv: FloatOutputConv) -> dict:
     return {"weight": conv.weight, "scales": conv.scales, "bias": conv.bias, "stride": conv.stride,
-            "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups}
+            "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups, "narrow": conv.narrow}
 
 
 def _decode_float_output(record: dict) -> FloatOutputConv:
-    # packed (and checked) anew: oneDNN's packed weight is no data a file can hold
-    return FloatOutputConv.pack(**record, narrow=resolve_reduce_range("auto"))
+    # packed (and checked) anew: oneDNN's packed weight is no data a file can hold; checked on the
+    # inputs the graph feeds it (8 bits when it was lowered with reduce_range=false on any CPU)
+    return FloatOutputConv.pack(**record)
 
 
 graph_io.register_codec(graph_io.AttributeCodec(

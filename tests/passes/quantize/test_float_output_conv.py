@@ -92,8 +92,11 @@ def test_an_output_conv_writes_float_and_is_not_clipped_to_what_calibration_saw(
         assert _sqnr(ref, gm(x)) > _sqnr(ref, on_grid(x)) + 0.5
 
 
+@pytest.mark.parametrize("onednn_from", [0, float_output.ONEDNN_FROM_MACS])
 @pytest.mark.parametrize("dim", [1, 2, 3])
-def test_output_convs_of_every_rank_and_kind_agree_with_the_reference_form(dim):
+def test_output_convs_of_every_rank_and_kind_agree_with_the_reference_form(dim, onednn_from, monkeypatch):
+    """Through oneDNN's kernel (every call, `onednn_from=0`) and through the batch switch."""
+    monkeypatch.setattr(float_output, "ONEDNN_FROM_MACS", onednn_from)
     torch.manual_seed(dim)
     heads = [CONV[dim](16, 4, 1), CONV[dim](16, 16, 3, padding=1, groups=16),  # 1x1, depthwise
              CONV[dim](16, 8, 3, padding=2, dilation=2, groups=2), CONV[dim](16, 6, 3, stride=2, bias=False)]
@@ -173,7 +176,8 @@ def test_a_float_output_conv_survives_save_load_deepcopy_and_pickle(tmp_path):
             assert torch.equal(restored(*x), expected)
 
 
-def test_the_kernel_without_a_pack_computes_the_same_value_in_float():
+def test_the_kernel_without_a_pack_computes_the_same_value_in_float(monkeypatch):
+    monkeypatch.setattr(float_output, "ONEDNN_FROM_MACS", 0)  # the pack on every call
     torch.manual_seed(0)
     weight = torch.randint(-128, 128, (6, 4, 3, 3), dtype=torch.int8)
     scales, bias = torch.rand(6) * 0.01 + 0.001, torch.randn(6)
@@ -276,3 +280,23 @@ def test_an_empty_batch_keeps_a_conv1d_heads_shape():
     gm, _ = _quantize(model, _batches(dim=1))
     with torch.no_grad():
         assert gm(torch.randn(0, 3, 20)).shape == model(torch.randn(0, 3, 20)).shape == (0, 5, 20)
+
+
+def test_small_calls_take_the_float_conv_large_ones_onednn(monkeypatch):
+    """oneDNN builds its primitive on every call (~45 us): a float conv is faster on a tiny head
+    at batch 1, oneDNN from about 2 M MACs per call."""
+    calls = []
+    run_packed = FloatOutputConv.run_packed
+    monkeypatch.setattr(FloatOutputConv, "run_packed", lambda self, q, relu: calls.append(q.shape[0])
+                        or run_packed(self, q, relu))
+    weight = torch.randint(-128, 128, (10, 32, 1, 1), dtype=torch.int8)
+    conv = FloatOutputConv.pack(weight, torch.full((10,), 0.01), None, [1, 1], [0, 0], [1, 1], 1)
+    calls.clear()  # (the pack's own check)
+    for batch in (1, 16):  # 82 k and 1.3 M MACs: float; 64 x 82 k = 5.2 M MACs: oneDNN
+        int8_conv_float_output(torch.quantize_per_tensor(torch.randn(batch, 32, 16, 16), 0.05, 128, torch.quint8),
+                               conv, False)
+    assert calls == []
+    q = torch.quantize_per_tensor(torch.randn(64, 32, 16, 16), 0.05, 128, torch.quint8)
+    y = int8_conv_float_output(q, conv, False)
+    assert calls == [64]
+    torch.testing.assert_close(y, F.conv2d(q.dequantize(), weight.float() * 0.01), rtol=1e-4, atol=1e-4)
