@@ -17,7 +17,8 @@ conv of the dequantized input and weight. oneDNN builds its primitive on every c
 against ~20 µs for the int8 conv): measured per layer at one thread, the float conv is 2.5x
 faster on a 32->10 1x1 conv at 16x16 at batch 1 (33 vs 82 µs; the int8 conv and its dequantize
 took 48), even at 1.4 M MACs (81 vs 98 µs), and 1.6-10x slower from 2.4 M MACs on (a 16x 32->10
-1x1 batch: 164 vs 106 µs).
+1x1 batch: 164 vs 106 µs). A conv3d always runs on oneDNN: aten's float conv3d is slower at any
+size (a 16->4 1x1 head at 6^3, batch 16: 541 vs 273 µs).
 
     >>> import torch
     >>> w = torch.randint(-128, 128, (4, 3, 3, 3), dtype=torch.int8)
@@ -120,7 +121,7 @@ def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv | torch.nn.Mod
     conv = getattr(conv, "value", conv)
     # (an empty batch takes the float path too: oneDNN's conv1d hands back its internal 4-D form)
     if conv.packed is not None and q.is_quantized and q.dtype == torch.quint8 \
-            and q.qscheme() == torch.per_tensor_affine and conv.macs(q) >= ONEDNN_FROM_MACS:
+            and q.qscheme() == torch.per_tensor_affine and (conv.dims == 3 or conv.macs(q) >= ONEDNN_FROM_MACS):
         return conv.run_packed(q, relu)
     y = conv.in_float(q.dequantize() if q.is_quantized else q)
     return F.relu(y) if relu else y
