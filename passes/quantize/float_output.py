@@ -91,12 +91,14 @@ class FloatOutputConv:
         taps = math.prod(self.weight.shape[2:]) * self.weight.shape[0] / self.groups
         return q.numel() * taps / math.prod(self.stride)
 
+    @functools.cached_property
     def float_weight(self) -> torch.Tensor:
+        """The int8 weight's values in float (made once: small calls run the float conv)."""
         return self.weight.float() * self.scales.view(-1, *([1] * (self.dims + 1)))
 
     def in_float(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on the float value `x` (the dequantized input)."""
-        return _CONVS[self.dims](x, self.float_weight(), self.bias, self.stride, self.padding, self.dilation,
+        return _CONVS[self.dims](x, self.float_weight, self.bias, self.stride, self.padding, self.dilation,
                                  self.groups)
 
     def run_packed(self, q: torch.Tensor, relu: bool) -> torch.Tensor:
