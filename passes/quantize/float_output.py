@@ -12,8 +12,8 @@ its dequantize.
 `FloatOutputConv` holds the layer: its int8 weight, per-channel scales, bias and geometry, and
 oneDNN's packed weight where oneDNN computes the layer right on this CPU (checked once per pack,
 like `packing.computes_right`). `int8_conv_float_output` runs it; below `ONEDNN_FROM_MACS` per
-call, without a pack (no oneDNN, or a wrong kernel), it computes the same value with a float
-conv of the dequantized input and weight. oneDNN builds its primitive on every call (~45 µs,
+call on fewer than `FLOAT_PATH_MAX_INPUT` input elements, and without a pack (no oneDNN, or a
+wrong kernel), it computes the same value with a float conv of the dequantized input and weight. oneDNN builds its primitive on every call (~45 µs,
 against ~20 µs for the int8 conv): measured per layer at one thread, the float conv is 2.5x
 faster on a 32->10 1x1 conv at 16x16 at batch 1 (33 vs 82 µs; the int8 conv and its dequantize
 took 48), even at 1.4 M MACs (81 vs 98 µs), and 1.6-10x slower from 2.4 M MACs on (a 16x 32->10
@@ -47,6 +47,9 @@ from .kernels import raw_bytes
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: MACs per call from which oneDNN's int8 kernel beats the float conv (see the module docstring).
 ONEDNN_FROM_MACS = 2_000_000
+#: Input elements from which the float path's dequantize of the input costs more than oneDNN's
+#: fixed cost (a 64->2 1x1 head at 64x64, batch 1: float 327 µs, oneDNN 241).
+FLOAT_PATH_MAX_INPUT = 100_000
 #: Outputs per spatial axis of the check run (as `packing.computes_right`).
 _CHECK_OUTPUTS = {1: 32, 2: 8, 3: 4}
 
@@ -123,7 +126,8 @@ def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv | torch.nn.Mod
     conv = getattr(conv, "value", conv)
     # (an empty batch takes the float path too: oneDNN's conv1d hands back its internal 4-D form)
     if conv.packed is not None and q.is_quantized and q.dtype == torch.quint8 \
-            and q.qscheme() == torch.per_tensor_affine and (conv.dims == 3 or conv.macs(q) >= ONEDNN_FROM_MACS):
+            and q.qscheme() == torch.per_tensor_affine and (conv.dims == 3 or conv.macs(q) >= ONEDNN_FROM_MACS
+                                                            or q.numel() >= FLOAT_PATH_MAX_INPUT):
         return conv.run_packed(q, relu)
     y = conv.in_float(q.dequantize() if q.is_quantized else q)
     return F.relu(y) if relu else y
