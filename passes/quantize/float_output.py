@@ -6,19 +6,21 @@ norm. The grid spans what calibration saw, so a held-out value beyond it is clip
 value moves by up to half a step (PT2E's x86 quantizer leaves such outputs float: 1.1 dB ahead
 of fxopt on a three-conv net whose output is a conv, 2-6.6 dB on testers' models). torch's
 x86 int8 conv kernels only write int8; oneDNN's `qconv_pointwise` reads the int8 input and
-weight and writes float32 (what torch.compile's int8 path calls), as fast as the int8 conv and
-its dequantize.
+weight and writes float32 (what torch.compile's int8 path calls).
 
 `FloatOutputConv` holds the layer: its int8 weight, per-channel scales, bias and geometry, and
 oneDNN's packed weight where oneDNN computes the layer right on this CPU (checked once per pack,
-like `packing.computes_right`). `int8_conv_float_output` runs it; below `ONEDNN_FROM_MACS` per
-call on fewer than `FLOAT_PATH_MAX_INPUT` input elements, and without a pack (no oneDNN, or a
-wrong kernel), it computes the same value with a float conv of the dequantized input and weight. oneDNN builds its primitive on every call (~45 µs,
-against ~20 µs for the int8 conv): measured per layer at one thread, the float conv is 2.5x
-faster on a 32->10 1x1 conv at 16x16 at batch 1 (33 vs 82 µs; the int8 conv and its dequantize
-took 48), even at 1.4 M MACs (81 vs 98 µs), and 1.6-10x slower from 2.4 M MACs on (a 16x 32->10
-1x1 batch: 164 vs 106 µs). A conv3d always runs on oneDNN: aten's float conv3d is slower at any
-size (a 16->4 1x1 head at 6^3, batch 16: 541 vs 273 µs).
+like `packing.computes_right`). `int8_conv_float_output` runs it. oneDNN builds its primitive on
+every call (~45 µs, against ~20 µs for the int8 conv), so a small call (below
+`ONEDNN_FROM_MACS` on fewer than `FLOAT_PATH_MAX_INPUT` input elements), and every call without
+a pack (no oneDNN, or a wrong kernel), computes the same value as a float conv of the
+dequantized input and weight. Measured per layer at one thread: the float conv is 2.5x faster
+on a 32->10 1x1 conv at 16x16 at batch 1 (33 vs 82 µs; the int8 conv and its dequantize took
+48), still faster at 1.4 M MACs (81 vs 98 µs), and 1.6-10x slower from 2.4 M MACs on (the
+same conv at batch 16: 164 vs 106 µs). A conv3d always runs on oneDNN: aten's float conv3d is
+slower at any size (a 16->4 1x1 head at 6^3, batch 16: 541 vs 273 µs). Neither path always
+matches the int8 conv and its dequantize (a 64->2 1x1 head at 64x64, batch 1: ~240 against
+~180 µs): the float output buys accuracy, not speed.
 
     >>> import torch
     >>> w = torch.randint(-128, 128, (4, 3, 3, 3), dtype=torch.int8)
