@@ -22,7 +22,7 @@ import fxopt.serialize as graph_io
 from .float_output import FloatOutputConv
 from .observers import QuantizationError
 from .insert import resolve_reduce_range
-from .packing import prepack_conv, prepack_linear
+from .packing import computes_right, prepack_conv, prepack_linear
 
 
 def _is_packed(obj) -> bool:
@@ -31,7 +31,11 @@ def _is_packed(obj) -> bool:
 
 def _encode(obj) -> dict:
     weight, bias = obj.unpack()
-    record = {"weight": graph_io.plain_tensor(weight), "bias": bias}
+    # the input width the pack is right on: 8 bits where it computes them right, else the 7 that
+    # `reduce_range` feeds it (a pack lowered for 8-bit inputs on a CPU without VNNI re-packed
+    # with the 7-bit check of "auto" was then fed 8 bits: 18 dB instead of 36.8)
+    record = {"weight": graph_io.plain_tensor(weight), "bias": bias,
+              "narrow": not computes_right(obj, weight, bias, narrow=False)}
     if hasattr(obj, "stride"):
         record.update(kind=f"conv{weight.dim() - 2}d", stride=list(obj.stride()), padding=list(obj.padding()),
                       dilation=list(obj.dilation()), groups=int(obj.groups()))
@@ -42,7 +46,8 @@ def _encode(obj) -> dict:
 
 def _decode(record: dict):
     weight, bias = graph_io.tensor_from_plain(record["weight"]), record["bias"]
-    narrow = resolve_reduce_range("auto")  # what the kernels were fed on this machine by default
+    # files from before the record held it: what the kernels were fed on this machine by default
+    narrow = record.get("narrow", resolve_reduce_range("auto"))
     # packed as lowering packs, whatever `torch.backends.quantized.engine` says now: the graph's
     # ops were chosen for those packs (the float-output linear runs x86/fbgemm packs only)
     if record["kind"] == "linear":
