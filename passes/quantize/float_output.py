@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from fxopt.ir import leaf_function
 
 from .kernels import raw_bytes
+from .packing import check_input, conv_check_shape
 
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 #: MACs per call from which oneDNN's int8 kernel beats the float conv (see the module docstring).
@@ -52,8 +53,6 @@ ONEDNN_FROM_MACS = 2_000_000
 #: Input elements from which the float path's dequantize of the input costs more than oneDNN's
 #: fixed cost (a 64->2 1x1 head at 64x64, batch 1: float 327 µs, oneDNN 241).
 FLOAT_PATH_MAX_INPUT = 100_000
-#: Outputs per spatial axis of the check run (as `packing.computes_right`).
-_CHECK_OUTPUTS = {1: 32, 2: 8, 3: 4}
 
 
 @dataclass(eq=False)
@@ -145,13 +144,8 @@ def _onednn_pack(conv: FloatOutputConv, narrow: bool):
         packed = torch.ops.onednn.qconv_prepack(conv.weight, conv.scales, 1.0, 0, conv.stride, conv.padding,
                                                 conv.dilation, conv.groups, None)
         conv.packed = packed
-        levels = 128 if narrow else 256
-        size = [max((_CHECK_OUTPUTS[conv.dims] - 1) * s + d * (k - 1) + 1 - 2 * p, 1)
-                for s, p, d, k in zip(conv.stride, conv.padding, conv.dilation, conv.weight.shape[2:])]
-        generator = torch.Generator().manual_seed(0)
-        x = torch._make_per_tensor_quantized_tensor(torch.randint(
-            0, levels, (1, conv.weight.shape[1] * conv.groups, *size), dtype=torch.uint8, generator=generator),
-            0.05, levels // 2)
+        x = check_input(conv_check_shape(conv.weight.shape, conv.groups, conv.stride, conv.padding, conv.dilation),
+                        narrow)
         reference = conv.in_float(x.dequantize())
         error = float((conv.run_packed(x, relu=False) - reference).abs().max())
     except RuntimeError:  # a geometry or CPU oneDNN's int8 conv does not take

@@ -131,10 +131,7 @@ def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None, narr
         dims = weight.dim() - 2
         # a conv1d is packed as a 1 x k conv2d: its geometry has a leading entry for the 1
         stride, padding, dilation = (list(v)[-dims:] for v in (packed.stride(), packed.padding(), packed.dilation()))
-        # an input that gives _CHECK_OUTPUTS outputs on each spatial axis
-        size = [max((_CHECK_OUTPUTS[dims] - 1) * s + d * (k - 1) + 1 - 2 * p, 1)
-                for s, p, d, k in zip(stride, padding, dilation, weight.shape[2:])]
-        shape = (1, weight.shape[1] * packed.groups(), *size)
+        shape = conv_check_shape(weight.shape, packed.groups(), stride, padding, dilation)
         convolution = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         run = {1: torch.ops.quantized.conv1d, 2: torch.ops.quantized.conv2d.new,
                3: torch.ops.quantized.conv3d.new}[dims]
@@ -143,15 +140,31 @@ def computes_right(packed, weight: torch.Tensor, bias: torch.Tensor | None, narr
     else:
         shape, run = (16, weight.shape[1]), torch.ops.quantized.linear
         in_float = lambda x: F.linear(x, weight.dequantize(), bias)  # noqa: E731
-    levels = 128 if narrow else 256
-    generator = torch.Generator().manual_seed(0)
-    x = torch._make_per_tensor_quantized_tensor(
-        torch.randint(0, levels, shape, dtype=torch.uint8, generator=generator), 0.05, levels // 2)
+    x = check_input(shape, narrow)
     reference = in_float(x.dequantize())
     scale = max(float(reference.abs().max()) / 127, 1e-8)
     out = run(x, packed, scale, 128)
     expected = torch.quantize_per_tensor(reference, scale, 128, torch.quint8)
     return bool((out.int_repr().int() - expected.int_repr().int()).abs().max() <= 2)
+
+
+def conv_check_shape(weight_shape: torch.Size, groups: int, stride: list[int], padding: list[int],
+                     dilation: list[int]) -> tuple[int, ...]:
+    """The batch-1 input shape that gives a conv with weight `weight_shape` `_CHECK_OUTPUTS`
+    outputs on each spatial axis."""
+    dims = len(weight_shape) - 2
+    size = [max((_CHECK_OUTPUTS[dims] - 1) * s + d * (k - 1) + 1 - 2 * p, 1)
+            for s, p, d, k in zip(stride, padding, dilation, weight_shape[2:])]
+    return (1, weight_shape[1] * groups, *size)
+
+
+def check_input(shape: tuple[int, ...], narrow: bool = False) -> torch.Tensor:
+    """A quint8 tensor of random bytes over the range a kernel reads: all 8 bits, or 7 when
+    `narrow`; the same bytes on every call."""
+    levels = 128 if narrow else 256
+    generator = torch.Generator().manual_seed(0)
+    return torch._make_per_tensor_quantized_tensor(
+        torch.randint(0, levels, shape, dtype=torch.uint8, generator=generator), 0.05, levels // 2)
 
 
 @contextlib.contextmanager
