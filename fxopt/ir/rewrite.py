@@ -11,7 +11,7 @@ import copy
 import operator
 import warnings
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
@@ -350,6 +350,26 @@ def _shared_transpose(gm: torch.fx.GraphModule, arg: Any, counts: Counter) -> bo
     the transpose does (``Et = W.t(); z @ Et + Et.sum(0)``)."""
     base = transposed_parameter(gm, arg) if isinstance(arg, torch.fx.Node) else None
     return base is not None and (counts[base.target] > 1 or len(arg.users) > 1)
+
+
+def downstream(starts: Iterable[torch.fx.Node],
+               through: Callable[[torch.fx.Node], bool] = lambda user: True) -> set[torch.fx.Node]:
+    """`starts` and every value computed from them, following only the users `through` admits.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: ((x + 1).relu(), x * 2))
+        >>> add = next(n for n in gm.graph.nodes if n.name == "add")
+        >>> sorted(n.name for n in downstream([add], through=lambda u: u.op != "output"))
+        ['add', 'relu']
+    """
+    found: set[torch.fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            stack.extend(u for u in node.users if through(u))
+    return found
 
 
 #: Ops whose result views their input only when its strides allow: a base of their own.

@@ -62,8 +62,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import (bind_arguments, contiguous_outputs, functionalize_writes, is_effectful, leaf_function,
-                      op_name, op_view, spec_for, split_packed_parameters, tensor_meta, written_in_place)
+from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, is_effectful,
+                      leaf_function, op_name, op_view, spec_for, split_packed_parameters, tensor_meta, written_in_place)
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -638,15 +638,9 @@ def _downstream_of_channels_last(gm: torch.fx.GraphModule) -> set[torch.fx.Node]
     switches and layout copies): their strides may be channels-last at any rank. A user's own
     layout request (``clone(memory_format=torch.channels_last)``) ends it: eager has that
     layout too."""
-    found: set[torch.fx.Node] = set()
-    stack = [n for n in gm.graph.nodes if _is_lowered_conv(n) or n.op == "call_module"
-             and isinstance(gm.get_submodule(n.target), ConvByBatch) or n.meta.get(_LAYOUT_COPY)]
-    while stack:
-        n = stack.pop()
-        if n not in found:
-            found.add(n)
-            stack.extend(u for u in n.users if not _requests_a_layout(u))
-    return found
+    starts = [n for n in gm.graph.nodes if _is_lowered_conv(n) or n.op == "call_module"
+              and isinstance(gm.get_submodule(n.target), ConvByBatch) or n.meta.get(_LAYOUT_COPY)]
+    return downstream(starts, through=lambda user: not _requests_a_layout(user))
 
 
 def _requests_a_layout(node: torch.fx.Node) -> bool:

@@ -46,7 +46,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_d
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
-from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
+from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes, downstream,
                       is_effectful, module_path, op_view, origin, size_read, value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.serialize import CodedValue
@@ -336,14 +336,7 @@ class _Lowering:
     def _downstream_of_float_output_convs(self) -> set[torch.fx.Node]:
         """The values computed from an `int8_conv_float_output`: oneDNN writes conv1d and conv3d
         outputs channels-last too, a layout `contiguous_outputs` fixes at rank 4 only."""
-        stack = [n for n in self.graph.nodes if n.target is int8_conv_float_output]
-        seen: set[torch.fx.Node] = set()
-        while stack:
-            node = stack.pop()
-            if node not in seen:
-                seen.add(node)
-                stack.extend(node.users)
-        return seen
+        return downstream(n for n in self.graph.nodes if n.target is int8_conv_float_output)
 
     def _contiguous_for_all_readers(self, value: torch.fx.Node) -> None:
         if value.op == "call_method" and value.target == "contiguous":
