@@ -443,7 +443,8 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
                 or any(_restrides(u) for u in first.users):
             return None
         view = op_view(gm, value)
-        may_copy = view is not None and view.kind in _MAY_COPY or value.op == "call_method" and value.target in _MAY_COPY
+        may_copy = view is not None and view.kind in _MAY_COPY \
+            or value.op == "call_method" and value.target in _MAY_COPY
         return None if may_copy or _gathers(value) else first
 
     def base_of(value: torch.fx.Node) -> torch.fx.Node:
@@ -451,23 +452,31 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
             value = source
         return value
 
-    def on_copy(value: torch.fx.Node) -> torch.fx.Node:
-        """`value`, read from the contiguous copy of the value it views."""
+    def contiguous_copy(value: torch.fx.Node) -> torch.fx.Node:
+        """One row-major copy of `value`, taken after the graph's writes."""
         nonlocal copies
         if value not in rebased:
-            source = viewed(value)
-            if source is None:
-                with gm.graph.inserting_before(output):
-                    rebased[value] = gm.graph.call_method("contiguous", (value,))
-                copies += 1
-            elif mutated_input(gm, value) is not None:  # the written value itself, taken after the write
+            with gm.graph.inserting_before(output):
+                rebased[value] = gm.graph.call_method("contiguous", (value,))
+            if "tensor_meta" in value.meta:
+                rebased[value].meta["tensor_meta"] = value.meta["tensor_meta"]
+            copies += 1
+        return rebased[value]
+
+    def on_copy(value: torch.fx.Node) -> torch.fx.Node:
+        """`value`, read from the contiguous copy of the value it views."""
+        source = viewed(value)
+        if source is None:
+            return contiguous_copy(value)
+        if value not in rebased:
+            if mutated_input(gm, value) is not None:  # the written value itself, taken after the write
                 rebased[value] = on_copy(source)
             else:  # the same view, of the copy
                 new_source = on_copy(source)
                 with gm.graph.inserting_before(output):
                     rebased[value] = gm.graph.node_copy(value, lambda n: new_source if n is source else n)
-            if "tensor_meta" in value.meta:
-                rebased[value].meta.setdefault("tensor_meta", value.meta["tensor_meta"])
+                if "tensor_meta" in value.meta:
+                    rebased[value].meta["tensor_meta"] = value.meta["tensor_meta"]
         return rebased[value]
 
     def needs_copy(value: torch.fx.Node) -> bool:
@@ -482,16 +491,8 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
     def wrap(value: torch.fx.Node) -> torch.fx.Node:
         if value not in returned:
             return value
-        if sharing[base_of(value)] > 1:
-            return on_copy(value)
-        if value not in rebased:  # alone on its memory: its own copy
-            nonlocal copies
-            with gm.graph.inserting_before(output):
-                rebased[value] = gm.graph.call_method("contiguous", (value,))
-            if "tensor_meta" in value.meta:
-                rebased[value].meta["tensor_meta"] = value.meta["tensor_meta"]
-            copies += 1
-        return rebased[value]
+        # outputs sharing a value view its one copy; an output alone on its memory is copied itself
+        return on_copy(value) if sharing[base_of(value)] > 1 else contiguous_copy(value)
 
     output.args = torch.fx.node.map_arg(output.args, wrap)
     return copies
