@@ -18,6 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .bindings import op_name
 from .opview import bind_arguments, op_view, spec_for, transposed_parameter
 from .params import ParamRef, add_tensor_attr, attribute_use_counts, get_attr_value, resolve_attr
 
@@ -388,10 +389,7 @@ _RESTRIDING = frozenset({"transpose_", "t_", "swapdims_", "swapaxes_", "squeeze_
 
 
 def _restrides(node: torch.fx.Node) -> bool:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if isinstance(node.target, torch._ops.OpOverload):
-        name = node.target._schema.name.split("::")[-1]
-    return isinstance(name, str) and name in _RESTRIDING
+    return op_name(node) in _RESTRIDING
 
 
 def _gathers(node: torch.fx.Node) -> bool:
