@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .capture import normalize_inputs
-from .errors import FxoptError
+from .call_check import explain_failed_calls
+from .errors import FxoptError, InputMismatchError
 from .ir import flatten_inputs, fresh_inputs, tensor_meta
 from .tracing import one_at_a_time
 
@@ -88,31 +89,50 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
         raise FxoptError("calibrate: the calibration data is empty; give at least one batch")
     from tqdm.auto import tqdm
 
+    explain_failed_calls(gm)  # a pass's fresh copy (quantize's observed module) is not wrapped yet
     with torch.no_grad(), _model_state_on_copies(gm):
         for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
                                        leave=False)):
-            # copies: a model that writes into its input (``x.sub_(mean)``) must not change the
-            # caller's batches, which a later calibration would read shifted
-            args, kwargs = fresh_inputs(*_as_call(batch))
-            token = _BATCH.set(i)
-            try:
-                gm(*args, **kwargs)
-            except FxoptError as exc:  # an observer's own message (NaN, non-float data) says what it saw
-                infinite = [o.location for o in observers if getattr(o, "nonfinite_batch", None) == i
-                            and getattr(o, "nonfinite", "")]
-                if "NaN" in str(exc) and infinite:  # inf - inf, 0 * inf: where the NaN came from
-                    raise type(exc)(f"{exc} (this batch had infinities first, seen by the observer for "
-                                    f"{'; '.join(infinite[:3])}: arithmetic on them made the NaN)") from None
-                raise
-            except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
-                shapes = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
-                shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-                raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes [{', '.join(shapes)}]) does not run "
-                                 f"through the model: {type(exc).__name__}: {exc}{_rank_hint(gm, args, kwargs)}"
-                                 f"{_guard_hint(exc)}") from exc
-            finally:
-                _BATCH.reset(token)
+            _feed(gm, observers, i, batch)
     return len(batches)
+
+
+def _feed(gm: nn.Module, observers: list[nn.Module], i: int, batch: Any) -> None:
+    """Run calibration batch `i` through `gm`; an error names the batch and what in it is wrong."""
+    # copies: a model that writes into its input (``x.sub_(mean)``) must not change the
+    # caller's batches, which a later calibration would read shifted
+    args, kwargs = fresh_inputs(*_as_call(batch))
+    token = _BATCH.set(i)
+    try:
+        gm(*args, **kwargs)
+    except InputMismatchError as exc:  # a guard of the graph named the input that does not fit
+        raise InputMismatchError(f"calibrate: calibration batch {i} does not fit the captured graph: {exc}\n  "
+                                 f"{_fit_advice(exc)}") from exc
+    except FxoptError as exc:  # an observer's own message (NaN, non-float data) says what it saw
+        infinite = [o.location for o in observers if getattr(o, "nonfinite_batch", None) == i
+                    and getattr(o, "nonfinite", "")]
+        if "NaN" in str(exc) and infinite:  # inf - inf, 0 * inf: where the NaN came from
+            raise type(exc)(f"{exc} (this batch had infinities first, seen by the observer for "
+                            f"{'; '.join(infinite[:3])}: arithmetic on them made the NaN)") from None
+        raise
+    except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
+        shapes = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
+        shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes [{', '.join(shapes)}]) does not run "
+                         f"through the model: {type(exc).__name__}: {exc}{_rank_hint(gm, args, kwargs)}"
+                         f"{_guard_hint(exc)}") from exc
+    finally:
+        _BATCH.reset(token)
+
+
+def _fit_advice(exc: InputMismatchError) -> str:
+    """What to do about a calibration batch a guard of the captured graph refused."""
+    advice = ("each calibration batch is a call of the graph captured from the example inputs: give it the "
+              "example's inputs, in the same places (by position or by keyword), at sizes the graph takes")
+    if "specialized to that value" not in str(exc):  # capture's and call_check's words for a non-tensor input
+        return advice
+    return (f"{advice}, and the same non-tensor values as the example inputs (the graph is specialized to them); "
+            "to quantize for another value, run fxopt.optimize again with an example that has it")
 
 
 def _rank_hint(gm: nn.Module, args: tuple, kwargs: dict) -> str:

@@ -63,7 +63,8 @@ def test_an_exported_shape_guard_says_which_sizes_were_fixed_and_what_to_do():
         fxopt.optimize(model, torch.randn(6, 2, 16), "quantize", mode="export",
                        calibration=[torch.randn(6, 8, 16)])
     message = str(err.value)
-    assert "Guard failed" in message and "mode='symbolic'" in message and "example inputs" in message
+    assert "calibration batch 0 " in message and "input 0 ('src') has size 8 at dim 1" in message
+    assert "captured with size 2" in message and "mode='symbolic'" in message and "example inputs" in message
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -72,10 +73,50 @@ def test_a_calibration_batch_with_another_rank_names_the_input_and_its_dimension
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
     with pytest.raises(PassError) as err:
         fxopt.optimize(model, torch.randn(4, 3, 16, 16), "quantize", calibration=[torch.randn(4, 3, 16)], mode=mode)
-    assert "has 3 dimensions [4, 3, 16]; the model was captured with 4 [4, 3, 16, 16]" in str(err.value)
+    message = str(err.value)
+    assert "calibration batch 0 " in message
+    assert ("has 3 dimensions [4, 3, 16]; the model was captured with 4 [4, 3, 16, 16]" in message if mode == "symbolic"
+            else "has 3 dimensions (shape (4, 3, 16)); the graph was captured with 4 (shape [any, 3, 16, 16])" in message)
 
 
 @pytest.mark.parametrize("pipeline", ["quantize{target_sqnr=-5}", "lower-int8{target_sqnr=0}"])
 def test_a_target_sqnr_at_or_below_zero_is_refused_naming_the_option(pipeline):
     with pytest.raises(fxopt.PipelineError, match="option 'target_sqnr': .* is not a target"):
         fxopt.PassManager(pipeline)
+
+
+class _Scaled(nn.Module):
+    """Takes a number and a flag besides its tensor: both are specialized at capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0, flag=True):
+        y = self.fc(x) * scale
+        return torch.relu(y) if flag else y
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("batch, name", [((1.0, False), "flag"), ((2.0, True), "scale")])
+def test_a_calibration_batch_with_another_non_tensor_value_names_the_batch_the_input_and_what_to_do(mode, batch, name):
+    """Said 'capture again with the new value' with no batch index (symbolic), or torch's
+    'Guard failed: scale == 1.0' with advice about sizes (export)."""
+    x = torch.randn(8, 4)
+    with pytest.raises(PassError) as err:
+        fxopt.optimize(_Scaled().eval(), (x, 1.0, True), "quantize", mode=mode,
+                       calibration=[(x, 1.0, True), (x, *batch)])
+    message = str(err.value)
+    assert type(err.value.__cause__) is fxopt.errors.InputMismatchError
+    assert "calibration batch 1 " in message and f"'{name}'" in message
+    assert "the same non-tensor values as the example inputs" in message
+    assert "Guard failed" not in message
+
+
+def test_calibrate_names_the_batch_whose_non_tensor_input_differs():
+    x = torch.randn(8, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        observed = fxopt.optimize(_Scaled().eval(), (x, 1.0, True), "insert-observers", verify=False).module
+    with pytest.raises(fxopt.errors.InputMismatchError, match=r"calibrate: calibration batch 2 .*'scale'"):
+        fxopt.calibrate(observed, [(x, 1.0, True), (x, 1.0, True), (x, 3.0, True)], progress=False)
