@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
-from .calibration import check_batches
+from .calibration import pipeline_batches
 from .capture import Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
 from .ir import ref_for_get_attr, written_base
@@ -72,7 +72,7 @@ def optimize(
     example_inputs: Any,
     pipeline: str | Sequence[Pass | str] = "remove-noops,fold-constants,dce",
     *,
-    calibration: Sequence[Any] | None = None,
+    calibration: Iterable[Any] | None = None,
     verify: bool = True,
     mode: Mode = "auto",
     dynamic_shapes: dict | tuple | list | None = None,
@@ -88,7 +88,8 @@ def optimize(
     """Capture `model` (or take a GraphModule), run `pipeline`, verify the result.
 
     `example_inputs`: a tensor, a tuple of args or a dict of kwargs. `calibration`: batches in
-    the same form, for passes that need data (quantization, taylor importance). `mode` and
+    the same form, for passes that need data (quantization, taylor importance, distill): a list,
+    or a DataLoader (any iterable with a length), which each pass reads batch by batch. `mode` and
     `dynamic_shapes` are `fxopt.capture`'s (torch.export's dims to keep dynamic). `tolerance`
     defaults to the loosest that the pipeline's passes promise. `devices` to verify on
     defaults to CPU plus CUDA when a GPU is present. The input model is never modified. A
@@ -104,12 +105,11 @@ def optimize(
         >>> res.verification.verdict, res.module.meta["fxopt"]["tolerance"]
         ('PASS', 'exact')
     """
-    check_batches(calibration)
+    batches = pipeline_batches(calibration)  # one tensor is refused here, before capture
     devices = _check_devices(devices)
     manager_instruments = _checked_instruments(instruments)  # one Instrument, not a list: said now
     args, kwargs = normalize_inputs(example_inputs)
     original = capture(model, example_inputs, mode=mode, dynamic_shapes=dynamic_shapes)
-    batches = [normalize_inputs(b) for b in calibration] if calibration is not None else None
     if print_ir_after_each or print_ir_after_change:
         manager_instruments.append(PrintIR(only_changes=print_ir_after_change and not print_ir_after_each))
     if verify_each:

@@ -16,6 +16,7 @@ the quantization passes.
 """
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterable, Iterator
@@ -48,6 +49,50 @@ def check_batches(batches: Any, option: str = "calibration") -> None:
                          f"[(b,) for b in x.split(8)] for several")
 
 
+class StreamedBatches:
+    """The calibration data given to `fxopt.optimize` as a sized iterable that is not a list (a
+    DataLoader): each pass that reads it iterates the source again, batch by batch, as
+    `(args, kwargs)` pairs, so the batches are never all in memory at once.
+
+        >>> import torch
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(6, 4)), batch_size=2)
+        >>> batches = StreamedBatches(loader)
+        >>> len(batches), [tuple(args[0].shape) for args, kwargs in batches]
+        (3, [(2, 4), (2, 4), (2, 4)])
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        return (normalize_inputs(batch) for batch in self.source)
+
+    def __repr__(self) -> str:
+        return f"StreamedBatches({type(self.source).__name__}, {len(self)} batches)"
+
+
+def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBatches | None:
+    """`fxopt.optimize`'s `calibration` as the passes read it (`PassContext.calibration`): None
+    stays None; a list or tuple, or a one-shot iterator (a generator, which passes could not read
+    twice), becomes a list of `(args, kwargs)` pairs; another iterable with a length (a
+    DataLoader) is streamed (`StreamedBatches`).
+
+        >>> import torch
+        >>> pipeline_batches([torch.ones(2), (torch.ones(2), 3)])[1][0][1]
+        3
+    """
+    if calibration is None:
+        return None
+    check_batches(calibration)
+    if isinstance(calibration, (list, tuple)) or not hasattr(calibration, "__len__") \
+            or iter(calibration) is calibration:
+        return [normalize_inputs(batch) for batch in calibration]
+    return StreamedBatches(calibration)
+
+
 #: The index, within the running `calibrate` call, of the batch being fed (observers name it).
 _BATCH: ContextVar[int | None] = ContextVar("fxopt_calibration_batch", default=None)
 
@@ -63,6 +108,8 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
               max_batches: int | None = None) -> int:
     """Run `batches` through `gm` (no grad) so its observers record ranges; returns the count.
 
+    `batches` is any iterable, read one batch at a time (a generator or a DataLoader streams:
+    each batch runs before the next is asked for; `max_batches` stops reading after that many).
     Raises FxoptError when `gm` has no observers or `batches` is empty; observers raise on
     NaN or non-float data, naming the node they watch (an infinity, such as a -inf attention
     mask, is recorded: that value stays float).
@@ -82,19 +129,20 @@ def calibrate(gm: nn.Module, batches: Iterable[Any], *, progress: bool = True,
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise FxoptError(f"calibrate: max_batches must be an int >= 1 (or None for every batch), got {max_batches!r}")
-    batches = list(batches)
     if max_batches is not None:
-        batches = batches[:max_batches]
-    if not batches:
-        raise FxoptError("calibrate: the calibration data is empty; give at least one batch")
+        batches = itertools.islice(batches, max_batches)
     from tqdm.auto import tqdm
 
     explain_failed_calls(gm)  # a pass's fresh copy (quantize's observed module) is not wrapped yet
+    fed = 0
     with torch.no_grad(), _model_state_on_copies(gm):
-        for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
-                                       leave=False)):
-            _feed(gm, observers, i, batch)
-    return len(batches)
+        # read one batch at a time: a generator or a DataLoader is never held whole in memory
+        for fed, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress,
+                                         leave=False), start=1):
+            _feed(gm, observers, fed - 1, batch)
+    if not fed:
+        raise FxoptError("calibrate: the calibration data is empty; give at least one batch")
+    return fed
 
 
 def _feed(gm: nn.Module, observers: list[nn.Module], i: int, batch: Any) -> None:

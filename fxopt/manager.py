@@ -38,6 +38,7 @@ import torch.fx
 from torch.overrides import TorchFunctionMode
 
 from .analysis import AnalysisManager
+from .calibration import StreamedBatches
 from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
@@ -318,7 +319,7 @@ class PassManager:
         example_inputs: tuple = (),
         *,
         example_kwargs: dict | None = None,
-        calibration: list | None = None,
+        calibration: list | StreamedBatches | None = None,
         reference: torch.fx.GraphModule | None = None,
         verbose: bool = False,
     ) -> PipelineResult:

@@ -42,6 +42,7 @@ from .errors import PipelineError, did_you_mean
 
 if TYPE_CHECKING:
     from .analysis import AnalysisManager
+    from .calibration import StreamedBatches
 
 
 @dataclass
@@ -77,8 +78,9 @@ class PassContext:
     """What the manager gives every pass besides the module.
 
     `example_inputs` are positional args (a tuple) and `example_kwargs` keyword args for the
-    module; `calibration` is a list of `(args, kwargs)` pairs, one per batch, or None when the
-    user gave none; `reference` is the captured, unoptimized module for passes that compare
+    module; `calibration` holds `(args, kwargs)` pairs, one per batch, or is None when the
+    user gave none: a list, or a `fxopt.calibration.StreamedBatches` that reads a DataLoader
+    again on each iteration (take its `len`, iterate it; never index it or hold it whole); `reference` is the captured, unoptimized module for passes that compare
     against it.
 
         >>> import dataclasses, torch, fxopt
@@ -97,7 +99,7 @@ class PassContext:
     analyses: "AnalysisManager"
     example_inputs: tuple = ()
     example_kwargs: dict = field(default_factory=dict)
-    calibration: list | None = None
+    calibration: list | StreamedBatches | None = None
     reference: torch.fx.GraphModule | None = None
     verbose: bool = False
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -27,7 +27,7 @@ def dump_pipeline(
     out_dir: str | Path,
     *,
     mode: Mode = "auto",
-    calibration: Sequence[Any] | None = None,
+    calibration: Iterable[Any] | None = None,
     collapse_threshold: int = DEFAULT_COLLAPSE_THRESHOLD,
 ) -> Path:
     """Run `fxopt.optimize` (verifying after each pass) with a DumpInstrument; return index.html.

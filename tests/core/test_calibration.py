@@ -1,0 +1,114 @@
+"""`fxopt.calibrate` streams its batches: a generator or a DataLoader is read one batch at a
+time, each run through the model before the next is asked for, so a calibration set need not
+fit in memory."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import FxoptError
+
+
+@pytest.fixture
+def observed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxopt.optimize(model, torch.randn(8, 4), "insert-observers", verify=False).module
+
+
+def test_a_generator_is_read_one_batch_at_a_time(observed):
+    ran: list[int] = []
+    asked: list[int] = []
+    observed.register_forward_hook(lambda *_: ran.append(1))
+
+    def batches():
+        for i in range(4):
+            asked.append(len(ran))  # forwards run before batch i was asked for
+            yield (torch.randn(8, 4),)
+
+    assert fxopt.calibrate(observed, batches(), progress=False) == 4
+    assert asked == [0, 1, 2, 3]  # list(batches) first would have read [0, 0, 0, 0]
+
+
+def test_max_batches_stops_reading_the_stream(observed):
+    asked = []
+
+    def batches():
+        for i in range(100):
+            asked.append(i)
+            yield torch.randn(8, 4)
+
+    assert fxopt.calibrate(observed, batches(), progress=False, max_batches=3) == 3
+    assert asked == [0, 1, 2]
+
+
+def test_a_dataloader_of_a_dataset_calibrates_like_the_list_of_its_batches(observed):
+    data = torch.randn(32, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=8)
+    assert fxopt.calibrate(observed, loader, progress=False) == 4
+    observers = [m for m in observed.modules() if getattr(m, "is_fxopt_observer", False)]
+    assert observers and all(o.batches == 4 for o in observers)
+
+
+def test_an_empty_stream_is_refused(observed):
+    with pytest.raises(FxoptError, match="the calibration data is empty"):
+        fxopt.calibrate(observed, iter(()), progress=False)
+
+
+class _CountingDataset(torch.utils.data.Dataset):
+    """A map-style dataset that counts the samples read from it."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data, self.reads = data, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.reads += 1
+        return self.data[i]
+
+
+def test_optimize_streams_a_dataloader_and_quantizes_as_with_the_list_of_its_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    data = torch.randn(32, 4)
+    dataset = _CountingDataset(data)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    streamed = fxopt.optimize(model, data[:8], "quantize", calibration=loader)
+    assert dataset.reads == 32  # each sample once: while calibrating
+    listed = fxopt.optimize(model, data[:8], "quantize", calibration=list(data.split(8)))
+    x = torch.randn(5, 4)
+    assert torch.equal(streamed.module(x), listed.module(x))
+    assert streamed.passes[0].stats["calibration_batches"] == 4
+
+
+def test_a_pass_reads_a_dataloader_lazily_and_as_often_as_it_iterates():
+    seen = []
+
+    class Peek(fxopt.Pass):
+        name = "peek"
+
+        def run(self, gm, ctx):
+            seen.append((len(ctx.calibration), dataset.reads))
+            seen.append([tuple(args[0].shape) for args, kwargs in ctx.calibration])
+            seen.append([tuple(args[0].shape) for args, kwargs in ctx.calibration])
+            return fxopt.PassResult(gm, modified=False)
+
+    dataset = _CountingDataset(torch.randn(10, 4))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    fxopt.optimize(nn.Linear(4, 2), torch.randn(4, 4), [Peek()], calibration=loader)
+    assert seen == [(3, 0), [(4, 4), (4, 4), (2, 4)], [(4, 4), (4, 4), (2, 4)]] and dataset.reads == 20
+
+
+def test_a_generator_given_to_optimize_is_read_once_into_a_list():
+    """Passes read the batches more than once (quantize calibrates, then lowering reads two
+    again): a one-shot generator is kept as a list, as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    res = fxopt.optimize(model, torch.randn(8, 4), "quantize", calibration=(torch.randn(8, 4) for _ in range(3)))
+    assert res.passes[0].stats["calibration_batches"] == 3 and res.verification.passed
