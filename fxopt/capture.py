@@ -358,6 +358,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
     info: dict[str, Any] = {"dynamic_batch": False}
     error: Exception | None = None
     gm = None
+    args, kwargs = _distinct_tensors(args, kwargs)
     if dynamic_batch and _leading_sizes(args, kwargs):
         try:
             gm, inputs = _export_dynamic_batch(model, args, kwargs, dynamic_shapes)
@@ -381,6 +382,24 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
         if info["dynamic_batch"]:
             _warn_narrow_batch(inputs, model)
     return gm, info
+
+
+def _distinct_tensors(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The inputs with a tensor given again (``(x, x)``: a self-attention example of a
+    cross-attention model) replaced by a copy: torch.export takes the same tensor object in two
+    places for one input, and its graph reads the last of them in place of the first, for any
+    two tensors it is called with."""
+    seen: set[int] = set()
+
+    def distinct(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if id(value) in seen:
+            return value.clone()
+        seen.add(id(value))
+        return value
+
+    return tree_map(distinct, (args, kwargs))
 
 
 def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict,

@@ -1325,3 +1325,38 @@ def test_a_symbolic_guard_survives_dead_code_removal_and_torch_load():
     for module in (gm, torch.load(buffer, weights_only=False)):
         with pytest.raises(fxopt.InputMismatchError, match="captured with flag=True"):
             module(torch.randn(2, 3), False)
+
+
+class _LinearPlus(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, a, b):
+        return self.fc(a) + b
+
+
+class _Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, inp):
+        a, (b, c) = inp
+        return self.fc(a) * b - c
+
+
+@pytest.mark.parametrize("model, example, call", [
+    (_LinearPlus, lambda x: (x, x), lambda a, b, c: (a, b)),
+    (_Nested, lambda x: ((x, (x, x)),), lambda a, b, c: ((a, (b, c)),)),
+])
+def test_an_example_passing_one_tensor_as_two_inputs_exports_a_graph_that_reads_both(model, example, call):
+    """torch.export took one tensor given as two inputs ((x, x): a self-attention example of a
+    cross-attention model) for one input: the graph read the last in place of the first, and
+    verification on the same example passed."""
+    torch.manual_seed(0)
+    m = model().eval()
+    gm = capture(m, example(torch.randn(3, 4)), mode="export")
+    a, b, c = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(gm(*call(a, b, c)), m(*call(a, b, c)))
+
