@@ -61,7 +61,7 @@ from .analysis.shapes import propagate_shapes
 from .call_check import (FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
                          specialized_guard, symbol_mins, symbols_by_size)
 from .errors import CaptureError, CaptureWarning, TrainingModeWarning, first_line, user_stacklevel
-from .ir.effects import drop_fresh_copies, fresh_literal_constants
+from .ir.effects import drop_fresh_copies, fresh_literal_constants, written_base
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
@@ -262,6 +262,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     _refuse_tensor_defaults(model, args, kwargs)
     concrete = _concrete_inputs(model, args, kwargs)
     state = BufferState(model)
+    versions = _buffer_versions(model)
     attributes = {id(m): dict(vars(m)) for m in model.modules()}
     with _FrozenDraws() as draws:
         gm = trace(model, concrete_args=concrete or None, enter=enter)
@@ -272,11 +273,13 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
                            "repeat them; draw from an input (torch.randn_like(x)) or use mode='export', which "
                            "records the draw")
     _put_back_traced_attributes(model, attributes)
-    written = state.changed()
+    # a write that reads no traced value runs at trace time (`self.m.mul_(0.5)`), even one that
+    # leaves the values as they were (zeros times 0.5): its version counter says it ran
+    written = state.changed() or _buffer_versions(model, versions)
     if written:
         state.restore()
-        raise CaptureError(f"forward writes its buffers in place ({', '.join(written[:3])}): symbolic tracing "
-                           "ran the write once instead of recording it (export records it)")
+        raise CaptureError(f"forward writes {_buffer_names(written)} in place: symbolic tracing ran the write once "
+                           "instead of recording it (export records it)")
     # fx rebuilds the containers on the path to each leaf as fresh nn.Module()s, which start in
     # training mode; they hold no state, so give them the model's mode
     set_container_mode(gm, model.training)
@@ -290,7 +293,49 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     except CaptureError as exc:
         _blame_root_hooks(model, exc)
         raise
+    _check_next_call(model, gm, args, kwargs)
     return gm
+
+
+def _check_next_call(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Where the graph writes a buffer (a running mean), check a second call too: fx ran the
+    part of the update that reads no traced value once, at trace time (``self.m * 0.5``
+    became a constant of the graph), and the graph computes the first call only right.
+    Both run twice from the same state, which is left as it was."""
+    written = sorted({base.target for node in gm.graph.nodes
+                      if (base := written_base(gm, node)) is not None and base.op == "get_attr"})
+    if not written:
+        return
+    state = BufferState(model, gm)
+    outputs = []
+    with torch.no_grad():
+        for run in (model, gm):
+            for _ in range(2):
+                run_args, run_kwargs = fresh_inputs(args, kwargs)
+                with same_random_draws():
+                    out = run(*run_args, **run_kwargs)
+            outputs.append(out)
+            state.restore()
+    try:
+        _check_same_outputs(*outputs)
+    except CaptureError as exc:
+        raise CaptureError(f"on a second call, {first_line(exc)}: forward updates {_buffer_names(written)} in place, "
+                           "and symbolic tracing ran the part of the update that reads no input once, as a constant "
+                           "(export records it)") from None
+
+
+def _buffer_versions(model: nn.Module, before: dict[str, int] | None = None) -> Any:
+    """The version counter of each of `model`'s buffers by name; given `before`, the names of
+    those written in place since (buffer 'm')."""
+    now = {name: b._version for name, b in model.named_buffers()}
+    if before is None:
+        return now
+    return [name for name, version in now.items() if before.get(name, version) != version]
+
+
+def _buffer_names(names: list[str]) -> str:
+    """"buffer 'm'", "buffers 'a', 'b'" (three at most)."""
+    return f"buffer{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names[:3])}"
 
 
 def _put_back_traced_attributes(model: nn.Module, before: dict[int, dict[str, Any]]) -> None:
