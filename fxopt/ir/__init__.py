@@ -6,7 +6,7 @@ from .interpret import BufferState, flatten_inputs, fresh_inputs, node_values, r
 from .leaf import leaf_function
 from .packed import split_packed_parameters
 from .opview import (OpSpec, OpView, SPECS, bind_arguments, metadata_read, op_view, size_read, spec_for,
-                     transposed_parameter)
+                     transposed_parameter, written_arguments)
 from .params import (
     ParamRef,
     add_tensor_attr,
@@ -47,5 +47,5 @@ __all__ = [
     "make_private", "meta_value", "metadata_read", "module_path", "mutated_input", "written_base", "node_values", "op_name", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "tensor_meta", "tensor_versions",
     "transposed_parameter", "unpack_tuples",
-    "value_nbytes", "weight_matmuls_as_linear", "written_in_place",
+    "value_nbytes", "weight_matmuls_as_linear", "written_arguments", "written_in_place",
 ]

@@ -88,7 +88,8 @@ class OpSpec:
     #: matches only the neutral value, so no rewrite drops it
     modifiers: dict = field(default_factory=dict)
     #: the argument that collects the remaining positional args of a Python call
-    #: (``torch.einsum(eq, a, b)``), where a list in that place is taken as it is
+    #: (``torch.einsum(eq, a, b)``, ``x.permute(0, 2, 1)``), where one sequence in that place
+    #: is taken as it is (`_holds_sequence`)
     varargs: str | None = None
 
 
@@ -126,6 +127,7 @@ def _bn_attrs(m: nn.Module) -> dict:
     return dict(eps=m.eps, training=m.training or m.running_mean is None, momentum=m.momentum)
 
 
+_VARIANCES = ("var", "std", "var_mean", "std_mean")
 _ELEMENTWISE = dict(arg_names=("input", "other", "alpha"), tensor_args=("input", "other"))
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONVT_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -215,15 +217,16 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("mish", functions=(F.mish,), aten=(aten.mish, aten.mish_), modules=(nn.Mish,)),
     OpSpec("clamp", functions=(torch.clamp_min, torch.clamp_min_), methods=("clamp_min", "clamp_min_"),
            aten=(aten.clamp_min, aten.clamp_min_),
-           arg_names=("input", "min")),
+           arg_names=("input", "min"), defaults=dict(max=None)),
     OpSpec("clamp", functions=(torch.clamp_max, torch.clamp_max_), methods=("clamp_max", "clamp_max_"),
            aten=(aten.clamp_max, aten.clamp_max_),
-           arg_names=("input", "max")),
+           arg_names=("input", "max"), defaults=dict(min=None)),
     # more unary math: f(0) = 0 (abs .. softsign), f(0) finite but not 0 (exp, cos), f(0)
     # infinite (rsqrt, reciprocal)
     *(OpSpec(name, functions=(getattr(torch, name), *filter(None, [getattr(torch, f"{name}_", None)]), *functions),
              methods=(name, f"{name}_", *methods),
-             aten=(getattr(aten, name), getattr(aten, f"{name}_"), *aliases))
+             aten=(getattr(aten, name), getattr(aten, f"{name}_"), *aliases),
+             defaults=dict(decimals=0) if name == "round" else {})  # round(x, decimals=1) is another op
       for name, functions, methods, aliases in (
           ("abs", (torch.absolute,), ("absolute", "absolute_"), (aten.absolute, aten.absolute_)),
           ("erf", (torch.special.erf,), (), (aten.special_erf,)),
@@ -300,7 +303,8 @@ SPECS: tuple[OpSpec, ...] = (
            defaults=dict(start_dim=0, end_dim=-1),
            module_attrs=lambda m: dict(start_dim=m.start_dim, end_dim=m.end_dim)),
     OpSpec("reshape", functions=(torch.reshape,), methods=("reshape", "view"),
-           aten=(aten.reshape, aten.view, aten._unsafe_view), arg_names=("input", "shape")),
+           aten=(aten.reshape, aten.view, aten._unsafe_view), arg_names=("input", "shape"),
+           varargs="shape", renames={"size": "shape"}),
     OpSpec("unflatten", functions=(torch.unflatten,), methods=("unflatten",), aten=(aten.unflatten,),
            modules=(nn.Unflatten,), arg_names=("input", "dim", "sizes"),
            module_attrs=lambda m: dict(dim=m.dim, sizes=tuple(m.unflattened_size))),
@@ -318,7 +322,7 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("movedim", functions=(torch.movedim, torch.moveaxis), methods=("movedim", "moveaxis"),
            aten=(aten.movedim, aten.moveaxis), arg_names=("input", "source", "destination")),
     OpSpec("permute", functions=(torch.permute,), methods=("permute",), aten=(aten.permute,),
-           arg_names=("input", "dims")),
+           arg_names=("input", "dims"), varargs="dims"),
     # ``x.t()``: a 2-D transpose, nothing for 1-D: transpose(0, -1) either way
     OpSpec("transpose", functions=(torch.t,), methods=("t",), aten=(aten.t,), arg_names=("input", "dim0", "dim1"),
            defaults=dict(dim0=0, dim1=-1)),
@@ -330,7 +334,8 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("max_pool", functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d),
            aten=(aten.max_pool1d, aten.max_pool2d, aten.max_pool3d),
            modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), arg_names=("input", "kernel_size", "stride",
-                                                                         "padding", "dilation", "ceil_mode")),
+                                                                         "padding", "dilation", "ceil_mode"),
+           defaults=dict(return_indices=False)),  # the ATen ops of this row return no indices
     OpSpec("avg_pool", functions=(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
            aten=(aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d),
            modules=(nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d),
@@ -358,14 +363,12 @@ SPECS: tuple[OpSpec, ...] = (
     *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
              arg_names=("input", "dim", "keepdim"), defaults=dict(dim=None, keepdim=False))
       for name in ("amax", "amin")),
-    # variance / standard deviation over axes (`unbiased` or `correction` do not matter to prune)
-    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
-             arg_names=("input", "dim", "unbiased", "keepdim"), defaults=dict(dim=None, keepdim=False))
-      for name in ("var", "std")),
-    # (variance, mean) and (standard deviation, mean) over axes, as one tuple
-    *(OpSpec(name, functions=(getattr(torch, name),), aten=(getattr(aten, name),),
-             arg_names=("input", "dim", "unbiased", "keepdim"), defaults=dict(dim=None, keepdim=False))
-      for name in ("var_mean", "std_mean")),
+    # variance / standard deviation over axes, and as (value, mean) tuples; `unbiased` is read
+    # as the `correction` it stands for (True: 1, False: 0), the one attribute views have
+    *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,) if name in ("var", "std") else (),
+             aten=(getattr(aten, name),), arg_names=("input", "dim", "unbiased", "keepdim"),
+             defaults=dict(dim=None, keepdim=False), modifiers=dict(correction=1))
+      for name in _VARIANCES),
     # copies of the entries: each `repeats` times in a row along `dim` (None: of the flattened
     # input), or the whole tensor tiled `repeats[i]` times along axis i
     OpSpec("repeat_interleave", functions=(torch.repeat_interleave,), methods=("repeat_interleave",),
@@ -443,8 +446,9 @@ SPECS: tuple[OpSpec, ...] = (
            arg_names=("input", "indices_or_sections", "dim"), defaults=dict(dim=0),
            renames={"sections": "indices_or_sections", "indices": "indices_or_sections",
                     "tensor_indices_or_sections": "indices_or_sections"}),
-    OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size")),
-    OpSpec("flip", functions=(torch.flip,), methods=("flip",), aten=(aten.flip,), arg_names=("input", "dims")),
+    OpSpec("expand", methods=("expand",), aten=(aten.expand,), arg_names=("input", "size"), varargs="size"),
+    OpSpec("flip", functions=(torch.flip,), methods=("flip",), aten=(aten.flip,), arg_names=("input", "dims"),
+           varargs="dims"),
     # the shape comes from `other`, whose values are not read
     OpSpec("expand_as", methods=("expand_as",), aten=(aten.expand_as,), arg_names=("input", "other"),
            tensor_args=("input", "other")),
@@ -604,27 +608,58 @@ def metadata_read(node: torch.fx.Node) -> Any:
 
 
 def bind_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
-    """Positional and keyword args of a call_function/call_method node under canonical names."""
+    """Positional and keyword args of a call_function/call_method node under canonical names,
+    with the defaults of those not written."""
     overload = aten_op_of(node)
     renames = {**_SCHEMA_RENAMES, **spec.renames}
-    if overload is not None:
-        names = [renames.get(a.name, a.name) for a in overload._schema.arguments]
-        defaults = {renames.get(a.name, a.name): a.default_value for a in overload._schema.arguments
-                    if a.has_default_value()}
-    else:
-        names, defaults = list(spec.arg_names), {}
     bound = dict(spec.defaults)
-    bound.update(defaults)
+    if overload is not None:
+        bound.update({renames.get(a.name, a.name): a.default_value for a in overload._schema.arguments
+                      if a.has_default_value()})
+    bound.update(written_arguments(node, spec))
+    return bound
+
+
+def written_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
+    """The args a call_function/call_method node writes, under canonical names: positional
+    ones by the ATen schema or `spec.arg_names`, spread ones collected (`OpSpec.varargs`:
+    ``x.permute(0, 2, 1)`` writes ``dims=(0, 2, 1)``), keyword ones renamed.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: x.permute(0, 2, 1))
+        >>> node = next(n for n in gm.graph.nodes if n.op == "call_method")
+        >>> written_arguments(node, spec_for(gm, node))
+        {'input': x, 'dims': (0, 2, 1)}
+    """
+    overload = aten_op_of(node)
+    renames = {**_SCHEMA_RENAMES, **spec.renames}
+    names = ([renames.get(a.name, a.name) for a in overload._schema.arguments] if overload is not None
+             else list(spec.arg_names))
     positional = list(node.args)
-    if overload is None and spec.varargs is not None:
+    if overload is None and spec.varargs is not None and len(positional) > names.index(spec.varargs):
         at = names.index(spec.varargs)
         rest = positional[at:]
-        if not (len(rest) == 1 and isinstance(rest[0], (list, tuple))):
+        if not (len(rest) == 1 and _holds_sequence(rest[0])):
             positional[at:] = [tuple(rest)]
-    bound.update(zip(names, positional))
+    written = dict(zip(names, positional))
     for key, value in node.kwargs.items():
-        bound[renames.get(key, key)] = value
-    return bound
+        written[renames.get(key, key)] = value
+    return written
+
+
+def _holds_sequence(value: Any) -> bool:
+    """Whether one argument in a varargs place is the whole sequence: a list or tuple, or a node
+    that yields one (``x.view(y.size())``, ``x.expand(y.shape)``); a number or a node reading one
+    size (``x.repeat(n)``) is one entry of it."""
+    if isinstance(value, (list, tuple)):
+        return True
+    if not isinstance(value, torch.fx.Node):
+        return False
+    read = size_read(value)
+    if read is not None:
+        return read[1] is None
+    example = value.meta.get("val", value.meta.get("example_value"))
+    return isinstance(example, (list, tuple, torch.Size))
 
 
 def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, args: dict) -> OpView:
@@ -654,6 +689,12 @@ def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, arg
             padding = attrs.get("padding", 0)
             attrs["padding"] = (integer_padding(padding, tuple(w.shape[2:]), attrs["dilation"])
                                 if isinstance(padding, str) and w is not None else _as_tuple(padding, attrs["dim"]))
+    if spec.kind in ("max_pool", "avg_pool") and attrs.get("stride") in (None, [], ()):
+        # a pool's stride defaults to its kernel (export writes the default as `[]`)
+        attrs["stride"] = attrs.get("kernel_size")
+    if spec.kind in _VARIANCES:
+        unbiased, correction = attrs.pop("unbiased", None), attrs.get("correction")
+        attrs["correction"] = correction if correction is not None else 0 if unbiased is False else 1
     return OpView(node, spec.kind, inputs, params, attrs)
 
 
@@ -707,9 +748,8 @@ def _swaps_2d(view: OpView) -> bool:
     """`transpose(w, 0, 1)` / `permute(w, (1, 0))`, axes of either sign: a 2-D transpose."""
     if view.kind == "transpose":
         dims = (view.attrs.get("dim0"), view.attrs.get("dim1"))
-    else:  # permute's axes come as one sequence, or spread over the call (`w.permute(1, 0)`)
-        dims = view.attrs.get("dims")
-        dims = tuple(dims) if isinstance(dims, (list, tuple)) else view.node.args[1:]
+    else:
+        dims = tuple(view.attrs.get("dims") or ())
     if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
         return False
     first, second = (d % 2 for d in dims)

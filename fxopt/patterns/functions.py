@@ -7,11 +7,11 @@ their op-view kinds, so the function matches every spelling of the same ops:
 - parameters with a numeric default are scalar operands (`Const`), e.g. an attention scale;
 - a parameter passed as an op's weight or bias (`F.linear(x, w, b)`) binds that op's
   parameter, whether the graph holds it in a module (`nn.Linear`) or as a `get_attr`;
-- literal non-tensor arguments written in the call (`softmax(s, dim=-1)`, `x / 8.0`) must
-  be equal in the graph; arguments left out are not constrained, except those that change
-  what the op computes (`OpSpec.modifiers`: add's `alpha`, div's `rounding_mode`), which must
-  then be neutral, and a weight or bias left out, which the graph's op must not have either
-  (`F.linear(x, w)` does not match a linear with a bias: the replacement could not take it);
+- literal non-tensor arguments written in the call (`softmax(s, dim=-1)`, `x / 8.0`, each
+  axis of `x.permute(0, 2, 1)`) must be equal in the graph, and arguments left out must have
+  their defaults there (`F.gelu(x)` is not `gelu(x, approximate="tanh")`), where fxopt can
+  read them; a weight or bias left out must be absent too (`F.linear(x, w)` does not match a
+  linear with a bias: the replacement could not take it);
 - a scalar operand keeps its side: `1.0 - x` does not match `x - 1.0`.
 
     >>> import torch, torch.nn.functional as F
@@ -30,8 +30,8 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from ..ir import bind_arguments, op_view, spec_for
-from .core import Const, Op, PatternNode, Var
+from ..ir import aten_op_of, bind_arguments, op_view, spec_for, written_arguments
+from .core import Const, Op, PatternNode, Var, _same
 
 
 def pattern_from_function(fn: Callable[..., Any]) -> PatternNode:
@@ -62,8 +62,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
         raise ValueError(f"pattern function {fname}: '{node.format_node()}' is not an op fxopt's op "
                          "view knows; patterns match op kinds (see fxopt.ir.SPECS)")
     spec = spec_for(gm, node)
-    written = dict(zip(spec.arg_names, node.args))
-    written.update(node.kwargs)
+    written = written_arguments(node, spec)
     inputs: list[PatternNode] = []
     scalar = None
     params: dict[str, str] = {}
@@ -81,37 +80,127 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
                 scalar = Const(f"_literal{counter[0]}", check=_equals(value), literal=value)
                 counter[0] += 1
             scalar_first = scalar_first or (scalar is not None and not inputs and key == spec.tensor_args[0])
-        elif not isinstance(value, torch.fx.Node) and key not in _IGNORED:
-            attrs[key] = value
+        elif key in _IGNORED or isinstance(value, torch.fx.Node) or key not in view.attrs:
+            continue  # (the view reads a key it drops as another: var's `unbiased` as `correction`)
+        elif _holds_node(value):  # ``x.view(x.size(0), -1)``: the sizes read in the graph may be anything
+            attrs[key] = _literals_equal(value)
+        else:
+            attrs[key] = view.attrs.get(key, value)  # as the op view spells it (a pool's stride None: its kernel)
     # What the function itself fixes, no argument of it can change (relu6's bounds, conv2d's
     # `transposed`, zeros_like's fill value): the ops of its kind that differ there compute
     # other things (hardtanh(-2, 2), conv_transpose2d, ones_like).
     attrs.update({key: value for key, value in spec.defaults.items()
                   if key not in spec.arg_names and key not in written and key not in attrs})
+    # and what changes the op beyond its kind, as the call computes it (var's correction)
+    attrs.update({key: view.attrs[key] for key in spec.modifiers if key in view.attrs and key not in attrs})
     counter[0] += 1
     name = f"{view.kind}_{counter[0]}" if params else None
     commutative = view.kind in ("add", "mul") and len(inputs) == 2
     left_out = [key for key in spec.param_args if key not in written]
+    defaults = {key: view.attrs.get(key, default) for key in _argument_names(spec)
+                if key not in written and key not in attrs and key not in spec.tensor_args
+                and key not in spec.param_args and key not in _IGNORED
+                and (default := _default_of(node, spec, key)) is not _UNKNOWN}
+    schema_only = frozenset(defaults) - set(spec.arg_names)
+    check = _as_written(left_out, defaults, schema_only) if left_out or defaults else None
     return Op(view.kind, *inputs, name=name, scalar=scalar, attrs=attrs, params=params,
-              commutative=commutative, scalar_first=scalar_first, check=_without(left_out) if left_out else None)
+              commutative=commutative, scalar_first=scalar_first, check=check)
 
 
-def _without(names: list[str]) -> Callable[[Any], bool | str]:
-    """An op check: the graph's op has none of the weights/biases the pattern function left out
-    (a replacement written without them would drop them)."""
+def _as_written(params_left_out: list[str], defaults: dict[str, Any],
+                schema_only: frozenset[str] = frozenset()) -> Callable[[Any], bool | str]:
+    """An op check: the graph's op computes what the pattern function's call does where the
+    call leaves arguments out. It has none of the weights/biases left out (a replacement
+    written without them would drop them), and the other arguments left out have their
+    defaults there (``F.gelu(x)`` is not ``gelu(x, approximate="tanh")``, ``clamp(x, min=0)``
+    not ``clamp(x, 0, 6)``: a replacement would compute the defaults' numbers)."""
     def check(view) -> bool | str:
-        bound = bind_arguments(view.node, spec_for(view.node.graph.owning_module, view.node)) \
-            if view.node.op != "call_module" else {}
-        for key in names:
+        node = view.node
+        module = node.graph.owning_module.get_submodule(node.target) if node.op == "call_module" else None
+        spec = spec_for(node.graph.owning_module, node)
+        bound = bind_arguments(node, spec) if module is None else {}
+        for key in params_left_out:
             if view.param(key) is not None or isinstance(bound.get(key), torch.fx.Node):
                 return f"it has a {key} the pattern function leaves out (take it as a parameter to bind it)"
+        # A Python call without the argument takes the default; a module or an ATen op without
+        # it may hold it elsewhere (an upsample's mode in its target): not known to agree.
+        overload = aten_op_of(node)
+        python_call = module is None and overload is None
+        schema = {spec.renames.get(a.name, a.name) for a in overload._schema.arguments} if overload is not None else set()
+        for key, default in defaults.items():
+            got = view.attrs.get(key, bound.get(key, getattr(module, key, default if python_call else _UNKNOWN)))
+            if got is _UNKNOWN and key in schema_only and key not in schema:
+                continue  # an argument of other overloads (`sum`'s `dtype`), which this one has not
+            if got is _UNKNOWN:
+                return (f"it has no argument '{key}' fxopt can read, and the pattern function leaves {key} out "
+                        f"(its default is {default!r}), so they may compute different things")
+            if not _same(got, default, key):
+                return (f"its {key} is {got!r}, and the pattern function leaves {key} out (its default is "
+                        f"{default!r}): write {key}= in the pattern's call to match that value")
         return True
 
     return check
 
 
-# Arguments that do not change the value an op computes.
-_IGNORED = {"inplace"}
+def _argument_names(spec) -> list[str]:
+    """Every argument an op of the row may take: its Python order, then its ATen schemas'
+    (keyword-only ones too: `sum`'s `dtype`)."""
+    names = list(spec.arg_names)
+    for overload in _overloads(spec):
+        names += [n for a in overload._schema.arguments if (n := spec.renames.get(a.name, a.name)) not in names]
+    return names
+
+
+def _overloads(spec) -> list:
+    return [getattr(packet, name) if hasattr(packet, "overloads") else packet
+            for packet in spec.aten for name in (packet.overloads() if hasattr(packet, "overloads") else [None])]
+
+
+def _default_of(node: torch.fx.Node, spec, key: str) -> Any:
+    """The value an argument left out of a pattern function's call takes: the op view's own
+    default, the Python function's, or the ATen schema's (methods have no Python signature);
+    `_UNKNOWN` where none says (then it stays unconstrained)."""
+    if key in spec.defaults:
+        return spec.defaults[key]
+    renamed = {canonical: original for original, canonical in spec.renames.items()}
+    if node.op == "call_function":
+        try:
+            parameter = inspect.signature(node.target).parameters.get(renamed.get(key, key))
+        except (TypeError, ValueError):
+            parameter = None
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    for argument in (a for overload in _overloads(spec) for a in overload._schema.arguments):
+        if spec.renames.get(argument.name, argument.name) == key and argument.has_default_value():
+            return argument.default_value
+    return _UNKNOWN
+
+
+_UNKNOWN = object()
+
+
+def _holds_node(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and any(isinstance(v, torch.fx.Node) or _holds_node(v) for v in value)
+
+
+def _literals_equal(written: tuple | list) -> Callable[[Any], bool]:
+    """An attrs predicate for a sequence mixing sizes read in the graph with literals
+    (``x.view(x.size(0), -1)``): as long, and equal where the pattern wrote a literal."""
+    def check(got: Any) -> bool:
+        return (isinstance(got, (list, tuple)) and len(got) == len(written)
+                and all(isinstance(w, torch.fx.Node) or _same(g, w) for g, w in zip(got, written)))
+
+    check.__name__ = f"literals_of_{tuple('?' if isinstance(w, torch.fx.Node) else w for w in written)}"
+    return check
+
+
+# Arguments that do not change the value an op computes: where it lives and how it is laid out
+# (`memory_format`, `device`), hints to the kernel (`cudnn_enable`, einsum's `path`, a repeat's
+# `output_size`), what only training or gradients read (`momentum`, `padding_idx`), where a
+# deprecation warning points (`_stacklevel`).
+_IGNORED = {"inplace", "momentum", "_stacklevel", "memory_format", "out", "copy", "non_blocking", "device",
+            "layout", "pin_memory", "cudnn_enable", "cudnn_enabled", "implicit", "path", "output_size",
+            "padding_idx", "scale_grad_by_freq", "sparse"}
 
 
 def _equals(value: Any) -> Callable[[Any], bool]:

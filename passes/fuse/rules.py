@@ -254,8 +254,7 @@ def _features_to_channels(view) -> bool | str:
         dims = {view.attrs.get("dim0"), view.attrs.get("dim1")}
         ok = all(isinstance(d, int) for d in dims) and {d % rank for d in dims} == {1, rank - 1}
     else:
-        order = view.attrs.get("dims")
-        order = list(order) if isinstance(order, (list, tuple)) else list(view.node.args[1:])
+        order = list(view.attrs.get("dims") or ())
         ok = len(order) == rank and all(isinstance(d, int) for d in order) and order[1] % rank == rank - 1
     return ok or "the swap does not put the linear's features on axis 1"
 
@@ -545,8 +544,7 @@ def _key_order(view) -> list[int] | str:
     if n is None or n < 2:
         return "a transpose/permute of unknown rank"
     if view.kind == "permute":
-        order = view.attrs.get("dims")
-        order = list(order) if isinstance(order, (list, tuple)) else list(view.node.args[1:])
+        order = list(view.attrs.get("dims") or ())
     else:
         order = list(range(n))
         d0, d1 = view.attrs.get("dim0"), view.attrs.get("dim1")

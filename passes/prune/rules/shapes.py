@@ -94,10 +94,7 @@ class ShapeRules:
         if sid is None:
             return self.free_output(node, view)
         nd = len(shape)
-        dims = view.attrs.get("dims")
-        if not isinstance(dims, (list, tuple)):
-            dims = [a for a in node.args[1:]]
-        dims = [_norm_axis(int(d), nd) for d in dims]
+        dims = [_norm_axis(int(d), nd) for d in view.attrs.get("dims") or ()]
         self.passthrough(node, view, src, dims.index(self.slots[sid].axis))
 
     def rule_movedim(self, node, view, shape) -> None:

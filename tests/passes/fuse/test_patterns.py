@@ -503,6 +503,22 @@ _KINDS = [  # (pattern op, its replacement, an op of the same kind computing som
     (lambda x: x + torch.zeros_like(x), lambda x: x * 1.0, lambda x: x + torch.ones_like(x)),
     (lambda x: x * torch.ones_like(x), lambda x: x * 1.0, lambda x: x * torch.full_like(x, 7.0)),
     (lambda x: x + x.new_zeros(x.shape), lambda x: x * 1.0, lambda x: x + x.new_ones(x.shape)),
+    # arguments the pattern's call leaves out take their defaults there
+    (lambda x: F.gelu(x), lambda x: x * 0.5 * (1 + torch.erf(x * 0.5 ** 0.5)),
+     lambda x: F.gelu(x, approximate="tanh")),
+    (lambda x: F.gelu(x), lambda x: x * 0.5 * (1 + torch.erf(x * 0.5 ** 0.5)), nn.GELU(approximate="tanh")),
+    (lambda x: torch.clamp(x, min=0), lambda x: F.relu(x), lambda x: torch.clamp(x, 0, 6)),
+    (lambda x: F.leaky_relu(x), lambda x: torch.where(x > 0, x, 0.01 * x), nn.LeakyReLU(0.2)),
+    (lambda x: x.mean(-1), lambda x: x.sum(-1) / x.shape[-1], lambda x: x.mean(-1, keepdim=True)),
+    (lambda x: x.sum(-1), lambda x: x.mean(-1) * x.shape[-1], lambda x: x.sum(-1, dtype=torch.float64)),
+    # what the function fixes (fuse tester: the replacement dropped the other bound, 2.7-3.2 off)
+    (lambda x: x.clamp_min(0.5), lambda x: torch.maximum(x, torch.full_like(x, 0.5)), lambda x: x.clamp(0.5, 0.6)),
+    (lambda x: x.clamp_max(0.5), lambda x: torch.minimum(x, torch.full_like(x, 0.5)), lambda x: x.clamp(-0.1, 0.5)),
+    (lambda x: torch.round(x), lambda x: torch.floor(x + 0.5), lambda x: torch.round(x, decimals=1)),
+    # var/std's `correction=` keyword was not compared (0.1-0.33 off)
+    (lambda x: x.std(-1), lambda x: x.var(-1).sqrt(), lambda x: x.std(-1, correction=0)),
+    (lambda x: x.var(-1), lambda x: x.std(-1) ** 2, lambda x: torch.var(x, -1, correction=2)),
+    (lambda x: x.std(-1, unbiased=False), lambda x: x.var(-1, unbiased=False).sqrt(), lambda x: x.std(-1)),
 ]
 
 
@@ -591,3 +607,66 @@ def test_a_shrink_pattern_matches_its_module(mode):
     gm = fxopt.capture(_Act(nn.Softshrink(0.5)).eval(), (x,), mode=mode)
     assert apply_patterns(gm, Pattern("p", pattern_from_function(lambda x: F.softshrink(x)),
                                       replacement=lambda x: x - x.clamp(-0.5, 0.5))).total == 1
+
+
+class _Shuffled(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.fc, self.op = nn.Linear(8, 8), op
+
+    def forward(self, x):
+        return self.op(self.fc(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pattern, replacement, other", [
+    (lambda x: x.permute(0, 2, 1), lambda x: x.transpose(1, 2), lambda x: x.permute(0, 1, 2)),
+    (lambda x: x.flip(2, 1), lambda x: torch.flip(x, (1, 2)), lambda x: x.flip(2)),
+    (lambda x: x.reshape(2, 8, 4), lambda x: x.view(2, 8, 4), lambda x: x.reshape(2, 2, 16)),
+])
+def test_arguments_spread_over_a_method_call_are_all_compared(mode, pattern, replacement, other):
+    """``x.permute(0, 2, 1)`` in a pattern kept only its first number: it matched
+    ``x.permute(0, 1, 2)``, and the replacement transposed a value that eager does not."""
+    x = torch.randn(2, 4, 8)
+    model = _Shuffled(other).eval()
+    gm = fxopt.capture(model, (x,), mode=mode)
+    report = apply_patterns(gm, Pattern("p", pattern_from_function(pattern), replacement=replacement))
+    assert report.total == 0, report
+    torch.testing.assert_close(gm(x), model(x))
+    model = _Shuffled(pattern).eval()
+    gm = fxopt.capture(model, (x,), mode=mode)
+    report = apply_patterns(gm, Pattern("p", pattern_from_function(pattern), replacement=replacement), max_rounds=1)
+    assert report.total == 1, report
+    gm.recompile()
+    torch.testing.assert_close(gm(x), model(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", [
+    lambda x: x.view(x.size(0), -1),    # a size read in the graph, and export's `size` argument name
+    lambda x: F.softmax(x, -1),         # F.softmax writes `_stacklevel`, which ATen has not
+    lambda x: F.max_pool1d(x, 2),       # export writes the default stride as []
+    lambda x: F.avg_pool1d(x, 2),
+])
+def test_a_function_pattern_matches_its_op_in_both_front_ends(mode, op):
+    x = torch.randn(2, 4, 8)
+    model = _Shuffled(op).eval()
+    gm = fxopt.capture(model, (x,), mode=mode)
+    report = apply_patterns(gm, Pattern("p", pattern_from_function(op), replacement=op), max_rounds=1)
+    assert report.total == 1, report
+
+
+def test_why_not_names_the_argument_a_pattern_call_leaves_out():
+    gm = fxopt.capture(_Act(lambda x: torch.clamp(x, 0, 6)).eval(), (torch.randn(4, 8),), mode="symbolic")
+    why = explain(gm, _node(gm, "clamp"), pattern_from_function(lambda x: torch.clamp(x, min=0)))
+    assert "its max is 6" in why and "leaves max out (its default is None)" in why and "write max=" in why
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unbiased_and_correction_spell_one_estimator(mode):
+    """``std(unbiased=False)`` is ``std(correction=0)``: a pattern written one way matches the other."""
+    model = _Act(lambda x: x.std(-1, correction=0)).eval()
+    gm = fxopt.capture(model, (torch.randn(4, 8),), mode=mode)
+    report = apply_patterns(gm, Pattern("p", pattern_from_function(lambda x: x.std(-1, unbiased=False)),
+                                        replacement=lambda x: x.var(-1, unbiased=False).sqrt()), max_rounds=1)
+    assert report.total == 1, report

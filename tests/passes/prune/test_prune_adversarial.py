@@ -299,3 +299,23 @@ def test_an_unbatched_conv_is_pinned_with_its_reason(mode):
     r = prune_and_mask(UnbatchedConv().eval(), torch.randn(6, 16), mode, ratio=0.3)  # (6 is no batch)
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
     assert any("unbatched conv" in why for why in r.plan.channel_graph.pinned_nodes.values())
+
+
+class SpreadAxes(nn.Module):
+    """``h.flip(2, 1)`` and ``h.permute(0, 2, 3, 1)`` write their axes spread over the call: the
+    analysis read only the first (flip over axis 2 alone), paired output channel j with input
+    channel j where the flip reverses them, and pruned the wrong columns of `b` (0.98 off)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b, self.op = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), op
+
+    def forward(self, x):
+        return self.b(self.op(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("op", [lambda h: h.flip(2, 1), lambda h: h.permute(0, 2, 3, 1).permute(0, 3, 1, 2)])
+def test_axes_spread_over_a_method_call_are_all_read(mode, op):
+    r = _exact(SpreadAxes(op), torch.randn(2, 3, 8, 8), mode)
+    assert r.pruned.b.weight.shape[1] < 8
