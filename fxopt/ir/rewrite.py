@@ -18,7 +18,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .bindings import op_name
+from .bindings import aten_op_of, op_name
 from .opview import bind_arguments, op_view, spec_for, transposed_parameter
 from .params import ParamRef, add_tensor_attr, attribute_use_counts, get_attr_value, resolve_attr
 
@@ -377,6 +377,21 @@ def downstream(starts: Iterable[torch.fx.Node],
 _MAY_COPY = frozenset({"contiguous", "reshape", "reshape_as", "flatten", "to"})
 
 
+def _views_in_eager(value: torch.fx.Node, source: torch.fx.Node) -> bool:
+    """Whether a reshape (or flatten) `value` of `source` returns a view in eager: `view` never
+    copies (it fails instead), and reshape, flatten or contiguous of a row-major value do not
+    copy it (recorded in `source`'s shape metadata, from a run of the graph before lowering)."""
+    overload = aten_op_of(value)
+    if value.op == "call_method" and value.target == "view" \
+            or overload is not None and overload.overloadpacket in (torch.ops.aten.view, torch.ops.aten._unsafe_view):
+        return True
+    view = op_view(value.graph.owning_module, value)
+    if view is None or view.kind == "to" or view.attrs.get("memory_format") not in (None, torch.contiguous_format):
+        return False  # (a copy into another layout, `contiguous(memory_format=torch.channels_last)`)
+    meta = source.meta.get("tensor_meta")
+    return getattr(meta, "memory_format", None) == torch.contiguous_format
+
+
 def _graph_outputs(output: torch.fx.Node) -> list[torch.fx.Node]:
     found: list[torch.fx.Node] = []
     torch.fx.node.map_arg(output.args, found.append)
@@ -437,13 +452,16 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
         where a replay of the view on its copy at the end gives `value` (no later in-place
         change of its sizes or strides, ``h.transpose_(2, 3)``)."""
         first = value.args[0] if value.args and isinstance(value.args[0], torch.fx.Node) else None
-        if first is None or not is_view(gm, value) or tensor_meta(first) is None \
-                or any(_restrides(u) for u in first.users):
+        if first is None or tensor_meta(first) is None or any(_restrides(u) for u in first.users):
             return None
         view = op_view(gm, value)
         may_copy = view is not None and view.kind in _MAY_COPY \
             or value.op == "call_method" and value.target in _MAY_COPY
-        return None if may_copy or _gathers(value) else first
+        if may_copy and _views_in_eager(value, first):
+            # a reshape of a row-major value, one spelled `view`, or the row-major copy a
+            # lowering took of a value eager holds row-major (eager's `contiguous` is the value)
+            return first
+        return None if may_copy or not is_view(gm, value) or _gathers(value) else first
 
     def base_of(value: torch.fx.Node) -> torch.fx.Node:
         while (source := viewed(value)) is not None:

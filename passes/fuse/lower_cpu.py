@@ -718,5 +718,7 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
             with gm.graph.inserting_before(node):
                 fixed = gm.graph.call_method("contiguous", (src,))
             node.replace_input_with(src, fixed)
+        if "tensor_meta" in src.meta:  # eager's value, as the source's (outputs viewing both still alias)
+            fixed.meta["tensor_meta"] = src.meta["tensor_meta"]
         count += 1
     return count + contiguous_outputs(gm, among=downstream)

@@ -528,6 +528,36 @@ def test_lowered_outputs_keep_eagers_aliasing_and_strides(mode):
     assert len(row_major) == 1  # (the other one lays the conv's input out channels-last)
 
 
+class _ReshapedOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        return h, h.view(h.shape[0], -1), h.flatten(1), h.reshape(2, -1), h.transpose(1, 2).reshape(2, -1)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_reshapes_of_a_row_major_output_still_view_it(mode):
+    """Fuse tester: `h.view(n, -1)`, `h.flatten(1)` and `h.reshape(2, -1)` view h in eager (h is
+    row-major there), but each lowered output was a copy of its own (lower-cpu's `contiguous`
+    before the view, then one per output): a caller's write into h no longer showed in them. A
+    reshape of the transposed h copies in eager, and still does."""
+    torch.manual_seed(0)
+    model = _ReshapedOutputs().eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode).module
+    assert any("_convolution_pointwise" in str(n.target) for n in gm.graph.nodes)
+    with torch.no_grad():
+        expected, out = model(x), gm(x)
+    for e, o in zip(expected, out):
+        torch.testing.assert_close(o, e)
+        assert (o.data_ptr() == out[0].data_ptr()) == (e.data_ptr() == expected[0].data_ptr())
+    out[0].zero_()
+    assert all(o.abs().sum() == 0 for o in out[1:4]) and out[4].abs().sum() > 0
+
+
 class _GatherThenWrite(nn.Module):
     def __init__(self):
         super().__init__()
