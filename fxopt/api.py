@@ -133,9 +133,10 @@ def optimize(
                 reports[device] = _after_lossy(reports[device], last_lossy, result.module, example_inputs,
                                                device)
             report = reports[device]
-            if not report.passed or report.uncompared:
+            if not report.passed or report.unproven:
                 # a returned module is easy to use unchecked: say it failed (or proved nothing) where it is used
-                what = "failed" if not report.passed else "compared no value"
+                what = ("failed" if not report.passed else "compared no value" if report.uncompared
+                        else "proved nothing")
                 warnings.warn(f"optimize('{result.pipeline}'): verification {what}: {report.summary()}",
                               VerificationWarning, stacklevel=2)
     # packed int8 weights remember the shape of their first call (the example's, just above)

@@ -28,7 +28,9 @@ element by element, and `Tolerance.int_agreement` is the fraction of elements th
 equal: all of them under `exact` and `float`; 99% under `int8` (and at least all but one, for
 outputs of fewer than 100 elements), where a class whose two top logits were a rounding apart
 legitimately flips (an int8 classifier returning ``argmax`` would
-otherwise fail on any batch); `lossy` reports the count and judges nothing. A report names
+otherwise fail on any batch); in an output of fewer than 8 elements one that differs may be all
+it holds (a batch-1 classifier's class), so the report is NOT CHECKED; `lossy` reports the count
+and judges nothing. A report names
 each integer output with a difference: how many elements differ and the first one's index and
 values.
 
@@ -193,6 +195,9 @@ class TensorComparison:
     #: How many values were finite on both sides, so compared as numbers (0: an output that is
     #: NaN or infinite everywhere, in both, where equal reads as no error yet nothing was checked).
     finite: int | None = None
+    #: Whether the reference, and the candidate, hold any finite value (which side an output
+    #: that compared none was NaN or infinite everywhere on).
+    any_finite: tuple[bool, bool] = (True, True)
 
     @property
     def numel(self) -> int:
@@ -302,13 +307,20 @@ class VerificationReport:
         output had no value to compare (`uncompared`)."""
         if not self.passed:
             return "FAIL"
-        return "PASS" if self.tolerance.checks_values and not self.uncompared else "NOT CHECKED"
+        return "PASS" if self.tolerance.checks_values and not self.unproven else "NOT CHECKED"
 
     @property
     def uncompared(self) -> list[TensorComparison]:
         """The float outputs of which no value was compared: NaN or infinite everywhere, on both
         sides (an example input of NaN); equal, they read as no error, yet prove nothing."""
         return [o for o in self.outputs if o.finite == 0 and o.numel and o.mismatches is None]
+
+    @property
+    def unproven(self) -> list[TensorComparison]:
+        """The outputs that passed without proving anything: `uncompared` ones, and integer
+        outputs of fewer than `FEWEST_TO_JUDGE_A_FLIP` elements where one differs, which a
+        tolerance that lets one class flip (`int8`) passes though it may be all that output holds."""
+        return self.uncompared + [o for o in self.outputs if _flip_unjudged(o, self.tolerance)]
 
     def summary(self) -> str:
         verdict = self.verdict
@@ -325,9 +337,12 @@ class VerificationReport:
         for o in self.outputs:  # integer outputs are judged by count, not by the numbers above
             if o.mismatches:
                 text += f"; integer output{' ' + o.path if o.path else ''}: {o.mismatch_text()}"
-            if o in self.uncompared:
-                text += (f"; output{' ' + o.path if o.path else ''} is NaN or infinite everywhere, on both sides: "
-                         "no value was compared (verify on inputs with finite outputs)")
+                if _flip_unjudged(o, self.tolerance):
+                    text += (f": {self.tolerance.name} lets one class flip (two logits a rounding apart), which an "
+                             f"output of fewer than {FEWEST_TO_JUDGE_A_FLIP} elements cannot tell from a wrong "
+                             f"result: verify on a batch of {FEWEST_TO_JUDGE_A_FLIP} or more")
+            if o.finite == 0 and o.numel and o.mismatches is None:
+                text += f"; {_nonfinite_text(o)}: no value was compared (verify on inputs with finite outputs)"
             elif o.ref_scale == 0 and o.finite and o.mismatches is None and self.passed:
                 text += (f"; output{' ' + o.path if o.path else ''} is 0 everywhere in the reference: a result "
                          "scaled by any factor would match it too (verify on inputs whose outputs are not all 0)")
@@ -458,6 +473,29 @@ class _PlainAttributes:
                     now[key] = value
 
 
+#: The fewest elements of an integer output in which one differing element can pass as a class
+#: flipped by rounding (`Tolerance.int_agreement` below 1): in fewer, it may be the whole answer.
+FEWEST_TO_JUDGE_A_FLIP = 8
+
+
+def _flip_unjudged(o: TensorComparison, tolerance: Tolerance) -> bool:
+    """Whether integer output `o` passes `tolerance` only by its one allowed flip, in an output
+    too small to tell a flip from a wrong result (a batch-1 classifier's only class)."""
+    return (bool(o.mismatches) and o.numel < FEWEST_TO_JUDGE_A_FLIP and tolerance.int_agreement < 1
+            and o.passes(tolerance))
+
+
+def _nonfinite_text(o: TensorComparison) -> str:
+    """Which side of output `o`, which compared no value, is NaN or infinite everywhere."""
+    where = f"output {o.path}" if o.path else "the output"
+    ref, cand = o.any_finite
+    if ref and not cand:
+        return f"in {where}, the candidate is NaN or infinite everywhere, where the reference has finite values"
+    if cand and not ref:
+        return f"in {where}, the reference is NaN or infinite everywhere, where the candidate has finite values"
+    return f"output{' ' + o.path if o.path else ''} is NaN or infinite everywhere, on both sides"
+
+
 def _why_failed(outputs: list[TensorComparison], tol: Tolerance) -> str:
     """Which output broke `tol`, and by how much (a FAIL always says why)."""
     failing = [o for o in outputs if not o.passes(tol)]
@@ -472,7 +510,7 @@ def _why_failed(outputs: list[TensorComparison], tol: Tolerance) -> str:
     elif o.max_abs_error > tol.bound(o.ref_scale, o.dtype):
         why = f"is off by {o.max_abs_error:.3g}, above the {tol.name} bound {tol.bound(o.ref_scale, o.dtype):.3g}"
     else:
-        why = f"has SQNR {_fmt_db(o.sqnr_db)}, below the {tol.name} floor {tol.min_sqnr_db:g} dB"
+        why = f"has SQNR {_db_below(o.sqnr_db, tol.min_sqnr_db)}, below the {tol.name} floor {tol.min_sqnr_db:g} dB"
     return f"{where} {why}{more}"
 
 
@@ -581,6 +619,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     if r.numel() == 0:
         return TensorComparison(path, shape, 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype, mismatches)
     compared = int((r.isfinite() & c.isfinite()).sum())  # before the shared NaN below read as zeros
+    any_finite = (bool(r.isfinite().any()), bool(c.isfinite().any()))
     both_nan = r.isnan() & c.isnan()
     if both_nan.any():  # the model's own NaN (log of a negative), reproduced where it was: no error
         r, c = r.masked_fill(both_nan, 0.0), c.masked_fill(both_nan, 0.0)
@@ -611,7 +650,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr = math.nan, -math.inf
     return TensorComparison(path, shape, max_abs, max_rel, sqnr, cosine, scale, ref.dtype, mismatches, first,
-                            compared)
+                            compared, any_finite)
 
 
 def _is_integer(t: torch.Tensor) -> bool:
@@ -698,3 +737,11 @@ def _move(tree: Any, device: str) -> Any:
 
 def _fmt_db(value: float) -> str:
     return "inf" if math.isinf(value) and value > 0 else f"{value:.1f}dB"
+
+
+def _db_below(value: float, floor: float) -> str:
+    """`value` (below `floor`) with the decimals it takes not to read as the floor (19.999dB, not 20.0dB)."""
+    digits = 1
+    while math.isfinite(value) and round(value, digits) >= floor and digits < 6:
+        digits += 1
+    return f"{value:.{digits}f}dB"

@@ -975,3 +975,65 @@ def test_a_report_says_when_the_reference_output_is_0_everywhere():
         "; output is 0 everywhere in the reference: a result scaled by any factor would match it too (verify on "
         "inputs whose outputs are not all 0)")
     assert "0 everywhere" not in verify(model[0], model[0], torch.randn(3, 4)).summary()
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("batch, wrong", [(1, [0]), (2, [0]), (4, [1])])
+def test_int8_does_not_pass_a_small_integer_output_whose_one_element_differs(batch, wrong):
+    """'All but one' passed a batch-1 classifier's only class, wrong, and a batch of 2 half
+    wrong: below 8 elements a flip cannot be told from a wrong result, so it proves nothing."""
+    x = torch.randn(batch, 10)
+
+    def flipped(t):
+        classes = t.argmax(1)
+        classes[wrong] = t[wrong].argmin(1)
+        return classes
+
+    report = verify(_Fn(lambda t: t.argmax(1)), _Fn(flipped), x, tolerance="int8")
+    assert report.passed and report.verdict == "NOT CHECKED"
+    assert f"1/{batch} elements differ" in report.summary()
+    assert "fewer than 8 elements" in report.summary() and "verify on a batch of 8 or more" in report.summary()
+    assert verify(_Fn(lambda t: t.argmax(1)), _Fn(lambda t: t.argmax(1)), x, tolerance="int8").verdict == "PASS"
+
+
+def test_optimize_warns_when_a_small_integer_output_proved_nothing():
+    class Flip(fxopt.Pass):
+        name, tolerance = "test-flip", "int8"
+
+        def run(self, gm, ctx):
+            out = gm.graph.find_nodes(op="output")[0]
+            with gm.graph.inserting_before(out):
+                out.args = (gm.graph.call_function(torch.argmin, (out.args[0].args[0], 1)),)
+            return fxopt.PassResult(gm, modified=True)
+
+    with pytest.warns(fxopt.VerificationWarning, match=r"verification proved nothing: NOT CHECKED"):
+        fxopt.optimize(_Fn(lambda t: torch.argmax(t, 1)), torch.randn(1, 10), [Flip()], mode="symbolic")
+
+
+@pytest.mark.parametrize("ref, cand, tolerance, says", [
+    (lambda x: x / 0, lambda x: x * 1e30, "exact", "the reference is NaN or infinite everywhere"),
+    (lambda x: x, lambda x: x * float("nan"), "lossy", "the candidate is NaN or infinite everywhere"),
+    (lambda x: x / 0, lambda x: -x / 0, "exact", "NaN or infinite everywhere, on both sides"),
+])
+def test_a_report_says_which_side_had_no_finite_value(ref, cand, tolerance, says):
+    """'NaN or infinite everywhere, on both sides' was said where only one side was."""
+    report = verify(_Fn(ref), _Fn(cand), (torch.rand(4, 8) + 1,), tolerance=tolerance)
+    assert not report.passed and says in report.summary()
+
+
+def test_an_sqnr_just_below_the_floor_is_not_printed_as_the_floor():
+    """'SQNR 20.0dB, below the int8 floor 20 dB'."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 64)
+    noise = torch.randn(64, 64)
+    noise = noise * (x.norm() / noise.norm()) * 10 ** (-19.999 / 20)
+    report = verify(_Fn(lambda t: t), _Fn(lambda t: t + noise), (x,), tolerance="int8")
+    assert not report.passed and "has SQNR 19.999dB, below the int8 floor 20 dB" in report.message
