@@ -28,8 +28,9 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
     for position, chunk in enumerate(chunks, 1):
         chunk = chunk.strip()
         if not chunk:
-            if len(chunks) == 1 or (position == len(chunks) and text.strip().endswith(",")):
-                continue  # an empty pipeline, or a trailing comma
+            if len(chunks) == 1 or (position == len(chunks) and text.strip().endswith(",")) \
+                    or (position == 1 and text.strip().startswith(",")):
+                continue  # an empty pipeline, or a trailing or leading comma (pipelines joined by text)
             raise PipelineError(f"empty item at position {position} of pipeline '{text}' (two commas in a "
                                 "row?); remove it or put a pass there")
         if "{" in chunk:

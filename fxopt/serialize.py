@@ -129,6 +129,18 @@ def _coded_record(codec: AttributeCodec, value: Any) -> dict:
     return {_CODED_KEY: {"codec": codec.name, "provider": codec.provider, "data": codec.encode(value)}}
 
 
+def _check_is_file(path: Any) -> None:
+    """Refuse a path with no file at it, naming it (torch.load's FileNotFoundError read as a
+    file of another format); a file-like object is torch.load's to read."""
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    if os.path.isdir(path):
+        raise SerializationError(f"load: {os.fspath(path)} is a directory, not a file saved by fxopt.save")
+    if not os.path.exists(path):
+        raise SerializationError(f"load: no file at {os.fspath(path)}: check the path (relative paths start at "
+                                 f"{os.getcwd()})")
+
+
 def rebuild_coded_attributes(module: nn.Module) -> int:
     """Replace every attribute a registered codec stores by the object its codec rebuilds from
     it (what `save` then `load` would give); returns how many.
@@ -708,6 +720,7 @@ def load(path) -> torch.fx.GraphModule:
     """
     if isinstance(path, bytes):
         raise SerializationError(f"load: the path {path!r} is bytes; give a str or a pathlib.Path")
+    _check_is_file(path)
     try:
         data = torch.load(path, weights_only=True)
     except Exception as exc:  # a foreign pickle, a truncated or a non-torch file

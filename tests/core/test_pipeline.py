@@ -118,6 +118,7 @@ def test_mixed_list_of_objects_and_text():
 
 def test_whitespace_and_empty_items():
     assert [n for n, _ in split_pipeline(" dce , remove-noops, ")] == ["dce", "remove-noops"]   # a trailing comma
+    assert [n for n, _ in split_pipeline(", dce, remove-noops")] == ["dce", "remove-noops"]   # a leading one too
     assert split_pipeline("") == [] and split_pipeline("  ") == []
     with pytest.raises(PipelineError, match=r"empty item at position 2 of pipeline 'fuse,,dce' \(two commas"):
         split_pipeline("fuse,,dce")   # was dropped silently

@@ -490,3 +490,12 @@ def test_save_of_a_wrapped_function_of_the_models_code_says_to_export(tmp_path):
                                                        r"which fxopt.load does not import.*capture the model with "
                                                        r"mode='export'"):
         fxopt.save(gm, tmp_path / "m.pt")
+
+
+def test_loading_a_path_with_no_file_says_so(tmp_path):
+    """Said 'not an fxopt saved graph (...) readable with weights-only semantics (FileNotFoundError ...)':
+    a missing file is no format problem."""
+    with pytest.raises(fxopt.errors.SerializationError, match=r"load: no file at .*missing.pt: check the path"):
+        fxopt.load(tmp_path / "missing.pt")
+    with pytest.raises(fxopt.errors.SerializationError, match=r"load: .* is a directory, not a file saved by fxopt.save"):
+        fxopt.load(tmp_path)
