@@ -621,9 +621,10 @@ _HOOKS = {"_forward_hooks": "forward hooks", "_forward_pre_hooks": "forward pre-
 
 class _AttributeSnapshot:
     """Which parameter, buffer, submodule, plain tensor attribute and hook every module under
-    `modules` holds (the objects, not copies): `changed` says what was reassigned (or hooked),
-    `restore` puts it back. A hook on ``ctx.reference`` changes what results are verified
-    against as surely as a swapped weight."""
+    `modules` holds (the objects, not copies), and each option it holds as a plain value (a
+    batchnorm's `eps`, a conv's `stride`, `training`): `changed` says what was reassigned (or
+    hooked), `restore` puts it back. A hook on ``ctx.reference``, or another `eps`, changes
+    what results are verified against as surely as a swapped weight."""
 
     def __init__(self, protected: Sequence[tuple[str, torch.nn.Module]]) -> None:
         self.saved = []
@@ -637,12 +638,12 @@ class _AttributeSnapshot:
                 hooks = {name: dict(getattr(m, name)) for name in _HOOKS if hasattr(m, name)}
                 where = f"{label}.{prefix}" if prefix else label
                 self.saved.append((where, m, dict(m._parameters), dict(m._buffers), dict(m._modules), tensors,
-                                   hooks))
+                                   hooks, _options(m)))
 
     def changed(self) -> list[str]:
         """What was changed, each as "reassigned attribute 'weight' of ctx.reference.fc"."""
         found = []
-        for prefix, m, params, buffers, modules, tensors, hooks in self.saved:
+        for prefix, m, params, buffers, modules, tensors, hooks, options in self.saved:
             current = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
             for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules),
                                (tensors, current)):
@@ -651,10 +652,13 @@ class _AttributeSnapshot:
                         found.append(f"reassigned attribute '{key}' of {prefix}")
             found += [f"changed the {_HOOKS[name]} of {prefix} (register_*_hook)"
                       for name, saved in hooks.items() if not _same_entries(saved, getattr(m, name))]
+            now = _options(m)
+            found += [f"changed attribute '{key}' of {prefix} ({options.get(key)!r} -> {now.get(key)!r})"
+                      for key in sorted(set(options) | set(now)) if not _same_option(options.get(key), now.get(key))]
         return found
 
     def restore(self) -> None:
-        for _, m, params, buffers, modules, tensors, hooks in self.saved:
+        for _, m, params, buffers, modules, tensors, hooks, options in self.saved:
             for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules),
                                *((saved, getattr(m, name)) for name, saved in hooks.items())):
                 if not _same_entries(saved, now):
@@ -665,6 +669,28 @@ class _AttributeSnapshot:
             for key, value in tensors.items():
                 if vars(m).get(key) is not value:
                     object.__setattr__(m, key, value)
+            for key in set(_options(m)) - set(options):  # an option the guarded code added
+                delattr(m, key)
+            for key, value in options.items():
+                if not _same_option(vars(m).get(key), value):
+                    object.__setattr__(m, key, value)
+
+
+_OPTION_TYPES = (int, float, bool, str, type(None))
+
+
+def _options(m: torch.nn.Module) -> dict[str, Any]:
+    """The public attributes of `m` that hold plain values or tuples of them (`eps`, `stride`,
+    `training`): options that change what its forward computes."""
+    def plain(v: Any) -> bool:
+        return isinstance(v, _OPTION_TYPES) or (isinstance(v, tuple) and all(map(plain, v)))
+
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and plain(v)}
+
+
+def _same_option(a: Any, b: Any) -> bool:
+    """Whether two option values are the same (1 and 1.0 and True are not; NaN is NaN)."""
+    return type(a) is type(b) and (a == b or a != a and b != b)
 
 
 def _same_entries(saved: dict, now: dict) -> bool:

@@ -991,3 +991,34 @@ def test_an_instrument_may_not_edit_or_replace_the_result(instrument, says):
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
     with pytest.raises(fxopt.PassError, match=says):
         fxopt.optimize(model, torch.randn(3, 4), "dce", instruments=[instrument])
+
+
+@dataclasses.dataclass  # not registered: the fuzz campaign runs every registered pass
+class _TweakReferenceOption(Pass):
+    """Sets a batchnorm's eps on its own graph and, by mistake, on ctx.reference's."""
+
+    name = "test-tweak-reference-option"
+    where: tuple[str, ...] = ("gm", "reference")
+
+    def run(self, gm, ctx):
+        roots = [m for key, m in (("gm", gm), ("reference", ctx.reference)) if key in self.where]
+        for root in roots:
+            for module in root.modules():
+                if isinstance(module, nn.BatchNorm1d):
+                    module.eps = 10.0
+        return PassResult(gm, modified=True)
+
+
+@pytest.mark.parametrize("where", [("gm", "reference"), ("reference",)])
+def test_a_pass_that_changes_an_option_of_the_references_module_is_stopped_and_the_option_put_back(where):
+    """A changed batchnorm eps on ctx.reference (no tensor touched) went unseen: verification
+    compared against the changed reference and read PASS for a result 0.47 off the model (or
+    FAIL for a result equal to it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()).eval()
+    x = torch.randn(8, 4)
+    with pytest.raises(PassError, match=r"changed attribute 'eps' of ctx.reference.1 \(1e-05 -> 10.0\).*put the "
+                                        r"original back") as err:
+        fxopt.optimize(model, (x,), [_TweakReferenceOption(where)])
+    assert model[1].eps == 1e-5
+    assert err.value.last_good_module.get_submodule("1").eps == 1e-5
