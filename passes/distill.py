@@ -57,13 +57,14 @@ class Distill(Pass):
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
         data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
+        trains = {name: p.requires_grad for name, p in gm.named_parameters()}
         try:
             tuned = distill(gm, _private_buffers(ctx.reference), data, epochs=self.epochs, temperature=self.temperature,
                             lr=self.lr, progress=ctx.verbose, output=self.output)
         except ValueError as exc:  # the distill function's words, raised as the pass's own error
             raise FxoptError(str(exc)) from None
-        for p in tuned.parameters():  # hand back an inference module, like every other pass
-            p.requires_grad_(False)
+        for name, p in tuned.named_parameters():  # as trainable as they came in
+            p.requires_grad_(trains.get(name, False))
         return PassResult(tuned, modified=True, stats={"epochs": self.epochs, "batches": len(data)})
 
 

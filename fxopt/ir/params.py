@@ -39,7 +39,9 @@ class ParamRef:
             return
         value = value.detach()
         if self.attr in self.owner._parameters or isinstance(old, nn.Parameter):
-            self.owner._parameters[self.attr] = nn.Parameter(value, requires_grad=False)
+            # as trainable as the parameter it replaces (a pruned or folded layer is fine-tuned after)
+            trains = old.requires_grad if isinstance(old, nn.Parameter) else True
+            self.owner._parameters[self.attr] = nn.Parameter(value, requires_grad=trains and value.is_floating_point())
         elif self.attr in self.owner._buffers:
             self.owner._buffers[self.attr] = value
         else:
@@ -68,12 +70,14 @@ def ref_for_get_attr(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ParamRef:
 
 
 def add_tensor_attr(
-    gm: torch.fx.GraphModule, base_name: str, value: torch.Tensor, *, parameter: bool = True
+    gm: torch.fx.GraphModule, base_name: str, value: torch.Tensor, *, parameter: bool = True,
+    requires_grad: bool = False,
 ) -> str:
     """Store `value` on `gm` under a fresh attribute name derived from `base_name`; return it.
 
     New tensors live directly on the root, which `get_attr` reaches in symbolic and export
-    graphs alike.
+    graphs alike. A floating-point `parameter` made from trainable ones (a folded or pruned
+    weight) takes `requires_grad=True`, so the model fine-tunes as the original did.
     """
     base = re.sub(r"\W", "_", base_name).strip("_") or "const"
     name, i = base, 0
@@ -82,7 +86,7 @@ def add_tensor_attr(
         name = f"{base}_{i}"
     value = value.detach()
     if parameter and value.is_floating_point():
-        gm.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        gm.register_parameter(name, nn.Parameter(value, requires_grad=requires_grad))
     else:
         gm.register_buffer(name, value)
     return name

@@ -230,10 +230,12 @@ def weight_matmuls_as_linear(gm: torch.fx.GraphModule) -> int:
         if form is None:
             continue
         x, weight, bias, replaced = form
-        transposed = get_attr_value(gm, weight.target).detach().t().contiguous()
+        stored = get_attr_value(gm, weight.target)
+        transposed = stored.detach().t().contiguous()
         aten_graph = isinstance(node.target, torch._ops.OpOverload)
         with gm.graph.inserting_before(replaced):  # after the bias, which may come after node
-            w_t = gm.graph.get_attr(add_tensor_attr(gm, f"{weight.target}_t", transposed))
+            w_t = gm.graph.get_attr(add_tensor_attr(gm, f"{weight.target}_t", transposed,
+                                                    requires_grad=stored.requires_grad))
             linear = gm.graph.call_function(torch.ops.aten.linear.default if aten_graph else nn.functional.linear,
                                             (x, w_t, bias))
         w_t.meta["tensor_meta"] = torch.fx.passes.shape_prop._extract_tensor_metadata(transposed)

@@ -146,8 +146,10 @@ class Rewriter:
         return new
 
     def tensor(self, base_name: str, value: torch.Tensor, *, parameter: bool = True) -> torch.fx.Node:
-        """Store a new tensor on the root module and insert a `get_attr` reading it."""
-        name = add_tensor_attr(self.gm, base_name, value, parameter=parameter)
+        """Store a new tensor on the root module and insert a `get_attr` reading it; a
+        parameter is trainable where the matched ops' parameters it comes from are."""
+        name = add_tensor_attr(self.gm, base_name, value, parameter=parameter,
+                               requires_grad=parameter and self._trains())
         self._new_attributes.append(name)
         with self.graph.inserting_before(self.match.root):
             node = self.graph.get_attr(name)
@@ -155,6 +157,11 @@ class Rewriter:
             node.meta["tensor_meta"] = _extract_tensor_metadata(value.detach())
         self.new_nodes.append(node)
         return node
+
+    def _trains(self) -> bool:
+        """Whether a parameter of the matched ops requires grad."""
+        return any(getattr(ref.get(), "requires_grad", False)
+                   for view in self.match.views.values() for ref in view.params.values())
 
     def param(self, op_name: str, param: str) -> torch.fx.Node | None:
         """A `get_attr` reading a named op's existing parameter (shared, not copied)."""

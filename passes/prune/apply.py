@@ -560,10 +560,10 @@ class _Applier:
         if self._attr_readers is None:  # counted once, before any reader is retargeted
             self._attr_readers = Counter(n.target for n in self.gm.graph.nodes if n.op == "get_attr")
         if self._attr_readers.get(node.target, 0) > 1:  # one tensor read at several places (a constant symbolic tracing folded)
-            node.target = add_tensor_attr(self.gm, node.target, new, parameter=isinstance(t, nn.Parameter))
-            getattr(self.gm, node.target).requires_grad_(False)
+            node.target = add_tensor_attr(self.gm, node.target, new, parameter=isinstance(t, nn.Parameter),
+                                          requires_grad=t.requires_grad)
         elif isinstance(t, nn.Parameter):
-            ref.owner._parameters[ref.attr] = nn.Parameter(new, requires_grad=False)
+            ref.owner._parameters[ref.attr] = nn.Parameter(new, requires_grad=t.requires_grad)
         else:
             ref.set(new)
 

@@ -23,7 +23,8 @@ def test_distill_after_prune_moves_the_student_toward_the_teacher():
     assert tuned.verification.sqnr_db > pruned.verification.sqnr_db + 3.0
     # same graph and parameter count: distillation moves weights, it does not resize anything
     assert sum(p.numel() for p in tuned.module.parameters()) == sum(p.numel() for p in pruned.module.parameters())
-    assert all(not p.requires_grad for p in tuned.module.parameters())
+    # as trainable as the user's model: a fine-tuning loop of theirs can go on from here
+    assert all(p.requires_grad for p in tuned.module.parameters())
 
 
 def test_distill_leaves_the_users_model_untouched():
