@@ -356,7 +356,8 @@ SPECS: tuple[OpSpec, ...] = (
            modules=(nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
            arg_names=("input", "output_size", "return_indices"), defaults=dict(return_indices=False),
            module_attrs=lambda m: dict(output_size=m.output_size, return_indices=m.return_indices)),
-    OpSpec("mean", functions=(torch.mean,), methods=("mean",), aten=(aten.mean,), arg_names=("input", "dim", "keepdim")),
+    OpSpec("mean", functions=(torch.mean,), methods=("mean",), aten=(aten.mean,), arg_names=("input", "dim", "keepdim"),
+           defaults=dict(dim=None, keepdim=False)),
     # reductions over axes besides mean and the p-norms (`dim` None: every axis)
     OpSpec("sum", functions=(torch.sum,), methods=("sum",), aten=(aten.sum,), arg_names=("input", "dim", "keepdim"),
            defaults=dict(dim=None, keepdim=False)),

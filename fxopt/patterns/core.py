@@ -443,6 +443,11 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
             for param, alias in pat.params.items():
                 if param not in view.params:
                     raise _no_match(node, f" has no parameter '{param}' (pattern binds it as '{alias}')")
+                if alias in trial.params:  # a name used twice: one tensor (tied weights), not two
+                    op, other = trial.params[alias]
+                    if trial.views[op].params[other].get() is not view.params[param].get():
+                        raise _no_match(node, f"'s {param} is not the tensor the pattern already bound as "
+                                              f"'{alias}' (at {trial.views[op].node.name})")
                 trial.params[alias] = (pat.name, param)
         return trial
     raise failure  # type: ignore[misc]

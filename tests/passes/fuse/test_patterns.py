@@ -511,6 +511,7 @@ _KINDS = [  # (pattern op, its replacement, an op of the same kind computing som
     (lambda x: F.leaky_relu(x), lambda x: torch.where(x > 0, x, 0.01 * x), nn.LeakyReLU(0.2)),
     (lambda x: x.mean(-1), lambda x: x.sum(-1) / x.shape[-1], lambda x: x.mean(-1, keepdim=True)),
     (lambda x: x.sum(-1), lambda x: x.mean(-1) * x.shape[-1], lambda x: x.sum(-1, dtype=torch.float64)),
+    (lambda x: x.mean(), lambda x: x.sum() / x.numel(), lambda x: x.mean(1)),  # all axes is not axis 1
     # what the function fixes (fuse tester: the replacement dropped the other bound, 2.7-3.2 off)
     (lambda x: x.clamp_min(0.5), lambda x: torch.maximum(x, torch.full_like(x, 0.5)), lambda x: x.clamp(0.5, 0.6)),
     (lambda x: x.clamp_max(0.5), lambda x: torch.minimum(x, torch.full_like(x, 0.5)), lambda x: x.clamp(-0.1, 0.5)),
@@ -670,3 +671,35 @@ def test_unbiased_and_correction_spell_one_estimator(mode):
     report = apply_patterns(gm, Pattern("p", pattern_from_function(lambda x: x.std(-1, unbiased=False)),
                                         replacement=lambda x: x.var(-1, unbiased=False).sqrt()), max_rounds=1)
     assert report.total == 1, report
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self, tied):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        if tied:
+            self.b.weight = self.a.weight
+
+    def forward(self, x, y):
+        return self.a(x) + self.b(y)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_parameter_name_used_twice_binds_one_tensor(mode):
+    """Fuse tester: `F.linear(x, w, b1) + F.linear(y, w, b2)` matched two linears with different
+    weights, and the replacement ran both on the first one's (2.1 off)."""
+    def pattern(x, y, w, b1, b2):
+        return F.linear(x, w, b1) + F.linear(y, w, b2)
+
+    def replacement(x, y, w, b1, b2):
+        return F.linear(x + y, w, b1 + b2)
+
+    x, y = torch.randn(3, 6), torch.randn(3, 6)
+    for tied, matches in ((False, 0), (True, 1)):
+        torch.manual_seed(0)
+        model = _TwoLinears(tied).eval()
+        gm = fxopt.capture(model, (x, y), mode=mode)
+        report = apply_patterns(gm, Pattern("tied", pattern_from_function(pattern), replacement=replacement))
+        gm.recompile()
+        assert report.total == matches, report
+        torch.testing.assert_close(gm(x, y), model(x, y))
