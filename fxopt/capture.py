@@ -483,7 +483,7 @@ def _checked_graph(model: nn.Module, ep: Any, args: tuple,
     set_container_mode(gm, model.training)  # export builds them in training mode (and refuses gm.eval())
     inputs = record_inputs(gm, ep, model, args, kwargs)  # before any pass: export's own reading of them
     drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
-    _guard_none_inputs(gm, model, args, kwargs)
+    _guard_none_inputs(gm, model, args, kwargs, inputs)
     _record_shapes_and_check(model, gm, args, kwargs)
     if inputs is not None:
         _settle_small_sizes(model, gm, args, kwargs, inputs)
@@ -1088,15 +1088,22 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
         gm.recompile()
 
 
-def _guard_none_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Give an exported graph the guard export leaves out: an input captured as None.
+def _guard_none_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict,
+                       record: dict | None) -> None:
+    """Give an exported graph the guard export leaves out: an input captured as None, given as a
+    whole input or inside a dict, list or tuple one (`record`'s leaves, one per placeholder).
 
     Export checks the other non-tensor inputs it specialized on (``Guard failed: flag ==
     True``), but a tensor given where None was captured is silently ignored: the graph
     computes the None branch (``x if mask is None else x * mask``) and returns a wrong answer.
     """
-    guarded = [node for _, value, node in _bound_placeholders(gm, model, args, kwargs) if value is None]
-    _insert_guards(gm, [(node, operator.eq, _specialization_message(node.name, None)) for node in guarded])
+    guarded = {node: node.name for _, value, node in _bound_placeholders(gm, model, args, kwargs) if value is None}
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    leaves = record["leaves"] if record and len(record["leaves"]) == len(placeholders) else []
+    for entry, node in zip(leaves, placeholders):
+        if entry.get("value") == "None":
+            guarded.setdefault(node, entry["name"])
+    _insert_guards(gm, [(node, operator.eq, _specialization_message(name, None)) for node, name in guarded.items()])
 
 
 def _guard_tensor_inputs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -1408,3 +1408,41 @@ def test_a_buffer_update_traced_whole_stays_symbolic_and_runs_on_every_call():
     for step in range(3):
         x = torch.full((3, 4), step + 1.0)
         torch.testing.assert_close(gm(x), eager(x))
+
+
+class _DictBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, d):
+        return self.fc(d["x"]) + (d["bias"] if d.get("bias") is not None else 0)
+
+
+class _ListBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, xs):
+        return self.fc(xs[0]) + (xs[1] if xs[1] is not None else 0)
+
+
+@pytest.mark.parametrize("model, captured, called", [
+    (_DictBias, lambda x: {"x": x, "bias": None}, lambda x, b: {"x": x, "bias": b}),
+    (_ListBias, lambda x: [x, None], lambda x, b: [x, b]),
+    (_ListBias, lambda x: (x, None), lambda x, b: (x, b)),
+])
+def test_an_exported_graph_refuses_a_tensor_where_it_was_captured_with_none_inside_a_container(model, captured,
+                                                                                                 called, tmp_path):
+    """Only a None given as a whole input was guarded: one inside a dict, list or tuple (an
+    optional feature of a batch dict) took a tensor later and computed as if it were None."""
+    torch.manual_seed(0)
+    x, b = torch.randn(3, 4), torch.randn(3, 4)
+    m = model().eval()
+    gm = capture(m, (captured(x),), mode="export")
+    fxopt.save(gm, tmp_path / "g.pt")
+    for graph in (gm, fxopt.load(tmp_path / "g.pt")):
+        with pytest.raises(fxopt.InputMismatchError, match=r"captured with (d|xs)\[('bias'|1)\]=None"):
+            graph(called(x, b))
+        torch.testing.assert_close(graph(captured(x)), m(captured(x)))
