@@ -112,6 +112,8 @@ class CodedValue(nn.Module):
         codec = _codec_for(self.value)
         if codec is not None:
             state["value"] = _coded_record(codec, self.value)
+            # encoding read the object back (an int8 pack's unpack), leaving it on a slower path
+            self.value = _decode_attribute(state["value"][_CODED_KEY])
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -259,6 +261,22 @@ def save(gm: torch.fx.GraphModule, path) -> None:
                "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}
     payload["checksums"] = checksums(payload)
     _write(payload, path)
+    _renew_packs(gm, packed)
+
+
+def _renew_packs(gm: torch.fx.GraphModule, packed: dict[str, dict]) -> None:
+    """Put an object decoded from its stored data in place of each one `save` encoded: encoding
+    an int8 prepacked weight reads it back (``unpack``), which leaves the live pack on oneDNN's
+    slower path (a 4-conv net at batch 1: 0.49 ms after `save`, 0.28 as loaded from the file)."""
+    for target, record in packed.items():
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        value = _decode_attribute({k: record[k] for k in ("codec", "provider", "data")})
+        current = getattr(owner, name)
+        if isinstance(current, CodedValue):  # the graph reads the holder itself
+            current.value = value
+        else:
+            setattr(owner, name, value)
 
 
 def _check_destination(path) -> None:
