@@ -124,6 +124,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     if hasattr(batches, "__len__") and len(batches) == 0:
         raise ValueError(_NO_BATCHES.format(when="data holds none"))
     student = deep_copy(student)
+    trains = {name: p.requires_grad for name, p in student.named_parameters()}  # handed back as given
     params = []
     for p in student.parameters():
         if p.is_floating_point():
@@ -178,8 +179,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 seen += 1
             if not seen:  # an iterator is used up after one pass: later epochs would train on nothing
                 raise ValueError(_NO_BATCHES.format(when=f"epoch {epoch + 1} got none"))
-    for p in params:
-        p.requires_grad_(False)
+    for name, p in student.named_parameters():
+        p.requires_grad_(trains[name])
     student_state.restore()
     if epochs:
         _warn_if_worse(student, first, start_loss, t, alpha, lr, output)

@@ -123,3 +123,17 @@ def test_data_distill_cannot_train_on_is_named(data, error, says):
     student, teacher = _models()
     with pytest.raises(error, match=says):
         fxopt.distill(student, teacher, data, epochs=1, progress=False)
+
+
+def test_the_tuned_student_keeps_which_parameters_train_as_the_student_given():
+    """Every parameter came back with requires_grad=False: a fine-tuning loop of the user's after
+    distill failed ('element 0 of tensors does not require grad')."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    student = fxopt.capture(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(2, 4))
+    student.get_submodule("0").bias.requires_grad_(False)
+    tuned = fxopt.distill(student, teacher, [torch.randn(16, 4) for _ in range(2)], epochs=1, lr=0.01,
+                          progress=False)
+    assert {n: p.requires_grad for n, p in tuned.named_parameters()} == \
+        {"0.weight": True, "0.bias": False, "2.weight": True, "2.bias": True}
+    assert not torch.equal(tuned.get_submodule("0").bias, student.get_submodule("0").bias)  # trained all the same
