@@ -37,7 +37,7 @@ import torch
 import torch.fx
 from torch.overrides import TorchFunctionMode
 
-from .analysis import AnalysisManager
+from .analysis import AnalysisManager, ShapeAnalysis
 from .calibration import StreamedBatches
 from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
@@ -398,6 +398,10 @@ class PassManager:
                 result.module.recompile()
             _keep_capture_meta(current, result.module)
             explain_failed_calls(result.module)  # a new module: its call is not wrapped yet
+            am.rebind(result.module)
+            if result.modified:
+                am.invalidate(p.preserves)
+                _check_runs(am)
             record.seconds = time.perf_counter() - start
             record.modified, record.stats = result.modified, _plain(dict(result.stats))
             record.nodes_after = _count(result.module)
@@ -421,9 +425,6 @@ class PassManager:
             error.last_good_module, error.records = current, records
             self._tell_failure(p, current, error, records)
             raise error from exc
-        am.rebind(result.module)
-        if result.modified:
-            am.invalidate(p.preserves)
         return result.module
 
 
@@ -435,6 +436,20 @@ class PassManager:
             except Exception as exc:  # noqa: BLE001  (reported, then the pass's error goes on)
                 warnings.warn(f"instrument {type(inst).__name__}.on_pass_error raised {type(exc).__name__}: {exc}",
                               stacklevel=3)
+
+
+def _check_runs(am: AnalysisManager) -> None:
+    """Run the graph `am` is bound to on the example inputs (its shapes analysis, which the next
+    pass reads, so it is no extra run when one follows): a graph a pass broke (an op given an
+    argument it does not take) failed only at the final verification, which named no pass, or,
+    with verify=False, in the caller's hands. Without example inputs nothing is run."""
+    if not am.example_inputs and not am.example_kwargs:
+        return
+    try:
+        am.get(ShapeAnalysis)
+    except Exception as exc:  # whatever the broken graph raises is the pass's error
+        raise RuntimeError(f"the graph it returned does not run on the example inputs: {type(exc).__name__}: "
+                           f"{first_line(exc)}") from exc
 
 
 def _checked_instruments(instruments: Sequence[Instrument]) -> list[Instrument]:

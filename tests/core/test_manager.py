@@ -1022,3 +1022,29 @@ def test_a_pass_that_changes_an_option_of_the_references_module_is_stopped_and_t
         fxopt.optimize(model, (x,), [_TweakReferenceOption(where)])
     assert model[1].eps == 1e-5
     assert err.value.last_good_module.get_submodule("1").eps == 1e-5
+
+
+@dataclasses.dataclass  # not registered: the fuzz campaign runs every registered pass
+class _GraphThatCannotRun(Pass):
+    """Returns a graph that lints but raises when run (tensor + str)."""
+
+    name = "test-graph-that-cannot-run"
+
+    def run(self, gm, ctx):
+        out = gm.graph.find_nodes(op="output")[0]
+        with gm.graph.inserting_before(out):
+            bad = gm.graph.call_function(torch.add, (out.args[0], "oops"))
+        out.args = (bad,)
+        return PassResult(gm, modified=True)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_pass_whose_graph_cannot_run_on_the_example_is_a_pass_error(verify):
+    """Only the final verification saw it: optimize returned the broken module with a warning
+    naming no pass (with verify=False, silently), and torch.fx printed its traceback twice."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    with pytest.raises(PassError, match=r"pass 'test-graph-that-cannot-run' failed: RuntimeError: the graph it returned does not "
+                                        r"run on the example inputs: TypeError") as err:
+        fxopt.optimize(model, (torch.randn(2, 4),), ["fuse", _GraphThatCannotRun(), "dce"], verify=verify)
+    assert [r.name for r in err.value.records] == ["fuse", "test-graph-that-cannot-run"]
+    err.value.last_good_module(torch.randn(2, 4))  # the last good module runs
