@@ -323,13 +323,20 @@ class PassManager:
         reference: torch.fx.GraphModule | None = None,
         verbose: bool = False,
     ) -> PipelineResult:
-        """Run the pipeline on a private copy of `gm`; `gm` itself is left as it was."""
+        """Run the pipeline on a private copy of `gm`; `gm` itself is left as it was.
+        `example_inputs` is a tensor, a tuple of positional inputs or a dict of keyword inputs
+        (as `fxopt.capture` takes them); `example_kwargs` adds keyword inputs to a tuple."""
         if not isinstance(gm, torch.fx.GraphModule):
             raise TypeError(f"PassManager.run takes a torch.fx.GraphModule, got {type(gm).__name__}: capture "
                             "the model first (fxopt.capture(model, inputs)) or call fxopt.optimize(model, "
                             "inputs, pipeline), which does both")
         if isinstance(example_inputs, torch.Tensor):  # one input, as fxopt.optimize takes it (not its rows)
             example_inputs = (example_inputs,)
+        if isinstance(example_inputs, dict):  # keyword inputs, as fxopt.capture and optimize take them
+            if example_kwargs:
+                raise TypeError("PassManager.run: example_inputs is a dict of keyword inputs and example_kwargs "
+                                "is given too; pass the keyword inputs in one of them")
+            example_inputs, example_kwargs = (), example_inputs
         if META_KEY not in getattr(gm, "meta", {}) and (example_inputs or example_kwargs):
             # a graph fxopt did not capture (torch.fx.symbolic_trace's) lacks the shapes the passes
             # read: fuse folded no batchnorm, prune failed with a bare TypeError; record them as capture does

@@ -1048,3 +1048,16 @@ def test_a_pass_whose_graph_cannot_run_on_the_example_is_a_pass_error(verify):
         fxopt.optimize(model, (torch.randn(2, 4),), ["fuse", _GraphThatCannotRun(), "dce"], verify=verify)
     assert [r.name for r in err.value.records] == ["fuse", "test-graph-that-cannot-run"]
     err.value.last_good_module(torch.randn(2, 4))  # the last good module runs
+
+
+def test_run_takes_a_dict_of_keyword_inputs_as_capture_does():
+    """A dict was taken for one positional input: 'conv2d() received an invalid combination of
+    arguments - got (str, ...)' from inside the first pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxopt.capture(model, {"input": x})
+    result = PassManager("fuse").run(gm, {"input": x})
+    torch.testing.assert_close(result.module(input=x), model(x))
+    with pytest.raises(TypeError, match="pass the keyword inputs in one of them"):
+        PassManager("fuse").run(gm, {"input": x}, example_kwargs={"input": x})
