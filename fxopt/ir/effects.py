@@ -51,8 +51,8 @@ def is_effectful(node: torch.fx.Node) -> bool:
         return _region_is_effectful(node)
     if node.op == "call_method" and isinstance(target, str) and _in_place_name(target):
         return True  # Tensor.add_, Tensor.copy_, ... write in place
-    if node.kwargs.get("inplace") is True:
-        return True  # F.relu(h, inplace=True)
+    if node.kwargs.get("inplace") is True or isinstance(node.kwargs.get("out"), torch.fx.Node):
+        return True  # F.relu(h, inplace=True), torch.mul(y, 2, out=y)
     if node.op == "call_module":
         # nn.ReLU(inplace=True): `self.act(h)` with its result unused still changes h
         owner = node.graph.owning_module
@@ -124,17 +124,29 @@ def _hashable(x: Any) -> bool:
 # the other: an eval-mode dropout and a cast to the dtype a value has return the value itself.
 _VIEW_KINDS = frozenset({"reshape", "permute", "transpose", "flatten", "getitem", "select", "slice",
                          "expand", "split", "chunk", "contiguous", "identity", "unsqueeze", "squeeze", "to",
-                         "detach"})
+                         "detach", "narrow", "movedim", "unbind", "tensor_split", "unflatten", "reshape_as",
+                         "expand_as"})
 _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", "t", "as_strided",
                            "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach", "reshape_as",
-                           "diagonal", "unfold", "tensor_split", "moveaxis", "swapdims", "transpose", "permute"})
+                           "diagonal", "unfold", "tensor_split", "moveaxis", "swapdims", "transpose", "permute",
+                           "hsplit", "vsplit", "dsplit", "split_with_sizes", "adjoint", "chunk", "split", "select",
+                           "expand", "view_as_real", "view_as_complex", "unsqueeze_", "squeeze_"})
+# ``y.T``, ``y.mH``, ``y.real``, ``y.data``: attributes that view the tensor (symbolic graphs
+# read them with getattr)
+_VIEW_ATTRIBUTES = frozenset({"T", "H", "mT", "mH", "real", "imag", "data"})
+# torch functions returning views that fxopt's op view has no kind for
+_VIEW_FUNCTIONS = frozenset({torch.diagonal, torch.hsplit, torch.vsplit, torch.dsplit, torch.split_with_sizes,
+                             torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, torch.adjoint, torch.as_strided,
+                             torch.view_as_real, torch.view_as_complex, torch.real, torch.imag, torch.swapaxes,
+                             torch.swapdims, torch.moveaxis, torch.movedim, torch.narrow, torch.unbind})
 _INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
 def mutated_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
     """The value `node` writes into in place, if it does (`x.mul_`, `aten.add_`, `x[i] = v`,
-    `F.relu(x, inplace=True)`, `nn.ReLU(inplace=True)`)."""
-    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    `F.relu(x, inplace=True)`, `nn.ReLU(inplace=True)`, `torch.mul(y, 2, out=y)`)."""
+    first = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else \
+        next((v for k in ("input", "tensor", "self") if isinstance(v := node.kwargs.get(k), torch.fx.Node)), None)
     target = node.target
     if node.op == "call_module":
         return first if getattr(gm.get_submodule(target), "inplace", False) is True else None
@@ -142,6 +154,8 @@ def mutated_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Nod
         return first if target.endswith("_") and not target.endswith("__") or target in _IN_PLACE_DUNDERS else None
     if node.op != "call_function":
         return None
+    if isinstance(node.kwargs.get("out"), torch.fx.Node):  # ``torch.mul(y, 2, out=y)``
+        return node.kwargs["out"]
     if isinstance(target, torch._ops.OpOverload):
         mutable = any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
         return first if mutable else None
@@ -184,6 +198,10 @@ def is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether `node`'s result shares memory with its first input (a view, an in-place write
     returning its input, an eval-mode dropout)."""
     if node.op == "call_method" and node.target in _VIEW_METHODS:
+        return True
+    if node.op == "call_function" and (node.target is getattr and len(node.args) == 2
+                                       and node.args[1] in _VIEW_ATTRIBUTES
+                                       or _hashable(node.target) and node.target in _VIEW_FUNCTIONS):
         return True
     overload = aten_op_of(node)
     writes = mutated_input(gm, node) is not None
@@ -353,7 +371,7 @@ def _write_is_private(writer: torch.fx.Node, target: torch.fx.Node, base: torch.
     or a buffer); `target` has no views of its own; a view is reached from `base` by a chain of
     views each read by the next alone (a TCN's `relu_(conv(x)[:, :, :-pad])`, nn.ReLU(inplace=True)
     after the chomp); and `target` is read by nothing that runs after the write."""
-    if base.op in ("placeholder", "get_attr") or writer.args[0] is not target:
+    if base.op in ("placeholder", "get_attr") or not writer.args or writer.args[0] is not target:
         return False
     if any(user in alias_of and user.args[0] is target for user in target.users):
         return False  # a view of the written value sees the write
