@@ -1389,7 +1389,14 @@ def _hint(attempts: list[Attempt], model: nn.Module) -> str:
         return ("\n  hint: symbolic tracing cannot rebuild the signature of a forward wrapped by a decorator "
                 "that takes *args/**kwargs (Hugging Face models' forwards are): capture with mode='export' "
                 "or 'auto'")
-    if any(_DATA_DEPENDENT.search(a.reason) for a in attempts):
+    branching = [a for a in attempts if _DATA_DEPENDENT.search(a.reason)]
+    if branching and all(_TORCH_NN_DIR in a.location for a in branching) \
+            and all(a.frontend != "symbolic" for a in attempts):
+        return ("\n  hint: a branch on a tensor's values stopped torch.export in torch.nn's code, no line of the "
+                "model's own code (nn.TransformerEncoder's check of its mask, say): capture with "
+                "mode='symbolic' (mode='auto' tries it first), which traces torch.nn's attention and transformer "
+                "modules with the branch your inputs take")
+    if branching:
         return ("\n  hint: forward branches on a tensor's values (`if x.sum() > 0:`), which no graph can "
                 "record as a Python `if`: write the branch with torch.cond(pred, true_fn, false_fn, (x,)) or "
                 "torch.where, or register a traceable forward for the module that takes the branch your "
@@ -1431,14 +1438,23 @@ def _is_user_file(filename: str) -> bool:
 
 
 def _user_frame(exc: BaseException) -> str:
-    """The deepest traceback frame in the user's code (`_is_user_file`): the line that failed."""
+    """The deepest traceback frame in the user's code (`_is_user_file`): the line that failed;
+    without one, the deepest in torch.nn's modules (a check torch's own layer makes)."""
     frames = traceback.extract_tb(exc.__traceback__)
     cause = exc.__cause__ or exc.__context__
     while cause is not None:  # export re-raises; the user frame may sit in the cause
         frames = frames + traceback.extract_tb(cause.__traceback__)
         cause = cause.__cause__ or cause.__context__
-    user = [f for f in frames if _is_user_file(f.filename)]
+    user = [f for f in frames if _is_user_file(f.filename)] or [f for f in frames if _in_torch_nn(f.filename)]
     if not user:
         return ""
     f = user[-1]
     return f'File "{f.filename}", line {f.lineno}, in {f.name}: {(f.line or "").strip()}'
+
+
+_TORCH_NN_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "nn") + os.sep
+
+
+def _in_torch_nn(filename: str) -> bool:
+    """Whether a frame is torch.nn's code (a layer's forward, torch.nn.functional)."""
+    return os.path.abspath(filename).startswith(_TORCH_NN_DIR)

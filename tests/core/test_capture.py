@@ -1446,3 +1446,17 @@ def test_an_exported_graph_refuses_a_tensor_where_it_was_captured_with_none_insi
         with pytest.raises(fxopt.InputMismatchError, match=r"captured with (d|xs)\[('bias'|1)\]=None"):
             graph(called(x, b))
         torch.testing.assert_close(graph(captured(x)), m(captured(x)))
+
+
+def test_a_branch_on_values_in_torchs_own_code_under_export_says_to_capture_symbolically():
+    """nn.TransformerEncoder given a mask branches in torch's _detect_is_causal_mask: the hint said
+    to rewrite the branch with torch.cond, in code that is not the user's; symbolic takes it."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2,
+                                  enable_nested_tensor=False).eval()
+    inputs = (torch.randn(2, 5, 8), nn.Transformer.generate_square_subsequent_mask(5))
+    with pytest.raises(CaptureError) as info:
+        capture(model, inputs, mode="export")
+    message = str(info.value)
+    assert "no line of the model's own code" in message and "mode='symbolic'" in message
+    assert frontend_of(capture(model, inputs, mode="symbolic")) == "symbolic"
