@@ -98,6 +98,22 @@ def _bn_scale_shift(view, channels: int, dtype: torch.dtype):
     return scale, beta - mean * scale
 
 
+def _cancels(view) -> bool:
+    """Whether a batchnorm's input sits far from zero against its spread (raw features:
+    years, prices, sensor readings): folded into the layer after it, ``W s x`` and ``W t``
+    are large terms that cancel in float32, where eager subtracts the mean first (mean 1e6
+    at unit variance: 0.2 of the output off, eager 3e-3). Past `_MAX_CANCELLATION` the
+    batchnorm stays."""
+    mean = view.param("running_mean").double()
+    spread = torch.sqrt(view.param("running_var").double() + float(view.attrs.get("eps", 1e-5)))
+    return bool((mean.abs() / spread).max() > _MAX_CANCELLATION)
+
+
+#: |mean| / std of a batchnorm's input beyond which folding it into the next layer loses more
+#: than ~1e-4 of the output (float32's 6e-8 times this factor).
+_MAX_CANCELLATION = 1e3
+
+
 def in_dtype(dtype: torch.dtype, *values: torch.Tensor | None) -> list[torch.Tensor | None] | None:
     """Fold results (float64) cast to the layer's `dtype`, or None where the cast loses more
     than one rounding: a merged float16 weight ``W2 @ W1`` of 300s overflows to inf where
@@ -286,7 +302,7 @@ def _fold_bn_conv(r: Rewriter) -> torch.fx.Node | None:
         return None
     w, b, groups = conv.param("weight"), conv.param("bias"), attrs["groups"]
     channels = w.shape[1] * groups
-    if bn.param("running_mean").shape[0] != channels:
+    if bn.param("running_mean").shape[0] != channels or _cancels(bn):
         return None
     scale, shift = _bn_scale_shift(bn, channels, w.dtype)
     # output channel o reads input channels of its group: the per-input factor as a (O, C/g) grid
@@ -324,6 +340,8 @@ def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
     w, b = lin.param("weight"), lin.param("bias")
     if meta is None or len(meta[0]) != 2 or bn.param("running_mean").shape[0] != w.shape[1]:
         return None  # BatchNorm1d on (N, C, L) normalizes dim 1, which the linear does not read
+    if _cancels(bn):
+        return None
     scale, shift = _bn_scale_shift(bn, w.shape[1], w.dtype)
     folded = in_dtype(w.dtype, w.double() * scale, w.double() @ shift + (0 if b is None else b.double()))
     if folded is None:
@@ -348,8 +366,8 @@ def _fold_conv_shift(r: Rewriter) -> torch.fx.Node | None:
         return None
     conv = r.view("conv")
     out, dtype = tensor_meta(r.match.nodes["conv"]), conv.param("weight").dtype
-    if out is None:
-        return None
+    if out is None or conv.attrs["transposed"] and conv.attrs.get("groups", 1) > 1:
+        return None  # (`_affine_conv` keeps a grouped transposed conv's shift as this very add)
     channels = _conv_out_channels(conv)
     shift = _per_channel(r, out, 1, channels, dtype)
     if shift is None:  # one stored number added to every channel
