@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxopt.errors import FxoptError
 from fxopt.ir import op_view, run_graph, tensor_meta
 
 from .apply import is_plain_add
@@ -238,7 +239,7 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
     if not producers:  # nothing to probe (e.g. a lone batchnorm): no taylor scores to give
         return scores
 
-    for batch in calibration:
+    for i, batch in enumerate(calibration):
         args, kwargs = batch if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict) \
             else ((batch,) if isinstance(batch, torch.Tensor) else tuple(batch), {})
         probes: dict[str, tuple] = {}
@@ -254,7 +255,10 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
         with torch.enable_grad():
             # private buffers: stateful modules in the graph (observers, batchnorm in training
             # mode) run as copies, so scoring never writes into the model being pruned
-            out = run_graph(gm, args, kwargs, add_probe, private_buffers=True)
+            try:
+                out = run_graph(gm, args, kwargs, add_probe, private_buffers=True)
+            except Exception as exc:  # a batch of the wrong shape fails deep inside a layer
+                raise _batch_failed(i, args, kwargs, exc) from exc
             leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
             if not leaves or not probes:  # the output does not depend on any producer
                 continue
@@ -268,6 +272,15 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
             s = per_sample.abs().sum(0).double().numpy()
             scores[name] = scores.get(name, 0) + s
     return scores
+
+
+def _batch_failed(i: int, args: tuple, kwargs: dict, exc: Exception) -> FxoptError:
+    shapes = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
+    shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return FxoptError(f"importance='taylor': calibration batch {i} (tensor shapes [{', '.join(shapes)}]) does not "
+                      f"run through the model: {type(exc).__name__}: {first_line}; give batches shaped like the "
+                      "example inputs")
 
 
 def adapter_costs(gm: torch.fx.GraphModule, cg: ChannelGraph, blocked: np.ndarray, ignored: set[str],

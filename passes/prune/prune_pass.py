@@ -35,7 +35,7 @@ import time
 import warnings
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Collection, Literal, Sequence
 
 import numpy as np
 import torch
@@ -213,10 +213,13 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
                  round_to: int = 1, ignore: tuple[str, ...] = (), exact_norms: bool = True,
                  adapter_cost: float = 1.0, max_layer_ratio: float = 1.0, cost: str | LayerTime = "macs",
                  calibration: list | None = None, channel_graph: ChannelGraph | None = None,
-                 example_inputs: tuple = (), example_kwargs: dict | None = None) -> PrunePlan:
+                 example_inputs: tuple = (), example_kwargs: dict | None = None,
+                 model_modules: Collection[str] = ()) -> PrunePlan:
     """Analyze `gm` and choose channels, without changing it; see `PrunePlan`.
 
-    A given `channel_graph` must have been built with the same `exact_norms`.
+    A given `channel_graph` must have been built with the same `exact_norms`. `model_modules`:
+    the module names of the model `gm` was captured from (an `ignore` entry naming one the
+    graph never calls, a training-only head, is no typo).
     """
     _check_options(ratio, importance, scope, round_to, adapter_cost, max_layer_ratio, cost, exact_norms)
     frozen = inference_kernels(gm)
@@ -230,7 +233,7 @@ def plan_pruning(gm: torch.fx.GraphModule, *, ratio: float = 0.5, importance: st
     cg = channel_graph if channel_graph is not None else build_channel_graph(gm, exact_norms)
     seconds["analysis"] = time.perf_counter() - start
 
-    ignored = _match_ignore(gm, cg, ignore)
+    ignored = _match_ignore(cg, ignore, model_modules)
     start = time.perf_counter()
     timer = None if cost == "macs" else LayerTimer(gm, cg, measure=None if cost == "latency" else cost)
     costs = class_costs(gm, cg, importance, calibration, timed=timer.runners if timer else ())
@@ -301,7 +304,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
         propagate_shapes(gm, args, kwargs)
     if calibration is not None:
         calibration = [normalize_inputs(b) for b in calibration]
-    return plan_pruning(gm, calibration=calibration, example_inputs=args, example_kwargs=kwargs, **options)
+    return plan_pruning(gm, calibration=calibration, example_inputs=args, example_kwargs=kwargs,
+                        model_modules=[name for name, _ in model.named_modules()], **options)
 
 
 @dataclass
@@ -345,7 +349,8 @@ class Prune(Pass):
                             round_to=self.round_to, ignore=self.ignore, exact_norms=self.exact_norms,
                             adapter_cost=self.adapter_cost, max_layer_ratio=self.max_layer_ratio,
                             cost=self.cost, calibration=ctx.calibration,
-                            channel_graph=cg, example_inputs=ctx.example_inputs, example_kwargs=ctx.example_kwargs)
+                            channel_graph=cg, example_inputs=ctx.example_inputs, example_kwargs=ctx.example_kwargs,
+                            model_modules=_model_modules(ctx.reference))
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.ratio == 0:
@@ -592,17 +597,33 @@ def _retie(gm: torch.fx.GraphModule, ties: list[list[str]]) -> None:
     share_equal_ties(gm, ties)
 
 
-def _match_ignore(gm: torch.fx.GraphModule, cg: ChannelGraph, patterns: tuple[str, ...]) -> set[str]:
+def _match_ignore(cg: ChannelGraph, patterns: tuple[str, ...], model_modules: Collection[str] = ()) -> set[str]:
+    """The nodes the `ignore` patterns name. A pattern naming a module of the model that the
+    graph never calls (a training-only auxiliary head) has nothing to ignore; one naming
+    nothing at all is a mistake (with the closest names)."""
     ignored: set[str] = set()
     for pattern in patterns:
-        hits = {node for node, module in cg.module_names.items()
-                if module == pattern or fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + ".")
-                or node == pattern}
-        if not hits:
+        hits = {node for node, module in cg.module_names.items() if _names(pattern, module) or node == pattern}
+        if not hits and not any(_names(pattern, module) for module in model_modules):
             raise ValueError(f"option 'ignore': pattern '{pattern}' matches no layer"
                              + did_you_mean(pattern, set(cg.module_names.values()), limit=8))
         ignored |= hits
     return ignored
+
+
+def _model_modules(reference: Any) -> Collection[str]:
+    """The module names of the model the pipeline captured (`fxopt.capture` records them: a
+    symbolic graph holds only the modules it calls)."""
+    info = getattr(reference, "meta", {}).get("fxopt", {}) if isinstance(reference, torch.fx.GraphModule) else {}
+    recorded = info.get("module_names")
+    if recorded is not None:
+        return recorded
+    return [name for name, _ in reference.named_modules()] if isinstance(reference, torch.nn.Module) else ()
+
+
+def _names(pattern: str, module: str) -> bool:
+    """Whether an `ignore` pattern names the module path (itself, a glob, or a parent of it)."""
+    return bool(module) and (module == pattern or fnmatch.fnmatchcase(module, pattern) or module.startswith(pattern + "."))
 
 
 #: What the selection counts as saved by removing a channel (the `cost` option).

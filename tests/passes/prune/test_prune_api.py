@@ -695,3 +695,37 @@ def test_prune_after_an_inference_lowering_says_to_run_it_first(first):
     with pytest.raises(PassError, match=r"prune.*inference kernel \(int8 or oneDNN\) whose channels cannot be "
                                         r"removed; run prune before quantize and lower-cpu"):
         fxopt.optimize(model, x, f"{first},prune{{ratio=0.5}}", calibration=[(x,)])
+
+
+class _AuxiliaryHead(torch.nn.Module):
+    """A head only training runs (Inception's aux logits): eval graphs never call it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3)
+        self.aux = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return (h, self.aux(h.mean((2, 3)))) if self.training else h
+
+
+def test_ignore_takes_a_module_the_graph_never_calls():
+    """Prune tester: `ignore=[model.aux]`, a module of the model that eval never calls, failed
+    with "pattern 'aux' matches no layer" (Torch-Pruning takes it); a name that is no module
+    of the model still fails, with the closest names."""
+    model, x = _AuxiliaryHead().eval(), torch.randn(2, 3, 12, 12)
+    assert not analyze(model, (x,), ignore=[model.aux]).ignored
+    assert not analyze(model, (x,), ignore=["aux"]).ignored
+    with pytest.raises(ValueError, match="pattern 'auxx' matches no layer"):
+        analyze(model, (x,), ignore=["auxx"])
+
+
+def test_a_taylor_calibration_batch_that_does_not_fit_is_named():
+    """Prune tester: importance=taylor on a batch of the wrong shape raised torch's text and a
+    tlparse hint; quantize and distill name the batch."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(fxopt.PassError, match=r"calibration batch 1 \(tensor shapes \[\(2, 5, 16, 16\)\]\) does not "
+                                              r"run through the model: RuntimeError: .*5 channels"):
+        fxopt.optimize(model, x, "prune{importance=taylor}", calibration=[x, torch.randn(2, 5, 16, 16)])
