@@ -143,9 +143,11 @@ class LowerInt8(Pass):
             paths = {called} if called else set()
             if weight is not None:
                 paths.add(weight.qualname)
-                if not paths - {weight.qualname} and "." in weight.qualname:
-                    # no record of the call's module: its weight's (wrong only for a tied weight)
-                    paths.add(weight.qualname.rsplit(".", 1)[0])
+                owner = weight.qualname.rsplit(".", 1)[0] if "." in weight.qualname else None
+                if owner and (not called or owner.startswith(called + ".")):
+                    # no record of the call's module, or the weight's module inside it (export
+                    # records MultiheadAttention's out_proj, never called itself, as the attention)
+                    paths.add(owner)
             for path in paths:
                 names.setdefault(path, set()).add(g.name)
         names = {**nodes, **names}

@@ -987,6 +987,29 @@ def test_skip_takes_a_layers_module_path_in_both_front_ends(mode):
     assert kept[0] == ("head" if mode == "symbolic" else "linear")
 
 
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1)
+
+    def forward(self, x):
+        return self.enc(self.emb(x)).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_skip_takes_the_path_of_an_attention_projection_in_both_front_ends(mode):
+    """Quantize tester: `skip=[enc.layers.0.self_attn.out_proj]` worked on a symbolic graph and
+    was refused on an export graph, which records the projection (never called as a module) as
+    a call of the attention around it."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 6, 8) for _ in range(2)]
+    res = fxopt.optimize(_Encoder().eval(), batches[0], "quantize{skip=[enc.layers.0.self_attn.out_proj]}",
+                         mode=mode, calibration=batches)
+    kept = [name for name, why in res.passes[0].stats["float_ops"].items() if "(skip/target_sqnr)" in why]
+    assert len(kept) == 1, res.passes[0].stats["float_ops"]
+
+
 class _SharedConv(nn.Module):
     """One conv module called twice, and a functional conv of a parameter of the model's own."""
 
