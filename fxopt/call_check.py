@@ -44,6 +44,9 @@ INPUTS_KEY = "inputs"
 # a record whose dynamic dims' mins were checked against the model below export's 2 (capture's
 # `_settle_small_sizes`); records without it (files saved before) never refused sizes 1 and 0
 FLOORS_CHECKED = "floors_checked"
+# a leaf's dims that dynamic_shapes asked to keep dynamic and export kept static (the model's
+# code fixes them): a call at another size is not advised to ask for them again
+FIXED_BY_MODEL = "fixed_by_model"
 
 _SIMPLE = (int, float, bool, str, type(None))
 
@@ -478,6 +481,12 @@ def _leaf_problem(entry: dict, value: Any, symbols: dict[str, tuple[str, int, in
         if isinstance(want, int):
             if only_dynamic:
                 continue
+            if size != want and dim in entry.get(FIXED_BY_MODEL, ()):
+                return (f"{label} has size {size} at dim {dim}, where the graph was captured with size {want}; "
+                        "the model's code fixes that dimension (torch.export kept it static though it was asked "
+                        f"to keep it dynamic: a branch on it, or an operation tying it to a fixed size), so the "
+                        f"graph runs at size {want} only: call it at that size, or capture with mode='symbolic' "
+                        "when the model traces (its graphs run at any size)")
             if size != want:
                 return (f"{label} has size {size} at dim {dim}, where the graph was captured with size {want}; "
                         "torch.export specialized that dimension (the example's size, or one the model's code "

@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
-from .call_check import (FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
+from .call_check import (FIXED_BY_MODEL, FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
                          specialized_guard, symbol_mins, symbols_by_size)
 from .errors import CaptureError, CaptureWarning, TrainingModeWarning, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants, written_base
@@ -1270,14 +1270,17 @@ def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
     ties x's dim to y's static one)."""
     if not isinstance(user, dict):
         return
-    shapes = {}
+    entries = {}
     for entry in record["leaves"]:
         name = entry["label"].split("'")[1] if "'" in entry["label"] and "[" not in entry["label"] else None
         if name is not None and "shape" in entry:
-            shapes[name] = entry["shape"]
-    static = [f"dim {d} of '{name}' (size {shapes[name][d]})" for name, dims in user.items()
-              if isinstance(dims, dict) and name in shapes for d, spec in dims.items()
-              if d < len(shapes[name]) and isinstance(shapes[name][d], int) and not _is_static(spec)]
+            entries[name] = entry
+    fixed = [(name, d) for name, dims in user.items() if isinstance(dims, dict) and name in entries
+             for d, spec in dims.items() if d < len(entries[name]["shape"])
+             and isinstance(entries[name]["shape"][d], int) and not _is_static(spec)]
+    for name, d in fixed:  # a call at another size is told the model fixes it (`call_check`)
+        entries[name].setdefault(FIXED_BY_MODEL, []).append(d)
+    static = [f"dim {d} of '{name}' (size {entries[name]['shape'][d]})" for name, d in fixed]
     if static:
         warnings.warn(f"capture: {type(model).__name__} was exported with {', '.join(static)} static, which "
                       "dynamic_shapes asked to keep dynamic: the model's code fixes it (a branch on it, or an "

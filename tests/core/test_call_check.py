@@ -471,3 +471,29 @@ def test_a_condition_read_from_a_file_is_evaluated_only_as_arithmetic():
                                    {"L['x']": 0}) == []
     crafted = ["__import__('os').system('false')", "v0_0 ** 99999999 > 1"]
     assert size_guards.failed(crafted, (torch.zeros(2),)) is None   # neither is run
+
+
+class _FixedLength(torch.nn.Module):
+    """Ties dim 1 of its input to a parameter's size: export keeps it static whatever is asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        return x + self.pos
+
+
+def test_a_dim_the_model_fixes_though_dynamic_shapes_asked_does_not_advise_dynamic_shapes(tmp_path):
+    """The advice repeated what the caller had passed ('keep the dimension dynamic with
+    dynamic_shapes={'x': {1: ...}}'): the model's code fixes that dimension."""
+    with pytest.warns(fxopt.CaptureWarning, match="dynamic_shapes asked to keep dynamic"):
+        gm = fxopt.capture(_FixedLength(), torch.randn(2, 5, 8), mode="export",
+                           dynamic_shapes={"x": {1: torch.export.Dim.AUTO}})
+    fxopt.save(gm, tmp_path / "g.pt")
+    for graph in (gm, fxopt.load(tmp_path / "g.pt")):
+        with pytest.raises(fxopt.InputMismatchError) as info:
+            graph(torch.randn(2, 6, 8))
+        message = str(info.value)
+        assert "has size 6 at dim 1, where the graph was captured with size 5" in message
+        assert "the model's code fixes that dimension" in message and "dynamic_shapes" not in message
