@@ -130,7 +130,9 @@ _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", 
                            "expand_as", "unflatten", "movedim", "swapaxes", "unbind", "detach", "reshape_as",
                            "diagonal", "unfold", "tensor_split", "moveaxis", "swapdims", "transpose", "permute",
                            "hsplit", "vsplit", "dsplit", "split_with_sizes", "adjoint", "chunk", "split", "select",
-                           "expand", "view_as_real", "view_as_complex", "unsqueeze_", "squeeze_"})
+                           "expand", "view_as_real", "view_as_complex", "unsqueeze_", "squeeze_",
+                           # the tensor itself where nothing changes (on this device, of this dtype)
+                           "ravel", "cpu", "cuda", "type", "resolve_conj", "resolve_neg", "broadcast_to"})
 # ``y.T``, ``y.mH``, ``y.real``, ``y.data``: attributes that view the tensor (symbolic graphs
 # read them with getattr)
 _VIEW_ATTRIBUTES = frozenset({"T", "H", "mT", "mH", "real", "imag", "data"})
@@ -138,7 +140,11 @@ _VIEW_ATTRIBUTES = frozenset({"T", "H", "mT", "mH", "real", "imag", "data"})
 _VIEW_FUNCTIONS = frozenset({torch.diagonal, torch.hsplit, torch.vsplit, torch.dsplit, torch.split_with_sizes,
                              torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, torch.adjoint, torch.as_strided,
                              torch.view_as_real, torch.view_as_complex, torch.real, torch.imag, torch.swapaxes,
-                             torch.swapdims, torch.moveaxis, torch.movedim, torch.narrow, torch.unbind})
+                             torch.swapdims, torch.moveaxis, torch.movedim, torch.narrow, torch.unbind,
+                             torch.ravel, torch.broadcast_to, torch.resolve_conj, torch.resolve_neg})
+# functional dropouts in eval mode (``torch.dropout(h, p, False)``) return their input itself
+_DROPOUT_FUNCTIONS = frozenset({torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+                                torch.feature_alpha_dropout})
 _INPLACE_FUNCTIONS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
 
@@ -203,6 +209,9 @@ def is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
                                        and node.args[1] in _VIEW_ATTRIBUTES
                                        or _hashable(node.target) and node.target in _VIEW_FUNCTIONS):
         return True
+    if node.op == "call_function" and _hashable(node.target) and node.target in _DROPOUT_FUNCTIONS:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
+        return train is False
     overload = aten_op_of(node)
     writes = mutated_input(gm, node) is not None
     if writes and overload is None and node.op != "call_module":

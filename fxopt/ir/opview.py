@@ -285,7 +285,12 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("identity", modules=(nn.Identity,), aten=(aten.alias,)),
     # dtype / device / layout conversion; `Tensor.type` is not listed: with no argument it
     # returns a string
-    OpSpec("to", methods=("to", "float", "double", "half", "bfloat16"), aten=(aten.to, aten._to_copy)),
+    # a cast: `x.to(torch.float64)` (a device or another tensor in that place: `_cast_attrs`),
+    # and the methods that name their dtype
+    OpSpec("to", methods=("to",), aten=(aten.to, aten._to_copy), arg_names=("input", "dtype")),
+    *(OpSpec("to", methods=(method,), defaults=dict(dtype=dtype))
+      for method, dtype in (("float", torch.float32), ("double", torch.float64), ("half", torch.float16),
+                            ("bfloat16", torch.bfloat16))),
     # `x.type_as(y)`: a cast to y's dtype (Gemma's RMSNorm); y is read for its dtype only
     OpSpec("to", methods=("type_as",), aten=(aten.type_as,), arg_names=("input", "other")),
     # export's check of a value's dtype/device (and, when given, sizes/strides); no output
@@ -648,6 +653,20 @@ def written_arguments(node: torch.fx.Node, spec: OpSpec) -> dict[str, Any]:
     return written
 
 
+def _cast_attrs(node: torch.fx.Node) -> dict[str, Any]:
+    """``x.to(...)``'s positional arguments by what they are: ``x.to("cpu", torch.float64)``,
+    ``x.to(torch.float64)``, ``x.to(y)`` (y's dtype and device: `other`)."""
+    found: dict[str, Any] = {"dtype": node.kwargs.get("dtype")}
+    for value in node.args[1:]:
+        if isinstance(value, torch.dtype):
+            found["dtype"] = value
+        elif isinstance(value, (str, torch.device)):
+            found["device"] = value
+        elif isinstance(value, torch.fx.Node):
+            found["other"] = value
+    return found
+
+
 def _holds_sequence(value: Any) -> bool:
     """Whether one argument in a varargs place is the whole sequence: a list or tuple, or a node
     that yields one (``x.view(y.size())``, ``x.expand(y.shape)``); a number or a node reading one
@@ -693,6 +712,8 @@ def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, arg
     if spec.kind in ("max_pool", "avg_pool") and attrs.get("stride") in (None, [], ()):
         # a pool's stride defaults to its kernel (export writes the default as `[]`)
         attrs["stride"] = attrs.get("kernel_size")
+    if spec.kind == "to" and node.op == "call_method" and node.target == "to":
+        attrs.update(_cast_attrs(node))
     if spec.kind in _VARIANCES:
         unbiased, correction = attrs.pop("unbiased", None), attrs.get("correction")
         attrs["correction"] = correction if correction is not None else 0 if unbiased is False else 1

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import operator
 from typing import Any, Callable
 
 import torch
 import torch.fx
 
-from ..ir import aten_op_of, bind_arguments, op_view, spec_for, written_arguments
+from ..ir import aten_op_of, bind_arguments, op_view, size_read, spec_for, written_arguments
 from .core import Const, Op, PatternNode, Var, _same
 
 
@@ -184,14 +185,43 @@ def _holds_node(value: Any) -> bool:
 
 
 def _literals_equal(written: tuple | list) -> Callable[[Any], bool]:
-    """An attrs predicate for a sequence mixing sizes read in the graph with literals
-    (``x.view(x.size(0), -1)``): as long, and equal where the pattern wrote a literal."""
-    def check(got: Any) -> bool:
-        return (isinstance(got, (list, tuple)) and len(got) == len(written)
-                and all(isinstance(w, torch.fx.Node) or _same(g, w) for g, w in zip(got, written)))
+    """An attrs predicate for a sequence mixing values computed in the graph with literals
+    (``x.view(x.size(0), -1)``): as long, equal where the pattern wrote a literal, and computed
+    where it computes one: a size read of the same axis where it reads one (``x.size(0)`` is
+    not a 2, nor ``x.size(1)``)."""
+    def entry_matches(got: Any, want: Any) -> bool:
+        if not isinstance(want, torch.fx.Node):
+            return _same(got, want)
+        if not isinstance(got, torch.fx.Node):
+            return False
+        axis = _size_axis(want)
+        return axis is None or _size_axis(got) == axis
 
-    check.__name__ = f"literals_of_{tuple('?' if isinstance(w, torch.fx.Node) else w for w in written)}"
+    def check(got: Any) -> bool:
+        return isinstance(got, (list, tuple)) and len(got) == len(written) \
+            and all(entry_matches(g, w) for g, w in zip(got, written))
+
+    check.__name__ = f"literals_of_{tuple(_entry_name(w) for w in written)}"
     return check
+
+
+def _size_axis(node: torch.fx.Node) -> int | None:
+    """The axis whose size `node` reads (``x.size(1)``, ``x.shape[1]``, ATen's sym_size), else None."""
+    read = size_read(node)
+    if read is not None:
+        return read[1]
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int) \
+            and isinstance(node.args[0], torch.fx.Node) and (whole := size_read(node.args[0])) is not None \
+            and whole[1] is None:
+        return node.args[1]
+    return None
+
+
+def _entry_name(value: Any) -> Any:
+    if not isinstance(value, torch.fx.Node):
+        return value
+    axis = _size_axis(value)
+    return f"size({axis})" if axis is not None else "?"
 
 
 # Arguments that do not change the value an op computes: where it lives and how it is laid out

@@ -703,3 +703,62 @@ def test_a_parameter_name_used_twice_binds_one_tensor(mode):
         gm.recompile()
         assert report.total == matches, report
         torch.testing.assert_close(gm(x, y), model(x, y))
+
+
+
+class _Cast(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return (x + 1).to(self.dtype).sum(-1).to(torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cast_pattern_matches_only_its_dtype(mode):
+    """Adversary: `x.to(torch.float64)` in a pattern dropped its dtype (a method's positional
+    argument had no name), so it matched a bfloat16 cast and the replacement summed in float64
+    (5.3 off); in export it no longer matched its own `aten.to.dtype`."""
+    def pattern(x):
+        return x.to(torch.float64).sum(-1).to(torch.float32)
+
+    def replacement(x):
+        return x.sum(-1, dtype=torch.float64).to(torch.float32)
+
+    x = torch.randn(4, 256) * 100
+    for dtype, matches in ((torch.bfloat16, 0), (torch.float64, 1)):
+        model = _Cast(dtype).eval()
+        gm = fxopt.capture(model, (x,), mode=mode)
+        cast = next(n for n in gm.graph.nodes if n.op in ("call_method", "call_function")
+                    and (v := fxopt.ir.op_view(gm, n)) is not None and v.kind == "to")
+        assert (explain(gm, cast, pattern_from_function(lambda x: x.to(torch.float64))) == "matched") == bool(matches)
+        assert (explain(gm, cast, pattern_from_function(lambda x: x.double())) == "matched") == bool(matches)
+        if mode == "symbolic":  # (export's dtype assertions read the sum too: no single-use sum there)
+            report = apply_patterns(gm, Pattern("p", pattern_from_function(pattern), replacement=replacement),
+                                    max_rounds=1)
+            gm.recompile()
+            assert report.total == matches, report
+            torch.testing.assert_close(gm(x), model(x))
+
+
+class _View(nn.Module):
+    def __init__(self, view):
+        super().__init__()
+        self.view = view
+
+    def forward(self, x):
+        return self.view(x * 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("view, matches", [
+    (lambda h: h.view(2, -1), 0), (lambda h: h.view(h.size(1), -1), 0),
+    (lambda h: h.view(h.size(0), -1), 1), (lambda h: h.view(h.shape[0], -1), 1)])
+def test_a_size_read_in_a_pattern_matches_a_read_of_the_same_axis(mode, view, matches):
+    """Adversary: the pattern's `x.size(0)` matched a literal 2 and a read of axis 1, and the
+    whole apply_patterns call then failed on the replacement's shape."""
+    gm = fxopt.capture(_View(view).eval(), (torch.randn(4, 6),), mode=mode)
+    report = apply_patterns(gm, Pattern("p", pattern_from_function(lambda x: x.view(x.size(0), -1)),
+                                        replacement=lambda x: x.flatten(1)))
+    assert report.total == matches, report

@@ -214,6 +214,11 @@ _SPELLED_WRITES = {  # writes the effect analysis did not see (fuse tester): eac
     "split_with_sizes": lambda y: torch.split_with_sizes(y, [2, 4], 1)[0].add_(1),
     "atleast_2d": lambda y: torch.atleast_2d(y).add_(1), "movedim": lambda y: torch.movedim(y, 0, 1).add_(1),
     "init.constant_": lambda y: nn.init.constant_(y[:, :2], 3.0), "adjoint": lambda y: y.adjoint().add_(1),
+    # (adversary: the tensor itself, or a view of it, under other names)
+    "ravel": lambda y: y.ravel().add_(1), "torch.ravel": lambda y: torch.ravel(y).add_(1),
+    "cpu": lambda y: y.cpu().add_(1), "broadcast_to": lambda y: torch.broadcast_to(y, y.shape).add_(1),
+    "resolve_conj": lambda y: y.resolve_conj().add_(1), "resolve_neg": lambda y: y.resolve_neg().add_(1),
+    "torch.dropout": lambda y: torch.dropout(y, 0.5, False).add_(1), "type": lambda y: y.type(torch.float32).add_(1),
 }
 
 
