@@ -1371,6 +1371,7 @@ _UNKNOWN_OUTPUT = re.compile(r"Found <class '([\w.]+)'> in output, which is not 
 # export's GuardOnDataDependentSymNode: a Python branch on a tensor's values (symbolic tracing's
 # "cannot be used as inputs to control flow" is said of branches on shapes too, which export takes)
 _DATA_DEPENDENT = re.compile(r"data-dependent expression")
+_SPECIALIZED_DIM_NOTE = re.compile(r"the model's code fixes \w+ to \d+\)")
 
 
 def _hint(attempts: list[Attempt], model: nn.Module) -> str:
@@ -1392,6 +1393,11 @@ def _hint(attempts: list[Attempt], model: nn.Module) -> str:
         return ("\n  hint: symbolic tracing cannot rebuild the signature of a forward wrapped by a decorator "
                 "that takes *args/**kwargs (Hugging Face models' forwards are): capture with mode='export' "
                 "or 'auto'")
+    if any(_SPECIALIZED_DIM_NOTE.search(a.reason) for a in attempts):
+        return ("\n  hint: dynamic_shapes names a torch.export.Dim for a dimension the model's code fixes to one "
+                "size (a branch on it, or an operation that ties it to a parameter's size): leave that dim out of "
+                "dynamic_shapes, or give it torch.export.Dim.AUTO (export then keeps it static and capture warns), "
+                "or capture with mode='symbolic', whose graphs run at any size")
     branching = [a for a in attempts if _DATA_DEPENDENT.search(a.reason)]
     if branching and all(_TORCH_NN_DIR in a.location for a in branching) \
             and all(a.frontend != "symbolic" for a in attempts):
@@ -1416,7 +1422,15 @@ def _is_dataclass_named(qualified: str) -> bool:
 
 
 def _failed_attempt(frontend: str, exc: Exception) -> Attempt:
-    return Attempt(frontend, False, f"{type(exc).__name__}: {first_line(exc)}", _user_frame(exc))
+    reason = f"{type(exc).__name__}: {first_line(exc)}"
+    fixed = _SPECIALIZED_DIM.search(str(exc))
+    if fixed:  # what export says below its first line, which names no size
+        reason += f" (the model's code fixes {fixed.group(1)} to {fixed.group(2)})"
+    return Attempt(frontend, False, reason, _user_frame(exc))
+
+
+# torch.export, of a Dim the model's code ties to one size
+_SPECIALIZED_DIM = re.compile(r"You marked (\w+) as dynamic but your code specialized it to be a constant \((\d+)\)")
 
 
 _LIBRARY_DIRS = tuple(

@@ -1460,3 +1460,22 @@ def test_a_branch_on_values_in_torchs_own_code_under_export_says_to_capture_symb
     message = str(info.value)
     assert "no line of the model's own code" in message and "mode='symbolic'" in message
     assert frontend_of(capture(model, inputs, mode="symbolic")) == "symbolic"
+
+
+def test_a_named_dim_the_model_fixes_says_which_size_and_what_to_do():
+    """torch.export's 'Constraints violated (T)! For more information, run with TORCH_LOGS=...'
+    was all the error said."""
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(5, 8))
+
+        def forward(self, x):
+            return x + self.pos
+
+    length = torch.export.Dim("T", min=2, max=64)
+    with pytest.raises(CaptureError) as info:
+        capture(Positional(), torch.randn(2, 5, 8), mode="export", dynamic_shapes={"x": {1: length}})
+    message = str(info.value)
+    assert "the model's code fixes T to 5" in message
+    assert "torch.export.Dim.AUTO" in message and "mode='symbolic'" in message
