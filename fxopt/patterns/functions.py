@@ -81,7 +81,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
                 scalar = Const(f"_literal{counter[0]}", check=_equals(value), literal=value)
                 counter[0] += 1
             scalar_first = scalar_first or (scalar is not None and not inputs and key == spec.tensor_args[0])
-        elif key in _IGNORED or isinstance(value, torch.fx.Node) or key not in view.attrs:
+        elif key in _NEVER_COMPARED or isinstance(value, torch.fx.Node) or key not in view.attrs:
             continue  # (the view reads a key it drops as another: var's `unbiased` as `correction`)
         elif _holds_node(value):  # ``x.view(x.size(0), -1)``: the sizes read in the graph may be anything
             attrs[key] = _literals_equal(value)
@@ -100,7 +100,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
     left_out = [key for key in spec.param_args if key not in written]
     defaults = {key: view.attrs.get(key, default) for key in _argument_names(spec)
                 if key not in written and key not in attrs and key not in spec.tensor_args
-                and key not in spec.param_args and key not in _IGNORED
+                and key not in spec.param_args and key not in _NOT_CONSTRAINED_WHEN_LEFT_OUT
                 and (default := _default_of(node, spec, key)) is not _UNKNOWN}
     schema_only = frozenset(defaults) - set(spec.arg_names)
     check = _as_written(left_out, defaults, schema_only) if left_out or defaults else None
@@ -224,13 +224,16 @@ def _entry_name(value: Any) -> Any:
     return f"size({axis})" if axis is not None else "?"
 
 
-# Arguments that do not change the value an op computes: where it lives and how it is laid out
-# (`memory_format`, `device`), hints to the kernel (`cudnn_enable`, einsum's `path`, a repeat's
-# `output_size`), what only training or gradients read (`momentum`, `padding_idx`), where a
-# deprecation warning points (`_stacklevel`).
-_IGNORED = {"inplace", "momentum", "_stacklevel", "memory_format", "out", "copy", "non_blocking", "device",
-            "layout", "pin_memory", "cudnn_enable", "cudnn_enabled", "implicit", "path", "output_size",
-            "padding_idx", "scale_grad_by_freq", "sparse"}
+# Arguments never compared: they do not change any op's value (momentum: the running statistics'
+# update, which eval graphs never run; `_stacklevel`: where softmax's deprecation warning points).
+_NEVER_COMPARED = {"inplace", "momentum", "_stacklevel"}
+# Arguments a pattern call that leaves them out does not constrain: where the value lives and how
+# it is laid out (`memory_format`, `device`), hints to a kernel (`cudnn_enable`, einsum's `path`,
+# repeat_interleave's `output_size`), what only gradients read (`padding_idx`). Written ones are
+# compared: an adaptive pool's `output_size` is the whole op.
+_NOT_CONSTRAINED_WHEN_LEFT_OUT = _NEVER_COMPARED | {
+    "memory_format", "out", "copy", "non_blocking", "device", "layout", "pin_memory", "cudnn_enable",
+    "cudnn_enabled", "implicit", "path", "output_size", "padding_idx", "scale_grad_by_freq", "sparse"}
 
 
 def _equals(value: Any) -> Callable[[Any], bool]:
