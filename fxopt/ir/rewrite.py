@@ -443,11 +443,12 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
         >>> gm(torch.randn(1, 2, 3, 3)).is_contiguous()
         True
     """
-    from .effects import is_view, mutated_input  # effects builds on this module
+    from .effects import aliases_of, is_view, mutated_input  # effects builds on this module
 
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     rebased: dict[torch.fx.Node, torch.fx.Node] = {}
     copies = 0
+    written = {mutated_input(gm, n) for n in gm.graph.nodes} - {None}
 
     def viewed(value: torch.fx.Node) -> torch.fx.Node | None:
         """The tensor `value` surely views (a reshape or contiguous of a strided value copies),
@@ -459,9 +460,10 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
         view = op_view(gm, value)
         may_copy = view is not None and view.kind in _MAY_COPY \
             or value.op == "call_method" and value.target in _MAY_COPY
-        if may_copy and _views_in_eager(value, first):
+        if may_copy and _views_in_eager(value, first) and not aliases_of(gm, value) & written:
             # a reshape of a row-major value, one spelled `view`, or the row-major copy a
-            # lowering took of a value eager holds row-major (eager's `contiguous` is the value)
+            # lowering took of a value eager holds row-major (eager's `contiguous` is the value);
+            # not one written through: at run time it may be a copy, which the write went into
             return first
         return None if may_copy or not is_view(gm, value) or _gathers(value) else first
 
