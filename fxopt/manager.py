@@ -360,7 +360,14 @@ class PassManager:
             if self.bisect_limit is not None and index >= self.bisect_limit:
                 record.skipped, record.nodes_after = True, record.nodes_before
                 continue
-            current = self._run_one(p, index, current, am, ctx, record, records)
+            try:
+                current = self._run_one(p, index, current, am, ctx, record, records)
+            except PassError as exc:
+                if exc.last_good_module is not gm:  # what ran before it, as a result records it
+                    done = self.passes[:index]
+                    record_pipeline(exc.last_good_module, gm, format_pipeline(done),
+                                    loosest(*(pass_tolerance(q) for q in done)))
+                raise
         for inst in self.instruments:
             _call_instrument(inst, "after_pipeline", _protected(current, ctx.reference), ctx.reference,
                              current, records)
@@ -660,12 +667,12 @@ class _AttributeSnapshot:
                 hooks = {name: dict(getattr(m, name)) for name in _HOOKS if hasattr(m, name)}
                 where = f"{label}.{prefix}" if prefix else label
                 self.saved.append((where, m, dict(m._parameters), dict(m._buffers), dict(m._modules), tensors,
-                                   hooks, _options(m)))
+                                   hooks, _options(m), vars(m).get("forward")))
 
     def changed(self) -> list[str]:
         """What was changed, each as "reassigned attribute 'weight' of ctx.reference.fc"."""
         found = []
-        for prefix, m, params, buffers, modules, tensors, hooks, options in self.saved:
+        for prefix, m, params, buffers, modules, tensors, hooks, options, forward in self.saved:
             current = {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
             for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules),
                                (tensors, current)):
@@ -677,10 +684,12 @@ class _AttributeSnapshot:
             now = _options(m)
             found += [f"changed attribute '{key}' of {prefix} ({options.get(key)!r} -> {now.get(key)!r})"
                       for key in sorted(set(options) | set(now)) if not _same_option(options.get(key), now.get(key))]
+            if vars(m).get("forward") is not forward:  # `module.forward = ...` on the instance
+                found.append(f"replaced the forward of {prefix} (module.forward = ...)")
         return found
 
     def restore(self) -> None:
-        for _, m, params, buffers, modules, tensors, hooks, options in self.saved:
+        for _, m, params, buffers, modules, tensors, hooks, options, forward in self.saved:
             for saved, now in ((params, m._parameters), (buffers, m._buffers), (modules, m._modules),
                                *((saved, getattr(m, name)) for name, saved in hooks.items())):
                 if not _same_entries(saved, now):
@@ -696,6 +705,11 @@ class _AttributeSnapshot:
             for key, value in options.items():
                 if not _same_option(vars(m).get(key), value):
                     object.__setattr__(m, key, value)
+            if vars(m).get("forward") is not forward:
+                if forward is None:
+                    del m.__dict__["forward"]
+                else:
+                    object.__setattr__(m, "forward", forward)
 
 
 _OPTION_TYPES = (int, float, bool, str, type(None))

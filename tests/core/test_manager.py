@@ -1061,3 +1061,40 @@ def test_run_takes_a_dict_of_keyword_inputs_as_capture_does():
     torch.testing.assert_close(result.module(input=x), model(x))
     with pytest.raises(TypeError, match="pass the keyword inputs in one of them"):
         PassManager("fuse").run(gm, {"input": x}, example_kwargs={"input": x})
+
+
+@dataclasses.dataclass  # not registered: the fuzz campaign runs every registered pass
+class _OverrideReferenceForward(Pass):
+    name = "test-override-reference-forward"
+
+    def run(self, gm, ctx):
+        for root in (gm, ctx.reference):
+            for module in root.modules():
+                if isinstance(module, nn.ReLU):
+                    module.forward = lambda x: x.clamp(min=0.5)
+        return PassResult(gm, modified=True)
+
+
+def test_a_pass_that_replaces_a_forward_of_the_reference_is_stopped_and_the_forward_put_back():
+    """An instance `forward` assigned on ctx.reference's ReLU slipped through: PASS (exact)
+    against the changed reference, 0.18 off the user's model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    x = torch.randn(8, 4)
+    with pytest.raises(PassError, match=r"replaced the forward of ctx.reference.1.*put the original back") as err:
+        fxopt.optimize(model, (x,), [_OverrideReferenceForward()])
+    good = err.value.last_good_module
+    assert "forward" not in vars(good.get_submodule("1"))
+    torch.testing.assert_close(good(x), model(x))
+
+
+def test_the_last_good_module_of_a_failed_pipeline_records_the_passes_that_ran_and_their_tolerance():
+    """It carried no record: fxopt.verify held a healthy int8 module to exact (FAIL)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(8, 4)
+    with pytest.raises(PassError) as err:
+        fxopt.optimize(model, x, ["fuse", "quantize", _GraphThatCannotRun()], calibration=[(x,), (torch.randn(8, 4),)])
+    good = err.value.last_good_module
+    assert good.meta["fxopt"]["tolerance"] == "int8"
+    assert fxopt.verify(model, good, x).verdict == "PASS"
