@@ -47,7 +47,8 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes, downstream,
-                      is_effectful, module_path, op_view, origin, size_read, value_nbytes, written_in_place)
+                      is_effectful, module_path, op_view, origin, size_read, tensor_meta, value_nbytes,
+                      written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
@@ -769,8 +770,10 @@ class _Lowering:
         as its input's: an average spans less than its inputs (a 3x3 blur of noise a third),
         and an int8 kernel writes it on the input grid, a rounding as coarse as the input's
         after the average shrank the rest of the error (5-8 dB behind PT2E, quantize tester)."""
-        if node.name not in self.observers:
-            return None
+        into_cat = any((g := self.plan.member_of.get(u.name)) is not None and g.kind == "cat" for u in node.users)
+        if node.name not in self.observers or into_cat or len(tensor_meta(node)[0] if tensor_meta(node) else ()) > 4:
+            return None  # a cat rounds its inputs onto its own grid anyway (twice is worse); aten's
+            # float 3-D pools are 2-5x slower than the int8 one (adversary): too much for the bit
         finer = self._observed_grid(node.name)
         return finer if finer[0] <= grid[0] / _FINER else None
 

@@ -56,3 +56,26 @@ def test_a_frozen_model_comes_back_frozen(pipeline):
     model = ConvBN().eval().requires_grad_(False)
     out = fxopt.optimize(model, (torch.randn(2, 3, 8, 8),), pipeline).module
     assert not any(p.requires_grad for p in out.parameters())
+
+
+class DerivedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w * 0.5, self.b)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_folded_weight_made_from_a_trainable_parameter_trains(mode):
+    """Adversary: the default pipeline's fold-constants stored `w * 0.5` as a buffer, so a
+    fine-tuning loop after optimize never trained the weight (no error: the bias still did)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    out = fxopt.optimize(DerivedWeight(), (x,), mode=mode).module
+    out(x).pow(2).sum().backward()
+    trained = {name for name, p in out.named_parameters() if p.grad is not None}
+    assert len(trained) == 2 and sum(p.numel() for p in out.parameters()) == 72, trained
+    frozen = fxopt.optimize(DerivedWeight().requires_grad_(False), (x,), mode=mode).module
+    assert not any(p.requires_grad for p in frozen.parameters())
