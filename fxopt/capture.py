@@ -188,6 +188,9 @@ def capture(
             "frontend": frontend,
             "attempts": [a.__dict__ for a in attempts],
             "model_class": type(model).__qualname__,
+            # every submodule's name, those the graph does not call too (a training-only head):
+            # prune's ignore= names them
+            "module_names": [name for name, _ in model.named_modules() if name],
             **info,
         }
         return explain_failed_calls(gm)

@@ -1479,3 +1479,20 @@ def test_a_named_dim_the_model_fixes_says_which_size_and_what_to_do():
     message = str(info.value)
     assert "the model's code fixes T to 5" in message
     assert "torch.export.Dim.AUTO" in message and "mode='symbolic'" in message
+
+
+def test_the_capture_record_names_every_submodule_of_the_model_called_or_not():
+    """prune's ignore= names a module the graph never calls (a training-only head); the graph
+    alone cannot tell it from a typo."""
+    class WithAux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+            self.aux = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    for mode in ("symbolic", "export"):
+        gm = capture(WithAux().eval(), torch.randn(2, 4), mode=mode)
+        assert gm.meta["fxopt"]["module_names"] == ["body", "body.0", "body.1", "aux"]
