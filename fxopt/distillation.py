@@ -71,6 +71,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
             temperature: float = 4.0, alpha: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.0,
             labeled: bool = False, progress: bool = True, output: int | str | None = None) -> nn.Module:
     """Fine-tune a copy of `student` to match `teacher`'s logits on `data`; return the copy.
+    Only the parameters that require grad train (a backbone the user froze stays as it is, and
+    comes back frozen); a student with all of them frozen is a ValueError.
 
     `output` selects the logits in a structured output: an index (``(features, logits)``:
     ``output=1``) or a key or field name (``output="logits"``); left out, the only
@@ -124,13 +126,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     if hasattr(batches, "__len__") and len(batches) == 0:
         raise ValueError(_NO_BATCHES.format(when="data holds none"))
     student = deep_copy(student)
-    trains = {name: p.requires_grad for name, p in student.named_parameters()}  # handed back as given
-    params = []
-    for p in student.parameters():
-        if p.is_floating_point():
-            p.requires_grad_(True)
-            params.append(p)
+    params = [p for p in student.parameters() if p.is_floating_point() and p.requires_grad]
     if not params:
+        if any(p.is_floating_point() for p in student.parameters()):
+            raise ValueError("distill: every parameter of the student is frozen (requires_grad=False), so there is "
+                             "nothing to fine-tune; unfreeze the layers to train (student.requires_grad_(True), or "
+                             "the model's before fxopt.optimize)")
         raise ValueError("the student has no floating-point parameters to fine-tune")
     _set_eval(student)
     student_state, teacher_state = BufferState(student), BufferState(teacher)
@@ -179,8 +180,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 seen += 1
             if not seen:  # an iterator is used up after one pass: later epochs would train on nothing
                 raise ValueError(_NO_BATCHES.format(when=f"epoch {epoch + 1} got none"))
-    for name, p in student.named_parameters():
-        p.requires_grad_(trains[name])
     student_state.restore()
     if epochs:
         _warn_if_worse(student, first, start_loss, t, alpha, lr, output)

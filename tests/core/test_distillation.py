@@ -136,4 +136,26 @@ def test_the_tuned_student_keeps_which_parameters_train_as_the_student_given():
                           progress=False)
     assert {n: p.requires_grad for n, p in tuned.named_parameters()} == \
         {"0.weight": True, "0.bias": False, "2.weight": True, "2.bias": True}
-    assert not torch.equal(tuned.get_submodule("0").bias, student.get_submodule("0").bias)  # trained all the same
+    assert torch.equal(tuned.get_submodule("0").bias, student.get_submodule("0").bias)  # frozen: not trained
+
+
+def test_parameters_the_student_froze_are_not_trained():
+    """distill trained every floating parameter and handed the frozen ones back changed, still
+    marked frozen (a backbone the user froze moved by 0.005)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    student = fxopt.capture(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), torch.randn(2, 4))
+    student.get_submodule("0").requires_grad_(False)
+    tuned = fxopt.distill(student, teacher, [torch.randn(16, 4) for _ in range(2)], epochs=2, lr=0.01,
+                          progress=False)
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(tuned.get_submodule("0"), name), getattr(student.get_submodule("0"), name))
+        assert not torch.equal(getattr(tuned.get_submodule("2"), name), getattr(student.get_submodule("2"), name))
+
+
+def test_a_student_with_every_parameter_frozen_is_refused_saying_what_to_do():
+    teacher = nn.Sequential(nn.Linear(4, 3)).eval()
+    student = fxopt.capture(nn.Linear(4, 3), torch.randn(2, 4)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"every parameter of the student is frozen \(requires_grad=False\).*"
+                                         r"requires_grad_\(True\)"):
+        fxopt.distill(student, teacher, [torch.randn(8, 4)], epochs=1, progress=False)
