@@ -41,12 +41,17 @@ def _as_call(batch: Any) -> tuple[tuple, dict]:
 def check_batches(batches: Any, option: str = "calibration") -> None:
     """Refuse one tensor given where a sequence of batches is wanted: iterating it would yield
     its rows, each taken for a batch of its own (a linear accepts a 1-D row, so the mistake ran
-    silently and calibrated on single samples)."""
+    silently and calibrated on single samples); and one dict (a batch of keyword inputs), whose
+    keys iteration would take for batches."""
     if isinstance(batches, torch.Tensor):
         rows = f"{batches.shape[0]} batches of its rows" if batches.dim() else "no batch at all"
         raise FxoptError(f"{option}: got one Tensor of shape {tuple(batches.shape)}, which would be read as "
                          f"{rows}; pass a sequence of batches, e.g. [(x,)] for one batch or "
                          f"[(b,) for b in x.split(8)] for several")
+    if isinstance(batches, dict):  # iterated, it gives its keys: each taken for a batch
+        keys = ", ".join(repr(k) for k in list(batches)[:3])
+        raise FxoptError(f"{option}: got one dict (keys {keys}), which would be read as its keys, one batch each; "
+                         "pass a sequence of batches, e.g. [batch] for one batch of keyword inputs")
 
 
 class StreamedBatches:

@@ -112,3 +112,15 @@ def test_a_generator_given_to_optimize_is_read_once_into_a_list():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
     res = fxopt.optimize(model, torch.randn(8, 4), "quantize", calibration=(torch.randn(8, 4) for _ in range(3)))
     assert res.passes[0].stats["calibration_batches"] == 3 and res.verification.passed
+
+
+@pytest.mark.parametrize("call", ["optimize", "calibrate"])
+def test_one_dict_given_for_the_batches_is_refused_naming_what_to_pass(call, observed):
+    """A dict of keyword inputs given as the calibration data iterated as its keys: 'calibration
+    batch 0 (tensor shapes []) ... must be Tensor, not str'."""
+    batch = {"input": torch.randn(8, 4)}
+    with pytest.raises(FxoptError, match=r"got one dict \(keys 'input'\).*\[batch\] for one batch"):
+        if call == "optimize":
+            fxopt.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), batch, "quantize", calibration=batch)
+        else:
+            fxopt.calibrate(observed, batch, progress=False)
