@@ -410,7 +410,7 @@ SPECS: tuple[OpSpec, ...] = (
     # (`torch.max(x, y)` binds y as `dim`, so `dim` is a tensor argument too)
     *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
              arg_names=("input", "dim", "keepdim"), tensor_args=("input", "other", "dim"),
-             defaults=dict(keepdim=False))
+             defaults=dict(dim=None, keepdim=False))
       for name in ("max", "min")),
     *(OpSpec(name, functions=(getattr(torch, name),), methods=(name,), aten=(getattr(aten, name),),
              arg_names=("input", "other"), tensor_args=("input", "other"))
@@ -475,8 +475,9 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("cumprod", functions=(torch.cumprod,), methods=("cumprod",), aten=(aten.cumprod,),
            arg_names=("input", "dim")),
     # p-norms over axes (GRN's torch.norm(x, p=2, dim=(1, 2), keepdim=True))
-    OpSpec("vector_norm", functions=(torch.norm,), methods=("norm",), arg_names=("input", "p", "dim", "keepdim"),
-           defaults=dict(p="fro", dim=None, keepdim=False)),
+    # (torch.norm's `p` is vector_norm's `ord`: one name, so the two spellings compare)
+    OpSpec("vector_norm", functions=(torch.norm,), methods=("norm",), arg_names=("input", "ord", "dim", "keepdim"),
+           defaults=dict(ord="fro", dim=None, keepdim=False), renames={"p": "ord"}),
     OpSpec("vector_norm", functions=(torch.linalg.vector_norm,), aten=(aten.linalg_vector_norm,),
            arg_names=("input", "ord", "dim", "keepdim"), defaults=dict(ord=2, dim=None, keepdim=False)),
     OpSpec("unsqueeze", functions=(torch.unsqueeze,), methods=("unsqueeze",), aten=(aten.unsqueeze,),
@@ -518,7 +519,7 @@ for _spec in SPECS:
 #: Attribute reads a symbolic trace keeps as ``getattr(x, name)`` that compute an op.
 _ATTRIBUTE_OPS: dict[str, OpSpec] = {"mT": _BY_ATEN_PACKET[aten.mT]}
 
-_SCHEMA_RENAMES = {"self": "input", "train": "training"}
+_SCHEMA_RENAMES = {"self": "input", "train": "training", "axis": "dim"}  # (`axis`: torch's numpy spelling)
 
 
 def spec_for(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpSpec | None:
@@ -563,10 +564,18 @@ def op_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpView | None:
     if node.op == "call_module":
         return _module_view(gm, node, spec)
     args = bind_arguments(node, spec)
+    if spec.kind == "reshape" and any(names_a_dtype(a) for a in (*node.args[1:], *node.kwargs.values())):
+        return None  # ``h.view(torch.int32)`` reinterprets the bytes: no reshape, no op fxopt knows
     view = _build_view(gm, node, spec, args)
     if view.kind == "matmul":
         return _matmul_as_linear(gm, view, args) or view
     return view
+
+
+def names_a_dtype(value: Any) -> bool:
+    """A dtype written in the graph (`torch.int32`) or read off a tensor (`h.dtype`)."""
+    return isinstance(value, torch.dtype) or isinstance(value, torch.fx.Node) and value.op == "call_function" \
+        and value.target is getattr and len(value.args) == 2 and value.args[1] == "dtype"
 
 
 def size_read(node: torch.fx.Node) -> tuple[Any, Any] | None:
@@ -714,6 +723,8 @@ def _build_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec, arg
         attrs["stride"] = attrs.get("kernel_size")
     if spec.kind == "to" and node.op == "call_method" and node.target == "to":
         attrs.update(_cast_attrs(node))
+    if spec.kind == "vector_norm" and attrs.get("ord") == "fro":
+        attrs["ord"] = 2  # torch.norm's default: over the axes given, the 2-norm of their entries
     if spec.kind in _VARIANCES:
         unbiased, correction = attrs.pop("unbiased", None), attrs.get("correction")
         attrs["correction"] = correction if correction is not None else 0 if unbiased is False else 1

@@ -393,6 +393,8 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         got = view.attrs.get(key, _MISSING)
         if got is _MISSING:
             got = _bound_arg(node, key)
+        if got is _MISSING and node.op == "call_module":  # a module's own attribute (nn.MaxPool2d's kernel_size)
+            got = getattr(view.module, key, _MISSING)
         ok = _run_check(want, got, f"the attrs predicate for '{key}' of {pat!r}", node) if callable(want) \
             else _same(got, want, key)
         if not ok:
@@ -539,7 +541,7 @@ def _scalar_operand(node: torch.fx.Node, view: OpView) -> tuple[Any, bool, str]:
 
 
 #: Conv and pool arguments torch expands from one number to one per spatial axis.
-_PER_AXIS = frozenset({"kernel_size", "stride", "padding", "dilation", "output_padding"})
+_PER_AXIS = frozenset({"kernel_size", "stride", "padding", "dilation", "output_padding", "output_size"})
 
 
 def _same(got: Any, want: Any, key: str | None = None) -> bool:

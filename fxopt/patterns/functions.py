@@ -68,6 +68,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
     scalar = None
     params: dict[str, str] = {}
     attrs: dict[str, Any] = {}
+    at_default: dict[str, Any] = {}  # written as the default (F.softmax's dtype=None): read like one left out
     scalar_first = False
     for key, value in written.items():
         if key in spec.param_args and isinstance(value, torch.fx.Node) and value.op == "placeholder":
@@ -85,6 +86,8 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
             continue  # (the view reads a key it drops as another: var's `unbiased` as `correction`)
         elif _holds_node(value):  # ``x.view(x.size(0), -1)``: the sizes read in the graph may be anything
             attrs[key] = _literals_equal(value)
+        elif (default := _default_of(node, spec, key)) is not _UNKNOWN and _same(value, default, key):
+            at_default[key] = view.attrs.get(key, value)
         else:
             attrs[key] = view.attrs.get(key, value)  # as the op view spells it (a pool's stride None: its kernel)
     # What the function itself fixes, no argument of it can change (relu6's bounds, conv2d's
@@ -99,10 +102,11 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
     commutative = view.kind in ("add", "mul") and len(inputs) == 2
     left_out = [key for key in spec.param_args if key not in written]
     defaults = {key: view.attrs.get(key, default) for key in _argument_names(spec)
-                if key not in written and key not in attrs and key not in spec.tensor_args
-                and key not in spec.param_args and key not in _NOT_CONSTRAINED_WHEN_LEFT_OUT
-                and (default := _default_of(node, spec, key)) is not _UNKNOWN}
-    schema_only = frozenset(defaults) - set(spec.arg_names)
+                if key not in written and key not in attrs and key not in spec.param_args
+                and key not in _NOT_CONSTRAINED_WHEN_LEFT_OUT
+                and (default := _default_of(node, spec, key)) is not _UNKNOWN}  # (sdpa's attn_mask too)
+    defaults.update(at_default)
+    schema_only = frozenset(defaults) - set(spec.arg_names) - set(at_default)
     check = _as_written(left_out, defaults, schema_only) if left_out or defaults else None
     return Op(view.kind, *inputs, name=name, scalar=scalar, attrs=attrs, params=params,
               commutative=commutative, scalar_first=scalar_first, check=check)
@@ -126,7 +130,7 @@ def _as_written(params_left_out: list[str], defaults: dict[str, Any],
         # A Python call without the argument takes the default; a module or an ATen op without
         # it may hold it elsewhere (an upsample's mode in its target): not known to agree.
         overload = aten_op_of(node)
-        python_call = module is None and overload is None
+        python_call = overload is None  # a Python call or a module (whose forward passes its own)
         schema = {spec.renames.get(a.name, a.name) for a in overload._schema.arguments} if overload is not None else set()
         for key, default in defaults.items():
             got = view.attrs.get(key, bound.get(key, getattr(module, key, default if python_call else _UNKNOWN)))

@@ -47,8 +47,8 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes, downstream,
-                      is_effectful, module_path, op_view, origin, size_read, tensor_meta, value_nbytes,
-                      written_in_place)
+                      is_effectful, module_path, names_a_dtype, op_view, origin, size_read, tensor_meta,
+                      value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
@@ -816,7 +816,7 @@ def _view_as_reshape(node: torch.fx.Node) -> None:
     """Make a `view` on a value that lowering turns int8 a `reshape`: the int8 kernels return
     their own layouts (a quantized conv's output is channels-last), where `x.view(n, -1)` on the
     float value was legal and on the int8 one is not; `reshape` copies only when it must."""
-    if any(isinstance(a, torch.dtype) for a in (*node.args, *node.kwargs.values())):
+    if any(names_a_dtype(a) for a in (*node.args[1:], *node.kwargs.values())):
         return  # ``h.view(torch.int32)`` reinterprets the bytes: no reshape does
     if node.op == "call_method" and node.target == "view":
         node.target = "reshape"

@@ -765,3 +765,39 @@ def test_a_size_read_in_a_pattern_matches_a_read_of_the_same_axis(mode, view, ma
     report = apply_patterns(gm, Pattern("p", pattern_from_function(lambda x: x.view(x.size(0), -1)),
                                         replacement=lambda x: x.flatten(1)))
     assert report.total == matches, report
+
+
+
+class _Apply(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x * 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pattern, op, matches", [
+    (lambda x: F.softmax(x, dim=-1), nn.Softmax(dim=-1), True),   # F.softmax writes dtype=None, the module has none
+    (lambda x: F.softmax(x, dim=-1), lambda x: x.softmax(-1), True),
+    (lambda x: F.max_pool2d(x, 2), nn.MaxPool2d(2), True),          # the module's own attributes
+    (lambda x: F.max_pool2d(x, 2), nn.MaxPool2d(2, ceil_mode=True), False),
+    (lambda x: F.adaptive_avg_pool2d(x, 1), nn.AdaptiveAvgPool2d(1), True),  # export writes [1, 1]
+    (lambda x: x.max(), lambda x: x.max(1)[0], False),             # all axes is not axis 1 (a tuple)
+    (lambda x: x.sum(1), lambda x: x.sum(axis=1), True),            # torch's numpy keyword
+    (lambda x: x.sum(), lambda x: x.sum(axis=1), False),
+    (lambda x: torch.linalg.vector_norm(x, dim=-1), lambda x: torch.norm(x, p=1, dim=-1), False),  # 8.0 off
+    (lambda x: torch.linalg.vector_norm(x, dim=-1), lambda x: torch.norm(x, dim=-1), True),
+    (lambda x: F.scaled_dot_product_attention(x, x, x),
+     lambda x: F.scaled_dot_product_attention(x, x, x, attn_mask=x[..., :1] > 0), False),  # a mask left out
+])
+def test_a_function_pattern_reads_its_op_in_every_spelling_and_no_other(mode, pattern, op, matches):
+    """Adversary: misses of a pattern's own op (modules, written defaults, export's lists) and
+    matches of other ops (a 1-norm for a 2-norm, `axis=` read as every axis, a masked sdpa)."""
+    gm = fxopt.capture(_Apply(op).eval(), (torch.randn(2, 4, 4, 4),), mode=mode)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    node = out[0] if isinstance(out, (tuple, list)) else out
+    if fxopt.ir.op_view(gm, node).kind == "getitem":  # max's values
+        node = node.args[0]
+    assert (explain(gm, node, pattern_from_function(pattern)) == "matched") == matches

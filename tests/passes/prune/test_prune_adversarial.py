@@ -319,3 +319,34 @@ class SpreadAxes(nn.Module):
 def test_axes_spread_over_a_method_call_are_all_read(mode, op):
     r = _exact(SpreadAxes(op), torch.randn(2, 3, 8, 8), mode)
     assert r.pruned.b.weight.shape[1] < 8
+
+
+
+class MeanOverAxis(nn.Module):
+    """``h.mean(axis=(2, 3))`` (torch's numpy keyword) was read as a mean over every axis: c2's
+    channels went and fc's columns stayed (a pruned model that failed on every input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean(axis=(2, 3)))
+
+
+class BitsView(nn.Module):
+    """``h.view(torch.int32)`` reinterprets bytes; it was taken for a reshape (prune: IndexError)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        return self.c2((h.view(torch.int32) ^ -2147483648).view(torch.float32))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model", [MeanOverAxis, BitsView])
+def test_numpy_axis_keywords_and_dtype_views(mode, model):
+    _exact(model(), torch.randn(2, 3, 6, 6), mode, adapter_cost=0.0)
