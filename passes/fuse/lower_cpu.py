@@ -64,6 +64,7 @@ import torch.fx
 from fxopt import Pass, PassContext, PassResult
 from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, is_effectful,
                       leaf_function, op_name, op_view, spec_for, split_packed_parameters, tensor_meta, written_in_place)
+from fxopt.ir.effects import is_view
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
 from . import rules
@@ -708,7 +709,12 @@ def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
             continue
         if node.name in written or src.name in written:
             # a view written through (or of a value written): a copy for it alone would take the
-            # write away from the other readers, so they all read one row-major copy
+            # write away from the other readers, so they all read one row-major copy, of the
+            # value under the views (``h[:, :4].flatten(1)`` then ``h.add_(1)``: a copy of the
+            # slice, taken before the write, missed it)
+            while is_view(gm, src) and src.args and isinstance(src.args[0], torch.fx.Node) \
+                    and src.args[0].name in written and not (src.op == "call_method" and src.target == "contiguous"):
+                src = src.args[0]
             if src.op == "call_method" and src.target == "contiguous":
                 continue
             with gm.graph.inserting_after(src):

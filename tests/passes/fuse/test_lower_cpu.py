@@ -586,6 +586,32 @@ def test_a_write_after_a_reshape_reaches_both_outputs(mode, write):
     assert out[1].data_ptr() == out[0].data_ptr()
 
 
+class _ViewOfSliceThenWrite(nn.Module):
+    def __init__(self, take):
+        super().__init__()
+        self.conv, self.take = nn.Conv2d(8, 8, 3, padding=1), take
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        y = self.take(h)  # a view of h in eager: it sees the write after it
+        h.add_(1)
+        return y
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("take", [lambda h: h[:, :4].flatten(1), lambda h: h[:, 1].flatten(1),
+                                  lambda h: h.narrow(1, 0, 4).flatten(1), lambda h: h.unsqueeze(0).flatten(0, 1)])
+def test_a_flatten_of_a_slice_sees_a_later_write(mode, take):
+    """Adversary: the layout guard copied the slice (not the written conv output under it)
+    before the write, so the flattened output missed it (1.0 off)."""
+    torch.manual_seed(0)
+    model = _ViewOfSliceThenWrite(take).eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode, verify=False).module
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
 class _GatherThenWrite(nn.Module):
     def __init__(self):
         super().__init__()
