@@ -101,7 +101,9 @@ def _always_row_major(producer) -> bool:
 class FoldConstants(Pass):
     """Precompute subgraphs that depend only on parameters and constants.
 
-    `max_growth` bounds how much larger a folded result may be than the tensors it reads
+    A result computed from a parameter that requires grad is stored as a parameter that
+    requires grad (fine-tuning after the pass trains it, as one tensor: `w * 0.5` trains as
+    itself, not through `w`); any other result is a buffer. `max_growth` bounds how much larger a folded result may be than the tensors it reads
     (folding `expand` of a bias to a full activation size would trade memory for nothing).
     """
 
