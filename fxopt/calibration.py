@@ -92,8 +92,8 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
     if calibration is None:
         return None
     check_batches(calibration)
-    if isinstance(calibration, (list, tuple)) or not hasattr(calibration, "__len__") \
-            or iter(calibration) is calibration:
+    # (an Iterator is read once; asking a DataLoader for one would start its workers for nothing)
+    if isinstance(calibration, (list, tuple, Iterator)) or not hasattr(calibration, "__len__"):
         return [normalize_inputs(batch) for batch in calibration]
     return StreamedBatches(calibration)
 

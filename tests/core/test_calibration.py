@@ -124,3 +124,23 @@ def test_one_dict_given_for_the_batches_is_refused_naming_what_to_pass(call, obs
             fxopt.optimize(nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), batch, "quantize", calibration=batch)
         else:
             fxopt.calibrate(observed, batch, progress=False)
+
+
+def test_optimize_does_not_iterate_a_dataloader_to_tell_it_from_a_generator():
+    """`iter(calibration) is calibration` asked a DataLoader for an iterator (starting its
+    workers) only to tell it from a one-shot iterator."""
+    from fxopt.calibration import StreamedBatches, pipeline_batches
+
+    class Counted:
+        def __init__(self):
+            self.iterations = 0
+
+        def __len__(self):
+            return 2
+
+        def __iter__(self):
+            self.iterations += 1
+            return iter([torch.randn(8, 4), torch.randn(8, 4)])
+
+    source = Counted()
+    assert isinstance(pipeline_batches(source), StreamedBatches) and source.iterations == 0
