@@ -51,7 +51,7 @@ def is_effectful(node: torch.fx.Node) -> bool:
         return _region_is_effectful(node)
     if node.op == "call_method" and isinstance(target, str) and _in_place_name(target):
         return True  # Tensor.add_, Tensor.copy_, ... write in place
-    if node.kwargs.get("inplace") is True or isinstance(node.kwargs.get("out"), torch.fx.Node):
+    if node.kwargs.get("inplace") is True or _out_nodes(node):
         return True  # F.relu(h, inplace=True), torch.mul(y, 2, out=y)
     if node.op == "call_module":
         # nn.ReLU(inplace=True): `self.act(h)` with its result unused still changes h
@@ -64,6 +64,12 @@ def is_effectful(node: torch.fx.Node) -> bool:
     if _draws_at_random(node):
         return True
     return target in _RANDOM_OR_EFFECTFUL if callable(target) and _hashable(target) else False
+
+
+def _out_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors an ``out=`` argument writes (one, or a tuple of them)."""
+    out = node.kwargs.get("out")
+    return [v for v in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(v, torch.fx.Node)]
 
 
 def _draws_at_random(node: torch.fx.Node) -> bool:
@@ -160,8 +166,9 @@ def mutated_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Nod
         return first if target.endswith("_") and not target.endswith("__") or target in _IN_PLACE_DUNDERS else None
     if node.op != "call_function":
         return None
-    if isinstance(node.kwargs.get("out"), torch.fx.Node):  # ``torch.mul(y, 2, out=y)``
-        return node.kwargs["out"]
+    out = _out_nodes(node)
+    if out:  # ``torch.mul(y, 2, out=y)``, ``torch.max(x, 1, out=(values, indices))``
+        return out[0]
     if isinstance(target, torch._ops.OpOverload):
         mutable = any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments)
         return first if mutable else None
@@ -210,8 +217,9 @@ def is_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
                                        or _hashable(node.target) and node.target in _VIEW_FUNCTIONS):
         return True
     if node.op == "call_function" and _hashable(node.target) and node.target in _DROPOUT_FUNCTIONS:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p")
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
-        return train is False
+        return train is False or p == 0
     overload = aten_op_of(node)
     writes = mutated_input(gm, node) is not None
     if writes and overload is None and node.op != "call_module":

@@ -237,7 +237,8 @@ _NEVER_COMPARED = {"inplace", "momentum", "_stacklevel"}
 # compared: an adaptive pool's `output_size` is the whole op.
 _NOT_CONSTRAINED_WHEN_LEFT_OUT = _NEVER_COMPARED | {
     "memory_format", "out", "copy", "non_blocking", "device", "layout", "pin_memory", "cudnn_enable",
-    "cudnn_enabled", "implicit", "path", "output_size", "padding_idx", "scale_grad_by_freq", "sparse"}
+    "cudnn_enabled", "implicit", "path", "output_size", "padding_idx", "scale_grad_by_freq", "sparse",
+    "unbiased"}  # (var/std's unbiased: the view reads it as the correction it stands for, compared instead)
 
 
 def _equals(value: Any) -> Callable[[Any], bool]:

@@ -791,6 +791,7 @@ class _Apply(nn.Module):
     (lambda x: torch.linalg.vector_norm(x, dim=-1), lambda x: torch.norm(x, dim=-1), True),
     (lambda x: F.scaled_dot_product_attention(x, x, x),
      lambda x: F.scaled_dot_product_attention(x, x, x, attn_mask=x[..., :1] > 0), False),  # a mask left out
+    (lambda x: x.var(-1, correction=0), lambda x: x.var(-1, correction=0), True),  # (unbiased is correction)
 ])
 def test_a_function_pattern_reads_its_op_in_every_spelling_and_no_other(mode, pattern, op, matches):
     """Adversary: misses of a pattern's own op (modules, written defaults, export's lists) and

@@ -219,6 +219,7 @@ _SPELLED_WRITES = {  # writes the effect analysis did not see (fuse tester): eac
     "cpu": lambda y: y.cpu().add_(1), "broadcast_to": lambda y: torch.broadcast_to(y, y.shape).add_(1),
     "resolve_conj": lambda y: y.resolve_conj().add_(1), "resolve_neg": lambda y: y.resolve_neg().add_(1),
     "torch.dropout": lambda y: torch.dropout(y, 0.5, False).add_(1), "type": lambda y: y.type(torch.float32).add_(1),
+    "dropout p=0": lambda y: torch.dropout(y, 0.0, True).add_(1),
 }
 
 
@@ -267,3 +268,26 @@ def test_a_write_into_an_input_through_a_view_function_reaches_the_caller(mode):
     with torch.no_grad():
         torch.testing.assert_close(res.module(x), model(x2))
     torch.testing.assert_close(x, x2)
+
+
+
+class WritesATupleOfOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, values, indices):
+        torch.max(x * 2, 1, out=(values, indices))  # writes the caller's tensors
+        return self.fc(x)
+
+
+def test_a_tuple_given_to_out_is_written():
+    """Adversary: dce deleted `torch.max(x, 1, out=(v, i))`; the caller's v and i stayed zero."""
+    torch.manual_seed(0)
+    model, x = WritesATupleOfOutputs().eval(), torch.randn(4, 4)
+    gm = fxopt.optimize(model, (x, torch.zeros(4), torch.zeros(4, dtype=torch.long)), "dce", mode="symbolic").module
+    got, want = (torch.zeros(4), torch.zeros(4, dtype=torch.long)), (torch.zeros(4), torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        gm(x, *got)
+        model(x, *want)
+    torch.testing.assert_close(got, want)

@@ -719,6 +719,9 @@ def test_ignore_takes_a_module_the_graph_never_calls():
     assert not analyze(model, (x,), ignore=["aux"]).ignored
     with pytest.raises(ValueError, match="pattern 'auxx' matches no layer"):
         analyze(model, (x,), ignore=["auxx"])
+    for mode in ("symbolic", "export"):  # the pass reads the names capture records
+        res = fxopt.optimize(model, (x,), "prune{ignore=[aux]}", mode=mode)
+        assert res.passes[0].stats["ignored"] == [], res.passes[0].stats
 
 
 def test_a_taylor_calibration_batch_that_does_not_fit_is_named():
