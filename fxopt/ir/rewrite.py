@@ -426,7 +426,9 @@ def contiguous_outputs(gm: torch.fx.GraphModule, ndim: int = 4,
     A lowering that runs convs channels-last must not hand that layout to the caller: code
     after the model does ``out.view(n, -1)``; `among` names the values computed from such
     layouts at other ranks (a lowered conv1d's result). Outputs that view one value
-    (``h, h.transpose(1, 3)``, ``h[:, :2]``, ``h`` written in place) are those views of the
+    (``h, h.transpose(1, 3)``, ``h[:, :2]``, ``h`` written in place, and a reshape, flatten or
+    contiguous of ``h`` where the example's run held ``h`` row-major and nothing writes into
+    it) are those views of the
     value's one contiguous copy, taken after the graph's writes: outputs that shared memory in
     eager still do, with eager's strides, and a value returned twice is copied once. An output
     alone on its value is copied itself (a small slice of a large value: only the slice). Views of

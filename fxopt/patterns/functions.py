@@ -127,13 +127,14 @@ def _as_written(params_left_out: list[str], defaults: dict[str, Any],
         for key in params_left_out:
             if view.param(key) is not None or isinstance(bound.get(key), torch.fx.Node):
                 return f"it has a {key} the pattern function leaves out (take it as a parameter to bind it)"
-        # A Python call without the argument takes the default; a module or an ATen op without
-        # it may hold it elsewhere (an upsample's mode in its target): not known to agree.
+        # A Python call or a module (whose forward passes its own) without the argument takes
+        # the default; an ATen op without it may hold it elsewhere (an upsample's mode in its
+        # target): not known to agree.
         overload = aten_op_of(node)
-        python_call = overload is None  # a Python call or a module (whose forward passes its own)
+        takes_default = overload is None
         schema = {spec.renames.get(a.name, a.name) for a in overload._schema.arguments} if overload is not None else set()
         for key, default in defaults.items():
-            got = view.attrs.get(key, bound.get(key, getattr(module, key, default if python_call else _UNKNOWN)))
+            got = view.attrs.get(key, bound.get(key, getattr(module, key, default if takes_default else _UNKNOWN)))
             if got is _UNKNOWN and key in schema_only and key not in schema:
                 continue  # an argument of other overloads (`sum`'s `dtype`), which this one has not
             if got is _UNKNOWN:
