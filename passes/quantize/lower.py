@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -161,7 +162,8 @@ class LowerInt8(Pass):
 
     # ----- mixed precision ------------------------------------------------------------------
     def _select_float_layers(self, gm, ctx: PassContext, stats: dict) -> set[str]:
-        batches = list(ctx.calibration or [])[:2] or [(ctx.example_inputs, ctx.example_kwargs)]
+        # two batches read, not every one: a DataLoader arrives streamed (`fxopt.calibration`)
+        batches = list(itertools.islice(ctx.calibration or [], 2)) or [(ctx.example_inputs, ctx.example_kwargs)]
         reference = strip_observers(clone_sharing_tensors(gm))[0]
         with torch.no_grad():
             ref_out = [reference(*a, **k) for a, k in batches]
