@@ -1,0 +1,130 @@
+"""A/B of average pools that round onto their own output grid (x86 backend).
+
+A: every average pool an int8 pass-through on its input's grid (`lower._FINER` set to infinity,
+what `lower-int8` did before); B: the current lowering, where a pool whose observed output grid
+is at least twice as fine as its input's runs on the dequantized input and rounds once onto its
+own grid. Prints SQNR against the float model on held-out batches, PT2E's (torchao's
+X86InductorQuantizer, its converted q/dq module, same calibration batches) as the peer, and
+latency (`fxopt.measure.compare_latency`, one thread, interleaved rounds) per batch size.
+
+    python tools/ab_average_grid.py --models blur global_average resnet18 mobilenet_v2 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt.measure import compare_latency
+from fxopt.passes.quantize import lower
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quantize import _fresh_copy, calibration_for, get_model  # noqa: E402
+
+
+class Blur(nn.Module):
+    """A 3x3 stride-1 average between two convs (the quantize tester's case)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.o = nn.Conv2d(16, 64, 3, padding=1), nn.Conv2d(64, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.o(F.avg_pool2d(F.relu(self.a(x)), 3, 1, 1))
+
+
+class GlobalAverage(nn.Module):
+    """A classifier head: a conv, a global average, a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(16, 128, 3, padding=1), nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.a(x)), 1).flatten(1))
+
+
+_LOCAL = {"blur": Blur, "global_average": GlobalAverage}
+
+
+def model_and_input(name: str, batch: int, seed: int):
+    if name not in _LOCAL:
+        return get_model(name, batch=batch, seed=seed)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
+    return _LOCAL[name]().eval(), (torch.randn(batch, 16, 32, 32, generator=gen),)
+
+
+def calibration(name: str) -> list:
+    if name not in _LOCAL:
+        return calibration_for(name)
+    return [model_and_input(name, 8, 100 + i)[1] for i in range(8)]
+
+
+def pt2e_module(model, example, cal):
+    """PT2E's converted module (no torch.compile: the same numbers, minutes sooner)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in example)
+    exported = torch.export.export(copy.deepcopy(model).eval(), tuple(example), dynamic_shapes=dynamic).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch_inputs in cal:
+            prepared(*batch_inputs)
+    return convert_pt2e(prepared)
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["blur", "global_average", "resnet18", "mobilenet_v2"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    print("| model | batch | input grid ms (SQNR) | own grid ms (SQNR) | B / A | PT2E SQNR |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        model, example = model_and_input(name, 1, 0)
+        cal = calibration(name)
+        built = {}
+        for label, context in (("A", lambda: mock.patch.object(lower, "_FINER", float("inf"))),
+                               ("B", contextlib.nullcontext)):
+            with context():
+                built[label] = fxopt.optimize(model, example, "quantize{backend=x86}", calibration=cal,
+                                              verify=False).module
+        held_out = [model_and_input(name, 8, 500 + i)[1] for i in range(3)]
+        try:
+            peer = pt2e_module(model, example, cal)
+        except Exception as exc:  # noqa: BLE001 - the peer's failure is reported, not hidden
+            peer, peer_error = None, f"fails: {type(exc).__name__}"
+        with torch.no_grad():
+            ref = torch.cat([model(*b) for b in held_out])
+            quality = {k: sqnr(ref, torch.cat([m(*b) for b in held_out])) for k, m in built.items()}
+            pt2e = f"{sqnr(ref, torch.cat([peer(*b) for b in held_out])):.1f} dB" if peer is not None else peer_error
+        for batch in (1, 16):  # fresh packs per batch size (a pack keeps its first call's primitive)
+            fresh = {label: _fresh_copy(f"fxopt {label}", m) for label, m in built.items()}
+            x = model_and_input(name, batch, 7)[1]
+            times = compare_latency(fresh, {batch: x}, rounds=args.rounds, repeats=args.repeats)
+            a, b = times["A"][batch], times["B"][batch]
+            print(f"| {name} | {batch} | {a:.2f} ({quality['A']:.1f} dB) | {b:.2f} ({quality['B']:.1f} dB) "
+                  f"| {b / a:.2f} | {pt2e} |")
+
+
+if __name__ == "__main__":
+    main()
