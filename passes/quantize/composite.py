@@ -24,7 +24,7 @@ from fxopt.errors import PassWarning, user_stacklevel
 from fxopt.ir import get_attr_value, op_name, op_view
 
 from .insert import InsertObservers, ReduceRange
-from .lower import Backend, LowerInt8, check_target_sqnr, lowering_stats
+from .lower import AverageGrid, Backend, LowerInt8, check_target_sqnr, lowering_stats
 from .observers import ObserverKind, QuantizationError, observers_in
 
 
@@ -39,6 +39,7 @@ class Quantize(Pass):
     reduce_range: ReduceRange = "auto"
     target_sqnr: float | None = None
     skip: tuple[str, ...] = ()
+    average_grid: AverageGrid = "input"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ class Quantize(Pass):
                               stats={**stats, "observers": 0, "calibration_batches": len(ctx.calibration)})
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         _warn_constant_inputs(inserted.module, len(ctx.calibration))
-        lowered = LowerInt8(self.backend, self.target_sqnr, self.skip).run(inserted.module, ctx)
+        lowered = LowerInt8(self.backend, self.target_sqnr, self.skip, self.average_grid).run(inserted.module, ctx)
         stats = dict(lowered.stats)
         if not stats.get("quantized"):  # observed, yet no layer became int8
             _warn_nothing_quantized(stats.get("float_ops", {}))

@@ -66,6 +66,7 @@ qops = torch.ops.quantized
 dec = torch.ops.quantized_decomposed
 
 Backend = Literal["x86", "reference", "cuda"]
+AverageGrid = Literal["input", "own"]
 _POOLS = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool"})
 #: An int8 value's grid: (scale, zero point, qmin, qmax).
 Grid = tuple[float, int, int, int]
@@ -104,6 +105,9 @@ class LowerInt8(Pass):
     target_sqnr: float | None = None
     #: Layers (anchor node names) kept in float, e.g. `[fc,conv1]`.
     skip: tuple[str, ...] = ()
+    #: Where an average pool rounds: `input`, its input's grid (an int8 pool); `own`, its own
+    #: observed grid where that is twice as fine (more accurate, slower: see docs/quantization.md).
+    average_grid: AverageGrid = "input"
 
     def __post_init__(self) -> None:
         check_target_sqnr(self.target_sqnr)
@@ -119,7 +123,7 @@ class LowerInt8(Pass):
         exclude = self._skipped_layers(gm) if self.skip else set()
         if self.target_sqnr is not None:
             exclude |= self._select_float_layers(gm, ctx, stats)
-        lowered, lstats = lower_module(gm, self.backend, exclude)
+        lowered, lstats = lower_module(gm, self.backend, exclude, self.average_grid)
         stats.update(lstats)
         if ctx.example_inputs or ctx.example_kwargs:  # the int8 nodes' shapes and dtypes, for dumps and later passes
             propagate_shapes(lowered, ctx.example_inputs, ctx.example_kwargs)
@@ -169,7 +173,7 @@ class LowerInt8(Pass):
             ref_out = [reference(*a, **k) for a, k in batches]
 
         def sqnr_of(exclude: set[str]) -> float:
-            candidate, _ = lower_module(gm, self.backend, exclude)  # measured on the kernels it will run
+            candidate, _ = lower_module(gm, self.backend, exclude, self.average_grid)  # the kernels it will run
             with torch.no_grad():
                 outs = [candidate(*a, **k) for a, k in batches]
             values = []
@@ -234,19 +238,21 @@ def nonfinite_values(observers: dict[str, Observer]) -> dict[str, str]:
     return {name: obs.nonfinite_reason() for name, obs in observers.items() if obs.nonfinite}
 
 
-def lower_module(observed: torch.fx.GraphModule, backend: str, exclude: set[str] = frozenset()):
+def lower_module(observed: torch.fx.GraphModule, backend: str, exclude: set[str] = frozenset(),
+                 average_grid: str = "input"):
     """A lowered copy of `observed` (which is left as it is) and the stats of the lowering."""
     if backend not in ("x86", "reference", "cuda"):
         raise QuantizationError(f"lower-int8 option 'backend': unknown '{backend}'; valid: x86, reference, cuda")
     gm, observers = strip_observers(clone_sharing_tensors(observed))
-    lowering = _Lowering(gm, observers, backend, set(exclude))
+    lowering = _Lowering(gm, observers, backend, set(exclude), average_grid)
     return lowering.run(), lowering.stats
 
 
 class _Lowering:
-    def __init__(self, gm, observers: dict[str, Observer], backend: str, exclude: set[str]):
+    def __init__(self, gm, observers: dict[str, Observer], backend: str, exclude: set[str],
+                 average_grid: str = "input"):
         self.gm, self.graph, self.observers = gm, gm.graph, observers
-        self.backend, self.exclude = backend, exclude
+        self.backend, self.exclude, self.average_grid = backend, exclude, average_grid
         self.plan: Plan = build_plan(gm)
         any_obs = next(iter(observers.values()))
         self.reduce_range = any_obs.reduce_range
@@ -746,7 +752,8 @@ class _Lowering:
         src = view.input
         new_input = self._int8_input(src, node)
         grid = self.grid_of.get(new_input) or self.grid_of.get(src) or self._grid_of_float(src, node)
-        if view.kind in AVERAGING and (finer := self._finer_average_grid(node, grid)) is not None:
+        if view.kind in AVERAGING and self.average_grid == "own" \
+                and (finer := self._finer_average_grid(node, grid)) is not None:
             return self._average_in_float(node, src, new_input, finer)
         if new_input is not src:
             _view_as_reshape(node)

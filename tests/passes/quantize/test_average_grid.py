@@ -1,7 +1,8 @@
-"""An averaging pool whose output spans much less than its input (a 3x3 blur, a global average
-over a feature map) writes its own output grid: the int8 kernel rounds the average onto the
-input's grid, an error as large as the input's own after the average shrank the rest (quantize
-tester: 5-8 dB behind PT2E). It runs on the dequantized input and rounds once onto its grid."""
+"""`quantize{average_grid=own}`: an averaging pool whose output spans much less than its input (a
+3x3 blur, a global average over a feature map) writes its own output grid: the int8 kernel
+rounds the average onto the input's grid, an error as large as the input's own after the average
+shrank the rest (quantize tester: 5-8 dB behind PT2E). It runs on the dequantized input and
+rounds once onto its grid. Off by default (`input`): the float pool costs up to 2x at batch 16."""
 from __future__ import annotations
 
 import warnings
@@ -56,7 +57,7 @@ def _run(model, backend, finer=lower._FINER):
     x = torch.randn(8, 4, 16, 16)
     old, lower._FINER = lower._FINER, finer
     try:
-        res = fxopt.optimize(model, batches[0], f"quantize{{backend={backend}}}", calibration=batches)
+        res = fxopt.optimize(model, batches[0], f"quantize{{backend={backend},average_grid=own}}", calibration=batches)
     finally:
         lower._FINER = old
     with torch.no_grad():
@@ -113,5 +114,15 @@ def test_an_average_into_a_cat_or_over_3d_stays_int8(model):
     torch.manual_seed(0)
     model = model().eval()
     x = torch.randn(4, 4, 6, 8, 8) if isinstance(model, Blur3d) else torch.randn(8, 4, 16, 16)
-    res = fxopt.optimize(model, x, "quantize{backend=x86}", calibration=[x, torch.randn_like(x)])
+    res = fxopt.optimize(model, x, "quantize{backend=x86,average_grid=own}", calibration=[x, torch.randn_like(x)])
     assert "averaged_in_float" not in res.passes[0].stats
+
+
+def test_the_default_keeps_every_average_on_its_inputs_grid():
+    torch.manual_seed(0)
+    model = Blur().eval()
+    batches = [torch.randn(8, 4, 16, 16) for _ in range(2)]
+    res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches)
+    assert "averaged_in_float" not in res.passes[0].stats
+    with pytest.raises(Exception, match="average_grid"):
+        fxopt.optimize(model, batches[0], "quantize{average_grid=mine}", calibration=batches)
