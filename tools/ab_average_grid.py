@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.measure import compare_latency
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import _fresh_copy, calibration_for, get_model  # noqa: E402
+from ab_float_outputs import fresh_latency, quality_db  # noqa: E402
+from bench_quantize import calibration_for, get_model  # noqa: E402
 
 
 class Blur(nn.Module):
@@ -81,10 +81,6 @@ def pt2e_module(model, cal):
     return convert_pt2e(prepared)
 
 
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["blur", "global_average", "resnet18", "mobilenet_v2"])
@@ -102,21 +98,15 @@ def main(argv=None) -> None:
             built[label] = fxopt.optimize(model, example, f"quantize{{backend=x86,average_grid={grid}}}",
                                           calibration=cal, verify=False).module
         held_out = [model_and_input(name, 8, 500 + i)[1] for i in range(3)]
+        quality = quality_db(model, built, held_out)
         try:
-            peer = pt2e_module(model, cal)
+            pt2e = f"{quality_db(model, {'pt2e': pt2e_module(model, cal)}, held_out)['pt2e']:.1f} dB"
         except Exception as exc:  # noqa: BLE001 - the peer's failure is reported, not hidden
-            peer, peer_error = None, f"fails: {type(exc).__name__}"
-        with torch.no_grad():
-            ref = torch.cat([model(*b) for b in held_out])
-            quality = {k: sqnr(ref, torch.cat([m(*b) for b in held_out])) for k, m in built.items()}
-            pt2e = f"{sqnr(ref, torch.cat([peer(*b) for b in held_out])):.1f} dB" if peer is not None else peer_error
-        for batch in (1, 16):  # fresh packs per batch size (a pack keeps its first call's primitive)
-            fresh = {label: _fresh_copy(f"fxopt {label}", m) for label, m in built.items()}
-            x = model_and_input(name, batch, 7)[1]
-            times = compare_latency(fresh, {batch: x}, rounds=args.rounds, repeats=args.repeats)
-            a, b = times["A"][batch], times["B"][batch]
-            print(f"| {name} | {batch} | {a:.2f} ({quality['A']:.1f} dB) | {b:.2f} ({quality['B']:.1f} dB) "
-                  f"| {b / a:.2f} | {pt2e} |")
+            pt2e = f"fails: {type(exc).__name__}"
+        for batch in (1, 16):
+            t = fresh_latency(built, model_and_input(name, batch, 7)[1], batch, args.rounds, args.repeats)
+            print(f"| {name} | {batch} | {t['A']:.2f} ({quality['A']:.1f} dB) | {t['B']:.2f} ({quality['B']:.1f} dB) "
+                  f"| {t['B'] / t['A']:.2f} | {pt2e} |")
 
 
 if __name__ == "__main__":

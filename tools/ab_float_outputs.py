@@ -43,6 +43,21 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
 
 
+def quality_db(model, modules: dict, batches: list) -> dict[str, float]:
+    """SQNR (dB) of each module against `model` over the held-out `batches` together."""
+    with torch.no_grad():
+        ref = torch.cat([model(*b) for b in batches])
+        return {label: sqnr(ref, torch.cat([m(*b) for b in batches])) for label, m in modules.items()}
+
+
+def fresh_latency(modules: dict, x: tuple, batch: int, rounds: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per call of each module at `batch`, side by side (`compare_latency`), each on
+    fresh packs: a pack keeps the primitive of its first call's batch size."""
+    fresh = {label: _fresh_copy(f"fxopt {label}", m) for label, m in modules.items()}
+    times = compare_latency(fresh, {batch: x}, rounds=rounds, repeats=repeats)
+    return {label: t[batch] for label, t in times.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["unet", "mobilenet_v2"])
@@ -60,19 +75,11 @@ def main(argv=None) -> None:
             with context():
                 built[label] = fxopt.optimize(model, example, "quantize{backend=x86}", calibration=cal,
                                               verify=False).module
-        held_out = [get_model(name, batch=8, seed=500 + i)[1] for i in range(3)]
-        with torch.no_grad():
-            ref = torch.cat([model(*b) for b in held_out])
-            quality = {k: sqnr(ref, torch.cat([m(*b) for b in held_out])) for k, m in built.items()}
-        times = {}
-        for batch in (1, 16):  # each batch size times fresh packs (a pack keeps its first call's primitive)
-            fresh = {label: _fresh_copy(f"fxopt {label}", m) for label, m in built.items()}
-            x = get_model(name, batch=batch, seed=7)[1]
-            times[batch] = compare_latency(fresh, {batch: x}, rounds=args.rounds, repeats=args.repeats)
+        quality = quality_db(model, built, [get_model(name, batch=8, seed=500 + i)[1] for i in range(3)])
         for batch in (1, 16):
-            a, b = times[batch]["A"][batch], times[batch]["B"][batch]
-            print(f"| {name} | {batch} | {a:.2f} ({quality['A']:.1f} dB) | {b:.2f} ({quality['B']:.1f} dB) "
-                  f"| {b / a:.2f} |")
+            t = fresh_latency(built, get_model(name, batch=batch, seed=7)[1], batch, args.rounds, args.repeats)
+            print(f"| {name} | {batch} | {t['A']:.2f} ({quality['A']:.1f} dB) | {t['B']:.2f} ({quality['B']:.1f} dB) "
+                  f"| {t['B'] / t['A']:.2f} |")
 
 
 if __name__ == "__main__":
