@@ -528,14 +528,19 @@ def test_lowered_outputs_keep_eagers_aliasing_and_strides(mode):
     assert len(row_major) == 1  # (the other one lays the conv's input out channels-last)
 
 
-class _ReshapedOutputs(nn.Module):
-    def __init__(self):
+class _ConvThen(nn.Module):
+    """A lowered conv (relu'd) and `body` on its output: what the outputs make of it."""
+
+    def __init__(self, body):
         super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv, self.body = nn.Conv2d(8, 8, 3, padding=1), body
 
     def forward(self, x):
-        h = F.relu(self.conv(x))
-        return h, h.view(h.shape[0], -1), h.flatten(1), h.reshape(2, -1), h.transpose(1, 2).reshape(2, -1)
+        return self.body(F.relu(self.conv(x)))
+
+
+def _reshapes(h):
+    return h, h.view(h.shape[0], -1), h.flatten(1), h.reshape(2, -1), h.transpose(1, 2).reshape(2, -1)
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -545,7 +550,7 @@ def test_reshapes_of_a_row_major_output_still_view_it(mode):
     before the view, then one per output): a caller's write into h no longer showed in them. A
     reshape of the transposed h copies in eager, and still does."""
     torch.manual_seed(0)
-    model = _ReshapedOutputs().eval()
+    model = _ConvThen(_reshapes).eval()
     x = torch.randn(2, 8, 6, 6)
     gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode).module
     assert any("_convolution_pointwise" in str(n.target) for n in gm.graph.nodes)
@@ -558,16 +563,13 @@ def test_reshapes_of_a_row_major_output_still_view_it(mode):
     assert all(o.abs().sum() == 0 for o in out[1:4]) and out[4].abs().sum() > 0
 
 
-class _ReshapeThenWrite(nn.Module):
-    def __init__(self, write):
-        super().__init__()
-        self.conv, self.write = nn.Conv2d(8, 8, 3, padding=1), write
-
-    def forward(self, x):
-        h = F.relu(self.conv(x))
+def _reshape_then(write):
+    def body(h):
         y = h.reshape(h.shape[0], -1)  # a view of h in eager: it sees the write after it
-        self.write(h, y)
+        write(h, y)
         return h, y
+
+    return body
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -576,7 +578,7 @@ def test_a_write_after_a_reshape_reaches_both_outputs(mode, write):
     """Adversary: the layout guard's row-major copy of a lowered conv took the write, and both
     outputs were then read from the conv's own result, without it (1.3-3.6 off)."""
     torch.manual_seed(0)
-    model = _ReshapeThenWrite(write).eval()
+    model = _ConvThen(_reshape_then(write)).eval()
     x = torch.randn(2, 8, 6, 6)
     gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode, verify=False).module
     with torch.no_grad():
@@ -586,16 +588,13 @@ def test_a_write_after_a_reshape_reaches_both_outputs(mode, write):
     assert out[1].data_ptr() == out[0].data_ptr()
 
 
-class _ViewOfSliceThenWrite(nn.Module):
-    def __init__(self, take):
-        super().__init__()
-        self.conv, self.take = nn.Conv2d(8, 8, 3, padding=1), take
-
-    def forward(self, x):
-        h = F.relu(self.conv(x))
-        y = self.take(h)  # a view of h in eager: it sees the write after it
+def _take_then_add(take):
+    def body(h):
+        y = take(h)  # a view of h in eager: it sees the write after it
         h.add_(1)
         return y
+
+    return body
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
@@ -605,7 +604,7 @@ def test_a_flatten_of_a_slice_sees_a_later_write(mode, take):
     """Adversary: the layout guard copied the slice (not the written conv output under it)
     before the write, so the flattened output missed it (1.0 off)."""
     torch.manual_seed(0)
-    model = _ViewOfSliceThenWrite(take).eval()
+    model = _ConvThen(_take_then_add(take)).eval()
     x = torch.randn(2, 8, 6, 6)
     gm = fxopt.optimize(model, (x,), "fuse,lower-cpu{min_macs=0}", mode=mode, verify=False).module
     with torch.no_grad():
