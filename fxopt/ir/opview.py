@@ -574,8 +574,8 @@ def op_view(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpView | None:
 
 def names_a_dtype(value: Any) -> bool:
     """A dtype written in the graph (`torch.int32`) or read off a tensor (`h.dtype`)."""
-    return isinstance(value, torch.dtype) or isinstance(value, torch.fx.Node) and value.op == "call_function" \
-        and value.target is getattr and len(value.args) == 2 and value.args[1] == "dtype"
+    return isinstance(value, torch.dtype) or isinstance(value, torch.fx.Node) and metadata_read(value) is not None \
+        and value.args[1:] == ("dtype",)
 
 
 def size_read(node: torch.fx.Node) -> tuple[Any, Any] | None:

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, is_effectful, metadata_read, op_view, size_read,
-                      spec_for, tensor_meta, written_base)
+from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, is_effectful, names_a_dtype, op_view,
+                      size_read, spec_for, tensor_meta, written_base)
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
 ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu", "leaky_relu", "sigmoid", "tanh", "hardsigmoid")
@@ -608,13 +608,6 @@ _KEEPS_STORAGE = {"device": (None,), "layout": (None, torch.strided), "pin_memor
                   "memory_format": (None, torch.preserve_format)}
 
 
-def _is_dtype(value: object) -> bool:
-    """A dtype written in the graph (`torch.float32`) or read off a tensor (`query.dtype`)."""
-    if isinstance(value, torch.dtype):
-        return True
-    return isinstance(value, torch.fx.Node) and metadata_read(value) is not None and value.args[1:] == ("dtype",)
-
-
 def _noop_cast(view) -> bool | str:
     """A dtype cast that changes nothing: its value has its input's dtype (`.to(query.dtype)`
     after Hugging Face's float32 softmax of float32 scores, `.float()`, `type_as`, export's
@@ -634,10 +627,10 @@ def _noop_cast(view) -> bool | str:
         if node.target == "type_as":
             return True
         extra = [a for a in node.args[1:] if not isinstance(a, bool)]  # non_blocking, copy
-        if node.target != "to" and extra or not all(_is_dtype(a) for a in extra):
+        if node.target != "to" and extra or not all(names_a_dtype(a) for a in extra):
             return f"a cast with the arguments {node.args[1:]!r}, not a dtype"
         args = dict(node.kwargs)
-        if "dtype" in args and not _is_dtype(args["dtype"]):
+        if "dtype" in args and not names_a_dtype(args["dtype"]):
             return f"a cast to {args['dtype']!r}, not a dtype"
     else:
         return "not a dtype cast fxopt reads"
