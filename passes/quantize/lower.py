@@ -780,7 +780,8 @@ class _Lowering:
         and an int8 kernel writes it on the input grid, a rounding as coarse as the input's
         after the average shrank the rest of the error (5-8 dB behind PT2E, quantize tester)."""
         into_cat = any((g := self.plan.member_of.get(u.name)) is not None and g.kind == "cat" for u in node.users)
-        if node.name not in self.observers or into_cat or len(tensor_meta(node)[0] if tensor_meta(node) else ()) > 4:
+        meta = tensor_meta(node)
+        if node.name not in self.observers or into_cat or meta is not None and len(meta[0]) > 4:
             return None  # a cat rounds its inputs onto its own grid anyway (twice is worse); aten's
             # float 3-D pools are 2-5x slower than the int8 one (adversary): too much for the bit
         finer = self._observed_grid(node.name)
