@@ -17,6 +17,7 @@ from torch.utils._dtype_abbrs import dtype_abbrs
 from torch.utils._pytree import tree_map
 
 from ..ir.interpret import fresh_inputs, run_graph
+from ..ir.rewrite import SYMBOLIC_SIZES
 
 # torch.fx's printer (`print_readable`, and the Interpreter's error path, which prints the
 # graph) has no abbreviation for the quantized dtypes a recorded tensor_meta may hold: a
@@ -31,6 +32,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None 
     metas: dict[str, Any] = {}
 
     def record(node: torch.fx.Node, value: Any) -> None:
+        _keep_symbolic_sizes(node)
         meta = tree_map(_meta_of, value)
         node.meta["tensor_meta"] = meta
         if isinstance(value, torch.Tensor) and not value.is_quantized:
@@ -44,6 +46,16 @@ def propagate_shapes(gm: torch.fx.GraphModule, args: tuple, kwargs: dict | None 
     with torch.no_grad():
         run_graph(gm, *fresh_inputs(args, kwargs), record, private_buffers=True)
     return metas
+
+
+def _keep_symbolic_sizes(node: torch.fx.Node) -> None:
+    """Save which sizes of export's fake value are symbols before the real run's shapes
+    replace it (`fxopt.ir.symbolic_sizes`)."""
+    val = node.meta.get("val")
+    symbols = {axis: str(size.node.expr) for axis, size in enumerate(val.shape) if isinstance(size, torch.SymInt)} \
+        if isinstance(val, torch.Tensor) else {}
+    if symbols:
+        node.meta[SYMBOLIC_SIZES] = symbols
 
 
 def _meta_of(value: Any) -> Any:

@@ -31,6 +31,7 @@ from .rewrite import (
     module_path,
     origin,
     replace_uses,
+    symbolic_sizes,
     tensor_meta,
     tensor_versions,
     unpack_tuples,
@@ -45,7 +46,7 @@ __all__ = [
     "drop_empty_cat_inputs", "drop_fresh_copies", "fresh_literal_constants",
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared", "leaf_function",
     "make_private", "meta_value", "metadata_read", "module_path", "mutated_input", "names_a_dtype", "written_base", "node_values", "op_name", "op_view", "origin", "ref_for_get_attr", "replace_uses",
-    "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "tensor_meta", "tensor_versions",
+    "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "symbolic_sizes", "tensor_meta", "tensor_versions",
     "transposed_parameter", "unpack_tuples",
     "value_nbytes", "weight_matmuls_as_linear", "written_arguments", "written_in_place",
 ]

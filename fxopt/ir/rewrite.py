@@ -23,6 +23,9 @@ from .opview import bind_arguments, op_view, spec_for, transposed_parameter
 from .params import ParamRef, add_tensor_attr, attribute_use_counts, get_attr_value, resolve_attr
 
 COMPUTES = "fxopt.computes"
+#: axis -> the size's symbol where torch.export kept a size symbolic (``{0: "s77"}``): what the
+#: recorded example shapes no longer say, that two sizes are one whatever the batch.
+SYMBOLIC_SIZES = "fxopt.symbolic_sizes"
 
 
 def origin(node: torch.fx.Node) -> str:
@@ -33,7 +36,7 @@ def origin(node: torch.fx.Node) -> str:
 def replace_uses(old: torch.fx.Node, new: torch.fx.Node, *, erase: bool = True) -> None:
     """Route every use of `old` to `new`, mark `new` as computing `old`'s value, drop `old`."""
     new.meta[COMPUTES] = origin(old)
-    for key in ("tensor_meta", "val"):
+    for key in ("tensor_meta", "val", SYMBOLIC_SIZES):
         if key in old.meta:
             new.meta[key] = old.meta[key]
     old.replace_all_uses_with(new)
@@ -52,6 +55,21 @@ def tensor_meta(node: Any) -> tuple[torch.Size, torch.dtype] | None:
     if tm is not None and hasattr(tm, "shape"):
         return tm.shape, tm.dtype
     return None
+
+
+def symbolic_sizes(node: Any) -> dict[int, str]:
+    """The sizes of `node`'s value that torch.export kept symbolic, as axis -> symbol
+    (``{0: "s77"}``, the dynamic batch), recorded at capture; {} for any other graph or node.
+    Two values whose sizes have one symbol are equal at every input size, which the example's
+    numbers cannot tell (a static 2 and a batch of 2).
+
+        >>> import torch, fxopt
+        >>> gm = fxopt.capture(torch.nn.Linear(3, 4), (torch.randn(2, 3),), mode="export")
+        >>> linear = next(n for n in gm.graph.nodes if n.name == "linear")
+        >>> list(symbolic_sizes(linear))  # dim 0, the batch capture keeps dynamic
+        [0]
+    """
+    return dict(node.meta.get(SYMBOLIC_SIZES) or {}) if isinstance(node, torch.fx.Node) else {}
 
 
 def call_as(op: str, target: Any, args: tuple, kwargs: dict) -> Any:

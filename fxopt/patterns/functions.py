@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.fx
 
-from ..ir import aten_op_of, bind_arguments, op_view, size_read, spec_for, written_arguments
+from ..ir import aten_op_of, bind_arguments, op_view, size_read, spec_for, symbolic_sizes, tensor_meta, written_arguments
 from .core import Const, Op, PatternNode, Var, _same
 
 
@@ -70,6 +70,8 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
     attrs: dict[str, Any] = {}
     at_default: dict[str, Any] = {}  # written as the default (F.softmax's dtype=None): read like one left out
     scalar_first = False
+    input_nodes: list[torch.fx.Node] = []  # the function's values behind `inputs`, in order
+    size_entries: list[tuple[str, int, torch.fx.Node]] = []  # (argument, position, size read)
     for key, value in written.items():
         if key in spec.param_args and isinstance(value, torch.fx.Node) and value.op == "placeholder":
             params[key] = value.target
@@ -78,6 +80,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
                 scalar = Const(value.target)
             elif isinstance(value, torch.fx.Node):
                 inputs.append(_convert(gm, value, consts, counter, fname))
+                input_nodes.append(value)
             elif isinstance(value, numbers.Number):
                 scalar = Const(f"_literal{counter[0]}", check=_equals(value), literal=value)
                 counter[0] += 1
@@ -86,6 +89,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
             continue  # (the view reads a key it drops as another: var's `unbiased` as `correction`)
         elif _holds_node(value):  # ``x.view(x.size(0), -1)``: the sizes read in the graph may be anything
             attrs[key] = _literals_equal(value)
+            size_entries += [(key, i, v) for i, v in enumerate(value) if isinstance(v, torch.fx.Node)]
         elif (default := _default_of(node, spec, key)) is not _UNKNOWN and _same(value, default, key):
             at_default[key] = view.attrs.get(key, value)
         else:
@@ -107,7 +111,10 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
                 and (default := _default_of(node, spec, key)) is not _UNKNOWN}  # (sdpa's attn_mask too)
     defaults.update(at_default)
     schema_only = frozenset(defaults) - set(spec.arg_names) - set(at_default)
-    check = _as_written(left_out, defaults, schema_only) if left_out or defaults else None
+    checks = [_as_written(left_out, defaults, schema_only)] if left_out or defaults else []
+    if size_entries:
+        checks.append(_sizes_of_own_inputs(_size_sources(node, size_entries, input_nodes, fname)))
+    check = checks[0] if len(checks) == 1 else _all_checks(checks) if checks else None
     return Op(view.kind, *inputs, name=name, scalar=scalar, attrs=attrs, params=params,
               commutative=commutative, scalar_first=scalar_first, check=check)
 
@@ -146,6 +153,90 @@ def _as_written(params_left_out: list[str], defaults: dict[str, Any],
         return True
 
     return check
+
+
+def _all_checks(checks: list[Callable[[Any], bool | str]]) -> Callable[[Any], bool | str]:
+    """An op check passing where every one of `checks` does (the first refusal's reason)."""
+    def check(view) -> bool | str:
+        for one in checks:
+            verdict = one(view)
+            if verdict is not True:
+                return verdict
+        return True
+
+    return check
+
+
+def _size_sources(node: torch.fx.Node, entries: list[tuple[str, int, torch.fx.Node]],
+                  input_nodes: list[torch.fx.Node], fname: str) -> list[tuple[str, int, int, int]]:
+    """(argument, position, input, axis) for each size a pattern call reads: the position of the
+    op's input whose size it reads. A size of any other value is refused: the match binds only
+    the op's inputs, so neither the graph's read nor the replacement could be tied to it."""
+    sources = []
+    for key, position, entry in entries:
+        read = _size_source(entry)
+        if read is None:
+            raise ValueError(f"pattern function {fname}: {key}[{position}] of '{node.name}' is computed by "
+                             f"'{entry.format_node()}'; a pattern may compute a size only as a size read of the "
+                             "op's input (x.size(0), x.shape[0])")
+        tensor, axis = read
+        if tensor not in input_nodes:
+            raise ValueError(f"pattern function {fname}: {key}[{position}] of '{node.name}' reads the size "
+                             f"of '{tensor.name}', which is not an input of that op; a pattern may read the sizes "
+                             f"of the op's own inputs only (x.view(x.size(0), -1)), which the match binds")
+        sources.append((key, position, input_nodes.index(tensor), axis))
+    return sources
+
+
+def _sizes_of_own_inputs(sources: list[tuple[str, int, int, int]]) -> Callable[[Any], bool | str]:
+    """An op check: each size the pattern reads of the op's input is a size of the graph op's
+    input at that axis — the same read (``h.view(h.size(0), -1)``), or one export proved equal
+    (its symbolic ``s0``, read of the model's input). ``h.view(y.size(0), -1)`` reads another
+    value's size, which a replacement computing ``h.flatten(1)`` would not (a shape error or
+    other numbers)."""
+    def check(view) -> bool | str:
+        node = view.node
+        bound = bind_arguments(node, spec_for(node.graph.owning_module, node)) if node.op != "call_module" else {}
+        for key, position, index, axis in sources:
+            written = view.attrs.get(key, bound.get(key))
+            entry = written[position] if isinstance(written, (list, tuple)) and position < len(written) else None
+            tensor = view.inputs[index] if index < len(view.inputs) else None
+            if not isinstance(entry, torch.fx.Node) or not isinstance(tensor, torch.fx.Node) \
+                    or not _reads_size_of(entry, tensor, axis):
+                what = f"'{entry.name}'" if isinstance(entry, torch.fx.Node) else repr(entry)
+                return (f"its {key}[{position}] is {what}, not a size of its input "
+                        f"'{getattr(tensor, 'name', tensor)}' at axis {axis} as the pattern reads")
+        return True
+
+    return check
+
+
+def _reads_size_of(entry: torch.fx.Node, tensor: torch.fx.Node, axis: int) -> bool:
+    """`entry` is `tensor`'s size at `axis`: read of it, or export's symbol for that size."""
+    read = _size_source(entry)
+    ndim = len(meta[0]) if (meta := tensor_meta(tensor)) is not None else None
+    if read is not None and read[0] is tensor and _axis(read[1], ndim) == _axis(axis, ndim):
+        return True
+    symbol = entry.meta.get("val")  # export's size reads keep their SymInt
+    return isinstance(symbol, torch.SymInt) and ndim is not None \
+        and symbolic_sizes(tensor).get(_axis(axis, ndim)) == str(symbol.node.expr)
+
+
+def _axis(axis: Any, ndim: int | None) -> Any:
+    return axis % ndim if isinstance(axis, int) and ndim else axis
+
+
+def _size_source(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """(tensor, axis) where `node` reads one size of a tensor (``x.size(1)``, ``x.shape[1]``,
+    ATen's sym_size), else None."""
+    read = size_read(node)
+    if read is not None and read[1] is not None:
+        return read
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int) \
+            and isinstance(node.args[0], torch.fx.Node) and (whole := size_read(node.args[0])) is not None \
+            and whole[1] is None:
+        return whole[0], node.args[1]
+    return None
 
 
 def _argument_names(spec) -> list[str]:
@@ -212,14 +303,8 @@ def _literals_equal(written: tuple | list) -> Callable[[Any], bool]:
 
 def _size_axis(node: torch.fx.Node) -> int | None:
     """The axis whose size `node` reads (``x.size(1)``, ``x.shape[1]``, ATen's sym_size), else None."""
-    read = size_read(node)
-    if read is not None:
-        return read[1]
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int) \
-            and isinstance(node.args[0], torch.fx.Node) and (whole := size_read(node.args[0])) is not None \
-            and whole[1] is None:
-        return node.args[1]
-    return None
+    read = _size_source(node)
+    return read[1] if read is not None else None
 
 
 def _entry_name(value: Any) -> Any:

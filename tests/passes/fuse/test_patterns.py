@@ -767,6 +767,57 @@ def test_a_size_read_in_a_pattern_matches_a_read_of_the_same_axis(mode, view, ma
     assert report.total == matches, report
 
 
+class _ViewBySize(nn.Module):
+    """``view(..)`` of `h` by the size of another value: the batch input `x` (one size with
+    h's dim 0 at any batch), and `t`, whose dim 0 is the example's batch by chance."""
+
+    def __init__(self, view):
+        super().__init__()
+        self.view = view
+
+    def forward(self, x):
+        h = x * 2
+        return self.view(h, x, x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name, view, matches", [
+    ("own size", lambda h, x, t: h.view(h.size(0), -1), {"symbolic": 1, "export": 1}),
+    # export reads the batch input's symbol, h's dim 0 has that symbol: the same size at any batch
+    ("the batch input's size", lambda h, x, t: h.view(x.size(0), -1), {"symbolic": 0, "export": 1}),
+    # t is (2, batch, 3): at the example batch of 2 its dim 0 reads like the batch, and is not
+    ("a size of a transposed value", lambda h, x, t: t.reshape(x.size(0), -1), {"symbolic": 0, "export": 0}),
+    # t's dim 1 is the batch: export's one symbol again; symbolic graphs compare the reads
+    ("another value's size", lambda h, x, t: h.view(t.size(1), -1), {"symbolic": 0, "export": 1})])
+def test_a_size_read_in_a_pattern_is_a_size_of_the_ops_own_input(mode, name, view, matches):
+    """Open list: the pattern ``x.view(x.size(0), -1)`` matched ``h.view(y.size(0), -1)``, and the
+    replacement ``x.flatten(1)`` then failed on its shape (or, where the sizes agreed at the
+    example only, would have computed another shape at other batches)."""
+    x = torch.randn(2, 2, 3)
+    gm = fxopt.capture(_ViewBySize(view).eval(), (x,), mode=mode)
+    report = apply_patterns(gm, Pattern("p", pattern_from_function(lambda x: x.reshape(x.size(0), -1)),
+                                        replacement=lambda x: x.flatten(1)))
+    assert report.total == matches[mode], (name, report)
+    gm.recompile()
+    dynamic = gm.meta["fxopt"]["dynamic_batch"]  # (export makes the transposed case's batch static)
+    for batch in (x, torch.randn(5, 2, 3)) if dynamic else (x,):
+        torch.testing.assert_close(gm(batch), _ViewBySize(view)(batch), rtol=0, atol=0)
+
+
+def test_a_pattern_reading_another_values_size_is_refused_when_built():
+    """The match binds the op's inputs only: a size of another parameter could tie neither the
+    graph's read nor the replacement's argument (which then failed as 'not bound')."""
+    with pytest.raises(ValueError, match=r"reads the size of 'y', which is not an input of that op"):
+        pattern_from_function(lambda x, y: x.view(y.size(0), -1))
+
+
+def test_explain_names_the_size_read_of_another_value():
+    gm = fxopt.capture(_ViewBySize(lambda h, x, t: h.view(x.size(0), -1)).eval(), (torch.randn(2, 2, 3),))
+    view = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view")
+    reason = explain(gm, view, pattern_from_function(lambda x: x.view(x.size(0), -1)))
+    assert "not a size of its input 'mul' at axis 0" in reason, reason
+
+
 
 class _Apply(nn.Module):
     def __init__(self, op):
