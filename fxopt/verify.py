@@ -34,9 +34,11 @@ and judges nothing. A report names
 each integer output with a difference: how many elements differ and the first one's index and
 values.
 
-When the check fails and both modules are GraphModules, it **localizes**: it runs both node by
+When the check fails and the candidate is a GraphModule, it **localizes**: it runs both node by
 node and names the first node of the candidate whose value diverges beyond tolerance from the
-reference node it stands for (see `fxopt.ir.origin`).
+reference node it stands for (see `fxopt.ir.origin`), and the model's module it belongs to. A
+reference that is the user's nn.Module is captured for this, by the candidate's front end
+(where the candidate records another model class, or the capture fails, no node is named).
 
     >>> import torch, fxopt
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,11 +235,31 @@ class Divergence:
     reference_node: str
     source: str | None
     comparison: TensorComparison
+    #: The model's module the node computes part of ("'b.l' (Linear)"), where the graph records it:
+    #: an export graph's node names ('linear_1') do not say which layer they are.
+    module: str | None = None
 
     def __str__(self) -> str:
+        inside = f" in module {self.module}" if self.module else ""
         where = f" at {self.source}" if self.source else ""
-        return (f"first diverging node '{self.node}' (stands for '{self.reference_node}'){where}: "
+        return (f"first diverging node '{self.node}' (stands for '{self.reference_node}'){inside}{where}: "
                 f"{self.comparison}")
+
+
+def _module_of(*nodes: torch.fx.Node | None) -> str | None:
+    """"'b.l' (Linear)": the innermost submodule the first of `nodes` that records one
+    (``meta["nn_module_stack"]``) ran in; None for a node of the model's own forward, or a
+    call_module node, whose name already is the module's."""
+    for node in nodes:
+        stack = node.meta.get("nn_module_stack") if node is not None else None
+        if not stack:
+            continue
+        path, kind = list(stack.values())[-1]
+        if not path or (node.op == "call_module" and node.target == path):
+            return None
+        kind = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
+        return f"'{path}' ({kind.rpartition('.')[2]})"
+    return None
 
 
 @dataclass
@@ -442,10 +465,31 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
     if not passed and problem is None:
         problem = _why_failed(outputs, tol) + _training_mode_note(reference)
     report = VerificationReport(passed, tol, device, outputs, message=problem or "")
-    if not passed and localize and isinstance(reference, torch.fx.GraphModule) \
-            and isinstance(candidate, torch.fx.GraphModule):
-        report.divergence = first_divergence(reference, candidate, args, kwargs, tol)
+    if not passed and localize and isinstance(candidate, torch.fx.GraphModule):
+        graph = reference if isinstance(reference, torch.fx.GraphModule) else _graph_of(reference, candidate, args, kwargs)
+        if graph is not None:
+            report.divergence = first_divergence(graph, candidate, args, kwargs, tol)
     return report
+
+
+def _graph_of(model: nn.Module, candidate: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule | None:
+    """`model` captured by the front end `candidate` came from, to localize a failure against
+    (`fxopt.verify(model, res.module, x)` is the usual call, and only a graph has nodes to name),
+    or None where `candidate` records another model class or the capture fails: a node of
+    another model's graph that happens to share a name would be a false lead."""
+    from .capture import capture, frontend_of
+
+    info = candidate.meta.get("fxopt") or {}
+    recorded = info.get("model_class")
+    if recorded is not None and recorded != type(model).__qualname__:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the capture's warnings are the caller's own capture's news
+            # verify's inputs are positional or keyword, never both (`normalize_inputs`)
+            return capture(model, kwargs if kwargs else args, mode=frontend_of(candidate))
+    except Exception:  # noqa: BLE001  (a model no front end takes: the report stands without a node)
+        return None
 
 
 class _PlainAttributes:
@@ -681,6 +725,7 @@ def first_divergence(
         with same_random_draws():
             ref_values = node_values(reference, args, kwargs, names={origin(n) for n in compared})
     found: list[Divergence] = []
+    ref_nodes = {n.name: n for n in reference.graph.nodes}
 
     # A candidate value is compared as soon as its node has run, before any later node can
     # write into it, so the candidate side needs no snapshots.
@@ -694,7 +739,9 @@ def first_divergence(
             return
         cmp = compare_tensors(ref, value, node.name)
         if not cmp.passes(tolerance):
-            found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp))
+            module = _module_of(node, ref_nodes.get(origin(node)))
+            found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp,
+                                    module))
 
     with torch.no_grad(), same_random_draws():
         run_graph(candidate, *fresh_inputs(args, kwargs), check, private_buffers=True)

@@ -164,6 +164,42 @@ def test_localization_on_export_graph_names_source_line():
     assert "self.fc2(h)" in r.divergence.source
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_localization_against_the_users_model_captures_it(mode):
+    # the README's call: the user's nn.Module against the optimized graph names the node too
+    model = _net()
+    cand = capture(model, (_x(),), mode=mode)
+    with torch.no_grad():
+        dict(cand.named_parameters())[next(k for k, _ in cand.named_parameters() if "fc2" in k)].add_(1.0)
+    r = verify(model, cand, _x())
+    assert not r.passed and r.divergence is not None, r.summary()
+    linear2 = [n for n in cand.graph.nodes if n.target in ("fc2", torch.ops.aten.linear.default)][-1]
+    assert r.divergence.node == linear2.name
+    assert "first diverging node" in r.summary()
+
+
+def test_localization_names_the_module_of_an_export_node():
+    ref = capture(_net(), (_x(),), mode="export")
+    cand = copy.deepcopy(ref)
+    with torch.no_grad():
+        cand.fc2.bias.add_(1.0)
+    r = verify(ref, cand, _x())
+    assert r.divergence.module == "'fc2' (Linear)"  # 'linear_1' alone does not say which layer
+    assert "in module 'fc2' (Linear)" in r.summary()
+
+
+def test_no_localization_against_another_model_class():
+    class Other(Net):
+        pass
+
+    torch.manual_seed(0)
+    cand = capture(Other().eval(), (_x(),), mode="symbolic")
+    with torch.no_grad():
+        cand.fc1.weight.mul_(2)
+    r = verify(_net(), cand, _x())  # a graph of another class: its node names prove nothing here
+    assert not r.passed and r.divergence is None
+
+
 def test_localization_follows_provenance_of_replaced_nodes():
     def fn(x):
         a = torch.relu(x)
