@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import math
@@ -63,8 +64,9 @@ def count_parameters(model: nn.Module) -> int:
     Also counted: tensors that GraphModule ``get_attr`` nodes reach but that are not registered
     parameters or buffers (e.g. folded conv+BN weights), integer buffers they reach (a
     reference-backend graph's int8 weights; its float buffers — scales, and the biases — are
-    not told apart from batchnorm statistics and are left out), and quantized packed weights
-    (``torch.ScriptObject`` with ``unpack()``, biases included), each counted once.
+    not told apart from batchnorm statistics and are left out), quantized packed weights
+    (``torch.ScriptObject`` with ``unpack()``, biases included), and the weight and bias of a
+    layer object a graph holds (quantize's int8 conv with a float output), each counted once.
 
     >>> count_parameters(torch.nn.Linear(3, 4))  # 3*4 weights + 4 biases
     16
@@ -96,7 +98,8 @@ def model_size_bytes(model: nn.Module) -> int:
     graph_packed = {value for gm in _graph_modules(model) for value in _get_attr_values(gm)
                     if isinstance(value, torch.ScriptObject)}
     unpacked = [t for packed in graph_packed for t in _unpack(packed)]
-    extra = {_storage_key(t): t for t in [*_plain_graph_tensors(model), *unpacked]}
+    held = [t for layer in _held_layers(model) for t in _layer_tensors(layer)]  # saved by fxopt.save too
+    extra = {_storage_key(t): t for t in [*_plain_graph_tensors(model), *unpacked, *held]}
     extra_bytes = sum(t.numel() * t.element_size() for k, t in extra.items() if k not in saved)
     return buffer.getbuffer().nbytes + extra_bytes
 
@@ -376,10 +379,41 @@ def _restoring_buffers(fn: Callable[..., Any]) -> Iterator[None]:
 
 
 def _hidden_weights(model: nn.Module) -> Iterator[Tensor]:
-    """Weights outside parameters(): plain get_attr tensors and unpacked quantized packed params."""
+    """Weights outside parameters(): plain get_attr tensors, unpacked quantized packed params,
+    and the weight and bias of the layer objects a graph holds (`_held_layers`)."""
     yield from _plain_graph_tensors(model)
     for packed in _packed_params(model):
         yield from _unpack(packed)
+    for layer in _held_layers(model):
+        yield from _layer_tensors(layer, _LAYER_WEIGHT_FIELDS)
+
+
+#: The fields of a held layer object counted as its parameters; the rest (per-channel scales)
+#: are quantization parameters, which a packed weight's count leaves out too.
+_LAYER_WEIGHT_FIELDS = ("weight", "bias")
+
+
+def _held_layers(model: nn.Module) -> Iterator[Any]:
+    """Each distinct dataclass object a graph reads through get_attr (an int8 conv that
+    quantize's float-output path calls, held in a `CodedValue`): its tensors are the layer's
+    weights, which neither parameters() nor the state dict hold."""
+    seen: set[int] = set()
+    for gm in _graph_modules(model):
+        for value in _get_attr_values(gm):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type) and id(value) not in seen:
+                seen.add(id(value))
+                yield value
+
+
+def _layer_tensors(layer: Any, names: tuple[str, ...] | None = None) -> list[Tensor]:
+    """The plain (strided) tensors in `layer`'s dataclass fields, those in `names` only when
+    given; a kernel's packed copy of a weight (a oneDNN layout) is the same weight again."""
+    found = []
+    for f in dataclasses.fields(layer):
+        value = getattr(layer, f.name, None)
+        if (names is None or f.name in names) and isinstance(value, Tensor) and value.layout == torch.strided:
+            found.append(value)
+    return found
 
 
 def _plain_graph_tensors(model: nn.Module) -> Iterator[Tensor]:
@@ -424,11 +458,16 @@ def _graph_modules(model: nn.Module) -> list[torch.fx.GraphModule]:
 
 
 def _get_attr_values(gm: torch.fx.GraphModule) -> Iterator[Any]:
+    """The value each get_attr node reads; a `CodedValue` holder read whole stands for the object
+    it holds (the graph's function unwraps it)."""
+    from .serialize import CodedValue
+
     for node in gm.graph.find_nodes(op="get_attr"):
         try:
-            yield functools.reduce(getattr, str(node.target).split("."), gm)
+            value = functools.reduce(getattr, str(node.target).split("."), gm)
         except AttributeError:  # a stale graph; nothing to count
             continue
+        yield value.value if isinstance(value, CodedValue) else value
 
 
 def _is_weight(value: Any) -> bool:
