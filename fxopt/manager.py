@@ -341,6 +341,8 @@ class PassManager:
             # a graph fxopt did not capture (torch.fx.symbolic_trace's) lacks the shapes the passes
             # read: fuse folded no batchnorm, prune failed with a bare TypeError; record them as capture does
             gm = adopt_graph_module(gm, tuple(example_inputs), example_kwargs or {})
+        elif META_KEY not in getattr(gm, "meta", {}):
+            self._warn_if_shapeless(gm)
         # each pass gets its own copy of its input (_run_one), so gm needs none of its own when a
         # pass runs: that copy was half the time of a one-pass pipeline (a deep copy of the graph)
         current = gm if self._runs_a_pass() else explain_failed_calls(clone_sharing_tensors(gm))
@@ -375,6 +377,21 @@ class PassManager:
         if current is not gm:  # verify holds the result to what ran (lower-int8 run by hand: int8)
             record_pipeline(current, gm, format_pipeline(ran), loosest(*(pass_tolerance(p) for p in ran)))
         return PipelineResult(current, records, format_pipeline(ran))  # what ran (not the bisected-off)
+
+    def _warn_if_shapeless(self, gm: torch.fx.GraphModule) -> None:
+        """Warn when passes that read node shapes run on a graph that records none (one of
+        `torch.fx.symbolic_trace`, run without example inputs): they then silently find nothing
+        to do (fuse folded no batchnorm), or blame the model (prune: "no prunable channels")."""
+        inputs = gm.graph.find_nodes(op="placeholder")
+        if not inputs or any("tensor_meta" in n.meta or "val" in n.meta for n in inputs):
+            return
+        readers = [p.name for p in self.passes if getattr(p, "reads_shapes", True)]
+        if readers:
+            warnings.warn(f"PassManager.run: the GraphModule was not captured by fxopt and no example inputs were "
+                          f"given, so its nodes carry no shapes, which {', '.join(dict.fromkeys(readers))} "
+                          f"read{'s' if len(set(readers)) == 1 else ''}: "
+                          "they may find nothing to do; pass example inputs (PassManager(...).run(gm, (x,))) or "
+                          "capture the model with fxopt.capture(model, (x,))", PassWarning, stacklevel=3)
 
     def _runs_a_pass(self) -> bool:
         return bool(self.passes) and (self.bisect_limit is None or self.bisect_limit > 0)

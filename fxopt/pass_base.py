@@ -131,6 +131,9 @@ class Pass:
     preserves: ClassVar[frozenset[str]] = frozenset()
     #: How verification holds this pass: "exact", "float", "int8" or "lossy" (fxopt.verify).
     tolerance: ClassVar[str] = "exact"
+    #: Whether the pass reads the shapes recorded on the nodes (a batchnorm's channels, a
+    #: layer's width): `PassManager.run` warns when such a pass runs on a graph without them.
+    reads_shapes: ClassVar[bool] = True
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+import warnings
 
 import pytest
 import torch
@@ -967,6 +968,30 @@ def test_a_graph_fxopt_did_not_capture_gets_the_shapes_the_passes_read():
     pruned = PassManager("prune{ratio=0.5}").run(raw, (x,))
     assert pruned.records[0].stats["removed_channels"] == 4
     assert "tensor_meta" not in next(iter(raw.graph.nodes)).meta   # the caller's graph is left as it was
+
+
+@dataclasses.dataclass
+class _ReadsNoShapes(Pass):
+    name = "test-reads-no-shapes"
+    reads_shapes = False
+
+    def run(self, gm, ctx):
+        return PassResult(gm, modified=False)
+
+
+def test_passes_that_read_shapes_on_a_graph_without_them_are_warned_about():
+    """Without example inputs, fuse on symbolic_trace's graph folded nothing and said nothing,
+    and prune blamed the model ("no prunable channels")."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    raw = torch.fx.symbolic_trace(model)
+    with pytest.warns(fxopt.PassWarning, match=r"no example inputs.*carry no shapes, which fuse reads.*run\(gm, \(x,\)\)"):
+        result = PassManager("fuse").run(raw)
+    assert result.records[0].stats["matches"] == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.PassWarning)
+        PassManager("fuse").run(raw, (torch.randn(2, 3, 8, 8),))   # shapes recorded: nothing to say
+        PassManager([_ReadsNoShapes()]).run(raw)                   # a pass that reads none
+        PassManager("fuse").run(capture(model, torch.randn(2, 3, 8, 8)))  # fxopt's graphs carry them
 
 
 class _RetargetsResult(fxopt.Instrument):
