@@ -771,7 +771,21 @@ def device_name(device: str | torch.device, what: str) -> str:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what} {str(parsed)!r}, but this machine has no CUDA GPU; leave it out to verify "
                          "where the module can run")
+    if parsed.type != "cpu":
+        _check_device_works(parsed, what)
     return str(parsed)
+
+
+def _check_device_works(device: torch.device, what: str) -> None:
+    """Refuse a device this machine cannot hold a tensor on (`mps`, `xpu`, `cuda:7` of one GPU):
+    verifying there reported the module as failing verification, for a backend that is missing."""
+    try:
+        torch.empty(0, device=device)
+    except Exception as exc:  # noqa: BLE001  ("not compiled with XPU", no kernel for MPS, no torch.hpu module)
+        text = str(exc).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+        raise ValueError(f"{what} {str(device)!r}, which this machine cannot use ({reason}); leave it out to "
+                         "verify where the module can run") from None
 
 
 def _copy_to(module: nn.Module, device: str) -> nn.Module:

@@ -30,6 +30,26 @@ def test_cuda_without_a_gpu_is_refused_up_front(monkeypatch):
         fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=["cuda"])
 
 
+def _usable(device: str) -> bool:
+    try:
+        torch.empty(0, device=device)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.parametrize("device", ["xpu", "mps"])
+def test_a_device_this_machine_lacks_is_refused_up_front(monkeypatch, device):
+    """devices=['cpu', 'mps'] without MPS reported the model as FAILING verification on mps."""
+    if _usable(device):
+        pytest.skip(f"this machine has {device}")
+    monkeypatch.setattr(api, "capture", _no_capture)
+    with pytest.raises(ValueError, match=rf"devices= names '{device}', which this machine cannot use \(.+\); leave it out"):
+        fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=["cpu", device])
+    with pytest.raises(ValueError, match=rf"verify: got device '{device}', which this machine cannot use"):
+        fxopt.verify(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.randn(1, 2), device=device)
+
+
 def test_named_devices_that_exist_still_verify():
     res = fxopt.optimize(torch.nn.Linear(2, 2), torch.randn(1, 2), "dce", devices=["cpu"])
     assert list(res.verification_by_device) == ["cpu"] and res.verification.passed
