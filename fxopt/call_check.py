@@ -127,6 +127,28 @@ def symbols_by_size(record: dict, args: tuple, kwargs: dict) -> list[set[str]]:
     return list(groups.values())
 
 
+def sizes_taken(record: dict, args: tuple, kwargs: dict, symbols: set[str], sizes: range) -> list[int]:
+    """The sizes among `sizes` a call meets `record`'s ranges and size conditions at, with every
+    dim `record` names by one of `symbols` at that size and the rest as in the example (`args`,
+    `kwargs`). Shapes only: nothing runs."""
+    flat = tree_flatten((args, {k: kwargs[k] for k in record["keywords"] if k in kwargs}))[0]
+    dims = [(i, dim) for i, dim, symbol, value in _symbol_dims(record, args, kwargs)
+            if symbol in symbols and isinstance(value, torch.Tensor)]
+    bounds = [d for e in record["leaves"] for d in e.get("shape", ()) if isinstance(d, dict) and d.get("symbol") in symbols]
+    taken = []
+    for size in sizes:
+        if any((d["min"] is not None and size < d["min"]) or (d["max"] is not None and size > d["max"]) for d in bounds):
+            continue
+        trial = list(flat)
+        for i, dim in dims:
+            shape = list(trial[i].shape)
+            shape[dim] = size
+            trial[i] = torch.empty(shape, device="meta")
+        if size_guards.failed(record.get("conditions") or (), trial) is None:
+            taken.append(size)
+    return taken
+
+
 def inputs_at_size(record: dict, args: tuple, kwargs: dict, symbols: set[str], size: int) -> tuple[tuple, dict]:
     """(`args`, `kwargs`) with every dim that `record` names by one of `symbols` cut to its
     first `size`."""

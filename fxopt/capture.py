@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .call_check import (FIXED_BY_MODEL, FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
-                         specialized_guard, symbol_mins, symbols_by_size)
+                         sizes_taken, specialized_guard, symbol_mins, symbols_by_size)
 from .errors import CaptureError, CaptureWarning, TrainingModeWarning, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants, written_base
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
@@ -428,7 +428,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
         info["inputs"] = inputs
         _warn_static_requested(inputs, model, dynamic_shapes)
         if info["dynamic_batch"]:
-            _warn_narrow_batch(inputs, model)
+            _warn_narrow_batch(inputs, model, args, kwargs)
     return gm, info
 
 
@@ -1291,20 +1291,35 @@ def _warn_static_requested(record: dict, model: nn.Module, user: Any) -> None:
                       CaptureWarning, stacklevel=user_stacklevel())
 
 
-def _warn_narrow_batch(record: dict, model: nn.Module) -> None:
-    """Say when export kept the batch dynamic over a range only (`if x.shape[0] > 2:` keeps one
+def _warn_narrow_batch(record: dict, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Say when export kept the batch dynamic over some sizes only (`if x.shape[0] > 2:` keeps one
     branch, for batches of 3 or more; `if x.shape[0] == 1:`, which export does not see, for 2 or
-    more): the graph refuses a batch of 1 at the call."""
+    more; `x.chunk(2)` traced at 4 refuses 2 and 3 too, by a condition on the size): the graph
+    refuses the others at the call. The sizes are read off the record for the first
+    `_SIZES_CHECKED` from the smallest."""
     first = next((e["shape"][0] for e in record["leaves"] if e.get("shape") and isinstance(e["shape"][0], dict)
                   and "symbol" in e["shape"][0]), None)
     if first is None:
         return
-    low, high = first["min"], first["max"]
-    if (low is not None and low > 1) or high is not None:
-        allowed = f"{low} to {high}" if high is not None else f"{low} or more"
-        warnings.warn(f"capture: {type(model).__name__} was exported for batch sizes {allowed} only: its code "
-                      "branches on the batch size (or fixes a range of it), and the graph keeps the branch the "
-                      "example took", CaptureWarning, stacklevel=user_stacklevel())
+    low, high = first["min"] or 0, first["max"]
+    window = range(low, (min(high, low + _SIZES_CHECKED - 1) if high is not None else low + _SIZES_CHECKED - 1) + 1)
+    group = next((g for g in symbols_by_size(record, args, kwargs) if first["symbol"] in g), {first["symbol"]})
+    taken = sizes_taken(record, args, kwargs, group, window)
+    if taken == list(window):
+        if low <= 1 and high is None:
+            return
+        allowed = f"{low} to {high} only" if high is not None else f"{low} or more only"
+    else:
+        shown = ", ".join(map(str, taken[:8])) + (", ..." if len(taken) > 8 or high is None else "")
+        allowed = (f"{shown} only (of {low} to {window[-1]}, the others fail a condition on the sizes export traced "
+                   "the model under; gm.meta['fxopt']['inputs']['conditions'] lists them)")
+    warnings.warn(f"capture: {type(model).__name__} was exported for batch sizes {allowed}: its code "
+                  "branches on the batch size (or fixes a range of it), and the graph keeps the branch the "
+                  "example took", CaptureWarning, stacklevel=user_stacklevel())
+
+
+#: How many batch sizes, from the smallest the graph takes, `_warn_narrow_batch` checks.
+_SIZES_CHECKED = 16
 
 
 def _with_user_dims(batch_spec: Any, user: Any) -> Any:

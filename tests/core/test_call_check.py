@@ -293,6 +293,35 @@ def test_a_batch_kept_dynamic_over_a_range_only_is_announced_at_capture():
         _export(TwoInputs(), (torch.randn(2, 4), torch.randn(2, 4)))
 
 
+def test_the_batch_sizes_announced_at_capture_are_those_the_graph_takes():
+    """`x.chunk(2)` traced at 4 refuses batches 2 and 3 too (a condition on the size, not the
+    range), yet capture said "batch sizes 2 or more": the warning lists the sizes it takes."""
+    class Halves(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            a, b = x.chunk(2, 0)
+            return torch.cat([self.proj(a), self.proj(b) * 2])
+
+    class EvenRows(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0] // 2, -1) if x.shape[0] % 2 == 0 else x.reshape(1, -1)
+
+    with pytest.warns(fxopt.CaptureWarning, match=r"exported for batch sizes 4, 5, 6, 7, 8, 9, 10, 11, \.\.\. only "
+                                                  r"\(of 2 to 17, the others fail a condition"):
+        halves = _export(Halves().eval(), (torch.randn(4, 4),))
+    with pytest.warns(fxopt.CaptureWarning, match=r"exported for batch sizes 4, 6, 8, 10, 12, 14, 16, \.\.\. only"):
+        even = _export(EvenRows(), (torch.randn(4, 4),))
+    for gm, refused, taken in ((halves, (2, 3), (4, 5)), (even, (2, 3, 5), (4, 6))):
+        for b in refused:
+            with pytest.raises(InputMismatchError):
+                gm(torch.randn(b, 4))
+        for b in taken:
+            gm(torch.randn(b, 4))
+
+
 class SingleSample(nn.Module):
     """A path of its own for a batch of 1, which torch.export (tracing sizes 2 and up) never sees."""
 
