@@ -404,8 +404,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
                 save(res.module, args.save)
             steps.set_postfix_str("measuring")
-            before = _measure(work, res.original, args.threads)
-            after, unmeasured = _measure_result(work, res, args.threads)
+            latency = _latencies(work, res, args.threads)
+            before = _measure(work, res.original, latency["before"])
+            after, unmeasured = _measure_result(work, res, latency["after"])
             steps.update(2)
     except PassError as exc:  # reported once the bar is gone
         code = _pass_failed(exc, work)
@@ -427,27 +428,40 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0 if res.verification is None or res.verification.passed else 1
 
 
-def _measure_result(work: Workload, res: Any, threads: int) -> tuple[dict[str, str], str | None]:
-    """The optimized module's row, and why it is empty: a result that failed verification may
-    fail to run at all (the verdict, not a traceback, is the answer then)."""
-    from .errors import first_line
-
-    try:
-        return _measure(work, res.module, threads), None
-    except Exception as exc:
-        if res.verification is None or res.verification.passed:
-            raise
-        return {}, f"{type(exc).__name__}: {first_line(exc)}"
+#: Rounds in which the table times the original and the optimized module in turn.
+LATENCY_ROUNDS = 3
 
 
-def _measure(work: Workload, module: nn.Module, threads: int) -> dict[str, str]:
+def _latencies(work: Workload, res: Any, threads: int) -> dict[str, float | str]:
+    """The median ms of the captured original ("before") and of the optimized module ("after"),
+    each the best of `LATENCY_ROUNDS` rounds that time the two in turn (`measure.compare_latency`),
+    or the error text of one that raised. Timed one after the other, a shared machine's drift
+    showed an unchanged graph (`-p dce`) 0.3x to 3x as fast as itself."""
     from . import measure
     from .capture import normalize_inputs
 
     args, kwargs = normalize_inputs(work.example_inputs)
-    latency = measure.measure_latency(module, kwargs or args, threads=threads)
+    timed = measure.compare_latency({"before": res.original, "after": res.module}, {"example": kwargs or args},
+                                    rounds=LATENCY_ROUNDS, threads=threads)
+    return {name: by_input["example"] for name, by_input in timed.items()}
+
+
+def _measure_result(work: Workload, res: Any, latency: float | str) -> tuple[dict[str, str], str | None]:
+    """The optimized module's row, and why it is empty: a result that failed verification may
+    fail to run at all (the verdict, not a traceback, is the answer then)."""
+    if isinstance(latency, str) and (res.verification is None or not res.verification.passed):
+        return {}, latency
+    return _measure(work, res.module, latency), None
+
+
+def _measure(work: Workload, module: nn.Module, latency: float | str) -> dict[str, str]:
+    """The table's row for `module`, its `latency` (median ms) measured already (`_latencies`)."""
+    from . import measure
+
+    if isinstance(latency, str):  # a module that passed verification and raised when timed
+        raise RuntimeError(f"{type(module).__name__} raised while it was measured: {latency}")
     row = {
-        "latency (median ms)": f"{latency.median_ms:.3f}",
+        "latency (median ms)": f"{latency:.3f}",
         "parameters": f"{measure.count_parameters(module):,}",
         "size (KiB)": f"{measure.model_size_bytes(module) / 1024:.1f}",
         "nodes": str(measure.count_nodes(module)),

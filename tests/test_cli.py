@@ -53,6 +53,29 @@ def test_optimize_user_model_prints_table(user_model_module, capsys):
         assert row in out
 
 
+def test_the_latency_row_times_both_modules_in_turn_and_keeps_the_best(user_model_module, capsys, monkeypatch):
+    """Timed once each, back to back, a shared machine's drift showed `-p dce` (the same graph)
+    0.3x to 3x as fast as itself: the two are timed in alternating rounds, best median kept."""
+    from fxopt import measure
+
+    timed = []
+    medians = {"GraphModule": iter([5.0, 2.0, 4.0, 9.0, 3.0, 8.0])}
+
+    def fake_latency(fn, inputs, **kwargs):
+        timed.append(fn)
+        ms = next(medians["GraphModule"])
+        return measure.LatencyStats(ms, ms, ms, runs=20)
+
+    monkeypatch.setattr(measure, "measure_latency", fake_latency)
+    rc = cli.main(["optimize", f"{user_model_module}:small", "-p", "dce"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert len(timed) == 2 * cli.LATENCY_ROUNDS
+    original, optimized = timed[0], timed[1]
+    assert original is not optimized and timed == [original, optimized] * cli.LATENCY_ROUNDS
+    assert re.search(r"latency \(median ms\)\s+3\.000\s+2\.000\s+0\.67x", out), out   # the best of 5, 4, 3 and 2, 9, 8
+
+
 def test_optimize_print_ir_after_change_and_time_passes(user_model_module, capsys):
     rc = cli.main(["optimize", f"{user_model_module}:small", "-p", "remove-noops,fold-constants",
                    "--print-ir-after-change", "--time-passes"])
