@@ -30,7 +30,7 @@ from fxopt.errors import node_location
 from fxopt.ir import (bind_arguments, functionalize_writes, op_view, spec_for, split_packed_parameters,
                       weight_matmuls_as_linear)
 
-from ..cleanup import constant_nodes, fold_constants
+from ..cleanup import RemoveNoOps, constant_nodes, fold_constants
 
 from .observers import Observer, ObserverKind, QuantizationError, quantized_node
 from .plan import build_plan, is_float_value
@@ -68,6 +68,10 @@ class InsertObservers(Pass):
         # ``y.relu_()`` then y read (a symbolic graph keeps such writes): out of place, as export
         # writes it, so y and its readers can run in int8 (`written_in_place` keeps the rest float)
         functionalize_writes(gm)
+        # eval dropout and identities return their float input: left in, an int8 one (DistilBERT's
+        # embedding dropout, read by q/k/v and by the residual add) made its float readers read
+        # it rounded (39 vs PT2E's 67 dB, quantize tester); gone, they read the float value
+        RemoveNoOps().run(gm, ctx)
         # cross-attention's q/k/v weights are pieces of one packed parameter: one each, to pack
         split_packed_parameters(gm)
         # ``x @ W`` / ``addmm(b, x, W)`` over a parameter [in, out] (GPT-2's Conv1D): linears
