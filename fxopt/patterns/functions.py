@@ -81,6 +81,12 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
             elif isinstance(value, torch.fx.Node):
                 inputs.append(_convert(gm, value, consts, counter, fname))
                 input_nodes.append(value)
+            elif isinstance(value, (list, tuple)) and value:  # ``torch.cat([a, b], 1)``: each one an input
+                if not all(isinstance(v, torch.fx.Node) and v.target not in consts for v in value):
+                    raise ValueError(f"pattern function {fname}: '{node.name}' takes a list of tensors, and only "
+                                     f"tensor parameters or ops may be in it, got {value!r}")
+                inputs += [_convert(gm, v, consts, counter, fname) for v in value]
+                input_nodes += list(value)
             elif isinstance(value, numbers.Number):
                 scalar = Const(f"_literal{counter[0]}", check=_equals(value), literal=value)
                 counter[0] += 1

@@ -804,6 +804,29 @@ def test_a_size_read_in_a_pattern_is_a_size_of_the_ops_own_input(mode, name, vie
         torch.testing.assert_close(gm(batch), _ViewBySize(view)(batch), rtol=0, atol=0)
 
 
+class _CatTwice(nn.Module):
+    def forward(self, x):
+        y = x * 2
+        return torch.cat([x, y], 1).sum(1) + torch.stack((y, x)).sum((0, 2)) + torch.cat([y, x], 0).sum()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_function_pattern_of_an_op_on_a_list_of_tensors_binds_each(mode):
+    """Fuse tester: ``torch.cat([a, b], dim=1)`` became the pattern ``cat()``, which matched
+    nothing (stack too)."""
+    gm = fxopt.capture(_CatTwice(), (torch.randn(2, 3),), mode=mode)
+    cat = Pattern("cat", pattern_from_function(lambda a, b: torch.cat([a, b], dim=1)),
+                  replacement=lambda a, b: torch.cat([a, b], -1))  # (dim -1: not the pattern again)
+    stack = Pattern("stack", pattern_from_function(lambda a, b: torch.stack([a, b])),
+                    replacement=lambda a, b: torch.cat([a.unsqueeze(0), b.unsqueeze(0)]))
+    report = apply_patterns(gm, PatternSet([cat, stack]))
+    assert report.counts == {"cat": 1, "stack": 1}, report   # not the cat along dim 0
+    gm.recompile()
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(gm(x), _CatTwice()(x))
+    assert repr(pattern_from_function(lambda a, b: torch.cat((a, b), 1))) == "cat(a, b)"
+
+
 def test_a_pattern_reading_another_values_size_is_refused_when_built():
     """The match binds the op's inputs only: a size of another parameter could tie neither the
     graph's read nor the replacement's argument (which then failed as 'not bound')."""
