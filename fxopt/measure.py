@@ -63,8 +63,8 @@ def count_parameters(model: nn.Module) -> int:
 
     Also counted: tensors that GraphModule ``get_attr`` nodes reach but that are not registered
     parameters or buffers (e.g. folded conv+BN weights), integer buffers they reach (a
-    reference-backend graph's int8 weights; its float buffers — scales, and the biases — are
-    not told apart from batchnorm statistics and are left out), quantized packed weights
+    reference-backend graph's int8 weights), floating buffers passed as a conv's or linear's
+    bias (that graph's biases; its scales are not counted), quantized packed weights
     (``torch.ScriptObject`` with ``unpack()``, biases included), and the weight and bias of a
     layer object a graph holds (quantize's int8 conv with a float output), each counted once.
 
@@ -382,10 +382,40 @@ def _hidden_weights(model: nn.Module) -> Iterator[Tensor]:
     """Weights outside parameters(): plain get_attr tensors, unpacked quantized packed params,
     and the weight and bias of the layer objects a graph holds (`_held_layers`)."""
     yield from _plain_graph_tensors(model)
+    yield from _bias_buffers(model)
     for packed in _packed_params(model):
         yield from _unpack(packed)
     for layer in _held_layers(model):
         yield from _layer_tensors(layer, _LAYER_WEIGHT_FIELDS)
+
+
+def _bias_buffers(model: nn.Module) -> Iterator[Tensor]:
+    """The floating buffers a graph passes as the bias of a conv or linear: a reference-backend
+    graph keeps each layer's float bias as a buffer beside its int8 weight, and a float buffer is
+    not told apart from batchnorm statistics by anything else (int8 graphs lost their biases
+    from the count)."""
+    params = {id(t) for t in model.parameters()}
+    for gm in _graph_modules(model):
+        buffers = {id(t) for t in gm.buffers()}
+        for node in gm.graph.find_nodes(op="get_attr"):
+            if not any(_is_bias_of_layer(user, node) for user in node.users):
+                continue
+            try:
+                value = functools.reduce(getattr, str(node.target).split("."), gm)
+            except AttributeError:  # a stale graph; nothing to count
+                continue
+            if isinstance(value, Tensor) and value.is_floating_point() and id(value) in buffers - params:
+                yield value
+
+
+def _is_bias_of_layer(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether `user` calls a conv or linear with `node` as its bias (third argument or `bias=`)."""
+    if user.op != "call_function":
+        return False
+    name = getattr(user.target, "__name__", str(user.target)).split(".")[0]
+    if not (name.startswith("conv") or name == "linear"):
+        return False
+    return (len(user.args) > 2 and user.args[2] is node) or user.kwargs.get("bias") is node
 
 
 #: The fields of a held layer object counted as its parameters; the rest (per-channel scales)

@@ -315,7 +315,11 @@ def test_count_parameters_sees_a_reference_graphs_int8_weights():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
     x = torch.randn(4, 64)
     q = fxopt.optimize(model, (x,), "quantize{backend=reference}", calibration=[(x,)] * 2).module
-    assert count_parameters(q) == 64 * 64 + 10 * 64      # the int8 weights (biases are float buffers)
+    # the int8 weights, and the float biases the graph keeps as buffers beside them (they were
+    # left out: the int8 model counted fewer parameters than the float one)
+    assert count_parameters(q) == count_parameters(model) == 64 * 64 + 64 + 10 * 64 + 10
+    norm = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()  # float buffers that are no bias
+    assert count_parameters(fxopt.capture(norm, torch.randn(2, 3, 6, 6), mode="export")) == count_parameters(norm)
 
 
 def test_macs_of_a_model_that_feeds_a_parameter_view_to_a_layer():
