@@ -28,14 +28,20 @@ from torch import nn
 from .tracing import NotTraceable, register_traceable_forward
 
 
-def attention_mask(attn_mask: Any, key_padding_mask: Any, batch: Any, heads: int, dtype_of: torch.Tensor) -> Any:
+def attention_mask(attn_mask: Any, key_padding_mask: Any, batch: Any, heads: int,
+                   dtype: torch.dtype | torch.Tensor) -> Any:
     """The additive mask nn.MultiheadAttention applies to its scores, shaped to broadcast over
     (batch, heads, query, key): bool masks turn True into -inf, float masks add as they are.
-    Called from the graph (an fx leaf): the masks' dtypes are known only when it runs."""
+    Called from the graph (an fx leaf): the masks' dtypes are known only when it runs.
+    `dtype` is the scores' (the graph passes ``x.dtype``, a metadata read: given the tensor
+    itself, as graphs saved before did, the helper read the activations as far as passes
+    could tell, and prune kept every channel of the stream)."""
+    dtype = dtype.dtype if isinstance(dtype, torch.Tensor) else dtype
+
     def additive(mask: torch.Tensor) -> torch.Tensor:
         if mask.dtype == torch.bool:
-            return torch.zeros_like(mask, dtype=dtype_of.dtype).masked_fill(mask, float("-inf"))
-        return mask.to(dtype_of.dtype)
+            return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
+        return mask.to(dtype)
 
     merged = None
     if attn_mask is not None:
@@ -106,7 +112,7 @@ def multihead_attention(m: nn.MultiheadAttention, query: Any, key: Any, value: A
     # torch drops the mask for the causal hint when nothing else needs it (F.multi_head_attention_forward)
     causal = is_causal and key_padding_mask is None and not need_weights
     masked = not causal and (attn_mask is not None or key_padding_mask is not None)
-    mask = attention_mask(attn_mask, key_padding_mask, batch, heads, x) if masked else None
+    mask = attention_mask(attn_mask, key_padding_mask, batch, heads, x.dtype) if masked else None
     weights = probs = None
     if need_weights:  # a value of its own: erased from the graph when the caller drops it
         scores = torch.matmul(q * (1.0 / math.sqrt(head_dim)), k.transpose(-2, -1))

@@ -2631,3 +2631,25 @@ def test_a_scale_on_produced_channels_counts_them_once(mode, as_parameter):
     r = prune_and_mask(ScaledChannels(as_parameter).eval(), torch.randn(2, 3, 16, 16), mode, 0.5)
     assert r.plan.stats()["prunable_channels"] == 32
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+
+
+class _MaskedTorchAttention(nn.Module):
+    """nn.MultiheadAttention called with a causal mask on a residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mha, self.out = nn.Linear(8, 32), nn.MultiheadAttention(32, 4, batch_first=True), nn.Linear(32, 5)
+        self.register_buffer("mask", torch.triu(torch.full((6, 6), float("-inf")), 1))
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.mha(h, h, h, attn_mask=self.mask, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_masked_torch_attention_prunes_its_stream(mode):
+    """Prune tester: fxopt's own mask helper read the stream (for its dtype) as an op without
+    a channel rule, so symbolic captures pinned it and kept the whole stream (2581 parameters
+    left vs 1317 exported)."""
+    r = _exact_at_the_defaults_without_pins(_MaskedTorchAttention, torch.randn(2, 6, 8), mode)
+    assert r.plan.stats()["removed_channels"] == 80
