@@ -216,6 +216,9 @@ def apply_patterns(
             by_kind.setdefault(kind, []).append(pattern)
     if debug is not None:
         _explain_all(gm, table, _debug_node(gm, debug), report)
+    # (pattern, node) that matched and left the node in place (an annotation, a decline): a
+    # later round, run because another pattern rewrote something, finds them again
+    unchanged: set[tuple[str, torch.fx.Node]] = set()
     for round_ in range(max_rounds):
         if debug is not None and round_:
             node = next((n for n in gm.graph.nodes if n.name == debug), None)
@@ -232,12 +235,19 @@ def apply_patterns(
                 except NoMatch:
                     continue
                 result = _apply_one(gm, pattern, m)
+                seen = (pattern.name, node) in unchanged
                 if result is None:
-                    report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
+                    if not seen:
+                        report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
+                        unchanged.add((pattern.name, node))
                     continue
-                report.record(pattern.name, node.name)
                 if result is not node:
                     changed = True
+                elif seen:
+                    break
+                else:
+                    unchanged.add((pattern.name, node))
+                report.record(pattern.name, node.name)
                 break
         if not changed:
             break

@@ -876,3 +876,27 @@ def test_a_function_pattern_reads_its_op_in_every_spelling_and_no_other(mode, pa
     if fxopt.ir.op_view(gm, node).kind == "getitem":  # max's values
         node = node.args[0]
     assert (explain(gm, node, pattern_from_function(pattern)) == "matched") == matches
+
+
+class _GroupedThenSwish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cg = nn.Conv2d(4, 4, 3, groups=2)
+
+    def forward(self, x):
+        h = self.cg(x)
+        return h * torch.sigmoid(h)
+
+
+def test_a_match_that_leaves_its_node_in_place_counts_once_over_rounds():
+    """Fuse tester: an annotation-only pattern was counted again in every round that another
+    pattern's rewrite started: one grouped conv, counts 2 and locations ['cg', 'cg']."""
+    tag = Pattern("grouped", Op("conv", Var("x"), name="cv",
+                                check=lambda v: True if v.attrs.get("groups", 1) != 1 else "groups == 1"),
+                  rewrite=lambda r: r.match.root, annotation={"tag": "grouped"})
+    declines = Pattern("declines", Op("conv", Var("x")), rewrite=lambda r: None)
+    swish = Pattern("swish", pattern_from_function(lambda x: x * torch.sigmoid(x)), replacement=lambda x: F.silu(x))
+    gm = fxopt.capture(_GroupedThenSwish(), (torch.randn(1, 4, 6, 6),))
+    report = apply_patterns(gm, PatternSet([swish, declines, tag]))
+    assert report.counts == {"swish": 1, "grouped": 1} and report.locations["grouped"] == ["cg"], report
+    assert report.declined == {"declines": 1}, report
