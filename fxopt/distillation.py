@@ -84,9 +84,12 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
     that does not fit the models' forward raises a ValueError saying what it was taken as, and
     so does `data` with no batches; a loss that stops being finite (a learning rate that
-    diverges, NaN in the data) stops training with a ValueError naming the epoch and batch, and a
-    student that ends farther from the teacher than it started (a learning rate that blows the
-    weights up while the loss stays finite) gets a `fxopt.PassWarning`. `teacher` runs in eval
+    diverges, NaN in the data) stops training with a ValueError naming the epoch and batch. The
+    student's loss over all of `data` is measured before training and after (two more passes
+    over it, without gradients): one that training made worse (a learning rate too high for a
+    student already close to its teacher) is returned as it was given, with a
+    `fxopt.PassWarning`; data that cannot be iterated again (a generator) gets the warning only,
+    judged on its first batch. `teacher` runs in eval
     mode and comes back in the mode each of its submodules had, and with the buffer values it had: a forward that updates a buffer (a
     call counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
     is not changed (a copy is trained, and its buffers are put back to their values after
@@ -142,10 +145,15 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         total = None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="distill", disable=not progress)
     t = float(temperature)
     models = (("teacher", teacher), ("student", student))
     # the caller's teacher comes back in the mode it was given, and with its buffers' values
+    with _eval_mode(teacher), _restored(teacher_state):
+        # data iterated again (a list, a DataLoader): the student is judged on all of it before and
+        # after, and comes back as it was given where training made it worse
+        judge = _Judge(student, teacher, batches, labeled, output, t, alpha) if total is not None and epochs else None
+        start = judge.snapshot(params) if judge is not None else None
+    bar = tqdm(total=total, desc="distill", disable=not progress)
     with _eval_mode(teacher), _restored(teacher_state), bar:
         for epoch in range(epochs):
             seen = 0
@@ -160,10 +168,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                 if index == 0 and epoch == 0:
                     _check_trainable(out, target, output)
                     first = (inputs, labels, target)
-                loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
-                                reduction="batchmean") * (t * t)
-                if labels is not None and alpha < 1.0:
-                    loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, index)
+                loss = _loss(out, target, labels, t, alpha, index)
                 _check_finite(loss, epoch, index, lr)
                 if index == 0 and epoch == 0:
                     start_loss = float(loss.detach())
@@ -181,10 +186,72 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
             if not seen:  # an iterator is used up after one pass: later epochs would train on nothing
                 raise ValueError(_NO_BATCHES.format(when=f"epoch {epoch + 1} got none"))
     student_state.restore()
-    if epochs:
+    if judge is not None:
+        with _eval_mode(teacher), _restored(teacher_state):
+            judge.keep_the_better(params, start, lr)
+    elif epochs:
         _warn_if_worse(student, first, start_loss, t, alpha, lr, output)
         student_state.restore()
     return student
+
+
+def _loss(out: torch.Tensor, target: torch.Tensor, labels: Any, t: float, alpha: float, index: int) -> torch.Tensor:
+    """Distillation's loss: ``T² · KL(softmax(target/T) ‖ softmax(out/T))``, mixed with the
+    labels' cross-entropy by `alpha` when there are labels."""
+    loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
+                    reduction="batchmean") * (t * t)
+    if labels is not None and alpha < 1.0:
+        loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, index)
+    return loss
+
+
+class _Judge:
+    """The student's mean loss over all of the data, before training and after: training at a
+    learning rate too high for a student already close to its teacher (a pruned layer that lost
+    almost nothing) ends worse than it began, and was handed back so, without a word."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, batches: Any, labeled: bool,
+                 output: int | str | None, t: float, alpha: float) -> None:
+        self.student, self.teacher, self.batches = student, teacher, batches
+        self.labeled, self.output, self.t, self.alpha = labeled, output, t, alpha
+        self.student_state, self.teacher_state = BufferState(student), BufferState(teacher)
+        self.start_loss = math.nan
+
+    def mean_loss(self) -> float:
+        """The loss averaged over every batch, the student's parameters as they are now."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for index, batch in enumerate(self.batches):
+                inputs, labels = _split_batch(batch, self.labeled, index)
+                for role, model in (("teacher", self.teacher), ("student", self.student)):
+                    _check_fits(role, model, inputs, index, self.labeled)
+                target = select_output(_forward("teacher", self.teacher, inputs, index), self.output, role="teacher")
+                self.teacher_state.restore()
+                out = select_output(_forward("student", self.student, inputs, index), self.output, role="student")
+                self.student_state.restore()
+                total += float(_loss(out, target, labels, self.t, self.alpha, index))
+                count += 1
+        return total / count if count else math.nan
+
+    def snapshot(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The trained parameters' values now, and the loss they give."""
+        self.start_loss = self.mean_loss()
+        return [p.detach().clone() for p in params]
+
+    def keep_the_better(self, params: list[nn.Parameter], start: list[torch.Tensor], lr: float) -> None:
+        """Put the starting values back, with a PassWarning, where training did not lower the loss."""
+        from .errors import PassWarning
+
+        end_loss = self.mean_loss()
+        if end_loss <= self.start_loss:
+            return
+        with torch.no_grad():
+            for p, value in zip(params, start):
+                p.copy_(value)
+        warnings.warn(f"distill: the trained student matches the teacher worse than before training (mean loss "
+                      f"{self.start_loss:.4g} -> {end_loss:.4g} over the data): returning the student as it was "
+                      f"given; lower lr (now {lr}) to train it, or leave distill out", PassWarning,
+                      stacklevel=user_stacklevel())
 
 
 def _warn_if_worse(student: nn.Module, first: tuple, start_loss: float, t: float, alpha: float, lr: float,
