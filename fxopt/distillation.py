@@ -9,7 +9,10 @@
     torch.Size([2, 3])
 
 The loss is ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, plus ``(1 - alpha)`` times the
-cross-entropy with labels when ``labeled=True``.
+cross-entropy with labels when ``labeled=True``. The softmax is over the output's last dimension,
+which is meant to hold classes: distilling a hidden state (BertModel's ``last_hidden_state``)
+matches its softmax-normalized features, not their values, and an output of 4 or more dims (a
+feature map) is warned about.
 
 Which output: a model may return more than its logits (``(features, logits)``, a dict, a
 dataclass). ``output=`` names the tensor distillation matches — an index into a tuple or list,
@@ -503,3 +506,11 @@ def _check_trainable(out: torch.Tensor, target: torch.Tensor, output: int | str 
     if not out.requires_grad:
         raise ValueError(f"distill: {which} of the student ({_tensor_text(out)}) does not depend on any "
                          "floating-point parameter, so training cannot move it; select the logits with output=")
+    if out.dim() >= 4:  # a feature map, or a segmentation map with its classes in dim 1
+        from .errors import PassWarning
+
+        warnings.warn(f"distill: {which} is {_tensor_text(out)}, and distillation's loss is a softmax over its last "
+                      f"dimension ({out.shape[-1]}), as over the classes of logits: for a feature map or a "
+                      "segmentation map (classes in dim 1) that matches the wrong thing; select the logits with "
+                      "output=, or distill a model whose output ends in its classes", PassWarning,
+                      stacklevel=user_stacklevel())

@@ -187,3 +187,12 @@ def test_a_student_with_every_parameter_frozen_is_refused_saying_what_to_do():
     with pytest.raises(ValueError, match=r"every parameter of the student is frozen \(requires_grad=False\).*"
                                          r"requires_grad_\(True\)"):
         fxopt.distill(student, teacher, [torch.randn(8, 4)], epochs=1, progress=False)
+
+
+def test_an_output_whose_last_dim_holds_no_classes_is_warned_about():
+    """The softmax-KL loss ran over the width of a conv's feature map without a word."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    student = fxopt.capture(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval(), torch.randn(2, 3, 8, 8))
+    with pytest.warns(fxopt.PassWarning, match=r"is float32\[2, 4, 8, 8\], and distillation's loss is a softmax over its last dimension \(8\)"):
+        fxopt.distill(student, teacher, [torch.randn(2, 3, 8, 8)], epochs=1, progress=False)
