@@ -295,6 +295,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
         _record_shapes_and_check(model, gm, args, kwargs)
     except CaptureError as exc:
         _blame_root_hooks(model, exc)
+        _blame_augmented_assignments(gm, exc)
         raise
     _check_next_call(model, gm, args, kwargs)
     return gm
@@ -365,6 +366,30 @@ def _blame_root_hooks(model: nn.Module, exc: CaptureError) -> None:
             raise CaptureError(f"{first_line(exc).split(': ')[0]}: {type(model).__name__} has a {kind} on itself "
                                f"({getattr(hook, '__name__', type(hook).__name__)}{where}); symbolic tracing runs "
                                "forward without it, mode='export' records it") from exc
+
+
+#: The operators an augmented assignment (`y += 1`) traces to: a Proxy has no in-place form.
+_AUGMENTED = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+                        operator.mod, operator.pow, operator.and_, operator.or_, operator.xor, operator.lshift,
+                        operator.rshift, operator.matmul})
+
+
+def _blame_augmented_assignments(gm: torch.fx.GraphModule, exc: CaptureError) -> None:
+    """Where the graph computes an operator's result nothing uses, name it as the likely cause:
+    symbolic tracing turns `y += 1` into `y = y + 1`, so when another name still holds the tensor
+    (`y = h; y += 1`) eager code changed `h` in place and the graph did not (the check blamed
+    "Python control flow or state")."""
+    dropped = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in _AUGMENTED and not n.users]
+    what, baked, _ = first_line(exc).partition(_BAKED)
+    if not dropped or not baked:
+        return
+    names = ", ".join(f"'{name}'" for name in dropped[:2])
+    raise CaptureError(f"{what}the graph uses {names} nowhere: an augmented assignment on a tensor another name "
+                       "holds (y = h; y += 1)? eager code writes it in place, a trace does not; write y.add_(1), "
+                       "or use mode='export'") from exc
+
+
+_BAKED = "the trace baked in Python control flow or state"
 
 
 _RANDOM_OPS = frozenset({"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
@@ -1381,7 +1406,7 @@ def _check_same_outputs(expected: Any, got: Any, nondeterministic: Callable[[], 
                        "(random numbers from Python's `random` or NumPy, or state forward keeps in Python "
                        "attributes such as a call counter, which no graph records; draw random numbers with "
                        "torch, keep state in buffers)" if nondeterministic()
-                       else "the trace baked in Python control flow or state")
+                       else _BAKED)
                 raise CaptureError(f"output {i} differs from the model by {float((e - g).abs().max()):.3g}: {why}")
 
 

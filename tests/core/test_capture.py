@@ -1496,3 +1496,27 @@ def test_the_capture_record_names_every_submodule_of_the_model_called_or_not():
     for mode in ("symbolic", "export"):
         gm = capture(WithAux().eval(), torch.randn(2, 4), mode=mode)
         assert gm.meta["fxopt"]["module_names"] == ["body", "body.0", "body.1", "aux"]
+
+
+class _AugmentsAnAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = h
+        y += 1  # eager: h changes too; a trace: y = y + 1, h as it was
+        return self.b(h)
+
+
+def test_an_augmented_assignment_on_an_alias_is_named_when_symbolic_capture_fails():
+    """`y = h; y += 1` was blamed on "Python control flow or state"."""
+    model = _AugmentsAnAlias().eval()
+    with pytest.raises(CaptureError, match=r"differs from the model by .*: the graph uses 'add' nowhere: an augmented "
+                                           r"assignment on a tensor another name holds \(y = h; y \+= 1\)\? .*"
+                                           r"mode='export'"):
+        capture(model, torch.randn(2, 4), mode="symbolic")
+    gm = capture(model, torch.randn(2, 4))  # auto: export records the write
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x), model(x))
