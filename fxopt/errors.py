@@ -243,7 +243,7 @@ def user_source_line(stack_trace: str | None) -> str | None:
             frames.append(f"{line}: {code}" if code else line)
     if not frames:
         return None
-    user = [f for f in frames if not _is_library_frame(f)]
+    user = [f for f in frames if not is_library_frame(f)]
     return (user or frames)[-1]
 
 
@@ -257,7 +257,8 @@ def _library_dirs() -> tuple[str, ...]:
     )
 
 
-def _is_library_frame(frame: str) -> bool:
+def is_library_frame(frame: str) -> bool:
+    """Whether a `File "...", line N` frame is in torch's or fxopt's own code."""
     import os
     import re
 

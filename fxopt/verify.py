@@ -59,7 +59,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 
-from .errors import VerificationError, user_source_line
+from .errors import VerificationError, is_library_frame, user_source_line
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
 from .tracing import one_at_a_time
@@ -244,6 +244,17 @@ class Divergence:
         where = f" at {self.source}" if self.source else ""
         return (f"first diverging node '{self.node}' (stands for '{self.reference_node}'){inside}{where}: "
                 f"{self.comparison}")
+
+
+def _user_line(*nodes: torch.fx.Node | None) -> str | None:
+    """The user's source line the first of `nodes` that records one came from (a node a pass
+    made may have none; the reference node it stands for has). A line in torch's own code (an
+    nn.Sequential's layers: no frame of the user's) is none: the module names the layer."""
+    for node in nodes:
+        line = user_source_line(node.meta.get("stack_trace")) if node is not None else None
+        if line is not None and not is_library_frame(line):
+            return line
+    return None
 
 
 def _module_of(*nodes: torch.fx.Node | None) -> str | None:
@@ -739,9 +750,9 @@ def first_divergence(
             return
         cmp = compare_tensors(ref, value, node.name)
         if not cmp.passes(tolerance):
-            module = _module_of(node, ref_nodes.get(origin(node)))
-            found.append(Divergence(node.name, origin(node), user_source_line(node.meta.get("stack_trace")), cmp,
-                                    module))
+            ref_node = ref_nodes.get(origin(node))
+            found.append(Divergence(node.name, origin(node), _user_line(node, ref_node), cmp,
+                                    _module_of(node, ref_node)))
 
     with torch.no_grad(), same_random_draws():
         run_graph(candidate, *fresh_inputs(args, kwargs), check, private_buffers=True)

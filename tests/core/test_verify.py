@@ -188,6 +188,19 @@ def test_localization_names_the_module_of_an_export_node():
     assert "in module 'fc2' (Linear)" in r.summary()
 
 
+def test_a_divergence_in_torchs_own_code_names_the_module_not_torchs_line():
+    """An nn.Sequential has no forward of the user's: the node's only frames are torch's, and the
+    report pointed at torch/nn/modules/linear.py, line 134."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    cand = capture(model, (_x(),), mode="export")
+    with torch.no_grad():
+        cand.get_parameter("2.bias").add_(1.0)
+    r = verify(model, cand, _x())
+    assert r.divergence.module == "'2' (Linear)" and r.divergence.source is None, r.summary()
+    assert "linear.py" not in r.summary()
+
+
 def test_no_localization_against_another_model_class():
     class Other(Net):
         pass
