@@ -64,9 +64,12 @@ class Quantize(Pass):
             _warn_nothing_quantized(inserted.stats["float_ops"])
             return PassResult(inserted.module, modified=False,
                               stats={**stats, "observers": 0, "calibration_batches": len(ctx.calibration)})
+        lower = LowerInt8(self.backend, self.target_sqnr, self.skip, self.average_grid)
+        if self.skip:  # a typo in skip= is named before calibration runs (55 s of it, quantize tester)
+            lower.skipped_layers(inserted.module)
         calibrate(inserted.module, ctx.calibration, progress=self.progress)
         _warn_constant_inputs(inserted.module, len(ctx.calibration))
-        lowered = LowerInt8(self.backend, self.target_sqnr, self.skip, self.average_grid).run(inserted.module, ctx)
+        lowered = lower.run(inserted.module, ctx)
         stats = dict(lowered.stats)
         if not stats.get("quantized"):  # observed, yet no layer became int8
             _warn_nothing_quantized(stats.get("float_ops", {}))

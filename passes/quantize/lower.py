@@ -120,7 +120,7 @@ class LowerInt8(Pass):
         if all(obs.batches == 0 for obs in observers.values()):
             raise QuantizationError(_uncalibrated_message(len(observers), ctx))
         stats: dict = {}
-        exclude = self._skipped_layers(gm) if self.skip else set()
+        exclude = self.skipped_layers(gm) if self.skip else set()
         if self.target_sqnr is not None:
             exclude |= self._select_float_layers(gm, ctx, stats)
         lowered, lstats = lower_module(gm, self.backend, exclude, self.average_grid)
@@ -129,7 +129,7 @@ class LowerInt8(Pass):
             propagate_shapes(lowered, ctx.example_inputs, ctx.example_kwargs)
         return PassResult(lowered, modified=True, stats=stats)
 
-    def _skipped_layers(self, gm: torch.fx.GraphModule) -> set[str]:
+    def skipped_layers(self, gm: torch.fx.GraphModule) -> set[str]:
         """The anchor node names `skip` names: the module path of a layer (``encoder.fc``, as
         ``named_modules`` spells it, in both front ends: every call of a module called twice),
         its weight's own path (``w`` of ``F.conv2d(x, self.w)``), or a node name (as a dump

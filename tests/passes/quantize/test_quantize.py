@@ -986,8 +986,20 @@ def test_calibration_of_a_model_that_updates_its_buffers_writes_into_copies():
 def test_a_skip_name_that_is_no_layer_is_an_error_with_the_names():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
     x = torch.randn(2, 3, 8, 8)
+    read = []
+
+    class Loader:  # streamed (it has a length): a typo is named before calibration reads any batch
+        def __len__(self):  # (quantize tester: after 55 s of them)
+            return 3
+
+        def __iter__(self):
+            for batch in [x] * 3:
+                read.append(batch)
+                yield batch
+
     with pytest.raises(PassError, match=r"option 'skip': no quantizable layer named 'conv_typo'.*_0, _3"):
-        fxopt.optimize(model, (x,), "quantize{skip=[conv_typo]}", mode="symbolic", calibration=[x])
+        fxopt.optimize(model, (x,), "quantize{skip=[conv_typo]}", mode="symbolic", calibration=Loader())
+    assert len(read) <= 1  # (optimize may peek at the first to check its form)
     res = fxopt.optimize(model, (x,), "quantize{skip=[_3]}", mode="symbolic", calibration=[x])
     assert "_3" in res.passes[0].stats["float_ops"]
 
