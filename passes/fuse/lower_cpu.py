@@ -62,8 +62,8 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
-from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, is_effectful,
-                      leaf_function, op_name, op_view, spec_for, split_packed_parameters, tensor_meta, written_in_place)
+from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, leaf_function,
+                      mutated_input, op_name, op_view, spec_for, split_packed_parameters, tensor_meta, written_in_place)
 from fxopt.ir.effects import is_view
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
@@ -174,8 +174,10 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
       batch 2 -> lowered from batch 2;
     - dense stride-1 1x1 below that (a plain GEMM on aten too): 1.03-1.9 at batch 1, about even near
       5 M MACs per call, 0.63-0.96 from 8-10 M -> lowered once a call reaches 2 x `min_macs`;
-    - conv1d (lowered as a conv2d of height 1, `lift_1d`) follows the same rule: k > 1 at batch 1
-      2.85x at 0.15 M MACs, 1.80x at 1 M, 0.64x at 6 M, from batch 2 0.55x; a 1x1 1.17x at 4 M;
+    - conv1d (lowered as a conv2d of height 1, `lift_1d`): k > 1 at batch 1 2.85x at 0.15 M MACs,
+      1.80x at 1 M, 0.64x at 6 M, from batch 2 0.55x alone; a 1x1 1.17x at 4 M; but in a network
+      (a TCN's residual blocks) the layout copies each switch makes cost more than that: a dense
+      conv1d below `min_macs` stays on aten at every batch size;
     - a dilated conv -> always lowered: aten runs it as `slow_conv_dilated`, a loop that also
       fills the bias channel by channel (a TCN's 64-channel conv1d at dilation 2 over 128 steps,
       1.6 M MACs: 0.64x at batch 1; 128 channels at dilation 8: 0.27x; a dilated conv2d 0.71x);
@@ -198,6 +200,9 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
         return "the conv output has no recorded shape (the cost rule needs it)"
     if macs >= min_macs:
         return 1
+    if w.dim() == 3:  # in a network the layout copies around a small dense conv1d outweigh the
+        # kernel: a 4-block TCN, 32-64 channels, 1.03-1.72x `fuse` with the batch switch
+        return f"a conv1d of {macs} MACs per sample < min_macs={min_macs}: cheaper on the aten path"
     if not by_batch:
         return f"{macs} MACs per sample < min_macs={min_macs}: cheaper on the aten path"
     plain_gemm = set(w.shape[2:]) == {1} and set(a["stride"]) == {1} and set(a["padding"]) == {0}
@@ -385,7 +390,8 @@ class _Lowering:
             return node
         # One copy right after the value serves every conv reading it, unless something writes
         # into the value in place (``x.sub_(mean)``): then each conv copies it where it reads it.
-        written = node.name in self.written or any(user.op != "output" and is_effectful(user) for user in node.users)
+        # (export's `_guards_fn(x)` call is effectful and reads the input: no write)
+        written = node.name in self.written or any(mutated_input(r.gm, user) is node for user in node.users)
         meta = tensor_meta(node)
         rank = len(meta[0]) if meta is not None else 4
         with r.graph.inserting_before(r.match.root) if written else r.graph.inserting_after(node):
@@ -400,7 +406,25 @@ class _Lowering:
         new.meta[_LAYOUT_COPY] = True
         if not written:
             self.cl[node] = new
+            if rank == 3:
+                self._share_lifted_copy(r, node, new)
         return new
+
+    @staticmethod
+    def _share_lifted_copy(r: Rewriter, node: torch.fx.Node, lifted: torch.fx.Node) -> None:
+        """Let the elementwise readers of a conv1d's input read its channels-last copy too (as
+        a 3-D view of it). A TCN block's ``x + relu(conv(x))`` otherwise added a row-major `x`
+        to the channels-last conv output: a strided add whose row-major result the next conv
+        copied again, every block (lowered 1.1-1.5x slower than `fuse`, fuse tester)."""
+        readers = [u for u in node.users if u is not lifted.args[0] and u.op != "output"
+                   and (view := op_view(r.gm, u)) is not None and view.kind in _SAME_VALUES_ANY_LAYOUT]
+        if not readers:
+            return
+        with r.graph.inserting_after(lifted):
+            flat = r.graph.call_method("squeeze", (lifted, 2))
+        flat.meta["tensor_meta"] = node.meta.get("tensor_meta")
+        for user in readers:
+            user.replace_input_with(node, flat)
 
     def conv(self, r: Rewriter) -> torch.fx.Node | None:
         view = r.view("conv")
@@ -625,6 +649,9 @@ def _makes_fresh_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvByBatch))
 
 
+#: Elementwise ops whose values do not depend on their inputs' layouts (their results take it).
+_SAME_VALUES_ANY_LAYOUT = frozenset({"add", "sub", "mul", "div", "relu", "gelu", "silu", "sigmoid", "tanh",
+                                     "hardtanh", "hardswish", "leaky_relu"})
 #: Marks the channels-last copies the lowering itself inserts (a user's own
 #: ``contiguous(memory_format=...)`` is a layout eager has too).
 _LAYOUT_COPY = "fxopt.layout_copy"
