@@ -173,7 +173,7 @@ def _feed(gm: nn.Module, observers: list[nn.Module], i: int, batch: Any) -> None
         shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes [{', '.join(shapes)}]) does not run "
                          f"through the model: {type(exc).__name__}: {exc}{_rank_hint(gm, args, kwargs)}"
-                         f"{_guard_hint(exc)}") from exc
+                         f"{_guard_hint(exc)}{_count_hint(exc, args)}") from exc
     finally:
         _BATCH.reset(token)
 
@@ -204,6 +204,15 @@ def _rank_hint(gm: nn.Module, args: tuple, kwargs: dict) -> str:
             return (f"\n  input '{node.target}' has {value.dim()} dimensions {list(value.shape)}; the model was "
                     f"captured with {len(meta[0])} {list(meta[0])}: give batches shaped like the example inputs")
     return ""
+
+
+def _count_hint(exc: Exception, args: tuple) -> str:
+    """What to do when a batch holds more positional inputs than forward takes: most often a
+    DataLoader of (inputs, labels), whose labels are fed as an input."""
+    if not (isinstance(exc, TypeError) and "positional argument" in str(exc) and len(args) > 1):
+        return ""
+    return (f"\n  a calibration batch is the model's positional inputs, and this one holds {len(args)}: batches "
+            "of (inputs, labels) feed the labels as an input too; give the inputs only (e.g. [x for x, _ in loader])")
 
 
 def _guard_hint(exc: Exception) -> str:

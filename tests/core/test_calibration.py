@@ -144,3 +144,14 @@ def test_optimize_does_not_iterate_a_dataloader_to_tell_it_from_a_generator():
 
     source = Counted()
     assert isinstance(pipeline_batches(source), StreamedBatches) and source.iterations == 0
+
+
+def test_a_dataloader_of_inputs_and_labels_is_named_as_the_likely_cause(observed):
+    """A DataLoader of (inputs, labels) failed with forward()'s own "takes 2 positional arguments
+    but 3 were given", which did not say that the labels were fed as an input."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    labeled = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8)
+    with pytest.raises(FxoptError, match=r"(?s)calibration batch 0 .* holds 2: batches of \(inputs, labels\) feed the "
+                                         r"labels as an input too; give the inputs only"):
+        fxopt.calibrate(observed, labeled, progress=False)
