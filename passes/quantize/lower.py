@@ -384,10 +384,8 @@ class _Lowering:
             name = self.shared[name]
         if name in self.cat_grids:
             return self.cat_grids[name]
-        # A 7-bit grid narrows the scale only: x86 stores quint8, and values past the calibrated
-        # range take bytes 128-255 as torch.ao's do; the reference rounds the same way, or
-        # clamped at 127 it differed from x86 by many steps there (quantize tester: 0.18 of 1.16)
-        return (*self.observers[name].qparams(name in self.narrow), *quant_range(False))
+        narrow = name in self.narrow
+        return (*self.observers[name].qparams(narrow), *quant_range(narrow))
 
     def _cat_grid(self, out: str) -> Grid:
         """The output grid of the int8 cat `out`: its observer's, or the grid of an input that
@@ -406,8 +404,9 @@ class _Lowering:
         """
         if out in self.cat_grids:
             return self.cat_grids[out]
+        narrow = out in self.narrow
         observer = self.observers[out]
-        own: Grid = (*observer.qparams(out in self.narrow), *quant_range(False))  # (`_observed_grid`)
+        own: Grid = (*observer.qparams(narrow), *quant_range(narrow))
         fixed: dict[Grid, int] = {}
         total = 0
         for value in self.plan.groups[out].inputs:  # cat([x, x]) counts x twice
