@@ -494,6 +494,8 @@ def _graph_of(model: nn.Module, candidate: torch.fx.GraphModule, args: tuple, kw
     recorded = info.get("model_class")
     if recorded is not None and recorded != type(model).__qualname__:
         return None
+    if recorded is None and type(candidate).__name__ != type(model).__name__:
+        return None  # no record: only symbolic_trace's graph, named after the model's class, says whose it is
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the capture's warnings are the caller's own capture's news

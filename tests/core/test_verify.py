@@ -211,6 +211,12 @@ def test_no_localization_against_another_model_class():
         cand.fc1.weight.mul_(2)
     r = verify(_net(), cand, _x())  # a graph of another class: its node names prove nothing here
     assert not r.passed and r.divergence is None
+    traced = torch.fx.symbolic_trace(Other().eval())  # no record: fx names its class after the model's
+    assert verify(_net(), traced, _x()).divergence is None
+    traced = torch.fx.symbolic_trace(_net())
+    with torch.no_grad():
+        traced.fc2.bias.add_(1.0)
+    assert verify(_net(), traced, _x()).divergence.node == "fc2"
 
 
 def test_localization_follows_provenance_of_replaced_nodes():
