@@ -27,7 +27,8 @@ import torch
 import torch.fx
 
 from ..errors import node_label, node_location, user_source_line
-from ..ir import SPECS, OpView, aliases_of, bind_arguments, mutated_input, op_view, spec_for, tensor_meta, written_base
+from ..ir import (SPECS, OpView, aliases_of, bind_arguments, mutated_input, op_view, spec_for, symbolic_sizes,
+                  tensor_meta, written_base)
 
 ANNOTATIONS = "fxopt.annotations"
 
@@ -249,6 +250,9 @@ class Match:
     ops: list[torch.fx.Node] = field(default_factory=list)
     #: alias -> (op name, parameter name), from Op(params=...).
     params: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: (value, dim, size) a Var's `shape` fixed where the graph may run at other sizes (a
+    #: symbolic graph's image or sequence dims): the rewrite asserts them (`apply_patterns`).
+    size_guards: list[tuple[torch.fx.Node, int, int]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> Any:
         if name in self.values:
@@ -257,7 +261,7 @@ class Match:
 
     def copy(self) -> "Match":
         return Match(self.gm, self.root, dict(self.nodes), dict(self.views), dict(self.values), list(self.ops),
-                     dict(self.params))
+                     dict(self.params), list(self.size_guards))
 
 
 class NoMatch(Exception):
@@ -398,7 +402,9 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
         ok = _run_check(want, got, f"the attrs predicate for '{key}' of {pat!r}", node) if callable(want) \
             else _same(got, want, key)
         if not ok:
-            wanted = f"a value passing {getattr(want, '__name__', 'a check')}" if callable(want) else repr(want)
+            # (a predicate may say what it wants in words: its `description`)
+            wanted = (getattr(want, "description", None) or f"a value passing {getattr(want, '__name__', 'a check')}"
+                      if callable(want) else repr(want))
             word = "attribute" if node.op == "call_module" else "argument"
             found = f"has no {word} '{key}'" if got is _MISSING else f": {word} '{key}' is {got!r}"
             raise _no_match(node, f"{' ' if got is _MISSING else ''}{found} but the pattern wants {wanted}")
@@ -484,6 +490,8 @@ def _match_var(value: Any, pat: Var, m: Match) -> Match:
             raise NoMatch(f"Var('{pat.name}'): dim 0 of {_where(value)} is the example's batch size {batch}, and "
                           f"the graph was captured to run at any batch: a shape constraint fixing it would apply "
                           f"the rewrite at every batch size (write None for dim 0)")
+        if pat.shape is not None:
+            _hold_fixed_sizes(value, pat, m)
     if pat.check is not None:
         verdict = _run_check(pat.check, value, f"the check of Var('{pat.name}')", value)
         if isinstance(verdict, str) or not verdict:  # a string is a reason, as for Op and Pattern checks
@@ -491,6 +499,25 @@ def _match_var(value: Any, pat: Var, m: Match) -> Match:
                           + (f": {verdict}" if isinstance(verdict, str) and verdict else ""))
     _bind_node(pat.name, value, m)
     return m
+
+
+def _hold_fixed_sizes(value: torch.fx.Node, pat: Var, m: Match) -> None:
+    """The sizes `pat.shape` fixes past dim 0 hold at the example; where the graph may run at
+    others the rewrite must not run there. An export graph runs at other sizes only on the dims
+    export kept symbolic (`symbolic_sizes`): no match. A symbolic graph runs at any image size
+    or sequence length (fuse tester: an 8x8 pool rewrite gave 9-14% off on 9x9 and 12x12
+    inputs): the rewrite asserts each fixed size."""
+    info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
+    symbols = symbolic_sizes(value)
+    for dim, size in enumerate(pat.shape):
+        if dim == 0 or size is None:
+            continue  # (dim 0: the batch rule above)
+        if dim in symbols:
+            raise NoMatch(f"Var('{pat.name}'): dim {dim} of {_where(value)} is dynamic in this export graph "
+                          f"({symbols[dim]}): a shape constraint fixing it would apply the rewrite at every "
+                          "size (write None there)")
+        if info.get("frontend") != "export":
+            m.size_guards.append((value, dim, size))
 
 
 def _bind_node(name: str, node: torch.fx.Node, m: Match) -> None:

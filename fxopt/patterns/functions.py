@@ -91,6 +91,11 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
                 scalar = Const(f"_literal{counter[0]}", check=_equals(value), literal=value)
                 counter[0] += 1
             scalar_first = scalar_first or (scalar is not None and not inputs and key == spec.tensor_args[0])
+        elif isinstance(value, torch.fx.Node) and key not in _NEVER_COMPARED:
+            # one computed argument (``x.narrow(0, 0, x.size(0))``, ``x.reshape(x.shape)``): a
+            # size read of the op's input, as a list entry is (an adversary's no-op narrow and
+            # reshape matched other sizes, unconstrained)
+            size_entries.append((key, None, value))
         elif key in _NEVER_COMPARED or isinstance(value, torch.fx.Node) or key not in view.attrs:
             continue  # (the view reads a key it drops as another: var's `unbiased` as `correction`)
         elif _holds_node(value):  # ``x.view(x.size(0), -1)``: the sizes read in the graph may be anything
@@ -180,14 +185,15 @@ def _size_sources(node: torch.fx.Node, entries: list[tuple[str, int, torch.fx.No
     the op's inputs, so neither the graph's read nor the replacement could be tied to it."""
     sources = []
     for key, position, entry in entries:
-        read = _size_source(entry)
+        read = _size_source(entry) if position is not None else _size_source(entry) or _whole_size(entry)
+        where = key if position is None else f"{key}[{position}]"
         if read is None:
-            raise ValueError(f"pattern function {fname}: {key}[{position}] of '{node.name}' is computed by "
+            raise ValueError(f"pattern function {fname}: {where} of '{node.name}' is computed by "
                              f"'{entry.format_node()}'; a pattern may compute a size only as a size read of the "
                              "op's input (x.size(0), x.shape[0])")
         tensor, axis = read
         if tensor not in input_nodes:
-            raise ValueError(f"pattern function {fname}: {key}[{position}] of '{node.name}' reads the size "
+            raise ValueError(f"pattern function {fname}: {where} of '{node.name}' reads the size "
                              f"of '{tensor.name}', which is not an input of that op; a pattern may read the sizes "
                              f"of the op's own inputs only (x.view(x.size(0), -1)), which the match binds")
         sources.append((key, position, input_nodes.index(tensor), axis))
@@ -205,20 +211,25 @@ def _sizes_of_own_inputs(sources: list[tuple[str, int, int, int]]) -> Callable[[
         bound = bind_arguments(node, spec_for(node.graph.owning_module, node)) if node.op != "call_module" else {}
         for key, position, index, axis in sources:
             written = view.attrs.get(key, bound.get(key))
-            entry = written[position] if isinstance(written, (list, tuple)) and position < len(written) else None
+            entry = written if position is None else \
+                written[position] if isinstance(written, (list, tuple)) and position < len(written) else None
             tensor = view.inputs[index] if index < len(view.inputs) else None
             if not isinstance(entry, torch.fx.Node) or not isinstance(tensor, torch.fx.Node) \
                     or not _reads_size_of(entry, tensor, axis):
                 what = f"'{entry.name}'" if isinstance(entry, torch.fx.Node) else repr(entry)
-                return (f"its {key}[{position}] is {what}, not a size of its input "
-                        f"'{getattr(tensor, 'name', tensor)}' at axis {axis} as the pattern reads")
+                which = "the whole size" if axis is None else f"a size of its input '{getattr(tensor, 'name', tensor)}' at axis {axis}"
+                return (f"its {key if position is None else f'{key}[{position}]'} is {what}, not {which}"
+                        + (f" of '{getattr(tensor, 'name', tensor)}'" if axis is None else "") + " as the pattern reads")
         return True
 
     return check
 
 
-def _reads_size_of(entry: torch.fx.Node, tensor: torch.fx.Node, axis: int) -> bool:
-    """`entry` is `tensor`'s size at `axis`: read of it, or export's symbol for that size."""
+def _reads_size_of(entry: torch.fx.Node, tensor: torch.fx.Node, axis: int | None) -> bool:
+    """`entry` is `tensor`'s size at `axis` (None: its whole size): read of it, or export's
+    symbol for that size."""
+    if axis is None:
+        return _whole_size(entry) == (tensor, None)
     read = _size_source(entry)
     ndim = len(meta[0]) if (meta := tensor_meta(tensor)) is not None else None
     if read is not None and read[0] is tensor and _axis(read[1], ndim) == _axis(axis, ndim):
@@ -226,6 +237,12 @@ def _reads_size_of(entry: torch.fx.Node, tensor: torch.fx.Node, axis: int) -> bo
     symbol = entry.meta.get("val")  # export's size reads keep their SymInt
     return isinstance(symbol, torch.SymInt) and ndim is not None \
         and symbolic_sizes(tensor).get(_axis(axis, ndim)) == str(symbol.node.expr)
+
+
+def _whole_size(node: torch.fx.Node) -> tuple[torch.fx.Node, None] | None:
+    """(tensor, None) where `node` is a tensor's whole size (``x.size()``, ``x.shape``)."""
+    read = size_read(node)
+    return read if read is not None and read[1] is None else None
 
 
 def _axis(axis: Any, ndim: int | None) -> Any:
@@ -304,6 +321,8 @@ def _literals_equal(written: tuple | list) -> Callable[[Any], bool]:
             and all(entry_matches(g, w) for g, w in zip(got, written))
 
     check.__name__ = f"literals_of_{tuple(_entry_name(w) for w in written)}"
+    entries = ", ".join(str(_entry_name(w)) for w in written)
+    check.description = f"[{entries}] (each size(d) a read of the op's input's size at axis d)"
     return check
 
 

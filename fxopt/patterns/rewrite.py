@@ -17,6 +17,7 @@ name>` it also says, for each pattern, why it did not match there.
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -218,7 +219,7 @@ def apply_patterns(
         _explain_all(gm, table, _debug_node(gm, debug), report)
     # (pattern, node) that matched and left the node in place (an annotation, a decline): a
     # later round, run because another pattern rewrote something, finds them again
-    unchanged: set[tuple[str, torch.fx.Node]] = set()
+    unchanged: dict[tuple[str, torch.fx.Node], bool] = {}  # -> whether it was kept (not declined)
     for round_ in range(max_rounds):
         if debug is not None and round_:
             node = next((n for n in gm.graph.nodes if n.name == debug), None)
@@ -234,19 +235,20 @@ def apply_patterns(
                     m = _match_or_raise(gm, node, pattern)
                 except NoMatch:
                     continue
+                key = (pattern.name, node)
+                if key in unchanged:  # (applied again, an annotation would add its size guards again)
+                    if unchanged[key]:
+                        break
+                    continue
                 result = _apply_one(gm, pattern, m)
-                seen = (pattern.name, node) in unchanged
                 if result is None:
-                    if not seen:
-                        report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
-                        unchanged.add((pattern.name, node))
+                    report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
+                    unchanged[key] = False
                     continue
                 if result is not node:
                     changed = True
-                elif seen:
-                    break
                 else:
-                    unchanged.add((pattern.name, node))
+                    unchanged[key] = True
                 report.record(pattern.name, node.name)
                 break
         if not changed:
@@ -304,6 +306,7 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
         return None
     if pattern.annotation:
         annotate(new, **pattern.annotation)
+    _assert_sizes(gm, pattern, m, new)
     if new is m.root:
         return new
     replace_uses(m.root, new)
@@ -311,6 +314,19 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
         if not op.users and op.graph is gm.graph:
             gm.graph.erase_node(op)
     return new
+
+
+def _assert_sizes(gm: torch.fx.GraphModule, pattern: Pattern, m: Match, new: torch.fx.Node) -> None:
+    """Before the rewritten value, assert the sizes the pattern's `shape` constraints fixed
+    where the graph may run at others (`Match.size_guards`): at those the rewrite computes
+    other numbers, and the graph says so instead."""
+    for value, dim, size in m.size_guards:
+        with gm.graph.inserting_before(new):
+            got = gm.graph.call_method("size", (value, dim))
+            same = gm.graph.call_function(operator.eq, (got, size))
+            gm.graph.call_function(torch._assert, (same, (
+                f"pattern '{pattern.name}' rewrote '{m.root.name}' for size {size} at dim {dim} of "
+                f"'{value.name}' (its shape constraint); the graph runs only at that size now")))
 
 
 def _checked_replacement(rw: Rewriter, pattern: Pattern) -> torch.fx.Node | None:

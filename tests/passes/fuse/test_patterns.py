@@ -827,11 +827,50 @@ def test_a_function_pattern_of_an_op_on_a_list_of_tensors_binds_each(mode):
     assert repr(pattern_from_function(lambda a, b: torch.cat((a, b), 1))) == "cat(a, b)"
 
 
+class _Narrow(nn.Module):
+    def __init__(self, cut):
+        super().__init__()
+        self.cut = cut
+
+    def forward(self, x):
+        return self.cut(x * 3) + 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pattern, cut, matches", [
+    (lambda x: x.narrow(0, 0, x.size(0)), lambda h: h.narrow(0, 0, 2), 0),
+    (lambda x: x.narrow(0, 0, x.size(0)), lambda h: h.narrow(0, 0, h.size(0)), 1),
+    (lambda x: x.reshape(x.shape), lambda h: h.reshape(2, -1), 0),
+    (lambda x: x.reshape(x.shape), lambda h: h.reshape(h.shape), {"symbolic": 1, "export": 0})])
+def test_a_size_read_passed_as_one_argument_is_a_size_of_the_ops_input(mode, pattern, cut, matches):
+    """Adversary: a size read passed whole (``x.narrow(0, 0, x.size(0))``, ``x.reshape(x.shape)``)
+    was not compared at all: a no-op replacement matched ``h.narrow(0, 0, 2)`` and returned all
+    4 rows at batch 4 where eager returns 2. (Export spells ``h.reshape(h.shape)`` as a list of
+    sizes: not the whole-size read the pattern wrote, so no match there.)"""
+    model = _Narrow(cut).eval()
+    gm = fxopt.capture(model, (torch.randn(2, 3),), mode=mode)
+    report = apply_patterns(gm, Pattern("noop", pattern_from_function(pattern), replacement=lambda x: x * 1.0))
+    assert report.total == (matches[mode] if isinstance(matches, dict) else matches), report
+    gm.recompile()
+    x = torch.randn(4, 3) if gm.meta["fxopt"]["dynamic_batch"] else torch.randn(2, 3)
+    torch.testing.assert_close(gm(x), model(x))
+
+
 def test_a_pattern_reading_another_values_size_is_refused_when_built():
     """The match binds the op's inputs only: a size of another parameter could tie neither the
     graph's read nor the replacement's argument (which then failed as 'not bound')."""
     with pytest.raises(ValueError, match=r"reads the size of 'y', which is not an input of that op"):
         pattern_from_function(lambda x, y: x.view(y.size(0), -1))
+    with pytest.raises(ValueError, match=r"shape of 'view' reads the size of 'y'"):
+        pattern_from_function(lambda x, y: x.view(y.size()))
+
+
+def test_explain_says_in_words_what_a_size_list_wants():
+    """Fuse tester: the reason named an internal predicate, 'literals_of_('size(0)', -1)'."""
+    gm = fxopt.capture(_View(lambda h: h.view(2, -1)).eval(), (torch.randn(2, 6),))
+    view = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view")
+    reason = explain(gm, view, pattern_from_function(lambda x: x.view(x.size(0), -1)))
+    assert "(2, -1) but the pattern wants [size(0), -1] (each size(d) a read of the op's input" in reason, reason
 
 
 def test_explain_names_the_size_read_of_another_value():
@@ -900,3 +939,43 @@ def test_a_match_that_leaves_its_node_in_place_counts_once_over_rounds():
     report = apply_patterns(gm, PatternSet([swish, declines, tag]))
     assert report.counts == {"swish": 1, "grouped": 1} and report.locations["grouped"] == ["cg"], report
     assert report.declined == {"declines": 1}, report
+
+
+class _GlobalPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.c(x)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shape_constraint_past_the_batch_holds_wherever_the_graph_runs(mode):
+    """Fuse tester: a pattern constrained to 8x8 maps matched a symbolic graph, which runs at
+    any image size, and gave 9-14% off at 9x9 and 12x12, silently. Now the rewritten symbolic
+    graph asserts the sizes; an export graph holds them itself."""
+    model = _GlobalPool().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxopt.capture(model, (x,), mode=mode)
+    pattern = Pattern("gap8", Op("adaptive_avg_pool", Var("x", shape=(None, 16, 8, 8))),
+                      replacement=lambda x: F.avg_pool2d(x, 8))
+    assert apply_patterns(gm, pattern).counts == {"gap8": 1}
+    gm.recompile()
+    torch.testing.assert_close(gm(x), model(x))
+    error = AssertionError if mode == "symbolic" else fxopt.InputMismatchError
+    with pytest.raises(error, match="for size 8 at dim 2 of 'relu'" if mode == "symbolic" else "size 9 at dim 2"):
+        gm(torch.randn(2, 3, 9, 9))
+
+
+def test_a_shape_constraint_on_a_dim_export_kept_dynamic_does_not_match():
+    class Seq(nn.Module):
+        def forward(self, x):
+            return torch.relu(x * 2)
+
+    x = torch.randn(2, 6, 4)
+    gm = fxopt.capture(Seq(), (x,), mode="export",
+                       dynamic_shapes={"x": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}})
+    relu = next(n for n in gm.graph.nodes if n.op == "call_function" and "relu" in str(n.target))
+    reason = explain(gm, relu, Op("relu", Var("x", shape=(None, 6, 4))))
+    assert "dim 1 of" in reason and "is dynamic in this export graph" in reason, reason
