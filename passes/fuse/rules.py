@@ -506,6 +506,13 @@ def _stored_scalar(node: torch.fx.Node) -> bool | str:
     return _stored_value(node)
 
 
+def _trains(node: torch.fx.Node) -> bool:
+    """Whether a stored value is computed from a parameter that requires grad."""
+    gm = node.graph.owning_module
+    return any(n.op == "get_attr" and getattr(get_attr_value(gm, n.target), "requires_grad", False)
+               for n in _stored_cone(node) or ())
+
+
 def _stored_cone_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
     if node.op == "get_attr":
         return get_attr_value(gm, node.target)
@@ -712,6 +719,10 @@ def _hides_the_score(value: object) -> bool:
     return isinstance(value, (int, float)) and (value == -math.inf or value <= _SWALLOWING_FILL)
 
 
+_hides_the_score.description = (f"-inf or a fill at most {_SWALLOWING_FILL:g} (torch.finfo(float32).min; a fill "
+                                "nearer zero, such as -1e4, replaces the scores in a way no attention mask says)")
+
+
 def _scores(mask: str | None, scale: str = "const") -> Op:
     """QKᵀ scaled, then an additive float mask (`mask="add"`), a boolean mask filled with −inf
     (`mask="fill"`: `s.masked_fill(m, -inf)`, nanoGPT's causal mask, or a fill that swallows
@@ -782,8 +793,14 @@ def _attention_check(m: Match) -> bool | str:
 
 def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     divides = "scale_op" in r.match.views and r.view("scale_op").kind == "div"
+    q = r["q"]
     if "scale_op" not in r.match.views:
         scale = 1.0
+    elif "t" in r.match.nodes and _trains(r["t"]):
+        # a learned temperature: SDPA's scale= is a float, read once it would stop training
+        # (fuse tester); applied to q it trains as before: (q / t) @ k.T == (q @ k.T) / t
+        t = r.call(torch.reshape, r["t"], ())
+        q, scale = r.call(operator.truediv if divides else operator.mul, q, t), 1.0
     elif "c" in r.match.values or "t" in r.match.nodes:
         c = float(r["c"]) if "c" in r.match.values else float(_stored_cone_value(r.gm, r["t"]))
         scale = (1.0 / c if c != 0 else math.inf) if divides else c
@@ -800,7 +817,7 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     elif fill is not None:  # the fill as an additive mask: each filled score becomes the fill
         q_meta = tensor_meta(r.match.nodes["q"])
         mask = r.call(torch.masked_fill, r.call(torch.zeros_like, mask, dtype=q_meta[1]), mask, fill)
-    sdpa = r.call(F.scaled_dot_product_attention, r["q"], _sdpa_key(r), r["v"], attn_mask=mask, scale=scale)
+    sdpa = r.call(F.scaled_dot_product_attention, q, _sdpa_key(r), r["v"], attn_mask=mask, scale=scale)
     if "cast" in r.match.nodes:
         for check in _checks_only(r.match):
             r.graph.erase_node(check)

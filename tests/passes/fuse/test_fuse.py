@@ -1110,6 +1110,22 @@ def test_a_scale_of_stored_values_is_evaluated_into_sdpa(how):
     torch.testing.assert_close(res.module(*other), model(*other), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_learned_temperature_keeps_training_after_sdpa(mode):
+    """Fuse tester: a learned temperature was evaluated into SDPA's float scale= and left the
+    module's parameters, so fine-tuning after `fuse` no longer trained it (eager's grad -5.4).
+    Applied to q, it stays a parameter and gets eager's gradient."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 16) for _ in range(3))
+    model = _TensorScaled("temperature").eval()
+    gm = fxopt.optimize(model, (q, k, v), pipeline="fuse", mode=mode).module
+    assert any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
+    assert "temperature" in dict(gm.named_parameters())
+    gm(q, k, v).square().sum().backward()
+    model(q, k, v).square().sum().backward()
+    torch.testing.assert_close(dict(gm.named_parameters())["temperature"].grad, model.temperature.grad)
+
+
 class _ComputedBias(nn.Module):
     """A conv and a linear whose bias the forward computes (``b.to(x.device)``, ``b * 1.0``)."""
 
