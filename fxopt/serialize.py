@@ -243,9 +243,12 @@ def save(gm: torch.fx.GraphModule, path) -> None:
         elif node.op == "call_method" and not _is_tensor_method(node.target):  # load would refuse the file
             raise SerializationError(f"save: {node_location(node)} calls method {node.target!r}, which is no "
                                      "tensor method fxopt.load may call")
-        nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node),
-                      "args": _encode(node.args, tensors), "kwargs": _encode(node.kwargs, tensors),
-                      "computes": node.meta.get("fxopt.computes")})
+        try:
+            args, kwargs = _encode(node.args, tensors), _encode(node.kwargs, tensors)
+        except SerializationError as exc:  # which node's argument: the bare type named none
+            raise SerializationError(f"save: {node_location(node)}: {str(exc).removeprefix('save: ')}") from None
+        nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node), "args": args,
+                      "kwargs": kwargs, "computes": node.meta.get("fxopt.computes")})
     codegen = gm.graph._codegen
     pytree = None
     if isinstance(codegen, _PyTreeCodeGen):
@@ -603,6 +606,8 @@ def _encode(value, tensors):
         return {"__tensor__": key}
     if isinstance(value, _SIMPLE):
         return value
+    if isinstance(value, complex):  # a complex scalar (`x * 1j`, export's mul.Scalar)
+        return {"__complex__": [value.real, value.imag]}
     raise SerializationError(f"save: cannot store argument of type {type(value).__name__}")
 
 
@@ -717,6 +722,8 @@ class _Crc:
         self.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
         # the values as they read (strides and offset included), as raw bytes
         flat = t.cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        if flat.numel() and flat.stride(0) != 1:  # one element of a wider view (the real part of a complex
+            flat = flat.clone(memory_format=torch.contiguous_format)  # constant) is "contiguous", yet views no bytes
         self.update(flat.view(torch.uint8).numpy())
 
 
@@ -1017,6 +1024,9 @@ def _decode(value, env, tensors):
             return slice(*(_decode(v, env, tensors) for v in value["__slice__"]))
         if "__ellipsis__" in value:
             return Ellipsis
+        if "__complex__" in value:
+            real, imag = value["__complex__"]
+            return complex(float(real), float(imag))
         if "__tensor__" in value:
             return tensor_from_plain(tensors[value["__tensor__"]])
     return value

@@ -524,3 +524,33 @@ def test_saving_an_int8_module_leaves_it_fresh_packs(tmp_path):
     again = _packs(gm)
     assert all(again[k] is not after[k] for k in after) and torch.equal(gm(x), expected)
     assert torch.equal(torch.load(tmp_path / "q.torch.pt", weights_only=False)(x), expected)
+
+
+class _ComplexConstants(nn.Module):
+    def forward(self, x):
+        half = torch.full((1,), 3.5j).real  # traced as a constant: a strided view of a complex tensor
+        c = torch.view_as_complex(torch.stack([x, x.flip(-1)], -1)) * 2j  # a complex scalar argument
+        return x * half, torch.view_as_real(c)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_complex_scalars_and_a_strided_constant_are_saved(tmp_path, mode):
+    """save failed on both: "self.stride(-1) must be 1 to view Float as Byte" from the checksum of
+    the constant, and "cannot store argument of type complex", which named no node."""
+    model, x = _ComplexConstants().eval(), torch.randn(3, 4)
+    gm = fxopt.capture(model, x, mode=mode)
+    path = tmp_path / "complex.pt"
+    fxopt.save(gm, path)
+    loaded, x2 = fxopt.load(path), torch.randn(5, 4)
+    for got, want in zip(loaded(x2), model(x2)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_argument_save_cannot_store_is_named_with_its_node(tmp_path):
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.add, (x, range(3))))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    with pytest.raises(fxopt.SerializationError, match=r"save: node 'add' \(call_function .*add\).*: cannot store argument "
+                                                 r"of type range"):
+        fxopt.save(gm, tmp_path / "bad.pt")
