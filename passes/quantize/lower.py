@@ -645,9 +645,11 @@ class _Lowering:
                 # one clamp on the int8 output (hardtanh(-0.5, 0.5) on a wide conv output gets
                 # all 256 levels inside [-0.5, 0.5], not the few the conv's own grid had there).
                 lo, hi = bounds
-                scale, zero_point, qmin, qmax = grid
-                lo = lo if lo is not None and not relu and (qmin - zero_point) * scale < lo else None
-                hi = hi if hi is not None and (qmax - zero_point) * scale > hi else None
+                scale, zero_point = grid[:2]
+                # the bytes the kernel saturates at are quint8's, 0 and 255, whatever a 7-bit
+                # grid's qmax says: relu6 on a 7-bit grid let values to 12 through (adversary)
+                lo = lo if lo is not None and not relu and (0 - zero_point) * scale < lo else None
+                hi = hi if hi is not None and (255 - zero_point) * scale > hi else None
                 if relu and hi is not None:
                     y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, hi))
                 elif lo is not None or hi is not None:

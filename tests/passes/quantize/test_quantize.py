@@ -388,6 +388,25 @@ def test_reduce_range_narrows_only_what_a_conv_or_linear_kernel_reads():
     assert (ref_out - x86_out).abs().max().item() < 0.05 * x86_out.abs().max().item()
 
 
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-1.0, 1.0)], ids=["relu6", "hardtanh"])
+def test_a_bounded_activation_on_a_7_bit_grid_is_clamped_on_x86(act):
+    """Adversary: with reduce_range the clamp was dropped where the 7-bit grid's top (byte 127)
+    lay under the bound, but x86's kernels saturate at byte 255: relu6 let values to 12
+    through (17 dB where the reference had 34.5, on the calibration batch itself)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), act, nn.Conv2d(16, 8, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(6)  # pre-activations often past the bound, as in MobileNets
+    cal = [(torch.randn(8, 3, 16, 16),) for _ in range(4)]
+    out = {}
+    for backend in ("x86", "reference"):
+        res = fxopt.optimize(model, cal[0], f"quantize{{backend={backend},reduce_range=true}}", calibration=cal,
+                             verify=False)
+        with torch.no_grad():
+            out[backend] = res.module(*cal[0])
+    assert (out["x86"] - out["reference"]).abs().max().item() < 0.05 * out["reference"].abs().max().item()
+
+
 def test_histogram_qparams_are_cached_and_skip_the_search_on_a_degenerate_range(monkeypatch):
     """Random-init MobileViT has activations 1e-18 wide: torch.ao's histogram search took 1.5-2.3 s
     per such value (10 minutes of quantize); the scale is clamped to eps whatever it finds."""
