@@ -82,7 +82,8 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
                 inputs.append(_convert(gm, value, consts, counter, fname))
                 input_nodes.append(value)
             elif isinstance(value, (list, tuple)) and value:  # ``torch.cat([a, b], 1)``: each one an input
-                if not all(isinstance(v, torch.fx.Node) and v.target not in consts for v in value):
+                if not all(isinstance(v, torch.fx.Node) and not (v.op == "placeholder" and v.target in consts)
+                           for v in value):
                     raise ValueError(f"pattern function {fname}: '{node.name}' takes a list of tensors, and only "
                                      f"tensor parameters or ops may be in it, got {value!r}")
                 inputs += [_convert(gm, v, consts, counter, fname) for v in value]

@@ -219,7 +219,8 @@ def apply_patterns(
         _explain_all(gm, table, _debug_node(gm, debug), report)
     # (pattern, node) that matched and left the node in place (an annotation, a decline): a
     # later round, run because another pattern rewrote something, finds them again
-    unchanged: dict[tuple[str, torch.fx.Node], bool] = {}  # -> whether it was kept (not declined)
+    kept: set[tuple[str, torch.fx.Node]] = set()
+    declined: set[tuple[str, torch.fx.Node]] = set()  # counted once; tried again (the graph moves on)
     for round_ in range(max_rounds):
         if debug is not None and round_:
             node = next((n for n in gm.graph.nodes if n.name == debug), None)
@@ -236,19 +237,18 @@ def apply_patterns(
                 except NoMatch:
                     continue
                 key = (pattern.name, node)
-                if key in unchanged:  # (applied again, an annotation would add its size guards again)
-                    if unchanged[key]:
-                        break
-                    continue
+                if key in kept:  # (applied again, an annotation would add its size guards again)
+                    break
                 result = _apply_one(gm, pattern, m)
                 if result is None:
-                    report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
-                    unchanged[key] = False
+                    if key not in declined:
+                        report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
+                        declined.add(key)
                     continue
                 if result is not node:
                     changed = True
                 else:
-                    unchanged[key] = True
+                    kept.add(key)
                 report.record(pattern.name, node.name)
                 break
         if not changed:

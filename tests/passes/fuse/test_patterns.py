@@ -979,3 +979,21 @@ def test_a_shape_constraint_on_a_dim_export_kept_dynamic_does_not_match():
     relu = next(n for n in gm.graph.nodes if n.op == "call_function" and "relu" in str(n.target))
     reason = explain(gm, relu, Op("relu", Var("x", shape=(None, 6, 4))))
     assert "dim 1 of" in reason and "is dynamic in this export graph" in reason, reason
+
+
+def test_a_match_that_declined_then_annotates_in_a_later_round_counts():
+    """Adversary: a decline in one round kept the same pattern from annotating the node in a
+    later round (and from being counted)."""
+    def tag(r):
+        return None if fxopt.ir.op_view(r.gm, r.match.nodes["x"]).kind == "mul" else r.match.root
+
+    drop = Pattern("drop-mul1", pattern_from_function(lambda x: x * 1.0), replacement=lambda x: x.clone())
+    tagged = Pattern("tag-relu", Op("relu", Var("x")), rewrite=tag, annotation={"tagged": True})
+    gm = fxopt.capture(_Apply(lambda h: torch.relu(h * 1.0)), (torch.randn(2, 3),))
+    report = apply_patterns(gm, PatternSet([tagged, drop]))
+    assert report.counts == {"tag-relu": 1, "drop-mul1": 1} and report.declined == {"tag-relu": 1}, report
+
+
+def test_a_list_entry_named_like_a_scalar_parameter_is_a_tensor():
+    """Adversary: ``b.t()`` in a function with a parameter ``t=2.0`` was taken for the scalar."""
+    assert repr(pattern_from_function(lambda a, b, t=2.0: torch.cat([a, b.t()], 1) * t)) == "mul(cat(a, transpose(b)))"
