@@ -39,6 +39,7 @@ class DeadCodeElimination(Pass):
 
     name = "dce"
     preserves = frozenset({"shapes"})
+    reads_shapes = False  # (no example inputs needed: PassManager does not warn without them)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         removed = 0
@@ -57,6 +58,7 @@ class RemoveNoOps(Pass):
 
     name = "remove-noops"
     preserves = frozenset({"shapes"})
+    reads_shapes = False  # (no example inputs needed: PassManager does not warn without them)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         counts: dict[str, int] = {}
@@ -109,6 +111,7 @@ class FoldConstants(Pass):
 
     name = "fold-constants"
     preserves = frozenset({"shapes"})
+    reads_shapes = False  # (no example inputs needed: PassManager does not warn without them)
     max_growth: float = 4.0
 
     def __post_init__(self) -> None:

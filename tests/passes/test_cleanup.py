@@ -352,3 +352,14 @@ def test_a_buffer_written_through_an_eval_dropout_is_no_constant(mode):
     model = _WriteThroughEvalDropout().eval()
     for _ in range(3):
         torch.testing.assert_close(res.module(x), model(x))
+
+
+def test_cleanup_passes_need_no_example_inputs():
+    """They read no shapes: PassManager warns about a graph without them for passes that do."""
+    import warnings
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Identity(), torch.nn.ReLU()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.PassWarning)
+        result = fxopt.PassManager("dce,remove-noops,fold-constants").run(gm)
+    assert "Identity" not in str(result.module.code) and len(list(result.module.graph.nodes)) == 4

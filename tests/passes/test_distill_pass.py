@@ -99,6 +99,8 @@ def test_the_distill_pass_takes_a_batch_with_a_long_input_as_the_models_inputs()
 def test_fxopt_distill_takes_labels_only_when_told():
     model, data = _features_and_ids()
     student = fxopt.capture(model, data[0])
+    with torch.no_grad():  # something to learn: a student equal to its teacher comes back as given
+        student.fc.weight.add_(0.5 * torch.randn_like(student.fc.weight))
     before = student.fc.weight.clone()
     tuned = fxopt.distill(student, model, data, epochs=1, progress=False)
     assert not torch.equal(tuned.fc.weight, before)  # it trained on both inputs
