@@ -41,6 +41,8 @@ def attention_mask(attn_mask: Any, key_padding_mask: Any, batch: Any, heads: int
     def additive(mask: torch.Tensor) -> torch.Tensor:
         if mask.dtype == torch.bool:
             return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
+        if not mask.is_floating_point():  # as torch refuses it: 0/1 integers added to the scores mask nothing
+            raise TypeError(f"nn.MultiheadAttention: only bool and floating masks are supported, got {mask.dtype}")
         return mask.to(dtype)
 
     merged = None

@@ -498,6 +498,11 @@ class _Applier:
             return
         if rule.kind in ("layer_norm", "rms_norm", "group_norm"):  # exact_norms=False: the affine follows
             _resize_norm(node, m, rule.kind, len(out_keep))
+            if group_size := rule.info.get("group_size"):  # whole groups removed: fewer of them
+                if m is not None:
+                    m.num_groups = len(out_keep) // group_size
+                else:
+                    _set_arg(node, "num_groups", len(out_keep) // group_size)
             if rule.info.get("rms_rescale"):
                 self._rescale_rms_norm(node, view, self.cg.slots[rule.outputs[0]].size, len(out_keep))
             return

@@ -28,6 +28,10 @@ def _computed_weight(gm: torch.fx.GraphModule, weight) -> str:
 
 #: A norm's per-channel operands, which apply slices with its channels.
 _NORM_OPERANDS = ("weight", "bias", "running_mean", "running_var")
+#: Group norms of at least this many groups lose whole groups under exact_norms (a group is at
+#: most a quarter of the channels); fewer, coarser groups (GroupNorm(1, C), a layer norm over
+#: C, H, W) are read at full width and gathered after, channel by channel.
+_WHOLE_GROUPS_FROM = 4
 
 
 def _stored_operands(view) -> None:
@@ -350,11 +354,22 @@ class LayerRules:
         src, sid = self.single_input(node, view)
         if sid is not None and self.slots[sid].axis != 1:
             raise _Pin("group_norm input channel axis is not 1")
+        groups = view.attrs.get("num_groups")
+        if self.exact_norms and sid is not None and isinstance(groups, int) and groups >= _WHOLE_GROUPS_FROM:
+            # Whole groups: each group's statistics are its own, so a group whose every channel
+            # is removed (zero in, zero affine: zero out) leaves the others exact. A group norm
+            # of C/g channels in g groups becomes one of fewer groups, with no re-expansion in
+            # front nor gather after it (which made a pruned GroupNorm CNN as slow as the
+            # original at batch 1, prune tester).
+            out = self.passthrough(node, view, src, 1, category="norm", info={"group_size": shape[1] // groups})
+            pos = np.arange(shape[1])
+            base = self.slots[out].base
+            self.uf.union_many(base + pos, base + pos - pos % (shape[1] // groups))
+            return
         if self.exact_norms:
             return self.gathered_norm(node, view, src, sid, 1)
         if sid is None:
             return self.free_output(node, view)
-        groups = view.attrs.get("num_groups")
         if not isinstance(groups, int):  # ``h.shape[1] // 4``: how it would change is not tracked
             raise _Pin("group_norm with a group count computed in the graph (exact_norms=true prunes around it)")
         out = self.passthrough(node, view, src, 1, category="norm")

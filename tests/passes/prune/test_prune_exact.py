@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
+from fxopt.ir import op_view
 from fxopt.measure import count_macs, count_parameters
 from fxopt.passes.prune.prune_pass import Prune, analyze
 from prune_masking import prune_and_mask
@@ -2653,3 +2654,82 @@ def test_a_masked_torch_attention_prunes_its_stream(mode):
     left vs 1317 exported)."""
     r = _exact_at_the_defaults_without_pins(_MaskedTorchAttention, torch.randn(2, 6, 8), mode)
     assert r.plan.stats()["removed_channels"] == 80
+
+
+class _GroupNormNet(nn.Module):
+    """conv -> GroupNorm -> SiLU blocks (a diffusion U-Net's), a functional group norm too."""
+
+    def __init__(self, groups=8):
+        super().__init__()
+        self.groups = groups
+        self.c0, self.n0 = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(groups, 32)
+        self.c1, self.n1 = nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(groups, 64)
+        self.c2 = nn.Conv2d(64, 64, 3, padding=1)
+        self.w2, self.b2 = nn.Parameter(torch.rand(64) + 0.5), nn.Parameter(torch.randn(64))
+        self.fc = nn.Linear(64, 5)
+        for norm in (self.n0, self.n1):
+            nn.init.uniform_(norm.weight, 0.5, 2.0)
+            nn.init.normal_(norm.bias)
+
+    def forward(self, x):
+        h = F.silu(self.n0(self.c0(x)))
+        h = F.silu(self.n1(self.c1(h)))
+        h = F.silu(F.group_norm(self.c2(h), self.groups, self.w2, self.b2) + h)
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_group_norms_lose_whole_groups_exactly(mode):
+    """Prune tester: exact norms read every GroupNorm at full width (a pad in front, a gather
+    after), which made a pruned GroupNorm CNN as slow as the original at batch 1. A group's
+    statistics are its own: removing whole groups is exact with no adapter at all."""
+    torch.manual_seed(0)
+    r = _exact_at_the_defaults_without_pins(_GroupNormNet, torch.randn(2, 3, 8, 8), mode)
+    assert r.plan.stats()["removed_channels"] > 0 and not r.plan.stats()["reexpanded_slots"]
+    targets = [str(n.target) for n in r.pruned.graph.nodes]
+    assert not any("pad" in t or "index_select" in t for t in targets), targets
+    groups = [(view.attrs["num_groups"], n.meta["tensor_meta"].shape[1]) for n in r.pruned.graph.nodes
+              if (view := op_view(r.pruned, n)) is not None and view.kind == "group_norm"]
+    assert len(groups) == 3 and [c // g for g, c in groups] == [4, 8, 8], groups  # channels per group kept
+    assert sum(g for g, _ in groups) < 24, groups
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(r.pruned(x), r.plan.gm(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_group_norm_of_few_groups_is_still_read_at_full_width():
+    """GroupNorm(2, C): whole groups would be half the channels at a time; it is gathered."""
+    torch.manual_seed(0)
+    r = prune_and_mask(_GroupNormNet(groups=2).eval(), torch.randn(2, 3, 8, 8), "symbolic")
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert [op_view(r.pruned, n).attrs["num_groups"] for n in r.pruned.graph.nodes
+            if (view := op_view(r.pruned, n)) is not None and view.kind == "group_norm"] == [2, 2, 2]
+
+
+class _ConcatSpellings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return self.c(torch.relu(torch.concat([a, b], dim=1))) + self.c(torch.concatenate([b, a], axis=1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_torch_concat_and_concatenate_are_cats(mode):
+    """Adversary: export's aten.concat/aten.concatenate (torch.concat, torch.concatenate) were
+    no op the op view knew: every pass held them as unknown ops."""
+    torch.manual_seed(0)
+    r = _exact_at_the_defaults_without_pins(_ConcatSpellings, torch.randn(2, 3, 8, 8), mode)
+    assert r.plan.stats()["removed_channels"] == 8
+
+
+def test_an_integer_attention_mask_is_refused_as_torch_refuses_it():
+    """Adversary: a graph captured with a bool mask and called with the same mask as 0/1
+    integers added them to the scores (1.23 off) where eager raises."""
+    model = _MaskedTorchAttention().eval()
+    gm = fxopt.capture(model, (torch.randn(2, 6, 8),), mode="symbolic")
+    gm.mask = model.mask.isinf().long()  # the buffer the graph reads, as integers
+    with pytest.raises(TypeError, match="only bool and floating masks"):
+        gm(torch.randn(2, 6, 8))
