@@ -131,7 +131,8 @@ class LowerInt8(Pass):
 
     def skipped_layers(self, gm: torch.fx.GraphModule) -> set[str]:
         """The anchor node names `skip` names: the module path of a layer (``encoder.fc``, as
-        ``named_modules`` spells it, in both front ends: every call of a module called twice),
+        ``named_modules`` spells it, in both front ends: every call of a module called twice;
+        a container's path, every layer inside it),
         its weight's own path (``w`` of ``F.conv2d(x, self.w)``), or a node name (as a dump
         lists it). A name that is both a path and another call's node name (a module `fc_1`
         beside the second call of `fc`, node `fc_1`, in a symbolic graph) means the path, as
@@ -146,7 +147,9 @@ class LowerInt8(Pass):
             # the module the call was made in first: a tied weight (an LM head sharing the
             # embedding's) names one module for two calls
             called = module_path(g.view.node) if g.view is not None else None
-            paths = {called} if called else set()
+            # a module names the layers inside it too (``attn``: its in- and out-projections,
+            # which a symbolic graph calls as ``attn`` and ``attn.out_proj``; ``encoder``)
+            paths = set(_dotted_prefixes(called)) if called else set()
             if weight is not None:
                 paths.add(weight.qualname)
                 owner = weight.qualname.rsplit(".", 1)[0] if "." in weight.qualname else None
@@ -804,6 +807,12 @@ class _Lowering:
             node.replace_input_with(src, new_input)
             self._publish(node, node, grid)
         self.stats["averaged_in_float"] = self.stats.get("averaged_in_float", 0) + 1
+
+
+def _dotted_prefixes(path: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 #: How much finer (scale ratio) an average's own grid must be than its input's to be worth the

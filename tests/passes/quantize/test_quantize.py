@@ -978,6 +978,32 @@ def test_calibration_of_a_model_that_updates_its_buffers_writes_into_copies():
     assert model.steps.item() == 0.0
 
 
+class _EncoderAndAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.enc(x).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_skip_name_of_a_container_keeps_every_layer_in_it_float(mode):
+    """Adversary: skip=[attn] kept both projections float in export graphs but only the
+    in-projection in symbolic ones (which call `attn.out_proj` as a module); a container
+    (`enc`) was refused."""
+    torch.manual_seed(0)
+    model = _EncoderAndAttention().eval()
+    x = torch.randn(2, 3, 4, 4)
+    for skip, kept in (("attn", 2), ("enc", 2)):
+        res = fxopt.optimize(model, (x,), f"quantize{{skip=[{skip}]}}", mode=mode, calibration=[x])
+        floats = [k for k, why in res.passes[0].stats["float_ops"].items() if "skip" in why]
+        assert len(floats) == kept, (skip, res.passes[0].stats["float_ops"])
+
+
 def test_a_skip_name_that_is_no_layer_is_an_error_with_the_names():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
     x = torch.randn(2, 3, 8, 8)
