@@ -58,12 +58,24 @@ from dataclasses import dataclass
 import torch.fx
 
 from fxopt import Pass, PassContext, PassResult, PassWarning, TrainingModeWarning
+from fxopt.distillation import inference_kernels
 from fxopt.errors import node_label, user_source_line, user_stacklevel
 from fxopt.ir import functionalize_writes, op_view
 from fxopt.patterns import PatternSet, apply_patterns
 
 from . import rules
 from .activations import ACTIVATION_FORMS
+
+
+def _warn_lowered_kernels(gm: torch.fx.GraphModule) -> None:
+    """`lower-cpu` before `fuse` leaves batchnorms and activations next to oneDNN kernels that
+    nothing folds into (the numbers are right, the speed lost, silently; api tester): say so,
+    with the order that works, as `quantize` does."""
+    lowered = [name for name, target in inference_kernels(gm) if "quantize" not in target]
+    if lowered:
+        warnings.warn(f"fuse: the graph holds kernels lower-cpu wrote (e.g. '{lowered[0]}'), which fuse cannot "
+                      "fold batchnorms or activations into: run fuse before lower-cpu", PassWarning,
+                      stacklevel=user_stacklevel())
 
 
 @dataclass
@@ -111,6 +123,7 @@ class Fuse(Pass):
 
         if self.fold_bn:
             _warn_training_batchnorms(gm)
+        _warn_lowered_kernels(gm)
         # ``y.mul_(sigmoid(y))`` then y read again: as the out-of-place op its readers read, the
         # swish it spells matches (the pattern matcher refuses a write others would miss)
         functionalized = functionalize_writes(gm)

@@ -1564,3 +1564,16 @@ def test_a_batchnorm_of_inputs_far_from_zero_is_not_folded_into_the_next_layer(m
             error = (res.module(xm).double() - truth).abs().max() / truth.abs().max()
             eager = (model(xm).double() - truth).abs().max() / truth.abs().max()
         assert error <= 2 * eager + 1e-6, (error, eager)
+
+
+def test_fuse_after_lower_cpu_says_to_run_it_first():
+    """API tester: `lower-cpu,fuse` left every batchnorm and relu unfused, silently."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(fxopt.PassWarning, match="fuse: the graph holds kernels lower-cpu wrote .* run fuse before"):
+        res = fxopt.optimize(model, (x,), "lower-cpu,fuse")
+    assert res.verification.passed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.PassWarning)
+        fxopt.optimize(model, (x,), "fuse,lower-cpu")
