@@ -26,9 +26,9 @@ from typing import Any, Callable, Union
 import torch
 import torch.fx
 
-from ..errors import node_label, node_location, user_source_line
-from ..ir import (SPECS, OpView, aliases_of, bind_arguments, mutated_input, op_view, spec_for, symbolic_sizes,
-                  tensor_meta, written_base)
+from ..errors import is_library_frame, node_label, node_location, user_source_line
+from ..ir import (SPECS, OpView, aliases_of, bind_arguments, module_path, mutated_input, op_view, spec_for,
+                  symbolic_sizes, tensor_meta, written_base)
 
 ANNOTATIONS = "fxopt.annotations"
 
@@ -369,9 +369,14 @@ def _where(node: Any) -> str:
 
 
 def _no_match(node: torch.fx.Node, reason: str) -> NoMatch:
-    """`node 'x' (op target) <reason>`, then the user's source line: the reason reads first."""
+    """`node 'x' (op target) <reason>`, then the user's source line (the reason reads first), or
+    where the graph recorded only torch's own lines (an export graph's nn.Sequential layer:
+    `torch/nn/modules/linear.py`), the module the node computes in."""
     line = user_source_line(node.meta.get("stack_trace"))
-    return NoMatch(f"{node_label(node)}{reason}" + (f" — at {line}" if line else ""))
+    if line and is_library_frame(line):
+        line = None
+    where = f" — at {line}" if line else (f" — in module '{path}'" if (path := module_path(node)) else "")
+    return NoMatch(f"{node_label(node)}{reason}{where}")
 
 
 def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) -> Match:

@@ -215,8 +215,7 @@ def _sizes_of_own_inputs(sources: list[tuple[str, int, int, int]]) -> Callable[[
             entry = written if position is None else \
                 written[position] if isinstance(written, (list, tuple)) and position < len(written) else None
             tensor = view.inputs[index] if index < len(view.inputs) else None
-            if not isinstance(entry, torch.fx.Node) or not isinstance(tensor, torch.fx.Node) \
-                    or not _reads_size_of(entry, tensor, axis):
+            if not isinstance(tensor, torch.fx.Node) or not _reads_size_of(entry, tensor, axis):
                 what = f"'{entry.name}'" if isinstance(entry, torch.fx.Node) else repr(entry)
                 which = "the whole size" if axis is None else f"a size of its input '{getattr(tensor, 'name', tensor)}' at axis {axis}"
                 return (f"its {key if position is None else f'{key}[{position}]'} is {what}, not {which}"
@@ -226,13 +225,23 @@ def _sizes_of_own_inputs(sources: list[tuple[str, int, int, int]]) -> Callable[[
     return check
 
 
-def _reads_size_of(entry: torch.fx.Node, tensor: torch.fx.Node, axis: int | None) -> bool:
+def _reads_size_of(entry: Any, tensor: torch.fx.Node, axis: int | None) -> bool:
     """`entry` is `tensor`'s size at `axis` (None: its whole size): read of it, or export's
-    symbol for that size."""
+    symbol for that size; a whole size also as export writes it, one entry per axis (its
+    static sizes as numbers: an export graph runs at those only)."""
+    meta = tensor_meta(tensor)
     if axis is None:
-        return _whole_size(entry) == (tensor, None)
+        if isinstance(entry, torch.fx.Node):
+            return _whole_size(entry) == (tensor, None)
+        info = getattr(tensor.graph.owning_module, "meta", {}).get("fxopt", {})
+        return meta is not None and info.get("frontend") == "export" and isinstance(entry, (list, tuple)) \
+            and len(entry) == len(meta[0]) and all(
+                _reads_size_of(e, tensor, i) if isinstance(e, torch.fx.Node)
+                else e == meta[0][i] and i not in symbolic_sizes(tensor) for i, e in enumerate(entry))
+    if not isinstance(entry, torch.fx.Node):
+        return False
     read = _size_source(entry)
-    ndim = len(meta[0]) if (meta := tensor_meta(tensor)) is not None else None
+    ndim = len(meta[0]) if meta is not None else None
     if read is not None and read[0] is tensor and _axis(read[1], ndim) == _axis(axis, ndim):
         return True
     symbol = entry.meta.get("val")  # export's size reads keep their SymInt

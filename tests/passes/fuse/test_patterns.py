@@ -841,12 +841,12 @@ class _Narrow(nn.Module):
     (lambda x: x.narrow(0, 0, x.size(0)), lambda h: h.narrow(0, 0, 2), 0),
     (lambda x: x.narrow(0, 0, x.size(0)), lambda h: h.narrow(0, 0, h.size(0)), 1),
     (lambda x: x.reshape(x.shape), lambda h: h.reshape(2, -1), 0),
-    (lambda x: x.reshape(x.shape), lambda h: h.reshape(h.shape), {"symbolic": 1, "export": 0})])
+    (lambda x: x.reshape(x.shape), lambda h: h.reshape(h.shape), 1)])  # (export: [batch symbol, 3])
 def test_a_size_read_passed_as_one_argument_is_a_size_of_the_ops_input(mode, pattern, cut, matches):
     """Adversary: a size read passed whole (``x.narrow(0, 0, x.size(0))``, ``x.reshape(x.shape)``)
     was not compared at all: a no-op replacement matched ``h.narrow(0, 0, 2)`` and returned all
     4 rows at batch 4 where eager returns 2. (Export spells ``h.reshape(h.shape)`` as a list of
-    sizes: not the whole-size read the pattern wrote, so no match there.)"""
+    sizes, the batch's symbol and the static ones: the whole size too.)"""
     model = _Narrow(cut).eval()
     gm = fxopt.capture(model, (torch.randn(2, 3),), mode=mode)
     report = apply_patterns(gm, Pattern("noop", pattern_from_function(pattern), replacement=lambda x: x * 1.0))
@@ -997,3 +997,13 @@ def test_a_match_that_declined_then_annotates_in_a_later_round_counts():
 def test_a_list_entry_named_like_a_scalar_parameter_is_a_tensor():
     """Adversary: ``b.t()`` in a function with a parameter ``t=2.0`` was taken for the scalar."""
     assert repr(pattern_from_function(lambda a, b, t=2.0: torch.cat([a, b.t()], 1) * t)) == "mul(cat(a, transpose(b)))"
+
+
+def test_a_reason_names_the_module_where_the_graph_recorded_only_torch_lines():
+    """Fuse tester: an export graph's reason for an nn.Sequential layer ended with
+    'at File .../torch/nn/modules/linear.py, line 134', no line of the user's."""
+    gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), (torch.randn(2, 4),),
+                       mode="export")
+    last = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)][-1]
+    reason = explain(gm, last, Op("relu", Var("x")))
+    assert reason.endswith("— in module '2'") and "torch/nn" not in reason, reason
