@@ -1007,3 +1007,20 @@ def test_a_reason_names_the_module_where_the_graph_recorded_only_torch_lines():
     last = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)][-1]
     reason = explain(gm, last, Op("relu", Var("x")))
     assert reason.endswith("— in module '2'") and "torch/nn" not in reason, reason
+
+
+def test_a_size_read_of_the_same_symbol_at_another_axis_matches_in_export():
+    """Adversary: export reads h's dim 0 as the model input's dim 1 (one symbol); the pattern's
+    x.size(0) wanted a read at axis 0 of something, so the documented rule missed it."""
+    class Transposed(nn.Module):
+        def forward(self, x):
+            h = x.transpose(0, 1) * 2
+            return h.reshape(x.size(1), -1)
+
+    dims = {"x": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}}
+    gm = fxopt.capture(Transposed(), (torch.randn(2, 4, 3),), mode="export", dynamic_shapes=dims)
+    pattern = Pattern("flat", pattern_from_function(lambda x: x.reshape(x.size(0), -1)), replacement=lambda x: x.flatten(1))
+    assert apply_patterns(gm, pattern).total == 1
+    gm.recompile()
+    x = torch.randn(3, 5, 3)
+    torch.testing.assert_close(gm(x), Transposed()(x))
