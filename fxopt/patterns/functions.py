@@ -71,7 +71,7 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
     at_default: dict[str, Any] = {}  # written as the default (F.softmax's dtype=None): read like one left out
     scalar_first = False
     input_nodes: list[torch.fx.Node] = []  # the function's values behind `inputs`, in order
-    size_entries: list[tuple[str, int, torch.fx.Node]] = []  # (argument, position, size read)
+    size_entries: list[tuple[str, int | None, torch.fx.Node]] = []  # (argument, position or None, size read)
     for key, value in written.items():
         if key in spec.param_args and isinstance(value, torch.fx.Node) and value.op == "placeholder":
             params[key] = value.target
@@ -179,10 +179,11 @@ def _all_checks(checks: list[Callable[[Any], bool | str]]) -> Callable[[Any], bo
     return check
 
 
-def _size_sources(node: torch.fx.Node, entries: list[tuple[str, int, torch.fx.Node]],
-                  input_nodes: list[torch.fx.Node], fname: str) -> list[tuple[str, int, int, int]]:
-    """(argument, position, input, axis) for each size a pattern call reads: the position of the
-    op's input whose size it reads. A size of any other value is refused: the match binds only
+def _size_sources(node: torch.fx.Node, entries: list[tuple[str, int | None, torch.fx.Node]],
+                  input_nodes: list[torch.fx.Node], fname: str) -> list[tuple[str, int | None, int, int | None]]:
+    """(argument, position in it or None for the whole argument, input, axis or None for the
+    whole size) for each size a pattern call reads: the position of the op's input whose size it
+    reads. A size of any other value is refused: the match binds only
     the op's inputs, so neither the graph's read nor the replacement could be tied to it."""
     sources = []
     for key, position, entry in entries:
@@ -201,7 +202,7 @@ def _size_sources(node: torch.fx.Node, entries: list[tuple[str, int, torch.fx.No
     return sources
 
 
-def _sizes_of_own_inputs(sources: list[tuple[str, int, int, int]]) -> Callable[[Any], bool | str]:
+def _sizes_of_own_inputs(sources: list[tuple[str, int | None, int, int | None]]) -> Callable[[Any], bool | str]:
     """An op check: each size the pattern reads of the op's input is a size of the graph op's
     input at that axis — the same read (``h.view(h.size(0), -1)``), or one export proved equal
     (its symbolic ``s0``, read of the model's input). ``h.view(y.size(0), -1)`` reads another
@@ -217,9 +218,11 @@ def _sizes_of_own_inputs(sources: list[tuple[str, int, int, int]]) -> Callable[[
             tensor = view.inputs[index] if index < len(view.inputs) else None
             if not isinstance(tensor, torch.fx.Node) or not _reads_size_of(entry, tensor, axis):
                 what = f"'{entry.name}'" if isinstance(entry, torch.fx.Node) else repr(entry)
-                which = "the whole size" if axis is None else f"a size of its input '{getattr(tensor, 'name', tensor)}' at axis {axis}"
-                return (f"its {key if position is None else f'{key}[{position}]'} is {what}, not {which}"
-                        + (f" of '{getattr(tensor, 'name', tensor)}'" if axis is None else "") + " as the pattern reads")
+                name = getattr(tensor, "name", tensor)
+                wants = f"the whole size of its input '{name}'" if axis is None \
+                    else f"a size of its input '{name}' at axis {axis}"
+                where = key if position is None else f"{key}[{position}]"
+                return f"its {where} is {what}, not {wants} as the pattern reads"
         return True
 
     return check
