@@ -164,7 +164,7 @@ def fold_constants(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], constan
         value = evaluate_constant(gm, node)
         if not isinstance(value, torch.Tensor) or not _small_enough(node, value, gm, max_growth):
             continue
-        trains = _reads_trainable(gm, node)  # (a weight made from a parameter: one to fine-tune)
+        trains = reads_trainable(gm, node)  # (a weight made from a parameter: one to fine-tune)
         name = add_tensor_attr(gm, f"{node.name}_folded", value, parameter=trains, requires_grad=trains)
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(name)
@@ -177,7 +177,7 @@ def fold_constants(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], constan
     return folded
 
 
-def _reads_trainable(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+def reads_trainable(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether the constant `node` is computed from a parameter that requires grad."""
     return any(isinstance(value := get_attr_value(gm, leaf.target), torch.nn.Parameter) and value.requires_grad
                for leaf in attribute_leaves(node))

@@ -34,6 +34,8 @@ from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, is_effectful, 
                       size_read, spec_for, tensor_meta, written_base)
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
+from ..cleanup import evaluate_constant, reads_trainable
+
 ACTIVATIONS = ("relu", "hardtanh", "hardswish", "silu", "gelu", "leaky_relu", "sigmoid", "tanh", "hardsigmoid")
 
 
@@ -506,17 +508,9 @@ def _stored_scalar(node: torch.fx.Node) -> bool | str:
     return _stored_value(node)
 
 
-def _trains(node: torch.fx.Node) -> bool:
-    """Whether a stored value is computed from a parameter that requires grad."""
-    gm = node.graph.owning_module
-    return any(n.op == "get_attr" and getattr(get_attr_value(gm, n.target), "requires_grad", False)
-               for n in _stored_cone(node) or ())
-
-
 def _stored_cone_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Any:
     if node.op == "get_attr":
         return get_attr_value(gm, node.target)
-    from fxopt.passes.cleanup import evaluate_constant
     return evaluate_constant(gm, node)
 
 
@@ -796,7 +790,7 @@ def _to_sdpa(r: Rewriter) -> torch.fx.Node | None:
     q = r["q"]
     if "scale_op" not in r.match.views:
         scale = 1.0
-    elif "t" in r.match.nodes and _trains(r["t"]):
+    elif "t" in r.match.nodes and reads_trainable(r.gm, r["t"]):
         # a learned temperature: SDPA's scale= is a float, read once it would stop training
         # (fuse tester); applied to q it trains as before: (q / t) @ k.T == (q @ k.T) / t
         t = r.call(torch.reshape, r["t"], ())
