@@ -649,10 +649,11 @@ class _Lowering:
                 # all 256 levels inside [-0.5, 0.5], not the few the conv's own grid had there).
                 lo, hi = bounds
                 scale, zero_point = grid[:2]
-                # the bytes the kernel saturates at are quint8's, 0 and 255, whatever a 7-bit
+                # the bytes the kernel saturates at are quint8's whole range, whatever a 7-bit
                 # grid's qmax says: relu6 on a 7-bit grid let values to 12 through (adversary)
-                lo = lo if lo is not None and not relu and (0 - zero_point) * scale < lo else None
-                hi = hi if hi is not None and (255 - zero_point) * scale > hi else None
+                qmin, qmax = quant_range(False)
+                lo = lo if lo is not None and not relu and (qmin - zero_point) * scale < lo else None
+                hi = hi if hi is not None and (qmax - zero_point) * scale > hi else None
                 if relu and hi is not None:
                     y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, hi))
                 elif lo is not None or hi is not None:
