@@ -1,8 +1,8 @@
 """Save and load GraphModules without unpickling arbitrary objects: `fxopt.save` / `fxopt.load`.
 
 `save(gm, path)` writes one `torch.save` file holding only plain data: the graph as a list of
-node records (op, target *by name*, args), plain tensors (quantized ones as integers plus their
-scales), for `torch.nn` leaf modules their class name, plain attributes and tensors, and for
+node records (op, target *by name*, args, the source lines and module path errors name), plain
+tensors (quantized ones as integers plus their scales), for `torch.nn` leaf modules their class name, plain attributes and tensors, and for
 other attribute objects what a registered codec makes of them (int8 prepacked weights: the
 quantize passes register one). `load(path)` reads it with `torch.load(weights_only=True)`,
 resolves targets by name from an allow-list of modules (torch, operator, math, builtins,
@@ -248,7 +248,7 @@ def save(gm: torch.fx.GraphModule, path) -> None:
         except SerializationError as exc:  # which node's argument: the bare type named none
             raise SerializationError(f"save: {node_location(node)}: {str(exc).removeprefix('save: ')}") from None
         nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node), "args": args,
-                      "kwargs": kwargs, "computes": node.meta.get("fxopt.computes")})
+                      "kwargs": kwargs, "computes": node.meta.get("fxopt.computes"), **_source_record(node)})
     codegen = gm.graph._codegen
     pytree = None
     if isinstance(codegen, _PyTreeCodeGen):
@@ -308,6 +308,25 @@ def _write(payload: dict, path) -> None:
             raise
         raise SerializationError(f"save: cannot write '{os.fspath(path)}': {_os_reason(exc)}; give a path "
                                  "in a folder you can write") from None
+
+
+def _source_record(node: torch.fx.Node) -> dict:
+    """Where `node` came from, as plain data: the model's source lines (``meta["stack_trace"]``)
+    and the modules it ran in (``meta["nn_module_stack"]``, each class by its dotted name), which
+    errors and `fxopt.verify` name. Empty for a node the front end recorded neither for."""
+    record: dict = {}
+    if isinstance(node.meta.get("stack_trace"), str):
+        record["stack_trace"] = node.meta["stack_trace"]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        record["module_stack"] = [[str(key), str(path), _class_name(kind)] for key, (path, kind) in stack.items()]
+    return record
+
+
+def _class_name(kind: Any) -> str:
+    """A module class as export records it in ``nn_module_stack`` ("torch.nn.modules.linear.Linear");
+    symbolic tracing records the class itself."""
+    return f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind)
 
 
 def _os_reason(exc: Exception) -> str:
@@ -808,6 +827,7 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
             node = graph.create_node(rec["op"], target, args, kwargs, name=rec["name"])
             if rec.get("computes"):
                 node.meta["fxopt.computes"] = rec["computes"]
+            _restore_source(node, rec)
             env[rec["name"]] = node
         pytree = data.get("pytree")
         if pytree is not None:
@@ -821,6 +841,22 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
         gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
         upgrade_record(gm.meta["fxopt"].get(INPUTS_KEY))
     return explain_failed_calls(guard_inputs(gm))  # export's guards are code save cannot store: fxopt's stand in
+
+
+def _restore_source(node: torch.fx.Node, rec: dict) -> None:
+    """Put back the source lines and module paths `_source_record` stored for `node` (files of
+    earlier versions have none); data of other types is a damaged or tampered file."""
+    trace, stack = rec.get("stack_trace"), rec.get("module_stack")
+    if trace is not None:
+        if not isinstance(trace, str):
+            raise SerializationError(f"load: refusing node '{node.name}': its stack trace is no text")
+        node.meta["stack_trace"] = trace
+    if stack is not None:
+        if not (isinstance(stack, list) and all(isinstance(e, list) and len(e) == 3
+                                                and all(isinstance(p, str) for p in e) for e in stack)):
+            raise SerializationError(f"load: refusing node '{node.name}': its module stack is not "
+                                     "[key, path, class name] texts")
+        node.meta["nn_module_stack"] = {key: (path, kind) for key, path, kind in stack}
 
 
 def tensor_from_plain(value):

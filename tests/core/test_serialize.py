@@ -554,3 +554,39 @@ def test_an_argument_save_cannot_store_is_named_with_its_node(tmp_path):
     with pytest.raises(fxopt.SerializationError, match=r"save: node 'add' \(call_function .*add\).*: cannot store argument "
                                                  r"of type range"):
         fxopt.save(gm, tmp_path / "bad.pt")
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4))
+
+    def forward(self, x):
+        y = self.a(x).relu()
+        return self.b(y) * 2  # the line a divergence in b.0 points at
+
+
+def test_a_loaded_graph_keeps_the_source_lines_and_module_paths_of_its_nodes(tmp_path):
+    """load left every node's meta empty: verify of a loaded reference named the diverging node
+    'linear_1' with neither its module 'b.0' nor the model's line that called it."""
+    torch.manual_seed(0)
+    path, x = tmp_path / "two.pt", torch.randn(2, 4)
+    fxopt.save(fxopt.capture(_TwoLayers().eval(), x, mode="export"), path)
+    reference, candidate = fxopt.load(path), fxopt.load(path)
+    with torch.no_grad():
+        candidate.get_parameter("b.0.weight").mul_(1.5)
+    divergence = fxopt.verify(reference, candidate, x).divergence
+    assert divergence.node == "linear_1"
+    assert divergence.module == "'b.0' (Linear)"
+    assert "test_serialize.py" in divergence.source and "return self.b(y) * 2" in divergence.source
+
+
+def test_load_refuses_a_module_stack_that_is_not_text_naming_the_node(tmp_path):
+    path = tmp_path / "two.pt"
+    fxopt.save(fxopt.capture(_TwoLayers().eval(), torch.randn(2, 4), mode="export"), path)
+    data = torch.load(path, weights_only=True)
+    record = next(r for r in data["nodes"] if r["name"] == "linear_1")
+    record["module_stack"] = [["b.0", "b.0", 7]]
+    _tamper(data, path)
+    with pytest.raises(fxopt.SerializationError, match="refusing node 'linear_1': its module stack"):
+        fxopt.load(path)
