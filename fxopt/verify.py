@@ -413,6 +413,8 @@ def verify(
     dtype's precision: bfloat16 and float16 outputs get the rounding their dtype cannot avoid
     (`Tolerance.rtol_for`), float32 the tolerance as stated; integer and bool outputs are
     compared element by element (exactly under `exact` and `float`, 99% agreement under `int8`).
+    An output whose dtype changed, or a Python number that changed kind (``True`` that became
+    ``1``), fails whatever the tolerance.
 
         >>> import torch, fxopt
         >>> _ = torch.manual_seed(0)
@@ -609,20 +611,41 @@ def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | 
                     f"{type(cand).__name__} {cand_paths}")
     results = []
     for (path, r), (_, c) in zip(ref_leaves, cand_leaves):
-        if isinstance(r, float) and isinstance(c, (int, float)) and not isinstance(c, bool):
+        if not isinstance(r, torch.Tensor):
+            problem = _non_tensor_problem(path, r, c)
+            if problem is not None:
+                return results, problem
+            if not isinstance(r, float):
+                continue
             # a Python float (x.sum().item()) is judged as a float, not by `!=`
             r, c = torch.tensor(r, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
-        elif not isinstance(r, torch.Tensor):
-            if isinstance(c, torch.Tensor) or r != c:
-                return results, f"non-tensor output {keystr(path)} differs: {_brief(r)} vs {_brief(c)}"
-            continue
-        if not isinstance(c, torch.Tensor) or tuple(r.shape) != tuple(c.shape):
-            got = tuple(c.shape) if isinstance(c, torch.Tensor) else _brief(c)
-            return results, f"{_output_name(path)} shape {tuple(r.shape)} became {got}"
+        if not isinstance(c, torch.Tensor):
+            return results, f"{_output_name(path)}, {_brief(r)}, became {_brief(c)} (a Python {type(c).__name__})"
+        if tuple(r.shape) != tuple(c.shape):
+            return results, f"{_output_name(path)} shape {tuple(r.shape)} became {tuple(c.shape)}"
         if r.dtype != c.dtype and not c.is_quantized:  # callers downstream rely on the dtype too
             return results, f"{_output_name(path)} dtype {r.dtype} became {c.dtype}"
         results.append(compare_tensors(r, c, keystr(path)))
     return results, None
+
+
+def _number_kind(value: Any) -> str | None:
+    """"bool", "int", "float" or "complex" for a Python number (a numpy one too), else None."""
+    return next((kind.__name__ for kind in (bool, int, float, complex) if isinstance(value, kind)), None)
+
+
+def _non_tensor_problem(path: tuple, r: Any, c: Any) -> str | None:
+    """Why non-tensor output `r` and the candidate's `c` differ, or None where they may be the
+    same (two floats: judged as floats after). A number of another kind differs though Python
+    has ``True == 1 == 1.0``: a caller's `isinstance`, f-string or JSON dump tells them apart."""
+    if isinstance(c, torch.Tensor):
+        return f"non-tensor output {keystr(path)} differs: {_brief(r)} vs {_brief(c)}"
+    kinds = _number_kind(r), _number_kind(c)
+    if kinds[0] is not None and kinds[1] is not None and kinds[0] != kinds[1]:
+        return f"{_output_name(path)} type {kinds[0]} became {kinds[1]} ({_brief(r)} vs {_brief(c)})"
+    if kinds == ("float", "float"):
+        return None
+    return f"non-tensor output {keystr(path)} differs: {_brief(r)} vs {_brief(c)}" if r != c else None
 
 
 def _output_name(path: tuple) -> str:

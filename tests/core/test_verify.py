@@ -909,6 +909,8 @@ def test_a_non_tensor_output_mismatch_is_described_briefly():
     assert problem == "non-tensor output [1] differs: None vs a tensor [64, 64] float32"
     _, problem = compare_outputs((x, 3), (x, x))
     assert problem == "non-tensor output [1] differs: 3 vs a tensor [64, 64] float32"
+    _, problem = compare_outputs((x, 1.5), (x, None))
+    assert problem == "non-tensor output [1] differs: 1.5 vs None"
 
 
 class _Classes(nn.Module):
@@ -1092,3 +1094,20 @@ def test_an_sqnr_just_below_the_floor_is_not_printed_as_the_floor():
     noise = noise * (x.norm() / noise.norm()) * 10 ** (-19.999 / 20)
     report = verify(_Fn(lambda t: t), _Fn(lambda t: t + noise), (x,), tolerance="int8")
     assert not report.passed and "has SQNR 19.999dB, below the int8 floor 20 dB" in report.message
+
+
+@pytest.mark.parametrize("ref, cand, kinds", [(True, 1, "bool became int"), (1, 1.0, "int became float"),
+                                              (2.0, 2, "float became int"), (1.0, True, "float became bool")])
+def test_a_python_number_output_of_another_type_is_reported(ref, cand, kinds):
+    """True == 1 == 1.0 in Python: a bool output that became an int passed as the same value,
+    though a caller's `isinstance`, f-string or JSON dump tells them apart."""
+    x = torch.randn(4, 3)
+    _, problem = compare_outputs((x, ref), (x, cand))
+    assert problem == f"output [1] type {kinds} ({ref!r} vs {cand!r})"
+
+
+def test_a_tensor_output_that_became_a_python_number_names_both():
+    """A 0-d bool tensor output that became a Python bool read "the output shape () became False"."""
+    mask = torch.zeros(3) > 1
+    _, problem = compare_outputs(mask.all(), False)
+    assert problem == "the output, a tensor [] bool, became False (a Python bool)"
