@@ -415,6 +415,28 @@ def test_candidate_that_raises_is_a_failure_not_a_crash():
     assert all(math.isnan(v) for v in (r.max_abs_error, r.max_rel_error, r.sqnr_db, r.cosine))
 
 
+class _Masked(nn.Module):
+    def forward(self, x):
+        keep = x > 0
+        return x * (keep & (x < 1))
+
+
+def test_a_graph_candidate_that_raises_names_the_node_and_the_models_line():
+    """A pass that left a float where a bool mask was: the report said only "candidate raised
+    NotImplementedError: "bitwise_and_cpu" not implemented for 'Float'", naming no node."""
+    model, x = _Masked().eval(), torch.randn(6)
+    broken = fxopt.capture(model, x, mode="export")
+    gt = next(n for n in broken.graph.nodes if n.name == "gt")
+    with broken.graph.inserting_after(gt):
+        as_float = broken.graph.call_function(torch.ops.aten._to_copy.default, (gt,), {"dtype": torch.float32})
+    gt.replace_all_uses_with(as_float, delete_user_cb=lambda user: user is not as_float)
+    broken.recompile()
+    r = verify(model, broken, x)
+    assert r.message.startswith("candidate raised NotImplementedError at node 'and_1' "
+                                "(call_function aten::__and__.Tensor) at File "), r.message
+    assert "return x * (keep & (x < 1))" in r.message and '"bitwise_and_cpu" not implemented' in r.message
+
+
 def test_compare_outputs_non_tensor_leaves():
     assert compare_outputs((torch.ones(2), 3), (torch.ones(2), 3))[1] is None
     _, problem = compare_outputs((torch.ones(2), 3), (torch.ones(2), 4))
