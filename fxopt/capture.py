@@ -67,6 +67,7 @@ from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
 from .serialize import rebuild_coded_attributes, set_container_mode
 from .tracing import one_at_a_time, registered_by_user, trace, with_traceable_forward
+from .verify import PythonAttributes
 
 # torch.nn's traceable forwards register themselves when their module is imported
 importlib.import_module(".nn_forwards", __package__)
@@ -549,7 +550,7 @@ def _settle_small_sizes(model: nn.Module, gm: torch.fx.GraphModule, args: tuple,
 def _agrees(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
     """Whether `gm` computes what `model` does on these inputs (False when either fails), both
     run from the same state and random draws; the state is left as it was."""
-    state = BufferState(model, gm)
+    state, kept = BufferState(model, gm), PythonAttributes(model, gm)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # a probe's warnings are no news for the caller
@@ -559,11 +560,13 @@ def _agrees(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dic
                 with same_random_draws():
                     outputs.append(run(*run_args, **run_kwargs))
                 state.restore()
+                kept.restore()
         _check_same_outputs(*outputs)
     except Exception:  # noqa: BLE001  (a size either side cannot run at is one the graph must refuse)
         return False
     finally:
         state.restore()
+        kept.restore()
     return True
 
 
@@ -649,10 +652,11 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     that writes into its inputs must change neither the caller's tensors nor the other run.
     Every run starts from the state the model had (a forward that updates a buffer, a step
     counter or a running average, must be compared from the same state), and the graph is left
-    in it.
+    in it; the model's Python attributes too (``self.calls``, a value kept from the first call).
     """
     state = BufferState(model, gm)  # a symbolic graph shares the model's buffers: one snapshot
     plain_before = _plain_attributes(model)
+    kept = PythonAttributes(model)  # the Python state the model starts from, put back after
     with torch.no_grad():  # each run draws the same random numbers (`same_random_draws`)
         model_args, model_kwargs = fresh_inputs(args, kwargs)
         with same_random_draws():
@@ -667,7 +671,8 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     _check_same_outputs(expected, got, lambda: _nondeterministic(model, args, kwargs, state))
     moved = _changed_plain_attributes(plain_before, _plain_attributes(model))
     if moved:
-        _warn_python_state(model, args, kwargs, state, got, moved)
+        _warn_python_state(model, gm, args, kwargs, state, got, moved, kept)
+    kept.restore()
 
 
 _PLAIN = (int, float, bool, str, type(None))
@@ -724,10 +729,22 @@ def _changed_plain_attributes(before: dict[str, Any], after: dict[str, Any]) -> 
     return [f"{key}: {before.get(key)!r} -> {after[key]!r}" for key in after if before.get(key) != after[key]]
 
 
-def _warn_python_state(model: nn.Module, args: tuple, kwargs: dict, state: BufferState, got: Any,
-                       moved: list[str]) -> None:
-    """Warn when the state forward keeps in Python attributes changes its output: the graph holds
-    the captured call's value for good (export baked `self.calls` in as 1, silently)."""
+def _warn_python_state(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, state: BufferState,
+                       got: Any, moved: list[str], kept: PythonAttributes) -> None:
+    """Warn when the state forward keeps in Python attributes changes its output: the graph does
+    on every call what the captured call did (export baked `self.calls` in as 1, silently;
+    a value computed once and kept, `if self.c is None: self.c = x.mean(0)`, is computed
+    again on every call)."""
+    if _same_call_differs(model, args, kwargs, state, got) or _next_call_differs(model, gm, args, kwargs, kept):
+        warnings.warn(f"capture: {type(model).__name__}'s output depends on state its forward keeps in Python "
+                      f"attributes ({', '.join(moved[:3])}); no graph records Python state, so the captured "
+                      "one does on every call what the captured call did, unlike the model: keep the state "
+                      "in a buffer updated in place if it should change", CaptureWarning, stacklevel=user_stacklevel())
+
+
+def _same_call_differs(model: nn.Module, args: tuple, kwargs: dict, state: BufferState, got: Any) -> bool:
+    """Whether the model, called on the example again from the state its first call left
+    (`self.calls` now 1), computes other than the graph did (`got`)."""
     with torch.no_grad():
         run_args, run_kwargs = fresh_inputs(args, kwargs)
         with same_random_draws():
@@ -736,10 +753,40 @@ def _warn_python_state(model: nn.Module, args: tuple, kwargs: dict, state: Buffe
     try:
         _check_same_outputs(again, got)
     except CaptureError:
-        warnings.warn(f"capture: {type(model).__name__}'s output depends on state its forward keeps in Python "
-                      f"attributes ({', '.join(moved[:3])}); no graph records Python state, so the captured "
-                      "one computes the captured call's value on every call, unlike the model: keep the state "
-                      "in a buffer updated in place if it should change", CaptureWarning, stacklevel=user_stacklevel())
+        return True
+    return False
+
+
+def _next_call_differs(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
+                       kept: PythonAttributes) -> bool:
+    """Whether, on other inputs, the model computes other than the graph from the state the
+    example's calls left, but what the graph does from the state it started from: a value the
+    first call computed and kept (a mean of the first batch), which the example alone cannot
+    tell from the one the graph computes again."""
+    varied = _varied_inputs(args, kwargs)
+    if varied is None:
+        return False
+    differs = not _agrees(model, gm, *varied)
+    kept.restore()
+    return differs and _agrees(model, gm, *varied)
+
+
+def _varied_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The inputs with seeded noise added to each floating-point tensor (an integer one, an index,
+    stays), or None where there is none to vary; the global random state is left alone."""
+    generator = torch.Generator().manual_seed(0)
+    found = False
+
+    def vary(value: Any) -> Any:
+        nonlocal found
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            return value
+        found = True
+        noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
+        return value.detach() + noise.to(value.device, value.dtype)
+
+    varied = tree_map(vary, (args, kwargs))
+    return varied if found else None
 
 
 def adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:

@@ -441,7 +441,7 @@ def verify(
         if problem is not None:
             raise ValueError(f"verify: the {role} {type(module).__name__} cannot be run as it is: {problem}")
     args, kwargs = normalize_inputs(inputs)
-    attributes = _PlainAttributes(reference, candidate)
+    attributes = PythonAttributes(reference, candidate)
     try:
         return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize)
     finally:
@@ -525,7 +525,7 @@ def _graph_of(model: nn.Module, candidate: torch.fx.GraphModule, args: tuple, kw
         return None
 
 
-class _PlainAttributes:
+class PythonAttributes:
     """The Python attributes of every module under `modules` (a call counter, an observer's
     batch count): a run rebinds them, and the buffer snapshot does not see it. Verifying an
     observed module fed its observers the example, and lower-int8 then took ranges from it.

@@ -1251,6 +1251,37 @@ def test_a_tensor_kept_in_a_python_attribute_is_named_by_symbolic_capture():
     assert model.cache is None
 
 
+class _FirstBatchCenter(nn.Module):
+    """Centers every batch on the first batch's mean, computed once into a Python attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.center = None
+
+    def forward(self, x):
+        if self.center is None:
+            self.center = x.mean(0).detach()
+        return self.fc(x - self.center)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_value_forward_computes_once_and_keeps_is_warned_of(mode):
+    """A set-once cache: the graph computes it again on every call, where the model keeps the
+    first call's. Both agree on the example, so symbolic capture said nothing (the next batch
+    was off by 4.9), and export blamed a branch on the batch size and refused a batch of 1."""
+    model, x = _FirstBatchCenter().eval(), torch.randn(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = capture(model, x, mode=mode)
+    said = [str(w.message) for w in caught if issubclass(w.category, fxopt.CaptureWarning)]
+    assert len(said) == 1, said
+    assert "depends on state its forward keeps in Python attributes (center: None -> a tensor of shape (4,))" in said[0]
+    assert model.center is None
+    one = torch.randn(1, 4)
+    torch.testing.assert_close(gm(one), model.fc(one - one.mean(0)))  # what the model computes on a first call
+
+
 def test_a_tensor_attribute_the_output_does_not_read_keeps_the_symbolic_graph():
     """`self.last = y.detach()` (a debug probe) made symbolic capture fail, and auto export
     silently, though the output does not depend on it."""
