@@ -59,7 +59,7 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 
-from .errors import VerificationError, is_library_frame, node_location, user_source_line
+from .errors import InputMismatchError, VerificationError, is_library_frame, node_location, user_source_line
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
 from .tracing import one_at_a_time
@@ -470,7 +470,8 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
             with same_random_draws():
                 cand_out = candidate(*cand_args, **cand_kwargs)
         except Exception as exc:
-            where = _raising_node(candidate, args, kwargs)
+            # a call the graph refuses (a keyword left out) is about the inputs, which it names: no node
+            where = None if isinstance(exc, InputMismatchError) else _raising_node(candidate, args, kwargs)
             at = f" at {node_location(where)}" if where is not None else ""
             return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}{at}: {exc}")
         finally:
@@ -489,8 +490,9 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
 
 def _raising_node(candidate: nn.Module, args: tuple, kwargs: dict) -> torch.fx.Node | None:
     """The node of graph `candidate` that raises when run on the inputs (nodes run in graph
-    order: the one after the last that ran), or None for another module or a run that does not
-    raise again (a module's forward calls the graph some other way)."""
+    order: the one after the last that ran), or None for another module, a run that does not
+    raise again (a module's forward calls the graph some other way), or one that raises before
+    any node ran (inputs of another structure)."""
     if not isinstance(candidate, torch.fx.GraphModule):
         return None
     ran: list[torch.fx.Node] = []
@@ -498,8 +500,7 @@ def _raising_node(candidate: nn.Module, args: tuple, kwargs: dict) -> torch.fx.N
         with torch.no_grad(), same_random_draws():
             run_graph(candidate, *fresh_inputs(args, kwargs), lambda node, _: ran.append(node), private_buffers=True)
     except Exception:  # noqa: BLE001  (the failure being located)
-        nodes = list(candidate.graph.nodes)
-        return nodes[nodes.index(ran[-1]) + 1] if ran else nodes[0]
+        return ran[-1].next if ran else None
     return None
 
 

@@ -437,6 +437,27 @@ def test_a_graph_candidate_that_raises_names_the_node_and_the_models_line():
     assert "return x * (keep & (x < 1))" in r.message and '"bitwise_and_cpu" not implemented' in r.message
 
 
+class _OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 2)
+
+    def forward(self, ids, mask=None):
+        h = self.emb(ids)
+        if mask is not None:
+            h = h * mask[..., None]
+        return self.fc(h.mean(1))
+
+
+def test_a_call_the_graph_refuses_at_its_inputs_names_no_node():
+    """A keyword the graph was captured with, left out: the report blamed "node 'emb_weight'
+    (get_attr emb.weight)", the first node, though no node had run."""
+    model, ids = _OptionalMask().eval(), torch.randint(0, 50, (2, 6))
+    gm = capture(model, {"ids": ids, "mask": torch.ones(2, 6)}, mode="export")
+    r = verify(model, gm, {"ids": ids})
+    assert r.message.startswith("candidate raised InputMismatchError: input 'mask' is missing"), r.message
+
+
 def test_compare_outputs_non_tensor_leaves():
     assert compare_outputs((torch.ones(2), 3), (torch.ones(2), 3))[1] is None
     _, problem = compare_outputs((torch.ones(2), 3), (torch.ones(2), 4))
