@@ -1293,28 +1293,32 @@ def _checked_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, user: A
                                f"{len(bound)} inputs here ({', '.join(bound)}): give one per input, or name them "
                                "in a dict")
         user = dict(zip(bound, user))
-    checked = {}
-    for name, dims in user.items():
+    for name in user:
         if name not in bound:
             raise CaptureError(f"dynamic_shapes names input '{name}', which the example inputs do not give; "
                                f"they give: {', '.join(bound)}")
-        value = bound[name]
-        checked[name] = _checked_dims(name, value, dims) if isinstance(value, torch.Tensor) else dims
-    return checked
+    # every input named (None: no dim of it), as torch.export takes a dict: fxopt takes one naming some
+    return {name: _checked_dims(name, value, user.get(name)) if isinstance(value, torch.Tensor)
+            else user.get(name) for name, value in bound.items()}
 
 
 def _checked_dims(name: str, value: torch.Tensor, dims: Any) -> Any:
     """One tensor input's `dynamic_shapes` entry as {dim index: spec}: a tuple or list of one
     spec per dim (None: static) is read as that dict. Refused: a dim the input does not have
     (torch.export ignored it and kept the dim static without a word), and a spec that is no
-    torch.export.Dim, hint or int (torch blamed the top-level keys for a string)."""
+    torch.export.Dim, hint or int (torch blamed the top-level keys for a string), an entry that is
+    none of a dict, a tuple or None, and a Dim whose range leaves out the example's size (torch
+    said "5 not in range [6, 10]", or, where the batch could not stay dynamic, blamed the keys)."""
+    if dims is None:
+        return None
     if isinstance(dims, (tuple, list)):
         if len(dims) != value.dim():
             raise CaptureError(f"dynamic_shapes: input '{name}' has {value.dim()} dimensions (shape "
                                f"{tuple(value.shape)}); its entry gives {len(dims)}")
         dims = {dim: spec for dim, spec in enumerate(dims) if spec is not None}
     if not isinstance(dims, dict):
-        return dims
+        raise CaptureError(f"dynamic_shapes: input '{name}' is given {dims!r} ({_a(type(dims).__name__)}); give a "
+                           "dict {dim: spec}, a tuple of one spec per dim, or None")
     fixed = {}
     for dim, spec in dims.items():
         if not isinstance(dim, int) or not -value.dim() <= dim < value.dim():
@@ -1324,8 +1328,21 @@ def _checked_dims(name: str, value: torch.Tensor, dims: Any) -> Any:
             raise CaptureError(f"dynamic_shapes: dim {dim} of input '{name}' is {spec!r} (a {type(spec).__name__}); "
                                "give torch.export.Dim.AUTO, a torch.export.Dim('name', min=..., max=...), or an "
                                "int for a static size")
+        _check_in_range(name, dim, spec, value.shape[dim])
         fixed[dim % value.dim()] = spec
     return fixed
+
+
+def _check_in_range(name: str, dim: int, spec: Any, size: int) -> None:
+    """Refuse a torch.export.Dim whose [min, max] leaves out the example's `size` at that dim."""
+    if isinstance(spec, torch.export.Dim) and not spec.min <= size <= spec.max:
+        raise CaptureError(f"dynamic_shapes: dim {dim} of input '{name}' is {spec!r}, but the example's size there "
+                           f"is {size}: give an example inside the range, or widen it")
+
+
+def _a(noun: str) -> str:
+    """"an int", "a str": `noun` with its article."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _is_static(spec: Any) -> bool:

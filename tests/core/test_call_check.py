@@ -239,10 +239,28 @@ def test_dynamic_shapes_by_position_or_negative_dim_keep_the_batch_dynamic_too(s
     (({1: torch.export.Dim.AUTO}, None), r"dynamic_shapes gives 2 entries by position; forward takes 1 inputs here \(x\)"),
     ({"x": {1: "auto"}}, r"dim 1 of input 'x' is 'auto' \(a str\); give torch.export.Dim.AUTO"),
     ({"x": (None, torch.export.Dim.AUTO)}, r"input 'x' has 3 dimensions \(shape \(2, 7, 4\)\); its entry gives 2"),
+    ({"x": 1}, r"dynamic_shapes: input 'x' is given 1 \(an int\); give a dict \{dim: spec\}"),
+    ({"x": {1: torch.export.Dim("T", min=8, max=10)}},
+     r"dynamic_shapes: dim 1 of input 'x' is Dim\('T', min=8, max=10\), but the example's size there is 7"),
 ])
 def test_dynamic_shapes_that_name_no_dim_of_the_inputs_are_refused(spec, says):
     with pytest.raises(fxopt.CaptureError, match=says):
         _export(Plus(), (torch.randn(2, 7, 4),), dynamic_shapes=spec)
+
+
+class _FixedBatch(nn.Module):
+    def forward(self, x, bias):
+        return x.view(2, x.shape[1], -1) + bias  # the batch must be 2
+
+
+def test_dynamic_shapes_naming_some_inputs_works_where_the_batch_cannot_stay_dynamic():
+    """The export with a static batch was given the caller's dict as it was, naming 'x' only,
+    and failed with torch's "top-level keys must be the arg names ['x', 'bias']"."""
+    length = torch.export.Dim("T", min=2, max=10)
+    with pytest.warns(fxopt.CaptureWarning, match="static batch size"):
+        gm = _export(_FixedBatch(), (torch.randn(2, 5, 8), torch.randn(8)), dynamic_shapes={"x": {1: length}})
+    x, bias = torch.randn(2, 7, 8), torch.randn(8)
+    torch.testing.assert_close(gm(x, bias), x + bias)
 
 
 def test_an_input_dynamic_shapes_leaves_at_none_keeps_its_batch():
