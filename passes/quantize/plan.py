@@ -543,7 +543,35 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str],
     if src not in g:
         return set()  # nothing that computes faster in int8
     _, (side, _) = nx.minimum_cut(g, src, sink)
-    return {n for n in side if n != src and (n in enabled or n in plan.pass_through)}
+    region = {n for n in side if n != src and (n in enabled or n in plan.pass_through)}
+    return _without_float_read_views(gm, plan, region)
+
+
+def _without_float_read_views(gm: torch.fx.GraphModule, plan: Plan, region: set[str]) -> set[str]:
+    """`region` less the pass-through ops that only float ops read and that do not shrink
+    their input (a view, a transpose, a reshape).
+
+    The cut costs such an op the same on either side (its input and output are as large), so
+    the cut puts it on either. In int8 it makes its producer write int8 that the float readers
+    dequantize; in float, a conv or linear producer writes float (`lower._Lowering._float_output`)
+    and spares the rounding: attention's q, k and v projections, read by a float
+    `scaled_dot_product_attention` through a view and a transpose, were rounded onto 8 bits
+    before the softmax (an `nn.MultiheadAttention` 10 dB behind PT2E, which leaves them float).
+    Walked from the graph's end, so a chain of views leaves the region whole."""
+    region = set(region)
+
+    def reads_int8(reader: torch.fx.Node) -> bool:
+        group = plan.member_of.get(reader.name)
+        return reader.name in region or group is not None and group.output.name in region
+
+    for node in reversed(gm.graph.nodes):
+        if node.name not in region or node.name not in plan.pass_through:
+            continue
+        view = op_view(gm, node)
+        if value_nbytes(node) < value_nbytes(view.input) or any(reads_int8(u) for u in value_readers(node)):
+            continue
+        region.discard(node.name)
+    return region
 
 
 def _writes_float_when_read_in_float(plan: Plan, enabled: set[str], value: torch.fx.Node) -> bool:
