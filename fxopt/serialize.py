@@ -1,16 +1,18 @@
 """Save and load GraphModules without unpickling arbitrary objects: `fxopt.save` / `fxopt.load`.
 
-`save(gm, path)` writes one `torch.save` file holding only plain data: the graph as a list of
-node records (op, target *by name*, args, the source lines and module path errors name), plain
-tensors (quantized ones as integers plus their scales), for `torch.nn` leaf modules their class name, plain attributes and tensors, and for
-other attribute objects what a registered codec makes of them (int8 prepacked weights: the
-quantize passes register one). `load(path)` reads it with `torch.load(weights_only=True)`,
-resolves targets by name from an allow-list of modules (torch, operator, math, builtins,
-fxopt) — no code from the file ever runs — and rebuilds the GraphModule, pytree input/output
-handling of exported graphs included; tensors the graph held as one object (an embedding
-tied to the output layer) come back as one object. A CRC32 of every part, stored at save, makes
-`load` refuse a damaged file by the name of the tensor that differs. `torch.save` itself fails on export-captured graphs
-(their stateful wrapper holds local functions); this works for both front ends.
+`save(gm, path)` writes one `torch.save` file holding only plain data: the graph as a list of node
+records (op, target *by name*, args, the source lines and module path errors name), plain tensors
+(quantized ones as integers plus their scales), for `torch.nn` leaf modules their class name, plain
+attributes and tensors, and for other attribute objects what a registered codec makes of them (int8
+prepacked weights: the quantize passes register one). `load(path)` reads it with
+`torch.load(weights_only=True)`, resolves targets by name from an allow-list of modules (torch,
+operator, math, builtins, fxopt) — no code from the file ever runs — and rebuilds the GraphModule,
+pytree input/output handling of exported graphs included, and the subgraphs its higher-order ops run
+(a ``torch.no_grad()`` or autocast region, `torch.cond`'s branches); tensors the graph held as one
+object (an embedding tied to the output layer) come back as one object. A CRC32 of every part,
+stored at save, makes `load` refuse a damaged file by the name of the tensor that differs.
+`torch.save` itself fails on export-captured graphs (their stateful wrapper holds local functions);
+this works for both front ends.
 
     >>> import torch, fxopt, tempfile, os
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -229,26 +231,21 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     packed: dict[str, dict] = {}
     modules: dict[str, dict] = {}
     parameters: dict[str, bool] = {}  # get_attr target -> requires_grad, for the tensors that are parameters
+    subgraphs: dict[str, dict] = {}  # get_attr target -> `_subgraph_record`
     nodes = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target.startswith("_guards") and not node.users:
             continue  # export's input guards (or fxopt's): load puts fxopt's InputGuard back from the record
-        if node.op == "get_attr":
+        value = _attr_value(gm, node.target) if node.op == "get_attr" else None
+        if isinstance(value, torch.fx.GraphModule):  # a region a higher-order op runs (export's no_grad)
+            subgraphs[node.target] = _subgraph_record(value, node.target, tensors)
+        elif node.op == "get_attr":
             _save_attr(gm, node, tensors, packed)
-            value = _attr_value(gm, node.target)
             if isinstance(value, nn.Parameter):
                 parameters[node.target] = value.requires_grad
         elif node.op == "call_module":
             modules[node.target] = _save_module(gm.get_submodule(node.target), node)
-        elif node.op == "call_method" and not _is_tensor_method(node.target):  # load would refuse the file
-            raise SerializationError(f"save: {node_location(node)} calls method {node.target!r}, which is no "
-                                     "tensor method fxopt.load may call")
-        try:
-            args, kwargs = _encode(node.args, tensors), _encode(node.kwargs, tensors)
-        except SerializationError as exc:  # which node's argument: the bare type named none
-            raise SerializationError(f"save: {node_location(node)}: {str(exc).removeprefix('save: ')}") from None
-        nodes.append({"name": node.name, "op": node.op, "target": _encode_target(node), "args": args,
-                      "kwargs": kwargs, "computes": node.meta.get("fxopt.computes"), **_source_record(node)})
+        nodes.append(_node_record(node, tensors))
     codegen = gm.graph._codegen
     pytree = None
     if isinstance(codegen, _PyTreeCodeGen):
@@ -260,11 +257,43 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     info = {k: _plain_meta(v) for k, v in (gm.meta.get("fxopt") or {}).items() if _plain_meta(v) is not None}
     payload = {"format": FORMAT, "nodes": nodes, "tensors": tensors, "packed": packed,
                "modules": modules, "pytree": pytree, "engine": torch.backends.quantized.engine,
-               "fxopt_meta": info, "parameters": parameters, "training": gm.training,
+               "fxopt_meta": info, "parameters": parameters, "training": gm.training, "subgraphs": subgraphs,
                "tied": _tied_tensors(gm, _stored_tensor_paths(tensors, modules))}
     payload["checksums"] = checksums(payload)
     _write(payload, path)
     _renew_packs(gm, packed)
+
+
+def _node_record(node: torch.fx.Node, tensors: dict) -> dict:
+    """`node` as plain data: its target by name, its arguments (a constant tensor among them
+    stored into `tensors`), where it came from."""
+    if node.op == "call_method" and not _is_tensor_method(node.target):  # load would refuse the file
+        raise SerializationError(f"save: {node_location(node)} calls method {node.target!r}, which is no "
+                                 "tensor method fxopt.load may call")
+    try:
+        args, kwargs = _encode(node.args, tensors), _encode(node.kwargs, tensors)
+    except SerializationError as exc:  # which node's argument: the bare type named none
+        raise SerializationError(f"save: {node_location(node)}: {str(exc).removeprefix('save: ')}") from None
+    return {"name": node.name, "op": node.op, "target": _encode_target(node), "args": args,
+            "kwargs": kwargs, "computes": node.meta.get("fxopt.computes"), **_source_record(node)}
+
+
+def _subgraph_record(sub: torch.fx.GraphModule, path: str, tensors: dict) -> dict:
+    """A subgraph a higher-order op runs (export's ``with torch.no_grad():`` region) as plain
+    data: its nodes, and the subgraphs they read in turn. export passes such a region its
+    weights as inputs; one that reads a tensor or calls a module of its own is refused."""
+    nodes, subgraphs = [], {}
+    for node in sub.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            value = _attr_value(sub, node.target)
+            if node.op == "call_module" or not isinstance(value, torch.fx.GraphModule):
+                raise SerializationError(
+                    f"save: {node_location(node)} in the subgraph '{path}' reads {type(value).__name__} "
+                    f"'{node.target}' of its own; fxopt.save stores subgraphs that take their weights as inputs, "
+                    "as export writes them")
+            subgraphs[node.target] = _subgraph_record(value, f"{path}.{node.target}", tensors)
+        nodes.append(_node_record(node, tensors))
+    return {"nodes": nodes, "subgraphs": subgraphs}
 
 
 def _renew_packs(gm: torch.fx.GraphModule, packed: dict[str, dict]) -> None:
@@ -512,6 +541,11 @@ def _encode_target(node):
     if isinstance(target, torch._ops.OpOverloadPacket):
         ns, name = target._qualified_op_name.split("::")
         return {"ops": [ns, name, None]}
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        if target.__name__ not in _HIGHER_ORDER_OPS:
+            raise SerializationError(f"save: {node_location(node)} calls the higher-order op {target.__name__}, "
+                                     f"which fxopt.load does not run (it runs {', '.join(_HIGHER_ORDER_OPS)})")
+        return {"hop": target.__name__}
     name = _python_name(target)
     if name is None:
         module, qualname = _own_name(target)
@@ -640,7 +674,8 @@ def _encode(value, tensors):
 _CHECKSUM = "crc32"
 _WHOLE_SECTIONS = {"nodes": "the node list", "pytree": "the input/output structure",
                    "engine": "the quantized engine", "fxopt_meta": "the recorded pipeline and tolerance table",
-                   "parameters": "the parameter table", "tied": "the tied-tensor table", "training": "the training flag"}
+                   "parameters": "the parameter table", "tied": "the tied-tensor table", "training": "the training flag",
+                   "subgraphs": "the subgraphs of no_grad and autocast regions"}
 
 
 def checksums(payload: dict) -> dict:
@@ -817,18 +852,9 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
         for target, record in data["modules"].items():
             _set_path(root, target, _load_module(record))
         _retie(root, data.get("tied") or {})  # (files of earlier versions: nothing tied)
-        graph = torch.fx.Graph()
-        env: dict[str, torch.fx.Node] = {}
-        for rec in data["nodes"]:
-            args = _decode(rec["args"], env, data["tensors"])
-            kwargs = _decode(rec["kwargs"], env, data["tensors"])
-            target = _decode_target(rec["op"], rec["target"])
-            _check_node(rec, target, args)
-            node = graph.create_node(rec["op"], target, args, kwargs, name=rec["name"])
-            if rec.get("computes"):
-                node.meta["fxopt.computes"] = rec["computes"]
-            _restore_source(node, rec)
-            env[rec["name"]] = node
+        for target, record in (data.get("subgraphs") or {}).items():  # (earlier files: none)
+            _set_path(root, target, _load_subgraph(record, data["tensors"]))
+        graph = _graph_from_records(data["nodes"], data["tensors"])
         pytree = data.get("pytree")
         if pytree is not None:
             in_spec = treespec_loads(pytree["in_spec"]) if pytree["in_spec"] else None
@@ -841,6 +867,31 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
         gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
         upgrade_record(gm.meta["fxopt"].get(INPUTS_KEY))
     return explain_failed_calls(guard_inputs(gm))  # export's guards are code save cannot store: fxopt's stand in
+
+
+def _graph_from_records(records: list[dict], tensors: dict) -> torch.fx.Graph:
+    """The graph `save` stored as node records, each target checked against the allow-list."""
+    graph = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    for rec in records:
+        args = _decode(rec["args"], env, tensors)
+        kwargs = _decode(rec["kwargs"], env, tensors)
+        target = _decode_target(rec["op"], rec["target"])
+        _check_node(rec, target, args)
+        node = graph.create_node(rec["op"], target, args, kwargs, name=rec["name"])
+        if rec.get("computes"):
+            node.meta["fxopt.computes"] = rec["computes"]
+        _restore_source(node, rec)
+        env[rec["name"]] = node
+    return graph
+
+
+def _load_subgraph(record: dict, tensors: dict) -> torch.fx.GraphModule:
+    """The subgraph `_subgraph_record` stored, with the subgraphs it reads."""
+    root = nn.Module()
+    for target, sub in record["subgraphs"].items():
+        _set_path(root, target, _load_subgraph(sub, tensors))
+    return torch.fx.GraphModule(root, _graph_from_records(record["nodes"], tensors))
 
 
 def _restore_source(node: torch.fx.Node, rec: dict) -> None:
@@ -965,6 +1016,9 @@ _DENIED_NAMES = frozenset({"load", "save", "exec", "eval", "compile", "open", "s
 # Private functions a graph may call all the same: checks that only raise. capture writes a
 # torch._assert guard for each non-tensor input it specializes; a loaded graph must keep it.
 _SAFE_PRIVATE = frozenset({("torch", "_assert")})
+# The higher-order ops a graph may call: export's regions under a grad mode or autocast and its
+# torch.cond, which run subgraphs of the file (themselves of allowed targets only) and nothing else.
+_HIGHER_ORDER_OPS = ("wrap_with_set_grad_enabled", "wrap_with_autocast", "cond")
 _NODE_OPS = ("placeholder", "get_attr", "call_function", "call_module", "call_method", "output")
 
 
@@ -1031,6 +1085,11 @@ def _check_node(rec: dict, target, args) -> None:
 def _decode_target(op: str, target):
     if not isinstance(target, dict):
         return target
+    if "hop" in target:
+        if target["hop"] not in _HIGHER_ORDER_OPS:
+            raise SerializationError(f"load: refusing higher-order op {target['hop']!r} (it runs "
+                                     f"{', '.join(_HIGHER_ORDER_OPS)})")
+        return getattr(torch.ops.higher_order, target["hop"])
     if "ops" in target:
         ns, name, overload = target["ops"]
         packet = getattr(getattr(torch.ops, ns), name)

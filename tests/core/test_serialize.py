@@ -590,3 +590,52 @@ def test_load_refuses_a_module_stack_that_is_not_text_naming_the_node(tmp_path):
     _tamper(data, path)
     with pytest.raises(fxopt.SerializationError, match="refusing node 'linear_1': its module stack"):
         fxopt.load(path)
+
+
+class _NoGradBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.a(x).relu()
+        return self.b(y)
+
+
+class _AutocastOff(_NoGradBlock):
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            y = self.a(x.float()).relu()
+        return self.b(y)
+
+
+class _Cond(_NoGradBlock):
+    def forward(self, x):
+        return self.b(torch.cond(x.sum() > 0, lambda x: self.a(x), lambda x: -x, (x,)))
+
+
+@pytest.mark.parametrize("model", [_NoGradBlock(), _AutocastOff(), _Cond()], ids=["no_grad", "autocast", "cond"])
+def test_an_export_graph_with_a_no_grad_autocast_or_cond_region_round_trips(model, tmp_path):
+    """export puts such a region in a subgraph the graph reads by get_attr and runs by a
+    higher-order op (every Llama-family rotary embedding runs under no_grad): save refused it,
+    "cannot store attribute 'submod_1' of type GraphModule"."""
+    torch.manual_seed(0)
+    model, x = model.eval(), torch.randn(4, 8)
+    gm = fxopt.capture(model, x, mode="export")
+    assert any(isinstance(m, torch.fx.GraphModule) for m in gm.children())
+    fxopt.save(gm, tmp_path / "region.pt")
+    loaded = fxopt.load(tmp_path / "region.pt")
+    for other in (torch.randn(6, 8).abs(), -torch.randn(6, 8).abs()):  # both branches of the cond
+        torch.testing.assert_close(loaded(other), model(other), rtol=0, atol=0)
+
+
+def test_load_refuses_a_higher_order_op_outside_its_list(tmp_path):
+    path = tmp_path / "region.pt"
+    fxopt.save(fxopt.capture(_NoGradBlock().eval(), torch.randn(4, 8), mode="export"), path)
+    data = torch.load(path, weights_only=True)
+    record = next(r for r in data["nodes"] if isinstance(r["target"], dict) and "hop" in r["target"])
+    record["target"] = {"hop": "run_const_graph"}
+    _tamper(data, path)
+    with pytest.raises(fxopt.SerializationError, match="refusing higher-order op 'run_const_graph'"):
+        fxopt.load(path)
