@@ -40,7 +40,9 @@ class OptimizeResult:
       after a lossy pass (`prune`, `distill`) the passes that follow are also checked against
       its output at their own tolerance, and a failure there fails these reports (see
       `_after_lossy`): ``prune,quantize`` must still be a good int8 copy of the pruned model;
-    - `original`: the captured, unoptimized GraphModule; `pipeline`: the text that ran.
+    - `original`: the captured, unoptimized GraphModule, which holds the very tensors the passes
+      left unchanged in `module` (no second copy of the weights): to train `module` and keep
+      `original` as captured, train ``copy.deepcopy(res.module)``; `pipeline`: the text that ran.
 
         >>> import torch, fxopt
         >>> res = fxopt.optimize(torch.nn.Linear(4, 2).eval(), torch.randn(3, 4), "dce")
@@ -119,7 +121,8 @@ def optimize(
     if time_passes:
         manager_instruments.append(TimePasses())
     manager = PassManager(pipeline, instruments=manager_instruments, bisect_limit=bisect_limit)
-    result = manager.run(original, args, example_kwargs=kwargs, calibration=batches, reference=original)
+    result = manager.run(original, args, example_kwargs=kwargs, calibration=batches, reference=original,
+                         share_tensors=True)
     ran = [p for p, r in zip(manager.passes, result.records) if not r.skipped]
     tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))
     if result.module is not original:  # an empty pipeline hands back the captured graph itself

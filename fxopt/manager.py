@@ -322,10 +322,16 @@ class PassManager:
         calibration: list | StreamedBatches | None = None,
         reference: torch.fx.GraphModule | None = None,
         verbose: bool = False,
+        share_tensors: bool = False,
     ) -> PipelineResult:
         """Run the pipeline on a private copy of `gm`; `gm` itself is left as it was.
         `example_inputs` is a tensor, a tuple of positional inputs or a dict of keyword inputs
-        (as `fxopt.capture` takes them); `example_kwargs` adds keyword inputs to a tuple."""
+        (as `fxopt.capture` takes them); `example_kwargs` adds keyword inputs to a tuple.
+
+        The result holds its own copy of each tensor the passes left as it was in `gm` (training
+        it leaves `gm` alone); `share_tensors=True` keeps them shared instead, which saves a copy
+        of the weights but makes a write into one module's tensors a write into the other's
+        (`fxopt.optimize` shares them between its result's `module` and `original`)."""
         if not isinstance(gm, torch.fx.GraphModule):
             raise TypeError(f"PassManager.run takes a torch.fx.GraphModule, got {type(gm).__name__}: capture "
                             "the model first (fxopt.capture(model, inputs)) or call fxopt.optimize(model, "
@@ -337,6 +343,7 @@ class PassManager:
                 raise TypeError("PassManager.run: example_inputs is a dict of keyword inputs and example_kwargs "
                                 "is given too; pass the keyword inputs in one of them")
             example_inputs, example_kwargs = (), example_inputs
+        given = gm  # the caller's: the result must not hold its tensors
         if META_KEY not in getattr(gm, "meta", {}) and (example_inputs or example_kwargs):
             # a graph fxopt did not capture (torch.fx.symbolic_trace's) lacks the shapes the passes
             # read: fuse folded no batchnorm, prune failed with a bare TypeError; record them as capture does
@@ -376,6 +383,8 @@ class PassManager:
         ran = [p for p, r in zip(self.passes, records) if not r.skipped]
         if current is not gm:  # verify holds the result to what ran (lower-int8 run by hand: int8)
             record_pipeline(current, gm, format_pipeline(ran), loosest(*(pass_tolerance(p) for p in ran)))
+            if not share_tensors:
+                own_tensors(current, given)
         return PipelineResult(current, records, format_pipeline(ran))  # what ran (not the bisected-off)
 
     def _warn_if_shapeless(self, gm: torch.fx.GraphModule) -> None:
@@ -860,6 +869,42 @@ def _check_graphs(graphs: list[tuple[str, torch.fx.GraphModule, int]], who: str)
     for label, gm, signature in graphs:
         if _graph_signature(gm) != signature:
             raise RuntimeError(f"{who} changed the graph of {label}; {_advice(who)}")
+
+
+def own_tensors(result: torch.nn.Module, source: torch.nn.Module) -> int:
+    """Give `result` its own copy of each parameter, buffer and tensor attribute it holds that is
+    one of `source`'s; returns how many tensors were copied. A tensor held in two places (a tied
+    embedding and output layer) gets one copy for both; a parameter stays a parameter, with its
+    ``requires_grad``. Opaque objects (int8 packed weights) stay shared: nothing writes into them."""
+    theirs = {id(t) for t in _tensors_of(source)}
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copy = t.detach().clone()
+            copies[id(t)] = torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
+        return copies[id(t)]
+
+    for m in result.modules():
+        before = len(copies)
+        for store in (m._parameters, m._buffers):
+            for key, t in list(store.items()):
+                if t is not None and id(t) in theirs:
+                    store[key] = own(t)
+        for key, value in list(vars(m).items()):
+            if isinstance(value, torch.Tensor) and id(value) in theirs:
+                m.__dict__[key] = own(value)
+        if len(copies) > before and isinstance(m, torch.nn.RNNBase):  # its flat weights point at the old ones
+            m._init_flat_weights()
+    return len(copies)
+
+
+def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter, buffer and tensor attribute of `module` and its submodules."""
+    return [t for m in module.modules()
+            for t in (*m._parameters.values(), *m._buffers.values(),
+                      *(v for v in vars(m).values() if isinstance(v, torch.Tensor)))
+            if t is not None]
 
 
 def _count(gm: torch.fx.GraphModule) -> int:

@@ -1123,3 +1123,33 @@ def test_the_last_good_module_of_a_failed_pipeline_records_the_passes_that_ran_a
     good = err.value.last_good_module
     assert good.meta["fxopt"]["tolerance"] == "int8"
     assert fxopt.verify(model, good, x).verdict == "PASS"
+
+
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.full((1,), 2.0))
+
+    def forward(self, ids):
+        return self.head(self.emb(ids) * self.scale)
+
+
+@pytest.mark.parametrize("pipeline", ["remove-noops,dce", ""])
+def test_training_the_result_of_run_leaves_its_input_graph_as_it_was(pipeline):
+    """The result held the input's very tensors: fine-tuning it moved the input graph by 2.18,
+    and verify(input, result) then said PASS."""
+    ids = torch.randint(0, 10, (4, 6))
+    gm = fxopt.capture(_TiedHead().eval(), ids)
+    before = gm(ids).clone()
+    result = fxopt.PassManager(pipeline).run(gm, (ids,)).module
+    params = dict(result.named_parameters(remove_duplicate=False))
+    assert params["head.weight"] is params["emb.weight"] and params["emb.weight"].requires_grad  # still tied
+    with torch.no_grad():
+        for p in result.parameters():
+            p.add_(1.0)
+        result.get_buffer("scale").mul_(3)
+    assert torch.equal(gm(ids), before)
+    assert not fxopt.verify(gm, result, ids).passed
