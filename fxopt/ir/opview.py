@@ -276,12 +276,14 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("cat", functions=(torch.cat, torch.concat, torch.concatenate), aten=(aten.cat, aten.concat, aten.concatenate),
            arg_names=("tensors", "dim"),
            tensor_args=("tensors",), defaults=dict(dim=0)),
+    # torch.dropout(x, p, train) and its kin name the flag `train`, as the aten ops do
     OpSpec("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                                 F.feature_alpha_dropout),
+                                 F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
+                                 torch.feature_dropout, torch.feature_alpha_dropout),
            aten=(aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.dropout_, aten.feature_dropout_,
                  aten.alpha_dropout_, aten.feature_alpha_dropout, aten.feature_alpha_dropout_),
            modules=(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout),
-           arg_names=("input", "p", "training"), defaults=dict(p=0.5, training=True),
+           arg_names=("input", "p", "training"), defaults=dict(p=0.5, training=True), renames={"train": "training"},
            module_attrs=lambda m: dict(p=m.p, training=m.training)),
     OpSpec("identity", modules=(nn.Identity,), aten=(aten.alias,)),
     # dtype / device / layout conversion; `Tensor.type` is not listed: with no argument it

@@ -223,6 +223,22 @@ def test_remove_noops_drops_an_exported_in_place_dropout():
     torch.testing.assert_close(result.module(*x), model(*x))
 
 
+def test_remove_noops_drops_torch_dropout_spelled_positionally_or_by_keyword():
+    """``torch.dropout(x, p, False)`` (and its kin; the flag is named ``train`` there) is the
+    input itself: it stayed, so quantization saw a float op between a norm and its readers."""
+    class Functional(nn.Module):
+        def forward(self, x):
+            a = torch.dropout(x, 0.1, False)
+            b = torch.dropout(x, 0.1, train=False)
+            c = torch.feature_alpha_dropout(x, 0.2, False)
+            return a + b + c, torch.dropout(x, 0.1, True)
+
+    model, x = Functional(), (torch.randn(2, 3),)
+    result = PassManager("remove-noops").run(capture(model, x, mode="symbolic"), x)
+    assert result.records[0].stats["removed"] == {"dropout": 3}
+    assert [n.args[1:] for n in result.module.graph.nodes if n.target is torch.dropout] == [(0.1, True)]
+
+
 def test_remove_noops_keeps_training_dropout():
     g = torch.fx.Graph()
     x = g.placeholder("x")
