@@ -10,6 +10,8 @@ the record and raises `InputMismatchError`, which names the input, the dimension
 size or range, and how to capture again. Export assumes every dynamic dim is 2 or more and
 guards neither 0 nor 1; capture checks the graph at those sizes, and a size below the min it
 found is refused before the call runs the wrong branch. A call that works pays one try/except.
+export also traces the example's memory layout (a ``.contiguous()`` on a contiguous example
+records no copy): a call on inputs of another layout that fails runs again on contiguous copies.
 
     >>> import torch, fxopt
     >>> class Seq(torch.nn.Module):
@@ -38,6 +40,7 @@ from torch.utils._pytree import (MappingKey, SequenceKey, tree_flatten, tree_fla
 
 from . import size_guards
 from .errors import InputMismatchError
+from .ir.effects import written_base
 
 META_KEY = "fxopt"
 INPUTS_KEY = "inputs"
@@ -243,11 +246,16 @@ class _ExplainedCall:
         self.structure = structure
         self.floors = floors
         self.keywords = keywords
+        #: A call on inputs of another memory layout failed and ran on contiguous copies: later
+        #: calls make them contiguous up front (`_run_contiguous`).
+        self.contiguous = False
 
     def __call__(self, module: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
         record = module.meta.get(META_KEY, {}).get(INPUTS_KEY)
         if self._suspect(module, args, kwargs):
             args, kwargs = _fitted(module, record, args, kwargs)
+        if self.contiguous:
+            args, kwargs = _contiguous(args, kwargs) or (args, kwargs)
         try:
             return self.inner(module, *args, **kwargs)
         except InputMismatchError:
@@ -259,10 +267,29 @@ class _ExplainedCall:
                 raise InputMismatchError(str(unfit)) from exc
             if conformed is not None:  # export's check refused what eager takes; its graph runs on it
                 return self(module, *conformed[0], **conformed[1])
+            ran, out = self._run_contiguous(module, args, kwargs)
+            if ran:
+                return out
             problem = mismatch(record, args, kwargs)
             if problem is None:
                 raise
             raise InputMismatchError(problem) from exc
+
+    def _run_contiguous(self, module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        """(True, the output) of the call run again on contiguous copies of its inputs that are
+        not; (False, None) where every input is contiguous, the graph writes into an input (a
+        copy would take the write), or the call fails all the same. export traces the example's
+        layout: ``y.contiguous().view(...)`` on a contiguous example records no copy, and a
+        channels_last input then fails in the view, where eager runs it."""
+        fixed = _contiguous(args, kwargs)
+        if fixed is None or _writes_inputs(module):
+            return False, None
+        try:
+            out = self.inner(module, *fixed[0], **fixed[1])
+        except Exception:  # noqa: BLE001  (not the layout: the first failure is explained instead)
+            return False, None
+        self.contiguous = True
+        return True, out
 
     def _suspect(self, module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
         """Whether the call's structure differs from the captured one, or a size is below a floor."""
@@ -289,6 +316,22 @@ def _fitted(module: torch.fx.GraphModule, record: dict | None, args: tuple, kwar
     if problem is not None:
         raise InputMismatchError(problem)
     return args, kwargs
+
+
+def _contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The call's inputs with each tensor that is not contiguous as a contiguous copy, or None
+    where every one is."""
+    flat, spec = tree_flatten((args, kwargs))
+    fixed = [v.contiguous() if isinstance(v, torch.Tensor) and not v.is_contiguous() else v for v in flat]
+    if all(a is b for a, b in zip(fixed, flat)):
+        return None
+    return tree_unflatten(fixed, spec)
+
+
+def _writes_inputs(module: torch.fx.GraphModule) -> bool:
+    """Whether the graph writes into one of its inputs in place (``x.mul_(2)``, through a view too):
+    the failed call may have written it already, and a copy would take the write again."""
+    return any(getattr(written_base(module, node), "op", None) == "placeholder" for node in module.graph.nodes)
 
 
 class _Unfit(Exception):

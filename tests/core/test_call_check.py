@@ -544,3 +544,39 @@ def test_a_dim_the_model_fixes_though_dynamic_shapes_asked_does_not_advise_dynam
         message = str(info.value)
         assert "has size 6 at dim 1, where the graph was captured with size 5" in message
         assert "the model's code fixes that dimension" in message and "dynamic_shapes" not in message
+
+
+class _FlattenedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.contiguous().view(y.shape[0], -1))
+
+
+def test_an_input_of_another_memory_layout_runs_where_export_dropped_a_contiguous(tmp_path):
+    """export traced `.contiguous()` on the contiguous example as nothing, and a channels_last
+    input then failed in the `view` ("view size is not compatible"), where eager runs it."""
+    model, x = _FlattenedConv().eval(), torch.randn(2, 3, 8, 8)
+    gm = _export(model, (x,))
+    path = tmp_path / "flat.pt"
+    fxopt.save(gm, path)
+    for graph in (gm, fxopt.load(path)):
+        for _ in range(2):  # the second call takes the contiguous copy up front
+            other = torch.randn(3, 3, 8, 8).to(memory_format=torch.channels_last)
+            torch.testing.assert_close(graph(other), model(other), rtol=0, atol=0)
+
+
+class _DoublesItsInput(nn.Module):
+    def forward(self, x):
+        x.mul_(2)
+        return x.contiguous().view(x.shape[0], -1)
+
+
+def test_a_graph_that_writes_its_input_is_not_run_again_on_a_copy():
+    """The failed call wrote x already: run again on a contiguous copy of it, the output was 4x."""
+    gm = _export(_DoublesItsInput(), (torch.randn(2, 3, 4, 4),))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        gm(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))
