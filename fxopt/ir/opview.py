@@ -443,7 +443,7 @@ SPECS: tuple[OpSpec, ...] = (
                  aten.upsample_bicubic2d, aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa),
            modules=(nn.Upsample,), arg_names=("input", "size", "scale_factor", "mode")),
     OpSpec("sdpa", functions=(F.scaled_dot_product_attention,), aten=(aten.scaled_dot_product_attention,),
-           arg_names=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"),
+           arg_names=("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
            tensor_args=("query", "key", "value", "attn_mask")),
     OpSpec("getitem", functions=(operator.getitem,), arg_names=("input", "index")),
     OpSpec("split", functions=(torch.split,), methods=("split",), aten=(aten.split, aten.split_with_sizes),

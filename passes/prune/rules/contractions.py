@@ -175,10 +175,23 @@ class ContractionRules:
             sid = self.slot_on(x, axis if x is not mask else m_axis)
             if sid is None:
                 raise _Pin("attention inputs carry channels on different axes")
-            rule.inputs.append((x.name, sid, pos, pos, out))
-            self.link(sid, out, pos, pos, "sdpa", "heads")
+            in_pos = self._gqa_heads(view, x, shape[axis], self.slots[sid].size) if x in (k, v) else pos
+            rule.inputs.append((x.name, sid, in_pos, pos, out))
+            self.link(sid, out, in_pos, pos, "sdpa", "heads")
         self.value_slot[node.name] = out
         self.rules[node.name] = rule
+
+    @staticmethod
+    def _gqa_heads(view, x, heads: int, kv_heads: int) -> np.ndarray:
+        """The key or value head each of the `heads` output heads reads: itself, or with
+        ``enable_gqa=True`` and fewer key/value heads, head ``h // (heads // kv_heads)`` (each
+        shared by a group of query heads, as ``repeat_interleave`` would copy it). A removed
+        key/value head goes with its whole group of query heads."""
+        if kv_heads == heads:
+            return np.arange(heads)
+        if not view.attrs.get("enable_gqa") or heads % kv_heads:
+            raise _Pin(f"attention {x.name!r} has {kv_heads} heads against the query's {heads}")
+        return np.repeat(np.arange(kv_heads), heads // kv_heads)
 
     def _sdpa_features(self, node, view, shape, q, k, v, mask) -> None:
         """Attention over one head's features (a single-head stage, a cross-attention): q and k

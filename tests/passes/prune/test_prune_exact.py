@@ -638,12 +638,14 @@ class MaxPoolStats(nn.Module):
 
 class GroupedQueryAttention(nn.Module):
     """GQA: 4 query heads share 2 key/value heads, copied by repeat_interleave (Llama's
-    grouping: query head j reads kv head j // 2) or tiled by repeat (j % 2); the heads merged
-    back with reshape_as onto the stream's shape."""
+    grouping: query head j reads kv head j // 2) or tiled by repeat (j % 2), or left to
+    ``scaled_dot_product_attention(..., enable_gqa=True)`` (`sdpa`: gpt-fast, and Hugging
+    Face's sdpa attention without a mask; pruning padded kv heads 2 and 3 with zeros there); the
+    heads merged back with reshape_as onto the stream's shape."""
 
-    def __init__(self, tile=False, dim=32, heads=4, kv_heads=2):
+    def __init__(self, tile=False, dim=32, heads=4, kv_heads=2, sdpa=False):
         super().__init__()
-        self.tile, self.h, self.kv, self.d = tile, heads, kv_heads, dim // heads
+        self.tile, self.sdpa, self.h, self.kv, self.d = tile, sdpa, heads, kv_heads, dim // heads
         self.embed = nn.Linear(6, dim)
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, kv_heads * self.d), nn.Linear(dim, kv_heads * self.d)
         self.o, self.head = nn.Linear(dim, dim), nn.Linear(dim, 3)
@@ -655,6 +657,9 @@ class GroupedQueryAttention(nn.Module):
         k = self.k(h).view(b, n, self.kv, self.d).transpose(1, 2)
         v = self.v(h).view(b, n, self.kv, self.d).transpose(1, 2)
         r = self.h // self.kv
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2).reshape_as(h)
+            return self.head(h + self.o(y))
         if self.tile:
             k, v = k.repeat(1, r, 1, 1), v.repeat(1, r, 1, 1)
         else:
@@ -852,6 +857,7 @@ CASES = {
     "max_pool_stats": (MaxPoolStats, IMAGE),
     "gqa_repeat_interleave": (GroupedQueryAttention, lambda: torch.randn(2, 5, 6)),
     "gqa_repeat": (lambda: GroupedQueryAttention(tile=True), lambda: torch.randn(2, 5, 6)),
+    "gqa_sdpa": (lambda: GroupedQueryAttention(sdpa=True), lambda: torch.randn(2, 5, 6)),
     "folded_heads": (FoldedHeads, lambda: torch.randn(2, 5, 6)),
     "folded_heads_fused": (lambda: FoldedHeads(fused=True), lambda: torch.randn(2, 5, 6)),
     "torch_mha": (TorchMultiheadAttention, lambda: torch.randn(2, 5, 6)),
@@ -1362,7 +1368,7 @@ def test_a_width_read_off_the_stream_sizing_a_value_without_channels_is_no_pin()
 
 NO_PINS = ["split_attention", "reductions", "instance_norm", "instance_norm_plain", "normalized", "packed_qkv",
            "packed_qkv_causal", "einsum_attention", "math_ops", "qk_norm", "additive_mask", "gqa_repeat_interleave",
-           "gqa_repeat", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
+           "gqa_repeat", "gqa_sdpa", "gated_token_mixing", "resizes", "single_head", "single_head_4d", "cross_attention",
            "folded_heads", "folded_heads_fused", "torch_mha", "torch_mha_seq_first", "channels_first_norm",
            "feature_interaction", "single_head_einsum",
            "running_sums", "torch_cross_attention", "torch_cross_attention_kdim", "torch_decoder",
