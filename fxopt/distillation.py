@@ -11,8 +11,9 @@
 The loss is ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, plus ``(1 - alpha)`` times the
 cross-entropy with labels when ``labeled=True``. The softmax is over the output's last dimension,
 which is meant to hold classes: distilling a hidden state (BertModel's ``last_hidden_state``)
-matches its softmax-normalized features, not their values, and an output of 4 or more dims (a
-feature map) is warned about.
+matches its softmax-normalized features, not their values, and an output of one dimension or of
+4 or more (a feature map) is warned about. A last dimension of one (a binary classifier's logit z)
+is taken as the two classes ``[0, z]`` (labels then are 0 or 1).
 
 Which output: a model may return more than its logits (``(features, logits)``, a dict, a
 dataclass). ``output=`` names the tensor distillation matches — an index into a tuple or list,
@@ -201,11 +202,20 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
 def _loss(out: torch.Tensor, target: torch.Tensor, labels: Any, t: float, alpha: float, index: int) -> torch.Tensor:
     """Distillation's loss: ``T² · KL(softmax(target/T) ‖ softmax(out/T))``, mixed with the
     labels' cross-entropy by `alpha` when there are labels."""
+    out, target = _class_logits(out), _class_logits(target)
     loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
                     reduction="batchmean") * (t * t)
     if labels is not None and alpha < 1.0:
         loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, index)
     return loss
+
+
+def _class_logits(z: torch.Tensor) -> torch.Tensor:
+    """The logits the loss takes a softmax over: `z`, or, where its last dimension is one (a
+    binary classifier's logit, a regressor's value), the two classes ``[0, z]``, whose softmax is
+    ``[1 - sigmoid(z), sigmoid(z)]``. A softmax over one value is 1 whatever the value: the loss
+    was 0 and nothing trained."""
+    return torch.cat([torch.zeros_like(z), z], -1) if z.dim() and z.shape[-1] == 1 else z
 
 
 class _Judge:
@@ -267,11 +277,7 @@ def _warn_if_worse(student: nn.Module, first: tuple, start_loss: float, t: float
     inputs, labels, target = first
     with torch.no_grad():
         out = select_output(_forward("student", student, inputs, 0), output, role="student")
-        loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
-                        reduction="batchmean") * (t * t)
-        if labels is not None and alpha < 1.0:
-            loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, 0)
-    end_loss = float(loss)
+        end_loss = float(_loss(out, target, labels, t, alpha, 0))
     if not end_loss <= max(2 * start_loss, start_loss + 1e-3):  # NaN too
         warnings.warn(f"distill: the trained student matches the teacher worse than before training (loss "
                       f"{start_loss:.4g} -> {end_loss:.4g} on batch 0): training diverged; lower lr (now {lr}) "
@@ -506,9 +512,14 @@ def _check_trainable(out: torch.Tensor, target: torch.Tensor, output: int | str 
     if not out.requires_grad:
         raise ValueError(f"distill: {which} of the student ({_tensor_text(out)}) does not depend on any "
                          "floating-point parameter, so training cannot move it; select the logits with output=")
-    if out.dim() >= 4:  # a feature map, or a segmentation map with its classes in dim 1
-        from .errors import PassWarning
+    from .errors import PassWarning
 
+    if out.dim() == 1:
+        warnings.warn(f"distill: {which} is {_tensor_text(out)}, one dimension: distillation's loss is a softmax "
+                      "over all of it, as over one sample's classes; where it holds one value per sample, that "
+                      "compares the samples with each other: return it as (batch, 1) (out[:, None]), which is "
+                      "distilled as each sample's binary logit", PassWarning, stacklevel=user_stacklevel())
+    if out.dim() >= 4:  # a feature map, or a segmentation map with its classes in dim 1
         warnings.warn(f"distill: {which} is {_tensor_text(out)}, and distillation's loss is a softmax over its last "
                       f"dimension ({out.shape[-1]}), as over the classes of logits: for a feature map or a "
                       "segmentation map (classes in dim 1) that matches the wrong thing; select the logits with "

@@ -196,3 +196,40 @@ def test_an_output_whose_last_dim_holds_no_classes_is_warned_about():
     student = fxopt.capture(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval(), torch.randn(2, 3, 8, 8))
     with pytest.warns(fxopt.PassWarning, match=r"is float32\[2, 4, 8, 8\], and distillation's loss is a softmax over its last dimension \(8\)"):
         fxopt.distill(student, teacher, [torch.randn(2, 3, 8, 8)], epochs=1, progress=False)
+
+
+def _one_logit_net():
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+
+
+def test_a_single_logit_output_is_distilled_as_a_binary_logit():
+    """A softmax over a last dimension of one is 1 whatever the logit: the loss was 0, nothing
+    trained (the gap to the teacher stayed 0.2494), and no word was said."""
+    torch.manual_seed(0)
+    teacher, data = _one_logit_net(), [torch.randn(16, 8) for _ in range(8)]
+    student = torch.fx.symbolic_trace(_one_logit_net())
+
+    def gap(model):
+        with torch.no_grad():
+            return float(sum((model(d) - teacher(d)).abs().mean() for d in data) / len(data))
+
+    tuned = fxopt.distill(student, teacher, data, epochs=5, lr=0.01, progress=False)
+    assert gap(tuned) < 0.5 * gap(student)
+
+
+def test_labels_of_a_single_logit_are_the_two_classes():
+    torch.manual_seed(0)
+    teacher = _one_logit_net()
+    data = [(torch.randn(16, 8), torch.randint(0, 2, (16,))) for _ in range(4)]
+    tuned = fxopt.distill(torch.fx.symbolic_trace(_one_logit_net()), teacher, data, labeled=True, alpha=0.5,
+                          epochs=1, progress=False)
+    assert tuned(data[0][0]).shape == (16, 1)
+
+
+def test_a_one_dimensional_output_is_warned_of():
+    """A (batch,) output was distilled as a softmax across the batch, without a word."""
+    teacher = nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)).eval()
+    student = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(8, 1), nn.Flatten(0)))
+    with pytest.warns(fxopt.PassWarning, match=r"is float32\[16\], one dimension: distillation's loss is a softmax "
+                                               r"over all of it"):
+        fxopt.distill(student, teacher, [torch.randn(16, 8)], epochs=1, progress=False)
