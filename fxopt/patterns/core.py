@@ -507,16 +507,19 @@ def _match_var(value: Any, pat: Var, m: Match) -> Match:
 
 
 def _hold_fixed_sizes(value: torch.fx.Node, pat: Var, m: Match) -> None:
-    """The sizes `pat.shape` fixes past dim 0 hold at the example; where the graph may run at
-    others the rewrite must not run there. An export graph runs at other sizes only on the dims
-    export kept symbolic (`symbolic_sizes`): no match. A symbolic graph runs at any image size
-    or sequence length (fuse tester: an 8x8 pool rewrite gave 9-14% off on 9x9 and 12x12
-    inputs): the rewrite asserts each fixed size."""
+    """The sizes `pat.shape` fixes hold at the example; where the graph may run at others the
+    rewrite must not run there. An export graph runs at other sizes only on the dims export kept
+    symbolic (`symbolic_sizes`): no match. A symbolic graph runs at any batch, image size or
+    sequence length (fuse tester: an 8x8 pool rewrite gave 9-14% off on 9x9 and 12x12 inputs):
+    the rewrite asserts each fixed size. Dim 0 too: the batch rule above refuses a dim 0 equal
+    to the example's batch, but one computed from it (``x.reshape(-1, 2)``: 4x the batch, the
+    (B*H, T, d) of folded heads, a time-major sequence) varies as well (fuse tester: 0.85-1.98
+    off at other batches)."""
     info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
     symbols = symbolic_sizes(value)
     for dim, size in enumerate(pat.shape):
-        if dim == 0 or size is None:
-            continue  # (dim 0: the batch rule above)
+        if size is None:
+            continue
         if dim in symbols:
             raise NoMatch(f"Var('{pat.name}'): dim {dim} of {_where(value)} is dynamic in this export graph "
                           f"({symbols[dim]}): a shape constraint fixing it would apply the rewrite at every "

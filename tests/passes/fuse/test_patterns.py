@@ -968,6 +968,37 @@ def test_a_shape_constraint_past_the_batch_holds_wherever_the_graph_runs(mode):
         gm(torch.randn(2, 3, 9, 9))
 
 
+class _RowPairs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 8)
+
+    def forward(self, x):
+        return self.fc(x).reshape(-1, 2).sum(0)  # 4x the batch rows
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_shape_constraint_on_a_dim_0_computed_from_the_batch_holds_too(mode):
+    """Fuse tester: a dim 0 of 4x the batch was neither asserted (symbolic) nor refused where
+    export keeps it symbolic: a rewrite made for 8 rows ran at other batches (0.85-1.98 off)."""
+    model = _RowPairs().eval()
+    x = torch.randn(2, 3)
+    gm = fxopt.capture(model, (x,), mode=mode)
+    rows8 = Pattern("rows8", Op("sum", Var("x", shape=(8, 2)), attrs={"dim": lambda d: d in (0, [0], (0,))}),
+                    replacement=lambda x: x[:4].sum(0) + x[4:].sum(0))
+    counts = apply_patterns(gm, rows8).counts
+    gm.recompile()
+    torch.testing.assert_close(gm(x), model(x))
+    if mode == "symbolic":
+        assert counts == {"rows8": 1}
+        with pytest.raises(AssertionError, match="for size 8 at dim 0 of 'reshape'"):
+            gm(torch.randn(3, 3))
+    else:  # export: dim 0 is 4*batch, a symbol
+        assert counts == {}
+        x3 = torch.randn(3, 3)
+        torch.testing.assert_close(gm(x3), model(x3))
+
+
 def test_a_shape_constraint_on_a_dim_export_kept_dynamic_does_not_match():
     class Seq(nn.Module):
         def forward(self, x):
