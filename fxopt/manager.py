@@ -26,6 +26,7 @@ and a bisect limit (run only the first N passes) to find the pass that breaks a 
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 import warnings
@@ -536,6 +537,60 @@ class SharedWriteGuard(TorchFunctionMode):
                 raise RuntimeError(
                     f"{self.who} tried to {how} tensor '{name}' in place ({what}); {_advice(self.who)}")
         return func(*args, **kwargs)
+
+
+class ParameterWrites(TorchFunctionMode):
+    """Keep each parameter of `modules` that a torch function writes into in place, as it was
+    just before the first write, and put them back on `restore`: a forward that changes its own
+    weights (``nn.Embedding(max_norm=...)`` renormalizes the rows it reads) leaves them as they
+    were. Only parameters written are copied; writes that bypass torch functions go unseen.
+
+        >>> import torch
+        >>> emb = torch.nn.Embedding(4, 2, max_norm=0.1)
+        >>> before = emb.weight.detach().clone()
+        >>> with ParameterWrites(emb) as writes:
+        ...     _ = emb(torch.tensor([0, 1]))
+        >>> torch.equal(emb.weight, before), (writes.restore(), torch.equal(emb.weight, before))[1]
+        (False, True)
+    """
+
+    def __init__(self, *modules: torch.nn.Module) -> None:
+        super().__init__()
+        self.parameters = {key: p for m in modules for p in m.parameters() if (key := _storage_key(p)) is not None}
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for target in (*_written_tensors(func, args, kwargs), *_written_by_call(func, args, kwargs)):
+            key = _storage_key(target)
+            if key in self.parameters and key not in self.saved:
+                self.saved[key] = (self.parameters[key], self.parameters[key].detach().clone())
+        return func(*args, **kwargs)
+
+    def restore(self) -> None:
+        """Write the kept values back into the parameters written."""
+        with torch.no_grad():
+            for parameter, value in self.saved.values():
+                parameter.copy_(value)
+        self.saved.clear()
+
+
+def _written_by_call(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors a call writes that its name does not say: an aten op's arguments its schema
+    marks written (``aten.embedding_renorm_.default``, in an export graph), and the weight of
+    ``F.embedding`` / ``F.embedding_bag`` with a ``max_norm``, renormalized inside, where a torch
+    function mode does not see it."""
+    schema = getattr(func, "_schema", None)
+    if schema is not None:
+        return [a for a, spec in zip(args, schema.arguments)
+                if isinstance(a, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write]
+    if func in _RENORMING:
+        bound = _RENORMING[func].bind(*args, **kwargs).arguments
+        return [bound["weight"]] if bound.get("max_norm") is not None else []
+    return []
+
+
+_RENORMING = {f: inspect.signature(f) for f in (torch.nn.functional.embedding, torch.nn.functional.embedding_bag)}
 
 
 def _advice(who: str) -> str:

@@ -440,11 +440,15 @@ def verify(
         problem = unmaterialized(module)  # running it would change the caller's module
         if problem is not None:
             raise ValueError(f"verify: the {role} {type(module).__name__} cannot be run as it is: {problem}")
+    from .manager import ParameterWrites
+
     args, kwargs = normalize_inputs(inputs)
-    attributes = PythonAttributes(reference, candidate)
+    attributes, parameters = PythonAttributes(reference, candidate), ParameterWrites(reference, candidate)
     try:
-        return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize)
+        with parameters:  # a forward that writes its own weights (nn.Embedding(max_norm=...))
+            return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize)
     finally:
+        parameters.restore()
         attributes.restore()
 
 

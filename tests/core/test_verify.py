@@ -1154,3 +1154,24 @@ def test_a_tensor_output_that_became_a_python_number_names_both():
     mask = torch.zeros(3) > 1
     _, problem = compare_outputs(mask.all(), False)
     assert problem == "the output, a tensor [] bool, became False (a Python bool)"
+
+
+class _RenormedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.fc = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.e(ids).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_verify_leaves_a_parameter_the_forward_writes_as_it_was(mode):
+    """nn.Embedding(max_norm=1) renormalizes the rows it reads in place: verify put buffers
+    back, not parameters, and the caller's weight moved by 1.93."""
+    torch.manual_seed(0)
+    model, ids = _RenormedEmbedding().eval(), torch.randint(10, 20, (3, 5))
+    candidate = fxopt.optimize(model, torch.randint(0, 10, (2, 5)), "fuse", mode=mode).module
+    before = model.e.weight.detach().clone(), candidate.get_submodule("e").weight.detach().clone()
+    assert fxopt.verify(model, candidate, ids).passed
+    assert torch.equal(model.e.weight, before[0]) and torch.equal(candidate.get_submodule("e").weight, before[1])
