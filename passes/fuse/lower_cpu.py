@@ -98,7 +98,7 @@ class WeightPacks(torch.nn.Module):
     packs are derived data and are neither saved nor copied.
     """
 
-    max_packs = 8  # distinct (threads, shape, version) keys kept; the oldest goes first
+    max_packs = 8  # distinct (threads, shape, version, storage) keys kept; the oldest goes first
     # why fxopt.save refuses it (read by serialize._save_module)
     save_advice = _SAVE_ADVICE
     inference_only = True  # oneDNN kernels have no backward: `distill` refuses to train through it
@@ -110,15 +110,26 @@ class WeightPacks(torch.nn.Module):
         self.kind = kind
         self.conv_args = conv_args  # (padding, stride, dilation, groups) for a conv
         self.packs: dict[tuple, torch.Tensor] = {}
+        self._packed_from: torch.Tensor | None = None
 
     def get(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`weight` packed for input `x` under the current thread count (cached)."""
-        # The version counter keys an in-place weight update (load_state_dict) to a new pack;
-        # inference tensors have none (and cannot be updated in place outside inference mode).
+        """`weight` packed for input `x` under the current thread count (cached).
+
+        The key names the weight's values: its version counter (an in-place update:
+        `load_state_dict`, ``p.copy_`` under no_grad; inference tensors have none and cannot be
+        updated in place outside inference mode) and its storage (a Parameter assigned anew,
+        ``p.data = ...``, `vector_to_parameters`: the old pack computed the old weights, fuse
+        tester). A write through ``p.data`` in place bumps neither, as for any cache of
+        torch's own. The storage packed from is held, so its address names no other tensor
+        while a pack keyed by it is kept."""
         version = -1 if weight.is_inference() else weight._version
-        key = (torch.get_num_threads(), x.shape, version)
+        storage = weight.data_ptr()
+        key = (torch.get_num_threads(), x.shape, version, storage)
         packed = self.packs.get(key)
         if packed is None:
+            if self._packed_from is None or self._packed_from.data_ptr() != storage:
+                self.packs = {}  # other weights: their packs are stale
+                self._packed_from = weight.detach()
             packed = self._pack(weight, x.shape)
             if len(self.packs) >= self.max_packs:
                 self.packs.pop(next(iter(self.packs)))
@@ -142,6 +153,7 @@ class WeightPacks(torch.nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["packs"] = {}  # oneDNN tensors do not pickle or deepcopy; they are rebuilt on use
+        state["_packed_from"] = None
         return state
 
     def extra_repr(self) -> str:

@@ -150,6 +150,31 @@ def test_packs_follow_in_place_weight_updates_and_are_bounded():
     assert len(_packs(gm)[0].packs) == WeightPacks.max_packs
 
 
+@pytest.mark.parametrize("how", ["new parameter", "data assigned", "vector_to_parameters"])
+def test_packs_follow_weights_assigned_anew(how):
+    """Fuse tester: a Parameter assigned anew, ``p.data = w`` and `vector_to_parameters` leave
+    the version counter where it was; the old pack kept computing the old weights (2.2 off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU()).eval()
+    other = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU()).eval()
+    gm = fxopt.optimize(model, (torch.randn(2, 8, 12, 12),), "lower-cpu", mode="symbolic").module
+    x = torch.randn(2, 8, 12, 12)
+    gm(x)  # packs the first weights
+    assert _packs(gm), gm.code
+    params, new = dict(gm.named_parameters()), dict(other.named_parameters())
+    assert len(params) == len(new) == 2
+    for (name, p), w in zip(params.items(), new.values()):
+        if how == "new parameter":
+            module, _, attr = name.rpartition(".")
+            setattr(gm.get_submodule(module), attr, nn.Parameter(w.detach().clone()))
+        elif how == "data assigned":
+            p.data = w.detach().clone()
+    if how == "vector_to_parameters":
+        nn.utils.vector_to_parameters(nn.utils.parameters_to_vector(new.values()), params.values())
+    torch.testing.assert_close(gm(x), other(x), rtol=1e-4, atol=1e-5)
+    assert len(_packs(gm)[0].packs) == 1  # the stale pack is dropped
+
+
 def test_lowered_module_copies_and_saves_without_onednn_tensors():
     model = Block().eval()
     x = torch.randn(2, 3, 6, 6)
