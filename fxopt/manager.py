@@ -418,8 +418,14 @@ class PassManager:
             protected = _protected(current, ctx.reference)
             untouched = _Untouched(protected, ctx.reference)
             signature = _graph_signature(working)
-            with SharedWriteGuard(*(m for _, m in protected)):
-                result = p.run(working, ctx)
+            writes = ParameterWrites(*(m for _, m in protected))
+            try:
+                with SharedWriteGuard(*(m for _, m in protected)), writes:
+                    result = p.run(working, ctx)
+            finally:
+                # the model's forward, which a pass runs (calibration), may write its own weights
+                # (nn.Embedding(max_norm=...)): put back, and no write of the pass's
+                untouched.forgive(writes.restore())
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
             if not isinstance(result.module, torch.fx.GraphModule):
@@ -567,12 +573,14 @@ class ParameterWrites(TorchFunctionMode):
                 self.saved[key] = (self.parameters[key], self.parameters[key].detach().clone())
         return func(*args, **kwargs)
 
-    def restore(self) -> None:
-        """Write the kept values back into the parameters written."""
+    def restore(self) -> list[torch.Tensor]:
+        """Write the kept values back into the parameters written; returns those parameters."""
+        restored = [parameter for parameter, _ in self.saved.values()]
         with torch.no_grad():
             for parameter, value in self.saved.values():
                 parameter.copy_(value)
         self.saved.clear()
+        return restored
 
 
 def _written_by_call(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -691,6 +699,12 @@ class _Untouched:
                     t.data = original
                 swapped.append(name)
         return swapped
+
+    def forgive(self, tensors: list[torch.Tensor]) -> None:
+        """Take `tensors` as they are now: written and put back as they were (`ParameterWrites`)."""
+        for t in tensors:
+            if id(t) in self.versions:
+                self.versions[id(t)] = (self.versions[id(t)][0], t._version)
 
     def check(self, reference: torch.fx.GraphModule | None) -> None:
         changed = self.attributes.changed()

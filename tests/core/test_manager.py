@@ -1153,3 +1153,37 @@ def test_training_the_result_of_run_leaves_its_input_graph_as_it_was(pipeline):
         result.get_buffer("scale").mul_(3)
     assert torch.equal(gm(ids), before)
     assert not fxopt.verify(gm, result, ids).passed
+
+
+class _RenormedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.fc = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.e(ids).mean(1))
+
+
+@dataclasses.dataclass
+class _RunsTheModel(fxopt.Pass):
+    """Runs the graph on the example, as calibration does."""
+
+    name = "runs-the-model"
+
+    def run(self, gm, ctx):
+        with torch.no_grad():
+            gm(*ctx.example_inputs)
+        return fxopt.PassResult(gm, modified=False)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_pass_may_run_a_model_whose_forward_writes_its_own_weights(mode):
+    """nn.Embedding(max_norm=1) renorms the rows it reads: quantize's calibration failed with
+    "the pass wrote into tensor 'e.weight' in place", which the pass could not help."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (4, 5))
+    gm = fxopt.capture(_RenormedEmbedding().eval(), ids, mode=mode)
+    weight = dict(gm.named_parameters())["e.weight"]
+    before = weight.detach().clone()
+    fxopt.PassManager([_RunsTheModel()]).run(gm, (ids,))
+    assert torch.equal(weight, before)
