@@ -669,10 +669,32 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
             got = gm(*graph_args, **graph_kwargs)
         state.restore()
     _check_same_outputs(expected, got, lambda: _nondeterministic(model, args, kwargs, state))
+    _check_same_input_writes(model, (model_args, model_kwargs), (graph_args, graph_kwargs))
     moved = _changed_plain_attributes(plain_before, _plain_attributes(model))
     if moved:
         _warn_python_state(model, gm, args, kwargs, state, got, moved, kept)
     kept.restore()
+
+
+def _check_same_input_writes(model: nn.Module, eager: tuple[tuple, dict], graph: tuple[tuple, dict]) -> None:
+    """Refuse a graph that leaves an input as the model does not (or the other way): symbolic
+    tracing records ``x += h`` as ``x + h``, so the caller's tensor is no longer written, though
+    the outputs agree. `eager` and `graph` are the inputs each run got (fresh copies of one)."""
+    labels = [label for label, value in _labelled_inputs(model, *eager) if isinstance(value, torch.Tensor)]
+    ran = [v for v in tree_leaves(eager) if isinstance(v, torch.Tensor)]
+    traced = [v for v in tree_leaves(graph) if isinstance(v, torch.Tensor)]
+    for label, e, g in zip(labels, ran, traced):
+        if not _same_tensor_values(e, g):
+            raise CaptureError(f"forward writes into {label} in place, and the graph does not write it as the model "
+                               "does (symbolic tracing records `x += h` as `x = x + h`): the caller's tensor would "
+                               "be left as it was; use mode='export', which records the write")
+
+
+def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and values, NaN where the other has NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
 
 
 _PLAIN = (int, float, bool, str, type(None))
