@@ -231,21 +231,23 @@ def _label(path: tuple, params: list[str]) -> str:
 class _ExplainedCall:
     """Stands in for a GraphModule class's `_wrapped_call` (what its `__call__` runs, kept by
     `recompile`): runs the call and, when it raises, looks for an input that does not fit the
-    module's record (`mismatch`). Two things are checked before the call, where the call would
-    not raise: the structure of the inputs (`structure`: where torch's own check of it is gone, a
-    copy or a loaded graph, whose flattening read a dict-captured ``forward(y, x)`` called as
-    ``g(X, Y)`` with x and y swapped, and took a list of 3 captured as 2 without its last item),
-    and `floors`, the dynamic dims a size below their min would take through the other branch of
-    the model's code (``if x.shape[0] == 1:``; export guards none of sizes 0 and 1). A call that
-    fits pays a comparison of its input structure, and a flattening of its inputs where there are
-    floors."""
+    module's record (`mismatch`). Three things are checked before the call, where the call would
+    not raise: the number of dims of each tensor input (`ranks`: export's guard checks none, and
+    a graph a pass folded for 2-D inputs ran a 3-D one, wrongly); the structure of the inputs
+    (`structure`: where torch's own check of it is gone, a copy or a loaded graph, whose
+    flattening read a dict-captured ``forward(y, x)`` called as ``g(X, Y)`` with x and y
+    swapped, and took a list of 3 captured as 2 without its last item), and `floors`, the
+    dynamic dims a size below their min would take through the other branch of the model's code
+    (``if x.shape[0] == 1:``; export guards none of sizes 0 and 1). A call that fits pays a
+    comparison of its input structure and a flattening of its inputs."""
 
     def __init__(self, inner: Any, structure: bool, floors: tuple[tuple[int, int, int], ...],
-                 keywords: list[str]) -> None:
+                 keywords: list[str], ranks: tuple[tuple[int, int], ...]) -> None:
         self.inner = inner
         self.structure = structure
         self.floors = floors
         self.keywords = keywords
+        self.ranks = ranks
         #: A call on inputs of another memory layout failed and ran on contiguous copies: later
         #: calls make them contiguous up front (`_run_contiguous`).
         self.contiguous = False
@@ -292,13 +294,19 @@ class _ExplainedCall:
         return True, out
 
     def _suspect(self, module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
-        """Whether the call's structure differs from the captured one, or a size is below a floor."""
+        """Whether the call's structure differs from the captured one, a tensor input has another
+        number of dims (export's guard checks none: a graph folded for 2-D inputs ran a 3-D one),
+        or a size is below a floor."""
         spec = getattr(module, "_in_spec", None)
         if self.structure and spec is not None and tree_structure((args, kwargs)) != spec:
             return True
-        if not self.floors:
+        if not (self.floors or self.ranks):
             return False
-        flat = tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))[0]
+        flat = args if not kwargs and all(isinstance(a, torch.Tensor) for a in args) else (
+            tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))[0])  # (tensors: no containers)
+        if any(i < len(flat) and isinstance(flat[i], torch.Tensor) and flat[i].dim() != rank
+               for i, rank in self.ranks):
+            return True
         return any(i < len(flat) and isinstance(flat[i], torch.Tensor) and flat[i].dim() > dim
                    and flat[i].shape[dim] < low for i, dim, low in self.floors)
 
@@ -391,8 +399,14 @@ def explain_failed_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return gm
     torch_checks = any(getattr(h, "__name__", "") == "_check_input_constraints_pre_hook"
                        for h in gm._forward_pre_hooks.values())
-    cls._wrapped_call = _ExplainedCall(inner, not torch_checks, _floors(record), record["keywords"])
+    cls._wrapped_call = _ExplainedCall(inner, not torch_checks, _floors(record), record["keywords"],
+                                       _ranks(record))
     return gm
+
+
+def _ranks(record: dict) -> tuple[tuple[int, int], ...]:
+    """(leaf, number of dims) of every tensor input of `record`."""
+    return tuple((i, len(entry["shape"])) for i, entry in enumerate(record["leaves"]) if "shape" in entry)
 
 
 def _floors(record: dict) -> tuple[tuple[int, int, int], ...]:

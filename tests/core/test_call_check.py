@@ -580,3 +580,14 @@ def test_a_graph_that_writes_its_input_is_not_run_again_on_a_copy():
     gm = _export(_DoublesItsInput(), (torch.randn(2, 3, 4, 4),))
     with pytest.raises(RuntimeError, match="view size is not compatible"):
         gm(torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last))
+
+
+def test_a_call_of_another_rank_is_refused_naming_the_input():
+    """Captured at (4, 8), a (4, 8, 8) call ran: export's guard checks no rank, and after fuse
+    folded a BatchNorm1d into the Linear (exact in 2-D only) the graph was off by 2.59."""
+    model = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 4)).eval()
+    gm = _export(model, (torch.randn(4, 8),))
+    with pytest.raises(InputMismatchError, match=r"input 0 \('input'\) has 3 dimensions \(shape \(4, 8, 8\)\); the "
+                                                 r"graph was captured with 2"):
+        gm(torch.randn(4, 8, 8))
+    assert gm(torch.randn(3, 8)).shape == (3, 4)
