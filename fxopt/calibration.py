@@ -81,8 +81,9 @@ class StreamedBatches:
 
 def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBatches | None:
     """`fxopt.optimize`'s `calibration` as the passes read it (`PassContext.calibration`): None
-    stays None; a list or tuple, or a one-shot iterator (a generator, which passes could not read
-    twice), becomes a list of `(args, kwargs)` pairs; another iterable with a length (a
+    stays None; a list or tuple, a one-shot iterator (a generator, which passes could not read
+    twice), or an iterable without a length (a DataLoader of an IterableDataset, whose `len`
+    raises) becomes a list of `(args, kwargs)` pairs; another iterable with a length (a
     DataLoader) is streamed (`StreamedBatches`).
 
         >>> import torch
@@ -93,9 +94,19 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
         return None
     check_batches(calibration)
     # (an Iterator is read once; asking a DataLoader for one would start its workers for nothing)
-    if isinstance(calibration, (list, tuple, Iterator)) or not hasattr(calibration, "__len__"):
+    if isinstance(calibration, (list, tuple, Iterator)) or not _has_length(calibration):
         return [normalize_inputs(batch) for batch in calibration]
     return StreamedBatches(calibration)
+
+
+def _has_length(batches: Any) -> bool:
+    """Whether `len(batches)` answers: a DataLoader always has `__len__`, which raises TypeError
+    for an IterableDataset (the passes ask a streamed source its length)."""
+    try:
+        len(batches)
+    except TypeError:
+        return False
+    return True
 
 
 #: The index, within the running `calibrate` call, of the batch being fed (observers name it).

@@ -155,3 +155,19 @@ def test_a_dataloader_of_inputs_and_labels_is_named_as_the_likely_cause(observed
     with pytest.raises(FxoptError, match=r"(?s)calibration batch 0 .* holds 2: batches of \(inputs, labels\) feed the "
                                          r"labels as an input too; give the inputs only"):
         fxopt.calibrate(observed, labeled, progress=False)
+
+
+class _Rows(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_dataloader_of_an_iterable_dataset_is_read_into_a_list():
+    """Its DataLoader has a __len__ that raises: it was taken for a sized loader and streamed,
+    and quantize failed with "object of type '_Rows' has no len()"."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 16)
+    loader = torch.utils.data.DataLoader(_Rows(), batch_size=8)
+    streamed = fxopt.optimize(model, x, "quantize", calibration=loader).module
+    listed = fxopt.optimize(model, x, "quantize", calibration=list(loader)).module
+    torch.testing.assert_close(streamed(x), listed(x), rtol=0, atol=0)
