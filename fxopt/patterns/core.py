@@ -252,7 +252,19 @@ class Match:
     params: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: (value, dim, size) a Var's `shape` fixed where the graph may run at other sizes (a
     #: symbolic graph's image or sequence dims): the rewrite asserts them (`apply_patterns`).
-    size_guards: list[tuple[torch.fx.Node, int, int]] = field(default_factory=list)
+    #: dim None: the value's rank (a Var's int `ndim`, `Rewriter.hold_rank`).
+    size_guards: list[tuple[torch.fx.Node, int | None, int]] = field(default_factory=list)
+
+    def hold_rank(self, value: torch.fx.Node) -> None:
+        """Make the rewrite assert `value`'s recorded rank where the graph may run at another
+        (a symbolic graph: ``BatchNorm1d`` takes (N, C) and (N, C, L) alike); a graph tensor's
+        rank is fixed. Hold a value the rewrite keeps (an input of the match): the assert
+        reads it."""
+        meta = tensor_meta(value)
+        info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
+        if meta is not None and value.op != "get_attr" and info.get("frontend") != "export" \
+                and (value, None, len(meta[0])) not in self.size_guards:
+            self.size_guards.append((value, None, len(meta[0])))
 
     def __getitem__(self, name: str) -> Any:
         if name in self.values:
@@ -497,6 +509,8 @@ def _match_var(value: Any, pat: Var, m: Match) -> Match:
                           f"the rewrite at every batch size (write None for dim 0)")
         if pat.shape is not None:
             _hold_fixed_sizes(value, pat, m)
+        if isinstance(pat.ndim, int):
+            m.hold_rank(value)
     if pat.check is not None:
         verdict = _run_check(pat.check, value, f"the check of Var('{pat.name}')", value)
         if isinstance(verdict, str) or not verdict:  # a string is a reason, as for Op and Pattern checks

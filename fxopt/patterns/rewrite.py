@@ -321,12 +321,13 @@ def _assert_sizes(gm: torch.fx.GraphModule, pattern: Pattern, m: Match, new: tor
     where the graph may run at others (`Match.size_guards`): at those the rewrite computes
     other numbers, and the graph says so instead."""
     for value, dim, size in m.size_guards:
+        what, kind = (f"size {size} at dim {dim}", "size") if dim is not None else (f"{size} dims", "rank")
         with gm.graph.inserting_before(new):
-            got = gm.graph.call_method("size", (value, dim))
+            got = gm.graph.call_method("size", (value, dim)) if dim is not None else gm.graph.call_method("dim", (value,))
             same = gm.graph.call_function(operator.eq, (got, size))
             gm.graph.call_function(torch._assert, (same, (
-                f"pattern '{pattern.name}' rewrote '{m.root.name}' for size {size} at dim {dim} of "
-                f"'{value.name}' (its shape constraint); the graph runs only at that size now")))
+                f"pattern '{pattern.name}' rewrote '{m.root.name}' for {what} of "
+                f"'{value.name}' (its shape constraint); the graph runs only at that {kind} now")))
 
 
 def _checked_replacement(rw: Rewriter, pattern: Pattern) -> torch.fx.Node | None:

@@ -257,6 +257,7 @@ def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
     w = lin.param("weight")
     if bn.param("running_mean").shape[0] != w.shape[0]:
         return None
+    r.match.hold_rank(r["x"])  # the linear's rank: at another the batchnorm normalizes dim 1
     return _affine_linear(r, lin, *_bn_scale_shift(bn, w.shape[0], w.dtype))
 
 
@@ -348,6 +349,7 @@ def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
     folded = in_dtype(w.dtype, w.double() * scale, w.double() @ shift + (0 if b is None else b.double()))
     if folded is None:
         return None
+    r.match.hold_rank(r["x"])  # at another rank the batchnorm normalizes dim 1
     name = r.match.root.name
     return r.call(F.linear, r["x"], r.tensor(f"{name}_folded_weight", folded[0]),
                   r.tensor(f"{name}_folded_bias", folded[1]))

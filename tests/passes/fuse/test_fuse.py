@@ -1,6 +1,6 @@
 """The `fuse` pass: each built-in pattern on both front ends, numerics, counters, annotations."""
 import math
-
+import re
 import warnings
 
 import pytest
@@ -33,10 +33,13 @@ def _run(model, x, mode, pipeline="fuse"):
 
 
 def _kinds(gm):
+    """The op kinds of `gm`, less the rank and size asserts a rewrite leaves (`hold_rank`)."""
+    asserts = [n for n in gm.graph.nodes if n.target is torch._assert]
+    guards = {a for n in asserts for a in (n, *n.all_input_nodes, *n.args[0].all_input_nodes)}
     out = []
     for n in gm.graph.nodes:
         v = fxopt.ir.op_view(gm, n)
-        if v is not None:
+        if v is not None and n not in guards:
             out.append(v.kind)
     return out
 
@@ -120,6 +123,21 @@ def test_linear_bn_on_3d_input_is_not_folded(mode):
     model = nn.Sequential(nn.Linear(4, 4), _warm_bn(nn.BatchNorm1d(3))).eval()
     res = _run(model, torch.randn(2, 3, 4), mode)
     assert "batch_norm" in _kinds(res.module)
+
+
+@pytest.mark.parametrize("order", ["bn+linear", "linear+bn"])
+def test_a_batchnorm_folded_into_a_linear_holds_its_rank_in_a_symbolic_graph(order):
+    """Fuse tester: folded at (N, C), the graph took (N, C, C) too, where BatchNorm1d
+    normalizes dim 1 and the linear reads dim -1: 2.45 off, silently. The symbolic graph now
+    asserts the rank the fold was made for (an export graph refuses other ranks at its entry)."""
+    layers = [_warm_bn(nn.BatchNorm1d(8)), nn.Linear(8, 8)]
+    model = nn.Sequential(*(layers if order == "bn+linear" else layers[::-1])).eval()
+    res = _run(model, torch.randn(4, 8), "symbolic")
+    assert res.passes[0].stats["matches"] == {order: 1}
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(res.module(x), model(x))
+    with pytest.raises(AssertionError, match=f"pattern '{re.escape(order)}' .* for 2 dims of .* runs only at that rank"):
+        res.module(torch.randn(4, 8, 8))
 
 
 class Residual(nn.Module):
@@ -1123,7 +1141,9 @@ def test_a_learned_temperature_keeps_training_after_sdpa(mode):
     assert "temperature" in dict(gm.named_parameters())
     gm(q, k, v).square().sum().backward()
     model(q, k, v).square().sum().backward()
-    torch.testing.assert_close(dict(gm.named_parameters())["temperature"].grad, model.temperature.grad)
+    # a sum of ~200 products in another order: 2.4e-6 relative on an AMD EPYC
+    torch.testing.assert_close(dict(gm.named_parameters())["temperature"].grad, model.temperature.grad,
+                               rtol=1e-5, atol=1e-5)
 
 
 class _ComputedBias(nn.Module):

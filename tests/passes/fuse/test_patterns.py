@@ -999,6 +999,22 @@ def test_a_shape_constraint_on_a_dim_0_computed_from_the_batch_holds_too(mode):
         torch.testing.assert_close(gm(x3), model(x3))
 
 
+def test_an_int_ndim_is_asserted_in_a_symbolic_graph():
+    """A rewrite made for a rank must not run at another where the graph takes one."""
+    class Rows(nn.Module):
+        def forward(self, x):
+            return x.sum(-1)
+
+    gm = fxopt.capture(Rows(), (torch.randn(2, 3),), mode="symbolic")
+    rank2 = Pattern("rank2", Op("sum", Var("x", ndim=2)), replacement=lambda x: x @ torch.ones(3))
+    assert apply_patterns(gm, rank2).counts == {"rank2": 1}
+    gm.recompile()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(gm(x), x.sum(-1))
+    with pytest.raises(AssertionError, match="pattern 'rank2' rewrote .* for 2 dims of 'x'"):
+        gm(torch.randn(4, 2, 3))
+
+
 def test_a_shape_constraint_on_a_dim_export_kept_dynamic_does_not_match():
     class Seq(nn.Module):
         def forward(self, x):
