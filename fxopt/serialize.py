@@ -168,6 +168,13 @@ def rebuild_coded_attributes(module: nn.Module) -> int:
     return count
 
 
+def holds_coded_attributes(module: nn.Module) -> bool:
+    """Whether `module` or a submodule holds an attribute a registered codec stores (an int8
+    prepacked weight)."""
+    return any(_codec_for(value) is not None for owner in module.modules() for value in vars(owner).values()
+               if not isinstance(value, (torch.Tensor, nn.Module)))
+
+
 def hold_coded_attributes(gm: torch.fx.GraphModule) -> int:
     """Make every codec-stored object the graph reads a `CodedValue`'s ``value``; returns how
     many were not. ``torch.fx.GraphModule(root, graph)`` (a re-trace, a load) copies a

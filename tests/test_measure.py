@@ -394,3 +394,45 @@ def test_an_int8_conv_with_a_float_output_keeps_its_weights_in_the_counts():
     assert count_parameters(q) == count_parameters(model) == 64 * 64 * 9 + 64 + 64 * 4 + 4
     weights = 64 * 64 * 9  # int8: a byte each
     assert weights < model_size_bytes(q) < model_size_bytes(model) / 3
+
+
+class _ShapeBoundPack:
+    """Stands in for an int8 prepacked weight: it records the shapes it is called at (a oneDNN
+    pack keeps the primitive of its first call's shape; others take a slower path)."""
+
+    calls: list[tuple[int, tuple]] = []  # (which pack, the shape it ran at)
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append((id(self), tuple(x.shape)))
+        return x @ self.weight
+
+
+fxopt.serialize.register_codec(fxopt.serialize.AttributeCodec(
+    "test-shape-bound-pack", lambda v: isinstance(v, _ShapeBoundPack), lambda v: {"weight": v.weight},
+    lambda d: _ShapeBoundPack(d["weight"]), "fxopt.serialize"))
+
+
+class _Packed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pack = _ShapeBoundPack(torch.randn(4, 4))
+
+    def forward(self, x):
+        return self.pack(x)
+
+
+def test_compare_latency_times_each_input_size_on_a_pack_of_its_own():
+    """One int8 module timed at batch 1 then 16 ran the second size on the first's primitive:
+    2-3.5x slower than a fresh module at that size."""
+    model = _Packed()
+    _ShapeBoundPack.calls.clear()
+    compare_latency({"int8": model}, {"b1": (torch.randn(1, 4),), "b16": (torch.randn(16, 4),)},
+                    rounds=2, warmup=1, repeats=2)
+    shapes_by_pack: dict[int, set] = {}
+    for pack, shape in _ShapeBoundPack.calls:
+        shapes_by_pack.setdefault(pack, set()).add(shape)
+    assert id(model.pack) not in shapes_by_pack  # the caller's packs keep the shape they had
+    assert sorted(map(sorted, shapes_by_pack.values())) == [[(1, 4)], [(16, 4)]]
