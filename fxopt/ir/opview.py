@@ -56,6 +56,13 @@ class OpView:
         ref = self.params.get(name)
         return None if ref is None else ref.get()
 
+    def computed(self, name: str) -> torch.fx.Node | None:
+        """The graph value a parameter argument reads where it is no stored tensor (a
+        batchnorm's weight computed from an input: FiLM-style conditioning); None where it is
+        stored, or not given. `param` returns None for both: a pass that folds the op must ask."""
+        value = self.attrs.get(name)
+        return value if isinstance(value, torch.fx.Node) else None
+
     @property
     def input(self) -> torch.fx.Node | None:
         return self.inputs[0] if self.inputs else None

@@ -80,6 +80,9 @@ def _bn_eval(view) -> bool | str:
         return "batchnorm is in training mode (batch statistics cannot be folded)"
     if "running_mean" not in view.params or "running_var" not in view.params:
         return "batchnorm has no running statistics"
+    for name in ("weight", "bias"):  # a fold bakes them into the layer: they must be stored
+        if (value := view.computed(name)) is not None:
+            return f"batchnorm's {name} is computed in the graph ('{value.name}'), not a stored tensor"
     # in the statistics' own dtype, as the batchnorm adds them (eps=1e-50 is 0 in float32)
     if not torch.all(view.param("running_var") + float(view.attrs.get("eps", 1e-5)) > 0):
         # a zero denominator: eager gives ±inf or NaN per element, an infinite folded weight

@@ -237,7 +237,8 @@ def transposed_reason(view) -> str | None:
 
 def _follower_ok(view, anchor) -> bool:
     if view.kind == "batch_norm":
-        if view.attrs.get("training", False) or "running_mean" not in view.params:
+        if view.attrs.get("training", False) or "running_mean" not in view.params \
+                or any(view.computed(name) is not None for name in ("weight", "bias")):
             return False
         if anchor.kind == "linear":
             # BatchNorm1d normalizes dim 1: the linear's features only on an (N, features) output
@@ -361,6 +362,9 @@ def _batch_norm_reason(gm, view) -> str:
     """Why a batchnorm was not folded into the conv or linear before it."""
     if view.attrs.get("training", False) or "running_mean" not in view.params:
         return "uses batch statistics (training mode): nothing to fold; runs in float"
+    computed = next((name for name in ("weight", "bias") if view.computed(name) is not None), None)
+    if computed is not None:
+        return f"its {computed} is computed in the graph ('{view.computed(computed).name}'): no weight fold; runs in float"
     source = view.input
     before = op_view(gm, source) if isinstance(source, torch.fx.Node) else None
     if before is None or before.kind not in ("conv", "linear"):

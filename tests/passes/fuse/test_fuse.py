@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
-from fxopt.passes.fuse.rules import ACTIVATIONS
+from fxopt.passes.fuse.rules import ACTIVATIONS, _bn_eval
 from fxopt.patterns import annotations
 
 MODES = ("symbolic", "export")
@@ -138,6 +138,43 @@ def test_a_batchnorm_folded_into_a_linear_holds_its_rank_in_a_symbolic_graph(ord
     torch.testing.assert_close(res.module(x), model(x))
     with pytest.raises(AssertionError, match=f"pattern '{re.escape(order)}' .* for 2 dims of .* runs only at that rank"):
         res.module(torch.randn(4, 8, 8))
+
+
+class ConditionalBatchNorm(nn.Module):
+    """FiLM-style conditioning: the batchnorm's affine computed from a second input."""
+
+    def __init__(self, which: str, order: str):
+        super().__init__()
+        self.which, self.order = which, order
+        self.conv, self.fc = nn.Conv2d(4, 4, 3), nn.Linear(5, 4)
+        self.register_buffer("rm", torch.randn(4))
+        self.register_buffer("rv", torch.rand(4) + 0.5)
+
+    def forward(self, x, z):
+        cond = 1 + self.fc(z).mean(0)
+        weight, bias = (cond, None) if self.which == "weight" else (None, cond)
+        if self.order == "bn+conv":
+            return self.conv(F.batch_norm(x, self.rm, self.rv, weight, bias, False, 0.1, 1e-5))
+        return F.batch_norm(self.conv(x), self.rm, self.rv, weight, bias, False, 0.1, 1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ["conv+bn", "bn+conv"])
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_a_batchnorm_whose_affine_is_computed_is_not_folded(which, order, mode):
+    """Fuse tester: a weight or bias computed from an input was read as absent (1 or 0) and
+    the batchnorm folded: 0.4-5.8 off at the example itself."""
+    model = ConditionalBatchNorm(which, order).eval()
+    x, z = torch.randn(2, 4, 6, 6), torch.randn(2, 5)
+    res = fxopt.optimize(model, (x, z), pipeline="fuse", mode=mode)
+    assert res.verification.passed, res.summary()
+    assert not any("bn" in name for name in res.passes[0].stats["matches"]), res.passes[0].stats
+    assert "batch_norm" in _kinds(res.module)
+    x, z = torch.randn(3, 4, 6, 6), torch.randn(3, 5)
+    torch.testing.assert_close(res.module(x, z), model(x, z))
+    gm = fxopt.capture(model, (x, z), mode=mode)
+    bn = next(v for v in map(lambda n: fxopt.ir.op_view(gm, n), gm.graph.nodes) if v and v.kind == "batch_norm")
+    assert f"batchnorm's {which} is computed in the graph" in _bn_eval(bn)
 
 
 class Residual(nn.Module):

@@ -116,3 +116,34 @@ def test_batchnorm1d_over_another_axis_than_the_features_stays_float():
         "batch_norm: normalizes dim 1 of the linear's (N, L, features) output, which no weight fold "
         "expresses; runs in float"], stats["float_ops"]
     assert res.verification.passed and res.verification.sqnr_db > 30, res.verification.summary()
+
+
+class _FiLM(nn.Module):
+    """A conv whose batchnorm's weight is computed from a second input (FiLM conditioning)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(3, 4, 3), nn.Linear(5, 4), nn.Conv2d(4, 4, 1)
+        self.register_buffer("rm", torch.randn(4))
+        self.register_buffer("rv", torch.rand(4) + 0.5)
+
+    def forward(self, x, z):
+        weight = 1 + self.fc(z).mean(0)
+        return self.head(torch.relu(torch.nn.functional.batch_norm(self.conv(x), self.rm, self.rv, weight)))
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_batchnorm_whose_weight_is_computed_stays_float(mode, backend):
+    """Its weight is no stored tensor: a fold read it as 1 (the fuse tester's case, which
+    `quantize`'s own grouping shared)."""
+    torch.manual_seed(0)
+    model = _FiLM().eval()
+    calibration = [(torch.randn(2, 3, 8, 8), torch.randn(2, 5)) for _ in range(4)]
+    res = fxopt.optimize(model, calibration[0], pipeline=f"quantize{{backend={backend}}}",
+                         calibration=calibration, mode=mode)
+    stats = res.passes[-1].stats
+    assert res.verification.passed and res.verification.sqnr_db > 30, res.summary()
+    reason = next(r for name, r in stats["float_ops"].items() if "batch_norm" in name)
+    assert "weight is computed in the graph" in reason, stats["float_ops"]
+    assert _has_batch_norm(res.module)
