@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import copy
 import io
 import logging
 import operator
@@ -978,7 +979,30 @@ def _short(value: Any) -> str:
 # ----- helpers ------------------------------------------------------------------------------
 
 def _private_eval_copy(model: nn.Module) -> nn.Module:
-    return deep_copy(model).eval()
+    """A copy of `model` in eval mode, for capture to run and trace. An attribute `copy.deepcopy`
+    refuses is taken as it is (a threading.Lock, a generator: the copy shares it), or, for a
+    tensor computed from the parameters (``torch.nn.utils.weight_norm``'s weight, which its hook
+    computes again before every forward), detached: deepcopy failed on both, with torch's own
+    error."""
+    try:
+        return deep_copy(model).eval()
+    except Exception:  # noqa: BLE001  (deepcopy's errors are of any type: TypeError, RuntimeError)
+        return deep_copy(model, _uncopyable_attributes(model)).eval()
+
+
+def _uncopyable_attributes(model: nn.Module) -> dict[int, Any]:
+    """A `deep_copy` memo giving each attribute deepcopy refuses its stand-in (`_private_eval_copy`)."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if isinstance(value, nn.Module) or key in ("_parameters", "_buffers", "_modules"):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:  # noqa: BLE001  (as above)
+                computed = isinstance(value, torch.Tensor) and value.grad_fn is not None
+                memo[id(value)] = value.detach().clone() if computed else value
+    return memo
 
 
 # A module with a float rate under one of these names drops out in training mode

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import os
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -1574,3 +1575,30 @@ def test_a_forward_that_writes_into_its_input_is_not_captured_symbolically():
     mine, theirs = x.clone(), x.clone()
     torch.testing.assert_close(gm(mine), model(theirs))
     torch.testing.assert_close(mine, theirs)  # written as eager writes it
+
+
+def _weight_normed():
+    conv = nn.utils.weight_norm  # the classic hook form (TCN, WaveNet, HiFi-GAN code)
+    return nn.Sequential(conv(nn.Conv1d(4, 8, 3, padding=1)), nn.ReLU(), conv(nn.Conv1d(8, 4, 3, padding=1))).eval()
+
+
+class _HoldsALock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.lock = nn.Linear(4, 4), threading.Lock()
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("make, x", [(_weight_normed, torch.randn(2, 4, 16)), (lambda: _HoldsALock().eval(),
+                                                                              torch.randn(2, 4))],
+                         ids=["weight_norm", "lock"])
+def test_a_model_copy_deepcopy_refuses_is_captured(make, x, mode):
+    """capture copies the model first: torch.nn.utils.weight_norm's computed weight (no graph
+    leaf) failed with torch's "Only Tensors created explicitly by the user ... support the
+    deepcopy protocol", and a threading.Lock attribute with "cannot pickle '_thread.lock'"."""
+    model = make()
+    gm = capture(model, x, mode=mode)
+    torch.testing.assert_close(gm(x), model(x))
