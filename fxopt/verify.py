@@ -59,7 +59,8 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
 
-from .errors import InputMismatchError, VerificationError, is_library_frame, node_location, user_source_line
+from .errors import (InputMismatchError, VerificationError, first_line, is_library_frame, node_location,
+                     user_source_line)
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
 from .tracing import one_at_a_time
@@ -409,7 +410,8 @@ def verify(
     from `fxopt.optimize`, also after `fxopt.save`/`fxopt.load`: ``gm.meta["fxopt"]["tolerance"]``,
     e.g. `int8` after `quantize`), and to `exact` otherwise. Neither module is modified: a
     module with a lazy parameter that never ran (or one on the meta device) is refused with a
-    ValueError, since running it would initialize it; with `device="cuda"` both are copied to the GPU. Each output tensor is judged at its reference
+    ValueError, since running it would initialize it, and so are inputs the reference raises on;
+    with `device="cuda"` both are copied to the GPU. Each output tensor is judged at its reference
     dtype's precision: bfloat16 and float16 outputs get the rounding their dtype cannot avoid
     (`Tolerance.rtol_for`), float32 the tolerance as stated; integer and bool outputs are
     compared element by element (exactly under `exact` and `float`, 99% agreement under `int8`).
@@ -465,7 +467,7 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
     with torch.no_grad():  # each side on its own copy: a model may write into its inputs
         ref_args, ref_kwargs = fresh_inputs(args, kwargs)
         with same_random_draws():  # a forward that draws random numbers draws the same ones in both
-            ref_out = reference(*ref_args, **ref_kwargs)
+            ref_out = _run_reference(reference, ref_args, ref_kwargs)
         # the two may share buffers; restore writes back only what the run changed (a write
         # into the float bias quantize{backend=reference} shares is one VerifyEach refuses)
         state.restore()
@@ -490,6 +492,17 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
         if graph is not None:
             report.divergence = first_divergence(graph, candidate, args, kwargs, tol)
     return report
+
+
+def _run_reference(reference: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """`reference(*args, **kwargs)`; its failure is the inputs' (another dtype, shape or
+    structure than the model takes): a ValueError saying so, torch's error its cause."""
+    try:
+        return reference(*args, **kwargs)
+    except Exception as exc:
+        given = ", ".join([_brief(a) for a in args] + [f"{k}={_brief(v)}" for k, v in kwargs.items()])
+        raise ValueError(f"verify: the reference {type(reference).__name__} raised on the inputs ({given}): "
+                         f"{type(exc).__name__}: {first_line(exc)}; give inputs the model takes") from exc
 
 
 def _raising_node(candidate: nn.Module, args: tuple, kwargs: dict) -> torch.fx.Node | None:

@@ -1175,3 +1175,13 @@ def test_verify_leaves_a_parameter_the_forward_writes_as_it_was(mode):
     before = model.e.weight.detach().clone(), candidate.get_submodule("e").weight.detach().clone()
     assert fxopt.verify(model, candidate, ids).passed
     assert torch.equal(model.e.weight, before[0]) and torch.equal(candidate.get_submodule("e").weight, before[1])
+
+
+def test_inputs_the_reference_cannot_take_are_refused_naming_the_reference():
+    """Torch's bare "mat1 and mat2 must have the same dtype" came out of verify, not saying that
+    the reference (not the candidate) failed on the inputs given."""
+    model, x = nn.Linear(4, 4).eval(), torch.randn(2, 4)
+    gm = capture(model, x)
+    with pytest.raises(ValueError, match=r"verify: the reference Linear raised on the inputs \(a tensor \[2, 4\] "
+                                         r"float64\): RuntimeError: mat1 and mat2 must have the same dtype"):
+        verify(model, gm, x.double())
