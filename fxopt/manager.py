@@ -243,9 +243,10 @@ class VerifyEach(Instrument):
         try:
             verify(self.reference, self.reference, self._inputs(), localize=False)
         except Exception as exc:
+            cause = exc.__cause__ or exc  # verify's ValueError says what this one says: torch's error is the news
             raise ValueError(f"VerifyEach: its reference {type(self.reference).__name__} does not run on the inputs "
-                             f"VerifyEach was given ({type(exc).__name__}: {first_line(exc)}); give it the example "
-                             "inputs the pipeline runs on") from None
+                             f"VerifyEach was given ({type(cause).__name__}: {first_line(cause)}); give it the "
+                             "example inputs the pipeline runs on") from None
 
     def after_pass(self, p, before, result, record, ctx):
         tolerance = pass_tolerance(p)
