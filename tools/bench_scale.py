@@ -75,11 +75,13 @@ def measure(nodes: int, frontend: str, profile: str | None,
 
     row["capture"], gm = stage("capture", lambda: fxopt.capture(model, inputs, mode=frontend))
     row["nodes"] = len(gm.graph.nodes)
-    row["passes"], result = stage("passes", lambda: fxopt.PassManager(pipeline).run(gm, inputs))
+    # share_tensors: the passes alone, not the copy that keeps `gm` apart from the result
+    row["passes"], result = stage("passes", lambda: fxopt.PassManager(pipeline).run(gm, inputs, share_tensors=True))
     with tempfile.TemporaryDirectory() as tmp:
         inst = DumpInstrument(Path(tmp) / "steps", svg=False)
         row["passes+dump"], _ = stage("passes+dump",
-                                      lambda: fxopt.PassManager(pipeline, instruments=[inst]).run(gm, inputs))
+                                      lambda: fxopt.PassManager(pipeline, instruments=[inst]).run(
+                                          gm, inputs, share_tensors=True))
         row["verify"], report = stage("verify", lambda: fxopt.verify(gm, result.module, inputs))
         assert report.passed, report.summary()
         row["dump"], index = stage("dump", lambda: dump(result.module, Path(tmp) / "one", svg=False))
