@@ -59,7 +59,7 @@ from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, 
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear, quantized_engine
 from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
-                   grid_source, int8_region, shared_grids)
+                   grid_source, int8_region, quantized_late, shared_grids)
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -285,7 +285,8 @@ class _Lowering:
                     f"{self.float_only[blocked]}")
             else:
                 enabled.add(out)
-        region = int8_region(self.gm, self.plan, enabled, set(self.float_only))
+        region = quantized_late(self.gm, self.plan, int8_region(self.gm, self.plan, enabled, set(self.float_only)),
+                                set(self.observers))
         self.region = region
         self.in_int8_groups = {n.name for out in region if out in self.plan.groups for n in self.plan.groups[out].nodes}
         for out in sorted(enabled - region):  # an add/cat the cut left float (CUT_DECIDES)

@@ -1,0 +1,75 @@
+"""Where an int8 boundary costs the same on either side of a pass-through op, the value is
+quantized after the op, on the op's own grid (quantize tester: a relu after a group norm read
+int8 on the norm's signed grid, 1.4-2.1 dB behind PT2E), and a hardtanh or clamp on its own
+runs in float: on its input's grid it kept a few levels, and a bound past the grid's ends gave
+the end (hardtanh(-1, -0.5) after a relu: 0 everywhere on x86, -0.5 dB)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+
+warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean())).item()
+
+
+class NormRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.relu(self.norm(self.a(x))))
+
+
+class ReluThenBounds(nn.Module):
+    def __init__(self, lo: float, hi: float):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+        self.a, self.b = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.hardtanh(F.relu(self.a(x)), self.lo, self.hi))
+
+
+def _quantized(model, backend, mode="symbolic"):
+    torch.manual_seed(1)
+    calibration = [(torch.randn(8, 8, 10, 10),) for _ in range(3)]
+    return fxopt.optimize(model, calibration[0], pipeline=f"quantize{{backend={backend}}}",
+                          calibration=calibration, mode=mode)
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_relu_after_a_float_norm_is_quantized_after(mode, backend):
+    torch.manual_seed(0)
+    model = NormRelu().eval()
+    result = _quantized(model, backend, mode)
+    relu = next(n for n in result.module.graph.nodes if "relu" in str(n.target))
+    assert "quantize" not in str(relu.args[0].target), result.module.code  # it reads the norm's float value
+    assert any("quantize" in str(u.target) for u in relu.users), result.module.code
+    test = torch.randn(8, 8, 10, 10)
+    with torch.no_grad():
+        assert _sqnr(model(test), result.module(test)) > 36  # 36.2 with the relu on the norm's grid
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("bounds", [(-1.0, -0.5), (0.2, 0.5)])
+def test_a_hardtanh_on_its_own_runs_in_float_on_both_backends(bounds, backend):
+    torch.manual_seed(0)
+    model = ReluThenBounds(*bounds).eval()
+    result = _quantized(model, backend)
+    assert result.verification.passed, result.summary()
+    reason = next(r for name, r in result.passes[-1].stats["float_ops"].items() if "hardtanh" in name)
+    assert "fused only right after a conv/linear" in reason
+    test = torch.randn(8, 8, 10, 10)
+    with torch.no_grad():
+        assert _sqnr(model(test), result.module(test)) > 35  # x86: -0.5 and 39.2 dB on the relu's grid
