@@ -419,7 +419,7 @@ class PassManager:
             protected = _protected(current, ctx.reference)
             untouched = _Untouched(protected, ctx.reference)
             signature = _graph_signature(working)
-            writes = ParameterWrites(*(m for _, m in protected))
+            writes = TensorWrites(*(m for _, m in protected))
             try:
                 with SharedWriteGuard(*(m for _, m in protected)), writes:
                     result = p.run(working, ctx)
@@ -546,16 +546,18 @@ class SharedWriteGuard(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class ParameterWrites(TorchFunctionMode):
-    """Keep each parameter of `modules` that a torch function writes into in place, as it was
-    just before the first write, and put them back on `restore`: a forward that changes its own
-    weights (``nn.Embedding(max_norm=...)`` renormalizes the rows it reads) leaves them as they
-    were. Only parameters written are copied; writes that bypass torch functions go unseen.
+class TensorWrites(TorchFunctionMode):
+    """Keep each parameter and plain tensor attribute (``self.stats = torch.zeros(4)``, no
+    buffer: `BufferState` keeps those) of `modules` that a torch function writes into in place,
+    as it was just before the first write, and put them back on `restore`: a forward that changes
+    its own weights (``nn.Embedding(max_norm=...)`` renormalizes the rows it reads) or statistics
+    (``self.stats.add_(...)``) leaves them as they were. Only tensors written are copied; writes
+    that bypass torch functions go unseen.
 
         >>> import torch
         >>> emb = torch.nn.Embedding(4, 2, max_norm=0.1)
         >>> before = emb.weight.detach().clone()
-        >>> with ParameterWrites(emb) as writes:
+        >>> with TensorWrites(emb) as writes:
         ...     _ = emb(torch.tensor([0, 1]))
         >>> torch.equal(emb.weight, before), (writes.restore(), torch.equal(emb.weight, before))[1]
         (False, True)
@@ -563,25 +565,31 @@ class ParameterWrites(TorchFunctionMode):
 
     def __init__(self, *modules: torch.nn.Module) -> None:
         super().__init__()
-        self.parameters = {key: p for m in modules for p in m.parameters() if (key := _storage_key(p)) is not None}
+        self.tensors = {key: t for m in modules for t in _parameters_and_attributes(m)
+                        if (key := _storage_key(t)) is not None}
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for target in (*_written_tensors(func, args, kwargs), *_written_by_call(func, args, kwargs)):
             key = _storage_key(target)
-            if key in self.parameters and key not in self.saved:
-                self.saved[key] = (self.parameters[key], self.parameters[key].detach().clone())
+            if key in self.tensors and key not in self.saved:
+                self.saved[key] = (self.tensors[key], self.tensors[key].detach().clone())
         return func(*args, **kwargs)
 
     def restore(self) -> list[torch.Tensor]:
-        """Write the kept values back into the parameters written; returns those parameters."""
-        restored = [parameter for parameter, _ in self.saved.values()]
+        """Write the kept values back into the tensors written; returns those tensors."""
+        restored = [t for t, _ in self.saved.values()]
         with torch.no_grad():
-            for parameter, value in self.saved.values():
-                parameter.copy_(value)
+            for t, value in self.saved.values():
+                t.copy_(value)
         self.saved.clear()
         return restored
+
+
+def _parameters_and_attributes(module: torch.nn.Module) -> list[torch.Tensor]:
+    """`module`'s parameters, and the tensors its submodules hold as plain attributes."""
+    return [*module.parameters(), *(v for m in module.modules() for v in vars(m).values() if isinstance(v, torch.Tensor))]
 
 
 def _written_by_call(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -702,7 +710,7 @@ class _Untouched:
         return swapped
 
     def forgive(self, tensors: list[torch.Tensor]) -> None:
-        """Take `tensors` as they are now: written and put back as they were (`ParameterWrites`)."""
+        """Take `tensors` as they are now: written and put back as they were (`TensorWrites`)."""
         for t in tensors:
             if id(t) in self.versions:
                 self.versions[id(t)] = (self.versions[id(t)][0], t._version)

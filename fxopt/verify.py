@@ -442,15 +442,15 @@ def verify(
         problem = unmaterialized(module)  # running it would change the caller's module
         if problem is not None:
             raise ValueError(f"verify: the {role} {type(module).__name__} cannot be run as it is: {problem}")
-    from .manager import ParameterWrites
+    from .manager import TensorWrites
 
     args, kwargs = normalize_inputs(inputs)
-    attributes, parameters = PythonAttributes(reference, candidate), ParameterWrites(reference, candidate)
+    attributes, tensors = PythonAttributes(reference, candidate), TensorWrites(reference, candidate)
     try:
-        with parameters:  # a forward that writes its own weights (nn.Embedding(max_norm=...))
+        with tensors:  # a forward that writes its own weights (nn.Embedding(max_norm=...)) or statistics
             return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize)
     finally:
-        parameters.restore()
+        tensors.restore()
         attributes.restore()
 
 

@@ -1185,3 +1185,22 @@ def test_inputs_the_reference_cannot_take_are_refused_naming_the_reference():
     with pytest.raises(ValueError, match=r"verify: the reference Linear raised on the inputs \(a tensor \[2, 4\] "
                                          r"float64\): RuntimeError: mat1 and mat2 must have the same dtype"):
         verify(model, gm, x.double())
+
+
+class _KeepsStatistics(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.stats = nn.Linear(4, 4), torch.zeros(4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        self.stats.add_(y.detach().abs().mean(0))  # a plain tensor attribute, no buffer
+        return y
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_verify_leaves_a_plain_tensor_attribute_the_forward_writes_as_it_was(mode):
+    model = _KeepsStatistics().eval()
+    candidate = fxopt.optimize(model, torch.randn(2, 4), "fuse", mode=mode).module
+    assert fxopt.verify(model, candidate, torch.randn(3, 4)).passed
+    assert torch.equal(model.stats, torch.zeros(4))
