@@ -41,7 +41,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.utils._pytree import treespec_dumps, treespec_loads
+from torch.utils._pytree import TreeSpec, treespec_dumps, treespec_loads
 
 import torch.ao.quantization.fx._decomposed  # noqa: F401  the reference int8 form's ops
 
@@ -257,8 +257,10 @@ def save(gm: torch.fx.GraphModule, path) -> None:
     pytree = None
     if isinstance(codegen, _PyTreeCodeGen):
         info = codegen.pytree_info
-        pytree = {"orig_args": list(info.orig_args), "in_spec": _dump_spec(info.in_spec, "inputs"),
-                  "out_spec": _dump_spec(info.out_spec, "outputs")}
+        in_spec, in_structseqs = _dump_spec(info.in_spec, "inputs")
+        out_spec, out_structseqs = _dump_spec(info.out_spec, "outputs")
+        pytree = {"orig_args": list(info.orig_args), "in_spec": in_spec, "out_spec": out_spec,
+                  "in_structseqs": in_structseqs, "out_structseqs": out_structseqs}
     # what capture and optimize recorded (front end, pipeline, tolerance), plain values only:
     # fxopt.verify reads the tolerance of a loaded module as of the one saved
     info = {k: _plain_meta(v) for k, v in (gm.meta.get("fxopt") or {}).items() if _plain_meta(v) is not None}
@@ -472,17 +474,51 @@ def plain_tensor(t: torch.Tensor):
     return t
 
 
-def _dump_spec(spec, what: str) -> str | None:
-    """An exported graph's input or output structure, as text; a user class in it (a namedtuple
-    of the model's module) has no name `load` may import."""
+def _dump_spec(spec, what: str) -> tuple[str | None, list]:
+    """An exported graph's input or output structure, as text, and where it holds a
+    ``torch.return_types`` value (``x.topk(2)``), which pytree cannot write: stored as a tuple,
+    and its place and name kept (`_structseqs_as_tuples`). A user class in it (a namedtuple of
+    the model's module) has no name `load` may import."""
     if spec is None:
-        return None
+        return None, []
+    spec, structseqs = _structseqs_as_tuples(spec)
     try:
-        return treespec_dumps(spec)
+        return treespec_dumps(spec), structseqs
     except NotImplementedError as exc:
         raise SerializationError(f"save: the model's {what} hold a class of its own code (a namedtuple?), which "
                                  f"fxopt.load does not import ({first_line(exc)}); return tuples, lists or "
                                  "dicts of tensors instead") from None
+
+
+def _structseqs_as_tuples(spec: TreeSpec, path: tuple = ()) -> tuple[TreeSpec, list]:
+    """`spec` with each ``torch.return_types`` node (a structseq: ``topk``, ``max``) a tuple,
+    and ``[path of child indices, its name]`` for each, which `_tuples_as_structseqs` reads."""
+    if spec.is_leaf():
+        return spec, []
+    children, found = [], []
+    for i, child in enumerate(spec.children()):
+        plain, inner = _structseqs_as_tuples(child, (*path, i))
+        children.append(plain)
+        found += inner
+    kind = spec.type
+    if getattr(torch.return_types, getattr(kind, "__name__", ""), None) is kind:
+        found.append([list(path), kind.__name__])
+        kind = tuple
+    return TreeSpec(kind, spec.context, children), found
+
+
+def _tuples_as_structseqs(spec: TreeSpec, structseqs: list, path: tuple = ()) -> TreeSpec:
+    """`spec` with the ``torch.return_types`` nodes `_structseqs_as_tuples` stored as tuples back."""
+    if spec.is_leaf():
+        return spec
+    names = {tuple(at): name for at, name in structseqs}
+    kind = spec.type
+    if path in names:
+        kind = getattr(torch.return_types, names[path]) if names[path] in torch.return_types.__all__ else None
+        if not (isinstance(kind, type) and issubclass(kind, tuple)):  # (__all__ lists a function too)
+            raise SerializationError(f"load: refusing torch.return_types.{names[path]} (no such structseq)")
+    children = [_tuples_as_structseqs(child, structseqs, (*path, i)) for i, child in enumerate(spec.children())]
+    return TreeSpec(kind, spec.context, children)
 
 
 def _save_module(module: nn.Module, node) -> dict:
@@ -864,8 +900,8 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
         graph = _graph_from_records(data["nodes"], data["tensors"])
         pytree = data.get("pytree")
         if pytree is not None:
-            in_spec = treespec_loads(pytree["in_spec"]) if pytree["in_spec"] else None
-            out_spec = treespec_loads(pytree["out_spec"]) if pytree["out_spec"] else None
+            in_spec = _load_spec(pytree["in_spec"], pytree.get("in_structseqs"))
+            out_spec = _load_spec(pytree["out_spec"], pytree.get("out_structseqs"))
             graph._codegen = _PyTreeCodeGen(_PyTreeInfo(pytree["orig_args"], in_spec, out_spec))
         gm = torch.fx.GraphModule(root, graph)
         hold_coded_attributes(gm)  # (GraphModule made its holders plain modules; older files have none)
@@ -874,6 +910,13 @@ def _rebuild(data: dict) -> torch.fx.GraphModule:
         gm.meta["fxopt"] = {k: _meta_value(v) for k, v in data["fxopt_meta"].items()}
         upgrade_record(gm.meta["fxopt"].get(INPUTS_KEY))
     return explain_failed_calls(guard_inputs(gm))  # export's guards are code save cannot store: fxopt's stand in
+
+
+def _load_spec(text: str | None, structseqs: list | None) -> TreeSpec | None:
+    """The structure `_dump_spec` stored (files of earlier versions hold no structseqs)."""
+    if not text:
+        return None
+    return _tuples_as_structseqs(treespec_loads(text), structseqs or [])
 
 
 def _graph_from_records(records: list[dict], tensors: dict) -> torch.fx.Graph:

@@ -639,3 +639,33 @@ def test_load_refuses_a_higher_order_op_outside_its_list(tmp_path):
     _tamper(data, path)
     with pytest.raises(fxopt.SerializationError, match="refusing higher-order op 'run_const_graph'"):
         fxopt.load(path)
+
+
+class _TopK(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x).topk(2, dim=1), x.max(0)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_an_output_of_torch_return_types_round_trips(mode, tmp_path):
+    """export's output structure holds torch.return_types.topk, which pytree cannot write as
+    text: save refused it as "a class of its own code (a namedtuple?)"."""
+    model, x = _TopK().eval(), torch.randn(3, 4)
+    fxopt.save(fxopt.capture(model, x, mode=mode), tmp_path / "topk.pt")
+    top, most = fxopt.load(tmp_path / "topk.pt")(x)
+    assert type(top) is torch.return_types.topk and type(most) is torch.return_types.max
+    assert torch.equal(top.indices, model(x)[0].indices)
+
+
+def test_load_refuses_a_return_type_torch_does_not_list(tmp_path):
+    path = tmp_path / "topk.pt"
+    fxopt.save(fxopt.capture(_TopK().eval(), torch.randn(3, 4), mode="export"), path)
+    data = torch.load(path, weights_only=True)
+    data["pytree"]["out_structseqs"][0][1] = "pytree_register_structseq"  # listed in its __all__: a function
+    _tamper(data, path)
+    with pytest.raises(fxopt.SerializationError, match=r"refusing torch.return_types.pytree_register_structseq"):
+        fxopt.load(path)
