@@ -57,7 +57,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_flatten_with_path, keystr, tree_map
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from .errors import (InputMismatchError, VerificationError, first_line, is_library_frame, node_location,
                      user_source_line)
@@ -483,6 +483,8 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
         finally:
             state.restore()
     outputs, problem = compare_outputs(ref_out, cand_out)
+    if problem is None:
+        problem = _input_writes_problem((args, kwargs), (ref_args, ref_kwargs), (cand_args, cand_kwargs), tol)
     passed = problem is None and all(o.passes(tol) for o in outputs)
     if not passed and problem is None:
         problem = _why_failed(outputs, tol) + _training_mode_note(reference)
@@ -492,6 +494,30 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
         if graph is not None:
             report.divergence = first_divergence(graph, candidate, args, kwargs, tol)
     return report
+
+
+def _input_writes_problem(given: tuple, ref_inputs: tuple, cand_inputs: tuple, tol: Tolerance) -> str | None:
+    """Which input, written in place by either side (``x += h``), the other leaves otherwise, or
+    None: the caller's tensor is part of what the model computes, and a graph that records
+    ``x += h`` as ``x + h`` (symbolic tracing) agrees on the outputs alone. Each side ran on its
+    own copy of `given`."""
+    leaves = zip(tree_flatten_with_path(given)[0], tree_flatten(ref_inputs)[0], tree_flatten(cand_inputs)[0])
+    for (path, before), ref, cand in leaves:
+        if not isinstance(before, torch.Tensor) or (torch.equal(ref, before) and torch.equal(cand, before)):
+            continue
+        cmp = compare_tensors(ref, cand, keystr(path))
+        if not cmp.passes(tol):
+            side = "the reference" if not torch.equal(ref, before) else "the candidate"
+            other = "the candidate" if side == "the reference" else "the reference"
+            return (f"{_input_label(path)} is written in place by {side}, and {other} leaves it otherwise: "
+                    f"max_abs={cmp.max_abs_error:.3g}")
+    return None
+
+
+def _input_label(path: tuple) -> str:
+    """"input 0", "input 'mask'", "input 1[0]": a leaf of ``(args, kwargs)`` by its pytree path."""
+    kind, key, rest = path[0], path[1], keystr(path[2:])
+    return f"input {key.idx}{rest}" if kind.idx == 0 else f"input {key.key!r}{rest}"
 
 
 def _run_reference(reference: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -1204,3 +1204,24 @@ def test_verify_leaves_a_plain_tensor_attribute_the_forward_writes_as_it_was(mod
     candidate = fxopt.optimize(model, torch.randn(2, 4), "fuse", mode=mode).module
     assert fxopt.verify(model, candidate, torch.randn(3, 4)).passed
     assert torch.equal(model.stats, torch.zeros(4))
+
+
+class _AddsIntoItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x += self.conv(x)
+        return x
+
+
+def test_a_candidate_that_leaves_an_input_the_model_writes_fails():
+    """torch.fx.symbolic_trace records `x += h` as `x + h`: the outputs agree, the caller's
+    tensor is no longer written, and verify said PASS."""
+    model, x = _AddsIntoItsInput().eval(), torch.randn(2, 4, 6, 6)
+    report = verify(model, torch.fx.symbolic_trace(model), x)
+    assert not report.passed
+    assert report.message.startswith("input 0 is written in place by the reference, and the candidate leaves "
+                                     "it otherwise: max_abs="), report.message
+    assert verify(model, capture(model, x, mode="export"), x).passed  # export records the write
