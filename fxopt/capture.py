@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 from .analysis.shapes import propagate_shapes
 from .call_check import (FIXED_BY_MODEL, FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
                          sizes_taken, specialized_guard, symbol_mins, symbols_by_size)
-from .errors import CaptureError, CaptureWarning, TrainingModeWarning, first_line, user_stacklevel
+from .errors import CaptureError, CaptureWarning, TrainingModeWarning, did_you_mean, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants, written_base
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
@@ -139,7 +139,7 @@ def capture(
         [torch.Size([3, 2]), torch.Size([3, 2])]
     """
     if mode not in MODES:
-        raise ValueError(f"capture mode '{mode}' is not one of: {', '.join(MODES)}")
+        raise ValueError(f"capture mode {mode!r} is unknown{did_you_mean(str(mode), MODES)}")
     if dynamic_shapes is not None and not isinstance(dynamic_shapes, (dict, tuple, list)):
         raise TypeError(f"dynamic_shapes is torch.export's: a dict by input name, or a tuple or list by position, "
                         f"got {type(dynamic_shapes).__name__}")

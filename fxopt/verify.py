@@ -59,8 +59,8 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
-from .errors import (InputMismatchError, VerificationError, first_line, is_library_frame, node_location,
-                     user_source_line)
+from .errors import (InputMismatchError, VerificationError, did_you_mean, first_line, is_library_frame,
+                     node_location, user_source_line)
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
 from .tracing import one_at_a_time
@@ -169,9 +169,7 @@ def get_tolerance(tolerance: str | Tolerance) -> Tolerance:
     try:
         return TOLERANCES[tolerance]
     except KeyError:
-        raise ValueError(
-            f"unknown tolerance '{tolerance}'; valid: {', '.join(TOLERANCES)}"
-        ) from None
+        raise ValueError(f"unknown tolerance {tolerance!r}{did_you_mean(str(tolerance), TOLERANCES)}") from None
 
 
 def loosest(*tolerances: str | Tolerance) -> Tolerance:

@@ -1602,3 +1602,8 @@ def test_a_model_copy_deepcopy_refuses_is_captured(make, x, mode):
     model = make()
     gm = capture(model, x, mode=mode)
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_a_misspelt_mode_is_named_with_the_one_meant():
+    with pytest.raises(ValueError, match=r"capture mode 'exprot' is unknown \(did you mean 'export'\?\); valid: auto"):
+        capture(nn.ReLU(), torch.ones(2), mode="exprot")

@@ -1225,3 +1225,8 @@ def test_a_candidate_that_leaves_an_input_the_model_writes_fails():
     assert report.message.startswith("input 0 is written in place by the reference, and the candidate leaves "
                                      "it otherwise: max_abs="), report.message
     assert verify(model, capture(model, x, mode="export"), x).passed  # export records the write
+
+
+def test_a_misspelt_tolerance_is_named_with_the_one_meant():
+    with pytest.raises(ValueError, match=r"unknown tolerance 'exakt' \(did you mean 'exact'\?\); valid: exact, float"):
+        verify(nn.ReLU(), nn.ReLU(), torch.ones(2), tolerance="exakt")
