@@ -299,7 +299,7 @@ def test_single_mode_failure_names_only_that_front_end():
 
 
 def test_bad_mode_and_bad_model():
-    with pytest.raises(ValueError, match="auto, symbolic, export"):
+    with pytest.raises(ValueError, match="valid: auto, export, symbolic"):
         capture(ConvNet(), (torch.randn(1, 3, 4, 4),), mode="jit")
     with pytest.raises(TypeError, match="nn.Module"):
         capture(lambda x: x, (torch.randn(2),))
