@@ -26,6 +26,7 @@ and a bisect limit (run only the first N passes) to find the pass that breaks a 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import time
@@ -421,7 +422,7 @@ class PassManager:
             signature = _graph_signature(working)
             writes = TensorWrites(*(m for _, m in protected))
             try:
-                with SharedWriteGuard(*(m for _, m in protected)), writes:
+                with SharedWriteGuard(*(m for _, m in protected), keep=writes):
                     result = p.run(working, ctx)
             finally:
                 # the model's forward, which a pass runs (calibration), may write its own weights
@@ -526,9 +527,11 @@ class SharedWriteGuard(TorchFunctionMode):
     or an instrument's hook: instruments run under the same guard).
     """
 
-    def __init__(self, *modules: torch.nn.Module, who: str = "the pass", buffers: bool = True) -> None:
+    def __init__(self, *modules: torch.nn.Module, who: str = "the pass", buffers: bool = True,
+                 keep: "TensorWrites | None" = None) -> None:
         super().__init__()
         self.who = who
+        self.keep = keep  # notes the writes it lets through (the model's own): one mode, not two, per call
         self.shared = {}
         for name, t in _named_tensors_of(modules, buffers):
             if (key := _storage_key(t)) is not None:
@@ -536,6 +539,8 @@ class SharedWriteGuard(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.keep is not None:
+            self.keep.note(func, args, kwargs)
         for target in _written_tensors(func, args, kwargs):
             name = self.shared.get(_storage_key(target))
             if name is not None:
@@ -571,11 +576,15 @@ class TensorWrites(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.note(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def note(self, func, args: tuple, kwargs: dict) -> None:
+        """Keep what a call of `func` is about to write, where it is one of the tensors watched."""
         for target in (*_written_tensors(func, args, kwargs), *_written_by_call(func, args, kwargs)):
             key = _storage_key(target)
             if key in self.tensors and key not in self.saved:
                 self.saved[key] = (self.tensors[key], self.tensors[key].detach().clone())
-        return func(*args, **kwargs)
 
     def restore(self) -> list[torch.Tensor]:
         """Write the kept values back into the tensors written; returns those tensors."""
@@ -597,17 +606,24 @@ def _written_by_call(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     marks written (``aten.embedding_renorm_.default``, in an export graph), and the weight of
     ``F.embedding`` / ``F.embedding_bag`` with a ``max_norm``, renormalized inside, where a torch
     function mode does not see it."""
-    schema = getattr(func, "_schema", None)
-    if schema is not None:
-        return [a for a, spec in zip(args, schema.arguments)
-                if isinstance(a, torch.Tensor) and spec.alias_info is not None and spec.alias_info.is_write]
-    if func in _RENORMING:
-        bound = _RENORMING[func].bind(*args, **kwargs).arguments
+    if func is torch.nn.functional.embedding or func is torch.nn.functional.embedding_bag:
+        bound = inspect.signature(func).bind(*args, **kwargs).arguments
         return [bound["weight"]] if bound.get("max_norm") is not None else []
-    return []
+    try:
+        written = _written_arguments(func)
+    except TypeError:  # an unhashable callable: no aten op
+        return []
+    return [args[i] for i in written if i < len(args) and isinstance(args[i], torch.Tensor)]
 
 
-_RENORMING = {f: inspect.signature(f) for f in (torch.nn.functional.embedding, torch.nn.functional.embedding_bag)}
+@functools.lru_cache(maxsize=None)
+def _written_arguments(func) -> tuple[int, ...]:
+    """The positions of the arguments an aten op's schema marks written; () for anything else
+    (asked on every torch call a pass or verify makes: read once per op)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return ()
+    return tuple(i for i, spec in enumerate(schema.arguments) if spec.alias_info is not None and spec.alias_info.is_write)
 
 
 def _advice(who: str) -> str:
