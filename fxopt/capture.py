@@ -34,10 +34,10 @@ not deterministic.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
-import copy
 import io
 import logging
 import operator

@@ -690,7 +690,8 @@ def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | 
 
 
 def _number_kind(value: Any) -> str | None:
-    """"bool", "int", "float" or "complex" for a Python number (a numpy one too), else None."""
+    """"bool", "int", "float" or "complex" for a Python number (numpy's float64, a float, too),
+    else None."""
     return next((kind.__name__ for kind in (bool, int, float, complex) if isinstance(value, kind)), None)
 
 
