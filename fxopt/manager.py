@@ -598,7 +598,8 @@ class TensorWrites(TorchFunctionMode):
 
 def _parameters_and_attributes(module: torch.nn.Module) -> list[torch.Tensor]:
     """`module`'s parameters, and the tensors its submodules hold as plain attributes."""
-    return [*module.parameters(), *(v for m in module.modules() for v in vars(m).values() if isinstance(v, torch.Tensor))]
+    attributes = [v for m in module.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    return [*module.parameters(), *attributes]
 
 
 def _written_by_call(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -623,7 +624,8 @@ def _written_arguments(func) -> tuple[int, ...]:
     schema = getattr(func, "_schema", None)
     if schema is None or not schema.is_mutable:
         return ()
-    return tuple(i for i, spec in enumerate(schema.arguments) if spec.alias_info is not None and spec.alias_info.is_write)
+    return tuple(i for i, spec in enumerate(schema.arguments)
+                 if spec.alias_info is not None and spec.alias_info.is_write)
 
 
 def _advice(who: str) -> str:

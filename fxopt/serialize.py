@@ -717,8 +717,8 @@ def _encode(value, tensors):
 _CHECKSUM = "crc32"
 _WHOLE_SECTIONS = {"nodes": "the node list", "pytree": "the input/output structure",
                    "engine": "the quantized engine", "fxopt_meta": "the recorded pipeline and tolerance table",
-                   "parameters": "the parameter table", "tied": "the tied-tensor table", "training": "the training flag",
-                   "subgraphs": "the subgraphs of no_grad and autocast regions"}
+                   "parameters": "the parameter table", "tied": "the tied-tensor table",
+                   "training": "the training flag", "subgraphs": "the subgraphs of no_grad and autocast regions"}
 
 
 def checksums(payload: dict) -> dict:
