@@ -279,12 +279,13 @@ class _ExplainedCall:
 
     def _run_contiguous(self, module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> tuple[bool, Any]:
         """(True, the output) of the call run again on contiguous copies of its inputs that are
-        not; (False, None) where every input is contiguous, the graph writes into an input (a
-        copy would take the write), or the call fails all the same. export traces the example's
+        not; (False, None) where every input is contiguous, the graph writes into an input or a
+        buffer (the failed call may have written it: a run again writes it twice), or the call
+        fails all the same. export traces the example's
         layout: ``y.contiguous().view(...)`` on a contiguous example records no copy, and a
         channels_last input then fails in the view, where eager runs it."""
         fixed = _contiguous(args, kwargs)
-        if fixed is None or _writes_inputs(module):
+        if fixed is None or _writes_state(module):
             return False, None
         try:
             out = self.inner(module, *fixed[0], **fixed[1])
@@ -336,10 +337,12 @@ def _contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     return tree_unflatten(fixed, spec)
 
 
-def _writes_inputs(module: torch.fx.GraphModule) -> bool:
-    """Whether the graph writes into one of its inputs in place (``x.mul_(2)``, through a view too):
-    the failed call may have written it already, and a copy would take the write again."""
-    return any(getattr(written_base(module, node), "op", None) == "placeholder" for node in module.graph.nodes)
+def _writes_state(module: torch.fx.GraphModule) -> bool:
+    """Whether the graph writes into one of its inputs or buffers in place (``x.mul_(2)``, a step
+    counter, through a view too): the failed call may have written it already, and a run again
+    would write it twice."""
+    return any(getattr(written_base(module, node), "op", None) in ("placeholder", "get_attr")
+               for node in module.graph.nodes)
 
 
 class _Unfit(Exception):

@@ -591,3 +591,21 @@ def test_a_call_of_another_rank_is_refused_naming_the_input():
                                                  r"graph was captured with 2"):
         gm(torch.randn(4, 8, 8))
     assert gm(torch.randn(3, 8)).shape == (3, 4)
+
+
+class _CountsCalls(_FlattenedConv):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return super().forward(x)
+
+
+def test_a_graph_that_writes_a_buffer_is_not_run_again_on_a_copy():
+    """The failed call counted already: run again, the counter went 0 -> 2 for one call."""
+    gm = _export(_CountsCalls(), (torch.randn(2, 3, 8, 8),))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        gm(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
+    assert dict(gm.named_buffers())["calls"].item() <= 1
