@@ -56,7 +56,7 @@ import torch.fx
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
 from .call_check import (FIXED_BY_MODEL, FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
@@ -681,14 +681,21 @@ def _check_same_input_writes(model: nn.Module, eager: tuple[tuple, dict], graph:
     """Refuse a graph that leaves an input as the model does not (or the other way): symbolic
     tracing records ``x += h`` as ``x + h``, so the caller's tensor is no longer written, though
     the outputs agree. `eager` and `graph` are the inputs each run got (fresh copies of one)."""
-    labels = [label for label, value in _labelled_inputs(model, *eager) if isinstance(value, torch.Tensor)]
-    ran = [v for v in tree_leaves(eager) if isinstance(v, torch.Tensor)]
-    traced = [v for v in tree_leaves(graph) if isinstance(v, torch.Tensor)]
-    for label, e, g in zip(labels, ran, traced):
-        if not _same_tensor_values(e, g):
-            raise CaptureError(f"forward writes into {label} in place, and the graph does not write it as the model "
-                               "does (symbolic tracing records `x += h` as `x = x + h`): the caller's tensor would "
-                               "be left as it was; use mode='export', which records the write")
+    for (path, e), g in zip(tree_flatten_with_path(eager)[0], tree_leaves(graph)):  # one flattening: one order
+        if isinstance(e, torch.Tensor) and isinstance(g, torch.Tensor) and not _same_tensor_values(e, g):
+            raise CaptureError(f"forward writes into {_input_label(model, path)} in place, and the graph does not "
+                               "write it as the model does (symbolic tracing records `x += h` as `x = x + h`): the "
+                               "caller's tensor would be left as it was; use mode='export', which records the write")
+
+
+def _input_label(model: nn.Module, path: tuple) -> str:
+    """"input 1 ('x')", "input 'mask'", "input 0 ('cfg').scale": a leaf of ``(args, kwargs)`` by
+    its pytree path, named as `_labelled_inputs` names inputs."""
+    kind, key, rest = path[0], path[1], keystr(path[2:])
+    if kind.idx == 1:
+        return f"input {key.key!r}{rest}"
+    names = [label for label, _ in _labelled_inputs(model, (None,) * (key.idx + 1), {})]
+    return f"{names[key.idx]}{rest}"
 
 
 def _same_tensor_values(a: torch.Tensor, b: torch.Tensor) -> bool:

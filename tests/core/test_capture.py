@@ -1607,3 +1607,29 @@ def test_a_model_copy_deepcopy_refuses_is_captured(make, x, mode):
 def test_a_misspelt_mode_is_named_with_the_one_meant():
     with pytest.raises(ValueError, match=r"capture mode 'exprot' is unknown \(did you mean 'export'\?\); valid: auto"):
         capture(nn.ReLU(), torch.ones(2), mode="exprot")
+
+
+@dataclasses.dataclass
+class _Scale:
+    value: torch.Tensor
+
+
+torch.utils._pytree.register_dataclass(_Scale)
+
+
+class _ScaledIntoItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, scale, x):
+        x += self.fc(x) * scale.value
+        return x
+
+
+def test_a_write_into_an_input_after_a_registered_pytree_input_is_found():
+    """The check paired the inputs' labels (tuples, lists, dicts only) with pytree leaves (into
+    registered dataclasses too): shifted by the dataclass, it compared the wrong tensors and
+    `x += h` was captured silently again."""
+    with pytest.raises(CaptureError, match=r"forward writes into input 1 \('x'\) in place"):
+        capture(_ScaledIntoItsInput().eval(), (_Scale(torch.ones(8)), torch.randn(4, 8)), mode="symbolic")
