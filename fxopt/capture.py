@@ -45,6 +45,7 @@ import os
 import re
 import sys
 import sysconfig
+import threading
 import traceback
 import warnings
 from contextlib import contextmanager, redirect_stderr
@@ -986,30 +987,44 @@ def _short(value: Any) -> str:
 # ----- helpers ------------------------------------------------------------------------------
 
 def _private_eval_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` in eval mode, for capture to run and trace. An attribute `copy.deepcopy`
-    refuses is taken as it is (a threading.Lock, a generator: the copy shares it), or, for a
-    tensor computed from the parameters (``torch.nn.utils.weight_norm``'s weight, which its hook
-    computes again before every forward), detached: deepcopy failed on both, with torch's own
-    error."""
+    """A copy of `model` in eval mode, for capture to run and trace (the caller's never runs).
+    Where `copy.deepcopy` refuses an attribute, the copy gets a tensor computed from the
+    parameters (``torch.nn.utils.weight_norm``'s weight, which its hook computes again before
+    every forward) detached, and a threading lock a new lock; any other is refused naming it
+    (deepcopy failed on all with its own words, naming nothing)."""
     try:
         return deep_copy(model).eval()
     except Exception:  # noqa: BLE001  (deepcopy's errors are of any type: TypeError, RuntimeError)
         return deep_copy(model, _uncopyable_attributes(model)).eval()
 
 
+_LOCKS = (type(threading.Lock()), type(threading.RLock()))
+
+
 def _uncopyable_attributes(model: nn.Module) -> dict[int, Any]:
-    """A `deep_copy` memo giving each attribute deepcopy refuses its stand-in (`_private_eval_copy`)."""
+    """A `deep_copy` memo giving each attribute deepcopy refuses its stand-in (`_private_eval_copy`);
+    raises CaptureError for one it has none for."""
     memo: dict[int, Any] = {}
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         for key, value in vars(module).items():
             if isinstance(value, nn.Module) or key in ("_parameters", "_buffers", "_modules"):
                 continue
             try:
                 copy.deepcopy(value)
-            except Exception:  # noqa: BLE001  (as above)
-                computed = isinstance(value, torch.Tensor) and value.grad_fn is not None
-                memo[id(value)] = value.detach().clone() if computed else value
+            except Exception as exc:  # noqa: BLE001  (as above)
+                memo[id(value)] = _stand_in(f"{prefix}.{key}" if prefix else key, value, exc)
     return memo
+
+
+def _stand_in(name: str, value: Any, exc: Exception) -> Any:
+    """What the private copy holds for attribute `name`, which deepcopy refused with `exc`."""
+    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+        return value.detach().clone()
+    if isinstance(value, _LOCKS):
+        return threading.RLock() if isinstance(value, _LOCKS[1]) else threading.Lock()
+    raise CaptureError(f"capture runs a copy of the model, never the model, and copy.deepcopy refuses its attribute "
+                       f"'{name}' (a {type(value).__name__}: {type(exc).__name__}: {first_line(exc)}): give its "
+                       "class a __deepcopy__, or set the attribute aside while capturing") from exc
 
 
 # A module with a float rate under one of these names drops out in training mode

@@ -1633,3 +1633,33 @@ def test_a_write_into_an_input_after_a_registered_pytree_input_is_found():
     `x += h` was captured silently again."""
     with pytest.raises(CaptureError, match=r"forward writes into input 1 \('x'\) in place"):
         capture(_ScaledIntoItsInput().eval(), (_Scale(torch.ones(8)), torch.randn(4, 8)), mode="symbolic")
+
+
+class _Metrics:
+    """Counts rows under a lock: deepcopy refuses it, and sharing it let capture's runs (and
+    symbolic tracing's Proxies) into the caller's object."""
+
+    def __init__(self):
+        self.lock, self.rows = threading.Lock(), 0
+
+    def record(self, n):
+        with self.lock:
+            self.rows += n
+
+
+class _Logs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.metrics = nn.Linear(4, 4), _Metrics()
+
+    def forward(self, x):
+        self.metrics.record(x.shape[0])
+        return self.fc(x)
+
+
+def test_an_attribute_deepcopy_refuses_and_capture_cannot_stand_in_for_is_named():
+    model = _Logs().eval()
+    with pytest.raises(CaptureError, match=r"copy.deepcopy refuses its attribute 'metrics' \(a _Metrics: TypeError: "
+                                           r"cannot pickle '_thread.lock' object\)"):
+        capture(model, torch.randn(2, 4))
+    assert model.metrics.rows == 0
