@@ -59,8 +59,8 @@ import torch.fx
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
-from .errors import (InputMismatchError, VerificationError, did_you_mean, first_line, is_library_frame,
-                     node_location, user_source_line)
+from .errors import (FxoptError, InputMismatchError, VerificationError, did_you_mean, first_line,
+                     is_library_frame, node_location, user_source_line)
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
 from .tracing import one_at_a_time
@@ -520,9 +520,13 @@ def _input_label(path: tuple) -> str:
 
 def _run_reference(reference: nn.Module, args: tuple, kwargs: dict) -> Any:
     """`reference(*args, **kwargs)`; its failure is the inputs' (another dtype, shape or
-    structure than the model takes): a ValueError saying so, torch's error its cause."""
+    structure than the model takes): a ValueError saying so, torch's error its cause. fxopt's
+    own errors (an exported reference's `InputMismatchError`, which names the input already)
+    and running out of memory pass unchanged."""
     try:
         return reference(*args, **kwargs)
+    except (FxoptError, MemoryError, torch.OutOfMemoryError):
+        raise
     except Exception as exc:
         given = ", ".join([_brief(a) for a in args] + [f"{k}={_brief(v)}" for k, v in kwargs.items()])
         raise ValueError(f"verify: the reference {type(reference).__name__} raised on the inputs ({given}): "

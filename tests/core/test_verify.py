@@ -1230,3 +1230,10 @@ def test_a_candidate_that_leaves_an_input_the_model_writes_fails():
 def test_a_misspelt_tolerance_is_named_with_the_one_meant():
     with pytest.raises(ValueError, match=r"unknown tolerance 'exakt' \(did you mean 'exact'\?\); valid: exact, float"):
         verify(nn.ReLU(), nn.ReLU(), torch.ones(2), tolerance="exakt")
+
+
+def test_an_input_mismatch_of_an_exported_reference_passes_unchanged():
+    """It came out as a bare ValueError wrapping it, not the InputMismatchError callers catch."""
+    gm = capture(nn.Linear(4, 4).eval(), torch.randn(2, 4), mode="export")
+    with pytest.raises(fxopt.errors.InputMismatchError, match="has size 5 at dim 1"):
+        verify(gm, gm, torch.randn(2, 5))
