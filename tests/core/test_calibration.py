@@ -171,3 +171,17 @@ def test_a_dataloader_of_an_iterable_dataset_is_read_into_a_list():
     streamed = fxopt.optimize(model, x, "quantize", calibration=loader).module
     listed = fxopt.optimize(model, x, "quantize", calibration=list(loader)).module
     torch.testing.assert_close(streamed(x), listed(x), rtol=0, atol=0)
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield torch.randn(16)
+
+
+def test_an_endless_iterable_dataset_is_refused_not_read_forever(monkeypatch):
+    monkeypatch.setattr(fxopt.calibration, "MAX_UNSIZED_BATCHES", 20)
+    model = nn.Sequential(nn.Linear(16, 4)).eval()
+    loader = torch.utils.data.DataLoader(_Endless(), batch_size=8)
+    with pytest.raises(FxoptError, match=r"read 20 batches from a DataLoader without a length, and it has not ended"):
+        fxopt.optimize(model, torch.randn(2, 16), "quantize", calibration=loader)
