@@ -12,8 +12,9 @@ The loss is ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, plus ``(1 
 cross-entropy with labels when ``labeled=True``. The softmax is over the output's last dimension,
 which is meant to hold classes: distilling a hidden state (BertModel's ``last_hidden_state``)
 matches its softmax-normalized features, not their values, and an output of one dimension or of
-4 or more (a feature map) is warned about. A last dimension of one (a binary classifier's logit z)
-is taken as the two classes ``[0, z]`` (labels then are 0 or 1).
+4 or more (a feature map) is warned about. An output whose last dimension is one (a binary classifier's logit, a
+regressor's value) is matched by the squared error instead, and its labels are 0 or 1 (binary
+cross-entropy).
 
 Which output: a model may return more than its logits (``(features, logits)``, a dict, a
 dataclass). ``output=`` names the tensor distillation matches — an index into a tuple or list,
@@ -202,7 +203,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
 def _loss(out: torch.Tensor, target: torch.Tensor, labels: Any, t: float, alpha: float, index: int) -> torch.Tensor:
     """Distillation's loss: ``T² · KL(softmax(target/T) ‖ softmax(out/T))``, mixed with the
     labels' cross-entropy by `alpha` when there are labels."""
-    out, target = _class_logits(out), _class_logits(target)
+    if _one_value(out):
+        loss = F.mse_loss(out, target)
+        if labels is not None and alpha < 1.0:
+            loss = alpha * loss + (1 - alpha) * _binary_cross_entropy(out, labels, index)
+        return loss
     loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
                     reduction="batchmean") * (t * t)
     if labels is not None and alpha < 1.0:
@@ -210,12 +215,23 @@ def _loss(out: torch.Tensor, target: torch.Tensor, labels: Any, t: float, alpha:
     return loss
 
 
-def _class_logits(z: torch.Tensor) -> torch.Tensor:
-    """The logits the loss takes a softmax over: `z`, or, where its last dimension is one (a
-    binary classifier's logit, a regressor's value), the two classes ``[0, z]``, whose softmax is
-    ``[1 - sigmoid(z), sigmoid(z)]``. A softmax over one value is 1 whatever the value: the loss
-    was 0 and nothing trained."""
-    return torch.cat([torch.zeros_like(z), z], -1) if z.dim() and z.shape[-1] == 1 else z
+def _one_value(out: torch.Tensor) -> bool:
+    """Whether `out` ends in a dimension of one (a binary classifier's logit, a regressor's value):
+    a softmax over it is 1 whatever the value (the loss was 0 and nothing trained), and a sigmoid
+    saturates on a regressor's values; it is matched by the squared error instead."""
+    return out.dim() > 0 and out.shape[-1] == 1
+
+
+def _binary_cross_entropy(out: torch.Tensor, labels: Any, index: int) -> torch.Tensor:
+    """The labels' binary cross-entropy with a one-value output (its logit); labels that are no 0
+    or 1, one per sample, name the batch."""
+    if not (isinstance(labels, torch.Tensor) and labels.numel() == out.numel()
+            and bool(((labels == 0) | (labels == 1)).all())):
+        what = _tensor_text(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"distill: the labels of batch {index} ({what}) are no 0/1 label per sample for the "
+                         f"student's one-value output {_tensor_text(out)} (a binary classifier's logit); a "
+                         "regressor's targets: distill without labels")
+    return F.binary_cross_entropy_with_logits(out, labels.reshape(out.shape).to(out.dtype))
 
 
 class _Judge:
@@ -518,7 +534,7 @@ def _check_trainable(out: torch.Tensor, target: torch.Tensor, output: int | str 
         warnings.warn(f"distill: {which} is {_tensor_text(out)}, one dimension: distillation's loss is a softmax "
                       "over all of it, as over one sample's classes; where it holds one value per sample, that "
                       "compares the samples with each other: return it as (batch, 1) (out[:, None]), which is "
-                      "distilled as each sample's binary logit", PassWarning, stacklevel=user_stacklevel())
+                      "matched value by value", PassWarning, stacklevel=user_stacklevel())
     if out.dim() >= 4:  # a feature map, or a segmentation map with its classes in dim 1
         warnings.warn(f"distill: {which} is {_tensor_text(out)}, and distillation's loss is a softmax over its last "
                       f"dimension ({out.shape[-1]}), as over the classes of logits: for a feature map or a "

@@ -202,7 +202,7 @@ def _one_logit_net():
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
 
 
-def test_a_single_logit_output_is_distilled_as_a_binary_logit():
+def test_a_single_value_output_is_distilled_by_squared_error():
     """A softmax over a last dimension of one is 1 whatever the logit: the loss was 0, nothing
     trained (the gap to the teacher stayed 0.2494), and no word was said."""
     torch.manual_seed(0)
@@ -217,13 +217,34 @@ def test_a_single_logit_output_is_distilled_as_a_binary_logit():
     assert gap(tuned) < 0.5 * gap(student)
 
 
-def test_labels_of_a_single_logit_are_the_two_classes():
+@pytest.mark.parametrize("labels", [torch.randint(0, 2, (16,)), torch.randint(0, 2, (16, 1)).float()],
+                         ids=["int", "float (B, 1)"])
+def test_labels_of_a_single_logit_are_binary(labels):
+    """Float 0/1 labels shaped like the output (BCE's) were refused, naming [16, 2] logits the
+    student never had."""
     torch.manual_seed(0)
     teacher = _one_logit_net()
-    data = [(torch.randn(16, 8), torch.randint(0, 2, (16,))) for _ in range(4)]
+    data = [(torch.randn(16, 8), labels) for _ in range(4)]
     tuned = fxopt.distill(torch.fx.symbolic_trace(_one_logit_net()), teacher, data, labeled=True, alpha=0.5,
                           epochs=1, progress=False)
     assert tuned(data[0][0]).shape == (16, 1)
+
+
+def test_a_regressor_far_from_zero_is_distilled():
+    """As two classes [0, z], a regressor's values near 200 saturated the sigmoid: nothing trained."""
+    torch.manual_seed(0)
+    teacher = _one_logit_net()
+    with torch.no_grad():
+        teacher[2].bias.fill_(200.0)
+    data = [torch.randn(16, 8) for _ in range(8)]
+    student = torch.fx.symbolic_trace(_one_logit_net())
+
+    def gap(model):
+        with torch.no_grad():
+            return float(sum((model(d) - teacher(d)).abs().mean() for d in data) / len(data))
+
+    tuned = fxopt.distill(student, teacher, data, epochs=20, lr=0.05, progress=False)
+    assert gap(tuned) < 0.5 * gap(student)
 
 
 def test_a_one_dimensional_output_is_warned_of():
