@@ -339,9 +339,10 @@ def _contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
 
 def _writes_state(module: torch.fx.GraphModule) -> bool:
     """Whether the graph writes into one of its inputs or buffers in place (``x.mul_(2)``, a step
-    counter, through a view too): the failed call may have written it already, and a run again
-    would write it twice."""
-    return any(getattr(written_base(module, node), "op", None) in ("placeholder", "get_attr")
+    counter, through a view too), or calls a module, which may keep state (an observer counts its
+    batches): the failed call may have written it already, and a run again would write it twice."""
+    return any((node.op == "call_module" and not str(node.target).startswith("_guards"))
+               or getattr(written_base(module, node), "op", None) in ("placeholder", "get_attr")
                for node in module.graph.nodes)
 
 

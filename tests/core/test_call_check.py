@@ -609,3 +609,11 @@ def test_a_graph_that_writes_a_buffer_is_not_run_again_on_a_copy():
     with pytest.raises(RuntimeError, match="view size is not compatible"):
         gm(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
     assert dict(gm.named_buffers())["calls"].item() <= 1
+
+
+def test_a_graph_with_observers_is_not_run_again_on_a_copy():
+    """An observer before the failing view counted one channels_last call as two batches."""
+    gm = fxopt.optimize(_FlattenedConv().eval(), torch.randn(2, 3, 8, 8), "insert-observers", mode="export",
+                        verify=False).module
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        gm(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
