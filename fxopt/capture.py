@@ -991,11 +991,23 @@ def _private_eval_copy(model: nn.Module) -> nn.Module:
     Where `copy.deepcopy` refuses an attribute, the copy gets a tensor computed from the
     parameters (``torch.nn.utils.weight_norm``'s weight, which its hook computes again before
     every forward) detached, and a threading lock a new lock; any other is refused naming it
-    (deepcopy failed on all with its own words, naming nothing)."""
+    (deepcopy failed on all with its own words, naming nothing). The attributes set on a
+    parameter, which deepcopy drops, are kept."""
     try:
-        return deep_copy(model).eval()
+        private = deep_copy(model)
     except Exception:  # noqa: BLE001  (deepcopy's errors are of any type: TypeError, RuntimeError)
-        return deep_copy(model, _uncopyable_attributes(model)).eval()
+        private = deep_copy(model, _uncopyable_attributes(model))
+    _keep_parameter_tags(model, private)
+    return private.eval()
+
+
+def _keep_parameter_tags(model: nn.Module, private: nn.Module) -> None:
+    """Give each parameter of `private` the attributes set on `model`'s (``p._no_weight_decay =
+    True``, which optimizer recipes group parameters by): deepcopy of a parameter drops them."""
+    for (_, mine), (_, copied) in zip(model.named_parameters(remove_duplicate=False),
+                                      private.named_parameters(remove_duplicate=False)):
+        if vars(mine):
+            copied.__dict__.update(copy.copy(vars(mine)))
 
 
 _LOCKS = (type(threading.Lock()), type(threading.RLock()))

@@ -26,6 +26,7 @@ and a bisect limit (run only the first N passes) to find the pass that breaks a 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import sys
@@ -977,8 +978,7 @@ def own_tensors(result: torch.nn.Module, source: torch.nn.Module) -> int:
 
     def own(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in copies:
-            copy = t.detach().clone()
-            copies[id(t)] = torch.nn.Parameter(copy, t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
+            copies[id(t)] = _parameter_copy(t) if isinstance(t, torch.nn.Parameter) else t.detach().clone()
         return copies[id(t)]
 
     for m in result.modules():
@@ -993,6 +993,14 @@ def own_tensors(result: torch.nn.Module, source: torch.nn.Module) -> int:
         if len(copies) > before and isinstance(m, torch.nn.RNNBase):  # its flat weights point at the old ones
             m._init_flat_weights()
     return len(copies)
+
+
+def _parameter_copy(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    """A copy of `p` of its own class, with its ``requires_grad`` and the attributes set on it
+    (``p._no_weight_decay = True``, which optimizer recipes group parameters by)."""
+    new = copy.deepcopy(p)  # its class and requires_grad; not what is set on it
+    new.__dict__.update(copy.copy(p.__dict__))
+    return new
 
 
 def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -1187,3 +1187,20 @@ def test_a_pass_may_run_a_model_whose_forward_writes_its_own_weights(mode):
     before = weight.detach().clone()
     fxopt.PassManager([_RunsTheModel()]).run(gm, (ids,))
     assert torch.equal(weight, before)
+
+
+class _TaggedParameter(nn.Parameter):
+    pass
+
+
+def test_the_copies_run_makes_keep_the_class_and_tags_of_a_parameter():
+    """`p._no_weight_decay = True` was gone from the result's copy, and a Parameter subclass
+    became a plain Parameter."""
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    model[0].weight = _TaggedParameter(model[0].weight.detach())
+    model[0].weight._no_weight_decay = True
+    gm = fxopt.capture(model, torch.randn(2, 4), mode="symbolic")
+    assert dict(gm.named_parameters())["0.weight"]._no_weight_decay  # capture's own copy keeps it too
+    weight = dict(fxopt.PassManager("dce").run(gm, (torch.randn(2, 4),)).module.named_parameters())["0.weight"]
+    assert type(weight) is _TaggedParameter and weight._no_weight_decay
+    assert weight is not dict(gm.named_parameters())["0.weight"]
