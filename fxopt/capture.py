@@ -803,18 +803,27 @@ def _next_call_differs(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
 
 
 def _varied_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """The inputs with seeded noise added to each floating-point tensor (an integer one, an index,
-    stays), or None where there is none to vary; the global random state is left alone."""
+    """The inputs with seeded noise added to each floating-point tensor, each integer one (token
+    ids) shifted by one within the example's own range (its smallest value after its largest),
+    which keeps every value one the model takes, and each bool one (a mask) in a seeded shuffle;
+    None where there is no tensor to vary. The global random state is left alone."""
     generator = torch.Generator().manual_seed(0)
     found = False
 
     def vary(value: Any) -> Any:
         nonlocal found
-        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        if not isinstance(value, torch.Tensor) or value.numel() < 2 or value.is_complex() or value.is_quantized:
             return value
         found = True
+        value = value.detach()
+        if value.dtype == torch.bool:
+            order = torch.randperm(value.numel(), generator=generator).to(value.device)
+            return value.flatten()[order].reshape(value.shape)
+        if not value.is_floating_point():
+            low, high = value.min(), value.max()
+            return (value - low + 1) % (high - low + 1) + low
         noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
-        return value.detach() + noise.to(value.device, value.dtype)
+        return value + noise.to(value.device, value.dtype)
 
     varied = tree_map(vary, (args, kwargs))
     return varied if found else None

@@ -1663,3 +1663,24 @@ def test_an_attribute_deepcopy_refuses_and_capture_cannot_stand_in_for_is_named(
                                            r"cannot pickle '_thread.lock' object\)"):
         capture(model, torch.randn(2, 4))
     assert model.metrics.rows == 0
+
+
+class _FirstBatchCenterOfIds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.center = None
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.center is None:
+            self.center = h.mean((0, 1)).detach()
+        return h - self.center
+
+
+def test_a_value_kept_from_the_first_batch_of_token_ids_is_warned_of():
+    """Only floating inputs were varied: a model fed ids kept its first batch's value silently."""
+    torch.manual_seed(0)
+    with pytest.warns(fxopt.CaptureWarning, match=r"depends on state its forward keeps in Python attributes "
+                                                  r"\(center: None -> a tensor of shape \(8,\)\)"):
+        capture(_FirstBatchCenterOfIds().eval(), torch.randint(0, 50, (2, 5)), mode="symbolic")
