@@ -170,10 +170,10 @@ def compare_latency(
     methods; interleaving makes every method see the same conditions. A fn that raises is
     reported by its error text (``"TypeError: ..."``) and not timed again. `guard(name)`, if
     given, wraps each measurement (e.g. a time limit for a slow first compile). A module that
-    holds int8 prepacked weights is timed at each input on a copy of its own, its packs rebuilt
-    as `fxopt.load` rebuilds them: a pack keeps the kernel of its first call's shape, and one
-    module timed at batch 1 then 16 ran 16 on batch 1's, 2-3.5x slower (the caller's module is
-    not run).
+    holds int8 prepacked weights is timed on a copy whose packs are rebuilt before each input, as
+    `fxopt.load` rebuilds them: a pack keeps the kernel of its first call's shape, and one module
+    timed at batch 1 then 16 ran 16 on batch 1's, 2-3.5x slower (the caller's module is not run;
+    one inside a wrapper, a lambda, is not seen).
 
     >>> lat = compare_latency({"relu": torch.relu}, {"b2": (torch.randn(2, 3),)}, rounds=2, repeats=3)
     >>> sorted(lat), isinstance(lat["relu"]["b2"], float)
@@ -182,7 +182,7 @@ def compare_latency(
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds=}")
     best: dict[str, dict[Any, float | str]] = {name: {} for name in fns}
-    timed = {name: _per_input(fn, inputs) for name, fn in fns.items()}
+    timed = {name: _private_packs(fn) for name, fn in fns.items()}
     for _ in range(rounds):
         for name in fns:
             got = best[name]
@@ -190,8 +190,10 @@ def compare_latency(
                 continue
             for key, x in inputs.items():
                 try:
+                    if timed[name] is not fns[name]:  # fresh packs: their first call is at this shape
+                        rebuild_coded_attributes(timed[name])
                     with guard(name) if guard is not None else contextlib.nullcontext():
-                        ms = measure_latency(timed[name][key], x, warmup=warmup, repeats=repeats,
+                        ms = measure_latency(timed[name], x, warmup=warmup, repeats=repeats,
                                              threads=threads).median_ms
                 except Exception as exc:  # reported in the result, the other methods still run
                     got.clear()
@@ -201,16 +203,13 @@ def compare_latency(
     return best
 
 
-def _per_input(fn: Callable[..., Any], inputs: Mapping[Any, Inputs]) -> dict[Any, Callable[..., Any]]:
-    """What to time at each input key: `fn`, or, for a module holding int8 prepacked weights, a
-    copy of its own per key with the packs rebuilt, so each pack's first call is at its key's shape."""
+def _private_packs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What to time: `fn`, or, for a module holding int8 prepacked weights, a copy of it (the
+    packs, shared by the copy, are rebuilt for it before each input: the caller's are left alone).
+    A module inside a wrapper (a lambda) is not seen."""
     if not (isinstance(fn, nn.Module) and holds_coded_attributes(fn)):
-        return dict.fromkeys(inputs, fn)
-    copies = {}
-    for key in inputs:
-        copies[key] = deep_copy(fn)  # shares the packs: rebuilt just below, for the copy only
-        rebuild_coded_attributes(copies[key])
-    return copies
+        return fn
+    return deep_copy(fn)
 
 
 def _error_text(exc: BaseException) -> str:
