@@ -1016,7 +1016,7 @@ def _keep_parameter_tags(model: nn.Module, private: nn.Module) -> None:
     for (_, mine), (_, copied) in zip(model.named_parameters(remove_duplicate=False),
                                       private.named_parameters(remove_duplicate=False)):
         if vars(mine):
-            copied.__dict__.update(copy.copy(vars(mine)))
+            copied.__dict__.update(copy.deepcopy(vars(mine)))  # a tensor kept there (p.ema) is copied too
 
 
 _LOCKS = (type(threading.Lock()), type(threading.RLock()))

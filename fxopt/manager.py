@@ -999,7 +999,7 @@ def _parameter_copy(p: torch.nn.Parameter) -> torch.nn.Parameter:
     """A copy of `p` of its own class, with its ``requires_grad`` and the attributes set on it
     (``p._no_weight_decay = True``, which optimizer recipes group parameters by)."""
     new = copy.deepcopy(p)  # its class and requires_grad; not what is set on it
-    new.__dict__.update(copy.copy(p.__dict__))
+    new.__dict__.update(copy.deepcopy(p.__dict__))  # a tensor kept there (p.ema) is copied too
     return new
 
 
