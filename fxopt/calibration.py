@@ -94,26 +94,26 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
         return None
     check_batches(calibration)
     # (an Iterator is read once; asking a DataLoader for one would start its workers for nothing)
-    if isinstance(calibration, (list, tuple)):
+    if isinstance(calibration, (list, tuple, Iterator)):  # (a generator: read whole, as the caller made it)
         return [normalize_inputs(batch) for batch in calibration]
-    if isinstance(calibration, Iterator) or not _has_length(calibration):
+    if not _has_length(calibration):
         return _read_unsized(calibration)
     return StreamedBatches(calibration)
 
 
-#: The most batches read from an iterable without a length: an endless one (an IterableDataset
-#: that cycles, `itertools.count`) was read into memory until it ran out.
+#: The most batches read from an iterable without a length that is no iterator (a DataLoader of
+#: an IterableDataset): an endless one, a dataset that cycles, was read into memory until it ran out.
 MAX_UNSIZED_BATCHES = 10_000
 
 
 def _read_unsized(batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
-    """Every batch of a one-shot or unsized iterable, as `(args, kwargs)` pairs; raises
-    FxoptError when it holds more than `MAX_UNSIZED_BATCHES`."""
+    """Every batch of an iterable without a length, as `(args, kwargs)` pairs; raises FxoptError
+    when it holds more than `MAX_UNSIZED_BATCHES`."""
     read = []
     for batch in batches:
         if len(read) == MAX_UNSIZED_BATCHES:
             raise FxoptError(f"calibration: read {MAX_UNSIZED_BATCHES} batches from a {type(batches).__name__} "
-                             "without a length, and it has not ended (an endless IterableDataset or generator?); "
+                             "without a length, and it has not ended (an endless IterableDataset?); "
                              "pass a list of batches, a DataLoader of a sized dataset, or "
                              "itertools.islice(batches, n)")
         read.append(normalize_inputs(batch))

@@ -185,3 +185,10 @@ def test_an_endless_iterable_dataset_is_refused_not_read_forever(monkeypatch):
     loader = torch.utils.data.DataLoader(_Endless(), batch_size=8)
     with pytest.raises(FxoptError, match=r"read 20 batches from a DataLoader without a length, and it has not ended"):
         fxopt.optimize(model, torch.randn(2, 16), "quantize", calibration=loader)
+
+
+def test_a_long_generator_is_still_read_whole(monkeypatch):
+    """The cap on unsized loaders refused a finite generator of more batches, which worked before."""
+    monkeypatch.setattr(fxopt.calibration, "MAX_UNSIZED_BATCHES", 3)
+    batches = fxopt.calibration.pipeline_batches(torch.randn(16) for _ in range(5))
+    assert len(batches) == 5
