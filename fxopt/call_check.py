@@ -303,8 +303,11 @@ class _ExplainedCall:
             return True
         if not (self.floors or self.ranks):
             return False
-        flat = args if not kwargs and all(isinstance(a, torch.Tensor) for a in args) else (
-            tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))[0])  # (tensors: no containers)
+        keywords = [kwargs[k] for k in self.keywords if k in kwargs]
+        if all(isinstance(v, torch.Tensor) for v in (*args, *keywords)):  # plain tensors: no containers to flatten
+            flat = (*args, *keywords)
+        else:
+            flat = tree_flatten((args, {k: kwargs[k] for k in self.keywords if k in kwargs}))[0]
         if any(i < len(flat) and isinstance(flat[i], torch.Tensor) and flat[i].dim() != rank
                for i, rank in self.ranks):
             return True
