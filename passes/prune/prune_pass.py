@@ -35,7 +35,7 @@ import time
 import warnings
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Collection, Literal, Sequence
+from typing import Any, Callable, ClassVar, Collection, Literal, Sequence
 
 import numpy as np
 import torch
@@ -680,7 +680,7 @@ def _select_capped(cg: ChannelGraph, costs: dict, blocked: np.ndarray, groups: l
     no_hold = np.zeros_like(blocked)
     sel = solve(np.zeros(len(imp)), no_hold)
     if max_layer_ratio >= 1:
-        return sel
+        return _keeping_one_channel(cg, sel, imp, lambda held: solve(np.zeros(len(imp)), held))
     slots = _capped_slots(cg, max_layer_ratio)
     mu = np.zeros(len(slots))
     surcharge = np.zeros(len(imp))
@@ -701,6 +701,28 @@ def _select_capped(cg: ChannelGraph, costs: dict, blocked: np.ndarray, groups: l
             break
         held |= over
         sel = solve(surcharge, held)
+    return _keeping_one_channel(cg, sel, imp, lambda more: solve(surcharge, held | more))
+
+
+def _keeping_one_channel(cg: ChannelGraph, sel: Selection, imp: np.ndarray,
+                         solve: Callable[[np.ndarray], Selection]) -> Selection:
+    """`sel`, solved again while it empties a value that must keep a channel, with the most
+    important class of each such value held. `_round_slots` would give those classes back
+    after the fact, and with them every class the selection chose instead: a ShuffleNet's
+    shuffled groups at scope=global lost no channel at all (prune tester); solved again, the
+    budget goes to other classes."""
+    held = np.zeros(len(imp), dtype=bool)
+    emptiable = _emptiable(cg)
+    for _ in range(8):
+        emptied = np.zeros_like(held)
+        for slot in cg.slots:
+            pos = cg.positions(slot.id)
+            if slot.id not in emptiable and len(pos) and sel.dead[pos].all():
+                emptied[pos[np.argmax(imp[pos])]] = True
+        if not emptied.any():
+            return sel
+        held |= emptied
+        sel = solve(held)
     return sel
 
 
@@ -746,10 +768,8 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
     # a stored tensor read directly (a position embedding, Swin's per-head bias table) is no
     # layer width: its channels are a layer's or a stream's, rounded there; rounding a table's
     # 4-entry head axis on its own gave every pruned head back
-    rounded = {r.outputs[0] for r in cg.rules.values()
-               if r.category in ("producer", "gather") or r.info.get("depthwise")}
-    rounded |= {sid for r in cg.rules.values() for _, sid in r.consumed}
-    may_empty = _may_empty(cg) - rounded
+    may_empty = _emptiable(cg)
+    rounded = _rounded_slots(cg)
     for _ in range(len(cg.slots) + 8):
         changed = False
         for slot in cg.slots:
@@ -784,6 +804,19 @@ _EMPTY_SAFE = ZERO_PRESERVING | frozenset({
     "sigmoid", "hardsigmoid", "mul", "div", "softmax", "log_softmax", "permute", "transpose", "movedim", "cat",
     "split", "chunk", "tensor_split", "stack", "unbind", "layer_norm", "rms_norm", "where", "masked_fill", "clamp",
     "exp", "cos", "sdpa", "matmul", "expand", "expand_as", "unsqueeze", "squeeze", "fill_like", "pow", "rsqrt", "reciprocal", "softplus"})
+
+
+def _rounded_slots(cg: ChannelGraph) -> set[int]:
+    """Layer widths `round_to` rounds: producer slots (depthwise convs too) and the values
+    producers read."""
+    rounded = {r.outputs[0] for r in cg.rules.values()
+               if r.category in ("producer", "gather") or r.info.get("depthwise")}
+    return rounded | {sid for r in cg.rules.values() for _, sid in r.consumed}
+
+
+def _emptiable(cg: ChannelGraph) -> set[int]:
+    """Slots that may lose every channel (`_may_empty`), less the layer widths."""
+    return _may_empty(cg) - _rounded_slots(cg)
 
 
 def _may_empty(cg: ChannelGraph) -> set[int]:
