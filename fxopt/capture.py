@@ -1015,8 +1015,9 @@ def _keep_parameter_tags(model: nn.Module, private: nn.Module) -> None:
     True``, which optimizer recipes group parameters by): deepcopy of a parameter drops them."""
     for (_, mine), (_, copied) in zip(model.named_parameters(remove_duplicate=False),
                                       private.named_parameters(remove_duplicate=False)):
-        if vars(mine):
-            copied.__dict__.update(copy.deepcopy(vars(mine)))  # a tensor kept there (p.ema) is copied too
+        if vars(mine):  # a tensor kept there (p.ema) copied, the rest shared (a back-reference p.model)
+            copied.__dict__.update({k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in vars(mine).items()})
 
 
 _LOCKS = (type(threading.Lock()), type(threading.RLock()))

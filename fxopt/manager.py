@@ -999,8 +999,14 @@ def _parameter_copy(p: torch.nn.Parameter) -> torch.nn.Parameter:
     """A copy of `p` of its own class, with its ``requires_grad`` and the attributes set on it
     (``p._no_weight_decay = True``, which optimizer recipes group parameters by)."""
     new = copy.deepcopy(p)  # its class and requires_grad; not what is set on it
-    new.__dict__.update(copy.deepcopy(p.__dict__))  # a tensor kept there (p.ema) is copied too
+    new.__dict__.update(_own_tags(p))
     return new
+
+
+def _own_tags(p: torch.nn.Parameter) -> dict:
+    """The attributes set on `p`, a tensor among them (``p.ema``) copied, the rest shared (a
+    back-reference ``p.model = model`` must not copy the model once per parameter)."""
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in vars(p).items()}
 
 
 def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:

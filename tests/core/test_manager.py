@@ -1205,3 +1205,13 @@ def test_the_copies_run_makes_keep_the_class_and_tags_of_a_parameter():
     weight = dict(fxopt.PassManager("dce").run(gm, (torch.randn(2, 4),)).module.named_parameters())["0.weight"]
     assert type(weight) is _TaggedParameter and weight._no_weight_decay
     assert weight is not captured and weight.ema is not captured.ema  # a tensor kept on it is its own too
+
+
+def test_a_back_reference_on_a_parameter_is_shared_not_copied():
+    """Deep-copied per parameter, `p.model = model` copied the whole model once per parameter."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    for p in model.parameters():
+        p.model = model
+    gm = fxopt.capture(model, torch.randn(2, 4), mode="symbolic")
+    result = fxopt.PassManager("dce").run(gm, (torch.randn(2, 4),)).module
+    assert all(p.model is model for p in (*gm.parameters(), *result.parameters()))
