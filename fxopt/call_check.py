@@ -342,11 +342,18 @@ def _contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
 
 def _writes_state(module: torch.fx.GraphModule) -> bool:
     """Whether the graph writes into one of its inputs or buffers in place (``x.mul_(2)``, a step
-    counter, through a view too), or calls a module, which may keep state (an observer counts its
-    batches): the failed call may have written it already, and a run again would write it twice."""
+    counter, through a view too), calls a module, which may keep state (an observer counts its
+    batches), or draws random numbers: the failed call may have written it, or drawn, already, and
+    a run again would write it twice, or draw other numbers than eager."""
     return any((node.op == "call_module" and not str(node.target).startswith("_guards"))
+               or _draws_random(node)
                or getattr(written_base(module, node), "op", None) in ("placeholder", "get_attr")
                for node in module.graph.nodes)
+
+
+def _draws_random(node: torch.fx.Node) -> bool:
+    """Whether `node` calls an aten op torch tags as drawing from the random generator."""
+    return node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
 
 
 class _Unfit(Exception):
