@@ -356,8 +356,9 @@ def _source_record(node: torch.fx.Node) -> dict:
     if isinstance(node.meta.get("stack_trace"), str):
         record["stack_trace"] = node.meta["stack_trace"]
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        record["module_stack"] = [[str(key), str(path), _class_name(kind)] for key, (path, kind) in stack.items()]
+    if isinstance(stack, dict):  # entries of another shape (a front end's own) are not stored
+        record["module_stack"] = [[str(key), str(entry[0]), _class_name(entry[1])] for key, entry in stack.items()
+                                  if isinstance(entry, (tuple, list)) and len(entry) == 2]
     return record
 
 

@@ -669,3 +669,15 @@ def test_load_refuses_a_return_type_torch_does_not_list(tmp_path):
     _tamper(data, path)
     with pytest.raises(fxopt.SerializationError, match=r"refusing torch.return_types.pytree_register_structseq"):
         fxopt.load(path)
+
+
+def test_a_module_stack_of_another_shape_is_left_out_not_a_crash(tmp_path):
+    """save failed with a bare AttributeError/TypeError on an nn_module_stack entry that is no
+    (path, class) pair."""
+    gm = fxopt.capture(_TwoLayers().eval(), torch.randn(2, 4), mode="export")
+    node = next(n for n in gm.graph.nodes if n.name == "linear_1")
+    node.meta["nn_module_stack"] = {"b.0": "b.0", "b": ("b", nn.Sequential)}
+    fxopt.save(gm, tmp_path / "odd.pt")
+    loaded = fxopt.load(tmp_path / "odd.pt")
+    stack = next(n for n in loaded.graph.nodes if n.name == "linear_1").meta["nn_module_stack"]
+    assert stack == {"b": ("b", "torch.nn.modules.container.Sequential")}
