@@ -804,7 +804,8 @@ def _next_call_differs(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
 
 def _varied_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """The inputs with seeded noise added to each floating-point tensor, each integer one (token
-    ids) shifted by one within the example's own range (its smallest value after its largest),
+    ids) shifted by one within the example's own range (its smallest value after its largest;
+    one value throughout: one more),
     which keeps every value one the model takes, and each bool one (a mask) in a seeded shuffle;
     None where there is no tensor to vary. The global random state is left alone."""
     generator = torch.Generator().manual_seed(0)
@@ -819,9 +820,9 @@ def _varied_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if value.dtype == torch.bool:
             order = torch.randperm(value.numel(), generator=generator).to(value.device)
             return value.flatten()[order].reshape(value.shape)
-        if not value.is_floating_point():
+        if not value.is_floating_point():  # (one value throughout, a dummy of zeros: the next one up)
             low, high = value.min(), value.max()
-            return (value - low + 1) % (high - low + 1) + low
+            return value + 1 if low == high else (value - low + 1) % (high - low + 1) + low
         noise = torch.randn(value.shape, generator=generator, dtype=torch.float32)
         return value + noise.to(value.device, value.dtype)
 

@@ -1678,9 +1678,11 @@ class _FirstBatchCenterOfIds(nn.Module):
         return h - self.center
 
 
-def test_a_value_kept_from_the_first_batch_of_token_ids_is_warned_of():
+@pytest.mark.parametrize("ids", [torch.randint(0, 50, (2, 5)), torch.zeros(2, 5, dtype=torch.long)],
+                         ids=["ids", "dummy zeros"])
+def test_a_value_kept_from_the_first_batch_of_token_ids_is_warned_of(ids):
     """Only floating inputs were varied: a model fed ids kept its first batch's value silently."""
     torch.manual_seed(0)
     with pytest.warns(fxopt.CaptureWarning, match=r"depends on state its forward keeps in Python attributes "
                                                   r"\(center: None -> a tensor of shape \(8,\)\)"):
-        capture(_FirstBatchCenterOfIds().eval(), torch.randint(0, 50, (2, 5)), mode="symbolic")
+        capture(_FirstBatchCenterOfIds().eval(), ids, mode="symbolic")
