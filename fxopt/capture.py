@@ -1000,7 +1000,7 @@ def _private_eval_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode, for capture to run and trace (the caller's never runs).
     Where `copy.deepcopy` refuses an attribute, the copy gets a tensor computed from the
     parameters (``torch.nn.utils.weight_norm``'s weight, which its hook computes again before
-    every forward) detached, and a threading lock a new lock; any other is refused naming it
+    every forward; a buffer registered as ``w.sum(0) * 2``) detached, and a threading lock a new lock; any other is refused naming it
     (deepcopy failed on all with its own words, naming nothing). The attributes set on a
     parameter, which deepcopy drops, are kept."""
     try:
@@ -1029,6 +1029,9 @@ def _uncopyable_attributes(model: nn.Module) -> dict[int, Any]:
     raises CaptureError for one it has none for."""
     memo: dict[int, Any] = {}
     for prefix, module in model.named_modules():
+        for buffer in module._buffers.values():  # one computed from the parameters holds their graph
+            if buffer is not None and buffer.grad_fn is not None:
+                memo[id(buffer)] = buffer.detach().clone()
         for key, value in vars(module).items():
             if isinstance(value, nn.Module) or key in ("_parameters", "_buffers", "_modules"):
                 continue

@@ -1582,6 +1582,16 @@ def _weight_normed():
     return nn.Sequential(conv(nn.Conv1d(4, 8, 3, padding=1)), nn.ReLU(), conv(nn.Conv1d(8, 4, 3, padding=1))).eval()
 
 
+class _ComputedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("scale", self.fc.weight.sum(0) * 2)  # holds autograd's graph: no graph leaf
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
 class _HoldsALock(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1592,9 +1602,10 @@ class _HoldsALock(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-@pytest.mark.parametrize("make, x", [(_weight_normed, torch.randn(2, 4, 16)), (lambda: _HoldsALock().eval(),
-                                                                              torch.randn(2, 4))],
-                         ids=["weight_norm", "lock"])
+@pytest.mark.parametrize("make, x", [(_weight_normed, torch.randn(2, 4, 16)),
+                                     (lambda: _HoldsALock().eval(), torch.randn(2, 4)),
+                                     (lambda: _ComputedBuffer().eval(), torch.randn(2, 4))],
+                         ids=["weight_norm", "lock", "computed buffer"])
 def test_a_model_copy_deepcopy_refuses_is_captured(make, x, mode):
     """capture copies the model first: torch.nn.utils.weight_norm's computed weight (no graph
     leaf) failed with torch's "Only Tensors created explicitly by the user ... support the
