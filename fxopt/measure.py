@@ -182,7 +182,13 @@ def compare_latency(
     if rounds < 1:
         raise ValueError(f"need rounds >= 1, got {rounds=}")
     best: dict[str, dict[Any, float | str]] = {name: {} for name in fns}
-    timed = {name: _private_packs(fn) for name, fn in fns.items()}
+    timed = {}
+    for name, fn in fns.items():
+        try:
+            timed[name] = _private_packs(fn)
+        except Exception as exc:  # a module deepcopy refuses (a lock in a serving wrapper): reported as its error
+            best[name] = {k: _error_text(exc) for k in inputs}
+            timed[name] = fn
     for _ in range(rounds):
         for name in fns:
             got = best[name]

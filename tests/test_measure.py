@@ -437,3 +437,16 @@ def test_compare_latency_times_each_input_size_on_fresh_packs():
     assert id(model.pack) not in shapes_by_pack  # the caller's packs keep the shape they had
     assert all(len(shapes) == 1 for shapes in shapes_by_pack.values())
     assert set.union(*shapes_by_pack.values()) == {(1, 4), (16, 4)}
+
+
+class _PackedWithALock(_Packed):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = __import__("threading").Lock()
+
+
+def test_compare_latency_reports_a_module_it_cannot_copy_and_times_the_others():
+    """The copy for fresh packs failed on a lock and aborted the whole comparison."""
+    lat = compare_latency({"locked": _PackedWithALock(), "relu": torch.relu}, {"b2": (torch.randn(2, 4),)},
+                          rounds=1, warmup=1, repeats=2)
+    assert lat["locked"]["b2"].startswith("TypeError: cannot pickle") and isinstance(lat["relu"]["b2"], float)
