@@ -29,12 +29,13 @@ from bench_quantize import _fresh_copy, calibration_for, get_model  # noqa: E402
 @contextlib.contextmanager
 def int8_outputs():
     """The lowering before float-output convs: convs keep their grid, the cut prices float reads."""
-    original = lower._Lowering._float_output
+    original = plan.writes_float
 
-    def linears_only(self, group):
-        return group.kind == "linear" and original(self, group)
+    def linears_only(the_plan, region, value):
+        group = the_plan.groups.get(value.name)
+        return group is not None and group.kind == "linear" and original(the_plan, region, value)
 
-    with mock.patch.object(lower._Lowering, "_float_output", linears_only), \
+    with mock.patch.object(plan, "writes_float", linears_only), mock.patch.object(lower, "writes_float", linears_only), \
             mock.patch.object(plan, "_writes_float_when_read_in_float", lambda *args: False):
         yield
 

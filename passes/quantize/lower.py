@@ -59,7 +59,7 @@ from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, 
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear, quantized_engine
 from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
-                   grid_source, int8_region, quantized_late, shared_grids)
+                   grid_source, int8_region, quantized_late, shared_grids, writes_float)
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -265,6 +265,9 @@ class _Lowering:
         self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
         self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
+        # a layer's float output (`_float_output`) -> the name its observer has: int8 readers
+        # of it quantize it onto that grid
+        self.observed_as: dict[torch.fx.Node, str] = {}
         self.packed_cache: dict[tuple, str | None] = {}  # holder attribute; None: no engine computes it right
         # Values with no int8 grid (calibration saw +-inf in them, e.g. an attention mask):
         # they, and the ops that would read them quantized, stay float.
@@ -288,7 +291,6 @@ class _Lowering:
         region = quantized_late(self.gm, self.plan, int8_region(self.gm, self.plan, enabled, set(self.float_only)),
                                 set(self.observers))
         self.region = region
-        self.in_int8_groups = {n.name for out in region if out in self.plan.groups for n in self.plan.groups[out].nodes}
         for out in sorted(enabled - region):  # an add/cat the cut left float (CUT_DECIDES)
             group = self.plan.groups[out]
             self.stats["float_ops"][group.name] = f"{group.kind}: kept float: int8 would cost more conversions than it saves"
@@ -434,10 +436,11 @@ class _Lowering:
         return best
 
     def _grid_of_float(self, value: torch.fx.Node, user: torch.fx.Node) -> Grid:
-        if value.name not in self.observers and value.name not in self.shared:
+        name = self.observed_as.get(value, value.name)
+        if name not in self.observers and name not in self.shared:
             raise QuantizationError(f"no observer on {node_location(value)}, which feeds int8 "
                                     f"{node_location(user)}; re-run insert-observers")
-        return self._observed_grid(value.name)
+        return self._observed_grid(name)
 
     def _int8_input(self, value: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
         """What an int8 op reads for `value`: x86 a quantized tensor, else the grid float value."""
@@ -478,8 +481,8 @@ class _Lowering:
             old.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not result and u is not dq)
         else:
             old.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq)
-        if self.backend == "x86":  # a quantized tensor has the sizes of its float value
-            for reader in [u for u in dq.users if size_read(u) is not None and size_read(u)[0] is dq]:
+        if self.backend == "x86":  # a quantized tensor has the sizes and rank of its float value
+            for reader in [u for u in dq.users if _reads_shape_of(u, dq)]:
                 reader.replace_input_with(dq, result)  # x[:, :, :x.size(2) - 1]: no dequantize for it
         self.q_of[dq] = result
         self.grid_of[dq] = grid
@@ -544,17 +547,12 @@ class _Lowering:
         counts[label] = counts.get(label, 0) + 1
 
     def _float_output(self, group: Group) -> bool:
-        """Whether a conv's or linear's output is read in float only (the graph's output, a
-        float op): then it is not rounded onto an int8 grid, which clips what calibration did
-        not see (a classifier's logits, a segmentation head's) and costs a quantize and a
-        dequantize. x86 has the kernels (int8 input and weight, float output): fbgemm's linear,
-        oneDNN's conv (`float_output.py`)."""
-        if group.views or group.kind not in ("conv", "linear"):
-            return False
-        return not any(u.name in self.region or u.name in self.in_int8_groups for u in group.output.users)
+        """Whether the conv or linear `group` writes float (`plan.writes_float`)."""
+        return writes_float(self.plan, self.region, group.output)
 
     def _publish_float(self, group: Group, result: torch.fx.Node) -> None:
         _take_value_meta(group.output, result)
+        self.observed_as[result] = group.output.name
         group.output.replace_all_uses_with(result)
         self._retire(group)
         self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
@@ -788,9 +786,12 @@ class _Lowering:
         after the average shrank the rest of the error (5-8 dB behind PT2E, quantize tester)."""
         into_cat = any((g := self.plan.member_of.get(u.name)) is not None and g.kind == "cat" for u in node.users)
         meta = tensor_meta(node)
-        if node.name not in self.observers or into_cat or meta is not None and len(meta[0]) > 4:
+        windowed_3d = meta is not None and len(meta[0]) > 4 and any(size != 1 for size in meta[0][2:])
+        if node.name not in self.observers or into_cat or windowed_3d:
             return None  # a cat rounds its inputs onto its own grid anyway (twice is worse); aten's
-            # float 3-D pools are 2-5x slower than the int8 one (adversary): too much for the bit
+            # float 3-D pools are 2-5x slower than the int8 one (adversary): too much for the bit.
+            # A global 3-D average is a mean, as fast in float (15.2 us int8, 13.7 float on a
+            # video head) and 12 dB ahead of its input's grid (quantize tester)
         finer = self._observed_grid(node.name)
         return finer if finer[0] <= grid[0] / _FINER else None
 
@@ -820,6 +821,16 @@ def _dotted_prefixes(path: str) -> list[str]:
 #: How much finer (scale ratio) an average's own grid must be than its input's to be worth the
 #: float pool's two conversions: one bit, a quarter of the output rounding's error.
 _FINER = 2.0
+
+
+def _reads_shape_of(reader: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Whether `reader` reads only `value`'s sizes or rank (``x.size(2)``, ``x.shape``,
+    ``x.dim()``, ``x.ndim``: a rewrite's rank guard), which its quantized form has too."""
+    if (read := size_read(reader)) is not None:
+        return read[0] is value
+    return bool(reader.args) and reader.args[0] is value and (
+        reader.op == "call_method" and reader.target == "dim" and len(reader.args) == 1
+        or reader.op == "call_function" and reader.target is getattr and reader.args[1:] == ("ndim",))
 
 
 def _take_value_meta(old: torch.fx.Node, new: torch.fx.Node) -> None:

@@ -11,7 +11,8 @@ A transposed conv is a conv anchor when its stride equals its kernel, with no pa
 group (a U-Net's up-sampler; `transposed_reason`): lowering makes it a 1x1 int8 conv and a
 depth-to-space of the int8 bytes.
 
-*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, dropout, basic
+*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, relu6 (a hardtanh or
+clamp from 0), eval dropout, basic
 slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`, and padding with zeros or by
 copying edges: `F.pad(x, (0, 1, 0, 1))`, reflect, replicate, circular) run on int8 values as
 they are, on their input's grid, so a chain conv -> maxpool -> flatten -> linear, a TCN's causal
@@ -62,11 +63,8 @@ PAD_MODES = ("constant", "reflect", "replicate", "circular")
 #: Ops that compute on int8 values directly, keeping the input's scale and zero point.
 PASS_THROUGH = frozenset({
     "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "permute", "transpose",
-    "contiguous", "relu", "dropout", "identity", "pad", *SLICING,
+    "contiguous", "relu", "hardtanh", "dropout", "identity", "pad", *SLICING,
 })
-# (A hardtanh or clamp on its own is no pass-through: on its input's grid it keeps the few levels
-# inside its bounds, and a bound past the grid's ends clamps to the end (hardtanh(-1, -0.5)
-# after a relu gave 0, not -0.5; quantize tester). After a conv or linear it is the group's.)
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
 #: conversions, so the minimum cut decides them like pass-through ops. A residual add between
 #: two convs stays int8; one between float layer norms (a transformer's) stays float.
@@ -330,6 +328,9 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
         elif view.kind == "pad" and (reason := pad_reason(view)) is not None:
             if is_float_value(node):
                 plan.unsupported[node.name] = _runs_in_float("pad", reason)
+        elif view.kind in ("hardtanh", "dropout") and (reason := _not_passed_through(view)) is not None:
+            if is_float_value(node):
+                plan.unsupported[node.name] = _runs_in_float(view.kind, reason)
         elif view.kind in PASS_THROUGH and view.input is not None:
             plan.pass_through.add(node.name)
         elif _holds_floats(node):
@@ -384,6 +385,26 @@ def _batch_norm_reason(gm, view) -> str:
                 "expresses; runs in float")
     reason = _anchor_ok(gm, before) or "its group does not reach this batchnorm"
     return f"'{source.name}' stays float ({reason}): nothing to fold into; runs in float"
+
+
+def _not_passed_through(view) -> str | None:
+    """Why a hardtanh or dropout does not run on int8 values as they are, or None.
+
+    A hardtanh (relu6) from 0 is a relu that also clips at the top: on its input's grid it is
+    exact but for the top bound's rounding. Any other lower bound is no pass-through: on its
+    input's grid it keeps the few levels inside its bounds (an add's grid and hardtanh(0.2,
+    0.5): 32.2 dB, PT2E 38.9), and one past the grid's ends gives the end (hardtanh(-1, -0.5)
+    after a relu: 0 everywhere on x86; quantize tester); in float it is quantized after, on its
+    own grid. A dropout in training mode draws random numbers, which a quantized tensor does
+    not take (`bernoulli_` has no int8 kernel; adversary)."""
+    if view.kind == "dropout":
+        training, p = view.attrs.get("training", True), view.attrs.get("p", 0.5)
+        return "in training mode it draws random numbers" if training and p != 0 else None
+    bounds = activation_bounds(view)
+    if bounds is None or bounds[0] != 0.0:
+        shown = "a tensor" if bounds is None else ", ".join("none" if b is None else f"{b:g}" for b in bounds)
+        return f"bounds ({shown}): fused only right after a conv/linear, or from 0 (relu6)"
+    return None
 
 
 def pad_reason(view) -> str | None:
@@ -560,13 +581,16 @@ def quantized_late(gm: torch.fx.GraphModule, plan: Plan, region: set[str], obser
     float the value is quantized after them, on their grid. A relu after a group norm read
     int8 spent half its input's grid on the negatives it drops (1.4-2.1 dB behind PT2E, which
     observes the relu's output; quantize tester). Walked in order, so a chain after a float op
-    leaves the region whole."""
+    leaves the region whole. A conv or linear that writes float (`writes_float`) gives a float
+    value too: a relu after one whose value is also returned (an FPN's feature map) takes the
+    relu's grid, not the conv's signed one."""
     region = set(region)
     for node in gm.graph.nodes:
         if node.name not in region or node.name not in plan.pass_through or node.name not in observed:
             continue
         source = op_view(gm, node).input
-        if source.name not in region and value_nbytes(node) == value_nbytes(source):
+        float_source = source.name not in region or writes_float(plan, region, source)
+        if float_source and value_nbytes(node) == value_nbytes(source):
             region.discard(node.name)
     return region
 
@@ -583,19 +607,38 @@ def _without_float_read_views(gm: torch.fx.GraphModule, plan: Plan, region: set[
     before the softmax (an `nn.MultiheadAttention` 10 dB behind PT2E, which leaves them float).
     Walked from the graph's end, so a chain of views leaves the region whole."""
     region = set(region)
-
-    def reads_int8(reader: torch.fx.Node) -> bool:
-        group = plan.member_of.get(reader.name)
-        return reader.name in region or group is not None and group.output.name in region
-
     for node in reversed(gm.graph.nodes):
         if node.name not in region or node.name not in plan.pass_through:
             continue
         view = op_view(gm, node)
-        if value_nbytes(node) < value_nbytes(view.input) or any(reads_int8(u) for u in value_readers(node)):
+        if value_nbytes(node) < value_nbytes(view.input) \
+                or any(reads_int8(plan, region, u) for u in value_readers(node)):
             continue
         region.discard(node.name)
     return region
+
+
+def reads_int8(plan: Plan, region: set[str], reader: torch.fx.Node) -> bool:
+    """Whether `reader` computes in int8: an op of `region`, or a member of an int8 group."""
+    group = plan.member_of.get(reader.name)
+    return reader.name in region or group is not None and group.output.name in region
+
+
+def writes_float(plan: Plan, region: set[str], value: torch.fx.Node) -> bool:
+    """Whether the int8 conv or linear group `value` writes its value in float: where float
+    ops read it (the graph's output, a layer norm, a sigmoid, a residual add in float) or
+    nothing does. It is then not rounded onto an int8 grid, which clips what calibration did
+    not see (a classifier's logits, a segmentation head's) and moves every value by up to
+    half a step; its int8 readers quantize the float value onto the same grid, at the cost
+    of the dequantize the float readers would have paid (a ConvNeXt downsample feeding its
+    block's conv and the residual add: 2.8 dB behind PT2E, which does the same; quantize
+    tester). x86 has the kernels (int8 input and weight, float output): fbgemm's linear,
+    oneDNN's conv (`float_output.py`)."""
+    group = plan.groups.get(value.name)
+    if group is None or value.name not in region or group.views or group.kind not in ("conv", "linear"):
+        return False
+    readers = value_readers(value)
+    return not readers or not all(reads_int8(plan, region, u) for u in readers)
 
 
 def _writes_float_when_read_in_float(plan: Plan, enabled: set[str], value: torch.fx.Node) -> bool:

@@ -1,8 +1,8 @@
 """Where an int8 boundary costs the same on either side of a pass-through op, the value is
 quantized after the op, on the op's own grid (quantize tester: a relu after a group norm read
-int8 on the norm's signed grid, 1.4-2.1 dB behind PT2E), and a hardtanh or clamp on its own
-runs in float: on its input's grid it kept a few levels, and a bound past the grid's ends gave
-the end (hardtanh(-1, -0.5) after a relu: 0 everywhere on x86, -0.5 dB)."""
+int8 on the norm's signed grid, 1.4-2.1 dB behind PT2E), and a hardtanh on its own runs in
+float unless it starts at 0 (relu6): on its input's grid it kept a few levels, and a bound past
+the grid's ends gave the end (hardtanh(-1, -0.5) after a relu: 0 everywhere on x86, -0.5 dB)."""
 from __future__ import annotations
 
 import warnings
@@ -73,3 +73,39 @@ def test_a_hardtanh_on_its_own_runs_in_float_on_both_backends(bounds, backend):
     test = torch.randn(8, 8, 10, 10)
     with torch.no_grad():
         assert _sqnr(model(test), result.module(test)) > 35  # x86: -0.5 and 39.2 dB on the relu's grid
+
+
+class AddThen(nn.Module):
+    def __init__(self, after):
+        super().__init__()
+        self.after = after
+        self.a, self.b, self.o = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.o(self.after(self.a(x) + self.b(x)))
+
+
+def test_a_relu6_after_an_int8_add_stays_int8():
+    """A hardtanh from 0 clips at 0 like a relu: on x86 it stays on the add's int8 value
+    (adversary: in float, the add and every conv around it wrote float, 12-35% slower)."""
+    torch.manual_seed(0)
+    result = _quantized(AddThen(nn.ReLU6()).eval(), "x86")
+    stats = result.passes[-1].stats
+    assert stats["quantized"] == {"conv": 3, "add": 1}, stats
+    assert not any("hardtanh" in name for name in stats["float_ops"]), stats["float_ops"]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_training_mode_dropout_stays_float(mode):
+    """A dropout that draws random numbers (Monte Carlo dropout, spelled in the forward) is no
+    int8 pass-through: `bernoulli_` has no quantized kernel (adversary: torch.dropout(h, 0.5,
+    True) failed the whole pass)."""
+    class McDropout(nn.Module):
+        def forward(self, h):
+            return torch.dropout(h, 0.5, True)
+
+    model = AddThen(McDropout()).eval()
+    result = _quantized(model, "x86", mode)
+    reason = next(r for name, r in result.passes[-1].stats["float_ops"].items() if "drop" in name)
+    assert "training mode" in reason, reason
+    assert result.module(torch.randn(2, 8, 10, 10)).shape == (2, 16, 10, 10)

@@ -147,3 +147,20 @@ def test_a_batchnorm_whose_weight_is_computed_stays_float(mode, backend):
     reason = next(r for name, r in stats["float_ops"].items() if "batch_norm" in name)
     assert "weight is computed in the graph" in reason, stats["float_ops"]
     assert _has_batch_norm(res.module)
+
+
+def test_a_rank_guard_reads_the_int8_value_without_a_dequantize():
+    """`fuse` folds BatchNorm1d into the linears and asserts the rank (`hold_rank`); on x86 the
+    guard's `.dim()` reads the quantized tensor (adversary: each guard dequantized a whole
+    activation to read its rank)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), _bn(32), nn.ReLU(), _bn(32), nn.Linear(32, 4)).eval()
+    batches = [(torch.randn(8, 16),) for _ in range(3)]
+    res = fxopt.optimize(model, batches[0], "fuse,quantize{backend=x86}", calibration=batches, mode="symbolic")
+    gm = res.module
+    dims = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "dim"]
+    assert len(dims) == 2, gm.code
+    assert all("dequantize" not in str(d.args[0].target) for d in dims), gm.code
+    assert res.passes[-1].stats["dequantize_nodes"] == 1, gm.code  # the float-output head's input only
+    with pytest.raises(AssertionError, match="for 2 dims"):
+        gm(torch.randn(8, 3, 16))
