@@ -255,16 +255,19 @@ class Match:
     #: dim None: the value's rank (a Var's int `ndim`, `Rewriter.hold_rank`).
     size_guards: list[tuple[torch.fx.Node, int | None, int]] = field(default_factory=list)
 
-    def hold_rank(self, value: torch.fx.Node) -> None:
-        """Make the rewrite assert `value`'s recorded rank where the graph may run at another
-        (a symbolic graph: ``BatchNorm1d`` takes (N, C) and (N, C, L) alike); a graph tensor's
-        rank is fixed. Hold a value the rewrite keeps (an input of the match): the assert
-        reads it."""
+    def hold_rank(self, value: torch.fx.Node, rank: int | None = None) -> None:
+        """Make the rewrite assert `value`'s rank (its recorded one, or `rank`) where the graph
+        may run at another (a symbolic graph: ``BatchNorm1d`` takes (N, C) and (N, C, L)
+        alike); a graph tensor's rank is fixed. `value` may be the node the rewrite returns: the
+        assert then follows it. The assert is one more reader of `value`: a later pattern that
+        would take `value` as an inner op of its own no longer matches, so hold a value no
+        pattern removes (above rank-keeping ops: `passes/fuse/rules._rank_source`)."""
         meta = tensor_meta(value)
+        rank = rank if rank is not None else len(meta[0]) if meta is not None else None
         info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
-        if meta is not None and value.op != "get_attr" and info.get("frontend") != "export" \
-                and (value, None, len(meta[0])) not in self.size_guards:
-            self.size_guards.append((value, None, len(meta[0])))
+        if rank is not None and value.op != "get_attr" and info.get("frontend") != "export" \
+                and (value, None, rank) not in self.size_guards:
+            self.size_guards.append((value, None, rank))
 
     def __getitem__(self, name: str) -> Any:
         if name in self.values:

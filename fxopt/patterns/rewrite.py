@@ -322,9 +322,12 @@ def _assert_sizes(gm: torch.fx.GraphModule, pattern: Pattern, m: Match, new: tor
     other numbers, and the graph says so instead."""
     for value, dim, size in m.size_guards:
         what, kind = (f"size {size} at dim {dim}", "size") if dim is not None else (f"{size} dims", "rank")
-        with gm.graph.inserting_before(new):
+        # before the replacement; after it where the guard reads it (then each node after the last)
+        with gm.graph.inserting_after(new) if value is new else gm.graph.inserting_before(new):
             got = gm.graph.call_method("size", (value, dim)) if dim is not None else gm.graph.call_method("dim", (value,))
+        with gm.graph.inserting_after(got):
             same = gm.graph.call_function(operator.eq, (got, size))
+        with gm.graph.inserting_after(same):
             gm.graph.call_function(torch._assert, (same, (
                 f"pattern '{pattern.name}' rewrote '{m.root.name}' for {what} of "
                 f"'{value.name}' (its shape constraint); the graph runs only at that {kind} now")))

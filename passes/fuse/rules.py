@@ -260,8 +260,17 @@ def _fold_linear_bn(r: Rewriter) -> torch.fx.Node | None:
     w = lin.param("weight")
     if bn.param("running_mean").shape[0] != w.shape[0]:
         return None
-    r.match.hold_rank(r["x"])  # the linear's rank: at another the batchnorm normalizes dim 1
+    r.match.hold_rank(_rank_source(r, r["x"]))  # at another rank the batchnorm normalizes dim 1
     return _affine_linear(r, lin, *_bn_scale_shift(bn, w.shape[0], w.dtype))
+
+
+def _rank_source(r: Rewriter, value: torch.fx.Node) -> torch.fx.Node:
+    """The value whose rank a guard on `value` reads: `value`, or above the batchnorms that
+    make it (they keep the rank). A guard reading a batchnorm's output made it a value of two
+    readers, which the next fold (that batchnorm into this linear) refuses (adversary)."""
+    while (view := op_view(r.gm, value)) is not None and view.kind == "batch_norm" and view.input is not None:
+        value = view.input
+    return value
 
 
 def _features_to_channels(view) -> bool | str:
@@ -352,8 +361,8 @@ def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
     folded = in_dtype(w.dtype, w.double() * scale, w.double() @ shift + (0 if b is None else b.double()))
     if folded is None:
         return None
-    r.match.hold_rank(r["x"])  # at another rank the batchnorm normalizes dim 1
     name = r.match.root.name
+    r.match.hold_rank(_rank_source(r, r["x"]))  # at another rank the batchnorm normalizes dim 1
     return r.call(F.linear, r["x"], r.tensor(f"{name}_folded_weight", folded[0]),
                   r.tensor(f"{name}_folded_bias", folded[1]))
 

@@ -140,6 +140,18 @@ def test_a_batchnorm_folded_into_a_linear_holds_its_rank_in_a_symbolic_graph(ord
         res.module(torch.randn(4, 8, 8))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tabular_chain_of_batchnorms_and_linears_folds_whole(mode):
+    """BatchNorm1d -> Linear -> BatchNorm1d -> ReLU: the rank guard of one fold must not make a
+    batchnorm a value of two readers, which the next fold refuses (adversary: the input
+    batchnorm stayed in symbolic graphs)."""
+    model = nn.Sequential(_warm_bn(nn.BatchNorm1d(16)), nn.Linear(16, 32), _warm_bn(nn.BatchNorm1d(32)),
+                          nn.ReLU(), nn.Linear(32, 4)).eval()
+    res = _run(model, torch.randn(8, 16), mode)
+    assert res.passes[0].stats["matches"] == {"bn+linear": 1, "linear+bn": 1, "linear+act": 1}
+    assert "batch_norm" not in _kinds(res.module)
+
+
 class ConditionalBatchNorm(nn.Module):
     """FiLM-style conditioning: the batchnorm's affine computed from a second input."""
 
