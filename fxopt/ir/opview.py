@@ -286,7 +286,8 @@ SPECS: tuple[OpSpec, ...] = (
     # torch.dropout(x, p, train) and its kin name the flag `train`, as the aten ops do
     OpSpec("dropout", functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                                  F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
-                                 torch.feature_dropout, torch.feature_alpha_dropout),
+                                 torch.feature_dropout, torch.feature_alpha_dropout, torch.dropout_,
+                                 torch.alpha_dropout_, torch.feature_dropout_, torch.feature_alpha_dropout_),
            aten=(aten.dropout, aten.feature_dropout, aten.alpha_dropout, aten.dropout_, aten.feature_dropout_,
                  aten.alpha_dropout_, aten.feature_alpha_dropout, aten.feature_alpha_dropout_),
            modules=(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout),

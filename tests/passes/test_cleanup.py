@@ -231,12 +231,15 @@ def test_remove_noops_drops_torch_dropout_spelled_positionally_or_by_keyword():
             a = torch.dropout(x, 0.1, False)
             b = torch.dropout(x, 0.1, train=False)
             c = torch.feature_alpha_dropout(x, 0.2, False)
-            return a + b + c, torch.dropout(x, 0.1, True)
+            d = torch.dropout_(x * 2, 0.3, False)  # in place, in eval: the value itself
+            return a + b + c + d, torch.dropout(x, 0.1, True)
 
     model, x = Functional(), (torch.randn(2, 3),)
     result = PassManager("remove-noops").run(capture(model, x, mode="symbolic"), x)
-    assert result.records[0].stats["removed"] == {"dropout": 3}
+    assert result.records[0].stats["removed"] == {"dropout": 4}
     assert [n.args[1:] for n in result.module.graph.nodes if n.target is torch.dropout] == [(0.1, True)]
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(result.module(x)[0], model(x)[0])
 
 
 def test_remove_noops_keeps_training_dropout():
