@@ -1237,3 +1237,19 @@ def test_an_input_mismatch_of_an_exported_reference_passes_unchanged():
     gm = capture(nn.Linear(4, 4).eval(), torch.randn(2, 4), mode="export")
     with pytest.raises(fxopt.errors.InputMismatchError, match="has size 5 at dim 1"):
         verify(gm, gm, torch.randn(2, 5))
+
+
+class _SparseAdjacency(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, adjacency, x):
+        return torch.sparse.mm(adjacency, self.fc(x))
+
+
+def test_a_sparse_input_is_captured_and_verified():
+    """The input-write checks called torch.equal on it, which refuses sparse tensors: a GNN with a
+    sparse adjacency, captured and verified before, crashed both."""
+    model, inputs = _SparseAdjacency().eval(), (torch.eye(5).to_sparse(), torch.randn(5, 4))
+    assert verify(model, capture(model, inputs, mode="symbolic"), inputs).passed
