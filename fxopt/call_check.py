@@ -343,8 +343,10 @@ def _contiguous(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
 def _writes_state(module: torch.fx.GraphModule) -> bool:
     """Whether the graph writes into one of its inputs or buffers in place (``x.mul_(2)``, a step
     counter, through a view too), calls a module, which may keep state (an observer counts its
-    batches), or draws random numbers: the failed call may have written it, or drawn, already, and
+    batches), draws random numbers, or runs a subgraph (none of this is looked for inside one): the failed call may have written it, or drawn, already, and
     a run again would write it twice, or draw other numbers than eager."""
+    if any(isinstance(child, torch.fx.GraphModule) for child in module.children()):
+        return True  # a region a higher-order op runs (no_grad, cond): not looked into
     return any((node.op == "call_module" and not str(node.target).startswith("_guards"))
                or _draws_random(node)
                or getattr(written_base(module, node), "op", None) in ("placeholder", "get_attr")

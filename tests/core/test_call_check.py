@@ -629,3 +629,21 @@ def test_a_graph_that_draws_random_numbers_is_not_run_again_on_a_copy():
     gm = _export(_Noisy(), (torch.randn(2, 3, 8, 8),))
     with pytest.raises(RuntimeError, match="view size is not compatible"):
         gm(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
+
+
+class _CountsInARegion(_FlattenedConv):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.calls.add_(1)
+        return super().forward(x)
+
+
+def test_a_buffer_written_inside_a_region_is_not_written_twice():
+    """The retry's checks read the top graph only: a write inside a no_grad region ran twice."""
+    gm = _export(_CountsInARegion(), (torch.randn(2, 3, 8, 8),))
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        gm(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
