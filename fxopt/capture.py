@@ -1019,9 +1019,24 @@ def _keep_parameter_tags(model: nn.Module, private: nn.Module) -> None:
     True``, which optimizer recipes group parameters by): deepcopy of a parameter drops them."""
     for (_, mine), (_, copied) in zip(model.named_parameters(remove_duplicate=False),
                                       private.named_parameters(remove_duplicate=False)):
-        if vars(mine):  # a tensor kept there (p.ema) copied, the rest shared (a back-reference p.model)
-            copied.__dict__.update({k: v.detach().clone() if isinstance(v, torch.Tensor) else v
-                                    for k, v in vars(mine).items()})
+        if vars(mine):
+            copied.__dict__.update(copied_tags(mine))
+
+
+def copied_tags(p: torch.Tensor) -> dict:
+    """The attributes set on parameter `p`, each tensor among them (``p.ema``, ``p.state["ema"]``,
+    in dicts, lists and tuples) copied, anything else shared: a back-reference (``p.model =
+    model``) must not copy the model once per parameter."""
+    def copied(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if type(value) is dict:
+            return {k: copied(v) for k, v in value.items()}
+        if type(value) in (list, tuple):
+            return type(value)(copied(v) for v in value)
+        return value
+
+    return {key: copied(value) for key, value in vars(p).items()}
 
 
 _LOCKS = (type(threading.Lock()), type(threading.RLock()))

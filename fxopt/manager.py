@@ -46,7 +46,7 @@ from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
 from .errors import PassError, PassWarning, first_line
-from .capture import META_KEY, adopt_graph_module
+from .capture import META_KEY, adopt_graph_module, copied_tags
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import clone_sharing_tensors
 from .pass_base import Pass, PassContext, PassResult
@@ -997,16 +997,11 @@ def own_tensors(result: torch.nn.Module, source: torch.nn.Module) -> int:
 
 def _parameter_copy(p: torch.nn.Parameter) -> torch.nn.Parameter:
     """A copy of `p` of its own class, with its ``requires_grad`` and the attributes set on it
-    (``p._no_weight_decay = True``, which optimizer recipes group parameters by)."""
+    (``p._no_weight_decay = True``, which optimizer recipes group parameters by), the tensors
+    among them copied (`copied_tags`)."""
     new = copy.deepcopy(p)  # its class and requires_grad; not what is set on it
-    new.__dict__.update(_own_tags(p))
+    new.__dict__.update(copied_tags(p))
     return new
-
-
-def _own_tags(p: torch.nn.Parameter) -> dict:
-    """The attributes set on `p`, a tensor among them (``p.ema``) copied, the rest shared (a
-    back-reference ``p.model = model`` must not copy the model once per parameter)."""
-    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in vars(p).items()}
 
 
 def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -1199,12 +1199,14 @@ def test_the_copies_run_makes_keep_the_class_and_tags_of_a_parameter():
     model = nn.Sequential(nn.Linear(4, 4)).eval()
     model[0].weight = _TaggedParameter(model[0].weight.detach())
     model[0].weight._no_weight_decay, model[0].weight.ema = True, torch.zeros(4, 4)
+    model[0].weight.state = {"momentum": torch.zeros(4, 4)}
     gm = fxopt.capture(model, torch.randn(2, 4), mode="symbolic")
     captured = dict(gm.named_parameters())["0.weight"]
     assert captured._no_weight_decay and captured.ema is not model[0].weight.ema  # capture's copy keeps them too
     weight = dict(fxopt.PassManager("dce").run(gm, (torch.randn(2, 4),)).module.named_parameters())["0.weight"]
     assert type(weight) is _TaggedParameter and weight._no_weight_decay
     assert weight is not captured and weight.ema is not captured.ema  # a tensor kept on it is its own too
+    assert weight.state["momentum"] is not captured.state["momentum"]
 
 
 def test_a_back_reference_on_a_parameter_is_shared_not_copied():
