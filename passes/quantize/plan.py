@@ -11,8 +11,8 @@ A transposed conv is a conv anchor when its stride equals its kernel, with no pa
 group (a U-Net's up-sampler; `transposed_reason`): lowering makes it a 1x1 int8 conv and a
 depth-to-space of the int8 bytes.
 
-*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, relu6 (a hardtanh or
-clamp from 0), eval dropout, basic
+*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, relu6 (a hardtanh from
+0), eval dropout, basic
 slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`, and padding with zeros or by
 copying edges: `F.pad(x, (0, 1, 0, 1))`, reflect, replicate, circular) run on int8 values as
 they are, on their input's grid, so a chain conv -> maxpool -> flatten -> linear, a TCN's causal
@@ -604,7 +604,7 @@ def _without_float_read_views(gm: torch.fx.GraphModule, plan: Plan, region: set[
     dequantize; in float, a conv or linear producer writes float (`lower._Lowering._float_output`)
     and spares the rounding: attention's q, k and v projections, read by a float
     `scaled_dot_product_attention` through a view and a transpose, were rounded onto 8 bits
-    before the softmax (an `nn.MultiheadAttention` 10 dB behind PT2E, which leaves them float).
+    before the softmax (an `nn.MultiheadAttention` with `kdim`/`vdim` lost 1-4 dB).
     Walked from the graph's end, so a chain of views leaves the region whole."""
     region = set(region)
     for node in reversed(gm.graph.nodes):
