@@ -1015,6 +1015,27 @@ def test_an_int_ndim_is_asserted_in_a_symbolic_graph():
         gm(torch.randn(4, 2, 3))
 
 
+def test_a_rewrite_may_hold_the_rank_of_its_own_result():
+    """`Match.hold_rank(new, rank)`: the assert follows the node the rewrite returns."""
+    class Rows(nn.Module):
+        def forward(self, x):
+            return x.sum(-1)
+
+    def rewrite(r):
+        new = r.call(torch.matmul, r["x"], r.tensor("ones", torch.ones(3), parameter=False))
+        r.match.hold_rank(new, 1)
+        return new
+
+    gm = fxopt.capture(Rows(), (torch.randn(2, 3),), mode="symbolic")
+    assert apply_patterns(gm, Pattern("held", Op("sum", Var("x")), rewrite=rewrite)).counts == {"held": 1}
+    gm.recompile()
+    gm.graph.lint()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(gm(x), x.sum(-1))
+    with pytest.raises(AssertionError, match="pattern 'held' rewrote .* for 1 dims of 'matmul'"):
+        gm(torch.randn(4, 2, 3))
+
+
 def test_a_shape_constraint_on_a_dim_export_kept_dynamic_does_not_match():
     class Seq(nn.Module):
         def forward(self, x):
