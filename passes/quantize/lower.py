@@ -573,15 +573,20 @@ class _Lowering:
     def _unweighted(self, group, inputs, qparams, x86_op, float_op):
         """An int8 op without weights (add, matmul, hardswish): x86's kernel onto the output
         grid, or the float op the reference backend rounds afterwards."""
+        bounds = activation_bounds(op_view(self.gm, group.act)) if group.act is not None else None
         if self.backend == "x86":
             args = list(inputs)
             if group.kind == "matmul":
                 args = [self.graph.call_function(aten.contiguous.default, (a,)) for a in args]
-            return self.graph.call_function(x86_op, (*args, *qparams))
-        y = self.graph.call_function(float_op, tuple(inputs))
-        if group.act is not None:
-            y = self.graph.call_function(aten.relu.default, (y,))
-        return y
+            y = self.graph.call_function(x86_op, (*args, *qparams))
+            if bounds is not None and bounds[1] is not None:
+                # add + relu6 on relu6's grid: the kernel's relu and its rounding's saturation at
+                # the grid's top; a top past the bound is one clamp on the int8 output
+                scale, zero_point = qparams
+                if (quant_range(False)[1] - zero_point) * scale > bounds[1]:
+                    y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, bounds[1]))
+            return y
+        return self._float_activation(self.graph.call_function(float_op, tuple(inputs)), bounds)
 
     def _weighted(self, group: Group, view, inputs, grid: Grid, float_output: bool = False) -> torch.fx.Node:
         """The int8 layer; with `float_output` its value in float, not on `grid` (`_float_output`)."""

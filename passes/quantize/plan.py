@@ -46,7 +46,7 @@ from fxopt.ir import metadata_read, op_view, size_read, tensor_meta, value_nbyte
 FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "conv": (("batch_norm",), ("relu", "hardtanh", "clamp")),
     "linear": (("batch_norm",), ("relu", "hardtanh", "clamp")),
-    "add": (("relu",),),
+    "add": (("relu", "hardtanh", "clamp"),),  # from 0 only: the add_relu kernel (`_follower_ok`)
     "matmul": (),
     "cat": (),
     "hardswish": (),
@@ -250,6 +250,9 @@ def _follower_ok(view, anchor) -> bool:
                     and view.param("running_mean").shape[0] == weight.shape[0])
         return True
     if view.kind in ACTIVATIONS:
+        if anchor.kind == "add":  # quantized.add_relu, on the activation's grid: relu, relu6
+            bounds = activation_bounds(view)
+            return bounds is not None and bounds[0] == 0.0
         return fusable_activation(view)
     return True
 
