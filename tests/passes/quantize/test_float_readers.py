@@ -137,3 +137,35 @@ def test_a_layer_read_in_float_through_views_writes_float(mode, backend):
     test = (torch.randn(2, 5, 16), torch.randn(2, 7, 8))
     with torch.no_grad():
         assert _sqnr(model(*test), result.module(*test)) > 27  # 26.6 dB with q, k and v rounded
+
+
+class PackedQkv(nn.Module):
+    """timm's attention: one qkv projection, reshaped, permuted and cut into q, k and v."""
+
+    def __init__(self, d: int = 32, heads: int = 4, unbind: bool = False):
+        super().__init__()
+        self.heads, self.unbind = heads, unbind
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0) if self.unbind else (qkv[0], qkv[1], qkv[2])
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("unbind", [False, True], ids=["index", "unbind"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_packed_qkv_cut_into_pieces_read_in_float_writes_float(mode, unbind):
+    """Adversary: `qkv[0], qkv[1], qkv[2]` each read fewer bytes than the projection, so the
+    tie rule kept them int8 and q, k and v were rounded before the softmax (31.5 dB, 33.5 with
+    `unbind`); the pieces now leave the region together."""
+    torch.manual_seed(0)
+    model = PackedQkv(unbind=unbind).eval()
+    calibration = [(torch.randn(4, 8, 32) * 2,) for _ in range(4)]
+    result = fxopt.optimize(model, calibration[0], pipeline="quantize{backend=x86}", calibration=calibration,
+                            mode=mode, verify=False)
+    assert result.passes[-1].stats["float_outputs"] == 2, result.passes[-1].stats  # qkv and proj
+    test = torch.randn(4, 8, 32) * 2
+    with torch.no_grad():
+        assert _sqnr(model(test), result.module(test)) > 25.05  # 24.97 with q, k and v rounded
