@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from ..errors import first_line, node_location
 from ..tracing import one_at_a_time
 from ..ir import add_tensor_attr, call_as, get_attr_value, meta_value, op_view, replace_uses, tensor_meta
-from .core import CheckError, Match, NoMatch, Op, PatternNode, Var, annotate, match_or_raise
+from .core import ANNOTATIONS, CheckError, Match, NoMatch, Op, PatternNode, Var, annotate, annotations, match_or_raise
 
 
 @dataclass
@@ -309,11 +309,26 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
     _assert_sizes(gm, pattern, m, new)
     if new is m.root:
         return new
+    _carry_annotations(gm, m.root, new)
     replace_uses(m.root, new)
     for op in reversed(m.ops[:-1]):
         if not op.users and op.graph is gm.graph:
             gm.graph.erase_node(op)
     return new
+
+
+def _carry_annotations(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node) -> None:
+    """`new` computes `old`'s value: it takes `old`'s annotations (its own win), and the
+    annotations that name `old` name `new` (fuse tester: a conv+act group kept naming the conv a
+    later batchnorm fold replaced, and the new conv had no role in it)."""
+    carried = annotations(old)
+    if not carried:
+        return  # (nothing names a node that carries no annotation of its own: fxopt's groups don't)
+    new.meta[ANNOTATIONS] = {**carried, **annotations(new)}
+    for node in gm.graph.nodes:
+        notes = annotations(node)
+        if old.name in notes.values():
+            node.meta[ANNOTATIONS] = {key: new.name if value == old.name else value for key, value in notes.items()}
 
 
 def _assert_sizes(gm: torch.fx.GraphModule, pattern: Pattern, m: Match, new: torch.fx.Node) -> None:

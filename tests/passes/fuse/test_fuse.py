@@ -152,6 +152,30 @@ def test_a_tabular_chain_of_batchnorms_and_linears_folds_whole(mode):
     assert "batch_norm" not in _kinds(res.module)
 
 
+class _BnBeforeReflectConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre, self.bn = _warm_bn(nn.BatchNorm2d(6)), _warm_bn(nn.BatchNorm2d(12))
+        self.conv, self.head = nn.Conv2d(6, 12, 3, padding=1, padding_mode="reflect"), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.head(F.hardswish(self.bn(self.conv(self.pre(x)))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_group_follows_its_anchor_when_a_later_fold_replaces_it(mode):
+    """Fuse tester: the batchnorm before the conv is folded after the conv+act group was
+    annotated; the group kept naming the replaced conv, and the new conv had no role."""
+    res = _run(_BnBeforeReflectConv().eval(), torch.randn(2, 6, 10, 10), mode)
+    nodes = {n.name: n for n in res.module.graph.nodes}
+    groups = [annotations(n) for n in nodes.values() if annotations(n).get("fused") == "conv+hardswish"]
+    assert len(groups) == 2, [annotations(n) for n in nodes.values()]
+    for notes in groups:
+        anchor = nodes.get(notes["fusion_anchor"])
+        assert anchor is not None and annotations(anchor)["fusion_role"] == "anchor", notes
+        assert fxopt.ir.op_view(res.module, anchor).kind == "conv"
+
+
 class ConditionalBatchNorm(nn.Module):
     """FiLM-style conditioning: the batchnorm's affine computed from a second input."""
 
