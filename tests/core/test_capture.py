@@ -18,6 +18,7 @@ from torch import nn
 
 import fxopt
 from fxopt import CaptureError, capture, frontend_of
+from writing_models import AddsIntoItsInput
 
 THIS_FILE = os.path.basename(__file__)
 
@@ -1554,20 +1555,10 @@ def test_an_augmented_assignment_on_an_alias_is_named_when_symbolic_capture_fail
     torch.testing.assert_close(gm(x), model(x))
 
 
-class _AddsIntoItsInput(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        x += self.conv(x)
-        return x
-
-
 def test_a_forward_that_writes_into_its_input_is_not_captured_symbolically():
     """Symbolic tracing records `x += h` as `x + h`: the output agreed, the caller's tensor was
     left unchanged, and capture, optimize and verify all passed it."""
-    model, x = _AddsIntoItsInput().eval(), torch.randn(2, 4, 6, 6)
+    model, x = AddsIntoItsInput().eval(), torch.randn(2, 4, 6, 6)
     with pytest.raises(CaptureError, match=r"forward writes into input 0 \('x'\) in place, and the graph does not"):
         capture(model, x, mode="symbolic")
     gm = capture(model, x)

@@ -17,6 +17,7 @@ from fxopt import (
     ShapeAnalysis, TimePasses, VerifyEach, capture,
 )
 from fxopt.ir import op_view
+from writing_models import RenormedEmbedding
 
 
 class Net(nn.Module):
@@ -1155,15 +1156,6 @@ def test_training_the_result_of_run_leaves_its_input_graph_as_it_was(pipeline):
     assert not fxopt.verify(gm, result, ids).passed
 
 
-class _RenormedEmbedding(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.e, self.fc = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 3)
-
-    def forward(self, ids):
-        return self.fc(self.e(ids).mean(1))
-
-
 @dataclasses.dataclass
 class _RunsTheModel(fxopt.Pass):
     """Runs the graph on the example, as calibration does."""
@@ -1182,7 +1174,7 @@ def test_a_pass_may_run_a_model_whose_forward_writes_its_own_weights(mode):
     "the pass wrote into tensor 'e.weight' in place", which the pass could not help."""
     torch.manual_seed(0)
     ids = torch.randint(0, 20, (4, 5))
-    gm = fxopt.capture(_RenormedEmbedding().eval(), ids, mode=mode)
+    gm = fxopt.capture(RenormedEmbedding().eval(), ids, mode=mode)
     weight = dict(gm.named_parameters())["e.weight"]
     before = weight.detach().clone()
     fxopt.PassManager([_RunsTheModel()]).run(gm, (ids,))

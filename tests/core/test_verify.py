@@ -18,6 +18,7 @@ from fxopt.ir import node_values, origin, replace_uses
 from fxopt.verify import (
     TOLERANCES, compare_outputs, compare_tensors, first_divergence, get_tolerance, loosest,
 )
+from writing_models import AddsIntoItsInput, RenormedEmbedding
 
 THIS_FILE = os.path.basename(__file__)
 
@@ -1156,21 +1157,12 @@ def test_a_tensor_output_that_became_a_python_number_names_both():
     assert problem == "the output, a tensor [] bool, became False (a Python bool)"
 
 
-class _RenormedEmbedding(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.e, self.fc = nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 3)
-
-    def forward(self, ids):
-        return self.fc(self.e(ids).mean(1))
-
-
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_verify_leaves_a_parameter_the_forward_writes_as_it_was(mode):
     """nn.Embedding(max_norm=1) renormalizes the rows it reads in place: verify put buffers
     back, not parameters, and the caller's weight moved by 1.93."""
     torch.manual_seed(0)
-    model, ids = _RenormedEmbedding().eval(), torch.randint(10, 20, (3, 5))
+    model, ids = RenormedEmbedding().eval(), torch.randint(10, 20, (3, 5))
     candidate = fxopt.optimize(model, torch.randint(0, 10, (2, 5)), "fuse", mode=mode).module
     before = model.e.weight.detach().clone(), candidate.get_submodule("e").weight.detach().clone()
     assert fxopt.verify(model, candidate, ids).passed
@@ -1206,20 +1198,10 @@ def test_verify_leaves_a_plain_tensor_attribute_the_forward_writes_as_it_was(mod
     assert torch.equal(model.stats, torch.zeros(4))
 
 
-class _AddsIntoItsInput(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        x += self.conv(x)
-        return x
-
-
 def test_a_candidate_that_leaves_an_input_the_model_writes_fails():
     """torch.fx.symbolic_trace records `x += h` as `x + h`: the outputs agree, the caller's
     tensor is no longer written, and verify said PASS."""
-    model, x = _AddsIntoItsInput().eval(), torch.randn(2, 4, 6, 6)
+    model, x = AddsIntoItsInput().eval(), torch.randn(2, 4, 6, 6)
     report = verify(model, torch.fx.symbolic_trace(model), x)
     assert not report.passed
     assert report.message.startswith("input 0 is written in place by the reference, and the candidate leaves "
