@@ -999,40 +999,33 @@ def test_a_shape_constraint_on_a_dim_0_computed_from_the_batch_holds_too(mode):
         torch.testing.assert_close(gm(x3), model(x3))
 
 
-def test_an_int_ndim_is_asserted_in_a_symbolic_graph():
-    """A rewrite made for a rank must not run at another where the graph takes one."""
-    class Rows(nn.Module):
-        def forward(self, x):
-            return x.sum(-1)
-
-    gm = fxopt.capture(Rows(), (torch.randn(2, 3),), mode="symbolic")
-    rank2 = Pattern("rank2", Op("sum", Var("x", ndim=2)), replacement=lambda x: x @ torch.ones(3))
-    assert apply_patterns(gm, rank2).counts == {"rank2": 1}
-    gm.recompile()
-    x = torch.randn(4, 3)
-    torch.testing.assert_close(gm(x), x.sum(-1))
-    with pytest.raises(AssertionError, match="pattern 'rank2' rewrote .* for 2 dims of 'x'"):
-        gm(torch.randn(4, 2, 3))
+class _RowSums(nn.Module):
+    def forward(self, x):
+        return x.sum(-1)
 
 
-def test_a_rewrite_may_hold_the_rank_of_its_own_result():
-    """`Match.hold_rank(new, rank)`: the assert follows the node the rewrite returns."""
-    class Rows(nn.Module):
-        def forward(self, x):
-            return x.sum(-1)
+def _matmul_holding_its_rank(r):
+    new = r.call(torch.matmul, r["x"], r.tensor("ones", torch.ones(3), parameter=False))
+    r.match.hold_rank(new, 1)
+    return new
 
-    def rewrite(r):
-        new = r.call(torch.matmul, r["x"], r.tensor("ones", torch.ones(3), parameter=False))
-        r.match.hold_rank(new, 1)
-        return new
 
-    gm = fxopt.capture(Rows(), (torch.randn(2, 3),), mode="symbolic")
-    assert apply_patterns(gm, Pattern("held", Op("sum", Var("x")), rewrite=rewrite)).counts == {"held": 1}
+@pytest.mark.parametrize("pattern,guard", [
+    (Pattern("rank2", Op("sum", Var("x", ndim=2)), replacement=lambda x: x @ torch.ones(3)),
+     "pattern 'rank2' rewrote .* for 2 dims of 'x'"),
+    (Pattern("held", Op("sum", Var("x")), rewrite=_matmul_holding_its_rank),
+     "pattern 'held' rewrote .* for 1 dims of 'matmul'"),
+], ids=["var-ndim", "rewrite-result"])
+def test_a_rank_a_rewrite_relies_on_is_asserted_in_a_symbolic_graph(pattern, guard):
+    """A rewrite made for a rank must not run at another where the graph takes one: a Var's
+    int `ndim`, or `Match.hold_rank` on the node a rewrite returns (the assert follows it)."""
+    gm = fxopt.capture(_RowSums(), (torch.randn(2, 3),), mode="symbolic")
+    assert apply_patterns(gm, pattern).counts == {pattern.name: 1}
     gm.recompile()
     gm.graph.lint()
     x = torch.randn(4, 3)
     torch.testing.assert_close(gm(x), x.sum(-1))
-    with pytest.raises(AssertionError, match="pattern 'held' rewrote .* for 1 dims of 'matmul'"):
+    with pytest.raises(AssertionError, match=guard):
         gm(torch.randn(4, 2, 3))
 
 
