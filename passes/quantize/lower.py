@@ -579,13 +579,8 @@ class _Lowering:
             if group.kind == "matmul":
                 args = [self.graph.call_function(aten.contiguous.default, (a,)) for a in args]
             y = self.graph.call_function(x86_op, (*args, *qparams))
-            if bounds is not None and bounds[1] is not None:
-                # add + relu6 on relu6's grid: the kernel's relu and its rounding's saturation at
-                # the grid's top; a top past the bound is one clamp on the int8 output
-                scale, zero_point = qparams
-                if (quant_range(False)[1] - zero_point) * scale > bounds[1]:
-                    y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, bounds[1]))
-            return y
+            # add + relu6: the kernel's relu, on relu6's grid (`_follower_ok`: bounds from 0)
+            return self._clamp_int8_output(y, bounds, qparams, relu=True) if bounds is not None else y
         return self._float_activation(self.graph.call_function(float_op, tuple(inputs)), bounds)
 
     def _weighted(self, group: Group, view, inputs, grid: Grid, float_output: bool = False) -> torch.fx.Node:
@@ -647,21 +642,7 @@ class _Lowering:
             if taps is not None:
                 y = self.graph.call_function(depth_to_space, (y, taps))
             if bounds is not None:
-                # The output grid is the activation's (its observer saw the clamped values): the
-                # kernel's rounding saturates at the grid's ends, and a bound inside the grid is
-                # one clamp on the int8 output (hardtanh(-0.5, 0.5) on a wide conv output gets
-                # all 256 levels inside [-0.5, 0.5], not the few the conv's own grid had there).
-                lo, hi = bounds
-                scale, zero_point = grid[:2]
-                # the bytes the kernel saturates at are quint8's whole range, whatever a 7-bit
-                # grid's qmax says: relu6 on a 7-bit grid let values to 12 through (adversary)
-                qmin, qmax = quant_range(False)
-                lo = lo if lo is not None and not relu and (qmin - zero_point) * scale < lo else None
-                hi = hi if hi is not None and (qmax - zero_point) * scale > hi else None
-                if relu and hi is not None:
-                    y = self.graph.call_function(aten.hardtanh.default, (y, 0.0, hi))
-                elif lo is not None or hi is not None:
-                    y = self.graph.call_function(aten.clamp.default, (y, lo, hi))
+                y = self._clamp_int8_output(y, bounds, qparams, relu)
             return y
         w_int = add_tensor_attr(self.gm, f"{group.name}_weight_int8", qw.int_repr(), parameter=False)
         w_scale = add_tensor_attr(self.gm, f"{group.name}_weight_scale",
@@ -687,6 +668,25 @@ class _Lowering:
                 if taps is not None:
                     y = self.graph.call_function(depth_to_space, (y, taps))
         return self._float_activation(y, bounds)
+
+    def _clamp_int8_output(self, y: torch.fx.Node, bounds: tuple, qparams: tuple, relu: bool) -> torch.fx.Node:
+        """x86: a group's activation `bounds` on the int8 kernel output `y` (`relu`: the kernel
+        applied the lower bound, 0). The output grid is the activation's (its observer saw the
+        clamped values): the kernel's rounding saturates at the grid's ends, and a bound inside
+        the grid is one clamp on the int8 output (hardtanh(-0.5, 0.5) on a wide conv output gets
+        all 256 levels inside [-0.5, 0.5], not the few the conv's own grid had there)."""
+        lo, hi = bounds
+        scale, zero_point = qparams
+        # the bytes the kernel saturates at are quint8's whole range, whatever a 7-bit grid's
+        # qmax says: relu6 on a 7-bit grid let values to 12 through (adversary)
+        qmin, qmax = quant_range(False)
+        lo = lo if lo is not None and not relu and (qmin - zero_point) * scale < lo else None
+        hi = hi if hi is not None and (qmax - zero_point) * scale > hi else None
+        if relu and hi is not None:
+            return self.graph.call_function(aten.hardtanh.default, (y, 0.0, hi))
+        if lo is not None or hi is not None:
+            return self.graph.call_function(aten.clamp.default, (y, lo, hi))
+        return y
 
     def _conv_float_output(self, group, key, x, qw, bias, geometry: dict, bounds, taps) -> torch.fx.Node:
         """x86: the int8 conv that writes float32 (`float_output.int8_conv_float_output`), its
