@@ -358,8 +358,7 @@ def _float_op_reason(gm, view) -> str:
         bounds = activation_bounds(view)
         if bounds is None:
             return "a bound is a tensor: " + NO_KERNEL
-        shown = ", ".join("none" if b is None else f"{b:g}" for b in bounds)
-        return f"bounds ({shown}): fused only right after a conv/linear; runs in float"
+        return f"bounds ({_shown_bounds(bounds)}): fused only right after a conv/linear; runs in float"
     if view.kind in ("mul", "div", "sub"):
         return f"{NO_KERNEL} (only add has an int8 elementwise kernel)"
     return NO_KERNEL
@@ -405,9 +404,14 @@ def _not_passed_through(view) -> str | None:
         return "in training mode it draws random numbers" if training and p != 0 else None
     bounds = activation_bounds(view)
     if bounds is None or bounds[0] != 0.0:
-        shown = "a tensor" if bounds is None else ", ".join("none" if b is None else f"{b:g}" for b in bounds)
+        shown = "a tensor" if bounds is None else _shown_bounds(bounds)
         return f"bounds ({shown}): fused only right after a conv/linear, or from 0 (relu6)"
     return None
+
+
+def _shown_bounds(bounds: tuple) -> str:
+    """`activation_bounds` for a reason: ``0, 6`` or ``0.1, none``."""
+    return ", ".join("none" if b is None else f"{b:g}" for b in bounds)
 
 
 def pad_reason(view) -> str | None:
