@@ -712,7 +712,7 @@ def _keeping_one_channel(cg: ChannelGraph, sel: Selection, imp: np.ndarray,
     shuffled groups at scope=global lost no channel at all (prune tester); solved again, the
     budget goes to other classes."""
     held = np.zeros(len(imp), dtype=bool)
-    emptiable = _emptiable(cg)
+    emptiable = _emptiable(cg, _rounded_slots(cg))
     for _ in range(8):
         emptied = np.zeros_like(held)
         for slot in cg.slots:
@@ -768,8 +768,8 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
     # a stored tensor read directly (a position embedding, Swin's per-head bias table) is no
     # layer width: its channels are a layer's or a stream's, rounded there; rounding a table's
     # 4-entry head axis on its own gave every pruned head back
-    may_empty = _emptiable(cg)
     rounded = _rounded_slots(cg)
+    may_empty = _emptiable(cg, rounded)
     for _ in range(len(cg.slots) + 8):
         changed = False
         for slot in cg.slots:
@@ -814,9 +814,10 @@ def _rounded_slots(cg: ChannelGraph) -> set[int]:
     return rounded | {sid for r in cg.rules.values() for _, sid in r.consumed}
 
 
-def _emptiable(cg: ChannelGraph) -> set[int]:
-    """Slots that may lose every channel (`_may_empty`), less the layer widths."""
-    return _may_empty(cg) - _rounded_slots(cg)
+def _emptiable(cg: ChannelGraph, rounded: set[int]) -> set[int]:
+    """Slots that may lose every channel (`_may_empty`), less the layer widths (`rounded`:
+    `_rounded_slots`)."""
+    return _may_empty(cg) - rounded
 
 
 def _may_empty(cg: ChannelGraph) -> set[int]:
