@@ -264,8 +264,7 @@ class Match:
         pattern removes (above rank-keeping ops: `passes/fuse/rules._rank_source`)."""
         meta = tensor_meta(value)
         rank = rank if rank is not None else len(meta[0]) if meta is not None else None
-        info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
-        if rank is not None and value.op != "get_attr" and info.get("frontend") != "export" \
+        if rank is not None and value.op != "get_attr" and not _is_export_graph(value) \
                 and (value, None, rank) not in self.size_guards:
             self.size_guards.append((value, None, rank))
 
@@ -481,9 +480,19 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
     raise failure  # type: ignore[misc]
 
 
+def _capture_record(node: torch.fx.Node) -> dict:
+    """What capture recorded about the graph holding `node` (``gm.meta["fxopt"]``: its front
+    end, its example's batch), empty for a graph fxopt did not capture."""
+    return getattr(node.graph.owning_module, "meta", {}).get("fxopt", {})
+
+
+def _is_export_graph(node: torch.fx.Node) -> bool:
+    return _capture_record(node).get("frontend") == "export"
+
+
 def _example_batch(value: torch.fx.Node) -> int | None:
     """The example's batch size, where capture made the graph's batch dynamic; else None."""
-    info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
+    info = _capture_record(value)
     return info.get("example_batch") if info.get("dynamic_batch") else None
 
 
@@ -532,7 +541,6 @@ def _hold_fixed_sizes(value: torch.fx.Node, pat: Var, m: Match) -> None:
     to the example's batch, but one computed from it (``x.reshape(-1, 2)``: 4x the batch, the
     (B*H, T, d) of folded heads, a time-major sequence) varies as well (fuse tester: 0.85-1.98
     off at other batches)."""
-    info = getattr(value.graph.owning_module, "meta", {}).get("fxopt", {})
     symbols = symbolic_sizes(value)
     for dim, size in enumerate(pat.shape):
         if size is None:
@@ -541,7 +549,7 @@ def _hold_fixed_sizes(value: torch.fx.Node, pat: Var, m: Match) -> None:
             raise NoMatch(f"Var('{pat.name}'): dim {dim} of {_where(value)} is dynamic in this export graph "
                           f"({symbols[dim]}): a shape constraint fixing it would apply the rewrite at every "
                           "size (write None there)")
-        if info.get("frontend") != "export":
+        if not _is_export_graph(value):
             m.size_guards.append((value, dim, size))
 
 

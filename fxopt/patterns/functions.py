@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from ..ir import aten_op_of, bind_arguments, op_view, size_read, spec_for, symbolic_sizes, tensor_meta, written_arguments
-from .core import Const, Op, PatternNode, Var, _same
+from .core import Const, Op, PatternNode, Var, _is_export_graph, _same
 
 
 def pattern_from_function(fn: Callable[..., Any]) -> PatternNode:
@@ -236,8 +236,7 @@ def _reads_size_of(entry: Any, tensor: torch.fx.Node, axis: int | None) -> bool:
     if axis is None:
         if isinstance(entry, torch.fx.Node):
             return _whole_size(entry) == (tensor, None)
-        info = getattr(tensor.graph.owning_module, "meta", {}).get("fxopt", {})
-        return meta is not None and info.get("frontend") == "export" and isinstance(entry, (list, tuple)) \
+        return meta is not None and _is_export_graph(tensor) and isinstance(entry, (list, tuple)) \
             and len(entry) == len(meta[0]) and all(
                 _reads_size_of(e, tensor, i) if isinstance(e, torch.fx.Node)
                 else e == meta[0][i] and i not in symbolic_sizes(tensor) for i, e in enumerate(entry))
