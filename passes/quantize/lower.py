@@ -23,8 +23,8 @@ Before/after (x86) for conv -> batch_norm -> relu -> max_pool -> flatten -> line
     %lin = linear(%fl, %w2, %b2)                     %y  = quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                                                                %d, 0.03, 0, %packed1)
 
-A conv or linear read in float only (here: by the graph output) writes float, so no output grid
-clips values calibration did not see (`_Lowering._float_output`).
+A conv or linear read in float (here: by the graph output) writes float, so no output grid
+clips values calibration did not see (`plan.writes_float`).
 
 With `target_sqnr=D` the pass measures, on calibration data and with the backend's own kernels,
 the output SQNR with each layer alone in int8, and keeps the most sensitive layers in float
@@ -265,7 +265,7 @@ class _Lowering:
         self.q_of: dict[torch.fx.Node, torch.fx.Node] = {}      # dq node -> quantized node (x86)
         self.grid_of: dict[torch.fx.Node, Grid] = {}  # int8 value -> its grid
         self.boundary: dict[torch.fx.Node, torch.fx.Node] = {}  # float value -> its int8 version
-        # a layer's float output (`_float_output`) -> the name its observer has: int8 readers
+        # a layer's float output (`plan.writes_float`) -> the name its observer has: int8 readers
         # of it quantize it onto that grid
         self.observed_as: dict[torch.fx.Node, str] = {}
         self.packed_cache: dict[tuple, str | None] = {}  # holder attribute; None: no engine computes it right
@@ -495,7 +495,7 @@ class _Lowering:
         qparams = grid[:2]
         view = op_view(self.gm, group.anchor)
         inputs = [self._int8_input(i, group.anchor) for i in view.inputs]
-        if self._float_output(group):
+        if writes_float(self.plan, self.region, out):
             with self.graph.inserting_before(out):
                 result = self._weighted(group, view, inputs, grid, float_output=True)
             self._publish_float(group, result)
@@ -546,10 +546,6 @@ class _Lowering:
         label = group.kind + ("+bn" if group.bn is not None else "") + ("+act" if group.act is not None else "")
         counts[label] = counts.get(label, 0) + 1
 
-    def _float_output(self, group: Group) -> bool:
-        """Whether the conv or linear `group` writes float (`plan.writes_float`)."""
-        return writes_float(self.plan, self.region, group.output)
-
     def _publish_float(self, group: Group, result: torch.fx.Node) -> None:
         _take_value_meta(group.output, result)
         self.observed_as[result] = group.output.name
@@ -584,7 +580,7 @@ class _Lowering:
         return self._float_activation(self.graph.call_function(float_op, tuple(inputs)), bounds)
 
     def _weighted(self, group: Group, view, inputs, grid: Grid, float_output: bool = False) -> torch.fx.Node:
-        """The int8 layer; with `float_output` its value in float, not on `grid` (`_float_output`)."""
+        """The int8 layer; with `float_output` its value in float, not on `grid` (`plan.writes_float`)."""
         qparams = grid[:2]
         weight, bias = _folded_weights(self.gm, group, view)
         act = op_view(self.gm, group.act) if group.act is not None else None

@@ -608,7 +608,7 @@ def _without_float_read_views(gm: torch.fx.GraphModule, plan: Plan, region: set[
 
     The cut costs such an op the same on either side (its input and output are as large), so
     the cut puts it on either. In int8 it makes its producer write int8 that the float readers
-    dequantize; in float, a conv or linear producer writes float (`lower._Lowering._float_output`)
+    dequantize; in float, a conv or linear producer writes float (`writes_float`)
     and spares the rounding: attention's q, k and v projections, read by a float
     `scaled_dot_product_attention` through a view and a transpose, were rounded onto 8 bits
     before the softmax (an `nn.MultiheadAttention` with `kdim`/`vdim` lost 1-4 dB).

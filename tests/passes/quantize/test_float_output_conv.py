@@ -15,9 +15,8 @@ from torch import nn
 
 import fxopt
 from fxopt.passes.quantize import load, save
-from fxopt.passes.quantize import float_output, plan
+from fxopt.passes.quantize import float_output, lower, plan
 from fxopt.passes.quantize.float_output import FloatOutputConv, int8_conv_float_output
-from fxopt.passes.quantize.lower import _Lowering
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -84,7 +83,7 @@ def test_an_output_conv_writes_float_and_is_not_clipped_to_what_calibration_saw(
         # the x86 kernel computes what the reference form computes, up to float rounding and the
         # int8 kernels' own rounding one step upstream
         assert _sqnr(ref_gm(held_out), out) > 45
-    monkeypatch.setattr(_Lowering, "_float_output", lambda self, group: False)  # the output on its grid
+    monkeypatch.setattr(lower, "writes_float", lambda *args: False)  # the lowering puts the output on its grid
     on_grid, _ = _quantize(model, batches, "x86", mode)
     x = torch.randn(64, 3, 12, 12)  # calibration's distribution: one rounding less
     with torch.no_grad():
