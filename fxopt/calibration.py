@@ -81,10 +81,10 @@ class StreamedBatches:
 
 def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBatches | None:
     """`fxopt.optimize`'s `calibration` as the passes read it (`PassContext.calibration`): None
-    stays None; a list or tuple, a one-shot iterator (a generator, which passes could not read
-    twice), or an iterable without a length (a DataLoader of an IterableDataset, whose `len`
-    raises) becomes a list of `(args, kwargs)` pairs; another iterable with a length (a
-    DataLoader) is streamed (`StreamedBatches`).
+    stays None; a list or tuple becomes a list of `(args, kwargs)` pairs, and so does a one-shot
+    iterator (a generator, which passes could not read twice) or an iterable without a length (a
+    DataLoader of an IterableDataset, whose `len` raises), read up to a cap (`_read_unsized`);
+    another iterable with a length (a DataLoader) is streamed (`StreamedBatches`).
 
         >>> import torch
         >>> pipeline_batches([torch.ones(2), (torch.ones(2), 3)])[1][0][1]
@@ -93,31 +93,65 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
     if calibration is None:
         return None
     check_batches(calibration)
-    # (an Iterator is read once; asking a DataLoader for one would start its workers for nothing)
-    if isinstance(calibration, (list, tuple, Iterator)):  # (a generator: read whole, as the caller made it)
+    if isinstance(calibration, (list, tuple)):
         return [normalize_inputs(batch) for batch in calibration]
-    if not _has_length(calibration):
+    # (an Iterator is read once; asking a DataLoader for one would start its workers for nothing)
+    if isinstance(calibration, Iterator) or not _has_length(calibration):
         return _read_unsized(calibration)
     return StreamedBatches(calibration)
 
 
-#: The most batches read from an iterable without a length that is no iterator (a DataLoader of
-#: an IterableDataset): an endless one, a dataset that cycles, was read into memory until it ran out.
-MAX_UNSIZED_BATCHES = 10_000
+#: The most batches read into memory from a source without a length (a generator, a DataLoader of
+#: an IterableDataset): an endless one (``while True: yield ...``) was read until memory ran out.
+MAX_UNSIZED_BATCHES = 100_000
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _read_unsized(batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
-    """Every batch of an iterable without a length, as `(args, kwargs)` pairs; raises FxoptError
-    when it holds more than `MAX_UNSIZED_BATCHES`."""
-    read = []
+    """Every batch of a source without a length, as `(args, kwargs)` pairs; raises FxoptError, naming
+    the option, once it holds more than `MAX_UNSIZED_BATCHES` or its tensors take half the memory
+    that was available when reading began (batches of images reach that long before the count)."""
+    memory = available_memory()
+    read: list[tuple[tuple, dict]] = []
+    held = 0
     for batch in batches:
         if len(read) == MAX_UNSIZED_BATCHES:
-            raise FxoptError(f"calibration: read {MAX_UNSIZED_BATCHES} batches from a {type(batches).__name__} "
-                             "without a length, and it has not ended (an endless IterableDataset?); "
-                             "pass a list of batches, a DataLoader of a sized dataset, or "
-                             "itertools.islice(batches, n)")
+            _refuse_unsized(batches, f"read {MAX_UNSIZED_BATCHES} batches from {_source_name(batches)}, "
+                                     "and it has not ended")
         read.append(normalize_inputs(batch))
+        held += _tensor_bytes(read[-1])
+        if memory is not None and 2 * held > memory:
+            _refuse_unsized(batches, f"the {len(read)} batches read from {_source_name(batches)} hold {held} bytes, "
+                                     f"half the memory available ({memory} bytes), and it has not ended")
     return read
+
+
+def _refuse_unsized(batches: Iterable[Any], what: str) -> None:
+    raise FxoptError(f"calibration=: {what} (an endless generator or IterableDataset?): batches from a source "
+                     "without a length are held in memory; pass itertools.islice(batches, n), a list of batches, "
+                     "or a DataLoader of a sized dataset (streamed batch by batch)")
+
+
+def _source_name(batches: Iterable[Any]) -> str:
+    if isinstance(batches, Iterator):
+        return f"a {type(batches).__name__}"
+    return f"a {type(batches).__name__} without a length"
+
+
+def _tensor_bytes(call: tuple[tuple, dict]) -> int:
+    leaves = torch.utils._pytree.tree_leaves(call)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
 def _has_length(batches: Any) -> bool:

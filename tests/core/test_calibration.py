@@ -183,12 +183,42 @@ def test_an_endless_iterable_dataset_is_refused_not_read_forever(monkeypatch):
     monkeypatch.setattr(fxopt.calibration, "MAX_UNSIZED_BATCHES", 20)
     model = nn.Sequential(nn.Linear(16, 4)).eval()
     loader = torch.utils.data.DataLoader(_Endless(), batch_size=8)
-    with pytest.raises(FxoptError, match=r"read 20 batches from a DataLoader without a length, and it has not ended"):
+    with pytest.raises(FxoptError, match=r"calibration=: read 20 batches from a DataLoader without a length, and it has not ended"):
         fxopt.optimize(model, torch.randn(2, 16), "quantize", calibration=loader)
 
 
-def test_a_long_generator_is_still_read_whole(monkeypatch):
-    """The cap on unsized loaders refused a finite generator of more batches, which worked before."""
-    monkeypatch.setattr(fxopt.calibration, "MAX_UNSIZED_BATCHES", 3)
-    batches = fxopt.calibration.pipeline_batches(torch.randn(16) for _ in range(5))
-    assert len(batches) == 5
+def test_a_generator_longer_than_the_old_cap_is_still_read_whole():
+    """A cap of 10,000 batches refused a finite generator of more, which worked before (advB F4b)."""
+    batches = fxopt.calibration.pipeline_batches(torch.zeros(1) for _ in range(10_001))
+    assert len(batches) == 10_001 and batches[-1][0][0].shape == (1,)
+
+
+def _counted_endless(read: list[int], limit: int = 200):
+    """An endless generator of rows that counts what was read (and stops the test run far past any cap)."""
+    while True:
+        read.append(1)
+        if len(read) > limit:
+            raise RuntimeError("read far past the cap")
+        yield torch.randn(16)
+
+
+def test_an_endless_generator_stops_at_the_cap_naming_the_option(monkeypatch):
+    """An endless generator given as calibration= was read into a list forever."""
+    monkeypatch.setattr(fxopt.calibration, "MAX_UNSIZED_BATCHES", 20)
+    read: list[int] = []
+    model = nn.Sequential(nn.Linear(16, 4)).eval()
+    with pytest.raises(FxoptError, match=r"calibration=: read 20 batches from a generator, and it has not ended.*"
+                                         r"itertools.islice"):
+        fxopt.optimize(model, torch.randn(2, 16), "quantize", calibration=_counted_endless(read))
+    assert len(read) == 21  # one past the cap tells 'more' from 'exactly 20'
+
+
+def test_an_endless_generator_of_large_batches_stops_before_memory_runs_out(monkeypatch):
+    """Batches of 16 float32 values (64 bytes) against 1000 bytes of available memory: the list may
+    take half of it, so reading stops at the 8th batch, long before the count cap."""
+    monkeypatch.setattr(fxopt.calibration, "available_memory", lambda: 1000)
+    read: list[int] = []
+    with pytest.raises(FxoptError, match=r"calibration=: the 8 batches read from a generator hold 512 bytes, half "
+                                         r"the memory available \(1000 bytes\)"):
+        fxopt.calibration.pipeline_batches(_counted_endless(read))
+    assert len(read) == 8
