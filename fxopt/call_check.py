@@ -30,6 +30,8 @@ records no copy): a call on inputs of another layout that fails runs again on co
 from __future__ import annotations
 
 import inspect
+import sys
+import traceback
 from typing import Any
 
 import torch
@@ -259,7 +261,7 @@ class _ExplainedCall:
         if self.contiguous:
             args, kwargs = _contiguous(args, kwargs) or (args, kwargs)
         try:
-            return self.inner(module, *args, **kwargs)
+            return self._quietly(module, args, kwargs)
         except InputMismatchError:
             raise  # fxopt's input guard (`InputGuard`) said it already
         except Exception as exc:
@@ -274,8 +276,20 @@ class _ExplainedCall:
                 return out
             problem = mismatch(record, args, kwargs)
             if problem is None:
+                _print_failed_line(exc)
                 raise
             raise InputMismatchError(problem) from exc
+
+    def _quietly(self, module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+        """The call as `inner` (torch.fx's `_WrappedCall`) runs it, less the failing line of the
+        graph's code it prints to stderr before raising: a retry here may yet succeed, and the
+        line is printed (`_print_failed_line`) only where the model's error reaches the caller."""
+        cls = getattr(self.inner, "cls", None)
+        if cls is None or not hasattr(self.inner, "cls_call"):  # not torch.fx's wrapper: run it as it is
+            return self.inner(module, *args, **kwargs)
+        if self.inner.cls_call is not None:
+            return self.inner.cls_call(module, *args, **kwargs)
+        return super(cls, module).__call__(*args, **kwargs)
 
     def _run_contiguous(self, module: torch.fx.GraphModule, args: tuple, kwargs: dict) -> tuple[bool, Any]:
         """(True, the output) of the call run again on contiguous copies of its inputs that are
@@ -288,7 +302,7 @@ class _ExplainedCall:
         if fixed is None or _writes_state(module):
             return False, None
         try:
-            out = self.inner(module, *fixed[0], **fixed[1])
+            out = self._quietly(module, fixed[0], fixed[1])
         except Exception:  # noqa: BLE001  (not the layout: the first failure is explained instead)
             return False, None
         self.contiguous = True
@@ -313,6 +327,15 @@ class _ExplainedCall:
             return True
         return any(i < len(flat) and isinstance(flat[i], torch.Tensor) and flat[i].dim() > dim
                    and flat[i].shape[dim] < low for i, dim, low in self.floors)
+
+
+def _print_failed_line(exc: Exception) -> None:
+    """What torch.fx's `_WrappedCall` prints for an error raised in a graph's generated code: the
+    line of that code that failed, in its context."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    message = getattr(torch.fx.graph_module._WrappedCall, "_generate_error_message", None)
+    if frames and "eval_with_key" in frames[-1].filename and message is not None:
+        print(message(frames[-1]), file=sys.stderr)
 
 
 def _fitted(module: torch.fx.GraphModule, record: dict | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

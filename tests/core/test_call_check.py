@@ -647,3 +647,28 @@ def test_a_buffer_written_inside_a_region_is_not_written_twice():
     gm = _export(_CountsInARegion(), (torch.randn(2, 3, 8, 8),))
     with pytest.raises(RuntimeError, match="view size is not compatible"):
         gm(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
+
+
+def _eager_bound(model, x):
+    """An export graph whose view is a Tensor method (lower-eager's binding): torch.fx prints the failing
+    line of a call that raises in a method of the graph's own code, not in an OpOverload."""
+    return fxopt.optimize(model, x, "lower-eager", mode="export", verify=False).module
+
+
+def test_a_channels_last_call_run_again_on_a_copy_prints_nothing(capsys):
+    """torch.fx printed the failed call's line ('Call using an FX-traced Module, line 13 ...') to
+    stderr before the contiguous retry, which then succeeded."""
+    model, x = _FlattenedConv().eval(), torch.randn(2, 3, 8, 8)
+    gm = _eager_bound(model, x)
+    capsys.readouterr()
+    other = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(gm(other), model(other), rtol=0, atol=0)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_call_that_fails_all_the_same_prints_torch_fx_line_once(capsys):
+    gm = _eager_bound(_CountsCalls(), torch.randn(2, 3, 8, 8))
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        gm(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
+    assert capsys.readouterr().err.count("Call using an FX-traced Module") == 1
