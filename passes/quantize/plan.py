@@ -11,8 +11,8 @@ A transposed conv is a conv anchor when its stride equals its kernel, with no pa
 group (a U-Net's up-sampler; `transposed_reason`): lowering makes it a 1x1 int8 conv and a
 depth-to-space of the int8 bytes.
 
-*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, relu6 (a hardtanh from
-0), eval dropout, basic
+*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, relu6 (a hardtanh or
+clamp from 0), eval dropout, basic
 slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`, and padding with zeros or by
 copying edges: `F.pad(x, (0, 1, 0, 1))`, reflect, replicate, circular) run on int8 values as
 they are, on their input's grid, so a chain conv -> maxpool -> flatten -> linear, a TCN's causal
@@ -63,7 +63,7 @@ PAD_MODES = ("constant", "reflect", "replicate", "circular")
 #: Ops that compute on int8 values directly, keeping the input's scale and zero point.
 PASS_THROUGH = frozenset({
     "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "permute", "transpose",
-    "contiguous", "relu", "hardtanh", "dropout", "identity", "pad", *SLICING,
+    "contiguous", "relu", "hardtanh", "clamp", "dropout", "identity", "pad", *SLICING,
 })
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
 #: conversions, so the minimum cut decides them like pass-through ops. A residual add between
@@ -331,7 +331,7 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
         elif view.kind == "pad" and (reason := pad_reason(view)) is not None:
             if is_float_value(node):
                 plan.unsupported[node.name] = _runs_in_float("pad", reason)
-        elif view.kind in ("hardtanh", "dropout") and (reason := _not_passed_through(view)) is not None:
+        elif view.kind in ("hardtanh", "clamp", "dropout") and (reason := _not_passed_through(view)) is not None:
             if is_float_value(node):
                 plan.unsupported[node.name] = _runs_in_float(view.kind, reason)
         elif view.kind in PASS_THROUGH and view.input is not None:
@@ -390,10 +390,12 @@ def _batch_norm_reason(gm, view) -> str:
 
 
 def _not_passed_through(view) -> str | None:
-    """Why a hardtanh or dropout does not run on int8 values as they are, or None.
+    """Why a hardtanh, clamp or dropout does not run on int8 values as they are, or None.
 
-    A hardtanh (relu6) from 0 is a relu that also clips at the top: on its input's grid it is
-    exact but for the top bound's rounding. Any other lower bound is no pass-through: on its
+    A hardtanh or clamp from 0 (relu6, `clamp(0, 6)`, `clamp(min=0)`) is a relu that may also
+    clip at the top: on its input's grid it is exact but for the top bound's rounding (a
+    standalone `clamp(0, 6)` ran in float while `hardtanh(0, 6)` passed through: quantize
+    tester). Any other lower bound is no pass-through: on its
     input's grid it keeps the few levels inside its bounds (an add's grid and hardtanh(0.2,
     0.5): 32.2 dB, PT2E 38.9), and one past the grid's ends gives the end (hardtanh(-1, -0.5)
     after a relu: 0 everywhere on x86; quantize tester); in float it is quantized after, on its

@@ -75,6 +75,34 @@ def test_a_hardtanh_on_its_own_runs_in_float_on_both_backends(bounds, backend):
         assert _sqnr(model(test), result.module(test)) > 35  # x86: -0.5 and 39.2 dB on the relu's grid
 
 
+class PoolThen(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.act = act
+        self.a, self.b = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(self.act(F.max_pool2d(self.a(x), 2)))
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+@pytest.mark.parametrize("spelling", ["hardtanh", "clamp", "clamp_min", "method"])
+def test_a_clamp_from_zero_on_its_own_passes_through_like_relu6(spelling, backend):
+    """A standalone `clamp(0, 6)` ran in float (a dequantize, a float clamp and a quantize)
+    where `hardtanh(0, 6)`, the same function, passed through on int8 (quantize tester)."""
+    act = {"hardtanh": lambda h: F.hardtanh(h, 0.0, 6.0), "clamp": lambda h: torch.clamp(h, 0, 6),
+           "clamp_min": lambda h: torch.clamp(h, min=0.0), "method": lambda h: h.clamp(0.0, 6.0)}[spelling]
+    torch.manual_seed(0)
+    model = PoolThen(act).eval()
+    result = _quantized(model, backend)
+    stats = result.passes[-1].stats
+    assert stats["float_ops"] == {} and stats["int8_pass_through"] == 2, stats  # the pool and the clamp
+    assert result.verification.passed, result.summary()
+    test = torch.randn(8, 8, 10, 10)
+    with torch.no_grad():
+        assert _sqnr(model(test), result.module(test)) > 35  # 37.6
+
+
 class AddThen(nn.Module):
     def __init__(self, after):
         super().__init__()

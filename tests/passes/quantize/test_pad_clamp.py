@@ -253,7 +253,7 @@ def test_float_ops_say_why_each_op_stays_float():
     batches = [(torch.randn(2, 3, 8, 8),) for _ in range(3)]
     _, stats = _quantize(Odd().eval(), batches)
     assert stats["float_ops"] == {
-        "clamp": "clamp: bounds (0.1, none): fused only right after a conv/linear; runs in float",
+        "clamp": "clamp: bounds (0.1, none): fused only right after a conv/linear, or from 0 (relu6); runs in float",
         "silu": "silu: no int8 kernel in fxopt's lowering; runs in float",
         "mul": "mul: no int8 kernel in fxopt's lowering; runs in float (only add has an int8 elementwise kernel)",
         "up": "conv: transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1, dilation 1 "
