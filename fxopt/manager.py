@@ -571,8 +571,8 @@ class TensorWrites(TorchFunctionMode):
 
     def __init__(self, *modules: torch.nn.Module) -> None:
         super().__init__()
-        self.tensors = {key: t for m in modules for t in _parameters_and_attributes(m)
-                        if (key := _storage_key(t)) is not None}
+        self.modules = modules
+        self._tensors: dict[int, torch.Tensor] | None = None  # read at the first write: most runs make none
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -580,8 +580,18 @@ class TensorWrites(TorchFunctionMode):
         self.note(func, args, kwargs)
         return func(*args, **kwargs)
 
+    @property
+    def tensors(self) -> dict[int, torch.Tensor]:
+        """The tensors watched, by storage address."""
+        if self._tensors is None:
+            self._tensors = {key: t for m in self.modules for t in _parameters_and_attributes(m)
+                             if (key := _storage_key(t)) is not None}
+        return self._tensors
+
     def note(self, func, args: tuple, kwargs: dict) -> None:
         """Keep what a call of `func` is about to write, where it is one of the tensors watched."""
+        if kwargs.get("out") is None and not _may_write(func):  # most calls: this runs on every torch call
+            return
         for target in (*_written_tensors(func, args, kwargs), *_written_by_call(func, args, kwargs)):
             key = _storage_key(target)
             if key in self.tensors and key not in self.saved:
@@ -616,6 +626,23 @@ def _written_by_call(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     except TypeError:  # an unhashable callable: no aten op
         return []
     return [args[i] for i in written if i < len(args) and isinstance(args[i], torch.Tensor)]
+
+
+def _may_write(func) -> bool:
+    """Whether a call of `func` may write a tensor other than through ``out=``: an in-place op, a
+    ``.data`` setter, ``F.embedding`` (``max_norm``) or an aten op whose schema writes (read
+    once per function)."""
+    try:
+        return _writes_by_kind(func)
+    except TypeError:  # an unhashable callable: asked in full
+        return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _writes_by_kind(func) -> bool:
+    return (_sets_data(func) or _inplace_name(getattr(func, "__name__", ""))
+            or func is torch.nn.functional.embedding or func is torch.nn.functional.embedding_bag
+            or bool(_written_arguments(func)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -657,13 +684,17 @@ _INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__",
 _FLAG_ONLY = frozenset({"requires_grad_"})
 
 
+def _inplace_name(name: str) -> bool:
+    """Whether a function of this name writes its first argument (``add_``, ``__iadd__``)."""
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_") and name not in _FLAG_ONLY)
+
+
 def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     """The tensors a torch function call writes into: `out=` and the target of an in-place op."""
     if _sets_data(func):
         return [args[0]] if args and isinstance(args[0], torch.Tensor) else []
-    name = getattr(func, "__name__", "")
     out = kwargs.get("out")
-    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_") and name not in _FLAG_ONLY)
+    inplace = _inplace_name(getattr(func, "__name__", ""))
     if out is None and not inplace:  # most calls: nothing to check (this runs on every torch call)
         return []
     written = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]

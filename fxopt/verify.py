@@ -57,6 +57,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from .errors import (FxoptError, InputMismatchError, VerificationError, did_you_mean, first_line,
@@ -443,18 +444,20 @@ def verify(
     from .manager import TensorWrites
 
     args, kwargs = normalize_inputs(inputs)
+    # a forward that writes its own weights (nn.Embedding(max_norm=...)) or statistics
     attributes, tensors = PythonAttributes(reference, candidate), TensorWrites(reference, candidate)
     try:
-        with tensors:  # a forward that writes its own weights (nn.Embedding(max_norm=...)) or statistics
-            return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize)
+        return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize, tensors)
     finally:
         tensors.restore()
         attributes.restore()
 
 
 def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kwargs: dict, tol: Tolerance,
-                     device: str, localize: bool) -> VerificationReport:
-    """`verify`'s work, once the tolerance is known and the modules are checked runnable."""
+                     device: str, localize: bool, watch: TorchFunctionMode) -> VerificationReport:
+    """`verify`'s work, once the tolerance is known and the modules are checked runnable. `watch`
+    (`TensorWrites`) is entered where the modules run, not around the comparison: a torch function
+    mode costs every torch call it sees, and on a small model the comparison makes most of them."""
     if device != "cpu":
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("verify(device='cuda') needs a CUDA GPU; none is available")
@@ -464,18 +467,21 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
     state = BufferState(reference, candidate)
     with torch.no_grad():  # each side on its own copy: a model may write into its inputs
         ref_args, ref_kwargs = fresh_inputs(args, kwargs)
-        with same_random_draws():  # a forward that draws random numbers draws the same ones in both
+        with same_random_draws(), watch:  # a forward that draws random numbers draws the same ones in both
             ref_out = _run_reference(reference, ref_args, ref_kwargs)
         # the two may share buffers; restore writes back only what the run changed (a write
         # into the float bias quantize{backend=reference} shares is one VerifyEach refuses)
         state.restore()
         try:
             cand_args, cand_kwargs = fresh_inputs(args, kwargs)
-            with same_random_draws():
+            with same_random_draws(), watch:
                 cand_out = candidate(*cand_args, **cand_kwargs)
         except Exception as exc:
             # a call the graph refuses (a keyword left out) is about the inputs, which it names: no node
-            where = None if isinstance(exc, InputMismatchError) else _raising_node(candidate, args, kwargs)
+            where = None
+            if not isinstance(exc, InputMismatchError):
+                with watch:
+                    where = _raising_node(candidate, args, kwargs)
             at = f" at {node_location(where)}" if where is not None else ""
             return VerificationReport(False, tol, device, message=f"candidate raised {type(exc).__name__}{at}: {exc}")
         finally:
@@ -490,7 +496,8 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
     if not passed and localize and isinstance(candidate, torch.fx.GraphModule):
         graph = reference if isinstance(reference, torch.fx.GraphModule) else _graph_of(reference, candidate, args, kwargs)
         if graph is not None:
-            report.divergence = first_divergence(graph, candidate, args, kwargs, tol)
+            with watch:
+                report.divergence = first_divergence(graph, candidate, args, kwargs, tol)
     return report
 
 
