@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .calibration import pipeline_batches
+from .calibration import check_batches
 from .capture import Mode, capture, frontend_of, normalize_inputs
 from .errors import VerificationWarning
 from .ir import ref_for_get_attr, written_base
@@ -107,7 +107,7 @@ def optimize(
         >>> res.verification.verdict, res.module.meta["fxopt"]["tolerance"]
         ('PASS', 'exact')
     """
-    batches = pipeline_batches(calibration)  # one tensor is refused here, before capture
+    check_batches(calibration)  # one tensor is refused here, before capture (PassManager.run reads the batches)
     devices = _check_devices(devices)
     manager_instruments = _checked_instruments(instruments)  # one Instrument, not a list: said now
     args, kwargs = normalize_inputs(example_inputs)
@@ -121,7 +121,7 @@ def optimize(
     if time_passes:
         manager_instruments.append(TimePasses())
     manager = PassManager(pipeline, instruments=manager_instruments, bisect_limit=bisect_limit)
-    result = manager.run(original, args, example_kwargs=kwargs, calibration=batches, reference=original,
+    result = manager.run(original, args, example_kwargs=kwargs, calibration=calibration, reference=original,
                          share_tensors=True)
     ran = [p for p, r in zip(manager.passes, result.records) if not r.skipped]
     tol = loosest(tolerance) if tolerance is not None else loosest(*(pass_tolerance(p) for p in ran))

@@ -34,14 +34,14 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 import torch
 import torch.fx
 from torch.overrides import TorchFunctionMode
 
 from .analysis import AnalysisManager, ShapeAnalysis
-from .calibration import StreamedBatches
+from .calibration import pipeline_batches
 from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
@@ -323,7 +323,7 @@ class PassManager:
         example_inputs: tuple = (),
         *,
         example_kwargs: dict | None = None,
-        calibration: list | StreamedBatches | None = None,
+        calibration: Iterable[Any] | None = None,
         reference: torch.fx.GraphModule | None = None,
         verbose: bool = False,
         share_tensors: bool = False,
@@ -331,6 +331,8 @@ class PassManager:
         """Run the pipeline on a private copy of `gm`; `gm` itself is left as it was.
         `example_inputs` is a tensor, a tuple of positional inputs or a dict of keyword inputs
         (as `fxopt.capture` takes them); `example_kwargs` adds keyword inputs to a tuple.
+        `calibration` is read as `fxopt.optimize` reads it (`fxopt.calibration.pipeline_batches`: a
+        list of batches, a generator read once, a DataLoader streamed).
 
         The result holds its own copy of each tensor the passes left as it was in `gm` (training
         it leaves `gm` alone); `share_tensors=True` keeps them shared instead, which saves a copy
@@ -347,6 +349,7 @@ class PassManager:
                 raise TypeError("PassManager.run: example_inputs is a dict of keyword inputs and example_kwargs "
                                 "is given too; pass the keyword inputs in one of them")
             example_inputs, example_kwargs = (), example_inputs
+        calibration = pipeline_batches(calibration)  # a generator would be read up by the first pass
         given = gm  # the caller's: the result must not hold its tensors
         if META_KEY not in getattr(gm, "meta", {}) and (example_inputs or example_kwargs):
             # a graph fxopt did not capture (torch.fx.symbolic_trace's) lacks the shapes the passes

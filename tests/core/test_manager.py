@@ -1209,3 +1209,26 @@ def test_a_back_reference_on_a_parameter_is_shared_not_copied():
     gm = fxopt.capture(model, torch.randn(2, 4), mode="symbolic")
     result = fxopt.PassManager("dce").run(gm, (torch.randn(2, 4),)).module
     assert all(p.model is model for p in (*gm.parameters(), *result.parameters()))
+
+
+def test_pass_manager_run_takes_calibration_as_optimize_does():
+    """A generator given to PassManager.run failed inside quantize ("object of type 'generator' has no
+    len()"; api F2), and a list of plain tensors reached distill unpaired; run now reads calibration= as
+    fxopt.optimize does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x, batches = torch.randn(4, 8), [torch.randn(4, 8) for _ in range(3)]
+    gm = fxopt.capture(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        listed = fxopt.PassManager("quantize").run(gm, (x,), calibration=[(b,) for b in batches]).module
+        generated = fxopt.PassManager("quantize").run(gm, (x,), calibration=(b for b in batches)).module
+        distilled = fxopt.PassManager("distill{epochs=1}").run(gm, (x,), calibration=batches).module
+    torch.testing.assert_close(generated(x), listed(x), rtol=0, atol=0)
+    assert distilled(x).shape == (4, 3)
+
+
+def test_pass_manager_run_refuses_one_tensor_as_calibration():
+    gm = fxopt.capture(nn.Linear(8, 3).eval(), torch.randn(4, 8))
+    with pytest.raises(fxopt.FxoptError, match=r"calibration: got one Tensor of shape \(4, 8\)"):
+        fxopt.PassManager("quantize").run(gm, (torch.randn(4, 8),), calibration=torch.randn(4, 8))
