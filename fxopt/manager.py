@@ -45,14 +45,14 @@ from .calibration import pipeline_batches
 from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
-from .errors import PassError, PassWarning, first_line
+from .errors import InputMismatchError, PassError, PassWarning, first_line
 from .capture import META_KEY, adopt_graph_module, copied_tags
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import clone_sharing_tensors
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pass, format_pipeline, parse_pipeline
 from .tracing import one_at_a_time
-from .verify import TOLERANCES, Tolerance, VerificationReport, loosest, recorded_tolerance, verify
+from .verify import TOLERANCES, Tolerance, VerificationReport, _brief, loosest, recorded_tolerance, verify
 
 
 @dataclass
@@ -379,6 +379,8 @@ class PassManager:
             try:
                 current = self._run_one(p, index, current, am, ctx, record, records)
             except PassError as exc:
+                if current is gm:  # no pass changed it yet: the example inputs may be what fails
+                    _check_inputs_fit(gm, example_inputs, example_kwargs)
                 if exc.last_good_module is not gm:  # what ran before it, as a result records it
                     done = self.passes[:index]
                     record_pipeline(exc.last_good_module, gm, format_pipeline(done),
@@ -489,6 +491,27 @@ class PassManager:
             except Exception as exc:  # noqa: BLE001  (reported, then the pass's error goes on)
                 warnings.warn(f"instrument {type(inst).__name__}.on_pass_error raised {type(exc).__name__}: {exc}",
                               stacklevel=3)
+
+
+def _check_inputs_fit(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Raise `InputMismatchError` where the graph given to `PassManager.run` fails on the example
+    inputs (the first pass's failure then blamed the pass: "the graph it returned does not run").
+    Run on the failure path only; the graph's buffers and weights are left as they were."""
+    if not args and not kwargs:
+        return
+    state, writes = BufferState(gm), TensorWrites(gm)
+    try:
+        fresh_args, fresh_kwargs = fresh_inputs(args, kwargs)
+        with torch.no_grad(), writes:
+            gm(*fresh_args, **fresh_kwargs)
+    except Exception as exc:  # noqa: BLE001  (the inputs' failure, told instead of the pass's)
+        given = ", ".join([_brief(a) for a in args] + [f"{k}={_brief(v)}" for k, v in kwargs.items()])
+        raise InputMismatchError(f"PassManager.run: the example inputs ({given}) do not run through the graph it "
+                                 f"was given: {type(exc).__name__}: {first_line(exc)}; give inputs the graph takes "
+                                 "(those it was captured with)") from exc
+    finally:
+        writes.restore()
+        state.restore()
 
 
 def _check_runs(am: AnalysisManager) -> None:

@@ -1232,3 +1232,15 @@ def test_pass_manager_run_refuses_one_tensor_as_calibration():
     gm = fxopt.capture(nn.Linear(8, 3).eval(), torch.randn(4, 8))
     with pytest.raises(fxopt.FxoptError, match=r"calibration: got one Tensor of shape \(4, 8\)"):
         fxopt.PassManager("quantize").run(gm, (torch.randn(4, 8),), calibration=torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("pipeline", ["fuse", "prune{ratio=0.5}"])
+def test_example_inputs_the_given_graph_cannot_take_are_named_not_the_pass(pipeline):
+    """Inputs of 4 channels for a conv of 3 came out as "pass 'fuse' failed: ... the graph it returned
+    does not run on the example inputs" (api F1): the graph given fails on them as well."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    gm = fxopt.capture(model, torch.randn(2, 3, 8, 8))
+    with pytest.raises(fxopt.InputMismatchError, match=r"PassManager.run: the example inputs \(a tensor \[2, 4, 8, 8\] "
+                                                       r"float32\) do not run through the graph it was given: "
+                                                       r"RuntimeError: Given groups=1"):
+        fxopt.PassManager(pipeline).run(gm, (torch.randn(2, 4, 8, 8),))
