@@ -709,3 +709,70 @@ def test_outputs_from_tuples_and_values_restrided_in_place_stay_right(mode):
     with torch.no_grad():
         for e, o in zip(model(x), gm(x)):
             torch.testing.assert_close(o, e)
+
+
+class _NormActConv(nn.Module):
+    """A UNet / diffusion block: GroupNorm -> SiLU -> conv on the input, which the residual
+    add (fused into the last conv) reads too; the middle chain starts at a lowered conv."""
+
+    def __init__(self, layer_scale: bool = False):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.GroupNorm(4, 8) for _ in range(2))
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(2))
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5) if layer_scale else None
+
+    def forward(self, x):
+        h = F.silu(self.norms[0](x))
+        if self.scale is not None:
+            h = h * self.scale  # a broadcast operand: still a layout follower
+        h = self.convs[0](h)
+        return x + self.convs[1](F.silu(self.norms[1](h)))
+
+
+def _layout_copies(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "contiguous"
+            and n.kwargs.get("memory_format") is torch.channels_last]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer_scale", [False, True])
+def test_a_norm_chain_reads_the_channels_last_copy_the_graph_already_makes(mode, layer_scale):
+    """Fuse tester: `x + conv(silu(group_norm(x)))` copied `x` to channels-last for the fused
+    residual add and `silu(group_norm(x))` again for the conv (a third of the conv's time at 32
+    channels of 32x32): the norm now reads x's copy, and the conv's own copy goes."""
+    torch.manual_seed(0)
+    model = _NormActConv(layer_scale).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 8, 8, 8),), "fuse,lower-cpu{min_macs=0}", mode=mode)
+    assert res.passes[-1].stats["layout_copies_shared"] == 1, res.passes[-1].stats
+    x_copy, = (c for c in _layout_copies(res.module) if c.args[0].op == "placeholder")
+    norm = next(n for n in res.module.graph.nodes if "norm" in str(n.target) and n.op != "get_attr")
+    assert norm.args[0] is x_copy, res.module.code
+    first_conv = next(n for n in res.module.graph.nodes if "_convolution_pointwise" in str(n.target))
+    assert first_conv.args[0] not in _layout_copies(res.module), res.module.code  # its copy went
+    for batch in (1, 3):
+        x = torch.randn(batch, 8, 8, 8)
+        with torch.no_grad():
+            out = res.module(x)
+            torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+        assert out.is_contiguous()
+
+
+class _TwoFullOperands(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, y):
+        return self.b(x + y) + self.a(x)  # x's copy serves conv a (and the residual add)
+
+
+def test_an_elementwise_op_of_two_full_size_values_keeps_its_copy():
+    """x + y with y row-major: reading x's channels-last copy would make the add a strided one
+    (and its result's layout a mix): the conv before b keeps its own copy."""
+    torch.manual_seed(0)
+    model = _TwoFullOperands().eval()
+    x, y = torch.randn(2, 8, 8, 8), torch.randn(2, 8, 8, 8)
+    res = fxopt.optimize(model, (x, y), "fuse,lower-cpu{min_macs=0}")
+    assert res.passes[-1].stats["layout_copies_shared"] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x, y), model(x, y), rtol=1e-4, atol=1e-5)
