@@ -52,8 +52,8 @@ class Distill(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not ctx.calibration:
-            raise FxoptError("distill needs data: pass calibration batches to fxopt.optimize "
-                             "(calibration=[...]); they are the distillation inputs")
+            raise FxoptError("distill needs data: pass calibration batches to fxopt.optimize or "
+                             "PassManager.run (calibration=[...]); they are the distillation inputs")
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
         data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]

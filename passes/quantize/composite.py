@@ -49,6 +49,7 @@ class Quantize(Pass):
         if ctx.calibration is None or len(ctx.calibration) == 0:
             raise QuantizationError(
                 "quantize needs calibration data: pass calibration=[batch, ...] to fxopt.optimize "
+                "(or to PassManager.run) "
                 f"(got {'none' if ctx.calibration is None else 'an empty list'})")
         existing = observers_in(gm)
         if existing:
