@@ -47,9 +47,9 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_d
 from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
-from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes, downstream,
-                      is_effectful, module_path, names_a_dtype, op_view, origin, size_read, tensor_meta,
-                      value_nbytes, written_in_place)
+from fxopt.ir import (BufferState, add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
+                      downstream, fresh_inputs, is_effectful, module_path, names_a_dtype, op_view, origin, size_read,
+                      tensor_meta, value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
@@ -172,13 +172,11 @@ class LowerInt8(Pass):
         # two batches read, not every one: a DataLoader arrives streamed (`fxopt.calibration`)
         batches = list(itertools.islice(ctx.calibration or [], 2)) or [(ctx.example_inputs, ctx.example_kwargs)]
         reference = strip_observers(clone_sharing_tensors(gm))[0]
-        with torch.no_grad():
-            ref_out = [reference(*a, **k) for a, k in batches]
+        ref_out = [_run_from_the_same_state(reference, batch) for batch in batches]
 
         def sqnr_of(exclude: set[str]) -> float:
             candidate, _ = lower_module(gm, self.backend, exclude, self.average_grid)  # the kernels it will run
-            with torch.no_grad():
-                outs = [candidate(*a, **k) for a, k in batches]
+            outs = [_run_from_the_same_state(candidate, batch) for batch in batches]
             values = []
             for r, c in zip(ref_out, outs):
                 comparisons, _ = compare_outputs(r, c)
@@ -208,6 +206,19 @@ class LowerInt8(Pass):
             warnings.warn(f"lower-int8: target_sqnr={self.target_sqnr} dB not reached "
                           f"({current:.1f} dB with every layer float)", PassWarning, stacklevel=user_stacklevel())
         return exclude
+
+
+def _run_from_the_same_state(module: torch.nn.Module, batch: tuple) -> object:
+    """`module` run on copies of a calibration batch, its buffers put back after: the search
+    runs each batch many times, and a model that normalizes its input in place
+    (``x.sub_(mean)``) wrote into the user's batches, so each run saw another input (a float
+    candidate scored -61 dB against the reference, and nothing was quantized: quantize tester)."""
+    args, kwargs = fresh_inputs(*batch)
+    state = BufferState(module)
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    state.restore()
+    return out
 
 
 def _is_observer(gm, node) -> bool:

@@ -529,6 +529,34 @@ def test_mixed_precision_keeps_sensitive_layers_float(backend):
     assert measured == pytest.approx(stats["sqnr_db"], abs=0.01)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_mixed_precision_runs_a_model_that_writes_its_input_on_copies(mode):
+    """Quantize tester: a forward that normalizes its input in place (``x.sub_(mean)``) wrote
+    into the calibration batches target_sqnr runs again and again: each run saw another input,
+    an all-float candidate scored -61 dB, nothing was quantized, and the user's batches changed."""
+    class NormalizesInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x.sub_(self.mean))))
+
+    torch.manual_seed(0)
+    model = NormalizesInPlace().eval()
+    cal = [(torch.rand(8, 3, 12, 12),) for _ in range(3)]
+    kept = [b[0].clone() for b in cal]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.PassWarning)  # 'target_sqnr=30 dB not reached (-61.0 dB ...)'
+        res = fxopt.optimize(model, (cal[0][0].clone(),), "quantize{backend=x86,target_sqnr=30}",
+                             calibration=cal, mode=mode)
+    assert all(torch.equal(b[0], k) for b, k in zip(cal, kept))
+    stats = res.passes[0].stats
+    assert stats["kept_float"] == [] and stats["sqnr_db"] > 30, stats
+    assert stats["quantized"], stats
+
+
 # ----- save / load ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,backend", [("symbolic", "x86"), ("export", "x86"), ("export", "reference"),
