@@ -41,7 +41,7 @@ from torch.utils._pytree import (MappingKey, SequenceKey, tree_flatten, tree_fla
                                 tree_unflatten)
 
 from . import size_guards
-from .errors import InputMismatchError
+from .errors import InputMismatchError, first_line
 from .ir.effects import written_base
 
 META_KEY = "fxopt"
@@ -92,6 +92,7 @@ def record_inputs(gm: torch.fx.GraphModule, ep: Any, model: torch.nn.Module, arg
         if isinstance(value, torch.Tensor):
             shape = seen.shape if isinstance(seen, torch.Tensor) else value.shape
             entry["shape"] = [_dim(size, ranges) for size in shape]
+            entry["dtype"] = _dtype_text(value.dtype)
         elif isinstance(value, _SIMPLE):
             entry["value"] = repr(value)
         leaves.append(entry)
@@ -274,7 +275,7 @@ class _ExplainedCall:
             ran, out = self._run_contiguous(module, args, kwargs)
             if ran:
                 return out
-            problem = mismatch(record, args, kwargs)
+            problem = mismatch(record, args, kwargs) or _dtype_problem(record, args, kwargs, exc)
             if problem is None:
                 _print_failed_line(exc)
                 raise
@@ -553,6 +554,28 @@ def _leaves_problem(record: dict, flat: Any, only_dynamic: bool = False) -> str 
     return (f"the input sizes do not meet {condition}, a condition of the model's code torch.export traced it "
             f"under (a branch on the sizes): the graph holds that path only; "
             f"{_recapture('an example of the sizes you will call it with')}")
+
+
+def _dtype_problem(record: dict | None, args: tuple, kwargs: dict, exc: Exception) -> str | None:
+    """The first tensor input of another dtype than the one `record` holds for it, or None. Asked
+    of a call that failed (`exc`) only: a graph runs on other dtypes where nothing checks them, but
+    export asserts the dtype of an input the model converts (``mask.to(torch.float32)``: "Tensor
+    dtype mismatch! Expected: Long, Got: int", naming no input)."""
+    if not record:
+        return None
+    flat = tree_flatten((args, {k: kwargs[k] for k in record["keywords"] if k in kwargs}))[0]
+    for entry, value in zip(record["leaves"], flat):
+        want = entry.get("dtype")  # (a record of an older file has none)
+        if want is None or not isinstance(value, torch.Tensor) or _dtype_text(value.dtype) == want:
+            continue
+        return (f"{entry['label']} is {_dtype_text(value.dtype)}; the graph was captured with {want} there, and "
+                f"the call fails on it ({type(exc).__name__}: {first_line(exc)}): pass {want} (.to(torch.{want})), "
+                f"or {_recapture(f'an example of dtype {_dtype_text(value.dtype)}')}")
+    return None
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _keyword_problem(record: dict, args: tuple, kwargs: dict) -> str | None:
