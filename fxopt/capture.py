@@ -1645,7 +1645,28 @@ def _failed_attempt(frontend: str, exc: Exception) -> Attempt:
     fixed = _SPECIALIZED_DIM.search(str(exc))
     if fixed:  # what export says below its first line, which names no size
         reason += f" (the model's code fixes {fixed.group(1)} to {fixed.group(2)})"
-    return Attempt(frontend, False, reason, _user_frame(exc))
+    return Attempt(frontend, False, reason + _violated_constraints(str(exc)), _user_frame(exc))
+
+
+def _violated_constraints(text: str) -> str:
+    """What torch.export says below "Constraints violated (seq)! For more information, run with
+    TORCH_LOGS=...": the guard each range fails ("Not all values of seq ... satisfy the generated
+    guard (L['x'].size()[1] % 2) == 0") and its suggested fixes, on one line; "" for other errors."""
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].startswith("Constraints violated"):
+        return ""
+    reasons, fixes, in_fixes = [], [], False
+    for line in lines[1:]:
+        if not line.strip():  # export's closing advice (draft_export) follows a blank line
+            break
+        if line.strip() == "Suggested fixes:":
+            in_fixes = True
+        elif in_fixes:
+            fixes.append(line.strip())
+        else:
+            reasons.append(line.strip().removeprefix("- ").rstrip("."))
+    told = reasons + ([f"suggested fixes: {'; '.join(fixes)}"] if fixes else [])
+    return f" ({'; '.join(told)})" if told else ""
 
 
 # torch.export, of a Dim the model's code ties to one size

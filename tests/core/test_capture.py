@@ -1514,6 +1514,27 @@ def test_a_named_dim_the_model_fixes_says_which_size_and_what_to_do():
     assert "torch.export.Dim.AUTO" in message and "mode='symbolic'" in message
 
 
+class _EvenLengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.fc(x) if x.shape[1] % 2 == 0 else -self.fc(x)
+
+
+def test_a_named_dim_the_model_guards_keeps_export_reason_and_suggested_fixes():
+    """Only 'Constraints violated (seq)! For more information, run with TORCH_LOGS="+dynamic".' was
+    kept (api F5): export's next lines, the guard the range fails and the Dim to use, are the answer."""
+    seq = torch.export.Dim("seq", min=2, max=32)
+    with pytest.raises(CaptureError) as info:
+        capture(_EvenLengths().eval(), torch.randn(2, 8, 16), mode="export", dynamic_shapes={"x": {1: seq}})
+    message = str(info.value)
+    assert "Not all values of seq = L['x'].size()[1] in the specified range seq <= 32 satisfy the generated " \
+           "guard (L['x'].size()[1] % 2) == 0" in message, message
+    assert "suggested fixes: _seq = Dim('_seq', min=1, max=16); seq = 2*_seq" in message, message
+
+
 def test_the_capture_record_names_every_submodule_of_the_model_called_or_not():
     """prune's ignore= names a module the graph never calls (a training-only head); the graph
     alone cannot tell it from a typo."""
