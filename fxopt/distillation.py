@@ -412,10 +412,18 @@ def _check_fits(role: str, model: nn.Module, inputs: tuple, index: int, labeled:
         taken = ("the inputs of (inputs, labels), as labeled=True says" if labeled
                  else "the model's positional inputs")
         other = ("without labeled=True it is the inputs" if labeled
-                 else "if the batches are (inputs, labels), pass labeled=True")
+                 else "if the batches are (inputs, labels), pass labeled=True to fxopt.distill; a pipeline's "
+                      "distill pass takes the model's inputs only: give those ([x for x, _ in loader])")
         raise ValueError(f"distill: batch {index} was taken as {taken}, {_describe(inputs)}, which the "
-                         f"{role} {type(model).__qualname__}.forward{signature} does not take: {exc}; "
+                         f"{role} {_model_name(model)}.forward{signature} does not take: {exc}; "
                          f"{other}") from None
+
+
+def _model_name(model: nn.Module) -> str:
+    """The model's class as its user wrote it: a captured graph's records it (its own class is
+    torch.fx's "GraphModule.__new__.<locals>.GraphModuleImpl")."""
+    info = model.meta.get("fxopt") or {} if isinstance(model, torch.fx.GraphModule) else {}
+    return info.get("model_class") or type(model).__qualname__
 
 
 def _describe(value: Any) -> str:

@@ -254,3 +254,15 @@ def test_a_one_dimensional_output_is_warned_of():
     with pytest.warns(fxopt.PassWarning, match=r"is float32\[16\], one dimension: distillation's loss is a softmax "
                                                r"over all of it"):
         fxopt.distill(student, teacher, [torch.randn(16, 8)], epochs=1, progress=False)
+
+
+def test_in_a_pipeline_batches_of_inputs_and_labels_get_a_fix_the_pass_takes():
+    """distill{...} on (inputs, labels) batches said "pass labeled=True", an option the pass does not
+    have, and named the teacher "GraphModule.__new__.<locals>.GraphModuleImpl" (api F6)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5)).eval()
+    data = [(torch.randn(4, 3, 4, 4), torch.randint(0, 5, (4,))) for _ in range(2)]
+    with pytest.raises(fxopt.PassError, match=r"which the teacher Sequential.forward\(input\) does not take: too many "
+                                              r"positional arguments; if the batches are \(inputs, labels\), pass "
+                                              r"labeled=True to fxopt.distill; a pipeline's distill pass takes the "
+                                              r"model's inputs only: give those \(\[x for x, _ in loader\]\)"):
+        fxopt.optimize(model, data[0][0], "distill{epochs=1}", calibration=data)
