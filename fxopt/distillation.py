@@ -131,7 +131,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         raise TypeError(f"distill: data is a {type(data).__name__}; give an iterable of batches (a list or a "
                         "DataLoader), each the model's positional inputs (a tensor or a tuple of them)")
     batches = data if not isinstance(data, torch.Tensor) else [data]
-    if hasattr(batches, "__len__") and len(batches) == 0:
+    length = _length(batches)
+    if length == 0:
         raise ValueError(_NO_BATCHES.format(when="data holds none"))
     student = deep_copy(student)
     params = [p for p in student.parameters() if p.is_floating_point() and p.requires_grad]
@@ -144,10 +145,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     _set_eval(student)
     student_state, teacher_state = BufferState(student), BufferState(teacher)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    try:
-        total = epochs * len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
+    total = epochs * length if length is not None else None
     from tqdm.auto import tqdm
 
     t = float(temperature)
@@ -258,6 +256,7 @@ class _Judge:
                 self.teacher_state.restore()
                 out = select_output(_forward("student", self.student, inputs, index), self.output, role="student")
                 self.student_state.restore()
+                _check_shapes(out, target, self.output)
                 total += float(_loss(out, target, labels, self.t, self.alpha, index))
                 count += 1
         return total / count if count else math.nan
@@ -374,12 +373,24 @@ def _set_eval(module: nn.Module) -> None:
         m.training = False
 
 
+def _length(batches: Any) -> int | None:
+    """`len(batches)`, or None for a generator and for a DataLoader of an IterableDataset (its
+    `__len__` raises TypeError)."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def _split_batch(batch: Any, labeled: bool, index: int) -> tuple[tuple, torch.Tensor | None]:
     """(positional inputs, labels or None) of one batch, by the rule of the module doc: the
     batch is the inputs, unless the caller said `labeled`. Never guessed from dtypes: a long
     tensor is as often an input (token ids) as a label."""
     if not labeled:
         return _as_inputs(batch, index), None
+    if isinstance(batch, dict):  # (indexed by 0 and 1, it raised a bare KeyError)
+        raise ValueError(f"distill: batch {index} is a dict (keys {', '.join(map(repr, batch))}); with labeled=True "
+                         "every batch is (inputs, labels), inputs a tensor or a tuple in forward's order")
     if isinstance(batch, torch.Tensor) or len(batch) != 2:
         raise ValueError(f"distill: batch {index} is {_describe(batch)}; with labeled=True every batch is "
                          "(inputs, labels)")
@@ -526,13 +537,23 @@ def _is_floating(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
+def _which_output(output: int | str | None) -> str:
+    return "the selected output" if output is None else f"output={output!r}"
+
+
+def _check_shapes(out: torch.Tensor, target: torch.Tensor, output: int | str | None) -> None:
+    """The student's selected output must be shaped like the teacher's (the loss measured before
+    training failed in kl_div's "The size of tensor a (5) must match ...")."""
+    if tuple(out.shape) != tuple(target.shape):
+        raise ValueError(f"distill: {_which_output(output)} of the student is {_tensor_text(out)} but the teacher's "
+                         f"is {_tensor_text(target)}; they must match")
+
+
 def _check_trainable(out: torch.Tensor, target: torch.Tensor, output: int | str | None) -> None:
     """The selected student output must be computed from trainable parameters and be shaped like
     the teacher's, or there is nothing to fit (autograd's own words were obscure)."""
-    which = "the selected output" if output is None else f"output={output!r}"
-    if tuple(out.shape) != tuple(target.shape):
-        raise ValueError(f"distill: {which} of the student is {_tensor_text(out)} but the teacher's is "
-                         f"{_tensor_text(target)}; they must match")
+    which = _which_output(output)
+    _check_shapes(out, target, output)
     if not out.requires_grad:
         raise ValueError(f"distill: {which} of the student ({_tensor_text(out)}) does not depend on any "
                          "floating-point parameter, so training cannot move it; select the logits with output=")

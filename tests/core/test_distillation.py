@@ -266,3 +266,37 @@ def test_in_a_pipeline_batches_of_inputs_and_labels_get_a_fix_the_pass_takes():
                                               r"labeled=True to fxopt.distill; a pipeline's distill pass takes the "
                                               r"model's inputs only: give those \(\[x for x, _ in loader\]\)"):
         fxopt.optimize(model, data[0][0], "distill{epochs=1}", calibration=data)
+
+
+class _Streamed(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        torch.manual_seed(1)
+        return iter([torch.randn(3, 8, 8) for _ in range(4)])
+
+
+def test_a_dataloader_of_an_iterable_dataset_is_trained_on():
+    """Its __len__ raises TypeError, and distill's own emptiness check crashed on it (api F8)."""
+    student, teacher = _models()
+    loader = torch.utils.data.DataLoader(_Streamed(), batch_size=2)
+    tuned = fxopt.distill(student, teacher, loader, epochs=2, lr=0.01, progress=False)
+    assert tuned(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+    assert not torch.equal(tuned.get_submodule("3").weight, student.get_submodule("3").weight)
+
+
+def test_labeled_dict_batches_are_named_not_a_key_error():
+    """labeled=True with {"x": ..., "labels": ...} batches failed with a bare KeyError: 0 (api F9)."""
+    student, teacher = _models()
+    data = [{"x": x, "labels": torch.randint(0, 5, (4,))} for x in _data()]
+    with pytest.raises(ValueError, match=r"distill: batch 0 is a dict \(keys 'x', 'labels'\); with labeled=True "
+                                         r"every batch is \(inputs, labels\)"):
+        fxopt.distill(student, teacher, data, labeled=True, epochs=1, progress=False)
+
+
+def test_a_student_of_other_logits_than_the_teacher_is_named_before_training():
+    """4 classes against the teacher's 5 failed in kl_div ("The size of tensor a (5) must match ..."),
+    raised by the loss measured before training (api F9)."""
+    _, teacher = _models()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    with pytest.raises(ValueError, match=r"distill: the selected output of the student is float32\[4, 4\] but the "
+                                         r"teacher's is float32\[4, 5\]; they must match"):
+        fxopt.distill(student, teacher, _data(), epochs=1, progress=False)
