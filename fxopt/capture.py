@@ -889,6 +889,9 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any, args: tuple, kw
             # a dict is read as keyword inputs; a forward that takes one dict gets it in a tuple
             fix = (f"a dict is read as keyword inputs ({', '.join(map(repr, example_inputs))}); to pass it as "
                    "forward's one dict input, wrap it in a tuple: ({...},)")
+        elif isinstance(example_inputs, list) and _binds(signature, (example_inputs,)):  # so is a list, by position
+            fix = (f"a list is read as positional inputs ({len(example_inputs)} of them); to pass it as forward's "
+                   "one list input, wrap it in a tuple: ([...],)")
         raise CaptureError(f"the example inputs do not fit {type(model).__qualname__}.forward{signature}: "
                            f"{exc} ({given}); {fix}") from None
 

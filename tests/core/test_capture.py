@@ -1155,6 +1155,18 @@ def test_a_hook_on_the_model_itself_is_named_when_symbolic_tracing_misses_it(kin
     torch.testing.assert_close(gm(x), model(x))
 
 
+def test_a_list_for_a_forward_that_takes_one_list_says_to_wrap_it():
+    """A list is read as positional inputs, and only the dict case said to wrap it (api F7)."""
+    class ListIn(nn.Module):
+        def forward(self, xs):
+            return xs[0] + xs[1]
+
+    with pytest.raises(CaptureError, match=r"too many positional arguments .*; a list is read as positional inputs "
+                                           r"\(2 of them\); to pass it as forward's one list input, wrap it in a "
+                                           r"tuple: \(\[\.\.\.\],\)"):
+        capture(ListIn(), [torch.randn(3, 4), torch.randn(3, 4)])
+
+
 def test_a_dict_for_a_forward_that_takes_one_dict_says_to_wrap_it():
     class DictIn(nn.Module):
         def forward(self, d):
