@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import inspect
 import sys
 import time
@@ -376,6 +377,7 @@ class PassManager:
             if self.bisect_limit is not None and index >= self.bisect_limit:
                 record.skipped, record.nodes_after = True, record.nodes_before
                 continue
+            given_to_pass = current
             try:
                 current = self._run_one(p, index, current, am, ctx, record, records)
             except PassError as exc:
@@ -386,6 +388,12 @@ class PassManager:
                     record_pipeline(exc.last_good_module, gm, format_pipeline(done),
                                     loosest(*(pass_tolerance(q) for q in done)))
                 raise
+            freed = _replaced_bytes(given_to_pass, current) if given_to_pass is not gm else 0
+            del given_to_pass
+            if freed > COLLECT_FREED_BYTES:
+                # a GraphModule is a reference cycle (its graph holds it): the pass's input, with the
+                # tensors the pass replaced, lived until the collector ran, a copy of them per pass
+                gc.collect()
         for inst in self.instruments:
             _call_instrument(inst, "after_pipeline", _protected(current, ctx.reference), ctx.reference,
                              current, records)
@@ -491,6 +499,18 @@ class PassManager:
             except Exception as exc:  # noqa: BLE001  (reported, then the pass's error goes on)
                 warnings.warn(f"instrument {type(inst).__name__}.on_pass_error raised {type(exc).__name__}: {exc}",
                               stacklevel=3)
+
+
+#: The bytes of tensors a pass must have replaced in its input for `PassManager.run` to collect
+#: that input at once (a full collection costs milliseconds; a small model's copies do not matter).
+COLLECT_FREED_BYTES = 32 * 2**20
+
+
+def _replaced_bytes(before: torch.nn.Module, after: torch.nn.Module) -> int:
+    """The bytes of `before`'s tensors whose storage `after` no longer holds."""
+    kept = {_storage_key(t) for t in _tensors_of(after)}
+    stale = {key: t for t in _tensors_of(before) if (key := _storage_key(t)) is not None and key not in kept}
+    return sum(t.untyped_storage().nbytes() for t in stale.values())
 
 
 def _check_inputs_fit(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
