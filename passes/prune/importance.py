@@ -263,6 +263,8 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
             if not leaves or not probes:  # the output does not depend on any producer
                 continue
             loss = sum(t.float().pow(2).sum() for t in leaves)
+            if not torch.isfinite(loss):
+                raise _not_finite(i, args, kwargs, "the model's output on it")
             grads = torch.autograd.grad(loss, [v[0] for v in probes.values()], allow_unused=True)
         for (name, (_, act, axis)), grad in zip(probes.items(), grads):
             if grad is None:
@@ -270,8 +272,20 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
             contrib = (act * grad).movedim(axis, -1)
             per_sample = contrib.reshape(contrib.shape[0] if contrib.dim() > 1 else 1, -1, contrib.shape[-1]).sum(1)
             s = per_sample.abs().sum(0).double().numpy()
+            if not np.isfinite(s).all():
+                raise _not_finite(i, args, kwargs, f"the activation x gradient of '{name}'")
             scores[name] = scores.get(name, 0) + s
     return scores
+
+
+def _not_finite(i: int, args: tuple, kwargs: dict, what: str) -> FxoptError:
+    """A batch whose scores would be NaN: one NaN input pixel spread to whole layers' scores
+    (normalized by their mean), which then steered the selection silently (prune tester)."""
+    bad_input = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+                    for t in torch.utils._pytree.tree_leaves((args, kwargs)))
+    why = "it holds NaN or inf" if bad_input else "its values overflow in the model"
+    return FxoptError(f"importance='taylor': calibration batch {i}: {what} is not finite ({why}), so its "
+                      "scores would be NaN; fix or drop that batch (importance=l1 needs no data)")
 
 
 def _batch_failed(i: int, args: tuple, kwargs: dict, exc: Exception) -> FxoptError:

@@ -724,6 +724,24 @@ def test_ignore_takes_a_module_the_graph_never_calls():
         assert res.passes[0].stats["ignored"] == [], res.passes[0].stats
 
 
+@pytest.mark.parametrize("where", ["input", "overflow"])
+def test_a_taylor_calibration_batch_with_non_finite_values_is_named(where):
+    """Prune tester: one NaN pixel in batch 1 made 542 of 769 class importances NaN (a layer's
+    scores are normalized by their mean), the selection removed 370 channels instead of 538,
+    and the shortfall warning blamed the adapters."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    bad = x.clone()
+    if where == "input":
+        bad[0, 0, 5, 5] = float("nan")
+    else:
+        bad[0, 0] = 1e38  # finite, but the squared output overflows float32
+    why = "it holds NaN or inf" if where == "input" else "its values overflow in the model"
+    with pytest.raises(fxopt.PassError, match=rf"calibration batch 1: the model's output on it is not finite "
+                                              rf"\({why}\)"):
+        fxopt.optimize(model, x, "prune{importance=taylor}", calibration=[x, bad])
+
+
 def test_a_taylor_calibration_batch_that_does_not_fit_is_named():
     """Prune tester: importance=taylor on a batch of the wrong shape raised torch's text and a
     tlparse hint; quantize and distill name the batch."""
