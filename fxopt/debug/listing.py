@@ -8,7 +8,7 @@ with plain string joins so graphs of thousands of nodes list in milliseconds.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx
@@ -114,7 +114,27 @@ def note_text(value: Any) -> str:
 
 
 def graph_listing(gm: torch.fx.GraphModule, title: str | None = None) -> str:
-    """The whole listing as text (what `print-ir-after-*` prints and dumps write)."""
+    """The whole listing as text (what `print-ir-after-*` prints and dumps write). A subgraph an
+    export graph runs (a `torch.cond` branch, a `no_grad` or `autocast` region) is listed below
+    the `get_attr` that reads it, indented: its ops are the graph's too."""
     lines = [f"# {title}"] if title else []
-    lines.extend(node_line(n) for n in gm.graph.nodes)
+    lines.extend(_lines(gm, ""))
     return "\n".join(lines) + "\n"
+
+
+def _lines(gm: torch.fx.GraphModule, indent: str) -> Iterator[str]:
+    for node in gm.graph.nodes:
+        yield indent + node_line(node)
+        sub = _subgraph(gm, node)
+        if sub is not None:
+            yield from _lines(sub, indent + "    ")
+
+
+def _subgraph(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule | None:
+    """The GraphModule a `get_attr` node reads, or None."""
+    if node.op != "get_attr":
+        return None
+    value: Any = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.fx.GraphModule) else None

@@ -164,3 +164,28 @@ def test_dump_of_an_optimize_result_or_a_model_says_what_to_pass(tmp_path):
         fxopt.dump(result, tmp_path)
     with pytest.raises(TypeError, match=r"got Linear: capture it first"):
         fxopt.dump(model, tmp_path)
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = torch.cond(x.sum() > 0, lambda t: self.a(t) * 2, lambda t: self.b(t) - 1, (x,))
+        with torch.no_grad():
+            return y * 3
+
+
+def test_a_listing_shows_the_ops_of_the_subgraphs_an_export_graph_runs(tmp_path):
+    """A torch.cond branch or a no_grad region was one opaque get_attr: the linears, the mul and the
+    sub inside never showed in a dump (api F10)."""
+    gm = fxopt.capture(_Branches().eval(), torch.randn(3, 4), mode="export")
+    dump(gm, tmp_path)
+    text = (tmp_path / "graph.txt").read_text()
+    lines = text.splitlines()
+    for region, op in (("true_graph_0", "aten.mul.Tensor(%linear, 2)"), ("false_graph_0", "aten.sub.Tensor(%linear, 1)"),
+                       ("submod_1", "aten.mul.Tensor(%getitem, 3)")):
+        start = next(i for i, line in enumerate(lines) if line.startswith("%") and f"get_attr {region}" in line)
+        body = [line for line in lines[start + 1:] if line.startswith("    ")]
+        assert any(op in line for line in body[:8]), (region, text)
