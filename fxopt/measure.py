@@ -32,10 +32,11 @@ import numpy as np
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .ir.interpret import BufferState
 from .ir.rewrite import deep_copy
 from .serialize import holds_coded_attributes, rebuild_coded_attributes
 
@@ -140,7 +141,7 @@ def measure_latency(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
-    call = functools.partial(_call, fn, inputs)
+    call = functools.partial(_call, fn, _private_inputs(inputs))
     sync = _synchronizer(fn, inputs)
     with _num_threads(threads), _restoring_buffers(fn):
         grad_mode = _working_grad_mode(call)
@@ -240,8 +241,9 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     """
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     uncounted = _UncountedOps(counter.flop_registry)
+    inputs = _private_inputs(example_inputs)
     with _restoring_buffers(gm), _frozen_parameters(gm), _unfused_attention(), torch.no_grad(), counter, uncounted:
-        _call(gm, example_inputs)
+        _call(gm, inputs)
     if uncounted.calls:
         listed = ", ".join(f"{name} ({n} call{'s' * (n > 1)})" for name, n in sorted(uncounted.calls.items()))
         warnings.warn(f"count_macs: no formula for {listed}: counted as 0 MACs", stacklevel=2)
@@ -332,6 +334,12 @@ def _call(fn: Callable[..., Any], inputs: Inputs) -> Any:
     return fn(**inputs) if isinstance(inputs, Mapping) else fn(*inputs)
 
 
+def _private_inputs(inputs: Inputs) -> Inputs:
+    """A copy of each tensor of `inputs`, made once: a forward that writes into its input (``x += h``)
+    writes into the copy on every timed call, not into the caller's tensor."""
+    return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, inputs)
+
+
 def _timed_runs(
     call: Callable[[], Any], sync: Callable[[], None], repeats: int, min_time_s: float
 ) -> list[float]:
@@ -387,21 +395,20 @@ def _num_threads(threads: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _restoring_buffers(fn: Callable[..., Any]) -> Iterator[None]:
-    """Put buffers back afterwards if fn is a module in training mode.
+    """Put back afterwards the buffers of module `fn` that its calls changed.
 
     A measurement must not change the model: BatchNorm in training mode updates its running
-    statistics on every call, and we may not call ``.eval()`` (exported GraphModules refuse it).
+    statistics on every call, and we may not call ``.eval()`` (exported GraphModules refuse it);
+    a forward may count its calls in a buffer in eval mode too.
     """
-    if not isinstance(fn, nn.Module) or not any(m.training for m in fn.modules()):
+    if not isinstance(fn, nn.Module):
         yield
         return
-    saved = [(b, b.detach().clone()) for b in fn.buffers()]
+    state = BufferState(fn)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+        state.restore()
 
 
 def _hidden_weights(model: nn.Module) -> Iterator[Tensor]:

@@ -450,3 +450,28 @@ def test_compare_latency_reports_a_module_it_cannot_copy_and_times_the_others():
     lat = compare_latency({"locked": _PackedWithALock(), "relu": torch.relu}, {"b2": (torch.randn(2, 4),)},
                           rounds=1, warmup=1, repeats=2)
     assert lat["locked"]["b2"].startswith("TypeError: cannot pickle") and isinstance(lat["relu"]["b2"], float)
+
+
+class _CountsCallsAndWritesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        x += 1
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("measure", [
+    lambda m, x: measure_latency(m, (x,), repeats=5),
+    lambda m, x: count_macs(m, (x,)),
+    lambda m, x: compare_latency({"m": m}, {"b2": (x,)}, rounds=2, repeats=3),
+])
+def test_a_measurement_leaves_an_eval_model_buffers_and_the_inputs_as_they_were(measure):
+    """Buffers were put back for a model in training mode only: an eval model that counts its calls
+    came back at calls=8 after measure_latency, and the caller's input, which it writes, at 8 too."""
+    model, x = _CountsCallsAndWritesItsInput().eval(), torch.zeros(2, 4)
+    measure(model, x)
+    assert model.calls.item() == 0 and torch.equal(x, torch.zeros(2, 4))
