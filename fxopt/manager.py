@@ -1046,12 +1046,16 @@ def _check_graphs(graphs: list[tuple[str, torch.fx.GraphModule, int]], who: str)
 
 
 def own_tensors(result: torch.nn.Module, source: torch.nn.Module) -> int:
-    """Give `result` its own copy of each parameter, buffer and tensor attribute it holds that is
-    one of `source`'s; returns how many tensors were copied. A tensor held in two places (a tied
-    embedding and output layer) gets one copy for both; a parameter stays a parameter, with its
+    """Give `result` its own copy of each parameter, buffer and tensor attribute it holds over the
+    storage of one of `source`'s (that tensor, or another object over its data: ``w.detach()``, a
+    slice); returns how many tensors were copied. A tensor held in two places (a tied embedding
+    and output layer) gets one copy for both; a parameter stays a parameter, with its
     ``requires_grad``. Opaque objects (int8 packed weights) stay shared: nothing writes into them."""
-    theirs = {id(t) for t in _tensors_of(source)}
+    theirs = {key for t in _tensors_of(source) if (key := _storage_key(t)) is not None}
     copies: dict[int, torch.Tensor] = {}
+
+    def shared(t: torch.Tensor | None) -> bool:
+        return t is not None and _storage_key(t) in theirs
 
     def own(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in copies:
@@ -1062,10 +1066,10 @@ def own_tensors(result: torch.nn.Module, source: torch.nn.Module) -> int:
         before = len(copies)
         for store in (m._parameters, m._buffers):
             for key, t in list(store.items()):
-                if t is not None and id(t) in theirs:
+                if shared(t):
                     store[key] = own(t)
         for key, value in list(vars(m).items()):
-            if isinstance(value, torch.Tensor) and id(value) in theirs:
+            if isinstance(value, torch.Tensor) and shared(value):
                 m.__dict__[key] = own(value)
         if len(copies) > before and isinstance(m, torch.nn.RNNBase):  # its flat weights point at the old ones
             m._init_flat_weights()

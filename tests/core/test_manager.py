@@ -1285,3 +1285,35 @@ def test_the_tensors_a_pass_replaced_are_freed_before_the_next_pass_ends(monkeyp
         gc.enable()
     assert alive_at_start == [[], [True], [False, True]]  # the input of the running pass only
     torch.testing.assert_close(result(x), model(x), rtol=0, atol=0)
+
+
+@dataclasses.dataclass
+class _DetachedWeights(fxopt.Pass):
+    """Gives each linear a new tensor object over its weight's own storage (``w.detach()``), as a pass that
+    keeps a float bias for an int8 kernel does (quantize{backend=reference})."""
+
+    name = "detached-weights-test"
+
+    def run(self, gm, ctx):
+        from fxopt.ir import op_view
+
+        for node in gm.graph.nodes:
+            view = op_view(gm, node)
+            if view is not None and view.kind == "linear":
+                view.params["weight"].set(nn.Parameter(view.param("weight").detach()))
+        return fxopt.PassResult(gm, modified=True)
+
+
+def test_the_result_of_run_owns_a_tensor_that_views_its_input_storage():
+    """own_tensors copied the input's tensor objects only: a new tensor over the same storage (the float
+    biases quantize{backend=reference} keeps) stayed shared, and a write into the result moved the input."""
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval(), torch.randn(3, 4)
+    gm = fxopt.capture(model, x)
+    before = gm(x).clone()
+    result = fxopt.PassManager([_DetachedWeights()]).run(gm, (x,)).module
+    with torch.no_grad():
+        for p in result.parameters():
+            p.add_(1.0)
+    assert torch.equal(gm(x), before)
+    theirs = {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers()]}
+    assert not any(t.untyped_storage().data_ptr() in theirs for t in [*result.parameters(), *result.buffers()])
