@@ -28,7 +28,8 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import first_line, node_location
 from ..tracing import one_at_a_time
-from ..ir import add_tensor_attr, call_as, get_attr_value, meta_value, op_view, replace_uses, tensor_meta
+from ..ir import (PRIVATE_OF, add_tensor_attr, call_as, get_attr_value, meta_value, module_path, op_view, replace_uses,
+                  tensor_meta)
 from .core import ANNOTATIONS, CheckError, Match, NoMatch, Op, PatternNode, Var, annotate, annotations, match_or_raise
 
 
@@ -309,12 +310,42 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
     _assert_sizes(gm, pattern, m, new)
     if new is m.root:
         return new
+    _carry_provenance(gm, m, rw.new_nodes)
     _carry_annotations(gm, m.root, new)
     replace_uses(m.root, new)
     for op in reversed(m.ops[:-1]):
         if not op.users and op.graph is gm.graph:
             gm.graph.erase_node(op)
     return new
+
+
+#: The metadata that says where a node came from in the user's model.
+_PROVENANCE = ("nn_module_stack", "stack_trace")
+
+
+def _carry_provenance(gm: torch.fx.GraphModule, m: Match, new_nodes: list[torch.fx.Node]) -> None:
+    """A new op of the kind of exactly one matched op stands for it: it takes that op's module
+    path and source line. A conv with its batchnorm folded is still the user's `c1`, for
+    prune's `ignore`, quantize's `skip` and error messages (api tester: after `fuse`, the
+    folded conv had no module, and `prune{ignore=[c1]}` silently pruned it)."""
+    kinds: dict[str, list[torch.fx.Node]] = {}
+    for op in m.ops:
+        if (view := op_view(gm, op)) is not None:
+            kinds.setdefault(view.kind, []).append(op)
+    for node in new_nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or getattr(node, "_erased", False):
+            continue
+        view = op_view(gm, node)
+        sources = kinds.get(view.kind, []) if view is not None else []
+        if len(sources) != 1 or module_path(node) is not None:
+            continue  # (a merge of two linears is neither; a copy kept its own)
+        source = sources[0]
+        path = module_path(source)
+        if path is not None and source.op == "call_module":
+            node.meta[PRIVATE_OF] = path  # (an export node says it in nn_module_stack, carried below)
+        for key in _PROVENANCE:
+            if key in source.meta and key not in node.meta:
+                node.meta[key] = source.meta[key]
 
 
 def _carry_annotations(gm: torch.fx.GraphModule, old: torch.fx.Node, new: torch.fx.Node) -> None:

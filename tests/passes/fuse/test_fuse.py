@@ -79,6 +79,39 @@ def test_conv_bn_relu_folds_and_annotates(mode, case):
     assert annotations(relu_node)["fusion_role"] == "output"
 
 
+class _TwoConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), _warm_bn(nn.BatchNorm2d(16))
+        self.c2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), _warm_bn(nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn2(self.c2(torch.relu(self.bn1(self.c1(x))))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_folded_conv_keeps_its_module_path_for_ignore_and_skip(mode):
+    """Api tester: after `fuse` the conv with its batchnorm folded was a new op of no module, so
+    `fuse,prune{ignore=[c1]}` pruned c1 silently (ignore took 'c1' for a module the graph never
+    calls) and `fuse,quantize{skip=[c1]}` refused 'c1'."""
+    torch.manual_seed(0)
+    model = _TwoConvBN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused = fxopt.optimize(model, x, "fuse", mode=mode).module
+    convs = [n for n in fused.graph.nodes if (v := fxopt.ir.op_view(fused, n)) and v.kind == "conv"]
+    assert [fxopt.ir.module_path(n) for n in convs] == ["c1", "c2"]
+    pruned = fxopt.optimize(model, x, "fuse,prune{ratio=0.5,ignore=[c1]}", mode=mode).module
+    widths = [fxopt.ir.op_view(pruned, n).param("weight").shape[0] for n in pruned.graph.nodes
+              if (v := fxopt.ir.op_view(pruned, n)) and v.kind == "conv"]
+    assert widths[0] == 16 and widths[1] < 16, widths
+    int8 = fxopt.optimize(model, x, "fuse,quantize{skip=[c1]}", mode=mode, calibration=[(x,)])
+    skipped = [name for name, why in int8.passes[-1].stats["float_ops"].items() if "(skip" in why]
+    assert skipped == [convs[0].name], int8.passes[-1].stats  # the graphs of both runs name nodes alike
+    assert int8.passes[-1].stats["quantized"] == {"conv+act": 1, "linear": 1}
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_grouped_transposed_conv_gets_its_folded_shift_as_an_add(mode):
     """torch's CPU grouped conv_transpose with a bias takes a path ~10x slower than without one:
