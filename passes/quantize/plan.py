@@ -616,13 +616,20 @@ def _without_float_read_views(gm: torch.fx.GraphModule, plan: Plan, region: set[
     before the softmax (an `nn.MultiheadAttention` with `kdim`/`vdim` lost 1-4 dB).
     Walked from the graph's end, so a chain of views leaves the region whole. Pieces that only
     float ops read (timm's packed ``qkv[0], qkv[1], qkv[2]``) leave it together where they read
-    no fewer bytes than the value they are cut from (adversary: 2 dB)."""
+    no fewer bytes than the value they are cut from (adversary: 2 dB), or where that value is a
+    conv or linear and they are slices, so the layer writes float: a head returning
+    ``out[:, :classes]`` or a TCN's last step ``y[..., -1]`` was rounded onto 8 bits for a
+    slice's saving on the dequantize (1.6-2.8 dB behind PT2E; quantize tester); the layer's
+    MACs dwarf the bytes it writes. A pool stays int8: on the 4x larger float value it ran
+    1.4-1.9x slower at batch 1 (`_writes_float_when_read_in_float`)."""
     region = set(region)
     pieces: set[str] = set()  # smaller than their input, read in float only: they go together
     for node in reversed(gm.graph.nodes):
         readers = value_readers(node)
         if node.name in region and readers and all(u.name in pieces for u in readers) \
-                and sum(value_nbytes(u) for u in readers) >= value_nbytes(node):
+                and (sum(value_nbytes(u) for u in readers) >= value_nbytes(node)
+                     or _may_write_float(plan, _under_views(gm, plan, node))
+                     and all(op_view(gm, u).kind in SLICING for u in readers)):
             region.difference_update(u.name for u in readers)
         if node.name not in region or node.name not in plan.pass_through \
                 or any(reads_int8(plan, region, u) for u in readers):
@@ -632,6 +639,21 @@ def _without_float_read_views(gm: torch.fx.GraphModule, plan: Plan, region: set[
         else:
             region.discard(node.name)
     return region
+
+
+def _under_views(gm: torch.fx.GraphModule, plan: Plan, value: torch.fx.Node) -> torch.fx.Node:
+    """The value `value` views through pass-through ops that keep every byte (export spells
+    ``y[:, :3]`` as a full slice of dim 0, then the slice of dim 1)."""
+    while value.name in plan.pass_through and value_nbytes(value) == value_nbytes(source := op_view(gm, value).input):
+        value = source
+    return value
+
+
+def _may_write_float(plan: Plan, value: torch.fx.Node) -> bool:
+    """Whether `value` is the output of a conv or linear group, which writes float where only
+    float ops read it (`writes_float`)."""
+    group = plan.groups.get(value.name)
+    return group is not None and group.kind in ("conv", "linear") and not group.views
 
 
 def reads_int8(plan: Plan, region: set[str], reader: torch.fx.Node) -> bool:
@@ -650,8 +672,7 @@ def writes_float(plan: Plan, region: set[str], value: torch.fx.Node) -> bool:
     block's conv and the residual add: 2.8 dB behind PT2E, which does the same; quantize
     tester). x86 has the kernels (int8 input and weight, float output): fbgemm's linear,
     oneDNN's conv (`float_output.py`)."""
-    group = plan.groups.get(value.name)
-    if group is None or value.name not in region or group.views or group.kind not in ("conv", "linear"):
+    if value.name not in region or not _may_write_float(plan, value):
         return False
     readers = value_readers(value)
     return not readers or not all(reads_int8(plan, region, u) for u in readers)
