@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ def check_batches(batches: Any, option: str = "calibration") -> None:
         raise FxoptError(f"{option}: got one Tensor of shape {tuple(batches.shape)}, which would be read as "
                          f"{rows}; pass a sequence of batches, e.g. [(x,)] for one batch or "
                          f"[(b,) for b in x.split(8)] for several")
-    if isinstance(batches, dict):  # iterated, it gives its keys: each taken for a batch
+    if isinstance(batches, Mapping):  # iterated, it gives its keys: each taken for a batch
         keys = ", ".join(repr(k) for k in list(batches)[:3])
         raise FxoptError(f"{option}: got one dict (keys {keys}), which would be read as its keys, one batch each; "
                          "pass a sequence of batches, e.g. [batch] for one batch of keyword inputs")

@@ -50,7 +50,7 @@ import traceback
 import warnings
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import torch
 import torch.fx
@@ -94,8 +94,9 @@ class Attempt:
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """(args, kwargs) from a tensor, a tuple/list of args, or a dict of keyword args."""
-    if isinstance(example_inputs, dict):
+    """(args, kwargs) from a tensor, a tuple/list of args, or a dict of keyword args (any mapping: a
+    tokenizer's BatchEncoding is a UserDict, which was taken for one positional input)."""
+    if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
@@ -885,7 +886,7 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any, args: tuple, kw
         given = ("example_inputs is None, which gives forward no arguments" if example_inputs is None
                  else f"given {_describe_call(args, kwargs)}")
         fix = "pass a tensor, a tuple of positional inputs or a dict of keyword inputs"
-        if isinstance(example_inputs, dict) and _binds(signature, (example_inputs,)):
+        if isinstance(example_inputs, Mapping) and _binds(signature, (example_inputs,)):
             # a dict is read as keyword inputs; a forward that takes one dict gets it in a tuple
             fix = (f"a dict is read as keyword inputs ({', '.join(map(repr, example_inputs))}); to pass it as "
                    "forward's one dict input, wrap it in a tuple: ({...},)")

@@ -40,7 +40,7 @@ import dataclasses
 import inspect
 import math
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.fx
@@ -127,7 +127,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         name, what = frozen[0]
         raise ValueError(f"distill: node '{name}' ({what}) is an inference kernel (int8 or oneDNN) that "
                          "cannot be fine-tuned; run distill before quantize and lower-cpu")
-    if isinstance(data, (dict, str, bytes)) or not isinstance(data, (Iterable, torch.Tensor)):
+    if isinstance(data, (Mapping, str, bytes)) or not isinstance(data, (Iterable, torch.Tensor)):
         raise TypeError(f"distill: data is a {type(data).__name__}; give an iterable of batches (a list or a "
                         "DataLoader), each the model's positional inputs (a tensor or a tuple of them)")
     batches = data if not isinstance(data, torch.Tensor) else [data]
@@ -388,7 +388,7 @@ def _split_batch(batch: Any, labeled: bool, index: int) -> tuple[tuple, torch.Te
     tensor is as often an input (token ids) as a label."""
     if not labeled:
         return _as_inputs(batch, index), None
-    if isinstance(batch, dict):  # (indexed by 0 and 1, it raised a bare KeyError)
+    if isinstance(batch, Mapping):  # (indexed by 0 and 1, it raised a bare KeyError)
         raise ValueError(f"distill: batch {index} is a dict (keys {', '.join(map(repr, batch))}); with labeled=True "
                          "every batch is (inputs, labels), inputs a tensor or a tuple in forward's order")
     if isinstance(batch, torch.Tensor) or len(batch) != 2:
@@ -400,7 +400,7 @@ def _split_batch(batch: Any, labeled: bool, index: int) -> tuple[tuple, torch.Te
 def _as_inputs(value: Any, index: int = 0) -> tuple:
     """A batch as positional inputs; a dict of keyword inputs (iterated, its keys) or a batch of
     no samples (its loss is NaN) is named."""
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         raise ValueError(f"distill: batch {index} is a dict of keyword inputs ({', '.join(map(repr, value))}); "
                          "distill takes positional inputs only: give each batch as a tuple in forward's order")
     inputs = (value,) if isinstance(value, torch.Tensor) else tuple(value)

@@ -35,7 +35,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import torch
 import torch.fx
@@ -345,11 +345,11 @@ class PassManager:
                             "inputs, pipeline), which does both")
         if isinstance(example_inputs, torch.Tensor):  # one input, as fxopt.optimize takes it (not its rows)
             example_inputs = (example_inputs,)
-        if isinstance(example_inputs, dict):  # keyword inputs, as fxopt.capture and optimize take them
+        if isinstance(example_inputs, Mapping):  # keyword inputs, as fxopt.capture and optimize take them
             if example_kwargs:
                 raise TypeError("PassManager.run: example_inputs is a dict of keyword inputs and example_kwargs "
                                 "is given too; pass the keyword inputs in one of them")
-            example_inputs, example_kwargs = (), example_inputs
+            example_inputs, example_kwargs = (), dict(example_inputs)
         calibration = pipeline_batches(calibration)  # a generator would be read up by the first pass
         given = gm  # the caller's: the result must not hold its tensors
         if META_KEY not in getattr(gm, "meta", {}) and (example_inputs or example_kwargs):

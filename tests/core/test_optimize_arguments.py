@@ -1,6 +1,9 @@
 """`fxopt.optimize` refuses a bad argument before it captures or runs anything."""
+import collections
+
 import pytest
 import torch
+from torch import nn
 
 import fxopt
 from fxopt import api
@@ -77,3 +80,30 @@ def test_verify_names_a_device_it_cannot_compare_on(device, match):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match=match):
         fxopt.verify(model, model, torch.randn(3, 2), device=device)
+
+
+class _KeywordModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.fc(input_ids) * attention_mask
+
+
+class _Encoding(collections.UserDict):
+    """What a Hugging Face tokenizer returns (BatchEncoding is a UserDict, no dict)."""
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_mapping_that_is_no_dict_is_read_as_keyword_inputs(mode):
+    """A tokenizer's BatchEncoding was taken for one positional input: "linear(): argument 'input' must be
+    Tensor, not BatchEncoding", where a dict of the same inputs is keyword inputs."""
+    torch.manual_seed(0)
+    model = _KeywordModel().eval()
+    inputs = _Encoding(input_ids=torch.randn(2, 4), attention_mask=torch.ones(2, 4))
+    batches = [_Encoding(input_ids=torch.randn(2, 4), attention_mask=torch.ones(2, 4)) for _ in range(3)]
+    res = fxopt.optimize(model, inputs, "fuse,quantize", mode=mode, calibration=batches)
+    assert res.verification.verdict == "PASS"
+    assert fxopt.verify(model, res.module, inputs).passed
+    assert fxopt.PassManager("fuse").run(fxopt.capture(model, inputs, mode=mode), inputs).module(**inputs).shape == (2, 4)
