@@ -30,7 +30,7 @@ from typing import Any
 
 import torch.fx
 
-from .listing import ANNOTATIONS, note_text, target_text, type_text
+from .listing import ANNOTATIONS, note_text, subgraph_of, target_text, type_text
 from .scopes import collapse_scopes, node_scopes
 
 DEFAULT_COLLAPSE_THRESHOLD = 1500
@@ -56,18 +56,34 @@ def graph_dot(gm: torch.fx.GraphModule, *, title: str | None = None,
 
 
 def full_dot(gm: torch.fx.GraphModule, *, title: str | None = None) -> str:
-    """One box per node, one edge per producer/consumer pair."""
-    ids: dict[torch.fx.Node, str] = {}
+    """One box per node, one edge per producer/consumer pair; a subgraph an export graph runs (a
+    `torch.cond` branch, a `no_grad` region) is a dashed cluster of its own nodes, drawn from
+    the `get_attr` box that reads it."""
     parts = [_open(title)]
+    _boxes(gm, "n", "  ", parts)
+    parts.append("}\n")
+    return "".join(parts)
+
+
+def _boxes(gm: torch.fx.GraphModule, prefix: str, indent: str, parts: list[str]) -> str | None:
+    """Append the boxes and edges of `gm`'s nodes (ids `prefix` + index); returns the first id."""
+    ids: dict[torch.fx.Node, str] = {}
     for i, node in enumerate(gm.graph.nodes):
-        nid = ids[node] = f"n{i}"
-        parts.append(f"  {nid} [{_node_attrs(node.name, node)}];\n")
+        nid = ids[node] = f"{prefix}{i}"
+        parts.append(f"{indent}{nid} [{_node_attrs(node.name, node)}];\n")
         cut = _cut_names((node.meta.get(ANNOTATIONS) or {}).get("cut"))
         for src in node.all_input_nodes:
             attrs = " [color=red, style=dashed, penwidth=1.5]" if src.name in cut else ""
-            parts.append(f"  {ids[src]} -> {nid}{attrs};\n")
-    parts.append("}\n")
-    return "".join(parts)
+            parts.append(f"{indent}{ids[src]} -> {nid}{attrs};\n")
+        sub = subgraph_of(gm, node)
+        if sub is not None:
+            parts.append(f'{indent}subgraph cluster_{nid} {{\n{indent}  label="{_escape(str(node.target))}"; '
+                         "style=dashed;\n")
+            first = _boxes(sub, f"{nid}_", indent + "  ", parts)
+            parts.append(f"{indent}}}\n")
+            if first is not None:
+                parts.append(f"{indent}{nid} -> {first} [style=dotted];\n")
+    return next(iter(ids.values()), None)
 
 
 def collapsed_dot(gm: torch.fx.GraphModule, *, title: str | None = None, max_groups: int = MAX_GROUPS) -> str:

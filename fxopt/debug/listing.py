@@ -125,12 +125,12 @@ def graph_listing(gm: torch.fx.GraphModule, title: str | None = None) -> str:
 def _lines(gm: torch.fx.GraphModule, indent: str) -> Iterator[str]:
     for node in gm.graph.nodes:
         yield indent + node_line(node)
-        sub = _subgraph(gm, node)
+        sub = subgraph_of(gm, node)
         if sub is not None:
             yield from _lines(sub, indent + "    ")
 
 
-def _subgraph(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule | None:
+def subgraph_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule | None:
     """The GraphModule a `get_attr` node reads, or None."""
     if node.op != "get_attr":
         return None

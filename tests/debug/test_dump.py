@@ -189,3 +189,13 @@ def test_a_listing_shows_the_ops_of_the_subgraphs_an_export_graph_runs(tmp_path)
         start = next(i for i, line in enumerate(lines) if line.startswith("%") and f"get_attr {region}" in line)
         body = [line for line in lines[start + 1:] if line.startswith("    ")]
         assert any(op in line for line in body[:8]), (region, text)
+
+
+def test_a_drawing_shows_the_subgraphs_an_export_graph_runs():
+    """The .dot drew a torch.cond branch or a no_grad region as one get_attr box (api F10)."""
+    gm = fxopt.capture(_Branches().eval(), torch.randn(3, 4), mode="export")
+    text = full_dot(gm)
+    for region in ("true_graph_0", "false_graph_0", "submod_1"):
+        assert f'label="{region}"' in text, text
+    cluster = text.split('label="true_graph_0"')[1].split("}")[0]
+    assert "aten.mul.Tensor" in cluster and "aten.linear.default" in cluster, cluster
