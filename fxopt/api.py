@@ -84,7 +84,7 @@ def optimize(
     print_ir_after_change: bool = False,
     time_passes: bool = False,
     bisect_limit: int | None = None,
-    instruments: Sequence[Instrument] = (),
+    instruments: Sequence[Instrument] | None = (),
     devices: Sequence[str | torch.device] | None = None,
 ) -> OptimizeResult:
     """Capture `model` (or take a GraphModule), run `pipeline`, verify the result.

@@ -303,7 +303,7 @@ class PassManager:
         self,
         pipeline: str | Sequence[Pass | str],
         *,
-        instruments: Sequence[Instrument] = (),
+        instruments: Sequence[Instrument] | None = (),
         bisect_limit: int | None = None,
     ) -> None:
         self.passes = parse_pipeline(pipeline)
@@ -548,9 +548,11 @@ def _check_runs(am: AnalysisManager) -> None:
                            f"{first_line(exc)}") from exc
 
 
-def _checked_instruments(instruments: Sequence[Instrument]) -> list[Instrument]:
-    """`instruments` as a list, each an `Instrument`: a bare one or another object failed only
-    when the first hook ran, with Python's words ("'Instrument' object is not iterable")."""
+def _checked_instruments(instruments: Sequence[Instrument] | None) -> list[Instrument]:
+    """`instruments` as a list (None: none), each an `Instrument`: a bare one or another object
+    failed only when the first hook ran, with Python's words ("'Instrument' object is not iterable")."""
+    if instruments is None:
+        return []
     if isinstance(instruments, Instrument):
         raise TypeError(f"instruments= takes a list of Instruments, got one {type(instruments).__name__}: "
                         "pass [instrument]")

@@ -107,3 +107,11 @@ def test_a_mapping_that_is_no_dict_is_read_as_keyword_inputs(mode):
     assert res.verification.verdict == "PASS"
     assert fxopt.verify(model, res.module, inputs).passed
     assert fxopt.PassManager("fuse").run(fxopt.capture(model, inputs, mode=mode), inputs).module(**inputs).shape == (2, 4)
+
+
+def test_no_instruments_may_be_given_as_none():
+    """instruments=None failed with Python's bare "'NoneType' object is not iterable", where
+    calibration=None means none."""
+    model, x = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval(), torch.randn(2, 4)
+    assert fxopt.optimize(model, x, "fuse", instruments=None).verification.verdict == "PASS"
+    assert fxopt.PassManager("fuse", instruments=None).instruments == []
