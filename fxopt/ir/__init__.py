@@ -1,7 +1,7 @@
 """IR helpers shared by every pass: the semantic op view, parameter handles, rewrites, running."""
 from .bindings import ATEN_OP, EagerCall, aten_op_of, call_through_binding, eager_call, op_name
 from .effects import (aliases_of, drop_fresh_copies, fresh_literal_constants, functionalize_writes, is_effectful,
-                      mutated_input, written_base, written_in_place)
+                      mutated_input, reads_memory_order, written_base, written_in_place)
 from .interpret import BufferState, flatten_inputs, fresh_inputs, node_values, run_graph, same_random_draws
 from .leaf import leaf_function
 from .packed import split_packed_parameters
@@ -45,7 +45,7 @@ __all__ = [
     "bind_arguments", "call_as", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes", "downstream",
     "drop_empty_cat_inputs", "drop_fresh_copies", "fresh_literal_constants",
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared", "leaf_function",
-    "make_private", "meta_value", "metadata_read", "module_path", "mutated_input", "names_a_dtype", "written_base", "node_values", "op_name", "op_view", "origin", "ref_for_get_attr", "replace_uses",
+    "make_private", "meta_value", "metadata_read", "module_path", "mutated_input", "names_a_dtype", "reads_memory_order", "written_base", "node_values", "op_name", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "symbolic_sizes", "tensor_meta", "tensor_versions",
     "transposed_parameter", "unpack_tuples",
     "value_nbytes", "weight_matmuls_as_linear", "written_arguments", "written_in_place",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .bindings import aten_op_of
+from .bindings import aten_op_of, op_name
 from .opview import op_view
 from .rewrite import call_as, meta_value, tensor_meta
 
@@ -91,6 +91,32 @@ def _draws_at_random(node: torch.fx.Node) -> bool:
         training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", False)
         return training is not False
     return False
+
+
+#: Ops whose result depends on their input's memory order, not only its values: they read
+#: strides or memory (`as_strided`, `stride()`), or draw random numbers in memory order (a
+#: dropout in training mode, ``rand_like``): on a channels-last value they give other results.
+_MEMORY_ORDER_READERS = frozenset({"as_strided", "stride", "data_ptr", "untyped_storage", "numpy", "rand_like",
+                                   "randn_like", "randint_like", "bernoulli", "bernoulli_", "uniform_", "normal_",
+                                   "exponential_", "random_", "rrelu", "rrelu_", "resize_", "resize_as_", "set_"})
+
+
+def reads_memory_order(node: torch.fx.Node) -> bool:
+    """Whether `node` gives other results on a value of another memory layout than eager's:
+    it reads strides or storage, or draws random numbers in memory order (a dropout in training
+    mode masks other elements of a channels-last tensor). A pass that hands a value on in
+    channels-last (a lowered conv's) gives such readers a row-major copy.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.nn.functional.dropout(x.relu(), 0.5))
+        >>> [n.name for n in gm.graph.nodes if reads_memory_order(n)]
+        ['dropout']
+    """
+    owner = node.graph.owning_module
+    view = op_view(owner, node) if owner is not None and node.op == "call_module" else None
+    if view is not None and view.kind == "dropout":  # an nn.Dropout module (`_draws_at_random` reads calls)
+        return bool(view.attrs.get("training", True)) and view.attrs.get("p", 0.5) != 0
+    return _draws_at_random(node) or op_name(node) in _MEMORY_ORDER_READERS
 
 
 def _region_is_effectful(node: torch.fx.Node) -> bool:

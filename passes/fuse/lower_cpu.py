@@ -63,7 +63,8 @@ import torch.fx
 
 from fxopt import Pass, PassContext, PassResult
 from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, leaf_function,
-                      mutated_input, op_name, op_view, spec_for, split_packed_parameters, tensor_meta, written_in_place)
+                      mutated_input, op_view, reads_memory_order, spec_for, split_packed_parameters, tensor_meta,
+                      written_in_place)
 from fxopt.ir.effects import is_view
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
@@ -760,21 +761,10 @@ def _is_relu(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return view is not None and view.kind == "relu" and len(view.inputs) == 1
 
 
-#: Ops whose result depends on their input's memory order, not only its values: they read
-#: strides or memory (`as_strided`, `stride()`), or draw random numbers in memory order (a
-#: dropout in training mode, ``rand_like``): on a channels-last value they give other results.
-_MEMORY_ORDER_READERS = frozenset({"as_strided", "stride", "data_ptr", "untyped_storage", "numpy", "rand_like",
-                                   "randn_like", "randint_like", "bernoulli", "bernoulli_", "uniform_", "normal_",
-                                   "exponential_", "random_", "rrelu", "rrelu_", "resize_", "resize_as_", "set_"})
-
-
 def _reads_memory_order(node: torch.fx.Node, view) -> bool:
-    """Whether `node` needs its input row-major as eager had it (see `_MEMORY_ORDER_READERS`);
+    """Whether `node` needs its input row-major as eager had it (`fxopt.ir.reads_memory_order`);
     a reshape (`view` needs it) always does."""
-    if view is not None and (view.kind == "reshape"
-                             or view.kind == "dropout" and view.attrs.get("training") and view.attrs.get("p")):
-        return True
-    return op_name(node) in _MEMORY_ORDER_READERS
+    return view is not None and view.kind == "reshape" or reads_memory_order(node)
 
 
 def _guard_layouts(gm: torch.fx.GraphModule, cl_nodes: set) -> int:
