@@ -11,7 +11,7 @@ A transposed conv is a conv anchor when its stride equals its kernel, with no pa
 group (a U-Net's up-sampler; `transposed_reason`): lowering makes it a 1x1 int8 conv and a
 depth-to-space of the int8 bytes.
 
-*Pass-through* ops (pooling, flatten/reshape/permute/transpose, relu, relu6 (a hardtanh or
+*Pass-through* ops (pooling, flatten/reshape/(un)squeeze/permute/transpose, relu, relu6 (a hardtanh or
 clamp from 0), eval dropout, basic
 slicing: `x[:, :, :-pad]`, `x[..., 1:]`, `x.narrow`, `x.select`, and padding with zeros or by
 copying edges: `F.pad(x, (0, 1, 0, 1))`, reflect, replicate, circular) run on int8 values as
@@ -62,7 +62,7 @@ SLICING = frozenset({"getitem", "slice", "narrow", "select"})
 PAD_MODES = ("constant", "reflect", "replicate", "circular")
 #: Ops that compute on int8 values directly, keeping the input's scale and zero point.
 PASS_THROUGH = frozenset({
-    "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "permute", "transpose",
+    "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "unsqueeze", "squeeze", "permute", "transpose",
     "contiguous", "relu", "hardtanh", "clamp", "dropout", "identity", "pad", *SLICING,
 })
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares

@@ -295,3 +295,36 @@ def test_an_inplace_relu_behind_the_chomp_is_fused_when_nobody_else_sees_the_wri
     assert stats["float_ops"][first_conv] == "written in place by 'relu_' (directly or through a view)"
     assert stats["quantized"] == {"conv": 1}                          # c2, whose chomp nobody writes
     assert res.verification.passed and res.verification.sqnr_db > 30, res.verification.summary()
+
+
+class _Unsqueezed(nn.Module):
+    """A conv2d's map as one frame of a conv3d (`unsqueeze(2)`), and a conv2d over a height of
+    one read by a conv1d (`squeeze(2)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv3d(8, 8, 1)
+        self.c, self.d = nn.Conv2d(8, 8, (1, 3), padding=(0, 1)), nn.Conv1d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.b(F.relu(self.a(x)).unsqueeze(2))  # (N, 8, 1, H, W)
+        row = F.relu(self.c(y[:, :, 0, :1]))  # (N, 8, 1, W)
+        return self.d(torch.squeeze(row, 2))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+def test_unsqueeze_and_squeeze_run_on_int8_like_indexing_with_none(mode, backend):
+    """Quantize tester: ``x.unsqueeze(2)`` ran in float, a quantize after it, where its
+    spelling ``x[:, :, None]`` was an int8 pass-through."""
+    torch.manual_seed(0)
+    model = _Unsqueezed().eval()
+    batches = [(torch.randn(4, 8, 6, 6),) for _ in range(3)]
+    res = fxopt.optimize(model, batches[0], f"quantize{{backend={backend}}}", calibration=batches, mode=mode)
+    stats = res.passes[0].stats
+    assert not any(k in why for why in stats["float_ops"].values() for k in ("unsqueeze", "squeeze")), stats
+    if backend == "x86":  # (the reference form rounds each kernel's output with a q/dq pair of its own)
+        assert stats["quantize_nodes"] == 1, res.module.code  # the input's
+    test = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert _sqnr(model(test), res.module(test)) > 30
