@@ -71,13 +71,24 @@ def inference_kernels(model: nn.Module) -> list[tuple[str, str]]:
     return found
 
 
+def _observers(model: nn.Module) -> list[tuple[str, str]]:
+    """(node name, what it observes) of each observer a GraphModule calls (`insert-observers`')."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return []
+    modules = dict(model.named_modules())
+    return [(node.name, getattr(modules[node.target], "location", str(node.target)))
+            for node in model.graph.find_nodes(op="call_module")
+            if getattr(modules.get(node.target), "is_fxopt_observer", False)]
+
+
 @one_at_a_time
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: int = 3,
             temperature: float = 4.0, alpha: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.0,
             labeled: bool = False, progress: bool = True, output: int | str | None = None) -> nn.Module:
     """Fine-tune a copy of `student` to match `teacher`'s logits on `data`; return the copy.
     Only the parameters that require grad train (a backbone the user froze stays as it is, and
-    comes back frozen); a student with all of them frozen is a ValueError.
+    comes back frozen); a student with all of them frozen is a ValueError, and so is one holding
+    int8 or oneDNN kernels or observers (distill before `insert-observers` and `quantize`).
 
     `output` selects the logits in a structured output: an index (``(features, logits)``:
     ``output=1``) or a key or field name (``output="logits"``); left out, the only
@@ -127,6 +138,11 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         name, what = frozen[0]
         raise ValueError(f"distill: node '{name}' ({what}) is an inference kernel (int8 or oneDNN) that "
                          "cannot be fine-tuned; run distill before quantize and lower-cpu")
+    observing = _observers(student)
+    if observing:  # they recorded the model before training: lower-int8 would use those ranges (1.6 dB)
+        name, where = observing[0]
+        raise ValueError(f"distill: the student holds observers (node '{name}' observes {where}), whose ranges "
+                         "would not follow the training: run distill before insert-observers or quantize")
     if isinstance(data, (Mapping, str, bytes)) or not isinstance(data, (Iterable, torch.Tensor)):
         raise TypeError(f"distill: data is a {type(data).__name__}; give an iterable of batches (a list or a "
                         "DataLoader), each the model's positional inputs (a tensor or a tuple of them)")
