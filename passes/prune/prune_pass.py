@@ -197,7 +197,7 @@ def _checked_mask(cg: ChannelGraph, dead: Any, blocked: np.ndarray) -> np.ndarra
     if pinned.size:
         raise ValueError(f"the dead mask removes a pinned channel of {holder(int(pinned[0]))} (see "
                          "plan.channel_graph.pinned_nodes and output_classes)")
-    may_empty = _may_empty(cg)
+    may_empty = _emptiable(cg, _rounded_slots(cg))  # (a conv read by a cat alone has no empty form)
     emptied = next((s for s in cg.slots if s.id not in may_empty and s.size and dead[cg.positions(s.id)].all()),
                    None)
     if emptied is not None:

@@ -198,6 +198,29 @@ class _Residual(nn.Module):
         return self.c(F.relu(self.a(x) + self.b(x)))
 
 
+class _ConcatOfConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.o(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_a_research_mask_that_empties_a_conv_read_by_a_cat_alone_is_refused():
+    """Prune tester: a cat runs on an empty input, so the check let a mask through that left
+    conv 'a' no output channel; apply then failed inside shape propagation with torch's
+    'expected weight to be at least 1 at dimension 0'."""
+    import numpy as np
+
+    plan = analyze(_ConcatOfConvs().eval(), (torch.randn(1, 3, 8, 8),), ratio=0.3)
+    cg = plan.channel_graph
+    dead = np.zeros(cg.n_classes, bool)
+    dead[cg.positions(next(s.id for s in cg.slots if s.node == "a"))] = True
+    with pytest.raises(ValueError, match=r"removes every channel of 'a' \(axis 1\)"):
+        plan.apply(dead=dead)
+
+
 def test_a_research_mask_that_cannot_be_applied_names_the_value_at_fault():
     """A mask that emptied a layer failed inside torch ("expected weight to be at least 1 at
     dimension 0"); the other refusals named no node."""
@@ -207,7 +230,7 @@ def test_a_research_mask_that_cannot_be_applied_names_the_value_at_fault():
     cg = plan.channel_graph
     dead = np.zeros(cg.n_classes, bool)
     dead[cg.positions(next(s.id for s in cg.slots if s.node == "relu"))] = True
-    with pytest.raises(ValueError, match=r"removes every channel of 'relu' \(axis 1\), the input of 'b'"):
+    with pytest.raises(ValueError, match=r"removes every channel of 'a' \(axis 1\), the input of 'relu'"):
         plan.apply(dead=dead)
     with pytest.raises(ValueError, match=r"shape \(3,\); the plan has \d+ channel classes"):
         plan.apply(dead=np.zeros(3, bool))
