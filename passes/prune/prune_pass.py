@@ -42,6 +42,7 @@ import torch
 import torch.fx
 
 from fxopt.analysis import propagate_shapes
+from fxopt.call_check import explain_failed_calls
 from fxopt.debug.listing import annotate
 from fxopt.errors import PassWarning, did_you_mean, user_stacklevel
 from fxopt.ir import (
@@ -161,7 +162,7 @@ class PrunePlan:
             dead = _checked_mask(cg, dead, self.blocked)
             boundary = plan_boundaries(cg, dead, self.ignored)
         start = time.perf_counter()
-        gm = clone_sharing_tensors(self.gm)
+        gm = explain_failed_calls(clone_sharing_tensors(self.gm))
         info = apply_pruning(gm, cg, dead, boundary, self.ignored, self.slot_groups())
         _retie(gm, self.ties)
         if self.example_inputs or self.example_kwargs:
@@ -299,7 +300,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any, *, mode: str = "auto", 
     if "ignore" in options:
         options["ignore"] = _module_names(model, options["ignore"])
     args, kwargs = normalize_inputs(example_inputs)
-    gm = clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode))
+    # (a copy is a class of its own: it needs capture's check of each call's inputs again)
+    gm = explain_failed_calls(clone_sharing_tensors(fxopt.capture(model, example_inputs, mode=mode)))
     if _prepare(gm):  # (capture recorded every node's shape; only a rewrite needs a new run)
         propagate_shapes(gm, args, kwargs)
     if calibration is not None:

@@ -207,6 +207,17 @@ class _ConcatOfConvs(nn.Module):
         return self.o(torch.cat([self.a(x), self.b(x)], 1))
 
 
+def test_the_analysis_and_its_pruned_graph_name_an_input_they_cannot_take():
+    """Prune tester: `plan.gm` and `plan.apply()` of an export graph, called at a size it was
+    not captured with, raised export's bare 'AssertionError: Guard failed' (copies lost the
+    call check `optimize`'s results keep)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    plan = analyze(model, (torch.randn(2, 3, 16, 16),), mode="export", ratio=0.5)
+    for gm in (plan.gm, plan.apply()):
+        with pytest.raises(fxopt.InputMismatchError, match=r"input 0 \('input'\) has size 20 at dim 2"):
+            gm(torch.randn(2, 3, 20, 20))
+
+
 def test_a_research_mask_that_empties_a_conv_read_by_a_cat_alone_is_refused():
     """Prune tester: a cat runs on an empty input, so the check let a mask through that left
     conv 'a' no output channel; apply then failed inside shape propagation with torch's
