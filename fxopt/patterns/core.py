@@ -41,8 +41,8 @@ class Var:
 
     Constraints read the shape/dtype metadata capture records on every node:
     `ndim` (int or tuple of allowed ints), `dtype` (dtype or tuple), `shape` (a tuple whose
-    entries are ints or None for "any"), `check` (a predicate on the node: True, or False or a
-    string saying why not). A value without metadata fails a shape/dtype constraint (the
+    entries are ints or None for "any"), `check` (a predicate on the node: True (or None), or
+    False or a string saying why not). A value without metadata fails a shape/dtype constraint (the
     matcher never guesses). The metadata holds the example's sizes, but a graph captured with
     a dynamic batch runs at any: a `shape` that fixes dim 0 of a value whose dim 0 is the
     example's batch size does not match (write None there), since the rewrite would run at
@@ -298,6 +298,19 @@ def _run_check(fn: Callable[[Any], Any], value: Any, what: str, node: Any) -> An
         raise CheckError(f"{what} raised {type(exc).__name__}: {exc} (at {_where(node)})") from exc
 
 
+def _refusal(verdict: Any) -> str | None:
+    """What a check's verdict says: None where it passes, else why not ('' where it gave no
+    reason). True and None pass (a check may return only its reasons); a string is a reason;
+    anything else counts by its truth (a numpy or tensor bool). One rule for the checks of
+    `Op`, `Var`, `Const` and `Pattern` (fuse tester: a `Var` check refused on None, which the
+    others pass)."""
+    if verdict is None or verdict is True:
+        return None
+    if isinstance(verdict, str):
+        return verdict
+    return None if bool(verdict) else ""
+
+
 # ----- matching -------------------------------------------------------------------------------
 
 def match(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: PatternNode,
@@ -327,10 +340,9 @@ def match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Patte
         _refuse_visible_write(gm, op, m)
     _refuse_write_before_root(gm, m)
     if check is not None:
-        verdict = _run_check(check, m, "the pattern's check", node)
-        if verdict is not True and verdict is not None:
-            reason = verdict if isinstance(verdict, str) and verdict else "the extra check returned False"
-            raise NoMatch(f"extra check refused the match at {_where(node)}: {reason}")
+        reason = _refusal(_run_check(check, m, "the pattern's check", node))
+        if reason is not None:
+            raise NoMatch(f"extra check refused the match at {_where(node)}: {reason or 'the extra check refused it'}")
     return m
 
 
@@ -434,9 +446,9 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
             raise _no_match(node, f": '{key}' is {got!r}; a pattern that does not name '{key}' in attrs "
                                   f"matches only {key}={neutral!r}")
     if pat.check is not None:
-        verdict = _run_check(pat.check, view, f"the check of {pat!r}", node)
-        if verdict is not True and verdict is not None:
-            raise _no_match(node, f": {verdict if isinstance(verdict, str) else 'op check refused it'}")
+        reason = _refusal(_run_check(pat.check, view, f"the check of {pat!r}", node))
+        if reason is not None:
+            raise _no_match(node, f": {reason or 'op check refused it'}")
     if pat.scalar is not None:
         scalar, first, key = _scalar_operand(node, view)
         if scalar is _MISSING:
@@ -524,10 +536,9 @@ def _match_var(value: Any, pat: Var, m: Match) -> Match:
         if isinstance(pat.ndim, int):
             m.hold_rank(value)
     if pat.check is not None:
-        verdict = _run_check(pat.check, value, f"the check of Var('{pat.name}')", value)
-        if isinstance(verdict, str) or not verdict:  # a string is a reason, as for Op and Pattern checks
-            raise NoMatch(f"Var('{pat.name}'): {_where(value)} fails its check"
-                          + (f": {verdict}" if isinstance(verdict, str) and verdict else ""))
+        reason = _refusal(_run_check(pat.check, value, f"the check of Var('{pat.name}')", value))
+        if reason is not None:
+            raise NoMatch(f"Var('{pat.name}'): {_where(value)} fails its check" + (f": {reason}" if reason else ""))
     _bind_node(pat.name, value, m)
     return m
 
@@ -563,7 +574,8 @@ def _bind_node(name: str, node: torch.fx.Node, m: Match) -> None:
 def _bind_const(pat: Const, value: Any, node: torch.fx.Node, m: Match, key: str = "") -> Match:
     if isinstance(value, torch.fx.Node) or isinstance(value, torch.Tensor):
         raise _no_match(node, f": Const('{pat.name}') wants a Python scalar, found a tensor")
-    if pat.check is not None and not _run_check(pat.check, value, f"the check of Const('{pat.name}')", node):
+    if pat.check is not None and _refusal(_run_check(pat.check, value, f"the check of Const('{pat.name}')", node)) \
+            is not None:
         if pat.literal is not None:  # a literal of a pattern function: its name says nothing
             raise _no_match(node, f": argument '{key}' is {value!r} but the pattern wants {pat.literal!r}")
         raise _no_match(node, f": argument '{key}' is {value!r}, which fails the check of Const('{pat.name}')")

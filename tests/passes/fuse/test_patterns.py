@@ -1085,3 +1085,25 @@ def test_a_size_read_of_the_same_symbol_at_another_axis_matches_in_export():
     gm.recompile()
     x = torch.randn(3, 5, 3)
     torch.testing.assert_close(gm(x), Transposed()(x))
+
+
+@pytest.mark.parametrize("where", ["op", "var", "pattern"])
+@pytest.mark.parametrize("verdict, matches", [(True, True), (None, True), (1, True), (torch.tensor(True), True),
+                                              (False, False), (0, False), ("", False), ("too small", False),
+                                              ([], False)])
+def test_every_check_reads_its_verdict_by_one_rule(where, verdict, matches):
+    """Fuse tester: a `Var` check refused on None, which `Op` and `Pattern` checks pass (a check
+    written to return only its reasons matched nothing there), and `Op` refused on 1."""
+    class Swish(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(x)
+
+    gm = fxopt.capture(Swish(), (torch.randn(2, 8),), mode="symbolic")
+    check = lambda _: verdict  # noqa: E731
+    pattern = Pattern("swish", Op("mul", Var("x", check=check if where == "var" else None),
+                                  Op("sigmoid", Var("x")), check=check if where == "op" else None),
+                      replacement=lambda x: F.silu(x), check=check if where == "pattern" else None)
+    report = apply_patterns(gm, pattern, debug="mul")
+    assert report.counts.get("swish", 0) == (1 if matches else 0), report.why_not
+    if verdict == "too small":
+        assert "too small" in report.why_not["swish"]
