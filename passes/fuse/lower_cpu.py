@@ -708,7 +708,10 @@ def _read_copies_early(gm: torch.fx.GraphModule) -> int:
               if node.meta.get(_LAYOUT_COPY) and (meta := tensor_meta(node.args[0])) is not None
               and len(meta[0]) in (4, 5) and node.args[0].name not in written}
     shared = 0
-    for value, copy in list(copies.items()):
+    for value in list(copies):
+        copy = copies.get(value)
+        if copy is None:  # the end of an earlier chain: it reads a channels-last value now
+            continue
         for reader in list(value.users):
             if order[reader] < order[copy] or not _follows_layout(gm, reader, value):
                 continue

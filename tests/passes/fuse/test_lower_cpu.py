@@ -776,3 +776,29 @@ def test_an_elementwise_op_of_two_full_size_values_keeps_its_copy():
     assert res.passes[-1].stats["layout_copies_shared"] == 0
     with torch.no_grad():
         torch.testing.assert_close(res.module(x, y), model(x, y), rtol=1e-4, atol=1e-5)
+
+
+class _TwoChains(nn.Module):
+    """The end of one norm chain (h, copied for c1) starts another (to c2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n1, self.n2 = nn.GroupNorm(4, 8), nn.GroupNorm(4, 8)
+        self.c0, self.c1, self.c2 = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        h = F.silu(self.n1(x))
+        return self.c0(x) + self.c1(h) + self.c2(F.silu(self.n2(h)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_chain_starting_where_another_ends_reads_a_defined_value(mode):
+    """Adversary: the second chain was rewired onto the copy of h the first had just erased
+    ("Argument 'contiguous_2' of Node 'n2' was used before it has been defined")."""
+    torch.manual_seed(0)
+    model = _TwoChains().eval()
+    x = torch.randn(2, 8, 8, 8)
+    res = fxopt.optimize(model, (x,), "lower-cpu{min_macs=0}", mode=mode)
+    assert res.verification.passed, res.summary()
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
