@@ -799,6 +799,9 @@ class _Lowering:
             if view.kind == "pad":  # torch's quantized pad copies element by element: pad the bytes
                 node.target = int8_pad
                 node.args, node.kwargs = (new_input, list(view.attrs["pad"]), view.attrs.get("mode", "constant")), {}
+            elif view.kind == "clamp":  # quantized tensors have clamp, not clamp_min / clamp_max (adversary)
+                node.op, node.target = "call_function", aten.clamp.default
+                node.args, node.kwargs = (new_input, *activation_bounds(view)), {}
             self._publish(node, node, grid)
         else:
             if new_input is not src:

@@ -40,7 +40,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from fxopt.ir import metadata_read, op_view, size_read, tensor_meta, value_nbytes, written_in_place
+from fxopt.ir import metadata_read, op_name, op_view, size_read, tensor_meta, value_nbytes, written_in_place
 
 #: What may follow each anchor kind inside one group, in order.
 FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -408,6 +408,8 @@ def _not_passed_through(view) -> str | None:
     if bounds is None or bounds[0] != 0.0:
         shown = "a tensor" if bounds is None else _shown_bounds(bounds)
         return f"bounds ({shown}): fused only right after a conv/linear, or from 0 (relu6)"
+    if view.kind == "clamp" and op_name(view.node).endswith("_"):  # (export keeps `y.clamp_(0, 6)`)
+        return "it writes its input in place, which an int8 copy of it would not"
     return None
 
 

@@ -86,21 +86,39 @@ class PoolThen(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["x86", "reference"])
-@pytest.mark.parametrize("spelling", ["hardtanh", "clamp", "clamp_min", "method"])
-def test_a_clamp_from_zero_on_its_own_passes_through_like_relu6(spelling, backend):
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("spelling", ["hardtanh", "clamp", "clamp_min", "method", "clamp_min_op", "clamp_min_method"])
+def test_a_clamp_from_zero_on_its_own_passes_through_like_relu6(spelling, backend, mode):
     """A standalone `clamp(0, 6)` ran in float (a dequantize, a float clamp and a quantize)
-    where `hardtanh(0, 6)`, the same function, passed through on int8 (quantize tester)."""
+    where `hardtanh(0, 6)`, the same function, passed through on int8 (quantize tester); then
+    `clamp_min(0)` crashed on x86, which has no quantized clamp_min (adversary)."""
     act = {"hardtanh": lambda h: F.hardtanh(h, 0.0, 6.0), "clamp": lambda h: torch.clamp(h, 0, 6),
-           "clamp_min": lambda h: torch.clamp(h, min=0.0), "method": lambda h: h.clamp(0.0, 6.0)}[spelling]
+           "clamp_min": lambda h: torch.clamp(h, min=0.0), "method": lambda h: h.clamp(0.0, 6.0),
+           "clamp_min_op": lambda h: torch.clamp_min(h, 0.0), "clamp_min_method": lambda h: h.clamp_min(0)}[spelling]
     torch.manual_seed(0)
     model = PoolThen(act).eval()
-    result = _quantized(model, backend)
+    result = _quantized(model, backend, mode)
     stats = result.passes[-1].stats
     assert stats["float_ops"] == {} and stats["int8_pass_through"] == 2, stats  # the pool and the clamp
     assert result.verification.passed, result.summary()
     test = torch.randn(8, 8, 10, 10)
     with torch.no_grad():
         assert _sqnr(model(test), result.module(test)) > 35  # 37.6
+
+
+def test_an_in_place_clamp_export_keeps_runs_in_float():
+    """Export keeps `y.clamp_(0, 6)` in place: an int8 copy of y clamped would leave y, which
+    the graph reads on, unclamped (adversary: x86 crashed on 'aten::clamp.out')."""
+    class InPlace(nn.Module):
+        def forward(self, h):
+            return h.clamp_(0, 6)
+
+    torch.manual_seed(0)
+    model = PoolThen(InPlace()).eval()
+    result = _quantized(model, "x86", "export")
+    assert result.verification.passed, result.summary()
+    reason = next(r for name, r in result.passes[-1].stats["float_ops"].items() if "clamp" in name)
+    assert "writes its input in place" in reason
 
 
 class AddThen(nn.Module):
