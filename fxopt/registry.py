@@ -27,7 +27,7 @@ import typing
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from .errors import PipelineError, did_you_mean
+from .errors import PipelineError, did_you_mean, first_line
 from .pass_base import Pass, text_can_write
 from .pipeline import is_pass_name
 from .verify import loosest
@@ -148,7 +148,11 @@ def get_pass(name: str) -> type[Pass]:
     ep = _installed().get(name)
     if ep is None:
         raise PipelineError(f"unknown pass '{name}'" + did_you_mean(name, available_passes()))
-    cls = ep.load()
+    try:
+        cls = ep.load()
+    except Exception as exc:  # a third-party package's import error: say whose it is
+        raise PipelineError(f"pass '{name}' (entry point {ep.value}) cannot be loaded: {type(exc).__name__}: "
+                            f"{first_line(exc)}") from exc
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise PipelineError(f"entry point '{name}' ({ep.value}) is not a fxopt Pass")
     return cls

@@ -55,6 +55,21 @@ def test_builtin_passes_come_from_entry_points():
     assert fxopt.get_pass("dce").name == "dce"
 
 
+def test_an_installed_pass_that_fails_to_load_is_named_with_its_entry_point(monkeypatch):
+    """A third-party pass whose module fails to import came out of a pipeline as a bare
+    ModuleNotFoundError, not saying which pass or package it belonged to."""
+    from importlib.metadata import EntryPoint
+
+    import fxopt.registry as registry
+
+    broken = EntryPoint("broken-pass", "no_such_fxopt_plugin.passes:Broken", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "_entry_points", {**registry._installed(), "broken-pass": broken})
+    with pytest.raises(PipelineError, match=r"pass 'broken-pass' \(entry point no_such_fxopt_plugin.passes:Broken\) "
+                                            r"cannot be loaded: ModuleNotFoundError: No module named "
+                                            r"'no_such_fxopt_plugin'"):
+        fxopt.PassManager("fuse,broken-pass")
+
+
 def test_parse_options_with_types():
     (p,) = parse_pipeline("test-tunable{ratio=0.25, steps=7, granularity=tensor, enabled=false, "
                           "ignore=[fc,head], limit=none, mode=slow}")
