@@ -262,7 +262,8 @@ def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list
             leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
             if not leaves or not probes:  # the output does not depend on any producer
                 continue
-            loss = sum(t.float().pow(2).sum() for t in leaves)
+            # finite outputs only: masked logits (-inf by design) have no gradient there anyway
+            loss = sum(torch.where(torch.isfinite(t), t, 0).double().pow(2).sum() for t in leaves)
             if not torch.isfinite(loss):
                 raise _not_finite(i, args, kwargs, "the model's output on it")
             grads = torch.autograd.grad(loss, [v[0] for v in probes.values()], allow_unused=True)
