@@ -170,7 +170,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     with _eval_mode(teacher), _restored(teacher_state):
         # data iterated again (a list, a DataLoader): the student is judged on all of it before and
         # after, and comes back as it was given where training made it worse
-        judge = _Judge(student, teacher, batches, labeled, output, t, alpha) if total is not None and epochs else None
+        reiterable = not isinstance(batches, Iterator)  # (a DataLoader of an IterableDataset too: no length)
+        judge = _Judge(student, teacher, batches, labeled, output, t, alpha) if reiterable and epochs else None
         start = judge.snapshot(params) if judge is not None else None
     bar = tqdm(total=total, desc="distill", disable=not progress)
     with _eval_mode(teacher), _restored(teacher_state), bar:
