@@ -1263,3 +1263,25 @@ def test_verify_watches_the_model_runs_not_its_own_comparison(monkeypatch):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
     assert verify(model, capture(model, torch.randn(2, 8)), torch.randn(4, 8)).passed
     assert seen == ["linear", "relu", "linear", "relu"]  # the reference's forward, then the candidate's
+
+
+class _HalvesSparseAdjacency(nn.Module):
+    def forward(self, adj, x):
+        adj.mul_(0.5)
+        return torch.sparse.mm(adj, x)
+
+
+class _HalvesACopy(nn.Module):
+    def forward(self, adj, x):
+        return torch.sparse.mm(adj * 0.5, x)
+
+
+def test_a_candidate_that_leaves_a_sparse_input_the_model_writes_fails():
+    """Sparse inputs were left out of the input-write check (torch.equal refuses them): a candidate that
+    computes adj * 0.5 where the model halves the caller's adjacency in place passed (advB B14)."""
+    adj, x = torch.eye(5).to_sparse(), torch.randn(5, 4)
+    report = verify(_HalvesSparseAdjacency(), _HalvesACopy(), (adj, x))
+    assert not report.passed
+    assert report.message.startswith("input 0 is written in place by the reference, and the candidate leaves it "
+                                     "otherwise: max_abs=0.5"), report.message
+    assert verify(_HalvesSparseAdjacency(), _HalvesSparseAdjacency(), (adj, x)).passed
