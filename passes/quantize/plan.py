@@ -619,18 +619,21 @@ def _without_float_read_views(gm: torch.fx.GraphModule, plan: Plan, region: set[
     Walked from the graph's end, so a chain of views leaves the region whole. Pieces that only
     float ops read (timm's packed ``qkv[0], qkv[1], qkv[2]``) leave it together where they read
     no fewer bytes than the value they are cut from (adversary: 2 dB), or where that value is a
-    conv or linear and they are slices, so the layer writes float: a head returning
-    ``out[:, :classes]`` or a TCN's last step ``y[..., -1]`` was rounded onto 8 bits for a
-    slice's saving on the dequantize (1.6-2.8 dB behind PT2E; quantize tester); the layer's
-    MACs dwarf the bytes it writes. A pool stays int8: on the 4x larger float value it ran
-    1.4-1.9x slower at batch 1 (`_writes_float_when_read_in_float`)."""
+    conv or linear and they are slices of at least half of it, so the layer writes float: a
+    head returning ``out[:, :4]`` of 8 channels, or ``y[..., 1:]``, was rounded onto 8 bits for
+    the slice's saving on the dequantize (1.6-2.8 dB behind PT2E; quantize tester). A smaller
+    slice keeps the layer int8: writing float the whole output no one reads made an LM head
+    keeping the last token (``logits[:, -1]``) or a 1x1 conv's ``[:, :3]`` of 256 channels
+    5.5-5.8x slower at batch 16 (adversary). A pool stays int8: on the 4x larger float value it
+    ran 1.4-1.9x slower at batch 1 (`_writes_float_when_read_in_float`)."""
     region = set(region)
     pieces: set[str] = set()  # smaller than their input, read in float only: they go together
     for node in reversed(gm.graph.nodes):
         readers = value_readers(node)
+        read = sum(value_nbytes(u) for u in readers)
         if node.name in region and readers and all(u.name in pieces for u in readers) \
-                and (sum(value_nbytes(u) for u in readers) >= value_nbytes(node)
-                     or _may_write_float(plan, _under_views(gm, plan, node))
+                and (read >= value_nbytes(node)
+                     or 2 * read >= value_nbytes(node) and _may_write_float(plan, _under_views(gm, plan, node))
                      and all(op_view(gm, u).kind in SLICING for u in readers)):
             region.difference_update(u.name for u in readers)
         if node.name not in region or node.name not in plan.pass_through \

@@ -156,17 +156,18 @@ class _Tail(nn.Module):
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 @pytest.mark.parametrize("kind", ["slice", "narrow", "select", "last_columns", "max_pool"])
 def test_an_output_conv_read_through_a_slice_writes_float_and_one_read_by_a_pool_stays_int8(kind, mode):
-    """Quantize tester: a head returning ``out[:, :classes]`` (or a TCN's ``y[..., -1]``) was
-    rounded onto 8 bits, as the cut saved on dequantizing the smaller slice: 1.6-2.8 dB behind
-    PT2E, and behind the same net without the slice. A pool keeps reading the int8 value (in
-    float it ran on 4x the bytes)."""
+    """Quantize tester: a head returning ``out[:, :classes]`` was rounded onto 8 bits, as the
+    cut saved on dequantizing the smaller slice: 1.6-2.8 dB behind PT2E, and behind the same
+    net without the slice. A slice of under half the output (one of 5 channels) and a pool keep
+    reading the int8 value: writing float what no one reads (an LM head's last token) was
+    5.5x slower at batch 16 (adversary)."""
     torch.manual_seed(0)
     model = ConvHead(after=_Tail(kind)).eval()
     batches = _batches()
     res = fxopt.optimize(model, batches[0], "quantize{backend=x86}", calibration=batches, mode=mode)
     stats = res.passes[0].stats
-    assert stats.get("float_outputs") == (None if kind == "max_pool" else 1), stats
-    if kind == "max_pool":
+    assert stats.get("float_outputs") == (None if kind in ("max_pool", "select") else 1), stats
+    if kind in ("max_pool", "select"):
         return
     # the slice of what the net without it computes: the head's float value, not its int8 one
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def test_an_output_conv_read_through_a_slice_writes_float_and_one_read_by_a_pool
     x = _batches(n=1, seed=4)[0]
     with torch.no_grad():
         torch.testing.assert_close(res.module(*x), _Tail(kind)(whole.module(*x)))
-        assert _sqnr(model(*x), res.module(*x)) > 38.5  # 38.8-41.1; on the int8 grid 36.1-38.5
+        assert _sqnr(model(*x), res.module(*x)) > 39  # 39.3-41.1; on the int8 grid 37.7-38.5
 
 
 def _held(gm) -> list[FloatOutputConv]:
