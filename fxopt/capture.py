@@ -1034,10 +1034,14 @@ def copied_tags(p: torch.Tensor) -> dict:
     def copied(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value.detach().clone()
-        if type(value) is dict:
-            return {k: copied(v) for k, v in value.items()}
-        if type(value) in (list, tuple):
-            return type(value)(copied(v) for v in value)
+        if isinstance(value, (dict, list)):  # a copy of its class: an OrderedDict's order, a defaultdict's factory
+            new = copy.copy(value)
+            for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+                new[key] = copied(item)
+            return new
+        if isinstance(value, tuple):
+            items = [copied(v) for v in value]
+            return type(value)._make(items) if hasattr(type(value), "_make") else type(value)(items)  # (a namedtuple)
         return value
 
     return {key: copied(value) for key, value in vars(p).items()}

@@ -1201,6 +1201,25 @@ def test_the_copies_run_makes_keep_the_class_and_tags_of_a_parameter():
     assert weight.state["momentum"] is not captured.state["momentum"]
 
 
+def test_tensors_in_tags_of_dict_and_tuple_subclasses_are_copied_and_keep_their_class():
+    """An OrderedDict or defaultdict tag (p.ostate = OrderedDict(ema=t)) was still shared between the
+    input and the result: a write into the result's moved the input's (advB B9)."""
+    import collections
+
+    gm = fxopt.capture(nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(2, 4))
+    p = gm.get_submodule("0").weight
+    Pair = collections.namedtuple("Pair", "ema count")
+    p.ostate = collections.OrderedDict(ema=torch.zeros(4))
+    p.dstate = collections.defaultdict(list, ema=torch.zeros(4))
+    p.pair = Pair(torch.zeros(4), 3)
+    q = fxopt.PassManager("dce").run(gm, (torch.randn(2, 4),)).module.get_submodule("0").weight
+    assert type(q.ostate) is collections.OrderedDict and q.dstate.default_factory is list and type(q.pair) is Pair
+    q.ostate["ema"].add_(1)
+    q.dstate["ema"].add_(1)
+    q.pair.ema.add_(1)
+    assert not p.ostate["ema"].any() and not p.dstate["ema"].any() and not p.pair.ema.any() and q.pair.count == 3
+
+
 def test_a_back_reference_on_a_parameter_is_shared_not_copied():
     """Deep-copied per parameter, `p.model = model` copied the whole model once per parameter."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
