@@ -174,6 +174,12 @@ class LowerInt8(Pass):
         batches = list(itertools.islice(ctx.calibration or [], 2)) or [(ctx.example_inputs, ctx.example_kwargs)]
         reference = strip_observers(clone_sharing_tensors(gm))[0]
         ref_out = [_run_from_the_same_state(reference, batch) for batch in batches]
+        if not any(_float_sqnrs(r, r) for r in ref_out):  # (an argmax, a mask: nothing an SQNR measures)
+            warnings.warn(f"lower-int8: target_sqnr={self.target_sqnr} dB has nothing to score: the model returns "
+                          "no floating output; every layer is quantized (return the logits to have them scored)",
+                          PassWarning, stacklevel=user_stacklevel())
+            stats["kept_float"], stats["sqnr_db"] = [], None
+            return set()
 
         def sqnr_of(exclude: set[str]) -> float:
             candidate, _ = lower_module(gm, self.backend, exclude, self.average_grid)  # the kernels it will run

@@ -594,6 +594,25 @@ def test_mixed_precision_scores_runs_from_one_state_on_float_outputs(kind, mode)
     assert model.steps.item() == 0  # the user's buffer too
 
 
+def test_mixed_precision_on_a_model_returning_no_floating_output_says_it_has_nothing_to_score():
+    """Adversary: with only an argmax returned, every candidate 'reached' any target (200 dB
+    too) and stats said sqnr_db=inf: the option was silently ignored."""
+    class ArgmaxOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x))).argmax(-1)
+
+    torch.manual_seed(0)
+    cal = [(torch.randn(8, 16),) for _ in range(2)]
+    with pytest.warns(fxopt.PassWarning, match=r"target_sqnr=60.0 dB has nothing to score: the model returns no "
+                                               r"floating output"):
+        res = fxopt.optimize(ArgmaxOnly().eval(), cal[0], "quantize{backend=x86,target_sqnr=60}", calibration=cal)
+    assert res.passes[0].stats["sqnr_db"] is None and res.passes[0].stats["quantized"]
+
+
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 def test_a_dropout_drawing_after_an_int8_conv_masks_what_eager_masks(mode):
     """Monte Carlo dropout after a conv writing float: the kernel's value is channels-last, and
