@@ -16,6 +16,7 @@ name>` it also says, for each pattern, why it did not match there.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import operator
 import warnings
@@ -117,12 +118,16 @@ class ApplyReport:
 class Rewriter:
     """What a `rewrite` function gets: the match and helpers that insert before its root."""
 
-    def __init__(self, gm: torch.fx.GraphModule, match: Match) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, match: Match, stored: dict | None = None) -> None:
         self.gm = gm
         self.graph = gm.graph
         self.match = match
         self.new_nodes: list[torch.fx.Node] = []
         self._new_attributes: list[str] = []
+        # (sources, role, value digest) -> attribute: what the rewrites of one `apply_patterns`
+        # stored with `shared=True`; `_stored_now` joins it when this rewrite is kept
+        self._stored = stored if stored is not None else {}
+        self._stored_now: dict = {}
 
     def __getitem__(self, name: str) -> Any:
         return self.match[name]
@@ -147,18 +152,41 @@ class Rewriter:
         self.new_nodes.append(new)
         return new
 
-    def tensor(self, base_name: str, value: torch.Tensor, *, parameter: bool = True) -> torch.fx.Node:
+    def tensor(self, base_name: str, value: torch.Tensor, *, parameter: bool = True,
+               shared: bool = False) -> torch.fx.Node:
         """Store a new tensor on the root module and insert a `get_attr` reading it; a
-        parameter is trainable where the matched ops' parameters it comes from are."""
-        name = add_tensor_attr(self.gm, base_name, value, parameter=parameter,
-                               requires_grad=parameter and self._trains())
-        self._new_attributes.append(name)
+        parameter is trainable where the matched ops' parameters it comes from are.
+
+        `shared=True` says the value is computed from the matched ops' parameters and stored
+        tensors alone (a batchnorm folded into a conv): a rewrite of the same `apply_patterns`
+        run at another call of the same modules computes it again from the same tensors, and
+        reads this one instead. A conv + batchnorm called at three feature-pyramid levels kept
+        three folded copies (+62% parameters, trained apart; fuse tester)."""
+        key = self._provenance(base_name, value) if shared else None
+        name = self._stored.get(key) if key is not None else None
+        if name is None or not hasattr(self.gm, name):
+            name = add_tensor_attr(self.gm, base_name, value, parameter=parameter,
+                                   requires_grad=parameter and self._trains())
+            self._new_attributes.append(name)
+            if key is not None:
+                self._stored_now[key] = name
         with self.graph.inserting_before(self.match.root):
             node = self.graph.get_attr(name)
         if value.layout == torch.strided:
             node.meta["tensor_meta"] = _extract_tensor_metadata(value.detach())
         self.new_nodes.append(node)
         return node
+
+    def _provenance(self, base_name: str, value: torch.Tensor) -> tuple:
+        """What a `shared` tensor is computed from: the matched ops' parameters and the stored
+        tensors the match's inputs are computed from (a layer scale's ``gamma[:, None, None]``),
+        by path; its role (`base_name` less the root's name); and its value, by digest."""
+        params = sorted(ref.qualname for view in self.match.views.values() for ref in view.params.values())
+        stored = sorted(_stored_sources(node) for name, node in self.match.nodes.items()
+                        if isinstance(node, torch.fx.Node) and node not in self.match.ops)
+        role = base_name.removeprefix(self.match.root.name)
+        digest = hashlib.sha1(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        return tuple(params), tuple(stored), role, str(value.dtype), tuple(value.shape), digest
 
     def _trains(self) -> bool:
         """Whether a parameter of the matched ops requires grad."""
@@ -221,6 +249,7 @@ def apply_patterns(
     # (pattern, node) that matched and left the node in place (an annotation, a decline): a
     # later round, run because another pattern rewrote something, finds them again
     kept: set[tuple[str, torch.fx.Node]] = set()
+    stored: dict = {}  # what rewrites stored with `Rewriter.tensor(shared=True)`
     declined: set[tuple[str, torch.fx.Node]] = set()  # counted once; tried again (the graph moves on)
     for round_ in range(max_rounds):
         if debug is not None and round_:
@@ -240,7 +269,7 @@ def apply_patterns(
                 key = (pattern.name, node)
                 if key in kept:  # (applied again, an annotation would add its size guards again)
                     break
-                result = _apply_one(gm, pattern, m)
+                result = _apply_one(gm, pattern, m, stored)
                 if result is None:
                     if key not in declined:
                         report.declined[pattern.name] = report.declined.get(pattern.name, 0) + 1
@@ -295,8 +324,19 @@ def _match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Patt
         raise CheckError(f"pattern '{pattern.name}': {exc}") from exc.__cause__
 
 
-def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx.Node | None:
-    rw = Rewriter(gm, m)
+def _stored_sources(node: torch.fx.Node, depth: int = 4) -> tuple:
+    """The stored tensors (`get_attr` targets) a few ops compute `node` from; () where it is
+    computed from the inputs."""
+    if node.op == "get_attr":
+        return (str(node.target),)
+    if depth == 0 or node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+        return ()
+    parts = [_stored_sources(a, depth - 1) for a in node.all_input_nodes]
+    return tuple(t for part in parts for t in part) if all(parts) else ()
+
+
+def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match, stored: dict) -> torch.fx.Node | None:
+    rw = Rewriter(gm, m, stored)
     try:
         new = _checked_replacement(rw, pattern)
     except BaseException:
@@ -305,6 +345,7 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match) -> torch.fx
     if new is None:
         rw._roll_back()
         return None
+    stored.update(rw._stored_now)
     if pattern.annotation:
         annotate(new, **pattern.annotation)
     _assert_sizes(gm, pattern, m, new)

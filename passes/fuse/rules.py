@@ -336,8 +336,8 @@ def _fold_bn_conv(r: Rewriter) -> torch.fx.Node | None:
     source = r["x"]
     if "pad" in r.match.nodes:  # export's copying pad between them: the same pad, of x
         source = r.copy(r.match.nodes["pad"], {r.match.nodes["bn"]: r["x"]})
-    return conv_call(r, source, r.tensor(f"{name}_folded_weight", folded[0]),
-                     r.tensor(f"{name}_folded_bias", folded[1]), attrs)
+    return conv_call(r, source, r.tensor(f"{name}_folded_weight", folded[0], shared=True),
+                     r.tensor(f"{name}_folded_bias", folded[1], shared=True), attrs)
 
 
 def _copying_pad(view) -> bool | str:
@@ -363,8 +363,8 @@ def _fold_bn_linear(r: Rewriter) -> torch.fx.Node | None:
         return None
     name = r.match.root.name
     r.match.hold_rank(_rank_source(r, r["x"]))  # at another rank the batchnorm normalizes dim 1
-    return r.call(F.linear, r["x"], r.tensor(f"{name}_folded_weight", folded[0]),
-                  r.tensor(f"{name}_folded_bias", folded[1]))
+    return r.call(F.linear, r["x"], r.tensor(f"{name}_folded_weight", folded[0], shared=True),
+                  r.tensor(f"{name}_folded_bias", folded[1], shared=True))
 
 
 def _fold_conv_scale(r: Rewriter) -> torch.fx.Node | None:
@@ -445,15 +445,16 @@ def _affine_conv(r: Rewriter, conv, scale: torch.Tensor, shift: torch.Tensor | N
     if folded is None:
         return None
     name = r.match.root.name
-    wn = r.tensor(f"{name}_folded_weight", folded[0])
+    wn = r.tensor(f"{name}_folded_weight", folded[0], shared=True)
     if new_b is None:
         return conv_call(r, r["x"], wn, None, attrs)
     if attrs["transposed"] and groups > 1:
         # torch's CPU grouped conv_transpose takes a path ~10x slower with a bias than without
         # (4.0 vs 0.35 ms at 16x16x16x16, groups=2): the folded shift is added after it instead
         shift_map = folded[1].reshape(1, -1, *([1] * attrs["dim"]))
-        return r.call(torch.add, conv_call(r, r["x"], wn, None, attrs), r.tensor(f"{name}_folded_shift", shift_map))
-    return conv_call(r, r["x"], wn, r.tensor(f"{name}_folded_bias", folded[1]), attrs)
+        shift_node = r.tensor(f"{name}_folded_shift", shift_map, shared=True)
+        return r.call(torch.add, conv_call(r, r["x"], wn, None, attrs), shift_node)
+    return conv_call(r, r["x"], wn, r.tensor(f"{name}_folded_bias", folded[1], shared=True), attrs)
 
 
 def _affine_linear(r: Rewriter, lin, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.fx.Node:
@@ -467,8 +468,8 @@ def _affine_linear(r: Rewriter, lin, scale: torch.Tensor, shift: torch.Tensor | 
     if folded is None:
         return None
     name = r.match.root.name
-    wn = r.tensor(f"{name}_folded_weight", folded[0])
-    bn = None if new_b is None else r.tensor(f"{name}_folded_bias", folded[1])
+    wn = r.tensor(f"{name}_folded_weight", folded[0], shared=True)
+    bn = None if new_b is None else r.tensor(f"{name}_folded_bias", folded[1], shared=True)
     return r.call(F.linear, r["x"], wn, bn)
 
 
@@ -562,8 +563,8 @@ def _merge_linears(r: Rewriter) -> torch.fx.Node | None:
     if merged is None:
         return None
     name = r.match.root.name
-    wn = r.tensor(f"{name}_merged_weight", merged[0])
-    bn = r.tensor(f"{name}_merged_bias", merged[1]) if bias is not None else None
+    wn = r.tensor(f"{name}_merged_weight", merged[0], shared=True)
+    bn = r.tensor(f"{name}_merged_bias", merged[1], shared=True) if bias is not None else None
     return r.call(F.linear, r["x"], wn, bn)
 
 

@@ -1,4 +1,5 @@
 """The `fuse` pass: each built-in pattern on both front ends, numerics, counters, annotations."""
+import copy
 import math
 import re
 import warnings
@@ -110,6 +111,40 @@ def test_a_folded_conv_keeps_its_module_path_for_ignore_and_skip(mode):
     skipped = [name for name, why in int8.passes[-1].stats["float_ops"].items() if "(skip" in why]
     assert skipped == [convs[0].name], int8.passes[-1].stats  # the graphs of both runs name nodes alike
     assert int8.passes[-1].stats["quantized"] == {"conv+act": 1, "linear": 1}
+
+
+class _SharedHead(nn.Module):
+    """One conv + batchnorm head called on three feature maps (an FPN's), and two blocks that
+    start out equal (deep copies) but are separate layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _warm_bn(nn.BatchNorm2d(8)))
+        block = nn.Sequential(nn.Conv2d(8, 8, 1), _warm_bn(nn.BatchNorm2d(8)))
+        self.twins = nn.ModuleList([block, copy.deepcopy(block)])
+
+    def forward(self, x):
+        levels = [x, F.avg_pool2d(x, 2), F.avg_pool2d(x, 4)]
+        heads = [self.head(p).flatten(2) for p in levels]
+        return torch.cat(heads, 2), self.twins[1](self.twins[0](x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_conv_and_batchnorm_called_at_several_sites_fold_into_one_shared_weight(mode):
+    """Fuse tester: a head called at three FPN levels got three identical folded copies (+62%
+    parameters on its model), trained apart where the model trains one; two equal-valued copies
+    of a block are separate layers and stay separate."""
+    torch.manual_seed(0)
+    model = _SharedHead().eval()
+    x = torch.randn(2, 8, 8, 8)
+    gm = fxopt.optimize(model, x, "fuse", mode=mode).module
+    folded = [name for name, _ in gm.named_parameters() if "folded_weight" in name]
+    assert len(folded) == 3, folded  # the head's one, each twin's own
+    readers = [sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == name) for name in folded]
+    assert sorted(readers) == [1, 1, 3], readers
+    with torch.no_grad():
+        for got, want in zip(gm(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
