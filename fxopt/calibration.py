@@ -73,7 +73,7 @@ class StreamedBatches:
         return len(self.source)
 
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:
-        return (_as_call(batch) for batch in self.source)
+        return (normalize_inputs(batch) for batch in self.source)
 
     def __repr__(self) -> str:
         return f"StreamedBatches({type(self.source).__name__}, {len(self)} batches)"
@@ -84,19 +84,19 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
     stays None; a list or tuple becomes a list of `(args, kwargs)` pairs, and so does a one-shot
     iterator (a generator, which passes could not read twice) or an iterable without a length (a
     DataLoader of an IterableDataset, whose `len` raises), read up to a cap (`_read_unsized`);
-    another iterable with a length (a DataLoader) is streamed (`StreamedBatches`). A batch that
-    is an `(args, kwargs)` pair already stays one, as `calibrate` reads it: what this returns
-    comes back unchanged (`PassManager.run` reads its `calibration` here too).
+    another iterable with a length (a DataLoader) is streamed (`StreamedBatches`). Each batch is
+    read as capture reads example inputs (a tuple is positional inputs, even ``(tuple, dict)``);
+    what this returns comes back unchanged (`PassManager.run` reads its `calibration` here too).
 
         >>> import torch
         >>> pipeline_batches([torch.ones(2), (torch.ones(2), 3)])[1][0][1]
         3
     """
-    if calibration is None or isinstance(calibration, StreamedBatches):
+    if calibration is None or isinstance(calibration, (StreamedBatches, ReadBatches)):
         return calibration
     check_batches(calibration)
     if isinstance(calibration, (list, tuple)):
-        return [_as_call(batch) for batch in calibration]
+        return ReadBatches(normalize_inputs(batch) for batch in calibration)
     # (an Iterator is read once; asking a DataLoader for one would start its workers for nothing)
     if isinstance(calibration, Iterator) or not _has_length(calibration):
         return _read_unsized(calibration)
@@ -120,18 +120,24 @@ def available_memory() -> int | None:
     return None
 
 
+class ReadBatches(list):
+    """The `(args, kwargs)` pairs `pipeline_batches` read from the user's batches: given to it again
+    (a pass's `ctx.calibration` handed to another `PassManager.run`), they are taken as they are,
+    not read as batches of two positional inputs."""
+
+
 def _read_unsized(batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
     """Every batch of a source without a length, as `(args, kwargs)` pairs; raises FxoptError, naming
     the option, once it holds more than `MAX_UNSIZED_BATCHES` or its tensors take half the memory
     that was available when reading began (batches of images reach that long before the count)."""
     memory = available_memory()
-    read: list[tuple[tuple, dict]] = []
+    read = ReadBatches()
     held = 0
     for batch in batches:
         if len(read) == MAX_UNSIZED_BATCHES:
             _refuse_unsized(batches, f"read {MAX_UNSIZED_BATCHES} batches from {_source_name(batches)}, "
                                      "and it has not ended")
-        read.append(_as_call(batch))
+        read.append(normalize_inputs(batch))
         held += _tensor_bytes(read[-1])
         if memory is not None and 2 * held > memory:
             _refuse_unsized(batches, f"the {len(read)} batches read from {_source_name(batches)} hold {held} bytes, "

@@ -222,3 +222,23 @@ def test_an_endless_generator_of_large_batches_stops_before_memory_runs_out(monk
                                          r"the memory available \(1000 bytes\)"):
         fxopt.calibration.pipeline_batches(_counted_endless(read))
     assert len(read) == 8
+
+
+class _TupleAndDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, feats, masks):
+        return self.a(feats[0]) * masks["m"] + self.b(feats[1])
+
+
+def test_a_batch_of_a_tuple_and_a_dict_is_two_positional_inputs_as_the_example_is():
+    """d09cef5 read every user batch as calibrate reads its own pairs, so ((a, b), {"m": m}) became
+    args (a, b) and keyword m: "forward() got an unexpected keyword argument 'm'" (advB B1)."""
+    torch.manual_seed(0)
+    batch = lambda: ((torch.randn(4, 8), torch.randn(4, 8)), {"m": torch.ones(4, 8)})  # noqa: E731
+    res = fxopt.optimize(_TupleAndDict().eval(), batch(), "quantize", calibration=[batch() for _ in range(3)])
+    assert res.verification.verdict == "PASS"
+    again = fxopt.calibration.pipeline_batches(fxopt.calibration.pipeline_batches([batch()]))
+    assert len(again) == 1 and isinstance(again[0][0][0], tuple)  # read once, not again
