@@ -132,13 +132,13 @@ def _read_unsized(batches: Iterable[Any]) -> list[tuple[tuple, dict]]:
     that was available when reading began (batches of images reach that long before the count)."""
     memory = available_memory()
     read = ReadBatches()
-    held = 0
+    held, seen = 0, set()
     for batch in batches:
         if len(read) == MAX_UNSIZED_BATCHES:
             _refuse_unsized(batches, f"read {MAX_UNSIZED_BATCHES} batches from {_source_name(batches)}, "
                                      "and it has not ended")
         read.append(normalize_inputs(batch))
-        held += _tensor_bytes(read[-1])
+        held += _new_bytes(read[-1], seen)
         if memory is not None and 2 * held > memory:
             _refuse_unsized(batches, f"the {len(read)} batches read from {_source_name(batches)} hold {held} bytes, "
                                      f"half the memory available ({memory} bytes), and it has not ended")
@@ -157,9 +157,31 @@ def _source_name(batches: Iterable[Any]) -> str:
     return f"a {type(batches).__name__} without a length"
 
 
-def _tensor_bytes(call: tuple[tuple, dict]) -> int:
-    leaves = torch.utils._pytree.tree_leaves(call)
-    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+def _new_bytes(call: tuple[tuple, dict], seen: set[int]) -> int:
+    """The bytes of the storages `call` holds that no batch read before held (`seen`, their
+    addresses): a view or a repeat of a tensor already read holds no more memory, and a sparse
+    tensor holds its indices and values, not its dense shape."""
+    total = 0
+    for leaf in torch.utils._pytree.tree_leaves(call):
+        for part in _stored_parts(leaf) if isinstance(leaf, torch.Tensor) else ():
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def _stored_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The strided tensors holding `t`'s data: itself, or a sparse tensor's indices and values."""
+    if t.layout == torch.strided:
+        return [t]
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return []  # (another layout: not counted)
 
 
 def _has_length(batches: Any) -> bool:

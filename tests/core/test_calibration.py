@@ -1,6 +1,7 @@
 """`fxopt.calibrate` streams its batches: a generator or a DataLoader is read one batch at a
 time, each run through the model before the next is asked for, so a calibration set need not
 fit in memory."""
+import itertools
 import warnings
 
 import pytest
@@ -242,3 +243,17 @@ def test_a_batch_of_a_tuple_and_a_dict_is_two_positional_inputs_as_the_example_i
     assert res.verification.verdict == "PASS"
     again = fxopt.calibration.pipeline_batches(fxopt.calibration.pipeline_batches([batch()]))
     assert len(again) == 1 and isinstance(again[0][0][0], tuple)  # read once, not again
+
+
+def test_the_memory_cap_counts_each_storage_once_and_a_sparse_tensor_by_its_entries(monkeypatch):
+    """Every yielded tensor's numel was summed: 400 repeats of one 1 kB batch counted 400 kB, and a
+    sparse 2000 x 2000 adjacency of 5 entries 16 MB, so finite sources were refused as endless (advB B2)."""
+    monkeypatch.setattr(fxopt.calibration, "available_memory", lambda: 500_000)
+    x = torch.randn(250)  # 1000 bytes
+    assert len(fxopt.calibration.pipeline_batches(itertools.repeat((x,), 400))) == 400
+    rows = torch.randn(100, 250)
+    assert len(fxopt.calibration.pipeline_batches(rows[i] for i in range(100))) == 100  # views of one tensor
+    adj = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]), torch.ones(5), (2000, 2000))
+    assert len(fxopt.calibration.pipeline_batches((adj, torch.randn(2000, 4)) for _ in range(3))) == 3
+    with pytest.raises(FxoptError, match=r"calibration=: the \d+ batches read from a generator hold \d+ bytes"):
+        fxopt.calibration.pipeline_batches(torch.randn(250) for _ in range(400))  # new storage each: 400 kB
