@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ir.interpret import BufferState
 from .ir.rewrite import deep_copy
 from .serialize import holds_coded_attributes, rebuild_coded_attributes
 
@@ -399,16 +399,20 @@ def _restoring_buffers(fn: Callable[..., Any]) -> Iterator[None]:
 
     A measurement must not change the model: BatchNorm in training mode updates its running
     statistics on every call, and we may not call ``.eval()`` (exported GraphModules refuse it);
-    a forward may count its calls in a buffer in eval mode too.
+    a forward may count its calls in a buffer in eval mode too. A buffer not made yet (a
+    LazyBatchNorm's, which the first call makes) is left out.
     """
     if not isinstance(fn, nn.Module):
         yield
         return
-    state = BufferState(fn)
+    saved = [(b, b.detach().clone()) for b in fn.buffers() if not is_lazy(b)]
     try:
         yield
     finally:
-        state.restore()
+        with torch.no_grad():
+            for buffer, value in saved:
+                if not torch.equal(buffer, value):  # (batch_norm's running statistics move no version counter)
+                    buffer.copy_(value)
 
 
 def _hidden_weights(model: nn.Module) -> Iterator[Tensor]:

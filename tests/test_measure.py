@@ -475,3 +475,10 @@ def test_a_measurement_leaves_an_eval_model_buffers_and_the_inputs_as_they_were(
     model, x = _CountsCallsAndWritesItsInput().eval(), torch.zeros(2, 4)
     measure(model, x)
     assert model.calls.item() == 0 and torch.equal(x, torch.zeros(2, 4))
+
+
+def test_a_model_with_a_lazy_buffer_is_measured():
+    """The buffers snapshot since 4b38717 detached an uninitialized LazyBatchNorm buffer and crashed with
+    torch's 'Attempted to use an uninitialized parameter' (advB B10)."""
+    model = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d()).eval()
+    assert measure_latency(model, (torch.randn(4, 16),), repeats=3, warmup=1).median_ms > 0
