@@ -558,11 +558,11 @@ def _leaves_problem(record: dict, flat: Any, only_dynamic: bool = False) -> str 
 
 def _dtype_problem(record: dict | None, args: tuple, kwargs: dict, exc: Exception) -> str | None:
     """The first tensor input of another dtype than the one `record` holds for it, or None. Asked
-    of a call that failed (`exc`) only: a graph runs on other dtypes where nothing checks them, but
-    export asserts the dtype of an input the model converts (``mask.to(torch.float32)``: "Tensor
-    dtype mismatch! Expected: Long, Got: int", naming no input)."""
-    if not record:
-        return None
+    of a call that failed (`exc`) on a dtype only: a graph runs on other dtypes where nothing checks
+    them, but export asserts the dtype of an input the model converts (``mask.to(torch.float32)``:
+    "Tensor dtype mismatch! Expected: Long, Got: int", naming no input)."""
+    if not record or not any(word in str(exc).lower() for word in ("dtype", "scalar type")):
+        return None  # another failure (an id out of range) is the model's own, whatever dtypes came with it
     flat = tree_flatten((args, {k: kwargs[k] for k in record["keywords"] if k in kwargs}))[0]
     for entry, value in zip(record["leaves"], flat):
         want = entry.get("dtype")  # (a record of an older file has none)

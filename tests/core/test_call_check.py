@@ -696,3 +696,22 @@ def test_an_input_of_another_dtype_is_named_with_the_captured_dtype(tmp_path, dt
                                                      r"captured with int64 there, and the call fails on it \(RuntimeError: Tensor dtype "
                                                      r"mismatch! Expected: Long, .*\): pass int64 .*capture again"):
             graph(x, mask.to(dtype))
+
+
+class _Looked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, x, ids):
+        return self.emb(ids) * x
+
+
+def test_a_failure_that_is_no_dtype_error_is_not_blamed_on_an_input_dtype():
+    """A float64 x (harmless: the graph runs on it) was named for an id out of range: "input 0 ('x') is
+    float64 ... (IndexError: index out of range in self)" (advB B3); the model's own error stands."""
+    x, ids = torch.randn(3, 4), torch.tensor([1, 2, 3])
+    gm = _export(_Looked(), (x, ids))
+    assert gm(x.double(), ids).dtype == torch.float64
+    with pytest.raises(IndexError, match="index out of range"):
+        gm(x.double(), torch.tensor([1, 2, 42]))
