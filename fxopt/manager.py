@@ -381,7 +381,7 @@ class PassManager:
             try:
                 current = self._run_one(p, index, current, am, ctx, record, records)
             except PassError as exc:
-                if current is gm:  # no pass changed it yet: the example inputs may be what fails
+                if not any(r.modified for r in records[:-1]):  # nothing ran the graph on them yet (_check_runs)
                     _check_inputs_fit(gm, example_inputs, example_kwargs)
                 if exc.last_good_module is not gm:  # what ran before it, as a result records it
                     done = self.passes[:index]

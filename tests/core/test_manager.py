@@ -1253,7 +1253,7 @@ def test_pass_manager_run_refuses_one_tensor_as_calibration():
         fxopt.PassManager("quantize").run(gm, (torch.randn(4, 8),), calibration=torch.randn(4, 8))
 
 
-@pytest.mark.parametrize("pipeline", ["fuse", "prune{ratio=0.5}"])
+@pytest.mark.parametrize("pipeline", ["fuse", "prune{ratio=0.5}", "dce,fuse", "remove-noops,fuse"])
 def test_example_inputs_the_given_graph_cannot_take_are_named_not_the_pass(pipeline):
     """Inputs of 4 channels for a conv of 3 came out as "pass 'fuse' failed: ... the graph it returned
     does not run on the example inputs" (api F1): the graph given fails on them as well."""
