@@ -106,6 +106,34 @@ def test_a_clamp_from_zero_on_its_own_passes_through_like_relu6(spelling, backen
         assert _sqnr(model(test), result.module(test)) > 35  # 37.6
 
 
+class AddPoolClamp(nn.Module):
+    def __init__(self, hi: float):
+        super().__init__()
+        self.hi = hi
+        self.a, self.b, self.c = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.c(F.max_pool2d(self.a(x) + self.b(x), 2).clamp(0, self.hi))
+
+
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+def test_a_clamp_keeping_few_levels_of_its_input_grid_is_rounded_onto_its_own(backend):
+    """Adversary: clamp(0, 0.3) after an add's pool, passed through on the add's signed grid,
+    kept a handful of levels (33.7 dB; PT2E 39.2): its own grid, 20x finer, is worth a
+    dequantize and a quantize; a clamp(0, 6) keeping most of the levels still passes through."""
+    torch.manual_seed(0)
+    model = AddPoolClamp(0.3).eval()
+    calibration = [(torch.randn(4, 8, 16, 16),) for _ in range(3)]
+    result = fxopt.optimize(model, calibration[0], f"quantize{{backend={backend}}}", calibration=calibration)
+    assert result.passes[-1].stats.get("clamped_in_float") == 1, result.passes[-1].stats
+    test = torch.randn(8, 8, 16, 16)
+    with torch.no_grad():
+        assert _sqnr(model(test), result.module(test)) > 37  # 33.7 on the add's grid
+    wide = fxopt.optimize(AddPoolClamp(6.0).eval(), calibration[0], f"quantize{{backend={backend}}}",
+                          calibration=calibration)
+    assert "clamped_in_float" not in wide.passes[-1].stats
+
+
 def test_an_in_place_clamp_export_keeps_runs_in_float():
     """Export keeps `y.clamp_(0, 6)` in place: an int8 copy of y clamped would leave y, which
     the graph reads on, unclamped (adversary: x86 crashed on 'aten::clamp.out')."""

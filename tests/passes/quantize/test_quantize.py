@@ -594,6 +594,33 @@ def test_mixed_precision_scores_runs_from_one_state_on_float_outputs(kind, mode)
     assert model.steps.item() == 0  # the user's buffer too
 
 
+class _PatchEmbedDropout(nn.Module):
+    """Conv stem tokens (flattened, transposed), a position embedding added, Monte Carlo
+    dropout, a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(100, 16) * 0.1)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        t = F.relu(self.b(F.relu(self.a(x)))).flatten(2).transpose(1, 2) + self.pos
+        return self.fc(F.dropout(t, 0.2, training=True))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_dropout_drawing_behind_views_of_an_int8_conv_masks_what_eager_masks(mode):
+    """Adversary: a row-major copy of the dropout's input is not eager's layout where views and
+    an add stand between it and the channels-last conv (verification FAILed at 9.8 dB): the
+    conv's value is handed on row-major."""
+    torch.manual_seed(0)
+    model = _PatchEmbedDropout().eval()
+    cal = [(torch.randn(4, 3, 10, 10),) for _ in range(3)]
+    res = fxopt.optimize(model, cal[0], "quantize{backend=x86}", calibration=cal, mode=mode)
+    assert res.verification.passed and res.verification.sqnr_db > 35, res.summary()
+
+
 def test_mixed_precision_on_a_model_returning_no_floating_output_says_it_has_nothing_to_score():
     """Adversary: with only an argmax returned, every candidate 'reached' any target (200 dB
     too) and stats said sqnr_db=inf: the option was silently ignored."""
