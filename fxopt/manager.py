@@ -371,6 +371,7 @@ class PassManager:
         for inst in self.instruments:
             _call_instrument(inst, "before_pipeline", _protected(current, ctx.reference), ctx.reference,
                              current, self.passes)
+        stale = 0  # bytes of tensors replaced by passes since the last collection
         for index, p in enumerate(self.passes):
             record = PassRecord(p.name, format_pass(p), nodes_before=_count(current))
             records.append(record)
@@ -388,12 +389,13 @@ class PassManager:
                     record_pipeline(exc.last_good_module, gm, format_pipeline(done),
                                     loosest(*(pass_tolerance(q) for q in done)))
                 raise
-            freed = _replaced_bytes(given_to_pass, current) if given_to_pass is not gm else 0
+            stale += _replaced_bytes(given_to_pass, current) if given_to_pass is not gm else 0
             del given_to_pass
-            if freed > COLLECT_FREED_BYTES:
+            if stale > COLLECT_FREED_BYTES:
                 # a GraphModule is a reference cycle (its graph holds it): the pass's input, with the
                 # tensors the pass replaced, lived until the collector ran, a copy of them per pass
                 gc.collect()
+                stale = 0
         for inst in self.instruments:
             _call_instrument(inst, "after_pipeline", _protected(current, ctx.reference), ctx.reference,
                              current, records)
@@ -501,8 +503,8 @@ class PassManager:
                               stacklevel=3)
 
 
-#: The bytes of tensors a pass must have replaced in its input for `PassManager.run` to collect
-#: that input at once (a full collection costs milliseconds; a small model's copies do not matter).
+#: The bytes of tensors passes must have replaced in their inputs (added up since the last collection)
+#: for `PassManager.run` to collect those inputs at once (a full collection costs milliseconds).
 COLLECT_FREED_BYTES = 32 * 2**20
 
 
