@@ -52,7 +52,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.fx
@@ -448,6 +448,13 @@ def verify(
     attributes, tensors = PythonAttributes(reference, candidate), TensorWrites(reference, candidate)
     try:
         return _run_and_compare(reference, candidate, args, kwargs, tol, device, localize, tensors)
+    except ValueError as exc:
+        if isinstance(inputs, Mapping) and isinstance(exc.__cause__, TypeError) and "argument" in str(exc.__cause__):
+            # forward did not take the mapping's keys as keywords: it may take the mapping itself
+            raise ValueError(f"{exc}; a {type(inputs).__name__} is read as keyword inputs "
+                             f"({', '.join(map(repr, inputs))}); to pass it as forward's one input, wrap it in a "
+                             "tuple: ({...},)") from exc.__cause__
+        raise
     finally:
         tensors.restore()
         attributes.restore()

@@ -1285,3 +1285,25 @@ def test_a_candidate_that_leaves_a_sparse_input_the_model_writes_fails():
     assert report.message.startswith("input 0 is written in place by the reference, and the candidate leaves it "
                                      "otherwise: max_abs=0.5"), report.message
     assert verify(_HalvesSparseAdjacency(), _HalvesSparseAdjacency(), (adj, x)).passed
+
+
+class _ReadsOneMapping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, td):
+        return self.fc(td["obs"])
+
+
+def test_a_mapping_for_a_forward_that_takes_one_mapping_says_to_wrap_it():
+    """A non-dict Mapping (tensordict's) is keyword inputs since d4bbdb7, and verify on a forward(td) failed
+    with "unexpected keyword argument 'obs'" and no way out (advB B7)."""
+    import collections
+
+    td = collections.UserDict(obs=torch.randn(3, 4))
+    model = _ReadsOneMapping().eval()
+    with pytest.raises(ValueError, match=r"unexpected keyword argument 'obs'.*a UserDict is read as keyword inputs "
+                                         r"\('obs'\); to pass it as forward's one input, wrap it in a tuple: \(\{\.\.\.\},\)"):
+        verify(model, model, td)
+    assert verify(model, model, (td,)).passed
