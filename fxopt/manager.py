@@ -748,8 +748,10 @@ def _written_tensors(func, args, kwargs) -> list[torch.Tensor]:
     if out is None and not inplace:  # most calls: nothing to check (this runs on every torch call)
         return []
     written = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
-    if inplace and args and isinstance(args[0], torch.Tensor):
-        written.append(args[0])
+    # (nn.init.constant_ and kin reach a mode with their tensor as a keyword: kwargs["tensor"])
+    first = args[0] if args else kwargs.get("tensor", kwargs.get("input", kwargs.get("self")))
+    if inplace and isinstance(first, torch.Tensor):
+        written.append(first)
     return written
 
 

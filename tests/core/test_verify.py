@@ -1307,3 +1307,22 @@ def test_a_mapping_for_a_forward_that_takes_one_mapping_says_to_wrap_it():
                                          r"\('obs'\); to pass it as forward's one input, wrap it in a tuple: \(\{\.\.\.\},\)"):
         verify(model, model, td)
     assert verify(model, model, (td,)).passed
+
+
+class _InitsItsBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        nn.init.constant_(self.fc.bias, 0.5)  # reaches a torch function mode with the tensor as a keyword
+        return self.fc(x)
+
+
+def test_verify_leaves_a_weight_written_by_nn_init_as_it_was():
+    """nn.init.constant_ passes its tensor as kwargs['tensor']; the watch read args[0] only, and the
+    model came back with its bias at 0.5 (advB B8)."""
+    model = _InitsItsBias().eval()
+    before = model.fc.bias.detach().clone()
+    verify(model, model, torch.randn(2, 4))
+    assert torch.equal(model.fc.bias, before)
