@@ -590,7 +590,6 @@ class LowerCPU(Pass):
         # cross-attention's q/k/v weights are rows of one packed parameter: one each, to prepack
         unpacked = split_packed_parameters(gm) if self.linear else 0
         report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear))
-        shared = _read_copies_early(gm) if report.total else 0
         guards = _guard_layouts(gm, set(state.cl.values())) if report.total else 0
         scatters = _channel_scatters_over_rows(gm) if report.total else 0
         if report.total:
@@ -599,8 +598,7 @@ class LowerCPU(Pass):
             DeadCodeElimination().run(gm, ctx)
         return PassResult(gm, modified=bool(report.total or unpacked or functionalized),
                           stats={"lowered": dict(report.counts), "contiguous_inserted": guards,
-                                 "unpacked_parameters": unpacked, "channel_scatters": scatters,
-                                 "layout_copies_shared": shared})
+                                 "unpacked_parameters": unpacked, "channel_scatters": scatters})
 
 
 @leaf_function
@@ -684,73 +682,6 @@ def _downstream_of_channels_last(gm: torch.fx.GraphModule) -> set[torch.fx.Node]
     starts = [n for n in gm.graph.nodes if _is_lowered_conv(n) or n.op == "call_module"
               and isinstance(gm.get_submodule(n.target), ConvByBatch) or n.meta.get(_LAYOUT_COPY)]
     return downstream(starts, through=lambda user: not _requests_a_layout(user))
-
-
-#: Ops that compute the same values on a channels-last input and hand that layout on: the
-#: elementwise ops and the norms over channels (`_read_copies_early`).
-_LAYOUT_FOLLOWERS = _SAME_VALUES_ANY_LAYOUT | {"group_norm", "batch_norm"}
-
-
-def _read_copies_early(gm: torch.fx.GraphModule) -> int:
-    """Let a chain of layout followers from a value to a lowered conv read the value's
-    channels-last copy, where the graph makes one anyway, so the copy before the conv goes.
-
-    A UNet / diffusion block ``x + conv(silu(group_norm(x)))`` copied `x` for the residual add
-    and ``silu(group_norm(x))`` again for the conv: a row-major -> channels-last copy costs a
-    third of the conv at 32 channels of 32 x 32 (1 ms of 2.8 at batch 8; power-of-two rows
-    defeat the cache), and made `lower-cpu` 1.05-1.35x slower than eager (fuse tester). The
-    norm and the activation run at about their row-major speed on the copy. Returns how many
-    copies went.
-    """
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    written = written_in_place(gm)
-    copies = {node.args[0]: node for node in gm.graph.nodes
-              if node.meta.get(_LAYOUT_COPY) and (meta := tensor_meta(node.args[0])) is not None
-              and len(meta[0]) in (4, 5) and node.args[0].name not in written}
-    shared = 0
-    for value in list(copies):
-        copy = copies.get(value)
-        if copy is None:  # the end of an earlier chain: it reads a channels-last value now
-            continue
-        for reader in list(value.users):
-            if order[reader] < order[copy] or not _follows_layout(gm, reader, value):
-                continue
-            end = _chain_to_copy(gm, reader, copies, written)
-            if end is None:
-                continue
-            reader.replace_input_with(value, copy)
-            end_copy = copies.pop(end)
-            end_copy.replace_all_uses_with(end)
-            gm.graph.erase_node(end_copy)
-            shared += 1
-    return shared
-
-
-def _follows_layout(gm: torch.fx.GraphModule, node: torch.fx.Node, value: torch.fx.Node) -> bool:
-    """Whether `node` is a layout follower (`_LAYOUT_FOLLOWERS`) of `value`: its main input,
-    every other tensor it reads a broadcast operand (a norm's affine, a layer scale). Two
-    full-size operands of different layouts would make the elementwise op a strided one."""
-    view = op_view(gm, node)
-    if view is None or view.kind not in _LAYOUT_FOLLOWERS or view.input is not value:
-        return False
-    size = prod(tensor_meta(value)[0])
-    others = [a for a in node.all_input_nodes if a is not value]
-    return all((meta := tensor_meta(a)) is not None and prod(meta[0]) < size for a in others)
-
-
-def _chain_to_copy(gm: torch.fx.GraphModule, start: torch.fx.Node, copies: dict,
-                   written: dict) -> torch.fx.Node | None:
-    """The value of the chain of layout followers from `start` (each read by the next alone)
-    that the lowering copies to channels-last, or None: the chain leads elsewhere."""
-    node = start
-    while node.name not in written:
-        if node in copies:
-            return node
-        users = list(node.users)
-        if len(users) != 1 or not _follows_layout(gm, users[0], node):
-            return None
-        node = users[0]
-    return None
 
 
 def _requests_a_layout(node: torch.fx.Node) -> bool:
