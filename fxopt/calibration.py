@@ -17,6 +17,7 @@ the quantization passes.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterable, Iterator, Mapping
@@ -92,7 +93,7 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
         >>> pipeline_batches([torch.ones(2), (torch.ones(2), 3)])[1][0][1]
         3
     """
-    if calibration is None or isinstance(calibration, (StreamedBatches, ReadBatches)):
+    if calibration is None or isinstance(calibration, (StreamedBatches, ReadBatches, ReadWhenUsed)):
         return calibration
     check_batches(calibration)
     if isinstance(calibration, (list, tuple)):
@@ -118,6 +119,42 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+class ReadWhenUsed(Sequence):
+    """A source `pipeline_batches` would read into memory (a generator, a DataLoader without a
+    length), read on first use: `PassManager.run` hands it to the passes as it is, and a pipeline
+    whose passes never read their calibration (dce) never reads it (an endless one included)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self._read: list[tuple[tuple, dict]] | None = None
+
+    def batches(self) -> list[tuple[tuple, dict]]:
+        if self._read is None:
+            self._read = _read_unsized(self.source)
+        return self._read
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.batches()[index]
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        return iter(self.batches())
+
+
+def batches_for_passes(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBatches | ReadWhenUsed | None:
+    """`pipeline_batches`, but a source it would read into memory is read when a pass first uses it
+    (`ReadWhenUsed`); one tensor or one dict is refused now."""
+    if calibration is None or isinstance(calibration, (StreamedBatches, ReadBatches, ReadWhenUsed)):
+        return calibration
+    check_batches(calibration)
+    if not isinstance(calibration, (list, tuple)) and (isinstance(calibration, Iterator)
+                                                       or not _has_length(calibration)):
+        return ReadWhenUsed(calibration)
+    return pipeline_batches(calibration)
 
 
 class ReadBatches(list):

@@ -42,7 +42,7 @@ import torch.fx
 from torch.overrides import TorchFunctionMode
 
 from .analysis import AnalysisManager, ShapeAnalysis
-from .calibration import pipeline_batches
+from .calibration import batches_for_passes
 from .call_check import explain_failed_calls
 from .debug.diff import listing_diff
 from .debug.listing import graph_listing
@@ -350,7 +350,7 @@ class PassManager:
                 raise TypeError("PassManager.run: example_inputs is a dict of keyword inputs and example_kwargs "
                                 "is given too; pass the keyword inputs in one of them")
             example_inputs, example_kwargs = (), dict(example_inputs)
-        calibration = pipeline_batches(calibration)  # a generator would be read up by the first pass
+        calibration = batches_for_passes(calibration)  # a generator is read once, when a pass first reads it
         given = gm  # the caller's: the result must not hold its tensors
         if META_KEY not in getattr(gm, "meta", {}) and (example_inputs or example_kwargs):
             # a graph fxopt did not capture (torch.fx.symbolic_trace's) lacks the shapes the passes

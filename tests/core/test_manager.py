@@ -1376,3 +1376,20 @@ def test_the_result_of_run_owns_a_tensor_that_views_its_input_storage():
     assert torch.equal(gm(x), before)
     theirs = {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers()]}
     assert not any(t.untyped_storage().data_ptr() in theirs for t in [*result.parameters(), *result.buffers()])
+
+
+def test_pass_manager_run_reads_a_generator_only_when_a_pass_reads_calibration():
+    """d09cef5 read calibration= up front: a pipeline that never calibrates (dce) read a cycle until the
+    cap refused it, and held 150 large batches it never used (advB B13)."""
+    import itertools
+
+    model, x = nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+    gm = fxopt.capture(model, x)
+    asked = []
+    source = (asked.append(1) or (torch.randn(2, 4),) for _ in itertools.count())
+    fxopt.PassManager("dce").run(gm, (x,), calibration=source)
+    assert asked == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxopt.PassManager("quantize").run(gm, (x,), calibration=(b for b in [(torch.randn(2, 4),)] * 3))
+    assert res.records[0].stats["calibration_batches"] == 3
