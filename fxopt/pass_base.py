@@ -42,7 +42,7 @@ from .errors import PipelineError, did_you_mean
 
 if TYPE_CHECKING:
     from .analysis import AnalysisManager
-    from .calibration import StreamedBatches
+    from .calibration import ReadWhenUsed, StreamedBatches
 
 
 @dataclass
@@ -79,8 +79,9 @@ class PassContext:
 
     `example_inputs` are positional args (a tuple) and `example_kwargs` keyword args for the
     module; `calibration` holds `(args, kwargs)` pairs, one per batch, or is None when the
-    user gave none: a list, or a `fxopt.calibration.StreamedBatches` that reads a DataLoader
-    again on each iteration (take its `len`, iterate it; never index it or hold it whole); `reference` is the captured, unoptimized module for passes that compare
+    user gave none: a list, a `fxopt.calibration.StreamedBatches` that reads a DataLoader
+    again on each iteration (take its `len`, iterate it; never index it or hold it whole), or a
+    `fxopt.calibration.ReadWhenUsed` (a generator, read into memory when first used); `reference` is the captured, unoptimized module for passes that compare
     against it.
 
         >>> import dataclasses, torch, fxopt
@@ -99,7 +100,7 @@ class PassContext:
     analyses: "AnalysisManager"
     example_inputs: tuple = ()
     example_kwargs: dict = field(default_factory=dict)
-    calibration: list | StreamedBatches | None = None
+    calibration: list | StreamedBatches | ReadWhenUsed | None = None
     reference: torch.fx.GraphModule | None = None
     verbose: bool = False
 
