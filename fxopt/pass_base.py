@@ -81,8 +81,8 @@ class PassContext:
     module; `calibration` holds `(args, kwargs)` pairs, one per batch, or is None when the
     user gave none: a list, a `fxopt.calibration.StreamedBatches` that reads a DataLoader
     again on each iteration (take its `len`, iterate it; never index it or hold it whole), or a
-    `fxopt.calibration.ReadWhenUsed` (a generator, read into memory when first used); `reference` is the captured, unoptimized module for passes that compare
-    against it.
+    `fxopt.calibration.ReadWhenUsed` (a generator, read into memory when first used);
+    `reference` is the captured, unoptimized module for passes that compare against it.
 
         >>> import dataclasses, torch, fxopt
         >>> @dataclasses.dataclass
