@@ -888,7 +888,8 @@ def _check_example_inputs(model: nn.Module, example_inputs: Any, args: tuple, kw
         fix = "pass a tensor, a tuple of positional inputs or a dict of keyword inputs"
         if isinstance(example_inputs, Mapping) and _binds(signature, (example_inputs,)):
             # a dict is read as keyword inputs; a forward that takes one dict gets it in a tuple
-            fix = (f"a dict is read as keyword inputs ({', '.join(map(repr, example_inputs))}); to pass it as "
+            fix = (f"a {type(example_inputs).__name__} is read as keyword inputs "
+                   f"({', '.join(map(repr, example_inputs))}); to pass it as "
                    "forward's one dict input, wrap it in a tuple: ({...},)")
         elif isinstance(example_inputs, list) and _binds(signature, (example_inputs,)):  # so is a list, by position
             fix = (f"a list is read as positional inputs ({len(example_inputs)} of them); to pass it as forward's "

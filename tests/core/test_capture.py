@@ -1167,6 +1167,19 @@ def test_a_list_for_a_forward_that_takes_one_list_says_to_wrap_it():
         capture(ListIn(), [torch.randn(3, 4), torch.randn(3, 4)])
 
 
+def test_a_mapping_for_a_forward_that_takes_one_mapping_is_named_by_its_class():
+    """The hint said "a dict is read as keyword inputs" for a UserDict (advB B7)."""
+    import collections
+
+    class MappingIn(nn.Module):
+        def forward(self, td):
+            return td["x"] * 2
+
+    with pytest.raises(CaptureError, match=r"a UserDict is read as keyword inputs \('x'\); to pass it as forward's "
+                                           r"one dict input, wrap it in a tuple"):
+        capture(MappingIn(), collections.UserDict(x=torch.randn(3, 4)))
+
+
 def test_a_dict_for_a_forward_that_takes_one_dict_says_to_wrap_it():
     class DictIn(nn.Module):
         def forward(self, d):
