@@ -38,6 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .ir.rewrite import deep_copy
+from .manager import TensorWrites
+from .manager import _storage_key as _storage_address  # (TensorWrites' keys)
 from .serialize import holds_coded_attributes, rebuild_coded_attributes
 
 # Positional args as a tuple, or keyword args as a dict.
@@ -143,8 +145,8 @@ def measure_latency(
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
     call = functools.partial(_call, fn, _private_inputs(inputs))
     sync = _synchronizer(fn, inputs)
-    with _num_threads(threads), _restoring_buffers(fn):
-        grad_mode = _working_grad_mode(call)
+    with _num_threads(threads), _restoring_buffers(fn) as first_call:
+        grad_mode = _working_grad_mode(call, first_call)
         with grad_mode():
             for _ in range(warmup - 1):
                 call()
@@ -242,7 +244,8 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     uncounted = _UncountedOps(counter.flop_registry)
     inputs = _private_inputs(example_inputs)
-    with _restoring_buffers(gm), _frozen_parameters(gm), _unfused_attention(), torch.no_grad(), counter, uncounted:
+    with _restoring_buffers(gm) as watch, _frozen_parameters(gm), _unfused_attention(), torch.no_grad(), counter, \
+            uncounted, watch:
         _call(gm, inputs)
     if uncounted.calls:
         listed = ", ".join(f"{name} ({n} call{'s' * (n > 1)})" for name, n in sorted(uncounted.calls.items()))
@@ -353,17 +356,19 @@ def _timed_runs(
     return times
 
 
-def _working_grad_mode(call: Callable[[], Any]) -> Callable[[], AbstractContextManager[Any]]:
-    """inference_mode if one call succeeds under it, else no_grad (whose error, if any, propagates).
+def _working_grad_mode(call: Callable[[], Any], watch: AbstractContextManager[Any]) -> Callable[[],
+                                                                                     AbstractContextManager[Any]]:
+    """inference_mode if one call (under `watch`) succeeds under it, else no_grad (whose error, if
+    any, propagates).
 
     Some modules (e.g. ones that update buffers in place) refuse inference tensors.
     """
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), watch:
             call()
         return torch.inference_mode
     except Exception:
-        with torch.no_grad():
+        with torch.no_grad(), watch:
             call()
         return torch.no_grad
 
@@ -394,25 +399,42 @@ def _num_threads(threads: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _restoring_buffers(fn: Callable[..., Any]) -> Iterator[None]:
-    """Put back afterwards the buffers of module `fn` that its calls changed.
+def _restoring_buffers(fn: Callable[..., Any]) -> Iterator[AbstractContextManager[Any]]:
+    """Put back afterwards the buffers of module `fn` that its calls changed; yields what to run the
+    first call under (`_BufferWrites`: it copies each buffer that call writes, at the write).
 
     A measurement must not change the model: BatchNorm in training mode updates its running
-    statistics on every call, and we may not call ``.eval()`` (exported GraphModules refuse it);
-    a forward may count its calls in a buffer in eval mode too. A buffer not made yet (a
-    LazyBatchNorm's, which the first call makes) is left out.
+    statistics on every call (inside the kernel, unseen by a torch function mode: a module in
+    training mode has its buffers copied up front), and we may not call ``.eval()`` (exported
+    GraphModules refuse it); a forward may count its calls in a buffer in eval mode too. A buffer
+    no call writes (a 512 MiB static cache) is not copied, nor one not made yet (a LazyBatchNorm's).
     """
     if not isinstance(fn, nn.Module):
-        yield
+        yield contextlib.nullcontext()
         return
-    saved = [(b, b.detach().clone()) for b in fn.buffers() if not is_lazy(b)]
+    training = [(b, b.detach().clone()) for m in fn.modules() if m.training
+                for b in m.buffers(recurse=False) if not is_lazy(b)]
+    writes = _BufferWrites(fn)
     try:
-        yield
+        yield writes
     finally:
+        writes.restore()
         with torch.no_grad():
-            for buffer, value in saved:
-                if not torch.equal(buffer, value):  # (batch_norm's running statistics move no version counter)
+            for buffer, value in training:
+                if not torch.equal(buffer, value):
                     buffer.copy_(value)
+
+
+class _BufferWrites(TensorWrites):
+    """`TensorWrites` over the buffers of the modules: keeps each buffer a call writes as it was
+    just before the first write, and puts it back on `restore`."""
+
+    @property
+    def tensors(self) -> dict[int, Tensor]:
+        if self._tensors is None:
+            self._tensors = {key: b for m in self.modules for b in m.buffers()
+                             if not is_lazy(b) and (key := _storage_address(b)) is not None}
+        return self._tensors
 
 
 def _hidden_weights(model: nn.Module) -> Iterator[Tensor]:
