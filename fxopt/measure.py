@@ -407,7 +407,8 @@ def _restoring_buffers(fn: Callable[..., Any]) -> Iterator[AbstractContextManage
     statistics on every call (inside the kernel, unseen by a torch function mode: a module in
     training mode has its buffers copied up front), and we may not call ``.eval()`` (exported
     GraphModules refuse it); a forward may count its calls in a buffer in eval mode too. A buffer
-    no call writes (a 512 MiB static cache) is not copied, nor one not made yet (a LazyBatchNorm's).
+    no call writes (a 512 MiB static cache) is not copied, nor one not made yet (a LazyBatchNorm's);
+    one the first call leaves alone and a later call writes is not put back.
     """
     if not isinstance(fn, nn.Module):
         yield contextlib.nullcontext()
