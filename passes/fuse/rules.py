@@ -382,8 +382,8 @@ def _fold_conv_shift(r: Rewriter) -> torch.fx.Node | None:
         return None
     conv = r.view("conv")
     out, dtype = tensor_meta(r.match.nodes["conv"]), conv.param("weight").dtype
-    if out is None or conv.attrs["transposed"] and conv.attrs.get("groups", 1) > 1:
-        return None  # (`_affine_conv` keeps a grouped transposed conv's shift as this very add)
+    if out is None or _shift_after(conv):
+        return None  # (`_affine_conv` keeps such a transposed conv's shift as this very add)
     channels = _conv_out_channels(conv)
     shift = _per_channel(r, out, 1, channels, dtype)
     if shift is None:  # one stored number added to every channel
@@ -448,13 +448,28 @@ def _affine_conv(r: Rewriter, conv, scale: torch.Tensor, shift: torch.Tensor | N
     wn = r.tensor(f"{name}_folded_weight", folded[0], shared=True)
     if new_b is None:
         return conv_call(r, r["x"], wn, None, attrs)
-    if attrs["transposed"] and groups > 1:
-        # torch's CPU grouped conv_transpose takes a path ~10x slower with a bias than without
-        # (4.0 vs 0.35 ms at 16x16x16x16, groups=2): the folded shift is added after it instead
+    if _shift_after(conv):
         shift_map = folded[1].reshape(1, -1, *([1] * attrs["dim"]))
         shift_node = r.tensor(f"{name}_folded_shift", shift_map, shared=True)
         return r.call(torch.add, conv_call(r, r["x"], wn, None, attrs), shift_node)
     return conv_call(r, r["x"], wn, r.tensor(f"{name}_folded_bias", folded[1], shared=True), attrs)
+
+
+def _shift_after(conv) -> bool:
+    """Whether a folded shift goes in an add after the conv, not in its bias: torch's CPU
+    conv_transpose takes a slower path with a bias than without, ~10x grouped (4.0 vs 0.35 ms
+    at 16x16x16x16, groups=2), 1.3-2x at groups=1 with a 3-wide kernel (1-D to 3-D, stride 1 or
+    2), where the add after costs about nothing: a decoder's folded ConvTranspose + BatchNorm
+    ran 0.65-0.86x of eager's speed (fuse tester). A transposed conv whose stride is its kernel,
+    unpadded (a U-Net's up-sampler), keeps its bias: quantize makes it an int8 1x1 conv, whose
+    kernel adds it, and its bias path measured even."""
+    attrs = conv_attrs(conv)
+    if not attrs["transposed"]:
+        return False
+    kernel = tuple(conv.param("weight").shape[2:])
+    upsampler = attrs["groups"] == 1 and attrs["stride"] == kernel and set(attrs["padding"]) == {0} \
+        and set(attrs["output_padding"]) == {0} and set(attrs["dilation"]) == {1}
+    return not upsampler
 
 
 def _affine_linear(r: Rewriter, lin, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.fx.Node:
