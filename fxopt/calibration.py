@@ -109,13 +109,28 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
 MAX_UNSIZED_BATCHES = 100_000
 
 
+_MEMINFO = "/proc/meminfo"
+_CGROUP = "/sys/fs/cgroup"  # (cgroup v2: memory.max and memory.current of this process's group)
+
+
 def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    """Bytes of memory available to new allocations, or None where unknown: Linux's MemAvailable,
+    or what the container's cgroup limit leaves where that is less (MemAvailable is the machine's)."""
+    machine = _read_number(_MEMINFO, "MemAvailable:")
+    limit, used = _read_number(f"{_CGROUP}/memory.max"), _read_number(f"{_CGROUP}/memory.current")
+    if limit is None or used is None:
+        return machine * 1024 if machine is not None else None
+    headroom = max(limit - used, 0)
+    return min(machine * 1024, headroom) if machine is not None else headroom
+
+
+def _read_number(path: str, key: str | None = None) -> int | None:
+    """The number a file holds (after `key`, in a "key value" listing), or None ("max", no file)."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as file:
+            for line in file:
+                if key is None or line.startswith(key):
+                    return int(line.split()[1 if key else 0])
     except (OSError, ValueError, IndexError):
         pass
     return None

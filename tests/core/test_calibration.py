@@ -257,3 +257,15 @@ def test_the_memory_cap_counts_each_storage_once_and_a_sparse_tensor_by_its_entr
     assert len(fxopt.calibration.pipeline_batches((adj, torch.randn(2000, 4)) for _ in range(3))) == 3
     with pytest.raises(FxoptError, match=r"calibration=: the \d+ batches read from a generator hold \d+ bytes"):
         fxopt.calibration.pipeline_batches(torch.randn(250) for _ in range(400))  # new storage each: 400 kB
+
+
+def test_the_memory_available_is_the_cgroup_limit_where_it_is_lower(tmp_path, monkeypatch):
+    """MemAvailable is the machine's: in a container limited to 1 GiB it said 64 GiB (advB B2)."""
+    (tmp_path / "meminfo").write_text("MemTotal: 134217728 kB\nMemAvailable: 67108864 kB\n")
+    (tmp_path / "memory.max").write_text(f"{2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**28}\n")
+    monkeypatch.setattr(fxopt.calibration, "_MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(fxopt.calibration, "_CGROUP", str(tmp_path))
+    assert fxopt.calibration.available_memory() == 2**30 - 2**28
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: the machine's
+    assert fxopt.calibration.available_memory() == 64 * 2**30
