@@ -110,7 +110,7 @@ MAX_UNSIZED_BATCHES = 100_000
 
 
 _MEMINFO = "/proc/meminfo"
-_CGROUP = "/sys/fs/cgroup"  # (cgroup v2: memory.max and memory.current of this process's group)
+_CGROUP = "/sys/fs/cgroup"  # (cgroup v2 as a container sees it: its own group at the root)
 
 
 def available_memory() -> int | None:
