@@ -83,11 +83,13 @@ class Quantize(Pass):
 
 def _warn_float_weight_ops(gm: torch.fx.GraphModule, float_ops: dict[str, str]) -> None:
     """Ops that read a weight tensor but have no int8 kernel (a library's own op, such as the
-    grouped matmul Mixtral runs its experts with) keep their fp32 cost, often most of the
-    model's: a PassWarning names them, where `float_ops` alone is easy to miss."""
+    grouped matmul Mixtral runs its experts with, a weight_norm layer a symbolic graph calls as
+    a module) keep their fp32 cost, often most of the model's: a PassWarning names them, where
+    `float_ops` alone is easy to miss (quantize tester: weight-normed layers beside plain ones
+    stayed float silently)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     heavy = [name for name, why in float_ops.items() if "no int8 kernel" in why and name in nodes
-             and _contracts_weights(gm, nodes[name])]
+             and (_contracts_weights(gm, nodes[name]) or "with parametrized weights" in why)]
     if heavy:
         shown = ", ".join(f"'{n}' ({float_ops[n].split(':')[0]})" for n in heavy[:3]) + (" ..." if len(heavy) > 3 else "")
         ops = ("1 op that reads weights has no int8 kernel and stays" if len(heavy) == 1

@@ -1045,6 +1045,18 @@ def test_observed_but_nothing_lowered_warns():
     assert any("quantize_per_tensor" in t for t in _targets(exported.module))
 
 
+def test_weight_normed_layers_beside_plain_ones_are_named_when_they_stay_float():
+    """Quantize tester: with one plain conv quantized, the weight-normed layers stayed float
+    under symbolic capture with no warning (only `float_ops` said so)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), nn.ReLU()).eval()
+    with pytest.warns(fxopt.PassWarning, match=r"1 op that reads weights has no int8 kernel and stays float: "
+                                               r"'_0' \(ParametrizedConv2d with parametrized weights"):
+        res, _ = _quantize(model)
+    assert res.passes[0].stats["quantized"]
+
+
 def test_a_calibration_batch_of_the_wrong_shape_is_named_as_calibration_data():
     model = _warm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
     with pytest.raises(PassError, match=r"calibration batch 1 \(tensor shapes \[\(1, 5, 8, 8\)\]\) does not run"):
