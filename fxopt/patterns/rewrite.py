@@ -182,7 +182,7 @@ class Rewriter:
         tensors the match's inputs are computed from (a layer scale's ``gamma[:, None, None]``),
         by path; its role (`base_name` less the root's name); and its value, by digest."""
         params = sorted(ref.qualname for view in self.match.views.values() for ref in view.params.values())
-        stored = sorted(_stored_sources(node) for name, node in self.match.nodes.items()
+        stored = sorted(_stored_sources(node) for node in self.match.nodes.values()
                         if isinstance(node, torch.fx.Node) and node not in self.match.ops)
         role = base_name.removeprefix(self.match.root.name)
         digest = hashlib.sha1(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
