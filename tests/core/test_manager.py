@@ -1230,23 +1230,18 @@ def test_a_back_reference_on_a_parameter_is_shared_not_copied():
     assert all(p.model is model for p in (*gm.parameters(), *result.parameters()))
 
 
-def test_the_tensors_replaced_by_small_passes_add_up_to_a_collection(monkeypatch):
-    """The threshold was judged per pass: passes each replacing a little less than it piled up a copy per
-    pass until Python's collector ran (a 30 MiB model over 12 passes peaked at 314 MiB, a 34 MiB one at
-    103 MiB; advB B5)."""
-    import gc
+def _fresh_weights_pass(name: str) -> tuple[type, list[list[bool]]]:
+    """A pass class that gives every linear a fresh weight tensor, and the list it fills: per
+    run, whether each weight an earlier run made was still alive when it started."""
     import weakref
 
-    import fxopt.manager as manager
     from fxopt.ir import op_view
 
-    monkeypatch.setattr(manager, "COLLECT_FREED_BYTES", 3000)  # each pass replaces 2 x 1024 bytes
     made: list[weakref.ref] = []
     alive_at_start: list[list[bool]] = []
 
     @dataclasses.dataclass
     class FreshWeights(fxopt.Pass):
-        name = "fresh-weights-small-test"
         tolerance = "exact"
 
         def run(self, gm, ctx):
@@ -1258,6 +1253,20 @@ def test_the_tensors_replaced_by_small_passes_add_up_to_a_collection(monkeypatch
             made.append(weakref.ref(next(gm.parameters())))
             return PassResult(gm, modified=True)
 
+    FreshWeights.name = name
+    return FreshWeights, alive_at_start
+
+
+def test_the_tensors_replaced_by_small_passes_add_up_to_a_collection(monkeypatch):
+    """The threshold was judged per pass: passes each replacing a little less than it piled up a copy per
+    pass until Python's collector ran (a 30 MiB model over 12 passes peaked at 314 MiB, a 34 MiB one at
+    103 MiB; advB B5)."""
+    import gc
+
+    import fxopt.manager as manager
+
+    monkeypatch.setattr(manager, "COLLECT_FREED_BYTES", 3000)  # each pass replaces 2 x 1024 bytes
+    FreshWeights, alive_at_start = _fresh_weights_pass("fresh-weights-small-test")
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).eval()
     x = torch.randn(2, 16)
     gm = fxopt.capture(model, x)
@@ -1310,29 +1319,11 @@ def test_the_tensors_a_pass_replaced_are_freed_before_the_next_pass_ends(monkeyp
     the pass had replaced, lived until Python's collector ran: four passes that each give every layer a
     fresh weight peaked at five copies of the weights (1024 MiB over 256 MiB of linears), not two."""
     import gc
-    import weakref
 
     import fxopt.manager as manager
-    from fxopt.ir import op_view
 
     monkeypatch.setattr(manager, "COLLECT_FREED_BYTES", 0)  # any size (the default spares small models a collection)
-    made: list[weakref.ref] = []
-    alive_at_start: list[list[bool]] = []
-
-    @dataclasses.dataclass
-    class FreshWeights(fxopt.Pass):
-        name = "fresh-weights-test"
-        tolerance = "exact"
-
-        def run(self, gm, ctx):
-            alive_at_start.append([w() is not None for w in made])
-            for node in gm.graph.nodes:
-                view = op_view(gm, node)
-                if view is not None and view.kind == "linear":
-                    view.params["weight"].set(view.param("weight").detach() * 1.0)
-            made.append(weakref.ref(next(gm.parameters())))
-            return PassResult(gm, modified=True)
-
+    FreshWeights, alive_at_start = _fresh_weights_pass("fresh-weights-test")
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).eval()
     x = torch.randn(2, 16)
     gm = fxopt.capture(model, x)
