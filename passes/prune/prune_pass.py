@@ -198,9 +198,7 @@ def _checked_mask(cg: ChannelGraph, dead: Any, blocked: np.ndarray) -> np.ndarra
     if pinned.size:
         raise ValueError(f"the dead mask removes a pinned channel of {holder(int(pinned[0]))} (see "
                          "plan.channel_graph.pinned_nodes and output_classes)")
-    may_empty = _emptiable(cg, _rounded_slots(cg))  # (a conv read by a cat alone has no empty form)
-    emptied = next((s for s in cg.slots if s.id not in may_empty and s.size and dead[cg.positions(s.id)].all()),
-                   None)
+    emptied = next(iter(_emptied_slots(cg, dead)), None)
     if emptied is not None:
         readers = [r.node for r in cg.rules.values()
                    if emptied.id in {entry[1] for entry in (*r.inputs, *r.consumed)}]
@@ -717,10 +715,9 @@ def _keeping_one_channel(cg: ChannelGraph, sel: Selection, imp: np.ndarray,
     emptiable = _emptiable(cg, _rounded_slots(cg))
     for _ in range(8):
         emptied = np.zeros_like(held)
-        for slot in cg.slots:
+        for slot in _emptied_slots(cg, sel.dead, emptiable):
             pos = cg.positions(slot.id)
-            if slot.id not in emptiable and len(pos) and sel.dead[pos].all():
-                emptied[pos[np.argmax(imp[pos])]] = True
+            emptied[pos[np.argmax(imp[pos])]] = True
         if not emptied.any():
             return sel
         held |= emptied
@@ -814,6 +811,14 @@ def _rounded_slots(cg: ChannelGraph) -> set[int]:
     rounded = {r.outputs[0] for r in cg.rules.values()
                if r.category in ("producer", "gather") or r.info.get("depthwise")}
     return rounded | {sid for r in cg.rules.values() for _, sid in r.consumed}
+
+
+def _emptied_slots(cg: ChannelGraph, dead: np.ndarray, emptiable: set[int] | None = None) -> list:
+    """The slots `dead` removes every channel of that must keep one (not `_emptiable`: a
+    layer's width, a conv read by a cat alone); `emptiable` when the caller has it."""
+    emptiable = _emptiable(cg, _rounded_slots(cg)) if emptiable is None else emptiable
+    return [slot for slot in cg.slots if slot.id not in emptiable
+            and len(pos := cg.positions(slot.id)) and dead[pos].all()]
 
 
 def _emptiable(cg: ChannelGraph, rounded: set[int]) -> set[int]:

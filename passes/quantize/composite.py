@@ -89,7 +89,7 @@ def _warn_float_weight_ops(gm: torch.fx.GraphModule, float_ops: dict[str, str]) 
     stayed float silently)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     heavy = [name for name, why in float_ops.items() if "no int8 kernel" in why and name in nodes
-             and (_contracts_weights(gm, nodes[name]) or "with parametrized weights" in why)]
+             and _contracts_weights(gm, nodes[name])]
     if heavy:
         shown = ", ".join(f"'{n}' ({float_ops[n].split(':')[0]})" for n in heavy[:3]) + (" ..." if len(heavy) > 3 else "")
         ops = ("1 op that reads weights has no int8 kernel and stays" if len(heavy) == 1
@@ -108,10 +108,12 @@ _LAYOUT = frozenset({"transpose", "permute", "reshape", "view", "contiguous", "t
 
 
 def _contracts_weights(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """A contraction, a recurrent layer, or an op of another library (its own kernel), that
-    reads a floating parameter of two or more dims, directly or through layout ops."""
-    if node.op == "call_module":  # a symbolic graph's nn.LSTM / nn.GRU / nn.RNN
-        return isinstance(gm.get_submodule(node.target), torch.nn.RNNBase)
+    """A contraction, a recurrent layer, a layer with parametrized weights (weight_norm), or an
+    op of another library (its own kernel), that reads a floating parameter of two or more
+    dims, directly or through layout ops."""
+    if node.op == "call_module":  # a symbolic graph's nn.LSTM / nn.GRU / nn.RNN, a weight-normed conv
+        module = gm.get_submodule(node.target)
+        return isinstance(module, torch.nn.RNNBase) or torch.nn.utils.parametrize.is_parametrized(module)
     if node.op != "call_function":
         return False
     if op_name(node) in _RECURRENT:  # export's aten.lstm: its weights come in a list

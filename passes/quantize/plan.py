@@ -354,11 +354,6 @@ def _float_op_reason(gm, view) -> str:
     """Why an op fxopt knows (`view.kind`) but does not lower stays float, after '<kind>: '."""
     if view.kind == "batch_norm":
         return _batch_norm_reason(gm, view)
-    if view.kind in ("clamp", "hardtanh"):
-        bounds = activation_bounds(view)
-        if bounds is None:
-            return "a bound is a tensor: " + NO_KERNEL
-        return f"bounds ({_shown_bounds(bounds)}): fused only right after a conv/linear; runs in float"
     if view.kind in ("mul", "div", "sub"):
         return f"{NO_KERNEL} (only add has an int8 elementwise kernel)"
     return NO_KERNEL
@@ -395,12 +390,12 @@ def _not_passed_through(view) -> str | None:
     A hardtanh or clamp from 0 (relu6, `clamp(0, 6)`, `clamp(min=0)`) is a relu that may also
     clip at the top: on its input's grid it is exact but for the top bound's rounding (a
     standalone `clamp(0, 6)` ran in float while `hardtanh(0, 6)` passed through: quantize
-    tester). Any other lower bound is no pass-through: on its
-    input's grid it keeps the few levels inside its bounds (an add's grid and hardtanh(0.2,
-    0.5): 32.2 dB, PT2E 38.9), and one past the grid's ends gives the end (hardtanh(-1, -0.5)
-    after a relu: 0 everywhere on x86; quantize tester); in float it is quantized after, on its
-    own grid. A dropout in training mode draws random numbers, which a quantized tensor does
-    not take (`bernoulli_` has no int8 kernel; adversary)."""
+    tester). Any other lower bound, or a tensor bound, is no pass-through: on its input's grid
+    it keeps the few levels inside its bounds (an add's grid and hardtanh(0.2, 0.5): 32.2 dB,
+    PT2E 38.9), and one past the grid's ends gives the end (hardtanh(-1, -0.5) after a relu: 0
+    everywhere on x86; quantize tester); in float it is quantized after, on its own grid. A
+    dropout in training mode draws random numbers, which a quantized tensor does not take
+    (`bernoulli_` has no int8 kernel; adversary)."""
     if view.kind == "dropout":
         training, p = view.attrs.get("training", True), view.attrs.get("p", 0.5)
         return "in training mode it draws random numbers" if training and p != 0 else None
@@ -685,13 +680,12 @@ def writes_float(plan: Plan, region: set[str], value: torch.fx.Node) -> bool:
 
 def _writes_float_when_read_in_float(plan: Plan, enabled: set[str], value: torch.fx.Node) -> bool:
     """Whether `value` is an int8 conv or linear that lowering makes write float when float ops
-    read it (`lower._Lowering._float_output`): an add of two heads at the graph output then
+    read it (`writes_float`): an add of two heads at the graph output then
     costs no dequantize in float, and is more accurate there (an outside tester's two linear
     heads: 34.1 dB in int8; PT2E, which leaves that add float, 37.7). Only adds and cats take
     it (`int8_region`): a pool after the last conv stays int8, reading the int8 value, not the
     4x larger float one (1.4-1.9x slower on small nets at batch 1 when it moved to float)."""
-    group = plan.groups.get(value.name)
-    return value.name in enabled and group is not None and group.kind in ("conv", "linear") and not group.views
+    return value.name in enabled and _may_write_float(plan, value)
 
 
 def shared_grids(gm: torch.fx.GraphModule, plan: Plan, region: set[str]) -> dict[str, str]:
