@@ -98,10 +98,19 @@ def pipeline_batches(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBat
     check_batches(calibration)
     if isinstance(calibration, (list, tuple)):
         return ReadBatches(normalize_inputs(batch) for batch in calibration)
-    # (an Iterator is read once; asking a DataLoader for one would start its workers for nothing)
-    if isinstance(calibration, Iterator) or not _has_length(calibration):
+    if _unsized(calibration):
         return _read_unsized(calibration)
     return StreamedBatches(calibration)
+
+
+def _unsized(calibration: Any) -> bool:
+    """Whether `calibration` is a source `pipeline_batches` reads into memory: a one-shot iterator,
+    or an iterable whose `len` raises. (An Iterator is read once; asking a DataLoader for one would
+    start its workers for nothing. What was read already is asked nothing: a `ReadWhenUsed`'s
+    length reads it.)"""
+    if isinstance(calibration, (list, tuple, StreamedBatches, ReadWhenUsed)):
+        return False
+    return isinstance(calibration, Iterator) or not _has_length(calibration)
 
 
 #: The most batches read into memory from a source without a length (a generator, a DataLoader of
@@ -163,11 +172,7 @@ class ReadWhenUsed(Sequence):
 def batches_for_passes(calibration: Any) -> list[tuple[tuple, dict]] | StreamedBatches | ReadWhenUsed | None:
     """`pipeline_batches`, but a source it would read into memory is read when a pass first uses it
     (`ReadWhenUsed`); one tensor or one dict is refused now."""
-    if calibration is None or isinstance(calibration, (StreamedBatches, ReadBatches, ReadWhenUsed)):
-        return calibration
-    check_batches(calibration)
-    if not isinstance(calibration, (list, tuple)) and (isinstance(calibration, Iterator)
-                                                       or not _has_length(calibration)):
+    if calibration is not None and _unsized(calibration):
         return ReadWhenUsed(calibration)
     return pipeline_batches(calibration)
 
