@@ -53,7 +53,7 @@ from .ir.rewrite import clone_sharing_tensors
 from .pass_base import Pass, PassContext, PassResult
 from .pipeline import format_pass, format_pipeline, parse_pipeline
 from .tracing import one_at_a_time
-from .verify import TOLERANCES, Tolerance, VerificationReport, _brief, loosest, recorded_tolerance, verify
+from .verify import TOLERANCES, Tolerance, VerificationReport, brief_inputs, loosest, recorded_tolerance, verify
 
 
 @dataclass
@@ -527,10 +527,9 @@ def _check_inputs_fit(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> No
         with torch.no_grad(), writes:
             gm(*fresh_args, **fresh_kwargs)
     except Exception as exc:  # noqa: BLE001  (the inputs' failure, told instead of the pass's)
-        given = ", ".join([_brief(a) for a in args] + [f"{k}={_brief(v)}" for k, v in kwargs.items()])
-        raise InputMismatchError(f"PassManager.run: the example inputs ({given}) do not run through the graph it "
-                                 f"was given: {type(exc).__name__}: {first_line(exc)}; give inputs the graph takes "
-                                 "(those it was captured with)") from exc
+        raise InputMismatchError(f"PassManager.run: the example inputs ({brief_inputs(args, kwargs)}) do not run "
+                                 f"through the graph it was given: {type(exc).__name__}: {first_line(exc)}; give "
+                                 "inputs the graph takes (those it was captured with)") from exc
     finally:
         writes.restore()
         state.restore()

@@ -567,9 +567,9 @@ def _run_reference(reference: nn.Module, args: tuple, kwargs: dict) -> Any:
     except (FxoptError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as exc:
-        given = ", ".join([_brief(a) for a in args] + [f"{k}={_brief(v)}" for k, v in kwargs.items()])
-        raise ValueError(f"verify: the reference {type(reference).__name__} raised on the inputs ({given}): "
-                         f"{type(exc).__name__}: {first_line(exc)}; give inputs the model takes") from exc
+        raise ValueError(f"verify: the reference {type(reference).__name__} raised on the inputs "
+                         f"({brief_inputs(args, kwargs)}): {type(exc).__name__}: {first_line(exc)}; give inputs "
+                         "the model takes") from exc
 
 
 def _raising_node(candidate: nn.Module, args: tuple, kwargs: dict) -> torch.fx.Node | None:
@@ -755,6 +755,11 @@ def _non_tensor_problem(path: tuple, r: Any, c: Any) -> str | None:
 def _output_name(path: tuple) -> str:
     """"output ['logits']", or "the output" for a single tensor."""
     return f"output {keystr(path)}" if path else "the output"
+
+
+def brief_inputs(args: tuple, kwargs: dict) -> str:
+    """Inputs in a few words, for an error saying which did not run: ``a tensor [2, 4] float32, mask=...``."""
+    return ", ".join([_brief(a) for a in args] + [f"{k}={_brief(v)}" for k, v in kwargs.items()])
 
 
 def _brief(value: Any) -> str:
