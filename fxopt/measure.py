@@ -32,11 +32,12 @@ import numpy as np
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
+from torch.nn.parameter import UninitializedBuffer, is_lazy
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .ir.interpret import same_random_draws
 from .ir.rewrite import deep_copy
 from .manager import TensorWrites
 from .manager import _storage_key as _storage_address  # (TensorWrites' keys)
@@ -77,6 +78,7 @@ def count_parameters(model: nn.Module) -> int:
     >>> count_parameters(torch.nn.Linear(3, 4))  # 3*4 weights + 4 biases
     16
     """
+    _refuse_lazy(model, "count_parameters")
     seen: set[tuple[Any, ...]] = set()
     total = 0
     for tensor in [*model.parameters(), *_hidden_weights(model)]:
@@ -97,6 +99,7 @@ def model_size_bytes(model: nn.Module) -> int:
     >>> model_size_bytes(torch.nn.Linear(300, 400)) > 300 * 400 * 4
     True
     """
+    _refuse_lazy(model, "model_size_bytes")
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     saved = {_storage_key(t) for t in model.state_dict().values() if isinstance(t, Tensor)}
@@ -135,7 +138,8 @@ def measure_latency(
     timed calls and, if needed, more until `min_time_s` seconds were spent timing. Runs under
     torch.inference_mode, or torch.no_grad when fn fails under inference mode. `threads` sets
     torch.set_num_threads for the measurement only. CUDA work is synchronized around every call.
-    BatchNorm statistics of a module in training mode are restored afterwards.
+    BatchNorm statistics of a module in training mode are restored afterwards. A model holding lazy
+    modules that never ran is timed on a copy its first call initializes, as `count_macs` counts it.
 
     >>> stats = measure_latency(torch.nn.Linear(3, 4), (torch.randn(2, 3),), repeats=5)
     >>> stats.p10_ms <= stats.median_ms <= stats.p90_ms
@@ -143,6 +147,7 @@ def measure_latency(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
+    fn = _initialized(fn, inputs)
     call = functools.partial(_call, fn, _private_inputs(inputs))
     sync = _synchronizer(fn, inputs)
     with _num_threads(threads), _restoring_buffers(fn) as first_call:
@@ -236,11 +241,14 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     (``quantized::*``) and fxopt's oneDNN kernels (``mkldnn::*``) count as 0. An op of another
     library with a kernel of its own (``transformers::grouped_mm_fallback``, Mixtral's experts)
     has no formula: it counts as 0, with a warning naming it. Works for any nn.Module or
-    callable. BatchNorm statistics of a module in training mode are restored afterwards.
+    callable. BatchNorm statistics of a module in training mode are restored afterwards. A model
+    holding lazy modules that never ran (``nn.LazyLinear``) is counted as it is after its first
+    call, on a copy that call initializes: the caller's model stays as it was.
 
     >>> count_macs(torch.nn.Conv2d(3, 8, 3), (torch.randn(1, 3, 10, 10),))  # 8*8*8 outputs x 3*3*3
     13824
     """
+    gm = _initialized(gm, example_inputs)
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     uncounted = _UncountedOps(counter.flop_registry)
     inputs = _private_inputs(example_inputs)
@@ -327,6 +335,36 @@ def _grouped_mm_flops(a_shape: Any, b_shape: Any, *_: Any, **__: Any) -> int:
 # the grouped matmul Hugging Face's mixtures of experts run their experts with.
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
                         torch.ops.aten._grouped_mm: _grouped_mm_flops}
+
+
+def _lazy_tensor(model: nn.Module) -> str | None:
+    """The name of a parameter or buffer of a lazy module that never ran (``nn.LazyLinear``), or None."""
+    return next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)), None)
+
+
+def _refuse_lazy(model: nn.Module, measure: str) -> None:
+    """Raise ValueError naming the lazy tensor of `model`, whose size is not known until it runs
+    (torch's own error named neither the tensor nor the fix)."""
+    name = _lazy_tensor(model)
+    if name is not None:
+        owner = name.rpartition(".")[0]
+        where = f"{type(model.get_submodule(owner)).__name__} '{owner}'" if owner else "the model itself"
+        raise ValueError(f"{measure}: '{name}' of {where} is not initialized (a lazy module that has not run "
+                         "yet, its size is not known): run the model once on an example input (model(x)) first")
+
+
+def _initialized(fn: Callable[..., Any], inputs: Inputs) -> Callable[..., Any]:
+    """`fn`, or, for a module holding lazy modules that never ran, a copy initialized by one call on
+    `inputs`: running the caller's model would turn its ``nn.LazyLinear`` into an ``nn.Linear`` with
+    weights drawn from torch's generator (which the copy's call leaves as it was)."""
+    if not isinstance(fn, nn.Module) or _lazy_tensor(fn) is None:
+        return fn
+    # torch copies an UninitializedParameter but refuses an UninitializedBuffer (a LazyBatchNorm's)
+    fresh = {id(b): UninitializedBuffer(device=b.device, dtype=b.dtype) for b in fn.buffers() if is_lazy(b)}
+    model = deep_copy(fn, fresh)
+    with same_random_draws(), torch.no_grad():
+        _call(model, _private_inputs(inputs))
+    return model
 
 
 def _call(fn: Callable[..., Any], inputs: Inputs) -> Any:

@@ -483,6 +483,28 @@ def test_a_model_with_a_lazy_buffer_is_measured():
     torch's 'Attempted to use an uninitialized parameter' (advB B10)."""
     model = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d()).eval()
     assert measure_latency(model, (torch.randn(4, 16),), repeats=3, warmup=1).median_ms > 0
+    assert isinstance(model[0], nn.LazyLinear)  # timed on a copy: the caller's stays lazy
+
+
+def test_count_macs_counts_a_lazy_model_on_a_copy_its_first_call_initializes():
+    """count_macs on an nn.LazyLinear / LazyConv2d that never ran crashed with torch's 'Attempted to use
+    an uninitialized parameter'; it counts the model as its first call makes it, and leaves the caller's
+    model lazy and torch's generator where it was."""
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    x, state = torch.randn(1, 3, 10, 10), torch.get_rng_state()
+    assert count_macs(model, (x,)) == 8 * 8 * 8 * 3 * 3 * 3 + 8 * 8 * 8 * 5
+    assert isinstance(model[0], nn.LazyConv2d) and isinstance(model[3], nn.LazyLinear)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("measure", [count_parameters, model_size_bytes])
+def test_a_size_of_a_lazy_model_names_the_tensor_not_initialized(measure):
+    """Without inputs there is no first call to size a lazy module by: the error names it (torch's
+    error named neither the tensor nor the fix)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(8))
+    expected = rf"{measure.__name__}: '1.weight' of LazyLinear '1' is not initialized.*model\(x\)"
+    with pytest.raises(ValueError, match=expected):
+        measure(model)
 
 
 class _ReadsALargeCache(nn.Module):
