@@ -22,9 +22,11 @@ a key of a dict, a field of a dataclass or namedtuple. Left out, it is the outpu
 floating-point tensor (``(argmax, logits)`` has one), else its entry named ``logits``; several
 floating tensors and none named so is an error that lists them (`select_output`).
 
-Batches: a batch is the model's positional inputs — a tensor or a tuple, as calibration batches
-are everywhere in fxopt — so ``(features, ids)`` is two inputs, never inputs and labels. Labels
-come only when the caller says so: with ``labeled=True`` every batch is ``(inputs, labels)``.
+Batches: a batch is the model's inputs, as calibration batches are everywhere in fxopt — a tensor
+or a tuple of positional inputs, a dict of keyword inputs (``{"input_ids": ..., "attention_mask":
+...}``) or an ``(args, kwargs)`` pair — so ``(features, ids)`` is two inputs, never inputs and
+labels. Labels come only when the caller says so: with ``labeled=True`` every batch is
+``(inputs, labels)``.
 
 Modes: fine-tuning runs with the student in *eval* mode — batchnorm statistics frozen, dropout
 off. GraphModules from torch.export bake eval behaviour into their ops and refuse
@@ -51,6 +53,9 @@ from .errors import first_line, user_stacklevel
 from .ir.interpret import BufferState, fresh_inputs
 from .ir.rewrite import deep_copy
 from .tracing import one_at_a_time
+
+# A batch as the models are called with it: positional inputs and keyword inputs.
+Inputs = tuple[tuple, dict]
 
 
 def inference_kernels(model: nn.Module) -> list[tuple[str, str]]:
@@ -95,8 +100,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     floating-point tensor, else the entry named ``logits`` (`select_output`).
 
     `data`: an iterable (re-iterated every epoch: a list or a DataLoader) of batches, each the
-    model's positional inputs — a tensor or a tuple of them. With ``labeled=True`` each batch is
-    ``(inputs, labels)`` instead (`inputs` a tensor or tuple, `labels` class indices), which
+    model's inputs — a tensor, a tuple of positional inputs, a dict of keyword inputs or an
+    ``(args, kwargs)`` pair. With ``labeled=True`` each batch is ``(inputs, labels)`` instead
+    (`inputs` any of those, `labels` class indices), which
     ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
     that does not fit the models' forward raises a ValueError saying what it was taken as, and
     so does `data` with no batches; a loss that stops being finite (a learning rate that
@@ -105,9 +111,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     over it, without gradients): one that training made worse (a learning rate too high for a
     student already close to its teacher) is returned as it was given, with a
     `fxopt.PassWarning`; data that cannot be iterated again (a generator) gets the warning only,
-    judged on its first batch. `teacher` runs in eval
-    mode and comes back in the mode each of its submodules had, and with the buffer values it had: a forward that updates a buffer (a
-    call counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
+    judged on its first batch. `teacher` runs in eval mode and comes back in the mode each of its
+    submodules had, and with the buffer values it had: a forward that updates a buffer (a call
+    counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
     is not changed (a copy is trained, and its buffers are put back to their values after
     training); a student whose forward writes in place into a value its backward needs (an
     export graph writing a buffer update back) cannot be trained: a ValueError names the buffers.
@@ -145,7 +151,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
                          "would not follow the training: run distill before insert-observers or quantize")
     if isinstance(data, (Mapping, str, bytes)) or not isinstance(data, (Iterable, torch.Tensor)):
         raise TypeError(f"distill: data is a {type(data).__name__}; give an iterable of batches (a list or a "
-                        "DataLoader), each the model's positional inputs (a tensor or a tuple of them)")
+                        "DataLoader), each the model's inputs (a tensor, a tuple of them or a dict of keyword "
+                        "inputs)")
     batches = data if not isinstance(data, torch.Tensor) else [data]
     length = _length(batches)
     if length == 0:
@@ -316,15 +323,16 @@ def _warn_if_worse(student: nn.Module, first: tuple, start_loss: float, t: float
                       "or leave distill out", PassWarning, stacklevel=user_stacklevel())
 
 
-def _forward(role: str, model: nn.Module, inputs: tuple, index: int) -> Any:
-    """`model(*inputs)` on copies of the inputs: a forward that writes into its input (``x.mul_(2)``)
-    changes neither the caller's batch nor what the other model sees. An error of the forward
-    names the batch and what it was (a conv's channel count, a dtype: a bare torch error from
-    inside the training loop named neither)."""
+def _forward(role: str, model: nn.Module, inputs: Inputs, index: int) -> Any:
+    """`model(*args, **kwargs)` on copies of the inputs: a forward that writes into its input
+    (``x.mul_(2)``) changes neither the caller's batch nor what the other model sees. An error of
+    the forward names the batch and what it was (a conv's channel count, a dtype: a bare torch
+    error from inside the training loop named neither)."""
+    args, kwargs = fresh_inputs(*inputs)
     try:
-        return model(*fresh_inputs(inputs)[0])
+        return model(*args, **kwargs)
     except Exception as exc:  # the model's own code: whatever it raises is this batch's misfit
-        raise ValueError(f"distill: batch {index}, {_describe(inputs)}, does not fit the {role}: "
+        raise ValueError(f"distill: batch {index}, {_describe_inputs(inputs)}, does not fit the {role}: "
                          f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
@@ -399,35 +407,40 @@ def _length(batches: Any) -> int | None:
         return None
 
 
-def _split_batch(batch: Any, labeled: bool, index: int) -> tuple[tuple, torch.Tensor | None]:
-    """(positional inputs, labels or None) of one batch, by the rule of the module doc: the
+def _split_batch(batch: Any, labeled: bool, index: int) -> tuple[Inputs, torch.Tensor | None]:
+    """(inputs, labels or None) of one batch, by the rule of the module doc: the
     batch is the inputs, unless the caller said `labeled`. Never guessed from dtypes: a long
     tensor is as often an input (token ids) as a label."""
     if not labeled:
         return _as_inputs(batch, index), None
     if isinstance(batch, Mapping):  # (indexed by 0 and 1, it raised a bare KeyError)
         raise ValueError(f"distill: batch {index} is a dict (keys {', '.join(map(repr, batch))}); with labeled=True "
-                         "every batch is (inputs, labels), inputs a tensor or a tuple in forward's order")
+                         "every batch is (inputs, labels), inputs a tensor, a tuple in forward's order or a dict "
+                         "of keyword inputs")
     if isinstance(batch, torch.Tensor) or len(batch) != 2:
         raise ValueError(f"distill: batch {index} is {_describe(batch)}; with labeled=True every batch is "
                          "(inputs, labels)")
     return _as_inputs(batch[0], index), batch[1]
 
 
-def _as_inputs(value: Any, index: int = 0) -> tuple:
-    """A batch as positional inputs; a dict of keyword inputs (iterated, its keys) or a batch of
-    no samples (its loss is NaN) is named."""
+def _as_inputs(value: Any, index: int = 0) -> Inputs:
+    """A batch as `(args, kwargs)`: a tensor is one positional input, a tuple or list the positional
+    inputs, a dict the keyword inputs, an `(args, kwargs)` pair itself (calibration's form, a
+    pipeline's distill pass hands that on). A batch of no samples (its loss is NaN) is named."""
     if isinstance(value, Mapping):
-        raise ValueError(f"distill: batch {index} is a dict of keyword inputs ({', '.join(map(repr, value))}); "
-                         "distill takes positional inputs only: give each batch as a tuple in forward's order")
-    inputs = (value,) if isinstance(value, torch.Tensor) else tuple(value)
-    empty = next((t for t in inputs if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0), None)
+        inputs: Inputs = ((), dict(value))
+    elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple) and isinstance(value[1], dict):
+        inputs = (value[0], dict(value[1]))
+    else:
+        inputs = ((value,) if isinstance(value, torch.Tensor) else tuple(value), {})
+    tensors = [*inputs[0], *inputs[1].values()]
+    empty = next((t for t in tensors if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0), None)
     if empty is not None:
-        raise ValueError(f"distill: batch {index} holds no samples ({_describe(inputs)}); drop it")
+        raise ValueError(f"distill: batch {index} holds no samples ({_describe_inputs(inputs)}); drop it")
     return inputs
 
 
-def _check_fits(role: str, model: nn.Module, inputs: tuple, index: int, labeled: bool) -> None:
+def _check_fits(role: str, model: nn.Module, inputs: Inputs, index: int, labeled: bool) -> None:
     """Raise a ValueError that says what the batch was taken as when `model`'s forward cannot
     take `inputs` (a bare TypeError from deep in the training loop did not)."""
     try:
@@ -435,14 +448,14 @@ def _check_fits(role: str, model: nn.Module, inputs: tuple, index: int, labeled:
     except (TypeError, ValueError):  # no signature to read: forward itself will say
         return
     try:
-        signature.bind(*inputs)
+        signature.bind(*inputs[0], **inputs[1])
     except TypeError as exc:
         taken = ("the inputs of (inputs, labels), as labeled=True says" if labeled
-                 else "the model's positional inputs")
+                 else f"the model's {'positional ' * (not inputs[1])}inputs")
         other = ("without labeled=True it is the inputs" if labeled
                  else "if the batches are (inputs, labels), pass labeled=True to fxopt.distill; a pipeline's "
                       "distill pass takes the model's inputs only: give those ([x for x, _ in loader])")
-        raise ValueError(f"distill: batch {index} was taken as {taken}, {_describe(inputs)}, which the "
+        raise ValueError(f"distill: batch {index} was taken as {taken}, {_describe_inputs(inputs)}, which the "
                          f"{role} {_model_name(model)}.forward{signature} does not take: {exc}; "
                          f"{other}") from None
 
@@ -461,6 +474,17 @@ def _describe(value: Any) -> str:
     items = list(value) if isinstance(value, (tuple, list)) else [value]
     parts = [_tensor_text(v) if isinstance(v, torch.Tensor) else type(v).__name__ for v in items]
     return f"{len(items)} input{'s' if len(items) != 1 else ''} ({', '.join(parts)})"
+
+
+def _describe_inputs(inputs: Inputs) -> str:
+    """`(args, kwargs)` in a few words: `2 inputs (float32[8, 4], int64[8])`, and the keyword
+    inputs by name: `keyword inputs (input_ids=int64[2, 8])`."""
+    args, kwargs = inputs
+    parts = [_describe(args)] if args or not kwargs else []
+    if kwargs:
+        text = lambda v: _tensor_text(v) if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
+        parts.append(f"keyword inputs ({', '.join(f'{k}={text(v)}' for k, v in kwargs.items())})")
+    return " and ".join(parts)
 
 
 def _tensor_text(t: torch.Tensor) -> str:

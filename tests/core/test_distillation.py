@@ -141,8 +141,9 @@ def test_a_student_that_improves_does_not_warn():
     (None, TypeError, r"distill: data is a NoneType; give an iterable of batches"),
     (5, TypeError, r"distill: data is a int; give an iterable of batches"),
     ({"x": torch.randn(4, 3, 8, 8)}, TypeError, r"distill: data is a dict; give an iterable of batches"),
-    ([{"x": torch.randn(4, 3, 8, 8)}], ValueError, r"distill: batch 0 is a dict of keyword inputs \('x'\); distill "
-                                                   r"takes positional inputs only"),
+    ([{"y": torch.randn(4, 3, 8, 8)}], ValueError, r"distill: batch 0 was taken as the model's inputs, keyword "
+                                                   r"inputs \(y=float32\[4, 3, 8, 8\]\), which the teacher "
+                                                   r"Sequential.forward\(input\) does not take"),
     ([torch.randn(0, 3, 8, 8)], ValueError, r"distill: batch 0 holds no samples \(1 input \(float32\[0, 3, 8, 8\]\)\)"),
 ])
 def test_data_distill_cannot_train_on_is_named(data, error, says):
@@ -151,6 +152,38 @@ def test_data_distill_cannot_train_on_is_named(data, error, says):
     student, teacher = _models()
     with pytest.raises(error, match=says):
         fxopt.distill(student, teacher, data, epochs=1, progress=False)
+
+
+class _KeywordClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 5)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return self.fc(h.mean(1))
+
+
+def _keyword_batches(n=4):
+    return [{"input_ids": torch.randint(0, 10, (4, 6)), "attention_mask": (torch.rand(4, 6) > 0.3).float()}
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("form", ["dict", "args-kwargs"])
+def test_batches_of_keyword_inputs_are_distilled_on(form):
+    """A batch of keyword inputs ({"input_ids": ..., "attention_mask": ...}, a tokenizer's) was refused
+    ("distill takes positional inputs only"), and so a pipeline's distill on keyword calibration
+    batches; a dict, or calibration's (args, kwargs) pair, is the model's keyword inputs now."""
+    torch.manual_seed(0)
+    teacher, student = _KeywordClassifier().eval(), _KeywordClassifier().eval()
+    data = _keyword_batches()
+    batches = data if form == "dict" else [((b["input_ids"],), {"attention_mask": b["attention_mask"]}) for b in data]
+    tuned = fxopt.distill(student, teacher, batches, epochs=3, lr=0.05, progress=False)
+    with torch.no_grad():
+        gap = lambda m: float((m(**data[0]) - teacher(**data[0])).abs().mean())  # noqa: E731
+        assert gap(tuned) < 0.8 * gap(student)
 
 
 def test_the_tuned_student_keeps_which_parameters_train_as_the_student_given():
