@@ -6,6 +6,10 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   `mkldnn._convolution_pointwise(x, W_packed, b, ..., attr, scalars, algorithm)`;
 - conv2d + residual add [+ relu] (same shapes) →
   `mkldnn._convolution_pointwise.binary(x, other, W_packed, b, ..., "add", None, "relu"|None, ...)`;
+  a residual read from a graph input with no conv or linear in between goes through a
+  `ConvByBatch` call instead, which checks it per call: oneDNN's add takes the conv's dtype
+  and shape, where eager's promotes and broadcasts (a float64 residual crashed the kernel, a
+  larger one gave a conv-shaped result);
 - linear [+ relu | gelu | silu] → `mkldnn._linear_pointwise(x, W_packed, b, attr, ...)`
   only with the option `linear=true`: on the zoo's BERT-style encoder it measured *slower*
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
@@ -244,23 +248,27 @@ class ConvByBatch(torch.nn.Module):
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 other: torch.Tensor | None = None) -> torch.Tensor:
         lifted = x.dim() == 3
-        if x.shape[0] >= self.min_batch:
-            x = to_onednn_layout(x)
-            w = self.packs.get(weight, x)
+        if x.shape[0] >= self.min_batch and (other is None or (other.dtype == x.dtype and other.dim() == x.dim())):
+            xl = to_onednn_layout(x)
+            w = self.packs.get(weight, xl)
             args = (self.padding, self.stride, self.dilation, self.groups)
             if other is None:
-                y = torch.ops.mkldnn._convolution_pointwise.default(x, w, bias, *args, self.attr, self.scalars,
+                y = torch.ops.mkldnn._convolution_pointwise.default(xl, w, bias, *args, self.attr, self.scalars,
                                                                     self.algorithm)
-            else:
-                unary = None if self.attr == "none" else self.attr
-                y = torch.ops.mkldnn._convolution_pointwise.binary(x, to_onednn_layout(other), w, bias, *args, "add",
-                                                                   None, unary, [], None)
-            return y.squeeze(2) if lifted else y
+                return y.squeeze(2) if lifted else y
+            unary = None if self.attr == "none" else self.attr
+            other_l = to_onednn_layout(other)
+            y = torch.ops.mkldnn._convolution_pointwise.binary(xl, other_l, w, bias, *args, "add", None, unary, [],
+                                                               None)
+            # oneDNN broadcasts `other` into the conv's shape but not the other way: a larger
+            # `other` (eager's result takes its shape) gave a conv-shaped result, wrong
+            if other_l.shape == y.shape or torch.broadcast_shapes(y.shape, other_l.shape) == y.shape:
+                return y.squeeze(2) if lifted else y
         drop = 1 if lifted else 0  # aten's conv1d takes the 1-D arguments
         conv = (torch.conv1d, torch.conv2d, torch.conv3d)[x.dim() - 3]
         y = conv(x, weight, bias, self.stride[drop:], self.padding[drop:], self.dilation[drop:], self.groups)
-        if other is not None:
-            y = y.add_(other)
+        if other is not None:  # out of place where eager's add promotes the dtype or broadcasts
+            y = y.add_(other) if other.shape == y.shape and other.dtype == y.dtype else y + other
         return _eager_post_op(y, self.attr, self.scalars, self.algorithm)
 
     def extra_repr(self) -> str:
@@ -455,7 +463,9 @@ class _Lowering:
         bias = _bias_node(r, view)
         packs = WeightPacks("conv", (a["padding"], a["stride"], a["dilation"], a["groups"]))
         min_batch = lowering_batch(view, self.min_macs, self.by_batch)
-        if min_batch > 1:
+        if min_batch > 1 or ("other" in r.match.nodes and _follows_an_input(r.gm, r["other"])):
+            # a residual read from a graph input may come at another dtype, rank or shape than
+            # the example's: `ConvByBatch` checks it per call and adds it as eager does
             return self.conv_switch(r, view, act, post, a, bias, packs, min_batch)
         x = self.channels_last(r, r["x"])
         wn = _packed_weight_node(r, view, packs, x)
@@ -502,6 +512,25 @@ class _Lowering:
         out = r.call(torch.ops.mkldnn._linear_pointwise.default, r["x"], wn, bias, attr, scalars, algo)
         annotate(out, fused="linear" + ("" if act is None else f"+{act.kind}"), lowered="mkldnn")
         return out
+
+
+def _follows_an_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether `node`'s value reaches back to a graph input without a conv or linear in between:
+    its dtype, rank and shape are then the caller's to choose (a conv's or linear's output has
+    its weight's dtype, or eager fails)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        view = op_view(gm, n)
+        if _is_lowered_conv(n) or (view is not None and view.kind in ("conv", "linear")):
+            continue
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def _is_lowered_conv(node: torch.fx.Node) -> bool:

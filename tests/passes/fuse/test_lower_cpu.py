@@ -709,3 +709,31 @@ def test_outputs_from_tuples_and_values_restrided_in_place_stay_right(mode):
     with torch.no_grad():
         for e, o in zip(model(x), gm(x)):
             torch.testing.assert_close(o, e)
+
+
+class _ResidualFromInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, r):
+        return torch.relu(self.conv(x) + r)
+
+
+@pytest.mark.parametrize("min_macs", [0, MIN_MACS])  # oneDNN at every batch; by batch
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_residual_read_from_an_input_is_added_as_eager_adds_it_at_other_dtypes_and_shapes(mode, min_macs):
+    # oneDNN's fused add takes the conv's dtype and shape: a float64 residual crashed it, and a
+    # residual larger than the conv output (eager broadcasts to it) gave the conv's shape, wrong
+    model, x, r = _ResidualFromInput().eval(), torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    res = fxopt.optimize(model, (x, r), f"fuse,lower-cpu{{min_macs={min_macs}}}", mode=mode)
+    assert res.passes[-1].stats["lowered"] == {"conv+add+relu": 1}
+    calls = [(x, r.double()), (x, r.half())]
+    if mode == "symbolic":  # (export graphs refuse other ranks and batch pairings by name)
+        calls += [(x, r[0]), (x[:1], r)]
+    with torch.no_grad():
+        for args in calls:
+            want = model(*args)
+            got = res.module(*args)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
