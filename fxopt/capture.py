@@ -40,6 +40,7 @@ import importlib
 import inspect
 import io
 import logging
+import math
 import operator
 import os
 import re
@@ -123,7 +124,8 @@ def capture(
     input `x`, a sequence length, dynamic), for the export front end: by input name, or as a
     tuple or list by position, it is added to the dynamic batch (an input's dims it does not name
     keep fxopt's batch dim); a dim an input does not have is refused, and one that export kept
-    static all the same is warned about. A symbolic graph runs at any size without it. An exported
+    static all the same is warned about. A symbolic graph runs at any size without it (a static
+    size or a Dim's range it asks is warned about there: only an exported graph checks it). An exported
     graph called with a size or a keyword it does not take raises `fxopt.errors.InputMismatchError`,
     which names the input, the dimension and the size or range it was captured with.
     The result records its front end in `gm.meta["fxopt"]["frontend"]` and carries shape and
@@ -174,6 +176,7 @@ def capture(
             if frontend == "symbolic":
                 gm, note = _symbolic_attempt(user_model, model, args, kwargs)
                 info: dict[str, Any] = {"dynamic_batch": True}
+                _warn_sizes_unchecked(dynamic_shapes)
             else:
                 gm, info = _export(model, args, kwargs, dynamic_batch, dynamic_shapes)
         except Exception as exc:  # each front end fails in its own way; report them all
@@ -1469,6 +1472,29 @@ def _a(noun: str) -> str:
 def _is_static(spec: Any) -> bool:
     """Whether a `dynamic_shapes` dim spec asks for a static size (an int, or Dim.STATIC)."""
     return isinstance(spec, int) or spec is torch.export.Dim.STATIC
+
+
+def _warn_sizes_unchecked(user: Any) -> None:
+    """Warn where the caller's (checked) `dynamic_shapes` asks a symbolic graph for a size it will not
+    check: a static dim or a Dim's range binds an exported graph only; the symbolic one runs at any
+    size (an unbounded Dim or a hint asks for nothing more), and the request went unheeded silently."""
+    if not isinstance(user, dict):
+        return
+    asked = [f"dim {dim} of input '{name}' ({_size_asked(spec)})" for name, dims in user.items()
+             if isinstance(dims, dict) for dim, spec in dims.items() if _size_asked(spec)]
+    if asked:
+        warnings.warn(f"capture: the symbolic graph runs at any size, so dynamic_shapes' {', '.join(asked)} is not "
+                      "checked when it is called; pass mode='export' for a graph that refuses other sizes",
+                      CaptureWarning, stacklevel=user_stacklevel())
+
+
+def _size_asked(spec: Any) -> str:
+    """What a `dynamic_shapes` dim spec asks beyond "any size": 'static', a Dim's range, or ''."""
+    if _is_static(spec):
+        return "static"
+    if isinstance(spec, torch.export.Dim) and (spec.min > 1 or spec.max < math.inf):
+        return repr(spec)
+    return ""
 
 
 def _pins_batch(user: Any) -> bool:

@@ -1,6 +1,7 @@
 """An exported graph called with inputs it was not captured for names the input, the dimension
 and the captured size or range, and says how to capture again (fxopt/call_check.py)."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -243,9 +244,31 @@ def test_dynamic_shapes_by_position_or_negative_dim_keep_the_batch_dynamic_too(s
     ({"x": {1: torch.export.Dim("T", min=8, max=10)}},
      r"dynamic_shapes: dim 1 of input 'x' is Dim\('T', min=8, max=10\), but the example's size there is 7"),
 ])
-def test_dynamic_shapes_that_name_no_dim_of_the_inputs_are_refused(spec, says):
+@pytest.mark.parametrize("mode", ["export", "symbolic", "auto"])
+def test_dynamic_shapes_that_name_no_dim_of_the_inputs_are_refused(spec, says, mode):
+    """In every mode: a symbolic graph does not use dynamic_shapes, but a misnamed key is the caller's mistake."""
     with pytest.raises(fxopt.CaptureError, match=says):
-        _export(Plus(), (torch.randn(2, 7, 4),), dynamic_shapes=spec)
+        fxopt.capture(Plus().eval(), (torch.randn(2, 7, 4),), mode=mode, dynamic_shapes=spec)
+
+
+@pytest.mark.parametrize("spec, asked", [
+    ({"x": {1: 7}}, "dim 1 of input 'x' (static)"),
+    ({"x": (None, None, torch.export.Dim.STATIC)}, "dim 2 of input 'x' (static)"),
+    ({"x": {1: torch.export.Dim("T", min=3, max=10)}}, "dim 1 of input 'x' (Dim('T', min=3, max=10))"),
+])
+@pytest.mark.parametrize("mode", ["symbolic", "auto"])
+def test_a_size_dynamic_shapes_asks_of_a_symbolic_graph_is_warned_unchecked(spec, asked, mode):
+    """A symbolic graph runs at any size: a static dim or a Dim's range went unheeded without a word."""
+    with pytest.warns(fxopt.CaptureWarning, match=re.escape(f"dynamic_shapes' {asked} is not checked")):
+        gm = fxopt.capture(Plus().eval(), (torch.randn(2, 7, 4),), mode=mode, dynamic_shapes=spec)
+    assert fxopt.frontend_of(gm) == "symbolic" and gm(torch.randn(2, 12, 4)).shape == (2, 12, 4)
+
+
+@pytest.mark.parametrize("spec", [{"x": {1: torch.export.Dim.AUTO}}, {"x": {1: torch.export.Dim("T")}}])
+def test_a_dim_any_size_fits_is_not_warned_about_in_a_symbolic_graph(spec):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxopt.CaptureWarning)
+        fxopt.capture(Plus().eval(), (torch.randn(2, 7, 4),), mode="symbolic", dynamic_shapes=spec)
 
 
 class _FixedBatch(nn.Module):
