@@ -236,8 +236,8 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     inputs or a dict of keyword inputs, as `fxopt.optimize` takes), counted by FlopCounterMode
     (flops / 2).
 
-    Counts convolutions (any dim, grouped, transposed), linear, matmul/mm/bmm/addmm/baddbmm and
-    scaled_dot_product_attention; elementwise ops, pooling, normalization and quantized kernels
+    Counts convolutions (any dim, grouped, transposed), linear, matmul/mm/bmm/addmm/baddbmm,
+    scaled_dot_product_attention and the matmuls of recurrent layers (LSTM, GRU, RNN); elementwise ops, pooling, normalization and quantized kernels
     (``quantized::*``) and fxopt's oneDNN kernels (``mkldnn::*``) count as 0. An op of another
     library with a kernel of its own (``transformers::grouped_mm_fallback``, Mixtral's experts)
     has no formula: it counts as 0, with a warning naming it. Works for any nn.Module or
@@ -331,10 +331,20 @@ def _grouped_mm_flops(a_shape: Any, b_shape: Any, *_: Any, **__: Any) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
+def _rnn_layer_flops(input_shape: Any, w_ih_shape: Any, w_hh_shape: Any, *_: Any, **__: Any) -> int:
+    """``aten.mkldnn_rnn_layer``, one direction of one layer of a CPU ``nn.LSTM``: every step of
+    every sequence multiplies its input by the gates' input weights [G * H, I] and the hidden state
+    by their hidden weights [G * H, H] (the cell's elementwise ops are not counted, as elsewhere)."""
+    steps = math.prod(input_shape) // input_shape[-1]
+    return 2 * steps * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
+
+
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one SDPA dispatches to, nor
-# the grouped matmul Hugging Face's mixtures of experts run their experts with.
+# the grouped matmul Hugging Face's mixtures of experts run their experts with, nor the oneDNN
+# kernel a CPU LSTM runs each layer with (an LSTM counted 0; GRU and RNN run as matmuls).
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
-                        torch.ops.aten._grouped_mm: _grouped_mm_flops}
+                        torch.ops.aten._grouped_mm: _grouped_mm_flops,
+                        torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops}
 
 
 def _lazy_tensor(model: nn.Module) -> str | None:

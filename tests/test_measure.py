@@ -486,6 +486,20 @@ def test_a_model_with_a_lazy_buffer_is_measured():
     assert isinstance(model[0], nn.LazyLinear)  # timed on a copy: the caller's stays lazy
 
 
+@pytest.mark.parametrize("options", [{}, {"batch_first": True}, {"num_layers": 2, "bidirectional": True}])
+@pytest.mark.parametrize("capture", [False, True])
+def test_count_macs_counts_the_matmuls_of_an_lstm(options, capture):
+    """A CPU LSTM runs each layer as one oneDNN kernel (aten.mkldnn_rnn_layer) FlopCounterMode has no formula
+    for: it counted 0, silently (GRU and RNN, run as matmuls, counted right; api F1). Each layer and
+    direction: steps x 4 gates x hidden x (inputs + hidden)."""
+    model = nn.LSTM(8, 16, **options).eval()
+    x = torch.randn(2, 5, 8)  # 10 steps, whichever dim is the batch
+    layers, directions = options.get("num_layers", 1), 2 if options.get("bidirectional") else 1
+    expected = sum(directions * 10 * 4 * 16 * ((8 if layer == 0 else directions * 16) + 16) for layer in range(layers))
+    measured = fxopt.capture(model, (x,), mode="export") if capture else model
+    assert count_macs(measured, (x,)) == expected
+
+
 def test_count_macs_counts_a_lazy_model_on_a_copy_its_first_call_initializes():
     """count_macs on an nn.LazyLinear / LazyConv2d that never ran crashed with torch's 'Attempted to use
     an uninitialized parameter'; it counts the model as its first call makes it, and leaves the caller's
