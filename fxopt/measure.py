@@ -237,8 +237,9 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     (flops / 2).
 
     Counts convolutions (any dim, grouped, transposed), linear, matmul/mm/bmm/addmm/baddbmm,
-    scaled_dot_product_attention and the matmuls of recurrent layers (LSTM, GRU, RNN); elementwise ops, pooling, normalization and quantized kernels
-    (``quantized::*``) and fxopt's oneDNN kernels (``mkldnn::*``) count as 0. An op of another
+    scaled_dot_product_attention and the matmuls of recurrent layers (LSTM, GRU, RNN); elementwise
+    ops, pooling, normalization and quantized kernels (``quantized::*``) and fxopt's oneDNN kernels
+    (``mkldnn::*``) count as 0. An op of another
     library with a kernel of its own (``transformers::grouped_mm_fallback``, Mixtral's experts)
     has no formula: it counts as 0, with a warning naming it. Works for any nn.Module or
     callable. BatchNorm statistics of a module in training mode are restored afterwards. A model
