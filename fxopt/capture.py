@@ -1575,6 +1575,36 @@ def _with_user_dims(batch_spec: Any, user: Any) -> Any:
     return merged
 
 
+def _structure_difference(expected: Any, got: Any, path: str = "") -> str:
+    """Where the captured graph's output structure (pytree spec `got`) first parts from the model's
+    (`expected`), in words: "output ['shape']: captured graph returns a tuple, the model a Size"
+    (the outer containers' names alone said "a dict, the model a dict")."""
+    if expected.type is not got.type or expected.context != got.context \
+            or expected.num_children != got.num_children:
+        where = f"output {path}: " if path else ""
+        text = (f"{where}captured graph returns {_spec_text(got)}, the model {_spec_text(expected)} "
+                "(output structure differs)")
+        if expected.type is torch.Size:
+            text += ("; torch.export returns a torch.Size as a tuple: return tuple(x.shape), or capture with "
+                     "mode='symbolic'")
+        return text
+    keys = expected.context if isinstance(expected.context, list) else range(expected.num_children)
+    for i, key in enumerate(keys):
+        if expected.child(i) != got.child(i):
+            return _structure_difference(expected.child(i), got.child(i), f"{path}[{key!r}]")
+    return "captured graph's output structure differs from the model's"
+
+
+def _spec_text(spec: Any) -> str:
+    """One level of a pytree spec in words: 'a Size', 'a dict with keys 'y', 'shape'', 'a list of 2'."""
+    if spec.type is None:
+        return "a value"
+    name = spec.context.__name__ if isinstance(spec.context, type) else spec.type.__name__  # a namedtuple's class
+    if isinstance(spec.context, list) and spec.context:
+        return f"{_a(name)} with keys {', '.join(map(repr, spec.context))}"
+    return f"{_a(name)} of {spec.num_children}" if spec.type in (tuple, list) else _a(name)
+
+
 def _nondeterministic(model: nn.Module, args: tuple, kwargs: dict, state: BufferState) -> bool:
     """Whether two eager runs from one state and one seed differ: the forward draws random
     numbers torch's generator does not drive (Python's `random`, NumPy)."""
@@ -1598,10 +1628,7 @@ def _check_same_outputs(expected: Any, got: Any, nondeterministic: Callable[[], 
         )
     if exp_spec != got_spec:
         # e.g. symbolic tracing turns a Hugging Face ModelOutput into a plain dict
-        raise CaptureError(
-            f"captured graph returns a {type(got).__name__}, the model a {type(expected).__name__} "
-            "(output structure differs)"
-        )
+        raise CaptureError(_structure_difference(exp_spec, got_spec))
     for i, (e, g) in enumerate(zip(exp_leaves, got_leaves)):
         if type(e) is not type(g) and not (isinstance(e, torch.Tensor) and isinstance(g, torch.Tensor)):
             raise CaptureError(

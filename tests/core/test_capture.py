@@ -1734,3 +1734,26 @@ def test_a_value_kept_from_the_first_batch_of_token_ids_is_warned_of(ids):
     with pytest.warns(fxopt.CaptureWarning, match=r"depends on state its forward keeps in Python attributes "
                                                   r"\(center: None -> a tensor of shape \(8,\)\)"):
         capture(_FirstBatchCenterOfIds().eval(), ids, mode="symbolic")
+
+
+class _ReturnsItsShape(nn.Module):
+    def __init__(self, as_dict: bool):
+        super().__init__()
+        self.fc, self.as_dict = nn.Linear(4, 4), as_dict
+
+    def forward(self, x):
+        h = self.fc(x)
+        return {"y": h, "shape": h.shape} if self.as_dict else (h, h.shape)
+
+
+@pytest.mark.parametrize("as_dict, where", [(False, "output [1]"), (True, "output ['shape']")])
+def test_an_output_export_changes_the_structure_of_is_named(as_dict, where):
+    """A torch.Size among the outputs comes back from torch.export as a tuple: the error said "captured
+    graph returns a tuple, the model a tuple (output structure differs)" (api F2), naming neither the
+    entry nor the fix. The symbolic graph returns the Size."""
+    model, x = _ReturnsItsShape(as_dict).eval(), torch.randn(2, 4)
+    with pytest.raises(CaptureError, match=re.escape(f"{where}: captured graph returns a tuple of 2, the model a Size")
+                       + r".*return tuple\(x\.shape\), or capture with mode='symbolic'"):
+        capture(model, x, mode="export")
+    out = capture(model, x)(torch.randn(3, 4))
+    assert (out["shape"] if as_dict else out[1]) == torch.Size([3, 4])
