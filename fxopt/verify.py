@@ -283,6 +283,11 @@ class VerificationReport:
     against the original but the passes after its last lossy pass did not hold theirs against
     that pass's output (an int8 kernel after `prune`): that comparison, which failed.
 
+    `max_abs_error`, `max_rel_error`, `sqnr_db` and `cosine` are the worst over the floating-point
+    outputs; integer and bool outputs (indices, masks) are judged by how many elements differ
+    (their entries in `outputs`), not as numbers: an index of 60 against 8 is no error of 52. Only
+    where every output is an integer one do these numbers read them.
+
         >>> import torch, fxopt
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 2)
@@ -308,21 +313,26 @@ class VerificationReport:
     stage: VerificationReport | None = None
 
     @property
+    def _numeric_outputs(self) -> list[TensorComparison]:
+        """The outputs the headline numbers are over: the floating-point ones, or, without any, all."""
+        return [o for o in self.outputs if o.mismatches is None] or self.outputs
+
+    @property
     def max_abs_error(self) -> float:
         # no output compared (the candidate raised): NaN, which reads as no match, never 0
-        return max((o.max_abs_error for o in self.outputs), default=math.nan)
+        return max((o.max_abs_error for o in self._numeric_outputs), default=math.nan)
 
     @property
     def max_rel_error(self) -> float:
-        return max((o.max_rel_error for o in self.outputs), default=math.nan)
+        return max((o.max_rel_error for o in self._numeric_outputs), default=math.nan)
 
     @property
     def sqnr_db(self) -> float:
-        return min((o.sqnr_db for o in self.outputs), default=math.nan)
+        return min((o.sqnr_db for o in self._numeric_outputs), default=math.nan)
 
     @property
     def cosine(self) -> float:
-        return min((o.cosine for o in self.outputs), default=math.nan)
+        return min((o.cosine for o in self._numeric_outputs), default=math.nan)
 
     def _coarse_dtypes(self) -> list[torch.dtype]:
         dtypes = {o.dtype for o in self.outputs if coarse_eps(o.dtype) is not None}

@@ -852,6 +852,28 @@ def test_integer_outputs_are_compared_element_by_element_not_by_a_relative_bound
     assert not worse.passed and "3/200 elements differ" in worse.summary()
 
 
+def test_the_headline_numbers_are_over_the_float_outputs_not_an_integer_ones_values():
+    """An index output off by one element (21005 vs 21055: an error of 50) set the report's max_abs and its
+    SQNR, which tools/bench_quantize.py tabulates, while the float output was exact (quant F1); integer
+    outputs are judged by count, and the headline is the float outputs'. All-integer outputs keep theirs."""
+    x = torch.randn(2, 3)
+    r = verify(_Ids(), _Ids({(1, 40): 50}), x, tolerance="int8")
+    assert r.outputs[1].max_abs_error == 50 and r.outputs[0].max_abs_error == 0
+    assert r.max_abs_error == 0 and r.max_rel_error == 0 and r.sqnr_db == math.inf and r.cosine == 1.0
+    assert r.summary().startswith("PASS (int8, cpu): max_abs=0 max_rel=0 sqnr=")
+    ids_only = verify(_IdsOnly(_Ids()), _IdsOnly(_Ids({(1, 40): 50})), x, tolerance="int8")
+    assert ids_only.max_abs_error == 50
+
+
+class _IdsOnly(nn.Module):
+    def __init__(self, ids: nn.Module):
+        super().__init__()
+        self.ids = ids
+
+    def forward(self, x):
+        return self.ids(x)[1]
+
+
 def test_bool_outputs_are_compared_exactly_and_lossy_judges_no_integer():
     x = torch.randn(2, 3)
     r = verify(_Ids(), _Ids({(0, 0): 200}), x, tolerance="float")   # 5 -> 205 also flips ids > 100
