@@ -469,9 +469,18 @@ def _overshoot(plan: PrunePlan, ratio: float) -> str | None:
     past the target. None within `OVERSHOOT_WARNING` times the target (a transformer's heads, a
     few classes of 64, overshoot a 0.3 target by 15%), or one channel of it."""
     sel = plan.selection
-    prod = plan.costs.get("prod")
-    if prod is None or sel.removed <= max(OVERSHOOT_WARNING * sel.target, sel.target + 1):
+    prod, imp = plan.costs.get("prod"), plan.costs.get("imp")
+    bound = max(OVERSHOOT_WARNING * sel.target, sel.target + 1)
+    if prod is None or sel.removed <= bound:
         return None
+    # a channel whose weights are all zero costs nothing to remove: the selection takes it at
+    # any ratio (the outputs do not change), and a model with many was cut far past the target
+    free = int(prod[sel.dead & (imp == 0)].sum()) if imp is not None else 0
+    if free and sel.removed - free <= bound:
+        return (f"removed {sel.removed} of the {sel.total} prunable channels at ratio={ratio}, "
+                f"{100 * sel.removed / max(sel.target, 1):.0f}% of the {sel.target} targeted: {free} of them have "
+                "zero importance (all-zero weights: they add nothing to any output), and those are removed at "
+                "every ratio, exactly. To keep them, prune a copy whose zero weights you perturb.")
     largest = int(prod[sel.dead].max())
     if largest <= 1:
         return None
@@ -769,6 +778,9 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
     # 4-entry head axis on its own gave every pruned head back
     rounded = _rounded_slots(cg)
     may_empty = _emptiable(cg, rounded)
+    required_by: dict[int, list[int]] = {}
+    for u, v in cg.precedence:
+        required_by.setdefault(v, []).append(u)
     for _ in range(len(cg.slots) + 8):
         changed = False
         for slot in cg.slots:
@@ -782,8 +794,12 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
             want = min(max(step, -(-alive // step) * step), size)
             if alive >= want:
                 continue
+            # Channels whose return brings back the fewest others first: a residual add's second
+            # writer then takes back the channels its first writer's return kept in the sum,
+            # not its own most important ones (the sum kept both sets, and each writer
+            # needed an adapter scattering it in: 12 on a RegNet at round_to=8)
             dead_classes = list(dict.fromkeys(pos[dead[pos]].tolist()))
-            dead_classes.sort(key=lambda k: -imp[k])
+            dead_classes.sort(key=lambda k: (_revived_with(k, dead, required_by), -imp[k]))
             need = want - alive
             back = []
             for k in dead_classes:
@@ -795,6 +811,17 @@ def _round_slots(cg: ChannelGraph, dead: np.ndarray, imp: np.ndarray, round_to: 
             changed = True
         if not changed:
             break
+
+
+def _revived_with(k: int, dead: np.ndarray, required_by: dict[int, list[int]]) -> int:
+    """How many other dead classes `revive` would bring back with class `k`."""
+    seen, stack = {k}, [k]
+    while stack:
+        for u in required_by.get(stack.pop(), ()):
+            if dead[u] and u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return len(seen) - 1
 
 
 #: Channelwise ops torch runs on a value with no channels (an empty axis): pooling, interpolation,

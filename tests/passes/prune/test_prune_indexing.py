@@ -555,3 +555,28 @@ def test_removing_far_more_than_the_target_warns_with_the_class_size(mode):
     assert len(caught) == 1 and "classes of up to 12" in caught[0] and "past the target" in caught[0], caught
     caught, stats = _prune_warnings(ChainedGroupedConvs().eval(), torch.randn(2, 3, 8, 8), "prune{ratio=0.5}", mode)
     assert not caught and stats["removed_channels"] == stats["target_channels"], (caught, stats)
+
+
+class HalfZeroed(nn.Module):
+    """Three convs whose odd output channels are all-zero (a model pruned by masking before)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        with torch.no_grad():
+            for conv in (self.a, self.b):
+                conv.weight[1::2] = 0
+                conv.bias[1::2] = 0
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_removing_far_more_than_the_target_for_free_says_the_channels_were_zero(mode):
+    """ratio=0.1 removed the 16 all-zero channels for a target of 2 with no warning (every class
+    was one channel): the warning now names the zero importance, not coupled classes."""
+    torch.manual_seed(0)
+    caught, stats = _prune_warnings(HalfZeroed().eval(), torch.randn(2, 3, 8, 8), "prune{ratio=0.1}", mode)
+    assert stats["removed_channels"] == 16 and stats["target_channels"] <= 3, stats
+    assert len(caught) == 1 and "16 of them have zero importance" in caught[0], caught
