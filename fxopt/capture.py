@@ -69,7 +69,7 @@ from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
 from .serialize import rebuild_coded_attributes, set_container_mode
-from .tracing import one_at_a_time, registered_by_user, trace, with_traceable_forward
+from .tracing import GradStateReads, one_at_a_time, registered_by_user, trace, with_traceable_forward
 from .verify import PythonAttributes
 
 # torch.nn's traceable forwards register themselves when their module is imported
@@ -665,7 +665,7 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     kept = PythonAttributes(model)  # the Python state the model starts from, put back after
     with torch.no_grad():  # each run draws the same random numbers (`same_random_draws`)
         model_args, model_kwargs = fresh_inputs(args, kwargs)
-        with same_random_draws():
+        with same_random_draws(), GradStateReads(model) as grad_reads:
             expected = model(*model_args, **model_kwargs)
         state.restore()
         with same_random_draws():
@@ -680,6 +680,12 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     if moved:
         _warn_python_state(model, gm, args, kwargs, state, got, moved, kept)
     kept.restore()
+    if grad_reads.found:
+        warnings.warn(f"capture: forward reads the grad state ({'; '.join(grad_reads.found)}): the graph takes, on "
+                      "every call, the branch these reads took at capture, which capture checked under "
+                      "torch.no_grad(), on inputs that require no grad and with the parameters' requires_grad as "
+                      "they are; with grad on, an input that requires grad, or parameters frozen or unfrozen since, "
+                      "the model may compute something else", CaptureWarning, stacklevel=user_stacklevel())
 
 
 def _check_same_input_writes(model: nn.Module, eager: tuple[tuple, dict], graph: tuple[tuple, dict]) -> None:

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 import threading
 import warnings
 from typing import Any, Callable, TypeVar
@@ -41,6 +43,7 @@ import torch
 import torch.fx
 from torch import nn
 from torch.fx.node import map_aggregate
+from torch.overrides import TorchFunctionMode
 
 from .ir.effects import is_effectful
 
@@ -287,3 +290,60 @@ def _has_hooks(m: nn.Module) -> bool:
 
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks)
+
+
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+class GradStateReads(TorchFunctionMode):
+    """Records where the model's own code reads the grad state while the block runs:
+    ``torch.is_grad_enabled()`` and a tensor's ``.requires_grad``. A graph keeps the branch such a
+    read took when it was captured, and fxopt runs models under ``torch.no_grad()`` on inputs
+    that require no grad: a forward computing ``h * 2 if torch.is_grad_enabled() else h`` was
+    captured, and verified, for the no-grad branch only. Reads from torch's code (a fast path's
+    checks) are not the model's and are left out. `model`'s parameters are named where their flag
+    is read (``'l.weight'.requires_grad``): that branch follows whether they train. Not re-entrant
+    (it swaps ``torch.is_grad_enabled`` for the block; fxopt's entry points run one at a time).
+
+        >>> import torch
+        >>> with GradStateReads() as reads, torch.no_grad():
+        ...     _ = torch.nn.Linear(2, 2)(torch.ones(1, 2))       # torch's own code reads nothing here
+        ...     enabled = torch.is_grad_enabled()
+        >>> enabled, [where.split(": ", 1)[0] for where in reads.found]
+        (False, ['torch.is_grad_enabled()'])
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.found: list[str] = []  # 'an input's .requires_grad: "file", line 9', each place once
+        self._parameters = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+
+    def __enter__(self) -> "GradStateReads":
+        self._is_grad_enabled = torch.is_grad_enabled
+        torch.is_grad_enabled = self._reading_grad_enabled
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.is_grad_enabled = self._is_grad_enabled
+        super().__exit__(*exc)
+
+    def _reading_grad_enabled(self) -> bool:
+        self._note("torch.is_grad_enabled()")
+        return self._is_grad_enabled()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") \
+                == "requires_grad":
+            name = self._parameters.get(id(args[0])) if args else None
+            self._note(f"parameter '{name}'.requires_grad" if name else "a tensor's .requires_grad")
+        return func(*args, **(kwargs or {}))
+
+    def _note(self, what: str) -> None:
+        frame = sys._getframe(2)  # the code that read: above _note and the reading hook
+        name = frame.f_code.co_filename
+        # (a model defined in a notebook cell or a doctest has a '<...>' name too: only fx's own code is left out)
+        if name.startswith("<eval_with_key") or os.path.abspath(name).startswith(_LIBRARY_DIRS):
+            return
+        text = f'{what}: "{name}", line {frame.f_lineno}'
+        if text not in self.found:
+            self.found.append(text)

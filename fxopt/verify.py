@@ -58,13 +58,13 @@ import torch
 import torch.fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_map
 
 from .errors import (FxoptError, InputMismatchError, VerificationError, did_you_mean, first_line,
                      is_library_frame, node_location, user_source_line)
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
 from .ir.rewrite import deep_copy, origin
-from .tracing import one_at_a_time
+from .tracing import GradStateReads, one_at_a_time
 
 
 _FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -482,9 +482,10 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
         args, kwargs = _move(args, device), _move(kwargs, device)
     # a model that updates its buffers (a step counter) runs from, and is left in, its state
     state = BufferState(reference, candidate)
+    callers_grad = _callers_grad_state(args, kwargs)  # (read before no_grad below)
     with torch.no_grad():  # each side on its own copy: a model may write into its inputs
         ref_args, ref_kwargs = fresh_inputs(args, kwargs)
-        with same_random_draws(), watch:  # a forward that draws random numbers draws the same ones in both
+        with same_random_draws(), watch, GradStateReads(reference) as grad_reads:  # (random: the same draws in both)
             ref_out = _run_reference(reference, ref_args, ref_kwargs)
         # the two may share buffers; restore writes back only what the run changed (a write
         # into the float bias quantize{backend=reference} shares is one VerifyEach refuses)
@@ -506,6 +507,9 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
     outputs, problem = compare_outputs(ref_out, cand_out)
     if problem is None:
         problem = _input_writes_problem((args, kwargs), (ref_args, ref_kwargs), (cand_args, cand_kwargs), tol)
+    if problem is None and grad_reads.found and callers_grad and all(o.passes(tol) for o in outputs):
+        problem = _grad_state_problem(reference, candidate, args, kwargs, tol, callers_grad, grad_reads.found,
+                                      watch)
     passed = problem is None and all(o.passes(tol) for o in outputs)
     if not passed and problem is None:
         problem = _why_failed(outputs, tol) + _training_mode_note(reference)
@@ -565,6 +569,58 @@ def _input_label(path: tuple) -> str:
     """"input 0", "input 'mask'", "input 1[0]": a leaf of ``(args, kwargs)`` by its pytree path."""
     kind, key, rest = path[0], path[1], keystr(path[2:])
     return f"input {key.idx}{rest}" if kind.idx == 0 else f"input {key.key!r}{rest}"
+
+
+def _callers_grad_state(args: tuple, kwargs: dict) -> str:
+    """How the caller's call differs from verify's (under torch.no_grad(), on inputs that require no
+    grad): "grad on", "an input that requires grad", both, or '' where it does not."""
+    parts = ["grad on"] if torch.is_grad_enabled() else []
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs))):
+        parts.append("an input that requires grad")
+    return " and ".join(parts)
+
+
+def _grad_state_problem(reference: nn.Module, candidate: nn.Module, args: tuple, kwargs: dict, tol: Tolerance,
+                        callers: str, reads: list[str], watch: TorchFunctionMode) -> str | None:
+    """Where the reference's forward reads the grad state (`GradStateReads`), compare once more as
+    the caller calls, `callers` ("grad on"): a graph captured under no_grad keeps that branch, and
+    the comparison under no_grad alone said PASS for a call that computes something else."""
+    state = BufferState(reference, candidate)
+    outputs = []
+    for model in (reference, candidate):  # in the caller's grad mode
+        run_args, run_kwargs = tree_map(_copy_as_given, (args, kwargs))
+        try:
+            with same_random_draws(), watch:
+                outputs.append(tree_map(_detached, model(*run_args, **run_kwargs)))
+        except Exception as exc:  # noqa: BLE001  (the call as the caller makes it fails: that is the finding)
+            outputs.append(exc)
+        finally:
+            state.restore()
+    ref_out, cand_out = outputs
+    if isinstance(ref_out, Exception):
+        return None  # the reference itself does not run so: no call of the caller's to compare
+    if isinstance(cand_out, Exception):
+        differs = f"the candidate raises {type(cand_out).__name__}: {first_line(cand_out)}"
+    else:
+        compared, structure = compare_outputs(ref_out, cand_out)
+        if structure is None and all(o.passes(tol) for o in compared):
+            return None
+        differs = structure or _why_failed(compared, tol)
+    return (f"with {callers}, as this call was made, {differs} (forward reads the grad state: {'; '.join(reads)}; "
+            "the comparison under torch.no_grad() passed): call the candidate under torch.no_grad() or "
+            "torch.inference_mode(), where it computes what the model does, or take the branch out of forward")
+
+
+def _detached(value: Any) -> Any:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _copy_as_given(value: Any) -> Any:
+    """A copy of an input tensor that requires grad where the caller's does (a copy made under
+    no_grad, `fresh_inputs`', does not)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().clone().requires_grad_(value.requires_grad)
 
 
 def _run_reference(reference: nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -1757,3 +1757,44 @@ def test_an_output_export_changes_the_structure_of_is_named(as_dict, where):
         capture(model, x, mode="export")
     out = capture(model, x)(torch.randn(3, 4))
     assert (out["shape"] if as_dict else out[1]) == torch.Size([3, 4])
+
+
+class _ReadsGradMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * 2 if torch.is_grad_enabled() else h
+
+
+class _ReadsAParametersFlag(_ReadsGradMode):
+    def forward(self, x):
+        return self.fc(x) * 2 if self.fc.weight.requires_grad else self.fc(x)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_forward_reading_the_grad_state_is_warned_about(mode):
+    """Captured under torch.no_grad(), the graph keeps the no-grad branch and computed it with grad on too,
+    silently (api F3); torch's own reads (nn.Linear, attention's fast-path checks) are not warned about."""
+    x = torch.randn(2, 4)
+    with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match=r"forward reads the grad state "
+                                       r"\(torch.is_grad_enabled\(\): \".*test_capture.py\", line \d+\)"):
+        model = _ReadsGradMode().eval()
+        gm = capture(model, x, mode=mode)
+        torch.testing.assert_close(gm(x), model(x))  # under no_grad, as checked
+    layer = nn.TransformerEncoderLayer(8, 2, batch_first=True).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*grad state")
+        capture(layer, torch.randn(2, 3, 8), mode=mode)
+
+
+def test_a_branch_on_a_parameters_requires_grad_is_warned_about_naming_it():
+    """The warning said 'x.requires_grad' for `self.fc.weight.requires_grad` (api F4); the branch follows the
+    parameters' flag at capture. (Symbolic tracing refuses such a branch: the flag is a proxy's.)"""
+    model, x = _ReadsAParametersFlag().eval(), torch.randn(2, 4)
+    with pytest.warns(fxopt.CaptureWarning, match=r"reads the grad state \(parameter 'fc.weight'.requires_grad"):
+        gm = capture(model, x, mode="export")
+    model.requires_grad_(False)  # the model now takes the other branch, the graph the one it was captured with
+    assert not torch.allclose(gm(x), model(x))

@@ -5,6 +5,7 @@ import copy
 import math
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -1348,3 +1349,33 @@ def test_verify_leaves_a_weight_written_by_nn_init_as_it_was():
     before = model.fc.bias.detach().clone()
     verify(model, model, torch.randn(2, 4))
     assert torch.equal(model.fc.bias, before)
+
+
+class _DoublesWithGrad(nn.Module):
+    def __init__(self, on_requires_grad: bool = False):
+        super().__init__()
+        self.fc, self.on_requires_grad = nn.Linear(4, 4), on_requires_grad
+
+    def forward(self, x):
+        h = self.fc(x)
+        reads = x.requires_grad if self.on_requires_grad else torch.is_grad_enabled()
+        return h * 2 if reads else h
+
+
+@pytest.mark.parametrize("on_requires_grad", [False, True])
+def test_a_model_reading_the_grad_state_is_verified_as_the_call_is_made(on_requires_grad):
+    """A graph captured under no_grad keeps the no-grad branch of `h * 2 if torch.is_grad_enabled() else h`;
+    verify compared under no_grad only and said PASS for a call with grad on (or an input requiring grad),
+    which the graph computes wrong (api F3). It compares that call too, where forward reads the grad state."""
+    model, x = _DoublesWithGrad(on_requires_grad).eval(), torch.randn(2, 4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxopt.CaptureWarning)
+        gm = fxopt.capture(model, x, mode="export")
+    call = x.clone().requires_grad_(True) if on_requires_grad else x
+    report = verify(model, gm, call)
+    assert not report.passed
+    read = "a tensor's .requires_grad" if on_requires_grad else "torch.is_grad_enabled()"
+    assert f"forward reads the grad state: {read}" in report.message and "is off by" in report.message
+    with torch.no_grad():
+        assert verify(model, gm, x).passed  # as the graph was captured: no second comparison
+    assert verify(model, model, call).passed
