@@ -431,3 +431,27 @@ def test_a_pass_the_model_module_registers_is_known_to_the_pipeline(tmp_path, mo
     finally:
         fxopt.unregister_pass("test-cli-own-pass")
         sys.modules.pop("with_pass", None)
+
+
+class _ScoresAndTopIndex(torch.nn.Module):
+    def __init__(self, shift: int = 0):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x):
+        scores = x * 2
+        return scores, scores.argmax(-1) + self.shift
+
+
+def test_the_table_names_an_integer_output_that_differs_beside_the_float_outputs_sqnr():
+    """A FAIL an index output made (93% of topk indices flipped) read `FAIL int8  SQNR 22.5 dB`, that SQNR
+    the index tensor's own (quant F1); the SQNR is the float outputs' and the index output is named."""
+    import types
+
+    import fxopt
+
+    x = torch.randn(16, 5)
+    report = fxopt.verify(_ScoresAndTopIndex(), _ScoresAndTopIndex(shift=1), x, tolerance="int8")
+    res = types.SimpleNamespace(verification_by_device={"cpu": report})
+    row = next(line for line in cli.format_table({}, {}, res).splitlines() if line.startswith("verification (cpu)"))
+    assert row.split()[2:] == ["FAIL", "int8", "SQNR", "inf", "dB;", "integer", "output", "[1]:", "16/16", "differ"]
