@@ -33,6 +33,7 @@ until the whole model reaches D dB.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import itertools
 import math
@@ -161,12 +162,16 @@ class LowerInt8(Pass):
             for path in paths:
                 names.setdefault(path, set()).add(g.name)
         names = {**nodes, **names}
-        unknown = [name for name in self.skip if name not in names]
+        # a glob (``*.dwconv``) names every path or node it matches, as prune's `ignore` does
+        hits = {name: names[name] if name in names else
+                set().union(*(layers for path, layers in names.items() if fnmatch.fnmatchcase(path, name)))
+                for name in self.skip}
+        unknown = [name for name, layers in hits.items() if not layers]
         if unknown:
             raise ValueError(f"option 'skip': no quantizable layer named {', '.join(map(repr, unknown))} (a node "
-                             f"name, a layer's module path or its weight's path)"
+                             f"name, a layer's module path or its weight's path, or a glob of them)"
                              + did_you_mean(unknown[0], set(names), limit=20))
-        return set().union(*(names[name] for name in self.skip))
+        return set().union(*hits.values())
 
     # ----- mixed precision ------------------------------------------------------------------
     def _select_float_layers(self, gm, ctx: PassContext, stats: dict) -> set[str]:

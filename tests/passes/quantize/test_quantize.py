@@ -1179,6 +1179,30 @@ def test_skip_takes_a_layers_module_path_in_both_front_ends(mode):
     assert kept[0] == ("head" if mode == "symbolic" else "linear")
 
 
+class _Stages(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+        self.s2 = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.s2(torch.relu(self.s1(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_skip_takes_globs_of_module_paths_as_prunes_ignore_does(mode):
+    """`skip=[*.2]` (every stage's depthwise conv) was refused as no layer's name, where prune's
+    `ignore` takes the same glob; a glob that matches nothing is still an error."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    res = fxopt.optimize(_Stages().eval(), (x,), "quantize{skip=[*.2]}", mode=mode, calibration=[x])
+    kept = [name for name, why in res.passes[0].stats["float_ops"].items() if "(skip/target_sqnr)" in why]
+    assert len(kept) == 2, res.passes[0].stats["float_ops"]
+    with pytest.raises(PassError, match=r"no quantizable layer named '\*.7'"):
+        fxopt.optimize(_Stages().eval(), (x,), "quantize{skip=[*.7]}", mode=mode, calibration=[x])
+
+
 class _Encoder(nn.Module):
     def __init__(self):
         super().__init__()
