@@ -274,7 +274,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     state = BufferState(model)
     versions = _buffer_versions(model)
     attributes = {id(m): dict(vars(m)) for m in model.modules()}
-    with _FrozenDraws() as draws:
+    with _FrozenDraws() as draws, GradStateReads() as grad_reads:
         gm = trace(model, concrete_args=concrete or None, enter=enter)
     if draws.found:
         state.restore()
@@ -305,6 +305,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
         _blame_augmented_assignments(gm, exc)
         raise
     _check_next_call(model, gm, args, kwargs)
+    _warn_grad_state_read(grad_reads)
     return gm
 
 
@@ -439,14 +440,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
     error: Exception | None = None
     gm = None
     args, kwargs = _distinct_tensors(args, kwargs)
+    grad_reads = GradStateReads()
     if dynamic_batch and _leading_sizes(args, kwargs):
         try:
-            gm, inputs = _export_dynamic_batch(model, args, kwargs, dynamic_shapes)
+            gm, inputs = _export_dynamic_batch(model, args, kwargs, dynamic_shapes, grad_reads)
             info["dynamic_batch"] = True
         except Exception as exc:  # fall back to a static batch, and say so in the meta
             error = exc
     if gm is None:
-        with _quiet_torch():
+        with _quiet_torch(), grad_reads:
             ep = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         gm, inputs = _checked_graph(model, ep, args, kwargs)
         if error is not None:
@@ -461,6 +463,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
         _warn_static_requested(inputs, model, dynamic_shapes)
         if info["dynamic_batch"]:
             _warn_narrow_batch(inputs, model, args, kwargs)
+    _warn_grad_state_read(grad_reads)
     return gm, info
 
 
@@ -482,11 +485,12 @@ def _distinct_tensors(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tree_map(distinct, (args, kwargs))
 
 
-def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict,
-                          dynamic_shapes: Any) -> tuple[torch.fx.GraphModule, dict | None]:
+def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any,
+                          grad_reads: GradStateReads) -> tuple[torch.fx.GraphModule, dict | None]:
     """`_checked_graph` of an export with dim 0 dynamic; raises when there is no batch to keep
     dynamic, export kept none, or the graph does not compute the model at the example (a graph
-    traced at a batch of 2 for an example of 1 took the branch of 2)."""
+    traced at a batch of 2 for an example of 1 took the branch of 2). The export runs under
+    `grad_reads`."""
     from torch.export import Dim, export
 
     sizes = _leading_sizes(args, kwargs)
@@ -497,7 +501,7 @@ def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict,
     # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
     ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
     dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
-    with _quiet_torch():
+    with _quiet_torch(), grad_reads:
         ep = export(model, ex_args, ex_kwargs, dynamic_shapes=_with_user_dims(dyn, dynamic_shapes), strict=False)
     if not _batch_is_symbolic(ep):  # Dim.AUTO gave way to a guard (dim 0 is no batch: a sequence-first model)
         raise ValueError("export specialized dim 0 of every input")
@@ -665,7 +669,7 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     kept = PythonAttributes(model)  # the Python state the model starts from, put back after
     with torch.no_grad():  # each run draws the same random numbers (`same_random_draws`)
         model_args, model_kwargs = fresh_inputs(args, kwargs)
-        with same_random_draws(), GradStateReads(model) as grad_reads:
+        with same_random_draws():
             expected = model(*model_args, **model_kwargs)
         state.restore()
         with same_random_draws():
@@ -680,8 +684,14 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     if moved:
         _warn_python_state(model, gm, args, kwargs, state, got, moved, kept)
     kept.restore()
-    if grad_reads.found:
-        warnings.warn(f"capture: forward reads the grad state ({'; '.join(grad_reads.found)}): the graph takes, on "
+
+
+def _warn_grad_state_read(reads: GradStateReads) -> None:
+    """Warn where the traced forward read the grad state (`GradStateReads`, entered around the trace
+    only: a torch function mode turns torch's fast paths off, and the model's checked run must take
+    the path a plain call does)."""
+    if reads.found:
+        warnings.warn(f"capture: forward reads the grad state ({'; '.join(reads.found)}): the graph takes, on "
                       "every call, the branch these reads took at capture, which capture checked under "
                       "torch.no_grad(), on inputs that require no grad and with the parameters' requires_grad as "
                       "they are; with grad on, an input that requires grad, or parameters frozen or unfrozen since, "

@@ -301,9 +301,8 @@ class GradStateReads(TorchFunctionMode):
     read took when it was captured, and fxopt runs models under ``torch.no_grad()`` on inputs
     that require no grad: a forward computing ``h * 2 if torch.is_grad_enabled() else h`` was
     captured, and verified, for the no-grad branch only. Reads from torch's code (a fast path's
-    checks) are not the model's and are left out. `model`'s parameters are named where their flag
-    is read (``'l.weight'.requires_grad``): that branch follows whether they train. Not re-entrant
-    (it swaps ``torch.is_grad_enabled`` for the block; fxopt's entry points run one at a time).
+    checks) are not the model's and are left out. Not re-entrant (it swaps ``torch.is_grad_enabled``
+    for the block; fxopt's entry points run one at a time).
 
         >>> import torch
         >>> with GradStateReads() as reads, torch.no_grad():
@@ -313,10 +312,9 @@ class GradStateReads(TorchFunctionMode):
         (False, ['torch.is_grad_enabled()'])
     """
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.found: list[str] = []  # 'an input's .requires_grad: "file", line 9', each place once
-        self._parameters = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+        self.found: list[str] = []  # 'a tensor's .requires_grad: "file", line 9', each place once
 
     def __enter__(self) -> "GradStateReads":
         self._is_grad_enabled = torch.is_grad_enabled
@@ -334,12 +332,13 @@ class GradStateReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") \
                 == "requires_grad":
-            name = self._parameters.get(id(args[0])) if args else None
-            self._note(f"parameter '{name}'.requires_grad" if name else "a tensor's .requires_grad")
+            self._note("a tensor's .requires_grad")  # (an input's or a parameter's: export traces both as its own)
         return func(*args, **(kwargs or {}))
 
     def _note(self, what: str) -> None:
-        frame = sys._getframe(2)  # the code that read: above _note and the reading hook
+        frame = sys._getframe(2)  # the code that read: above _note and the reading hook, and above
+        while frame.f_back is not None and frame.f_code.co_name == "__torch_function__":
+            frame = frame.f_back  # the modes of a trace that passed the read on (export's)
         name = frame.f_code.co_filename
         # (a model defined in a notebook cell or a doctest has a '<...>' name too: only fx's own code is left out)
         if name.startswith("<eval_with_key") or os.path.abspath(name).startswith(_LIBRARY_DIRS):

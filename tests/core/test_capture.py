@@ -1790,11 +1790,38 @@ def test_a_forward_reading_the_grad_state_is_warned_about(mode):
         capture(layer, torch.randn(2, 3, 8), mode=mode)
 
 
-def test_a_branch_on_a_parameters_requires_grad_is_warned_about_naming_it():
-    """The warning said 'x.requires_grad' for `self.fc.weight.requires_grad` (api F4); the branch follows the
-    parameters' flag at capture. (Symbolic tracing refuses such a branch: the flag is a proxy's.)"""
+def test_a_branch_on_a_parameters_requires_grad_is_warned_about():
+    """The warning said 'x.requires_grad' for `self.fc.weight.requires_grad` (api F4): it says a tensor's, and
+    that the branch follows the parameters' flag at capture (export traces the parameters as tensors of its
+    own: which one is not known). Symbolic tracing refuses such a branch: the flag is a proxy's."""
     model, x = _ReadsAParametersFlag().eval(), torch.randn(2, 4)
-    with pytest.warns(fxopt.CaptureWarning, match=r"reads the grad state \(parameter 'fc.weight'.requires_grad"):
+    with pytest.warns(fxopt.CaptureWarning, match=r"reads the grad state \(a tensor's .requires_grad: .* the "
+                                                  r"parameters' requires_grad as they are"):
         gm = capture(model, x, mode="export")
     model.requires_grad_(False)  # the model now takes the other branch, the graph the one it was captured with
     assert not torch.allclose(gm(x), model(x))
+
+
+def test_the_checked_run_of_the_model_takes_the_path_a_plain_call_takes():
+    """The grad-state watch (a torch function mode) around the model's checked run turned torch's fast
+    paths off: an encoder with a padding mask, which a plain call runs through nested tensors (zeros at the
+    padded positions), was checked on its slow path, and the symbolic graph (calling the encoder) refused."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x, mask = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note on the nested-tensor path
+        gm = capture(_Encodes(encoder), (x, mask), mode="symbolic")
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x, mask), encoder(x, src_key_padding_mask=mask))
+
+
+class _Encodes(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x, mask):
+        return self.encoder(x, src_key_padding_mask=mask)

@@ -1379,3 +1379,4 @@ def test_a_model_reading_the_grad_state_is_verified_as_the_call_is_made(on_requi
     with torch.no_grad():
         assert verify(model, gm, x).passed  # as the graph was captured: no second comparison
     assert verify(model, model, call).passed
+
