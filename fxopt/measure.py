@@ -78,7 +78,7 @@ def count_parameters(model: nn.Module) -> int:
     >>> count_parameters(torch.nn.Linear(3, 4))  # 3*4 weights + 4 biases
     16
     """
-    _refuse_lazy(model, "count_parameters")
+    _check_measurable(model, "count_parameters")
     seen: set[tuple[Any, ...]] = set()
     total = 0
     for tensor in [*model.parameters(), *_hidden_weights(model)]:
@@ -99,7 +99,7 @@ def model_size_bytes(model: nn.Module) -> int:
     >>> model_size_bytes(torch.nn.Linear(300, 400)) > 300 * 400 * 4
     True
     """
-    _refuse_lazy(model, "model_size_bytes")
+    _check_measurable(model, "model_size_bytes")
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     saved = {_storage_key(t) for t in model.state_dict().values() if isinstance(t, Tensor)}
@@ -145,8 +145,10 @@ def measure_latency(
     >>> stats.p10_ms <= stats.median_ms <= stats.p90_ms
     True
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
+    if not (_is_count(repeats) and _is_count(warmup)) or repeats < 1 or warmup < 0:
+        raise ValueError(f"need an int repeats >= 1 and an int warmup >= 0, got {repeats=}, {warmup=}")
+    if not 0 <= min_time_s < math.inf:  # inf timed forever; NaN was taken as 0
+        raise ValueError(f"min_time_s must be a finite number of seconds >= 0, got {min_time_s}")
     fn = _initialized(fn, inputs)
     call = functools.partial(_call, fn, _private_inputs(inputs))
     sync = _synchronizer(fn, inputs)
@@ -340,12 +342,55 @@ def _rnn_layer_flops(input_shape: Any, w_ih_shape: Any, w_hh_shape: Any, *_: Any
     return 2 * steps * (math.prod(w_ih_shape) + math.prod(w_hh_shape))
 
 
+def _matrix_vector_flops(matrix_shape: Any, vector_shape: Any, *_: Any, **__: Any) -> int:
+    """``mv`` (a linear on an unbatched input by matmul) and ``dot``: one MAC per matrix element."""
+    return 2 * math.prod(matrix_shape)
+
+
+def _addmv_flops(bias_shape: Any, matrix_shape: Any, vector_shape: Any, *_: Any, **__: Any) -> int:
+    return 2 * math.prod(matrix_shape)
+
+
+def _trilinear_flops(s1: Any, s2: Any, s3: Any, expand1: Any, expand2: Any, expand3: Any, *_: Any,
+                     **__: Any) -> int:
+    """``_trilinear`` (``nn.Bilinear``: x1 [B, I], W [O, I, J], x2 [B, J]): one MAC for every point of
+    the space the three operands are broadcast over (B x O x I x J for a bilinear layer)."""
+    spaces = []
+    for shape, expanded in ((s1, expand1), (s2, expand2), (s3, expand3)):
+        sizes = list(shape)
+        for dim in sorted(expanded):
+            sizes.insert(dim, 1)
+        spaces.append(sizes)
+    return 2 * math.prod(max(sizes) for sizes in zip(*spaces))
+
+
+def _distance_flops(x1_shape: Any, x2_shape: Any, *_: Any, **__: Any) -> int:
+    """``cdist``: every pair of rows [.., P, M] x [.., R, M] meets over its M features."""
+    *batch, rows, features = x1_shape
+    return 2 * math.prod(batch) * rows * x2_shape[-2] * features
+
+
+def _conv_tbc_flops(input_shape: Any, weight_shape: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+    """``conv_tbc`` (time, batch, channels; weight [K, C_in, C_out]): each output meets K x C_in inputs."""
+    kernel, channels_in, _channels_out = weight_shape
+    return 2 * math.prod(out_shape) * kernel * channels_in
+
+
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one SDPA dispatches to, nor
 # the grouped matmul Hugging Face's mixtures of experts run their experts with, nor the oneDNN
-# kernel a CPU LSTM runs each layer with (an LSTM counted 0; GRU and RNN run as matmuls).
+# kernel a CPU LSTM runs each layer with (an LSTM counted 0; GRU and RNN run as matmuls), nor
+# matrix-vector products, nn.Bilinear's _trilinear, cdist and conv_tbc (each counted 0).
 _EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
                         torch.ops.aten._grouped_mm: _grouped_mm_flops,
-                        torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops}
+                        torch.ops.aten.mkldnn_rnn_layer: _rnn_layer_flops,
+                        torch.ops.aten.mv: _matrix_vector_flops,
+                        torch.ops.aten.dot: _matrix_vector_flops,
+                        torch.ops.aten.vdot: _matrix_vector_flops,
+                        torch.ops.aten.addmv: _addmv_flops,
+                        torch.ops.aten._trilinear: _trilinear_flops,
+                        torch.ops.aten._cdist_forward: _distance_flops,
+                        torch.ops.aten._euclidean_dist: _distance_flops,
+                        torch.ops.aten.conv_tbc: _conv_tbc_flops}
 
 
 def _lazy_tensor(model: nn.Module) -> str | None:
@@ -353,9 +398,12 @@ def _lazy_tensor(model: nn.Module) -> str | None:
     return next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)), None)
 
 
-def _refuse_lazy(model: nn.Module, measure: str) -> None:
-    """Raise ValueError naming the lazy tensor of `model`, whose size is not known until it runs
-    (torch's own error named neither the tensor nor the fix)."""
+def _check_measurable(model: nn.Module, measure: str) -> None:
+    """Raise TypeError for what is no nn.Module (a function: "'function' object has no attribute
+    'parameters'"), and ValueError naming the lazy tensor of `model`, whose size is not known until
+    it runs (torch's own error named neither the tensor nor the fix)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{measure} takes an nn.Module, got {type(model).__name__}")
     name = _lazy_tensor(model)
     if name is not None:
         owner = name.rpartition(".")[0]
@@ -390,6 +438,11 @@ def _private_inputs(inputs: Inputs) -> Inputs:
     """A copy of each tensor of `inputs`, made once: a forward that writes into its input (``x += h``)
     writes into the copy on every timed call, not into the caller's tensor."""
     return tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, inputs)
+
+
+def _is_count(value: Any) -> bool:
+    """An int that is no bool (warmup=1.5 failed in range(), deep in the timing loop)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _timed_runs(

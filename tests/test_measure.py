@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 import warnings
 
@@ -546,3 +547,46 @@ def test_a_buffer_no_call_writes_is_not_copied():
     measure_latency(model, (x,), repeats=2, warmup=1)
     count_macs(model, (x,))
     assert peak_mib() - before < 64
+
+
+class _Calls(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("model, inputs, expected", [
+    (nn.Bilinear(4, 5, 3), (torch.randn(2, 7, 4), torch.randn(2, 7, 5)), 14 * 3 * 4 * 5),
+    (_Calls(torch.mv), (torch.randn(8, 16), torch.randn(16)), 8 * 16),
+    (_Calls(lambda a, v: torch.addmv(torch.zeros(8), a, v)), (torch.randn(8, 16), torch.randn(16)), 8 * 16),
+    (_Calls(torch.dot), (torch.randn(16), torch.randn(16)), 16),
+    (_Calls(torch.cdist), (torch.randn(5, 16), torch.randn(7, 16)), 5 * 7 * 16),
+    (_Calls(torch.cdist), (torch.randn(2, 30, 16), torch.randn(2, 40, 16)), 2 * 30 * 40 * 16),
+    (_Calls(lambda x, w, b: torch.conv_tbc(x, w, b, 1)), (torch.randn(10, 2, 4), torch.randn(3, 4, 6), torch.randn(6)),
+     10 * 2 * 6 * 4 * 3),
+])
+def test_count_macs_counts_the_products_flop_counter_has_no_formula_for(model, inputs, expected):
+    """nn.Bilinear (aten._trilinear), matrix-vector products, cdist and conv_tbc counted 0 MACs, silently:
+    FlopCounterMode has no formula for them, and an aten op is not warned about."""
+    assert count_macs(model.eval(), inputs) == expected
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(min_time_s=float("nan")), "min_time_s must be a finite number of seconds >= 0, got nan"),
+    (dict(warmup=1.5), "need an int repeats >= 1 and an int warmup >= 0, got repeats=20, warmup=1.5"),
+    (dict(repeats=True), "need an int repeats >= 1"),
+])
+def test_measure_latency_refuses_options_it_cannot_time_with(options, says):
+    """min_time_s=inf timed forever (not run here: it would hang without the check, which NaN shares); NaN was
+    taken as 0; warmup=1.5 failed in range() inside the loop."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        measure_latency(nn.Linear(2, 2), (torch.randn(1, 2),), **options)
+
+
+@pytest.mark.parametrize("measure", [count_parameters, model_size_bytes])
+def test_a_size_of_a_function_is_refused_by_name(measure):
+    with pytest.raises(TypeError, match=f"{measure.__name__} takes an nn.Module, got function"):
+        measure(lambda x: x)
