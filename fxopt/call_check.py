@@ -544,7 +544,7 @@ def _leaves_problem(record: dict, flat: Any, only_dynamic: bool = False) -> str 
     what `InputGuard` has compared already (ranks and static sizes)."""
     symbols: dict[str, tuple[str, int, int]] = {}
     for entry, value in zip(record["leaves"], flat):
-        problem = _leaf_problem(entry, value, symbols, only_dynamic)
+        problem = _leaf_problem(entry, value, symbols, only_dynamic, record.get("parameters") or ())
         if problem is not None:
             return problem
     condition = size_guards.failed(record.get("conditions") or (), flat,
@@ -602,7 +602,7 @@ def _keyword_problem(record: dict, args: tuple, kwargs: dict) -> str | None:
 
 
 def _leaf_problem(entry: dict, value: Any, symbols: dict[str, tuple[str, int, int]],
-                  only_dynamic: bool = False) -> str | None:
+                  only_dynamic: bool = False, parameters: Any = ()) -> str | None:
     label = entry["label"]
     if "value" in entry:
         if isinstance(value, _SIMPLE) and repr(value) != entry["value"]:
@@ -631,7 +631,8 @@ def _leaf_problem(entry: dict, value: Any, symbols: dict[str, tuple[str, int, in
             if size != want:
                 return (f"{label} has size {size} at dim {dim}, where the graph was captured with size {want}; "
                         "torch.export specialized that dimension (the example's size, or one the model's code "
-                        f"fixes), so the graph runs at size {want} only: {_recapture_dim(label, dim, size)}")
+                        f"fixes), so the graph runs at size {want} only: "
+                        f"{_recapture_dim(label, dim, size, parameters)}")
             continue
         if "symbol" not in want:
             continue
@@ -670,11 +671,16 @@ def _recapture(what: str) -> str:
     return f"capture again (fxopt.capture / fxopt.optimize) with {what}"
 
 
-def _recapture_dim(label: str, dim: int, size: int) -> str:
+def _recapture_dim(label: str, dim: int, size: int, parameters: Any = ()) -> str:
+    """How to get a graph that runs at `size`: `parameters` (forward's) tell an input forward takes
+    through ``**kwargs``, which torch.export cannot keep dynamic (dynamic_shapes naming it is refused)."""
     name = label.split("'")[1] if "'" in label else None
     spec = (f"dynamic_shapes={{'{name}': {{{dim}: torch.export.Dim.AUTO}}}}" if name
             else f"dynamic_shapes marking dim {dim} of that input torch.export.Dim.AUTO")
-    return (f"capture again with an example of size {size} there, or keep the dimension dynamic with "
-            f"fxopt.capture(model, inputs, mode='export', {spec}), or use mode='symbolic' when the model traces "
-            "(its graphs run at any size)")
+    through_kwargs = name is not None and parameters and name not in parameters
+    keep = (f"name '{name}' in forward's signature (torch.export cannot keep an input passed through **kwargs "
+            f"dynamic) and capture with {spec}" if through_kwargs
+            else f"keep the dimension dynamic with fxopt.capture(model, inputs, mode='export', {spec})")
+    return (f"capture again with an example of size {size} there, or {keep}, or use mode='symbolic' when the model "
+            "traces (its graphs run at any size)")
 

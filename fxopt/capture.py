@@ -1434,12 +1434,25 @@ def _checked_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, user: A
                                "in a dict")
         user = dict(zip(bound, user))
     for name in user:
+        var_keyword = _var_keyword_taking(model, bound, name)
+        if var_keyword is not None:
+            raise CaptureError(f"dynamic_shapes names input '{name}', which forward takes through **{var_keyword}: "
+                               "torch.export cannot keep an input passed through **kwargs dynamic; name it in "
+                               f"forward's signature (def forward(self, {name}, ..., **{var_keyword}))")
         if name not in bound:
             raise CaptureError(f"dynamic_shapes names input '{name}', which the example inputs do not give; "
                                f"they give: {', '.join(bound)}")
     # every input named (None: no dim of it), as torch.export takes a dict: fxopt takes one naming some
     return {name: _checked_dims(name, value, user.get(name)) if isinstance(value, torch.Tensor)
             else user.get(name) for name, value in bound.items()}
+
+
+def _var_keyword_taking(model: nn.Module, bound: dict, name: str) -> str | None:
+    """The name of forward's ``**kwargs`` where it takes input `name` that way, else None (the
+    refusal of dynamic_shapes naming it read "which the example inputs do not give")."""
+    params = inspect.signature(model.forward).parameters
+    var = next((p for p in params.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return var.name if var is not None and name in (bound.get(var.name) or {}) else None
 
 
 def _checked_dims(name: str, value: torch.Tensor, dims: Any) -> Any:

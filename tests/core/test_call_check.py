@@ -738,3 +738,32 @@ def test_a_failure_that_is_no_dtype_error_is_not_blamed_on_an_input_dtype():
     assert gm(x.double(), ids).dtype == torch.float64
     with pytest.raises(IndexError, match="index out of range"):
         gm(x.double(), torch.tensor([1, 2, 42]))
+
+
+class _TakesKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, **inputs):
+        return self.fc(inputs["x"])
+
+
+def test_dynamic_shapes_naming_an_input_taken_through_var_keyword_says_why_it_cannot():
+    """'x' given through **inputs was refused as an input "the example inputs do not give; they give: inputs"
+    (torch.export cannot keep such an input dynamic: "Must provide a tree_name")."""
+    with pytest.raises(fxopt.CaptureError, match=re.escape(
+            "dynamic_shapes names input 'x', which forward takes through **inputs: torch.export cannot keep an input "
+            "passed through **kwargs dynamic; name it in forward's signature")):
+        _export(_TakesKeywords(), {"x": torch.randn(2, 4)}, dynamic_shapes={"x": {0: torch.export.Dim.AUTO}})
+
+
+def test_a_call_at_another_size_of_an_input_taken_through_var_keyword_gives_advice_that_works():
+    """The graph's refusal advised dynamic_shapes={'x': ...}, which capture refuses for an input taken
+    through **kwargs (the batch stayed static for that reason)."""
+    with pytest.warns(fxopt.CaptureWarning, match="static batch size"):
+        gm = _export(_TakesKeywords(), {"x": torch.randn(2, 4)})
+    with pytest.raises(InputMismatchError, match=re.escape(
+            "or name 'x' in forward's signature (torch.export cannot keep an input passed through **kwargs dynamic) "
+            "and capture with dynamic_shapes={'x': {0: torch.export.Dim.AUTO}}")):
+        gm(x=torch.randn(3, 4))
