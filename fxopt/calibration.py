@@ -313,7 +313,7 @@ def _feed(gm: nn.Module, observers: list[nn.Module], i: int, batch: Any) -> None
         gm(*args, **kwargs)
     except InputMismatchError as exc:  # a guard of the graph named the input that does not fit
         raise InputMismatchError(f"calibrate: calibration batch {i} does not fit the captured graph: {exc}\n  "
-                                 f"{_fit_advice(exc)}") from exc
+                                 f"{_fit_advice(exc)}{_pair_hint(args)}") from exc
     except FxoptError as exc:  # an observer's own message (NaN, non-float data) says what it saw
         infinite = [o.location for o in observers if getattr(o, "nonfinite_batch", None) == i
                     and getattr(o, "nonfinite", "")]
@@ -322,11 +322,11 @@ def _feed(gm: nn.Module, observers: list[nn.Module], i: int, batch: Any) -> None
                             f"{'; '.join(infinite[:3])}: arithmetic on them made the NaN)") from None
         raise
     except Exception as exc:  # a batch of the wrong shape or dtype fails deep inside a layer
-        shapes = [str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)]
+        shapes = [str(tuple(a.shape)) for a in torch.utils._pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
         shapes += [f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         raise FxoptError(f"calibrate: calibration batch {i} (tensor shapes [{', '.join(shapes)}]) does not run "
                          f"through the model: {type(exc).__name__}: {exc}{_rank_hint(gm, args, kwargs)}"
-                         f"{_guard_hint(exc)}{_count_hint(exc, args)}") from exc
+                         f"{_guard_hint(exc)}{_count_hint(exc, args)}{_pair_hint(args)}") from exc
     finally:
         _BATCH.reset(token)
 
@@ -364,8 +364,24 @@ def _count_hint(exc: Exception, args: tuple) -> str:
     DataLoader of (inputs, labels), whose labels are fed as an input."""
     if not (isinstance(exc, TypeError) and "positional argument" in str(exc) and len(args) > 1):
         return ""
+    if _looks_like_a_call(args):
+        return ""  # (`_pair_hint` says it)
     return (f"\n  a calibration batch is the model's positional inputs, and this one holds {len(args)}: batches "
             "of (inputs, labels) feed the labels as an input too; give the inputs only (e.g. [x for x, _ in loader])")
+
+
+def _looks_like_a_call(args: tuple) -> bool:
+    return len(args) == 2 and isinstance(args[0], tuple) and isinstance(args[1], dict)
+
+
+def _pair_hint(args: tuple) -> str:
+    """What to do when a batch of the pipeline was an `(args, kwargs)` pair, which it reads, as
+    capture reads example inputs, as two positional inputs (the hint blamed (inputs, labels))."""
+    if not _looks_like_a_call(args):
+        return ""
+    return ("\n  a calibration batch of fxopt.optimize / PassManager.run is read as example inputs are: this "
+            "(tuple, dict) is two positional inputs, not (args, kwargs); give the batch as a tuple of positional "
+            "inputs, or as a dict of all its inputs by forward's parameter names")
 
 
 def _guard_hint(exc: Exception) -> str:

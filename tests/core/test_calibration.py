@@ -158,6 +158,27 @@ def test_a_dataloader_of_inputs_and_labels_is_named_as_the_likely_cause(observed
         fxopt.calibrate(observed, labeled, progress=False)
 
 
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, mask=None):
+        return self.fc(x) if mask is None else self.fc(x) * mask
+
+
+@pytest.mark.parametrize("model, batch", [
+    (nn.Sequential(nn.Linear(4, 3)), ((torch.randn(8, 4),), {})),
+    (_Masked(), ((torch.randn(8, 4),), {"mask": torch.ones(8, 3)})),
+])
+def test_an_args_kwargs_pair_given_to_a_pipeline_is_named_as_read(model, batch):
+    """fxopt.optimize reads a batch as its example inputs: ((x,), {...}) is two positional inputs. The error
+    blamed "(inputs, labels)", or the graph's specialization to mask=None, and listed no tensor shape."""
+    with pytest.raises(fxopt.PassError, match=r"(?s)this \(tuple, dict\) is two positional inputs, not \(args, "
+                                              r"kwargs\); give the batch as a tuple of positional inputs, or as a dict"):
+        fxopt.optimize(model.eval(), (torch.randn(2, 4),), "quantize", calibration=[batch])
+
+
 class _Rows(torch.utils.data.IterableDataset):
     def __iter__(self):
         return iter(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)))
