@@ -111,7 +111,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     over it, without gradients): one that training made worse (a learning rate too high for a
     student already close to its teacher) is returned as it was given, with a
     `fxopt.PassWarning`; data that cannot be iterated again (a generator) gets the warning only,
-    judged on its first batch. `teacher` runs in eval mode and comes back in the mode each of its
+    judged on its first batch. A student that matches its teacher already (the same model: a
+    pipeline's distill has the pipeline's input for teacher) is returned untrained, with a warning. `teacher` runs in eval mode and comes back in the mode each of its
     submodules had, and with the buffer values it had: a forward that updates a buffer (a call
     counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
     is not changed (a copy is trained, and its buffers are put back to their values after
@@ -180,6 +181,9 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         reiterable = not isinstance(batches, Iterator)  # (a DataLoader of an IterableDataset too: no length)
         judge = _Judge(student, teacher, batches, labeled, output, t, alpha) if reiterable and epochs else None
         start = judge.snapshot(params) if judge is not None else None
+    if judge is not None and judge.start_loss < _MATCHED_LOSS:
+        _warn_already_matches(judge.start_loss)
+        return student
     bar = tqdm(total=total, desc="distill", disable=not progress)
     with _eval_mode(teacher), _restored(teacher_state), bar:
         for epoch in range(epochs):
@@ -304,6 +308,23 @@ class _Judge:
                       f"{self.start_loss:.4g} -> {end_loss:.4g} over the data): returning the student as it was "
                       f"given; lower lr (now {lr}) to train it, or leave distill out", PassWarning,
                       stacklevel=user_stacklevel())
+
+
+#: A mean loss below this before training: the student computes what its teacher does (the same model).
+_MATCHED_LOSS = 1e-9
+
+
+def _warn_already_matches(loss: float) -> None:
+    """Say that there was nothing to train: a pipeline's distill on a model saved after prune and
+    loaded again has that model, the pipeline's input, for teacher; training it against itself took
+    the time of every epoch, and the warning that followed blamed the learning rate."""
+    from .errors import PassWarning
+
+    warnings.warn(f"distill: the student already matches its teacher (mean loss {loss:.2g} before training), so "
+                  "there is nothing to learn: it is returned as given. A pipeline's distill has for teacher the "
+                  "model that fxopt.optimize was given: to distill a pruned model saved and loaded again against "
+                  "the original, call fxopt.distill(student, original_model, batches)", PassWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _warn_if_worse(student: nn.Module, first: tuple, start_loss: float, t: float, alpha: float, lr: float,

@@ -17,6 +17,14 @@ def _models():
     return student, teacher
 
 
+def _nudged(model):
+    """`model` with its weights moved a little: a student that matches its teacher is not trained."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
 def _data(n=2):
     return [torch.randn(4, 3, 8, 8) for _ in range(n)]
 
@@ -81,7 +89,7 @@ def test_a_forward_that_writes_its_input_changes_neither_the_data_nor_the_other_
     2x what the teacher saw."""
     torch.manual_seed(0)
     teacher = _DoublesItsInput().eval()
-    student = fxopt.capture(teacher, torch.randn(2, 4))
+    student = _nudged(fxopt.capture(teacher, torch.randn(2, 4)))  # (one that matches its teacher is not trained)
     data = [torch.randn(3, 4) for _ in range(2)]
     before = [d.clone() for d in data]
     seen = []
@@ -96,6 +104,7 @@ def test_a_student_that_ends_worse_than_it_started_warns():
     """lr=1e6 blew the weights up without an infinite loss: a student far worse than the one given,
     reported only as NOT CHECKED."""
     student, teacher = _models()
+    student = _nudged(student)
     with pytest.warns(fxopt.PassWarning, match=r"distill: the trained student matches the teacher worse than before "
                                                r"training \(mean loss .* -> .* over the data\): returning the "
                                                r"student as it was given; lower lr"):
@@ -368,3 +377,14 @@ def test_a_dataloader_of_an_iterable_dataset_is_judged_before_and_after():
         tuned = fxopt.distill(student, teacher, torch.utils.data.DataLoader(Stream(), batch_size=None), epochs=2,
                               lr=5.0, progress=False)
     torch.testing.assert_close(tuned(data[0]), teacher(data[0]), rtol=0, atol=0)
+
+
+def test_a_student_that_already_matches_its_teacher_is_returned_with_the_reason():
+    """A pipeline's distill on a pruned model saved and loaded again has that model for teacher: it trained
+    the model against itself for every epoch, then warned to lower the learning rate (mix F6)."""
+    student, teacher = _models()
+    with pytest.warns(fxopt.PassWarning, match=r"the student already matches its teacher \(mean loss 0 before "
+                                               r"training\).*fxopt.distill\(student, original_model, batches\)"):
+        tuned = fxopt.distill(student, teacher, _data(), epochs=50, lr=1.0, progress=False)
+    for (name, p), q in zip(tuned.named_parameters(), student.parameters()):
+        assert torch.equal(p, q), name
