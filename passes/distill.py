@@ -56,7 +56,8 @@ class Distill(Pass):
                              "PassManager.run (calibration=[...]); they are the distillation inputs")
         if ctx.reference is None:
             raise FxoptError("distill needs the original model as teacher (ctx.reference)")
-        data = [_as_positional(args, kwargs) for args, kwargs in ctx.calibration]
+        # calibration's (args, kwargs) pairs, which `fxopt.distill` takes as they are (keyword inputs too)
+        data = [(tuple(args), dict(kwargs)) for args, kwargs in ctx.calibration]
         trains = {name: p.requires_grad for name, p in gm.named_parameters()}
         try:
             tuned = distill(gm, _private_buffers(ctx.reference), data, epochs=self.epochs, temperature=self.temperature,
@@ -77,10 +78,3 @@ def _private_buffers(module: torch.nn.Module) -> torch.nn.Module:
             if b is not None:
                 m._buffers[name] = b.clone()
     return teacher
-
-
-def _as_positional(args: tuple, kwargs: dict) -> tuple:
-    if kwargs:
-        raise FxoptError("distill takes positional inputs only; calibration batches with keyword "
-                         f"inputs ({', '.join(kwargs)}) are not supported yet")
-    return tuple(args)

@@ -269,3 +269,31 @@ def test_a_student_that_cannot_be_trained_because_it_writes_in_place_is_named():
                                               r"a value its backward pass needs \(it updates buffer 'n'"):
         fxopt.optimize(model, x, "distill{epochs=1}", calibration=[x] * 2)
     assert model.n.item() == 0.0
+
+
+class _KeywordModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(10, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return self.fc(h.mean(1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_the_distill_pass_takes_keyword_calibration_batches(mode):
+    """A pipeline's distill refused batches of keyword inputs (every Hugging Face model's:
+    "are not supported yet"), which `fxopt.distill` itself takes; it trains on them now."""
+    torch.manual_seed(0)
+    model = _KeywordModel().eval()
+    data = [{"input_ids": torch.randint(0, 10, (4, 6)), "attention_mask": torch.ones(4, 6)} for _ in range(4)]
+    res = fxopt.optimize(model, data[0], "prune{ratio=0.5},distill{epochs=20,lr=0.01}", calibration=data, mode=mode)
+    pruned = fxopt.optimize(model, data[0], "prune{ratio=0.5}", calibration=data, mode=mode)
+    assert res.passes[-1].stats == {"epochs": 20, "batches": 4}
+    with torch.no_grad():
+        gap = {name: float((m(**data[0]) - model(**data[0])).abs().mean())
+               for name, m in (("pruned", pruned.module), ("distilled", res.module))}
+    assert gap["distilled"] < gap["pruned"], gap
