@@ -12,6 +12,7 @@ from .params import (
     add_tensor_attr,
     attribute_use_counts,
     delete_unused_attributes,
+    delete_unused_submodules,
     get_attr_value,
     ref_for_get_attr,
     resolve_attr,
@@ -42,7 +43,8 @@ from .rewrite import (
 __all__ = [
     "ATEN_OP", "BufferState", "aliases_of", "EagerCall", "aten_op_of", "call_through_binding", "eager_call",
     "COMPUTES", "PRIVATE_OF", "OpSpec", "OpView", "ParamRef", "SPECS", "add_tensor_attr", "attribute_use_counts",
-    "bind_arguments", "call_as", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes", "downstream",
+    "bind_arguments", "call_as", "clone_sharing_tensors", "contiguous_outputs", "deep_copy", "delete_unused_attributes",
+    "delete_unused_submodules", "downstream",
     "drop_empty_cat_inputs", "drop_fresh_copies", "fresh_literal_constants",
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared", "leaf_function",
     "make_private", "meta_value", "metadata_read", "module_path", "mutated_input", "names_a_dtype", "reads_memory_order", "written_base", "node_values", "op_name", "op_view", "origin", "ref_for_get_attr", "replace_uses",

@@ -146,5 +146,18 @@ def delete_unused_attributes(gm: torch.fx.GraphModule) -> int:
                     del table[name]
                     removed += 1
     before = sum(1 for _ in gm.modules())
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     return removed + before - sum(1 for _ in gm.modules())
+
+
+def delete_unused_submodules(gm: torch.fx.GraphModule) -> None:
+    """Drop the submodules no `get_attr` or `call_module` of `gm`'s graph reaches: neither
+    named, nor above a named one, nor inside one. (torch's `delete_all_unused_submodules` drops
+    the modules inside a `get_attr`'d one: the branches of a torch.cond nested in a torch.cond
+    branch, which only that branch's own graph names: every pipeline then failed, advB B12.)"""
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_modules()):
+        parts = name.split(".")
+        inside_used = any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1))
+        if name and not inside_used and not any(u.startswith(name + ".") for u in used):
+            gm.delete_submodule(name)

@@ -1384,3 +1384,25 @@ def test_pass_manager_run_reads_a_generator_only_when_a_pass_reads_calibration()
         warnings.simplefilter("ignore")
         res = fxopt.PassManager("quantize").run(gm, (x,), calibration=(b for b in [(torch.randn(2, 4),)] * 3))
     assert res.records[0].stats["calibration_batches"] == 3
+
+
+def test_dce_keeps_the_branches_of_a_cond_nested_in_a_cond_branch():
+    """A torch.cond inside a torch.cond branch: its branches are submodules of the outer branch's
+    GraphModule, named only by that branch's graph; every pipeline, dce too, dropped them and the
+    graph failed ("no attribute 'true_graph_0'", advB B12). Unused layers still go."""
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.unused = nn.Linear(4, 4), nn.Linear(2, 2)
+
+        def forward(self, x):
+            def inner(y):
+                return torch.cond(y.sum() > 1, lambda z: z.cos(), lambda z: z.sin(), (self.lin(y),))
+            return torch.cond(x.sum() > 0, inner, lambda y: y - 1, (x * 2,))
+
+    model, x = Nested().eval(), torch.ones(2, 4)
+    result = fxopt.PassManager("dce").run(fxopt.capture(model, (x,), mode="export"), (x,))
+    names = {name for name, _ in result.module.named_modules()}
+    assert {"true_graph_0.true_graph_0", "true_graph_0.false_graph_0"} <= names and "unused" not in names
+    for probe in (x, -x, torch.full((2, 4), 0.01)):
+        torch.testing.assert_close(result.module(probe), model(probe))
