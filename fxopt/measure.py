@@ -239,9 +239,10 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     (flops / 2).
 
     Counts convolutions (any dim, grouped, transposed), linear, matmul/mm/bmm/addmm/baddbmm,
-    scaled_dot_product_attention and the matmuls of recurrent layers (LSTM, GRU, RNN); elementwise
-    ops, pooling, normalization and quantized kernels (``quantized::*``) and fxopt's oneDNN kernels
-    (``mkldnn::*``) count as 0. An op of another
+    scaled_dot_product_attention and the matmuls of recurrent layers (LSTM, GRU, RNN), also as
+    the int8 and oneDNN kernels fxopt's passes write them (``quantized::conv2d``,
+    ``onednn::qconv_pointwise``, ``mkldnn::_convolution_pointwise``: a quantized model counts what
+    its float model does); elementwise ops, pooling and normalization count as 0. An op of another
     library with a kernel of its own (``transformers::grouped_mm_fallback``, Mixtral's experts)
     has no formula: it counts as 0, with a warning naming it. Works for any nn.Module or
     callable. BatchNorm statistics of a module in training mode are restored afterwards. A model
@@ -261,27 +262,51 @@ def count_macs(gm: Callable[..., Any], example_inputs: Inputs) -> int:
     if uncounted.calls:
         listed = ", ".join(f"{name} ({n} call{'s' * (n > 1)})" for name, n in sorted(uncounted.calls.items()))
         warnings.warn(f"count_macs: no formula for {listed}: counted as 0 MACs", stacklevel=2)
-    return counter.get_total_flops() // 2
+    return counter.get_total_flops() // 2 + uncounted.macs
 
 
 class _UncountedOps(TorchDispatchMode):
-    """Counts calls of ops from other libraries that FlopCounterMode has no formula for. A
+    """Counts calls of ops from other libraries that FlopCounterMode has no formula for, and the
+    MACs of the int8 and oneDNN conv and linear kernels fxopt's passes write, read from their
+    weights' shapes (`_kernel_macs`; they counted 0: an int8 model read as a 24x cut in MACs). A
     dispatch mode sees only ops with kernels of their own: a composite op arrives decomposed
     into ones it counts."""
 
     _KNOWN_ZERO = frozenset({"aten", "prims", "quantized", "quantized_decomposed", "_quantized", "mkldnn",
                              "mkldnn_prepacked", "onednn"})
+    _KERNELS = frozenset({"quantized", "_quantized", "mkldnn", "mkldnn_prepacked", "onednn"})
 
     def __init__(self, registry) -> None:
         super().__init__()
         self.registry = registry
         self.calls: dict[str, int] = {}
+        self.macs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace not in self._KNOWN_ZERO and func._overloadpacket not in self.registry:
             name = f"{func.namespace}::{func._overloadpacket.__name__}"
             self.calls[name] = self.calls.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func.namespace in self._KERNELS:
+            self.macs += _kernel_macs(func._overloadpacket.__name__, args, out)
+        return out
+
+
+def _kernel_macs(name: str, args: tuple, out: Any) -> int:
+    """MACs of an int8 or oneDNN conv or linear kernel (``quantized::conv2d``, ``quantized::linear``,
+    ``mkldnn::_convolution_pointwise``...): its output's elements times what each reads of the
+    weight, a prepacked one's (unpacked) or the first weight-shaped tensor after the input. A
+    transposed conv reads the weight once per input element instead. Other kernels: 0."""
+    if not ("conv" in name or "linear" in name) or not isinstance(out, Tensor):
+        return 0
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    packed = next((a for a in args if isinstance(a, torch.ScriptObject) and hasattr(a, "unpack")), None)
+    weight = packed.unpack()[0] if packed is not None else next((t for t in tensors[1:] if t.dim() >= 2), None)
+    if weight is None or not tensors:
+        return 0
+    if "transpose" in name:  # weight [C_in, C_out / groups, *kernel]
+        return tensors[0].numel() * math.prod(weight.shape[1:])
+    return out.numel() * math.prod(weight.shape[1:])  # conv [C_out, C_in / groups, *kernel], linear [out, in]
 
 
 @contextlib.contextmanager

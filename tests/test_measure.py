@@ -590,3 +590,18 @@ def test_measure_latency_refuses_options_it_cannot_time_with(options, says):
 def test_a_size_of_a_function_is_refused_by_name(measure):
     with pytest.raises(TypeError, match=f"{measure.__name__} takes an nn.Module, got function"):
         measure(lambda x: x)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize{backend=x86}", "quantize{backend=reference}", "fuse,lower-cpu",
+                                      "quantize{backend=x86},lower-cpu"])
+def test_count_macs_counts_int8_and_onednn_kernels_as_the_layers_they_compute(pipeline):
+    """quantized::conv2d / linear and oneDNN's kernels counted 0: an int8 model read as a 24x cut in MACs and
+    lower-cpu lost a layer (mix F4). Grouped and transposed convs too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Flatten(), nn.Linear(4 * 12 * 12, 10)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = 2 * (8 * 8 * 8 * 27 + 8 * 6 * 6 * 4 * 9 + 8 * 6 * 6 * 4 * 4 + 10 * 576)
+    assert count_macs(model, (x,)) == expected
+    result = fxopt.optimize(model, (x,), pipeline, calibration=[(torch.randn(4, 3, 8, 8),)], verify=False)
+    assert count_macs(result.module, (x,)) == expected
