@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import io
 import math
+import operator
 import time
 import warnings
 from contextlib import AbstractContextManager
@@ -147,6 +148,7 @@ def measure_latency(
     """
     if not (_is_count(repeats) and _is_count(warmup)) or repeats < 1 or warmup < 0:
         raise ValueError(f"need an int repeats >= 1 and an int warmup >= 0, got {repeats=}, {warmup=}")
+    repeats, warmup = operator.index(repeats), operator.index(warmup)
     if not 0 <= min_time_s < math.inf:  # inf timed forever; NaN was taken as 0
         raise ValueError(f"min_time_s must be a finite number of seconds >= 0, got {min_time_s}")
     fn = _initialized(fn, inputs)
@@ -389,10 +391,10 @@ def _trilinear_flops(s1: Any, s2: Any, s3: Any, expand1: Any, expand2: Any, expa
     return 2 * math.prod(max(sizes) for sizes in zip(*spaces))
 
 
-def _distance_flops(x1_shape: Any, x2_shape: Any, *_: Any, **__: Any) -> int:
-    """``cdist``: every pair of rows [.., P, M] x [.., R, M] meets over its M features."""
-    *batch, rows, features = x1_shape
-    return 2 * math.prod(batch) * rows * x2_shape[-2] * features
+def _distance_flops(x1_shape: Any, x2_shape: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+    """``cdist``: every pair of rows [.., P, M] x [.., R, M] meets over its M features; the output
+    [.., P, R] has the batch the two broadcast to."""
+    return 2 * math.prod(out_shape) * x1_shape[-1]
 
 
 def _conv_tbc_flops(input_shape: Any, weight_shape: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
@@ -466,8 +468,15 @@ def _private_inputs(inputs: Inputs) -> Inputs:
 
 
 def _is_count(value: Any) -> bool:
-    """An int that is no bool (warmup=1.5 failed in range(), deep in the timing loop)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (a NumPy one, a one-element integer tensor too) that is no bool (warmup=1.5 failed in
+    range(), deep in the timing loop)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _timed_runs(

@@ -7,6 +7,7 @@ import re
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.fx
@@ -565,6 +566,7 @@ class _Calls(nn.Module):
     (_Calls(torch.dot), (torch.randn(16), torch.randn(16)), 16),
     (_Calls(torch.cdist), (torch.randn(5, 16), torch.randn(7, 16)), 5 * 7 * 16),
     (_Calls(torch.cdist), (torch.randn(2, 30, 16), torch.randn(2, 40, 16)), 2 * 30 * 40 * 16),
+    (_Calls(torch.cdist), (torch.randn(1, 10, 8), torch.randn(3, 12, 8)), 3 * 10 * 12 * 8),  # broadcast batch (advB F1)
     (_Calls(lambda x, w, b: torch.conv_tbc(x, w, b, 1)), (torch.randn(10, 2, 4), torch.randn(3, 4, 6), torch.randn(6)),
      10 * 2 * 6 * 4 * 3),
 ])
@@ -584,6 +586,12 @@ def test_measure_latency_refuses_options_it_cannot_time_with(options, says):
     taken as 0; warmup=1.5 failed in range() inside the loop."""
     with pytest.raises(ValueError, match=re.escape(says)):
         measure_latency(nn.Linear(2, 2), (torch.randn(1, 2),), **options)
+
+
+@pytest.mark.parametrize("count", [np.int64(2), torch.tensor(2)])
+def test_measure_latency_takes_a_numpy_or_tensor_integer_count(count):
+    """The int check of 97a1da0 refused np.int64(3), which ran before (advB F2)."""
+    assert measure_latency(nn.Linear(2, 2), (torch.randn(1, 2),), repeats=count, warmup=count).runs == 2
 
 
 @pytest.mark.parametrize("measure", [count_parameters, model_size_bytes])
