@@ -274,7 +274,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     state = BufferState(model)
     versions = _buffer_versions(model)
     attributes = {id(m): dict(vars(m)) for m in model.modules()}
-    with _FrozenDraws() as draws, GradStateReads() as grad_reads:
+    with _FrozenDraws() as draws, GradStateReads(model) as grad_reads:
         gm = trace(model, concrete_args=concrete or None, enter=enter)
     if draws.found:
         state.restore()
@@ -440,7 +440,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
     error: Exception | None = None
     gm = None
     args, kwargs = _distinct_tensors(args, kwargs)
-    grad_reads = GradStateReads()
+    grad_reads = GradStateReads(model)
     if dynamic_batch and _leading_sizes(args, kwargs):
         try:
             gm, inputs = _export_dynamic_batch(model, args, kwargs, dynamic_shapes, grad_reads)

@@ -297,12 +297,14 @@ _LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspat
 
 class GradStateReads(TorchFunctionMode):
     """Records where the model's own code reads the grad state while the block runs:
-    ``torch.is_grad_enabled()`` and a tensor's ``.requires_grad``. A graph keeps the branch such a
-    read took when it was captured, and fxopt runs models under ``torch.no_grad()`` on inputs
-    that require no grad: a forward computing ``h * 2 if torch.is_grad_enabled() else h`` was
-    captured, and verified, for the no-grad branch only. Reads from torch's code (a fast path's
-    checks) are not the model's and are left out. Not re-entrant (it swaps ``torch.is_grad_enabled``
-    for the block; fxopt's entry points run one at a time).
+    ``torch.is_grad_enabled()`` (as ``torch.``, ``torch._C.``, or a name the module of a `model`'s
+    forward imported it as) and a tensor's ``.requires_grad``, ``.grad_fn`` and ``.is_leaf``. A
+    graph keeps the branch such a read took when it was captured, and fxopt runs models under
+    ``torch.no_grad()`` on inputs that require no grad: a forward computing
+    ``h * 2 if torch.is_grad_enabled() else h`` was captured, and verified, for the no-grad branch
+    only. Reads from torch's code (a fast path's checks) are not the model's and are left out. A
+    name bound elsewhere (a helper module's import) is not seen. Not re-entrant (it swaps those
+    names for the block; fxopt's entry points run one at a time).
 
         >>> import torch
         >>> with GradStateReads() as reads, torch.no_grad():
@@ -312,27 +314,46 @@ class GradStateReads(TorchFunctionMode):
         (False, ['torch.is_grad_enabled()'])
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__()
         self.found: list[str] = []  # 'a tensor's .requires_grad: "file", line 9', each place once
+        self._model = model
+        self._swapped: list[tuple[dict, str]] = []
 
     def __enter__(self) -> "GradStateReads":
-        self._is_grad_enabled = torch.is_grad_enabled
-        torch.is_grad_enabled = self._reading_grad_enabled
+        self._is_grad_enabled = torch._C.is_grad_enabled
+        for namespace in self._namespaces():
+            for key, value in list(namespace.items()):
+                if value is self._is_grad_enabled:
+                    namespace[key] = self._reading_grad_enabled
+                    self._swapped.append((namespace, key))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        torch.is_grad_enabled = self._is_grad_enabled
+        for namespace, key in self._swapped:
+            namespace[key] = self._is_grad_enabled
+        self._swapped = []
         super().__exit__(*exc)
+
+    def _namespaces(self) -> list[dict]:
+        """Where `torch.is_grad_enabled` is looked up: torch, torch._C, and the globals of the
+        forward of each module of the model (``from torch import is_grad_enabled``), each once."""
+        spaces = {id(vars(torch)): vars(torch), id(vars(torch._C)): vars(torch._C)}
+        for module in self._model.modules() if self._model is not None else ():
+            found = getattr(type(module).forward, "__globals__", None)
+            if found is not None:
+                spaces.setdefault(id(found), found)
+        return list(spaces.values())
 
     def _reading_grad_enabled(self) -> bool:
         self._note("torch.is_grad_enabled()")
         return self._is_grad_enabled()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") \
-                == "requires_grad":
-            self._note("a tensor's .requires_grad")  # (an input's or a parameter's: export traces both as its own)
+        read = getattr(getattr(func, "__self__", None), "__name__", "") if getattr(func, "__name__", "") == "__get__" \
+            else ""
+        if read in ("requires_grad", "grad_fn", "is_leaf"):
+            self._note(f"a tensor's .{read}")  # (an input's or a parameter's: export traces both as its own)
         return func(*args, **(kwargs or {}))
 
     def _note(self, what: str) -> None:

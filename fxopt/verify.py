@@ -485,7 +485,7 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
     callers_grad = _callers_grad_state(args, kwargs)  # (read before no_grad below)
     with torch.no_grad():  # each side on its own copy: a model may write into its inputs
         ref_args, ref_kwargs = fresh_inputs(args, kwargs)
-        with same_random_draws(), watch, GradStateReads() as grad_reads:  # (random: the same draws in both)
+        with same_random_draws(), watch, GradStateReads(reference) as grad_reads:  # (random: the same draws in both)
             ref_out = _run_reference(reference, ref_args, ref_kwargs)
         # the two may share buffers; restore writes back only what the run changed (a write
         # into the float bias quantize{backend=reference} shares is one VerifyEach refuses)

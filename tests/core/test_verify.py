@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch import is_grad_enabled
 import torch.fx
 from torch import nn
 from torch.nn import functional as F
@@ -1349,6 +1350,33 @@ def test_verify_leaves_a_weight_written_by_nn_init_as_it_was():
     before = model.fc.bias.detach().clone()
     verify(model, model, torch.randn(2, 4))
     assert torch.equal(model.fc.bias, before)
+
+
+class _DoublesWhereGradSpelledOtherwise(nn.Module):
+    """Reads the grad state as `is_grad_enabled` imported from torch, as torch._C's, or through `.grad_fn`."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.fc, self.spelling = nn.Linear(4, 4), spelling
+
+    def forward(self, x):
+        h = self.fc(x)
+        reads = {"imported": lambda: is_grad_enabled(), "torch._C": lambda: torch._C.is_grad_enabled(),
+                 "grad_fn": lambda: h.grad_fn is not None}[self.spelling]()
+        return h * 2 if reads else h
+
+
+@pytest.mark.parametrize("spelling, read", [("imported", "torch.is_grad_enabled()"),
+                                            ("torch._C", "torch.is_grad_enabled()"),
+                                            ("grad_fn", "a tensor's .grad_fn")])
+def test_a_read_of_the_grad_state_in_another_spelling_is_found_too(spelling, read):
+    """Only `torch.is_grad_enabled` looked up through torch at call time was seen: verify said PASS on a call
+    with grad on that the graph computes wrong (advB F3)."""
+    model, x = _DoublesWhereGradSpelledOtherwise(spelling).eval(), torch.randn(2, 4)
+    with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match=re.escape(f"reads the grad state ({read}")):
+        gm = fxopt.capture(model, x, mode="export")
+    report = verify(model, gm, x)
+    assert not report.passed and f"forward reads the grad state: {read}" in report.message
 
 
 class _DoublesWithGrad(nn.Module):
