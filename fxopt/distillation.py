@@ -101,7 +101,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
 
     `data`: an iterable (re-iterated every epoch: a list or a DataLoader) of batches, each the
     model's inputs — a tensor, a tuple of positional inputs, a dict of keyword inputs or an
-    ``(args, kwargs)`` pair. With ``labeled=True`` each batch is ``(inputs, labels)`` instead
+    ``(args, kwargs)`` pair, read as `fxopt.calibrate` reads its batches (a tuple of a tuple and a
+    dict is such a pair: a forward taking a tuple and a dict positionally gets
+    ``((tuple_input, dict_input), {})``; `fxopt.optimize`'s calibration batches are read as its
+    example inputs instead). With ``labeled=True`` each batch is ``(inputs, labels)`` instead
     (`inputs` any of those, `labels` class indices), which
     ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
     that does not fit the models' forward raises a ValueError saying what it was taken as, and
