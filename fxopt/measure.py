@@ -290,24 +290,31 @@ class _UncountedOps(TorchDispatchMode):
             self.calls[name] = self.calls.get(name, 0) + 1
         out = func(*args, **(kwargs or {}))
         if func.namespace in self._KERNELS:
-            self.macs += _kernel_macs(func._overloadpacket.__name__, args, out)
+            self.macs += _kernel_macs(func, args, out)
         return out
 
 
-def _kernel_macs(name: str, args: tuple, out: Any) -> int:
+#: The names the int8 and oneDNN kernels give their weight argument (by the op's schema: a fused
+#: conv + add, ``_convolution_pointwise.binary(X, other, W, ...)``, passes the residual before it).
+_WEIGHT_ARGUMENTS = ("W", "qw", "weight", "w")
+
+
+def _kernel_macs(func: Any, args: tuple, out: Any) -> int:
     """MACs of an int8 or oneDNN conv or linear kernel (``quantized::conv2d``, ``quantized::linear``,
     ``mkldnn::_convolution_pointwise``...): its output's elements times what each reads of the
-    weight, a prepacked one's (unpacked) or the first weight-shaped tensor after the input. A
+    weight, a prepacked one's (unpacked) or the argument its schema names the weight. A
     transposed conv reads the weight once per input element instead. Other kernels: 0."""
-    if not ("conv" in name or "linear" in name) or not isinstance(out, Tensor):
+    name = func._overloadpacket.__name__
+    if not ("conv" in name or "linear" in name) or not isinstance(out, Tensor) or not args:
         return 0
-    tensors = [a for a in args if isinstance(a, Tensor)]
+    names = [a.name for a in func._schema.arguments]
     packed = next((a for a in args if isinstance(a, torch.ScriptObject) and hasattr(a, "unpack")), None)
-    weight = packed.unpack()[0] if packed is not None else next((t for t in tensors[1:] if t.dim() >= 2), None)
-    if weight is None or not tensors:
+    named = next((args[i] for i, n in enumerate(names[:len(args)]) if n in _WEIGHT_ARGUMENTS), None)
+    weight = packed.unpack()[0] if packed is not None else named
+    if not isinstance(weight, Tensor) or weight.dim() < 2 or not isinstance(args[0], Tensor):
         return 0
     if "transpose" in name:  # weight [C_in, C_out / groups, *kernel]
-        return tensors[0].numel() * math.prod(weight.shape[1:])
+        return args[0].numel() * math.prod(weight.shape[1:])
     return out.numel() * math.prod(weight.shape[1:])  # conv [C_out, C_in / groups, *kernel], linear [out, in]
 
 

@@ -613,3 +613,25 @@ def test_count_macs_counts_int8_and_onednn_kernels_as_the_layers_they_compute(pi
     assert count_macs(model, (x,)) == expected
     result = fxopt.optimize(model, (x,), pipeline, calibration=[(torch.randn(4, 3, 8, 8),)], verify=False)
     assert count_macs(result.module, (x,)) == expected
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.c2(torch.relu(self.c1(x))) + x
+        y = h.mean((2, 3))
+        return torch.relu(self.fc(y) + y)
+
+
+@pytest.mark.parametrize("pipeline", ["fuse,lower-cpu", "quantize{backend=x86},lower-cpu"])
+def test_count_macs_reads_a_fused_residual_add_as_no_weight(pipeline):
+    """lower-cpu's conv + add, _convolution_pointwise.binary(X, other, W, ...), passes the residual before the
+    weight, and 088ab72 read it as the weight: 11x the float model's MACs (advB F8)."""
+    torch.manual_seed(0)
+    model, x = _Residual().eval(), torch.randn(2, 16, 14, 14)
+    result = fxopt.optimize(model, (x,), pipeline, calibration=[(torch.randn(2, 16, 14, 14),)], verify=False)
+    assert count_macs(result.module, (x,)) == count_macs(model, (x,)) == 2 * (2 * 14 * 14 * 16 * 144) + 2 * 256
