@@ -49,7 +49,7 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
-                      downstream, fresh_inputs, is_effectful, module_path, names_a_dtype, op_view, origin,
+                      delete_unused_submodules, downstream, fresh_inputs, is_effectful, module_path, names_a_dtype, op_view, origin,
                       reads_memory_order, run_graph, same_random_draws, size_read, tensor_meta, value_nbytes,
                       written_in_place)
 from fxopt.ir.rewrite import COMPUTES
@@ -60,8 +60,9 @@ from .float_output import FloatOutputConv, int8_conv_float_output
 from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, int8_pad, subpixel_weight
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear, quantized_engine
-from .plan import (AVERAGING, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by, build_plan,
-                   grid_source, int8_region, quantized_late, shared_grids, writes_float)
+from .plan import (AVERAGING, BATCH_NORM_KERNELS, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by,
+                   build_plan, grid_source, int8_region, quantized_late, shared_grids, unfolded_reason,
+                   writes_float)
 
 aten = torch.ops.aten
 qops = torch.ops.quantized
@@ -258,7 +259,7 @@ def strip_observers(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dic
             found[value.name] = gm.get_submodule(node.target)
             node.replace_all_uses_with(value)
             gm.graph.erase_node(node)
-    gm.delete_all_unused_submodules()
+    delete_unused_submodules(gm)
     gm.recompile()
     return gm, found
 
@@ -326,9 +327,11 @@ class _Lowering:
         region = quantized_late(self.gm, self.plan, int8_region(self.gm, self.plan, enabled, set(self.float_only)),
                                 set(self.observers))
         self.region = region
-        for out in sorted(enabled - region):  # an add/cat the cut left float (CUT_DECIDES)
+        for out in sorted(enabled - region):  # an add/cat/batchnorm the cut left float (CUT_DECIDES)
             group = self.plan.groups[out]
-            self.stats["float_ops"][group.name] = f"{group.kind}: kept float: int8 would cost more conversions than it saves"
+            unfolded = f"{unfolded_reason(self.gm, group.view)}; " if group.kind == "batch_norm" else ""
+            self.stats["float_ops"][group.name] = (f"{group.kind}: {unfolded}kept float: int8 would cost more "
+                                                   "conversions than it saves")
         self.shared = shared_grids(self.gm, self.plan, region)
         self.stats["shared_qparams"] = len(self.shared)
         if self.reduce_range:
@@ -569,6 +572,8 @@ class _Lowering:
                 result = self._unweighted(group, inputs, qparams, qops.matmul.default, aten.matmul.default)
             elif group.kind == "hardswish":
                 result = self._unweighted(group, inputs[:1], qparams, qops.hardswish.default, aten.hardswish.default)
+            elif group.kind == "batch_norm":
+                result = self._batch_norm(group, view, inputs[0], qparams)
             else:  # cat
                 dim = view.attrs.get("dim", 0)
                 self.stats["cat_requantized"] += sum(
@@ -637,6 +642,27 @@ class _Lowering:
             # add + relu6: the kernel's relu, on relu6's grid (`_follower_ok`: bounds from 0)
             return self._clamp_int8_output(y, bounds, qparams, relu=True) if bounds is not None else y
         return self._float_activation(self.graph.call_function(float_op, tuple(inputs)), bounds)
+
+    def _batch_norm(self, group: Group, view, x: torch.fx.Node, qparams: tuple) -> torch.fx.Node:
+        """A batchnorm (and relu) no layer precedes: x86's quantized.batch_norm{1,2,3}d(_relu)
+        onto the output grid, or the float batchnorm the reference backend rounds afterwards.
+        The kernel reads its own copies of the statistics and affine (as a folded weight is)."""
+        bounds = activation_bounds(op_view(self.gm, group.act)) if group.act is not None else None
+        mean = view.param("running_mean")
+        # x86's kernel wants an affine: a batchnorm without one scales by 1 and shifts by 0
+        stored = {"weight": view.param("weight") if view.param("weight") is not None else torch.ones_like(mean),
+                  "bias": view.param("bias") if view.param("bias") is not None else torch.zeros_like(mean),
+                  "running_mean": mean, "running_var": view.param("running_var")}
+        tensors = [self.graph.get_attr(add_tensor_attr(self.gm, f"{group.name}_{name}", value.detach().float(),
+                                                       parameter=False)) for name, value in stored.items()]
+        eps = float(view.attrs.get("eps", 1e-5))
+        if self.backend == "x86":
+            kernel = BATCH_NORM_KERNELS[len(tensor_meta(group.anchor)[0])] + ("_relu" if bounds is not None else "")
+            y = self.graph.call_function(getattr(qops, kernel).default, (x, *tensors, eps, *qparams))
+            return self._clamp_int8_output(y, bounds, qparams, relu=True) if bounds is not None else y
+        weight, bias, mean, var = tensors
+        y = self.graph.call_function(aten.batch_norm.default, (x, weight, bias, mean, var, False, 0.0, eps, False))
+        return self._float_activation(y, bounds)
 
     def _weighted(self, group: Group, view, inputs, grid: Grid, float_output: bool = False) -> torch.fx.Node:
         """The int8 layer; with `float_output` its value in float, not on `grid` (`plan.writes_float`)."""
