@@ -292,7 +292,8 @@ def _has_hooks(m: nn.Module) -> bool:
                 or module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks)
 
 
-_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+# (with the separator: site-packages/torchvision and a project's fxopt_models/ are the user's)
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
 class GradStateReads(TorchFunctionMode):
@@ -322,11 +323,13 @@ class GradStateReads(TorchFunctionMode):
 
     def __enter__(self) -> "GradStateReads":
         self._is_grad_enabled = torch._C.is_grad_enabled
-        for namespace in self._namespaces():
-            for key, value in list(namespace.items()):
-                if value is self._is_grad_enabled:
-                    namespace[key] = self._reading_grad_enabled
-                    self._swapped.append((namespace, key))
+        swaps = [(vars(torch), "is_grad_enabled"), (vars(torch._C), "is_grad_enabled")]
+        for namespace in self._forward_globals():  # (only these are searched: torch's hold 2,500 names)
+            swaps += [(namespace, key) for key, value in namespace.items() if value is self._is_grad_enabled]
+        for namespace, key in swaps:
+            if namespace.get(key) is self._is_grad_enabled:
+                namespace[key] = self._reading_grad_enabled
+                self._swapped.append((namespace, key))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -335,12 +338,14 @@ class GradStateReads(TorchFunctionMode):
         self._swapped = []
         super().__exit__(*exc)
 
-    def _namespaces(self) -> list[dict]:
-        """Where `torch.is_grad_enabled` is looked up: torch, torch._C, and the globals of the
-        forward of each module of the model (``from torch import is_grad_enabled``), each once."""
-        spaces = {id(vars(torch)): vars(torch), id(vars(torch._C)): vars(torch._C)}
+    def _forward_globals(self) -> list[dict]:
+        """The globals of the forward of each module of the model, each once (where
+        ``from torch import is_grad_enabled`` binds it), a decorated forward's own
+        (``functools.wraps``: the decorator's module holds the wrapper's)."""
+        spaces: dict[int, dict] = {}
         for module in self._model.modules() if self._model is not None else ():
-            found = getattr(type(module).forward, "__globals__", None)
+            forward = inspect.unwrap(type(module).forward)
+            found = getattr(forward, "__globals__", None)
             if found is not None:
                 spaces.setdefault(id(found), found)
         return list(spaces.values())

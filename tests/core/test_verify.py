@@ -1408,3 +1408,50 @@ def test_a_model_reading_the_grad_state_is_verified_as_the_call_is_made(on_requi
         assert verify(model, gm, x).passed  # as the graph was captured: no second comparison
     assert verify(model, model, call).passed
 
+
+
+# a decorator from another module (its globals are not the model's), as Hugging Face's @can_return_tuple
+_DECORATORS: dict = {}
+exec("import functools\n\ndef logged(forward):\n    @functools.wraps(forward)\n"
+     "    def logging_forward(self, *args, **kwargs):\n        return forward(self, *args, **kwargs)\n"
+     "    return logging_forward\n", _DECORATORS)
+_logged = _DECORATORS["logged"]
+
+
+class _DecoratedGradRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    @_logged
+    def forward(self, x):
+        h = self.fc(x)
+        return h * 2 if is_grad_enabled() else h
+
+
+def test_a_grad_state_read_in_a_decorated_forward_is_found():
+    """The watch swapped the names in the decorator's module, not the forward's own (advB F3b)."""
+    model, x = _DecoratedGradRead().eval(), torch.randn(2, 4)
+    with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match=re.escape("reads the grad state")):
+        gm = fxopt.capture(model, x, mode="export")
+    assert not verify(model, gm, x).passed
+
+
+def test_a_model_beside_the_library_directories_is_the_users(tmp_path, monkeypatch):
+    """A file under site-packages/torchvision or a project's fxopt_models/ was taken for torch's or fxopt's
+    own code, its grad-state reads dropped (advB F7): the library directories end with the separator."""
+    import importlib.util
+
+    from fxopt import tracing
+
+    assert all(directory.endswith(os.sep) for directory in tracing._LIBRARY_DIRS)
+    library, models = tmp_path / "lib", tmp_path / "lib_models"  # 'lib' is a prefix of 'lib_models'
+    models.mkdir()
+    (models / "reads_grad.py").write_text("import torch\n\ndef read():\n    return torch.is_grad_enabled()\n")
+    spec = importlib.util.spec_from_file_location("reads_grad", models / "reads_grad.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(tracing, "_LIBRARY_DIRS", (str(library) + os.sep,))
+    with tracing.GradStateReads() as reads:
+        module.read()
+    assert [where.split(": ")[0] for where in reads.found] == ["torch.is_grad_enabled()"]
