@@ -302,6 +302,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
         _record_shapes_and_check(model, gm, args, kwargs)
     except CaptureError as exc:
         _blame_root_hooks(model, exc)
+        _blame_grad_state_reads(grad_reads, exc)
         _blame_augmented_assignments(gm, exc)
         raise
     _check_next_call(model, gm, args, kwargs)
@@ -400,6 +401,19 @@ def _blame_augmented_assignments(gm: torch.fx.GraphModule, exc: CaptureError) ->
 _BAKED = "the trace baked in Python control flow or state"
 
 
+def _blame_grad_state_reads(reads: GradStateReads, exc: CaptureError) -> None:
+    """Where the traced forward read the grad state, name the read as the likely cause: traced with
+    grad on (as capture is called), it took the grad branch, and the check, run under no_grad,
+    blamed "Python control flow or state"."""
+    what, baked, _ = first_line(exc).partition(_BAKED)
+    if not reads.found or not baked:
+        return
+    raise CaptureError(f"{what}forward reads the grad state ({'; '.join(reads.found)}): the trace took the "
+                       "branch of the grad mode capture was called in, and capture checks the graph under "
+                       "torch.no_grad(); capture under torch.no_grad() (the graph then computes that branch on "
+                       "every call, with a warning), or take the branch out of forward") from exc
+
+
 _RANDOM_OPS = frozenset({"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
                          "rand_like", "randn_like", "randint_like", "uniform_", "normal_", "random_", "bernoulli_",
                          "exponential_", "geometric_", "log_normal_", "cauchy_"})
@@ -450,7 +464,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
     if gm is None:
         with _quiet_torch(), grad_reads:
             ep = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-        gm, inputs = _checked_graph(model, ep, args, kwargs)
+        try:
+            gm, inputs = _checked_graph(model, ep, args, kwargs)
+        except CaptureError as exc:
+            _blame_grad_state_reads(grad_reads, exc)
+            raise
         if error is not None:
             info["dynamic_batch_error"] = first_line(error)
             if not _pins_batch(dynamic_shapes):  # (where the caller asked for a static batch: no news)

@@ -1790,6 +1790,15 @@ def test_a_forward_reading_the_grad_state_is_warned_about(mode):
         capture(layer, torch.randn(2, 3, 8), mode=mode)
 
 
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_forward_reading_the_grad_state_captured_with_grad_on_is_refused_naming_the_read(mode):
+    """Traced with grad on it took the grad branch, and the check under no_grad blamed 'Python control flow or
+    state', though the watch had found the read (advB F6)."""
+    with pytest.raises(CaptureError, match=r"forward reads the grad state \(torch.is_grad_enabled\(\): .*capture "
+                                           r"under torch.no_grad\(\)"):
+        capture(_ReadsGradMode().eval(), torch.randn(2, 4), mode=mode)
+
+
 def test_a_branch_on_a_parameters_requires_grad_is_warned_about():
     """The warning said 'x.requires_grad' for `self.fc.weight.requires_grad` (api F4): it says a tensor's, and
     that the branch follows the parameters' flag at capture (export traces the parameters as tensors of its
