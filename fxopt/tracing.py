@@ -344,8 +344,9 @@ class GradStateReads(TorchFunctionMode):
         (``functools.wraps``: the decorator's module holds the wrapper's)."""
         spaces: dict[int, dict] = {}
         for module in self._model.modules() if self._model is not None else ():
-            forward = inspect.unwrap(type(module).forward)
-            found = getattr(forward, "__globals__", None)
+            # (static: a TorchScript module's class holds a descriptor that raises when read from the class)
+            forward = inspect.getattr_static(type(module), "forward", None)
+            found = getattr(inspect.unwrap(forward), "__globals__", None) if callable(forward) else None
             if found is not None:
                 spaces.setdefault(id(found), found)
         return list(spaces.values())

@@ -1834,3 +1834,22 @@ class _Encodes(nn.Module):
 
     def forward(self, x, mask):
         return self.encoder(x, src_key_padding_mask=mask)
+
+
+class _HoldsAScriptedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+    def forward(self, x):
+        return self.block(x) + 1
+
+
+@pytest.mark.parametrize("mode", ["auto", "export"])
+def test_a_model_holding_a_torchscript_submodule_is_captured_and_verified(mode):
+    """The grad-state watch read `type(module).forward` of every submodule, and a ScriptModule's class holds a
+    descriptor that raises so: every capture and verify of such a model failed with AttributeError (advB F12)."""
+    model, x = _HoldsAScriptedBlock().eval(), torch.randn(2, 4)
+    gm = capture(model, x, mode=mode)
+    torch.testing.assert_close(gm(x), model(x))
+    assert fxopt.verify(model, model, x).passed
