@@ -479,7 +479,7 @@ def format_table(before: dict[str, str], after: dict[str, str], res: Any) -> str
     for device, report in res.verification_by_device.items():
         if report.verdict == "NOT CHECKED":  # lossy: the numbers are all there is to go by
             rows.append((f"verification ({device})", "", f"{report.tolerance.name} (not checked)",
-                         f"SQNR {report.sqnr_db:.1f} dB, cos {report.cosine:.2f}"))
+                         f"SQNR {report.sqnr_db:.1f} dB, cos {report.cosine:.2f}{_integer_outputs_note(report)}"))
         else:
             rows.append((f"verification ({device})", "", f"{report.verdict} {report.tolerance.name}",
                          f"SQNR {report.sqnr_db:.1f} dB{_integer_outputs_note(report)}"))

@@ -455,3 +455,16 @@ def test_the_table_names_an_integer_output_that_differs_beside_the_float_outputs
     res = types.SimpleNamespace(verification_by_device={"cpu": report})
     row = next(line for line in cli.format_table({}, {}, res).splitlines() if line.startswith("verification (cpu)"))
     assert row.split()[2:] == ["FAIL", "int8", "SQNR", "inf", "dB;", "integer", "output", "[1]:", "16/16", "differ"]
+
+
+def test_a_not_checked_row_names_an_integer_output_that_differs_too():
+    """A lossy pipeline's row read 'SQNR inf dB, cos 1.00' while every class index was wrong (advB F10)."""
+    import types
+
+    import fxopt
+
+    x = torch.randn(16, 5)
+    report = fxopt.verify(_ScoresAndTopIndex(), _ScoresAndTopIndex(shift=1), x, tolerance="lossy")
+    res = types.SimpleNamespace(verification_by_device={"cpu": report})
+    row = next(line for line in cli.format_table({}, {}, res).splitlines() if line.startswith("verification (cpu)"))
+    assert "lossy (not checked)" in row and row.endswith("; integer output [1]: 16/16 differ")
