@@ -115,9 +115,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     student already close to its teacher) is returned as it was given, with a
     `fxopt.PassWarning`; data that cannot be iterated again (a generator) gets the warning only,
     judged on its first batch. A student that matches its teacher already (the same model: a
-    pipeline's distill has the pipeline's input for teacher) is returned untrained, with a warning. `teacher` runs in eval mode and comes back in the mode each of its
-    submodules had, and with the buffer values it had: a forward that updates a buffer (a call
-    counter) runs from the same state on every batch, as `fxopt.verify` runs it. `student`
+    pipeline's distill has the pipeline's input for teacher) is returned untrained, with a
+    warning. `teacher` runs in eval mode and comes back in the mode each of its submodules had,
+    and with the buffer values it had: a forward that updates a buffer (a call counter) runs from
+    the same state on every batch, as `fxopt.verify` runs it. `student`
     is not changed (a copy is trained, and its buffers are put back to their values after
     training); a student whose forward writes in place into a value its backward needs (an
     export graph writing a buffer update back) cannot be trained: a ValueError names the buffers.
@@ -184,7 +185,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
         reiterable = not isinstance(batches, Iterator)  # (a DataLoader of an IterableDataset too: no length)
         judge = _Judge(student, teacher, batches, labeled, output, t, alpha) if reiterable and epochs else None
         start = judge.snapshot(params) if judge is not None else None
-    if judge is not None and judge.start_loss < _MATCHED_LOSS:
+    if judge is not None and judge.matches():
         _warn_already_matches(judge.start_loss)
         return student
     bar = tqdm(total=total, desc="distill", disable=not progress)
@@ -274,10 +275,11 @@ class _Judge:
         self.labeled, self.output, self.t, self.alpha = labeled, output, t, alpha
         self.student_state, self.teacher_state = BufferState(student), BufferState(teacher)
         self.start_loss = math.nan
+        self.loss_scale = 1.0  # what a loss is small against (`matches`)
 
     def mean_loss(self) -> float:
         """The loss averaged over every batch, the student's parameters as they are now."""
-        total, count = 0.0, 0
+        total, count, scale = 0.0, 0, 0.0
         with torch.no_grad():
             for index, batch in enumerate(self.batches):
                 inputs, labels = _split_batch(batch, self.labeled, index)
@@ -289,8 +291,17 @@ class _Judge:
                 self.student_state.restore()
                 _check_shapes(out, target, self.output)
                 total += float(_loss(out, target, labels, self.t, self.alpha, index))
+                # the squared error of a one-value output is in its units squared; a softmax's KL has none
+                scale += float(target.float().pow(2).mean()) if _one_value(out) else 1.0
                 count += 1
+        self.loss_scale = scale / count if count else 1.0
         return total / count if count else math.nan
+
+    def matches(self) -> bool:
+        """Whether the student computed what its teacher does before training: a loss below
+        `_MATCHED_LOSS` of the teacher's output scale (a regressor's outputs of 1e-4 made a
+        student 50% off read as matching against an absolute bound)."""
+        return self.start_loss < _MATCHED_LOSS * self.loss_scale
 
     def snapshot(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The trained parameters' values now, and the loss they give."""
@@ -313,7 +324,8 @@ class _Judge:
                       stacklevel=user_stacklevel())
 
 
-#: A mean loss below this before training: the student computes what its teacher does (the same model).
+#: A mean loss below this (times the teacher's mean squared output, for a one-value output) before
+#: training: the student computes what its teacher does (the same model).
 _MATCHED_LOSS = 1e-9
 
 

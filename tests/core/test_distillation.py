@@ -388,3 +388,28 @@ def test_a_student_that_already_matches_its_teacher_is_returned_with_the_reason(
         tuned = fxopt.distill(student, teacher, _data(), epochs=50, lr=1.0, progress=False)
     for (name, p), q in zip(tuned.named_parameters(), student.parameters()):
         assert torch.equal(p, q), name
+
+
+class _SmallRegressor(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.fc, self.scale = nn.Linear(4, 1), scale
+
+    def forward(self, x):
+        return self.fc(x) * 1e-4 * self.scale
+
+
+def test_a_regressor_of_small_outputs_half_off_is_not_taken_for_matching():
+    """The match was an absolute loss below 1e-9: a regressor with outputs near 1e-4 and a student 50% off was
+    told it 'already matches its teacher' (advB F11); the squared error is judged against the outputs' scale."""
+    torch.manual_seed(0)
+    teacher, student = _SmallRegressor(1.0).eval(), _SmallRegressor(0.5).eval()
+    student.load_state_dict(teacher.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxopt.distill(student, teacher, _data_4x(), epochs=1, progress=False)
+    assert not any("already matches" in str(w.message) for w in caught)
+
+
+def _data_4x():
+    return [torch.randn(8, 4) for _ in range(2)]
