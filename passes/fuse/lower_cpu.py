@@ -6,10 +6,10 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   `mkldnn._convolution_pointwise(x, W_packed, b, ..., attr, scalars, algorithm)`;
 - conv2d + residual add [+ relu] (same shapes) →
   `mkldnn._convolution_pointwise.binary(x, other, W_packed, b, ..., "add", None, "relu"|None, ...)`;
-  a residual read from a graph input with no conv or linear in between goes through a
-  `ConvByBatch` call instead, which checks it per call: oneDNN's add takes the conv's dtype
-  and shape, where eager's promotes and broadcasts (a float64 residual crashed the kernel, a
-  larger one gave a conv-shaped result);
+  a residual read from a graph input with no conv or linear in between, or computed from other
+  graph inputs than the conv's input, goes through a `ConvByBatch` call instead, which checks it
+  per call: oneDNN's add takes the conv's dtype and shape, where eager's promotes and broadcasts
+  (a float64 residual crashed the kernel, a larger one gave a conv-shaped result);
 - linear [+ relu | gelu | silu] → `mkldnn._linear_pointwise(x, W_packed, b, attr, ...)`
   only with the option `linear=true`: on the zoo's BERT-style encoder it measured *slower*
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
@@ -463,9 +463,9 @@ class _Lowering:
         bias = _bias_node(r, view)
         packs = WeightPacks("conv", (a["padding"], a["stride"], a["dilation"], a["groups"]))
         min_batch = lowering_batch(view, self.min_macs, self.by_batch)
-        if min_batch > 1 or ("other" in r.match.nodes and _follows_an_input(r.gm, r["other"])):
-            # a residual read from a graph input may come at another dtype, rank or shape than
-            # the example's: `ConvByBatch` checks it per call and adds it as eager does
+        if min_batch > 1 or ("other" in r.match.nodes and _may_not_fit(r.gm, r["other"], r["x"])):
+            # a residual that may come at another dtype, rank or shape than the example's:
+            # `ConvByBatch` checks it per call and adds it as eager does
             return self.conv_switch(r, view, act, post, a, bias, packs, min_batch)
         x = self.channels_last(r, r["x"])
         wn = _packed_weight_node(r, view, packs, x)
@@ -512,6 +512,28 @@ class _Lowering:
         out = r.call(torch.ops.mkldnn._linear_pointwise.default, r["x"], wn, bias, attr, scalars, algo)
         annotate(out, fused="linear" + ("" if act is None else f"+{act.kind}"), lowered="mkldnn")
         return out
+
+
+def _may_not_fit(gm: torch.fx.GraphModule, other: torch.fx.Node, x: torch.fx.Node) -> bool:
+    """Whether a conv's residual `other` may, at some call, not fit oneDNN's fused add (the conv
+    output's dtype and shape): it follows a graph input's dtype (`_follows_an_input`), or it
+    is computed from other graph inputs than the conv's input `x`, whose sizes the caller pairs
+    (``c1(x) + c2(z)`` with x of batch 1 and z of 4: eager broadcasts to 4)."""
+    return _follows_an_input(gm, other) or _graph_inputs(other) != _graph_inputs(x)
+
+
+def _graph_inputs(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """The placeholders `node`'s value is computed from."""
+    seen, todo, found = set(), [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.add(n)
+        todo.extend(n.all_input_nodes)
+    return found
 
 
 def _follows_an_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

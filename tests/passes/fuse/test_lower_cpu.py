@@ -737,3 +737,26 @@ def test_a_residual_read_from_an_input_is_added_as_eager_adds_it_at_other_dtypes
             got = res.module(*args)
             assert got.dtype == want.dtype and got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _ResidualFromAnotherInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x, z):
+        return torch.relu(self.c1(x) + self.c2(z))
+
+
+def test_a_residual_computed_from_another_input_is_added_as_eager_adds_it():
+    """Adversary: the check stopped at the first conv, so ``c1(x) + c2(z)`` called with x of batch
+    1 and z of 4 (eager broadcasts to 4) gave a batch-1 result from the fused oneDNN add."""
+    torch.manual_seed(0)
+    model, x, z = _ResidualFromAnotherInput().eval(), torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+    res = fxopt.optimize(model, (x, z), "fuse,lower-cpu{min_macs=0}", mode="symbolic")
+    assert res.passes[-1].stats["lowered"].get("conv+add+relu") == 1
+    with torch.no_grad():
+        for args in ((x[:1], torch.randn(4, 8, 6, 6)), (torch.randn(2, 8, 1, 1), z), (x, z)):
+            want, got = model(*args), res.module(*args)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
