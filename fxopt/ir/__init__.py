@@ -36,6 +36,7 @@ from .rewrite import (
     tensor_meta,
     tensor_versions,
     unpack_tuples,
+    upstream,
     value_nbytes,
     weight_matmuls_as_linear,
 )
@@ -49,6 +50,6 @@ __all__ = [
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared", "leaf_function",
     "make_private", "meta_value", "metadata_read", "module_path", "mutated_input", "names_a_dtype", "reads_memory_order", "written_base", "node_values", "op_name", "op_view", "origin", "ref_for_get_attr", "replace_uses",
     "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "symbolic_sizes", "tensor_meta", "tensor_versions",
-    "transposed_parameter", "unpack_tuples",
+    "transposed_parameter", "unpack_tuples", "upstream",
     "value_nbytes", "weight_matmuls_as_linear", "written_arguments", "written_in_place",
 ]

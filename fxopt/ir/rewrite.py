@@ -393,6 +393,28 @@ def downstream(starts: Iterable[torch.fx.Node],
     return found
 
 
+def upstream(starts: Iterable[torch.fx.Node],
+             through: Callable[[torch.fx.Node], bool] = lambda node: True) -> set[torch.fx.Node]:
+    """`starts` and every value they are computed from, looking past only the nodes `through`
+    admits (one it refuses is in the set; what it reads is not), the mirror of `downstream`.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x, y: (x + 1).relu() * y)
+        >>> mul = next(n for n in gm.graph.nodes if n.name == "mul")
+        >>> sorted(n.name for n in upstream([mul], through=lambda n: n.name != "relu"))
+        ['mul', 'relu', 'y']
+    """
+    found: set[torch.fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        node = stack.pop()
+        if node not in found:
+            found.add(node)
+            if through(node):
+                stack.extend(node.all_input_nodes)
+    return found
+
+
 #: Ops whose result views their input only when its strides allow: a base of their own.
 _MAY_COPY = frozenset({"contiguous", "reshape", "reshape_as", "flatten", "to"})
 

@@ -68,7 +68,7 @@ import torch.fx
 from fxopt import Pass, PassContext, PassResult
 from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, leaf_function,
                       mutated_input, op_view, reads_memory_order, spec_for, split_packed_parameters, tensor_meta,
-                      written_in_place)
+                      upstream, written_in_place)
 from fxopt.ir.effects import is_view
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
@@ -524,35 +524,17 @@ def _may_not_fit(gm: torch.fx.GraphModule, other: torch.fx.Node, x: torch.fx.Nod
 
 def _graph_inputs(node: torch.fx.Node) -> set[torch.fx.Node]:
     """The placeholders `node`'s value is computed from."""
-    seen, todo, found = set(), [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            found.add(n)
-        todo.extend(n.all_input_nodes)
-    return found
+    return {n for n in upstream([node]) if n.op == "placeholder"}
 
 
 def _follows_an_input(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether `node`'s value reaches back to a graph input without a conv or linear in between:
     its dtype, rank and shape are then the caller's to choose (a conv's or linear's output has
     its weight's dtype, or eager fails)."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
+    def before_a_layer(n: torch.fx.Node) -> bool:
         view = op_view(gm, n)
-        if _is_lowered_conv(n) or (view is not None and view.kind in ("conv", "linear")):
-            continue
-        todo.extend(n.all_input_nodes)
-    return False
+        return not _is_lowered_conv(n) and (view is None or view.kind not in ("conv", "linear"))
+    return any(n.op == "placeholder" for n in upstream([node], through=before_a_layer))
 
 
 def _is_lowered_conv(node: torch.fx.Node) -> bool:
