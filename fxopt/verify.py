@@ -508,8 +508,9 @@ def _run_and_compare(reference: nn.Module, candidate: nn.Module, args: tuple, kw
     if problem is None:
         problem = _input_writes_problem((args, kwargs), (ref_args, ref_kwargs), (cand_args, cand_kwargs), tol)
     if problem is None and grad_reads.found and callers_grad and all(o.passes(tol) for o in outputs):
-        problem = _grad_state_problem(reference, candidate, args, kwargs, tol, callers_grad, grad_reads.found,
-                                      watch)
+        # (a FAIL there reports that call's numbers: the no-grad comparison's were perfect)
+        problem, outputs = _grad_state_problem(reference, candidate, args, kwargs, tol, callers_grad,
+                                               grad_reads.found, watch, outputs)
     passed = problem is None and all(o.passes(tol) for o in outputs)
     if not passed and problem is None:
         problem = _why_failed(outputs, tol) + _training_mode_note(reference)
@@ -581,34 +582,37 @@ def _callers_grad_state(args: tuple, kwargs: dict) -> str:
 
 
 def _grad_state_problem(reference: nn.Module, candidate: nn.Module, args: tuple, kwargs: dict, tol: Tolerance,
-                        callers: str, reads: list[str], watch: TorchFunctionMode) -> str | None:
+                        callers: str, reads: list[str], watch: TorchFunctionMode,
+                        outputs: list[TensorComparison]) -> tuple[str | None, list[TensorComparison]]:
     """Where the reference's forward reads the grad state (`GradStateReads`), compare once more as
     the caller calls, `callers` ("grad on"): a graph captured under no_grad keeps that branch, and
-    the comparison under no_grad alone said PASS for a call that computes something else."""
+    the comparison under no_grad alone said PASS for a call that computes something else. Returns
+    the problem (None: none) and the comparisons to report: that call's where it has them, else
+    `outputs` (the no-grad comparison's)."""
     state = BufferState(reference, candidate)
-    outputs = []
+    results = []
     for model in (reference, candidate):  # in the caller's grad mode
         run_args, run_kwargs = tree_map(_copy_as_given, (args, kwargs))
         try:
             with same_random_draws(), watch:
-                outputs.append(tree_map(_detached, model(*run_args, **run_kwargs)))
+                results.append(tree_map(_detached, model(*run_args, **run_kwargs)))
         except Exception as exc:  # noqa: BLE001  (the call as the caller makes it fails: that is the finding)
-            outputs.append(exc)
+            results.append(exc)
         finally:
             state.restore()
-    ref_out, cand_out = outputs
+    ref_out, cand_out = results
     if isinstance(ref_out, Exception):
-        return None  # the reference itself does not run so: no call of the caller's to compare
+        return None, outputs  # the reference itself does not run so: no call of the caller's to compare
     if isinstance(cand_out, Exception):
         differs = f"the candidate raises {type(cand_out).__name__}: {first_line(cand_out)}"
     else:
         compared, structure = compare_outputs(ref_out, cand_out)
         if structure is None and all(o.passes(tol) for o in compared):
-            return None
-        differs = structure or _why_failed(compared, tol)
+            return None, outputs
+        differs, outputs = structure or _why_failed(compared, tol), compared or outputs
     return (f"with {callers}, as this call was made, {differs} (forward reads the grad state: {'; '.join(reads)}; "
             "the comparison under torch.no_grad() passed): call the candidate under torch.no_grad() or "
-            "torch.inference_mode(), where it computes what the model does, or take the branch out of forward")
+            "torch.inference_mode(), where it computes what the model does, or take the branch out of forward"), outputs
 
 
 def _detached(value: Any) -> Any:
