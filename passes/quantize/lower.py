@@ -49,9 +49,9 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis.shapes import propagate_shapes
 from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklevel
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
-                      delete_unused_submodules, downstream, fresh_inputs, is_effectful, module_path, names_a_dtype, op_view, origin,
-                      reads_memory_order, run_graph, same_random_draws, size_read, tensor_meta, value_nbytes,
-                      written_in_place)
+                      delete_unused_submodules, downstream, fresh_inputs, is_effectful, module_path, names_a_dtype,
+                      op_view, origin, reads_memory_order, run_graph, same_random_draws, size_read, tensor_meta,
+                      value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
@@ -329,9 +329,14 @@ class _Lowering:
         self.region = region
         for out in sorted(enabled - region):  # an add/cat/batchnorm the cut left float (CUT_DECIDES)
             group = self.plan.groups[out]
-            unfolded = f"{unfolded_reason(self.gm, group.view)}; " if group.kind == "batch_norm" else ""
-            self.stats["float_ops"][group.name] = (f"{group.kind}: {unfolded}kept float: int8 would cost more "
-                                                   "conversions than it saves")
+            why = "int8 would cost more conversions than it saves"
+            if group.kind == "batch_norm":
+                if group.view.input.name not in region:
+                    why = f"its input '{group.view.input.name}' is a float value (an int8 batchnorm reads int8 ones)"
+                why = f"{unfolded_reason(self.gm, group.view)}; kept float: {why}"
+            else:
+                why = f"kept float: {why}"
+            self.stats["float_ops"][group.name] = f"{group.kind}: {why}"
         self.shared = shared_grids(self.gm, self.plan, region)
         self.stats["shared_qparams"] = len(self.shared)
         if self.reduce_range:

@@ -591,11 +591,30 @@ def int8_region(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str],
             for a, b in ((inp.name, name), (name, inp.name)):
                 old = g.get_edge_data(a, b, {}).get("capacity", 0)
                 g.add_edge(a, b, capacity=old + cost)
+    _int8_batch_norms_read_int8(gm, plan, enabled, g)
     if src not in g:
         return set()  # nothing that computes faster in int8
     _, (side, _) = nx.minimum_cut(g, src, sink)
     region = {n for n in side if n != src and (n in enabled or n in plan.pass_through)}
     return _without_float_read_views(gm, plan, region)
+
+
+def _int8_batch_norms_read_int8(gm: torch.fx.GraphModule, plan: Plan, enabled: set[str], g: nx.DiGraph) -> None:
+    """An int8 batchnorm reads a value an int8 layer wrote, through int8 views and pads at most:
+    a float value quantized for it put the channels it rescales apart onto one grid (raw sensor
+    units as a graph input, also behind a transpose: 49 -> 21-27 dB, still a PASS), and its
+    kernel is slower than the float one on a row-major value (adversary). Infinite edges from
+    the batchnorm up that chain: in int8 only with all of it."""
+    for name in enabled:
+        group = plan.groups[name]
+        if group.kind != "batch_norm":
+            continue
+        reader, value = name, group.view.input
+        while isinstance(value, torch.fx.Node):
+            g.add_edge(reader, value.name, capacity=float("inf"))
+            if value.name not in plan.pass_through:
+                break
+            reader, value = value.name, op_view(gm, value).input
 
 
 def quantized_late(gm: torch.fx.GraphModule, plan: Plan, region: set[str], observed: set[str]) -> set[str]:

@@ -86,3 +86,41 @@ def test_skip_keeps_a_batchnorm_float_by_its_module_path():
     assert "batch_norm+act" not in stats["quantized"]
     assert sorted(k for k, why in stats["float_ops"].items() if "skip" in why) == ["bn1", "bn2"]
     assert not any(k.startswith("quantized.") for k in _kernels(res.module)), _kernels(res.module)
+
+
+class RawFeatures(nn.Module):
+    """A BatchNorm1d normalizing raw sensor channels in their own units (a graph input)."""
+
+    def __init__(self, through: str = "") -> None:
+        super().__init__()
+        self.through = through
+        self.norm = nn.BatchNorm1d(4)
+        self.norm.running_mean.copy_(torch.tensor([1013.0, 20.0, 0.0, 0.5]))
+        self.norm.running_var.copy_(torch.tensor([25.0, 9.0, 1.0, 0.0001]))
+        self.c1, self.c2 = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(16, 4, 1)
+
+    def forward(self, x):
+        if self.through == "pad":  # an op with an int8 form between the input and the batchnorm
+            x = torch.nn.functional.pad(x, (1, 1), mode="replicate")
+        return self.c2(torch.relu(self.c1(torch.relu(self.norm(x)))))
+
+
+@pytest.mark.parametrize("through", ["", "pad"])
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_batchnorm_of_a_float_value_stays_float(mode, through):
+    """Adversary: the cut saw one quantize before the batchnorm or one after it as the same, so
+    an int8 batchnorm read the raw input on one grid spanning [0, 1030]: the channels it
+    rescales most were rounded away (49 -> 21 dB, still a PASS; behind a pad, 27 dB)."""
+    torch.manual_seed(0)
+    model = RawFeatures(through).eval()
+    scale = torch.tensor([5.0, 3.0, 1.0, 0.01]).view(1, 4, 1)
+    shift = torch.tensor([1013.0, 20.0, 0.0, 0.5]).view(1, 4, 1)
+    batches = [(torch.randn(4, 4, 32) * scale + shift,) for _ in range(4)]
+    res = fxopt.optimize(model, batches[0], "quantize", calibration=batches, mode=mode)
+    stats = res.passes[0].stats
+    assert "batch_norm+act" not in stats["quantized"], stats
+    why = next(v for v in stats["float_ops"].values() if v.startswith("batch_norm"))
+    assert "is a float value (an int8 batchnorm reads int8 ones)" in why, why
+    x = torch.randn(4, 4, 32) * scale + shift
+    with torch.no_grad():
+        assert _sqnr(model(x), res.module(x)) > 40
