@@ -192,8 +192,7 @@ def _run_case(case: dict) -> Outcome:
     if report is None or not report.passed:
         detail = report.summary() if report is not None else "no verification"
         judged = report.stage or report if report is not None else None  # the int8 stage after a lossy pass
-        if judged is not None and judged.tolerance.name == "int8" and judged.sqnr_db >= INT8_HARD_FLOOR_DB \
-                and not math.isnan(judged.max_abs_error):
+        if judged is not None and _only_int8_precision(judged):
             return Outcome("int8-low", detail, "int8-low:", ran)
         clipped = _clipping_observer(case, report)
         if clipped is not None:
@@ -212,7 +211,7 @@ def _run_case(case: dict) -> Outcome:
         return Outcome("crash", f"optimized module fails on batch {spec['batch'] + 2}: "
                        f"{type(root).__name__}: {root}"[:2000], "crash:batch:" + type(root).__name__, ran)
     if not report2.passed:
-        if report2.tolerance.name == "int8" and report2.sqnr_db >= INT8_HARD_FLOOR_DB:
+        if _only_int8_precision(report2):
             return Outcome("int8-low", report2.summary(), "int8-low:", ran)
         clipped = _clipping_observer(case, report2)
         if clipped is not None:
@@ -220,6 +219,15 @@ def _run_case(case: dict) -> Outcome:
         return Outcome("miscompile", f"on batch {spec['batch'] + 2}: {report2.summary()}",
                        "miscompile:batch", ran)
     return Outcome("ok", report.summary(), "ok:", ran)
+
+
+def _only_int8_precision(report) -> bool:
+    """Whether an int8 FAIL is precision only: the float outputs above the hard floor and every
+    integer output (an argmax, topk indices) passing. The headline SQNR reads float outputs
+    only, so a wrong index output alone was filed as "int8-low", not a miscompile."""
+    return (report.tolerance.name == "int8" and report.sqnr_db >= INT8_HARD_FLOOR_DB
+            and not math.isnan(report.max_abs_error)
+            and all(o.mismatches is None or o.passes(report.tolerance) for o in report.outputs))
 
 
 def _prune_exact(model, inputs, spec, mode, ratio) -> Outcome:

@@ -111,3 +111,27 @@ def test_short_campaign_finds_nothing_new():
                                                                  "shape", "harness") and s not in KNOWN_OPEN}
     assert not new, stats.summary() + "\n" + "\n".join(
         f"{c['pipeline']} {c['mode']}: {o.detail[:400]}" for c, o in stats.failures)
+
+
+class _LinearAndIndex(torch.nn.Module):
+    def __init__(self, wrong_index: bool = False) -> None:
+        super().__init__()
+        self.lin, self.wrong_index = torch.nn.Linear(8, 10), wrong_index
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, (y.argmin(-1) if self.wrong_index else y.argmax(-1))
+
+
+def test_an_int8_fail_of_a_wrong_integer_output_is_a_miscompile_not_low_precision():
+    """advB: the headline SQNR reads float outputs only, so an argmax output wrong everywhere (a
+    miscompiled index op) beside exact logits was triaged as "int8-low"."""
+    from fxopt.fuzz.runner import _only_int8_precision
+
+    torch.manual_seed(0)
+    reference, x = _LinearAndIndex(), torch.randn(64, 8)
+    wrong = _LinearAndIndex(wrong_index=True)
+    wrong.load_state_dict(reference.state_dict())
+    report = fxopt.verify(reference, wrong, (x,), tolerance="int8")
+    assert not report.passed and report.sqnr_db == float("inf")
+    assert not _only_int8_precision(report)
