@@ -408,10 +408,13 @@ def _blame_grad_state_reads(reads: GradStateReads, exc: CaptureError) -> None:
     what, baked, _ = first_line(exc).partition(_BAKED)
     if not reads.found or not baked:
         return
-    raise CaptureError(f"{what}forward reads the grad state ({'; '.join(reads.found)}): the trace took the "
-                       "branch of the grad mode capture was called in, and capture checks the graph under "
-                       "torch.no_grad(); capture under torch.no_grad() (the graph then computes that branch on "
-                       "every call, with a warning), or take the branch out of forward") from exc
+    # what and the fix first: capture lists each front end's reason cut at 300 characters, and a
+    # long file path in the middle cut the fix off (a clone in a deeper folder failed its test)
+    kinds = "; ".join(dict.fromkeys(read.split(': "', 1)[0] for read in reads.found))
+    raise CaptureError(f"{what}forward reads the grad state ({kinds}): capture under torch.no_grad() (the graph "
+                       "then computes that branch on every call, with a warning), or take the branch out of "
+                       "forward; the trace took the branch of the grad mode capture was called in, and capture "
+                       f"checks the graph under torch.no_grad() (read at {'; '.join(reads.found)})") from exc
 
 
 _RANDOM_OPS = frozenset({"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
