@@ -132,17 +132,12 @@ def delete_unused_attributes(gm: torch.fx.GraphModule) -> int:
     weight on the root, the weight of a `x @ self.weight.T` layer whose bias is still read.
     Returns how many tensors and submodules went.
     """
-    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-
-    def is_used(path: str) -> bool:
-        parts = path.split(".")
-        return any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1))
-
+    used = _used_paths(gm)
     removed = 0
     for prefix, module in list(gm.named_modules()):
         for table in (module._parameters, module._buffers):
             for name in list(table):
-                if not is_used(f"{prefix}.{name}" if prefix else name):
+                if not _at_or_under(f"{prefix}.{name}" if prefix else name, used):
                     del table[name]
                     removed += 1
     before = sum(1 for _ in gm.modules())
@@ -155,9 +150,18 @@ def delete_unused_submodules(gm: torch.fx.GraphModule) -> None:
     named, nor above a named one, nor inside one. (torch's `delete_all_unused_submodules` drops
     the modules inside a `get_attr`'d one: the branches of a torch.cond nested in a torch.cond
     branch, which only that branch's own graph names: every pipeline then failed, advB B12.)"""
-    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    used = _used_paths(gm)
     for name, _ in list(gm.named_modules()):
-        parts = name.split(".")
-        inside_used = any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1))
-        if name and not inside_used and not any(u.startswith(name + ".") for u in used):
+        if name and not _at_or_under(name, used) and not any(u.startswith(name + ".") for u in used):
             gm.delete_submodule(name)
+
+
+def _used_paths(gm: torch.fx.GraphModule) -> set[str]:
+    """The attribute paths `gm`'s graph reads (`get_attr`) or calls (`call_module`)."""
+    return {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+
+
+def _at_or_under(path: str, used: set[str]) -> bool:
+    """Whether `path` is one of `used` or inside one (``a.b.w`` under ``a.b``)."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1))
