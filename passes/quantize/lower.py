@@ -51,7 +51,7 @@ from fxopt.errors import PassWarning, did_you_mean, node_location, user_stacklev
 from fxopt.ir import (add_tensor_attr, clone_sharing_tensors, contiguous_outputs, delete_unused_attributes,
                       delete_unused_submodules, downstream, fresh_inputs, is_effectful, module_path, names_a_dtype,
                       op_view, origin, reads_memory_order, run_graph, same_random_draws, size_read, tensor_meta,
-                      value_nbytes, written_in_place)
+                      upstream, value_nbytes, written_in_place)
 from fxopt.ir.rewrite import COMPUTES
 from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
@@ -401,21 +401,15 @@ class _Lowering:
         after an int8 conv masked other elements of its channels-last value than eager's
         (verification FAILed at 11 dB), also behind a view (a ViT's patch embedding: 9.8 dB;
         adversary), which a row-major copy of the dropout's own input does not undo."""
+        def between(value: torch.fx.Node) -> bool:  # an op between the kernels and the reader
+            return value in downstream and not _writes_channels_last(value)
+
         for node in list(self.graph.nodes):
             if node not in downstream or not reads_memory_order(node):
                 continue
-            producers, stack, seen = [], list(node.all_input_nodes), set()
-            while stack:
-                value = stack.pop()
-                if value in seen or value not in downstream:
-                    continue
-                seen.add(value)
-                if _writes_channels_last(value):
-                    producers.append(value)
-                else:
-                    stack.extend(value.all_input_nodes)
-            for producer in producers:
-                self._contiguous_for_all_readers(producer)
+            for producer in upstream(node.all_input_nodes, through=between):
+                if producer in downstream and _writes_channels_last(producer):
+                    self._contiguous_for_all_readers(producer)
 
     def _downstream_of_float_output_convs(self) -> set[torch.fx.Node]:
         """The values computed from an `int8_conv_float_output`: oneDNN writes conv1d and conv3d
@@ -653,10 +647,10 @@ class _Lowering:
         onto the output grid, or the float batchnorm the reference backend rounds afterwards.
         The kernel reads its own copies of the statistics and affine (as a folded weight is)."""
         bounds = activation_bounds(op_view(self.gm, group.act)) if group.act is not None else None
-        mean = view.param("running_mean")
+        mean, weight, bias = view.param("running_mean"), view.param("weight"), view.param("bias")
         # x86's kernel wants an affine: a batchnorm without one scales by 1 and shifts by 0
-        stored = {"weight": view.param("weight") if view.param("weight") is not None else torch.ones_like(mean),
-                  "bias": view.param("bias") if view.param("bias") is not None else torch.zeros_like(mean),
+        stored = {"weight": weight if weight is not None else torch.ones_like(mean),
+                  "bias": bias if bias is not None else torch.zeros_like(mean),
                   "running_mean": mean, "running_var": view.param("running_var")}
         tensors = [self.graph.get_attr(add_tensor_attr(self.gm, f"{group.name}_{name}", value.detach().float(),
                                                        parameter=False)) for name, value in stored.items()]
@@ -665,8 +659,7 @@ class _Lowering:
             kernel = BATCH_NORM_KERNELS[len(tensor_meta(group.anchor)[0])] + ("_relu" if bounds is not None else "")
             y = self.graph.call_function(getattr(qops, kernel).default, (x, *tensors, eps, *qparams))
             return self._clamp_int8_output(y, bounds, qparams, relu=True) if bounds is not None else y
-        weight, bias, mean, var = tensors
-        y = self.graph.call_function(aten.batch_norm.default, (x, weight, bias, mean, var, False, 0.0, eps, False))
+        y = self.graph.call_function(aten.batch_norm.default, (x, *tensors, False, 0.0, eps, False))
         return self._float_activation(y, bounds)
 
     def _weighted(self, group: Group, view, inputs, grid: Grid, float_output: bool = False) -> torch.fx.Node:
