@@ -274,7 +274,8 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     state = BufferState(model)
     versions = _buffer_versions(model)
     attributes = {id(m): dict(vars(m)) for m in model.modules()}
-    with _FrozenDraws() as draws, GradStateReads(model) as grad_reads:
+    grad_reads = GradStateReads(model)
+    with _FrozenDraws() as draws, grad_reads.attributes():
         gm = trace(model, concrete_args=concrete or None, enter=enter)
     if draws.found:
         state.restore()
@@ -299,7 +300,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     _guard_tensor_inputs(gm, model, args, kwargs)
     # the check passes every input, the specialized ones too, exactly as the caller will
     try:
-        _record_shapes_and_check(model, gm, args, kwargs)
+        _record_shapes_and_check(model, gm, args, kwargs, grad_reads)
     except CaptureError as exc:
         _blame_root_hooks(model, exc)
         _blame_grad_state_reads(grad_reads, exc)
@@ -465,10 +466,10 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool, dy
         except Exception as exc:  # fall back to a static batch, and say so in the meta
             error = exc
     if gm is None:
-        with _quiet_torch(), grad_reads:
+        with _quiet_torch(), grad_reads.attributes():
             ep = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         try:
-            gm, inputs = _checked_graph(model, ep, args, kwargs)
+            gm, inputs = _checked_graph(model, ep, args, kwargs, grad_reads)
         except CaptureError as exc:
             _blame_grad_state_reads(grad_reads, exc)
             raise
@@ -511,7 +512,7 @@ def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, dynamic_s
     """`_checked_graph` of an export with dim 0 dynamic; raises when there is no batch to keep
     dynamic, export kept none, or the graph does not compute the model at the example (a graph
     traced at a batch of 2 for an example of 1 took the branch of 2). The export runs under
-    `grad_reads`."""
+    `grad_reads.attributes()`, the checked run of the model under its `calls()`."""
     from torch.export import Dim, export
 
     sizes = _leading_sizes(args, kwargs)
@@ -522,12 +523,12 @@ def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, dynamic_s
     # A batch of 1 is specialized by export; trace on a batch of 2 so dim 0 stays dynamic.
     ex_args, ex_kwargs = _widen_batch(args, kwargs) if batch == 1 else (args, kwargs)
     dyn = _dynamic_batch_spec(model, ex_args, ex_kwargs, Dim.AUTO, batch if batch > 1 else 2)
-    with _quiet_torch(), grad_reads:
+    with _quiet_torch(), grad_reads.attributes():
         ep = export(model, ex_args, ex_kwargs, dynamic_shapes=_with_user_dims(dyn, dynamic_shapes), strict=False)
     if not _batch_is_symbolic(ep):  # Dim.AUTO gave way to a guard (dim 0 is no batch: a sequence-first model)
         raise ValueError("export specialized dim 0 of every input")
     try:
-        return _checked_graph(model, ep, args, kwargs)
+        return _checked_graph(model, ep, args, kwargs, grad_reads)
     except CaptureError as exc:
         if batch > 1:
             raise
@@ -535,16 +536,17 @@ def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict, dynamic_s
                          f"(a branch on the batch size?): {first_line(exc)}") from exc
 
 
-def _checked_graph(model: nn.Module, ep: Any, args: tuple,
-                   kwargs: dict) -> tuple[torch.fx.GraphModule, dict | None]:
-    """`ep`'s module, checked against `model` on the example, and export's record of its inputs
-    (`record_inputs`) with the smallest size each dynamic dim runs at (`_settle_small_sizes`)."""
+def _checked_graph(model: nn.Module, ep: Any, args: tuple, kwargs: dict,
+                   grad_reads: GradStateReads) -> tuple[torch.fx.GraphModule, dict | None]:
+    """`ep`'s module, checked against `model` on the example (the model's run watched by
+    `grad_reads.calls()`), and export's record of its inputs (`record_inputs`) with the smallest
+    size each dynamic dim runs at (`_settle_small_sizes`)."""
     gm = ep.module()
     set_container_mode(gm, model.training)  # export builds them in training mode (and refuses gm.eval())
     inputs = record_inputs(gm, ep, model, args, kwargs)  # before any pass: export's own reading of them
     drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
     _guard_none_inputs(gm, model, args, kwargs, inputs)
-    _record_shapes_and_check(model, gm, args, kwargs)
+    _record_shapes_and_check(model, gm, args, kwargs, grad_reads)
     if inputs is not None:
         _settle_small_sizes(model, gm, args, kwargs, inputs)
     return gm, inputs
@@ -676,8 +678,11 @@ def _batch_is_symbolic(ep) -> bool:
     return False
 
 
-def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    """Record every node's shape on `gm` and check that it computes what `model` does.
+def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict,
+                             grad_reads: GradStateReads) -> None:
+    """Record every node's shape on `gm` and check that it computes what `model` does; the
+    model's run notes its calls of torch.is_grad_enabled in `grad_reads` (`GradStateReads.calls`:
+    a profile hook, which costs every Python call, so here and not around export's trace).
 
     Each run gets its own copy of the inputs (`propagate_shapes` copies them itself): a model
     that writes into its inputs must change neither the caller's tensors nor the other run.
@@ -690,7 +695,7 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
     kept = PythonAttributes(model)  # the Python state the model starts from, put back after
     with torch.no_grad():  # each run draws the same random numbers (`same_random_draws`)
         model_args, model_kwargs = fresh_inputs(args, kwargs)
-        with same_random_draws():
+        with same_random_draws(), grad_reads.calls():
             expected = model(*model_args, **model_kwargs)
         state.restore()
         with same_random_draws():
@@ -708,9 +713,9 @@ def _record_shapes_and_check(model: nn.Module, gm: torch.fx.GraphModule, args: t
 
 
 def _warn_grad_state_read(reads: GradStateReads) -> None:
-    """Warn where the traced forward read the grad state (`GradStateReads`, entered around the trace
-    only: a torch function mode turns torch's fast paths off, and the model's checked run must take
-    the path a plain call does)."""
+    """Warn where the forward read the grad state (`GradStateReads`: its tensor-attribute mode entered
+    around the trace only, since a torch function mode turns torch's fast paths off and the model's
+    checked run must take the path a plain call does; its call watch around that run)."""
     if reads.found:
         warnings.warn(f"capture: forward reads the grad state ({'; '.join(reads.found)}): the graph takes, on "
                       "every call, the branch these reads took at capture, which capture checked under "

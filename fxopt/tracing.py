@@ -31,13 +31,15 @@ the module as one call (an option it does not cover, e.g. `add_zero_attn`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import sys
 import threading
 import warnings
-from typing import Any, Callable, TypeVar
+from types import FrameType
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.fx
@@ -296,16 +298,15 @@ def _has_hooks(m: nn.Module) -> bool:
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
-class GradStateReads(TorchFunctionMode):
-    """Records where the model's own code reads the grad state while the block runs:
-    ``torch.is_grad_enabled()`` (as ``torch.``, ``torch._C.``, or a name the module of a `model`'s
-    forward imported it as) and a tensor's ``.requires_grad``, ``.grad_fn`` and ``.is_leaf``. A
-    graph keeps the branch such a read took when it was captured, and fxopt runs models under
-    ``torch.no_grad()`` on inputs that require no grad: a forward computing
-    ``h * 2 if torch.is_grad_enabled() else h`` was captured, and verified, for the no-grad branch
-    only. Reads from torch's code (a fast path's checks) are not the model's and are left out. A
-    name bound elsewhere (a helper module's import) is not seen. Not re-entrant (it swaps those
-    names for the block; fxopt's entry points run one at a time).
+class GradStateReads:
+    """Records where the model's own code reads the grad state while the block runs: a call of
+    ``torch.is_grad_enabled()``, under any name (``torch._C.is_grad_enabled``, or a name a helper
+    module imported it as: the call itself is seen, `calls`), and a tensor's ``.requires_grad``,
+    ``.grad_fn`` and ``.is_leaf`` (`attributes`). A graph keeps the branch such a read took when it
+    was captured, and fxopt runs models under ``torch.no_grad()`` on inputs that require no grad: a
+    forward computing ``h * 2 if torch.is_grad_enabled() else h`` was captured, and verified, for
+    the no-grad branch only. Reads from torch's code (a fast path's checks) are not the model's and
+    are left out. Entered as a whole, it watches both.
 
         >>> import torch
         >>> with GradStateReads() as reads, torch.no_grad():
@@ -316,27 +317,63 @@ class GradStateReads(TorchFunctionMode):
     """
 
     def __init__(self, model: nn.Module | None = None) -> None:
-        super().__init__()
         self.found: list[str] = []  # 'a tensor's .requires_grad: "file", line 9', each place once
         self._model = model
-        self._swapped: list[tuple[dict, str]] = []
+        self._stack: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> "GradStateReads":
-        self._is_grad_enabled = torch._C.is_grad_enabled
-        swaps = [(vars(torch), "is_grad_enabled"), (vars(torch._C), "is_grad_enabled")]
-        for namespace in self._forward_globals():  # (only these are searched: torch's hold 2,500 names)
-            swaps += [(namespace, key) for key, value in namespace.items() if value is self._is_grad_enabled]
-        for namespace, key in swaps:
-            if namespace.get(key) is self._is_grad_enabled:
-                namespace[key] = self._reading_grad_enabled
-                self._swapped.append((namespace, key))
-        return super().__enter__()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.calls())
+        stack.enter_context(self.attributes())
+        self._stack.append(stack)
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        for namespace, key in self._swapped:
-            namespace[key] = self._is_grad_enabled
-        self._swapped = []
-        super().__exit__(*exc)
+        self._stack.pop().close()
+
+    def attributes(self) -> TorchFunctionMode:
+        """A torch function mode noting reads of a tensor's ``.requires_grad``, ``.grad_fn`` and
+        ``.is_leaf`` (a mode turns torch's fast paths off: a run that must take the path a plain
+        call takes watches `calls` only)."""
+        return _AttributeReads(self)
+
+    @contextlib.contextmanager
+    def calls(self) -> Iterator[None]:
+        """Note each call of ``torch.is_grad_enabled``, by whatever name the caller holds it: a
+        profile hook sees the call of the builtin itself (a per-call cost on every Python call,
+        so entered around eager runs, not around a torch.export trace). Where a profiler of the
+        user's holds the hook, the names ``torch`` and the model's forwards' modules bind are
+        swapped instead (a name a helper module imported is not seen then)."""
+        previous = sys.getprofile()
+        if previous is not None and not isinstance(getattr(previous, "__self__", None), GradStateReads):
+            with self._swapped_names():
+                yield
+            return
+        sys.setprofile(self._profile)
+        try:
+            yield
+        finally:
+            sys.setprofile(previous)
+
+    def _profile(self, frame: FrameType, event: str, arg: Any) -> None:
+        if arg is _IS_GRAD_ENABLED and event == "c_call":
+            self._note("torch.is_grad_enabled()", frame)
+
+    @contextlib.contextmanager
+    def _swapped_names(self) -> Iterator[None]:
+        swaps = [(vars(torch), "is_grad_enabled"), (vars(torch._C), "is_grad_enabled")]
+        for namespace in self._forward_globals():  # (only these are searched: torch's hold 2,500 names)
+            swaps += [(namespace, key) for key, value in namespace.items() if value is _IS_GRAD_ENABLED]
+        swapped = []
+        for namespace, key in swaps:
+            if namespace.get(key) is _IS_GRAD_ENABLED:
+                namespace[key] = self._reading_grad_enabled
+                swapped.append((namespace, key))
+        try:
+            yield
+        finally:
+            for namespace, key in swapped:
+                namespace[key] = _IS_GRAD_ENABLED
 
     def _forward_globals(self) -> list[dict]:
         """The globals of the forward of each module of the model, each once (where
@@ -352,18 +389,11 @@ class GradStateReads(TorchFunctionMode):
         return list(spaces.values())
 
     def _reading_grad_enabled(self) -> bool:
-        self._note("torch.is_grad_enabled()")
-        return self._is_grad_enabled()
+        self._note("torch.is_grad_enabled()", sys._getframe(1))
+        return _IS_GRAD_ENABLED()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        read = getattr(getattr(func, "__self__", None), "__name__", "") if getattr(func, "__name__", "") == "__get__" \
-            else ""
-        if read in ("requires_grad", "grad_fn", "is_leaf"):
-            self._note(f"a tensor's .{read}")  # (an input's or a parameter's: export traces both as its own)
-        return func(*args, **(kwargs or {}))
-
-    def _note(self, what: str) -> None:
-        frame = sys._getframe(2)  # the code that read: above _note and the reading hook, and above
+    def _note(self, what: str, frame: FrameType) -> None:
+        """Note `what`, read by the code running in `frame`, unless that code is torch's or fxopt's."""
         while frame.f_back is not None and frame.f_code.co_name == "__torch_function__":
             frame = frame.f_back  # the modes of a trace that passed the read on (export's)
         name = frame.f_code.co_filename
@@ -373,3 +403,22 @@ class GradStateReads(TorchFunctionMode):
         text = f'{what}: "{name}", line {frame.f_lineno}'
         if text not in self.found:
             self.found.append(text)
+
+
+_IS_GRAD_ENABLED = torch._C.is_grad_enabled  # (torch.is_grad_enabled is this builtin)
+
+
+class _AttributeReads(TorchFunctionMode):
+    """`GradStateReads.attributes`: a tensor's grad-state attributes read under the mode."""
+
+    def __init__(self, reads: GradStateReads) -> None:
+        super().__init__()
+        self._reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        read = getattr(getattr(func, "__self__", None), "__name__", "") if getattr(func, "__name__", "") == "__get__" \
+            else ""
+        if read in ("requires_grad", "grad_fn", "is_leaf"):
+            # (an input's or a parameter's: export traces both as its own); the reader is above this hook
+            self._reads._note(f"a tensor's .{read}", sys._getframe(1))
+        return func(*args, **(kwargs or {}))

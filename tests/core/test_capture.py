@@ -1801,6 +1801,89 @@ def test_a_forward_reading_the_grad_state_captured_with_grad_on_is_refused_namin
         capture(_ReadsGradMode().eval(), torch.randn(2, 4), mode=mode)
 
 
+def _helper_module(tmp_path, source: str):
+    """A module of the user's beside the model's, loaded from `source` (a helper the forward calls)."""
+    import importlib.util
+
+    (tmp_path / "grad_helper.py").write_text(source)
+    spec = importlib.util.spec_from_file_location("grad_helper", tmp_path / "grad_helper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _CallsAHelper(nn.Module):
+    def __init__(self, helper):
+        super().__init__()
+        self.fc, self.scale = nn.Linear(4, 4), helper.scale
+
+    def forward(self, x):
+        return self.scale(self.fc(x))
+
+
+_HELPERS = {
+    "imported under another name": "from torch import is_grad_enabled as training_now\n\n"
+                                   "def scale(h):\n    return h * 2 if training_now() else h\n",
+    "held by a class": "import torch\n\nclass Mode:\n    on = staticmethod(torch.is_grad_enabled)\n\n"
+                       "def scale(h):\n    return h * 2 if Mode.on() else h\n",
+    "a default argument": "import torch\n\ndef scale(h, on=torch.is_grad_enabled):\n    return h * 2 if on() else h\n",
+}
+
+
+@pytest.mark.parametrize("binding", list(_HELPERS))
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_grad_state_read_through_a_helper_modules_own_name_is_found(tmp_path, binding, mode):
+    """The watch swapped the names torch and the forwards' modules bind, so `from torch import is_grad_enabled
+    as g` in a helper module the forward calls went unseen: captured under no_grad, no warning, and verify
+    said PASS for a call with grad on that the graph computes wrong; captured with grad on, the refusal blamed
+    'Python control flow or state'. The call of the builtin itself is watched now."""
+    helper = _helper_module(tmp_path, _HELPERS[binding])
+    model, x = _CallsAHelper(helper).eval(), torch.randn(2, 4)
+    line = 4 if binding == "imported under another name" else len(_HELPERS[binding].splitlines())
+    with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match=re.escape(
+            f'forward reads the grad state (torch.is_grad_enabled(): "{tmp_path / "grad_helper.py"}", line {line})')):
+        gm = capture(model, x, mode=mode)
+    report = fxopt.verify(model, gm, x)  # with grad on, as this test runs
+    assert not report.passed and "forward reads the grad state: torch.is_grad_enabled()" in report.message
+    assert report.max_abs_error > 0.1
+    with pytest.raises(CaptureError, match=r"forward reads the grad state \(torch.is_grad_enabled\(\)\): capture "
+                                           r"under torch.no_grad\(\)"):
+        capture(model, x, mode=mode)
+
+
+def test_the_grad_state_watch_leaves_a_profiler_of_the_users_in_place():
+    """The watch sees the call through a profile hook; where the user's own profiler holds it, the watch
+    leaves it there (the profiler sees every run of forward) and falls back to the names torch and the
+    forward's module bind (a read through torch.is_grad_enabled is still seen)."""
+    import sys
+
+    class Counted(_ReadsGradMode):
+        runs = 0
+
+        def forward(self, x):
+            Counted.runs += 1
+            return super().forward(x)
+
+    seen = []
+
+    def users_profiler(frame, event, arg):
+        if event == "call" and frame.f_code is Counted.forward.__code__:
+            seen.append(frame)
+
+    model, x = Counted().eval(), torch.randn(2, 4)
+    sys.setprofile(users_profiler)
+    try:
+        with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match=re.escape("reads the grad state (torch.is_")):
+            capture(model, x, mode="symbolic")
+        assert sys.getprofile() is users_profiler
+    finally:
+        sys.setprofile(None)
+    assert Counted.runs >= 2 and len(seen) == Counted.runs  # the trace and the checked run at least
+    with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match="reads the grad state"):
+        capture(model, x, mode="symbolic")
+    assert sys.getprofile() is None  # the watch's own hook is gone after the capture
+
+
 def test_a_branch_on_a_parameters_requires_grad_is_warned_about():
     """The warning said 'x.requires_grad' for `self.fc.weight.requires_grad` (api F4): it says a tensor's, and
     that the branch follows the parameters' flag at capture (export traces the parameters as tensors of its
