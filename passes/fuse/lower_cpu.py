@@ -65,7 +65,7 @@ from math import prod
 import torch
 import torch.fx
 
-from fxopt import Pass, PassContext, PassResult
+from fxopt import InputMismatchError, Pass, PassContext, PassResult
 from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, leaf_function,
                       mutated_input, op_view, reads_memory_order, spec_for, split_packed_parameters, tensor_meta,
                       upstream, written_in_place)
@@ -624,6 +624,7 @@ class LowerCPU(Pass):
         unpacked = split_packed_parameters(gm) if self.linear else 0
         report = apply_patterns(gm, lowering_patterns(state, self.conv, self.linear))
         guards = _guard_layouts(gm, set(state.cl.values())) if report.total else 0
+        rank_checks = _check_input_ranks(gm) if report.total else 0
         scatters = _channel_scatters_over_rows(gm) if report.total else 0
         if report.total:
             from fxopt.passes.cleanup import DeadCodeElimination
@@ -631,7 +632,71 @@ class LowerCPU(Pass):
             DeadCodeElimination().run(gm, ctx)
         return PassResult(gm, modified=bool(report.total or unpacked or functionalized),
                           stats={"lowered": dict(report.counts), "contiguous_inserted": guards,
-                                 "unpacked_parameters": unpacked, "channel_scatters": scatters})
+                                 "unpacked_parameters": unpacked, "channel_scatters": scatters,
+                                 "input_rank_checks": rank_checks})
+
+
+def require_rank(x: torch.Tensor, rank: int, name: str) -> None:
+    """Raise `InputMismatchError` unless graph input `name` has `rank` dims: the rank lower-cpu
+    specialized the graph to. Eager's convs take an unbatched (C, H, W) input too, but a lowered
+    graph's channels-last copies, weight packs and conv1d lifting are built for the batched rank
+    (an unbatched conv2d input read as a lifted conv1d one takes C for the batch).
+
+        >>> import torch
+        >>> require_rank(torch.zeros(1, 3, 8, 8), 4, "x")
+        >>> try:
+        ...     require_rank(torch.zeros(3, 8, 8), 4, "x")
+        ... except InputMismatchError as exc:
+        ...     print(str(exc).split(":")[0])
+        input 'x' has 3 dims where the graph lower-cpu made takes 4
+    """
+    if isinstance(x, torch.Tensor) and x.dim() != rank:
+        raise InputMismatchError(
+            f"input {name!r} has {x.dim()} dims where the graph lower-cpu made takes {rank}: its oneDNN "
+            f"kernels are specialized to the rank the model was captured with (an unbatched input: add the "
+            f"batch dim, x.unsqueeze(0)), or optimize without lower-cpu")
+
+
+torch.fx.node.has_side_effect(require_rank)  # no users: dead-code removal must keep it
+
+
+def _check_input_ranks(gm: torch.fx.GraphModule) -> int:
+    """A `require_rank` call after the graph's inputs for each tensor input that reaches a
+    lowered conv's input (or its fused add's channels-last residual) through ops of its own
+    rank; returns how many. An input reshaped to another rank first (``x.flatten(0, 1)``), or
+    a residual `ConvByBatch` checks per call, keeps taking what eager takes."""
+    layout_inputs = set()  # the values a lowered conv reads in the layout it was built for
+    for node in gm.graph.nodes:
+        if _is_lowered_conv(node):
+            layout_inputs.update(node.args[:2] if node.target is torch.ops.mkldnn._convolution_pointwise.binary
+                                 else node.args[:1])
+        elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), ConvByBatch):
+            layout_inputs.add(node.args[0])
+    checked = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        meta = tensor_meta(node)
+        if meta is None or _rank_checked(node):
+            continue
+        rank = len(meta[0])
+
+        def same_rank(user: torch.fx.Node) -> bool:
+            seen = tensor_meta(user)
+            return (_LAYOUT_COPY in user.meta or _LIFT in user.meta
+                    or (seen is not None and len(seen[0]) == rank and not _is_lowered_conv(user)))
+        if not layout_inputs.isdisjoint(downstream([node], through=same_rank)):
+            checked.append((node, rank))
+    if not checked:
+        return 0
+    with gm.graph.inserting_after(list(gm.graph.find_nodes(op="placeholder"))[-1]):
+        for node, rank in checked:
+            gm.graph.call_function(require_rank, (node, rank, node.target))
+    gm.recompile()
+    return len(checked)
+
+
+def _rank_checked(node: torch.fx.Node) -> bool:
+    """Whether `node` already has a `require_rank` call (lower-cpu run twice)."""
+    return any(u.op == "call_function" and u.target is require_rank for u in node.users)
 
 
 @leaf_function

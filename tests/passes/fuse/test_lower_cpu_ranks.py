@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
+from fxopt.passes.fuse import lower_cpu
 from fxopt.passes.fuse.lower_cpu import ConvByBatch
 from fxopt.patterns import annotations
 
@@ -183,6 +184,55 @@ def test_unbatched_convs_are_left_alone():
     model = nn.Sequential(nn.Conv1d(4, 4, 3), nn.ReLU()).eval()
     res = fxopt.optimize(model, (torch.randn(4, 16),), "lower-cpu{min_macs=0}", mode="symbolic")
     assert _kernels(res.module) == [] and res.verification.passed
+
+
+class _Net2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.dw = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        h = F.relu(self.c0(x))
+        return self.c1(F.relu(self.dw(h))) + h
+
+
+@pytest.mark.parametrize("model, shape", [(_Net2d(), (2, 3, 12, 12)), (TCN(), (2, 8, 32))],
+                         ids=["conv2d", "conv1d"])
+def test_a_lowered_graph_called_unbatched_names_the_input_and_the_fix(model, shape):
+    """Eager's convs take an unbatched input; the lowered graph's layout copies and packs are
+    built for the batched rank: torch's "required rank 4 tensor to use channels_last format"
+    before, or (a conv2d's unbatched input taken for a lifted conv1d one) C read as the batch."""
+    torch.manual_seed(0)
+    model = model.eval()
+    gm = fxopt.optimize(model, (torch.randn(*shape),), "fuse,lower-cpu{min_macs=0}", mode="symbolic").module
+    checks = [n for n in gm.graph.nodes if n.target is lower_cpu.require_rank]
+    assert [(n.args[0].op, n.args[1]) for n in checks] == [("placeholder", len(shape))]
+    with pytest.raises(fxopt.InputMismatchError,
+                       match=rf"input 'x' has {len(shape) - 1} dims where the graph lower-cpu made takes {len(shape)}"
+                             r".*x\.unsqueeze\(0\)"):
+        gm(torch.randn(*shape[1:]))
+    _check_outputs(gm, model, [(1, *shape[1:])])  # batched calls run on
+
+
+def test_an_input_reshaped_to_the_lowered_rank_takes_what_eager_takes():
+    """A clip of frames folded into the batch before a lowered conv2d: the input's rank is not
+    what the kernels are specialized to, so it is not checked (``x.flatten(0, 1)`` of a 6-D input
+    runs, as in eager)."""
+    class Frames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3, padding=1, groups=1, dilation=2)
+
+        def forward(self, x):
+            return F.relu(self.c(x.flatten(0, -4)))
+
+    model = Frames().eval()
+    gm = fxopt.optimize(model, (torch.randn(2, 4, 3, 10, 10),), "lower-cpu", mode="symbolic").module
+    assert _kernels(gm) == ["conv+relu"]
+    assert not [n for n in gm.graph.nodes if n.target is lower_cpu.require_rank]
+    x = torch.randn(2, 2, 3, 3, 10, 10)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_a_lowered_conv1d_model_survives_torch_save_and_load():
