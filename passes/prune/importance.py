@@ -232,7 +232,9 @@ def getattr_value(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor
 def _taylor_scores(gm: torch.fx.GraphModule, cg: ChannelGraph, calibration: list | None) -> dict[str, np.ndarray]:
     """|sum(a * dL/da)| per producer output channel over the calibration batches."""
     if not calibration:
-        raise ValueError("importance 'taylor' needs calibration batches (ctx.calibration / calibration=)")
+        raise ValueError("importance 'taylor' needs calibration batches (it scores channels by their "
+                         "gradients on them): fxopt.optimize(..., calibration=batches), or "
+                         "fxopt.passes.prune.prune_pass.analyze(..., calibration=batches)")
     producers = {name: cg.slots[r.outputs[0]] for name, r in cg.rules.items()
                  if r.category in ("producer", "gather")}  # a gathered norm's output is probed too
     scores: dict[str, np.ndarray] = {}
