@@ -48,6 +48,7 @@ import sys
 import sysconfig
 import threading
 import traceback
+import types
 import warnings
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
@@ -1053,7 +1054,8 @@ def _private_eval_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` in eval mode, for capture to run and trace (the caller's never runs).
     Where `copy.deepcopy` refuses an attribute, the copy gets a tensor computed from the
     parameters (``torch.nn.utils.weight_norm``'s weight, which its hook computes again before
-    every forward; a buffer registered as ``w.sum(0) * 2``) detached, and a threading lock a new lock; any other is refused naming it
+    every forward; a buffer registered as ``w.sum(0) * 2``) detached, a threading lock a new lock,
+    and a Python module (``self.ops = torch.nn.functional``: code, not state) is shared; any other is refused naming it
     (deepcopy failed on all with its own words, naming nothing). The attributes set on a
     parameter, which deepcopy drops, are kept."""
     try:
@@ -1120,6 +1122,8 @@ def _stand_in(name: str, value: Any, exc: Exception) -> Any:
         return value.detach().clone()
     if isinstance(value, _LOCKS):
         return threading.RLock() if isinstance(value, _LOCKS[1]) else threading.Lock()
+    if isinstance(value, types.ModuleType):
+        return value
     raise CaptureError(f"capture runs a copy of the model, never the model, and copy.deepcopy refuses its attribute "
                        f"'{name}' (a {type(value).__name__}: {type(exc).__name__}: {first_line(exc)}): give its "
                        "class a __deepcopy__, or set the attribute aside while capturing") from exc
@@ -1220,8 +1224,8 @@ def _refuse_tensor_defaults(model: nn.Module, args: tuple, kwargs: dict) -> None
         return
     for param in params:
         if param.default is not inspect.Parameter.empty and _holds_tensor(param.default):
-            raise CaptureError(f"forward's input '{param.name}' defaults to a tensor, which the code of a symbolic "
-                               "graph cannot spell; capture with mode='export' (auto does)")
+            raise CaptureError(f"forward's input '{param.name}' defaults to a tensor (or an object holding one), which "
+                               "the code of a symbolic graph cannot spell; capture with mode='export' (auto does)")
 
 
 def _refuse_var_keyword_inputs(model: nn.Module, kwargs: dict) -> None:
@@ -1272,7 +1276,15 @@ def _concrete_inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 def _holds_tensor(value: Any) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(value))
+    """Whether `value` holds a tensor: in a pytree container, or as an attribute of an object
+    pytree takes as a leaf (an unregistered dataclass ``Batch(x=...)``)."""
+    return any(isinstance(leaf, torch.Tensor) or _attributes_hold_tensor(leaf) for leaf in tree_leaves(value))
+
+
+def _attributes_hold_tensor(value: Any) -> bool:
+    attributes = getattr(value, "__dict__", None)
+    return (isinstance(attributes, dict) and not isinstance(value, (type, nn.Module))
+            and any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(list(attributes.values()))))
 
 
 def _specialization_message(name: str, value: Any) -> str:

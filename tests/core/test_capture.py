@@ -577,6 +577,31 @@ def test_inputs_holding_tensors_are_not_specialized(keyword):
     torch.testing.assert_close(gm(x, other), x + 2.0)  # a graph input, not baked-in constants
 
 
+@dataclasses.dataclass
+class _Batch:  # not registered with pytree: a leaf of the inputs
+    x: torch.Tensor
+    scale: float = 2.0
+
+
+class _ReadsABatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, batch):
+        return self.fc(batch.x) * batch.scale
+
+
+def test_an_object_holding_tensors_is_an_input_not_a_constant():
+    """An unregistered dataclass holding a tensor is one leaf to pytree, taken for a flag and specialized: the
+    graph's guard compared each call with `_Batch(x=tensor([...]))`, code that raised NameError ('_Batch' is not
+    defined) and printed fx's traceback, and the symbolic attempt failed; the object is a graph input now."""
+    model, batch = _ReadsABatch().eval(), _Batch(torch.randn(2, 4))
+    gm = capture(model, (batch,), mode="symbolic")
+    other = _Batch(torch.randn(5, 4), 3.0)
+    torch.testing.assert_close(gm(other), model(other))
+
+
 def test_an_export_whose_batch_axis_was_specialized_warns():
     """A GRU fed sequence-first (S, B, E): export keeps dim 0 static, so the graph runs at the
     example's shapes only — the capture says so instead of failing at the next call."""
@@ -1340,8 +1365,9 @@ def test_a_tensor_default_is_named_by_symbolic_capture():
 
     x = torch.randn(2, 4)
     for inputs in ((x,), (x, torch.full((4,), 2.0))):
-        with pytest.raises(CaptureError, match=r"forward's input 'b' defaults to a tensor, which the code of a "
-                                               r"symbolic graph cannot spell; capture with mode='export'"):
+        with pytest.raises(CaptureError, match=r"forward's input 'b' defaults to a tensor \(or an object holding one\), "
+                                               r"which the code of a symbolic graph cannot spell; capture with "
+                                               r"mode='export'"):
             capture(Biased(), inputs, mode="symbolic")
     gm = capture(Biased(), (x,))
     assert gm.meta["fxopt"]["frontend"] == "export"   # auto goes on to export
@@ -1638,15 +1664,26 @@ class _HoldsALock(nn.Module):
         return self.fc(x)
 
 
+class _HoldsAPythonModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ops = nn.Linear(4, 4), F  # (deepcopy: "cannot pickle 'module' object")
+
+    def forward(self, x):
+        return self.ops.relu(self.fc(x))
+
+
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
 @pytest.mark.parametrize("make, x", [(_weight_normed, torch.randn(2, 4, 16)),
                                      (lambda: _HoldsALock().eval(), torch.randn(2, 4)),
-                                     (lambda: _ComputedBuffer().eval(), torch.randn(2, 4))],
-                         ids=["weight_norm", "lock", "computed buffer"])
+                                     (lambda: _ComputedBuffer().eval(), torch.randn(2, 4)),
+                                     (lambda: _HoldsAPythonModule().eval(), torch.randn(2, 4))],
+                         ids=["weight_norm", "lock", "computed buffer", "python module"])
 def test_a_model_copy_deepcopy_refuses_is_captured(make, x, mode):
     """capture copies the model first: torch.nn.utils.weight_norm's computed weight (no graph
     leaf) failed with torch's "Only Tensors created explicitly by the user ... support the
-    deepcopy protocol", and a threading.Lock attribute with "cannot pickle '_thread.lock'"."""
+    deepcopy protocol", a threading.Lock attribute with "cannot pickle '_thread.lock'", and one holding a
+    Python module (``self.ops = F``) with "cannot pickle 'module' object" (it is shared: code, not state)."""
     model = make()
     gm = capture(model, x, mode=mode)
     torch.testing.assert_close(gm(x), model(x))
