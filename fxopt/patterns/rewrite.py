@@ -28,6 +28,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import first_line, node_location
+from ..serialize import plain_tensor
 from ..tracing import one_at_a_time
 from ..ir import (PRIVATE_OF, add_tensor_attr, call_as, get_attr_value, meta_value, module_path, op_view, replace_uses,
                   tensor_meta)
@@ -185,8 +186,7 @@ class Rewriter:
         stored = sorted(_stored_sources(node) for node in self.match.nodes.values()
                         if isinstance(node, torch.fx.Node) and node not in self.match.ops)
         role = base_name.removeprefix(self.match.root.name)
-        digest = hashlib.sha1(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-        return tuple(params), tuple(stored), role, str(value.dtype), tuple(value.shape), digest
+        return tuple(params), tuple(stored), role, str(value.dtype), tuple(value.shape), _digest(value)
 
     def _trains(self) -> bool:
         """Whether a parameter of the matched ops requires grad."""
@@ -358,6 +358,21 @@ def _apply_one(gm: torch.fx.GraphModule, pattern: Pattern, m: Match, stored: dic
         if not op.users and op.graph is gm.graph:
             gm.graph.erase_node(op)
     return new
+
+
+def _digest(value: torch.Tensor) -> str:
+    """The SHA-1 of `value`'s elements in row-major order, whatever its strides (a channels-last
+    1x1 conv weight is `is_contiguous()` with a last stride of 8, and `.view(torch.uint8)` refuses
+    it), layout or quantization (its integers and scales)."""
+    t = value.detach()
+    if t.is_quantized:
+        plain = plain_tensor(t)
+        return _digest(plain.pop("int_repr")) + repr(sorted((k, str(v.tolist()) if isinstance(v, torch.Tensor) else v)
+                                                             for k, v in plain.items()))
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    flat = t.cpu().resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format).reshape(-1)
+    return hashlib.sha1(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 #: The metadata that says where a node came from in the user's model.
