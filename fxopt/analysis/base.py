@@ -57,19 +57,22 @@ class AnalysisManager:
         self.gm = gm
         self.example_inputs = tuple(example_inputs)
         self.example_kwargs = dict(example_kwargs or {})
-        self._cache: dict[tuple[str, tuple], Any] = {}  # (name, options) -> result
+        self._cache: dict[tuple[str, type | None, tuple], Any] = {}  # (name, unnamed class, options) -> result
         self.computed: list[str] = []  # every computation, for tests and --time-passes output
 
     def get(self, analysis: type[T] | Any) -> Any:
         """The (cached) result of `analysis` (a class, or an instance with options) on `self.gm`.
 
         Results are cached per name and options: a dataclass analysis with other field values
-        is another result; an analysis without a `name` goes by its class name."""
+        is another result; an analysis without a `name` goes by its class name (which `preserves`
+        and `invalidate` use), and is cached per class: another library's class of that name has
+        results of its own."""
         instance = analysis() if isinstance(analysis, type) else analysis
-        key = (_analysis_name(instance), _options(instance))
+        name, options = _analysis_name(instance), _options(instance)
+        key = (name, None if instance.name else type(instance), options)
         if key not in self._cache:
             self._cache[key] = instance.run(self.gm, self)
-            self.computed.append(key[0] + (f"{{{','.join(f'{k}={v!r}' for k, v in key[1])}}}" if key[1] else ""))
+            self.computed.append(name + (f"{{{','.join(f'{k}={v!r}' for k, v in options)}}}" if options else ""))
         return self._cache[key]
 
     def cached(self, name: str) -> bool:

@@ -704,6 +704,33 @@ def test_an_analysis_is_cached_per_options_and_an_unnamed_one_by_its_class():
     assert am.cached("test-kind-count") and not am.cached(First.__qualname__)
 
 
+def _unnamed_analysis(label: str) -> type:
+    """An analysis class `Stats` without a `name`, as each of two libraries may define one."""
+    class Stats(fxopt.Analysis):
+        def run(self, gm, am):
+            return label
+
+    return Stats
+
+
+def test_two_unnamed_analyses_of_one_class_name_have_results_of_their_own():
+    """`Stats` of two modules, neither with a `name`, shared one cache slot: the second get() returned the
+    first class's result (api item 2). An explicit name still shares (a pass's `preserves` names it)."""
+    conv_stats, relu_stats = _unnamed_analysis("convs"), _unnamed_analysis("relus")
+    assert conv_stats.__qualname__ == relu_stats.__qualname__
+    am = AnalysisManager(_captured(), _inputs())
+    assert (am.get(conv_stats), am.get(relu_stats), am.get(conv_stats)) == ("convs", "relus", "convs")
+    assert am.computed == [conv_stats.__qualname__] * 2
+    am.invalidate(preserved={conv_stats.__qualname__})  # both go by the class name for invalidation
+    assert am.get(relu_stats) == "relus" and len(am.computed) == 2
+
+    class Renamed(_KindCount):
+        def run(self, gm, am):
+            return "renamed"
+
+    assert am.get(_KindCount()) == am.get(Renamed()) == 1  # one name, one result
+
+
 def test_verify_each_holds_the_passes_after_a_lossy_one_to_its_output():
     """Against the original, everything after `prune` passes at `lossy`: the broken exact pass
     ran through verify_each unseen, and the final message did not say which pass failed."""
