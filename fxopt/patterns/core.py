@@ -103,6 +103,12 @@ class Op:
     - `name` binds the node and its `OpView` in the match;
     - `single_use` (default for every op below the root): the op's value must feed only this
       pattern, since the rewrite removes it. Set False for ops that stay in the graph.
+
+    A value the pattern reads at several places is one `Op` object given as an input at each
+    (``d = Op("sub", ...)`` in ``Op("div", d, Op("mul", d, d))``; `pattern_from_function` does so
+    for a value its function reads twice): it matches one node read at each place, whose users
+    may all be ops of the match, or, where the graph computes it again (``(x - m) * (x - m)``),
+    one node per computation. Two distinct `Op` objects never match one node.
     """
 
     def __init__(
@@ -139,6 +145,15 @@ class Op:
         self.check = check
         #: view parameter -> binding name, e.g. {"weight": "w"}: the match's `params["w"]`.
         self.params = dict(params or {})
+        # the Ops below this one, and those among them reached along more than one path
+        # (a value the pattern reads twice, and what it is computed from)
+        reached: dict[Op, int] = {}
+        for child in (i for i in self.inputs if isinstance(i, Op)):
+            for op in (child, *child._below):
+                reached[op] = reached.get(op, 0) + 1
+        self._below: frozenset[Op] = frozenset(reached)
+        self._shared: frozenset[Op] = frozenset(op for op, n in reached.items() if n > 1).union(
+            *(child._shared for child in self.inputs if isinstance(child, Op)))
         if self.params and not name:
             raise ValueError(f"Op('{self.kinds[0]}'): binding parameters needs a name= for the op")
 
@@ -254,6 +269,9 @@ class Match:
     #: symbolic graph's image or sequence dims): the rewrite asserts them (`apply_patterns`).
     #: dim None: the value's rank (a Var's int `ndim`, `Rewriter.hold_rank`).
     size_guards: list[tuple[torch.fx.Node, int | None, int]] = field(default_factory=list)
+    #: the Ops the pattern reads at several places (`Op`'s docstring), and the nodes each matched.
+    reads_shared: frozenset[Op] = frozenset()
+    shared: dict[Op, tuple[torch.fx.Node, ...]] = field(default_factory=dict)
 
     def hold_rank(self, value: torch.fx.Node, rank: int | None = None) -> None:
         """Make the rewrite assert `value`'s rank (its recorded one, or `rank`) where the graph
@@ -275,7 +293,7 @@ class Match:
 
     def copy(self) -> "Match":
         return Match(self.gm, self.root, dict(self.nodes), dict(self.views), dict(self.values), list(self.ops),
-                     dict(self.params), list(self.size_guards))
+                     dict(self.params), list(self.size_guards), self.reads_shared, dict(self.shared))
 
 
 class NoMatch(Exception):
@@ -334,8 +352,9 @@ def explain(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: PatternNode,
 
 def match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: PatternNode,
                    check: Callable[[Match], bool | str] | None = None) -> Match:
-    m = Match(gm, node)
+    m = Match(gm, node, reads_shared=getattr(pattern, "_shared", frozenset()))
     m = _match(gm, node, pattern, m, is_root=True)
+    _refuse_outside_readers_of_shared(m)
     for op in m.ops:
         _refuse_visible_write(gm, op, m)
     _refuse_write_before_root(gm, m)
@@ -344,6 +363,17 @@ def match_or_raise(gm: torch.fx.GraphModule, node: torch.fx.Node, pattern: Patte
         if reason is not None:
             raise NoMatch(f"extra check refused the match at {_where(node)}: {reason or 'the extra check refused it'}")
     return m
+
+
+def _refuse_outside_readers_of_shared(m: "Match") -> None:
+    """An op the pattern reads at several places may have several users, all of them ops of the
+    match (`single_use`, checked once the whole match is known)."""
+    for pat, nodes in m.shared.items():
+        for node in nodes:
+            outside = [u.name for u in node.users if u not in m.ops]
+            if pat.single_use and node is not m.root and outside:
+                raise _no_match(node, f" is read by {', '.join(outside)} outside the pattern, which would remove "
+                                      "it (use single_use=False for ops that stay)")
 
 
 def _refuse_visible_write(gm: torch.fx.GraphModule, op: torch.fx.Node, m: "Match") -> None:
@@ -416,14 +446,19 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
     view = op_view(gm, node)
     if view is None:
         raise _no_match(node, f" is not an op fxopt's op view knows; pattern wants {pat!r}")
+    shared = pat in m.reads_shared
+    if shared and node in m.shared.get(pat, ()):  # read again: the node it matched, not matched anew
+        return m
     if view.kind not in pat.kinds:
         raise _no_match(node, f" is '{view.kind}', pattern wants '{'|'.join(pat.kinds)}'")
-    if not is_root and pat.single_use and len(node.users) > 1:
+    if not is_root and pat.single_use and not shared and len(node.users) > 1:
         users = ", ".join(u.name for u in node.users)
-        raise _no_match(node, f" has {len(node.users)} users ({users}); the pattern "
-                      "would remove it (use single_use=False for ops that stay)")
+        raise _no_match(node, f" has {len(node.users)} users ({users}); the pattern would remove it (use "
+                              "single_use=False for ops that stay; where the pattern reads this value at several "
+                              "places, give one Op object at each)")
     if node in m.ops:
-        raise _no_match(node, " is matched twice by the pattern")
+        raise _no_match(node, " is matched twice by the pattern (by two Op objects: one value the pattern reads "
+                              "at several places is one Op object given at each)")
     for key, want in pat.attrs.items():
         got = view.attrs.get(key, _MISSING)
         if got is _MISSING:
@@ -476,6 +511,8 @@ def _match(gm, value: Any, pat: PatternNode, m: Match, is_root: bool = False) ->
             failure = failure or exc
             continue
         trial.ops.append(node)
+        if shared:
+            trial.shared[pat] = (*trial.shared.get(pat, ()), node)
         if pat.name:
             _bind_node(pat.name, node, trial)
             trial.views[pat.name] = view

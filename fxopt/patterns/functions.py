@@ -49,10 +49,20 @@ def pattern_from_function(fn: Callable[..., Any]) -> PatternNode:
     if not isinstance(root, torch.fx.Node):
         raise ValueError(f"pattern function {fn.__name__} must return one tensor")
     counter = [0]
-    return _convert(gm, root, consts, counter, fn.__name__)
+    return _convert(gm, root, consts, counter, fn.__name__, {})
 
 
-def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) -> PatternNode:
+def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str,
+             converted: dict[torch.fx.Node, PatternNode]) -> PatternNode:
+    """The pattern of `node`: one object for a value the function reads at several places
+    (`converted`), which matches one node of the graph."""
+    if node not in converted:
+        converted[node] = _convert_one(gm, node, consts, counter, fname, converted)
+    return converted[node]
+
+
+def _convert_one(gm, node: torch.fx.Node, consts: set, counter: list, fname: str,
+                 converted: dict[torch.fx.Node, PatternNode]) -> PatternNode:
     if node.op == "placeholder":
         if node.target in consts:
             raise ValueError(f"pattern function {fname}: scalar parameter '{node.target}' can only be "
@@ -79,14 +89,14 @@ def _convert(gm, node: torch.fx.Node, consts: set, counter: list, fname: str) ->
             if isinstance(value, torch.fx.Node) and value.op == "placeholder" and value.target in consts:
                 scalar = Const(value.target)
             elif isinstance(value, torch.fx.Node):
-                inputs.append(_convert(gm, value, consts, counter, fname))
+                inputs.append(_convert(gm, value, consts, counter, fname, converted))
                 input_nodes.append(value)
             elif isinstance(value, (list, tuple)) and value:  # ``torch.cat([a, b], 1)``: each one an input
                 if not all(isinstance(v, torch.fx.Node) and not (v.op == "placeholder" and v.target in consts)
                            for v in value):
                     raise ValueError(f"pattern function {fname}: '{node.name}' takes a list of tensors, and only "
                                      f"tensor parameters or ops may be in it, got {value!r}")
-                inputs += [_convert(gm, v, consts, counter, fname) for v in value]
+                inputs += [_convert(gm, v, consts, counter, fname, converted) for v in value]
                 input_nodes += list(value)
             elif isinstance(value, numbers.Number):
                 scalar = Const(f"_literal{counter[0]}", check=_equals(value), literal=value)
