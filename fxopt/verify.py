@@ -769,13 +769,24 @@ def recorded_tolerance(module: nn.Module) -> str | Tolerance:
     return recorded if isinstance(recorded, (str, Tolerance)) else "exact"
 
 
+def _paths_apart(ref_paths: list[str], cand_paths: list[str]) -> str:
+    """'; the candidate lacks output ['b'][1]' (and what it has besides): where two output
+    structures of different sizes part (three of each at most)."""
+    lacks = [p for p in ref_paths if p not in cand_paths]
+    extra = [p for p in cand_paths if p not in ref_paths]
+    return "".join(f"; the candidate {verb} output{'s' if len(paths) > 1 else ''} {', '.join(paths[:3])}"
+                   + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+                   for verb, paths in (("lacks", lacks), ("has besides", extra)) if paths)
+
+
 def compare_outputs(ref: Any, cand: Any) -> tuple[list[TensorComparison], str | None]:
     """Per-tensor statistics over two output structures, and a structural problem if any."""
     ref, cand = _expand_dataclasses(ref), _expand_dataclasses(cand)
     ref_leaves, ref_spec = tree_flatten_with_path(ref)
     cand_leaves, cand_spec = tree_flatten_with_path(_in_key_order_of(ref, cand))
     if len(ref_leaves) != len(cand_leaves):
-        return [], f"output structure differs: {len(ref_leaves)} vs {len(cand_leaves)} values"
+        return [], (f"output structure differs: {len(ref_leaves)} vs {len(cand_leaves)} values"
+                    + _paths_apart([keystr(p) for p, _ in ref_leaves], [keystr(p) for p, _ in cand_leaves]))
     if ref_spec != cand_spec:
         # same number of values, different containers or keys ({'a','b'} vs {'a','c'}, dict vs tuple)
         ref_paths = [keystr(p) for p, _ in ref_leaves]

@@ -381,6 +381,29 @@ def test_a_changed_output_dtype_fails_even_when_the_values_agree():
     assert not r.passed and "dtype torch.float16 became torch.float32" in r.message
 
 
+class _Nested(nn.Module):
+    def __init__(self, keep: int = 2, more: int = 0):
+        super().__init__()
+        self.fc, self.keep, self.more = nn.Linear(4, 4), keep, more
+
+    def forward(self, x):
+        h = self.fc(x)
+        return {"a": h, "b": [h * 2, h.argmax(-1)][:self.keep] + [h] * self.more}
+
+
+def test_an_output_structure_of_another_size_names_the_outputs_apart():
+    """'output structure differs: 3 vs 2 values' said nothing of which value was missing."""
+    x = torch.randn(3, 4)
+    reference = _Nested().eval()
+    shorter, longer = _Nested(keep=1).eval(), _Nested(more=4).eval()
+    shorter.load_state_dict(reference.state_dict()), longer.load_state_dict(reference.state_dict())
+    r = verify(reference, shorter, x)
+    assert r.message == "output structure differs: 3 vs 2 values; the candidate lacks output ['b'][1]"
+    r = verify(reference, longer, x)
+    assert r.message == ("output structure differs: 3 vs 7 values; the candidate has besides outputs ['b'][2], "
+                         "['b'][3], ['b'][4] and 1 more")
+
+
 def test_mismatched_output_structure_is_reported():
     x = _x()
     r = verify(DictNet(), DictNet(key="c"), x)
