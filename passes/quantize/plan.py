@@ -41,7 +41,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from fxopt.ir import metadata_read, op_name, op_view, size_read, tensor_meta, value_nbytes, written_in_place
+from fxopt.ir import aten_op_of, metadata_read, op_name, op_view, size_read, tensor_meta, value_nbytes, written_in_place
 
 #: What may follow each anchor kind inside one group, in order.
 FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -359,11 +359,27 @@ def build_plan(gm: torch.fx.GraphModule) -> Plan:
         elif view.kind in ("hardtanh", "clamp", "dropout") and (reason := _not_passed_through(view)) is not None:
             if is_float_value(node):
                 plan.unsupported[node.name] = _runs_in_float(view.kind, reason)
-        elif view.kind in PASS_THROUGH and view.input is not None:
+        elif (view.kind in PASS_THROUGH or _copies_nearest(view)) and view.input is not None:
             plan.pass_through.add(node.name)
         elif _holds_floats(node):
             plan.unsupported[node.name] = _runs_in_float(view.kind, _float_op_reason(gm, view))
     return plan
+
+
+#: upsampling that copies elements (torch's quantized tensors have these kernels)
+_NEAREST_MODES = ("nearest", "nearest-exact")
+
+
+def _copies_nearest(view) -> bool:
+    """Whether `view` is a nearest(-exact) upsample: every output element a copy of an input
+    one, so int8 in and out on one grid (an FPN's or U-Net's upsampling between int8 convs and
+    cats). The aten spelling names the mode in the op."""
+    if view.kind != "interpolate":
+        return False
+    overload = aten_op_of(view.node)
+    if overload is not None:
+        return overload.name().split("::")[-1].split(".")[0].lstrip("_").startswith("upsample_nearest")
+    return view.attrs.get("mode", "nearest") in _NEAREST_MODES
 
 
 def _runs_in_float(kind: str, why: str) -> str:

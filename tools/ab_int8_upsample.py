@@ -1,0 +1,116 @@
+"""A/B of `quantize` on nearest upsampling between int8 layers: float, or an int8 pass-through.
+
+A: a nearest (or nearest-exact) `F.interpolate` / `nn.Upsample` runs in float, so the conv
+before it writes float and the upsampled map is quantized again before the next int8 layer
+(what `quantize` did before this change); B: it is an int8 pass-through (every output element
+is a copy of an input one: one grid in and out), as torch.ao keeps it
+(`passes/quantize/plan.py`, `_copies_nearest`). Models: an FPN-style top-down path (strided
+convs, two upsamples, concatenations) and a U-Net-style decoder (conv, nearest-exact upsample, add
+the skip). Prints latency (`fxopt.measure.compare_latency`, one thread, interleaved rounds) of fp32
+eager, torch.ao FX int8 (x86; the peer), A and B at batch 1 and 16, and each int8 model's SQNR
+against fp32 on a held-out batch.
+
+    python tools/ab_int8_upsample.py --rounds 7
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+import fxopt
+from fxopt.measure import compare_latency
+from fxopt.passes.quantize import plan
+
+
+class TopDown(nn.Module):
+    """Three strided convs, then two nearest upsamples each concatenated with a skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 32, 3, 2, 1), nn.Conv2d(32, 64, 3, 2, 1), nn.Conv2d(64, 64, 3, 2, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.m2, self.m1 = nn.Conv2d(128, 64, 3, padding=1), nn.Conv2d(96, 32, 3, padding=1)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        b = F.relu(self.c2(a))
+        c = F.relu(self.c3(b))
+        d = F.relu(self.m2(torch.cat([self.up(c), b], 1)))
+        e = F.relu(self.m1(torch.cat([F.interpolate(d, scale_factor=2.0, mode="nearest"), a], 1)))
+        return self.head(e)
+
+
+class Decoder(nn.Module):
+    """A U-Net's decoder: each stage convs, upsamples (nearest-exact) and adds the skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d1, self.d2, self.d3 = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 32, 3, 2, 1), nn.Conv2d(32, 64, 3, 2, 1)
+        self.u3, self.u2, self.u1 = nn.Conv2d(64, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1), \
+            nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        s1 = F.relu(self.d1(x))
+        s2 = F.relu(self.d2(s1))
+        x = F.relu(self.d3(s2))
+        x = F.interpolate(F.relu(self.u3(x)), scale_factor=2, mode="nearest-exact") + s2
+        x = F.interpolate(F.relu(self.u2(x)), scale_factor=2, mode="nearest-exact") + s1
+        x = F.interpolate(F.relu(self.u1(x)), scale_factor=2, mode="nearest-exact")
+        return self.head(x)
+
+
+def models() -> dict:
+    torch.manual_seed(0)
+    return {"fpn_top_down": TopDown().eval(), "unet_decoder": Decoder().eval()}
+
+
+def sqnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(a.pow(2).mean() / (a - b).pow(2).mean()))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    print("| model | batch | fp32 ms | torch.ao ms | A ms (float upsample) | B ms (int8 upsample) | B / A | B / torch.ao |")
+    print("|---|---|---|---|---|---|---|---|")
+    sqnrs = {}
+    for name, model in models().items():
+        calibration = [torch.randn(8, 3, 64, 64) for _ in range(4)]
+        example = (calibration[0][:1],)
+        with mock.patch.object(plan, "_copies_nearest", lambda view: False):
+            a = fxopt.optimize(model, example, "quantize", calibration=calibration, verify=False).module
+        b = fxopt.optimize(model, example, "quantize", calibration=calibration, verify=False).module
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example)
+        for batch in calibration:
+            prepared(batch)
+        ao = convert_fx(prepared)
+        fns = {"fp32": model, "torch.ao": ao, "A": a, "B": b}
+        held_out = torch.randn(16, 3, 64, 64)
+        with torch.no_grad():
+            sqnrs[name] = {k: sqnr(model(held_out), f(held_out)) for k, f in fns.items() if k != "fp32"}
+            t = compare_latency(fns, {1: (held_out[:1],), 16: (held_out,)}, rounds=args.rounds,
+                                repeats=args.repeats)
+        for batch in (1, 16):
+            row = {k: t[k][batch] for k in fns}
+            print(f"| {name} | {batch} | {row['fp32']:.3f} | {row['torch.ao']:.3f} | {row['A']:.3f} | "
+                  f"{row['B']:.3f} | {row['B'] / row['A']:.2f} | {row['B'] / row['torch.ao']:.2f} |")
+    for name, values in sqnrs.items():
+        print(f"SQNR dB, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
+
+
+if __name__ == "__main__":
+    main()
