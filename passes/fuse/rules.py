@@ -54,9 +54,20 @@ def _computed_bias(view) -> bool:
     return isinstance(view.attrs.get("bias"), torch.fx.Node)
 
 
+def output_size_at_call(view) -> bool:
+    """Whether a transposed conv module is called with an output size (``self.up(x,
+    output_size=skip.shape)``): the output padding is then computed per call from it, and a
+    conv call rebuilt from the module's attributes would drop it (the output one row short)."""
+    node = view.node
+    return node.op == "call_module" and bool(view.attrs.get("transposed")) \
+        and (len(node.args) > 1 or node.kwargs.get("output_size") is not None)
+
+
 def _conv_ok(view) -> bool | str:
     if "weight" not in view.params:
         return "its weight is not a parameter (a computed weight cannot be folded)"
+    if output_size_at_call(view):
+        return "a transposed conv called with an output_size (its output padding is computed per call)"
     if _computed_bias(view):
         return "its bias is computed in the graph (a computed bias cannot be folded)"
     meta = tensor_meta(view.node)
