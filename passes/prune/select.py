@@ -47,6 +47,9 @@ class Selection:
     total: int
     cut_value: float = 0.0
     cut_edges: list = field(default_factory=list)
+    #: producer channels the first solve removed, where it was solved again with the classes
+    #: rounding would give back held (`prune_pass._rounded_in_advance`); None when it was not
+    first_removed: int | None = None
 
 
 def max_weight_closure(weights: dict, implies: list, forced_out: set | frozenset = frozenset(),
@@ -581,15 +584,22 @@ def close_free_junctions(dead: np.ndarray, prod: np.ndarray, blocked: np.ndarray
     return dead
 
 
-def revive(dead: np.ndarray, classes, precedence: set) -> None:
-    """Bring classes back, and every class whose removal required them."""
-    required_by: dict[int, list[int]] = {}
+def required_by(precedence: set) -> dict[int, list[int]]:
+    """For each class, the classes whose removal requires its removal (`revive`'s index)."""
+    index: dict[int, list[int]] = {}
     for u, v in precedence:
-        required_by.setdefault(v, []).append(u)
+        index.setdefault(v, []).append(u)
+    return index
+
+
+def revive(dead: np.ndarray, classes, precedence: set | dict[int, list[int]]) -> None:
+    """Bring classes back, and every class whose removal required them. `precedence`: the pairs,
+    or their `required_by` index (a caller reviving many times builds it once)."""
+    index = precedence if isinstance(precedence, dict) else required_by(precedence)
     stack = [k for k in classes if dead[k]]
     while stack:
         k = stack.pop()
         if not dead[k]:
             continue
         dead[k] = False
-        stack.extend(u for u in required_by.get(k, ()) if dead[u])
+        stack.extend(u for u in index.get(k, ()) if dead[u])
