@@ -11,9 +11,10 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   per call: oneDNN's add takes the conv's dtype and shape, where eager's promotes and broadcasts
   (a float64 residual crashed the kernel, a larger one gave a conv-shaped result);
 - conv_transpose2d [+ a per-channel shift, `fuse`'s folded batchnorm] [+ activation] →
-  `mkldnn._convolution_transpose_pointwise(x, W_packed, b + shift, ..., attr, ...)` at every
-  size (0.6-0.88x aten's time at batch 1, 0.08-0.6x at 16, per layer); grouped ones and
-  conv_transpose1d/3d stay on aten (`_conv_transpose_check`);
+  `mkldnn._convolution_transpose_pointwise(x, W_packed, b + shift, ..., attr, ...)` where its
+  output size is a multiple of its stride (0.54-0.88x aten's time at batch 1, 0.08-0.9x at 16,
+  per layer; otherwise, k=3 stride 2 padding 1 without output padding, oneDNN is 5-16x
+  slower); grouped ones and conv_transpose1d/3d stay on aten (`_conv_transpose_check`);
 - linear [+ relu | gelu | silu] → `mkldnn._linear_pointwise(x, W_packed, b, attr, ...)`
   only with the option `linear=true`: on the zoo's BERT-style encoder it measured *slower*
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
@@ -370,9 +371,9 @@ def _conv_check(view) -> bool | str:
 
 def _conv_transpose_check(view) -> bool | str:
     """Can this transposed conv be lowered? oneDNN's transposed conv (with the weight packed
-    for it) beat aten's at every size measured, 0.6-0.88x at batch 1 and 0.08-0.6x at batch 16
-    (`mkldnn._reorder_convolution_transpose_weight` takes 2-D convs only; a grouped one stays
-    on aten, where it is no slower)."""
+    for it) beat aten's where its output size is a multiple of its stride, 0.54-0.88x at batch 1
+    and 0.08-0.9x at batch 16 per layer (`mkldnn._reorder_convolution_transpose_weight` takes
+    2-D convs only; a grouped one stays on aten, where it is no slower)."""
     if not view.attrs.get("transposed"):
         return "not a transposed conv"
     if "weight" not in view.params:
@@ -390,6 +391,17 @@ def _conv_transpose_check(view) -> bool | str:
         return "an output_size given at the call (its output padding is computed per call)"
     if isinstance(a["padding"], str) or view.attrs.get("padding_mode", "zeros") != "zeros":
         return "string padding or a non-zero padding mode"
+    if not all(isinstance(v, int) for key in ("padding", "output_padding", "stride", "dilation")
+               for v in (a[key] if isinstance(a[key], (tuple, list)) else ())):
+        return "its geometry is computed per call (export's output padding from a dynamic size)"
+    # An output size that is no multiple of the stride (k=3, stride 2, padding 1, no output
+    # padding: 2n - 1) takes a oneDNN path 5-16x slower than aten's (per layer, batch 1 and 16;
+    # decoder tester); one that is (output_padding=1, k=4 or 2) 0.1-0.7x. The remainder is the
+    # same at every input size: out = (in - 1) * s + d * (k - 1) - 2 * p + op + 1.
+    kernel = view.param("weight").shape[2:]
+    if any((d * (k - 1) - 2 * pad + op + 1) % st for k, st, pad, op, d in
+           zip(kernel, a["stride"], a["padding"], a["output_padding"], a["dilation"])):
+        return "its output size is no multiple of its stride (oneDNN's kernel for it is slower than aten's)"
     if view.param("bias") is None and view.node.op != "call_module" and _bias_is_node(view):
         return "bias is computed"
     return True

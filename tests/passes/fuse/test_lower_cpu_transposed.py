@@ -131,3 +131,41 @@ def test_a_transposed_conv_called_with_an_output_size_keeps_it(mode):
         x, skip = torch.randn(1, 8, 7, 7), torch.randn(1, 8, 13, 13)  # another output padding
         with torch.no_grad():
             torch.testing.assert_close(res.module(x, skip), model(x, skip), rtol=1e-4, atol=1e-5)
+
+
+def test_a_transposed_conv_whose_output_is_no_multiple_of_its_stride_stays_on_aten():
+    """k=3, stride 2, padding 1 and no output padding gives 2n - 1 rows: oneDNN's kernel for it
+    ran 5-16x aten's time (a U-Net 0.6-0.8x eager's speed, decoder tester); with output_padding=1
+    (2n rows) it is lowered."""
+    torch.manual_seed(0)
+    odd, even = nn.ConvTranspose2d(16, 8, 3, 2, 1), nn.ConvTranspose2d(16, 8, 3, 2, 1, output_padding=1)
+    model = nn.Sequential(odd, nn.ReLU(), nn.Conv2d(8, 16, 1), even, nn.ReLU()).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 16, 8, 8),), "lower-cpu", mode="symbolic")
+    assert res.verification.passed and _lowered(res.module) == ["conv_transpose+relu"]
+    [kept] = [v for v in _conv_views(res.module) if v.attrs.get("transposed")]
+    assert kept.attrs["output_padding"] in (0, (0, 0), [0, 0])  # the odd one
+    assert lower_cpu._conv_transpose_check(kept) == \
+        "its output size is no multiple of its stride (oneDNN's kernel for it is slower than aten's)"
+
+
+def test_an_output_padding_export_computes_per_call_is_left_to_aten():
+    """export with a dynamic image size records the output padding of ``up(h, output_size=...)`` as
+    values computed per call: oneDNN's weight reorder refused them ("Expected a value of type
+    'List[int]' for argument 'output_padding'"), a failed pipeline (decoder tester)."""
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down, self.up = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ConvTranspose2d(8, 3, 3, 2, 1)
+
+        def forward(self, x):
+            return self.up(self.down(x), output_size=x.shape[-2:])
+
+    torch.manual_seed(0)
+    model = Up().eval()
+    dims = {"x": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
+    res = fxopt.optimize(model, torch.randn(2, 3, 33, 33), "fuse,lower-cpu", mode="export", dynamic_shapes=dims)
+    assert res.verification.passed, res.summary()
+    for size in (30, 33):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
