@@ -1,12 +1,13 @@
-"""A/B of `quantize` on nearest upsampling between int8 layers: float, or an int8 pass-through.
+"""A/B of `quantize` on upsampling between int8 layers: float, or an int8 pass-through.
 
-A: a nearest (or nearest-exact) `F.interpolate` / `nn.Upsample` runs in float, so the conv
-before it writes float and the upsampled map is quantized again before the next int8 layer
-(what `quantize` did before this change); B: it is an int8 pass-through (every output element
-is a copy of an input one: one grid in and out), as torch.ao keeps it
-(`passes/quantize/plan.py`, `_copies_nearest`). Models: an FPN-style top-down path (strided
-convs, two upsamples, concatenations) and a U-Net-style decoder (conv, nearest-exact upsample, add
-the skip). Prints latency (`fxopt.measure.compare_latency`, one thread, interleaved rounds) of fp32
+A: a nearest (or nearest-exact) `F.interpolate` / `nn.Upsample`, or a `PixelShuffle`, runs in
+float, so the conv before it writes float and the upsampled map is quantized again before the
+next int8 layer (what `quantize` did before these changes); B: it is an int8 pass-through
+(every output element is a copy of an input one: one grid in and out), as torch.ao keeps it
+(`passes/quantize/plan.py`: `_copies_nearest`, "pixel_shuffle" in `PASS_THROUGH`, run by
+`kernels.int8_pixel_shuffle`). Models: an FPN-style top-down path (strided convs, two
+upsamples, concatenations), a U-Net-style decoder (conv, nearest-exact upsample, add the skip)
+and an EDSR-style super-resolution net (residual body, conv -> PixelShuffle(2) -> ReLU). Prints latency (`fxopt.measure.compare_latency`, one thread, interleaved rounds) of fp32
 eager, torch.ao FX int8 (x86; the peer), A and B at batch 1 and 16, and each int8 model's SQNR
 against fp32 on a held-out batch.
 
@@ -69,9 +70,29 @@ class Decoder(nn.Module):
         return self.head(x)
 
 
+class SuperResolution(nn.Module):
+    """EDSR-like: a residual body, conv -> PixelShuffle(2) -> ReLU, a tail conv, plus the
+    nearest-upsampled input."""
+
+    def __init__(self, c: int = 32) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, c, 3, padding=1)
+        self.body = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+                                  for _ in range(2))
+        self.up = nn.Sequential(nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2), nn.ReLU())
+        self.tail = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        b = h
+        for block in self.body:
+            b = b + block(b)
+        return self.tail(self.up(b + h)) + F.interpolate(x, scale_factor=2, mode="nearest")
+
+
 def models() -> dict:
     torch.manual_seed(0)
-    return {"fpn_top_down": TopDown().eval(), "unet_decoder": Decoder().eval()}
+    return {"fpn_top_down": TopDown().eval(), "unet_decoder": Decoder().eval(), "edsr": SuperResolution().eval()}
 
 
 def sqnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,7 +112,8 @@ def main(argv=None) -> None:
     for name, model in models().items():
         calibration = [torch.randn(8, 3, 64, 64) for _ in range(4)]
         example = (calibration[0][:1],)
-        with mock.patch.object(plan, "_copies_nearest", lambda view: False):
+        with mock.patch.object(plan, "_copies_nearest", lambda view: False), \
+                mock.patch.object(plan, "PASS_THROUGH", plan.PASS_THROUGH - {"pixel_shuffle", "pixel_unshuffle"}):
             a = fxopt.optimize(model, example, "quantize", calibration=calibration, verify=False).module
         b = fxopt.optimize(model, example, "quantize", calibration=calibration, verify=False).module
         prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example)

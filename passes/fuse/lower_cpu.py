@@ -11,10 +11,12 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   per call: oneDNN's add takes the conv's dtype and shape, where eager's promotes and broadcasts
   (a float64 residual crashed the kernel, a larger one gave a conv-shaped result);
 - conv_transpose2d [+ a per-channel shift, `fuse`'s folded batchnorm] [+ activation] →
-  `mkldnn._convolution_transpose_pointwise(x, W_packed, b + shift, ..., attr, ...)` where its
-  output size is a multiple of its stride (0.54-0.88x aten's time at batch 1, 0.08-0.9x at 16,
-  per layer; otherwise, k=3 stride 2 padding 1 without output padding, oneDNN is 5-16x
-  slower); grouped ones and conv_transpose1d/3d stay on aten (`_conv_transpose_check`);
+  `mkldnn._convolution_transpose_pointwise(x, W_packed, b + shift, ..., attr, ...)` (the
+  shift, (C, 1, 1) or (1, C, 1, 1), read per call) where its output size is a multiple of its
+  stride and it does `MIN_TRANSPOSED_MACS` per sample (0.54-0.88x aten's time at batch 1,
+  0.08-0.9x at 16, per layer; otherwise, k=3 stride 2 padding 1 without output padding, oneDNN
+  is 5-16x slower, and a small layer pays its fixed cost); grouped ones and
+  conv_transpose1d/3d stay on aten (`_conv_transpose_check`);
 - linear [+ relu | gelu | silu] → `mkldnn._linear_pointwise(x, W_packed, b, attr, ...)`
   only with the option `linear=true`: on the zoo's BERT-style encoder it measured *slower*
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
@@ -64,6 +66,7 @@ runs on CPU only (oneDNN tensors cannot move to CUDA).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from math import prod
 
@@ -84,6 +87,10 @@ _LINEAR_ACTS = ("relu", "gelu", "silu")
 
 #: Default of the `min_macs` option; see `lowering_batch` for the measurements behind it.
 MIN_MACS = 4_000_000
+#: A transposed conv below this many MACs per sample stays on aten: oneDNN's call costs more
+#: than it saves (a 16-channel k=3 layer at 8x8, 0.15 M: 1.6-2x `fuse` at batch 1; 8 channels
+#: at 32x32, 0.6 M: 0.66x; adversary and per-layer runs, one thread).
+MIN_TRANSPOSED_MACS = 500_000
 
 
 def mkldnn_available() -> bool:
@@ -369,7 +376,7 @@ def _conv_check(view) -> bool | str:
     return True
 
 
-def _conv_transpose_check(view) -> bool | str:
+def _conv_transpose_check(view, min_macs: int = MIN_TRANSPOSED_MACS) -> bool | str:
     """Can this transposed conv be lowered? oneDNN's transposed conv (with the weight packed
     for it) beat aten's where its output size is a multiple of its stride, 0.54-0.88x at batch 1
     and 0.08-0.9x at batch 16 per layer (`mkldnn._reorder_convolution_transpose_weight` takes
@@ -399,9 +406,15 @@ def _conv_transpose_check(view) -> bool | str:
     # decoder tester); one that is (output_padding=1, k=4 or 2) 0.1-0.7x. The remainder is the
     # same at every input size: out = (in - 1) * s + d * (k - 1) - 2 * p + op + 1.
     kernel = view.param("weight").shape[2:]
+    if any(op >= st for op, st in zip(a["output_padding"], a["stride"])):
+        return "an output padding of its stride or more (torch takes it below the dilation; oneDNN does not)"
     if any((d * (k - 1) - 2 * pad + op + 1) % st for k, st, pad, op, d in
            zip(kernel, a["stride"], a["padding"], a["output_padding"], a["dilation"])):
         return "its output size is no multiple of its stride (oneDNN's kernel for it is slower than aten's)"
+    macs = prod(meta[0][1:]) * prod(w.shape[1:])  # per sample: each input element meets C_out * k taps
+    if macs < min_macs:
+        return (f"{macs} MACs per sample < {min_macs}: oneDNN's fixed cost per call outweighs the kernel "
+                "(cheaper on the aten path)")
     if view.param("bias") is None and view.node.op != "call_module" and _bias_is_node(view):
         return "bias is computed"
     return True
@@ -409,15 +422,16 @@ def _conv_transpose_check(view) -> bool | str:
 
 def _per_channel_shift(m) -> bool | str:
     """The add after a transposed conv is `fuse`'s folded batchnorm shift (or any stored
-    per-output-channel tensor): oneDNN takes it as the conv's bias."""
+    tensor of one value per output channel, shaped (C, 1, 1) or (1, C, 1, 1)): oneDNN takes it
+    as the conv's bias. A (C,), (1, C) or (C, 1) tensor adds along the width or height."""
     shift, conv = m.nodes["shift"], m.views["conv"]
     if shift.op != "get_attr":
         return "the added value is not a stored tensor"
     value = get_attr_value(m.gm, str(shift.target))
     out = conv.param("weight").shape[1]
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.numel() != out \
-            or value.dim() > 4 or (value.dim() >= 3 and value.shape[-3] != out):
-        return "the added tensor is not one float32 value per output channel"
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 \
+            or tuple(value.shape) not in ((out, 1, 1), (1, out, 1, 1)):
+        return "the added tensor is not one float32 value per output channel, shaped (C, 1, 1)"
     if m.views["add"].attrs.get("alpha", 1) != 1:
         return "add with alpha != 1"
     return True
@@ -561,11 +575,9 @@ class _Lowering:
         a = rules.conv_attrs(view)
         args = (list(a["padding"]), list(a["output_padding"]), list(a["stride"]), list(a["dilation"]), 1)
         bias = _bias_node(r, view)
-        if "shift" in r.match.nodes:
-            shift = get_attr_value(r.gm, str(r["shift"].target)).detach().reshape(-1)
-            own = view.param("bias")
-            total = shift if own is None else own.detach() + shift
-            bias = r.tensor(f"{_view_name(r, view)}_bias_and_shift", total.clone(), parameter=False)
+        if "shift" in r.match.nodes:  # read per call: the graph keeps its tensors (state_dict, loads)
+            shift = r.call(torch.Tensor.reshape, r["shift"], (-1,))
+            bias = shift if bias is None else r.call(torch.add, bias, shift)
         x = self.channels_last(r, r["x"])
         wn = _packed_weight_node(r, view, WeightPacks("conv_transpose", args), x)
         attr, scalars, algo = post
@@ -669,7 +681,9 @@ def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False)
     lin_op = lambda: Op("linear", Var("x"), name="linear", check=_linear_check)  # noqa: E731
     table = []
     if conv:
-        tconv = lambda: Op("conv", Var("x"), name="conv", check=_conv_transpose_check)  # noqa: E731
+        floor = min(state.min_macs, MIN_TRANSPOSED_MACS)  # (`min_macs=0` lowers them all too)
+        tconv = lambda: Op("conv", Var("x"), name="conv",  # noqa: E731
+                           check=lambda view: _conv_transpose_check(view, floor))
         shifted = lambda: Op("add", tconv(), Var("shift"), name="add", commutative=True)  # noqa: E731
         table += [
             Pattern("conv_transpose+shift+act", Op(_CONV_ACTS, shifted(), name="act", check=_act_check),
@@ -736,6 +750,7 @@ class LowerCPU(Pass):
                                  "input_rank_checks": rank_checks})
 
 
+@leaf_function  # (one node when fx traces the code again, as torch.load does)
 def require_rank(x: torch.Tensor, rank: int, name: str) -> None:
     """Raise `InputMismatchError` unless graph input `name` has `rank` dims: the rank lower-cpu
     specialized the graph to. Eager's convs take an unbatched (C, H, W) input too, but a lowered
@@ -760,11 +775,16 @@ def require_rank(x: torch.Tensor, rank: int, name: str) -> None:
 torch.fx.node.has_side_effect(require_rank)  # no users: dead-code removal must keep it
 
 
+#: Ops whose output rank their arguments set, not their input's: a call of another rank before
+#: them (MNIST's ``x.view(-1, 1, 28, 28)`` of a (N, 784) input) is the model's to take.
+_SETS_ITS_RANK = frozenset({"reshape", "flatten", "unflatten", "expand", "expand_as"})
+
+
 def _check_input_ranks(gm: torch.fx.GraphModule) -> int:
-    """A `require_rank` call after the graph's inputs for each tensor input that reaches a
-    lowered conv's input (or its fused add's channels-last residual) through ops of its own
-    rank; returns how many. An input reshaped to another rank first (``x.flatten(0, 1)``), or
-    a residual `ConvByBatch` checks per call, keeps taking what eager takes."""
+    """A `require_rank` call for each tensor input (a placeholder, or a tensor a placeholder's
+    dict/list/tuple holds) that reaches a lowered conv's input (or its fused add's channels-last
+    residual) through ops that keep its rank; returns how many. An input reshaped first, or a
+    residual `ConvByBatch` checks per call, keeps taking what eager takes."""
     layout_inputs = set()  # the values a lowered conv reads in the layout it was built for
     for node in gm.graph.nodes:
         if _is_lowered_conv(node):
@@ -772,26 +792,42 @@ def _check_input_ranks(gm: torch.fx.GraphModule) -> int:
                                  else node.args[:1])
         elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), ConvByBatch):
             layout_inputs.add(node.args[0])
-    checked = []
-    for node in gm.graph.find_nodes(op="placeholder"):
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    checked = 0
+    for node, label in _tensor_inputs(placeholders):
         meta = tensor_meta(node)
         if meta is None or _rank_checked(node):
             continue
         rank = len(meta[0])
 
-        def same_rank(user: torch.fx.Node) -> bool:
-            seen = tensor_meta(user)
-            return (_LAYOUT_COPY in user.meta or _LIFT in user.meta
-                    or (seen is not None and len(seen[0]) == rank and not _is_lowered_conv(user)))
-        if not layout_inputs.isdisjoint(downstream([node], through=same_rank)):
-            checked.append((node, rank))
-    if not checked:
-        return 0
-    with gm.graph.inserting_after(list(gm.graph.find_nodes(op="placeholder"))[-1]):
-        for node, rank in checked:
-            gm.graph.call_function(require_rank, (node, rank, node.target))
-    gm.recompile()
-    return len(checked)
+        def keeps_rank(user: torch.fx.Node) -> bool:
+            if _LAYOUT_COPY in user.meta or _LIFT in user.meta:
+                return True
+            seen, view = tensor_meta(user), op_view(gm, user)
+            return (seen is not None and len(seen[0]) == rank and not _is_lowered_conv(user)
+                    and (view is None or view.kind not in _SETS_ITS_RANK))
+        if layout_inputs.isdisjoint(downstream([node], through=keeps_rank)):
+            continue
+        with gm.graph.inserting_after(placeholders[-1] if node.op == "placeholder" else node):
+            gm.graph.call_function(require_rank, (node, rank, label))
+        checked += 1
+    if checked:
+        gm.recompile()
+    return checked
+
+
+def _tensor_inputs(placeholders: list[torch.fx.Node]) -> list[tuple[torch.fx.Node, str]]:
+    """(node, label) of the graph's tensor inputs: the placeholders, and the items a
+    placeholder's dict, list or tuple holds (``batch["image"]``)."""
+    found, stack = [], [(p, str(p.target)) for p in placeholders]
+    while stack:
+        node, label = stack.pop()
+        if tensor_meta(node) is not None:
+            found.append((node, label))
+            continue
+        stack.extend((u, f"{label}[{u.args[1]!r}]") for u in node.users
+                     if u.op == "call_function" and u.target is operator.getitem)
+    return found
 
 
 def _rank_checked(node: torch.fx.Node) -> bool:

@@ -85,6 +85,35 @@ def int8_pad(q: torch.Tensor, pad: list[int], mode: str = "constant") -> torch.T
 
 
 @leaf_function
+def int8_pixel_shuffle(q: torch.Tensor, factor: int, inverse: bool = False) -> torch.Tensor:
+    """`F.pixel_shuffle(q, factor)` (`F.pixel_unshuffle` when `inverse`) of a quint8 per-tensor
+    tensor: every element moves, none changes, so the bytes are moved and the grid kept. A
+    channels-last input (what the int8 convs return) gives a channels-last output in one copy;
+    torch's quantized pixel_shuffle took 2.5x the float one's time (16x64x32x32).
+
+        >>> x = torch.quantize_per_tensor(torch.randn(2, 8, 3, 5), 0.05, 128, torch.quint8)
+        >>> y = int8_pixel_shuffle(x, 2)
+        >>> y.shape, bool(torch.equal(y.dequantize(), F.pixel_shuffle(x.dequantize(), 2)))
+        (torch.Size([2, 2, 6, 10]), True)
+        >>> bool(torch.equal(int8_pixel_shuffle(y, 2, inverse=True).dequantize(), x.dequantize()))
+        True
+    """
+    if not q.is_quantized or q.dtype != torch.quint8 or q.qscheme() != torch.per_tensor_affine:
+        return F.pixel_unshuffle(q, factor) if inverse else F.pixel_shuffle(q, factor)
+    raw = raw_bytes(q).movedim(1, -1)  # (N, *S, C): a view where q is channels-last
+    if q.dim() != 4:  # (pixel_shuffle takes any batch dims; the int8 convs write 4-D values)
+        return torch._make_per_tensor_quantized_tensor(
+            (F.pixel_unshuffle if inverse else F.pixel_shuffle)(raw_bytes(q), factor), q.q_scale(), q.q_zero_point())
+    n, h, w, c = raw.shape
+    r = factor
+    if inverse:  # (N, H r, W r, C) -> (N, H, W, C r r)
+        out = raw.reshape(n, h // r, r, w // r, r, c).permute(0, 1, 3, 5, 2, 4).reshape(n, h // r, w // r, c * r * r)
+    else:  # (N, H, W, C r r) -> (N, H r, W r, C)
+        out = raw.reshape(n, h, w, c // (r * r), r, r).permute(0, 1, 4, 2, 5, 3).reshape(n, h * r, w * r, c // (r * r))
+    return torch._make_per_tensor_quantized_tensor(out.movedim(-1, 1), q.q_scale(), q.q_zero_point())
+
+
+@leaf_function
 def int8_cat(tensors: list[torch.Tensor], dim: int, scale: float, zero_point: int,
              qmin: int = 0, qmax: int = 255) -> torch.Tensor:
     """`torch.cat` of quantized (quint8 per-tensor) tensors onto the grid (scale, zero point,

@@ -57,7 +57,8 @@ from fxopt.serialize import CodedValue
 from fxopt.verify import compare_outputs
 
 from .float_output import FloatOutputConv, int8_conv_float_output
-from .kernels import depth_to_space, float_between_int8, int8_cat, int8_linear, int8_pad, subpixel_weight
+from .kernels import (depth_to_space, float_between_int8, int8_cat, int8_linear, int8_pad, int8_pixel_shuffle,
+                      subpixel_weight)
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear, quantized_engine
 from .plan import (AVERAGING, BATCH_NORM_KERNELS, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by,
@@ -856,6 +857,10 @@ class _Lowering:
             if view.kind == "pad":  # torch's quantized pad copies element by element: pad the bytes
                 node.target = int8_pad
                 node.args, node.kwargs = (new_input, list(view.attrs["pad"]), view.attrs.get("mode", "constant")), {}
+            elif view.kind in ("pixel_shuffle", "pixel_unshuffle"):  # moves the bytes, channels-last kept
+                factor = view.attrs["upscale_factor" if view.kind == "pixel_shuffle" else "downscale_factor"]
+                node.op, node.target = "call_function", int8_pixel_shuffle
+                node.args, node.kwargs = (new_input, factor), {"inverse": view.kind == "pixel_unshuffle"}
             elif view.kind == "clamp":  # quantized tensors have clamp, not clamp_min / clamp_max (adversary)
                 node.op, node.target = "call_function", aten.clamp.default
                 node.args, node.kwargs = (new_input, *activation_bounds(view)), {}

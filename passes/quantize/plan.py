@@ -68,7 +68,8 @@ PAD_MODES = ("constant", "reflect", "replicate", "circular")
 #: Ops that compute on int8 values directly, keeping the input's scale and zero point.
 PASS_THROUGH = frozenset({
     "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "unsqueeze", "squeeze", "permute", "transpose",
-    "contiguous", "relu", "hardtanh", "clamp", "dropout", "identity", "pad", *SLICING,
+    "contiguous", "relu", "hardtanh", "clamp", "dropout", "identity", "pad", "pixel_shuffle", "pixel_unshuffle",
+    *SLICING,
 })
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
 #: conversions, so the minimum cut decides them like pass-through ops. A residual add between
@@ -371,10 +372,14 @@ _NEAREST_MODES = ("nearest", "nearest-exact")
 
 
 def _copies_nearest(view) -> bool:
-    """Whether `view` is a nearest(-exact) upsample: every output element a copy of an input
-    one, so int8 in and out on one grid (an FPN's or U-Net's upsampling between int8 convs and
-    cats). The aten spelling names the mode in the op."""
+    """Whether `view` is a nearest(-exact) upsample of a 4-D or 5-D value: every output element
+    a copy of an input one, so int8 in and out on one grid (an FPN's or U-Net's upsampling
+    between int8 convs and cats). The aten spelling names the mode in the op; torch's
+    quantized tensors have no 1-D kernel (a PassError on an audio net, adversary)."""
     if view.kind != "interpolate":
+        return False
+    meta = tensor_meta(view.input)
+    if meta is None or len(meta[0]) not in (4, 5):  # torch has no quantized upsample_nearest1d
         return False
     overload = aten_op_of(view.node)
     if overload is not None:
@@ -408,7 +413,8 @@ def unfolded_reason(gm, view) -> str:
             if isinstance(source, torch.fx.Node) else "on a constant"
         return f"not behind a conv/linear it could fold into ({what})"
     if before.kind == "conv" and before.attrs.get("transposed") and transposed_reason(before) is not None:
-        return f"after the transposed conv '{source.name}', which has no int8 kernel here: folded into nothing"
+        return (f"after the transposed conv '{source.name}', which has no int8 kernel here: folded into nothing "
+                "(run fuse before quantize: it folds the batchnorm into the float conv)")
     if len(source.users) > 1:
         return f"'{source.name}' is read by others too: no weight fold keeps their value"
     if before.kind == "linear":

@@ -292,3 +292,62 @@ def test_an_output_of_any_rank_computed_from_a_lowered_layout_is_row_major():
     for got, want in zip(res.module(x), model(x)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert got.is_contiguous() or not want.is_contiguous()
+
+
+def test_the_rank_check_survives_torch_save_and_load():
+    """Adversary: torch.load traces the code again, and a plain function call was not recorded:
+    the loaded graph took an unbatched call and read C as the batch (1.87 off)."""
+    torch.manual_seed(0)
+    model = _Net2d().eval()
+    gm = fxopt.optimize(model, (torch.randn(2, 3, 12, 12),), "fuse,lower-cpu{min_macs=0}", mode="symbolic").module
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with pytest.raises(fxopt.InputMismatchError, match="has 3 dims"):
+        loaded(torch.randn(3, 12, 12))
+
+
+class _FromDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _Net2d()
+
+    def forward(self, batch):
+        return self.net(batch["image"])
+
+
+def test_an_image_inside_a_dict_input_is_checked_by_its_key():
+    """Adversary: a container input has no tensor metadata, so its items were never checked (an
+    unbatched image ran, 1.87 off)."""
+    torch.manual_seed(0)
+    model = _FromDict().eval()
+    gm = fxopt.optimize(model, ({"image": torch.randn(2, 3, 12, 12)},), "fuse,lower-cpu{min_macs=0}",
+                        mode="symbolic").module
+    with pytest.raises(fxopt.InputMismatchError, match=r"input \"batch\['image'\]\" has 3 dims"):
+        gm({"image": torch.randn(3, 12, 12)})
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(gm({"image": x}), model({"image": x}), rtol=1e-4, atol=1e-4)
+
+
+def test_an_input_viewed_to_the_captured_rank_is_not_checked():
+    """Adversary: MNIST's ``x.view(-1, 1, 28, 28)`` keeps the rank of a 4-D example, so the walk
+    went through it and refused (N, 784) and (1, 28, 28) calls eager takes."""
+    class Mnist(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1, dilation=1, groups=1)
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+        def forward(self, x):
+            return F.relu(self.dw(F.relu(self.conv(x.view(-1, 1, 28, 28))))).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Mnist().eval()
+    gm = fxopt.optimize(model, (torch.randn(2, 1, 28, 28),), "fuse,lower-cpu{min_macs=0}", mode="symbolic").module
+    assert not [n for n in gm.graph.nodes if n.target is lower_cpu.require_rank]
+    for shape in ((4, 784), (1, 28, 28)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)

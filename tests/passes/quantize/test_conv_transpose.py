@@ -258,7 +258,8 @@ def test_other_transposed_convs_stay_float_and_say_why(up, why, mode):
                              "dilation 1")
     assert why in reason and reason.endswith("runs in float")
     bn_reason = next(v for v in stats["float_ops"].values() if v.startswith("batch_norm"))
-    assert "which has no int8 kernel here: folded into nothing; kept float: its input '" in bn_reason, bn_reason
+    assert "which has no int8 kernel here: folded into nothing (run fuse before quantize: it folds the " \
+           "batchnorm into the float conv); kept float: its input '" in bn_reason, bn_reason
     assert bn_reason.endswith("is a float value (an int8 batchnorm reads int8 ones)"), bn_reason
     assert "depth_to_space" not in _names(gm)
     x = batches[1][0]

@@ -259,8 +259,8 @@ def test_float_ops_say_why_each_op_stays_float():
         "up": "conv: transposed conv: only stride == kernel, padding 0, output_padding 0, groups 1, dilation 1 "
               "has an int8 kernel (a 1x1 conv and a depth-to-space); here kernel (3, 3), stride (2, 2); runs in "
               "float",
-        "bn": "batch_norm: after the transposed conv 'up', which has no int8 kernel here: folded into nothing; "
-              "kept float: its input 'up' is a float value (an int8 batchnorm reads int8 ones)",
+        "bn": "batch_norm: after the transposed conv 'up', which has no int8 kernel here: folded into nothing "
+              "(run fuse before quantize: it folds the batchnorm into the float conv); kept float: its input 'up' is a float value (an int8 batchnorm reads int8 ones)",
     }, stats["float_ops"]
 
 
