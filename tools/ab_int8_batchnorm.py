@@ -13,19 +13,17 @@ batch 1 and 16, and each int8 model's SQNR against fp32 on a held-out batch.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import warnings
+import pathlib
+import sys
 from unittest import mock
 
 import torch
 from torch import nn
-from torch.ao.quantization import get_default_qconfig_mapping
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-import fxopt
-from fxopt.measure import compare_latency
 from fxopt.passes.quantize import plan
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import quantize_ab  # noqa: E402  (a sibling module, not a package)
 
 
 class PreActBlock(nn.Module):
@@ -66,44 +64,10 @@ def models() -> dict:
             "densenet_block": net(DenseBlock(32), 32, 96)}
 
 
-def sqnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(10 * torch.log10(a.pow(2).mean() / (a - b).pow(2).mean()))
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    print("| model | batch | fp32 ms | torch.ao ms | A ms (float BN) | B ms (int8 BN) | B / A | B / torch.ao |")
-    print("|---|---|---|---|---|---|---|---|")
-    sqnrs = {}
-    for name, model in models().items():
-        calibration = [torch.randn(8, 3, 32, 32) for _ in range(4)]
-        example = (calibration[0][:1],)
-        without = {k: v for k, v in plan.FOLLOWERS.items() if k != "batch_norm"}
-        with mock.patch.object(plan, "FOLLOWERS", without):
-            a = fxopt.optimize(model, example, "quantize", calibration=calibration, verify=False).module
-        b = fxopt.optimize(model, example, "quantize", calibration=calibration, verify=False).module
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example)
-        for batch in calibration:
-            prepared(batch)
-        ao = convert_fx(prepared)
-        fns = {"fp32": model, "torch.ao": ao, "A": a, "B": b}
-        held_out = torch.randn(16, 3, 32, 32)
-        with torch.no_grad():
-            sqnrs[name] = {k: sqnr(model(held_out), f(held_out)) for k, f in fns.items() if k != "fp32"}
-            t = compare_latency(fns, {1: (held_out[:1],), 16: (held_out,)}, rounds=args.rounds,
-                                repeats=args.repeats)
-        for batch in (1, 16):
-            row = {k: t[k][batch] for k in fns}
-            print(f"| {name} | {batch} | {row['fp32']:.3f} | {row['torch.ao']:.3f} | {row['A']:.3f} | "
-                  f"{row['B']:.3f} | {row['B'] / row['A']:.2f} | {row['B'] / row['torch.ao']:.2f} |")
-    for name, values in sqnrs.items():
-        print(f"SQNR dB, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
+def _before():
+    """The lowering before: a batchnorm no conv or linear precedes ran in float."""
+    return mock.patch.object(plan, "FOLLOWERS", {k: v for k, v in plan.FOLLOWERS.items() if k != "batch_norm"})
 
 
 if __name__ == "__main__":
-    main()
+    quantize_ab.main(__doc__.splitlines()[0], models(), _before, ("float BN", "int8 BN"), (3, 32, 32))
