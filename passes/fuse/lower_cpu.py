@@ -13,7 +13,7 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
 - conv_transpose2d [+ a per-channel shift, `fuse`'s folded batchnorm] [+ activation] →
   `mkldnn._convolution_transpose_pointwise(x, W_packed, b + shift, ..., attr, ...)` (the
   shift, (C, 1, 1) or (1, C, 1, 1), read per call) where its output size is a multiple of its
-  stride and it does `MIN_TRANSPOSED_MACS` per sample (0.54-0.88x aten's time at batch 1,
+  stride, it writes 8 channels or more and does `MIN_TRANSPOSED_MACS` per sample (0.54-0.88x aten's time at batch 1,
   0.08-0.9x at 16, per layer; otherwise, k=3 stride 2 padding 1 without output padding, oneDNN
   is 5-16x slower, and a small layer pays its fixed cost); grouped ones and
   conv_transpose1d/3d stay on aten (`_conv_transpose_check`);
@@ -411,6 +411,9 @@ def _conv_transpose_check(view, min_macs: int = MIN_TRANSPOSED_MACS) -> bool | s
     if any((d * (k - 1) - 2 * pad + op + 1) % st for k, st, pad, op, d in
            zip(kernel, a["stride"], a["padding"], a["output_padding"], a["dilation"])):
         return "its output size is no multiple of its stride (oneDNN's kernel for it is slower than aten's)"
+    if w.shape[1] < 8:  # an RGB output layer: oneDNN pads the channels to its blocks of 8 or 16
+        return (f"{w.shape[1]} output channels: oneDNN's kernel for fewer than 8 was slower than aten's "
+                "(a DCGAN's last layer, 64 -> 3, 1.16-1.69x at batch 16)")
     macs = prod(meta[0][1:]) * prod(w.shape[1:])  # per sample: each input element meets C_out * k taps
     if macs < min_macs:
         return (f"{macs} MACs per sample < {min_macs}: oneDNN's fixed cost per call outweighs the kernel "
@@ -782,7 +785,7 @@ _SETS_ITS_RANK = frozenset({"reshape", "flatten", "unflatten", "expand", "expand
 
 def _check_input_ranks(gm: torch.fx.GraphModule) -> int:
     """A `require_rank` call for each tensor input (a placeholder, or a tensor a placeholder's
-    dict/list/tuple holds) that reaches a lowered conv's input (or its fused add's channels-last
+    dict/list/tuple/dataclass holds) that reaches a lowered conv's input (or its fused add's channels-last
     residual) through ops that keep its rank; returns how many. An input reshaped first, or a
     residual `ConvByBatch` checks per call, keeps taking what eager takes."""
     layout_inputs = set()  # the values a lowered conv reads in the layout it was built for
@@ -817,16 +820,20 @@ def _check_input_ranks(gm: torch.fx.GraphModule) -> int:
 
 
 def _tensor_inputs(placeholders: list[torch.fx.Node]) -> list[tuple[torch.fx.Node, str]]:
-    """(node, label) of the graph's tensor inputs: the placeholders, and the items a
-    placeholder's dict, list or tuple holds (``batch["image"]``)."""
+    """(node, label) of the graph's tensor inputs: the placeholders, the items a placeholder's
+    dict, list or tuple holds (``batch["image"]``) and the fields of a dataclass or namedtuple
+    input (``batch.x``)."""
     found, stack = [], [(p, str(p.target)) for p in placeholders]
     while stack:
         node, label = stack.pop()
         if tensor_meta(node) is not None:
             found.append((node, label))
             continue
-        stack.extend((u, f"{label}[{u.args[1]!r}]") for u in node.users
-                     if u.op == "call_function" and u.target is operator.getitem)
+        for user in node.users:  # an item (dict, list, tuple) or a field (dataclass, namedtuple)
+            if user.op == "call_function" and user.target is operator.getitem:
+                stack.append((user, f"{label}[{user.args[1]!r}]"))
+            elif user.op == "call_function" and user.target is getattr and isinstance(user.args[1], str):
+                stack.append((user, f"{label}.{user.args[1]}"))
     return found
 
 

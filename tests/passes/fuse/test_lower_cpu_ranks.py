@@ -351,3 +351,28 @@ def test_an_input_viewed_to_the_captured_rank_is_not_checked():
         x = torch.randn(*shape)
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_image_in_a_dataclass_input_is_checked_by_its_field():
+    """Adversary: a dataclass or namedtuple field is a `getattr` of the input, which the walk
+    did not follow: an unbatched `Batch(x=...)` gave a (8, 64) result where eager gives (64, 8)."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _Net2d()
+
+        def forward(self, b):
+            return self.net(b.x)
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    gm = fxopt.optimize(model, (Batch(torch.randn(2, 3, 12, 12)),), "fuse,lower-cpu{min_macs=0}",
+                        mode="symbolic").module
+    with pytest.raises(fxopt.InputMismatchError, match=r"input 'b\.x' has 3 dims"):
+        gm(Batch(torch.randn(3, 12, 12)))
