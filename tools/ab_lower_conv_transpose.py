@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (model, shape) in models().items():
         example = (torch.randn(2, *shape),)
-        with mock.patch.object(lower_cpu, "_conv_transpose_check", lambda view: "off"):
+        with mock.patch.object(lower_cpu, "_conv_transpose_check", lambda view, *floor: "off"):
             a = fxopt.optimize(model, example, "fuse,lower-cpu", verify=False).module
         b = fxopt.optimize(model, example, "fuse,lower-cpu", verify=False).module
         fns = {"eager": model, "torch.fx": fx_optimization.fuse(copy.deepcopy(model)), "A": a, "B": b}
