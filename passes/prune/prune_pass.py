@@ -699,7 +699,9 @@ def _select_capped(cg: ChannelGraph, costs: dict, blocked: np.ndarray, groups: l
     importance, so one round usually settles it), doubled while the slot stays over, and
     the same budget is solved again — so the optimizer itself moves the removals elsewhere,
     coupled classes included (a residual stream can still die with all its writers). If a few
-    slots are still over after the rounds, their excess classes are held (`_over_cap`).
+    slots are still over after the rounds, their excess classes are held (`_over_cap`). The
+    selection is then solved again for `round_to` (`_rounded_in_advance`), each time within the
+    caps.
     """
     live = costs["prod"] > 0
     mean_macs = costs["macs"][live].mean() if live.any() and costs["macs"][live].mean() > 0 else 1.0
@@ -883,10 +885,10 @@ def _rounded_slots(cg: ChannelGraph) -> set[int]:
     return rounded | {sid for r in cg.rules.values() for _, sid in r.consumed}
 
 
-def _emptied_slots(cg: ChannelGraph, dead: np.ndarray, emptiable: set[int] | None = None) -> list:
+def _emptied_slots(cg: ChannelGraph, dead: np.ndarray) -> list:
     """The slots `dead` removes every channel of that must keep one (not `_emptiable`: a
-    layer's width, a conv read by a cat alone); `emptiable` when the caller has it."""
-    emptiable = _emptiable(cg, _rounded_slots(cg)) if emptiable is None else emptiable
+    layer's width, a conv read by a cat alone)."""
+    emptiable = _emptiable(cg, _rounded_slots(cg))
     return [slot for slot in cg.slots if slot.id not in emptiable
             and len(pos := cg.positions(slot.id)) and dead[pos].all()]
 
