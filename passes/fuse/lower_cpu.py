@@ -13,10 +13,10 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
 - conv_transpose2d [+ a per-channel shift, `fuse`'s folded batchnorm] [+ activation] →
   `mkldnn._convolution_transpose_pointwise(x, W_packed, b + shift, ..., attr, ...)` (the
   shift, (C, 1, 1) or (1, C, 1, 1), read per call) where its output size is a multiple of its
-  stride, it writes 8 channels or more and does `MIN_TRANSPOSED_MACS` per sample (0.54-0.88x aten's time at batch 1,
-  0.08-0.9x at 16, per layer; otherwise, k=3 stride 2 padding 1 without output padding, oneDNN
-  is 5-16x slower, and a small layer pays its fixed cost); grouped ones and
-  conv_transpose1d/3d stay on aten (`_conv_transpose_check`);
+  stride, it writes 8 channels or more and does `MIN_TRANSPOSED_MACS` per sample (0.54-0.88x
+  aten's time at batch 1, 0.08-0.9x at 16, per layer; otherwise, k=3 stride 2 padding 1
+  without output padding, oneDNN is 5-16x slower, and a small layer pays its fixed cost);
+  grouped ones and conv_transpose1d/3d stay on aten (`_conv_transpose_check`);
 - linear [+ relu | gelu | silu] → `mkldnn._linear_pointwise(x, W_packed, b, attr, ...)`
   only with the option `linear=true`: on the zoo's BERT-style encoder it measured *slower*
   than aten.linear (1.05x and 1.19x eager at batch 1 and 16, against 0.90x and 0.97x for
@@ -74,9 +74,9 @@ import torch
 import torch.fx
 
 from fxopt import InputMismatchError, Pass, PassContext, PassResult
-from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, get_attr_value, leaf_function,
-                      mutated_input, op_view, reads_memory_order, spec_for, split_packed_parameters, tensor_meta,
-                      upstream, written_in_place)
+from fxopt.ir import (bind_arguments, contiguous_outputs, downstream, functionalize_writes, get_attr_value,
+                      leaf_function, mutated_input, op_view, reads_memory_order, spec_for, split_packed_parameters,
+                      tensor_meta, upstream, written_in_place)
 from fxopt.ir.effects import is_view
 from fxopt.patterns import Op, Pattern, PatternSet, Rewriter, Var, apply_patterns, annotate
 
@@ -398,18 +398,16 @@ def _conv_transpose_check(view, min_macs: int = MIN_TRANSPOSED_MACS) -> bool | s
         return "an output_size given at the call (its output padding is computed per call)"
     if isinstance(a["padding"], str) or view.attrs.get("padding_mode", "zeros") != "zeros":
         return "string padding or a non-zero padding mode"
-    if not all(isinstance(v, int) for key in ("padding", "output_padding", "stride", "dilation")
-               for v in (a[key] if isinstance(a[key], (tuple, list)) else ())):
+    if not all(isinstance(v, int) for key in ("padding", "output_padding", "stride", "dilation") for v in a[key]):
         return "its geometry is computed per call (export's output padding from a dynamic size)"
     # An output size that is no multiple of the stride (k=3, stride 2, padding 1, no output
     # padding: 2n - 1) takes a oneDNN path 5-16x slower than aten's (per layer, batch 1 and 16;
     # decoder tester); one that is (output_padding=1, k=4 or 2) 0.1-0.7x. The remainder is the
     # same at every input size: out = (in - 1) * s + d * (k - 1) - 2 * p + op + 1.
-    kernel = view.param("weight").shape[2:]
     if any(op >= st for op, st in zip(a["output_padding"], a["stride"])):
         return "an output padding of its stride or more (torch takes it below the dilation; oneDNN does not)"
     if any((d * (k - 1) - 2 * pad + op + 1) % st for k, st, pad, op, d in
-           zip(kernel, a["stride"], a["padding"], a["output_padding"], a["dilation"])):
+           zip(w.shape[2:], a["stride"], a["padding"], a["output_padding"], a["dilation"])):
         return "its output size is no multiple of its stride (oneDNN's kernel for it is slower than aten's)"
     if w.shape[1] < 8:  # an RGB output layer: oneDNN pads the channels to its blocks of 8 or 16
         return (f"{w.shape[1]} output channels: oneDNN's kernel for fewer than 8 was slower than aten's "
@@ -647,6 +645,11 @@ def _is_lowered_conv(node: torch.fx.Node) -> bool:
         torch.ops.mkldnn._convolution_transpose_pointwise.default)
 
 
+def _is_conv_switch(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether `node` calls a `ConvByBatch` (a conv lowered from some batch size on)."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), ConvByBatch)
+
+
 def _attrs(view) -> dict:
     a = rules.conv_attrs(view)
     return {k: list(a[k]) for k in ("padding", "stride", "dilation")} | {"groups": int(a["groups"])}
@@ -793,7 +796,7 @@ def _check_input_ranks(gm: torch.fx.GraphModule) -> int:
         if _is_lowered_conv(node):
             layout_inputs.update(node.args[:2] if node.target is torch.ops.mkldnn._convolution_pointwise.binary
                                  else node.args[:1])
-        elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), ConvByBatch):
+        elif _is_conv_switch(gm, node):
             layout_inputs.add(node.args[0])
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     checked = 0
@@ -899,8 +902,7 @@ def _channel_scatters_over_rows(gm: torch.fx.GraphModule) -> int:
 
 def _makes_fresh_tensor(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """A lowered conv's result: a new tensor, never a view of the conv's inputs."""
-    return _is_lowered_conv(node) or (
-        node.op == "call_module" and isinstance(gm.get_submodule(node.target), ConvByBatch))
+    return _is_lowered_conv(node) or _is_conv_switch(gm, node)
 
 
 #: Elementwise ops whose values do not depend on their inputs' layouts (their results take it).
@@ -920,8 +922,7 @@ def _downstream_of_channels_last(gm: torch.fx.GraphModule) -> set[torch.fx.Node]
     switches and layout copies): their strides may be channels-last at any rank. A user's own
     layout request (``clone(memory_format=torch.channels_last)``) ends it: eager has that
     layout too."""
-    starts = [n for n in gm.graph.nodes if _is_lowered_conv(n) or n.op == "call_module"
-              and isinstance(gm.get_submodule(n.target), ConvByBatch) or n.meta.get(_LAYOUT_COPY)]
+    starts = [n for n in gm.graph.nodes if _is_lowered_conv(n) or _is_conv_switch(gm, n) or n.meta.get(_LAYOUT_COPY)]
     return downstream(starts, through=lambda user: not _requests_a_layout(user))
 
 

@@ -383,7 +383,7 @@ def _copies_nearest(view) -> bool:
         return False
     overload = aten_op_of(view.node)
     if overload is not None:
-        return overload.name().split("::")[-1].split(".")[0].lstrip("_").startswith("upsample_nearest")
+        return overload._opname.lstrip("_").startswith("upsample_nearest")
     return view.attrs.get("mode", "nearest") in _NEAREST_MODES
 
 
