@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import warnings
-from types import FrameType
+from types import FrameType, FunctionType, MethodType, ModuleType
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -341,52 +341,57 @@ class GradStateReads:
     def calls(self) -> Iterator[None]:
         """Note each call of ``torch.is_grad_enabled``, by whatever name the caller holds it: a
         profile hook sees the call of the builtin itself (a per-call cost on every Python call,
-        so entered around eager runs, not around a torch.export trace). Where a profiler of the
-        user's holds the hook, the names ``torch`` and the model's forwards' modules bind are
-        swapped instead (a name a helper module imported is not seen then)."""
+        so entered around eager runs, not around a torch.export trace). A profiler of the user's
+        written in Python (``sys.setprofile(f)``) is called from that hook, event by event, as
+        before. A call through a ``functools.partial`` of it comes from C code, which no profile
+        hook sees: each such partial the model reaches (`_Reach`) calls the watch instead while
+        it runs. Where a profiler written in C holds the hook (cProfile: ``sys.setprofile`` could
+        not put it back), the names the model reaches are swapped instead, and a name farther
+        away than `_Reach` looks is not seen."""
         previous = sys.getprofile()
         if previous is not None and not isinstance(getattr(previous, "__self__", None), GradStateReads):
-            with self._swapped_names():
+            if not isinstance(previous, (FunctionType, MethodType)):  # (cProfile's Profile, another C profiler's)
+                with self._swapped(names=True):
+                    yield
+                return
+            users, ours = previous, self._profile
+
+            def hook(frame: FrameType, event: str, arg: Any) -> None:
+                users(frame, event, arg)
+                ours(frame, event, arg)
+        else:
+            hook = self._profile
+        with self._swapped(names=False):
+            sys.setprofile(hook)
+            try:
                 yield
-            return
-        sys.setprofile(self._profile)
-        try:
-            yield
-        finally:
-            sys.setprofile(previous)
+            finally:
+                sys.setprofile(previous)
 
     def _profile(self, frame: FrameType, event: str, arg: Any) -> None:
         if arg is _IS_GRAD_ENABLED and event == "c_call":
             self._note("torch.is_grad_enabled()", frame)
 
     @contextlib.contextmanager
-    def _swapped_names(self) -> Iterator[None]:
-        swaps = [(vars(torch), "is_grad_enabled"), (vars(torch._C), "is_grad_enabled")]
-        for namespace in self._forward_globals():  # (only these are searched: torch's hold 2,500 names)
-            swaps += [(namespace, key) for key, value in namespace.items() if value is _IS_GRAD_ENABLED]
-        swapped = []
-        for namespace, key in swaps:
-            if namespace.get(key) is _IS_GRAD_ENABLED:
-                namespace[key] = self._reading_grad_enabled
-                swapped.append((namespace, key))
+    def _swapped(self, names: bool) -> Iterator[None]:
+        """The watch's reader in place of the builtin in each partial the model reaches, and where
+        `names`, in each place `_Reach` finds holding the builtin itself (torch's two names too)."""
+        reach = _Reach(self._model, [vars(torch), vars(torch._C)] if names else [])
+        undo: list[Callable[[], None]] = []
+        reader = self._reading_grad_enabled
         try:
+            wanted = _reads_grad_mode if names else _partial_of_grad_mode
+            for held, put in reach.places(wanted):
+                if isinstance(held, functools.partial):
+                    state = held.__reduce__()[2]  # (func, args, keywords, __dict__)
+                    held.__setstate__((reader, *state[1:]))
+                    undo.append(functools.partial(held.__setstate__, state))
+                else:
+                    undo.append(put(reader))
             yield
         finally:
-            for namespace, key in swapped:
-                namespace[key] = _IS_GRAD_ENABLED
-
-    def _forward_globals(self) -> list[dict]:
-        """The globals of the forward of each module of the model, each once (where
-        ``from torch import is_grad_enabled`` binds it), a decorated forward's own
-        (``functools.wraps``: the decorator's module holds the wrapper's)."""
-        spaces: dict[int, dict] = {}
-        for module in self._model.modules() if self._model is not None else ():
-            # (static: a TorchScript module's class holds a descriptor that raises when read from the class)
-            forward = inspect.getattr_static(type(module), "forward", None)
-            found = getattr(inspect.unwrap(forward), "__globals__", None) if callable(forward) else None
-            if found is not None:
-                spaces.setdefault(id(found), found)
-        return list(spaces.values())
+            for restore in reversed(undo):
+                restore()
 
     def _reading_grad_enabled(self) -> bool:
         self._note("torch.is_grad_enabled()", sys._getframe(1))
@@ -406,6 +411,135 @@ class GradStateReads:
 
 
 _IS_GRAD_ENABLED = torch._C.is_grad_enabled  # (torch.is_grad_enabled is this builtin)
+
+
+def _partial_of_grad_mode(value: Any) -> bool:
+    return isinstance(value, functools.partial) and value.func is _IS_GRAD_ENABLED
+
+
+def _reads_grad_mode(value: Any) -> bool:
+    return value is _IS_GRAD_ENABLED or _partial_of_grad_mode(value)
+
+
+class _Reach:
+    """The places through which a model's code may reach a callable, for the grad-state watch to
+    swap it in: the attributes of each of its modules (``self.on = partial(...)``) and of their
+    classes, and the globals of their forwards (unwrapped too: a decorated forward's own module);
+    then one step on, the globals of each function and the namespace of each module found there,
+    the attributes of each class, and each function's defaults and closure cells. `places` yields
+    ``(value, put)`` for each: ``put(new)`` puts `new` in the place (in a class, as a staticmethod:
+    it must not bind) and returns the function that puts the value back. A place the watch's own
+    namespaces hold (`namespaces`, torch's) comes first."""
+
+    def __init__(self, model: nn.Module | None, namespaces: list[dict]) -> None:
+        self._dicts: dict[int, dict] = {id(space): space for space in namespaces}
+        self._classes: dict[int, type] = {}
+        self._functions: dict[int, FunctionType] = {}
+        seen: set[type] = set()
+        for module in model.modules() if model is not None else ():
+            self._add_dict(vars(module))
+            for value in vars(module).values():  # (self.scale = helper.scale, a function forward calls)
+                if type(value) is FunctionType or type(value) is MethodType:
+                    self._first(getattr(value, "__func__", value))
+            if type(module) not in seen:
+                seen.add(type(module))
+                # (static: a TorchScript module's class holds a descriptor that raises when read from the class)
+                forward = inspect.getattr_static(type(module), "forward", None)
+                for value in (type(module), forward, inspect.unwrap(forward) if callable(forward) else None):
+                    self._first(value)
+
+    def _first(self, value: Any) -> None:
+        """A function or class the model holds: it, and one step on from what it holds, are places."""
+        if isinstance(value, FunctionType) and not _in_library(value.__code__.co_filename):
+            self._add_function(value, more=True)
+        elif isinstance(value, type) and not _in_library(getattr(sys.modules.get(value.__module__), "__file__", None)):
+            self._add_class(value, more=True)
+
+    def _add_dict(self, space: dict, found: list[Any] | None = None) -> None:
+        if id(space) not in self._dicts:
+            self._dicts[id(space)] = space
+            if found is not None:
+                found += list(space.values())
+
+    def _add_function(self, fn: FunctionType, more: bool) -> None:
+        if id(fn) in self._functions:
+            return
+        self._functions[id(fn)] = fn
+        found: list[Any] | None = [] if more else None
+        self._add_dict(fn.__globals__, found)
+        if fn.__kwdefaults__:
+            self._add_dict(fn.__kwdefaults__)
+        for value in found or ():
+            self._step(value)
+
+    def _add_class(self, cls: type, more: bool) -> None:
+        if id(cls) in self._classes:
+            return
+        self._classes[id(cls)] = cls
+        for value in list(vars(cls).values()) if more else ():
+            self._step(value.__func__ if isinstance(value, (staticmethod, classmethod)) else value)
+
+    def _step(self, value: Any) -> None:
+        """One step on from a place: what `value` holds becomes places, searched no further (torch's
+        and fxopt's own code is left out: a call from there is not the model's)."""
+        if isinstance(value, FunctionType):
+            if not _in_library(value.__code__.co_filename):
+                self._add_function(value, more=False)
+        elif isinstance(value, ModuleType):
+            if not _in_library(getattr(value, "__file__", None)):
+                self._add_dict(vars(value))
+        elif isinstance(value, type):
+            if not _in_library(getattr(sys.modules.get(value.__module__), "__file__", None)):
+                self._add_class(value, more=False)
+
+    def places(self, wanted: Callable[[Any], bool]) -> Iterator[tuple[Any, Callable[[Any], Callable[[], None]]]]:
+        """``(value, put)`` for each place holding a value `wanted` accepts."""
+        for space in list(self._dicts.values()):
+            for key, value in list(space.items()):
+                if wanted(value):
+                    yield value, functools.partial(_put_item, space, key, value)
+        for cls in list(self._classes.values()):
+            for key, value in list(vars(cls).items()):
+                held = value.__func__ if isinstance(value, staticmethod) else value
+                if wanted(held):
+                    yield held, functools.partial(_put_attribute, cls, key, value)
+        for fn in list(self._functions.values()):
+            for i, value in enumerate(fn.__defaults__ or ()):
+                if wanted(value):
+                    yield value, functools.partial(_put_default, fn, i)
+            for cell in fn.__closure__ or ():
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # (a cell not yet set)
+                    continue
+                if wanted(value):
+                    yield value, functools.partial(_put_cell, cell, value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_library(path: str | None) -> bool:
+    return path is not None and os.path.abspath(path).startswith(_LIBRARY_DIRS)
+
+
+def _put_item(space: dict, key: Any, old: Any, new: Any) -> Callable[[], None]:
+    space[key] = new
+    return functools.partial(space.__setitem__, key, old)
+
+
+def _put_attribute(cls: type, key: str, old: Any, new: Any) -> Callable[[], None]:
+    setattr(cls, key, staticmethod(new))
+    return functools.partial(setattr, cls, key, old)
+
+
+def _put_default(fn: FunctionType, i: int, new: Any) -> Callable[[], None]:
+    old = fn.__defaults__
+    fn.__defaults__ = old[:i] + (new,) + old[i + 1:]
+    return functools.partial(setattr, fn, "__defaults__", old)
+
+
+def _put_cell(cell: Any, old: Any, new: Any) -> Callable[[], None]:
+    cell.cell_contents = new
+    return functools.partial(setattr, cell, "cell_contents", old)
 
 
 class _AttributeReads(TorchFunctionMode):

@@ -1864,6 +1864,8 @@ _HELPERS = {
     "held by a class": "import torch\n\nclass Mode:\n    on = staticmethod(torch.is_grad_enabled)\n\n"
                        "def scale(h):\n    return h * 2 if Mode.on() else h\n",
     "a default argument": "import torch\n\ndef scale(h, on=torch.is_grad_enabled):\n    return h * 2 if on() else h\n",
+    "a functools.partial": "import functools\nimport torch\n\non = functools.partial(torch.is_grad_enabled)\n\n"
+                           "def scale(h):\n    return h * 2 if on() else h\n",
 }
 
 
@@ -1919,6 +1921,84 @@ def test_the_grad_state_watch_leaves_a_profiler_of_the_users_in_place():
     with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match="reads the grad state"):
         capture(model, x, mode="symbolic")
     assert sys.getprofile() is None  # the watch's own hook is gone after the capture
+
+
+def _users_profiler(kind: str):
+    """A profiler of the user's, started: `kind` 'python' (a function given to sys.setprofile, which
+    counts its calls) or 'cProfile' (a profiler in C, which sys.setprofile could not put back)."""
+    import cProfile
+    import sys
+
+    if kind == "cProfile":
+        profiler = cProfile.Profile()
+        profiler.enable()
+        return sys.getprofile(), profiler.disable
+
+    def counting(frame, event, arg):
+        counting.calls += 1
+
+    counting.calls = 0
+    sys.setprofile(counting)
+    return counting, lambda: sys.setprofile(None)
+
+
+@pytest.mark.parametrize("profiler", ["python", "cProfile"])
+@pytest.mark.parametrize("binding", list(_HELPERS))
+def test_a_grad_state_read_through_any_binding_is_found_under_a_profiler_of_the_users(tmp_path, binding, profiler):
+    """Under a profiler of the user's the watch swapped only the names torch and the forwards' modules bind:
+    a helper module's own name (`from torch import is_grad_enabled as g`, a staticmethod, a default argument)
+    went unseen, so did a functools.partial of it with no profiler at all (called from C code, which a profile
+    hook does not see): no warning under no_grad and a graph of the no-grad branch. A Python profiler is now
+    called from the watch's hook; under a C one (cProfile) the places the model reaches are swapped; every
+    place is put back after."""
+    import sys
+
+    helper = _helper_module(tmp_path, _HELPERS[binding])
+    before = {key: value for key, value in vars(helper).items() if not key.startswith("__")}
+    defaults = helper.scale.__defaults__
+    model, x = _CallsAHelper(helper).eval(), torch.randn(2, 4)
+    line = 4 if binding == "imported under another name" else len(_HELPERS[binding].splitlines())
+    users, stop = _users_profiler(profiler)
+    try:
+        with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match=re.escape(
+                f'forward reads the grad state (torch.is_grad_enabled(): "{tmp_path / "grad_helper.py"}", '
+                f'line {line})')):
+            gm = capture(model, x, mode="symbolic")
+        assert sys.getprofile() is users
+        assert profiler == "cProfile" or users.calls > 100  # the user's profiler saw the capture's calls
+    finally:
+        stop()
+    torch.testing.assert_close(gm(x), model.fc(x))  # the no-grad branch, as the warning says
+    assert {key: value for key, value in vars(helper).items() if not key.startswith("__")} == before
+    assert helper.scale.__defaults__ is defaults
+    if binding == "a functools.partial":
+        assert helper.on.func is torch.is_grad_enabled
+    if binding == "held by a class":
+        assert vars(helper.Mode)["on"].__func__ is torch.is_grad_enabled
+
+
+def test_a_grad_state_read_through_a_partial_the_model_holds_is_found():
+    """`self.on = functools.partial(torch.is_grad_enabled)`, called in forward, was not seen (the partial
+    calls the builtin from C code): captured with grad on, the refusal blamed 'Python control flow or state';
+    verify with grad on said PASS for a graph of the no-grad branch."""
+    class HoldsAPartial(_ReadsGradMode):
+        def __init__(self):
+            super().__init__()
+            self.on = functools.partial(torch.is_grad_enabled)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h * 2 if self.on() else h
+
+    model, x = HoldsAPartial().eval(), torch.randn(2, 4)
+    with pytest.raises(CaptureError, match=r"forward reads the grad state \(torch.is_grad_enabled\(\)\): capture "
+                                           r"under torch.no_grad\(\)"):
+        capture(model, x, mode="symbolic")
+    with torch.no_grad(), pytest.warns(fxopt.CaptureWarning, match="forward reads the grad state"):
+        gm = capture(model, x, mode="symbolic")
+    report = fxopt.verify(model, gm, x)  # with grad on, as this test runs
+    assert not report.passed and "forward reads the grad state: torch.is_grad_enabled()" in report.message
+    assert model.on.func is torch.is_grad_enabled
 
 
 def test_a_branch_on_a_parameters_requires_grad_is_warned_about():
