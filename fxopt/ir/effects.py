@@ -271,9 +271,12 @@ def functionalize_writes(gm: torch.fx.GraphModule) -> int:
     Rewritten: ``h.add_(x)``, ``torch.relu_(h)``, ``F.relu(h, inplace=True)`` where `h` is
     computed in the graph, is no view, and every reader of `h` before the write is a known op
     that makes no view of it (a view, or what an unknown op returned, would see the write;
-    readers after it read the result). Kept: writes into
-    inputs, parameters and views, ``copy_``/``fill_``/``zero_`` (no out-of-place method), and
-    modules with ``inplace=True``.
+    readers after it read the result). A graph input written so (``x.mul_(2)`` before the first
+    conv) is rewritten too where no other input could share its memory (no other input of its
+    dtype, nor one whose value is unknown): its last value is copied back into it at the end
+    (``x.copy_(...)``), so the caller's tensor changes as it did. Kept: writes into parameters
+    and views, ``copy_``/``fill_``/``zero_`` (no out-of-place method), and modules with
+    ``inplace=True``.
 
     >>> import torch, torch.fx
     >>> gm = torch.fx.symbolic_trace(lambda x: (lambda h: (h.add_(1), h * 2)[1])(x * 3))
@@ -281,11 +284,11 @@ def functionalize_writes(gm: torch.fx.GraphModule) -> int:
     (1, [<built-in function mul>, 'add', <built-in function mul>])
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    count = 0
+    newer: dict[torch.fx.Node, torch.fx.Node] = {}  # a value written -> the out-of-place result
     for node in list(gm.graph.nodes):
         target = mutated_input(gm, node)
-        if target is None or target.op in ("placeholder", "get_attr") or is_view(gm, target) \
-                or not _out_of_place(node):
+        if target is None or target.op == "get_attr" or is_view(gm, target) or not _out_of_place(node) \
+                or target.op == "placeholder" and not _input_is_apart(target):
             continue
         before = [u for u in target.users if order[u] < order[node]]
         if any((view := op_view(gm, u)) is None or view.kind in _VIEW_KINDS or is_view(gm, u) for u in before):
@@ -293,10 +296,45 @@ def functionalize_writes(gm: torch.fx.GraphModule) -> int:
         _make_out_of_place(node)
         for user in [u for u in target.users if order[u] > order[node]]:
             user.replace_input_with(target, node)
-        count += 1
-    if count:
+        newer[target] = node
+    _write_back_inputs(gm, newer)
+    if newer:
         gm.recompile()
-    return count
+    return len(newer)
+
+
+def _input_is_apart(placeholder: torch.fx.Node) -> bool:
+    """Whether no other graph input can share `placeholder`'s memory (``m(x, x)``, where a write
+    into one input changes the other): every other input is recorded as a tensor of another
+    dtype or as a plain scalar."""
+    meta = tensor_meta(placeholder)
+    if meta is None:
+        return False
+    for other in placeholder.graph.find_nodes(op="placeholder"):
+        if other is placeholder:
+            continue
+        val = other.meta.get("val", other.meta.get("tensor_meta"))
+        other_meta = tensor_meta(other)
+        if other_meta is not None:
+            if other_meta[1] == meta[1]:
+                return False
+        elif not isinstance(val, (int, float, bool, str)) and val is not None:
+            return False  # unknown, or a container that may hold the same tensor
+        elif val is None and "val" not in other.meta and "tensor_meta" not in other.meta:
+            return False  # nothing recorded
+    return True
+
+
+def _write_back_inputs(gm: torch.fx.GraphModule, newer: dict[torch.fx.Node, torch.fx.Node]) -> None:
+    """Copy each functionalized input's last value back into it before the graph returns: the
+    caller's tensor ends as eager left it."""
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    for placeholder in [n for n in newer if n.op == "placeholder"]:
+        last = newer[placeholder]
+        while last in newer:
+            last = newer[last]
+        with gm.graph.inserting_before(output):
+            gm.graph.call_method("copy_", (placeholder, last))
 
 
 def _out_of_place(node: torch.fx.Node) -> bool:

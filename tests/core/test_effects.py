@@ -71,6 +71,52 @@ def test_writes_a_view_an_input_or_no_out_of_place_twin_would_miss_stay():
         assert written_in_place(gm), fn.__name__
 
 
+class _NormalizesItsInput(nn.Module):
+    """Writes its input in place, then reads it: a preprocessing step inside the model."""
+
+    def forward(self, x):
+        x.sub_(0.5).mul_(2.0)
+        return x.relu() + 1
+
+
+class _WritesOneOfTwo(nn.Module):
+    def forward(self, x, y):
+        x.mul_(2.0)
+        return x + y
+
+
+def test_a_write_into_a_captured_input_is_made_out_of_place_and_copied_back():
+    """A write into a graph input kept every reader of it float in quantize (`x.mul_(2)` before
+    the first conv); out of place, with the last value copied back, the caller's tensor still
+    ends as eager left it."""
+    import fxopt
+
+    x = torch.randn(3, 4)
+    gm = fxopt.capture(_NormalizesItsInput(), (x.clone(),))
+    assert functionalize_writes(gm) == 2
+    gm.graph.lint()
+    targets = [n.target for n in gm.graph.nodes]
+    assert "sub" in targets and "mul" in targets and targets.count("copy_") == 1
+    assert set(written_in_place(gm)) == {"x", "sub_", "copy_"}  # only the copy back writes x now
+    eager_input, graph_input = x.clone(), x.clone()
+    torch.testing.assert_close(gm(graph_input), _NormalizesItsInput()(eager_input))
+    torch.testing.assert_close(graph_input, eager_input)  # the write-back
+
+
+def test_an_input_another_input_could_alias_keeps_its_write():
+    """``m(x, x)``: made out of place, the write into x would not reach y."""
+    import fxopt
+
+    x = torch.randn(3)
+    gm = fxopt.capture(_WritesOneOfTwo(), (x.clone(), x.clone()))
+    assert functionalize_writes(gm) == 0
+    shared_eager, shared_graph = x.clone(), x.clone()
+    torch.testing.assert_close(gm(shared_graph, shared_graph), _WritesOneOfTwo()(shared_eager, shared_eager))
+    # another dtype cannot be the same tensor: rewritten
+    gm = fxopt.capture(_WritesOneOfTwo(), (x.clone(), torch.arange(3)))
+    assert functionalize_writes(gm) == 1
+
+
 def _chained_through_detach(x):
     h = x * 2
     h.detach().mul_(0.0).add_(1.0)  # the add writes what mul_ returned: h itself

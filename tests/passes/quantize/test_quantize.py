@@ -842,6 +842,36 @@ def test_statement_writes_are_rewritten_out_of_place_and_run_in_int8():
     assert stats["symbolic"] == stats["export"], stats
 
 
+class _ScalesItsInput(nn.Module):
+    """Preprocessing inside the model: the input scaled in place before the first conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.c2(F.relu(self.c1(x)))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_a_conv_reading_an_input_written_in_place_runs_in_int8(mode):
+    """Outside tester: the first conv after ``x.mul_(2)`` stayed float (its observer and
+    quantize sat at the input, before the write); the write is out of place now and the
+    caller's tensor is still written, as eager writes it."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(4)]
+    kept = [b[0].clone() for b in batches]
+    res = fxopt.optimize(_ScalesItsInput().eval(), (batches[0][0].clone(),), "quantize{backend=x86}",
+                         calibration=batches, mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    assert all(torch.equal(b[0], k) for b, k in zip(batches, kept))  # calibration data untouched
+    assert sum(res.passes[0].stats["quantized"].values()) == 2, res.passes[0].stats
+    eager_input, graph_input = kept[1].clone(), kept[1].clone()
+    res.module(graph_input)
+    torch.testing.assert_close(graph_input, eager_input * 2.0)
+
+
 class _InPlaceResidual(nn.Module):
     """The torchvision idiom: in-place ReLUs and `out += identity` on intermediates."""
 
