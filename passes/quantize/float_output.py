@@ -70,6 +70,8 @@ class FloatOutputConv:
     groups: int
     packed: Any = field(default=None, repr=False)
     narrow: bool = False
+    #: (threads, input shape) -> oneDNN's weight packed for that call (`pack_for`)
+    _shaped: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def pack(cls, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
@@ -105,12 +107,26 @@ class FloatOutputConv:
         return _CONVS[self.dims](x, self.float_weight, self.bias, self.stride, self.padding, self.dilation,
                                  self.groups)
 
+    def pack_for(self, q: torch.Tensor) -> Any:
+        """oneDNN's weight packed for a call on `q` at this thread count. The pack made without
+        an input shape is in a blocked layout oneDNN may not run: every call then reordered the
+        weight (ONEDNN_VERBOSE: a 512x128 1x1 weight reordered at 3.8-9 ms per call, for a
+        0.4 ms conv; an outside tester's PointNet 4-9x torch.ao's time). oneDNN picks the
+        layout from the input shape and the thread count, as for `lower-cpu`'s `WeightPacks`."""
+        key = (torch.get_num_threads(), tuple(q.shape), q.q_zero_point())
+        packed = self._shaped.get(key)
+        if packed is None:
+            packed = self._shaped[key] = torch.ops.onednn.qconv_prepack(
+                self.weight, self.scales, q.q_scale(), q.q_zero_point(), self.stride, self.padding, self.dilation,
+                self.groups, list(q.shape))
+        return packed
+
     def run_packed(self, q: torch.Tensor, relu: bool) -> torch.Tensor:
         """oneDNN's int8 conv with a float32 output on the quint8 tensor `q`. Its conv3d takes
         no relu post-op: the relu runs after it."""
         fused = relu and self.dims < 3
         y = torch.ops.onednn.qconv_pointwise(
-            raw_bytes(q), q.q_scale(), q.q_zero_point(), self.packed, self.scales,
+            raw_bytes(q), q.q_scale(), q.q_zero_point(), self.pack_for(q), self.scales,
             self._zero_points, self.bias, self.stride, self.padding,
             self.dilation, self.groups, 1.0, 0, torch.float32, "relu" if fused else "none",
             [None] if fused else [], "")
