@@ -225,12 +225,23 @@ def _writable_file(parser: argparse.ArgumentParser, flag: str, path: str | None)
         target.unlink()  # the probe's empty file: no file is left behind by a run that fails later
 
 
+def _threads_in_reach(parser: argparse.ArgumentParser, threads: int | None) -> None:
+    """Fail before any work when --threads asks for more threads than this process has CPUs
+    (the latency would time their contention; far more killed the process after the run)."""
+    from .measure import available_cpus
+
+    if threads is not None and threads > available_cpus():
+        parser.error(f"--threads {threads}: this process may use {available_cpus()} CPUs; give at most "
+                     f"{available_cpus()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     _writable_dir(parser, "--dump", getattr(args, "dump", None))
     _writable_dir(parser, "--out", getattr(args, "out", None))
     _writable_file(parser, "--save", getattr(args, "save", None))
+    _threads_in_reach(parser, getattr(args, "threads", None))
     try:
         if args.command == "passes":
             return _cmd_passes()

@@ -23,6 +23,7 @@ import functools
 import io
 import math
 import operator
+import os
 import time
 import warnings
 from contextlib import AbstractContextManager
@@ -526,6 +527,19 @@ def _synchronizer(fn: Callable[..., Any], inputs: Inputs) -> Callable[[], None]:
     return lambda: None
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its CPU affinity where the system has one): the most
+    threads a latency is measured with.
+
+        >>> available_cpus() >= 1
+        True
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def _num_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
@@ -533,6 +547,11 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         return
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if threads > available_cpus():
+        # (a time with more threads than CPUs is their contention's; and at --threads 99999
+        # OpenMP's pool could not start so many threads: the process died of a segmentation fault)
+        raise ValueError(f"threads={threads} is more than the {available_cpus()} CPUs this process may use: "
+                         f"give at most {available_cpus()}")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -132,6 +132,20 @@ def test_bad_counts_are_usage_errors_before_any_work(user_model_module, capsys, 
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_more_threads_than_cpus_is_a_usage_error_before_any_work(user_model_module, capsys, monkeypatch):
+    """--threads 99999 ran the whole pipeline, then OpenMP could not start the threads for the latency
+    and the process died of a segmentation fault; any count above the CPUs times their contention."""
+    from fxopt import measure
+
+    monkeypatch.setattr(measure, "available_cpus", lambda: 2)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["optimize", f"{user_model_module}:boom", "-p", "dce", "--threads", "3"])
+    assert exc.value.code == 2
+    assert "argument" not in (err := capsys.readouterr().err)  # (not argparse's type error: ours, after parsing)
+    assert "--threads 3: this process may use 2 CPUs; give at most 2" in err
+    assert "factory exploded" not in err  # MODEL was not loaded
+
+
 def test_an_output_directory_that_is_a_file_is_a_usage_error(user_model_module, capsys, tmp_path):
     a_file = tmp_path / "taken"
     a_file.write_text("")

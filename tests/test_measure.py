@@ -294,6 +294,18 @@ def test_latency_propagates_real_errors_and_rejects_bad_arguments():
         measure_latency(nn.Identity(), (torch.ones(1),), threads=0)
 
 
+def test_latency_refuses_more_threads_than_cpus(monkeypatch):
+    """threads=99999 made OpenMP fail to start its pool and the process die (a segmentation fault)."""
+    from fxopt import measure
+
+    monkeypatch.setattr(measure, "available_cpus", lambda: 2)
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match=r"threads=3 is more than the 2 CPUs this process may use: give at most 2"):
+        measure_latency(nn.Identity(), (torch.ones(1),), threads=3)
+    assert torch.get_num_threads() == before
+    assert measure_latency(nn.Identity(), (torch.ones(1),), threads=2, repeats=2).median_ms >= 0
+
+
 def test_latency_leaves_batchnorm_statistics_alone():
     model = nn.BatchNorm1d(4).train()
     measure_latency(model, (torch.randn(8, 4),), repeats=3)
