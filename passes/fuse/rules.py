@@ -201,6 +201,38 @@ NOOPS = PatternSet([
 ])
 
 
+# ----- reductions ---------------------------------------------------------------------------------
+
+def _over_an_axis(view) -> bool | str:
+    if len(view.inputs) != 1 or isinstance(view.attrs.get("dim"), bool) or not isinstance(view.attrs.get("dim"), int):
+        return "not a max/min over one axis (of two tensors, or of every element)"
+    return True
+
+
+def _indices_unread(m: Match) -> bool | str:
+    """Every other reader of the max/min is an item nobody reads (export keeps the indices'
+    `getitem` with no users)."""
+    extremum = m.nodes["extremum"]
+    read = [u.name for u in extremum.users if u is not m.root and (u.users or u.target is not operator.getitem)]
+    return f"its indices are read by {', '.join(read)}" if read else True
+
+
+def _extremum_values(r: Rewriter) -> torch.fx.Node:
+    view = r.view("extremum")
+    reduce = torch.amax if view.kind == "max" else torch.amin
+    return r.call(reduce, r["x"], view.attrs["dim"], view.attrs.get("keepdim", False))
+
+
+# ``torch.max(x, 2)[0]`` computes the indices nobody reads: its kernel is 5-20x slower than
+# amax's on the same values (PointNet's global max over 512 points at batch 1: 0.30 vs 0.023 ms,
+# one thread); a tie's gradient is shared by amax where max gives it to one index
+REDUCTIONS = PatternSet([
+    Pattern("extremum-values", Op("getitem", Op(("max", "min"), Var("x"), name="extremum", check=_over_an_axis,
+                                                single_use=False), attrs={"index": 0}),
+            rewrite=_extremum_values, check=_indices_unread),
+])
+
+
 # ----- folds --------------------------------------------------------------------------------------
 
 _CUTS = ("getitem", "slice", "narrow")
@@ -1240,4 +1272,4 @@ EPILOGUES = PatternSet([
             rewrite=_annotator(lambda r: "add+relu"), check=_not_fused),
 ])
 
-ALL = NOOPS + FOLDS + EPILOGUES
+ALL = NOOPS + REDUCTIONS + FOLDS + EPILOGUES
