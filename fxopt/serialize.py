@@ -284,7 +284,8 @@ def _node_record(node: torch.fx.Node, tensors: dict) -> dict:
     except SerializationError as exc:  # which node's argument: the bare type named none
         raise SerializationError(f"save: {node_location(node)}: {str(exc).removeprefix('save: ')}") from None
     return {"name": node.name, "op": node.op, "target": _encode_target(node), "args": args,
-            "kwargs": kwargs, "computes": node.meta.get("fxopt.computes"), **_source_record(node)}
+            "kwargs": kwargs, "computes": node.meta.get("fxopt.computes"), **_source_record(node),
+            **_listing_record(node)}
 
 
 def _subgraph_record(sub: torch.fx.GraphModule, path: str, tensors: dict) -> dict:
@@ -360,6 +361,38 @@ def _source_record(node: torch.fx.Node) -> dict:
         record["module_stack"] = [[str(key), str(entry[0]), _class_name(entry[1])] for key, entry in stack.items()
                                   if isinstance(entry, (tuple, list)) and len(entry) == 2]
     return record
+
+
+def _listing_record(node: torch.fx.Node) -> dict:
+    """What a listing of `node` shows beyond its op, as plain data: its type as text
+    (``f32[2, 8, 6, 6]``: the shapes a graph records are tensors of torch's own) and the
+    annotations passes wrote (``fused``, ``prune.kept``) whose values are plain data. A loaded
+    graph's dump showed neither: a file one was sent listed bare ops."""
+    from .debug.listing import ANNOTATIONS, type_text
+
+    record: dict = {}
+    notes = {key: value for key, value in (node.meta.get(ANNOTATIONS) or {}).items()
+             if isinstance(key, str) and _is_plain_data(value)}
+    if notes:
+        record["annotations"] = notes
+    if type_text(node):
+        record["type"] = type_text(node)
+    return record
+
+
+def _restore_listing(node: torch.fx.Node, rec: dict) -> None:
+    """Put back what `_listing_record` stored for `node` (files of earlier versions have none)."""
+    from .debug.listing import ANNOTATIONS, SAVED_TYPE
+
+    notes, kind = rec.get("annotations"), rec.get("type")
+    if notes is not None:
+        if not (isinstance(notes, dict) and _is_plain_data(notes)):
+            raise SerializationError(f"load: refusing node '{node.name}': its annotations are not plain data")
+        node.meta[ANNOTATIONS] = notes
+    if kind is not None:
+        if not isinstance(kind, str):
+            raise SerializationError(f"load: refusing node '{node.name}': its type is no text")
+        node.meta[SAVED_TYPE] = kind
 
 
 def _class_name(kind: Any) -> str:
@@ -933,6 +966,7 @@ def _graph_from_records(records: list[dict], tensors: dict) -> torch.fx.Graph:
         if rec.get("computes"):
             node.meta["fxopt.computes"] = rec["computes"]
         _restore_source(node, rec)
+        _restore_listing(node, rec)
         env[rec["name"]] = node
     return graph
 

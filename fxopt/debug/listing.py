@@ -14,6 +14,9 @@ import torch
 import torch.fx
 
 ANNOTATIONS = "fxopt.annotations"
+#: The type text a node of a saved graph listed with, which `fxopt.load` puts back: a graph
+#: records its shapes as tensors of torch's own, which the file does not hold.
+SAVED_TYPE = "fxopt.saved_type"
 
 _DTYPE_SHORT = {
     torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
@@ -46,11 +49,12 @@ def target_text(node: torch.fx.Node) -> str:
 
 
 def type_text(node: torch.fx.Node) -> str:
-    """`f32[2, 8, 4, 4]` from the node's shape metadata; tuples as `(f32[..], i64[..])`."""
+    """`f32[2, 8, 4, 4]` from the node's shape metadata; tuples as `(f32[..], i64[..])`; for a
+    node of a loaded graph, which has none, the text it was saved with (`SAVED_TYPE`)."""
     val = node.meta.get("tensor_meta")
     if val is None:
         val = node.meta.get("val")
-    return _type_of(val)
+    return _type_of(val) or node.meta.get(SAVED_TYPE, "")
 
 
 def _type_of(val: Any) -> str:

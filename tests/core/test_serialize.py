@@ -681,3 +681,85 @@ def test_a_module_stack_of_another_shape_is_left_out_not_a_crash(tmp_path):
     loaded = fxopt.load(tmp_path / "odd.pt")
     stack = next(n for n in loaded.graph.nodes if n.name == "linear_1").meta["nn_module_stack"]
     assert stack == {"b": ("b", "torch.nn.modules.container.Sequential")}
+
+
+class _Mixed(nn.Module):
+    """A bit of everything the passes rewrite: conv + batchnorm + relu, a grouped conv with a residual add,
+    a transposed conv, a layer norm and two linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.group, self.up = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.norm, self.fc, self.head = nn.LayerNorm(8), nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))
+        h = F.relu(self.group(h) + h)
+        h = self.up(h).mean((2, 3))
+        return self.head(F.gelu(self.fc(self.norm(h))))
+
+
+def _listing_lines(gm, path) -> list[str]:
+    """The dump's listing of `gm`, without the input guard (export's own, fxopt's after load)."""
+    fxopt.dump(gm, path)
+    return [line for line in (path / "graph.txt").read_text().splitlines() if "_guards_" not in line]
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("pipeline, note", [
+    ("fuse", "fused: conv+relu"), ("lower-eager", None), ("quantize{backend=x86}", None),
+    ("quantize{backend=reference}", None), ("prune{ratio=0.3,adapter_cost=0}", "prune.kept: "),
+])
+def test_each_passs_result_round_trips_and_its_loaded_graph_dumps_as_it_did(tmp_path, mode, pipeline, note):
+    """A loaded graph's dump listed bare ops: no shape or dtype on any node (a graph records them as tensors of
+    torch's own, which the file did not hold) and none of the annotations the passes wrote (fuse's groups,
+    prune's kept channels). The file holds both as text now; the loaded module computes what the saved one did,
+    at other batch sizes too, at the tolerance its pipeline recorded, and saves again."""
+    torch.manual_seed(0)
+    model, x = _Mixed().eval(), torch.randn(4, 3, 8, 8)
+    res = fxopt.optimize(model, x, pipeline, mode=mode, calibration=[torch.randn(4, 3, 8, 8) for _ in range(3)])
+    fxopt.save(res.module, tmp_path / "m.pt")
+    loaded = fxopt.load(tmp_path / "m.pt")
+    with torch.no_grad():
+        for batch in (4, 1, 7):
+            other = torch.randn(batch, 3, 8, 8)
+            torch.testing.assert_close(loaded(other), res.module(other), rtol=0, atol=0)
+    assert loaded.meta["fxopt"]["tolerance"] == res.module.meta["fxopt"]["tolerance"]
+    assert fxopt.verify(model, loaded, x).passed
+    listed = _listing_lines(res.module, tmp_path / "dump_saved")
+    assert _listing_lines(loaded, tmp_path / "dump_loaded") == listed
+    assert sum(": f32[" in line for line in listed) > 5
+    if note is not None:
+        assert any(note in line for line in listed)
+    fxopt.save(loaded, tmp_path / "again.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fxopt.load(tmp_path / "again.pt")(x), res.module(x), rtol=0, atol=0)
+
+
+def test_a_fuse_result_loaded_is_lowered_as_the_one_in_memory(tmp_path):
+    """What the refusal to save a lower-cpu result advises: save before lower-cpu, lower the loaded module."""
+    torch.manual_seed(0)
+    model, x = _Mixed().eval(), torch.randn(4, 3, 8, 8)
+    fused = fxopt.optimize(model, x, "fuse").module
+    fxopt.save(fused, tmp_path / "fused.pt")
+    lowered = fxopt.optimize(fxopt.load(tmp_path / "fused.pt"), x, "lower-cpu").module
+    in_memory = fxopt.optimize(fused, x, "lower-cpu").module
+    assert [n.target for n in lowered.graph.nodes if n.op == "call_module"] == \
+        [n.target for n in in_memory.graph.nodes if n.op == "call_module"]
+    assert fxopt.verify(model, lowered, x).passed
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("annotations", {"fused": torch.ones(2)}, "its annotations are not plain data"),
+    ("type", 7, "its type is no text"),
+])
+def test_load_refuses_a_listing_record_of_another_kind_naming_the_node(tmp_path, field, value, message):
+    path = tmp_path / "two.pt"
+    fxopt.save(fxopt.capture(_TwoLayers().eval(), torch.randn(2, 4), mode="export"), path)
+    data = torch.load(path, weights_only=True)
+    record = next(r for r in data["nodes"] if r["name"] == "linear_1")
+    record[field] = value
+    _tamper(data, path)
+    with pytest.raises(fxopt.SerializationError, match=f"refusing node 'linear_1': {message}"):
+        fxopt.load(path)
