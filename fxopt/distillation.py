@@ -105,8 +105,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable, *, epochs: i
     dict is such a pair: a forward taking a tuple and a dict positionally gets
     ``((tuple_input, dict_input), {})``; `fxopt.optimize`'s calibration batches are read as its
     example inputs instead). With ``labeled=True`` each batch is ``(inputs, labels)`` instead
-    (`inputs` any of those, `labels` class indices), which
-    ``alpha < 1`` needs: it mixes in ``(1 - alpha)`` times the labels' cross-entropy. A batch
+    (`inputs` any of those, `labels` a class index per prediction: shape ``(B,)`` for ``(B, C)``
+    logits, ``(B, T)`` for a sequence's ``(B, T, C)``), which ``alpha < 1`` needs: it mixes in
+    ``(1 - alpha)`` times the labels' cross-entropy. Both terms take the classes on the last dim
+    and are means per prediction (per token of a sequence). A batch
     that does not fit the models' forward raises a ValueError saying what it was taken as, and
     so does `data` with no batches; a loss that stops being finite (a learning rate that
     diverges, NaN in the data) stops training with a ValueError naming the epoch and batch. The
@@ -238,8 +240,11 @@ def _loss(out: torch.Tensor, target: torch.Tensor, labels: Any, t: float, alpha:
         if labels is not None and alpha < 1.0:
             loss = alpha * loss + (1 - alpha) * _binary_cross_entropy(out, labels, index)
         return loss
-    loss = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(target / t, -1), log_target=True,
-                    reduction="batchmean") * (t * t)
+    # one prediction per row, classes on the last dim (a sequence model's (B, T, C): B * T of them), so
+    # "batchmean" is a mean per prediction, as the labels' cross-entropy is: it divided by B alone, and
+    # weighed a sequence's KL term T times its label term against the alpha asked for
+    loss = F.kl_div(F.log_softmax(_predictions(out) / t, -1), F.log_softmax(_predictions(target) / t, -1),
+                    log_target=True, reduction="batchmean") * (t * t)
     if labels is not None and alpha < 1.0:
         loss = alpha * loss + (1 - alpha) * _cross_entropy(out, labels, index)
     return loss
@@ -372,12 +377,31 @@ def _forward(role: str, model: nn.Module, inputs: Inputs, index: int) -> Any:
                          f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
+def _predictions(logits: torch.Tensor) -> torch.Tensor:
+    """`logits` as one row per prediction, its classes on the last dim: (B, T, C) -> (B * T, C)."""
+    return logits.reshape(-1, logits.shape[-1]) if logits.dim() > 0 else logits
+
+
 def _cross_entropy(out: torch.Tensor, labels: Any, index: int) -> torch.Tensor:
-    """The labels' cross-entropy; labels that are no class indices of `out` name the batch."""
+    """The labels' cross-entropy, the classes on the last dim of `out` as the distillation term
+    takes them (F.cross_entropy takes them on dim 1: a sequence model's (B, T, C) logits trained on
+    the token axis where T == C, and refused good (B, T) labels where not), a mean per prediction.
+    `labels` are a class index per prediction (shape ``out.shape[:-1]``) or class probabilities
+    (``out``'s shape); others, and indices out of range, name the batch."""
+    what = _tensor_text(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
+    if not isinstance(labels, torch.Tensor) or out.dim() == 0:
+        flat = labels
+    elif labels.shape == out.shape and labels.is_floating_point():
+        flat = _predictions(labels)
+    elif labels.shape == out.shape[:-1]:
+        flat = labels.reshape(-1)
+    else:
+        raise ValueError(f"distill: the labels of batch {index} ({what}) are no class index per prediction of the "
+                         f"student's {_tensor_text(out)} logits (classes on the last dim): give labels of shape "
+                         f"{tuple(out.shape[:-1])}, or class probabilities of shape {tuple(out.shape)}")
     try:
-        return F.cross_entropy(out, labels)
+        return F.cross_entropy(_predictions(out), flat)
     except Exception as exc:  # noqa: BLE001  (torch's IndexError / RuntimeError on bad targets)
-        what = _tensor_text(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"distill: the labels of batch {index} ({what}) are no class indices for the student's "
                          f"{_tensor_text(out)} logits: {type(exc).__name__}: {first_line(exc)}") from exc
 
