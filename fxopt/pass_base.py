@@ -30,6 +30,7 @@ import dataclasses
 import decimal
 import enum
 import functools
+import math
 import numbers
 import types
 import typing
@@ -301,6 +302,8 @@ def coerce_option(raw: Any, annotation: Any) -> Any:
                 raise ValueError(f"expected {annotation.__name__}, got {raw!r}") from None
         if annotation is int and isinstance(raw, float) and raw != value:
             raise ValueError(f"expected an integer, got {raw!r}")
+        if isinstance(raw, str) and math.isinf(value) and raw.strip().lstrip("+-").lower() not in ("inf", "infinity"):
+            raise ValueError(f"{raw!r} is beyond a float's range (it reads as an infinity); write inf where that is meant")
         return value
     if annotation is str:
         if not isinstance(raw, str):
@@ -401,6 +404,9 @@ def _split_list(text: str) -> list[str]:
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
+    if "[" in without_quotes(text) or "]" in without_quotes(text):
+        raise ValueError(f"an item of [{text}] holds a bracket: lists do not nest; quote an item that holds one "
+                         "(['[b]'])")
     sep = ";" if ";" in without_quotes(text) else ","
     items, current, quote = [], [], None
     for ch in text:

@@ -139,6 +139,21 @@ def test_whitespace_and_empty_items():
         split_pipeline("fuse,,dce")   # was dropped silently
 
 
+@pytest.mark.parametrize("text, message", [
+    ("test-tunable{ignore=[a,[b]]}", r"pass 'test-tunable' option 'ignore': an item of \[a,\[b\]\] holds a bracket: "
+                                     r"lists do not nest; quote an item that holds one"),
+    ("test-tunable{ratio=1e400}", r"pass 'test-tunable' option 'ratio': '1e400' is beyond a float's range \(it reads "
+                                  r"as an infinity\); write inf where that is meant"),
+])
+def test_a_nested_list_or_a_float_past_its_range_is_refused(text, message):
+    """[a,[b]] read as ['a', '[b]'] and 1e400 as inf, silently (api item 3); quoted, a bracket is text, and inf
+    written as such is inf."""
+    with pytest.raises(PipelineError, match=message):
+        parse_pipeline(text)
+    (quoted,) = parse_pipeline("test-tunable{ignore=[a,'[b]'],ratio=-inf}")
+    assert quoted.ignore == ("a", "[b]") and quoted.ratio == float("-inf")
+
+
 def test_cosmetic_errors_say_what_to_do():
     with pytest.raises(PipelineError, match=r"pass 'dce' has no option 'x'; it takes no options$"):
         parse_pipeline("dce{x=1}")
