@@ -5,6 +5,7 @@ from .effects import (aliases_of, drop_fresh_copies, fresh_literal_constants, fu
 from .interpret import BufferState, flatten_inputs, fresh_inputs, node_values, run_graph, same_random_draws
 from .leaf import leaf_function
 from .packed import split_packed_parameters
+from .splits import splits_as_slices
 from .opview import (OpSpec, OpView, SPECS, bind_arguments, metadata_read, names_a_dtype, op_view, size_read,
                      spec_for, transposed_parameter, written_arguments)
 from .params import (
@@ -49,7 +50,7 @@ __all__ = [
     "drop_empty_cat_inputs", "drop_fresh_copies", "fresh_literal_constants",
     "flatten_inputs", "functionalize_writes", "get_attr_value", "is_effectful", "is_shared", "leaf_function",
     "make_private", "meta_value", "metadata_read", "module_path", "mutated_input", "names_a_dtype", "reads_memory_order", "written_base", "node_values", "op_name", "op_view", "origin", "ref_for_get_attr", "replace_uses",
-    "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "symbolic_sizes", "tensor_meta", "tensor_versions",
+    "fresh_inputs", "resolve_attr", "run_graph", "same_random_draws", "size_read", "spec_for", "split_packed_parameters", "splits_as_slices", "symbolic_sizes", "tensor_meta", "tensor_versions",
     "transposed_parameter", "unpack_tuples", "upstream",
     "value_nbytes", "weight_matmuls_as_linear", "written_arguments", "written_in_place",
 ]

@@ -28,7 +28,8 @@ from fxopt import Pass, PassContext, PassResult
 from fxopt.analysis import ShapeAnalysis
 from fxopt.errors import node_location
 from fxopt.ir import (COMPUTES, bind_arguments, functionalize_writes, metadata_read, op_view, origin, size_read,
-                      spec_for, split_packed_parameters, weight_matmuls_as_linear, written_in_place)
+                      spec_for, split_packed_parameters, splits_as_slices, weight_matmuls_as_linear,
+                      written_in_place)
 
 from ..cleanup import RemoveNoOps, constant_nodes, fold_constants
 
@@ -72,6 +73,9 @@ class InsertObservers(Pass):
         # embedding dropout, read by q/k/v and by the residual add) made its float readers read
         # it rounded (39 vs PT2E's 67 dB, quantize tester); gone, they read the float value
         RemoveNoOps().run(gm, ctx)
+        # a channel split's pieces (ShuffleNetV2, YOLOv8's C2f, a GLU) as slices, which pass
+        # int8 values through on their grid; a tuple no int8 op reads kept them float
+        splits_as_slices(gm)
         one_view_per_reader(gm)
         # cross-attention's q/k/v weights are pieces of one packed parameter: one each, to pack
         split_packed_parameters(gm)
