@@ -575,9 +575,10 @@ class SharedWriteGuard(TorchFunctionMode):
     A pass works on a copy that shares its input's tensors, and those of the verification
     reference; writing into one would change the caller's model and what results are checked
     against. The version-counter check after the pass catches any write, but only once the data
-    is gone; this mode stops the common ones (`p.mul_(2)`, `p.copy_(x)`, `p[i] = v`, `out=`) at
-    the call, so the input stays intact. Writes that bypass torch functions are still caught,
-    after the fact, by the version check. `who` names the code guarded in the error ("the pass",
+    is gone; this mode stops the common ones (`p.mul_(2)`, `p.copy_(x)`, `p[i] = v`, `out=`, an
+    aten overload whose schema writes: ``torch.ops.aten.fill_.Scalar(p, 0)``) at the call, so the
+    input stays intact. Writes that bypass torch functions are still caught, after the fact, by
+    the version check. `who` names the code guarded in the error ("the pass",
     or an instrument's hook: instruments run under the same guard).
     """
 
@@ -595,14 +596,35 @@ class SharedWriteGuard(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.keep is not None:
             self.keep.note(func, args, kwargs)
-        for target in _written_tensors(func, args, kwargs):
+        written = _written_tensors(func, args, kwargs)
+        if isinstance(func, torch._ops.OpOverload) and _written_arguments(func) and not _in_a_module_call():
+            # an aten overload the pass calls itself (aten.mul_.Scalar: no in-place method's name); one a
+            # model's run calls (an export graph's embedding_renorm_) is the model's own write, put back by `keep`
+            written = [*written, *_written_by_call(func, args, kwargs)]
+        for target in written:
             name = self.shared.get(_storage_key(target))
             if name is not None:
                 how = ("replace the data of" if _sets_data(func) else "write into")
-                what = ".data = ..." if _sets_data(func) else getattr(func, "__name__", func)
+                what = ".data = ..." if _sets_data(func) else (
+                    str(func).replace("aten::", "aten.") if isinstance(func, torch._ops.OpOverload)
+                    else getattr(func, "__name__", func))
                 raise RuntimeError(
                     f"{self.who} tried to {how} tensor '{name}' in place ({what}); {_advice(self.who)}")
         return func(*args, **kwargs)
+
+
+def _in_a_module_call() -> bool:
+    """Whether the code running is inside a call of a module (a forward: the model's, as a pass
+    or an instrument runs it), not code of the pass's own."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in _MODULE_CALLS:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_MODULE_CALLS = frozenset(f.__code__ for f in (torch.nn.Module._call_impl, torch.nn.Module._wrapped_call_impl))
 
 
 class TensorWrites(TorchFunctionMode):

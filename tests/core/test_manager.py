@@ -846,6 +846,37 @@ def test_a_pass_cannot_swap_or_write_the_references_attributes(how, message):
     assert reference.fc.weight is weight and torch.equal(weight, gm.fc.weight)
 
 
+@dataclasses.dataclass  # not registered: the fuzz campaign runs every registered pass
+class _AtenWriter(Pass):
+    """Writes the input's shared weight through an aten overload, whose name ('mul_.Scalar') is no
+    in-place method's."""
+
+    name = "test-aten-write"
+    op: str = "mul"
+
+    def run(self, gm, ctx):
+        weight = gm.get_submodule("fc").weight.detach()
+        if self.op == "mul":
+            torch.ops.aten.mul_.Scalar(weight, 2.0)
+        else:
+            torch.ops.aten.fill_.Scalar(weight, 0.0)
+        return PassResult(gm, modified=True)
+
+
+@pytest.mark.parametrize("op, shown", [("mul", "aten.mul_.Scalar"), ("fill", "aten.fill_.Scalar")])
+def test_a_pass_writing_a_shared_weight_through_an_aten_overload_is_refused_before_the_write(op, shown):
+    """The guard knew in-place writes by method name (mul_) and out=: torch.ops.aten.mul_.Scalar went through,
+    and the model-write tracker then put the old value back, so the pass's change was undone without a word and
+    the result verified PASS (api item 2). It is refused as w.mul_(2) is, and the input's weight is intact."""
+    torch.manual_seed(0)
+    gm, x = _captured(), _inputs()
+    before = gm.fc.weight.detach().clone()
+    with pytest.raises(PassError, match=re.escape(f"the pass tried to write into tensor 'fc.weight' in place "
+                                                  f"({shown}); passes must replace tensors")):
+        PassManager([_AtenWriter(op)]).run(gm, x)
+    assert torch.equal(gm.fc.weight, before)
+
+
 def test_verify_each_still_runs_a_model_that_updates_its_buffers():
     """Instruments run under the guard; a forward's buffer write that verify puts back is allowed."""
 
