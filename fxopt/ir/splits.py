@@ -6,9 +6,9 @@ a slice on its input's grid) stops at a split, and every piece read after it (Sh
 channel split, YOLOv8's C2f, a GLU) left the passes' reach. A piece is a narrow of the input,
 the view the split returns, so the rewrite is exact.
 
-Where a piece's bounds depend on the input's size (a symbolic graph runs at any size; an
-export graph keeps some sizes symbolic), they are computed from ``h.size(dim)`` in the graph,
-as the split computes them; otherwise they are numbers.
+Where a piece's bounds depend on the input's size (a symbolic graph runs at any size), they
+are computed from ``h.size(dim)`` in the graph, as the split computes them; in an export graph
+they are numbers, and a split along a size export kept symbolic (the batch) stays.
 
     >>> import torch, torch.fx
     >>> from torch.fx.passes.shape_prop import ShapeProp
@@ -81,8 +81,11 @@ def _piece_bounds(gm: torch.fx.GraphModule, node: torch.fx.Node, view, dim: int)
     step = sizes if view.kind == "split" else view.attrs.get("chunks")
     if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
         return None
-    # a symbolic graph runs at any size; export fixes every size it did not keep symbolic
-    if frontend_of(gm) == "export" and dim not in symbolic_sizes(source):
+    # a symbolic graph runs at any size; export fixes every size it did not keep symbolic (a
+    # split along one it kept, the batch, is left: its graph reads sizes by ATen ops)
+    if frontend_of(gm) == "export":
+        if dim in symbolic_sizes(source):
+            return None
         n = int(tensor_meta(source)[0][dim])
         if view.kind == "chunk":
             step = -(-n // step)  # torch.chunk: pieces of ceil(n / chunks)

@@ -563,13 +563,17 @@ def activation_inputs(gm, node: torch.fx.Node, plan: Plan) -> list[torch.fx.Node
 
     A pass-through op converts only its data input: the sizes a `view` reads from
     `sym_size` nodes (export graphs with a dynamic batch) are not activations, and counting
-    them would tie the op to the float side.
+    them would tie the op to the float side. Nor does a size read convert what it reads
+    (``x.size(1)``, ``x.shape``: an int8 value has the same sizes): counted as a float reader,
+    the sizes a symbolic ShuffleNet's channel shuffle and split read kept its cats float.
     """
     group = plan.groups.get(node.name)
     if group is not None:
         return list(dict.fromkeys(group.inputs))
     if node.name in plan.pass_through:
         return [op_view(gm, node).input]
+    if size_read(node) is not None:
+        return []
     return [i for i in node.all_input_nodes if i.op != "get_attr"]
 
 

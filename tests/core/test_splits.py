@@ -49,3 +49,19 @@ def test_listed_sizes_and_tuples_read_whole():
     for g, w in zip(got[:3], want[:3]):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert all(torch.equal(g, w) for g, w in zip(got[3], want[3]))
+
+
+class _AlongTheBatch(nn.Module):
+    def forward(self, x):
+        first, second = x.chunk(2, 0)  # along the batch export keeps symbolic: stays
+        left, right = x.chunk(2, 1)
+        return first.sum() + second.sum() + left * right
+
+
+def test_an_export_split_along_a_symbolic_size_stays():
+    x = torch.randn(4, 6)
+    gm = fxopt.capture(_AlongTheBatch(), (x,), mode="export")
+    assert splits_as_slices(gm) == 1
+    assert sum("chunk" in str(n.target) or "split" in str(n.target) for n in gm.graph.nodes) == 1
+    y = torch.randn(6, 6)
+    torch.testing.assert_close(gm(y), _AlongTheBatch()(y), rtol=0, atol=0)
