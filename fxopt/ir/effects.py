@@ -168,6 +168,9 @@ _VIEW_METHODS = frozenset({"view", "view_as", "narrow", "squeeze", "unsqueeze", 
 # ``y.T``, ``y.mH``, ``y.real``, ``y.data``: attributes that view the tensor (symbolic graphs
 # read them with getattr)
 _VIEW_ATTRIBUTES = frozenset({"T", "H", "mT", "mH", "real", "imag", "data"})
+# ops that return a view of their input for some arguments: an einsum that only permutes
+# (``einsum("nchw->nhwc", x)``) is a permute of x, which a later write into x reaches
+_MAY_VIEW = _VIEW_KINDS | {"einsum"}
 # torch functions returning views that fxopt's op view has no kind for
 _VIEW_FUNCTIONS = frozenset({torch.diagonal, torch.hsplit, torch.vsplit, torch.dsplit, torch.split_with_sizes,
                              torch.atleast_1d, torch.atleast_2d, torch.atleast_3d, torch.adjoint, torch.as_strided,
@@ -291,7 +294,7 @@ def functionalize_writes(gm: torch.fx.GraphModule) -> int:
                 or target.op == "placeholder" and not _input_is_apart(target):
             continue
         before = [u for u in target.users if order[u] < order[node]]
-        if any((view := op_view(gm, u)) is None or view.kind in _VIEW_KINDS or is_view(gm, u) for u in before):
+        if any((view := op_view(gm, u)) is None or view.kind in _MAY_VIEW or is_view(gm, u) for u in before):
             continue  # a view taken before the write sees it; so might what an unknown op returned
         _make_out_of_place(node)
         for user in [u for u in target.users if order[u] > order[node]]:
@@ -313,15 +316,14 @@ def _input_is_apart(placeholder: torch.fx.Node) -> bool:
     for other in placeholder.graph.find_nodes(op="placeholder"):
         if other is placeholder:
             continue
-        val = other.meta.get("val", other.meta.get("tensor_meta"))
         other_meta = tensor_meta(other)
         if other_meta is not None:
             if other_meta[1] == meta[1]:
                 return False
-        elif not isinstance(val, (int, float, bool, str)) and val is not None:
-            return False  # unknown, or a container that may hold the same tensor
-        elif val is None and "val" not in other.meta and "tensor_meta" not in other.meta:
-            return False  # nothing recorded
+            continue
+        recorded = [other.meta[key] for key in ("val", "tensor_meta") if key in other.meta]
+        if not recorded or not isinstance(recorded[0], (int, float, bool, str, type(None))):
+            return False  # nothing recorded, or a container that may hold the same tensor
     return True
 
 

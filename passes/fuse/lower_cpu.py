@@ -714,6 +714,8 @@ def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False)
             Pattern("conv", conv_op(), rewrite=state.conv),
         ]
     table += list(rules.CHANNEL_SHUFFLE)  # (one copy that keeps the lowered convs' channels-last layout)
+    table.append(Pattern("extremum-any-layout", Op(("amax", "amin"), Var("x"), name="reduce", check=_one_spatial_axis),
+                         rewrite=_extremum_any_layout))
     if linear:
         table += [
             Pattern("linear+act", Op(_LINEAR_ACTS, lin_op(), name="act"), rewrite=state.linear),
@@ -849,6 +851,52 @@ def _tensor_inputs(placeholders: list[torch.fx.Node]) -> list[tuple[torch.fx.Nod
 def _rank_checked(node: torch.fx.Node) -> bool:
     """Whether `node` already has a `require_rank` call (lower-cpu run twice)."""
     return any(u.op == "call_function" and u.target is require_rank for u in node.users)
+
+
+def _reduced_axis(view) -> int | None:
+    """The one axis an amax/amin reduces, counted from 0; None for several or all."""
+    dim = view.attrs.get("dim")
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    meta = tensor_meta(view.input) if isinstance(view.input, torch.fx.Node) else None
+    if not isinstance(dim, int) or isinstance(dim, bool) or meta is None or not -len(meta[0]) <= dim < len(meta[0]):
+        return None
+    return dim % len(meta[0])
+
+
+def _one_spatial_axis(view) -> bool | str:
+    axis = _reduced_axis(view)
+    if axis is None or axis < 2 or len(tensor_meta(view.input)[0]) < 3:
+        return "not one axis after the channels of a value of rank 3 or more"
+    return True
+
+
+def _extremum_any_layout(r: Rewriter) -> torch.fx.Node:
+    view = r.view("reduce")
+    return r.call(extremum_any_layout, r["x"], _reduced_axis(view), bool(view.attrs.get("keepdim", False)),
+                  view.kind == "amax")
+
+
+@leaf_function
+def extremum_any_layout(x: torch.Tensor, dim: int, keepdim: bool, largest: bool) -> torch.Tensor:
+    """``torch.amax`` (`largest`) or ``torch.amin`` of `x` over axis `dim`; on a channels-last
+    value (channels innermost in memory, as lowered convs write them) over its row-major
+    permutation, where torch's kernel runs 10-30x faster than on the channels-last strides
+    (16x32x112x112 over W: 2.7 vs 28 ms; 1x256x8x64: 0.03 vs 0.49 ms, one thread; adversary: a
+    `torch.max(h, 3)[0]` that `fuse` made an amax ran 1.3-1.5x slower than the max there).
+
+        >>> x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        >>> torch.equal(extremum_any_layout(x, 3, False, True), x.amax(3))
+        True
+    """
+    reduce = torch.amax if largest else torch.amin
+    rank = x.dim()
+    order = (0, *range(2, rank), 1)  # (N, *spatial, C): row-major for a channels-last value
+    if rank < 3 or x.is_contiguous() or not x.permute(order).is_contiguous():
+        return reduce(x, dim, keepdim=keepdim)
+    back = [order.index(axis) for axis in range(rank)]
+    y = reduce(x.permute(order), order.index(dim), keepdim=True).permute(back)
+    return y if keepdim else y.squeeze(dim)
 
 
 @leaf_function

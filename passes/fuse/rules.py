@@ -252,10 +252,14 @@ def _size_of(arg: Any) -> tuple[torch.fx.Node, int] | None:
 
 def _is_size(arg: Any, x: torch.fx.Node, axis: int) -> bool:
     """Whether `arg` is `x`'s size along `axis` at every size the graph runs at: a read of it,
-    a read of a size export gave the same symbol, or the number itself where it is fixed."""
+    a read of a size export gave the same symbol, or, in an export graph, the number itself
+    where export fixed it (a symbolic graph runs at other sizes, where a number written in the
+    model no longer is x's size: eager's view then reads the pixels otherwise)."""
     shape = tensor_meta(x)[0]
+    if isinstance(arg, _WholeSize):
+        return arg.x is x and arg.axis == axis
     if isinstance(arg, int) and not isinstance(arg, bool):
-        return arg == shape[axis] and axis not in symbolic_sizes(x)
+        return arg == shape[axis] and axis not in symbolic_sizes(x) and _capture_frontend(x) == "export"
     read = _size_of(arg)
     if read is None:
         return False
@@ -266,6 +270,31 @@ def _is_size(arg: Any, x: torch.fx.Node, axis: int) -> bool:
     return symbol is not None and symbolic_sizes(tensor).get(dim % max(len(tensor_meta(tensor)[0]), 1)) == symbol
 
 
+def _capture_frontend(node: torch.fx.Node) -> str:
+    from fxopt import frontend_of
+
+    return frontend_of(node.graph.owning_module)
+
+
+def _reshape_sizes(view, x: torch.fx.Node, rank: int) -> list | None:
+    """The sizes a reshape is given, one per axis; ``x.size()`` / ``x.shape`` (all of `x`'s
+    sizes) as a list of its reads; None for sizes in any other form."""
+    sizes = view.attrs.get("shape", ())
+    if isinstance(sizes, (list, tuple)):
+        return list(sizes)
+    whole = size_read(sizes) if isinstance(sizes, torch.fx.Node) else None
+    if whole is not None and whole[0] is x and whole[1] is None:
+        return [_WholeSize(x, axis) for axis in range(rank)]
+    return None
+
+
+class _WholeSize:
+    """One size of a whole ``x.size()`` a reshape was given."""
+
+    def __init__(self, x: torch.fx.Node, axis: int) -> None:
+        self.x, self.axis = x, axis
+
+
 def _shuffle_groups(m: Match) -> int | str:
     """The group count g of a spelled-out channel shuffle of `x` (N, C, *rest): reshaped to
     (N, g, C/g, *rest), axes 1 and 2 swapped, reshaped back to (N, C, *rest); or why not."""
@@ -274,12 +303,14 @@ def _shuffle_groups(m: Match) -> int | str:
     if meta is None or len(meta[0]) < 3:
         return "not a value of rank 3 or more"
     shape = meta[0]
-    into, back = list(split.attrs.get("shape", ())), list(merge.attrs.get("shape", ()))
-    if len(into) != len(shape) + 1 or len(back) != len(shape):
+    into, back = _reshape_sizes(split, x, len(shape)), _reshape_sizes(merge, x, len(shape))
+    if into is None or back is None or len(into) != len(shape) + 1 or len(back) != len(shape):
         return "the reshapes do not split the channel axis in two and merge it back"
     groups = into[1]
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 2 or shape[1] % groups:
         return "the group count is no number dividing the channels"
+    if shape[1] == groups:  # (the swap then moves no element: eager's reshapes return views)
+        return "one channel per group: the shuffle moves nothing"
     if tuple(tensor_meta(m.nodes["split"])[0][1:3]) != (groups, shape[1] // groups):
         return "the first reshape does not split the channels into groups"
     rest = [(into[0], 0)] + [(a, axis) for a, axis in zip(into[3:], range(2, len(shape)))]

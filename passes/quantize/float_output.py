@@ -53,6 +53,9 @@ ONEDNN_FROM_MACS = 2_000_000
 #: Input elements from which the float path's dequantize of the input costs more than oneDNN's
 #: fixed cost (a 64->2 1x1 head at 64x64, batch 1: float 327 µs, oneDNN 241).
 FLOAT_PATH_MAX_INPUT = 100_000
+#: Packs kept per layer (one per thread count, input shape and zero point; the oldest goes
+#: first), as lower-cpu's `WeightPacks.max_packs`: a weight copy each.
+MAX_PACKS = 8
 
 
 @dataclass(eq=False)
@@ -68,9 +71,12 @@ class FloatOutputConv:
     padding: list[int]
     dilation: list[int]
     groups: int
+    #: oneDNN's pack made without an input shape and checked (`_onednn_pack`): None where the
+    #: float conv computes every call; calls run the packs of `_shaped`
     packed: Any = field(default=None, repr=False)
     narrow: bool = False
-    #: (threads, input shape) -> oneDNN's weight packed for that call (`pack_for`)
+    #: (threads, input shape, input zero point) -> oneDNN's weight packed for such calls
+    #: (`pack_for`; the input's scale changes no pack: measured equal at 0.001-0.5)
     _shaped: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -116,9 +122,12 @@ class FloatOutputConv:
         key = (torch.get_num_threads(), tuple(q.shape), q.q_zero_point())
         packed = self._shaped.get(key)
         if packed is None:
-            packed = self._shaped[key] = torch.ops.onednn.qconv_prepack(
+            packed = torch.ops.onednn.qconv_prepack(
                 self.weight, self.scales, q.q_scale(), q.q_zero_point(), self.stride, self.padding, self.dilation,
                 self.groups, list(q.shape))
+            if len(self._shaped) >= MAX_PACKS:  # a graph called at ever new sizes keeps the latest
+                self._shaped.pop(next(iter(self._shaped)))
+            self._shaped[key] = packed
         return packed
 
     def run_packed(self, q: torch.Tensor, relu: bool) -> torch.Tensor:

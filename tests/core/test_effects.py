@@ -117,6 +117,27 @@ def test_an_input_another_input_could_alias_keeps_its_write():
     assert functionalize_writes(gm) == 1
 
 
+class _ViewsThenWrites(nn.Module):
+    """An einsum that only permutes returns a view of x: the write after it reaches what it read."""
+
+    def forward(self, x):
+        y = torch.einsum("nchw->nhwc", x)
+        x.mul_(2.0)
+        return y.permute(0, 3, 1, 2) + 1
+
+
+def test_an_input_viewed_by_an_einsum_before_its_write_keeps_the_write():
+    """Adversary: made out of place, the einsum's view read x before the doubling (1.65 off)."""
+    import fxopt
+
+    x = torch.randn(2, 3, 4, 5)
+    gm = fxopt.capture(_ViewsThenWrites(), (x.clone(),))
+    assert functionalize_writes(gm) == 0
+    eager_input, graph_input = x.clone(), x.clone()
+    torch.testing.assert_close(gm(graph_input), _ViewsThenWrites()(eager_input), rtol=0, atol=0)
+    torch.testing.assert_close(graph_input, eager_input, rtol=0, atol=0)
+
+
 def _chained_through_detach(x):
     h = x * 2
     h.detach().mul_(0.0).add_(1.0)  # the add writes what mul_ returned: h itself

@@ -804,3 +804,63 @@ def test_a_spelled_out_channel_shuffle_is_one_layout_keeping_call(mode):
     for size in sizes:  # a symbolic graph at other sizes: the reshapes read them
         x = torch.randn(*size)
         torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class _ShuffleEdges(nn.Module):
+    """A shuffle merged back with ``.view(y.size())`` (taken), one with hard-coded spatial sizes
+    (not: a symbolic graph runs at other sizes, where eager's view reads the pixels otherwise)
+    and one of one channel per group (not: eager's reshapes return views a write then reaches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        b, c, h, w = y.size()
+        y = self.b(y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(y.size()))
+        fixed = y.view(b, 2, 8, 6, 6).transpose(1, 2).contiguous().view(b, 16, 6, 6)
+        single = fixed.view(b, 16, 1, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+        single.add_(1)  # a view of `fixed` in eager
+        return self.c(fixed)
+
+
+def test_channel_shuffle_edges_an_adversary_found():
+    """Adversary: `.view(y.size())` crashed the pattern's check; a hard-coded 6x6 was taken as
+    the value's size (at 4x9 eager's view gave (1, 16, 6, 6), the rewrite (1, 16, 4, 9)); one
+    channel per group turned a view eager writes through into a copy (1.29 off)."""
+    torch.manual_seed(0)
+    model = _ShuffleEdges().eval()
+    res = fxopt.optimize(model, (torch.randn(2, 8, 6, 6),), "fuse,lower-cpu{min_macs=0}", mode="symbolic")
+    assert res.verification.passed, res.verification.summary()
+    lowered = res.passes[1].stats["lowered"]
+    assert lowered.get("channel-shuffle/contiguous") == 1 and "channel-shuffle" not in lowered, lowered
+    x = torch.randn(1, 8, 4, 9)  # 36 pixels: the hard-coded view takes them as 6x6, as eager does
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class _ExtremaOfFeatures(nn.Module):
+    def __init__(self, dim, keepdim, largest):
+        super().__init__()
+        self.conv, self.dim, self.keepdim, self.largest = nn.Conv2d(3, 16, 3, padding=1), dim, keepdim, largest
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        reduce = torch.max if self.largest else torch.min
+        return reduce(h, self.dim, keepdim=self.keepdim)[0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dim, keepdim, largest", [(3, False, True), (2, True, True), (-1, True, False), (1, False, True)])
+def test_an_extremum_over_a_spatial_axis_of_a_lowered_value_reads_it_row_major(mode, dim, keepdim, largest):
+    """Adversary: the amax `fuse` makes of ``torch.max(h, 3)[0]`` ran 1.2-2.9x slower than the
+    max on the channels-last values lowered convs write (torch's reduction on those strides);
+    over their row-major permutation it runs 10-30x faster. Over the channels it stays amax."""
+    torch.manual_seed(0)
+    model = _ExtremaOfFeatures(dim, keepdim, largest).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 3, 8, 8),), "fuse,lower-cpu{min_macs=0}", mode=mode)
+    assert res.verification.passed, res.verification.summary()
+    rewritten = res.passes[1].stats["lowered"].get("extremum-any-layout", 0)
+    assert rewritten == (0 if dim == 1 else 1), res.passes[1].stats["lowered"]
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-5)

@@ -395,3 +395,16 @@ def test_the_weight_is_packed_for_each_call_shape_and_not_reordered_per_call(cap
     finally:
         torch.set_num_threads(threads)
     assert {key[:2] for key in conv._shaped} >= {(1, (1, 32, 32, 32)), (1, (3, 32, 32, 32)), (2, (1, 32, 32, 32))}
+
+
+def test_a_layer_called_at_ever_new_sizes_keeps_a_bounded_number_of_packs():
+    """Adversary: one pack per input shape, kept for ever, grew a server's memory by a weight
+    copy per layer and size (300 image sizes: 407 MB). The latest `MAX_PACKS` stay."""
+    weight = torch.randint(-128, 128, (64, 32, 1, 1), dtype=torch.int8)
+    conv = FloatOutputConv.pack(weight, torch.full((64,), 0.01), None, [1, 1], [0, 0], [1, 1], 1)
+    for side in range(32, 32 + 3 * float_output.MAX_PACKS):
+        q = torch.quantize_per_tensor(torch.rand(1, 32, side, side), 0.01, 3, torch.quint8)
+        y = conv.run_packed(q, False)
+        assert len(conv._shaped) <= float_output.MAX_PACKS
+    torch.testing.assert_close(y, F.conv2d(q.dequantize(), weight.float() * 0.01), rtol=1e-4, atol=1e-4)
+    assert (torch.get_num_threads(), tuple(q.shape), 3) in conv._shaped  # the latest is kept
