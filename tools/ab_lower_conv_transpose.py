@@ -15,19 +15,17 @@ torch.fx's `fuse`, ONNX Runtime (ORT_ENABLE_ALL, one thread; where installed), A
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import io
-import warnings
+import pathlib
+import sys
 from unittest import mock
 
 import torch
-import torch.fx.experimental.optimization as fx_optimization
 from torch import nn
 
-import fxopt
-from fxopt.measure import compare_latency
 from fxopt.passes.fuse import lower_cpu
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import fuse_ab  # noqa: E402  (a sibling module, not a package)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -50,51 +48,9 @@ def models() -> dict:
             "generator": (generator.eval(), (128, 4, 4))}
 
 
-def _ort(model: nn.Module, shape: tuple):
-    """The model in ONNX Runtime (ORT_ENABLE_ALL, one thread), or None where it is not installed."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    buffer = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(2, *shape),), buffer, input_names=["x"], dynamic_axes={"x": {0: "n"}},
-                      dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"x": x.numpy()})[0]
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    print("| model | batch | eager ms | torch.fx fuse ms | ORT ms | A ms (aten) | B ms (oneDNN) | B / A | B / eager "
-          "| B / ORT | B max error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, (model, shape) in models().items():
-        example = (torch.randn(2, *shape),)
-        with mock.patch.object(lower_cpu, "_conv_transpose_check", lambda view, *floor: "off"):
-            a = fxopt.optimize(model, example, "fuse,lower-cpu", verify=False).module
-        b = fxopt.optimize(model, example, "fuse,lower-cpu", verify=False).module
-        fns = {"eager": model, "torch.fx": fx_optimization.fuse(copy.deepcopy(model)), "A": a, "B": b}
-        ort = _ort(model, shape)
-        if ort is not None:
-            fns["ORT"] = ort
-        inputs = {batch: (torch.randn(batch, *shape),) for batch in (1, 16)}
-        with torch.no_grad():
-            error = max(float((b(*x) - model(*x)).abs().max()) for x in inputs.values())
-            t = compare_latency(fns, inputs, rounds=args.rounds, repeats=args.repeats)
-        for batch in inputs:
-            row = {k: t[k][batch] for k in fns}
-            ort_ms = row.get("ORT", float("nan"))
-            print(f"| {name} | {batch} | {row['eager']:.3f} | {row['torch.fx']:.3f} | {ort_ms:.3f} | {row['A']:.3f} | "
-                  f"{row['B']:.3f} | {row['B'] / row['A']:.2f} | {row['B'] / row['eager']:.2f} | "
-                  f"{row['B'] / ort_ms:.2f} | {error:.1e} |")
+def _aten_transposed():
+    return mock.patch.object(lower_cpu, "_conv_transpose_check", lambda view, *floor: "off")
 
 
 if __name__ == "__main__":
-    main()
+    fuse_ab.main(__doc__.splitlines()[0], models(), _aten_transposed, ("aten", "oneDNN"))
