@@ -91,7 +91,7 @@ def _piece_bounds(gm: torch.fx.GraphModule, node: torch.fx.Node, view, dim: int)
             step = -(-n // step)  # torch.chunk: pieces of ceil(n / chunks)
         return lambda k: (k * step, min(step, n - k * step))
     graph = gm.graph
-    with graph.inserting_before(min(node.users, key=_position)):
+    with graph.inserting_before(node.next):  # (the split goes; its readers all come after it)
         n = graph.call_method("size", (source, dim))
         if view.kind == "chunk":
             step = graph.call_function(operator.floordiv,
@@ -103,10 +103,6 @@ def _piece_bounds(gm: torch.fx.GraphModule, node: torch.fx.Node, view, dim: int)
         return start, graph.call_function(min, (step, rest))
 
     return bounds
-
-
-def _position(node: torch.fx.Node) -> int:
-    return next(i for i, n in enumerate(node.graph.nodes) if n is node)
 
 
 __all__ = ["splits_as_slices"]

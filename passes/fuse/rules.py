@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fxopt import frontend_of
 from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, is_effectful, names_a_dtype, op_view,
                       size_read, spec_for, symbolic_sizes, tensor_meta, written_base)
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
@@ -259,7 +260,7 @@ def _is_size(arg: Any, x: torch.fx.Node, axis: int) -> bool:
     if isinstance(arg, _WholeSize):
         return arg.x is x and arg.axis == axis
     if isinstance(arg, int) and not isinstance(arg, bool):
-        return arg == shape[axis] and axis not in symbolic_sizes(x) and _capture_frontend(x) == "export"
+        return arg == shape[axis] and axis not in symbolic_sizes(x) and frontend_of(x.graph.owning_module) == "export"
     read = _size_of(arg)
     if read is None:
         return False
@@ -268,12 +269,6 @@ def _is_size(arg: Any, x: torch.fx.Node, axis: int) -> bool:
         return dim % len(shape) == axis
     symbol = symbolic_sizes(x).get(axis)
     return symbol is not None and symbolic_sizes(tensor).get(dim % max(len(tensor_meta(tensor)[0]), 1)) == symbol
-
-
-def _capture_frontend(node: torch.fx.Node) -> str:
-    from fxopt import frontend_of
-
-    return frontend_of(node.graph.owning_module)
 
 
 def _reshape_sizes(view, x: torch.fx.Node, rank: int) -> list | None:

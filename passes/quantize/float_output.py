@@ -71,8 +71,8 @@ class FloatOutputConv:
     padding: list[int]
     dilation: list[int]
     groups: int
-    #: oneDNN's pack made without an input shape and checked (`_onednn_pack`): None where the
-    #: float conv computes every call; calls run the packs of `_shaped`
+    #: the oneDNN pack `_onednn_pack` checked against the float conv: None where the float conv
+    #: computes every call; calls run the packs of `_shaped` made for their own shapes
     packed: Any = field(default=None, repr=False)
     narrow: bool = False
     #: (threads, input shape, input zero point) -> oneDNN's weight packed for such calls
@@ -160,24 +160,23 @@ def int8_conv_float_output(q: torch.Tensor, conv: FloatOutputConv | torch.nn.Mod
 
 
 def _onednn_pack(conv: FloatOutputConv, narrow: bool):
-    """oneDNN's packed weight for `conv`, or None: no oneDNN int8 conv in this build, or it is
-    not within float rounding of the float conv on one input of random bytes (a wrong kernel,
-    or one that drops a weight bit on CPUs without VNNI)."""
+    """oneDNN's packed weight for `conv` (made for one input of random bytes and checked on it),
+    or None: no oneDNN int8 conv in this build, or it is not within float rounding of the float
+    conv on that input (a wrong kernel, or one that drops a weight bit on CPUs without VNNI)."""
     if not hasattr(torch.ops.onednn, "qconv_pointwise") or not torch.backends.mkldnn.is_available():
         return None
+    x = check_input(conv_check_shape(conv.weight.shape, conv.groups, conv.stride, conv.padding, conv.dilation),
+                    narrow)
     try:
-        packed = torch.ops.onednn.qconv_prepack(conv.weight, conv.scales, 1.0, 0, conv.stride, conv.padding,
-                                                conv.dilation, conv.groups, None)
-        conv.packed = packed
-        x = check_input(conv_check_shape(conv.weight.shape, conv.groups, conv.stride, conv.padding, conv.dilation),
-                        narrow)
+        computed = conv.run_packed(x, relu=False)  # (packs for the check's shape: `pack_for`)
         reference = conv.in_float(x.dequantize())
-        error = float((conv.run_packed(x, relu=False) - reference).abs().max())
     except RuntimeError:  # a geometry or CPU oneDNN's int8 conv does not take
+        conv._shaped.clear()
         return None
-    finally:
-        conv.packed = None
-    return packed if error <= 1e-4 * float(reference.abs().max()) + 1e-6 else None
+    if float((computed - reference).abs().max()) > 1e-4 * float(reference.abs().max()) + 1e-6:
+        conv._shaped.clear()
+        return None
+    return conv.pack_for(x)
 
 
 __all__ = ["FloatOutputConv", "int8_conv_float_output"]
