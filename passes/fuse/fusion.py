@@ -14,7 +14,8 @@ What it rewrites (each step can be switched off by an option):
   conv (`conv(x) + b.view(1, -1, 1, 1)`) joins the conv's bias (`conv+bias`);
 - `fold_scale`: a stored per-channel factor multiplied after a conv or linear (a layer scale:
   CaiT's and DeiT III's ``gamma * fc(x)``, ConvNeXt's ``gamma * pwconv2(x)``,
-  ``gamma[:, None, None] * conv(x)``) is folded into its weights and bias;
+  ``gamma[:, None, None] * conv(x)``) is folded into its weights and bias, and so is a number
+  multiplying or dividing their output (EDSR's residual scaling ``body(x) * 0.1``);
 - `merge_linears`: linear(linear(x)) with nothing between becomes one linear, when that does
   not cost more multiply-adds;
 - `attention`: softmax(Q Kᵀ / c [+ mask]) V and softmax(Q Kᵀ * s [+ mask]) V become
@@ -111,7 +112,7 @@ class Fuse(Pass):
         if self.fold_bias:
             wanted |= {"linear+bias", "conv+bias"}
         if self.fold_scale:
-            wanted |= {"conv+scale", "linear+scale"}
+            wanted |= {"conv+scale", "linear+scale", "conv+scale/number", "linear+scale/number"}
         if self.merge_linears:
             wanted.add("linear+linear")
         if self.attention:

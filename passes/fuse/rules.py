@@ -556,6 +556,21 @@ def _fold_linear_scale(r: Rewriter) -> torch.fx.Node | None:
     return None if scale is None else _affine_linear(r, lin, scale, None)
 
 
+def _fold_number_scale(r: Rewriter) -> torch.fx.Node | None:
+    """A conv or linear output times (or over) a number (EDSR's residual scaling
+    ``body(x) * 0.1``, a ``res_scale`` of 1): that number in every output channel's weights
+    and bias, so the conv's kernel (and an int8 one) computes the scaled value itself."""
+    c = r["c"]
+    if not _plain_number(c) or c == 0:
+        return None  # a zero factor would turn eager's inf * 0 = NaN into a zero weight's 0
+    factor = 1.0 / c if r.view("scale_op").kind == "div" else float(c)
+    if "conv" in r.match.views:
+        conv = r.view("conv")
+        return _affine_conv(r, conv, torch.full((_conv_out_channels(conv),), factor, dtype=torch.float64), None)
+    lin = r.view("linear")
+    return _affine_linear(r, lin, torch.full((lin.param("weight").shape[0],), factor, dtype=torch.float64), None)
+
+
 def _per_channel(r: Rewriter, out, axis: int, channels: int, dtype: torch.dtype) -> torch.Tensor | None:
     """The factor `r["g"]` (a stored tensor) as one float64 value per channel, when it
     broadcasts over the output `out` (tensor metadata) along `axis` alone and keeps its dtype."""
@@ -1324,6 +1339,10 @@ FOLDS = PatternSet([
                             name="add", commutative=True), rewrite=_fold_conv_shift),
     Pattern("linear+scale", Op("mul", Op("linear", Var("x"), name="linear", check=_linear_ok),
                                Var("g", check=_stored_value), commutative=True), rewrite=_fold_linear_scale),
+    Pattern("conv+scale/number", Op(("mul", "div"), Op("conv", Var("x"), name="conv", check=_conv_ok),
+                                    scalar=Const("c"), name="scale_op"), rewrite=_fold_number_scale),
+    Pattern("linear+scale/number", Op(("mul", "div"), Op("linear", Var("x"), name="linear", check=_linear_ok),
+                                      scalar=Const("c"), name="scale_op"), rewrite=_fold_number_scale),
     Pattern("linear+linear", Op("linear", Op("linear", Var("x"), name="first", check=_linear_ok), name="second",
                                 check=_linear_ok), rewrite=_merge_linears),
     Pattern("linear+bias", Op("add", Op("linear", Var("x"), name="linear", check=_no_bias),

@@ -805,6 +805,76 @@ def test_a_layer_scale_is_folded_into_its_conv_or_linear(mode):
     assert "conv+scale" not in off.passes[0].stats["matches"]
 
 
+class ScaledResidual(nn.Module):
+    """EDSR's residual scaling (``x + body(x) * 0.1``, its ``res_scale`` of 1) in the
+    spellings a number takes after a conv or linear."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.c1, self.c2 = form, nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        r = self.c2(torch.relu(self.c1(x)))
+        r = {"mul": lambda: r * 0.1, "rmul": lambda: 0.1 * r, "div": lambda: r / 4, "one": lambda: r.mul(1.0),
+             "int": lambda: r * 2}[self.form]()
+        return self.fc((x + r).mean((2, 3))) / 0.5
+
+
+@pytest.mark.parametrize("form", ["mul", "rmul", "div", "one", "int"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_number_scaling_a_conv_or_linear_is_folded_into_it(mode, form):
+    torch.manual_seed(0)
+    model = ScaledResidual(form).eval()
+    res = _run(model, torch.randn(2, 8, 6, 6), mode)
+    matches = res.passes[0].stats["matches"]
+    assert matches.get("conv+scale/number") == 1 and matches.get("linear+scale/number") == 1, matches
+    assert matches.get("conv+add") == 1, matches  # the scaled conv then takes the residual add
+    assert not {"mul", "div"} & set(_kinds(res.module))
+    x = torch.randn(3, 8, 6, 6)
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-6)
+    off = fxopt.optimize(model, (torch.randn(2, 8, 6, 6),), "fuse{fold_scale=false}", mode=mode)
+    assert "conv+scale/number" not in off.passes[0].stats["matches"]
+
+
+def test_a_zero_factor_is_not_folded():
+    """``conv(x) * 0`` is NaN where the conv gives inf; folded weights of zero would give 0."""
+    class Zero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.c(x) * 0.0
+
+    model = Zero().eval()
+    res = fxopt.optimize(model, (torch.randn(1, 2, 3, 3),), "fuse")
+    assert "conv+scale/number" not in res.passes[0].stats["matches"]
+    x = torch.full((1, 2, 3, 3), float("inf"))
+    torch.testing.assert_close(res.module(x), model(x), equal_nan=True)
+
+
+def test_a_scaled_residual_stays_one_int8_chain():
+    """The scale folded first, EDSR's blocks quantize as int8 conv + int8 add: one quantize at
+    the input (a float multiply between them cost a float-output conv and a quantize per block,
+    2.4x torch.ao's time at batch 16)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.c2(torch.relu(self.c1(x))) * 0.1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(), Block(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    calibration = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    res = fxopt.optimize(model, (calibration[0],), "fuse,quantize", calibration=calibration)
+    quantizes = [n for n in res.module.graph.nodes if "quantize_per_tensor" in str(n.target)]
+    assert len(quantizes) == 1, res.module.graph
+    assert res.verification.passed, res.summary()
+
+
 class IndexedLayerScale(nn.Module):
     """A layer scale stored as a vector and shaped in the forward: ``gamma[:, None, None]``,
     ``gamma.view(1, C, 1, 1)``, on either side of the product."""
