@@ -22,6 +22,14 @@ floor never change. The dtype judged at is the *reference's*: a candidate that l
 precision the reference had (float32 -> bfloat16) is held to float32. The report says which
 precision it judged at (``PASS (float, bfloat16: rtol=0.0312, cpu)``).
 
+**SQNR** is 10·log10(signal / noise) with the signal the reference's spread about its mean,
+Σ(ref - mean(ref))², not its power Σref²: an offset (a sigmoid's 0.5, a constant bias) carries
+nothing an error can destroy, and counted as signal it passed a probability map at 26 dB whose
+logits were at 5. The power figure is `TensorComparison.power_sqnr_db` (shown beside where the
+mean holds half the power or more). An output of fewer than `FEWEST_FOR_SPREAD` values, or one
+constant in the reference, has no spread to measure by and is judged by the power figure; under
+an SQNR floor its report says so.
+
 **Integer and bool outputs** (token ids, class indices, masks) have no scale to be relative
 to: an id off by 50 is a different token, however large the vocabulary. They are compared
 element by element, and `Tolerance.int_agreement` is the fraction of elements that must be
@@ -201,6 +209,15 @@ class TensorComparison:
     #: Whether the reference, and the candidate, hold any finite value (which side an output
     #: that compared none was NaN or infinite everywhere on).
     any_finite: tuple[bool, bool] = (True, True)
+    #: The SQNR with the signal taken as the reference's power, its mean included (sum ref²: the
+    #: textbook figure, which torch.ao's tools report). `sqnr_db`, the one judged, takes the
+    #: signal as the reference's spread about its mean where `centered` (see `compare_tensors`).
+    power_sqnr_db: float | None = None
+    #: Whether `sqnr_db` is centered: False for an output of fewer than `FEWEST_FOR_SPREAD` values
+    #: or one constant in the reference, where it is `power_sqnr_db`.
+    centered: bool = True
+    #: The mean of the reference's finite values (what a centered SQNR does not count as signal).
+    mean: float = 0.0
 
     @property
     def numel(self) -> int:
@@ -211,7 +228,15 @@ class TensorComparison:
             return f"{self.path or 'output'} {list(self.shape)} {_dtype_name(self.dtype)}: {self.mismatch_text()}"
         coarse = f" {_dtype_name(self.dtype)}" if coarse_eps(self.dtype) is not None else ""
         return (f"{self.path or 'output'} {list(self.shape)}{coarse}: max_abs={self.max_abs_error:.3g} "
-                f"max_rel={self.max_rel_error:.3g} sqnr={self.sqnr_db:.1f}dB cos={self.cosine:.6f}")
+                f"max_rel={self.max_rel_error:.3g} sqnr={self.sqnr_db:.1f}dB{self.offset_note()} cos={self.cosine:.6f}")
+
+    def offset_note(self) -> str:
+        """" (26.0dB counting its mean 0.5 as signal)" where the centered SQNR is 3 dB or more below
+        the power one (the mean holds half the power or more: a sigmoid's output), else ''."""
+        power = self.power_sqnr_db
+        if not self.centered or power is None or not math.isfinite(power) or power - self.sqnr_db < 3:
+            return ""
+        return f" ({_fmt_db(power)} counting its mean {self.mean:.3g} as signal)"
 
     def mismatch_text(self) -> str:
         """"3/4 elements differ (75%), first at (0, 2): 17000 vs 17050" for an integer tensor."""
@@ -390,6 +415,8 @@ class VerificationReport:
             elif o.ref_scale == 0 and o.finite and o.mismatches is None and self.passed:
                 text += (f"; output{' ' + o.path if o.path else ''} is 0 everywhere in the reference: a result "
                          "scaled by any factor would match it too (verify on inputs whose outputs are not all 0)")
+            elif self.tolerance.min_sqnr_db is not None and _offset_unjudged(o):
+                text += f"; {_offset_unjudged_text(o)}"
         if self.message:
             text += f"; {self.message}"
         if self.divergence is not None:
@@ -717,6 +744,23 @@ def _flip_unjudged(o: TensorComparison, tolerance: Tolerance) -> bool:
             and o.passes(tolerance))
 
 
+def _offset_unjudged(o: TensorComparison) -> bool:
+    """Whether float output `o` was judged by an SQNR that counts its mean as signal (too few
+    values, or constant: `_varies`) while it has a mean and an error, so the floor proved less."""
+    return (o.mismatches is None and not o.centered and bool(o.finite) and o.mean != 0
+            and o.max_abs_error > 0 and math.isfinite(o.sqnr_db))
+
+
+def _offset_unjudged_text(o: TensorComparison) -> str:
+    where = f"output {o.path}" if o.path else "the output"
+    if (o.finite or 0) < FEWEST_FOR_SPREAD:
+        return (f"{where} has {o.finite} value{'s' if o.finite != 1 else ''}, too few to tell an offset "
+                f"from what the model computes: its SQNR counts their mean {o.mean:.3g} as signal (verify on "
+                f"a batch with {FEWEST_FOR_SPREAD} or more output values)")
+    return (f"{where} is the same value everywhere in the reference ({o.mean:.3g}): its SQNR counts that value "
+            "as signal (verify on inputs for which the output varies)")
+
+
 def _nonfinite_text(o: TensorComparison) -> str:
     """Which side of output `o`, which compared no value, is NaN or infinite everywhere."""
     where = f"output {o.path}" if o.path else "the output"
@@ -742,7 +786,8 @@ def _why_failed(outputs: list[TensorComparison], tol: Tolerance) -> str:
     elif o.max_abs_error > tol.bound(o.ref_scale, o.dtype):
         why = f"is off by {o.max_abs_error:.3g}, above the {tol.name} bound {tol.bound(o.ref_scale, o.dtype):.3g}"
     else:
-        why = f"has SQNR {_db_below(o.sqnr_db, tol.min_sqnr_db)}, below the {tol.name} floor {tol.min_sqnr_db:g} dB"
+        why = (f"has SQNR {_db_below(o.sqnr_db, tol.min_sqnr_db)}{o.offset_note()}, below the {tol.name} floor "
+               f"{tol.min_sqnr_db:g} dB")
     return f"{where} {why}{more}"
 
 
@@ -887,7 +932,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     c = _as_float(cand).to(r.device)
     shape = tuple(ref.shape)
     if r.numel() == 0:
-        return TensorComparison(path, shape, 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype, mismatches)
+        return TensorComparison(path, shape, 0.0, 0.0, math.inf, 1.0, 0.0, ref.dtype, mismatches, power_sqnr_db=math.inf)
     compared = int((r.isfinite() & c.isfinite()).sum())  # before the shared NaN below read as zeros
     any_finite = (bool(r.isfinite().any()), bool(c.isfinite().any()))
     both_nan = r.isnan() & c.isnan()
@@ -903,13 +948,12 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     rel = torch.where(diff == 0, 0.0, diff / r.abs().clamp_min(1e-12 + 1e-3 * scale))
     max_rel = float(rel.nan_to_num(nan=math.inf).max())  # inf against -inf: inf / inf
     noise = float(error.pow(2).sum())
-    signal = float(finite.pow(2).sum())
-    if noise == 0:
-        sqnr = math.inf
-    elif signal > 0 and math.isfinite(noise):
-        sqnr = 10 * math.log10(signal / noise)
-    else:
-        sqnr = -math.inf
+    power = float(finite.pow(2).sum())
+    # the signal is the reference's spread about its mean: a sigmoid's 0.5 (a logit's constant
+    # bias) is no signal, and counted as one it passed logits quantized to 5 dB as 26 dB
+    spread = float((finite - finite.mean()).pow(2).sum()) if finite.numel() else 0.0
+    centered = _varies(finite.numel(), spread, scale, ref.dtype)
+    sqnr, power_sqnr = _db(spread if centered else power, noise), _db(power, noise)
     both = r.isfinite() & c.isfinite()
     rf, cf = r[both], c[both]
     denom = float(rf.norm() * cf.norm())
@@ -918,9 +962,31 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     else:
         cosine = float((rf @ cf) / denom) if denom > 0 and math.isfinite(noise) else 0.0
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
-        max_abs, sqnr = math.nan, -math.inf
+        max_abs, sqnr, power_sqnr = math.nan, -math.inf, -math.inf
     return TensorComparison(path, shape, max_abs, max_rel, sqnr, cosine, scale, ref.dtype, mismatches, first,
-                            compared, any_finite)
+                            compared, any_finite, power_sqnr, centered, float(finite.mean()) if finite.numel() else 0.0)
+
+
+#: The fewest values whose spread about their mean `compare_tensors` takes as an output's signal:
+#: in fewer (a batch-1 regression's one number, a box's four coordinates) the spread is incidental,
+#: and a good int8 result of [0.51, 0.49] read as 0 dB.
+FEWEST_FOR_SPREAD = 8
+
+
+def _varies(count: int, spread: float, scale: float, dtype: torch.dtype | None) -> bool:
+    """Whether `count` finite reference values whose squared deviations from their mean sum to
+    `spread` vary enough for that spread to be their signal: at least `FEWEST_FOR_SPREAD` of them,
+    spread beyond their dtype's rounding at `scale` (a constant output has none, and any error on it
+    would read as -inf dB)."""
+    eps = coarse_eps(dtype) or _FLOAT32_EPS
+    return count >= FEWEST_FOR_SPREAD and spread > count * (4 * eps * scale) ** 2
+
+
+def _db(signal: float, noise: float) -> float:
+    """10·log10(signal / noise): inf for no noise, -inf for no signal or infinite noise."""
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 and math.isfinite(noise) else -math.inf
 
 
 def _is_integer(t: torch.Tensor) -> bool:

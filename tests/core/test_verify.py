@@ -1479,3 +1479,63 @@ def test_a_model_beside_the_library_directories_is_the_users(tmp_path, monkeypat
     with tracing.GradStateReads() as reads:
         module.read()
     assert [where.split(": ")[0] for where in reads.found] == ["torch.is_grad_enabled()"]
+
+
+def _sigmoid_head_int8(calibration_scale: float) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A small MLP ending in a sigmoid, and its int8 copy calibrated on inputs `calibration_scale`
+    times the size of those it runs on (0.2: the activations clip, the logits come out at ~5 dB)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16), nn.Sigmoid()).eval()
+    x = torch.randn(64, 32)
+    calibration = [(torch.randn(64, 32) * calibration_scale,) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = fxopt.optimize(model, (x,), "quantize", calibration=calibration, verify=False).module
+    return model, int8, x
+
+
+def test_int8_sqnr_does_not_count_a_sigmoids_offset_as_signal():
+    """A sigmoid output sits around 0.5: counted as signal, that offset passed logits quantized to
+    5 dB as a 25 dB output (a YOLOv8-style detector's probability map read 26 dB where its logits
+    were at 5). The SQNR judged is of the output's spread about its mean."""
+    model, bad, x = _sigmoid_head_int8(0.2)
+    report = verify(model, bad, (x,), localize=False)
+    out = report.outputs[0]
+    assert out.centered and abs(out.mean - 0.5) < 0.02
+    assert out.power_sqnr_db > 24 and out.sqnr_db < 8  # the old figure, and the one judged now
+    assert report.verdict == "FAIL" and report.tolerance.name == "int8"
+    assert re.search(r"has SQNR \d\.\ddB \(2\d\.\ddB counting its mean 0\.\d+ as signal\), below the int8 "
+                     r"floor 20 dB", report.message)
+    # a well calibrated copy of the same model passes, well above the floor
+    model, good, x = _sigmoid_head_int8(1.0)
+    report = verify(model, good, (x,))
+    assert report.verdict == "PASS" and report.sqnr_db > 30
+
+
+def test_centered_sqnr_on_a_hand_example():
+    """The signal is the spread about the mean: for 10 values 0.5 +- 0.1 with an error of 0.01 on
+    each, 10*log10(0.01 / 1e-4) = 20 dB, where the power (mean included) reads 34.1 dB."""
+    ref = torch.tensor([0.6, 0.4] * 5, dtype=torch.float64)
+    c = compare_tensors(ref, ref + 0.01)
+    assert c.centered and c.mean == pytest.approx(0.5)
+    assert c.sqnr_db == pytest.approx(20.0, abs=1e-6)
+    assert c.power_sqnr_db == pytest.approx(10 * math.log10(0.26 / 1e-4), abs=1e-6)
+    assert "sqnr=20.0dB (34.1dB counting its mean 0.5 as signal)" in str(c)
+
+
+@pytest.mark.parametrize("ref, why", [
+    (torch.tensor([0.51, 0.49]), "has 2 values, too few to tell an offset"),  # a spread of 2 is incidental
+    (torch.full((16,), 0.7), "is the same value everywhere in the reference (0.7)"),  # none at all
+])
+def test_sqnr_counts_the_mean_where_there_is_no_spread_to_judge(ref, why):
+    """In fewer than 8 values (a batch-1 regression), or a constant output, the spread is no
+    measure of the signal: a good int8 result of [0.51, 0.49] as [0.5, 0.5] would read 0 dB, any
+    error on a constant -inf. Those are judged as before, counting the mean, and the report says so."""
+    cand = ref + torch.tensor([0.002, -0.002]).repeat(ref.numel() // 2)
+    report = verify(_Fn(lambda t: ref), _Fn(lambda t: cand), (torch.zeros(1),), tolerance="int8")
+    out = report.outputs[0]
+    assert not out.centered and out.sqnr_db == out.power_sqnr_db > 40
+    assert report.verdict == "PASS" and why in report.summary()
+    # under `float`, where no SQNR floor is judged, no such note
+    assert why not in verify(_Fn(lambda t: ref), _Fn(lambda t: ref.clone()), (torch.zeros(1),),
+                             tolerance="int8").summary()
