@@ -50,7 +50,7 @@ import threading
 import traceback
 import types
 import warnings
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Mapping
 
@@ -308,8 +308,66 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
         _blame_augmented_assignments(gm, exc)
         raise
     _check_next_call(model, gm, args, kwargs)
+    _check_global_hooks(model, gm, args, kwargs)
     _warn_grad_state_read(grad_reads)
     return gm
+
+
+def _global_forward_hooks() -> list[tuple[str, Callable]]:
+    """The global module forward hooks and pre-hooks (`nn.modules.module.register_module_forward_hook`),
+    each with its kind: they run on every module call, the graph's leaf calls included."""
+    from torch.nn.modules import module as module_impl
+
+    return ([("forward pre-hook", h) for h in module_impl._global_forward_pre_hooks.values()]
+            + [("forward hook", h) for h in module_impl._global_forward_hooks.values()])
+
+
+@contextmanager
+def _without_global_forward_hooks() -> Iterator[None]:
+    """Torch's global module forward hooks and pre-hooks off, and back on after (the same dicts)."""
+    from torch.nn.modules import module as module_impl
+
+    saved = [(d, dict(d)) for d in (module_impl._global_forward_pre_hooks, module_impl._global_forward_hooks)]
+    try:
+        for d, _ in saved:
+            d.clear()
+        yield
+    finally:
+        for d, before in saved:
+            d.clear()
+            d.update(before)
+
+
+def _check_global_hooks(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Refuse a symbolic graph whose output depends on a global module forward hook: the capture
+    check cannot see it, since the graph's call_module leaves run the hook as the model's modules
+    do, but a pass that rewrites such a call (fuse folding a ReLU into its conv) drops the hook
+    with it (api tester: a hook scaling every ReLU by 1.5 came out 0.21 off after fuse,lower-cpu).
+    The graph run without the global hooks must compute what the model with them does: a hook
+    that only looks (a logger, a profiler's) changes nothing and passes."""
+    hooks = _global_forward_hooks()
+    if not hooks:
+        return
+    state = BufferState(model, gm)
+    with torch.no_grad():
+        outputs = []
+        for run, hooked in ((model, True), (gm, False)):
+            run_args, run_kwargs = fresh_inputs(args, kwargs)
+            with same_random_draws(), (nullcontext() if hooked else _without_global_forward_hooks()):
+                outputs.append(run(*run_args, **run_kwargs))
+            state.restore()
+    try:
+        _check_same_outputs(*outputs)
+    except CaptureError as exc:
+        kind, hook = hooks[0]
+        code = getattr(hook, "__code__", None)
+        where = f" at {code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+        more = f" (and {len(hooks) - 1} more)" if len(hooks) > 1 else ""
+        # advice before the hook's file: a failed front end's reason is cut at 300 characters
+        raise CaptureError(f"a global module {kind} changes the output ({first_line(exc).split(': ')[0]}); use "
+                           "mode='export', which records it: in a symbolic graph, a pass that rewrites a module call "
+                           f"it runs on (fuse folding a ReLU) drops it ({kind} "
+                           f"{getattr(hook, '__name__', type(hook).__name__)}{more}{where})") from None
 
 
 def _check_next_call(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> None:

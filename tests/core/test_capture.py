@@ -2055,3 +2055,36 @@ def test_a_model_holding_a_torchscript_submodule_is_captured_and_verified(mode):
     gm = capture(model, x, mode=mode)
     torch.testing.assert_close(gm(x), model(x))
     assert fxopt.verify(model, model, x).passed
+
+
+def _scale_relus(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    return output * 1.5 if isinstance(module, nn.ReLU) else None
+
+
+def test_a_global_forward_hook_that_changes_the_output_is_not_traced_symbolically():
+    """A global module forward hook runs on the symbolic graph's leaf calls too, so the capture
+    check passed, and fuse then folded the ReLU into its conv and dropped the hook: 0.21 off
+    (api tester). auto now takes export, which records what the hook computes; symbolic refuses
+    naming the hook; a hook that only looks keeps the symbolic graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(512, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    handle = torch.nn.modules.module.register_module_forward_hook(_scale_relus)
+    try:
+        expected = model(x)
+        res = fxopt.optimize(model, (x,), "fuse")
+        assert res.frontend == "export" and res.verification.verdict == "PASS"
+        torch.testing.assert_close(res.module(x), expected)
+        with pytest.raises(CaptureError, match=r"a global module forward hook changes the output \(output 0 differs "
+                                               r"from the model by [\d.]+\); use mode='export'.*\(forward hook "
+                                               r"_scale_relus at .*test_capture\.py:\d+\)"):
+            capture(model, (x,), mode="symbolic")
+    finally:
+        handle.remove()
+    logger = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: None)
+    try:
+        assert frontend_of(capture(model, (x,))) == "symbolic"
+    finally:
+        logger.remove()
+    assert not torch.nn.modules.module._global_forward_hooks  # the check put back only what was there
