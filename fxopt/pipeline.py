@@ -25,6 +25,10 @@ def split_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
     """Parse pipeline text into (pass name, raw option strings) pairs, checking syntax only."""
     steps = []
     chunks = _split_top_level(text, ",", where=text)
+    if len(chunks) > 1 and not any(c.strip() for c in chunks):
+        # (a leading or trailing comma is let through for text joined from parts; here no part has a pass)
+        raise PipelineError(f"pipeline '{text}' has commas and no pass: for an empty pipeline (capture and "
+                            "verify only) give ''")
     for position, chunk in enumerate(chunks, 1):
         chunk = chunk.strip()
         if not chunk:

@@ -139,6 +139,16 @@ def test_whitespace_and_empty_items():
         split_pipeline("fuse,,dce")   # was dropped silently
 
 
+@pytest.mark.parametrize("text", [",", " , ", ",,"])
+def test_commas_without_a_pass_are_refused_not_read_as_an_empty_pipeline(text):
+    """',' ran an empty pipeline (capture and verify, nothing optimized) while 'fuse,,dce' was
+    refused (api tester): a pipeline of commas alone is a typo too; '' stays the empty pipeline."""
+    with pytest.raises(PipelineError, match=r"has commas and no pass: for an empty pipeline \(capture and verify "
+                                            r"only\) give ''"):
+        split_pipeline(text)
+    assert parse_pipeline("") == [] and [p.name for p in parse_pipeline("dce,")] == ["dce"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("test-tunable{ignore=[a,[b]]}", r"pass 'test-tunable' option 'ignore': an item of \[a,\[b\]\] holds a bracket: "
                                      r"lists do not nest; quote an item that holds one"),
