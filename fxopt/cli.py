@@ -179,6 +179,10 @@ def _build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--out", "-o", required=True, help="output directory")
 
     sub.add_parser("passes", help="list registered passes and their options")
+    for command, command_parser in sub.choices.items():
+        # the checks after parsing report on the command's parser: its usage line names the flag
+        # at fault, where the top-level one reads 'fxopt [-h] {optimize,dump,passes} ...'
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -238,10 +242,11 @@ def _threads_in_reach(parser: argparse.ArgumentParser, threads: int | None) -> N
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    _writable_dir(parser, "--dump", getattr(args, "dump", None))
-    _writable_dir(parser, "--out", getattr(args, "out", None))
-    _writable_file(parser, "--save", getattr(args, "save", None))
-    _threads_in_reach(parser, getattr(args, "threads", None))
+    usage = args.command_parser
+    _writable_dir(usage, "--dump", getattr(args, "dump", None))
+    _writable_dir(usage, "--out", getattr(args, "out", None))
+    _writable_file(usage, "--save", getattr(args, "save", None))
+    _threads_in_reach(usage, getattr(args, "threads", None))
     try:
         if args.command == "passes":
             return _cmd_passes()

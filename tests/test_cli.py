@@ -144,6 +144,8 @@ def test_more_threads_than_cpus_is_a_usage_error_before_any_work(user_model_modu
     assert "argument" not in (err := capsys.readouterr().err)  # (not argparse's type error: ours, after parsing)
     assert "--threads 3: this process may use 2 CPUs; give at most 2" in err
     assert "factory exploded" not in err  # MODEL was not loaded
+    # the optimize command's usage, as for argparse's own errors (it printed 'fxopt [-h] {optimize,...}')
+    assert err.startswith("usage: fxopt optimize [-h]") and "fxopt optimize: error: --threads 3" in err
 
 
 def test_an_output_directory_that_is_a_file_is_a_usage_error(user_model_module, capsys, tmp_path):
