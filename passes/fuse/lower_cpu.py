@@ -28,6 +28,10 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   `torch.channel_shuffle(x, g)`, which keeps the channels-last layout of the convs around it
   and copies once, where the reshapes copied to row-major and back (16x116x28x28: 0.34 vs
   12 ms, one thread);
+- a 2-D max/avg pool or nearest/bilinear resize of a row-major 4-D float32 value of 8
+  channels or more -> the same op on a channels-last copy (`_faster_channels_last`): torch's
+  row-major kernels for them run 10-40x slower than its channels-last ones (4x64x48x48
+  max_pool2d k2: 13.3 vs 0.34 ms, one thread);
 - ``index_add(y, 1, idx, x)`` of 4-D values (where prune writes a narrowed block output into a
   residual stream) -> `index_add_channels`, the same scatter over the (N*H*W, C) view of the
   channels-last tensors lowered convs return: torch's kernel is 4x slower on the 4-D
@@ -43,7 +47,9 @@ a `ConvByBatch` call, a switch on the batch size at run time: the aten conv + ac
 the `fuse` path at batch 1 (where a oneDNN call, which builds a primitive descriptor each
 time, ~45 us, costs more than it saves), oneDNN from the batch where it pays (2 for a k x k
 conv, whose aten kernel loops over samples; 2 x `min_macs` MACs per call for a 1x1). See
-`lowering_batch` for the per-layer measurements; `by_batch=false` turns the switch off.
+`lowering_batch` for the per-layer measurements; `by_batch=false` turns the switch off. The
+switch's aten branch runs on channels-last values too (as fast, with a channels-last copy of
+the weight), so what follows a small conv is channels-last at every batch size.
 
 Weights stay dense graph tensors; a call of a `WeightPacks` submodule, ``packs(weight, x)``,
 hands oneDNN the weight reordered into its blocked layout (`mkldnn._reorder_convolution_weight`
@@ -252,7 +258,8 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
 class ConvByBatch(torch.nn.Module):
     """conv1d/2d/3d (+ `other`) + post-op: oneDNN from `min_batch` samples, aten below (see
     `lowering_batch`). Both paths compute what the `fuse` graph does, the aten one with the
-    very same kernels. A module, not a function: fx keeps a module call a leaf when it re-traces
+    same aten kernels on channels-last values (as fast; the pools and upsamples after it are
+    10-40x faster there). A module, not a function: fx keeps a module call a leaf when it re-traces
     the graph (torch.load does), and this forward branches on the batch size. `packs.conv_args`
     are oneDNN's (a conv1d's lifted to 2-D, `lift_1d`)."""
 
@@ -265,6 +272,7 @@ class ConvByBatch(torch.nn.Module):
         self.packs = packs
         self.padding, self.stride, self.dilation, self.groups = packs.conv_args
         self.attr, self.scalars, self.algorithm, self.min_batch = attr, scalars, algorithm, min_batch
+        self._channels_last_weight: tuple | None = None  # (source, version, copy): `_aten_weight`
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 other: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,11 +294,34 @@ class ConvByBatch(torch.nn.Module):
             if other_l.shape == y.shape or torch.broadcast_shapes(y.shape, other_l.shape) == y.shape:
                 return y.squeeze(2) if lifted else y
         drop = 1 if lifted else 0  # aten's conv1d takes the 1-D arguments
+        if x.dim() == 4:  # channels-last as the oneDNN branch: aten's conv runs as fast on it and
+            # keeps it, so the pools and upsamples after it do not run on row-major values
+            x = x.contiguous(memory_format=torch.channels_last)
+            weight = self._aten_weight(weight)
         conv = (torch.conv1d, torch.conv2d, torch.conv3d)[x.dim() - 3]
         y = conv(x, weight, bias, self.stride[drop:], self.padding[drop:], self.dilation[drop:], self.groups)
         if other is not None:  # out of place where eager's add promotes the dtype or broadcasts
             y = y.add_(other) if other.shape == y.shape and other.dtype == y.dtype else y + other
         return _eager_post_op(y, self.attr, self.scalars, self.algorithm)
+
+    def _aten_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` channels-last, kept while its values are the same (`WeightPacks.get`'s key):
+        aten's conv copies a row-major weight to the input's layout inside every call (256x256x3x3
+        at 7x7: 0.90 ms with the copy, 0.55 ms without, 0.62 ms all row-major; one thread)."""
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight.contiguous(memory_format=torch.channels_last)  # (differentiable)
+        version = -1 if weight.is_inference() else weight._version
+        held = self._channels_last_weight
+        if held is None or held[0].data_ptr() != weight.data_ptr() or held[1] != version:
+            # the source is held, so its address names no other tensor while the copy is kept
+            held = (weight.detach(), version, weight.detach().contiguous(memory_format=torch.channels_last))
+            self._channels_last_weight = held
+        return held[2]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_channels_last_weight"] = None  # derived data, rebuilt on use
+        return state
 
     def extra_repr(self) -> str:
         return f"attr={self.attr}, min_batch={self.min_batch}"
@@ -607,6 +638,10 @@ class _Lowering:
         annotate(out, fused=label, lowered=f"mkldnn from batch {min_batch}")
         return out
 
+    def spatial_channels_last(self, r: Rewriter) -> torch.fx.Node:
+        """The pool or upsample reading its input's channels-last copy (`_faster_channels_last`)."""
+        return r.copy(r.match.root, {r["x"]: self.channels_last(r, r["x"])})
+
     def linear(self, r: Rewriter) -> torch.fx.Node | None:
         view = r.view("linear")
         act = r.match.views.get("act")
@@ -714,6 +749,9 @@ def lowering_patterns(state: _Lowering, conv: bool = True, linear: bool = False)
             Pattern("conv", conv_op(), rewrite=state.conv),
         ]
     table += list(rules.CHANNEL_SHUFFLE)  # (one copy that keeps the lowered convs' channels-last layout)
+    table.append(Pattern("spatial-channels-last", Op(_FASTER_CHANNELS_LAST, Var("x"), name="spatial",
+                                                     check=_faster_channels_last),
+                         rewrite=state.spatial_channels_last))
     table.append(Pattern("extremum-any-layout", Op(("amax", "amin"), Var("x"), name="reduce", check=_one_spatial_axis),
                          rewrite=_extremum_any_layout))
     if linear:
@@ -851,6 +889,54 @@ def _tensor_inputs(placeholders: list[torch.fx.Node]) -> list[tuple[torch.fx.Nod
 def _rank_checked(node: torch.fx.Node) -> bool:
     """Whether `node` already has a `require_rank` call (lower-cpu run twice)."""
     return any(u.op == "call_function" and u.target is require_rank for u in node.users)
+
+
+#: Ops whose aten kernels run several times faster on channels-last values than on row-major
+#: ones, a copy to channels-last included (one thread, 4x64x48x48: max_pool2d k2 13.3 vs
+#: 0.34 ms, avg_pool2d k3 s1 26.4 vs 0.73, nearest x2 10.0 vs 1.2, bilinear x2 11.9 vs 1.2;
+#: 2x256x7x7 0.17-0.50x with the copy). Not adaptive pools (1.2-5x slower with the copy),
+#: bicubic (even) nor antialiased resizes (1.3x slower).
+_FASTER_CHANNELS_LAST = ("max_pool", "avg_pool", "interpolate")
+#: Fewer channels than this gain nothing from channels-last: an RGB image's 3 run 1.2-6.7x
+#: slower there (1x3x224x224, copy included); 8 channels at 32x32 0.38-0.94x.
+MIN_CHANNELS_LAST_CHANNELS = 8
+#: The interpolate modes of `_FASTER_CHANNELS_LAST`, and export's ATen ops for them.
+_RESIZES_FASTER_CHANNELS_LAST = frozenset({"nearest", "nearest-exact", "bilinear"})
+_ATEN_RESIZE_MODES = {"upsample_nearest2d": "nearest", "_upsample_nearest_exact2d": "nearest-exact",
+                      "upsample_bilinear2d": "bilinear"}
+
+
+def _resize_mode(view) -> str | None:
+    """The mode of an interpolate (F.interpolate, nn.Upsample, export's ATen upsample op)."""
+    node = view.node
+    if view.attrs.get("antialias"):
+        return None
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(str(node.target))
+        return getattr(module, "mode", None)
+    if "mode" in view.attrs:
+        return view.attrs["mode"]
+    name = getattr(getattr(node.target, "overloadpacket", None), "__name__", None)
+    return _ATEN_RESIZE_MODES.get(name)
+
+
+def _faster_channels_last(view) -> bool | str:
+    """A 2-D pool or nearest/bilinear resize of a 4-D float32 value of `MIN_CHANNELS_LAST_CHANNELS`
+    channels or more that the lowering does not already make channels-last."""
+    x = view.input
+    meta = tensor_meta(x) if isinstance(x, torch.fx.Node) else None
+    if meta is None or len(meta[0]) != 4 or meta[1] != torch.float32:
+        return "not a 4-D float32 value"
+    if meta[0][1] < MIN_CHANNELS_LAST_CHANNELS:
+        return f"{meta[0][1]} channels: row-major is as fast"
+    if view.kind == "interpolate" and _resize_mode(view) not in _RESIZES_FASTER_CHANNELS_LAST:
+        return "a resize mode with no faster channels-last kernel"
+    if view.kind == "max_pool" and view.node.kwargs.get("return_indices"):
+        return "returns indices"
+    gm = x.graph.owning_module
+    if (x.op == "call_method" and x.target == "contiguous") or _is_lowered_conv(x) or _is_conv_switch(gm, x):
+        return "its input is channels-last already"
+    return True
 
 
 def _reduced_axis(view) -> int | None:

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxopt
 from fxopt.examples import zoo
-from fxopt.passes.fuse.lower_cpu import MIN_MACS, WeightPacks
+from fxopt.passes.fuse.lower_cpu import MIN_MACS, ConvByBatch, WeightPacks
 from fxopt.patterns import annotations
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -231,8 +231,9 @@ def test_small_dense_convs_switch_to_onednn_by_batch():
             continue
         x1 = torch.randn(1, 8, size, size)
         out, ops = _ran(res.module, x1)
-        assert not any("mkldnn" in op for op in ops), "batch 1 stays on the fuse path"
-        assert torch.equal(out, fused(x1)), "with the very same kernels"
+        assert not any("mkldnn" in op for op in ops), "batch 1 stays on aten's kernels"
+        assert ops.count("aten.convolution") == 1, ops
+        torch.testing.assert_close(out, fused(x1), rtol=1e-5, atol=1e-6)  # (on channels-last values)
         first = int(switch[0][1].rsplit(" ", 1)[1])
         xs = torch.randn(first, 8, size, size)
         out, ops = _ran(res.module, xs)
@@ -255,15 +256,17 @@ def test_cost_rule_says_why_in_the_pattern_report():
 
 def test_digits_runs_the_fuse_kernels_at_batch_1_and_onednn_from_batch_2():
     """Every digits conv is below `min_macs` per sample: batch 1 must not get slower than `fuse`
-    (the same kernels run), a batch of 16 gets oneDNN (1.5x faster measured, docs/benchmarks.md)."""
+    (aten's kernels run, on channels-last values), a batch of 16 gets oneDNN (1.5x faster
+    measured, docs/benchmarks.md)."""
     model, example = zoo.get("digits", batch=16)
     fused = fxopt.optimize(model, example, "fuse", mode="export", verify=False).module
     lowered = fxopt.optimize(model, example, "fuse,lower-cpu", mode="export", verify=False).module
     assert _lowered(lowered) == [] and {when for _, when in _switches(lowered)} == {"mkldnn from batch 2"}
     x1 = example[0][:1]
     (ref, fused_ops), (out, lowered_ops) = _ran(fused, x1), _ran(lowered, x1)
-    same_kernel = lambda ops: [op.rstrip("_") for op in ops]  # noqa: E731 (relu_ on a fresh output = relu)
-    assert same_kernel(lowered_ops) == same_kernel(fused_ops) and torch.equal(out, ref)
+    assert not any("mkldnn" in op for op in lowered_ops)
+    assert lowered_ops.count("aten.convolution") == fused_ops.count("aten.convolution") == len(_switches(lowered))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     out, ops = _ran(lowered, example[0])
     assert ops.count("mkldnn._convolution_pointwise") == len(_switches(lowered))
     torch.testing.assert_close(out, fused(example[0]), rtol=1e-4, atol=1e-4)
@@ -273,7 +276,10 @@ def test_by_batch_false_leaves_small_convs_on_the_fuse_path():
     model, example = zoo.get("digits", batch=16)
     fused = fxopt.optimize(model, example, "fuse", mode="export", verify=False).module
     lowered = fxopt.optimize(model, example, "fuse,lower-cpu{by_batch=false}", mode="export", verify=False).module
-    assert [n.target for n in lowered.graph.nodes] == [n.target for n in fused.graph.nodes]
+    # the same graph, but for the pool's channels-last copy (`_faster_channels_last`) and the
+    # contiguous output
+    assert [n.target for n in lowered.graph.nodes if n.target != "contiguous"] \
+        == [n.target for n in fused.graph.nodes]
 
 
 def test_bad_min_macs_is_refused_naming_the_option():
@@ -864,3 +870,83 @@ def test_an_extremum_over_a_spatial_axis_of_a_lowered_value_reads_it_row_major(m
     assert rewritten == (0 if dim == 1 else 1), res.passes[1].stats["lowered"]
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-5)
+
+
+class PoolsAndResizes(nn.Module):
+    """Pools and resizes of a row-major value (a graph input of 8 channels) and of a 3-channel
+    one, in the modes `_faster_channels_last` takes and in those it leaves."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)
+
+    def forward(self, x, rgb):
+        return (self.pool(x), F.avg_pool2d(x, 3, 1, 1), F.interpolate(x, scale_factor=2), self.up(x),
+                F.interpolate(x, size=(5, 5), mode="bicubic"), F.adaptive_avg_pool2d(x, 3), F.max_pool2d(rgb, 2),
+                F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+def test_pools_and_resizes_read_a_channels_last_copy(mode):
+    """torch's row-major max/avg pool and nearest/bilinear kernels run 10-40x slower than its
+    channels-last ones (docs/benchmarks.md, "Pools and upsamples on channels-last values"):
+    those ops of 8 channels or more read a channels-last copy; bicubic, antialiased and adaptive
+    ones and a 3-channel image stay, and every output is eager's, row-major."""
+    torch.manual_seed(0)
+    model = PoolsAndResizes().eval()
+    inputs = (torch.randn(2, 8, 12, 12), torch.randn(2, 3, 12, 12))
+    res = fxopt.optimize(model, inputs, "lower-cpu", mode=mode)
+    assert res.passes[0].stats["lowered"] == {"spatial-channels-last": 4}, res.passes[0].stats
+    copies = [n for n in res.module.graph.nodes if n.target == "contiguous" and n.kwargs.get("memory_format")]
+    assert len(copies) == 1, "one copy of x serves the four ops"
+    other = (torch.randn(3, 8, 12, 12), torch.randn(3, 3, 12, 12))
+    for got, want in zip(res.module(*other), model(*other)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert got.is_contiguous()
+
+
+def test_a_small_convs_batch_switch_keeps_values_channels_last_at_batch_1():
+    """Below its batch the switch runs aten's conv on a channels-last copy, so what follows
+    (a max pool here) runs channels-last too, as after the oneDNN branch: a SqueezeNet at batch 1
+    ran its pools row-major (0.45x the time now, tools/ab_channels_last.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 4, 1)).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 8, 16, 16),), "fuse,lower-cpu", mode="symbolic")
+    assert len(_switches(res.module)) == 2
+    layouts = {}
+
+    class Layouts(torch.fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            out = super().call_module(target, args, kwargs)
+            if isinstance(self.module.get_submodule(target), ConvByBatch):
+                layouts[target] = out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+            return out
+
+    x1 = torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        out = Layouts(res.module).run(x1)
+    assert len(layouts) == 2 and all(layouts.values()), layouts
+    torch.testing.assert_close(out, model(x1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_switchs_channels_last_weight_follows_the_weights_values():
+    """The aten branch keeps a channels-last copy of its weight (aten copies a row-major one in
+    every call on channels-last input); new values, in place or a new tensor, are read."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()).eval()
+    gm = fxopt.optimize(model, (torch.randn(2, 8, 8, 8),), "lower-cpu", mode="symbolic").module
+    assert len(_switches(gm)) == 1
+    x1 = torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x1), model(x1), rtol=1e-4, atol=1e-5)
+        weight = next(p for p in gm.parameters() if p.dim() == 4)
+        weight.mul_(-1)  # in place: the version counter moves
+        model[0].weight.mul_(-1)
+        torch.testing.assert_close(gm(x1), model(x1), rtol=1e-4, atol=1e-5)
+    state = {k: torch.randn_like(v) for k, v in gm.state_dict().items()}
+    gm.load_state_dict(state)
+    model[0].load_state_dict({"weight": state[next(k for k in state if state[k].dim() == 4)],
+                              "bias": state[next(k for k in state if state[k].dim() == 1)]})
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x1), model(x1), rtol=1e-4, atol=1e-5)
