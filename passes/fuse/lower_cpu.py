@@ -48,8 +48,9 @@ the `fuse` path at batch 1 (where a oneDNN call, which builds a primitive descri
 time, ~45 us, costs more than it saves), oneDNN from the batch where it pays (2 for a k x k
 conv, whose aten kernel loops over samples; 2 x `min_macs` MACs per call for a 1x1). See
 `lowering_batch` for the per-layer measurements; `by_batch=false` turns the switch off. The
-switch's aten branch runs on channels-last values too (as fast, with a channels-last copy of
-the weight), so what follows a small conv is channels-last at every batch size.
+switch's aten branch runs in the layout fastest for its layer (`ConvByBatch._aten_layout`):
+channels-last for a k x k conv of 16 input channels or more, so what follows it is
+channels-last at every batch size.
 
 Weights stay dense graph tensors; a call of a `WeightPacks` submodule, ``packs(weight, x)``,
 hands oneDNN the weight reordered into its blocked layout (`mkldnn._reorder_convolution_weight`
@@ -258,8 +259,7 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
 class ConvByBatch(torch.nn.Module):
     """conv1d/2d/3d (+ `other`) + post-op: oneDNN from `min_batch` samples, aten below (see
     `lowering_batch`). Both paths compute what the `fuse` graph does, the aten one with the
-    same aten kernels on channels-last values (as fast; the pools and upsamples after it are
-    10-40x faster there). A module, not a function: fx keeps a module call a leaf when it re-traces
+    same aten kernels, in the layout fastest for the layer (`_aten_layout`). A module, not a function: fx keeps a module call a leaf when it re-traces
     the graph (torch.load does), and this forward branches on the batch size. `packs.conv_args`
     are oneDNN's (a conv1d's lifted to 2-D, `lift_1d`)."""
 
@@ -267,12 +267,17 @@ class ConvByBatch(torch.nn.Module):
     # why fxopt.save refuses it (read by serialize._save_module)
     save_advice = _SAVE_ADVICE
 
-    def __init__(self, packs: "WeightPacks", attr: str, scalars: list, algorithm: str, min_batch: int) -> None:
+    def __init__(self, packs: "WeightPacks", attr: str, scalars: list, algorithm: str, min_batch: int,
+                 weight_shape: tuple[int, ...] = (1, 1, 1, 1)) -> None:
         super().__init__()
         self.packs = packs
         self.padding, self.stride, self.dilation, self.groups = packs.conv_args
         self.attr, self.scalars, self.algorithm, self.min_batch = attr, scalars, algorithm, min_batch
-        self._channels_last_weight: tuple | None = None  # (source, version, copy): `_aten_weight`
+        self._channels_last_weight: tuple | None = None  # (source, version, copy): `_channels_last`
+        #: the input layout of the aten branch (`_aten_layout`): "channels_last", "row_major" or
+        #: "any", from the weight's shape (out, in / groups, *kernel)
+        self.input_layout = "any" if set(weight_shape[2:]) == {1} else \
+            "channels_last" if weight_shape[1] * self.groups >= 16 else "row_major"
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 other: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,22 +299,31 @@ class ConvByBatch(torch.nn.Module):
             if other_l.shape == y.shape or torch.broadcast_shapes(y.shape, other_l.shape) == y.shape:
                 return y.squeeze(2) if lifted else y
         drop = 1 if lifted else 0  # aten's conv1d takes the 1-D arguments
-        if x.dim() == 4:  # channels-last as the oneDNN branch: aten's conv runs as fast on it and
-            # keeps it, so the pools and upsamples after it do not run on row-major values
-            x = x.contiguous(memory_format=torch.channels_last)
-            weight = self._aten_weight(weight)
+        if x.dim() == 4 and not (torch.is_grad_enabled() and weight.requires_grad):
+            x, weight = self._aten_layout(x, weight)
         conv = (torch.conv1d, torch.conv2d, torch.conv3d)[x.dim() - 3]
         y = conv(x, weight, bias, self.stride[drop:], self.padding[drop:], self.dilation[drop:], self.groups)
         if other is not None:  # out of place where eager's add promotes the dtype or broadcasts
             y = y.add_(other) if other.shape == y.shape and other.dtype == y.dtype else y + other
         return _eager_post_op(y, self.attr, self.scalars, self.algorithm)
 
-    def _aten_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def _aten_layout(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, weight) in the layout aten's conv runs this layer fastest in, at batch 1, one
+        thread: a k x k conv reading 16 channels or more channels-last (0.68-0.84x the row-major
+        time from 16 to 64 channels), fewer row-major (3->16 at 64x64: 3.9x slower
+        channels-last, 8->8 at 32x32: 2x); a 1x1 in the layout it gets (0.93-1.27x). The weight
+        follows a channels-last input: aten copies a row-major one inside every call there."""
+        if self.input_layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif self.input_layout == "row_major":
+            x = x.contiguous()
+        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return x, weight
+        return x, self._channels_last(weight)
+
+    def _channels_last(self, weight: torch.Tensor) -> torch.Tensor:
         """`weight` channels-last, kept while its values are the same (`WeightPacks.get`'s key):
-        aten's conv copies a row-major weight to the input's layout inside every call (256x256x3x3
-        at 7x7: 0.90 ms with the copy, 0.55 ms without, 0.62 ms all row-major; one thread)."""
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return weight.contiguous(memory_format=torch.channels_last)  # (differentiable)
+        256x256x3x3 at 7x7 runs in 0.90 ms with aten's copy inside the call, 0.55 ms without."""
         version = -1 if weight.is_inference() else weight._version
         held = self._channels_last_weight
         if held is None or held[0].data_ptr() != weight.data_ptr() or held[1] != version:
@@ -630,7 +644,8 @@ class _Lowering:
         weight = r.param(_view_name(r, view), "weight")
         other = r["other"] if "other" in r.match.nodes else None
         attr, scalars, algo = ("none" if act is None else "relu", [], "") if other is not None else post
-        name = _add_submodule(r.gm, f"{r.match.root.name}_by_batch", ConvByBatch(packs, attr, scalars, algo, min_batch))
+        switch = ConvByBatch(packs, attr, scalars, algo, min_batch, tuple(view.param("weight").shape))
+        name = _add_submodule(r.gm, f"{r.match.root.name}_by_batch", switch)
         with r.graph.inserting_before(r.match.root):
             out = r.graph.call_module(name, (r["x"], weight, bias, other))
         r.new_nodes.append(out)
