@@ -259,23 +259,23 @@ def lowering_batch(view, min_macs: int, by_batch: bool = True) -> int | str:
 class ConvByBatch(torch.nn.Module):
     """conv1d/2d/3d (+ `other`) + post-op: oneDNN from `min_batch` samples, aten below (see
     `lowering_batch`). Both paths compute what the `fuse` graph does, the aten one with the
-    same aten kernels, in the layout fastest for the layer (`_aten_layout`). A module, not a function: fx keeps a module call a leaf when it re-traces
-    the graph (torch.load does), and this forward branches on the batch size. `packs.conv_args`
-    are oneDNN's (a conv1d's lifted to 2-D, `lift_1d`)."""
+    same aten kernels, in the layout fastest for the layer (`_aten_layout`). A module, not a
+    function: fx keeps a module call a leaf when it re-traces the graph (torch.load does), and
+    this forward branches on the batch size. `packs.conv_args` are oneDNN's (a conv1d's lifted
+    to 2-D, `lift_1d`); `weight_shape` is the weight's, (out, in / groups, *kernel)."""
 
     inference_only = True  # the oneDNN branch has no backward: `distill` refuses to train through it
     # why fxopt.save refuses it (read by serialize._save_module)
     save_advice = _SAVE_ADVICE
 
     def __init__(self, packs: "WeightPacks", attr: str, scalars: list, algorithm: str, min_batch: int,
-                 weight_shape: tuple[int, ...] = (1, 1, 1, 1)) -> None:
+                 weight_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.packs = packs
         self.padding, self.stride, self.dilation, self.groups = packs.conv_args
         self.attr, self.scalars, self.algorithm, self.min_batch = attr, scalars, algorithm, min_batch
         self._channels_last_weight: tuple | None = None  # (source, version, copy): `_channels_last`
-        #: the input layout of the aten branch (`_aten_layout`): "channels_last", "row_major" or
-        #: "any", from the weight's shape (out, in / groups, *kernel)
+        #: the input layout of the aten branch (`_aten_layout`): "channels_last", "row_major" or "any"
         self.input_layout = "any" if set(weight_shape[2:]) == {1} else \
             "channels_last" if weight_shape[1] * self.groups >= 16 else "row_major"
 
@@ -948,9 +948,10 @@ def _faster_channels_last(view) -> bool | str:
         return "a resize mode with no faster channels-last kernel"
     if view.kind == "max_pool" and view.node.kwargs.get("return_indices"):
         return "returns indices"
-    gm = x.graph.owning_module
-    if (x.op == "call_method" and x.target == "contiguous") or _is_lowered_conv(x) or _is_conv_switch(gm, x):
-        return "its input is channels-last already"
+    # (a batch switch's result may be either layout at run time: its copy costs nothing where it
+    # is channels-last; a `contiguous` call is left as it is, a layout copy or the user's)
+    if (x.op == "call_method" and x.target == "contiguous") or _is_lowered_conv(x):
+        return "its input is a lowered conv's result or a contiguous() copy"
     return True
 
 
