@@ -5,8 +5,8 @@ A: `fuse,lower-cpu` as it was before this change: a small dense conv's batch swi
 graph input on everything stayed row-major up to the first always-lowered conv, and the
 pools and upsamples there ran torch's row-major kernels, 10-40x slower than its channels-last
 ones on this build (max_pool2d k2 on 4x64x48x48: 13.3 vs 0.34 ms, one thread). B: the switch
-runs aten's conv in the layout fastest for its layer (channels-last for a k x k conv of 16
-input channels or more: `ConvByBatch._aten_layout`), and a 2-D pool or
+runs aten's conv in the layout fastest for its layer (channels-last for a k x k conv reading
+and writing 32 channels or more: `ConvByBatch._aten_layout`), and a 2-D pool or
 nearest/bilinear resize of 8 channels or more reads a channels-last copy of a row-major
 input (`passes/fuse/lower_cpu.py`, `_faster_channels_last`). Models: a SqueezeNet (fire
 modules, max pools), a small stacked-hourglass-style net (max pools, nearest upsamples), a

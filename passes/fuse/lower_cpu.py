@@ -49,7 +49,7 @@ time, ~45 us, costs more than it saves), oneDNN from the batch where it pays (2 
 conv, whose aten kernel loops over samples; 2 x `min_macs` MACs per call for a 1x1). See
 `lowering_batch` for the per-layer measurements; `by_batch=false` turns the switch off. The
 switch's aten branch runs in the layout fastest for its layer (`ConvByBatch._aten_layout`):
-channels-last for a k x k conv of 16 input channels or more, so what follows it is
+channels-last for a k x k conv reading and writing 32 channels or more, so what follows it is
 channels-last at every batch size.
 
 Weights stay dense graph tensors; a call of a `WeightPacks` submodule, ``packs(weight, x)``,
@@ -277,7 +277,7 @@ class ConvByBatch(torch.nn.Module):
         self._channels_last_weight: tuple | None = None  # (source, version, copy): `_channels_last`
         #: the input layout of the aten branch (`_aten_layout`): "channels_last", "row_major" or "any"
         self.input_layout = "any" if set(weight_shape[2:]) == {1} else \
-            "channels_last" if weight_shape[1] * self.groups >= 16 else "row_major"
+            "channels_last" if min(weight_shape[0], weight_shape[1] * self.groups) >= MIN_CHANNELS_LAST_CONV else "row_major"
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 other: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,10 +309,11 @@ class ConvByBatch(torch.nn.Module):
 
     def _aten_layout(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, weight) in the layout aten's conv runs this layer fastest in, at batch 1, one
-        thread: a k x k conv reading 16 channels or more channels-last (0.68-0.84x the row-major
-        time from 16 to 64 channels), fewer row-major (3->16 at 64x64: 3.9x slower
-        channels-last, 8->8 at 32x32: 2x); a 1x1 in the layout it gets (0.93-1.27x). The weight
-        follows a channels-last input: aten copies a row-major one inside every call there."""
+        thread: a k x k conv reading and writing `MIN_CHANNELS_LAST_CONV` channels or more
+        channels-last (32->32 at 8x8 to 32x32 and 64->64: 0.54-0.77x the row-major time), fewer
+        row-major (3->16 at 64x64: 3.9x slower channels-last, 8->8 at 32x32: 2x, 16->2: 1.7x;
+        16->16 0.69-1.24x by size); a 1x1 in the layout it gets (0.93-1.27x). The weight follows a channels-last input: aten copies a row-major one
+        inside every call there."""
         if self.input_layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         elif self.input_layout == "row_major":
@@ -322,8 +323,10 @@ class ConvByBatch(torch.nn.Module):
         return x, self._channels_last(weight)
 
     def _channels_last(self, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` channels-last, kept while its values are the same (`WeightPacks.get`'s key):
-        256x256x3x3 at 7x7 runs in 0.90 ms with aten's copy inside the call, 0.55 ms without."""
+        """`weight` channels-last, kept while its values are the same (`WeightPacks.get`'s key,
+        with its limit: a write through ``p.data`` in place is not seen, as by the oneDNN
+        branch's packs): 256x256x3x3 at 7x7 runs in 0.90 ms with aten's copy inside the call,
+        0.55 ms without."""
         version = -1 if weight.is_inference() else weight._version
         held = self._channels_last_weight
         if held is None or held[0].data_ptr() != weight.data_ptr() or held[1] != version:
@@ -912,6 +915,9 @@ def _rank_checked(node: torch.fx.Node) -> bool:
 #: 2x256x7x7 0.17-0.50x with the copy). Not adaptive pools (1.2-5x slower with the copy),
 #: bicubic (even) nor antialiased resizes (1.3x slower).
 _FASTER_CHANNELS_LAST = ("max_pool", "avg_pool", "interpolate")
+#: A batch switch's k x k conv runs aten channels-last from this many input and output
+#: channels (`ConvByBatch._aten_layout`); at 16 it ranged from 0.69x to 1.24x by image size.
+MIN_CHANNELS_LAST_CONV = 32
 #: Fewer channels than this gain nothing from channels-last: an RGB image's 3 run 1.2-6.7x
 #: slower there (1x3x224x224, copy included); 8 channels at 32x32 0.38-0.94x.
 MIN_CHANNELS_LAST_CHANNELS = 8

@@ -923,15 +923,15 @@ def _switch_output_layouts(gm, x) -> dict[str, str]:
 
 
 def test_a_small_convs_batch_switch_runs_aten_in_the_layout_fastest_for_it():
-    """Below its batch the switch runs aten's conv channels-last for a k x k conv reading 16
-    channels or more (0.68-0.84x the row-major time), so the max pool after it runs its
-    channels-last kernel too; row-major for fewer channels (2-4x slower channels-last); a 1x1
-    in the layout it gets. With grad enabled on trainable weights nothing is converted."""
+    """Below its batch the switch runs aten's conv channels-last for a k x k conv reading and
+    writing 32 channels or more (0.54-0.77x the row-major time), so the max pool after it runs
+    its channels-last kernel too; row-major for fewer channels (up to 4x slower channels-last);
+    a 1x1 in the layout it gets. With grad enabled on trainable weights nothing is converted."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 3, padding=1)).eval()
-    res = fxopt.optimize(model, (torch.randn(2, 16, 16, 16),), "fuse,lower-cpu", mode="symbolic")
-    x1 = torch.randn(1, 16, 16, 16)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 16, 1), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 32, 8, 8),), "fuse,lower-cpu", mode="symbolic")
+    x1 = torch.randn(1, 32, 8, 8)
     with torch.no_grad():
         outputs = _switch_output_layouts(res.module, x1)
         # (the 1x1 reads the pool's channels-last result and keeps it)
@@ -965,3 +965,16 @@ def test_a_batch_switchs_channels_last_weight_follows_the_weights_values():
                               "bias": state[next(k for k in state if state[k].dim() == 1)]})
     with torch.no_grad():
         torch.testing.assert_close(gm(x1), model(x1), rtol=1e-4, atol=1e-5)
+
+
+def test_a_pool_after_a_row_major_batch_switch_reads_a_channels_last_copy():
+    """A switch whose conv reads 3 channels keeps them row-major at batch 1, so the pool after
+    it reads a channels-last copy (SqueezeNet's first pool; a no-op copy at batch 2 and up)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    res = fxopt.optimize(model, (torch.randn(2, 3, 16, 16),), "fuse,lower-cpu", mode="symbolic")
+    assert [m.input_layout for m in res.module.modules() if isinstance(m, ConvByBatch)] == ["row_major"]
+    assert res.passes[1].stats["lowered"].get("spatial-channels-last") == 1, res.passes[1].stats
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 16, 16)
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-6)
