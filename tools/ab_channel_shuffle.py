@@ -71,18 +71,9 @@ class ShuffleNetV2(nn.Module):
         return self.head(self.units(self.stem(x)).mean((2, 3)))
 
 
-def _with_statistics(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def models() -> dict:
-    return {"shufflenet_v2": (_with_statistics(ShuffleNetV2()), (3, 64, 64)),
-            "units_116": (_with_statistics(nn.Sequential(*[Unit(116, 116, 1) for _ in range(4)])), (116, 28, 28))}
+    return {"shufflenet_v2": (fuse_ab.with_statistics(ShuffleNetV2()), (3, 64, 64)),
+            "units_116": (fuse_ab.with_statistics(nn.Sequential(*[Unit(116, 116, 1) for _ in range(4)])), (116, 28, 28))}
 
 
 def _spelled_out():

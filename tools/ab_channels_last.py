@@ -111,19 +111,10 @@ class UNet(nn.Module):
         return h
 
 
-def _with_statistics(model: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def models() -> dict:
-    out = {"squeezenet": (_with_statistics(SqueezeNet()), (3, 96, 96)),
-           "hourglass": (_with_statistics(nn.Sequential(_cbr(3, 32, 3, 2), Hourglass(3, 32))), (3, 64, 64)),
-           "unet": (_with_statistics(UNet()), (3, 64, 64))}
+    out = {"squeezenet": (fuse_ab.with_statistics(SqueezeNet()), (3, 96, 96)),
+           "hourglass": (fuse_ab.with_statistics(nn.Sequential(_cbr(3, 32, 3, 2), Hourglass(3, 32))), (3, 64, 64)),
+           "unet": (fuse_ab.with_statistics(UNet()), (3, 64, 64))}
     for name in ("digits", "resnet18", "mobilenet_v2"):
         model, inputs = zoo.get(name, batch=2)
         out[name] = (model.eval(), tuple(inputs[0].shape[1:]) if isinstance(inputs, tuple) else tuple(inputs.shape[1:]))

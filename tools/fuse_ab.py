@@ -36,6 +36,17 @@ def onnx_runtime(model: nn.Module, shape: tuple):
     return lambda x: session.run(None, {"x": x.numpy()})[0]
 
 
+def with_statistics(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with seeded, non-trivial batchnorm running statistics (what a
+    trained model has: folding them must change numbers)."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
 def main(description: str, models: dict[str, tuple[nn.Module, tuple[int, ...]]], before: Callable[[], ContextManager],
          what: tuple[str, str], argv=None) -> None:
     """Run the A/B on `models` (name -> (eval model, input shape without the batch)): A under
