@@ -361,7 +361,9 @@ def _check_global_hooks(model: nn.Module, gm: torch.fx.GraphModule, args: tuple,
     except CaptureError as exc:
         kind, hook = hooks[0]
         code = getattr(hook, "__code__", None)
-        where = f" at {code.co_filename}:{code.co_firstlineno}" if code is not None else ""
+        # the file's name alone: a failed front end's reason is cut at 300 characters, which a
+        # long path took the line number from (a fresh clone under /tmp)
+        where = f" at {os.path.basename(code.co_filename)}:{code.co_firstlineno}" if code is not None else ""
         more = f" (and {len(hooks) - 1} more)" if len(hooks) > 1 else ""
         # advice before the hook's file: a failed front end's reason is cut at 300 characters
         raise CaptureError(f"a global module {kind} changes the output ({first_line(exc).split(': ')[0]}); use "
