@@ -951,7 +951,8 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     power = float(finite.pow(2).sum())
     # the signal is the reference's spread about its mean: a sigmoid's 0.5 (a logit's constant
     # bias) is no signal, and counted as one it passed logits quantized to 5 dB as 26 dB
-    spread = float((finite - finite.mean()).pow(2).sum()) if finite.numel() else 0.0
+    mean = float(finite.mean()) if finite.numel() else 0.0
+    spread = float((finite - mean).pow(2).sum())
     centered = _varies(finite.numel(), spread, scale, ref.dtype)
     sqnr, power_sqnr = _db(spread if centered else power, noise), _db(power, noise)
     both = r.isfinite() & c.isfinite()
@@ -964,7 +965,7 @@ def compare_tensors(ref: torch.Tensor, cand: torch.Tensor, path: str = "") -> Te
     if math.isnan(max_abs) or torch.isnan(c).any() != torch.isnan(r).any():
         max_abs, sqnr, power_sqnr = math.nan, -math.inf, -math.inf
     return TensorComparison(path, shape, max_abs, max_rel, sqnr, cosine, scale, ref.dtype, mismatches, first,
-                            compared, any_finite, power_sqnr, centered, float(finite.mean()) if finite.numel() else 0.0)
+                            compared, any_finite, power_sqnr, centered, mean)
 
 
 #: The fewest values whose spread about their mean `compare_tensors` takes as an output's signal:

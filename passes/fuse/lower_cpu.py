@@ -113,6 +113,12 @@ _SAVE_ADVICE = ("save before lower-cpu, whose kernels are packed for this machin
                 "again after load")
 
 
+def values_key(weight: torch.Tensor) -> tuple[int, int]:
+    """(version, storage address) of `weight`: what names its values for a cache of data derived
+    from it (see `WeightPacks.get`). Inference tensors have no version counter: -1."""
+    return (-1 if weight.is_inference() else weight._version), weight.data_ptr()
+
+
 class WeightPacks(torch.nn.Module):
     """The oneDNN-packed copies of one conv/linear weight, one per (threads, input shape).
 
@@ -153,8 +159,7 @@ class WeightPacks(torch.nn.Module):
         tester). A write through ``p.data`` in place bumps neither, as for any cache of
         torch's own. The storage packed from is held, so its address names no other tensor
         while a pack keyed by it is kept."""
-        version = -1 if weight.is_inference() else weight._version
-        storage = weight.data_ptr()
+        version, storage = values_key(weight)
         key = (torch.get_num_threads(), x.shape, version, storage)
         packed = self.packs.get(key)
         if packed is None:
@@ -274,7 +279,7 @@ class ConvByBatch(torch.nn.Module):
         self.packs = packs
         self.padding, self.stride, self.dilation, self.groups = packs.conv_args
         self.attr, self.scalars, self.algorithm, self.min_batch = attr, scalars, algorithm, min_batch
-        self._channels_last_weight: tuple | None = None  # (source, version, copy): `_channels_last`
+        self._channels_last_weight: tuple | None = None  # (source, values_key, copy): `_channels_last`
         #: the input layout of the aten branch (`_aten_layout`): "channels_last", "row_major" or "any"
         self.input_layout = "any" if set(weight_shape[2:]) == {1} else \
             "channels_last" if min(weight_shape[0], weight_shape[1] * self.groups) >= MIN_CHANNELS_LAST_CONV else "row_major"
@@ -327,11 +332,11 @@ class ConvByBatch(torch.nn.Module):
         with its limit: a write through ``p.data`` in place is not seen, as by the oneDNN
         branch's packs): 256x256x3x3 at 7x7 runs in 0.90 ms with aten's copy inside the call,
         0.55 ms without."""
-        version = -1 if weight.is_inference() else weight._version
+        key = values_key(weight)
         held = self._channels_last_weight
-        if held is None or held[0].data_ptr() != weight.data_ptr() or held[1] != version:
+        if held is None or held[1] != key:
             # the source is held, so its address names no other tensor while the copy is kept
-            held = (weight.detach(), version, weight.detach().contiguous(memory_format=torch.channels_last))
+            held = (weight.detach(), key, weight.detach().contiguous(memory_format=torch.channels_last))
             self._channels_last_weight = held
         return held[2]
 
