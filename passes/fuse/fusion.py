@@ -107,8 +107,8 @@ class Fuse(Pass):
             table = table + rules.REDUCTIONS
         wanted = set()
         if self.fold_bn:
-            wanted |= {"bn-before-slice", "conv+bn", "linear+bn", "linear+swap+bn", "bn+conv", "bn+pad+conv",
-                       "bn+linear"}
+            wanted |= {"bn-before-slice", *rules.BN_INTO_CAT, "conv+bn", "linear+bn", "linear+swap+bn",
+                       "bn+conv", "bn+pad+conv", "bn+linear"}
         if self.fold_bias:
             wanted |= {"linear+bias", "conv+bias"}
         if self.fold_scale:

@@ -397,6 +397,58 @@ def _bn_before_cut(r: Rewriter) -> torch.fx.Node:
     return recut
 
 
+def _channel_cat(view) -> bool | str:
+    """A concatenation along the channel axis (1) of distinct values."""
+    out = tensor_meta(view.node)
+    dim = view.attrs.get("dim", 0)
+    if out is None or not isinstance(dim, int) or dim % len(out[0]) != 1:
+        return "not a concatenation along the channel axis"
+    return len(set(view.inputs)) == len(view.inputs) or "a value concatenated twice"
+
+
+def _foldable_piece(value: torch.fx.Node) -> bool | str:
+    """A conv (or a slice of one that keeps its channels) read by the concatenation alone, of
+    known shape: a batchnorm slice put after it folds into it."""
+    if len(value.users) != 1 or tensor_meta(value) is None:
+        return "read elsewhere too, or of unknown shape"
+    return _conv_under_cuts(value)
+
+
+def _bn_into_cat(r: Rewriter) -> torch.fx.Node:
+    """``bn(cat(a, b))`` (a CSP block's merge, an Inception-style branch merge) as
+    ``cat(bn_a(a), bn_b(b))``, each piece normalized by its own slice of the batchnorm's
+    statistics and affine (the same arithmetic per channel), so that `conv+bn` folds every
+    piece into the conv that makes it and no batchnorm is left."""
+    bn, name = r.view("bn"), r.match.root.name
+    eps = float(bn.attrs.get("eps", 1e-5))
+    pieces, start = [], 0
+    for i, piece in enumerate(r.view("cat").inputs):
+        channels = tensor_meta(piece)[0][1]
+        stats = {}
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            value = bn.param(key)
+            stats[key] = None if value is None else r.tensor(
+                f"{name}_{key}_{i}", value.detach()[start:start + channels].clone(),
+                parameter=key in ("weight", "bias"), shared=True)
+        normed = r.call(F.batch_norm, piece, stats["running_mean"], stats["running_var"], stats["weight"],
+                        stats["bias"], training=False, momentum=0.0, eps=eps)
+        normed.meta.update({k: piece.meta[k] for k in ("val", "tensor_meta") if k in piece.meta})
+        pieces.append(normed)
+        start += channels
+    joined = r.call(torch.cat, pieces, 1)
+    joined.meta = dict(r.match.root.meta)
+    return joined
+
+
+# a pattern matches a fixed number of operands: one per width, up to an ASPP's five branches and more
+_BN_INTO_CAT = [
+    Pattern(f"bn-into-cat/{n}", Op("batch_norm", Op("cat", *(Var(f"piece{i}", check=_foldable_piece) for i in range(n)),
+                                                     name="cat", check=_channel_cat), name="bn", check=_bn_eval),
+            rewrite=_bn_into_cat)
+    for n in range(2, 9)]
+BN_INTO_CAT = tuple(p.name for p in _BN_INTO_CAT)
+
+
 def _fold_conv_bn(r: Rewriter) -> torch.fx.Node | None:
     conv, bn = r.view("conv"), r.view("bn")
     if bn.param("running_mean").shape[0] != _conv_out_channels(conv):
@@ -1319,6 +1371,7 @@ FOLDS = PatternSet([
     Pattern("bn-before-slice", Op("batch_norm", Op(_CUTS, Var("src", check=_conv_under_cuts), name="cut",
                                                    check=_cuts_other_axes), name="bn", check=_bn_eval),
             rewrite=_bn_before_cut),
+    *_BN_INTO_CAT,
     Pattern("conv+bn", Op("batch_norm", Op("conv", Var("x"), name="conv", check=_conv_ok), name="bn",
                           check=_bn_eval), rewrite=_fold_conv_bn),
     Pattern("linear+bn", Op("batch_norm", Op("linear", Var("x"), name="linear", check=_linear_ok), name="bn",

@@ -1566,6 +1566,57 @@ def test_a_batchnorm_after_a_slice_of_a_conv_folds_into_the_conv(mode, how):
     torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
 
 
+class _CatThenBN(nn.Module):
+    """Branches concatenated along the channels, then one batchnorm: a CSP block's
+    ``act(bn(cat(y1, y2)))`` and its variants. `how` picks the branches."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(4, 24, 1)
+        self.c = nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=2)
+        self.d = nn.ConvTranspose2d(4, 8, 3, padding=1)
+        self.e = nn.Conv2d(4, 8, 1)
+        width = {"two": 32, "five": 56, "sliced": 32, "identity": 12, "reused": 32, "spatial": 8, "twice": 16}[how]
+        self.bn = _warm_bn(nn.BatchNorm2d(width))
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        pieces = {"two": lambda: [a, b], "five": lambda: [a, b, self.c(x), self.d(x), self.e(x)],
+                  "sliced": lambda: [a, b[:, :, :, :]], "identity": lambda: [x, a], "reused": lambda: [a, b],
+                  "spatial": lambda: [a, a.flip(2)], "twice": lambda: [a, a]}[self.how]()
+        y = F.leaky_relu(self.bn(torch.cat(pieces, 2 if self.how == "spatial" else 1)), 0.1)
+        return y + b.mean() if self.how == "reused" else y
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["two", "five", "sliced", "identity", "reused", "spatial", "twice"])
+def test_a_batchnorm_after_a_channel_cat_of_convs_folds_into_each_conv(mode, how):
+    """``bn(cat(conv_a(x), conv_b(x)))``: each conv takes its slice of the batchnorm (a CSP
+    block kept its merge batchnorm). A piece that is no conv, a conv read elsewhere too, a
+    concatenation along another axis or of one value twice keeps the batchnorm."""
+    torch.manual_seed(0)
+    model, x = _CatThenBN(how).eval(), torch.randn(2, 4, 9, 9)
+    res = _run(model, x, mode)
+    assert ("batch_norm" in _kinds(res.module)) == (how not in ("two", "five", "sliced")), _kinds(res.module)
+    other = torch.randn(3, 4, 9, 9)
+    torch.testing.assert_close(res.module(other), model(other), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cat_batchnorm_block_called_twice_folds_once(mode):
+    """One block called at two places: both calls read the same folded weights (the per-piece
+    statistics are shared stored tensors), so the parameter count does not grow."""
+    torch.manual_seed(0)
+    block = _CatThenBN("two").eval()
+    model = nn.Sequential(block, nn.Conv2d(32, 4, 1), block).eval()
+    x = torch.randn(2, 4, 9, 9)
+    res = _run(model, x, mode)
+    assert "batch_norm" not in _kinds(res.module), _kinds(res.module)
+    assert sum(p.numel() for p in res.module.parameters()) <= sum(p.numel() for p in model.parameters())
+
+
 class _SwappedLinear(nn.Module):
     """A linear over (N, L, C), its features moved to axis 1 for a batchnorm."""
 
