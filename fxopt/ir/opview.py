@@ -241,6 +241,10 @@ SPECS: tuple[OpSpec, ...] = (
           *((name, (), (), ()) for name in ("sqrt", "square", "sin", "sign", "exp", "cos", "rsqrt", "reciprocal",
                                             "round", "floor", "ceil")))),
     OpSpec("softsign", functions=(F.softsign,), modules=(nn.Softsign,)),
+    # NaN and ±inf replaced, every finite value (0 too) kept
+    OpSpec("nan_to_num", functions=(torch.nan_to_num, torch.nan_to_num_), methods=("nan_to_num", "nan_to_num_"),
+           aten=(aten.nan_to_num, aten.nan_to_num_), arg_names=("input", "nan", "posinf", "neginf"),
+           defaults=dict(nan=0.0, posinf=None, neginf=None)),
     # `soft` tells them apart: a pattern written with one must not match the other
     *(OpSpec("shrink", functions=(function,), aten=(aten_op,), modules=(module,), arg_names=("input", "lambd"),
              defaults=dict(soft=soft, lambd=0.5), modifiers=dict(lambd=0.5),

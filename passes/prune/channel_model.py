@@ -18,7 +18,7 @@ from .computed_weights import ComputedWeight
 ZERO_PRESERVING = frozenset({"relu", "hardtanh", "hardswish", "silu", "gelu", "tanh", "neg", "leaky_relu", "elu",
                              "selu", "celu", "mish", "dropout", "identity", "contiguous", "clone", "to", "abs",
                              "sqrt", "square", "erf", "sin", "sign", "softsign", "shrink", "detach", "round",
-                             "floor", "ceil", "trunc"})
+                             "floor", "ceil", "trunc", "nan_to_num"})
 SPATIAL = frozenset({"max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "interpolate"})
 # ops that act on each channel on its own: a value whose removed channels are not zero ("dirty")
 # may flow through them (the result is dirty too; a product with a clean factor is clean)

@@ -514,7 +514,7 @@ class PackedAttention(nn.Module):
 
 class MathOps(nn.Module):
     """GELU spelled out with erf, where with a zero branch, abs/sqrt, an exp gate,
-    zeros_like, a comparison as a mask."""
+    zeros_like, a comparison as a mask, nan_to_num (function and method)."""
 
     def __init__(self):
         super().__init__()
@@ -524,6 +524,7 @@ class MathOps(nn.Module):
         h = self.a(x)
         h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
         h = torch.where(h > 0, h, torch.zeros_like(h)) + h.abs().sqrt() * torch.exp(-self.g(x).abs())
+        h = torch.nan_to_num(h, nan=0.0, posinf=1e4).nan_to_num()
         return self.b(h.masked_fill(h < -1, 0.0))
 
 
