@@ -466,10 +466,12 @@ def _shortfall(plan: PrunePlan, ratio: float, exact_norms: bool) -> str | None:
         else:
             causes.append(f"keeping at least one channel in every layer gave {selected - sel.removed} back")
     hint = f" Options: {'; '.join(options)}." if options else ""
+    # (the total, then the target: "only 160 of the 320 channels at ratio=0.5" read as the
+    # target met; api tester)
     what = ("removed no channel" if sel.removed == 0 else
-            f"removed only {sel.removed} of the {sel.target} channels")
+            f"removed only {sel.removed} of the {sel.total} prunable channels")
     if sel.removed and sel.target:
-        causes.insert(0, f"{100 * sel.removed / sel.target:.0f}% of the target")
+        causes.insert(0, f"{100 * sel.removed / sel.target:.0f}% of the {sel.target} targeted")
     return (f"{what} at ratio={ratio}: {'; '.join(causes) or 'nothing more could be removed'}."
             f"{_pinned_summary(plan.channel_graph)}{hint}")
 

@@ -443,8 +443,9 @@ def test_a_shortfall_above_half_the_target_warns_with_its_cause_and_options(mode
     caught, stats = _prune_warnings(model, x, "prune{ratio=0.5}", mode)
     assert len(caught) == 1, caught
     assert caught[0] == f"prune: {stats['note']}"
-    assert f"removed only {stats['removed_channels']} of the {stats['target_channels']} channels at ratio=0.5: " \
-        in caught[0]
+    assert f"removed only {stats['removed_channels']} of the {r.plan.selection.total} prunable channels at " \
+        f"ratio=0.5: {100 * stats['removed_channels'] / stats['target_channels']:.0f}% of the " \
+        f"{stats['target_channels']} targeted" in caught[0]
     assert "re-expansion adapters" in caught[0]  # the cause
     assert "exact_norms=false" in caught[0] and "adapter_cost=0" in caught[0]  # the options
     # the options it names reach the target: no warning then
