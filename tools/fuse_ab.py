@@ -48,23 +48,24 @@ def with_statistics(model: nn.Module) -> nn.Module:
 
 
 def main(description: str, models: dict[str, tuple[nn.Module, tuple[int, ...]]], before: Callable[[], ContextManager],
-         what: tuple[str, str], argv=None) -> None:
-    """Run the A/B on `models` (name -> (eval model, input shape without the batch)): A under
-    `before()`, B as the code is; `what` names A's and B's columns."""
+         what: tuple[str, str], argv=None, pipeline: str = "fuse,lower-cpu") -> None:
+    """Run the A/B of `pipeline` on `models` (name -> (eval model, input shape without the
+    batch)): A under `before()`, B as the code is; `what` names A's and B's columns."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    print(f"`{pipeline}`\n")
     print(f"| model | batch | eager ms | torch.fx fuse ms | ORT ms | A ms ({what[0]}) | B ms ({what[1]}) | B / A "
           "| B / eager | B / ORT | B max error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (model, shape) in models.items():
         example = (torch.randn(2, *shape),)
         with before():
-            a = fxopt.optimize(model, example, "fuse,lower-cpu", verify=False).module
-        b = fxopt.optimize(model, example, "fuse,lower-cpu", verify=False).module
+            a = fxopt.optimize(model, example, pipeline, verify=False).module
+        b = fxopt.optimize(model, example, pipeline, verify=False).module
         fns = {"eager": model, "torch.fx": fx_optimization.fuse(copy.deepcopy(model)), "A": a, "B": b}
         ort = onnx_runtime(model, shape)
         if ort is not None:

@@ -5,6 +5,9 @@ What it rewrites (each step can be switched off by an option):
 - `remove_noops`: eval-mode dropout and identities vanish;
 - `reductions`: a max or min over an axis whose indices nobody reads (``torch.max(x, 2)[0]``)
   becomes `amax`/`amin`, 5-20x faster (its kernel computes no indices);
+- `norms`: an instance norm that normalizes by its input's own statistics (no running ones)
+  becomes the group norm of one channel per group, the same values from a kernel 4-50x faster
+  on CPU (torch's instance_norm runs batch_norm over a reshaped copy);
 - `fold_bn`: conv (1d/2d/3d, transposed) + batchnorm and linear + batchnorm fold into one
   conv/linear with new weights, and so does a batchnorm right before a conv that pads no zeros
   or a linear (`bn+conv`, `bn+pad+conv`, `bn+linear`) (computed in float64, stored as new `get_attr` tensors; the
@@ -89,6 +92,7 @@ class Fuse(Pass):
     tolerance = "float"
     remove_noops: bool = True
     reductions: bool = True
+    norms: bool = True
     fold_bn: bool = True
     fold_bias: bool = True
     fold_scale: bool = True
@@ -105,6 +109,8 @@ class Fuse(Pass):
             table = table + rules.NOOPS
         if self.reductions:
             table = table + rules.REDUCTIONS
+        if self.norms:
+            table = table + rules.NORMS
         wanted = set()
         if self.fold_bn:
             wanted |= {"bn-before-slice", *rules.BN_INTO_CAT, "conv+bn", "linear+bn", "linear+swap+bn",

@@ -339,6 +339,68 @@ def test_a_max_or_min_whose_indices_nobody_reads_becomes_amax_or_amin(mode):
     assert why["extremum-values"].endswith("its indices are read by getitem_3"), why
 
 
+class _MaskedConv(nn.Module):
+    """PixelCNN's masked conv: ``conv2d(x, weight * mask)``, then a batchnorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.register_buffer("mask", (torch.rand(8, 3, 3, 3) > 0.5).float())
+        self.bn = _warm_bn(nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.weight * self.mask))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_conv_weight_computed_from_stored_tensors_says_to_fold_constants_first(mode):
+    """fuse does not fold into a weight the graph computes; where it is computed from stored
+    tensors alone the reason says which pass makes it one tensor, and that pipeline folds it."""
+    model, x = _MaskedConv().eval(), torch.randn(2, 3, 8, 8)
+    bn = "bn" if mode == "symbolic" else "batch_norm"
+    why = fxopt.optimize(model, (x,), f"fuse{{debug={bn}}}", mode=mode).passes[0].stats["why_not"]["conv+bn"]
+    assert "its weight is computed in the graph ('mul') from stored tensors alone: run fold-constants first" in why
+    res = _run(model, x, mode, pipeline="fold-constants,fuse")
+    assert "batch_norm" not in _kinds(res.module) and "mul" not in _kinds(res.module), _kinds(res.module)
+
+
+class _InstanceNorms(nn.Module):
+    """Instance norms by input statistics (module with and without affine, 1-D and 3-D, the
+    functional form) and one that keeps running statistics (eval: a per-channel affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.affine, self.plain = nn.InstanceNorm2d(8, affine=True), nn.InstanceNorm2d(8, eps=1e-3)
+        self.tracked = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.seq, self.vol = nn.InstanceNorm1d(8, affine=True), nn.InstanceNorm3d(2)
+        with torch.no_grad():
+            for norm in (self.affine, self.tracked, self.seq):
+                norm.weight.uniform_(0.5, 2)
+                norm.bias.uniform_(-1, 1)
+            self.tracked.running_mean.uniform_(-1, 1)
+            self.tracked.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        h = F.relu(self.affine(self.conv(x)))
+        h = self.plain(h) + F.instance_norm(h * 2) + self.tracked(h)
+        return self.seq(h.flatten(2)).sum() + self.vol(h.unflatten(1, (2, 4))).sum(), h
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_instance_norm_by_input_statistics_becomes_a_group_norm_of_one_channel_each(mode):
+    """torch's CPU instance_norm runs batch_norm over a reshaped copy: its group_norm of C
+    groups computes the same values 4-50x faster (fuse tester: CycleGAN). One that reads
+    running statistics stays."""
+    torch.manual_seed(0)
+    model, x = _InstanceNorms().eval(), torch.randn(2, 3, 9, 9) * 3 + 1
+    res = _run(model, x, mode)
+    assert res.passes[0].stats["matches"]["instance-norm-as-group-norm"] == 5
+    assert _kinds(res.module).count("instance_norm") == 1 and _kinds(res.module).count("group_norm") == 5
+    why = fxopt.optimize(model, (x,), "fuse{norms=false}", mode=mode).passes[0].stats["matches"]
+    assert "instance-norm-as-group-norm" not in why
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_consecutive_linears_merge(mode):
     model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8), nn.Linear(8, 64), nn.Linear(64, 2)).eval()
