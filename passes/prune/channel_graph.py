@@ -521,6 +521,14 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 # or the size is pinned in another round where the norm cannot follow
                 for norm in user.users:
                     self.norm_shape_reads[norm.name] = node.name
+            elif isinstance(index, slice) and user.users and all(
+                    isinstance(i := _getitem_index(u), int) and -len(range(nd)[index]) <= i < len(range(nd)[index])
+                    for u in user.users):
+                # ``B, C = x.shape[:2]``: entries of a slice of the size, each read as a number
+                kept = range(nd)[index]
+                for entry in user.users:
+                    if kept[_getitem_index(entry)] == axis:
+                        self.rules[node.name].info.setdefault("counts", {})[entry.name] = sid
             elif not (isinstance(index, slice) and axis not in range(nd)[index]):
                 raise _Pin("the size of the channel axis is read")
 

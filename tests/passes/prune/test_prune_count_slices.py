@@ -76,3 +76,36 @@ def test_a_count_of_an_axis_that_merged_positions_is_no_constant():
     torch.manual_seed(0)
     r = prune_and_mask(FlattenedHalves().eval(), torch.randn(2, 3, 8, 8), "symbolic")
     assert any("bounds computed in the graph" in why for why in r.plan.channel_graph.pinned_nodes.values())
+
+
+class UnpackedSizes(nn.Module):
+    """SKNet's ``B, C = x.shape[:2]`` (a slice of the size, unpacked), the count then a reshape
+    entry; `how` reads it another way for comparison, or unpacks a slice without the channels."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+        self.fc = nn.Linear(16, 32)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        b, c = {"slice": lambda: h.shape[:2], "negative": lambda: h.shape[-4:-2],
+                "index": lambda: (h.shape[0], h.shape[1])}[self.how]()
+        a = self.fc(h.mean((2, 3))).view(b, 2, c).softmax(1).sum(1)
+        return self.c3(F.relu(self.c2(h)) * a[..., None, None]).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how", ["slice", "negative", "index"])
+def test_an_unpacked_slice_of_the_size_reads_the_count_where_it_is_used(mode, how):
+    """Prune tester: ``B, C = x.shape[:2]`` pinned the channels as a read of their size, and the
+    pruned graph re-expanded the value to full width only to read it (symbolic only; export
+    writes the sizes as numbers). The count is now written where the reshape uses it."""
+    torch.manual_seed(0)
+    model, x = UnpackedSizes(how).eval(), torch.randn(2, 3, 8, 8)
+    r = prune_and_mask(model, x, mode)
+    torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+    assert not r.plan.channel_graph.pinned_nodes, r.plan.channel_graph.pinned_nodes
+    assert r.pruned.get_submodule("c1").weight.shape[0] < 16 if mode == "symbolic" else True
+    assert count_macs(r.pruned, x) < 0.6 * count_macs(model, x)
