@@ -4,7 +4,9 @@ What it rewrites (each step can be switched off by an option):
 
 - `remove_noops`: eval-mode dropout and identities vanish;
 - `reductions`: a max or min over an axis whose indices nobody reads (``torch.max(x, 2)[0]``)
-  becomes `amax`/`amin`, 5-20x faster (its kernel computes no indices);
+  becomes `amax`/`amin`, 5-20x faster (its kernel computes no indices), and a sum over the
+  axis a stack made (``stack(xs, d).sum(d)``, ``(stack(xs, d) * w).sum(d)``: SKNet's
+  selective-kernel attention) becomes the sum of the pieces (times their slices of `w`);
 - `norms`: an instance norm that normalizes by its input's own statistics (no running ones)
   becomes the group norm of one channel per group, the same values from a kernel 4-50x faster
   on CPU (torch's instance_norm runs batch_norm over a reshaped copy);
@@ -108,7 +110,7 @@ class Fuse(Pass):
         if self.remove_noops:
             table = table + rules.NOOPS
         if self.reductions:
-            table = table + rules.REDUCTIONS
+            table = table + rules.REDUCTIONS + rules.STACK_SUMS
         if self.norms:
             table = table + rules.NORMS
         wanted = set()

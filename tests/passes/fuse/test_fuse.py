@@ -401,6 +401,49 @@ def test_an_instance_norm_by_input_statistics_becomes_a_group_norm_of_one_channe
     assert "instance-norm-as-group-norm" not in why
 
 
+class _StackSums(nn.Module):
+    """Sums over the axis a stack made (SKNet's ``stack(branches, 1).sum(1)`` and
+    ``(stack * attention).sum(1)``), with factors of each shape, and sums that are no such."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.branches = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1 + i, dilation=1 + i) for i in range(3)])
+        self.scale = nn.Parameter(torch.rand(3, 8, 1, 1))
+
+    def forward(self, x):
+        fs = torch.stack([b(x) for b in self.branches], 1)
+        a = self.scale.softmax(0) * x.mean((1, 2, 3)).view(-1, 1, 1, 1, 1)  # (N, 3, 8, 1, 1)
+        return {"plain": lambda: fs.sum(1),
+                "keepdim": lambda: fs.sum(dim=1, keepdim=True),
+                "per_sample": lambda: (fs * a).sum(1),
+                "stored": lambda: (self.scale * fs).sum(1),
+                "no_axis": lambda: (fs * self.scale[0]).sum(1),
+                "size_one": lambda: (fs * a[:, :1]).sum(1),
+                "last": lambda: torch.stack([b(x) for b in self.branches], -1).sum(-1),
+                "other_axis": lambda: fs.sum(2),
+                "widening": lambda: (torch.stack([b(x).mean((2, 3), keepdim=True) for b in self.branches], 1)
+                                     * fs.new_ones(1, 3, 8, 6, 6)).sum(1),
+                "cast": lambda: fs.sum(1, dtype=torch.float64)}[self.how]()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["plain", "keepdim", "per_sample", "stored", "no_axis", "size_one", "last",
+                                 "other_axis", "widening", "cast"])
+def test_a_sum_over_a_stacked_axis_becomes_a_sum_of_the_pieces(mode, how):
+    """``stack(xs, d).sum(d)`` is the pieces added, and ``(stack(xs, d) * w).sum(d)`` each times
+    its slice of w (fuse tester: SKNet's sums read lowered convs' channels-last values through a
+    stack, 4-18x slower). A sum over another axis, a factor that widens the stack, a sum that
+    casts stay."""
+    torch.manual_seed(0)
+    model, x = _StackSums(how).eval(), torch.randn(2, 8, 6, 6)
+    res = _run(model, x, mode)
+    rewritten = how not in ("other_axis", "widening", "cast")
+    assert ("stack" in _kinds(res.module)) != rewritten, _kinds(res.module)
+    matches = res.passes[0].stats["matches"]
+    assert sum(n for name, n in matches.items() if "sum-of-stack" in name) == rewritten, matches
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_consecutive_linears_merge(mode):
     model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8), nn.Linear(8, 64), nn.Linear(64, 2)).eval()
