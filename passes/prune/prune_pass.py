@@ -180,7 +180,12 @@ def _checked_mask(cg: ChannelGraph, dead: Any, blocked: np.ndarray) -> np.ndarra
     names the value at fault: a mask of the wrong length, one that removes a pinned channel or
     breaks a junction precedence (a channel removed from a sum some other writer keeps), or
     one that empties a value an op cannot run without (a layer left with no channel)."""
-    dead = np.asarray(dead, dtype=bool)
+    given = np.asarray(dead)
+    other = given[~np.isin(given, (0, 1))] if given.dtype != bool else given[:0]
+    if other.size:  # (a float mask of scores became all True; the error then blamed a pinned channel)
+        raise ValueError(f"the dead mask holds {given.dtype} values other than 0 and 1 (e.g. {other.flat[0].item()!r}): "
+                         "give a bool per class (True removes it), e.g. scores > threshold")
+    dead = given.astype(bool)
     if dead.shape != (cg.n_classes,):
         raise ValueError(f"the dead mask has shape {dead.shape}; the plan has {cg.n_classes} channel classes "
                          "(a bool per class: plan.channel_graph.n_classes)")

@@ -246,6 +246,11 @@ def test_a_research_mask_that_cannot_be_applied_names_the_value_at_fault():
         plan.apply(dead=dead)
     with pytest.raises(ValueError, match=r"shape \(3,\); the plan has \d+ channel classes"):
         plan.apply(dead=np.zeros(3, bool))
+    # scores for a mask (prune tester): cast to bool they removed everything, and a pinned channel was blamed
+    with pytest.raises(ValueError, match=r"holds float64 values other than 0 and 1 \(e.g. 0.5\): give a bool"):
+        plan.apply(dead=np.full(cg.n_classes, 0.5))
+    ones = np.zeros(cg.n_classes)  # a 0/1 mask is a mask
+    torch.testing.assert_close(plan.apply(dead=ones)(X), plan.apply(dead=ones.astype(bool))(X))
     plan = analyze(_Residual(), (X,), ratio=0.5, adapter_cost=0)
     cg = plan.channel_graph
     if cg.precedence:  # the sum's channel dies only with both writers' channels
