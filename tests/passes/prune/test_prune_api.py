@@ -1,5 +1,6 @@
 """Options, bad input, pipeline text, pinned reporting and distillation on the digits example."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -807,3 +808,37 @@ def test_a_taylor_calibration_batch_that_does_not_fit_is_named():
     with pytest.raises(fxopt.PassError, match=r"calibration batch 1 \(tensor shapes \[\(2, 5, 16, 16\)\]\) does not "
                                               r"run through the model: RuntimeError: .*5 channels"):
         fxopt.optimize(model, x, "prune{importance=taylor}", calibration=[x, torch.randn(2, 5, 16, 16)])
+
+
+def _cbr(i, o, k=3, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class _XBlock(nn.Module):
+    """ResNeXt's block: 1x1, grouped 3x3 (8 groups), 1x1, and a projected shortcut."""
+
+    def __init__(self, i, o, stride=1, width=32):
+        super().__init__()
+        self.body = nn.Sequential(_cbr(i, width, 1), _cbr(width, width, 3, stride, groups=8),
+                                  nn.Conv2d(width, o, 1, bias=False), nn.BatchNorm2d(o))
+        self.shortcut = nn.Sequential() if stride == 1 and i == o else \
+            nn.Sequential(nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+def test_a_shortfall_of_tied_importances_says_so_and_names_an_importance_that_tells_channels_apart():
+    """Prune tester: bn_scale on a freshly initialized ResNeXt (every batchnorm scale 1.0)
+    removed 208 of the 496 channels targeted, the warning blaming the adapters alone; l1
+    removed them all. Classes of one importance and cost are taken together or not at all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_cbr(3, 32, 3, 2), _XBlock(32, 64), _XBlock(64, 64), _XBlock(64, 128, 2, 64),
+                          _XBlock(128, 128, width=64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"classes have the same importance \(importance=bn_scale: [\d.]+\), so a "
+                                         r"layer's channels tie.*Options: importance=l1 or l2"):
+        fxopt.optimize(model, (x,), "prune{ratio=0.5,importance=bn_scale}", mode="symbolic", verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no shortfall once the weights tell the channels apart
+        fxopt.optimize(model, (x,), "prune{ratio=0.5,importance=l1}", mode="symbolic", verify=False)
