@@ -5,8 +5,8 @@ Preconditions: the module went through `insert-observers` and saw calibration da
 
 Backends (`backend=`):
 - `x86` — torch's quantized CPU kernels with prepacked weights (fbgemm/x86 engine): int8 conv,
-  conv+relu, linear, linear+relu, add, add+relu, matmul, and cat as `kernels.int8_cat` (bytes
-  copied, only inputs off the output grid requantized); pass-through ops run on the
+  conv+relu, linear, linear+relu, add, add+relu, matmul, hardswish, leaky_relu, and cat as
+  `kernels.int8_cat` (bytes copied, only inputs off the output grid requantized); pass-through ops run on the
   quantized tensors directly. Fast on CPU; CPU only.
 - `reference` — explicit `quantized_decomposed` quantize/dequantize around float ATen ops, weights
   stored as int8 plus per-channel scales: the numerics of int8 on any device, CUDA included.
@@ -62,7 +62,7 @@ from .kernels import (depth_to_space, float_between_int8, int8_cat, int8_linear,
 from .observers import Observer, QuantizationError, quant_range, quantize_weight
 from .packing import prepack_conv, prepack_linear, quantized_engine
 from .plan import (AVERAGING, BATCH_NORM_KERNELS, CUT_DECIDES, SLICING, Group, Plan, activation_bounds, blocked_by,
-                   build_plan, grid_source, int8_region, quantized_late, shared_grids, unfolded_reason,
+                   build_plan, grid_source, int8_region, leaky_slope, quantized_late, shared_grids, unfolded_reason,
                    writes_float)
 
 aten = torch.ops.aten
@@ -572,6 +572,10 @@ class _Lowering:
                 result = self._unweighted(group, inputs, qparams, qops.matmul.default, aten.matmul.default)
             elif group.kind == "hardswish":
                 result = self._unweighted(group, inputs[:1], qparams, qops.hardswish.default, aten.hardswish.default)
+            elif group.kind == "leaky_relu":  # onto its own grid (an in-place one writes a new tensor too)
+                slope = leaky_slope(view)
+                result = self.graph.call_function(qops.leaky_relu.default, (inputs[0], slope, False, *qparams)) \
+                    if self.backend == "x86" else self.graph.call_function(aten.leaky_relu.default, (inputs[0], slope))
             elif group.kind == "batch_norm":
                 result = self._batch_norm(group, view, inputs[0], qparams)
             else:  # cat

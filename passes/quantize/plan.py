@@ -1,7 +1,7 @@
 """What to quantize: int8 groups (patterns as data) and the int8 region (a minimum cut).
 
 A *group* is a run of nodes that becomes one int8 kernel: an anchor (conv, linear, add,
-matmul, cat, hardswish, a batchnorm no layer precedes) optionally followed by a batchnorm
+matmul, cat, hardswish, leaky_relu, a batchnorm no layer precedes) optionally followed by a batchnorm
 (after a conv, or BatchNorm1d after a linear's (N, features) output; folded into the weights)
 and an activation (relu, relu6, or any
 hardtanh / clamp with numeric bounds, whose clamp the group's output grid implies)::
@@ -51,6 +51,10 @@ FOLLOWERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "matmul": (),
     "cat": (),
     "hardswish": (),
+    # YOLOv3/CSPDarknet's activation: quantized.leaky_relu onto a grid of its own (oneDNN's int8
+    # conv takes no leaky_relu post-op: "Unsupported post op", torch 2.13); float, each was a
+    # dequantize, a float op and a quantize between two int8 convs
+    "leaky_relu": (),
     # a batchnorm no conv/linear precedes (pre-activation ResNets, DenseNet's BN-ReLU-conv):
     # quantized.batch_norm2d(_relu), 2-3x faster than its dequantize/float/quantize on the
     # channels-last int8 values convs write (32 channels at 32x32: 31 vs 66 us, batch 16: 246 vs 752)
@@ -74,7 +78,7 @@ PASS_THROUGH = frozenset({
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares
 #: conversions, so the minimum cut decides them like pass-through ops. A residual add between
 #: two convs stays int8; one between float layer norms (a transformer's) stays float.
-CUT_DECIDES = frozenset({"add", "cat", "hardswish", "batch_norm"})
+CUT_DECIDES = frozenset({"add", "cat", "hardswish", "leaky_relu", "batch_norm"})
 #: Pass-through ops whose int8 kernel rounds (averages): the reference backend re-quantizes.
 AVERAGING = frozenset({"adaptive_avg_pool", "avg_pool"})
 
@@ -206,9 +210,26 @@ def _anchor_ok(gm, view) -> str | None:
         return None
     if view.kind == "hardswish":  # MobileNetV3's activation, with a grid of its own
         return None if view.inputs and is_float_value(view.inputs[0]) else "non-float operand"
+    if view.kind == "leaky_relu":
+        return _leaky_relu_reason(view)
     if view.kind == "batch_norm":
         return _int8_batch_norm_reason(view)
     return "no int8 kernel"
+
+
+def leaky_slope(view) -> float | None:
+    """The negative slope of a leaky_relu view as a float, or None when it is no number."""
+    slope = view.attrs.get("negative_slope", 0.01)
+    return None if isinstance(slope, bool) or not isinstance(slope, (int, float)) else float(slope)
+
+
+def _leaky_relu_reason(view) -> str | None:
+    """None when a leaky_relu has x86's int8 kernel (`quantized.leaky_relu`), else why not."""
+    if not view.inputs or not is_float_value(view.inputs[0]):
+        return "non-float operand"
+    if leaky_slope(view) is None:
+        return f"negative_slope {view.attrs.get('negative_slope')!r} is no number: no int8 kernel"
+    return None
 
 
 #: The int8 batchnorm kernels by input rank (torch's quantized.batch_norm1d takes (N, C, L)).
