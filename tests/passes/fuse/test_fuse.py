@@ -444,6 +444,48 @@ def test_a_sum_over_a_stacked_axis_becomes_a_sum_of_the_pieces(mode, how):
     assert sum(n for name, n in matches.items() if "sum-of-stack" in name) == rewritten, matches
 
 
+class _NormsLeftAlone(nn.Module):
+    """Instance norms the group-norm form would get wrong or slow (adversary): a module called
+    on one sample ((C, H, W): its channels on axis 0), float16, maps of 2x2 pixels."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(6, 6, 1)
+        self.norm = nn.InstanceNorm2d(6, affine=True)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+@pytest.mark.parametrize("how", ["unbatched", "half", "tiny"])
+def test_an_instance_norm_the_group_norm_form_would_break_or_slow_stays(how):
+    torch.manual_seed(0)
+    model = _NormsLeftAlone(how).eval()
+    x = {"unbatched": torch.randn(6, 10, 12), "half": torch.randn(2, 6, 8, 8), "tiny": torch.randn(2, 6, 2, 2)}[how]
+    if how == "half":
+        model, x = model.half(), x.half()
+    res = fxopt.optimize(model, (x,), "fuse", mode="symbolic")
+    assert "instance-norm-as-group-norm" not in res.passes[0].stats["matches"]
+    torch.testing.assert_close(res.module(x), model(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float16])
+def test_a_stack_sum_of_pieces_whose_sum_promotes_or_rounds_once_stays(mode, dtype):
+    """torch.sum makes int64 of narrower integers and bools, and accumulates float16 in
+    float32: the pieces added would not (the pass failed on int32 pieces; adversary)."""
+    class Sums(nn.Module):
+        def forward(self, x):
+            q = (x * 4).to(dtype)
+            return torch.stack([q, q * 2 if dtype != torch.bool else ~q, q], 1).sum(1)
+
+    x = torch.randn(3, 5)
+    res = fxopt.optimize(Sums(), (x,), "fuse", mode=mode)
+    assert not any("sum-of-stack" in name for name in res.passes[0].stats["matches"])
+    torch.testing.assert_close(res.module(x), Sums()(x))
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_consecutive_linears_merge(mode):
     model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8), nn.Linear(8, 64), nn.Linear(64, 2)).eval()
