@@ -606,6 +606,7 @@ def _checked_graph(model: nn.Module, ep: Any, args: tuple, kwargs: dict,
     set_container_mode(gm, model.training)  # export builds them in training mode (and refuses gm.eval())
     inputs = record_inputs(gm, ep, model, args, kwargs)  # before any pass: export's own reading of them
     drop_fresh_copies(gm)  # a literal tensor (`torch.tensor([...])`) read as the constant it is
+    inline_no_grad_regions(gm)  # (checked with the rest of the graph below)
     _guard_none_inputs(gm, model, args, kwargs, inputs)
     _record_shapes_and_check(model, gm, args, kwargs, grad_reads)
     if inputs is not None:
@@ -941,7 +942,8 @@ def _varied_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
 
 
 def adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> torch.fx.GraphModule:
-    """A GraphModule the user captured: copy it, record its front end and shapes.
+    """A GraphModule the user captured: copy it, inline its no_grad regions
+    (`inline_no_grad_regions`), record its front end and shapes.
 
     Its opaque attributes (prepacked int8 weights) are rebuilt for the copy as `load` rebuilds
     them: the copy shares them otherwise (`deep_copy`), and running them here at the example's
@@ -952,10 +954,137 @@ def adopt_graph_module(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> t
     info = dict(getattr(gm, "meta", {}).get(META_KEY) or {})
     info.setdefault("frontend", frontend_of(gm))
     gm.meta[META_KEY] = info
+    inline_no_grad_regions(gm)  # an `ep.module()` of the user's keeps them as export made them
     if args or kwargs:
         with torch.no_grad():
             propagate_shapes(gm, args, kwargs)
     return explain_failed_calls(gm)
+
+
+# ----- export's no_grad regions ------------------------------------------------------------
+
+_SET_GRAD_ENABLED = torch.ops.higher_order.wrap_with_set_grad_enabled
+# Python operators a region may compute sizes with (a dynamic dim's arithmetic), none in place
+_PLAIN_OPERATORS = frozenset(getattr(operator, name) for name in (
+    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "eq", "ne", "lt", "le", "gt",
+    "ge", "and_", "or_", "not_"))
+
+
+def inline_no_grad_regions(gm: torch.fx.GraphModule) -> int:
+    """Inline into `gm`'s graph each region export keeps for a ``torch.no_grad()`` (or
+    ``torch.set_grad_enabled(False)``) block of forward, each value leaving it detached; returns
+    how many were inlined.
+
+    Export runs such a block as ``wrap_with_set_grad_enabled(False, body, *operands)``, `body` a
+    submodule graph the passes do not enter: a frozen backbone's convs were neither folded,
+    quantized nor pruned. Inlined, the block's ops run with grad as the caller has it and each
+    value that leaves the block goes through ``aten.detach``: it requires no grad and no gradient
+    flows back through it, as under no_grad, and the values are the same. What differs is cost
+    only: a call with grad on records the block's ops for autograd (memory until backward).
+
+    Left as they are:
+    - a block that writes in place (an EMA update of a buffer, a ``weight.clamp_``): with grad
+      on the write would be recorded by autograd, or refused on a parameter;
+    - a block holding anything but plain ops (another region: an autocast block inside);
+    - a grad-ENABLING region (``torch.enable_grad()`` in a forward captured under no_grad): its
+      outputs carry gradients, and inlined ops would run without grad in a no_grad call;
+    - autocast, cond and while regions: their ops run under a mode, or on a branch, that the
+      parent graph has no other way to say.
+
+        >>> import torch, fxopt
+        >>> class Frozen(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+        ...     def forward(self, x):
+        ...         with torch.no_grad():
+        ...             h = self.a(x)
+        ...         return self.b(h)
+        >>> gm = fxopt.capture(Frozen(), torch.randn(2, 4), mode="export")
+        >>> [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        ['aten.linear.default', 'aten.detach.default', 'aten.linear.default']
+    """
+    inlined = 0
+    for node in list(gm.graph.nodes):
+        body = _inlinable_region(gm, node)
+        if body is not None:
+            _inline_region(gm, node, body)
+            inlined += 1
+    if inlined:
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, child in list(gm.named_children()):  # the bodies nothing reads any more
+            if isinstance(child, torch.fx.GraphModule) and name not in read:
+                gm.delete_submodule(name)
+        gm.graph.lint()
+        gm.recompile()
+    return inlined
+
+
+def _inlinable_region(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule | None:
+    """The body of `node` when it runs a grad-disabling region `inline_no_grad_regions` inlines:
+    plain ops, none writing in place, each output a known value, read by index only."""
+    if node.op != "call_function" or node.target is not _SET_GRAD_ENABLED or node.args[0] is not False:
+        return None
+    holder = node.args[1]
+    if node.kwargs or not isinstance(holder, torch.fx.Node) or holder.op != "get_attr":
+        return None
+    body = getattr(gm, holder.target, None)
+    if not isinstance(body, torch.fx.GraphModule):
+        return None
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(node.args) - 2:
+        return None
+    for n in body.graph.nodes:
+        if n.op in ("placeholder", "output"):
+            continue
+        if n.op != "call_function":
+            return None  # a nested region's get_attr, a module call
+        target = n.target
+        plain = target in _PLAIN_OPERATORS if not isinstance(target, torch._ops.OpOverload) \
+            else not target._schema.is_mutable
+        if not plain:
+            return None
+    outputs = body.graph.output_node().args[0]
+    if not isinstance(outputs, (tuple, list)):
+        return None
+    for value in outputs:
+        # whether to detach it: a value with no recorded val could be a tensor or a size
+        if isinstance(value, torch.fx.Node) and value.op != "placeholder" and "val" not in value.meta:
+            return None
+    if any(u.op != "call_function" or u.target is not operator.getitem or not isinstance(u.args[1], int)
+           for u in node.users):
+        return None
+    return body
+
+
+def _inline_region(gm: torch.fx.GraphModule, node: torch.fx.Node, body: torch.fx.GraphModule) -> None:
+    """Copy `body`'s ops in before `node` on its operands, route each ``node[i]`` to output i
+    (a tensor computed in the block through ``aten.detach``), and drop `node`."""
+    graph = gm.graph
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    env: dict[torch.fx.Node, Any] = dict(zip(placeholders, node.args[2:]))
+    results: list[Any] = []
+    with graph.inserting_before(node):
+        for n in body.graph.nodes:
+            if n.op not in ("placeholder", "output"):
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        for value in body.graph.output_node().args[0]:
+            if not isinstance(value, torch.fx.Node):
+                results.append(value)
+            elif value.op == "placeholder" or not isinstance(value.meta["val"], torch.Tensor):
+                # an operand given back as it is (no_grad leaves `y = x` x itself) or a size
+                results.append(env[value])
+            else:
+                detached = graph.call_function(torch.ops.aten.detach.default, (env[value],))
+                detached.meta = dict(env[value].meta)  # its shape, and the source line and module
+                results.append(detached)
+    for user in list(node.users):
+        user.replace_all_uses_with(results[user.args[1]])
+        graph.erase_node(user)
+    holder = node.args[1]
+    graph.erase_node(node)
+    if not holder.users:
+        graph.erase_node(holder)
 
 
 # ----- example inputs -----------------------------------------------------------------------

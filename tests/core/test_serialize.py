@@ -603,6 +603,21 @@ class _NoGradBlock(nn.Module):
         return self.b(y)
 
 
+class _NoGradUpdate(_NoGradBlock):
+    """A no_grad block that also updates a running mean in place: capture keeps it as export's region
+    (a plain one is inlined into the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(8))
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.a(x).relu()
+            self.mean.mul_(0.9).add_(y.mean(0), alpha=0.1)
+        return self.b(y)
+
+
 class _AutocastOff(_NoGradBlock):
     def forward(self, x):
         with torch.autocast("cpu", enabled=False):
@@ -615,7 +630,7 @@ class _Cond(_NoGradBlock):
         return self.b(torch.cond(x.sum() > 0, lambda x: self.a(x), lambda x: -x, (x,)))
 
 
-@pytest.mark.parametrize("model", [_NoGradBlock(), _AutocastOff(), _Cond()], ids=["no_grad", "autocast", "cond"])
+@pytest.mark.parametrize("model", [_NoGradUpdate(), _AutocastOff(), _Cond()], ids=["no_grad", "autocast", "cond"])
 def test_an_export_graph_with_a_no_grad_autocast_or_cond_region_round_trips(model, tmp_path):
     """export puts such a region in a subgraph the graph reads by get_attr and runs by a
     higher-order op (every Llama-family rotary embedding runs under no_grad): save refused it,
@@ -632,7 +647,7 @@ def test_an_export_graph_with_a_no_grad_autocast_or_cond_region_round_trips(mode
 
 def test_load_refuses_a_higher_order_op_outside_its_list(tmp_path):
     path = tmp_path / "region.pt"
-    fxopt.save(fxopt.capture(_NoGradBlock().eval(), torch.randn(4, 8), mode="export"), path)
+    fxopt.save(fxopt.capture(_NoGradUpdate().eval(), torch.randn(4, 8), mode="export"), path)
     data = torch.load(path, weights_only=True)
     record = next(r for r in data["nodes"] if isinstance(r["target"], dict) and "hop" in r["target"])
     record["target"] = {"hop": "run_const_graph"}

@@ -170,10 +170,12 @@ class _Branches(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
 
     def forward(self, x):
         y = torch.cond(x.sum() > 0, lambda t: self.a(t) * 2, lambda t: self.b(t) - 1, (x,))
-        with torch.no_grad():
+        with torch.no_grad():  # a region capture keeps (it writes in place; a plain one is inlined)
+            self.calls.add_(1)
             return y * 3
 
 
