@@ -501,7 +501,10 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec("squeeze", functions=(torch.squeeze,), methods=("squeeze",), aten=(aten.squeeze,),
            arg_names=("input", "dim"), defaults=dict(dim=None)),
     OpSpec("pad", functions=(F.pad,), aten=(aten.pad, aten.constant_pad_nd),
-           arg_names=("input", "pad", "mode", "value"), defaults=dict(mode="constant", value=None)),
+           modules=tuple(getattr(nn, f"{kind}Pad{n}d") for kind in ("Constant", "Zero", "Reflection", "Replication",
+                                                                     "Circular") for n in (1, 2, 3)),
+           arg_names=("input", "pad", "mode", "value"), defaults=dict(mode="constant", value=None),
+           module_attrs=lambda m: _pad_attrs(m)),
     OpSpec("slice", aten=(aten.slice,), arg_names=("input", "dim", "start", "end", "step"),
            defaults=dict(dim=0, start=None, end=None, step=1)),
     OpSpec("narrow", functions=(torch.narrow,), methods=("narrow",), aten=(aten.narrow,),
@@ -811,6 +814,16 @@ def _matmul_as_linear(gm: torch.fx.GraphModule, view: OpView, args: dict) -> OpV
     if weight is None or not isinstance(x, torch.fx.Node):
         return None
     return OpView(view.node, "linear", [x], {"weight": ref_for_get_attr(gm, weight)}, {})
+
+
+def _pad_attrs(m: nn.Module) -> dict:
+    """F.pad's arguments of an `nn.*PadNd` module (a symbolic graph keeps it a module call; an
+    export graph has the aten pad already)."""
+    padding = nn.modules.padding
+    mode = ("constant" if isinstance(m, padding._ConstantPadNd) else
+            "reflect" if isinstance(m, padding._ReflectionPadNd) else
+            "replicate" if isinstance(m, padding._ReplicationPadNd) else "circular")
+    return dict(pad=tuple(m.padding), mode=mode, value=getattr(m, "value", None))
 
 
 def _module_view(gm: torch.fx.GraphModule, node: torch.fx.Node, spec: OpSpec) -> OpView:

@@ -859,7 +859,7 @@ class _Lowering:
         if self.backend == "x86":
             node.replace_input_with(src, new_input)
             if view.kind == "pad":  # torch's quantized pad copies element by element: pad the bytes
-                node.target = int8_pad
+                node.op, node.target = "call_function", int8_pad  # (an nn.*PadNd module call too)
                 node.args, node.kwargs = (new_input, list(view.attrs["pad"]), view.attrs.get("mode", "constant")), {}
             elif view.kind in ("pixel_shuffle", "pixel_unshuffle"):  # moves the bytes, channels-last kept
                 factor = view.attrs["upscale_factor" if view.kind == "pixel_shuffle" else "downscale_factor"]

@@ -315,6 +315,8 @@ class IndexRules:
             return self.passthrough(node, view, src, axis)
         if not constant or lo < 0 or hi < 0:
             raise _Pin("pad of the channel axis other than with zeros")
+        if node.op == "call_module":  # (apply recounts the pads of an F.pad call's arguments)
+            raise _Pin("a pad module over the channel axis")
         # zero channels around the input's (a CIFAR ResNet's shortcut, prune's own norm inputs):
         # each is a class of its own with nothing to lose, apply recounts the pads
         in_pos = np.arange(self.slots[sid].size)

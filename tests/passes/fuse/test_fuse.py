@@ -1960,11 +1960,13 @@ def _stats(bn):
     lambda: nn.Sequential(_stats(nn.BatchNorm2d(3)), nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")),
     lambda: nn.Sequential(_stats(nn.BatchNorm2d(3)), nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular")),
     lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.FeatureAlphaDropout(0.2), nn.ReLU()),
+    lambda: nn.Sequential(_stats(nn.BatchNorm2d(3)), nn.ReflectionPad2d(2), nn.Conv2d(3, 8, 3)),  # CycleGAN's
+    lambda: nn.Sequential(_stats(nn.BatchNorm2d(3)), nn.ReplicationPad2d((1, 0, 2, 1)), nn.Conv2d(3, 8, 3)),
 ])
 def test_more_batchnorms_fold_and_eval_dropouts_go(mode, build):
     """An eval SyncBatchNorm folds like a BatchNorm; a batchnorm before a conv that pads with
-    copies of its input (reflect, circular) folds exactly (the copies are normalized values);
-    an eval FeatureAlphaDropout is an identity."""
+    copies of its input (reflect, circular; an nn.ReflectionPad2d module between them too)
+    folds exactly (the copies are normalized values); an eval FeatureAlphaDropout is an identity."""
     torch.manual_seed(0)
     model, x = build().eval(), torch.randn(2, 3, 10, 10)
     res = fxopt.optimize(model, (x,), "fuse", mode=mode)
