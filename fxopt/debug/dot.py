@@ -3,9 +3,11 @@
 Each box shows the node name, op and target, shape/dtype, and the node's annotations
 (`node.meta["fxopt.annotations"]`). Two annotations change the drawing:
 
-- `group`: boxes are filled with a colour per group (pruning groups, fusion clusters);
+- `group`: boxes are filled with a colour per group (fusion clusters; a prune plan's
+  `prune.group` too);
 - `cut`: names (or nodes) of inputs whose edge into this node is cut; those edges are drawn
-  red and dashed (a pruning or partitioning boundary).
+  red and dashed (a partitioning boundary; a prune plan's `prune.cut_from`, the channel slot
+  its re-expansion cut starts from, ``'transpose:2'``: node `transpose`, axis 2).
 
 Past `collapse_threshold` nodes the drawing collapses by module scope (see `scopes`): one box
 per scope with its node count and most frequent ops, edges labelled with how many values
@@ -71,7 +73,7 @@ def _boxes(gm: torch.fx.GraphModule, prefix: str, indent: str, parts: list[str])
     for i, node in enumerate(gm.graph.nodes):
         nid = ids[node] = f"{prefix}{i}"
         parts.append(f"{indent}{nid} [{_node_attrs(node.name, node)}];\n")
-        cut = _cut_names((node.meta.get(ANNOTATIONS) or {}).get("cut"))
+        cut = _cut_names(node.meta.get(ANNOTATIONS) or {})
         for src in node.all_input_nodes:
             attrs = " [color=red, style=dashed, penwidth=1.5]" if src.name in cut else ""
             parts.append(f"{indent}{ids[src]} -> {nid}{attrs};\n")
@@ -96,7 +98,7 @@ def collapsed_dot(gm: torch.fx.GraphModule, *, title: str | None = None, max_gro
     cut_edges: Counter[tuple[str, str]] = Counter()
     for node, scope in zip(nodes, scopes):
         members.setdefault(scope, []).append(node)
-        cut = _cut_names((node.meta.get(ANNOTATIONS) or {}).get("cut"))
+        cut = _cut_names(node.meta.get(ANNOTATIONS) or {})
         for src in node.all_input_nodes:
             key = (scope_of[src], scope)
             if key[0] != key[1]:
@@ -123,7 +125,8 @@ def _node_attrs(heading: str, node: torch.fx.Node) -> str:
         lines.append(typ)
     notes = node.meta.get(ANNOTATIONS) or {}
     lines.extend(f"{k}: {_clip(note_text(v))}" for k, v in notes.items())
-    fill = group_color(notes["group"]) if "group" in notes else _OP_FILL.get(node.op)
+    group = _group(notes)
+    fill = group_color(group) if group is not None else _OP_FILL.get(node.op)
     return f'label="{_label(lines)}"' + (f', fillcolor="{fill}"' if fill else "")
 
 
@@ -132,7 +135,7 @@ def _scope_attrs(scope: str, group: list[torch.fx.Node]) -> str:
         return _node_attrs(scope, group[0])
     ops = Counter(target_text(n) if n.op not in _OP_FILL else n.op for n in group)
     lines = [scope, f"{len(group)} nodes"] + [f"{op} x{c}" for op, c in ops.most_common(3)]
-    groups = {str(g) for n in group if (g := (n.meta.get(ANNOTATIONS) or {}).get("group")) is not None}
+    groups = {str(g) for n in group if (g := _group(n.meta.get(ANNOTATIONS) or {})) is not None}
     annotated = sum(1 for n in group if n.meta.get(ANNOTATIONS))
     if annotated:
         lines.append(f"{annotated} annotated" + (f", groups {_clip(', '.join(sorted(groups)))}" if groups else ""))
@@ -146,10 +149,25 @@ def group_color(group: Any) -> str:
     return _GROUP_FILL[index % len(_GROUP_FILL)]
 
 
-def _cut_names(cut: Any) -> set[str]:
-    if cut is None:
+def _group(notes: dict) -> Any:
+    """The group a node's annotations put it in (`group`, or a prune plan's `prune.group`), or None."""
+    return notes["group"] if notes.get("group") is not None else notes.get("prune.group")
+
+
+def _cut_names(notes: dict) -> set[str]:
+    """Names of the inputs whose edge into the node is cut: `cut`, and the node of a prune
+    plan's `prune.cut_from` slot (``'transpose:2'``, or ``'pin:gru'`` for a pinned node)."""
+    names = _names(notes.get("cut"))
+    for slot in _names(notes.get("prune.cut_from")):
+        kind, _, rest = slot.partition(":")
+        names.add(rest if kind in ("pin", "use") else kind)
+    return names
+
+
+def _names(value: Any) -> set[str]:
+    if value is None:
         return set()
-    items = [cut] if isinstance(cut, (str, torch.fx.Node)) else cut
+    items = [value] if isinstance(value, (str, torch.fx.Node)) else value
     return {c.name if isinstance(c, torch.fx.Node) else str(c) for c in items}
 
 

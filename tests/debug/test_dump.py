@@ -83,6 +83,40 @@ def test_cut_edge_is_found_by_node_too(graph):
     assert "color=red, style=dashed" in full_dot(graph)
 
 
+class _ConvIntoGRU(nn.Module):
+    """Convs whose mean feeds a GRU (no channel rule: pinned, its input edge cut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1),
+                                     nn.Conv2d(32, 32, 3, padding=1))
+        self.gru, self.fc = nn.GRU(32, 4, batch_first=True), nn.Linear(32, 4)
+
+    def forward(self, x):
+        b = torch.relu(self.c2(torch.relu(self.c1(x))))
+        h, _ = self.gru(b.mean(3).transpose(1, 2))
+        return self.fc(self.c3(b).mean((2, 3))) + h[:, -1].sum(1, keepdim=True)
+
+
+def test_a_prune_plan_dump_draws_its_groups_and_cut_edges(tmp_path):
+    """dot.py read `group` and `cut`, prune writes `prune.group` and `prune.cut_from` (a slot,
+    'transpose:2'): a plan's drawing had no group colours and no cut edge (api F1)."""
+    from fxopt.passes.prune.prune_pass import analyze
+
+    torch.manual_seed(0)
+    plan = analyze(_ConvIntoGRU().eval(), (torch.randn(2, 3, 8, 8),), ratio=0.5)
+    assert plan.boundary.cut_edges == [("transpose:2", "pin:gru")]
+    dump(plan, tmp_path, svg=False)
+    text = (tmp_path / "graph.dot").read_text()
+    ids = {name: line.split(" [")[0].strip() for line in text.splitlines()
+           if (name := line.partition('label="')[2].split("\\n")[0]) in ("transpose", "gru", "c1", "c2")}
+    assert f"{ids['transpose']} -> {ids['gru']} [color=red, style=dashed" in text, text
+    assert text.count("color=red") == 1
+    fills = {name: line.partition('fillcolor="')[2].split('"')[0] for line in text.splitlines()
+             if (name := line.partition('label="')[2].split("\\n")[0]) in ("c1", "c2")}
+    assert fills["c1"] and fills["c2"] and fills["c1"] != fills["c2"], fills  # two groups, two colours
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz `dot` is not installed")
 def test_svg_rendered_when_graphviz_is_installed(graph, tmp_path):
     index = dump(graph, tmp_path)
