@@ -466,8 +466,9 @@ class _Builder(ElementwiseRules, LayerRules, ContractionRules, IndexRules, Shape
                 hint = "" if isinstance(module, _NOT_HELPED_BY_EXPORT) else " (mode='export' decomposes it)"
                 raise _Pin(f"no channel rule for {type(module).__name__}{hint}")
             if region:
-                raise _Pin("a region export keeps as one call of a submodule graph (a torch.no_grad() or "
-                           "autocast block); fxopt does not prune inside it (mode='symbolic' traces through it)")
+                # (capture inlines a plain torch.no_grad() block; symbolic tracing drops an autocast)
+                raise _Pin("a region export keeps as one call of a submodule graph (an autocast block, or a "
+                           "torch.no_grad() block that writes in place); fxopt does not prune inside it")
             if _reads_sign_of_zero(node):
                 # the zero-weight model hands it -0.0 after a negation (signbit(-0.0) is True);
                 # the +0.0 a re-expansion would write is another input: the channels stay

@@ -1472,31 +1472,33 @@ def test_a_value_written_in_place_keeps_its_channels_where_readers_see_the_write
 
 
 class FrozenBackbone(nn.Module):
-    """A backbone run under torch.no_grad() in forward: export keeps the block as one call of a
-    submodule graph (wrap_with_set_grad_enabled)."""
+    """A backbone run under torch.no_grad() (or autocast) in forward: export keeps the block as
+    one call of a submodule graph (wrap_with_set_grad_enabled, wrap_with_autocast); capture
+    inlines a plain no_grad block, its outputs detached."""
 
-    def __init__(self):
+    def __init__(self, autocast=False):
         super().__init__()
+        self.autocast = autocast
         self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
         self.head = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
 
     def forward(self, x):
-        with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else torch.no_grad():
             f = self.backbone(x)
-        return self.head(f)
+        return self.head(f.float())
 
 
 @pytest.mark.parametrize("mode", ["symbolic", "export"])
-def test_a_no_grad_block_is_pruned_symbolically_and_named_where_export_hides_it(mode):
+def test_a_no_grad_block_is_pruned_and_an_autocast_region_named(mode):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     r = prune_and_mask(FrozenBackbone().eval(), x, mode)
     torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
-    regions = [why for why in r.plan.channel_graph.pinned_nodes.values() if "torch.no_grad()" in why]
-    if mode == "symbolic":
-        assert not regions and r.pruned.get_parameter("backbone.0.weight").shape[0] < 16
-    else:  # not silently kept: the pin names the region and what to do
-        assert regions and "mode='symbolic'" in regions[0]
+    assert not r.plan.channel_graph.pinned_nodes and r.pruned.get_parameter("backbone.0.weight").shape[0] < 16
+    if mode == "export":  # not silently kept: the pin names the region
+        r = prune_and_mask(FrozenBackbone(autocast=True).eval(), x, mode)
+        torch.testing.assert_close(r.out, r.masked, rtol=1e-4, atol=1e-5)
+        assert any("an autocast block" in why for why in r.plan.channel_graph.pinned_nodes.values())
 
 
 class UnflattenModule(nn.Module):
