@@ -71,7 +71,7 @@ from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tr
 from .errors import (FxoptError, InputMismatchError, VerificationError, did_you_mean, first_line,
                      is_library_frame, node_location, user_source_line)
 from .ir.interpret import BufferState, fresh_inputs, node_values, run_graph, same_random_draws
-from .ir.rewrite import deep_copy, origin
+from .ir.rewrite import deep_copy, module_path, origin
 from .tracing import GradStateReads, one_at_a_time
 
 
@@ -265,10 +265,12 @@ class Divergence:
     module: str | None = None
 
     def __str__(self) -> str:
+        # (a node a pass made stands for the reference node whose value it computes; one that
+        # kept its name stands for itself: no need to say so)
+        stands = f" (stands for '{self.reference_node}')" if self.reference_node != self.node else ""
         inside = f" in module {self.module}" if self.module else ""
         where = f" at {self.source}" if self.source else ""
-        return (f"first diverging node '{self.node}' (stands for '{self.reference_node}'){inside}{where}: "
-                f"{self.comparison}")
+        return f"first diverging node '{self.node}'{stands}{inside}{where}: {self.comparison}"
 
 
 def _user_line(*nodes: torch.fx.Node | None) -> str | None:
@@ -283,15 +285,22 @@ def _user_line(*nodes: torch.fx.Node | None) -> str | None:
 
 
 def _module_of(*nodes: torch.fx.Node | None) -> str | None:
-    """"'b.l' (Linear)": the innermost submodule the first of `nodes` that records one
-    (``meta["nn_module_stack"]``) ran in; None for a node of the model's own forward, or a
-    call_module node, whose name already is the module's."""
+    """"'b.l' (Linear)": the module the first of `nodes` that says calls (a symbolic graph's
+    call_module node: its name, '_0', is no path) or ran in, its innermost submodule recorded
+    in ``meta["nn_module_stack"]``; None for a node of the model's own forward."""
     for node in nodes:
-        stack = node.meta.get("nn_module_stack") if node is not None else None
+        if node is None:
+            continue
+        if node.op == "call_module":
+            owner = node.graph.owning_module
+            module = owner.get_submodule(node.target) if owner is not None else None
+            path = module_path(node)
+            return f"'{path}' ({type(module).__name__})" if module is not None else f"'{path}'"
+        stack = node.meta.get("nn_module_stack")
         if not stack:
             continue
         path, kind = list(stack.values())[-1]
-        if not path or (node.op == "call_module" and node.target == path):
+        if not path:
             return None
         kind = kind if isinstance(kind, str) else getattr(kind, "__qualname__", str(kind))
         return f"'{path}' ({kind.rpartition('.')[2]})"

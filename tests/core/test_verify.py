@@ -204,6 +204,21 @@ def test_a_divergence_in_torchs_own_code_names_the_module_not_torchs_line():
     assert "linear.py" not in r.summary()
 
 
+def test_a_divergence_at_a_symbolic_module_call_names_the_module_and_its_type():
+    """A symbolic graph's call_module node '_0' was reported as "first diverging node '_0' (stands
+    for '_0')", naming no module: '_0' is no path, and a node that kept its name stands for itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    ref = capture(model, (_x(),), mode="symbolic")
+    cand = copy.deepcopy(ref)
+    with torch.no_grad():
+        cand.get_parameter("0.bias").add_(1.0)
+    for reference in (ref, model):
+        r = verify(reference, cand, _x())
+        assert r.divergence.module == "'0' (Linear)", r.summary()
+        assert str(r.divergence).startswith("first diverging node '_0' in module '0' (Linear): "), r.summary()
+
+
 def test_no_localization_against_another_model_class():
     class Other(Net):
         pass
