@@ -456,16 +456,32 @@ def _floors(record: dict) -> tuple[tuple[int, int, int], ...]:
                  if isinstance(d, dict) and "symbol" in d and (d["min"] or 0) > 0)
 
 
-def specialized_guard(fits: Any, message: str) -> None:
+# what a guard's message says of the call until the guard knows the value (`specialized_guard`)
+CALLED_WITH_ANOTHER = "was called with another"
+
+
+def specialized_guard(fits: Any, message: str, *called: Any) -> None:
     """The guard a captured graph calls on a non-tensor input it was specialized to
     (``captured with flag=True ...``): raises `InputMismatchError` when `fits` is false, under
-    ``python -O`` too (``torch._assert`` is an ``assert``). A traced value (fx tracing the graph
-    again, as ``torch.load`` does) records the call instead, as ``torch._assert`` does."""
+    ``python -O`` too (``torch._assert`` is an ``assert``), its message naming the value the
+    graph was `called` with where the graph passes it (graphs saved before it did pass none). A
+    traced value (fx tracing the graph again, as ``torch.load`` does) records the call instead,
+    as ``torch._assert`` does."""
     if has_torch_function((fits,)):
-        return handle_torch_function(specialized_guard, (fits,), fits, message)
+        return handle_torch_function(specialized_guard, (fits,), fits, message, *called)
     if not fits:
+        if called:
+            message = message.replace(CALLED_WITH_ANOTHER, f"was called with {_called_text(called[0])}", 1)
         raise InputMismatchError(message)
     return None
+
+
+def _called_text(value: Any) -> str:
+    """`5`, `'a'`, `a float32 tensor of shape [2, 4]`: the value a specialized input was called with."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__} ({text[:57]}...)"
 
 
 torch.fx.node.has_side_effect(specialized_guard)  # dead-code removal keeps it: it has no users

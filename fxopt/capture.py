@@ -62,8 +62,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_map
 
 from .analysis.shapes import propagate_shapes
-from .call_check import (FIXED_BY_MODEL, FLOORS_CHECKED, explain_failed_calls, inputs_at_size, record_inputs, set_symbol_min,
-                         sizes_taken, specialized_guard, symbol_mins, symbols_by_size)
+from .call_check import (CALLED_WITH_ANOTHER, FIXED_BY_MODEL, FLOORS_CHECKED, explain_failed_calls, inputs_at_size,
+                         record_inputs, set_symbol_min, sizes_taken, specialized_guard, symbol_mins, symbols_by_size)
 from .errors import CaptureError, CaptureWarning, TrainingModeWarning, did_you_mean, first_line, user_stacklevel
 from .ir.effects import drop_fresh_copies, fresh_literal_constants, written_base
 from .ir.interpret import BufferState, fresh_inputs, same_random_draws
@@ -1477,8 +1477,10 @@ def _attributes_hold_tensor(value: Any) -> bool:
 
 
 def _specialization_message(name: str, value: Any) -> str:
+    """The message of the guard on an input specialized to `value` (the guard puts the value it
+    was called with in place of `CALLED_WITH_ANOTHER`)."""
     return (f"captured with {name}={value!r}: the graph is specialized to that value of the "
-            f"non-tensor input '{name}' and was called with another; capture again with the new value")
+            f"non-tensor input '{name}' and {CALLED_WITH_ANOTHER}; capture again with the new value")
 
 
 def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
@@ -1517,13 +1519,13 @@ def _name_specialized_inputs(gm: torch.fx.GraphModule, concrete: dict) -> None:
             elif user.target is operator.eq:
                 for check in list(user.users):
                     if check.op == "call_function" and check.target is torch._assert:
-                        check.target, check.args = specialized_guard, (check.args[0], message)
+                        check.target, check.args = specialized_guard, (check.args[0], message, node)
                         guarded = True
         if not guarded:  # fx guards numbers, strings and None only (a tuple, an enum: a warning)
             with graph.inserting_after(node):
                 same = graph.call_function(operator.eq, (node, value))
             with graph.inserting_after(same):
-                graph.call_function(specialized_guard, (same, message))
+                graph.call_function(specialized_guard, (same, message, node))
         changed = True
     if changed:
         graph.lint()
@@ -1593,7 +1595,7 @@ def _insert_none_guard(graph: torch.fx.Graph, node: torch.fx.Node, message: str,
     rather than `is None`: a traced Proxy compares into a node, so the guard survives re-tracing
     (torch.load); the guard is marked side-effectful, so it survives dead-code removal."""
     fits = graph.call_function(compare, (node, None))
-    graph.call_function(specialized_guard, (fits, message))
+    graph.call_function(specialized_guard, (fits, message, node))
 
 
 def _leading_sizes(args: tuple, kwargs: dict) -> list[int]:
