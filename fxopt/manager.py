@@ -732,11 +732,17 @@ def _written_arguments(func) -> tuple[int, ...]:
 
 
 def _advice(who: str) -> str:
-    """What to do instead, for a pass or an instrument."""
+    """What to do instead of a write into a shared tensor, for a pass or an instrument."""
     if who == "the pass":
         return "passes must replace tensors (ParamRef.set) so the input module stays intact"
     return ("instruments observe: the modules they are handed share their tensors with the input module and "
             "the verification reference; copy a tensor (t.clone()) before changing it")
+
+
+def _module_advice(who: str) -> str:
+    """What an instrument that edited or replaced the module the pipeline goes on with does instead."""
+    return ("instruments observe: the pipeline goes on with the module a pass made, so an edit belongs in a pass "
+            "(a Pass in the pipeline); to try one out, edit a copy (copy.deepcopy(result.module))")
 
 
 # `t.data = x` reaches a torch function mode as the `__set__` of this descriptor: it swaps the
@@ -1058,7 +1064,7 @@ def _call_instrument(inst: Instrument, hook: str, protected: Sequence[tuple[str,
         _check_graphs(graphs, who)
         if result is not None and result.module is not module:
             raise RuntimeError(f"{who} replaced result.module, the module the pipeline goes on with; "
-                               f"{_advice(who)}")
+                               f"{_module_advice(who)}")
     except PassError:
         untouched.put_back()
         raise
@@ -1073,7 +1079,7 @@ def _check_graphs(graphs: list[tuple[str, torch.fx.GraphModule, int]], who: str)
     the pipeline would go on with a module no pass made, checked only at the end."""
     for label, gm, signature in graphs:
         if _graph_signature(gm) != signature:
-            raise RuntimeError(f"{who} changed the graph of {label}; {_advice(who)}")
+            raise RuntimeError(f"{who} changed the graph of {label}; {_module_advice(who)}")
 
 
 def own_tensors(result: torch.nn.Module, source: torch.nn.Module) -> int:
