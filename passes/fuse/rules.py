@@ -3,6 +3,9 @@
 Each table is a `PatternSet`; `fuse` applies them in order:
 
 - `NOOPS`: eval-mode dropout and identities disappear;
+- `REDUCTIONS`, `STACK_SUMS`: a max/min whose indices nobody reads as amax/amin, a sum over the
+  axis a stack made as the pieces added;
+- `NORMS`: an instance norm by input statistics as the group norm of one channel per group;
 - `FOLDS`: conv/linear + batchnorm folding, consecutive linear merging, spelled-out attention
   (also with a same-dtype softmax and cast, Hugging Face's eager spelling) to
   `F.scaled_dot_product_attention` — rewrites that compute new weights;

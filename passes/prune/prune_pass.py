@@ -183,8 +183,8 @@ def _checked_mask(cg: ChannelGraph, dead: Any, blocked: np.ndarray) -> np.ndarra
     given = np.asarray(dead)
     other = given[~np.isin(given, (0, 1))] if given.dtype != bool else given[:0]
     if other.size:  # (a float mask of scores became all True; the error then blamed a pinned channel)
-        raise ValueError(f"the dead mask holds {given.dtype} values other than 0 and 1 (e.g. {other.flat[0].item()!r}): "
-                         "give a bool per class (True removes it), e.g. scores > threshold")
+        raise ValueError(f"the dead mask holds {given.dtype} values other than 0 and 1 (e.g. "
+                         f"{other.flat[0].item()!r}): give a bool per class (True removes it), e.g. scores > threshold")
     dead = given.astype(bool)
     if dead.shape != (cg.n_classes,):
         raise ValueError(f"the dead mask has shape {dead.shape}; the plan has {cg.n_classes} channel classes "
