@@ -34,8 +34,9 @@ Rewrites (float32, CPU, `torch.backends.mkldnn.is_available()`):
   max_pool2d k2: 13.3 vs 0.34 ms, one thread);
 - a group norm of one channel per group (`fuse`'s instance norm) of a 4-D float32 value ->
   `instance_norm_any_layout`, which picks torch's kernel by the value's layout at run time:
-  on a channels-last value of fewer than `MIN_GROUP_NORM_PIXELS` pixels its instance_norm
-  (torch's channels-last group_norm is 2-2.3x slower there), its group_norm otherwise;
+  on a channels-last value of fewer than `MIN_GROUP_NORM_PIXELS` pixels or 8 channels its
+  instance_norm (torch's channels-last group_norm is 1.2-5x slower there), its group_norm
+  otherwise;
 - ``index_add(y, 1, idx, x)`` of 4-D values (where prune writes a narrowed block output into a
   residual stream) -> `index_add_channels`, the same scatter over the (N*H*W, C) view of the
   channels-last tensors lowered convs return: torch's kernel is 4x slower on the 4-D
@@ -1019,9 +1020,11 @@ def extremum_any_layout(x: torch.Tensor, dim: int, keepdim: bool, largest: bool)
     return y if keepdim else y.squeeze(dim)
 
 
-#: A channels-last value with fewer pixels per channel than this is instance-normalized by
-#: torch's instance_norm, more by its group_norm (see `instance_norm_any_layout`).
+#: A channels-last value with fewer pixels per channel or fewer channels than these is
+#: instance-normalized by torch's instance_norm, else by its group_norm (see
+#: `instance_norm_any_layout`).
 MIN_GROUP_NORM_PIXELS = 1024
+MIN_GROUP_NORM_CHANNELS = 8
 
 
 def _one_channel_per_group(view) -> bool | str:
@@ -1048,15 +1051,16 @@ def instance_norm_any_layout(x: torch.Tensor, weight: torch.Tensor | None, bias:
     """The instance norm of 4-D `x` by torch's fastest kernel for its layout: the group norm of
     one channel per group, except on a channels-last value of fewer than
     `MIN_GROUP_NORM_PIXELS` pixels, where torch's channels-last group_norm runs 2-2.3x its
-    instance_norm's time (1x256x16x16: 0.69 vs 0.30 ms; 32x32 and more: 5-15x the other way;
-    row-major, group_norm is 4-50x faster at every size; one thread; adversary).
+    instance_norm's time (1x256x16x16: 0.69 vs 0.30 ms; 32x32 and more: 5-15x the other way),
+    or of 2 to 7 channels (1.2-5x slower there; adversary); row-major, group_norm is 4-50x
+    faster at every size (one thread).
 
         >>> x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
         >>> torch.allclose(instance_norm_any_layout(x, None, None, 1e-5), F.instance_norm(x), atol=1e-5)
         True
     """
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
-            and x.shape[2] * x.shape[3] < MIN_GROUP_NORM_PIXELS:
+            and (x.shape[2] * x.shape[3] < MIN_GROUP_NORM_PIXELS or x.shape[1] < MIN_GROUP_NORM_CHANNELS):
         return F.instance_norm(x, weight=weight, bias=bias, eps=eps)
     return F.group_norm(x, x.shape[1], weight, bias, eps)
 

@@ -91,3 +91,30 @@ def test_a_leaky_relu_at_the_output_stays_float_where_int8_would_only_add_conver
     reasons = list(res.passes[-1].stats["float_ops"].values())
     assert reasons == ["leaky_relu: kept float: int8 would cost more conversions than it saves"]
     assert res.verification.sqnr_db > 35
+
+
+class _FloatBeforeConv(nn.Module):
+    """A leaky_relu of a value no int8 layer wrote (the graph input, a float sigmoid's), read by
+    a conv: a quantize either before it or after it, the same conversion either way."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8 if how == "sigmoid" else 3, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.c(x)) * 4 - 2 if self.how == "sigmoid" else x
+        return self.d(F.leaky_relu(h, 0.1))
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("how", ["input", "sigmoid"])
+def test_a_leaky_relu_that_saves_no_conversion_stays_float(mode, how):
+    """In int8 it rounds once more for nothing (adversary: 41.1 -> 37.5 dB on a graph input, 37.9
+    -> 36.8 dB and up to 1.1x the time after a sigmoid): on a tie the cut keeps it float."""
+    torch.manual_seed(0)
+    model, x = _FloatBeforeConv(how).eval(), torch.randn(2, 3, 12, 12)
+    res = fxopt.optimize(model, x, "quantize{backend=x86}", calibration=[torch.randn(4, 3, 12, 12) for _ in range(3)],
+                         mode=mode)
+    assert not _calls(res.module, "quantized.leaky_relu") and len(_float_leaky(res.module)) == 1
+    assert res.verification.passed
