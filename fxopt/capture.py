@@ -70,7 +70,7 @@ from .ir.interpret import BufferState, fresh_inputs, same_random_draws
 from .ir.opview import spec_for
 from .ir.rewrite import deep_copy
 from .serialize import rebuild_coded_attributes, set_container_mode
-from .tracing import GradStateReads, one_at_a_time, registered_by_user, trace, with_traceable_forward
+from .tracing import NO_GRAD, GradStateReads, one_at_a_time, registered_by_user, trace, with_traceable_forward
 from .verify import PythonAttributes
 
 # torch.nn's traceable forwards register themselves when their module is imported
@@ -299,6 +299,7 @@ def _symbolic(model: nn.Module, args: tuple, kwargs: dict, enter: bool = True) -
     fresh_literal_constants(gm)  # a literal the forward writes is a new tensor each call, as in eager
     _name_specialized_inputs(gm, concrete)
     _guard_tensor_inputs(gm, model, args, kwargs)
+    detach_no_grad_values(gm, args, kwargs)
     # the check passes every input, the specialized ones too, exactly as the caller will
     try:
         _record_shapes_and_check(model, gm, args, kwargs, grad_reads)
@@ -1085,6 +1086,43 @@ def _inline_region(gm: torch.fx.GraphModule, node: torch.fx.Node, body: torch.fx
     graph.erase_node(node)
     if not holder.users:
         graph.erase_node(holder)
+
+
+def detach_no_grad_values(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> int:
+    """Detach each tensor a ``torch.no_grad()`` block of forward computed where the symbolic
+    graph reads it after the block; returns how many. fx records no block: its ops were traced as
+    plain ops (`FxoptTracer` marks them `NO_GRAD`), so a call with grad on let gradients flow
+    through them, into the block's layers too. `torch.detach` at the block's edge stops them as
+    no_grad does (as `inline_no_grad_regions` does for export's regions); the values are the same.
+
+    Not covered (export keeps such a block as a region; `mode='export'`): a write in place inside
+    the block into a value from outside it (an EMA update of a buffer, ``weight.clamp_``) still
+    runs with grad as the caller has it (autograd records it, or refuses it on a parameter, in a
+    call with grad on), and a tuple made in the block and read whole after it (``torch.cat(parts)``
+    of ``parts = h.chunk(2)``) is not detached.
+    """
+    inside = {n for n in gm.graph.nodes if n.meta.get(NO_GRAD) and n.op in ("call_function", "call_method",
+                                                                              "call_module")}
+    if not inside:
+        return 0
+    for node in gm.graph.nodes:  # an item taken after the block of a tuple made in it
+        source = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
+        if isinstance(source, torch.fx.Node) and source in inside:
+            inside.add(node)
+    propagate_shapes(gm, args, kwargs)  # which values are tensors
+    detached = 0
+    for node in [n for n in gm.graph.nodes if n in inside]:
+        after = [u for u in node.users if u not in inside]
+        if not after or not hasattr(node.meta.get("tensor_meta"), "shape"):
+            continue  # read in the block only; a size, a flag, a tuple
+        with gm.graph.inserting_after(node):
+            detach = gm.graph.call_function(torch.detach, (node,))
+        detach.meta = {k: v for k, v in node.meta.items() if k != NO_GRAD}
+        for user in after:
+            user.replace_input_with(node, detach)
+        detached += 1
+    gm.recompile()
+    return detached
 
 
 # ----- example inputs -----------------------------------------------------------------------

@@ -59,6 +59,10 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 # calls capture, verify and the pass manager, which take it again.
 FX_LOCK = threading.RLock()
 
+#: node meta key: the node was traced in a block of forward with grad off (``torch.no_grad()``),
+#: where the trace began with grad on
+NO_GRAD = "fxopt_no_grad"
+
 
 def one_at_a_time(entry_point: _F) -> _F:
     """`entry_point`, run holding `FX_LOCK` (one fxopt call at a time in the process)."""
@@ -205,10 +209,19 @@ class FxoptTracer(torch.fx.Tracer):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
+    def trace(self, root: Any, concrete_args: dict | None = None) -> torch.fx.Graph:
+        self._grad_at_start = torch._C.is_grad_enabled()
+        return super().trace(root, concrete_args)
+
     def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
         node = super().create_node(*args, **kwargs)
         if self._depth:
             node.meta[_EXPANDED] = True
+        # a node made in a `torch.no_grad()` block of forward: fx records no block, so capture
+        # detaches the values leaving it (`fxopt.capture`); the builtin, not torch.is_grad_enabled,
+        # which `GradStateReads` watches for the forward's own reads
+        if getattr(self, "_grad_at_start", False) and not torch._C.is_grad_enabled():
+            node.meta[NO_GRAD] = True
         return node
 
 

@@ -1,6 +1,7 @@
-"""Export's grad-disabling regions: capture inlines a ``torch.no_grad()`` block's ops into the
-graph (each value leaving the block detached), so the passes see them; the gradients a loss
-gets, and which outputs require grad, stay those of eager."""
+"""A ``torch.no_grad()`` block of forward: capture inlines export's region for it into the graph
+(each value leaving the block detached), so the passes see its ops, and detaches the values
+leaving it in a symbolic graph (fx records no block); the gradients a loss gets, and which
+outputs require grad, stay those of eager."""
 from __future__ import annotations
 
 import copy
@@ -95,7 +96,7 @@ class FrozenConvBN(nn.Module):
 
 
 class WritesAndReads(NoGrad):
-    """A block that updates an average in place (kept as a region) and one that only reads."""
+    """A block that sums into a buffer in place (kept as a region) and one that only reads."""
 
     def __init__(self):
         super().__init__()
@@ -104,7 +105,7 @@ class WritesAndReads(NoGrad):
     def forward(self, x):
         h = self.a(x)
         with torch.no_grad():
-            self.avg.mul_(0.5).add_(h.mean(0))
+            self.avg.add_(h.mean(0))
         with torch.no_grad():
             z = self.b(h)
         return self.c(h + z)
@@ -158,17 +159,9 @@ def _run_with_grads(run, params: dict[str, nn.Parameter], x: torch.Tensor):
     return [o.detach() for o in outs], [o.requires_grad for o in outs], grads, x.grad
 
 
-@pytest.mark.parametrize("model", [NoGrad(), SetGradFalse(), Nested(), FeedsAConv(), ReadsAParameter(),
-                                   FrozenConvBN(), WritesAndReads(), AutocastInside()],
-                         ids=lambda m: type(m).__name__)
-def test_a_graph_with_no_grad_blocks_computes_and_differentiates_as_eager(model):
-    """The graph's outputs, their requires_grad and the gradients of a loss w.r.t. the input and
-    every parameter, inside the block and out, are eager's; plain blocks leave no region behind
-    (export kept each as a `wrap_with_set_grad_enabled` call the passes did not enter)."""
-    model = _warm(model)
-    x = torch.randn(2, 3, 8, 8) if isinstance(model, (FeedsAConv, FrozenConvBN)) else torch.randn(2, 4)
-    state = copy.deepcopy(model.state_dict())
-    gm = _capture(model, x)
+def _compare_with_eager(model: nn.Module, gm: torch.fx.GraphModule, x: torch.Tensor, state: dict) -> dict:
+    """Assert that `gm` computes and differentiates as `model` (from `state`); returns the
+    buffers eager's call left."""
     model.load_state_dict(state)  # (WritesAndReads' checked runs leave its average as it was; make sure)
     want = _run_with_grads(model, dict(model.named_parameters()), x)
     written = {name: b.clone() for name, b in model.named_buffers()}
@@ -184,6 +177,25 @@ def test_a_graph_with_no_grad_blocks_computes_and_differentiates_as_eager(model)
         if w is not None:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=1e-6)
+    return written
+
+
+def _example(model: nn.Module) -> torch.Tensor:
+    return torch.randn(2, 3, 8, 8) if isinstance(model, (FeedsAConv, FrozenConvBN)) else torch.randn(2, 4)
+
+
+PLAIN = [NoGrad(), SetGradFalse(), Nested(), FeedsAConv(), ReadsAParameter(), FrozenConvBN()]
+
+
+@pytest.mark.parametrize("model", [*PLAIN, WritesAndReads(), AutocastInside()], ids=lambda m: type(m).__name__)
+def test_a_graph_with_no_grad_blocks_computes_and_differentiates_as_eager(model):
+    """The graph's outputs, their requires_grad and the gradients of a loss w.r.t. the input and
+    every parameter, inside the block and out, are eager's; plain blocks leave no region behind
+    (export kept each as a `wrap_with_set_grad_enabled` call the passes did not enter)."""
+    model, x = _warm(model), _example(model)
+    state = copy.deepcopy(model.state_dict())
+    gm = _capture(model, x)
+    written = _compare_with_eager(model, gm, x, state)
     kept = {"WritesAndReads": 1, "AutocastInside": 1}.get(type(model).__name__, 0)
     assert len(_regions(gm)) == kept
     bodies = [m for m in gm.children() if isinstance(m, torch.fx.GraphModule)]
@@ -192,6 +204,20 @@ def test_a_graph_with_no_grad_blocks_computes_and_differentiates_as_eager(model)
         assert sum(n.target is torch.ops.aten.detach.default for n in gm.graph.nodes) == 1
     if isinstance(model, WritesAndReads):
         torch.testing.assert_close(gm.get_buffer("avg"), written["avg"])  # written as eager writes it
+
+
+@pytest.mark.parametrize("model", PLAIN, ids=lambda m: type(m).__name__)
+def test_a_symbolic_graph_detaches_the_values_leaving_a_no_grad_block(model):
+    """fx records no block: the symbolic graph (auto's first choice) ran the block's ops as plain
+    ones, so with grad on the block's layers got gradients and the loss's gradients flowed
+    through it (b.weight: a gradient where eager has none)."""
+    model, x = _warm(model), _example(model)
+    state = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fxopt.capture(model, (x,), mode="symbolic")
+    _compare_with_eager(model, gm, x, state)
+    assert any(n.target is torch.detach for n in gm.graph.nodes)
 
 
 def test_fuse_folds_a_batchnorm_inside_a_no_grad_block_and_leaves_the_model_as_it_was():
