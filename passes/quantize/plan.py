@@ -72,7 +72,7 @@ PAD_MODES = ("constant", "reflect", "replicate", "circular")
 #: Ops that compute on int8 values directly, keeping the input's scale and zero point.
 PASS_THROUGH = frozenset({
     "max_pool", "adaptive_avg_pool", "avg_pool", "flatten", "reshape", "unsqueeze", "squeeze", "permute", "transpose",
-    "contiguous", "relu", "hardtanh", "clamp", "dropout", "identity", "pad", "pixel_shuffle", "pixel_unshuffle",
+    "contiguous", "relu", "hardtanh", "clamp", "dropout", "identity", "detach", "pad", "pixel_shuffle", "pixel_unshuffle",
     *SLICING,
 })
 #: Group kinds that do no arithmetic worth speeding up (no weights): int8 only pays when it spares

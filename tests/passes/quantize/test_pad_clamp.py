@@ -310,3 +310,30 @@ def test_int8_pad_of_a_signed_tensor_takes_torchs_own_pad():
     out = int8_pad(q, [1, 1, 2, 0])
     assert out.dtype == torch.qint8 and out.shape == (2, 3, 6, 6)
     torch.testing.assert_close(out.dequantize(), F.pad(q.dequantize(), [1, 1, 2, 0]))
+
+
+class _FrozenStem(nn.Module):
+    """A frozen conv stem under torch.no_grad(): capture detaches the values leaving the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            f = F.relu(self.stem(x))
+        return self.head(f)
+
+
+@pytest.mark.parametrize("mode", ["symbolic", "export"])
+@pytest.mark.parametrize("backend", ["x86", "reference"])
+def test_the_detach_at_a_no_grad_blocks_edge_is_an_int8_pass_through(mode, backend):
+    """A detach ran in float: a dequantize and a quantize at every no_grad block's edge (helper)."""
+    torch.manual_seed(0)
+    model = _FrozenStem().eval()
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(4)]
+    res, stats = _quantize(model, batches, backend, mode)
+    assert "detach" not in stats["float_ops"], stats["float_ops"]
+    assert stats["quantize_nodes"] == (1 if backend == "x86" else 2), stats
+    x = torch.randn(4, 3, 8, 8)
+    assert _sqnr(model(x), res.module(x)) > 25
