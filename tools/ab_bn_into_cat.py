@@ -10,7 +10,6 @@ cv2(x))))`, LeakyReLU(0.1), widths 32-128 at 64x64).
 """
 from __future__ import annotations
 
-import sys
 from unittest import mock
 
 import torch
@@ -63,7 +62,5 @@ def _kept():
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    for pipeline in ("fuse", "fuse,lower-cpu"):
-        fuse_ab.main(__doc__.splitlines()[0], models(), _kept, ("batchnorm kept", "folded"), argv, pipeline=pipeline)
-        print()
+    fuse_ab.main(__doc__.splitlines()[0], models(), _kept, ("batchnorm kept", "folded"),
+                 pipelines=("fuse", "fuse,lower-cpu"))

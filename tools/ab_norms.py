@@ -12,7 +12,6 @@ net (affine instance norms, nearest up-sampling; 32 base channels at 64x64).
 """
 from __future__ import annotations
 
-import sys
 from unittest import mock
 
 from torch import nn
@@ -66,8 +65,5 @@ def _instance_norms():
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    for pipeline in ("fuse", "fuse,lower-cpu"):
-        fuse_ab.main(__doc__.splitlines()[0], models(), _instance_norms, ("instance_norm", "group_norm"), argv,
-                     pipeline=pipeline)
-        print()
+    fuse_ab.main(__doc__.splitlines()[0], models(), _instance_norms, ("instance_norm", "group_norm"),
+                 pipelines=("fuse", "fuse,lower-cpu"))

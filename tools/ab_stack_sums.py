@@ -11,7 +11,6 @@ SKNet-style net (selective-kernel units of two and three dilated grouped branche
 """
 from __future__ import annotations
 
-import sys
 from unittest import mock
 
 import torch
@@ -57,8 +56,5 @@ def _stacked():
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    for pipeline in ("fuse", "fuse,lower-cpu"):
-        fuse_ab.main(__doc__.splitlines()[0], models(), _stacked, ("stack summed", "pieces added"), argv,
-                     pipeline=pipeline)
-        print()
+    fuse_ab.main(__doc__.splitlines()[0], models(), _stacked, ("stack summed", "pieces added"),
+                 pipelines=("fuse", "fuse,lower-cpu"))

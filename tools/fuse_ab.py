@@ -48,16 +48,23 @@ def with_statistics(model: nn.Module) -> nn.Module:
 
 
 def main(description: str, models: dict[str, tuple[nn.Module, tuple[int, ...]]], before: Callable[[], ContextManager],
-         what: tuple[str, str], argv=None, pipeline: str = "fuse,lower-cpu") -> None:
-    """Run the A/B of `pipeline` on `models` (name -> (eval model, input shape without the
-    batch)): A under `before()`, B as the code is; `what` names A's and B's columns."""
+         what: tuple[str, str], argv=None, pipelines: tuple[str, ...] = ("fuse,lower-cpu",)) -> None:
+    """Run the A/B of each of `pipelines` on `models` (name -> (eval model, input shape without
+    the batch)): A under `before()`, B as the code is; `what` names A's and B's columns."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    print(f"`{pipeline}`\n")
+    for pipeline in pipelines:
+        print(f"`{pipeline}`\n")
+        _table(models, before, what, pipeline, args.rounds, args.repeats)
+        print()
+
+
+def _table(models: dict[str, tuple[nn.Module, tuple[int, ...]]], before: Callable[[], ContextManager],
+           what: tuple[str, str], pipeline: str, rounds: int, repeats: int) -> None:
     print(f"| model | batch | eager ms | torch.fx fuse ms | ORT ms | A ms ({what[0]}) | B ms ({what[1]}) | B / A "
           "| B / eager | B / ORT | B max error |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -73,7 +80,7 @@ def main(description: str, models: dict[str, tuple[nn.Module, tuple[int, ...]]],
         inputs = {batch: (torch.randn(batch, *shape),) for batch in (1, 16)}
         with torch.no_grad():
             error = max(float((b(*x) - model(*x)).abs().max()) for x in inputs.values())
-            t = compare_latency(fns, inputs, rounds=args.rounds, repeats=args.repeats)
+            t = compare_latency(fns, inputs, rounds=rounds, repeats=repeats)
         for batch in inputs:
             row = {k: t[k][batch] for k in fns}
             ort_ms = row.get("ORT", float("nan"))
