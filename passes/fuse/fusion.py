@@ -9,7 +9,9 @@ What it rewrites (each step can be switched off by an option):
   selective-kernel attention) becomes the sum of the pieces (times their slices of `w`);
 - `norms`: an instance norm that normalizes by its input's own statistics (no running ones)
   becomes the group norm of one channel per group, the same values from a kernel 4-50x faster
-  on CPU (torch's instance_norm runs batch_norm over a reshaped copy);
+  on CPU (torch's instance_norm runs batch_norm over a reshaped copy); and a layer norm over an
+  image's channels spelled out (ConvNeXt's, NAFNet's LayerNorm2d) becomes one
+  `channel_layer_norm` call, a `layer_norm` over the (N, H, W, C) view of a channels-last value;
 - `fold_bn`: conv (1d/2d/3d, transposed) + batchnorm and linear + batchnorm fold into one
   conv/linear with new weights, and so does a batchnorm right before a conv that pads no zeros
   or a linear (`bn+conv`, `bn+pad+conv`, `bn+linear`) (computed in float64, stored as new `get_attr` tensors; the
@@ -112,7 +114,7 @@ class Fuse(Pass):
         if self.reductions:
             table = table + rules.REDUCTIONS + rules.STACK_SUMS
         if self.norms:
-            table = table + rules.NORMS
+            table = table + rules.NORMS + rules.CHANNEL_LAYER_NORMS
         wanted = set()
         if self.fold_bn:
             wanted |= {"bn-before-slice", *rules.BN_INTO_CAT, "conv+bn", "linear+bn", "linear+swap+bn",

@@ -5,7 +5,8 @@ Each table is a `PatternSet`; `fuse` applies them in order:
 - `NOOPS`: eval-mode dropout and identities disappear;
 - `REDUCTIONS`, `STACK_SUMS`: a max/min whose indices nobody reads as amax/amin, a sum over the
   axis a stack made as the pieces added;
-- `NORMS`: an instance norm by input statistics as the group norm of one channel per group;
+- `NORMS`, `CHANNEL_LAYER_NORMS`: an instance norm by input statistics as the group norm of one
+  channel per group; a layer norm over an image's channels spelled out as one call;
 - `FOLDS`: conv/linear + batchnorm folding, consecutive linear merging, spelled-out attention
   (also with a same-dtype softmax and cast, Hugging Face's eager spelling) to
   `F.scaled_dot_product_attention` — rewrites that compute new weights;
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fxopt import frontend_of
-from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, is_effectful, names_a_dtype, op_view,
+from fxopt.ir import (aten_op_of, bind_arguments, get_attr_value, is_effectful, leaf_function, names_a_dtype, op_view,
                       size_read, spec_for, symbolic_sizes, tensor_meta, written_base)
 from fxopt.patterns import Const, Match, Op, Pattern, PatternSet, Rewriter, Var, annotate, annotations
 
@@ -358,6 +359,92 @@ NORMS = PatternSet([
     Pattern("instance-norm-as-group-norm", Op("instance_norm", Var("x"), name="norm", check=_input_stats_only),
             rewrite=_as_group_norm),
 ])
+
+
+def _channel_mean(view) -> bool | str:
+    """A mean over axis 1 alone of a 4-D float32 value, keeping the axis."""
+    meta = tensor_meta(view.input) if isinstance(view.input, torch.fx.Node) else None
+    dim = view.attrs.get("dim")
+    dim = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+    if meta is None or len(meta[0]) != 4 or meta[1] != torch.float32:
+        return "not a 4-D float32 value"
+    if len(dim) != 1 or not isinstance(dim[0], int) or dim[0] % 4 != 1 or not view.attrs.get("keepdim"):
+        return "not a mean over the channels (axis 1) that keeps the axis"
+    return True
+
+
+def _channel_affine(value: Any) -> bool | str:
+    """A stored per-channel factor or shift of a channels-first layer norm (``w[:, None, None]``)."""
+    if not isinstance(value, torch.fx.Node) or _stored_cone(value) is None:
+        return "not computed from stored tensors alone"
+    meta = tensor_meta(value)
+    return meta is not None and len(meta[0]) in (3, 4) and all(n == 1 for n in meta[0][-2:]) \
+        and (len(meta[0]) == 3 or meta[0][0] == 1) or "not a (C, 1, 1) per-channel value"
+
+
+def _channel_layer_norm(r: Rewriter) -> torch.fx.Node | None:
+    """A layer norm over the channels of an (N, C, H, W) value spelled out (ConvNeXt's and
+    NAFNet's LayerNorm2d) as one `channel_layer_norm` call."""
+    x, eps = r["x"], r["eps"]
+    if not _plain_number(eps) or eps < 0:
+        return None
+    channels = tensor_meta(x)[0][1]
+    affine = []
+    for name in ("w", "b"):
+        value = _stored_cone_value(r.gm, r[name]) if name in r.match.nodes else None
+        if value is not None and (not isinstance(value, torch.Tensor) or value.numel() != channels
+                                  or value.dtype != torch.float32):
+            return None
+        affine.append(None if value is None else r.tensor(f"{r.match.root.name}_{name}", value.detach().reshape(
+            channels).clone(), shared=True))
+    r.match.hold_rank(x)  # (the call permutes a 4-D value; a symbolic graph may run at another rank)
+    return r.call(channel_layer_norm, x, *affine, float(eps))
+
+
+@leaf_function
+def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                       eps: float) -> torch.Tensor:
+    """The layer norm over axis 1 of 4-D `x` (``(x - mean) / sqrt(var + eps) * w + b`` per pixel):
+    on a channels-last value, torch's `layer_norm` over its row-major (N, H, W, C) view, 5-13x
+    faster than the spelled-out ops there (16x64x16x16: 0.63 vs 5.0 ms; 1x96x56x56: 0.64 vs 8.4
+    ms, one thread); on a row-major value the spelled-out ops, which are fast there.
+
+        >>> x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+        >>> u = x.mean(1, keepdim=True)
+        >>> torch.allclose(channel_layer_norm(x, None, None, 1e-6), (x - u) / ((x - u).pow(2).mean(1, keepdim=True) + 1e-6).sqrt(), atol=1e-5)
+        True
+    """
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    centered = x - x.mean(1, keepdim=True)
+    y = centered / torch.sqrt(centered.pow(2).mean(1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight[:, None, None]
+    return y if bias is None else y + bias[:, None, None]
+
+
+def _layer_norm_patterns() -> list[Pattern]:
+    x = Var("x")
+    centered = Op("sub", x, Op("mean", x, check=_channel_mean))  # (unnamed: ConvNeXt computes it twice)
+    square = Op("pow", centered, scalar=Const("two", check=lambda p: p == 2), name="square")
+    variance = Op("mean", square, name="variance", check=_channel_mean)
+    shifted = Op("add", variance, scalar=Const("eps"), name="shifted")
+    forms = [Op("div", centered, Op("sqrt", shifted, name="root"), name="normed"),
+             Op("mul", centered, Op("rsqrt", shifted, name="root"), name="normed", commutative=True)]
+    patterns = []
+    for i, normed in enumerate(forms):
+        scaled = Op("mul", normed, Var("w", check=_channel_affine), commutative=True, name="scaled")
+        for suffix, root in (("affine", Op("add", scaled, Var("b", check=_channel_affine), commutative=True)),
+                             ("scale", scaled), ("", normed)):
+            name = "channel-layer-norm" + ("/rsqrt" if i else "") + (f"/{suffix}" if suffix else "")
+            patterns.append(Pattern(name, root, rewrite=_channel_layer_norm))
+    return patterns
+
+
+# A layer norm over the channels of an image, spelled out (ConvNeXt's channels-first LayerNorm,
+# NAFNet's LayerNorm2d): on the channels-last values `lower-cpu` writes, its five reductions and
+# elementwise ops over axis 1 run 5-13x the time of one layer_norm over the (N, H, W, C) view
+CHANNEL_LAYER_NORMS = PatternSet(_layer_norm_patterns())
 
 
 # ----- channel shuffle ----------------------------------------------------------------------------
@@ -1579,4 +1666,4 @@ EPILOGUES = PatternSet([
             rewrite=_annotator(lambda r: "add+relu"), check=_not_fused),
 ])
 
-ALL = NOOPS + REDUCTIONS + STACK_SUMS + NORMS + FOLDS + EPILOGUES
+ALL = NOOPS + REDUCTIONS + STACK_SUMS + NORMS + CHANNEL_LAYER_NORMS + FOLDS + EPILOGUES

@@ -1009,3 +1009,22 @@ def test_an_instance_norm_picks_torchs_faster_kernel_for_its_layout(mode, monkey
     few = torch.randn(2, 4, 32, 32).contiguous(memory_format=torch.channels_last)
     lower_cpu.instance_norm_any_layout(few, None, None, 1e-5)
     assert calls[-1] == "instance_norm", calls  # channels-last, 4 channels (group_norm 1.2-5x slower)
+
+
+def test_a_channel_layer_norm_runs_layer_norm_on_the_channels_last_view(monkeypatch):
+    """fuse's `channel_layer_norm` of a lowered conv's channels-last value: torch's layer_norm
+    over the (N, H, W, C) view; of a row-major value, the spelled-out ops."""
+    from fxopt.passes.fuse import rules
+
+    calls = []
+    real = F.layer_norm
+    monkeypatch.setattr(rules.F, "layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 16, 8, 8)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    u = x.mean(1, keepdim=True)
+    expected = (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + 1e-6) * w[:, None, None] + b[:, None, None]
+    torch.testing.assert_close(rules.channel_layer_norm(x, w, b, 1e-6), expected, rtol=1e-5, atol=1e-5)
+    assert not calls  # row-major
+    cl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(rules.channel_layer_norm(cl, w, b, 1e-6), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
