@@ -395,8 +395,9 @@ def _channel_layer_norm(r: Rewriter) -> torch.fx.Node | None:
         if value is not None and (not isinstance(value, torch.Tensor) or value.numel() != channels
                                   or value.dtype != torch.float32):
             return None
-        affine.append(None if value is None else r.tensor(f"{r.match.root.name}_{name}", value.detach().reshape(
-            channels).clone(), shared=True))
+        # the graph's own value, reshaped per call: it trains and loads as the user's parameter
+        # (a stored copy did neither; adversary)
+        affine.append(None if value is None else r.call(torch.reshape, r[name], (channels,)))
     r.match.hold_rank(x)  # (the call permutes a 4-D value; a symbolic graph may run at another rank)
     return r.call(channel_layer_norm, x, *affine, float(eps))
 
@@ -414,7 +415,9 @@ def channel_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
         >>> torch.allclose(channel_layer_norm(x, None, None, 1e-6), (x - u) / ((x - u).pow(2).mean(1, keepdim=True) + 1e-6).sqrt(), atol=1e-5)
         True
     """
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+            and all(t is None or t.dtype == x.dtype for t in (weight, bias)):
+        # (affine tensors of another dtype: layer_norm refuses them, the ops below promote)
         return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
     centered = x - x.mean(1, keepdim=True)
     y = centered / torch.sqrt(centered.pow(2).mean(1, keepdim=True) + eps)

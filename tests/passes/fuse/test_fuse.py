@@ -523,6 +523,12 @@ def test_a_layer_norm_over_the_channels_spelled_out_is_one_call(mode, how):
     assert matched == (how in ("convnext", "rsqrt", "plain")), res.passes[0].stats["matches"]
     if matched:
         assert "mean" not in _kinds(res.module), _kinds(res.module)
+    if how == "convnext":  # the user's affine parameters: they train and load as before (adversary)
+        res.module(x).sum().backward()
+        assert res.module.get_parameter("weight").grad is not None and res.module.get_parameter("bias").grad is not None
+        cl = x.double().contiguous(memory_format=torch.channels_last)  # another dtype at call time
+        if mode == "symbolic":
+            torch.testing.assert_close(res.module.double()(cl), model.double()(cl))
 
 
 @pytest.mark.parametrize("mode", MODES)
